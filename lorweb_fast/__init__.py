@@ -1,0 +1,39 @@
+"""lorweb_fast: fast LoRWeB (a per-sample mixture of a LoRA basis) for FLUX.1-Kontext visual analogies.
+
+Functional API: ``compute_coefficients``, ``mixed_lora_delta``, ``lorweb_linear`` (each with
+``backend=None | "torch" | "triton" | "cuda"``) and ``backend_status``. Module: ``LoRWeBLinear``. Model-level:
+``LoRWeBConfig``, ``inject_lorweb``, ``set_query``, ``clear_query``, ``get_coefficients``, ``save_lorweb_weights``,
+``load_lorweb_weights``.
+"""
+
+from .layer import LoRWeBLinear
+from .model import (
+    LoRWeBCheckpointError,
+    LoRWeBConfig,
+    clear_query,
+    get_coefficients,
+    inject_lorweb,
+    load_lorweb_weights,
+    lorweb_layers,
+    lorweb_state_dict,
+    remove_lorweb,
+    save_lorweb_weights,
+    set_query,
+)
+from .ops import (
+    BACKENDS,
+    BackendUnavailableError,
+    backend_status,
+    compute_coefficients,
+    lorweb_linear,
+    mixed_lora_delta,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "LoRWeBCheckpointError", "LoRWeBConfig", "LoRWeBLinear",
+    "backend_status", "clear_query", "compute_coefficients", "get_coefficients", "inject_lorweb",
+    "load_lorweb_weights", "lorweb_layers", "lorweb_linear", "lorweb_state_dict", "mixed_lora_delta",
+    "remove_lorweb", "save_lorweb_weights", "set_query",
+]

@@ -1,0 +1,39 @@
+"""``python -m lorweb_fast.info``: versions and which backends can run here, and why not."""
+
+from __future__ import annotations
+
+import platform
+
+
+def collect() -> dict[str, str]:
+    import torch
+
+    import lorweb_fast
+
+    info = {
+        "lorweb_fast": lorweb_fast.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch CUDA build": str(torch.version.cuda),
+        "CUDA GPU": torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    for name, why in lorweb_fast.backend_status().items():
+        info[f"backend {name}"] = why
+    return info
+
+
+def main() -> None:
+    info = collect()
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}} : {value}")
+
+
+if __name__ == "__main__":
+    main()

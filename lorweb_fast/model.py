@@ -1,0 +1,365 @@
+"""Model-level API: inject LoRWeB layers, set the analogy query once, and read/write official-format checkpoints."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from . import ops
+from .layer import LoRWeBLinear, linear_dims
+from .reference import ACTIVATIONS, REDUCTIONS
+
+#: The official targets: every nn.Linear inside the double and single FLUX blocks (494 layers in FLUX.1).
+DEFAULT_TARGET_MODULES = r"(transformer_blocks|single_transformer_blocks)\.\d+\..+"
+#: Prefix of every key in the official checkpoint format.
+CHECKPOINT_PREFIX = "transformer."
+PARAM_SUFFIXES = ("lora_A", "lora_B", "lora_keys", "att_lora_to_q.weight")
+DEFAULT_ENCODER = "openai/clip-vit-large-patch14"
+
+
+class LoRWeBCheckpointError(ValueError):
+    """A checkpoint does not match the model, is partial, corrupt or holds non-finite values."""
+
+
+@dataclass
+class LoRWeBConfig:
+    """Hyper-parameters of a LoRWeB injection (defaults: the official FLUX.1-Kontext release).
+
+    target_modules: a regex (full match against the module name, like peft) or a list of names, each matching a
+    module whose name equals it or ends with ``"." + name`` (like peft). Only linear-like modules are wrapped.
+    """
+
+    num_loras: int = 32
+    rank: int = 4
+    lora_alpha: Optional[float] = None
+    key_dim: int = 128
+    query_dim: int = 2304
+    heads: int = 1
+    activation: str = "softmax"
+    reduce: str = "mean"
+    target_modules: Union[str, list[str]] = field(default=DEFAULT_TARGET_MODULES)
+
+    def layer_kwargs(self) -> dict:
+        return dict(num_loras=self.num_loras, rank=self.rank, lora_alpha=self.lora_alpha, key_dim=self.key_dim,
+                    query_dim=self.query_dim, heads=self.heads, activation=self.activation, reduce=self.reduce)
+
+
+def matches_target(name: str, target_modules: Union[str, Iterable[str]]) -> bool:
+    """peft's rule: a string is a regex that must match the whole name; a list matches by name or dotted suffix."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def lorweb_layers(model: nn.Module) -> dict[str, LoRWeBLinear]:
+    """``{module name: LoRWeBLinear}`` for every injected layer of ``model``, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRWeBLinear)}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _find_targets(model: nn.Module, target_modules) -> list[str]:
+    inside_lorweb = [n + "." for n in lorweb_layers(model)]
+    names = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in inside_lorweb):
+            continue
+        if isinstance(module, nn.Linear) and matches_target(name, target_modules):
+            names.append(name)
+    return names
+
+
+def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None) -> list[str]:
+    """Wrap every targeted linear layer of ``model`` in a ``LoRWeBLinear``, in place.
+
+    Returns:
+        The injected module names.
+    """
+    config = config or LoRWeBConfig()
+    already = [n for n, m in lorweb_layers(model).items() if matches_target(n, config.target_modules)]
+    if already:
+        raise ValueError(f"LoRWeB is already injected into {len(already)} targeted modules, e.g. {already[:3]}; "
+                         "call remove_lorweb(model) first")
+    names = _find_targets(model, config.target_modules)
+    if not names:
+        raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of "
+                         f"{type(model).__name__}")
+    for name in names:
+        _set_submodule(model, name, LoRWeBLinear(model.get_submodule(name), **config.layer_kwargs()))
+    return names
+
+
+def remove_lorweb(model: nn.Module) -> list[str]:
+    """Put the original base layers back in place of every LoRWeBLinear. Returns the restored names."""
+    layers = lorweb_layers(model)
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer.base_layer)
+    return list(layers)
+
+
+def _require_layers(model: nn.Module) -> dict[str, LoRWeBLinear]:
+    layers = lorweb_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRWeB layers: call inject_lorweb or load_lorweb_weights "
+                         "first")
+    return layers
+
+
+def set_query(model: nn.Module, query: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Compute every layer's coefficients from the analogy query and cache them until the next ``set_query``.
+
+    Layers with the same configuration are computed together in one batched computation (one group for the
+    official setup), once per call: never per forward or per denoising step. With autograd enabled the coefficients
+    stay differentiable with respect to every layer's ``att_lora_to_q`` and ``lora_keys`` (training).
+
+    Args:
+        query: (B, query_dim) analogy queries, one per sample.
+
+    Returns:
+        ``{name: (B, N)}`` as ``get_coefficients``.
+    """
+    layers = _require_layers(model)
+    if not isinstance(query, torch.Tensor) or query.dim() != 2:
+        raise ValueError(f"query must be a (B, query_dim) tensor, got "
+                         f"{tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__}")
+    groups: dict[tuple, list[tuple[str, LoRWeBLinear]]] = defaultdict(list)
+    for name, layer in layers.items():
+        if layer.query_dim != query.shape[1]:
+            raise ValueError(f"query has {query.shape[1]} features but layer {name} expects query_dim="
+                             f"{layer.query_dim}")
+        w = layer.att_lora_to_q.weight
+        key = (layer.num_loras, layer.key_dim, layer.heads, layer.activation, layer.reduce, w.dtype, w.device)
+        groups[key].append((name, layer))
+    for (_, _, heads, activation, reduce, dtype, device), members in groups.items():
+        to_q = torch.stack([layer.att_lora_to_q.weight for _, layer in members])  # (L, key_dim, query_dim)
+        keys = torch.stack([layer.lora_keys for _, layer in members])  # (L, N, key_dim)
+        coeffs = ops.compute_coefficients(query.to(device), to_q, keys, heads=heads, activation=activation,
+                                          reduce=reduce)  # (L, B, N)
+        for i, (_, layer) in enumerate(members):
+            layer.set_coefficients(coeffs[i])
+    return get_coefficients(model)
+
+
+def clear_query(model: nn.Module) -> None:
+    """Drop the cached coefficients of every layer (a following forward raises until ``set_query``)."""
+    for layer in lorweb_layers(model).values():
+        layer.set_coefficients(None)
+
+
+def get_coefficients(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: (B, N) coefficients}`` for every LoRWeB layer whose coefficients are set."""
+    return {n: l.coefficients for n, l in lorweb_layers(model).items() if l.coefficients is not None}
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _layer_metadata(layers: Mapping[str, LoRWeBLinear]) -> dict[str, str]:
+    first = next(iter(layers.values()))
+    meta = {"format": "pt", "lorweb.heads": str(first.heads), "lorweb.activation": first.activation,
+            "lorweb.reduce": first.reduce, "lorweb.lora_alpha_over_rank": repr(first.scale)}
+    for name, layer in layers.items():
+        if (layer.heads, layer.activation, layer.reduce, layer.scale) != (first.heads, first.activation,
+                                                                           first.reduce, first.scale):
+            raise ValueError(f"layer {name} has a configuration different from the others; one checkpoint stores "
+                             "one heads/activation/reduce/scale setting")
+    return meta
+
+
+def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRWeB parameters of ``model`` under the official keys ``transformer.<module>.<param>``."""
+    state = {}
+    for name, layer in _require_layers(model).items():
+        for suffix, t in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("lora_keys", layer.lora_keys),
+                          ("att_lora_to_q.weight", layer.att_lora_to_q.weight)):
+            state[f"{CHECKPOINT_PREFIX}{name}.{suffix}"] = t.detach()
+    return state
+
+
+def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadata: Optional[dict] = None) -> None:
+    """Write the official safetensors format atomically (temporary file, then rename).
+
+    The configuration (heads, activation, reduce, scale) and ``encoder`` go into the safetensors metadata;
+    ``metadata`` adds or overrides string entries.
+    """
+    from safetensors.torch import save_file
+
+    layers = _require_layers(model)
+    meta = _layer_metadata(layers)
+    meta["encoder"] = DEFAULT_ENCODER
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    state = {k: v.contiguous().cpu() for k, v in lorweb_state_dict(model).items()}
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) from a safetensors file or an in-memory mapping; corrupt files raise
+    LoRWeBCheckpointError naming the file."""
+    if isinstance(path_or_state_dict, Mapping):
+        return dict(path_or_state_dict), {}
+    from safetensors import safe_open
+
+    path = os.fspath(path_or_state_dict)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRWeB checkpoint not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise LoRWeBCheckpointError(f"cannot read LoRWeB checkpoint {path}: it is corrupt or truncated "
+                                    f"({type(exc).__name__}: {exc})") from exc
+    return state, meta
+
+
+def _config_from_metadata(meta: Mapping[str, str]) -> dict:
+    try:
+        heads = int(meta.get("lorweb.heads", 1))
+        scale = float(meta.get("lorweb.lora_alpha_over_rank", 1.0))
+    except ValueError as exc:
+        raise LoRWeBCheckpointError(f"unreadable LoRWeB metadata: {exc}") from exc
+    cfg = {"heads": heads, "activation": meta.get("lorweb.activation", "softmax"),
+           "reduce": meta.get("lorweb.reduce", "mean"), "scale": scale}
+    if cfg["activation"] not in ACTIVATIONS or cfg["reduce"] not in REDUCTIONS or heads < 1:
+        raise LoRWeBCheckpointError(f"unsupported LoRWeB metadata: heads={heads}, activation={cfg['activation']!r}, "
+                                    f"reduce={cfg['reduce']!r}")
+    return cfg
+
+
+def _group_checkpoint(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    unexpected = []
+    for key, tensor in state.items():
+        for suffix in PARAM_SUFFIXES:
+            if key.startswith(CHECKPOINT_PREFIX) and key.endswith("." + suffix):
+                groups[key[len(CHECKPOINT_PREFIX):-len(suffix) - 1]][suffix] = tensor
+                break
+        else:
+            unexpected.append(key)
+    return groups, unexpected
+
+
+def _check_module_tensors(name: str, tensors: Mapping[str, torch.Tensor], in_f: int, out_f: int) -> list[str]:
+    """Problems (shape mismatches) of one module's four tensors against a linear layer in_f -> out_f."""
+    a, b, k, q = (tensors[s] for s in PARAM_SUFFIXES)
+    p = f"{CHECKPOINT_PREFIX}{name}."
+    problems = []
+    if a.dim() != 3:
+        return [f"{p}lora_A has shape {tuple(a.shape)}, expected (N, in, r)"]
+    n, a_in, r = a.shape
+    if a_in != in_f:
+        problems.append(f"{p}lora_A has shape {tuple(a.shape)}, but the layer has in_features={in_f}")
+    if tuple(b.shape) != (n, r, out_f):
+        problems.append(f"{p}lora_B has shape {tuple(b.shape)}, expected {(n, r, out_f)}")
+    if k.dim() != 2 or k.shape[0] != n:
+        problems.append(f"{p}lora_keys has shape {tuple(k.shape)}, expected ({n}, key_dim)")
+    elif q.dim() != 2 or q.shape[0] != k.shape[1]:
+        problems.append(f"{p}att_lora_to_q.weight has shape {tuple(q.shape)}, expected ({k.shape[1]}, query_dim)")
+    return problems
+
+
+def load_lorweb_weights(model: nn.Module, path_or_state_dict) -> list[str]:
+    """Load an official-format LoRWeB checkpoint, injecting the layers that are missing.
+
+    N, r, key_dim and query_dim come from the tensor shapes; heads, activation, reduce and scale from the safetensors
+    metadata (official defaults when absent). Everything is validated before anything changes: a checkpoint with
+    missing or unexpected keys, wrong shapes, a configuration different from already-injected layers, non-finite
+    values, or a corrupt file raises LoRWeBCheckpointError naming the offending keys, and the model is left exactly
+    as it was.
+
+    Returns:
+        The names of the loaded modules.
+    """
+    state, meta = read_checkpoint(path_or_state_dict)
+    cfg = _config_from_metadata(meta)
+    groups, unexpected = _group_checkpoint(state)
+    problems = [f"unexpected key {k}" for k in unexpected]
+    if not groups and not problems:
+        problems.append("the checkpoint holds no LoRWeB tensors")
+    existing = lorweb_layers(model)
+    modules = dict(model.named_modules())
+    for name in sorted(groups):
+        tensors = groups[name]
+        missing = [s for s in PARAM_SUFFIXES if s not in tensors]
+        if missing:
+            problems += [f"missing key {CHECKPOINT_PREFIX}{name}.{s}" for s in missing]
+            continue
+        for s, t in tensors.items():
+            if not t.is_floating_point():
+                problems.append(f"{CHECKPOINT_PREFIX}{name}.{s} has non-float dtype {t.dtype}")
+            elif not bool(torch.isfinite(t).all()):
+                problems.append(f"{CHECKPOINT_PREFIX}{name}.{s} holds NaN or Inf values")
+        module = modules.get(name)
+        if module is None:
+            problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: the model has no module {name!r}")
+            continue
+        if not isinstance(module, (LoRWeBLinear, nn.Linear)):
+            problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: module {name!r} is a "
+                            f"{type(module).__name__}, not a linear layer")
+            continue
+        if any(name.startswith(e + ".") for e in existing):
+            problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: {name!r} is inside a LoRWeB layer")
+            continue
+        in_f, out_f = linear_dims(module)
+        shape_problems = _check_module_tensors(name, tensors, in_f, out_f)
+        problems += shape_problems
+        if isinstance(module, LoRWeBLinear) and not shape_problems:
+            want = (tuple(module.lora_A.shape), tuple(module.lora_keys.shape),
+                    tuple(module.att_lora_to_q.weight.shape), module.heads, module.activation, module.reduce,
+                    module.scale)
+            got = (tuple(tensors["lora_A"].shape), tuple(tensors["lora_keys"].shape),
+                   tuple(tensors["att_lora_to_q.weight"].shape), cfg["heads"], cfg["activation"], cfg["reduce"],
+                   cfg["scale"])
+            if want != got:
+                problems.append(f"{CHECKPOINT_PREFIX}{name}.*: (lora_A, lora_keys, att_lora_to_q shapes, heads, "
+                                f"activation, reduce, scale) = {got} but the injected layer has {want}")
+    problems += [f"missing keys {CHECKPOINT_PREFIX}{n}.* for the injected layer {n!r}"
+                 for n in existing if n not in groups]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise LoRWeBCheckpointError(f"LoRWeB checkpoint does not match {type(model).__name__} "
+                                    f"({len(problems)} problems); the model was not changed:\n  {shown}")
+
+    # Everything is validated: build all new layers first, then swap them in and copy (cannot fail now).
+    new_layers = {}
+    for name, tensors in groups.items():
+        if name in existing:
+            continue
+        n, _, r = tensors["lora_A"].shape
+        key_dim, query_dim = tensors["att_lora_to_q.weight"].shape
+        if key_dim % cfg["heads"]:
+            raise LoRWeBCheckpointError(f"metadata heads={cfg['heads']} does not divide key_dim={key_dim} of "
+                                        f"{CHECKPOINT_PREFIX}{name}; the model was not changed")
+        new_layers[name] = LoRWeBLinear(modules[name], num_loras=n, rank=r, lora_alpha=cfg["scale"] * r,
+                                        key_dim=key_dim, query_dim=query_dim, heads=cfg["heads"],
+                                        activation=cfg["activation"], reduce=cfg["reduce"])
+    for name, layer in new_layers.items():
+        _set_submodule(model, name, layer)
+    with torch.no_grad():
+        for name, tensors in groups.items():
+            layer = model.get_submodule(name)
+            layer.lora_A.copy_(tensors["lora_A"])
+            layer.lora_B.copy_(tensors["lora_B"])
+            layer.lora_keys.copy_(tensors["lora_keys"])
+            layer.att_lora_to_q.weight.copy_(tensors["att_lora_to_q.weight"])
+    return sorted(groups)

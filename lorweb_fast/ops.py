@@ -1,0 +1,366 @@
+"""The functional API: op registration (torch.library) and dispatch between the torch, triton and cuda backends.
+
+Op contract shared by the fused backends (``lorweb_fast::triton_fwd`` / ``triton_bwd`` and the C++
+``lorweb_fast_cuda::fwd`` / ``bwd``), on 2-D rows (M = B * rows_per_sample):
+
+    fwd(x (M, in), weight (out, in)?, bias (out,)?, base (M, out)?, lora_a (N, in, r), lora_b (N, r, out),
+        coeffs (B, N) fp32, scale, rows_per_sample) -> (y (M, out), u (M, R), z (M, R))
+        u = x A_cat (unscaled), z = u * scaling, y = [x W^T + bias] + [base] + z B_cat
+    bwd(dy (M, out), x, weight?, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample)
+        -> (dx (M, in), d_lora_a (N, in, r), d_lora_b (N, r, out), d_coeffs (B, N) fp32)
+
+with R = N * r and scaling[m, n*r + j] = scale * coeffs[m // rows_per_sample, n]. The weight is frozen: its gradient
+is only computed (by a plain GEMM) if it requires grad.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("torch", "triton", "cuda")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CUDA_NAMESPACE = "lorweb_fast_cuda"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run these inputs."""
+
+
+# ----------------------------------------------------------------------------------------------- backend discovery
+def _import_triton_kernels():
+    try:
+        return importlib.import_module("lorweb_fast.kernels.mixed_lora"), None
+    except Exception as exc:  # triton missing or broken
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+_TRITON_KERNELS, _TRITON_IMPORT_ERROR = _import_triton_kernels()
+
+
+def _load_cuda_extension():
+    try:
+        return importlib.import_module("lorweb_fast._C"), None
+    except ImportError as exc:
+        return None, str(exc)
+
+
+_CUDA_EXT, _CUDA_IMPORT_ERROR = _load_cuda_extension()
+
+
+def triton_interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _unavailable_reason(name: str, device: torch.device | None = None) -> Optional[str]:
+    """None when backend ``name`` can run on ``device`` (any usable device when None), else why not."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        if _TRITON_KERNELS is None:
+            return f"triton is not importable ({_TRITON_IMPORT_ERROR})"
+        if device is not None and device.type == "cpu":
+            return None if triton_interpret_mode() else (
+                "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported); use backend='torch' on CPU")
+        if device is not None and device.type != "cuda":
+            return f"no Triton support for {device.type} tensors"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible to torch" + (
+                " (TRITON_INTERPRET=1 is set: CPU tensors are accepted)" if triton_interpret_mode() else "")
+        return None
+    if name == "cuda":
+        if _CUDA_EXT is None:
+            return ("the CUDA extension lorweb_fast._C is not built (install with a CUDA-enabled torch and nvcc, "
+                    f"see README; import error: {_CUDA_IMPORT_ERROR})")
+        if device is not None and device.type != "cuda":
+            return f"the CUDA extension only takes CUDA tensors, got {device.type} tensors"
+        if not torch.cuda.is_available():
+            return "lorweb_fast._C is built but no CUDA GPU is visible to torch"
+        dev = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+        major, minor = torch.cuda.get_device_capability(dev)
+        built = _CUDA_EXT.arch_list()
+        if not any(a.split("+")[0] == f"{major}.{minor}" or (a.endswith("+PTX") and a.split("+")[0] <= f"{major}.{minor}")
+                   for a in built.split(";")):
+            return f"lorweb_fast._C was built for TORCH_CUDA_ARCH_LIST={built}, not for this GPU (sm_{major}{minor})"
+        return None
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or None")
+
+
+def backend_status() -> dict[str, str]:
+    """``{backend: "available: ..." | "unavailable: <why>"}`` for this process."""
+    status = {"torch": "available: batched matmuls (rank N*r LoRA with per-sample scaling), any device"}
+    for name, what in (("triton", "fused Triton kernels on CUDA tensors"), ("cuda", "CUDA C++ extension")):
+        why = _unavailable_reason(name)
+        if why is None:
+            status[name] = f"available: {what}"
+        elif name == "triton" and triton_interpret_mode() and _TRITON_KERNELS is not None:
+            status[name] = "available: Triton interpreter on CPU tensors (TRITON_INTERPRET=1); " + why
+        else:
+            status[name] = f"unavailable: {why}"
+    return status
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backend that runs tensors on ``device``. None picks the best usable one; a named backend that cannot run
+    raises BackendUnavailableError instead of falling back."""
+    if backend is None:
+        if device.type == "cuda":
+            for name in ("triton", "cuda"):
+                if _unavailable_reason(name, device) is None:
+                    return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or None")
+    why = _unavailable_reason(backend, device)
+    if why is not None:
+        raise BackendUnavailableError(f"backend={backend!r} is unavailable: {why}")
+    return backend
+
+
+# ------------------------------------------------------------------------------------------------------ validation
+def _check_dtype(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {dtype}; cast them to one dtype")
+
+
+def _check_device(t: torch.Tensor, name: str, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; move them to one device")
+
+
+def validate_inputs(x, lora_a, lora_b, coeffs, weight=None, bias=None, add_to=None) -> None:
+    """Raise a clear error naming the offending argument for a wrong shape, dtype or device."""
+    for name, t in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b), ("coeffs", coeffs)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; supported dtypes are {SUPPORTED_DTYPES}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be (B, S, in) or (B, in), got shape {tuple(x.shape)}")
+    if lora_a.dim() != 3:
+        raise ValueError(f"lora_a must be (N, in, r), got shape {tuple(lora_a.shape)}")
+    n, k, r = lora_a.shape
+    if lora_b.dim() != 3 or tuple(lora_b.shape[:2]) != (n, r):
+        raise ValueError(f"lora_b must be (N, r, out) = ({n}, {r}, out) to match lora_a {tuple(lora_a.shape)}, "
+                         f"got shape {tuple(lora_b.shape)}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features but lora_a {tuple(lora_a.shape)} expects {k}")
+    if coeffs.dim() != 2 or tuple(coeffs.shape) != (x.shape[0], n):
+        raise ValueError(f"coeffs must be (B, N) = ({x.shape[0]}, {n}) for x {tuple(x.shape)} and N={n}, "
+                         f"got shape {tuple(coeffs.shape)}")
+    if not coeffs.is_floating_point():
+        raise TypeError(f"coeffs must be floating point, got {coeffs.dtype}")
+    out = lora_b.shape[2]
+    _check_dtype(lora_a, "lora_a", x.dtype)
+    _check_dtype(lora_b, "lora_b", x.dtype)
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("coeffs", coeffs)):
+        _check_device(t, name, x.device)
+    if weight is not None:
+        if weight.dim() != 2 or tuple(weight.shape) != (out, k):
+            raise ValueError(f"weight must be (out, in) = ({out}, {k}), got shape {tuple(weight.shape)}")
+        _check_dtype(weight, "weight", x.dtype)
+        _check_device(weight, "weight", x.device)
+    if bias is not None:
+        if tuple(bias.shape) != (out,):
+            raise ValueError(f"bias must be (out,) = ({out},), got shape {tuple(bias.shape)}")
+        _check_dtype(bias, "bias", x.dtype)
+        _check_device(bias, "bias", x.device)
+    if add_to is not None:
+        want = (*x.shape[:-1], out)
+        if tuple(add_to.shape) != want:
+            raise ValueError(f"add_to must have shape {want}, got {tuple(add_to.shape)}")
+        _check_dtype(add_to, "add_to", x.dtype)
+        _check_device(add_to, "add_to", x.device)
+
+
+# --------------------------------------------------------------------------------------------------- torch backend
+def _column_scaling(coeffs: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
+    """(B, N) coefficients -> (B, N*r) fp32 per-sample column scaling (alpha_b[n] repeated r times, times scale)."""
+    return (coeffs.float() * scale).repeat_interleave(rank, dim=1)
+
+
+def _torch_delta(x, lora_a, lora_b, coeffs, scale):
+    """Batched-matmul delta: the basis as one rank-R LoRA whose R columns are scaled per sample."""
+    n, k, r = lora_a.shape
+    a_cat = lora_a.permute(1, 0, 2).reshape(k, n * r)  # (in, R)
+    b_cat = lora_b.reshape(n * r, lora_b.shape[2])  # (R, out)
+    scaling = _column_scaling(coeffs, r, scale).to(x.dtype)  # (B, R)
+    x3 = x if x.dim() == 3 else x.unsqueeze(1)
+    z = (x3 @ a_cat) * scaling.unsqueeze(1)
+    delta = z @ b_cat
+    return delta if x.dim() == 3 else delta.squeeze(1)
+
+
+# -------------------------------------------------------------------------------------------------- fused backends
+def _fused_autograd(bwd):
+    """Autograd formula shared by the fused backends; ``bwd`` is the backend's backward op."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample = inputs
+        _, u, z = output
+        ctx.save_for_backward(x, weight, lora_a, lora_b, coeffs, u, z)
+        ctx.scale, ctx.rows_per_sample = scale, rows_per_sample
+        ctx.has_bias, ctx.has_base = bias is not None, base is not None
+
+    def backward(ctx, dy, _du, _dz):
+        x, weight, lora_a, lora_b, coeffs, u, z = ctx.saved_tensors
+        dx, d_lora_a, d_lora_b, d_coeffs = bwd(dy, x, weight, lora_a, lora_b, coeffs, u, z,
+                                               ctx.scale, ctx.rows_per_sample)
+        needs = ctx.needs_input_grad
+        d_weight = dy.t().mm(x) if weight is not None and needs[1] else None
+        d_bias = dy.sum(0) if ctx.has_bias and needs[2] else None
+        d_base = dy if ctx.has_base and needs[3] else None
+        return dx, d_weight, d_bias, d_base, d_lora_a, d_lora_b, d_coeffs, None, None
+
+    return setup_context, backward
+
+
+def _low_rank_grads(dy, x, lora_a, lora_b, u, z, dz, dz_scaled, scale, rows_per_sample):
+    """The plain GEMMs and reductions of the backward, shared by every fused backend:
+    d_lora_a = (dZ*scaling)^T x, d_lora_b = z^T dy (cuBLAS, deterministic), and
+    d_coeffs[b, n] = scale * sum over the rows of sample b and the r slots of LoRA n of u * dZ (fp32)."""
+    n, k, r = lora_a.shape
+    d_lora_a = (dz_scaled.t() @ x).view(n, r, k).transpose(1, 2).contiguous()
+    d_lora_b = (z.t() @ dy).view(n, r, lora_b.shape[2])
+    batch = x.shape[0] // rows_per_sample
+    d_coeffs = (u.float() * dz.float()).view(batch, rows_per_sample, n, r).sum(dim=(1, 3)) * scale
+    return d_lora_a, d_lora_b, d_coeffs
+
+
+_FUSED_OPS: dict[str, object] = {}
+
+if _TRITON_KERNELS is not None:
+    _k = _TRITON_KERNELS
+
+    @torch.library.triton_op("lorweb_fast::triton_fwd", mutates_args=())
+    def _triton_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    base: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor, coeffs: torch.Tensor,
+                    scale: float, rows_per_sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        u, z = _k.row_panel(x, lora_a, "a", coeffs, scale, rows_per_sample)
+        y = _k.k_extended_gemm(x if weight is not None else None, weight, "weight_t", z, lora_b, "b",
+                               bias=bias, base=base)
+        return y, u, z
+
+    @torch.library.triton_op("lorweb_fast::triton_bwd", mutates_args=())
+    def _triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, coeffs: torch.Tensor, u: torch.Tensor, z: torch.Tensor, scale: float,
+                    rows_per_sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        dz, dz_scaled = _k.row_panel(dy, lora_b, "b", coeffs, scale, rows_per_sample)
+        dx = _k.k_extended_gemm(dy if weight is not None else None, weight, "weight", dz_scaled, lora_a, "a_t")
+        return (dx, *_low_rank_grads(dy, x, lora_a, lora_b, u, z, dz, dz_scaled, scale, rows_per_sample))
+
+    _setup, _backward = _fused_autograd(_triton_bwd)
+    torch.library.register_autograd("lorweb_fast::triton_fwd", _backward, setup_context=_setup)
+    _FUSED_OPS["triton"] = _triton_fwd
+
+
+def _fused_linear(backend, x, weight, bias, base, lora_a, lora_b, coeffs, scale):
+    """Run a fused backend on x of any supported rank; returns the output in x's leading shape."""
+    rows_per_sample = 1 if x.dim() == 2 else x.shape[1]
+    x2d = x.reshape(-1, x.shape[-1])
+    base2d = None if base is None else base.reshape(-1, base.shape[-1])
+    fwd = _FUSED_OPS[backend]
+    y, _, _ = fwd(x2d, weight, bias, base2d, lora_a, lora_b, coeffs.float(), float(scale), rows_per_sample)
+    return y.view(*x.shape[:-1], lora_b.shape[2])
+
+
+# ---------------------------------------------------------------------------------------------------- public API
+def mixed_lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, coeffs: torch.Tensor,
+                     scale: float, *, add_to: Optional[torch.Tensor] = None,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """The LoRWeB update ``scale * sum_n coeffs[b, n] * B_n^T A_n^T x`` (plus ``add_to`` when given).
+
+    Args:
+        x: (B, S, in) or (B, in).
+        lora_a: (N, in, r); lora_b: (N, r, out); coeffs: (B, N), one coefficient vector per sample.
+        scale: lora_alpha / r.
+        add_to: optional (B, S, out) / (B, out) tensor to add the delta to (e.g. the output of a quantized base
+            layer); the fused backends add it in the same pass instead of writing the delta separately.
+        backend: None (best available), "torch", "triton" or "cuda".
+
+    Returns:
+        (B, S, out) or (B, out) in x.dtype.
+    """
+    validate_inputs(x, lora_a, lora_b, coeffs, add_to=add_to)
+    name = resolve_backend(backend, x.device)
+    if name == "torch":
+        delta = _torch_delta(x, lora_a, lora_b, coeffs, scale)
+        return delta if add_to is None else add_to + delta
+    return _fused_linear(name, x, None, None, add_to, lora_a, lora_b, coeffs, scale)
+
+
+def lorweb_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, coeffs: torch.Tensor, scale: float, *,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """``x W^T + bias + mixed_lora_delta(x, ...)``: a frozen linear layer plus the per-sample LoRA mixture.
+
+    Args:
+        x: (B, S, in) or (B, in); weight: (out, in); bias: (out,) or None; the rest as in ``mixed_lora_delta``.
+
+    Returns:
+        (B, S, out) or (B, out) in x.dtype.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    validate_inputs(x, lora_a, lora_b, coeffs, weight=weight, bias=bias)
+    name = resolve_backend(backend, x.device)
+    if name == "torch":
+        return F.linear(x, weight, bias) + _torch_delta(x, lora_a, lora_b, coeffs, scale)
+    return _fused_linear(name, x, weight, bias, None, lora_a, lora_b, coeffs, scale)
+
+
+def compute_coefficients(query: torch.Tensor, to_q_weight: torch.Tensor, keys: torch.Tensor, *, heads: int = 1,
+                         activation: str = "softmax", reduce: str = "mean",
+                         backend: Optional[str] = None) -> torch.Tensor:
+    """Per-sample mixing coefficients, for one layer or for a stack of L layers at once.
+
+    Args:
+        query: (B, query_dim).
+        to_q_weight: (key_dim, query_dim), or (L, key_dim, query_dim) for L layers in one batched computation.
+        keys: (N, key_dim), or (L, N, key_dim).
+        heads, activation, reduce: as in ``lorweb_fast.reference.compute_coefficients``.
+        backend: validated like everywhere else; every backend computes this tiny batched GEMM with torch (cuBLAS on
+            GPU), in the weights' dtype with fp32 logits and softmax.
+
+    Returns:
+        (B, N) fp32, or (L, B, N) for stacked inputs.
+    """
+    from .reference import ACTIVATIONS, REDUCTIONS
+
+    resolve_backend(backend, query.device)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    stacked = to_q_weight.dim() == 3
+    w = to_q_weight if stacked else to_q_weight.unsqueeze(0)
+    kk = keys if stacked else keys.unsqueeze(0)
+    if query.dim() != 2:
+        raise ValueError(f"query must be (B, query_dim), got shape {tuple(query.shape)}")
+    if w.dim() != 3 or w.shape[2] != query.shape[1]:
+        raise ValueError(f"to_q_weight must be (key_dim, query_dim={query.shape[1]}) (or stacked (L, ...)), "
+                         f"got shape {tuple(to_q_weight.shape)}")
+    if kk.dim() != 3 or kk.shape[0] != w.shape[0] or kk.shape[2] != w.shape[1]:
+        raise ValueError(f"keys must be (N, key_dim={w.shape[1]}) (or stacked (L, N, key_dim)), "
+                         f"got shape {tuple(keys.shape)}")
+    num_layers, key_dim, _ = w.shape
+    if key_dim % heads:
+        raise ValueError(f"key_dim={key_dim} is not divisible by heads={heads}")
+    for name, t in (("to_q_weight", to_q_weight), ("keys", keys)):
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+    d = key_dim // heads
+    p = torch.matmul(query.to(w.dtype).unsqueeze(0), w.transpose(1, 2)).float()  # (L, B, key_dim)
+    p = p.view(num_layers, -1, heads, d)
+    kh = kk.float().view(num_layers, kk.shape[1], heads, d)
+    logits = torch.einsum("lbhd,lnhd->lbhn", p, kh) * (d ** -0.5)
+    c = torch.softmax(logits, dim=-1) if activation == "softmax" else torch.tanh(logits)
+    if reduce == "mean":
+        c = c.mean(dim=2)
+    else:
+        c = c.sum(dim=2).clamp(0.0 if activation == "softmax" else -1.0, 1.0)
+    return c if stacked else c.squeeze(0)

@@ -1,0 +1,102 @@
+"""Float64 reference of the LoRWeB math (../shared/METHOD.md). The oracle for every fast path.
+
+Everything here is plain PyTorch, written for clarity, and computes in float64 whatever the input dtype. It is not
+meant to be fast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ACTIVATIONS = ("softmax", "tanh")
+REDUCTIONS = ("mean", "sum")
+
+
+def compute_coefficients(
+    query: torch.Tensor,
+    to_q_weight: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    heads: int = 1,
+    activation: str = "softmax",
+    reduce: str = "mean",
+) -> torch.Tensor:
+    """Mixing coefficients of the N basis LoRAs for each sample.
+
+    Args:
+        query: (B, query_dim) analogy query, e.g. concat of the CLIP image embeddings of a, a' and b.
+        to_q_weight: (key_dim, query_dim) weight of the query projection ``att_lora_to_q``.
+        keys: (N, key_dim) one learned key per basis LoRA.
+        heads: number of heads; key_dim must be divisible by it.
+        activation: "softmax" (over the N LoRAs) or "tanh".
+        reduce: "mean" over heads, or "sum" over heads followed by the official clamp
+            ([0, 1] for softmax, [-1, 1] for tanh).
+
+    Returns:
+        (B, N) float64 coefficients.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    q = query.double()
+    w = to_q_weight.double()
+    k = keys.double()
+    num_loras, key_dim = k.shape
+    if key_dim % heads:
+        raise ValueError(f"key_dim={key_dim} is not divisible by heads={heads}")
+    d = key_dim // heads
+    p = q @ w.T  # (B, key_dim)
+    p = p.view(-1, heads, d)  # (B, H, d)
+    kh = k.view(num_loras, heads, d)  # (N, H, d)
+    logits = torch.einsum("bhd,nhd->bhn", p, kh) / math.sqrt(d)  # (B, H, N)
+    c = torch.softmax(logits, dim=-1) if activation == "softmax" else torch.tanh(logits)
+    if reduce == "mean":
+        return c.mean(dim=1)
+    lo = 0.0 if activation == "softmax" else -1.0
+    return c.sum(dim=1).clamp(lo, 1.0)
+
+
+def mixed_lora_delta(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    coeffs: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The LoRWeB update ``scale * sum_n coeffs[b, n] * B_n^T (A_n^T x)`` for every token of sample b.
+
+    This is the official einsum formulation, evaluated in float64.
+
+    Args:
+        x: (B, S, in) or (B, in) inputs.
+        lora_a: (N, in, r) down projections.
+        lora_b: (N, r, out) up projections.
+        coeffs: (B, N) per-sample mixing coefficients.
+        scale: lora_alpha / r.
+
+    Returns:
+        (B, S, out) or (B, out) float64 delta, matching the rank of ``x``.
+    """
+    xd, a, b, c = x.double(), lora_a.double(), lora_b.double(), coeffs.double()
+    if x.dim() == 2:
+        return torch.einsum("bi,nir,bn,nro->bo", xd, a, c, b) * scale
+    return torch.einsum("bsi,nir,bn,nro->bso", xd, a, c, b) * scale
+
+
+def lorweb_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    coeffs: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``x W^T + bias + mixed_lora_delta(...)`` in float64. weight: (out, in), bias: (out,) or None."""
+    y = x.double() @ weight.double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y + mixed_lora_delta(x, lora_a, lora_b, coeffs, scale)
