@@ -21,14 +21,28 @@ products (no TF32) so that fp32 results are fp32-accurate.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _mma(acc, a, b, DOT_MODE: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. DOT_MODE 0: native tensor-core dot (bf16/fp16); 1: IEEE fp32 (no TF32);
+    2: upcast to fp32 first (exact for bf16 products) -- Triton's CPU interpreter mis-evaluates bf16 tl.dot."""
+    if DOT_MODE == 0:
+        return acc + tl.dot(a, b)
+    elif DOT_MODE == 1:
+        return acc + tl.dot(a, b, input_precision="ieee")
+    else:
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
 
 @triton.jit
@@ -40,7 +54,7 @@ def _row_panel_kernel(
     stride_cb, stride_cn,
     stride_um, stride_uc,
     stride_sm, stride_sc,
-    WRITE_U: tl.constexpr, FP32_IEEE: tl.constexpr,
+    WRITE_U: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -58,10 +72,7 @@ def _row_panel_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         p = tl.load(P + lora[None, :] * stride_pn + slot[None, :] * stride_pj + ks[:, None] * stride_pk,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if FP32_IEEE:
-            acc += tl.dot(x, p, input_precision="ieee")
-        else:
-            acc += tl.dot(x, p)
+        acc = _mma(acc, x, p, DOT_MODE)
     out_mask = row_ok[:, None] & col_ok[None, :]
     if WRITE_U:
         tl.store(U + rows[:, None] * stride_um + cols[None, :] * stride_uc,
@@ -82,7 +93,7 @@ def _k_extended_gemm_kernel(
     stride_w2n, stride_w2j, stride_w2p,
     stride_basem, stride_basep,
     stride_om, stride_op,
-    HAS_X1: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, FP32_IEEE: tl.constexpr,
+    HAS_X1: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -110,10 +121,7 @@ def _k_extended_gemm_kernel(
                         mask=row_ok[:, None] & q_ok[None, :], other=0.0)
             w = tl.load(W1 + qs[:, None] * stride_w1q + outs[None, :] * stride_w1p,
                         mask=q_ok[:, None] & out_ok[None, :], other=0.0)
-            if FP32_IEEE:
-                acc += tl.dot(a, w, input_precision="ieee")
-            else:
-                acc += tl.dot(a, w)
+            acc = _mma(acc, a, w, DOT_MODE)
     # The low-rank tail of the reduction: columns c = (lora n, slot j) of the basis.
     for c0 in range(0, R, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
@@ -124,10 +132,7 @@ def _k_extended_gemm_kernel(
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         w2 = tl.load(W2 + lora[:, None] * stride_w2n + slot[:, None] * stride_w2j + outs[None, :] * stride_w2p,
                      mask=c_ok[:, None] & out_ok[None, :], other=0.0)
-        if FP32_IEEE:
-            acc += tl.dot(z, w2, input_precision="ieee")
-        else:
-            acc += tl.dot(z, w2)
+        acc = _mma(acc, z, w2, DOT_MODE)
     if HAS_BIAS:
         acc += tl.load(BIAS + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
     mask = row_ok[:, None] & out_ok[None, :]
@@ -144,6 +149,25 @@ class TileConfig:
     block_k: int
     num_warps: int
     num_stages: int
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch through ``wrap_triton`` (traceable by torch.compile). Under TRITON_INTERPRET=1, wrap_triton hands back
+    the interpreted kernel, which cannot run on fake tensors: there the launch is skipped while shapes are being
+    propagated (the outputs are already allocated with their final shapes)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and any(
+            isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+        return
+    wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def dot_mode(dtype: torch.dtype) -> int:
+    """The ``_mma`` mode for inputs of ``dtype`` (see ``_mma``)."""
+    if dtype == torch.float32:
+        return 1
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return 2
+    return 0
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -207,7 +231,7 @@ def row_panel(x: torch.Tensor, panel: torch.Tensor, panel_layout: str, coeffs: t
     u = torch.empty((M, R), device=x.device, dtype=x.dtype) if write_unscaled else s
     cfg = row_panel_config(R, x.dtype)
     grid = (triton.cdiv(M, cfg.block_m),)
-    wrap_triton(_row_panel_kernel)[grid](
+    _launch(_row_panel_kernel, grid,
         x, panel, coeffs, u, s,
         M, kred, R, r, rows_per_sample, float(scale),
         x.stride(0), x.stride(1),
@@ -215,7 +239,7 @@ def row_panel(x: torch.Tensor, panel: torch.Tensor, panel_layout: str, coeffs: t
         coeffs.stride(0), coeffs.stride(1),
         u.stride(0), u.stride(1),
         s.stride(0), s.stride(1),
-        WRITE_U=write_unscaled, FP32_IEEE=x.dtype == torch.float32,
+        WRITE_U=write_unscaled, DOT_MODE=dot_mode(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -282,7 +306,7 @@ def k_extended_gemm(x1: torch.Tensor | None, w1: torch.Tensor | None, w1_layout:
     cfg = k_extended_config(Q, nout, x2.dtype)
     block_c = min(_pow2_at_least_16(R), 64)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(nout, cfg.block_n),)
-    wrap_triton(_k_extended_gemm_kernel)[grid](
+    _launch(_k_extended_gemm_kernel, grid,
         x1, w1, x2, w2, bias if bias is not None else out, base_t, out,
         M, nout, Q, R, r,
         stride_x1m, stride_x1q,
@@ -291,7 +315,7 @@ def k_extended_gemm(x1: torch.Tensor | None, w1: torch.Tensor | None, w1_layout:
         stride_w2n, stride_w2j, stride_w2p,
         base_t.stride(0), base_t.stride(1),
         out.stride(0), out.stride(1),
-        HAS_X1=has_x1, HAS_BIAS=bias is not None, HAS_BASE=has_base, FP32_IEEE=x2.dtype == torch.float32,
+        HAS_X1=has_x1, HAS_BIAS=bias is not None, HAS_BASE=has_base, DOT_MODE=dot_mode(x2.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_Q=cfg.block_k, BLOCK_C=block_c, GROUP_M=8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -1,0 +1,85 @@
+"""torch.compile: no graph breaks, no recompiles on new coefficients or (with dynamic=True) new batch/sequence sizes.
+
+On CPU the ops route to the torch backend; the same checks run on CUDA (Triton ops) in test_gpu.py."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorweb_fast as lf
+
+
+class TinyLoRWeBModel(nn.Module):
+    """One block with two 3-D token layers and one 2-D (B, dim) modulation layer, like FLUX's norm*.linear."""
+
+    def __init__(self, dim=24, hidden=40):
+        super().__init__()
+        self.transformer_blocks = nn.ModuleList([nn.ModuleDict({"fc1": nn.Linear(dim, hidden),
+                                                                "fc2": nn.Linear(hidden, dim),
+                                                                "norm": nn.Linear(dim, dim)})])
+
+    def forward(self, x, temb):
+        blk = self.transformer_blocks[0]
+        h = blk["fc2"](torch.nn.functional.gelu(blk["fc1"](x)))
+        return h + x + blk["norm"](temb).unsqueeze(1)
+
+
+def make_model(device="cpu"):
+    torch.manual_seed(0)
+    m = TinyLoRWeBModel()
+    m.requires_grad_(False)
+    lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=10))
+    for layer in lf.lorweb_layers(m).values():
+        nn.init.normal_(layer.lora_B, std=0.1)
+    return m.to(device)
+
+
+def count_compiles(fn):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    fn()
+    return counters["stats"]["unique_graphs"]
+
+
+def test_no_graph_breaks():
+    m = make_model()
+    lf.set_query(m, torch.randn(2, 10))
+    x, temb = torch.randn(2, 5, 24), torch.randn(2, 24)
+    explanation = torch._dynamo.explain(m)(x, temb)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_no_recompiles_for_new_coefficients_or_shapes():
+    torch._dynamo.reset()
+    m = make_model()
+    compiled = torch.compile(m, fullgraph=True, dynamic=True, backend="aot_eager")
+    lf.set_query(m, torch.randn(2, 10))
+    x, temb = torch.randn(2, 5, 24), torch.randn(2, 24)
+    want = m(x, temb)
+    torch.testing.assert_close(compiled(x, temb), want)
+
+    def later_calls():
+        for batch, seq in ((2, 5), (3, 7), (4, 9), (3, 11)):
+            lf.set_query(m, torch.randn(batch, 10))  # new coefficients (and a new batch size)
+            xx, tt = torch.randn(batch, seq, 24), torch.randn(batch, 24)
+            torch.testing.assert_close(compiled(xx, tt), m(xx, tt))
+
+    assert count_compiles(later_calls) == 0
+
+
+def test_compiled_training_step_matches_eager():
+    torch._dynamo.reset()
+    m = make_model()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x, temb, q = torch.randn(2, 5, 24), torch.randn(2, 24), torch.randn(2, 10)
+    grads = []
+    for fn in (m, compiled):
+        m.zero_grad()
+        lf.set_query(m, q)
+        fn(x, temb).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 12
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)

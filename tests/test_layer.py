@@ -1,0 +1,115 @@
+"""LoRWeBLinear: parameter layout, peft equivalence, coefficients handling, quantized bases."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lorweb_fast as lf
+from lorweb_fast import reference
+
+
+def test_parameter_layout_and_init():
+    base = nn.Linear(40, 24)
+    layer = lf.LoRWeBLinear(base, num_loras=5, rank=3, key_dim=16, query_dim=12, heads=2)
+    assert layer.lora_A.shape == (5, 40, 3) and layer.lora_B.shape == (5, 3, 24)
+    assert layer.lora_keys.shape == (5, 16) and layer.att_lora_to_q.weight.shape == (16, 12)
+    assert layer.att_lora_to_q.bias is None
+    assert torch.count_nonzero(layer.lora_B) == 0
+    # kaiming_uniform(a=sqrt(5)) over the whole (N, in, r) tensor: fan_in = in * r, bound = 1 / sqrt(fan_in)
+    bound = 1 / math.sqrt(40 * 3)
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.8 * bound
+    assert layer.scale == 1.0 and lf.LoRWeBLinear(base, rank=4, lora_alpha=8).scale == 2.0
+    names = {n for n, _ in layer.named_parameters()}
+    assert {"lora_A", "lora_B", "lora_keys", "att_lora_to_q.weight", "base_layer.weight"} <= names
+
+
+def test_base_is_wrapped_not_copied_or_unfrozen():
+    base = nn.Linear(8, 6)
+    base.requires_grad_(False)
+    w = base.weight
+    layer = lf.LoRWeBLinear(base, num_loras=2, rank=2, key_dim=4, query_dim=6)
+    assert layer.base_layer is base and layer.base_layer.weight is w and not w.requires_grad
+
+
+def test_forward_without_coefficients_raises():
+    layer = lf.LoRWeBLinear(nn.Linear(8, 6), num_loras=2, rank=2, key_dim=4, query_dim=6)
+    with pytest.raises(RuntimeError, match="no coefficients.*set_query"):
+        layer(torch.randn(2, 3, 8))
+    layer.set_coefficients(torch.rand(2, 2))
+    with pytest.raises(ValueError, match="batch size 2 but the input has batch size 3"):
+        layer(torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"\(B, N=2\)"):
+        layer.set_coefficients(torch.rand(2, 3))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 20), (3, 20)])
+def test_2d_and_3d_inputs_with_per_sample_coefficients(shape):
+    torch.manual_seed(0)
+    base = nn.Linear(20, 11)
+    layer = lf.LoRWeBLinear(base, num_loras=4, rank=2, key_dim=8, query_dim=6)
+    nn.init.normal_(layer.lora_B)
+    coeffs = torch.rand(3, 4)
+    layer.set_coefficients(coeffs)
+    x = torch.randn(*shape)
+    want = reference.lorweb_linear(x, base.weight, base.bias, layer.lora_A, layer.lora_B, coeffs, layer.scale)
+    torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_matches_peft_lora_with_one_basis_lora():
+    """N=1, coefficient 1 (softmax over one LoRA): LoRWeBLinear is peft's LoRA Linear with the same A, B, scaling."""
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(30, 17)
+    rank, alpha = 4, 6.0
+    ours = lf.LoRWeBLinear(base, num_loras=1, rank=rank, lora_alpha=alpha, key_dim=8, query_dim=12)
+    nn.init.normal_(ours.lora_B)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["base"])
+    peft_layer = PeftLoraLinear(nn.Linear(30, 17), adapter_name="default", config=config, r=rank, lora_alpha=alpha)
+    peft_layer.base_layer.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(ours.lora_A[0].T)
+        peft_layer.lora_B["default"].weight.copy_(ours.lora_B[0].T)
+    assert peft_layer.scaling["default"] == ours.scale
+    query = torch.randn(2, 12)
+    ours.set_coefficients(ours.coefficients_from_query(query))
+    assert torch.equal(ours.coefficients, torch.ones(2, 1))
+    x = torch.randn(2, 9, 30)
+    torch.testing.assert_close(ours(x), peft_layer(x), rtol=1e-5, atol=1e-5)
+
+
+def _bnb_or_skip(kind):
+    bnb = pytest.importorskip("bitsandbytes")
+    base = nn.Linear(32, 24)
+    try:
+        if kind == "int8":
+            q = bnb.nn.Linear8bitLt(32, 24, has_fp16_weights=False, threshold=0.0)
+        else:
+            q = bnb.nn.Linear4bit(32, 24, compute_dtype=torch.float32)
+        q.load_state_dict(base.state_dict())
+        q = q.to("cpu")
+        q(torch.randn(1, 32))
+    except Exception as exc:  # pragma: no cover - depends on the installed bitsandbytes
+        pytest.skip(f"bitsandbytes {bnb.__version__} cannot run {kind} layers on this CPU: {exc}")
+    return q
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_wraps_bitsandbytes_layers(kind):
+    q = _bnb_or_skip(kind)
+    weight = q.weight
+    layer = lf.LoRWeBLinear(q, num_loras=3, rank=2, key_dim=8, query_dim=6)
+    assert layer.base_layer is q and layer.base_layer.weight is weight
+    assert layer.lora_A.dtype == torch.float32
+    nn.init.normal_(layer.lora_B)
+    coeffs = torch.rand(2, 3)
+    layer.set_coefficients(coeffs)
+    x = torch.randn(2, 5, 32)
+    want = q(x).double() + reference.mixed_lora_delta(x, layer.lora_A, layer.lora_B, coeffs, layer.scale)
+    out = layer(x)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad.abs().sum() > 0

@@ -1,0 +1,268 @@
+"""Model-level API on a tiny FLUX transformer built locally (never downloaded)."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorweb_fast as lf
+from lorweb_fast import model as lmodel
+from lorweb_fast import ops
+from lorweb_fast.testing import tiny_flux_config
+
+diffusers = pytest.importorskip("diffusers")
+QUERY_DIM = 12
+CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=QUERY_DIM)
+OFFICIAL_DOUBLE = ["norm1.linear", "norm1_context.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
+                   "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+OFFICIAL_SINGLE = ["norm.linear", "proj_mlp", "proj_out", "attn.to_q", "attn.to_k", "attn.to_v"]
+
+
+@pytest.fixture(scope="module")
+def saved_base(tmp_path_factory):
+    """A tiny random FluxTransformer2DModel written with save_pretrained (the real loading path reads it)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_flux")
+    diffusers.FluxTransformer2DModel(**tiny_flux_config()).save_pretrained(path)
+    return path
+
+
+def load_base(path):
+    return diffusers.FluxTransformer2DModel.from_pretrained(path).eval()
+
+
+def flux_inputs(batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img, txt = 6, 4
+    return dict(hidden_states=torch.randn(batch, img, 8, generator=g),
+                encoder_hidden_states=torch.randn(batch, txt, 24, generator=g),
+                pooled_projections=torch.randn(batch, 20, generator=g),
+                timestep=torch.rand(batch, generator=g), guidance=torch.full((batch,), 3.5),
+                img_ids=torch.randn(img, 3, generator=g), txt_ids=torch.zeros(txt, 3))
+
+
+def randomize_lorweb(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lf.lorweb_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+
+
+def injected(path):
+    m = load_base(path)
+    lf.inject_lorweb(m, CONFIG)
+    randomize_lorweb(m)
+    return m
+
+
+def snapshot(model):
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            {n: type(m) for n, m in model.named_modules()})
+
+
+def assert_unchanged(model, snap):
+    state, types = snap
+    now_state, now_types = snapshot(model)
+    assert now_types == types
+    assert now_state.keys() == state.keys()
+    assert all(torch.equal(now_state[k], state[k]) for k in state)
+
+
+def test_inject_targets_the_official_layers(saved_base):
+    m = load_base(saved_base)
+    names = lf.inject_lorweb(m, CONFIG)
+    want = [f"transformer_blocks.0.{n}" for n in OFFICIAL_DOUBLE] + \
+           [f"single_transformer_blocks.0.{n}" for n in OFFICIAL_SINGLE]
+    assert sorted(names) == sorted(want)
+    assert sorted(lf.lorweb_layers(m)) == sorted(want)
+    with pytest.raises(ValueError, match="already injected"):
+        lf.inject_lorweb(m, CONFIG)
+    assert lf.remove_lorweb(m) and not lf.lorweb_layers(m)
+
+
+def test_target_modules_match_like_peft(saved_base):
+    m = load_base(saved_base)
+    names = lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=QUERY_DIM,
+                                                target_modules=["to_q", "proj_mlp"]))
+    assert sorted(names) == ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp",
+                             "transformer_blocks.0.attn.to_q"]
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        lf.inject_lorweb(load_base(saved_base), lf.LoRWeBConfig(target_modules=r"nothing\..*"))
+
+
+def test_norm_layers_get_2d_inputs_and_forward_runs(saved_base):
+    m = injected(saved_base)
+    dims = {}
+    hooks = [layer.register_forward_pre_hook(lambda mod, args, n=n: dims.__setitem__(n, args[0].dim()))
+             for n, layer in lf.lorweb_layers(m).items()]
+    lf.set_query(m, torch.randn(2, QUERY_DIM))
+    out = m(**flux_inputs()).sample
+    for h in hooks:
+        h.remove()
+    assert out.shape == (2, 6, 8) and torch.isfinite(out).all()
+    assert dims["transformer_blocks.0.norm1.linear"] == 2 and dims["single_transformer_blocks.0.norm.linear"] == 2
+    assert dims["transformer_blocks.0.attn.to_q"] == 3
+    lf.clear_query(m)
+    with pytest.raises(RuntimeError, match="no coefficients"):
+        m(**flux_inputs())
+
+
+def test_set_query_computes_coefficients_once(saved_base, monkeypatch):
+    m = injected(saved_base)
+    calls = []
+    real = ops.compute_coefficients
+    monkeypatch.setattr(ops, "compute_coefficients", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    coeffs = lf.set_query(m, torch.randn(2, QUERY_DIM))
+    assert len(calls) == 1 and calls[0][0] == 20  # one batched computation for all 20 layers
+    for _ in range(3):  # e.g. three denoising steps
+        m(**flux_inputs())
+    assert len(calls) == 1
+    got = lf.get_coefficients(m)
+    assert got.keys() == coeffs.keys() and all(got[k] is coeffs[k] for k in got)
+    assert all(c.shape == (2, 3) for c in got.values())
+    lf.set_query(m, torch.randn(2, QUERY_DIM))
+    assert len(calls) == 2
+    # The batched coefficients equal each layer's own computation.
+    q = torch.randn(2, QUERY_DIM)
+    batched = lf.set_query(m, q)
+    for n, layer in lf.lorweb_layers(m).items():
+        torch.testing.assert_close(batched[n], layer.coefficients_from_query(q))
+
+
+def test_training_gradients_reach_keys_and_projection(saved_base):
+    m = injected(saved_base)
+    m.requires_grad_(False)
+    for layer in lf.lorweb_layers(m).values():
+        for p in (layer.lora_A, layer.lora_B, layer.lora_keys, layer.att_lora_to_q.weight):
+            p.requires_grad_(True)
+    lf.set_query(m, torch.randn(2, QUERY_DIM))
+    m(**flux_inputs()).sample.square().mean().backward()
+    for n, layer in lf.lorweb_layers(m).items():
+        for p in (layer.lora_A, layer.lora_B, layer.lora_keys, layer.att_lora_to_q.weight):
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+    assert all(p.grad is None for n, p in m.named_parameters() if "base_layer" in n)
+
+
+def test_save_load_into_fresh_copy_gives_identical_outputs(saved_base, tmp_path):
+    m = injected(saved_base)
+    q = torch.randn(2, QUERY_DIM)
+    lf.set_query(m, q)
+    with torch.no_grad():
+        want = m(**flux_inputs()).sample
+    path = tmp_path / "lorweb.safetensors"
+    lf.save_lorweb_weights(m, path, metadata={"encoder": "tiny-clip"})
+    state = load_file(path)
+    assert set(state) == {f"transformer.{n}.{s}" for n in lf.lorweb_layers(m) for s in lmodel.PARAM_SUFFIXES}
+    assert state["transformer.transformer_blocks.0.attn.to_q.lora_A"].shape == (3, 32, 2)
+    fresh = load_base(saved_base)
+    loaded = lf.load_lorweb_weights(fresh, path)
+    assert sorted(loaded) == sorted(lf.lorweb_layers(m))
+    lf.set_query(fresh, q)
+    with torch.no_grad():
+        assert torch.equal(fresh(**flux_inputs()).sample, want)
+    # Loading again into the now-injected model works too.
+    lf.load_lorweb_weights(fresh, path)
+
+
+def test_metadata_hyperparameters_are_used(saved_base, tmp_path):
+    m = load_base(saved_base)
+    lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=3, rank=2, lora_alpha=4.0, key_dim=8, query_dim=QUERY_DIM,
+                                        heads=2, activation="tanh", reduce="sum"))
+    path = tmp_path / "w.safetensors"
+    lf.save_lorweb_weights(m, path)
+    fresh = load_base(saved_base)
+    lf.load_lorweb_weights(fresh, path)
+    layer = fresh.get_submodule("transformer_blocks.0.attn.to_q")
+    assert (layer.heads, layer.activation, layer.reduce, layer.scale) == (2, "tanh", "sum", 2.0)
+    # Without metadata (an official file) the official defaults apply.
+    official = tmp_path / "official.safetensors"
+    save_file({k: v.contiguous() for k, v in load_file(path).items()}, official)
+    fresh2 = load_base(saved_base)
+    lf.load_lorweb_weights(fresh2, official)
+    layer2 = fresh2.get_submodule("transformer_blocks.0.attn.to_q")
+    assert (layer2.heads, layer2.activation, layer2.reduce, layer2.scale) == (1, "softmax", "mean", 1.0)
+
+
+def _bad_checkpoints(good: dict, path_dir):
+    key_a = "transformer.transformer_blocks.0.attn.to_q.lora_A"
+    missing = dict(good)
+    del missing["transformer.single_transformer_blocks.0.proj_mlp.lora_keys"]
+    extra = dict(good, **{"transformer.transformer_blocks.0.attn.to_q.lora_C": torch.zeros(1)})
+    unknown_module = dict(good, **{k.replace("attn.to_q", "attn.to_z"): v for k, v in good.items()
+                                   if ".attn.to_q." in k and "single" not in k})
+    wrong_shape = dict(good, **{key_a: torch.randn(3, 31, 2)})
+    wrong_b = dict(good, **{"transformer.transformer_blocks.0.ff.net.2.lora_B": torch.randn(3, 2, 5)})
+    nan = dict(good, **{key_a: good[key_a].clone().index_fill_(0, torch.tensor([1]), float("nan"))})
+    inf = dict(good, **{"transformer.transformer_blocks.0.attn.to_k.lora_keys": torch.full((3, 8), float("inf"))})
+    full = path_dir / "good.safetensors"
+    save_file(good, full)
+    blob = full.read_bytes()
+    truncated = path_dir / "truncated.safetensors"
+    truncated.write_bytes(blob[: len(blob) - 100])
+    corrupt = path_dir / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x93 not a safetensors file" * 10)
+    return {
+        "missing key": (missing, "missing key transformer.single_transformer_blocks.0.proj_mlp.lora_keys"),
+        "unexpected key": (extra, "unexpected key transformer.transformer_blocks.0.attn.to_q.lora_C"),
+        "unknown module": (unknown_module, "no module 'transformer_blocks.0.attn.to_z'"),
+        "wrong lora_A shape": (wrong_shape, "to_q.lora_A has shape"),
+        "wrong lora_B shape": (wrong_b, "ff.net.2.lora_B has shape"),
+        "nan": (nan, "to_q.lora_A holds NaN"),
+        "inf": (inf, "to_k.lora_keys holds NaN or Inf"),
+        "truncated file": (truncated, "corrupt or truncated"),
+        "corrupt file": (corrupt, "corrupt or truncated"),
+        "empty": ({}, "no LoRWeB tensors"),
+    }
+
+
+@pytest.mark.parametrize("target", ["fresh model", "injected model"])
+def test_bad_checkpoints_raise_and_leave_the_model_untouched(saved_base, tmp_path, target):
+    good = {k: v.clone() for k, v in lf.lorweb_state_dict(injected(saved_base)).items()}
+    for case, (ckpt, match) in _bad_checkpoints(good, tmp_path).items():
+        m = load_base(saved_base) if target == "fresh model" else injected(saved_base)
+        snap = snapshot(m)
+        with pytest.raises(lf.LoRWeBCheckpointError, match=match) as info:
+            lf.load_lorweb_weights(m, ckpt)
+        assert "model was not changed" in str(info.value) or "corrupt" in str(info.value), case
+        assert_unchanged(m, snap)
+
+
+def test_checkpoint_for_other_config_is_rejected_by_injected_model(saved_base, tmp_path):
+    other = load_base(saved_base)
+    lf.inject_lorweb(other, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=QUERY_DIM, heads=2))
+    path = tmp_path / "heads2.safetensors"
+    lf.save_lorweb_weights(other, path)
+    m = injected(saved_base)
+    snap = snapshot(m)
+    with pytest.raises(lf.LoRWeBCheckpointError, match="heads"):
+        lf.load_lorweb_weights(m, path)
+    assert_unchanged(m, snap)
+    # A checkpoint covering fewer layers than are injected is partial: rejected, model unchanged.
+    partial = {k: v for k, v in lf.lorweb_state_dict(other).items() if "single_transformer_blocks" not in k}
+    with pytest.raises(lf.LoRWeBCheckpointError, match="missing keys transformer.single_transformer_blocks"):
+        lf.load_lorweb_weights(m, partial)
+    assert_unchanged(m, snap)
+
+
+def test_missing_file_is_a_clear_error(saved_base, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        lf.load_lorweb_weights(load_base(saved_base), tmp_path / "nope.safetensors")
+
+
+def test_save_is_atomic(saved_base, tmp_path, monkeypatch):
+    m = injected(saved_base)
+    path = tmp_path / "w.safetensors"
+    lf.save_lorweb_weights(m, path)
+    before = path.read_bytes()
+    import safetensors.torch as st
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        lf.save_lorweb_weights(m, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+    copy.deepcopy(m)  # injected models stay deep-copyable (used by accelerate/FSDP wrappers)

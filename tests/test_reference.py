@@ -1,0 +1,104 @@
+"""The float64 reference against an explicit per-LoRA loop, and gradcheck of the reference."""
+
+import math
+
+import pytest
+import torch
+
+from lorweb_fast import reference
+
+
+def loop_coefficients(query, to_q, keys, heads, activation, reduce):
+    """Per-sample, per-head, per-LoRA loops straight from METHOD.md."""
+    bsz, n = query.shape[0], keys.shape[0]
+    d = keys.shape[1] // heads
+    out = torch.zeros(bsz, n, dtype=torch.float64)
+    for b in range(bsz):
+        p = to_q.double() @ query[b].double()
+        per_head = []
+        for h in range(heads):
+            logits = torch.stack([p[h * d:(h + 1) * d] @ keys[i, h * d:(h + 1) * d].double() / math.sqrt(d)
+                                  for i in range(n)])
+            per_head.append(torch.softmax(logits, 0) if activation == "softmax" else torch.tanh(logits))
+        c = torch.stack(per_head)
+        if reduce == "mean":
+            out[b] = c.mean(0)
+        else:
+            out[b] = c.sum(0).clamp(0.0 if activation == "softmax" else -1.0, 1.0)
+    return out
+
+
+def loop_delta(x, lora_a, lora_b, coeffs, scale):
+    """sum over LoRAs n of coeffs[b, n] * B_n^T (A_n^T x), one LoRA and one sample at a time."""
+    x3 = x if x.dim() == 3 else x.unsqueeze(1)
+    out = torch.zeros(x3.shape[0], x3.shape[1], lora_b.shape[2], dtype=torch.float64)
+    for b in range(x3.shape[0]):
+        for n in range(lora_a.shape[0]):
+            out[b] += coeffs[b, n].double() * (x3[b].double() @ lora_a[n].double() @ lora_b[n].double())
+    out = out * scale
+    return out if x.dim() == 3 else out.squeeze(1)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+@pytest.mark.parametrize("activation", ["softmax", "tanh"])
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_coefficients_match_loop(heads, activation, reduce):
+    g = torch.Generator().manual_seed(heads)
+    query, to_q, keys = torch.randn(3, 24, generator=g), torch.randn(16, 24, generator=g), torch.randn(5, 16,
+                                                                                                        generator=g)
+    got = reference.compute_coefficients(query, to_q, keys, heads=heads, activation=activation, reduce=reduce)
+    want = loop_coefficients(query, to_q, keys, heads, activation, reduce)
+    assert got.dtype == torch.float64 and got.shape == (3, 5)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_sum_clamp_is_applied():
+    # Two heads that agree on LoRA 0 give a summed softmax weight of ~2 there, which the official code clamps to 1.
+    to_q = torch.eye(4)
+    keys = torch.tensor([[10.0, 0, 10.0, 0], [0, 0, 0, 0]])
+    query = torch.tensor([[10.0, 0, 10.0, 0]])
+    c = reference.compute_coefficients(query, to_q, keys, heads=2, activation="softmax", reduce="sum")
+    assert c[0, 0].item() == 1.0 and 0 < c[0, 1].item() < 0.01
+    t = reference.compute_coefficients(-query, to_q, keys, heads=2, activation="tanh", reduce="sum")
+    assert t[0, 0].item() == -1.0
+
+
+@pytest.mark.parametrize("three_d", [True, False])
+def test_delta_matches_loop(three_d):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*((2, 5, 7) if three_d else (2, 7)), generator=g)
+    a, b = torch.randn(3, 7, 2, generator=g), torch.randn(3, 2, 6, generator=g)
+    c = torch.rand(2, 3, generator=g)
+    torch.testing.assert_close(reference.mixed_lora_delta(x, a, b, c, 0.5), loop_delta(x, a, b, c, 0.5),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_bad_mode_names_raise():
+    q, w, k = torch.randn(1, 4), torch.randn(4, 4), torch.randn(2, 4)
+    with pytest.raises(ValueError, match="activation"):
+        reference.compute_coefficients(q, w, k, activation="relu")
+    with pytest.raises(ValueError, match="reduce"):
+        reference.compute_coefficients(q, w, k, reduce="max")
+    with pytest.raises(ValueError, match="divisible"):
+        reference.compute_coefficients(q, w, k, heads=3)
+
+
+@pytest.mark.parametrize("activation,reduce,heads", [("softmax", "mean", 2), ("tanh", "sum", 1),
+                                                     ("softmax", "sum", 4), ("tanh", "mean", 2)])
+def test_gradcheck_full_chain(activation, reduce, heads):
+    """gradcheck of delta(x, A, B, coefficients(query; to_q, keys)) w.r.t. x, A, B, to_q and keys, and of the delta
+    w.r.t. the coefficients directly."""
+    g = torch.Generator().manual_seed(1)
+    d = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(True)  # noqa: E731
+    x, a, b = d(2, 3, 5), d(3, 5, 2), d(3, 2, 4)
+    query, to_q, keys = d(2, 6), d(8, 6) * 0.3, d(3, 8)
+    to_q = to_q.detach().requires_grad_(True)
+
+    def chain(x, a, b, to_q, keys):
+        c = reference.compute_coefficients(query, to_q, keys, heads=heads, activation=activation, reduce=reduce)
+        return reference.mixed_lora_delta(x, a, b, c, 0.5)
+
+    assert torch.autograd.gradcheck(chain, (x, a, b, to_q, keys))
+    coeffs = torch.rand(2, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, c: reference.mixed_lora_delta(x, a, b, c, 0.5), (x, coeffs))
+    assert torch.autograd.gradcheck(lambda x2: reference.mixed_lora_delta(x2, a, b, coeffs, 0.5), (x[:, 0],))

@@ -1,0 +1,112 @@
+"""The torch backend and the public functional API against the float64 reference (CPU)."""
+
+import pytest
+import torch
+
+import lorweb_fast as lf
+from lorweb_fast import ops, reference
+from lorweb_fast.testing import (assert_within_bound, case_id, check_against_reference, odd_shape_cases,
+                                 random_problem)
+
+CASES = odd_shape_cases()
+
+
+def _problem(case):
+    return random_problem(case["batch"], case["seq"], case["in_features"], case["out_features"], case["num_loras"],
+                          case["rank"], case["dtype"], seed=case["seed"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_lorweb_linear_torch(case):
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend="torch"), _problem(case))
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=case_id)
+def test_mixed_lora_delta_torch(case):
+    check_against_reference(lambda *a: lf.mixed_lora_delta(*a, backend="torch"), _problem(case), with_base=False)
+
+
+def test_add_to_matches_sum():
+    p = random_problem(2, 5, 17, 19, 3, 4, torch.float32)
+    base = torch.randn(2, 5, 19)
+    got = lf.mixed_lora_delta(p["x"], p["lora_a"], p["lora_b"], p["coeffs"], p["scale"], add_to=base)
+    want = base.double() + reference.mixed_lora_delta(p["x"], p["lora_a"], p["lora_b"], p["coeffs"], p["scale"])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_checker_rejects_a_wrong_result():
+    """The bound is tight enough to catch a real mistake: swapping two samples' coefficients."""
+    p = random_problem(2, 5, 17, 19, 3, 4, torch.bfloat16)
+
+    def swapped(x, w, b, la, lb, c, s):
+        return lf.lorweb_linear(x, w, b, la, lb, c.flip(0), s, backend="torch")
+
+    with pytest.raises(AssertionError, match="exceeds the bound"):
+        check_against_reference(swapped, p)
+    y = lf.lorweb_linear(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"], p["scale"])
+    ref = reference.lorweb_linear(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"], p["scale"])
+    with pytest.raises(AssertionError):  # a 5% error in bf16 is outside the bound, too
+        assert_within_bound("y", y * 1.05, ref, ref.abs() + 1e-3, torch.bfloat16, 17)
+
+
+def test_compute_coefficients_matches_reference_and_batches_layers():
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 24, generator=g)
+    to_q, keys = torch.randn(5, 16, 24, generator=g) * 0.2, torch.randn(5, 7, 16, generator=g)
+    for activation in ("softmax", "tanh"):
+        for reduce in ("mean", "sum"):
+            stacked = lf.compute_coefficients(query, to_q, keys, heads=2, activation=activation, reduce=reduce)
+            assert stacked.shape == (5, 3, 7) and stacked.dtype == torch.float32
+            for layer in range(5):
+                want = reference.compute_coefficients(query, to_q[layer], keys[layer], heads=2,
+                                                      activation=activation, reduce=reduce)
+                single = lf.compute_coefficients(query, to_q[layer], keys[layer], heads=2, activation=activation,
+                                                 reduce=reduce)
+                torch.testing.assert_close(stacked[layer].double(), want, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(single, stacked[layer])
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def _good():
+    return random_problem(2, 5, 17, 19, 3, 4, torch.float32)
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda p: p.update(x=p["x"][..., :-1]), ValueError, "x has 16 input features"),
+    (lambda p: p.update(x=p["x"][None]), ValueError, r"x must be \(B, S, in\) or \(B, in\)"),
+    (lambda p: p.update(lora_a=p["lora_a"][0]), ValueError, r"lora_a must be \(N, in, r\)"),
+    (lambda p: p.update(lora_b=p["lora_b"][:, :2]), ValueError, "lora_b must be"),
+    (lambda p: p.update(coeffs=p["coeffs"][:1]), ValueError, r"coeffs must be \(B, N\)"),
+    (lambda p: p.update(coeffs=p["coeffs"].long()), TypeError, "coeffs must be floating point"),
+    (lambda p: p.update(lora_a=p["lora_a"].double()), TypeError, "lora_a has dtype torch.float64"),
+    (lambda p: p.update(weight=p["weight"].bfloat16()), TypeError, "weight has dtype"),
+    (lambda p: p.update(weight=p["weight"][:-1]), ValueError, r"weight must be \(out, in\)"),
+    (lambda p: p.update(bias=p["bias"][:-1]), ValueError, r"bias must be \(out,\)"),
+    (lambda p: p.update(x=p["x"].int()), TypeError, "x has dtype torch.int32"),
+    (lambda p: p.update(lora_b=p["lora_b"].to("meta")), ValueError, "lora_b is on meta"),
+])
+def test_bad_input_names_the_problem(mutate, error, match):
+    p = _good()
+    mutate(p)
+    with pytest.raises(error, match=match):
+        lf.lorweb_linear(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"], p["scale"])
+
+
+def test_unknown_or_unavailable_backend_raises():
+    p = _good()
+    args = (p["x"], p["lora_a"], p["lora_b"], p["coeffs"], p["scale"])
+    with pytest.raises(ValueError, match="unknown backend 'jax'"):
+        lf.mixed_lora_delta(*args, backend="jax")
+    status = lf.backend_status()
+    assert set(status) == {"torch", "triton", "cuda"} and status["torch"].startswith("available")
+    if not torch.cuda.is_available():
+        with pytest.raises(lf.BackendUnavailableError, match="backend='cuda' is unavailable"):
+            lf.mixed_lora_delta(*args, backend="cuda")
+        assert status["cuda"].startswith("unavailable")
+        if not ops.triton_interpret_mode():
+            with pytest.raises(lf.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+                lf.mixed_lora_delta(*args, backend="triton")
+
+
+def test_default_backend_on_cpu_is_torch():
+    assert ops.resolve_backend(None, torch.device("cpu")) == "torch"
