@@ -52,6 +52,15 @@ def _load_cuda_extension():
 _CUDA_EXT, _CUDA_IMPORT_ERROR = _load_cuda_extension()
 
 
+def cuda_build_arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST that lorweb_fast._C was compiled for ("unknown" when not recorded)."""
+    try:
+        from ._cuda_build_info import TORCH_CUDA_ARCH_LIST
+    except ImportError:
+        return "unknown"
+    return TORCH_CUDA_ARCH_LIST
+
+
 def triton_interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -81,11 +90,11 @@ def _unavailable_reason(name: str, device: torch.device | None = None) -> Option
         if not torch.cuda.is_available():
             return "lorweb_fast._C is built but no CUDA GPU is visible to torch"
         dev = device if device is not None else torch.device("cuda", torch.cuda.current_device())
-        major, minor = torch.cuda.get_device_capability(dev)
-        built = _CUDA_EXT.arch_list()
-        if not any(a.split("+")[0] == f"{major}.{minor}" or (a.endswith("+PTX") and a.split("+")[0] <= f"{major}.{minor}")
-                   for a in built.split(";")):
-            return f"lorweb_fast._C was built for TORCH_CUDA_ARCH_LIST={built}, not for this GPU (sm_{major}{minor})"
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if not _CUDA_EXT.device_supported(index):
+            major, minor = torch.cuda.get_device_capability(index)
+            return (f"lorweb_fast._C was built for TORCH_CUDA_ARCH_LIST={cuda_build_arch_list()}, which cannot run "
+                    f"on this GPU (sm_{major}{minor}); rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
         return None
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or None")
 
@@ -256,6 +265,24 @@ if _TRITON_KERNELS is not None:
     _setup, _backward = _fused_autograd(_triton_bwd)
     torch.library.register_autograd("lorweb_fast::triton_fwd", _backward, setup_context=_setup)
     _FUSED_OPS["triton"] = _triton_fwd
+
+
+if _CUDA_EXT is not None:
+
+    @torch.library.register_fake(f"{CUDA_NAMESPACE}::fwd")
+    def _cuda_fwd_fake(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample):
+        rank_total = lora_a.shape[0] * lora_a.shape[2]
+        return (x.new_empty(x.shape[0], lora_b.shape[2]), x.new_empty(x.shape[0], rank_total),
+                x.new_empty(x.shape[0], rank_total))
+
+    @torch.library.register_fake(f"{CUDA_NAMESPACE}::bwd")
+    def _cuda_bwd_fake(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample):
+        return (torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b),
+                coeffs.new_empty(coeffs.shape, dtype=torch.float32))
+
+    _cuda_setup, _cuda_backward = _fused_autograd(getattr(torch.ops, CUDA_NAMESPACE).bwd)
+    torch.library.register_autograd(f"{CUDA_NAMESPACE}::fwd", _cuda_backward, setup_context=_cuda_setup)
+    _FUSED_OPS["cuda"] = getattr(torch.ops, CUDA_NAMESPACE).fwd
 
 
 def _fused_linear(backend, x, weight, bias, base, lora_a, lora_b, coeffs, scale):

@@ -1,0 +1,132 @@
+"""GPU suite: the fused backends on CUDA against the float64 reference, opcheck, CUDA graphs and torch.compile.
+
+Skipped when no CUDA GPU is present (CI); run it on a lent GPU with `pytest -m gpu`."""
+
+import pytest
+import torch
+
+import lorweb_fast as lf
+from lorweb_fast import ops
+from lorweb_fast.testing import case_id, check_against_reference, odd_shape_cases, random_problem, tolerance
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
+CASES = odd_shape_cases()
+FUSED = ["triton", "cuda"]
+
+
+def _require(backend):
+    why = ops._unavailable_reason(backend, torch.device("cuda"))
+    if why is not None:
+        pytest.fail(f"backend {backend!r} must be usable on a GPU machine: {why}")
+
+
+def _problem(case, **kw):
+    return random_problem(case["batch"], case["seq"], case["in_features"], case["out_features"], case["num_loras"],
+                          case["rank"], kw.get("dtype", case["dtype"]), device="cuda", seed=case["seed"])
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_lorweb_linear_on_gpu(backend, case):
+    _require(backend)
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend=backend), _problem(case))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("case", CASES[1::4], ids=case_id)
+def test_mixed_lora_delta_on_gpu(backend, case):
+    _require(backend)
+    check_against_reference(lambda *a: lf.mixed_lora_delta(*a, backend=backend), _problem(case), with_base=False)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fp16_and_large_shape(backend):
+    _require(backend)
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend=backend),
+                            random_problem(2, 301, 515, 771, 32, 4, torch.float16, device="cuda"))
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend=backend),
+                            random_problem(3, 333, 1027, 1029, 32, 8, torch.bfloat16, device="cuda", seed=3))
+
+
+def test_default_backend_on_gpu_is_triton():
+    _require("triton")
+    assert ops.resolve_backend(None, torch.device("cuda")) == "triton"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_cuda_graph_capture_and_replay(backend):
+    _require(backend)
+    p = random_problem(2, 129, 257, 191, 32, 4, torch.bfloat16, device="cuda")
+    args = (p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"], p["scale"])
+    eager = lf.lorweb_linear(*args, backend=backend)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            lf.lorweb_linear(*args, backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = lf.lorweb_linear(*args, backend=backend)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)
+    p["coeffs"].copy_(p["coeffs"].flip(0))  # new coefficients in the same buffer: the replay must follow them
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, lf.lorweb_linear(*args, backend=backend))
+
+
+def test_opcheck_all_ops():
+    _require("triton")
+    p = random_problem(2, 5, 17, 19, 3, 4, torch.float32, device="cuda", seed=11)
+    x = p["x"].reshape(10, 17)
+    for ns in ("lorweb_fast", "lorweb_fast_cuda"):
+        fwd = torch.ops.lorweb_fast.triton_fwd if ns == "lorweb_fast" else torch.ops.lorweb_fast_cuda.fwd
+        bwd = torch.ops.lorweb_fast.triton_bwd if ns == "lorweb_fast" else torch.ops.lorweb_fast_cuda.bwd
+        for weight, bias, base in ((p["weight"], p["bias"], None), (None, None, torch.randn(10, 19, device="cuda"))):
+            args = (x, weight, bias, base, p["lora_a"], p["lora_b"], p["coeffs"].float(), 0.75, 5)
+            torch.library.opcheck(fwd.default, args)
+            y, u, z = fwd(*args)
+            torch.library.opcheck(bwd.default, (torch.randn_like(y), x, weight, p["lora_a"], p["lora_b"],
+                                                p["coeffs"].float(), u, z, 0.75, 5))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_compile_no_graph_breaks_no_recompiles_on_gpu(backend):
+    _require(backend)
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compile_helpers", Path(__file__).with_name("test_compile.py"))
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    torch._dynamo.reset()
+    m = helpers.make_model("cuda").to(torch.bfloat16)
+    for layer in lf.lorweb_layers(m).values():
+        layer.backend = backend
+    lf.set_query(m, torch.randn(2, 10, device="cuda"))
+    x, temb = torch.randn(2, 5, 24, device="cuda", dtype=torch.bfloat16), torch.randn(2, 24, device="cuda",
+                                                                                        dtype=torch.bfloat16)
+    explanation = torch._dynamo.explain(m)(x, temb)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(m, fullgraph=True, dynamic=True)
+    tol = tolerance(torch.bfloat16, 0)  # compiled and eager differ only by bf16 roundings of fused epilogues
+    torch.testing.assert_close(compiled(x, temb), m(x, temb), rtol=tol, atol=tol)
+
+    def later():
+        for batch, seq in ((2, 5), (3, 7), (4, 9)):
+            lf.set_query(m, torch.randn(batch, 10, device="cuda"))
+            xx = torch.randn(batch, seq, 24, device="cuda", dtype=torch.bfloat16)
+            tt = torch.randn(batch, 24, device="cuda", dtype=torch.bfloat16)
+            torch.testing.assert_close(compiled(xx, tt), m(xx, tt), rtol=tol, atol=tol)
+
+    assert helpers.count_compiles(later) == 0
