@@ -6,6 +6,7 @@ Functional API: ``compute_coefficients``, ``mixed_lora_delta``, ``lorweb_linear`
 ``load_lorweb_weights``.
 """
 
+from .flux import merged, plot_coefficients
 from .layer import LoRWeBLinear
 from .model import (
     LoRWeBCheckpointError,
@@ -35,5 +36,5 @@ __all__ = [
     "BACKENDS", "BackendUnavailableError", "LoRWeBCheckpointError", "LoRWeBConfig", "LoRWeBLinear",
     "backend_status", "clear_query", "compute_coefficients", "get_coefficients", "inject_lorweb",
     "load_lorweb_weights", "lorweb_layers", "lorweb_linear", "lorweb_state_dict", "mixed_lora_delta",
-    "remove_lorweb", "save_lorweb_weights", "set_query",
+    "merged", "plot_coefficients", "remove_lorweb", "save_lorweb_weights", "set_query",
 ]

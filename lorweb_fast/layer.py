@@ -76,6 +76,7 @@ class LoRWeBLinear(nn.Module):
         self.att_lora_to_q = nn.Linear(query_dim, key_dim, bias=False, **factory)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self._coefficients: Optional[torch.Tensor] = None
+        self._merged = False  # set by lorweb_fast.merged(): the mixture is folded into the base weight
 
     # ------------------------------------------------------------------------------------------ coefficients
     @property
@@ -98,6 +99,8 @@ class LoRWeBLinear(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merged:
+            return self.base_layer(x)
         coeffs = self._coefficients
         if coeffs is None:
             raise RuntimeError(

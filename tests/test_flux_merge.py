@@ -1,0 +1,114 @@
+"""FLUX integration pieces: analogy grids, the batch-1 merged fast path, coefficient heat maps."""
+
+import pytest
+import torch
+from PIL import Image
+
+import lorweb_fast as lf
+from lorweb_fast import flux
+from lorweb_fast.testing import tiny_flux_config, tolerance
+
+diffusers = pytest.importorskip("diffusers")
+QUERY_DIM = 12
+
+
+def tiny_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    m = diffusers.FluxTransformer2DModel(**tiny_flux_config()).eval()
+    lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=QUERY_DIM))
+    with torch.no_grad():
+        for layer in lf.lorweb_layers(m).values():
+            layer.lora_B.normal_(0, 2.0)
+    return m.to(dtype)
+
+
+def flux_inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 6, 8, generator=g).to(dtype),
+                encoder_hidden_states=torch.randn(1, 4, 24, generator=g).to(dtype),
+                pooled_projections=torch.randn(1, 20, generator=g).to(dtype),
+                timestep=torch.rand(1, generator=g).to(dtype), guidance=torch.full((1,), 3.5, dtype=dtype),
+                img_ids=torch.randn(6, 3, generator=g), txt_ids=torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_equals_unmerged(dtype):
+    m = tiny_model(dtype)
+    lf.set_query(m, torch.randn(1, QUERY_DIM))
+    with torch.no_grad():
+        want = m(**flux_inputs(dtype)).sample.float()
+        with lf.merged(m):
+            got = m(**flux_inputs(dtype)).sample.float()
+    assert not torch.equal(got, flux_inputs()["hidden_states"])
+    # Same math with the mixture folded into W: the difference is rounding only, amplified by the network depth
+    # (a handful of layers): the dtype's tolerance relative to the output scale.
+    bound = tolerance(dtype, 64) * want.abs().max()
+    assert (got - want).abs().max() <= bound
+    # The bound is tight enough to notice a missing mixture: with zero coefficients (the base model) the output
+    # moves by more than twice the bound, so the comparison above is not vacuous.
+    for layer in lf.lorweb_layers(m).values():
+        layer.set_coefficients(torch.zeros(1, 3))
+    with torch.no_grad():
+        base = m(**flux_inputs(dtype)).sample.float()
+    assert (base - want).abs().max() > 2 * bound
+
+
+def test_1000_merge_restore_cycles_leave_weights_bit_identical():
+    m = tiny_model(torch.bfloat16)
+    lf.set_query(m, torch.randn(1, QUERY_DIM))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    tensors = {n: p.data for n, p in m.named_parameters()}
+    changed = False
+    for _ in range(1000):
+        with lf.merged(m):
+            if not changed:
+                changed = any(not torch.equal(p, before[n]) for n, p in m.named_parameters())
+    assert changed
+    for n, p in m.named_parameters():
+        assert torch.equal(p, before[n]) and p.data.data_ptr() == tensors[n].data_ptr(), n
+
+
+def test_merge_restores_on_error_and_refuses_bad_states():
+    m = tiny_model()
+    with pytest.raises(RuntimeError, match="without coefficients"):
+        with lf.merged(m):
+            pass
+    lf.set_query(m, torch.randn(2, QUERY_DIM))
+    with pytest.raises(ValueError, match="batch size 1"):
+        with lf.merged(m):
+            pass
+    lf.set_query(m, torch.randn(1, QUERY_DIM))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with pytest.raises(KeyError):
+        with lf.merged(m):
+            raise KeyError("boom")
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+    assert not any(layer._merged for layer in lf.lorweb_layers(m).values())
+    with lf.merged(m):
+        with pytest.raises(RuntimeError, match="already merged"):
+            with lf.merged(m):
+                pass
+
+
+def test_grids_and_bottom_right_cell():
+    a, a2, b = (Image.new("RGB", (300, 200), c) for c in ("red", "green", "blue"))
+    b2 = Image.new("RGB", (300, 200), "white")
+    grid = flux.control_grid(a, a2, b, long_edge=512)
+    assert grid.size[0] <= 512 and grid.size[0] % 32 == 0 and grid.size[1] % 32 == 0
+    w, h = grid.size
+    assert grid.getpixel((w // 4, h // 4)) == (255, 0, 0) and grid.getpixel((3 * w // 4, h // 4)) == (0, 128, 0)
+    assert grid.getpixel((w // 4, 3 * h // 4)) == (0, 0, 255) == grid.getpixel((3 * w // 4, 3 * h // 4))
+    target = flux.target_grid(a, a2, b, b2)
+    cell = flux.bottom_right_cell(target)
+    assert cell.size == (w // 2, h // 2) and cell.getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_plot_coefficients_writes_a_heat_map(tmp_path):
+    m = tiny_model()
+    with pytest.raises(RuntimeError, match="set_query"):
+        lf.plot_coefficients(m, tmp_path / "c.png")
+    lf.set_query(m, torch.randn(1, QUERY_DIM))
+    path = lf.plot_coefficients(m, tmp_path / "c.png")
+    img = Image.open(path).convert("L")
+    lo, hi = img.getextrema()
+    assert hi - lo > 50  # not blank
