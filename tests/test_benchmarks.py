@@ -57,3 +57,40 @@ def test_bench_refuses_a_wrong_implementation(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="torch output"):
         bench.main(["--device", "cpu", "--m", "34", "--shapes", "40x24", "--num-loras", "3", "--no-rank-sweep",
                     "--impls", "linear", "torch", "--modes", "fwd", "--reps", "1", "--out-dir", str(tmp_path)])
+
+
+def test_bench_flux_block_smoke(tmp_path):
+    pytest.importorskip("diffusers")
+    spec = importlib.util.spec_from_file_location("bench_flux_block", BENCH.with_name("bench_flux_block.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = bench.main(["--device", "cpu", "--warmup", "0", "--reps", "2", "--out-dir", str(tmp_path),
+                         "--tag", "block"])
+    data = json.loads((tmp_path / "block.json").read_text())
+    assert data == json.loads(json.dumps(record))
+    assert {"device", "torch", "triton", "cuda", "commit", "date", "results"} <= set(data)
+    assert data["layers"] == 20  # 14 in the double block + 6 in the single block, as in METHOD.md
+    got = {(r["scenario"], r["impl"]) for r in data["results"]}
+    assert got == {("train", "base"), ("train", "official"), ("train", "lorweb_fast"), ("infer", "base"),
+                   ("infer", "official"), ("infer", "lorweb_fast"), ("infer_merged", "base"),
+                   ("infer_merged", "lorweb_fast_merged"), ("coeffs", "set_query_once"),
+                   ("coeffs", "per_layer_call")}
+    assert all(r["median_ms"] > 0 for r in data["results"])
+    assert "CPU run" in (tmp_path / "block.md").read_text()
+
+
+def test_bench_flux_block_check_catches_a_wrong_block(monkeypatch):
+    pytest.importorskip("diffusers")
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_flux_block2", BENCH.with_name("bench_flux_block.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.CPU
+    base, ours, official = bench.build_models(cfg, torch.device("cpu"), torch.float32)
+    inputs = bench.make_inputs(cfg, 2, 40, 8, torch.device("cpu"), torch.float32, seed=2)
+    bench.check_block(ours, official, inputs, torch.float32)
+    with torch.no_grad():  # a wrong basis in one layer must be caught
+        next(iter(bench.lf.lorweb_layers(ours).values())).lora_B.mul_(3)
+    with pytest.raises(AssertionError, match="differs from the float64 official"):
+        bench.check_block(ours, official, inputs, torch.float32)

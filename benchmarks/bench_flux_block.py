@@ -1,0 +1,256 @@
+"""FLUX-block benchmark: one FLUX.1 double block + one single block with LoRWeB on every targeted linear layer.
+
+Scenarios (rows named by ``scenario`` and ``impl``):
+  train         forward + backward with gradient checkpointing (training at 512 px, batch 6 on GPU), LoRWeB params
+                trainable, base frozen; the coefficients are computed inside the step, as in training
+  infer         one denoising step without gradients (1024 px, batch 1 on GPU)
+  infer_merged  the batch-1 merged fast path (lorweb_fast.merged) against the base block
+  coeffs        computing the coefficients once per generation (set_query, one batched computation) against once
+                per layer call (what a per-layer formulation pays on every forward)
+Implementations: ``base`` (the blocks without adapter), ``official`` (the official einsum formulation, coefficients
+computed in every layer call) and ``lorweb_fast`` (default backend, coefficients from set_query).
+
+Before timing, lorweb_fast's block output is checked against the official formulation evaluated in float64.
+Without a GPU it runs a small CPU default labelled CPU. Results: benchmarks/results/flux_block_*.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mixed_lora import DTYPES, RESULTS_DIR, Timer, device_name, git_commit  # noqa: E402
+
+import lorweb_fast as lf  # noqa: E402
+from lorweb_fast.layer import LoRWeBLinear  # noqa: E402
+from lorweb_fast.testing import tolerance  # noqa: E402
+
+GPU = dict(dim=3072, heads=24, head_dim=128, axes=(16, 56, 56), train_batch=6, train_img=2048, train_txt=512,
+           infer_img=8192, infer_txt=512, query_dim=2304)
+CPU = dict(dim=128, heads=2, head_dim=64, axes=(16, 24, 24), train_batch=2, train_img=96, train_txt=16,
+           infer_img=192, infer_txt=16, query_dim=96)
+#: Longest chain of roundings through one double + one single block, counted in linear layers (norm modulation,
+#: attention projections, output projection, MLP in and out, for each block) for the float64 comparison bound.
+CHAINED_LAYERS = 8
+
+
+class OfficialEinsumLinear(LoRWeBLinear):
+    """The official formulation: coefficients from the query in every call, then one einsum per layer."""
+
+    query: torch.Tensor | None = None
+
+    def forward(self, x):
+        coeffs = self.coefficients_from_query(self.query).to(x.dtype)
+        eq = "bsi,nir,bn,nro->bso" if x.dim() == 3 else "bi,nir,bn,nro->bo"
+        delta = torch.einsum(eq, x, self.lora_A.to(x.dtype), coeffs, self.lora_B.to(x.dtype)) * self.scale
+        return self.base_layer(x) + delta
+
+
+class TwoBlocks(nn.Module):
+    """One double block and one single block, under the module names FLUX uses (so the default targets match)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+        self.transformer_blocks = nn.ModuleList([FluxTransformerBlock(cfg["dim"], cfg["heads"], cfg["head_dim"])])
+        self.single_transformer_blocks = nn.ModuleList([FluxSingleTransformerBlock(cfg["dim"], cfg["heads"],
+                                                                                   cfg["head_dim"])])
+        self.gradient_checkpointing = False
+
+    def forward(self, img, txt, temb, rotary):
+        for block in (self.transformer_blocks[0], self.single_transformer_blocks[0]):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                txt, img = checkpoint(block, img, txt, temb, rotary, use_reentrant=False)
+            else:
+                txt, img = block(img, txt, temb, rotary)
+        return img
+
+
+def make_inputs(cfg, batch, img_tokens, txt_tokens, device, dtype, seed=0):
+    from diffusers.models.embeddings import FluxPosEmbed
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.zeros(txt_tokens, 3), torch.randint(0, 64, (img_tokens, 3), generator=g).float()])
+    cos, sin = FluxPosEmbed(theta=10000, axes_dim=list(cfg["axes"]))(ids)
+    return dict(img=torch.randn(batch, img_tokens, cfg["dim"], generator=g).to(device, dtype),
+                txt=torch.randn(batch, txt_tokens, cfg["dim"], generator=g).to(device, dtype),
+                temb=torch.randn(batch, cfg["dim"], generator=g).to(device, dtype),
+                rotary=(cos.to(device), sin.to(device)),
+                query=torch.randn(batch, cfg["query_dim"], generator=g).to(device))
+
+
+def build_models(cfg, device, dtype):
+    torch.manual_seed(0)
+    base = TwoBlocks(cfg).to(device, dtype).requires_grad_(False)
+    ours = copy.deepcopy(base)
+    lf.inject_lorweb(ours, lf.LoRWeBConfig(query_dim=cfg["query_dim"]))
+    with torch.no_grad():
+        for layer in lf.lorweb_layers(ours).values():
+            layer.lora_B.normal_(0, 0.02)  # trained-like, non-zero basis
+    ours.to(device, dtype)
+    official = copy.deepcopy(ours)
+    for layer in lf.lorweb_layers(official).values():
+        layer.__class__ = OfficialEinsumLinear
+    return base, ours, official
+
+
+def set_official_query(model, query):
+    for layer in lf.lorweb_layers(model).values():
+        layer.query = query
+
+
+def lorweb_params(model):
+    return [p for layer in lf.lorweb_layers(model).values()
+            for p in (layer.lora_A, layer.lora_B, layer.lora_keys, layer.att_lora_to_q.weight)]
+
+
+def check_block(ours, official, inputs, dtype):
+    """lorweb_fast's block output against the official formulation in float64."""
+    ref_model = copy.deepcopy(official).double()
+    set_official_query(ref_model, inputs["query"].double())
+    with torch.no_grad():
+        lf.set_query(ours, inputs["query"])
+        got = ours(inputs["img"], inputs["txt"], inputs["temb"], inputs["rotary"]).double()
+        ref = ref_model(inputs["img"].double(), inputs["txt"].double(), inputs["temb"].double(),
+                        tuple(t.double() for t in inputs["rotary"]))
+    bound = CHAINED_LAYERS * tolerance(dtype, inputs["img"].shape[-1] * 4) * ref.abs().max()
+    err = (got - ref).abs().max()
+    if not err <= bound:
+        raise AssertionError(f"lorweb_fast block output differs from the float64 official formulation by "
+                             f"{err.item():.3e} > {bound.item():.3e}")
+    del ref_model
+
+
+def peak_mb(device, fn):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--warmup", type=int, default=None, help="discarded warm-up steps (default GPU 5, CPU 1)")
+    p.add_argument("--reps", type=int, default=None, help="timed steps (default GPU 20, CPU 5)")
+    p.add_argument("--budget-s", type=float, default=None, help="time budget per row (default GPU 10, CPU 1)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where to write results")
+    p.add_argument("--tag", default=None, help="file name stem")
+    args = p.parse_args(argv)
+    from tqdm import tqdm
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    cfg = GPU if on_gpu else CPU
+    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
+    timer = Timer(device, args.warmup if args.warmup is not None else (5 if on_gpu else 1),
+                  args.reps if args.reps is not None else (20 if on_gpu else 5),
+                  args.budget_s if args.budget_s is not None else (10.0 if on_gpu else 1.0))
+    base, ours, official = build_models(cfg, device, dtype)
+    train_in = make_inputs(cfg, cfg["train_batch"], cfg["train_img"], cfg["train_txt"], device, dtype)
+    infer_in = make_inputs(cfg, 1, cfg["infer_img"], cfg["infer_txt"], device, dtype, seed=1)
+    check_block(ours, official, make_inputs(cfg, 2, 40, 8, device, dtype, seed=2), dtype)
+
+    def train_step(model, impl, inp):
+        model.gradient_checkpointing = True
+        params = lorweb_params(model)
+        for q in params:
+            q.requires_grad_(True)
+            q.grad = None
+        x = inp["img"].detach().requires_grad_(impl == "base")  # something to differentiate for the base block
+        if impl == "lorweb_fast":
+            lf.set_query(model, inp["query"])
+        elif impl == "official":
+            set_official_query(model, inp["query"])
+        model(x, inp["txt"], inp["temb"], inp["rotary"]).float().square().mean().backward()
+
+    def infer_step(model, impl, inp):
+        with torch.no_grad():
+            model(inp["img"], inp["txt"], inp["temb"], inp["rotary"])
+
+    rows = []
+    jobs = [("train", impl, m) for impl, m in (("base", base), ("official", official), ("lorweb_fast", ours))]
+    jobs += [("infer", impl, m) for impl, m in (("base", base), ("official", official), ("lorweb_fast", ours))]
+    jobs += [("infer_merged", "base", base), ("infer_merged", "lorweb_fast_merged", ours)]
+    bar = tqdm(total=len(jobs) + 2, desc="bench_flux_block", unit="row", disable=None)
+    set_official_query(official, infer_in["query"])
+    for scenario, impl, model in jobs:
+        bar.set_postfix_str(f"{scenario} {impl}")
+        inp = train_in if scenario == "train" else infer_in
+        if scenario != "train":
+            lf.set_query(ours, inp["query"])  # once per generation
+            set_official_query(official, inp["query"])
+        step = (lambda i, m=model, im=impl, x=inp: train_step(m, im, x)) if scenario == "train" else \
+            (lambda i, m=model, im=impl, x=inp: infer_step(m, im, x))
+        if impl == "lorweb_fast_merged":
+            with lf.merged(ours):
+                ms, peak = timer.run(step, 1), peak_mb(device, lambda: step(0))
+        else:
+            ms, peak = timer.run(step, 1), peak_mb(device, lambda: step(0))
+        rows.append(dict(scenario=scenario, impl=impl, median_ms=ms, peak_mem_mb=peak))
+        bar.update(1)
+    # Coefficients: once per generation (batched) against once per layer call (every forward pays this).
+    query = infer_in["query"]
+    layers = list(lf.lorweb_layers(ours).values())
+    with torch.no_grad():
+        rows.append(dict(scenario="coeffs", impl="set_query_once",
+                         median_ms=timer.run(lambda i: lf.set_query(ours, query), 1), peak_mem_mb=None))
+        bar.update(1)
+        rows.append(dict(scenario="coeffs", impl="per_layer_call",
+                         median_ms=timer.run(lambda i: [layer.coefficients_from_query(query) for layer in layers], 1),
+                         peak_mem_mb=None))
+        bar.update(1)
+    bar.close()
+    commit = git_commit()
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    record = dict(label="GPU" if on_gpu else "CPU", device=device_name(device), torch=torch.__version__,
+                  triton=triton_version, cuda=torch.version.cuda, commit=commit, date=date,
+                  dtype=str(dtype).replace("torch.", ""), config=cfg, layers=len(layers),
+                  backend=lf.ops.resolve_backend(None, device), results=rows)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "cpu" if not on_gpu else "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
+    stem = args.tag or f"flux_block_{slug}_{date[:10]}_{commit}"
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
+    ref = {(r["scenario"], r["impl"]): r["median_ms"] for r in rows}
+    lines = [f"# FLUX block benchmark ({record['label']})", "", f"- device: {record['device']}",
+             f"- torch {record['torch']}, triton {record['triton']}, CUDA {record['cuda']}",
+             f"- date: {date}; commit: {commit}; dtype: {record['dtype']}; backend: {record['backend']}",
+             f"- {len(layers)} LoRWeB layers; config: {cfg}", ""]
+    if not on_gpu:
+        lines += ["**CPU run: these numbers say nothing about GPU speed.**", ""]
+    lines += ["| scenario | impl | median ms | × base | × official | peak MB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        base_ms = ref.get((r["scenario"], "base")) or ref.get((r["scenario"], "per_layer_call"))
+        off_ms = ref.get((r["scenario"], "official"))
+        peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        lines.append(f"| {r['scenario']} | {r['impl']} | {r['median_ms']:.3f} | "
+                     f"{r['median_ms'] / base_ms:.3f} | " + (f"{r['median_ms'] / off_ms:.3f}" if off_ms else "-")
+                     + f" | {peak} |")
+    (args.out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return record
+
+
+if __name__ == "__main__":
+    main()
