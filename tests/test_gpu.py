@@ -87,6 +87,7 @@ def test_cuda_graph_capture_and_replay(backend):
 
 def test_opcheck_all_ops():
     _require("triton")
+    _require("cuda")
     p = random_problem(2, 5, 17, 19, 3, 4, torch.float32, device="cuda", seed=11)
     x = p["x"].reshape(10, 17)
     for ns in ("lorweb_fast", "lorweb_fast_cuda"):
