@@ -107,6 +107,43 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
             layer._merged = False
 
 
+# -------------------------------------------------------------------------------------------- analogy encoder
+class AnalogyEncoder:
+    """Frozen image encoder turning analogies (a, a', b) into LoRWeB queries.
+
+    query = concat(image_embeds(a), image_embeds(a'), image_embeds(b)) -> (B, 3 * projection_dim); 2304 for
+    CLIP ViT-L/14. Each image goes through the image processor separately. ``model`` is a hub id or a local
+    directory holding a ``CLIPVisionModelWithProjection`` and its ``CLIPImageProcessor``.
+    """
+
+    def __init__(self, model: Union[str, Path] = "openai/clip-vit-large-patch14", *, device=None,
+                 dtype: torch.dtype = torch.float32):
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        self.processor = CLIPImageProcessor.from_pretrained(model)
+        self.model = CLIPVisionModelWithProjection.from_pretrained(model, dtype=dtype).eval().requires_grad_(False)
+        if device is not None:
+            self.model.to(device)
+
+    @property
+    def query_dim(self) -> int:
+        return 3 * int(self.model.config.projection_dim)
+
+    @torch.no_grad()
+    def embed(self, images) -> torch.Tensor:
+        """(B, projection_dim) unnormalized image embeddings of a list of PIL images."""
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        param = next(self.model.parameters())
+        return self.model(pixel_values=pixels.to(param.device, param.dtype)).image_embeds.float()
+
+    def __call__(self, a, a_prime, b) -> torch.Tensor:
+        """Queries (B, 3 * projection_dim) for B analogies; each argument is an image or a list of B images."""
+        groups = [x if isinstance(x, (list, tuple)) else [x] for x in (a, a_prime, b)]
+        if len({len(g) for g in groups}) != 1:
+            raise ValueError(f"a, a_prime and b must hold the same number of images, got {[len(g) for g in groups]}")
+        return torch.cat([self.embed(g) for g in groups], dim=1)
+
+
 # ------------------------------------------------------------------------------------------------------ plots
 def plot_coefficients(model: nn.Module, path: Union[str, Path], *, sample: int = 0) -> Path:
     """Heat map (layers x basis LoRAs) of the coefficients the current analogy selected, for one sample."""

@@ -112,3 +112,24 @@ def test_plot_coefficients_writes_a_heat_map(tmp_path):
     img = Image.open(path).convert("L")
     lo, hi = img.getextrema()
     assert hi - lo > 50  # not blank
+
+
+def test_analogy_encoder_from_a_saved_tiny_clip(tmp_path):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, projection_dim=16)
+    CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    enc = flux.AnalogyEncoder(tmp_path)
+    assert enc.query_dim == 48
+    imgs = [Image.new("RGB", (40, 30), c) for c in ("red", "green", "blue", "white")]
+    q = enc([imgs[0], imgs[3]], [imgs[1], imgs[1]], [imgs[2], imgs[0]])
+    assert q.shape == (2, 48) and q.dtype == torch.float32
+    single = enc(imgs[3], imgs[1], imgs[0])
+    torch.testing.assert_close(single[0], q[1], rtol=1e-5, atol=1e-5)  # batching does not mix analogies
+    assert not torch.allclose(q[0], q[1])
+    torch.testing.assert_close(q[0, :16], enc.embed([imgs[0]])[0])  # a's embedding comes first
+    with pytest.raises(ValueError, match="same number of images"):
+        enc([imgs[0]], imgs[:2], [imgs[2]])
