@@ -110,8 +110,7 @@ def set_official_query(model, query):
 
 
 def lorweb_params(model):
-    return [p for layer in lf.lorweb_layers(model).values()
-            for p in (layer.lora_A, layer.lora_B, layer.lora_keys, layer.att_lora_to_q.weight)]
+    return [p for layer in lf.lorweb_layers(model).values() for p in layer.lorweb_tensors().values()]
 
 
 def check_block(ours, official, inputs, dtype):

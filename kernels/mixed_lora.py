@@ -151,12 +151,16 @@ class TileConfig:
     num_stages: int
 
 
+def interpreting() -> bool:
+    """True under Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _launch(kernel, grid, *args, **kwargs) -> None:
     """Launch through ``wrap_triton`` (traceable by torch.compile). Under TRITON_INTERPRET=1, wrap_triton hands back
     the interpreted kernel, which cannot run on fake tensors: there the launch is skipped while shapes are being
     propagated (the outputs are already allocated with their final shapes)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" and any(
-            isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+    if interpreting() and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
         return
     wrap_triton(kernel)[grid](*args, **kwargs)
 
@@ -165,7 +169,7 @@ def dot_mode(dtype: torch.dtype) -> int:
     """The ``_mma`` mode for inputs of ``dtype`` (see ``_mma``)."""
     if dtype == torch.float32:
         return 1
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if dtype == torch.bfloat16 and interpreting():
         return 2
     return 0
 

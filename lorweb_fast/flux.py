@@ -15,6 +15,7 @@ from torch import nn
 
 from .layer import LoRWeBLinear, has_plain_weight
 from .model import lorweb_layers
+from .ops import column_scaling, concat_basis
 
 
 # ----------------------------------------------------------------------------------------------------- grids
@@ -66,10 +67,8 @@ def merged_weight(layer: LoRWeBLinear) -> torch.Tensor:
         raise ValueError(f"merging needs one analogy (batch size 1), got coefficients for {coeffs.shape[0]} "
                          "different samples")
     w = layer.base_layer.weight
-    n, k, r = layer.lora_A.shape
-    scaling = (coeffs[0].detach().float() * layer.scale).repeat_interleave(r)  # (R,)
-    a_cat = layer.lora_A.detach().float().permute(1, 0, 2).reshape(k, n * r)  # (in, R)
-    b_cat = layer.lora_B.detach().float().reshape(n * r, -1)  # (R, out)
+    scaling = column_scaling(coeffs[0].detach(), layer.rank, layer.scale)  # (R,)
+    a_cat, b_cat = concat_basis(layer.lora_A.detach().float(), layer.lora_B.detach().float())  # (in, R), (R, out)
     delta = (a_cat * scaling.to(a_cat.device)) @ b_cat  # (in, out)
     return (w.detach().float() + delta.t().to(w.device)).to(w.dtype)
 

@@ -78,6 +78,11 @@ class LoRWeBLinear(nn.Module):
         self._coefficients: Optional[torch.Tensor] = None
         self._merged = False  # set by lorweb_fast.merged(): the mixture is folded into the base weight
 
+    def lorweb_tensors(self) -> dict[str, nn.Parameter]:
+        """The LoRWeB parameters under their official checkpoint suffixes, in checkpoint order."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_keys": self.lora_keys,
+                "att_lora_to_q.weight": self.att_lora_to_q.weight}
+
     # ------------------------------------------------------------------------------------------ coefficients
     @property
     def coefficients(self) -> Optional[torch.Tensor]:

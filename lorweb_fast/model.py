@@ -179,8 +179,7 @@ def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRWeB parameters of ``model`` under the official keys ``transformer.<module>.<param>``."""
     state = {}
     for name, layer in _require_layers(model).items():
-        for suffix, t in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("lora_keys", layer.lora_keys),
-                          ("att_lora_to_q.weight", layer.att_lora_to_q.weight)):
+        for suffix, t in layer.lorweb_tensors().items():
             state[f"{CHECKPOINT_PREFIX}{name}.{suffix}"] = t.detach()
     return state
 
@@ -357,9 +356,6 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict) -> list[str]:
         _set_submodule(model, name, layer)
     with torch.no_grad():
         for name, tensors in groups.items():
-            layer = model.get_submodule(name)
-            layer.lora_A.copy_(tensors["lora_A"])
-            layer.lora_B.copy_(tensors["lora_B"])
-            layer.lora_keys.copy_(tensors["lora_keys"])
-            layer.att_lora_to_q.weight.copy_(tensors["att_lora_to_q.weight"])
+            for suffix, param in model.get_submodule(name).lorweb_tensors().items():
+                param.copy_(tensors[suffix])
     return sorted(groups)

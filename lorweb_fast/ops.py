@@ -187,17 +187,21 @@ def validate_inputs(x, lora_a, lora_b, coeffs, weight=None, bias=None, add_to=No
 
 
 # --------------------------------------------------------------------------------------------------- torch backend
-def _column_scaling(coeffs: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
+def column_scaling(coeffs: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
     """(B, N) coefficients -> (B, N*r) fp32 per-sample column scaling (alpha_b[n] repeated r times, times scale)."""
-    return (coeffs.float() * scale).repeat_interleave(rank, dim=1)
+    return (coeffs.float() * scale).repeat_interleave(rank, dim=-1)
+
+
+def concat_basis(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The N basis LoRAs as one rank-R LoRA: (A_cat (in, R), B_cat (R, out)), column n*r + j = LoRA n, slot j."""
+    n, k, r = lora_a.shape
+    return lora_a.permute(1, 0, 2).reshape(k, n * r), lora_b.reshape(n * r, lora_b.shape[2])
 
 
 def _torch_delta(x, lora_a, lora_b, coeffs, scale):
     """Batched-matmul delta: the basis as one rank-R LoRA whose R columns are scaled per sample."""
-    n, k, r = lora_a.shape
-    a_cat = lora_a.permute(1, 0, 2).reshape(k, n * r)  # (in, R)
-    b_cat = lora_b.reshape(n * r, lora_b.shape[2])  # (R, out)
-    scaling = _column_scaling(coeffs, r, scale).to(x.dtype)  # (B, R)
+    a_cat, b_cat = concat_basis(lora_a, lora_b)  # (in, R), (R, out)
+    scaling = column_scaling(coeffs, lora_a.shape[2], scale).to(x.dtype)  # (B, R)
     x3 = x if x.dim() == 3 else x.unsqueeze(1)
     z = (x3 @ a_cat) * scaling.unsqueeze(1)
     delta = z @ b_cat

@@ -73,6 +73,25 @@ def random_problem(batch: int, seq: Optional[int], in_features: int, out_feature
     }
 
 
+def accumulation_depths(problem: dict) -> dict[str, int]:
+    """Longest fp32 accumulation chain of the output and of each gradient (the K of the bound)."""
+    k, n_out = problem["lora_a"].shape[1], problem["lora_b"].shape[2]
+    num_loras, rank = problem["lora_a"].shape[0], problem["lora_a"].shape[2]
+    rows = problem["x"].numel() // k
+    return {"output": k + num_loras * rank, "x": n_out + num_loras * rank, "bias": rows, "lora_a": rows + n_out,
+            "lora_b": rows + k, "coeffs": rows * rank + n_out}
+
+
+def check_forward(name: str, y: torch.Tensor, problem: dict) -> None:
+    """Check a ``lorweb_linear`` output ``y`` for ``problem`` against the float64 reference (no gradients)."""
+    keys = ("x", "weight", "bias", "lora_a", "lora_b", "coeffs")
+    with torch.no_grad():
+        ref = reference.lorweb_linear(*(problem[k] for k in keys), problem["scale"])
+        ref_abs = reference.lorweb_linear(*(None if problem[k] is None else problem[k].abs() for k in keys),
+                                          abs(problem["scale"]))
+    assert_within_bound(name, y, ref, ref_abs, y.dtype, accumulation_depths(problem)["output"])
+
+
 def check_against_reference(fn, problem: dict, *, with_base: bool = True, grad_seed: int = 1) -> None:
     """Run ``fn(x, weight, bias, lora_a, lora_b, coeffs, scale)`` (or without weight/bias when ``with_base`` is False)
     and check the output and the gradients of x, lora_a, lora_b, coeffs (and bias) against the float64 reference."""
@@ -107,12 +126,8 @@ def check_against_reference(fn, problem: dict, *, with_base: bool = True, grad_s
         r_out.backward(dy.double().abs() if use_abs else dy.double())
         results[use_abs] = (r_out.detach(), {n: r_leaves[n].grad for n in names})
     (ref_out, ref_grads), (abs_out, abs_grads) = results[False], results[True]
-    k, n_out = problem["lora_a"].shape[1], problem["lora_b"].shape[2]
-    num_loras, rank = problem["lora_a"].shape[0], problem["lora_a"].shape[2]
-    rows = problem["x"].numel() // k
-    assert_within_bound("output", out.detach().cpu(), ref_out.cpu(), abs_out.cpu(), dtype, k + num_loras * rank)
-    depth = {"x": n_out + num_loras * rank, "bias": rows, "lora_a": rows + n_out, "lora_b": rows + k,
-             "coeffs": rows * rank + n_out}
+    depth = accumulation_depths(problem)
+    assert_within_bound("output", out.detach().cpu(), ref_out.cpu(), abs_out.cpu(), dtype, depth["output"])
     for n in names:
         assert_within_bound(f"grad {n}", leaves[n].grad.detach().cpu(), ref_grads[n].cpu(), abs_grads[n].cpu(),
                             dtype, depth[n])

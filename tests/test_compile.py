@@ -2,7 +2,6 @@
 
 On CPU the ops route to the torch backend; the same checks run on CUDA (Triton ops) in test_gpu.py."""
 
-import pytest
 import torch
 from torch import nn
 
