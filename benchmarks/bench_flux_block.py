@@ -187,7 +187,6 @@ def main(argv=None) -> dict:
     jobs += [("infer", impl, m) for impl, m in (("base", base), ("official", official), ("lorweb_fast", ours))]
     jobs += [("infer_merged", "base", base), ("infer_merged", "lorweb_fast_merged", ours)]
     bar = tqdm(total=len(jobs) + 2, desc="bench_flux_block", unit="row", disable=None)
-    set_official_query(official, infer_in["query"])
     for scenario, impl, model in jobs:
         bar.set_postfix_str(f"{scenario} {impl}")
         inp = train_in if scenario == "train" else infer_in
