@@ -1,20 +1,22 @@
 """FLUX.1-Kontext integration: analogy grids, the batch-1 merged fast path and coefficient plots.
 
-Works on diffusers' own ``FluxTransformer2DModel`` after ``inject_lorweb`` / ``load_lorweb_weights``. (The
-pipeline wrapper, the training loop and the CLI are not written yet; see the README's Status.)
+Works on diffusers' own ``FluxTransformer2DModel`` / ``FluxKontextPipeline`` after ``inject_lorweb`` /
+``load_lorweb_weights``: the analogy encoder, grids, ``LoRWeBKontextPipeline``, the batch-1 ``merged()`` fast path
+and coefficient plots. Training lives in ``lorweb_fast.training``, the command line in ``lorweb_fast.cli``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from .layer import LoRWeBLinear, has_plain_weight
-from .model import lorweb_layers
+from .model import DEFAULT_ENCODER, load_lorweb_weights, lorweb_layers, read_checkpoint, set_query
 from .ops import column_scaling, concat_basis
 
 
@@ -29,12 +31,33 @@ def _cell_size(images, long_edge: int, multiple: int = 16) -> tuple[int, int]:
     return cw, ch
 
 
-def make_grid(top_left, top_right, bottom_left, bottom_right, *, long_edge: int = 512):
-    """A 2x2 PIL grid [top_left top_right; bottom_left bottom_right] of equal cells (resized to b's aspect)."""
+def load_image(image):
+    """An RGB PIL image from a PIL image or a path; a missing file or a file that is not an image raises an error
+    naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"expected a PIL image or a path, got {type(image).__name__}")
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable image ({exc})") from exc
+
+
+def make_grid(top_left, top_right, bottom_left, bottom_right, *, long_edge: int = 512,
+              cell_size: Optional[tuple[int, int]] = None):
+    """A 2x2 PIL grid [top_left top_right; bottom_left bottom_right] of equal cells: b's aspect ratio, the grid's
+    long edge capped at ``long_edge``, sides multiples of 16; or ``cell_size`` (width, height) when given."""
     from PIL import Image
 
     cells = [im.convert("RGB") for im in (top_left, top_right, bottom_left, bottom_right)]
-    cw, ch = _cell_size(cells[2:3], long_edge)
+    cw, ch = cell_size or _cell_size(cells[2:3], long_edge)
     grid = Image.new("RGB", (2 * cw, 2 * ch))
     for i, im in enumerate(cells):
         grid.paste(im.resize((cw, ch), Image.BICUBIC), ((i % 2) * cw, (i // 2) * ch))
@@ -110,37 +133,185 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
 class AnalogyEncoder:
     """Frozen image encoder turning analogies (a, a', b) into LoRWeB queries.
 
-    query = concat(image_embeds(a), image_embeds(a'), image_embeds(b)) -> (B, 3 * projection_dim); 2304 for
-    CLIP ViT-L/14. Each image goes through the image processor separately. ``model`` is a hub id or a local
-    directory holding a ``CLIPVisionModelWithProjection`` and its ``CLIPImageProcessor``.
+    query = concat(embed(a), embed(a'), embed(b)) -> (B, 3 * embed_dim); 2304 for CLIP ViT-L/14. Each image goes
+    through the image processor separately. ``model`` is a hub id or a local directory holding either a CLIP
+    checkpoint (``CLIPVisionModelWithProjection``: the unnormalized ``image_embeds``, as the paper) or a SigLIP /
+    SigLIP2 checkpoint (the vision tower's pooled output, the paper's alternative), with its image processor.
     """
 
-    def __init__(self, model: Union[str, Path] = "openai/clip-vit-large-patch14", *, device=None,
+    def __init__(self, model: Union[str, Path] = DEFAULT_ENCODER, *, device=None,
                  dtype: torch.dtype = torch.float32):
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import AutoConfig, AutoImageProcessor
 
-        self.processor = CLIPImageProcessor.from_pretrained(model)
-        self.model = CLIPVisionModelWithProjection.from_pretrained(model, dtype=dtype).eval().requires_grad_(False)
+        self.name = str(model)
+        model_type = AutoConfig.from_pretrained(model).model_type
+        self.processor = AutoImageProcessor.from_pretrained(model)
+        if model_type.startswith("clip"):
+            from transformers import CLIPVisionModelWithProjection
+
+            vision = CLIPVisionModelWithProjection.from_pretrained(model, dtype=dtype)
+            self.embed_dim = int(vision.config.projection_dim)
+        elif model_type.startswith("siglip"):
+            from transformers import AutoModel
+
+            vision = AutoModel.from_pretrained(model, dtype=dtype)
+            vision = getattr(vision, "vision_model", vision)
+            self.embed_dim = int(vision.config.hidden_size)
+        else:
+            raise ValueError(f"unsupported analogy encoder {self.name!r} (model_type {model_type!r}): use a CLIP or "
+                             "SigLIP/SigLIP2 checkpoint")
+        self.model_type = model_type
+        self.model = vision.eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)
 
     @property
     def query_dim(self) -> int:
-        return 3 * int(self.model.config.projection_dim)
+        return 3 * self.embed_dim
 
     @torch.no_grad()
     def embed(self, images) -> torch.Tensor:
-        """(B, projection_dim) unnormalized image embeddings of a list of PIL images."""
-        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        """(B, embed_dim) fp32 image embeddings of a list of PIL images."""
+        inputs = self.processor(images=list(images), return_tensors="pt")
         param = next(self.model.parameters())
-        return self.model(pixel_values=pixels.to(param.device, param.dtype)).image_embeds.float()
+        inputs = {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
+                  for k, v in inputs.items()}
+        out = self.model(**inputs)
+        emb = out.image_embeds if self.model_type.startswith("clip") else out.pooler_output
+        return emb.float()
 
     def __call__(self, a, a_prime, b) -> torch.Tensor:
-        """Queries (B, 3 * projection_dim) for B analogies; each argument is an image or a list of B images."""
+        """Queries (B, 3 * embed_dim) for B analogies; each argument is an image or a list of B images."""
         groups = [x if isinstance(x, (list, tuple)) else [x] for x in (a, a_prime, b)]
         if len({len(g) for g in groups}) != 1:
             raise ValueError(f"a, a_prime and b must hold the same number of images, got {[len(g) for g in groups]}")
         return torch.cat([self.embed(g) for g in groups], dim=1)
+
+
+def grid_cells(grid):
+    """(a, a', b) cut from a 2x2 analogy grid (top-left, top-right, bottom-left cells)."""
+    w, h = grid.size
+    cw, ch = w // 2, h // 2
+    return grid.crop((0, 0, cw, ch)), grid.crop((cw, 0, 2 * cw, ch)), grid.crop((0, ch, cw, 2 * ch))
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+def _as_list(x, n: Optional[int] = None) -> list:
+    items = list(x) if isinstance(x, (list, tuple)) else [x]
+    if n is not None and len(items) == 1 and n > 1:
+        items = items * n
+    return items
+
+
+def load_kontext_pipeline(model: Union[str, Path], dtype: Optional[torch.dtype] = None):
+    """``FluxKontextPipeline.from_pretrained`` (hub id or local directory) in ``dtype``; diffusers 0.42 renamed the
+    ``torch_dtype`` argument to ``dtype``."""
+    import diffusers
+    from diffusers import FluxKontextPipeline
+    from packaging.version import Version
+
+    if dtype is None:
+        return FluxKontextPipeline.from_pretrained(model)
+    key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+    return FluxKontextPipeline.from_pretrained(model, **{key: dtype})
+
+
+class LoRWeBKontextPipeline:
+    """Visual analogies with a stock diffusers ``FluxKontextPipeline`` whose transformer carries LoRWeB layers.
+
+    ``pipe(a, a_prime, b, prompt)`` builds each control grid [a a'; b b], computes the analogy queries with the
+    encoder and calls ``set_query`` once per generation (all denoising steps reuse the coefficients), runs the
+    stock pipeline on the batch of grids, and returns the b' images (the generated grids' bottom-right cells).
+    A batch of different analogies runs in one call with per-sample coefficients. Batch-1 generation runs inside
+    ``merged()`` when every base weight is a plain tensor (``merge="auto"``).
+
+    Attributes: ``pipe`` (the FluxKontextPipeline), ``encoder`` (AnalogyEncoder), ``transformer``.
+    """
+
+    def __init__(self, pipe, encoder: AnalogyEncoder, *, long_edge: int = 1024):
+        layers = lorweb_layers(pipe.transformer)
+        if not layers:
+            raise ValueError("the pipeline's transformer has no LoRWeB layers: load weights with "
+                             "load_lorweb_weights (or LoRWeBKontextPipeline.from_pretrained)")
+        query_dims = {layer.query_dim for layer in layers.values()}
+        if query_dims != {encoder.query_dim}:
+            raise ValueError(f"the analogy encoder {encoder.name!r} gives queries of {encoder.query_dim} features, "
+                             f"but the LoRWeB layers expect query_dim {sorted(query_dims)}")
+        self.pipe, self.encoder, self.long_edge = pipe, encoder, long_edge
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.pipe.transformer
+
+    @classmethod
+    def from_pretrained(cls, model: Union[str, Path], weights: Union[str, Path], *,
+                        encoder: Union[str, Path, None] = None, dtype: Optional[torch.dtype] = None,
+                        device=None, long_edge: int = 1024) -> "LoRWeBKontextPipeline":
+        """Load a FluxKontextPipeline (hub id or local directory), a LoRWeB checkpoint and its analogy encoder.
+
+        ``encoder`` defaults to the one named in the checkpoint's metadata (CLIP ViT-L/14 when absent). The
+        checkpoint is validated against the transformer before anything is loaded into it.
+        """
+        _, meta = read_checkpoint(weights)
+        pipe = load_kontext_pipeline(model, dtype)
+        load_lorweb_weights(pipe.transformer, weights)
+        if device is not None:
+            pipe.to(device)
+        enc = AnalogyEncoder(encoder or meta.get("encoder", DEFAULT_ENCODER), device=device)
+        return cls(pipe, enc, long_edge=long_edge)
+
+    def control_grids(self, a, a_prime, b, *, long_edge: Optional[int] = None) -> list:
+        """One control grid per analogy, all of the first analogy's cell size (the pipeline batches them)."""
+        a, a_prime, b = (_as_list(x) for x in (a, a_prime, b))
+        if not len(a) == len(a_prime) == len(b):
+            raise ValueError(f"a, a_prime and b must hold the same number of images, got {len(a)}, {len(a_prime)}, "
+                             f"{len(b)}")
+        long_edge = long_edge or self.long_edge
+        cell = _cell_size([b[0]], long_edge)
+        return [make_grid(x, y, z, z, long_edge=long_edge, cell_size=cell) for x, y, z in zip(a, a_prime, b)]
+
+    def __call__(self, a, a_prime, b, prompt, *, merge: Union[bool, str] = "auto", num_inference_steps: int = 28,
+                 guidance_scale: float = 2.5, generator=None, long_edge: Optional[int] = None,
+                 output_type: str = "pil", progress: bool = True, **pipe_kwargs) -> list:
+        """b' for each analogy (a[i] : a_prime[i] :: b[i] : ?). Images are PIL images or paths (see load_image).
+
+        Args:
+            a, a_prime, b: one image each, or lists of B images.
+            prompt: one edit description, or B of them.
+            merge: "auto" (merge for a single analogy when the base weights are plain), True or False.
+            generator: a torch.Generator, or B of them (one per analogy: the result then matches one-by-one runs).
+            output_type: "pil" (PIL images) or "np" (float arrays in [0, 1], (H, W, 3)).
+            pipe_kwargs: passed to FluxKontextPipeline.__call__ (e.g. ``true_cfg_scale``, ``negative_prompt``).
+        """
+        a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
+        grids = self.control_grids(a, a_prime, b, long_edge=long_edge)
+        count = len(grids)
+        prompts = _as_list(prompt, count)
+        if len(prompts) != count:
+            raise ValueError(f"got {len(prompts)} prompts for {count} analogies")
+        per_prompt = int(pipe_kwargs.get("num_images_per_prompt") or 1)
+        if per_prompt > 1 and count > 1:
+            raise ValueError("num_images_per_prompt > 1 is supported for a single analogy only; pass the analogy "
+                             "several times instead")
+        query = self.encoder(a, a_prime, b).repeat_interleave(per_prompt, dim=0)  # pipeline order
+        set_query(self.transformer, query)  # once per generation
+        width, height = grids[0].size
+        if merge == "auto":
+            merge = count * per_prompt == 1 and all(has_plain_weight(l.base_layer)
+                                                    for l in lorweb_layers(self.transformer).values())
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        self.pipe.set_progress_bar_config(disable=not progress)
+        context = merged(self.transformer) if merge else contextlib.nullcontext()
+        with context:
+            out = self.pipe(image=grids if count > 1 else grids[0], prompt=prompts if count > 1 else prompts[0],
+                            height=height, width=width, num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, generator=generator, output_type=output_type,
+                            max_area=width * height, _auto_resize=False, **pipe_kwargs).images
+        if output_type == "np":
+            h, w = out.shape[1] // 2, out.shape[2] // 2
+            return [img[h:, w:] for img in out]
+        return [bottom_right_cell(img) for img in out]
 
 
 # ------------------------------------------------------------------------------------------------------ plots

@@ -76,6 +76,7 @@ class LoRWeBLinear(nn.Module):
         self.att_lora_to_q = nn.Linear(query_dim, key_dim, bias=False, **factory)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self._coefficients: Optional[torch.Tensor] = None
+        self._query: Optional[torch.Tensor] = None  # per-forward mode, see set_query_per_forward
         self._merged = False  # set by lorweb_fast.merged(): the mixture is folded into the base weight
 
     def lorweb_tensors(self) -> dict[str, nn.Parameter]:
@@ -96,6 +97,21 @@ class LoRWeBLinear(nn.Module):
                 shape = tuple(coeffs.shape) if isinstance(coeffs, torch.Tensor) else type(coeffs).__name__
                 raise ValueError(f"coefficients must be (B, N={self.num_loras}), got {shape}")
         self._coefficients = coeffs
+        self._query = None
+
+    def set_query_per_forward(self, query: Optional[torch.Tensor]) -> None:
+        """Keep the (B, query_dim) query and compute this layer's coefficients inside every forward.
+
+        For sharded training (FSDP): the LoRWeB parameters are then only used inside this module's own forward,
+        where the wrapper has gathered them. Costs one (B x query_dim x key_dim) product per forward; inference
+        should use ``set_coefficients`` / ``lorweb_fast.set_query`` instead (once per generation). None clears.
+        """
+        if query is not None and (not isinstance(query, torch.Tensor) or query.dim() != 2
+                                  or query.shape[1] != self.query_dim):
+            shape = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
+            raise ValueError(f"query must be (B, query_dim={self.query_dim}), got {shape}")
+        self._coefficients = None
+        self._query = query
 
     def coefficients_from_query(self, query: torch.Tensor) -> torch.Tensor:
         """(B, query_dim) -> (B, N) for this layer alone (``set_query`` batches this over all layers)."""
@@ -107,6 +123,9 @@ class LoRWeBLinear(nn.Module):
         if self._merged:
             return self.base_layer(x)
         coeffs = self._coefficients
+        if coeffs is None and self._query is not None:
+            weight = self.att_lora_to_q.weight
+            coeffs = self.coefficients_from_query(self._query.to(weight.device, weight.dtype))
         if coeffs is None:
             raise RuntimeError(
                 "LoRWeBLinear has no coefficients: call lorweb_fast.set_query(model, query) with the analogy query "

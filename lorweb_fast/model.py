@@ -116,7 +116,7 @@ def _require_layers(model: nn.Module) -> dict[str, LoRWeBLinear]:
     return layers
 
 
-def set_query(model: nn.Module, query: torch.Tensor) -> dict[str, torch.Tensor]:
+def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = False) -> dict[str, torch.Tensor]:
     """Compute every layer's coefficients from the analogy query and cache them until the next ``set_query``.
 
     Layers with the same configuration are computed together in one batched computation (one group for the
@@ -125,9 +125,12 @@ def set_query(model: nn.Module, query: torch.Tensor) -> dict[str, torch.Tensor]:
 
     Args:
         query: (B, query_dim) analogy queries, one per sample.
+        per_forward: instead, hand the query to every layer, which computes its own coefficients inside its own
+            forward (``LoRWeBLinear.set_query_per_forward``). Training under FSDP needs this: sharded LoRWeB
+            parameters are only gathered inside the forward of the module that holds them.
 
     Returns:
-        ``{name: (B, N)}`` as ``get_coefficients``.
+        ``{name: (B, N)}`` as ``get_coefficients`` (empty with ``per_forward``).
     """
     layers = _require_layers(model)
     if not isinstance(query, torch.Tensor) or query.dim() != 2:
@@ -141,6 +144,10 @@ def set_query(model: nn.Module, query: torch.Tensor) -> dict[str, torch.Tensor]:
         w = layer.att_lora_to_q.weight
         key = (layer.num_loras, layer.key_dim, layer.heads, layer.activation, layer.reduce, w.dtype, w.device)
         groups[key].append((name, layer))
+    if per_forward:
+        for layer in layers.values():
+            layer.set_query_per_forward(query)
+        return {}
     for (_, _, heads, activation, reduce, dtype, device), members in groups.items():
         to_q = torch.stack([layer.att_lora_to_q.weight for _, layer in members])  # (L, key_dim, query_dim)
         keys = torch.stack([layer.lora_keys for _, layer in members])  # (L, N, key_dim)
@@ -154,7 +161,7 @@ def set_query(model: nn.Module, query: torch.Tensor) -> dict[str, torch.Tensor]:
 def clear_query(model: nn.Module) -> None:
     """Drop the cached coefficients of every layer (a following forward raises until ``set_query``)."""
     for layer in lorweb_layers(model).values():
-        layer.set_coefficients(None)
+        layer.set_coefficients(None)  # also drops a per-forward query
 
 
 def get_coefficients(model: nn.Module) -> dict[str, torch.Tensor]:

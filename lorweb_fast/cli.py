@@ -1,0 +1,241 @@
+"""``lorweb-fast`` command line: ``infer``, ``train`` and an offline ``demo``.
+
+    lorweb-fast infer --a A.png --a-prime A2.png --b B.png --prompt "..." --weights W.safetensors [--model ID_OR_DIR]
+                      [--encoder ID_OR_DIR] [--out b_prime.png]
+    lorweb-fast train --data DIR --out DIR [--model ID_OR_DIR] [--steps N] [--resume] ...
+    lorweb-fast demo --out DIR
+
+Bad inputs (missing images, files that are not images, weights that do not match the model, an empty data folder)
+end with a one-line error naming the problem and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _device(name: Optional[str]) -> str:
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _save_image(image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def analogy_strip(a, a_prime, b, b_prime):
+    """One image a | a' | b | b' (each resized to b' size) for a quick look at a result."""
+    from PIL import Image
+
+    w, h = b_prime.size
+    strip = Image.new("RGB", (4 * w + 3 * 4, h), (255, 255, 255))
+    for i, im in enumerate((a, a_prime, b, b_prime)):
+        strip.paste(im.convert("RGB").resize((w, h)), (i * (w + 4), 0))
+    return strip
+
+
+# --------------------------------------------------------------------------------------------------- infer
+def run_infer(args) -> Path:
+    from .flux import LoRWeBKontextPipeline, load_image, plot_coefficients
+
+    images = [load_image(p) for p in (args.a, args.a_prime, args.b)]  # fail before loading any model
+    if not Path(args.weights).is_file():
+        raise FileNotFoundError(f"LoRWeB weights not found: {args.weights}")
+    device = _device(args.device)
+    pipe = LoRWeBKontextPipeline.from_pretrained(args.model, args.weights, encoder=args.encoder,
+                                                 dtype=DTYPES[args.dtype], device=device,
+                                                 long_edge=args.long_edge)
+    generator = torch.Generator().manual_seed(args.seed)
+    merge = "auto" if not args.no_merge else False
+    (b_prime,) = pipe(*images, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                      generator=generator, merge=merge, **args.pipe_kwargs)
+    out = _save_image(b_prime, Path(args.out))
+    if args.coefficients_plot:
+        plot_coefficients(pipe.transformer, args.coefficients_plot)
+    print(f"wrote {out}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- train
+def _train_config(args):
+    from .training import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if f.name != "extra" and hasattr(args, f.name)}
+    values["betas"] = tuple(values["betas"])
+    return TrainConfig(**values)
+
+
+def run_train(args) -> dict:
+    from .training import train
+
+    result = train(_train_config(args))
+    print(f"trained to step {result['step']}; weights in {Path(result['out']) / 'lorweb.safetensors'}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+def run_demo(args) -> dict:
+    """Tiny models from configs, a synthetic analogy set, a short training run and one inference; offline."""
+    from . import demo
+    from .flux import LoRWeBKontextPipeline, plot_coefficients
+    from .training import TrainConfig, evaluation_loss, train
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    print(f"[demo] building a tiny FLUX.1-Kontext pipeline and a tiny CLIP in {out / 'models'}")
+    demo.build_tiny_kontext_pipeline(out / "models" / "flux-kontext-tiny", seed=args.seed)
+    demo.build_tiny_clip(out / "models" / "clip-tiny", seed=args.seed)
+    print(f"[demo] writing {args.samples} synthetic analogies (left-right flip, colour swap) to {out / 'data'}")
+    demo.make_synthetic_analogies(out / "data", args.samples, seed=args.seed)
+    cfg = TrainConfig(data=str(out / "data"), out=str(out / "train"), model=str(out / "models" / "flux-kontext-tiny"),
+                      encoder=str(out / "models" / "clip-tiny"), steps=args.steps, batch_size=2,
+                      learning_rate=args.learning_rate, mixed_precision="no", long_edge=2 * demo.DEMO_CELL,
+                      max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=8, rank=2, key_dim=8,
+                      checkpoint_every=max(1, args.steps // 2), num_workers=0, seed=args.seed,
+                      progress=not args.quiet)
+    result = train(cfg)
+    shutil.copyfile(out / "train" / "loss.png", out / "loss.png")
+
+    print("[demo] inference on a held-out analogy with the trained weights")
+    pipe = LoRWeBKontextPipeline.from_pretrained(cfg.model, out / "train" / "lorweb.safetensors",
+                                                 long_edge=2 * demo.DEMO_CELL)
+    a, a_prime, b, prompt = demo.demo_analogy(seed=args.seed + 1)
+    (b_prime,) = pipe(a, a_prime, b, prompt, num_inference_steps=args.inference_steps,
+                      generator=torch.Generator().manual_seed(args.seed),
+                      max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, progress=not args.quiet)
+    files = {
+        "b_prime": _save_image(b_prime, out / "b_prime.png"),
+        "analogy": _save_image(analogy_strip(a, a_prime, b, b_prime), out / "analogy.png"),
+        "loss_plot": out / "loss.png",
+        "coefficients": plot_coefficients(pipe.transformer, out / "coefficients.png"),
+    }
+    rows = [json.loads(line) for line in (out / "train" / "loss.jsonl").read_text().splitlines()]
+    summary = {"steps": result["step"], "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
+               "seconds": round(time.time() - start, 1), "files": {k: str(v) for k, v in files.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"[demo] done in {summary['seconds']} s: " + ", ".join(str(v) for v in files.values()))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def _key_value(text: str):
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .model import DEFAULT_ENCODER
+    from .training import OPTIMIZERS, WEIGHTING_SCHEMES, TrainConfig
+
+    parser = argparse.ArgumentParser(prog="lorweb-fast", description="LoRWeB visual analogies on FLUX.1-Kontext.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("infer", help="b' for one analogy a : a' :: b : ?")
+    p.add_argument("--a", required=True, help="image a")
+    p.add_argument("--a-prime", required=True, help="image a' (a edited)")
+    p.add_argument("--b", required=True, help="image b")
+    p.add_argument("--prompt", required=True, help="description of the edit")
+    p.add_argument("--weights", required=True, help="LoRWeB checkpoint (official safetensors format)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="FLUX.1-Kontext hub id or local directory")
+    p.add_argument("--encoder", default=None,
+                   help="analogy encoder hub id or directory (default: the checkpoint's metadata, else CLIP ViT-L/14)")
+    p.add_argument("--out", default="b_prime.png", help="output image (default b_prime.png)")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=2.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--long-edge", type=int, default=1024, help="cap on the control grid's long edge")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--no-merge", action="store_true", help="do not merge the mixture into the weights")
+    p.add_argument("--coefficients-plot", default=None, help="also write a coefficient heat map here")
+    p.add_argument("--pipe-arg", dest="pipe_kwargs", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="extra FluxKontextPipeline argument (repeatable)")
+    p.set_defaults(func=run_infer)
+
+    t = sub.add_parser("train", help="train LoRWeB on an analogy folder (works under accelerate launch)")
+    defaults = TrainConfig(data="", out="")
+    t.add_argument("--data", required=True, help="folder with control/, target/ and captions/")
+    t.add_argument("--out", required=True, help="output folder (weights, checkpoints, loss log and plot)")
+    t.add_argument("--model", default=defaults.model)
+    t.add_argument("--encoder", default=DEFAULT_ENCODER)
+    t.add_argument("--steps", type=int, default=defaults.steps)
+    t.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
+    t.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    t.add_argument("--betas", type=float, nargs=2, default=list(defaults.betas))
+    t.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
+    t.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm)
+    t.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=defaults.mixed_precision)
+    t.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    t.add_argument("--long-edge", type=int, default=defaults.long_edge)
+    t.add_argument("--weighting-scheme", choices=WEIGHTING_SCHEMES, default=defaults.weighting_scheme)
+    t.add_argument("--logit-mean", type=float, default=defaults.logit_mean)
+    t.add_argument("--logit-std", type=float, default=defaults.logit_std)
+    t.add_argument("--mode-scale", type=float, default=defaults.mode_scale)
+    t.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout)
+    t.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
+    t.add_argument("--max-sequence-length", type=int, default=defaults.max_sequence_length)
+    t.add_argument("--num-loras", type=int, default=defaults.num_loras)
+    t.add_argument("--rank", type=int, default=defaults.rank)
+    t.add_argument("--key-dim", type=int, default=defaults.key_dim)
+    t.add_argument("--heads", type=int, default=defaults.heads)
+    t.add_argument("--activation", choices=("softmax", "tanh"), default=defaults.activation)
+    t.add_argument("--reduce", choices=("mean", "sum"), default=defaults.reduce)
+    t.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    t.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--skip-bad", action="store_true", help="skip broken samples with a warning instead of failing")
+    t.add_argument("--seed", type=int, default=defaults.seed)
+    t.add_argument("--num-workers", type=int, default=defaults.num_workers)
+    t.add_argument("--no-progress", dest="progress", action="store_false")
+    t.set_defaults(func=run_train)
+
+    d = sub.add_parser("demo", help="offline end-to-end run on tiny random models (a few minutes on CPU)")
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--steps", type=int, default=40, help="training steps")
+    d.add_argument("--samples", type=int, default=16, help="synthetic analogies")
+    d.add_argument("--learning-rate", type=float, default=1e-2)
+    d.add_argument("--inference-steps", type=int, default=8)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=run_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .model import LoRWeBCheckpointError
+    from .ops import BackendUnavailableError
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "pipe_kwargs", None) is not None:
+        args.pipe_kwargs = dict(args.pipe_kwargs)
+    try:
+        args.func(args)
+    except (FileNotFoundError, LoRWeBCheckpointError, BackendUnavailableError, ValueError) as exc:
+        print(f"lorweb-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""Flow-matching training of LoRWeB on a stock diffusers FLUX.1-Kontext pipeline (METHOD.md, "Images and training").
+
+Only the LoRWeB parameters (basis, keys, query projections) train; the transformer, VAE, text encoders and the
+analogy encoder stay frozen. The same ``train`` runs in one process or under ``accelerate launch`` (DDP, or FSDP
+through accelerate's config: then every layer computes its coefficients inside its own forward, where its sharded
+parameters are gathered).
+
+Data layout (``AnalogyFolder``)::
+
+    DIR/control/<id>.png     [a a'; b b]   the conditioning grid (jpg/jpeg/webp/png)
+    DIR/target/<id>.png      [a a'; b b']  the training target
+    DIR/captions/<id>.txt    the edit description (or target/<id>.txt, or control/<id>.txt)
+
+Outputs in ``out``: ``lorweb.safetensors`` (official format, latest), ``checkpoints/step-XXXXXXXX/`` (official
+weights + trainer state, written to a temporary folder and renamed), ``loss.jsonl`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+from .model import DEFAULT_ENCODER, LoRWeBConfig, inject_lorweb, load_lorweb_weights, lorweb_layers, \
+    save_lorweb_weights, set_query
+
+logger = logging.getLogger("lorweb_fast.training")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+OPTIMIZERS = ("adamw8bit", "adamw")
+CHECKPOINT_DIR = "checkpoints"
+WEIGHTS_NAME = "lorweb.safetensors"
+TRAINER_STATE_NAME = "trainer_state.pt"
+
+
+class AnalogyDataError(ValueError):
+    """The training data folder is empty, incomplete or holds files that are not images."""
+
+
+# ------------------------------------------------------------------------------------------------------ data
+class AnalogyFolder(torch.utils.data.Dataset):
+    """Analogy grids from ``root/control``, ``root/target`` and captions (see the module docstring).
+
+    Every sample is checked when the dataset is built: a missing target or caption, or a file that is not an image,
+    raises ``AnalogyDataError`` naming the file, or with ``skip_bad=True`` drops that sample with a warning.
+    Items are dicts ``{"control": PIL, "target": PIL, "caption": str, "name": id}``; both grids are resized so that
+    the long edge is ``long_edge`` and both sides are multiples of ``multiple``.
+    """
+
+    def __init__(self, root: Union[str, Path], *, long_edge: int = 512, multiple: int = 32, skip_bad: bool = False):
+        from PIL import Image, UnidentifiedImageError
+
+        self.root, self.long_edge, self.multiple = Path(root), long_edge, multiple
+        control_dir, target_dir = self.root / "control", self.root / "target"
+        for d in (self.root, control_dir, target_dir):
+            if not d.is_dir():
+                raise AnalogyDataError(f"training data folder {d} does not exist (expected {self.root}/control/ and "
+                                       f"{self.root}/target/ with one caption .txt per sample)")
+        controls = sorted(p for p in control_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not controls:
+            raise AnalogyDataError(f"no training samples: {control_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        self.samples: list[tuple[Path, Path, str]] = []
+        self.skipped: list[str] = []
+        for control in controls:
+            try:
+                target = next((target_dir / (control.stem + s) for s in IMAGE_SUFFIXES
+                               if (target_dir / (control.stem + s)).is_file()), None)
+                if target is None:
+                    raise AnalogyDataError(f"{control} has no target grid {target_dir / control.stem}.*")
+                caption = self._caption(control.stem)
+                for path in (control, target):
+                    try:
+                        with Image.open(path) as im:
+                            im.verify()
+                    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+                        raise AnalogyDataError(f"{path} is not a readable image ({exc})") from exc
+            except AnalogyDataError as exc:
+                if not skip_bad:
+                    raise AnalogyDataError(f"{exc} (pass skip_bad=True / --skip-bad to skip such samples)") from None
+                warnings.warn(f"skipping training sample {control.stem}: {exc}", stacklevel=2)
+                self.skipped.append(control.stem)
+                continue
+            self.samples.append((control, target, caption))
+        if not self.samples:
+            raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
+
+    def _caption(self, stem: str) -> str:
+        for sub in ("captions", "target", "control"):
+            path = self.root / sub / f"{stem}.txt"
+            if path.is_file():
+                return path.read_text(encoding="utf-8").strip()
+        raise AnalogyDataError(f"sample {stem} has no caption: expected {self.root / 'captions' / stem}.txt")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def grid_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        w, h = size
+        scale = self.long_edge / max(w, h)
+        m = self.multiple
+        return max(m, round(w * scale / m) * m), max(m, round(h * scale / m) * m)
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        from .flux import load_image
+
+        control_path, target_path, caption = self.samples[index]
+        target = load_image(target_path)
+        size = self.grid_size(target.size)
+        return {"control": load_image(control_path).resize(size, Image.BICUBIC),
+                "target": target.resize(size, Image.BICUBIC), "caption": caption, "name": control_path.stem}
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Index batches for optimizer steps ``start_step .. total_steps - 1`` of one process.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch); a global batch of ``batch_size * world_size``
+    consecutive indices is split between processes. The order depends only on the step, so a resumed run sees
+    exactly the batches the killed run would have seen.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int, start_step: int, total_steps: int,
+                 world_size: int = 1, rank: int = 0):
+        self.n, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.start_step, self.total_steps, self.world_size, self.rank = start_step, total_steps, world_size, rank
+
+    def batch(self, step: int) -> list[int]:
+        global_bs = self.batch_size * self.world_size
+        start = step * global_bs + self.rank * self.batch_size
+        out = []
+        for pos in range(start, start + self.batch_size):
+            epoch, offset = divmod(pos, self.n)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+            out.append(int(perm[offset]))
+        return out
+
+    def __iter__(self):
+        for step in range(self.start_step, self.total_steps):
+            yield self.batch(step)
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step)
+
+
+def _collate(items: list[dict]) -> dict:
+    from PIL import Image
+
+    size = items[0]["target"].size  # one grid size per batch
+    fix = (lambda im: im if im.size == size else im.resize(size, Image.BICUBIC))
+    return {"control": [fix(i["control"]) for i in items], "target": [fix(i["target"]) for i in items],
+            "caption": [i["caption"] for i in items], "name": [i["name"] for i in items]}
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """Training options; the defaults are the paper's (METHOD.md)."""
+
+    data: str
+    out: str
+    model: str = "black-forest-labs/FLUX.1-Kontext-dev"
+    encoder: str = DEFAULT_ENCODER
+    steps: int = 10_000
+    batch_size: int = 6
+    learning_rate: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.05
+    optimizer: str = "adamw8bit"
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    long_edge: int = 512
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    caption_dropout: float = 0.05
+    guidance_scale: float = 1.0
+    max_sequence_length: int = 512
+    num_loras: int = 32
+    rank: int = 4
+    key_dim: int = 128
+    heads: int = 1
+    activation: str = "softmax"
+    reduce: str = "mean"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    skip_bad: bool = False
+    seed: int = 0
+    num_workers: int = 2
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        for name in ("steps", "batch_size", "checkpoint_every", "long_edge"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def latest_checkpoint(out: Union[str, Path]) -> Optional[Path]:
+    """The newest complete ``checkpoints/step-*`` folder under ``out`` (temporary folders are ignored)."""
+    root = Path(out) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step-*") if (p / TRAINER_STATE_NAME).is_file() and (p / WEIGHTS_NAME).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _write_checkpoint(out: Path, step: int, transformer, optimizer, metadata: dict, keep: int) -> Path:
+    """Official weights + trainer state into a temporary folder, renamed to ``checkpoints/step-XXXXXXXX``."""
+    root = out / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
+    try:
+        save_lorweb_weights(transformer, tmp / WEIGHTS_NAME, metadata=metadata)
+        torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / TRAINER_STATE_NAME)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    save_lorweb_weights(transformer, out / WEIGHTS_NAME, metadata=metadata)  # atomic too
+    steps = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
+    """Plot the loss of a ``loss.jsonl`` log (raw and running mean) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows]
+    loss = [r["loss"] for r in rows]
+    window = max(1, len(loss) // 20)
+    smooth = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1])
+              for i in range(len(loss))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, loss, alpha=0.35, label="loss")
+    ax.plot(steps, smooth, label=f"running mean ({window})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("LoRWeB training loss")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+# ----------------------------------------------------------------------------------------------------- train
+def _make_optimizer(params, cfg: TrainConfig):
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def _encode_images(pipe, images, generator, *, sample: bool) -> torch.Tensor:
+    """PIL grids -> VAE latents (B, C, h, w), shifted and scaled as the Kontext pipeline does."""
+    vae = pipe.vae
+    w, h = images[0].size
+    pixels = pipe.image_processor.preprocess(images, h, w).to(vae.device, vae.dtype)
+    dist = vae.encode(pixels).latent_dist
+    latents = dist.sample(generator) if sample else dist.mode()
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg: TrainConfig,
+                       generator: torch.Generator, *, per_forward_query: bool = False) -> torch.Tensor:
+    """One rectified-flow loss on a batch: x_t = (1 - t) x0 + t noise, target noise - x0, MSE on the noisy tokens,
+    with the control grid's packed latents appended as Kontext context tokens (position ids first coordinate 1)."""
+    from diffusers import FluxKontextPipeline
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    device = query.device
+    bsz = len(batch["target"])
+    with torch.no_grad():
+        drop = torch.rand(bsz, generator=generator) < cfg.caption_dropout
+        prompts = ["" if d else c for d, c in zip(drop.tolist(), batch["caption"])]
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                                             max_sequence_length=cfg.max_sequence_length)
+        x0 = _encode_images(pipe, batch["target"], generator, sample=True).float()
+        control = _encode_images(pipe, batch["control"], generator, sample=False)
+    _, c, h, w = x0.shape
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    t = compute_density_for_timestep_sampling(cfg.weighting_scheme, bsz, cfg.logit_mean, cfg.logit_std,
+                                              cfg.mode_scale, generator=generator).to(device)
+    tt = t.view(-1, 1, 1, 1)
+    x_t = (1.0 - tt) * x0 + tt * noise
+    pack = FluxKontextPipeline._pack_latents
+    dtype = pipe.transformer.dtype
+    noisy_tokens = pack(x_t, bsz, c, h, w).to(dtype)
+    context_tokens = pack(control, bsz, c, h, w).to(dtype)
+    ids = FluxKontextPipeline._prepare_latent_image_ids(bsz, h // 2, w // 2, device, dtype)
+    context_ids = ids.clone()
+    context_ids[..., 0] = 1
+    guidance = torch.full((bsz,), cfg.guidance_scale, device=device, dtype=torch.float32)
+    set_query(pipe.transformer, query, per_forward=per_forward_query)
+    pred = transformer(hidden_states=torch.cat([noisy_tokens, context_tokens], dim=1), timestep=t.to(dtype),
+                       guidance=guidance, pooled_projections=pooled, encoder_hidden_states=prompt_embeds,
+                       txt_ids=text_ids, img_ids=torch.cat([ids, context_ids], dim=0), return_dict=False)[0]
+    pred = pred[:, :noisy_tokens.shape[1]].float()
+    target = pack(noise - x0, bsz, c, h, w)
+    weight = compute_loss_weighting_for_sd3(cfg.weighting_scheme, t).view(-1, 1, 1).float()
+    return (weight * (pred - target) ** 2).mean()
+
+
+def train(cfg: TrainConfig, *, pipe=None, encoder=None,
+          step_callback: Optional[Callable[[int, float], None]] = None) -> dict:
+    """Train LoRWeB on ``cfg.data``; returns ``{"step": last step, "out": out dir, "loss": last loss}``.
+
+    ``pipe`` (a FluxKontextPipeline) and ``encoder`` (an AnalogyEncoder) default to ``cfg.model`` and
+    ``cfg.encoder`` loaded with ``from_pretrained``. ``step_callback(step, loss)`` runs after every optimizer step.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from tqdm.auto import tqdm
+
+    from .flux import AnalogyEncoder, grid_cells
+
+    cfg.validate()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    device = accelerator.device
+    out = Path(cfg.out)
+    dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge, skip_bad=cfg.skip_bad)
+
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    if pipe is None:
+        from .flux import load_kontext_pipeline
+
+        pipe = load_kontext_pipeline(cfg.model, weight_dtype)
+    if encoder is None:
+        encoder = AnalogyEncoder(cfg.encoder)
+    encoder.model.to(device)
+    for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
+        getattr(pipe, name).requires_grad_(False).to(device)
+    transformer = pipe.transformer
+    if not lorweb_layers(transformer):
+        inject_lorweb(transformer, LoRWeBConfig(num_loras=cfg.num_loras, rank=cfg.rank, key_dim=cfg.key_dim,
+                                                query_dim=encoder.query_dim, heads=cfg.heads,
+                                                activation=cfg.activation, reduce=cfg.reduce))
+    params = []
+    for layer in lorweb_layers(transformer).values():
+        for p in layer.lorweb_tensors().values():
+            p.data = p.data.float()  # trainable master weights stay fp32
+            p.requires_grad_(True)
+            params.append(p)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    optimizer = _make_optimizer(params, cfg)
+    metadata = {"encoder": getattr(encoder, "name", cfg.encoder)}
+
+    start_step = 0
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        logger.warning("--resume: no checkpoint in %s, starting from step 0", out / CHECKPOINT_DIR)
+    if ckpt is not None:
+        load_lorweb_weights(transformer, ckpt / WEIGHTS_NAME)  # validated, all or nothing
+        state = torch.load(ckpt / TRAINER_STATE_NAME, map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+        logger.info("resumed from %s (step %d)", ckpt, start_step)
+
+    model, optimizer = accelerator.prepare(transformer, optimizer)
+    per_forward_query = accelerator.distributed_type == DistributedType.FSDP
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step,
+                               total_steps=cfg.steps, world_size=accelerator.num_processes,
+                               rank=accelerator.process_index)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
+                                         num_workers=cfg.num_workers)
+
+    log_path, png_path = out / "loss.jsonl", out / "loss.png"
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+        kept = []
+        if log_path.is_file() and start_step > 0:
+            kept = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start_step]
+        log_path.write_text("".join(l + "\n" for l in kept))
+    accelerator.wait_for_everyone()
+
+    step, loss_value = start_step, math.nan
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="LoRWeB training", unit="step",
+               disable=not (cfg.progress and accelerator.is_local_main_process))
+    for batch in loader:
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index)
+        cells = [grid_cells(g) for g in batch["target"]]
+        query = encoder([c[0] for c in cells], [c[1] for c in cells], [c[2] for c in cells]).to(device)
+        with accelerator.autocast():
+            loss = flow_matching_loss(model, pipe, batch, query, cfg, generator,
+                                      per_forward_query=per_forward_query)
+        accelerator.backward(loss)
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"the training loss is {loss_value} at step {step}; lower the learning rate")
+        if accelerator.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "loss": loss_value, "lr": cfg.learning_rate}) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                _write_checkpoint(out, step, transformer, optimizer, metadata, cfg.keep_checkpoints)
+                plot_loss(log_path, png_path)
+            accelerator.wait_for_everyone()
+        if step_callback is not None:
+            step_callback(step, loss_value)
+    bar.close()
+    accelerator.wait_for_everyone()
+    return {"step": step, "out": str(out), "loss": loss_value}
+
+
+@torch.no_grad()
+def evaluation_loss(pipe, encoder, dataset: AnalogyFolder, cfg: TrainConfig, *, batches: int = 4,
+                    seed: int = 12345) -> float:
+    """Mean flow-matching loss of the LoRWeB model on fixed batches, timesteps and noise (no caption dropout):
+    a deterministic yardstick for comparing weights before and after training."""
+    from dataclasses import replace
+
+    from .flux import grid_cells
+
+    eval_cfg = replace(cfg, caption_dropout=0.0)
+    device = pipe.transformer.device
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=seed, start_step=0, total_steps=batches)
+    losses = []
+    for step, indices in enumerate(sampler):
+        batch = _collate([dataset[i] for i in indices])
+        cells = [grid_cells(g) for g in batch["target"]]
+        query = encoder([c[0] for c in cells], [c[1] for c in cells], [c[2] for c in cells]).to(device)
+        generator = torch.Generator().manual_seed(seed + step)
+        losses.append(flow_matching_loss(pipe.transformer, pipe, batch, query, eval_cfg, generator).item())
+    return sum(losses) / len(losses)
