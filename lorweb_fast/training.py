@@ -338,7 +338,8 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
 
 def train(cfg: TrainConfig, *, pipe=None, encoder=None,
           step_callback: Optional[Callable[[int, float], None]] = None) -> dict:
-    """Train LoRWeB on ``cfg.data``; returns ``{"step": last step, "out": out dir, "loss": last loss}``.
+    """Train LoRWeB on ``cfg.data``; returns ``{"step": last step, "out": out dir, "loss": last loss,
+    "transformer": the trained (unwrapped) transformer}``.
 
     ``pipe`` (a FluxKontextPipeline) and ``encoder`` (an AnalogyEncoder) default to ``cfg.model`` and
     ``cfg.encoder`` loaded with ``from_pretrained``. ``step_callback(step, loss)`` runs after every optimizer step.
@@ -350,7 +351,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     from .flux import AnalogyEncoder, grid_cells
 
     cfg.validate()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    # no GPU: run on CPU, and under `accelerate launch` / torchrun as a gloo process group (MULTI_CPU)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.accelerator.is_available())
     device = accelerator.device
     out = Path(cfg.out)
     dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge, skip_bad=cfg.skip_bad)
@@ -367,6 +369,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         getattr(pipe, name).requires_grad_(False).to(device)
     transformer = pipe.transformer
     if not lorweb_layers(transformer):
+        torch.manual_seed(cfg.seed)  # the same initial basis, keys and projections on every rank and every run
         inject_lorweb(transformer, LoRWeBConfig(num_loras=cfg.num_loras, rank=cfg.rank, key_dim=cfg.key_dim,
                                                 query_dim=encoder.query_dim, heads=cfg.heads,
                                                 activation=cfg.activation, reduce=cfg.reduce))
@@ -445,7 +448,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
             step_callback(step, loss_value)
     bar.close()
     accelerator.wait_for_everyone()
-    return {"step": step, "out": str(out), "loss": loss_value}
+    return {"step": step, "out": str(out), "loss": loss_value, "transformer": transformer}
 
 
 @torch.no_grad()

@@ -1,0 +1,216 @@
+"""LoRWeBKontextPipeline on a tiny random FLUX.1-Kontext pipeline saved with save_pretrained and loaded back with
+from_pretrained; analogy encoders (CLIP, SigLIP); the CLI's infer errors."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lorweb_fast as lf
+from lorweb_fast import cli, demo, flux
+from lorweb_fast.model import LoRWeBCheckpointError
+
+pytest.importorskip("diffusers")
+STEPS = 3
+# fp32 end to end: batched and one-by-one runs differ only by the summation order inside GEMMs/convolutions
+# (a few fp32 ulps per operation, ~1e-6 relative), carried through STEPS denoising steps and the VAE decoder;
+# 1e-4 on images in [0, 1] is two orders of magnitude above that and far below one 8-bit grey level (3.9e-3).
+FP32_IMAGE_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tiny pipeline + CLIP on disk, and an official-format LoRWeB checkpoint with a non-zero basis."""
+    root = tmp_path_factory.mktemp("tiny")
+    demo.build_tiny_kontext_pipeline(root / "pipe")
+    demo.build_tiny_clip(root / "clip")
+    pipe = flux.load_kontext_pipeline(root / "pipe")
+    torch.manual_seed(1)
+    lf.inject_lorweb(pipe.transformer, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=24))
+    with torch.no_grad():
+        for layer in lf.lorweb_layers(pipe.transformer).values():
+            layer.lora_B.normal_(0, 0.5)
+            layer.lora_keys.normal_(0, 3.0)
+    lf.save_lorweb_weights(pipe.transformer, root / "lorweb.safetensors", metadata={"encoder": str(root / "clip")})
+    return root
+
+
+@pytest.fixture(scope="module")
+def lorweb_pipe(assets):
+    return flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors", long_edge=64)
+
+
+def analogy(seed):
+    rng = random.Random(seed)
+    a, b = demo._random_picture(rng, 32), demo._random_picture(rng, 40)
+    return a, demo._flip(a), b
+
+
+def run(pipe, analogies, prompts, *, merge=False, seeds=None):
+    a, a2, b = (list(x) for x in zip(*analogies))
+    generators = [torch.Generator().manual_seed(s) for s in (seeds or range(len(a)))]
+    return pipe(a, a2, b, prompts, num_inference_steps=STEPS, generator=generators, merge=merge,
+                output_type="np", max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, progress=False)
+
+
+def test_returns_b_prime_of_the_cell_size(lorweb_pipe):
+    a, a2, b = analogy(0)  # b is 40x40: the 64-px grid has 32x32 cells
+    (out,) = lorweb_pipe(a, a2, b, "mirror the image", num_inference_steps=STEPS, progress=False,
+                         max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH)
+    grid = lorweb_pipe.control_grids(a, a2, b)[0]
+    assert grid.size == (64, 64)
+    assert isinstance(out, Image.Image) and out.size == (32, 32)
+    assert np.asarray(out).std() > 0
+
+
+def test_query_is_set_once_per_generation(lorweb_pipe, monkeypatch):
+    calls, forwards = [], []
+    real_set_query = flux.set_query
+    monkeypatch.setattr(flux, "set_query", lambda m, q, **kw: calls.append(q.shape) or real_set_query(m, q, **kw))
+    handle = lorweb_pipe.transformer.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        run(lorweb_pipe, [analogy(0), analogy(1)], ["flip", "swap"])
+    finally:
+        handle.remove()
+    assert calls == [torch.Size([2, 24])]
+    assert len(forwards) == STEPS
+
+
+def test_batch_of_two_equals_one_by_one(lorweb_pipe):
+    analogies, prompts = [analogy(0), analogy(1)], ["mirror the image", "swap the colours"]
+    batched = run(lorweb_pipe, analogies, prompts, seeds=[5, 6])
+    coeffs = next(iter(lf.get_coefficients(lorweb_pipe.transformer).values()))
+    assert not torch.allclose(coeffs[0], coeffs[1])  # two different analogies, two different mixtures
+    singles = [run(lorweb_pipe, [x], [p], seeds=[s])[0] for x, p, s in zip(analogies, prompts, [5, 6])]
+    for got, want in zip(batched, singles):
+        assert got.shape == want.shape == (32, 32, 3)
+        np.testing.assert_allclose(got, want, rtol=0, atol=FP32_IMAGE_ATOL)
+    assert np.abs(batched[0] - batched[1]).max() > 100 * FP32_IMAGE_ATOL
+
+
+def test_merged_pipeline_matches_unmerged(lorweb_pipe, monkeypatch):
+    entered = []
+    real_merged = flux.merged
+    monkeypatch.setattr(flux, "merged", lambda m: entered.append(1) or real_merged(m))
+    x = [analogy(3)]
+    auto = run(lorweb_pipe, x, ["flip"], merge="auto")[0]
+    assert entered == [1]  # batch 1, plain weights: merged automatically
+    plain = run(lorweb_pipe, x, ["flip"], merge=False)[0]
+    assert entered == [1]
+    np.testing.assert_allclose(auto, plain, rtol=0, atol=FP32_IMAGE_ATOL)
+    run(lorweb_pipe, [analogy(3), analogy(4)], ["flip", "flip"], merge="auto")
+    assert entered == [1]  # never for a batch of different analogies
+
+
+def test_lorweb_changes_the_output(assets, lorweb_pipe):
+    """The basis is in the loop: zeroing lora_B changes b'."""
+    x = [analogy(7)]
+    with_basis = run(lorweb_pipe, x, ["flip"])[0]
+    saved = {n: l.lora_B.detach().clone() for n, l in lf.lorweb_layers(lorweb_pipe.transformer).items()}
+    try:
+        with torch.no_grad():
+            for layer in lf.lorweb_layers(lorweb_pipe.transformer).values():
+                layer.lora_B.zero_()
+        without = run(lorweb_pipe, x, ["flip"])[0]
+    finally:
+        with torch.no_grad():
+            for n, layer in lf.lorweb_layers(lorweb_pipe.transformer).items():
+                layer.lora_B.copy_(saved[n])
+    assert np.abs(with_basis - without).max() > 100 * FP32_IMAGE_ATOL
+
+
+def test_pipeline_rejects_bad_inputs(lorweb_pipe, tmp_path):
+    a, a2, b = analogy(0)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        lorweb_pipe(tmp_path / "missing.png", a2, b, "x")
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.png is not a readable image"):
+        lorweb_pipe(a, tmp_path / "notes.png", b, "x")
+    with pytest.raises(ValueError, match="same number of images"):
+        lorweb_pipe([a, a], [a2], [b, b], "x")
+    with pytest.raises(ValueError, match="3 prompts for 2 analogies"):
+        lorweb_pipe([a, a], [a2, a2], [b, b], ["x"] * 3)
+
+
+def test_encoder_query_dim_must_match(assets):
+    pipe = flux.load_kontext_pipeline(assets / "pipe")
+    lf.load_lorweb_weights(pipe.transformer, assets / "lorweb.safetensors")
+    demo.build_tiny_clip(assets / "clip4", projection_dim=4)
+    with pytest.raises(ValueError, match="12 features.*query_dim \\[24\\]"):
+        flux.LoRWeBKontextPipeline(pipe, flux.AnalogyEncoder(assets / "clip4"))
+
+
+def test_siglip_encoder(tmp_path):
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    cfg = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             image_size=32, patch_size=8)
+    model = SiglipVisionModel(cfg).eval()
+    model.save_pretrained(tmp_path)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    enc = flux.AnalogyEncoder(tmp_path)
+    assert enc.query_dim == 48
+    imgs = [analogy(i) for i in range(2)]
+    q = enc([x[0] for x in imgs], [x[1] for x in imgs], [x[2] for x in imgs])
+    assert q.shape == (2, 48)
+    pixels = enc.processor(images=[imgs[1][1]], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        want = model(pixel_values=pixels).pooler_output[0]
+    torch.testing.assert_close(q[1, 16:32], want)
+
+
+# ------------------------------------------------------------------------------------------------ CLI infer
+def cli_infer(assets, tmp_path, **overrides):
+    a, a2, b = analogy(0)
+    paths = {}
+    for name, im in (("a", a), ("a_prime", a2), ("b", b)):
+        paths[name] = tmp_path / f"{name}.png"
+        im.save(paths[name])
+    paths.update(overrides)
+    out = tmp_path / "out" / "b_prime.png"
+    argv = ["infer", "--a", str(paths["a"]), "--a-prime", str(paths["a_prime"]), "--b", str(paths["b"]),
+            "--prompt", "mirror the image", "--weights", str(paths.get("weights", assets / "lorweb.safetensors")),
+            "--model", str(assets / "pipe"), "--out", str(out), "--steps", "2", "--dtype", "fp32",
+            "--long-edge", "64", "--coefficients-plot", str(tmp_path / "out" / "coefficients.png"),
+            "--pipe-arg", f"max_sequence_length={demo.DEMO_MAX_SEQUENCE_LENGTH}"]
+    return cli.main(argv), out
+
+
+def test_cli_infer_writes_b_prime(assets, tmp_path):
+    rc, out = cli_infer(assets, tmp_path)
+    assert rc == 0
+    with Image.open(out) as im:
+        assert im.size == (32, 32)
+        assert np.asarray(im).std() > 0
+    assert (tmp_path / "out" / "coefficients.png").stat().st_size > 0
+
+
+def test_cli_infer_missing_image(assets, tmp_path, capsys):
+    rc, _ = cli_infer(assets, tmp_path, b=tmp_path / "nope.png")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "image not found" in err and "nope.png" in err
+
+
+def test_cli_infer_not_an_image(assets, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG but truncated")
+    rc, _ = cli_infer(assets, tmp_path, a=bad)
+    assert rc == 2
+    assert "bad.png is not a readable image" in capsys.readouterr().err
+
+
+def test_cli_infer_mismatched_weights(assets, tmp_path, capsys):
+    from diffusers import FluxTransformer2DModel
+
+    cfg = dict(lf.testing.tiny_flux_config(), attention_head_dim=8, axes_dims_rope=(2, 2, 4))
+    other = FluxTransformer2DModel(**cfg)  # narrower model: every shape differs
+    lf.inject_lorweb(other, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=24))
+    lf.save_lorweb_weights(other, tmp_path / "other.safetensors")
+    rc, out = cli_infer(assets, tmp_path, weights=tmp_path / "other.safetensors")
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert "does not match" in err and "lora_A has shape" in err

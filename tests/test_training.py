@@ -1,0 +1,228 @@
+"""Training on tiny random FLUX.1-Kontext / CLIP models and a synthetic analogy set: the loss goes down, checkpoints
+are official-format and atomic, resume after a kill is exact, DDP keeps ranks identical, the data folder is
+validated, and ``lorweb-fast demo`` writes its images."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import lorweb_fast as lf
+from lorweb_fast import cli, demo, flux, training
+from lorweb_fast.training import AnalogyDataError, AnalogyFolder, TrainConfig
+
+pytest.importorskip("diffusers")
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    demo.build_tiny_kontext_pipeline(root / "pipe")
+    demo.build_tiny_clip(root / "clip")
+    demo.make_synthetic_analogies(root / "data", 12)
+    return root
+
+
+def config(assets, out, **overrides) -> TrainConfig:
+    values = dict(data=str(assets / "data"), out=str(out), model=str(assets / "pipe"), encoder=str(assets / "clip"),
+                  steps=8, batch_size=2, learning_rate=1e-2, mixed_precision="no", long_edge=64,
+                  max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=4, rank=2, key_dim=8,
+                  checkpoint_every=4, num_workers=0, progress=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def weights(path) -> dict:
+    return load_file(str(path))
+
+
+def test_training_lowers_the_loss_and_only_trains_lorweb(assets, tmp_path):
+    cfg = config(assets, tmp_path / "run", steps=24, checkpoint_every=8)
+    dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge)
+    encoder = flux.AnalogyEncoder(cfg.encoder)
+
+    fresh = flux.load_kontext_pipeline(cfg.model)
+    lf.inject_lorweb(fresh.transformer, lf.LoRWeBConfig(num_loras=4, rank=2, key_dim=8, query_dim=encoder.query_dim))
+    before = training.evaluation_loss(fresh, encoder, dataset, cfg)  # lora_B starts at zero: the base model
+
+    pipe = flux.load_kontext_pipeline(cfg.model)
+    base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    result = training.train(cfg, pipe=pipe, encoder=encoder)
+    assert result["step"] == 24
+    after = training.evaluation_loss(pipe, encoder, dataset, cfg)
+    assert after < 0.97 * before, (before, after)
+
+    # frozen: every base tensor is bit-identical; the LoRWeB tensors moved
+    trained = pipe.transformer.state_dict()
+    for key, value in base.items():
+        name = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        got = trained[key] if key in trained else trained[name]
+        assert torch.equal(got, value), key
+    assert all(l.lora_B.abs().max() > 0 for l in lf.lorweb_layers(pipe.transformer).values())
+
+    # outputs: official-format checkpoints (kept 2), the loss log and its plot
+    run = Path(cfg.out)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000016", "step-00000024"]
+    with safe_open(str(run / "lorweb.safetensors"), framework="pt") as f:
+        assert all(k.startswith("transformer.") for k in f.keys())
+        assert f.metadata()["encoder"] == cfg.encoder
+    rows = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert np.asarray(Image.open(run / "loss.png").convert("L")).std() > 0
+
+    # save -> load gives the same outputs
+    reloaded = flux.load_kontext_pipeline(cfg.model)
+    lf.load_lorweb_weights(reloaded.transformer, run / "lorweb.safetensors")
+    assert training.evaluation_loss(reloaded, encoder, dataset, cfg) == after
+    lp_a = flux.LoRWeBKontextPipeline(pipe, encoder, long_edge=64)
+    lp_b = flux.LoRWeBKontextPipeline(reloaded, encoder, long_edge=64)
+    a, a2, b, prompt = demo.demo_analogy()
+    outs = [p(a, a2, b, prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
+              max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, progress=False)[0] for p in (lp_a, lp_b)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_resume_after_kill_is_exact(assets, tmp_path):
+    straight = training.train(config(assets, tmp_path / "straight", steps=8, checkpoint_every=3))
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step, loss):
+        if step == 5:
+            raise Killed
+
+    killed_cfg = config(assets, tmp_path / "killed", steps=8, checkpoint_every=3)
+    with pytest.raises(Killed):
+        training.train(killed_cfg, step_callback=kill_at_5)
+    ckpt = training.latest_checkpoint(killed_cfg.out)
+    assert ckpt.name == "step-00000003"  # at most checkpoint_every steps are lost
+
+    seen = []
+    resumed = training.train(dataclasses.replace(killed_cfg, resume=True), step_callback=lambda s, l: seen.append(s))
+    assert seen == [4, 5, 6, 7, 8]
+    assert resumed["step"] == straight["step"] == 8
+
+    a, b = weights(tmp_path / "straight" / "lorweb.safetensors"), weights(tmp_path / "killed" / "lorweb.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = torch.load(tmp_path / "straight/checkpoints/step-00000008/trainer_state.pt", weights_only=False)
+    sb = torch.load(tmp_path / "killed/checkpoints/step-00000008/trainer_state.pt", weights_only=False)
+    assert sa["step"] == sb["step"] == 8
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert int(pa["step"]) == int(pb["step"]) == 8
+        for key in pa:
+            if isinstance(pa[key], torch.Tensor):
+                assert torch.equal(pa[key], pb[key]), key
+    log_a = [json.loads(l) for l in (tmp_path / "straight" / "loss.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (tmp_path / "killed" / "loss.jsonl").read_text().splitlines()]
+    assert log_a == log_b
+
+
+def test_checkpoint_write_is_atomic(assets, tmp_path, monkeypatch):
+    cfg = config(assets, tmp_path / "run", steps=4, checkpoint_every=2)
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):
+        if "step-00000004" in str(path):
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(training.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        training.train(cfg)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-00000002"]  # no partial step-4 folder, no temporary left behind
+    assert training.latest_checkpoint(cfg.out).name == "step-00000002"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_keep_ranks_identical(assets, tmp_path):
+    cfg = config(assets, tmp_path / "ddp", steps=3, checkpoint_every=3)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(HERE / "accelerate_train_worker.py"),
+           json.dumps(dataclasses.asdict(cfg))]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [tmp_path / "ddp" / f"rank{i}.safetensors" for i in range(2)]
+    with safe_open(str(ranks[0]), framework="pt") as f:
+        assert f.metadata()["world_size"] == "2"
+    r0, r1 = weights(ranks[0]), weights(ranks[1])
+    assert r0.keys() == r1.keys() and r0
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    assert any(r0[k].abs().max() > 0 for k in r0 if k.endswith("lora_B"))  # it did train
+    saved = weights(tmp_path / "ddp" / "lorweb.safetensors")
+    assert all(torch.equal(saved[k], r0[k]) for k in r0)
+    rows = (tmp_path / "ddp" / "loss.jsonl").read_text().splitlines()
+    assert len(rows) == 3  # one line per step, written by the main process only
+
+
+# -------------------------------------------------------------------------------------------- data folder
+def test_empty_data_folder(tmp_path, capsys):
+    (tmp_path / "control").mkdir()
+    (tmp_path / "target").mkdir()
+    with pytest.raises(AnalogyDataError, match="no training samples"):
+        AnalogyFolder(tmp_path)
+    assert cli.main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "no training samples" in capsys.readouterr().err
+
+
+def test_missing_data_folder(tmp_path):
+    with pytest.raises(AnalogyDataError, match="does not exist"):
+        AnalogyFolder(tmp_path / "nothing")
+
+
+def test_broken_samples_error_or_skip(assets, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(assets / "data", data)
+    (data / "captions" / "0003.txt").unlink()
+    (data / "target" / "0005.png").write_bytes(b"garbage")
+    with pytest.raises(AnalogyDataError, match="0003 has no caption"):
+        AnalogyFolder(data)
+    (data / "captions" / "0003.txt").write_text("flip")
+    with pytest.raises(AnalogyDataError, match="0005.png is not a readable image"):
+        AnalogyFolder(data)
+    (data / "target" / "0007.png").unlink()
+    with pytest.warns(UserWarning, match="skipping training sample"):
+        ds = AnalogyFolder(data, skip_bad=True, long_edge=64)
+    assert len(ds) == 10 and ds.skipped == ["0005", "0007"]
+    item = ds[0]
+    assert item["control"].size == item["target"].size == (64, 64)
+    assert item["caption"]
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="weighting_scheme"):
+        TrainConfig(data="d", out="o", weighting_scheme="uniform").validate()
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(data="d", out="o", optimizer="sgd").validate()
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+def test_demo_writes_non_blank_pngs(tmp_path):
+    exe = Path(sys.executable).with_name("lorweb-fast")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lorweb_fast.cli"]
+    proc = subprocess.run(cmd + ["demo", "--out", str(tmp_path / "demo"), "--steps", "6", "--samples", "6",
+                                 "--inference-steps", "2", "--quiet"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("b_prime.png", "analogy.png", "loss.png", "coefficients.png"):
+        with Image.open(tmp_path / "demo" / name) as im:
+            pixels = np.asarray(im.convert("RGB"), dtype=np.float64)
+        assert pixels.std() > 1.0, name
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["steps"] == 6
