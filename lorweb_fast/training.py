@@ -1,9 +1,10 @@
 """Flow-matching training of LoRWeB on a stock diffusers FLUX.1-Kontext pipeline (METHOD.md, "Images and training").
 
 Only the LoRWeB parameters (basis, keys, query projections) train; the transformer, VAE, text encoders and the
-analogy encoder stay frozen. The same ``train`` runs in one process or under ``accelerate launch`` (DDP, or FSDP
-through accelerate's config: then every layer computes its coefficients inside its own forward, where its sharded
-parameters are gathered).
+analogy encoder stay frozen. The same ``train`` runs in one process or under ``accelerate launch`` with several
+processes (DDP; gloo on CPU). Under FSDP every layer would compute its coefficients inside its own forward, where its
+sharded parameters are gathered (``set_query(..., per_forward=True)``), but FSDP checkpointing is not written yet,
+so an FSDP launch raises NotImplementedError.
 
 Data layout (``AnalogyFolder``)::
 
@@ -351,11 +352,11 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     from .flux import AnalogyEncoder, grid_cells
 
     cfg.validate()
+    dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge, skip_bad=cfg.skip_bad)  # fail before loading models
     # no GPU: run on CPU, and under `accelerate launch` / torchrun as a gloo process group (MULTI_CPU)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.accelerator.is_available())
     device = accelerator.device
     out = Path(cfg.out)
-    dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge, skip_bad=cfg.skip_bad)
 
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     if pipe is None:
@@ -396,8 +397,13 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         start_step = int(state["step"])
         logger.info("resumed from %s (step %d)", ckpt, start_step)
 
-    model, optimizer = accelerator.prepare(transformer, optimizer)
     per_forward_query = accelerator.distributed_type == DistributedType.FSDP
+    if per_forward_query:
+        # The forward/backward path is FSDP-ready (coefficients are computed inside each layer's own forward), but
+        # gathering sharded LoRWeB tensors and optimizer state for the official checkpoint is not written yet.
+        raise NotImplementedError("lorweb-fast train does not checkpoint under FSDP yet; launch it with DDP "
+                                  "(accelerate launch --multi_gpu) instead")
+    model, optimizer = accelerator.prepare(transformer, optimizer)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step,
                                total_steps=cfg.steps, world_size=accelerator.num_processes,
                                rank=accelerator.process_index)
