@@ -74,7 +74,7 @@ def _train_config(args):
     from .training import TrainConfig
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-              if f.name != "extra" and hasattr(args, f.name)}
+              if hasattr(args, f.name)}
     values["betas"] = tuple(values["betas"])
     return TrainConfig(**values)
 
@@ -144,7 +144,6 @@ def _key_value(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .model import DEFAULT_ENCODER
     from .training import OPTIMIZERS, WEIGHTING_SCHEMES, TrainConfig
 
     parser = argparse.ArgumentParser(prog="lorweb-fast", description="LoRWeB visual analogies on FLUX.1-Kontext.")
@@ -173,41 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_infer)
 
     t = sub.add_parser("train", help="train LoRWeB on an analogy folder (works under accelerate launch)")
-    defaults = TrainConfig(data="", out="")
     t.add_argument("--data", required=True, help="folder with control/, target/ and captions/")
     t.add_argument("--out", required=True, help="output folder (weights, checkpoints, loss log and plot)")
-    t.add_argument("--model", default=defaults.model)
-    t.add_argument("--encoder", default=DEFAULT_ENCODER)
-    t.add_argument("--steps", type=int, default=defaults.steps)
-    t.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
-    t.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    t.add_argument("--betas", type=float, nargs=2, default=list(defaults.betas))
-    t.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
-    t.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm)
-    t.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=defaults.mixed_precision)
-    t.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
-    t.add_argument("--long-edge", type=int, default=defaults.long_edge)
-    t.add_argument("--weighting-scheme", choices=WEIGHTING_SCHEMES, default=defaults.weighting_scheme)
-    t.add_argument("--logit-mean", type=float, default=defaults.logit_mean)
-    t.add_argument("--logit-std", type=float, default=defaults.logit_std)
-    t.add_argument("--mode-scale", type=float, default=defaults.mode_scale)
-    t.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout)
-    t.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
-    t.add_argument("--max-sequence-length", type=int, default=defaults.max_sequence_length)
-    t.add_argument("--num-loras", type=int, default=defaults.num_loras)
-    t.add_argument("--rank", type=int, default=defaults.rank)
-    t.add_argument("--key-dim", type=int, default=defaults.key_dim)
-    t.add_argument("--heads", type=int, default=defaults.heads)
-    t.add_argument("--activation", choices=("softmax", "tanh"), default=defaults.activation)
-    t.add_argument("--reduce", choices=("mean", "sum"), default=defaults.reduce)
-    t.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    t.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    t.add_argument("--skip-bad", action="store_true", help="skip broken samples with a warning instead of failing")
-    t.add_argument("--seed", type=int, default=defaults.seed)
-    t.add_argument("--num-workers", type=int, default=defaults.num_workers)
-    t.add_argument("--no-progress", dest="progress", action="store_false")
+    choices = {"optimizer": OPTIMIZERS, "mixed_precision": ("no", "bf16", "fp16"),
+               "weighting_scheme": WEIGHTING_SCHEMES, "activation": ("softmax", "tanh"), "reduce": ("mean", "sum")}
+    helps = {"batch_size": "per process", "resume": "continue from the newest checkpoint in --out",
+             "skip_bad": "skip broken samples with a warning instead of failing"}
+    for f in dataclasses.fields(TrainConfig):  # one option per TrainConfig field, its default from the dataclass
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("data", "out"):
+            continue
+        if f.name == "betas":
+            t.add_argument(flag, type=float, nargs=2, default=list(f.default))
+        elif isinstance(f.default, bool) and f.default:
+            t.add_argument("--no-" + flag[2:], dest=f.name, action="store_false")
+        elif isinstance(f.default, bool):
+            t.add_argument(flag, action="store_true", help=helps.get(f.name))
+        else:
+            t.add_argument(flag, type=type(f.default), default=f.default, choices=choices.get(f.name),
+                           help=helps.get(f.name))
     t.set_defaults(func=run_train)
 
     d = sub.add_parser("demo", help="offline end-to-end run on tiny random models (a few minutes on CPU)")

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -202,7 +202,6 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.weighting_scheme not in WEIGHTING_SCHEMES:

@@ -205,6 +205,22 @@ def test_broken_samples_error_or_skip(assets, tmp_path):
     assert item["caption"]
 
 
+def test_cli_train(assets, tmp_path):
+    out = tmp_path / "cli"
+    argv = ["train", "--data", str(assets / "data"), "--out", str(out), "--model", str(assets / "pipe"),
+            "--encoder", str(assets / "clip"), "--steps", "2", "--batch-size", "2", "--mixed-precision", "no",
+            "--long-edge", "64", "--max-sequence-length", str(demo.DEMO_MAX_SEQUENCE_LENGTH), "--num-loras", "4",
+            "--rank", "2", "--key-dim", "8", "--checkpoint-every", "1", "--num-workers", "0", "--no-progress",
+            "--weighting-scheme", "logit_normal", "--no-gradient-checkpointing"]
+    assert cli.main(argv) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["weighting_scheme"] == "logit_normal" and saved["gradient_checkpointing"] is False
+    assert saved["optimizer"] == "adamw8bit" and saved["betas"] == [0.9, 0.99]  # paper defaults
+    assert training.latest_checkpoint(out).name == "step-00000002"
+    with safe_open(str(out / "lorweb.safetensors"), framework="pt") as f:
+        assert f.get_tensor("transformer.transformer_blocks.0.attn.to_q.lora_A").shape == (4, 32, 2)
+
+
 def test_bad_config_values():
     with pytest.raises(ValueError, match="weighting_scheme"):
         TrainConfig(data="d", out="o", weighting_scheme="uniform").validate()
