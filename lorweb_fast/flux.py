@@ -145,21 +145,21 @@ class AnalogyEncoder:
 
         self.name = str(model)
         model_type = AutoConfig.from_pretrained(model).model_type
+        if not model_type.startswith(("clip", "siglip")):
+            raise ValueError(f"unsupported analogy encoder {self.name!r} (model_type {model_type!r}): use a CLIP or "
+                             "SigLIP/SigLIP2 checkpoint")
         self.processor = AutoImageProcessor.from_pretrained(model)
         if model_type.startswith("clip"):
             from transformers import CLIPVisionModelWithProjection
 
             vision = CLIPVisionModelWithProjection.from_pretrained(model, dtype=dtype)
             self.embed_dim = int(vision.config.projection_dim)
-        elif model_type.startswith("siglip"):
+        else:  # siglip, siglip2 (full models or vision towers)
             from transformers import AutoModel
 
             vision = AutoModel.from_pretrained(model, dtype=dtype)
             vision = getattr(vision, "vision_model", vision)
             self.embed_dim = int(vision.config.hidden_size)
-        else:
-            raise ValueError(f"unsupported analogy encoder {self.name!r} (model_type {model_type!r}): use a CLIP or "
-                             "SigLIP/SigLIP2 checkpoint")
         self.model_type = model_type
         self.model = vision.eval().requires_grad_(False)
         if device is not None:

@@ -142,24 +142,47 @@ def test_encoder_query_dim_must_match(assets):
         flux.LoRWeBKontextPipeline(pipe, flux.AnalogyEncoder(assets / "clip4"))
 
 
-def test_siglip_encoder(tmp_path):
+def _siglip(tmp_path):
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-    torch.manual_seed(0)
     cfg = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                              image_size=32, patch_size=8)
-    model = SiglipVisionModel(cfg).eval()
-    model.save_pretrained(tmp_path)
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    return SiglipVisionModel(cfg).eval()
+
+
+def _siglip2(tmp_path):
+    from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
+
+    cfg = Siglip2VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              patch_size=8, num_patches=16)
+    Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(tmp_path)
+    return Siglip2VisionModel(cfg).eval()
+
+
+@pytest.mark.parametrize("build", [_siglip, _siglip2], ids=["siglip", "siglip2"])
+def test_siglip_encoders(tmp_path, build):
+    torch.manual_seed(0)
+    model = build(tmp_path)
+    model.save_pretrained(tmp_path)
     enc = flux.AnalogyEncoder(tmp_path)
     assert enc.query_dim == 48
     imgs = [analogy(i) for i in range(2)]
     q = enc([x[0] for x in imgs], [x[1] for x in imgs], [x[2] for x in imgs])
     assert q.shape == (2, 48)
-    pixels = enc.processor(images=[imgs[1][1]], return_tensors="pt")["pixel_values"]
+    inputs = enc.processor(images=[imgs[1][1]], return_tensors="pt")
     with torch.no_grad():
-        want = model(pixel_values=pixels).pooler_output[0]
-    torch.testing.assert_close(q[1, 16:32], want)
+        want = model(**inputs).pooler_output[0]
+    torch.testing.assert_close(q[1, 16:32], want)  # a' of the second analogy, same computation
+
+
+def test_unsupported_encoder(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
+        tmp_path)
+    with pytest.raises(ValueError, match="unsupported analogy encoder"):
+        flux.AnalogyEncoder(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ CLI infer
