@@ -145,6 +145,37 @@ def test_training_gradients_reach_keys_and_projection(saved_base):
     assert all(p.grad is None for n, p in m.named_parameters() if "base_layer" in n)
 
 
+def test_per_forward_query_matches_set_query_in_outputs_and_gradients(saved_base):
+    """set_query(per_forward=True) (for sharded training) computes the same coefficients inside each layer's
+    forward: same outputs and same gradients as the batched once-per-call computation."""
+    q = torch.randn(2, QUERY_DIM)
+    results = []
+    for per_forward in (False, True):
+        torch.manual_seed(0)  # the same basis, keys and projections for both runs
+        m = injected(saved_base)
+        m.requires_grad_(False)
+        params = [p for layer in lf.lorweb_layers(m).values() for p in layer.lorweb_tensors().values()]
+        for p in params:
+            p.requires_grad_(True)
+        coeffs = lf.set_query(m, q, per_forward=per_forward)
+        assert (coeffs == {}) == per_forward
+        assert all((layer.coefficients is None) == per_forward for layer in lf.lorweb_layers(m).values())
+        out = m(**flux_inputs()).sample
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad for p in params]))
+    (out0, grads0), (out1, grads1) = results
+    # identical math in a different grouping (one stacked matmul vs one per layer): fp32 rounding only
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
+    for g0, g1 in zip(grads0, grads1):
+        assert g0 is not None and g1 is not None
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
+    m = injected(saved_base)
+    lf.set_query(m, q, per_forward=True)
+    lf.clear_query(m)
+    with pytest.raises(RuntimeError, match="no coefficients"):
+        m(**flux_inputs())
+
+
 def test_save_load_into_fresh_copy_gives_identical_outputs(saved_base, tmp_path):
     m = injected(saved_base)
     q = torch.randn(2, QUERY_DIM)
