@@ -52,8 +52,6 @@ def run_infer(args) -> Path:
     from .flux import LoRWeBKontextPipeline, load_image, plot_coefficients
 
     images = [load_image(p) for p in (args.a, args.a_prime, args.b)]  # fail before loading any model
-    if not Path(args.weights).is_file():
-        raise FileNotFoundError(f"LoRWeB weights not found: {args.weights}")
     device = _device(args.device)
     pipe = LoRWeBKontextPipeline.from_pretrained(args.model, args.weights, encoder=args.encoder,
                                                  dtype=DTYPES[args.dtype], device=device,
@@ -92,7 +90,7 @@ def run_demo(args) -> dict:
     """Tiny models from configs, a synthetic analogy set, a short training run and one inference; offline."""
     from . import demo
     from .flux import LoRWeBKontextPipeline, plot_coefficients
-    from .training import TrainConfig, evaluation_loss, train
+    from .training import TrainConfig, train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .layer import LoRWeBLinear, has_plain_weight
-from .model import DEFAULT_ENCODER, load_lorweb_weights, lorweb_layers, read_checkpoint, set_query
+from .model import DEFAULT_ENCODER, checkpoint_metadata, load_lorweb_weights, lorweb_layers, set_query
 from .ops import column_scaling, concat_basis
 
 
@@ -252,7 +252,7 @@ class LoRWeBKontextPipeline:
         ``encoder`` defaults to the one named in the checkpoint's metadata (CLIP ViT-L/14 when absent). The
         checkpoint is validated against the transformer before anything is loaded into it.
         """
-        _, meta = read_checkpoint(weights)
+        meta = checkpoint_metadata(weights)  # fails on a missing or corrupt file before any model loads
         pipe = load_kontext_pipeline(model, dtype)
         load_lorweb_weights(pipe.transformer, weights)
         if device is not None:

@@ -223,15 +223,24 @@ def read_checkpoint(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[s
     LoRWeBCheckpointError naming the file."""
     if isinstance(path_or_state_dict, Mapping):
         return dict(path_or_state_dict), {}
+    return _read_safetensors(path_or_state_dict, tensors=True)
+
+
+def checkpoint_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint file, without reading its tensors (errors as read_checkpoint)."""
+    return _read_safetensors(path, tensors=False)[1]
+
+
+def _read_safetensors(path, *, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
-    path = os.fspath(path_or_state_dict)
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LoRWeB checkpoint not found: {path}")
     try:
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as exc:
         raise LoRWeBCheckpointError(f"cannot read LoRWeB checkpoint {path}: it is corrupt or truncated "
                                     f"({type(exc).__name__}: {exc})") from exc

@@ -142,9 +142,15 @@ class StepBatchSampler(torch.utils.data.Sampler):
         out = []
         for pos in range(start, start + self.batch_size):
             epoch, offset = divmod(pos, self.n)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            out.append(int(perm[offset]))
+            out.append(self._permutation(epoch)[offset])
         return out
+
+    def _permutation(self, epoch: int) -> list[int]:
+        """The epoch's sample order, computed once per epoch (a batch rarely spans two)."""
+        if getattr(self, "_cached_epoch", None) != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._cached_epoch, self._cached_perm = epoch, torch.randperm(self.n, generator=generator).tolist()
+        return self._cached_perm
 
     def __iter__(self):
         for step in range(self.start_step, self.total_steps):
@@ -242,7 +248,9 @@ def _write_checkpoint(out: Path, step: int, transformer, optimizer, metadata: di
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    save_lorweb_weights(transformer, out / WEIGHTS_NAME, metadata=metadata)  # atomic too
+    tmp_latest = out / f".{WEIGHTS_NAME}.tmp"
+    shutil.copyfile(final / WEIGHTS_NAME, tmp_latest)  # the same file, not serialized again
+    os.replace(tmp_latest, out / WEIGHTS_NAME)
     steps = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -284,6 +292,14 @@ def _make_optimizer(params, cfg: TrainConfig):
 
         return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def batch_query(encoder, batch: dict, device) -> torch.Tensor:
+    """(B, query_dim) analogy queries of a batch, from the a, a' and b cells of its target grids."""
+    from .flux import grid_cells
+
+    cells = [grid_cells(g) for g in batch["target"]]
+    return encoder([c[0] for c in cells], [c[1] for c in cells], [c[2] for c in cells]).to(device)
 
 
 def _encode_images(pipe, images, generator, *, sample: bool) -> torch.Tensor:
@@ -348,7 +364,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
 
-    from .flux import AnalogyEncoder, grid_cells
+    from .flux import AnalogyEncoder
 
     cfg.validate()
     dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge, skip_bad=cfg.skip_bad)  # fail before loading models
@@ -424,8 +440,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                disable=not (cfg.progress and accelerator.is_local_main_process))
     for batch in loader:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index)
-        cells = [grid_cells(g) for g in batch["target"]]
-        query = encoder([c[0] for c in cells], [c[1] for c in cells], [c[2] for c in cells]).to(device)
+        query = batch_query(encoder, batch, device)
         with accelerator.autocast():
             loss = flow_matching_loss(model, pipe, batch, query, cfg, generator,
                                       per_forward_query=per_forward_query)
@@ -463,16 +478,13 @@ def evaluation_loss(pipe, encoder, dataset: AnalogyFolder, cfg: TrainConfig, *, 
     a deterministic yardstick for comparing weights before and after training."""
     from dataclasses import replace
 
-    from .flux import grid_cells
-
     eval_cfg = replace(cfg, caption_dropout=0.0)
     device = pipe.transformer.device
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=seed, start_step=0, total_steps=batches)
     losses = []
     for step, indices in enumerate(sampler):
         batch = _collate([dataset[i] for i in indices])
-        cells = [grid_cells(g) for g in batch["target"]]
-        query = encoder([c[0] for c in cells], [c[1] for c in cells], [c[2] for c in cells]).to(device)
+        query = batch_query(encoder, batch, device)
         generator = torch.Generator().manual_seed(seed + step)
         losses.append(flow_matching_loss(pipe.transformer, pipe, batch, query, eval_cfg, generator).item())
     return sum(losses) / len(losses)

@@ -10,7 +10,6 @@ from PIL import Image
 
 import lorweb_fast as lf
 from lorweb_fast import cli, demo, flux
-from lorweb_fast.model import LoRWeBCheckpointError
 
 pytest.importorskip("diffusers")
 STEPS = 3
