@@ -183,19 +183,28 @@ def _layer_metadata(layers: Mapping[str, LoRWeBLinear]) -> dict[str, str]:
 
 
 def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRWeB parameters of ``model`` under the official keys ``transformer.<module>.<param>``."""
+    """The LoRWeB parameters of ``model`` under the official keys ``transformer.<module>.<param>``.
+
+    Parameters sharded by FSDP2 (DTensors) are gathered one at a time to full CPU tensors; this is then a collective
+    call that every rank must make. Other parameters are returned as they are (detached, not copied).
+    """
+    from torch.distributed.tensor import DTensor
+
     state = {}
     for name, layer in _require_layers(model).items():
         for suffix, t in layer.lorweb_tensors().items():
-            state[f"{CHECKPOINT_PREFIX}{name}.{suffix}"] = t.detach()
+            t = t.detach()
+            state[f"{CHECKPOINT_PREFIX}{name}.{suffix}"] = t.full_tensor().cpu() if isinstance(t, DTensor) else t
     return state
 
 
-def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadata: Optional[dict] = None) -> None:
+def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadata: Optional[dict] = None, *,
+                        state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Write the official safetensors format atomically (temporary file, then rename).
 
     The configuration (heads, activation, reduce, scale) and ``encoder`` go into the safetensors metadata;
-    ``metadata`` adds or overrides string entries.
+    ``metadata`` adds or overrides string entries. ``state_dict`` is ``lorweb_state_dict(model)`` when already
+    gathered (sharded training gathers on every rank, then one rank writes); by default it is computed here.
     """
     from safetensors.torch import save_file
 
@@ -203,7 +212,9 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     meta = _layer_metadata(layers)
     meta["encoder"] = DEFAULT_ENCODER
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    state = {k: v.contiguous().cpu() for k, v in lorweb_state_dict(model).items()}
+    if state_dict is None:
+        state_dict = lorweb_state_dict(model)
+    state = {k: v.contiguous().cpu() for k, v in state_dict.items()}
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

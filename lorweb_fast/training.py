@@ -2,9 +2,10 @@
 
 Only the LoRWeB parameters (basis, keys, query projections) train; the transformer, VAE, text encoders and the
 analogy encoder stay frozen. The same ``train`` runs in one process or under ``accelerate launch`` with several
-processes (DDP; gloo on CPU). Under FSDP every layer would compute its coefficients inside its own forward, where its
-sharded parameters are gathered (``set_query(..., per_forward=True)``), but FSDP checkpointing is not written yet,
-so an FSDP launch raises NotImplementedError.
+processes: DDP (gloo on CPU) or accelerate's FSDP2 configuration (``fsdp_version: 2``). Under FSDP every layer
+computes its coefficients inside its own forward, where the block that wraps it has gathered its sharded parameters
+(``set_query(..., per_forward=True)``); checkpoints gather the LoRWeB tensors and the optimizer state to full
+tensors, so a checkpoint written under FSDP resumes under DDP or in one process and the other way round.
 
 Data layout (``AnalogyFolder``)::
 
@@ -32,7 +33,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .model import DEFAULT_ENCODER, LoRWeBConfig, inject_lorweb, load_lorweb_weights, lorweb_layers, \
-    save_lorweb_weights, set_query
+    lorweb_state_dict, save_lorweb_weights, set_query
 
 logger = logging.getLogger("lorweb_fast.training")
 
@@ -233,15 +234,17 @@ def latest_checkpoint(out: Union[str, Path]) -> Optional[Path]:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def _write_checkpoint(out: Path, step: int, transformer, optimizer, metadata: dict, keep: int) -> Path:
-    """Official weights + trainer state into a temporary folder, renamed to ``checkpoints/step-XXXXXXXX``."""
+def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimizer_state: dict, metadata: dict,
+                      keep: int) -> Path:
+    """Official weights (``weights`` = ``lorweb_state_dict``) + trainer state (``optimizer_state`` as made by
+    ``optimizer_state_dict``) into a temporary folder, renamed to ``checkpoints/step-XXXXXXXX``."""
     root = out / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
     try:
-        save_lorweb_weights(transformer, tmp / WEIGHTS_NAME, metadata=metadata)
-        torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / TRAINER_STATE_NAME)
+        save_lorweb_weights(transformer, tmp / WEIGHTS_NAME, metadata=metadata, state_dict=weights)
+        torch.save({"step": step, "optimizer": optimizer_state}, tmp / TRAINER_STATE_NAME)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -255,6 +258,68 @@ def _write_checkpoint(out: Path, step: int, transformer, optimizer, metadata: di
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def optimizer_state_dict(model, optimizer: torch.optim.Optimizer, names: list[str], *, sharded: bool) -> dict:
+    """The full optimizer state keyed by parameter name: ``{"state": {name: {...}}, "param_groups": [{...,
+    "params": [name, ...]}]}``, the same layout in every launch mode.
+
+    ``names`` are the parameter names in the optimizer's order (unsharded runs). With ``sharded`` (FSDP2) the state is
+    gathered by ``torch.distributed.checkpoint``, a collective call; only rank 0 receives it (others get ``{}``).
+    """
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = optimizer.state_dict()
+    return {"state": {names[i]: s for i, s in state["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
+
+
+def load_optimizer_state_dict(model, optimizer: torch.optim.Optimizer, state: dict, names: list[str], *,
+                              sharded: bool) -> None:
+    """Load a state made by ``optimizer_state_dict`` (in any launch mode); raises ValueError naming the parameters
+    when the checkpoint's optimizer covers other parameters than this run trains."""
+    saved = [n for g in state["param_groups"] for n in g["params"]]
+    if sorted(saved) != sorted(names):
+        missing, extra = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
+        raise ValueError(f"the checkpoint's optimizer state does not match the trained parameters: missing "
+                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                         f"{extra[:3]}{'...' if len(extra) > 3 else ''}")
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    index = {n: i for i, n in enumerate(names)}
+    optimizer.load_state_dict({
+        "state": {index[n]: s for n, s in state["state"].items()},
+        "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]]})
+
+
+def _check_fsdp(accelerator, cfg: TrainConfig) -> None:
+    """Clear errors for FSDP setups this trainer cannot checkpoint or step."""
+    version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
+    if version != 2:
+        raise ValueError(f"lorweb-fast train supports accelerate's FSDP2 (fsdp_version: 2), got fsdp_version={version}:"
+                         " set `fsdp_version: 2` in the accelerate config or pass --fsdp_version 2")
+    if cfg.optimizer == "adamw8bit":
+        raise ValueError("bitsandbytes' 8-bit AdamW cannot step FSDP2's sharded (DTensor) parameters; pass "
+                         "--optimizer adamw under FSDP (the LoRWeB optimizer state is small and sharded anyway)")
+
+
+def _warn_if_layers_unwrapped(model) -> None:
+    """Under FSDP2, warn when LoRWeB layers are not inside a wrapped sub-module (then the root unit gathers the whole
+    transformer at once: correct, but it needs the memory FSDP is meant to save)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [name for name, m in model.named_modules() if name and isinstance(m, FSDPModule)]
+    loose = [name for name in lorweb_layers(model) if not any(name.startswith(u + ".") for u in units)]
+    if loose:
+        warnings.warn(f"FSDP: {len(loose)} LoRWeB layers (e.g. {loose[0]}) are not inside a wrapped transformer block, "
+                      "so the whole transformer is gathered at once; launch with --fsdp_auto_wrap_policy "
+                      "TRANSFORMER_BASED_WRAP (blocks from the model's _no_split_modules)", stacklevel=3)
 
 
 def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
@@ -389,36 +454,41 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         inject_lorweb(transformer, LoRWeBConfig(num_loras=cfg.num_loras, rank=cfg.rank, key_dim=cfg.key_dim,
                                                 query_dim=encoder.query_dim, heads=cfg.heads,
                                                 activation=cfg.activation, reduce=cfg.reduce))
-    params = []
-    for layer in lorweb_layers(transformer).values():
-        for p in layer.lorweb_tensors().values():
+    params, names = [], []
+    for layer_name, layer in lorweb_layers(transformer).items():
+        for suffix, p in layer.lorweb_tensors().items():
             p.data = p.data.float()  # trainable master weights stay fp32
             p.requires_grad_(True)
             params.append(p)
+            names.append(f"{layer_name}.{suffix}")
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
     optimizer = _make_optimizer(params, cfg)
     metadata = {"encoder": getattr(encoder, "name", cfg.encoder)}
 
-    start_step = 0
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded:
+        _check_fsdp(accelerator, cfg)
+
+    start_step, trainer_state = 0, None
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt is None:
         logger.warning("--resume: no checkpoint in %s, starting from step 0", out / CHECKPOINT_DIR)
     if ckpt is not None:
-        load_lorweb_weights(transformer, ckpt / WEIGHTS_NAME)  # validated, all or nothing
-        state = torch.load(ckpt / TRAINER_STATE_NAME, map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
-        logger.info("resumed from %s (step %d)", ckpt, start_step)
+        load_lorweb_weights(transformer, ckpt / WEIGHTS_NAME)  # validated, all or nothing; before sharding
+        trainer_state = torch.load(ckpt / TRAINER_STATE_NAME, map_location="cpu", weights_only=False)
+        start_step = int(trainer_state["step"])
 
-    per_forward_query = accelerator.distributed_type == DistributedType.FSDP
-    if per_forward_query:
-        # The forward/backward path is FSDP-ready (coefficients are computed inside each layer's own forward), but
-        # gathering sharded LoRWeB tensors and optimizer state for the official checkpoint is not written yet.
-        raise NotImplementedError("lorweb-fast train does not checkpoint under FSDP yet; launch it with DDP "
-                                  "(accelerate launch --multi_gpu) instead")
+    # under FSDP2 accelerate shards the transformer in place (blocks as units, each LoRWeB layer inside its block)
+    # and swaps the optimizer's parameters for the sharded ones
     model, optimizer = accelerator.prepare(transformer, optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if sharded:
+        _warn_if_layers_unwrapped(model)
+    if trainer_state is not None:
+        load_optimizer_state_dict(model, optimizer.optimizer, trainer_state["optimizer"], names, sharded=sharded)
+        logger.info("resumed from %s (step %d)", ckpt, start_step)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step,
                                total_steps=cfg.steps, world_size=accelerator.num_processes,
                                rank=accelerator.process_index)
@@ -442,11 +512,10 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index)
         query = batch_query(encoder, batch, device)
         with accelerator.autocast():
-            loss = flow_matching_loss(model, pipe, batch, query, cfg, generator,
-                                      per_forward_query=per_forward_query)
+            loss = flow_matching_loss(model, pipe, batch, query, cfg, generator, per_forward_query=sharded)
         accelerator.backward(loss)
         if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -460,9 +529,12 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             accelerator.wait_for_everyone()
+            weights = lorweb_state_dict(transformer)  # collective under FSDP: every rank gathers
+            optimizer_state = optimizer_state_dict(model, optimizer.optimizer, names, sharded=sharded)
             if accelerator.is_main_process:
-                _write_checkpoint(out, step, transformer, optimizer, metadata, cfg.keep_checkpoints)
+                _write_checkpoint(out, step, transformer, weights, optimizer_state, metadata, cfg.keep_checkpoints)
                 plot_loss(log_path, png_path)
+            del weights, optimizer_state
             accelerator.wait_for_everyone()
         if step_callback is not None:
             step_callback(step, loss_value)

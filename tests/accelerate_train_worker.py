@@ -1,18 +1,53 @@
 """Run by tests/test_training.py under ``accelerate launch``: trains through ``lorweb_fast.training.train`` (what
-``lorweb-fast train`` runs) and writes this rank's LoRWeB parameters to OUT/rank<i>.safetensors."""
+``lorweb-fast train`` runs) and writes this rank's LoRWeB parameters to OUT/rank<i>.safetensors.
 
+argv: the TrainConfig as JSON, then an optional mode:
+- ``fsdp2-cpu``: accelerate enables FSDP only on accelerators, so on a CPU gloo group this turns its FSDP2 path on
+  by hand (the same plugin ``accelerate launch --use_fsdp --fsdp_version 2`` builds, transformer-block wrapping)
+  before ``train`` runs; everything after that is accelerate's own FSDP2 preparation.
+- ``resume-at=K``: first train to step K, then continue with ``resume=True`` in the same process.
+"""
+
+import dataclasses
 import json
 import sys
 
-from accelerate import PartialState
 from safetensors.torch import save_file
 
 from lorweb_fast import lorweb_state_dict
 from lorweb_fast.training import TrainConfig, train
 
 cfg = TrainConfig(**json.loads(sys.argv[1]))
+modes = sys.argv[2:]
+
+if "fsdp2-cpu" in modes:
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = Accelerator(cpu=True, mixed_precision=cfg.mixed_precision).state  # the process-wide state train() uses
+    assert state.distributed_type == DistributedType.MULTI_CPU, state.distributed_type
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does for FSDP
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            reshard_after_forward=True)
+    if cfg.mixed_precision != "no":
+        plugin.set_mixed_precision(cfg.mixed_precision)  # as AcceleratorState does
+    state.fsdp_plugin = plugin
+
+for mode in modes:
+    if mode.startswith("resume-at="):
+        train(dataclasses.replace(cfg, steps=int(mode.split("=")[1])))
+        cfg = dataclasses.replace(cfg, resume=True)
 result = train(cfg)
+
+from accelerate import PartialState  # noqa: E402
+
 state = PartialState()
 tensors = {k: v.contiguous() for k, v in lorweb_state_dict(result["transformer"]).items()}
-save_file(tensors, f"{cfg.out}/rank{state.process_index}.safetensors",
-          metadata={"world_size": str(state.num_processes), "backend": str(state.backend)})
+meta = {"world_size": str(state.num_processes), "backend": str(state.backend),
+        "distributed_type": str(state.distributed_type)}
+transformer = result["transformer"]
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+meta["sharded"] = str(all(isinstance(p, DTensor) for p in transformer.parameters()))
+save_file(tensors, f"{cfg.out}/rank{state.process_index}.safetensors", metadata=meta)
