@@ -282,6 +282,9 @@ def load_optimizer_state_dict(model, optimizer: torch.optim.Optimizer, state: di
     """Load a state made by ``optimizer_state_dict`` (in any launch mode); raises ValueError naming the parameters
     when the checkpoint's optimizer covers other parameters than this run trains."""
     saved = [n for g in state["param_groups"] for n in g["params"]]
+    if not all(isinstance(n, str) for n in saved):
+        raise ValueError("the checkpoint's optimizer state is keyed by parameter index (written before lorweb_fast "
+                         "keyed it by name); resume is not possible from it, start a new run from its weights")
     if sorted(saved) != sorted(names):
         missing, extra = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
         raise ValueError(f"the checkpoint's optimizer state does not match the trained parameters: missing "

@@ -5,6 +5,7 @@ argv: the TrainConfig as JSON, then an optional mode:
 - ``fsdp2-cpu``: accelerate enables FSDP only on accelerators, so on a CPU gloo group this turns its FSDP2 path on
   by hand (the same plugin ``accelerate launch --use_fsdp --fsdp_version 2`` builds, transformer-block wrapping)
   before ``train`` runs; everything after that is accelerate's own FSDP2 preparation.
+- ``no-auto-wrap`` (with ``fsdp2-cpu``): no auto-wrap policy, only the root module is sharded.
 - ``resume-at=K``: first train to step K, then continue with ``resume=True`` in the same process.
 """
 
@@ -28,8 +29,8 @@ if "fsdp2-cpu" in modes:
     assert state.distributed_type == DistributedType.MULTI_CPU, state.distributed_type
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does for FSDP
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                            reshard_after_forward=True)
+    wrap = None if "no-auto-wrap" in modes else "transformer_based_wrap"
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy=wrap, reshard_after_forward=True)
     if cfg.mixed_precision != "no":
         plugin.set_mixed_precision(cfg.mixed_precision)  # as AcceleratorState does
     state.fsdp_plugin = plugin

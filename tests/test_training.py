@@ -10,6 +10,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -149,15 +150,19 @@ def test_checkpoint_write_is_atomic(assets, tmp_path, monkeypatch):
     assert training.latest_checkpoint(cfg.out).name == "step-00000002"
 
 
-def launch(cfg: TrainConfig, cwd, *modes: str, launcher_args=("--multi_gpu", "--num_processes", "2")) -> list[dict]:
+def launch(cfg: TrainConfig, cwd, *modes: str, launcher_args=("--multi_gpu", "--num_processes", "2"),
+           stderr: Optional[list] = None) -> list[dict]:
     """Run tests/accelerate_train_worker.py under ``accelerate launch``; returns every rank's LoRWeB tensors and
-    the metadata the worker wrote (world size, backend, distributed type, whether parameters were sharded)."""
+    the metadata the worker wrote (world size, backend, distributed type, whether parameters were sharded).
+    The launch's stderr is appended to ``stderr`` when given."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--num_machines", "1",
            "--mixed_precision", cfg.mixed_precision, "--dynamo_backend", "no", str(HERE / "accelerate_train_worker.py"),
            json.dumps(dataclasses.asdict(cfg)), *modes]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if stderr is not None:
+        stderr.append(proc.stderr)
     ranks = []
     for path in sorted(Path(cfg.out).glob("rank*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
@@ -201,7 +206,9 @@ def test_fsdp2_matches_ddp_resumes_and_writes_portable_checkpoints(assets, tmp_p
     ddp_cfg = config(assets, tmp_path / "ddp", **common)
     fsdp_cfg = config(assets, tmp_path / "fsdp", **common)
     launch(ddp_cfg, tmp_path)
-    ranks = launch(fsdp_cfg, tmp_path, "fsdp2-cpu", "resume-at=2")  # 2 steps, then a resumed run to step 4
+    log = []
+    ranks = launch(fsdp_cfg, tmp_path, "fsdp2-cpu", "resume-at=2", stderr=log)  # 2 steps, then resumed to step 4
+    assert "not inside a wrapped transformer block" not in log[0]  # every LoRWeB layer is sharded with its block
     assert ranks[0]["meta"]["distributed_type"].endswith("FSDP") and ranks[0]["meta"]["sharded"] == "True"
     r0 = assert_ranks_identical(ranks)
 
@@ -242,11 +249,14 @@ def test_fsdp2_matches_ddp_resumes_and_writes_portable_checkpoints(assets, tmp_p
 
 
 @pytest.mark.slow
-def test_fsdp2_bf16_mixed_precision(assets, tmp_path):
-    """FSDP2 with accelerate's bf16 MixedPrecisionPolicy: the blocks compute in bf16, the LoRWeB masters and the
-    checkpoint stay fp32, ranks stay identical, the loss is finite."""
+def test_fsdp2_bf16_mixed_precision_and_unwrapped_warning(assets, tmp_path):
+    """FSDP2 with accelerate's bf16 MixedPrecisionPolicy: the LoRWeB masters and the checkpoint stay fp32, ranks
+    stay identical, the loss is finite. Without an auto-wrap policy (only the root sharded) training still works
+    and a warning says that the whole transformer is gathered at once."""
     cfg = config(assets, tmp_path / "bf16", steps=2, checkpoint_every=2, optimizer="adamw", mixed_precision="bf16")
-    ranks = launch(cfg, tmp_path, "fsdp2-cpu")
+    log = []
+    ranks = launch(cfg, tmp_path, "fsdp2-cpu", "no-auto-wrap", stderr=log)
+    assert "LoRWeB layers (e.g. transformer_blocks.0." in log[0] and "TRANSFORMER_BASED_WRAP" in log[0]
     assert ranks[0]["meta"]["sharded"] == "True"
     r0 = assert_ranks_identical(ranks)
     saved = weights(tmp_path / "bf16" / "lorweb.safetensors")
@@ -298,6 +308,8 @@ def test_optimizer_state_by_name_round_trip_and_mismatch():
         assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
     with pytest.raises(ValueError, match="missing \\['blocks.0.lora_C'\\].*unexpected \\['blocks.0.lora_B'\\]"):
         training.load_optimizer_state_dict(None, fresh, state, ["blocks.0.lora_A", "blocks.0.lora_C"], sharded=False)
+    with pytest.raises(ValueError, match="keyed by parameter index"):
+        training.load_optimizer_state_dict(None, fresh, opt.state_dict(), names, sharded=False)
 
 
 # -------------------------------------------------------------------------------------------- data folder
