@@ -423,7 +423,8 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
 def train(cfg: TrainConfig, *, pipe=None, encoder=None,
           step_callback: Optional[Callable[[int, float], None]] = None) -> dict:
     """Train LoRWeB on ``cfg.data``; returns ``{"step": last step, "out": out dir, "loss": last loss,
-    "transformer": the trained (unwrapped) transformer}``.
+    "transformer": the trained transformer}`` (not wrapped by DDP; under FSDP2 sharded in place, its parameters
+    DTensors that ``lorweb_state_dict`` gathers).
 
     ``pipe`` (a FluxKontextPipeline) and ``encoder`` (an AnalogyEncoder) default to ``cfg.model`` and
     ``cfg.encoder`` loaded with ``from_pretrained``. ``step_callback(step, loss)`` runs after every optimizer step.
@@ -440,6 +441,9 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.accelerator.is_available())
     device = accelerator.device
     out = Path(cfg.out)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded:
+        _check_fsdp(accelerator, cfg)  # before loading any model
 
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     if pipe is None:
@@ -469,10 +473,6 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     transformer.train()
     optimizer = _make_optimizer(params, cfg)
     metadata = {"encoder": getattr(encoder, "name", cfg.encoder)}
-
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    if sharded:
-        _check_fsdp(accelerator, cfg)
 
     start_step, trainer_state = 0, None
     ckpt = latest_checkpoint(out) if cfg.resume else None
