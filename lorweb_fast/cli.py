@@ -142,7 +142,8 @@ def _key_value(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training import OPTIMIZERS, WEIGHTING_SCHEMES, TrainConfig
+    from .reference import ACTIVATIONS, REDUCTIONS
+    from .training import MIXED_PRECISIONS, OPTIMIZERS, WEIGHTING_SCHEMES, TrainConfig
 
     parser = argparse.ArgumentParser(prog="lorweb-fast", description="LoRWeB visual analogies on FLUX.1-Kontext.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train LoRWeB on an analogy folder (works under accelerate launch)")
     t.add_argument("--data", required=True, help="folder with control/, target/ and captions/")
     t.add_argument("--out", required=True, help="output folder (weights, checkpoints, loss log and plot)")
-    choices = {"optimizer": OPTIMIZERS, "mixed_precision": ("no", "bf16", "fp16"),
-               "weighting_scheme": WEIGHTING_SCHEMES, "activation": ("softmax", "tanh"), "reduce": ("mean", "sum")}
+    choices = {"optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISIONS, "weighting_scheme": WEIGHTING_SCHEMES,
+               "activation": ACTIVATIONS, "reduce": REDUCTIONS}
     helps = {"batch_size": "per process", "resume": "continue from the newest checkpoint in --out",
              "skip_bad": "skip broken samples with a warning instead of failing"}
     for f in dataclasses.fields(TrainConfig):  # one option per TrainConfig field, its default from the dataclass

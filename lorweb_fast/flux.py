@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .layer import LoRWeBLinear, has_plain_weight
-from .model import DEFAULT_ENCODER, checkpoint_metadata, load_lorweb_weights, lorweb_layers, set_query
+from .model import DEFAULT_ENCODER, checkpoint_metadata, get_coefficients, load_lorweb_weights, lorweb_layers, \
+    set_query
 from .ops import column_scaling, concat_basis
 
 
@@ -322,7 +323,7 @@ def plot_coefficients(model: nn.Module, path: Union[str, Path], *, sample: int =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    coeffs = {n: l.coefficients for n, l in lorweb_layers(model).items() if l.coefficients is not None}
+    coeffs = get_coefficients(model)
     if not coeffs:
         raise RuntimeError("no coefficients to plot: call set_query first")
     names = list(coeffs)

@@ -40,6 +40,7 @@ logger = logging.getLogger("lorweb_fast.training")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 OPTIMIZERS = ("adamw8bit", "adamw")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 CHECKPOINT_DIR = "checkpoints"
 WEIGHTS_NAME = "lorweb.safetensors"
 TRAINER_STATE_NAME = "trainer_state.pt"
@@ -215,8 +216,8 @@ class TrainConfig:
             raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
         for name in ("steps", "batch_size", "checkpoint_every", "long_edge"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

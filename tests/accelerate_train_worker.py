@@ -13,7 +13,10 @@ import dataclasses
 import json
 import sys
 
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from lorweb_fast import lorweb_state_dict
 from lorweb_fast.training import TrainConfig, train
@@ -22,9 +25,6 @@ cfg = TrainConfig(**json.loads(sys.argv[1]))
 modes = sys.argv[2:]
 
 if "fsdp2-cpu" in modes:
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     state = Accelerator(cpu=True, mixed_precision=cfg.mixed_precision).state  # the process-wide state train() uses
     assert state.distributed_type == DistributedType.MULTI_CPU, state.distributed_type
     state.distributed_type = DistributedType.FSDP
@@ -39,16 +39,11 @@ for mode in modes:
     if mode.startswith("resume-at="):
         train(dataclasses.replace(cfg, steps=int(mode.split("=")[1])))
         cfg = dataclasses.replace(cfg, resume=True)
-result = train(cfg)
-
-from accelerate import PartialState  # noqa: E402
+transformer = train(cfg)["transformer"]
 
 state = PartialState()
-tensors = {k: v.contiguous() for k, v in lorweb_state_dict(result["transformer"]).items()}
+tensors = {k: v.contiguous() for k, v in lorweb_state_dict(transformer).items()}
 meta = {"world_size": str(state.num_processes), "backend": str(state.backend),
-        "distributed_type": str(state.distributed_type)}
-transformer = result["transformer"]
-from torch.distributed.tensor import DTensor  # noqa: E402
-
-meta["sharded"] = str(all(isinstance(p, DTensor) for p in transformer.parameters()))
+        "distributed_type": str(state.distributed_type),
+        "sharded": str(all(isinstance(p, DTensor) for p in transformer.parameters()))}
 save_file(tensors, f"{cfg.out}/rank{state.process_index}.safetensors", metadata=meta)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import types
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -47,6 +46,10 @@ def config(assets, out, **overrides) -> TrainConfig:
 
 def weights(path) -> dict:
     return load_file(str(path))
+
+
+def trainer_state(out, step: int) -> dict:
+    return torch.load(Path(out) / "checkpoints" / f"step-{step:08d}" / "trainer_state.pt", weights_only=False)
 
 
 def test_training_lowers_the_loss_and_only_trains_lorweb(assets, tmp_path):
@@ -120,8 +123,7 @@ def test_resume_after_kill_is_exact(assets, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    sa = torch.load(tmp_path / "straight/checkpoints/step-00000008/trainer_state.pt", weights_only=False)
-    sb = torch.load(tmp_path / "killed/checkpoints/step-00000008/trainer_state.pt", weights_only=False)
+    sa, sb = trainer_state(tmp_path / "straight", 8), trainer_state(tmp_path / "killed", 8)
     assert sa["step"] == sb["step"] == 8
     for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
         assert int(pa["step"]) == int(pb["step"]) == 8
@@ -150,24 +152,22 @@ def test_checkpoint_write_is_atomic(assets, tmp_path, monkeypatch):
     assert training.latest_checkpoint(cfg.out).name == "step-00000002"
 
 
-def launch(cfg: TrainConfig, cwd, *modes: str, launcher_args=("--multi_gpu", "--num_processes", "2"),
-           stderr: Optional[list] = None) -> list[dict]:
+def launch(cfg: TrainConfig, cwd, *modes: str,
+           launcher_args=("--multi_gpu", "--num_processes", "2")) -> tuple[list[dict], str]:
     """Run tests/accelerate_train_worker.py under ``accelerate launch``; returns every rank's LoRWeB tensors and
-    the metadata the worker wrote (world size, backend, distributed type, whether parameters were sharded).
-    The launch's stderr is appended to ``stderr`` when given."""
+    the metadata the worker wrote (world size, backend, distributed type, whether parameters were sharded), and the
+    launch's stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--num_machines", "1",
            "--mixed_precision", cfg.mixed_precision, "--dynamo_backend", "no", str(HERE / "accelerate_train_worker.py"),
            json.dumps(dataclasses.asdict(cfg)), *modes]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    if stderr is not None:
-        stderr.append(proc.stderr)
     ranks = []
     for path in sorted(Path(cfg.out).glob("rank*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             ranks.append({"tensors": {k: f.get_tensor(k) for k in f.keys()}, "meta": f.metadata()})
-    return ranks
+    return ranks, proc.stderr
 
 
 def assert_ranks_identical(ranks: list[dict]) -> dict:
@@ -182,7 +182,7 @@ def assert_ranks_identical(ranks: list[dict]) -> dict:
 @pytest.mark.slow
 def test_ddp_two_processes_keep_ranks_identical(assets, tmp_path):
     cfg = config(assets, tmp_path / "ddp", steps=3, checkpoint_every=3)
-    ranks = launch(cfg, tmp_path)
+    ranks, _ = launch(cfg, tmp_path)
     assert ranks[0]["meta"]["world_size"] == "2" and ranks[0]["meta"]["distributed_type"].endswith("MULTI_CPU")
     r0 = assert_ranks_identical(ranks)
     assert any(r0[k].abs().max() > 0 for k in r0 if k.endswith("lora_B"))  # it did train
@@ -190,10 +190,6 @@ def test_ddp_two_processes_keep_ranks_identical(assets, tmp_path):
     assert all(torch.equal(saved[k], r0[k]) for k in r0)
     rows = (tmp_path / "ddp" / "loss.jsonl").read_text().splitlines()
     assert len(rows) == 3  # one line per step, written by the main process only
-
-
-def trainer_state(out, step: int) -> dict:
-    return torch.load(Path(out) / "checkpoints" / f"step-{step:08d}" / "trainer_state.pt", weights_only=False)
 
 
 @pytest.mark.slow
@@ -206,9 +202,8 @@ def test_fsdp2_matches_ddp_resumes_and_writes_portable_checkpoints(assets, tmp_p
     ddp_cfg = config(assets, tmp_path / "ddp", **common)
     fsdp_cfg = config(assets, tmp_path / "fsdp", **common)
     launch(ddp_cfg, tmp_path)
-    log = []
-    ranks = launch(fsdp_cfg, tmp_path, "fsdp2-cpu", "resume-at=2", stderr=log)  # 2 steps, then resumed to step 4
-    assert "not inside a wrapped transformer block" not in log[0]  # every LoRWeB layer is sharded with its block
+    ranks, log = launch(fsdp_cfg, tmp_path, "fsdp2-cpu", "resume-at=2")  # 2 steps, then resumed to step 4
+    assert "not inside a wrapped transformer block" not in log  # every LoRWeB layer is sharded with its block
     assert ranks[0]["meta"]["distributed_type"].endswith("FSDP") and ranks[0]["meta"]["sharded"] == "True"
     r0 = assert_ranks_identical(ranks)
 
@@ -254,9 +249,8 @@ def test_fsdp2_bf16_mixed_precision_and_unwrapped_warning(assets, tmp_path):
     stay identical, the loss is finite. Without an auto-wrap policy (only the root sharded) training still works
     and a warning says that the whole transformer is gathered at once."""
     cfg = config(assets, tmp_path / "bf16", steps=2, checkpoint_every=2, optimizer="adamw", mixed_precision="bf16")
-    log = []
-    ranks = launch(cfg, tmp_path, "fsdp2-cpu", "no-auto-wrap", stderr=log)
-    assert "LoRWeB layers (e.g. transformer_blocks.0." in log[0] and "TRANSFORMER_BASED_WRAP" in log[0]
+    ranks, log = launch(cfg, tmp_path, "fsdp2-cpu", "no-auto-wrap")
+    assert "LoRWeB layers (e.g. transformer_blocks.0." in log and "TRANSFORMER_BASED_WRAP" in log
     assert ranks[0]["meta"]["sharded"] == "True"
     r0 = assert_ranks_identical(ranks)
     saved = weights(tmp_path / "bf16" / "lorweb.safetensors")
@@ -273,7 +267,7 @@ def test_fsdp2_real_accelerate_launch_on_gpus(assets, tmp_path):
         pytest.skip("needs CUDA")
     n = torch.cuda.device_count()
     cfg = config(assets, tmp_path / "gpu", steps=2, checkpoint_every=2, optimizer="adamw", mixed_precision="bf16")
-    ranks = launch(cfg, tmp_path, launcher_args=("--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
+    ranks, _ = launch(cfg, tmp_path, launcher_args=("--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
                                                  "TRANSFORMER_BASED_WRAP", "--num_processes", str(n)))
     assert ranks[0]["meta"]["distributed_type"].endswith("FSDP") and ranks[0]["meta"]["sharded"] == "True"
     assert_ranks_identical(ranks)
