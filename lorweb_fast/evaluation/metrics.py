@@ -140,4 +140,9 @@ class LPIPSDistance:
             b = b.resize(b_prime.size, Image.BICUBIC)
         param = next(self.model.parameters())
         x0, x1 = (self.to_tensor(im).to(param.device) for im in (b, b_prime))
-        return float(self.model(x0, x1).flatten()[0])
+        try:
+            return float(self.model(x0, x1).flatten()[0])
+        except RuntimeError as exc:
+            if "too small" in str(exc):
+                raise EvalInputError(f"b' of size {b_prime.size} is too small for LPIPS {self.net}: {exc}") from exc
+            raise
