@@ -107,6 +107,15 @@ def load_rgb(path: Union[str, Path]):
         raise EvalInputError(f"{path} is not a readable image ({exc})") from exc
 
 
+def file_signature(*paths) -> str:
+    """A short hash of the files' names, sizes and modification times (cache keys: a replaced file is a new one)."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = Path(p).stat()
+        h.update(f"{Path(p).name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
 def image_size(path: Path) -> tuple:
     """(width, height) from the file header."""
     from PIL import Image, UnidentifiedImageError

@@ -179,6 +179,7 @@ class JudgeRequest:
     images: Callable[[], list] = field(repr=False, default=list)  # loaded lazily (cached answers skip it)
     against: Optional[str] = None
     order: Optional[list] = None
+    files_sig: Optional[str] = None  # evalsets.file_signature of the image files: a replaced image is asked again
 
 
 class Gemma3Judge:
@@ -270,7 +271,8 @@ def _safe(name: str) -> str:
 
 class JudgeCache:
     """Raw answers on disk, one JSON file per item and question: ``root/<run>/<kind>[__vs__<against>]/<task>/<id>.json``
-    with the judge, the prompt's hash and (pairwise) the image order; reused only when all three match."""
+    with the judge, the prompt's hash, the image files' signature and (pairwise) the image order; reused only when
+    all of them match."""
 
     def __init__(self, root: Union[str, Path]):
         self.root = Path(root)
@@ -289,7 +291,7 @@ class JudgeCache:
         except json.JSONDecodeError:
             return None  # a torn write from a killed run: ask again
         if rec.get("judge") != judge_name or rec.get("prompt_sha256") != prompt_hash(request.prompt) \
-                or rec.get("order") != request.order:
+                or rec.get("order") != request.order or rec.get("files_sig") != request.files_sig:
             return None
         return rec
 
@@ -298,7 +300,7 @@ class JudgeCache:
 
         rec = {"id": request.id, "kind": request.kind, "run": request.run, "against": request.against,
                "order": request.order, "judge": judge_name, "prompt_sha256": prompt_hash(request.prompt),
-               "response": response, "backend_error": error}
+               "files_sig": request.files_sig, "response": response, "backend_error": error}
         atomic_write_text(self.path(request), json.dumps(rec, ensure_ascii=False, indent=1))
         return rec
 

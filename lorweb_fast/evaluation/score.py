@@ -3,7 +3,7 @@
 Per runs folder and triplet: ``clip_dir``, ``lpips``, the VLM score (``vlm_accuracy``, ``vlm_consistency``) and, per
 baseline runs folder (``against``), the 2AFC answer. CLIP and LPIPS values are cached in
 ``REPORT/cache/<run>/metrics.jsonl`` (keyed by the metric's settings and the image files' sizes and times), judge answers
-in ``REPORT/judge/`` (per item and prompt): a killed run resumes without recomputing finished items.
+in ``REPORT/judge/`` (per item and prompt, keyed by the image files too): a killed run resumes without recomputing finished items.
 
 Pairwise order: for each item, whether this run's b' is shown as B'1 or B'2 is drawn from a generator seeded with
 (``pairwise_seed``, run, baseline, item id), so it is reproducible, independent of which items are scored, and
@@ -18,18 +18,10 @@ import random
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .evalsets import EvalInputError, RunItem, load_rgb, read_runs
+from .evalsets import EvalInputError, RunItem, file_signature, load_rgb, read_runs
 from .judge import PAIRWISE_PROMPT, PARSERS, SCORE_PROMPT, JudgeCache, JudgeRequest, ask
 
 METRICS = ("clip_dir", "lpips", "vlm")
-
-
-def _file_sig(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        st = Path(p).stat()
-        h.update(f"{Path(p).name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
 
 
 class MetricCache:
@@ -88,7 +80,7 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
         sig_base = f"clip:{clip.name}"
         todo = []
         for it in items:
-            sig = hashlib.sha256((sig_base + _file_sig(it.a, it.a_prime, it.b, it.b_prime)).encode()).hexdigest()[:16]
+            sig = hashlib.sha256((sig_base + file_signature(it.a, it.a_prime, it.b, it.b_prime)).encode()).hexdigest()[:16]
             value = cache.get(it.key, "clip_dir", sig)
             if value is None:
                 todo.append((it, sig))
@@ -104,7 +96,7 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
     if "lpips" in metrics:
         sig_base = f"lpips:{lpips.net}:{lpips.weights}"
         for it in tqdm(items, desc=f"{name}: lpips", disable=not progress):
-            sig = hashlib.sha256((sig_base + _file_sig(it.b, it.b_prime)).encode()).hexdigest()[:16]
+            sig = hashlib.sha256((sig_base + file_signature(it.b, it.b_prime)).encode()).hexdigest()[:16]
             value = cache.get(it.key, "lpips", sig)
             if value is None:
                 value = lpips(*_images(it, ("b", "b_prime")))
@@ -114,7 +106,8 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
     if "vlm" in metrics and judge is not None:
         jcache = JudgeCache(out / "judge")
         for it in tqdm(items, desc=f"{name}: VLM score", disable=not progress):
-            req = JudgeRequest(name, it.key, "score", SCORE_PROMPT, images=lambda it=it: _images(it))
+            req = JudgeRequest(name, it.key, "score", SCORE_PROMPT, images=lambda it=it: _images(it),
+                               files_sig=file_signature(it.a, it.a_prime, it.b, it.b_prime))
             rec = ask(judge, jcache, req)
             answers.append(rec)
             parsed = PARSERS["score"](rec["response"]) if rec["backend_error"] is None else None
@@ -139,6 +132,7 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
                 entry["order"] = order
                 pair = {"run": it.b_prime, "against": other.b_prime}
                 req = JudgeRequest(name, it.key, "pairwise", PAIRWISE_PROMPT, against=base_name, order=order,
+                                   files_sig=file_signature(it.a, it.a_prime, it.b, *(pair[o] for o in order)),
                                    images=lambda it=it, pair=pair, order=order: (
                                        _images(it, ("a", "a_prime", "b")) + [load_rgb(pair[o]) for o in order]))
                 rec = ask(judge, jcache, req)
