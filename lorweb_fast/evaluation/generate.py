@@ -163,6 +163,8 @@ def run_generate(args) -> dict:
     from ..flux import LoRWeBKontextPipeline
     from .evalsets import read_evalset
 
+    if args.batch_size < 1:
+        raise EvalInputError(f"batch size must be >= 1, got {args.batch_size}")
     triplets = read_evalset(args.evalset, args.format, seed=args.pair_seed, b_per_pair=args.b_per_pair,
                             pairs_file=args.pairs, tasks=args.tasks, max_per_task=args.max_per_task)
     for t in triplets:  # fail on a missing input before loading any model
