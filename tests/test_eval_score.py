@@ -36,7 +36,8 @@ IDS = [f"{t}/{i:03d}" for t in ("flip", "swap") for i in range(3)]
 
 
 def score_answer(acc, cons):
-    return f'Transformation: mirror.\n```json\n{{"metrics":{{"accuracy":{acc},"consistency":{cons}}},"explanation":"e"}}\n```'
+    answer = json.dumps({"metrics": {"accuracy": acc, "consistency": cons}, "explanation": "e"})
+    return f"Transformation: mirror.\n```json\n{answer}\n```"
 
 
 def write_replay(path, *, scores=None, better=None, missing=()):

@@ -30,7 +30,8 @@ def _metric_list(text: str) -> list:
     names = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in METRICS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"metrics must be a comma-separated subset of {','.join(METRICS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"metrics must be a comma-separated subset of {','.join(METRICS)}, "
+                                         f"got {text!r}")
     return names
 
 
@@ -95,7 +96,7 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
 
 def run_score(args) -> dict:
     from ..cli import DTYPES, _device
-    from .evalsets import EvalInputError
+    from .evalsets import EvalInputError, read_runs
     from .judge import make_judge
     from .score import score
 
@@ -107,9 +108,7 @@ def run_score(args) -> dict:
         raise EvalInputError(f"names used both in --runs and --against: {sorted(clash)} (use NAME=PATH)")
     metrics = args.metrics or (["clip_dir", "lpips"] + (["vlm"] if args.judge not in ("", "none") else []))
     device = _device(args.device)
-    for name, path in {**runs, **against}.items():  # bad folders fail before any model loads
-        from .evalsets import read_runs
-
+    for path in {**runs, **against}.values():  # bad folders fail before any model loads
         read_runs(path)
     judge = make_judge(args.judge, device=device, dtype=DTYPES[args.judge_dtype],
                        max_new_tokens=args.judge_max_new_tokens) if "vlm" in metrics else None

@@ -28,6 +28,7 @@ import hashlib
 import json
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -248,7 +249,8 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
         for cat_dir in _subdirs(db_dir):
             category = cat_dir.name
             if category not in originals:
-                raise EvalInputError(f"{cat_dir}: no matching originals folder {base / 'original' / ('unsplash_' + category)}")
+                raise EvalInputError(f"{cat_dir}: no matching originals folder "
+                                     f"{base / 'original' / ('unsplash_' + category)}")
             for prompt_dir in _subdirs(cat_dir):
                 task = prompt_dir.name if db_dir.name == "db_not_in_trainset" else f"{db_dir.name}__{prompt_dir.name}"
                 task = f"{category}__{task}"
@@ -261,8 +263,8 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
                         raise EvalInputError(f"{a_prime}: expected a file named <a-stem>_<k>.<ext>")
                     a_path = originals[category].get(m.group(1))
                     if a_path is None:
-                        raise EvalInputError(f"{a_prime}: its source image {base / 'original' / ('unsplash_' + category) / m.group(1)}"
-                                             ".<ext> is missing")
+                        expected = base / "original" / f"unsplash_{category}" / m.group(1)
+                        raise EvalInputError(f"{a_prime}: its source image {expected}.<ext> is missing")
                     a_aspect = aspect(a_path)
                     rel = str(a_prime.relative_to(base))
                     note = {}
@@ -288,11 +290,9 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
                             far = sorted(set(cands) - set(close), key=lambda p: (abs(aspect(p) - a_aspect), p.name))
                             bs = close + far[:b_per_pair - len(close)]
                             note = {"b_aspect_outside_tolerance": True}
-                            import warnings
-
-                            warnings.warn(f"{rel}: only {len(close)} photos of {category!r} have an aspect ratio within "
-                                          f"{aspect_tolerance} of a's; the closest others complete the {b_per_pair} b "
-                                          "images (recorded as b_aspect_outside_tolerance)")
+                            warnings.warn(f"{rel}: only {len(close)} photos of {category!r} have an aspect ratio "
+                                          f"within {aspect_tolerance} of a's; the closest others complete the "
+                                          f"{b_per_pair} b images (recorded as b_aspect_outside_tolerance)")
                     for b_path in bs:
                         triplets.append(Triplet(
                             task, f"{a_prime.stem}__{b_path.stem}", ImageRef(a_path), ImageRef(a_prime),

@@ -72,8 +72,8 @@ def check_run_settings(out: Path, settings: dict) -> None:
             raise EvalInputError(f"{path} is not valid JSON ({exc})") from exc
         diff = {k: (old.get(k), settings.get(k)) for k in RESUME_KEYS if old.get(k) != settings.get(k)}
         if diff:
-            raise EvalInputError(f"{out} holds a run with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
-                                 "use another --out folder")
+            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise EvalInputError(f"{out} holds a run with other settings ({changes}); use another --out folder")
     atomic_write_text(path, json.dumps(settings, indent=2))
 
 

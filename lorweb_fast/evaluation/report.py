@@ -51,7 +51,8 @@ def aggregate(per_triplet: Sequence[dict], failures: Sequence[dict], baselines: 
         per_task[task] = entry
     overall = {m: _mean(t[m] for t in per_task.values()) for m in SCALAR_METRICS}
     overall.update(tasks=len(per_task), triplets=len(per_triplet), failures=len(failures),
-                   failures_by_kind={k: sum(f["kind"] == k for f in failures) for k in sorted({f["kind"] for f in failures})})
+                   failures_by_kind={k: sum(f["kind"] == k for f in failures)
+                                     for k in sorted({f["kind"] for f in failures})})
     if baselines:
         overall["pairwise"] = {}
         for base in baselines:
@@ -75,7 +76,8 @@ def _fmt(v, digits=2, pct=False) -> str:
 def summary_markdown(report: dict, settings: dict) -> str:
     """The paper's table: Pres. (VLM), Acc. (VLM), LPIPS, CLIP Dir., pairwise win rates (%) per baseline."""
     baselines = list(settings.get("against") or {})
-    head = ["Model", "Pres. (VLM)", "Acc. (VLM)", "LPIPS", "CLIP Dir."] + [f"Pairwise VLM (%) vs {b}" for b in baselines]
+    head = ["Model", "Pres. (VLM)", "Acc. (VLM)", "LPIPS", "CLIP Dir."]
+    head += [f"Pairwise VLM (%) vs {b}" for b in baselines]
     lines = ["# Evaluation summary", "",
              "Means per task, then over tasks (the paper's protocol). Pres. (VLM) = consistency, Acc. (VLM) = "
              "editing accuracy (1-10, Gemma-3 judge); LPIPS between b and b' (lower = better preservation); CLIP "
@@ -90,18 +92,19 @@ def summary_markdown(report: dict, settings: dict) -> str:
     for name, rep in report.items():
         o = rep["overall"]
         by_kind = ", ".join(f"{k}: {v}" for k, v in o["failures_by_kind"].items())
-        lines.append(f"| {name} | {o['tasks']} | {o['triplets']} | {o['failures']}" + (f" ({by_kind})" if by_kind else "")
-                     + " |")
+        count = f"{o['failures']}" + (f" ({by_kind})" if by_kind else "")
+        lines.append(f"| {name} | {o['tasks']} | {o['triplets']} | {count} |")
     if baselines:
         lines += ["", "Pairwise details (win rate over tasks; when this method's b' was shown as B'1 / as B'2; "
                       "balanced = mean of the two):", "",
-                  "| Model | Baseline | win rate | as B'1 | as B'2 | balanced | n | failures |", "|---|---|---|---|---|---|---|---|"]
+                  "| Model | Baseline | win rate | as B'1 | as B'2 | balanced | n | failures |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, rep in report.items():
             for b in baselines:
                 p = rep["overall"]["pairwise"][b]
-                lines.append(f"| {name} | {b} | {_fmt(p['win_rate'], pct=True)} | {_fmt(p['win_rate_as_b1'], pct=True)}"
-                             f" | {_fmt(p['win_rate_as_b2'], pct=True)} | {_fmt(p['order_balanced_win_rate'], pct=True)}"
-                             f" | {p['n']} | {p['failures']} |")
+                rates = " | ".join(_fmt(p[k], pct=True) for k in ("win_rate", "win_rate_as_b1", "win_rate_as_b2",
+                                                                   "order_balanced_win_rate"))
+                lines.append(f"| {name} | {b} | {rates} | {p['n']} | {p['failures']} |")
     lines += ["", f"Settings: `{json.dumps(settings)}`", ""]
     return "\n".join(lines)
 

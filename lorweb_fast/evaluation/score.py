@@ -2,8 +2,9 @@
 
 Per runs folder and triplet: ``clip_dir``, ``lpips``, the VLM score (``vlm_accuracy``, ``vlm_consistency``) and, per
 baseline runs folder (``against``), the 2AFC answer. CLIP and LPIPS values are cached in
-``REPORT/cache/<run>/metrics.jsonl`` (keyed by the metric's settings and the image files' sizes and times), judge answers
-in ``REPORT/judge/`` (per item and prompt, keyed by the image files too): a killed run resumes without recomputing finished items.
+``REPORT/cache/<run>/metrics.jsonl`` (keyed by the metric's settings and the image files' sizes and times), judge
+answers in ``REPORT/judge/`` (per item and prompt, keyed by the image files too): a killed run resumes without
+recomputing finished items.
 
 Pairwise order: for each item, whether this run's b' is shown as B'1 or B'2 is drawn from a generator seeded with
 (``pairwise_seed``, run, baseline, item id), so it is reproducible, independent of which items are scored, and
@@ -54,6 +55,10 @@ class MetricCache:
             f.flush()
 
 
+def _sig(settings: str, *files) -> str:
+    return hashlib.sha256((settings + file_signature(*files)).encode()).hexdigest()[:16]
+
+
 def pairwise_order(seed: int, run: str, against: str, item_id: str) -> list:
     """["run", "against"] or ["against", "run"]: which b' is B'1 and which is B'2."""
     digest = hashlib.sha256(f"{seed}:{run}:{against}:{item_id}".encode()).digest()
@@ -80,7 +85,7 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
         sig_base = f"clip:{clip.name}"
         todo = []
         for it in items:
-            sig = hashlib.sha256((sig_base + file_signature(it.a, it.a_prime, it.b, it.b_prime)).encode()).hexdigest()[:16]
+            sig = _sig(sig_base, it.a, it.a_prime, it.b, it.b_prime)
             value = cache.get(it.key, "clip_dir", sig)
             if value is None:
                 todo.append((it, sig))
@@ -96,7 +101,7 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
     if "lpips" in metrics:
         sig_base = f"lpips:{lpips.net}:{lpips.weights}"
         for it in tqdm(items, desc=f"{name}: lpips", disable=not progress):
-            sig = hashlib.sha256((sig_base + file_signature(it.b, it.b_prime)).encode()).hexdigest()[:16]
+            sig = _sig(sig_base, it.b, it.b_prime)
             value = cache.get(it.key, "lpips", sig)
             if value is None:
                 value = lpips(*_images(it, ("b", "b_prime")))
@@ -181,7 +186,8 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
         results[name] = score_run(name, items[name], out, metrics=metrics, clip=clip, lpips=lpips, judge=judge,
                                   baselines=base_items if "vlm" in metrics else None, pairwise_seed=pairwise_seed,
                                   batch_size=batch_size, progress=progress)
-    settings = {"runs": {k: str(v) for k, v in runs.items()}, "against": {k: str(v) for k, v in (against or {}).items()},
+    settings = {"runs": {k: str(v) for k, v in runs.items()},
+                "against": {k: str(v) for k, v in (against or {}).items()},
                 "metrics": list(metrics), "encoder": clip.name if clip else None,
                 "lpips": {"net": lpips.net, "weights": lpips.weights} if lpips else None,
                 "judge": judge.name if judge is not None else None, "pairwise_seed": pairwise_seed}
