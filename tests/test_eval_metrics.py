@@ -28,6 +28,9 @@ def pictures(n, seed=0, size=(40, 30)):
 
 
 def test_clip_uses_the_slow_processor_with_the_model_size(clip_dir):
+    """As the official query: inference.py ``main()`` builds ``CLIPImageProcessor.from_pretrained(...,
+    size=image_encoder.config.image_size, crop_size=image_encoder.config.image_size)`` (the slow processor class) and
+    extensions_built_in/flux_kontext.py ``encode_image`` feeds its ``pixel_values`` to the encoder."""
     from transformers import CLIPImageProcessor
 
     metric = M.ClipDirectional(clip_dir)
