@@ -132,3 +132,8 @@ def test_generate_bad_input_exits_2(assets, tmp_path, capsys):
     args = gen_args(assets, tmp_path / "runs2", "--batch-size", "0")
     assert cli.main(args) == 2
     assert "batch size must be >= 1" in capsys.readouterr().err
+    args = gen_args(assets, tmp_path / "runs3")
+    args[args.index("--weights") + 1] = str(tmp_path / "missing.safetensors")
+    assert cli.main(args) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "runs3").exists()  # a failed call writes nothing

@@ -62,8 +62,9 @@ def output_id(triplet: Triplet, seed: int, seeds: Sequence[int]) -> str:
     return triplet.id if len(seeds) == 1 else f"{triplet.id}_seed{seed}"
 
 
-def check_run_settings(out: Path, settings: dict) -> None:
-    """Write ``out/run.json``, or check that a resumed run uses the same settings (raises ``EvalInputError``)."""
+def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None:
+    """Check that a resumed run (``out/run.json`` exists) uses the same settings (raises ``EvalInputError``), then
+    write ``out/run.json`` when ``write``."""
     path = out / "run.json"
     if path.is_file():
         try:
@@ -74,7 +75,8 @@ def check_run_settings(out: Path, settings: dict) -> None:
         if diff:
             changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise EvalInputError(f"{out} holds a run with other settings ({changes}); use another --out folder")
-    atomic_write_text(path, json.dumps(settings, indent=2))
+    if write:
+        atomic_write_text(path, json.dumps(settings, indent=2))
 
 
 def _batches(jobs: list, batch_size: int) -> list:
@@ -178,11 +180,12 @@ def run_generate(args) -> dict:
                 "pipe_kwargs": pipe_kwargs, "evalset": str(args.evalset), "format": args.format,
                 "pair_seed": args.pair_seed, "dtype": args.dtype, "batch_size": args.batch_size,
                 "triplets": len(triplets)}
-    check_run_settings(out, settings)
+    check_run_settings(out, settings, write=False)  # before loading any model
     device = _device(args.device)
     kwargs = {} if args.long_edge is None else {"long_edge": args.long_edge}
     pipe = LoRWeBKontextPipeline.from_pretrained(args.model, args.weights, encoder=args.encoder,
                                                  dtype=DTYPES[args.dtype], device=device, **kwargs)
+    check_run_settings(out, settings)  # nothing is written when the models fail to load
     result = generate(pipe, triplets, out, seeds=args.seeds, batch_size=args.batch_size,
                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale, device=device,
                       input_long_edge=args.input_long_edge, progress=not args.quiet, pipe_kwargs=pipe_kwargs)
