@@ -46,6 +46,7 @@ def pixels(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
+@pytest.mark.slow
 def test_generate_batched_matches_one_by_one_and_resumes(assets, tmp_path, capsys):
     out = tmp_path / "runs"
     assert cli.main(gen_args(assets, out, "--batch-size", "2")) == 0
