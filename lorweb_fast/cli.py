@@ -4,6 +4,7 @@
                       [--encoder ID_OR_DIR] [--out b_prime.png]
     lorweb-fast train --data DIR --out DIR [--model ID_OR_DIR] [--steps N] [--resume] ...
     lorweb-fast demo --out DIR
+    lorweb-fast eval generate --evalset DIR --weights W --out RUNS   /   lorweb-fast eval score --runs RUNS --out REPORT
 
 Bad inputs (missing images, files that are not images, weights that do not match the model, an empty data folder)
 end with a one-line error naming the problem and exit status 2.
@@ -201,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)
+
+    from .evaluation.cli import add_eval_subparser
+
+    add_eval_subparser(sub)  # eval generate / eval score (dispatch: evaluation.cli.run_eval)
     return parser
 
 

@@ -1,0 +1,130 @@
+"""``lorweb-fast eval generate`` and ``lorweb-fast eval score``.
+
+    lorweb-fast eval generate --evalset DIR --weights W [--model ID_OR_DIR] --out RUNS [--batch-size 4] [--seeds 50]
+    lorweb-fast eval score --runs RUNS [RUNS2 ...] [--against BASELINE_RUNS ...] [--encoder ID_OR_DIR]
+                           [--lpips-net alex] [--lpips-weights PATH] [--judge none|gemma3:ID_OR_DIR|replay:FILE]
+                           [--metrics clip_dir,lpips,vlm] --out REPORT
+
+A runs folder is given as PATH (named after its folder) or NAME=PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _named_path(text: str) -> tuple:
+    name, sep, path = text.partition("=")
+    if not sep:
+        path = text
+        name = Path(text.rstrip("/")).name or text
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected PATH or NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _metric_list(text: str) -> list:
+    from .score import METRICS
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"metrics must be a comma-separated subset of {','.join(METRICS)}, "
+                                         f"got {text!r}")
+    return names
+
+
+def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
+    """Register ``eval`` (with ``generate`` and ``score``) on the main parser's subparsers."""
+    from ..cli import DEFAULT_MODEL, DTYPES, _key_value
+    from .evalsets import EVALSET_FORMATS
+    from .metrics import DEFAULT_CLIP, LPIPS_NETS
+
+    ev = subparsers.add_parser("eval", help="the paper's evaluation protocol: generate over an eval set, then score")
+    sub = ev.add_subparsers(dest="eval_command", required=True)
+
+    g = sub.add_parser("generate", help="b' for every triplet of an evaluation set (batched, resumable)")
+    g.add_argument("--evalset", required=True, help="evaluation set folder")
+    g.add_argument("--format", choices=EVALSET_FORMATS, default="auto",
+                   help="evaluation-set layout (default: detected)")
+    g.add_argument("--weights", required=True, help="LoRWeB checkpoint (official safetensors format)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="FLUX.1-Kontext hub id or local directory")
+    g.add_argument("--encoder", default=None, help="analogy encoder (default: the checkpoint's metadata, else CLIP)")
+    g.add_argument("--out", required=True, help="runs folder: RUNS/<task>/<id>/{a,a_prime,b,b_prime}.png")
+    g.add_argument("--batch-size", type=int, default=4, help="analogies per pipeline call")
+    g.add_argument("--seeds", type=int, nargs="+", default=[50],
+                   help="generation seeds (official: 50); several seeds give <id>_seed<s> folders")
+    g.add_argument("--steps", type=int, default=28, help="denoising steps")
+    g.add_argument("--guidance-scale", type=float, default=2.5)
+    g.add_argument("--long-edge", type=int, default=None, help="control-grid long-edge cap (default: the pipeline's)")
+    g.add_argument("--input-long-edge", type=int, default=1024,
+                   help="long-edge cap of the a, a', b copies saved in the runs folder (0: keep)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    g.add_argument("--pair-seed", type=int, default=0, help="seed of the b choices (released set, Relation252k)")
+    g.add_argument("--b-per-pair", type=int, default=2, help="b images per (a, a') in the released set (paper: 2)")
+    g.add_argument("--pairs", default=None, help="released set: JSON/JSONL of {a_prime, b} paths fixing the b choices")
+    g.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
+    g.add_argument("--max-per-task", type=int, default=None, help="at most this many triplets per task")
+    g.add_argument("--pipe-arg", dest="pipe_kwargs", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="extra pipeline argument (repeatable)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("score", help="CLIP Dir., LPIPS and the VLM judge over runs folders; metrics.json, summary.md")
+    s.add_argument("--runs", type=_named_path, nargs="+", required=True, metavar="[NAME=]RUNS",
+                   help="runs folders to score (methods or checkpoints, compared side by side)")
+    s.add_argument("--against", type=_named_path, nargs="+", default=[], metavar="[NAME=]RUNS",
+                   help="baseline runs folders for the pairwise 2AFC")
+    s.add_argument("--out", required=True, help="report folder")
+    s.add_argument("--metrics", type=_metric_list, default=None,
+                   help="comma-separated subset of clip_dir,lpips,vlm (default: clip_dir,lpips, plus vlm with a judge)")
+    s.add_argument("--encoder", default=DEFAULT_CLIP, help="CLIP checkpoint for clip_dir (hub id or directory)")
+    s.add_argument("--lpips-net", choices=LPIPS_NETS, default="alex")
+    s.add_argument("--lpips-weights", default=None,
+                   help="backbone ImageNet weights file (default: torchvision's cache, TORCH_HOME/hub/checkpoints)")
+    s.add_argument("--judge", default="none", help="none, gemma3:ID_OR_DIR or replay:FILE")
+    s.add_argument("--judge-max-new-tokens", type=int, default=1024)
+    s.add_argument("--judge-dtype", choices=sorted(DTYPES), default="bf16")
+    s.add_argument("--pairwise-seed", type=int, default=0, help="seed of the B'1/B'2 order (recorded)")
+    s.add_argument("--batch-size", type=int, default=8, help="triplets per CLIP batch")
+    s.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=run_eval)
+    return ev
+
+
+def run_score(args) -> dict:
+    from ..cli import DTYPES, _device
+    from .evalsets import EvalInputError, read_runs
+    from .judge import make_judge
+    from .score import score
+
+    runs, against = dict(args.runs), dict(args.against)
+    if len(runs) != len(args.runs) or len(against) != len(args.against):
+        raise EvalInputError("runs folders need distinct names: use NAME=PATH")
+    clash = set(runs) & set(against)
+    if clash:
+        raise EvalInputError(f"names used both in --runs and --against: {sorted(clash)} (use NAME=PATH)")
+    metrics = args.metrics or (["clip_dir", "lpips"] + (["vlm"] if args.judge not in ("", "none") else []))
+    device = _device(args.device)
+    for path in {**runs, **against}.values():  # bad folders fail before any model loads
+        read_runs(path)
+    judge = make_judge(args.judge, device=device, dtype=DTYPES[args.judge_dtype],
+                       max_new_tokens=args.judge_max_new_tokens) if "vlm" in metrics else None
+    result = score(runs, args.out, metrics=metrics, encoder=args.encoder, lpips_net=args.lpips_net,
+                   lpips_weights=args.lpips_weights, judge=judge, against=against, pairwise_seed=args.pairwise_seed,
+                   batch_size=args.batch_size, device=device, progress=not args.quiet)
+    print(f"eval score: wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'summary.md'} "
+          f"({result['overall']['failures']} failures)")
+    return result
+
+
+def run_eval(args):
+    """Dispatch ``eval generate`` / ``eval score``."""
+    if args.eval_command == "generate":
+        from .generate import run_generate
+
+        args.pipe_kwargs = dict(args.pipe_kwargs or [])
+        return run_generate(args)
+    return run_score(args)

@@ -1,0 +1,433 @@
+"""Evaluation-set and runs-folder readers.
+
+Every reader returns a list of ``Triplet`` (task, id, a, a', b, prompt), sorted by (task, id). Images are
+``ImageRef``: a file, optionally a crop of it (Relation252k's side-by-side pairs, b cropped to a's aspect ratio), read
+only when needed.
+
+Layouts:
+
+- ``folder``: ``EVALSET/<task>/<id>/{a,a_prime,b}.<ext>`` and ``prompt.txt`` (ext: png, jpg, jpeg, webp, bmp).
+- ``lorweb``: the released LoRWeB evaluation set (hilamanor/LoRWeB_evalset, as its README describes it):
+  ``original/unsplash_<category>/<stem>.jpg`` (the Unsplash photos) and
+  ``decoded_random_inference_set/<db>/<category>/<Prompt_With_Underscores>/<a-stem>_<k>.png`` (a' images, a being
+  ``original/unsplash_<category>/<a-stem>.*``). The prompt is the folder name with underscores as spaces. The paper
+  (section 4, appendix A.2) picks, for each (a, a'), ``b_per_pair`` = 2 random photos b of the same category whose
+  aspect ratio is within 0.15 of a's, and crops them to a's aspect ratio; the released set does not list those
+  choices, so the reader makes them with a recorded seed, or takes them from a pairs file (JSON list or JSONL of
+  ``{"a_prime": <path under the root>, "b": <path under the root>}``).
+- ``relation252k``: Relation252k's unseen tasks: ``<task>/Group1/labels.json`` (entries with ``img_name`` and
+  ``edit_instruction``) and ``<task>/Group1/<img_name>``, each image a side-by-side pair (left: original, right:
+  edited). Each pair (a, a') gets a b (the left half of another pair of the same task) chosen with a recorded seed.
+
+Runs folders: ``RUNS/<task>/<id>/{a,a_prime,b,b_prime}.<ext>`` and ``prompt.txt`` (any method's outputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+EVALSET_FORMATS = ("auto", "folder", "lorweb", "relation252k")
+#: The paper's aspect-ratio tolerance when choosing b for an (a, a') pair (appendix A.2).
+ASPECT_TOLERANCE = 0.15
+
+
+class EvalInputError(ValueError):
+    """Bad evaluation input: a missing or unreadable file, an empty task, an inconsistent folder."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image file, optionally cropped: ``box`` (left, upper, right, lower) in fractions of the size, then a centre
+    crop to the aspect ratio ``aspect`` (width / height)."""
+
+    path: Path
+    box: Optional[tuple] = None
+    aspect: Optional[float] = None
+
+    def load(self):
+        """The RGB PIL image; a missing or unreadable file raises ``EvalInputError`` naming it."""
+        img = load_rgb(self.path)
+        if self.box is not None:
+            w, h = img.size
+            l, u, r, d = self.box
+            img = img.crop((round(l * w), round(u * h), round(r * w), round(d * h)))
+        if self.aspect is not None:
+            img = center_crop_to_aspect(img, self.aspect)
+        return img
+
+    def describe(self) -> dict:
+        out = {"path": str(self.path)}
+        if self.box is not None:
+            out["box"] = list(self.box)
+        if self.aspect is not None:
+            out["crop_to_aspect"] = self.aspect
+        return out
+
+
+@dataclass
+class Triplet:
+    """One analogy a : a' :: b : ? of task ``task``; ``key`` = "<task>/<id>"."""
+
+    task: str
+    id: str
+    a: ImageRef
+    a_prime: ImageRef
+    b: ImageRef
+    prompt: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.id}"
+
+    def describe(self) -> dict:
+        return {"id": self.key, "task": self.task, "prompt": self.prompt, "a": self.a.describe(),
+                "a_prime": self.a_prime.describe(), "b": self.b.describe(), **self.extra}
+
+
+# ------------------------------------------------------------------------------------------------------ images
+def load_rgb(path: Union[str, Path]):
+    """An RGB PIL image (fully read); ``EvalInputError`` naming the file when it is missing or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise EvalInputError(f"{path} is not a readable image ({exc})") from exc
+
+
+def file_signature(*paths) -> str:
+    """A short hash of the files' names, sizes and modification times (cache keys: a replaced file is a new one)."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = Path(p).stat()
+        h.update(f"{Path(p).name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def image_size(path: Path) -> tuple:
+    """(width, height) from the file header."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise EvalInputError(f"{path} is not a readable image ({exc})") from exc
+
+
+def center_crop_to_aspect(img, aspect: float):
+    """The largest centred crop of ``img`` with width / height = ``aspect``."""
+    w, h = img.size
+    if w / h > aspect:  # too wide
+        new_w = max(1, round(h * aspect))
+        left = (w - new_w) // 2
+        return img.crop((left, 0, left + new_w, h))
+    new_h = max(1, round(w / aspect))
+    top = (h - new_h) // 2
+    return img.crop((0, top, w, top + new_h))
+
+
+def find_image(directory: Path, stem: str) -> Optional[Path]:
+    """``directory/<stem>.<ext>`` for the first known image extension that exists (case-insensitive ext)."""
+    if not directory.is_dir():
+        return None
+    for ext in IMAGE_EXTENSIONS:
+        for cand in (directory / f"{stem}{ext}", directory / f"{stem}{ext.upper()}"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def _require_image(directory: Path, stem: str) -> Path:
+    path = find_image(directory, stem)
+    if path is None:
+        raise EvalInputError(f"missing image {directory / stem}.<{'|'.join(e[1:] for e in IMAGE_EXTENSIONS)}>")
+    return path
+
+
+def _subdirs(path: Path) -> list:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _seeded_rng(seed: int, *parts: str) -> random.Random:
+    digest = hashlib.sha256(":".join([str(seed), *parts]).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def _check_nonempty(triplets: list, root: Path, what: str) -> list:
+    if not triplets:
+        raise EvalInputError(f"no analogy triplets found in {root} ({what})")
+    return sorted(triplets, key=lambda t: (t.task, t.id))
+
+
+# --------------------------------------------------------------------------------------------- folder layout
+def read_folder_evalset(root: Union[str, Path]) -> list:
+    """``EVALSET/<task>/<id>/{a,a_prime,b}.<ext>`` + ``prompt.txt``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EvalInputError(f"evaluation set folder not found: {root}")
+    triplets = []
+    for task_dir in _subdirs(root):
+        items = _subdirs(task_dir)
+        if not items:
+            raise EvalInputError(f"task {task_dir.name!r} has no triplets: {task_dir} holds no <id>/ folders")
+        for item in items:
+            prompt_file = item / "prompt.txt"
+            if not prompt_file.is_file():
+                raise EvalInputError(f"missing prompt file {prompt_file}")
+            triplets.append(Triplet(task_dir.name, item.name, *(ImageRef(_require_image(item, s))
+                                                                  for s in ("a", "a_prime", "b")),
+                                    prompt=prompt_file.read_text().strip()))
+    return _check_nonempty(triplets, root, "folder layout <task>/<id>/{a,a_prime,b}.<ext> + prompt.txt")
+
+
+# ----------------------------------------------------------------------------------- released LoRWeB eval set
+def _lorweb_root(root: Path) -> Path:
+    for cand in (root, root / "data"):
+        if (cand / "original").is_dir() and (cand / "decoded_random_inference_set").is_dir():
+            return cand
+    raise EvalInputError(f"{root} is not the released LoRWeB evaluation set: expected original/ and "
+                         "decoded_random_inference_set/ in it (or in its data/ folder)")
+
+
+def _read_pairs_file(path: Path) -> dict:
+    """{a_prime relative path: [b relative paths]} from a JSON list or JSONL of {"a_prime", "b"}."""
+    if not path.is_file():
+        raise EvalInputError(f"pairs file not found: {path}")
+    text = path.read_text()
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise EvalInputError(f"{path} is not a JSON list or JSONL file ({exc})") from exc
+    pairs: dict = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not {"a_prime", "b"} <= set(row):
+            raise EvalInputError(f"{path}: entry {i} must be an object with 'a_prime' and 'b', got {row!r}")
+        pairs.setdefault(str(Path(row["a_prime"])), []).append(str(Path(row["b"])))
+    return pairs
+
+
+def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: int = 0,
+                        pairs_file: Union[str, Path, None] = None,
+                        aspect_tolerance: float = ASPECT_TOLERANCE) -> list:
+    """The released LoRWeB evaluation set (see the module docstring). Task = "<category>__<Prompt_With_Underscores>"
+    (prefixed with "<db>__" for a db folder other than db_not_in_trainset), id = "<a'-stem>__<b-stem>"."""
+    base = _lorweb_root(Path(root))
+    if b_per_pair < 1:
+        raise EvalInputError(f"b_per_pair must be >= 1, got {b_per_pair}")
+    pairs = _read_pairs_file(Path(pairs_file)) if pairs_file else None
+    originals: dict = {}
+    for cat_dir in _subdirs(base / "original"):
+        category = cat_dir.name[len("unsplash_"):] if cat_dir.name.startswith("unsplash_") else cat_dir.name
+        originals[category] = {p.stem: p for p in sorted(cat_dir.iterdir())
+                               if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    sizes: dict = {}
+
+    def aspect(path: Path) -> float:
+        if path not in sizes:
+            sizes[path] = image_size(path)
+        w, h = sizes[path]
+        return w / h
+
+    triplets = []
+    decoded = base / "decoded_random_inference_set"
+    for db_dir in _subdirs(decoded):
+        for cat_dir in _subdirs(db_dir):
+            category = cat_dir.name
+            if category not in originals:
+                raise EvalInputError(f"{cat_dir}: no matching originals folder "
+                                     f"{base / 'original' / ('unsplash_' + category)}")
+            for prompt_dir in _subdirs(cat_dir):
+                task = prompt_dir.name if db_dir.name == "db_not_in_trainset" else f"{db_dir.name}__{prompt_dir.name}"
+                task = f"{category}__{task}"
+                files = sorted(p for p in prompt_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+                if not files:
+                    raise EvalInputError(f"task {task!r} has no triplets: no a' images in {prompt_dir}")
+                for a_prime in files:
+                    m = re.fullmatch(r"(.+)_(\d+)", a_prime.stem)
+                    if m is None:
+                        raise EvalInputError(f"{a_prime}: expected a file named <a-stem>_<k>.<ext>")
+                    a_path = originals[category].get(m.group(1))
+                    if a_path is None:
+                        expected = base / "original" / f"unsplash_{category}" / m.group(1)
+                        raise EvalInputError(f"{a_prime}: its source image {expected}.<ext> is missing")
+                    a_aspect = aspect(a_path)
+                    rel = str(a_prime.relative_to(base))
+                    note = {}
+                    if pairs is not None:
+                        if rel not in pairs:
+                            raise EvalInputError(f"pairs file {pairs_file} has no b for {rel}")
+                        bs = []
+                        for b_rel in pairs[rel]:
+                            b_path = base / b_rel
+                            if not b_path.is_file():
+                                raise EvalInputError(f"pairs file {pairs_file}: b image not found: {b_path}")
+                            bs.append(b_path)
+                    else:
+                        cands = [p for stem, p in originals[category].items() if stem != m.group(1)]
+                        close = [p for p in cands if abs(aspect(p) - a_aspect) <= aspect_tolerance]
+                        rng = _seeded_rng(seed, rel)
+                        if len(close) >= b_per_pair:
+                            bs = rng.sample(close, b_per_pair)
+                        else:
+                            if len(cands) < b_per_pair:
+                                raise EvalInputError(f"category {category!r} has {len(cands)} other photos in "
+                                                     f"{base / 'original'}; {b_per_pair} b images are needed for {rel}")
+                            far = sorted(set(cands) - set(close), key=lambda p: (abs(aspect(p) - a_aspect), p.name))
+                            bs = close + far[:b_per_pair - len(close)]
+                            note = {"b_aspect_outside_tolerance": True}
+                            warnings.warn(f"{rel}: only {len(close)} photos of {category!r} have an aspect ratio "
+                                          f"within {aspect_tolerance} of a's; the closest others complete the "
+                                          f"{b_per_pair} b images (recorded as b_aspect_outside_tolerance)")
+                    for b_path in bs:
+                        triplets.append(Triplet(
+                            task, f"{a_prime.stem}__{b_path.stem}", ImageRef(a_path), ImageRef(a_prime),
+                            ImageRef(b_path, aspect=round(a_aspect, 6)), prompt=prompt_dir.name.replace("_", " "),
+                            extra={"category": category, **note}))
+    return _check_nonempty(triplets, base, "released LoRWeB layout")
+
+
+# ---------------------------------------------------------------------------------------------- Relation252k
+def read_relation252k(root: Union[str, Path], *, seed: int = 0, tasks: Optional[Sequence[str]] = None) -> list:
+    """Relation252k tasks (e.g. its released unseen tasks): every pair (a, a') with a b from another pair of the same
+    task, chosen with ``seed``. Task = the category folder name, id = "<a-image-stem>__<b-image-stem>"."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EvalInputError(f"Relation252k folder not found: {root}")
+    cats = [d for d in _subdirs(root) if (d / "Group1" / "labels.json").is_file()]
+    if tasks:
+        names = {d.name for d in cats}
+        missing = [t for t in tasks if t not in names]
+        if missing:
+            raise EvalInputError(f"tasks not found in {root}: {missing}")
+        cats = [d for d in cats if d.name in set(tasks)]
+    left, right = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
+    triplets = []
+    for cat in cats:
+        labels_path = cat / "Group1" / "labels.json"
+        try:
+            labels = json.loads(labels_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise EvalInputError(f"{labels_path} is not valid JSON ({exc})") from exc
+        entries = []
+        for i, e in enumerate(labels):
+            if not isinstance(e, dict) or "img_name" not in e or "edit_instruction" not in e:
+                raise EvalInputError(f"{labels_path}: entry {i} needs 'img_name' and 'edit_instruction'")
+            path = cat / "Group1" / e["img_name"]
+            if not path.is_file():
+                raise EvalInputError(f"{labels_path}: image not found: {path}")
+            entries.append((path, e["edit_instruction"]))
+        if len(entries) < 2:
+            raise EvalInputError(f"task {cat.name!r} has {len(entries)} pairs in {labels_path}; an analogy needs 2")
+        for path, instruction in entries:
+            others = [p for p, _ in entries if p != path]
+            b_path = _seeded_rng(seed, cat.name, path.name).choice(others)
+            triplets.append(Triplet(cat.name, f"{path.stem}__{b_path.stem}", ImageRef(path, box=left),
+                                    ImageRef(path, box=right), ImageRef(b_path, box=left), prompt=instruction))
+    return _check_nonempty(triplets, root, "Relation252k layout <task>/Group1/labels.json")
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+def detect_format(root: Union[str, Path]) -> str:
+    root = Path(root)
+    if not root.is_dir():
+        raise EvalInputError(f"evaluation set folder not found: {root}")
+    try:
+        _lorweb_root(root)
+        return "lorweb"
+    except EvalInputError:
+        pass
+    if any((d / "Group1" / "labels.json").is_file() for d in _subdirs(root)):
+        return "relation252k"
+    return "folder"
+
+
+def read_evalset(root: Union[str, Path], fmt: str = "auto", *, seed: int = 0, b_per_pair: int = 2,
+                 pairs_file=None, tasks: Optional[Sequence[str]] = None, max_per_task: Optional[int] = None) -> list:
+    """Triplets of an evaluation set in any supported layout (``fmt`` in EVALSET_FORMATS), optionally restricted to
+    ``tasks`` and to the first ``max_per_task`` triplets of each task."""
+    if fmt not in EVALSET_FORMATS:
+        raise EvalInputError(f"unknown evaluation-set format {fmt!r}; choose from {EVALSET_FORMATS}")
+    if fmt == "auto":
+        fmt = detect_format(root)
+    if fmt == "folder":
+        triplets = read_folder_evalset(root)
+    elif fmt == "lorweb":
+        triplets = read_lorweb_evalset(root, b_per_pair=b_per_pair, seed=seed, pairs_file=pairs_file)
+    else:
+        triplets = read_relation252k(root, seed=seed, tasks=tasks)
+    if tasks:
+        known = {t.task for t in triplets}
+        missing = [t for t in tasks if t not in known]
+        if missing:
+            raise EvalInputError(f"tasks not found in {root}: {missing}")
+        triplets = [t for t in triplets if t.task in set(tasks)]
+    if max_per_task is not None:
+        counts: dict = {}
+        kept = []
+        for t in triplets:
+            counts[t.task] = counts.get(t.task, 0) + 1
+            if counts[t.task] <= max_per_task:
+                kept.append(t)
+        triplets = kept
+    return triplets
+
+
+# --------------------------------------------------------------------------------------------- runs folders
+@dataclass
+class RunItem:
+    """One finished triplet of a runs folder: the four image files and the prompt (may be empty)."""
+
+    task: str
+    id: str
+    a: Path
+    a_prime: Path
+    b: Path
+    b_prime: Path
+    prompt: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.id}"
+
+
+def read_runs(runs: Union[str, Path]) -> list:
+    """``RUNS/<task>/<id>/{a,a_prime,b,b_prime}.<ext>`` (+ optional ``prompt.txt``), sorted by (task, id). A missing
+    image, a task folder without triplets or an empty runs folder raise ``EvalInputError`` naming the path."""
+    root = Path(runs)
+    if not root.is_dir():
+        raise EvalInputError(f"runs folder not found: {root}")
+    items = []
+    for task_dir in _subdirs(root):
+        ids = _subdirs(task_dir)
+        if not ids:
+            raise EvalInputError(f"task {task_dir.name!r} has no triplets: {task_dir} holds no <id>/ folders")
+        for d in ids:
+            files = {}
+            for stem in ("a", "a_prime", "b", "b_prime"):
+                path = find_image(d, stem)
+                if path is None:
+                    hint = " (an unfinished generate run? run `eval generate` again to finish it)" \
+                        if stem == "b_prime" else ""
+                    raise EvalInputError(f"missing image {d / stem}.<{'|'.join(e[1:] for e in IMAGE_EXTENSIONS)}>"
+                                         f"{hint}")
+                files[stem] = path
+            prompt = (d / "prompt.txt").read_text().strip() if (d / "prompt.txt").is_file() else ""
+            items.append(RunItem(task_dir.name, d.name, prompt=prompt, **files))
+    if not items:
+        raise EvalInputError(f"no triplets in runs folder {root} (expected <task>/<id>/{{a,a_prime,b,b_prime}}.png)")
+    return sorted(items, key=lambda t: (t.task, t.id))

@@ -1,0 +1,148 @@
+"""Automatic metrics of the paper (section 4.2): CLIP directional similarity and LPIPS between b and b'.
+
+- ``clip_dir`` = cos(e(a') - e(a), e(b') - e(b)), e = the L2-normalised ``image_embeds`` of CLIP ViT-L/14
+  (``CLIPVisionModelWithProjection``) through the slow ``CLIPImageProcessor`` with the sizes the official query uses
+  (``size`` and ``crop_size`` = the model's image size: shortest side resized, centre crop). A zero direction (a' = a)
+  gives 0.
+- ``lpips`` = LPIPS(b, b') with the ``lpips`` package (v0.1, AlexNet by default), inputs in [-1, 1] at b''s size (b is
+  resized to b''s size, bicubic, when they differ). The backbone's ImageNet weights are read from torchvision's cache
+  (``$TORCH_HOME/hub/checkpoints/<file>``) or from ``weights``; nothing is downloaded. The linear calibration layers
+  ship inside the lpips package.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+
+from .evalsets import EvalInputError
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+LPIPS_NETS = ("alex", "vgg", "squeeze")
+
+
+# ------------------------------------------------------------------------------------------------------- CLIP
+class ClipDirectional:
+    """CLIP directional similarity. ``encoder``: hub id or local directory of a CLIP checkpoint."""
+
+    def __init__(self, encoder: Union[str, Path] = DEFAULT_CLIP, *, device=None, dtype=torch.float32):
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        self.name = str(encoder)
+        try:
+            model = CLIPVisionModelWithProjection.from_pretrained(encoder, dtype=dtype)
+            size = model.config.image_size
+            # the slow processor, as the official query (transformers picks the fast one when torchvision is there)
+            self.processor = CLIPImageProcessor.from_pretrained(encoder, size=size, crop_size=size)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EvalInputError(f"cannot load the CLIP encoder {self.name!r}: {exc}") from exc
+        self.model = model.eval().requires_grad_(False)
+        if device is not None:
+            self.model.to(device)
+
+    @torch.no_grad()
+    def embed(self, images: Sequence) -> torch.Tensor:
+        """(N, projection_dim) fp32 L2-normalised ``image_embeds`` of N PIL images."""
+        param = next(self.model.parameters())
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        emb = self.model(pixel_values=pixels.to(param.device, param.dtype)).image_embeds.float()
+        return torch.nn.functional.normalize(emb, dim=-1)
+
+    @staticmethod
+    def directional(e_a, e_a_prime, e_b, e_b_prime) -> torch.Tensor:
+        """cos(e_a' - e_a, e_b' - e_b) per row; 0 where a direction is zero."""
+        return torch.nn.functional.cosine_similarity(e_a_prime - e_a, e_b_prime - e_b, dim=-1, eps=1e-12)
+
+    def __call__(self, quads: Sequence[tuple]) -> list:
+        """clip_dir for each (a, a', b, b') of PIL images."""
+        if not quads:
+            return []
+        emb = self.embed([im for quad in quads for im in quad]).view(len(quads), 4, -1)
+        return self.directional(emb[:, 0], emb[:, 1], emb[:, 2], emb[:, 3]).tolist()
+
+
+# ------------------------------------------------------------------------------------------------------ LPIPS
+def _tv_weights(net: str):
+    from torchvision import models
+
+    return {"alex": models.AlexNet_Weights.IMAGENET1K_V1, "vgg": models.VGG16_Weights.IMAGENET1K_V1,
+            "squeeze": models.SqueezeNet1_1_Weights.IMAGENET1K_V1}[net]
+
+
+def lpips_backbone_file(net: str = "alex") -> Path:
+    """Where torchvision (and so the lpips package) looks for the backbone's ImageNet weights:
+    ``torch.hub.get_dir()/checkpoints/<file name of the torchvision weights URL>`` (follows ``$TORCH_HOME``)."""
+    if net not in LPIPS_NETS:
+        raise EvalInputError(f"unknown LPIPS network {net!r}; choose from {LPIPS_NETS}")
+    url = _tv_weights(net).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _tv_backbone(net: str):
+    from torchvision import models
+
+    return {"alex": models.alexnet, "vgg": models.vgg16, "squeeze": models.squeezenet1_1}[net](weights=None)
+
+
+class LPIPSDistance:
+    """LPIPS(b, b') through the lpips package with the backbone weights loaded from a local file."""
+
+    def __init__(self, net: str = "alex", *, weights: Union[str, Path, None] = None, device=None):
+        if net not in LPIPS_NETS:
+            raise EvalInputError(f"unknown LPIPS network {net!r}; choose from {LPIPS_NETS}")
+        try:
+            import lpips
+        except ImportError as exc:
+            raise EvalInputError("the LPIPS metric needs the lpips package (pip install lpips)") from exc
+        path = Path(weights) if weights else lpips_backbone_file(net)
+        if not path.is_file():
+            raise EvalInputError(
+                f"LPIPS backbone weights not found: {path}. Place torchvision's {net} ImageNet weights "
+                f"({_tv_weights(net).url.rsplit('/', 1)[-1]}, from {_tv_weights(net).url}) at "
+                f"{lpips_backbone_file(net)} (TORCH_HOME/hub/checkpoints), or pass --lpips-weights PATH")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            backbone = _tv_backbone(net)
+            backbone.load_state_dict(state)
+        except Exception as exc:  # a corrupt or wrong file
+            raise EvalInputError(f"cannot load LPIPS {net} backbone weights from {path}: {exc}") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's deprecation warning for pretrained=False
+            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        # lpips' slices keep torchvision's feature indices: slice<k>.<i>.<param> <- features.<i>.<param>
+        features = backbone.features.state_dict()
+        slices = {}
+        for name in model.net.state_dict():
+            _, idx, param = name.split(".", 2)
+            slices[name] = features[f"{idx}.{param}"]
+        model.net.load_state_dict(slices)
+        self.net, self.weights = net, str(path)
+        self.model = model.eval().requires_grad_(False)
+        if device is not None:
+            self.model.to(device)
+
+    @staticmethod
+    def to_tensor(image) -> torch.Tensor:
+        """(1, 3, H, W) float32 in [-1, 1] from an RGB PIL image."""
+        import numpy as np
+
+        arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+        return torch.from_numpy(arr).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+    @torch.no_grad()
+    def __call__(self, b, b_prime) -> float:
+        from PIL import Image
+
+        if b.size != b_prime.size:
+            b = b.resize(b_prime.size, Image.BICUBIC)
+        param = next(self.model.parameters())
+        x0, x1 = (self.to_tensor(im).to(param.device) for im in (b, b_prime))
+        try:
+            return float(self.model(x0, x1).flatten()[0])
+        except RuntimeError as exc:
+            if "too small" in str(exc):
+                raise EvalInputError(f"b' of size {b_prime.size} is too small for LPIPS {self.net}: {exc}") from exc
+            raise

@@ -1,0 +1,210 @@
+"""Aggregation as the paper (per task first, then over tasks), ``metrics.json``, ``summary.md`` and the plots.
+
+``metrics.json`` (for the first runs folder, the method under test):
+
+- ``per_triplet``: ``[{id, task, clip_dir, lpips, vlm_accuracy, vlm_consistency[, pairwise]}]`` (None where a metric
+  was not computed or failed; ``pairwise``: {baseline: {order, better, won}});
+- ``per_task``: ``{task: {clip_dir, lpips, vlm_accuracy, vlm_consistency, n, pairwise: {baseline: win rate}}}``;
+- ``overall``: the means over tasks of the per-task means, ``tasks``, ``triplets``, and per baseline the pairwise
+  win rates (``win_rate``: mean over tasks; ``win_rate_as_b1`` / ``win_rate_as_b2``: the same over the items where
+  this method's b' was shown first / second; ``order_balanced_win_rate``: the mean of those two, the number to report);
+- ``failures``: ``[{id, task, kind, error, response[, against]}]`` (unparseable or out-of-range judge answers,
+  missing baseline items), excluded from the means and counted in ``overall["failures"]``;
+- ``methods``: the same four keys for every runs folder scored in the call; ``settings``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+SCALAR_METRICS = ("clip_dir", "lpips", "vlm_accuracy", "vlm_consistency")
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else None
+
+
+def aggregate(per_triplet: Sequence[dict], failures: Sequence[dict], baselines: Sequence[str] = ()) -> dict:
+    """per_task / overall / failures from per-triplet rows (see the module docstring)."""
+    tasks: dict = {}
+    for row in per_triplet:
+        tasks.setdefault(row["task"], []).append(row)
+    per_task = {}
+    for task, rows in sorted(tasks.items()):
+        entry = {m: _mean(r[m] for r in rows) for m in SCALAR_METRICS}
+        entry["n"] = len(rows)
+        if baselines:
+            entry["pairwise"] = {}
+            for base in baselines:
+                won = [r.get("pairwise", {}).get(base, {}) for r in rows]
+                entry["pairwise"][base] = {
+                    "win_rate": _mean(float(w["won"]) for w in won if w.get("won") is not None),
+                    "win_rate_as_b1": _mean(float(w["won"]) for w in won
+                                            if w.get("won") is not None and w["order"][0] == "run"),
+                    "win_rate_as_b2": _mean(float(w["won"]) for w in won
+                                            if w.get("won") is not None and w["order"][0] == "against"),
+                    "n": sum(w.get("won") is not None for w in won)}
+        per_task[task] = entry
+    overall = {m: _mean(t[m] for t in per_task.values()) for m in SCALAR_METRICS}
+    overall.update(tasks=len(per_task), triplets=len(per_triplet), failures=len(failures),
+                   failures_by_kind={k: sum(f["kind"] == k for f in failures)
+                                     for k in sorted({f["kind"] for f in failures})})
+    if baselines:
+        overall["pairwise"] = {}
+        for base in baselines:
+            stats = [t["pairwise"][base] for t in per_task.values()]
+            b1, b2 = _mean(s["win_rate_as_b1"] for s in stats), _mean(s["win_rate_as_b2"] for s in stats)
+            overall["pairwise"][base] = {
+                "win_rate": _mean(s["win_rate"] for s in stats), "win_rate_as_b1": b1, "win_rate_as_b2": b2,
+                "order_balanced_win_rate": (b1 + b2) / 2 if b1 is not None and b2 is not None else None,
+                "n": sum(s["n"] for s in stats),
+                "failures": sum(f["kind"] == "pairwise" and f.get("against") == base for f in failures)}
+    return {"per_triplet": list(per_triplet), "per_task": per_task, "overall": overall, "failures": list(failures)}
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def _fmt(v, digits=2, pct=False) -> str:
+    if v is None:
+        return "N/A"
+    return f"{100 * v:.1f}" if pct else f"{v:.{digits}f}"
+
+
+def summary_markdown(report: dict, settings: dict) -> str:
+    """The paper's table: Pres. (VLM), Acc. (VLM), LPIPS, CLIP Dir., pairwise win rates (%) per baseline."""
+    baselines = list(settings.get("against") or {})
+    head = ["Model", "Pres. (VLM)", "Acc. (VLM)", "LPIPS", "CLIP Dir."]
+    head += [f"Pairwise VLM (%) vs {b}" for b in baselines]
+    lines = ["# Evaluation summary", "",
+             "Means per task, then over tasks (the paper's protocol). Pres. (VLM) = consistency, Acc. (VLM) = "
+             "editing accuracy (1-10, Gemma-3 judge); LPIPS between b and b' (lower = better preservation); CLIP "
+             "directional similarity. Pairwise: order-balanced 2AFC win rate of the row's b' against each baseline.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, rep in report.items():
+        o = rep["overall"]
+        cells = [name, _fmt(o["vlm_consistency"]), _fmt(o["vlm_accuracy"]), _fmt(o["lpips"]), _fmt(o["clip_dir"])]
+        cells += [_fmt(o.get("pairwise", {}).get(b, {}).get("order_balanced_win_rate"), pct=True) for b in baselines]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| Model | tasks | triplets | failures |", "|---|---|---|---|"]
+    for name, rep in report.items():
+        o = rep["overall"]
+        by_kind = ", ".join(f"{k}: {v}" for k, v in o["failures_by_kind"].items())
+        count = f"{o['failures']}" + (f" ({by_kind})" if by_kind else "")
+        lines.append(f"| {name} | {o['tasks']} | {o['triplets']} | {count} |")
+    if baselines:
+        lines += ["", "Pairwise details (win rate over tasks; when this method's b' was shown as B'1 / as B'2; "
+                      "balanced = mean of the two):", "",
+                  "| Model | Baseline | win rate | as B'1 | as B'2 | balanced | n | failures |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, rep in report.items():
+            for b in baselines:
+                p = rep["overall"]["pairwise"][b]
+                rates = " | ".join(_fmt(p[k], pct=True) for k in ("win_rate", "win_rate_as_b1", "win_rate_as_b2",
+                                                                   "order_balanced_win_rate"))
+                lines.append(f"| {name} | {b} | {rates} | {p['n']} | {p['failures']} |")
+    lines += ["", f"Settings: `{json.dumps(settings)}`", ""]
+    return "\n".join(lines)
+
+
+def pareto_front(points: Sequence[tuple]) -> list:
+    """Indices of the points (x, y) not dominated when both coordinates are to be maximised, sorted by x."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_preservation_vs_accuracy(report: dict, path: Path) -> Optional[Path]:
+    """The paper's Fig. 5: one point per method, Pres. (VLM) vs Acc. (VLM), with the Pareto front. Without VLM scores,
+    LPIPS (axis reversed: lower = better preservation) vs CLIP Dir. stand in. None when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report)
+    vlm = all(report[n]["overall"]["vlm_consistency"] is not None and report[n]["overall"]["vlm_accuracy"] is not None
+              for n in names)
+    if vlm:
+        xs = [report[n]["overall"]["vlm_consistency"] for n in names]
+        ys = [report[n]["overall"]["vlm_accuracy"] for n in names]
+        xlabel, ylabel, flip = "Preservation (VLM)", "Edit Accuracy (VLM)", 1
+    elif all(report[n]["overall"]["lpips"] is not None and report[n]["overall"]["clip_dir"] is not None for n in names):
+        xs = [report[n]["overall"]["lpips"] for n in names]
+        ys = [report[n]["overall"]["clip_dir"] for n in names]
+        xlabel, ylabel, flip = "LPIPS(b, b') (lower = better preservation)", "CLIP Dir.", -1
+    else:
+        return None
+    front = pareto_front([(flip * x, y) for x, y in zip(xs, ys)])
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(xs, ys, s=40, zorder=3)
+    for x, y, n in zip(xs, ys, names):
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="tab:red", label="Pareto front", zorder=2)
+    if flip < 0:
+        ax.invert_xaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title("Preservation vs. edit accuracy")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Optional[Path]:
+    """The paper's Fig. 6: order-balanced pairwise win rates (%) per baseline, one bar group per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not baselines:
+        return None
+    names = list(report)
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(baselines) + 2), 4))
+    x = np.arange(len(baselines))
+    for i, n in enumerate(names):
+        rates = [report[n]["overall"]["pairwise"][b]["order_balanced_win_rate"] for b in baselines]
+        vals = [100 * r if r is not None else 0.0 for r in rates]
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=n)
+        for bar, r in zip(bars, rates):
+            ax.annotate("N/A" if r is None else f"{100 * r:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.axhline(50, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"vs {b}" for b in baselines])
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("Pairwise VLM win rate (%)")
+    ax.set_title("2AFC win rates (order balanced)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict:
+    """metrics.json, summary.md, judge_answers.jsonl and the plots in ``out``; returns metrics.json's content."""
+    from .generate import atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(report))
+    metrics = {**report[first], "method": first, "methods": report, "settings": settings}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, ensure_ascii=False))
+    atomic_write_text(out / "summary.md", summary_markdown(report, settings))
+    answers = [json.dumps({"id": a["id"], "kind": a["kind"], "run": a["run"], "against": a["against"],
+                           "order": a["order"], "judge": a["judge"], "response": a["response"]}, ensure_ascii=False)
+               for res in results.values() for a in res["answers"] if a["response"] is not None]
+    if answers:
+        atomic_write_text(out / "judge_answers.jsonl", "\n".join(answers) + "\n")
+    plot_preservation_vs_accuracy(report, out / "preservation_vs_accuracy.png")
+    plot_win_rates(report, list(settings.get("against") or {}), out / "win_rates.png")
+    return metrics

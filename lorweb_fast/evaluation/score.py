@@ -1,0 +1,196 @@
+"""``eval score``: the paper's metrics over one or more runs folders, resumable.
+
+Per runs folder and triplet: ``clip_dir``, ``lpips``, the VLM score (``vlm_accuracy``, ``vlm_consistency``) and, per
+baseline runs folder (``against``), the 2AFC answer. CLIP and LPIPS values are cached in
+``REPORT/cache/<run>/metrics.jsonl`` (keyed by the metric's settings and the image files' sizes and times), judge
+answers in ``REPORT/judge/`` (per item and prompt, keyed by the image files too): a killed run resumes without
+recomputing finished items.
+
+Pairwise order: for each item, whether this run's b' is shown as B'1 or B'2 is drawn from a generator seeded with
+(``pairwise_seed``, run, baseline, item id), so it is reproducible, independent of which items are scored, and
+balanced in expectation; ``metrics.json`` records the seed and each item's order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .evalsets import EvalInputError, RunItem, file_signature, load_rgb, read_runs
+from .judge import PAIRWISE_PROMPT, PARSERS, SCORE_PROMPT, JudgeCache, JudgeRequest, ask
+
+METRICS = ("clip_dir", "lpips", "vlm")
+
+
+class MetricCache:
+    """Append-only JSONL of {id, metric, sig, value}; a torn last line (killed run) is ignored."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.values: dict = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.values[(rec["id"], rec["metric"])] = (rec["sig"], rec["value"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    def get(self, item_id: str, metric: str, sig: str):
+        hit = self.values.get((item_id, metric))
+        return hit[1] if hit is not None and hit[0] == sig else None
+
+    def put_many(self, records: Sequence[tuple]) -> None:
+        """records: (id, metric, sig, value)."""
+        if not records:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            for item_id, metric, sig, value in records:
+                f.write(json.dumps({"id": item_id, "metric": metric, "sig": sig, "value": value}) + "\n")
+                self.values[(item_id, metric)] = (sig, value)
+            f.flush()
+
+
+def _sig(settings: str, *files) -> str:
+    return hashlib.sha256((settings + file_signature(*files)).encode()).hexdigest()[:16]
+
+
+def pairwise_order(seed: int, run: str, against: str, item_id: str) -> list:
+    """["run", "against"] or ["against", "run"]: which b' is B'1 and which is B'2."""
+    digest = hashlib.sha256(f"{seed}:{run}:{against}:{item_id}".encode()).digest()
+    return ["run", "against"] if random.Random(digest).random() < 0.5 else ["against", "run"]
+
+
+def _images(item: RunItem, stems=("a", "a_prime", "b", "b_prime")) -> list:
+    return [load_rgb(getattr(item, s)) for s in stems]
+
+
+def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequence[str], clip=None, lpips=None,
+              judge=None, baselines: Optional[dict] = None, pairwise_seed: int = 0, batch_size: int = 8,
+              progress: bool = True) -> dict:
+    """Per-triplet results and failures for one runs folder. ``baselines``: {name: [RunItem]} for the 2AFC."""
+    from tqdm.auto import tqdm
+
+    cache = MetricCache(out / "cache" / name / "metrics.jsonl")
+    rows = {it.key: {"id": it.key, "task": it.task, "clip_dir": None, "lpips": None, "vlm_accuracy": None,
+                     "vlm_consistency": None} for it in items}
+    failures: list = []
+    answers: list = []
+
+    if "clip_dir" in metrics:
+        sig_base = f"clip:{clip.name}"
+        todo = []
+        for it in items:
+            sig = _sig(sig_base, it.a, it.a_prime, it.b, it.b_prime)
+            value = cache.get(it.key, "clip_dir", sig)
+            if value is None:
+                todo.append((it, sig))
+            else:
+                rows[it.key]["clip_dir"] = value
+        for i in tqdm(range(0, len(todo), batch_size), desc=f"{name}: clip_dir", disable=not progress or not todo):
+            chunk = todo[i:i + batch_size]
+            values = clip([_images(it) for it, _ in chunk])
+            cache.put_many([(it.key, "clip_dir", sig, v) for (it, sig), v in zip(chunk, values)])
+            for (it, _), v in zip(chunk, values):
+                rows[it.key]["clip_dir"] = v
+
+    if "lpips" in metrics:
+        sig_base = f"lpips:{lpips.net}:{lpips.weights}"
+        for it in tqdm(items, desc=f"{name}: lpips", disable=not progress):
+            sig = _sig(sig_base, it.b, it.b_prime)
+            value = cache.get(it.key, "lpips", sig)
+            if value is None:
+                value = lpips(*_images(it, ("b", "b_prime")))
+                cache.put_many([(it.key, "lpips", sig, value)])
+            rows[it.key]["lpips"] = value
+
+    if "vlm" in metrics and judge is not None:
+        jcache = JudgeCache(out / "judge")
+        for it in tqdm(items, desc=f"{name}: VLM score", disable=not progress):
+            req = JudgeRequest(name, it.key, "score", SCORE_PROMPT, images=lambda it=it: _images(it),
+                               files_sig=file_signature(it.a, it.a_prime, it.b, it.b_prime))
+            rec = ask(judge, jcache, req)
+            answers.append(rec)
+            parsed = PARSERS["score"](rec["response"]) if rec["backend_error"] is None else None
+            if parsed is not None and parsed.ok:
+                rows[it.key]["vlm_accuracy"] = parsed.value["accuracy"]
+                rows[it.key]["vlm_consistency"] = parsed.value["consistency"]
+            else:
+                failures.append({"id": it.key, "task": it.task, "kind": "score",
+                                 "error": rec["backend_error"] or parsed.error, "response": rec["response"]})
+
+        for base_name, base_items in (baselines or {}).items():
+            by_key = {b.key: b for b in base_items}
+            for it in tqdm(items, desc=f"{name} vs {base_name}: VLM 2AFC", disable=not progress):
+                entry = {"order": None, "better": None, "won": None}
+                rows[it.key].setdefault("pairwise", {})[base_name] = entry
+                other = by_key.get(it.key)
+                if other is None:
+                    failures.append({"id": it.key, "task": it.task, "kind": "pairwise", "against": base_name,
+                                     "error": f"{it.key} is missing in the baseline runs folder", "response": None})
+                    continue
+                order = pairwise_order(pairwise_seed, name, base_name, it.key)
+                entry["order"] = order
+                pair = {"run": it.b_prime, "against": other.b_prime}
+                req = JudgeRequest(name, it.key, "pairwise", PAIRWISE_PROMPT, against=base_name, order=order,
+                                   files_sig=file_signature(it.a, it.a_prime, it.b, *(pair[o] for o in order)),
+                                   images=lambda it=it, pair=pair, order=order: (
+                                       _images(it, ("a", "a_prime", "b")) + [load_rgb(pair[o]) for o in order]))
+                rec = ask(judge, jcache, req)
+                answers.append(rec)
+                parsed = PARSERS["pairwise"](rec["response"]) if rec["backend_error"] is None else None
+                if parsed is not None and parsed.ok:
+                    entry["better"] = parsed.value
+                    entry["won"] = order[parsed.value - 1] == "run"
+                else:
+                    failures.append({"id": it.key, "task": it.task, "kind": "pairwise", "against": base_name,
+                                     "error": rec["backend_error"] or parsed.error, "response": rec["response"]})
+        known = {it.key for it in items}
+        for base_name, base_items in (baselines or {}).items():
+            extra = sorted(b.key for b in base_items if b.key not in known)
+            if extra:
+                failures.append({"id": None, "task": None, "kind": "pairwise", "against": base_name,
+                                 "error": f"{len(extra)} baseline triplets have no match in {name}: {extra[:5]}",
+                                 "response": None})
+    return {"per_triplet": [rows[it.key] for it in items], "failures": failures, "answers": answers}
+
+
+def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optional[str] = None,
+          lpips_net: str = "alex", lpips_weights=None, judge=None, against: Optional[dict] = None,
+          pairwise_seed: int = 0, batch_size: int = 8, device=None, progress: bool = True) -> dict:
+    """Score every runs folder of ``runs`` ({name: path}) and write the report in ``out``; returns metrics.json's
+    content. ``judge``: a judge backend (``judge.make_judge``) or None (no VLM metrics)."""
+    from .metrics import DEFAULT_CLIP, ClipDirectional, LPIPSDistance
+    from .report import aggregate, write_report
+
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise EvalInputError(f"unknown metrics {unknown}; choose from {METRICS}")
+    if not runs:
+        raise EvalInputError("no runs folder to score")
+    if "vlm" in metrics and judge is None:
+        raise EvalInputError("the vlm metric needs a judge (--judge gemma3:ID_OR_DIR or replay:FILE)")
+    if against and "vlm" not in metrics:
+        raise EvalInputError("--against (pairwise 2AFC) needs the vlm metric and a judge")
+    out = Path(out)
+    items = {name: read_runs(path) for name, path in runs.items()}  # fail on bad folders before loading models
+    base_items = {name: read_runs(path) for name, path in (against or {}).items()}
+    clip = ClipDirectional(encoder or DEFAULT_CLIP, device=device) if "clip_dir" in metrics else None
+    lpips = LPIPSDistance(lpips_net, weights=lpips_weights, device=device) if "lpips" in metrics else None
+    results = {}
+    for name in runs:
+        results[name] = score_run(name, items[name], out, metrics=metrics, clip=clip, lpips=lpips, judge=judge,
+                                  baselines=base_items if "vlm" in metrics else None, pairwise_seed=pairwise_seed,
+                                  batch_size=batch_size, progress=progress)
+    settings = {"runs": {k: str(v) for k, v in runs.items()},
+                "against": {k: str(v) for k, v in (against or {}).items()},
+                "metrics": list(metrics), "encoder": clip.name if clip else None,
+                "lpips": {"net": lpips.net, "weights": lpips.weights} if lpips else None,
+                "judge": judge.name if judge is not None else None, "pairwise_seed": pairwise_seed}
+    report = {name: aggregate(res["per_triplet"], res["failures"], list((against or {}))) for name, res in
+              results.items()}
+    return write_report(out, report, results, settings)

@@ -1,0 +1,130 @@
+"""Offline tiny stand-ins for the evaluation's models (tests and a dry run of the protocol): a random Gemma-3 with a
+locally built character-level tokenizer and processor, random LPIPS backbone weights in a torchvision cache, and
+synthetic evaluation sets / runs folders. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+
+#: A Gemma-3-style chat template (turn markers, <start_of_image> per image item) for the tiny processor.
+TINY_GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def build_tiny_gemma3(directory: Union[str, Path], *, extra_text: str = "", seed: int = 0,
+                      image_size: int = 32, image_seq_length: int = 4) -> Path:
+    """Save a tiny random ``Gemma3ForConditionalGeneration`` and its ``Gemma3Processor`` (character-level tokenizer
+    covering printable ASCII, the paper's prompts and ``extra_text``) to ``directory``; load them back with
+    ``Gemma3ForConditionalGeneration.from_pretrained`` / ``AutoProcessor.from_pretrained``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor, \
+        PreTrainedTokenizerFast
+
+    from .judge import PAIRWISE_PROMPT, SCORE_PROMPT
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                "<end_of_image>", "<image_soft_token>"]
+    chars = sorted(set(chr(i) for i in range(32, 127)) | set("\n") | set(SCORE_PROMPT + PAIRWISE_PROMPT + extra_text))
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": image_size, "width": image_size}),
+                                tokenizer=tokenizer, chat_template=TINY_GEMMA3_CHAT_TEMPLATE,
+                                image_seq_length=image_seq_length)
+    config = Gemma3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=64,
+                         max_position_embeddings=8192),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        mm_tokens_per_image=image_seq_length, boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"), image_token_index=tokenizer.image_token_id)
+    torch.manual_seed(seed)
+    Gemma3ForConditionalGeneration(config).save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return Path(directory)
+
+
+def save_random_lpips_backbone(torch_home: Union[str, Path], net: str = "alex", *, seed: int = 0) -> Path:
+    """Random torchvision backbone weights saved where torchvision's cache would hold the ImageNet ones
+    (``torch_home/hub/checkpoints/<file>``); returns the file."""
+    from .metrics import _tv_backbone, _tv_weights
+
+    torch.manual_seed(seed)
+    path = Path(torch_home) / "hub" / "checkpoints" / _tv_weights(net).url.rsplit("/", 1)[-1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(_tv_backbone(net).state_dict(), path)
+    return path
+
+
+def random_picture(rng: random.Random, size: tuple):
+    """A background colour with a few coloured rectangles; ``size`` = (width, height)."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    im = Image.new("RGB", (w, h), tuple(rng.randrange(30, 226) for _ in range(3)))
+    draw = ImageDraw.Draw(im)
+    for _ in range(3):
+        x0, y0 = rng.randrange(0, w // 2), rng.randrange(0, h // 2)
+        draw.rectangle((x0, y0, x0 + rng.randrange(3, w // 2), y0 + rng.randrange(3, h // 2)),
+                       fill=tuple(rng.randrange(256) for _ in range(3)))
+    return im
+
+
+def make_folder_evalset(root: Union[str, Path], tasks: Sequence[str] = ("flip", "swap"), per_task: int = 2, *,
+                        size: tuple = (32, 32), seed: int = 0) -> Path:
+    """``root/<task>/<id>/{a,a_prime,b}.png`` + ``prompt.txt``: left-right flips and colour-channel swaps."""
+    from PIL import Image
+
+    edits = {"flip": ("mirror the image", lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
+             "swap": ("swap the colour channels", lambda im: Image.merge("RGB", im.split()[::-1]))}
+    rng = random.Random(seed)
+    root = Path(root)
+    for task in tasks:
+        prompt, fn = edits[task] if task in edits else edits["flip"]
+        for i in range(per_task):
+            d = root / task / f"{i:03d}"
+            d.mkdir(parents=True, exist_ok=True)
+            a = random_picture(rng, size)
+            fn(a).save(d / "a_prime.png")
+            a.save(d / "a.png")
+            random_picture(rng, size).save(d / "b.png")
+            (d / "prompt.txt").write_text(prompt + "\n")
+    return root
+
+
+def make_runs_folder(root: Union[str, Path], evalset: Union[str, Path], *, b_prime_fn=None, seed: int = 0) -> Path:
+    """A runs folder from a folder-layout evaluation set: b' = ``b_prime_fn(b, rng)`` (default: b plus noise)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root, evalset = Path(root), Path(evalset)
+    for prompt in sorted(evalset.glob("*/*/prompt.txt")):
+        src = prompt.parent
+        d = root / src.parent.name / src.name
+        d.mkdir(parents=True, exist_ok=True)
+        for stem in ("a", "a_prime", "b"):
+            Image.open(src / f"{stem}.png").save(d / f"{stem}.png")
+        b = Image.open(src / "b.png").convert("RGB")
+        if b_prime_fn is None:
+            arr = np.asarray(b, dtype=np.int16) + rng.integers(-40, 41, size=(b.height, b.width, 3))
+            b_prime = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+        else:
+            b_prime = b_prime_fn(b, rng)
+        b_prime.save(d / "b_prime.png")
+        (d / "prompt.txt").write_text(prompt.read_text())
+    return root

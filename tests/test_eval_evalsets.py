@@ -1,0 +1,164 @@
+"""Evaluation-set readers (folder layout, the released LoRWeB layout, Relation252k) and the runs-folder reader,
+with their errors for missing/unreadable images and empty tasks."""
+
+import json
+import random
+
+import pytest
+from PIL import Image
+
+from lorweb_fast.evaluation import evalsets as E
+from lorweb_fast.evaluation import tiny
+
+
+def test_folder_layout(tmp_path):
+    root = tiny.make_folder_evalset(tmp_path / "ev", per_task=2)
+    triplets = E.read_evalset(root)
+    assert [t.key for t in triplets] == ["flip/000", "flip/001", "swap/000", "swap/001"]
+    t = triplets[0]
+    assert t.prompt == "mirror the image"
+    assert t.a.load().size == (32, 32)
+    assert t.a_prime.load().tobytes() == Image.open(root / "flip/000/a_prime.png").convert("RGB").tobytes()
+    assert E.read_evalset(root, max_per_task=1, tasks=["swap"])[0].key == "swap/000"
+    assert len(E.read_evalset(root, max_per_task=1)) == 2
+
+
+def test_folder_layout_errors(tmp_path):
+    root = tiny.make_folder_evalset(tmp_path / "ev", per_task=1)
+    (root / "flip/000/b.png").unlink()
+    with pytest.raises(E.EvalInputError, match=r"missing image .*flip/000/b\."):
+        E.read_evalset(root)
+    root = tiny.make_folder_evalset(tmp_path / "ev2", per_task=1)
+    (root / "empty_task").mkdir()
+    with pytest.raises(E.EvalInputError, match="task 'empty_task' has no triplets"):
+        E.read_evalset(root)
+    root = tiny.make_folder_evalset(tmp_path / "ev3", per_task=1)
+    (root / "flip/000/prompt.txt").unlink()
+    with pytest.raises(E.EvalInputError, match="missing prompt file .*prompt.txt"):
+        E.read_evalset(root)
+    with pytest.raises(E.EvalInputError, match="not found"):
+        E.read_evalset(tmp_path / "nope")
+    (tmp_path / "blank").mkdir()
+    with pytest.raises(E.EvalInputError, match="no analogy triplets"):
+        E.read_evalset(tmp_path / "blank")
+    with pytest.raises(E.EvalInputError, match="tasks not found"):
+        E.read_evalset(tiny.make_folder_evalset(tmp_path / "ev4", per_task=1), tasks=["zzz"])
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    root = tiny.make_folder_evalset(tmp_path / "ev", per_task=1)
+    (root / "flip/000/a.png").write_bytes(b"this is not a png")
+    (t,) = [t for t in E.read_evalset(root) if t.key == "flip/000"]
+    with pytest.raises(E.EvalInputError, match=r"flip/000/a.png is not a readable image"):
+        t.a.load()
+
+
+def make_lorweb_set(root, sizes):
+    """The released layout: original/unsplash_<cat>/<stem>.jpg and decoded_random_inference_set/db_not_in_trainset/
+    <cat>/<Prompt>/<a-stem>_<k>.png."""
+    rng = random.Random(0)
+    for stem, size in sizes.items():
+        path = root / "data/original/unsplash_animals" / f"{stem}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tiny.random_picture(rng, size).save(path)
+    prompt_dir = root / "data/decoded_random_inference_set/db_not_in_trainset/animals/Add_a_flowing_mane"
+    prompt_dir.mkdir(parents=True)
+    for k in range(2):
+        tiny.random_picture(rng, (48, 32)).save(prompt_dir / f"dog-aaa-unsplash_{k}.png")
+    return root
+
+
+def test_released_lorweb_layout(tmp_path):
+    # a is 60x40 (aspect 1.5); b candidates: 1.5, 1.4 (within 0.15), 0.75 (not)
+    root = make_lorweb_set(tmp_path / "set", {"dog-aaa-unsplash": (60, 40), "cat-bbb-unsplash": (90, 60),
+                                              "cow-ccc-unsplash": (70, 50), "owl-ddd-unsplash": (30, 40)})
+    assert E.detect_format(root) == "lorweb"
+    triplets = E.read_evalset(root, seed=1)
+    assert len(triplets) == 4  # 2 a' x 2 b
+    tasks = {t.task for t in triplets}
+    assert tasks == {"animals__Add_a_flowing_mane"}
+    for t in triplets:
+        assert t.prompt == "Add a flowing mane"
+        assert t.a.path.name == "dog-aaa-unsplash.jpg"
+        assert t.b.path.stem in {"cat-bbb-unsplash", "cow-ccc-unsplash"}  # the aspect-ratio filter
+        b = t.b.load()
+        assert abs(b.width / b.height - 1.5) < 0.03  # cropped to a's aspect ratio
+    assert {t.b.path.stem for t in triplets if t.a_prime.path.stem.endswith("_0")} == {"cat-bbb-unsplash",
+                                                                                      "cow-ccc-unsplash"}
+    assert [t.key for t in E.read_evalset(root, seed=1)] == [t.key for t in triplets]  # reproducible
+
+
+def test_released_layout_pairs_file_and_errors(tmp_path):
+    root = make_lorweb_set(tmp_path / "set", {"dog-aaa-unsplash": (60, 40), "cat-bbb-unsplash": (90, 60),
+                                              "owl-ddd-unsplash": (30, 40)})
+    with pytest.warns(UserWarning, match="aspect ratio within"):
+        triplets = E.read_evalset(root)  # only one close b: the closest other completes the pair, with a warning
+    assert any(t.extra.get("b_aspect_outside_tolerance") for t in triplets)
+    pairs = tmp_path / "pairs.jsonl"
+    base = "decoded_random_inference_set/db_not_in_trainset/animals/Add_a_flowing_mane"
+    pairs.write_text("\n".join(json.dumps({"a_prime": f"{base}/dog-aaa-unsplash_{k}.png",
+                                           "b": "original/unsplash_animals/owl-ddd-unsplash.jpg"}) for k in range(2)))
+    fixed = E.read_evalset(root, pairs_file=pairs)
+    assert [t.b.path.stem for t in fixed] == ["owl-ddd-unsplash"] * 2
+    (root / "data/original/unsplash_animals/dog-aaa-unsplash.jpg").unlink()
+    with pytest.raises(E.EvalInputError, match="source image .*unsplash_animals/dog-aaa-unsplash.<ext> is missing"):
+        E.read_evalset(root)
+
+
+def make_relation(root, tasks=("115-Colored Pencil Filter", "7-Add Hat"), per_task=3):
+    rng = random.Random(0)
+    for task in tasks:
+        g = root / task / "Group1"
+        g.mkdir(parents=True)
+        labels = []
+        for i in range(per_task):
+            pair = Image.new("RGB", (64, 32))
+            pair.paste(tiny.random_picture(rng, (32, 32)), (0, 0))
+            pair.paste(tiny.random_picture(rng, (32, 32)), (32, 0))
+            pair.save(g / f"{i}.jpg")
+            labels.append({"img_name": f"{i}.jpg", "edit_instruction": f"{task} edit {i}",
+                           "left_image_description": "l", "right_image_description": "r"})
+        (g / "labels.json").write_text(json.dumps(labels))
+    return root
+
+
+def test_relation252k_unseen_tasks(tmp_path):
+    root = make_relation(tmp_path / "rel")
+    assert E.detect_format(root) == "relation252k"
+    triplets = E.read_evalset(root)
+    assert len(triplets) == 6 and {t.task for t in triplets} == {"115-Colored Pencil Filter", "7-Add Hat"}
+    t = triplets[0]
+    full = Image.open(t.a.path).convert("RGB")
+    assert t.a.load().tobytes() == full.crop((0, 0, 32, 32)).tobytes()
+    assert t.a_prime.load().tobytes() == full.crop((32, 0, 64, 32)).tobytes()
+    assert t.b.path != t.a.path and t.b.load().size == (32, 32)
+    assert t.prompt == f"{t.task} edit {t.a.path.stem}"
+    assert len(E.read_evalset(root, tasks=["7-Add Hat"])) == 3
+
+
+def test_relation252k_errors(tmp_path):
+    root = make_relation(tmp_path / "rel", tasks=("solo",), per_task=1)
+    with pytest.raises(E.EvalInputError, match="task 'solo' has 1 pairs"):
+        E.read_evalset(root, "relation252k")
+    root = make_relation(tmp_path / "rel2", tasks=("t",), per_task=2)
+    (root / "t/Group1/1.jpg").unlink()
+    with pytest.raises(E.EvalInputError, match="image not found: .*t/Group1/1.jpg"):
+        E.read_evalset(root, "relation252k")
+
+
+def test_runs_reader(tmp_path):
+    ev = tiny.make_folder_evalset(tmp_path / "ev", per_task=2)
+    runs = tiny.make_runs_folder(tmp_path / "runs", ev)
+    (runs / "run.json").write_text("{}")  # files at the top are ignored
+    items = E.read_runs(runs)
+    assert [i.key for i in items] == ["flip/000", "flip/001", "swap/000", "swap/001"]
+    assert items[0].prompt == "mirror the image" and items[0].b_prime.name == "b_prime.png"
+    (runs / "swap/001/b_prime.png").unlink()
+    with pytest.raises(E.EvalInputError, match=r"missing image .*swap/001/b_prime.*unfinished generate run"):
+        E.read_runs(runs)
+    (runs / "swap/001").rename(tmp_path / "moved")
+    (runs / "swap/000").rename(tmp_path / "moved2")
+    with pytest.raises(E.EvalInputError, match="task 'swap' has no triplets"):
+        E.read_runs(runs)
+    with pytest.raises(E.EvalInputError, match="runs folder not found"):
+        E.read_runs(tmp_path / "none")

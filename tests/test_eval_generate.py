@@ -1,0 +1,140 @@
+"""``eval generate`` on a tiny random FLUX.1-Kontext pipeline (saved and loaded back) with a LoRWeB checkpoint:
+batches of different analogies in one call (batch size 2), the same results as one-by-one runs, resume after a kill,
+settings checks and CLI errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lorweb_fast as lf
+from lorweb_fast import cli, demo, flux
+from lorweb_fast.evaluation import generate as G
+from lorweb_fast.evaluation import tiny
+from lorweb_fast.evaluation.evalsets import read_evalset
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    demo.build_tiny_kontext_pipeline(root / "pipe")
+    demo.build_tiny_clip(root / "clip")
+    pipe = flux.load_kontext_pipeline(root / "pipe")
+    torch.manual_seed(1)
+    lf.inject_lorweb(pipe.transformer, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=24))
+    with torch.no_grad():
+        for layer in lf.lorweb_layers(pipe.transformer).values():
+            layer.lora_B.normal_(0, 0.5)
+            layer.lora_keys.normal_(0, 3.0)
+    lf.save_lorweb_weights(pipe.transformer, root / "lorweb.safetensors", metadata={"encoder": str(root / "clip")})
+    tiny.make_folder_evalset(root / "evalset", tasks=("flip", "swap"), per_task=2, size=(32, 32))
+    return root
+
+
+def gen_args(assets, out, *extra):
+    return ["eval", "generate", "--evalset", str(assets / "evalset"), "--weights", str(assets / "lorweb.safetensors"),
+            "--model", str(assets / "pipe"), "--out", str(out), "--steps", "2", "--dtype", "fp32", "--device", "cpu",
+            "--long-edge", "64", "--pipe-arg", f"max_sequence_length={demo.DEMO_MAX_SEQUENCE_LENGTH}", "--quiet",
+            *extra]
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.slow
+def test_generate_batched_matches_one_by_one_and_resumes(assets, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert cli.main(gen_args(assets, out, "--batch-size", "2")) == 0
+    assert "4 generated, 0 already done" in capsys.readouterr().out
+    keys = ["flip/000", "flip/001", "swap/000", "swap/001"]
+    for key in keys:
+        d = out / key
+        for name in ("a", "a_prime", "b", "b_prime"):
+            assert (d / f"{name}.png").is_file()
+        assert (d / "prompt.txt").read_text().strip() in ("mirror the image", "swap the colour channels")
+        assert Image.open(d / "b_prime.png").size == (32, 32)
+        assert pixels(d / "a.png").tolist() == pixels(assets / "evalset" / key / "a.png").tolist()
+    settings = json.loads((out / "run.json").read_text())
+    assert settings["seeds"] == [50] and settings["batch_size"] == 2
+    assert len(json.loads((out / "evalset.json").read_text())) == 4
+    assert not list(out.rglob(".*.tmp*"))  # atomic writes leave no temporary files
+
+    # one by one (batch size 1) gives the same b' (fp32; 8-bit PNG rounding allows one grey level)
+    single = tmp_path / "single"
+    assert cli.main(gen_args(assets, single, "--batch-size", "1")) == 0
+    for key in keys:
+        assert np.abs(pixels(out / key / "b_prime.png") - pixels(single / key / "b_prime.png")).max() <= 1
+
+    # a killed run: one b' missing -> only that one is generated, the others are untouched
+    stamps = {k: (out / k / "b_prime.png").stat().st_mtime_ns for k in keys}
+    before = pixels(out / "swap/000/b_prime.png")
+    (out / "swap/000/b_prime.png").unlink()
+    capsys.readouterr()
+    assert cli.main(gen_args(assets, out, "--batch-size", "2")) == 0
+    assert "1 generated, 3 already done" in capsys.readouterr().out
+    for k in keys:
+        if k != "swap/000":
+            assert (out / k / "b_prime.png").stat().st_mtime_ns == stamps[k]
+    assert np.abs(pixels(out / "swap/000/b_prime.png") - before).max() <= 1
+
+    # other settings in the same folder are refused
+    assert cli.main(gen_args(assets, out, "--seeds", "7")) == 2
+    assert "holds a run with other settings" in capsys.readouterr().err
+
+
+class RecordingPipe:
+    """Stands in for LoRWeBKontextPipeline: records the batch sizes it is called with, returns b unchanged."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, a, a_prime, b, prompt, *, generator=None, **kwargs):
+        assert len(a) == len(a_prime) == len(b) == len(prompt) == len(generator)
+        self.batches.append([im.size for im in b])
+        return [im.copy() for im in b]
+
+
+def test_batches_group_same_sizes_and_several_seeds(tmp_path):
+    ev = tiny.make_folder_evalset(tmp_path / "ev", tasks=("flip",), per_task=3, size=(32, 32))
+    tiny.make_folder_evalset(tmp_path / "ev", tasks=("swap",), per_task=2, size=(40, 24), seed=5)
+    triplets = read_evalset(ev)
+    pipe = RecordingPipe()
+    result = G.generate(pipe, triplets, tmp_path / "runs", batch_size=2, seeds=(1, 2), progress=False)
+    assert result == {"generated": 10, "skipped": 0}
+    assert all(len(set(sizes)) == 1 for sizes in pipe.batches)  # one size per batch
+    assert sorted(len(b) for b in pipe.batches) == [2, 2, 2, 2, 2]
+    assert (tmp_path / "runs/flip/000_seed1/b_prime.png").is_file()
+    assert (tmp_path / "runs/swap/001_seed2/b_prime.png").is_file()
+    again = G.generate(pipe, triplets, tmp_path / "runs", batch_size=2, seeds=(1, 2), progress=False)
+    assert again == {"generated": 0, "skipped": 10}
+
+
+def test_saved_inputs_are_capped(tmp_path):
+    ev = tiny.make_folder_evalset(tmp_path / "ev", tasks=("flip",), per_task=1, size=(80, 40))
+    G.generate(RecordingPipe(), read_evalset(ev), tmp_path / "runs", input_long_edge=40, progress=False)
+    assert Image.open(tmp_path / "runs/flip/000/a.png").size == (40, 20)
+    assert Image.open(tmp_path / "runs/flip/000/b_prime.png").size == (80, 40)  # outputs are never resized
+
+
+def test_generate_bad_input_exits_2(assets, tmp_path, capsys):
+    ev = tiny.make_folder_evalset(tmp_path / "ev", per_task=1)
+    (ev / "flip/000/a_prime.png").unlink()
+    args = gen_args(assets, tmp_path / "runs")
+    args[args.index("--evalset") + 1] = str(ev)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorweb-fast eval: error: missing image") and "flip/000/a_prime" in err
+    assert "\n" not in err
+    args = gen_args(assets, tmp_path / "runs2", "--batch-size", "0")
+    assert cli.main(args) == 2
+    assert "batch size must be >= 1" in capsys.readouterr().err
+    args = gen_args(assets, tmp_path / "runs3")
+    args[args.index("--weights") + 1] = str(tmp_path / "missing.safetensors")
+    assert cli.main(args) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "runs3").exists()  # a failed call writes nothing

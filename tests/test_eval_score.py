@@ -1,0 +1,243 @@
+"""``eval score`` end to end on CPU: tiny CLIP, random LPIPS backbone weights, the replay judge (and a tiny Gemma-3);
+per-task then over-task aggregation, failures listed, order-balanced 2AFC, caching/resume, reports and plots."""
+
+import json
+
+import pytest
+import torch
+
+from lorweb_fast import cli, demo
+from lorweb_fast.evaluation import score as S
+from lorweb_fast.evaluation import tiny
+from lorweb_fast.evaluation.report import aggregate, pareto_front
+
+pytest.importorskip("lpips")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("score")
+    demo.build_tiny_clip(root / "clip")
+    tiny.save_random_lpips_backbone(root / "torch_home")
+    ev = tiny.make_folder_evalset(root / "evalset", tasks=("flip", "swap"), per_task=3, size=(64, 48))
+    tiny.make_runs_folder(root / "ours", ev, seed=1)
+    tiny.make_runs_folder(root / "base", ev, seed=2)
+    tiny.make_runs_folder(root / "ckpt2", ev, seed=3)
+    return root
+
+
+@pytest.fixture()
+def torch_home(assets, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(assets / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+
+
+IDS = [f"{t}/{i:03d}" for t in ("flip", "swap") for i in range(3)]
+
+
+def score_answer(acc, cons):
+    answer = json.dumps({"metrics": {"accuracy": acc, "consistency": cons}, "explanation": "e"})
+    return f"Transformation: mirror.\n```json\n{answer}\n```"
+
+
+def write_replay(path, *, scores=None, better=None, missing=()):
+    """scores: {id: raw answer}; better: {id: 1|2}."""
+    rows = []
+    for i, item in enumerate(IDS):
+        if item in missing:
+            continue
+        rows.append({"id": item, "kind": "score", "response": (scores or {}).get(item, score_answer(5 + i % 3, 8))})
+        rows.append({"id": item, "kind": "pairwise", "response": json.dumps({"better": (better or {}).get(item, 1),
+                                                                             "explanation": "x"})})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def run_cli(*argv):
+    return cli.main(["eval", "score", *map(str, argv), "--device", "cpu", "--quiet"])
+
+
+def test_aggregate_per_task_then_over_tasks():
+    rows = [{"id": f"a/{i}", "task": "a", "clip_dir": v, "lpips": 0.1, "vlm_accuracy": v, "vlm_consistency": None}
+            for i, v in enumerate((1.0, 2.0, 3.0))]
+    rows.append({"id": "b/0", "task": "b", "clip_dir": 10.0, "lpips": 0.5, "vlm_accuracy": None,
+                 "vlm_consistency": None})
+    failures = [{"id": "b/0", "task": "b", "kind": "score", "error": "x", "response": "?"}]
+    rep = aggregate(rows, failures)
+    assert rep["per_task"]["a"]["clip_dir"] == pytest.approx(2.0)
+    assert rep["overall"]["clip_dir"] == pytest.approx(6.0)  # (2 + 10) / 2, not the triplet mean 4
+    assert rep["overall"]["lpips"] == pytest.approx(0.3)
+    assert rep["overall"]["vlm_accuracy"] == pytest.approx(2.0)  # task b has no valid answer: left out, counted
+    assert rep["overall"]["vlm_consistency"] is None
+    assert rep["overall"]["failures"] == 1 and rep["overall"]["failures_by_kind"] == {"score": 1}
+    assert rep["overall"]["tasks"] == 2 and rep["overall"]["triplets"] == 4
+
+
+def test_aggregate_order_balanced_win_rate():
+    def row(task, i, first, won):
+        order = ["run", "against"] if first else ["against", "run"]
+        return {"id": f"{task}/{i}", "task": task, "clip_dir": None, "lpips": None, "vlm_accuracy": None,
+                "vlm_consistency": None, "pairwise": {"base": {"order": order, "better": 1, "won": won}}}
+
+    # a judge that always answers 1: wins exactly when shown first
+    rows = [row("a", 0, True, True), row("a", 1, False, False), row("a", 2, False, False),
+            row("b", 0, True, True), row("b", 1, False, False)]
+    p = aggregate(rows, [], ["base"])["overall"]["pairwise"]["base"]
+    assert p["win_rate_as_b1"] == 1.0 and p["win_rate_as_b2"] == 0.0
+    assert p["order_balanced_win_rate"] == 0.5  # the position bias cancels
+    assert p["win_rate"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert p["n"] == 5
+
+
+def test_pairwise_order_is_seeded_and_balanced():
+    orders = [S.pairwise_order(0, "ours", "base", f"t/{i}") for i in range(400)]
+    assert orders == [S.pairwise_order(0, "ours", "base", f"t/{i}") for i in range(400)]
+    first = sum(o[0] == "run" for o in orders)
+    assert 160 < first < 240
+    assert orders != [S.pairwise_order(1, "ours", "base", f"t/{i}") for i in range(400)]
+
+
+def test_pareto_front():
+    pts = [(1, 5), (2, 4), (1.5, 3), (3, 1), (0.5, 5)]
+    assert pareto_front(pts) == [0, 1, 3]
+
+
+def test_score_end_to_end(assets, torch_home, tmp_path):
+    replay = write_replay(tmp_path / "replay.jsonl", missing=("swap/002",), better={"flip/001": 2},
+                          scores={"flip/000": "I think it is fine.", "flip/002": score_answer(11, 3)})
+    out = tmp_path / "report"
+    assert run_cli("--runs", assets / "ours", "--against", assets / "base", "--encoder", assets / "clip",
+                   "--judge", f"replay:{replay}", "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) >= {"per_triplet", "per_task", "overall", "failures", "methods", "settings"}
+    assert [r["id"] for r in m["per_triplet"]] == IDS
+    for r in m["per_triplet"]:
+        assert set(r) >= {"id", "task", "clip_dir", "lpips", "vlm_accuracy", "vlm_consistency"}
+        assert -1 <= r["clip_dir"] <= 1 and r["lpips"] > 0
+    by_id = {r["id"]: r for r in m["per_triplet"]}
+    assert by_id["flip/001"]["vlm_accuracy"] == 6 and by_id["flip/001"]["vlm_consistency"] == 8
+    for bad in ("flip/000", "flip/002", "swap/002"):
+        assert by_id[bad]["vlm_accuracy"] is None
+    fails = {(f["id"], f["kind"]): f for f in m["failures"]}
+    assert fails[("flip/000", "score")]["response"] == "I think it is fine."
+    assert "outside 1-10" in fails[("flip/002", "score")]["error"]
+    assert "no replayed score answer" in fails[("swap/002", "score")]["error"]
+    assert ("swap/002", "pairwise") in fails
+    assert m["overall"]["failures"] == len(m["failures"]) == 4
+    # per task, then over tasks
+    flip = [by_id[f"flip/{i:03d}"]["clip_dir"] for i in range(3)]
+    swap = [by_id[f"swap/{i:03d}"]["clip_dir"] for i in range(3)]
+    assert m["per_task"]["flip"]["clip_dir"] == pytest.approx(sum(flip) / 3)
+    assert m["overall"]["clip_dir"] == pytest.approx((sum(flip) / 3 + sum(swap) / 3) / 2)
+    assert m["per_task"]["flip"]["vlm_accuracy"] == 6  # only flip/001 parsed
+    # pairwise: the judge says "1" except for flip/001; won == (ours shown at the chosen position)
+    for item in IDS[:-1]:
+        pw = by_id[item]["pairwise"]["base"]
+        assert pw["order"] == S.pairwise_order(0, "ours", "base", item)
+        assert pw["won"] == (pw["order"][pw["better"] - 1] == "run")
+    assert m["settings"]["pairwise_seed"] == 0
+    summary = (out / "summary.md").read_text()
+    assert "| Model | Pres. (VLM) | Acc. (VLM) | LPIPS | CLIP Dir. | Pairwise VLM (%) vs base |" in summary
+    assert "| ours | 2 | 6 | 4 (pairwise: 1, score: 3) |" in summary
+    assert (out / "preservation_vs_accuracy.png").stat().st_size > 0 and (out / "win_rates.png").stat().st_size > 0
+    # every raw answer is saved, in the replay format: re-scoring from it gives the same per-triplet results
+    assert (out / "judge" / "ours" / "score" / "flip" / "000.json").is_file()
+    out2 = tmp_path / "rescored"
+    assert run_cli("--runs", assets / "ours", "--against", assets / "base", "--encoder", assets / "clip",
+                   "--judge", f"replay:{out / 'judge_answers.jsonl'}", "--out", out2) == 0
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    assert m2["per_triplet"] == m["per_triplet"]
+
+
+def test_score_resumes_from_caches(assets, torch_home, tmp_path, monkeypatch):
+    import shutil
+
+    ours = shutil.copytree(assets / "ours", tmp_path / "ours")
+    replay = write_replay(tmp_path / "replay.jsonl")
+    out = tmp_path / "report"
+    args = ("--runs", ours, "--against", assets / "base", "--encoder", assets / "clip",
+            "--judge", f"replay:{replay}", "--out", out)
+    assert run_cli(*args) == 0
+    first = json.loads((out / "metrics.json").read_text())
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed a cached metric")
+
+    from lorweb_fast.evaluation import metrics as M
+
+    with monkeypatch.context() as mp:
+        mp.setattr(M.ClipDirectional, "__call__", boom)
+        mp.setattr(M.LPIPSDistance, "__call__", boom)
+        write_replay(replay, better={i: 2 for i in IDS}, scores={i: score_answer(1, 1) for i in IDS})  # would change
+        assert run_cli(*args) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["per_triplet"] == first["per_triplet"]  # cached answers per item and prompt
+    # a torn last cache line (killed run) is ignored; a changed b' is recomputed and judged again
+    cache = out / "cache" / "ours" / "metrics.jsonl"
+    cache.write_text(cache.read_text() + '{"id": "flip/0')
+    shutil.copyfile(ours / "flip/000/b.png", ours / "flip/000/b_prime.png")
+    assert run_cli(*args) == 0
+    third = {r["id"]: r for r in json.loads((out / "metrics.json").read_text())["per_triplet"]}
+    assert third["flip/000"]["lpips"] == pytest.approx(0.0, abs=1e-6)
+    assert third["flip/000"]["clip_dir"] == 0.0
+    assert third["flip/000"]["vlm_accuracy"] == 1  # the judge is asked again about the new b'
+    assert third["flip/001"] == {**first["per_triplet"][1]}
+
+
+def test_several_runs_side_by_side(assets, torch_home, tmp_path):
+    out = tmp_path / "report"
+    assert run_cli("--runs", assets / "ours", f"second={assets / 'ckpt2'}", "--encoder", assets / "clip",
+                   "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["methods"]) == {"ours", "second"} and m["method"] == "ours"
+    assert m["overall"] == m["methods"]["ours"]["overall"]
+    assert m["overall"]["vlm_accuracy"] is None  # no judge: no VLM metrics
+    summary = (out / "summary.md").read_text()
+    assert "| ours |" in summary and "| second |" in summary
+    assert (out / "preservation_vs_accuracy.png").is_file()  # LPIPS vs CLIP Dir. without VLM scores
+    assert not (out / "win_rates.png").exists()
+
+
+def test_tiny_gemma3_judge_end_to_end(assets, torch_home, tmp_path):
+    """A random Gemma-3 answers gibberish: every item is listed as a failure with its raw answer, none dropped."""
+    gemma = tiny.build_tiny_gemma3(tmp_path / "gemma3")
+    out = tmp_path / "report"
+    assert run_cli("--runs", assets / "ours", "--encoder", assets / "clip", "--metrics", "vlm",
+                   "--judge", f"gemma3:{gemma}", "--judge-max-new-tokens", "6", "--judge-dtype", "fp32",
+                   "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    raws = {f["id"]: f["response"] for f in m["failures"] if f["kind"] == "score"}
+    parsed = [r["id"] for r in m["per_triplet"] if r["vlm_accuracy"] is not None]
+    assert sorted(list(raws) + parsed) == IDS
+    for item, raw in raws.items():
+        task, _, name = item.partition("/")
+        cached = json.loads((out / "judge" / "ours" / "score" / task / f"{name}.json").read_text())
+        assert cached["response"] == raw and cached["judge"] == f"gemma3:{gemma}"
+    assert m["overall"]["clip_dir"] is None and m["overall"]["lpips"] is None
+
+
+def test_cli_bad_input_exits_2(assets, torch_home, tmp_path, capsys):
+    assert run_cli("--runs", tmp_path / "nope", "--out", tmp_path / "r") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorweb-fast eval: error: runs folder not found") and "\n" not in err
+    assert run_cli("--runs", assets / "ours", "--metrics", "vlm", "--out", tmp_path / "r") == 2
+    assert "needs a judge" in capsys.readouterr().err
+    assert run_cli("--runs", assets / "ours", "--against", assets / "base", "--metrics", "clip_dir",
+                   "--encoder", assets / "clip", "--out", tmp_path / "r") == 2
+    assert "--against" in capsys.readouterr().err
+    assert run_cli("--runs", assets / "ours", "--encoder", tmp_path / "no-clip", "--out", tmp_path / "r") == 2
+    assert "cannot load the CLIP encoder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run_cli("--runs", assets / "ours", "--metrics", "fid", "--out", tmp_path / "r")
+    assert exc.value.code == 2
+
+
+def test_missing_lpips_weights_exits_2(assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    assert run_cli("--runs", assets / "ours", "--metrics", "lpips", "--out", tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert "alexnet-owt-7be5be79.pth" in err and str(tmp_path / "empty_home") in err and "--lpips-weights" in err
+    weights = tiny.save_random_lpips_backbone(tmp_path / "elsewhere")
+    assert run_cli("--runs", assets / "ours", "--metrics", "lpips", "--lpips-weights", weights,
+                   "--out", tmp_path / "r") == 0
