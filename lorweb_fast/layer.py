@@ -28,6 +28,16 @@ def has_plain_weight(base: nn.Module) -> bool:
             and type(base.weight) in (nn.Parameter, torch.Tensor) and base.weight.is_floating_point())
 
 
+def _refuse_sharded_weight(base: nn.Module) -> None:
+    """Tensor parallelism shards the base weight (a DTensor with a Shard placement) but not the LoRA basis: refuse."""
+    weight = getattr(base, "weight", None)
+    placements = getattr(weight, "placements", None)
+    if placements is not None and any(p.is_shard() for p in placements):
+        raise NotImplementedError(
+            f"the base layer of this LoRWeB layer has a tensor-parallel sharded weight ({placements}); LoRWeB does "
+            "not support tensor parallelism yet (the basis is not sharded). Use context parallelism instead.")
+
+
 class LoRWeBLinear(nn.Module):
     """``y = base(x) + scale * sum_n alpha_b[n] B_n^T A_n^T x`` with alpha_b computed per sample from a query.
 
@@ -94,11 +104,18 @@ class LoRWeBLinear(nn.Module):
         return self._coefficients
 
     def set_coefficients(self, coeffs: Optional[torch.Tensor]) -> None:
-        """Use ``coeffs`` (B, N) for every following forward, until replaced; None clears them."""
+        """Use ``coeffs`` (B, N) for every following forward, until replaced; None clears them.
+
+        A view with a storage offset (e.g. one layer's slice of ``set_query``'s stacked (L, B, N) result) is stored
+        as a copy: torch.compile guards on the storage offset of a tensor attribute, and an offset that grows with
+        the batch size would recompile every compiled block at a new batch size.
+        """
         if coeffs is not None:
             if not isinstance(coeffs, torch.Tensor) or coeffs.dim() != 2 or coeffs.shape[1] != self.num_loras:
                 shape = tuple(coeffs.shape) if isinstance(coeffs, torch.Tensor) else type(coeffs).__name__
                 raise ValueError(f"coefficients must be (B, N={self.num_loras}), got {shape}")
+            if coeffs.storage_offset() != 0:
+                coeffs = coeffs.clone()
         self._coefficients = coeffs
         self._query = None
 
@@ -151,6 +168,7 @@ class LoRWeBLinear(nn.Module):
             bias = None if base.bias is None else base.bias.to(dtype)
             return ops.lorweb_linear(x.to(dtype), base.weight.to(dtype), bias, lora_a, lora_b, coeffs,
                                      self.mixture_scale, backend=self.backend)
+        _refuse_sharded_weight(base)
         y = base(x)
         return ops.mixed_lora_delta(x.to(dtype), lora_a, lora_b, coeffs, self.mixture_scale, add_to=y.to(dtype),
                                     backend=self.backend)
