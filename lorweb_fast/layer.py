@@ -192,7 +192,8 @@ class LoRWeBLinear(nn.Module):
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         c = coeffs.detach().to(w.device)
         scaling = ops.column_scaling(c, self.rank, self.mixture_scale).to(acc)  # (R,) or (B, R)
-        a_cat, b_cat = ops.concat_basis(self.lora_A.detach().to(w.device, acc), self.lora_B.detach().to(w.device, acc))
+        a_cat, b_cat = ops.concat_basis(self.lora_A.detach().to(w.device, acc),
+                                        self.lora_B.detach().to(w.device, acc))  # (in, R), (R, out)
         if c.dim() == 1:
             delta = (a_cat * scaling) @ b_cat  # (in, out)
             return (w.to(acc) + delta.t()).to(w.dtype)

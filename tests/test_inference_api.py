@@ -238,6 +238,24 @@ def test_group_offloading_hooks_keep_outputs_identical(pipe):
     np.testing.assert_allclose(got_jit[0], want[0], rtol=0, atol=FP32_IMAGE_ATOL)
 
 
+def test_model_offload_hooks_keep_outputs_identical(pipe):
+    """The hook behind diffusers' enable_model_cpu_offload (accelerate's cpu_offload_with_hook: move the model to
+    the execution device in a pre-forward hook) leaves LoRWeB outputs unchanged. diffusers itself refuses
+    enable_model_cpu_offload without an accelerator, so on CPU the hook is attached directly (CPU -> CPU)."""
+    from accelerate import cpu_offload_with_hook
+
+    x = [analogy(2)]
+    want = run(pipe, x, ["flip"])
+    _, hook = cpu_offload_with_hook(pipe.transformer, execution_device=torch.device("cpu"))
+    try:
+        got = run(pipe, x, ["flip"])
+        got_full = run(pipe, x, ["flip"], merge="full")
+    finally:
+        hook.remove()
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got_full[0], want[0], rtol=0, atol=FP32_IMAGE_ATOL)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_model_cpu_offload_and_group_offloading_on_gpu(assets):

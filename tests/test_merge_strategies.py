@@ -44,8 +44,9 @@ def assert_restored(model, before, *, same_tensors=True):
 
 class LiveStorage(TorchDispatchMode):
     """Counts the bytes of tensor storages created inside the mode that are still alive: ``peak`` is the largest
-    total seen after any op (outputs sharing an input's storage, i.e. views, allocate nothing). Storages are tracked by their (preserved) Python objects and released by weakref
-    finalizers, so a storage kept alive by a parameter's ``.data`` still counts."""
+    total seen after any op (outputs sharing an input's storage, i.e. views, allocate nothing). Storages are
+    tracked by their (preserved) Python objects and released by weakref finalizers, so a storage kept alive by a
+    parameter's ``.data`` still counts."""
 
     def __init__(self):
         super().__init__()
