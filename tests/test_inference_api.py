@@ -256,6 +256,19 @@ def test_model_offload_hooks_keep_outputs_identical(pipe):
     np.testing.assert_allclose(got_full[0], want[0], rtol=0, atol=FP32_IMAGE_ATOL)
 
 
+def test_set_query_refuses_meta_weights_of_sequential_offload():
+    """accelerate's cpu_offload (diffusers' enable_sequential_cpu_offload) leaves weights on the meta device
+    between forwards; set_query says so instead of producing meta coefficients."""
+    from accelerate import cpu_offload
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=3, target_modules=["0"]))
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="meta device"):
+        lf.set_query(model, torch.randn(1, 3))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_model_cpu_offload_and_group_offloading_on_gpu(assets):
