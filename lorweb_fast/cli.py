@@ -58,7 +58,7 @@ def run_infer(args) -> Path:
                                                  dtype=DTYPES[args.dtype], device=device,
                                                  long_edge=args.long_edge)
     generator = torch.Generator().manual_seed(args.seed)
-    merge = "auto" if not args.no_merge else False
+    merge = "none" if args.no_merge else args.merge
     (b_prime,) = pipe(*images, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                       generator=generator, merge=merge, **args.pipe_kwargs)
     out = _save_image(b_prime, Path(args.out))
@@ -165,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-edge", type=int, default=1024, help="cap on the control grid's long edge")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--no-merge", action="store_true", help="do not merge the mixture into the weights")
+    p.add_argument("--merge", choices=("auto", "full", "offload", "jit", "none"), default="auto",
+                   help="merge strategy (see lorweb_fast.flux.merged): auto picks from the free memory; full keeps a "
+                        "merged copy of the adapted weights, offload keeps the originals in host memory, jit merges "
+                        "one layer at a time inside its forward, none runs the fused LoRA path")
+    p.add_argument("--no-merge", action="store_true", help="same as --merge none")
     p.add_argument("--coefficients-plot", default=None, help="also write a coefficient heat map here")
     p.add_argument("--pipe-arg", dest="pipe_kwargs", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="extra FluxKontextPipeline argument (repeatable)")

@@ -15,10 +15,10 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
+from . import lora_api
 from .layer import LoRWeBLinear, has_plain_weight
 from .model import DEFAULT_ENCODER, checkpoint_metadata, get_coefficients, load_lorweb_weights, lorweb_layers, \
     set_query
-from .ops import column_scaling, concat_basis
 
 
 # ----------------------------------------------------------------------------------------------------- grids
@@ -83,37 +83,91 @@ def bottom_right_cell(grid):
 
 # ------------------------------------------------------------------------------------------ merged fast path
 def merged_weight(layer: LoRWeBLinear) -> torch.Tensor:
-    """``W + scale * sum_n alpha[n] (A_n B_n)^T`` computed in fp32 and rounded once to W's dtype. (out, in)."""
+    """``W + scale * sum_n alpha[n] (A_n B_n)^T`` computed in fp32 and rounded once to W's dtype. (out, in).
+    ``scale`` includes the strength of ``set_lorweb_scale``."""
     coeffs = layer.coefficients
     if coeffs is None:
         raise RuntimeError("cannot merge a LoRWeBLinear without coefficients: call set_query first")
     if coeffs.shape[0] != 1 and not bool((coeffs == coeffs[:1]).all()):
         raise ValueError(f"merging needs one analogy (batch size 1), got coefficients for {coeffs.shape[0]} "
                          "different samples")
-    w = layer.base_layer.weight
-    scaling = column_scaling(coeffs[0].detach(), layer.rank, layer.scale)  # (R,)
-    a_cat, b_cat = concat_basis(layer.lora_A.detach().float(), layer.lora_B.detach().float())  # (in, R), (R, out)
-    delta = (a_cat * scaling.to(a_cat.device)) @ b_cat  # (in, out)
-    return (w.detach().float() + delta.t().to(w.device)).to(w.dtype)
+    return layer.merged_weight_for(coeffs[0])
 
 
-@contextlib.contextmanager
-def merged(model: nn.Module) -> Iterator[nn.Module]:
-    """Batch-1 fast path: inside the block every LoRWeB layer runs as its plain base layer with the current
-    analogy's mixture merged into the weight, so a denoising step costs what the base model costs.
+#: Strategies of ``merged``; "none" in the pipeline and CLI means the unmerged (fused) path.
+MERGE_STRATEGIES = ("full", "offload", "jit")
 
-    On entry each base weight is replaced by ``merged_weight`` (fp32 math, one rounding); the original tensors are
-    kept, untouched, and put back on exit (also on error), so the weights are restored bit for bit: nothing is ever
-    subtracted. Holds one extra copy of the adapted weights while active. Needs plain (non-quantized) base weights
-    and coefficients for a single analogy (``set_query`` with one query).
-    """
+
+def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear]:
+    """The LoRWeB layers of ``model`` after checking, before anything changes, that ``strategy`` can merge them."""
+    if strategy not in MERGE_STRATEGIES:
+        raise ValueError(f"strategy must be one of {MERGE_STRATEGIES}, got {strategy!r}")
     layers = lorweb_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRWeB layers to merge")
+    storages = {}
     for name, layer in layers.items():
         if not has_plain_weight(layer.base_layer):
             raise TypeError(f"cannot merge into {name}: its base layer {type(layer.base_layer).__name__} has no "
                             "plain tensor weight (quantized layers run unmerged)")
-        if layer._merged:
+        if layer._merged or layer._merge_jit:
             raise RuntimeError(f"{name} is already merged (nested merged() blocks)")
+        coeffs = layer.coefficients
+        if coeffs is None:
+            raise RuntimeError(f"cannot merge {name} without coefficients: call set_query first")
+        if strategy != "jit" and coeffs.shape[0] != 1 and not bool((coeffs == coeffs[:1]).all()):
+            raise ValueError(f"strategy={strategy!r} merges one analogy (batch size 1), got coefficients for "
+                             f"{coeffs.shape[0]} different samples; strategy='jit' merges per sample")
+        ptr = layer.base_layer.weight.untyped_storage().data_ptr()
+        if strategy == "offload" and ptr in storages:
+            raise ValueError(f"{name} shares its weight storage with {storages[ptr]}: strategy='offload' merges in "
+                             "place; use strategy='full' or 'jit'")
+        storages[ptr] = name
+    return layers
+
+
+@contextlib.contextmanager
+def merged(model: nn.Module, strategy: str = "full") -> Iterator[nn.Module]:
+    """Run every LoRWeB layer with the current analogy's mixture merged into its base weight.
+
+    Every strategy computes the merged weight ``merged_weight`` in fp32 and rounds it once, and restores the
+    original weights bit for bit on exit (also on error): nothing is ever subtracted.
+
+    Args:
+        strategy:
+            ``"full"``: on entry every base weight is replaced by its merged weight and the original tensors are
+            kept untouched until exit. A denoising step costs what the base model costs. Extra memory: one copy of
+            every adapted weight, on the model's device.
+            ``"offload"``: layer by layer, the original weight is copied to host memory (pinned when the weight is
+            on a GPU) and the merged weight written into the weight's own storage, which is copied back on exit.
+            Extra device memory: one layer's merge temporaries; extra host memory: one copy of the adapted weights.
+            ``"jit"``: no weight changes. Each layer builds its merged weight inside its forward and frees it
+            (``LoRWeBLinear.jit_merged_forward``): extra memory is one layer's merged weight, at the price of one
+            (in x N*r x out) product per layer and forward. A batch of different analogies runs with one merged
+            weight per sample and a batched matmul.
+
+    ``"full"`` and ``"offload"`` need coefficients for a single analogy (``set_query`` with one query, or identical
+    rows); every strategy needs plain (non-quantized) base weights.
+    """
+    layers = _mergeable_layers(model, strategy)
+    if strategy == "full":
+        with _merged_full(layers):
+            yield model
+    elif strategy == "offload":
+        with _merged_offload(layers):
+            yield model
+    else:
+        try:
+            for layer in layers.values():
+                layer._merge_jit = True
+            yield model
+        finally:
+            for layer in layers.values():
+                layer._merge_jit = False
+
+
+@contextlib.contextmanager
+def _merged_full(layers: dict[str, LoRWeBLinear]):
     merged_weights = {name: merged_weight(layer) for name, layer in layers.items()}  # all or nothing
     originals = {}
     try:
@@ -122,12 +176,76 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
             originals[name] = weight.data
             weight.data = merged_weights.pop(name)
             layer._merged = True
-        yield model
+        yield
     finally:
         for name, data in originals.items():
             layer = layers[name]
             layer.base_layer.weight.data = data
             layer._merged = False
+
+
+@contextlib.contextmanager
+def _merged_offload(layers: dict[str, LoRWeBLinear]):
+    host = {}
+    try:
+        for name, layer in layers.items():
+            weight = layer.base_layer.weight
+            new = merged_weight(layer)
+            copy = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=weight.is_cuda)
+            copy.copy_(weight.detach())
+            host[name] = copy
+            with torch.no_grad():
+                weight.data.copy_(new)
+            del new
+            layer._merged = True
+        yield
+    finally:
+        with torch.no_grad():
+            for name, copy in host.items():
+                layer = layers[name]
+                layer.base_layer.weight.data.copy_(copy)
+                layer._merged = False
+
+
+def adapted_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the base weights wrapped by LoRWeB layers: the extra memory of ``merged(strategy="full")``."""
+    return sum(layer.base_layer.weight.numel() * layer.base_layer.weight.element_size()
+               for layer in lorweb_layers(model).values() if has_plain_weight(layer.base_layer))
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: ``torch.cuda.mem_get_info`` on CUDA, available host memory (psutil) on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    raise ValueError(f"cannot read the free memory of a {device.type} device; pass merge= explicitly")
+
+
+def choose_merge_strategy(model: nn.Module, *, free_bytes: Optional[int] = None,
+                          host_free_bytes: Optional[int] = None, headroom: float = 0.25) -> str:
+    """The merge strategy for one analogy, from the free memory.
+
+    "full" when one copy of the adapted weights fits in the free memory of the weights' device with ``headroom``
+    (a fraction of the free memory) left for activations; else "offload" when the weights are on a GPU and the copy
+    fits in free host memory; else "jit". ``free_bytes`` / ``host_free_bytes`` override the measured values.
+    """
+    layers = lorweb_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRWeB layers")
+    need = adapted_weight_bytes(model)
+    device = next(iter(layers.values())).base_layer.weight.device
+    free = free_memory_bytes(device) if free_bytes is None else int(free_bytes)
+    if need <= (1.0 - headroom) * free:
+        return "full"
+    if device.type == "cuda":
+        host = free_memory_bytes(torch.device("cpu")) if host_free_bytes is None else int(host_free_bytes)
+        if need <= (1.0 - headroom) * host:
+            return "offload"
+    return "jit"
 
 
 # -------------------------------------------------------------------------------------------- analogy encoder
@@ -261,6 +379,77 @@ class LoRWeBKontextPipeline:
         enc = AnalogyEncoder(encoder or meta.get("encoder", DEFAULT_ENCODER), device=device)
         return cls(pipe, enc, long_edge=long_edge)
 
+    # ------------------------------------------------------------- the diffusers/peft LoRA API (lora_api)
+    def set_analogy(self, a, a_prime, b) -> dict:
+        """Compute the queries of the analogies and ``set_query`` them (e.g. before ``fuse_lora``); returns
+        ``{layer: (B, N) coefficients}``."""
+        a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
+        return set_query(self.transformer, self.encoder(a, a_prime, b))
+
+    def load_lora_weights(self, path_or_dir: Union[str, Path], weight_name: Optional[str] = None,
+                          config: Union[str, Path, None] = None) -> list[str]:
+        """diffusers' ``load_lora_weights``: an official LoRWeB checkpoint file, or a directory holding one (and
+        its ``config.yaml``), loaded into the transformer (injecting the layers when the transformer is stock).
+        The checkpoint's query_dim is checked against the analogy encoder first. Returns the loaded modules."""
+        _, names = lora_api.load_lora_weights(self.transformer, path_or_dir, weight_name, config,
+                                              query_dim=self.encoder.query_dim)
+        return names
+
+    def unload_lora_weights(self) -> list[str]:
+        """diffusers' ``unload_lora_weights``: unfuse, then restore the stock transformer layers."""
+        return lora_api.unload_lora_weights(self.transformer)
+
+    def fuse_lora(self, strategy: str = "full") -> None:
+        """diffusers' ``fuse_lora``: merge the current analogy (``set_analogy`` or the last call) into the weights
+        with ``merged(strategy)`` until ``unfuse_lora``. Calls with the same analogy then run at base cost; another
+        analogy raises (strategy "jit" follows every new analogy instead)."""
+        lora_api.fuse_lora(self.transformer, strategy)
+
+    def unfuse_lora(self) -> None:
+        """diffusers' ``unfuse_lora``: the original weights back, bit for bit."""
+        lora_api.unfuse_lora(self.transformer)
+
+    def set_lorweb_scale(self, scale: float) -> None:
+        """Strength of the mixture (diffusers' ``set_adapters`` weight, the official multiplier)."""
+        lora_api.set_lorweb_scale(self.transformer, scale)
+
+    def save_pretrained(self, directory: Union[str, Path], *, base_model: Optional[str] = None,
+                        training: Optional[dict] = None) -> Path:
+        """Write ``lorweb.safetensors``, ``config.yaml`` and a README model card (``lora_api.save_pretrained``)."""
+        return lora_api.save_pretrained(self.transformer, directory, encoder=self.encoder.name,
+                                        base_model=base_model or self._base_model_name(), training=training)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """``save_pretrained`` into a temporary folder uploaded with huggingface_hub's ``upload_folder``."""
+        kwargs.setdefault("base_model", self._base_model_name())
+        return lora_api.push_to_hub(self.transformer, repo_id, encoder=self.encoder.name, **kwargs)
+
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        """diffusers' model CPU offload of the wrapped pipeline; LoRWeB coefficients follow each layer's device."""
+        return self.pipe.enable_model_cpu_offload(*args, **kwargs)
+
+    def _base_model_name(self) -> Optional[str]:
+        name = getattr(getattr(self.pipe, "config", None), "_name_or_path", None)
+        return str(name) if name else None
+
+    def merge_strategy(self, merge: Union[bool, str], batch_size: int) -> str:
+        """The strategy ``__call__`` runs for ``merge`` and ``batch_size`` samples: one of MERGE_STRATEGIES or
+        "none"."""
+        if merge is True:
+            return "full"
+        if merge is False or merge == "none":
+            return "none"
+        if merge in MERGE_STRATEGIES:
+            return merge
+        if merge != "auto":
+            raise ValueError(f"merge must be 'auto', 'none', one of {MERGE_STRATEGIES}, True or False; got {merge!r}")
+        layers = lorweb_layers(self.transformer)
+        if batch_size != 1 or not all(has_plain_weight(l.base_layer) for l in layers.values()):
+            return "none"
+        if any(l._merged or l._merge_jit for l in layers.values()):
+            return "none"  # already fused (fuse_lora)
+        return choose_merge_strategy(self.transformer)
+
     def control_grids(self, a, a_prime, b, *, long_edge: Optional[int] = None) -> list:
         """One control grid per analogy, all of the first analogy's cell size (the pipeline batches them)."""
         a, a_prime, b = (_as_list(x) for x in (a, a_prime, b))
@@ -279,7 +468,10 @@ class LoRWeBKontextPipeline:
         Args:
             a, a_prime, b: one image each, or lists of B images.
             prompt: one edit description, or B of them.
-            merge: "auto" (merge for a single analogy when the base weights are plain), True or False.
+            merge: "auto", "full", "offload", "jit" or "none" (True = "full", False = "none"); see ``merged``.
+                "auto": for a single analogy with plain base weights, ``choose_merge_strategy`` picks from the
+                free memory; a batch of different analogies runs unmerged (the fused path). "jit" also serves a
+                batch of different analogies (one merged weight per sample and layer, batched matmul).
             generator: a torch.Generator, or B of them (one per analogy: the result then matches one-by-one runs).
             output_type: "pil" (PIL images) or "np" (float arrays in [0, 1], (H, W, 3)).
             pipe_kwargs: passed to FluxKontextPipeline.__call__ (e.g. ``true_cfg_scale``, ``negative_prompt``).
@@ -294,16 +486,17 @@ class LoRWeBKontextPipeline:
         if per_prompt > 1 and count > 1:
             raise ValueError("num_images_per_prompt > 1 is supported for a single analogy only; pass the analogy "
                              "several times instead")
+        strategy = self.merge_strategy(merge, count * per_prompt)
         query = self.encoder(a, a_prime, b).repeat_interleave(per_prompt, dim=0)  # pipeline order
         set_query(self.transformer, query)  # once per generation
+        if lora_api.fused_strategy(self.transformer) is not None:  # fuse_lora(): the mixture is in the weights
+            lora_api.check_fused_coefficients(self.transformer)
+            strategy = "none"
         width, height = grids[0].size
-        if merge == "auto":
-            merge = count * per_prompt == 1 and all(has_plain_weight(l.base_layer)
-                                                    for l in lorweb_layers(self.transformer).values())
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
         self.pipe.set_progress_bar_config(disable=not progress)
-        context = merged(self.transformer) if merge else contextlib.nullcontext()
+        context = contextlib.nullcontext() if strategy == "none" else merged(self.transformer, strategy)
         with context:
             out = self.pipe(image=grids if count > 1 else grids[0], prompt=prompts if count > 1 else prompts[0],
                             height=height, width=width, num_inference_steps=num_inference_steps,

@@ -6,6 +6,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -25,6 +26,16 @@ def has_plain_weight(base: nn.Module) -> bool:
     fused kernels may read the weight directly. False for bitsandbytes (quantized weight, own forward)."""
     return (isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward
             and type(base.weight) in (nn.Parameter, torch.Tensor) and base.weight.is_floating_point())
+
+
+def _refuse_sharded_weight(base: nn.Module) -> None:
+    """Tensor parallelism shards the base weight (a DTensor with a Shard placement) but not the LoRA basis: refuse."""
+    weight = getattr(base, "weight", None)
+    placements = getattr(weight, "placements", None)
+    if placements is not None and any(p.is_shard() for p in placements):
+        raise NotImplementedError(
+            f"the base layer of this LoRWeB layer has a tensor-parallel sharded weight ({placements}); LoRWeB does "
+            "not support tensor parallelism yet (the basis is not sharded). Use context parallelism instead.")
 
 
 class LoRWeBLinear(nn.Module):
@@ -78,6 +89,8 @@ class LoRWeBLinear(nn.Module):
         self._coefficients: Optional[torch.Tensor] = None
         self._query: Optional[torch.Tensor] = None  # per-forward mode, see set_query_per_forward
         self._merged = False  # set by lorweb_fast.merged(): the mixture is folded into the base weight
+        self._merge_jit = False  # set by merged(strategy="jit"): merged weight built inside each forward
+        self._lorweb_scale = 1.0  # strength multiplier of the mixture (set_lorweb_scale)
 
     def lorweb_tensors(self) -> dict[str, nn.Parameter]:
         """The LoRWeB parameters under their official checkpoint suffixes, in checkpoint order."""
@@ -91,11 +104,18 @@ class LoRWeBLinear(nn.Module):
         return self._coefficients
 
     def set_coefficients(self, coeffs: Optional[torch.Tensor]) -> None:
-        """Use ``coeffs`` (B, N) for every following forward, until replaced; None clears them."""
+        """Use ``coeffs`` (B, N) for every following forward, until replaced; None clears them.
+
+        A view with a storage offset (e.g. one layer's slice of ``set_query``'s stacked (L, B, N) result) is stored
+        as a copy: torch.compile guards on the storage offset of a tensor attribute, and an offset that grows with
+        the batch size would recompile every compiled block at a new batch size.
+        """
         if coeffs is not None:
             if not isinstance(coeffs, torch.Tensor) or coeffs.dim() != 2 or coeffs.shape[1] != self.num_loras:
                 shape = tuple(coeffs.shape) if isinstance(coeffs, torch.Tensor) else type(coeffs).__name__
                 raise ValueError(f"coefficients must be (B, N={self.num_loras}), got {shape}")
+            if coeffs.storage_offset() != 0:
+                coeffs = coeffs.clone()
         self._coefficients = coeffs
         self._query = None
 
@@ -122,6 +142,8 @@ class LoRWeBLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged:
             return self.base_layer(x)
+        if self._merge_jit:
+            return self.jit_merged_forward(x)
         coeffs = self._coefficients
         if coeffs is None and self._query is not None:
             weight = self.att_lora_to_q.weight
@@ -144,11 +166,61 @@ class LoRWeBLinear(nn.Module):
         base = self.base_layer
         if has_plain_weight(base):
             bias = None if base.bias is None else base.bias.to(dtype)
-            return ops.lorweb_linear(x.to(dtype), base.weight.to(dtype), bias, lora_a, lora_b, coeffs, self.scale,
-                                     backend=self.backend)
+            return ops.lorweb_linear(x.to(dtype), base.weight.to(dtype), bias, lora_a, lora_b, coeffs,
+                                     self.mixture_scale, backend=self.backend)
+        _refuse_sharded_weight(base)
         y = base(x)
-        return ops.mixed_lora_delta(x.to(dtype), lora_a, lora_b, coeffs, self.scale, add_to=y.to(dtype),
+        return ops.mixed_lora_delta(x.to(dtype), lora_a, lora_b, coeffs, self.mixture_scale, add_to=y.to(dtype),
                                     backend=self.backend)
+
+    # ------------------------------------------------------------------------------------------ merged weights
+    @property
+    def mixture_scale(self) -> float:
+        """``scale`` (lora_alpha / r) times the strength set with ``set_lorweb_scale``: the factor of the mixture."""
+        return self.scale * self._lorweb_scale
+
+    def merged_weight_for(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """``W + mixture_scale * sum_n coeffs[..., n] (A_n B_n)^T`` in fp32 (float64 for a float64 weight), rounded
+        once to W's dtype.
+
+        Args:
+            coeffs: (N,) for one analogy -> (out, in); (B, N) -> (B, out, in), one merged weight per sample.
+        """
+        if not has_plain_weight(self.base_layer):
+            raise TypeError(f"cannot merge into a {type(self.base_layer).__name__}: no plain tensor weight")
+        w = self.base_layer.weight.detach()
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        c = coeffs.detach().to(w.device)
+        scaling = ops.column_scaling(c, self.rank, self.mixture_scale).to(acc)  # (R,) or (B, R)
+        a_cat, b_cat = ops.concat_basis(self.lora_A.detach().to(w.device, acc),
+                                        self.lora_B.detach().to(w.device, acc))  # (in, R), (R, out)
+        if c.dim() == 1:
+            delta = (a_cat * scaling) @ b_cat  # (in, out)
+            return (w.to(acc) + delta.t()).to(w.dtype)
+        delta = (a_cat * scaling.unsqueeze(1)) @ b_cat  # (B, in, out)
+        return (w.to(acc) + delta.transpose(1, 2)).to(w.dtype)
+
+    def jit_merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward of ``merged(strategy="jit")``: the merged weight is built here and freed on return.
+
+        One analogy (or identical coefficient rows): ``F.linear(x, merged_weight, bias)``, exactly what a layer
+        merged by ``merged(strategy="full")`` computes. Different analogies: one merged weight per sample,
+        (B, out, in), applied with a batched matmul. Inputs (B, S, in) or (B, in).
+        """
+        coeffs = self._coefficients
+        if coeffs is None:
+            raise RuntimeError("LoRWeBLinear has no coefficients: call lorweb_fast.set_query before the forward")
+        if x.dim() not in (2, 3) or coeffs.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"coefficients for batch size {coeffs.shape[0]} do not match input {tuple(x.shape)}")
+        bias = self.base_layer.bias
+        if coeffs.shape[0] == 1 or bool((coeffs == coeffs[:1]).all()):
+            return F.linear(x, self.merged_weight_for(coeffs[0]), bias)
+        weights = self.merged_weight_for(coeffs)  # (B, out, in)
+        x3 = x if x.dim() == 3 else x.unsqueeze(1)
+        y = torch.matmul(x3, weights.transpose(1, 2))
+        if bias is not None:
+            y = y + bias
+        return y if x.dim() == 3 else y.squeeze(1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_loras={self.num_loras}, "

@@ -142,6 +142,10 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
             raise ValueError(f"query has {query.shape[1]} features but layer {name} expects query_dim="
                              f"{layer.query_dim}")
         w = layer.att_lora_to_q.weight
+        if w.device.type == "meta" and not per_forward:
+            raise ValueError(f"layer {name} has its LoRWeB weights on the meta device (e.g. sequential CPU offload, "
+                             "which keeps weights only inside each module's forward): set_query cannot compute "
+                             "coefficients from them; use enable_model_cpu_offload or group offloading instead")
         key = (layer.num_loras, layer.key_dim, layer.heads, layer.activation, layer.reduce, w.dtype, w.device)
         groups[key].append((name, layer))
     if per_forward:

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("torch", "triton", "cuda")
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: dtypes of the fused backends (triton, cuda); float64 runs on the torch backend only.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_NAMESPACE = "lorweb_fast_cuda"
 
 
@@ -113,6 +115,18 @@ def backend_status() -> dict[str, str]:
     return status
 
 
+def resolve_backend_for(backend: Optional[str], x: torch.Tensor) -> str:
+    """``resolve_backend`` for the tensors of ``x``: float64 runs on the torch backend (picked when ``backend`` is
+    None); a fused backend named for float64 raises BackendUnavailableError."""
+    if x.dtype == torch.float64:
+        if backend is None or backend == "torch":
+            return "torch"
+        resolve_backend(backend, x.device)  # an unknown or unusable backend names its own problem first
+        raise BackendUnavailableError(f"backend={backend!r} does not support float64 (fused backends take "
+                                      f"{FUSED_DTYPES}); use backend='torch' for float64")
+    return resolve_backend(backend, x.device)
+
+
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     """The backend that runs tensors on ``device``. None picks the best usable one; a named backend that cannot run
     raises BackendUnavailableError instead of falling back."""
@@ -188,8 +202,10 @@ def validate_inputs(x, lora_a, lora_b, coeffs, weight=None, bias=None, add_to=No
 
 # --------------------------------------------------------------------------------------------------- torch backend
 def column_scaling(coeffs: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
-    """(B, N) coefficients -> (B, N*r) fp32 per-sample column scaling (alpha_b[n] repeated r times, times scale)."""
-    return (coeffs.float() * scale).repeat_interleave(rank, dim=-1)
+    """(B, N) coefficients -> (B, N*r) per-sample column scaling (alpha_b[n] repeated r times, times scale); fp32,
+    or float64 for float64 coefficients."""
+    acc = torch.float64 if coeffs.dtype == torch.float64 else torch.float32
+    return (coeffs.to(acc) * scale).repeat_interleave(rank, dim=-1)
 
 
 def concat_basis(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,7 +333,7 @@ def mixed_lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
         (B, S, out) or (B, out) in x.dtype.
     """
     validate_inputs(x, lora_a, lora_b, coeffs, add_to=add_to)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend_for(backend, x)
     if name == "torch":
         delta = _torch_delta(x, lora_a, lora_b, coeffs, scale)
         return delta if add_to is None else add_to + delta
@@ -338,7 +354,7 @@ def lorweb_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     validate_inputs(x, lora_a, lora_b, coeffs, weight=weight, bias=bias)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend_for(backend, x)
     if name == "torch":
         return F.linear(x, weight, bias) + _torch_delta(x, lora_a, lora_b, coeffs, scale)
     return _fused_linear(name, x, weight, bias, None, lora_a, lora_b, coeffs, scale)
@@ -355,10 +371,10 @@ def compute_coefficients(query: torch.Tensor, to_q_weight: torch.Tensor, keys: t
         keys: (N, key_dim), or (L, N, key_dim).
         heads, activation, reduce: as in ``lorweb_fast.reference.compute_coefficients``.
         backend: validated like everywhere else; every backend computes this tiny batched GEMM with torch (cuBLAS on
-            GPU), in the weights' dtype with fp32 logits and softmax.
+            GPU), in the weights' dtype with fp32 logits and softmax (float64 logits for float64 weights).
 
     Returns:
-        (B, N) fp32, or (L, B, N) for stacked inputs.
+        (B, N) fp32 (float64 for float64 weights), or (L, B, N) for stacked inputs.
     """
     from .reference import ACTIVATIONS, REDUCTIONS
 
@@ -385,9 +401,10 @@ def compute_coefficients(query: torch.Tensor, to_q_weight: torch.Tensor, keys: t
         if t.device != query.device:
             raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
     d = key_dim // heads
-    p = torch.matmul(query.to(w.dtype).unsqueeze(0), w.transpose(1, 2)).float()  # (L, B, key_dim)
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    p = torch.matmul(query.to(w.dtype).unsqueeze(0), w.transpose(1, 2)).to(acc)  # (L, B, key_dim)
     p = p.view(num_layers, -1, heads, d)
-    kh = kk.float().view(num_layers, kk.shape[1], heads, d)
+    kh = kk.to(acc).view(num_layers, kk.shape[1], heads, d)
     logits = torch.einsum("lbhd,lnhd->lbhn", p, kh) * (d ** -0.5)
     c = torch.softmax(logits, dim=-1) if activation == "softmax" else torch.tanh(logits)
     if reduce == "mean":

@@ -92,7 +92,7 @@ def test_batch_of_two_equals_one_by_one(lorweb_pipe):
 def test_merged_pipeline_matches_unmerged(lorweb_pipe, monkeypatch):
     entered = []
     real_merged = flux.merged
-    monkeypatch.setattr(flux, "merged", lambda m: entered.append(1) or real_merged(m))
+    monkeypatch.setattr(flux, "merged", lambda m, *args: entered.append(1) or real_merged(m, *args))
     x = [analogy(3)]
     auto = run(lorweb_pipe, x, ["flip"], merge="auto")[0]
     assert entered == [1]  # batch 1, plain weights: merged automatically

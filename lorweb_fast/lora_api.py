@@ -1,0 +1,301 @@
+"""The diffusers/peft LoRA API on a transformer carrying LoRWeB layers (``LoRWeBKontextPipeline`` delegates here).
+
+    diffusers / peft name                 lorweb_fast
+    pipe.load_lora_weights(dir_or_file)   load_lora_weights(model, dir_or_file, weight_name=None, config=None)
+    pipe.unload_lora_weights()            unload_lora_weights(model)       (remove_lorweb: the stock layers back)
+    pipe.fuse_lora() / unfuse_lora()      fuse_lora(model, strategy) / unfuse_lora(model)   (merged() kept open)
+    pipe.set_adapters(name, weights=s)    set_lorweb_scale(model, s)       (multiplies the mixture)
+    pipe.save_lora_weights / save_pretrained   save_pretrained(model, dir, ...)  (weights + config.yaml + README)
+    push_to_hub(repo_id)                  push_to_hub(model, repo_id, ...) (huggingface_hub.upload_folder)
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .model import (CHECKPOINT_PREFIX, DEFAULT_ENCODER, LoRWeBCheckpointError, _require_layers, checkpoint_metadata,
+                    load_lorweb_weights, lorweb_layers, remove_lorweb, save_lorweb_weights)
+
+#: File names written by ``save_pretrained`` and looked for by ``load_lora_weights`` in a directory.
+WEIGHT_NAME = "lorweb.safetensors"
+CONFIG_NAME = "config.yaml"
+CARD_NAME = "README.md"
+_FUSED = "_lorweb_fused"  # model attribute: (merged() context, strategy, coefficients at fuse time)
+
+
+# -------------------------------------------------------------------------------------------------- fusing
+def fused_strategy(model: nn.Module) -> Optional[str]:
+    """The strategy ``fuse_lora`` used on ``model``, or None when it is not fused."""
+    state = getattr(model, _FUSED, None)
+    return None if state is None else state[1]
+
+
+def fuse_lora(model: nn.Module, strategy: str = "full") -> None:
+    """Fold the current analogy's mixture into the weights until ``unfuse_lora``: ``merged(model, strategy)`` kept
+    open. With "full"/"offload" the weights hold the analogy set by the last ``set_query``; with "jit" every
+    forward merges the coefficients current at that time."""
+    from .flux import merged
+
+    if fused_strategy(model) is not None:
+        raise RuntimeError(f"the LoRWeB mixture is already fused (strategy={fused_strategy(model)!r}); call "
+                           "unfuse_lora() first")
+    context = merged(model, strategy)
+    context.__enter__()  # validates everything before changing anything
+    coeffs = {n: l.coefficients.detach().clone() for n, l in lorweb_layers(model).items()}
+    setattr(model, _FUSED, (context, strategy, coeffs))
+
+
+def unfuse_lora(model: nn.Module) -> None:
+    """Restore the weights fused by ``fuse_lora`` bit for bit (a no-op when nothing is fused)."""
+    state = getattr(model, _FUSED, None)
+    if state is None:
+        return
+    delattr(model, _FUSED)
+    state[0].__exit__(None, None, None)
+
+
+def check_fused_coefficients(model: nn.Module) -> None:
+    """Raise when the weights were fused ("full"/"offload") for another analogy than the coefficients now set;
+    the fused coefficients are then put back. Identical rows (one analogy repeated) are accepted."""
+    state = getattr(model, _FUSED, None)
+    if state is None or state[1] == "jit":
+        return
+    fused = state[2]
+    layers = lorweb_layers(model)
+    for name, layer in layers.items():
+        now, then = layer.coefficients, fused[name]
+        same = now is not None and now.shape[1] == then.shape[1] and torch.equal(
+            now.to(then.device, then.dtype), then[:1].expand(now.shape[0], -1))
+        if not same:
+            for n, l in layers.items():
+                l.set_coefficients(fused[n])
+            raise RuntimeError("the LoRWeB mixture is fused for another analogy: call unfuse_lora() before "
+                               "generating with a new analogy (or fuse with strategy='jit')")
+
+
+# ------------------------------------------------------------------------------------------------ strength
+def set_lorweb_scale(model: nn.Module, scale: float) -> None:
+    """Multiply every layer's mixture by ``scale`` (diffusers' ``set_adapters`` weight, the official network
+    multiplier): y = base(x) + scale * (lora_alpha / r) * sum_n alpha[n] B_n^T A_n^T x. 1.0 restores the
+    trained strength, 0.0 gives the base model. Not saved with the weights."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    layers = _require_layers(model)
+    strategy = fused_strategy(model)
+    if strategy not in (None, "jit"):
+        raise RuntimeError(f"the mixture is fused into the weights (strategy={strategy!r}); call unfuse_lora() "
+                           "before changing its scale")
+    for layer in layers.values():
+        layer._lorweb_scale = float(scale)
+
+
+def get_lorweb_scale(model: nn.Module) -> float:
+    """The strength set with ``set_lorweb_scale`` (1.0 by default)."""
+    scales = {layer._lorweb_scale for layer in _require_layers(model).values()}
+    if len(scales) != 1:
+        raise ValueError(f"the LoRWeB layers have different strengths {sorted(scales)}")
+    return scales.pop()
+
+
+# --------------------------------------------------------------------------------------------- load / unload
+def resolve_weight_file(path_or_dir: Union[str, os.PathLike], weight_name: Optional[str] = None) -> Path:
+    """The checkpoint file of ``path_or_dir``: the file itself, ``dir/weight_name``, ``dir/lorweb.safetensors``,
+    or the directory's only ``*.safetensors``."""
+    path = Path(path_or_dir)
+    if path.is_dir():
+        if weight_name is not None:
+            file = path / weight_name
+        elif (path / WEIGHT_NAME).is_file():
+            file = path / WEIGHT_NAME
+        else:
+            found = sorted(path.glob("*.safetensors"))
+            if len(found) != 1:
+                raise FileNotFoundError(f"{path} holds {len(found)} .safetensors files "
+                                        f"({[f.name for f in found][:5]}); pass weight_name=")
+            file = found[0]
+    elif weight_name is not None:
+        raise ValueError(f"weight_name={weight_name!r} is for a directory, but {path} is not a directory")
+    else:
+        file = path
+    if not file.is_file():
+        raise FileNotFoundError(f"LoRWeB checkpoint not found: {file}")
+    return file
+
+
+def _checkpoint_query_dim(file: Path) -> Optional[int]:
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(file), framework="pt") as f:
+        for key in f.keys():
+            if key.startswith(CHECKPOINT_PREFIX) and key.endswith(".att_lora_to_q.weight"):
+                return int(f.get_slice(key).get_shape()[1])
+    return None
+
+
+def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], weight_name: Optional[str] = None,
+                      config: Union[str, os.PathLike, None] = None, *,
+                      query_dim: Optional[int] = None) -> tuple[Path, list[str]]:
+    """Load an official-format LoRWeB checkpoint (file or directory) into ``model`` (``load_lorweb_weights``).
+
+    A directory's ``config.yaml`` is used when ``config`` is None. ``query_dim``, when given (the analogy encoder's),
+    must match the checkpoint; it is checked before the model changes. Returns (checkpoint file, loaded modules).
+    """
+    file = resolve_weight_file(path_or_dir, weight_name)
+    checkpoint_metadata(file)  # a corrupt file fails before anything changes
+    if query_dim is not None:
+        got = _checkpoint_query_dim(file)
+        if got is not None and got != query_dim:
+            raise LoRWeBCheckpointError(f"{file} expects queries of {got} features but the analogy encoder gives "
+                                        f"{query_dim}; the model was not changed")
+    kwargs = {}
+    if config is None and Path(path_or_dir).is_dir() and (Path(path_or_dir) / CONFIG_NAME).is_file():
+        config = Path(path_or_dir) / CONFIG_NAME
+        if "config" not in inspect.signature(load_lorweb_weights).parameters:
+            warnings.warn(f"{config} is not read by this version of load_lorweb_weights; the checkpoint's "
+                          "safetensors metadata gives the configuration", stacklevel=2)
+            config = None
+    if config is not None:
+        if "config" not in inspect.signature(load_lorweb_weights).parameters:
+            raise NotImplementedError("this version of load_lorweb_weights cannot read config.yaml; omit config=")
+        kwargs["config"] = config
+    names = load_lorweb_weights(model, file, **kwargs)
+    return file, names
+
+
+def unload_lora_weights(model: nn.Module) -> list[str]:
+    """Unfuse if fused, then put the stock layers back (``remove_lorweb``). Returns the restored names."""
+    unfuse_lora(model)
+    return remove_lorweb(model)
+
+
+# ----------------------------------------------------------------------------------- config.yaml and model card
+def lorweb_config_dict(model: nn.Module, *, encoder: str = DEFAULT_ENCODER,
+                       base_model: Optional[str] = None) -> dict:
+    """The fields of the official ``config.yaml`` that official inference reads
+    (``config.process[0].network``, see METHOD.md), for ``model``'s LoRWeB layers."""
+    layers = _require_layers(model)
+    first = next(iter(layers.values()))
+    process = {
+        "type": "sd_trainer",
+        "network": {
+            "type": "attlora", "linear": first.rank, "linear_alpha": first.lora_alpha,
+            "network_kwargs": {
+                "lora_keys_dim": first.key_dim, "lora_heads": first.heads, "loras_num": first.num_loras,
+                "lora_softmax": first.activation == "softmax", "mixing_coeffs_type": first.reduce,
+                "external_query": True, "pooling_type": "avg", "query_projection_type": "linear",
+                "query_mode": "cat-aa'b", "external_query_model": encoder,
+            },
+        },
+    }
+    if base_model is not None:
+        process["model"] = {"name_or_path": base_model, "arch": "flux_kontext"}
+    return {"job": "extension", "config": {"name": "lorweb", "process": [process]}}
+
+
+def write_lorweb_config(model: nn.Module, path: Union[str, os.PathLike], *, encoder: str = DEFAULT_ENCODER,
+                        base_model: Optional[str] = None) -> Path:
+    """Write ``config.yaml``. Uses ``lorweb_fast.official_config`` when that writer exists, else
+    ``lorweb_config_dict``."""
+    path = Path(path)
+    try:
+        from . import official_config  # noqa: F401  (the full writer, when present)
+        writer = getattr(official_config, "write_config", None)
+    except ImportError:
+        writer = None
+    if writer is not None:
+        writer(model, path, encoder=encoder, base_model=base_model)
+        return path
+    import yaml
+
+    path.write_text(yaml.safe_dump(lorweb_config_dict(model, encoder=encoder, base_model=base_model),
+                                   sort_keys=False))
+    return path
+
+
+def model_card(model: nn.Module, *, encoder: str = DEFAULT_ENCODER, base_model: Optional[str] = None,
+               training: Optional[dict] = None, repo_id: Optional[str] = None) -> str:
+    """A README.md model card: base model, encoder, N, r, query mode, training data and steps when known, usage."""
+    layers = _require_layers(model)
+    first = next(iter(layers.values()))
+    base = base_model or "black-forest-labs/FLUX.1-Kontext-dev"
+    training = training or {}
+    rows = [("base model", base), ("analogy encoder", encoder), ("basis LoRAs N", first.num_loras),
+            ("rank r", first.rank), ("lora_alpha", f"{first.lora_alpha:g}"), ("key_dim", first.key_dim),
+            ("query_dim", first.query_dim), ("heads", first.heads), ("activation", first.activation),
+            ("reduce", first.reduce), ("query mode", "cat-aa'b (concat of embed(a), embed(a'), embed(b))"),
+            ("adapted layers", len(layers)),
+            ("training data", training.get("data", "unknown")), ("training steps", training.get("steps", "unknown"))]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    source = repo_id or "path/to/this/folder"
+    return f"""---
+base_model: {base}
+library_name: diffusers
+tags:
+- lorweb
+- lora
+- flux-kontext
+- visual-analogy
+---
+
+# LoRWeB weights
+
+A LoRWeB adapter (a basis of {first.num_loras} LoRAs of rank {first.rank}, mixed per sample from the analogy
+a : a' :: b : ?) for {base}, in the official checkpoint format (`{WEIGHT_NAME}`, `{CONFIG_NAME}`).
+
+| setting | value |
+|---|---|
+{table}
+
+## Usage
+
+```python
+import torch
+from lorweb_fast.flux import LoRWeBKontextPipeline
+
+pipe = LoRWeBKontextPipeline.from_pretrained("{base}", "{source}/{WEIGHT_NAME}", dtype=torch.bfloat16,
+                                             device="cuda")
+(b_prime,) = pipe("a.png", "a_prime.png", "b.png", "describe the edit")
+b_prime.save("b_prime.png")
+```
+"""
+
+
+def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, encoder: str = DEFAULT_ENCODER,
+                    base_model: Optional[str] = None, training: Optional[dict] = None,
+                    repo_id: Optional[str] = None) -> Path:
+    """Write ``lorweb.safetensors`` (official format), ``config.yaml`` and a README.md model card to
+    ``directory``. Fused weights are not saved: the LoRWeB parameters are."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a directory")
+    _require_layers(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_lorweb_weights(model, directory / WEIGHT_NAME, metadata={"encoder": encoder})
+    write_lorweb_config(model, directory / CONFIG_NAME, encoder=encoder, base_model=base_model)
+    (directory / CARD_NAME).write_text(model_card(model, encoder=encoder, base_model=base_model, training=training,
+                                                  repo_id=repo_id))
+    return directory
+
+
+def push_to_hub(model: nn.Module, repo_id: str, *, encoder: str = DEFAULT_ENCODER,
+                base_model: Optional[str] = None, training: Optional[dict] = None, private: Optional[bool] = None,
+                token: Optional[str] = None, commit_message: str = "Upload LoRWeB weights"):
+    """``save_pretrained`` into a temporary folder, then ``huggingface_hub`` create_repo + upload_folder."""
+    import huggingface_hub
+
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ValueError(f"repo_id must be a non-empty string, got {repo_id!r}")
+    with tempfile.TemporaryDirectory(prefix="lorweb-push-") as tmp:
+        save_pretrained(model, tmp, encoder=encoder, base_model=base_model, training=training, repo_id=repo_id)
+        huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True)
+        return huggingface_hub.upload_folder(repo_id=repo_id, folder_path=tmp, token=token,
+                                             commit_message=commit_message)

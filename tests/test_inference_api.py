@@ -1,0 +1,291 @@
+"""The diffusers/peft API on LoRWeBKontextPipeline (lora_api): load/unload, fuse/unfuse, set_lorweb_scale,
+save_pretrained / push_to_hub folders, merge strategies in the pipeline and the CLI's --merge, and offloading hooks."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import lorweb_fast as lf
+from lorweb_fast import cli, demo, flux, lora_api
+
+pytest.importorskip("diffusers")
+STEPS = 2
+FP32_IMAGE_ATOL = 1e-4  # see test_flux_pipeline.py
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    demo.build_tiny_kontext_pipeline(root / "pipe")
+    demo.build_tiny_clip(root / "clip")
+    pipe = flux.load_kontext_pipeline(root / "pipe")
+    torch.manual_seed(1)
+    lf.inject_lorweb(pipe.transformer, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=24))
+    with torch.no_grad():
+        for layer in lf.lorweb_layers(pipe.transformer).values():
+            layer.lora_B.normal_(0, 0.5)
+            layer.lora_keys.normal_(0, 3.0)
+    lf.save_lorweb_weights(pipe.transformer, root / "lorweb.safetensors", metadata={"encoder": str(root / "clip")})
+    return root
+
+
+@pytest.fixture()
+def pipe(assets):
+    return flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors", long_edge=64)
+
+
+def analogy(seed):
+    rng = random.Random(seed)
+    a, b = demo._random_picture(rng, 32), demo._random_picture(rng, 40)
+    return a, demo._flip(a), b
+
+
+def run(pipe, analogies, prompts, *, merge="none", seeds=None):
+    a, a2, b = (list(x) for x in zip(*analogies))
+    generators = [torch.Generator().manual_seed(s) for s in (seeds or range(len(a)))]
+    return pipe(a, a2, b, prompts, num_inference_steps=STEPS, generator=generators, merge=merge,
+                output_type="np", max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, progress=False)
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------------------------------------ merging
+def test_merge_strategy_resolution(pipe):
+    assert pipe.merge_strategy(True, 1) == "full" and pipe.merge_strategy(False, 1) == "none"
+    assert pipe.merge_strategy("auto", 1) == "full"  # tiny model, plenty of free memory
+    assert pipe.merge_strategy("auto", 2) == "none"  # batches of analogies: the fused path by default
+    assert pipe.merge_strategy("jit", 2) == "jit"
+    with pytest.raises(ValueError, match="merge must be"):
+        pipe.merge_strategy("fast", 1)
+
+
+def test_every_strategy_matches_the_unmerged_pipeline_and_jit_serves_batches(pipe):
+    x = [analogy(3)]
+    plain = run(pipe, x, ["flip"], merge="none")[0]
+    before = params(pipe.transformer)
+    for strategy in flux.MERGE_STRATEGIES:
+        got = run(pipe, x, ["flip"], merge=strategy)[0]
+        np.testing.assert_allclose(got, plain, rtol=0, atol=FP32_IMAGE_ATOL)
+    after = params(pipe.transformer)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    pair, prompts = [analogy(0), analogy(1)], ["mirror", "swap"]
+    fused = run(pipe, pair, prompts, merge="none", seeds=[5, 6])
+    jit = run(pipe, pair, prompts, merge="jit", seeds=[5, 6])  # per-sample merged weights, batched matmul
+    for got, want in zip(jit, fused):
+        np.testing.assert_allclose(got, want, rtol=0, atol=FP32_IMAGE_ATOL)
+    assert np.abs(jit[0] - jit[1]).max() > 100 * FP32_IMAGE_ATOL
+
+
+def test_cli_merge_option(assets, tmp_path, monkeypatch):
+    seen = []
+    real_call = flux.LoRWeBKontextPipeline.__call__
+    monkeypatch.setattr(flux.LoRWeBKontextPipeline, "__call__",
+                        lambda self, *a, **k: seen.append(k["merge"]) or real_call(self, *a, **k))
+    a, a2, b = analogy(0)
+    for i, im in enumerate((a, a2, b)):
+        im.save(tmp_path / f"{i}.png")
+    base = ["infer", "--a", str(tmp_path / "0.png"), "--a-prime", str(tmp_path / "1.png"), "--b",
+            str(tmp_path / "2.png"), "--prompt", "flip", "--weights", str(assets / "lorweb.safetensors"),
+            "--model", str(assets / "pipe"), "--steps", "1", "--long-edge", "64", "--dtype", "fp32",
+            "--device", "cpu", "--pipe-arg", f"max_sequence_length={demo.DEMO_MAX_SEQUENCE_LENGTH}"]
+    assert cli.main(base + ["--merge", "jit", "--out", str(tmp_path / "o.png")]) == 0
+    assert cli.main(base + ["--no-merge", "--out", str(tmp_path / "o2.png")]) == 0
+    assert seen == ["jit", "none"]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(base + ["--merge", "half"])
+
+
+# -------------------------------------------------------------------------------------------- fuse / unfuse
+def test_fuse_unfuse_and_other_analogy_raises(pipe):
+    x = [analogy(3)]
+    plain = run(pipe, x, ["flip"])[0]
+    before = params(pipe.transformer)
+    pipe.set_analogy(*x[0])
+    pipe.fuse_lora()
+    assert lora_api.fused_strategy(pipe.transformer) == "full"
+    with pytest.raises(RuntimeError, match="already fused"):
+        pipe.fuse_lora()
+    fused = run(pipe, x, ["flip"], merge="auto")[0]  # same analogy: runs on the fused weights
+    np.testing.assert_allclose(fused, plain, rtol=0, atol=FP32_IMAGE_ATOL)
+    coeffs = {n: c.clone() for n, c in lf.get_coefficients(pipe.transformer).items()}
+    with pytest.raises(RuntimeError, match="fused for another analogy"):
+        run(pipe, [analogy(4)], ["flip"])
+    now = lf.get_coefficients(pipe.transformer)  # the fused analogy's coefficients are back
+    assert all(torch.equal(now[n], coeffs[n]) for n in coeffs)
+    with pytest.raises(RuntimeError, match="unfuse_lora"):
+        pipe.set_lorweb_scale(0.5)
+    pipe.unfuse_lora()
+    pipe.unfuse_lora()  # no-op
+    after = params(pipe.transformer)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    pipe.fuse_lora("jit")  # follows every new analogy
+    other = run(pipe, [analogy(4)], ["flip"])[0]
+    pipe.unfuse_lora()
+    np.testing.assert_allclose(other, run(pipe, [analogy(4)], ["flip"])[0], rtol=0, atol=FP32_IMAGE_ATOL)
+
+
+# ---------------------------------------------------------------------------------------------------- scale
+def test_set_lorweb_scale_multiplies_the_mixture():
+    torch.manual_seed(0)
+    layer = lf.LoRWeBLinear(torch.nn.Linear(6, 5), num_loras=3, rank=2, key_dim=4, query_dim=4, backend="torch")
+    torch.nn.init.normal_(layer.lora_B)
+    model = torch.nn.Sequential(layer)
+    lf.set_query(model, torch.randn(2, 4))
+    x = torch.randn(2, 3, 6)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        one = model(x) - base
+        lf.lora_api.set_lorweb_scale(model, 2.5)
+        assert lf.lora_api.get_lorweb_scale(model) == 2.5
+        torch.testing.assert_close(model(x) - base, 2.5 * one, rtol=1e-5, atol=1e-6)
+        with flux.merged(model, "jit"):
+            torch.testing.assert_close(model(x) - base, 2.5 * one, rtol=1e-4, atol=1e-5)
+        lf.lora_api.set_lorweb_scale(model, 0.0)
+        torch.testing.assert_close(model(x), base)
+    for bad in (float("nan"), "1", True):
+        with pytest.raises(ValueError, match="finite number"):
+            lf.lora_api.set_lorweb_scale(model, bad)
+
+
+# ----------------------------------------------------------------------------------- load / unload / save / push
+def test_save_pretrained_load_and_unload(pipe, assets, tmp_path):
+    out = pipe.save_pretrained(tmp_path / "saved", training={"data": "synthetic", "steps": 10})
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.yaml", "lorweb.safetensors"]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    net = cfg["config"]["process"][0]["network"]
+    assert net["linear"] == 2 and net["network_kwargs"]["loras_num"] == 3
+    assert net["network_kwargs"]["lora_keys_dim"] == 8 and net["network_kwargs"]["lora_softmax"] is True
+    assert net["network_kwargs"]["external_query_model"] == str(assets / "clip")
+    card = (out / "README.md").read_text()
+    for word in ("base_model:", "| basis LoRAs N | 3 |", "| rank r | 2 |", str(assets / "clip"), "cat-aa'b",
+                 "| training steps | 10 |", "| training data | synthetic |", "LoRWeBKontextPipeline.from_pretrained"):
+        assert word in card, word
+
+    stock = flux.load_kontext_pipeline(assets / "pipe").transformer
+    names = pipe.unload_lora_weights()
+    assert names and not lf.lorweb_layers(pipe.transformer)
+    for (n, p), (n2, p2) in zip(pipe.transformer.named_parameters(), stock.named_parameters()):
+        assert n == n2 and torch.equal(p, p2)  # the stock transformer is back
+    with pytest.raises(FileNotFoundError, match="not found"):
+        pipe.load_lora_weights(tmp_path / "missing.safetensors")
+    loaded = pipe.load_lora_weights(out)  # a directory (weights + config.yaml)
+    assert sorted(loaded) == sorted(names)
+    saved = lf.lorweb_state_dict(pipe.transformer)
+    ref, _ = lf.model.read_checkpoint(assets / "lorweb.safetensors")
+    assert all(torch.equal(saved[k], ref[k]) for k in ref)
+    pipe.unload_lora_weights()
+    assert sorted(pipe.load_lora_weights(tmp_path / "saved", weight_name="lorweb.safetensors")) == sorted(names)
+    with pytest.raises(ValueError, match="is for a directory"):
+        pipe.load_lora_weights(out / "lorweb.safetensors", weight_name="x.safetensors")
+
+
+def test_load_checks_query_dim_before_changing_the_model(pipe, tmp_path):
+    other = torch.nn.Sequential()
+    other.add_module("transformer_blocks", torch.nn.ModuleList([torch.nn.Linear(4, 4)]))
+    lf.inject_lorweb(other, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=7,
+                                                 target_modules=["transformer_blocks.0"]))
+    lf.save_lorweb_weights(other, tmp_path / "w.safetensors")
+    before = params(pipe.transformer)
+    with pytest.raises(lf.LoRWeBCheckpointError, match="7 features"):
+        pipe.load_lora_weights(tmp_path / "w.safetensors")
+    after = params(pipe.transformer)
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_push_to_hub_uploads_the_saved_folder(pipe, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    def fake_upload_folder(*, repo_id, folder_path, token=None, commit_message=None):
+        from pathlib import Path
+
+        calls["upload"] = (repo_id, sorted(p.name for p in Path(folder_path).iterdir()),
+                           (Path(folder_path) / "README.md").read_text())
+        return "https://huggingface.co/" + repo_id
+
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda repo_id, **kw: calls.setdefault("create", (repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    url = pipe.push_to_hub("me/lorweb-test", private=True)
+    assert url.endswith("me/lorweb-test")
+    assert calls["create"][0] == "me/lorweb-test" and calls["create"][1]["private"] is True
+    repo, files, card = calls["upload"]
+    assert repo == "me/lorweb-test" and files == ["README.md", "config.yaml", "lorweb.safetensors"]
+    assert "me/lorweb-test/lorweb.safetensors" in card
+    with pytest.raises(ValueError, match="repo_id"):
+        pipe.push_to_hub("")
+
+
+# ------------------------------------------------------------------------------------------- offloading hooks
+def test_group_offloading_hooks_keep_outputs_identical(pipe):
+    """diffusers' group offloading (CPU -> CPU here: the hooks run, the devices do not change) leaves the
+    LoRWeB outputs unchanged; coefficients follow each layer's device."""
+    from diffusers.hooks import apply_group_offloading
+
+    x = [analogy(2)]
+    want = run(pipe, x, ["flip"])
+    apply_group_offloading(pipe.transformer, onload_device=torch.device("cpu"),
+                           offload_device=torch.device("cpu"), offload_type="leaf_level")
+    got = run(pipe, x, ["flip"])
+    np.testing.assert_array_equal(got[0], want[0])
+    got_jit = run(pipe, x, ["flip"], merge="jit")
+    np.testing.assert_allclose(got_jit[0], want[0], rtol=0, atol=FP32_IMAGE_ATOL)
+
+
+def test_model_offload_hooks_keep_outputs_identical(pipe):
+    """The hook behind diffusers' enable_model_cpu_offload (accelerate's cpu_offload_with_hook: move the model to
+    the execution device in a pre-forward hook) leaves LoRWeB outputs unchanged. diffusers itself refuses
+    enable_model_cpu_offload without an accelerator, so on CPU the hook is attached directly (CPU -> CPU)."""
+    from accelerate import cpu_offload_with_hook
+
+    x = [analogy(2)]
+    want = run(pipe, x, ["flip"])
+    _, hook = cpu_offload_with_hook(pipe.transformer, execution_device=torch.device("cpu"))
+    try:
+        got = run(pipe, x, ["flip"])
+        got_full = run(pipe, x, ["flip"], merge="full")
+    finally:
+        hook.remove()
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got_full[0], want[0], rtol=0, atol=FP32_IMAGE_ATOL)
+
+
+def test_set_query_refuses_meta_weights_of_sequential_offload():
+    """accelerate's cpu_offload (diffusers' enable_sequential_cpu_offload) leaves weights on the meta device
+    between forwards; set_query says so instead of producing meta coefficients."""
+    from accelerate import cpu_offload
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=3, target_modules=["0"]))
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="meta device"):
+        lf.set_query(model, torch.randn(1, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_model_cpu_offload_and_group_offloading_on_gpu(assets):
+    pipe = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
+                                                      long_edge=64, device="cuda")
+    x = [analogy(2)]
+    want = run(pipe, x, ["flip"])
+    pipe.pipe.to("cpu")
+    pipe.enable_model_cpu_offload()
+    got = run(pipe, x, ["flip"])
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-3)
+    pipe2 = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
+                                                       long_edge=64)
+    pipe2.pipe.to("cuda")
+    pipe2.encoder.model.to("cuda")
+    pipe2.transformer.to("cpu")
+    pipe2.transformer.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                           offload_type="block_level", num_blocks_per_group=1)
+    got2 = run(pipe2, x, ["flip"])
+    np.testing.assert_allclose(got2[0], want[0], rtol=0, atol=1e-3)
