@@ -94,3 +94,40 @@ def test_bench_flux_block_check_catches_a_wrong_block(monkeypatch):
         next(iter(bench.lf.lorweb_layers(ours).values())).lora_B.mul_(3)
     with pytest.raises(AssertionError, match="differs from the float64 official"):
         bench.check_block(ours, official, inputs, torch.float32)
+
+
+SCRIPTS = ("run_on_gpu.sh", "run_full_on_gpu.sh", "gpu_common.sh", "collect_wheels.sh")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_gpu_scripts_parse(script):
+    import subprocess
+
+    path = BENCH.with_name(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    text = path.read_text()
+    if script.startswith("run_"):  # every step is bounded, and the budget is capped below the device limits
+        assert "timeout --kill-after" in BENCH.with_name("gpu_common.sh").read_text()
+        assert "gpu_setup" in text and "gpu_finish" in text
+
+
+@pytest.mark.parametrize("script", ["run_on_gpu.sh", "run_full_on_gpu.sh"])
+def test_gpu_scripts_without_a_gpu_say_so(script, tmp_path):
+    """On a machine without a CUDA GPU the scripts install and measure nothing and exit 2 with a clear message."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the no-GPU path is not reachable")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": str(tmp_path)}
+    res = subprocess.run(["bash", str(BENCH.with_name(script)), str(tmp_path / "out")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "No CUDA GPU is visible to torch" in res.stdout + res.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.log", "steps.txt"]
+    bad = subprocess.run(["bash", str(BENCH.with_name(script)), str(tmp_path / "o2"), "--budget-s", "9999"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 64 and "--budget-s must be an integer" in bad.stderr
+    assert subprocess.run(["bash", str(BENCH.with_name(script))], capture_output=True, env=env).returncode == 64
