@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mixed_lora.py"
-ROW_KEYS = {"impl", "mode", "M", "in", "out", "N", "r", "dtype", "median_ms", "peak_mem_mb"}
+ROW_KEYS = {"impl", "mode", "M", "in", "out", "N", "r", "dtype", "median_ms", "eager_ms", "peak_mem_mb"}
 
 
 def load_bench():
@@ -22,11 +22,11 @@ def test_bench_mixed_lora_smoke(tmp_path):
     bench = load_bench()
     record = bench.main(["--device", "cpu", "--m", "34", "--shapes", "40x24", "--num-loras", "3", "--rank", "4",
                          "--no-rank-sweep", "--warmup", "1", "--reps", "3", "--out-dir", str(tmp_path),
-                         "--tag", "smoke"])
+                         "--tag", "smoke", "--profile"])
     data = json.loads((tmp_path / "smoke.json").read_text())
     assert data == json.loads(json.dumps(record))
-    assert {"device", "torch", "triton", "cuda", "commit", "date", "results"} <= set(data)
-    assert data["label"] == "CPU" and data["checked_against_reference"]
+    assert {"device", "torch", "triton", "cuda", "commit", "date", "results", "clocks", "timing", "tf32"} <= set(data)
+    assert data["label"] == "CPU" and data["checked_against_reference"] and data["tf32"] is False
     impls = {r["impl"] for r in data["results"]}
     assert impls == set(bench.IMPLS)
     for row in data["results"]:
@@ -35,9 +35,17 @@ def test_bench_mixed_lora_smoke(tmp_path):
         if row.get("skipped"):
             assert row["skip_reason"]
         else:
-            assert row["median_ms"] > 0
+            assert row["median_ms"] > 0 and row["eager_ms"] > 0
+        if row["impl"] in bench.FORWARD_ONLY and row["mode"] == "fwd_bwd":
+            assert row["skipped"] and row["skip_reason"]
+            if row["impl"] == "cublas_concat":
+                assert "forward-only" in row["skip_reason"]
     ran = {r["impl"] for r in data["results"] if not r.get("skipped")}
-    assert {"linear", "official_einsum", "torch"} <= ran
+    assert {"linear", "official_einsum", "official_as_run", "torch", "cublas_concat", "cublas_composed"} <= ran
+    for row in data["results"]:  # the kernel rows need a GPU and H1's launchers: skipped with the reason, not omitted
+        if row["impl"] in ("shrink", "expand"):
+            assert row["skipped"] and row["skip_reason"]
+    assert "== official_as_run (fwd_bwd)" in (tmp_path / "smoke_profile.txt").read_text()
     table = (tmp_path / "smoke.md").read_text()
     assert "× official_einsum" in table and "CPU run" in table
     assert (tmp_path / "smoke.png").stat().st_size > 1000
@@ -131,3 +139,44 @@ def test_gpu_scripts_without_a_gpu_say_so(script, tmp_path):
                          capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 64 and "--budget-s must be an integer" in bad.stderr
     assert subprocess.run(["bash", str(BENCH.with_name(script))], capture_output=True, env=env).returncode == 64
+
+
+def test_bench_grid_budget_and_missing_launchers(tmp_path):
+    """The GPU grid has every METHOD.md shape, the extra M and the 2-D norm layers; --total-budget-s leaves the rest
+    listed as not run; the shrink/expand rows name what is missing when the launcher API is absent."""
+    bench = load_bench()
+    args = bench.parse_args(["--full-grid"])
+    configs = bench.build_configs(args, on_gpu=False)
+    shapes = {(c["in_features"], c["out_features"]) for c in configs}
+    assert set(bench.GPU_LAYER_SHAPES) | set(bench.GPU_NORM_SHAPES) <= shapes
+    assert {8704, 15360} <= {c["M"] for c in configs}
+    assert all(c["M"] in bench.GPU_NORM_BATCHES for c in configs if c["two_d"])
+    record = bench.main(["--device", "cpu", "--m", "10", "12", "--shapes", "40x24", "--num-loras", "3",
+                         "--no-rank-sweep", "--impls", "linear", "official_as_run", "--reps", "1", "--warmup", "0",
+                         "--total-budget-s", "0", "--out-dir", str(tmp_path), "--tag", "budget"])
+    assert [c["M"] for c in record["not_run"]] == [12] and {r["M"] for r in record["results"]} == {10}
+    launchers, reason = bench._triton_launchers()
+    import lorweb_fast.kernels.mixed_lora as kernels
+
+    if all(hasattr(kernels, n) for n in ("pack_basis", "shrink", "expand")):
+        assert launchers is not None and reason is None
+    else:
+        assert launchers is None and "pack_basis/shrink/expand" in reason
+
+
+def test_official_as_run_recomputes_coefficients_in_fp32():
+    """official_as_run (METHOD.md): fp32 einsum on fp32 parameters, coefficients recomputed from the query in every
+    forward; with the query's coefficients it matches the reference, and a changed query changes the output."""
+    import torch
+
+    bench = load_bench()
+    problem = bench.make_problem(dict(M=10, in_features=12, out_features=8, N=3, r=2, two_d=False), torch.bfloat16,
+                                 torch.device("cpu"))
+    impl = bench.Impl("official_as_run", torch.device("cpu"), torch.bfloat16)
+    bench.check_impl(impl, problem, "fwd_bwd")
+    a32, b32 = problem["lora_a"].float(), problem["lora_b"].float()
+    impl.query_args = (problem["query"], problem["to_q"], problem["keys"])
+    y1 = impl(problem["x"], problem["weight"], problem["bias"], a32, b32, None, problem["scale"])
+    impl.query_args = (problem["query"].flip(0), problem["to_q"], problem["keys"])
+    y2 = impl(problem["x"], problem["weight"], problem["bias"], a32, b32, None, problem["scale"])
+    assert y1.dtype == torch.bfloat16 and not torch.equal(y1, y2)
