@@ -79,12 +79,14 @@ def test_bench_flux_block_smoke(tmp_path):
     assert {"device", "torch", "triton", "cuda", "commit", "date", "results"} <= set(data)
     assert data["layers"] == 20  # 14 in the double block + 6 in the single block, as in METHOD.md
     got = {(r["scenario"], r["impl"]) for r in data["results"]}
-    assert got == {("train", "base"), ("train", "official"), ("train", "lorweb_fast"), ("infer", "base"),
-                   ("infer", "official"), ("infer", "lorweb_fast"), ("infer_merged", "base"),
+    assert got == {("train", "base"), ("train", "official"), ("train", "official_as_run"), ("train", "lorweb_fast"),
+                   ("infer", "base"), ("infer", "official"), ("infer", "official_as_run"), ("infer", "lorweb_fast"),
+                   ("infer_merged", "base"),
                    ("infer_merged", "lorweb_fast_merged"), ("coeffs", "set_query_once"),
                    ("coeffs", "per_layer_call")}
     assert all(r["median_ms"] > 0 for r in data["results"])
-    assert "CPU run" in (tmp_path / "block.md").read_text()
+    assert "CPU run" in (tmp_path / "block.md").read_text() and "× official_as_run" in (tmp_path / "block.md").read_text()
+    assert data["tf32"] is False and "timing" in data
 
 
 def test_bench_flux_block_check_catches_a_wrong_block(monkeypatch):
@@ -95,9 +97,12 @@ def test_bench_flux_block_check_catches_a_wrong_block(monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     cfg = bench.CPU
-    base, ours, official = bench.build_models(cfg, torch.device("cpu"), torch.float32)
+    base, ours, official, as_run = bench.build_models(cfg, torch.device("cpu"), torch.float32)
     inputs = bench.make_inputs(cfg, 2, 40, 8, torch.device("cpu"), torch.float32, seed=2)
     bench.check_block(ours, official, inputs, torch.float32)
+    bench.check_block(as_run, official, inputs, torch.float32, name="official_as_run")
+    as_run_layer = next(iter(bench.lf.lorweb_layers(as_run).values()))
+    assert as_run_layer.lora_A.dtype == torch.float32 and isinstance(as_run_layer, bench.OfficialAsRunLinear)
     with torch.no_grad():  # a wrong basis in one layer must be caught
         next(iter(bench.lf.lorweb_layers(ours).values())).lora_B.mul_(3)
     with pytest.raises(AssertionError, match="differs from the float64 official"):
