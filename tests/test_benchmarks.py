@@ -85,7 +85,8 @@ def test_bench_flux_block_smoke(tmp_path):
                    ("infer_merged", "lorweb_fast_merged"), ("coeffs", "set_query_once"),
                    ("coeffs", "per_layer_call")}
     assert all(r["median_ms"] > 0 for r in data["results"])
-    assert "CPU run" in (tmp_path / "block.md").read_text() and "× official_as_run" in (tmp_path / "block.md").read_text()
+    table = (tmp_path / "block.md").read_text()
+    assert "CPU run" in table and "× official_as_run" in table
     assert data["tf32"] is False and "timing" in data
 
 
