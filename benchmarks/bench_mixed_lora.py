@@ -193,6 +193,9 @@ class Impl:
         self._compiled = None
         self._cache.clear()
 
+    def clear_operands(self) -> None:
+        self._cache.clear()
+
     def _compile(self, fn):
         if self._compiled is None:
             self._compiled = torch.compile(fn, dynamic=False)
@@ -329,7 +332,7 @@ def check_impl(impl: Impl, problem: dict, mode: str) -> None:
             check_against_reference(lambda *a: impl(*a), p)
     finally:
         impl.query_args = None
-        impl.new_configuration()  # no operand cached from the check leaks into the timing
+        impl.clear_operands()  # no operand cached from the check leaks into the timing
 
 
 def check_shrink(z: torch.Tensor, p: dict) -> None:
@@ -513,7 +516,7 @@ def profile_table(impls: list[Impl], problem: dict, path: Path) -> None:
             step(0)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        impl.new_configuration()
+        impl.clear_operands()
         impl.query_args = None
         parts.append(f"== {impl.name} ({mode})\n" + prof.key_averages().table(sort_by=sort, row_limit=20) + "\n")
     path.write_text("\n".join(parts))
