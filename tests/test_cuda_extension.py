@@ -169,3 +169,27 @@ def test_extension_kernels_do_not_spill(ext):
         for name, res in usage[arch].items():
             assert res["LOCAL"] == 0 and res["STACK"] == 0, f"{arch} {name} uses local memory: {res}"
             assert local_ops[arch].get(name) == 0, f"{arch} {name} has {local_ops[arch].get(name)} STL/LDL spills"
+
+
+def test_kernel_resources_script_reads_the_extension_cubins(ext, tmp_path):
+    """benchmarks/kernel_resources.py's cuobjdump path (its fallback where the driver API is missing) finds every
+    extension kernel in the per-architecture cubins of the built binary."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (PATH, $CUDA_HOME/bin or triton/backends/nvidia/bin)")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+    spec = importlib.util.spec_from_file_location("kernel_resources", path)
+    resources = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(resources)
+    subprocess.run([tool, "-xelf", "all", ext.__file__], check=True, cwd=tmp_path, capture_output=True)
+    cubins = sorted(tmp_path.glob("*.cubin"))
+    assert cubins, "no cubin extracted"
+    for cubin in cubins:
+        table = resources.resource_table(tool, cubin)
+        for kernel in KERNELS:
+            assert any(kernel in name for name in table), f"{kernel} missing from {cubin.name}"
+        assert all(res["LOCAL"] == 0 for res in table.values())
