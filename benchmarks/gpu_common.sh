@@ -71,7 +71,8 @@ gpu_setup() {
   else
     note "no carried wheels (--wheels DIR, shared/wheels or .whl): tests that need diffusers will skip or fail"
   fi
-  export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+  if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+  note "nvcc: $(command -v nvcc || echo "${CUDA_HOME:-?}/bin/nvcc") (CUDA_HOME=${CUDA_HOME:-found by torch})"
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   export LORWEB_FAST_FORCE_CUDA_BUILD=1
   step "install lorweb_fast (editable, CUDA extension for ${TORCH_CUDA_ARCH_LIST:-8.0;9.0})" 200 \
