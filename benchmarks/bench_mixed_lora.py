@@ -95,6 +95,12 @@ def build_configs(args, on_gpu: bool) -> list[dict]:
             if total != args.num_loras * args.rank:
                 configs.append(dict(M=m, in_features=i, out_features=o, N=total // args.rank, r=args.rank,
                                     two_d=False))
+    if grid:  # most important first, so that a --total-budget-s cut keeps them: the target, then the METHOD.md M
+        def priority(c):
+            if all(c[k] == v for k, v in TARGET.items()) and c["N"] * c["r"] == args.num_loras * args.rank:
+                return 0
+            return 1 if c["two_d"] or c["M"] in (8192, 8704, 15360) else 2
+        configs.sort(key=priority)  # stable: the listed order within each priority
     return configs
 
 
