@@ -595,6 +595,9 @@ def write_markdown(path: Path, record: dict) -> None:
             f"- clocks: {record.get('clocks') or '-'}",
             f"- dtype: {record['dtype']}; TF32 {'on' if record.get('tf32') else 'off'}; timing: {record['timing']}",
             ""]
+    if not record.get("complete", True):
+        text += ["**Partial record: written after each configuration; the run has not finished (or was stopped).**",
+                 ""]
     if record.get("not_run"):
         text += [f"Not run (total budget spent): {record['not_run']}", ""]
     text += [f"FLOP floors at 3072×3072, N·r = 128: forward {FLOP_FLOOR['fwd']:.3f}× linear, forward+backward "
@@ -699,7 +702,34 @@ def main(argv=None) -> dict:
     results, not_run = [], []
     profile_cfg = next((c for c in configs if all(c[k] == v for k, v in TARGET.items()) and c["N"] * c["r"] == 128),
                        configs[0]) if args.profile else None
-    profile_problem = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit = git_commit()
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    timing = ("device time per call: events between back-to-back calls behind an enqueued torch.cuda._sleep "
+              "(no host overhead), median; eager: wall time of call + synchronize, median" if on_gpu else
+              "wall-clock per call, median")
+    record = dict(label="GPU" if on_gpu else "CPU", device=device_name(device), torch=torch.__version__,
+                  triton=triton_version, cuda=torch.version.cuda,
+                  cudnn=torch.backends.cudnn.version() if on_gpu else None, clocks=device_clocks(device),
+                  commit=commit, date=date, dtype=args.dtype, tf32=False, timing=timing,
+                  default_nr=args.num_loras * args.rank, checked_against_reference=not args.no_check,
+                  backend_status=lf.backend_status(), complete=False, not_run=not_run, results=results)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "cpu" if not on_gpu else "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-")
+    stem = args.tag or f"mixed_lora_{slug.lower()}_{date[:10]}_{commit}"
+
+    def write_record():  # after every configuration too, so that a run stopped from outside keeps what it measured
+        (args.out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
+        write_markdown(args.out_dir / f"{stem}.md", record)
+
+    written = [".json", ".md"]
+    # compiled rows last within a configuration: their compile time is the least predictable
+    ordered = sorted(impls, key=lambda i: i.name in COMPILED)
     started = time.perf_counter()
     bar = tqdm(total=len(configs) * len(impls) * len(args.modes), desc="bench_mixed_lora", unit="row",
                disable=None)
@@ -714,7 +744,7 @@ def main(argv=None) -> dict:
             impl.new_configuration()
         problem = make_problem(cfg, dtype, device)
         for mode in args.modes:
-            for impl in impls:
+            for impl in ordered:
                 row = dict(impl=impl.name, mode=mode, M=cfg["M"], **{"in": cfg["in_features"]},
                            out=cfg["out_features"], N=cfg["N"], r=cfg["r"], two_d=cfg["two_d"], dtype=args.dtype,
                            median_ms=None, eager_ms=None, peak_mem_mb=None)
@@ -734,44 +764,21 @@ def main(argv=None) -> dict:
                                    tbps=work[1] / (row["median_ms"] * 1e-3) / 1e12)
                 results.append(row)
                 bar.update(1)
-        if profile_cfg is cfg:
-            profile_problem = problem
-        else:
-            del problem
+        write_record()
+        if profile_cfg is cfg:  # while this configuration's compiled graphs are still cached
+            profile_table(ordered, problem, args.out_dir / f"{stem}_profile.txt")
+            written.append("_profile.txt")
+        del problem
         if on_gpu:
             torch.cuda.empty_cache()
     bar.close()
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    commit = git_commit()
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    timing = ("device time per call: events between back-to-back calls behind an enqueued torch.cuda._sleep "
-              "(no host overhead), median; eager: wall time of call + synchronize, median" if on_gpu else
-              "wall-clock per call, median")
-    record = dict(label="GPU" if on_gpu else "CPU", device=device_name(device), torch=torch.__version__,
-                  triton=triton_version, cuda=torch.version.cuda,
-                  cudnn=torch.backends.cudnn.version() if on_gpu else None, clocks=device_clocks(device),
-                  commit=commit, date=date, dtype=args.dtype, tf32=False, timing=timing,
-                  default_nr=args.num_loras * args.rank, checked_against_reference=not args.no_check,
-                  backend_status=lf.backend_status(), not_run=not_run, results=results)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "cpu" if not on_gpu else "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-")
-    stem = args.tag or f"mixed_lora_{slug.lower()}_{date[:10]}_{commit}"
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
-    write_markdown(args.out_dir / f"{stem}.md", record)
-    plotted = write_plot(args.out_dir / f"{stem}.png", record)
-    written = [".json", ".md"] + ([".png"] if plotted else [])
-    if profile_problem is not None:
-        profile_table(impls, profile_problem, args.out_dir / f"{stem}_profile.txt")
-        written.append("_profile.txt")
+    record["complete"] = True
+    write_record()
+    if write_plot(args.out_dir / f"{stem}.png", record):
+        written.append(".png")
     print(ratio_table(results))
     print(f"\nwrote {args.out_dir / stem}: " + ", ".join(written), file=sys.stderr)
     return record
-
 
 if __name__ == "__main__":
     main()

@@ -27,6 +27,7 @@ def test_bench_mixed_lora_smoke(tmp_path):
     assert data == json.loads(json.dumps(record))
     assert {"device", "torch", "triton", "cuda", "commit", "date", "results", "clocks", "timing", "tf32"} <= set(data)
     assert data["label"] == "CPU" and data["checked_against_reference"] and data["tf32"] is False
+    assert data["complete"] is True
     impls = {r["impl"] for r in data["results"]}
     assert impls == set(bench.IMPLS)
     for row in data["results"]:
