@@ -29,7 +29,7 @@ through a pool larger than the L2 cache; every ratio in a record comes from that
 
 On a GPU it runs the FLUX.1-Kontext layer shapes (plus the 2-D norm layers at M = batch); without one it runs a
 small CPU default (under a minute) whose results are labelled CPU. Results go to benchmarks/results/: a JSON record
-(device, clocks, versions, date, commit), a markdown table, a PNG plot and, with --profile, a per-kernel
+(device, clocks, versions, date, commit), a markdown table, a PNG plot and (on a GPU, or with --profile) a per-kernel
 torch.profiler table of one forward+backward at the target shape.
 """
 
@@ -679,9 +679,10 @@ def parse_args(argv=None):
     p.add_argument("--total-budget-s", type=float, default=None,
                    help="start no new configuration after this many seconds (the first always runs; the record lists "
                         "what was not run)")
-    p.add_argument("--profile", action="store_true",
-                   help="also write a per-kernel torch.profiler table of one forward+backward per row at the target "
-                        "shape (M=8192, 3072->3072; the first configuration when the target is not in the run)")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                   help="write a per-kernel torch.profiler table of one forward+backward per row at the target "
+                        "shape (M=8192, 3072->3072; the first configuration when the target is not in the run) "
+                        "beside the record (default: on with a GPU, off on CPU)")
     return p.parse_args(argv)
 
 
@@ -701,7 +702,7 @@ def main(argv=None) -> dict:
     configs = build_configs(args, on_gpu)
     results, not_run = [], []
     profile_cfg = next((c for c in configs if all(c[k] == v for k, v in TARGET.items()) and c["N"] * c["r"] == 128),
-                       configs[0]) if args.profile else None
+                       configs[0]) if (on_gpu if args.profile is None else args.profile) else None
     try:
         import triton
 
