@@ -7,8 +7,11 @@ Scenarios (rows named by ``scenario`` and ``impl``):
   infer_merged  the batch-1 merged fast path (lorweb_fast.merged) against the base block
   coeffs        computing the coefficients once per generation (set_query, one batched computation) against once
                 per layer call (what a per-layer formulation pays on every forward)
-Implementations: ``base`` (the blocks without adapter), ``official`` (the official einsum formulation, coefficients
-computed in every layer call) and ``lorweb_fast`` (default backend, coefficients from set_query).
+Implementations: ``base`` (the blocks without adapter), ``official`` (the official einsum formulation at the block's
+dtype, coefficients computed in every layer call), ``official_as_run`` (what official training executes: fp32 LoRWeB
+parameters, x cast to fp32, the einsum in fp32 without TF32, added to the base output, coefficients computed in every
+layer call; METHOD.md) and ``lorweb_fast`` (default backend, coefficients from set_query).
+Peak memory is the CUDA allocator's peak above what was allocated before the step (GPU only).
 
 Before timing, lorweb_fast's block output is checked against the official formulation evaluated in float64.
 Without a GPU it runs a small CPU default labelled CPU. Results: benchmarks/results/flux_block_*.json and .md.
@@ -21,6 +24,7 @@ import copy
 import datetime as dt
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mixed_lora import DTYPES, RESULTS_DIR, Timer, device_name, git_commit  # noqa: E402
+from bench_mixed_lora import DTYPES, RESULTS_DIR, Timer, device_clocks, device_name, git_commit  # noqa: E402
 
 import lorweb_fast as lf  # noqa: E402
 from lorweb_fast.layer import LoRWeBLinear  # noqa: E402
@@ -53,6 +57,19 @@ class OfficialEinsumLinear(LoRWeBLinear):
         eq = "bsi,nir,bn,nro->bso" if x.dim() == 3 else "bi,nir,bn,nro->bo"
         delta = torch.einsum(eq, x, self.lora_A.to(x.dtype), coeffs, self.lora_B.to(x.dtype)) * self.scale
         return self.base_layer(x) + delta
+
+
+class OfficialAsRunLinear(LoRWeBLinear):
+    """The official training path: fp32 LoRWeB parameters (masters), x cast to fp32, the einsum in fp32, added to the
+    base layer's output (cast back to the block dtype); coefficients from the query in every call."""
+
+    query: torch.Tensor | None = None
+
+    def forward(self, x):
+        coeffs = self.coefficients_from_query(self.query.float())
+        eq = "bsi,nir,bn,nro->bso" if x.dim() == 3 else "bi,nir,bn,nro->bo"
+        delta = torch.einsum(eq, x.float(), self.lora_A, coeffs, self.lora_B) * self.scale
+        return (self.base_layer(x) + delta).to(x.dtype)
 
 
 class TwoBlocks(nn.Module):
@@ -101,7 +118,12 @@ def build_models(cfg, device, dtype):
     official = copy.deepcopy(ours)
     for layer in lf.lorweb_layers(official).values():
         layer.__class__ = OfficialEinsumLinear
-    return base, ours, official
+    as_run = copy.deepcopy(ours)
+    for layer in lf.lorweb_layers(as_run).values():
+        layer.__class__ = OfficialAsRunLinear
+        for t in layer.lorweb_tensors().values():
+            t.data = t.data.float()  # fp32 masters; the base layer keeps the block dtype
+    return base, ours, official, as_run
 
 
 def set_official_query(model, query):
@@ -113,19 +135,22 @@ def lorweb_params(model):
     return [p for layer in lf.lorweb_layers(model).values() for p in layer.lorweb_tensors().values()]
 
 
-def check_block(ours, official, inputs, dtype):
-    """lorweb_fast's block output against the official formulation in float64."""
+def check_block(ours, official, inputs, dtype, name="lorweb_fast"):
+    """lorweb_fast's (or official_as_run's) block output against the official formulation in float64."""
     ref_model = copy.deepcopy(official).double()
     set_official_query(ref_model, inputs["query"].double())
     with torch.no_grad():
-        lf.set_query(ours, inputs["query"])
+        if name == "lorweb_fast":
+            lf.set_query(ours, inputs["query"])
+        else:
+            set_official_query(ours, inputs["query"])
         got = ours(inputs["img"], inputs["txt"], inputs["temb"], inputs["rotary"]).double()
         ref = ref_model(inputs["img"].double(), inputs["txt"].double(), inputs["temb"].double(),
                         tuple(t.double() for t in inputs["rotary"]))
     bound = CHAINED_LAYERS * tolerance(dtype, inputs["img"].shape[-1] * 4) * ref.abs().max()
     err = (got - ref).abs().max()
     if not err <= bound:
-        raise AssertionError(f"lorweb_fast block output differs from the float64 official formulation by "
+        raise AssertionError(f"{name} block output differs from the float64 official formulation by "
                              f"{err.item():.3e} > {bound.item():.3e}")
     del ref_model
 
@@ -150,6 +175,8 @@ def main(argv=None) -> dict:
     p.add_argument("--budget-s", type=float, default=None, help="time budget per row (default GPU 10, CPU 1)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where to write results")
     p.add_argument("--tag", default=None, help="file name stem")
+    p.add_argument("--total-budget-s", type=float, default=None,
+                   help="start no new row after this many seconds (the rest are recorded as skipped)")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
@@ -160,10 +187,13 @@ def main(argv=None) -> dict:
     timer = Timer(device, args.warmup if args.warmup is not None else (5 if on_gpu else 1),
                   args.reps if args.reps is not None else (20 if on_gpu else 5),
                   args.budget_s if args.budget_s is not None else (10.0 if on_gpu else 1.0))
-    base, ours, official = build_models(cfg, device, dtype)
+    torch.backends.cuda.matmul.allow_tf32 = False  # official_as_run's fp32 einsum runs without TF32 (METHOD.md)
+    base, ours, official, as_run = build_models(cfg, device, dtype)
     train_in = make_inputs(cfg, cfg["train_batch"], cfg["train_img"], cfg["train_txt"], device, dtype)
     infer_in = make_inputs(cfg, 1, cfg["infer_img"], cfg["infer_txt"], device, dtype, seed=1)
-    check_block(ours, official, make_inputs(cfg, 2, 40, 8, device, dtype, seed=2), dtype)
+    check_inputs = make_inputs(cfg, 2, 40, 8, device, dtype, seed=2)
+    check_block(ours, official, check_inputs, dtype)
+    check_block(as_run, official, check_inputs, dtype, name="official_as_run")
 
     def train_step(model, impl, inp):
         model.gradient_checkpointing = True
@@ -174,7 +204,7 @@ def main(argv=None) -> dict:
         x = inp["img"].detach().requires_grad_(impl == "base")  # something to differentiate for the base block
         if impl == "lorweb_fast":
             lf.set_query(model, inp["query"])
-        elif impl == "official":
+        elif impl in ("official", "official_as_run"):
             set_official_query(model, inp["query"])
         model(x, inp["txt"], inp["temb"], inp["rotary"]).float().square().mean().backward()
 
@@ -183,16 +213,28 @@ def main(argv=None) -> dict:
             model(inp["img"], inp["txt"], inp["temb"], inp["rotary"])
 
     rows = []
-    jobs = [("train", impl, m) for impl, m in (("base", base), ("official", official), ("lorweb_fast", ours))]
-    jobs += [("infer", impl, m) for impl, m in (("base", base), ("official", official), ("lorweb_fast", ours))]
+    started = time.perf_counter()
+
+    def out_of_budget():
+        return bool(rows) and args.total_budget_s is not None and time.perf_counter() - started > args.total_budget_s
+
+    models = (("base", base), ("official", official), ("official_as_run", as_run), ("lorweb_fast", ours))
+    jobs = [("train", impl, m) for impl, m in models]
+    jobs += [("infer", impl, m) for impl, m in models]
     jobs += [("infer_merged", "base", base), ("infer_merged", "lorweb_fast_merged", ours)]
     bar = tqdm(total=len(jobs) + 2, desc="bench_flux_block", unit="row", disable=None)
     for scenario, impl, model in jobs:
         bar.set_postfix_str(f"{scenario} {impl}")
+        if out_of_budget():
+            rows.append(dict(scenario=scenario, impl=impl, median_ms=None, peak_mem_mb=None, skipped=True,
+                             skip_reason="--total-budget-s spent"))
+            bar.update(1)
+            continue
         inp = train_in if scenario == "train" else infer_in
         if scenario != "train":
             lf.set_query(ours, inp["query"])  # once per generation
             set_official_query(official, inp["query"])
+            set_official_query(as_run, inp["query"])
         step = (lambda i, m=model, im=impl, x=inp: train_step(m, im, x)) if scenario == "train" else \
             (lambda i, m=model, im=impl, x=inp: infer_step(m, im, x))
         if impl == "lorweb_fast_merged":
@@ -225,6 +267,9 @@ def main(argv=None) -> dict:
     record = dict(label="GPU" if on_gpu else "CPU", device=device_name(device), torch=torch.__version__,
                   triton=triton_version, cuda=torch.version.cuda, commit=commit, date=date,
                   dtype=str(dtype).replace("torch.", ""), config=cfg, layers=len(layers),
+                  clocks=device_clocks(device), tf32=False,
+                  timing=("device time per step (events behind an enqueued torch.cuda._sleep), median"
+                          if on_gpu else "wall-clock per step, median"),
                   backend=lf.ops.resolve_backend(None, device), results=rows)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     slug = "cpu" if not on_gpu else "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
@@ -237,14 +282,19 @@ def main(argv=None) -> dict:
              f"- {len(layers)} LoRWeB layers; config: {cfg}", ""]
     if not on_gpu:
         lines += ["**CPU run: these numbers say nothing about GPU speed.**", ""]
-    lines += ["| scenario | impl | median ms | × base | × official | peak MB |", "|---|---|---|---|---|---|"]
+    lines += ["| scenario | impl | median ms | × base | × official | × official_as_run | peak MB |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("skipped"):
+            lines.append(f"| {r['scenario']} | {r['impl']} | skipped: {r['skip_reason']} | | | | |")
+            continue
         base_ms = ref.get((r["scenario"], "base")) or ref.get((r["scenario"], "per_layer_call"))
-        off_ms = ref.get((r["scenario"], "official"))
+        off_ms, as_run_ms = ref.get((r["scenario"], "official")), ref.get((r["scenario"], "official_as_run"))
         peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         lines.append(f"| {r['scenario']} | {r['impl']} | {r['median_ms']:.3f} | "
-                     f"{r['median_ms'] / base_ms:.3f} | " + (f"{r['median_ms'] / off_ms:.3f}" if off_ms else "-")
-                     + f" | {peak} |")
+                     + (f"{r['median_ms'] / base_ms:.3f}" if base_ms else "-") + " | "
+                     + (f"{r['median_ms'] / off_ms:.3f}" if off_ms else "-") + " | "
+                     + (f"{r['median_ms'] / as_run_ms:.3f}" if as_run_ms else "-") + f" | {peak} |")
     (args.out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return record

@@ -2,17 +2,35 @@
 
 Implementations (rows named by ``impl``):
   linear           nn.Linear alone: the floor
-  official_einsum  the official LoRWeB formulation (METHOD.md), same dtype
+  official_einsum  the official LoRWeB formulation (METHOD.md), same dtype, coefficients given
+  official_compile official_einsum under torch.compile (compiled afresh for every configuration)
+  official_as_run  what the official training code executes: x cast to fp32, the einsum in fp32 on fp32 LoRA
+                   parameters (no TF32), added to the bf16 base output, the coefficients recomputed from the query
+                   in every forward (METHOD.md)
   peft_lora        peft's LoRA Linear with rank N*r (one adapter of the same capacity, no per-sample mixing)
   torch            lorweb_fast, torch backend
-  torch_compile    the torch backend under torch.compile
+  torch_compile    the torch backend under torch.compile (compiled afresh for every configuration)
+  cublas_concat    [x | z] . [W^T ; B_cat] as one cuBLAS GEMM on pre-built operands (forward only): the bound for a
+                   fused base + expand GEMM
+  cublas_composed  the composed path: u = x A_cat, z = u * scaling, y = addmm(bias, z, B_cat), y.addmm_(x, W^T)
   triton           lorweb_fast, Triton backend
   cuda             lorweb_fast, CUDA C++ backend
+  shrink           the Triton shrink launcher alone (x -> u, z; forward only), with achieved TB/s and TFLOP/s
+  expand           the Triton expand launcher alone (x, z -> y = x W^T + z B_cat + bias; forward only)
 An implementation that cannot run here is recorded as skipped, with the reason. Before an implementation is timed
-its output (and, on a reduced row count, every gradient) is checked against the float64 reference.
+its output (and every gradient: on the full M=8192 problem on a GPU, else on at most 512 rows) is checked against the
+float64 reference (stricter than an fp32 one).
 
-On a GPU it runs the FLUX.1-Kontext layer shapes; without one it runs a small CPU default (under a minute) whose
-results are labelled CPU. Results go to benchmarks/results/: a JSON record, a markdown table and a PNG plot.
+Timing. On a GPU, ``median_ms`` is device time without host overhead: a ``torch.cuda._sleep`` enqueued first keeps
+the GPU busy while the host enqueues the calls back to back, with a CUDA event between consecutive calls; the median
+of those per-call times is reported. ``eager_ms`` is the median wall time of one call followed by a synchronize (what
+a host-bound small-M call really costs). Warm-up calls are discarded; inputs are random (never zero) and rotated
+through a pool larger than the L2 cache; every ratio in a record comes from that one run. On CPU both are wall times.
+
+On a GPU it runs the FLUX.1-Kontext layer shapes (plus the 2-D norm layers at M = batch); without one it runs a
+small CPU default (under a minute) whose results are labelled CPU. Results go to benchmarks/results/: a JSON record
+(device, clocks, versions, date, commit), a markdown table, a PNG plot and (on a GPU, or with --profile) a per-kernel
+torch.profiler table of one forward+backward at the target shape.
 """
 
 from __future__ import annotations
@@ -36,14 +54,21 @@ import lorweb_fast as lf
 from lorweb_fast import ops
 from lorweb_fast.testing import check_against_reference, check_forward, random_problem
 
-IMPLS = ("linear", "official_einsum", "peft_lora", "torch", "torch_compile", "triton", "cuda")
+IMPLS = ("linear", "official_einsum", "official_compile", "official_as_run", "peft_lora", "torch", "torch_compile",
+         "cublas_concat", "cublas_composed", "triton", "cuda", "shrink", "expand")
+FORWARD_ONLY = ("cublas_concat", "shrink", "expand")
+COMPILED = ("torch_compile", "official_compile")
 MODES = ("fwd", "fwd_bwd")
 GPU_LAYER_SHAPES = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072))
-GPU_M = (2048, 8192, 16384, 24576)
+GPU_M = (2048, 8192, 8704, 15360, 16384, 24576)
+GPU_NORM_SHAPES = ((3072, 9216), (3072, 18432))  # 2-D inputs (batch, 3072): M = batch
+GPU_NORM_BATCHES = (1, 6)
+TARGET = dict(M=8192, in_features=3072, out_features=3072)
+QUERY = {"gpu": (2304, 128), "cpu": (48, 16)}  # (query_dim, key_dim) of the coefficient projection
 GPU_RANK_SWEEP = (16, 64, 128, 256)  # N*r at 3072->3072, M=8192, with r=4
 CPU_LAYER_SHAPES = ((256, 256), (256, 1024), (1024, 256))
-CPU_M = (256, 1024)
-CPU_RANK_SWEEP = (16, 64, 128)
+CPU_M = (128, 512)
+CPU_RANK_SWEEP = (16, 64)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Extra cost of the mixture over a frozen linear layer at 3072x3072 with N*r = 128 (METHOD.md).
@@ -52,59 +77,206 @@ FLOP_FLOOR = {"fwd": 1 + 128 * 2 / 3072, "fwd_bwd": 1.125}
 
 # ------------------------------------------------------------------------------------------------- configs
 def build_configs(args, on_gpu: bool) -> list[dict]:
-    shapes = GPU_LAYER_SHAPES if on_gpu else CPU_LAYER_SHAPES
-    ms = args.m or (GPU_M if on_gpu else CPU_M)
-    sweep = GPU_RANK_SWEEP if on_gpu else CPU_RANK_SWEEP
+    grid = on_gpu or args.full_grid
+    shapes = GPU_LAYER_SHAPES if grid else CPU_LAYER_SHAPES
+    ms = args.m or (GPU_M if grid else CPU_M)
+    sweep = GPU_RANK_SWEEP if grid else CPU_RANK_SWEEP
     if args.shapes:
         shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes)
-    configs = [dict(M=m, in_features=i, out_features=o, N=args.num_loras, r=args.rank) for (i, o) in shapes
-               for m in ms]
+    configs = [dict(M=m, in_features=i, out_features=o, N=args.num_loras, r=args.rank, two_d=False)
+               for (i, o) in shapes for m in ms]
+    if grid and not args.shapes and not args.m:  # the 2-D norm layers, one row per sample
+        configs += [dict(M=b, in_features=i, out_features=o, N=args.num_loras, r=args.rank, two_d=True)
+                    for (i, o) in GPU_NORM_SHAPES for b in GPU_NORM_BATCHES]
     if not args.no_rank_sweep:
         i, o = shapes[0]
         m = ms[min(1, len(ms) - 1)]
         for total in sweep:
             if total != args.num_loras * args.rank:
-                configs.append(dict(M=m, in_features=i, out_features=o, N=total // args.rank, r=args.rank))
+                configs.append(dict(M=m, in_features=i, out_features=o, N=total // args.rank, r=args.rank,
+                                    two_d=False))
+    if grid:  # most important first, so that a --total-budget-s cut keeps them: the target, then the METHOD.md M
+        def priority(c):
+            if all(c[k] == v for k, v in TARGET.items()) and c["N"] * c["r"] == args.num_loras * args.rank:
+                return 0
+            return 1 if c["two_d"] or c["M"] in (8192, 8704, 15360) else 2
+        configs.sort(key=priority)  # stable: the listed order within each priority
     return configs
 
 
-def samples_for(m: int) -> tuple[int, int]:
-    """(batch, seq) with batch * seq == m: 2 samples with different coefficients when m is even."""
+def samples_for(m: int, two_d: bool = False) -> tuple[int, int | None]:
+    """(batch, seq) with batch * seq == m: 2 samples with different coefficients when m is even; seq None for 2-D."""
+    if two_d:
+        return m, None
     return (2, m // 2) if m % 2 == 0 else (1, m)
 
 
+def make_problem(cfg: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    """random_problem plus an analogy query, a query projection and keys; ``coeffs`` are the coefficients they give
+    (fp32), so that official_as_run (which recomputes them) and every other row compute the same layer."""
+    batch, seq = samples_for(cfg["M"], cfg.get("two_d", False))
+    p = random_problem(batch, seq, cfg["in_features"], cfg["out_features"], cfg["N"], cfg["r"], dtype,
+                       device=device, seed=cfg["M"] + cfg["N"])
+    query_dim, key_dim = QUERY["gpu" if device.type == "cuda" else "cpu"]
+    for seed in range(cfg["M"] + 1, cfg["M"] + 101):  # first seed whose samples get clearly different mixtures
+        g = torch.Generator().manual_seed(seed)
+        p["query"] = torch.randn(batch, query_dim, generator=g).to(device)
+        # logits of std ~2, like random_problem's softmax(randn * 2)
+        p["to_q"] = (torch.randn(key_dim, query_dim, generator=g) * 2 * query_dim ** -0.5).to(device)
+        p["keys"] = torch.randn(cfg["N"], key_dim, generator=g).to(device)
+        with torch.no_grad():
+            p["coeffs"] = ops.compute_coefficients(p["query"], p["to_q"], p["keys"])
+        if batch == 1 or cfg["N"] == 1 or (p["coeffs"] - p["coeffs"][:1]).abs().amax() > 0.3:
+            break
+    return p
+
+
 # --------------------------------------------------------------------------------------------- implementations
+def _einsum_delta(x, lora_a, coeffs, lora_b, scale):
+    eq = "bsi,nir,bn,nro->bso" if x.dim() == 3 else "bi,nir,bn,nro->bo"
+    return torch.einsum(eq, x, lora_a, coeffs, lora_b) * scale
+
+
+def official_einsum(x, weight, bias, lora_a, lora_b, coeffs, scale):
+    return F.linear(x, weight, bias) + _einsum_delta(x, lora_a, coeffs.to(x.dtype), lora_b, scale)
+
+
+def official_as_run(x, weight, bias, lora_a32, lora_b32, coeffs32, scale):
+    """METHOD.md: x cast to fp32, the einsum in fp32 on the fp32 LoRA parameters, added to the base output (the sum,
+    fp32 by promotion, is cast back to the layer dtype so every row returns the same dtype)."""
+    delta = _einsum_delta(x.float(), lora_a32.float(), coeffs32.float(), lora_b32.float(), scale)
+    return (F.linear(x, weight, bias) + delta).to(x.dtype)
+
+
+def _triton_launchers():
+    """(pack_basis, shrink, expand) from lorweb_fast.kernels.mixed_lora, or a reason why they are missing."""
+    try:
+        import importlib
+
+        mod = importlib.import_module("lorweb_fast.kernels.mixed_lora")
+    except Exception as exc:
+        return None, f"lorweb_fast.kernels.mixed_lora is not importable ({type(exc).__name__}: {exc})"
+    missing = [n for n in ("pack_basis", "shrink", "expand") if not callable(getattr(mod, n, None))]
+    if missing:
+        return None, (f"lorweb_fast.kernels.mixed_lora has no {', '.join(missing)} (the launcher API "
+                      "pack_basis/shrink/expand is not in this checkout)")
+    return (mod.pack_basis, mod.shrink, mod.expand), None
+
+
 class Impl:
-    """fn(x, weight, bias, lora_a, lora_b, coeffs, scale) -> y, for one implementation."""
+    """fn(x, weight, bias, lora_a, lora_b, coeffs, scale) -> y, for one implementation.
+
+    official_as_run recomputes the coefficients from ``self.query_args`` = (query, to_q, keys) when they are set
+    (timing, forward check) and otherwise uses the given coeffs (gradient check). The forward-only rows cache their
+    pre-built operands per input buffer, so that only the kernel itself is timed."""
 
     def __init__(self, name: str, device: torch.device, dtype: torch.dtype):
         self.name, self.device, self.dtype = name, device, dtype
         self.skip_reason = None
         self._compiled = None
-        self._peft_cache = {}
+        self._cache = {}
+        self.query_args = None
+        self.launchers = None
         if name in ("triton", "cuda"):
             self.skip_reason = ops._unavailable_reason(name, device)
+        elif name in ("shrink", "expand"):
+            self.skip_reason = ops._unavailable_reason("triton", device)
+            if self.skip_reason is None and device.type != "cuda":
+                self.skip_reason = "the Triton interpreter on CPU says nothing about kernel speed"
+            if self.skip_reason is None:
+                self.launchers, self.skip_reason = _triton_launchers()
         elif name == "peft_lora":
             try:
                 import peft  # noqa: F401
             except ImportError as exc:
                 self.skip_reason = f"peft is not installed ({exc})"
-        elif name == "torch_compile" and device.type == "cpu" and not os.environ.get("LORWEB_BENCH_COMPILE_CPU"):
+        elif name in COMPILED and device.type == "cpu" and not os.environ.get("LORWEB_BENCH_COMPILE_CPU"):
             self.skip_reason = ("skipped on CPU: inductor's C++ compile of every shape would exceed the one-minute "
                                 "CPU budget (set LORWEB_BENCH_COMPILE_CPU=1 to include it)")
 
+    def new_configuration(self) -> None:
+        """Forget compiled graphs and cached operands: each configuration is compiled afresh (no recompiles)."""
+        self._compiled = None
+        self._cache.clear()
+
+    def clear_operands(self) -> None:
+        self._cache.clear()
+
+    def _compile(self, fn):
+        if self._compiled is None:
+            self._compiled = torch.compile(fn, dynamic=False)
+        return self._compiled
+
+    def _cached(self, key, build):
+        if key not in self._cache:
+            with torch.no_grad():
+                self._cache[key] = build()
+        return self._cache[key]
+
     def __call__(self, x, weight, bias, lora_a, lora_b, coeffs, scale, peft_layer=None):
-        if self.name == "linear":
+        name = self.name
+        if name == "linear":
             return F.linear(x, weight, bias)
-        if self.name == "official_einsum":
-            return F.linear(x, weight, bias) + torch.einsum("bsi,nir,bn,nro->bso", x, lora_a, coeffs.to(x.dtype), lora_b) * scale
-        if self.name == "peft_lora":
+        if name == "official_einsum":
+            return official_einsum(x, weight, bias, lora_a, lora_b, coeffs, scale)
+        if name == "official_compile":
+            return self._compile(official_einsum)(x, weight, bias, lora_a, lora_b, coeffs, scale)
+        if name == "official_as_run":
+            if self.query_args is not None:
+                coeffs = ops.compute_coefficients(*self.query_args)  # every forward, fp32
+            return official_as_run(x, weight, bias, lora_a, lora_b, coeffs, scale)
+        if name == "peft_lora":
             return peft_layer(x)
-        if self.name == "torch_compile":
-            if self._compiled is None:
-                self._compiled = torch.compile(lambda *a: lf.lorweb_linear(*a, backend="torch"), dynamic=False)
-            return self._compiled(x, weight, bias, lora_a, lora_b, coeffs, scale)
+        if name == "torch_compile":
+            return self._compile(lambda *a: lf.lorweb_linear(*a, backend="torch"))(
+                x, weight, bias, lora_a, lora_b, coeffs, scale)
+        if name in ("cublas_concat", "cublas_composed", "shrink", "expand"):
+            return self._low_level(x, weight, bias, lora_a, lora_b, coeffs, scale)
         return lf.lorweb_linear(x, weight, bias, lora_a, lora_b, coeffs, scale, backend=self.name)
+
+    def _low_level(self, x, weight, bias, lora_a, lora_b, coeffs, scale):
+        rows_per_sample = 1 if x.dim() == 2 else x.shape[1]
+        x2d = x.reshape(-1, x.shape[-1])
+        r = lora_a.shape[2]
+        out_shape = (*x.shape[:-1], lora_b.shape[2])
+
+        def scaled_z():  # (M, R) in x.dtype, computed in fp32
+            a_cat, _ = ops.concat_basis(lora_a, lora_b)
+            scaling = ops.column_scaling(coeffs, r, scale).repeat_interleave(rows_per_sample, dim=0)
+            return ((x2d.float() @ a_cat.float()) * scaling).to(x.dtype)
+
+        key = (x.data_ptr(), weight.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), coeffs.data_ptr())
+        if self.name == "cublas_concat":
+            xz, wb = self._cached(key, lambda: (torch.cat([x2d, scaled_z()], dim=1), torch.cat(
+                [weight.t(), ops.concat_basis(lora_a, lora_b)[1]], dim=0).contiguous()))
+            y = torch.mm(xz, wb) if bias is None else torch.addmm(bias, xz, wb)
+            return y.view(out_shape)
+        if self.name == "cublas_composed":
+            a_cat, b_cat = ops.concat_basis(lora_a, lora_b)
+            scaling = ops.column_scaling(coeffs, r, scale).to(x.dtype).repeat_interleave(rows_per_sample, dim=0)
+            z = (x2d @ a_cat) * scaling
+            y = torch.mm(z, b_cat) if bias is None else torch.addmm(bias, z, b_cat)
+            return y.addmm_(x2d, weight.t()).view(out_shape)
+        pack_basis, shrink, expand = self.launchers
+        a_cat, b_cat = self._cached(("basis", lora_a.data_ptr(), lora_b.data_ptr()), lambda: pack_basis(lora_a,
+                                                                                                        lora_b))
+        if self.name == "shrink":
+            return shrink(x2d, a_cat, coeffs.float(), float(scale), rows_per_sample, r)[1]  # z (M, R)
+        z = self._cached(key, scaled_z)
+        return expand(x2d, weight, z, b_cat, bias=bias).view(out_shape)
+
+    def work(self, problem: dict) -> tuple[float, float] | None:
+        """(FLOPs, minimum bytes moved) of one forward call of the single-kernel rows, else None."""
+        x, w, a = problem["x"], problem["weight"], problem["lora_a"]
+        m, k, out, big_r, e = x.numel() // x.shape[-1], x.shape[-1], w.shape[0], a.shape[0] * a.shape[2], \
+            x.element_size()
+        if self.name == "shrink":
+            return 2.0 * m * k * big_r, float(e * (m * k + big_r * k + 2 * m * big_r))
+        if self.name in ("expand", "cublas_concat"):
+            return 2.0 * m * (k + big_r) * out, float(e * (m * (k + big_r) + (k + big_r) * out + m * out))
+        if self.name == "linear":
+            return 2.0 * m * k * out, float(e * (m * k + k * out + m * out))
+        return None
 
 
 def make_peft_layer(problem: dict, sample: int = 0):
@@ -132,8 +304,12 @@ def make_peft_layer(problem: dict, sample: int = 0):
 
 
 # --------------------------------------------------------------------------------------------------- checking
+GRAD_CHECK_FULL_M = 8192  # on a GPU, gradients are checked on the whole problem at this M (fused rows)
+
+
 def check_impl(impl: Impl, problem: dict, mode: str) -> None:
-    """Raise AssertionError unless ``impl`` matches the float64 reference (forward; gradients on <= 512 rows)."""
+    """Raise AssertionError unless ``impl`` matches the float64 reference: the forward, and for fwd_bwd every
+    gradient (on the whole problem when M == 8192 on a GPU for the lorweb_fast rows, else on at most 512 rows)."""
     if impl.name == "linear":
         return
     p = dict(problem)
@@ -141,46 +317,114 @@ def check_impl(impl: Impl, problem: dict, mode: str) -> None:
     if impl.name == "peft_lora":  # peft cannot mix per sample: check it with one mixture shared by all samples
         p["coeffs"] = p["coeffs"][:1].expand_as(p["coeffs"]).contiguous()
         peft_layer = make_peft_layer(p)
-    with torch.no_grad():
-        y = impl(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"], p["scale"], peft_layer)
-    check_forward(f"{impl.name} output", y, p)
-    if mode == "fwd_bwd" and impl.name not in ("peft_lora",):
-        batch, seq = p["x"].shape[:2]
-        rows = max(1, min(seq, 512 // batch))
-        small = {**p, "x": p["x"][:, :rows].contiguous()}
-        check_against_reference(lambda *a: impl(*a), small)
+    if impl.name == "official_as_run":
+        impl.query_args = (p["query"], p["to_q"], p["keys"])
+    try:
+        with torch.no_grad():
+            y = impl(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"], p["scale"], peft_layer)
+        if impl.name == "shrink":
+            check_shrink(y, p)
+        else:
+            check_forward(f"{impl.name} output", y, p)
+        impl.query_args = None  # gradient check: official_as_run takes the coeffs argument, so it gets a gradient
+        if mode == "fwd_bwd" and impl.name not in ("peft_lora",) + FORWARD_ONLY:
+            x = p["x"]
+            full = (x.device.type == "cuda" and x.numel() // x.shape[-1] == GRAD_CHECK_FULL_M
+                    and impl.name in ("torch", "triton", "cuda"))
+            if x.dim() == 3 and not full:
+                batch, seq = x.shape[:2]
+                rows = max(1, min(seq, 512 // batch))
+                p = {**p, "x": x[:, :rows].contiguous()}
+            check_against_reference(lambda *a: impl(*a), p)
+    finally:
+        impl.query_args = None
+        impl.clear_operands()  # no operand cached from the check leaks into the timing
+
+
+def check_shrink(z: torch.Tensor, p: dict) -> None:
+    """The shrink's z (M, R) against x A_cat * scaling in float64 (bound: dtype rounding over an in-long dot)."""
+    from lorweb_fast.testing import tolerance
+
+    x = p["x"].reshape(-1, p["x"].shape[-1]).double()
+    a_cat, _ = ops.concat_basis(p["lora_a"].double(), p["lora_b"].double())
+    rows_per_sample = 1 if p["x"].dim() == 2 else p["x"].shape[1]
+    scaling = ops.column_scaling(p["coeffs"].double(), p["lora_a"].shape[2], p["scale"]).repeat_interleave(
+        rows_per_sample, dim=0)
+    ref = (x @ a_cat) * scaling
+    bound = tolerance(z.dtype, x.shape[1]) * ((x.abs() @ a_cat.abs()) * scaling.abs()) + 1e-30
+    err = (z.double() - ref).abs()
+    if not bool((err <= bound).all()):
+        raise AssertionError(f"shrink output: max error {err.max().item():.3e} exceeds the rounding bound")
 
 
 # ---------------------------------------------------------------------------------------------------- timing
 class Timer:
-    """Median of per-call times after warm-up, with inputs rotated through a pool larger than the L2 cache."""
+    """Per-call times after discarded warm-up calls, with inputs rotated through a pool larger than the L2 cache.
+
+    ``measure`` returns (device ms, eager ms). On a GPU the device time excludes host overhead: a
+    ``torch.cuda._sleep`` long enough to cover the host's enqueueing of all timed calls is enqueued first, then the
+    calls back to back with a CUDA event between consecutive calls; the median of the per-call event intervals is
+    the device time. The eager time is the median wall time of one call followed by a synchronize. On CPU both are
+    the median wall time of one call. ``run`` returns the device time alone."""
+
+    _cycles_per_ms = None
 
     def __init__(self, device: torch.device, warmup: int, reps: int, budget_s: float):
         self.device, self.warmup, self.reps, self.budget_s = device, warmup, reps, budget_s
 
     def run(self, fn, n_inputs: int) -> float:
+        return self.measure(fn, n_inputs)[0]
+
+    @classmethod
+    def cycles_per_ms(cls) -> float:
+        """GPU clock cycles per millisecond of torch.cuda._sleep, measured once."""
+        if cls._cycles_per_ms is None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(1000)
+            start.record()
+            torch.cuda._sleep(20_000_000)
+            end.record()
+            end.synchronize()
+            cls._cycles_per_ms = 20_000_000 / max(start.elapsed_time(end), 1e-3)
+        return cls._cycles_per_ms
+
+    def measure(self, fn, n_inputs: int) -> tuple[float, float]:
         cuda = self.device.type == "cuda"
         for i in range(self.warmup):  # discarded
             fn(i % n_inputs)
         if cuda:
             torch.cuda.synchronize()
-        times = []
+        eager = []
         start_all = time.perf_counter()
         for i in range(self.reps):
+            t0 = time.perf_counter()
+            fn(i % n_inputs)
             if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn(i % n_inputs)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn(i % n_inputs)
-                times.append((time.perf_counter() - t0) * 1e3)
-            if i >= 4 and time.perf_counter() - start_all > self.budget_s:
+                torch.cuda.synchronize()
+            eager.append((time.perf_counter() - t0) * 1e3)
+            if i >= 4 and time.perf_counter() - start_all > self.budget_s / 2:
                 break
-        return statistics.median(times)
+        eager_ms = statistics.median(eager)
+        if not cuda:
+            return eager_ms, eager_ms
+        reps = len(eager)
+        # Host time to enqueue `reps` calls, measured while the GPU is held by a sleep (so nothing blocks on it).
+        torch.cuda._sleep(int(self.cycles_per_ms() * 50))
+        t0 = time.perf_counter()
+        for i in range(min(reps, 5)):
+            fn(i % n_inputs)
+        enqueue_ms = (time.perf_counter() - t0) * 1e3 / min(reps, 5)
+        torch.cuda.synchronize()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+        sleep_ms = min(2.0 + 1.5 * enqueue_ms * reps, 2000.0)
+        torch.cuda._sleep(int(self.cycles_per_ms() * sleep_ms))
+        events[0].record()
+        for i in range(reps):
+            fn(i % n_inputs)
+            events[i + 1].record()
+        events[-1].synchronize()
+        times = [events[i].elapsed_time(events[i + 1]) for i in range(reps)]
+        return statistics.median(times), eager_ms
 
 
 def l2_bytes(device: torch.device) -> int:
@@ -189,18 +433,43 @@ def l2_bytes(device: torch.device) -> int:
     return 32 * 2 ** 20
 
 
-def measure(impl: Impl, problem: dict, mode: str, timer: Timer) -> tuple[float, float | None]:
-    """(median ms, peak memory MB above the inputs) for one implementation and mode."""
+def measure(impl: Impl, problem: dict, mode: str, timer: Timer) -> dict:
+    """{"median_ms" (device), "eager_ms", "peak_mem_mb" (above the inputs)} for one implementation and mode."""
+    step, n_inputs = make_step(impl, problem, mode)
+    ms, eager_ms = timer.measure(step, n_inputs)
+    peak = None
+    device = problem["x"].device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step(0)
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    return dict(median_ms=ms, eager_ms=eager_ms, peak_mem_mb=peak)
+
+
+def make_step(impl: Impl, problem: dict, mode: str):
+    """(step(i), number of rotated inputs): one forward (no grad) or forward+backward of ``impl`` on input i."""
     device = problem["x"].device
     x0 = problem["x"]
     n_inputs = max(1, min(8, math.ceil(2 * l2_bytes(device) / (x0.numel() * x0.element_size()))))
     xs = [x0] + [torch.randn_like(x0) for _ in range(n_inputs - 1)]
     training = mode == "fwd_bwd"
     leaves = {}
+    trainable = impl.name not in ("linear", "peft_lora")
+    if impl.name == "official_as_run":  # fp32 masters of every LoRWeB parameter, coefficients from the query
+        for name in ("lora_a", "lora_b"):
+            leaves[name] = problem[name].detach().float().requires_grad_(training)
+        query_leaves = [problem["to_q"].detach().clone().requires_grad_(training),
+                        problem["keys"].detach().clone().requires_grad_(training)]
+        impl.query_args = (problem["query"], *query_leaves)
+        leaves["to_q"], leaves["keys"] = query_leaves
+    elif training:
+        for name in ("lora_a", "lora_b", "coeffs"):
+            leaves[name] = problem[name].detach().clone().requires_grad_(trainable)
     if training:
         xs = [x.requires_grad_(True) for x in xs]
-        for name in ("lora_a", "lora_b", "coeffs"):
-            leaves[name] = problem[name].detach().clone().requires_grad_(impl.name not in ("linear", "peft_lora"))
     args = {**problem, **leaves}
     peft_layer = make_peft_layer(problem) if impl.name == "peft_lora" else None
     if peft_layer is not None and training:
@@ -210,30 +479,53 @@ def measure(impl: Impl, problem: dict, mode: str, timer: Timer) -> tuple[float, 
     dy = torch.randn(out_shape, device=device, dtype=x0.dtype)
     grads = [t for t in leaves.values() if t.requires_grad]
 
+    def call(x):
+        return impl(x, args["weight"], args["bias"], args["lora_a"], args["lora_b"], args["coeffs"], args["scale"],
+                    peft_layer)
+
     def step(i):
         x = xs[i]
         if training:
             x.grad = None
             for t in grads:
                 t.grad = None
-            y = impl(x, args["weight"], args["bias"], args["lora_a"], args["lora_b"], args["coeffs"], args["scale"],
-                     peft_layer)
-            y.backward(dy)
+            call(x).backward(dy)
         else:
             with torch.no_grad():
-                impl(x, args["weight"], args["bias"], args["lora_a"], args["lora_b"], args["coeffs"], args["scale"],
-                     peft_layer)
+                call(x)
 
-    ms = timer.run(step, n_inputs)
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step(0)
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-    return ms, peak
+    return step, n_inputs
+
+
+def profile_table(impls: list[Impl], problem: dict, path: Path) -> None:
+    """Per-kernel torch.profiler table of one forward+backward (forward for the forward-only rows) per row."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = problem["x"].device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    x = problem["x"]
+    parts = [f"torch.profiler, one call after warm-up; M={x.numel() // x.shape[-1]}, "
+             f"{x.shape[-1]}->{problem['weight'].shape[0]}, N={problem['lora_a'].shape[0]}, "
+             f"r={problem['lora_a'].shape[2]}, {str(x.dtype).replace('torch.', '')}, {device_name(device)}\n"]
+    for impl in impls:
+        if impl.skip_reason:
+            parts.append(f"== {impl.name}: skipped: {impl.skip_reason}\n")
+            continue
+        mode = "fwd" if impl.name in FORWARD_ONLY else "fwd_bwd"
+        step, _ = make_step(impl, problem, mode)
+        for _ in range(3):
+            step(0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            step(0)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        impl.clear_operands()
+        impl.query_args = None
+        parts.append(f"== {impl.name} ({mode})\n" + prof.key_averages().table(sort_by=sort, row_limit=20) + "\n")
+    path.write_text("\n".join(parts))
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -251,38 +543,69 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def device_clocks(device: torch.device) -> dict:
+    """Clocks, driver and power limit from nvidia-smi (when present) plus torch's device properties."""
+    if device.type != "cuda":
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    info = {"sm_count": props.multi_processor_count, "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2 ** 30, 1),
+            "l2_bytes": getattr(props, "L2_cache_size", None)}
+    fields = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,temperature.gpu"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader",
+                              f"--id={device.index or 0}"], capture_output=True, text=True, timeout=20, check=True)
+        info.update(zip(fields.split(","), [v.strip() for v in out.stdout.strip().split(",")]))
+    except Exception as exc:
+        info["nvidia_smi"] = f"unavailable ({type(exc).__name__})"
+    return info
+
+
 def ratio_table(results: list[dict]) -> str:
     keyed = {}
     for r in results:
         keyed[(r["mode"], r["M"], r["in"], r["out"], r["N"], r["r"], r["impl"])] = r
-    lines = ["| mode | M | in→out | N·r | impl | median ms | × linear | × official_einsum | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | M | in→out | N·r | impl | device ms | eager ms | × linear | × official_einsum | "
+             "× official_as_run | TFLOP/s | TB/s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(r, ref):
+        return f"{r['median_ms'] / ref['median_ms']:.3f}" if ref and not ref.get("skipped") else "-"
+
     for r in results:
         if r.get("skipped"):
             continue
         key = (r["mode"], r["M"], r["in"], r["out"], r["N"], r["r"])
-        lin, ein = keyed.get((*key, "linear")), keyed.get((*key, "official_einsum"))
-        vs_lin = f"{r['median_ms'] / lin['median_ms']:.3f}" if lin and not lin.get("skipped") else "-"
-        vs_ein = f"{r['median_ms'] / ein['median_ms']:.3f}" if ein and not ein.get("skipped") else "-"
         peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
+        tflops = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
+        tbps = f"{r['tbps']:.2f}" if r.get("tbps") else "-"
         lines.append(f"| {r['mode']} | {r['M']} | {r['in']}→{r['out']} | {r['N'] * r['r']} | {r['impl']} | "
-                     f"{r['median_ms']:.4f} | {vs_lin} | {vs_ein} | {peak} |")
+                     f"{r['median_ms']:.4f} | {r['eager_ms']:.4f} | {ratio(r, keyed.get((*key, 'linear')))} | "
+                     f"{ratio(r, keyed.get((*key, 'official_einsum')))} | "
+                     f"{ratio(r, keyed.get((*key, 'official_as_run')))} | {tflops} | {tbps} | {peak} |")
     return "\n".join(lines)
 
 
 def write_markdown(path: Path, record: dict) -> None:
-    skipped = {r["impl"]: r["skip_reason"] for r in record["results"] if r.get("skipped")}
+    skipped = list(dict.fromkeys(f"`{r['impl']}` {r['mode']}: {r['skip_reason']}" for r in record["results"]
+                                 if r.get("skipped")))
     text = [f"# Mixed-LoRA layer benchmark ({record['label']})", "",
             f"- device: {record['device']}", f"- torch {record['torch']}, triton {record['triton']}, "
             f"CUDA {record['cuda']}", f"- date: {record['date']}", f"- commit: {record['commit']}",
-            f"- dtype: {record['dtype']}; times are medians of CUDA-event (GPU) or wall-clock (CPU) per-call "
-            "timings after warm-up, inputs rotated beyond L2", "",
-            f"FLOP floors at 3072×3072, N·r = 128: forward {FLOP_FLOOR['fwd']:.3f}× linear, forward+backward "
-            f"{FLOP_FLOOR['fwd_bwd']:.3f}× linear (METHOD.md).", ""]
+            f"- clocks: {record.get('clocks') or '-'}",
+            f"- dtype: {record['dtype']}; TF32 {'on' if record.get('tf32') else 'off'}; timing: {record['timing']}",
+            ""]
+    if not record.get("complete", True):
+        text += ["**Partial record: written after each configuration; the run has not finished (or was stopped).**",
+                 ""]
+    if record.get("not_run"):
+        text += [f"Not run (total budget spent): {record['not_run']}", ""]
+    text += [f"FLOP floors at 3072×3072, N·r = 128: forward {FLOP_FLOOR['fwd']:.3f}× linear, forward+backward "
+             f"{FLOP_FLOOR['fwd_bwd']:.3f}× linear (METHOD.md).", ""]
     if record["label"] == "CPU":
         text += ["**CPU run: these numbers say nothing about GPU speed.**", ""]
     if skipped:
-        text += ["Skipped implementations:", ""] + [f"- `{k}`: {v}" for k, v in skipped.items()] + [""]
+        text += ["Skipped:", ""] + [f"- {line}" for line in skipped] + [""]
     text.append(ratio_table(record["results"]))
     path.write_text("\n".join(text) + "\n")
 
@@ -300,8 +623,9 @@ def write_plot(path: Path, record: dict) -> bool:
             if r["impl"] == "linear"}
     nr = record["default_nr"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
-    colors = dict(zip(IMPLS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    shapes = sorted({(r["in"], r["out"]) for r in rows})
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {impl: palette[i % len(palette)] for i, impl in enumerate(IMPLS)}
+    shapes = sorted({(r["in"], r["out"]) for r in rows if r["N"] * r["r"] == nr})
     styles = dict(zip(shapes, ["-", "--", ":", "-."] * 4))
     for ax, mode in zip(axes[0], MODES):
         for impl in IMPLS:
@@ -350,6 +674,15 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where to write results")
     p.add_argument("--tag", default=None, help="file name stem (default: device_date_commit)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
+    p.add_argument("--full-grid", action="store_true",
+                   help="the full GPU grid (METHOD.md shapes, extra M, 2-D norm layers, N*r sweep); default on GPU")
+    p.add_argument("--total-budget-s", type=float, default=None,
+                   help="start no new configuration after this many seconds (the first always runs; the record lists "
+                        "what was not run)")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                   help="write a per-kernel torch.profiler table of one forward+backward per row at the target "
+                        "shape (M=8192, 3072->3072; the first configuration when the target is not in the run) "
+                        "beside the record (default: on with a GPU, off on CPU)")
     return p.parse_args(argv)
 
 
@@ -360,36 +693,16 @@ def main(argv=None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype]
+    torch.backends.cuda.matmul.allow_tf32 = False  # official_as_run's fp32 einsum runs without TF32 (METHOD.md)
+    torch.backends.cudnn.allow_tf32 = False
     timer = Timer(device, args.warmup if args.warmup is not None else (10 if on_gpu else 2),
                   args.reps if args.reps is not None else (50 if on_gpu else 7),
                   args.budget_s if args.budget_s is not None else (5.0 if on_gpu else 0.5))
     impls = [Impl(name, device, dtype) for name in args.impls]
     configs = build_configs(args, on_gpu)
-    results = []
-    bar = tqdm(total=len(configs) * len(impls) * len(args.modes), desc="bench_mixed_lora", unit="row",
-               disable=None)
-    for cfg in configs:
-        batch, seq = samples_for(cfg["M"])
-        problem = random_problem(batch, seq, cfg["in_features"], cfg["out_features"], cfg["N"], cfg["r"], dtype,
-                                 device=device, seed=cfg["M"] + cfg["N"])
-        for mode in args.modes:
-            for impl in impls:
-                row = dict(impl=impl.name, mode=mode, M=cfg["M"], **{"in": cfg["in_features"]},
-                           out=cfg["out_features"], N=cfg["N"], r=cfg["r"], dtype=args.dtype, median_ms=None,
-                           peak_mem_mb=None)
-                bar.set_postfix_str(f"{impl.name} {mode} M={cfg['M']} {cfg['in_features']}→{cfg['out_features']}")
-                if impl.skip_reason:
-                    row.update(skipped=True, skip_reason=impl.skip_reason)
-                else:
-                    if not args.no_check:
-                        check_impl(impl, problem, mode)
-                    row["median_ms"], row["peak_mem_mb"] = measure(impl, problem, mode, timer)
-                results.append(row)
-                bar.update(1)
-        del problem
-        if on_gpu:
-            torch.cuda.empty_cache()
-    bar.close()
+    results, not_run = [], []
+    profile_cfg = next((c for c in configs if all(c[k] == v for k, v in TARGET.items()) and c["N"] * c["r"] == 128),
+                       configs[0]) if (on_gpu if args.profile is None else args.profile) else None
     try:
         import triton
 
@@ -398,20 +711,75 @@ def main(argv=None) -> dict:
         triton_version = None
     commit = git_commit()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    timing = ("device time per call: events between back-to-back calls behind an enqueued torch.cuda._sleep "
+              "(no host overhead), median; eager: wall time of call + synchronize, median" if on_gpu else
+              "wall-clock per call, median")
     record = dict(label="GPU" if on_gpu else "CPU", device=device_name(device), torch=torch.__version__,
-                  triton=triton_version, cuda=torch.version.cuda, commit=commit, date=date, dtype=args.dtype,
+                  triton=triton_version, cuda=torch.version.cuda,
+                  cudnn=torch.backends.cudnn.version() if on_gpu else None, clocks=device_clocks(device),
+                  commit=commit, date=date, dtype=args.dtype, tf32=False, timing=timing,
                   default_nr=args.num_loras * args.rank, checked_against_reference=not args.no_check,
-                  backend_status=lf.backend_status(), results=results)
+                  backend_status=lf.backend_status(), complete=False, not_run=not_run, results=results)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     slug = "cpu" if not on_gpu else "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-")
     stem = args.tag or f"mixed_lora_{slug.lower()}_{date[:10]}_{commit}"
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
-    write_markdown(args.out_dir / f"{stem}.md", record)
-    plotted = write_plot(args.out_dir / f"{stem}.png", record)
-    print(ratio_table(results))
-    print(f"\nwrote {args.out_dir / stem}.json, .md" + (", .png" if plotted else ""), file=sys.stderr)
-    return record
 
+    def write_record():  # after every configuration too, so that a run stopped from outside keeps what it measured
+        (args.out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
+        write_markdown(args.out_dir / f"{stem}.md", record)
+
+    written = [".json", ".md"]
+    # compiled rows last within a configuration: their compile time is the least predictable
+    ordered = sorted(impls, key=lambda i: i.name in COMPILED)
+    started = time.perf_counter()
+    bar = tqdm(total=len(configs) * len(impls) * len(args.modes), desc="bench_mixed_lora", unit="row",
+               disable=None)
+    for cfg in configs:
+        if results and args.total_budget_s is not None and time.perf_counter() - started > args.total_budget_s:
+            not_run.append({k: cfg[k] for k in ("M", "in_features", "out_features", "N", "r")})
+            bar.update(len(impls) * len(args.modes))
+            continue
+        if any(i.name in COMPILED and not i.skip_reason for i in impls):
+            torch._dynamo.reset()  # a fresh cache per configuration: never past the recompile limit
+        for impl in impls:
+            impl.new_configuration()
+        problem = make_problem(cfg, dtype, device)
+        for mode in args.modes:
+            for impl in ordered:
+                row = dict(impl=impl.name, mode=mode, M=cfg["M"], **{"in": cfg["in_features"]},
+                           out=cfg["out_features"], N=cfg["N"], r=cfg["r"], two_d=cfg["two_d"], dtype=args.dtype,
+                           median_ms=None, eager_ms=None, peak_mem_mb=None)
+                bar.set_postfix_str(f"{impl.name} {mode} M={cfg['M']} {cfg['in_features']}→{cfg['out_features']}")
+                if impl.skip_reason:
+                    row.update(skipped=True, skip_reason=impl.skip_reason)
+                elif mode == "fwd_bwd" and impl.name in FORWARD_ONLY:
+                    row.update(skipped=True, skip_reason="forward-only row (one GEMM or kernel, no backward)")
+                else:
+                    if not args.no_check:
+                        check_impl(impl, problem, mode)
+                    row.update(measure(impl, problem, mode, timer))
+                    impl.query_args = None
+                    work = impl.work(problem) if mode == "fwd" else None
+                    if work is not None:
+                        row.update(tflops=work[0] / (row["median_ms"] * 1e-3) / 1e12,
+                                   tbps=work[1] / (row["median_ms"] * 1e-3) / 1e12)
+                results.append(row)
+                bar.update(1)
+        write_record()
+        if profile_cfg is cfg:  # while this configuration's compiled graphs are still cached
+            profile_table(ordered, problem, args.out_dir / f"{stem}_profile.txt")
+            written.append("_profile.txt")
+        del problem
+        if on_gpu:
+            torch.cuda.empty_cache()
+    bar.close()
+    record["complete"] = True
+    write_record()
+    if write_plot(args.out_dir / f"{stem}.png", record):
+        written.append(".png")
+    print(ratio_table(results))
+    print(f"\nwrote {args.out_dir / stem}: " + ", ".join(written), file=sys.stderr)
+    return record
 
 if __name__ == "__main__":
     main()

@@ -52,53 +52,63 @@ Dims check_common(const at::Tensor& x, const at::Tensor& lora_a, const at::Tenso
   return d;
 }
 
-// A_cat (in, R): column n*r + j is lora_a[n, :, j].
-at::Tensor a_cat(const at::Tensor& lora_a) {
-  return lora_a.permute({1, 0, 2}).reshape({lora_a.size(1), lora_a.size(0) * lora_a.size(2)});
+// The basis packed once per call into contiguous row-major panels (one copy of N * r * in elements):
+// A_cat (R, in) with row n*r + j = lora_a[n, :, j], and B_cat (R, out) with row n*r + j = lora_b[n, j, :].
+at::Tensor pack_a(const at::Tensor& lora_a) {
+  return lora_a.transpose(1, 2).contiguous().view({lora_a.size(0) * lora_a.size(2), lora_a.size(1)});
 }
 
-// B_cat (R, out): row n*r + j is lora_b[n, j, :].
-at::Tensor b_cat(const at::Tensor& lora_b) {
-  return lora_b.reshape({lora_b.size(0) * lora_b.size(1), lora_b.size(2)});
+at::Tensor pack_b(const at::Tensor& lora_b) {
+  return lora_b.contiguous().view({lora_b.size(0) * lora_b.size(1), lora_b.size(2)});
 }
 
+void check_weight(const at::Tensor& weight, const at::Tensor& x, const Dims& d) {
+  check_tensor(weight, "weight", 2, x);
+  TORCH_CHECK(weight.size(0) == d.out && weight.size(1) == d.k, "lorweb_fast_cuda: weight must be (out=", d.out,
+              ", in=", d.k, "), got ", weight.sizes());
+}
+
+// Forward, composed so that y is written once by the small low-rank GEMM and then read only in the epilogue of the
+// large GEMM (beta = 1), where the compute-bound main loop hides it:
+//   y = addmm(bias | base, z, B_cat);  y.addmm_(x, W^T)
+// Without a weight (the delta added to a base output) it is the single y = addmm(base, z, B_cat).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                                                    const c10::optional<at::Tensor>& bias,
                                                    const c10::optional<at::Tensor>& base, const at::Tensor& lora_a,
                                                    const at::Tensor& lora_b, const at::Tensor& coeffs, double scale,
                                                    int64_t rows_per_sample) {
   const Dims d = check_common(x, lora_a, lora_b, coeffs, rows_per_sample);
+  if (weight.has_value()) check_weight(*weight, x, d);
+  if (bias.has_value()) {
+    TORCH_CHECK(weight.has_value(), "lorweb_fast_cuda: bias without weight is not supported");
+    check_tensor(*bias, "bias", 1, x);
+    TORCH_CHECK(bias->size(0) == d.out, "lorweb_fast_cuda: bias must be (out=", d.out, ",), got ", bias->sizes());
+  }
+  if (base.has_value()) {
+    check_tensor(*base, "base", 2, x);
+    TORCH_CHECK(base->size(0) == d.m && base->size(1) == d.out, "lorweb_fast_cuda: base must be (M=", d.m,
+                ", out=", d.out, "), got ", base->sizes());
+  }
   const auto coeffs_c = coeffs.contiguous();
-  auto u = at::mm(x, a_cat(lora_a));  // (M, R), cuBLAS
+  const auto a_cat = pack_a(lora_a);  // (R, in)
+  const auto b_cat = pack_b(lora_b);  // (R, out)
+  auto u = at::mm(x, a_cat.t());      // (M, R), cuBLAS
   auto z = scale_columns(u, coeffs_c, d.r, rows_per_sample, scale);
   at::Tensor y;
-  if (weight.has_value()) {
-    check_tensor(*weight, "weight", 2, x);
-    TORCH_CHECK(weight->size(0) == d.out && weight->size(1) == d.k, "lorweb_fast_cuda: weight must be (out=", d.out,
-                ", in=", d.k, "), got ", weight->sizes());
-    if (bias.has_value()) {
-      check_tensor(*bias, "bias", 1, x);
-      TORCH_CHECK(bias->size(0) == d.out, "lorweb_fast_cuda: bias must be (out=", d.out, ",), got ", bias->sizes());
-      y = at::addmm(*bias, x, weight->t());
-    } else {
-      y = at::mm(x, weight->t());
-    }
-    if (base.has_value()) y.add_(*base);
+  if (base.has_value()) {
+    y = at::addmm(*base, z, b_cat);
+    if (bias.has_value()) y.add_(*bias);  // both given: one extra pass (no caller of ops.py passes both)
+  } else if (bias.has_value()) {
+    y = at::addmm(*bias, z, b_cat);
   } else {
-    TORCH_CHECK(!bias.has_value(), "lorweb_fast_cuda: bias without weight is not supported");
-    if (base.has_value()) {
-      check_tensor(*base, "base", 2, x);
-      TORCH_CHECK(base->size(0) == d.m && base->size(1) == d.out, "lorweb_fast_cuda: base must be (M=", d.m,
-                  ", out=", d.out, "), got ", base->sizes());
-      y = base->clone(at::MemoryFormat::Contiguous);
-    } else {
-      y = at::zeros({d.m, d.out}, x.options());
-    }
+    y = at::mm(z, b_cat);
   }
-  y.addmm_(z, b_cat(lora_b));  // y += z B_cat, cuBLAS
+  if (weight.has_value()) y.addmm_(x, weight->t());  // beta = 1: y is read in the cuBLAS epilogue
   return {y, u, z};
 }
 
+// Backward: dZ = dy B_cat^T (cuBLAS); dzs = dZ * scaling and d_coeffs (two deterministic kernels); then, composed
+// as in the forward, dx = dzs A_cat followed by dx += dy W (beta = 1); d_lora_a = dzs^T x, d_lora_b = z^T dy.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& coeffs, const at::Tensor& u, const at::Tensor& z, double scale,
@@ -110,18 +120,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
   TORCH_CHECK(dy.size(0) == d.m && dy.size(1) == d.out, "lorweb_fast_cuda: dy must be (M, out), got ", dy.sizes());
   TORCH_CHECK(u.size(0) == d.m && u.size(1) == d.n * d.r && u.sizes() == z.sizes(),
               "lorweb_fast_cuda: u and z must be (M, N*r), got ", u.sizes(), " and ", z.sizes());
+  if (weight.has_value()) check_weight(*weight, x, d);
   const auto coeffs_c = coeffs.contiguous();
-  const auto bc = b_cat(lora_b);
-  auto dz = at::mm(dy, bc.t());  // (M, R), cuBLAS
+  const auto a_cat = pack_a(lora_a);  // (R, in)
+  const auto b_cat = pack_b(lora_b);  // (R, out)
+  auto dz = at::mm(dy, b_cat.t());    // (M, R), cuBLAS
   auto [dzs, dcoeffs] = scale_and_dcoeffs(dz, u.contiguous(), coeffs_c, d.r, rows_per_sample, scale);
-  at::Tensor dx;
-  if (weight.has_value()) {
-    check_tensor(*weight, "weight", 2, x);
-    dx = at::mm(dy, *weight);
-    dx.addmm_(dzs, a_cat(lora_a).t());
-  } else {
-    dx = at::mm(dzs, a_cat(lora_a).t());
-  }
+  auto dx = at::mm(dzs, a_cat);                       // (M, in)
+  if (weight.has_value()) dx.addmm_(dy, *weight);     // beta = 1
   auto d_lora_a = at::mm(dzs.t(), x).view({d.n, d.r, d.k}).transpose(1, 2).contiguous();
   auto d_lora_b = at::mm(z.t(), dy).view({d.n, d.r, d.out});
   return {dx, d_lora_a, d_lora_b, dcoeffs};

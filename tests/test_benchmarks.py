@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mixed_lora.py"
-ROW_KEYS = {"impl", "mode", "M", "in", "out", "N", "r", "dtype", "median_ms", "peak_mem_mb"}
+ROW_KEYS = {"impl", "mode", "M", "in", "out", "N", "r", "dtype", "median_ms", "eager_ms", "peak_mem_mb"}
 
 
 def load_bench():
@@ -22,11 +22,12 @@ def test_bench_mixed_lora_smoke(tmp_path):
     bench = load_bench()
     record = bench.main(["--device", "cpu", "--m", "34", "--shapes", "40x24", "--num-loras", "3", "--rank", "4",
                          "--no-rank-sweep", "--warmup", "1", "--reps", "3", "--out-dir", str(tmp_path),
-                         "--tag", "smoke"])
+                         "--tag", "smoke", "--profile"])
     data = json.loads((tmp_path / "smoke.json").read_text())
     assert data == json.loads(json.dumps(record))
-    assert {"device", "torch", "triton", "cuda", "commit", "date", "results"} <= set(data)
-    assert data["label"] == "CPU" and data["checked_against_reference"]
+    assert {"device", "torch", "triton", "cuda", "commit", "date", "results", "clocks", "timing", "tf32"} <= set(data)
+    assert data["label"] == "CPU" and data["checked_against_reference"] and data["tf32"] is False
+    assert data["complete"] is True
     impls = {r["impl"] for r in data["results"]}
     assert impls == set(bench.IMPLS)
     for row in data["results"]:
@@ -35,9 +36,17 @@ def test_bench_mixed_lora_smoke(tmp_path):
         if row.get("skipped"):
             assert row["skip_reason"]
         else:
-            assert row["median_ms"] > 0
+            assert row["median_ms"] > 0 and row["eager_ms"] > 0
+        if row["impl"] in bench.FORWARD_ONLY and row["mode"] == "fwd_bwd":
+            assert row["skipped"] and row["skip_reason"]
+            if row["impl"] == "cublas_concat":
+                assert "forward-only" in row["skip_reason"]
     ran = {r["impl"] for r in data["results"] if not r.get("skipped")}
-    assert {"linear", "official_einsum", "torch"} <= ran
+    assert {"linear", "official_einsum", "official_as_run", "torch", "cublas_concat", "cublas_composed"} <= ran
+    for row in data["results"]:  # the kernel rows need a GPU and H1's launchers: skipped with the reason, not omitted
+        if row["impl"] in ("shrink", "expand"):
+            assert row["skipped"] and row["skip_reason"]
+    assert "== official_as_run (fwd_bwd)" in (tmp_path / "smoke_profile.txt").read_text()
     table = (tmp_path / "smoke.md").read_text()
     assert "× official_einsum" in table and "CPU run" in table
     assert (tmp_path / "smoke.png").stat().st_size > 1000
@@ -71,12 +80,15 @@ def test_bench_flux_block_smoke(tmp_path):
     assert {"device", "torch", "triton", "cuda", "commit", "date", "results"} <= set(data)
     assert data["layers"] == 20  # 14 in the double block + 6 in the single block, as in METHOD.md
     got = {(r["scenario"], r["impl"]) for r in data["results"]}
-    assert got == {("train", "base"), ("train", "official"), ("train", "lorweb_fast"), ("infer", "base"),
-                   ("infer", "official"), ("infer", "lorweb_fast"), ("infer_merged", "base"),
+    assert got == {("train", "base"), ("train", "official"), ("train", "official_as_run"), ("train", "lorweb_fast"),
+                   ("infer", "base"), ("infer", "official"), ("infer", "official_as_run"), ("infer", "lorweb_fast"),
+                   ("infer_merged", "base"),
                    ("infer_merged", "lorweb_fast_merged"), ("coeffs", "set_query_once"),
                    ("coeffs", "per_layer_call")}
     assert all(r["median_ms"] > 0 for r in data["results"])
-    assert "CPU run" in (tmp_path / "block.md").read_text()
+    table = (tmp_path / "block.md").read_text()
+    assert "CPU run" in table and "× official_as_run" in table
+    assert data["tf32"] is False and "timing" in data
 
 
 def test_bench_flux_block_check_catches_a_wrong_block(monkeypatch):
@@ -87,10 +99,91 @@ def test_bench_flux_block_check_catches_a_wrong_block(monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     cfg = bench.CPU
-    base, ours, official = bench.build_models(cfg, torch.device("cpu"), torch.float32)
+    base, ours, official, as_run = bench.build_models(cfg, torch.device("cpu"), torch.float32)
     inputs = bench.make_inputs(cfg, 2, 40, 8, torch.device("cpu"), torch.float32, seed=2)
     bench.check_block(ours, official, inputs, torch.float32)
+    bench.check_block(as_run, official, inputs, torch.float32, name="official_as_run")
+    as_run_layer = next(iter(bench.lf.lorweb_layers(as_run).values()))
+    assert as_run_layer.lora_A.dtype == torch.float32 and isinstance(as_run_layer, bench.OfficialAsRunLinear)
     with torch.no_grad():  # a wrong basis in one layer must be caught
         next(iter(bench.lf.lorweb_layers(ours).values())).lora_B.mul_(3)
     with pytest.raises(AssertionError, match="differs from the float64 official"):
         bench.check_block(ours, official, inputs, torch.float32)
+
+
+SCRIPTS = ("run_on_gpu.sh", "run_full_on_gpu.sh", "gpu_common.sh", "collect_wheels.sh")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_gpu_scripts_parse(script):
+    import subprocess
+
+    path = BENCH.with_name(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    text = path.read_text()
+    if script.startswith("run_"):  # every step is bounded, and the budget is capped below the device limits
+        assert "timeout --kill-after" in BENCH.with_name("gpu_common.sh").read_text()
+        assert "gpu_setup" in text and "gpu_finish" in text
+
+
+@pytest.mark.parametrize("script", ["run_on_gpu.sh", "run_full_on_gpu.sh"])
+def test_gpu_scripts_without_a_gpu_say_so(script, tmp_path):
+    """On a machine without a CUDA GPU the scripts install and measure nothing and exit 2 with a clear message."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the no-GPU path is not reachable")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": str(tmp_path)}
+    res = subprocess.run(["bash", str(BENCH.with_name(script)), str(tmp_path / "out")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "No CUDA GPU is visible to torch" in res.stdout + res.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.log", "steps.txt"]
+    bad = subprocess.run(["bash", str(BENCH.with_name(script)), str(tmp_path / "o2"), "--budget-s", "9999"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 64 and "--budget-s must be an integer" in bad.stderr
+    assert subprocess.run(["bash", str(BENCH.with_name(script))], capture_output=True, env=env).returncode == 64
+
+
+def test_bench_grid_budget_and_missing_launchers(tmp_path):
+    """The GPU grid has every METHOD.md shape, the extra M and the 2-D norm layers; --total-budget-s leaves the rest
+    listed as not run; the shrink/expand rows name what is missing when the launcher API is absent."""
+    bench = load_bench()
+    args = bench.parse_args(["--full-grid"])
+    configs = bench.build_configs(args, on_gpu=False)
+    shapes = {(c["in_features"], c["out_features"]) for c in configs}
+    assert set(bench.GPU_LAYER_SHAPES) | set(bench.GPU_NORM_SHAPES) <= shapes
+    assert {8704, 15360} <= {c["M"] for c in configs}
+    assert all(c["M"] in bench.GPU_NORM_BATCHES for c in configs if c["two_d"])
+    record = bench.main(["--device", "cpu", "--m", "10", "12", "--shapes", "40x24", "--num-loras", "3",
+                         "--no-rank-sweep", "--impls", "linear", "official_as_run", "--reps", "1", "--warmup", "0",
+                         "--total-budget-s", "0", "--out-dir", str(tmp_path), "--tag", "budget"])
+    assert [c["M"] for c in record["not_run"]] == [12] and {r["M"] for r in record["results"]} == {10}
+    launchers, reason = bench._triton_launchers()
+    import lorweb_fast.kernels.mixed_lora as kernels
+
+    if all(hasattr(kernels, n) for n in ("pack_basis", "shrink", "expand")):
+        assert launchers is not None and reason is None
+    else:
+        assert launchers is None and "pack_basis/shrink/expand" in reason
+
+
+def test_official_as_run_recomputes_coefficients_in_fp32():
+    """official_as_run (METHOD.md): fp32 einsum on fp32 parameters, coefficients recomputed from the query in every
+    forward; with the query's coefficients it matches the reference, and a changed query changes the output."""
+    import torch
+
+    bench = load_bench()
+    problem = bench.make_problem(dict(M=10, in_features=12, out_features=8, N=3, r=2, two_d=False), torch.bfloat16,
+                                 torch.device("cpu"))
+    impl = bench.Impl("official_as_run", torch.device("cpu"), torch.bfloat16)
+    bench.check_impl(impl, problem, "fwd_bwd")
+    a32, b32 = problem["lora_a"].float(), problem["lora_b"].float()
+    impl.query_args = (problem["query"], problem["to_q"], problem["keys"])
+    y1 = impl(problem["x"], problem["weight"], problem["bias"], a32, b32, None, problem["scale"])
+    impl.query_args = (problem["query"].flip(0), problem["to_q"], problem["keys"])
+    y2 = impl(problem["x"], problem["weight"], problem["bias"], a32, b32, None, problem["scale"])
+    assert y1.dtype == torch.bfloat16 and not torch.equal(y1, y2)

@@ -1,0 +1,116 @@
+# Shared by benchmarks/run_on_gpu.sh and benchmarks/run_full_on_gpu.sh (sourced, not run):
+#   gpu_setup OUTDIR WHEELS_DIR BUDGET_S   log to OUTDIR/run.log, check the GPU, install, print device + versions
+#   step NAME SECONDS CMD...                run CMD under `timeout`, never past the overall budget; status to steps.txt
+#   note TEXT, remaining, gpu_finish
+# Every step is bounded by min(its own seconds, what is left of BUDGET_S), so a whole run cannot exceed BUDGET_S
+# (plus the few seconds `timeout --kill-after` may add to the last step).
+
+note() { echo "[$(date -u +%H:%M:%S) +${SECONDS}s] $*" >&3; }
+
+remaining() { echo $(( BUDGET_S - SECONDS )); }
+
+step() {
+  local name="$1" want="$2" left t start rc
+  shift 2
+  left=$(( $(remaining) - 10 ))
+  t=$(( want < left ? want : left ))
+  if [ "$t" -lt 5 ]; then
+    note "$name: skipped (budget spent: $(remaining)s left)"
+    echo "$name: skipped (budget)" >> "$OUTDIR/steps.txt"
+    return 124
+  fi
+  note "$name: start (limit ${t}s)"
+  start=$SECONDS
+  timeout --kill-after=5 "$t" "$@"
+  rc=$?
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    note "$name: TIMED OUT after ${t}s"
+  else
+    note "$name: exit $rc in $(( SECONDS - start ))s"
+  fi
+  echo "$name: rc=$rc in $(( SECONDS - start ))s (limit ${t}s)" >> "$OUTDIR/steps.txt"
+  return "$rc"
+}
+
+gpu_setup() {
+  OUTDIR="$1"
+  local wheels="$2"
+  BUDGET_S="$3"
+  SECONDS=0
+  PY="${PYTHON:-python3}"
+  mkdir -p "$OUTDIR" || { echo "cannot create $OUTDIR" >&2; return 1; }
+  OUTDIR="$(cd "$OUTDIR" && pwd)"
+  : > "$OUTDIR/steps.txt"
+  exec 3>&1
+  exec > >(tee -a "$OUTDIR/run.log") 2>&1
+  exec 3>&1
+  note "lorweb_fast GPU run in $PWD -> $OUTDIR (budget ${BUDGET_S}s)"
+
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "No usable torch for $PY (set PYTHON=...): this script needs the GPU machine's own torch." >&2
+    return 2
+  fi
+  if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "No CUDA GPU is visible to torch ($("$PY" -c 'import torch; print(torch.__version__)')):" \
+         "run this on a GPU machine; nothing was installed or measured." >&2
+    echo "no CUDA GPU: nothing run" >> "$OUTDIR/steps.txt"
+    return 2
+  fi
+
+  # 1. carried wheels (pure-Python dependencies the machine lacks), then the package itself, offline
+  if [ -z "$wheels" ]; then
+    for cand in shared/wheels .whl; do
+      if compgen -G "$cand/*.whl" > /dev/null; then wheels="$cand"; break; fi
+    done
+  fi
+  if [ -n "$wheels" ] && compgen -G "$wheels/*.whl" > /dev/null; then
+    local site="${TMPDIR:-/tmp}/lorweb_fast_site"
+    step "install carried wheels from $wheels" 60 "$PY" -m pip install -q --no-index --no-deps --no-compile \
+      --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    note "no carried wheels (--wheels DIR, shared/wheels or .whl): tests that need diffusers will skip or fail"
+  fi
+  if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+  note "nvcc: $(command -v nvcc || echo "${CUDA_HOME:-?}/bin/nvcc") (CUDA_HOME=${CUDA_HOME:-found by torch})"
+  export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  export LORWEB_FAST_FORCE_CUDA_BUILD=1
+  step "install lorweb_fast (editable, CUDA extension for ${TORCH_CUDA_ARCH_LIST:-8.0;9.0})" 200 \
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || {
+      note "install failed: see above"; return 1; }
+
+  # 2. device, clocks and versions
+  note "device and versions:"
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu \
+    --format=csv 2>&1 || true
+  "$PY" - <<'EOF'
+import platform, torch
+import lorweb_fast
+props = torch.cuda.get_device_properties(0)
+print(f"python {platform.python_version()}  torch {torch.__version__}  CUDA {torch.version.cuda}  "
+      f"cudnn {torch.backends.cudnn.version()}")
+try:
+    import triton
+    print(f"triton {triton.__version__}")
+except ImportError as exc:
+    print(f"triton: not importable ({exc})")
+print(f"GPU {props.name}  sm_{props.major}{props.minor}  {props.multi_processor_count} SMs  "
+      f"{props.total_memory / 2**30:.1f} GiB")
+for name, status in lorweb_fast.backend_status().items():
+    print(f"backend {name}: {status}")
+EOF
+  return 0
+}
+
+gpu_finish() {
+  note "steps:"
+  cat "$OUTDIR/steps.txt" >&3
+  local n
+  n=$(find "$OUTDIR" -type f | wc -l)
+  note "$n files in $OUTDIR (limit 8): $(cd "$OUTDIR" && ls | tr '\n' ' ')"
+  if grep -qv ": rc=0 " "$OUTDIR/steps.txt"; then
+    note "some steps failed, timed out or were skipped (see above)"
+    return 1
+  fi
+  return 0
+}
