@@ -143,7 +143,9 @@ def _key_value(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from .reference import ACTIVATIONS, REDUCTIONS
-    from .training import MIXED_PRECISIONS, OPTIMIZERS, WEIGHTING_SCHEMES, TrainConfig
+    from .data import BIDIRECTIONAL, LAYOUTS, add_data_subparser
+    from .training import ADAPTER_PRECISIONS, MIXED_PRECISIONS, OPTIMIZERS, QUANTIZE_BASE, TIMESTEP_TYPES, \
+        WEIGHTING_SCHEMES, TrainConfig
 
     parser = argparse.ArgumentParser(prog="lorweb-fast", description="LoRWeB visual analogies on FLUX.1-Kontext.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,9 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="folder with control/, target/ and captions/")
     t.add_argument("--out", required=True, help="output folder (weights, checkpoints, loss log and plot)")
     choices = {"optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISIONS, "weighting_scheme": WEIGHTING_SCHEMES,
-               "activation": ACTIVATIONS, "reduce": REDUCTIONS}
+               "activation": ACTIVATIONS, "reduce": REDUCTIONS, "timestep_type": TIMESTEP_TYPES, "layout": LAYOUTS,
+               "bidirectional": BIDIRECTIONAL, "adapter_precision": ADAPTER_PRECISIONS,
+               "quantize_base": QUANTIZE_BASE}
     helps = {"batch_size": "per process", "resume": "continue from the newest checkpoint in --out",
-             "skip_bad": "skip broken samples with a warning instead of failing"}
+             "skip_bad": "skip broken samples with a warning instead of failing",
+             "timestep_type": "weighted (official: uniform over the 1000-step grid, bell-curve loss weight), linear "
+                              "(same grid, no weight) or diffusers (--weighting-scheme)",
+             "weighting_scheme": "diffusers' timestep density / loss weighting (with --timestep-type diffusers)",
+             "adam_eps": "AdamW epsilon (official 1e-6)",
+             "layout": "data layout: auto (from the image sizes), strip (official a|a'|b + b') or grid (2x2 grids)",
+             "bidirectional": "reverse half of the analogies at random: official (is_bidirectional_analogy, exactly as "
+                              "the official loader composes them) or reverse (control [a' a; b' b'])",
+             "adapter_precision": "bf16: fused kernels in the compute dtype (fp32 accumulation); fp32: the official "
+                                  "numerics (x and query cast to the fp32 LoRA parameters)",
+             "quantize_base": "load the base transformer quantized by bitsandbytes (int8 or nf4), stock diffusers",
+             "checkpoint_every": "steps between checkpoints (official 250)",
+             "keep_checkpoints": "checkpoints kept (official 4)"}
     for f in dataclasses.fields(TrainConfig):  # one option per TrainConfig field, its default from the dataclass
         flag = "--" + f.name.replace("_", "-")
         if f.name in ("data", "out"):
@@ -192,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help=helps.get(f.name))
     t.set_defaults(func=run_train)
 
+    add_data_subparser(sub)
     d = sub.add_parser("demo", help="offline end-to-end run on tiny random models (a few minutes on CPU)")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--steps", type=int, default=40, help="training steps")

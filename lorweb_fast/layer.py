@@ -78,6 +78,11 @@ class LoRWeBLinear(nn.Module):
         self._coefficients: Optional[torch.Tensor] = None
         self._query: Optional[torch.Tensor] = None  # per-forward mode, see set_query_per_forward
         self._merged = False  # set by lorweb_fast.merged(): the mixture is folded into the base weight
+        #: "auto": the mixture runs in the input's (or autocast's) dtype through the fused kernels (fp32 accumulation);
+        #: "fp32": the official numerics (NVlabs/LoRWeB toolkit/network_mixins.py ``forward``): x and the query cast
+        #: to fp32, coefficients and mixture in fp32 outside autocast, the result cast to the base output's dtype and
+        #: added to it. Set by the trainer's ``adapter_precision``.
+        self.adapter_precision = "auto"
 
     def lorweb_tensors(self) -> dict[str, nn.Parameter]:
         """The LoRWeB parameters under their official checkpoint suffixes, in checkpoint order."""
@@ -122,6 +127,8 @@ class LoRWeBLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged:
             return self.base_layer(x)
+        if self.adapter_precision == "fp32":
+            return self._forward_fp32(x)
         coeffs = self._coefficients
         if coeffs is None and self._query is not None:
             weight = self.att_lora_to_q.weight
@@ -149,6 +156,27 @@ class LoRWeBLinear(nn.Module):
         y = base(x)
         return ops.mixed_lora_delta(x.to(dtype), lora_a, lora_b, coeffs, self.scale, add_to=y.to(dtype),
                                     backend=self.backend)
+
+    def _forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """The official arithmetic: ``base(x) + delta(x.float()).to(base(x).dtype)`` with the delta in fp32."""
+        if self.adapter_precision != "fp32":
+            raise ValueError(f"adapter_precision must be 'auto' or 'fp32', got {self.adapter_precision!r}")
+        y = self.base_layer(x)
+        with torch.autocast(x.device.type, enabled=False):
+            coeffs = self._coefficients
+            if coeffs is None and self._query is not None:
+                weight = self.att_lora_to_q.weight
+                coeffs = ops.compute_coefficients(self._query.to(weight.device, torch.float32), weight.float(),
+                                                  self.lora_keys.float(), heads=self.heads,
+                                                  activation=self.activation, reduce=self.reduce)
+            if coeffs is None:
+                raise RuntimeError("LoRWeBLinear has no coefficients: call lorweb_fast.set_query(model, query) first")
+            if x.dim() not in (2, 3) or coeffs.shape[0] != x.shape[0]:
+                raise ValueError(f"LoRWeBLinear takes (B, S, in) or (B, in) inputs with one coefficient row per "
+                                 f"sample, got x {tuple(x.shape)} and coefficients {tuple(coeffs.shape)}")
+            delta = ops.mixed_lora_delta(x.float(), self.lora_A.float(), self.lora_B.float(),
+                                         coeffs.to(x.device, torch.float32), self.scale, backend=self.backend)
+        return y + delta.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_loras={self.num_loras}, "

@@ -53,7 +53,7 @@ def trainer_state(out, step: int) -> dict:
 
 
 def test_training_lowers_the_loss_and_only_trains_lorweb(assets, tmp_path):
-    cfg = config(assets, tmp_path / "run", steps=24, checkpoint_every=8)
+    cfg = config(assets, tmp_path / "run", steps=24, checkpoint_every=8, keep_checkpoints=2)
     dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge)
     encoder = flux.AnalogyEncoder(cfg.encoder)
 
@@ -346,11 +346,12 @@ def test_cli_train(assets, tmp_path):
             "--encoder", str(assets / "clip"), "--steps", "2", "--batch-size", "2", "--mixed-precision", "no",
             "--long-edge", "64", "--max-sequence-length", str(demo.DEMO_MAX_SEQUENCE_LENGTH), "--num-loras", "4",
             "--rank", "2", "--key-dim", "8", "--checkpoint-every", "1", "--num-workers", "0", "--no-progress",
-            "--weighting-scheme", "logit_normal", "--no-gradient-checkpointing"]
+            "--timestep-type", "diffusers", "--weighting-scheme", "logit_normal", "--no-gradient-checkpointing"]
     assert cli.main(argv) == 0
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["weighting_scheme"] == "logit_normal" and saved["gradient_checkpointing"] is False
     assert saved["optimizer"] == "adamw8bit" and saved["betas"] == [0.9, 0.99]  # paper defaults
+    assert saved["adam_eps"] == 1e-6 and saved["checkpoint_every"] == 1 and saved["keep_checkpoints"] == 4
     assert training.latest_checkpoint(out).name == "step-00000002"
     with safe_open(str(out / "lorweb.safetensors"), framework="pt") as f:
         assert f.get_tensor("transformer.transformer_blocks.0.attn.to_q.lora_A").shape == (4, 32, 2)
