@@ -320,7 +320,7 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
               "layouts": dict(Counter(s[3] for s in dataset.samples)),
               "sizes": dict(Counter(f"{s[4][0]}x{s[4][1]}" for s in dataset.samples).most_common()),
               "captions": {"non_empty": sum(bool(c) for c in captions), "empty": sum(not c for c in captions),
-                           "distinct": len(set(captions))},
+                           "distinct": len({c for c in captions if c})},
               "problems": list(dataset.problems)}
     if dump is not None:
         out = Path(dump)
@@ -524,7 +524,7 @@ def run_data(args) -> dict:
         print("grid sizes: " + ", ".join(f"{k} x{v}" for k, v in list(report["sizes"].items())[:10])
               + (" ..." if len(report["sizes"]) > 10 else ""))
         cap = report["captions"]
-        print(f"captions: {cap['non_empty']} non-empty, {cap['empty']} empty, {cap['distinct']} distinct")
+        print(f"captions: {cap['non_empty']} non-empty, {cap['empty']} empty, {cap['distinct']} distinct non-empty")
         print(f"problems: {len(report['problems'])}")
         for problem in report["problems"]:
             print(f"  {problem}")

@@ -250,6 +250,44 @@ def load_optimizer_state_dict(model, optimizer: torch.optim.Optimizer, state: di
         "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]]})
 
 
+def quantization_config(quantize_base: str, compute_dtype: torch.dtype = torch.bfloat16):
+    """diffusers ``BitsAndBytesConfig`` for ``quantize_base`` "int8" (LLM.int8, ``Linear8bitLt``) or "nf4" (4-bit
+    NormalFloat, ``Linear4bit`` computing in ``compute_dtype``)."""
+    from diffusers import BitsAndBytesConfig
+
+    if quantize_base == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantize_base == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    raise ValueError(f"quantize_base must be 'int8' or 'nf4' for a quantization config, got {quantize_base!r}")
+
+
+def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize_base: str = "none"):
+    """The FluxKontextPipeline to train on; with ``quantize_base`` "int8" / "nf4" its transformer is loaded by stock
+    diffusers with a bitsandbytes ``quantization_config`` (needs a CUDA GPU: diffusers' bitsandbytes quantizer
+    refuses to quantize without one). The LoRWeB layers then wrap the quantized linears (delta-only path)."""
+    from .flux import load_kontext_pipeline
+
+    if quantize_base == "none":
+        return load_kontext_pipeline(model, dtype)
+    if not torch.cuda.is_available():
+        raise ValueError(f"--quantize-base {quantize_base} needs a CUDA GPU: diffusers' bitsandbytes quantizer does not "
+                         "quantize on the CPU (pass --quantize-base none)")
+    import diffusers
+    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+    from packaging.version import Version
+
+    key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+    transformer = FluxTransformer2DModel.from_pretrained(
+        model, subfolder="transformer", quantization_config=quantization_config(quantize_base, dtype), **{key: dtype})
+    return FluxKontextPipeline.from_pretrained(model, transformer=transformer, **{key: dtype})
+
+
+def _is_quantized(module) -> bool:
+    return bool(getattr(module, "is_quantized", False)) or any(
+        type(m).__module__.startswith("bitsandbytes") for m in module.modules())
+
+
 def _check_fsdp(accelerator, cfg: TrainConfig) -> None:
     """Clear errors for FSDP setups this trainer cannot checkpoint or step."""
     version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
@@ -259,6 +297,9 @@ def _check_fsdp(accelerator, cfg: TrainConfig) -> None:
     if cfg.optimizer == "adamw8bit":
         raise ValueError("bitsandbytes' 8-bit AdamW cannot step FSDP2's sharded (DTensor) parameters; pass "
                          "--optimizer adamw under FSDP (the LoRWeB optimizer state is small and sharded anyway)")
+    if cfg.quantize_base != "none":
+        raise ValueError(f"--quantize-base {cfg.quantize_base} cannot be sharded by FSDP2 (bitsandbytes weights are not "
+                         "DTensors); use DDP or one process with a quantized base")
 
 
 def _warn_if_layers_unwrapped(model) -> None:
@@ -437,14 +478,16 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
 
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     if pipe is None:
-        from .flux import load_kontext_pipeline
-
-        pipe = load_kontext_pipeline(cfg.model, weight_dtype)
+        pipe = load_training_pipeline(cfg.model, weight_dtype, cfg.quantize_base)
+    elif cfg.quantize_base != "none" and not _is_quantized(pipe.transformer):
+        raise ValueError(f"quantize_base={cfg.quantize_base!r} but the given pipeline's transformer is not quantized")
     if encoder is None:
         encoder = AnalogyEncoder(cfg.encoder)
     encoder.model.to(device)
     for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
-        getattr(pipe, name).requires_grad_(False).to(device)
+        module = getattr(pipe, name).requires_grad_(False)
+        if not (name == "transformer" and getattr(module, "is_quantized", False)):  # diffusers placed it already
+            module.to(device)
     transformer = pipe.transformer
     if not lorweb_layers(transformer):
         torch.manual_seed(cfg.seed)  # the same initial basis, keys and projections on every rank and every run
