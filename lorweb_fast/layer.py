@@ -127,8 +127,8 @@ class LoRWeBLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged:
             return self.base_layer(x)
-        if self.adapter_precision == "fp32":
-            return self._forward_fp32(x)
+        if self.adapter_precision != "auto":
+            return self._forward_fp32(x)  # raises for anything but "fp32"
         coeffs = self._coefficients
         if coeffs is None and self._query is not None:
             weight = self.att_lora_to_q.weight
