@@ -35,7 +35,7 @@ def main() -> None:
         cfg = TrainConfig(data=str(out / "data"), out=str(out / f"train-{precision}"),
                           model=str(models / "flux-kontext-tiny"), encoder=str(models / "clip-tiny"),
                           steps=args.steps, batch_size=2, learning_rate=1e-2, mixed_precision="bf16",
-                          adapter_precision=precision, long_edge=2 * demo.DEMO_CELL,
+                          adapter_precision=precision, long_edge=2 * demo.DEMO_CELL, resize="long-edge",
                           max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=8, rank=2, key_dim=8,
                           checkpoint_every=args.steps, num_workers=0, seed=args.seed, progress=False)
         train(cfg)

@@ -103,6 +103,7 @@ def run_demo(args) -> dict:
     cfg = TrainConfig(data=str(out / "data"), out=str(out / "train"), model=str(out / "models" / "flux-kontext-tiny"),
                       encoder=str(out / "models" / "clip-tiny"), steps=args.steps, batch_size=2,
                       learning_rate=args.learning_rate, mixed_precision="no", long_edge=2 * demo.DEMO_CELL,
+                      resize="long-edge",
                       max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=8, rank=2, key_dim=8,
                       checkpoint_every=max(1, args.steps // 2), num_workers=0, seed=args.seed,
                       progress=not args.quiet)
@@ -143,7 +144,7 @@ def _key_value(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from .reference import ACTIVATIONS, REDUCTIONS
-    from .data import BIDIRECTIONAL, LAYOUTS, add_data_subparser
+    from .data import BIDIRECTIONAL, LAYOUTS, RESIZE_MODES, add_data_subparser
     from .training import ADAPTER_PRECISIONS, MIXED_PRECISIONS, OPTIMIZERS, QUANTIZE_BASE, TIMESTEP_TYPES, \
         WEIGHTING_SCHEMES, TrainConfig
 
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     choices = {"optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISIONS, "weighting_scheme": WEIGHTING_SCHEMES,
                "activation": ACTIVATIONS, "reduce": REDUCTIONS, "timestep_type": TIMESTEP_TYPES, "layout": LAYOUTS,
                "bidirectional": BIDIRECTIONAL, "adapter_precision": ADAPTER_PRECISIONS,
-               "quantize_base": QUANTIZE_BASE}
+               "quantize_base": QUANTIZE_BASE, "resize": RESIZE_MODES}
     helps = {"batch_size": "per process", "resume": "continue from the newest checkpoint in --out",
              "skip_bad": "skip broken samples with a warning instead of failing",
              "timestep_type": "weighted (official: uniform over the 1000-step grid, bell-curve loss weight), linear "
@@ -192,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "numerics (x and query cast to the fp32 LoRA parameters)",
              "quantize_base": "load the base transformer quantized by bitsandbytes (int8 or nf4), stock diffusers",
              "checkpoint_every": "steps between checkpoints (official 250)",
-             "keep_checkpoints": "checkpoints kept (official 4)"}
+             "keep_checkpoints": "checkpoints kept (official 4)",
+             "long_edge": "training resolution: the bucket resolution (official 512) or the long edge (--resize)",
+             "resize": "bucket (official ai-toolkit aspect buckets of b''s size, centre crop) or long-edge",
+             "bucket_divisibility": "bucket sides are multiples of this (official bucket_tolerance 64)"}
     for f in dataclasses.fields(TrainConfig):  # one option per TrainConfig field, its default from the dataclass
         flag = "--" + f.name.replace("_", "-")
         if f.name in ("data", "out"):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import tempfile
@@ -41,6 +42,16 @@ import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 LAYOUTS = ("auto", "strip", "grid")
+#: "bucket": the official training size (ai-toolkit aspect buckets of b''s size, see ``bucket_resize``);
+#: "long-edge": lorweb_fast's first rule (long edge ``long_edge``, sides multiples of 32, no crop)
+RESIZE_MODES = ("bucket", "long-edge")
+#: the SDXL aspect buckets at 1024 that ai-toolkit scales to the training resolution (toolkit/buckets.py)
+SDXL_BUCKETS_1024 = ((1024, 1024), (2048, 512), (1984, 512), (1920, 512), (1856, 512), (1792, 576), (1728, 576),
+                     (1664, 576), (1600, 640), (1536, 640), (1472, 704), (1408, 704), (1344, 704), (1344, 768),
+                     (1280, 768), (1216, 832), (1152, 832), (1152, 896), (1088, 896), (1088, 960), (1024, 960),
+                     (960, 1024), (960, 1088), (896, 1088), (896, 1152), (832, 1152), (832, 1216), (768, 1280),
+                     (768, 1344), (704, 1408), (704, 1472), (640, 1536), (640, 1600), (576, 1664), (576, 1728),
+                     (576, 1792), (512, 1856), (512, 1920), (512, 1984), (512, 2048), (8192, 128), (128, 8192))
 BIDIRECTIONAL = ("none", "official", "reverse")
 CAPTION_DIRS = ("captions", "target", "control")
 #: a control image at least this many times wider than tall, with a width divisible by 3, looks like an a|a'|b strip
@@ -140,6 +151,48 @@ def bidirectional_swap(seed: int, position: int) -> bool:
     return random.Random(f"lorweb-bidirectional-{seed}-{position}").random() < 0.5
 
 
+# ------------------------------------------------------------------------------------------ training size
+def official_bucket(width: int, height: int, resolution: int = 512, divisibility: int = 64) -> tuple[int, int]:
+    """The ai-toolkit bucket (W, H) of an image of ``width`` x ``height`` (toolkit/buckets.py
+    ``get_bucket_for_image_size``): the SDXL buckets scaled to min(resolution, sqrt(w h)) / 1024 and floored to
+    multiples of ``divisibility``; an exact match, else the bucket that crops the fewest pixels (first wins)."""
+    res = min(resolution, int((width * height) ** 0.5))
+    scaler = res / 1024
+    buckets = []
+    for bw, bh in SDXL_BUCKETS_1024:
+        w, h = int(bw * scaler), int(bh * scaler)
+        buckets.append((w - w % divisibility, h - h % divisibility))
+    if (width, height) in buckets:
+        return width, height
+    best, best_removed = None, float("inf")
+    for bw, bh in buckets:
+        if bw <= 0 or bh <= 0:
+            continue
+        scale = max(bw / width, bh / height)
+        new_w, new_h = int(width * scale), int(height * scale)
+        removed = (new_w - bw) * new_h + (new_h - bh) * new_w
+        if removed < best_removed:
+            best, best_removed = (bw, bh), removed
+    if best is None:
+        raise AnalogyDataError(f"an image of {width}x{height} has no training bucket at resolution {resolution} with "
+                               f"sides multiples of {divisibility} (too small); use --resize long-edge")
+    return best
+
+
+def bucket_resize(grid, cell_size: tuple[int, int], resolution: int = 512, divisibility: int = 64):
+    """The official training-size step (ai-toolkit ``setup_buckets`` + ``load_and_process_image``): the bucket is
+    chosen from the b' cell size (W, H), the whole grid is resized with bicubic to (ceil(W s), ceil(H s)) with
+    s = max(bucket W / W, bucket H / H), then centre-cropped to the bucket."""
+    from PIL import Image
+
+    w, h = cell_size
+    bw, bh = official_bucket(w, h, resolution, divisibility)
+    scale = max(bw / w, bh / h)
+    sw, sh = int(math.ceil(w * scale)), int(math.ceil(h * scale))
+    x0, y0 = int((sw - bw) / 2), int((sh - bh) / 2)
+    return grid.resize((sw, sh), Image.BICUBIC).crop((x0, y0, x0 + bw, y0 + bh))
+
+
 # ------------------------------------------------------------------------------------------------- dataset
 def detect_layout(control: Path, control_size: tuple[int, int], target: Path, target_size: tuple[int, int]) -> str:
     """``"strip"`` or ``"grid"`` from the sizes of a sample's control and target; AnalogyDataError naming the file
@@ -179,13 +232,17 @@ class AnalogyFolder(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: Union[str, Path], *, long_edge: int = 512, multiple: int = 32, skip_bad: bool = False,
-                 layout: str = "auto", bidirectional: str = "none"):
+                 layout: str = "auto", bidirectional: str = "none", resize: str = "bucket",
+                 bucket_divisibility: int = 64):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if bidirectional not in BIDIRECTIONAL:
             raise ValueError(f"bidirectional must be one of {BIDIRECTIONAL}, got {bidirectional!r}")
         self.root, self.long_edge, self.multiple = Path(root), long_edge, multiple
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.layout, self.bidirectional = layout, bidirectional
+        self.resize, self.bucket_divisibility = resize, bucket_divisibility
         control_dir, target_dir = self.root / "control", self.root / "target"
         for d in (self.root, control_dir, target_dir):
             if not d.is_dir():
@@ -235,6 +292,11 @@ class AnalogyFolder(torch.utils.data.Dataset):
                                        "divisible by 3 (layout='strip')")
             layout = "strip"
         grid_size = target_size if layout == "grid" else (2 * target_size[0], 2 * target_size[1])
+        if self.resize == "bucket":  # a sample too small for any bucket fails here, naming its file
+            try:
+                official_bucket(grid_size[0] // 2, grid_size[1] // 2, self.long_edge, self.bucket_divisibility)
+            except AnalogyDataError as exc:
+                raise AnalogyDataError(f"{target}: {exc}") from None
         return control, target, caption, layout, grid_size
 
     def _caption(self, stem: str) -> str:
@@ -253,8 +315,11 @@ class AnalogyFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def grid_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """Training size of a grid of ``size``: long edge ``long_edge``, sides multiples of ``multiple``."""
+        """Training size of a grid of ``size``: with ``resize="bucket"`` the official bucket of its cell (half the
+        grid); with ``"long-edge"`` long edge ``long_edge``, sides multiples of ``multiple``."""
         w, h = size
+        if self.resize == "bucket":
+            return official_bucket(w // 2, h // 2, self.long_edge, self.bucket_divisibility)
         scale = self.long_edge / max(w, h)
         m = self.multiple
         return max(m, round(w * scale / m) * m), max(m, round(h * scale / m) * m)
@@ -279,14 +344,21 @@ class AnalogyFolder(torch.utils.data.Dataset):
         swap = bool(swap) and self.bidirectional != "none"
         control_path, target_path, caption, layout, grid_size = self.samples[index]
         size = self.grid_size(grid_size)
+        cell = (grid_size[0] // 2, grid_size[1] // 2)
+
+        def to_training_size(grid):
+            if self.resize == "bucket":
+                return bucket_resize(grid, cell, self.long_edge, self.bucket_divisibility)
+            return grid.resize(size, Image.BICUBIC)
+
         if layout == "strip" or swap:
             # official order: compose the target at full size, resize it, then derive the control from it
             _, target = self.full_grids(index, swap)
-            target = target.resize(size, Image.BICUBIC)
+            target = to_training_size(target)
             control = control_from_target(target, bidirectional=self.bidirectional, swapped=swap)
         else:
-            control = open_rgb(control_path).resize(size, Image.BICUBIC)
-            target = open_rgb(target_path).resize(size, Image.BICUBIC)
+            control = to_training_size(open_rgb(control_path))
+            target = to_training_size(open_rgb(target_path))
         return {"control": control, "target": target, "caption": caption, "name": control_path.stem,
                 "layout": layout, "swapped": swap}
 
@@ -306,7 +378,8 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = None, skip_bad: bool = False,
-                 layout: str = "auto", progress: bool = True) -> dict:
+                 layout: str = "auto", resize: str = "bucket", long_edge: int = 512, bucket_divisibility: int = 64,
+                 progress: bool = True) -> dict:
     """Validate every sample of ``root``; return counts ``{"samples", "layouts", "sizes", "captions", "problems"}``.
     With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there: the grids the
     trainer sees, before resizing to the training resolution."""
@@ -314,11 +387,14 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dataset = AnalogyFolder(root, skip_bad=skip_bad, layout=layout)
+        dataset = AnalogyFolder(root, skip_bad=skip_bad, layout=layout, resize=resize, long_edge=long_edge,
+                                bucket_divisibility=bucket_divisibility)
     captions = [s[2] for s in dataset.samples]
     report = {"samples": len(dataset), "skipped": len(dataset.skipped),
               "layouts": dict(Counter(s[3] for s in dataset.samples)),
               "sizes": dict(Counter(f"{s[4][0]}x{s[4][1]}" for s in dataset.samples).most_common()),
+              "training_sizes": dict(Counter("{}x{}".format(*dataset.grid_size(s[4]))
+                                             for s in dataset.samples).most_common()),
               "captions": {"non_empty": sum(bool(c) for c in captions), "empty": sum(not c for c in captions),
                            "distinct": len({c for c in captions if c})},
               "problems": list(dataset.problems)}
@@ -500,6 +576,9 @@ def add_data_subparser(subparsers) -> argparse.ArgumentParser:
                    help="write OUT/<id>_target.png, <id>_control.png, <id>_caption.txt (before training resize)")
     c.add_argument("--layout", choices=LAYOUTS, default="auto", help="sample layout (default: from the sizes)")
     c.add_argument("--skip-bad", action="store_true", help="report broken samples instead of failing on the first")
+    c.add_argument("--resize", choices=RESIZE_MODES, default="bucket", help="training-size rule, as lorweb-fast train")
+    c.add_argument("--long-edge", type=int, default=512, help="training resolution, as lorweb-fast train")
+    c.add_argument("--bucket-divisibility", type=int, default=64, help="as lorweb-fast train")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     r = sub.add_parser("prepare", help="Relation252K folder -> control/ strips, target/ b' + captions (official)")
     r.add_argument("src", help="downloaded Relation252K folder (<category>/Group1/labels.json + images)")
@@ -518,11 +597,14 @@ def add_data_subparser(subparsers) -> argparse.ArgumentParser:
 def run_data(args) -> dict:
     if args.data_command == "check":
         report = check_folder(args.data, dump=args.dump, skip_bad=args.skip_bad, layout=args.layout,
-                              progress=not args.quiet)
+                              resize=args.resize, long_edge=args.long_edge,
+                              bucket_divisibility=args.bucket_divisibility, progress=not args.quiet)
         print(f"{report['samples']} samples ({report['skipped']} skipped); layouts: "
               + ", ".join(f"{k} {v}" for k, v in report["layouts"].items()))
         print("grid sizes: " + ", ".join(f"{k} x{v}" for k, v in list(report["sizes"].items())[:10])
               + (" ..." if len(report["sizes"]) > 10 else ""))
+        print(f"training sizes ({args.resize}): " + ", ".join(f"{k} x{v}" for k, v in
+                                                             list(report["training_sizes"].items())[:10]))
         cap = report["captions"]
         print(f"captions: {cap['non_empty']} non-empty, {cap['empty']} empty, {cap['distinct']} distinct non-empty")
         print(f"problems: {len(report['problems'])}")

@@ -35,7 +35,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .data import BIDIRECTIONAL, IMAGE_SUFFIXES, LAYOUTS, AnalogyDataError, AnalogyFolder, bidirectional_swap  # noqa: F401
+from .data import BIDIRECTIONAL, IMAGE_SUFFIXES, LAYOUTS, RESIZE_MODES, AnalogyDataError, AnalogyFolder, bidirectional_swap  # noqa: F401
 from .model import DEFAULT_ENCODER, LoRWeBConfig, inject_lorweb, load_lorweb_weights, lorweb_layers, \
     lorweb_state_dict, save_lorweb_weights, set_query
 
@@ -125,6 +125,8 @@ class TrainConfig:
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = True
     long_edge: int = 512
+    resize: str = "bucket"
+    bucket_divisibility: int = 64
     timestep_type: str = "weighted"
     weighting_scheme: str = "none"
     logit_mean: float = 0.0
@@ -152,7 +154,7 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for name, allowed in (("timestep_type", TIMESTEP_TYPES), ("layout", LAYOUTS),
+        for name, allowed in (("timestep_type", TIMESTEP_TYPES), ("layout", LAYOUTS), ("resize", RESIZE_MODES),
                               ("bidirectional", BIDIRECTIONAL), ("adapter_precision", ADAPTER_PRECISIONS),
                               ("quantize_base", QUANTIZE_BASE)):
             if getattr(self, name) not in allowed:
@@ -467,7 +469,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
 
     cfg.validate()
     dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge, skip_bad=cfg.skip_bad, layout=cfg.layout,
-                            bidirectional=cfg.bidirectional)  # fail before loading models
+                            bidirectional=cfg.bidirectional, resize=cfg.resize,
+                            bucket_divisibility=cfg.bucket_divisibility)  # fail before loading models
     # no GPU: run on CPU, and under `accelerate launch` / torchrun as a gloo process group (MULTI_CPU)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.accelerator.is_available())
     device = accelerator.device

@@ -63,7 +63,7 @@ def _official_control(target: np.ndarray, swapped: bool = False) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- composition
 def test_strip_layout_composes_the_official_grids_exactly(tmp_path):
     root = _strip_folder(tmp_path / "d", cells=[(20, 14), (16, 16)], b_prime=(24, 18))
-    ds = AnalogyFolder(root, long_edge=64, multiple=16)
+    ds = AnalogyFolder(root, long_edge=64, multiple=16, resize="long-edge")
     assert [s[3] for s in ds.samples] == ["strip", "strip"] and ds.samples[0][4] == (48, 36)
     for i in range(2):
         strip = Image.open(root / "control" / f"s{i:02d}.png")
@@ -86,7 +86,7 @@ def test_strip_layout_composes_the_official_grids_exactly(tmp_path):
 @pytest.mark.parametrize("mode", ["official", "reverse"])
 def test_bidirectional_swap_matches_the_official_composition(tmp_path, mode):
     root = _strip_folder(tmp_path / "d", cells=[(20, 14)], b_prime=(20, 14))
-    ds = AnalogyFolder(root, long_edge=40, multiple=8, bidirectional=mode)
+    ds = AnalogyFolder(root, long_edge=40, multiple=8, bidirectional=mode, resize="long-edge")
     strip, b_prime = Image.open(root / "control" / "s00.png"), Image.open(root / "target" / "s00.png")
     want = _official_box_grid(strip, b_prime, swap=True)
     control, target = ds.full_grids(0, swap=True)
@@ -107,7 +107,7 @@ def test_bidirectional_swap_matches_the_official_composition(tmp_path, mode):
     resized = np.asarray(Image.fromarray(want).resize(item["target"].size, Image.BICUBIC))
     np.testing.assert_array_equal(np.asarray(item["target"]), resized)
     # swaps only with bidirectional on
-    assert not AnalogyFolder(root, long_edge=40, multiple=8)[(0, True)]["swapped"]
+    assert not AnalogyFolder(root, long_edge=40, multiple=8, resize="long-edge")[(0, True)]["swapped"]
 
 
 def test_bidirectional_draws_are_deterministic_and_resume_exactly():
@@ -124,7 +124,7 @@ def test_bidirectional_draws_are_deterministic_and_resume_exactly():
 
 def test_grid_layout_still_works(tmp_path):
     root = demo.make_synthetic_analogies(tmp_path / "grid", 3)
-    ds = AnalogyFolder(root, long_edge=64)
+    ds = AnalogyFolder(root, long_edge=64, resize="long-edge")
     assert {s[3] for s in ds.samples} == {"grid"}
     control, target = ds.full_grids(0)
     np.testing.assert_array_equal(np.asarray(target), np.asarray(Image.open(root / "target" / "0000.png").convert("RGB")))
@@ -138,18 +138,18 @@ def test_ambiguous_and_broken_samples_name_the_file(tmp_path):
     root = _strip_folder(tmp_path / "d", cells=[(20, 14)])
     _random_image(rng, 61, 14).save(root / "control" / "s00.png")  # strip width not divisible by 3
     with pytest.raises(AnalogyDataError, match=r"s00.png looks like an a\|a'\|b strip but its width 61"):
-        AnalogyFolder(root)
+        AnalogyFolder(root, resize="long-edge")
     _random_image(rng, 60, 20).save(root / "control" / "s00.png")
     _random_image(rng, 60, 20).save(root / "target" / "s00.png")  # same size and strip-shaped: which one?
     with pytest.raises(AnalogyDataError, match="s00.png .60x20. is ambiguous"):
-        AnalogyFolder(root)
-    assert AnalogyFolder(root, layout="grid").samples[0][3] == "grid"
-    assert AnalogyFolder(root, layout="strip").samples[0][3] == "strip"
+        AnalogyFolder(root, resize="long-edge")
+    assert AnalogyFolder(root, resize="long-edge", layout="grid").samples[0][3] == "grid"
+    assert AnalogyFolder(root, resize="long-edge", layout="strip").samples[0][3] == "strip"
     _random_image(rng, 50, 40).save(root / "control" / "s00.png")  # fits neither
     with pytest.raises(AnalogyDataError, match="s00.png .50x40. fits no layout"):
-        AnalogyFolder(root)
+        AnalogyFolder(root, resize="long-edge")
     with pytest.raises(AnalogyDataError, match="not an a.a'.b strip: its width 50"):
-        AnalogyFolder(root, layout="strip")
+        AnalogyFolder(root, resize="long-edge", layout="strip")
 
 
 def test_mixed_layouts_are_an_error(tmp_path):
@@ -159,16 +159,16 @@ def test_mixed_layouts_are_an_error(tmp_path):
     shutil.copy(grid / "target" / "0000.png", root / "target" / "g0.png")
     shutil.copy(grid / "captions" / "0000.txt", root / "target" / "g0.txt")
     with pytest.raises(AnalogyDataError, match="mixes layouts .*g0.png is a 2x2 grid.*s00.png an a.a'.b strip"):
-        AnalogyFolder(root)
+        AnalogyFolder(root, resize="long-edge")
 
 
 def test_bad_utf8_caption_is_named_and_skippable(tmp_path):
     root = _strip_folder(tmp_path / "d", cells=[(20, 14), (20, 14)])
     (root / "target" / "s01.txt").write_bytes(b"caf\xe9 au lait")
     with pytest.raises(AnalogyDataError, match=r"caption .*s01.txt is not valid UTF-8"):
-        AnalogyFolder(root)
+        AnalogyFolder(root, resize="long-edge")
     with pytest.warns(UserWarning, match="skipping training sample s01"):
-        ds = AnalogyFolder(root, skip_bad=True)
+        ds = AnalogyFolder(root, skip_bad=True, resize="long-edge")
     assert len(ds) == 1 and ds.skipped == ["s01"]
 
 
@@ -177,11 +177,11 @@ def test_data_check_prints_counts_and_dumps_the_trainers_grids(tmp_path, capsys)
     root = _strip_folder(tmp_path / "d", cells=[(20, 14), (16, 16), (20, 14)])
     (root / "target" / "s02.txt").write_text("")
     out = tmp_path / "dump"
-    assert cli.main(["data", "check", str(root), "--dump", str(out), "--quiet"]) == 0
+    assert cli.main(["data", "check", str(root), "--dump", str(out), "--quiet", "--resize", "long-edge"]) == 0
     text = capsys.readouterr().out
     assert "3 samples (0 skipped); layouts: strip 3" in text
     assert "48x36 x3" in text and "captions: 2 non-empty, 1 empty, 1 distinct non-empty" in text and "problems: 0" in text
-    ds = AnalogyFolder(root)
+    ds = AnalogyFolder(root, resize="long-edge")
     for i, name in enumerate(("s00", "s01", "s02")):
         control, target = ds.full_grids(i)
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"{name}_target.png")), np.asarray(target))
@@ -190,10 +190,10 @@ def test_data_check_prints_counts_and_dumps_the_trainers_grids(tmp_path, capsys)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
     (root / "target" / "s01.png").write_bytes(b"not an image")
-    assert cli.main(["data", "check", str(root), "--quiet"]) == 2
+    assert cli.main(["data", "check", str(root), "--quiet", "--resize", "long-edge"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "s01.png is not a readable image" in err
-    assert cli.main(["data", "check", str(root), "--skip-bad", "--quiet"]) == 0
+    assert cli.main(["data", "check", str(root), "--skip-bad", "--quiet", "--resize", "long-edge"]) == 0
     text = capsys.readouterr().out
     assert "2 samples (1 skipped)" in text and "problems: 1" in text and "s01.png is not a readable image" in text
 
@@ -258,7 +258,7 @@ def test_data_prepare_relation252k_official_pairing(tmp_path, capsys):
         assert im.size == (16, 12) and np.abs(np.asarray(im, dtype=np.float64) - b2).mean() < 3
     assert (out / "target" / f"{want_ids[0]}.txt").read_text() == "cat-a edit 0"
     # the trainer reads it as the official strip layout
-    ds = AnalogyFolder(out)
+    ds = AnalogyFolder(out, resize="long-edge")
     assert len(ds) == 4 and {s[3] for s in ds.samples} == {"strip"}
 
     # resumable: finished analogies are skipped, a missing file is rewritten
@@ -302,3 +302,63 @@ def test_data_prepare_bad_source(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["data", "prepare", str(tmp_path / "empty"), str(tmp_path / "o"), "--quiet"]) == 2
     assert "not a Relation252K folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ training size
+_SDXL = np.array([[1024, 1024], [2048, 512], [1984, 512], [1920, 512], [1856, 512], [1792, 576], [1728, 576],
+                  [1664, 576], [1600, 640], [1536, 640], [1472, 704], [1408, 704], [1344, 704], [1344, 768],
+                  [1280, 768], [1216, 832], [1152, 832], [1152, 896], [1088, 896], [1088, 960], [1024, 960],
+                  [960, 1024], [960, 1088], [896, 1088], [896, 1152], [832, 1152], [832, 1216], [768, 1280],
+                  [768, 1344], [704, 1408], [704, 1472], [640, 1536], [640, 1600], [576, 1664], [576, 1728],
+                  [576, 1792], [512, 1856], [512, 1920], [512, 1984], [512, 2048], [8192, 128], [128, 8192]])
+
+
+def _reference_bucket(w, h, resolution, div):
+    """Reference written from NVlabs/LoRWeB toolkit/buckets.py ``get_bucket_sizes`` (SDXL buckets times
+    resolution / 1024, truncated, floored to multiples of ``div``) and ``get_bucket_for_image_size`` (resolution
+    capped at int(sqrt(w h)); exact match, else the first bucket with the fewest cropped pixels after scaling by the
+    larger ratio)."""
+    res = min(resolution, int(np.sqrt(w * h)))
+    sizes = (_SDXL * (res / 1024)).astype(np.int64)
+    sizes -= sizes % div
+    for bw, bh in sizes:
+        if (bw, bh) == (w, h):
+            return int(bw), int(bh)
+    scale = np.maximum(sizes[:, 0] / w, sizes[:, 1] / h)
+    nw, nh = (w * scale).astype(np.int64), (h * scale).astype(np.int64)
+    removed = (nw - sizes[:, 0]) * nh + (nh - sizes[:, 1]) * nw
+    bw, bh = sizes[int(np.argmin(removed))]
+    return int(bw), int(bh)
+
+
+def test_official_buckets_match_the_reference():
+    rng = np.random.default_rng(0)
+    sizes = [(512, 512), (1024, 768), (768, 1024), (640, 480), (1920, 1080), (300, 300), (2000, 500)]
+    sizes += [tuple(int(v) for v in rng.integers(200, 2500, 2)) for _ in range(60)]
+    for w, h in sizes:
+        assert data.official_bucket(w, h, 512, 64) == _reference_bucket(w, h, 512, 64), (w, h)
+    assert data.official_bucket(512, 512) == (512, 512) and data.official_bucket(1024, 1024) == (512, 512)
+    with pytest.raises(AnalogyDataError, match="no training bucket"):
+        data.official_bucket(20, 20, 512, 64)
+
+
+def test_bucket_resize_is_the_official_training_size(tmp_path):
+    """ai-toolkit (toolkit/dataloader_mixins.py ``setup_buckets`` and ``load_and_process_image``): the bucket comes
+    from the b' file's size, the composed grid is resized with bicubic to ceil(W s) x ceil(H s),
+    s = max(bucket W / W, bucket H / H), and centre-cropped at int((scaled - bucket) / 2)."""
+    root = _strip_folder(tmp_path / "d", cells=[(40, 30)], b_prime=(100, 70))
+    ds = AnalogyFolder(root, long_edge=64, bucket_divisibility=16)
+    bw, bh = _reference_bucket(100, 70, 64, 16)
+    s = max(bw / 100, bh / 70)
+    sw, sh = int(np.ceil(100 * s)), int(np.ceil(70 * s))
+    x0, y0 = int((sw - bw) / 2), int((sh - bh) / 2)
+    full = _official_box_grid(Image.open(root / "control" / "s00.png"), Image.open(root / "target" / "s00.png"))
+    want = np.asarray(Image.fromarray(full).resize((sw, sh), Image.BICUBIC))[y0:y0 + bh, x0:x0 + bw]
+    item = ds[0]
+    assert item["target"].size == (bw, bh) == ds.grid_size((200, 140))
+    np.testing.assert_array_equal(np.asarray(item["target"]), want)
+    np.testing.assert_array_equal(np.asarray(item["control"]), _official_control(want))
+    assert AnalogyFolder(root).grid_size((200, 140)) == (64, 64)  # resolution capped at int(sqrt(100 * 70)) = 83
+    small = _strip_folder(tmp_path / "small", cells=[(10, 10)], b_prime=(30, 20))
+    with pytest.raises(AnalogyDataError, match="s00.png: an image of 30x20 has no training bucket"):
+        AnalogyFolder(small)  # sides multiples of 64 at resolution int(sqrt(600)) = 24: nothing fits

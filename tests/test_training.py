@@ -38,7 +38,7 @@ def assets(tmp_path_factory):
 
 def config(assets, out, **overrides) -> TrainConfig:
     values = dict(data=str(assets / "data"), out=str(out), model=str(assets / "pipe"), encoder=str(assets / "clip"),
-                  steps=8, batch_size=2, learning_rate=1e-2, mixed_precision="no", long_edge=64,
+                  steps=8, batch_size=2, learning_rate=1e-2, mixed_precision="no", long_edge=64, resize="long-edge",
                   max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=4, rank=2, key_dim=8,
                   checkpoint_every=4, num_workers=0, progress=False)
     values.update(overrides)
@@ -55,7 +55,7 @@ def trainer_state(out, step: int) -> dict:
 
 def test_training_lowers_the_loss_and_only_trains_lorweb(assets, tmp_path):
     cfg = config(assets, tmp_path / "run", steps=24, checkpoint_every=8, keep_checkpoints=2)
-    dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge)
+    dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge, resize=cfg.resize)
     encoder = flux.AnalogyEncoder(cfg.encoder)
 
     fresh = flux.load_kontext_pipeline(cfg.model)
@@ -328,13 +328,13 @@ def test_broken_samples_error_or_skip(assets, tmp_path):
     (data / "captions" / "0003.txt").unlink()
     (data / "target" / "0005.png").write_bytes(b"garbage")
     with pytest.raises(AnalogyDataError, match="0003 has no caption"):
-        AnalogyFolder(data)
+        AnalogyFolder(data, resize="long-edge")
     (data / "captions" / "0003.txt").write_text("flip")
     with pytest.raises(AnalogyDataError, match="0005.png is not a readable image"):
-        AnalogyFolder(data)
+        AnalogyFolder(data, resize="long-edge")
     (data / "target" / "0007.png").unlink()
     with pytest.warns(UserWarning, match="skipping training sample"):
-        ds = AnalogyFolder(data, skip_bad=True, long_edge=64)
+        ds = AnalogyFolder(data, skip_bad=True, long_edge=64, resize="long-edge")
     assert len(ds) == 10 and ds.skipped == ["0005", "0007"]
     item = ds[0]
     assert item["control"].size == item["target"].size == (64, 64)
@@ -345,7 +345,7 @@ def test_cli_train(assets, tmp_path):
     out = tmp_path / "cli"
     argv = ["train", "--data", str(assets / "data"), "--out", str(out), "--model", str(assets / "pipe"),
             "--encoder", str(assets / "clip"), "--steps", "2", "--batch-size", "2", "--mixed-precision", "no",
-            "--long-edge", "64", "--max-sequence-length", str(demo.DEMO_MAX_SEQUENCE_LENGTH), "--num-loras", "4",
+            "--long-edge", "64", "--resize", "long-edge", "--max-sequence-length", str(demo.DEMO_MAX_SEQUENCE_LENGTH), "--num-loras", "4",
             "--rank", "2", "--key-dim", "8", "--checkpoint-every", "1", "--num-workers", "0", "--no-progress",
             "--timestep-type", "diffusers", "--weighting-scheme", "logit_normal", "--no-gradient-checkpointing"]
     assert cli.main(argv) == 0
