@@ -4,6 +4,7 @@
                       [--encoder ID_OR_DIR] [--out b_prime.png]
     lorweb-fast train --data DIR --out DIR [--model ID_OR_DIR] [--steps N] [--resume] ...
     lorweb-fast demo --out DIR
+    lorweb-fast data check DATA [--dump OUT]    |    lorweb-fast data prepare RELATION252K OUT
 
 Bad inputs (missing images, files that are not images, weights that do not match the model, an empty data folder)
 end with a one-line error naming the problem and exit status 2.

@@ -558,3 +558,17 @@ def test_strip_layout_bidirectional_training_resumes_exactly(assets, tmp_path):
     training.train(config(assets, tmp_path / "b", **dict(common, resume=True)))
     a, b = weights(tmp_path / "a" / "lorweb.safetensors"), weights(tmp_path / "b" / "lorweb.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_cli_exposes_the_new_options():
+    parser = cli.build_parser()
+    assert cli._train_config(parser.parse_args(["train", "--data", "d", "--out", "o"])) == TrainConfig(data="d", out="o")
+    args = parser.parse_args(["train", "--data", "d", "--out", "o", "--timestep-type", "linear", "--bidirectional",
+                              "official", "--adapter-precision", "fp32", "--quantize-base", "nf4", "--layout", "strip",
+                              "--resize", "long-edge", "--adam-eps", "1e-8", "--bucket-divisibility", "16"])
+    cfg = cli._train_config(args)
+    assert (cfg.timestep_type, cfg.bidirectional, cfg.adapter_precision, cfg.quantize_base, cfg.layout, cfg.resize,
+            cfg.adam_eps, cfg.bucket_divisibility) == ("linear", "official", "fp32", "nf4", "strip", "long-edge",
+                                                       1e-8, 16)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--data", "d", "--out", "o", "--bidirectional", "sometimes"])
