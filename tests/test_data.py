@@ -3,7 +3,6 @@ shape, ambiguous or broken samples named, bidirectional draws, ``lorweb-fast dat
 tiny synthetic Relation252K folder."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -130,6 +129,14 @@ def test_grid_layout_still_works(tmp_path):
     np.testing.assert_array_equal(np.asarray(target), np.asarray(Image.open(root / "target" / "0000.png").convert("RGB")))
     np.testing.assert_array_equal(np.asarray(control),
                                   np.asarray(Image.open(root / "control" / "0000.png").convert("RGB")))
+    # a reversed draw of a finished grid: target [a' a; b' b], control [a' a; b' b']
+    grid = np.asarray(target)
+    a, a2, b, b2 = grid[:32, :32], grid[:32, 32:], grid[32:, :32], grid[32:, 32:]
+    rev_control, rev_target = AnalogyFolder(root, resize="long-edge", bidirectional="reverse").full_grids(0, swap=True)
+    np.testing.assert_array_equal(np.asarray(rev_target),
+                                  np.concatenate([np.concatenate([a2, a], 1), np.concatenate([b2, b], 1)]))
+    np.testing.assert_array_equal(np.asarray(rev_control),
+                                  np.concatenate([np.concatenate([a2, a], 1), np.concatenate([b2, b2], 1)]))
 
 
 # ---------------------------------------------------------------------------------------------- detection
