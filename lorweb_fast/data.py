@@ -23,6 +23,8 @@ control is built as the official code does it, whose top-row "swap" assigns thro
 both top cells end up holding the target's top-right cell: [a a; b' b']. ``"reverse"`` is the consistent reversal
 (target [a' a; b' b], control [a' a; b' b']). The draw is a pure function of (seed, position in the sample stream),
 so a resumed run sees the same swaps.
+
+Training size: ``resize="bucket"`` (official, ai-toolkit ``setup_buckets``) or ``"long-edge"`` (see ``AnalogyFolder``).
 """
 
 from __future__ import annotations
@@ -226,9 +228,12 @@ class AnalogyFolder(torch.utils.data.Dataset):
     the file; with ``skip_bad=True`` a bad sample is dropped with a warning (mixed layouts always raise).
 
     ``dataset[i]`` (or ``dataset[(i, swap)]`` for a bidirectional draw) is a dict ``{"control": PIL, "target": PIL,
-    "caption": str, "name": id, "layout": str, "swapped": bool}`` with both grids resized so that the long edge is
-    ``long_edge`` and both sides are multiples of ``multiple``; in the strip layout the control is derived from the
-    resized target as the official loader does. ``full_grids(i)`` gives the grids before that resize.
+    "caption": str, "name": id, "layout": str, "swapped": bool}`` with both grids at the training size:
+    ``resize="bucket"`` (official) puts the grid into the ai-toolkit aspect bucket of its b' cell at resolution
+    ``long_edge`` (sides multiples of ``bucket_divisibility``, bicubic, centre crop; ``bucket_resize``);
+    ``resize="long-edge"`` scales it to long edge ``long_edge`` with sides multiples of ``multiple``. In the strip
+    layout the control is derived from the resized target as the official loader does. ``full_grids(i)`` gives the
+    grids before that resize.
     """
 
     def __init__(self, root: Union[str, Path], *, long_edge: int = 512, multiple: int = 32, skip_bad: bool = False,
