@@ -35,7 +35,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .data import BIDIRECTIONAL, IMAGE_SUFFIXES, LAYOUTS, RESIZE_MODES, AnalogyDataError, AnalogyFolder, bidirectional_swap  # noqa: F401
+from .data import (BIDIRECTIONAL, IMAGE_SUFFIXES, LAYOUTS, RESIZE_MODES, AnalogyDataError,  # noqa: F401 (re-exported)
+                   AnalogyFolder, bidirectional_swap)
 from .model import DEFAULT_ENCODER, LoRWeBConfig, inject_lorweb, load_lorweb_weights, lorweb_layers, \
     lorweb_state_dict, save_lorweb_weights, set_query
 
@@ -108,7 +109,8 @@ def _collate(items: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------------- config
 @dataclass
 class TrainConfig:
-    """Training options; the defaults are the paper's (METHOD.md)."""
+    """Training options; the defaults are the official LoRWeB ones (README table "Official LoRWeB vs lorweb_fast
+    defaults"), except ``adapter_precision`` (bf16 fused kernels; "fp32" is the official arithmetic)."""
 
     data: str
     out: str
@@ -273,8 +275,8 @@ def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize
     if quantize_base == "none":
         return load_kontext_pipeline(model, dtype)
     if not torch.cuda.is_available():
-        raise ValueError(f"--quantize-base {quantize_base} needs a CUDA GPU: diffusers' bitsandbytes quantizer does not "
-                         "quantize on the CPU (pass --quantize-base none)")
+        raise ValueError(f"--quantize-base {quantize_base} needs a CUDA GPU: diffusers' bitsandbytes quantizer does "
+                         "not quantize on the CPU (pass --quantize-base none)")
     import diffusers
     from diffusers import FluxKontextPipeline, FluxTransformer2DModel
     from packaging.version import Version
@@ -300,8 +302,8 @@ def _check_fsdp(accelerator, cfg: TrainConfig) -> None:
         raise ValueError("bitsandbytes' 8-bit AdamW cannot step FSDP2's sharded (DTensor) parameters; pass "
                          "--optimizer adamw under FSDP (the LoRWeB optimizer state is small and sharded anyway)")
     if cfg.quantize_base != "none":
-        raise ValueError(f"--quantize-base {cfg.quantize_base} cannot be sharded by FSDP2 (bitsandbytes weights are not "
-                         "DTensors); use DDP or one process with a quantized base")
+        raise ValueError(f"--quantize-base {cfg.quantize_base} cannot be sharded by FSDP2 (bitsandbytes weights are "
+                         "not DTensors); use DDP or one process with a quantized base")
 
 
 def _warn_if_layers_unwrapped(model) -> None:
@@ -383,7 +385,8 @@ def official_timestep_weights() -> torch.Tensor:
     return bell * (NUM_TRAIN_TIMESTEPS / bell.sum())
 
 
-def sample_timesteps(cfg: TrainConfig, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_timesteps(cfg: TrainConfig, batch_size: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(t, weight), both (B,) float32 on the CPU: t in (0, 1] (= timestep / 1000) and the per-sample loss weight of
     ``cfg.timestep_type``."""
     if cfg.timestep_type in ("weighted", "linear"):

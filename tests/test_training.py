@@ -562,7 +562,8 @@ def test_strip_layout_bidirectional_training_resumes_exactly(assets, tmp_path):
 
 def test_train_cli_exposes_the_new_options():
     parser = cli.build_parser()
-    assert cli._train_config(parser.parse_args(["train", "--data", "d", "--out", "o"])) == TrainConfig(data="d", out="o")
+    defaults = cli._train_config(parser.parse_args(["train", "--data", "d", "--out", "o"]))
+    assert defaults == TrainConfig(data="d", out="o")
     args = parser.parse_args(["train", "--data", "d", "--out", "o", "--timestep-type", "linear", "--bidirectional",
                               "official", "--adapter-precision", "fp32", "--quantize-base", "nf4", "--layout", "strip",
                               "--resize", "long-edge", "--adam-eps", "1e-8", "--bucket-divisibility", "16"])
