@@ -5,6 +5,7 @@
     lorweb-fast train --data DIR --out DIR [--model ID_OR_DIR] [--steps N] [--resume] ...
     lorweb-fast demo --out DIR
     lorweb-fast eval generate --evalset DIR --weights W --out RUNS   /   lorweb-fast eval score --runs RUNS --out REPORT
+    lorweb-fast data check DATA [--dump OUT]    |    lorweb-fast data prepare RELATION252K OUT
 
 Bad inputs (missing images, files that are not images, weights that do not match the model, an empty data folder)
 end with a one-line error naming the problem and exit status 2.
@@ -104,6 +105,7 @@ def run_demo(args) -> dict:
     cfg = TrainConfig(data=str(out / "data"), out=str(out / "train"), model=str(out / "models" / "flux-kontext-tiny"),
                       encoder=str(out / "models" / "clip-tiny"), steps=args.steps, batch_size=2,
                       learning_rate=args.learning_rate, mixed_precision="no", long_edge=2 * demo.DEMO_CELL,
+                      resize="long-edge",
                       max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=8, rank=2, key_dim=8,
                       checkpoint_every=max(1, args.steps // 2), num_workers=0, seed=args.seed,
                       progress=not args.quiet)
@@ -144,7 +146,9 @@ def _key_value(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from .reference import ACTIVATIONS, REDUCTIONS
-    from .training import MIXED_PRECISIONS, OPTIMIZERS, WEIGHTING_SCHEMES, TrainConfig
+    from .data import BIDIRECTIONAL, LAYOUTS, RESIZE_MODES, add_data_subparser
+    from .training import ADAPTER_PRECISIONS, MIXED_PRECISIONS, OPTIMIZERS, QUANTIZE_BASE, TIMESTEP_TYPES, \
+        WEIGHTING_SCHEMES, TrainConfig
 
     parser = argparse.ArgumentParser(prog="lorweb-fast", description="LoRWeB visual analogies on FLUX.1-Kontext.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,9 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="folder with control/, target/ and captions/")
     t.add_argument("--out", required=True, help="output folder (weights, checkpoints, loss log and plot)")
     choices = {"optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISIONS, "weighting_scheme": WEIGHTING_SCHEMES,
-               "activation": ACTIVATIONS, "reduce": REDUCTIONS}
+               "activation": ACTIVATIONS, "reduce": REDUCTIONS, "timestep_type": TIMESTEP_TYPES, "layout": LAYOUTS,
+               "bidirectional": BIDIRECTIONAL, "adapter_precision": ADAPTER_PRECISIONS,
+               "quantize_base": QUANTIZE_BASE, "resize": RESIZE_MODES}
     helps = {"batch_size": "per process", "resume": "continue from the newest checkpoint in --out",
-             "skip_bad": "skip broken samples with a warning instead of failing"}
+             "skip_bad": "skip broken samples with a warning instead of failing",
+             "timestep_type": "weighted (official: uniform over the 1000-step grid, bell-curve loss weight), linear "
+                              "(same grid, no weight) or diffusers (--weighting-scheme)",
+             "weighting_scheme": "diffusers' timestep density / loss weighting (with --timestep-type diffusers)",
+             "adam_eps": "AdamW epsilon (official 1e-6)",
+             "layout": "data layout: auto (from the image sizes), strip (official a|a'|b + b') or grid (2x2 grids)",
+             "bidirectional": "reverse half of the analogies at random: official (is_bidirectional_analogy, exactly as "
+                              "the official loader composes them) or reverse (control [a' a; b' b'])",
+             "adapter_precision": "bf16: fused kernels in the compute dtype (fp32 accumulation); fp32: the official "
+                                  "numerics (x and query cast to the fp32 LoRA parameters)",
+             "quantize_base": "load the base transformer quantized by bitsandbytes (int8 or nf4), stock diffusers",
+             "checkpoint_every": "steps between checkpoints (official 250)",
+             "keep_checkpoints": "checkpoints kept (official 4)",
+             "long_edge": "training resolution: the bucket resolution (official 512) or the long edge (--resize)",
+             "resize": "bucket (official ai-toolkit aspect buckets of b''s size, centre crop) or long-edge",
+             "bucket_divisibility": "bucket sides are multiples of this (official bucket_tolerance 64)"}
     for f in dataclasses.fields(TrainConfig):  # one option per TrainConfig field, its default from the dataclass
         flag = "--" + f.name.replace("_", "-")
         if f.name in ("data", "out"):
@@ -197,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help=helps.get(f.name))
     t.set_defaults(func=run_train)
 
+    add_data_subparser(sub)
     d = sub.add_parser("demo", help="offline end-to-end run on tiny random models (a few minutes on CPU)")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--steps", type=int, default=40, help="training steps")

@@ -91,6 +91,11 @@ class LoRWeBLinear(nn.Module):
         self._merged = False  # set by lorweb_fast.merged(): the mixture is folded into the base weight
         self._merge_jit = False  # set by merged(strategy="jit"): merged weight built inside each forward
         self._lorweb_scale = 1.0  # strength multiplier of the mixture (set_lorweb_scale)
+        #: "auto": the mixture runs in the input's (or autocast's) dtype through the fused kernels (fp32 accumulation);
+        #: "fp32": the official numerics (NVlabs/LoRWeB toolkit/network_mixins.py ``forward``): x and the query cast
+        #: to fp32, coefficients and mixture in fp32 outside autocast, the result cast to the base output's dtype and
+        #: added to it. Set by the trainer's ``adapter_precision``.
+        self.adapter_precision = "auto"
 
     def lorweb_tensors(self) -> dict[str, nn.Parameter]:
         """The LoRWeB parameters under their official checkpoint suffixes, in checkpoint order."""
@@ -144,6 +149,8 @@ class LoRWeBLinear(nn.Module):
             return self.base_layer(x)
         if self._merge_jit:
             return self.jit_merged_forward(x)
+        if self.adapter_precision != "auto":
+            return self._forward_fp32(x)  # raises for anything but "fp32"
         coeffs = self._coefficients
         if coeffs is None and self._query is not None:
             weight = self.att_lora_to_q.weight
@@ -221,6 +228,28 @@ class LoRWeBLinear(nn.Module):
         if bias is not None:
             y = y + bias
         return y if x.dim() == 3 else y.squeeze(1)
+
+    def _forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """The official arithmetic: ``base(x) + delta(x.float()).to(base(x).dtype)`` with the delta in fp32."""
+        if self.adapter_precision != "fp32":
+            raise ValueError(f"adapter_precision must be 'auto' or 'fp32', got {self.adapter_precision!r}")
+        y = self.base_layer(x)
+        with torch.autocast(x.device.type, enabled=False):
+            coeffs = self._coefficients
+            if coeffs is None and self._query is not None:
+                weight = self.att_lora_to_q.weight
+                coeffs = ops.compute_coefficients(self._query.to(weight.device, torch.float32), weight.float(),
+                                                  self.lora_keys.float(), heads=self.heads,
+                                                  activation=self.activation, reduce=self.reduce)
+            if coeffs is None:
+                raise RuntimeError("LoRWeBLinear has no coefficients: call lorweb_fast.set_query(model, query) first")
+            if x.dim() not in (2, 3) or coeffs.shape[0] != x.shape[0]:
+                raise ValueError(f"LoRWeBLinear takes (B, S, in) or (B, in) inputs with one coefficient row per "
+                                 f"sample, got x {tuple(x.shape)} and coefficients {tuple(coeffs.shape)}")
+            delta = ops.mixed_lora_delta(x.float(), self.lora_A.float(), self.lora_B.float(),
+                                         coeffs.to(x.device, torch.float32), self.mixture_scale,
+                                         backend=self.backend)
+        return y + delta.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_loras={self.num_loras}, "

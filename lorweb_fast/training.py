@@ -7,11 +7,14 @@ computes its coefficients inside its own forward, where the block that wraps it 
 (``set_query(..., per_forward=True)``); checkpoints gather the LoRWeB tensors and the optimizer state to full
 tensors, so a checkpoint written under FSDP resumes under DDP or in one process and the other way round.
 
-Data layout (``AnalogyFolder``)::
+Data (``lorweb_fast.data.AnalogyFolder``): the official layout ``control/<id>.jpg`` = a | a' | b strip,
+``target/<id>.jpg`` = b', ``target/<id>.txt`` = caption (composed into [a a'; b b'] grids as the official loader
+does), or finished 2x2 grids in ``control/`` and ``target/``; see ``lorweb_fast/data.py``.
 
-    DIR/control/<id>.png     [a a'; b b]   the conditioning grid (jpg/jpeg/webp/png)
-    DIR/target/<id>.png      [a a'; b b']  the training target
-    DIR/captions/<id>.txt    the edit description (or target/<id>.txt, or control/<id>.txt)
+Objective (official, NVlabs/LoRWeB ``LoRWeB_default_PROMPTS.yaml``, ``jobs/process/BaseSDTrainProcess.py``,
+``toolkit/samplers/custom_flowmatch_sampler.py``): t from the grid linspace(1000, 1, 1000) at a uniform index in
+[0, 998], x_t = (1 - t/1000) x0 + (t/1000) noise, target noise - x0, MSE over the whole target grid, times the
+"weighted" bell-curve weight of t (``timestep_type="weighted"``).
 
 Outputs in ``out``: ``lorweb.safetensors`` (official format, latest), ``checkpoints/step-XXXXXXXX/`` (official
 weights + trainer state, written to a temporary folder and renamed), ``loss.jsonl`` and ``loss.png``.
@@ -32,13 +35,20 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from .data import (BIDIRECTIONAL, IMAGE_SUFFIXES, LAYOUTS, RESIZE_MODES, AnalogyDataError,  # noqa: F401 (re-exported)
+                   AnalogyFolder, bidirectional_swap)
 from .model import DEFAULT_ENCODER, LoRWeBConfig, inject_lorweb, load_lorweb_weights, lorweb_layers, \
     lorweb_state_dict, save_lorweb_weights, set_query
 
 logger = logging.getLogger("lorweb_fast.training")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+#: "weighted" / "linear": the official grid of 1000 timesteps, with / without the bell-curve loss weight;
+#: "diffusers": diffusers' ``compute_density_for_timestep_sampling`` + ``compute_loss_weighting_for_sd3`` with
+#: ``weighting_scheme``
+TIMESTEP_TYPES = ("weighted", "linear", "diffusers")
+ADAPTER_PRECISIONS = ("bf16", "fp32")
+QUANTIZE_BASE = ("none", "int8", "nf4")
 OPTIMIZERS = ("adamw8bit", "adamw")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 CHECKPOINT_DIR = "checkpoints"
@@ -46,85 +56,7 @@ WEIGHTS_NAME = "lorweb.safetensors"
 TRAINER_STATE_NAME = "trainer_state.pt"
 
 
-class AnalogyDataError(ValueError):
-    """The training data folder is empty, incomplete or holds files that are not images."""
-
-
 # ------------------------------------------------------------------------------------------------------ data
-class AnalogyFolder(torch.utils.data.Dataset):
-    """Analogy grids from ``root/control``, ``root/target`` and captions (see the module docstring).
-
-    Every sample is checked when the dataset is built: a missing target or caption, or a file that is not an image,
-    raises ``AnalogyDataError`` naming the file, or with ``skip_bad=True`` drops that sample with a warning.
-    Items are dicts ``{"control": PIL, "target": PIL, "caption": str, "name": id}``; both grids are resized so that
-    the long edge is ``long_edge`` and both sides are multiples of ``multiple``.
-    """
-
-    def __init__(self, root: Union[str, Path], *, long_edge: int = 512, multiple: int = 32, skip_bad: bool = False):
-        from PIL import Image, UnidentifiedImageError
-
-        self.root, self.long_edge, self.multiple = Path(root), long_edge, multiple
-        control_dir, target_dir = self.root / "control", self.root / "target"
-        for d in (self.root, control_dir, target_dir):
-            if not d.is_dir():
-                raise AnalogyDataError(f"training data folder {d} does not exist (expected {self.root}/control/ and "
-                                       f"{self.root}/target/ with one caption .txt per sample)")
-        controls = sorted(p for p in control_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not controls:
-            raise AnalogyDataError(f"no training samples: {control_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        self.samples: list[tuple[Path, Path, str]] = []
-        self.skipped: list[str] = []
-        for control in controls:
-            try:
-                target = next((target_dir / (control.stem + s) for s in IMAGE_SUFFIXES
-                               if (target_dir / (control.stem + s)).is_file()), None)
-                if target is None:
-                    raise AnalogyDataError(f"{control} has no target grid {target_dir / control.stem}.*")
-                caption = self._caption(control.stem)
-                for path in (control, target):
-                    try:
-                        with Image.open(path) as im:
-                            im.verify()
-                    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-                        raise AnalogyDataError(f"{path} is not a readable image ({exc})") from exc
-            except AnalogyDataError as exc:
-                if not skip_bad:
-                    raise AnalogyDataError(f"{exc} (pass skip_bad=True / --skip-bad to skip such samples)") from None
-                warnings.warn(f"skipping training sample {control.stem}: {exc}", stacklevel=2)
-                self.skipped.append(control.stem)
-                continue
-            self.samples.append((control, target, caption))
-        if not self.samples:
-            raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
-
-    def _caption(self, stem: str) -> str:
-        for sub in ("captions", "target", "control"):
-            path = self.root / sub / f"{stem}.txt"
-            if path.is_file():
-                return path.read_text(encoding="utf-8").strip()
-        raise AnalogyDataError(f"sample {stem} has no caption: expected {self.root / 'captions' / stem}.txt")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def grid_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        w, h = size
-        scale = self.long_edge / max(w, h)
-        m = self.multiple
-        return max(m, round(w * scale / m) * m), max(m, round(h * scale / m) * m)
-
-    def __getitem__(self, index: int) -> dict:
-        from PIL import Image
-
-        from .flux import load_image
-
-        control_path, target_path, caption = self.samples[index]
-        target = load_image(target_path)
-        size = self.grid_size(target.size)
-        return {"control": load_image(control_path).resize(size, Image.BICUBIC),
-                "target": target.resize(size, Image.BICUBIC), "caption": caption, "name": control_path.stem}
-
-
 class StepBatchSampler(torch.utils.data.Sampler):
     """Index batches for optimizer steps ``start_step .. total_steps - 1`` of one process.
 
@@ -134,17 +66,20 @@ class StepBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int, start_step: int, total_steps: int,
-                 world_size: int = 1, rank: int = 0):
-        self.n, self.batch_size, self.seed = num_samples, batch_size, seed
+                 world_size: int = 1, rank: int = 0, bidirectional: bool = False):
+        self.n, self.batch_size, self.seed, self.bidirectional = num_samples, batch_size, seed, bidirectional
         self.start_step, self.total_steps, self.world_size, self.rank = start_step, total_steps, world_size, rank
 
-    def batch(self, step: int) -> list[int]:
+    def batch(self, step: int) -> list:
+        """Sample indices of this process at ``step``; with ``bidirectional``, ``(index, swap)`` pairs whose swap
+        is ``data.bidirectional_swap(seed, position in the sample stream)``."""
         global_bs = self.batch_size * self.world_size
         start = step * global_bs + self.rank * self.batch_size
         out = []
         for pos in range(start, start + self.batch_size):
             epoch, offset = divmod(pos, self.n)
-            out.append(self._permutation(epoch)[offset])
+            index = self._permutation(epoch)[offset]
+            out.append((index, bidirectional_swap(self.seed, pos)) if self.bidirectional else index)
         return out
 
     def _permutation(self, epoch: int) -> list[int]:
@@ -174,7 +109,8 @@ def _collate(items: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------------- config
 @dataclass
 class TrainConfig:
-    """Training options; the defaults are the paper's (METHOD.md)."""
+    """Training options; the defaults are the official LoRWeB ones (README table "Official LoRWeB vs lorweb_fast
+    defaults"), except ``adapter_precision`` (bf16 fused kernels; "fp32" is the official arithmetic)."""
 
     data: str
     out: str
@@ -184,12 +120,16 @@ class TrainConfig:
     batch_size: int = 6
     learning_rate: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.99)
+    adam_eps: float = 1e-6
     weight_decay: float = 0.05
     optimizer: str = "adamw8bit"
     max_grad_norm: float = 1.0
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = True
     long_edge: int = 512
+    resize: str = "bucket"
+    bucket_divisibility: int = 64
+    timestep_type: str = "weighted"
     weighting_scheme: str = "none"
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -203,15 +143,27 @@ class TrainConfig:
     heads: int = 1
     activation: str = "softmax"
     reduce: str = "mean"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 4
     resume: bool = False
     skip_bad: bool = False
+    layout: str = "auto"
+    bidirectional: str = "none"
+    adapter_precision: str = "bf16"
+    quantize_base: str = "none"
     seed: int = 0
     num_workers: int = 2
     progress: bool = True
 
     def validate(self) -> None:
+        for name, allowed in (("timestep_type", TIMESTEP_TYPES), ("layout", LAYOUTS), ("resize", RESIZE_MODES),
+                              ("bidirectional", BIDIRECTIONAL), ("adapter_precision", ADAPTER_PRECISIONS),
+                              ("quantize_base", QUANTIZE_BASE)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.weighting_scheme != "none" and self.timestep_type != "diffusers":
+            raise ValueError(f"weighting_scheme={self.weighting_scheme!r} is a diffusers scheme: it needs "
+                             f"timestep_type='diffusers' (--timestep-type diffusers), got {self.timestep_type!r}")
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -302,6 +254,44 @@ def load_optimizer_state_dict(model, optimizer: torch.optim.Optimizer, state: di
         "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]]})
 
 
+def quantization_config(quantize_base: str, compute_dtype: torch.dtype = torch.bfloat16):
+    """diffusers ``BitsAndBytesConfig`` for ``quantize_base`` "int8" (LLM.int8, ``Linear8bitLt``) or "nf4" (4-bit
+    NormalFloat, ``Linear4bit`` computing in ``compute_dtype``)."""
+    from diffusers import BitsAndBytesConfig
+
+    if quantize_base == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantize_base == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    raise ValueError(f"quantize_base must be 'int8' or 'nf4' for a quantization config, got {quantize_base!r}")
+
+
+def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize_base: str = "none"):
+    """The FluxKontextPipeline to train on; with ``quantize_base`` "int8" / "nf4" its transformer is loaded by stock
+    diffusers with a bitsandbytes ``quantization_config`` (needs a CUDA GPU: diffusers' bitsandbytes quantizer
+    refuses to quantize without one). The LoRWeB layers then wrap the quantized linears (delta-only path)."""
+    from .flux import load_kontext_pipeline
+
+    if quantize_base == "none":
+        return load_kontext_pipeline(model, dtype)
+    if not torch.cuda.is_available():
+        raise ValueError(f"--quantize-base {quantize_base} needs a CUDA GPU: diffusers' bitsandbytes quantizer does "
+                         "not quantize on the CPU (pass --quantize-base none)")
+    import diffusers
+    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+    from packaging.version import Version
+
+    key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+    transformer = FluxTransformer2DModel.from_pretrained(
+        model, subfolder="transformer", quantization_config=quantization_config(quantize_base, dtype), **{key: dtype})
+    return FluxKontextPipeline.from_pretrained(model, transformer=transformer, **{key: dtype})
+
+
+def _is_quantized(module) -> bool:
+    return bool(getattr(module, "is_quantized", False)) or any(
+        type(m).__module__.startswith("bitsandbytes") for m in module.modules())
+
+
 def _check_fsdp(accelerator, cfg: TrainConfig) -> None:
     """Clear errors for FSDP setups this trainer cannot checkpoint or step."""
     version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
@@ -311,6 +301,9 @@ def _check_fsdp(accelerator, cfg: TrainConfig) -> None:
     if cfg.optimizer == "adamw8bit":
         raise ValueError("bitsandbytes' 8-bit AdamW cannot step FSDP2's sharded (DTensor) parameters; pass "
                          "--optimizer adamw under FSDP (the LoRWeB optimizer state is small and sharded anyway)")
+    if cfg.quantize_base != "none":
+        raise ValueError(f"--quantize-base {cfg.quantize_base} cannot be sharded by FSDP2 (bitsandbytes weights are "
+                         "not DTensors); use DDP or one process with a quantized base")
 
 
 def _warn_if_layers_unwrapped(model) -> None:
@@ -359,8 +352,10 @@ def _make_optimizer(params, cfg: TrainConfig):
     if cfg.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.adam_eps,
+                                   weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay)
 
 
 def batch_query(encoder, batch: dict, device) -> torch.Tensor:
@@ -369,6 +364,41 @@ def batch_query(encoder, batch: dict, device) -> torch.Tensor:
 
     cells = [grid_cells(g) for g in batch["target"]]
     return encoder([c[0] for c in cells], [c[1] for c in cells], [c[2] for c in cells]).to(device)
+
+
+#: the official training grid: 1000 timesteps linspace(1000, 1, 1000); indices are drawn from [0, 998]
+#: (ai-toolkit ``torch.randint(0, max_denoising_steps - 1)``, so t = 1 is never drawn)
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def official_timesteps() -> torch.Tensor:
+    """(1000,) float32 training timesteps 1000, 999, ..., 1 (``CustomFlowMatchEulerDiscreteScheduler``)."""
+    return torch.linspace(NUM_TRAIN_TIMESTEPS, 1, NUM_TRAIN_TIMESTEPS)
+
+
+def official_timestep_weights() -> torch.Tensor:
+    """(1000,) float32 loss weight per grid index of ``timestep_type: weighted``: the bell exp(-2 ((i - 500) / 1000)^2)
+    shifted to a minimum of 0 (at index 0, t = 1000) and scaled to mean 1."""
+    i = torch.arange(NUM_TRAIN_TIMESTEPS, dtype=torch.float32)
+    bell = torch.exp(-2.0 * ((i - NUM_TRAIN_TIMESTEPS / 2) / NUM_TRAIN_TIMESTEPS) ** 2)
+    bell = bell - bell.min()
+    return bell * (NUM_TRAIN_TIMESTEPS / bell.sum())
+
+
+def sample_timesteps(cfg: TrainConfig, batch_size: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, weight), both (B,) float32 on the CPU: t in (0, 1] (= timestep / 1000) and the per-sample loss weight of
+    ``cfg.timestep_type``."""
+    if cfg.timestep_type in ("weighted", "linear"):
+        index = torch.randint(0, NUM_TRAIN_TIMESTEPS - 1, (batch_size,), generator=generator)
+        t = official_timesteps()[index] / NUM_TRAIN_TIMESTEPS
+        weight = official_timestep_weights()[index] if cfg.timestep_type == "weighted" else torch.ones(batch_size)
+        return t, weight
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    t = compute_density_for_timestep_sampling(cfg.weighting_scheme, batch_size, cfg.logit_mean, cfg.logit_std,
+                                              cfg.mode_scale, generator=generator)
+    return t.float(), compute_loss_weighting_for_sd3(cfg.weighting_scheme, t).float()
 
 
 def _encode_images(pipe, images, generator, *, sample: bool) -> torch.Tensor:
@@ -383,10 +413,10 @@ def _encode_images(pipe, images, generator, *, sample: bool) -> torch.Tensor:
 
 def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg: TrainConfig,
                        generator: torch.Generator, *, per_forward_query: bool = False) -> torch.Tensor:
-    """One rectified-flow loss on a batch: x_t = (1 - t) x0 + t noise, target noise - x0, MSE on the noisy tokens,
-    with the control grid's packed latents appended as Kontext context tokens (position ids first coordinate 1)."""
+    """One rectified-flow loss on a batch: x_t = (1 - t) x0 + t noise, target noise - x0, MSE over the whole target
+    grid (the noisy tokens), weighted per sample by ``sample_timesteps``, with the control grid's packed latents
+    appended as Kontext context tokens (position ids first coordinate 1)."""
     from diffusers import FluxKontextPipeline
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
     device = query.device
     bsz = len(batch["target"])
@@ -399,8 +429,8 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
         control = _encode_images(pipe, batch["control"], generator, sample=False)
     _, c, h, w = x0.shape
     noise = torch.randn(x0.shape, generator=generator).to(device)
-    t = compute_density_for_timestep_sampling(cfg.weighting_scheme, bsz, cfg.logit_mean, cfg.logit_std,
-                                              cfg.mode_scale, generator=generator).to(device)
+    t, weight = sample_timesteps(cfg, bsz, generator)
+    t = t.to(device)
     tt = t.view(-1, 1, 1, 1)
     x_t = (1.0 - tt) * x0 + tt * noise
     pack = FluxKontextPipeline._pack_latents
@@ -411,13 +441,17 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
     context_ids = ids.clone()
     context_ids[..., 0] = 1
     guidance = torch.full((bsz,), cfg.guidance_scale, device=device, dtype=torch.float32)
-    set_query(pipe.transformer, query, per_forward=per_forward_query)
+    if cfg.adapter_precision == "fp32":  # official: the query cast to the fp32 parameters, no autocast
+        with torch.autocast(device.type, enabled=False):
+            set_query(pipe.transformer, query.float(), per_forward=per_forward_query)
+    else:
+        set_query(pipe.transformer, query, per_forward=per_forward_query)
     pred = transformer(hidden_states=torch.cat([noisy_tokens, context_tokens], dim=1), timestep=t.to(dtype),
                        guidance=guidance, pooled_projections=pooled, encoder_hidden_states=prompt_embeds,
                        txt_ids=text_ids, img_ids=torch.cat([ids, context_ids], dim=0), return_dict=False)[0]
     pred = pred[:, :noisy_tokens.shape[1]].float()
     target = pack(noise - x0, bsz, c, h, w)
-    weight = compute_loss_weighting_for_sd3(cfg.weighting_scheme, t).view(-1, 1, 1).float()
+    weight = weight.to(device).view(-1, 1, 1)
     return (weight * (pred - target) ** 2).mean()
 
 
@@ -437,7 +471,9 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     from .flux import AnalogyEncoder
 
     cfg.validate()
-    dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge, skip_bad=cfg.skip_bad)  # fail before loading models
+    dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge, skip_bad=cfg.skip_bad, layout=cfg.layout,
+                            bidirectional=cfg.bidirectional, resize=cfg.resize,
+                            bucket_divisibility=cfg.bucket_divisibility)  # fail before loading models
     # no GPU: run on CPU, and under `accelerate launch` / torchrun as a gloo process group (MULTI_CPU)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.accelerator.is_available())
     device = accelerator.device
@@ -448,14 +484,16 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
 
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     if pipe is None:
-        from .flux import load_kontext_pipeline
-
-        pipe = load_kontext_pipeline(cfg.model, weight_dtype)
+        pipe = load_training_pipeline(cfg.model, weight_dtype, cfg.quantize_base)
+    elif cfg.quantize_base != "none" and not _is_quantized(pipe.transformer):
+        raise ValueError(f"quantize_base={cfg.quantize_base!r} but the given pipeline's transformer is not quantized")
     if encoder is None:
         encoder = AnalogyEncoder(cfg.encoder)
     encoder.model.to(device)
     for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
-        getattr(pipe, name).requires_grad_(False).to(device)
+        module = getattr(pipe, name).requires_grad_(False)
+        if not (name == "transformer" and getattr(module, "is_quantized", False)):  # diffusers placed it already
+            module.to(device)
     transformer = pipe.transformer
     if not lorweb_layers(transformer):
         torch.manual_seed(cfg.seed)  # the same initial basis, keys and projections on every rank and every run
@@ -469,6 +507,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
             p.requires_grad_(True)
             params.append(p)
             names.append(f"{layer_name}.{suffix}")
+        layer.adapter_precision = "fp32" if cfg.adapter_precision == "fp32" else "auto"
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -495,7 +534,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         logger.info("resumed from %s (step %d)", ckpt, start_step)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step,
                                total_steps=cfg.steps, world_size=accelerator.num_processes,
-                               rank=accelerator.process_index)
+                               rank=accelerator.process_index, bidirectional=cfg.bidirectional != "none")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
                                          num_workers=cfg.num_workers)
 

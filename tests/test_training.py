@@ -4,6 +4,7 @@ validated, and ``lorweb-fast demo`` writes its images."""
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -37,7 +38,7 @@ def assets(tmp_path_factory):
 
 def config(assets, out, **overrides) -> TrainConfig:
     values = dict(data=str(assets / "data"), out=str(out), model=str(assets / "pipe"), encoder=str(assets / "clip"),
-                  steps=8, batch_size=2, learning_rate=1e-2, mixed_precision="no", long_edge=64,
+                  steps=8, batch_size=2, learning_rate=1e-2, mixed_precision="no", long_edge=64, resize="long-edge",
                   max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=4, rank=2, key_dim=8,
                   checkpoint_every=4, num_workers=0, progress=False)
     values.update(overrides)
@@ -53,8 +54,8 @@ def trainer_state(out, step: int) -> dict:
 
 
 def test_training_lowers_the_loss_and_only_trains_lorweb(assets, tmp_path):
-    cfg = config(assets, tmp_path / "run", steps=24, checkpoint_every=8)
-    dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge)
+    cfg = config(assets, tmp_path / "run", steps=24, checkpoint_every=8, keep_checkpoints=2)
+    dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge, resize=cfg.resize)
     encoder = flux.AnalogyEncoder(cfg.encoder)
 
     fresh = flux.load_kontext_pipeline(cfg.model)
@@ -327,13 +328,13 @@ def test_broken_samples_error_or_skip(assets, tmp_path):
     (data / "captions" / "0003.txt").unlink()
     (data / "target" / "0005.png").write_bytes(b"garbage")
     with pytest.raises(AnalogyDataError, match="0003 has no caption"):
-        AnalogyFolder(data)
+        AnalogyFolder(data, resize="long-edge")
     (data / "captions" / "0003.txt").write_text("flip")
     with pytest.raises(AnalogyDataError, match="0005.png is not a readable image"):
-        AnalogyFolder(data)
+        AnalogyFolder(data, resize="long-edge")
     (data / "target" / "0007.png").unlink()
     with pytest.warns(UserWarning, match="skipping training sample"):
-        ds = AnalogyFolder(data, skip_bad=True, long_edge=64)
+        ds = AnalogyFolder(data, skip_bad=True, long_edge=64, resize="long-edge")
     assert len(ds) == 10 and ds.skipped == ["0005", "0007"]
     item = ds[0]
     assert item["control"].size == item["target"].size == (64, 64)
@@ -344,13 +345,14 @@ def test_cli_train(assets, tmp_path):
     out = tmp_path / "cli"
     argv = ["train", "--data", str(assets / "data"), "--out", str(out), "--model", str(assets / "pipe"),
             "--encoder", str(assets / "clip"), "--steps", "2", "--batch-size", "2", "--mixed-precision", "no",
-            "--long-edge", "64", "--max-sequence-length", str(demo.DEMO_MAX_SEQUENCE_LENGTH), "--num-loras", "4",
+            "--long-edge", "64", "--resize", "long-edge", "--max-sequence-length", str(demo.DEMO_MAX_SEQUENCE_LENGTH), "--num-loras", "4",
             "--rank", "2", "--key-dim", "8", "--checkpoint-every", "1", "--num-workers", "0", "--no-progress",
-            "--weighting-scheme", "logit_normal", "--no-gradient-checkpointing"]
+            "--timestep-type", "diffusers", "--weighting-scheme", "logit_normal", "--no-gradient-checkpointing"]
     assert cli.main(argv) == 0
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["weighting_scheme"] == "logit_normal" and saved["gradient_checkpointing"] is False
     assert saved["optimizer"] == "adamw8bit" and saved["betas"] == [0.9, 0.99]  # paper defaults
+    assert saved["adam_eps"] == 1e-6 and saved["checkpoint_every"] == 1 and saved["keep_checkpoints"] == 4
     assert training.latest_checkpoint(out).name == "step-00000002"
     with safe_open(str(out / "lorweb.safetensors"), framework="pt") as f:
         assert f.get_tensor("transformer.transformer_blocks.0.attn.to_q.lora_A").shape == (4, 32, 2)
@@ -377,3 +379,197 @@ def test_demo_writes_non_blank_pngs(tmp_path):
         assert pixels.std() > 1.0, name
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["steps"] == 6
+
+
+# ----------------------------------------------------------------------------------- objective and numerics
+def test_official_timestep_grid_and_weighted_curve():
+    """Reference written from NVlabs/LoRWeB toolkit/samplers/custom_flowmatch_sampler.py
+    (``CustomFlowMatchEulerDiscreteScheduler.__init__``: bell exp(-2 ((x - 500) / 1000)^2) over x = 0..999, minimum
+    shifted to 0, scaled to mean 1; ``set_train_timesteps("weighted")``: linspace(1000, 1, 1000);
+    ``get_weights_for_timesteps``: the bell curve at the drawn index) and jobs/process/BaseSDTrainProcess.py
+    (``content_or_style: balanced`` with flowmatch: ``torch.randint(0, max_denoising_steps - 1)``, so index 999 = t 1
+    is never drawn)."""
+    k = np.arange(1000, dtype=np.float64)
+    grid = 1000.0 - k
+    bell = np.exp(-2.0 * ((k - 500.0) / 1000.0) ** 2)
+    want = (bell - bell.min()) / (bell - bell.min()).mean()
+    np.testing.assert_array_equal(training.official_timesteps().numpy(), grid.astype(np.float32))
+    w = training.official_timestep_weights().numpy()
+    np.testing.assert_allclose(w, want, rtol=1e-5, atol=1e-6)
+    assert w[0] == 0 and abs(w.mean() - 1) < 1e-5 and w.argmax() == 500
+
+    cfg = TrainConfig(data="d", out="o")
+    assert cfg.timestep_type == "weighted"
+    t, weight = training.sample_timesteps(cfg, 20000, torch.Generator().manual_seed(0))
+    index = np.rint(1000.0 - t.numpy().astype(np.float64) * 1000.0).astype(int)
+    np.testing.assert_allclose(t.numpy(), grid[index] / 1000.0, rtol=1e-6)
+    assert index.min() == 0 and index.max() == 998
+    counts = np.bincount(index // 100, minlength=10)
+    assert counts.min() > 0.8 * counts.mean()  # uniform over the grid
+    np.testing.assert_allclose(weight.numpy(), want[index], rtol=1e-5, atol=1e-6)
+
+    t_lin, w_lin = training.sample_timesteps(dataclasses.replace(cfg, timestep_type="linear"), 8,
+                                             torch.Generator().manual_seed(0))
+    assert torch.equal(t_lin, t[:8]) and torch.equal(w_lin, torch.ones(8))
+
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    cfg_d = dataclasses.replace(cfg, timestep_type="diffusers", weighting_scheme="logit_normal")
+    t_d, w_d = training.sample_timesteps(cfg_d, 8, torch.Generator().manual_seed(0))
+    want_t = compute_density_for_timestep_sampling("logit_normal", 8, 0.0, 1.0, 1.29,
+                                                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t_d, want_t.float())
+    assert torch.equal(w_d, compute_loss_weighting_for_sd3("logit_normal", want_t).float())
+
+
+def test_official_hyper_parameter_defaults():
+    """NVlabs/LoRWeB LoRWeB_default_PROMPTS.yaml (train: batch 6, 10000 steps, adamw8bit, betas [0.9, 0.99],
+    weight_decay 0.05, lr 1e-3, timestep_type weighted, gradient checkpointing; save every 250, keep 4; caption
+    dropout 0.05), toolkit/optimizer.py (AdamW8bit eps 1e-6), toolkit/config_modules.py (max_grad_norm 1.0,
+    lr_scheduler constant) and README.md's command line (--linear 4 --loras_num 32 --lora_softmax true)."""
+    cfg = TrainConfig(data="d", out="o")
+    assert (cfg.batch_size, cfg.steps, cfg.optimizer, cfg.betas, cfg.weight_decay, cfg.learning_rate) == \
+        (6, 10_000, "adamw8bit", (0.9, 0.99), 0.05, 1e-3)
+    assert (cfg.adam_eps, cfg.max_grad_norm, cfg.timestep_type, cfg.gradient_checkpointing) == \
+        (1e-6, 1.0, "weighted", True)
+    assert (cfg.checkpoint_every, cfg.keep_checkpoints, cfg.caption_dropout, cfg.guidance_scale) == (250, 4, 0.05, 1.0)
+    assert (cfg.rank, cfg.num_loras, cfg.activation, cfg.key_dim, cfg.heads, cfg.reduce) == \
+        (4, 32, "softmax", 128, 1, "mean")
+    assert (cfg.layout, cfg.bidirectional, cfg.adapter_precision, cfg.quantize_base) == \
+        ("auto", "none", "bf16", "none")
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = training._make_optimizer(params, dataclasses.replace(cfg, optimizer="adamw"))
+    assert opt.defaults["eps"] == 1e-6 and opt.defaults["betas"] == (0.9, 0.99)
+
+
+def test_new_config_values_are_checked():
+    for name, value in (("timestep_type", "sigmoid"), ("layout", "rows"), ("bidirectional", "yes"),
+                        ("adapter_precision", "fp16"), ("quantize_base", "fp8")):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(data="d", out="o", **{name: value}).validate()
+    with pytest.raises(ValueError, match="needs timestep_type='diffusers'"):
+        TrainConfig(data="d", out="o", weighting_scheme="logit_normal").validate()
+
+
+@torch.no_grad()
+def test_adapter_precision_fp32_is_the_official_arithmetic():
+    """Reference written from NVlabs/LoRWeB toolkit/network_mixins.py (``forward``: the base output in its dtype,
+    x and the external query cast to the LoRA parameters' dtype (fp32), ``attlora_forward``'s einsum
+    "b s i, n i r, b n, n r o -> b s o" times the scale, the result cast to the base output's dtype and added)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12).to(torch.bfloat16)
+    layer = lf.LoRWeBLinear(base, num_loras=3, rank=2, key_dim=8, query_dim=6, dtype=torch.float32)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 16).to(torch.bfloat16)
+    query = torch.randn(2, 6)
+    coeffs = layer.coefficients_from_query(query)  # fp32
+    delta = torch.einsum("bsi,nir,bn,nro->bso", x.double(), layer.lora_A.double(), coeffs.double(),
+                         layer.lora_B.double()) * layer.scale
+    want = base(x) + delta.float().to(torch.bfloat16)
+
+    layer.adapter_precision = "fp32"
+    layer.set_coefficients(coeffs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.02)
+    # the fp32 delta itself: off by at most the final bf16 rounding
+    np.testing.assert_allclose((got.float() - base(x).float()).numpy(), delta.numpy(), atol=0.05)
+    layer.set_query_per_forward(query.to(torch.bfloat16))  # per-forward: coefficients in fp32 from the cast query
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        per_forward = layer(x)
+    want_pf = layer.coefficients_from_query(query.to(torch.bfloat16).float())
+    layer.set_coefficients(want_pf)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(per_forward, layer(x))
+    layer.adapter_precision = "fp64"
+    with pytest.raises(ValueError, match="adapter_precision"):
+        layer(x)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quantized_base_trains_through_the_delta_only_path(assets, tmp_path, kind):
+    """A tiny FLUX whose block linears are bitsandbytes layers (what diffusers' BitsAndBytesConfig loading makes on a
+    GPU; diffusers refuses to quantize without one, so here they are swapped in by hand) trains on the CPU: the
+    LoRWeB layers wrap the quantized linears, only the LoRWeB tensors move."""
+    bnb = pytest.importorskip("bitsandbytes")
+    pipe = flux.load_kontext_pipeline(assets / "pipe")
+
+    def quantize(module):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                if kind == "int8":
+                    q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                            has_fp16_weights=False, threshold=0.0)
+                else:
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.float32, quant_type="nf4")
+                q.load_state_dict(child.state_dict())
+                setattr(module, name, q.to("cpu"))
+            else:
+                quantize(child)
+
+    try:
+        for block in list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks):
+            quantize(block)
+    except Exception as exc:  # pragma: no cover - depends on the installed bitsandbytes
+        pytest.skip(f"bitsandbytes {bnb.__version__} cannot build {kind} layers on this CPU: {exc}")
+    cfg = config(assets, tmp_path / "run", steps=2, checkpoint_every=2, quantize_base=kind, optimizer="adamw")
+    frozen = {k: v.clone() for k, v in pipe.transformer.state_dict().items() if "transformer_blocks.0.attn.to_q" in k}
+    result = training.train(cfg, pipe=pipe)
+    assert math.isfinite(result["loss"])
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert type(layer.base_layer).__module__.startswith("bitsandbytes") and layer.lora_B.abs().max() > 0
+    state = pipe.transformer.state_dict()
+    for key, value in frozen.items():
+        assert torch.equal(state[key.replace("to_q.", "to_q.base_layer.")], value), key
+
+
+def test_quantized_base_plumbing(assets, tmp_path):
+    int8 = training.quantization_config("int8")
+    nf4 = training.quantization_config("nf4", torch.bfloat16)
+    assert int8.load_in_8bit and not int8.load_in_4bit
+    assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4" and nf4.bnb_4bit_compute_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="quantize_base"):
+        training.quantization_config("none")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            training.load_training_pipeline(assets / "pipe", torch.bfloat16, "nf4")
+    with pytest.raises(ValueError, match="transformer is not quantized"):
+        training.train(config(assets, tmp_path / "q", quantize_base="int8"),
+                       pipe=flux.load_kontext_pipeline(assets / "pipe"))
+
+
+def test_strip_layout_bidirectional_training_resumes_exactly(assets, tmp_path):
+    """The official layout (a|a'|b strips + b') with official bidirectional draws trains, and a resumed run repeats
+    the uninterrupted one bit for bit (the swaps depend only on seed and position)."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "strips"
+    for sub in ("control", "target"):
+        (data / sub).mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (32, 96, 3), dtype=np.uint8)).save(data / "control" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / "target" / f"{i}.png")
+        (data / "target" / f"{i}.txt").write_text("flip")
+    common = dict(data=str(data), steps=4, checkpoint_every=2, bidirectional="official",
+                  adapter_precision="fp32")
+    straight = training.train(config(assets, tmp_path / "a", **common))
+    assert all(l.adapter_precision == "fp32" for l in lf.lorweb_layers(straight["transformer"]).values())
+    training.train(config(assets, tmp_path / "b", **dict(common, steps=2)))
+    training.train(config(assets, tmp_path / "b", **dict(common, resume=True)))
+    a, b = weights(tmp_path / "a" / "lorweb.safetensors"), weights(tmp_path / "b" / "lorweb.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_cli_exposes_the_new_options():
+    parser = cli.build_parser()
+    defaults = cli._train_config(parser.parse_args(["train", "--data", "d", "--out", "o"]))
+    assert defaults == TrainConfig(data="d", out="o")
+    args = parser.parse_args(["train", "--data", "d", "--out", "o", "--timestep-type", "linear", "--bidirectional",
+                              "official", "--adapter-precision", "fp32", "--quantize-base", "nf4", "--layout", "strip",
+                              "--resize", "long-edge", "--adam-eps", "1e-8", "--bucket-divisibility", "16"])
+    cfg = cli._train_config(args)
+    assert (cfg.timestep_type, cfg.bidirectional, cfg.adapter_precision, cfg.quantize_base, cfg.layout, cfg.resize,
+            cfg.adam_eps, cfg.bucket_divisibility) == ("linear", "official", "fp32", "nf4", "strip", "long-edge",
+                                                       1e-8, 16)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--data", "d", "--out", "o", "--bidirectional", "sometimes"])

@@ -1,0 +1,630 @@
+"""Training data: the official LoRWeB layout, finished 2x2 grids, ``lorweb-fast data check`` and ``data prepare``.
+
+Two layouts are read, detected per sample from the image sizes (never guessed: an ambiguous sample is an
+``AnalogyDataError`` naming its file):
+
+``strip`` (official, what NVlabs/LoRWeB ``preprocess_data.py`` writes)::
+
+    DIR/control/<id>.jpg    a | a' | b   a horizontal strip of three equal cells (width divisible by 3)
+    DIR/target/<id>.jpg     b'           alone, any size
+    DIR/target/<id>.txt     the caption (the edit description)
+    DIR/analogy_metadata.json
+
+  The trainer's target is the 2x2 grid [a a'; b b'] at b''s size (every cell W x H = b'.size, the strip resized to
+  3W x H with bicubic first, as ai-toolkit ``_create_box_analogy_image`` with ``full_size_control_images: true``), and
+  the control is that grid with its bottom-left quadrant copied into the bottom-right (``load_control_image``).
+
+``grid`` (lorweb_fast's first format): ``control/<id>.*`` = [a a'; b b] and ``target/<id>.*`` = [a a'; b b'], two
+grids of the same size; captions in ``captions/``, ``target/`` or ``control/``.
+
+Bidirectional analogies (official ``is_bidirectional_analogy``): with probability 1/2 per sample draw the analogy is
+reversed. ``"official"`` reproduces the official composition exactly: the target grid becomes [a' a; b' b], and the
+control is built as the official code does it, whose top-row "swap" assigns through two views of the same tensor, so
+both top cells end up holding the target's top-right cell: [a a; b' b']. ``"reverse"`` is the consistent reversal
+(target [a' a; b' b], control [a' a; b' b']). The draw is a pure function of (seed, position in the sample stream),
+so a resumed run sees the same swaps.
+
+Training size: ``resize="bucket"`` (official, ai-toolkit ``setup_buckets``) or ``"long-edge"`` (see ``AnalogyFolder``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+LAYOUTS = ("auto", "strip", "grid")
+#: "bucket": the official training size (ai-toolkit aspect buckets of b''s size, see ``bucket_resize``);
+#: "long-edge": lorweb_fast's first rule (long edge ``long_edge``, sides multiples of 32, no crop)
+RESIZE_MODES = ("bucket", "long-edge")
+#: the SDXL aspect buckets at 1024 that ai-toolkit scales to the training resolution (toolkit/buckets.py)
+SDXL_BUCKETS_1024 = ((1024, 1024), (2048, 512), (1984, 512), (1920, 512), (1856, 512), (1792, 576), (1728, 576),
+                     (1664, 576), (1600, 640), (1536, 640), (1472, 704), (1408, 704), (1344, 704), (1344, 768),
+                     (1280, 768), (1216, 832), (1152, 832), (1152, 896), (1088, 896), (1088, 960), (1024, 960),
+                     (960, 1024), (960, 1088), (896, 1088), (896, 1152), (832, 1152), (832, 1216), (768, 1280),
+                     (768, 1344), (704, 1408), (704, 1472), (640, 1536), (640, 1600), (576, 1664), (576, 1728),
+                     (576, 1792), (512, 1856), (512, 1920), (512, 1984), (512, 2048), (8192, 128), (128, 8192))
+BIDIRECTIONAL = ("none", "official", "reverse")
+CAPTION_DIRS = ("captions", "target", "control")
+#: a control image at least this many times wider than tall, with a width divisible by 3, looks like an a|a'|b strip
+STRIP_MIN_ASPECT = 2.5
+
+
+class AnalogyDataError(ValueError):
+    """The training data folder is empty, incomplete, ambiguous or holds files that are not images."""
+
+
+# ---------------------------------------------------------------------------------------------- composition
+def _oriented_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file after its EXIF orientation (read from the header, no decoding); verifies
+    the file. Raises AnalogyDataError naming the file when it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise AnalogyDataError(f"{path} is not a readable image ({exc})") from exc
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def open_rgb(path: Union[str, Path]):
+    """The image at ``path``, EXIF-transposed and converted to RGB (as ai-toolkit opens training images)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
+def strip_cells(strip, size: tuple[int, int]):
+    """(a, a', b) of an a|a'|b strip, each ``size`` = (W, H): the strip is first resized to (3W, H) with bicubic,
+    then cut into three W-wide cells (ai-toolkit ``_create_box_analogy_image``)."""
+    from PIL import Image
+
+    w, h = size
+    strip = strip.resize((3 * w, h), Image.BICUBIC)
+    return tuple(strip.crop((i * w, 0, (i + 1) * w, h)) for i in range(3))
+
+
+def compose_grid(top_left, top_right, bottom_left, bottom_right):
+    """The 2x2 grid of four (W, H) cells, (2W, 2H)."""
+    from PIL import Image
+
+    w, h = bottom_right.size
+    grid = Image.new("RGB", (2 * w, 2 * h))
+    for cell, xy in ((top_left, (0, 0)), (top_right, (w, 0)), (bottom_left, (0, h)), (bottom_right, (w, h))):
+        if cell.size != (w, h):
+            cell = cell.resize((w, h), Image.BICUBIC)
+        grid.paste(cell, xy)
+    return grid
+
+
+def strip_target_grid(strip, b_prime, *, swap: bool = False):
+    """Training target [a a'; b b'] (or [a' a; b' b] with ``swap``) at b''s cell size, from a strip and b'."""
+    a, a_prime, b = strip_cells(strip, b_prime.size)
+    if swap:
+        return compose_grid(a_prime, a, b_prime, b)
+    return compose_grid(a, a_prime, b, b_prime)
+
+
+def control_from_target(target, *, bidirectional: str = "none", swapped: bool = False):
+    """The control grid the official loader derives from a target grid (ai-toolkit ``load_control_image``): the
+    bottom-left quadrant copied into the bottom-right (split at h//2, w//2); with ``bidirectional="official"`` and a
+    swapped sample, the official top-row copy leaves the top-right quadrant in both top cells (see module docstring).
+    """
+    w, h = target.size
+    if w % 2 or h % 2:
+        raise AnalogyDataError(f"a grid needs even sides to split into quadrants, got {w}x{h}")
+    control = target.copy()
+    control.paste(target.crop((0, h // 2, w // 2, h)), (w // 2, h // 2))
+    if swapped and bidirectional == "official":
+        control.paste(target.crop((w // 2, 0, w, h // 2)), (0, 0))
+    return control
+
+
+def swap_grid(grid):
+    """[a a'; b b'] -> [a' a; b' b] (quadrants at w//2, h//2): the reversed analogy of a finished grid."""
+    w, h = grid.size
+    cw, ch = w // 2, h // 2
+    out = grid.copy()
+    out.paste(grid.crop((cw, 0, w, ch)), (0, 0))
+    out.paste(grid.crop((0, 0, cw, ch)), (cw, 0))
+    out.paste(grid.crop((cw, ch, w, h)), (0, ch))
+    out.paste(grid.crop((0, ch, cw, h)), (cw, ch))
+    return out
+
+
+def bidirectional_swap(seed: int, position: int) -> bool:
+    """Whether the sample drawn at ``position`` of the sample stream (step * global batch + rank * batch + slot) is
+    reversed: a fair coin that depends only on (seed, position), so resumed runs repeat it."""
+    return random.Random(f"lorweb-bidirectional-{seed}-{position}").random() < 0.5
+
+
+# ------------------------------------------------------------------------------------------ training size
+def official_bucket(width: int, height: int, resolution: int = 512, divisibility: int = 64) -> tuple[int, int]:
+    """The ai-toolkit bucket (W, H) of an image of ``width`` x ``height`` (toolkit/buckets.py
+    ``get_bucket_for_image_size``): the SDXL buckets scaled to min(resolution, sqrt(w h)) / 1024 and floored to
+    multiples of ``divisibility``; an exact match, else the bucket that crops the fewest pixels (first wins)."""
+    res = min(resolution, int((width * height) ** 0.5))
+    scaler = res / 1024
+    buckets = []
+    for bw, bh in SDXL_BUCKETS_1024:
+        w, h = int(bw * scaler), int(bh * scaler)
+        buckets.append((w - w % divisibility, h - h % divisibility))
+    if (width, height) in buckets:
+        return width, height
+    best, best_removed = None, float("inf")
+    for bw, bh in buckets:
+        if bw <= 0 or bh <= 0:
+            continue
+        scale = max(bw / width, bh / height)
+        new_w, new_h = int(width * scale), int(height * scale)
+        removed = (new_w - bw) * new_h + (new_h - bh) * new_w
+        if removed < best_removed:
+            best, best_removed = (bw, bh), removed
+    if best is None:
+        raise AnalogyDataError(f"an image of {width}x{height} has no training bucket at resolution {resolution} with "
+                               f"sides multiples of {divisibility} (too small); use --resize long-edge")
+    return best
+
+
+def bucket_resize(grid, cell_size: tuple[int, int], resolution: int = 512, divisibility: int = 64):
+    """The official training-size step (ai-toolkit ``setup_buckets`` + ``load_and_process_image``): the bucket is
+    chosen from the b' cell size (W, H), the whole grid is resized with bicubic to (ceil(W s), ceil(H s)) with
+    s = max(bucket W / W, bucket H / H), then centre-cropped to the bucket."""
+    from PIL import Image
+
+    w, h = cell_size
+    bw, bh = official_bucket(w, h, resolution, divisibility)
+    scale = max(bw / w, bh / h)
+    sw, sh = int(math.ceil(w * scale)), int(math.ceil(h * scale))
+    x0, y0 = int((sw - bw) / 2), int((sh - bh) / 2)
+    return grid.resize((sw, sh), Image.BICUBIC).crop((x0, y0, x0 + bw, y0 + bh))
+
+
+# ------------------------------------------------------------------------------------------------- dataset
+def detect_layout(control: Path, control_size: tuple[int, int], target: Path, target_size: tuple[int, int]) -> str:
+    """``"strip"`` or ``"grid"`` from the sizes of a sample's control and target; AnalogyDataError naming the file
+    when the sizes fit neither or both."""
+    cw, ch = control_size
+    strip_like = cw % 3 == 0 and cw >= STRIP_MIN_ASPECT * ch
+    if control_size == target_size:
+        if strip_like:
+            raise AnalogyDataError(
+                f"{control} ({cw}x{ch}) is ambiguous: the same size as its target (a finished 2x2 grid?) and shaped "
+                f"like an a|a'|b strip; pass layout='strip' or 'grid' (--layout) to say which")
+        if cw % 2 or ch % 2:
+            raise AnalogyDataError(f"{control} and {target} are {cw}x{ch} grids with an odd side: a 2x2 grid needs "
+                                   "even sides")
+        return "grid"
+    if cw % 3 == 0 and cw > ch:
+        return "strip"
+    if cw % 3 and cw >= STRIP_MIN_ASPECT * ch:
+        raise AnalogyDataError(f"{control} looks like an a|a'|b strip but its width {cw} is not divisible by 3")
+    raise AnalogyDataError(f"{control} ({cw}x{ch}) fits no layout with its target {target} ({target_size[0]}x"
+                           f"{target_size[1]}): expected an a|a'|b strip (width divisible by 3) with b' alone, or two "
+                           "2x2 grids of the same size")
+
+
+class AnalogyFolder(torch.utils.data.Dataset):
+    """Analogy samples from ``root/control`` and ``root/target`` in the ``strip`` (official) or ``grid`` layout (see
+    the module docstring).
+
+    Every sample is checked when the dataset is built: a missing target or caption, an unreadable image or caption
+    (bad UTF-8), a size that fits no layout, or mixed layouts under ``layout="auto"`` raise ``AnalogyDataError`` naming
+    the file; with ``skip_bad=True`` a bad sample is dropped with a warning (mixed layouts always raise).
+
+    ``dataset[i]`` (or ``dataset[(i, swap)]`` for a bidirectional draw) is a dict ``{"control": PIL, "target": PIL,
+    "caption": str, "name": id, "layout": str, "swapped": bool}`` with both grids at the training size:
+    ``resize="bucket"`` (official) puts the grid into the ai-toolkit aspect bucket of its b' cell at resolution
+    ``long_edge`` (sides multiples of ``bucket_divisibility``, bicubic, centre crop; ``bucket_resize``);
+    ``resize="long-edge"`` scales it to long edge ``long_edge`` with sides multiples of ``multiple``. In the strip
+    layout the control is derived from the resized target as the official loader does. ``full_grids(i)`` gives the
+    grids before that resize.
+    """
+
+    def __init__(self, root: Union[str, Path], *, long_edge: int = 512, multiple: int = 32, skip_bad: bool = False,
+                 layout: str = "auto", bidirectional: str = "none", resize: str = "bucket",
+                 bucket_divisibility: int = 64):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if bidirectional not in BIDIRECTIONAL:
+            raise ValueError(f"bidirectional must be one of {BIDIRECTIONAL}, got {bidirectional!r}")
+        self.root, self.long_edge, self.multiple = Path(root), long_edge, multiple
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        self.layout, self.bidirectional = layout, bidirectional
+        self.resize, self.bucket_divisibility = resize, bucket_divisibility
+        control_dir, target_dir = self.root / "control", self.root / "target"
+        for d in (self.root, control_dir, target_dir):
+            if not d.is_dir():
+                raise AnalogyDataError(f"training data folder {d} does not exist (expected {self.root}/control/ and "
+                                       f"{self.root}/target/ with one caption .txt per sample)")
+        controls = sorted(p for p in control_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not controls:
+            raise AnalogyDataError(f"no training samples: {control_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        #: (control, target, caption, layout, grid size (W, H) before resizing)
+        self.samples: list[tuple[Path, Path, str, str, tuple[int, int]]] = []
+        self.skipped: list[str] = []
+        self.problems: list[str] = []
+        for control in controls:
+            try:
+                self.samples.append(self._check_sample(control, target_dir))
+            except AnalogyDataError as exc:
+                if not skip_bad:
+                    raise AnalogyDataError(f"{exc} (pass skip_bad=True / --skip-bad to skip such samples)") from None
+                warnings.warn(f"skipping training sample {control.stem}: {exc}", stacklevel=2)
+                self.skipped.append(control.stem)
+                self.problems.append(str(exc))
+        if not self.samples:
+            raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
+        kinds = {s[3] for s in self.samples}
+        if len(kinds) > 1:
+            first = {kind: next(s[0] for s in self.samples if s[3] == kind) for kind in sorted(kinds)}
+            raise AnalogyDataError(f"{self.root} mixes layouts ({first['grid']} is a 2x2 grid, {first['strip']} an "
+                                   "a|a'|b strip); keep one layout per folder")
+
+    def _check_sample(self, control: Path, target_dir: Path):
+        target = next((target_dir / (control.stem + s) for s in IMAGE_SUFFIXES
+                       if (target_dir / (control.stem + s)).is_file()), None)
+        if target is None:
+            raise AnalogyDataError(f"{control} has no target image {target_dir / control.stem}.*")
+        caption = self._caption(control.stem)
+        control_size, target_size = _oriented_size(control), _oriented_size(target)
+        if self.layout == "auto":
+            layout = detect_layout(control, control_size, target, target_size)
+        elif self.layout == "grid":
+            if control_size != target_size or control_size[0] % 2 or control_size[1] % 2:
+                raise AnalogyDataError(f"{control} ({control_size}) and {target} ({target_size}) are not two 2x2 "
+                                       "grids of the same even size (layout='grid')")
+            layout = "grid"
+        else:
+            if control_size[0] % 3:
+                raise AnalogyDataError(f"{control} is not an a|a'|b strip: its width {control_size[0]} is not "
+                                       "divisible by 3 (layout='strip')")
+            layout = "strip"
+        grid_size = target_size if layout == "grid" else (2 * target_size[0], 2 * target_size[1])
+        if self.resize == "bucket":  # a sample too small for any bucket fails here, naming its file
+            try:
+                official_bucket(grid_size[0] // 2, grid_size[1] // 2, self.long_edge, self.bucket_divisibility)
+            except AnalogyDataError as exc:
+                raise AnalogyDataError(f"{target}: {exc}") from None
+        return control, target, caption, layout, grid_size
+
+    def _caption(self, stem: str) -> str:
+        for sub in CAPTION_DIRS:
+            path = self.root / sub / f"{stem}.txt"
+            if path.is_file():
+                try:
+                    return path.read_bytes().decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    raise AnalogyDataError(f"caption {path} is not valid UTF-8 ({exc.reason} at byte {exc.start})") \
+                        from None
+        raise AnalogyDataError(f"sample {stem} has no caption: expected {self.root / 'captions' / stem}.txt or "
+                               f"{self.root / 'target' / stem}.txt")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def grid_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Training size of a grid of ``size``: with ``resize="bucket"`` the official bucket of its cell (half the
+        grid); with ``"long-edge"`` long edge ``long_edge``, sides multiples of ``multiple``."""
+        w, h = size
+        if self.resize == "bucket":
+            return official_bucket(w // 2, h // 2, self.long_edge, self.bucket_divisibility)
+        scale = self.long_edge / max(w, h)
+        m = self.multiple
+        return max(m, round(w * scale / m) * m), max(m, round(h * scale / m) * m)
+
+    def full_grids(self, index: int, swap: bool = False):
+        """(control grid, target grid) of sample ``index`` before resizing to the training size."""
+        control_path, target_path, _, layout, _ = self.samples[index]
+        swap = swap and self.bidirectional != "none"
+        if layout == "strip":
+            target = strip_target_grid(open_rgb(control_path), open_rgb(target_path), swap=swap)
+            return control_from_target(target, bidirectional=self.bidirectional, swapped=swap), target
+        control, target = open_rgb(control_path), open_rgb(target_path)
+        if swap:
+            target = swap_grid(target)
+            control = control_from_target(target, bidirectional=self.bidirectional, swapped=True)
+        return control, target
+
+    def __getitem__(self, key) -> dict:
+        from PIL import Image
+
+        index, swap = key if isinstance(key, tuple) else (key, False)
+        swap = bool(swap) and self.bidirectional != "none"
+        control_path, target_path, caption, layout, grid_size = self.samples[index]
+        size = self.grid_size(grid_size)
+        cell = (grid_size[0] // 2, grid_size[1] // 2)
+
+        def to_training_size(grid):
+            if self.resize == "bucket":
+                return bucket_resize(grid, cell, self.long_edge, self.bucket_divisibility)
+            return grid.resize(size, Image.BICUBIC)
+
+        if layout == "strip" or swap:
+            # official order: compose the target at full size, resize it, then derive the control from it
+            _, target = self.full_grids(index, swap)
+            target = to_training_size(target)
+            control = control_from_target(target, bidirectional=self.bidirectional, swapped=swap)
+        else:
+            control = to_training_size(open_rgb(control_path))
+            target = to_training_size(open_rgb(target_path))
+        return {"control": control, "target": target, "caption": caption, "name": control_path.stem,
+                "layout": layout, "swapped": swap}
+
+
+# -------------------------------------------------------------------------------------------- data check
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename onto ``path`` (same folder), so ``path`` is complete or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = None, skip_bad: bool = False,
+                 layout: str = "auto", resize: str = "bucket", long_edge: int = 512, bucket_divisibility: int = 64,
+                 progress: bool = True) -> dict:
+    """Validate every sample of ``root``; return counts ``{"samples", "layouts", "sizes", "captions", "problems"}``.
+    With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there: the grids the
+    trainer sees, before resizing to the training resolution."""
+    from tqdm.auto import tqdm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = AnalogyFolder(root, skip_bad=skip_bad, layout=layout, resize=resize, long_edge=long_edge,
+                                bucket_divisibility=bucket_divisibility)
+    captions = [s[2] for s in dataset.samples]
+    report = {"samples": len(dataset), "skipped": len(dataset.skipped),
+              "layouts": dict(Counter(s[3] for s in dataset.samples)),
+              "sizes": dict(Counter(f"{s[4][0]}x{s[4][1]}" for s in dataset.samples).most_common()),
+              "training_sizes": dict(Counter("{}x{}".format(*dataset.grid_size(s[4]))
+                                             for s in dataset.samples).most_common()),
+              "captions": {"non_empty": sum(bool(c) for c in captions), "empty": sum(not c for c in captions),
+                           "distinct": len({c for c in captions if c})},
+              "problems": list(dataset.problems)}
+    if dump is not None:
+        out = Path(dump)
+        out.mkdir(parents=True, exist_ok=True)
+        for i in tqdm(range(len(dataset)), desc="dumping grids", unit="sample", disable=not progress):
+            name = dataset.samples[i][0].stem
+            control, target = dataset.full_grids(i)
+            _atomic_write(out / f"{name}_target.png", lambda p: target.save(p, format="PNG"))
+            _atomic_write(out / f"{name}_control.png", lambda p: control.save(p, format="PNG"))
+            _atomic_write(out / f"{name}_caption.txt", lambda p: p.write_text(dataset.samples[i][2] + "\n",
+                                                                              encoding="utf-8"))
+        report["dumped"] = str(out)
+    return report
+
+
+# ------------------------------------------------------------------------------------------ data prepare
+def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optional[int] = None,
+                       filter_categories: Optional[list[str]] = None, filter_json: Optional[str] = None,
+                       progress: bool = True) -> list[dict]:
+    """The (a, a') pairs of a downloaded Relation252K folder, as NVlabs/LoRWeB ``preprocess_data.py``
+    (``Relation252KDataset`` + ``get_triplets``) reads them: every sub-folder ``<category>/Group1/`` with a
+    ``labels.json`` (a list of ``{"img_name", "edit_instruction", "left_image_description",
+    "right_image_description"}``); entries whose image is missing are skipped; the id is ``<category>_<img_name>``.
+    Categories are taken in sorted order (the official script uses the file system's order)."""
+    from tqdm.auto import tqdm
+
+    src = Path(src)
+    if not src.is_dir():
+        raise AnalogyDataError(f"Relation252K folder {src} does not exist")
+    excluded = set()
+    if filter_json:
+        excluded = {item.get("image_id", "") for item in json.loads(Path(filter_json).read_text(encoding="utf-8"))}
+    categories = sorted(d for d in src.iterdir() if d.is_dir() and (d / "Group1" / "labels.json").is_file())
+    if not categories:
+        raise AnalogyDataError(f"{src} holds no <category>/Group1/labels.json: not a Relation252K folder")
+    pairs, counts = [], Counter()
+    for category in tqdm(categories, desc="reading labels", unit="category", disable=not progress):
+        name = category.name
+        if filter_categories and name not in filter_categories:
+            continue
+        labels_path = category / "Group1" / "labels.json"
+        try:
+            labels = json.loads(labels_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AnalogyDataError(f"{labels_path} is not valid JSON ({exc})") from None
+        for entry in labels:
+            image = category / "Group1" / entry["img_name"]
+            image_id = f"{name}_{entry['img_name']}"
+            if not image.is_file() or image_id in excluded:
+                continue
+            if max_samples_per_category and counts[name] >= max_samples_per_category:
+                continue
+            counts[name] += 1
+            pairs.append({"image_id": image_id, "category": name, "path": image, "img_name": entry["img_name"],
+                          "edit_prompt": entry["edit_instruction"],
+                          "left_image_description": entry["left_image_description"],
+                          "right_image_description": entry["right_image_description"]})
+    return pairs
+
+
+def plan_analogies(pairs: list[dict], *, min_pairs_per_category: int = 2, max_analogies: Optional[int] = None,
+                   seed: int = 0) -> list[dict]:
+    """The official analogy pairing (``create_analogy_dataset``): within each category with at least
+    ``min_pairs_per_category`` pairs, every i < j gives the forward analogy (A = pair i, C = pair j); categories in
+    first-seen order. ``max_analogies`` keeps a random sample (official: unseeded ``random.sample``; here seeded).
+    Each analogy gets ``id = analogy_<A id>_<C id>_<k:04d>`` with k its index in the final list."""
+    groups: dict[str, list[dict]] = {}
+    for pair in pairs:
+        groups.setdefault(pair["category"], []).append(pair)
+    analogies = []
+    for category, group in groups.items():
+        if len(group) < min_pairs_per_category:
+            continue
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                analogies.append({"category": category, "A": group[i], "C": group[j], "direction": "forward"})
+    if max_analogies and len(analogies) > max_analogies:
+        analogies = random.Random(seed).sample(analogies, max_analogies)
+    for k, analogy in enumerate(analogies):
+        analogy["id"] = f"analogy_{analogy['A']['image_id']}_{analogy['C']['image_id']}_{k:04d}"
+    return analogies
+
+
+def _halves(path: Path):
+    """(left, right) halves of a Relation252K side-by-side image, split at width // 2."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        w, h = im.size
+        return im.crop((0, 0, w // 2, h)), im.crop((w // 2, 0, w, h))
+
+
+def _metadata_entry(analogy: dict) -> dict:
+    aid = analogy["id"]
+
+    def pair(p):
+        return {"image_id": p["image_id"], "edit_prompt": p["edit_prompt"],
+                "left_image_description": p["left_image_description"],
+                "right_image_description": p["right_image_description"], "img_name": p["img_name"]}
+
+    return {"analogy_id": aid, "edit_prompt": analogy["A"]["edit_prompt"], "category": analogy["category"],
+            "direction": analogy["direction"], "control_image_path": f"control/{aid}.jpg",
+            "target_image_path": f"target/{aid}.jpg", "caption_path": f"target/{aid}.txt",
+            "pair_A": pair(analogy["A"]), "pair_C": pair(analogy["C"])}
+
+
+def write_analogy(analogy: dict, out: Path) -> None:
+    """control/<id>.jpg (a | a' | b, every cell at the smallest width and height of the three, Lanczos), target/<id>.jpg
+    (b' as is) and target/<id>.txt (a's edit instruction), as ``process_single_analogy``; each file atomically."""
+    from PIL import Image
+
+    a, a_prime = _halves(analogy["A"]["path"])
+    b, b_prime = _halves(analogy["C"]["path"])
+    cells = [a, a_prime, b]
+    w, h = min(c.width for c in cells), min(c.height for c in cells)
+    strip = Image.new("RGB", (3 * w, h))
+    for i, cell in enumerate(cells):
+        if cell.size != (w, h):
+            cell = cell.resize((w, h), Image.LANCZOS)
+        strip.paste(cell.convert("RGB"), (i * w, 0))
+    aid = analogy["id"]
+    _atomic_write(out / "control" / f"{aid}.jpg", lambda p: strip.save(p, format="JPEG", quality=95))
+    _atomic_write(out / "target" / f"{aid}.jpg", lambda p: b_prime.convert("RGB").save(p, format="JPEG", quality=95))
+    _atomic_write(out / "target" / f"{aid}.txt",
+                  lambda p: p.write_text(analogy["A"]["edit_prompt"], encoding="utf-8"))
+
+
+def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_analogies: Optional[int] = None,
+                         filter_categories: Optional[list[str]] = None, filter_json: Optional[str] = None,
+                         min_pairs_per_category: int = 2, max_samples_per_category: Optional[int] = None,
+                         seed: int = 0, progress: bool = True) -> dict:
+    """Turn a Relation252K folder into the official training layout (the job of ``preprocess_data.py``).
+
+    Resumable: an analogy whose three files exist is skipped (files are written to a temporary name and renamed, so an
+    existing file is complete). ``analogy_metadata.json`` lists every written analogy (official entry fields) and is
+    rewritten atomically at the end. Returns ``{"analogies", "written", "skipped", "failed": [(id, error)]}``."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    pairs = relation252k_pairs(src, max_samples_per_category=max_samples_per_category,
+                               filter_categories=filter_categories, filter_json=filter_json, progress=progress)
+    analogies = plan_analogies(pairs, min_pairs_per_category=min_pairs_per_category, max_analogies=max_analogies,
+                               seed=seed)
+    if not analogies:
+        raise AnalogyDataError(f"{src}: no category has {min_pairs_per_category} or more pairs, so no analogies")
+    (out / "control").mkdir(parents=True, exist_ok=True)
+    (out / "target").mkdir(parents=True, exist_ok=True)
+    written = skipped = 0
+    failed, entries = [], []
+    for analogy in tqdm(analogies, desc="writing analogies", unit="analogy", disable=not progress):
+        aid = analogy["id"]
+        files = (out / "control" / f"{aid}.jpg", out / "target" / f"{aid}.jpg", out / "target" / f"{aid}.txt")
+        if all(f.is_file() for f in files):
+            skipped += 1
+        else:
+            try:
+                write_analogy(analogy, out)
+                written += 1
+            except (OSError, ValueError) as exc:
+                failed.append((aid, str(exc)))
+                continue
+        entries.append(_metadata_entry(analogy))
+    _atomic_write(out / "analogy_metadata.json",
+                  lambda p: p.write_text(json.dumps(entries, indent=2, ensure_ascii=False), encoding="utf-8"))
+    return {"analogies": len(analogies), "written": written, "skipped": skipped, "failed": failed}
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def add_data_subparser(subparsers) -> argparse.ArgumentParser:
+    """``lorweb-fast data check|prepare``."""
+    p = subparsers.add_parser("data", help="check a training folder or prepare Relation252K in the official layout")
+    sub = p.add_subparsers(dest="data_command", required=True)
+    c = sub.add_parser("check", help="validate every sample, print counts, optionally dump the grids the trainer sees")
+    c.add_argument("data", help="training folder (control/, target/)")
+    c.add_argument("--dump", default=None, metavar="OUT",
+                   help="write OUT/<id>_target.png, <id>_control.png, <id>_caption.txt (before training resize)")
+    c.add_argument("--layout", choices=LAYOUTS, default="auto", help="sample layout (default: from the sizes)")
+    c.add_argument("--skip-bad", action="store_true", help="report broken samples instead of failing on the first")
+    c.add_argument("--resize", choices=RESIZE_MODES, default="bucket", help="training-size rule, as lorweb-fast train")
+    c.add_argument("--long-edge", type=int, default=512, help="training resolution, as lorweb-fast train")
+    c.add_argument("--bucket-divisibility", type=int, default=64, help="as lorweb-fast train")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    r = sub.add_parser("prepare", help="Relation252K folder -> control/ strips, target/ b' + captions (official)")
+    r.add_argument("src", help="downloaded Relation252K folder (<category>/Group1/labels.json + images)")
+    r.add_argument("out", help="output training folder")
+    r.add_argument("--max-analogies", type=int, default=None, help="keep a random sample of this many analogies")
+    r.add_argument("--filter-categories", nargs="+", default=None, help="only these categories")
+    r.add_argument("--filter-json", default=None, help="JSON list of {image_id} entries to leave out")
+    r.add_argument("--min-pairs-per-category", type=int, default=2)
+    r.add_argument("--max-samples-per-category", type=int, default=None)
+    r.add_argument("--seed", type=int, default=0, help="seed of the --max-analogies sample")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_data)
+    return p
+
+
+def run_data(args) -> dict:
+    if args.data_command == "check":
+        report = check_folder(args.data, dump=args.dump, skip_bad=args.skip_bad, layout=args.layout,
+                              resize=args.resize, long_edge=args.long_edge,
+                              bucket_divisibility=args.bucket_divisibility, progress=not args.quiet)
+        print(f"{report['samples']} samples ({report['skipped']} skipped); layouts: "
+              + ", ".join(f"{k} {v}" for k, v in report["layouts"].items()))
+        print("grid sizes: " + ", ".join(f"{k} x{v}" for k, v in list(report["sizes"].items())[:10])
+              + (" ..." if len(report["sizes"]) > 10 else ""))
+        print(f"training sizes ({args.resize}): " + ", ".join(f"{k} x{v}" for k, v in
+                                                             list(report["training_sizes"].items())[:10]))
+        cap = report["captions"]
+        print(f"captions: {cap['non_empty']} non-empty, {cap['empty']} empty, {cap['distinct']} distinct non-empty")
+        print(f"problems: {len(report['problems'])}")
+        for problem in report["problems"]:
+            print(f"  {problem}")
+        if args.dump:
+            print(f"wrote the trainer's grids to {report['dumped']}")
+        return report
+    report = prepare_relation252k(args.src, args.out, max_analogies=args.max_analogies,
+                                  filter_categories=args.filter_categories, filter_json=args.filter_json,
+                                  min_pairs_per_category=args.min_pairs_per_category,
+                                  max_samples_per_category=args.max_samples_per_category, seed=args.seed,
+                                  progress=not args.quiet)
+    print(f"{report['analogies']} analogies: {report['written']} written, {report['skipped']} already there, "
+          f"{len(report['failed'])} failed; metadata in {Path(args.out) / 'analogy_metadata.json'}")
+    for aid, err in report["failed"]:
+        print(f"  failed {aid}: {err}")
+    return report

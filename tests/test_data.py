@@ -1,0 +1,373 @@
+"""Training data: the official strip layout composed exactly as the official loader, finished 2x2 grids detected by
+shape, ambiguous or broken samples named, bidirectional draws, ``lorweb-fast data check`` and ``data prepare`` on a
+tiny synthetic Relation252K folder."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lorweb_fast import cli, data, demo
+from lorweb_fast.data import AnalogyDataError, AnalogyFolder
+from lorweb_fast.training import StepBatchSampler
+
+
+def _random_image(rng, w, h):
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _strip_folder(root: Path, *, cells=((20, 14),), b_prime=(24, 18), seed=0, caption="make it red") -> Path:
+    """control/<id>.png = a|a'|b strips (cell size per sample), target/<id>.png = b', target/<id>.txt."""
+    rng = np.random.default_rng(seed)
+    (root / "control").mkdir(parents=True, exist_ok=True)
+    (root / "target").mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate(cells):
+        _random_image(rng, 3 * w, h).save(root / "control" / f"s{i:02d}.png")
+        _random_image(rng, *b_prime).save(root / "target" / f"s{i:02d}.png")
+        (root / "target" / f"s{i:02d}.txt").write_text(caption)
+    return root
+
+
+def _official_box_grid(strip: Image.Image, b_prime: Image.Image, swap: bool = False) -> np.ndarray:
+    """Reference written from NVlabs/LoRWeB toolkit/dataloader_mixins.py ``_create_box_analogy_image`` with
+    ``full_size_control_images: true``: the target size is b''s size (W, H); the strip is resized to (3W, H) with
+    bicubic and cut into W-wide parts; a bidirectional swap exchanges parts 0<->1 and part 2<->b'; the grid is
+    [part0 part1; part2 b'] with 2W x 2H pixels."""
+    w, h = b_prime.size
+    wide = np.asarray(strip.convert("RGB").resize((3 * w, h), Image.BICUBIC))
+    parts = [wide[:, k * w:(k + 1) * w] for k in range(3)]
+    last = np.asarray(b_prime.convert("RGB"))
+    if swap:
+        parts[0], parts[1] = parts[1], parts[0]
+        parts[2], last = last, parts[2]
+    return np.concatenate([np.concatenate(parts[:2], axis=1), np.concatenate([parts[2], last], axis=1)], axis=0)
+
+
+def _official_control(target: np.ndarray, swapped: bool = False) -> np.ndarray:
+    """Reference written from toolkit/dataloader_mixins.py ``load_control_image`` (box analogy): a CHW clone of the
+    target tensor, bottom-left quadrant (split at h//2, w//2) copied into the bottom-right; for a bidirectional
+    swap, the official tuple assignment of the two top quadrants, which goes through views of the same tensor."""
+    t = torch.from_numpy(target.copy()).permute(2, 0, 1)
+    _, h, w = t.shape
+    t[:, h // 2:, w // 2:] = t[:, h // 2:, :w // 2]
+    if swapped:
+        t[:, :h // 2, :w // 2], t[:, :h // 2, w // 2:] = t[:, :h // 2, w // 2:], t[:, :h // 2, :w // 2]
+    return t.permute(1, 2, 0).numpy()
+
+
+# ------------------------------------------------------------------------------------------- composition
+def test_strip_layout_composes_the_official_grids_exactly(tmp_path):
+    root = _strip_folder(tmp_path / "d", cells=[(20, 14), (16, 16)], b_prime=(24, 18))
+    ds = AnalogyFolder(root, long_edge=64, multiple=16, resize="long-edge")
+    assert [s[3] for s in ds.samples] == ["strip", "strip"] and ds.samples[0][4] == (48, 36)
+    for i in range(2):
+        strip = Image.open(root / "control" / f"s{i:02d}.png")
+        b_prime = Image.open(root / "target" / f"s{i:02d}.png")
+        want_target = _official_box_grid(strip, b_prime)
+        control, target = ds.full_grids(i)
+        np.testing.assert_array_equal(np.asarray(target), want_target)
+        np.testing.assert_array_equal(np.asarray(control), _official_control(want_target))
+
+        # what the trainer sees: the grid resized to the training size, the control derived from the resized grid
+        item = ds[i]
+        size = ds.grid_size((48, 36))
+        assert item["target"].size == item["control"].size == size == (64, 48)
+        resized = np.asarray(Image.fromarray(want_target).resize(size, Image.BICUBIC))
+        np.testing.assert_array_equal(np.asarray(item["target"]), resized)
+        np.testing.assert_array_equal(np.asarray(item["control"]), _official_control(resized))
+        assert item["caption"] == "make it red" and item["layout"] == "strip" and not item["swapped"]
+
+
+@pytest.mark.parametrize("mode", ["official", "reverse"])
+def test_bidirectional_swap_matches_the_official_composition(tmp_path, mode):
+    root = _strip_folder(tmp_path / "d", cells=[(20, 14)], b_prime=(20, 14))
+    ds = AnalogyFolder(root, long_edge=40, multiple=8, bidirectional=mode, resize="long-edge")
+    strip, b_prime = Image.open(root / "control" / "s00.png"), Image.open(root / "target" / "s00.png")
+    want = _official_box_grid(strip, b_prime, swap=True)
+    control, target = ds.full_grids(0, swap=True)
+    np.testing.assert_array_equal(np.asarray(target), want)
+    a, a_prime = want[:14, 20:], want[:14, :20]  # swapped grid: [a' a; b' b]
+    b_prime_cell = want[14:, :20]
+    got = np.asarray(control)
+    if mode == "official":
+        np.testing.assert_array_equal(got, _official_control(want, swapped=True))
+        # the official view-aliasing leaves a in both top cells: [a a; b' b']
+        np.testing.assert_array_equal(got[:14, :20], a)
+        np.testing.assert_array_equal(got[:14, 20:], a)
+    else:
+        np.testing.assert_array_equal(got[:14], np.concatenate([a_prime, a], axis=1))
+    np.testing.assert_array_equal(got[14:], np.concatenate([b_prime_cell, b_prime_cell], axis=1))
+    item = ds[(0, True)]
+    assert item["swapped"]
+    resized = np.asarray(Image.fromarray(want).resize(item["target"].size, Image.BICUBIC))
+    np.testing.assert_array_equal(np.asarray(item["target"]), resized)
+    # swaps only with bidirectional on
+    assert not AnalogyFolder(root, long_edge=40, multiple=8, resize="long-edge")[(0, True)]["swapped"]
+
+
+def test_bidirectional_draws_are_deterministic_and_resume_exactly():
+    draws = [data.bidirectional_swap(3, p) for p in range(400)]
+    assert draws == [data.bidirectional_swap(3, p) for p in range(400)]
+    assert 150 < sum(draws) < 250 and draws != [data.bidirectional_swap(4, p) for p in range(400)]
+    full = StepBatchSampler(7, 3, seed=3, start_step=0, total_steps=6, world_size=2, rank=1, bidirectional=True)
+    resumed = StepBatchSampler(7, 3, seed=3, start_step=4, total_steps=6, world_size=2, rank=1, bidirectional=True)
+    assert list(full)[4:] == list(resumed)
+    assert all(isinstance(k, tuple) and isinstance(k[1], bool) for batch in full for k in batch)
+    plain = StepBatchSampler(7, 3, seed=3, start_step=0, total_steps=6, world_size=2, rank=1)
+    assert [[k[0] for k in b] for b in full] == list(plain)
+
+
+def test_grid_layout_still_works(tmp_path):
+    root = demo.make_synthetic_analogies(tmp_path / "grid", 3)
+    ds = AnalogyFolder(root, long_edge=64, resize="long-edge")
+    assert {s[3] for s in ds.samples} == {"grid"}
+    control, target = ds.full_grids(0)
+    np.testing.assert_array_equal(np.asarray(target),
+                                  np.asarray(Image.open(root / "target" / "0000.png").convert("RGB")))
+    np.testing.assert_array_equal(np.asarray(control),
+                                  np.asarray(Image.open(root / "control" / "0000.png").convert("RGB")))
+    # a reversed draw of a finished grid: target [a' a; b' b], control [a' a; b' b']
+    grid = np.asarray(target)
+    a, a2, b, b2 = grid[:32, :32], grid[:32, 32:], grid[32:, :32], grid[32:, 32:]
+    rev_control, rev_target = AnalogyFolder(root, resize="long-edge", bidirectional="reverse").full_grids(0, swap=True)
+    np.testing.assert_array_equal(np.asarray(rev_target),
+                                  np.concatenate([np.concatenate([a2, a], 1), np.concatenate([b2, b], 1)]))
+    np.testing.assert_array_equal(np.asarray(rev_control),
+                                  np.concatenate([np.concatenate([a2, a], 1), np.concatenate([b2, b2], 1)]))
+
+
+# ---------------------------------------------------------------------------------------------- detection
+def test_ambiguous_and_broken_samples_name_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    root = _strip_folder(tmp_path / "d", cells=[(20, 14)])
+    _random_image(rng, 61, 14).save(root / "control" / "s00.png")  # strip width not divisible by 3
+    with pytest.raises(AnalogyDataError, match=r"s00.png looks like an a\|a'\|b strip but its width 61"):
+        AnalogyFolder(root, resize="long-edge")
+    _random_image(rng, 60, 20).save(root / "control" / "s00.png")
+    _random_image(rng, 60, 20).save(root / "target" / "s00.png")  # same size and strip-shaped: which one?
+    with pytest.raises(AnalogyDataError, match="s00.png .60x20. is ambiguous"):
+        AnalogyFolder(root, resize="long-edge")
+    assert AnalogyFolder(root, resize="long-edge", layout="grid").samples[0][3] == "grid"
+    assert AnalogyFolder(root, resize="long-edge", layout="strip").samples[0][3] == "strip"
+    _random_image(rng, 50, 40).save(root / "control" / "s00.png")  # fits neither
+    with pytest.raises(AnalogyDataError, match="s00.png .50x40. fits no layout"):
+        AnalogyFolder(root, resize="long-edge")
+    with pytest.raises(AnalogyDataError, match="not an a.a'.b strip: its width 50"):
+        AnalogyFolder(root, resize="long-edge", layout="strip")
+
+
+def test_mixed_layouts_are_an_error(tmp_path):
+    root = _strip_folder(tmp_path / "d", cells=[(20, 14)])
+    grid = demo.make_synthetic_analogies(tmp_path / "grid", 1)
+    shutil.copy(grid / "control" / "0000.png", root / "control" / "g0.png")
+    shutil.copy(grid / "target" / "0000.png", root / "target" / "g0.png")
+    shutil.copy(grid / "captions" / "0000.txt", root / "target" / "g0.txt")
+    with pytest.raises(AnalogyDataError, match="mixes layouts .*g0.png is a 2x2 grid.*s00.png an a.a'.b strip"):
+        AnalogyFolder(root, resize="long-edge")
+
+
+def test_bad_utf8_caption_is_named_and_skippable(tmp_path):
+    root = _strip_folder(tmp_path / "d", cells=[(20, 14), (20, 14)])
+    (root / "target" / "s01.txt").write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(AnalogyDataError, match=r"caption .*s01.txt is not valid UTF-8"):
+        AnalogyFolder(root, resize="long-edge")
+    with pytest.warns(UserWarning, match="skipping training sample s01"):
+        ds = AnalogyFolder(root, skip_bad=True, resize="long-edge")
+    assert len(ds) == 1 and ds.skipped == ["s01"]
+
+
+# ----------------------------------------------------------------------------------------------- data check
+def test_data_check_prints_counts_and_dumps_the_trainers_grids(tmp_path, capsys):
+    root = _strip_folder(tmp_path / "d", cells=[(20, 14), (16, 16), (20, 14)])
+    (root / "target" / "s02.txt").write_text("")
+    out = tmp_path / "dump"
+    assert cli.main(["data", "check", str(root), "--dump", str(out), "--quiet", "--resize", "long-edge"]) == 0
+    text = capsys.readouterr().out
+    assert "3 samples (0 skipped); layouts: strip 3" in text
+    assert "48x36 x3" in text and "problems: 0" in text
+    assert "captions: 2 non-empty, 1 empty, 1 distinct non-empty" in text
+    ds = AnalogyFolder(root, resize="long-edge")
+    for i, name in enumerate(("s00", "s01", "s02")):
+        control, target = ds.full_grids(i)
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{name}_target.png")), np.asarray(target))
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{name}_control.png")), np.asarray(control))
+    assert (out / "s00_caption.txt").read_text() == "make it red\n"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+    (root / "target" / "s01.png").write_bytes(b"not an image")
+    assert cli.main(["data", "check", str(root), "--quiet", "--resize", "long-edge"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "s01.png is not a readable image" in err
+    assert cli.main(["data", "check", str(root), "--skip-bad", "--quiet", "--resize", "long-edge"]) == 0
+    text = capsys.readouterr().out
+    assert "2 samples (1 skipped)" in text and "problems: 1" in text and "s01.png is not a readable image" in text
+
+
+# --------------------------------------------------------------------------------------------- data prepare
+def _smooth(rng, w, h) -> np.ndarray:
+    """(h, w, 3) uint8: a random flat colour plus a gentle horizontal ramp."""
+    colour = rng.integers(40, 200, 3)
+    ramp = np.linspace(0, 40, w)[None, :, None]
+    return np.broadcast_to(colour + ramp, (h, w, 3)).astype(np.uint8)
+
+
+def _relation252k(root: Path) -> dict:
+    """A tiny Relation252K-shaped folder, as NVlabs/LoRWeB preprocess_data.py ``Relation252KDataset`` walks it:
+    <category>/Group1/labels.json (list of img_name, edit_instruction, left/right descriptions) and side-by-side
+    before|after images. Returns {image_id: (left, right) arrays}."""
+    rng = np.random.default_rng(1)
+    halves = {}
+    spec = {"cat-a": [(16, 12), (16, 12), (20, 10)], "cat-b": [(16, 12)], "cat-c": [(12, 12), (12, 12)]}
+    for category, sizes in spec.items():
+        group = root / category / "Group1"
+        group.mkdir(parents=True)
+        labels = []
+        for k, (w, h) in enumerate(sizes):
+            name = f"img{k}.png"
+            left, right = _smooth(rng, w, h), _smooth(rng, w, h)  # smooth: JPEG keeps them close
+            Image.fromarray(np.concatenate([left, right], axis=1)).save(group / name)
+            halves[f"{category}_{name}"] = (left, right)
+            labels.append({"img_name": name, "edit_instruction": f"{category} edit {k}",
+                           "left_image_description": f"L{k}", "right_image_description": f"R{k}"})
+        labels.append({"img_name": "missing.png", "edit_instruction": "x", "left_image_description": "",
+                       "right_image_description": ""})  # no image: skipped as the official loader does
+        (group / "labels.json").write_text(json.dumps(labels))
+    (root / "not-a-category").mkdir()
+    return halves
+
+
+def test_data_prepare_relation252k_official_pairing(tmp_path, capsys):
+    halves = _relation252k(tmp_path / "rel")
+    out = tmp_path / "prepared"
+    assert cli.main(["data", "prepare", str(tmp_path / "rel"), str(out), "--quiet"]) == 0
+    assert "4 analogies: 4 written, 0 already there, 0 failed" in capsys.readouterr().out
+    # official pairing: per category with >= 2 pairs, every i < j as (A = i, C = j), one running index
+    want_ids = ["analogy_cat-a_img0.png_cat-a_img1.png_0000", "analogy_cat-a_img0.png_cat-a_img2.png_0001",
+                "analogy_cat-a_img1.png_cat-a_img2.png_0002", "analogy_cat-c_img0.png_cat-c_img1.png_0003"]
+    meta = json.loads((out / "analogy_metadata.json").read_text())
+    assert [m["analogy_id"] for m in meta] == want_ids
+    assert meta[1]["pair_A"]["image_id"] == "cat-a_img0.png" and meta[1]["pair_C"]["img_name"] == "img2.png"
+    assert meta[1]["control_image_path"] == f"control/{want_ids[1]}.jpg" and meta[1]["direction"] == "forward"
+    assert meta[1]["edit_prompt"] == "cat-a edit 0" and meta[1]["category"] == "cat-a"
+    # strip a | a' | b at the smallest cell (Lanczos when a size differs), b' as is, the caption is A's instruction
+    with Image.open(out / "control" / f"{want_ids[0]}.jpg") as im:
+        assert im.size == (48, 12)
+        strip = np.asarray(im, dtype=np.float64)
+    a, a2 = halves["cat-a_img0.png"]
+    b, b2 = halves["cat-a_img1.png"]
+    want = np.concatenate([a, a2, b], axis=1).astype(np.float64)
+    assert np.abs(strip - want).mean() < 3  # JPEG quality 95
+    with Image.open(out / "control" / f"{want_ids[1]}.jpg") as im:
+        assert im.size == (48, 10)  # min width 16, min height 10
+    with Image.open(out / "target" / f"{want_ids[0]}.jpg") as im:
+        assert im.size == (16, 12) and np.abs(np.asarray(im, dtype=np.float64) - b2).mean() < 3
+    assert (out / "target" / f"{want_ids[0]}.txt").read_text() == "cat-a edit 0"
+    # the trainer reads it as the official strip layout
+    ds = AnalogyFolder(out, resize="long-edge")
+    assert len(ds) == 4 and {s[3] for s in ds.samples} == {"strip"}
+
+    # resumable: finished analogies are skipped, a missing file is rewritten
+    (out / "target" / f"{want_ids[2]}.jpg").unlink()
+    stamp = (out / "control" / f"{want_ids[0]}.jpg").stat().st_mtime_ns
+    report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
+    assert (report["written"], report["skipped"], report["failed"]) == (1, 3, [])
+    assert (out / "control" / f"{want_ids[0]}.jpg").stat().st_mtime_ns == stamp
+    assert len(json.loads((out / "analogy_metadata.json").read_text())) == 4
+
+    # max_analogies: a seeded sample, reindexed
+    report = data.prepare_relation252k(tmp_path / "rel", tmp_path / "two", max_analogies=2, seed=5, progress=False)
+    ids = [m["analogy_id"] for m in json.loads((tmp_path / "two" / "analogy_metadata.json").read_text())]
+    assert report["analogies"] == 2 and [i[-4:] for i in ids] == ["0000", "0001"]
+
+
+def test_data_prepare_writes_atomically(tmp_path, monkeypatch):
+    _relation252k(tmp_path / "rel")
+    out = tmp_path / "prepared"
+    real_save = Image.Image.save
+    calls = {"n": 0}
+
+    def failing_save(self, fp, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second analogy's strip
+            raise OSError("disk full")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
+    assert len(report["failed"]) == 1 and "disk full" in report["failed"][0][1]
+    failed = report["failed"][0][0]
+    assert not (out / "control" / f"{failed}.jpg").exists()
+    assert not [p for p in (out / "control").iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
+    assert (report["written"], report["failed"]) == (1, [])
+
+
+def test_data_prepare_bad_source(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["data", "prepare", str(tmp_path / "empty"), str(tmp_path / "o"), "--quiet"]) == 2
+    assert "not a Relation252K folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ training size
+_SDXL = np.array([[1024, 1024], [2048, 512], [1984, 512], [1920, 512], [1856, 512], [1792, 576], [1728, 576],
+                  [1664, 576], [1600, 640], [1536, 640], [1472, 704], [1408, 704], [1344, 704], [1344, 768],
+                  [1280, 768], [1216, 832], [1152, 832], [1152, 896], [1088, 896], [1088, 960], [1024, 960],
+                  [960, 1024], [960, 1088], [896, 1088], [896, 1152], [832, 1152], [832, 1216], [768, 1280],
+                  [768, 1344], [704, 1408], [704, 1472], [640, 1536], [640, 1600], [576, 1664], [576, 1728],
+                  [576, 1792], [512, 1856], [512, 1920], [512, 1984], [512, 2048], [8192, 128], [128, 8192]])
+
+
+def _reference_bucket(w, h, resolution, div):
+    """Reference written from NVlabs/LoRWeB toolkit/buckets.py ``get_bucket_sizes`` (SDXL buckets times
+    resolution / 1024, truncated, floored to multiples of ``div``) and ``get_bucket_for_image_size`` (resolution
+    capped at int(sqrt(w h)); exact match, else the first bucket with the fewest cropped pixels after scaling by the
+    larger ratio)."""
+    res = min(resolution, int(np.sqrt(w * h)))
+    sizes = (_SDXL * (res / 1024)).astype(np.int64)
+    sizes -= sizes % div
+    for bw, bh in sizes:
+        if (bw, bh) == (w, h):
+            return int(bw), int(bh)
+    scale = np.maximum(sizes[:, 0] / w, sizes[:, 1] / h)
+    nw, nh = (w * scale).astype(np.int64), (h * scale).astype(np.int64)
+    removed = (nw - sizes[:, 0]) * nh + (nh - sizes[:, 1]) * nw
+    bw, bh = sizes[int(np.argmin(removed))]
+    return int(bw), int(bh)
+
+
+def test_official_buckets_match_the_reference():
+    rng = np.random.default_rng(0)
+    sizes = [(512, 512), (1024, 768), (768, 1024), (640, 480), (1920, 1080), (300, 300), (2000, 500)]
+    sizes += [tuple(int(v) for v in rng.integers(200, 2500, 2)) for _ in range(60)]
+    for w, h in sizes:
+        assert data.official_bucket(w, h, 512, 64) == _reference_bucket(w, h, 512, 64), (w, h)
+    assert data.official_bucket(512, 512) == (512, 512) and data.official_bucket(1024, 1024) == (512, 512)
+    with pytest.raises(AnalogyDataError, match="no training bucket"):
+        data.official_bucket(20, 20, 512, 64)
+
+
+def test_bucket_resize_is_the_official_training_size(tmp_path):
+    """ai-toolkit (toolkit/dataloader_mixins.py ``setup_buckets`` and ``load_and_process_image``): the bucket comes
+    from the b' file's size, the composed grid is resized with bicubic to ceil(W s) x ceil(H s),
+    s = max(bucket W / W, bucket H / H), and centre-cropped at int((scaled - bucket) / 2)."""
+    root = _strip_folder(tmp_path / "d", cells=[(40, 30)], b_prime=(100, 70))
+    ds = AnalogyFolder(root, long_edge=64, bucket_divisibility=16)
+    bw, bh = _reference_bucket(100, 70, 64, 16)
+    s = max(bw / 100, bh / 70)
+    sw, sh = int(np.ceil(100 * s)), int(np.ceil(70 * s))
+    x0, y0 = int((sw - bw) / 2), int((sh - bh) / 2)
+    full = _official_box_grid(Image.open(root / "control" / "s00.png"), Image.open(root / "target" / "s00.png"))
+    want = np.asarray(Image.fromarray(full).resize((sw, sh), Image.BICUBIC))[y0:y0 + bh, x0:x0 + bw]
+    item = ds[0]
+    assert item["target"].size == (bw, bh) == ds.grid_size((200, 140))
+    np.testing.assert_array_equal(np.asarray(item["target"]), want)
+    np.testing.assert_array_equal(np.asarray(item["control"]), _official_control(want))
+    assert AnalogyFolder(root).grid_size((200, 140)) == (64, 64)  # resolution capped at int(sqrt(100 * 70)) = 83
+    small = _strip_folder(tmp_path / "small", cells=[(10, 10)], b_prime=(30, 20))
+    with pytest.raises(AnalogyDataError, match="s00.png: an image of 30x20 has no training bucket"):
+        AnalogyFolder(small)  # sides multiples of 64 at resolution int(sqrt(600)) = 24: nothing fits
