@@ -180,9 +180,8 @@ def _shrink_finish_kernel(
 @triton.jit
 def _expand_kernel(
     X1, W1, X2, W2, BIAS, BASE, OUT,
-    M, NOUT, K,
+    M, NOUT, K, R,
     stride_x1m, stride_w1k, stride_w1n, stride_x2m, stride_w2r, stride_basem, stride_om,
-    R: tl.constexpr, R_FULL: tl.constexpr, R_TAIL: tl.constexpr,
     HAS_X1: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -206,19 +205,18 @@ def _expand_kernel(
     row_ok = rows < M
     out_ok = outs < NOUT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Low-rank chunk first (R is a compile-time constant): full BLOCK_K chunks, then one power-of-two tail.
-    x2_base = X2 + first_row.to(tl.int64) * stride_x2m
-    for c0 in tl.static_range(0, R_FULL, BLOCK_K):
+    # Low-rank chunk first, then the main loop; both are pipelined K loops. R is a runtime value here: the expand's
+    # tiles do not depend on it, so one compiled kernel serves every basis size (a masked tail of < BLOCK_K columns
+    # costs at most BLOCK_K / (in + R) of the work).
+    x2_ptr = X2 + first_row.to(tl.int64) * stride_x2m
+    w2_ptr = W2
+    for c0 in range(0, R, BLOCK_K):
         cs = c0 + tl.arange(0, BLOCK_K)
-        z = tl.load(x2_base + rm[:, None] * stride_x2m + cs[None, :], mask=row_ok[:, None], other=0.0)
-        w2 = tl.load(W2 + cs[:, None] * stride_w2r + outs[None, :], mask=out_ok[None, :], other=0.0)
-        acc = _mma(acc, z, w2, DOT_MODE)
-    if R_TAIL > 0:
-        cs = R_FULL + tl.arange(0, R_TAIL)
         c_ok = cs < R
-        z = tl.load(x2_base + rm[:, None] * stride_x2m + cs[None, :], mask=row_ok[:, None] & c_ok[None, :],
+        z = tl.load(x2_ptr + rm[:, None] * stride_x2m + cs[None, :], mask=row_ok[:, None] & c_ok[None, :],
                     other=0.0)
-        w2 = tl.load(W2 + cs[:, None] * stride_w2r + outs[None, :], mask=c_ok[:, None] & out_ok[None, :], other=0.0)
+        w2 = tl.load(w2_ptr + cs[:, None] * stride_w2r + outs[None, :], mask=c_ok[:, None] & out_ok[None, :],
+                     other=0.0)
         acc = _mma(acc, z, w2, DOT_MODE)
     if HAS_X1:
         x1_base = X1 + first_row.to(tl.int64) * stride_x1m
@@ -248,10 +246,10 @@ def _grad_basis_kernel(
     R: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """fp32 partials PART[s, :, n] of L1^T X1 (columns n < N1) and L2^T X2 (columns N1 <= n < N1 + N2) over the rows
+    """fp32 partials PART[s, n, :] of L1^T X1 (columns n < N1) and L2^T X2 (columns N1 <= n < N1 + N2) over the rows
     of slice s = program_id(1): (R, M) x (M, N) products with L* (M, R) and X* (M, N*), unit column strides.
     Backward K3: L1 = dZ * scaling, X1 = x (-> d a_cat); L2 = z, X2 = dy (-> d b_cat). PART is (SPLIT_M, R0+R1,
-    N1 + N2) fp32; the slices are summed in order by the launcher."""
+    N1 + N2) fp32 stored transposed as (SPLIT_M, N1 + N2, R0 + R1); the slices are summed in order by the launcher."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     tiles1 = tl.cdiv(N1, BLOCK_N)
@@ -275,10 +273,10 @@ def _grad_basis_kernel(
     cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < ncols
     c0 = tl.arange(0, R0)
-    acc0 = tl.zeros((R0, BLOCK_N), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N, R0), dtype=tl.float32)
     if R1 > 0:
         c1 = R0 + tl.arange(0, R1)
-        acc1 = tl.zeros((R1, BLOCK_N), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, R1), dtype=tl.float32)
     m_lo = pid_s * rows_per_split
     m_hi = tl.minimum(M, m_lo + rows_per_split)
     rm = tl.arange(0, BLOCK_M)
@@ -289,20 +287,23 @@ def _grad_basis_kernel(
         m_ok = (m0 + rm) < m_hi
         x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None] & col_ok[None, :],
                     other=0.0)
-        l0 = tl.load(l_ptr + c0[:, None] + rm[None, :] * stride_lm, mask=(c0 < R)[:, None] & m_ok[None, :],
+        xt = tl.trans(x)
+        l0 = tl.load(l_ptr + rm[:, None] * stride_lm + c0[None, :], mask=m_ok[:, None] & (c0 < R)[None, :],
                      other=0.0)
-        acc0 = _mma(acc0, l0, x, DOT_MODE)
+        acc0 = _mma(acc0, xt, l0, DOT_MODE)
         if R1 > 0:
-            l1 = tl.load(l_ptr + c1[:, None] + rm[None, :] * stride_lm, mask=(c1 < R)[:, None] & m_ok[None, :],
+            l1 = tl.load(l_ptr + rm[:, None] * stride_lm + c1[None, :], mask=m_ok[:, None] & (c1 < R)[None, :],
                          other=0.0)
-            acc1 = _mma(acc1, l1, x, DOT_MODE)
+            acc1 = _mma(acc1, xt, l1, DOT_MODE)
         l_ptr += BLOCK_M * stride_lm
         x_ptr += BLOCK_M * stride_xm
-    total = N1 + N2
-    part = PART + (pid_s * (R0 + R1)).to(tl.int64) * total + out_col0
-    tl.store(part + c0[:, None] * total + tl.arange(0, BLOCK_N)[None, :], acc0, mask=col_ok[None, :])
+    # PART is (SPLIT_M, N1 + N2, R0 + R1): row n of slice s holds column n of the (R, N1 + N2) partial product.
+    width: tl.constexpr = R0 + R1
+    part = PART + (pid_s * (N1 + N2) + out_col0).to(tl.int64) * width
+    nn = tl.arange(0, BLOCK_N)
+    tl.store(part + nn[:, None] * width + c0[None, :], acc0, mask=col_ok[:, None])
     if R1 > 0:
-        tl.store(part + c1[:, None] * total + tl.arange(0, BLOCK_N)[None, :], acc1, mask=col_ok[None, :])
+        tl.store(part + nn[:, None] * width + c1[None, :], acc1, mask=col_ok[:, None])
 
 
 # ------------------------------------------------------------------------------------------------ configurations
@@ -670,17 +671,13 @@ def expand(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], z: torch.T
         base = _unit_cols(base)
     base_t = base if has_base else out
     cfg = kernel_config("expand", K if has_x else nout, nout, R, z.dtype, _family(z, family), config)
-    bk = cfg["block_k"]
-    r_full = (R // bk) * bk
-    r_tail = 0 if R == r_full else max(16, triton.next_power_of_2(R - r_full))
     grid = (triton.cdiv(M, cfg["block_m"]) * triton.cdiv(nout, cfg["block_n"]),)
     _launch(_expand_kernel, grid,
             x, weight, z, b_cat, bias if bias is not None else out, base_t, out,
-            M, nout, K,
+            M, nout, K, R,
             x.stride(0), stride_k, stride_n, z.stride(0), b_cat.stride(0), base_t.stride(0), out.stride(0),
-            R=R, R_FULL=r_full, R_TAIL=r_tail,
             HAS_X1=has_x, HAS_BIAS=bias is not None, HAS_BASE=has_base, DOT_MODE=dot_mode(z.dtype),
-            BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=bk, GROUP_M=cfg["group_m"],
+            BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
@@ -709,7 +706,7 @@ def grad_basis(dz_scaled: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dy: to
     split = cfg["split_m"]
     bm, bn = cfg["block_m"], cfg["block_n"]
     rows_per_split = triton.cdiv(triton.cdiv(M, split), bm) * bm
-    part = torch.empty((split, r0 + r1, K + nout), device=x.device, dtype=torch.float32)
+    part = torch.empty((split, K + nout, r0 + r1), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(K, bn) + triton.cdiv(nout, bn), split)
     _launch(_grad_basis_kernel, grid,
             dz_scaled, x, z, dy, part,
@@ -717,10 +714,10 @@ def grad_basis(dz_scaled: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dy: to
             dz_scaled.stride(0), x.stride(0), z.stride(0), dy.stride(0),
             R=R, R0=r0, R1=r1, DOT_MODE=dot_mode(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    total = part[0, :R]
+    total = part[0]
     for s in range(1, split):  # fixed slice order
-        total = total + part[s, :R]
-    total = total.to(x.dtype)
+        total = total + part[s]
+    total = total[:, :R].t().to(x.dtype)
     return total[:, :K].clone(), total[:, K:].clone()  # separate storages (op outputs must not alias)
 
 
