@@ -16,9 +16,13 @@ bit-for-bit deterministic):
 * ``_expand_kernel`` -- ``Y = X1 W1 + X2 W2 (+ bias) (+ base)``: one GEMM over the extended reduction [K | R] (the
   low-rank chunk runs *before* the main loop, bias and base are added in the epilogue, Y is written once).
   Forward: X1 = x, W1 = weight^T, X2 = z, W2 = b_cat. Backward K2: X1 = dy, W1 = weight, X2 = dZ * scaling,
-  W2 = a_cat. Without X1 it is the delta-only expand, optionally added to ``base``.
+  W2 = a_cat. Without X1 it is the delta-only expand, optionally added to ``base``. R is a run-time argument here
+  (one compiled kernel per dtype and tile serves every basis size).
 * ``_grad_basis_kernel`` -- backward K3: ``d a_cat = (dZ*scaling)^T x`` and ``d b_cat = z^T dy`` in one launch, split
   over M into a fixed number of slices whose fp32 partials are summed in slice order.
+
+Not done yet (no GPU has measured anything): TMA descriptors and a persistent, warp-specialised expand in the style
+of Triton's 09-persistent-matmul tutorial. The main loops stream through cp.async (checked by ``lorweb_fast.aot``).
 
 Index arithmetic: row offsets are formed as ``int64(first_row) * row_stride`` once per program, so M * ld may exceed
 2**31; in-tile offsets stay 32-bit.
@@ -246,10 +250,11 @@ def _grad_basis_kernel(
     R: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """fp32 partials PART[s, n, :] of L1^T X1 (columns n < N1) and L2^T X2 (columns N1 <= n < N1 + N2) over the rows
-    of slice s = program_id(1): (R, M) x (M, N) products with L* (M, R) and X* (M, N*), unit column strides.
-    Backward K3: L1 = dZ * scaling, X1 = x (-> d a_cat); L2 = z, X2 = dy (-> d b_cat). PART is (SPLIT_M, R0+R1,
-    N1 + N2) fp32 stored transposed as (SPLIT_M, N1 + N2, R0 + R1); the slices are summed in order by the launcher."""
+    """fp32 partials of L1^T X1 (columns n < N1) and L2^T X2 (columns N1 <= n < N1 + N2) over the rows of slice
+    s = program_id(1), with L* (M, R) and X* (M, N*) at unit column strides. Each program accumulates a transposed
+    (BLOCK_N, R chunk) tile, X^T L, so that the MMA's M dimension is BLOCK_N (wgmma needs 64) even for R = 16, and
+    stores it to PART (SPLIT_M, N1 + N2, R0 + R1); the launcher adds the slices in order.
+    Backward K3: L1 = dZ * scaling, X1 = x (-> d a_cat); L2 = z, X2 = dy (-> d b_cat)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     tiles1 = tl.cdiv(N1, BLOCK_N)

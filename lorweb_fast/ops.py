@@ -10,7 +10,9 @@ Op contract shared by the fused backends (``lorweb_fast::triton_fwd`` / ``triton
         -> (dx (M, in), d_lora_a (N, in, r), d_lora_b (N, r, out), d_coeffs (B, N) fp32)
 
 with R = N * r and scaling[m, n*r + j] = scale * coeffs[m // rows_per_sample, n]. The weight is frozen: its gradient
-is only computed (by a plain GEMM) if it requires grad.
+is only computed (by a plain GEMM) if it requires grad. The Triton op bodies are ``lorweb_fast.kernels.mixed_lora.
+forward`` / ``backward``: they pack the basis into contiguous (R, in) / (R, out) matrices on every call and pick the
+fused, composed or all-cuBLAS route by ``choose_route`` (committed per-GPU tables; 2-D inputs and R > 512 -> cuBLAS).
 """
 
 from __future__ import annotations
