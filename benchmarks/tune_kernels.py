@@ -27,8 +27,8 @@ LAYERS = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072), (3072, 1843
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LORA_RANK = 4
 
-SHRINK = [dict(block_m=bm, block_k=bk, split_k=sk, num_warps=w, num_stages=s)
-          for bm, bk, sk, w, s in itertools.product((64, 128), (64, 128), (1, 2), (8,), (3, 4, 5))]
+SHRINK = [dict(block_m=bm, block_k=bk, split_k=sk, tma=t, num_warps=w, num_stages=s)
+          for bm, bk, sk, t, w, s in itertools.product((64, 128), (64, 128), (1, 2), (0, 1), (8,), (3, 4))]
 EXPAND = [dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=w, num_stages=s)
           for (bm, bn, bk), w, s in itertools.product(((128, 128, 64), (128, 256, 64), (64, 256, 64), (128, 128, 128)),
                                                       (4, 8), (3, 4))]

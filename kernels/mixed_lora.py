@@ -8,8 +8,9 @@ belongs to sample m // rows_per_sample, whose scaling of column c is ``scale * c
 Kernels (R and r are compile-time constants; every reduction is in fp32 in a fixed order, no atomics, so results are
 bit-for-bit deterministic):
 
-* ``_shrink_kernel`` -- ``u = X P^T`` for X (M, K) and a packed basis P (R, K), plus ``z = u * scaling`` in the
-  epilogue. One program owns BLOCK_M rows and all R columns, so X is streamed once. R is covered by at most two
+* ``_shrink_kernel`` / ``_shrink_tma_kernel`` (tiles fetched by TMA through host tensor descriptors on Hopper, when
+  the table's ``tma`` flag is set and the operands are aligned) -- ``u = X P^T`` for X (M, K) and a packed basis
+  P (R, K), plus ``z = u * scaling`` in the epilogue. One program owns BLOCK_M rows and all R columns, so X is streamed once. R is covered by at most two
   power-of-two column chunks (96 = 64 + 32: no padding to 128). Optional split-K over a fixed number of K slices
   writes fp32 partials that ``_shrink_finish_kernel`` adds in slice order. Forward: X = x, P = a_cat -> (u, z).
   Backward K1: X = dy, P = b_cat -> (dZ, dZ * scaling) plus per-row dcoeffs partials ``sum_j u * dZ`` per LoRA.
@@ -21,8 +22,8 @@ bit-for-bit deterministic):
 * ``_grad_basis_kernel`` -- backward K3: ``d a_cat = (dZ*scaling)^T x`` and ``d b_cat = z^T dy`` in one launch, split
   over M into a fixed number of slices whose fp32 partials are summed in slice order.
 
-Not done yet (no GPU has measured anything): TMA descriptors and a persistent, warp-specialised expand in the style
-of Triton's 09-persistent-matmul tutorial. The main loops stream through cp.async (checked by ``lorweb_fast.aot``).
+Not done yet (no GPU has measured anything): a TMA, persistent, warp-specialised expand in the style of Triton's
+09-persistent-matmul tutorial; its main loops stream through cp.async (checked by ``lorweb_fast.aot``).
 
 Index arithmetic: row offsets are formed as ``int64(first_row) * row_stride`` once per program, so M * ld may exceed
 2**31; in-tile offsets stay 32-bit.
@@ -51,7 +52,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_FUSED_R = 512
 ROUTES = ("fused", "composed", "cublas")
 KERNEL_CONFIG_KEYS = {
-    "shrink": ("block_m", "block_k", "split_k", "num_warps", "num_stages"),
+    "shrink": ("block_m", "block_k", "split_k", "tma", "num_warps", "num_stages"),
     "expand": ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages"),
     "grad_basis": ("block_m", "block_n", "split_m", "num_warps", "num_stages"),
 }
@@ -143,6 +144,54 @@ def _shrink_kernel(
                              stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, WRITE_U, DCOEFFS)
     else:
         # fp32 partials (SPLIT_K, M, R0 + R1), summed in slice order by _shrink_finish_kernel.
+        width: tl.constexpr = R0 + R1
+        part = PART + (pid_k * M + first_row).to(tl.int64) * width
+        tl.store(part + rm[:, None] * width + c0[None, :], acc0, mask=row_ok[:, None])
+        if R1 > 0:
+            tl.store(part + rm[:, None] * width + c1[None, :], acc1, mask=row_ok[:, None])
+
+
+@triton.jit
+def _shrink_tma_kernel(
+    X_DESC, P0_DESC, P1_DESC, COEFFS, U, Z, DC, PART,
+    M, K, ROWS_PER_SAMPLE, scale,
+    stride_cb, stride_um, stride_zm, stride_dcm,
+    R: tl.constexpr, RANK: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr,
+    WRITE_U: tl.constexpr, DCOEFFS: tl.constexpr, DOT_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """``_shrink_kernel`` with its main-loop tiles fetched by TMA through host-side tensor descriptors: X_DESC over
+    X (M, K) with block (BLOCK_M, BLOCK_K), P0_DESC / P1_DESC over rows [0, R0) / [R0, R) of P (R, K) with blocks
+    (R0, BLOCK_K) / (R1, BLOCK_K). Out-of-bounds rows and columns read as zero, so no masks are needed; split-K
+    slices are whole multiples of BLOCK_K, so no tile straddles two slices."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    first_row = pid_m * BLOCK_M
+    rm = tl.arange(0, BLOCK_M)
+    rows = first_row + rm
+    row_ok = rows < M
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    c0 = tl.arange(0, R0)
+    acc0 = tl.zeros((BLOCK_M, R0), dtype=tl.float32)
+    if R1 > 0:
+        c1 = R0 + tl.arange(0, R1)
+        acc1 = tl.zeros((BLOCK_M, R1), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        x = X_DESC.load([first_row, k0])
+        p0 = P0_DESC.load([0, k0])
+        acc0 = _mma(acc0, x, tl.trans(p0), DOT_MODE)
+        if R1 > 0:
+            p1 = P1_DESC.load([0, k0])
+            acc1 = _mma(acc1, x, tl.trans(p1), DOT_MODE)
+    if SPLIT_K == 1:
+        _shrink_epilogue(acc0, rows, row_ok, c0, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                         stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, WRITE_U, DCOEFFS)
+        if R1 > 0:
+            _shrink_epilogue(acc1, rows, row_ok, c1, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                             stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, WRITE_U, DCOEFFS)
+    else:
         width: tl.constexpr = R0 + R1
         part = PART + (pid_k * M + first_row).to(tl.int64) * width
         tl.store(part + rm[:, None] * width + c0[None, :], acc0, mask=row_ok[:, None])
@@ -358,6 +407,9 @@ def validate_kernel_config(kernel: str, cfg, where: str) -> dict:
     for key in want:
         if key.startswith("block_") or key == "num_warps":
             _pow2(cfg[key], f"{where}.{key}")
+        elif key == "tma":
+            if cfg[key] not in (0, 1) or isinstance(cfg[key], bool):
+                raise ConfigError(f"{where}.tma must be 0 or 1, got {cfg[key]!r}")
         else:
             _positive_int(cfg[key], f"{where}.{key}")
     if cfg.get("block_m", 16) < 16 or cfg.get("block_n", 16) < 16 or cfg.get("block_k", 16) < 16:
@@ -474,7 +526,8 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     the interpreted kernel, which cannot run on fake tensors: there the launch is skipped while shapes are being
     propagated (the outputs are already allocated with their final shapes). ``lorweb_fast.aot`` replaces this
     function to record launches instead of running them."""
-    if interpreting() and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+    if interpreting() and any(is_fake(a) if isinstance(a, torch.Tensor) else
+                              isinstance(getattr(a, "base", None), torch.Tensor) and is_fake(a.base) for a in args):
         return
     wrap_triton(kernel)[grid](*args, **kwargs)
 
@@ -497,6 +550,30 @@ def r_chunks(R: int) -> tuple[int, int]:
     rem = R - r0
     r1 = 0 if rem <= 0 else max(16, triton.next_power_of_2(rem))
     return r0, r1
+
+
+def tma_usable(x: torch.Tensor, a_cat: torch.Tensor, r0: int, r1: int, family: str) -> bool:
+    """Whether the shrink can fetch x (M, K) and a_cat (R, K) by TMA: a Hopper-or-newer GPU (or the interpreter),
+    16-byte aligned base addresses and row strides, unit column strides, and chunk heights <= 256 (the TMA box
+    limit). Otherwise the table's ``tma`` flag falls back to the pointer kernel (cp.async), which computes the same
+    result."""
+    if family == "sm80":
+        return False
+    if family != "sm90":  # "default": decide from the device itself
+        if x.device.type == "cuda":
+            if torch.cuda.get_device_capability(x.device)[0] < 9:
+                return False
+        elif not interpreting():
+            return False
+    if max(r0, r1) > 256:
+        return False
+    size = x.element_size()
+    for t in (x, a_cat):
+        # storage offsets stand for base addresses: allocations themselves are 256-byte aligned (and data_ptr is
+        # unavailable on the fake tensors of torch.compile)
+        if t.stride(1) != 1 or (t.stride(0) * size) % 16 or (t.storage_offset() * size) % 16:
+            return False
+    return True
 
 
 def _check(t: torch.Tensor, name: str, dims: int) -> None:
@@ -582,7 +659,8 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
     x = _unit_cols(x)
     a_cat = _unit_cols(a_cat)
     coeffs = coeffs.contiguous()
-    cfg = kernel_config("shrink", K, out_features or K, R, x.dtype, _family(x, family), config)
+    family = _family(x, family)
+    cfg = kernel_config("shrink", K, out_features or K, R, x.dtype, family, config)
     r0, r1 = r_chunks(R)
     z = torch.empty((M, R), device=x.device, dtype=x.dtype)
     dcoeffs = u_in is not None
@@ -599,12 +677,25 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
     part = torch.empty((split, M, r0 + r1), device=x.device, dtype=torch.float32) if split > 1 else z
     grid = (triton.cdiv(M, cfg["block_m"]), split)
     common = dict(R=R, RANK=rank, R0=r0, R1=r1, WRITE_U=write_unscaled, DCOEFFS=dcoeffs)
-    _launch(_shrink_kernel, grid,
-            x, a_cat, coeffs, u, z, dc, part,
-            M, K, rows_per_sample, float(scale),
-            x.stride(0), a_cat.stride(0), coeffs.stride(0), u.stride(0), z.stride(0), dc.stride(0),
-            **common, DOT_MODE=dot_mode(x.dtype), BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"], SPLIT_K=split,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    tiles = dict(DOT_MODE=dot_mode(x.dtype), BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"], SPLIT_K=split,
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg["tma"] and tma_usable(x, a_cat, r0, r1, family):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        bk = cfg["block_k"]
+        x_desc = TensorDescriptor.from_tensor(x, [cfg["block_m"], bk])
+        p0_desc = TensorDescriptor.from_tensor(a_cat, [r0, bk])
+        p1_desc = TensorDescriptor.from_tensor(a_cat[r0:], [r1, bk]) if r1 else p0_desc
+        _launch(_shrink_tma_kernel, grid,
+                x_desc, p0_desc, p1_desc, coeffs, u, z, dc, part,
+                M, K, rows_per_sample, float(scale),
+                coeffs.stride(0), u.stride(0), z.stride(0), dc.stride(0), **common, **tiles)
+    else:
+        _launch(_shrink_kernel, grid,
+                x, a_cat, coeffs, u, z, dc, part,
+                M, K, rows_per_sample, float(scale),
+                x.stride(0), a_cat.stride(0), coeffs.stride(0), u.stride(0), z.stride(0), dc.stride(0),
+                **common, **tiles)
     if split > 1:
         _launch(_shrink_finish_kernel, (triton.cdiv(M, 32),),
                 part, coeffs, u, z, dc,

@@ -42,7 +42,7 @@ ARCHS = {80: ("sm80", "sm_80", 163 * 1024), 90: ("sm90", "sm_90a", 227 * 1024)}
 #: Representative token count for the recorded launches. M is never part of a specialization except through its
 #: divisibility by 16 (8192 = 2 x 4096 image tokens of FLUX at 1024 px).
 M_TOKENS, BATCH = 8192, 2
-GEMM_KERNELS = ("_shrink_kernel", "_expand_kernel", "_grad_basis_kernel")
+GEMM_KERNELS = ("_shrink_kernel", "_shrink_tma_kernel", "_expand_kernel", "_grad_basis_kernel")
 
 
 @dataclass

@@ -100,6 +100,28 @@ def test_split_k_shrink_matches_unsplit(split):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", [1, 2])
+def test_tma_shrink_matches_pointer_shrink(dtype, split):
+    """The TMA shrink (host tensor descriptors, zero-filled out-of-bounds tiles) on aligned operands with M, K not
+    multiples of the tiles and R = 96 (two descriptors, 64 + 32 rows), forward and backward K1, vs the pointer kernel."""
+    p = random_problem(3, 7, 40, 19, 24, 4, dtype, seed=12)
+    x = p["x"].reshape(21, 40)
+    a_cat, _ = K.pack_basis(p["lora_a"], p["lora_b"])
+    assert K.tma_usable(x, a_cat, 64, 32, "default")
+    cfg = dict(block_m=16, block_k=16, split_k=split, tma=0, num_warps=4, num_stages=2)
+    want = K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4, config=cfg)
+    got = K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4, config={**cfg, "tma": 1})
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    want_k1 = K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4, u_in=want[0], config=cfg)
+    got_k1 = K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4, u_in=want[0], config={**cfg, "tma": 1})
+    for g, w in zip(got_k1[1:], want_k1[1:]):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert not K.tma_usable(x[:, 1:], a_cat[:, 1:], 64, 32, "default")  # 78-byte rows: pointer kernel
+    assert not K.tma_usable(x, a_cat, 64, 32, "sm80")
+
+
 def u_ref_like(x, a_cat):
     return x.double() @ a_cat.double().t()
 
