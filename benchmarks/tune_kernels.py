@@ -29,9 +29,9 @@ LORA_RANK = 4
 
 SHRINK = [dict(block_m=bm, block_k=bk, split_k=sk, tma=t, num_warps=w, num_stages=s)
           for bm, bk, sk, t, w, s in itertools.product((64, 128), (64, 128), (1, 2), (0, 1), (8,), (3, 4))]
-EXPAND = [dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=w, num_stages=s)
-          for (bm, bn, bk), w, s in itertools.product(((128, 128, 64), (128, 256, 64), (64, 256, 64), (128, 128, 128)),
-                                                      (4, 8), (3, 4))]
+EXPAND = [dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, tma=t, num_warps=w, num_stages=s)
+          for (bm, bn, bk), t, w, s in itertools.product(
+              ((128, 128, 64), (128, 256, 64), (64, 256, 64), (128, 128, 128)), (0, 1), (4, 8), (3, 4))]
 GRAD_BASIS = [dict(block_m=bm, block_n=bn, split_m=sm, num_warps=w, num_stages=3)
               for bm, bn, sm, w in itertools.product((32, 64), (64, 128), (4, 8, 16), (8,))]
 CANDIDATES = {"shrink": SHRINK, "expand": EXPAND, "grad_basis": GRAD_BASIS}

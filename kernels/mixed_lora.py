@@ -14,7 +14,8 @@ bit-for-bit deterministic):
   power-of-two column chunks (96 = 64 + 32: no padding to 128). Optional split-K over a fixed number of K slices
   writes fp32 partials that ``_shrink_finish_kernel`` adds in slice order. Forward: X = x, P = a_cat -> (u, z).
   Backward K1: X = dy, P = b_cat -> (dZ, dZ * scaling) plus per-row dcoeffs partials ``sum_j u * dZ`` per LoRA.
-* ``_expand_kernel`` -- ``Y = X1 W1 + X2 W2 (+ bias) (+ base)``: one GEMM over the extended reduction [K | R] (the
+* ``_expand_kernel`` / ``_expand_tma_kernel`` (persistent, TMA loads; table flag ``tma``, aligned operands, Hopper)
+  -- ``Y = X1 W1 + X2 W2 (+ bias) (+ base)``: one GEMM over the extended reduction [K | R] (the
   low-rank chunk runs *before* the main loop, bias and base are added in the epilogue, Y is written once).
   Forward: X1 = x, W1 = weight^T, X2 = z, W2 = b_cat. Backward K2: X1 = dy, W1 = weight, X2 = dZ * scaling,
   W2 = a_cat. Without X1 it is the delta-only expand, optionally added to ``base``. R is a run-time argument here
@@ -22,8 +23,8 @@ bit-for-bit deterministic):
 * ``_grad_basis_kernel`` -- backward K3: ``d a_cat = (dZ*scaling)^T x`` and ``d b_cat = z^T dy`` in one launch, split
   over M into a fixed number of slices whose fp32 partials are summed in slice order.
 
-Not done yet (no GPU has measured anything): a TMA, persistent, warp-specialised expand in the style of Triton's
-09-persistent-matmul tutorial; its main loops stream through cp.async (checked by ``lorweb_fast.aot``).
+Not done yet (no GPU has measured anything): warp specialization and epilogue/main-loop overlap (``flatten``) in the
+persistent expand; tile tables measured on a GPU.
 
 Index arithmetic: row offsets are formed as ``int64(first_row) * row_stride`` once per program, so M * ld may exceed
 2**31; in-tile offsets stay 32-bit.
@@ -53,7 +54,7 @@ MAX_FUSED_R = 512
 ROUTES = ("fused", "composed", "cublas")
 KERNEL_CONFIG_KEYS = {
     "shrink": ("block_m", "block_k", "split_k", "tma", "num_warps", "num_stages"),
-    "expand": ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages"),
+    "expand": ("block_m", "block_n", "block_k", "group_m", "tma", "num_warps", "num_stages"),
     "grad_basis": ("block_m", "block_n", "split_m", "num_warps", "num_stages"),
 }
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -289,6 +290,62 @@ def _expand_kernel(
         acc += tl.load(base_base + rm[:, None] * stride_basem + outs[None, :], mask=mask, other=0.0).to(tl.float32)
     out_base = OUT + first_row.to(tl.int64) * stride_om
     tl.store(out_base + rm[:, None] * stride_om + outs[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _expand_tma_kernel(
+    X1_DESC, W1_DESC, X2_DESC, W2_DESC, BIAS, BASE, OUT,
+    M, NOUT, K, R, NUM_PROGS,
+    stride_basem, stride_om,
+    W1_KN: tl.constexpr, HAS_X1: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr,
+    DOT_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Persistent ``_expand_kernel`` with TMA loads (after Triton's persistent matmul design): NUM_PROGS programs
+    walk the output tiles in grouped order; per tile the low-rank chunk (X2_DESC over z (M, R), W2_DESC over
+    b_cat (R, NOUT), blocks (BLOCK_M, BLOCK_K) / (BLOCK_K, BLOCK_N)) runs before the main loop (X1_DESC over x (M, K);
+    W1_DESC over a (K, NOUT) matrix with block (BLOCK_K, BLOCK_N) when W1_KN, else over weight (NOUT, K) with block
+    (BLOCK_N, BLOCK_K), transposed in shared memory); bias and base are added in the epilogue. Out-of-bounds tiles
+    read as zero, so K and R tails need no masks."""
+    start = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(NOUT, BLOCK_N)
+    num_tiles = num_m * num_n
+    group_size = GROUP_M * num_n
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    for tile in range(start, num_tiles, NUM_PROGS):
+        group = tile // group_size
+        first_m = group * GROUP_M
+        rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % group_size) % rows_in_group
+        pid_n = (tile % group_size) // rows_in_group
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c0 in range(0, R, BLOCK_K):
+            acc = _mma(acc, X2_DESC.load([off_m, c0]), W2_DESC.load([c0, off_n]), DOT_MODE)
+        if HAS_X1:
+            for k0 in range(0, K, BLOCK_K):
+                a = X1_DESC.load([off_m, k0])
+                if W1_KN:
+                    w = W1_DESC.load([k0, off_n])
+                else:
+                    w = tl.trans(W1_DESC.load([off_n, k0]))
+                acc = _mma(acc, a, w, DOT_MODE)
+        rows = off_m + rm
+        outs = off_n + rn
+        row_ok = rows < M
+        out_ok = outs < NOUT
+        if HAS_BIAS:
+            acc += tl.load(BIAS + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+        mask = row_ok[:, None] & out_ok[None, :]
+        if HAS_BASE:
+            base_base = BASE + off_m.to(tl.int64) * stride_basem
+            acc += tl.load(base_base + rm[:, None] * stride_basem + outs[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
+        out_base = OUT + off_m.to(tl.int64) * stride_om
+        tl.store(out_base + rm[:, None] * stride_om + outs[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -552,28 +609,42 @@ def r_chunks(R: int) -> tuple[int, int]:
     return r0, r1
 
 
-def tma_usable(x: torch.Tensor, a_cat: torch.Tensor, r0: int, r1: int, family: str) -> bool:
-    """Whether the shrink can fetch x (M, K) and a_cat (R, K) by TMA: a Hopper-or-newer GPU (or the interpreter),
-    16-byte aligned base addresses and row strides, unit column strides, and chunk heights <= 256 (the TMA box
-    limit). Otherwise the table's ``tma`` flag falls back to the pointer kernel (cp.async), which computes the same
-    result."""
+def _tma_device(t: torch.Tensor, family: str) -> bool:
+    """TMA exists on Hopper and newer; "default" tables decide from the device (the interpreter emulates TMA)."""
     if family == "sm80":
         return False
-    if family != "sm90":  # "default": decide from the device itself
-        if x.device.type == "cuda":
-            if torch.cuda.get_device_capability(x.device)[0] < 9:
-                return False
-        elif not interpreting():
-            return False
-    if max(r0, r1) > 256:
-        return False
-    size = x.element_size()
-    for t in (x, a_cat):
-        # storage offsets stand for base addresses: allocations themselves are 256-byte aligned (and data_ptr is
-        # unavailable on the fake tensors of torch.compile)
-        if t.stride(1) != 1 or (t.stride(0) * size) % 16 or (t.storage_offset() * size) % 16:
-            return False
-    return True
+    if family == "sm90":
+        return True
+    if t.device.type == "cuda":
+        return torch.cuda.get_device_capability(t.device)[0] >= 9
+    return interpreting()
+
+
+def _tma_aligned(t: torch.Tensor) -> bool:
+    """Unit column stride and 16-byte aligned row stride and base. Storage offsets stand for base addresses:
+    allocations themselves are 256-byte aligned (and data_ptr is unavailable on torch.compile's fake tensors)."""
+    size = t.element_size()
+    return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and (t.storage_offset() * size) % 16 == 0
+
+
+def tma_usable(x: torch.Tensor, a_cat: torch.Tensor, r0: int, r1: int, family: str) -> bool:
+    """Whether the shrink can fetch x (M, K) and a_cat (R, K) by TMA: a Hopper-or-newer GPU (or the interpreter),
+    aligned operands (``_tma_aligned``) and chunk heights <= 256 (the TMA box limit). Otherwise the table's ``tma``
+    flag falls back to the pointer kernel (cp.async), which computes the same result."""
+    return _tma_device(x, family) and max(r0, r1) <= 256 and _tma_aligned(x) and _tma_aligned(a_cat)
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Programs of the persistent expand: one per SM on a GPU (132 stands in for H100/H200 off-GPU, e.g. in the AOT
+    compilation; 4 under the interpreter)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4 if interpreting() else 132
 
 
 def _check(t: torch.Tensor, name: str, dims: int) -> None:
@@ -766,7 +837,29 @@ def expand(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], z: torch.T
             raise ValueError(f"base must be ({M}, {nout}), got {tuple(base.shape)}")
         base = _unit_cols(base)
     base_t = base if has_base else out
-    cfg = kernel_config("expand", K if has_x else nout, nout, R, z.dtype, _family(z, family), config)
+    family = _family(z, family)
+    cfg = kernel_config("expand", K if has_x else nout, nout, R, z.dtype, family, config)
+    bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+    operands = [z, b_cat] + ([x, weight] if has_x else [])
+    if cfg["tma"] and max(bm, bn, bk) <= 256 and _tma_device(z, family) and all(map(_tma_aligned, operands)):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        z_desc = TensorDescriptor.from_tensor(z, [bm, bk])
+        b_desc = TensorDescriptor.from_tensor(b_cat, [bk, bn])
+        if has_x:
+            x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
+            w_desc = TensorDescriptor.from_tensor(weight, [bk, bn] if weight_layout == "in_out" else [bn, bk])
+        else:
+            x_desc, w_desc = z_desc, b_desc  # unused
+        num_progs = num_sms(z.device)
+        _launch(_expand_tma_kernel, (num_progs,),
+                x_desc, w_desc, z_desc, b_desc, bias if bias is not None else out, base_t, out,
+                M, nout, K, R, num_progs,
+                base_t.stride(0), out.stride(0),
+                W1_KN=weight_layout == "in_out", HAS_X1=has_x, HAS_BIAS=bias is not None, HAS_BASE=has_base,
+                DOT_MODE=dot_mode(z.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["group_m"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return out
     grid = (triton.cdiv(M, cfg["block_m"]) * triton.cdiv(nout, cfg["block_n"]),)
     _launch(_expand_kernel, grid,
             x, weight, z, b_cat, bias if bias is not None else out, base_t, out,

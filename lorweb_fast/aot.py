@@ -42,7 +42,7 @@ ARCHS = {80: ("sm80", "sm_80", 163 * 1024), 90: ("sm90", "sm_90a", 227 * 1024)}
 #: Representative token count for the recorded launches. M is never part of a specialization except through its
 #: divisibility by 16 (8192 = 2 x 4096 image tokens of FLUX at 1024 px).
 M_TOKENS, BATCH = 8192, 2
-GEMM_KERNELS = ("_shrink_kernel", "_shrink_tma_kernel", "_expand_kernel", "_grad_basis_kernel")
+GEMM_KERNELS = ("_shrink_kernel", "_shrink_tma_kernel", "_expand_kernel", "_expand_tma_kernel", "_grad_basis_kernel")
 
 
 @dataclass
@@ -233,22 +233,25 @@ def wide_load(op: str, nbytes: int) -> bool:
 
 
 def loop_loads(ptx: str) -> list[tuple[str, int]]:
-    """(instruction, bytes) of every global load inside a loop body (a label reached by a later backward branch)."""
+    """(instruction, bytes) of every global load inside an innermost loop body (a label reached by a later backward
+    branch, with no other loop inside). Innermost loops are the main loops: in a persistent kernel the outer tile loop
+    also holds the epilogue (bias, base), whose short row-vector loads are not part of the streaming."""
     lines = ptx.splitlines()
     labels = {}
     for i, line in enumerate(lines):
         m = _LABEL.match(line)
         if m:
             labels[m.group(1)] = i
-    inside = [False] * len(lines)
+    loops = []
     for j, line in enumerate(lines):
         m = _BRANCH.search(line)
         if m and m.group(1) in labels and labels[m.group(1)] < j:
-            for i in range(labels[m.group(1)], j + 1):
-                inside[i] = True
+            loops.append((labels[m.group(1)], j))
+    innermost = [(a, b) for a, b in loops
+                 if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
     found = []
-    for i, line in enumerate(lines):
-        if inside[i]:
+    for a, b in innermost:
+        for line in lines[a:b + 1]:
             for m in _GLOBAL_LOAD.finditer(line):
                 found.append((m.group(1), _load_bytes(m.group(1), m.group(2))))
     return found

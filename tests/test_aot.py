@@ -46,8 +46,9 @@ def test_report_schema_and_coverage(aot_report):
                                            ("bwd", ("_shrink_kernel", "_expand_kernel", "_grad_basis_kernel"))):
                     for kernel in kernels:
                         assert (layer, R, dtype, pass_name, kernel) in covered, (layer, R, dtype, pass_name, kernel)
-    if arch == 90:  # Hopper: the bf16/fp16 shrink loads through TMA
-        assert any(e["kernel"] == "_shrink_tma_kernel" and e["dtype"] == "bfloat16" for e in report["kernels"])
+    if arch == 90:  # Hopper: the bf16/fp16 shrink and the persistent expand load through TMA
+        for name in ("_shrink_tma_kernel", "_expand_tma_kernel"):
+            assert any(e["kernel"] == name and e["dtype"] == "bfloat16" for e in report["kernels"]), name
 
 
 def test_every_entry_passes_the_hardware_checks(aot_report):
@@ -119,6 +120,11 @@ def test_load_classification():
         "\tld.global.b16 { %rs1 }, [ %rd3 + 0 ];",  # after the loop: not a main-loop load
     ])
     assert aot.loop_loads(ptx) == [("cp.async.cg.shared.global", 16), ("ld.global.v4.b32", 16)]
+    nested = "\n".join(["$L__BB0_1:", "\tld.global.b16 { %rs1 }, [ %rd3 + 0 ];", "$L__BB0_2:",
+                         "\tcp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [ %r1 ], "
+                         "[ %rd1, { %r2, %r3 } ], [ %r4 ];", "\t@%p1 bra $L__BB0_2;", "\t@%p2 bra $L__BB0_1;"])
+    assert [op for op, _ in aot.loop_loads(nested)] == [
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"]  # innermost loop only
     assert not aot.wide_load("ld.global.b16", 2) and not aot.wide_load("cp.async.ca.shared.global", 4)
     assert aot.wide_load("cp.async.bulk.tensor.2d.shared::cluster.global", 1 << 20)
 

@@ -82,7 +82,7 @@ def test_tuner_dry_run_lists_the_sweep():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "12 shapes" in proc.stdout
-    assert re.search(r"in=15360 +out=3072 +R=96 +bfloat16 +shrink: 32, expand: 16, grad_basis: 12", proc.stdout)
+    assert re.search(r"in=15360 +out=3072 +R=96 +bfloat16 +shrink: 32, expand: 32, grad_basis: 12", proc.stdout)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")

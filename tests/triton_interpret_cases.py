@@ -111,7 +111,8 @@ def test_tma_shrink_matches_pointer_shrink(dtype, split):
     assert K.tma_usable(x, a_cat, 64, 32, "default")
     cfg = dict(block_m=16, block_k=16, split_k=split, tma=0, num_warps=4, num_stages=2)
     want = K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4, config=cfg)
-    got = K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4, config={**cfg, "tma": 1})
+    got, names = _launched(lambda: K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4, config={**cfg, "tma": 1}))
+    assert names[0] == "_shrink_tma_kernel"
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     want_k1 = K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4, u_in=want[0], config=cfg)
@@ -120,6 +121,42 @@ def test_tma_shrink_matches_pointer_shrink(dtype, split):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert not K.tma_usable(x[:, 1:], a_cat[:, 1:], 64, 32, "default")  # 78-byte rows: pointer kernel
     assert not K.tma_usable(x, a_cat, 64, 32, "sm80")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_persistent_tma_expand_matches_pointer_expand(dtype):
+    """The persistent TMA expand (4 programs walking 2 x 2 tiles; zero-filled K and R tails) on aligned operands:
+    forward (weight (out, in) read transposed), backward dx (weight read as (K, N)), delta-only with a base."""
+    p = random_problem(3, 7, 40, 24, 24, 4, dtype, seed=13)
+    x = p["x"].reshape(21, 40)
+    a_cat, b_cat = K.pack_basis(p["lora_a"], p["lora_b"])
+    _, z = K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4)
+    cfg = dict(block_m=16, block_n=16, block_k=16, group_m=2, tma=0, num_warps=4, num_stages=2)
+    tma = {**cfg, "tma": 1}
+    for args, kw in (((x, p["weight"], z, b_cat), dict(bias=p["bias"])),
+                     ((None, None, z, b_cat), dict(base=torch.randn(21, 24).to(dtype))),
+                     ((torch.randn(21, 24).to(dtype), p["weight"], torch.randn(21, 96).to(dtype), a_cat),
+                      dict(weight_layout="in_out"))):
+        want = K.expand(*args, **kw, config=cfg)
+        got, names = _launched(lambda: K.expand(*args, **kw, config=tma))
+        assert names == ["_expand_tma_kernel"]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _launched(fn):
+    """fn()'s result and the names of the kernels it launched."""
+    names = []
+    original = K._launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        names.append(kernel.__name__)
+        original(kernel, grid, *args, **kwargs)
+
+    K._launch = spy
+    try:
+        return fn(), names
+    finally:
+        K._launch = original
 
 
 def u_ref_like(x, a_cat):
