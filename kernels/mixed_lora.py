@@ -553,17 +553,18 @@ def lookup(in_features: int, out_features: int, R: int, dtype: torch.dtype, fami
 
 
 def choose_route(in_features: int, out_features: int, R: int, dtype: torch.dtype, rows_per_sample: int,
-                 family: str = "default") -> str:
+                 family: str = "default", rank: int = 1) -> str:
     """How one layer runs.
 
     * "cublas": every product through torch/cuBLAS (with the per-sample scaling as an elementwise op) -- for 2-D
       inputs (rows_per_sample == 1: the norm layers, M = batch, where tiles would be mostly empty) and for
-      R > MAX_FUSED_R (a (BLOCK_M, R) fp32 accumulator would not fit in registers).
+      R > MAX_FUSED_R (a (BLOCK_M, R) fp32 accumulator would not fit in registers), and for LoRA ranks r that are
+      not powers of two (the in-kernel dcoeffs reduction groups columns by r).
     * "fused": the shrink kernel, then the expand kernel fused with the base GEMM.
     * "composed": the shrink kernel, then ``y = addmm(bias, z, b_cat)`` and ``y.addmm_(x, weight^T)`` (beta = 1, so
       cuBLAS reads y in its epilogue).
     "fused" vs "composed" comes from the committed table for (in, out, R, dtype, GPU family)."""
-    if rows_per_sample == 1 or R > MAX_FUSED_R:
+    if rows_per_sample == 1 or R > MAX_FUSED_R or rank & (rank - 1):
         return "cublas"
     return lookup(in_features, out_features, R, dtype, family)["route"]
 
@@ -922,7 +923,7 @@ def forward(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sampl
     n, k, r = lora_a.shape
     nout, R = lora_b.shape[2], n * r
     family = _family(x, family)
-    route = choose_route(k, nout, R, x.dtype, rows_per_sample, family)
+    route = choose_route(k, nout, R, x.dtype, rows_per_sample, family, rank=r)
     a_cat, b_cat = pack_basis(lora_a, lora_b)
     if route == "cublas":
         u = x @ a_cat.t()
@@ -949,7 +950,7 @@ def backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample
     n, k, r = lora_a.shape
     nout, R = lora_b.shape[2], n * r
     family = _family(x, family)
-    route = choose_route(k, nout, R, x.dtype, rows_per_sample, family)
+    route = choose_route(k, nout, R, x.dtype, rows_per_sample, family, rank=r)
     a_cat, b_cat = pack_basis(lora_a, lora_b)
     batch = x.shape[0] // rows_per_sample
     if route == "cublas":

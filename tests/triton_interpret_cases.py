@@ -172,6 +172,14 @@ def test_other_routes_against_float64(route, monkeypatch):
     check_against_reference(lambda *a: lf.mixed_lora_delta(*a, backend="triton"), p, with_base=False)
 
 
+@pytest.mark.parametrize("num_loras, rank", [(160, 4), (3, 3)])
+def test_cublas_route_for_large_R_and_odd_rank(num_loras, rank):
+    """R = 640 > MAX_FUSED_R and r = 3 (not a power of two) run through the cuBLAS route, forward and gradients."""
+    assert K.choose_route(17, 19, num_loras * rank, torch.float32, 5, rank=rank) == "cublas"
+    p = random_problem(2, 5, 17, 19, num_loras, rank, torch.float32, seed=14)
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend="triton"), p)
+
+
 def test_routes():
     assert K.choose_route(3072, 3072, 128, torch.bfloat16, 1) == "cublas"  # 2-D input (M = batch)
     assert K.choose_route(3072, 3072, 1024, torch.bfloat16, 4096) == "cublas"  # R > MAX_FUSED_R
