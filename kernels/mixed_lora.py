@@ -428,12 +428,14 @@ def interpreting() -> bool:
 
 
 def gpu_family(device: Optional[torch.device] = None) -> str:
-    """The configuration table for ``device``: "sm90" (Hopper), "sm80" (Ampere A100-class) or "default" (anything
-    else, the CPU interpreter included)."""
+    """The configuration table for ``device``: "sm<major><minor>" when ``configs/`` has one (sm90: H100/H200, sm80:
+    A100; benchmarks/tune_kernels.py writes one for any other GPU it runs on), else "default" (conservative tiles
+    that fit 99 KiB of shared memory; also the CPU interpreter's table)."""
     if device is None or device.type != "cuda" or interpreting():
         return "default"
-    major, _ = torch.cuda.get_device_capability(device)
-    return {9: "sm90", 8: "sm80"}.get(major, "default")
+    major, minor = torch.cuda.get_device_capability(device)
+    family = f"sm{major}{minor}"
+    return family if config_path(family).is_file() else "default"
 
 
 def _positive_int(value, where: str) -> int:
