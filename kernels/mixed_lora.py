@@ -5,14 +5,16 @@ once per forward (``pack_basis``) into contiguous row-major ``a_cat`` (R, in) an
 to LoRA n = c // r, rank slot j = c % r. Rows of the flattened input (M = B*S rows) map to samples by index: row m
 belongs to sample m // rows_per_sample, whose scaling of column c is ``scale * coeffs[m // rows_per_sample, c // r]``.
 
-Kernels (R and r are compile-time constants; every reduction is in fp32 in a fixed order, no atomics, so results are
+Kernels (R and r are compile-time constants of the shrink and grad_basis kernels; every reduction is in fp32 in a
+fixed order, no atomics, so results are
 bit-for-bit deterministic):
 
 * ``_shrink_kernel`` / ``_shrink_tma_kernel`` (tiles fetched by TMA through host tensor descriptors on Hopper, when
   the table's ``tma`` flag is set and the operands are aligned) -- ``u = X P^T`` for X (M, K) and a packed basis
-  P (R, K), plus ``z = u * scaling`` in the epilogue. One program owns BLOCK_M rows and all R columns, so X is streamed once. R is covered by at most two
-  power-of-two column chunks (96 = 64 + 32: no padding to 128). Optional split-K over a fixed number of K slices
-  writes fp32 partials that ``_shrink_finish_kernel`` adds in slice order. Forward: X = x, P = a_cat -> (u, z).
+  P (R, K), plus ``z = u * scaling`` in the epilogue. One program owns BLOCK_M rows and all R columns, so X is
+  streamed once. R is covered by at most two power-of-two column chunks (96 = 64 + 32: no padding to 128).
+  Optional split-K over a fixed number of K slices writes fp32 partials that ``_shrink_finish_kernel`` adds in
+  slice order. Forward: X = x, P = a_cat -> (u, z).
   Backward K1: X = dy, P = b_cat -> (dZ, dZ * scaling) plus per-row dcoeffs partials ``sum_j u * dZ`` per LoRA.
 * ``_expand_kernel`` / ``_expand_tma_kernel`` (persistent, TMA loads; table flag ``tma``, aligned operands, Hopper)
   -- ``Y = X1 W1 + X2 W2 (+ bias) (+ base)``: one GEMM over the extended reduction [K | R] (the
@@ -145,11 +147,10 @@ def _shrink_kernel(
                              stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, WRITE_U, DCOEFFS)
     else:
         # fp32 partials (SPLIT_K, M, R0 + R1), summed in slice order by _shrink_finish_kernel.
-        width: tl.constexpr = R0 + R1
-        part = PART + (pid_k * M + first_row).to(tl.int64) * width
-        tl.store(part + rm[:, None] * width + c0[None, :], acc0, mask=row_ok[:, None])
+        part = PART + (pid_k * M + first_row).to(tl.int64) * (R0 + R1)
+        tl.store(part + rm[:, None] * (R0 + R1) + c0[None, :], acc0, mask=row_ok[:, None])
         if R1 > 0:
-            tl.store(part + rm[:, None] * width + c1[None, :], acc1, mask=row_ok[:, None])
+            tl.store(part + rm[:, None] * (R0 + R1) + c1[None, :], acc1, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -193,11 +194,10 @@ def _shrink_tma_kernel(
             _shrink_epilogue(acc1, rows, row_ok, c1, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
                              stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, WRITE_U, DCOEFFS)
     else:
-        width: tl.constexpr = R0 + R1
-        part = PART + (pid_k * M + first_row).to(tl.int64) * width
-        tl.store(part + rm[:, None] * width + c0[None, :], acc0, mask=row_ok[:, None])
+        part = PART + (pid_k * M + first_row).to(tl.int64) * (R0 + R1)
+        tl.store(part + rm[:, None] * (R0 + R1) + c0[None, :], acc0, mask=row_ok[:, None])
         if R1 > 0:
-            tl.store(part + rm[:, None] * width + c1[None, :], acc1, mask=row_ok[:, None])
+            tl.store(part + rm[:, None] * (R0 + R1) + c1[None, :], acc1, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -213,17 +213,16 @@ def _shrink_finish_kernel(
     rm = tl.arange(0, BLOCK_M)
     rows = first_row + rm
     row_ok = rows < M
-    width: tl.constexpr = R0 + R1
     c0 = tl.arange(0, R0)
     acc0 = tl.zeros((BLOCK_M, R0), dtype=tl.float32)
     if R1 > 0:
         c1 = R0 + tl.arange(0, R1)
         acc1 = tl.zeros((BLOCK_M, R1), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
-        part = PART + (s * M + first_row).to(tl.int64) * width
-        acc0 += tl.load(part + rm[:, None] * width + c0[None, :], mask=row_ok[:, None], other=0.0)
+        part = PART + (s * M + first_row).to(tl.int64) * (R0 + R1)
+        acc0 += tl.load(part + rm[:, None] * (R0 + R1) + c0[None, :], mask=row_ok[:, None], other=0.0)
         if R1 > 0:
-            acc1 += tl.load(part + rm[:, None] * width + c1[None, :], mask=row_ok[:, None], other=0.0)
+            acc1 += tl.load(part + rm[:, None] * (R0 + R1) + c1[None, :], mask=row_ok[:, None], other=0.0)
     _shrink_epilogue(acc0, rows, row_ok, c0, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
                      stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, WRITE_U, DCOEFFS)
     if R1 > 0:
@@ -409,12 +408,11 @@ def _grad_basis_kernel(
         l_ptr += BLOCK_M * stride_lm
         x_ptr += BLOCK_M * stride_xm
     # PART is (SPLIT_M, N1 + N2, R0 + R1): row n of slice s holds column n of the (R, N1 + N2) partial product.
-    width: tl.constexpr = R0 + R1
-    part = PART + (pid_s * (N1 + N2) + out_col0).to(tl.int64) * width
+    part = PART + (pid_s * (N1 + N2) + out_col0).to(tl.int64) * (R0 + R1)
     nn = tl.arange(0, BLOCK_N)
-    tl.store(part + nn[:, None] * width + c0[None, :], acc0, mask=col_ok[:, None])
+    tl.store(part + nn[:, None] * (R0 + R1) + c0[None, :], acc0, mask=col_ok[:, None])
     if R1 > 0:
-        tl.store(part + nn[:, None] * width + c1[None, :], acc1, mask=col_ok[:, None])
+        tl.store(part + nn[:, None] * (R0 + R1) + c1[None, :], acc1, mask=col_ok[:, None])
 
 
 # ------------------------------------------------------------------------------------------------ configurations

@@ -5,7 +5,6 @@ deduplicated and compiled by worker processes); no GPU is needed."""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 

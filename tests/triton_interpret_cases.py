@@ -104,7 +104,8 @@ def test_split_k_shrink_matches_unsplit(split):
 @pytest.mark.parametrize("split", [1, 2])
 def test_tma_shrink_matches_pointer_shrink(dtype, split):
     """The TMA shrink (host tensor descriptors, zero-filled out-of-bounds tiles) on aligned operands with M, K not
-    multiples of the tiles and R = 96 (two descriptors, 64 + 32 rows), forward and backward K1, vs the pointer kernel."""
+    multiples of the tiles and R = 96 (two descriptors, 64 + 32 rows), forward and backward K1, vs the pointer
+    kernel."""
     p = random_problem(3, 7, 40, 19, 24, 4, dtype, seed=12)
     x = p["x"].reshape(21, 40)
     a_cat, _ = K.pack_basis(p["lora_a"], p["lora_b"])
