@@ -6,8 +6,7 @@ to LoRA n = c // r, rank slot j = c % r. Rows of the flattened input (M = B*S ro
 belongs to sample m // rows_per_sample, whose scaling of column c is ``scale * coeffs[m // rows_per_sample, c // r]``.
 
 Kernels (R and r are compile-time constants of the shrink and grad_basis kernels; every reduction is in fp32 in a
-fixed order, no atomics, so results are
-bit-for-bit deterministic):
+fixed order, no atomics, so results are bit-for-bit deterministic):
 
 * ``_shrink_kernel`` / ``_shrink_tma_kernel`` (tiles fetched by TMA through host tensor descriptors on Hopper, when
   the table's ``tma`` flag is set and the operands are aligned) -- ``u = X P^T`` for X (M, K) and a packed basis
