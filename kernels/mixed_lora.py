@@ -1,28 +1,47 @@
 """Triton kernels for the coefficient-weighted LoRA basis (pure launchers; no autograd, no dispatch).
 
-Notation (see ../shared/METHOD.md): the N basis LoRAs of rank r are one rank-R LoRA, R = N*r. Column c of the
-concatenated basis belongs to LoRA n = c // r, rank slot j = c % r. Rows of the flattened input (M = B*S rows) map to
-samples by index: row m belongs to sample m // rows_per_sample, whose mixing coefficient for column c is
-``scale * coeffs[m // rows_per_sample, c // r]``.
+Notation (see ../shared/METHOD.md): the N basis LoRAs of rank r are one rank-R LoRA, R = N*r. The basis is packed
+once per forward (``pack_basis``) into contiguous row-major ``a_cat`` (R, in) and ``b_cat`` (R, out): row c belongs
+to LoRA n = c // r, rank slot j = c % r. Rows of the flattened input (M = B*S rows) map to samples by index: row m
+belongs to sample m // rows_per_sample, whose scaling of column c is ``scale * coeffs[m // rows_per_sample, c // r]``.
 
-Two kernels serve the whole forward and backward pass:
+Kernels (R and r are compile-time constants of the shrink and grad_basis kernels; every reduction is in fp32 in a
+fixed order, no atomics, so results are bit-for-bit deterministic):
 
-* ``row_panel``: ``U = X @ P`` where P (Kred x R) is a view of ``lora_a`` (N, in, r) or of ``lora_b`` (N, r, out)
-  given by strides, plus ``S = U * scaling`` in the epilogue. One program owns BLOCK_M rows and *all* R columns, so X
-  is streamed exactly once. Forward shrink: X = x, P = A_cat, giving (u, z). Backward: X = dy, P = B_cat^T, giving
-  (dZ, dZ * scaling).
-* ``k_extended_gemm``: ``OUT = X1 @ W1 + X2 @ W2 (+ bias) (+ base)`` as one GEMM over the extended reduction dimension
-  [Q | R], so the output is written once. Forward: X1 = x, W1 = W^T, X2 = z, W2 = B_cat. Backward dx: X1 = dy, W1 = W,
-  X2 = dZ * scaling, W2 = A_cat^T. Without X1 it is the delta-only expand, optionally added to a given ``base``.
+* ``_shrink_kernel`` / ``_shrink_tma_kernel`` (tiles fetched by TMA through host tensor descriptors on Hopper, when
+  the table's ``tma`` flag is set and the operands are aligned) -- ``u = X P^T`` for X (M, K) and a packed basis
+  P (R, K), plus ``z = u * scaling`` in the epilogue. One program owns BLOCK_M rows and all R columns, so X is
+  streamed once. R is covered by at most two power-of-two column chunks (96 = 64 + 32: no padding to 128).
+  Optional split-K over a fixed number of K slices writes fp32 partials that ``_shrink_finish_kernel`` adds in
+  slice order. Forward: X = x, P = a_cat -> (u, z).
+  Backward K1: X = dy, P = b_cat -> (dZ, dZ * scaling) plus per-row dcoeffs partials ``sum_j u * dZ`` per LoRA.
+* ``_expand_kernel`` / ``_expand_tma_kernel`` (persistent, TMA loads; table flag ``tma``, aligned operands, Hopper)
+  -- ``Y = X1 W1 + X2 W2 (+ bias) (+ base)``: one GEMM over the extended reduction [K | R] (the
+  low-rank chunk runs *before* the main loop, bias and base are added in the epilogue, Y is written once).
+  Forward: X1 = x, W1 = weight^T, X2 = z, W2 = b_cat. Backward K2: X1 = dy, W1 = weight, X2 = dZ * scaling,
+  W2 = a_cat. Without X1 it is the delta-only expand, optionally added to ``base``. R is a run-time argument here
+  (one compiled kernel per dtype and tile serves every basis size).
+* ``_grad_basis_kernel`` -- backward K3: ``d a_cat = (dZ*scaling)^T x`` and ``d b_cat = z^T dy`` in one launch, split
+  over M into a fixed number of slices whose fp32 partials are summed in slice order.
 
-All accumulation is in fp32 and there are no atomics, so results are deterministic. fp32 inputs use IEEE fp32 dot
-products (no TF32) so that fp32 results are fp32-accurate.
+Not done yet (no GPU has measured anything): warp specialization and epilogue/main-loop overlap (``flatten``) in the
+persistent expand; tile tables measured on a GPU.
+
+Index arithmetic: row offsets are formed as ``int64(first_row) * row_stride`` once per program, so M * ld may exceed
+2**31; in-tile offsets stay 32-bit.
+
+Tile configurations are static: they come from the committed per-GPU-family tables in ``configs/*.json`` and depend
+on (in, out, R, dtype) only, never on M, and nothing is autotuned at run time. Every launcher takes ``config=None``
+(a dict overriding the table entry) for ``benchmarks/tune_kernels.py``.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Optional
 
 import torch
 import triton
@@ -31,12 +50,23 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Largest R served by the Triton kernels; larger bases go through the all-cuBLAS route (see ``choose_route``).
+MAX_FUSED_R = 512
+ROUTES = ("fused", "composed", "cublas")
+KERNEL_CONFIG_KEYS = {
+    "shrink": ("block_m", "block_k", "split_k", "tma", "num_warps", "num_stages"),
+    "expand": ("block_m", "block_n", "block_k", "group_m", "tma", "num_warps", "num_stages"),
+    "grad_basis": ("block_m", "block_n", "split_m", "num_warps", "num_stages"),
+}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+# ------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _mma(acc, a, b, DOT_MODE: tl.constexpr):
     """acc + a @ b with fp32 accumulation. DOT_MODE 0: native tensor-core dot (bf16/fp16); 1: IEEE fp32 (no TF32);
-    2: upcast to fp32 first (exact for bf16 products) -- Triton's CPU interpreter mis-evaluates bf16 tl.dot."""
+    2: upcast to fp32 first (exact for bf16 products) -- Triton's CPU interpreter (3.8 included) mis-evaluates bf16
+    tl.dot, so mode 2 is used only under TRITON_INTERPRET=1; compiled bf16 code always uses mode 0."""
     if DOT_MODE == 0:
         return acc + tl.dot(a, b)
     elif DOT_MODE == 1:
@@ -46,58 +76,170 @@ def _mma(acc, a, b, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
-def _row_panel_kernel(
-    X, P, COEFFS, U, S,
-    M, KRED, R, RANK, ROWS_PER_SAMPLE, scale,
-    stride_xm, stride_xk,
-    stride_pn, stride_pj, stride_pk,
-    stride_cb, stride_cn,
-    stride_um, stride_uc,
-    stride_sm, stride_sc,
-    WRITE_U: tl.constexpr, DOT_MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_R)
-    lora = cols // RANK
-    slot = cols % RANK
-    row_ok = rows < M
+def _shrink_epilogue(acc, rows, row_ok, cols, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                     stride_um, stride_zm, stride_cb, stride_dcm,
+                     R: tl.constexpr, RANK: tl.constexpr, CHUNK: tl.constexpr, WRITE_U: tl.constexpr,
+                     DCOEFFS: tl.constexpr):
+    """Store one (BLOCK_M, CHUNK) column chunk of u (unscaled), z = u * scaling and, for K1, the per-row dcoeffs
+    partials sum_j u[m, n*r+j] * acc[m, n*r+j] (U then holds the forward's u and is read instead of written)."""
     col_ok = cols < R
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, KRED, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < KRED
-        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        p = tl.load(P + lora[None, :] * stride_pn + slot[None, :] * stride_pj + ks[:, None] * stride_pk,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _mma(acc, x, p, DOT_MODE)
-    out_mask = row_ok[:, None] & col_ok[None, :]
-    if WRITE_U:
-        tl.store(U + rows[:, None] * stride_um + cols[None, :] * stride_uc,
-                 acc.to(U.dtype.element_ty), mask=out_mask)
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    lora = cols // RANK
     sample = rows // ROWS_PER_SAMPLE
-    coef = tl.load(COEFFS + sample[:, None] * stride_cb + lora[None, :] * stride_cn, mask=out_mask, other=0.0)
-    scaled = acc * (coef.to(tl.float32) * scale)
-    tl.store(S + rows[:, None] * stride_sm + cols[None, :] * stride_sc, scaled.to(S.dtype.element_ty), mask=out_mask)
+    coef = tl.load(COEFFS + sample[:, None] * stride_cb + lora[None, :], mask=mask, other=0.0)
+    tl.store(Z + rows64[:, None] * stride_zm + cols[None, :], (acc * (coef * scale)).to(Z.dtype.element_ty),
+             mask=mask)
+    if WRITE_U:
+        tl.store(U + rows64[:, None] * stride_um + cols[None, :], acc.to(U.dtype.element_ty), mask=mask)
+    if DCOEFFS:
+        u = tl.load(U + rows64[:, None] * stride_um + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        per_lora = tl.sum(tl.reshape(u * acc, (acc.shape[0], CHUNK // RANK, RANK)), axis=2)
+        loras = cols // RANK
+        first = tl.reshape(loras, (CHUNK // RANK, RANK))
+        lora_ids = tl.max(first, axis=1)
+        dmask = row_ok[:, None] & (lora_ids < R // RANK)[None, :]
+        tl.store(DC + rows64[:, None] * stride_dcm + lora_ids[None, :], per_lora, mask=dmask)
 
 
 @triton.jit
-def _k_extended_gemm_kernel(
-    X1, W1, X2, W2, BIAS, BASE, OUT,
-    M, NOUT, Q, R, RANK,
-    stride_x1m, stride_x1q,
-    stride_w1q, stride_w1p,
-    stride_x2m, stride_x2c,
-    stride_w2n, stride_w2j, stride_w2p,
-    stride_basem, stride_basep,
-    stride_om, stride_op,
-    HAS_X1: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, DOT_MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
-    GROUP_M: tl.constexpr,
+def _shrink_kernel(
+    X, P, COEFFS, U, Z, DC, PART,
+    M, K, ROWS_PER_SAMPLE, scale,
+    stride_xm, stride_pr, stride_cb, stride_um, stride_zm, stride_dcm,
+    R: tl.constexpr, RANK: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr,
+    WRITE_U: tl.constexpr, DCOEFFS: tl.constexpr, DOT_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    # Grouped program order so that neighbouring programs share X row panels in L2.
+    """X (M, K) with unit column stride, P (R, K) with unit column stride. Columns [0, R0) and [R0, R0 + R1) are two
+    power-of-two chunks covering R (R1 = 0: one chunk)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    first_row = pid_m * BLOCK_M
+    rm = tl.arange(0, BLOCK_M)
+    rows = first_row + rm
+    row_ok = rows < M
+    x_base = X + first_row.to(tl.int64) * stride_xm
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    c0 = tl.arange(0, R0)
+    acc0 = tl.zeros((BLOCK_M, R0), dtype=tl.float32)
+    if R1 > 0:
+        c1 = R0 + tl.arange(0, R1)
+        acc1 = tl.zeros((BLOCK_M, R1), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_hi
+        x = tl.load(x_base + rm[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        p0 = tl.load(P + c0[None, :] * stride_pr + ks[:, None], mask=k_ok[:, None] & (c0 < R)[None, :], other=0.0)
+        acc0 = _mma(acc0, x, p0, DOT_MODE)
+        if R1 > 0:
+            p1 = tl.load(P + c1[None, :] * stride_pr + ks[:, None], mask=k_ok[:, None] & (c1 < R)[None, :],
+                         other=0.0)
+            acc1 = _mma(acc1, x, p1, DOT_MODE)
+    if SPLIT_K == 1:
+        _shrink_epilogue(acc0, rows, row_ok, c0, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                         stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, WRITE_U, DCOEFFS)
+        if R1 > 0:
+            _shrink_epilogue(acc1, rows, row_ok, c1, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                             stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, WRITE_U, DCOEFFS)
+    else:
+        # fp32 partials (SPLIT_K, M, R0 + R1), summed in slice order by _shrink_finish_kernel.
+        part = PART + (pid_k * M + first_row).to(tl.int64) * (R0 + R1)
+        tl.store(part + rm[:, None] * (R0 + R1) + c0[None, :], acc0, mask=row_ok[:, None])
+        if R1 > 0:
+            tl.store(part + rm[:, None] * (R0 + R1) + c1[None, :], acc1, mask=row_ok[:, None])
+
+
+@triton.jit
+def _shrink_tma_kernel(
+    X_DESC, P0_DESC, P1_DESC, COEFFS, U, Z, DC, PART,
+    M, K, ROWS_PER_SAMPLE, scale,
+    stride_cb, stride_um, stride_zm, stride_dcm,
+    R: tl.constexpr, RANK: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr,
+    WRITE_U: tl.constexpr, DCOEFFS: tl.constexpr, DOT_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """``_shrink_kernel`` with its main-loop tiles fetched by TMA through host-side tensor descriptors: X_DESC over
+    X (M, K) with block (BLOCK_M, BLOCK_K), P0_DESC / P1_DESC over rows [0, R0) / [R0, R) of P (R, K) with blocks
+    (R0, BLOCK_K) / (R1, BLOCK_K). Out-of-bounds rows and columns read as zero, so no masks are needed; split-K
+    slices are whole multiples of BLOCK_K, so no tile straddles two slices."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    first_row = pid_m * BLOCK_M
+    rm = tl.arange(0, BLOCK_M)
+    rows = first_row + rm
+    row_ok = rows < M
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    c0 = tl.arange(0, R0)
+    acc0 = tl.zeros((BLOCK_M, R0), dtype=tl.float32)
+    if R1 > 0:
+        c1 = R0 + tl.arange(0, R1)
+        acc1 = tl.zeros((BLOCK_M, R1), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        x = X_DESC.load([first_row, k0])
+        p0 = P0_DESC.load([0, k0])
+        acc0 = _mma(acc0, x, tl.trans(p0), DOT_MODE)
+        if R1 > 0:
+            p1 = P1_DESC.load([0, k0])
+            acc1 = _mma(acc1, x, tl.trans(p1), DOT_MODE)
+    if SPLIT_K == 1:
+        _shrink_epilogue(acc0, rows, row_ok, c0, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                         stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, WRITE_U, DCOEFFS)
+        if R1 > 0:
+            _shrink_epilogue(acc1, rows, row_ok, c1, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                             stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, WRITE_U, DCOEFFS)
+    else:
+        part = PART + (pid_k * M + first_row).to(tl.int64) * (R0 + R1)
+        tl.store(part + rm[:, None] * (R0 + R1) + c0[None, :], acc0, mask=row_ok[:, None])
+        if R1 > 0:
+            tl.store(part + rm[:, None] * (R0 + R1) + c1[None, :], acc1, mask=row_ok[:, None])
+
+
+@triton.jit
+def _shrink_finish_kernel(
+    PART, COEFFS, U, Z, DC,
+    M, ROWS_PER_SAMPLE, scale,
+    stride_cb, stride_um, stride_zm, stride_dcm,
+    R: tl.constexpr, RANK: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr,
+    WRITE_U: tl.constexpr, DCOEFFS: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    first_row = pid_m * BLOCK_M
+    rm = tl.arange(0, BLOCK_M)
+    rows = first_row + rm
+    row_ok = rows < M
+    c0 = tl.arange(0, R0)
+    acc0 = tl.zeros((BLOCK_M, R0), dtype=tl.float32)
+    if R1 > 0:
+        c1 = R0 + tl.arange(0, R1)
+        acc1 = tl.zeros((BLOCK_M, R1), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        part = PART + (s * M + first_row).to(tl.int64) * (R0 + R1)
+        acc0 += tl.load(part + rm[:, None] * (R0 + R1) + c0[None, :], mask=row_ok[:, None], other=0.0)
+        if R1 > 0:
+            acc1 += tl.load(part + rm[:, None] * (R0 + R1) + c1[None, :], mask=row_ok[:, None], other=0.0)
+    _shrink_epilogue(acc0, rows, row_ok, c0, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                     stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, WRITE_U, DCOEFFS)
+    if R1 > 0:
+        _shrink_epilogue(acc1, rows, row_ok, c1, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                         stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, WRITE_U, DCOEFFS)
+
+
+@triton.jit
+def _expand_kernel(
+    X1, W1, X2, W2, BIAS, BASE, OUT,
+    M, NOUT, K, R,
+    stride_x1m, stride_w1k, stride_w1n, stride_x2m, stride_w2r, stride_basem, stride_om,
+    HAS_X1: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, DOT_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """OUT (M, NOUT) = X1 (M, K) W1 (K, NOUT) + X2 (M, R) W2 (R, NOUT) [+ bias] [+ base]. X1, X2, W2, BASE and OUT
+    have unit column stride; W1 is addressed by (stride_w1k, stride_w1n) so that weight^T (forward) and weight
+    (backward dx) are both read in place; one of the two strides is 1 (the JIT specialises it)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(NOUT, BLOCK_N)
@@ -108,47 +250,173 @@ def _k_extended_gemm_kernel(
     pid_m = first_m + (pid % group_size) % rows_in_group
     pid_n = (pid % group_size) // rows_in_group
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_row = pid_m * BLOCK_M
+    rm = tl.arange(0, BLOCK_M)
+    rows = first_row + rm
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     out_ok = outs < NOUT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_X1:
-        for q0 in range(0, Q, BLOCK_Q):
-            qs = q0 + tl.arange(0, BLOCK_Q)
-            q_ok = qs < Q
-            a = tl.load(X1 + rows[:, None] * stride_x1m + qs[None, :] * stride_x1q,
-                        mask=row_ok[:, None] & q_ok[None, :], other=0.0)
-            w = tl.load(W1 + qs[:, None] * stride_w1q + outs[None, :] * stride_w1p,
-                        mask=q_ok[:, None] & out_ok[None, :], other=0.0)
-            acc = _mma(acc, a, w, DOT_MODE)
-    # The low-rank tail of the reduction: columns c = (lora n, slot j) of the basis.
-    for c0 in range(0, R, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
+    # Low-rank chunk first, then the main loop; both are pipelined K loops. R is a runtime value here: the expand's
+    # tiles do not depend on it, so one compiled kernel serves every basis size (a masked tail of < BLOCK_K columns
+    # costs at most BLOCK_K / (in + R) of the work).
+    x2_ptr = X2 + first_row.to(tl.int64) * stride_x2m
+    w2_ptr = W2
+    for c0 in range(0, R, BLOCK_K):
+        cs = c0 + tl.arange(0, BLOCK_K)
         c_ok = cs < R
-        lora = cs // RANK
-        slot = cs % RANK
-        z = tl.load(X2 + rows[:, None] * stride_x2m + cs[None, :] * stride_x2c,
-                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        w2 = tl.load(W2 + lora[:, None] * stride_w2n + slot[:, None] * stride_w2j + outs[None, :] * stride_w2p,
-                     mask=c_ok[:, None] & out_ok[None, :], other=0.0)
+        z = tl.load(x2_ptr + rm[:, None] * stride_x2m + cs[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                    other=0.0)
+        w2 = tl.load(w2_ptr + cs[:, None] * stride_w2r + outs[None, :], mask=c_ok[:, None] & out_ok[None, :],
+                     other=0.0)
         acc = _mma(acc, z, w2, DOT_MODE)
+    if HAS_X1:
+        x1_base = X1 + first_row.to(tl.int64) * stride_x1m
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a = tl.load(x1_base + rm[:, None] * stride_x1m + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(W1 + ks[:, None] * stride_w1k + outs[None, :] * stride_w1n,
+                        mask=k_ok[:, None] & out_ok[None, :], other=0.0)
+            acc = _mma(acc, a, w, DOT_MODE)
     if HAS_BIAS:
         acc += tl.load(BIAS + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
     mask = row_ok[:, None] & out_ok[None, :]
     if HAS_BASE:
-        acc += tl.load(BASE + rows[:, None] * stride_basem + outs[None, :] * stride_basep,
-                       mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + rows[:, None] * stride_om + outs[None, :] * stride_op, acc.to(OUT.dtype.element_ty), mask=mask)
+        base_base = BASE + first_row.to(tl.int64) * stride_basem
+        acc += tl.load(base_base + rm[:, None] * stride_basem + outs[None, :], mask=mask, other=0.0).to(tl.float32)
+    out_base = OUT + first_row.to(tl.int64) * stride_om
+    tl.store(out_base + rm[:, None] * stride_om + outs[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
+@triton.jit
+def _expand_tma_kernel(
+    X1_DESC, W1_DESC, X2_DESC, W2_DESC, BIAS, BASE, OUT,
+    M, NOUT, K, R, NUM_PROGS,
+    stride_basem, stride_om,
+    W1_KN: tl.constexpr, HAS_X1: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr,
+    DOT_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Persistent ``_expand_kernel`` with TMA loads (after Triton's persistent matmul design): NUM_PROGS programs
+    walk the output tiles in grouped order; per tile the low-rank chunk (X2_DESC over z (M, R), W2_DESC over
+    b_cat (R, NOUT), blocks (BLOCK_M, BLOCK_K) / (BLOCK_K, BLOCK_N)) runs before the main loop (X1_DESC over x (M, K);
+    W1_DESC over a (K, NOUT) matrix with block (BLOCK_K, BLOCK_N) when W1_KN, else over weight (NOUT, K) with block
+    (BLOCK_N, BLOCK_K), transposed in shared memory); bias and base are added in the epilogue. Out-of-bounds tiles
+    read as zero, so K and R tails need no masks."""
+    start = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(NOUT, BLOCK_N)
+    num_tiles = num_m * num_n
+    group_size = GROUP_M * num_n
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    for tile in range(start, num_tiles, NUM_PROGS):
+        group = tile // group_size
+        first_m = group * GROUP_M
+        rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % group_size) % rows_in_group
+        pid_n = (tile % group_size) // rows_in_group
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c0 in range(0, R, BLOCK_K):
+            acc = _mma(acc, X2_DESC.load([off_m, c0]), W2_DESC.load([c0, off_n]), DOT_MODE)
+        if HAS_X1:
+            for k0 in range(0, K, BLOCK_K):
+                a = X1_DESC.load([off_m, k0])
+                if W1_KN:
+                    w = W1_DESC.load([k0, off_n])
+                else:
+                    w = tl.trans(W1_DESC.load([off_n, k0]))
+                acc = _mma(acc, a, w, DOT_MODE)
+        rows = off_m + rm
+        outs = off_n + rn
+        row_ok = rows < M
+        out_ok = outs < NOUT
+        if HAS_BIAS:
+            acc += tl.load(BIAS + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+        mask = row_ok[:, None] & out_ok[None, :]
+        if HAS_BASE:
+            base_base = BASE + off_m.to(tl.int64) * stride_basem
+            acc += tl.load(base_base + rm[:, None] * stride_basem + outs[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
+        out_base = OUT + off_m.to(tl.int64) * stride_om
+        tl.store(out_base + rm[:, None] * stride_om + outs[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_basis_kernel(
+    L1, X1, L2, X2, PART,
+    M, N1, N2, rows_per_split,
+    stride_l1m, stride_x1m, stride_l2m, stride_x2m,
+    R: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, DOT_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """fp32 partials of L1^T X1 (columns n < N1) and L2^T X2 (columns N1 <= n < N1 + N2) over the rows of slice
+    s = program_id(1), with L* (M, R) and X* (M, N*) at unit column strides. Each program accumulates a transposed
+    (BLOCK_N, R chunk) tile, X^T L, so that the MMA's M dimension is BLOCK_N (wgmma needs 64) even for R = 16, and
+    stores it to PART (SPLIT_M, N1 + N2, R0 + R1); the launcher adds the slices in order.
+    Backward K3: L1 = dZ * scaling, X1 = x (-> d a_cat); L2 = z, X2 = dy (-> d b_cat)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    tiles1 = tl.cdiv(N1, BLOCK_N)
+    second = pid_n >= tiles1
+    if second:
+        L = L2
+        X = X2
+        stride_lm = stride_l2m
+        stride_xm = stride_x2m
+        ncols = N2
+        col0 = (pid_n - tiles1) * BLOCK_N
+        out_col0 = N1 + col0
+    else:
+        L = L1
+        X = X1
+        stride_lm = stride_l1m
+        stride_xm = stride_x1m
+        ncols = N1
+        col0 = pid_n * BLOCK_N
+        out_col0 = col0
+    cols = col0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < ncols
+    c0 = tl.arange(0, R0)
+    acc0 = tl.zeros((BLOCK_N, R0), dtype=tl.float32)
+    if R1 > 0:
+        c1 = R0 + tl.arange(0, R1)
+        acc1 = tl.zeros((BLOCK_N, R1), dtype=tl.float32)
+    m_lo = pid_s * rows_per_split
+    m_hi = tl.minimum(M, m_lo + rows_per_split)
+    rm = tl.arange(0, BLOCK_M)
+    # 64-bit base pointers for this slice's first row, advanced by BLOCK_M rows per step.
+    l_ptr = L + m_lo.to(tl.int64) * stride_lm
+    x_ptr = X + m_lo.to(tl.int64) * stride_xm
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        m_ok = (m0 + rm) < m_hi
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        xt = tl.trans(x)
+        l0 = tl.load(l_ptr + rm[:, None] * stride_lm + c0[None, :], mask=m_ok[:, None] & (c0 < R)[None, :],
+                     other=0.0)
+        acc0 = _mma(acc0, xt, l0, DOT_MODE)
+        if R1 > 0:
+            l1 = tl.load(l_ptr + rm[:, None] * stride_lm + c1[None, :], mask=m_ok[:, None] & (c1 < R)[None, :],
+                         other=0.0)
+            acc1 = _mma(acc1, xt, l1, DOT_MODE)
+        l_ptr += BLOCK_M * stride_lm
+        x_ptr += BLOCK_M * stride_xm
+    # PART is (SPLIT_M, N1 + N2, R0 + R1): row n of slice s holds column n of the (R, N1 + N2) partial product.
+    part = PART + (pid_s * (N1 + N2) + out_col0).to(tl.int64) * (R0 + R1)
+    nn = tl.arange(0, BLOCK_N)
+    tl.store(part + nn[:, None] * (R0 + R1) + c0[None, :], acc0, mask=col_ok[:, None])
+    if R1 > 0:
+        tl.store(part + nn[:, None] * (R0 + R1) + c1[None, :], acc1, mask=col_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------ configurations
+class ConfigError(ValueError):
+    """A kernel configuration table (kernels/configs/*.json) or a ``config`` override is malformed."""
 
 
 def interpreting() -> bool:
@@ -156,11 +424,167 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def gpu_family(device: Optional[torch.device] = None) -> str:
+    """The configuration table for ``device``: "sm<major><minor>" when ``configs/`` has one (sm90: H100/H200, sm80:
+    A100; benchmarks/tune_kernels.py writes one for any other GPU it runs on), else "default" (conservative tiles
+    that fit 99 KiB of shared memory; also the CPU interpreter's table)."""
+    if device is None or device.type != "cuda" or interpreting():
+        return "default"
+    major, minor = torch.cuda.get_device_capability(device)
+    family = f"sm{major}{minor}"
+    return family if config_path(family).is_file() else "default"
+
+
+def _positive_int(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def _pow2(value, where: str) -> int:
+    _positive_int(value, where)
+    if value & (value - 1):
+        raise ConfigError(f"{where} must be a power of two, got {value}")
+    return value
+
+
+def validate_kernel_config(kernel: str, cfg, where: str) -> dict:
+    """Check one kernel's tile dict (all keys of KERNEL_CONFIG_KEYS[kernel], powers of two where Triton needs them)
+    and return it; raise ConfigError naming ``where`` otherwise."""
+    if kernel not in KERNEL_CONFIG_KEYS:
+        raise ConfigError(f"{where}: unknown kernel {kernel!r}; expected one of {sorted(KERNEL_CONFIG_KEYS)}")
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where} must be an object, got {type(cfg).__name__}")
+    want = KERNEL_CONFIG_KEYS[kernel]
+    missing = [k for k in want if k not in cfg]
+    extra = [k for k in cfg if k not in want]
+    if missing or extra:
+        raise ConfigError(f"{where}: missing keys {missing}, unknown keys {extra} (expected exactly {list(want)})")
+    for key in want:
+        if key.startswith("block_") or key == "num_warps":
+            _pow2(cfg[key], f"{where}.{key}")
+        elif key == "tma":
+            if cfg[key] not in (0, 1) or isinstance(cfg[key], bool):
+                raise ConfigError(f"{where}.tma must be 0 or 1, got {cfg[key]!r}")
+        else:
+            _positive_int(cfg[key], f"{where}.{key}")
+    if cfg.get("block_m", 16) < 16 or cfg.get("block_n", 16) < 16 or cfg.get("block_k", 16) < 16:
+        raise ConfigError(f"{where}: block sizes must be >= 16 (tensor-core dot), got {cfg}")
+    return dict(cfg)
+
+
+def _validate_rule(rule, where: str, exact: bool) -> dict:
+    if not isinstance(rule, dict):
+        raise ConfigError(f"{where} must be an object, got {type(rule).__name__}")
+    keys = {"route", *KERNEL_CONFIG_KEYS}
+    keys |= {"in", "out", "R", "dtype"} if exact else {"dtypes", "max_R"}
+    missing = sorted(keys - set(rule))
+    extra = sorted(set(rule) - keys)
+    if missing or extra:
+        raise ConfigError(f"{where}: missing keys {missing}, unknown keys {extra}")
+    if rule["route"] not in ("fused", "composed"):
+        raise ConfigError(f"{where}.route must be 'fused' or 'composed', got {rule['route']!r}")
+    names = [rule["dtype"]] if exact else rule["dtypes"]
+    if not isinstance(names, list) or not names or any(n not in DTYPE_NAMES.values() for n in names):
+        raise ConfigError(f"{where}: dtype(s) must be among {sorted(DTYPE_NAMES.values())}, got {names!r}")
+    for k in ("in", "out", "R") if exact else ("max_R",):
+        _positive_int(rule[k], f"{where}.{k}")
+    out = dict(rule)
+    for kernel in KERNEL_CONFIG_KEYS:
+        out[kernel] = validate_kernel_config(kernel, rule[kernel], f"{where}.{kernel}")
+    return out
+
+
+def validate_table(table, where: str) -> dict:
+    """Validate a parsed configuration table (see configs/README in the module docstring of ``load_table``)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: the table must be a JSON object, got {type(table).__name__}")
+    for key in ("family", "tuned", "note", "defaults", "entries"):
+        if key not in table:
+            raise ConfigError(f"{where}: missing top-level key {key!r}")
+    if not isinstance(table["tuned"], bool):
+        raise ConfigError(f"{where}: 'tuned' must be true or false")
+    if not isinstance(table["defaults"], list) or not table["defaults"]:
+        raise ConfigError(f"{where}: 'defaults' must be a non-empty list of rules")
+    if not isinstance(table["entries"], list):
+        raise ConfigError(f"{where}: 'entries' must be a list")
+    defaults = [_validate_rule(r, f"{where}: defaults[{i}]", exact=False) for i, r in enumerate(table["defaults"])]
+    for name in DTYPE_NAMES.values():
+        if not any(name in r["dtypes"] and r["max_R"] >= MAX_FUSED_R for r in defaults):
+            raise ConfigError(f"{where}: no default rule covers dtype {name} up to R = {MAX_FUSED_R}")
+    entries = [_validate_rule(r, f"{where}: entries[{i}]", exact=True) for i, r in enumerate(table["entries"])]
+    return {**table, "defaults": defaults, "entries": entries}
+
+
+def config_path(family: str):
+    return resources.files("lorweb_fast.kernels").joinpath("configs", f"{family}.json")
+
+
+@lru_cache(maxsize=None)
+def load_table(family: str) -> dict:
+    """The committed table ``kernels/configs/<family>.json`` (package data), validated.
+
+    Format: ``{"family", "tuned": bool, "note", "defaults": [rule...], "entries": [rule...]}``. A rule holds
+    ``"route"`` ("fused" | "composed") and one tile dict per kernel (``shrink``, ``expand``, ``grad_basis``; keys in
+    KERNEL_CONFIG_KEYS). Entries match exactly on ``in``, ``out``, ``R``, ``dtype``; otherwise the first default with
+    the dtype in ``dtypes`` and ``R <= max_R`` applies."""
+    path = config_path(family)
+    if not path.is_file():
+        raise ConfigError(f"no kernel configuration table for GPU family {family!r} ({path})")
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return validate_table(table, str(path))
+
+
+def lookup(in_features: int, out_features: int, R: int, dtype: torch.dtype, family: str = "default") -> dict:
+    """The table rule for one layer (never depends on M)."""
+    table = load_table(family)
+    name = DTYPE_NAMES[dtype]
+    for rule in table["entries"]:
+        if (rule["in"], rule["out"], rule["R"], rule["dtype"]) == (in_features, out_features, R, name):
+            return rule
+    for rule in table["defaults"]:
+        if name in rule["dtypes"] and R <= rule["max_R"]:
+            return rule
+    raise ConfigError(f"kernel table {family!r} has no rule for dtype {name}, R = {R}")
+
+
+def choose_route(in_features: int, out_features: int, R: int, dtype: torch.dtype, rows_per_sample: int,
+                 family: str = "default", rank: int = 1) -> str:
+    """How one layer runs.
+
+    * "cublas": every product through torch/cuBLAS (with the per-sample scaling as an elementwise op) -- for 2-D
+      inputs (rows_per_sample == 1: the norm layers, M = batch, where tiles would be mostly empty) and for
+      R > MAX_FUSED_R (a (BLOCK_M, R) fp32 accumulator would not fit in registers), and for LoRA ranks r that are
+      not powers of two (the in-kernel dcoeffs reduction groups columns by r).
+    * "fused": the shrink kernel, then the expand kernel fused with the base GEMM.
+    * "composed": the shrink kernel, then ``y = addmm(bias, z, b_cat)`` and ``y.addmm_(x, weight^T)`` (beta = 1, so
+      cuBLAS reads y in its epilogue).
+    "fused" vs "composed" comes from the committed table for (in, out, R, dtype, GPU family)."""
+    if rows_per_sample == 1 or R > MAX_FUSED_R or rank & (rank - 1):
+        return "cublas"
+    return lookup(in_features, out_features, R, dtype, family)["route"]
+
+
+def kernel_config(kernel: str, in_features: int, out_features: int, R: int, dtype: torch.dtype, family: str,
+                  override: Optional[dict] = None) -> dict:
+    """The tile dict of ``kernel`` for one layer; ``override`` (a full or partial dict) replaces table values."""
+    cfg = dict(lookup(in_features, out_features, R, dtype, family)[kernel])
+    if override:
+        cfg.update(override)
+    return validate_kernel_config(kernel, cfg, f"{kernel} config")
+
+
+# ---------------------------------------------------------------------------------------------------- launchers
 def _launch(kernel, grid, *args, **kwargs) -> None:
     """Launch through ``wrap_triton`` (traceable by torch.compile). Under TRITON_INTERPRET=1, wrap_triton hands back
     the interpreted kernel, which cannot run on fake tensors: there the launch is skipped while shapes are being
-    propagated (the outputs are already allocated with their final shapes)."""
-    if interpreting() and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+    propagated (the outputs are already allocated with their final shapes). ``lorweb_fast.aot`` replaces this
+    function to record launches instead of running them."""
+    if interpreting() and any(is_fake(a) if isinstance(a, torch.Tensor) else
+                              isinstance(getattr(a, "base", None), torch.Tensor) and is_fake(a.base) for a in args):
         return
     wrap_triton(kernel)[grid](*args, **kwargs)
 
@@ -174,153 +598,376 @@ def dot_mode(dtype: torch.dtype) -> int:
     return 0
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(int(n)))
+def r_chunks(R: int) -> tuple[int, int]:
+    """Two power-of-two column chunks (R0, R1) covering R with R0 + R1 - R < 16 + R1 / 2 (no padding to the next
+    power of two: 96 -> (64, 32), 128 -> (128, 0), 160 -> (128, 32)); each chunk is >= 16 (the dot minimum)."""
+    if R < 1:
+        raise ValueError(f"R must be >= 1, got {R}")
+    r0 = max(16, 1 << (R.bit_length() - 1))
+    rem = R - r0
+    r1 = 0 if rem <= 0 else max(16, triton.next_power_of_2(rem))
+    return r0, r1
 
 
-def row_panel_config(R: int, dtype: torch.dtype) -> TileConfig:
-    """Static tiles for ``row_panel``, chosen from R and the dtype only (never from M, so no re-specialisation when
-    the token count changes). Defaults for sm_80/sm_90; not yet tuned on a GPU."""
-    block_r = _pow2_at_least_16(R)
-    wide = dtype == torch.float32 or block_r > 128
-    return TileConfig(block_m=32 if wide else 64, block_n=block_r, block_k=64 if not wide else 32,
-                      num_warps=8 if block_r >= 128 else 4, num_stages=3)
+def _tma_device(t: torch.Tensor, family: str) -> bool:
+    """TMA exists on Hopper and newer; "default" tables decide from the device (the interpreter emulates TMA)."""
+    if family == "sm80":
+        return False
+    if family == "sm90":
+        return True
+    if t.device.type == "cuda":
+        return torch.cuda.get_device_capability(t.device)[0] >= 9
+    return interpreting()
 
 
-def k_extended_config(Q: int, nout: int, dtype: torch.dtype) -> TileConfig:
-    """Static tiles for ``k_extended_gemm`` by shape class and dtype (never from M). Not yet tuned on a GPU."""
-    if dtype == torch.float32:
-        return TileConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
-    if nout >= 8192 or Q >= 8192:
-        return TileConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)
-    return TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+def _tma_aligned(t: torch.Tensor) -> bool:
+    """Unit column stride and 16-byte aligned row stride and base. Storage offsets stand for base addresses:
+    allocations themselves are 256-byte aligned (and data_ptr is unavailable on torch.compile's fake tensors)."""
+    size = t.element_size()
+    return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and (t.storage_offset() * size) % 16 == 0
+
+
+def tma_usable(x: torch.Tensor, a_cat: torch.Tensor, r0: int, r1: int, family: str) -> bool:
+    """Whether the shrink can fetch x (M, K) and a_cat (R, K) by TMA: a Hopper-or-newer GPU (or the interpreter),
+    aligned operands (``_tma_aligned``) and chunk heights <= 256 (the TMA box limit). Otherwise the table's ``tma``
+    flag falls back to the pointer kernel (cp.async), which computes the same result."""
+    return _tma_device(x, family) and max(r0, r1) <= 256 and _tma_aligned(x) and _tma_aligned(a_cat)
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Programs of the persistent expand: one per SM on a GPU (132 stands in for H100/H200 off-GPU, e.g. in the AOT
+    compilation; 4 under the interpreter)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4 if interpreting() else 132
 
 
 def _check(t: torch.Tensor, name: str, dims: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernels support {SUPPORTED_DTYPES}")
 
 
-def row_panel(x: torch.Tensor, panel: torch.Tensor, panel_layout: str, coeffs: torch.Tensor, scale: float,
-              rows_per_sample: int, *, write_unscaled: bool = True):
-    """``u = x @ P`` and ``s = u * scale * coeffs[row // rows_per_sample, col // r]``.
+def _unit_cols(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a unit column stride (a copy only when needed)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _family(t: torch.Tensor, family: Optional[str]) -> str:
+    return family if family is not None else gpu_family(t.device)
+
+
+def pack_basis(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official basis layout as one packed rank-R LoRA.
 
     Args:
-        x: (M, Kred) rows; any strides.
-        panel: ``lora_a`` (N, Kred, r) when ``panel_layout == "a"`` (P = A_cat, Kred = in), or ``lora_b``
-            (N, r, Kred) when ``panel_layout == "b"`` (P = B_cat^T, Kred = out).
-        coeffs: (B, N) mixing coefficients, M == B * rows_per_sample.
-        scale: lora_alpha / r.
+        lora_a: (N, in, r); lora_b: (N, r, out).
 
     Returns:
-        (u, s), both (M, R) in x.dtype; u is None when ``write_unscaled`` is False.
+        a_cat (R, in) and b_cat (R, out), contiguous, row c = n * r + j holding LoRA n, slot j (differentiable: the
+        gradients flow back to lora_a / lora_b in their own layout)."""
+    _check(lora_a, "lora_a", 3)
+    _check(lora_b, "lora_b", 3)
+    n, k, r = lora_a.shape
+    if tuple(lora_b.shape[:2]) != (n, r):
+        raise ValueError(f"lora_b must be (N, r, out) = ({n}, {r}, out), got {tuple(lora_b.shape)}")
+    return lora_a.transpose(1, 2).reshape(n * r, k).contiguous(), lora_b.reshape(n * r, lora_b.shape[2]).contiguous()
+
+
+def unpack_basis_grads(d_a_cat: torch.Tensor, d_b_cat: torch.Tensor, num_loras: int):
+    """(R, in), (R, out) gradients of the packed basis -> (N, in, r), (N, r, out) gradients of lora_a, lora_b."""
+    R, k = d_a_cat.shape
+    r = R // num_loras
+    return d_a_cat.view(num_loras, r, k).transpose(1, 2).contiguous(), d_b_cat.view(num_loras, r, d_b_cat.shape[1])
+
+
+def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: float, rows_per_sample: int,
+           rank: int, *, write_unscaled: bool = True, u_in: Optional[torch.Tensor] = None,
+           config: Optional[dict] = None, out_features: Optional[int] = None, family: Optional[str] = None):
+    """``u = x a_cat^T`` and ``z = u * scale * coeffs[row // rows_per_sample, col // rank]``.
+
+    Args:
+        x: (M, K) rows (forward: x with K = in; backward K1: dy with K = out).
+        a_cat: (R, K) packed basis (forward: a_cat; backward K1: b_cat).
+        coeffs: (B, N) fp32 mixing coefficients, M == B * rows_per_sample, R == N * rank.
+        scale: lora_alpha / r.
+        write_unscaled: store u (else only z is written and u is returned as None).
+        u_in: backward K1 only: the forward's u (M, R); then the per-row dcoeffs partials
+            ``sum_j u[m, n*r+j] * out[m, n*r+j]`` are returned as a third (M, N) fp32 output.
+        config: tile dict overriding the table's ``shrink`` entry.
+        out_features: the layer's other dimension, for the table lookup (defaults to K).
+
+    Returns:
+        (u, z), both (M, R) in x.dtype, or (u, z, dcoeff_rows) when ``u_in`` is given.
     """
     _check(x, "x", 2)
-    _check(panel, "panel", 3)
-    M, kred = x.shape
-    if panel_layout == "a":
-        n, pk, r = panel.shape
-        stride_pn, stride_pk, stride_pj = panel.stride()
-    elif panel_layout == "b":
-        n, r, pk = panel.shape
-        stride_pn, stride_pj, stride_pk = panel.stride()
+    _check(a_cat, "a_cat", 2)
+    M, K = x.shape
+    R = a_cat.shape[0]
+    if a_cat.shape[1] != K:
+        raise ValueError(f"x has {K} columns but a_cat {tuple(a_cat.shape)} expects {a_cat.shape[1]}")
+    if a_cat.dtype != x.dtype:
+        raise TypeError(f"a_cat has dtype {a_cat.dtype} but x has {x.dtype}")
+    if coeffs.dim() != 2 or coeffs.dtype != torch.float32:
+        raise TypeError(f"coeffs must be (B, N) float32, got {tuple(coeffs.shape)} {coeffs.dtype}")
+    if rank < 1 or R % rank or coeffs.shape[1] != R // rank:
+        raise ValueError(f"a_cat has R = {R} rows, which is not N * rank = {coeffs.shape[1]} * {rank}")
+    if rank & (rank - 1):
+        raise ValueError(f"the Triton kernels need a power-of-two LoRA rank, got r = {rank}")
+    if R > MAX_FUSED_R:
+        raise ValueError(f"R = {R} > {MAX_FUSED_R}: use the cuBLAS route (see choose_route)")
+    if M != coeffs.shape[0] * rows_per_sample:
+        raise ValueError(f"x has {M} rows but coeffs {tuple(coeffs.shape)} x rows_per_sample {rows_per_sample} "
+                         f"= {coeffs.shape[0] * rows_per_sample}")
+    x = _unit_cols(x)
+    a_cat = _unit_cols(a_cat)
+    coeffs = coeffs.contiguous()
+    family = _family(x, family)
+    cfg = kernel_config("shrink", K, out_features or K, R, x.dtype, family, config)
+    r0, r1 = r_chunks(R)
+    z = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    dcoeffs = u_in is not None
+    if dcoeffs:
+        if tuple(u_in.shape) != (M, R):
+            raise ValueError(f"u_in must be ({M}, {R}), got {tuple(u_in.shape)}")
+        u = _unit_cols(u_in)
+        write_unscaled = False
+        dc = torch.empty((M, R // rank), device=x.device, dtype=torch.float32)
     else:
-        raise ValueError(f"panel_layout must be 'a' or 'b', got {panel_layout!r}")
-    if pk != kred:
-        raise ValueError(f"x has {kred} columns but the panel expects {pk}")
-    R = n * r
-    s = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    u = torch.empty((M, R), device=x.device, dtype=x.dtype) if write_unscaled else s
-    cfg = row_panel_config(R, x.dtype)
-    grid = (triton.cdiv(M, cfg.block_m),)
-    _launch(_row_panel_kernel, grid,
-        x, panel, coeffs, u, s,
-        M, kred, R, r, rows_per_sample, float(scale),
-        x.stride(0), x.stride(1),
-        stride_pn, stride_pj, stride_pk,
-        coeffs.stride(0), coeffs.stride(1),
-        u.stride(0), u.stride(1),
-        s.stride(0), s.stride(1),
-        WRITE_U=write_unscaled, DOT_MODE=dot_mode(x.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return (u if write_unscaled else None), s
+        u = torch.empty((M, R), device=x.device, dtype=x.dtype) if write_unscaled else z
+        dc = z
+    split = cfg["split_k"]
+    part = torch.empty((split, M, r0 + r1), device=x.device, dtype=torch.float32) if split > 1 else z
+    grid = (triton.cdiv(M, cfg["block_m"]), split)
+    common = dict(R=R, RANK=rank, R0=r0, R1=r1, WRITE_U=write_unscaled, DCOEFFS=dcoeffs)
+    tiles = dict(DOT_MODE=dot_mode(x.dtype), BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"], SPLIT_K=split,
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg["tma"] and tma_usable(x, a_cat, r0, r1, family):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        bk = cfg["block_k"]
+        x_desc = TensorDescriptor.from_tensor(x, [cfg["block_m"], bk])
+        p0_desc = TensorDescriptor.from_tensor(a_cat, [r0, bk])
+        p1_desc = TensorDescriptor.from_tensor(a_cat[r0:], [r1, bk]) if r1 else p0_desc
+        _launch(_shrink_tma_kernel, grid,
+                x_desc, p0_desc, p1_desc, coeffs, u, z, dc, part,
+                M, K, rows_per_sample, float(scale),
+                coeffs.stride(0), u.stride(0), z.stride(0), dc.stride(0), **common, **tiles)
+    else:
+        _launch(_shrink_kernel, grid,
+                x, a_cat, coeffs, u, z, dc, part,
+                M, K, rows_per_sample, float(scale),
+                x.stride(0), a_cat.stride(0), coeffs.stride(0), u.stride(0), z.stride(0), dc.stride(0),
+                **common, **tiles)
+    if split > 1:
+        _launch(_shrink_finish_kernel, (triton.cdiv(M, 32),),
+                part, coeffs, u, z, dc,
+                M, rows_per_sample, float(scale),
+                coeffs.stride(0), u.stride(0), z.stride(0), dc.stride(0),
+                **common, BLOCK_M=32, SPLIT_K=split, num_warps=4)
+    if dcoeffs:
+        return None, z, dc
+    return (u if write_unscaled else None), z
 
 
-def k_extended_gemm(x1: torch.Tensor | None, w1: torch.Tensor | None, w1_layout: str,
-                    x2: torch.Tensor, w2: torch.Tensor, w2_layout: str,
-                    bias: torch.Tensor | None = None, base: torch.Tensor | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out = x1 @ W1 + x2 @ W2 (+ bias) (+ base)`` in one pass.
+def expand(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], z: torch.Tensor, b_cat: torch.Tensor,
+           bias: Optional[torch.Tensor] = None, base: Optional[torch.Tensor] = None, *, weight_layout: str = "out_in",
+           out: Optional[torch.Tensor] = None, config: Optional[dict] = None, family: Optional[str] = None):
+    """``y = x weight^T + z b_cat (+ bias) (+ base)`` as one GEMM over the extended reduction [in | R].
 
     Args:
-        x1: (M, Q) or None (delta-only).
-        w1: the frozen weight (nout, Q) when ``w1_layout == "weight_t"`` (W1 = weight^T, forward) or (Q, nout) when
-            ``w1_layout == "weight"`` (W1 = weight, backward dx).
-        x2: (M, R) low-rank activations (z in forward, dZ * scaling in backward).
-        w2: ``lora_b`` (N, r, nout) for ``w2_layout == "b"`` (W2 = B_cat) or ``lora_a`` (N, nout, r) for
-            ``w2_layout == "a_t"`` (W2 = A_cat^T).
-        bias: (nout,) or None.
-        base: (M, nout) or None: a base output to add (the delta-only variant accumulating into a given output).
-        out: (M, nout) destination; may alias ``base`` for an in-place accumulation. Allocated when None.
+        x: (M, in) or None (delta-only: y = z b_cat [+ bias] [+ base]).
+        weight: (out, in) frozen weight (``weight_layout="out_in"``, forward) or (in, out) read as is
+            (``weight_layout="in_out"``: backward K2 passes weight (out_layer, in_layer) to compute dy weight).
+        z: (M, R) low-rank activations; b_cat: (R, out) packed basis.
+        bias: (out,) or None; base: (M, out) or None, added in the epilogue.
+        out: (M, out) destination (may alias ``base``); allocated when None.
+        config: tile dict overriding the table's ``expand`` entry.
 
     Returns:
-        (M, nout) in x2.dtype.
+        y (M, out) in z.dtype.
     """
-    _check(x2, "x2", 2)
-    _check(w2, "w2", 3)
-    M, R = x2.shape
-    if w2_layout == "b":
-        n, r, nout = w2.shape
-        stride_w2n, stride_w2j, stride_w2p = w2.stride()
-    elif w2_layout == "a_t":
-        n, nout, r = w2.shape
-        stride_w2n, stride_w2p, stride_w2j = w2.stride()
-    else:
-        raise ValueError(f"w2_layout must be 'b' or 'a_t', got {w2_layout!r}")
-    if n * r != R:
-        raise ValueError(f"x2 has {R} columns but the basis has N*r = {n * r}")
-    has_x1 = x1 is not None
-    if has_x1:
-        _check(x1, "x1", 2)
-        if w1 is None:
-            raise ValueError("x1 was given without w1")
-        Q = x1.shape[1]
-        if w1_layout == "weight_t":
-            stride_w1p, stride_w1q = w1.stride()
-            w1_shape = (nout, Q)
-        elif w1_layout == "weight":
-            stride_w1q, stride_w1p = w1.stride()
-            w1_shape = (Q, nout)
+    _check(z, "z", 2)
+    _check(b_cat, "b_cat", 2)
+    M, R = z.shape
+    nout = b_cat.shape[1]
+    if b_cat.shape[0] != R:
+        raise ValueError(f"z has {R} columns but b_cat has {b_cat.shape[0]} rows")
+    if R > MAX_FUSED_R:
+        raise ValueError(f"R = {R} > {MAX_FUSED_R}: use the cuBLAS route (see choose_route)")
+    has_x = x is not None
+    if has_x:
+        _check(x, "x", 2)
+        if weight is None:
+            raise ValueError("x was given without weight")
+        K = x.shape[1]
+        if weight_layout == "out_in":
+            want, stride_k, stride_n = (nout, K), weight.stride(1), weight.stride(0)
+        elif weight_layout == "in_out":
+            want, stride_k, stride_n = (K, nout), weight.stride(0), weight.stride(1)
         else:
-            raise ValueError(f"w1_layout must be 'weight_t' or 'weight', got {w1_layout!r}")
-        if tuple(w1.shape) != w1_shape:
-            raise ValueError(f"w1 has shape {tuple(w1.shape)}, expected {w1_shape}")
-        stride_x1m, stride_x1q = x1.stride()
+            raise ValueError(f"weight_layout must be 'out_in' or 'in_out', got {weight_layout!r}")
+        if tuple(weight.shape) != want:
+            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {want}")
+        if weight.numel() >= 2 ** 31:
+            raise ValueError(f"weight has {weight.numel()} >= 2**31 elements; its in-tile offsets are 32-bit")
+        if x.shape[0] != M:
+            raise ValueError(f"x has {x.shape[0]} rows but z has {M}")
+        x = _unit_cols(x)
     else:
-        Q, stride_x1m, stride_x1q, stride_w1q, stride_w1p = 0, 0, 0, 0, 0
-        x1 = w1 = x2  # unused pointers
+        K, stride_k, stride_n = 0, 0, 0
+        x = weight = z  # unused pointers
+    z = _unit_cols(z)
+    b_cat = _unit_cols(b_cat)
     if out is None:
-        out = torch.empty((M, nout), device=x2.device, dtype=x2.dtype)
+        out = torch.empty((M, nout), device=z.device, dtype=z.dtype)
+    elif out.stride(-1) != 1 or tuple(out.shape) != (M, nout):
+        raise ValueError(f"out must be ({M}, {nout}) with unit column stride")
     has_base = base is not None
+    if has_base:
+        if tuple(base.shape) != (M, nout):
+            raise ValueError(f"base must be ({M}, {nout}), got {tuple(base.shape)}")
+        base = _unit_cols(base)
     base_t = base if has_base else out
-    cfg = k_extended_config(Q, nout, x2.dtype)
-    block_c = min(_pow2_at_least_16(R), 64)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(nout, cfg.block_n),)
-    _launch(_k_extended_gemm_kernel, grid,
-        x1, w1, x2, w2, bias if bias is not None else out, base_t, out,
-        M, nout, Q, R, r,
-        stride_x1m, stride_x1q,
-        stride_w1q, stride_w1p,
-        x2.stride(0), x2.stride(1),
-        stride_w2n, stride_w2j, stride_w2p,
-        base_t.stride(0), base_t.stride(1),
-        out.stride(0), out.stride(1),
-        HAS_X1=has_x1, HAS_BIAS=bias is not None, HAS_BASE=has_base, DOT_MODE=dot_mode(x2.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_Q=cfg.block_k, BLOCK_C=block_c, GROUP_M=8,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    family = _family(z, family)
+    cfg = kernel_config("expand", K if has_x else nout, nout, R, z.dtype, family, config)
+    bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+    operands = [z, b_cat] + ([x, weight] if has_x else [])
+    if cfg["tma"] and max(bm, bn, bk) <= 256 and _tma_device(z, family) and all(map(_tma_aligned, operands)):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        z_desc = TensorDescriptor.from_tensor(z, [bm, bk])
+        b_desc = TensorDescriptor.from_tensor(b_cat, [bk, bn])
+        if has_x:
+            x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
+            w_desc = TensorDescriptor.from_tensor(weight, [bk, bn] if weight_layout == "in_out" else [bn, bk])
+        else:
+            x_desc, w_desc = z_desc, b_desc  # unused
+        num_progs = num_sms(z.device)
+        _launch(_expand_tma_kernel, (num_progs,),
+                x_desc, w_desc, z_desc, b_desc, bias if bias is not None else out, base_t, out,
+                M, nout, K, R, num_progs,
+                base_t.stride(0), out.stride(0),
+                W1_KN=weight_layout == "in_out", HAS_X1=has_x, HAS_BIAS=bias is not None, HAS_BASE=has_base,
+                DOT_MODE=dot_mode(z.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["group_m"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return out
+    grid = (triton.cdiv(M, cfg["block_m"]) * triton.cdiv(nout, cfg["block_n"]),)
+    _launch(_expand_kernel, grid,
+            x, weight, z, b_cat, bias if bias is not None else out, base_t, out,
+            M, nout, K, R,
+            x.stride(0), stride_k, stride_n, z.stride(0), b_cat.stride(0), base_t.stride(0), out.stride(0),
+            HAS_X1=has_x, HAS_BIAS=bias is not None, HAS_BASE=has_base, DOT_MODE=dot_mode(z.dtype),
+            BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
+
+
+def grad_basis(dz_scaled: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dy: torch.Tensor, *,
+               config: Optional[dict] = None, family: Optional[str] = None):
+    """Backward K3: ``d a_cat = dz_scaled^T x`` (R, in) and ``d b_cat = z^T dy`` (R, out) in one launch, split over
+    M into ``split_m`` slices whose fp32 partials are added in slice order (deterministic).
+
+    Args:
+        dz_scaled, z: (M, R); x: (M, in); dy: (M, out).
+
+    Returns:
+        (d_a_cat (R, in), d_b_cat (R, out)) in x.dtype.
+    """
+    for t, name in ((dz_scaled, "dz_scaled"), (x, "x"), (z, "z"), (dy, "dy")):
+        _check(t, name, 2)
+    M, R = z.shape
+    K, nout = x.shape[1], dy.shape[1]
+    if tuple(dz_scaled.shape) != (M, R) or x.shape[0] != M or dy.shape[0] != M:
+        raise ValueError("grad_basis: dz_scaled, z (M, R), x (M, in) and dy (M, out) must share M")
+    tensors = [_unit_cols(t) for t in (dz_scaled, x, z, dy)]
+    dz_scaled, x, z, dy = tensors
+    cfg = kernel_config("grad_basis", K, nout, R, x.dtype, _family(x, family), config)
+    r0, r1 = r_chunks(R)
+    split = cfg["split_m"]
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    rows_per_split = triton.cdiv(triton.cdiv(M, split), bm) * bm
+    part = torch.empty((split, K + nout, r0 + r1), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(K, bn) + triton.cdiv(nout, bn), split)
+    _launch(_grad_basis_kernel, grid,
+            dz_scaled, x, z, dy, part,
+            M, K, nout, rows_per_split,
+            dz_scaled.stride(0), x.stride(0), z.stride(0), dy.stride(0),
+            R=R, R0=r0, R1=r1, DOT_MODE=dot_mode(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    total = part[0]
+    for s in range(1, split):  # fixed slice order
+        total = total + part[s]
+    total = total[:, :R].t().to(x.dtype)
+    return total[:, :K].clone(), total[:, K:].clone()  # separate storages (op outputs must not alias)
+
+
+# --------------------------------------------------------------------------------------- forward and backward
+def _scaling(coeffs: torch.Tensor, rows_per_sample: int, rank: int, scale: float) -> torch.Tensor:
+    """(M, R) fp32 per-row column scaling for the cuBLAS route."""
+    s = (coeffs.float() * scale).repeat_interleave(rank, dim=1)
+    return s.repeat_interleave(rows_per_sample, dim=0)
+
+
+def forward(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample, *, family=None):
+    """The triton_fwd op body: (y (M, out), u (M, R), z (M, R)); see lorweb_fast.ops for the contract."""
+    n, k, r = lora_a.shape
+    nout, R = lora_b.shape[2], n * r
+    family = _family(x, family)
+    route = choose_route(k, nout, R, x.dtype, rows_per_sample, family, rank=r)
+    a_cat, b_cat = pack_basis(lora_a, lora_b)
+    if route == "cublas":
+        u = x @ a_cat.t()
+        z = (u.float() * _scaling(coeffs, rows_per_sample, r, scale)).to(x.dtype)
+    else:
+        u, z = shrink(x, a_cat, coeffs, scale, rows_per_sample, r, out_features=nout, family=family)
+    if route == "fused":
+        y = expand(x if weight is not None else None, weight, z, b_cat, bias=bias, base=base, family=family)
+        return y, u, z
+    y = torch.addmm(bias, z, b_cat) if bias is not None else z @ b_cat
+    if base is not None:
+        y = y.add_(base)
+    if weight is not None:
+        y = y.addmm_(x, weight.t())
+    return y, u, z
+
+
+def backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample, *, family=None):
+    """The triton_bwd op body: (dx (M, in), d_lora_a (N, in, r), d_lora_b (N, r, out), d_coeffs (B, N) fp32).
+
+    K1 (shrink kernel on dy): dZ * scaling and per-row dcoeffs partials from the saved u; K2 (expand kernel):
+    dx = dy weight + (dZ*scaling) a_cat; K3 (grad_basis): d a_cat, d b_cat. The cuBLAS route does the same products
+    with torch. All reductions run in a fixed order."""
+    n, k, r = lora_a.shape
+    nout, R = lora_b.shape[2], n * r
+    family = _family(x, family)
+    route = choose_route(k, nout, R, x.dtype, rows_per_sample, family, rank=r)
+    a_cat, b_cat = pack_basis(lora_a, lora_b)
+    batch = x.shape[0] // rows_per_sample
+    if route == "cublas":
+        dz = (dy @ b_cat.t()).float()
+        dz_scaled = (dz * _scaling(coeffs, rows_per_sample, r, scale)).to(x.dtype)
+        dc_rows = (u.float() * dz).view(-1, n, r).sum(2)
+    else:
+        _, dz_scaled, dc_rows = shrink(dy, b_cat, coeffs, scale, rows_per_sample, r, u_in=u, out_features=k,
+                                       family=family)
+    d_coeffs = dc_rows.view(batch, rows_per_sample, n).sum(1) * scale
+    if route == "fused":
+        dx = expand(dy if weight is not None else None, weight, dz_scaled, a_cat, weight_layout="in_out",
+                    family=family)
+        d_a_cat, d_b_cat = grad_basis(dz_scaled, x, z, dy, family=family)
+    else:
+        dx = dz_scaled @ a_cat
+        if weight is not None:
+            dx = dx.addmm_(dy, weight)
+        d_a_cat, d_b_cat = dz_scaled.t() @ x, z.t() @ dy
+    d_lora_a, d_lora_b = unpack_basis_grads(d_a_cat, d_b_cat, n)
+    return dx, d_lora_a, d_lora_b, d_coeffs

@@ -10,7 +10,9 @@ Op contract shared by the fused backends (``lorweb_fast::triton_fwd`` / ``triton
         -> (dx (M, in), d_lora_a (N, in, r), d_lora_b (N, r, out), d_coeffs (B, N) fp32)
 
 with R = N * r and scaling[m, n*r + j] = scale * coeffs[m // rows_per_sample, n]. The weight is frozen: its gradient
-is only computed (by a plain GEMM) if it requires grad.
+is only computed (by a plain GEMM) if it requires grad. The Triton op bodies are ``lorweb_fast.kernels.mixed_lora.
+forward`` / ``backward``: they pack the basis into contiguous (R, in) / (R, out) matrices on every call and pick the
+fused, composed or all-cuBLAS route by ``choose_route`` (committed per-GPU tables; 2-D inputs and R > 512 -> cuBLAS).
 """
 
 from __future__ import annotations
@@ -248,18 +250,6 @@ def _fused_autograd(bwd):
     return setup_context, backward
 
 
-def _low_rank_grads(dy, x, lora_a, lora_b, u, z, dz, dz_scaled, scale, rows_per_sample):
-    """The plain GEMMs and reductions of the backward, shared by every fused backend:
-    d_lora_a = (dZ*scaling)^T x, d_lora_b = z^T dy (cuBLAS, deterministic), and
-    d_coeffs[b, n] = scale * sum over the rows of sample b and the r slots of LoRA n of u * dZ (fp32)."""
-    n, k, r = lora_a.shape
-    d_lora_a = (dz_scaled.t() @ x).view(n, r, k).transpose(1, 2).contiguous()
-    d_lora_b = (z.t() @ dy).view(n, r, lora_b.shape[2])
-    batch = x.shape[0] // rows_per_sample
-    d_coeffs = (u.float() * dz.float()).view(batch, rows_per_sample, n, r).sum(dim=(1, 3)) * scale
-    return d_lora_a, d_lora_b, d_coeffs
-
-
 _FUSED_OPS: dict[str, object] = {}
 
 if _TRITON_KERNELS is not None:
@@ -269,18 +259,13 @@ if _TRITON_KERNELS is not None:
     def _triton_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                     base: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor, coeffs: torch.Tensor,
                     scale: float, rows_per_sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        u, z = _k.row_panel(x, lora_a, "a", coeffs, scale, rows_per_sample)
-        y = _k.k_extended_gemm(x if weight is not None else None, weight, "weight_t", z, lora_b, "b",
-                               bias=bias, base=base)
-        return y, u, z
+        return _k.forward(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample)
 
     @torch.library.triton_op("lorweb_fast::triton_bwd", mutates_args=())
     def _triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], lora_a: torch.Tensor,
                     lora_b: torch.Tensor, coeffs: torch.Tensor, u: torch.Tensor, z: torch.Tensor, scale: float,
                     rows_per_sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        dz, dz_scaled = _k.row_panel(dy, lora_b, "b", coeffs, scale, rows_per_sample)
-        dx = _k.k_extended_gemm(dy if weight is not None else None, weight, "weight", dz_scaled, lora_a, "a_t")
-        return (dx, *_low_rank_grads(dy, x, lora_a, lora_b, u, z, dz, dz_scaled, scale, rows_per_sample))
+        return _k.backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample)
 
     _setup, _backward = _fused_autograd(_triton_bwd)
     torch.library.register_autograd("lorweb_fast::triton_fwd", _backward, setup_context=_setup)

@@ -171,3 +171,73 @@ def test_cuda_extension_bias_and_base_together():
     y, _, _ = torch.ops.lorweb_fast_cuda.fwd(*args)
     y_no_base, _, _ = torch.ops.lorweb_fast_cuda.fwd(x, p["weight"], p["bias"], None, *args[4:])
     torch.testing.assert_close(y, y_no_base + base, rtol=1e-5, atol=1e-5)
+
+
+def test_public_launchers_on_gpu():
+    """pack_basis / shrink / expand / grad_basis at an odd shape with R = 96 (64 + 32 chunks), bf16, vs float64."""
+    _require("triton")
+    from lorweb_fast.kernels import mixed_lora as K
+
+    p = random_problem(2, 500, 520, 776, 24, 4, torch.bfloat16, device="cuda", seed=5)
+    x = p["x"].reshape(1000, 520)
+    a_cat, b_cat = K.pack_basis(p["lora_a"], p["lora_b"])
+    u, z = K.shrink(x, a_cat, p["coeffs"], p["scale"], 500, 4)
+    scaling = (p["coeffs"].double() * p["scale"]).repeat_interleave(4, 1).repeat_interleave(500, 0)
+    u_ref = x.double() @ a_cat.double().t()
+    tol = tolerance(torch.bfloat16, 520)
+    bound = (x.double().abs() @ a_cat.double().abs().t()) * tol
+    assert ((u.double() - u_ref).abs() <= bound).all()
+    assert ((z.double() - u_ref * scaling).abs() <= bound * scaling).all()
+    y = K.expand(x, p["weight"], z, b_cat, bias=p["bias"])
+    y_ref = x.double() @ p["weight"].double().t() + p["bias"].double() + z.double() @ b_cat.double()
+    y_abs = (x.double().abs() @ p["weight"].double().abs().t() + p["bias"].double().abs()
+             + z.double().abs() @ b_cat.double().abs())
+    assert ((y.double() - y_ref).abs() <= y_abs * tolerance(torch.bfloat16, 520 + 96)).all()
+
+
+@pytest.mark.parametrize("route", ["fused", "composed", "cublas"])
+def test_every_route_on_gpu(route, monkeypatch):
+    _require("triton")
+    from lorweb_fast.kernels import mixed_lora as K
+
+    monkeypatch.setattr(K, "choose_route", lambda *a, **k: route)
+    for dtype in (torch.bfloat16, torch.float32):
+        check_against_reference(lambda *a: lf.lorweb_linear(*a, backend="triton"),
+                                random_problem(2, 300, 515, 771, 24, 4, dtype, device="cuda", seed=2))
+
+
+def test_split_k_on_gpu():
+    _require("triton")
+    from lorweb_fast.kernels import mixed_lora as K
+
+    p = random_problem(2, 777, 3072, 64, 32, 4, torch.bfloat16, device="cuda", seed=6)
+    x = p["x"].reshape(-1, 3072)
+    a_cat, _ = K.pack_basis(p["lora_a"], p["lora_b"])
+    cfg = dict(block_m=64, block_k=64, split_k=1, num_warps=8, num_stages=3)
+    u1, z1 = K.shrink(x, a_cat, p["coeffs"], p["scale"], 777, 4, config=cfg)
+    u3, z3 = K.shrink(x, a_cat, p["coeffs"], p["scale"], 777, 4, config={**cfg, "split_k": 3})
+    tol = tolerance(torch.bfloat16, 3072)
+    torch.testing.assert_close(u3, u1, rtol=tol, atol=tol)
+    torch.testing.assert_close(z3, z1, rtol=tol, atol=tol)
+    assert torch.equal(K.shrink(x, a_cat, p["coeffs"], p["scale"], 777, 4, config={**cfg, "split_k": 3})[1], z3)
+
+
+def test_offsets_beyond_2_pow_31_on_gpu():
+    """M * ld >= 2**31: a (M, 64) view with row stride 8192 over 4.3 GB; the last rows must be right."""
+    _require("triton")
+    from lorweb_fast.kernels import mixed_lora as K
+
+    rows, ld = 2 ** 31 // 8192 + 256, 8192
+    storage = torch.zeros(rows, ld, device="cuda", dtype=torch.bfloat16)
+    x = storage[:, :64]
+    x[-300:] = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16)
+    a_cat = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+    b_cat = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+    coeffs = torch.rand(1, 4, device="cuda")
+    u, z = K.shrink(x, a_cat, coeffs, 1.0, rows, 4)
+    torch.testing.assert_close(u[-300:].float(), (x[-300:].float() @ a_cat.float().t()).bfloat16().float(),
+                               rtol=2e-2, atol=2e-2)
+    out = storage[:, 64:128]
+    K.expand(None, None, z, b_cat, out=out)
+    torch.testing.assert_close(out[-300:].float(), (z[-300:].float() @ b_cat.float()), rtol=2e-2, atol=5e-2)
+    del storage

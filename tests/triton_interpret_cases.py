@@ -55,12 +55,138 @@ def test_add_to_and_non_contiguous_inputs():
 def test_in_place_accumulation_launcher():
     p = random_problem(2, 5, 17, 19, 3, 2, torch.float32, seed=3)
     x = p["x"].reshape(10, 17)
-    u, z = K.row_panel(x, p["lora_a"], "a", p["coeffs"].float(), p["scale"], 5)
+    a_cat, b_cat = K.pack_basis(p["lora_a"], p["lora_b"])
+    u, z = K.shrink(x, a_cat, p["coeffs"].float(), p["scale"], 5, 2)
     out = torch.randn(10, 19)
-    expected = out + K.k_extended_gemm(None, None, "weight_t", z, p["lora_b"], "b")
-    ret = K.k_extended_gemm(None, None, "weight_t", z, p["lora_b"], "b", base=out, out=out)
+    expected = out + K.expand(None, None, z, b_cat)
+    ret = K.expand(None, None, z, b_cat, base=out, out=out)
     assert ret.data_ptr() == out.data_ptr()
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_public_launchers_against_float64():
+    """pack_basis / shrink / expand (the API the benchmarks call) on a packed rank-96 basis (64 + 32 chunks)."""
+    p = random_problem(3, 7, 45, 51, 24, 4, torch.float32, seed=4)
+    x = p["x"].reshape(21, 45)
+    a_cat, b_cat = K.pack_basis(p["lora_a"], p["lora_b"])
+    assert a_cat.shape == (96, 45) and b_cat.shape == (96, 51) and a_cat.is_contiguous()
+    assert K.r_chunks(96) == (64, 32)
+    torch.testing.assert_close(a_cat[4 * 5 + 2], p["lora_a"][5, :, 2])  # row n*r + j = LoRA n, slot j
+    u, z = K.shrink(x, a_cat, p["coeffs"].float(), p["scale"], 7, 4)
+    u_ref = x.double() @ a_cat.double().t()
+    scaling = (p["coeffs"].double() * p["scale"]).repeat_interleave(4, 1).repeat_interleave(7, 0)
+    torch.testing.assert_close(u.double(), u_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.double(), u_ref * scaling, rtol=1e-5, atol=1e-5)
+    y = K.expand(x, p["weight"], z, b_cat, bias=p["bias"])
+    y_ref = x.double() @ p["weight"].double().t() + p["bias"].double() + z.double() @ b_cat.double()
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("split", [2, 3])
+def test_split_k_shrink_matches_unsplit(split):
+    """Split-K (fixed-order fp32 partial sums) gives the same u, z and dcoeffs partials as one K slice."""
+    p = random_problem(2, 9, 77, 19, 3, 4, torch.float32, seed=8)
+    x = p["x"].reshape(18, 77)
+    a_cat, _ = K.pack_basis(p["lora_a"], p["lora_b"])
+    cfg = dict(block_m=16, block_k=16, split_k=1, num_warps=4, num_stages=2)
+    u1, z1 = K.shrink(x, a_cat, p["coeffs"], p["scale"], 9, 4, config=cfg)
+    us, zs = K.shrink(x, a_cat, p["coeffs"], p["scale"], 9, 4, config={**cfg, "split_k": split})
+    torch.testing.assert_close(us, u1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(zs, z1, rtol=1e-6, atol=1e-6)
+    _, _, dc1 = K.shrink(x, a_cat, p["coeffs"], p["scale"], 9, 4, u_in=u1, config=cfg)
+    _, _, dcs = K.shrink(x, a_cat, p["coeffs"], p["scale"], 9, 4, u_in=u1, config={**cfg, "split_k": split})
+    torch.testing.assert_close(dcs, dc1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dc1.double(), (u1.double() * u_ref_like(x, a_cat)).view(18, 3, 4).sum(2),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", [1, 2])
+def test_tma_shrink_matches_pointer_shrink(dtype, split):
+    """The TMA shrink (host tensor descriptors, zero-filled out-of-bounds tiles) on aligned operands with M, K not
+    multiples of the tiles and R = 96 (two descriptors, 64 + 32 rows), forward and backward K1, vs the pointer
+    kernel."""
+    p = random_problem(3, 7, 40, 19, 24, 4, dtype, seed=12)
+    x = p["x"].reshape(21, 40)
+    a_cat, _ = K.pack_basis(p["lora_a"], p["lora_b"])
+    assert K.tma_usable(x, a_cat, 64, 32, "default")
+    cfg = dict(block_m=16, block_k=16, split_k=split, tma=0, num_warps=4, num_stages=2)
+    want = K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4, config=cfg)
+    got, names = _launched(lambda: K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4, config={**cfg, "tma": 1}))
+    assert names[0] == "_shrink_tma_kernel"
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    want_k1 = K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4, u_in=want[0], config=cfg)
+    got_k1 = K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4, u_in=want[0], config={**cfg, "tma": 1})
+    for g, w in zip(got_k1[1:], want_k1[1:]):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert not K.tma_usable(x[:, 1:], a_cat[:, 1:], 64, 32, "default")  # 78-byte rows: pointer kernel
+    assert not K.tma_usable(x, a_cat, 64, 32, "sm80")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_persistent_tma_expand_matches_pointer_expand(dtype):
+    """The persistent TMA expand (4 programs walking 2 x 2 tiles; zero-filled K and R tails) on aligned operands:
+    forward (weight (out, in) read transposed), backward dx (weight read as (K, N)), delta-only with a base."""
+    p = random_problem(3, 7, 40, 24, 24, 4, dtype, seed=13)
+    x = p["x"].reshape(21, 40)
+    a_cat, b_cat = K.pack_basis(p["lora_a"], p["lora_b"])
+    _, z = K.shrink(x, a_cat, p["coeffs"], p["scale"], 7, 4)
+    cfg = dict(block_m=16, block_n=16, block_k=16, group_m=2, tma=0, num_warps=4, num_stages=2)
+    tma = {**cfg, "tma": 1}
+    for args, kw in (((x, p["weight"], z, b_cat), dict(bias=p["bias"])),
+                     ((None, None, z, b_cat), dict(base=torch.randn(21, 24).to(dtype))),
+                     ((torch.randn(21, 24).to(dtype), p["weight"], torch.randn(21, 96).to(dtype), a_cat),
+                      dict(weight_layout="in_out"))):
+        want = K.expand(*args, **kw, config=cfg)
+        got, names = _launched(lambda: K.expand(*args, **kw, config=tma))
+        assert names == ["_expand_tma_kernel"]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _launched(fn):
+    """fn()'s result and the names of the kernels it launched."""
+    names = []
+    original = K._launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        names.append(kernel.__name__)
+        original(kernel, grid, *args, **kwargs)
+
+    K._launch = spy
+    try:
+        return fn(), names
+    finally:
+        K._launch = original
+
+
+def u_ref_like(x, a_cat):
+    return x.double() @ a_cat.double().t()
+
+
+@pytest.mark.parametrize("route", ["composed", "cublas"])
+def test_other_routes_against_float64(route, monkeypatch):
+    """The composed (shrink kernel + two addmm) and all-cuBLAS routes, forward and every gradient."""
+    monkeypatch.setattr(K, "choose_route", lambda *a, **k: route)
+    p = random_problem(2, 7, 37, 29, 3, 4, torch.float32, seed=9)
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend="triton"), p)
+    check_against_reference(lambda *a: lf.mixed_lora_delta(*a, backend="triton"), p, with_base=False)
+
+
+@pytest.mark.parametrize("num_loras, rank", [(160, 4), (3, 3)])
+def test_cublas_route_for_large_R_and_odd_rank(num_loras, rank):
+    """R = 640 > MAX_FUSED_R and r = 3 (not a power of two) run through the cuBLAS route, forward and gradients."""
+    assert K.choose_route(17, 19, num_loras * rank, torch.float32, 5, rank=rank) == "cublas"
+    p = random_problem(2, 5, 17, 19, num_loras, rank, torch.float32, seed=14)
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend="triton"), p)
+
+
+def test_routes():
+    assert K.choose_route(3072, 3072, 128, torch.bfloat16, 1) == "cublas"  # 2-D input (M = batch)
+    assert K.choose_route(3072, 3072, 1024, torch.bfloat16, 4096) == "cublas"  # R > MAX_FUSED_R
+    assert K.choose_route(3072, 3072, 128, torch.bfloat16, 4096) in ("fused", "composed")
+    with pytest.raises(ValueError, match="R = 1024"):
+        K.shrink(torch.randn(4, 8), torch.randn(1024, 8), torch.rand(1, 256), 1.0, 4, 4)
 
 
 def test_results_are_deterministic():

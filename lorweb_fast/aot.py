@@ -1,0 +1,383 @@
+"""Ahead-of-time compilation of every Triton kernel specialization the dispatcher would launch, without a GPU.
+
+    python -m lorweb_fast.aot --arch 90 --out aot_sm90
+
+For each METHOD.md layer shape (LAYERS), each R in RANKS (r = 4) and each dtype, the forward and backward op bodies
+(``lorweb_fast.kernels.mixed_lora.forward`` / ``backward``) run on meta tensors with the launcher replaced by a
+recorder, so the recorded launches are exactly what the dispatcher and the committed tile table choose for that GPU
+family. Each launch's arguments are specialised the way Triton's JIT does (``native_specialize_impl``: integers equal
+to 1 become constants, 16-divisible integers and aligned pointers get divisibility hints), identical
+specializations are compiled once with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, and
+the PTX is assembled by the ptxas bundled with Triton for registers and spills.
+
+``DIR/report.json``::
+
+    {"arch", "triton", "kernels": [{"kernel", "pass": "fwd"|"bwd", "layer": [in, out], "dtype", "R", "config",
+      "shared_bytes", "registers", "spill_bytes", "ptx": "<file name in DIR>"}]}
+
+plus the PTX files (one per distinct specialization; entries that share a specialization share the file).
+``check_entry`` holds the hardware checks that tests/test_aot.py asserts for every entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+#: (in, out) of the FLUX.1 LoRA target layers (METHOD.md): attention projections, MLP up/down, the single blocks'
+#: proj_out (15360 -> 3072) and the fused qkv+mlp in (3072 -> 18432 via norm/linear), the norm modulations.
+LAYERS = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072), (3072, 18432), (3072, 9216))
+RANKS = (16, 64, 96, 128, 256)
+LORA_RANK = 4
+DTYPES = ("bfloat16", "float16", "float32")
+ARCHS = {80: ("sm80", "sm_80", 163 * 1024), 90: ("sm90", "sm_90a", 227 * 1024)}
+#: Representative token count for the recorded launches. M is never part of a specialization except through its
+#: divisibility by 16 (8192 = 2 x 4096 image tokens of FLUX at 1024 px).
+M_TOKENS, BATCH = 8192, 2
+GEMM_KERNELS = ("_shrink_kernel", "_shrink_tma_kernel", "_expand_kernel", "_expand_tma_kernel", "_grad_basis_kernel")
+
+
+@dataclass
+class Launch:
+    kernel: object
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Specialization:
+    """One distinct compilation: its key and, once compiled, its resources and PTX."""
+    name: str
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    key: str
+    result: dict = field(default_factory=dict)
+
+
+def _record_launches(fn, *args, **kwargs) -> list[Launch]:
+    from lorweb_fast.kernels import mixed_lora as K
+
+    recorded: list[Launch] = []
+    original = K._launch
+    K._launch = lambda kernel, grid, *a, **kw: recorded.append(Launch(kernel, a, kw))
+    try:
+        fn(*args, **kwargs)
+    finally:
+        K._launch = original
+    return recorded
+
+
+def _specialize(launch: Launch, backend) -> Specialization:
+    """Mirror Triton's JIT specialization of one launch's arguments."""
+    from triton._C.libtriton import native_specialize_impl
+
+    fn = launch.kernel
+    options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
+    values = list(launch.args) + [launch.kwargs[p.name] for p in fn.params[len(launch.args):]]
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (param, value) in enumerate(zip(fn.params, values)):
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+            continue
+        ty, spec = native_specialize_impl(type(backend), value, False, not param.do_not_specialize,
+                                          not param.do_not_specialize_on_alignment)
+        signature[param.name] = ty
+        if ty == "constexpr":
+            constexprs[param.name] = value
+        elif isinstance(spec, str):
+            parsed = backend.parse_attr(spec)
+            if parsed:
+                attrs[(i,)] = parsed
+    key_src = json.dumps([fn.__name__, signature, {k: repr(v) for k, v in constexprs.items()},
+                          {str(k): v for k, v in attrs.items()}, options], sort_keys=True)
+    return Specialization(fn.__name__, signature, constexprs, attrs, options,
+                          hashlib.sha256(key_src.encode()).hexdigest()[:16])
+
+
+def _meta_problem(in_features, out_features, R, dtype):
+    import torch
+
+    dt = getattr(torch, dtype)
+    meta = dict(device="meta", dtype=dt)
+    n = R // LORA_RANK
+    rows_per_sample = M_TOKENS // BATCH
+    return dict(
+        x=torch.empty(M_TOKENS, in_features, **meta), weight=torch.empty(out_features, in_features, **meta),
+        bias=torch.empty(out_features, **meta), lora_a=torch.empty(n, in_features, LORA_RANK, **meta),
+        lora_b=torch.empty(n, LORA_RANK, out_features, **meta),
+        coeffs=torch.empty(BATCH, n, device="meta", dtype=torch.float32), rows_per_sample=rows_per_sample,
+        u=torch.empty(M_TOKENS, R, **meta), z=torch.empty(M_TOKENS, R, **meta),
+        dy=torch.empty(M_TOKENS, out_features, **meta), base=torch.empty(M_TOKENS, out_features, **meta))
+
+
+def plan(arch: int, layers=LAYERS, ranks=RANKS, dtypes=DTYPES):
+    """All (entry, specialization) pairs for ``arch``: entries in report order, specializations deduplicated."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    from lorweb_fast.kernels import mixed_lora as K
+
+    family = ARCHS[arch][0]
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    specs: dict[str, Specialization] = {}
+    entries = []
+    for in_f, out_f in layers:
+        for R in ranks:
+            for dtype in dtypes:
+                p = _meta_problem(in_f, out_f, R, dtype)
+                calls = {
+                    "fwd": [(K.forward, (p["x"], p["weight"], p["bias"], None, p["lora_a"], p["lora_b"], p["coeffs"],
+                                         0.5, p["rows_per_sample"])),
+                            (K.forward, (p["x"], None, None, p["base"], p["lora_a"], p["lora_b"], p["coeffs"], 0.5,
+                                         p["rows_per_sample"]))],
+                    "bwd": [(K.backward, (p["dy"], p["x"], p["weight"], p["lora_a"], p["lora_b"], p["coeffs"],
+                                          p["u"], p["z"], 0.5, p["rows_per_sample"]))],
+                }
+                for pass_name, fns in calls.items():
+                    for fn, args in fns:
+                        for launch in _record_launches(fn, *args, family=family):
+                            spec = _specialize(launch, backend)
+                            spec = specs.setdefault(spec.key, spec)
+                            entry = dict(kernel=spec.name, layer=[in_f, out_f], dtype=dtype, R=R,
+                                         config=_config_of(spec))
+                            entry["pass"] = pass_name
+                            entry["_key"] = spec.key
+                            if entry not in entries:
+                                entries.append(entry)
+    return entries, specs
+
+
+def _config_of(spec: Specialization) -> dict:
+    cfg = {k: v for k, v in spec.constexprs.items() if isinstance(v, (int, bool)) and k.isupper()}
+    cfg.update(spec.options)
+    return cfg
+
+
+def triton_bin(name: str) -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def ptxas_resources(ptx: str, gpu_name: str, workdir: Path) -> dict:
+    """Registers and spill bytes from ``ptxas -v`` (the ptxas bundled with Triton)."""
+    exe = triton_bin("ptxas-blackwell")
+    if not exe.exists():
+        exe = triton_bin("ptxas")
+    src = workdir / "_ptxas_input.ptx"
+    src.write_text(ptx)
+    proc = subprocess.run([str(exe), "--gpu-name", gpu_name, "-v", str(src), "-o", str(workdir / "_ptxas.cubin")],
+                          capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"{exe.name} failed on {gpu_name}:\n{out[-3000:]}")
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    if not regs or not spills:
+        raise RuntimeError(f"could not parse {exe.name} -v output:\n{out[-3000:]}")
+    return dict(registers=int(regs.group(1)), spill_bytes=int(spills.group(1)) + int(spills.group(2)),
+                ptxas=exe.name)
+
+
+def compile_specialization(spec: Specialization, arch: int, workdir: Path) -> dict:
+    """Compile one specialization for ``arch``; returns shared bytes, registers, spills, PTX and TTIR."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lorweb_fast.kernels import mixed_lora as K
+
+    fn = getattr(K, spec.name)
+    src = ASTSource(fn, spec.signature, spec.constexprs, spec.attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(spec.options))
+    ptx = compiled.asm["ptx"]
+    res = ptxas_resources(ptx, ARCHS[arch][1], workdir)
+    return dict(shared_bytes=int(compiled.metadata.shared), ptx=ptx, ttir=compiled.asm["ttir"], **res)
+
+
+# ------------------------------------------------------------------------------------------------------- checks
+_LABEL = re.compile(r"^\s*(\$L__\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+_GLOBAL_LOAD = re.compile(r"\b(ld\.global[\w.:]*|cp\.async\.bulk\.tensor[\w.:]*|cp\.async\.c[ag][\w.:]*)\s+([^;]*);")
+
+
+def _load_bytes(op: str, operands: str) -> int:
+    """Bytes moved per thread by one global load instruction (TMA bulk copies count as wide)."""
+    if op.startswith("cp.async.bulk"):
+        return 1 << 20
+    if op.startswith("cp.async"):
+        size = re.search(r",\s*(0x[0-9a-fA-F]+|\d+)\s*(?:,|$)", operands)
+        return int(size.group(1), 0) if size else 0
+    vec = re.search(r"\.v(\d)", op)
+    width = re.search(r"\.[bfsu](8|16|32|64)\b", op)
+    return (int(vec.group(1)) if vec else 1) * (int(width.group(1)) // 8 if width else 0)
+
+
+def wide_load(op: str, nbytes: int) -> bool:
+    """A main-loop load that streams: TMA, an asynchronous copy of >= 8 bytes per thread (cp.async, which the
+    pipeliner only emits for contiguous, aligned tiles) or a >= 16-byte vector load."""
+    if op.startswith("cp.async"):
+        return nbytes >= 8
+    return nbytes >= 16
+
+
+def loop_loads(ptx: str) -> list[tuple[str, int]]:
+    """(instruction, bytes) of every global load inside an innermost loop body (a label reached by a later backward
+    branch, with no other loop inside). Innermost loops are the main loops: in a persistent kernel the outer tile loop
+    also holds the epilogue (bias, base), whose short row-vector loads are not part of the streaming."""
+    lines = ptx.splitlines()
+    labels = {}
+    for i, line in enumerate(lines):
+        m = _LABEL.match(line)
+        if m:
+            labels[m.group(1)] = i
+    loops = []
+    for j, line in enumerate(lines):
+        m = _BRANCH.search(line)
+        if m and m.group(1) in labels and labels[m.group(1)] < j:
+            loops.append((labels[m.group(1)], j))
+    innermost = [(a, b) for a, b in loops
+                 if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
+    found = []
+    for a, b in innermost:
+        for line in lines[a:b + 1]:
+            for m in _GLOBAL_LOAD.finditer(line):
+                found.append((m.group(1), _load_bytes(m.group(1), m.group(2))))
+    return found
+
+
+def check_entry(entry: dict, ptx: str, arch: int) -> list[str]:
+    """The hardware checks for one report entry; returns the list of failures (empty when it passes).
+
+    * shared memory fits the SM (227 KiB on sm_90, 163 KiB on sm_80); no register spills;
+    * on sm_90, bf16/fp16 GEMM-type kernels issue wgmma;
+    * the main loops of GEMM-type kernels load through TMA (cp.async.bulk.tensor), cp.async (>= 8 bytes per thread)
+      or 16-byte vector loads (ld.global[.nc].v4.b32 / .v2.b64) only (``wide_load``) -- a scalar gather (such as the
+      former row-panel kernel's 2-byte ld.global.b16 loads of a (N, in, r) basis) fails."""
+    failures = []
+    limit = ARCHS[arch][2]
+    if entry["shared_bytes"] > limit:
+        failures.append(f"shared memory {entry['shared_bytes']} B > {limit} B")
+    if entry["spill_bytes"]:
+        failures.append(f"{entry['spill_bytes']} bytes of register spills")
+    if entry["kernel"] in GEMM_KERNELS:
+        if arch == 90 and entry["dtype"] in ("bfloat16", "float16") and "wgmma.mma_async" not in ptx:
+            failures.append("no wgmma on sm_90")
+        loads = loop_loads(ptx)
+        narrow = sorted({f"{op} ({nbytes} B)" for op, nbytes in loads if not wide_load(op, nbytes)})
+        if not loads:
+            failures.append("no global loads found in any loop")
+        elif narrow:
+            failures.append(f"main-loop loads narrower than 16 bytes: {narrow}")
+    return failures
+
+
+# --------------------------------------------------------------------------------------------------------- driver
+_COMPILED: dict = {}  # (arch, specialization key) -> compile result, cached per process
+
+
+def _compile_job(job):
+    spec, arch = job
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lorweb_aot_") as work:
+        return spec.key, compile_specialization(spec, arch, Path(work))
+
+
+def compile_all(specs: dict, arch: int, jobs: int = 0, progress: bool = True) -> dict:
+    """Compile the specializations not yet cached, with ``jobs`` worker processes (0: one per CPU core, at most 4)."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    todo = [(spec, arch) for key, spec in specs.items() if (arch, key) not in _COMPILED]
+    jobs = jobs or min(4, os.cpu_count() or 1)
+    bar = tqdm(total=len(todo), desc=f"compiling for sm_{arch}", disable=not progress or not todo)
+    if jobs > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            for key, res in pool.map(_compile_job, todo):
+                _COMPILED[(arch, key)] = res
+                bar.update()
+    else:
+        for job in todo:
+            key, res = _compile_job(job)
+            _COMPILED[(arch, key)] = res
+            bar.update()
+    bar.close()
+    return {key: _COMPILED[(arch, key)] for key in specs}
+
+
+def build_report(arch: int, out_dir, layers=LAYERS, ranks=RANKS, dtypes=DTYPES, progress: bool = True,
+                 jobs: int = 0) -> dict:
+    """Compile every specialization for ``arch``, write ``out_dir/report.json`` and the PTX files; return the report.
+    Compilations are cached per process (the tests and the CLI share them)."""
+    import triton
+
+    if arch not in ARCHS:
+        raise ValueError(f"--arch must be one of {sorted(ARCHS)}, got {arch}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries, specs = plan(arch, layers, ranks, dtypes)
+    results = {}
+    for key, res in compile_all(specs, arch, jobs, progress).items():
+        ptx_name = f"{specs[key].name.strip('_')}-{key}.ptx"
+        (out / ptx_name).write_text(res["ptx"])
+        results[key] = dict(res, ptx_file=ptx_name)
+    kernels = []
+    for e in entries:
+        res = results[e["_key"]]
+        kernels.append({"kernel": e["kernel"], "pass": e["pass"], "layer": e["layer"], "dtype": e["dtype"],
+                        "R": e["R"], "config": e["config"], "shared_bytes": res["shared_bytes"],
+                        "registers": res["registers"], "spill_bytes": res["spill_bytes"], "ptx": res["ptx_file"]})
+    report = {"arch": arch, "triton": triton.__version__, "kernels": kernels}
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def summarize(report: dict, out_dir) -> list[str]:
+    """One line per distinct kernel specialization: shared bytes, registers, spills, wgmma, check failures."""
+    lines, seen = [], set()
+    for e in report["kernels"]:
+        if e["ptx"] in seen:
+            continue
+        seen.add(e["ptx"])
+        ptx = (Path(out_dir) / e["ptx"]).read_text()
+        fails = check_entry(e, ptx, report["arch"])
+        lines.append(f"{e['kernel']:<22} {e['pass']} {e['dtype']:<8} R={e['R']:<3} shared={e['shared_bytes']:>6} "
+                     f"regs={e['registers']:>3} spills={e['spill_bytes']} wgmma={'wgmma.mma_async' in ptx} "
+                     f"{'OK' if not fails else 'FAIL: ' + '; '.join(fails)}")
+    return lines
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lorweb_fast.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, choices=sorted(ARCHS), required=True, help="80 (A100) or 90 (H100/H200)")
+    parser.add_argument("--out", required=True, help="folder for report.json and the PTX files")
+    parser.add_argument("--jobs", type=int, default=0, help="compiler processes (default: CPU cores, at most 4)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    args = parser.parse_args(argv)
+    report = build_report(args.arch, args.out, progress=not args.quiet, jobs=args.jobs)
+    failed = 0
+    for line in summarize(report, args.out):
+        failed += "FAIL" in line
+        if not args.quiet:
+            print(line)
+    print(f"{len(report['kernels'])} entries, {len({e['ptx'] for e in report['kernels']})} distinct "
+          f"specializations for sm_{args.arch}; {failed} failing checks; report: {Path(args.out) / 'report.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

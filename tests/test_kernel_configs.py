@@ -1,0 +1,92 @@
+"""The committed kernel tables (kernels/configs/*.json), their validation, and benchmarks/tune_kernels.py on CPU."""
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lorweb_fast.kernels import mixed_lora as K  # noqa: E402
+
+TUNER = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_kernels.py"
+
+
+@pytest.mark.parametrize("family", ["sm90", "sm80", "default"])
+def test_committed_tables_load_and_cover_every_dtype(family):
+    table = K.load_table(family)
+    assert table["family"] == family
+    assert table["tuned"] is False or table["entries"]  # untuned tables say so
+    for dtype in K.SUPPORTED_DTYPES:
+        for R in (4, 16, 96, 128, 256, K.MAX_FUSED_R):
+            rule = K.lookup(3072, 3072, R, dtype, family)
+            assert rule["route"] in ("fused", "composed")
+            for kernel in K.KERNEL_CONFIG_KEYS:
+                K.validate_kernel_config(kernel, rule[kernel], kernel)
+
+
+def test_tables_are_package_data():
+    path = K.config_path("sm90")
+    assert path.is_file() and json.loads(path.read_text())["family"] == "sm90"
+
+
+def _good_table():
+    return copy.deepcopy(json.loads(K.config_path("default").read_text()))
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda t: t.pop("defaults"), "missing top-level key 'defaults'"),
+    (lambda t: t["defaults"][0]["shrink"].update(block_m=96), "block_m must be a power of two"),
+    (lambda t: t["defaults"][0]["expand"].pop("group_m"), "missing keys ['group_m']"),
+    (lambda t: t["defaults"][0].update(route="fastest"), "route must be 'fused' or 'composed'"),
+    (lambda t: t["defaults"][0]["grad_basis"].update(split_m=0), "split_m must be a positive integer"),
+    (lambda t: t["entries"].append({"in": 8, "out": 8, "R": 8, "dtype": "float64"}), "missing keys"),
+    (lambda t: [r.update(max_R=64) for r in t["defaults"]], "no default rule covers dtype"),
+])
+def test_malformed_table_gives_a_clear_error(corrupt, message):
+    table = _good_table()
+    corrupt(table)
+    with pytest.raises(K.ConfigError, match=re.escape(message)):
+        K.validate_table(table, "broken.json")
+
+
+def test_unreadable_table_file_names_the_file(tmp_path, monkeypatch):
+    bad = tmp_path / "smbroken.json"
+    bad.write_text("{not json")
+    monkeypatch.setattr(K, "config_path", lambda family: tmp_path / f"{family}.json")
+    with pytest.raises(K.ConfigError, match="smbroken.json: not valid JSON"):
+        K.load_table("smbroken")
+    with pytest.raises(K.ConfigError, match="no kernel configuration table for GPU family 'smnone'"):
+        K.load_table("smnone")
+
+
+def test_exact_entries_win_and_config_overrides_are_validated():
+    table = _good_table()
+    rule = {k: v for k, v in table["defaults"][0].items() if k not in ("dtypes", "max_R")}
+    rule = {**copy.deepcopy(rule), "in": 3072, "out": 3072, "R": 128, "dtype": "bfloat16", "route": "composed"}
+    table["entries"].append(rule)
+    validated = K.validate_table(table, "t.json")
+    assert validated["entries"][0]["route"] == "composed"
+    with pytest.raises(K.ConfigError, match="num_warps must be a power of two"):
+        K.kernel_config("shrink", 3072, 3072, 128, torch.bfloat16, "default", {"num_warps": 3})
+    assert K.kernel_config("shrink", 3072, 3072, 128, torch.bfloat16, "default", {"split_k": 2})["split_k"] == 2
+
+
+def test_tuner_dry_run_lists_the_sweep():
+    proc = subprocess.run([sys.executable, str(TUNER), "--dry-run", "--ranks", "96", "128"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "12 shapes" in proc.stdout
+    assert re.search(r"in=15360 +out=3072 +R=96 +bfloat16 +shrink: 32, expand: 32, grad_basis: 12", proc.stdout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_tuner_refuses_without_a_gpu():
+    proc = subprocess.run([sys.executable, str(TUNER)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "needs a CUDA GPU" in proc.stderr and "--dry-run" in proc.stderr
