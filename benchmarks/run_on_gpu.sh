@@ -48,11 +48,11 @@ step "pytest -m gpu -x" 170 \
   "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/ > "$OUTDIR/pytest_gpu.txt" 2>&1
 tail -n 5 "$OUTDIR/pytest_gpu.txt"
 
-# 4. AOT report (H1's lorweb_fast.aot) and the driver's view of the loaded kernels
+# 4. AOT report (lorweb_fast.aot) and the driver's view of the loaded kernels
 WORK="$(mktemp -d)"
 if "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('lorweb_fast.aot') is None)" 2>/dev/null; then
   major_minor="$("$PY" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')"
-  step "AOT report (sm_$major_minor)" 60 "$PY" -m lorweb_fast.aot --arch "$major_minor" --out "$WORK/aot" \
+  step "AOT report (sm_$major_minor)" 90 "$PY" -m lorweb_fast.aot --arch "$major_minor" --out "$WORK/aot" \
     && tar -C "$WORK" -czf "$OUTDIR/aot.tar.gz" aot
 else
   note "AOT report: skipped (lorweb_fast.aot is not in this checkout)"
@@ -73,8 +73,9 @@ if [ -f benchmarks/tune_kernels.py ]; then
   tune_s=$(( $(remaining) - 25 ))
   if [ "$tune_s" -gt 120 ]; then tune_s=120; fi
   if [ "$tune_s" -ge 20 ]; then
+    mkdir -p "$WORK/tune"
     step "tuning sweep (${tune_s}s)" $((tune_s + 15)) \
-      "$PY" benchmarks/tune_kernels.py --budget-s "$tune_s" --out "$WORK/tune" \
+      "$PY" benchmarks/tune_kernels.py --budget-s "$tune_s" --out "$WORK/tune/sm${major_minor:-90}.json" \
       && tar -C "$WORK" -czf "$OUTDIR/tune.tar.gz" tune
   else
     note "tuning sweep: skipped (only $(remaining)s of the budget left)"
