@@ -115,6 +115,9 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
         if layer._merged:
             raise RuntimeError(f"{name} is already merged (nested merged() blocks)")
     merged_weights = {name: merged_weight(layer) for name, layer in layers.items()}  # all or nothing
+    grad_warning = [False]  # one "LoRWeB parameters get no gradient" warning for the whole block
+    for layer in layers.values():
+        layer._merged_grad_warned = grad_warning
     originals = {}
     try:
         for name, layer in layers.items():
