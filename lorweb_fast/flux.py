@@ -19,6 +19,7 @@ from .layer import LoRWeBLinear, has_plain_weight
 from .model import DEFAULT_ENCODER, checkpoint_metadata, get_coefficients, load_lorweb_weights, lorweb_layers, \
     set_query
 from .ops import column_scaling, concat_basis
+from .validation import MIN_LONG_EDGE, check_generation_options, check_int, check_pipe_kwargs, warn_aspect_ratios
 
 
 # ----------------------------------------------------------------------------------------------------- grids
@@ -241,6 +242,7 @@ class LoRWeBKontextPipeline:
         if query_dims != {encoder.query_dim}:
             raise ValueError(f"the analogy encoder {encoder.name!r} gives queries of {encoder.query_dim} features, "
                              f"but the LoRWeB layers expect query_dim {sorted(query_dims)}")
+        check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
         self.pipe, self.encoder, self.long_edge = pipe, encoder, long_edge
 
     @property
@@ -287,7 +289,11 @@ class LoRWeBKontextPipeline:
             output_type: "pil" (PIL images) or "np" (float arrays in [0, 1], (H, W, 3)).
             pipe_kwargs: passed to FluxKontextPipeline.__call__ (e.g. ``true_cfg_scale``, ``negative_prompt``).
         """
+        check_generation_options(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                 long_edge=long_edge, merge=merge, output_type=output_type)
+        check_pipe_kwargs(pipe_kwargs, type(self.pipe).__call__)
         a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
+        warn_aspect_ratios(a, a_prime, b)
         grids = self.control_grids(a, a_prime, b, long_edge=long_edge)
         count = len(grids)
         prompts = _as_list(prompt, count)
@@ -298,7 +304,8 @@ class LoRWeBKontextPipeline:
             raise ValueError("num_images_per_prompt > 1 is supported for a single analogy only; pass the analogy "
                              "several times instead")
         query = self.encoder(a, a_prime, b).repeat_interleave(per_prompt, dim=0)  # pipeline order
-        set_query(self.transformer, query)  # once per generation
+        with torch.no_grad():  # inference: no autograd history on the coefficients
+            set_query(self.transformer, query)  # once per generation; checks query and coefficients are finite
         width, height = grids[0].size
         if merge == "auto":
             merge = count * per_prompt == 1 and all(has_plain_weight(l.base_layer)

@@ -224,3 +224,91 @@ def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, stackleve
                 warnings.warn(f"{role}[{i}] is {w}x{h} (aspect ratio {max(w, h) / max(1, min(w, h)):.1f}:1); the "
                               "2x2 analogy grid squashes such extreme shapes. Crop it closer to square for better "
                               "results", UserWarning, stacklevel=stacklevel)
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+#: Smallest grid long edge: two cells of at least 16 pixels (FLUX packs 2x2 latents after the 8x VAE).
+MIN_LONG_EDGE = 32
+#: FluxKontextPipeline arguments that LoRWeBKontextPipeline sets itself, with the option that controls each.
+PIPELINE_OWNED_ARGS = {"image": "the a, a_prime, b images", "prompt": "the prompt argument",
+                       "height": "long_edge", "width": "long_edge", "num_inference_steps": "num_inference_steps",
+                       "guidance_scale": "guidance_scale", "generator": "generator / seed",
+                       "output_type": "output_type", "max_area": "long_edge", "_auto_resize": "(fixed)"}
+
+
+def check_pipe_kwargs(pipe_kwargs: dict, call=None) -> dict:
+    """Refuse keys that FluxKontextPipeline.__call__ does not take, and keys the LoRWeB pipeline sets itself."""
+    import inspect
+
+    if call is None:
+        from diffusers import FluxKontextPipeline
+
+        call = FluxKontextPipeline.__call__
+    params = inspect.signature(call).parameters
+    accepted = set(params) - {"self"}
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in pipe_kwargs:
+        if key in PIPELINE_OWNED_ARGS:
+            raise ValueError(f"pipeline argument {key!r} is set by the LoRWeB pipeline (use {PIPELINE_OWNED_ARGS[key]})")
+        if key not in accepted and not open_ended:
+            raise ValueError(f"unknown pipeline argument {key!r}; FluxKontextPipeline accepts "
+                             f"{', '.join(sorted(accepted - set(PIPELINE_OWNED_ARGS)))}")
+    if "num_images_per_prompt" in pipe_kwargs and pipe_kwargs["num_images_per_prompt"] is not None:
+        check_int("num_images_per_prompt", pipe_kwargs["num_images_per_prompt"], lo=1)
+    for key in ("true_cfg_scale",):
+        if key in pipe_kwargs:
+            check_real(key, pipe_kwargs[key], lo=0.0)
+    if "max_sequence_length" in pipe_kwargs:
+        check_int("max_sequence_length", pipe_kwargs["max_sequence_length"], lo=1, hi=512)
+    return pipe_kwargs
+
+
+def check_generation_options(*, num_inference_steps, guidance_scale, long_edge, merge, output_type) -> None:
+    """Range and type of LoRWeBKontextPipeline.__call__'s own options."""
+    check_int("num_inference_steps", num_inference_steps, lo=1)
+    check_real("guidance_scale", guidance_scale, lo=0.0)
+    if long_edge is not None:
+        check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
+    if merge not in ("auto", True, False):
+        raise ValueError(f"merge must be 'auto', True or False, got {merge!r}")
+    if output_type not in ("pil", "np"):
+        raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+
+
+# ------------------------------------------------------------------------------------------------ training
+#: TrainConfig ranges: field -> (lo, hi, lo_open); fields not listed get type and finiteness checks only.
+TRAIN_RANGES = {
+    "steps": (1, None, False), "batch_size": (1, None, False), "learning_rate": (0.0, None, True),
+    "weight_decay": (0.0, None, False), "max_grad_norm": (0.0, None, False), "long_edge": (MIN_LONG_EDGE, None, False),
+    "logit_std": (0.0, None, True), "caption_dropout": (0.0, 1.0, False), "guidance_scale": (0.0, None, False),
+    "max_sequence_length": (1, 512, False), "num_loras": (1, None, False), "rank": (1, None, False),
+    "key_dim": (1, None, False), "heads": (1, None, False), "checkpoint_every": (1, None, False),
+    "keep_checkpoints": (0, None, False), "seed": (0, 2 ** 63 - 1, False), "num_workers": (0, None, False),
+}
+
+
+def check_train_config(cfg) -> None:
+    """Every TrainConfig field: its declared type (int, float, bool, str, betas), finite, and in TRAIN_RANGES."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), hints.get(f.name)
+        lo, hi, lo_open = TRAIN_RANGES.get(f.name, (None, None, False))
+        if kind is bool:
+            check_bool(f.name, value)
+        elif kind is int:
+            check_int(f.name, value, lo=lo, hi=hi)
+        elif kind is float:
+            check_real(f.name, value, lo=lo, hi=hi, lo_open=lo_open)
+        elif kind is str:
+            if not isinstance(value, str) or not value:
+                raise TypeError(f"{f.name} must be a non-empty string, got {value!r}")
+        elif f.name == "betas":
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise ValueError(f"betas must be two numbers in [0, 1), got {value!r}")
+            for i, beta in enumerate(value):
+                check_real(f"betas[{i}]", beta, lo=0.0, hi=1.0, hi_open=True)
+    if cfg.key_dim % cfg.heads:
+        raise ValueError(f"key_dim={cfg.key_dim} is not divisible by heads={cfg.heads}")
