@@ -312,3 +312,127 @@ def check_train_config(cfg) -> None:
                 check_real(f"betas[{i}]", beta, lo=0.0, hi=1.0, hi_open=True)
     if cfg.key_dim % cfg.heads:
         raise ValueError(f"key_dim={cfg.key_dim} is not divisible by heads={cfg.heads}")
+
+
+# ----------------------------------------------------------------------------------------- command line
+import argparse  # noqa: E402  (kept with the command-line helpers)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one stderr line (``prog: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        import sys
+
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _looks_like_path(name: str) -> bool:
+    return (os.path.isabs(name) or name.startswith((".", "~")) or os.sep in name.replace("/", "", 1)
+            or (os.altsep is not None and os.altsep in name) or not _HUB_ID.fullmatch(name))
+
+
+def _hub_cached(repo_id: str, filename: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:
+        return False
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def check_model_source(option: str, name: str, marker: str, *, hint: str = "") -> str:
+    """A model given as a local folder or a hub id: an existing path must be a folder; a path-like name must exist;
+    a hub id must be cached when HF_HUB_OFFLINE is set. ``marker`` is the file a cached hub snapshot holds."""
+    name = str(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{option} {name} is a file; give a model folder or a hub id{hint}")
+        return name
+    if _looks_like_path(name):
+        raise UsageError(f"{option} {name} does not exist on this machine{hint}")
+    if _offline() and not _hub_cached(name, marker):
+        raise UsageError(f"{option} {name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set{hint}")
+    return name
+
+
+#: --pipe-arg keys the CLI can pass (JSON values), with their checks; tensor-valued arguments are Python-API only.
+CLI_PIPE_ARGS = {
+    "prompt_2": lambda k, v: _check_str(k, v), "negative_prompt": lambda k, v: _check_str(k, v),
+    "negative_prompt_2": lambda k, v: _check_str(k, v), "true_cfg_scale": lambda k, v: check_real(k, v, lo=0.0),
+    "max_sequence_length": lambda k, v: check_int(k, v, lo=1, hi=512),
+    "sigmas": lambda k, v: [check_real(f"{k}[{i}]", s, lo=0.0, hi=1.0) for i, s in enumerate(_check_list(k, v))],
+}
+
+
+def _check_str(name, value):
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _check_list(name, value):
+    if not isinstance(value, list) or not value:
+        raise TypeError(f"{name} must be a non-empty JSON list, got {value!r}")
+    return value
+
+
+def check_infer_args(args) -> None:
+    """Every path and option of ``lorweb-fast infer``, before any model loads; raises UsageError (one line)."""
+    from .flux import load_image
+    from .model import LoRWeBCheckpointError, _config_from_metadata, checkpoint_metadata
+
+    try:
+        for option, value in (("--a", args.a), ("--a-prime", args.a_prime), ("--b", args.b)):
+            if Path(value).is_dir():
+                raise UsageError(f"{option} {value} is a folder; give an image file")
+            load_image(value)  # missing: FileNotFoundError, not an image: ValueError, both naming the file
+        check_input_file("--weights", args.weights, {".safetensors"})
+        try:
+            meta = checkpoint_metadata(args.weights)
+            _config_from_metadata(meta)
+        except LoRWeBCheckpointError as exc:
+            raise UsageError(f"--weights: {exc}") from None
+        check_int("--steps", args.steps, lo=1)
+        check_real("--guidance-scale", args.guidance_scale, lo=0.0)
+        check_int("--long-edge", args.long_edge, lo=MIN_LONG_EDGE)
+        check_int("--seed", args.seed, lo=0, hi=2 ** 64 - 1)
+        if args.device is not None:
+            check_device("--device", args.device)
+        check_output_file("--out", args.out, image_suffixes())
+        if args.coefficients_plot:
+            check_output_file("--coefficients-plot", args.coefficients_plot, plot_suffixes())
+        for key, value in args.pipe_kwargs.items():
+            if key in PIPELINE_OWNED_ARGS:
+                raise UsageError(f"--pipe-arg {key} is set by lorweb-fast itself (use {PIPELINE_OWNED_ARGS[key]})")
+            if key not in CLI_PIPE_ARGS:
+                raise UsageError(f"--pipe-arg {key}: unknown or unsupported on the command line; supported keys: "
+                                 f"{', '.join(sorted(CLI_PIPE_ARGS))}")
+            CLI_PIPE_ARGS[key](f"--pipe-arg {key}", value)
+        check_model_source("--model", args.model, "model_index.json")
+        if args.encoder is not None:
+            check_model_source("--encoder", args.encoder, "config.json")
+        elif "encoder" in meta:
+            check_model_source(f"the analogy encoder {meta['encoder']!r} named in the checkpoint metadata:",
+                               meta["encoder"], "config.json", hint="; pass --encoder")
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_train_args(args) -> None:
+    """Paths of ``lorweb-fast train`` before any model loads (TrainConfig.validate checks the numbers)."""
+    data = Path(args.data)
+    if not data.is_dir():
+        raise UsageError(f"--data {data} is not a folder")
+    check_output_dir("--out", args.out)
+    check_model_source("--model", args.model, "model_index.json")
+    check_model_source("--encoder", args.encoder, "config.json")
