@@ -233,7 +233,8 @@ MIN_LONG_EDGE = 32
 PIPELINE_OWNED_ARGS = {"image": "the a, a_prime, b images", "prompt": "the prompt argument",
                        "height": "long_edge", "width": "long_edge", "num_inference_steps": "num_inference_steps",
                        "guidance_scale": "guidance_scale", "generator": "generator / seed",
-                       "output_type": "output_type", "max_area": "long_edge", "_auto_resize": "(fixed)"}
+                       "output_type": "output_type", "max_area": "long_edge", "_auto_resize": "(fixed)",
+                       "return_dict": "(fixed)"}
 
 
 def check_pipe_kwargs(pipe_kwargs: dict, call=None) -> dict:
