@@ -353,10 +353,7 @@ def prepare_output(cfg, *, main_process: bool = True) -> tuple[Optional[Path], O
     if not cfg.resume:
         return None, None
     ckpt, state = find_resumable_checkpoint(out)
-    if ckpt is None:
-        if used:
-            raise ValueError(f"--resume: {out} holds a run but no complete checkpoint to resume from; pass "
-                             "--overwrite to start over")
+    if ckpt is None:  # e.g. killed before its first checkpoint: start over (the loss log restarts, not mixed)
         logger.warning("--resume: no checkpoint in %s, starting from step 0", root)
         return None, None
     _check_resume_config(cfg, ckpt, state, out)

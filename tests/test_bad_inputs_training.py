@@ -73,10 +73,11 @@ def test_overwrite_removes_only_the_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my_notes.txt"]
 
 
-def test_resume_on_a_run_without_checkpoint_is_refused(tmp_path):
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, caplog):
     (tmp_path / "loss.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    with pytest.raises(ValueError, match="no complete checkpoint to resume from"):
-        prepare_output(cfg_for(tmp_path, resume=True))
+    with caplog.at_level("WARNING", logger="lorweb_fast.training"):
+        assert prepare_output(cfg_for(tmp_path, resume=True)) == (None, None)
+    assert "starting from step 0" in caplog.text
 
 
 # -------------------------------------------------------------------------------------- resume config check
@@ -253,3 +254,48 @@ def test_corrupt_newest_optimizer_state_resumes_from_the_previous_checkpoint_bit
     assert log_a == log_b  # one run's log, not two mixed
     with pytest.raises(ValueError, match="already holds a training run"):
         training.train(real_cfg(run, 6))  # a fresh run into it is refused
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(assets, tmp_path):
+    """A `lorweb-fast train` process killed with SIGKILL (possibly mid-checkpoint, leaving a temporary folder)
+    resumes from its newest complete checkpoint to the same weights and loss log as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lorweb_fast import cli
+
+    def argv(out, steps):
+        return ["train", "--data", str(assets / "data"), "--out", str(out), "--model", str(assets / "pipe"),
+                "--encoder", str(assets / "clip"), "--steps", str(steps), "--batch-size", "2", "--mixed-precision",
+                "no", "--long-edge", "64", "--max-sequence-length", str(demo.DEMO_MAX_SEQUENCE_LENGTH),
+                "--num-loras", "4", "--rank", "2", "--key-dim", "8", "--checkpoint-every", "2", "--num-workers", "0",
+                "--no-progress", "--optimizer", "adamw", "--learning-rate", "0.01"]
+
+    killed = tmp_path / "killed"
+    exe = Path(sys.executable).with_name("lorweb-fast")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lorweb_fast.cli"]
+    proc = subprocess.Popen(cmd + argv(killed, 400), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while training.latest_checkpoint(killed) is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    resumed_from = int(training.latest_checkpoint(killed).name.split("-")[1])
+    total = resumed_from + 2
+    assert cli.main(argv(killed, total) + ["--resume"]) == 0
+    assert not list((killed / "checkpoints").glob(".tmp-step-*"))
+    straight = tmp_path / "straight"
+    assert cli.main(argv(straight, total)) == 0
+    a, b = load_file(str(straight / "lorweb.safetensors")), load_file(str(killed / "lorweb.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_a = [json.loads(l) for l in (straight / "loss.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (killed / "loss.jsonl").read_text().splitlines()]
+    assert log_a == log_b and [r["step"] for r in log_b] == list(range(1, total + 1))
