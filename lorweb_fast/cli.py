@@ -100,7 +100,9 @@ def run_demo(args) -> dict:
     from . import demo
     from .flux import LoRWeBKontextPipeline, plot_coefficients
     from .training import TrainConfig, train
+    from .validation import check_demo_args
 
+    check_demo_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()

@@ -19,7 +19,8 @@ from .layer import LoRWeBLinear, has_plain_weight
 from .model import DEFAULT_ENCODER, checkpoint_metadata, get_coefficients, load_lorweb_weights, lorweb_layers, \
     set_query
 from .ops import column_scaling, concat_basis
-from .validation import MIN_LONG_EDGE, check_generation_options, check_int, check_pipe_kwargs, warn_aspect_ratios
+from .validation import MIN_LONG_EDGE, check_device, check_generation_options, check_int, check_pipe_kwargs, \
+    warn_aspect_ratios
 
 
 # ----------------------------------------------------------------------------------------------------- grids
@@ -258,6 +259,8 @@ class LoRWeBKontextPipeline:
         ``encoder`` defaults to the one named in the checkpoint's metadata (CLIP ViT-L/14 when absent). The
         checkpoint is validated against the transformer before anything is loaded into it.
         """
+        if device is not None:
+            check_device("device", device)  # e.g. cuda without a GPU: before any model loads
         meta = checkpoint_metadata(weights)  # fails on a missing or corrupt file before any model loads
         pipe = load_kontext_pipeline(model, dtype)
         load_lorweb_weights(pipe.transformer, weights)

@@ -285,6 +285,9 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot save LoRWeB weights to {path}: it is a folder; give a .safetensors file")
+    if not path.lower().endswith(".safetensors"):
+        raise ValueError(f"cannot save LoRWeB weights to {path}: the file name must end in .safetensors (the format "
+                         "written; the command line refuses other extensions)")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
@@ -315,6 +318,8 @@ def _read_safetensors(path, *, tensors: bool) -> tuple[dict[str, torch.Tensor], 
     from safetensors import safe_open
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"LoRWeB checkpoint {path} is a folder; give its .safetensors file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LoRWeB checkpoint not found: {path}")
     try:
@@ -322,8 +327,8 @@ def _read_safetensors(path, *, tensors: bool) -> tuple[dict[str, torch.Tensor], 
             meta = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as exc:
-        raise LoRWeBCheckpointError(f"cannot read LoRWeB checkpoint {path}: it is corrupt or truncated "
-                                    f"({type(exc).__name__}: {exc})") from exc
+        raise LoRWeBCheckpointError(f"cannot read LoRWeB checkpoint {path}: it is not a safetensors file, or it is "
+                                    f"corrupt or truncated ({type(exc).__name__}: {exc})") from exc
     return state, meta
 
 

@@ -437,3 +437,16 @@ def check_train_args(args) -> None:
     check_output_dir("--out", args.out)
     check_model_source("--model", args.model, "model_index.json")
     check_model_source("--encoder", args.encoder, "config.json")
+
+
+def check_demo_args(args) -> None:
+    """``lorweb-fast demo`` options before anything is built."""
+    try:
+        check_output_dir("--out", args.out)
+        check_int("--steps", args.steps, lo=1)
+        check_int("--samples", args.samples, lo=1)
+        check_real("--learning-rate", args.learning_rate, lo=0.0, lo_open=True)
+        check_int("--inference-steps", args.inference_steps, lo=1)
+        check_int("--seed", args.seed, lo=0, hi=2 ** 63 - 1)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None

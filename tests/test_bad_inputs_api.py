@@ -487,3 +487,42 @@ def test_autograd_history_at_inference_warns_and_no_grad_does_not():
         copy.deepcopy(m)
         m.train()
         lf.set_query(m, query())  # training: history wanted, no warning
+
+
+# ------------------------------------------------------------------------------------- weights files, devices
+@pytest.mark.parametrize("kind,exc,fragment", [("folder", IsADirectoryError, "is a folder; give its .safetensors"),
+                                               ("torch pickle", LoRWeBCheckpointError, "not a safetensors file"),
+                                               ("empty", LoRWeBCheckpointError, "not a safetensors file"),
+                                               ("missing", FileNotFoundError, "not found")])
+def test_weights_that_are_not_a_safetensors_file(tmp_path, kind, exc, fragment):
+    path = tmp_path / "w.safetensors"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "torch pickle":
+        path = tmp_path / "w.bin"
+        torch.save(lf.lorweb_state_dict(tiny_model()), path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    m = prepared()
+    snap = snapshot(m)
+    with pytest.raises(exc, match=fragment):
+        lf.load_lorweb_weights(m, path)
+    with pytest.raises(exc, match=fragment):
+        lmodel.checkpoint_metadata(path)
+    assert_unchanged(m, snap)
+
+
+@pytest.mark.parametrize("name", ["w.pt", "w.bin", "w", "w.safetensors.tmp"])
+def test_save_needs_the_safetensors_extension(tmp_path, name):
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        lf.save_lorweb_weights(tiny_model(), tmp_path / name)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_pipeline_from_pretrained_cuda_without_gpu(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    monkeypatch.setattr(flux, "load_kontext_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    lf.save_lorweb_weights(tiny_model(), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+        flux.LoRWeBKontextPipeline.from_pretrained(tmp_path, tmp_path / "w.safetensors", device="cuda")

@@ -266,3 +266,29 @@ def test_train_overwrite_reaches_the_loader_and_clears_only_run_files(files, tmp
     with pytest.raises(ModelLoaded):
         cli.main(train_argv(files, tmp_path, "--overwrite", "--mixed-precision", "no", out=out))
     assert not (out / "checkpoints").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------------------- demo
+DEMO_CASES = {
+    "steps 0": (["--steps", "0"], "--steps must be an integer >= 1"),
+    "samples 0": (["--samples", "0"], "--samples must be an integer >= 1"),
+    "learning rate nan": (["--learning-rate", "nan"], "--learning-rate must be finite"),
+    "learning rate negative": (["--learning-rate", "-1"], "--learning-rate must be > 0"),
+    "inference steps 0": (["--inference-steps", "0"], "--inference-steps must be an integer >= 1"),
+    "seed negative": (["--seed", "-1"], "--seed must be an integer in [0,"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEMO_CASES))
+def test_demo_bad_option_stops_up_front(tmp_path, capsys, monkeypatch, case):
+    built = []
+    monkeypatch.setattr(demo, "build_tiny_kontext_pipeline", lambda *a, **k: built.append(a))
+    extra, fragment = DEMO_CASES[case]
+    assert_one_line_exit_2(capsys, ["demo", "--out", str(tmp_path / "demo"), *extra], fragment, built)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_out_is_a_file(files, capsys, monkeypatch):
+    built = []
+    monkeypatch.setattr(demo, "build_tiny_kontext_pipeline", lambda *a, **k: built.append(a))
+    assert_one_line_exit_2(capsys, ["demo", "--out", str(files / "a_file")], "is a file; give a folder", built)
