@@ -322,7 +322,8 @@ def mixed_lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
         (B, S, out) or (B, out) in x.dtype.
     """
     validate_inputs(x, lora_a, lora_b, coeffs, add_to=add_to)
-    scale = check_real("scale", scale)
+    if not torch.compiler.is_compiling():  # under dynamic compile scale may be symbolic (checked when eager)
+        scale = check_real("scale", scale)
     name = resolve_backend(backend, x.device)
     if name == "torch":
         delta = _torch_delta(x, lora_a, lora_b, coeffs, scale)
@@ -344,7 +345,8 @@ def lorweb_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     validate_inputs(x, lora_a, lora_b, coeffs, weight=weight, bias=bias)
-    scale = check_real("scale", scale)
+    if not torch.compiler.is_compiling():  # under dynamic compile scale may be symbolic (checked when eager)
+        scale = check_real("scale", scale)
     name = resolve_backend(backend, x.device)
     if name == "torch":
         return F.linear(x, weight, bias) + _torch_delta(x, lora_a, lora_b, coeffs, scale)
