@@ -243,7 +243,8 @@ class LoRWeBKontextPipeline:
         if query_dims != {encoder.query_dim}:
             raise ValueError(f"the analogy encoder {encoder.name!r} gives queries of {encoder.query_dim} features, "
                              f"but the LoRWeB layers expect query_dim {sorted(query_dims)}")
-        check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
+        if long_edge is not None:  # None: no cap, where supported
+            check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
         self.pipe, self.encoder, self.long_edge = pipe, encoder, long_edge
 
     @property

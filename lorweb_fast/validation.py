@@ -405,7 +405,8 @@ def check_infer_args(args) -> None:
             raise UsageError(f"--weights: {exc}") from None
         check_int("--steps", args.steps, lo=1)
         check_real("--guidance-scale", args.guidance_scale, lo=0.0)
-        check_int("--long-edge", args.long_edge, lo=MIN_LONG_EDGE)
+        if getattr(args, "long_edge", None) is not None:
+            check_int("--long-edge", args.long_edge, lo=MIN_LONG_EDGE)
         check_int("--seed", args.seed, lo=0, hi=2 ** 64 - 1)
         if args.device is not None:
             check_device("--device", args.device)
