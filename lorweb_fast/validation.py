@@ -408,12 +408,12 @@ def check_infer_args(args) -> None:
         if getattr(args, "long_edge", None) is not None:
             check_int("--long-edge", args.long_edge, lo=MIN_LONG_EDGE)
         check_int("--seed", args.seed, lo=0, hi=2 ** 64 - 1)
-        if args.device is not None:
+        if getattr(args, "device", None) is not None:
             check_device("--device", args.device)
         check_output_file("--out", args.out, image_suffixes())
-        if args.coefficients_plot:
+        if getattr(args, "coefficients_plot", None):
             check_output_file("--coefficients-plot", args.coefficients_plot, plot_suffixes())
-        for key, value in args.pipe_kwargs.items():
+        for key, value in (getattr(args, "pipe_kwargs", None) or {}).items():
             if key in PIPELINE_OWNED_ARGS:
                 raise UsageError(f"--pipe-arg {key} is set by lorweb-fast itself (use {PIPELINE_OWNED_ARGS[key]})")
             if key not in CLI_PIPE_ARGS:
@@ -421,7 +421,7 @@ def check_infer_args(args) -> None:
                                  f"{', '.join(sorted(CLI_PIPE_ARGS))}")
             CLI_PIPE_ARGS[key](f"--pipe-arg {key}", value)
         check_model_source("--model", args.model, "model_index.json")
-        if args.encoder is not None:
+        if getattr(args, "encoder", None) is not None:
             check_model_source("--encoder", args.encoder, "config.json")
         elif "encoder" in meta:
             check_model_source(f"the analogy encoder {meta['encoder']!r} named in the checkpoint metadata:",
