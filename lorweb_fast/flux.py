@@ -337,9 +337,14 @@ def plot_coefficients(model: nn.Module, path: Union[str, Path], *, sample: int =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .validation import check_output_file, plot_suffixes
+
+    check_output_file("path", path, plot_suffixes())
     coeffs = get_coefficients(model)
     if not coeffs:
         raise RuntimeError("no coefficients to plot: call set_query first")
+    batch = next(iter(coeffs.values())).shape[0]
+    check_int("sample", sample, lo=0, hi=batch - 1)
     names = list(coeffs)
     data = torch.stack([coeffs[n][sample].detach().float().cpu() for n in names]).numpy()
     fig, ax = plt.subplots(figsize=(max(6, data.shape[1] * 0.25 + 3), max(4, len(names) * 0.12 + 2)))

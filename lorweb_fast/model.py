@@ -82,6 +82,8 @@ def matches_target(name: str, target_modules: Union[str, Iterable[str]]) -> bool
 
 def lorweb_layers(model: nn.Module) -> dict[str, LoRWeBLinear]:
     """``{module name: LoRWeBLinear}`` for every injected layer of ``model``, in module order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRWeBLinear)}
 
 
@@ -160,8 +162,8 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
     """
     layers = _require_layers(model)
     check_float_tensor("query", query)
-    if query.dim() != 2:
-        raise ValueError(f"query must be a (B, query_dim) tensor, got shape {tuple(query.shape)}")
+    if query.dim() != 2 or query.shape[0] < 1:
+        raise ValueError(f"query must be a (B, query_dim) tensor with B >= 1, got shape {tuple(query.shape)}")
     _refuse_merged(layers, "set_query")
     groups: dict[tuple, list[tuple[str, LoRWeBLinear]]] = defaultdict(list)
     for name, layer in layers.items():

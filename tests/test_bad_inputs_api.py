@@ -6,6 +6,7 @@ kept, files untouched). Issue 16, classes "types", "non-finite inputs", "numeric
 import copy
 import math
 import os
+import re
 import warnings
 
 import pytest
@@ -526,3 +527,38 @@ def test_pipeline_from_pretrained_cuda_without_gpu(tmp_path, monkeypatch):
     lf.save_lorweb_weights(tiny_model(), tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match="no CUDA GPU is visible"):
         flux.LoRWeBKontextPipeline.from_pretrained(tmp_path, tmp_path / "w.safetensors", device="cuda")
+
+
+@pytest.mark.parametrize("entry", ["inject_lorweb", "set_query", "load_lorweb_weights", "lorweb_layers"])
+def test_model_must_be_a_module(tmp_path, entry):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        if entry == "inject_lorweb":
+            lf.inject_lorweb({"not": "a model"}, CONFIG)
+        elif entry == "set_query":
+            lf.set_query("model", query())
+        elif entry == "load_lorweb_weights":
+            lf.load_lorweb_weights(None, tmp_path / "w.safetensors")
+        else:
+            lf.lorweb_layers([nn.Linear(2, 2)])
+
+
+def test_empty_query_batch():
+    m = prepared()
+    snap = snapshot(m)
+    with pytest.raises(ValueError, match="B >= 1"):
+        lf.set_query(m, torch.zeros(0, QUERY_DIM))
+    assert_unchanged(m, snap)
+
+
+@pytest.mark.parametrize("kwargs,exc,fragment", [({"sample": 1}, ValueError, "sample must be an integer in [0, 0]"),
+                                                 ({"sample": -1}, ValueError, "sample must be"),
+                                                 ({"sample": 0.0}, TypeError, "sample must be an integer"),
+                                                 ({"name": "c.xyz"}, ValueError, "unknown file extension"),
+                                                 ({"name": "dir"}, ValueError, "is a folder")])
+def test_plot_coefficients_arguments(tmp_path, kwargs, exc, fragment):
+    m = prepared()
+    (tmp_path / "dir").mkdir()
+    path = tmp_path / kwargs.pop("name", "c.png")
+    with pytest.raises(exc, match=re.escape(fragment)):
+        lf.plot_coefficients(m, path, **kwargs)
+    assert sorted(os.listdir(tmp_path)) == ["dir"]
