@@ -358,6 +358,8 @@ def check_model_source(option: str, name: str, marker: str, *, hint: str = "") -
     if path.exists():
         if not path.is_dir():
             raise UsageError(f"{option} {name} is a file; give a model folder or a hub id{hint}")
+        if not (path / marker).is_file():
+            raise UsageError(f"{option} {name} is not a saved model folder (it has no {marker}){hint}")
         return name
     if _looks_like_path(name):
         raise UsageError(f"{option} {name} does not exist on this machine{hint}")

@@ -46,6 +46,9 @@ def files(tmp_path_factory):
     lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=r"\d"))
     (root / "clip").mkdir()
     (root / "model").mkdir()
+    (root / "clip" / "config.json").write_text("{}")  # the marker files the path checks look for
+    (root / "model" / "model_index.json").write_text("{}")
+    (root / "empty_dir").mkdir()
     lf.save_lorweb_weights(m, root / "w.safetensors", metadata={"encoder": str(root / "clip")})
     lf.save_lorweb_weights(m, root / "w_missing_encoder.safetensors", metadata={"encoder": "/nonexistent/clip-tiny"})
     state = {k: v.detach() for k, v in lf.lorweb_state_dict(m).items()}
@@ -120,6 +123,8 @@ INFER_CASES = {
     "encoder is a file": ({"--encoder": "{root}/a_file"}, "is a file; give a model folder"),
     "model is a file": ({"--model": "{root}/a_file"}, "is a file; give a model folder"),
     "model path missing": ({"--model": "./no/such/model"}, "does not exist on this machine"),
+    "model folder not a pipeline": ({"--model": "{root}/empty_dir"}, "has no model_index.json"),
+    "encoder folder not a model": ({"--encoder": "{root}/empty_dir"}, "has no config.json"),
     "image missing": ({"--b": "{root}/nope.png"}, "image not found"),
     "image is a folder": ({"--a": "{root}/model"}, "is a folder; give an image file"),
     "image not an image": ({"--a-prime": "{root}/w.bin"}, "is not a readable image"),
@@ -245,6 +250,7 @@ TRAIN_PATH_CASES = {
     "data missing": (lambda r, t: ["--data", str(t / "nodata")], "is not a folder"),
     "model missing": (lambda r, t: ["--model", str(t / "nomodel")], "does not exist on this machine"),
     "encoder is a file": (lambda r, t: ["--encoder", str(r / "a_file")], "is a file; give a model folder"),
+    "model folder not a pipeline": (lambda r, t: ["--model", str(r / "empty_dir")], "has no model_index.json"),
 }
 
 
