@@ -234,6 +234,9 @@ def _layer_metadata(layers: Mapping[str, LoRWeBLinear]) -> dict[str, str]:
                                                                            first.reduce, first.scale):
             raise ValueError(f"layer {name} has a configuration different from the others; one checkpoint stores "
                              "one heads/activation/reduce/scale setting")
+        if layer.query_dim != first.query_dim:
+            raise ValueError(f"layer {name} has query_dim={layer.query_dim} but others {first.query_dim}: one analogy "
+                             "query feeds every layer, so the loader would refuse this checkpoint")
     return meta
 
 

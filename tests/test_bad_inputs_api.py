@@ -562,3 +562,15 @@ def test_plot_coefficients_arguments(tmp_path, kwargs, exc, fragment):
     with pytest.raises(exc, match=re.escape(fragment)):
         lf.plot_coefficients(m, path, **kwargs)
     assert sorted(os.listdir(tmp_path)) == ["dir"]
+
+
+@pytest.mark.parametrize("field,value", [("query_dim", 7), ("heads", 2), ("activation", "tanh"), ("reduce", "sum"),
+                                         ("lora_alpha", 3.0)])
+def test_save_refuses_layers_with_inconsistent_configuration(tmp_path, field, value):
+    m = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    kwargs = dict(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM)
+    m[0] = lf.LoRWeBLinear(m[0], **kwargs)
+    m[1] = lf.LoRWeBLinear(m[1], **dict(kwargs, **{field: value}))
+    with pytest.raises(ValueError, match="layer 1 has"):
+        lf.save_lorweb_weights(m, tmp_path / "w.safetensors")
+    assert os.listdir(tmp_path) == []
