@@ -298,3 +298,21 @@ def test_demo_out_is_a_file(files, capsys, monkeypatch):
     built = []
     monkeypatch.setattr(demo, "build_tiny_kontext_pipeline", lambda *a, **k: built.append(a))
     assert_one_line_exit_2(capsys, ["demo", "--out", str(files / "a_file")], "is a file; give a folder", built)
+
+
+@pytest.mark.parametrize("option", ["--out", "--coefficients-plot", "existing --out file"])
+def test_infer_unwritable_paths_by_access_check(files, tmp_path, capsys, no_model_load, monkeypatch, option):
+    """The writability check itself (root bypasses permissions, so os.access is patched to deny one folder/file)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    target = locked / ("plot.png" if option == "--coefficients-plot" else "b.png")
+    if option.startswith("existing"):
+        target.write_bytes(b"old")
+        denied = target
+    else:
+        denied = locked
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(denied) else real_access(p, mode))
+    flag = "--coefficients-plot" if option == "--coefficients-plot" else "--out"
+    assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **{flag: target}), "not writable", no_model_load)
+    assert [p.name for p in locked.iterdir()] == ([target.name] if option.startswith("existing") else [])

@@ -227,6 +227,7 @@ def assets(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_corrupt_newest_optimizer_state_resumes_from_the_previous_checkpoint_bit_identically(assets, tmp_path):
     def real_cfg(out, steps):
         return TrainConfig(data=str(assets / "data"), out=str(out), model=str(assets / "pipe"),
@@ -256,8 +257,10 @@ def test_corrupt_newest_optimizer_state_resumes_from_the_previous_checkpoint_bit
         training.train(real_cfg(run, 6))  # a fresh run into it is refused
 
 
-def test_sigkill_mid_run_then_resume_is_bit_identical(assets, tmp_path):
-    """A `lorweb-fast train` process killed with SIGKILL (possibly mid-checkpoint, leaving a temporary folder)
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_killed_mid_run_then_resume_is_bit_identical(assets, tmp_path, signame):
+    """A `lorweb-fast train` process killed by a signal (possibly mid-checkpoint, leaving a temporary folder)
     resumes from its newest complete checkpoint to the same weights and loss log as an uninterrupted run."""
     import os
     import signal
@@ -284,10 +287,13 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(assets, tmp_path):
         while training.latest_checkpoint(killed) is None and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
         assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, getattr(signal, signame))
+        proc.wait(timeout=120)
     finally:
-        proc.kill()
-        proc.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
     resumed_from = int(training.latest_checkpoint(killed).name.split("-")[1])
     total = resumed_from + 2
     assert cli.main(argv(killed, total) + ["--resume"]) == 0
