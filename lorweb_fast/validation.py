@@ -304,7 +304,7 @@ def check_train_config(cfg) -> None:
         elif kind is float:
             check_real(f.name, value, lo=lo, hi=hi, lo_open=lo_open)
         elif kind is str:
-            if not isinstance(value, str) or not value:
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
                 raise TypeError(f"{f.name} must be a non-empty string, got {value!r}")
         elif f.name == "betas":
             if not isinstance(value, (tuple, list)) or len(value) != 2:
