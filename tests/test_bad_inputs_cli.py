@@ -87,6 +87,7 @@ def assert_one_line_exit_2(capsys, argv, fragment, no_model_load):
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in err
     assert no_model_load == [], "a model was loaded before the error"
+    return lines[0]
 
 
 INFER_CASES = {
@@ -316,3 +317,23 @@ def test_infer_unwritable_paths_by_access_check(files, tmp_path, capsys, no_mode
     flag = "--coefficients-plot" if option == "--coefficients-plot" else "--out"
     assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **{flag: target}), "not writable", no_model_load)
     assert [p.name for p in locked.iterdir()] == ([target.name] if option.startswith("existing") else [])
+
+
+@pytest.mark.parametrize("change,fragment", [(["--learning-rate", "0.5"], "learning_rate: 0.001 -> 0.5"),
+                                             (["--rank", "8"], "rank: 4 -> 8"),
+                                             (["--seed", "7"], "seed: 0 -> 7")])
+def test_train_resume_with_a_different_config(files, tmp_path, capsys, no_model_load, change, fragment):
+    from lorweb_fast import training
+
+    out = tmp_path / "run"
+    cfg = cli._train_config(cli.build_parser().parse_args(train_argv(files, tmp_path, out=out)))
+    ckpt = out / "checkpoints" / "step-00000001"
+    ckpt.mkdir(parents=True)
+    m = nn.Sequential(nn.Linear(6, 5))
+    lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=r"\d"))
+    lf.save_lorweb_weights(m, ckpt / "lorweb.safetensors")
+    torch.save({"step": 1, "optimizer": {"state": {}, "param_groups": []},
+                "config": training._comparable_config(cfg)}, ckpt / "trainer_state.pt")
+    line = assert_one_line_exit_2(capsys, train_argv(files, tmp_path, "--resume", *change, out=out),
+                                  "only the step budget may change", no_model_load)
+    assert fragment in line
