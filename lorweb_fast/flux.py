@@ -120,7 +120,13 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
     grad_warning = [False]  # one "LoRWeB parameters get no gradient" warning for the whole block
     for layer in layers.values():
         layer._merged_grad_warned = grad_warning
+
+    def refuse_load(*args, **kwargs):  # runs before the root loads anything: the model stays untouched
+        raise RuntimeError("load_state_dict inside a merged() block: the merged weights would be overwritten or "
+                           "silently stay in use; exit the merged() block first")
+
     originals = {}
+    hook = model.register_load_state_dict_pre_hook(refuse_load)
     try:
         for name, layer in layers.items():
             weight = layer.base_layer.weight
@@ -133,6 +139,7 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
             layer = layers[name]
             layer.base_layer.weight.data = data
             layer._merged = False
+        hook.remove()
 
 
 # -------------------------------------------------------------------------------------------- analogy encoder

@@ -298,6 +298,24 @@ def test_loading_new_parameters_drops_old_coefficients(tmp_path, how):
         assert torch.equal(m(x), expected(x))
 
 
+def test_load_state_dict_inside_merged_leaves_every_module_untouched(tmp_path):
+    """The root refuses before anything loads: modules before the first LoRWeB layer are not modified either."""
+    m = nn.Sequential(nn.Linear(6, 6), tiny_model())
+    with torch.no_grad():
+        lf.set_query(m, query())
+    other = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    snap = snapshot(m)
+    with flux.merged(m):
+        with pytest.raises(RuntimeError, match="load_state_dict inside a merged\\(\\) block"):
+            m.load_state_dict(other.state_dict())
+    assert_unchanged(m, snap)
+    m.load_state_dict(other.state_dict())  # outside: allowed, and the coefficients are dropped
+    assert lf.get_coefficients(m) == {}
+
+
 def test_load_state_dict_of_other_modules_keeps_coefficients():
     m = prepared()
     snap = snapshot(m)
