@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -312,6 +312,10 @@ def _check_resume_config(cfg, ckpt: Path, state: dict, out: Path) -> None:
         return
     now = _comparable_config(cfg)
     stored = {k: v for k, v in stored.items() if k not in RESUME_MAY_DIFFER}
+    # a field added after the checkpoint was written counts as its default there
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(cfg) if f.default is not MISSING},
+                                     default=str))
+    stored = {**{k: defaults[k] for k in now if k not in stored and k in defaults}, **stored}
     differ = sorted(k for k in set(now) | set(stored) if now.get(k) != stored.get(k))
     if differ:
         shown = ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in differ)

@@ -305,3 +305,18 @@ def test_killed_mid_run_then_resume_is_bit_identical(assets, tmp_path, signame):
     log_a = [json.loads(l) for l in (straight / "loss.jsonl").read_text().splitlines()]
     log_b = [json.loads(l) for l in (killed / "loss.jsonl").read_text().splitlines()]
     assert log_a == log_b and [r["step"] for r in log_b] == list(range(1, total + 1))
+
+
+@pytest.mark.parametrize("value,refused", [("none", False), ("logit_normal", True)])
+def test_field_missing_from_an_older_checkpoint_counts_as_its_default(tmp_path, value, refused):
+    cfg = cfg_for(tmp_path)
+    stored = training._comparable_config(cfg)
+    del stored["weighting_scheme"]  # as if written before the field existed (default "none")
+    fake_checkpoint(tmp_path, 2, cfg, state={"step": 2, "optimizer": {"state": {}, "param_groups": []},
+                                             "config": stored})
+    resumed = dataclasses.replace(cfg, resume=True, weighting_scheme=value)
+    if refused:
+        with pytest.raises(ValueError, match="weighting_scheme: 'none' -> 'logit_normal'"):
+            prepare_output(resumed)
+    else:
+        assert prepare_output(resumed)[1]["step"] == 2
