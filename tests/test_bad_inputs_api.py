@@ -592,3 +592,13 @@ def test_save_refuses_layers_with_inconsistent_configuration(tmp_path, field, va
     with pytest.raises(ValueError, match="layer 1 has"):
         lf.save_lorweb_weights(m, tmp_path / "w.safetensors")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("dtype", NON_FLOAT + [torch.complex64])
+def test_layer_forward_refuses_non_float_inputs(dtype):
+    m = prepared()
+    snap = snapshot(m)
+    x = (torch.randn(1, 6) * 3).to(dtype)
+    with pytest.raises(TypeError, match="x has dtype"):
+        m(x)
+    assert_unchanged(m, snap)
