@@ -173,10 +173,21 @@ def check_input_file(name: str, path, suffixes: Optional[Iterable[str]] = None) 
 
 
 def image_suffixes() -> set[str]:
-    """File extensions PIL can write."""
+    """File extensions under which PIL can write an RGB image (tried on a 1x1 image in memory, e.g. 1-bit-only
+    formats are left out, so a generation is never lost to a late save error)."""
+    import io
+
     from PIL import Image
 
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    probe, usable = Image.new("RGB", (1, 1)), set()
+    for ext, fmt in Image.registered_extensions().items():
+        if fmt in Image.SAVE:
+            try:
+                probe.save(io.BytesIO(), format=fmt)
+            except Exception:
+                continue
+            usable.add(ext)
+    return usable
 
 
 def plot_suffixes() -> set[str]:

@@ -103,6 +103,7 @@ INFER_CASES = {
     "out is a folder": ({"--out": "{root}/out_dir.png"}, "is a folder; give a file name"),
     "out extension unknown": ({"--out": "{tmp}/b.xyz"}, "unknown file extension '.xyz'"),
     "out without extension": ({"--out": "{tmp}/b_prime"}, "unknown file extension '(none)'"),
+    "out format cannot hold RGB": ({"--out": "{tmp}/b.xbm"}, "unknown file extension '.xbm'"),
     "out under a file": ({"--out": "{root}/a_file/b.png"}, "a_file is a file, not a folder"),
     "plot extension unknown": ({"--coefficients-plot": "{tmp}/c.xyz"}, "--coefficients-plot"),
     "plot is a folder": ({"--coefficients-plot": "{root}/out_dir.png"}, "is a folder; give a file name"),
