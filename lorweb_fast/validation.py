@@ -180,13 +180,15 @@ def image_suffixes() -> set[str]:
     from PIL import Image
 
     probe, usable = Image.new("RGB", (1, 1)), set()
-    for ext, fmt in Image.registered_extensions().items():
-        if fmt in Image.SAVE:
-            try:
-                probe.save(io.BytesIO(), format=fmt)
-            except Exception:
-                continue
-            usable.add(ext)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. deprecated formats
+        for ext, fmt in Image.registered_extensions().items():
+            if fmt in Image.SAVE:
+                try:
+                    probe.save(io.BytesIO(), format=fmt)
+                except Exception:
+                    continue
+                usable.add(ext)
     return usable
 
 
