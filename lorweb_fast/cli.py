@@ -52,8 +52,10 @@ def analogy_strip(a, a_prime, b, b_prime):
 # --------------------------------------------------------------------------------------------------- infer
 def run_infer(args) -> Path:
     from .flux import LoRWeBKontextPipeline, load_image, plot_coefficients
+    from .validation import check_infer_args
 
-    images = [load_image(p) for p in (args.a, args.a_prime, args.b)]  # fail before loading any model
+    check_infer_args(args)  # every path and option, before loading any model
+    images = [load_image(p) for p in (args.a, args.a_prime, args.b)]
     device = _device(args.device)
     pipe = LoRWeBKontextPipeline.from_pretrained(args.model, args.weights, encoder=args.encoder,
                                                  dtype=DTYPES[args.dtype], device=device,
@@ -81,8 +83,15 @@ def _train_config(args):
 
 def run_train(args) -> dict:
     from .training import train
+    from .validation import UsageError, check_train_args
 
-    result = train(_train_config(args))
+    try:
+        cfg = _train_config(args)
+        cfg.validate()
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    check_train_args(args)  # paths, before loading any model
+    result = train(cfg)
     print(f"trained to step {result['step']}; weights in {Path(result['out']) / 'lorweb.safetensors'}")
     return result
 
@@ -93,7 +102,9 @@ def run_demo(args) -> dict:
     from . import demo
     from .flux import LoRWeBKontextPipeline, plot_coefficients
     from .training import TrainConfig, train
+    from .validation import check_demo_args
 
+    check_demo_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -150,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .training import ADAPTER_PRECISIONS, MIXED_PRECISIONS, OPTIMIZERS, QUANTIZE_BASE, TIMESTEP_TYPES, \
         WEIGHTING_SCHEMES, TrainConfig
 
-    parser = argparse.ArgumentParser(prog="lorweb-fast", description="LoRWeB visual analogies on FLUX.1-Kontext.")
+    from .validation import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(prog="lorweb-fast", description="LoRWeB visual analogies on FLUX.1-Kontext.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("infer", help="b' for one analogy a : a' :: b : ?")
@@ -187,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                "bidirectional": BIDIRECTIONAL, "adapter_precision": ADAPTER_PRECISIONS,
                "quantize_base": QUANTIZE_BASE, "resize": RESIZE_MODES}
     helps = {"batch_size": "per process", "resume": "continue from the newest checkpoint in --out",
+             "overwrite": "delete the run already in --out (its checkpoints, weights and logs) and start over",
              "skip_bad": "skip broken samples with a warning instead of failing",
              "timestep_type": "weighted (official: uniform over the 1000-step grid, bell-curve loss weight), linear "
                               "(same grid, no weight) or diffusers (--weighting-scheme)",
@@ -245,7 +259,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args.func(args)
     except (FileNotFoundError, LoRWeBCheckpointError, BackendUnavailableError, ValueError) as exc:
-        print(f"lorweb-fast {args.command}: error: {exc}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
+        print(f"lorweb-fast {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

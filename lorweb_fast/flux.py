@@ -19,6 +19,8 @@ from . import lora_api
 from .layer import LoRWeBLinear, has_plain_weight
 from .model import DEFAULT_ENCODER, checkpoint_metadata, get_coefficients, load_lorweb_weights, lorweb_layers, \
     set_query
+from .validation import MIN_LONG_EDGE, check_device, check_generation_options, check_int, check_pipe_kwargs, \
+    warn_aspect_ratios
 
 
 # ----------------------------------------------------------------------------------------------------- grids
@@ -151,10 +153,10 @@ def merged(model: nn.Module, strategy: str = "full") -> Iterator[nn.Module]:
     """
     layers = _mergeable_layers(model, strategy)
     if strategy == "full":
-        with _merged_full(layers):
+        with _refusing_loads(model, layers), _merged_full(layers):
             yield model
     elif strategy == "offload":
-        with _merged_offload(layers):
+        with _refusing_loads(model, layers), _merged_offload(layers):
             yield model
     else:
         try:
@@ -182,6 +184,25 @@ def _merged_full(layers: dict[str, LoRWeBLinear]):
             layer = layers[name]
             layer.base_layer.weight.data = data
             layer._merged = False
+
+
+@contextlib.contextmanager
+def _refusing_loads(model: nn.Module, layers: dict[str, LoRWeBLinear]):
+    """While the weights hold a merged mixture: ``load_state_dict`` on ``model`` is refused before anything loads,
+    and a backward warns once for the whole block that the LoRWeB parameters get no gradient."""
+    grad_warning = [False]
+    for layer in layers.values():
+        layer._merged_grad_warned = grad_warning
+
+    def refuse_load(*args, **kwargs):  # runs before the root loads anything: the model stays untouched
+        raise RuntimeError("load_state_dict inside a merged() block: the merged weights would be overwritten or "
+                           "silently stay in use; exit the merged() block first")
+
+    hook = model.register_load_state_dict_pre_hook(refuse_load)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 @contextlib.contextmanager
@@ -356,6 +377,8 @@ class LoRWeBKontextPipeline:
         if query_dims != {encoder.query_dim}:
             raise ValueError(f"the analogy encoder {encoder.name!r} gives queries of {encoder.query_dim} features, "
                              f"but the LoRWeB layers expect query_dim {sorted(query_dims)}")
+        if long_edge is not None:  # None: no cap, where supported
+            check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
         self.pipe, self.encoder, self.long_edge = pipe, encoder, long_edge
 
     @property
@@ -371,6 +394,8 @@ class LoRWeBKontextPipeline:
         ``encoder`` defaults to the one named in the checkpoint's metadata (CLIP ViT-L/14 when absent). The
         checkpoint is validated against the transformer before anything is loaded into it.
         """
+        if device is not None:
+            check_device("device", device)  # e.g. cuda without a GPU: before any model loads
         meta = checkpoint_metadata(weights)  # fails on a missing or corrupt file before any model loads
         pipe = load_kontext_pipeline(model, dtype)
         load_lorweb_weights(pipe.transformer, weights)
@@ -476,7 +501,11 @@ class LoRWeBKontextPipeline:
             output_type: "pil" (PIL images) or "np" (float arrays in [0, 1], (H, W, 3)).
             pipe_kwargs: passed to FluxKontextPipeline.__call__ (e.g. ``true_cfg_scale``, ``negative_prompt``).
         """
+        check_generation_options(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                 long_edge=long_edge, merge=merge, output_type=output_type)
+        check_pipe_kwargs(pipe_kwargs, type(self.pipe).__call__)
         a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
+        warn_aspect_ratios(a, a_prime, b)
         grids = self.control_grids(a, a_prime, b, long_edge=long_edge)
         count = len(grids)
         prompts = _as_list(prompt, count)
@@ -488,9 +517,13 @@ class LoRWeBKontextPipeline:
                              "several times instead")
         strategy = self.merge_strategy(merge, count * per_prompt)
         query = self.encoder(a, a_prime, b).repeat_interleave(per_prompt, dim=0)  # pipeline order
-        set_query(self.transformer, query)  # once per generation
-        if lora_api.fused_strategy(self.transformer) is not None:  # fuse_lora(): the mixture is in the weights
-            lora_api.check_fused_coefficients(self.transformer)
+        fused = lora_api.fused_strategy(self.transformer)
+        with torch.no_grad():  # inference: no autograd history on the coefficients
+            if fused in ("full", "offload"):  # fuse_lora(): the mixture is in the weights; the analogy must match
+                lora_api.check_fused_query(self.transformer, query)
+            else:
+                set_query(self.transformer, query)  # once per generation; checks query and coefficients are finite
+        if fused is not None:
             strategy = "none"
         width, height = grids[0].size
         if output_type not in ("pil", "np"):
@@ -516,9 +549,14 @@ def plot_coefficients(model: nn.Module, path: Union[str, Path], *, sample: int =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .validation import check_output_file, plot_suffixes
+
+    check_output_file("path", path, plot_suffixes())
     coeffs = get_coefficients(model)
     if not coeffs:
         raise RuntimeError("no coefficients to plot: call set_query first")
+    batch = next(iter(coeffs.values())).shape[0]
+    check_int("sample", sample, lo=0, hi=batch - 1)
     names = list(coeffs)
     data = torch.stack([coeffs[n][sample].detach().float().cpu() for n in names]).numpy()
     fig, ax = plt.subplots(figsize=(max(6, data.shape[1] * 0.25 + 3), max(4, len(names) * 0.12 + 2)))

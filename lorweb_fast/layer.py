@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -11,6 +12,13 @@ from torch import nn
 
 from . import ops
 from .reference import ACTIVATIONS, REDUCTIONS
+from .validation import check_finite_tensor, check_float_tensor, check_int, check_real
+
+
+def _refuse_inside_merged(layer: "LoRWeBLinear", what: str) -> None:
+    if layer._merged:
+        raise RuntimeError(f"{what} inside a merged() block: the merged weights were built from the current "
+                           "coefficients and would silently stay in use; exit the merged() block first")
 
 
 def linear_dims(base: nn.Module) -> tuple[int, int]:
@@ -60,8 +68,9 @@ class LoRWeBLinear(nn.Module):
         in_features, out_features = linear_dims(base)
         for name, value in (("num_loras", num_loras), ("rank", rank), ("key_dim", key_dim),
                             ("query_dim", query_dim), ("heads", heads)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, value, lo=1)
+        if lora_alpha is not None:
+            check_real("lora_alpha", lora_alpha, lo=0.0, lo_open=True)
         if key_dim % heads:
             raise ValueError(f"key_dim={key_dim} is not divisible by heads={heads}")
         if activation not in ACTIVATIONS:
@@ -96,6 +105,7 @@ class LoRWeBLinear(nn.Module):
         #: to fp32, coefficients and mixture in fp32 outside autocast, the result cast to the base output's dtype and
         #: added to it. Set by the trainer's ``adapter_precision``.
         self.adapter_precision = "auto"
+        self._merged_grad_warned = [False]  # shared by the layers of one merged() block: one warning per block
 
     def lorweb_tensors(self) -> dict[str, nn.Parameter]:
         """The LoRWeB parameters under their official checkpoint suffixes, in checkpoint order."""
@@ -108,23 +118,28 @@ class LoRWeBLinear(nn.Module):
         """(B, N) coefficients in use, or None."""
         return self._coefficients
 
-    def set_coefficients(self, coeffs: Optional[torch.Tensor]) -> None:
-        """Use ``coeffs`` (B, N) for every following forward, until replaced; None clears them.
+    def set_coefficients(self, coeffs: Optional[torch.Tensor], *, check_finite: bool = True) -> None:
+        """Use ``coeffs`` (B, N) floating point, finite, for every following forward, until replaced; None clears
+        them. ``check_finite=False`` skips the finiteness check (``set_query`` checks all layers at once).
 
         A view with a storage offset (e.g. one layer's slice of ``set_query``'s stacked (L, B, N) result) is stored
         as a copy: torch.compile guards on the storage offset of a tensor attribute, and an offset that grows with
         the batch size would recompile every compiled block at a new batch size.
         """
+        _refuse_inside_merged(self, "set_coefficients / set_query")
         if coeffs is not None:
             if not isinstance(coeffs, torch.Tensor) or coeffs.dim() != 2 or coeffs.shape[1] != self.num_loras:
                 shape = tuple(coeffs.shape) if isinstance(coeffs, torch.Tensor) else type(coeffs).__name__
                 raise ValueError(f"coefficients must be (B, N={self.num_loras}), got {shape}")
+            check_float_tensor("coefficients", coeffs)
+            if check_finite:
+                check_finite_tensor("coefficients", coeffs)
             if coeffs.storage_offset() != 0:
                 coeffs = coeffs.clone()
         self._coefficients = coeffs
         self._query = None
 
-    def set_query_per_forward(self, query: Optional[torch.Tensor]) -> None:
+    def set_query_per_forward(self, query: Optional[torch.Tensor], *, check_finite: bool = True) -> None:
         """Keep the (B, query_dim) query and compute this layer's coefficients inside every forward.
 
         For sharded training (FSDP): the LoRWeB parameters are then only used inside this module's own forward,
@@ -135,6 +150,11 @@ class LoRWeBLinear(nn.Module):
                                   or query.shape[1] != self.query_dim):
             shape = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
             raise ValueError(f"query must be (B, query_dim={self.query_dim}), got {shape}")
+        _refuse_inside_merged(self, "set_query")
+        if query is not None:
+            check_float_tensor("query", query)
+            if check_finite:
+                check_finite_tensor("query", query)
         self._coefficients = None
         self._query = query
 
@@ -146,6 +166,11 @@ class LoRWeBLinear(nn.Module):
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged:
+            if not self._merged_grad_warned[0] and torch.is_grad_enabled() and self.lora_A.requires_grad:
+                self._merged_grad_warned[0] = True
+                warnings.warn("forward with autograd inside merged(): the mixture is folded into the base weight, so "
+                              "the LoRWeB parameters (lora_A, lora_B, lora_keys, att_lora_to_q) get no gradient; "
+                              "train outside merged()", UserWarning, stacklevel=2)
             return self.base_layer(x)
         if self._merge_jit:
             return self.jit_merged_forward(x)
@@ -250,6 +275,19 @@ class LoRWeBLinear(nn.Module):
                                          coeffs.to(x.device, torch.float32), self.mixture_scale,
                                          backend=self.backend)
         return y + delta.to(y.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """``load_state_dict``: refused inside ``merged()``; loading new LoRWeB parameters drops the coefficients
+        computed from the old ones (the next forward raises until ``set_query``)."""
+        own = [prefix + k for k in ("lora_A", "lora_B", "lora_keys", "att_lora_to_q.weight")]
+        touches = any(k.startswith(prefix) for k in state_dict)
+        if touches:
+            _refuse_inside_merged(self, "load_state_dict")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if any(k in state_dict for k in own):
+            self._coefficients = None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_loras={self.num_loras}, "

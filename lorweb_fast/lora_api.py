@@ -63,21 +63,22 @@ def unfuse_lora(model: nn.Module) -> None:
     state[0].__exit__(None, None, None)
 
 
-def check_fused_coefficients(model: nn.Module) -> None:
-    """Raise when the weights were fused ("full"/"offload") for another analogy than the coefficients now set;
-    the fused coefficients are then put back. Identical rows (one analogy repeated) are accepted."""
+def check_fused_query(model: nn.Module, query: torch.Tensor) -> None:
+    """Raise when the weights were fused ("full"/"offload") for another analogy than ``query`` (B, query_dim).
+    The coefficients are computed without being set (``set_query`` is refused inside a merge), so the fused state is
+    left as it is. Identical rows (one analogy repeated) are accepted; equality is up to
+    fp32 rounding (rtol 1e-4)."""
     state = getattr(model, _FUSED, None)
     if state is None or state[1] == "jit":
         return
     fused = state[2]
-    layers = lorweb_layers(model)
-    for name, layer in layers.items():
-        now, then = layer.coefficients, fused[name]
-        same = now is not None and now.shape[1] == then.shape[1] and torch.equal(
-            now.to(then.device, then.dtype), then[:1].expand(now.shape[0], -1))
+    for name, layer in lorweb_layers(model).items():
+        weight = layer.att_lora_to_q.weight
+        now, then = layer.coefficients_from_query(query.to(weight.device, weight.dtype)), fused[name]
+        # allclose, not equal: the per-layer computation may round differently from set_query's batched one
+        same = now.shape[1] == then.shape[1] and torch.allclose(
+            now.to(then.device, then.dtype), then[:1].expand(now.shape[0], -1), rtol=1e-4, atol=1e-6)
         if not same:
-            for n, l in layers.items():
-                l.set_coefficients(fused[n])
             raise RuntimeError("the LoRWeB mixture is fused for another analogy: call unfuse_lora() before "
                                "generating with a new analogy (or fuse with strategy='jit')")
 

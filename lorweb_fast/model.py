@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Union
@@ -15,6 +17,7 @@ from torch import nn
 from . import ops
 from .layer import LoRWeBLinear, linear_dims
 from .reference import ACTIVATIONS, REDUCTIONS
+from .validation import check_choice, check_finite_tensor, check_float_tensor, check_int, check_real, check_regex
 
 #: The official targets: every nn.Linear inside the double and single FLUX blocks (494 layers in FLUX.1).
 DEFAULT_TARGET_MODULES = r"(transformer_blocks|single_transformer_blocks)\.\d+\..+"
@@ -46,6 +49,25 @@ class LoRWeBConfig:
     reduce: str = "mean"
     target_modules: Union[str, list[str]] = field(default=DEFAULT_TARGET_MODULES)
 
+    def validate(self) -> "LoRWeBConfig":
+        """Raise TypeError / ValueError naming the first field out of range (called by ``inject_lorweb``)."""
+        for name in ("num_loras", "rank", "key_dim", "query_dim", "heads"):
+            check_int(f"LoRWeBConfig.{name}", getattr(self, name), lo=1)
+        if self.key_dim % self.heads:
+            raise ValueError(f"LoRWeBConfig.key_dim={self.key_dim} is not divisible by heads={self.heads}")
+        if self.lora_alpha is not None:
+            check_real("LoRWeBConfig.lora_alpha", self.lora_alpha, lo=0.0, lo_open=True)
+        check_choice("LoRWeBConfig.activation", self.activation, ACTIVATIONS)
+        check_choice("LoRWeBConfig.reduce", self.reduce, REDUCTIONS)
+        targets = self.target_modules
+        if isinstance(targets, str):
+            check_regex("LoRWeBConfig.target_modules", targets)
+        elif not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t
+                                                                              for t in targets):
+            raise TypeError("LoRWeBConfig.target_modules must be a regex string or a non-empty list of module "
+                            f"names, got {targets!r}")
+        return self
+
     def layer_kwargs(self) -> dict:
         return dict(num_loras=self.num_loras, rank=self.rank, lora_alpha=self.lora_alpha, key_dim=self.key_dim,
                     query_dim=self.query_dim, heads=self.heads, activation=self.activation, reduce=self.reduce)
@@ -60,6 +82,8 @@ def matches_target(name: str, target_modules: Union[str, Iterable[str]]) -> bool
 
 def lorweb_layers(model: nn.Module) -> dict[str, LoRWeBLinear]:
     """``{module name: LoRWeBLinear}`` for every injected layer of ``model``, in module order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRWeBLinear)}
 
 
@@ -87,6 +111,9 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None) -> li
         The injected module names.
     """
     config = config or LoRWeBConfig()
+    if not isinstance(config, LoRWeBConfig):
+        raise TypeError(f"config must be a LoRWeBConfig, got {type(config).__name__}")
+    config.validate()
     already = [n for n, m in lorweb_layers(model).items() if matches_target(n, config.target_modules)]
     if already:
         raise ValueError(f"LoRWeB is already injected into {len(already)} targeted modules, e.g. {already[:3]}; "
@@ -95,8 +122,9 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None) -> li
     if not names:
         raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of "
                          f"{type(model).__name__}")
-    for name in names:
-        _set_submodule(model, name, LoRWeBLinear(model.get_submodule(name), **config.layer_kwargs()))
+    new_layers = {name: LoRWeBLinear(model.get_submodule(name), **config.layer_kwargs()) for name in names}
+    for name, layer in new_layers.items():  # all built: swapping in cannot fail half way
+        _set_submodule(model, name, layer)
     return names
 
 
@@ -133,9 +161,10 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
         ``{name: (B, N)}`` as ``get_coefficients`` (empty with ``per_forward``).
     """
     layers = _require_layers(model)
-    if not isinstance(query, torch.Tensor) or query.dim() != 2:
-        raise ValueError(f"query must be a (B, query_dim) tensor, got "
-                         f"{tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__}")
+    check_float_tensor("query", query)
+    if query.dim() != 2 or query.shape[0] < 1:
+        raise ValueError(f"query must be a (B, query_dim) tensor with B >= 1, got shape {tuple(query.shape)}")
+    _refuse_merged(layers, "set_query")
     groups: dict[tuple, list[tuple[str, LoRWeBLinear]]] = defaultdict(list)
     for name, layer in layers.items():
         if layer.query_dim != query.shape[1]:
@@ -148,22 +177,44 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
                              "coefficients from them; use enable_model_cpu_offload or group offloading instead")
         key = (layer.num_loras, layer.key_dim, layer.heads, layer.activation, layer.reduce, w.dtype, w.device)
         groups[key].append((name, layer))
+    check_finite_tensor("query", query, "the analogy query must be finite (check the encoder inputs)")
     if per_forward:
         for layer in layers.values():
-            layer.set_query_per_forward(query)
+            layer.set_query_per_forward(query, check_finite=False)  # checked once above
         return {}
+    computed = []
     for (_, _, heads, activation, reduce, dtype, device), members in groups.items():
         to_q = torch.stack([layer.att_lora_to_q.weight for _, layer in members])  # (L, key_dim, query_dim)
         keys = torch.stack([layer.lora_keys for _, layer in members])  # (L, N, key_dim)
         coeffs = ops.compute_coefficients(query.to(device), to_q, keys, heads=heads, activation=activation,
                                           reduce=reduce)  # (L, B, N)
+        if not bool(torch.isfinite(coeffs).all()):  # one check per group (one group in the official setup)
+            bad = [name for i, (name, _) in enumerate(members) if not bool(torch.isfinite(coeffs[i]).all())]
+            raise ValueError(f"the coefficients of {len(bad)} layers (e.g. {bad[0]}) hold NaN or Inf: their "
+                             "att_lora_to_q / lora_keys are not finite or overflow; the previous coefficients are "
+                             "kept unchanged")
+        computed.append((members, coeffs))
+    for members, coeffs in computed:  # everything checked: set all layers
         for i, (_, layer) in enumerate(members):
-            layer.set_coefficients(coeffs[i])
+            layer.set_coefficients(coeffs[i], check_finite=False)
+    if torch.is_grad_enabled() and not model.training and any(c.requires_grad for _, c in computed):
+        warnings.warn("set_query on a model in eval mode with autograd enabled: the coefficients carry autograd "
+                      "history (copy.deepcopy of the model then fails and the graph is kept alive); call it under "
+                      "torch.no_grad() for inference, or model.train() for training", UserWarning, stacklevel=2)
     return get_coefficients(model)
+
+
+def _refuse_merged(layers: Mapping[str, LoRWeBLinear], what: str) -> None:
+    inside = [n for n, layer in layers.items() if layer._merged]
+    if inside:
+        raise RuntimeError(f"{what} inside a merged() block ({inside[0]} is merged): the merged weights were built "
+                           "from the current coefficients and would silently stay in use; exit the merged() block "
+                           "first")
 
 
 def clear_query(model: nn.Module) -> None:
     """Drop the cached coefficients of every layer (a following forward raises until ``set_query``)."""
+    _refuse_merged(lorweb_layers(model), "clear_query")
     for layer in lorweb_layers(model).values():
         layer.set_coefficients(None)  # also drops a per-forward query
 
@@ -174,6 +225,10 @@ def get_coefficients(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
+#: Metadata keys written by save_lorweb_weights from the layers themselves; user metadata may not override them.
+RESERVED_METADATA = ("format", "lorweb.heads", "lorweb.activation", "lorweb.reduce", "lorweb.lora_alpha_over_rank")
+
+
 def _layer_metadata(layers: Mapping[str, LoRWeBLinear]) -> dict[str, str]:
     first = next(iter(layers.values()))
     meta = {"format": "pt", "lorweb.heads": str(first.heads), "lorweb.activation": first.activation,
@@ -183,6 +238,9 @@ def _layer_metadata(layers: Mapping[str, LoRWeBLinear]) -> dict[str, str]:
                                                                            first.reduce, first.scale):
             raise ValueError(f"layer {name} has a configuration different from the others; one checkpoint stores "
                              "one heads/activation/reduce/scale setting")
+        if layer.query_dim != first.query_dim:
+            raise ValueError(f"layer {name} has query_dim={layer.query_dim} but others {first.query_dim}: one analogy "
+                             "query feeds every layer, so the loader would refuse this checkpoint")
     return meta
 
 
@@ -215,11 +273,30 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     layers = _require_layers(model)
     meta = _layer_metadata(layers)
     meta["encoder"] = DEFAULT_ENCODER
-    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict of strings, got {type(metadata).__name__}")
+    user = {str(k): str(v) for k, v in (metadata or {}).items()}
+    reserved = sorted(k for k in user if k in RESERVED_METADATA or k.startswith("lorweb."))
+    if reserved:
+        raise ValueError(f"metadata may not set {reserved}: these keys describe the layers and are written from them "
+                         "(change the layers' configuration instead)")
+    meta.update(user)
+    if not meta["encoder"].strip():
+        raise ValueError("metadata['encoder'] is empty; give the analogy encoder's hub id or folder")
+    _config_from_metadata(meta)  # never write a file our own loader would refuse
     if state_dict is None:
         state_dict = lorweb_state_dict(model)
     state = {k: v.contiguous().cpu() for k, v in state_dict.items()}
+    bad = [k for k, v in state.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all())]
+    if bad:
+        raise LoRWeBCheckpointError(f"refusing to save {len(bad)} LoRWeB tensors that are not finite floating-point "
+                                    f"values (e.g. {bad[0]}); the loader would refuse the file")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot save LoRWeB weights to {path}: it is a folder; give a .safetensors file")
+    if not path.lower().endswith(".safetensors"):
+        raise ValueError(f"cannot save LoRWeB weights to {path}: the file name must end in .safetensors (the format "
+                         "written; the command line refuses other extensions)")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
@@ -250,6 +327,8 @@ def _read_safetensors(path, *, tensors: bool) -> tuple[dict[str, torch.Tensor], 
     from safetensors import safe_open
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"LoRWeB checkpoint {path} is a folder; give its .safetensors file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LoRWeB checkpoint not found: {path}")
     try:
@@ -257,22 +336,36 @@ def _read_safetensors(path, *, tensors: bool) -> tuple[dict[str, torch.Tensor], 
             meta = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as exc:
-        raise LoRWeBCheckpointError(f"cannot read LoRWeB checkpoint {path}: it is corrupt or truncated "
-                                    f"({type(exc).__name__}: {exc})") from exc
+        raise LoRWeBCheckpointError(f"cannot read LoRWeB checkpoint {path}: it is not a safetensors file, or it is "
+                                    f"corrupt or truncated ({type(exc).__name__}: {exc})") from exc
     return state, meta
 
 
 def _config_from_metadata(meta: Mapping[str, str]) -> dict:
+    """The layer configuration stored in checkpoint metadata, every value checked (type, finite, range)."""
+    heads_text = meta.get("lorweb.heads", "1")
+    scale_text = meta.get("lorweb.lora_alpha_over_rank", "1.0")
     try:
-        heads = int(meta.get("lorweb.heads", 1))
-        scale = float(meta.get("lorweb.lora_alpha_over_rank", 1.0))
-    except ValueError as exc:
-        raise LoRWeBCheckpointError(f"unreadable LoRWeB metadata: {exc}") from exc
+        heads = int(heads_text)
+    except ValueError:
+        raise LoRWeBCheckpointError(f"invalid LoRWeB metadata lorweb.heads={heads_text!r}: expected a positive "
+                                    "integer") from None
+    try:
+        scale = float(scale_text)
+    except ValueError:
+        raise LoRWeBCheckpointError(f"invalid LoRWeB metadata lorweb.lora_alpha_over_rank={scale_text!r}: expected a "
+                                    "finite number > 0") from None
+    if heads < 1:
+        raise LoRWeBCheckpointError(f"invalid LoRWeB metadata lorweb.heads={heads_text!r}: expected a positive "
+                                    "integer")
+    if not math.isfinite(scale) or scale <= 0:
+        raise LoRWeBCheckpointError(f"invalid LoRWeB metadata lorweb.lora_alpha_over_rank={scale_text!r}: expected a "
+                                    "finite number > 0")
     cfg = {"heads": heads, "activation": meta.get("lorweb.activation", "softmax"),
            "reduce": meta.get("lorweb.reduce", "mean"), "scale": scale}
-    if cfg["activation"] not in ACTIVATIONS or cfg["reduce"] not in REDUCTIONS or heads < 1:
-        raise LoRWeBCheckpointError(f"unsupported LoRWeB metadata: heads={heads}, activation={cfg['activation']!r}, "
-                                    f"reduce={cfg['reduce']!r}")
+    if cfg["activation"] not in ACTIVATIONS or cfg["reduce"] not in REDUCTIONS:
+        raise LoRWeBCheckpointError(f"invalid LoRWeB metadata: lorweb.activation={cfg['activation']!r} (one of "
+                                    f"{ACTIVATIONS}), lorweb.reduce={cfg['reduce']!r} (one of {REDUCTIONS})")
     return cfg
 
 
@@ -297,6 +390,8 @@ def _check_module_tensors(name: str, tensors: Mapping[str, torch.Tensor], in_f: 
     if a.dim() != 3:
         return [f"{p}lora_A has shape {tuple(a.shape)}, expected (N, in, r)"]
     n, a_in, r = a.shape
+    if n < 1 or r < 1:
+        return [f"{p}lora_A has shape {tuple(a.shape)}: N and r must be at least 1"]
     if a_in != in_f:
         problems.append(f"{p}lora_A has shape {tuple(a.shape)}, but the layer has in_features={in_f}")
     if tuple(b.shape) != (n, r, out_f):
@@ -305,6 +400,8 @@ def _check_module_tensors(name: str, tensors: Mapping[str, torch.Tensor], in_f: 
         problems.append(f"{p}lora_keys has shape {tuple(k.shape)}, expected ({n}, key_dim)")
     elif q.dim() != 2 or q.shape[0] != k.shape[1]:
         problems.append(f"{p}att_lora_to_q.weight has shape {tuple(q.shape)}, expected ({k.shape[1]}, query_dim)")
+    elif min(q.shape) < 1:
+        problems.append(f"{p}att_lora_to_q.weight has shape {tuple(q.shape)}: key_dim and query_dim must be >= 1")
     return problems
 
 
@@ -320,6 +417,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict) -> list[str]:
     Returns:
         The names of the loaded modules.
     """
+    _refuse_merged(lorweb_layers(model), "load_lorweb_weights")
     state, meta = read_checkpoint(path_or_state_dict)
     cfg = _config_from_metadata(meta)
     groups, unexpected = _group_checkpoint(state)
@@ -365,6 +463,22 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict) -> list[str]:
                                 f"activation, reduce, scale) = {got} but the injected layer has {want}")
     problems += [f"missing keys {CHECKPOINT_PREFIX}{n}.* for the injected layer {n!r}"
                  for n in existing if n not in groups]
+    # one analogy query feeds every layer: query_dim must agree across the checkpoint and the injected layers
+    query_dims = {name: int(t["att_lora_to_q.weight"].shape[-1]) for name, t in groups.items()
+                  if "att_lora_to_q.weight" in t and t["att_lora_to_q.weight"].dim() == 2}
+    query_dims.update({n: layer.query_dim for n, layer in existing.items() if n not in groups})
+    if len(set(query_dims.values())) > 1:
+        by_dim = defaultdict(list)
+        for n, d in query_dims.items():
+            by_dim[d].append(n)
+        problems.append("inconsistent query_dim across layers (one query feeds them all): " + ", ".join(
+            f"{d} in {len(ns)} layers (e.g. {ns[0]})" for d, ns in sorted(by_dim.items())))
+    for name, t in groups.items():
+        if "att_lora_to_q.weight" in t and t["att_lora_to_q.weight"].dim() == 2:
+            key_dim = t["att_lora_to_q.weight"].shape[0]
+            if key_dim % cfg["heads"]:
+                problems.append(f"metadata lorweb.heads={cfg['heads']} does not divide key_dim={key_dim} of "
+                                f"{CHECKPOINT_PREFIX}{name}")
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise LoRWeBCheckpointError(f"LoRWeB checkpoint does not match {type(model).__name__} "
@@ -387,6 +501,8 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict) -> list[str]:
         _set_submodule(model, name, layer)
     with torch.no_grad():
         for name, tensors in groups.items():
-            for suffix, param in model.get_submodule(name).lorweb_tensors().items():
+            layer = model.get_submodule(name)
+            for suffix, param in layer.lorweb_tensors().items():
                 param.copy_(tensors[suffix])
+            layer._coefficients = None  # computed from the old parameters: a forward now raises until set_query
     return sorted(groups)

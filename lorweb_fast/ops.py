@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .validation import check_float_tensor, check_positive_int, check_real
+
 BACKENDS = ("torch", "triton", "cuda")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #: dtypes of the fused backends (triton, cuda); float64 runs on the torch backend only.
@@ -162,6 +164,9 @@ def validate_inputs(x, lora_a, lora_b, coeffs, weight=None, bias=None, add_to=No
     for name, t in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b), ("coeffs", coeffs)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("weight", weight), ("bias", bias), ("add_to", add_to)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; supported dtypes are {SUPPORTED_DTYPES}")
     if x.dim() not in (2, 3):
@@ -318,6 +323,8 @@ def mixed_lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
         (B, S, out) or (B, out) in x.dtype.
     """
     validate_inputs(x, lora_a, lora_b, coeffs, add_to=add_to)
+    if not torch.compiler.is_compiling():  # under dynamic compile scale may be symbolic (checked when eager)
+        scale = check_real("scale", scale)
     name = resolve_backend_for(backend, x)
     if name == "torch":
         delta = _torch_delta(x, lora_a, lora_b, coeffs, scale)
@@ -339,6 +346,8 @@ def lorweb_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     validate_inputs(x, lora_a, lora_b, coeffs, weight=weight, bias=bias)
+    if not torch.compiler.is_compiling():  # under dynamic compile scale may be symbolic (checked when eager)
+        scale = check_real("scale", scale)
     name = resolve_backend_for(backend, x)
     if name == "torch":
         return F.linear(x, weight, bias) + _torch_delta(x, lora_a, lora_b, coeffs, scale)
@@ -363,6 +372,9 @@ def compute_coefficients(query: torch.Tensor, to_q_weight: torch.Tensor, keys: t
     """
     from .reference import ACTIVATIONS, REDUCTIONS
 
+    for name, t in (("query", query), ("to_q_weight", to_q_weight), ("keys", keys)):
+        check_float_tensor(name, t)
+    heads = check_positive_int("heads", heads)
     resolve_backend(backend, query.device)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")

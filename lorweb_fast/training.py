@@ -26,10 +26,11 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -37,8 +38,10 @@ import torch
 
 from .data import (BIDIRECTIONAL, IMAGE_SUFFIXES, LAYOUTS, RESIZE_MODES, AnalogyDataError,  # noqa: F401 (re-exported)
                    AnalogyFolder, bidirectional_swap)
-from .model import DEFAULT_ENCODER, LoRWeBConfig, inject_lorweb, load_lorweb_weights, lorweb_layers, \
-    lorweb_state_dict, save_lorweb_weights, set_query
+from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lorweb, load_lorweb_weights, \
+    lorweb_layers, lorweb_state_dict, save_lorweb_weights, set_query
+from .reference import ACTIVATIONS, REDUCTIONS
+from .validation import check_train_config
 
 logger = logging.getLogger("lorweb_fast.training")
 
@@ -146,6 +149,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 4
     resume: bool = False
+    overwrite: bool = False
     skip_bad: bool = False
     layout: str = "auto"
     bidirectional: str = "none"
@@ -175,20 +179,148 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: --resume continues the run in --out, "
+                             "--overwrite deletes it and starts over")
+        check_train_config(self)  # every field: type, finite, range
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def latest_checkpoint(out: Union[str, Path]) -> Optional[Path]:
-    """The newest complete ``checkpoints/step-*`` folder under ``out`` (temporary folders are ignored)."""
+_CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+#: TrainConfig fields that may differ when resuming: the step budget, and options that change no computed value.
+RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers")
+#: Files a training run writes directly in ``out`` (``--overwrite`` deletes exactly these and ``checkpoints/``).
+RUN_FILES = (WEIGHTS_NAME, "loss.jsonl", "loss.png", "train_config.json")
+
+
+def checkpoint_dirs(out: Union[str, Path]) -> list[Path]:
+    """``checkpoints/step-<digits>`` folders under ``out``, oldest first; other names (stray folders, temporary
+    ``.tmp-step-*`` folders of a killed run, files) are ignored."""
     root = Path(out) / CHECKPOINT_DIR
     if not root.is_dir():
-        return None
-    done = [p for p in root.glob("step-*") if (p / TRAINER_STATE_NAME).is_file() and (p / WEIGHTS_NAME).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(out: Union[str, Path]) -> Optional[Path]:
+    """The newest complete ``checkpoints/step-*`` folder under ``out`` (temporary and stray folders are ignored)."""
+    done = [p for p in checkpoint_dirs(out) if (p / TRAINER_STATE_NAME).is_file() and (p / WEIGHTS_NAME).is_file()]
+    return done[-1] if done else None
+
+
+def _comparable_config(cfg) -> dict:
+    """The training config as JSON values, without the fields that may differ on resume."""
+    values = json.loads(json.dumps(asdict(cfg), default=str))
+    return {k: v for k, v in values.items() if k not in RESUME_MAY_DIFFER}
+
+
+def _read_trainer_state(ckpt: Path) -> dict:
+    """A checkpoint's trainer state, checked; raises ValueError naming the file when it is empty or corrupt."""
+    path = ckpt / TRAINER_STATE_NAME
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{path} is empty or corrupt ({type(exc).__name__}: {exc})") from None
+    optimizer = state.get("optimizer") if isinstance(state, dict) else None
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys() \
+            or not isinstance(state.get("step"), int):
+        raise ValueError(f"{path} is not a trainer state (expected step and optimizer state)")
+    checkpoint_metadata(ckpt / WEIGHTS_NAME)  # the weights file must at least be readable
+    return state
+
+
+def find_resumable_checkpoint(out: Union[str, Path]) -> tuple[Optional[Path], Optional[dict]]:
+    """(newest usable checkpoint, its trainer state). A checkpoint whose trainer state or weights are empty or
+    corrupt is skipped with a warning naming the file, falling back to the previous complete one; when checkpoints
+    exist but none is usable, raises ValueError naming them all."""
+    complete = [p for p in checkpoint_dirs(out) if (p / TRAINER_STATE_NAME).is_file() and (p / WEIGHTS_NAME).is_file()]
+    problems = []
+    for ckpt in reversed(complete):
+        try:
+            return ckpt, _read_trainer_state(ckpt)
+        except Exception as exc:  # corrupt trainer state or unreadable weights
+            problems.append(str(exc))
+            warnings.warn(f"cannot resume from {ckpt.name}: {exc}; falling back to the previous complete checkpoint",
+                          UserWarning, stacklevel=2)
+    if problems:
+        raise ValueError(f"no usable checkpoint in {Path(out) / CHECKPOINT_DIR}: " + "; ".join(problems))
+    return None, None
+
+
+def _check_resume_config(cfg, ckpt: Path, state: dict, out: Path) -> None:
+    """Refuse to resume with a training config that differs from the checkpoint's in anything but the step budget
+    (and RESUME_MAY_DIFFER); names the differing fields."""
+    stored = state.get("config")
+    source = ckpt / TRAINER_STATE_NAME
+    if stored is None and (out / "train_config.json").is_file():  # checkpoints written before configs were stored
+        stored = json.loads((out / "train_config.json").read_text())
+        source = out / "train_config.json"
+    if stored is None:
+        return
+    now = _comparable_config(cfg)
+    stored = {k: v for k, v in stored.items() if k not in RESUME_MAY_DIFFER}
+    # a field added after the checkpoint was written counts as its default there
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(cfg) if f.default is not MISSING},
+                                     default=str))
+    stored = {**{k: defaults[k] for k in now if k not in stored and k in defaults}, **stored}
+    differ = sorted(k for k in set(now) | set(stored) if now.get(k) != stored.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in differ)
+        raise ValueError(f"cannot resume the run in {out}: the training config differs from {source} in {shown}; "
+                         "only the step budget may change (or pass --overwrite to start over)")
+
+
+def prepare_output(cfg, *, main_process: bool = True) -> tuple[Optional[Path], Optional[dict]]:
+    """Check ``cfg.out`` before any model loads and return (checkpoint to resume, its trainer state).
+
+    A used ``out`` (checkpoints, weights or a loss log) needs ``resume`` or ``overwrite``; ``overwrite`` deletes the
+    run's files (RUN_FILES and ``checkpoints/``, nothing else); temporary folders of a killed run are removed.
+    Only ``main_process`` deletes anything.
+    """
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    root = out / CHECKPOINT_DIR
+    if main_process and root.is_dir():
+        for tmp in root.glob(".tmp-step-*"):  # a killed run's half-written checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
+            logger.warning("removed the leftover temporary checkpoint folder %s", tmp)
+        for ckpt in checkpoint_dirs(out):
+            for tmp in ckpt.glob(".lorweb-*.safetensors.tmp"):
+                tmp.unlink(missing_ok=True)
+    if main_process and (out / f".{WEIGHTS_NAME}.tmp").is_file():
+        (out / f".{WEIGHTS_NAME}.tmp").unlink()
+    log = out / "loss.jsonl"
+    used = bool(checkpoint_dirs(out)) or (out / WEIGHTS_NAME).exists() or (log.is_file() and log.stat().st_size > 0)
+    if used and cfg.overwrite:
+        if main_process:
+            shutil.rmtree(root, ignore_errors=True)
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        return None, None
+    if used and not cfg.resume:
+        raise ValueError(f"--out {out} already holds a training run (checkpoints, {WEIGHTS_NAME} or loss.jsonl); "
+                         "pass --resume to continue it or --overwrite to start over")
+    if not cfg.resume:
+        return None, None
+    ckpt, state = find_resumable_checkpoint(out)
+    if ckpt is None:  # e.g. killed before its first checkpoint: start over (the loss log restarts, not mixed)
+        logger.warning("--resume: no checkpoint in %s, starting from step 0", root)
+        return None, None
+    _check_resume_config(cfg, ckpt, state, out)
+    if int(state["step"]) > cfg.steps:
+        raise ValueError(f"--resume: the checkpoint {ckpt.name} is at step {state['step']}, beyond --steps "
+                         f"{cfg.steps}")
+    return ckpt, state
 
 
 def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimizer_state: dict, metadata: dict,
-                      keep: int) -> Path:
+                      keep: int, config: Optional[dict] = None) -> Path:
     """Official weights (``weights`` = ``lorweb_state_dict``) + trainer state (``optimizer_state`` as made by
     ``optimizer_state_dict``) into a temporary folder, renamed to ``checkpoints/step-XXXXXXXX``."""
     root = out / CHECKPOINT_DIR
@@ -197,7 +329,7 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
     try:
         save_lorweb_weights(transformer, tmp / WEIGHTS_NAME, metadata=metadata, state_dict=weights)
-        torch.save({"step": step, "optimizer": optimizer_state}, tmp / TRAINER_STATE_NAME)
+        torch.save({"step": step, "optimizer": optimizer_state, "config": config}, tmp / TRAINER_STATE_NAME)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -207,7 +339,7 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     tmp_latest = out / f".{WEIGHTS_NAME}.tmp"
     shutil.copyfile(final / WEIGHTS_NAME, tmp_latest)  # the same file, not serialized again
     os.replace(tmp_latest, out / WEIGHTS_NAME)
-    steps = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    steps = checkpoint_dirs(out)
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -481,6 +613,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     sharded = accelerator.distributed_type == DistributedType.FSDP
     if sharded:
         _check_fsdp(accelerator, cfg)  # before loading any model
+    ckpt, trainer_state = prepare_output(cfg, main_process=accelerator.is_main_process)  # before loading models
+    accelerator.wait_for_everyone()
 
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     if pipe is None:
@@ -514,13 +648,9 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     optimizer = _make_optimizer(params, cfg)
     metadata = {"encoder": getattr(encoder, "name", cfg.encoder)}
 
-    start_step, trainer_state = 0, None
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        logger.warning("--resume: no checkpoint in %s, starting from step 0", out / CHECKPOINT_DIR)
+    start_step = 0
     if ckpt is not None:
         load_lorweb_weights(transformer, ckpt / WEIGHTS_NAME)  # validated, all or nothing; before sharding
-        trainer_state = torch.load(ckpt / TRAINER_STATE_NAME, map_location="cpu", weights_only=False)
         start_step = int(trainer_state["step"])
 
     # under FSDP2 accelerate shards the transformer in place (blocks as units, each LoRWeB layer inside its block)
@@ -575,7 +705,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
             weights = lorweb_state_dict(transformer)  # collective under FSDP: every rank gathers
             optimizer_state = optimizer_state_dict(model, optimizer.optimizer, names, sharded=sharded)
             if accelerator.is_main_process:
-                _write_checkpoint(out, step, transformer, weights, optimizer_state, metadata, cfg.keep_checkpoints)
+                _write_checkpoint(out, step, transformer, weights, optimizer_state, metadata, cfg.keep_checkpoints,
+                                  config=_comparable_config(cfg))
                 plot_loss(log_path, png_path)
             del weights, optimizer_state
             accelerator.wait_for_everyone()

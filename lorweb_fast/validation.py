@@ -1,0 +1,468 @@
+"""Argument checks shared by every entry point (functional API, modules, checkpoints, pipeline, training, CLI).
+
+Each helper raises an error naming the argument and the expected range and returns the checked value; they never
+modify anything, so a failed check leaves models and files as they were. ``UsageError`` is what the command line
+turns into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+
+class UsageError(ValueError):
+    """A command-line path or option is unusable (reported as one line, exit status 2, before any model loads)."""
+
+
+# ------------------------------------------------------------------------------------------------- numbers
+def _range_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi}"
+    return "finite"
+
+
+def check_real(name: str, value, lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open: bool = False,
+               hi_open: bool = False) -> float:
+    """``value`` as a float: a real number (not bool, not a string, not a tensor with more than one element),
+    finite, and within [lo, hi] (open ends with ``lo_open`` / ``hi_open``)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number ({_range_text(lo, hi, lo_open, hi_open)}), got "
+                        f"{type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite ({_range_text(lo, hi, lo_open, hi_open)}), got {value}")
+    if (lo is not None and (value < lo or (lo_open and value == lo))) or \
+            (hi is not None and (value > hi or (hi_open and value == hi))):
+        raise ValueError(f"{name} must be {_range_text(lo, hi, lo_open, hi_open)}, got {value:g}")
+    return value
+
+
+def check_int(name: str, value, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    """``value`` as an int: an integer (not bool; a float or string is refused) within [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer ({_range_text(lo, hi, False, False)}), got "
+                        f"{type(value).__name__} {value!r}")
+    value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be an integer {_range_text(lo, hi, False, False)}, got {value}")
+    return value
+
+
+def check_positive_int(name: str, value) -> int:
+    return check_int(name, value, lo=1)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_choice(name: str, value, choices: Sequence) -> object:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------- tensors
+def check_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float_tensor(name: str, value, *, dim: Optional[Iterable[int]] = None) -> torch.Tensor:
+    """A floating-point tensor (integer, boolean and complex tensors are refused: they would silently truncate or
+    break the math), optionally of one of the dimensionalities ``dim``."""
+    check_tensor(name, value)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if dim is not None:
+        dims = tuple(dim)
+        if value.dim() not in dims:
+            raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape "
+                             f"{tuple(value.shape)}")
+    return value
+
+
+def check_finite_tensor(name: str, value: torch.Tensor, hint: str = "") -> torch.Tensor:
+    """Raise ValueError when ``value`` holds NaN or Inf (one device synchronisation)."""
+    if not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name} holds {bad} NaN or Inf values{'; ' + hint if hint else ''}")
+    return value
+
+
+def check_regex(name: str, pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{name} is not a valid regular expression ({exc}): {pattern!r}") from None
+    return pattern
+
+
+# --------------------------------------------------------------------------------------------------- paths
+def _writable_parent(name: str, path: Path) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable directory (folders are created later)."""
+    parent = path.parent
+    while not parent.exists():
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{name} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{name} {path}: folder {parent} is not writable")
+
+
+def check_output_file(name: str, path, suffixes: Optional[Iterable[str]] = None) -> Path:
+    """An output file path: not an existing folder, a known extension (``suffixes``, lower case with the dot),
+    and a writable (or creatable) folder; an existing file must be writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{name} {path} is a folder; give a file name")
+    if suffixes is not None:
+        suffixes = sorted(set(suffixes))
+        if path.suffix.lower() not in suffixes:
+            shown = ", ".join(suffixes[:12]) + (", ..." if len(suffixes) > 12 else "")
+            raise UsageError(f"{name} {path}: unknown file extension {path.suffix or '(none)'!r}; use one of {shown}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{name} {path} is not writable")
+    _writable_parent(name, path)
+    return path
+
+
+def check_output_dir(name: str, path) -> Path:
+    """An output folder: an existing writable folder, or a path whose nearest existing ancestor is writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{name} {path} is a file; give a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"{name} {path} is not writable")
+        return path
+    _writable_parent(name, path)
+    return path
+
+
+def check_input_file(name: str, path, suffixes: Optional[Iterable[str]] = None) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{name} {path} is a folder; give a file")
+    if not path.is_file():
+        raise UsageError(f"{name} {path} does not exist")
+    if suffixes is not None and path.suffix.lower() not in set(suffixes):
+        raise UsageError(f"{name} {path} must be a {' / '.join(sorted(set(suffixes)))} file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{name} {path} is not readable")
+    return path
+
+
+def image_suffixes() -> set[str]:
+    """File extensions under which PIL can write an RGB image (tried on a 1x1 image in memory, e.g. 1-bit-only
+    formats are left out, so a generation is never lost to a late save error)."""
+    import io
+
+    from PIL import Image
+
+    probe, usable = Image.new("RGB", (1, 1)), set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. deprecated formats
+        for ext, fmt in Image.registered_extensions().items():
+            if fmt in Image.SAVE:
+                try:
+                    probe.save(io.BytesIO(), format=fmt)
+                except Exception:
+                    continue
+                usable.add(ext)
+    return usable
+
+
+def plot_suffixes() -> set[str]:
+    """File extensions matplotlib can write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return {"." + ext for ext in FigureCanvasBase.get_supported_filetypes()}
+
+
+def check_device(name: str, device) -> torch.device:
+    """A torch device that exists on this machine (``cuda`` without a visible GPU is refused)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"{name} {device!r} is not a device ({exc})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{name} {device}: no CUDA GPU is visible on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"{name} {device}: only {torch.cuda.device_count()} CUDA devices are visible")
+    elif dev.type not in ("cpu", "meta") and not (hasattr(torch, dev.type)
+                                                   and getattr(getattr(torch, dev.type), "is_available",
+                                                               lambda: False)()):
+        raise UsageError(f"{name} {device}: no {dev.type} device on this machine")
+    return dev
+
+
+# ------------------------------------------------------------------------------------------------ warnings
+#: Aspect ratios (long side / short side) above this are squashed noticeably by the 2x2 grid.
+EXTREME_ASPECT_RATIO = 4.0
+
+
+def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, stacklevel: int = 3) -> None:
+    """Warn when the b images of a batch have different aspect ratios (every grid then uses the first one's cell
+    shape) or when any image is more elongated than ``EXTREME_ASPECT_RATIO`` (its cell squashes it)."""
+    ratios = [im.size[0] / max(1, im.size[1]) for im in b]
+    if len(ratios) > 1 and max(ratios) / min(ratios) > 1.01:
+        warnings.warn(f"the b images of this batch have different aspect ratios ({', '.join(f'{r:.2f}' for r in ratios)}"
+                      "); every grid uses the first analogy's cell shape, so the others are stretched. Run them in "
+                      "separate calls to keep their proportions", UserWarning, stacklevel=stacklevel)
+    for role, images in (("a", a), ("a_prime", a_prime), ("b", b)):
+        for i, im in enumerate(images):
+            w, h = im.size
+            if max(w, h) > EXTREME_ASPECT_RATIO * max(1, min(w, h)):
+                warnings.warn(f"{role}[{i}] is {w}x{h} (aspect ratio {max(w, h) / max(1, min(w, h)):.1f}:1); the "
+                              "2x2 analogy grid squashes such extreme shapes. Crop it closer to square for better "
+                              "results", UserWarning, stacklevel=stacklevel)
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+#: Smallest grid long edge: two cells of at least 16 pixels (FLUX packs 2x2 latents after the 8x VAE).
+MIN_LONG_EDGE = 32
+#: FluxKontextPipeline arguments that LoRWeBKontextPipeline sets itself, with the option that controls each.
+PIPELINE_OWNED_ARGS = {"image": "the a, a_prime, b images", "prompt": "the prompt argument",
+                       "height": "long_edge", "width": "long_edge", "num_inference_steps": "num_inference_steps",
+                       "guidance_scale": "guidance_scale", "generator": "generator / seed",
+                       "output_type": "output_type", "max_area": "long_edge", "_auto_resize": "(fixed)",
+                       "return_dict": "(fixed)"}
+
+
+def check_pipe_kwargs(pipe_kwargs: dict, call=None) -> dict:
+    """Refuse keys that FluxKontextPipeline.__call__ does not take, and keys the LoRWeB pipeline sets itself."""
+    import inspect
+
+    if call is None:
+        from diffusers import FluxKontextPipeline
+
+        call = FluxKontextPipeline.__call__
+    params = inspect.signature(call).parameters
+    accepted = set(params) - {"self"}
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in pipe_kwargs:
+        if key in PIPELINE_OWNED_ARGS:
+            raise ValueError(f"pipeline argument {key!r} is set by the LoRWeB pipeline (use {PIPELINE_OWNED_ARGS[key]})")
+        if key not in accepted and not open_ended:
+            raise ValueError(f"unknown pipeline argument {key!r}; FluxKontextPipeline accepts "
+                             f"{', '.join(sorted(accepted - set(PIPELINE_OWNED_ARGS)))}")
+    if "num_images_per_prompt" in pipe_kwargs and pipe_kwargs["num_images_per_prompt"] is not None:
+        check_int("num_images_per_prompt", pipe_kwargs["num_images_per_prompt"], lo=1)
+    for key in ("true_cfg_scale",):
+        if key in pipe_kwargs:
+            check_real(key, pipe_kwargs[key], lo=0.0)
+    if "max_sequence_length" in pipe_kwargs:
+        check_int("max_sequence_length", pipe_kwargs["max_sequence_length"], lo=1, hi=512)
+    return pipe_kwargs
+
+
+def check_generation_options(*, num_inference_steps, guidance_scale, long_edge, merge, output_type) -> None:
+    """Range and type of LoRWeBKontextPipeline.__call__'s own options."""
+    check_int("num_inference_steps", num_inference_steps, lo=1)
+    check_real("guidance_scale", guidance_scale, lo=0.0)
+    if long_edge is not None:
+        check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
+    if merge not in ("auto", True, False):
+        raise ValueError(f"merge must be 'auto', True or False, got {merge!r}")
+    if output_type not in ("pil", "np"):
+        raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+
+
+# ------------------------------------------------------------------------------------------------ training
+#: TrainConfig ranges: field -> (lo, hi, lo_open); fields not listed get type and finiteness checks only.
+TRAIN_RANGES = {
+    "steps": (1, None, False), "batch_size": (1, None, False), "learning_rate": (0.0, None, True),
+    "weight_decay": (0.0, None, False), "max_grad_norm": (0.0, None, False), "long_edge": (MIN_LONG_EDGE, None, False),
+    "logit_std": (0.0, None, True), "caption_dropout": (0.0, 1.0, False), "guidance_scale": (0.0, None, False),
+    "max_sequence_length": (1, 512, False), "num_loras": (1, None, False), "rank": (1, None, False),
+    "key_dim": (1, None, False), "heads": (1, None, False), "checkpoint_every": (1, None, False),
+    "keep_checkpoints": (0, None, False), "seed": (0, 2 ** 63 - 1, False), "num_workers": (0, None, False),
+}
+
+
+def check_train_config(cfg) -> None:
+    """Every TrainConfig field: its declared type (int, float, bool, str, betas), finite, and in TRAIN_RANGES."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), hints.get(f.name)
+        lo, hi, lo_open = TRAIN_RANGES.get(f.name, (None, None, False))
+        if kind is bool:
+            check_bool(f.name, value)
+        elif kind is int:
+            check_int(f.name, value, lo=lo, hi=hi)
+        elif kind is float:
+            check_real(f.name, value, lo=lo, hi=hi, lo_open=lo_open)
+        elif kind is str:
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
+                raise TypeError(f"{f.name} must be a non-empty string, got {value!r}")
+        elif f.name == "betas":
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise ValueError(f"betas must be two numbers in [0, 1), got {value!r}")
+            for i, beta in enumerate(value):
+                check_real(f"betas[{i}]", beta, lo=0.0, hi=1.0, hi_open=True)
+    if cfg.key_dim % cfg.heads:
+        raise ValueError(f"key_dim={cfg.key_dim} is not divisible by heads={cfg.heads}")
+
+
+# ----------------------------------------------------------------------------------------- command line
+import argparse  # noqa: E402  (kept with the command-line helpers)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one stderr line (``prog: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        import sys
+
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _looks_like_path(name: str) -> bool:
+    return (os.path.isabs(name) or name.startswith((".", "~")) or os.sep in name.replace("/", "", 1)
+            or (os.altsep is not None and os.altsep in name) or not _HUB_ID.fullmatch(name))
+
+
+def _hub_cached(repo_id: str, filename: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:
+        return False
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def check_model_source(option: str, name: str, marker: str, *, hint: str = "") -> str:
+    """A model given as a local folder or a hub id: an existing path must be a folder; a path-like name must exist;
+    a hub id must be cached when HF_HUB_OFFLINE is set. ``marker`` is the file a cached hub snapshot holds."""
+    name = str(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{option} {name} is a file; give a model folder or a hub id{hint}")
+        if not (path / marker).is_file():
+            raise UsageError(f"{option} {name} is not a saved model folder (it has no {marker}){hint}")
+        return name
+    if _looks_like_path(name):
+        raise UsageError(f"{option} {name} does not exist on this machine{hint}")
+    if _offline() and not _hub_cached(name, marker):
+        raise UsageError(f"{option} {name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set{hint}")
+    return name
+
+
+#: --pipe-arg keys the CLI can pass (JSON values), with their checks; tensor-valued arguments are Python-API only.
+CLI_PIPE_ARGS = {
+    "prompt_2": lambda k, v: _check_str(k, v), "negative_prompt": lambda k, v: _check_str(k, v),
+    "negative_prompt_2": lambda k, v: _check_str(k, v), "true_cfg_scale": lambda k, v: check_real(k, v, lo=0.0),
+    "max_sequence_length": lambda k, v: check_int(k, v, lo=1, hi=512),
+    "sigmas": lambda k, v: [check_real(f"{k}[{i}]", s, lo=0.0, hi=1.0) for i, s in enumerate(_check_list(k, v))],
+}
+
+
+def _check_str(name, value):
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _check_list(name, value):
+    if not isinstance(value, list) or not value:
+        raise TypeError(f"{name} must be a non-empty JSON list, got {value!r}")
+    return value
+
+
+def check_infer_args(args) -> None:
+    """Every path and option of ``lorweb-fast infer``, before any model loads; raises UsageError (one line)."""
+    from .flux import load_image
+    from .model import LoRWeBCheckpointError, _config_from_metadata, checkpoint_metadata
+
+    try:
+        for option, value in (("--a", args.a), ("--a-prime", args.a_prime), ("--b", args.b)):
+            if Path(value).is_dir():
+                raise UsageError(f"{option} {value} is a folder; give an image file")
+            load_image(value)  # missing: FileNotFoundError, not an image: ValueError, both naming the file
+        check_input_file("--weights", args.weights, {".safetensors"})
+        try:
+            meta = checkpoint_metadata(args.weights)
+            _config_from_metadata(meta)
+        except LoRWeBCheckpointError as exc:
+            raise UsageError(f"--weights: {exc}") from None
+        check_int("--steps", args.steps, lo=1)
+        check_real("--guidance-scale", args.guidance_scale, lo=0.0)
+        if getattr(args, "long_edge", None) is not None:
+            check_int("--long-edge", args.long_edge, lo=MIN_LONG_EDGE)
+        check_int("--seed", args.seed, lo=0, hi=2 ** 64 - 1)
+        if getattr(args, "device", None) is not None:
+            check_device("--device", args.device)
+        check_output_file("--out", args.out, image_suffixes())
+        if getattr(args, "coefficients_plot", None):
+            check_output_file("--coefficients-plot", args.coefficients_plot, plot_suffixes())
+        for key, value in (getattr(args, "pipe_kwargs", None) or {}).items():
+            if key in PIPELINE_OWNED_ARGS:
+                raise UsageError(f"--pipe-arg {key} is set by lorweb-fast itself (use {PIPELINE_OWNED_ARGS[key]})")
+            if key not in CLI_PIPE_ARGS:
+                raise UsageError(f"--pipe-arg {key}: unknown or unsupported on the command line; supported keys: "
+                                 f"{', '.join(sorted(CLI_PIPE_ARGS))}")
+            CLI_PIPE_ARGS[key](f"--pipe-arg {key}", value)
+        check_model_source("--model", args.model, "model_index.json")
+        if getattr(args, "encoder", None) is not None:
+            check_model_source("--encoder", args.encoder, "config.json")
+        elif "encoder" in meta:
+            check_model_source(f"the analogy encoder {meta['encoder']!r} named in the checkpoint metadata:",
+                               meta["encoder"], "config.json", hint="; pass --encoder")
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_train_args(args) -> None:
+    """Paths of ``lorweb-fast train`` before any model loads (TrainConfig.validate checks the numbers)."""
+    data = Path(args.data)
+    if not data.is_dir():
+        raise UsageError(f"--data {data} is not a folder")
+    check_output_dir("--out", args.out)
+    check_model_source("--model", args.model, "model_index.json")
+    check_model_source("--encoder", args.encoder, "config.json")
+
+
+def check_demo_args(args) -> None:
+    """``lorweb-fast demo`` options before anything is built."""
+    try:
+        check_output_dir("--out", args.out)
+        check_int("--steps", args.steps, lo=1)
+        check_int("--samples", args.samples, lo=1)
+        check_real("--learning-rate", args.learning_rate, lo=0.0, lo_open=True)
+        check_int("--inference-steps", args.inference_steps, lo=1)
+        check_int("--seed", args.seed, lo=0, hi=2 ** 63 - 1)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None

@@ -1,0 +1,340 @@
+"""The CLI's promise (issue 16, "one clear line, up front"): every bad path or option of ``lorweb-fast infer`` and
+``lorweb-fast train`` ends with exit status 2 and a single line on stderr, before any model loads. The model loaders
+are replaced by mocks that fail the test when called; a positive control shows that good arguments do reach them."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+import lorweb_fast as lf
+from lorweb_fast import cli, demo, flux
+
+pytest.importorskip("diffusers")
+
+
+class ModelLoaded(Exception):
+    pass
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Every model loader raises ModelLoaded: a case that reaches one failed to stop up front."""
+    calls = []
+
+    def loader(*args, **kwargs):
+        calls.append(args)
+        raise ModelLoaded("a model loader was called")
+
+    monkeypatch.setattr(flux.LoRWeBKontextPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loader(*a)))
+    monkeypatch.setattr(flux, "load_kontext_pipeline", loader)
+    monkeypatch.setattr(flux, "AnalogyEncoder", loader)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_inputs")
+    for i, name in enumerate(("a", "a_prime", "b")):
+        Image.new("RGB", (32, 32), (40 * i, 80, 120)).save(root / f"{name}.png")
+    m = nn.Sequential(nn.Linear(6, 5))
+    lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=r"\d"))
+    (root / "clip").mkdir()
+    (root / "model").mkdir()
+    (root / "clip" / "config.json").write_text("{}")  # the marker files the path checks look for
+    (root / "model" / "model_index.json").write_text("{}")
+    (root / "empty_dir").mkdir()
+    lf.save_lorweb_weights(m, root / "w.safetensors", metadata={"encoder": str(root / "clip")})
+    lf.save_lorweb_weights(m, root / "w_missing_encoder.safetensors", metadata={"encoder": "/nonexistent/clip-tiny"})
+    state = {k: v.detach() for k, v in lf.lorweb_state_dict(m).items()}
+    save_file(state, str(root / "w_nan_scale.safetensors"), metadata={"lorweb.lora_alpha_over_rank": "nan"})
+    (root / "corrupt.safetensors").write_bytes(b"\x00" * 20)
+    (root / "w.bin").write_bytes(b"weights")
+    (root / "weights_dir.safetensors").mkdir()
+    (root / "a_file").write_text("x")
+    (root / "out_dir.png").mkdir()
+    demo.make_synthetic_analogies(root / "data", 2)
+    return root
+
+
+def infer_argv(root, tmp_path, **over):
+    opts = {"--a": root / "a.png", "--a-prime": root / "a_prime.png", "--b": root / "b.png", "--prompt": "flip",
+            "--weights": root / "w.safetensors", "--model": root / "model", "--out": tmp_path / "out" / "b.png",
+            "--steps": "2", "--long-edge": "64", "--device": "cpu"}
+    extra = over.pop("extra", [])
+    opts.update(over)
+    argv = ["infer"]
+    for k, v in opts.items():
+        if v is not None:
+            argv += [k, str(v)]
+    return argv + extra
+
+
+def assert_one_line_exit_2(capsys, argv, fragment, no_model_load):
+    try:
+        rc = cli.main(argv)
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert no_model_load == [], "a model was loaded before the error"
+    return lines[0]
+
+
+INFER_CASES = {
+    "steps 0": (dict(**{"--steps": "0"}), "--steps must be an integer >= 1"),
+    "steps negative": (dict(**{"--steps": "-3"}), "--steps must be an integer >= 1"),
+    "steps not an int": (dict(**{"--steps": "2.5"}), "invalid int value"),
+    "guidance nan": (dict(**{"--guidance-scale": "nan"}), "--guidance-scale must be finite"),
+    "guidance inf": (dict(**{"--guidance-scale": "inf"}), "--guidance-scale must be finite"),
+    "guidance negative": (dict(**{"--guidance-scale": "-1"}), "--guidance-scale must be >= 0"),
+    "long edge 0": (dict(**{"--long-edge": "0"}), "--long-edge must be an integer >= 32"),
+    "long edge 16": (dict(**{"--long-edge": "16"}), "--long-edge must be an integer >= 32"),
+    "seed negative": (dict(**{"--seed": "-1"}), "--seed must be an integer in [0,"),
+    "out is a folder": ({"--out": "{root}/out_dir.png"}, "is a folder; give a file name"),
+    "out extension unknown": ({"--out": "{tmp}/b.xyz"}, "unknown file extension '.xyz'"),
+    "out without extension": ({"--out": "{tmp}/b_prime"}, "unknown file extension '(none)'"),
+    "out format cannot hold RGB": ({"--out": "{tmp}/b.xbm"}, "unknown file extension '.xbm'"),
+    "out under a file": ({"--out": "{root}/a_file/b.png"}, "a_file is a file, not a folder"),
+    "plot extension unknown": ({"--coefficients-plot": "{tmp}/c.xyz"}, "--coefficients-plot"),
+    "plot is a folder": ({"--coefficients-plot": "{root}/out_dir.png"}, "is a folder; give a file name"),
+    "weights folder": ({"--weights": "{root}/weights_dir.safetensors"}, "is a folder; give a file"),
+    "weights not safetensors": ({"--weights": "{root}/w.bin"}, "must be a .safetensors file"),
+    "weights missing": ({"--weights": "{root}/nope.safetensors"}, "does not exist"),
+    "weights corrupt": ({"--weights": "{root}/corrupt.safetensors"}, "corrupt or truncated"),
+    "weights nan scale": ({"--weights": "{root}/w_nan_scale.safetensors"}, "lora_alpha_over_rank='nan'"),
+    "pipe-arg unknown": ({"extra": ["--pipe-arg", "foo=1"]}, "--pipe-arg foo: unknown or unsupported"),
+    "pipe-arg tensor-only": ({"extra": ["--pipe-arg", "latents=1"]}, "--pipe-arg latents: unknown or unsupported"),
+    "pipe-arg owned": ({"extra": ["--pipe-arg", "height=64"]}, "--pipe-arg height is set by lorweb-fast"),
+    "pipe-arg nan": ({"extra": ["--pipe-arg", "true_cfg_scale=NaN"]}, "true_cfg_scale must be finite"),
+    "pipe-arg bad int": ({"extra": ["--pipe-arg", "max_sequence_length=0"]}, "max_sequence_length must be"),
+    "pipe-arg bad type": ({"extra": ["--pipe-arg", "negative_prompt=3"]}, "negative_prompt must be a string"),
+    "pipe-arg not key=value": ({"extra": ["--pipe-arg", "foo"]}, "expected KEY=VALUE"),
+    "device unknown": ({"--device": "banana"}, "--device 'banana' is not a device"),
+    "encoder from metadata absent": ({"--weights": "{root}/w_missing_encoder.safetensors"}, "pass --encoder"),
+    "encoder path missing": ({"--encoder": "{root}/no_encoder"}, "--encoder"),
+    "encoder is a file": ({"--encoder": "{root}/a_file"}, "is a file; give a model folder"),
+    "model is a file": ({"--model": "{root}/a_file"}, "is a file; give a model folder"),
+    "model path missing": ({"--model": "./no/such/model"}, "does not exist on this machine"),
+    "model folder not a pipeline": ({"--model": "{root}/empty_dir"}, "has no model_index.json"),
+    "encoder folder not a model": ({"--encoder": "{root}/empty_dir"}, "has no config.json"),
+    "image missing": ({"--b": "{root}/nope.png"}, "image not found"),
+    "image is a folder": ({"--a": "{root}/model"}, "is a folder; give an image file"),
+    "image not an image": ({"--a-prime": "{root}/w.bin"}, "is not a readable image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INFER_CASES))
+def test_infer_bad_input_stops_up_front(files, tmp_path, capsys, no_model_load, case):
+    over, fragment = INFER_CASES[case]
+    over = {k: ([x.format(root=files, tmp=tmp_path) for x in v] if isinstance(v, list)
+                else v.format(root=files, tmp=tmp_path)) for k, v in over.items()}
+    assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **over), fragment, no_model_load)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_infer_device_cuda_without_gpu(files, tmp_path, capsys, no_model_load, device):
+    assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **{"--device": device}), "no CUDA GPU is visible",
+                           no_model_load)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_infer_unwritable_out(files, tmp_path, capsys, no_model_load):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **{"--out": locked / "b.png"}), "not writable",
+                               no_model_load)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_infer_offline_hub_encoder_absent(files, tmp_path, capsys, no_model_load, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    lf_m = nn.Sequential(nn.Linear(6, 5))
+    lf.inject_lorweb(lf_m, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=r"\d"))
+    lf.save_lorweb_weights(lf_m, tmp_path / "w.safetensors", metadata={"encoder": "someone/absent-encoder"})
+    assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **{"--weights": tmp_path / "w.safetensors"}),
+                           "pass --encoder", no_model_load)
+
+
+@pytest.mark.parametrize("extra", [[], ["--pipe-arg", "true_cfg_scale=1.0", "--pipe-arg", "negative_prompt=blur",
+                                        "--coefficients-plot", "plot.pdf", "--guidance-scale", "0"]])
+def test_infer_good_arguments_reach_the_loader(files, tmp_path, capsys, no_model_load, extra):
+    """Positive control: the checks above are not blanket refusals."""
+    argv = infer_argv(files, tmp_path, extra=[str(tmp_path / x) if x.endswith(".pdf") else x for x in extra])
+    with pytest.raises(ModelLoaded):
+        cli.main(argv)
+    assert len(no_model_load) == 1
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def train_argv(root, tmp_path, *extra, out=None):
+    return ["train", "--data", str(root / "data"), "--out", str(out or tmp_path / "run"), "--model",
+            str(root / "model"), "--encoder", str(root / "clip"), "--steps", "2", "--num-workers", "0",
+            "--mixed-precision", "no",  # one AcceleratorState per process: every test uses the same precision
+            "--no-progress", *extra]
+
+
+TRAIN_CASES = {
+    "steps 0": (["--steps", "0"], "steps must be at least 1"),
+    "batch size 0": (["--batch-size", "0"], "batch_size must be"),
+    "learning rate nan": (["--learning-rate", "nan"], "learning_rate must be finite"),
+    "learning rate 0": (["--learning-rate", "0"], "learning_rate must be > 0"),
+    "learning rate inf": (["--learning-rate", "inf"], "learning_rate must be finite"),
+    "beta 1": (["--betas", "0.9", "1.0"], "betas[1] must be in [0.0, 1.0)"),
+    "beta nan": (["--betas", "nan", "0.99"], "betas[0] must be finite"),
+    "weight decay negative": (["--weight-decay", "-0.1"], "weight_decay must be >= 0"),
+    "grad norm inf": (["--max-grad-norm", "inf"], "max_grad_norm must be finite"),
+    "long edge 0": (["--long-edge", "0"], "long_edge must be"),
+    "logit std 0": (["--logit-std", "0"], "logit_std must be > 0"),
+    "logit mean nan": (["--logit-mean", "nan"], "logit_mean must be finite"),
+    "mode scale inf": (["--mode-scale", "inf"], "mode_scale must be finite"),
+    "caption dropout 1.5": (["--caption-dropout", "1.5"], "caption_dropout must be in [0, 1]"),
+    "guidance nan": (["--guidance-scale", "nan"], "guidance_scale must be finite"),
+    "max sequence 0": (["--max-sequence-length", "0"], "max_sequence_length must be"),
+    "num loras 0": (["--num-loras", "0"], "num_loras must be"),
+    "rank negative": (["--rank", "-1"], "rank must be"),
+    "heads do not divide": (["--heads", "3"], "key_dim=128 is not divisible by heads=3"),
+    "checkpoint every 0": (["--checkpoint-every", "0"], "checkpoint_every must be"),
+    "keep negative": (["--keep-checkpoints", "-1"], "keep_checkpoints must be"),
+    "seed negative": (["--seed", "-5"], "seed must be"),
+    "workers negative": (["--num-workers", "-1"], "num_workers must be"),
+    "resume and overwrite": (["--resume", "--overwrite"], "resume and overwrite exclude each other"),
+    "activation unknown": (["--activation", "relu"], "invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+def test_train_bad_option_stops_up_front(files, tmp_path, capsys, no_model_load, case):
+    extra, fragment = TRAIN_CASES[case]
+    assert_one_line_exit_2(capsys, train_argv(files, tmp_path, *extra), fragment, no_model_load)
+    assert not (tmp_path / "run").exists()
+
+
+def _used_out(tmp_path, what):
+    out = tmp_path / "used"
+    out.mkdir()
+    if what == "checkpoint":
+        (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    elif what == "weights":
+        (out / "lorweb.safetensors").write_bytes(b"old")
+    else:
+        (out / "loss.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    return out
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "weights", "loss log"])
+def test_train_refuses_a_used_out(files, tmp_path, capsys, no_model_load, what):
+    out = _used_out(tmp_path, what)
+    before = sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*"))
+    assert_one_line_exit_2(capsys, train_argv(files, tmp_path, out=out), "already holds a training run",
+                           no_model_load)
+    assert sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*")) == before
+
+
+TRAIN_PATH_CASES = {
+    "out is a file": (lambda r, t: ["--out", str(r / "a_file")], "is a file; give a folder"),
+    "out under a file": (lambda r, t: ["--out", str(r / "a_file" / "run")], "a_file is a file, not a folder"),
+    "data missing": (lambda r, t: ["--data", str(t / "nodata")], "is not a folder"),
+    "model missing": (lambda r, t: ["--model", str(t / "nomodel")], "does not exist on this machine"),
+    "encoder is a file": (lambda r, t: ["--encoder", str(r / "a_file")], "is a file; give a model folder"),
+    "model folder not a pipeline": (lambda r, t: ["--model", str(r / "empty_dir")], "has no model_index.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_PATH_CASES))
+def test_train_bad_path_stops_up_front(files, tmp_path, capsys, no_model_load, case):
+    make, fragment = TRAIN_PATH_CASES[case]
+    assert_one_line_exit_2(capsys, train_argv(files, tmp_path) + make(files, tmp_path), fragment, no_model_load)
+
+
+def test_train_good_arguments_reach_the_loader(files, tmp_path, capsys, no_model_load):
+    with pytest.raises(ModelLoaded):
+        cli.main(train_argv(files, tmp_path, "--mixed-precision", "no"))
+    assert len(no_model_load) == 1
+
+
+def test_train_overwrite_reaches_the_loader_and_clears_only_run_files(files, tmp_path, no_model_load):
+    out = _used_out(tmp_path, "checkpoint")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ModelLoaded):
+        cli.main(train_argv(files, tmp_path, "--overwrite", "--mixed-precision", "no", out=out))
+    assert not (out / "checkpoints").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------------------- demo
+DEMO_CASES = {
+    "steps 0": (["--steps", "0"], "--steps must be an integer >= 1"),
+    "samples 0": (["--samples", "0"], "--samples must be an integer >= 1"),
+    "learning rate nan": (["--learning-rate", "nan"], "--learning-rate must be finite"),
+    "learning rate negative": (["--learning-rate", "-1"], "--learning-rate must be > 0"),
+    "inference steps 0": (["--inference-steps", "0"], "--inference-steps must be an integer >= 1"),
+    "seed negative": (["--seed", "-1"], "--seed must be an integer in [0,"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEMO_CASES))
+def test_demo_bad_option_stops_up_front(tmp_path, capsys, monkeypatch, case):
+    built = []
+    monkeypatch.setattr(demo, "build_tiny_kontext_pipeline", lambda *a, **k: built.append(a))
+    extra, fragment = DEMO_CASES[case]
+    assert_one_line_exit_2(capsys, ["demo", "--out", str(tmp_path / "demo"), *extra], fragment, built)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_out_is_a_file(files, capsys, monkeypatch):
+    built = []
+    monkeypatch.setattr(demo, "build_tiny_kontext_pipeline", lambda *a, **k: built.append(a))
+    assert_one_line_exit_2(capsys, ["demo", "--out", str(files / "a_file")], "is a file; give a folder", built)
+
+
+@pytest.mark.parametrize("option", ["--out", "--coefficients-plot", "existing --out file"])
+def test_infer_unwritable_paths_by_access_check(files, tmp_path, capsys, no_model_load, monkeypatch, option):
+    """The writability check itself (root bypasses permissions, so os.access is patched to deny one folder/file)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    target = locked / ("plot.png" if option == "--coefficients-plot" else "b.png")
+    if option.startswith("existing"):
+        target.write_bytes(b"old")
+        denied = target
+    else:
+        denied = locked
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(denied) else real_access(p, mode))
+    flag = "--coefficients-plot" if option == "--coefficients-plot" else "--out"
+    assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **{flag: target}), "not writable", no_model_load)
+    assert [p.name for p in locked.iterdir()] == ([target.name] if option.startswith("existing") else [])
+
+
+@pytest.mark.parametrize("change,fragment", [(["--learning-rate", "0.5"], "learning_rate: 0.001 -> 0.5"),
+                                             (["--rank", "8"], "rank: 4 -> 8"),
+                                             (["--seed", "7"], "seed: 0 -> 7")])
+def test_train_resume_with_a_different_config(files, tmp_path, capsys, no_model_load, change, fragment):
+    from lorweb_fast import training
+
+    out = tmp_path / "run"
+    cfg = cli._train_config(cli.build_parser().parse_args(train_argv(files, tmp_path, out=out)))
+    ckpt = out / "checkpoints" / "step-00000001"
+    ckpt.mkdir(parents=True)
+    m = nn.Sequential(nn.Linear(6, 5))
+    lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=r"\d"))
+    lf.save_lorweb_weights(m, ckpt / "lorweb.safetensors")
+    torch.save({"step": 1, "optimizer": {"state": {}, "param_groups": []},
+                "config": training._comparable_config(cfg)}, ckpt / "trainer_state.pt")
+    line = assert_one_line_exit_2(capsys, train_argv(files, tmp_path, "--resume", *change, out=out),
+                                  "only the step budget may change", no_model_load)
+    assert fragment in line

@@ -1,0 +1,133 @@
+"""LoRWeBKontextPipeline's options (issue 16, "numeric options" and "warnings"): every option is checked for type,
+range and finiteness before anything runs (no encoder call, no set_query: coefficients and parameters unchanged);
+unknown or reserved pipeline arguments are refused; batches with mixed or extreme aspect ratios warn."""
+
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import lorweb_fast as lf
+from lorweb_fast import flux
+from lorweb_fast.validation import warn_aspect_ratios
+
+diffusers = pytest.importorskip("diffusers")
+
+
+class EncoderReached(Exception):
+    pass
+
+
+class FakeEncoder:
+    name, query_dim = "fake", 6
+
+    def __call__(self, *images):
+        raise EncoderReached
+
+
+class FakeKontext:
+    """Has the stock FluxKontextPipeline.__call__ signature (the pipeline-argument check reads it); never runs."""
+
+    __call__ = diffusers.FluxKontextPipeline.__call__
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.transformer = nn.Sequential(nn.Linear(6, 5))
+        lf.inject_lorweb(self.transformer, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6,
+                                                           target_modules=r"\d"))
+        with torch.no_grad():
+            lf.set_query(self.transformer, torch.randn(1, 6))
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+
+@pytest.fixture
+def pipe():
+    return flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), long_edge=64)
+
+
+def picture(w=32, h=32):
+    return Image.new("RGB", (w, h), (10, 200, 30))
+
+
+def state(p):
+    t = p.transformer
+    return ({k: v.clone() for k, v in t.state_dict().items()},
+            {n: l.coefficients.clone() for n, l in lf.lorweb_layers(t).items()})
+
+
+BAD_OPTIONS = [
+    ("num_inference_steps", 0, ValueError, "num_inference_steps must be an integer >= 1"),
+    ("num_inference_steps", -4, ValueError, "num_inference_steps must be an integer >= 1"),
+    ("num_inference_steps", 2.5, TypeError, "num_inference_steps must be an integer"),
+    ("num_inference_steps", True, TypeError, "num_inference_steps must be an integer"),
+    ("guidance_scale", math.nan, ValueError, "guidance_scale must be finite"),
+    ("guidance_scale", math.inf, ValueError, "guidance_scale must be finite"),
+    ("guidance_scale", -1.0, ValueError, "guidance_scale must be >= 0"),
+    ("guidance_scale", "2.5", TypeError, "guidance_scale must be a real number"),
+    ("long_edge", 0, ValueError, "long_edge must be an integer >= 32"),
+    ("long_edge", 16, ValueError, "long_edge must be an integer >= 32"),
+    ("long_edge", 64.0, TypeError, "long_edge must be an integer"),
+    ("merge", "yes", ValueError, "merge must be 'auto', True or False"),
+    ("output_type", "jpg", ValueError, "output_type must be 'pil' or 'np'"),
+    ("foo", 1, ValueError, "unknown pipeline argument 'foo'"),
+    ("height", 64, ValueError, "'height' is set by the LoRWeB pipeline"),
+    ("image", None, ValueError, "'image' is set by the LoRWeB pipeline"),
+    ("return_dict", False, ValueError, "'return_dict' is set by the LoRWeB pipeline"),
+    ("num_images_per_prompt", 0, ValueError, "num_images_per_prompt must be an integer >= 1"),
+    ("true_cfg_scale", math.nan, ValueError, "true_cfg_scale must be finite"),
+    ("max_sequence_length", 0, ValueError, "max_sequence_length must be"),
+]
+
+
+@pytest.mark.parametrize("name,value,exc,fragment", BAD_OPTIONS)
+def test_bad_generation_options_raise_before_anything_runs(pipe, name, value, exc, fragment):
+    before = state(pipe)
+    with pytest.raises(exc, match=fragment):
+        pipe(picture(), picture(), picture(), "flip", **{name: value})
+    after = state(pipe)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+
+
+def test_good_options_reach_the_encoder(pipe):
+    """Positive control: valid options pass the checks."""
+    with pytest.raises(EncoderReached):
+        pipe(picture(), picture(), picture(), "flip", num_inference_steps=3, guidance_scale=0.0, long_edge=32,
+             merge=False, output_type="np", true_cfg_scale=1.0, negative_prompt="blur")
+
+
+@pytest.mark.parametrize("long_edge,exc", [(0, ValueError), (31, ValueError), (64.5, TypeError), ("64", TypeError)])
+def test_pipeline_long_edge_at_construction(long_edge, exc):
+    with pytest.raises(exc, match="long_edge"):
+        flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), long_edge=long_edge)
+
+
+# ---------------------------------------------------------------------------------------------- aspect ratios
+ASPECT_CASES = [
+    ("mixed b ratios", [(32, 32)] * 2, [(32, 32)] * 2, [(32, 32), (64, 32)], "different aspect ratios"),
+    ("extreme b", [(32, 32)], [(32, 32)], [(200, 20)], "b[0] is 200x20"),
+    ("extreme a", [(20, 200)], [(32, 32)], [(32, 32)], "a[0] is 20x200"),
+    ("extreme a_prime", [(32, 32)], [(500, 100)], [(32, 32)], "a_prime[0] is 500x100"),
+]
+
+
+@pytest.mark.parametrize("case,a,a2,b,fragment", ASPECT_CASES)
+def test_surprising_aspect_ratios_warn(pipe, case, a, a2, b, fragment):
+    images = [[picture(*s) for s in sizes] for sizes in (a, a2, b)]
+    with pytest.warns(UserWarning, match=re.escape(fragment)):
+        with pytest.raises(EncoderReached):
+            pipe(*images, ["flip"] * len(b))
+
+
+@pytest.mark.parametrize("sizes", [[(32, 32), (48, 48)], [(64, 32), (128, 64)], [(40, 10)]])
+def test_ordinary_aspect_ratios_do_not_warn(sizes):
+    ims = [picture(*s) for s in sizes]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_aspect_ratios(ims, ims, ims)

@@ -1,0 +1,322 @@
+"""Training runs that must not get mixed up (issue 16): a used --out needs --resume or --overwrite, a resume with a
+different training config is refused naming the fields, stray folders under checkpoints/ are ignored, an empty or
+corrupt newest checkpoint falls back to the previous complete one with a warning, leftover temporary folders are
+removed; TrainConfig refuses every out-of-range or non-finite value. Most cases need no model (``prepare_output``
+runs before any model loads); one end-to-end run checks that the fallback resume is still bit-identical."""
+
+import dataclasses
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import lorweb_fast as lf
+from lorweb_fast import demo, training
+from lorweb_fast.training import TrainConfig, prepare_output
+
+
+def cfg_for(out, **over) -> TrainConfig:
+    values = dict(data="data", out=str(out), model="m", encoder="e", steps=8, batch_size=2, learning_rate=1e-2,
+                  mixed_precision="no", long_edge=64, num_loras=4, rank=2, key_dim=8, checkpoint_every=2,
+                  num_workers=0, progress=False)
+    values.update(over)
+    return TrainConfig(**values)
+
+
+def fake_checkpoint(out, step, cfg, *, state=None, weights=True):
+    """A complete checkpoint folder as _write_checkpoint writes it (tiny real weights file)."""
+    d = Path(out) / "checkpoints" / f"step-{step:08d}"
+    d.mkdir(parents=True)
+    if weights:
+        m = nn.Sequential(nn.Linear(4, 3))
+        lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=2, query_dim=3, target_modules=r"\d"))
+        lf.save_lorweb_weights(m, d / "lorweb.safetensors")
+    if state is None:
+        state = {"step": step, "optimizer": {"state": {}, "param_groups": []},
+                 "config": training._comparable_config(cfg)}
+    torch.save(state, d / "trainer_state.pt")
+    return d
+
+
+def tree(root):
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in Path(root).rglob("*"))
+
+
+# ------------------------------------------------------------------------------------------ used --out
+@pytest.mark.parametrize("what", ["checkpoint", "weights", "loss"])
+def test_used_out_is_refused_without_resume_or_overwrite(tmp_path, what):
+    cfg = cfg_for(tmp_path)
+    if what == "checkpoint":
+        fake_checkpoint(tmp_path, 2, cfg)
+    elif what == "weights":
+        (tmp_path / "lorweb.safetensors").write_bytes(b"old")
+    else:
+        (tmp_path / "loss.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match="already holds a training run.*--resume.*--overwrite"):
+        prepare_output(cfg)
+    assert tree(tmp_path) == before
+
+
+def test_overwrite_removes_only_the_run(tmp_path):
+    cfg = cfg_for(tmp_path, overwrite=True)
+    fake_checkpoint(tmp_path, 2, cfg)
+    for name in training.RUN_FILES:
+        (tmp_path / name).write_text("old")
+    (tmp_path / "my_notes.txt").write_text("keep")
+    assert prepare_output(cfg) == (None, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_notes.txt"]
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, caplog):
+    (tmp_path / "loss.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with caplog.at_level("WARNING", logger="lorweb_fast.training"):
+        assert prepare_output(cfg_for(tmp_path, resume=True)) == (None, None)
+    assert "starting from step 0" in caplog.text
+
+
+# -------------------------------------------------------------------------------------- resume config check
+CHANGES = [("learning_rate", 5e-3), ("rank", 4), ("num_loras", 8), ("seed", 3), ("data", "other_data"),
+           ("batch_size", 3), ("weighting_scheme", "logit_normal"), ("betas", (0.8, 0.9)), ("caption_dropout", 0.2),
+           ("optimizer", "adamw"), ("model", "other_model"), ("long_edge", 128), ("checkpoint_every", 3)]
+
+
+@pytest.mark.parametrize("field,value", CHANGES)
+def test_resume_with_a_different_config_is_refused_naming_the_field(tmp_path, field, value):
+    cfg = cfg_for(tmp_path)
+    fake_checkpoint(tmp_path, 2, cfg)
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=rf"differs from .*trainer_state.pt in {field}: "):
+        prepare_output(dataclasses.replace(cfg, resume=True, **{field: value}))
+    assert tree(tmp_path) == before
+
+
+def test_resume_names_every_differing_field(tmp_path):
+    cfg = cfg_for(tmp_path)
+    fake_checkpoint(tmp_path, 2, cfg)
+    with pytest.raises(ValueError, match="learning_rate: 0.01 -> 0.02, rank: 2 -> 3"):
+        prepare_output(dataclasses.replace(cfg, resume=True, learning_rate=2e-2, rank=3))
+
+
+@pytest.mark.parametrize("field,value", [("steps", 20), ("num_workers", 3), ("progress", True)])
+def test_resume_may_change_the_step_budget(tmp_path, field, value):
+    cfg = cfg_for(tmp_path)
+    ckpt = fake_checkpoint(tmp_path, 2, cfg)
+    found, state = prepare_output(dataclasses.replace(cfg, resume=True, **{field: value}))
+    assert found == ckpt and state["step"] == 2
+
+
+def test_resume_checks_train_config_json_for_older_checkpoints(tmp_path):
+    cfg = cfg_for(tmp_path)
+    fake_checkpoint(tmp_path, 2, cfg, state={"step": 2, "optimizer": {"state": {}, "param_groups": []}})
+    (tmp_path / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), default=str))
+    with pytest.raises(ValueError, match="train_config.json in rank"):
+        prepare_output(dataclasses.replace(cfg, resume=True, rank=8))
+
+
+def test_resume_beyond_the_step_budget_is_refused(tmp_path):
+    cfg = cfg_for(tmp_path)
+    fake_checkpoint(tmp_path, 6, cfg)
+    with pytest.raises(ValueError, match="at step 6, beyond --steps 4"):
+        prepare_output(dataclasses.replace(cfg, resume=True, steps=4))
+
+
+# -------------------------------------------------------------------------------- checkpoints/ contents
+@pytest.mark.parametrize("stray", ["step-foo", "notes", "step-12-old", "step-", "backup_step-00000009",
+                                   "step-00000009.bak"])
+def test_stray_folders_under_checkpoints_are_ignored(tmp_path, stray):
+    cfg = cfg_for(tmp_path)
+    good = fake_checkpoint(tmp_path, 4, cfg)
+    (tmp_path / "checkpoints" / stray).mkdir()
+    (tmp_path / "checkpoints" / stray / "trainer_state.pt").write_bytes(b"junk")
+    (tmp_path / "checkpoints" / stray / "lorweb.safetensors").write_bytes(b"junk")
+    assert training.checkpoint_dirs(tmp_path) == [good]
+    assert training.latest_checkpoint(tmp_path) == good
+    assert prepare_output(dataclasses.replace(cfg, resume=True))[0] == good
+    assert (tmp_path / "checkpoints" / stray).is_dir()  # not ours: left alone
+
+
+@pytest.mark.parametrize("corruption", ["empty", "garbage", "not a dict", "no optimizer", "weights corrupt"])
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, corruption):
+    cfg = cfg_for(tmp_path)
+    older = fake_checkpoint(tmp_path, 2, cfg)
+    newest = fake_checkpoint(tmp_path, 4, cfg)
+    bad_file = newest / ("lorweb.safetensors" if corruption == "weights corrupt" else "trainer_state.pt")
+    if corruption == "empty":
+        bad_file.write_bytes(b"")
+    elif corruption in ("garbage", "weights corrupt"):
+        bad_file.write_bytes(b"\x80\x02 definitely not a checkpoint")
+    elif corruption == "not a dict":
+        torch.save([1, 2, 3], bad_file)
+    else:
+        torch.save({"step": 4}, bad_file)
+    with pytest.warns(UserWarning, match=rf"cannot resume from step-00000004: .*{bad_file.name}.*falling back"):
+        found, state = prepare_output(dataclasses.replace(cfg, resume=True))
+    assert found == older and state["step"] == 2
+
+
+def test_all_checkpoints_corrupt_is_an_error_naming_the_files(tmp_path):
+    cfg = cfg_for(tmp_path)
+    for step in (2, 4):
+        (fake_checkpoint(tmp_path, step, cfg) / "trainer_state.pt").write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="no usable checkpoint.*step-00000004.*step-00000002"):
+            prepare_output(dataclasses.replace(cfg, resume=True))
+
+
+@pytest.mark.parametrize("leftover", ["checkpoints/.tmp-step-00000006-abc123", "checkpoints/.tmp-step-00000004-x",
+                                      ".lorweb.safetensors.tmp",
+                                      "checkpoints/step-00000002/.lorweb-k2j3.safetensors.tmp"])
+def test_leftover_temporary_files_are_removed(tmp_path, leftover):
+    cfg = cfg_for(tmp_path)
+    fake_checkpoint(tmp_path, 2, cfg)
+    path = tmp_path / leftover
+    if leftover.endswith(".tmp"):
+        path.write_bytes(b"partial")
+    else:
+        path.mkdir()
+        (path / "lorweb.safetensors").write_bytes(b"partial")
+    prepare_output(dataclasses.replace(cfg, resume=True))
+    assert not path.exists()
+    assert (tmp_path / "checkpoints" / "step-00000002" / "trainer_state.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------------- TrainConfig
+BAD_FIELDS = [("steps", 0, ValueError), ("steps", 2.5, TypeError), ("steps", True, TypeError),
+              ("batch_size", -1, ValueError), ("learning_rate", math.nan, ValueError),
+              ("learning_rate", 0.0, ValueError), ("learning_rate", "1e-3", TypeError),
+              ("weight_decay", -1.0, ValueError), ("weight_decay", math.inf, ValueError),
+              ("max_grad_norm", math.nan, ValueError), ("long_edge", 16, ValueError),
+              ("logit_mean", math.inf, ValueError), ("logit_std", 0.0, ValueError),
+              ("mode_scale", math.nan, ValueError), ("caption_dropout", -0.1, ValueError),
+              ("guidance_scale", math.nan, ValueError), ("guidance_scale", -2.0, ValueError),
+              ("max_sequence_length", 0, ValueError), ("max_sequence_length", 1024, ValueError),
+              ("num_loras", 0, ValueError), ("rank", 1.0, TypeError), ("key_dim", 0, ValueError),
+              ("heads", 0, ValueError), ("checkpoint_every", 0, ValueError), ("keep_checkpoints", -1, ValueError),
+              ("seed", -1, ValueError), ("num_workers", -2, ValueError), ("resume", "yes", TypeError),
+              ("gradient_checkpointing", 1, TypeError), ("betas", (0.9,), ValueError),
+              ("betas", (0.9, 1.0), ValueError), ("betas", (math.nan, 0.9), ValueError),
+              ("activation", "relu", ValueError), ("reduce", "max", ValueError), ("model", "", TypeError)]
+
+
+@pytest.mark.parametrize("field,value,exc", BAD_FIELDS)
+def test_train_config_refuses_bad_values(tmp_path, field, value, exc):
+    with pytest.raises(exc, match=field):
+        cfg_for(tmp_path, **{field: value}).validate()
+
+
+def test_train_config_defaults_are_valid(tmp_path):
+    TrainConfig(data="d", out=str(tmp_path)).validate()
+    cfg_for(tmp_path).validate()
+
+
+# ---------------------------------------------------------------------------- end to end: fallback is exact
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    root = tmp_path_factory.mktemp("train_bad")
+    demo.build_tiny_kontext_pipeline(root / "pipe")
+    demo.build_tiny_clip(root / "clip")
+    demo.make_synthetic_analogies(root / "data", 8)
+    return root
+
+
+@pytest.mark.slow
+def test_corrupt_newest_optimizer_state_resumes_from_the_previous_checkpoint_bit_identically(assets, tmp_path):
+    def real_cfg(out, steps):
+        return TrainConfig(data=str(assets / "data"), out=str(out), model=str(assets / "pipe"),
+                           encoder=str(assets / "clip"), steps=steps, batch_size=2, learning_rate=1e-2,
+                           mixed_precision="no", long_edge=64, max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH,
+                           num_loras=4, rank=2, key_dim=8, checkpoint_every=2, keep_checkpoints=3, num_workers=0,
+                           progress=False, optimizer="adamw")
+
+    straight = tmp_path / "straight"
+    training.train(real_cfg(straight, 6))
+    run = tmp_path / "run"
+    training.train(real_cfg(run, 4))
+    (run / "checkpoints" / "step-00000004" / "trainer_state.pt").write_bytes(b"")  # killed while writing, say
+    (run / "checkpoints" / "notes").mkdir()  # a stray folder
+    (run / "checkpoints" / ".tmp-step-00000006-zz").mkdir()  # a killed run's temporary folder
+    seen = []
+    with pytest.warns(UserWarning, match="trainer_state.pt is empty or corrupt.*falling back"):
+        training.train(dataclasses.replace(real_cfg(run, 6), resume=True), step_callback=lambda s, l: seen.append(s))
+    assert seen == [3, 4, 5, 6]
+    assert not (run / "checkpoints" / ".tmp-step-00000006-zz").exists()
+    a, b = load_file(str(straight / "lorweb.safetensors")), load_file(str(run / "lorweb.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_a = [json.loads(l) for l in (straight / "loss.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (run / "loss.jsonl").read_text().splitlines()]
+    assert log_a == log_b  # one run's log, not two mixed
+    with pytest.raises(ValueError, match="already holds a training run"):
+        training.train(real_cfg(run, 6))  # a fresh run into it is refused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_killed_mid_run_then_resume_is_bit_identical(assets, tmp_path, signame):
+    """A `lorweb-fast train` process killed by a signal (possibly mid-checkpoint, leaving a temporary folder)
+    resumes from its newest complete checkpoint to the same weights and loss log as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lorweb_fast import cli
+
+    def argv(out, steps):
+        return ["train", "--data", str(assets / "data"), "--out", str(out), "--model", str(assets / "pipe"),
+                "--encoder", str(assets / "clip"), "--steps", str(steps), "--batch-size", "2", "--mixed-precision",
+                "no", "--long-edge", "64", "--max-sequence-length", str(demo.DEMO_MAX_SEQUENCE_LENGTH),
+                "--num-loras", "4", "--rank", "2", "--key-dim", "8", "--checkpoint-every", "2", "--num-workers", "0",
+                "--no-progress", "--optimizer", "adamw", "--learning-rate", "0.01"]
+
+    killed = tmp_path / "killed"
+    exe = Path(sys.executable).with_name("lorweb-fast")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lorweb_fast.cli"]
+    proc = subprocess.Popen(cmd + argv(killed, 400), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while training.latest_checkpoint(killed) is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, getattr(signal, signame))
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    resumed_from = int(training.latest_checkpoint(killed).name.split("-")[1])
+    total = resumed_from + 2
+    assert cli.main(argv(killed, total) + ["--resume"]) == 0
+    assert not list((killed / "checkpoints").glob(".tmp-step-*"))
+    straight = tmp_path / "straight"
+    assert cli.main(argv(straight, total)) == 0
+    a, b = load_file(str(straight / "lorweb.safetensors")), load_file(str(killed / "lorweb.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_a = [json.loads(l) for l in (straight / "loss.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (killed / "loss.jsonl").read_text().splitlines()]
+    assert log_a == log_b and [r["step"] for r in log_b] == list(range(1, total + 1))
+
+
+@pytest.mark.parametrize("value,refused", [("none", False), ("logit_normal", True)])
+def test_field_missing_from_an_older_checkpoint_counts_as_its_default(tmp_path, value, refused):
+    cfg = cfg_for(tmp_path)
+    stored = training._comparable_config(cfg)
+    del stored["weighting_scheme"]  # as if written before the field existed (default "none")
+    fake_checkpoint(tmp_path, 2, cfg, state={"step": 2, "optimizer": {"state": {}, "param_groups": []},
+                                             "config": stored})
+    resumed = dataclasses.replace(cfg, resume=True, weighting_scheme=value)
+    if refused:
+        with pytest.raises(ValueError, match="weighting_scheme: 'none' -> 'logit_normal'"):
+            prepare_output(resumed)
+    else:
+        assert prepare_output(resumed)[1]["step"] == 2
