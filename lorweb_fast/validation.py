@@ -283,8 +283,8 @@ def check_generation_options(*, num_inference_steps, guidance_scale, long_edge, 
     check_real("guidance_scale", guidance_scale, lo=0.0)
     if long_edge is not None:
         check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
-    if merge not in ("auto", True, False):
-        raise ValueError(f"merge must be 'auto', True or False, got {merge!r}")
+    if merge not in ("auto", "none", "full", "offload", "jit", True, False):
+        raise ValueError(f"merge must be 'auto', 'none', 'full', 'offload', 'jit', True or False, got {merge!r}")
     if output_type not in ("pil", "np"):
         raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
 

@@ -73,7 +73,7 @@ BAD_OPTIONS = [
     ("long_edge", 0, ValueError, "long_edge must be an integer >= 32"),
     ("long_edge", 16, ValueError, "long_edge must be an integer >= 32"),
     ("long_edge", 64.0, TypeError, "long_edge must be an integer"),
-    ("merge", "yes", ValueError, "merge must be 'auto', True or False"),
+    ("merge", "yes", ValueError, "merge must be 'auto', 'none'"),
     ("output_type", "jpg", ValueError, "output_type must be 'pil' or 'np'"),
     ("foo", 1, ValueError, "unknown pipeline argument 'foo'"),
     ("height", 64, ValueError, "'height' is set by the LoRWeB pipeline"),
