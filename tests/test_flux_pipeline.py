@@ -38,7 +38,8 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lorweb_pipe(assets):
-    return flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors", long_edge=64)
+    return flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
+                                                      resolution="native", long_edge=64)
 
 
 def analogy(seed):
