@@ -197,7 +197,8 @@ def cli_infer(assets, tmp_path, **overrides):
     argv = ["infer", "--a", str(paths["a"]), "--a-prime", str(paths["a_prime"]), "--b", str(paths["b"]),
             "--prompt", "mirror the image", "--weights", str(paths.get("weights", assets / "lorweb.safetensors")),
             "--model", str(assets / "pipe"), "--out", str(out), "--steps", "2", "--dtype", "fp32",
-            "--long-edge", "64", "--coefficients-plot", str(tmp_path / "out" / "coefficients.png"),
+            "--resolution", "native", "--long-edge", "64",
+            "--coefficients-plot", str(tmp_path / "out" / "coefficients.png"),
             "--pipe-arg", f"max_sequence_length={demo.DEMO_MAX_SEQUENCE_LENGTH}"]
     return cli.main(argv), out
 
