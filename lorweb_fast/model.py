@@ -204,7 +204,7 @@ def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadata: Optional[dict] = None, *,
                         state_dict: Optional[Mapping[str, torch.Tensor]] = None,
-                        dtype: Optional[torch.dtype] = None) -> None:
+                        dtype: Optional[torch.dtype] = None, config: Optional[Mapping] = None) -> None:
     """Write the official safetensors format atomically (temporary file, then rename).
 
     The configuration (heads, activation, reduce, scale, query_projection_type) and ``encoder`` go into the
@@ -212,6 +212,10 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     ai-toolkit's name/version/software/training_info keys). ``state_dict`` is ``lorweb_state_dict(model)`` when
     already gathered (sharded training gathers on every rank, then one rank writes); by default it is computed here.
     ``dtype`` casts every tensor (the official trainer saves float16, ``save: dtype: float16``); None keeps them.
+    ``config`` (a mapping, may be empty) also writes an official ``config.yaml`` beside the file (what the official
+    inference.py requires): the layers give num_loras, rank, lora_alpha, key_dim, heads, activation, reduce and the
+    projection type; ``config`` gives query_mode, pooling_type and encoder (official defaults when absent) and may
+    not contradict the layers.
     """
     from safetensors.torch import save_file
 
@@ -229,8 +233,32 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
     os.close(fd)
+    settings = None
+    if config is not None:
+        from .official_config import LoRWeBConfigError
+
+        first = next(iter(layers.values()))
+        settings = {"num_loras": first.num_loras, "rank": first.rank, "lora_alpha": first.lora_alpha,
+                    "key_dim": first.key_dim, "heads": first.heads, "activation": first.activation,
+                    "reduce": first.reduce, "query_projection_type": first.query_projection_type,
+                    "encoder": meta["encoder"], "query_mode": meta.get("lorweb.query_mode"),
+                    "pooling_type": meta.get("lorweb.pooling_type")}
+        for key, value in config.items():
+            if settings.get(key) is not None and key not in ("encoder", "query_mode", "pooling_type") \
+                    and value != settings[key]:
+                raise LoRWeBConfigError(f"config {key}={value!r} contradicts the model's layers ({settings[key]!r})")
+            settings[key] = value
+        for key in ("query_mode", "pooling_type"):  # recorded in both places, so they can never disagree
+            if settings.get(key) is not None:
+                meta[f"lorweb.{key}"] = str(settings[key])
+        meta["encoder"] = str(settings["encoder"])
     try:
         save_file(state, tmp, metadata=meta)
+        if settings is not None:
+            from .official_config import CONFIG_NAME, write_config_yaml
+
+            write_config_yaml(os.path.join(directory, CONFIG_NAME), settings,
+                              name=os.path.splitext(os.path.basename(path))[0])
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -234,3 +234,25 @@ def test_cli_infer_options():
     t = cli.build_parser().parse_args(["train", "--data", "d", "--out", "o", "--save-dtype", "bf16",
                                        "--query-mode", "caa'b"])
     assert (t.save_dtype, t.query_mode, t.pooling_type) == ("bf16", "caa'b", "avg")
+
+
+def test_export_writes_a_config_official_inference_accepts(tmp_path):
+    model = tiny_model()
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=12, heads=2, activation="tanh",
+                                            target_modules=["0", "1"]))
+    lf.save_lorweb_weights(model, tmp_path / "export" / "mine.safetensors", dtype=torch.float16,
+                           config={"query_mode": "caa'b"})
+    assert official_inference_reads(tmp_path / "export" / "config.yaml") == {
+        "lora_heads": 2, "lora_softmax": False, "mixing_coeffs_type": "mean", "pooling_type": "avg",
+        "query_projection_type": "linear", "query_mode": "caa'b"}
+    assert oc.read_config_yaml(tmp_path / "export" / "config.yaml")["num_loras"] == 3
+    found = oc.find_checkpoint(tmp_path / "export")
+    assert found == (tmp_path / "export" / "mine.safetensors", tmp_path / "export" / "config.yaml")
+    resolved = lf.model.resolve_checkpoint_settings(found[0])
+    assert (resolved["query_mode"], resolved["heads"], resolved["activation"]) == ("caa'b", 2, "tanh")
+    other = tiny_model()
+    lf.load_lorweb_weights(other, found[0])
+    assert (other[0].heads, other[0].activation) == (2, "tanh")
+    with pytest.raises(oc.LoRWeBConfigError, match="config heads=1 contradicts the model's layers"):
+        lf.save_lorweb_weights(model, tmp_path / "bad" / "x.safetensors", config={"heads": 1})
+    assert not (tmp_path / "bad" / "x.safetensors").exists() and not (tmp_path / "bad" / "config.yaml").exists()
