@@ -136,6 +136,32 @@ def test_resume_after_kill_is_exact(assets, tmp_path):
     assert log_a == log_b
 
 
+def test_fp16_checkpoints_resume_exactly_from_fp32_masters(assets, tmp_path):
+    """The default save dtype is fp16 (official); trainer_state.pt keeps the fp32 masters, so a resume is exact."""
+    kw = dict(steps=4, checkpoint_every=2, save_dtype="fp16")
+    training.train(config(assets, tmp_path / "straight", **kw))
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise Killed
+
+    killed_cfg = config(assets, tmp_path / "killed", **kw)
+    with pytest.raises(Killed):
+        training.train(killed_cfg, step_callback=kill_at_3)
+    training.train(dataclasses.replace(killed_cfg, resume=True))
+    a, b = weights(tmp_path / "straight" / "lorweb.safetensors"), weights(tmp_path / "killed" / "lorweb.safetensors")
+    assert all(v.dtype == torch.float16 for v in a.values()) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma = trainer_state(tmp_path / "straight", 4)["lorweb_master_weights"]
+    mb = trainer_state(tmp_path / "killed", 4)["lorweb_master_weights"]
+    assert all(ma[k].dtype == torch.float32 and torch.equal(ma[k], mb[k]) for k in ma)
+    assert any(not torch.equal(ma[k].half().float(), ma[k]) for k in ma)  # fp16 really rounds the masters
+    assert (tmp_path / "killed" / "config.yaml").is_file()
+
+
 def test_checkpoint_write_is_atomic(assets, tmp_path, monkeypatch):
     cfg = config(assets, tmp_path / "run", steps=4, checkpoint_every=2)
     real_save = torch.save
