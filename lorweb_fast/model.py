@@ -394,9 +394,8 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     if not groups and not problems:
         problems.append("the checkpoint holds no LoRWeB tensors")
     with_q = {n for n, t in groups.items() if "att_lora_to_q.weight" in t}
+    # "none" when no module has att_lora_to_q weights; when only some have them, the others are missing keys below
     projection = "linear" if with_q or not groups else "none"
-    if with_q and len(with_q) != len(groups):
-        projection = "linear"  # the modules without it are reported as missing keys below
     if where["query_projection_type"] != "official default" and resolved["query_projection_type"] != projection \
             and groups:
         raise LoRWeBConfigError(f"conflicting query_projection_type: {where['query_projection_type']} says "
@@ -404,17 +403,16 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                                 f"({'with' if projection == 'linear' else 'without'} att_lora_to_q weights)")
     # the settings the tensors do not determine; scale = lora_alpha / rank
     cfg.update(heads=int(resolved["heads"]), activation=resolved["activation"], reduce=resolved["reduce"])
-    if where["lora_alpha"] != "official default" or "lorweb.lora_alpha_over_rank" not in meta:
-        rank_for_scale = int(resolved["rank"]) if where["rank"] != "official default" else None
-        if rank_for_scale is None and groups:
-            rank_for_scale = int(next(iter(groups.values()))["lora_A"].shape[-1])
-        yaml_scale = float(resolved["lora_alpha"]) / rank_for_scale if rank_for_scale else 1.0
-        if where["lora_alpha"] == "official default":
-            yaml_scale = 1.0  # official loader: alpha = r (no alpha stored)
-        if "lorweb.lora_alpha_over_rank" in meta and yaml_scale != cfg["scale"]:
-            raise LoRWeBConfigError(f"conflicting lora_alpha / rank: {where['lora_alpha']} gives "
-                                    f"{yaml_scale!r} but the checkpoint metadata says {cfg['scale']!r}")
-        cfg["scale"] = yaml_scale
+    # scale = lora_alpha / rank: from an explicit or config.yaml lora_alpha, else our metadata, else 1 (the official
+    # loader stores no alpha: alpha = r)
+    if where["lora_alpha"] != "official default" and groups:
+        tensor_rank = int(next(iter(groups.values()))["lora_A"].shape[-1])
+        rank = int(resolved["rank"]) if where["rank"] != "official default" else tensor_rank
+        scale = float(resolved["lora_alpha"]) / rank
+        if "lorweb.lora_alpha_over_rank" in meta and scale != cfg["scale"]:
+            raise LoRWeBConfigError(f"conflicting lora_alpha / rank: {where['lora_alpha']} gives {scale!r} but the "
+                                    f"checkpoint metadata says {cfg['scale']!r}")
+        cfg["scale"] = scale
     existing = lorweb_layers(model)
     modules = dict(model.named_modules())
     for name in sorted(groups):
