@@ -57,10 +57,12 @@ def run_infer(args) -> Path:
     check_infer_args(args)  # every path and option, before loading any model
     images = [load_image(p) for p in (args.a, args.a_prime, args.b)]
     device = _device(args.device)
-    pipe = LoRWeBKontextPipeline.from_pretrained(args.model, args.weights, encoder=args.encoder,
-                                                 dtype=DTYPES[args.dtype], device=device,
-                                                 long_edge=args.long_edge)
-    generator = torch.Generator().manual_seed(args.seed)
+    pipe = LoRWeBKontextPipeline.from_pretrained(args.model, args.weights, encoder=args.encoder, config=args.config,
+                                                 query_mode=args.query_mode, pooling_type=args.pooling_type,
+                                                 query_source=args.query_source, dtype=DTYPES[args.dtype],
+                                                 device=device, resolution=args.resolution, max_area=args.max_area,
+                                                 max_size=args.max_size, long_edge=args.long_edge)
+    generator = torch.Generator(device=pipe.pipe._execution_device).manual_seed(args.seed)
     merge = "none" if args.no_merge else args.merge
     (b_prime,) = pipe(*images, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                       generator=generator, merge=merge, **args.pipe_kwargs)
@@ -124,7 +126,8 @@ def run_demo(args) -> dict:
     shutil.copyfile(out / "train" / "loss.png", out / "loss.png")
 
     print("[demo] inference on a held-out analogy with the trained weights")
-    pipe = LoRWeBKontextPipeline.from_pretrained(cfg.model, out / "train" / "lorweb.safetensors",
+    # native resolution: the official one generates at ~1 MP, far too slow for the tiny CPU demo
+    pipe = LoRWeBKontextPipeline.from_pretrained(cfg.model, out / "train", resolution="native",
                                                  long_edge=2 * demo.DEMO_CELL)
     a, a_prime, b, prompt = demo.demo_analogy(seed=args.seed + 1)
     (b_prime,) = pipe(a, a_prime, b, prompt, num_inference_steps=args.inference_steps,
@@ -160,8 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import BIDIRECTIONAL, LAYOUTS, RESIZE_MODES, add_data_subparser
     from .training import ADAPTER_PRECISIONS, MIXED_PRECISIONS, OPTIMIZERS, QUANTIZE_BASE, TIMESTEP_TYPES, \
         WEIGHTING_SCHEMES, TrainConfig
-
+    from .official_config import POOLING_TYPES, QUERY_MODES, QUERY_PROJECTION_TYPES, QUERY_SOURCES, SAVE_DTYPES
     from .validation import OneLineArgumentParser
+
+    QUERY_CHOICES = {"query_mode": QUERY_MODES, "pooling_type": POOLING_TYPES,
+                     "query_projection_type": QUERY_PROJECTION_TYPES, "query_source": QUERY_SOURCES,
+                     "save_dtype": tuple(SAVE_DTYPES)}
 
     parser = OneLineArgumentParser(prog="lorweb-fast", description="LoRWeB visual analogies on FLUX.1-Kontext.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,15 +178,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--a-prime", required=True, help="image a' (a edited)")
     p.add_argument("--b", required=True, help="image b")
     p.add_argument("--prompt", required=True, help="description of the edit")
-    p.add_argument("--weights", required=True, help="LoRWeB checkpoint (official safetensors format)")
+    p.add_argument("--weights", required=True,
+                   help="LoRWeB checkpoint (official safetensors format), or a folder: its final or newest complete "
+                        "checkpoint, with the folder's config.yaml")
+    p.add_argument("--config", default=None,
+                   help="official config.yaml (default: the one beside the weights, when present)")
+    p.add_argument("--query-mode", choices=QUERY_MODES, default=None,
+                   help="default: the config.yaml, else the checkpoint metadata, else \"cat-aa'b\"")
+    p.add_argument("--pooling-type", choices=POOLING_TYPES, default=None, help="patch query modes' pooling")
+    p.add_argument("--query-source", choices=QUERY_SOURCES, default="grid",
+                   help="grid: the official query from the control grid; images: a, a', b files (not official)")
+    p.add_argument("--resolution", choices=("official", "native"), default="official",
+                   help="official: cells at a's size, ~1 MP generation, control snapped to a Kontext resolution; "
+                        "native: b's aspect, grid long edge capped at --long-edge, never upscaled")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="official resolution: cap on the control grid's long edge (inference.py -m)")
+    p.add_argument("--max-area", type=int, default=1024 ** 2, help="official resolution: generated pixels")
     p.add_argument("--model", default=DEFAULT_MODEL, help="FLUX.1-Kontext hub id or local directory")
     p.add_argument("--encoder", default=None,
                    help="analogy encoder hub id or directory (default: the checkpoint's metadata, else CLIP ViT-L/14)")
     p.add_argument("--out", default="b_prime.png", help="output image (default b_prime.png)")
     p.add_argument("--steps", type=int, default=28, help="denoising steps")
     p.add_argument("--guidance-scale", type=float, default=2.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--long-edge", type=int, default=1024, help="cap on the control grid's long edge")
+    p.add_argument("--seed", type=int, default=50, help="generator seed (on the execution device, as inference.py)")
+    p.add_argument("--long-edge", type=int, default=1024,
+                   help="native resolution: cap on the control grid's long edge")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--merge", choices=("auto", "full", "offload", "jit", "none"), default="auto",
@@ -198,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     choices = {"optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISIONS, "weighting_scheme": WEIGHTING_SCHEMES,
                "activation": ACTIVATIONS, "reduce": REDUCTIONS, "timestep_type": TIMESTEP_TYPES, "layout": LAYOUTS,
                "bidirectional": BIDIRECTIONAL, "adapter_precision": ADAPTER_PRECISIONS,
-               "quantize_base": QUANTIZE_BASE, "resize": RESIZE_MODES}
+               "quantize_base": QUANTIZE_BASE, "resize": RESIZE_MODES, **QUERY_CHOICES}
     helps = {"batch_size": "per process", "resume": "continue from the newest checkpoint in --out",
              "overwrite": "delete the run already in --out (its checkpoints, weights and logs) and start over",
              "skip_bad": "skip broken samples with a warning instead of failing",

@@ -17,8 +17,8 @@ from torch import nn
 
 from . import lora_api
 from .layer import LoRWeBLinear, has_plain_weight
-from .model import DEFAULT_ENCODER, checkpoint_metadata, get_coefficients, load_lorweb_weights, lorweb_layers, \
-    set_query
+from .model import DEFAULT_ENCODER, get_coefficients, load_lorweb_weights, lorweb_layers, \
+    resolve_checkpoint_settings, set_query
 from .validation import MIN_LONG_EDGE, check_device, check_generation_options, check_int, check_pipe_kwargs, \
     warn_aspect_ratios
 
@@ -75,6 +75,50 @@ def control_grid(a, a_prime, b, *, long_edge: int = 512):
 def target_grid(a, a_prime, b, b_prime, *, long_edge: int = 512):
     """The training target grid [a a'; b b']."""
     return make_grid(a, a_prime, b, b_prime, long_edge=long_edge)
+
+
+def official_control_grid(a, a_prime, b, *, max_size: Optional[int] = None):
+    """The official inference grid [a a'; b b] (inference.py ``process_control_image_with_replace``): every cell at
+    a's size (a' and b resized with bicubic), no rounding; with ``max_size``, a grid whose side exceeds it is
+    resized (bicubic) so that its long edge is ``max_size`` (the official ``-m``; cell width > height decides the
+    long edge, the other side truncated)."""
+    from PIL import Image
+
+    a, a_prime, b = (load_image(x) for x in (a, a_prime, b))
+    w, h = a.size
+    grid = Image.new("RGB", (2 * w, 2 * h))
+    grid.paste(a, (0, 0))
+    grid.paste(a_prime.resize((w, h), Image.BICUBIC), (w, 0))
+    cell_b = b.resize((w, h), Image.BICUBIC)
+    grid.paste(cell_b, (0, h))
+    grid.paste(cell_b, (w, h))
+    if max_size is not None:
+        if max_size < 2:
+            raise ValueError(f"max_size must be at least 2 pixels, got {max_size}")
+        if 2 * w > max_size or 2 * h > max_size:
+            size = (max_size, int(h * max_size / w)) if w > h else (int(w * max_size / h), max_size)
+            grid = grid.resize(size, Image.BICUBIC)
+    return grid
+
+
+def generation_size(width: int, height: int, *, max_area: int = 1024 ** 2, multiple: int = 16) -> tuple[int, int]:
+    """(width, height) the Kontext pipeline generates for a requested size: the same aspect ratio at about
+    ``max_area`` pixels, each side floored to ``multiple`` (= 2 x the VAE scale; 16 for FLUX). Mirrors diffusers'
+    ``FluxKontextPipeline.__call__``, which the official pipeline shares."""
+    aspect = width / height
+    w = round((max_area * aspect) ** 0.5) // multiple * multiple
+    h = round((max_area / aspect) ** 0.5) // multiple * multiple
+    return w, h
+
+
+def kontext_control_size(width: int, height: int, *, multiple: int = 16) -> tuple[int, int]:
+    """(width, height) the Kontext pipeline resizes the control image to with ``_auto_resize=True``: the preferred
+    Kontext resolution whose aspect ratio is closest (ties: the smaller width), floored to ``multiple``."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    aspect = width / height
+    _, w, h = min((abs(aspect - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)
+    return w // multiple * multiple, h // multiple * multiple
 
 
 def bottom_right_cell(grid):
@@ -270,58 +314,206 @@ def choose_merge_strategy(model: nn.Module, *, free_bytes: Optional[int] = None,
 
 
 # -------------------------------------------------------------------------------------------- analogy encoder
-class AnalogyEncoder:
-    """Frozen image encoder turning analogies (a, a', b) into LoRWeB queries.
+def _official_processor(kind: str, model: Union[str, Path], image_size: Optional[int] = None):
+    """The image processor the official code uses: the slow (PIL) ``CLIPImageProcessor`` with size and crop at the
+    encoder's image size, or the NaFlex ``Siglip2ImageProcessor``. transformers >= 5 names the slow classes
+    ``*ImageProcessorPil`` and would otherwise pick the torchvision ("fast") one."""
+    import transformers
 
-    query = concat(embed(a), embed(a'), embed(b)) -> (B, 3 * embed_dim); 2304 for CLIP ViT-L/14. Each image goes
-    through the image processor separately. ``model`` is a hub id or a local directory holding either a CLIP
-    checkpoint (``CLIPVisionModelWithProjection``: the unnormalized ``image_embeds``, as the paper) or a SigLIP /
-    SigLIP2 checkpoint (the vision tower's pooled output, the paper's alternative), with its image processor.
+    name = {"clip": "CLIPImageProcessor", "siglip2": "Siglip2ImageProcessor"}[kind]
+    cls = getattr(transformers, name + "Pil", None) or getattr(transformers, name)
+    if kind == "clip":
+        return cls.from_pretrained(model, size=image_size, crop_size=image_size)
+    return cls.from_pretrained(model)
+
+
+class AnalogyEncoder:
+    """Frozen image encoder turning analogies into LoRWeB queries, the official way by default.
+
+    ``query_from_grid(grids)`` computes the query from the control grid [a a'; b b] as the official
+    ``get_external_query`` (extensions_built_in/flux_kontext.py) in ``query_mode`` (``official_config.QUERY_MODES``;
+    default "cat-aa'b": concat(embed(a), embed(a'), embed(b)) of the crops of side W/2). ``model`` is a hub id or a
+    local directory holding a CLIP checkpoint (``CLIPVisionModelWithProjection``, the unnormalized
+    ``image_embeds``, slow ``CLIPImageProcessor`` at the model's image size) or a SigLIP2 checkpoint
+    (``Siglip2VisionModel`` with the NaFlex ``Siglip2ImageProcessor``, ``pooler_output``). SigLIP (v1) checkpoints
+    also load (vision tower's ``pooler_output``; not an official encoder).
+
+    ``query_source="images"`` (not official: lorweb_fast's first behaviour) makes ``query(...)`` encode the original
+    a, a', b files instead, each through the processor: concat of three embeddings, as "cat-aa'b".
     """
 
     def __init__(self, model: Union[str, Path] = DEFAULT_ENCODER, *, device=None,
-                 dtype: torch.dtype = torch.float32):
-        from transformers import AutoConfig, AutoImageProcessor
+                 dtype: torch.dtype = torch.float32, query_mode: str = "cat-aa'b", pooling_type: str = "avg",
+                 query_source: str = "grid"):
+        from transformers import AutoConfig
 
+        from .official_config import PATCH_QUERY_MODES, QUERY_SOURCES, check_query_settings
+
+        check_query_settings(query_mode, pooling_type)
+        if query_source not in QUERY_SOURCES:
+            raise ValueError(f"query_source must be one of {QUERY_SOURCES}, got {query_source!r}")
+        if query_source == "images" and query_mode != "cat-aa'b":
+            raise ValueError(f"query_source='images' encodes a, a', b separately (like \"cat-aa'b\"); it cannot "
+                             f"be combined with query_mode={query_mode!r}")
         self.name = str(model)
-        model_type = AutoConfig.from_pretrained(model).model_type
+        config = AutoConfig.from_pretrained(model)
+        model_type = config.model_type
         if not model_type.startswith(("clip", "siglip")):
             raise ValueError(f"unsupported analogy encoder {self.name!r} (model_type {model_type!r}): use a CLIP or "
-                             "SigLIP/SigLIP2 checkpoint")
-        self.processor = AutoImageProcessor.from_pretrained(model)
+                             "SigLIP2 checkpoint")
         if model_type.startswith("clip"):
             from transformers import CLIPVisionModelWithProjection
 
             vision = CLIPVisionModelWithProjection.from_pretrained(model, dtype=dtype)
+            self.processor = _official_processor("clip", model, int(vision.config.image_size))
             self.embed_dim = int(vision.config.projection_dim)
-        else:  # siglip, siglip2 (full models or vision towers)
-            from transformers import AutoModel
+            self.kind = "clip"
+        elif model_type.startswith("siglip2"):
+            from transformers import Siglip2VisionModel
+
+            vision = Siglip2VisionModel.from_pretrained(model, dtype=dtype)
+            self.processor = _official_processor("siglip2", model)
+            self.embed_dim = int(vision.config.hidden_size)
+            self.kind = "siglip2"
+        else:  # siglip v1 (full model or vision tower): not an official encoder
+            from transformers import AutoImageProcessor, AutoModel
 
             vision = AutoModel.from_pretrained(model, dtype=dtype)
             vision = getattr(vision, "vision_model", vision)
+            self.processor = AutoImageProcessor.from_pretrained(model)
             self.embed_dim = int(vision.config.hidden_size)
+            self.kind = "siglip"
+        if query_mode in PATCH_QUERY_MODES and self.kind != "clip":
+            raise ValueError(f"query_mode={query_mode!r} uses CLIP patch tokens; the official code has no patch "
+                             f"queries for {model_type} ({self.name})")
         self.model_type = model_type
+        self.query_mode, self.pooling_type, self.query_source = query_mode, pooling_type, query_source
         self.model = vision.eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)
 
+    # ----------------------------------------------------------------------------------------------- sizes
+    @property
+    def hidden_size(self) -> int:
+        """Width of the vision tower's tokens (the patch modes' features)."""
+        return int(self.model.config.hidden_size)
+
+    def query_dim_for(self, query_mode: Optional[str] = None) -> int:
+        """Query features of ``query_mode`` with this encoder (jobs/process/BaseSDTrainProcess.py: projection_dim,
+        or hidden_size for the patch modes; times 3 for the "cat-" modes, toolkit/models/AttLoRA.py)."""
+        from .official_config import PATCH_QUERY_MODES, check_query_settings
+
+        mode = query_mode or self.query_mode
+        check_query_settings(mode)
+        per_image = self.hidden_size if mode in PATCH_QUERY_MODES else self.embed_dim
+        return 3 * per_image if mode.startswith("cat-") else per_image
+
     @property
     def query_dim(self) -> int:
-        return 3 * self.embed_dim
+        return self.query_dim_for(self.query_mode)
+
+    # --------------------------------------------------------------------------------------------- encoding
+    def _inputs(self, images) -> dict:
+        inputs = self.processor(images=list(images), return_tensors="pt")
+        param = next(self.model.parameters())
+        return {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
+                for k, v in inputs.items()}
 
     @torch.no_grad()
     def embed(self, images) -> torch.Tensor:
-        """(B, embed_dim) fp32 image embeddings of a list of PIL images."""
-        inputs = self.processor(images=list(images), return_tensors="pt")
-        param = next(self.model.parameters())
-        inputs = {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
-                  for k, v in inputs.items()}
-        out = self.model(**inputs)
-        emb = out.image_embeds if self.model_type.startswith("clip") else out.pooler_output
+        """(B, embed_dim) fp32 global embeddings of a list of PIL images (official ``encode_image`` without a
+        query mode: CLIP ``image_embeds``, SigLIP2 ``pooler_output``)."""
+        out = self.model(**self._inputs(images))
+        emb = out.image_embeds if self.kind == "clip" else out.pooler_output
         return emb.float()
 
+    @torch.no_grad()
+    def patch_tokens(self, images, *, three_layers: bool = False) -> torch.Tensor:
+        """(B, T, hidden) fp32 CLIP tokens (class + patches) of the last encoder layer before the final layer norm,
+        or with ``three_layers`` the hidden states -16, -8 and -1 concatenated along the tokens, (B, 3T, hidden)
+        (official ``encode_image`` with a "p" query mode)."""
+        if self.kind != "clip":
+            raise ValueError(f"patch tokens need a CLIP encoder, {self.name} is {self.model_type}")
+        pixels = self._inputs(images)["pixel_values"]
+        states = self.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        if three_layers:
+            if len(states) < 17:
+                raise ValueError(f"query modes ending in 3 use hidden states -16, -8, -1; {self.name} has only "
+                                 f"{len(states) - 1} layers")
+            return torch.cat([states[-16], states[-8], states[-1]], dim=1).float()
+        return states[-1].float()
+
+    def _pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.mean(dim=1) if self.pooling_type == "avg" else tokens.amax(dim=1)
+
+    def _encode(self, images, mode: str) -> torch.Tensor:
+        """(B, D) per image: the global embedding, or the pooled patch tokens in a patch mode."""
+        from .official_config import PATCH_QUERY_MODES
+
+        if mode in PATCH_QUERY_MODES:
+            return self._pool(self.patch_tokens(images, three_layers=mode.endswith("3")))
+        return self.embed(images)
+
+    @torch.no_grad()
+    def query_from_grid(self, grids, query_mode: Optional[str] = None) -> torch.Tensor:
+        """(B, query_dim) queries from B control grids [a a'; b b] (PIL images or paths), as the official
+        ``get_external_query``. With ``s = W // 2``: a = crop (0, 0, s, s), a' = (s, 0, W, s), b = (0, s, s, H)
+        (squares of side W/2 even when the cells are not; PIL pads crops past the edge with black, as the official
+        PIL path); "aa'bb'"/"caa'bb'" the whole grid; "caa'b"/"paa'b*" the grid with (s, s, W, H) black; "caa'" the
+        top band (0, 0, W, s); "ca'-ca" a' - a; "ca'-ca+cb" a' - a + b; "cat-*" concat(a, a', b).
+
+        Patch modes (p...) pool the CLIP tokens with ``pooling_type`` to the official query_dim (hidden_size, x3
+        for "cat-"); the official code reshapes the tokens to one long vector there instead, which does not fit its
+        own ``att_lora_to_q`` (in_features = hidden_size): pooling is lorweb_fast's reading.
+        """
+        from PIL import Image
+
+        mode = query_mode or self.query_mode
+        grids = [load_image(g) for g in _as_list(grids)]
+        if not grids:
+            raise ValueError("query_from_grid needs at least one grid")
+        a, a2, b, zeroed, top = [], [], [], [], []
+        for grid in grids:
+            w, h = grid.size
+            s = w // 2
+            if s < 1 or h - s < 1:
+                raise ValueError(f"a {w}x{h} grid is too wide for the official crops: b = (0, {s}, {s}, {h}) is "
+                                 "empty (the grid's height must exceed half its width)")
+            a.append(grid.crop((0, 0, s, s)))
+            a2.append(grid.crop((s, 0, w, s)))
+            b.append(grid.crop((0, s, s, h)))
+            z = grid.copy()
+            z.paste(Image.new("RGB", (w - s, h - s)), (s, s))
+            zeroed.append(z)
+            top.append(grid.crop((0, 0, w, s)))
+        if mode in ("aa'bb'", "caa'bb'"):
+            return self._encode(grids, mode)
+        if mode in ("caa'b", "paa'b", "paa'b3"):
+            return self._encode(zeroed, mode)
+        if mode == "caa'":
+            return self._encode(top, mode)
+        ea, ea2 = self._encode(a, mode), self._encode(a2, mode)
+        if mode == "ca'-ca":
+            return ea2 - ea
+        eb = self._encode(b, mode)
+        if mode == "ca'-ca+cb":
+            return ea2 - ea + eb
+        return torch.cat([ea, ea2, eb], dim=1)  # cat-aa'b, cat-paa'b, cat-paa'b3
+
+    def query(self, grids=None, a=None, a_prime=None, b=None) -> torch.Tensor:
+        """(B, query_dim) by ``query_source``: from the control ``grids`` ("grid", official) or from the original
+        ``a``, ``a_prime``, ``b`` images ("images")."""
+        if self.query_source == "grid":
+            if grids is None:
+                raise ValueError("query_source='grid' needs the control grids")
+            return self.query_from_grid(grids)
+        if a is None or a_prime is None or b is None:
+            raise ValueError("query_source='images' needs a, a_prime and b")
+        return self(a, a_prime, b)
+
     def __call__(self, a, a_prime, b) -> torch.Tensor:
-        """Queries (B, 3 * embed_dim) for B analogies; each argument is an image or a list of B images."""
+        """Queries (B, 3 * embed_dim) from the original images (``query_source="images"``, not official); each
+        argument is an image or a list of B images."""
         groups = [x if isinstance(x, (list, tuple)) else [x] for x in (a, a_prime, b)]
         if len({len(g) for g in groups}) != 1:
             raise ValueError(f"a, a_prime and b must hold the same number of images, got {[len(g) for g in groups]}")
@@ -356,30 +548,51 @@ def load_kontext_pipeline(model: Union[str, Path], dtype: Optional[torch.dtype] 
     return FluxKontextPipeline.from_pretrained(model, **{key: dtype})
 
 
+RESOLUTIONS = ("official", "native")
+DEFAULT_SEED = 50
+
+
 class LoRWeBKontextPipeline:
     """Visual analogies with a stock diffusers ``FluxKontextPipeline`` whose transformer carries LoRWeB layers.
 
     ``pipe(a, a_prime, b, prompt)`` builds each control grid [a a'; b b], computes the analogy queries with the
-    encoder and calls ``set_query`` once per generation (all denoising steps reuse the coefficients), runs the
-    stock pipeline on the batch of grids, and returns the b' images (the generated grids' bottom-right cells).
-    A batch of different analogies runs in one call with per-sample coefficients. Batch-1 generation runs inside
-    ``merged()`` when every base weight is a plain tensor (``merge="auto"``).
+    encoder (``AnalogyEncoder.query_from_grid`` on the grids, the official query) and calls ``set_query`` once per
+    generation (all denoising steps reuse the coefficients), runs the stock pipeline on the batch of grids, and
+    returns the b' images (the generated grids' bottom-right quarters). A batch of different analogies runs in one
+    call with per-sample coefficients. Batch-1 generation runs inside ``merged()`` when every base weight is a plain
+    tensor (``merge="auto"``).
+
+    ``resolution="official"`` (default, as inference.py): the grid has every cell at a's size (``max_size`` caps
+    its long edge like the official ``-m``), the pipeline generates at about ``max_area`` pixels with the grid's
+    aspect ratio (sides multiples of 16) and snaps the control image to the nearest preferred Kontext resolution
+    (``_auto_resize=True``). ``resolution="native"`` (lorweb_fast's first behaviour): cells at b's aspect ratio,
+    the grid's long edge capped at ``long_edge``, sides multiples of 16, generated at the grid's own size, never
+    upscaled.
 
     Attributes: ``pipe`` (the FluxKontextPipeline), ``encoder`` (AnalogyEncoder), ``transformer``.
     """
 
-    def __init__(self, pipe, encoder: AnalogyEncoder, *, long_edge: int = 1024):
+    def __init__(self, pipe, encoder: AnalogyEncoder, *, resolution: str = "official", max_area: int = 1024 ** 2,
+                 max_size: Optional[int] = None, long_edge: int = 1024):
         layers = lorweb_layers(pipe.transformer)
         if not layers:
             raise ValueError("the pipeline's transformer has no LoRWeB layers: load weights with "
                              "load_lorweb_weights (or LoRWeBKontextPipeline.from_pretrained)")
+        if resolution not in RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
+        if max_area < 1 or long_edge < 1 or (max_size is not None and max_size < 2):
+            raise ValueError(f"max_area, long_edge and max_size must be positive, got {max_area}, {long_edge}, "
+                             f"{max_size}")
         query_dims = {layer.query_dim for layer in layers.values()}
         if query_dims != {encoder.query_dim}:
-            raise ValueError(f"the analogy encoder {encoder.name!r} gives queries of {encoder.query_dim} features, "
-                             f"but the LoRWeB layers expect query_dim {sorted(query_dims)}")
+            mode = encoder.query_mode if encoder.query_source == "grid" else "query_source='images'"
+            raise ValueError(f"the analogy encoder {encoder.name!r} gives queries of {encoder.query_dim} features "
+                             f"in query mode {mode}, but the LoRWeB layers expect query_dim {sorted(query_dims)}: "
+                             "the checkpoint was trained with another query mode or encoder")
         if long_edge is not None:  # None: no cap, where supported
             check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
-        self.pipe, self.encoder, self.long_edge = pipe, encoder, long_edge
+        self.pipe, self.encoder = pipe, encoder
+        self.resolution, self.max_area, self.max_size, self.long_edge = resolution, max_area, max_size, long_edge
 
     @property
     def transformer(self) -> nn.Module:
@@ -387,29 +600,45 @@ class LoRWeBKontextPipeline:
 
     @classmethod
     def from_pretrained(cls, model: Union[str, Path], weights: Union[str, Path], *,
-                        encoder: Union[str, Path, None] = None, dtype: Optional[torch.dtype] = None,
-                        device=None, long_edge: int = 1024) -> "LoRWeBKontextPipeline":
+                        encoder: Union[str, Path, None] = None, config: Union[str, Path, None] = None,
+                        query_mode: Optional[str] = None, pooling_type: Optional[str] = None,
+                        query_source: str = "grid", dtype: Optional[torch.dtype] = None, device=None,
+                        **options) -> "LoRWeBKontextPipeline":
         """Load a FluxKontextPipeline (hub id or local directory), a LoRWeB checkpoint and its analogy encoder.
 
-        ``encoder`` defaults to the one named in the checkpoint's metadata (CLIP ViT-L/14 when absent). The
-        checkpoint is validated against the transformer before anything is loaded into it.
+        ``weights`` is a safetensors file or a folder (``official_config.find_checkpoint``: the final or newest
+        complete checkpoint, with its config.yaml). The encoder, query mode and pooling come from ``encoder`` /
+        ``query_mode`` / ``pooling_type`` when given, else the official ``config.yaml`` (``config`` or the one
+        beside the weights), else the checkpoint's metadata, else the official defaults; sources that disagree
+        raise. The checkpoint is validated before anything is loaded into the transformer. ``options``:
+        ``resolution``, ``max_area``, ``max_size``, ``long_edge`` (see the class).
         """
         if device is not None:
             check_device("device", device)  # e.g. cuda without a GPU: before any model loads
-        meta = checkpoint_metadata(weights)  # fails on a missing or corrupt file before any model loads
+        from .official_config import find_checkpoint
+
+        if Path(weights).is_dir():
+            weights, found_config = find_checkpoint(weights)
+            config = config if config is not None else found_config
+        explicit = {"encoder": None if encoder is None else str(encoder), "query_mode": query_mode,
+                    "pooling_type": pooling_type}
+        settings = resolve_checkpoint_settings(weights, config, explicit)  # fails before any model loads
         pipe = load_kontext_pipeline(model, dtype)
-        load_lorweb_weights(pipe.transformer, weights)
+        load_lorweb_weights(pipe.transformer, weights, config, settings=explicit)
         if device is not None:
             pipe.to(device)
-        enc = AnalogyEncoder(encoder or meta.get("encoder", DEFAULT_ENCODER), device=device)
-        return cls(pipe, enc, long_edge=long_edge)
+        enc = AnalogyEncoder(settings["encoder"], device=device, query_mode=settings["query_mode"],
+                             pooling_type=settings["pooling_type"], query_source=query_source)
+        return cls(pipe, enc, **options)
 
     # ------------------------------------------------------------- the diffusers/peft LoRA API (lora_api)
     def set_analogy(self, a, a_prime, b) -> dict:
         """Compute the queries of the analogies and ``set_query`` them (e.g. before ``fuse_lora``); returns
         ``{layer: (B, N) coefficients}``."""
         a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
-        return set_query(self.transformer, self.encoder(a, a_prime, b))
+        query = self.encoder.query(grids=self.control_grids(a, a_prime, b), a=a, a_prime=a_prime, b=b)
+        with torch.no_grad():
+            return set_query(self.transformer, query)
 
     def load_lora_weights(self, path_or_dir: Union[str, Path], weight_name: Optional[str] = None,
                           config: Union[str, Path, None] = None) -> list[str]:
@@ -476,18 +705,22 @@ class LoRWeBKontextPipeline:
         return choose_merge_strategy(self.transformer)
 
     def control_grids(self, a, a_prime, b, *, long_edge: Optional[int] = None) -> list:
-        """One control grid per analogy, all of the first analogy's cell size (the pipeline batches them)."""
+        """One control grid per analogy. Official: each at its a's size (``max_size`` cap); native: all of the
+        first analogy's cell size (b's aspect, ``long_edge`` cap)."""
         a, a_prime, b = (_as_list(x) for x in (a, a_prime, b))
         if not len(a) == len(a_prime) == len(b):
             raise ValueError(f"a, a_prime and b must hold the same number of images, got {len(a)}, {len(a_prime)}, "
                              f"{len(b)}")
+        if self.resolution == "official":
+            return [official_control_grid(x, y, z, max_size=self.max_size) for x, y, z in zip(a, a_prime, b)]
         long_edge = long_edge or self.long_edge
         cell = _cell_size([b[0]], long_edge)
         return [make_grid(x, y, z, z, long_edge=long_edge, cell_size=cell) for x, y, z in zip(a, a_prime, b)]
 
     def __call__(self, a, a_prime, b, prompt, *, merge: Union[bool, str] = "auto", num_inference_steps: int = 28,
-                 guidance_scale: float = 2.5, generator=None, long_edge: Optional[int] = None,
-                 output_type: str = "pil", progress: bool = True, **pipe_kwargs) -> list:
+                 guidance_scale: float = 2.5, generator=None, seed: int = DEFAULT_SEED,
+                 long_edge: Optional[int] = None, output_type: str = "pil", progress: bool = True,
+                 **pipe_kwargs) -> list:
         """b' for each analogy (a[i] : a_prime[i] :: b[i] : ?). Images are PIL images or paths (see load_image).
 
         Args:
@@ -497,7 +730,8 @@ class LoRWeBKontextPipeline:
                 "auto": for a single analogy with plain base weights, ``choose_merge_strategy`` picks from the
                 free memory; a batch of different analogies runs unmerged (the fused path). "jit" also serves a
                 batch of different analogies (one merged weight per sample and layer, batched matmul).
-            generator: a torch.Generator, or B of them (one per analogy: the result then matches one-by-one runs).
+            generator: a torch.Generator, or B of them (one per analogy: the result then matches one-by-one runs);
+                by default one seeded with ``seed`` (50, as inference.py) on the pipeline's execution device.
             output_type: "pil" (PIL images) or "np" (float arrays in [0, 1], (H, W, 3)).
             pipe_kwargs: passed to FluxKontextPipeline.__call__ (e.g. ``true_cfg_scale``, ``negative_prompt``).
         """
@@ -515,8 +749,12 @@ class LoRWeBKontextPipeline:
         if per_prompt > 1 and count > 1:
             raise ValueError("num_images_per_prompt > 1 is supported for a single analogy only; pass the analogy "
                              "several times instead")
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        if generator is None:
+            generator = torch.Generator(device=self.pipe._execution_device).manual_seed(seed)
         strategy = self.merge_strategy(merge, count * per_prompt)
-        query = self.encoder(a, a_prime, b).repeat_interleave(per_prompt, dim=0)  # pipeline order
+        query = self.encoder.query(grids=grids, a=a, a_prime=a_prime, b=b).repeat_interleave(per_prompt, dim=0)
         fused = lora_api.fused_strategy(self.transformer)
         with torch.no_grad():  # inference: no autograd history on the coefficients
             if fused in ("full", "offload"):  # fuse_lora(): the mixture is in the weights; the analogy must match
@@ -526,15 +764,17 @@ class LoRWeBKontextPipeline:
         if fused is not None:
             strategy = "none"
         width, height = grids[0].size
-        if output_type not in ("pil", "np"):
-            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        if self.resolution == "official":
+            size_kwargs = dict(max_area=self.max_area, _auto_resize=True)
+        else:
+            size_kwargs = dict(max_area=width * height, _auto_resize=False)
         self.pipe.set_progress_bar_config(disable=not progress)
         context = contextlib.nullcontext() if strategy == "none" else merged(self.transformer, strategy)
         with context:
             out = self.pipe(image=grids if count > 1 else grids[0], prompt=prompts if count > 1 else prompts[0],
                             height=height, width=width, num_inference_steps=num_inference_steps,
                             guidance_scale=guidance_scale, generator=generator, output_type=output_type,
-                            max_area=width * height, _auto_resize=False, **pipe_kwargs).images
+                            **size_kwargs, **pipe_kwargs).images
         if output_type == "np":
             h, w = out.shape[1] // 2, out.shape[2] // 2
             return [img[h:, w:] for img in out]

@@ -61,7 +61,8 @@ class LoRWeBLinear(nn.Module):
 
     def __init__(self, base: nn.Module, *, num_loras: int = 32, rank: int = 4, lora_alpha: Optional[float] = None,
                  key_dim: int = 128, query_dim: int = 2304, heads: int = 1, activation: str = "softmax",
-                 reduce: str = "mean", backend: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+                 reduce: str = "mean", backend: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                 query_projection_type: str = "linear"):
         super().__init__()
         if isinstance(base, LoRWeBLinear):
             raise TypeError("base is already a LoRWeBLinear")
@@ -77,6 +78,11 @@ class LoRWeBLinear(nn.Module):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+        if query_projection_type not in ("linear", "none"):
+            raise ValueError(f"query_projection_type must be 'linear' or 'none', got {query_projection_type!r}")
+        if query_projection_type == "none" and key_dim != query_dim:
+            raise ValueError(f"query_projection_type='none' feeds the query to the keys directly, so key_dim must "
+                             f"equal query_dim; got key_dim={key_dim}, query_dim={query_dim}")
         if backend is not None and backend not in ops.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS} or None")
         self.base_layer = base
@@ -95,6 +101,12 @@ class LoRWeBLinear(nn.Module):
         self.lora_keys = nn.Parameter(torch.randn(num_loras, key_dim, **factory))
         self.att_lora_to_q = nn.Linear(query_dim, key_dim, bias=False, **factory)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # "none" (official nn.Identity): a frozen identity projection, not trained and not saved
+        self.query_projection_type = query_projection_type
+        if query_projection_type == "none":
+            with torch.no_grad():
+                self.att_lora_to_q.weight.copy_(torch.eye(key_dim, **factory))
+            self.att_lora_to_q.weight.requires_grad_(False)
         self._coefficients: Optional[torch.Tensor] = None
         self._query: Optional[torch.Tensor] = None  # per-forward mode, see set_query_per_forward
         self._merged = False  # set by lorweb_fast.merged(): the mixture is folded into the base weight
@@ -108,9 +120,12 @@ class LoRWeBLinear(nn.Module):
         self._merged_grad_warned = [False]  # shared by the layers of one merged() block: one warning per block
 
     def lorweb_tensors(self) -> dict[str, nn.Parameter]:
-        """The LoRWeB parameters under their official checkpoint suffixes, in checkpoint order."""
-        return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_keys": self.lora_keys,
-                "att_lora_to_q.weight": self.att_lora_to_q.weight}
+        """The LoRWeB parameters under their official checkpoint suffixes, in checkpoint order (without
+        ``att_lora_to_q.weight`` when ``query_projection_type == "none"``: the official layer then has none)."""
+        tensors = {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_keys": self.lora_keys}
+        if self.query_projection_type == "linear":
+            tensors["att_lora_to_q.weight"] = self.att_lora_to_q.weight
+        return tensors
 
     # ------------------------------------------------------------------------------------------ coefficients
     @property
@@ -293,4 +308,5 @@ class LoRWeBLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_loras={self.num_loras}, "
                 f"rank={self.rank}, lora_alpha={self.lora_alpha:g}, key_dim={self.key_dim}, "
                 f"query_dim={self.query_dim}, heads={self.heads}, activation={self.activation!r}, "
-                f"reduce={self.reduce!r}, backend={self.backend!r}")
+                f"reduce={self.reduce!r}, backend={self.backend!r}"
+                + ("" if self.query_projection_type == "linear" else ", query_projection_type='none'"))

@@ -8,6 +8,7 @@ import re
 import tempfile
 import warnings
 from collections import defaultdict
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Union
 
@@ -47,6 +48,7 @@ class LoRWeBConfig:
     heads: int = 1
     activation: str = "softmax"
     reduce: str = "mean"
+    query_projection_type: str = "linear"
     target_modules: Union[str, list[str]] = field(default=DEFAULT_TARGET_MODULES)
 
     def validate(self) -> "LoRWeBConfig":
@@ -70,7 +72,8 @@ class LoRWeBConfig:
 
     def layer_kwargs(self) -> dict:
         return dict(num_loras=self.num_loras, rank=self.rank, lora_alpha=self.lora_alpha, key_dim=self.key_dim,
-                    query_dim=self.query_dim, heads=self.heads, activation=self.activation, reduce=self.reduce)
+                    query_dim=self.query_dim, heads=self.heads, activation=self.activation, reduce=self.reduce,
+                    query_projection_type=self.query_projection_type)
 
 
 def matches_target(name: str, target_modules: Union[str, Iterable[str]]) -> bool:
@@ -226,18 +229,23 @@ def get_coefficients(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 #: Metadata keys written by save_lorweb_weights from the layers themselves; user metadata may not override them.
-RESERVED_METADATA = ("format", "lorweb.heads", "lorweb.activation", "lorweb.reduce", "lorweb.lora_alpha_over_rank")
+RESERVED_METADATA = ("format", "lorweb.heads", "lorweb.activation", "lorweb.reduce", "lorweb.lora_alpha_over_rank",
+                     "lorweb.query_projection_type")
+#: ``lorweb.*`` metadata keys that describe the analogy query (not the layers): callers (training) may set them, and
+#: their values are checked against the allowed choices.
+QUERY_METADATA = ("lorweb.query_mode", "lorweb.pooling_type", "lorweb.query_source")
 
 
 def _layer_metadata(layers: Mapping[str, LoRWeBLinear]) -> dict[str, str]:
     first = next(iter(layers.values()))
     meta = {"format": "pt", "lorweb.heads": str(first.heads), "lorweb.activation": first.activation,
-            "lorweb.reduce": first.reduce, "lorweb.lora_alpha_over_rank": repr(first.scale)}
+            "lorweb.reduce": first.reduce, "lorweb.lora_alpha_over_rank": repr(first.scale),
+            "lorweb.query_projection_type": first.query_projection_type}
+    key = (lambda l: (l.heads, l.activation, l.reduce, l.scale, l.query_projection_type))
     for name, layer in layers.items():
-        if (layer.heads, layer.activation, layer.reduce, layer.scale) != (first.heads, first.activation,
-                                                                           first.reduce, first.scale):
+        if key(layer) != key(first):
             raise ValueError(f"layer {name} has a configuration different from the others; one checkpoint stores "
-                             "one heads/activation/reduce/scale setting")
+                             "one heads/activation/reduce/scale/query_projection_type setting")
         if layer.query_dim != first.query_dim:
             raise ValueError(f"layer {name} has query_dim={layer.query_dim} but others {first.query_dim}: one analogy "
                              "query feeds every layer, so the loader would refuse this checkpoint")
@@ -261,12 +269,19 @@ def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadata: Optional[dict] = None, *,
-                        state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+                        state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+                        dtype: Optional[torch.dtype] = None, config: Optional[Mapping] = None) -> None:
     """Write the official safetensors format atomically (temporary file, then rename).
 
-    The configuration (heads, activation, reduce, scale) and ``encoder`` go into the safetensors metadata;
-    ``metadata`` adds or overrides string entries. ``state_dict`` is ``lorweb_state_dict(model)`` when already
-    gathered (sharded training gathers on every rank, then one rank writes); by default it is computed here.
+    The configuration (heads, activation, reduce, scale, query_projection_type) and ``encoder`` go into the
+    safetensors metadata; ``metadata`` adds or overrides string entries (training adds the query settings and
+    ai-toolkit's name/version/software/training_info keys). ``state_dict`` is ``lorweb_state_dict(model)`` when
+    already gathered (sharded training gathers on every rank, then one rank writes); by default it is computed here.
+    ``dtype`` casts every tensor (the official trainer saves float16, ``save: dtype: float16``); None keeps them.
+    ``config`` (a mapping, may be empty) also writes an official ``config.yaml`` beside the file (what the official
+    inference.py requires): the layers give num_loras, rank, lora_alpha, key_dim, heads, activation, reduce and the
+    projection type; ``config`` gives query_mode, pooling_type and encoder (official defaults when absent) and may
+    not contradict the layers.
     """
     from safetensors.torch import save_file
 
@@ -276,17 +291,24 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a dict of strings, got {type(metadata).__name__}")
     user = {str(k): str(v) for k, v in (metadata or {}).items()}
-    reserved = sorted(k for k in user if k in RESERVED_METADATA or k.startswith("lorweb."))
+    reserved = sorted(k for k in user if k in RESERVED_METADATA or (k.startswith("lorweb.") and k not in QUERY_METADATA))
     if reserved:
         raise ValueError(f"metadata may not set {reserved}: these keys describe the layers and are written from them "
                          "(change the layers' configuration instead)")
+    from .official_config import POOLING_TYPES, QUERY_MODES, QUERY_SOURCES
+
+    for key, allowed in zip(QUERY_METADATA, (QUERY_MODES, POOLING_TYPES, QUERY_SOURCES)):
+        if key in user and user[key] not in allowed:
+            raise ValueError(f"metadata[{key!r}] must be one of {allowed}, got {user[key]!r}")
     meta.update(user)
     if not meta["encoder"].strip():
         raise ValueError("metadata['encoder'] is empty; give the analogy encoder's hub id or folder")
     _config_from_metadata(meta)  # never write a file our own loader would refuse
     if state_dict is None:
         state_dict = lorweb_state_dict(model)
-    state = {k: v.contiguous().cpu() for k, v in state_dict.items()}
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    state = {k: (v if dtype is None else v.to(dtype)).contiguous().cpu() for k, v in state_dict.items()}
     bad = [k for k, v in state.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all())]
     if bad:
         raise LoRWeBCheckpointError(f"refusing to save {len(bad)} LoRWeB tensors that are not finite floating-point "
@@ -301,8 +323,32 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
     os.close(fd)
+    settings = None
+    if config is not None:
+        from .official_config import LoRWeBConfigError
+
+        first = next(iter(layers.values()))
+        settings = {"num_loras": first.num_loras, "rank": first.rank, "lora_alpha": first.lora_alpha,
+                    "key_dim": first.key_dim, "heads": first.heads, "activation": first.activation,
+                    "reduce": first.reduce, "query_projection_type": first.query_projection_type,
+                    "encoder": meta["encoder"], "query_mode": meta.get("lorweb.query_mode"),
+                    "pooling_type": meta.get("lorweb.pooling_type")}
+        for key, value in config.items():
+            if settings.get(key) is not None and key not in ("encoder", "query_mode", "pooling_type") \
+                    and value != settings[key]:
+                raise LoRWeBConfigError(f"config {key}={value!r} contradicts the model's layers ({settings[key]!r})")
+            settings[key] = value
+        for key in ("query_mode", "pooling_type"):  # recorded in both places, so they can never disagree
+            if settings.get(key) is not None:
+                meta[f"lorweb.{key}"] = str(settings[key])
+        meta["encoder"] = str(settings["encoder"])
     try:
         save_file(state, tmp, metadata=meta)
+        if settings is not None:
+            from .official_config import CONFIG_NAME, write_config_yaml
+
+            write_config_yaml(os.path.join(directory, CONFIG_NAME), settings,
+                              name=os.path.splitext(os.path.basename(path))[0])
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -383,8 +429,10 @@ def _group_checkpoint(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict
 
 
 def _check_module_tensors(name: str, tensors: Mapping[str, torch.Tensor], in_f: int, out_f: int) -> list[str]:
-    """Problems (shape mismatches) of one module's four tensors against a linear layer in_f -> out_f."""
-    a, b, k, q = (tensors[s] for s in PARAM_SUFFIXES)
+    """Problems (shape mismatches) of one module's tensors against a linear layer in_f -> out_f
+    (``att_lora_to_q.weight`` may be absent: ``query_projection_type="none"``)."""
+    a, b, k = (tensors[s] for s in PARAM_SUFFIXES[:3])
+    q = tensors.get("att_lora_to_q.weight")
     p = f"{CHECKPOINT_PREFIX}{name}."
     problems = []
     if a.dim() != 3:
@@ -398,40 +446,98 @@ def _check_module_tensors(name: str, tensors: Mapping[str, torch.Tensor], in_f: 
         problems.append(f"{p}lora_B has shape {tuple(b.shape)}, expected {(n, r, out_f)}")
     if k.dim() != 2 or k.shape[0] != n:
         problems.append(f"{p}lora_keys has shape {tuple(k.shape)}, expected ({n}, key_dim)")
-    elif q.dim() != 2 or q.shape[0] != k.shape[1]:
+    elif q is not None and (q.dim() != 2 or q.shape[0] != k.shape[1]):
         problems.append(f"{p}att_lora_to_q.weight has shape {tuple(q.shape)}, expected ({k.shape[1]}, query_dim)")
     elif min(q.shape) < 1:
         problems.append(f"{p}att_lora_to_q.weight has shape {tuple(q.shape)}: key_dim and query_dim must be >= 1")
     return problems
 
 
-def load_lorweb_weights(model: nn.Module, path_or_state_dict) -> list[str]:
+def resolve_checkpoint_settings(path_or_state_dict, config=None, settings: Optional[Mapping] = None) -> dict:
+    """The configuration of a checkpoint: explicit ``settings`` > ``config`` (an official config.yaml path; by
+    default the ``config.yaml`` beside a weights file, when present) > the safetensors metadata > the official
+    defaults (``lorweb_fast.official_config``). Conflicting sources raise LoRWeBConfigError naming both values.
+    Returns the settings plus ``"sources"`` and ``"config_path"``."""
+    from .official_config import CONFIG_NAME, read_config_yaml, resolve_settings, settings_from_metadata
+
+    meta = {}
+    config_path = None if config is None else Path(config)
+    if not isinstance(path_or_state_dict, Mapping):
+        meta = checkpoint_metadata(path_or_state_dict)
+        beside = Path(path_or_state_dict).parent / CONFIG_NAME
+        if config_path is None and beside.is_file():
+            config_path = beside
+    yaml_settings = read_config_yaml(config_path) if config_path is not None else {}
+    out = resolve_settings(settings, yaml_settings, settings_from_metadata(meta),
+                           yaml_name=str(config_path) if config_path else "config.yaml")
+    out["config_path"] = config_path
+    return out
+
+
+def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str, os.PathLike, None] = None, *,
+                        settings: Optional[Mapping] = None) -> list[str]:
     """Load an official-format LoRWeB checkpoint, injecting the layers that are missing.
 
-    N, r, key_dim and query_dim come from the tensor shapes; heads, activation, reduce and scale from the safetensors
-    metadata (official defaults when absent). Everything is validated before anything changes: a checkpoint with
-    missing or unexpected keys, wrong shapes, a configuration different from already-injected layers, non-finite
-    values, or a corrupt file raises LoRWeBCheckpointError naming the offending keys, and the model is left exactly
-    as it was.
+    N, r, key_dim and query_dim come from the tensor shapes (query_dim = key_dim when the checkpoint has no
+    ``att_lora_to_q`` weights: ``query_projection_type="none"``). heads, activation, reduce, lora_alpha and the
+    projection type come from, in this order: ``settings`` (explicit values, lorweb_fast names), the official
+    ``config.yaml`` (``config``, or the one beside the weights file), our safetensors metadata, the official
+    defaults; two sources that disagree, or a config whose rank / loras_num / lora_keys_dim contradicts the tensor
+    shapes, raise ``LoRWeBConfigError`` naming both values. Float16 / bfloat16 files load (the values are cast to
+    the layers' dtype).
+
+    Everything is validated before anything changes: a checkpoint with missing or unexpected keys, wrong shapes, a
+    configuration different from already-injected layers, non-finite values, or a corrupt file raises
+    LoRWeBCheckpointError naming the offending keys, and the model is left exactly as it was.
 
     Returns:
         The names of the loaded modules.
     """
     _refuse_merged(lorweb_layers(model), "load_lorweb_weights")
+    from .official_config import LoRWeBConfigError
+
     state, meta = read_checkpoint(path_or_state_dict)
     cfg = _config_from_metadata(meta)
+    resolved = resolve_checkpoint_settings(path_or_state_dict, config, settings)
+    where = resolved["sources"]
     groups, unexpected = _group_checkpoint(state)
     problems = [f"unexpected key {k}" for k in unexpected]
     if not groups and not problems:
         problems.append("the checkpoint holds no LoRWeB tensors")
+    with_q = {n for n, t in groups.items() if "att_lora_to_q.weight" in t}
+    # "none" when no module has att_lora_to_q weights; when only some have them, the others are missing keys below
+    projection = "linear" if with_q or not groups else "none"
+    if where["query_projection_type"] != "official default" and resolved["query_projection_type"] != projection \
+            and groups:
+        raise LoRWeBConfigError(f"conflicting query_projection_type: {where['query_projection_type']} says "
+                                f"{resolved['query_projection_type']!r} but the checkpoint tensors say {projection!r} "
+                                f"({'with' if projection == 'linear' else 'without'} att_lora_to_q weights)")
+    # the settings the tensors do not determine; scale = lora_alpha / rank
+    cfg.update(heads=int(resolved["heads"]), activation=resolved["activation"], reduce=resolved["reduce"])
+    # scale = lora_alpha / rank: from an explicit or config.yaml lora_alpha, else our metadata, else 1 (the official
+    # loader stores no alpha: alpha = r)
+    if where["lora_alpha"] != "official default" and groups:
+        tensor_rank = int(next(iter(groups.values()))["lora_A"].shape[-1])
+        rank = int(resolved["rank"]) if where["rank"] != "official default" else tensor_rank
+        scale = float(resolved["lora_alpha"]) / rank
+        if "lorweb.lora_alpha_over_rank" in meta and scale != cfg["scale"]:
+            raise LoRWeBConfigError(f"conflicting lora_alpha / rank: {where['lora_alpha']} gives {scale!r} but the "
+                                    f"checkpoint metadata says {cfg['scale']!r}")
+        cfg["scale"] = scale
     existing = lorweb_layers(model)
     modules = dict(model.named_modules())
     for name in sorted(groups):
         tensors = groups[name]
-        missing = [s for s in PARAM_SUFFIXES if s not in tensors]
+        needed = PARAM_SUFFIXES if projection == "linear" else PARAM_SUFFIXES[:3]
+        missing = [s for s in needed if s not in tensors]
         if missing:
             problems += [f"missing key {CHECKPOINT_PREFIX}{name}.{s}" for s in missing]
             continue
+        n, _, r = tensors["lora_A"].shape if tensors["lora_A"].dim() == 3 else (None, None, None)
+        for key, value in (("rank", r), ("num_loras", n), ("key_dim", tensors["lora_keys"].shape[-1])):
+            if value is not None and where[key] != "official default" and int(resolved[key]) != int(value):
+                raise LoRWeBConfigError(f"conflicting {key}: {where[key]} says {resolved[key]!r} but the checkpoint "
+                                        f"tensors of {CHECKPOINT_PREFIX}{name} have {key}={value}")
         for s, t in tensors.items():
             if not t.is_floating_point():
                 problems.append(f"{CHECKPOINT_PREFIX}{name}.{s} has non-float dtype {t.dtype}")
@@ -452,15 +558,17 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict) -> list[str]:
         shape_problems = _check_module_tensors(name, tensors, in_f, out_f)
         problems += shape_problems
         if isinstance(module, LoRWeBLinear) and not shape_problems:
+            k = tensors["lora_keys"]
+            q_shape = tuple(tensors["att_lora_to_q.weight"].shape) if projection == "linear" else (k.shape[1],) * 2
             want = (tuple(module.lora_A.shape), tuple(module.lora_keys.shape),
                     tuple(module.att_lora_to_q.weight.shape), module.heads, module.activation, module.reduce,
-                    module.scale)
-            got = (tuple(tensors["lora_A"].shape), tuple(tensors["lora_keys"].shape),
-                   tuple(tensors["att_lora_to_q.weight"].shape), cfg["heads"], cfg["activation"], cfg["reduce"],
-                   cfg["scale"])
+                    module.scale, module.query_projection_type)
+            got = (tuple(tensors["lora_A"].shape), tuple(k.shape), q_shape, cfg["heads"], cfg["activation"],
+                   cfg["reduce"], cfg["scale"], projection)
             if want != got:
                 problems.append(f"{CHECKPOINT_PREFIX}{name}.*: (lora_A, lora_keys, att_lora_to_q shapes, heads, "
-                                f"activation, reduce, scale) = {got} but the injected layer has {want}")
+                                f"activation, reduce, scale, query_projection_type) = {got} but the injected layer "
+                                f"has {want}")
     problems += [f"missing keys {CHECKPOINT_PREFIX}{n}.* for the injected layer {n!r}"
                  for n in existing if n not in groups]
     # one analogy query feeds every layer: query_dim must agree across the checkpoint and the injected layers
@@ -490,13 +598,15 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict) -> list[str]:
         if name in existing:
             continue
         n, _, r = tensors["lora_A"].shape
-        key_dim, query_dim = tensors["att_lora_to_q.weight"].shape
+        key_dim = tensors["lora_keys"].shape[1]
+        query_dim = tensors["att_lora_to_q.weight"].shape[1] if projection == "linear" else key_dim
         if key_dim % cfg["heads"]:
-            raise LoRWeBCheckpointError(f"metadata heads={cfg['heads']} does not divide key_dim={key_dim} of "
-                                        f"{CHECKPOINT_PREFIX}{name}; the model was not changed")
+            raise LoRWeBCheckpointError(f"heads={cfg['heads']} ({where['heads']}) does not divide key_dim={key_dim} "
+                                        f"of {CHECKPOINT_PREFIX}{name}; the model was not changed")
         new_layers[name] = LoRWeBLinear(modules[name], num_loras=n, rank=r, lora_alpha=cfg["scale"] * r,
                                         key_dim=key_dim, query_dim=query_dim, heads=cfg["heads"],
-                                        activation=cfg["activation"], reduce=cfg["reduce"])
+                                        activation=cfg["activation"], reduce=cfg["reduce"],
+                                        query_projection_type=projection)
     for name, layer in new_layers.items():
         _set_submodule(model, name, layer)
     with torch.no_grad():

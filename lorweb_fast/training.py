@@ -16,8 +16,10 @@ Objective (official, NVlabs/LoRWeB ``LoRWeB_default_PROMPTS.yaml``, ``jobs/proce
 [0, 998], x_t = (1 - t/1000) x0 + (t/1000) noise, target noise - x0, MSE over the whole target grid, times the
 "weighted" bell-curve weight of t (``timestep_type="weighted"``).
 
-Outputs in ``out``: ``lorweb.safetensors`` (official format, latest), ``checkpoints/step-XXXXXXXX/`` (official
-weights + trainer state, written to a temporary folder and renamed), ``loss.jsonl`` and ``loss.png``.
+Outputs in ``out``: ``lorweb.safetensors`` (official format in ``save_dtype``, fp16 by default as the official
+trainer, latest) with ``config.yaml`` (the official job config that the official inference.py reads),
+``checkpoints/step-XXXXXXXX/`` (the same weights and config.yaml + trainer state with the fp32 master weights, written
+to a temporary folder and renamed), ``loss.jsonl`` and ``loss.png``.
 """
 
 from __future__ import annotations
@@ -146,7 +148,12 @@ class TrainConfig:
     heads: int = 1
     activation: str = "softmax"
     reduce: str = "mean"
-    checkpoint_every: int = 250
+    query_mode: str = "cat-aa'b"
+    pooling_type: str = "avg"
+    query_projection_type: str = "linear"
+    query_source: str = "grid"
+    save_dtype: str = "fp16"
+        checkpoint_every: int = 250
     keep_checkpoints: int = 4
     resume: bool = False
     overwrite: bool = False
@@ -177,6 +184,13 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "long_edge"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        from .official_config import QUERY_SOURCES, SAVE_DTYPES, check_query_settings
+
+        check_query_settings(self.query_mode, self.pooling_type, self.query_projection_type)
+        if self.query_source not in QUERY_SOURCES:
+            raise ValueError(f"query_source must be one of {QUERY_SOURCES}, got {self.query_source!r}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype must be one of {tuple(SAVE_DTYPES)}, got {self.save_dtype!r}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if self.activation not in ACTIVATIONS:
@@ -194,7 +208,7 @@ _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 #: TrainConfig fields that may differ when resuming: the step budget, and options that change no computed value.
 RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers")
 #: Files a training run writes directly in ``out`` (``--overwrite`` deletes exactly these and ``checkpoints/``).
-RUN_FILES = (WEIGHTS_NAME, "loss.jsonl", "loss.png", "train_config.json")
+RUN_FILES = (WEIGHTS_NAME, "config.yaml", "loss.jsonl", "loss.png", "train_config.json")
 
 
 def checkpoint_dirs(out: Union[str, Path]) -> list[Path]:
@@ -319,17 +333,40 @@ def prepare_output(cfg, *, main_process: bool = True) -> tuple[Optional[Path], O
     return ckpt, state
 
 
+def checkpoint_settings(cfg: TrainConfig, encoder_name: str) -> dict:
+    """The LoRWeB settings of a training run (lorweb_fast names, ``official_config``), for config.yaml."""
+    return {"num_loras": cfg.num_loras, "rank": cfg.rank, "lora_alpha": float(cfg.rank), "key_dim": cfg.key_dim,
+            "heads": cfg.heads, "activation": cfg.activation, "reduce": cfg.reduce, "query_mode": cfg.query_mode,
+            "pooling_type": cfg.pooling_type, "query_projection_type": cfg.query_projection_type,
+            "encoder": encoder_name}
+
+
 def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimizer_state: dict, metadata: dict,
-                      keep: int, config: Optional[dict] = None) -> Path:
-    """Official weights (``weights`` = ``lorweb_state_dict``) + trainer state (``optimizer_state`` as made by
-    ``optimizer_state_dict``) into a temporary folder, renamed to ``checkpoints/step-XXXXXXXX``."""
+                      keep: int, *, save_dtype: str = "fp32", settings: Optional[dict] = None,
+                      name: str = "lorweb", config: Optional[dict] = None) -> Path:
+    """Official weights (``weights`` = ``lorweb_state_dict``, written in ``save_dtype`` with our and ai-toolkit's
+    metadata) + ``config.yaml`` (official format, from ``settings``) + trainer state (``optimizer_state`` as made by
+    ``optimizer_state_dict``, and the fp32 master weights when ``save_dtype`` rounds them, so a resume is exact)
+    into a temporary folder, renamed to ``checkpoints/step-XXXXXXXX``. ``out/lorweb.safetensors`` and
+    ``out/config.yaml`` are then replaced by copies. ``config`` (the comparable training config) is stored in
+    the trainer state, so a resume with different settings is refused."""
+    from .official_config import CONFIG_NAME, SAVE_DTYPES, aitk_metadata, write_config_yaml
+
+    dtype = SAVE_DTYPES[save_dtype]
     root = out / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
     try:
-        save_lorweb_weights(transformer, tmp / WEIGHTS_NAME, metadata=metadata, state_dict=weights)
-        torch.save({"step": step, "optimizer": optimizer_state, "config": config}, tmp / TRAINER_STATE_NAME)
+        meta = {**aitk_metadata(name, step), **metadata}
+        save_lorweb_weights(transformer, tmp / WEIGHTS_NAME, metadata=meta, state_dict=weights, dtype=dtype)
+        write_config_yaml(tmp / CONFIG_NAME, settings or {}, name=name,
+                          extra={"save": {"dtype": {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+                                          [save_dtype]}})
+        state = {"step": step, "optimizer": optimizer_state, "config": config}
+        if any(v.dtype != dtype for v in weights.values()):
+            state["lorweb_master_weights"] = {k: v.detach().cpu().clone() for k, v in weights.items()}
+        torch.save(state, tmp / TRAINER_STATE_NAME)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -339,6 +376,9 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     tmp_latest = out / f".{WEIGHTS_NAME}.tmp"
     shutil.copyfile(final / WEIGHTS_NAME, tmp_latest)  # the same file, not serialized again
     os.replace(tmp_latest, out / WEIGHTS_NAME)
+    tmp_config = out / f".{CONFIG_NAME}.tmp"
+    shutil.copyfile(final / CONFIG_NAME, tmp_config)
+    os.replace(tmp_config, out / CONFIG_NAME)
     steps = checkpoint_dirs(out)
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -491,9 +531,14 @@ def _make_optimizer(params, cfg: TrainConfig):
 
 
 def batch_query(encoder, batch: dict, device) -> torch.Tensor:
-    """(B, query_dim) analogy queries of a batch, from the a, a' and b cells of its target grids."""
+    """(B, query_dim) analogy queries of a batch. With the encoder's ``query_source="grid"`` (official,
+    SDTrainer.py ``before_unet_predict``): ``query_from_grid`` on the control grids ``batch["control"]`` in the
+    encoder's query mode, the same computation as at inference. With ``"images"`` (not official): the a, a' and b
+    cells of the target grids, each encoded separately."""
     from .flux import grid_cells
 
+    if getattr(encoder, "query_source", "grid") == "grid":
+        return encoder.query_from_grid(batch["control"]).to(device)
     cells = [grid_cells(g) for g in batch["target"]]
     return encoder([c[0] for c in cells], [c[1] for c in cells], [c[2] for c in cells]).to(device)
 
@@ -622,7 +667,12 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     elif cfg.quantize_base != "none" and not _is_quantized(pipe.transformer):
         raise ValueError(f"quantize_base={cfg.quantize_base!r} but the given pipeline's transformer is not quantized")
     if encoder is None:
-        encoder = AnalogyEncoder(cfg.encoder)
+        encoder = AnalogyEncoder(cfg.encoder, query_mode=cfg.query_mode, pooling_type=cfg.pooling_type,
+                                 query_source=cfg.query_source)
+    got = (encoder.query_mode, encoder.pooling_type, encoder.query_source)
+    if got != (cfg.query_mode, cfg.pooling_type, cfg.query_source):
+        raise ValueError(f"the encoder's (query_mode, pooling_type, query_source) = {got} differ from the training "
+                         f"config's {(cfg.query_mode, cfg.pooling_type, cfg.query_source)}")
     encoder.model.to(device)
     for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
         module = getattr(pipe, name).requires_grad_(False)
@@ -633,7 +683,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         torch.manual_seed(cfg.seed)  # the same initial basis, keys and projections on every rank and every run
         inject_lorweb(transformer, LoRWeBConfig(num_loras=cfg.num_loras, rank=cfg.rank, key_dim=cfg.key_dim,
                                                 query_dim=encoder.query_dim, heads=cfg.heads,
-                                                activation=cfg.activation, reduce=cfg.reduce))
+                                                activation=cfg.activation, reduce=cfg.reduce,
+                                                query_projection_type=cfg.query_projection_type))
     params, names = [], []
     for layer_name, layer in lorweb_layers(transformer).items():
         for suffix, p in layer.lorweb_tensors().items():
@@ -646,11 +697,18 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         transformer.enable_gradient_checkpointing()
     transformer.train()
     optimizer = _make_optimizer(params, cfg)
-    metadata = {"encoder": getattr(encoder, "name", cfg.encoder)}
+    encoder_name = getattr(encoder, "name", cfg.encoder)
+    metadata = {"encoder": encoder_name, "lorweb.query_mode": cfg.query_mode,
+                "lorweb.pooling_type": cfg.pooling_type, "lorweb.query_source": cfg.query_source}
+    settings = checkpoint_settings(cfg, encoder_name)
 
     start_step = 0
     if ckpt is not None:
-        load_lorweb_weights(transformer, ckpt / WEIGHTS_NAME)  # validated, all or nothing; before sharding
+        # validated, all or nothing; before sharding. The fp32 masters when the weights file was rounded.
+        masters = trainer_state.get("lorweb_master_weights")
+        load_lorweb_weights(transformer, masters if masters is not None else ckpt / WEIGHTS_NAME,
+                            settings=None if masters is None else {"activation": cfg.activation,
+                                                                   "reduce": cfg.reduce, "heads": cfg.heads})
         start_step = int(trainer_state["step"])
 
     # under FSDP2 accelerate shards the transformer in place (blocks as units, each LoRWeB layer inside its block)
@@ -706,6 +764,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
             optimizer_state = optimizer_state_dict(model, optimizer.optimizer, names, sharded=sharded)
             if accelerator.is_main_process:
                 _write_checkpoint(out, step, transformer, weights, optimizer_state, metadata, cfg.keep_checkpoints,
+                                  save_dtype=cfg.save_dtype, settings=settings, name=Path(cfg.out).name or "lorweb",
                                   config=_comparable_config(cfg))
                 plot_loss(log_path, png_path)
             del weights, optimizer_state

@@ -38,7 +38,8 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lorweb_pipe(assets):
-    return flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors", long_edge=64)
+    return flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
+                                                      resolution="native", long_edge=64)
 
 
 def analogy(seed):
@@ -196,8 +197,9 @@ def cli_infer(assets, tmp_path, **overrides):
     argv = ["infer", "--a", str(paths["a"]), "--a-prime", str(paths["a_prime"]), "--b", str(paths["b"]),
             "--prompt", "mirror the image", "--weights", str(paths.get("weights", assets / "lorweb.safetensors")),
             "--model", str(assets / "pipe"), "--out", str(out), "--steps", "2", "--dtype", "fp32",
-            "--long-edge", "64", "--coefficients-plot", str(tmp_path / "out" / "coefficients.png"),
-            "--pipe-arg", f"max_sequence_length={demo.DEMO_MAX_SEQUENCE_LENGTH}"]
+            "--resolution", "native", "--long-edge", "64",
+            "--coefficients-plot", str(tmp_path / "out" / "coefficients.png"),
+            "--pipe-arg", f"max_sequence_length={demo.DEMO_MAX_SEQUENCE_LENGTH}", *paths.get("extra", [])]
     return cli.main(argv), out
 
 
@@ -236,3 +238,26 @@ def test_cli_infer_mismatched_weights(assets, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and not out.exists()
     assert "does not match" in err and "lora_A has shape" in err
+
+
+def test_cli_infer_weights_folder_with_config(assets, tmp_path, capsys):
+    """--weights DIR: the newest complete checkpoint with its config.yaml (inference.py's folder rule); a config
+    that contradicts an explicit option is an error naming both values."""
+    import shutil
+
+    from lorweb_fast import official_config as oc
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for step in (250, 500):
+        shutil.copyfile(assets / "lorweb.safetensors", run_dir / f"LoRWeB_{step:09d}.safetensors")
+    (run_dir / "LoRWeB_000000750.safetensors").write_bytes(b"partial")
+    oc.write_config_yaml(run_dir / "config.yaml", {"num_loras": 3, "rank": 2, "lora_alpha": 2, "key_dim": 8,
+                                                   "query_mode": "cat-aa'b", "encoder": str(assets / "clip")})
+    rc, out = cli_infer(assets, tmp_path, weights=run_dir)
+    assert rc == 0 and out.is_file()
+    out.unlink()
+    rc, out = cli_infer(assets, tmp_path, weights=run_dir, extra=["--query-mode", "caa'b"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert "conflicting query_mode: argument says \"caa'b\" but" in err and "config.yaml says \"cat-aa'b\"" in err

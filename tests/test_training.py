@@ -40,7 +40,8 @@ def config(assets, out, **overrides) -> TrainConfig:
     values = dict(data=str(assets / "data"), out=str(out), model=str(assets / "pipe"), encoder=str(assets / "clip"),
                   steps=8, batch_size=2, learning_rate=1e-2, mixed_precision="no", long_edge=64, resize="long-edge",
                   max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=4, rank=2, key_dim=8,
-                  checkpoint_every=4, num_workers=0, progress=False)
+                  checkpoint_every=4, num_workers=0, progress=False,
+                  save_dtype="fp32")  # bit-exact save/load comparisons; fp16 (the default) is tested separately
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -91,8 +92,8 @@ def test_training_lowers_the_loss_and_only_trains_lorweb(assets, tmp_path):
     reloaded = flux.load_kontext_pipeline(cfg.model)
     lf.load_lorweb_weights(reloaded.transformer, run / "lorweb.safetensors")
     assert training.evaluation_loss(reloaded, encoder, dataset, cfg) == after
-    lp_a = flux.LoRWeBKontextPipeline(pipe, encoder, long_edge=64)
-    lp_b = flux.LoRWeBKontextPipeline(reloaded, encoder, long_edge=64)
+    lp_a = flux.LoRWeBKontextPipeline(pipe, encoder, resolution="native", long_edge=64)
+    lp_b = flux.LoRWeBKontextPipeline(reloaded, encoder, resolution="native", long_edge=64)
     a, a2, b, prompt = demo.demo_analogy()
     outs = [p(a, a2, b, prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
               max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, progress=False)[0] for p in (lp_a, lp_b)]
@@ -134,6 +135,32 @@ def test_resume_after_kill_is_exact(assets, tmp_path):
     log_a = [json.loads(l) for l in (tmp_path / "straight" / "loss.jsonl").read_text().splitlines()]
     log_b = [json.loads(l) for l in (tmp_path / "killed" / "loss.jsonl").read_text().splitlines()]
     assert log_a == log_b
+
+
+def test_fp16_checkpoints_resume_exactly_from_fp32_masters(assets, tmp_path):
+    """The default save dtype is fp16 (official); trainer_state.pt keeps the fp32 masters, so a resume is exact."""
+    kw = dict(steps=4, checkpoint_every=2, save_dtype="fp16")
+    training.train(config(assets, tmp_path / "straight", **kw))
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise Killed
+
+    killed_cfg = config(assets, tmp_path / "killed", **kw)
+    with pytest.raises(Killed):
+        training.train(killed_cfg, step_callback=kill_at_3)
+    training.train(dataclasses.replace(killed_cfg, resume=True))
+    a, b = weights(tmp_path / "straight" / "lorweb.safetensors"), weights(tmp_path / "killed" / "lorweb.safetensors")
+    assert all(v.dtype == torch.float16 for v in a.values()) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma = trainer_state(tmp_path / "straight", 4)["lorweb_master_weights"]
+    mb = trainer_state(tmp_path / "killed", 4)["lorweb_master_weights"]
+    assert all(ma[k].dtype == torch.float32 and torch.equal(ma[k], mb[k]) for k in ma)
+    assert any(not torch.equal(ma[k].half().float(), ma[k]) for k in ma)  # fp16 really rounds the masters
+    assert (tmp_path / "killed" / "config.yaml").is_file()
 
 
 def test_checkpoint_write_is_atomic(assets, tmp_path, monkeypatch):

@@ -1,0 +1,289 @@
+"""The official LoRWeB configuration: query modes, ``config.yaml`` read/write and checkpoint discovery.
+
+The official code (NVlabs/LoRWeB, built on ai-toolkit) keeps the adapter's configuration in the training run's
+``config.yaml`` (``config.process[0].network``), which its ``inference.py`` requires next to the weights. This module
+maps those fields onto lorweb_fast's names, merges them with an explicit argument and our safetensors metadata, and
+writes a ``config.yaml`` that the official ``inference.py`` reads unchanged.
+
+Field mapping (official -> lorweb_fast)::
+
+    network.linear                         rank
+    network.linear_alpha                   lora_alpha
+    network_kwargs.loras_num               num_loras
+    network_kwargs.lora_keys_dim           key_dim
+    network_kwargs.lora_heads              heads
+    network_kwargs.lora_softmax            activation (true: "softmax", false: "tanh")
+    network_kwargs.mixing_coeffs_type      reduce ("mean" | "sum")
+    network_kwargs.query_mode              query_mode
+    network_kwargs.pooling_type            pooling_type ("avg" | "max")
+    network_kwargs.query_projection_type   query_projection_type ("linear" | "none")
+    network_kwargs.external_query_model    encoder
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+#: Every official query mode (extensions_built_in/flux_kontext.py ``get_external_query``).
+QUERY_MODES = ("cat-aa'b", "aa'bb'", "caa'bb'", "caa'b", "caa'", "ca'-ca", "ca'-ca+cb", "paa'b", "paa'b3",
+               "cat-paa'b", "cat-paa'b3")
+#: Modes made of CLIP patch tokens (pooled with ``pooling_type``; "3": hidden states -16, -8, -1).
+PATCH_QUERY_MODES = ("paa'b", "paa'b3", "cat-paa'b", "cat-paa'b3")
+POOLING_TYPES = ("avg", "max")
+QUERY_PROJECTION_TYPES = ("linear", "none")
+#: "grid": the official query, computed from crops of the control grid; "images": a, a', b encoded from the
+#: original files (lorweb_fast's first behaviour, not official).
+QUERY_SOURCES = ("grid", "images")
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+#: Analogy encoders the official inference.py can load by name.
+OFFICIAL_ENCODERS = ("openai/clip-vit-large-patch14", "google/siglip2-base-patch16-224")
+
+#: The released model's settings (LoRWeB_default_PROMPTS.yaml + the README's run.py command line).
+OFFICIAL_DEFAULTS = {"num_loras": 32, "rank": 4, "lora_alpha": 4.0, "key_dim": 128, "heads": 1,
+                     "activation": "softmax", "reduce": "mean", "query_mode": "cat-aa'b", "pooling_type": "avg",
+                     "query_projection_type": "linear", "encoder": "openai/clip-vit-large-patch14"}
+SETTINGS = tuple(OFFICIAL_DEFAULTS)
+CONFIG_NAME = "config.yaml"
+#: ai-toolkit's software record in the safetensors metadata (toolkit/metadata.py ``software_meta``).
+AITK_SOFTWARE = {"name": "ai-toolkit", "repo": "https://github.com/ostris/ai-toolkit", "version": "0.3.4"}
+
+
+class LoRWeBConfigError(ValueError):
+    """A config.yaml is unreadable or incomplete, or the configuration sources disagree."""
+
+
+def check_query_settings(query_mode: str, pooling_type: str = "avg", query_projection_type: str = "linear") -> None:
+    """Raise a ValueError naming the bad value when a query setting is not an official one."""
+    for name, value, allowed in (("query_mode", query_mode, QUERY_MODES), ("pooling_type", pooling_type,
+                                 POOLING_TYPES), ("query_projection_type", query_projection_type,
+                                 QUERY_PROJECTION_TYPES)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def _bool(value, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise LoRWeBConfigError(f"{where} must be true or false, got {value!r}")
+
+
+def read_config_yaml(path: Union[str, os.PathLike]) -> dict:
+    """The LoRWeB settings (lorweb_fast names, see the module docstring) of an official ``config.yaml``.
+
+    Reads ``config.process[0].network`` as the official inference.py does; fields that are absent are left out.
+    A missing file, invalid YAML or a file without that structure raises LoRWeBConfigError naming the file.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRWeB config not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+        network = doc["config"]["process"][0]["network"]
+        kwargs = network.get("network_kwargs") or {}
+    except Exception as exc:  # yaml errors, missing keys, wrong types
+        raise LoRWeBConfigError(f"{path} is not an official LoRWeB config.yaml (expected config.process[0].network"
+                                f"; {type(exc).__name__}: {exc})") from exc
+    out: dict[str, Any] = {}
+    try:
+        if network.get("linear") is not None:
+            out["rank"] = int(network["linear"])
+        if network.get("linear_alpha") is not None:
+            out["lora_alpha"] = float(network["linear_alpha"])
+        for ours, theirs in (("num_loras", "loras_num"), ("key_dim", "lora_keys_dim"), ("heads", "lora_heads")):
+            if kwargs.get(theirs) is not None:
+                out[ours] = int(kwargs[theirs])
+    except (TypeError, ValueError) as exc:
+        raise LoRWeBConfigError(f"{path}: a numeric network field is not a number ({exc})") from exc
+    if kwargs.get("lora_softmax") is not None:
+        out["activation"] = "softmax" if _bool(kwargs["lora_softmax"], f"{path}: lora_softmax") else "tanh"
+    for ours, theirs in (("reduce", "mixing_coeffs_type"), ("query_mode", "query_mode"),
+                         ("pooling_type", "pooling_type"), ("query_projection_type", "query_projection_type"),
+                         ("encoder", "external_query_model")):
+        if kwargs.get(theirs) is not None:
+            out[ours] = str(kwargs[theirs])
+    _validate(out, str(path))
+    return out
+
+
+def settings_from_metadata(meta: Mapping[str, str]) -> dict:
+    """The settings our safetensors metadata records (``lorweb.*`` keys and ``encoder``); absent keys are left out.
+    The rank/alpha scale is not included: it is checked against the tensors by ``load_lorweb_weights``."""
+    out: dict[str, Any] = {}
+    for ours, key in (("activation", "lorweb.activation"), ("reduce", "lorweb.reduce"),
+                      ("query_mode", "lorweb.query_mode"), ("pooling_type", "lorweb.pooling_type"),
+                      ("query_projection_type", "lorweb.query_projection_type"), ("encoder", "encoder")):
+        if key in meta:
+            out[ours] = meta[key]
+    if "lorweb.heads" in meta:
+        try:
+            out["heads"] = int(meta["lorweb.heads"])
+        except ValueError as exc:
+            raise LoRWeBConfigError(f"unreadable LoRWeB metadata lorweb.heads={meta['lorweb.heads']!r}") from exc
+    _validate(out, "the checkpoint metadata")
+    return out
+
+
+def _validate(settings: Mapping[str, Any], where: str) -> None:
+    from .reference import ACTIVATIONS, REDUCTIONS
+
+    allowed = {"activation": ACTIVATIONS, "reduce": REDUCTIONS, "query_mode": QUERY_MODES,
+               "pooling_type": POOLING_TYPES, "query_projection_type": QUERY_PROJECTION_TYPES}
+    for key, value in settings.items():
+        if key not in SETTINGS:
+            raise LoRWeBConfigError(f"{where}: unknown LoRWeB setting {key!r}; known: {SETTINGS}")
+        if key in allowed and value not in allowed[key]:
+            raise LoRWeBConfigError(f"{where}: {key} must be one of {allowed[key]}, got {value!r}")
+        if key in ("num_loras", "rank", "key_dim", "heads") and (int(value) != value or value < 1):
+            raise LoRWeBConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
+
+
+def resolve_settings(explicit: Optional[Mapping[str, Any]] = None, yaml_settings: Optional[Mapping[str, Any]] = None,
+                     metadata_settings: Optional[Mapping[str, Any]] = None, *, yaml_name: str = "config.yaml",
+                     defaults: Mapping[str, Any] = OFFICIAL_DEFAULTS) -> dict:
+    """Merge the configuration sources: explicit argument > config.yaml > safetensors metadata > official defaults.
+
+    A setting given by two sources with different values is an error naming both sources and values (a source that
+    does not give a setting never conflicts). ``None`` values in ``explicit`` count as not given. Returns every
+    setting of ``SETTINGS`` plus ``"sources"``: {setting: where its value came from}.
+    """
+    explicit = {k: v for k, v in (explicit or {}).items() if v is not None}
+    _validate(explicit, "the explicit arguments")
+    layers = [("argument", explicit), (yaml_name, dict(yaml_settings or {})),
+              ("the checkpoint metadata", dict(metadata_settings or {}))]
+    out: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key in SETTINGS:
+        given = [(name, src[key]) for name, src in layers if key in src]
+        for name, value in given[1:]:
+            if not _same(value, given[0][1]):
+                raise LoRWeBConfigError(f"conflicting {key}: {given[0][0]} says {given[0][1]!r} but {name} says "
+                                        f"{value!r}")
+        out[key], sources[key] = (given[0][1], given[0][0]) if given else (defaults[key], "official default")
+    out["sources"] = sources
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return a == b
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def official_config(settings: Mapping[str, Any], *, name: str = "lorweb", extra: Optional[Mapping] = None) -> dict:
+    """An official-style job config (the structure ai-toolkit dumps to ``config.yaml``) holding ``settings``.
+
+    ``settings`` uses lorweb_fast names (see the module docstring); missing ones take the official defaults.
+    ``extra`` entries are merged into ``config.process[0]`` (e.g. ``train``, ``save``, ``datasets``).
+    """
+    s = {**OFFICIAL_DEFAULTS, **{k: v for k, v in settings.items() if k in SETTINGS and v is not None}}
+    _validate(s, "the settings to write")
+    network = {
+        "type": "attlora",
+        "linear": int(s["rank"]),
+        "linear_alpha": float(s["lora_alpha"]) if float(s["lora_alpha"]) != int(s["lora_alpha"])
+        else int(s["lora_alpha"]),
+        "network_kwargs": {
+            "loras_num": int(s["num_loras"]), "lora_keys_dim": int(s["key_dim"]), "lora_heads": int(s["heads"]),
+            "lora_softmax": s["activation"] == "softmax", "mixing_coeffs_type": s["reduce"],
+            "external_query": True, "pooling_type": s["pooling_type"],
+            "query_projection_type": s["query_projection_type"], "query_mode": s["query_mode"],
+            "external_query_model": str(s["encoder"]),
+        },
+    }
+    process = {"type": "sd_trainer", "network": network,
+               "model": {"name_or_path": "black-forest-labs/FLUX.1-Kontext-dev", "arch": "flux_kontext"}}
+    process.update(dict(extra or {}))
+    return {"job": "extension", "config": {"name": name, "process": [process]},
+            "meta": {"name": name, "version": "1.0", "software": "lorweb_fast"}}
+
+
+def write_config_yaml(path: Union[str, os.PathLike], settings: Mapping[str, Any], *, name: str = "lorweb",
+                      extra: Optional[Mapping] = None) -> Path:
+    """Write ``official_config(settings)`` to ``path`` atomically (temporary file, then rename)."""
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(official_config(settings, name=name, extra=extra), sort_keys=False)
+    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def aitk_metadata(name: str, step: Optional[int] = None) -> dict[str, str]:
+    """ai-toolkit's safetensors metadata keys (jobs/process/BaseSDTrainProcess.py ``save`` +
+    toolkit/metadata.py ``get_meta_for_safetensors``): name, version, software and training_info, JSON-encoded
+    where not strings."""
+    meta = {"name": name, "version": "1.0", "software": json.dumps(AITK_SOFTWARE),
+            "ss_output_name": name, "ss_base_model_version": "flux.1_kontext"}
+    if step is not None:
+        meta["training_info"] = json.dumps({"step": int(step)})
+    return meta
+
+
+# ------------------------------------------------------------------------------------------ checkpoint discovery
+_STEP_FILE = re.compile(r"^(?P<name>.+)_(?P<step>\d{9})\.safetensors$")
+
+
+def _complete(path: Path) -> bool:
+    """True when the safetensors header is readable (a partly written file fails)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+        return path.stat().st_size > 8
+    except Exception:
+        return False
+
+
+def find_checkpoint(directory: Union[str, os.PathLike]) -> tuple[Path, Optional[Path]]:
+    """(weights, config.yaml or None) of the newest complete checkpoint in a folder.
+
+    Like the official inference.py: a final ``<name>.safetensors`` (no step suffix) wins, else the highest
+    ``<name>_<step:09d>.safetensors``. Also understands lorweb_fast's run folders (``lorweb.safetensors`` and
+    ``checkpoints/step-XXXXXXXX/``). Hidden and temporary files and files whose header cannot be read are
+    skipped. Two different final files are ambiguous and raise. The config is the ``config.yaml`` beside the
+    chosen weights, else the folder's.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {root}")
+    files = [p for p in root.iterdir() if p.suffix == ".safetensors" and not p.name.startswith(".") and p.is_file()]
+    finals = sorted(p for p in files if not _STEP_FILE.match(p.name) and _complete(p))
+    if len(finals) > 1:
+        raise LoRWeBConfigError(f"{root} holds several final checkpoints ({', '.join(p.name for p in finals)}); "
+                                "pass the file to use")
+    chosen = finals[0] if finals else None
+    if chosen is None:
+        stepped = [(int(_STEP_FILE.match(p.name)["step"]), p) for p in files if _STEP_FILE.match(p.name)]
+        stepped += [(int(d.name.split("-")[1]), d / "lorweb.safetensors")
+                    for d in (root / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", d.name)]
+        for _, p in sorted(stepped, key=lambda x: x[0], reverse=True):
+            if p.is_file() and _complete(p):
+                chosen = p
+                break
+    if chosen is None:
+        raise FileNotFoundError(f"no complete LoRWeB checkpoint (*.safetensors) in {root}")
+    config = next((c for c in (chosen.parent / CONFIG_NAME, root / CONFIG_NAME) if c.is_file()), None)
+    return chosen, config

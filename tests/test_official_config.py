@@ -1,0 +1,258 @@
+"""The official config.yaml: read (with precedence and conflict errors), written so that the official inference.py
+accepts it, fp16 checkpoints with ai-toolkit metadata and ``<name>_<step:09d>.safetensors`` names, checkpoint
+discovery, and the training run's outputs (save dtype, metadata, config.yaml, exact resume from fp32 masters)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import lorweb_fast as lf
+from lorweb_fast import cli, official_config as oc, training
+from lorweb_fast.model import LoRWeBCheckpointError
+
+# the released model: LoRWeB_default_PROMPTS.yaml with the README's overrides (--linear 4 --linear_alpha 4
+# --loras_num 32 --lora_softmax true --query_mode "cat-aa'b"), as ai-toolkit dumps it (BaseTrainProcess
+# .save_training_config: yaml.dump(job.raw_config))
+OFFICIAL_YAML = """
+job: extension
+config:
+  name: LoRWeB_default_PROMPTS
+  process:
+  - type: sd_trainer
+    training_folder: output
+    network:
+      type: attlora
+      linear: 4
+      linear_alpha: 4
+      network_kwargs:
+        lora_keys_dim: 128
+        lora_heads: 1
+        mixing_coeffs_type: mean
+        external_query: true
+        pooling_type: avg
+        query_projection_type: linear
+        external_query_model: openai/clip-vit-large-patch14
+        loras_num: 32
+        lora_softmax: true
+        query_mode: cat-aa'b
+    save:
+      dtype: float16
+meta:
+  name: '[name]'
+  version: '1.0'
+"""
+
+
+def official_inference_reads(path):
+    """What inference.py ``main`` reads from config.yaml (yaml.safe_load(f)['config'], process[0].network
+    .network_kwargs: lora_heads, lora_softmax, mixing_coeffs_type, pooling_type, query_projection_type, query_mode,
+    external_query_model compared with its two known encoder names; otherwise no encoder is loaded)."""
+    with open(path) as f:
+        config = yaml.safe_load(f)["config"]
+    kw = config["process"][0]["network"]["network_kwargs"]
+    values = {k: kw[k] for k in ("lora_heads", "lora_softmax", "mixing_coeffs_type", "pooling_type",
+                                 "query_projection_type", "query_mode")}
+    assert kw["external_query_model"] in ("openai/clip-vit-large-patch14", "google/siglip2-base-patch16-224")
+    assert isinstance(values["lora_softmax"], bool) and isinstance(values["lora_heads"], int)
+    return values
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+    return m
+
+
+def official_checkpoint(path, *, n=3, r=2, key_dim=8, query_dim=12, seed=1):
+    """An official-style file: fp16 tensors, ai-toolkit metadata (BaseSDTrainProcess.save,
+    toolkit/metadata.py get_meta_for_safetensors: JSON strings, format pt) and none of our keys."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, (i, o) in {"0": (6, 5), "1": (5, 4)}.items():
+        state[f"transformer.{name}.lora_A"] = torch.randn(n, i, r, generator=g).half()
+        state[f"transformer.{name}.lora_B"] = torch.randn(n, r, o, generator=g).half()
+        state[f"transformer.{name}.lora_keys"] = torch.randn(n, key_dim, generator=g).half()
+        state[f"transformer.{name}.att_lora_to_q.weight"] = torch.randn(key_dim, query_dim, generator=g).half()
+    meta = {"name": "LoRWeB", "version": "1.0", "training_info": json.dumps({"step": 250, "epoch": 0}),
+            "software": json.dumps({"name": "ai-toolkit", "repo": "https://github.com/ostris/ai-toolkit",
+                                    "version": "0.3.4"}), "ss_output_name": "LoRWeB", "format": "pt"}
+    save_file(state, str(path), metadata=meta)
+    return state
+
+
+def small_config(path, **network_kwargs):
+    doc = yaml.safe_load(OFFICIAL_YAML)
+    net = doc["config"]["process"][0]["network"]
+    net["linear"], net["linear_alpha"] = 2, 2
+    net["network_kwargs"].update({"loras_num": 3, "lora_keys_dim": 8, **network_kwargs})
+    Path(path).write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_read_official_config(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(OFFICIAL_YAML)
+    assert oc.read_config_yaml(path) == {
+        "rank": 4, "lora_alpha": 4.0, "num_loras": 32, "key_dim": 128, "heads": 1, "activation": "softmax",
+        "reduce": "mean", "query_mode": "cat-aa'b", "pooling_type": "avg", "query_projection_type": "linear",
+        "encoder": "openai/clip-vit-large-patch14"}
+    path.write_text(OFFICIAL_YAML.replace("lora_softmax: true", "lora_softmax: false"))
+    assert oc.read_config_yaml(path)["activation"] == "tanh"
+    path.write_text("config: {}\n")
+    with pytest.raises(oc.LoRWeBConfigError, match="config.yaml is not an official LoRWeB config"):
+        oc.read_config_yaml(path)
+    path.write_text(OFFICIAL_YAML.replace("query_mode: cat-aa'b", "query_mode: abc"))
+    with pytest.raises(oc.LoRWeBConfigError, match="query_mode must be one of"):
+        oc.read_config_yaml(path)
+
+
+def test_written_config_is_accepted_by_official_inference(tmp_path):
+    settings = {"num_loras": 32, "rank": 4, "key_dim": 128, "heads": 2, "activation": "tanh", "reduce": "sum",
+                "query_mode": "caa'b", "pooling_type": "max", "query_projection_type": "linear",
+                "encoder": "google/siglip2-base-patch16-224"}
+    path = oc.write_config_yaml(tmp_path / "config.yaml", settings, name="run")
+    assert official_inference_reads(path) == {"lora_heads": 2, "lora_softmax": False, "mixing_coeffs_type": "sum",
+                                              "pooling_type": "max", "query_projection_type": "linear",
+                                              "query_mode": "caa'b"}
+    back = oc.read_config_yaml(path)
+    assert back == {**settings, "lora_alpha": 4.0}
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_precedence_and_conflicts():
+    r = oc.resolve_settings({"query_mode": "caa'b"}, {"pooling_type": "max"}, {"heads": 2})
+    assert (r["query_mode"], r["pooling_type"], r["heads"], r["activation"]) == ("caa'b", "max", 2, "softmax")
+    assert r["sources"]["query_mode"] == "argument" and r["sources"]["activation"] == "official default"
+    r = oc.resolve_settings({"heads": None}, {"heads": 2}, {"heads": 2})  # agreeing sources; None = not given
+    assert r["heads"] == 2 and r["sources"]["heads"] == "config.yaml"
+    with pytest.raises(oc.LoRWeBConfigError, match=r"conflicting query_mode: argument says \"caa'b\" but "
+                                                   r"config.yaml says \"cat-aa'b\""):
+        oc.resolve_settings({"query_mode": "caa'b"}, {"query_mode": "cat-aa'b"})
+    with pytest.raises(oc.LoRWeBConfigError, match="conflicting activation: config.yaml says 'tanh' but the "
+                                                   "checkpoint metadata says 'softmax'"):
+        oc.resolve_settings({}, {"activation": "tanh"}, {"activation": "softmax"})
+
+
+def test_official_fp16_checkpoint_loads_with_its_config(tmp_path):
+    state = official_checkpoint(tmp_path / "LoRWeB_000000250.safetensors")
+    small_config(tmp_path / "config.yaml", lora_softmax=False, lora_heads=2, mixing_coeffs_type="sum")
+    model = tiny_model()
+    names = lf.load_lorweb_weights(model, tmp_path / "LoRWeB_000000250.safetensors")  # config.yaml beside it
+    assert names == ["0", "1"]
+    layer = model[0]
+    assert (layer.activation, layer.heads, layer.reduce, layer.scale, layer.query_dim) == ("tanh", 2, "sum", 1.0, 12)
+    torch.testing.assert_close(layer.lora_A, state["transformer.0.lora_A"].to(layer.lora_A.dtype), rtol=0, atol=0)
+
+    # an explicit argument agreeing with the yaml is fine; one contradicting it is an error naming both
+    lf.load_lorweb_weights(tiny_model(), tmp_path / "LoRWeB_000000250.safetensors", settings={"heads": 2})
+    with pytest.raises(oc.LoRWeBConfigError, match="conflicting heads: argument says 1 but .*config.yaml says 2"):
+        lf.load_lorweb_weights(tiny_model(), tmp_path / "LoRWeB_000000250.safetensors", settings={"heads": 1})
+    # a config contradicting the tensor shapes
+    small_config(tmp_path / "other.yaml", loras_num=5)
+    with pytest.raises(oc.LoRWeBConfigError, match="conflicting num_loras: .*other.yaml says 5 but the checkpoint "
+                                                   "tensors of transformer.0 have num_loras=3"):
+        lf.load_lorweb_weights(tiny_model(), tmp_path / "LoRWeB_000000250.safetensors", tmp_path / "other.yaml")
+    # our metadata vs the yaml
+    model = tiny_model()
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=12, target_modules=["0", "1"]))
+    lf.save_lorweb_weights(model, tmp_path / "ours" / "w.safetensors")  # softmax in the metadata
+    small_config(tmp_path / "ours" / "config.yaml", lora_softmax=False)
+    with pytest.raises(oc.LoRWeBConfigError, match="conflicting activation: .*'tanh' but the checkpoint metadata "
+                                                   "says 'softmax'"):
+        lf.load_lorweb_weights(tiny_model(), tmp_path / "ours" / "w.safetensors")
+
+
+def test_find_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    official_checkpoint(run / "LoRWeB_000000250.safetensors")
+    official_checkpoint(run / "LoRWeB_000000500.safetensors")
+    (run / "LoRWeB_000000750.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"")  # partial write
+    (run / ".LoRWeB_000001000.safetensors").write_bytes(b"")
+    small_config(run / "config.yaml")
+    assert oc.find_checkpoint(run) == (run / "LoRWeB_000000500.safetensors", run / "config.yaml")
+    official_checkpoint(run / "LoRWeB.safetensors")  # the final save wins (inference.py)
+    assert oc.find_checkpoint(run)[0] == run / "LoRWeB.safetensors"
+    official_checkpoint(run / "other.safetensors")
+    with pytest.raises(oc.LoRWeBConfigError, match="several final checkpoints"):
+        oc.find_checkpoint(run)
+    with pytest.raises(FileNotFoundError, match="no complete LoRWeB checkpoint"):
+        oc.find_checkpoint(tmp_path / "run" / "..")  # tmp_path itself holds no safetensors
+    # lorweb_fast run folders: checkpoints/step-*/ without a final file
+    ours = tmp_path / "ours"
+    for step in (4, 8):
+        (ours / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+        official_checkpoint(ours / "checkpoints" / f"step-{step:08d}" / "lorweb.safetensors")
+    small_config(ours / "checkpoints" / "step-00000008" / "config.yaml")
+    assert oc.find_checkpoint(ours) == (ours / "checkpoints" / "step-00000008" / "lorweb.safetensors",
+                                        ours / "checkpoints" / "step-00000008" / "config.yaml")
+
+
+def test_checkpoint_writes_fp16_aitk_metadata_config_and_masters(tmp_path):
+    """BaseSDTrainProcess.save: save dtype float16 by default, metadata name/version/software/training_info;
+    BaseTrainProcess.save_training_config: config.yaml beside the weights."""
+    model = tiny_model()
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=12, target_modules=["0", "1"]))
+    for layer in lf.lorweb_layers(model).values():
+        for p in layer.lorweb_tensors().values():
+            p.data = p.data.float() + 1e-4  # values fp16 rounds
+    cfg = training.TrainConfig(data="d", out=str(tmp_path), num_loras=3, rank=2, key_dim=8)
+    assert cfg.save_dtype == "fp16"
+    weights = lf.lorweb_state_dict(model)
+    settings = training.checkpoint_settings(cfg, "openai/clip-vit-large-patch14")
+    final = training._write_checkpoint(tmp_path, 4, model, weights, {}, {"encoder": "openai/clip-vit-large-patch14"},
+                                       2, save_dtype=cfg.save_dtype, settings=settings, name="run")
+    with safe_open(str(tmp_path / "lorweb.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    assert meta["name"] == "run" and meta["version"] == "1.0" and json.loads(meta["training_info"])["step"] == 4
+    assert json.loads(meta["software"])["name"] == "ai-toolkit" and meta["lorweb.activation"] == "softmax"
+    for path in (tmp_path / "config.yaml", final / "config.yaml"):
+        assert official_inference_reads(path)["query_mode"] == "cat-aa'b"
+    masters = torch.load(final / "trainer_state.pt", weights_only=False)["lorweb_master_weights"]
+    assert all(torch.equal(masters[k], weights[k]) for k in weights)
+    # the fp16 file loads back (values rounded once)
+    other = tiny_model()
+    lf.load_lorweb_weights(other, tmp_path / "lorweb.safetensors")
+    torch.testing.assert_close(other[0].lora_A, weights["transformer.0.lora_A"].half().float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="save_dtype must be one of"):
+        training.TrainConfig(data="d", out="o", save_dtype="int8").validate()
+
+
+def test_cli_infer_options():
+    args = cli.build_parser().parse_args(["infer", "--a", "a", "--a-prime", "b", "--b", "c", "--prompt", "p",
+                                          "--weights", "DIR"])
+    assert (args.seed, args.guidance_scale, args.steps, args.resolution, args.max_area, args.max_size,
+            args.query_source, args.query_mode, args.config) == (50, 2.5, 28, "official", 1024 ** 2, None, "grid",
+                                                                 None, None)
+    t = cli.build_parser().parse_args(["train", "--data", "d", "--out", "o", "--save-dtype", "bf16",
+                                       "--query-mode", "caa'b"])
+    assert (t.save_dtype, t.query_mode, t.pooling_type) == ("bf16", "caa'b", "avg")
+
+
+def test_export_writes_a_config_official_inference_accepts(tmp_path):
+    model = tiny_model()
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=12, heads=2, activation="tanh",
+                                            target_modules=["0", "1"]))
+    lf.save_lorweb_weights(model, tmp_path / "export" / "mine.safetensors", dtype=torch.float16,
+                           config={"query_mode": "caa'b"})
+    assert official_inference_reads(tmp_path / "export" / "config.yaml") == {
+        "lora_heads": 2, "lora_softmax": False, "mixing_coeffs_type": "mean", "pooling_type": "avg",
+        "query_projection_type": "linear", "query_mode": "caa'b"}
+    assert oc.read_config_yaml(tmp_path / "export" / "config.yaml")["num_loras"] == 3
+    found = oc.find_checkpoint(tmp_path / "export")
+    assert found == (tmp_path / "export" / "mine.safetensors", tmp_path / "export" / "config.yaml")
+    resolved = lf.model.resolve_checkpoint_settings(found[0])
+    assert (resolved["query_mode"], resolved["heads"], resolved["activation"]) == ("caa'b", 2, "tanh")
+    other = tiny_model()
+    lf.load_lorweb_weights(other, found[0])
+    assert (other[0].heads, other[0].activation) == (2, "tanh")
+    with pytest.raises(oc.LoRWeBConfigError, match="config heads=1 contradicts the model's layers"):
+        lf.save_lorweb_weights(model, tmp_path / "bad" / "x.safetensors", config={"heads": 1})
+    assert not (tmp_path / "bad" / "x.safetensors").exists() and not (tmp_path / "bad" / "config.yaml").exists()
