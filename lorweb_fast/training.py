@@ -153,7 +153,7 @@ class TrainConfig:
     query_projection_type: str = "linear"
     query_source: str = "grid"
     save_dtype: str = "fp16"
-        checkpoint_every: int = 250
+    checkpoint_every: int = 250
     keep_checkpoints: int = 4
     resume: bool = False
     overwrite: bool = False
