@@ -3,7 +3,6 @@
 are replaced by mocks that fail the test when called; a positive control shows that good arguments do reach them."""
 
 import json
-import math
 import os
 
 import pytest
@@ -186,6 +185,7 @@ def train_argv(root, tmp_path, *extra, out=None):
     return ["train", "--data", str(root / "data"), "--out", str(out or tmp_path / "run"), "--model",
             str(root / "model"), "--encoder", str(root / "clip"), "--steps", "2", "--num-workers", "0",
             "--mixed-precision", "no",  # one AcceleratorState per process: every test uses the same precision
+            "--resize", "long-edge",  # the tiny test images fit no official 512 bucket
             "--no-progress", *extra]
 
 
