@@ -405,18 +405,32 @@ def _check_list(name, value):
 def check_infer_args(args) -> None:
     """Every path and option of ``lorweb-fast infer``, before any model loads; raises UsageError (one line)."""
     from .flux import load_image
-    from .model import LoRWeBCheckpointError, _config_from_metadata, checkpoint_metadata
+    from .model import LoRWeBCheckpointError, _config_from_metadata, checkpoint_metadata, resolve_checkpoint_settings
+    from .official_config import LoRWeBConfigError, find_checkpoint
 
     try:
         for option, value in (("--a", args.a), ("--a-prime", args.a_prime), ("--b", args.b)):
             if Path(value).is_dir():
                 raise UsageError(f"{option} {value} is a folder; give an image file")
             load_image(value)  # missing: FileNotFoundError, not an image: ValueError, both naming the file
-        check_input_file("--weights", args.weights, {".safetensors"})
+        weights, config = args.weights, getattr(args, "config", None)
+        if config is not None:
+            check_input_file("--config", config, {".yaml", ".yml"})
+        if Path(weights).is_dir():  # a run or checkpoint folder: its newest complete checkpoint (and config.yaml)
+            try:
+                weights, found_config = find_checkpoint(weights)
+            except (OSError, LoRWeBConfigError) as exc:
+                raise UsageError(f"--weights: {exc}") from None
+            config = config if config is not None else found_config
+        else:
+            check_input_file("--weights", weights, {".safetensors"})
         try:
-            meta = checkpoint_metadata(args.weights)
+            meta = checkpoint_metadata(weights)
             _config_from_metadata(meta)
-        except LoRWeBCheckpointError as exc:
+            explicit = {"encoder": getattr(args, "encoder", None), "query_mode": getattr(args, "query_mode", None),
+                        "pooling_type": getattr(args, "pooling_type", None)}
+            encoder_name = resolve_checkpoint_settings(weights, config, explicit)["encoder"]
+        except (LoRWeBCheckpointError, LoRWeBConfigError) as exc:
             raise UsageError(f"--weights: {exc}") from None
         check_int("--steps", args.steps, lo=1)
         check_real("--guidance-scale", args.guidance_scale, lo=0.0)
@@ -438,9 +452,9 @@ def check_infer_args(args) -> None:
         check_model_source("--model", args.model, "model_index.json")
         if getattr(args, "encoder", None) is not None:
             check_model_source("--encoder", args.encoder, "config.json")
-        elif "encoder" in meta:
-            check_model_source(f"the analogy encoder {meta['encoder']!r} named in the checkpoint metadata:",
-                               meta["encoder"], "config.json", hint="; pass --encoder")
+        elif encoder_name:
+            check_model_source(f"the analogy encoder {encoder_name!r} named in the checkpoint's config/metadata:",
+                               encoder_name, "config.json", hint="; pass --encoder")
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
 

@@ -106,7 +106,7 @@ INFER_CASES = {
     "out under a file": ({"--out": "{root}/a_file/b.png"}, "a_file is a file, not a folder"),
     "plot extension unknown": ({"--coefficients-plot": "{tmp}/c.xyz"}, "--coefficients-plot"),
     "plot is a folder": ({"--coefficients-plot": "{root}/out_dir.png"}, "is a folder; give a file name"),
-    "weights folder": ({"--weights": "{root}/weights_dir.safetensors"}, "is a folder; give a file"),
+    "weights folder": ({"--weights": "{root}/weights_dir.safetensors"}, "no complete LoRWeB checkpoint"),
     "weights not safetensors": ({"--weights": "{root}/w.bin"}, "must be a .safetensors file"),
     "weights missing": ({"--weights": "{root}/nope.safetensors"}, "does not exist"),
     "weights corrupt": ({"--weights": "{root}/corrupt.safetensors"}, "corrupt or truncated"),
