@@ -157,6 +157,10 @@ def resolve_settings(explicit: Optional[Mapping[str, Any]] = None, yaml_settings
     A setting given by two sources with different values is an error naming both sources and values (a source that
     does not give a setting never conflicts). ``None`` values in ``explicit`` count as not given. Returns every
     setting of ``SETTINGS`` plus ``"sources"``: {setting: where its value came from}.
+
+    One exception: an explicit ``encoder`` overrides the others without conflict. It says where to load the
+    analogy encoder from (e.g. a local copy of the hub id the checkpoint names); whether it fits is checked by the
+    query dimension against the layers when the pipeline is built.
     """
     explicit = {k: v for k, v in (explicit or {}).items() if v is not None}
     _validate(explicit, "the explicit arguments")
@@ -166,6 +170,8 @@ def resolve_settings(explicit: Optional[Mapping[str, Any]] = None, yaml_settings
     sources: dict[str, str] = {}
     for key in SETTINGS:
         given = [(name, src[key]) for name, src in layers if key in src]
+        if key == "encoder" and given and given[0][0] == "argument":
+            given = given[:1]
         for name, value in given[1:]:
             if not _same(value, given[0][1]):
                 raise LoRWeBConfigError(f"conflicting {key}: {given[0][0]} says {given[0][1]!r} but {name} says "

@@ -28,11 +28,15 @@ class FakeEncoder:
     def __call__(self, *images):
         raise EncoderReached
 
+    def query(self, **inputs):
+        raise EncoderReached
+
 
 class FakeKontext:
     """Has the stock FluxKontextPipeline.__call__ signature (the pipeline-argument check reads it); never runs."""
 
     __call__ = diffusers.FluxKontextPipeline.__call__
+    _execution_device = torch.device("cpu")
 
     def __init__(self):
         torch.manual_seed(0)

@@ -38,7 +38,8 @@ def assets(tmp_path_factory):
 def gen_args(assets, out, *extra):
     return ["eval", "generate", "--evalset", str(assets / "evalset"), "--weights", str(assets / "lorweb.safetensors"),
             "--model", str(assets / "pipe"), "--out", str(out), "--steps", "2", "--dtype", "fp32", "--device", "cpu",
-            "--long-edge", "64", "--pipe-arg", f"max_sequence_length={demo.DEMO_MAX_SEQUENCE_LENGTH}", "--quiet",
+            "--resolution", "native", "--long-edge", "64",
+            "--pipe-arg", f"max_sequence_length={demo.DEMO_MAX_SEQUENCE_LENGTH}", "--quiet",
             *extra]
 
 

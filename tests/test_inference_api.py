@@ -34,7 +34,8 @@ def assets(tmp_path_factory):
 
 @pytest.fixture()
 def pipe(assets):
-    return flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors", long_edge=64)
+    return flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
+                                                      resolution="native", long_edge=64)
 
 
 def analogy(seed):
@@ -273,7 +274,7 @@ def test_set_query_refuses_meta_weights_of_sequential_offload():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_model_cpu_offload_and_group_offloading_on_gpu(assets):
     pipe = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
-                                                      long_edge=64, device="cuda")
+                                                      resolution="native", long_edge=64, device="cuda")
     x = [analogy(2)]
     want = run(pipe, x, ["flip"])
     pipe.pipe.to("cpu")
@@ -281,7 +282,7 @@ def test_model_cpu_offload_and_group_offloading_on_gpu(assets):
     got = run(pipe, x, ["flip"])
     np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-3)
     pipe2 = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
-                                                       long_edge=64)
+                                                       resolution="native", long_edge=64)
     pipe2.pipe.to("cuda")
     pipe2.encoder.model.to("cuda")
     pipe2.transformer.to("cpu")

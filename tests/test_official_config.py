@@ -256,3 +256,17 @@ def test_export_writes_a_config_official_inference_accepts(tmp_path):
     with pytest.raises(oc.LoRWeBConfigError, match="config heads=1 contradicts the model's layers"):
         lf.save_lorweb_weights(model, tmp_path / "bad" / "x.safetensors", config={"heads": 1})
     assert not (tmp_path / "bad" / "x.safetensors").exists() and not (tmp_path / "bad" / "config.yaml").exists()
+
+
+def test_explicit_encoder_overrides_the_named_one_but_other_conflicts_raise():
+    """An explicit encoder is a location (a local copy of the checkpoint's hub id), so it wins without a conflict;
+    any other explicit setting that contradicts config.yaml or the metadata still raises naming both values."""
+    from lorweb_fast.official_config import LoRWeBConfigError, resolve_settings
+
+    meta = {"encoder": "openai/clip-vit-large-patch14", "query_mode": "cat-aa'b"}
+    got = resolve_settings({"encoder": "/local/clip"}, {}, meta)
+    assert got["encoder"] == "/local/clip" and got["sources"]["encoder"] == "argument"
+    with pytest.raises(LoRWeBConfigError, match="conflicting query_mode"):
+        resolve_settings({"query_mode": "caa'b"}, {}, meta)
+    with pytest.raises(LoRWeBConfigError, match="conflicting encoder"):
+        resolve_settings({}, {"encoder": "google/siglip2-base-patch16-224"}, meta)

@@ -57,7 +57,12 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
                    help="generation seeds (official: 50); several seeds give <id>_seed<s> folders")
     g.add_argument("--steps", type=int, default=28, help="denoising steps")
     g.add_argument("--guidance-scale", type=float, default=2.5)
-    g.add_argument("--long-edge", type=int, default=None, help="control-grid long-edge cap (default: the pipeline's)")
+    g.add_argument("--resolution", choices=("official", "native"), default="official",
+                   help="official: cells at a's size, ~1 MP generation (inference.py); native: b's aspect, --long-edge")
+    g.add_argument("--max-size", type=int, default=None, help="official resolution: control-grid long-edge cap "
+                   "(inference.py -m)")
+    g.add_argument("--long-edge", type=int, default=None, help="native resolution: control-grid long-edge cap "
+                   "(default: the pipeline's)")
     g.add_argument("--input-long-edge", type=int, default=1024,
                    help="long-edge cap of the a, a', b copies saved in the runs folder (0: keep)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")

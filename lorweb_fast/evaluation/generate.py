@@ -179,10 +179,13 @@ def run_generate(args) -> dict:
                 "seeds": list(args.seeds), "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "pipe_kwargs": pipe_kwargs, "evalset": str(args.evalset), "format": args.format,
                 "pair_seed": args.pair_seed, "dtype": args.dtype, "batch_size": args.batch_size,
+                "resolution": args.resolution, "max_size": args.max_size, "long_edge": args.long_edge,
                 "triplets": len(triplets)}
     check_run_settings(out, settings, write=False)  # before loading any model
     device = _device(args.device)
-    kwargs = {} if args.long_edge is None else {"long_edge": args.long_edge}
+    kwargs = {"resolution": args.resolution, "max_size": args.max_size}
+    if args.long_edge is not None:
+        kwargs["long_edge"] = args.long_edge
     pipe = LoRWeBKontextPipeline.from_pretrained(args.model, args.weights, encoder=args.encoder,
                                                  dtype=DTYPES[args.dtype], device=device, **kwargs)
     check_run_settings(out, settings)  # nothing is written when the models fail to load
