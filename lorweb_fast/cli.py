@@ -186,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-mode", choices=QUERY_MODES, default=None,
                    help="default: the config.yaml, else the checkpoint metadata, else \"cat-aa'b\"")
     p.add_argument("--pooling-type", choices=POOLING_TYPES, default=None, help="patch query modes' pooling")
-    p.add_argument("--query-source", choices=QUERY_SOURCES, default="grid",
-                   help="grid: the official query from the control grid; images: a, a', b files (not official)")
+    p.add_argument("--query-source", choices=QUERY_SOURCES, default=None,
+                   help="grid: the official query from the control grid; images: a, a', b files (not official); "
+                        "default: what the checkpoint records, else grid")
     p.add_argument("--resolution", choices=("official", "native"), default="official",
                    help="official: cells at a's size, ~1 MP generation, control snapped to a Kontext resolution; "
                         "native: b's aspect, grid long edge capped at --long-edge, never upscaled")

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import lora_api
 from .layer import LoRWeBLinear, has_plain_weight
-from .model import DEFAULT_ENCODER, get_coefficients, load_lorweb_weights, lorweb_layers, \
+from .model import DEFAULT_ENCODER, checkpoint_metadata, get_coefficients, load_lorweb_weights, lorweb_layers, \
     resolve_checkpoint_settings, set_query
 from .validation import MIN_LONG_EDGE, check_device, check_generation_options, check_int, check_pipe_kwargs, \
     warn_aspect_ratios
@@ -580,7 +580,7 @@ class LoRWeBKontextPipeline:
                              "load_lorweb_weights (or LoRWeBKontextPipeline.from_pretrained)")
         if resolution not in RESOLUTIONS:
             raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
-        if max_area < 1 or long_edge < 1 or (max_size is not None and max_size < 2):
+        if max_area < 1 or (long_edge is not None and long_edge < 1) or (max_size is not None and max_size < 2):
             raise ValueError(f"max_area, long_edge and max_size must be positive, got {max_area}, {long_edge}, "
                              f"{max_size}")
         query_dims = {layer.query_dim for layer in layers.values()}
@@ -602,7 +602,7 @@ class LoRWeBKontextPipeline:
     def from_pretrained(cls, model: Union[str, Path], weights: Union[str, Path], *,
                         encoder: Union[str, Path, None] = None, config: Union[str, Path, None] = None,
                         query_mode: Optional[str] = None, pooling_type: Optional[str] = None,
-                        query_source: str = "grid", dtype: Optional[torch.dtype] = None, device=None,
+                        query_source: Optional[str] = None, dtype: Optional[torch.dtype] = None, device=None,
                         **options) -> "LoRWeBKontextPipeline":
         """Load a FluxKontextPipeline (hub id or local directory), a LoRWeB checkpoint and its analogy encoder.
 
@@ -623,6 +623,7 @@ class LoRWeBKontextPipeline:
         explicit = {"encoder": None if encoder is None else str(encoder), "query_mode": query_mode,
                     "pooling_type": pooling_type}
         settings = resolve_checkpoint_settings(weights, config, explicit)  # fails before any model loads
+        query_source = resolve_query_source(weights, query_source)
         pipe = load_kontext_pipeline(model, dtype)
         load_lorweb_weights(pipe.transformer, weights, config, settings=explicit)
         if device is not None:
@@ -671,11 +672,14 @@ class LoRWeBKontextPipeline:
                         training: Optional[dict] = None) -> Path:
         """Write ``lorweb.safetensors``, ``config.yaml`` and a README model card (``lora_api.save_pretrained``)."""
         return lora_api.save_pretrained(self.transformer, directory, encoder=self.encoder.name,
+                                        query_mode=self.encoder.query_mode, pooling_type=self.encoder.pooling_type,
                                         base_model=base_model or self._base_model_name(), training=training)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """``save_pretrained`` into a temporary folder uploaded with huggingface_hub's ``upload_folder``."""
         kwargs.setdefault("base_model", self._base_model_name())
+        kwargs.setdefault("query_mode", self.encoder.query_mode)
+        kwargs.setdefault("pooling_type", self.encoder.pooling_type)
         return lora_api.push_to_hub(self.transformer, repo_id, encoder=self.encoder.name, **kwargs)
 
     def enable_model_cpu_offload(self, *args, **kwargs):
@@ -779,6 +783,16 @@ class LoRWeBKontextPipeline:
             h, w = out.shape[1] // 2, out.shape[2] // 2
             return [img[h:, w:] for img in out]
         return [bottom_right_cell(img) for img in out]
+
+
+def resolve_query_source(weights: Union[str, Path], query_source: Optional[str] = None) -> str:
+    """The query source of a checkpoint: the one training recorded in the metadata (``lorweb.query_source``), else
+    "grid" (official). An explicit ``query_source`` that contradicts the recorded one raises, naming both."""
+    recorded = checkpoint_metadata(weights).get("lorweb.query_source")
+    if query_source is not None and recorded is not None and query_source != recorded:
+        raise ValueError(f"conflicting query_source: argument says {query_source!r} but the checkpoint metadata says "
+                         f"{recorded!r}")
+    return query_source or recorded or "grid"
 
 
 # ------------------------------------------------------------------------------------------------------ plots

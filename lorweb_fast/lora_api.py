@@ -95,6 +95,9 @@ def set_lorweb_scale(model: nn.Module, scale: float) -> None:
     if strategy not in (None, "jit"):
         raise RuntimeError(f"the mixture is fused into the weights (strategy={strategy!r}); call unfuse_lora() "
                            "before changing its scale")
+    if any(layer._merged for layer in layers.values()):
+        raise RuntimeError("set_lorweb_scale inside a merged() block: the merged weights were built with the old "
+                           "scale and would silently stay in use; exit the merged() block first")
     for layer in layers.values():
         layer._lorweb_scale = float(scale)
 
@@ -178,52 +181,10 @@ def unload_lora_weights(model: nn.Module) -> list[str]:
     return remove_lorweb(model)
 
 
-# ----------------------------------------------------------------------------------- config.yaml and model card
-def lorweb_config_dict(model: nn.Module, *, encoder: str = DEFAULT_ENCODER,
-                       base_model: Optional[str] = None) -> dict:
-    """The fields of the official ``config.yaml`` that official inference reads
-    (``config.process[0].network``, see METHOD.md), for ``model``'s LoRWeB layers."""
-    layers = _require_layers(model)
-    first = next(iter(layers.values()))
-    process = {
-        "type": "sd_trainer",
-        "network": {
-            "type": "attlora", "linear": first.rank, "linear_alpha": first.lora_alpha,
-            "network_kwargs": {
-                "lora_keys_dim": first.key_dim, "lora_heads": first.heads, "loras_num": first.num_loras,
-                "lora_softmax": first.activation == "softmax", "mixing_coeffs_type": first.reduce,
-                "external_query": True, "pooling_type": "avg", "query_projection_type": "linear",
-                "query_mode": "cat-aa'b", "external_query_model": encoder,
-            },
-        },
-    }
-    if base_model is not None:
-        process["model"] = {"name_or_path": base_model, "arch": "flux_kontext"}
-    return {"job": "extension", "config": {"name": "lorweb", "process": [process]}}
-
-
-def write_lorweb_config(model: nn.Module, path: Union[str, os.PathLike], *, encoder: str = DEFAULT_ENCODER,
-                        base_model: Optional[str] = None) -> Path:
-    """Write ``config.yaml``. Uses ``lorweb_fast.official_config`` when that writer exists, else
-    ``lorweb_config_dict``."""
-    path = Path(path)
-    try:
-        from . import official_config  # noqa: F401  (the full writer, when present)
-        writer = getattr(official_config, "write_config", None)
-    except ImportError:
-        writer = None
-    if writer is not None:
-        writer(model, path, encoder=encoder, base_model=base_model)
-        return path
-    import yaml
-
-    path.write_text(yaml.safe_dump(lorweb_config_dict(model, encoder=encoder, base_model=base_model),
-                                   sort_keys=False))
-    return path
-
-
+# ----------------------------------------------------------------------------------------------- model card
 def model_card(model: nn.Module, *, encoder: str = DEFAULT_ENCODER, base_model: Optional[str] = None,
-               training: Optional[dict] = None, repo_id: Optional[str] = None) -> str:
+               training: Optional[dict] = None, repo_id: Optional[str] = None, query_mode: str = "cat-aa'b",
+               pooling_type: str = "avg") -> str:
     """A README.md model card: base model, encoder, N, r, query mode, training data and steps when known, usage."""
     layers = _require_layers(model)
     first = next(iter(layers.values()))
@@ -232,7 +193,8 @@ def model_card(model: nn.Module, *, encoder: str = DEFAULT_ENCODER, base_model: 
     rows = [("base model", base), ("analogy encoder", encoder), ("basis LoRAs N", first.num_loras),
             ("rank r", first.rank), ("lora_alpha", f"{first.lora_alpha:g}"), ("key_dim", first.key_dim),
             ("query_dim", first.query_dim), ("heads", first.heads), ("activation", first.activation),
-            ("reduce", first.reduce), ("query mode", "cat-aa'b (concat of embed(a), embed(a'), embed(b))"),
+            ("reduce", first.reduce), ("query mode", query_mode), ("pooling", pooling_type),
+            ("query projection", first.query_projection_type),
             ("adapted layers", len(layers)),
             ("training data", training.get("data", "unknown")), ("training steps", training.get("steps", "unknown"))]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -271,24 +233,26 @@ b_prime.save("b_prime.png")
 
 
 def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, encoder: str = DEFAULT_ENCODER,
-                    base_model: Optional[str] = None, training: Optional[dict] = None,
-                    repo_id: Optional[str] = None) -> Path:
-    """Write ``lorweb.safetensors`` (official format), ``config.yaml`` and a README.md model card to
-    ``directory``. Fused weights are not saved: the LoRWeB parameters are."""
+                    query_mode: str = "cat-aa'b", pooling_type: str = "avg", base_model: Optional[str] = None,
+                    training: Optional[dict] = None, repo_id: Optional[str] = None) -> Path:
+    """Write ``lorweb.safetensors`` (official format), the official ``config.yaml`` (from the layers plus the
+    encoder, query mode and pooling: what ``from_pretrained`` and the official inference.py read back) and a
+    README.md model card to ``directory``. Fused weights are not saved: the LoRWeB parameters are."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory")
     _require_layers(model)
     directory.mkdir(parents=True, exist_ok=True)
-    save_lorweb_weights(model, directory / WEIGHT_NAME, metadata={"encoder": encoder})
-    write_lorweb_config(model, directory / CONFIG_NAME, encoder=encoder, base_model=base_model)
+    save_lorweb_weights(model, directory / WEIGHT_NAME, metadata={"encoder": encoder},
+                        config={"encoder": encoder, "query_mode": query_mode, "pooling_type": pooling_type})
     (directory / CARD_NAME).write_text(model_card(model, encoder=encoder, base_model=base_model, training=training,
-                                                  repo_id=repo_id))
+                                                  repo_id=repo_id, query_mode=query_mode,
+                                                  pooling_type=pooling_type))
     return directory
 
 
-def push_to_hub(model: nn.Module, repo_id: str, *, encoder: str = DEFAULT_ENCODER,
-                base_model: Optional[str] = None, training: Optional[dict] = None, private: Optional[bool] = None,
+def push_to_hub(model: nn.Module, repo_id: str, *, encoder: str = DEFAULT_ENCODER, query_mode: str = "cat-aa'b",
+                pooling_type: str = "avg", base_model: Optional[str] = None, training: Optional[dict] = None, private: Optional[bool] = None,
                 token: Optional[str] = None, commit_message: str = "Upload LoRWeB weights"):
     """``save_pretrained`` into a temporary folder, then ``huggingface_hub`` create_repo + upload_folder."""
     import huggingface_hub
@@ -296,7 +260,8 @@ def push_to_hub(model: nn.Module, repo_id: str, *, encoder: str = DEFAULT_ENCODE
     if not isinstance(repo_id, str) or not repo_id.strip():
         raise ValueError(f"repo_id must be a non-empty string, got {repo_id!r}")
     with tempfile.TemporaryDirectory(prefix="lorweb-push-") as tmp:
-        save_pretrained(model, tmp, encoder=encoder, base_model=base_model, training=training, repo_id=repo_id)
+        save_pretrained(model, tmp, encoder=encoder, query_mode=query_mode, pooling_type=pooling_type,
+                        base_model=base_model, training=training, repo_id=repo_id)
         huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True)
         return huggingface_hub.upload_folder(repo_id=repo_id, folder_path=tmp, token=token,
                                              commit_message=commit_message)

@@ -448,7 +448,7 @@ def _check_module_tensors(name: str, tensors: Mapping[str, torch.Tensor], in_f: 
         problems.append(f"{p}lora_keys has shape {tuple(k.shape)}, expected ({n}, key_dim)")
     elif q is not None and (q.dim() != 2 or q.shape[0] != k.shape[1]):
         problems.append(f"{p}att_lora_to_q.weight has shape {tuple(q.shape)}, expected ({k.shape[1]}, query_dim)")
-    elif min(q.shape) < 1:
+    elif q is not None and min(q.shape) < 1:
         problems.append(f"{p}att_lora_to_q.weight has shape {tuple(q.shape)}: key_dim and query_dim must be >= 1")
     return problems
 

@@ -693,6 +693,9 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
             params.append(p)
             names.append(f"{layer_name}.{suffix}")
         layer.adapter_precision = "fp32" if cfg.adapter_precision == "fp32" else "auto"
+        # query_projection_type "none": the frozen identity projection (not a trained tensor) in fp32 as well, so
+        # the query is not rounded to the base dtype before the keys (the official code uses nn.Identity)
+        layer.att_lora_to_q.weight.data = layer.att_lora_to_q.weight.data.float()
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()

@@ -406,6 +406,7 @@ def check_infer_args(args) -> None:
     """Every path and option of ``lorweb-fast infer``, before any model loads; raises UsageError (one line)."""
     from .flux import load_image
     from .model import LoRWeBCheckpointError, _config_from_metadata, checkpoint_metadata, resolve_checkpoint_settings
+    from .flux import resolve_query_source
     from .official_config import LoRWeBConfigError, find_checkpoint
 
     try:
@@ -429,9 +430,18 @@ def check_infer_args(args) -> None:
             _config_from_metadata(meta)
             explicit = {"encoder": getattr(args, "encoder", None), "query_mode": getattr(args, "query_mode", None),
                         "pooling_type": getattr(args, "pooling_type", None)}
-            encoder_name = resolve_checkpoint_settings(weights, config, explicit)["encoder"]
+            resolved = resolve_checkpoint_settings(weights, config, explicit)
+            encoder_name = resolved["encoder"]
+            query_source = resolve_query_source(weights, getattr(args, "query_source", None))
         except (LoRWeBCheckpointError, LoRWeBConfigError) as exc:
             raise UsageError(f"--weights: {exc}") from None
+        if query_source == "images" and resolved["query_mode"] != "cat-aa'b":
+            raise UsageError(f"--query-source images encodes a, a', b separately (query mode \"cat-aa'b\"); the "
+                             f"checkpoint's query mode is {resolved['query_mode']!r}")
+        if getattr(args, "max_size", None) is not None:
+            check_int("--max-size", args.max_size, lo=2)
+        if getattr(args, "max_area", None) is not None:
+            check_int("--max-area", args.max_area, lo=1)
         check_int("--steps", args.steps, lo=1)
         check_real("--guidance-scale", args.guidance_scale, lo=0.0)
         if getattr(args, "long_edge", None) is not None:

@@ -139,3 +139,19 @@ def test_generate_bad_input_exits_2(assets, tmp_path, capsys):
     assert cli.main(args) == 2
     assert "missing.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "runs3").exists()  # a failed call writes nothing
+
+
+def test_resume_refuses_other_resolution_settings(tmp_path):
+    """run.json records resolution, max_size and long_edge: a resume with other values is refused; a run.json from
+    before these settings existed counts as the native resolution."""
+    settings = {"weights": "w", "resolution": "official", "max_size": None, "long_edge": None}
+    G.check_run_settings(tmp_path, settings)
+    with pytest.raises(G.EvalInputError, match="resolution"):
+        G.check_run_settings(tmp_path, {**settings, "resolution": "native"}, write=False)
+    with pytest.raises(G.EvalInputError, match="max_size"):
+        G.check_run_settings(tmp_path, {**settings, "max_size": 512}, write=False)
+    (tmp_path / "run.json").write_text(json.dumps({"weights": "w"}))  # an older run
+    G.check_run_settings(tmp_path, {"weights": "w", "resolution": "native", "max_size": None, "long_edge": None},
+                         write=False)
+    with pytest.raises(G.EvalInputError, match="resolution"):
+        G.check_run_settings(tmp_path, settings, write=False)

@@ -151,6 +151,12 @@ def test_set_lorweb_scale_multiplies_the_mixture():
     for bad in (float("nan"), "1", True):
         with pytest.raises(ValueError, match="finite number"):
             lf.lora_api.set_lorweb_scale(model, bad)
+    lf.set_query(model, torch.randn(1, 4))
+    for strategy in ("full", "offload"):  # the merged weights hold the old scale: a new one is refused
+        with flux.merged(model, strategy):
+            with pytest.raises(RuntimeError, match="inside a merged"):
+                lf.lora_api.set_lorweb_scale(model, 3.0)
+        assert lf.lora_api.get_lorweb_scale(model) == 0.0
 
 
 # ----------------------------------------------------------------------------------- load / unload / save / push
@@ -290,3 +296,17 @@ def test_model_cpu_offload_and_group_offloading_on_gpu(assets):
                                            offload_type="block_level", num_blocks_per_group=1)
     got2 = run(pipe2, x, ["flip"])
     np.testing.assert_allclose(got2[0], want[0], rtol=0, atol=1e-3)
+
+
+def test_save_pretrained_records_the_query_settings(assets, tmp_path):
+    """A pipeline whose encoder pools with "max" saves that in config.yaml and the metadata, and from_pretrained
+    on the saved folder builds the same query settings (they were once written as the defaults)."""
+    pipe = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
+                                                      pooling_type="max", resolution="native", long_edge=64)
+    assert pipe.encoder.pooling_type == "max"
+    out = pipe.save_pretrained(tmp_path / "saved")
+    net = yaml.safe_load((out / "config.yaml").read_text())["config"]["process"][0]["network"]["network_kwargs"]
+    assert net["pooling_type"] == "max" and net["query_mode"] == pipe.encoder.query_mode
+    assert "| pooling | max |" in (out / "README.md").read_text()
+    again = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", out, resolution="native", long_edge=64)
+    assert (again.encoder.query_mode, again.encoder.pooling_type) == (pipe.encoder.query_mode, "max")

@@ -229,8 +229,8 @@ def test_cli_infer_options():
     args = cli.build_parser().parse_args(["infer", "--a", "a", "--a-prime", "b", "--b", "c", "--prompt", "p",
                                           "--weights", "DIR"])
     assert (args.seed, args.guidance_scale, args.steps, args.resolution, args.max_area, args.max_size,
-            args.query_source, args.query_mode, args.config) == (50, 2.5, 28, "official", 1024 ** 2, None, "grid",
-                                                                 None, None)
+            args.query_source, args.query_mode, args.config) == (50, 2.5, 28, "official", 1024 ** 2, None, None,
+                                                                 None, None)  # query source: the checkpoint's
     t = cli.build_parser().parse_args(["train", "--data", "d", "--out", "o", "--save-dtype", "bf16",
                                        "--query-mode", "caa'b"])
     assert (t.save_dtype, t.query_mode, t.pooling_type) == ("bf16", "caa'b", "avg")
@@ -270,3 +270,19 @@ def test_explicit_encoder_overrides_the_named_one_but_other_conflicts_raise():
         resolve_settings({"query_mode": "caa'b"}, {}, meta)
     with pytest.raises(LoRWeBConfigError, match="conflicting encoder"):
         resolve_settings({}, {"encoder": "google/siglip2-base-patch16-224"}, meta)
+
+
+def test_query_source_comes_from_the_checkpoint(tmp_path):
+    """Training records lorweb.query_source; inference uses it by default ("grid" when absent) and an explicit
+    value that contradicts it raises naming both."""
+    from lorweb_fast.flux import resolve_query_source
+
+    model = tiny_model()
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=12, target_modules=r"\d"))
+    lf.save_lorweb_weights(model, tmp_path / "images.safetensors", metadata={"lorweb.query_source": "images"})
+    lf.save_lorweb_weights(model, tmp_path / "plain.safetensors")
+    assert resolve_query_source(tmp_path / "images.safetensors") == "images"
+    assert resolve_query_source(tmp_path / "plain.safetensors") == "grid"
+    assert resolve_query_source(tmp_path / "plain.safetensors", "images") == "images"
+    with pytest.raises(ValueError, match="conflicting query_source"):
+        resolve_query_source(tmp_path / "images.safetensors", "grid")

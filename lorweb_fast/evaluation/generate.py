@@ -22,7 +22,8 @@ import torch
 from .evalsets import EvalInputError, Triplet
 
 #: run.json settings that must match when a run is resumed.
-RESUME_KEYS = ("weights", "model", "encoder", "seeds", "steps", "guidance_scale", "pipe_kwargs")
+RESUME_KEYS = ("weights", "model", "encoder", "seeds", "steps", "guidance_scale", "pipe_kwargs", "dtype",
+               "resolution", "max_size", "long_edge")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -71,7 +72,9 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
             old = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise EvalInputError(f"{path} is not valid JSON ({exc})") from exc
-        diff = {k: (old.get(k), settings.get(k)) for k in RESUME_KEYS if old.get(k) != settings.get(k)}
+        old.setdefault("resolution", "native")  # run.json files written before --resolution existed
+        diff = {k: (old.get(k), settings.get(k)) for k in RESUME_KEYS if k in old and old.get(k) != settings.get(k)
+                or k not in old and settings.get(k) is not None and k != "resolution"}
         if diff:
             changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise EvalInputError(f"{out} holds a run with other settings ({changes}); use another --out folder")
