@@ -112,20 +112,14 @@ def get_lorweb_scale(model: nn.Module) -> float:
 
 # --------------------------------------------------------------------------------------------- load / unload
 def resolve_weight_file(path_or_dir: Union[str, os.PathLike], weight_name: Optional[str] = None) -> Path:
-    """The checkpoint file of ``path_or_dir``: the file itself, ``dir/weight_name``, ``dir/lorweb.safetensors``,
-    or the directory's only ``*.safetensors``."""
+    """The checkpoint file of ``path_or_dir``: the file itself, ``dir/weight_name``, or the directory's newest
+    complete checkpoint as ``--weights DIR`` picks it (``official_config.find_checkpoint``: the final file, else the
+    highest ``<name>_<step:09d>``, also lorweb_fast run folders)."""
+    from .official_config import find_checkpoint
+
     path = Path(path_or_dir)
     if path.is_dir():
-        if weight_name is not None:
-            file = path / weight_name
-        elif (path / WEIGHT_NAME).is_file():
-            file = path / WEIGHT_NAME
-        else:
-            found = sorted(path.glob("*.safetensors"))
-            if len(found) != 1:
-                raise FileNotFoundError(f"{path} holds {len(found)} .safetensors files "
-                                        f"({[f.name for f in found][:5]}); pass weight_name=")
-            file = found[0]
+        file = path / weight_name if weight_name is not None else find_checkpoint(path)[0]
     elif weight_name is not None:
         raise ValueError(f"weight_name={weight_name!r} is for a directory, but {path} is not a directory")
     else:

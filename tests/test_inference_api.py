@@ -310,3 +310,17 @@ def test_save_pretrained_records_the_query_settings(assets, tmp_path):
     assert "| pooling | max |" in (out / "README.md").read_text()
     again = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", out, resolution="native", long_edge=64)
     assert (again.encoder.query_mode, again.encoder.pooling_type) == (pipe.encoder.query_mode, "max")
+
+
+def test_load_lora_weights_picks_the_newest_checkpoint_of_an_official_run_folder(pipe, assets, tmp_path):
+    """An official run folder holds <name>_<step:09d>.safetensors files: load_lora_weights(dir) takes the highest
+    step, as --weights DIR and from_pretrained do (it used to ask for weight_name=)."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(assets / "lorweb.safetensors", run / "job_000000250.safetensors")
+    shutil.copy(assets / "lorweb.safetensors", run / "job_000000500.safetensors")
+    assert lf.lora_api.resolve_weight_file(run) == run / "job_000000500.safetensors"
+    pipe.unload_lora_weights()
+    assert pipe.load_lora_weights(run)

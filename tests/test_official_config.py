@@ -3,7 +3,6 @@ accepts it, fp16 checkpoints with ai-toolkit metadata and ``<name>_<step:09d>.sa
 discovery, and the training run's outputs (save dtype, metadata, config.yaml, exact resume from fp32 masters)."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from safetensors.torch import save_file
 
 import lorweb_fast as lf
 from lorweb_fast import cli, official_config as oc, training
-from lorweb_fast.model import LoRWeBCheckpointError
 
 # the released model: LoRWeB_default_PROMPTS.yaml with the README's overrides (--linear 4 --linear_alpha 4
 # --loras_num 32 --lora_softmax true --query_mode "cat-aa'b"), as ai-toolkit dumps it (BaseTrainProcess
