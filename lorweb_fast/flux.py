@@ -580,17 +580,17 @@ class LoRWeBKontextPipeline:
                              "load_lorweb_weights (or LoRWeBKontextPipeline.from_pretrained)")
         if resolution not in RESOLUTIONS:
             raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
-        if max_area < 1 or (long_edge is not None and long_edge < 1) or (max_size is not None and max_size < 2):
-            raise ValueError(f"max_area, long_edge and max_size must be positive, got {max_area}, {long_edge}, "
-                             f"{max_size}")
+        if long_edge is not None:  # None: no cap, where supported
+            check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
+        check_int("max_area", max_area, lo=1)
+        if max_size is not None:
+            check_int("max_size", max_size, lo=2)
         query_dims = {layer.query_dim for layer in layers.values()}
         if query_dims != {encoder.query_dim}:
             mode = encoder.query_mode if encoder.query_source == "grid" else "query_source='images'"
             raise ValueError(f"the analogy encoder {encoder.name!r} gives queries of {encoder.query_dim} features "
                              f"in query mode {mode}, but the LoRWeB layers expect query_dim {sorted(query_dims)}: "
                              "the checkpoint was trained with another query mode or encoder")
-        if long_edge is not None:  # None: no cap, where supported
-            check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
         self.pipe, self.encoder = pipe, encoder
         self.resolution, self.max_area, self.max_size, self.long_edge = resolution, max_area, max_size, long_edge
 
@@ -743,7 +743,7 @@ class LoRWeBKontextPipeline:
                                  long_edge=long_edge, merge=merge, output_type=output_type)
         check_pipe_kwargs(pipe_kwargs, type(self.pipe).__call__)
         a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
-        warn_aspect_ratios(a, a_prime, b)
+        warn_aspect_ratios(a, a_prime, b, cells_from="a" if self.resolution == "official" else "b")
         grids = self.control_grids(a, a_prime, b, long_edge=long_edge)
         count = len(grids)
         prompts = _as_list(prompt, count)

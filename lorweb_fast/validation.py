@@ -222,12 +222,15 @@ def check_device(name: str, device) -> torch.device:
 EXTREME_ASPECT_RATIO = 4.0
 
 
-def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, stacklevel: int = 3) -> None:
-    """Warn when the b images of a batch have different aspect ratios (every grid then uses the first one's cell
-    shape) or when any image is more elongated than ``EXTREME_ASPECT_RATIO`` (its cell squashes it)."""
-    ratios = [im.size[0] / max(1, im.size[1]) for im in b]
+def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, cells_from: str = "b",
+                       stacklevel: int = 3) -> None:
+    """Warn when the images that set the cell shape (``cells_from``: "b" at the native resolution, "a" at the
+    official one, where every cell takes a's size) have different aspect ratios within a batch (every grid then
+    uses the first one's shape) or when any image is more elongated than ``EXTREME_ASPECT_RATIO`` (its cell
+    squashes it)."""
+    ratios = [im.size[0] / max(1, im.size[1]) for im in (a if cells_from == "a" else b)]
     if len(ratios) > 1 and max(ratios) / min(ratios) > 1.01:
-        warnings.warn(f"the b images of this batch have different aspect ratios ({', '.join(f'{r:.2f}' for r in ratios)}"
+        warnings.warn(f"the {cells_from} images of this batch have different aspect ratios ({', '.join(f'{r:.2f}' for r in ratios)}"
                       "); every grid uses the first analogy's cell shape, so the others are stretched. Run them in "
                       "separate calls to keep their proportions", UserWarning, stacklevel=stacklevel)
     for role, images in (("a", a), ("a_prime", a_prime), ("b", b)):

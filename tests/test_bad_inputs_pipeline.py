@@ -113,20 +113,36 @@ def test_pipeline_long_edge_at_construction(long_edge, exc):
 
 
 # ---------------------------------------------------------------------------------------------- aspect ratios
-ASPECT_CASES = [
-    ("mixed b ratios", [(32, 32)] * 2, [(32, 32)] * 2, [(32, 32), (64, 32)], "different aspect ratios"),
-    ("extreme b", [(32, 32)], [(32, 32)], [(200, 20)], "b[0] is 200x20"),
-    ("extreme a", [(20, 200)], [(32, 32)], [(32, 32)], "a[0] is 20x200"),
-    ("extreme a_prime", [(32, 32)], [(500, 100)], [(32, 32)], "a_prime[0] is 500x100"),
+ASPECT_CASES = [  # (case, resolution, a sizes, a' sizes, b sizes, warning fragment)
+    ("mixed b ratios, native", "native", [(32, 32)] * 2, [(32, 32)] * 2, [(32, 32), (64, 32)],
+     "the b images of this batch have different aspect ratios"),
+    ("mixed a ratios, official", "official", [(32, 32), (64, 32)], [(32, 32)] * 2, [(32, 32)] * 2,
+     "the a images of this batch have different aspect ratios"),
+    ("extreme b", "official", [(32, 32)], [(32, 32)], [(200, 20)], "b[0] is 200x20"),
+    ("extreme a", "native", [(20, 200)], [(32, 32)], [(32, 32)], "a[0] is 20x200"),
+    ("extreme a_prime", "official", [(32, 32)], [(500, 100)], [(32, 32)], "a_prime[0] is 500x100"),
 ]
 
 
-@pytest.mark.parametrize("case,a,a2,b,fragment", ASPECT_CASES)
-def test_surprising_aspect_ratios_warn(pipe, case, a, a2, b, fragment):
+@pytest.mark.parametrize("case,resolution,a,a2,b,fragment", ASPECT_CASES)
+def test_surprising_aspect_ratios_warn(case, resolution, a, a2, b, fragment):
+    """The cells take b's shape at the native resolution and a's at the official one: a batch whose shaping
+    images differ is stretched to the first one's shape."""
+    pipe = flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), resolution=resolution, long_edge=64)
     images = [[picture(*s) for s in sizes] for sizes in (a, a2, b)]
     with pytest.warns(UserWarning, match=re.escape(fragment)):
         with pytest.raises(EncoderReached):
             pipe(*images, ["flip"] * len(b))
+
+
+def test_official_resolution_ignores_mixed_b_ratios():
+    """At the official resolution b's shape does not set the cells, so mixed b ratios are no reason to warn."""
+    pipe = flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), resolution="official")
+    images = [[picture(32, 32)] * 2, [picture(32, 32)] * 2, [picture(32, 32), picture(64, 32)]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(EncoderReached):
+            pipe(*images, ["flip"] * 2)
 
 
 @pytest.mark.parametrize("sizes", [[(32, 32), (48, 48)], [(64, 32), (128, 64)], [(40, 10)]])

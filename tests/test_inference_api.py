@@ -92,7 +92,8 @@ def test_cli_merge_option(assets, tmp_path, monkeypatch):
         im.save(tmp_path / f"{i}.png")
     base = ["infer", "--a", str(tmp_path / "0.png"), "--a-prime", str(tmp_path / "1.png"), "--b",
             str(tmp_path / "2.png"), "--prompt", "flip", "--weights", str(assets / "lorweb.safetensors"),
-            "--model", str(assets / "pipe"), "--steps", "1", "--long-edge", "64", "--dtype", "fp32",
+            "--model", str(assets / "pipe"), "--steps", "1", "--resolution", "native", "--long-edge", "64",
+            "--dtype", "fp32",
             "--device", "cpu", "--pipe-arg", f"max_sequence_length={demo.DEMO_MAX_SEQUENCE_LENGTH}"]
     assert cli.main(base + ["--merge", "jit", "--out", str(tmp_path / "o.png")]) == 0
     assert cli.main(base + ["--no-merge", "--out", str(tmp_path / "o2.png")]) == 0
