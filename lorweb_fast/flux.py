@@ -645,9 +645,12 @@ class LoRWeBKontextPipeline:
                           config: Union[str, Path, None] = None) -> list[str]:
         """diffusers' ``load_lora_weights``: an official LoRWeB checkpoint file, or a directory holding one (and
         its ``config.yaml``), loaded into the transformer (injecting the layers when the transformer is stock).
-        The checkpoint's query_dim is checked against the analogy encoder first. Returns the loaded modules."""
+        The checkpoint's query_dim, query mode and pooling are checked against the analogy encoder first.
+        Returns the loaded modules."""
         _, names = lora_api.load_lora_weights(self.transformer, path_or_dir, weight_name, config,
-                                              query_dim=self.encoder.query_dim)
+                                              query_dim=self.encoder.query_dim,
+                                              query_settings={"query_mode": self.encoder.query_mode,
+                                                              "pooling_type": self.encoder.pooling_type})
         return names
 
     def unload_lora_weights(self) -> list[str]:

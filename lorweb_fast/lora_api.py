@@ -11,11 +11,9 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -140,13 +138,17 @@ def _checkpoint_query_dim(file: Path) -> Optional[int]:
 
 
 def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], weight_name: Optional[str] = None,
-                      config: Union[str, os.PathLike, None] = None, *,
-                      query_dim: Optional[int] = None) -> tuple[Path, list[str]]:
+                      config: Union[str, os.PathLike, None] = None, *, query_dim: Optional[int] = None,
+                      query_settings: Optional[dict] = None) -> tuple[Path, list[str]]:
     """Load an official-format LoRWeB checkpoint (file or directory) into ``model`` (``load_lorweb_weights``).
 
-    A directory's ``config.yaml`` is used when ``config`` is None. ``query_dim``, when given (the analogy encoder's),
-    must match the checkpoint; it is checked before the model changes. Returns (checkpoint file, loaded modules).
+    A directory's ``config.yaml`` (the one beside the chosen file, else the directory's) is used when ``config`` is
+    None. ``query_dim``, when given (the analogy encoder's), must match the checkpoint, and ``query_settings``
+    (``{"query_mode": ..., "pooling_type": ...}``, the encoder's) must match what the checkpoint's config.yaml or
+    metadata records: both are checked before the model changes. Returns (checkpoint file, loaded modules).
     """
+    from .model import resolve_checkpoint_settings
+
     file = resolve_weight_file(path_or_dir, weight_name)
     checkpoint_metadata(file)  # a corrupt file fails before anything changes
     if query_dim is not None:
@@ -154,18 +156,18 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
         if got is not None and got != query_dim:
             raise LoRWeBCheckpointError(f"{file} expects queries of {got} features but the analogy encoder gives "
                                         f"{query_dim}; the model was not changed")
-    kwargs = {}
-    if config is None and Path(path_or_dir).is_dir() and (Path(path_or_dir) / CONFIG_NAME).is_file():
-        config = Path(path_or_dir) / CONFIG_NAME
-        if "config" not in inspect.signature(load_lorweb_weights).parameters:
-            warnings.warn(f"{config} is not read by this version of load_lorweb_weights; the checkpoint's "
-                          "safetensors metadata gives the configuration", stacklevel=2)
-            config = None
-    if config is not None:
-        if "config" not in inspect.signature(load_lorweb_weights).parameters:
-            raise NotImplementedError("this version of load_lorweb_weights cannot read config.yaml; omit config=")
-        kwargs["config"] = config
-    names = load_lorweb_weights(model, file, **kwargs)
+    if config is None and Path(path_or_dir).is_dir():
+        config = next((c for c in (file.parent / CONFIG_NAME, Path(path_or_dir) / CONFIG_NAME) if c.is_file()), None)
+    if query_settings:
+        recorded = resolve_checkpoint_settings(file, config)
+        differ = {k: (recorded[k], v) for k, v in query_settings.items()
+                  if recorded["sources"].get(k) != "official default" and recorded[k] != v}
+        if differ:
+            shown = ", ".join(f"{k}: checkpoint {a!r}, pipeline {b!r}" for k, (a, b) in differ.items())
+            raise LoRWeBCheckpointError(f"{file} was trained with other query settings than this pipeline's encoder "
+                                        f"({shown}); build the pipeline with LoRWeBKontextPipeline.from_pretrained "
+                                        "for this checkpoint. The model was not changed")
+    names = load_lorweb_weights(model, file, config)
     return file, names
 
 

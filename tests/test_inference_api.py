@@ -325,3 +325,16 @@ def test_load_lora_weights_picks_the_newest_checkpoint_of_an_official_run_folder
     assert lf.lora_api.resolve_weight_file(run) == run / "job_000000500.safetensors"
     pipe.unload_lora_weights()
     assert pipe.load_lora_weights(run)
+
+
+def test_load_lora_weights_refuses_a_checkpoint_trained_with_another_query_mode(pipe, assets, tmp_path):
+    """A checkpoint whose config.yaml records another pooling than the pipeline's encoder would run with the wrong
+    query and no shape error (same width): it is refused before the transformer changes."""
+    other = tmp_path / "other"
+    lf.lora_api.save_pretrained(pipe.transformer, other, encoder=pipe.encoder.name, pooling_type="max")
+    before = {k: v.clone() for k, v in lf.lorweb_state_dict(pipe.transformer).items()}
+    with pytest.raises(lf.LoRWeBCheckpointError, match="pooling_type: checkpoint 'max', pipeline 'avg'"):
+        pipe.load_lora_weights(other)
+    after = lf.lorweb_state_dict(pipe.transformer)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert pipe.load_lora_weights(assets / "lorweb.safetensors")  # recorded defaults: accepted
