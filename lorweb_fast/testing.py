@@ -161,3 +161,35 @@ def case_id(case: dict) -> str:
     seq = "" if case["seq"] is None else f"x{case['seq']}"
     return (f"B{case['batch']}{seq}-{case['in_features']}to{case['out_features']}-N{case['num_loras']}"
             f"r{case['rank']}-{str(case['dtype']).replace('torch.', '')}")
+
+
+# ------------------------------------------------------------------------------------ tiny FLUX.1-Kontext assets
+def inject_random_lorweb(transformer: torch.nn.Module, *, seed: int = 1) -> None:
+    """Inject a small LoRWeB basis (N=3, r=2, key_dim=8, query_dim=24: the tiny CLIP's cat-aa'b query) into a tiny
+    transformer, with a non-zero B and spread-out keys so that different analogies give visibly different outputs."""
+    from .model import LoRWeBConfig, inject_lorweb, lorweb_layers
+
+    torch.manual_seed(seed)
+    inject_lorweb(transformer, LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=24))
+    with torch.no_grad():
+        for layer in lorweb_layers(transformer).values():
+            layer.lora_B.normal_(0, 0.5)
+            layer.lora_keys.normal_(0, 3.0)
+
+
+def build_tiny_lorweb_assets(root):
+    """``root/pipe`` (tiny Kontext pipeline), ``root/clip`` (tiny CLIP) and ``root/lorweb.safetensors`` (an
+    official-format checkpoint of ``inject_random_lorweb``, its encoder recorded as ``root/clip``); returns root."""
+    from pathlib import Path
+
+    from . import demo
+    from .flux import load_kontext_pipeline
+    from .model import save_lorweb_weights
+
+    root = Path(root)
+    demo.build_tiny_kontext_pipeline(root / "pipe")
+    demo.build_tiny_clip(root / "clip")
+    pipe = load_kontext_pipeline(root / "pipe")
+    inject_random_lorweb(pipe.transformer)
+    save_lorweb_weights(pipe.transformer, root / "lorweb.safetensors", metadata={"encoder": str(root / "clip")})
+    return root

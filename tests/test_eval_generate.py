@@ -6,14 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import lorweb_fast as lf
-from lorweb_fast import cli, demo, flux
+from lorweb_fast import cli, demo
 from lorweb_fast.evaluation import generate as G
 from lorweb_fast.evaluation import tiny
 from lorweb_fast.evaluation.evalsets import read_evalset
+from lorweb_fast.testing import build_tiny_lorweb_assets
 
 pytest.importorskip("diffusers")
 
@@ -21,16 +20,7 @@ pytest.importorskip("diffusers")
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
-    demo.build_tiny_kontext_pipeline(root / "pipe")
-    demo.build_tiny_clip(root / "clip")
-    pipe = flux.load_kontext_pipeline(root / "pipe")
-    torch.manual_seed(1)
-    lf.inject_lorweb(pipe.transformer, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=24))
-    with torch.no_grad():
-        for layer in lf.lorweb_layers(pipe.transformer).values():
-            layer.lora_B.normal_(0, 0.5)
-            layer.lora_keys.normal_(0, 3.0)
-    lf.save_lorweb_weights(pipe.transformer, root / "lorweb.safetensors", metadata={"encoder": str(root / "clip")})
+    build_tiny_lorweb_assets(root)
     tiny.make_folder_evalset(root / "evalset", tasks=("flip", "swap"), per_task=2, size=(32, 32))
     return root
 

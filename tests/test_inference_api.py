@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import lorweb_fast as lf
+from lorweb_fast.testing import build_tiny_lorweb_assets
 from lorweb_fast import cli, demo, flux, lora_api
 
 pytest.importorskip("diffusers")
@@ -19,16 +20,7 @@ FP32_IMAGE_ATOL = 1e-4  # see test_flux_pipeline.py
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    demo.build_tiny_kontext_pipeline(root / "pipe")
-    demo.build_tiny_clip(root / "clip")
-    pipe = flux.load_kontext_pipeline(root / "pipe")
-    torch.manual_seed(1)
-    lf.inject_lorweb(pipe.transformer, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=24))
-    with torch.no_grad():
-        for layer in lf.lorweb_layers(pipe.transformer).values():
-            layer.lora_B.normal_(0, 0.5)
-            layer.lora_keys.normal_(0, 3.0)
-    lf.save_lorweb_weights(pipe.transformer, root / "lorweb.safetensors", metadata={"encoder": str(root / "clip")})
+    build_tiny_lorweb_assets(root)
     return root
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import lorweb_fast as lf
+from lorweb_fast.testing import inject_random_lorweb
 from lorweb_fast import demo, flux
 
 pytest.importorskip("diffusers")
@@ -92,12 +93,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("official_inference")
     demo.build_tiny_clip(root / "clip")
     pipe = demo.build_tiny_kontext_pipeline()
-    torch.manual_seed(1)
-    lf.inject_lorweb(pipe.transformer, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=24))
-    with torch.no_grad():
-        for layer in lf.lorweb_layers(pipe.transformer).values():
-            layer.lora_B.normal_(0, 0.5)
-            layer.lora_keys.normal_(0, 3.0)
+    inject_random_lorweb(pipe.transformer)
     return pipe, flux.AnalogyEncoder(root / "clip")
 
 
