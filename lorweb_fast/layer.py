@@ -173,10 +173,33 @@ class LoRWeBLinear(nn.Module):
         self._coefficients = None
         self._query = query
 
-    def coefficients_from_query(self, query: torch.Tensor) -> torch.Tensor:
-        """(B, query_dim) -> (B, N) for this layer alone (``set_query`` batches this over all layers)."""
-        return ops.compute_coefficients(query, self.att_lora_to_q.weight, self.lora_keys, heads=self.heads,
-                                        activation=self.activation, reduce=self.reduce)
+    def coefficients_from_query(self, query: torch.Tensor, *, fp32: bool = False) -> torch.Tensor:
+        """(B, query_dim) -> (B, N) for this layer alone (``set_query`` batches this over all layers); ``fp32``
+        computes with the query, projection and keys cast to fp32 (the official adapter arithmetic)."""
+        weight, keys = self.att_lora_to_q.weight, self.lora_keys
+        if fp32:
+            query, weight, keys = query.float(), weight.float(), keys.float()
+        return ops.compute_coefficients(query, weight, keys, heads=self.heads, activation=self.activation,
+                                        reduce=self.reduce)
+
+    def _coefficients_for(self, x: torch.Tensor, *, fp32: bool = False) -> torch.Tensor:
+        """The (B, N) coefficients for input ``x`` (B, S, in) / (B, in): the ones set by ``set_query``, or computed
+        here from the per-forward query; raises when there are none or they do not match x's batch."""
+        coeffs = self._coefficients
+        if coeffs is None and self._query is not None:
+            weight = self.att_lora_to_q.weight
+            query = self._query.to(weight.device, torch.float32 if fp32 else weight.dtype)
+            coeffs = self.coefficients_from_query(query, fp32=fp32)
+        if coeffs is None:
+            raise RuntimeError(
+                "LoRWeBLinear has no coefficients: call lorweb_fast.set_query(model, query) with the analogy query "
+                "(or layer.set_coefficients(coeffs)) before the forward pass")
+        if x.dim() not in (2, 3):
+            raise ValueError(f"LoRWeBLinear takes (B, S, in) or (B, in) inputs, got shape {tuple(x.shape)}")
+        if coeffs.shape[0] != x.shape[0]:
+            raise ValueError(f"coefficients are set for batch size {coeffs.shape[0]} but the input has batch size "
+                             f"{x.shape[0]}; call set_query with one query per sample")
+        return coeffs
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,19 +214,7 @@ class LoRWeBLinear(nn.Module):
             return self.jit_merged_forward(x)
         if self.adapter_precision != "auto":
             return self._forward_fp32(x)  # raises for anything but "fp32"
-        coeffs = self._coefficients
-        if coeffs is None and self._query is not None:
-            weight = self.att_lora_to_q.weight
-            coeffs = self.coefficients_from_query(self._query.to(weight.device, weight.dtype))
-        if coeffs is None:
-            raise RuntimeError(
-                "LoRWeBLinear has no coefficients: call lorweb_fast.set_query(model, query) with the analogy query "
-                "(or layer.set_coefficients(coeffs)) before the forward pass")
-        if x.dim() not in (2, 3):
-            raise ValueError(f"LoRWeBLinear takes (B, S, in) or (B, in) inputs, got shape {tuple(x.shape)}")
-        if coeffs.shape[0] != x.shape[0]:
-            raise ValueError(f"coefficients are set for batch size {coeffs.shape[0]} but the input has batch size "
-                             f"{x.shape[0]}; call set_query with one query per sample")
+        coeffs = self._coefficients_for(x)
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
         else:
@@ -275,17 +286,7 @@ class LoRWeBLinear(nn.Module):
             raise ValueError(f"adapter_precision must be 'auto' or 'fp32', got {self.adapter_precision!r}")
         y = self.base_layer(x)
         with torch.autocast(x.device.type, enabled=False):
-            coeffs = self._coefficients
-            if coeffs is None and self._query is not None:
-                weight = self.att_lora_to_q.weight
-                coeffs = ops.compute_coefficients(self._query.to(weight.device, torch.float32), weight.float(),
-                                                  self.lora_keys.float(), heads=self.heads,
-                                                  activation=self.activation, reduce=self.reduce)
-            if coeffs is None:
-                raise RuntimeError("LoRWeBLinear has no coefficients: call lorweb_fast.set_query(model, query) first")
-            if x.dim() not in (2, 3) or coeffs.shape[0] != x.shape[0]:
-                raise ValueError(f"LoRWeBLinear takes (B, S, in) or (B, in) inputs with one coefficient row per "
-                                 f"sample, got x {tuple(x.shape)} and coefficients {tuple(coeffs.shape)}")
+            coeffs = self._coefficients_for(x, fp32=True)
             delta = ops.mixed_lora_delta(x.float(), self.lora_A.float(), self.lora_B.float(),
                                          coeffs.to(x.device, torch.float32), self.mixture_scale,
                                          backend=self.backend)

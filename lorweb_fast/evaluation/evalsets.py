@@ -95,17 +95,14 @@ class Triplet:
 
 # ------------------------------------------------------------------------------------------------------ images
 def load_rgb(path: Union[str, Path]):
-    """An RGB PIL image (fully read); ``EvalInputError`` naming the file when it is missing or not an image."""
-    from PIL import Image, UnidentifiedImageError
+    """An RGB PIL image (fully read; ``flux.load_image``); ``EvalInputError`` naming the file when it is missing or
+    not an image."""
+    from ..flux import load_image
 
-    path = Path(path)
-    if not path.is_file():
-        raise EvalInputError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise EvalInputError(f"{path} is not a readable image ({exc})") from exc
+        return load_image(Path(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise EvalInputError(str(exc)) from None
 
 
 def file_signature(*paths) -> str:
