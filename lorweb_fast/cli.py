@@ -161,8 +161,8 @@ def _key_value(text: str):
 def build_parser() -> argparse.ArgumentParser:
     from .reference import ACTIVATIONS, REDUCTIONS
     from .data import BIDIRECTIONAL, LAYOUTS, RESIZE_MODES, add_data_subparser
-    from .training import ADAPTER_PRECISIONS, MIXED_PRECISIONS, OPTIMIZERS, QUANTIZE_BASE, TIMESTEP_TYPES, \
-        WEIGHTING_SCHEMES, TrainConfig
+    from .training import ADAPTER_PRECISIONS, BATCHINGS, MIXED_PRECISIONS, OPTIMIZERS, QUANTIZE_BASE, \
+        TIMESTEP_TYPES, WEIGHTING_SCHEMES, TrainConfig
     from .official_config import POOLING_TYPES, QUERY_MODES, QUERY_PROJECTION_TYPES, QUERY_SOURCES, SAVE_DTYPES
     from .validation import OneLineArgumentParser
 
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     choices = {"optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISIONS, "weighting_scheme": WEIGHTING_SCHEMES,
                "activation": ACTIVATIONS, "reduce": REDUCTIONS, "timestep_type": TIMESTEP_TYPES, "layout": LAYOUTS,
                "bidirectional": BIDIRECTIONAL, "adapter_precision": ADAPTER_PRECISIONS,
-               "quantize_base": QUANTIZE_BASE, "resize": RESIZE_MODES, **QUERY_CHOICES}
+               "quantize_base": QUANTIZE_BASE, "resize": RESIZE_MODES, "batching": BATCHINGS, **QUERY_CHOICES}
     helps = {"batch_size": "per process", "resume": "continue from the newest checkpoint in --out",
              "overwrite": "delete the run already in --out (its checkpoints, weights and logs) and start over",
              "skip_bad": "skip broken samples with a warning instead of failing",
@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
              "keep_checkpoints": "checkpoints kept (official 4)",
              "long_edge": "training resolution: the bucket resolution (official 512) or the long edge (--resize)",
              "resize": "bucket (official ai-toolkit aspect buckets of b''s size, centre crop) or long-edge",
-             "bucket_divisibility": "bucket sides are multiples of this (official bucket_tolerance 64)"}
+             "bucket_divisibility": "bucket sides are multiples of this (official bucket_tolerance 64)",
+             "batching": "bucket (official: every batch from one training size, a bucket's last batch may be "
+                         "smaller) or mixed (batches across sizes, each resized to its first sample's size)"}
     for f in dataclasses.fields(TrainConfig):  # one option per TrainConfig field, its default from the dataclass
         flag = "--" + f.name.replace("_", "-")
         if f.name in ("data", "out"):

@@ -34,7 +34,7 @@ import tempfile
 import warnings
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -54,6 +54,9 @@ WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 TIMESTEP_TYPES = ("weighted", "linear", "diffusers")
 ADAPTER_PRECISIONS = ("bf16", "fp32")
 QUANTIZE_BASE = ("none", "int8", "nf4")
+#: "bucket": one training size per batch, as ai-toolkit batches (official); "mixed": batches drawn across buckets,
+#: each resized to its first sample's size (lorweb_fast's first rule)
+BATCHINGS = ("bucket", "mixed")
 OPTIMIZERS = ("adamw8bit", "adamw")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 CHECKPOINT_DIR = "checkpoints"
@@ -65,33 +68,63 @@ TRAINER_STATE_NAME = "trainer_state.pt"
 class StepBatchSampler(torch.utils.data.Sampler):
     """Index batches for optimizer steps ``start_step .. total_steps - 1`` of one process.
 
-    Each epoch is a fresh permutation seeded by (seed, epoch); a global batch of ``batch_size * world_size``
-    consecutive indices is split between processes. The order depends only on the step, so a resumed run sees
-    exactly the batches the killed run would have seen.
+    Without ``groups`` ("mixed" batching): each epoch is a fresh permutation of the samples seeded by (seed, epoch),
+    and a global batch of ``batch_size * world_size`` consecutive indices is split between processes.
+
+    With ``groups`` (one hashable key per sample, its training size: the official "bucket" batching of ai-toolkit,
+    ``toolkit/dataloader_mixins.py`` ``BucketsMixin.setup_buckets`` / ``build_batch_indices`` and
+    ``toolkit/data_loader.py`` ``get_dataloader_from_datasets``): the samples are grouped by key (buckets in order of
+    first appearance), each bucket is shuffled once (seeded by ``seed``) and cut into batches of ``batch_size``
+    (a bucket's last batch may be smaller), and every epoch visits all these batches in a fresh order seeded by
+    (seed, epoch). A step takes ``world_size`` consecutive batches of that stream, one per process.
+
+    The order depends only on the step, so a resumed run sees exactly the batches the killed run would have seen.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int, start_step: int, total_steps: int,
-                 world_size: int = 1, rank: int = 0, bidirectional: bool = False):
+                 world_size: int = 1, rank: int = 0, bidirectional: bool = False,
+                 groups: Optional[Sequence] = None):
         self.n, self.batch_size, self.seed, self.bidirectional = num_samples, batch_size, seed, bidirectional
         self.start_step, self.total_steps, self.world_size, self.rank = start_step, total_steps, world_size, rank
+        self.buckets: Optional[dict] = None
+        self.bucket_batches: Optional[list[list[int]]] = None
+        if groups is not None:
+            if len(groups) != num_samples:
+                raise ValueError(f"groups has {len(groups)} keys for {num_samples} samples")
+            self.buckets = {}
+            for index, key in enumerate(groups):
+                self.buckets.setdefault(key, []).append(index)
+            generator = torch.Generator().manual_seed(seed * 7919 + 1_000_033)
+            self.bucket_batches = []
+            for members in self.buckets.values():
+                shuffled = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+                self.bucket_batches += [shuffled[i:i + batch_size] for i in range(0, len(shuffled), batch_size)]
 
     def batch(self, step: int) -> list:
         """Sample indices of this process at ``step``; with ``bidirectional``, ``(index, swap)`` pairs whose swap
         is ``data.bidirectional_swap(seed, position in the sample stream)``."""
-        global_bs = self.batch_size * self.world_size
-        start = step * global_bs + self.rank * self.batch_size
-        out = []
-        for pos in range(start, start + self.batch_size):
-            epoch, offset = divmod(pos, self.n)
-            index = self._permutation(epoch)[offset]
-            out.append((index, bidirectional_swap(self.seed, pos)) if self.bidirectional else index)
-        return out
+        if self.bucket_batches is not None:
+            position = step * self.world_size + self.rank  # in the stream of batches
+            epoch, offset = divmod(position, len(self.bucket_batches))
+            indices = self.bucket_batches[self._permutation(epoch, len(self.bucket_batches))[offset]]
+            positions = range(position * self.batch_size, position * self.batch_size + len(indices))
+        else:
+            global_bs = self.batch_size * self.world_size
+            start = step * global_bs + self.rank * self.batch_size
+            positions = range(start, start + self.batch_size)
+            indices = []
+            for pos in positions:
+                epoch, offset = divmod(pos, self.n)
+                indices.append(self._permutation(epoch, self.n)[offset])
+        if self.bidirectional:
+            return [(index, bidirectional_swap(self.seed, pos)) for index, pos in zip(indices, positions)]
+        return list(indices)
 
-    def _permutation(self, epoch: int) -> list[int]:
-        """The epoch's sample order, computed once per epoch (a batch rarely spans two)."""
+    def _permutation(self, epoch: int, size: int) -> list[int]:
+        """The epoch's order of ``size`` items (samples or bucket batches), computed once per epoch."""
         if getattr(self, "_cached_epoch", None) != epoch:
             generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._cached_epoch, self._cached_perm = epoch, torch.randperm(self.n, generator=generator).tolist()
+            self._cached_epoch, self._cached_perm = epoch, torch.randperm(size, generator=generator).tolist()
         return self._cached_perm
 
     def __iter__(self):
@@ -102,10 +135,20 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return max(0, self.total_steps - self.start_step)
 
 
+def batch_groups(dataset: AnalogyFolder, batching: str) -> Optional[list[tuple[int, int]]]:
+    """The per-sample keys ``StepBatchSampler`` groups batches by: each sample's training size for ``"bucket"``
+    (official), ``None`` for ``"mixed"``."""
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
+    if batching == "mixed":
+        return None
+    return [dataset.grid_size(sample[4]) for sample in dataset.samples]
+
+
 def _collate(items: list[dict]) -> dict:
     from PIL import Image
 
-    size = items[0]["target"].size  # one grid size per batch
+    size = items[0]["target"].size  # one grid size per batch (only "mixed" batching resizes anything here)
     fix = (lambda im: im if im.size == size else im.resize(size, Image.BICUBIC))
     return {"control": [fix(i["control"]) for i in items], "target": [fix(i["target"]) for i in items],
             "caption": [i["caption"] for i in items], "name": [i["name"] for i in items]}
@@ -134,6 +177,7 @@ class TrainConfig:
     long_edge: int = 512
     resize: str = "bucket"
     bucket_divisibility: int = 64
+    batching: str = "bucket"
     timestep_type: str = "weighted"
     weighting_scheme: str = "none"
     logit_mean: float = 0.0
@@ -169,7 +213,7 @@ class TrainConfig:
     def validate(self) -> None:
         for name, allowed in (("timestep_type", TIMESTEP_TYPES), ("layout", LAYOUTS), ("resize", RESIZE_MODES),
                               ("bidirectional", BIDIRECTIONAL), ("adapter_precision", ADAPTER_PRECISIONS),
-                              ("quantize_base", QUANTIZE_BASE)):
+                              ("quantize_base", QUANTIZE_BASE), ("batching", BATCHINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.weighting_scheme != "none" and self.timestep_type != "diffusers":
@@ -208,6 +252,9 @@ _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 #: TrainConfig fields that may differ when resuming: the step budget, and options that change no computed value.
 RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers")
 #: Files a training run writes directly in ``out`` (``--overwrite`` deletes exactly these and ``checkpoints/``).
+#: What a stored config that lacks a field did, where that differs from the field's default today: runs written
+#: before ``batching`` existed batched across buckets.
+RESUME_LEGACY_VALUES = {"batching": "mixed"}
 RUN_FILES = (WEIGHTS_NAME, "config.yaml", "loss.jsonl", "loss.png", "train_config.json")
 
 
@@ -281,6 +328,7 @@ def _check_resume_config(cfg, ckpt: Path, state: dict, out: Path) -> None:
     # a field added after the checkpoint was written counts as its default there
     defaults = json.loads(json.dumps({f.name: f.default for f in fields(cfg) if f.default is not MISSING},
                                      default=str))
+    defaults.update(RESUME_LEGACY_VALUES)
     stored = {**{k: defaults[k] for k in now if k not in stored and k in defaults}, **stored}
     differ = sorted(k for k in set(now) | set(stored) if now.get(k) != stored.get(k))
     if differ:
@@ -725,7 +773,11 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         logger.info("resumed from %s (step %d)", ckpt, start_step)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step,
                                total_steps=cfg.steps, world_size=accelerator.num_processes,
-                               rank=accelerator.process_index, bidirectional=cfg.bidirectional != "none")
+                               rank=accelerator.process_index, bidirectional=cfg.bidirectional != "none",
+                               groups=batch_groups(dataset, cfg.batching))
+    if sampler.buckets is not None and accelerator.is_main_process:
+        logger.info("%d training buckets (W x H: samples): %s", len(sampler.buckets),
+                    ", ".join(f"{w}x{h}: {len(m)}" for (w, h), m in sampler.buckets.items()))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
                                          num_workers=cfg.num_workers)
 
@@ -788,7 +840,8 @@ def evaluation_loss(pipe, encoder, dataset: AnalogyFolder, cfg: TrainConfig, *, 
 
     eval_cfg = replace(cfg, caption_dropout=0.0)
     device = pipe.transformer.device
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=seed, start_step=0, total_steps=batches)
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=seed, start_step=0, total_steps=batches,
+                               groups=batch_groups(dataset, cfg.batching))
     losses = []
     for step, indices in enumerate(sampler):
         batch = _collate([dataset[i] for i in indices])

@@ -83,7 +83,8 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path
 # -------------------------------------------------------------------------------------- resume config check
 CHANGES = [("learning_rate", 5e-3), ("rank", 4), ("num_loras", 8), ("seed", 3), ("data", "other_data"),
            ("batch_size", 3), ("weighting_scheme", "logit_normal"), ("betas", (0.8, 0.9)), ("caption_dropout", 0.2),
-           ("optimizer", "adamw"), ("model", "other_model"), ("long_edge", 128), ("checkpoint_every", 3)]
+           ("optimizer", "adamw"), ("model", "other_model"), ("long_edge", 128), ("checkpoint_every", 3),
+           ("batching", "mixed")]
 
 
 @pytest.mark.parametrize("field,value", CHANGES)
@@ -117,6 +118,19 @@ def test_resume_checks_train_config_json_for_older_checkpoints(tmp_path):
     (tmp_path / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), default=str))
     with pytest.raises(ValueError, match="train_config.json in rank"):
         prepare_output(dataclasses.replace(cfg, resume=True, rank=8))
+
+
+def test_resume_of_a_run_from_before_bucket_batching_names_batching(tmp_path):
+    """A checkpoint whose stored config has no ``batching`` field was trained with batches across buckets ("mixed"),
+    not with today's default: resuming with the default is refused naming the field, ``--batching mixed`` resumes."""
+    cfg = cfg_for(tmp_path, batching="mixed")
+    stored = {k: v for k, v in training._comparable_config(cfg).items() if k != "batching"}
+    fake_checkpoint(tmp_path, 2, cfg, state={"step": 2, "optimizer": {"state": {}, "param_groups": []},
+                                             "config": stored})
+    with pytest.raises(ValueError, match="in batching: 'mixed' -> 'bucket'"):
+        prepare_output(dataclasses.replace(cfg, resume=True, batching="bucket"))
+    found, state = prepare_output(dataclasses.replace(cfg, resume=True))
+    assert state["step"] == 2
 
 
 def test_resume_beyond_the_step_budget_is_refused(tmp_path):
