@@ -579,12 +579,14 @@ def kernel_config(kernel: str, in_features: int, out_features: int, R: int, dtyp
 
 # ---------------------------------------------------------------------------------------------------- launchers
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch through ``wrap_triton`` (traceable by torch.compile). Under TRITON_INTERPRET=1, wrap_triton hands back
-    the interpreted kernel, which cannot run on fake tensors: there the launch is skipped while shapes are being
-    propagated (the outputs are already allocated with their final shapes). ``lorweb_fast.aot`` replaces this
-    function to record launches instead of running them."""
-    if interpreting() and any(is_fake(a) if isinstance(a, torch.Tensor) else
-                              isinstance(getattr(a, "base", None), torch.Tensor) and is_fake(a.base) for a in args):
+    """Launch through ``wrap_triton`` (traceable by torch.compile). Under TRITON_INTERPRET=1 the interpreted kernel
+    is launched directly (what wrap_triton hands back there since torch 2.12; torch 2.11 and older refuse it), and
+    not at all on fake tensors while shapes are being propagated (the outputs are already allocated with their final
+    shapes). ``lorweb_fast.aot`` replaces this function to record launches instead of running them."""
+    if interpreting():
+        if not any(is_fake(a) if isinstance(a, torch.Tensor) else
+                   isinstance(getattr(a, "base", None), torch.Tensor) and is_fake(a.base) for a in args):
+            kernel[grid](*args, **kwargs)
         return
     wrap_triton(kernel)[grid](*args, **kwargs)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from typing import Optional
 
 import torch
@@ -71,6 +72,29 @@ def triton_interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: Oldest Triton whose CPU interpreter runs these kernels: 3.6's interpreter cannot take a loop bound computed with
+#: ``tl.minimum`` (``TypeError: only 0-dimensional arrays can be converted to Python scalars``); 3.7 and 3.8 pass the
+#: interpreter suite. Compiled kernels on a GPU are not affected (3.6 passes the sm_80/sm_90 AOT checks).
+MIN_INTERPRETER_TRITON = (3, 7)
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0", "3.8.0+git1a2b" or "3.7.0rc1"."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _interpreter_unsupported() -> Optional[str]:
+    """Why this Triton's CPU interpreter cannot run the kernels, or None."""
+    import triton
+
+    if _version_tuple(triton.__version__) < MIN_INTERPRETER_TRITON:
+        need = ".".join(map(str, MIN_INTERPRETER_TRITON))
+        return (f"the CPU interpreter of triton {triton.__version__} cannot run these kernels (it needs triton >= "
+                f"{need}); upgrade triton or use backend='torch' on CPU")
+    return None
+
+
 def _unavailable_reason(name: str, device: torch.device | None = None) -> Optional[str]:
     """None when backend ``name`` can run on ``device`` (any usable device when None), else why not."""
     if name == "torch":
@@ -79,7 +103,7 @@ def _unavailable_reason(name: str, device: torch.device | None = None) -> Option
         if _TRITON_KERNELS is None:
             return f"triton is not importable ({_TRITON_IMPORT_ERROR})"
         if device is not None and device.type == "cpu":
-            return None if triton_interpret_mode() else (
+            return _interpreter_unsupported() if triton_interpret_mode() else (
                 "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported); use backend='torch' on CPU")
         if device is not None and device.type != "cuda":
             return f"no Triton support for {device.type} tensors"
@@ -113,7 +137,9 @@ def backend_status() -> dict[str, str]:
         if why is None:
             status[name] = f"available: {what}"
         elif name == "triton" and triton_interpret_mode() and _TRITON_KERNELS is not None:
-            status[name] = "available: Triton interpreter on CPU tensors (TRITON_INTERPRET=1); " + why
+            old = _interpreter_unsupported()
+            status[name] = (f"unavailable: {why}; {old}" if old else
+                            "available: Triton interpreter on CPU tensors (TRITON_INTERPRET=1); " + why)
         else:
             status[name] = f"unavailable: {why}"
     return status

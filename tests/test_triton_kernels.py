@@ -11,7 +11,12 @@ CASES = Path(__file__).with_name("triton_interpret_cases.py")
 
 
 def test_triton_kernels_under_the_interpreter(tmp_path):
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    from lorweb_fast import ops
+
+    if ops._version_tuple(triton.__version__) < ops.MIN_INTERPRETER_TRITON:
+        pytest.skip(f"the CPU interpreter of triton {triton.__version__} cannot run the kernels (see "
+                    "test_old_triton_interpreter_is_refused_by_name)")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([sys.executable, "-m", "pytest", str(CASES), "-q", "-p", "no:cacheprovider",
@@ -21,3 +26,25 @@ def test_triton_kernels_under_the_interpreter(tmp_path):
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and "failed" not in proc.stdout.splitlines()[-1], tail
     print(proc.stdout.splitlines()[-1])
+
+
+def test_old_triton_interpreter_is_refused_by_name(monkeypatch):
+    """Triton 3.6's interpreter fails inside the kernels with an unrelated-looking TypeError: a backend named on CPU
+    tensors under TRITON_INTERPRET=1 with such a Triton raises BackendUnavailableError naming the version."""
+    triton = pytest.importorskip("triton")
+    import torch
+
+    from lorweb_fast import ops
+
+    if ops._TRITON_KERNELS is None:
+        pytest.skip("the Triton kernels do not import here")
+    assert ops._version_tuple("3.6.0") == (3, 6) and ops._version_tuple("3.8.0+git1a2b") == (3, 8)
+    assert ops._version_tuple("3.7.0rc1") == (3, 7)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    with pytest.raises(ops.BackendUnavailableError, match=r"interpreter of triton 3\.6\.0 .*triton >= 3\.7"):
+        ops.resolve_backend("triton", torch.device("cpu"))
+    assert ops.backend_status()["triton"].startswith("unavailable: ")
+    monkeypatch.setattr(triton, "__version__", "3.7.0")
+    assert ops.resolve_backend("triton", torch.device("cpu")) == "triton"
+    assert ops.backend_status()["triton"].startswith("available: Triton interpreter")
