@@ -7,7 +7,7 @@
 #     benchmarks/collect_wheels.sh on a machine with internet), and the package itself is installed with
 #     --no-deps --no-build-isolation --no-index, building the CUDA extension for this GPU's architecture;
 #  2. prints the device, clocks and versions;
-#  3. runs `pytest -m gpu -x`;
+#  3. runs `pytest -m gpu` (all failures, up to 25; xdist and per-test timeouts when installed);
 #  4. writes the AOT report (python -m lorweb_fast.aot, when present) and the resources of the kernels as the driver
 #     loaded them (registers, spills, shared memory);
 #  5. runs the target benchmark (bf16, M=8192, 3072->3072, N=32, r=4);
@@ -43,10 +43,15 @@ cd "$REPO" || exit 1
 . "$REPO/benchmarks/gpu_common.sh"
 gpu_setup "$OUTDIR" "$WHEELS" "$BUDGET_S" || exit $?
 
-# 3. the GPU test suite
-step "pytest -m gpu -x" 170 \
-  "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/ > "$OUTDIR/pytest_gpu.txt" 2>&1
-tail -n 5 "$OUTDIR/pytest_gpu.txt"
+# 3. the GPU test suite: every failure of one run is worth more than the first one (device time is scarce), so no -x
+#    but --maxfail; 4 pytest-xdist workers when the machine has xdist (Triton compiles on the CPU: 16 cores there),
+#    and a per-test limit when it has pytest-timeout, so one hung test cannot eat the step
+PYTEST_EXTRA=(--maxfail 25)
+if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_EXTRA+=(-n 4); fi
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_EXTRA+=(--timeout 150); fi
+step "pytest -m gpu ${PYTEST_EXTRA[*]}" 200 \
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests/ > "$OUTDIR/pytest_gpu.txt" 2>&1
+tail -n 15 "$OUTDIR/pytest_gpu.txt"
 
 # 4. AOT report (lorweb_fast.aot) and the driver's view of the loaded kernels
 WORK="$(mktemp -d)"
