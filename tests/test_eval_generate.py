@@ -145,3 +145,49 @@ def test_resume_refuses_other_resolution_settings(tmp_path):
                          write=False)
     with pytest.raises(G.EvalInputError, match="resolution"):
         G.check_run_settings(tmp_path, settings, write=False)
+
+
+def test_resume_refuses_another_checkpoint_file_or_content(tmp_path):
+    """run.json records the exact checkpoint file and its SHA-256; a run.json from before they were recorded is
+    accepted (it cannot be checked)."""
+    settings = {"weights": "run", "weights_file": "/x/run_000000002.safetensors", "weights_sha256": "ab" * 32,
+                "resolution": "native"}
+    G.check_run_settings(tmp_path, settings)
+    with pytest.raises(G.EvalInputError, match="weights_file: .*run_000000002.* -> .*run_000000004"):
+        G.check_run_settings(tmp_path, {**settings, "weights_file": "/x/run_000000004.safetensors"}, write=False)
+    with pytest.raises(G.EvalInputError, match="weights_sha256"):
+        G.check_run_settings(tmp_path, {**settings, "weights_sha256": "cd" * 32}, write=False)
+    (tmp_path / "run.json").write_text(json.dumps({"weights": "run"}))  # an older run
+    G.check_run_settings(tmp_path, settings, write=False)
+
+
+@pytest.mark.slow
+def test_resume_of_a_folder_that_gained_a_newer_checkpoint_is_refused(assets, tmp_path, capsys):
+    """``--weights FOLDER`` of a run still training: the evaluation records the checkpoint it used (the newest one
+    at the start), and a resume after the folder gained a newer checkpoint is refused instead of mixing the b' of
+    two checkpoints; the recorded file resumes fine when passed directly."""
+    import shutil
+
+    ev = tiny.make_folder_evalset(tmp_path / "ev", tasks=("flip",), per_task=2, size=(32, 32))
+    weights = tmp_path / "run"
+    weights.mkdir()
+    first = weights / "run_000000002.safetensors"
+    shutil.copy(assets / "lorweb.safetensors", first)
+    out = tmp_path / "out"
+    args = gen_args(assets, out)
+    args[args.index("--evalset") + 1] = str(ev)
+    args[args.index("--weights") + 1] = str(weights)
+    assert cli.main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["weights"] == str(weights) and run["weights_file"] == str(first.resolve())
+    assert run["weights_sha256"] == G.file_sha256(first)
+    (out / "flip/001/b_prime.png").unlink()  # a killed evaluation
+    shutil.copy(assets / "lorweb.safetensors", weights / "run_000000004.safetensors")  # training went on
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings" in err and "run_000000004" in err
+    assert not (out / "flip/001/b_prime.png").exists()  # nothing was generated
+    (weights / "run_000000004.safetensors").unlink()
+    assert cli.main(args) == 0
+    assert "1 generated, 1 already done" in capsys.readouterr().out

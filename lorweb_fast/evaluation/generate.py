@@ -12,6 +12,7 @@ one-by-one runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,8 +23,10 @@ import torch
 from .evalsets import EvalInputError, Triplet
 
 #: run.json settings that must match when a run is resumed.
-RESUME_KEYS = ("weights", "model", "encoder", "seeds", "steps", "guidance_scale", "pipe_kwargs", "dtype",
-               "resolution", "max_size", "long_edge")
+RESUME_KEYS = ("weights", "weights_file", "weights_sha256", "model", "encoder", "seeds", "steps", "guidance_scale",
+               "pipe_kwargs", "dtype", "resolution", "max_size", "long_edge")
+#: settings that run.json files written before they existed lack: such a run cannot be checked for them
+UNRECORDED_BEFORE = ("weights_file", "weights_sha256")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -74,7 +77,7 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
             raise EvalInputError(f"{path} is not valid JSON ({exc})") from exc
         old.setdefault("resolution", "native")  # run.json files written before --resolution existed
         diff = {k: (old.get(k), settings.get(k)) for k in RESUME_KEYS if k in old and old.get(k) != settings.get(k)
-                or k not in old and settings.get(k) is not None and k != "resolution"}
+                or k not in old and settings.get(k) is not None and k not in ("resolution", *UNRECORDED_BEFORE)}
         if diff:
             changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise EvalInputError(f"{out} holds a run with other settings ({changes}); use another --out folder")
@@ -162,6 +165,27 @@ def _ref_size(ref) -> tuple:
     return w, h
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _resolve_weights(weights) -> tuple[Path, Optional[Path]]:
+    """(checkpoint file, its config.yaml or None) of ``--weights``: the file itself, or the folder's final or newest
+    complete checkpoint as ``official_config.find_checkpoint`` picks it."""
+    from ..official_config import find_checkpoint
+
+    path = Path(weights)
+    if path.is_dir():
+        return find_checkpoint(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRWeB checkpoint not found: {path}")
+    return path, None
+
+
 def run_generate(args) -> dict:
     """``lorweb-fast eval generate``."""
     from ..cli import DTYPES, _device
@@ -178,7 +202,11 @@ def run_generate(args) -> dict:
                 raise EvalInputError(f"image not found: {ref.path}")
     out = Path(args.out)
     pipe_kwargs = dict(args.pipe_kwargs or {})
-    settings = {"weights": str(args.weights), "model": str(args.model), "encoder": args.encoder,
+    # the exact checkpoint: a run folder still training gains newer checkpoints, and a resumed evaluation must not
+    # mix the b' of two of them (the file and its SHA-256 are recorded and checked on resume)
+    weights_file, config = _resolve_weights(args.weights)
+    settings = {"weights": str(args.weights), "weights_file": str(weights_file.resolve()),
+                "weights_sha256": file_sha256(weights_file), "model": str(args.model), "encoder": args.encoder,
                 "seeds": list(args.seeds), "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "pipe_kwargs": pipe_kwargs, "evalset": str(args.evalset), "format": args.format,
                 "pair_seed": args.pair_seed, "dtype": args.dtype, "batch_size": args.batch_size,
@@ -189,7 +217,7 @@ def run_generate(args) -> dict:
     kwargs = {"resolution": args.resolution, "max_size": args.max_size}
     if args.long_edge is not None:
         kwargs["long_edge"] = args.long_edge
-    pipe = LoRWeBKontextPipeline.from_pretrained(args.model, args.weights, encoder=args.encoder,
+    pipe = LoRWeBKontextPipeline.from_pretrained(args.model, weights_file, config=config, encoder=args.encoder,
                                                  dtype=DTYPES[args.dtype], device=device, **kwargs)
     check_run_settings(out, settings)  # nothing is written when the models fail to load
     result = generate(pipe, triplets, out, seeds=args.seeds, batch_size=args.batch_size,
