@@ -76,7 +76,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
     ``toolkit/data_loader.py`` ``get_dataloader_from_datasets``): the samples are grouped by key (buckets in order of
     first appearance), each bucket is shuffled once (seeded by ``seed``) and cut into batches of ``batch_size``
     (a bucket's last batch may be smaller), and every epoch visits all these batches in a fresh order seeded by
-    (seed, epoch). A step takes ``world_size`` consecutive batches of that stream, one per process.
+    (seed, epoch). A step takes ``world_size`` consecutive batches of that stream, one per process; as a bucket's
+    last batch is shorter, the processes of one step may hold different batch sizes (DDP averages their mean losses
+    with equal weights, as one process averages over a short batch).
 
     The order depends only on the step, so a resumed run sees exactly the batches the killed run would have seen.
     """
@@ -251,10 +253,10 @@ class TrainConfig:
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 #: TrainConfig fields that may differ when resuming: the step budget, and options that change no computed value.
 RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers")
-#: Files a training run writes directly in ``out`` (``--overwrite`` deletes exactly these and ``checkpoints/``).
 #: What a stored config that lacks a field did, where that differs from the field's default today: runs written
 #: before ``batching`` existed batched across buckets.
 RESUME_LEGACY_VALUES = {"batching": "mixed"}
+#: Files a training run writes directly in ``out`` (``--overwrite`` deletes exactly these and ``checkpoints/``).
 RUN_FILES = (WEIGHTS_NAME, "config.yaml", "loss.jsonl", "loss.png", "train_config.json")
 
 
@@ -333,8 +335,10 @@ def _check_resume_config(cfg, ckpt: Path, state: dict, out: Path) -> None:
     differ = sorted(k for k in set(now) | set(stored) if now.get(k) != stored.get(k))
     if differ:
         shown = ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in differ)
-        raise ValueError(f"cannot resume the run in {out}: the training config differs from {source} in {shown}; "
-                         "only the step budget may change (or pass --overwrite to start over)")
+        hints = "".join(f" (pass --{k.replace('_', '-')} {stored.get(k)} to resume it)" for k in differ
+                        if k in RESUME_LEGACY_VALUES and stored.get(k) == RESUME_LEGACY_VALUES[k])
+        raise ValueError(f"cannot resume the run in {out}: the training config differs from {source} in {shown}"
+                         f"{hints}; only the step budget may change (or pass --overwrite to start over)")
 
 
 def prepare_output(cfg, *, main_process: bool = True) -> tuple[Optional[Path], Optional[dict]]:

@@ -141,23 +141,40 @@ DEVICE_TRITON = "3.6.0"
 
 
 def _device_triton_site(cache) -> "Path":
-    """``cache/site`` holding triton==DEVICE_TRITON (downloaded once from PyPI); skips when pip cannot fetch it."""
+    """``cache/site`` holding triton==DEVICE_TRITON (downloaded once from PyPI); skips when pip cannot fetch it.
+    Concurrent callers (xdist workers) serialize on a lock file, and the site folder appears only complete: it is
+    installed into a fresh temporary folder renamed into place."""
+    import fcntl
+    import os
+    import shutil
     import subprocess
     import sys
+    import tempfile
     from pathlib import Path
 
-    site = Path(cache) / "site"
-    if (site / "triton" / "__init__.py").is_file():
-        return site
-    wheels = Path(cache) / "wheels"
-    got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                          f"triton=={DEVICE_TRITON}", "-d", str(wheels)], capture_output=True, text=True, timeout=900)
-    if got.returncode != 0:
-        pytest.skip(f"could not download triton=={DEVICE_TRITON} (offline?): {got.stderr.strip()[-300:]}")
-    tmp = Path(cache) / "site.tmp"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(tmp),
-                    *map(str, wheels.glob("triton-*.whl"))], check=True, capture_output=True, timeout=900)
-    tmp.rename(site)
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    site = cache / "site"
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (site / "triton" / "__init__.py").is_file():
+            return site
+        wheels = Path(tempfile.mkdtemp(prefix="wheels.", dir=cache))
+        tmp = Path(tempfile.mkdtemp(prefix="site.", dir=cache))
+        try:
+            got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                                  f"triton=={DEVICE_TRITON}", "-d", str(wheels)], capture_output=True, text=True,
+                                 timeout=900)
+            if got.returncode != 0:
+                pytest.skip(f"could not download triton=={DEVICE_TRITON} (offline?): {got.stderr.strip()[-300:]}")
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                            str(tmp), *map(str, wheels.glob("triton-*.whl"))], check=True, capture_output=True,
+                           timeout=900)
+            shutil.rmtree(site, ignore_errors=True)  # an incomplete one (no triton/__init__.py)
+            os.replace(tmp, site)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(wheels, ignore_errors=True)
     return site
 
 

@@ -127,7 +127,7 @@ def test_resume_of_a_run_from_before_bucket_batching_names_batching(tmp_path):
     stored = {k: v for k, v in training._comparable_config(cfg).items() if k != "batching"}
     fake_checkpoint(tmp_path, 2, cfg, state={"step": 2, "optimizer": {"state": {}, "param_groups": []},
                                              "config": stored})
-    with pytest.raises(ValueError, match="in batching: 'mixed' -> 'bucket'"):
+    with pytest.raises(ValueError, match=r"in batching: 'mixed' -> 'bucket' \(pass --batching mixed to resume it\)"):
         prepare_output(dataclasses.replace(cfg, resume=True, batching="bucket"))
     found, state = prepare_output(dataclasses.replace(cfg, resume=True))
     assert state["step"] == 2

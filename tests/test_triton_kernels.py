@@ -41,6 +41,7 @@ def test_old_triton_interpreter_is_refused_by_name(monkeypatch):
     assert ops._version_tuple("3.6.0") == (3, 6) and ops._version_tuple("3.8.0+git1a2b") == (3, 8)
     assert ops._version_tuple("3.7.0rc1") == (3, 7)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU status line, also on a GPU machine
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     with pytest.raises(ops.BackendUnavailableError, match=r"interpreter of triton 3\.6\.0 .*triton >= 3\.7"):
         ops.resolve_backend("triton", torch.device("cpu"))
