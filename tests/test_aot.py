@@ -5,6 +5,7 @@ deduplicated and compiled by worker processes); no GPU is needed."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -140,7 +141,7 @@ def test_cli_rejects_unknown_arch(capsys):
 DEVICE_TRITON = "3.6.0"
 
 
-def _device_triton_site(cache) -> "Path":
+def _device_triton_site(cache) -> Path:
     """``cache/site`` holding triton==DEVICE_TRITON (downloaded once from PyPI); skips when pip cannot fetch it.
     Concurrent callers (xdist workers) serialize on a lock file, and the site folder appears only complete: it is
     installed into a fresh temporary folder renamed into place."""
@@ -150,7 +151,6 @@ def _device_triton_site(cache) -> "Path":
     import subprocess
     import sys
     import tempfile
-    from pathlib import Path
 
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,6 @@ def test_every_entry_passes_with_the_gpu_machines_triton(arch, tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     if triton.__version__ == DEVICE_TRITON:
         pytest.skip(f"triton {DEVICE_TRITON} is the installed one: test_every_entry_passes_the_hardware_checks ran it")
