@@ -103,6 +103,22 @@ def _shrink_epilogue(acc, rows, row_ok, cols, U, Z, DC, COEFFS, ROWS_PER_SAMPLE,
 
 
 @triton.jit
+def _shrink_store(acc, rm, rows, row_ok, cols, pid_k, first_row, M, PART, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                  stride_um, stride_zm, stride_cb, stride_dcm,
+                  R: tl.constexpr, RANK: tl.constexpr, CHUNK: tl.constexpr, R_CHUNKS: tl.constexpr,
+                  WRITE_U: tl.constexpr, DCOEFFS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Shrink output of one (BLOCK_M, CHUNK) accumulator chunk (columns ``cols``): without split-K the epilogue
+    (``_shrink_epilogue``); with split-K its fp32 partials in PART (SPLIT_K, M, R_CHUNKS = R0 + R1), summed in slice
+    order by ``_shrink_finish_kernel``."""
+    if SPLIT_K == 1:
+        _shrink_epilogue(acc, rows, row_ok, cols, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                         stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, CHUNK, WRITE_U, DCOEFFS)
+    else:
+        part = PART + (pid_k * M + first_row).to(tl.int64) * R_CHUNKS
+        tl.store(part + rm[:, None] * R_CHUNKS + cols[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
 def _shrink_kernel(
     X, P, COEFFS, U, Z, DC, PART,
     M, K, ROWS_PER_SAMPLE, scale,
@@ -138,18 +154,12 @@ def _shrink_kernel(
             p1 = tl.load(P + c1[None, :] * stride_pr + ks[:, None], mask=k_ok[:, None] & (c1 < R)[None, :],
                          other=0.0)
             acc1 = _mma(acc1, x, p1, DOT_MODE)
-    if SPLIT_K == 1:
-        _shrink_epilogue(acc0, rows, row_ok, c0, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
-                         stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, WRITE_U, DCOEFFS)
-        if R1 > 0:
-            _shrink_epilogue(acc1, rows, row_ok, c1, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
-                             stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, WRITE_U, DCOEFFS)
-    else:
-        # fp32 partials (SPLIT_K, M, R0 + R1), summed in slice order by _shrink_finish_kernel.
-        part = PART + (pid_k * M + first_row).to(tl.int64) * (R0 + R1)
-        tl.store(part + rm[:, None] * (R0 + R1) + c0[None, :], acc0, mask=row_ok[:, None])
-        if R1 > 0:
-            tl.store(part + rm[:, None] * (R0 + R1) + c1[None, :], acc1, mask=row_ok[:, None])
+    _shrink_store(acc0, rm, rows, row_ok, c0, pid_k, first_row, M, PART, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                  stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, R0 + R1, WRITE_U, DCOEFFS, SPLIT_K)
+    if R1 > 0:
+        _shrink_store(acc1, rm, rows, row_ok, c1, pid_k, first_row, M, PART, U, Z, DC, COEFFS, ROWS_PER_SAMPLE,
+                      scale, stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, R0 + R1, WRITE_U, DCOEFFS,
+                      SPLIT_K)
 
 
 @triton.jit
@@ -186,17 +196,12 @@ def _shrink_tma_kernel(
         if R1 > 0:
             p1 = P1_DESC.load([0, k0])
             acc1 = _mma(acc1, x, tl.trans(p1), DOT_MODE)
-    if SPLIT_K == 1:
-        _shrink_epilogue(acc0, rows, row_ok, c0, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
-                         stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, WRITE_U, DCOEFFS)
-        if R1 > 0:
-            _shrink_epilogue(acc1, rows, row_ok, c1, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
-                             stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, WRITE_U, DCOEFFS)
-    else:
-        part = PART + (pid_k * M + first_row).to(tl.int64) * (R0 + R1)
-        tl.store(part + rm[:, None] * (R0 + R1) + c0[None, :], acc0, mask=row_ok[:, None])
-        if R1 > 0:
-            tl.store(part + rm[:, None] * (R0 + R1) + c1[None, :], acc1, mask=row_ok[:, None])
+    _shrink_store(acc0, rm, rows, row_ok, c0, pid_k, first_row, M, PART, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                  stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, R0 + R1, WRITE_U, DCOEFFS, SPLIT_K)
+    if R1 > 0:
+        _shrink_store(acc1, rm, rows, row_ok, c1, pid_k, first_row, M, PART, U, Z, DC, COEFFS, ROWS_PER_SAMPLE,
+                      scale, stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, R0 + R1, WRITE_U, DCOEFFS,
+                      SPLIT_K)
 
 
 @triton.jit
