@@ -177,6 +177,17 @@ def inject_random_lorweb(transformer: torch.nn.Module, *, seed: int = 1) -> None
             layer.lora_keys.normal_(0, 3.0)
 
 
+def random_analogy(seed: int):
+    """(a, a', b) PIL images for tests: a random 32 px picture, its mirror image, and a random 40 px picture."""
+    import random
+
+    from . import demo
+
+    rng = random.Random(seed)
+    a, b = demo._random_picture(rng, 32), demo._random_picture(rng, 40)
+    return a, demo._flip(a), b
+
+
 def build_tiny_lorweb_assets(root):
     """``root/pipe`` (tiny Kontext pipeline), ``root/clip`` (tiny CLIP) and ``root/lorweb.safetensors`` (an
     official-format checkpoint of ``inject_random_lorweb``, its encoder recorded as ``root/clip``); returns root."""

@@ -1,7 +1,6 @@
 """LoRWeBKontextPipeline on a tiny random FLUX.1-Kontext pipeline saved with save_pretrained and loaded back with
 from_pretrained; analogy encoders (CLIP, SigLIP); the CLI's infer errors."""
 
-import random
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch
 from PIL import Image
 
 import lorweb_fast as lf
-from lorweb_fast.testing import build_tiny_lorweb_assets
+from lorweb_fast.testing import build_tiny_lorweb_assets, random_analogy
 from lorweb_fast import cli, demo, flux
 
 pytest.importorskip("diffusers")
@@ -34,10 +33,6 @@ def lorweb_pipe(assets):
                                                       resolution="native", long_edge=64)
 
 
-def analogy(seed):
-    rng = random.Random(seed)
-    a, b = demo._random_picture(rng, 32), demo._random_picture(rng, 40)
-    return a, demo._flip(a), b
 
 
 def run(pipe, analogies, prompts, *, merge=False, seeds=None):
@@ -48,7 +43,7 @@ def run(pipe, analogies, prompts, *, merge=False, seeds=None):
 
 
 def test_returns_b_prime_of_the_cell_size(lorweb_pipe):
-    a, a2, b = analogy(0)  # b is 40x40: the 64-px grid has 32x32 cells
+    a, a2, b = random_analogy(0)  # b is 40x40: the 64-px grid has 32x32 cells
     (out,) = lorweb_pipe(a, a2, b, "mirror the image", num_inference_steps=STEPS, progress=False,
                          max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH)
     grid = lorweb_pipe.control_grids(a, a2, b)[0]
@@ -63,7 +58,7 @@ def test_query_is_set_once_per_generation(lorweb_pipe, monkeypatch):
     monkeypatch.setattr(flux, "set_query", lambda m, q, **kw: calls.append(q.shape) or real_set_query(m, q, **kw))
     handle = lorweb_pipe.transformer.register_forward_hook(lambda *a: forwards.append(1))
     try:
-        run(lorweb_pipe, [analogy(0), analogy(1)], ["flip", "swap"])
+        run(lorweb_pipe, [random_analogy(0), random_analogy(1)], ["flip", "swap"])
     finally:
         handle.remove()
     assert calls == [torch.Size([2, 24])]
@@ -71,7 +66,7 @@ def test_query_is_set_once_per_generation(lorweb_pipe, monkeypatch):
 
 
 def test_batch_of_two_equals_one_by_one(lorweb_pipe):
-    analogies, prompts = [analogy(0), analogy(1)], ["mirror the image", "swap the colours"]
+    analogies, prompts = [random_analogy(0), random_analogy(1)], ["mirror the image", "swap the colours"]
     batched = run(lorweb_pipe, analogies, prompts, seeds=[5, 6])
     coeffs = next(iter(lf.get_coefficients(lorweb_pipe.transformer).values()))
     assert not torch.allclose(coeffs[0], coeffs[1])  # two different analogies, two different mixtures
@@ -86,19 +81,19 @@ def test_merged_pipeline_matches_unmerged(lorweb_pipe, monkeypatch):
     entered = []
     real_merged = flux.merged
     monkeypatch.setattr(flux, "merged", lambda m, *args: entered.append(1) or real_merged(m, *args))
-    x = [analogy(3)]
+    x = [random_analogy(3)]
     auto = run(lorweb_pipe, x, ["flip"], merge="auto")[0]
     assert entered == [1]  # batch 1, plain weights: merged automatically
     plain = run(lorweb_pipe, x, ["flip"], merge=False)[0]
     assert entered == [1]
     np.testing.assert_allclose(auto, plain, rtol=0, atol=FP32_IMAGE_ATOL)
-    run(lorweb_pipe, [analogy(3), analogy(4)], ["flip", "flip"], merge="auto")
+    run(lorweb_pipe, [random_analogy(3), random_analogy(4)], ["flip", "flip"], merge="auto")
     assert entered == [1]  # never for a batch of different analogies
 
 
 def test_lorweb_changes_the_output(assets, lorweb_pipe):
     """The basis is in the loop: zeroing lora_B changes b'."""
-    x = [analogy(7)]
+    x = [random_analogy(7)]
     with_basis = run(lorweb_pipe, x, ["flip"])[0]
     saved = {n: l.lora_B.detach().clone() for n, l in lf.lorweb_layers(lorweb_pipe.transformer).items()}
     try:
@@ -114,7 +109,7 @@ def test_lorweb_changes_the_output(assets, lorweb_pipe):
 
 
 def test_pipeline_rejects_bad_inputs(lorweb_pipe, tmp_path):
-    a, a2, b = analogy(0)
+    a, a2, b = random_analogy(0)
     with pytest.raises(FileNotFoundError, match="missing.png"):
         lorweb_pipe(tmp_path / "missing.png", a2, b, "x")
     (tmp_path / "notes.png").write_text("not an image")
@@ -159,7 +154,7 @@ def test_siglip_encoders(tmp_path, build):
     model.save_pretrained(tmp_path)
     enc = flux.AnalogyEncoder(tmp_path)
     assert enc.query_dim == 48
-    imgs = [analogy(i) for i in range(2)]
+    imgs = [random_analogy(i) for i in range(2)]
     q = enc([x[0] for x in imgs], [x[1] for x in imgs], [x[2] for x in imgs])
     assert q.shape == (2, 48)
     inputs = enc.processor(images=[imgs[1][1]], return_tensors="pt")
@@ -179,7 +174,7 @@ def test_unsupported_encoder(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ CLI infer
 def cli_infer(assets, tmp_path, **overrides):
-    a, a2, b = analogy(0)
+    a, a2, b = random_analogy(0)
     paths = {}
     for name, im in (("a", a), ("a_prime", a2), ("b", b)):
         paths[name] = tmp_path / f"{name}.png"

@@ -1,7 +1,6 @@
 """The diffusers/peft API on LoRWeBKontextPipeline (lora_api): load/unload, fuse/unfuse, set_lorweb_scale,
 save_pretrained / push_to_hub folders, merge strategies in the pipeline and the CLI's --merge, and offloading hooks."""
 
-import random
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch
 import yaml
 
 import lorweb_fast as lf
-from lorweb_fast.testing import build_tiny_lorweb_assets
+from lorweb_fast.testing import build_tiny_lorweb_assets, random_analogy
 from lorweb_fast import cli, demo, flux, lora_api
 
 pytest.importorskip("diffusers")
@@ -30,10 +29,6 @@ def pipe(assets):
                                                       resolution="native", long_edge=64)
 
 
-def analogy(seed):
-    rng = random.Random(seed)
-    a, b = demo._random_picture(rng, 32), demo._random_picture(rng, 40)
-    return a, demo._flip(a), b
 
 
 def run(pipe, analogies, prompts, *, merge="none", seeds=None):
@@ -58,7 +53,7 @@ def test_merge_strategy_resolution(pipe):
 
 
 def test_every_strategy_matches_the_unmerged_pipeline_and_jit_serves_batches(pipe):
-    x = [analogy(3)]
+    x = [random_analogy(3)]
     plain = run(pipe, x, ["flip"], merge="none")[0]
     before = params(pipe.transformer)
     for strategy in flux.MERGE_STRATEGIES:
@@ -66,7 +61,7 @@ def test_every_strategy_matches_the_unmerged_pipeline_and_jit_serves_batches(pip
         np.testing.assert_allclose(got, plain, rtol=0, atol=FP32_IMAGE_ATOL)
     after = params(pipe.transformer)
     assert all(torch.equal(before[n], after[n]) for n in before)
-    pair, prompts = [analogy(0), analogy(1)], ["mirror", "swap"]
+    pair, prompts = [random_analogy(0), random_analogy(1)], ["mirror", "swap"]
     fused = run(pipe, pair, prompts, merge="none", seeds=[5, 6])
     jit = run(pipe, pair, prompts, merge="jit", seeds=[5, 6])  # per-sample merged weights, batched matmul
     for got, want in zip(jit, fused):
@@ -79,7 +74,7 @@ def test_cli_merge_option(assets, tmp_path, monkeypatch):
     real_call = flux.LoRWeBKontextPipeline.__call__
     monkeypatch.setattr(flux.LoRWeBKontextPipeline, "__call__",
                         lambda self, *a, **k: seen.append(k["merge"]) or real_call(self, *a, **k))
-    a, a2, b = analogy(0)
+    a, a2, b = random_analogy(0)
     for i, im in enumerate((a, a2, b)):
         im.save(tmp_path / f"{i}.png")
     base = ["infer", "--a", str(tmp_path / "0.png"), "--a-prime", str(tmp_path / "1.png"), "--b",
@@ -96,7 +91,7 @@ def test_cli_merge_option(assets, tmp_path, monkeypatch):
 
 # -------------------------------------------------------------------------------------------- fuse / unfuse
 def test_fuse_unfuse_and_other_analogy_raises(pipe):
-    x = [analogy(3)]
+    x = [random_analogy(3)]
     plain = run(pipe, x, ["flip"])[0]
     before = params(pipe.transformer)
     pipe.set_analogy(*x[0])
@@ -108,7 +103,7 @@ def test_fuse_unfuse_and_other_analogy_raises(pipe):
     np.testing.assert_allclose(fused, plain, rtol=0, atol=FP32_IMAGE_ATOL)
     coeffs = {n: c.clone() for n, c in lf.get_coefficients(pipe.transformer).items()}
     with pytest.raises(RuntimeError, match="fused for another analogy"):
-        run(pipe, [analogy(4)], ["flip"])
+        run(pipe, [random_analogy(4)], ["flip"])
     now = lf.get_coefficients(pipe.transformer)  # the fused analogy's coefficients are back
     assert all(torch.equal(now[n], coeffs[n]) for n in coeffs)
     with pytest.raises(RuntimeError, match="unfuse_lora"):
@@ -118,9 +113,9 @@ def test_fuse_unfuse_and_other_analogy_raises(pipe):
     after = params(pipe.transformer)
     assert all(torch.equal(before[n], after[n]) for n in before)
     pipe.fuse_lora("jit")  # follows every new analogy
-    other = run(pipe, [analogy(4)], ["flip"])[0]
+    other = run(pipe, [random_analogy(4)], ["flip"])[0]
     pipe.unfuse_lora()
-    np.testing.assert_allclose(other, run(pipe, [analogy(4)], ["flip"])[0], rtol=0, atol=FP32_IMAGE_ATOL)
+    np.testing.assert_allclose(other, run(pipe, [random_analogy(4)], ["flip"])[0], rtol=0, atol=FP32_IMAGE_ATOL)
 
 
 # ---------------------------------------------------------------------------------------------------- scale
@@ -228,7 +223,7 @@ def test_group_offloading_hooks_keep_outputs_identical(pipe):
     LoRWeB outputs unchanged; coefficients follow each layer's device."""
     from diffusers.hooks import apply_group_offloading
 
-    x = [analogy(2)]
+    x = [random_analogy(2)]
     want = run(pipe, x, ["flip"])
     apply_group_offloading(pipe.transformer, onload_device=torch.device("cpu"),
                            offload_device=torch.device("cpu"), offload_type="leaf_level")
@@ -244,7 +239,7 @@ def test_model_offload_hooks_keep_outputs_identical(pipe):
     enable_model_cpu_offload without an accelerator, so on CPU the hook is attached directly (CPU -> CPU)."""
     from accelerate import cpu_offload_with_hook
 
-    x = [analogy(2)]
+    x = [random_analogy(2)]
     want = run(pipe, x, ["flip"])
     _, hook = cpu_offload_with_hook(pipe.transformer, execution_device=torch.device("cpu"))
     try:
@@ -274,7 +269,7 @@ def test_set_query_refuses_meta_weights_of_sequential_offload():
 def test_model_cpu_offload_and_group_offloading_on_gpu(assets):
     pipe = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
                                                       resolution="native", long_edge=64, device="cuda")
-    x = [analogy(2)]
+    x = [random_analogy(2)]
     want = run(pipe, x, ["flip"])
     pipe.pipe.to("cpu")
     pipe.enable_model_cpu_offload()
