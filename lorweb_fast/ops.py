@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 from typing import Optional
 
 import torch
@@ -79,9 +78,13 @@ MIN_INTERPRETER_TRITON = (3, 7)
 
 
 def _version_tuple(version: str) -> tuple[int, int]:
-    """(major, minor) of a version string such as "3.6.0", "3.8.0+git1a2b" or "3.7.0rc1"."""
-    match = re.match(r"(\d+)\.(\d+)", version)
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    """(major, minor) of a version string such as "3.6.0", "3.8.0+git1a2b" or "3.7.0rc1" ((0, 0) if unparsable)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return tuple(Version(version).release[:2])
+    except InvalidVersion:
+        return (0, 0)
 
 
 def _interpreter_unsupported() -> Optional[str]:

@@ -176,14 +176,11 @@ def file_sha256(path: Path) -> str:
 def _resolve_weights(weights) -> tuple[Path, Optional[Path]]:
     """(checkpoint file, its config.yaml or None) of ``--weights``: the file itself, or the folder's final or newest
     complete checkpoint as ``official_config.find_checkpoint`` picks it."""
+    from ..lora_api import resolve_weight_file
     from ..official_config import find_checkpoint
 
     path = Path(weights)
-    if path.is_dir():
-        return find_checkpoint(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRWeB checkpoint not found: {path}")
-    return path, None
+    return find_checkpoint(path) if path.is_dir() else (resolve_weight_file(path), None)
 
 
 def run_generate(args) -> dict:
