@@ -10,11 +10,11 @@
 #  3. runs `pytest -m gpu` (all failures, up to 25; xdist and per-test timeouts when installed);
 #  4. writes the AOT report (python -m lorweb_fast.aot, when present) and the resources of the kernels as the driver
 #     loaded them (registers, spills, shared memory);
-#  5. runs the target benchmark (bf16, M=8192, 3072->3072, N=32, r=4);
+#  5. runs the target benchmark (bf16, M=8192, 3072->3072, N=32, r=4) and the host time per call;
 #  6. runs a bounded tuning sweep (benchmarks/tune_kernels.py, when present) with the time that is left.
 #
 # OUTDIR receives at most 8 files: run.log, pytest_gpu.txt, resources.json, aot.tar.gz, bench_target.md,
-# bench_target.tar.gz (JSON record, plot, profiler table), tune.tar.gz, steps.txt (exit status of every step).
+# bench_target.tar.gz (JSON record, plot, profiler table, host_overhead.*), tune.tar.gz, steps.txt (exit status of every step).
 # Without a CUDA GPU it exits with status 2 and says so. The full grid is benchmarks/run_full_on_gpu.sh.
 set -u -o pipefail
 
@@ -68,6 +68,8 @@ step "loaded-kernel resources" 60 "$PY" benchmarks/kernel_resources.py --out "$O
 step "target benchmark (bf16, M=8192, 3072->3072)" 150 \
   "$PY" benchmarks/bench_mixed_lora.py --m 8192 --shapes 3072x3072 --no-rank-sweep --budget-s 4 \
   --out-dir "$WORK/bench" --tag bench_target --profile
+# host time per call (what eager, launch-bound calls pay besides the kernels), with a cProfile of the launchers
+step "host overhead per call" 60 "$PY" benchmarks/host_overhead.py --out "$WORK/bench/host_overhead" --profile
 if [ -f "$WORK/bench/bench_target.md" ]; then
   cp "$WORK/bench/bench_target.md" "$OUTDIR/bench_target.md"
   tar -C "$WORK/bench" -czf "$OUTDIR/bench_target.tar.gz" .

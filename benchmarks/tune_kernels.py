@@ -4,7 +4,7 @@
     python benchmarks/tune_kernels.py --dry-run         # anywhere: lists the sweep, measures nothing
 
 For each METHOD.md layer shape (in, out), each R and dtype, every candidate configuration of ``shrink``, ``expand``
-(fused with the base GEMM) and ``grad_basis`` is timed with ``triton.testing.do_bench`` (median) at a representative
+(fused with the base GEMM) and ``grad_basis`` is timed in device time (the benchmark's Timer: median, no host overhead, inputs rotated) at a representative
 token count (--tokens; the choice is recorded by (in, out, R, dtype) only, never by M), and the forward of the fused
 route is compared with the composed route (shrink + two cuBLAS addmm) to set ``route``. The sweep stops at
 --budget-s (the best configuration found so far is kept; unswept shapes keep the table's defaults). The table's
@@ -26,6 +26,7 @@ import torch
 LAYERS = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072), (3072, 18432), (3072, 9216))
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LORA_RANK = 4
+POOL = 3  # inputs x rotated per call: 3 x (8192 x 3072 bf16) = 150 MB, more than an H100/H200 L2
 
 SHRINK = [dict(block_m=bm, block_k=bk, split_k=sk, tma=t, num_warps=w, num_stages=s)
           for bm, bk, sk, t, w, s in itertools.product((64, 128), (64, 128), (1, 2), (0, 1), (8,), (3, 4))]
@@ -85,10 +86,14 @@ def print_plan(plan, args) -> None:
               + ", ".join(f"{name}: {c}" for name, c in item["counts"].items()))
 
 
-def _bench(fn) -> float:
-    import triton.testing
+def _bench(fn, n_inputs: int = 1) -> float:
+    """Median device milliseconds of ``fn(i)`` (i rotates over the input pool) without host overhead: the
+    benchmark's Timer (calls enqueued behind a GPU sleep, CUDA events between them). Wall-clock timing such as
+    ``do_bench`` measured the launchers' host cost instead of the kernels on the H200 (a 25 us shrink timed 0.3 ms)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_mixed_lora import Timer
 
-    return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
+    return float(Timer(torch.device("cuda"), warmup=3, reps=15, budget_s=2.0).run(fn, n_inputs))
 
 
 def tune(args) -> int:
@@ -115,7 +120,8 @@ def tune(args) -> int:
             continue
         g = torch.Generator(device="cpu").manual_seed(0)
         M, rps = args.tokens, args.tokens // 2
-        x = torch.randn(M, k, generator=g).to(device, dtype)
+        xs = [torch.randn(M, k, generator=g).to(device, dtype) for _ in range(POOL)]  # rotated: more than the L2
+        x = xs[0]
         w = (torch.randn(n, k, generator=g) * k ** -0.5).to(device, dtype)
         bias = torch.randn(n, generator=g).to(device, dtype)
         a_cat = (torch.randn(R, k, generator=g) * k ** -0.5).to(device, dtype)
@@ -124,9 +130,9 @@ def tune(args) -> int:
         u, z = K.shrink(x, a_cat, coeffs, 0.5, rps, LORA_RANK, out_features=n)
         dy = torch.randn(M, n, generator=g).to(device, dtype)
         calls = {
-            "shrink": lambda c: K.shrink(x, a_cat, coeffs, 0.5, rps, LORA_RANK, config=c, out_features=n),
-            "expand": lambda c: K.expand(x, w, z, b_cat, bias=bias, config=c),
-            "grad_basis": lambda c: K.grad_basis(z, x, z, dy, config=c),
+            "shrink": lambda c, i: K.shrink(xs[i], a_cat, coeffs, 0.5, rps, LORA_RANK, config=c, out_features=n),
+            "expand": lambda c, i: K.expand(xs[i], w, z, b_cat, bias=bias, config=c),
+            "grad_basis": lambda c, i: K.grad_basis(z, xs[i], z, dy, config=c),
         }
         rule = dict(K.lookup(k, n, R, dtype, family))
         best = {}
@@ -137,7 +143,7 @@ def tune(args) -> int:
                 if time.monotonic() - start > args.budget_s:
                     break
                 try:
-                    ms = _bench(lambda: calls[name](cand))
+                    ms = _bench(lambda i: calls[name](cand, i), POOL)
                 except Exception as exc:  # out of shared memory / registers for this tile: skip it
                     print(f"  [{done}/{total}] {name} {cand}: skipped ({type(exc).__name__})")
                     continue
@@ -146,15 +152,15 @@ def tune(args) -> int:
                 print(f"  [{done}/{total}] in={k} out={n} R={R} {item['dtype']} {name} {cand}: {ms:.4f} ms")
             if name in best:
                 rule[name] = best[name]
-        fused = _bench(lambda: K.expand(x, w, K.shrink(x, a_cat, coeffs, 0.5, rps, LORA_RANK,
-                                                        config=rule["shrink"])[1], b_cat, bias=bias,
-                                        config=rule["expand"]))
+        def fused(i):
+            zz = K.shrink(xs[i], a_cat, coeffs, 0.5, rps, LORA_RANK, config=rule["shrink"])[1]
+            K.expand(xs[i], w, zz, b_cat, bias=bias, config=rule["expand"])
 
-        def composed():
-            zz = K.shrink(x, a_cat, coeffs, 0.5, rps, LORA_RANK, config=rule["shrink"])[1]
-            torch.addmm(bias, zz, b_cat).addmm_(x, w.t())
+        def composed(i):
+            zz = K.shrink(xs[i], a_cat, coeffs, 0.5, rps, LORA_RANK, config=rule["shrink"])[1]
+            torch.addmm(bias, zz, b_cat).addmm_(xs[i], w.t())
 
-        rule["route"] = "fused" if fused <= _bench(composed) else "composed"
+        rule["route"] = "fused" if _bench(fused, POOL) <= _bench(composed, POOL) else "composed"
         entries.append({"in": k, "out": n, "R": R, "dtype": item["dtype"], "route": rule["route"],
                         **{name: rule[name] for name in CANDIDATES}})
         print(f"in={k} out={n} R={R} {item['dtype']}: route {rule['route']}")

@@ -634,11 +634,20 @@ def _tma_aligned(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and (t.storage_offset() * size) % 16 == 0
 
 
+def traced(t: torch.Tensor) -> bool:
+    """True while torch.compile (or export) traces the launcher: its tensors are fake (or functional wrappers of
+    fake ones). Host-side TMA descriptors hold the tensor itself, which a traced graph cannot keep (inductor then
+    fails to hash the graph: found on the H200), so traced launches take the pointer kernels, which compute the same
+    result."""
+    return is_fake(t)
+
+
 def tma_usable(x: torch.Tensor, a_cat: torch.Tensor, r0: int, r1: int, family: str) -> bool:
     """Whether the shrink can fetch x (M, K) and a_cat (R, K) by TMA: a Hopper-or-newer GPU (or the interpreter),
-    aligned operands (``_tma_aligned``) and chunk heights <= 256 (the TMA box limit). Otherwise the table's ``tma``
-    flag falls back to the pointer kernel (cp.async), which computes the same result."""
-    return _tma_device(x, family) and max(r0, r1) <= 256 and _tma_aligned(x) and _tma_aligned(a_cat)
+    aligned operands (``_tma_aligned``), chunk heights <= 256 (the TMA box limit) and not traced (``traced``).
+    Otherwise the table's ``tma`` flag falls back to the pointer kernel (cp.async), which computes the same result."""
+    return (_tma_device(x, family) and max(r0, r1) <= 256 and _tma_aligned(x) and _tma_aligned(a_cat)
+            and not traced(x))
 
 
 @lru_cache(maxsize=None)
@@ -848,7 +857,8 @@ def expand(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], z: torch.T
     cfg = kernel_config("expand", K if has_x else nout, nout, R, z.dtype, family, config)
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     operands = [z, b_cat] + ([x, weight] if has_x else [])
-    if cfg["tma"] and max(bm, bn, bk) <= 256 and _tma_device(z, family) and all(map(_tma_aligned, operands)):
+    if (cfg["tma"] and max(bm, bn, bk) <= 256 and _tma_device(z, family) and all(map(_tma_aligned, operands))
+            and not traced(z)):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         z_desc = TensorDescriptor.from_tensor(z, [bm, bk])

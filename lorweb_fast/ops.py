@@ -98,6 +98,13 @@ def _interpreter_unsupported() -> Optional[str]:
     return None
 
 
+@torch.compiler.assume_constant_result
+def _cuda_ext_supports(index: int) -> bool:
+    """Whether lorweb_fast._C has code for CUDA device ``index``. A pybind call that torch.compile cannot trace:
+    evaluated once while tracing and kept as a constant (no graph break)."""
+    return bool(_CUDA_EXT.device_supported(index))
+
+
 def _unavailable_reason(name: str, device: torch.device | None = None) -> Optional[str]:
     """None when backend ``name`` can run on ``device`` (any usable device when None), else why not."""
     if name == "torch":
@@ -124,7 +131,7 @@ def _unavailable_reason(name: str, device: torch.device | None = None) -> Option
             return "lorweb_fast._C is built but no CUDA GPU is visible to torch"
         dev = device if device is not None else torch.device("cuda", torch.cuda.current_device())
         index = dev.index if dev.index is not None else torch.cuda.current_device()
-        if not _CUDA_EXT.device_supported(index):
+        if not _cuda_ext_supports(index):
             major, minor = torch.cuda.get_device_capability(index)
             return (f"lorweb_fast._C was built for TORCH_CUDA_ARCH_LIST={cuda_build_arch_list()}, which cannot run "
                     f"on this GPU (sm_{major}{minor}); rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")

@@ -543,6 +543,38 @@ def _warn_if_layers_unwrapped(model) -> None:
                       "TRANSFORMER_BASED_WRAP (blocks from the model's _no_split_modules)", stacklevel=3)
 
 
+def cast_block_inputs_in_recompute(model) -> int:
+    """Make FSDP2's input cast hold when activation checkpointing recomputes a sharded block.
+
+    FSDP2 casts a unit's floating-point inputs to its ``MixedPrecisionPolicy.param_dtype`` in its pre-forward hook,
+    but skips that hook while the backward pass runs (the recompute of a checkpointed block happens then). A block
+    whose inputs arrive in another dtype (FLUX's rotary embedding is computed in fp32 outside the blocks) then
+    recomputes with fp32 inputs what it first ran with bf16 ones, and ``torch.utils.checkpoint`` refuses the
+    mismatch. This adds, after FSDP's own hook, a hook that applies the same cast: a no-op in the forward (already
+    cast), the missing cast in the recompute. Returns the number of units hooked."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.utils._pytree import tree_map
+
+    hooked = 0
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        policy = module._get_fsdp_state()._mp_policy
+        dtype = policy.param_dtype
+        if dtype is None or not policy.cast_forward_inputs:
+            continue
+
+        def cast(t, dtype=dtype):
+            return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
+
+        def hook(_module, args, kwargs, cast=cast):
+            return tree_map(cast, args), tree_map(cast, kwargs)
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+        hooked += 1
+    return hooked
+
+
 def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
     """Plot the loss of a ``loss.jsonl`` log (raw and running mean) to a PNG."""
     import matplotlib
@@ -772,6 +804,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     trainable = [p for p in model.parameters() if p.requires_grad]
     if sharded:
         _warn_if_layers_unwrapped(model)
+        cast_block_inputs_in_recompute(model)
     if trainer_state is not None:
         load_optimizer_state_dict(model, optimizer.optimizer, trainer_state["optimizer"], names, sharded=sharded)
         logger.info("resumed from %s (step %d)", ckpt, start_step)

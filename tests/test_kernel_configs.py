@@ -90,3 +90,30 @@ def test_tuner_refuses_without_a_gpu():
     proc = subprocess.run([sys.executable, str(TUNER)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "needs a CUDA GPU" in proc.stderr and "--dry-run" in proc.stderr
+
+
+def test_traced_launches_take_the_pointer_kernels(monkeypatch):
+    """Found on the H200: under torch.compile the host-side TMA descriptors put the traced tensor into the graph
+    as a constant and inductor failed to hash it. With a TMA config on sm_90, real tensors launch the TMA kernels and
+    fake (traced) tensors the pointer kernels, with the same tile sizes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    launched = []
+    monkeypatch.setattr(K, "_launch", lambda kernel, grid, *a, **kw: launched.append(
+        (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, kw["BLOCK_M"])))
+    shrink_cfg = dict(block_m=64, block_k=64, split_k=1, tma=1, num_warps=4, num_stages=3)
+    expand_cfg = dict(block_m=64, block_n=64, block_k=64, group_m=8, tma=1, num_warps=4, num_stages=3)
+
+    def run():
+        x, w = torch.randn(40, 64, dtype=torch.bfloat16), torch.randn(48, 64, dtype=torch.bfloat16)
+        a_cat, b_cat = torch.randn(8, 64, dtype=torch.bfloat16), torch.randn(8, 48, dtype=torch.bfloat16)
+        coeffs = torch.rand(2, 2)
+        _, z = K.shrink(x, a_cat, coeffs, 0.5, 20, 4, config=shrink_cfg, family="sm90")
+        K.expand(x, w, z, b_cat, config=expand_cfg, family="sm90")
+
+    run()
+    assert launched == [("_shrink_tma_kernel", 64), ("_expand_tma_kernel", 64)]
+    launched.clear()
+    with FakeTensorMode():
+        run()
+    assert launched == [("_shrink_kernel", 64), ("_expand_kernel", 64)]

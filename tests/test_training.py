@@ -288,6 +288,39 @@ def test_fsdp2_bf16_mixed_precision_and_unwrapped_warning(assets, tmp_path):
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _recompute_run(mode: str) -> dict:
+    proc = subprocess.run([sys.executable, str(HERE / "fsdp_recompute_worker.py"), str(_free_port()), mode],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fsdp2_checkpointed_blocks_recompute_with_cast_inputs():
+    """Found on the H200 (torch 2.11): FSDP2 skips its input cast while backward recomputes a checkpointed block, so
+    FLUX's fp32 rotary embedding reached the recompute in fp32 after the forward had seen bf16, and
+    torch.utils.checkpoint refused the mismatch. With ``cast_block_inputs_in_recompute`` every call of every block
+    (forward and recompute) sees the param dtype and the gradients equal those of the run without checkpointing.
+    Without the hook, torch versions with that FSDP behaviour fail exactly as on the GPU (others pass both ways)."""
+    hooked = _recompute_run("hook")
+    assert "error" not in hooked, hooked
+    assert hooked["hooked"] == 3  # two blocks and the root
+    assert hooked["seen"] == ["torch.bfloat16"] * 4, hooked["seen"]  # 2 blocks x (forward + recompute)
+    assert hooked["max_grad_diff"] == 0.0
+    plain = _recompute_run("nohook")
+    if "error" in plain:
+        assert "CheckpointError" in plain["error"] and "torch.float32" in plain["seen"], plain
+    else:
+        assert plain["seen"] == ["torch.bfloat16"] * 4 and plain["max_grad_diff"] == 0.0, plain
+
+
 @pytest.mark.gpu
 def test_fsdp2_real_accelerate_launch_on_gpus(assets, tmp_path):
     """The documented multi-GPU FSDP2 command line on every visible GPU (one is enough to exercise the path)."""

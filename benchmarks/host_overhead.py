@@ -1,0 +1,116 @@
+"""Host (CPU) time per call of each implementation: what an eager, launch-bound model pays besides the kernels.
+
+    python benchmarks/host_overhead.py [--out benchmarks/results/host_overhead] [--calls 40] [--profile]
+
+On a GPU only. For every implementation of bench_mixed_lora (linear, torch, triton, cuda, shrink, expand) and
+both modes (forward; forward+backward), the calls are enqueued while a ``torch.cuda._sleep`` holds the GPU, so no
+call waits for the device: the median wall time of one call is its host cost. Shape: the target layer (3072->3072,
+N=32, r=4, bf16) at M=1024 (launch-bound in practice; host cost does not depend on M). Writes OUT.json and OUT.md;
+with --profile also OUT_profile.txt (cProfile of the triton, shrink and expand calls, by own time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mixed_lora import Impl, Timer, device_name, git_commit, make_problem, make_step  # noqa: E402
+
+IMPLS = ("linear", "torch", "triton", "cuda", "shrink", "expand")
+FORWARD_ONLY = ("shrink", "expand")
+
+
+def host_ms(step, n_inputs: int, calls: int) -> float:
+    """Median host milliseconds of one ``step`` while the GPU is held busy by a sleep (no call blocks on it)."""
+    for i in range(3):
+        step(i % n_inputs)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(Timer.cycles_per_ms() * 2000))  # 2 s: far longer than the enqueueing below
+    times = []
+    for i in range(calls):
+        t0 = time.perf_counter()
+        step(i % n_inputs)
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "host_overhead"))
+    ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("host_overhead.py needs a CUDA GPU (host cost is measured against a busy device)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    cfg = dict(M=args.tokens, in_features=3072, out_features=3072, N=32, r=4)
+    problem = make_problem(cfg, torch.bfloat16, device)
+    rows, profiles = [], []
+    for name in IMPLS:
+        impl = Impl(name, device, torch.bfloat16)
+        for mode in ("fwd", "fwd_bwd"):
+            if impl.skip_reason or (mode == "fwd_bwd" and name in FORWARD_ONLY):
+                continue
+            step, n_inputs = make_step(impl, problem, mode)
+            ms = host_ms(step, n_inputs, args.calls)
+            rows.append({"impl": name, "mode": mode, "host_ms": round(ms, 4)})
+            print(f"{name:8s} {mode:8s} host {ms * 1e3:8.1f} us/call", flush=True)
+            if args.profile and name in ("triton", "shrink", "expand"):
+                prof = cProfile.Profile()
+                torch.cuda._sleep(int(Timer.cycles_per_ms() * 2000))
+                prof.enable()
+                for i in range(args.calls):
+                    step(i % n_inputs)
+                prof.disable()
+                torch.cuda.synchronize()
+                buf = io.StringIO()
+                pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+                profiles.append(f"== {name} ({mode}), {args.calls} calls\n{buf.getvalue()}")
+    linear = {r["mode"]: r["host_ms"] for r in rows if r["impl"] == "linear"}
+    record = {"device": device_name(device), "torch": torch.__version__, "triton": _triton_version(),
+              "commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "shape": cfg, "dtype": "bf16", "calls": args.calls, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = [f"# Host time per call ({record['device']}, torch {record['torch']}, triton {record['triton']}, "
+             f"commit {record['commit']}, {record['date']})", "",
+             f"M={cfg['M']}, {cfg['in_features']}->{cfg['out_features']}, N={cfg['N']}, r={cfg['r']}, bf16; median of "
+             f"{args.calls} calls enqueued behind a GPU sleep (no call waits for the device).", "",
+             "| impl | mode | host us/call | x linear |", "|---|---|---|---|"]
+    for r in rows:
+        ref = linear.get(r["mode"])
+        lines.append(f"| {r['impl']} | {r['mode']} | {r['host_ms'] * 1e3:.1f} | "
+                     f"{r['host_ms'] / ref:.1f} |" if ref else f"| {r['impl']} | {r['mode']} | "
+                     f"{r['host_ms'] * 1e3:.1f} | - |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if profiles:
+        Path(str(out) + "_profile.txt").write_text("\n".join(profiles))
+    print(f"wrote {out}.json, .md" + (", _profile.txt" if profiles else ""))
+    return 0
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "-"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
