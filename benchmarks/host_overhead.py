@@ -79,6 +79,7 @@ def main(argv=None) -> int:
                 buf = io.StringIO()
                 pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
                 profiles.append(f"== {name} ({mode}), {args.calls} calls\n{buf.getvalue()}")
+    rows += breakdown(problem, args.calls)
     linear = {r["mode"]: r["host_ms"] for r in rows if r["impl"] == "linear"}
     record = {"device": device_name(device), "torch": torch.__version__, "triton": _triton_version(),
               "commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -101,6 +102,44 @@ def main(argv=None) -> int:
         Path(str(out) + "_profile.txt").write_text("\n".join(profiles))
     print(f"wrote {out}.json, .md" + (", _profile.txt" if profiles else ""))
     return 0
+
+
+def breakdown(problem: dict, calls: int) -> list[dict]:
+    """Where the triton forward's host time goes: the launchers without the registered op
+    (``mixed_lora.forward``: basis packing, shrink, expand), and the op with Python's garbage collector off."""
+    import gc
+
+    from lorweb_fast import ops
+
+    if ops._unavailable_reason("triton", problem["x"].device) is not None:
+        return []
+    from lorweb_fast.kernels import mixed_lora as K
+
+    x = problem["x"]
+    x2d, rows_per_sample = x.reshape(-1, x.shape[-1]), x.shape[1]
+    args = (problem["weight"], problem["bias"], None, problem["lora_a"], problem["lora_b"],
+            problem["coeffs"].float(), float(problem["scale"]), rows_per_sample)
+
+    def launchers(i):
+        with torch.no_grad():
+            K.forward(x2d, *args)
+
+    def op_gc_off(i):
+        with torch.no_grad():
+            ops.lorweb_linear(x, problem["weight"], problem["bias"], problem["lora_a"], problem["lora_b"],
+                              problem["coeffs"], problem["scale"], backend="triton")
+
+    out = []
+    for name, fn, gc_off in (("mixed_lora.forward", launchers, False), ("triton (gc off)", op_gc_off, True)):
+        if gc_off:
+            gc.disable()
+        try:
+            ms = host_ms(fn, 1, calls)
+        finally:
+            gc.enable()
+        out.append({"impl": name, "mode": "fwd", "host_ms": round(ms, 4)})
+        print(f"{name:20s} fwd host {ms * 1e3:8.1f} us/call", flush=True)
+    return out
 
 
 def _triton_version() -> str:

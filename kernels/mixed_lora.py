@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.library import wrap_triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -583,17 +584,28 @@ def kernel_config(kernel: str, in_features: int, out_features: int, R: int, dtyp
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
+def _fake_args(args) -> bool:
+    """Whether a fake tensor is among the launch arguments (or under a TMA descriptor)."""
+    return any(is_fake(a) if isinstance(a, torch.Tensor) else
+               isinstance(getattr(a, "base", None), torch.Tensor) and is_fake(a.base) for a in args)
+
+
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch through ``wrap_triton`` (traceable by torch.compile). Under TRITON_INTERPRET=1 the interpreted kernel
-    is launched directly (what wrap_triton hands back there since torch 2.12; torch 2.11 and older refuse it), and
-    not at all on fake tensors while shapes are being propagated (the outputs are already allocated with their final
-    shapes). ``lorweb_fast.aot`` replaces this function to record launches instead of running them."""
+    """Launch a kernel. Eager launches call the JIT kernel directly: ``wrap_triton`` there goes through the
+    higher-order-op machinery (pytree flattening, signature binding), which cost ~0.3 ms of host time per launch on
+    the H200 (torch 2.11), 10x the kernel at M=8192. While torch.compile traces (fake tensors, or a torch dispatch
+    mode such as proxy tracing or functionalization active) the launch goes through ``wrap_triton`` so that it is
+    recorded in the graph. Under TRITON_INTERPRET=1 the interpreted kernel always runs directly (torch 2.11's
+    wrap_triton refuses it), except on fake tensors while shapes are propagated (the outputs are already allocated
+    with their final shapes). ``lorweb_fast.aot`` replaces this function to record launches instead of running
+    them."""
     if interpreting():
-        if not any(is_fake(a) if isinstance(a, torch.Tensor) else
-                   isinstance(getattr(a, "base", None), torch.Tensor) and is_fake(a.base) for a in args):
+        if not _fake_args(args):
             kernel[grid](*args, **kwargs)
-        return
-    wrap_triton(kernel)[grid](*args, **kwargs)
+    elif _get_current_dispatch_mode() is not None or _fake_args(args):
+        wrap_triton(kernel)[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 def dot_mode(dtype: torch.dtype) -> int:
