@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
              "adapter_precision": "bf16: fused kernels in the compute dtype (fp32 accumulation); fp32: the official "
                                   "numerics (x and query cast to the fp32 LoRA parameters)",
              "quantize_base": "load the base transformer quantized by bitsandbytes (int8 or nf4), stock diffusers",
+             "cudnn_attention": "let the transformer's attention use cuDNN's SDPA kernels while training (off: their "
+                                "backward returned NaN gradients on an H200 with torch 2.11)",
              "checkpoint_every": "steps between checkpoints (official 250)",
              "keep_checkpoints": "checkpoints kept (official 4)",
              "long_edge": "training resolution: the bucket resolution (official 512) or the long edge (--resize)",

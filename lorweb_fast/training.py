@@ -208,6 +208,7 @@ class TrainConfig:
     bidirectional: str = "none"
     adapter_precision: str = "bf16"
     quantize_base: str = "none"
+    cudnn_attention: bool = False
     seed: int = 0
     num_workers: int = 2
     progress: bool = True
@@ -252,7 +253,7 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------------ checkpoints
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 #: TrainConfig fields that may differ when resuming: the step budget, and options that change no computed value.
-RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers")
+RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers", "cudnn_attention")
 #: What a stored config that lacks a field did, where that differs from the field's default today: runs written
 #: before ``batching`` existed batched across buckets.
 RESUME_LEGACY_VALUES = {"batching": "mixed"}
@@ -543,6 +544,26 @@ def _warn_if_layers_unwrapped(model) -> None:
                       "TRANSFORMER_BASED_WRAP (blocks from the model's _no_split_modules)", stacklevel=3)
 
 
+def _check_gradients(grad_norm, model, step: int, cfg: TrainConfig) -> None:
+    """Raise before the optimizer step when the gradient norm is not finite (the parameters stay as they were):
+    naming the parameters whose gradients are not finite on this rank."""
+    norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if math.isfinite(norm):
+        return
+    bad = []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            if not torch.isfinite(g).all():
+                bad.append(name)
+    hint = ("; cuDNN attention is on (--cudnn-attention), whose backward returned NaN on an H200 with torch 2.11: "
+            "try without it") if cfg.cudnn_attention else ""
+    raise FloatingPointError(
+        f"the gradient norm is {norm} at step {step}; the optimizer step was not taken. Non-finite gradients in "
+        f"{len(bad)} parameters on this rank" + (f" (e.g. {', '.join(bad[:3])})" if bad else "") +
+        f"; lower the learning rate or use --mixed-precision no to find the cause{hint}")
+
+
 def cast_block_inputs_in_recompute(model) -> int:
     """Make FSDP2's input cast hold when activation checkpointing recomputes a sharded block.
 
@@ -831,38 +852,48 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     step, loss_value = start_step, math.nan
     bar = tqdm(total=cfg.steps, initial=start_step, desc="LoRWeB training", unit="step",
                disable=not (cfg.progress and accelerator.is_local_main_process))
-    for batch in loader:
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index)
-        query = batch_query(encoder, batch, device)
-        with accelerator.autocast():
-            loss = flow_matching_loss(model, pipe, batch, query, cfg, generator, per_forward_query=sharded)
-        accelerator.backward(loss)
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"the training loss is {loss_value} at step {step}; lower the learning rate")
-        if accelerator.is_main_process:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": loss_value, "lr": cfg.learning_rate}) + "\n")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            accelerator.wait_for_everyone()
-            weights = lorweb_state_dict(transformer)  # collective under FSDP: every rank gathers
-            optimizer_state = optimizer_state_dict(model, optimizer.optimizer, names, sharded=sharded)
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+    if device.type == "cuda" and not cfg.cudnn_attention:
+        # torch 2.11's cuDNN attention backward returned NaN gradients on the H200 for the tiny FLUX model (forward
+        # fine; flash / efficient / math clean); training uses the other SDPA kernels unless --cudnn-attention
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        logger.info("training attention: cuDNN SDPA off (--cudnn-attention turns it on)")
+    try:
+        for batch in loader:
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index)
+            query = batch_query(encoder, batch, device)
+            with accelerator.autocast():
+                loss = flow_matching_loss(model, pipe, batch, query, cfg, generator, per_forward_query=sharded)
+            accelerator.backward(loss)
+            if cfg.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                _check_gradients(grad_norm, model, step + 1, cfg)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"the training loss is {loss_value} at step {step}; lower the learning rate")
             if accelerator.is_main_process:
-                _write_checkpoint(out, step, transformer, weights, optimizer_state, metadata, cfg.keep_checkpoints,
-                                  save_dtype=cfg.save_dtype, settings=settings, name=Path(cfg.out).name or "lorweb",
-                                  config=_comparable_config(cfg))
-                plot_loss(log_path, png_path)
-            del weights, optimizer_state
-            accelerator.wait_for_everyone()
-        if step_callback is not None:
-            step_callback(step, loss_value)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": loss_value, "lr": cfg.learning_rate}) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                accelerator.wait_for_everyone()
+                weights = lorweb_state_dict(transformer)  # collective under FSDP: every rank gathers
+                optimizer_state = optimizer_state_dict(model, optimizer.optimizer, names, sharded=sharded)
+                if accelerator.is_main_process:
+                    _write_checkpoint(out, step, transformer, weights, optimizer_state, metadata, cfg.keep_checkpoints,
+                                      save_dtype=cfg.save_dtype, settings=settings, name=Path(cfg.out).name or "lorweb",
+                                      config=_comparable_config(cfg))
+                    plot_loss(log_path, png_path)
+                del weights, optimizer_state
+                accelerator.wait_for_everyone()
+            if step_callback is not None:
+                step_callback(step, loss_value)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
     bar.close()
     accelerator.wait_for_everyone()
     return {"step": step, "out": str(out), "loss": loss_value, "transformer": transformer}

@@ -633,3 +633,33 @@ def test_train_cli_exposes_the_new_options():
                                                        1e-8, 16)
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--data", "d", "--out", "o", "--bidirectional", "sometimes"])
+
+
+def test_non_finite_gradients_stop_before_the_optimizer_step():
+    """A non-finite gradient norm raises before the step, naming the parameters (found on the H200: cuDNN attention
+    backward NaN led to a misleading error about the coefficients one step later); finite norms pass."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    model(torch.randn(4, 3)).sum().backward()
+    cfg = TrainConfig(data="d", out="o")
+    training._check_gradients(torch.tensor(1.5), model, 3, cfg)
+    model[1].weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"gradient norm is nan at step 3; the optimizer step was not taken"
+                                                 r".* 1 parameters on this rank \(e.g. 1.weight\)"):
+        training._check_gradients(torch.tensor(float("nan")), model, 3, cfg)
+    with pytest.raises(FloatingPointError, match="--cudnn-attention"):
+        training._check_gradients(torch.tensor(float("inf")), model, 3, dataclasses.replace(cfg, cudnn_attention=True))
+
+
+@pytest.mark.gpu
+def test_bf16_training_on_gpu_turns_cudnn_attention_off_and_back(assets, tmp_path):
+    """On a GPU, bf16 training runs with cuDNN SDPA off (the default; its backward gave NaN gradients for this
+    model on the H200 with torch 2.11), the loss stays finite, and the process setting is restored afterwards."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    seen = []
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    result = training.train(config(assets, tmp_path / "sdp", steps=3, checkpoint_every=3, mixed_precision="bf16",
+                                   optimizer="adamw"),
+                            step_callback=lambda step, loss: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    assert seen == [False, False, False] and math.isfinite(result["loss"])
+    assert torch.backends.cuda.cudnn_sdp_enabled()
