@@ -530,11 +530,23 @@ def profile_table(impls: list[Impl], problem: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------- records
 def git_commit() -> str:
+    """HEAD's short hash, with "+modified" when tracked files differ from it (a copied working tree whose git
+    metadata is older than its files: on the lent GPU machine the record once named a commit three behind).
+    ``LORWEB_COMMIT`` in the environment, when set, is taken as given (pass it from the checkout that sent the run)."""
+    if os.environ.get("LORWEB_COMMIT"):
+        return os.environ["LORWEB_COMMIT"][:12] + " (LORWEB_COMMIT)"
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
     except Exception:
         return "unknown"
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except Exception:
+        return head + "+unverified"
+    return head + ("+modified" if dirty else "")
 
 
 def device_name(device: torch.device) -> str:
