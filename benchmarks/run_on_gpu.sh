@@ -15,7 +15,8 @@
 #  6. runs a bounded tuning sweep (benchmarks/tune_kernels.py, when present) with the time that is left.
 #
 # OUTDIR receives at most 8 files: run.log, pytest_gpu.txt, resources.json, aot.tar.gz, bench_target.md,
-# bench_target.tar.gz (JSON record, plot, profiler table, host_overhead.*), tune.tar.gz, steps.txt (exit status of every step).
+# bench_target.tar.gz (JSON record, plot, profiler table, host_overhead.*), tune.tar.gz, steps.txt (exit status of
+# every step).
 # Without a CUDA GPU it exits with status 2 and says so. The full grid is benchmarks/run_full_on_gpu.sh.
 set -u -o pipefail
 

@@ -4,8 +4,8 @@
     python benchmarks/tune_kernels.py --dry-run         # anywhere: lists the sweep, measures nothing
 
 For each METHOD.md layer shape (in, out), each R and dtype, every candidate configuration of ``shrink``, ``expand``
-(fused with the base GEMM) and ``grad_basis`` is timed in device time (the benchmark's Timer: median, no host overhead, inputs rotated) at a representative
-token count (--tokens; the choice is recorded by (in, out, R, dtype) only, never by M), and the forward of the fused
+(fused with the base GEMM) and ``grad_basis`` is timed in device time (the benchmark's Timer: median, no host
+overhead, inputs rotated) at a representative token count (--tokens; the choice is recorded by (in, out, R, dtype) only, never by M), and the forward of the fused
 route is compared with the composed route (shrink + two cuBLAS addmm) to set ``route``. The sweep stops at
 --budget-s (the best configuration found so far is kept; unswept shapes keep the table's defaults). The table's
 ``defaults`` are kept; ``entries`` are replaced by the measured winners and ``tuned`` becomes true. The launchers
@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_mixed_lora (its Timer) sits beside this file
 
 LAYERS = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072), (3072, 18432), (3072, 9216))
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -90,7 +92,6 @@ def _bench(fn, n_inputs: int = 1) -> float:
     """Median device milliseconds of ``fn(i)`` (i rotates over the input pool) without host overhead: the
     benchmark's Timer (calls enqueued behind a GPU sleep, CUDA events between them). Wall-clock timing such as
     ``do_bench`` measured the launchers' host cost instead of the kernels on the H200 (a 25 us shrink timed 0.3 ms)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_mixed_lora import Timer
 
     return float(Timer(torch.device("cuda"), warmup=3, reps=15, budget_s=2.0).run(fn, n_inputs))

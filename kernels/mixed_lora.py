@@ -436,7 +436,14 @@ def gpu_family(device: Optional[torch.device] = None) -> str:
     that fit 99 KiB of shared memory; also the CPU interpreter's table)."""
     if device is None or device.type != "cuda" or interpreting():
         return "default"
-    major, minor = torch.cuda.get_device_capability(device)
+    return _cuda_family(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@lru_cache(maxsize=None)
+def _cuda_family(index: int) -> str:
+    """``gpu_family`` of CUDA device ``index``, looked up once per process (a file-system check per launch cost
+    host time on every call)."""
+    major, minor = torch.cuda.get_device_capability(index)
     family = f"sm{major}{minor}"
     return family if config_path(family).is_file() else "default"
 
@@ -585,9 +592,14 @@ def kernel_config(kernel: str, in_features: int, out_features: int, R: int, dtyp
 
 # ---------------------------------------------------------------------------------------------------- launchers
 def _fake_args(args) -> bool:
-    """Whether a fake tensor is among the launch arguments (or under a TMA descriptor)."""
-    return any(is_fake(a) if isinstance(a, torch.Tensor) else
-               isinstance(getattr(a, "base", None), torch.Tensor) and is_fake(a.base) for a in args)
+    """Whether a fake tensor is among the launch arguments (or under a TMA descriptor). Plain tensors that are not
+    functional wrappers are answered without ``is_fake`` (it walks subclasses; this runs on every launch)."""
+    for a in args:
+        t = a if isinstance(a, torch.Tensor) else getattr(a, "base", None)
+        if (isinstance(t, torch.Tensor) and (type(t) is not torch.Tensor or torch._is_functional_tensor(t))
+                and is_fake(t)):
+            return True
+    return False
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:

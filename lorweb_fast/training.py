@@ -252,7 +252,8 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
-#: TrainConfig fields that may differ when resuming: the step budget, and options that change no computed value.
+#: TrainConfig fields that may differ when resuming: the step budget, options that change no computed value, and
+#: the attention kernel choice (cudnn_attention: roundings only).
 RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers", "cudnn_attention")
 #: What a stored config that lacks a field did, where that differs from the field's default today: runs written
 #: before ``batching`` existed batched across buckets.
@@ -544,9 +545,13 @@ def _warn_if_layers_unwrapped(model) -> None:
                       "TRANSFORMER_BASED_WRAP (blocks from the model's _no_split_modules)", stacklevel=3)
 
 
-def _check_gradients(grad_norm, model, step: int, cfg: TrainConfig) -> None:
+def _check_gradients(grad_norm, model, step: int, cfg: TrainConfig, *, scaled: bool = False) -> None:
     """Raise before the optimizer step when the gradient norm is not finite (the parameters stay as they were):
-    naming the parameters whose gradients are not finite on this rank."""
+    naming the parameters whose gradients are not finite on this rank. With a loss scaler (fp16) an overflow is
+    expected now and then: the scaler skips that step and lowers the scale, so nothing is raised. ``grad_norm`` is
+    the global norm (every rank sees the same value, so every rank raises together)."""
+    if scaled:
+        return
     norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     if math.isfinite(norm):
         return
@@ -574,24 +579,24 @@ def cast_block_inputs_in_recompute(model) -> int:
     mismatch. This adds, after FSDP's own hook, a hook that applies the same cast: a no-op in the forward (already
     cast), the missing cast in the recompute. Returns the number of units hooked."""
     from torch.distributed.fsdp import FSDPModule
-    from torch.utils._pytree import tree_map
+    from torch.distributed.utils import _apply_to_tensors  # what FSDP casts with (dataclasses, namedtuples, dicts)
 
     hooked = 0
     for module in model.modules():
-        if not isinstance(module, FSDPModule):
-            continue
+        if not isinstance(module, FSDPModule) or hasattr(module, "_lorweb_recompute_cast"):
+            continue  # a second call (train() again on the same model) adds nothing
         policy = module._get_fsdp_state()._mp_policy
         dtype = policy.param_dtype
         if dtype is None or not policy.cast_forward_inputs:
             continue
 
         def cast(t, dtype=dtype):
-            return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
+            return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
 
         def hook(_module, args, kwargs, cast=cast):
-            return tree_map(cast, args), tree_map(cast, kwargs)
+            return _apply_to_tensors(cast, args), _apply_to_tensors(cast, kwargs)
 
-        module.register_forward_pre_hook(hook, with_kwargs=True)
+        module._lorweb_recompute_cast = module.register_forward_pre_hook(hook, with_kwargs=True)
         hooked += 1
     return hooked
 
@@ -865,9 +870,10 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
             with accelerator.autocast():
                 loss = flow_matching_loss(model, pipe, batch, query, cfg, generator, per_forward_query=sharded)
             accelerator.backward(loss)
-            if cfg.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                _check_gradients(grad_norm, model, step + 1, cfg)
+            # the norm is computed without clipping when max_grad_norm is 0 (max_norm inf scales by 1)
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+            grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+            _check_gradients(grad_norm, model, step + 1, cfg, scaled=accelerator.scaler is not None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

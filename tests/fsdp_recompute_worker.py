@@ -54,21 +54,33 @@ def grads(use_checkpoint: bool, hook: bool):
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     hooked = cast_block_inputs_in_recompute(model) if hook else 0
+    if hook:
+        assert cast_block_inputs_in_recompute(model) == 0  # a second call adds no hooks
     model(torch.randn(4, 8)).float().square().sum().backward()
-    return hooked, [p.grad.full_tensor().clone() for p in model.parameters()]
+    return hooked, [p.grad.full_tensor().clone() for p in model.parameters()], model
+
+
+def direct_cast(model) -> list:
+    """The added hook called by hand on fp32 inputs (positional, a tuple, a keyword): the dtypes it returns."""
+    block = model.blocks[0]
+    hook = block._forward_pre_hooks[block._lorweb_recompute_cast.id]
+    args, kwargs = hook(block, (torch.ones(2), (torch.ones(2), 3)), {"rope": torch.ones(2), "n": torch.arange(2)})
+    return [str(args[0].dtype), str(args[1][0].dtype), str(kwargs["rope"].dtype), str(kwargs["n"].dtype)]
 
 
 def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        _, reference = grads(use_checkpoint=False, hook=False)
+        _, reference, _ = grads(use_checkpoint=False, hook=False)
         SEEN.clear()
         result = {}
         try:
-            hooked, got = grads(use_checkpoint=True, hook=sys.argv[2] == "hook")
+            hooked, got, model = grads(use_checkpoint=True, hook=sys.argv[2] == "hook")
             result["hooked"] = hooked
             result["max_grad_diff"] = max((a - b).abs().max().item() for a, b in zip(reference, got))
+            if hooked:
+                result["direct_cast"] = direct_cast(model)
         except Exception as exc:  # reported to the test, which decides
             result["error"] = f"{type(exc).__name__}: {exc}"[:300]
         result["seen"] = SEEN

@@ -117,3 +117,39 @@ def test_traced_launches_take_the_pointer_kernels(monkeypatch):
     with FakeTensorMode():
         run()
     assert launched == [("_shrink_kernel", 64), ("_expand_kernel", 64)]
+
+
+def test_eager_launches_call_the_kernel_and_traced_ones_go_through_wrap_triton(monkeypatch):
+    """On a GPU, eager launches skip wrap_triton (its higher-order-op path cost ~0.3 ms of host time per launch on the
+    H200); fake tensors (also under a TMA descriptor) and active dispatch modes (proxy tracing, functionalization)
+    go through it so that torch.compile records the launch."""
+    import types
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    routes = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: routes.append("direct")
+
+    class Wrapped:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: routes.append("wrap_triton")
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(K, "interpreting", lambda: False)
+    monkeypatch.setattr(K, "wrap_triton", lambda kernel: Wrapped())
+    real = torch.randn(4, 4)
+    K._launch(Kernel(), (1,), real, torch.nn.Parameter(torch.randn(2)), types.SimpleNamespace(base=real), 3, 0.5)
+    with PassThrough():
+        K._launch(Kernel(), (1,), real, 3)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(real)
+    K._launch(Kernel(), (1,), real, fake)
+    K._launch(Kernel(), (1,), real, types.SimpleNamespace(base=fake))
+    assert routes == ["direct", "wrap_triton", "wrap_triton", "wrap_triton"]

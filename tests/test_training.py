@@ -307,13 +307,16 @@ def test_fsdp2_checkpointed_blocks_recompute_with_cast_inputs():
     """Found on the H200 (torch 2.11): FSDP2 skips its input cast while backward recomputes a checkpointed block, so
     FLUX's fp32 rotary embedding reached the recompute in fp32 after the forward had seen bf16, and
     torch.utils.checkpoint refused the mismatch. With ``cast_block_inputs_in_recompute`` every call of every block
-    (forward and recompute) sees the param dtype and the gradients equal those of the run without checkpointing.
-    Without the hook, torch versions with that FSDP behaviour fail exactly as on the GPU (others pass both ways)."""
+    (forward and recompute) sees the param dtype and the gradients equal those of the run without checkpointing; the
+    hook called by hand casts positional, nested and keyword floating inputs. Without the hook, torch versions with
+    that FSDP behaviour fail exactly as on the GPU (newer ones cast in the recompute themselves)."""
     hooked = _recompute_run("hook")
     assert "error" not in hooked, hooked
     assert hooked["hooked"] == 3  # two blocks and the root
     assert hooked["seen"] == ["torch.bfloat16"] * 4, hooked["seen"]  # 2 blocks x (forward + recompute)
     assert hooked["max_grad_diff"] == 0.0
+    # the hook itself, called by hand (this fails on any torch): floating inputs to bf16, integer ones untouched
+    assert hooked["direct_cast"] == ["torch.bfloat16"] * 3 + ["torch.int64"]
     plain = _recompute_run("nohook")
     if "error" in plain:
         assert "CheckpointError" in plain["error"] and "torch.float32" in plain["seen"], plain
@@ -648,6 +651,26 @@ def test_non_finite_gradients_stop_before_the_optimizer_step():
         training._check_gradients(torch.tensor(float("nan")), model, 3, cfg)
     with pytest.raises(FloatingPointError, match="--cudnn-attention"):
         training._check_gradients(torch.tensor(float("inf")), model, 3, dataclasses.replace(cfg, cudnn_attention=True))
+    # fp16's loss scaler skips overflowing steps itself and lowers the scale: no error then
+    training._check_gradients(torch.tensor(float("inf")), model, 3, cfg, scaled=True)
+
+
+def test_non_finite_gradients_stop_training_without_clipping_too(assets, tmp_path, monkeypatch):
+    """With --max-grad-norm 0 (no clipping) the norm is still computed and a non-finite one stops the run before the
+    optimizer step: the weights written before stay the last ones."""
+    cfg = config(assets, tmp_path / "nan", steps=3, checkpoint_every=1, max_grad_norm=0.0)
+    real = training.flow_matching_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(training, "flow_matching_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 2; the optimizer step was not taken"):
+        training.train(cfg)
+    assert int(training.latest_checkpoint(tmp_path / "nan").name.split("-")[1]) == 1
 
 
 @pytest.mark.gpu
