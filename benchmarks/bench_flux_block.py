@@ -32,7 +32,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mixed_lora import DTYPES, RESULTS_DIR, Timer, device_clocks, device_name, git_commit  # noqa: E402
+from bench_mixed_lora import (DTYPES, RESULTS_DIR, Timer, device_clocks, device_name, git_commit,  # noqa: E402
+                              installed_triton_version)
 
 import lorweb_fast as lf  # noqa: E402
 from lorweb_fast.layer import LoRWeBLinear  # noqa: E402
@@ -258,12 +259,7 @@ def main(argv=None) -> dict:
     bar.close()
     commit = git_commit()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    triton_version = installed_triton_version()
     record = dict(label="GPU" if on_gpu else "CPU", device=device_name(device), torch=torch.__version__,
                   triton=triton_version, cuda=torch.version.cuda, commit=commit, date=date,
                   dtype=str(dtype).replace("torch.", ""), config=cfg, layers=len(layers),

@@ -549,6 +549,15 @@ def git_commit() -> str:
     return head + ("+modified" if dirty else "")
 
 
+def installed_triton_version():
+    """triton's version, or None when it is not installed."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -715,12 +724,7 @@ def main(argv=None) -> dict:
     results, not_run = [], []
     profile_cfg = next((c for c in configs if all(c[k] == v for k, v in TARGET.items()) and c["N"] * c["r"] == 128),
                        configs[0]) if (on_gpu if args.profile is None else args.profile) else None
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    triton_version = installed_triton_version()
     commit = git_commit()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     timing = ("device time per call: events between back-to-back calls behind an enqueued torch.cuda._sleep "

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mixed_lora import Impl, Timer, device_name, git_commit, make_problem, make_step  # noqa: E402
+from bench_mixed_lora import (RESULTS_DIR, Impl, Timer, device_name, git_commit,  # noqa: E402
+                              installed_triton_version, make_problem, make_step)
 
 IMPLS = ("linear", "torch", "triton", "cuda", "shrink", "expand")
 FORWARD_ONLY = ("shrink", "expand")
@@ -47,7 +48,7 @@ def host_ms(step, n_inputs: int, calls: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "host_overhead"))
+    ap.add_argument("--out", default=str(RESULTS_DIR / "host_overhead"))
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--profile", action="store_true")
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
                 profiles.append(f"== {name} ({mode}), {args.calls} calls\n{buf.getvalue()}")
     rows += breakdown(problem, args.calls)
     linear = {r["mode"]: r["host_ms"] for r in rows if r["impl"] == "linear"}
-    record = {"device": device_name(device), "torch": torch.__version__, "triton": _triton_version(),
+    record = {"device": device_name(device), "torch": torch.__version__,
+              "triton": installed_triton_version() or "-",
               "commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "shape": cfg, "dtype": "bf16", "calls": args.calls, "rows": rows}
     out = Path(args.out)
@@ -140,15 +142,6 @@ def breakdown(problem: dict, calls: int) -> list[dict]:
         out.append({"impl": name, "mode": "fwd", "host_ms": round(ms, 4)})
         print(f"{name:20s} fwd host {ms * 1e3:8.1f} us/call", flush=True)
     return out
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "-"
 
 
 if __name__ == "__main__":

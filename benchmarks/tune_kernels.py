@@ -5,8 +5,9 @@
 
 For each METHOD.md layer shape (in, out), each R and dtype, every candidate configuration of ``shrink``, ``expand``
 (fused with the base GEMM) and ``grad_basis`` is timed in device time (the benchmark's Timer: median, no host
-overhead, inputs rotated) at a representative token count (--tokens; the choice is recorded by (in, out, R, dtype) only, never by M), and the forward of the fused
-route is compared with the composed route (shrink + two cuBLAS addmm) to set ``route``. The sweep stops at
+overhead, inputs rotated) at a representative token count (--tokens; the choice is recorded by (in, out, R, dtype)
+only, never by M), and the forward of the fused route is compared with the composed route (shrink + two cuBLAS
+addmm) to set ``route``. The sweep stops at
 --budget-s (the best configuration found so far is kept; unswept shapes keep the table's defaults). The table's
 ``defaults`` are kept; ``entries`` are replaced by the measured winners and ``tuned`` becomes true. The launchers
 read the table at run time; nothing is autotuned at run time.

@@ -602,19 +602,26 @@ def _fake_args(args) -> bool:
     return False
 
 
+def traced(*args) -> bool:
+    """True while torch.compile (or export) traces the launcher: a torch dispatch mode is active (proxy tracing,
+    functionalization, fake mode) or a launch argument is fake. Traced launches go through ``wrap_triton`` and take
+    the pointer kernels: host-side TMA descriptors hold the tensor itself, which a traced graph cannot keep
+    (inductor then failed to hash the graph on the H200); both compute the same result."""
+    return _get_current_dispatch_mode() is not None or _fake_args(args)
+
+
 def _launch(kernel, grid, *args, **kwargs) -> None:
     """Launch a kernel. Eager launches call the JIT kernel directly: ``wrap_triton`` there goes through the
     higher-order-op machinery (pytree flattening, signature binding), which cost ~0.3 ms of host time per launch on
-    the H200 (torch 2.11), 10x the kernel at M=8192. While torch.compile traces (fake tensors, or a torch dispatch
-    mode such as proxy tracing or functionalization active) the launch goes through ``wrap_triton`` so that it is
-    recorded in the graph. Under TRITON_INTERPRET=1 the interpreted kernel always runs directly (torch 2.11's
-    wrap_triton refuses it), except on fake tensors while shapes are propagated (the outputs are already allocated
-    with their final shapes). ``lorweb_fast.aot`` replaces this function to record launches instead of running
-    them."""
+    the H200 (torch 2.11), 10x the kernel at M=8192. While torch.compile traces (``traced``) the launch goes through
+    ``wrap_triton`` so that it is recorded in the graph. Under TRITON_INTERPRET=1 the interpreted kernel always runs
+    directly (torch 2.11's wrap_triton refuses it), except on fake tensors while shapes are propagated (the outputs
+    are already allocated with their final shapes). ``lorweb_fast.aot`` replaces this function to record launches
+    instead of running them."""
     if interpreting():
         if not _fake_args(args):
             kernel[grid](*args, **kwargs)
-    elif _get_current_dispatch_mode() is not None or _fake_args(args):
+    elif traced(*args):
         wrap_triton(kernel)[grid](*args, **kwargs)
     else:
         kernel[grid](*args, **kwargs)
@@ -658,20 +665,12 @@ def _tma_aligned(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and (t.storage_offset() * size) % 16 == 0
 
 
-def traced(t: torch.Tensor) -> bool:
-    """True while torch.compile (or export) traces the launcher: its tensors are fake (or functional wrappers of
-    fake ones). Host-side TMA descriptors hold the tensor itself, which a traced graph cannot keep (inductor then
-    fails to hash the graph: found on the H200), so traced launches take the pointer kernels, which compute the same
-    result."""
-    return is_fake(t)
-
-
 def tma_usable(x: torch.Tensor, a_cat: torch.Tensor, r0: int, r1: int, family: str) -> bool:
     """Whether the shrink can fetch x (M, K) and a_cat (R, K) by TMA: a Hopper-or-newer GPU (or the interpreter),
     aligned operands (``_tma_aligned``), chunk heights <= 256 (the TMA box limit) and not traced (``traced``).
     Otherwise the table's ``tma`` flag falls back to the pointer kernel (cp.async), which computes the same result."""
     return (_tma_device(x, family) and max(r0, r1) <= 256 and _tma_aligned(x) and _tma_aligned(a_cat)
-            and not traced(x))
+            and not traced(x, a_cat))
 
 
 @lru_cache(maxsize=None)
@@ -882,7 +881,7 @@ def expand(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], z: torch.T
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     operands = [z, b_cat] + ([x, weight] if has_x else [])
     if (cfg["tma"] and max(bm, bn, bk) <= 256 and _tma_device(z, family) and all(map(_tma_aligned, operands))
-            and not traced(z)):
+            and not traced(*operands)):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         z_desc = TensorDescriptor.from_tensor(z, [bm, bk])

@@ -472,30 +472,34 @@ class AnalogyEncoder:
         grids = [load_image(g) for g in _as_list(grids)]
         if not grids:
             raise ValueError("query_from_grid needs at least one grid")
-        a, a2, b, zeroed, top = [], [], [], [], []
+        sizes = []  # (w, h, s): s = w // 2 is the cell side of the official crops
         for grid in grids:
             w, h = grid.size
             s = w // 2
             if s < 1 or h - s < 1:
                 raise ValueError(f"a {w}x{h} grid is too wide for the official crops: b = (0, {s}, {s}, {h}) is "
                                  "empty (the grid's height must exceed half its width)")
-            a.append(grid.crop((0, 0, s, s)))
-            a2.append(grid.crop((s, 0, w, s)))
-            b.append(grid.crop((0, s, s, h)))
-            z = grid.copy()
-            z.paste(Image.new("RGB", (w - s, h - s)), (s, s))
-            zeroed.append(z)
-            top.append(grid.crop((0, 0, w, s)))
+            sizes.append((w, h, s))
+
+        def crops(box):  # only the crops the mode needs (this runs on every training step)
+            return [grid.crop(box(w, h, s)) for grid, (w, h, s) in zip(grids, sizes)]
+
         if mode in ("aa'bb'", "caa'bb'"):
             return self._encode(grids, mode)
-        if mode in ("caa'b", "paa'b", "paa'b3"):
+        if mode in ("caa'b", "paa'b", "paa'b3"):  # the grid with b' zeroed
+            zeroed = []
+            for grid, (w, h, s) in zip(grids, sizes):
+                z = grid.copy()
+                z.paste(Image.new("RGB", (w - s, h - s)), (s, s))
+                zeroed.append(z)
             return self._encode(zeroed, mode)
         if mode == "caa'":
-            return self._encode(top, mode)
-        ea, ea2 = self._encode(a, mode), self._encode(a2, mode)
+            return self._encode(crops(lambda w, h, s: (0, 0, w, s)), mode)
+        ea = self._encode(crops(lambda w, h, s: (0, 0, s, s)), mode)
+        ea2 = self._encode(crops(lambda w, h, s: (s, 0, w, s)), mode)
         if mode == "ca'-ca":
             return ea2 - ea
-        eb = self._encode(b, mode)
+        eb = self._encode(crops(lambda w, h, s: (0, s, s, h)), mode)
         if mode == "ca'-ca+cb":
             return ea2 - ea + eb
         return torch.cat([ea, ea2, eb], dim=1)  # cat-aa'b, cat-paa'b, cat-paa'b3
@@ -756,8 +760,6 @@ class LoRWeBKontextPipeline:
         if per_prompt > 1 and count > 1:
             raise ValueError("num_images_per_prompt > 1 is supported for a single analogy only; pass the analogy "
                              "several times instead")
-        if output_type not in ("pil", "np"):
-            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
         if generator is None:
             generator = torch.Generator(device=self.pipe._execution_device).manual_seed(seed)
         strategy = self.merge_strategy(merge, count * per_prompt)

@@ -20,8 +20,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .model import (CHECKPOINT_PREFIX, DEFAULT_ENCODER, LoRWeBCheckpointError, _require_layers, checkpoint_metadata,
-                    load_lorweb_weights, lorweb_layers, remove_lorweb, save_lorweb_weights)
+from .model import (CHECKPOINT_PREFIX, DEFAULT_ENCODER, LoRWeBCheckpointError, _refuse_merged, _require_layers,
+                    checkpoint_metadata, load_lorweb_weights, lorweb_layers, remove_lorweb, save_lorweb_weights)
 
 #: File names written by ``save_pretrained`` and looked for by ``load_lora_weights`` in a directory.
 WEIGHT_NAME = "lorweb.safetensors"
@@ -93,9 +93,7 @@ def set_lorweb_scale(model: nn.Module, scale: float) -> None:
     if strategy not in (None, "jit"):
         raise RuntimeError(f"the mixture is fused into the weights (strategy={strategy!r}); call unfuse_lora() "
                            "before changing its scale")
-    if any(layer._merged for layer in layers.values()):
-        raise RuntimeError("set_lorweb_scale inside a merged() block: the merged weights were built with the old "
-                           "scale and would silently stay in use; exit the merged() block first")
+    _refuse_merged(layers, "set_lorweb_scale", "the current scale")
     for layer in layers.values():
         layer._lorweb_scale = float(scale)
 
@@ -148,6 +146,7 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
     metadata records: both are checked before the model changes. Returns (checkpoint file, loaded modules).
     """
     from .model import resolve_checkpoint_settings
+    from .official_config import config_beside
 
     file = resolve_weight_file(path_or_dir, weight_name)
     checkpoint_metadata(file)  # a corrupt file fails before anything changes
@@ -157,7 +156,7 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
             raise LoRWeBCheckpointError(f"{file} expects queries of {got} features but the analogy encoder gives "
                                         f"{query_dim}; the model was not changed")
     if config is None and Path(path_or_dir).is_dir():
-        config = next((c for c in (file.parent / CONFIG_NAME, Path(path_or_dir) / CONFIG_NAME) if c.is_file()), None)
+        config = config_beside(file, Path(path_or_dir))
     if query_settings:
         recorded = resolve_checkpoint_settings(file, config)
         differ = {k: (recorded[k], v) for k, v in query_settings.items()
@@ -248,7 +247,8 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, enc
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, encoder: str = DEFAULT_ENCODER, query_mode: str = "cat-aa'b",
-                pooling_type: str = "avg", base_model: Optional[str] = None, training: Optional[dict] = None, private: Optional[bool] = None,
+                pooling_type: str = "avg", base_model: Optional[str] = None, training: Optional[dict] = None,
+                private: Optional[bool] = None,
                 token: Optional[str] = None, commit_message: str = "Upload LoRWeB weights"):
     """``save_pretrained`` into a temporary folder, then ``huggingface_hub`` create_repo + upload_folder."""
     import huggingface_hub

@@ -207,12 +207,12 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
     return get_coefficients(model)
 
 
-def _refuse_merged(layers: Mapping[str, LoRWeBLinear], what: str) -> None:
+def _refuse_merged(layers: Mapping[str, LoRWeBLinear], what: str,
+                   built_from: str = "the current coefficients") -> None:
     inside = [n for n, layer in layers.items() if layer._merged]
     if inside:
         raise RuntimeError(f"{what} inside a merged() block ({inside[0]} is merged): the merged weights were built "
-                           "from the current coefficients and would silently stay in use; exit the merged() block "
-                           "first")
+                           f"from {built_from} and would silently stay in use; exit the merged() block first")
 
 
 def clear_query(model: nn.Module) -> None:
@@ -291,7 +291,8 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a dict of strings, got {type(metadata).__name__}")
     user = {str(k): str(v) for k, v in (metadata or {}).items()}
-    reserved = sorted(k for k in user if k in RESERVED_METADATA or (k.startswith("lorweb.") and k not in QUERY_METADATA))
+    reserved = sorted(k for k in user
+                      if k in RESERVED_METADATA or (k.startswith("lorweb.") and k not in QUERY_METADATA))
     if reserved:
         raise ValueError(f"metadata may not set {reserved}: these keys describe the layers and are written from them "
                          "(change the layers' configuration instead)")
@@ -581,12 +582,10 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
             by_dim[d].append(n)
         problems.append("inconsistent query_dim across layers (one query feeds them all): " + ", ".join(
             f"{d} in {len(ns)} layers (e.g. {ns[0]})" for d, ns in sorted(by_dim.items())))
-    for name, t in groups.items():
-        if "att_lora_to_q.weight" in t and t["att_lora_to_q.weight"].dim() == 2:
-            key_dim = t["att_lora_to_q.weight"].shape[0]
-            if key_dim % cfg["heads"]:
-                problems.append(f"metadata lorweb.heads={cfg['heads']} does not divide key_dim={key_dim} of "
-                                f"{CHECKPOINT_PREFIX}{name}")
+    for name, t in groups.items():  # lora_keys (N, key_dim) exists for every projection type
+        if "lora_keys" in t and t["lora_keys"].dim() == 2 and t["lora_keys"].shape[1] % cfg["heads"]:
+            problems.append(f"heads={cfg['heads']} ({where['heads']}) does not divide "
+                            f"key_dim={t['lora_keys'].shape[1]} of {CHECKPOINT_PREFIX}{name}")
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise LoRWeBCheckpointError(f"LoRWeB checkpoint does not match {type(model).__name__} "
@@ -600,9 +599,6 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         n, _, r = tensors["lora_A"].shape
         key_dim = tensors["lora_keys"].shape[1]
         query_dim = tensors["att_lora_to_q.weight"].shape[1] if projection == "linear" else key_dim
-        if key_dim % cfg["heads"]:
-            raise LoRWeBCheckpointError(f"heads={cfg['heads']} ({where['heads']}) does not divide key_dim={key_dim} "
-                                        f"of {CHECKPOINT_PREFIX}{name}; the model was not changed")
         new_layers[name] = LoRWeBLinear(modules[name], num_loras=n, rank=r, lora_alpha=cfg["scale"] * r,
                                         key_dim=key_dim, query_dim=query_dim, heads=cfg["heads"],
                                         activation=cfg["activation"], reduce=cfg["reduce"],

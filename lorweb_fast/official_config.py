@@ -291,5 +291,10 @@ def find_checkpoint(directory: Union[str, os.PathLike]) -> tuple[Path, Optional[
                 break
     if chosen is None:
         raise FileNotFoundError(f"no complete LoRWeB checkpoint (*.safetensors) in {root}")
-    config = next((c for c in (chosen.parent / CONFIG_NAME, root / CONFIG_NAME) if c.is_file()), None)
-    return chosen, config
+    return chosen, config_beside(chosen, root)
+
+
+def config_beside(file: Path, root: Path) -> Optional[Path]:
+    """The config.yaml that goes with checkpoint ``file`` picked from folder ``root``: beside the file, else in
+    ``root`` (an official run folder keeps one config.yaml for all its step files); None when neither exists."""
+    return next((c for c in (file.parent / CONFIG_NAME, root / CONFIG_NAME) if c.is_file()), None)

@@ -213,37 +213,30 @@ class TrainConfig:
     num_workers: int = 2
     progress: bool = True
 
-    def validate(self) -> None:
-        for name, allowed in (("timestep_type", TIMESTEP_TYPES), ("layout", LAYOUTS), ("resize", RESIZE_MODES),
-                              ("bidirectional", BIDIRECTIONAL), ("adapter_precision", ADAPTER_PRECISIONS),
-                              ("quantize_base", QUANTIZE_BASE), ("batching", BATCHINGS)):
+    def _check_choices(self, choices) -> None:
+        for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    def validate(self) -> None:
+        self._check_choices((("timestep_type", TIMESTEP_TYPES), ("layout", LAYOUTS), ("resize", RESIZE_MODES),
+                             ("bidirectional", BIDIRECTIONAL), ("adapter_precision", ADAPTER_PRECISIONS),
+                             ("quantize_base", QUANTIZE_BASE), ("batching", BATCHINGS)))
         if self.weighting_scheme != "none" and self.timestep_type != "diffusers":
             raise ValueError(f"weighting_scheme={self.weighting_scheme!r} is a diffusers scheme: it needs "
                              f"timestep_type='diffusers' (--timestep-type diffusers), got {self.timestep_type!r}")
-        if self.weighting_scheme not in WEIGHTING_SCHEMES:
-            raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
+        self._check_choices((("weighting_scheme", WEIGHTING_SCHEMES), ("optimizer", OPTIMIZERS),
+                             ("mixed_precision", MIXED_PRECISIONS)))
         for name in ("steps", "batch_size", "checkpoint_every", "long_edge"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         from .official_config import QUERY_SOURCES, SAVE_DTYPES, check_query_settings
 
         check_query_settings(self.query_mode, self.pooling_type, self.query_projection_type)
-        if self.query_source not in QUERY_SOURCES:
-            raise ValueError(f"query_source must be one of {QUERY_SOURCES}, got {self.query_source!r}")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"save_dtype must be one of {tuple(SAVE_DTYPES)}, got {self.save_dtype!r}")
+        self._check_choices((("query_source", QUERY_SOURCES), ("save_dtype", tuple(SAVE_DTYPES))))
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.reduce not in REDUCTIONS:
-            raise ValueError(f"reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
+        self._check_choices((("activation", ACTIVATIONS), ("reduce", REDUCTIONS)))
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: --resume continues the run in --out, "
                              "--overwrite deletes it and starts over")

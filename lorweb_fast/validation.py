@@ -230,7 +230,8 @@ def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, cells_fro
     squashes it)."""
     ratios = [im.size[0] / max(1, im.size[1]) for im in (a if cells_from == "a" else b)]
     if len(ratios) > 1 and max(ratios) / min(ratios) > 1.01:
-        warnings.warn(f"the {cells_from} images of this batch have different aspect ratios ({', '.join(f'{r:.2f}' for r in ratios)}"
+        shown = ", ".join(f"{r:.2f}" for r in ratios)
+        warnings.warn(f"the {cells_from} images of this batch have different aspect ratios ({shown}"
                       "); every grid uses the first analogy's cell shape, so the others are stretched. Run them in "
                       "separate calls to keep their proportions", UserWarning, stacklevel=stacklevel)
     for role, images in (("a", a), ("a_prime", a_prime), ("b", b)):
@@ -266,7 +267,8 @@ def check_pipe_kwargs(pipe_kwargs: dict, call=None) -> dict:
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key in pipe_kwargs:
         if key in PIPELINE_OWNED_ARGS:
-            raise ValueError(f"pipeline argument {key!r} is set by the LoRWeB pipeline (use {PIPELINE_OWNED_ARGS[key]})")
+            raise ValueError(f"pipeline argument {key!r} is set by the LoRWeB pipeline "
+                             f"(use {PIPELINE_OWNED_ARGS[key]})")
         if key not in accepted and not open_ended:
             raise ValueError(f"unknown pipeline argument {key!r}; FluxKontextPipeline accepts "
                              f"{', '.join(sorted(accepted - set(PIPELINE_OWNED_ARGS)))}")

@@ -35,7 +35,8 @@ def tiny_model(seed=0):
 
 def snapshot(m):
     return {k: v.detach().clone() for k, v in m.state_dict().items()}, {
-        n: (None if l.coefficients is None else l.coefficients.detach().clone()) for n, l in lf.lorweb_layers(m).items()}
+        n: (None if l.coefficients is None else l.coefficients.detach().clone())
+        for n, l in lf.lorweb_layers(m).items()}
 
 
 def bits(t):

@@ -22,8 +22,8 @@ from lorweb_fast.training import TrainConfig, prepare_output
 
 def cfg_for(out, **over) -> TrainConfig:
     values = dict(data="data", out=str(out), model="m", encoder="e", steps=8, batch_size=2, learning_rate=1e-2,
-                  mixed_precision="no", long_edge=64, resize="long-edge", num_loras=4, rank=2, key_dim=8, checkpoint_every=2,
-                  num_workers=0, progress=False)
+                  mixed_precision="no", long_edge=64, resize="long-edge", num_loras=4, rank=2, key_dim=8,
+                  checkpoint_every=2, num_workers=0, progress=False)
     values.update(over)
     return TrainConfig(**values)
 
@@ -288,9 +288,9 @@ def test_killed_mid_run_then_resume_is_bit_identical(assets, tmp_path, signame):
     def argv(out, steps):
         return ["train", "--data", str(assets / "data"), "--out", str(out), "--model", str(assets / "pipe"),
                 "--encoder", str(assets / "clip"), "--steps", str(steps), "--batch-size", "2", "--mixed-precision",
-                "no", "--long-edge", "64", "--resize", "long-edge", "--max-sequence-length", str(demo.DEMO_MAX_SEQUENCE_LENGTH),
-                "--num-loras", "4", "--rank", "2", "--key-dim", "8", "--checkpoint-every", "2", "--num-workers", "0",
-                "--no-progress", "--optimizer", "adamw", "--learning-rate", "0.01"]
+                "no", "--long-edge", "64", "--resize", "long-edge", "--max-sequence-length",
+                str(demo.DEMO_MAX_SEQUENCE_LENGTH), "--num-loras", "4", "--rank", "2", "--key-dim", "8",
+                "--checkpoint-every", "2", "--num-workers", "0", "--no-progress", "--optimizer", "adamw", "--learning-rate", "0.01"]
 
     killed = tmp_path / "killed"
     exe = Path(sys.executable).with_name("lorweb-fast")

@@ -307,7 +307,7 @@ def test_load_lora_weights_picks_the_newest_checkpoint_of_an_official_run_folder
 
     run = tmp_path / "run"
     run.mkdir()
-    shutil.copy(assets / "lorweb.safetensors", run / "job_000000250.safetensors")
+    (run / "job_000000250.safetensors").write_bytes(b"not a checkpoint")  # loading the older step would raise
     shutil.copy(assets / "lorweb.safetensors", run / "job_000000500.safetensors")
     assert lf.lora_api.resolve_weight_file(run) == run / "job_000000500.safetensors"
     pipe.unload_lora_weights()

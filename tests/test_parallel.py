@@ -2,7 +2,6 @@
 run with LoRWeB layers seeing (B, S/2, in); tensor-parallel plans that shard wrapped layers raise clearly."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,21 +11,15 @@ import torch
 
 import lorweb_fast as lf
 from lorweb_fast import parallel
-from lorweb_fast.testing import tiny_flux_config
+from lorweb_fast.testing import free_port, tiny_flux_config
 
 diffusers = pytest.importorskip("diffusers")
 WORKER = Path(__file__).with_name("context_parallel_worker.py")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("mode", ["fused", "jit"])
 def test_context_parallel_matches_single_process(tmp_path, mode):
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(port), str(tmp_path), mode],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     logs = [p.communicate(timeout=900)[0] for p in procs]

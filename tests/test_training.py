@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import lorweb_fast as lf
 from lorweb_fast import cli, demo, flux, training
+from lorweb_fast.testing import free_port
 from lorweb_fast.training import AnalogyDataError, AnalogyFolder, TrainConfig
 
 pytest.importorskip("diffusers")
@@ -288,16 +289,8 @@ def test_fsdp2_bf16_mixed_precision_and_unwrapped_warning(assets, tmp_path):
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _recompute_run(mode: str) -> dict:
-    proc = subprocess.run([sys.executable, str(HERE / "fsdp_recompute_worker.py"), str(_free_port()), mode],
+    proc = subprocess.run([sys.executable, str(HERE / "fsdp_recompute_worker.py"), str(free_port()), mode],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -408,7 +401,8 @@ def test_cli_train(assets, tmp_path):
     out = tmp_path / "cli"
     argv = ["train", "--data", str(assets / "data"), "--out", str(out), "--model", str(assets / "pipe"),
             "--encoder", str(assets / "clip"), "--steps", "2", "--batch-size", "2", "--mixed-precision", "no",
-            "--long-edge", "64", "--resize", "long-edge", "--max-sequence-length", str(demo.DEMO_MAX_SEQUENCE_LENGTH), "--num-loras", "4",
+            "--long-edge", "64", "--resize", "long-edge", "--max-sequence-length", str(demo.DEMO_MAX_SEQUENCE_LENGTH),
+            "--num-loras", "4",
             "--rank", "2", "--key-dim", "8", "--checkpoint-every", "1", "--num-workers", "0", "--no-progress",
             "--timestep-type", "diffusers", "--weighting-scheme", "logit_normal", "--no-gradient-checkpointing"]
     assert cli.main(argv) == 0

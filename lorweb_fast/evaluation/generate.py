@@ -77,7 +77,7 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
             raise EvalInputError(f"{path} is not valid JSON ({exc})") from exc
         old.setdefault("resolution", "native")  # run.json files written before --resolution existed
         diff = {k: (old.get(k), settings.get(k)) for k in RESUME_KEYS if k in old and old.get(k) != settings.get(k)
-                or k not in old and settings.get(k) is not None and k not in ("resolution", *UNRECORDED_BEFORE)}
+                or k not in old and settings.get(k) is not None and k not in UNRECORDED_BEFORE}
         if diff:
             changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise EvalInputError(f"{out} holds a run with other settings ({changes}); use another --out folder")
