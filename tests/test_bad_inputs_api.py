@@ -160,7 +160,7 @@ BAD_INTS = [(0, ValueError, ">= 1"), (-2, ValueError, ">= 1"), (1.5, TypeError, 
 
 @pytest.mark.parametrize("value,exc,fragment", BAD_INTS)
 def test_compute_coefficients_heads(value, exc, fragment):
-    with pytest.raises(exc, match=f"heads.*{fragment}|heads must be"):
+    with pytest.raises(exc, match=f"heads.*{fragment}"):
         _coeff_call(heads=value)
 
 
@@ -168,11 +168,11 @@ def test_compute_coefficients_heads(value, exc, fragment):
 @pytest.mark.parametrize("field", ["num_loras", "rank", "key_dim", "query_dim", "heads"])
 def test_layer_and_config_integers(field, value, exc, fragment):
     base = nn.Linear(6, 5)
-    with pytest.raises(exc, match=field):
+    with pytest.raises(exc, match=f"{field}.*{fragment}"):
         lf.LoRWeBLinear(base, **{field: value})
     m = nn.Sequential(nn.Linear(6, 5))
     before = copy.deepcopy(m.state_dict())
-    with pytest.raises(exc, match=f"LoRWeBConfig.{field}"):
+    with pytest.raises(exc, match=f"LoRWeBConfig.{field}.*{fragment}"):
         lf.inject_lorweb(m, lf.LoRWeBConfig(**{field: value}, target_modules=r"\d"))
     assert not lf.lorweb_layers(m) and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
