@@ -108,7 +108,9 @@ def main(argv=None) -> int:
 
 def breakdown(problem: dict, calls: int) -> list[dict]:
     """Where the triton forward's host time goes: the launchers without the registered op
-    (``mixed_lora.forward``: basis packing, shrink, expand), and the op with Python's garbage collector off."""
+    (``mixed_lora.forward``: basis packing, shrink, expand), the op with Python's garbage collector off, and the
+    forward's recorded kernel launches replayed as bare ``kernel[grid](...)`` calls (Triton's own JIT dispatch,
+    with none of lorweb_fast's Python around it)."""
     import gc
 
     from lorweb_fast import ops
@@ -131,8 +133,21 @@ def breakdown(problem: dict, calls: int) -> list[dict]:
             ops.lorweb_linear(x, problem["weight"], problem["bias"], problem["lora_a"], problem["lora_b"],
                               problem["coeffs"], problem["scale"], backend="triton")
 
+    recorded = []  # the forward's kernel launches, replayed below without any lorweb_fast Python around them
+    original = K._launch
+    K._launch = lambda kernel, grid, *a, **kw: recorded.append((kernel, grid, a, kw))
+    try:
+        launchers(0)
+    finally:
+        K._launch = original
+
+    def jit_launches_only(i):
+        for kernel, grid, a, kw in recorded:
+            kernel[grid](*a, **kw)
+
     out = []
-    for name, fn, gc_off in (("mixed_lora.forward", launchers, False), ("triton (gc off)", op_gc_off, True)):
+    for name, fn, gc_off in (("mixed_lora.forward", launchers, False), ("triton (gc off)", op_gc_off, True),
+                             (f"triton JIT launches alone ({len(recorded)})", jit_launches_only, False)):
         if gc_off:
             gc.disable()
         try:

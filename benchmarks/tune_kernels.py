@@ -134,7 +134,7 @@ def tune(args) -> int:
         calls = {
             "shrink": lambda c, i: K.shrink(xs[i], a_cat, coeffs, 0.5, rps, LORA_RANK, config=c, out_features=n),
             "expand": lambda c, i: K.expand(xs[i], w, z, b_cat, bias=bias, config=c),
-            "grad_basis": lambda c, i: K.grad_basis(z, xs[i], z, dy, config=c),
+            "grad_basis": lambda c, i: K.grad_basis(z, xs[i], z, dy, LORA_RANK, config=c),
         }
         rule = dict(K.lookup(k, n, R, dtype, family))
         best = {}

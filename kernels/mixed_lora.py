@@ -22,7 +22,8 @@ fixed order, no atomics, so results are bit-for-bit deterministic):
   W2 = a_cat. Without X1 it is the delta-only expand, optionally added to ``base``. R is a run-time argument here
   (one compiled kernel per dtype and tile serves every basis size).
 * ``_grad_basis_kernel`` -- backward K3: ``d a_cat = (dZ*scaling)^T x`` and ``d b_cat = z^T dy`` in one launch, split
-  over M into a fixed number of slices whose fp32 partials are summed in slice order.
+  over M into a fixed number of slices of fp32 partials; ``_grad_basis_finish_kernel`` adds them in slice order and
+  writes the gradients straight into the basis layouts (N, in, r) and (N, r, out).
 
 Not done yet (no GPU has measured anything): warp specialization and epilogue/main-loop overlap (``flatten``) in the
 persistent expand; tile tables measured on a GPU.
@@ -53,6 +54,8 @@ from torch.library import wrap_triton
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Largest R served by the Triton kernels; larger bases go through the all-cuBLAS route (see ``choose_route``).
 MAX_FUSED_R = 512
+#: fp32 elements per program of the elementwise finish kernels (rows x columns); a power of two.
+FINISH_ELEMENTS = 8192
 ROUTES = ("fused", "composed", "cublas")
 KERNEL_CONFIG_KEYS = {
     "shrink": ("block_m", "block_k", "split_k", "tma", "num_warps", "num_stages"),
@@ -363,7 +366,7 @@ def _grad_basis_kernel(
     """fp32 partials of L1^T X1 (columns n < N1) and L2^T X2 (columns N1 <= n < N1 + N2) over the rows of slice
     s = program_id(1), with L* (M, R) and X* (M, N*) at unit column strides. Each program accumulates a transposed
     (BLOCK_N, R chunk) tile, X^T L, so that the MMA's M dimension is BLOCK_N (wgmma needs 64) even for R = 16, and
-    stores it to PART (SPLIT_M, N1 + N2, R0 + R1); the launcher adds the slices in order.
+    stores it to PART (SPLIT_M, N1 + N2, R0 + R1); ``_grad_basis_finish_kernel`` adds the slices in order.
     Backward K3: L1 = dZ * scaling, X1 = x (-> d a_cat); L2 = z, X2 = dy (-> d b_cat)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -418,6 +421,45 @@ def _grad_basis_kernel(
     tl.store(part + nn[:, None] * (R0 + R1) + c0[None, :], acc0, mask=col_ok[:, None])
     if R1 > 0:
         tl.store(part + nn[:, None] * (R0 + R1) + c1[None, :], acc1, mask=col_ok[:, None])
+
+
+@triton.jit
+def _grad_basis_finish_chunk(PART, DA, DB, rows, cols, N1, N2, ROW_LEN: tl.constexpr, SPLIT: tl.constexpr,
+                             RANK: tl.constexpr, R: tl.constexpr):
+    """One (rows, cols) chunk of ``_grad_basis_finish_kernel``: the SPLIT fp32 partials added in slice order, cast,
+    and stored in the basis layouts (rows < N1 -> DA, the others -> DB)."""
+    total_rows = N1 + N2
+    row_ok = rows < total_rows
+    col_ok = cols < R
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(PART + (s * total_rows + rows[:, None]) * ROW_LEN + cols[None, :], mask=row_ok[:, None],
+                       other=0.0)
+    val = acc.to(DA.dtype.element_ty)
+    in_a = rows < N1
+    # DA (R // RANK, N1, RANK): column c = n * RANK + j of row k goes to [n, k, j]
+    a_off = (cols // RANK)[None, :] * (N1 * RANK) + rows[:, None] * RANK + (cols % RANK)[None, :]
+    tl.store(DA + a_off, val, mask=(row_ok & in_a)[:, None] & col_ok[None, :])
+    # DB (R, N2): column c of row N1 + o goes to [c, o]
+    b_off = cols[None, :] * N2 + (rows - N1)[:, None]
+    tl.store(DB + b_off, val, mask=(row_ok & (rows >= N1))[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grad_basis_finish_kernel(
+    PART, DA, DB, N1, N2,
+    SPLIT: tl.constexpr, RANK: tl.constexpr, R: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    """Backward K3's finish: PART (SPLIT, N1 + N2, R0 + R1) fp32 partials of ``_grad_basis_kernel`` -> the gradients
+    of the basis in its own layouts, DA (N, N1, RANK) (lora_a: (N, in, r)) and DB (R, N2) (lora_b: (N, r, out)),
+    in DA's dtype. Row n < N1 of the summed partial is column n of d a_cat, row N1 + o column o of d b_cat. The
+    slices are added in slice order (deterministic); one launch replaces the slice adds, the cast, the transposes and
+    the copies the gradients needed before."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    _grad_basis_finish_chunk(PART, DA, DB, rows, tl.arange(0, R0), N1, N2, R0 + R1, SPLIT, RANK, R)
+    if R1 > 0:
+        _grad_basis_finish_chunk(PART, DA, DB, rows, R0 + tl.arange(0, R1), N1, N2, R0 + R1, SPLIT, RANK, R)
 
 
 # ------------------------------------------------------------------------------------------------ configurations
@@ -583,11 +625,12 @@ def choose_route(in_features: int, out_features: int, R: int, dtype: torch.dtype
 
 def kernel_config(kernel: str, in_features: int, out_features: int, R: int, dtype: torch.dtype, family: str,
                   override: Optional[dict] = None) -> dict:
-    """The tile dict of ``kernel`` for one layer; ``override`` (a full or partial dict) replaces table values."""
-    cfg = dict(lookup(in_features, out_features, R, dtype, family)[kernel])
-    if override:
-        cfg.update(override)
-    return validate_kernel_config(kernel, cfg, f"{kernel} config")
+    """The tile dict of ``kernel`` for one layer (read-only: the table's own dict, validated when the table was
+    loaded); ``override`` (a full or partial dict) replaces table values and is validated here."""
+    cfg = lookup(in_features, out_features, R, dtype, family)[kernel]
+    if not override:
+        return cfg
+    return validate_kernel_config(kernel, {**cfg, **override}, f"{kernel} config")
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -911,16 +954,18 @@ def expand(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], z: torch.T
     return out
 
 
-def grad_basis(dz_scaled: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dy: torch.Tensor, *,
+def grad_basis(dz_scaled: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dy: torch.Tensor, rank: int, *,
                config: Optional[dict] = None, family: Optional[str] = None):
-    """Backward K3: ``d a_cat = dz_scaled^T x`` (R, in) and ``d b_cat = z^T dy`` (R, out) in one launch, split over
-    M into ``split_m`` slices whose fp32 partials are added in slice order (deterministic).
+    """Backward K3: the gradients of the basis, ``d a_cat = dz_scaled^T x`` and ``d b_cat = z^T dy``, returned in
+    the basis' own layouts. One launch computes both products split over M into ``split_m`` slices of fp32
+    partials; a second (``_grad_basis_finish_kernel``) adds the slices in slice order (deterministic), casts, and
+    writes the two gradients in place.
 
     Args:
-        dz_scaled, z: (M, R); x: (M, in); dy: (M, out).
+        dz_scaled, z: (M, R); x: (M, in); dy: (M, out); rank: r, the rank of one basis LoRA (R = N * r).
 
     Returns:
-        (d_a_cat (R, in), d_b_cat (R, out)) in x.dtype.
+        (d_lora_a (N, in, r), d_lora_b (N, r, out)) in x.dtype, separate contiguous storages.
     """
     for t, name in ((dz_scaled, "dz_scaled"), (x, "x"), (z, "z"), (dy, "dy")):
         _check(t, name, 2)
@@ -928,12 +973,16 @@ def grad_basis(dz_scaled: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dy: to
     K, nout = x.shape[1], dy.shape[1]
     if tuple(dz_scaled.shape) != (M, R) or x.shape[0] != M or dy.shape[0] != M:
         raise ValueError("grad_basis: dz_scaled, z (M, R), x (M, in) and dy (M, out) must share M")
+    if rank < 1 or R % rank:
+        raise ValueError(f"grad_basis: R = {R} columns are not a whole number of rank-{rank} LoRAs")
     tensors = [_unit_cols(t) for t in (dz_scaled, x, z, dy)]
     dz_scaled, x, z, dy = tensors
     cfg = kernel_config("grad_basis", K, nout, R, x.dtype, _family(x, family), config)
     r0, r1 = r_chunks(R)
     split = cfg["split_m"]
     bm, bn = cfg["block_m"], cfg["block_n"]
+    if split * (K + nout) * (r0 + r1) >= 2 ** 31:
+        raise ValueError(f"grad_basis: {split} slices x ({K} + {nout}) x {r0 + r1} partials overflow 32-bit offsets")
     rows_per_split = triton.cdiv(triton.cdiv(M, split), bm) * bm
     part = torch.empty((split, K + nout, r0 + r1), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(K, bn) + triton.cdiv(nout, bn), split)
@@ -943,11 +992,13 @@ def grad_basis(dz_scaled: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dy: to
             dz_scaled.stride(0), x.stride(0), z.stride(0), dy.stride(0),
             R=R, R0=r0, R1=r1, DOT_MODE=dot_mode(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    total = part[0]
-    for s in range(1, split):  # fixed slice order
-        total = total + part[s]
-    total = total[:, :R].t().to(x.dtype)
-    return total[:, :K].clone(), total[:, K:].clone()  # separate storages (op outputs must not alias)
+    d_lora_a = torch.empty((R // rank, K, rank), device=x.device, dtype=x.dtype)
+    d_lora_b = torch.empty((R // rank, rank, nout), device=x.device, dtype=x.dtype)
+    block_rows = max(1, triton.next_power_of_2(FINISH_ELEMENTS // (r0 + r1) + 1) // 2)  # power of two
+    _launch(_grad_basis_finish_kernel, (triton.cdiv(K + nout, block_rows),),
+            part, d_lora_a, d_lora_b, K, nout,
+            SPLIT=split, RANK=rank, R=R, R0=r0, R1=r1, BLOCK_ROWS=block_rows, num_warps=4)
+    return d_lora_a, d_lora_b
 
 
 # --------------------------------------------------------------------------------------- forward and backward
@@ -1003,11 +1054,10 @@ def backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample
     if route == "fused":
         dx = expand(dy if weight is not None else None, weight, dz_scaled, a_cat, weight_layout="in_out",
                     family=family)
-        d_a_cat, d_b_cat = grad_basis(dz_scaled, x, z, dy, family=family)
+        d_lora_a, d_lora_b = grad_basis(dz_scaled, x, z, dy, r, family=family)
     else:
         dx = dz_scaled @ a_cat
         if weight is not None:
             dx = dx.addmm_(dy, weight)
-        d_a_cat, d_b_cat = dz_scaled.t() @ x, z.t() @ dy
-    d_lora_a, d_lora_b = unpack_basis_grads(d_a_cat, d_b_cat, n)
+        d_lora_a, d_lora_b = unpack_basis_grads(dz_scaled.t() @ x, z.t() @ dy, n)
     return dx, d_lora_a, d_lora_b, d_coeffs

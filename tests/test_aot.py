@@ -49,7 +49,8 @@ def test_report_schema_and_coverage(aot_report):
                 fused = K.lookup(*layer, R, getattr(torch, dtype), aot.ARCHS[arch][0])["route"] == "fused"
                 if fused:
                     passes = (("fwd", ("_shrink_kernel", "_expand_kernel")),
-                              ("bwd", ("_shrink_kernel", "_expand_kernel", "_grad_basis_kernel")))
+                              ("bwd", ("_shrink_kernel", "_expand_kernel", "_grad_basis_kernel",
+                                      "_grad_basis_finish_kernel")))
                 else:
                     passes = (("fwd", ("_shrink_kernel",)), ("bwd", ("_shrink_kernel",)))
                 for pass_name, kernels in passes:

@@ -193,6 +193,14 @@ def test_public_launchers_on_gpu():
     y_abs = (x.double().abs() @ p["weight"].double().abs().t() + p["bias"].double().abs()
              + z.double().abs() @ b_cat.double().abs())
     assert ((y.double() - y_ref).abs() <= y_abs * tolerance(torch.bfloat16, 520 + 96)).all()
+    dy = torch.randn(1000, 776, device="cuda", dtype=torch.bfloat16)
+    d_a, d_b = K.grad_basis(z, x, z, dy, 4)  # z stands in for dZ * scaling
+    want_a = (z.double().t() @ x.double()).view(24, 4, 520).transpose(1, 2)
+    want_b = (z.double().t() @ dy.double()).view(24, 4, 776)
+    bound_a = (z.double().abs().t() @ x.double().abs()).view(24, 4, 520).transpose(1, 2)
+    bound_b = (z.double().abs().t() @ dy.double().abs()).view(24, 4, 776)
+    assert ((d_a.double() - want_a).abs() <= bound_a * tolerance(torch.bfloat16, 1000)).all()
+    assert ((d_b.double() - want_b).abs() <= bound_b * tolerance(torch.bfloat16, 1000)).all()
 
 
 @pytest.mark.parametrize("route", ["fused", "composed", "cublas"])

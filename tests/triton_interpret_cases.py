@@ -10,7 +10,8 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_triton
 
 import lorweb_fast as lf  # noqa: E402
 from lorweb_fast.kernels import mixed_lora as K  # noqa: E402
-from lorweb_fast.testing import case_id, check_against_reference, odd_shape_cases, random_problem  # noqa: E402
+from lorweb_fast.testing import (assert_within_bound, case_id, check_against_reference, odd_shape_cases,  # noqa: E402
+                                 random_problem)
 
 CASES = odd_shape_cases()
 
@@ -142,6 +143,32 @@ def test_persistent_tma_expand_matches_pointer_expand(dtype):
         got, names = _launched(lambda: K.expand(*args, **kw, config=tma))
         assert names == ["_expand_tma_kernel"]
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("num_loras, rank", [(24, 4), (3, 8), (32, 1)])
+def test_grad_basis_writes_the_basis_layouts(dtype, split, num_loras, rank):
+    """grad_basis (K3 and its finish kernel) against float64 in the (N, in, r) / (N, r, out) layouts of lora_a /
+    lora_b: R = 96 (two column chunks, 64 + 32), 24 and 32; in = 45 and out = 51 put the d a_cat / d b_cat boundary
+    inside a finish program's rows; split-M slices of 16 rows over M = 37 leave a ragged last slice."""
+    g = torch.Generator().manual_seed(21)
+    M, k, nout, R = 37, 45, 51, num_loras * rank
+    dz, z = (torch.randn(M, R, generator=g).to(dtype) for _ in range(2))
+    x, dy = torch.randn(M, k, generator=g).to(dtype), torch.randn(M, nout, generator=g).to(dtype)
+    cfg = dict(block_m=16, block_n=16, split_m=split, num_warps=4, num_stages=2)
+    (d_a, d_b), names = _launched(lambda: K.grad_basis(dz, x, z, dy, rank, config=cfg))
+    assert names == ["_grad_basis_kernel", "_grad_basis_finish_kernel"]
+    assert d_a.shape == (num_loras, k, rank) and d_b.shape == (num_loras, rank, nout)
+    assert d_a.dtype == d_b.dtype == dtype and d_a.is_contiguous() and d_b.is_contiguous()
+    want_a = (dz.double().t() @ x.double()).view(num_loras, rank, k).transpose(1, 2)  # d a_cat[n*r+j, i] -> [n, i, j]
+    want_b = (z.double().t() @ dy.double()).view(num_loras, rank, nout)
+    bound_a = (dz.double().abs().t() @ x.double().abs()).view(num_loras, rank, k).transpose(1, 2)
+    bound_b = (z.double().abs().t() @ dy.double().abs()).view(num_loras, rank, nout)
+    assert_within_bound("d_lora_a", d_a, want_a, bound_a, dtype, M)
+    assert_within_bound("d_lora_b", d_b, want_b, bound_b, dtype, M)
+    with pytest.raises(ValueError, match="rank-5"):
+        K.grad_basis(dz, x, z, dy, 5, config=cfg)
 
 
 def _launched(fn):
