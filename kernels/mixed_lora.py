@@ -25,8 +25,9 @@ fixed order, no atomics, so results are bit-for-bit deterministic):
   over M into a fixed number of slices of fp32 partials; ``_grad_basis_finish_kernel`` adds them in slice order and
   writes the gradients straight into the basis layouts (N, in, r) and (N, r, out).
 
-Not done yet (no GPU has measured anything): warp specialization and epilogue/main-loop overlap (``flatten``) in the
-persistent expand; tile tables measured on a GPU.
+Not done yet: warp specialization and epilogue/main-loop overlap in the persistent expand (Triton 3.8's
+``flatten=True`` does not fuse its two inner loops and ``warp_specialize=True`` does not specialize for sm_90; a
+statically unrolled low-rank chunk needs more shared memory than the SM has at the tuned tiles).
 
 Index arithmetic: row offsets are formed as ``int64(first_row) * row_stride`` once per program, so M * ld may exceed
 2**31; in-tile offsets stay 32-bit.
