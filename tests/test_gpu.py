@@ -56,8 +56,12 @@ def test_fp16_and_large_shape(backend):
                             random_problem(3, 333, 1027, 1029, 32, 8, torch.bfloat16, device="cuda", seed=3))
 
 
-def test_default_backend_on_gpu_is_triton():
+def test_default_backend_on_gpu_is_the_extension_then_triton(monkeypatch):
+    """backend=None on CUDA tensors: the CUDA extension when it runs on this GPU, else triton."""
     _require("triton")
+    cuda_ok = ops._unavailable_reason("cuda", torch.device("cuda")) is None
+    assert ops.resolve_backend(None, torch.device("cuda")) == ("cuda" if cuda_ok else "triton")
+    monkeypatch.setattr(ops, "_CUDA_EXT", None)  # an install without the extension
     assert ops.resolve_backend(None, torch.device("cuda")) == "triton"
 
 
