@@ -29,7 +29,7 @@ from .validation import check_float_tensor, check_positive_int, check_real
 BACKENDS = ("torch", "triton", "cuda")
 #: The fused backends ``backend=None`` tries on CUDA tensors, in order. The CUDA extension first: on the H200 record
 #: (benchmarks/results/h200-2026-11-23, bf16 3072->3072, M=8192) both fused backends take the same device time
-#: within 3% (forward 0.251 vs 0.246 ms, forward+backward 0.563 vs 0.583 ms) while an eager call of the extension
+#: within 4% (forward 0.251 vs 0.246 ms, forward+backward 0.563 vs 0.583 ms) while an eager call of the extension
 #: costs far less host time (wall per eager call: forward 0.31 vs 0.56 ms, forward+backward 0.93 vs 2.22 ms) and less
 #: memory (forward+backward peak 61 vs 76 MB). Triton when the extension is not built or not built for this GPU.
 DEFAULT_ORDER = ("cuda", "triton")
