@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -83,8 +84,10 @@ def triton_interpret_mode() -> bool:
 MIN_INTERPRETER_TRITON = (3, 7)
 
 
+@lru_cache(maxsize=16)
 def _version_tuple(version: str) -> tuple[int, int]:
-    """(major, minor) of a version string such as "3.6.0", "3.8.0+git1a2b" or "3.7.0rc1" ((0, 0) if unparsable)."""
+    """(major, minor) of a version string such as "3.6.0", "3.8.0+git1a2b" or "3.7.0rc1" ((0, 0) if unparsable);
+    cached by the string (the interpreter check asks on every call)."""
     from packaging.version import InvalidVersion, Version
 
     try:
