@@ -55,7 +55,7 @@ from torch.library import wrap_triton
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Largest R served by the Triton kernels; larger bases go through the all-cuBLAS route (see ``choose_route``).
 MAX_FUSED_R = 512
-#: fp32 elements per program of the elementwise finish kernels (rows x columns); a power of two.
+#: fp32 elements (rows x columns) per program of the grad_basis finish kernel; a power of two.
 FINISH_ELEMENTS = 8192
 ROUTES = ("fused", "composed", "cublas")
 KERNEL_CONFIG_KEYS = {
