@@ -114,6 +114,7 @@ def breakdown(problem: dict, calls: int) -> list[dict]:
     import gc
 
     from lorweb_fast import ops
+    from lorweb_fast.aot import _record_launches
 
     if ops._unavailable_reason("triton", problem["x"].device) is not None:
         return []
@@ -133,17 +134,12 @@ def breakdown(problem: dict, calls: int) -> list[dict]:
             ops.lorweb_linear(x, problem["weight"], problem["bias"], problem["lora_a"], problem["lora_b"],
                               problem["coeffs"], problem["scale"], backend="triton")
 
-    recorded = []  # the forward's kernel launches, replayed below without any lorweb_fast Python around them
-    original = K._launch
-    K._launch = lambda kernel, grid, *a, **kw: recorded.append((kernel, grid, a, kw))
-    try:
-        launchers(0)
-    finally:
-        K._launch = original
+    # the forward's kernel launches, replayed below without any lorweb_fast Python around them
+    recorded = _record_launches(K.forward, x2d, *args)
 
     def jit_launches_only(i):
-        for kernel, grid, a, kw in recorded:
-            kernel[grid](*a, **kw)
+        for launch in recorded:
+            launch.kernel[launch.grid](*launch.args, **launch.kwargs)
 
     out = []
     for name, fn, gc_off in (("mixed_lora.forward", launchers, False), ("triton (gc off)", op_gc_off, True),

@@ -124,6 +124,20 @@ def _shrink_store(acc, rm, rows, row_ok, cols, pid_k, first_row, M, PART, U, Z, 
 
 
 @triton.jit
+def _shrink_store_chunks(acc0, acc1, rm, rows, row_ok, c0, c1, pid_k, first_row, M, PART, U, Z, DC, COEFFS,
+                         ROWS_PER_SAMPLE, scale, stride_um, stride_zm, stride_cb, stride_dcm,
+                         R: tl.constexpr, RANK: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr,
+                         WRITE_U: tl.constexpr, DCOEFFS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """``_shrink_store`` of both column chunks of a shrink program: columns c0 (R0 wide) and, when R1 > 0, c1."""
+    _shrink_store(acc0, rm, rows, row_ok, c0, pid_k, first_row, M, PART, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+                  stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, R0 + R1, WRITE_U, DCOEFFS, SPLIT_K)
+    if R1 > 0:
+        _shrink_store(acc1, rm, rows, row_ok, c1, pid_k, first_row, M, PART, U, Z, DC, COEFFS, ROWS_PER_SAMPLE,
+                      scale, stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, R0 + R1, WRITE_U, DCOEFFS,
+                      SPLIT_K)
+
+
+@triton.jit
 def _shrink_kernel(
     X, P, COEFFS, U, Z, DC, PART,
     M, K, ROWS_PER_SAMPLE, scale,
@@ -149,6 +163,9 @@ def _shrink_kernel(
     if R1 > 0:
         c1 = R0 + tl.arange(0, R1)
         acc1 = tl.zeros((BLOCK_M, R1), dtype=tl.float32)
+    else:  # placeholders, never stored (_shrink_store_chunks skips the second chunk)
+        c1 = c0
+        acc1 = acc0
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < k_hi
@@ -159,12 +176,9 @@ def _shrink_kernel(
             p1 = tl.load(P + c1[None, :] * stride_pr + ks[:, None], mask=k_ok[:, None] & (c1 < R)[None, :],
                          other=0.0)
             acc1 = _mma(acc1, x, p1, DOT_MODE)
-    _shrink_store(acc0, rm, rows, row_ok, c0, pid_k, first_row, M, PART, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
-                  stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, R0 + R1, WRITE_U, DCOEFFS, SPLIT_K)
-    if R1 > 0:
-        _shrink_store(acc1, rm, rows, row_ok, c1, pid_k, first_row, M, PART, U, Z, DC, COEFFS, ROWS_PER_SAMPLE,
-                      scale, stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, R0 + R1, WRITE_U, DCOEFFS,
-                      SPLIT_K)
+    _shrink_store_chunks(acc0, acc1, rm, rows, row_ok, c0, c1, pid_k, first_row, M, PART, U, Z, DC, COEFFS,
+                         ROWS_PER_SAMPLE, scale, stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, R1, WRITE_U,
+                         DCOEFFS, SPLIT_K)
 
 
 @triton.jit
@@ -194,6 +208,9 @@ def _shrink_tma_kernel(
     if R1 > 0:
         c1 = R0 + tl.arange(0, R1)
         acc1 = tl.zeros((BLOCK_M, R1), dtype=tl.float32)
+    else:  # placeholders, never stored (_shrink_store_chunks skips the second chunk)
+        c1 = c0
+        acc1 = acc0
     for k0 in range(k_lo, k_hi, BLOCK_K):
         x = X_DESC.load([first_row, k0])
         p0 = P0_DESC.load([0, k0])
@@ -201,12 +218,9 @@ def _shrink_tma_kernel(
         if R1 > 0:
             p1 = P1_DESC.load([0, k0])
             acc1 = _mma(acc1, x, tl.trans(p1), DOT_MODE)
-    _shrink_store(acc0, rm, rows, row_ok, c0, pid_k, first_row, M, PART, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
-                  stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, R0 + R1, WRITE_U, DCOEFFS, SPLIT_K)
-    if R1 > 0:
-        _shrink_store(acc1, rm, rows, row_ok, c1, pid_k, first_row, M, PART, U, Z, DC, COEFFS, ROWS_PER_SAMPLE,
-                      scale, stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, R0 + R1, WRITE_U, DCOEFFS,
-                      SPLIT_K)
+    _shrink_store_chunks(acc0, acc1, rm, rows, row_ok, c0, c1, pid_k, first_row, M, PART, U, Z, DC, COEFFS,
+                         ROWS_PER_SAMPLE, scale, stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, R1, WRITE_U,
+                         DCOEFFS, SPLIT_K)
 
 
 @triton.jit

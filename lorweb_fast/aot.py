@@ -50,6 +50,7 @@ class Launch:
     kernel: object
     args: tuple
     kwargs: dict
+    grid: tuple = ()
 
 
 @dataclass
@@ -69,7 +70,7 @@ def _record_launches(fn, *args, **kwargs) -> list[Launch]:
 
     recorded: list[Launch] = []
     original = K._launch
-    K._launch = lambda kernel, grid, *a, **kw: recorded.append(Launch(kernel, a, kw))
+    K._launch = lambda kernel, grid, *a, **kw: recorded.append(Launch(kernel, a, kw, grid))
     try:
         fn(*args, **kwargs)
     finally:
