@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
              "keep_checkpoints": "checkpoints kept (official 4)",
              "long_edge": "training resolution: the bucket resolution (official 512) or the long edge (--resize)",
              "resize": "bucket (official ai-toolkit aspect buckets of b''s size, centre crop) or long-edge",
-             "bucket_divisibility": "bucket sides are multiples of this (official bucket_tolerance 64)",
+             "bucket_divisibility": ("bucket sides are multiples of this (official 16: ai-toolkit replaces the config's "
+                                     "bucket_tolerance with FluxKontextModel.get_bucket_divisibility())"),
              "batching": "bucket (official: every batch from one training size, a bucket's last batch may be "
                          "smaller) or mixed (batches across sizes, each resized to its first sample's size)"}
     for f in dataclasses.fields(TrainConfig):  # one option per TrainConfig field, its default from the dataclass

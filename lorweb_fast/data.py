@@ -56,6 +56,12 @@ SDXL_BUCKETS_1024 = ((1024, 1024), (2048, 512), (1984, 512), (1920, 512), (1856,
                      (576, 1792), (512, 1856), (512, 1920), (512, 1984), (512, 2048), (8192, 128), (128, 8192))
 BIDIRECTIONAL = ("none", "official", "reverse")
 CAPTION_DIRS = ("captions", "target", "control")
+#: the bucket divisibility of official FLUX.1-Kontext training: ai-toolkit's dataset sets ``bucket_tolerance`` to
+#: ``sd.get_bucket_divisibility()`` (toolkit/data_loader.py ``AiToolkitDataset.__init__``), which is 16 for
+#: FLUX.1-Kontext (extensions_built_in/flux_kontext.py ``FluxKontextModel.get_bucket_divisibility``); the config's
+#: ``bucket_tolerance: 64`` default is overwritten.
+OFFICIAL_BUCKET_DIVISIBILITY = 16
+
 #: a control image at least this many times wider than tall, with a width divisible by 3, looks like an a|a'|b strip
 STRIP_MIN_ASPECT = 2.5
 
@@ -154,7 +160,8 @@ def bidirectional_swap(seed: int, position: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ training size
-def official_bucket(width: int, height: int, resolution: int = 512, divisibility: int = 64) -> tuple[int, int]:
+def official_bucket(width: int, height: int, resolution: int = 512,
+                    divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY) -> tuple[int, int]:
     """The ai-toolkit bucket (W, H) of an image of ``width`` x ``height`` (toolkit/buckets.py
     ``get_bucket_for_image_size``): the SDXL buckets scaled to min(resolution, sqrt(w h)) / 1024 and floored to
     multiples of ``divisibility``; an exact match, else the bucket that crops the fewest pixels (first wins)."""
@@ -181,7 +188,8 @@ def official_bucket(width: int, height: int, resolution: int = 512, divisibility
     return best
 
 
-def bucket_resize(grid, cell_size: tuple[int, int], resolution: int = 512, divisibility: int = 64):
+def bucket_resize(grid, cell_size: tuple[int, int], resolution: int = 512,
+                  divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY):
     """The official training-size step (ai-toolkit ``setup_buckets`` + ``load_and_process_image``): the bucket is
     chosen from the b' cell size (W, H), the whole grid is resized with bicubic to (ceil(W s), ceil(H s)) with
     s = max(bucket W / W, bucket H / H), then centre-cropped to the bucket."""
@@ -238,7 +246,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
 
     def __init__(self, root: Union[str, Path], *, long_edge: int = 512, multiple: int = 32, skip_bad: bool = False,
                  layout: str = "auto", bidirectional: str = "none", resize: str = "bucket",
-                 bucket_divisibility: int = 64):
+                 bucket_divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if bidirectional not in BIDIRECTIONAL:
@@ -383,7 +391,8 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = None, skip_bad: bool = False,
-                 layout: str = "auto", resize: str = "bucket", long_edge: int = 512, bucket_divisibility: int = 64,
+                 layout: str = "auto", resize: str = "bucket", long_edge: int = 512,
+                 bucket_divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY,
                  progress: bool = True) -> dict:
     """Validate every sample of ``root``; return counts ``{"samples", "layouts", "sizes", "captions", "problems"}``.
     With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there: the grids the
@@ -583,7 +592,7 @@ def add_data_subparser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--skip-bad", action="store_true", help="report broken samples instead of failing on the first")
     c.add_argument("--resize", choices=RESIZE_MODES, default="bucket", help="training-size rule, as lorweb-fast train")
     c.add_argument("--long-edge", type=int, default=512, help="training resolution, as lorweb-fast train")
-    c.add_argument("--bucket-divisibility", type=int, default=64, help="as lorweb-fast train")
+    c.add_argument("--bucket-divisibility", type=int, default=OFFICIAL_BUCKET_DIVISIBILITY, help="as lorweb-fast train")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     r = sub.add_parser("prepare", help="Relation252K folder -> control/ strips, target/ b' + captions (official)")
     r.add_argument("src", help="downloaded Relation252K folder (<category>/Group1/labels.json + images)")

@@ -39,7 +39,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .data import (BIDIRECTIONAL, IMAGE_SUFFIXES, LAYOUTS, RESIZE_MODES, AnalogyDataError,  # noqa: F401 (re-exported)
-                   AnalogyFolder, bidirectional_swap)
+                   AnalogyFolder, OFFICIAL_BUCKET_DIVISIBILITY, bidirectional_swap)
 from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lorweb, load_lorweb_weights, \
     lorweb_layers, lorweb_state_dict, save_lorweb_weights, set_query
 from .reference import ACTIVATIONS, REDUCTIONS
@@ -178,7 +178,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     long_edge: int = 512
     resize: str = "bucket"
-    bucket_divisibility: int = 64
+    bucket_divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY
     batching: str = "bucket"
     timestep_type: str = "weighted"
     weighting_scheme: str = "none"

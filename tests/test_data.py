@@ -367,7 +367,10 @@ def test_bucket_resize_is_the_official_training_size(tmp_path):
     assert item["target"].size == (bw, bh) == ds.grid_size((200, 140))
     np.testing.assert_array_equal(np.asarray(item["target"]), want)
     np.testing.assert_array_equal(np.asarray(item["control"]), _official_control(want))
-    assert AnalogyFolder(root).grid_size((200, 140)) == (64, 64)  # resolution capped at int(sqrt(100 * 70)) = 83
-    small = _strip_folder(tmp_path / "small", cells=[(10, 10)], b_prime=(30, 20))
-    with pytest.raises(AnalogyDataError, match="s00.png: an image of 30x20 has no training bucket"):
-        AnalogyFolder(small)  # sides multiples of 64 at resolution int(sqrt(600)) = 24: nothing fits
+    # the default divisibility is the official 16, not the config's bucket_tolerance 64: resolution capped at
+    # int(sqrt(100 * 70)) = 83 gives (96, 64) with 16 and (64, 64) with 64
+    assert AnalogyFolder(root).grid_size((200, 140)) == _reference_bucket(100, 70, 512, 16) == (96, 64)
+    assert AnalogyFolder(root, bucket_divisibility=64).grid_size((200, 140)) == (64, 64)
+    small = _strip_folder(tmp_path / "small", cells=[(4, 4)], b_prime=(12, 8))
+    with pytest.raises(AnalogyDataError, match="s00.png: an image of 12x8 has no training bucket"):
+        AnalogyFolder(small)  # sides multiples of 16 at resolution int(sqrt(96)) = 9: nothing fits

@@ -623,11 +623,13 @@ def test_train_cli_exposes_the_new_options():
     assert defaults == TrainConfig(data="d", out="o")
     args = parser.parse_args(["train", "--data", "d", "--out", "o", "--timestep-type", "linear", "--bidirectional",
                               "official", "--adapter-precision", "fp32", "--quantize-base", "nf4", "--layout", "strip",
-                              "--resize", "long-edge", "--adam-eps", "1e-8", "--bucket-divisibility", "16"])
+                              "--resize", "long-edge", "--adam-eps", "1e-8", "--bucket-divisibility", "64"])
     cfg = cli._train_config(args)
     assert (cfg.timestep_type, cfg.bidirectional, cfg.adapter_precision, cfg.quantize_base, cfg.layout, cfg.resize,
             cfg.adam_eps, cfg.bucket_divisibility) == ("linear", "official", "fp32", "nf4", "strip", "long-edge",
-                                                       1e-8, 16)
+                                                       1e-8, 64)
+    # the official bucket divisibility (FluxKontextModel.get_bucket_divisibility) is the default
+    assert defaults.bucket_divisibility == 16
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--data", "d", "--out", "o", "--bidirectional", "sometimes"])
 
