@@ -515,8 +515,8 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                                 f"({'with' if projection == 'linear' else 'without'} att_lora_to_q weights)")
     # the settings the tensors do not determine; scale = lora_alpha / rank
     cfg.update(heads=int(resolved["heads"]), activation=resolved["activation"], reduce=resolved["reduce"])
-    # scale = lora_alpha / rank: from an explicit or config.yaml lora_alpha, else our metadata, else 1 (the official
-    # loader stores no alpha: alpha = r)
+    # scale = lora_alpha / rank: from an explicit lora_alpha, else our metadata, else 1 (the official network has
+    # alpha = r whatever config.yaml's linear_alpha says; read_config_yaml does not read it)
     if where["lora_alpha"] != "official default" and groups:
         tensor_rank = int(next(iter(groups.values()))["lora_A"].shape[-1])
         rank = int(resolved["rank"]) if where["rank"] != "official default" else tensor_rank

@@ -8,7 +8,7 @@ writes a ``config.yaml`` that the official ``inference.py`` reads unchanged.
 Field mapping (official -> lorweb_fast)::
 
     network.linear                         rank
-    network.linear_alpha                   lora_alpha
+    network.linear_alpha                   (ignored, as the official code does: scale 1, see read_config_yaml)
     network_kwargs.loras_num               num_loras
     network_kwargs.lora_keys_dim           key_dim
     network_kwargs.lora_heads              heads
@@ -26,6 +26,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -82,6 +83,12 @@ def read_config_yaml(path: Union[str, os.PathLike]) -> dict:
 
     Reads ``config.process[0].network`` as the official inference.py does; fields that are absent are left out.
     A missing file, invalid YAML or a file without that structure raises LoRWeBConfigError naming the file.
+
+    ``network.linear_alpha`` gives no ``lora_alpha``: the official FLUX network ignores it (toolkit/lora_special.py
+    ``LoRASpecialNetwork.__init__`` sets ``peft_format`` for transformers and then alpha = rank; inference loads
+    through ``get_peft_kwargs`` with no stored alpha, so lora_alpha = r), so the official mixture scale is 1 whatever
+    the config says. A ``linear_alpha`` different from ``linear`` is reported with a warning; pass
+    ``settings={"lora_alpha": ...}`` to ``load_lorweb_weights`` to apply another scale on purpose.
     """
     import yaml
 
@@ -99,8 +106,12 @@ def read_config_yaml(path: Union[str, os.PathLike]) -> dict:
     try:
         if network.get("linear") is not None:
             out["rank"] = int(network["linear"])
-        if network.get("linear_alpha") is not None:
-            out["lora_alpha"] = float(network["linear_alpha"])
+        alpha = network.get("linear_alpha")
+        if alpha is not None and "rank" in out and float(alpha) != out["rank"]:
+            warnings.warn(f"{path}: network.linear_alpha={alpha!r} is not read: the official LoRWeB network uses "
+                          f"alpha = rank = {out['rank']} (scale 1) whatever linear_alpha says (peft format); "
+                          "lorweb_fast takes the scale from settings={'lora_alpha': ...} or its own checkpoint "
+                          "metadata, else 1", UserWarning, stacklevel=2)
         for ours, theirs in (("num_loras", "loras_num"), ("key_dim", "lora_keys_dim"), ("heads", "lora_heads")):
             if kwargs.get(theirs) is not None:
                 out[ours] = int(kwargs[theirs])
@@ -195,7 +206,13 @@ def official_config(settings: Mapping[str, Any], *, name: str = "lorweb", extra:
     ``extra`` entries are merged into ``config.process[0]`` (e.g. ``train``, ``save``, ``datasets``).
     """
     s = {**OFFICIAL_DEFAULTS, **{k: v for k, v in settings.items() if k in SETTINGS and v is not None}}
+    if settings.get("lora_alpha") is None:
+        s["lora_alpha"] = s["rank"]  # the official alpha = rank
     _validate(s, "the settings to write")
+    if float(s["lora_alpha"]) != float(s["rank"]):
+        warnings.warn(f"lora_alpha={s['lora_alpha']!r} != rank={s['rank']!r}: the official inference.py ignores "
+                      "network.linear_alpha and applies the mixture with scale 1 (alpha = rank); lorweb_fast reads "
+                      "the scale from the checkpoint metadata", UserWarning, stacklevel=2)
     network = {
         "type": "attlora",
         "linear": int(s["rank"]),

@@ -97,7 +97,7 @@ def test_read_official_config(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(OFFICIAL_YAML)
     assert oc.read_config_yaml(path) == {
-        "rank": 4, "lora_alpha": 4.0, "num_loras": 32, "key_dim": 128, "heads": 1, "activation": "softmax",
+        "rank": 4, "num_loras": 32, "key_dim": 128, "heads": 1, "activation": "softmax",
         "reduce": "mean", "query_mode": "cat-aa'b", "pooling_type": "avg", "query_projection_type": "linear",
         "encoder": "openai/clip-vit-large-patch14"}
     path.write_text(OFFICIAL_YAML.replace("lora_softmax: true", "lora_softmax: false"))
@@ -119,8 +119,38 @@ def test_written_config_is_accepted_by_official_inference(tmp_path):
                                               "pooling_type": "max", "query_projection_type": "linear",
                                               "query_mode": "caa'b"}
     back = oc.read_config_yaml(path)
-    assert back == {**settings, "lora_alpha": 4.0}
+    assert back == settings
+    assert yaml.safe_load(path.read_text())["config"]["process"][0]["network"]["linear_alpha"] == 4  # alpha = rank
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_linear_alpha_is_ignored_as_the_official_network_does(tmp_path):
+    """NVlabs/LoRWeB toolkit/lora_special.py ``LoRASpecialNetwork.__init__``: a transformer network is in peft format,
+    where ``self.alpha = self.lora_dim`` replaces the configured alpha; extensions_built_in/flux_kontext.py
+    ``get_peft_kwargs`` loads with ``lora_alpha = r`` when the file stores no alpha. So a config.yaml written by
+    ``run.py ... --linear 4`` (yaml ``linear_alpha: 1``) still trains and runs with scale 1."""
+    official_checkpoint(tmp_path / "LoRWeB.safetensors")
+    doc = yaml.safe_load(OFFICIAL_YAML)
+    net = doc["config"]["process"][0]["network"]
+    net["linear"], net["linear_alpha"] = 2, 1
+    net["network_kwargs"].update({"loras_num": 3, "lora_keys_dim": 8})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.warns(UserWarning, match=r"network.linear_alpha=1 is not read: .*alpha = rank = 2 \(scale 1\)"):
+        settings = oc.read_config_yaml(tmp_path / "config.yaml")
+    assert "lora_alpha" not in settings and settings["rank"] == 2
+    model = tiny_model()
+    with pytest.warns(UserWarning, match="linear_alpha=1 is not read"):
+        lf.load_lorweb_weights(model, tmp_path / "LoRWeB.safetensors")
+    assert {layer.scale for layer in lf.lorweb_layers(model).values()} == {1.0}
+    # an explicit lora_alpha still applies (and linear_alpha == linear reads without a warning)
+    net["linear_alpha"] = 2
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(doc))
+    model = tiny_model()
+    lf.load_lorweb_weights(model, tmp_path / "LoRWeB.safetensors", settings={"lora_alpha": 1.0})
+    assert {layer.scale for layer in lf.lorweb_layers(model).values()} == {0.5}
+    # writing alpha != rank warns that the official inference.py will not apply it
+    with pytest.warns(UserWarning, match="official inference.py ignores network.linear_alpha"):
+        oc.official_config({"rank": 4, "lora_alpha": 8})
 
 
 def test_precedence_and_conflicts():
