@@ -332,7 +332,8 @@ class AnalogyEncoder:
 
     ``query_from_grid(grids)`` computes the query from the control grid [a a'; b b] as the official
     ``get_external_query`` (extensions_built_in/flux_kontext.py) in ``query_mode`` (``official_config.QUERY_MODES``;
-    default "cat-aa'b": concat(embed(a), embed(a'), embed(b)) of the crops of side W/2). ``model`` is a hub id or a
+    default "cat-aa'b": concat(embed(a), embed(a'), embed(b)) of the crops of side W/2 at inference, H/2 in training,
+    as the official code). ``model`` is a hub id or a
     local directory holding a CLIP checkpoint (``CLIPVisionModelWithProjection``, the unnormalized
     ``image_embeds``, slow ``CLIPImageProcessor`` at the model's image size) or a SigLIP2 checkpoint
     (``Siglip2VisionModel`` with the NaFlex ``Siglip2ImageProcessor``, ``pooler_output``). SigLIP (v1) checkpoints
@@ -455,12 +456,20 @@ class AnalogyEncoder:
         return self.embed(images)
 
     @torch.no_grad()
-    def query_from_grid(self, grids, query_mode: Optional[str] = None) -> torch.Tensor:
+    def query_from_grid(self, grids, query_mode: Optional[str] = None, *, crops: str = "inference") -> torch.Tensor:
         """(B, query_dim) queries from B control grids [a a'; b b] (PIL images or paths), as the official
-        ``get_external_query``. With ``s = W // 2``: a = crop (0, 0, s, s), a' = (s, 0, W, s), b = (0, s, s, H)
-        (squares of side W/2 even when the cells are not; PIL pads crops past the edge with black, as the official
-        PIL path); "aa'bb'"/"caa'bb'" the whole grid; "caa'b"/"paa'b*" the grid with (s, s, W, H) black; "caa'" the
-        top band (0, 0, W, s); "ca'-ca" a' - a; "ca'-ca+cb" a' - a + b; "cat-*" concat(a, a', b).
+        ``get_external_query``.
+
+        ``crops="inference"`` (the PIL path of inference.py): with ``s = W // 2``, a = crop (0, 0, s, s),
+        a' = (s, 0, W, s), b = (0, s, s, H) (squares of side W/2 even when the cells are not; PIL pads crops past the
+        edge with black, as the official PIL path); "aa'bb'"/"caa'bb'" the whole grid; "caa'b"/"paa'b*" the grid
+        with (s, s, W, H) black; "caa'" the top band (0, 0, W, s); "ca'-ca" a' - a; "ca'-ca+cb" a' - a + b;
+        "cat-*" concat(a, a', b).
+
+        ``crops="training"`` (the tensor path of SDTrainer.py ``before_unet_predict``, which passes the batch's
+        (B, 3, H, W) control tensor): the same boxes with ``s = H // 2`` (the tensor's ``shape[2]``), cut as tensor
+        slices, so boxes stop at the grid's edge instead of being padded: a = [:s, :s], a' = [:s, s:],
+        b = [s:, :s], the zeroed region [s:, s:], "caa'" = [:s, :]. For square cells both paths give the same crops.
 
         Patch modes (p...) pool the CLIP tokens with ``pooling_type`` to the official query_dim (hidden_size, x3
         for "cat-"); the official code reshapes the tokens to one long vector there instead, which does not fit its
@@ -468,21 +477,33 @@ class AnalogyEncoder:
         """
         from PIL import Image
 
+        if crops not in ("inference", "training"):
+            raise ValueError(f"crops must be 'inference' or 'training', got {crops!r}")
         mode = query_mode or self.query_mode
         grids = [load_image(g) for g in _as_list(grids)]
         if not grids:
             raise ValueError("query_from_grid needs at least one grid")
-        sizes = []  # (w, h, s): s = w // 2 is the cell side of the official crops
+        cuts_a_prime = mode not in ("aa'bb'", "caa'bb'", "caa'b", "paa'b", "paa'b3", "caa'")
+        sizes = []  # (w, h, s): s is the cell side of the official crops
         for grid in grids:
             w, h = grid.size
-            s = w // 2
-            if s < 1 or h - s < 1:
-                raise ValueError(f"a {w}x{h} grid is too wide for the official crops: b = (0, {s}, {s}, {h}) is "
-                                 "empty (the grid's height must exceed half its width)")
+            if crops == "inference":
+                s = w // 2
+                if s < 1 or h - s < 1:
+                    raise ValueError(f"a {w}x{h} grid is too wide for the official crops: b = (0, {s}, {s}, {h}) is "
+                                     "empty (the grid's height must exceed half its width)")
+            else:
+                s = h // 2
+                if s < 1 or (cuts_a_prime and w - s < 1):
+                    raise ValueError(f"a {w}x{h} grid is too tall for the official training crops: a' = "
+                                     f"[:{s}, {s}:{w}] is empty (the grid's width must exceed half its height)")
             sizes.append((w, h, s))
 
-        def crops(box):  # only the crops the mode needs (this runs on every training step)
-            return [grid.crop(box(w, h, s)) for grid, (w, h, s) in zip(grids, sizes)]
+        def clip_box(box, w, h):  # tensor slices stop at the edge; PIL crops pad with black
+            return box if crops == "inference" else (box[0], box[1], min(box[2], w), min(box[3], h))
+
+        def cut(box):  # only the crops the mode needs (this runs on every training step)
+            return [grid.crop(clip_box(box(w, h, s), w, h)) for grid, (w, h, s) in zip(grids, sizes)]
 
         if mode in ("aa'bb'", "caa'bb'"):
             return self._encode(grids, mode)
@@ -490,16 +511,17 @@ class AnalogyEncoder:
             zeroed = []
             for grid, (w, h, s) in zip(grids, sizes):
                 z = grid.copy()
-                z.paste(Image.new("RGB", (w - s, h - s)), (s, s))
+                if w > s:
+                    z.paste(Image.new("RGB", (w - s, h - s)), (s, s))
                 zeroed.append(z)
             return self._encode(zeroed, mode)
         if mode == "caa'":
-            return self._encode(crops(lambda w, h, s: (0, 0, w, s)), mode)
-        ea = self._encode(crops(lambda w, h, s: (0, 0, s, s)), mode)
-        ea2 = self._encode(crops(lambda w, h, s: (s, 0, w, s)), mode)
+            return self._encode(cut(lambda w, h, s: (0, 0, w, s)), mode)
+        ea = self._encode(cut(lambda w, h, s: (0, 0, s, s)), mode)
+        ea2 = self._encode(cut(lambda w, h, s: (s, 0, w, s)), mode)
         if mode == "ca'-ca":
             return ea2 - ea
-        eb = self._encode(crops(lambda w, h, s: (0, s, s, h)), mode)
+        eb = self._encode(cut(lambda w, h, s: (0, s, s, h)), mode)
         if mode == "ca'-ca+cb":
             return ea2 - ea + eb
         return torch.cat([ea, ea2, eb], dim=1)  # cat-aa'b, cat-paa'b, cat-paa'b3

@@ -635,13 +635,14 @@ def _make_optimizer(params, cfg: TrainConfig):
 
 def batch_query(encoder, batch: dict, device) -> torch.Tensor:
     """(B, query_dim) analogy queries of a batch. With the encoder's ``query_source="grid"`` (official,
-    SDTrainer.py ``before_unet_predict``): ``query_from_grid`` on the control grids ``batch["control"]`` in the
-    encoder's query mode, the same computation as at inference. With ``"images"`` (not official): the a, a' and b
-    cells of the target grids, each encoded separately."""
+    SDTrainer.py ``before_unet_predict``): ``query_from_grid(..., crops="training")`` on the control grids
+    ``batch["control"]`` in the encoder's query mode: the official trainer passes the control *tensor*, whose crops
+    have side H // 2 (inference.py passes a PIL grid: side W // 2; the same for square cells). With ``"images"``
+    (not official): the a, a' and b cells of the target grids, each encoded separately."""
     from .flux import grid_cells
 
     if getattr(encoder, "query_source", "grid") == "grid":
-        return encoder.query_from_grid(batch["control"]).to(device)
+        return encoder.query_from_grid(batch["control"], crops="training").to(device)
     cells = [grid_cells(g) for g in batch["target"]]
     return encoder([c[0] for c in cells], [c[1] for c in cells], [c[2] for c in cells]).to(device)
 

@@ -130,6 +130,35 @@ def reference_query(encode, grid: Image.Image, mode: str, pooling: str = "avg") 
     return q.reshape(q.shape[0], -1)
 
 
+def reference_training_query(encode, grid: Image.Image, mode: str) -> torch.Tensor:
+    """get_external_query on the training tensor (SDTrainer.py ``before_unet_predict`` passes
+    ``batch.control_tensor / 2 + 0.5``, shape (B, 3, H, W)): ``oneside = image.shape[2] // 2`` (H // 2) and tensor
+    slices a = [:s, :s], a' = [:s, s:], b = [s:, :s], zeroed [s:, s:], "caa'" = [:s, :]. The slices are taken on a
+    numpy array of the grid and turned back into images for the reference processor (exact for 8-bit grids)."""
+    arr = np.asarray(grid.convert("RGB"))
+    s = arr.shape[0] // 2
+
+    def enc(a):
+        return encode(Image.fromarray(np.ascontiguousarray(a)), mode)
+
+    if mode in ("aa'bb'", "caa'bb'"):
+        q = enc(arr)
+    elif mode in ("caa'b", "paa'b", "paa'b3"):
+        z = arr.copy()
+        z[s:, s:] = 0
+        q = enc(z)
+    elif mode == "caa'":
+        q = enc(arr[:s, :])
+    else:
+        a, a2 = enc(arr[:s, :s]), enc(arr[:s, s:])
+        if mode == "ca'-ca":
+            q = a2 - a
+        else:
+            b = enc(arr[s:, :s])
+            q = a2 - a + b if mode == "ca'-ca+cb" else torch.cat([a, a2, b], dim=1)
+    return q.reshape(q.shape[0], -1)
+
+
 # ---------------------------------------------------------------------------------------------------------- tests
 def test_clip_processor_is_the_slow_one_at_the_model_size(clip_encoder):
     enc = clip_encoder
@@ -219,13 +248,43 @@ def test_images_source_keeps_the_original_query(clip_dir):
         enc.query(grids=[picture(1, (64, 64))])
 
 
+@pytest.mark.parametrize("mode", ["cat-aa'b", "caa'b", "caa'", "ca'-ca+cb"])
+@pytest.mark.parametrize("size", [(96, 64), (48, 80)])  # wide and tall b' cells: H // 2 differs from W // 2
+def test_training_crops_follow_the_official_tensor_path(clip_dir, mode, size):
+    """The official trainer (SDTrainer.py ``before_unet_predict``) passes the control tensor to
+    ``get_external_query`` (extensions_built_in/flux_kontext.py), whose crops have side ``image.shape[2] // 2``
+    (H // 2) and stop at the grid's edge; ``training.batch_query`` computes exactly that, and for non-square cells
+    it differs from the inference (PIL, W // 2) query."""
+    enc = flux.AnalogyEncoder(clip_dir, query_mode=mode)
+    grids = [picture(13, size), picture(14, size)]
+    got = training.batch_query(enc, {"control": grids, "target": grids}, "cpu")
+    with torch.no_grad():
+        want = torch.cat([reference_training_query(lambda im, m: reference_clip_encode(enc.model, im, m), g, mode)
+                          for g in grids])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got, enc.query_from_grid(grids), atol=1e-3)  # the inference crops are other boxes
+    square = [picture(15, (64, 64))]
+    torch.testing.assert_close(enc.query_from_grid(square, crops="training"), enc.query_from_grid(square))
+
+
+def test_training_crops_of_a_too_tall_grid_and_bad_crops(clip_dir):
+    enc = flux.AnalogyEncoder(clip_dir)
+    with pytest.raises(ValueError, match=r"a 30x64 grid is too tall for the official training crops: a' = "
+                                         r"\[:32, 32:30\] is empty"):
+        enc.query_from_grid(Image.new("RGB", (30, 64)), crops="training")
+    enc.query_from_grid(Image.new("RGB", (30, 64)), "caa'b", crops="training")  # no a' crop in this mode
+    with pytest.raises(ValueError, match="crops must be 'inference' or 'training'"):
+        enc.query_from_grid(Image.new("RGB", (64, 64)), crops="tensor")
+
+
 def test_trainer_batch_query_uses_the_control_grids(clip_dir):
     """SDTrainer.before_unet_predict: the query comes from the control grids in the configured mode."""
     controls, targets = [picture(10, (64, 64)), picture(11, (64, 64))], [picture(12, (64, 64))] * 2
     batch = {"control": controls, "target": targets}
     for mode in ("cat-aa'b", "caa'b"):
         enc = flux.AnalogyEncoder(clip_dir, query_mode=mode)
-        torch.testing.assert_close(training.batch_query(enc, batch, "cpu"), enc.query_from_grid(controls))
+        torch.testing.assert_close(training.batch_query(enc, batch, "cpu"),
+                                   enc.query_from_grid(controls, crops="training"))
     enc = flux.AnalogyEncoder(clip_dir, query_source="images")
     cells = [flux.grid_cells(t) for t in targets]
     torch.testing.assert_close(training.batch_query(enc, batch, "cpu"),
