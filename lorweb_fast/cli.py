@@ -60,7 +60,8 @@ def run_infer(args) -> Path:
     pipe = LoRWeBKontextPipeline.from_pretrained(args.model, args.weights, encoder=args.encoder, config=args.config,
                                                  query_mode=args.query_mode, pooling_type=args.pooling_type,
                                                  query_source=args.query_source, dtype=DTYPES[args.dtype],
-                                                 device=device, resolution=args.resolution, max_area=args.max_area,
+                                                 encoder_dtype=DTYPES.get(args.encoder_dtype), device=device,
+                                                 resolution=args.resolution, max_area=args.max_area,
                                                  max_size=args.max_size, long_edge=args.long_edge)
     generator = torch.Generator(device=pipe.pipe._execution_device).manual_seed(args.seed)
     merge = "none" if args.no_merge else args.merge
@@ -161,8 +162,8 @@ def _key_value(text: str):
 def build_parser() -> argparse.ArgumentParser:
     from .reference import ACTIVATIONS, REDUCTIONS
     from .data import BIDIRECTIONAL, LAYOUTS, RESIZE_MODES, add_data_subparser
-    from .training import ADAPTER_PRECISIONS, BATCHINGS, MIXED_PRECISIONS, OPTIMIZERS, QUANTIZE_BASE, \
-        TIMESTEP_TYPES, WEIGHTING_SCHEMES, TrainConfig
+    from .training import ADAPTER_PRECISIONS, BATCHINGS, CONTROL_LATENTS, ENCODER_DTYPES, MIXED_PRECISIONS, \
+        OPTIMIZERS, QUANTIZE_BASE, TIMESTEP_TYPES, WEIGHTING_SCHEMES, TrainConfig
     from .official_config import POOLING_TYPES, QUERY_MODES, QUERY_PROJECTION_TYPES, QUERY_SOURCES, SAVE_DTYPES
     from .validation import OneLineArgumentParser
 
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-edge", type=int, default=1024,
                    help="native resolution: cap on the control grid's long edge")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--encoder-dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                   help="analogy encoder dtype; auto (official inference.py): --dtype")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--merge", choices=("auto", "full", "offload", "jit", "none"), default="auto",
                    help="merge strategy (see lorweb_fast.flux.merged): auto picks from the free memory; full keeps a "
@@ -222,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     choices = {"optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISIONS, "weighting_scheme": WEIGHTING_SCHEMES,
                "activation": ACTIVATIONS, "reduce": REDUCTIONS, "timestep_type": TIMESTEP_TYPES, "layout": LAYOUTS,
                "bidirectional": BIDIRECTIONAL, "adapter_precision": ADAPTER_PRECISIONS,
-               "quantize_base": QUANTIZE_BASE, "resize": RESIZE_MODES, "batching": BATCHINGS, **QUERY_CHOICES}
+               "quantize_base": QUANTIZE_BASE, "resize": RESIZE_MODES, "batching": BATCHINGS,
+               "control_latents": CONTROL_LATENTS, "encoder_dtype": ENCODER_DTYPES, **QUERY_CHOICES}
     helps = {"batch_size": "per process", "resume": "continue from the newest checkpoint in --out",
              "overwrite": "delete the run already in --out (its checkpoints, weights and logs) and start over",
              "skip_bad": "skip broken samples with a warning instead of failing",
@@ -242,8 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
              "keep_checkpoints": "checkpoints kept (official 4)",
              "long_edge": "training resolution: the bucket resolution (official 512) or the long edge (--resize)",
              "resize": "bucket (official ai-toolkit aspect buckets of b''s size, centre crop) or long-edge",
-             "bucket_divisibility": ("bucket sides are multiples of this (official 16: ai-toolkit replaces the config's "
-                                     "bucket_tolerance with FluxKontextModel.get_bucket_divisibility())"),
+             "bucket_divisibility": ("bucket sides are multiples of this (official 16: ai-toolkit replaces the "
+                                     "config's bucket_tolerance with FluxKontextModel.get_bucket_divisibility())"),
+             "control_latents": "sample (official: the control grid's VAE latents drawn from the latent "
+                                "distribution) or mode (its mean, as diffusers' pipeline at inference)",
+             "encoder_dtype": "analogy encoder dtype; auto (official): the training dtype (--mixed-precision)",
              "batching": "bucket (official: every batch from one training size, a bucket's last batch may be "
                          "smaller) or mixed (batches across sizes, each resized to its first sample's size)"}
     for f in dataclasses.fields(TrainConfig):  # one option per TrainConfig field, its default from the dataclass

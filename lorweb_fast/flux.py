@@ -629,18 +629,22 @@ class LoRWeBKontextPipeline:
                         encoder: Union[str, Path, None] = None, config: Union[str, Path, None] = None,
                         query_mode: Optional[str] = None, pooling_type: Optional[str] = None,
                         query_source: Optional[str] = None, dtype: Optional[torch.dtype] = None, device=None,
-                        **options) -> "LoRWeBKontextPipeline":
+                        encoder_dtype: Optional[torch.dtype] = None, **options) -> "LoRWeBKontextPipeline":
         """Load a FluxKontextPipeline (hub id or local directory), a LoRWeB checkpoint and its analogy encoder.
 
         ``weights`` is a safetensors file or a folder (``official_config.find_checkpoint``: the final or newest
         complete checkpoint, with its config.yaml). The encoder, query mode and pooling come from ``encoder`` /
         ``query_mode`` / ``pooling_type`` when given, else the official ``config.yaml`` (``config`` or the one
         beside the weights), else the checkpoint's metadata, else the official defaults; sources that disagree
-        raise. The checkpoint is validated before anything is loaded into the transformer. ``options``:
+        raise. The checkpoint is validated before anything is loaded into the transformer. The encoder runs in
+        ``encoder_dtype``, by default the transformer's dtype (official inference.py: both in bfloat16). ``options``:
         ``resolution``, ``max_area``, ``max_size``, ``long_edge`` (see the class).
         """
         if device is not None:
             check_device("device", device)  # e.g. cuda without a GPU: before any model loads
+        if encoder_dtype is not None and not (isinstance(encoder_dtype, torch.dtype)
+                                              and encoder_dtype.is_floating_point):
+            raise TypeError(f"encoder_dtype must be a floating point torch.dtype, got {encoder_dtype!r}")
         from .official_config import find_checkpoint
 
         if Path(weights).is_dir():
@@ -654,8 +658,9 @@ class LoRWeBKontextPipeline:
         load_lorweb_weights(pipe.transformer, weights, config, settings=explicit)
         if device is not None:
             pipe.to(device)
-        enc = AnalogyEncoder(settings["encoder"], device=device, query_mode=settings["query_mode"],
-                             pooling_type=settings["pooling_type"], query_source=query_source)
+        enc = AnalogyEncoder(settings["encoder"], device=device, dtype=encoder_dtype or pipe.transformer.dtype,
+                             query_mode=settings["query_mode"], pooling_type=settings["pooling_type"],
+                             query_source=query_source)
         return cls(pipe, enc, **options)
 
     # ------------------------------------------------------------- the diffusers/peft LoRA API (lora_api)

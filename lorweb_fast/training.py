@@ -59,6 +59,14 @@ QUANTIZE_BASE = ("none", "int8", "nf4")
 BATCHINGS = ("bucket", "mixed")
 OPTIMIZERS = ("adamw8bit", "adamw")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+#: "sample": the control grid's VAE latents are drawn from the latent distribution with the run's generator, as the
+#: official trainer (toolkit/models/base_model.py ``encode_images``: ``latent_dist.sample()``, called from
+#: extensions_built_in/flux_kontext.py ``condition_noisy_latents``); "mode": its mean, as diffusers' Kontext
+#: pipeline encodes the image at inference (lorweb_fast's first rule)
+CONTROL_LATENTS = ("sample", "mode")
+#: the analogy encoder's dtype; "auto": the training dtype (``mixed_precision``), as the official trainer loads the
+#: encoder in the model's dtype (extensions_built_in/flux_kontext.py ``FluxKontextModel.load_model``)
+ENCODER_DTYPES = ("auto", "bf16", "fp16", "fp32")
 CHECKPOINT_DIR = "checkpoints"
 WEIGHTS_NAME = "lorweb.safetensors"
 TRAINER_STATE_NAME = "trainer_state.pt"
@@ -180,6 +188,7 @@ class TrainConfig:
     resize: str = "bucket"
     bucket_divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY
     batching: str = "bucket"
+    control_latents: str = "sample"
     timestep_type: str = "weighted"
     weighting_scheme: str = "none"
     logit_mean: float = 0.0
@@ -198,6 +207,7 @@ class TrainConfig:
     pooling_type: str = "avg"
     query_projection_type: str = "linear"
     query_source: str = "grid"
+    encoder_dtype: str = "auto"
     save_dtype: str = "fp16"
     checkpoint_every: int = 250
     keep_checkpoints: int = 4
@@ -221,7 +231,8 @@ class TrainConfig:
     def validate(self) -> None:
         self._check_choices((("timestep_type", TIMESTEP_TYPES), ("layout", LAYOUTS), ("resize", RESIZE_MODES),
                              ("bidirectional", BIDIRECTIONAL), ("adapter_precision", ADAPTER_PRECISIONS),
-                             ("quantize_base", QUANTIZE_BASE), ("batching", BATCHINGS)))
+                             ("quantize_base", QUANTIZE_BASE), ("batching", BATCHINGS),
+                             ("control_latents", CONTROL_LATENTS), ("encoder_dtype", ENCODER_DTYPES)))
         if self.weighting_scheme != "none" and self.timestep_type != "diffusers":
             raise ValueError(f"weighting_scheme={self.weighting_scheme!r} is a diffusers scheme: it needs "
                              f"timestep_type='diffusers' (--timestep-type diffusers), got {self.timestep_type!r}")
@@ -249,8 +260,9 @@ _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 #: the attention kernel choice (cudnn_attention: roundings only).
 RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers", "cudnn_attention")
 #: What a stored config that lacks a field did, where that differs from the field's default today: runs written
-#: before ``batching`` existed batched across buckets.
-RESUME_LEGACY_VALUES = {"batching": "mixed"}
+#: before ``batching`` existed batched across buckets; before ``control_latents`` / ``encoder_dtype`` they encoded the
+#: control with the latent mode and ran the encoder in fp32.
+RESUME_LEGACY_VALUES = {"batching": "mixed", "control_latents": "mode", "encoder_dtype": "fp32"}
 #: Files a training run writes directly in ``out`` (``--overwrite`` deletes exactly these and ``checkpoints/``).
 RUN_FILES = (WEIGHTS_NAME, "config.yaml", "loss.jsonl", "loss.png", "train_config.json")
 
@@ -707,7 +719,7 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
         prompt_embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
                                                              max_sequence_length=cfg.max_sequence_length)
         x0 = _encode_images(pipe, batch["target"], generator, sample=True).float()
-        control = _encode_images(pipe, batch["control"], generator, sample=False)
+        control = _encode_images(pipe, batch["control"], generator, sample=cfg.control_latents == "sample")
     _, c, h, w = x0.shape
     noise = torch.randn(x0.shape, generator=generator).to(device)
     t, weight = sample_timesteps(cfg, bsz, generator)
@@ -771,8 +783,10 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     elif cfg.quantize_base != "none" and not _is_quantized(pipe.transformer):
         raise ValueError(f"quantize_base={cfg.quantize_base!r} but the given pipeline's transformer is not quantized")
     if encoder is None:
-        encoder = AnalogyEncoder(cfg.encoder, query_mode=cfg.query_mode, pooling_type=cfg.pooling_type,
-                                 query_source=cfg.query_source)
+        encoder_dtype = weight_dtype if cfg.encoder_dtype == "auto" else \
+            {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.encoder_dtype]
+        encoder = AnalogyEncoder(cfg.encoder, dtype=encoder_dtype, query_mode=cfg.query_mode,
+                                 pooling_type=cfg.pooling_type, query_source=cfg.query_source)
     got = (encoder.query_mode, encoder.pooling_type, encoder.query_source)
     if got != (cfg.query_mode, cfg.pooling_type, cfg.query_source):
         raise ValueError(f"the encoder's (query_mode, pooling_type, query_source) = {got} differ from the training "

@@ -152,18 +152,6 @@ def test_infer_device_cuda_without_gpu(files, tmp_path, capsys, no_model_load, d
                            no_model_load)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_infer_unwritable_out(files, tmp_path, capsys, no_model_load):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **{"--out": locked / "b.png"}), "not writable",
-                               no_model_load)
-    finally:
-        locked.chmod(0o700)
-
-
 def test_infer_offline_hub_encoder_absent(files, tmp_path, capsys, no_model_load, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))

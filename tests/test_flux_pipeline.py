@@ -42,6 +42,27 @@ def run(pipe, analogies, prompts, *, merge=False, seeds=None):
                 output_type="np", max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, progress=False)
 
 
+def test_encoder_runs_in_the_pipeline_dtype_by_default(assets):
+    """inference.py loads CLIPVisionModelWithProjection ``.to(args.device, dtype=torch.bfloat16)``, the dtype of
+    the FLUX pipeline: the encoder follows the pipeline's dtype unless ``encoder_dtype`` says otherwise."""
+    bf16 = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
+                                                      dtype=torch.bfloat16)
+    assert bf16.pipe.transformer.dtype == torch.bfloat16
+    assert next(bf16.encoder.model.parameters()).dtype == torch.bfloat16
+    fp32 = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
+                                                      dtype=torch.bfloat16, encoder_dtype=torch.float32)
+    assert next(fp32.encoder.model.parameters()).dtype == torch.float32
+    a, a2, b = random_analogy(0)
+    grids = bf16.control_grids(a, a2, b)
+    q16, q32 = bf16.encoder.query_from_grid(grids), fp32.encoder.query_from_grid(grids)
+    assert q16.dtype == q32.dtype == torch.float32  # queries are returned in fp32 either way
+    torch.testing.assert_close(q16, q32, atol=0.1, rtol=0.05)  # bf16 rounding only...
+    assert not torch.equal(q16, q32)  # ...but rounding there is
+    with pytest.raises(TypeError, match="encoder_dtype must be a floating point torch.dtype, got 'bf16'"):
+        flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
+                                                   encoder_dtype="bf16")
+
+
 def test_returns_b_prime_of_the_cell_size(lorweb_pipe):
     a, a2, b = random_analogy(0)  # b is 40x40: the 64-px grid has 32x32 cells
     (out,) = lorweb_pipe(a, a2, b, "mirror the image", num_inference_steps=STEPS, progress=False,
@@ -197,21 +218,6 @@ def test_cli_infer_writes_b_prime(assets, tmp_path):
         assert im.size == (32, 32)
         assert np.asarray(im).std() > 0
     assert (tmp_path / "out" / "coefficients.png").stat().st_size > 0
-
-
-def test_cli_infer_missing_image(assets, tmp_path, capsys):
-    rc, _ = cli_infer(assets, tmp_path, b=tmp_path / "nope.png")
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert "image not found" in err and "nope.png" in err
-
-
-def test_cli_infer_not_an_image(assets, tmp_path, capsys):
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"\x89PNG but truncated")
-    rc, _ = cli_infer(assets, tmp_path, a=bad)
-    assert rc == 2
-    assert "bad.png is not a readable image" in capsys.readouterr().err
 
 
 def test_cli_infer_mismatched_weights(assets, tmp_path, capsys):

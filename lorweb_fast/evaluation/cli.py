@@ -66,6 +66,8 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--input-long-edge", type=int, default=1024,
                    help="long-edge cap of the a, a', b copies saved in the runs folder (0: keep)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    g.add_argument("--encoder-dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                   help="analogy encoder dtype; auto (official inference.py): --dtype")
     g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     g.add_argument("--pair-seed", type=int, default=0, help="seed of the b choices (released set, Relation252k)")
     g.add_argument("--b-per-pair", type=int, default=2, help="b images per (a, a') in the released set (paper: 2)")

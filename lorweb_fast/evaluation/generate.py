@@ -24,7 +24,7 @@ from .evalsets import EvalInputError, Triplet
 
 #: run.json settings that must match when a run is resumed.
 RESUME_KEYS = ("weights", "weights_file", "weights_sha256", "model", "encoder", "seeds", "steps", "guidance_scale",
-               "pipe_kwargs", "dtype", "resolution", "max_size", "long_edge")
+               "pipe_kwargs", "dtype", "encoder_dtype", "resolution", "max_size", "long_edge")
 #: settings that run.json files written before they existed lack: such a run cannot be checked for them
 UNRECORDED_BEFORE = ("weights_file", "weights_sha256")
 
@@ -207,6 +207,7 @@ def run_generate(args) -> dict:
                 "seeds": list(args.seeds), "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "pipe_kwargs": pipe_kwargs, "evalset": str(args.evalset), "format": args.format,
                 "pair_seed": args.pair_seed, "dtype": args.dtype, "batch_size": args.batch_size,
+                "encoder_dtype": args.dtype if getattr(args, "encoder_dtype", "auto") == "auto" else args.encoder_dtype,
                 "resolution": args.resolution, "max_size": args.max_size, "long_edge": args.long_edge,
                 "triplets": len(triplets)}
     check_run_settings(out, settings, write=False)  # before loading any model
@@ -215,7 +216,8 @@ def run_generate(args) -> dict:
     if args.long_edge is not None:
         kwargs["long_edge"] = args.long_edge
     pipe = LoRWeBKontextPipeline.from_pretrained(args.model, weights_file, config=config, encoder=args.encoder,
-                                                 dtype=DTYPES[args.dtype], device=device, **kwargs)
+                                                 dtype=DTYPES[args.dtype], device=device,
+                                                 encoder_dtype=DTYPES[settings["encoder_dtype"]], **kwargs)
     check_run_settings(out, settings)  # nothing is written when the models fail to load
     result = generate(pipe, triplets, out, seeds=args.seeds, batch_size=args.batch_size,
                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale, device=device,
