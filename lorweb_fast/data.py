@@ -153,6 +153,13 @@ def swap_grid(grid):
     return out
 
 
+def official_caption(text: str) -> str:
+    """The caption as the official loader hands it to the text encoders (toolkit/dataloader_mixins.py
+    ``CaptionMixin.get_caption``): split on commas, each piece stripped, empty pieces dropped, joined with ", "
+    ("make it red ,,bigger\n" -> "make it red, bigger")."""
+    return ", ".join(piece.strip() for piece in text.split(",") if piece.strip())
+
+
 def bidirectional_swap(seed: int, position: int) -> bool:
     """Whether the sample drawn at ``position`` of the sample stream (step * global batch + rank * batch + slot) is
     reversed: a fair coin that depends only on (seed, position), so resumed runs repeat it."""
@@ -317,7 +324,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
             path = self.root / sub / f"{stem}.txt"
             if path.is_file():
                 try:
-                    return path.read_bytes().decode("utf-8").strip()
+                    return official_caption(path.read_bytes().decode("utf-8"))
                 except UnicodeDecodeError as exc:
                     raise AnalogyDataError(f"caption {path} is not valid UTF-8 ({exc.reason} at byte {exc.start})") \
                         from None

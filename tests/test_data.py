@@ -170,6 +170,20 @@ def test_mixed_layouts_are_an_error(tmp_path):
         AnalogyFolder(root, resize="long-edge")
 
 
+def test_captions_are_normalised_as_the_official_loader(tmp_path):
+    """Reference from NVlabs/LoRWeB toolkit/dataloader_mixins.py ``CaptionMixin.get_caption``: the raw caption is
+    split on ',', every piece stripped, empty pieces dropped, and the pieces joined with ', '."""
+    def reference(raw):
+        tokens = [t.strip() for t in raw.split(",")]
+        return ", ".join(t for t in tokens if t)
+
+    raws = ["make it red", "  make it red\n", "make it red,bigger", "a , b,, c ,", ",", "", "one,\ntwo"]
+    for raw in raws:
+        assert data.official_caption(raw) == reference(raw), raw
+    root = _strip_folder(tmp_path / "d", caption=" turn it ,, into   clay ,\n")
+    assert AnalogyFolder(root)[0]["caption"] == "turn it, into   clay"
+
+
 def test_bad_utf8_caption_is_named_and_skippable(tmp_path):
     root = _strip_folder(tmp_path / "d", cells=[(20, 14), (20, 14)])
     (root / "target" / "s01.txt").write_bytes(b"caf\xe9 au lait")
