@@ -1,5 +1,11 @@
 """Float64 reference of the LoRWeB math (../shared/METHOD.md). The oracle for every fast path.
 
+The official layer is NVlabs/LoRWeB toolkit/network_mixins.py ``attlora_forward``: the coefficients through
+``att_lora_to_q``, a head split, ``scaled_dot_product_attention`` with identity values (softmax) or tanh, and a mean
+or clamped sum over heads; the delta as the einsum "b s i, n i r, b n, n r o -> b s o" times the scale.
+tests/test_reference.py checks this module against a transcription of that function
+(``test_coefficients_match_the_official_attlora_forward``) and against explicit per-LoRA loops.
+
 Everything here is plain PyTorch, written for clarity, and computes in float64 whatever the input dtype. It is not
 meant to be fast.
 """

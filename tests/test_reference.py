@@ -102,3 +102,54 @@ def test_gradcheck_full_chain(activation, reduce, heads):
     coeffs = torch.rand(2, 3, generator=g, dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x, c: reference.mixed_lora_delta(x, a, b, c, 0.5), (x, coeffs))
     assert torch.autograd.gradcheck(lambda x2: reference.mixed_lora_delta(x2, a, b, coeffs, 0.5), (x[:, 0],))
+
+
+def official_attlora_coefficients(query, to_q_weight, lora_keys, heads, lora_softmax, mixing_coeffs_type):
+    """Transcribed from NVlabs/LoRWeB toolkit/network_mixins.py ``attlora_forward`` (the part after the query is
+    built): the query (B, 1, D) through ``att_lora_to_q``, viewed as (B, 1, heads, head_dim) and transposed to
+    (B, heads, 1, head_dim); the keys (N, key_dim) viewed as (N, heads, head_dim), transposed and expanded to
+    (B, heads, N, head_dim); softmax: ``scaled_dot_product_attention`` with identity values eye(N) and scale
+    head_dim ** -0.5; tanh: ``tanh(q @ k^T * scale)``; then ``sum(dim=(1, 2))`` clamped to [0 | -1, 1], or
+    ``mean(dim=(1, 2))``."""
+    bsz = query.shape[0]
+    q = torch.nn.functional.linear(query.reshape(bsz, 1, -1), to_q_weight)
+    head_dim = lora_keys.shape[-1] // heads
+    q = q.view(bsz, 1, heads, head_dim).transpose(1, 2)
+    k = lora_keys.view(-1, heads, head_dim).transpose(0, 1).unsqueeze(0).expand(bsz, -1, -1, -1)
+    n, scale = lora_keys.shape[0], head_dim ** -0.5
+    if lora_softmax:
+        values = torch.eye(n, n, dtype=q.dtype).expand(bsz, heads, -1, -1)
+        c = torch.nn.functional.scaled_dot_product_attention(q, k, values, dropout_p=0.0, is_causal=False,
+                                                             scale=scale)
+    else:
+        c = torch.tanh(q @ k.transpose(-2, -1) * scale)
+    if mixing_coeffs_type == "sum":
+        return c.sum(dim=(1, 2)).clamp(min=0 if lora_softmax else -1, max=1)
+    return c.mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+@pytest.mark.parametrize("activation", ["softmax", "tanh"])
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_coefficients_match_the_official_attlora_forward(heads, activation, reduce):
+    """The reference, the functional op and a LoRWeBLinear layer against the transcription of the official layer
+    (float64, so the comparison is tight)."""
+    import lorweb_fast as lf
+
+    g = torch.Generator().manual_seed(heads)
+    query = torch.randn(3, 24, generator=g, dtype=torch.float64)
+    to_q = torch.randn(16, 24, generator=g, dtype=torch.float64) * 0.4
+    keys = torch.randn(7, 16, generator=g, dtype=torch.float64) * 2
+    want = official_attlora_coefficients(query, to_q, keys, heads, activation == "softmax", reduce)
+    got = reference.compute_coefficients(query, to_q, keys, heads=heads, activation=activation, reduce=reduce)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    op = lf.compute_coefficients(query, to_q, keys, heads=heads, activation=activation, reduce=reduce)
+    torch.testing.assert_close(op.double(), want, rtol=1e-12, atol=1e-12)
+    layer = lf.LoRWeBLinear(torch.nn.Linear(5, 4).double(), num_loras=7, rank=2, key_dim=16, query_dim=24,
+                            heads=heads, activation=activation, reduce=reduce, dtype=torch.float64)
+    with torch.no_grad():
+        layer.att_lora_to_q.weight.copy_(to_q)
+        layer.lora_keys.copy_(keys)
+    torch.testing.assert_close(layer.coefficients_from_query(query).double(), want, rtol=1e-12, atol=1e-12)
+    if reduce == "sum" and heads > 1:  # the clamp is exercised (one head's softmax / tanh stays within it)
+        assert bool((want == (0 if activation == "softmax" else -1)).any() or (want == 1).any())
