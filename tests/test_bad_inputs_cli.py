@@ -251,7 +251,10 @@ TRAIN_PATH_CASES = {
 @pytest.mark.parametrize("case", sorted(TRAIN_PATH_CASES))
 def test_train_bad_path_stops_up_front(files, tmp_path, capsys, no_model_load, case):
     make, fragment = TRAIN_PATH_CASES[case]
+    before = sorted(p.relative_to(files) for p in files.rglob("*"))
     assert_one_line_exit_2(capsys, train_argv(files, tmp_path) + make(files, tmp_path), fragment, no_model_load)
+    assert not (tmp_path / "run").exists()  # no run folder is created by a refused command
+    assert sorted(p.relative_to(files) for p in files.rglob("*")) == before  # nor anything beside the inputs
 
 
 def test_train_good_arguments_reach_the_loader(files, tmp_path, capsys, no_model_load):

@@ -136,8 +136,10 @@ def test_resume_of_a_run_from_before_bucket_batching_names_batching(tmp_path):
 def test_resume_beyond_the_step_budget_is_refused(tmp_path):
     cfg = cfg_for(tmp_path)
     fake_checkpoint(tmp_path, 6, cfg)
+    before = tree(tmp_path)
     with pytest.raises(ValueError, match="at step 6, beyond --steps 4"):
         prepare_output(dataclasses.replace(cfg, resume=True, steps=4))
+    assert tree(tmp_path) == before
 
 
 # -------------------------------------------------------------------------------- checkpoints/ contents
@@ -178,10 +180,12 @@ def test_all_checkpoints_corrupt_is_an_error_naming_the_files(tmp_path):
     cfg = cfg_for(tmp_path)
     for step in (2, 4):
         (fake_checkpoint(tmp_path, step, cfg) / "trainer_state.pt").write_bytes(b"")
+    before = tree(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="no usable checkpoint.*step-00000004.*step-00000002"):
             prepare_output(dataclasses.replace(cfg, resume=True))
+    assert tree(tmp_path) == before  # the corrupt checkpoints are kept for inspection, nothing else written
 
 
 @pytest.mark.parametrize("leftover", ["checkpoints/.tmp-step-00000006-abc123", "checkpoints/.tmp-step-00000004-x",

@@ -131,6 +131,11 @@ def test_lorweb_changes_the_output(assets, lorweb_pipe):
 
 def test_pipeline_rejects_bad_inputs(lorweb_pipe, tmp_path):
     a, a2, b = random_analogy(0)
+    layers = lf.lorweb_layers(lorweb_pipe.transformer)
+    lorweb_pipe(a, a2, b, "x", num_inference_steps=1, progress=False,
+                max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH)  # coefficients in place before the bad calls
+    coefficients = {n: layer.coefficients.clone() for n, layer in layers.items()}
+    state = {k: v.clone() for k, v in lorweb_pipe.transformer.state_dict().items()}
     with pytest.raises(FileNotFoundError, match="missing.png"):
         lorweb_pipe(tmp_path / "missing.png", a2, b, "x")
     (tmp_path / "notes.png").write_text("not an image")
@@ -140,6 +145,9 @@ def test_pipeline_rejects_bad_inputs(lorweb_pipe, tmp_path):
         lorweb_pipe([a, a], [a2], [b, b], "x")
     with pytest.raises(ValueError, match="3 prompts for 2 analogies"):
         lorweb_pipe([a, a], [a2, a2], [b, b], ["x"] * 3)
+    # the refused calls changed neither the coefficients nor any weight
+    assert all(torch.equal(layers[n].coefficients, c) for n, c in coefficients.items())
+    assert all(torch.equal(v, state[k]) for k, v in lorweb_pipe.transformer.state_dict().items())
 
 
 def test_encoder_query_dim_must_match(assets):

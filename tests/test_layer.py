@@ -40,8 +40,10 @@ def test_forward_without_coefficients_raises():
     layer.set_coefficients(torch.rand(2, 2))
     with pytest.raises(ValueError, match="batch size 2 but the input has batch size 3"):
         layer(torch.randn(3, 8))
+    kept = layer.coefficients
     with pytest.raises(ValueError, match=r"\(B, N=2\)"):
         layer.set_coefficients(torch.rand(2, 3))
+    assert layer.coefficients is kept  # the failed call left the coefficients in place
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 20), (3, 20)])

@@ -371,6 +371,7 @@ def test_empty_data_folder(tmp_path, capsys):
         AnalogyFolder(tmp_path)
     assert cli.main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "no training samples" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["control", "target"]  # no --out folder was created
 
 
 def test_missing_data_folder(tmp_path):
