@@ -7,8 +7,8 @@ import torch
 
 import lorweb_fast as lf
 from lorweb_fast import ops
-from lorweb_fast.testing import assert_within_bound, case_id, check_against_reference, odd_shape_cases, random_problem, \
-    spread_cases, tolerance
+from lorweb_fast.testing import (assert_within_bound, case_id, check_against_reference, odd_shape_cases,
+                                 random_problem, spread_cases, tolerance)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 CASES = odd_shape_cases()
