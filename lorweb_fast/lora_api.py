@@ -239,7 +239,8 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, enc
     _require_layers(model)
     directory.mkdir(parents=True, exist_ok=True)
     save_lorweb_weights(model, directory / WEIGHT_NAME, metadata={"encoder": encoder},
-                        config={"encoder": encoder, "query_mode": query_mode, "pooling_type": pooling_type})
+                        config={"encoder": encoder, "query_mode": query_mode, "pooling_type": pooling_type,
+                                "model": base_model})
     (directory / CARD_NAME).write_text(model_card(model, encoder=encoder, base_model=base_model, training=training,
                                                   repo_id=repo_id, query_mode=query_mode,
                                                   pooling_type=pooling_type))

@@ -281,7 +281,7 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     ``config`` (a mapping, may be empty) also writes an official ``config.yaml`` beside the file (what the official
     inference.py requires): the layers give num_loras, rank, lora_alpha, key_dim, heads, activation, reduce and the
     projection type; ``config`` gives query_mode, pooling_type and encoder (official defaults when absent) and may
-    not contradict the layers.
+    not contradict the layers; its ``model`` entry names the base model in config.yaml (default: the official hub id).
     """
     from safetensors.torch import save_file
 
@@ -348,8 +348,10 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         if settings is not None:
             from .official_config import CONFIG_NAME, write_config_yaml
 
+            model_name = settings.pop("model", None)
             write_config_yaml(os.path.join(directory, CONFIG_NAME), settings,
-                              name=os.path.splitext(os.path.basename(path))[0])
+                              name=os.path.splitext(os.path.basename(path))[0],
+                              **({} if model_name is None else {"model": str(model_name)}))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -199,10 +199,16 @@ def _same(a, b) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def official_config(settings: Mapping[str, Any], *, name: str = "lorweb", extra: Optional[Mapping] = None) -> dict:
+#: The base model the official config names (``config.process[0].model.name_or_path``) unless told otherwise.
+OFFICIAL_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
+
+
+def official_config(settings: Mapping[str, Any], *, name: str = "lorweb", extra: Optional[Mapping] = None,
+                    model: str = OFFICIAL_MODEL) -> dict:
     """An official-style job config (the structure ai-toolkit dumps to ``config.yaml``) holding ``settings``.
 
     ``settings`` uses lorweb_fast names (see the module docstring); missing ones take the official defaults.
+    ``model`` is the base FLUX.1-Kontext model the adapter was trained on (hub id or path).
     ``extra`` entries are merged into ``config.process[0]`` (e.g. ``train``, ``save``, ``datasets``).
     """
     s = {**OFFICIAL_DEFAULTS, **{k: v for k, v in settings.items() if k in SETTINGS and v is not None}}
@@ -227,20 +233,20 @@ def official_config(settings: Mapping[str, Any], *, name: str = "lorweb", extra:
         },
     }
     process = {"type": "sd_trainer", "network": network,
-               "model": {"name_or_path": "black-forest-labs/FLUX.1-Kontext-dev", "arch": "flux_kontext"}}
+               "model": {"name_or_path": str(model), "arch": "flux_kontext"}}
     process.update(dict(extra or {}))
     return {"job": "extension", "config": {"name": name, "process": [process]},
             "meta": {"name": name, "version": "1.0", "software": "lorweb_fast"}}
 
 
 def write_config_yaml(path: Union[str, os.PathLike], settings: Mapping[str, Any], *, name: str = "lorweb",
-                      extra: Optional[Mapping] = None) -> Path:
-    """Write ``official_config(settings)`` to ``path`` atomically (temporary file, then rename)."""
+                      extra: Optional[Mapping] = None, model: str = OFFICIAL_MODEL) -> Path:
+    """Write ``official_config(settings, model=model)`` to ``path`` atomically (temporary file, then rename)."""
     import yaml
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(official_config(settings, name=name, extra=extra), sort_keys=False)
+    text = yaml.safe_dump(official_config(settings, name=name, extra=extra, model=model), sort_keys=False)
     fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml.tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

@@ -392,6 +392,13 @@ def prepare_output(cfg, *, main_process: bool = True) -> tuple[Optional[Path], O
     return ckpt, state
 
 
+def recorded_location(name: str) -> str:
+    """How a model location is written into a checkpoint: a local path that exists as an absolute path (a relative
+    one would break when the checkpoint is used from another directory), anything else (a hub id) unchanged."""
+    path = Path(str(name)).expanduser()
+    return str(path.resolve()) if path.exists() else str(name)
+
+
 def checkpoint_settings(cfg: TrainConfig, encoder_name: str) -> dict:
     """The LoRWeB settings of a training run (lorweb_fast names, ``official_config``), for config.yaml."""
     return {"num_loras": cfg.num_loras, "rank": cfg.rank, "lora_alpha": float(cfg.rank), "key_dim": cfg.key_dim,
@@ -402,14 +409,15 @@ def checkpoint_settings(cfg: TrainConfig, encoder_name: str) -> dict:
 
 def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimizer_state: dict, metadata: dict,
                       keep: int, *, save_dtype: str = "fp32", settings: Optional[dict] = None,
-                      name: str = "lorweb", config: Optional[dict] = None) -> Path:
+                      name: str = "lorweb", config: Optional[dict] = None, model: Optional[str] = None) -> Path:
     """Official weights (``weights`` = ``lorweb_state_dict``, written in ``save_dtype`` with our and ai-toolkit's
     metadata) + ``config.yaml`` (official format, from ``settings``) + trainer state (``optimizer_state`` as made by
     ``optimizer_state_dict``, and the fp32 master weights when ``save_dtype`` rounds them, so a resume is exact)
     into a temporary folder, renamed to ``checkpoints/step-XXXXXXXX``. ``out/lorweb.safetensors`` and
     ``out/config.yaml`` are then replaced by copies. ``config`` (the comparable training config) is stored in
-    the trainer state, so a resume with different settings is refused."""
-    from .official_config import CONFIG_NAME, SAVE_DTYPES, aitk_metadata, write_config_yaml
+    the trainer state, so a resume with different settings is refused. ``model`` is the base model named in
+    config.yaml (default: the official hub id)."""
+    from .official_config import CONFIG_NAME, OFFICIAL_MODEL, SAVE_DTYPES, aitk_metadata, write_config_yaml
 
     dtype = SAVE_DTYPES[save_dtype]
     root = out / CHECKPOINT_DIR
@@ -419,7 +427,7 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     try:
         meta = {**aitk_metadata(name, step), **metadata}
         save_lorweb_weights(transformer, tmp / WEIGHTS_NAME, metadata=meta, state_dict=weights, dtype=dtype)
-        write_config_yaml(tmp / CONFIG_NAME, settings or {}, name=name,
+        write_config_yaml(tmp / CONFIG_NAME, settings or {}, name=name, model=model or OFFICIAL_MODEL,
                           extra={"save": {"dtype": {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
                                           [save_dtype]}})
         state = {"step": step, "optimizer": optimizer_state, "config": config}
@@ -818,7 +826,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         transformer.enable_gradient_checkpointing()
     transformer.train()
     optimizer = _make_optimizer(params, cfg)
-    encoder_name = getattr(encoder, "name", cfg.encoder)
+    # recorded so that the checkpoint works from any directory: a local folder as an absolute path, a hub id as is
+    encoder_name = recorded_location(getattr(encoder, "name", cfg.encoder))
     metadata = {"encoder": encoder_name, "lorweb.query_mode": cfg.query_mode,
                 "lorweb.pooling_type": cfg.pooling_type, "lorweb.query_source": cfg.query_source}
     settings = checkpoint_settings(cfg, encoder_name)
@@ -900,7 +909,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                 if accelerator.is_main_process:
                     _write_checkpoint(out, step, transformer, weights, optimizer_state, metadata, cfg.keep_checkpoints,
                                       save_dtype=cfg.save_dtype, settings=settings, name=Path(cfg.out).name or "lorweb",
-                                      config=_comparable_config(cfg))
+                                      config=_comparable_config(cfg), model=recorded_location(cfg.model))
                     plot_loss(log_path, png_path)
                 del weights, optimizer_state
                 accelerator.wait_for_everyone()

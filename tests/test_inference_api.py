@@ -156,6 +156,7 @@ def test_save_pretrained_load_and_unload(pipe, assets, tmp_path):
     assert net["linear"] == 2 and net["network_kwargs"]["loras_num"] == 3
     assert net["network_kwargs"]["lora_keys_dim"] == 8 and net["network_kwargs"]["lora_softmax"] is True
     assert net["network_kwargs"]["external_query_model"] == str(assets / "clip")
+    assert cfg["config"]["process"][0]["model"]["name_or_path"] == str(assets / "pipe")  # the base it runs on
     card = (out / "README.md").read_text()
     for word in ("base_model:", "| basis LoRAs N | 3 |", "| rank r | 2 |", str(assets / "clip"), "cat-aa'b",
                  "| training steps | 10 |", "| training data | synthetic |", "LoRWeBKontextPipeline.from_pretrained"):

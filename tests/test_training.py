@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -398,10 +399,11 @@ def test_broken_samples_error_or_skip(assets, tmp_path):
     assert item["caption"]
 
 
-def test_cli_train(assets, tmp_path):
+def test_cli_train(assets, tmp_path, monkeypatch):
     out = tmp_path / "cli"
-    argv = ["train", "--data", str(assets / "data"), "--out", str(out), "--model", str(assets / "pipe"),
-            "--encoder", str(assets / "clip"), "--steps", "2", "--batch-size", "2", "--mixed-precision", "no",
+    monkeypatch.chdir(assets)  # relative model and encoder paths, as a user types them
+    argv = ["train", "--data", "data", "--out", str(out), "--model", "pipe",
+            "--encoder", "clip", "--steps", "2", "--batch-size", "2", "--mixed-precision", "no",
             "--long-edge", "64", "--resize", "long-edge", "--max-sequence-length", str(demo.DEMO_MAX_SEQUENCE_LENGTH),
             "--num-loras", "4",
             "--rank", "2", "--key-dim", "8", "--checkpoint-every", "1", "--num-workers", "0", "--no-progress",
@@ -414,6 +416,13 @@ def test_cli_train(assets, tmp_path):
     assert training.latest_checkpoint(out).name == "step-00000002"
     with safe_open(str(out / "lorweb.safetensors"), framework="pt") as f:
         assert f.get_tensor("transformer.transformer_blocks.0.attn.to_q.lora_A").shape == (4, 32, 2)
+        encoder_recorded = f.metadata()["encoder"]
+    # local folders are recorded as absolute paths, so the run works from any directory
+    process = yaml.safe_load((out / "config.yaml").read_text())["config"]["process"][0]
+    assert encoder_recorded == process["network"]["network_kwargs"]["external_query_model"] == \
+        str((assets / "clip").resolve())
+    assert process["model"]["name_or_path"] == str((assets / "pipe").resolve())
+    assert training.recorded_location("openai/clip-vit-large-patch14") == "openai/clip-vit-large-patch14"
 
 
 def test_bad_config_values():
