@@ -28,7 +28,7 @@ a host-bound small-M call really costs). Warm-up calls are discarded; inputs are
 through a pool larger than the L2 cache; every ratio in a record comes from that one run. On CPU both are wall times.
 
 On a GPU it runs the FLUX.1-Kontext layer shapes (plus the 2-D norm layers at M = batch); without one it runs a
-small CPU default (under a minute) whose results are labelled CPU. Results go to benchmarks/results/: a JSON record
+small CPU default (about a minute on 2 cores) whose results are labelled CPU. Results go to benchmarks/results/: a JSON record
 (device, clocks, versions, date, commit), a markdown table, a PNG plot and (on a GPU, or with --profile) a per-kernel
 torch.profiler table of one forward+backward at the target shape.
 """

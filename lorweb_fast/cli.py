@@ -61,8 +61,9 @@ def run_infer(args) -> Path:
                                                  query_mode=args.query_mode, pooling_type=args.pooling_type,
                                                  query_source=args.query_source, dtype=DTYPES[args.dtype],
                                                  encoder_dtype=DTYPES.get(args.encoder_dtype), device=device,
-                                                 resolution=args.resolution, max_area=args.max_area,
-                                                 max_size=args.max_size, long_edge=args.long_edge)
+                                                 resolution=args.resolution,
+                                                 **{k: getattr(args, k) for k in ("max_area", "max_size", "long_edge")
+                                                    if getattr(args, k) is not None})
     generator = torch.Generator(device=pipe.pipe._execution_device).manual_seed(args.seed)
     merge = "none" if args.no_merge else args.merge
     (b_prime,) = pipe(*images, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
@@ -195,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "native: b's aspect, grid long edge capped at --long-edge, never upscaled")
     p.add_argument("--max-size", type=int, default=None,
                    help="official resolution: cap on the control grid's long edge (inference.py -m)")
-    p.add_argument("--max-area", type=int, default=1024 ** 2, help="official resolution: generated pixels")
+    p.add_argument("--max-area", type=int, default=None,
+                   help="official resolution: generated pixels (default 1024**2, as the official pipeline)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="FLUX.1-Kontext hub id or local directory")
     p.add_argument("--encoder", default=None,
                    help="analogy encoder hub id or directory (default: the checkpoint's metadata, else CLIP ViT-L/14)")
@@ -203,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=28, help="denoising steps")
     p.add_argument("--guidance-scale", type=float, default=2.5)
     p.add_argument("--seed", type=int, default=50, help="generator seed (on the execution device, as inference.py)")
-    p.add_argument("--long-edge", type=int, default=1024,
-                   help="native resolution: cap on the control grid's long edge")
+    p.add_argument("--long-edge", type=int, default=None,
+                   help="native resolution: cap on the control grid's long edge (default 1024)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--encoder-dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                    help="analogy encoder dtype; auto (official inference.py): --dtype")
@@ -257,19 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if f.name in ("data", "out"):
             continue
+        text = helps.get(f.name)
         if f.name == "betas":
-            t.add_argument(flag, type=float, nargs=2, default=list(f.default))
+            t.add_argument(flag, type=float, nargs=2, default=list(f.default), help="AdamW betas (default: 0.9 0.99)")
         elif isinstance(f.default, bool) and f.default:
-            t.add_argument("--no-" + flag[2:], dest=f.name, action="store_false")
+            t.add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
+                           help=f"turn {f.name.replace('_', ' ')} off (on by default)")
         elif isinstance(f.default, bool):
-            t.add_argument(flag, action="store_true", help=helps.get(f.name))
+            t.add_argument(flag, action="store_true", help=text)
         else:
             t.add_argument(flag, type=type(f.default), default=f.default, choices=choices.get(f.name),
-                           help=helps.get(f.name))
+                           help=f"{text} (default: %(default)s)" if text else "default: %(default)s")
     t.set_defaults(func=run_train)
 
     add_data_subparser(sub)
-    d = sub.add_parser("demo", help="offline end-to-end run on tiny random models (a few minutes on CPU)")
+    d = sub.add_parser("demo", help="offline end-to-end run on tiny random models (about a minute on a 2-core CPU)")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--steps", type=int, default=40, help="training steps")
     d.add_argument("--samples", type=int, default=16, help="synthetic analogies")

@@ -638,8 +638,21 @@ class LoRWeBKontextPipeline:
         beside the weights), else the checkpoint's metadata, else the official defaults; sources that disagree
         raise. The checkpoint is validated before anything is loaded into the transformer. The encoder runs in
         ``encoder_dtype``, by default the transformer's dtype (official inference.py: both in bfloat16). ``options``:
-        ``resolution``, ``max_area``, ``max_size``, ``long_edge`` (see the class).
+        ``resolution``, ``max_area``, ``max_size``, ``long_edge`` (see the class); ``torch_dtype`` is accepted as
+        diffusers' name for ``dtype``. Unknown options and bad values are refused before anything loads.
         """
+        if "torch_dtype" in options:
+            torch_dtype = options.pop("torch_dtype")
+            if dtype is not None and torch_dtype != dtype:
+                raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
+            dtype = torch_dtype
+        unknown = sorted(set(options) - {"resolution", "max_area", "max_size", "long_edge"})
+        if unknown:
+            raise TypeError(f"LoRWeBKontextPipeline.from_pretrained got unexpected options {unknown}; the options "
+                            "are resolution, max_area, max_size and long_edge (FluxKontextPipeline arguments go to "
+                            "the call, pipe(..., **kwargs))")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating point torch.dtype, got {dtype!r}")
         if device is not None:
             check_device("device", device)  # e.g. cuda without a GPU: before any model loads
         if encoder_dtype is not None and not (isinstance(encoder_dtype, torch.dtype)
@@ -780,9 +793,10 @@ class LoRWeBKontextPipeline:
         warn_aspect_ratios(a, a_prime, b, cells_from="a" if self.resolution == "official" else "b")
         grids = self.control_grids(a, a_prime, b, long_edge=long_edge)
         count = len(grids)
-        prompts = _as_list(prompt, count)
+        prompts = _as_list(prompt, count) if isinstance(prompt, str) else _as_list(prompt)  # a str is broadcast
         if len(prompts) != count:
-            raise ValueError(f"got {len(prompts)} prompts for {count} analogies")
+            raise ValueError(f"got {len(prompts)} prompts for {count} analogies (give one string for all, or one "
+                             "prompt per analogy)")
         per_prompt = int(pipe_kwargs.get("num_images_per_prompt") or 1)
         if per_prompt > 1 and count > 1:
             raise ValueError("num_images_per_prompt > 1 is supported for a single analogy only; pass the analogy "

@@ -219,6 +219,10 @@ def validate_inputs(x, lora_a, lora_b, coeffs, weight=None, bias=None, add_to=No
     if lora_a.dim() != 3:
         raise ValueError(f"lora_a must be (N, in, r), got shape {tuple(lora_a.shape)}")
     n, k, r = lora_a.shape
+    if k != x.shape[-1] and r == x.shape[-1]:
+        raise ValueError(f"lora_a must be (N, in, r) = (N, {x.shape[-1]}, r) for x {tuple(x.shape)}, got shape "
+                         f"{tuple(lora_a.shape)}, which looks like peft's (N, r, in) layout: pass "
+                         "lora_a.transpose(1, 2)")
     if lora_b.dim() != 3 or tuple(lora_b.shape[:2]) != (n, r):
         raise ValueError(f"lora_b must be (N, r, out) = ({n}, {r}, out) to match lora_a {tuple(lora_a.shape)}, "
                          f"got shape {tuple(lora_b.shape)}")

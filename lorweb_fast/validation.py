@@ -44,7 +44,8 @@ def check_real(name: str, value, lo: Optional[float] = None, hi: Optional[float]
                         f"{type(value).__name__} {value!r}")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite ({_range_text(lo, hi, lo_open, hi_open)}), got {value}")
+        bounds = _range_text(lo, hi, lo_open, hi_open)
+        raise ValueError(f"{name} must be finite{'' if bounds == 'finite' else f' ({bounds})'}, got {value}")
     if (lo is not None and (value < lo or (lo_open and value == lo))) or \
             (hi is not None and (value > hi or (hi_open and value == hi))):
         raise ValueError(f"{name} must be {_range_text(lo, hi, lo_open, hi_open)}, got {value:g}")
@@ -164,7 +165,7 @@ def check_input_file(name: str, path, suffixes: Optional[Iterable[str]] = None) 
     if path.is_dir():
         raise UsageError(f"{name} {path} is a folder; give a file")
     if not path.is_file():
-        raise UsageError(f"{name} {path} does not exist")
+        raise UsageError(f"{name} {path} " + ("is not a regular file" if path.exists() else "does not exist"))
     if suffixes is not None and path.suffix.lower() not in set(suffixes):
         raise UsageError(f"{name} {path} must be a {' / '.join(sorted(set(suffixes)))} file")
     if not os.access(path, os.R_OK):
@@ -246,11 +247,13 @@ def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, cells_fro
 # ------------------------------------------------------------------------------------------------ pipeline
 #: Smallest grid long edge: two cells of at least 16 pixels (FLUX packs 2x2 latents after the 8x VAE).
 MIN_LONG_EDGE = 32
+_SIZE_OPTIONS = ("max_area / max_size (--max-area / --max-size) with resolution 'official', long_edge "
+                 "(--long-edge) with 'native'")
 #: FluxKontextPipeline arguments that LoRWeBKontextPipeline sets itself, with the option that controls each.
 PIPELINE_OWNED_ARGS = {"image": "the a, a_prime, b images", "prompt": "the prompt argument",
-                       "height": "long_edge", "width": "long_edge", "num_inference_steps": "num_inference_steps",
+                       "height": _SIZE_OPTIONS, "width": _SIZE_OPTIONS, "num_inference_steps": "num_inference_steps",
                        "guidance_scale": "guidance_scale", "generator": "generator / seed",
-                       "output_type": "output_type", "max_area": "long_edge", "_auto_resize": "(fixed)",
+                       "output_type": "output_type", "max_area": _SIZE_OPTIONS, "_auto_resize": "(fixed)",
                        "return_dict": "(fixed)"}
 
 
@@ -451,6 +454,14 @@ def check_infer_args(args) -> None:
         check_real("--guidance-scale", args.guidance_scale, lo=0.0)
         if getattr(args, "long_edge", None) is not None:
             check_int("--long-edge", args.long_edge, lo=MIN_LONG_EDGE)
+        resolution = getattr(args, "resolution", "official")
+        if resolution == "official" and getattr(args, "long_edge", None) is not None:
+            raise UsageError("--long-edge applies to --resolution native; the official resolution is set by "
+                             "--max-area (and --max-size)")
+        if resolution == "native" and (getattr(args, "max_area", None) is not None
+                                       or getattr(args, "max_size", None) is not None):
+            raise UsageError("--max-area and --max-size apply to --resolution official; the native resolution is "
+                             "capped by --long-edge")
         check_int("--seed", args.seed, lo=0, hi=2 ** 64 - 1)
         if getattr(args, "device", None) is not None:
             check_device("--device", args.device)

@@ -189,6 +189,15 @@ def test_scale_must_be_a_finite_real(fn, value, exc, fragment):
         _call_op(fn, scale=value)
 
 
+def test_unbounded_finite_message_and_peft_layout_hint():
+    with pytest.raises(ValueError, match=r"^scale must be finite, got nan$"):
+        _call_op("lorweb_linear", scale=math.nan)
+    peft_layout = _problem()["lora_a"].transpose(1, 2).contiguous()  # (N, r, in), as peft stores lora_A
+    with pytest.raises(ValueError, match=r"lora_a must be \(N, in, r\) = \(N, 6, r\) .* looks like peft's "
+                                         r"\(N, r, in\) layout: pass lora_a.transpose\(1, 2\)"):
+        _call_op("lorweb_linear", lora_a=peft_layout)
+
+
 @pytest.mark.parametrize("value,exc", [(math.nan, ValueError), (math.inf, ValueError), (0.0, ValueError),
                                        (-1.0, ValueError), ("4", TypeError)])
 def test_lora_alpha(value, exc):

@@ -64,7 +64,7 @@ def files(tmp_path_factory):
 def infer_argv(root, tmp_path, **over):
     opts = {"--a": root / "a.png", "--a-prime": root / "a_prime.png", "--b": root / "b.png", "--prompt": "flip",
             "--weights": root / "w.safetensors", "--model": root / "model", "--out": tmp_path / "out" / "b.png",
-            "--steps": "2", "--long-edge": "64", "--device": "cpu"}
+            "--steps": "2", "--resolution": "native", "--long-edge": "64", "--device": "cpu"}
     extra = over.pop("extra", [])
     opts.update(over)
     argv = ["infer"]
@@ -114,6 +114,9 @@ INFER_CASES = {
     "pipe-arg unknown": ({"extra": ["--pipe-arg", "foo=1"]}, "--pipe-arg foo: unknown or unsupported"),
     "pipe-arg tensor-only": ({"extra": ["--pipe-arg", "latents=1"]}, "--pipe-arg latents: unknown or unsupported"),
     "pipe-arg owned": ({"extra": ["--pipe-arg", "height=64"]}, "--pipe-arg height is set by lorweb-fast"),
+    "pipe-arg max_area owned": ({"extra": ["--pipe-arg", "max_area=4096"]},
+                                "--pipe-arg max_area is set by lorweb-fast itself (use max_area / max_size "
+                                "(--max-area / --max-size) with resolution 'official'"),
     "pipe-arg nan": ({"extra": ["--pipe-arg", "true_cfg_scale=NaN"]}, "true_cfg_scale must be finite"),
     "pipe-arg bad int": ({"extra": ["--pipe-arg", "max_sequence_length=0"]}, "max_sequence_length must be"),
     "pipe-arg bad type": ({"extra": ["--pipe-arg", "negative_prompt=3"]}, "negative_prompt must be a string"),
@@ -121,6 +124,12 @@ INFER_CASES = {
     "device unknown": ({"--device": "banana"}, "--device 'banana' is not a device"),
     "max size 1": ({"--max-size": "1"}, "--max-size must be an integer >= 2"),
     "max area 0": ({"--max-area": "0"}, "--max-area must be an integer >= 1"),
+    "long edge with the official resolution": ({"--resolution": "official"},
+                                               "--long-edge applies to --resolution native"),
+    "max area with the native resolution": ({"--max-area": "4096"}, "--max-area and --max-size apply to "
+                                                                    "--resolution official"),
+    "max size with the native resolution": ({"--max-size": "64"}, "--max-area and --max-size apply to "
+                                                                  "--resolution official"),
     "query source images with a grid mode": ({"extra": ["--query-source", "images", "--query-mode", "caa'b"]},
                                              "--query-source images encodes a, a', b separately"),
     "encoder from metadata absent": ({"--weights": "{root}/w_missing_encoder.safetensors"}, "pass --encoder"),

@@ -63,6 +63,24 @@ def test_encoder_runs_in_the_pipeline_dtype_by_default(assets):
                                                    encoder_dtype="bf16")
 
 
+def test_from_pretrained_takes_torch_dtype_and_refuses_unknown_options_before_loading(assets, monkeypatch):
+    """diffusers' ``torch_dtype`` is an alias of ``dtype``; an unknown option or a bad dtype is refused before the
+    pipeline loads (with FLUX.1-Kontext-dev that takes minutes)."""
+    pipe = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
+                                                      torch_dtype=torch.bfloat16)
+    assert pipe.pipe.transformer.dtype == torch.bfloat16
+    loads = []
+    monkeypatch.setattr(flux, "load_kontext_pipeline", lambda *a, **k: loads.append(a))
+    with pytest.raises(TypeError, match=r"unexpected options \['guidance_scale'\]"):
+        flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors", guidance_scale=2.5)
+    with pytest.raises(ValueError, match="disagree"):
+        flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
+                                                   dtype=torch.float32, torch_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="dtype must be a floating point torch.dtype"):
+        flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors", dtype="bf16")
+    assert loads == []
+
+
 def test_returns_b_prime_of_the_cell_size(lorweb_pipe):
     a, a2, b = random_analogy(0)  # b is 40x40: the 64-px grid has 32x32 cells
     (out,) = lorweb_pipe(a, a2, b, "mirror the image", num_inference_steps=STEPS, progress=False,
@@ -145,6 +163,8 @@ def test_pipeline_rejects_bad_inputs(lorweb_pipe, tmp_path):
         lorweb_pipe([a, a], [a2], [b, b], "x")
     with pytest.raises(ValueError, match="3 prompts for 2 analogies"):
         lorweb_pipe([a, a], [a2, a2], [b, b], ["x"] * 3)
+    with pytest.raises(ValueError, match="1 prompts for 2 analogies"):  # a list is not broadcast (a str is)
+        lorweb_pipe([a, a], [a2, a2], [b, b], ["x"])
     # the refused calls changed neither the coefficients nor any weight
     assert all(torch.equal(layers[n].coefficients, c) for n, c in coefficients.items())
     assert all(torch.equal(v, state[k]) for k, v in lorweb_pipe.transformer.state_dict().items())

@@ -48,7 +48,9 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--evalset", required=True, help="evaluation set folder")
     g.add_argument("--format", choices=EVALSET_FORMATS, default="auto",
                    help="evaluation-set layout (default: detected)")
-    g.add_argument("--weights", required=True, help="LoRWeB checkpoint (official safetensors format)")
+    g.add_argument("--weights", required=True,
+                   help="LoRWeB checkpoint (official safetensors format), or a run / checkpoint folder: its final or "
+                        "newest complete checkpoint, with the folder's config.yaml")
     g.add_argument("--model", default=DEFAULT_MODEL, help="FLUX.1-Kontext hub id or local directory")
     g.add_argument("--encoder", default=None, help="analogy encoder (default: the checkpoint's metadata, else CLIP)")
     g.add_argument("--out", required=True, help="runs folder: RUNS/<task>/<id>/{a,a_prime,b,b_prime}.png")
