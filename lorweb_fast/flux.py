@@ -733,6 +733,52 @@ class LoRWeBKontextPipeline:
         """diffusers' model CPU offload of the wrapped pipeline; LoRWeB coefficients follow each layer's device."""
         return self.pipe.enable_model_cpu_offload(*args, **kwargs)
 
+    def set_adapters(self, adapter_names=None, adapter_weights=None) -> None:
+        """diffusers' ``set_adapters``: LoRWeB is one adapter, so one weight (a number, or a list of one) sets the
+        mixture's strength (``set_lorweb_scale``); None means 1.0. The names are not checked (any name)."""
+        weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights]
+        if len(weights) != 1:
+            raise ValueError(f"LoRWeB is one adapter: give one adapter weight, got {len(weights)}")
+        self.set_lorweb_scale(1.0 if weights[0] is None else weights[0])
+
+    def disable_lora(self) -> None:
+        """diffusers' ``disable_lora``: the base model's output (strength 0) until ``enable_lora``."""
+        if getattr(self, "_disabled_scale", None) is None:
+            self._disabled_scale = lora_api.get_lorweb_scale(self.transformer)
+        self.set_lorweb_scale(0.0)
+
+    def enable_lora(self) -> None:
+        """diffusers' ``enable_lora``: the strength from before ``disable_lora``."""
+        if getattr(self, "_disabled_scale", None) is not None:
+            self.set_lorweb_scale(self._disabled_scale)
+            self._disabled_scale = None
+
+    def to(self, *args, **kwargs) -> "LoRWeBKontextPipeline":
+        """diffusers' ``to``: the wrapped pipeline moved (and cast) as ``DiffusionPipeline.to`` does, the analogy
+        encoder moved to the same device (its dtype is kept: ``encoder_dtype``); returns this pipeline."""
+        self.pipe.to(*args, **kwargs)
+        self.encoder.model.to(next(self.transformer.parameters()).device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.dtype
+
+    def __getattr__(self, name: str):
+        """Everything else a diffusers pipeline has (``vae``, ``scheduler``, ``components``,
+        ``set_progress_bar_config``, ...) comes from the wrapped ``FluxKontextPipeline``."""
+        if name.startswith("__") or name in ("pipe", "encoder"):
+            raise AttributeError(name)
+        try:
+            return getattr(self.__dict__["pipe"], name)
+        except (KeyError, AttributeError):
+            raise AttributeError(f"{type(self).__name__} (and its FluxKontextPipeline) has no attribute "
+                                 f"{name!r}") from None
+
     def _base_model_name(self) -> Optional[str]:
         name = getattr(getattr(self.pipe, "config", None), "_name_or_path", None)
         return str(name) if name else None

@@ -147,6 +147,33 @@ def test_set_lorweb_scale_multiplies_the_mixture():
         assert lf.lora_api.get_lorweb_scale(model) == 0.0
 
 
+def test_pipeline_attributes_and_adapter_switches_as_in_diffusers(pipe):
+    """``to`` / ``device`` / ``dtype``, the wrapped pipeline's components, and ``set_adapters`` / ``disable_lora`` /
+    ``enable_lora`` on LoRWeB's one adapter (the strength of the mixture)."""
+    assert pipe.to("cpu") is pipe and pipe.device == torch.device("cpu") and pipe.dtype == pipe.pipe.dtype
+    assert next(pipe.encoder.model.parameters()).device == torch.device("cpu")
+    assert pipe.vae is pipe.pipe.vae and pipe.scheduler is pipe.pipe.scheduler
+    assert set(pipe.components) == set(pipe.pipe.components)
+    pipe.set_progress_bar_config(disable=True)  # delegated to the FluxKontextPipeline
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_thing'"):
+        pipe.no_such_thing
+    a, a2, b = random_analogy(1)
+    lorweb = run(pipe, [(a, a2, b)], ["x"])
+    pipe.set_adapters("lorweb", adapter_weights=0.5)
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 0.5
+    pipe.disable_lora()
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 0.0
+    disabled = run(pipe, [(a, a2, b)], ["x"])
+    pipe.enable_lora()
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 0.5
+    pipe.set_adapters(["lorweb"])  # no weight: 1.0
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0
+    torch.testing.assert_close(run(pipe, [(a, a2, b)], ["x"]), lorweb)
+    assert not np.allclose(disabled, lorweb)  # disabling removes the mixture
+    with pytest.raises(ValueError, match="one adapter weight"):
+        pipe.set_adapters(["a", "b"], adapter_weights=[1.0, 0.5])
+
+
 # ----------------------------------------------------------------------------------- load / unload / save / push
 def test_save_pretrained_load_and_unload(pipe, assets, tmp_path):
     out = pipe.save_pretrained(tmp_path / "saved", training={"data": "synthetic", "steps": 10})
