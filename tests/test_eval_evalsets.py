@@ -43,6 +43,10 @@ def test_folder_layout_errors(tmp_path):
         E.read_evalset(tmp_path / "blank")
     with pytest.raises(E.EvalInputError, match="tasks not found"):
         E.read_evalset(tiny.make_folder_evalset(tmp_path / "ev4", per_task=1), tasks=["zzz"])
+    for sub in ("control", "target"):  # a training folder given by mistake
+        (tmp_path / "train" / sub).mkdir(parents=True)
+    with pytest.raises(E.EvalInputError, match="looks like a training folder"):
+        E.read_evalset(tmp_path / "train")
 
 
 def test_unreadable_image_names_the_file(tmp_path):

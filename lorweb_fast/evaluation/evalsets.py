@@ -176,6 +176,10 @@ def read_folder_evalset(root: Union[str, Path]) -> list:
     root = Path(root)
     if not root.is_dir():
         raise EvalInputError(f"evaluation set folder not found: {root}")
+    if (root / "control").is_dir() and (root / "target").is_dir():
+        raise EvalInputError(f"{root} looks like a training folder (control/, target/), not an evaluation set: "
+                             "eval generate reads EVALSET/<task>/<id>/{a,a_prime,b}.<ext> + prompt.txt, the "
+                             "released set or Relation252k (see --format)")
     triplets = []
     for task_dir in _subdirs(root):
         items = _subdirs(task_dir)
