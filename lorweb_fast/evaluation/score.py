@@ -179,8 +179,9 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     out = Path(out)
     items = {name: read_runs(path) for name, path in runs.items()}  # fail on bad folders before loading models
     base_items = {name: read_runs(path) for name, path in (against or {}).items()}
-    clip = ClipDirectional(encoder or DEFAULT_CLIP, device=device) if "clip_dir" in metrics else None
+    # LPIPS first: its missing weights are found in a moment, before the CLIP encoder spends its load time
     lpips = LPIPSDistance(lpips_net, weights=lpips_weights, device=device) if "lpips" in metrics else None
+    clip = ClipDirectional(encoder or DEFAULT_CLIP, device=device) if "clip_dir" in metrics else None
     results = {}
     for name in runs:
         results[name] = score_run(name, items[name], out, metrics=metrics, clip=clip, lpips=lpips, judge=judge,
