@@ -257,8 +257,13 @@ def test_cli_infer_options():
     args = cli.build_parser().parse_args(["infer", "--a", "a", "--a-prime", "b", "--b", "c", "--prompt", "p",
                                           "--weights", "DIR"])
     assert (args.seed, args.guidance_scale, args.steps, args.resolution, args.max_area, args.max_size,
-            args.query_source, args.query_mode, args.config) == (50, 2.5, 28, "official", 1024 ** 2, None, None,
+            args.query_source, args.query_mode, args.config) == (50, 2.5, 28, "official", None, None, None,
                                                                  None, None)  # query source: the checkpoint's
+    # --max-area unset: the pipeline's official default, 1024**2 (flux_kontext.py CustomFluxKontextPipeline.__call__)
+    import inspect
+
+    from lorweb_fast import flux
+    assert inspect.signature(flux.LoRWeBKontextPipeline.__init__).parameters["max_area"].default == 1024 ** 2
     t = cli.build_parser().parse_args(["train", "--data", "d", "--out", "o", "--save-dtype", "bf16",
                                        "--query-mode", "caa'b"])
     assert (t.save_dtype, t.query_mode, t.pooling_type) == ("bf16", "caa'b", "avg")
