@@ -24,8 +24,10 @@ from typing import Optional, Sequence
 
 import torch
 
-DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .official_config import DTYPE_NAMES, OFFICIAL_MODEL
+
+DEFAULT_MODEL = OFFICIAL_MODEL
+DTYPES = DTYPE_NAMES
 
 
 def _device(name: Optional[str]) -> str:

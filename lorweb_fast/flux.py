@@ -619,6 +619,7 @@ class LoRWeBKontextPipeline:
                              "the checkpoint was trained with another query mode or encoder")
         self.pipe, self.encoder = pipe, encoder
         self.resolution, self.max_area, self.max_size, self.long_edge = resolution, max_area, max_size, long_edge
+        self._disabled_scale: Optional[float] = None  # the strength to restore after disable_lora
 
     @property
     def transformer(self) -> nn.Module:
@@ -651,13 +652,11 @@ class LoRWeBKontextPipeline:
             raise TypeError(f"LoRWeBKontextPipeline.from_pretrained got unexpected options {unknown}; the options "
                             "are resolution, max_area, max_size and long_edge (FluxKontextPipeline arguments go to "
                             "the call, pipe(..., **kwargs))")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating point torch.dtype, got {dtype!r}")
+        for name, value in (("dtype", dtype), ("encoder_dtype", encoder_dtype)):
+            if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+                raise TypeError(f"{name} must be a floating point torch.dtype, got {value!r}")
         if device is not None:
             check_device("device", device)  # e.g. cuda without a GPU: before any model loads
-        if encoder_dtype is not None and not (isinstance(encoder_dtype, torch.dtype)
-                                              and encoder_dtype.is_floating_point):
-            raise TypeError(f"encoder_dtype must be a floating point torch.dtype, got {encoder_dtype!r}")
         from .official_config import find_checkpoint
 
         if Path(weights).is_dir():
@@ -743,13 +742,13 @@ class LoRWeBKontextPipeline:
 
     def disable_lora(self) -> None:
         """diffusers' ``disable_lora``: the base model's output (strength 0) until ``enable_lora``."""
-        if getattr(self, "_disabled_scale", None) is None:
+        if self._disabled_scale is None:
             self._disabled_scale = lora_api.get_lorweb_scale(self.transformer)
         self.set_lorweb_scale(0.0)
 
     def enable_lora(self) -> None:
         """diffusers' ``enable_lora``: the strength from before ``disable_lora``."""
-        if getattr(self, "_disabled_scale", None) is not None:
+        if self._disabled_scale is not None:
             self.set_lorweb_scale(self._disabled_scale)
             self._disabled_scale = None
 

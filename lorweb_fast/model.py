@@ -348,10 +348,8 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         if settings is not None:
             from .official_config import CONFIG_NAME, write_config_yaml
 
-            model_name = settings.pop("model", None)
             write_config_yaml(os.path.join(directory, CONFIG_NAME), settings,
-                              name=os.path.splitext(os.path.basename(path))[0],
-                              **({} if model_name is None else {"model": str(model_name)}))
+                              name=os.path.splitext(os.path.basename(path))[0], model=settings.pop("model", None))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

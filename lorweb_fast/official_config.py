@@ -42,7 +42,9 @@ QUERY_PROJECTION_TYPES = ("linear", "none")
 #: "grid": the official query, computed from crops of the control grid; "images": a, a', b encoded from the
 #: original files (lorweb_fast's first behaviour, not official).
 QUERY_SOURCES = ("grid", "images")
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+#: The dtype names every option that takes one uses (--dtype, --save-dtype, --encoder-dtype, ...).
+DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SAVE_DTYPES = DTYPE_NAMES
 #: Analogy encoders the official inference.py can load by name.
 OFFICIAL_ENCODERS = ("openai/clip-vit-large-patch14", "google/siglip2-base-patch16-224")
 
@@ -204,11 +206,11 @@ OFFICIAL_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
 
 
 def official_config(settings: Mapping[str, Any], *, name: str = "lorweb", extra: Optional[Mapping] = None,
-                    model: str = OFFICIAL_MODEL) -> dict:
+                    model: Optional[str] = None) -> dict:
     """An official-style job config (the structure ai-toolkit dumps to ``config.yaml``) holding ``settings``.
 
     ``settings`` uses lorweb_fast names (see the module docstring); missing ones take the official defaults.
-    ``model`` is the base FLUX.1-Kontext model the adapter was trained on (hub id or path).
+    ``model`` is the base FLUX.1-Kontext model the adapter was trained on (hub id or path; None: OFFICIAL_MODEL).
     ``extra`` entries are merged into ``config.process[0]`` (e.g. ``train``, ``save``, ``datasets``).
     """
     s = {**OFFICIAL_DEFAULTS, **{k: v for k, v in settings.items() if k in SETTINGS and v is not None}}
@@ -233,14 +235,14 @@ def official_config(settings: Mapping[str, Any], *, name: str = "lorweb", extra:
         },
     }
     process = {"type": "sd_trainer", "network": network,
-               "model": {"name_or_path": str(model), "arch": "flux_kontext"}}
+               "model": {"name_or_path": str(model or OFFICIAL_MODEL), "arch": "flux_kontext"}}
     process.update(dict(extra or {}))
     return {"job": "extension", "config": {"name": name, "process": [process]},
             "meta": {"name": name, "version": "1.0", "software": "lorweb_fast"}}
 
 
 def write_config_yaml(path: Union[str, os.PathLike], settings: Mapping[str, Any], *, name: str = "lorweb",
-                      extra: Optional[Mapping] = None, model: str = OFFICIAL_MODEL) -> Path:
+                      extra: Optional[Mapping] = None, model: Optional[str] = None) -> Path:
     """Write ``official_config(settings, model=model)`` to ``path`` atomically (temporary file, then rename)."""
     import yaml
 

@@ -61,20 +61,28 @@ def tolerance(dtype: torch.dtype, depth: int) -> float:
     return ROUNDINGS * dtype_eps(dtype) + depth * dtype_eps(torch.float32)
 
 
-def assert_within_bound(name: str, got: torch.Tensor, ref: torch.Tensor, ref_abs: torch.Tensor, dtype: torch.dtype,
-                        depth: int) -> None:
-    """Raise AssertionError when |got - ref| > tolerance(dtype, depth) * ref_abs anywhere."""
+def _assert_entries_within(name: str, got: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype,
+                           what: str, detail=lambda err, idx: "") -> torch.Tensor:
+    """|got - ref| <= bound entry by entry, else AssertionError naming the worst entry (``detail(|got - ref|
+    flattened, index)`` adds to the message); returns |got - ref|."""
     if got.shape != ref.shape:
         raise AssertionError(f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
     if not torch.isfinite(got).all():
         raise AssertionError(f"{name}: non-finite values")
     err = (got.double() - ref).abs()
-    bound = tolerance(dtype, depth) * ref_abs + 1e-30
+    bound = bound + 1e-30
     ratio = (err / bound).max().item()
     if ratio > 1.0:
-        idx = int((err / bound).argmax())
-        raise AssertionError(f"{name} ({dtype}): error {err.flatten()[idx].item():.3e} exceeds the bound "
-                             f"{bound.flatten()[idx].item():.3e} ({ratio:.2f}x) at flat index {idx}")
+        idx, flat = int((err / bound).argmax()), err.flatten()
+        raise AssertionError(f"{name} ({dtype}): error {flat[idx].item():.3e} exceeds {what} "
+                             f"{bound.flatten()[idx].item():.3e} ({ratio:.2f}x{detail(flat, idx)}) at flat index {idx}")
+    return err
+
+
+def assert_within_bound(name: str, got: torch.Tensor, ref: torch.Tensor, ref_abs: torch.Tensor, dtype: torch.dtype,
+                        depth: int) -> None:
+    """Raise AssertionError when |got - ref| > tolerance(dtype, depth) * ref_abs anywhere."""
+    _assert_entries_within(name, got, ref, tolerance(dtype, depth) * ref_abs, dtype, "the bound")
 
 
 def rss_tolerance(dtype: torch.dtype, depth: int) -> float:
@@ -93,18 +101,13 @@ def assert_within_rss_bound(name: str, got: torch.Tensor, ref: torch.Tensor, rss
     """Raise AssertionError when |got - ref| > rss_tolerance(dtype, depth) * rss anywhere, or (tensors of at least
     NORM_MIN_ENTRIES entries) ||got - ref|| > norm_tolerance(dtype, depth) * ||rss|| (``rss``: the
     root-sum-of-squares of each entry's terms, see module docstring)."""
-    if got.shape != ref.shape:
-        raise AssertionError(f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
-    err = (got.double() - ref).abs()
     eps = dtype_eps(dtype)
-    bound = rss_tolerance(dtype, depth) * rss + 1e-30
-    ratio = (err / bound).max().item()
-    if ratio > 1.0:
-        idx = int((err / bound).argmax())
-        e, r = err.flatten()[idx].item(), rss.flatten()[idx].item()
-        raise AssertionError(f"{name} ({dtype}): error {e:.3e} exceeds the statistical bound "
-                             f"{bound.flatten()[idx].item():.3e} ({ratio:.2f}x; {e / max(r, 1e-300) / eps:.1f} eps x "
-                             f"rss) at flat index {idx}")
+
+    def in_eps(err, idx):
+        return f"; {err[idx].item() / max(rss.flatten()[idx].item(), 1e-300) / eps:.1f} eps x rss"
+
+    err = _assert_entries_within(name, got, ref, rss_tolerance(dtype, depth) * rss, dtype, "the statistical bound",
+                                 in_eps)
     if err.numel() >= NORM_MIN_ENTRIES:
         norm, rss_norm = err.norm().item(), rss.norm().item()
         if norm > norm_tolerance(dtype, depth) * rss_norm:
@@ -230,12 +233,13 @@ def spread_cases(cases: Optional[list] = None) -> list[dict]:
     """12 of ``odd_shape_cases()`` covering every (N, dtype, 2-D/3-D input) pair once, with r rotating through
     {1, 4, 8} and 1-3 samples: the subset for the slower paths (mixed_lora_delta, fp16)."""
     cases = odd_shape_cases() if cases is None else cases
-    out = []
-    for n_idx in range(3):
-        for d_idx in range(2):
-            for s_idx in range(2):
-                r_idx = (n_idx + d_idx + s_idx) % 3
-                out.append(cases[((n_idx * 3 + r_idx) * 2 + d_idx) * 2 + s_idx])
+    ranks, out = (1, 4, 8), []
+    for n_idx, num_loras in enumerate((1, 3, 32)):
+        for d_idx, dtype in enumerate((torch.float32, torch.bfloat16)):
+            for s_idx, is_2d in enumerate((False, True)):
+                rank = ranks[(n_idx + d_idx + s_idx) % 3]
+                out += [c for c in cases if (c["num_loras"], c["rank"], c["dtype"], c["seq"] is None)
+                        == (num_loras, rank, dtype, is_2d)]
     return out
 
 

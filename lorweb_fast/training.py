@@ -42,6 +42,7 @@ from .data import (BIDIRECTIONAL, IMAGE_SUFFIXES, LAYOUTS, RESIZE_MODES, Analogy
                    AnalogyFolder, OFFICIAL_BUCKET_DIVISIBILITY, bidirectional_swap)
 from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lorweb, load_lorweb_weights, \
     lorweb_layers, lorweb_state_dict, save_lorweb_weights, set_query
+from .official_config import DTYPE_NAMES
 from .reference import ACTIVATIONS, REDUCTIONS
 from .validation import check_train_config
 
@@ -66,7 +67,7 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")
 CONTROL_LATENTS = ("sample", "mode")
 #: the analogy encoder's dtype; "auto": the training dtype (``mixed_precision``), as the official trainer loads the
 #: encoder in the model's dtype (extensions_built_in/flux_kontext.py ``FluxKontextModel.load_model``)
-ENCODER_DTYPES = ("auto", "bf16", "fp16", "fp32")
+ENCODER_DTYPES = ("auto", *DTYPE_NAMES)
 CHECKPOINT_DIR = "checkpoints"
 WEIGHTS_NAME = "lorweb.safetensors"
 TRAINER_STATE_NAME = "trainer_state.pt"
@@ -417,7 +418,7 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     ``out/config.yaml`` are then replaced by copies. ``config`` (the comparable training config) is stored in
     the trainer state, so a resume with different settings is refused. ``model`` is the base model named in
     config.yaml (default: the official hub id)."""
-    from .official_config import CONFIG_NAME, OFFICIAL_MODEL, SAVE_DTYPES, aitk_metadata, write_config_yaml
+    from .official_config import CONFIG_NAME, SAVE_DTYPES, aitk_metadata, write_config_yaml
 
     dtype = SAVE_DTYPES[save_dtype]
     root = out / CHECKPOINT_DIR
@@ -427,7 +428,7 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     try:
         meta = {**aitk_metadata(name, step), **metadata}
         save_lorweb_weights(transformer, tmp / WEIGHTS_NAME, metadata=meta, state_dict=weights, dtype=dtype)
-        write_config_yaml(tmp / CONFIG_NAME, settings or {}, name=name, model=model or OFFICIAL_MODEL,
+        write_config_yaml(tmp / CONFIG_NAME, settings or {}, name=name, model=model,
                           extra={"save": {"dtype": {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
                                           [save_dtype]}})
         state = {"step": step, "optimizer": optimizer_state, "config": config}
@@ -785,14 +786,13 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     ckpt, trainer_state = prepare_output(cfg, main_process=accelerator.is_main_process)  # before loading models
     accelerator.wait_for_everyone()
 
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    weight_dtype = DTYPE_NAMES.get(cfg.mixed_precision, torch.float32)  # mixed_precision "no": fp32
     if pipe is None:
         pipe = load_training_pipeline(cfg.model, weight_dtype, cfg.quantize_base)
     elif cfg.quantize_base != "none" and not _is_quantized(pipe.transformer):
         raise ValueError(f"quantize_base={cfg.quantize_base!r} but the given pipeline's transformer is not quantized")
     if encoder is None:
-        encoder_dtype = weight_dtype if cfg.encoder_dtype == "auto" else \
-            {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.encoder_dtype]
+        encoder_dtype = weight_dtype if cfg.encoder_dtype == "auto" else DTYPE_NAMES[cfg.encoder_dtype]
         encoder = AnalogyEncoder(cfg.encoder, dtype=encoder_dtype, query_mode=cfg.query_mode,
                                  pooling_type=cfg.pooling_type, query_source=cfg.query_source)
     got = (encoder.query_mode, encoder.pooling_type, encoder.query_source)
@@ -828,6 +828,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     optimizer = _make_optimizer(params, cfg)
     # recorded so that the checkpoint works from any directory: a local folder as an absolute path, a hub id as is
     encoder_name = recorded_location(getattr(encoder, "name", cfg.encoder))
+    model_name = recorded_location(cfg.model)
     metadata = {"encoder": encoder_name, "lorweb.query_mode": cfg.query_mode,
                 "lorweb.pooling_type": cfg.pooling_type, "lorweb.query_source": cfg.query_source}
     settings = checkpoint_settings(cfg, encoder_name)
@@ -909,7 +910,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                 if accelerator.is_main_process:
                     _write_checkpoint(out, step, transformer, weights, optimizer_state, metadata, cfg.keep_checkpoints,
                                       save_dtype=cfg.save_dtype, settings=settings, name=Path(cfg.out).name or "lorweb",
-                                      config=_comparable_config(cfg), model=recorded_location(cfg.model))
+                                      config=_comparable_config(cfg), model=model_name)
                     plot_loss(log_path, png_path)
                 del weights, optimizer_state
                 accelerator.wait_for_everyone()
