@@ -12,6 +12,9 @@ dtype, coefficients computed in every layer call), ``official_as_run`` (what off
 parameters, x cast to fp32, the einsum in fp32 without TF32, added to the base output, coefficients computed in every
 layer call; METHOD.md) and ``lorweb_fast`` (default backend, coefficients from set_query).
 Peak memory is the CUDA allocator's peak above what was allocated before the step (GPU only).
+Attention runs without cuDNN's SDPA kernels, as lorweb-train does by default (on an H200 with torch 2.11 their
+backward returned NaN in training and hit an illegal memory access in this benchmark's train step);
+``--cudnn-attention`` turns them on.
 
 Before timing, lorweb_fast's block output is checked against the official formulation evaluated in float64.
 Without a GPU it runs a small CPU default labelled CPU. Results: benchmarks/results/flux_block_*.json and .md.
@@ -178,6 +181,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", default=None, help="file name stem")
     p.add_argument("--total-budget-s", type=float, default=None,
                    help="start no new row after this many seconds (the rest are recorded as skipped)")
+    p.add_argument("--cudnn-attention", action="store_true",
+                   help="let attention use cuDNN's SDPA kernels (off by default, as in lorweb-train)")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
@@ -189,6 +194,8 @@ def main(argv=None) -> dict:
                   args.reps if args.reps is not None else (20 if on_gpu else 5),
                   args.budget_s if args.budget_s is not None else (10.0 if on_gpu else 1.0))
     torch.backends.cuda.matmul.allow_tf32 = False  # official_as_run's fp32 einsum runs without TF32 (METHOD.md)
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)  # as training (training.TrainConfig.cudnn_attention)
     base, ours, official, as_run = build_models(cfg, device, dtype)
     train_in = make_inputs(cfg, cfg["train_batch"], cfg["train_img"], cfg["train_txt"], device, dtype)
     infer_in = make_inputs(cfg, 1, cfg["infer_img"], cfg["infer_txt"], device, dtype, seed=1)
@@ -226,6 +233,7 @@ def main(argv=None) -> dict:
     bar = tqdm(total=len(jobs) + 2, desc="bench_flux_block", unit="row", disable=None)
     for scenario, impl, model in jobs:
         bar.set_postfix_str(f"{scenario} {impl}")
+        tqdm.write(f"bench_flux_block: {scenario} {impl}", file=sys.stderr)  # names the row a crash happened in
         if out_of_budget():
             rows.append(dict(scenario=scenario, impl=impl, median_ms=None, peak_mem_mb=None, skipped=True,
                              skip_reason="--total-budget-s spent"))
@@ -263,7 +271,7 @@ def main(argv=None) -> dict:
     record = dict(label="GPU" if on_gpu else "CPU", device=device_name(device), torch=torch.__version__,
                   triton=triton_version, cuda=torch.version.cuda, commit=commit, date=date,
                   dtype=str(dtype).replace("torch.", ""), config=cfg, layers=len(layers),
-                  clocks=device_clocks(device), tf32=False,
+                  clocks=device_clocks(device), tf32=False, cudnn_attention=args.cudnn_attention,
                   timing=("device time per step (events behind an enqueued torch.cuda._sleep), median"
                           if on_gpu else "wall-clock per step, median"),
                   backend=lf.ops.resolve_backend(None, device), results=rows)
@@ -274,7 +282,8 @@ def main(argv=None) -> dict:
     ref = {(r["scenario"], r["impl"]): r["median_ms"] for r in rows}
     lines = [f"# FLUX block benchmark ({record['label']})", "", f"- device: {record['device']}",
              f"- torch {record['torch']}, triton {record['triton']}, CUDA {record['cuda']}",
-             f"- date: {date}; commit: {commit}; dtype: {record['dtype']}; backend: {record['backend']}",
+             f"- date: {date}; commit: {commit}; dtype: {record['dtype']}; backend: {record['backend']}; "
+             f"cuDNN attention: {'on' if args.cudnn_attention else 'off'}",
              f"- {len(layers)} LoRWeB layers; config: {cfg}", ""]
     if not on_gpu:
         lines += ["**CPU run: these numbers say nothing about GPU speed.**", ""]
@@ -293,6 +302,7 @@ def main(argv=None) -> dict:
                      + (f"{r['median_ms'] / as_run_ms:.3f}" if as_run_ms else "-") + f" | {peak} |")
     (args.out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
     return record
 
 

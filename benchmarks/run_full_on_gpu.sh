@@ -36,20 +36,20 @@ gpu_setup "$OUTDIR" "$WHEELS" "$BUDGET_S" || exit $?
 WORK="$(mktemp -d)"
 # The layer grid gets about 60% of what is left, the FLUX block the rest; each benchmark also gets a matching
 # --total-budget-s so it stops adding rows (and still writes its record) before its step's timeout.
-grid_s=$(( ($(remaining) - 30) * 6 / 10 ))
+block_s=$(( $(remaining) * 4 / 10 ))
+step "FLUX block benchmark (${block_s}s)" "$block_s" \
+  "$PY" benchmarks/bench_flux_block.py --total-budget-s $((block_s - 40)) --out-dir "$WORK/block" --tag flux_block
+if [ -f "$WORK/block/flux_block.md" ]; then
+  cp "$WORK/block/flux_block.md" "$OUTDIR/flux_block.md"
+  tar -C "$WORK/block" -czf "$OUTDIR/flux_block.tar.gz" .
+fi
+grid_s=$(( $(remaining) - 20 ))
 step "layer benchmark, full grid (${grid_s}s)" "$grid_s" \
-  "$PY" benchmarks/bench_mixed_lora.py --full-grid --budget-s 3 --total-budget-s $((grid_s - 20)) \
+  "$PY" benchmarks/bench_mixed_lora.py --full-grid --budget-s 3 --total-budget-s $((grid_s - 40)) \
   --out-dir "$WORK/bench" --tag bench_full --profile
 if [ -f "$WORK/bench/bench_full.md" ]; then
   cp "$WORK/bench/bench_full.md" "$OUTDIR/bench_full.md"
   tar -C "$WORK/bench" -czf "$OUTDIR/bench_full.tar.gz" .
-fi
-block_s=$(( $(remaining) - 20 ))
-step "FLUX block benchmark (${block_s}s)" "$block_s" \
-  "$PY" benchmarks/bench_flux_block.py --total-budget-s $((block_s - 20)) --out-dir "$WORK/block" --tag flux_block
-if [ -f "$WORK/block/flux_block.md" ]; then
-  cp "$WORK/block/flux_block.md" "$OUTDIR/flux_block.md"
-  tar -C "$WORK/block" -czf "$OUTDIR/flux_block.tar.gz" .
 fi
 rm -rf "$WORK"
 gpu_finish
