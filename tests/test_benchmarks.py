@@ -68,13 +68,31 @@ def test_bench_refuses_a_wrong_implementation(tmp_path, monkeypatch):
                     "--impls", "linear", "torch", "--modes", "fwd", "--reps", "1", "--out-dir", str(tmp_path)])
 
 
-def test_bench_flux_block_smoke(tmp_path):
+def test_bench_flux_block_smoke(tmp_path, monkeypatch):
+    """The record's rows and fields; attention runs with cuDNN SDPA off, as in training, and the setting is restored."""
+    import torch
+
     pytest.importorskip("diffusers")
     spec = importlib.util.spec_from_file_location("bench_flux_block", BENCH.with_name("bench_flux_block.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    record = bench.main(["--device", "cpu", "--warmup", "0", "--reps", "2", "--out-dir", str(tmp_path),
-                         "--tag", "block"])
+    cudnn_during = []
+    check_block = bench.check_block
+
+    def recording_check_block(*args, **kwargs):
+        cudnn_during.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return check_block(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "check_block", recording_check_block)
+    cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        record = bench.main(["--device", "cpu", "--warmup", "0", "--reps", "2", "--out-dir", str(tmp_path),
+                             "--tag", "block"])
+        assert cudnn_during and not any(cudnn_during) and torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_before)
+    assert record["cudnn_attention"] is False
     data = json.loads((tmp_path / "block.json").read_text())
     assert data == json.loads(json.dumps(record))
     assert {"device", "torch", "triton", "cuda", "commit", "date", "results"} <= set(data)
@@ -169,6 +187,30 @@ def test_bench_grid_budget_and_missing_launchers(tmp_path):
         assert launchers is not None and reason is None
     else:
         assert launchers is None and "pack_basis/shrink/expand" in reason
+
+
+def test_bench_grid_budget_skips_a_configuration_that_would_not_fit(tmp_path, monkeypatch):
+    """--total-budget-s judges by the longest configuration so far: with every configuration taking 10 s (a clock
+    advanced in make_problem) and a 15 s budget, the second is not started at 10 s (it would end at 20 s); a
+    "start none after the budget" rule would have run it and overrun."""
+    import time as real_time
+    import types
+
+    bench = load_bench()
+    offset = [0.0]
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + offset[0]))
+    make_problem = bench.make_problem
+
+    def slow_make_problem(*args, **kwargs):
+        offset[0] += 10.0
+        return make_problem(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "make_problem", slow_make_problem)
+    record = bench.main(["--device", "cpu", "--m", "10", "12", "14", "--shapes", "40x24", "--num-loras", "3",
+                         "--no-rank-sweep", "--impls", "linear", "--reps", "1", "--warmup", "0",
+                         "--total-budget-s", "15", "--out-dir", str(tmp_path), "--tag", "fit"])
+    assert {r["M"] for r in record["results"]} == {10}
+    assert [c["M"] for c in record["not_run"]] == [12, 14]
 
 
 def test_official_as_run_recomputes_coefficients_in_fp32():
