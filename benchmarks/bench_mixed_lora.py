@@ -97,11 +97,17 @@ def build_configs(args, on_gpu: bool) -> list[dict]:
                                     two_d=False))
     if grid:  # most important first, so that a --total-budget-s cut keeps them: the target, then the METHOD.md M
         def priority(c):
-            if all(c[k] == v for k, v in TARGET.items()) and c["N"] * c["r"] == args.num_loras * args.rank:
+            if is_target(c, args):
                 return 0
             return 1 if c["two_d"] or c["M"] in (8192, 8704, 15360) else 2
         configs.sort(key=priority)  # stable: the listed order within each priority
     return configs
+
+
+def is_target(cfg: dict, args) -> bool:
+    """The target configuration of METHOD.md: M=8192, 3072->3072, 3-D input, at the run's N*r."""
+    return (all(cfg[k] == v for k, v in TARGET.items()) and not cfg.get("two_d", False)
+            and cfg["N"] * cfg["r"] == args.num_loras * args.rank)
 
 
 def samples_for(m: int, two_d: bool = False) -> tuple[int, int | None]:
@@ -697,6 +703,10 @@ def parse_args(argv=None):
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
     p.add_argument("--full-grid", action="store_true",
                    help="the full GPU grid (METHOD.md shapes, extra M, 2-D norm layers, N*r sweep); default on GPU")
+    p.add_argument("--compiled-rows", choices=("all", "target"), default="all",
+                   help="where the torch.compile rows run: every configuration, or only the target one "
+                        f"(M={TARGET['M']}, {TARGET['in_features']}->{TARGET['out_features']}, the default N*r); "
+                        "they are compiled afresh per configuration")
     p.add_argument("--total-budget-s", type=float, default=None,
                    help="start no configuration that would end past this many seconds, judged by the longest one so "
                         "far (the first always runs; the record lists what was not run)")
@@ -735,6 +745,7 @@ def main(argv=None) -> dict:
                   cudnn=torch.backends.cudnn.version() if on_gpu else None, clocks=device_clocks(device),
                   commit=commit, date=date, dtype=args.dtype, tf32=False, timing=timing,
                   default_nr=args.num_loras * args.rank, checked_against_reference=not args.no_check,
+                  compiled_rows=args.compiled_rows,
                   backend_status=lf.backend_status(), complete=False, not_run=not_run, results=results)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     slug = "cpu" if not on_gpu else "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-")
@@ -757,7 +768,8 @@ def main(argv=None) -> dict:
             not_run.append({k: cfg[k] for k in ("M", "in_features", "out_features", "N", "r")})
             bar.update(len(impls) * len(args.modes))
             continue
-        if any(i.name in COMPILED and not i.skip_reason for i in impls):
+        compiled_here = args.compiled_rows == "all" or is_target(cfg, args)
+        if compiled_here and any(i.name in COMPILED and not i.skip_reason for i in impls):
             torch._dynamo.reset()  # a fresh cache per configuration: never past the recompile limit
         for impl in impls:
             impl.new_configuration()
@@ -770,6 +782,9 @@ def main(argv=None) -> dict:
                 bar.set_postfix_str(f"{impl.name} {mode} M={cfg['M']} {cfg['in_features']}→{cfg['out_features']}")
                 if impl.skip_reason:
                     row.update(skipped=True, skip_reason=impl.skip_reason)
+                elif impl.name in COMPILED and not compiled_here:
+                    row.update(skipped=True, skip_reason="compiled rows only at the target configuration "
+                                                         "(--compiled-rows target)")
                 elif mode == "fwd_bwd" and impl.name in FORWARD_ONLY:
                     row.update(skipped=True, skip_reason="forward-only row (one GEMM or kernel, no backward)")
                 else:

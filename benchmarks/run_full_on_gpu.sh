@@ -45,7 +45,7 @@ if [ -f "$WORK/block/flux_block.md" ]; then
 fi
 grid_s=$(( $(remaining) - 20 ))
 step "layer benchmark, full grid (${grid_s}s)" "$grid_s" \
-  "$PY" benchmarks/bench_mixed_lora.py --full-grid --budget-s 3 --total-budget-s $((grid_s - 40)) \
+  "$PY" benchmarks/bench_mixed_lora.py --full-grid --compiled-rows target --budget-s 3 --total-budget-s $((grid_s - 40)) \
   --out-dir "$WORK/bench" --tag bench_full --profile
 if [ -f "$WORK/bench/bench_full.md" ]; then
   cp "$WORK/bench/bench_full.md" "$OUTDIR/bench_full.md"

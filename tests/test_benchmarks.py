@@ -213,6 +213,22 @@ def test_bench_grid_budget_skips_a_configuration_that_would_not_fit(tmp_path, mo
     assert [c["M"] for c in record["not_run"]] == [12, 14]
 
 
+def test_bench_compiled_rows_only_at_the_target(tmp_path, monkeypatch):
+    """--compiled-rows target (what run_full_on_gpu.sh passes): the torch.compile rows run at the target configuration
+    and are recorded as skipped, with the reason, everywhere else (here with a small stand-in target on CPU)."""
+    bench = load_bench()
+    monkeypatch.setenv("LORWEB_BENCH_COMPILE_CPU", "1")
+    monkeypatch.setattr(bench, "TARGET", dict(M=10, in_features=40, out_features=24))
+    record = bench.main(["--device", "cpu", "--m", "10", "12", "--shapes", "40x24", "--num-loras", "3",
+                         "--no-rank-sweep", "--impls", "linear", "torch_compile", "--modes", "fwd", "--reps", "1",
+                         "--warmup", "0", "--compiled-rows", "target", "--out-dir", str(tmp_path), "--tag", "c"])
+    compiled = {r["M"]: r for r in record["results"] if r["impl"] == "torch_compile"}
+    assert not compiled[10].get("skipped") and compiled[10]["median_ms"] > 0
+    assert compiled[12]["skipped"] and "--compiled-rows target" in compiled[12]["skip_reason"]
+    assert record["compiled_rows"] == "target"
+    assert all(not r.get("skipped") for r in record["results"] if r["impl"] == "linear")
+
+
 def test_official_as_run_recomputes_coefficients_in_fp32():
     """official_as_run (METHOD.md): fp32 einsum on fp32 parameters, coefficients recomputed from the query in every
     forward; with the query's coefficients it matches the reference, and a changed query changes the output."""
