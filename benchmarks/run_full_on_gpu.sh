@@ -34,7 +34,7 @@ cd "$REPO" || exit 1
 gpu_setup "$OUTDIR" "$WHEELS" "$BUDGET_S" || exit $?
 
 WORK="$(mktemp -d)"
-# The layer grid gets about 60% of what is left, the FLUX block the rest; each benchmark also gets a matching
+# The FLUX block gets about 40% of what is left, the layer grid the rest; each benchmark also gets a matching
 # --total-budget-s so it stops adding rows (and still writes its record) before its step's timeout.
 block_s=$(( $(remaining) * 4 / 10 ))
 step "FLUX block benchmark (${block_s}s)" "$block_s" \

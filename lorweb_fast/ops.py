@@ -29,10 +29,11 @@ from .validation import check_float_tensor, check_positive_int, check_real
 
 BACKENDS = ("torch", "triton", "cuda")
 #: The fused backends ``backend=None`` tries on CUDA tensors, in order. The CUDA extension first: on the H200 record
-#: (benchmarks/results/h200-2026-11-23, bf16 3072->3072, M=8192) both fused backends take the same device time
-#: within 4% (forward 0.251 vs 0.246 ms, forward+backward 0.563 vs 0.583 ms) while an eager call of the extension
-#: costs far less host time (wall per eager call: forward 0.31 vs 0.56 ms, forward+backward 0.93 vs 2.22 ms) and less
-#: memory (forward+backward peak 61 vs 76 MB). Triton when the extension is not built or not built for this GPU.
+#: (benchmarks/results/h200-2026-11-23-run5to8, bf16, M=8192, 3072->3072) both take the same device time (forward
+#: 0.250 vs 0.245 ms, forward+backward 0.561 vs 0.562 ms), the extension less at the wide-input layers
+#: (15360->3072 forward+backward 2.58 vs 3.33 ms), an eager call of it far less host time (wall: forward 0.32 vs
+#: 0.51 ms, forward+backward 1.01 vs 1.54 ms) and less memory (forward+backward peak 61 vs 72 MB). Triton when the
+#: extension is not built or not built for this GPU.
 DEFAULT_ORDER = ("cuda", "triton")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #: dtypes of the fused backends (triton, cuda); float64 runs on the torch backend only.

@@ -429,8 +429,7 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
         meta = {**aitk_metadata(name, step), **metadata}
         save_lorweb_weights(transformer, tmp / WEIGHTS_NAME, metadata=meta, state_dict=weights, dtype=dtype)
         write_config_yaml(tmp / CONFIG_NAME, settings or {}, name=name, model=model,
-                          extra={"save": {"dtype": {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-                                          [save_dtype]}})
+                          extra={"save": {"dtype": str(dtype).removeprefix("torch.")}})
         state = {"step": step, "optimizer": optimizer_state, "config": config}
         if any(v.dtype != dtype for v in weights.values()):
             state["lorweb_master_weights"] = {k: v.detach().cpu().clone() for k, v in weights.items()}
