@@ -17,7 +17,10 @@ backward returned NaN in training and hit an illegal memory access in this bench
 ``--cudnn-attention`` turns them on.
 
 Before timing, lorweb_fast's block output is checked against the official formulation evaluated in float64.
-Without a GPU it runs a small CPU default labelled CPU. Results: benchmarks/results/flux_block_*.json and .md.
+Without a GPU it runs a small CPU default labelled CPU. Results: benchmarks/results/flux_block_*.json and .md, and
+(``--profile``, on by default on a GPU) ``*_profile.txt``: torch.profiler's kernel tables of one training step of
+the base block and of lorweb_fast's, and the kernels that make the difference (time in lorweb_fast's step minus the
+same kernel's time in the base step).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mixed_lora import (DTYPES, RESULTS_DIR, Timer, device_clocks, device_name, git_commit,  # noqa: E402
-                              installed_triton_version)
+                              installed_triton_version, profile_averages, profile_sort_key)
 
 import lorweb_fast as lf  # noqa: E402
 from lorweb_fast.layer import LoRWeBLinear  # noqa: E402
@@ -170,6 +173,31 @@ def peak_mb(device, fn):
     return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
 
 
+def _self_time_us(event, device: torch.device) -> float:
+    if device.type != "cuda":
+        return event.self_cpu_time_total
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def adapter_cost_table(base_avgs, ours_avgs, device: torch.device, rows: int = 25) -> str:
+    """The kernels (device self time on a GPU, CPU self time otherwise) that separate lorweb_fast's step from the
+    base block's: per name, the time in lorweb_fast's step minus the time in the base step, largest first."""
+    base = {e.key: (_self_time_us(e, device), e.count) for e in base_avgs}
+    ours = {e.key: (_self_time_us(e, device), e.count) for e in ours_avgs}
+    total_base = sum(t for t, _ in base.values())
+    total_ours = sum(t for t, _ in ours.values())
+    deltas = sorted(((ours.get(k, (0.0, 0))[0] - base.get(k, (0.0, 0))[0], k) for k in set(base) | set(ours)),
+                    reverse=True)
+    unit = "device" if device.type == "cuda" else "CPU"
+    lines = [f"== where lorweb_fast's training step spends its extra time ({unit} self time, us): "
+             f"base {total_base:.0f}, lorweb_fast {total_ours:.0f}, difference {total_ours - total_base:.0f}",
+             f"{'lorweb_fast - base':>19} {'lorweb_fast':>12} {'base':>10} {'calls ours/base':>16}  name"]
+    for delta, key in deltas[:rows]:
+        (t_ours, n_ours), (t_base, n_base) = ours.get(key, (0.0, 0)), base.get(key, (0.0, 0))
+        lines.append(f"{delta:>19.1f} {t_ours:>12.1f} {t_base:>10.1f} {f'{n_ours}/{n_base}':>16}  {key[:110]}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -183,7 +211,20 @@ def main(argv=None) -> dict:
                    help="start no new row after this many seconds (the rest are recorded as skipped)")
     p.add_argument("--cudnn-attention", action="store_true",
                    help="let attention use cuDNN's SDPA kernels (off by default, as in lorweb-train)")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                   help="write *_profile.txt: kernel tables of one training step, base block and lorweb_fast, and "
+                   "their difference per kernel (default: on a GPU)")
     args = p.parse_args(argv)
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)  # as training (training.TrainConfig.cudnn_attention)
+    try:
+        return run(args)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
+
+
+def run(args) -> dict:
+    """The benchmark, with the cuDNN SDPA setting already chosen by ``main``."""
     from tqdm import tqdm
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -194,8 +235,6 @@ def main(argv=None) -> dict:
                   args.reps if args.reps is not None else (20 if on_gpu else 5),
                   args.budget_s if args.budget_s is not None else (10.0 if on_gpu else 1.0))
     torch.backends.cuda.matmul.allow_tf32 = False  # official_as_run's fp32 einsum runs without TF32 (METHOD.md)
-    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)  # as training (training.TrainConfig.cudnn_attention)
     base, ours, official, as_run = build_models(cfg, device, dtype)
     train_in = make_inputs(cfg, cfg["train_batch"], cfg["train_img"], cfg["train_txt"], device, dtype)
     infer_in = make_inputs(cfg, 1, cfg["infer_img"], cfg["infer_txt"], device, dtype, seed=1)
@@ -253,6 +292,18 @@ def main(argv=None) -> dict:
             ms, peak = timer.run(step, 1), peak_mb(device, lambda: step(0))
         rows.append(dict(scenario=scenario, impl=impl, median_ms=ms, peak_mem_mb=peak))
         bar.update(1)
+    profile_text = None
+    if args.profile if args.profile is not None else on_gpu:
+        if out_of_budget():
+            profile_text = "skipped: --total-budget-s spent\n"
+        else:  # one training step of the base block and of lorweb_fast's, and the kernels that differ
+            tqdm.write("bench_flux_block: profiling the training step", file=sys.stderr)
+            avgs = {impl: profile_averages(lambda i, m=model, im=impl: train_step(m, im, train_in), device, warmup=1)
+                    for impl, model in (("base", base), ("lorweb_fast", ours))}
+            profile_text = "".join(
+                f"== train {impl}: torch.profiler, one step after warm-up\n"
+                + a.table(sort_by=profile_sort_key(device), row_limit=30) + "\n" for impl, a in avgs.items())
+            profile_text += adapter_cost_table(avgs["base"], avgs["lorweb_fast"], device)
     # Coefficients: once per generation (batched) against once per layer call (every forward pays this).
     query = infer_in["query"]
     layers = list(lf.lorweb_layers(ours).values())
@@ -301,8 +352,11 @@ def main(argv=None) -> dict:
                      + (f"{r['median_ms'] / off_ms:.3f}" if off_ms else "-") + " | "
                      + (f"{r['median_ms'] / as_run_ms:.3f}" if as_run_ms else "-") + f" | {peak} |")
     (args.out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    if profile_text is not None:
+        header = (f"FLUX block training step ({record['label']}; {record['device']}; torch {record['torch']}; "
+                  f"commit {commit}; backend {record['backend']}; config {cfg})\n\n")
+        (args.out_dir / f"{stem}_profile.txt").write_text(header + profile_text)
     print("\n".join(lines))
-    torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
     return record
 
 

@@ -503,13 +503,36 @@ def make_step(impl: Impl, problem: dict, mode: str):
     return step, n_inputs
 
 
-def profile_table(impls: list[Impl], problem: dict, path: Path) -> None:
-    """Per-kernel torch.profiler table of one forward+backward (forward for the forward-only rows) per row."""
+def profile_averages(step, device: torch.device, warmup: int = 3):
+    """torch.profiler's per-name averages (``key_averages()``) of one ``step(0)`` after ``warmup`` unprofiled calls;
+    CUDA kernels too on a GPU."""
     from torch.profiler import ProfilerActivity, profile
 
-    device = problem["x"].device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    for _ in range(warmup):
+        step(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        step(0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return prof.key_averages()
+
+
+def profile_sort_key(device: torch.device) -> str:
+    return "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+
+
+def profiler_table(step, device: torch.device, warmup: int = 3, row_limit: int = 20) -> str:
+    """torch.profiler's per-kernel table (by CUDA time on a GPU, CPU time otherwise) of one ``step(0)`` after
+    ``warmup`` unprofiled calls."""
+    return profile_averages(step, device, warmup).table(sort_by=profile_sort_key(device), row_limit=row_limit)
+
+
+def profile_table(impls: list[Impl], problem: dict, path: Path) -> None:
+    """Per-kernel torch.profiler table of one forward+backward (forward for the forward-only rows) per row."""
+    device = problem["x"].device
     x = problem["x"]
     parts = [f"torch.profiler, one call after warm-up; M={x.numel() // x.shape[-1]}, "
              f"{x.shape[-1]}->{problem['weight'].shape[0]}, N={problem['lora_a'].shape[0]}, "
@@ -520,17 +543,10 @@ def profile_table(impls: list[Impl], problem: dict, path: Path) -> None:
             continue
         mode = "fwd" if impl.name in FORWARD_ONLY else "fwd_bwd"
         step, _ = make_step(impl, problem, mode)
-        for _ in range(3):
-            step(0)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        with profile(activities=activities) as prof:
-            step(0)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+        table = profiler_table(step, device)
         impl.clear_operands()
         impl.query_args = None
-        parts.append(f"== {impl.name} ({mode})\n" + prof.key_averages().table(sort_by=sort, row_limit=20) + "\n")
+        parts.append(f"== {impl.name} ({mode})\n" + table + "\n")
     path.write_text("\n".join(parts))
 
 

@@ -12,7 +12,9 @@
 #  4. writes the AOT report (python -m lorweb_fast.aot, when present) and the resources of the kernels as the driver
 #     loaded them (registers, spills, shared memory);
 #  5. runs the target benchmark (bf16, M=8192, 3072->3072, N=32, r=4) and the host time per call;
-#  6. runs a bounded tuning sweep (benchmarks/tune_kernels.py, when present) with the time that is left.
+#  6. runs a bounded tuning sweep (benchmarks/tune_kernels.py, when present) with the time that is left: the backward
+#     roles (shrink_dy, expand_dx), which no sweep has covered yet, of the token-wise layers; the summary beside
+#     the written table gives each role's time with the committed tiles and with the best candidate.
 #
 # OUTDIR receives at most 8 files: run.log, pytest_gpu.txt, resources.json, aot.tar.gz, bench_target.md,
 # bench_target.tar.gz (JSON record, plot, profiler table, host_overhead.*), tune.tar.gz, steps.txt (exit status of
@@ -83,8 +85,9 @@ if [ -f benchmarks/tune_kernels.py ]; then
   if [ "$tune_s" -gt 120 ]; then tune_s=120; fi
   if [ "$tune_s" -ge 20 ]; then
     mkdir -p "$WORK/tune"
-    step "tuning sweep (${tune_s}s)" $((tune_s + 15)) \
-      "$PY" benchmarks/tune_kernels.py --budget-s "$tune_s" --out "$WORK/tune/sm${major_minor:-90}.json" \
+    step "tuning sweep, backward roles (${tune_s}s)" $((tune_s + 15)) \
+      "$PY" benchmarks/tune_kernels.py --kernels shrink_dy expand_dx --layers 15360:3072 3072:3072 12288:3072 \
+      3072:12288 --budget-s "$tune_s" --out "$WORK/tune/sm${major_minor:-90}.json" \
       && tar -C "$WORK" -czf "$OUTDIR/tune.tar.gz" tune
   else
     note "tuning sweep: skipped (only $(remaining)s of the budget left)"

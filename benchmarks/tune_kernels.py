@@ -2,15 +2,18 @@
 
     python benchmarks/tune_kernels.py                   # on a GPU: writes kernels/configs/sm<cc>.json
     python benchmarks/tune_kernels.py --dry-run         # anywhere: lists the sweep, measures nothing
+    python benchmarks/tune_kernels.py --kernels shrink_dy expand_dx --layers 15360:3072   # the backward only
 
-For each METHOD.md layer shape (in, out), each R and dtype, every candidate configuration of ``shrink``, ``expand``
-(fused with the base GEMM) and ``grad_basis`` is timed in device time (the benchmark's Timer: median, no host
-overhead, inputs rotated) at a representative token count (--tokens; the choice is recorded by (in, out, R, dtype)
-only, never by M), and the forward of the fused route is compared with the composed route (shrink + two cuBLAS
-addmm) to set ``route``. The sweep stops at
---budget-s (the best configuration found so far is kept; unswept shapes keep the table's defaults). The table's
-``defaults`` are kept; ``entries`` are replaced by the measured winners and ``tuned`` becomes true. The launchers
-read the table at run time; nothing is autotuned at run time.
+For each token-wise METHOD.md layer shape (in, out), each R and dtype, every candidate configuration of each launch
+role is timed in device time (the benchmark's Timer: median, no host overhead, inputs rotated) at a representative
+token count (--tokens; the choice is recorded by (in, out, R, dtype) only, never by M), each role in the mode it runs
+in: ``shrink`` (x a_cat^T) and ``expand`` (fused with the base GEMM, weight (out, in)) as in the forward;
+``shrink_dy`` (dy b_cat^T with the dcoeffs partials) and ``expand_dx`` (dy W + dZ a_cat, weight read as stored) as
+in the backward; ``grad_basis``. When the forward roles are swept, the forward of the fused route is compared with
+the composed route (shrink + two cuBLAS addmm) to set ``route``; ``expand_dx`` is not swept for a composed layer (its
+backward runs on cuBLAS). The sweep stops at --budget-s (the best configuration found so far is kept; unswept roles
+and shapes keep what the table had). The table's ``defaults`` are kept; the swept shapes' entries are replaced, the
+others kept, and ``tuned`` becomes true. The launchers read the table at run time; nothing is autotuned at run time.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_mixed_lora (its Timer) sits beside this file
 
-LAYERS = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072), (3072, 18432), (3072, 9216))
+#: The token-wise METHOD.md layers. The norm modulations (3072 -> 9216 / 18432) see one row per sample, so they always
+#: take the cuBLAS route (``choose_route``) and are swept only when named with --layers.
+LAYERS = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072))
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LORA_RANK = 4
 POOL = 3  # inputs x rotated per call: 3 x (8192 x 3072 bf16) = 150 MB, more than an H100/H200 L2
@@ -38,7 +43,10 @@ EXPAND = [dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, tma=t, num_warps=w
               ((128, 128, 64), (128, 256, 64), (64, 256, 64), (128, 128, 128)), (0, 1), (4, 8), (3, 4))]
 GRAD_BASIS = [dict(block_m=bm, block_n=bn, split_m=sm, num_warps=w, num_stages=3)
               for bm, bn, sm, w in itertools.product((32, 64), (64, 128), (4, 8, 16), (8,))]
-CANDIDATES = {"shrink": SHRINK, "expand": EXPAND, "grad_basis": GRAD_BASIS}
+#: Candidates per launch role (the table's KERNEL_CONFIG_KEYS), in sweep order: the forward roles first, since the
+#: route they decide says whether expand_dx runs at all.
+CANDIDATES = {"shrink": SHRINK, "expand": EXPAND, "shrink_dy": SHRINK, "expand_dx": EXPAND, "grad_basis": GRAD_BASIS}
+FORWARD_ROLES = ("shrink", "expand")
 
 
 def parse_args(argv=None):
@@ -48,9 +56,14 @@ def parse_args(argv=None):
     p.add_argument("--ranks", type=int, nargs="+", default=[128], help="R values to tune (default: 128 = N 32 x r 4)")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=sorted(DTYPES))
     p.add_argument("--tokens", type=int, default=8192, help="rows M used for timing (not part of the table key)")
-    p.add_argument("--layers", nargs="+", default=None, help="in:out pairs (default: the METHOD.md layers)")
+    p.add_argument("--layers", nargs="+", default=None, help="in:out pairs (default: the token-wise METHOD.md "
+                   "layers, in this order)")
+    p.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES),
+                   help="launch roles to sweep (default: all); the others keep the table's values")
     p.add_argument("--out", default=None, help="table to write (default: kernels/configs/<family>.json in this "
                    "source tree)")
+    p.add_argument("--min-gain", type=float, default=0.01, help="a candidate replaces the table's tiles only when "
+                   "it is faster by more than this fraction, timed in the same run (default 0.01)")
     p.add_argument("--dry-run", action="store_true", help="list the sweep and exit (no GPU needed)")
     return p.parse_args(argv)
 
@@ -74,15 +87,28 @@ def sweep_plan(args) -> list[dict]:
     for (k, n), R, dtype in itertools.product(layers_from(args), args.ranks, args.dtypes):
         if R % LORA_RANK:
             raise SystemExit(f"--ranks must be multiples of r = {LORA_RANK}, got {R}")
-        plan.append(dict(layer=(k, n), R=R, dtype=dtype, counts={name: len(c) for name, c in CANDIDATES.items()}))
+        plan.append(dict(layer=(k, n), R=R, dtype=dtype,
+                         counts={name: len(c) for name, c in CANDIDATES.items() if name in args.kernels}))
     return plan
+
+
+def merge_entries(old: list[dict], new: list[dict]) -> list[dict]:
+    """The table's entries after a sweep: each new entry replaces the old one of its (in, out, R, dtype) in place,
+    new keys are appended, and entries the sweep did not touch are kept."""
+    def key(e):
+        return e["in"], e["out"], e["R"], e["dtype"]
+
+    fresh = {key(e): e for e in new}
+    merged = [fresh.pop(key(e), e) for e in old]
+    return merged + [e for e in new if key(e) in fresh]
 
 
 def print_plan(plan, args) -> None:
     total = sum(sum(item["counts"].values()) for item in plan)
-    print(f"tune_kernels: {len(plan)} shapes x (shrink {len(SHRINK)}, expand {len(EXPAND)}, grad_basis "
-          f"{len(GRAD_BASIS)}) candidates = {total} timings + {len(plan)} route comparisons; "
-          f"M = {args.tokens} for timing only; budget {args.budget_s:.0f} s")
+    roles = ", ".join(f"{name} {len(CANDIDATES[name])}" for name in CANDIDATES if name in args.kernels)
+    routes = len(plan) if any(name in args.kernels for name in FORWARD_ROLES) else 0
+    print(f"tune_kernels: {len(plan)} shapes x ({roles}) candidates = at most {total} timings + {routes} route "
+          f"comparisons; M = {args.tokens} for timing only; budget {args.budget_s:.0f} s")
     for item in plan:
         k, n = item["layer"]
         print(f"  in={k:<6} out={n:<6} R={item['R']:<4} {item['dtype']:<9} "
@@ -98,31 +124,38 @@ def _bench(fn, n_inputs: int = 1) -> float:
     return float(Timer(torch.device("cuda"), warmup=3, reps=15, budget_s=2.0).run(fn, n_inputs))
 
 
-def tune(args) -> int:
+def tune(args, device: torch.device = torch.device("cuda")) -> int:
+    """Sweep and write the table (``device`` other than CUDA only for tests, which replace ``_bench``)."""
+    from bench_mixed_lora import device_name
+
     from lorweb_fast.kernels import mixed_lora as K
 
-    device = torch.device("cuda")
     family = K.gpu_family(device)
-    if family == "default":
+    if family == "default" and device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         family = f"sm{major}{minor}"
     out_path = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "kernels" / "configs" / (
         f"{family}.json")
-    base_table = json.loads((out_path if out_path.exists() else K.config_path("default")).read_text())
+    # the table the sweep starts from: the one it will overwrite, else the installed family's, else the defaults
+    source = next(path for path in (out_path, K.config_path(family), K.config_path("default")) if path.is_file())
+    base_table = json.loads(source.read_text())
+    start_table = K.validate_table(base_table, str(source))
+    print(f"tune_kernels: starting from {source}")
     plan = sweep_plan(args)
     print_plan(plan, args)
     start = time.monotonic()
-    entries = []
+    entries, summary = [], []
     done = 0
     total = sum(sum(item["counts"].values()) for item in plan)
     for item in plan:
         (k, n), R, dtype = item["layer"], item["R"], DTYPES[item["dtype"]]
         if time.monotonic() - start > args.budget_s:
-            print(f"budget of {args.budget_s:.0f} s reached: in={k} out={n} R={R} keeps the defaults")
+            print(f"budget of {args.budget_s:.0f} s reached: in={k} out={n} R={R} keeps what {source.name} has")
             continue
         g = torch.Generator(device="cpu").manual_seed(0)
         M, rps = args.tokens, args.tokens // 2
         xs = [torch.randn(M, k, generator=g).to(device, dtype) for _ in range(POOL)]  # rotated: more than the L2
+        dys = [torch.randn(M, n, generator=g).to(device, dtype) for _ in range(POOL)]
         x = xs[0]
         w = (torch.randn(n, k, generator=g) * k ** -0.5).to(device, dtype)
         bias = torch.randn(n, generator=g).to(device, dtype)
@@ -130,17 +163,38 @@ def tune(args) -> int:
         b_cat = torch.randn(R, n, generator=g).to(device, dtype)
         coeffs = torch.softmax(torch.randn(2, R // LORA_RANK, generator=g), -1).to(device)
         u, z = K.shrink(x, a_cat, coeffs, 0.5, rps, LORA_RANK, out_features=n)
-        dy = torch.randn(M, n, generator=g).to(device, dtype)
-        calls = {
+        dz = K.shrink(dys[0], b_cat, coeffs, 0.5, rps, LORA_RANK, u_in=u, out_features=k)[1]
+        calls = {  # each role in the mode and layout it runs in (forward / backward K1, K2, K3)
             "shrink": lambda c, i: K.shrink(xs[i], a_cat, coeffs, 0.5, rps, LORA_RANK, config=c, out_features=n),
             "expand": lambda c, i: K.expand(xs[i], w, z, b_cat, bias=bias, config=c),
-            "grad_basis": lambda c, i: K.grad_basis(z, xs[i], z, dy, LORA_RANK, config=c),
+            "shrink_dy": lambda c, i: K.shrink(dys[i], b_cat, coeffs, 0.5, rps, LORA_RANK, u_in=u, config=c,
+                                               out_features=k),
+            "expand_dx": lambda c, i: K.expand(dys[i], w, dz, a_cat, weight_layout="in_out", config=c),
+            "grad_basis": lambda c, i: K.grad_basis(dz, xs[i], z, dys[i], LORA_RANK, config=c),
         }
-        rule = dict(K.lookup(k, n, R, dtype, family))
-        best = {}
-        for name, cands in CANDIDATES.items():
-            best_ms = float("inf")
-            for cand in cands:
+
+        def fused(i):
+            zz = K.shrink(xs[i], a_cat, coeffs, 0.5, rps, LORA_RANK, config=rule["shrink"])[1]
+            K.expand(xs[i], w, zz, b_cat, bias=bias, config=rule["expand"])
+
+        def composed(i):
+            zz = K.shrink(xs[i], a_cat, coeffs, 0.5, rps, LORA_RANK, config=rule["shrink"])[1]
+            torch.addmm(bias, zz, b_cat).addmm_(xs[i], w.t())
+
+        rule = dict(K.lookup_in(start_table, k, n, R, dtype, source.name))
+        forward_swept = [name for name in item["counts"] if name in FORWARD_ROLES]
+        for name in item["counts"]:
+            if name == "expand_dx" and rule["route"] != "fused":
+                print(f"  in={k} out={n}: expand_dx not swept (route {rule['route']}: the backward runs on cuBLAS)")
+                done += item["counts"][name]
+                continue
+            try:  # the table's current tiles, timed beside the candidates: a winner must beat them by --min-gain
+                table_ms = _bench(lambda i: calls[name](rule[name], i), POOL)
+            except Exception as exc:
+                print(f"  in={k} out={n} {name}: the table's tiles {rule[name]} failed ({type(exc).__name__})")
+                table_ms = float("inf")
+            best_ms, best = float("inf"), None
+            for cand in CANDIDATES[name]:
                 done += 1
                 if time.monotonic() - start > args.budget_s:
                     break
@@ -150,30 +204,40 @@ def tune(args) -> int:
                     print(f"  [{done}/{total}] {name} {cand}: skipped ({type(exc).__name__})")
                     continue
                 if ms < best_ms:
-                    best_ms, best[name] = ms, cand
+                    best_ms, best = ms, cand
                 print(f"  [{done}/{total}] in={k} out={n} R={R} {item['dtype']} {name} {cand}: {ms:.4f} ms")
-            if name in best:
-                rule[name] = best[name]
-        def fused(i):
-            zz = K.shrink(xs[i], a_cat, coeffs, 0.5, rps, LORA_RANK, config=rule["shrink"])[1]
-            K.expand(xs[i], w, zz, b_cat, bias=bias, config=rule["expand"])
+            adopted = best is not None and best != rule[name] and best_ms < table_ms * (1 - args.min_gain)
+            summary.append(dict(layer=[k, n], R=R, dtype=item["dtype"], role=name, adopted=adopted,
+                                table_ms=None if table_ms == float("inf") else table_ms,
+                                best_ms=None if best is None else best_ms, table=rule[name], best=best))
+            print(f"  in={k} out={n} R={R} {item['dtype']} {name}: table {table_ms:.4f} ms, best {best_ms:.4f} ms -> "
+                  + ("adopted" if adopted else "table kept"))
+            if adopted:
+                rule[name] = best
+            if forward_swept and name == forward_swept[-1]:  # the forward roles are settled: fused or composed
+                rule["route"] = "fused" if _bench(fused, POOL) <= _bench(composed, POOL) else "composed"
 
-        def composed(i):
-            zz = K.shrink(xs[i], a_cat, coeffs, 0.5, rps, LORA_RANK, config=rule["shrink"])[1]
-            torch.addmm(bias, zz, b_cat).addmm_(xs[i], w.t())
-
-        rule["route"] = "fused" if _bench(fused, POOL) <= _bench(composed, POOL) else "composed"
         entries.append({"in": k, "out": n, "R": R, "dtype": item["dtype"], "route": rule["route"],
                         **{name: rule[name] for name in CANDIDATES}})
         print(f"in={k} out={n} R={R} {item['dtype']}: route {rule['route']}")
-    table = {"family": family, "tuned": True,
-             "note": (f"Measured by benchmarks/tune_kernels.py on {torch.cuda.get_device_name(device)} "
-                      f"(torch {torch.__version__}, M = {args.tokens} for timing; keys never depend on M). "
-                      "Shapes not listed use the untuned defaults."),
-             "defaults": base_table["defaults"], "entries": entries}
+    swept = ", ".join(f"{e['in']}->{e['out']} R={e['R']} {e['dtype']}" for e in entries)
+    note = (f"Measured by benchmarks/tune_kernels.py on {device_name(device)} "
+            f"(torch {torch.__version__}, M = {args.tokens} for timing; keys never depend on M): roles "
+            f"{', '.join(n for n in CANDIDATES if n in args.kernels)} of {swept or 'no shape'}. "
+            "Shapes not listed use the untuned defaults.")
+    if base_table.get("tuned") and base_table.get("entries"):
+        note += f" Before this sweep: {base_table['note']}"
+    table = {"family": family, "tuned": True, "note": note, "defaults": base_table["defaults"],
+             "entries": merge_entries(base_table.get("entries", []), entries)}
     K.validate_table(table, str(out_path))
     out_path.write_text(json.dumps(table, indent=1) + "\n")
-    print(f"wrote {len(entries)} tuned entries to {out_path} in {time.monotonic() - start:.0f} s")
+    summary_path = out_path.with_name(out_path.stem + "_summary.json")
+    summary_path.write_text(json.dumps(dict(device=device_name(device), torch=torch.__version__, tokens=args.tokens,
+                                            min_gain=args.min_gain, source=str(source), roles=summary), indent=1)
+                            + "\n")
+    changed = sum(r["adopted"] for r in summary)
+    print(f"wrote {len(entries)} tuned entries to {out_path} ({changed} of {len(summary)} swept roles changed; "
+          f"per-role times in {summary_path.name}) in {time.monotonic() - start:.0f} s")
     return 0
 
 

@@ -33,8 +33,11 @@ Index arithmetic: row offsets are formed as ``int64(first_row) * row_stride`` on
 2**31; in-tile offsets stay 32-bit.
 
 Tile configurations are static: they come from the committed per-GPU-family tables in ``configs/*.json`` and depend
-on (in, out, R, dtype) only, never on M, and nothing is autotuned at run time. Every launcher takes ``config=None``
-(a dict overriding the table entry) for ``benchmarks/tune_kernels.py``.
+on the layer's (in, out, R, dtype) only, never on M, and nothing is autotuned at run time. Each rule holds one tile
+dict per launch role (KERNEL_CONFIG_KEYS): ``shrink`` and ``expand`` for the forward, ``shrink_dy`` (K1) and
+``expand_dx`` (K2, the weight read in its (out, in) storage as the K x N operand) for the backward, ``grad_basis``
+(K3). The backward roles are looked up under the layer's own (in, out), not under the swapped GEMM shape. Every
+launcher takes ``config=None`` (a dict overriding the table entry) for ``benchmarks/tune_kernels.py``.
 """
 
 from __future__ import annotations
@@ -58,9 +61,16 @@ MAX_FUSED_R = 512
 #: fp32 elements (rows x columns) per program of the grad_basis finish kernel; a power of two.
 FINISH_ELEMENTS = 8192
 ROUTES = ("fused", "composed", "cublas")
+_SHRINK_KEYS = ("block_m", "block_k", "split_k", "tma", "num_warps", "num_stages")
+_EXPAND_KEYS = ("block_m", "block_n", "block_k", "group_m", "tma", "num_warps", "num_stages")
+#: Launch roles of one layer and the keys of their tile dicts: the forward's shrink (x a_cat^T) and expand
+#: (x W^T + z b_cat), the backward's shrink_dy (K1: dy b_cat^T with the dcoeffs partials), expand_dx (K2:
+#: dy W + dZ a_cat, weight read as stored) and grad_basis (K3).
 KERNEL_CONFIG_KEYS = {
-    "shrink": ("block_m", "block_k", "split_k", "tma", "num_warps", "num_stages"),
-    "expand": ("block_m", "block_n", "block_k", "group_m", "tma", "num_warps", "num_stages"),
+    "shrink": _SHRINK_KEYS,
+    "expand": _EXPAND_KEYS,
+    "shrink_dy": _SHRINK_KEYS,
+    "expand_dx": _EXPAND_KEYS,
     "grad_basis": ("block_m", "block_n", "split_m", "num_warps", "num_stages"),
 }
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -595,9 +605,10 @@ def load_table(family: str) -> dict:
     """The committed table ``kernels/configs/<family>.json`` (package data), validated.
 
     Format: ``{"family", "tuned": bool, "note", "defaults": [rule...], "entries": [rule...]}``. A rule holds
-    ``"route"`` ("fused" | "composed") and one tile dict per kernel (``shrink``, ``expand``, ``grad_basis``; keys in
-    KERNEL_CONFIG_KEYS). Entries match exactly on ``in``, ``out``, ``R``, ``dtype``; otherwise the first default with
-    the dtype in ``dtypes`` and ``R <= max_R`` applies."""
+    ``"route"`` ("fused" | "composed") and one tile dict per launch role (``shrink``, ``expand``, ``shrink_dy``,
+    ``expand_dx``, ``grad_basis``; keys in KERNEL_CONFIG_KEYS). Entries match exactly on the layer's ``in``, ``out``,
+    ``R``, ``dtype`` (the backward roles too); otherwise the first default with the dtype in ``dtypes`` and
+    ``R <= max_R`` applies."""
     path = config_path(family)
     if not path.is_file():
         raise ConfigError(f"no kernel configuration table for GPU family {family!r} ({path})")
@@ -610,7 +621,12 @@ def load_table(family: str) -> dict:
 
 def lookup(in_features: int, out_features: int, R: int, dtype: torch.dtype, family: str = "default") -> dict:
     """The table rule for one layer (never depends on M)."""
-    table = load_table(family)
+    return lookup_in(load_table(family), in_features, out_features, R, dtype, family)
+
+
+def lookup_in(table: dict, in_features: int, out_features: int, R: int, dtype: torch.dtype,
+              family: str = "given") -> dict:
+    """The rule for one layer in a validated ``table`` (``validate_table``'s result); ``family`` names it in errors."""
     name = DTYPE_NAMES[dtype]
     for rule in table["entries"]:
         if (rule["in"], rule["out"], rule["R"], rule["dtype"]) == (in_features, out_features, R, name):
@@ -800,7 +816,9 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
         u_in: backward K1 only: the forward's u (M, R); then the per-row dcoeffs partials
             ``sum_j u[m, n*r+j] * out[m, n*r+j]`` are returned as a third (M, N) fp32 output.
         config: tile dict overriding the table's ``shrink`` entry.
-        out_features: the layer's other dimension, for the table lookup (defaults to K).
+        out_features: the layer's other dimension, for the table lookup (defaults to K). The table role is
+            ``shrink`` keyed (in = K, out = out_features), or with ``u_in`` (backward K1, x = dy) ``shrink_dy``
+            keyed by the layer's own (in = out_features, out = K).
 
     Returns:
         (u, z), both (M, R) in x.dtype, or (u, z, dcoeff_rows) when ``u_in`` is given.
@@ -828,7 +846,10 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
     a_cat = _unit_cols(a_cat)
     coeffs = coeffs.contiguous()
     family = _family(x, family)
-    cfg = kernel_config("shrink", K, out_features or K, R, x.dtype, family, config)
+    if u_in is None:
+        cfg = kernel_config("shrink", K, out_features or K, R, x.dtype, family, config)
+    else:  # backward K1: K is the layer's out
+        cfg = kernel_config("shrink_dy", out_features or K, K, R, x.dtype, family, config)
     r0, r1 = r_chunks(R)
     z = torch.empty((M, R), device=x.device, dtype=x.dtype)
     dcoeffs = u_in is not None
@@ -887,7 +908,9 @@ def expand(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], z: torch.T
         z: (M, R) low-rank activations; b_cat: (R, out) packed basis.
         bias: (out,) or None; base: (M, out) or None, added in the epilogue.
         out: (M, out) destination (may alias ``base``); allocated when None.
-        config: tile dict overriding the table's ``expand`` entry.
+        config: tile dict overriding the table's entry: ``expand`` keyed (in = K, out), or for
+            ``weight_layout="in_out"`` with x (backward K2, x = dy) ``expand_dx`` keyed by the layer's own
+            (in = out, out = K); delta-only (x None) ``expand`` keyed (out, out).
 
     Returns:
         y (M, out) in z.dtype.
@@ -935,7 +958,10 @@ def expand(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], z: torch.T
         base = _unit_cols(base)
     base_t = base if has_base else out
     family = _family(z, family)
-    cfg = kernel_config("expand", K if has_x else nout, nout, R, z.dtype, family, config)
+    if has_x and weight_layout == "in_out":  # backward K2: this call's out is the layer's in
+        cfg = kernel_config("expand_dx", nout, K, R, z.dtype, family, config)
+    else:
+        cfg = kernel_config("expand", K if has_x else nout, nout, R, z.dtype, family, config)
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     operands = [z, b_cat] + ([x, weight] if has_x else [])
     if (cfg["tma"] and max(bm, bn, bk) <= 256 and _tma_device(z, family) and all(map(_tma_aligned, operands))

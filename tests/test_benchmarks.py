@@ -69,7 +69,8 @@ def test_bench_refuses_a_wrong_implementation(tmp_path, monkeypatch):
 
 
 def test_bench_flux_block_smoke(tmp_path, monkeypatch):
-    """The record's rows and fields; attention runs with cuDNN SDPA off, as in training, and the setting is restored."""
+    """The record's rows and fields; attention runs with cuDNN SDPA off, as in training, and the setting is restored
+    (after a failure too); --profile writes the training step's kernel tables and their difference."""
     import torch
 
     pytest.importorskip("diffusers")
@@ -88,10 +89,19 @@ def test_bench_flux_block_smoke(tmp_path, monkeypatch):
     torch.backends.cuda.enable_cudnn_sdp(True)
     try:
         record = bench.main(["--device", "cpu", "--warmup", "0", "--reps", "2", "--out-dir", str(tmp_path),
-                             "--tag", "block"])
+                             "--tag", "block", "--profile"])
         assert cudnn_during and not any(cudnn_during) and torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setattr(bench, "check_block", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):  # restored after a failure too
+            bench.main(["--device", "cpu", "--out-dir", str(tmp_path), "--tag", "failed"])
+        assert torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(cudnn_before)
+    profile = (tmp_path / "block_profile.txt").read_text()
+    assert "== train base" in profile and "== train lorweb_fast" in profile
+    extra = profile.split("where lorweb_fast's training step spends its extra time")[1]
+    assert "aten::" in extra and "lorweb_fast - base" in extra
+    assert not (tmp_path / "failed.json").exists()
     assert record["cudnn_attention"] is False
     data = json.loads((tmp_path / "block.json").read_text())
     assert data == json.loads(json.dumps(record))
@@ -142,6 +152,23 @@ def test_gpu_scripts_parse(script):
     if script.startswith("run_"):  # every step is bounded, and the budget is capped below the device limits
         assert "timeout --kill-after" in BENCH.with_name("gpu_common.sh").read_text()
         assert "gpu_setup" in text and "gpu_finish" in text
+
+
+def test_run_on_gpu_tuning_step_arguments_are_accepted_by_the_tuner():
+    """The tuning step of run_on_gpu.sh (the backward roles of the token-wise layers) parses: its arguments, given
+    to tune_kernels.py --dry-run, list the sweep (a wrong role or layer name would cost a GPU run)."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    text = BENCH.with_name("run_on_gpu.sh").read_text().replace("\\\n", " ")
+    (args,) = re.findall(r"benchmarks/tune_kernels\.py (.*?) --budget-s", text)
+    proc = subprocess.run([sys.executable, str(BENCH.with_name("tune_kernels.py")), "--dry-run", *shlex.split(args)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 shapes x (shrink_dy 32, expand_dx 32)" in proc.stdout
+    assert proc.stdout.splitlines()[1].split()[:2] == ["in=15360", "out=3072"]  # the layer whose backward lagged
 
 
 @pytest.mark.parametrize("script", ["run_on_gpu.sh", "run_full_on_gpu.sh"])

@@ -77,12 +77,103 @@ def test_exact_entries_win_and_config_overrides_are_validated():
     assert K.kernel_config("shrink", 3072, 3072, 128, torch.bfloat16, "default", {"split_k": 2})["split_k"] == 2
 
 
+def _role_table():
+    """The default table plus two exact entries whose tiles differ per role: layer 64 -> 48 and its transpose."""
+    table = _good_table()
+    base = {k: v for k, v in table["defaults"][0].items() if k not in ("dtypes", "max_R")}
+    layer = {**copy.deepcopy(base), "in": 64, "out": 48, "R": 8, "dtype": "bfloat16", "route": "fused"}
+    layer["shrink"].update(block_m=64, tma=0)
+    layer["expand"].update(block_m=64, block_n=64, tma=0)
+    layer["shrink_dy"].update(block_m=32, tma=0)
+    layer["expand_dx"].update(block_m=32, block_n=128, tma=0)
+    layer["grad_basis"].update(block_m=16, block_n=32)
+    swapped = {**copy.deepcopy(layer), "in": 48, "out": 64}
+    for role in ("shrink", "expand", "shrink_dy", "expand_dx"):
+        swapped[role].update(block_m=256)
+    table["entries"] += [layer, swapped]
+    return K.validate_table(table, "roles.json")
+
+
+def test_backward_launches_use_their_own_roles_under_the_layers_key(monkeypatch):
+    """The backward's shrink (K1 on dy) and expand (K2, dx) take ``shrink_dy`` / ``expand_dx`` from the layer's own
+    (in, out) entry, not the forward roles of the transposed shape (what they read before these roles existed: the
+    15360 -> 3072 backward ran untuned on the H200 because no 3072 -> 15360 entry exists)."""
+    table = _role_table()
+    monkeypatch.setattr(K, "load_table", lambda family: table)
+    launched = []
+    monkeypatch.setattr(K, "_launch", lambda kernel, grid, *a, **kw: launched.append(
+        (kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__, kw.get("BLOCK_M"), kw.get("BLOCK_N"))))
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    x, w, dy = torch.empty(40, 64, **meta), torch.empty(48, 64, **meta), torch.empty(40, 48, **meta)
+    lora_a, lora_b = torch.empty(2, 64, 4, **meta), torch.empty(2, 4, 48, **meta)
+    coeffs = torch.empty(2, 2, device="meta")
+    u, z = torch.empty(40, 8, **meta), torch.empty(40, 8, **meta)
+    K.forward(x, w, None, None, lora_a, lora_b, coeffs, 0.5, 20, family="roles")
+    assert [(name, bm) for name, bm, _ in launched] == [("_shrink_kernel", 64), ("_expand_kernel", 64)]
+    launched.clear()
+    K.backward(dy, x, w, lora_a, lora_b, coeffs, u, z, 0.5, 20, family="roles")
+    assert launched[:3] == [("_shrink_kernel", 32, None), ("_expand_kernel", 32, 128), ("_grad_basis_kernel", 16, 32)]
+    # the public launchers pick the role from their mode
+    launched.clear()
+    K.shrink(dy, torch.empty(8, 48, **meta), coeffs, 0.5, 20, 4, u_in=u, out_features=64, family="roles")
+    K.expand(dy, w, z, torch.empty(8, 64, **meta), weight_layout="in_out", family="roles")
+    K.expand(None, None, z, torch.empty(8, 64, **meta), family="roles")  # delta-only: "expand" keyed (64, 64)
+    default_bm = table["defaults"][0]["expand"]["block_m"]
+    assert launched == [("_shrink_kernel", 32, None), ("_expand_kernel", 32, 128), ("_expand_kernel", default_bm,
+                                                                                      table["defaults"][0]["expand"]["block_n"])]
+
+
+def test_committed_backward_roles_match_what_the_measured_record_ran():
+    """The committed tables got ``shrink_dy`` / ``expand_dx`` after the H200 records were measured, filled with what
+    the backward looked up then: the forward tiles of the transposed shape's entry, else the defaults. Until a sweep
+    replaces them (the table's note then says so), the backward runs exactly what was measured."""
+    for family in ("sm90", "sm80", "default"):
+        table = K.load_table(family)
+        latest = re.match(r"Measured by [^:]*: roles ([^.]*) of ", table["note"])  # tune_kernels.py's note
+        if latest and "shrink_dy" in latest.group(1):
+            continue  # swept on their own since
+        for rule in table["defaults"]:
+            assert rule["shrink_dy"] == rule["shrink"] and rule["expand_dx"] == rule["expand"], family
+        for rule in table["entries"]:
+            swapped = next((e for e in table["entries"] if (e["in"], e["out"], e["R"], e["dtype"])
+                            == (rule["out"], rule["in"], rule["R"], rule["dtype"])), None)
+            if swapped is None:
+                swapped = next(d for d in table["defaults"] if rule["dtype"] in d["dtypes"] and rule["R"] <= d["max_R"])
+            assert rule["shrink_dy"] == swapped["shrink"] and rule["expand_dx"] == swapped["expand"], (family, rule)
+
+
 def test_tuner_dry_run_lists_the_sweep():
     proc = subprocess.run([sys.executable, str(TUNER), "--dry-run", "--ranks", "96", "128"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "12 shapes" in proc.stdout
-    assert re.search(r"in=15360 +out=3072 +R=96 +bfloat16 +shrink: 32, expand: 32, grad_basis: 12", proc.stdout)
+    assert "8 shapes" in proc.stdout
+    assert re.search(r"in=15360 +out=3072 +R=96 +bfloat16 +shrink: 32, expand: 32, shrink_dy: 32, expand_dx: 32, "
+                     r"grad_basis: 12", proc.stdout)
+    assert "out=9216" not in proc.stdout  # the norm modulations always take the cuBLAS route
+    proc = subprocess.run([sys.executable, str(TUNER), "--dry-run", "--kernels", "shrink_dy", "expand_dx", "--layers",
+                           "15360:3072"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 shapes x (shrink_dy 32, expand_dx 32) candidates = at most 64 timings + 0 route" in proc.stdout
+    proc = subprocess.run([sys.executable, str(TUNER), "--dry-run", "--kernels", "dx"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 'dx'" in proc.stderr
+
+
+def test_tuner_merges_swept_entries_into_the_table():
+    sys.path.insert(0, str(TUNER.parent))
+    try:
+        import tune_kernels
+    finally:
+        sys.path.remove(str(TUNER.parent))
+
+    def entry(i, o, tag):
+        return {"in": i, "out": o, "R": 128, "dtype": "bfloat16", "tag": tag}
+
+    old = [entry(1, 2, "old"), entry(3, 4, "old"), entry(5, 6, "old")]
+    new = [entry(3, 4, "new"), entry(7, 8, "new")]
+    assert [(e["in"], e["tag"]) for e in tune_kernels.merge_entries(old, new)] == [
+        (1, "old"), (3, "new"), (5, "old"), (7, "new")]
+    assert tune_kernels.merge_entries([], new) == new
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")

@@ -239,3 +239,77 @@ def test_opcheck_registered_ops(with_weight):
     bwd_args = (torch.randn_like(y), x, weight, p["lora_a"], p["lora_b"], p["coeffs"].float(), u, z, 0.75, 5)
     torch.library.opcheck(torch.ops.lorweb_fast.triton_bwd.default, bwd_args,
                           test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("faster", ["first", "last"])
+def test_tuner_times_every_role_in_the_mode_it_runs_in(tmp_path, monkeypatch, faster):
+    """benchmarks/tune_kernels.py's ``tune`` end to end on CPU: the kernels run interpreted, the timer is replaced by
+    one that reads the tiles of the last launch: the table's own tiles are slow, and the candidates get faster or
+    slower in order ("first": the first candidate of each role wins, the fused route beats the composed one;
+    "last": the last wins, the route becomes composed, and expand_dx, which a composed layer never launches, is not
+    swept and keeps the starting table's tiles). Each role's candidates run in its own mode (shrink_dy on dy
+    with the saved u, expand_dx with the weight as stored), the written table validates and holds the winners, and
+    an entry the sweep did not touch is kept."""
+    import json
+    import sys
+    from pathlib import Path
+
+    bench_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench_dir)
+    try:
+        import tune_kernels
+    finally:
+        sys.path.remove(bench_dir)
+    small = {role: cands[:2] for role, cands in tune_kernels.CANDIDATES.items()}
+    monkeypatch.setattr(tune_kernels, "CANDIDATES", small)
+    modes = []
+
+    def fake_bench(fn, n_inputs=1):
+        for i in range(n_inputs):
+            fn(i)
+        if fn.__name__ in ("fused", "composed"):  # the route comparison
+            return 1.0 if (fn.__name__ == "fused") == (faster == "first") else 2.0
+        role, cfg = modes[-1]
+        if cfg not in small[role]:
+            return 100.0  # the table's own tiles
+        index = small[role].index(cfg)
+        return 10.0 + (index if faster == "first" else -index)
+
+    monkeypatch.setattr(tune_kernels, "_bench", fake_bench)
+    real_shrink, real_expand = K.shrink, K.expand
+    monkeypatch.setattr(K, "shrink", lambda *a, **kw: (
+        modes.append(("shrink_dy" if kw.get("u_in") is not None else "shrink", kw.get("config"))), real_shrink(*a, **kw))[1])
+    monkeypatch.setattr(K, "expand", lambda *a, **kw: (
+        modes.append(("expand_dx" if kw.get("weight_layout") == "in_out" else "expand", kw.get("config"))),
+        real_expand(*a, **kw))[1])
+    real_grad_basis = K.grad_basis
+    monkeypatch.setattr(K, "grad_basis", lambda *a, **kw: (
+        modes.append(("grad_basis", kw.get("config"))), real_grad_basis(*a, **kw))[1])
+
+    out = tmp_path / "sm_test.json"
+    table = json.loads(K.config_path("default").read_text())
+    for rule in table["defaults"]:  # starting tiles that are no candidate (the fake timer makes them slow)
+        rule["grad_basis"]["split_m"] = 32
+    kept = {k: v for k, v in table["defaults"][0].items() if k not in ("dtypes", "max_R")}
+    kept = {**kept, "in": 96, "out": 96, "R": 8, "dtype": "float32", "route": "composed"}
+    table["entries"] = [kept]
+    out.write_text(json.dumps(table))
+    args = tune_kernels.parse_args(["--layers", "48:40", "--tokens", "64", "--ranks", "8", "--dtypes", "float32",
+                                    "--out", str(out)])
+    assert tune_kernels.tune(args, device=torch.device("cpu")) == 0
+    written = K.validate_table(json.loads(out.read_text()), str(out))
+    assert written["entries"][0] == K.validate_table(table, "t")["entries"][0]  # untouched entry kept
+    (entry,) = [e for e in written["entries"] if (e["in"], e["out"], e["R"], e["dtype"]) == (48, 40, 8, "float32")]
+    assert entry["route"] == ("fused" if faster == "first" else "composed")
+    for role, cands in small.items():
+        timed = [cfg for mode, cfg in modes if mode == role and cfg is not None]
+        if role == "expand_dx" and faster == "last":
+            assert entry[role] == K.lookup_in(K.validate_table(table, "t"), 48, 40, 8, torch.float32)[role]
+            assert not timed
+            continue
+        assert entry[role] == cands[0 if faster == "first" else -1], role
+        assert all(c in timed for c in cands), f"{role} was not timed in its own mode"
+    assert "roles shrink, expand, shrink_dy, expand_dx, grad_basis of 48->40 R=8 float32" in written["note"]
+    summary = json.loads((tmp_path / "sm_test_summary.json").read_text())["roles"]
+    assert [r["role"] for r in summary] == [r for r in small if not (r == "expand_dx" and faster == "last")]
+    assert all(r["adopted"] and r["table_ms"] == 100.0 and r["best_ms"] in (9.0, 10.0, 11.0) for r in summary)
