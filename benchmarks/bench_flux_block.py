@@ -173,17 +173,22 @@ def peak_mb(device, fn):
     return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
 
 
-def _self_time_us(event, device: torch.device) -> float:
+def _self_times_us(avgs, device: torch.device) -> dict:
+    """{name: (self time in us, calls)}: on a GPU the device-side events only (kernels, memcpy/memset; as
+    torch.profiler's own total: a CPU op also carries its kernels' device time, which would count them twice),
+    on CPU every op's CPU self time."""
+    from torch.autograd import DeviceType
+
     if device.type != "cuda":
-        return event.self_cpu_time_total
-    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+        return {e.key: (e.self_cpu_time_total, e.count) for e in avgs}
+    return {e.key: (e.self_device_time_total, e.count) for e in avgs
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation}
 
 
 def adapter_cost_table(base_avgs, ours_avgs, device: torch.device, rows: int = 25) -> str:
     """The kernels (device self time on a GPU, CPU self time otherwise) that separate lorweb_fast's step from the
     base block's: per name, the time in lorweb_fast's step minus the time in the base step, largest first."""
-    base = {e.key: (_self_time_us(e, device), e.count) for e in base_avgs}
-    ours = {e.key: (_self_time_us(e, device), e.count) for e in ours_avgs}
+    base, ours = _self_times_us(base_avgs, device), _self_times_us(ours_avgs, device)
     total_base = sum(t for t, _ in base.values())
     total_ours = sum(t for t, _ in ours.values())
     deltas = sorted(((ours.get(k, (0.0, 0))[0] - base.get(k, (0.0, 0))[0], k) for k in set(base) | set(ours)),

@@ -10,10 +10,13 @@ token count (--tokens; the choice is recorded by (in, out, R, dtype) only, never
 in: ``shrink`` (x a_cat^T) and ``expand`` (fused with the base GEMM, weight (out, in)) as in the forward;
 ``shrink_dy`` (dy b_cat^T with the dcoeffs partials) and ``expand_dx`` (dy W + dZ a_cat, weight read as stored) as
 in the backward; ``grad_basis``. When the forward roles are swept, the forward of the fused route is compared with
-the composed route (shrink + two cuBLAS addmm) to set ``route``; ``expand_dx`` is not swept for a composed layer (its
-backward runs on cuBLAS). The sweep stops at --budget-s (the best configuration found so far is kept; unswept roles
-and shapes keep what the table had). The table's ``defaults`` are kept; the swept shapes' entries are replaced, the
-others kept, and ``tuned`` becomes true. The launchers read the table at run time; nothing is autotuned at run time.
+the composed route (shrink + two cuBLAS addmm) to set ``route``; ``expand_dx`` and ``grad_basis`` are not swept for a
+composed layer (its backward runs them on cuBLAS). The table's current tiles of each role are timed in the same run,
+and a candidate replaces them only when faster by more than --min-gain. The sweep stops at --budget-s (the best
+configuration found so far is kept; unswept roles and shapes keep what the table had). The table's ``defaults`` are
+kept; the swept shapes' entries are replaced, the others kept, and ``tuned`` becomes true; the table and the per-role
+times (``<table>_summary.json`` beside an --out table, else ``benchmarks/results/tune_<family>_summary.json``) are
+rewritten after every shape. The launchers read the table at run time; nothing is autotuned at run time.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ GRAD_BASIS = [dict(block_m=bm, block_n=bn, split_m=sm, num_warps=w, num_stages=3
 #: route they decide says whether expand_dx runs at all.
 CANDIDATES = {"shrink": SHRINK, "expand": EXPAND, "shrink_dy": SHRINK, "expand_dx": EXPAND, "grad_basis": GRAD_BASIS}
 FORWARD_ROLES = ("shrink", "expand")
+#: Roles a layer launches only on the fused route (a composed layer's backward K2 and K3 run on cuBLAS).
+FUSED_ONLY_ROLES = ("expand_dx", "grad_basis")
 
 
 def parse_args(argv=None):
@@ -82,11 +87,14 @@ def layers_from(args):
 
 
 def sweep_plan(args) -> list[dict]:
-    """One item per (layer, R, dtype): the candidates of each kernel."""
-    plan = []
+    """One item per distinct (layer, R, dtype), in the order given: the candidate counts of each role swept."""
+    plan, seen = [], set()
     for (k, n), R, dtype in itertools.product(layers_from(args), args.ranks, args.dtypes):
         if R % LORA_RANK:
             raise SystemExit(f"--ranks must be multiples of r = {LORA_RANK}, got {R}")
+        if (k, n, R, dtype) in seen:
+            continue
+        seen.add((k, n, R, dtype))
         plan.append(dict(layer=(k, n), R=R, dtype=dtype,
                          counts={name: len(c) for name, c in CANDIDATES.items() if name in args.kernels}))
     return plan
@@ -94,13 +102,14 @@ def sweep_plan(args) -> list[dict]:
 
 def merge_entries(old: list[dict], new: list[dict]) -> list[dict]:
     """The table's entries after a sweep: each new entry replaces the old one of its (in, out, R, dtype) in place,
-    new keys are appended, and entries the sweep did not touch are kept."""
+    new keys are appended (a key given twice in ``new``: the last one), and entries the sweep did not touch are
+    kept."""
     def key(e):
         return e["in"], e["out"], e["R"], e["dtype"]
 
     fresh = {key(e): e for e in new}
     merged = [fresh.pop(key(e), e) for e in old]
-    return merged + [e for e in new if key(e) in fresh]
+    return merged + list(fresh.values())
 
 
 def print_plan(plan, args) -> None:
@@ -124,18 +133,29 @@ def _bench(fn, n_inputs: int = 1) -> float:
     return float(Timer(torch.device("cuda"), warmup=3, reps=15, budget_s=2.0).run(fn, n_inputs))
 
 
+def summary_path(out_path: Path, explicit_out: bool) -> Path:
+    """Where the per-role times go: beside an --out table, else under benchmarks/results/ (never into the
+    package's configs/ folder, whose *.json files ship with the wheel)."""
+    if explicit_out:
+        return out_path.with_name(out_path.stem + "_summary.json")
+    return Path(__file__).resolve().parent / "results" / f"tune_{out_path.stem}_summary.json"
+
+
 def tune(args, device: torch.device = torch.device("cuda")) -> int:
-    """Sweep and write the table (``device`` other than CUDA only for tests, which replace ``_bench``)."""
+    """Sweep and write the table (``device`` other than CUDA only for tests, which replace ``_bench``). The table and
+    the summary are rewritten after every shape, so a sweep stopped from outside keeps the shapes it finished."""
     from bench_mixed_lora import device_name
 
     from lorweb_fast.kernels import mixed_lora as K
 
+    start = time.monotonic()
     family = K.gpu_family(device)
     if family == "default" and device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         family = f"sm{major}{minor}"
     out_path = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "kernels" / "configs" / (
         f"{family}.json")
+    summary_file = summary_path(out_path, bool(args.out))
     # the table the sweep starts from: the one it will overwrite, else the installed family's, else the defaults
     source = next(path for path in (out_path, K.config_path(family), K.config_path("default")) if path.is_file())
     base_table = json.loads(source.read_text())
@@ -143,13 +163,36 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
     print(f"tune_kernels: starting from {source}")
     plan = sweep_plan(args)
     print_plan(plan, args)
-    start = time.monotonic()
     entries, summary = [], []
     done = 0
     total = sum(sum(item["counts"].values()) for item in plan)
+
+    def out_of_budget() -> bool:
+        return time.monotonic() - start > args.budget_s
+
+    def write() -> None:
+        swept = {}  # shape -> roles actually timed (not skipped, not cut off by the budget)
+        for r in summary:
+            swept.setdefault(f"{r['layer'][0]}->{r['layer'][1]} R={r['R']} {r['dtype']}", []).append(r["role"])
+        note = (f"Measured by benchmarks/tune_kernels.py on {device_name(device)} "
+                f"(torch {torch.__version__}, M = {args.tokens} for timing; keys never depend on M): roles "
+                + ("; ".join(f"{', '.join(roles)} of {shape}" for shape, roles in swept.items()) or "none")
+                + ". Shapes not listed use the untuned defaults.")
+        if base_table.get("tuned") and base_table.get("entries"):
+            note += f" Before this sweep: {base_table['note']}"
+        table = {"family": family, "tuned": True, "note": note, "defaults": base_table["defaults"],
+                 "entries": merge_entries(base_table.get("entries", []), entries)}
+        K.validate_table(table, str(out_path))
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(table, indent=1) + "\n")
+        summary_file.parent.mkdir(parents=True, exist_ok=True)
+        summary_file.write_text(json.dumps(dict(device=device_name(device), torch=torch.__version__,
+                                                tokens=args.tokens, min_gain=args.min_gain, source=str(source),
+                                                table=str(out_path), roles=summary), indent=1) + "\n")
+
     for item in plan:
         (k, n), R, dtype = item["layer"], item["R"], DTYPES[item["dtype"]]
-        if time.monotonic() - start > args.budget_s:
+        if out_of_budget():
             print(f"budget of {args.budget_s:.0f} s reached: in={k} out={n} R={R} keeps what {source.name} has")
             continue
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -184,8 +227,11 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
         rule = dict(K.lookup_in(start_table, k, n, R, dtype, source.name))
         forward_swept = [name for name in item["counts"] if name in FORWARD_ROLES]
         for name in item["counts"]:
-            if name == "expand_dx" and rule["route"] != "fused":
-                print(f"  in={k} out={n}: expand_dx not swept (route {rule['route']}: the backward runs on cuBLAS)")
+            if name in FUSED_ONLY_ROLES and rule["route"] != "fused":
+                print(f"  in={k} out={n}: {name} not swept (route {rule['route']}: the backward runs it on cuBLAS)")
+                done += item["counts"][name]
+                continue
+            if out_of_budget():
                 done += item["counts"][name]
                 continue
             try:  # the table's current tiles, timed beside the candidates: a winner must beat them by --min-gain
@@ -196,7 +242,7 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
             best_ms, best = float("inf"), None
             for cand in CANDIDATES[name]:
                 done += 1
-                if time.monotonic() - start > args.budget_s:
+                if out_of_budget():
                     break
                 try:
                     ms = _bench(lambda i: calls[name](cand, i), POOL)
@@ -220,24 +266,13 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
         entries.append({"in": k, "out": n, "R": R, "dtype": item["dtype"], "route": rule["route"],
                         **{name: rule[name] for name in CANDIDATES}})
         print(f"in={k} out={n} R={R} {item['dtype']}: route {rule['route']}")
-    swept = ", ".join(f"{e['in']}->{e['out']} R={e['R']} {e['dtype']}" for e in entries)
-    note = (f"Measured by benchmarks/tune_kernels.py on {device_name(device)} "
-            f"(torch {torch.__version__}, M = {args.tokens} for timing; keys never depend on M): roles "
-            f"{', '.join(n for n in CANDIDATES if n in args.kernels)} of {swept or 'no shape'}. "
-            "Shapes not listed use the untuned defaults.")
-    if base_table.get("tuned") and base_table.get("entries"):
-        note += f" Before this sweep: {base_table['note']}"
-    table = {"family": family, "tuned": True, "note": note, "defaults": base_table["defaults"],
-             "entries": merge_entries(base_table.get("entries", []), entries)}
-    K.validate_table(table, str(out_path))
-    out_path.write_text(json.dumps(table, indent=1) + "\n")
-    summary_path = out_path.with_name(out_path.stem + "_summary.json")
-    summary_path.write_text(json.dumps(dict(device=device_name(device), torch=torch.__version__, tokens=args.tokens,
-                                            min_gain=args.min_gain, source=str(source), roles=summary), indent=1)
-                            + "\n")
+        write()
+    if not entries:
+        print(f"nothing swept within --budget-s: {out_path} is unchanged")
+        return 0
     changed = sum(r["adopted"] for r in summary)
     print(f"wrote {len(entries)} tuned entries to {out_path} ({changed} of {len(summary)} swept roles changed; "
-          f"per-role times in {summary_path.name}) in {time.monotonic() - start:.0f} s")
+          f"per-role times in {summary_file}) in {time.monotonic() - start:.0f} s")
     return 0
 
 

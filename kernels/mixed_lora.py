@@ -36,8 +36,9 @@ Tile configurations are static: they come from the committed per-GPU-family tabl
 on the layer's (in, out, R, dtype) only, never on M, and nothing is autotuned at run time. Each rule holds one tile
 dict per launch role (KERNEL_CONFIG_KEYS): ``shrink`` and ``expand`` for the forward, ``shrink_dy`` (K1) and
 ``expand_dx`` (K2, the weight read in its (out, in) storage as the K x N operand) for the backward, ``grad_basis``
-(K3). The backward roles are looked up under the layer's own (in, out), not under the swapped GEMM shape. Every
-launcher takes ``config=None`` (a dict overriding the table entry) for ``benchmarks/tune_kernels.py``.
+(K3). The backward roles are looked up under the layer's own (in, out), not under the swapped GEMM shape. A layer
+without a frozen weight (delta only) has no ``dy W`` term: its K2 is the delta-only expand, role ``expand`` keyed
+(in, in). Every launcher takes ``config=None`` (a dict overriding the table entry) for ``benchmarks/tune_kernels.py``.
 """
 
 from __future__ import annotations
@@ -561,7 +562,12 @@ def _validate_rule(rule, where: str, exact: bool) -> dict:
     missing = sorted(keys - set(rule))
     extra = sorted(set(rule) - keys)
     if missing or extra:
-        raise ConfigError(f"{where}: missing keys {missing}, unknown keys {extra}")
+        hint = ""
+        if {"shrink_dy", "expand_dx"} & set(missing) and "shrink" in rule:
+            hint = (" (a table written before the backward roles existed: give each rule shrink_dy and expand_dx, "
+                    "e.g. the shrink and expand tiles of the transposed shape, which its backward used, or re-run "
+                    "benchmarks/tune_kernels.py)")
+        raise ConfigError(f"{where}: missing keys {missing}, unknown keys {extra}{hint}")
     if rule["route"] not in ("fused", "composed"):
         raise ConfigError(f"{where}.route must be 'fused' or 'composed', got {rule['route']!r}")
     names = [rule["dtype"]] if exact else rule["dtypes"]
@@ -815,7 +821,8 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
         write_unscaled: store u (else only z is written and u is returned as None).
         u_in: backward K1 only: the forward's u (M, R); then the per-row dcoeffs partials
             ``sum_j u[m, n*r+j] * out[m, n*r+j]`` are returned as a third (M, N) fp32 output.
-        config: tile dict overriding the table's ``shrink`` entry.
+        config: tile dict overriding the table's entry for this call's role (``shrink``, or ``shrink_dy`` with
+            ``u_in``; see out_features).
         out_features: the layer's other dimension, for the table lookup (defaults to K). The table role is
             ``shrink`` keyed (in = K, out = out_features), or with ``u_in`` (backward K1, x = dy) ``shrink_dy``
             keyed by the layer's own (in = out_features, out = K).

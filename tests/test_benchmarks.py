@@ -119,6 +119,33 @@ def test_bench_flux_block_smoke(tmp_path, monkeypatch):
     assert data["tf32"] is False and "timing" in data
 
 
+def test_flux_block_adapter_cost_counts_device_time_once():
+    """On a GPU the per-kernel difference sums device-side events only: a CPU op (aten::mm) also carries its kernels'
+    device time in torch.profiler's averages, and counting both would double every cost."""
+    import types
+
+    import torch
+    from torch.autograd import DeviceType
+
+    spec = importlib.util.spec_from_file_location("bench_flux_block3", BENCH.with_name("bench_flux_block.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def event(key, device_us, device_type, cpu_us=0.0, annotation=False, count=1):
+        return types.SimpleNamespace(key=key, self_device_time_total=device_us, self_cpu_time_total=cpu_us,
+                                     device_type=device_type, is_user_annotation=annotation, count=count)
+
+    base = [event("aten::mm", 100.0, DeviceType.CPU, 30.0), event("gemm_kernel", 100.0, DeviceType.CUDA)]
+    ours = base + [event("lorweb_fast::triton_fwd", 40.0, DeviceType.CPU, 50.0),
+                   event("_expand_tma_kernel", 40.0, DeviceType.CUDA, count=2),
+                   event("step annotation", 500.0, DeviceType.CUDA, annotation=True)]
+    table = bench.adapter_cost_table(base, ours, torch.device("cuda"))
+    assert "base 100, lorweb_fast 140, difference 40" in table
+    assert "_expand_tma_kernel" in table and "lorweb_fast::triton_fwd" not in table and "annotation" not in table
+    on_cpu = bench.adapter_cost_table(base, ours, torch.device("cpu"))
+    assert "base 30, lorweb_fast 80, difference 50" in on_cpu and "lorweb_fast::triton_fwd" in on_cpu
+
+
 def test_bench_flux_block_check_catches_a_wrong_block(monkeypatch):
     pytest.importorskip("diffusers")
     import torch

@@ -241,15 +241,15 @@ def test_opcheck_registered_ops(with_weight):
                           test_utils=OPCHECK_UTILS)
 
 
-@pytest.mark.parametrize("faster", ["first", "last"])
+@pytest.mark.parametrize("faster", ["first", "last", "table"])
 def test_tuner_times_every_role_in_the_mode_it_runs_in(tmp_path, monkeypatch, faster):
     """benchmarks/tune_kernels.py's ``tune`` end to end on CPU: the kernels run interpreted, the timer is replaced by
     one that reads the tiles of the last launch: the table's own tiles are slow, and the candidates get faster or
     slower in order ("first": the first candidate of each role wins, the fused route beats the composed one;
     "last": the last wins, the route becomes composed, and expand_dx, which a composed layer never launches, is not
-    swept and keeps the starting table's tiles). Each role's candidates run in its own mode (shrink_dy on dy
-    with the saved u, expand_dx with the weight as stored), the written table validates and holds the winners, and
-    an entry the sweep did not touch is kept."""
+    swept and keeps the starting table's tiles; "table": the table's own tiles are fastest, so nothing is adopted).
+    Each role's candidates run in its own mode (shrink_dy on dy with the saved u, expand_dx with the weight as
+    stored), the written table validates and holds the winners, and an entry the sweep did not touch is kept."""
     import json
     import sys
     from pathlib import Path
@@ -268,10 +268,10 @@ def test_tuner_times_every_role_in_the_mode_it_runs_in(tmp_path, monkeypatch, fa
         for i in range(n_inputs):
             fn(i)
         if fn.__name__ in ("fused", "composed"):  # the route comparison
-            return 1.0 if (fn.__name__ == "fused") == (faster == "first") else 2.0
+            return 1.0 if (fn.__name__ == "fused") == (faster != "last") else 2.0
         role, cfg = modes[-1]
         if cfg not in small[role]:
-            return 100.0  # the table's own tiles
+            return 5.0 if faster == "table" else 100.0  # the table's own tiles
         index = small[role].index(cfg)
         return 10.0 + (index if faster == "first" else -index)
 
@@ -300,16 +300,25 @@ def test_tuner_times_every_role_in_the_mode_it_runs_in(tmp_path, monkeypatch, fa
     written = K.validate_table(json.loads(out.read_text()), str(out))
     assert written["entries"][0] == K.validate_table(table, "t")["entries"][0]  # untouched entry kept
     (entry,) = [e for e in written["entries"] if (e["in"], e["out"], e["R"], e["dtype"]) == (48, 40, 8, "float32")]
-    assert entry["route"] == ("fused" if faster == "first" else "composed")
+    assert entry["route"] == ("composed" if faster == "last" else "fused")
+    start = K.lookup_in(K.validate_table(table, "t"), 48, 40, 8, torch.float32)
+    skipped = ("expand_dx", "grad_basis") if faster == "last" else ()  # a composed layer never launches them
     for role, cands in small.items():
         timed = [cfg for mode, cfg in modes if mode == role and cfg is not None]
-        if role == "expand_dx" and faster == "last":
-            assert entry[role] == K.lookup_in(K.validate_table(table, "t"), 48, 40, 8, torch.float32)[role]
-            assert not timed
+        if role in skipped:
+            assert entry[role] == start[role] and not timed, role
             continue
-        assert entry[role] == cands[0 if faster == "first" else -1], role
+        assert entry[role] == {"first": cands[0], "last": cands[-1], "table": start[role]}[faster], role
         assert all(c in timed for c in cands), f"{role} was not timed in its own mode"
-    assert "roles shrink, expand, shrink_dy, expand_dx, grad_basis of 48->40 R=8 float32" in written["note"]
+    swept = [r for r in small if r not in skipped]
+    assert f"roles {', '.join(swept)} of 48->40 R=8 float32." in written["note"]
     summary = json.loads((tmp_path / "sm_test_summary.json").read_text())["roles"]
-    assert [r["role"] for r in summary] == [r for r in small if not (r == "expand_dx" and faster == "last")]
-    assert all(r["adopted"] and r["table_ms"] == 100.0 and r["best_ms"] in (9.0, 10.0, 11.0) for r in summary)
+    assert [r["role"] for r in summary] == swept
+    if faster == "table":
+        assert not any(r["adopted"] for r in summary) and all(r["table_ms"] == 5.0 for r in summary)
+    else:
+        assert all(r["adopted"] and r["table_ms"] == 100.0 and r["best_ms"] in (9.0, 10.0, 11.0) for r in summary)
+    before = out.read_text()  # a sweep with no time left changes nothing
+    args = tune_kernels.parse_args(["--layers", "48:40", "--tokens", "64", "--ranks", "8", "--dtypes", "float32",
+                                    "--out", str(out), "--budget-s", "-1"])
+    assert tune_kernels.tune(args, device=torch.device("cpu")) == 0 and out.read_text() == before
