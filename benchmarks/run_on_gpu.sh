@@ -87,8 +87,9 @@ if [ -f benchmarks/tune_kernels.py ]; then
     mkdir -p "$WORK/tune"
     step "tuning sweep, backward roles (${tune_s}s)" $((tune_s + 15)) \
       "$PY" benchmarks/tune_kernels.py --kernels shrink_dy expand_dx --layers 15360:3072 3072:3072 12288:3072 \
-      3072:12288 --budget-s "$tune_s" --out "$WORK/tune/sm${major_minor:-90}.json" \
-      && tar -C "$WORK" -czf "$OUTDIR/tune.tar.gz" tune
+      3072:12288 --budget-s "$tune_s" --out "$WORK/tune/sm${major_minor:-90}.json"
+    # the tuner rewrites its table after every shape: keep what a stopped sweep finished
+    if compgen -G "$WORK/tune/*" > /dev/null; then tar -C "$WORK" -czf "$OUTDIR/tune.tar.gz" tune; fi
   else
     note "tuning sweep: skipped (only $(remaining)s of the budget left)"
   fi
