@@ -144,8 +144,8 @@ def breakdown(problem: dict, calls: int) -> list[dict]:
             launch.kernel[launch.grid](*launch.args, **launch.kwargs)
 
     out = []
-    for name, fn, gc_off in (("mixed_lora.forward", launchers, False), ("triton op, called directly", op_direct, False),
-                             ("triton (gc off)", op_direct, True),
+    for name, fn, gc_off in (("mixed_lora.forward", launchers, False),
+                             ("triton op, called directly", op_direct, False), ("triton (gc off)", op_direct, True),
                              (f"triton JIT launches alone ({len(recorded)})", jit_launches_only, False)):
         if gc_off:
             gc.disable()

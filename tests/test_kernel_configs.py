@@ -118,9 +118,9 @@ def test_backward_launches_use_their_own_roles_under_the_layers_key(monkeypatch)
     K.shrink(dy, torch.empty(8, 48, **meta), coeffs, 0.5, 20, 4, u_in=u, out_features=64, family="roles")
     K.expand(dy, w, z, torch.empty(8, 64, **meta), weight_layout="in_out", family="roles")
     K.expand(None, None, z, torch.empty(8, 64, **meta), family="roles")  # delta-only: "expand" keyed (64, 64)
-    default_bm = table["defaults"][0]["expand"]["block_m"]
-    assert launched == [("_shrink_kernel", 32, None), ("_expand_kernel", 32, 128), ("_expand_kernel", default_bm,
-                                                                                      table["defaults"][0]["expand"]["block_n"])]
+    default = table["defaults"][0]["expand"]
+    assert launched == [("_shrink_kernel", 32, None), ("_expand_kernel", 32, 128),
+                        ("_expand_kernel", default["block_m"], default["block_n"])]
 
 
 RECORD_AOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "h200-2026-11-23-run5to8" / (

@@ -278,7 +278,8 @@ def test_tuner_times_every_role_in_the_mode_it_runs_in(tmp_path, monkeypatch, fa
     monkeypatch.setattr(tune_kernels, "_bench", fake_bench)
     real_shrink, real_expand = K.shrink, K.expand
     monkeypatch.setattr(K, "shrink", lambda *a, **kw: (
-        modes.append(("shrink_dy" if kw.get("u_in") is not None else "shrink", kw.get("config"))), real_shrink(*a, **kw))[1])
+        modes.append(("shrink_dy" if kw.get("u_in") is not None else "shrink", kw.get("config"))),
+        real_shrink(*a, **kw))[1])
     monkeypatch.setattr(K, "expand", lambda *a, **kw: (
         modes.append(("expand_dx" if kw.get("weight_layout") == "in_out" else "expand", kw.get("config"))),
         real_expand(*a, **kw))[1])
