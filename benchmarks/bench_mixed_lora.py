@@ -28,9 +28,9 @@ a host-bound small-M call really costs). Warm-up calls are discarded; inputs are
 through a pool larger than the L2 cache; every ratio in a record comes from that one run. On CPU both are wall times.
 
 On a GPU it runs the FLUX.1-Kontext layer shapes (plus the 2-D norm layers at M = batch); without one it runs a
-small CPU default (about a minute on 2 cores) whose results are labelled CPU. Results go to benchmarks/results/: a JSON record
-(device, clocks, versions, date, commit), a markdown table, a PNG plot and (on a GPU, or with --profile) a per-kernel
-torch.profiler table of one forward+backward at the target shape.
+small CPU default (about a minute on 2 cores) whose results are labelled CPU. Results go to benchmarks/results/: a
+JSON record (device, clocks, versions, date, commit), a markdown table, a PNG plot and (on a GPU, or with --profile)
+a per-kernel torch.profiler table of one forward+backward at the target shape.
 """
 
 from __future__ import annotations
@@ -524,12 +524,6 @@ def profile_sort_key(device: torch.device) -> str:
     return "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
 
 
-def profiler_table(step, device: torch.device, warmup: int = 3, row_limit: int = 20) -> str:
-    """torch.profiler's per-kernel table (by CUDA time on a GPU, CPU time otherwise) of one ``step(0)`` after
-    ``warmup`` unprofiled calls."""
-    return profile_averages(step, device, warmup).table(sort_by=profile_sort_key(device), row_limit=row_limit)
-
-
 def profile_table(impls: list[Impl], problem: dict, path: Path) -> None:
     """Per-kernel torch.profiler table of one forward+backward (forward for the forward-only rows) per row."""
     device = problem["x"].device
@@ -543,7 +537,7 @@ def profile_table(impls: list[Impl], problem: dict, path: Path) -> None:
             continue
         mode = "fwd" if impl.name in FORWARD_ONLY else "fwd_bwd"
         step, _ = make_step(impl, problem, mode)
-        table = profiler_table(step, device)
+        table = profile_averages(step, device).table(sort_by=profile_sort_key(device), row_limit=20)
         impl.clear_operands()
         impl.query_args = None
         parts.append(f"== {impl.name} ({mode})\n" + table + "\n")

@@ -3,8 +3,8 @@
 #   bash benchmarks/run_full_on_gpu.sh OUTDIR [--wheels DIR] [--budget-s SECONDS]
 # installs as benchmarks/run_on_gpu.sh does, then runs benchmarks/bench_flux_block.py (training step at 512 px
 # batch 6, inference step at 1024 px batch 1, merged inference, coefficient cost, peak memory, and the profile of
-# the training step: base block against lorweb_fast, per kernel) and, with the time
-# left, the full layer benchmark grid (every METHOD.md shape, the extra M values and the N*r sweep; most important first).
+# the training step: base block against lorweb_fast, per kernel) and, with the time left, the full layer benchmark
+# grid (every METHOD.md shape, the extra M values and the N*r sweep; most important first).
 # OUTDIR receives: run.log, steps.txt, bench_full.md, bench_full.tar.gz, flux_block.md, flux_block.tar.gz.
 set -u -o pipefail
 
