@@ -14,7 +14,8 @@ fixed order, no atomics, so results are bit-for-bit deterministic):
   streamed once. R is covered by at most two power-of-two column chunks (96 = 64 + 32: no padding to 128).
   Optional split-K over a fixed number of K slices writes fp32 partials that ``_shrink_finish_kernel`` adds in
   slice order. Forward: X = x, P = a_cat -> (u, z).
-  Backward K1: X = dy, P = b_cat -> (dZ, dZ * scaling) plus per-row dcoeffs partials ``sum_j u * dZ`` per LoRA.
+  Backward K1: X = dy, P = b_cat -> (dZ, dZ * scaling) plus dcoeffs partials ``sum_j u * dZ`` per LoRA, summed
+  over each program's rows when they lie in one sample (else one partial per row).
 * ``_expand_kernel`` / ``_expand_tma_kernel`` (persistent, TMA loads; table flag ``tma``, aligned operands, Hopper)
   -- ``Y = X1 W1 + X2 W2 (+ bias) (+ base)``: one GEMM over the extended reduction [K | R] (the
   low-rank chunk runs *before* the main loop, bias and base are added in the epilogue, Y is written once).
@@ -61,6 +62,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_FUSED_R = 512
 #: fp32 elements (rows x columns) per program of the grad_basis finish kernel; a power of two.
 FINISH_ELEMENTS = 8192
+#: Rows per program of the split-K shrink's finish kernel.
+SHRINK_FINISH_BLOCK_M = 32
+#: Backward K1's dcoeffs partials (the shrink kernels' DCOEFFS): none (forward), one row per input row, or one row
+#: per program of BLOCK_M rows (when BLOCK_M divides rows_per_sample, so that no program spans two samples).
+DC_NONE: tl.constexpr = tl.constexpr(0)
+DC_PER_ROW: tl.constexpr = tl.constexpr(1)
+DC_PER_BLOCK: tl.constexpr = tl.constexpr(2)
 ROUTES = ("fused", "composed", "cublas")
 _SHRINK_KEYS = ("block_m", "block_k", "split_k", "tma", "num_warps", "num_stages")
 _EXPAND_KEYS = ("block_m", "block_n", "block_k", "group_m", "tma", "num_warps", "num_stages")
@@ -92,12 +100,14 @@ def _mma(acc, a, b, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
-def _shrink_epilogue(acc, rows, row_ok, cols, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+def _shrink_epilogue(acc, first_row, rows, row_ok, cols, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
                      stride_um, stride_zm, stride_cb, stride_dcm,
                      R: tl.constexpr, RANK: tl.constexpr, CHUNK: tl.constexpr, WRITE_U: tl.constexpr,
                      DCOEFFS: tl.constexpr):
-    """Store one (BLOCK_M, CHUNK) column chunk of u (unscaled), z = u * scaling and, for K1, the per-row dcoeffs
-    partials sum_j u[m, n*r+j] * acc[m, n*r+j] (U then holds the forward's u and is read instead of written)."""
+    """Store one (BLOCK_M, CHUNK) column chunk of u (unscaled), z = u * scaling and, for K1 (DCOEFFS > 0; U then
+    holds the forward's u and is read instead of written), the dcoeffs partials scale * sum_j u[m, n*r+j] *
+    acc[m, n*r+j]: one DC row per row m (DCOEFFS == DC_PER_ROW), or their sum over the BLOCK_M rows in DC row
+    first_row // BLOCK_M (DCOEFFS == DC_PER_BLOCK; the launcher picks it when the block lies in one sample)."""
     col_ok = cols < R
     mask = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)
@@ -110,12 +120,17 @@ def _shrink_epilogue(acc, rows, row_ok, cols, U, Z, DC, COEFFS, ROWS_PER_SAMPLE,
         tl.store(U + rows64[:, None] * stride_um + cols[None, :], acc.to(U.dtype.element_ty), mask=mask)
     if DCOEFFS:
         u = tl.load(U + rows64[:, None] * stride_um + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        per_lora = tl.sum(tl.reshape(u * acc, (acc.shape[0], CHUNK // RANK, RANK)), axis=2)
+        per_lora = tl.sum(tl.reshape(u * acc, (acc.shape[0], CHUNK // RANK, RANK)), axis=2) * scale
         loras = cols // RANK
         first = tl.reshape(loras, (CHUNK // RANK, RANK))
         lora_ids = tl.max(first, axis=1)
-        dmask = row_ok[:, None] & (lora_ids < R // RANK)[None, :]
-        tl.store(DC + rows64[:, None] * stride_dcm + lora_ids[None, :], per_lora, mask=dmask)
+        lora_ok = lora_ids < R // RANK
+        if DCOEFFS == DC_PER_BLOCK:  # rows outside M read u as 0, so they add nothing
+            dc_row = (first_row // acc.shape[0]).to(tl.int64)
+            tl.store(DC + dc_row * stride_dcm + lora_ids, tl.sum(per_lora, axis=0), mask=lora_ok)
+        else:
+            tl.store(DC + rows64[:, None] * stride_dcm + lora_ids[None, :], per_lora,
+                     mask=row_ok[:, None] & lora_ok[None, :])
 
 
 @triton.jit
@@ -127,7 +142,7 @@ def _shrink_store(acc, rm, rows, row_ok, cols, pid_k, first_row, M, PART, U, Z, 
     (``_shrink_epilogue``); with split-K its fp32 partials in PART (SPLIT_K, M, R_CHUNKS = R0 + R1), summed in slice
     order by ``_shrink_finish_kernel``."""
     if SPLIT_K == 1:
-        _shrink_epilogue(acc, rows, row_ok, cols, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+        _shrink_epilogue(acc, first_row, rows, row_ok, cols, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
                          stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, CHUNK, WRITE_U, DCOEFFS)
     else:
         part = PART + (pid_k * M + first_row).to(tl.int64) * R_CHUNKS
@@ -257,10 +272,10 @@ def _shrink_finish_kernel(
         acc0 += tl.load(part + rm[:, None] * (R0 + R1) + c0[None, :], mask=row_ok[:, None], other=0.0)
         if R1 > 0:
             acc1 += tl.load(part + rm[:, None] * (R0 + R1) + c1[None, :], mask=row_ok[:, None], other=0.0)
-    _shrink_epilogue(acc0, rows, row_ok, c0, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+    _shrink_epilogue(acc0, first_row, rows, row_ok, c0, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
                      stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R0, WRITE_U, DCOEFFS)
     if R1 > 0:
-        _shrink_epilogue(acc1, rows, row_ok, c1, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
+        _shrink_epilogue(acc1, first_row, rows, row_ok, c1, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
                          stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, R1, WRITE_U, DCOEFFS)
 
 
@@ -819,8 +834,10 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
         coeffs: (B, N) fp32 mixing coefficients, M == B * rows_per_sample, R == N * rank.
         scale: lora_alpha / r.
         write_unscaled: store u (else only z is written and u is returned as None).
-        u_in: backward K1 only: the forward's u (M, R); then the per-row dcoeffs partials
-            ``sum_j u[m, n*r+j] * out[m, n*r+j]`` are returned as a third (M, N) fp32 output.
+        u_in: backward K1 only: the forward's u (M, R); then the dcoeffs partials
+            ``scale * sum_j u[m, n*r+j] * out[m, n*r+j]`` are returned as a third output, (M / G, N) fp32: row i
+            sums rows [i G, (i + 1) G), with G the launch's rows per program when that divides rows_per_sample,
+            else G = 1. The G rows of a partial lie in one sample, so ``dc.view(B, -1, N).sum(1)`` is per sample.
         config: tile dict overriding the table's entry for this call's role (``shrink``, or ``shrink_dy`` with
             ``u_in``; see out_features).
         out_features: the layer's other dimension, for the table lookup (defaults to K). The table role is
@@ -828,7 +845,7 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
             keyed by the layer's own (in = out_features, out = K).
 
     Returns:
-        (u, z), both (M, R) in x.dtype, or (u, z, dcoeff_rows) when ``u_in`` is given.
+        (u, z), both (M, R) in x.dtype, or (None, z, dcoeff_partials) when ``u_in`` is given.
     """
     _check(x, "x", 2)
     _check(a_cat, "a_cat", 2)
@@ -865,14 +882,17 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
             raise ValueError(f"u_in must be ({M}, {R}), got {tuple(u_in.shape)}")
         u = _unit_cols(u_in)
         write_unscaled = False
-        dc = torch.empty((M, R // rank), device=x.device, dtype=torch.float32)
     else:
         u = torch.empty((M, R), device=x.device, dtype=x.dtype) if write_unscaled else z
-        dc = z
     split = cfg["split_k"]
+    dc_mode, dc = DC_NONE.value, z
+    if dcoeffs:  # one partial per program when no program spans two samples
+        group = cfg["block_m"] if split == 1 else SHRINK_FINISH_BLOCK_M
+        dc_mode, group = (DC_PER_BLOCK.value, group) if rows_per_sample % group == 0 else (DC_PER_ROW.value, 1)
+        dc = torch.empty((M // group, R // rank), device=x.device, dtype=torch.float32)
     part = torch.empty((split, M, r0 + r1), device=x.device, dtype=torch.float32) if split > 1 else z
     grid = (triton.cdiv(M, cfg["block_m"]), split)
-    common = dict(R=R, RANK=rank, R0=r0, R1=r1, WRITE_U=write_unscaled, DCOEFFS=dcoeffs)
+    common = dict(R=R, RANK=rank, R0=r0, R1=r1, WRITE_U=write_unscaled, DCOEFFS=dc_mode)
     tiles = dict(DOT_MODE=dot_mode(x.dtype), BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"], SPLIT_K=split,
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg["tma"] and tma_usable(x, a_cat, r0, r1, family):
@@ -893,11 +913,11 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
                 x.stride(0), a_cat.stride(0), coeffs.stride(0), u.stride(0), z.stride(0), dc.stride(0),
                 **common, **tiles)
     if split > 1:
-        _launch(_shrink_finish_kernel, (triton.cdiv(M, 32),),
+        _launch(_shrink_finish_kernel, (triton.cdiv(M, SHRINK_FINISH_BLOCK_M),),
                 part, coeffs, u, z, dc,
                 M, rows_per_sample, float(scale),
                 coeffs.stride(0), u.stride(0), z.stride(0), dc.stride(0),
-                **common, BLOCK_M=32, SPLIT_K=split, num_warps=4)
+                **common, BLOCK_M=SHRINK_FINISH_BLOCK_M, SPLIT_K=split, num_warps=4)
     if dcoeffs:
         return None, z, dc
     return (u if write_unscaled else None), z
@@ -1082,7 +1102,7 @@ def forward(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sampl
 def backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample, *, family=None):
     """The triton_bwd op body: (dx (M, in), d_lora_a (N, in, r), d_lora_b (N, r, out), d_coeffs (B, N) fp32).
 
-    K1 (shrink kernel on dy): dZ * scaling and per-row dcoeffs partials from the saved u; K2 (expand kernel):
+    K1 (shrink kernel on dy): dZ * scaling and dcoeffs partials from the saved u; K2 (expand kernel):
     dx = dy weight + (dZ*scaling) a_cat; K3 (grad_basis): d a_cat, d b_cat. The cuBLAS route does the same products
     with torch. All reductions run in a fixed order."""
     n, k, r = lora_a.shape
@@ -1094,11 +1114,12 @@ def backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample
     if route == "cublas":
         dz = (dy @ b_cat.t()).float()
         dz_scaled = (dz * _scaling(coeffs, rows_per_sample, r, scale)).to(x.dtype)
-        dc_rows = (u.float() * dz).view(-1, n, r).sum(2)
+        dc_parts = (u.float() * dz).view(-1, n, r).sum(2) * scale
     else:
-        _, dz_scaled, dc_rows = shrink(dy, b_cat, coeffs, scale, rows_per_sample, r, u_in=u, out_features=k,
-                                       family=family)
-    d_coeffs = dc_rows.view(batch, rows_per_sample, n).sum(1) * scale
+        _, dz_scaled, dc_parts = shrink(dy, b_cat, coeffs, scale, rows_per_sample, r, u_in=u, out_features=k,
+                                        family=family)
+    # the partials of one sample are consecutive rows, as many for every sample
+    d_coeffs = dc_parts.view(batch, dc_parts.shape[0] // max(batch, 1), n).sum(1)
     if route == "fused":
         dx = expand(dy if weight is not None else None, weight, dz_scaled, a_cat, weight_layout="in_out",
                     family=family)

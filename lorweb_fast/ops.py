@@ -291,8 +291,14 @@ def _fused_autograd(bwd):
         ctx.save_for_backward(x, weight, lora_a, lora_b, coeffs, u, z)
         ctx.scale, ctx.rows_per_sample = scale, rows_per_sample
         ctx.has_bias, ctx.has_base = bias is not None, base is not None
+        # u and z are outputs for the backward only: not differentiable, and their gradients arrive as None instead
+        # of two (M, R) zero fills per backward
+        ctx.mark_non_differentiable(u, z)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, dy, _du, _dz):
+        if dy is None:  # not reached through y
+            return (None,) * 9
         x, weight, lora_a, lora_b, coeffs, u, z = ctx.saved_tensors
         dx, d_lora_a, d_lora_b, d_coeffs = bwd(dy, x, weight, lora_a, lora_b, coeffs, u, z,
                                                ctx.scale, ctx.rows_per_sample)

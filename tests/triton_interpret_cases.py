@@ -105,9 +105,46 @@ def test_split_k_shrink_matches_unsplit(split):
     _, _, dc1 = K.shrink(x, a_cat, p["coeffs"], p["scale"], 9, 4, u_in=u1, config=cfg)
     _, _, dcs = K.shrink(x, a_cat, p["coeffs"], p["scale"], 9, 4, u_in=u1, config={**cfg, "split_k": split})
     u64 = u1.double()
-    dc_ref, dc_abs = (u64 * u_ref).view(18, 3, 4).sum(2), (u64.abs() * u_abs).view(18, 3, 4).sum(2)
+    dc_ref = (u64 * u_ref).view(18, 3, 4).sum(2) * p["scale"]
+    dc_abs = (u64.abs() * u_abs).view(18, 3, 4).sum(2) * abs(p["scale"])
     for name, dc in (("dcoeffs unsplit", dc1), ("dcoeffs split", dcs)):
         assert_within_bound(name, dc, dc_ref, dc_abs, torch.float32, 77 + 4)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("rows_per_sample", [32, 9])
+def test_dcoeffs_partials_per_program_or_per_row(split, rows_per_sample):
+    """Backward K1's dcoeffs partials: one row per program of BLOCK_M rows (16 unsplit, the finish kernel's 32 with
+    split-K) when that divides rows_per_sample, else one per row, scaled by ``scale``; either way their per-sample
+    sums match float64."""
+    batch, num_loras, rank = 3, 3, 4
+    p = random_problem(batch, rows_per_sample, 40, 19, num_loras, rank, torch.float32, seed=21)
+    m = batch * rows_per_sample
+    dy = p["x"].reshape(m, 40)
+    b_cat, _ = K.pack_basis(p["lora_a"], p["lora_b"])  # any (R, K) panel
+    u = torch.randn(m, num_loras * rank)
+    cfg = dict(block_m=16, block_k=16, split_k=split, tma=0, num_warps=4, num_stages=2)
+    _, _, dc = K.shrink(dy, b_cat, p["coeffs"], p["scale"], rows_per_sample, rank, u_in=u, config=cfg)
+    block = 16 if split == 1 else K.SHRINK_FINISH_BLOCK_M
+    group = block if rows_per_sample % block == 0 else 1
+    assert tuple(dc.shape) == (m // group, num_loras)
+    dz_ref, dz_abs = dy.double() @ b_cat.double().t(), dy.double().abs() @ b_cat.double().abs().t()
+    per_row = (u.double() * dz_ref).view(m, num_loras, rank).sum(2) * p["scale"]
+    per_row_abs = (u.double().abs() * dz_abs).view(m, num_loras, rank).sum(2) * abs(p["scale"])
+    want = per_row.view(m // group, group, num_loras).sum(1)
+    want_abs = per_row_abs.view(m // group, group, num_loras).sum(1)
+    assert_within_bound("dcoeffs partials", dc, want, want_abs, torch.float32, 40 + rank * group)
+    per_sample = dc.view(batch, -1, num_loras).sum(1)
+    assert_within_bound("dcoeffs per sample", per_sample, per_row.view(batch, -1, num_loras).sum(1),
+                        per_row_abs.view(batch, -1, num_loras).sum(1), torch.float32, 40 + rank * rows_per_sample)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lorweb_linear_triton_with_whole_programs_per_sample(dtype):
+    """128 rows per sample: every table's backward K1 block divides it, so the dcoeffs partials are per program
+    (the odd-shape cases take the per-row partials); output and every gradient against float64."""
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend="triton"),
+                            random_problem(2, 128, 40, 19, 3, 4, dtype, seed=22))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -239,6 +276,36 @@ def test_opcheck_registered_ops(with_weight):
     bwd_args = (torch.randn_like(y), x, weight, p["lora_a"], p["lora_b"], p["coeffs"].float(), u, z, 0.75, 5)
     torch.library.opcheck(torch.ops.lorweb_fast.triton_bwd.default, bwd_args,
                           test_utils=OPCHECK_UTILS)
+
+
+def test_backward_gets_no_zero_gradients_for_u_and_z():
+    """u and z are outputs of triton_fwd for its backward only: they do not require grad, and the backward runs no
+    zero fill for their gradients (with autograd's default materialize_grads it ran two (M, R) fills per call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FillCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fills = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("zeros", "zeros_like", "zero_", "fill_", "new_zeros", "full"):
+                self.fills.append(name)
+            return func(*args, **(kwargs or {}))
+
+    p = random_problem(2, 5, 17, 19, 3, 4, torch.float32, seed=5)
+    x = p["x"].reshape(10, 17).requires_grad_(True)
+    lora_a, lora_b = p["lora_a"].requires_grad_(True), p["lora_b"].requires_grad_(True)
+    coeffs = p["coeffs"].float().requires_grad_(True)
+    y, u, z = torch.ops.lorweb_fast.triton_fwd(x, p["weight"], p["bias"], None, lora_a, lora_b, coeffs, 0.75, 5)
+    assert y.requires_grad and not u.requires_grad and not z.requires_grad
+    counter = FillCounter()
+    with counter:
+        y.backward(torch.randn_like(y))
+    assert counter.fills == [], counter.fills
+    for t in (x, lora_a, lora_b, coeffs):
+        assert t.grad is not None and torch.isfinite(t.grad).all()
 
 
 @pytest.mark.parametrize("faster", ["first", "last", "table"])
