@@ -220,16 +220,18 @@ def main(argv=None) -> dict:
                    help="write *_profile.txt: kernel tables of one training step, base block and lorweb_fast, and "
                    "their difference per kernel (default: on a GPU)")
     args = p.parse_args(argv)
-    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+    cudnn_sdp, tf32 = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)  # as training (training.TrainConfig.cudnn_attention)
+    torch.backends.cuda.matmul.allow_tf32 = False  # official_as_run's fp32 einsum runs without TF32 (METHOD.md)
     try:
         return run(args)
     finally:
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def run(args) -> dict:
-    """The benchmark, with the cuDNN SDPA setting already chosen by ``main``."""
+    """The benchmark, with the cuDNN SDPA and TF32 settings already chosen by ``main``."""
     from tqdm import tqdm
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -239,7 +241,6 @@ def run(args) -> dict:
     timer = Timer(device, args.warmup if args.warmup is not None else (5 if on_gpu else 1),
                   args.reps if args.reps is not None else (20 if on_gpu else 5),
                   args.budget_s if args.budget_s is not None else (10.0 if on_gpu else 1.0))
-    torch.backends.cuda.matmul.allow_tf32 = False  # official_as_run's fp32 einsum runs without TF32 (METHOD.md)
     base, ours, official, as_run = build_models(cfg, device, dtype)
     train_in = make_inputs(cfg, cfg["train_batch"], cfg["train_img"], cfg["train_txt"], device, dtype)
     infer_in = make_inputs(cfg, 1, cfg["infer_img"], cfg["infer_txt"], device, dtype, seed=1)

@@ -69,34 +69,40 @@ def test_bench_refuses_a_wrong_implementation(tmp_path, monkeypatch):
 
 
 def test_bench_flux_block_smoke(tmp_path, monkeypatch):
-    """The record's rows and fields; attention runs with cuDNN SDPA off, as in training, and the setting is restored
-    (after a failure too); --profile writes the training step's kernel tables and their difference."""
+    """The record's rows and fields; attention runs with cuDNN SDPA off, as in training, and matmuls without TF32,
+    and both settings are restored (after a failure too); --profile writes the training step's kernel tables and
+    their difference."""
     import torch
 
     pytest.importorskip("diffusers")
     spec = importlib.util.spec_from_file_location("bench_flux_block", BENCH.with_name("bench_flux_block.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    cudnn_during = []
+    settings_during = []
     check_block = bench.check_block
 
     def recording_check_block(*args, **kwargs):
-        cudnn_during.append(torch.backends.cuda.cudnn_sdp_enabled())
+        settings_during.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32))
         return check_block(*args, **kwargs)
 
+    def settings():
+        return torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32
+
     monkeypatch.setattr(bench, "check_block", recording_check_block)
-    cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
+    cudnn_before, tf32_before = settings()
     torch.backends.cuda.enable_cudnn_sdp(True)
+    torch.backends.cuda.matmul.allow_tf32 = True
     try:
         record = bench.main(["--device", "cpu", "--warmup", "0", "--reps", "2", "--out-dir", str(tmp_path),
                              "--tag", "block", "--profile"])
-        assert cudnn_during and not any(cudnn_during) and torch.backends.cuda.cudnn_sdp_enabled()
+        assert settings_during and set(settings_during) == {(False, False)} and settings() == (True, True)
         monkeypatch.setattr(bench, "check_block", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
         with pytest.raises(RuntimeError, match="boom"):  # restored after a failure too
             bench.main(["--device", "cpu", "--out-dir", str(tmp_path), "--tag", "failed"])
-        assert torch.backends.cuda.cudnn_sdp_enabled()
+        assert settings() == (True, True)
     finally:
         torch.backends.cuda.enable_cudnn_sdp(cudnn_before)
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
     profile = (tmp_path / "block_profile.txt").read_text()
     assert "== train base" in profile and "== train lorweb_fast" in profile
     extra = profile.split("where lorweb_fast's training step spends its extra time")[1]
