@@ -328,7 +328,8 @@ def run(args) -> dict:
     record = dict(label="GPU" if on_gpu else "CPU", device=device_name(device), torch=torch.__version__,
                   triton=triton_version, cuda=torch.version.cuda, commit=commit, date=date,
                   dtype=str(dtype).replace("torch.", ""), config=cfg, layers=len(layers),
-                  clocks=device_clocks(device), tf32=False, cudnn_attention=args.cudnn_attention,
+                  clocks=device_clocks(device), tf32=torch.backends.cuda.matmul.allow_tf32,
+                  cudnn_attention=args.cudnn_attention,
                   timing=("device time per step (events behind an enqueued torch.cuda._sleep), median"
                           if on_gpu else "wall-clock per step, median"),
                   backend=lf.ops.resolve_backend(None, device), results=rows)

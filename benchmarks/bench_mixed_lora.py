@@ -728,14 +728,23 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    args = parse_args(argv)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # official_as_run's fp32 einsum runs without TF32 (METHOD.md)
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        return run(args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def run(args) -> dict:
+    """The benchmark for parsed ``args``, with TF32 already turned off by ``main``."""
     from tqdm import tqdm
 
-    args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype]
-    torch.backends.cuda.matmul.allow_tf32 = False  # official_as_run's fp32 einsum runs without TF32 (METHOD.md)
-    torch.backends.cudnn.allow_tf32 = False
     timer = Timer(device, args.warmup if args.warmup is not None else (10 if on_gpu else 2),
                   args.reps if args.reps is not None else (50 if on_gpu else 7),
                   args.budget_s if args.budget_s is not None else (5.0 if on_gpu else 0.5))
@@ -753,7 +762,8 @@ def main(argv=None) -> dict:
     record = dict(label="GPU" if on_gpu else "CPU", device=device_name(device), torch=torch.__version__,
                   triton=triton_version, cuda=torch.version.cuda,
                   cudnn=torch.backends.cudnn.version() if on_gpu else None, clocks=device_clocks(device),
-                  commit=commit, date=date, dtype=args.dtype, tf32=False, timing=timing,
+                  commit=commit, date=date, dtype=args.dtype, tf32=torch.backends.cuda.matmul.allow_tf32,
+                  timing=timing,
                   default_nr=args.num_loras * args.rank, checked_against_reference=not args.no_check,
                   compiled_rows=args.compiled_rows,
                   backend_status=lf.backend_status(), complete=False, not_run=not_run, results=results)

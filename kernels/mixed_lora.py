@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.library import wrap_triton
 
@@ -836,7 +837,8 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
         write_unscaled: store u (else only z is written and u is returned as None).
         u_in: backward K1 only: the forward's u (M, R); then the dcoeffs partials
             ``scale * sum_j u[m, n*r+j] * out[m, n*r+j]`` are returned as a third output, (M / G, N) fp32: row i
-            sums rows [i G, (i + 1) G), with G the launch's rows per program when that divides rows_per_sample,
+            sums rows [i G, (i + 1) G), with G the rows per program of the launch that writes them (BLOCK_M, or
+            with split-K the finish kernel's SHRINK_FINISH_BLOCK_M) when G divides a concrete rows_per_sample,
             else G = 1. The G rows of a partial lie in one sample, so ``dc.view(B, -1, N).sum(1)`` is per sample.
         config: tile dict overriding the table's entry for this call's role (``shrink``, or ``shrink_dy`` with
             ``u_in``; see out_features).
@@ -888,7 +890,10 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
     dc_mode, dc = DC_NONE.value, z
     if dcoeffs:  # one partial per program when no program spans two samples
         group = cfg["block_m"] if split == 1 else SHRINK_FINISH_BLOCK_M
-        dc_mode, group = (DC_PER_BLOCK.value, group) if rows_per_sample % group == 0 else (DC_PER_ROW.value, 1)
+        # a symbolic rows_per_sample (torch.compile, dynamic shapes) takes the per-row partials instead of a guard
+        # (one compiled graph for every sequence length)
+        whole = statically_known_true(rows_per_sample % group == 0)
+        dc_mode, group = (DC_PER_BLOCK.value, group) if whole else (DC_PER_ROW.value, 1)
         dc = torch.empty((M // group, R // rank), device=x.device, dtype=torch.float32)
     part = torch.empty((split, M, r0 + r1), device=x.device, dtype=torch.float32) if split > 1 else z
     grid = (triton.cdiv(M, cfg["block_m"]), split)
@@ -1110,7 +1115,7 @@ def backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample
     family = _family(x, family)
     route = choose_route(k, nout, R, x.dtype, rows_per_sample, family, rank=r)
     a_cat, b_cat = pack_basis(lora_a, lora_b)
-    batch = x.shape[0] // rows_per_sample
+    batch = coeffs.shape[0]
     if route == "cublas":
         dz = (dy @ b_cat.t()).float()
         dz_scaled = (dz * _scaling(coeffs, rows_per_sample, r, scale)).to(x.dtype)

@@ -42,6 +42,9 @@ ARCHS = {80: ("sm80", "sm_80", 163 * 1024), 90: ("sm90", "sm_90a", 227 * 1024)}
 #: Representative token count for the recorded launches. M is never part of a specialization except through its
 #: divisibility by 16 (8192 = 2 x 4096 image tokens of FLUX at 1024 px).
 M_TOKENS, BATCH = 8192, 2
+#: Rows per sample of a second backward problem (M_TOKENS rows, 1024 samples) that no BLOCK_M divides: its K1 stores
+#: the dcoeffs partials per row (DC_PER_ROW), the variant odd sequence lengths run.
+PER_ROW_ROWS_PER_SAMPLE = 8
 GEMM_KERNELS = ("_shrink_kernel", "_shrink_tma_kernel", "_expand_kernel", "_expand_tma_kernel", "_grad_basis_kernel")
 
 
@@ -106,18 +109,18 @@ def _specialize(launch: Launch, backend) -> Specialization:
                           hashlib.sha256(key_src.encode()).hexdigest()[:16])
 
 
-def _meta_problem(in_features, out_features, R, dtype):
+def _meta_problem(in_features, out_features, R, dtype, batch=BATCH):
     import torch
 
     dt = getattr(torch, dtype)
     meta = dict(device="meta", dtype=dt)
     n = R // LORA_RANK
-    rows_per_sample = M_TOKENS // BATCH
+    rows_per_sample = M_TOKENS // batch
     return dict(
         x=torch.empty(M_TOKENS, in_features, **meta), weight=torch.empty(out_features, in_features, **meta),
         bias=torch.empty(out_features, **meta), lora_a=torch.empty(n, in_features, LORA_RANK, **meta),
         lora_b=torch.empty(n, LORA_RANK, out_features, **meta),
-        coeffs=torch.empty(BATCH, n, device="meta", dtype=torch.float32), rows_per_sample=rows_per_sample,
+        coeffs=torch.empty(batch, n, device="meta", dtype=torch.float32), rows_per_sample=rows_per_sample,
         u=torch.empty(M_TOKENS, R, **meta), z=torch.empty(M_TOKENS, R, **meta),
         dy=torch.empty(M_TOKENS, out_features, **meta), base=torch.empty(M_TOKENS, out_features, **meta))
 
@@ -137,13 +140,16 @@ def plan(arch: int, layers=LAYERS, ranks=RANKS, dtypes=DTYPES):
         for R in ranks:
             for dtype in dtypes:
                 p = _meta_problem(in_f, out_f, R, dtype)
+                q = _meta_problem(in_f, out_f, R, dtype, batch=M_TOKENS // PER_ROW_ROWS_PER_SAMPLE)
                 calls = {
                     "fwd": [(K.forward, (p["x"], p["weight"], p["bias"], None, p["lora_a"], p["lora_b"], p["coeffs"],
                                          0.5, p["rows_per_sample"])),
                             (K.forward, (p["x"], None, None, p["base"], p["lora_a"], p["lora_b"], p["coeffs"], 0.5,
                                          p["rows_per_sample"]))],
                     "bwd": [(K.backward, (p["dy"], p["x"], p["weight"], p["lora_a"], p["lora_b"], p["coeffs"],
-                                          p["u"], p["z"], 0.5, p["rows_per_sample"]))],
+                                          p["u"], p["z"], 0.5, p["rows_per_sample"])),
+                            (K.backward, (q["dy"], q["x"], q["weight"], q["lora_a"], q["lora_b"], q["coeffs"],
+                                          q["u"], q["z"], 0.5, q["rows_per_sample"]))],
                 }
                 for pass_name, fns in calls.items():
                     for fn, args in fns:

@@ -19,10 +19,19 @@ def load_bench():
 
 
 def test_bench_mixed_lora_smoke(tmp_path):
+    """The record's rows and fields; TF32 is off while it runs (``tf32`` in the record) and restored after."""
+    import torch
+
     bench = load_bench()
-    record = bench.main(["--device", "cpu", "--m", "34", "--shapes", "40x24", "--num-loras", "3", "--rank", "4",
-                         "--no-rank-sweep", "--warmup", "1", "--reps", "3", "--out-dir", str(tmp_path),
-                         "--tag", "smoke", "--profile"])
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        record = bench.main(["--device", "cpu", "--m", "34", "--shapes", "40x24", "--num-loras", "3", "--rank", "4",
+                             "--no-rank-sweep", "--warmup", "1", "--reps", "3", "--out-dir", str(tmp_path),
+                             "--tag", "smoke", "--profile"])
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     data = json.loads((tmp_path / "smoke.json").read_text())
     assert data == json.loads(json.dumps(record))
     assert {"device", "torch", "triton", "cuda", "commit", "date", "results", "clocks", "timing", "tf32"} <= set(data)

@@ -111,24 +111,27 @@ def test_split_k_shrink_matches_unsplit(split):
         assert_within_bound(name, dc, dc_ref, dc_abs, torch.float32, 77 + 4)
 
 
-@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("split,tma", [(1, 0), (2, 0), (1, 1), (2, 1)])
 @pytest.mark.parametrize("rows_per_sample", [32, 9])
-def test_dcoeffs_partials_per_program_or_per_row(split, rows_per_sample):
+@pytest.mark.parametrize("num_loras,rank", [(3, 4), (24, 4), (5, 1)])  # R = 12, 96 (two chunks: 64 + 32), 5
+def test_dcoeffs_partials_per_program_or_per_row(split, tma, rows_per_sample, num_loras, rank):
     """Backward K1's dcoeffs partials: one row per program of BLOCK_M rows (16 unsplit, the finish kernel's 32 with
     split-K) when that divides rows_per_sample, else one per row, scaled by ``scale``; either way their per-sample
-    sums match float64."""
-    batch, num_loras, rank = 3, 3, 4
+    sums match float64 (pointer and TMA kernels)."""
+    batch = 3
     p = random_problem(batch, rows_per_sample, 40, 19, num_loras, rank, torch.float32, seed=21)
-    m = batch * rows_per_sample
+    m, R = batch * rows_per_sample, num_loras * rank
     dy = p["x"].reshape(m, 40)
-    b_cat, _ = K.pack_basis(p["lora_a"], p["lora_b"])  # any (R, K) panel
-    u = torch.randn(m, num_loras * rank)
-    cfg = dict(block_m=16, block_k=16, split_k=split, tma=0, num_warps=4, num_stages=2)
-    _, _, dc = K.shrink(dy, b_cat, p["coeffs"], p["scale"], rows_per_sample, rank, u_in=u, config=cfg)
+    panel = torch.randn(R, 40)  # the packed basis the kernel reads (b_cat in the backward)
+    u = torch.randn(m, R)
+    cfg = dict(block_m=16, block_k=16, split_k=split, tma=tma, num_warps=4, num_stages=2)
+    launch = lambda: K.shrink(dy, panel, p["coeffs"], p["scale"], rows_per_sample, rank, u_in=u, config=cfg)
+    (_, _, dc), names = _launched(launch)
+    assert names[0] == ("_shrink_tma_kernel" if tma else "_shrink_kernel")  # 160-byte rows: TMA takes them
     block = 16 if split == 1 else K.SHRINK_FINISH_BLOCK_M
     group = block if rows_per_sample % block == 0 else 1
     assert tuple(dc.shape) == (m // group, num_loras)
-    dz_ref, dz_abs = dy.double() @ b_cat.double().t(), dy.double().abs() @ b_cat.double().abs().t()
+    dz_ref, dz_abs = dy.double() @ panel.double().t(), dy.double().abs() @ panel.double().abs().t()
     per_row = (u.double() * dz_ref).view(m, num_loras, rank).sum(2) * p["scale"]
     per_row_abs = (u.double().abs() * dz_abs).view(m, num_loras, rank).sum(2) * abs(p["scale"])
     want = per_row.view(m // group, group, num_loras).sum(1)
@@ -137,6 +140,42 @@ def test_dcoeffs_partials_per_program_or_per_row(split, rows_per_sample):
     per_sample = dc.view(batch, -1, num_loras).sum(1)
     assert_within_bound("dcoeffs per sample", per_sample, per_row.view(batch, -1, num_loras).sum(1),
                         per_row_abs.view(batch, -1, num_loras).sum(1), torch.float32, 40 + rank * rows_per_sample)
+
+
+def test_empty_sequence_backward():
+    """x of shape (B, 0, in): the forward and the backward run and give empty / zero gradients."""
+    p = random_problem(2, 1, 17, 19, 3, 4, torch.float32, seed=4)
+    x = torch.empty(2, 0, 17, requires_grad=True)
+    coeffs = p["coeffs"].float().requires_grad_(True)
+    lora_a = p["lora_a"].requires_grad_(True)
+    y = lf.lorweb_linear(x, p["weight"], p["bias"], lora_a, p["lora_b"], coeffs, p["scale"], backend="triton")
+    assert y.shape == (2, 0, 19)
+    y.sum().backward()
+    assert x.grad.shape == (2, 0, 17)
+    assert torch.equal(coeffs.grad, torch.zeros_like(coeffs)) and torch.equal(lora_a.grad, torch.zeros_like(lora_a))
+
+
+def test_dynamic_compile_does_not_recompile_for_sequence_lengths():
+    """Under torch.compile(dynamic=True), rows_per_sample is symbolic: the dcoeffs partials then stay per row
+    instead of guarding on its divisibility by BLOCK_M, so lengths that are and are not multiples of it share one
+    graph (forward and backward)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda *t: lf.lorweb_linear(*t, backend="triton"), fullgraph=True, backend="aot_eager",
+                       dynamic=True)
+
+    def step(batch, seq):
+        p = random_problem(batch, seq, 40, 19, 3, 4, torch.float32, seed=3)
+        x = p["x"].requires_grad_(True)
+        fn(x, p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"].float(), p["scale"]).sum().backward()
+        assert x.grad is not None
+
+    step(2, 5)
+    counters.clear()
+    for batch, seq in ((3, 7), (2, 64), (3, 9), (2, 128), (2, 48)):
+        step(batch, seq)
+    assert counters["stats"]["unique_graphs"] == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
