@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mixed_lora import (DTYPES, RESULTS_DIR, Timer, device_clocks, device_name, git_commit,  # noqa: E402
-                              installed_triton_version, profile_averages, profile_sort_key)
+                              installed_triton_version, profile_averages, profile_sort_key, tf32_off)
 
 import lorweb_fast as lf  # noqa: E402
 from lorweb_fast.layer import LoRWeBLinear  # noqa: E402
@@ -220,14 +220,13 @@ def main(argv=None) -> dict:
                    help="write *_profile.txt: kernel tables of one training step, base block and lorweb_fast, and "
                    "their difference per kernel (default: on a GPU)")
     args = p.parse_args(argv)
-    cudnn_sdp, tf32 = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)  # as training (training.TrainConfig.cudnn_attention)
-    torch.backends.cuda.matmul.allow_tf32 = False  # official_as_run's fp32 einsum runs without TF32 (METHOD.md)
     try:
-        return run(args)
+        with tf32_off():
+            return run(args)
     finally:
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
-        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def run(args) -> dict:

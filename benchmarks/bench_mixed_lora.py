@@ -36,6 +36,7 @@ a per-kernel torch.profiler table of one forward+backward at the target shape.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -727,15 +728,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@contextlib.contextmanager
+def tf32_off():
+    """TF32 off for matmuls and cuDNN inside the block (official_as_run's fp32 einsum runs without TF32, METHOD.md),
+    the previous settings restored on exit, also after an error."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # official_as_run's fp32 einsum runs without TF32 (METHOD.md)
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    with tf32_off():
         return run(args)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def run(args) -> dict:

@@ -90,12 +90,12 @@ def test_bench_flux_block_smoke(tmp_path, monkeypatch):
     settings_during = []
     check_block = bench.check_block
 
-    def recording_check_block(*args, **kwargs):
-        settings_during.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32))
-        return check_block(*args, **kwargs)
-
     def settings():
         return torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32
+
+    def recording_check_block(*args, **kwargs):
+        settings_during.append(settings())
+        return check_block(*args, **kwargs)
 
     monkeypatch.setattr(bench, "check_block", recording_check_block)
     cudnn_before, tf32_before = settings()
