@@ -5,7 +5,7 @@ Two layouts are read, detected per sample from the image sizes (never guessed: a
 
 ``strip`` (official, what NVlabs/LoRWeB ``preprocess_data.py`` writes)::
 
-    DIR/control/<id>.jpg    a | a' | b   a horizontal strip of three equal cells (width divisible by 3)
+    DIR/control/<id>.jpg    a | a' | b   a horizontal strip of three equal cells (any width: it is resized to 3W x H)
     DIR/target/<id>.jpg     b'           alone, any size
     DIR/target/<id>.txt     the caption (the edit description)
     DIR/analogy_metadata.json
@@ -62,7 +62,8 @@ CAPTION_DIRS = ("captions", "target", "control")
 #: ``bucket_tolerance: 64`` default is overwritten.
 OFFICIAL_BUCKET_DIVISIBILITY = 16
 
-#: a control image at least this many times wider than tall, with a width divisible by 3, looks like an a|a'|b strip
+#: a control image of its target's size at least this many times wider than tall, with a width divisible by 3, could
+#: be an a|a'|b strip as well as a grid: ambiguous
 STRIP_MIN_ASPECT = 2.5
 
 
@@ -213,25 +214,21 @@ def bucket_resize(grid, cell_size: tuple[int, int], resolution: int = 512,
 # ------------------------------------------------------------------------------------------------- dataset
 def detect_layout(control: Path, control_size: tuple[int, int], target: Path, target_size: tuple[int, int]) -> str:
     """``"strip"`` or ``"grid"`` from the sizes of a sample's control and target; AnalogyDataError naming the file
-    when the sizes fit neither or both."""
+    when the sizes fit both, or two grids have an odd side.
+
+    A control of another size than its target is a strip whatever its width: the official loader
+    (``_create_box_analogy_image``) resizes every strip to 3W x H before cutting it, so it takes any width."""
     cw, ch = control_size
-    strip_like = cw % 3 == 0 and cw >= STRIP_MIN_ASPECT * ch
-    if control_size == target_size:
-        if strip_like:
-            raise AnalogyDataError(
-                f"{control} ({cw}x{ch}) is ambiguous: the same size as its target (a finished 2x2 grid?) and shaped "
-                f"like an a|a'|b strip; pass layout='strip' or 'grid' (--layout) to say which")
-        if cw % 2 or ch % 2:
-            raise AnalogyDataError(f"{control} and {target} are {cw}x{ch} grids with an odd side: a 2x2 grid needs "
-                                   "even sides")
-        return "grid"
-    if cw % 3 == 0 and cw > ch:
+    if control_size != target_size:
         return "strip"
-    if cw % 3 and cw >= STRIP_MIN_ASPECT * ch:
-        raise AnalogyDataError(f"{control} looks like an a|a'|b strip but its width {cw} is not divisible by 3")
-    raise AnalogyDataError(f"{control} ({cw}x{ch}) fits no layout with its target {target} ({target_size[0]}x"
-                           f"{target_size[1]}): expected an a|a'|b strip (width divisible by 3) with b' alone, or two "
-                           "2x2 grids of the same size")
+    if cw % 3 == 0 and cw >= STRIP_MIN_ASPECT * ch:
+        raise AnalogyDataError(
+            f"{control} ({cw}x{ch}) is ambiguous: the same size as its target (a finished 2x2 grid?) and shaped "
+            f"like an a|a'|b strip; pass layout='strip' or 'grid' (--layout) to say which")
+    if cw % 2 or ch % 2:
+        raise AnalogyDataError(f"{control} and {target} are {cw}x{ch} grids with an odd side: a 2x2 grid needs "
+                               "even sides")
+    return "grid"
 
 
 class AnalogyFolder(torch.utils.data.Dataset):
@@ -307,9 +304,6 @@ class AnalogyFolder(torch.utils.data.Dataset):
                                        "grids of the same even size (layout='grid')")
             layout = "grid"
         else:
-            if control_size[0] % 3:
-                raise AnalogyDataError(f"{control} is not an a|a'|b strip: its width {control_size[0]} is not "
-                                       "divisible by 3 (layout='strip')")
             layout = "strip"
         grid_size = target_size if layout == "grid" else (2 * target_size[0], 2 * target_size[1])
         if self.resize == "bucket":  # a sample too small for any bucket fails here, naming its file
@@ -348,14 +342,18 @@ class AnalogyFolder(torch.utils.data.Dataset):
         """(control grid, target grid) of sample ``index`` before resizing to the training size."""
         control_path, target_path, _, layout, _ = self.samples[index]
         swap = swap and self.bidirectional != "none"
+        if layout == "grid" and not swap:
+            return open_rgb(control_path), open_rgb(target_path)
+        target = self._full_target(index, swap)
+        return control_from_target(target, bidirectional=self.bidirectional, swapped=swap), target
+
+    def _full_target(self, index: int, swap: bool):
+        """The target grid of sample ``index`` before resizing: composed from the strip, or the grid file, reversed
+        when ``swap``."""
+        control_path, target_path, _, layout, _ = self.samples[index]
         if layout == "strip":
-            target = strip_target_grid(open_rgb(control_path), open_rgb(target_path), swap=swap)
-            return control_from_target(target, bidirectional=self.bidirectional, swapped=swap), target
-        control, target = open_rgb(control_path), open_rgb(target_path)
-        if swap:
-            target = swap_grid(target)
-            control = control_from_target(target, bidirectional=self.bidirectional, swapped=True)
-        return control, target
+            return strip_target_grid(open_rgb(control_path), open_rgb(target_path), swap=swap)
+        return swap_grid(open_rgb(target_path)) if swap else open_rgb(target_path)
 
     def __getitem__(self, key) -> dict:
         from PIL import Image
@@ -373,8 +371,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
 
         if layout == "strip" or swap:
             # official order: compose the target at full size, resize it, then derive the control from it
-            _, target = self.full_grids(index, swap)
-            target = to_training_size(target)
+            target = to_training_size(self._full_target(index, swap))
             control = control_from_target(target, bidirectional=self.bidirectional, swapped=swap)
         else:
             control = to_training_size(open_rgb(control_path))

@@ -314,6 +314,26 @@ def choose_merge_strategy(model: nn.Module, *, free_bytes: Optional[int] = None,
 
 
 # -------------------------------------------------------------------------------------------- analogy encoder
+def _official_training_levels() -> list:
+    """The 8-bit level at which each level k of a training control grid reaches the official image processor.
+
+    The official trainer hands the processor floats: SDTrainer.py ``before_unet_predict`` passes
+    ``control_tensor / 2 + 0.5`` with ``do_rescale=False``, where the control tensor is the grid through
+    ``ToTensor`` (k / 255 in float32) and ``RescaleTransform`` (``x * 2 - 1``; toolkit/data_loader.py). The slow
+    CLIP and SigLIP2 processors resize through PIL, converting floats in [0, 1] to 8 bits by ``x * 255`` (float64,
+    stored as float32) and ``astype(uint8)`` (transformers ``image_transforms.to_pil_image`` / ``rescale``), which
+    truncates: for k = 1..63 the float32 round trip lands just below k / 255, so those levels arrive as k - 1."""
+    import numpy as np
+
+    x = torch.arange(256, dtype=torch.uint8).float().div(255)  # ToTensor
+    x = (x * 2 - 1) / 2 + 0.5  # RescaleTransform, then before_unet_predict
+    return (x.numpy().astype(np.float64) * 255).astype(np.float32).astype(np.uint8).tolist()
+
+
+#: ``_official_training_levels()``: a 256-entry table for ``PIL.Image.point`` (per channel).
+OFFICIAL_TRAINING_LEVELS = _official_training_levels()
+
+
 def _official_processor(kind: str, model: Union[str, Path], image_size: Optional[int] = None):
     """The image processor the official code uses: the slow (PIL) ``CLIPImageProcessor`` with size and crop at the
     encoder's image size, or the NaFlex ``Siglip2ImageProcessor``. transformers >= 5 names the slow classes
@@ -470,6 +490,9 @@ class AnalogyEncoder:
         (B, 3, H, W) control tensor): the same boxes with ``s = H // 2`` (the tensor's ``shape[2]``), cut as tensor
         slices, so boxes stop at the grid's edge instead of being padded: a = [:s, :s], a' = [:s, s:],
         b = [s:, :s], the zeroed region [s:, s:], "caa'" = [:s, :]. For square cells both paths give the same crops.
+        The grid's 8-bit levels are first mapped through ``OFFICIAL_TRAINING_LEVELS`` (levels 1..63 arrive one
+        lower through the official float round trip, see there). Not reproduced: a crop holding only pure black and
+        pure white pixels, which the official processor takes for 0..255 values (it then resizes it at levels 0/1).
 
         Patch modes (p...) pool the CLIP tokens with ``pooling_type`` to the official query_dim (hidden_size, x3
         for "cat-"); the official code reshapes the tokens to one long vector there instead, which does not fit its
@@ -484,14 +507,19 @@ class AnalogyEncoder:
         if not grids:
             raise ValueError("query_from_grid needs at least one grid")
         cuts_a_prime = mode not in ("aa'bb'", "caa'bb'", "caa'b", "paa'b", "paa'b3", "caa'")
+        # the modes that crop b or zero the bottom-right cell: PIL pads the other crops past the grid's edge
+        cuts_bottom = mode in ("caa'b", "paa'b", "paa'b3", "ca'-ca+cb") or mode.startswith("cat-")
+        if crops == "training":  # the 8-bit levels the official tensor path hands to the image processor
+            grids = [grid.point(OFFICIAL_TRAINING_LEVELS * 3) for grid in grids]
         sizes = []  # (w, h, s): s is the cell side of the official crops
         for grid in grids:
             w, h = grid.size
             if crops == "inference":
                 s = w // 2
-                if s < 1 or h - s < 1:
-                    raise ValueError(f"a {w}x{h} grid is too wide for the official crops: b = (0, {s}, {s}, {h}) is "
-                                     "empty (the grid's height must exceed half its width)")
+                if s < 1 or (cuts_bottom and h - s < 1):
+                    raise ValueError(f"a {w}x{h} grid is too wide for the official crops of query mode {mode!r}: "
+                                     f"the bottom row (0, {s}, {w}, {h}) is empty (the grid's height must exceed "
+                                     "half its width)")
             else:
                 s = h // 2
                 if s < 1 or (cuts_a_prime and w - s < 1):
@@ -576,6 +604,23 @@ def load_kontext_pipeline(model: Union[str, Path], dtype: Optional[torch.dtype] 
 
 RESOLUTIONS = ("official", "native")
 DEFAULT_SEED = 50
+#: official resolution: the pipeline generates about this many pixels (FluxKontextPipeline's max_area default)
+DEFAULT_MAX_AREA = 1024 ** 2
+#: native resolution: the control grid's long-edge cap
+DEFAULT_LONG_EDGE = 1024
+
+
+def _check_resolution_options(resolution: str, *, long_edge=None, max_area=None, max_size=None) -> None:
+    """Refuse an option of the other resolution mode instead of ignoring it: ``long_edge`` is the native mode's cap,
+    ``max_area`` and ``max_size`` are the official mode's."""
+    if resolution == "official" and long_edge is not None:
+        raise ValueError("long_edge applies to resolution='native'; the official resolution is set by max_area "
+                         "(and max_size)")
+    if resolution == "native":
+        given = [name for name, value in (("max_area", max_area), ("max_size", max_size)) if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} apply to resolution='official'; the native resolution is "
+                             "capped by long_edge")
 
 
 class LoRWeBKontextPipeline:
@@ -592,25 +637,32 @@ class LoRWeBKontextPipeline:
     its long edge like the official ``-m``), the pipeline generates at about ``max_area`` pixels with the grid's
     aspect ratio (sides multiples of 16) and snaps the control image to the nearest preferred Kontext resolution
     (``_auto_resize=True``). ``resolution="native"`` (lorweb_fast's first behaviour): cells at b's aspect ratio,
-    the grid's long edge capped at ``long_edge``, sides multiples of 16, generated at the grid's own size, never
-    upscaled.
+    the grid's long edge capped at ``long_edge`` (1024), sides multiples of 16, generated at the grid's own size,
+    never upscaled. An option of the other mode (``long_edge`` with "official"; ``max_area`` / ``max_size`` with
+    "native") raises instead of being ignored, here and in the call.
 
     Attributes: ``pipe`` (the FluxKontextPipeline), ``encoder`` (AnalogyEncoder), ``transformer``.
     """
 
-    def __init__(self, pipe, encoder: AnalogyEncoder, *, resolution: str = "official", max_area: int = 1024 ** 2,
-                 max_size: Optional[int] = None, long_edge: int = 1024):
+    def __init__(self, pipe, encoder: AnalogyEncoder, *, resolution: str = "official",
+                 max_area: Optional[int] = None, max_size: Optional[int] = None, long_edge: Optional[int] = None):
         layers = lorweb_layers(pipe.transformer)
         if not layers:
             raise ValueError("the pipeline's transformer has no LoRWeB layers: load weights with "
                              "load_lorweb_weights (or LoRWeBKontextPipeline.from_pretrained)")
         if resolution not in RESOLUTIONS:
             raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
-        if long_edge is not None:  # None: no cap, where supported
+        if long_edge is not None:
             check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
-        check_int("max_area", max_area, lo=1)
+        if max_area is not None:
+            check_int("max_area", max_area, lo=1)
         if max_size is not None:
             check_int("max_size", max_size, lo=2)
+        _check_resolution_options(resolution, long_edge=long_edge, max_area=max_area, max_size=max_size)
+        if resolution == "official":
+            max_area = DEFAULT_MAX_AREA if max_area is None else max_area
+        else:
+            long_edge = DEFAULT_LONG_EDGE if long_edge is None else long_edge
         query_dims = {layer.query_dim for layer in layers.values()}
         if query_dims != {encoder.query_dim}:
             mode = encoder.query_mode if encoder.query_source == "grid" else "query_source='images'"
@@ -652,6 +704,8 @@ class LoRWeBKontextPipeline:
             raise TypeError(f"LoRWeBKontextPipeline.from_pretrained got unexpected options {unknown}; the options "
                             "are resolution, max_area, max_size and long_edge (FluxKontextPipeline arguments go to "
                             "the call, pipe(..., **kwargs))")
+        _check_resolution_options(options.get("resolution", "official"), long_edge=options.get("long_edge"),
+                                  max_area=options.get("max_area"), max_size=options.get("max_size"))
         for name, value in (("dtype", dtype), ("encoder_dtype", encoder_dtype)):
             if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
                 raise TypeError(f"{name} must be a floating point torch.dtype, got {value!r}")
@@ -807,6 +861,7 @@ class LoRWeBKontextPipeline:
         if not len(a) == len(a_prime) == len(b):
             raise ValueError(f"a, a_prime and b must hold the same number of images, got {len(a)}, {len(a_prime)}, "
                              f"{len(b)}")
+        _check_resolution_options(self.resolution, long_edge=long_edge)
         if self.resolution == "official":
             return [official_control_grid(x, y, z, max_size=self.max_size) for x, y, z in zip(a, a_prime, b)]
         long_edge = long_edge or self.long_edge
@@ -833,6 +888,7 @@ class LoRWeBKontextPipeline:
         """
         check_generation_options(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                  long_edge=long_edge, merge=merge, output_type=output_type)
+        _check_resolution_options(self.resolution, long_edge=long_edge)
         check_pipe_kwargs(pipe_kwargs, type(self.pipe).__call__)
         a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
         warn_aspect_ratios(a, a_prime, b, cells_from="a" if self.resolution == "official" else "b")

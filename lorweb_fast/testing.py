@@ -299,3 +299,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ official image-processor reference
+#: CLIP's normalisation (openai/clip-vit-large-patch14 preprocessor_config.json).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def reference_clip_pixels(img, size: int) -> torch.Tensor:
+    """The slow CLIPImageProcessor (transformers 4.56, as pinned by the official environment.yml): shortest side to
+    ``size`` (bicubic, long side int(size * long / short)), centre crop size x size, /255, CLIP mean/std."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = img.size
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nw, nh = int(size * w / h), size
+    im = img.convert("RGB").resize((nw, nh), Image.BICUBIC)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    arr = np.asarray(im, dtype=np.float64)[top:top + size, left:left + size] / 255.0
+    arr = (arr - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    return torch.tensor(arr.transpose(2, 0, 1), dtype=torch.float32)[None]

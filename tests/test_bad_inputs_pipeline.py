@@ -52,7 +52,7 @@ class FakeKontext:
 
 @pytest.fixture
 def pipe():
-    return flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), long_edge=64)
+    return flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), resolution="native", long_edge=64)
 
 
 def picture(w=32, h=32):
@@ -109,7 +109,37 @@ def test_good_options_reach_the_encoder(pipe):
 @pytest.mark.parametrize("long_edge,exc", [(0, ValueError), (31, ValueError), (64.5, TypeError), ("64", TypeError)])
 def test_pipeline_long_edge_at_construction(long_edge, exc):
     with pytest.raises(exc, match="long_edge"):
-        flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), long_edge=long_edge)
+        flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), resolution="native", long_edge=long_edge)
+
+
+OTHER_MODE_OPTIONS = [("official", {"long_edge": 64}, "long_edge applies to resolution='native'"),
+                      ("native", {"max_area": 4096}, "max_area apply to resolution='official'"),
+                      ("native", {"max_size": 64}, "max_size apply to resolution='official'"),
+                      ("native", {"max_area": 4096, "max_size": 64}, "max_area and max_size apply")]
+
+
+@pytest.mark.parametrize("resolution,options,fragment", OTHER_MODE_OPTIONS)
+def test_options_of_the_other_resolution_mode_are_refused(resolution, options, fragment, tmp_path):
+    """An option of the other resolution mode raises (it would be ignored) at construction, in from_pretrained before
+    any model loads, and (long_edge) in the call and in control_grids."""
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), resolution=resolution, **options)
+    with pytest.raises(ValueError, match=re.escape(fragment)):  # the paths do not exist: nothing was loaded first
+        flux.LoRWeBKontextPipeline.from_pretrained(tmp_path / "no-model", tmp_path / "no-weights.safetensors",
+                                                   resolution=resolution, **options)
+    if resolution == "official":
+        pipe = flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder())
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            pipe(picture(), picture(), picture(), "flip", long_edge=64)
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            pipe.control_grids(picture(), picture(), picture(), long_edge=64)
+
+
+def test_each_resolution_mode_has_its_default():
+    official = flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder())
+    native = flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), resolution="native")
+    assert (official.max_area, official.long_edge) == (1024 ** 2, None)
+    assert (native.long_edge, native.max_area, native.max_size) == (1024, None, None)
 
 
 # ---------------------------------------------------------------------------------------------- aspect ratios
@@ -128,7 +158,8 @@ ASPECT_CASES = [  # (case, resolution, a sizes, a' sizes, b sizes, warning fragm
 def test_surprising_aspect_ratios_warn(case, resolution, a, a2, b, fragment):
     """The cells take b's shape at the native resolution and a's at the official one: a batch whose shaping
     images differ is stretched to the first one's shape."""
-    pipe = flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), resolution=resolution, long_edge=64)
+    pipe = flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), resolution=resolution,
+                                      long_edge=64 if resolution == "native" else None)
     images = [[picture(*s) for s in sizes] for sizes in (a, a2, b)]
     with pytest.warns(UserWarning, match=re.escape(fragment)):
         with pytest.raises(EncoderReached):

@@ -144,20 +144,37 @@ def test_grid_layout_still_works(tmp_path):
 def test_ambiguous_and_broken_samples_name_the_file(tmp_path):
     rng = np.random.default_rng(0)
     root = _strip_folder(tmp_path / "d", cells=[(20, 14)])
-    _random_image(rng, 61, 14).save(root / "control" / "s00.png")  # strip width not divisible by 3
-    with pytest.raises(AnalogyDataError, match=r"s00.png looks like an a\|a'\|b strip but its width 61"):
-        AnalogyFolder(root, resize="long-edge")
+    _random_image(rng, 50, 40).save(root / "control" / "s00.png")  # fits no grid: a strip of any width
+    assert AnalogyFolder(root, resize="long-edge").samples[0][3] == "strip"
     _random_image(rng, 60, 20).save(root / "control" / "s00.png")
     _random_image(rng, 60, 20).save(root / "target" / "s00.png")  # same size and strip-shaped: which one?
     with pytest.raises(AnalogyDataError, match="s00.png .60x20. is ambiguous"):
         AnalogyFolder(root, resize="long-edge")
     assert AnalogyFolder(root, resize="long-edge", layout="grid").samples[0][3] == "grid"
     assert AnalogyFolder(root, resize="long-edge", layout="strip").samples[0][3] == "strip"
-    _random_image(rng, 50, 40).save(root / "control" / "s00.png")  # fits neither
-    with pytest.raises(AnalogyDataError, match="s00.png .50x40. fits no layout"):
+    _random_image(rng, 61, 20).save(root / "control" / "s00.png")
+    _random_image(rng, 61, 20).save(root / "target" / "s00.png")  # two grids with an odd side
+    with pytest.raises(AnalogyDataError, match="s00.png and .*s00.png are 61x20 grids with an odd side"):
         AnalogyFolder(root, resize="long-edge")
-    with pytest.raises(AnalogyDataError, match="not an a.a'.b strip: its width 50"):
-        AnalogyFolder(root, resize="long-edge", layout="strip")
+
+
+def test_strips_of_any_width_are_cut_as_the_official_loader(tmp_path):
+    """ai-toolkit ``_create_box_analogy_image`` resizes the strip to (3W, H) with bicubic, W x H = b''s size, and cuts
+    it at multiples of W: a strip whose width is not divisible by 3 (here 61 px, or portrait cells) is read too."""
+    rng = np.random.default_rng(1)
+    for name, strip_size in (("odd", (61, 14)), ("portrait", (30, 40))):
+        root = _strip_folder(tmp_path / name, cells=[(20, 14)])
+        strip = _random_image(rng, *strip_size)
+        strip.save(root / "control" / "s00.png")
+        target = Image.open(root / "target" / "s00.png").convert("RGB")
+        ds = AnalogyFolder(root, resize="long-edge")
+        assert ds.samples[0][3] == "strip"
+        _, got = ds.full_grids(0)
+        w, h = target.size
+        wide = strip.resize((3 * w, h), Image.BICUBIC)
+        want = np.concatenate([np.concatenate([np.asarray(wide)[:, :w], np.asarray(wide)[:, w:2 * w]], 1),
+                               np.concatenate([np.asarray(wide)[:, 2 * w:], np.asarray(target)], 1)])
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_mixed_layouts_are_an_error(tmp_path):

@@ -10,6 +10,7 @@ and jobs/process/BaseSDTrainProcess.py (external_query_dim: projection_dim, hidd
 """
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -19,9 +20,8 @@ from PIL import Image
 import lorweb_fast as lf
 from lorweb_fast import demo, flux, training
 from lorweb_fast.official_config import PATCH_QUERY_MODES, QUERY_MODES
+from lorweb_fast.testing import reference_clip_pixels
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +69,6 @@ def picture(seed, size):
 
 
 # ------------------------------------------------------------------------------------------------- references
-def reference_clip_pixels(img: Image.Image, size: int) -> torch.Tensor:
-    """The slow CLIPImageProcessor (transformers 4.56, as pinned by the official environment.yml): shortest side to
-    ``size`` (bicubic, long side int(size * long / short)), centre crop size x size, /255, CLIP mean/std."""
-    w, h = img.size
-    if w <= h:
-        nw, nh = size, int(size * h / w)
-    else:
-        nw, nh = int(size * w / h), size
-    im = img.convert("RGB").resize((nw, nh), Image.BICUBIC)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    arr = np.asarray(im, dtype=np.float64)[top:top + size, left:left + size] / 255.0
-    arr = (arr - CLIP_MEAN) / CLIP_STD
-    return torch.tensor(arr.transpose(2, 0, 1), dtype=torch.float32)[None]
-
-
 def reference_clip_encode(model, img, mode):
     """encode_image: image_embeds as (1, 1, D), or for a "p" mode the tokens of embeddings -> pre_layrnorm ->
     encoder layers, last layer (1, T, D) or hidden states -16, -8, -1 concatenated on the tokens."""
@@ -131,30 +116,37 @@ def reference_query(encode, grid: Image.Image, mode: str, pooling: str = "avg") 
 
 
 def reference_training_query(encode, grid: Image.Image, mode: str) -> torch.Tensor:
-    """get_external_query on the training tensor (SDTrainer.py ``before_unet_predict`` passes
-    ``batch.control_tensor / 2 + 0.5``, shape (B, 3, H, W)): ``oneside = image.shape[2] // 2`` (H // 2) and tensor
-    slices a = [:s, :s], a' = [:s, s:], b = [s:, :s], zeroed [s:, s:], "caa'" = [:s, :]. The slices are taken on a
-    numpy array of the grid and turned back into images for the reference processor (exact for 8-bit grids)."""
-    arr = np.asarray(grid.convert("RGB"))
-    s = arr.shape[0] // 2
+    """get_external_query on the training tensor. The trainer's control tensor is the grid through ``ToTensor`` and
+    ``RescaleTransform`` (``x * 2 - 1``, toolkit/data_loader.py), and SDTrainer.py ``before_unet_predict`` passes
+    ``batch.control_tensor / 2 + 0.5``, shape (B, 3, H, W), with ``do_rescale=False``: ``oneside = image.shape[2] //
+    2`` (H // 2) and tensor slices a = [:s, :s], a' = [:s, s:], b = [s:, :s], zeroed [s:, s:], "caa'" = [:s, :].
+    Each float crop then reaches the slow processor, which converts it to PIL for the resize as transformers 4.56
+    ``image_transforms.to_pil_image`` does for floats in [0, 1] that are not all integers: ``rescale(x, 255)``
+    (float64 product stored as float32), then ``astype(uint8)``."""
+    t = torch.from_numpy(np.array(grid.convert("RGB"))).permute(2, 0, 1).float().div(255)  # ToTensor
+    image = (t * 2 - 1)[None] / 2 + 0.5  # RescaleTransform; before_unet_predict
+    s = image.shape[2] // 2
 
-    def enc(a):
-        return encode(Image.fromarray(np.ascontiguousarray(a)), mode)
+    def enc(x):
+        arr = x[0].permute(1, 2, 0).numpy()
+        assert not np.allclose(arr, arr.astype(int))  # else the processor would not rescale (not these pictures)
+        levels = (arr.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
+        return encode(Image.fromarray(np.ascontiguousarray(levels)), mode)
 
     if mode in ("aa'bb'", "caa'bb'"):
-        q = enc(arr)
+        q = enc(image)
     elif mode in ("caa'b", "paa'b", "paa'b3"):
-        z = arr.copy()
-        z[s:, s:] = 0
+        z = image.clone()
+        z[:, :, s:, s:] = 0
         q = enc(z)
     elif mode == "caa'":
-        q = enc(arr[:s, :])
+        q = enc(image[:, :, :s, :])
     else:
-        a, a2 = enc(arr[:s, :s]), enc(arr[:s, s:])
+        a, a2 = enc(image[:, :, :s, :s]), enc(image[:, :, :s, s:])
         if mode == "ca'-ca":
             q = a2 - a
         else:
-            b = enc(arr[s:, :s])
+            b = enc(image[:, :, s:, :s])
             q = a2 - a + b if mode == "ca'-ca+cb" else torch.cat([a, a2, b], dim=1)
     return q.reshape(q.shape[0], -1)
 
@@ -211,8 +203,14 @@ def test_siglip2_official_way(siglip2_dir):
     assert enc.query_dim == 48
     grid = picture(6, (64, 48))
 
+    import transformers
+
+    # the slow (PIL) processor as the checkpoint folder configures it, loaded here on its own
+    processor_class = getattr(transformers, "Siglip2ImageProcessorPil", None) or transformers.Siglip2ImageProcessor
+    processor = processor_class.from_pretrained(siglip2_dir)
+
     def encode(img, mode):
-        x = enc.processor(images=img, return_tensors="pt")
+        x = processor(images=img, return_tensors="pt")
         return enc.model(pixel_values=x.pixel_values, pixel_attention_mask=x.pixel_attention_mask.float(),
                          spatial_shapes=x.spatial_shapes).pooler_output[:, None]
 
@@ -236,6 +234,22 @@ def test_bad_settings_and_grids(clip_dir):
                             query_mode="paa'b3").query_from_grid(picture(0, (64, 64)))
     with pytest.raises(ValueError, match="too wide"):
         flux.AnalogyEncoder(clip_dir).query_from_grid(Image.new("RGB", (64, 32)))
+
+
+@pytest.mark.parametrize("mode", QUERY_MODES)
+def test_wide_grids_in_modes_without_a_bottom_crop(clip_encoder, mode):
+    """A grid no taller than half its width (cells of 2:1 or wider): get_external_query's PIL path pads the crops
+    past the edge, so only the modes that crop b or zero the bottom-right cell ("ca'-ca+cb", "cat-*", "caa'b",
+    "paa'b*") have nothing to cut; the others run as the official code does."""
+    enc = clip_encoder
+    grid = picture(16, (120, 50))
+    if mode in ("caa'b", "paa'b", "paa'b3", "ca'-ca+cb") or mode.startswith("cat-"):
+        with pytest.raises(ValueError, match=re.escape(f"too wide for the official crops of query mode {mode!r}")):
+            enc.query_from_grid(grid, query_mode=mode)
+        return
+    with torch.no_grad():
+        want = reference_query(lambda im, m: reference_clip_encode(enc.model, im, m), grid, mode)
+    torch.testing.assert_close(enc.query_from_grid(grid, query_mode=mode), want, atol=2e-5, rtol=1e-4)
 
 
 def test_images_source_keeps_the_original_query(clip_dir):
@@ -263,8 +277,22 @@ def test_training_crops_follow_the_official_tensor_path(clip_dir, mode, size):
                           for g in grids])
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     assert not torch.allclose(got, enc.query_from_grid(grids), atol=1e-3)  # the inference crops are other boxes
+
+
+def test_training_levels_follow_the_official_float_round_trip(clip_dir):
+    """Levels 1..63 reach the processor one lower through the official float path (``reference_training_query``);
+    for square cells the training crops are the inference ones, so the two queries differ by those levels alone."""
+    assert [k for k, v in enumerate(flux.OFFICIAL_TRAINING_LEVELS) if v != k] == list(range(1, 64))
+    assert all(flux.OFFICIAL_TRAINING_LEVELS[k] == k - 1 for k in range(1, 64))
+    enc = flux.AnalogyEncoder(clip_dir)
     square = [picture(15, (64, 64))]
-    torch.testing.assert_close(enc.query_from_grid(square, crops="training"), enc.query_from_grid(square))
+    training_query = enc.query_from_grid(square, crops="training")
+    with torch.no_grad():
+        want = reference_training_query(lambda im, m: reference_clip_encode(enc.model, im, m), square[0], "cat-aa'b")
+    torch.testing.assert_close(training_query, want, atol=2e-5, rtol=1e-4)
+    lowered = [square[0].point(flux.OFFICIAL_TRAINING_LEVELS * 3)]
+    torch.testing.assert_close(training_query, enc.query_from_grid(lowered))
+    assert not torch.allclose(training_query, enc.query_from_grid(square), atol=1e-4)
 
 
 def test_training_crops_of_a_too_tall_grid_and_bad_crops(clip_dir):
