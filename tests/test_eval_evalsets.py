@@ -73,9 +73,11 @@ def make_lorweb_set(root, sizes):
 
 
 def test_released_lorweb_layout(tmp_path):
-    # a is 60x40 (aspect 1.5); b candidates: 1.5, 1.4 (within 0.15), 0.75 (not)
+    # a is 60x40 (aspect 1.5); b candidates: 1.5, 1.4, 1.538, 1.55 (within 0.15), 0.75 (not)
+    close = {"cat-bbb-unsplash", "cow-ccc-unsplash", "elk-eee-unsplash", "fox-fff-unsplash"}
     root = make_lorweb_set(tmp_path / "set", {"dog-aaa-unsplash": (60, 40), "cat-bbb-unsplash": (90, 60),
-                                              "cow-ccc-unsplash": (70, 50), "owl-ddd-unsplash": (30, 40)})
+                                              "cow-ccc-unsplash": (70, 50), "elk-eee-unsplash": (80, 52),
+                                              "fox-fff-unsplash": (62, 40), "owl-ddd-unsplash": (30, 40)})
     assert E.detect_format(root) == "lorweb"
     triplets = E.read_evalset(root, seed=1)
     assert len(triplets) == 4  # 2 a' x 2 b
@@ -84,14 +86,18 @@ def test_released_lorweb_layout(tmp_path):
     for t in triplets:
         assert t.prompt == "Add a flowing mane"
         assert t.a.path.name == "dog-aaa-unsplash.jpg"
-        assert t.b.path.stem in {"cat-bbb-unsplash", "cow-ccc-unsplash"}  # the aspect-ratio filter
+        assert t.b.path.stem in close  # the aspect-ratio filter
         b = t.b.load()
         assert abs(b.width / b.height - 1.5) < 0.03  # cropped to a's aspect ratio
-    assert {t.b.path.stem for t in triplets if t.a_prime.path.stem.endswith("_0")} == {"cat-bbb-unsplash",
-                                                                                      "cow-ccc-unsplash"}
-    assert [t.key for t in E.read_evalset(root, seed=1)] == [t.key for t in triplets]  # reproducible
+    for k in range(2):  # two different b per (a, a')
+        assert len({t.b.path.stem for t in triplets if t.a_prime.path.stem.endswith(f"_{k}")}) == 2
 
+    def choice(seed):
+        return [(t.a_prime.path.name, t.b.path.name) for t in E.read_evalset(root, seed=seed)]
 
+    # four close candidates, two drawn: the seed decides which, and the same seed repeats the choice
+    assert choice(1) == choice(1) == [(t.a_prime.path.name, t.b.path.name) for t in triplets]
+    assert any(choice(seed) != choice(1) for seed in range(2, 12))
 def test_released_layout_pairs_file_and_errors(tmp_path):
     root = make_lorweb_set(tmp_path / "set", {"dog-aaa-unsplash": (60, 40), "cat-bbb-unsplash": (90, 60),
                                               "owl-ddd-unsplash": (30, 40)})
@@ -138,6 +144,32 @@ def test_relation252k_unseen_tasks(tmp_path):
     assert t.b.path != t.a.path and t.b.load().size == (32, 32)
     assert t.prompt == f"{t.task} edit {t.a.path.stem}"
     assert len(E.read_evalset(root, tasks=["7-Add Hat"])) == 3
+
+
+def test_task_filter_and_cap_keep_each_tasks_b_choices(tmp_path):
+    """--tasks and --max-per-task only drop triplets: a task's b choices (and so its triplet ids) are the same as in
+    the full set, so a resumed run with another --tasks adds no second set of triplets."""
+    root = make_relation(tmp_path / "rel", tasks=("1-A", "2-B", "3-C"), per_task=5)
+    for seed in range(4):
+        full = [t.describe() for t in E.read_evalset(root, seed=seed)]
+        for task in ("1-A", "2-B", "3-C"):
+            alone = [t.describe() for t in E.read_evalset(root, seed=seed, tasks=[task])]
+            assert alone == [d for d in full if d["task"] == task]
+        some = [t.describe() for t in E.read_evalset(root, seed=seed, tasks=["3-C", "1-A"], max_per_task=2)]
+        assert len(some) == 4 and all(d in full for d in some)
+    # the choices do depend on the seed
+    assert any([t.id for t in E.read_evalset(root, seed=s)] != [t.id for t in E.read_evalset(root, seed=0)]
+               for s in range(1, 6))
+
+
+def test_options_that_do_not_apply_are_refused(tmp_path):
+    root = make_relation(tmp_path / "rel", tasks=("t",), per_task=2)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("")
+    with pytest.raises(E.EvalInputError, match="pairs file .*pairs.jsonl.* released LoRWeB layout; .* relation252k"):
+        E.read_evalset(root, pairs_file=pairs)
+    with pytest.raises(E.EvalInputError, match="max_per_task must be >= 1, got 0"):
+        E.read_evalset(root, max_per_task=0)
 
 
 def test_relation252k_errors(tmp_path):

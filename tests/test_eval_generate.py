@@ -1,6 +1,7 @@
 """``eval generate`` on a tiny random FLUX.1-Kontext pipeline (saved and loaded back) with a LoRWeB checkpoint:
-batches of different analogies in one call (batch size 2), the same results as one-by-one runs, resume after a kill,
-settings checks and CLI errors."""
+batches of different analogies in one call (batch size 2), the same results as one-by-one runs (one fixed merge
+strategy), resume after a kill, settings checks (the generation settings and what picks the triplets) and CLI
+errors."""
 
 import json
 
@@ -79,14 +80,17 @@ def test_generate_batched_matches_one_by_one_and_resumes(assets, tmp_path, capsy
 
 
 class RecordingPipe:
-    """Stands in for LoRWeBKontextPipeline: records the batch sizes it is called with, returns b unchanged."""
+    """Stands in for LoRWeBKontextPipeline: records the batch sizes and the merge strategy it is called with, returns
+    b unchanged."""
 
     def __init__(self):
         self.batches = []
+        self.merges = []
 
     def __call__(self, a, a_prime, b, prompt, *, generator=None, **kwargs):
         assert len(a) == len(a_prime) == len(b) == len(prompt) == len(generator)
         self.batches.append([im.size for im in b])
+        self.merges.append(kwargs.get("merge", "<pipeline default>"))
         return [im.copy() for im in b]
 
 
@@ -99,10 +103,34 @@ def test_batches_group_same_sizes_and_several_seeds(tmp_path):
     assert result == {"generated": 10, "skipped": 0}
     assert all(len(set(sizes)) == 1 for sizes in pipe.batches)  # one size per batch
     assert sorted(len(b) for b in pipe.batches) == [2, 2, 2, 2, 2]
+    # every batch, whatever its size, runs the unmerged path (the pipeline's "auto" would merge a batch of one)
+    assert pipe.merges == ["none"] * 5
     assert (tmp_path / "runs/flip/000_seed1/b_prime.png").is_file()
     assert (tmp_path / "runs/swap/001_seed2/b_prime.png").is_file()
     again = G.generate(pipe, triplets, tmp_path / "runs", batch_size=2, seeds=(1, 2), progress=False)
     assert again == {"generated": 0, "skipped": 10}
+
+
+def test_one_merge_strategy_for_every_batch(tmp_path):
+    """A batch size that leaves batches of one (3 triplets, batch size 2) still passes the chosen strategy to every
+    call; strategies that merge one analogy at a time need batch size 1; pipeline arguments eval generate sets itself
+    are refused in --pipe-arg. A refused call writes nothing."""
+    triplets = read_evalset(tiny.make_folder_evalset(tmp_path / "ev", tasks=("flip",), per_task=3, size=(32, 32)))
+    pipe = RecordingPipe()
+    G.generate(pipe, triplets, tmp_path / "runs", batch_size=2, merge="jit", progress=False)
+    assert [len(b) for b in pipe.batches] == [2, 1] and pipe.merges == ["jit", "jit"]
+    pipe = RecordingPipe()
+    G.generate(pipe, triplets, tmp_path / "single", batch_size=1, merge="full", progress=False)
+    assert pipe.merges == ["full"] * 3
+    for kwargs, message in [({"merge": "fused"}, "merge must be one of"),
+                            ({"merge": "full", "batch_size": 2}, "merges one analogy at a time: use batch size 1"),
+                            ({"merge": "offload", "batch_size": 4}, "'offload' merges one analogy"),
+                            ({"pipe_kwargs": {"merge": "jit"}}, "'merge' is set by eval generate itself; use --merge"),
+                            ({"pipe_kwargs": {"num_inference_steps": 3}}, "use --steps"),
+                            ({"pipe_kwargs": {"output_type": "np"}}, "'output_type' is set by eval generate")]:
+        with pytest.raises(G.EvalInputError, match=message):
+            G.generate(RecordingPipe(), triplets, tmp_path / "refused", progress=False, **kwargs)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_saved_inputs_are_capped(tmp_path):
@@ -161,6 +189,91 @@ def test_resume_refuses_another_checkpoint_file_or_content(tmp_path):
     G.check_run_settings(tmp_path, settings, write=False)
 
 
+def test_resume_refuses_another_triplet_set_or_merge(tmp_path, monkeypatch):
+    """run.json records what picks the triplets (evaluation set, format, pair seed, b per pair, the pairs file's
+    SHA-256), the saved inputs' cap and the merge strategy; a resume with another value is refused. A run.json from
+    before they were recorded is accepted for the new keys; its relative evalset path is resolved against the current
+    directory and its recorded format "auto" matches the detected one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ev").mkdir()
+    settings = {"weights": "w", "resolution": "native", "merge": "none", "evalset": str(tmp_path / "ev"),
+                "format": "lorweb", "pair_seed": 0, "b_per_pair": 2, "pairs_sha256": None, "input_long_edge": 1024}
+    G.check_run_settings(tmp_path, settings)
+    for key, value in [("evalset", str(tmp_path / "other")), ("format", "folder"), ("pair_seed", 1),
+                       ("b_per_pair", 3), ("pairs_sha256", "ab" * 32), ("input_long_edge", 512), ("merge", "auto")]:
+        with pytest.raises(G.EvalInputError, match=f"{key}: "):
+            G.check_run_settings(tmp_path, {**settings, key: value}, write=False)
+    G.check_run_settings(tmp_path, {**settings, "evalset": "ev"}, write=False)  # the same folder, relative
+    older = {"weights": "w", "resolution": "native", "evalset": "ev", "format": "auto", "pair_seed": 0}
+    (tmp_path / "run.json").write_text(json.dumps(older))
+    G.check_run_settings(tmp_path, settings, write=False)
+    for key, value in [("evalset", str(tmp_path / "other")), ("pair_seed", 1)]:
+        with pytest.raises(G.EvalInputError, match=f"{key}: "):
+            G.check_run_settings(tmp_path, {**settings, key: value}, write=False)
+    (tmp_path / "run.json").write_text("[1, 2]")
+    with pytest.raises(G.EvalInputError, match="does not hold a JSON object"):
+        G.check_run_settings(tmp_path, settings, write=False)
+
+
+def make_relation252k(root, tasks=("1-A", "2-B"), per_task=3):
+    """Relation252k's layout: <task>/Group1/labels.json and side-by-side (a | a') images."""
+    for t, task in enumerate(tasks):
+        group = root / task / "Group1"
+        group.mkdir(parents=True)
+        labels = []
+        for i in range(per_task):
+            Image.new("RGB", (64, 32), (40 * i, 30 * t, 90)).save(group / f"{i}.png")
+            labels.append({"img_name": f"{i}.png", "edit_instruction": f"edit {task} {i}"})
+        (group / "labels.json").write_text(json.dumps(labels))
+    return root
+
+
+def test_cli_resume_with_another_pair_seed_is_refused(assets, tmp_path, monkeypatch, capsys):
+    """Through the CLI (the pipeline replaced by RecordingPipe): run.json records the detected format, the resolved
+    evaluation set and the triplet-picking settings; resuming with another --pair-seed, --b-per-pair,
+    --input-long-edge, --merge or another evaluation set is refused before anything is written, while --tasks and
+    --max-per-task (subsets of the same triplets), an explicit --format naming the detected one and a relative path to
+    the same set resume."""
+    from lorweb_fast.flux import LoRWeBKontextPipeline
+
+    pipe = RecordingPipe()
+    monkeypatch.setattr(LoRWeBKontextPipeline, "from_pretrained", staticmethod(lambda *args, **kwargs: pipe))
+    monkeypatch.chdir(tmp_path)
+    ev = make_relation252k(tmp_path / "rel")
+    out = tmp_path / "runs"
+
+    def args(*extra, evalset=ev):
+        a = gen_args(assets, out, *extra)
+        a[a.index("--evalset") + 1] = str(evalset)
+        return a
+
+    assert cli.main(args()) == 0
+    assert "6 generated" in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert run["format"] == "relation252k" and run["evalset"] == str(ev.resolve())
+    assert (run["pair_seed"], run["b_per_pair"], run["pairs_sha256"], run["input_long_edge"], run["merge"]) == \
+        (0, 2, None, 1024, "none")
+    assert set(pipe.merges) == {"none"}
+    folders = sorted(p.relative_to(out) for p in out.glob("*/*"))
+    (out / folders[0] / "b_prime.png").unlink()  # a killed run
+    other = make_relation252k(tmp_path / "rel2")
+    for extra, evalset, key in [(("--pair-seed", "1"), ev, "pair_seed"), (("--b-per-pair", "3"), ev, "b_per_pair"),
+                                (("--input-long-edge", "16"), ev, "input_long_edge"), (("--merge", "jit"), ev, "merge"),
+                                ((), other, "evalset")]:
+        assert cli.main(args(*extra, evalset=evalset)) == 2
+        err = capsys.readouterr().err
+        assert "holds a run with other settings" in err and f"{key}: " in err
+    assert sorted(p.relative_to(out) for p in out.glob("*/*")) == folders  # no second set of triplets
+    assert not (out / folders[0] / "b_prime.png").exists()
+    assert cli.main(args("--tasks", "2-B", "--max-per-task", "2")) == 0
+    assert "0 generated, 2 already done" in capsys.readouterr().out
+    # evalset.json keeps the records of the triplets the restricted run did not cover
+    assert [r["id"] for r in json.loads((out / "evalset.json").read_text())] == [str(f) for f in folders]
+    assert cli.main(args("--format", "relation252k", evalset="rel")) == 0
+    assert "1 generated, 5 already done" in capsys.readouterr().out
+    assert sorted(p.relative_to(out) for p in out.glob("*/*")) == folders
+
+
 @pytest.mark.slow
 def test_resume_of_a_folder_that_gained_a_newer_checkpoint_is_refused(assets, tmp_path, capsys):
     """``--weights FOLDER`` of a run still training: the evaluation records the checkpoint it used (the newest one
@@ -191,3 +304,24 @@ def test_resume_of_a_folder_that_gained_a_newer_checkpoint_is_refused(assets, tm
     (weights / "run_000000004.safetensors").unlink()
     assert cli.main(args) == 0
     assert "1 generated, 1 already done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,fragment", [(("--resolution", "official"), "--long-edge applies to --resolution native"),
+                                            (("--max-size", "64"), "--max-size applies to --resolution official")])
+def test_cli_refuses_options_of_the_other_resolution_mode(assets, tmp_path, monkeypatch, capsys, extra, fragment):
+    """An option of the other resolution mode would be ignored: refused before any model loads or file is written
+    (gen_args gives --resolution native --long-edge 64)."""
+    from lorweb_fast.flux import LoRWeBKontextPipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(LoRWeBKontextPipeline, "from_pretrained", staticmethod(no_load))
+    ev = make_relation252k(tmp_path / "rel")
+    out = tmp_path / "runs"
+    a = gen_args(assets, out, *extra)
+    a[a.index("--evalset") + 1] = str(ev)
+    assert cli.main(a) == 2
+    assert fragment in capsys.readouterr().err
+    assert not out.exists()
+

@@ -173,7 +173,8 @@ def test_tiny_gemma3_backend_sends_prompt_and_images(tiny_gemma, monkeypatch):
     """The chat-templated input holds the four images' placeholders then the paper's prompt verbatim, and the model
     answers (random weights: the answer is text that fails to parse, which the caller lists as a failure)."""
     judge = J.make_judge(f"gemma3:{tiny_gemma}", device="cpu", max_new_tokens=8)
-    assert isinstance(judge, J.Gemma3Judge) and judge.name == f"gemma3:{tiny_gemma}"
+    assert isinstance(judge, J.Gemma3Judge)
+    assert judge.name == f"gemma3:{tiny_gemma} max_new_tokens=8 dtype=bfloat16"
     images = [Image.new("RGB", (40, 30), (60 * i, 20, 200 - 40 * i)) for i in range(4)]
     seen = {}
     generate = judge.model.generate
@@ -199,6 +200,44 @@ def test_tiny_gemma3_pairwise_five_images(tiny_gemma):
                                                  tokenize=True, return_dict=True, return_tensors="pt")
     assert inputs["pixel_values"].shape[0] == 5
     assert isinstance(judge(J.JudgeRequest("o", "t/0", "pairwise", J.PAIRWISE_PROMPT, images=lambda: images)), str)
+
+
+def test_gemma3_cache_is_keyed_on_the_generation_settings(tiny_gemma, tmp_path):
+    """An answer cached with one token limit (or dtype) is not reused with another: a rerun with a larger
+    --judge-max-new-tokens must not keep answers truncated at the smaller one. The same settings reuse it."""
+    import torch
+
+    cache = J.JudgeCache(tmp_path / "judge")
+    req = J.JudgeRequest("ours", "t/0", "score", J.SCORE_PROMPT,
+                         images=lambda: [Image.new("RGB", (24, 24), (50 * i, 0, 0)) for i in range(4)])
+
+    def counted(judge):
+        calls = []
+        generate = judge.model.generate
+        judge.model.generate = lambda **inputs: calls.append(1) or generate(**inputs)
+        return calls
+
+    first = J.Gemma3Judge(tiny_gemma, device="cpu", max_new_tokens=2)
+    J.ask(first, cache, req)
+    same = J.Gemma3Judge(tiny_gemma, device="cpu", max_new_tokens=2)
+    calls = counted(same)
+    assert J.ask(same, cache, req)["judge"] == first.name
+    assert calls == []  # same settings: the cached answer
+    longer = J.Gemma3Judge(tiny_gemma, device="cpu", max_new_tokens=5)
+    calls = counted(longer)
+    rec = J.ask(longer, cache, req)
+    assert calls == [1]  # another token limit: asked again
+    assert rec["judge"] == longer.name != first.name
+    fp32 = J.Gemma3Judge(tiny_gemma, device="cpu", max_new_tokens=5, dtype=torch.float32)
+    calls = counted(fp32)
+    J.ask(fp32, cache, req)
+    assert calls == [1]  # another dtype: asked again
+
+
+def test_gemma3_bad_max_new_tokens(tmp_path):
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(J.EvalInputError, match="max_new_tokens must be an integer >= 1"):
+            J.make_judge(f"gemma3:{tmp_path / 'nothing-here'}", max_new_tokens=bad)
 
 
 def test_gemma3_load_error_names_the_model(tmp_path):

@@ -1,5 +1,5 @@
-"""CLIP directional similarity (tiny CLIP, the slow CLIPImageProcessor) and LPIPS (random AlexNet backbone weights in a
-temporary torchvision cache, compared with the lpips package's own computation on the same weights)."""
+"""CLIP directional similarity (tiny CLIP, the slow CLIP image processor) and LPIPS (random AlexNet backbone weights
+in a temporary torchvision cache, compared with the lpips package's own computation on the same weights)."""
 
 import random
 
@@ -29,29 +29,36 @@ def pictures(n, seed=0, size=(40, 30)):
 
 def test_clip_uses_the_slow_processor_with_the_model_size(clip_dir):
     """As the official query: inference.py ``main()`` builds ``CLIPImageProcessor.from_pretrained(...,
-    size=image_encoder.config.image_size, crop_size=image_encoder.config.image_size)`` (the slow processor class) and
-    extensions_built_in/flux_kontext.py ``encode_image`` feeds its ``pixel_values`` to the encoder."""
-    from transformers import CLIPImageProcessor
+    size=image_encoder.config.image_size, crop_size=image_encoder.config.image_size)`` (the slow processor class of
+    the transformers it pins) and extensions_built_in/flux_kontext.py ``encode_image`` feeds its ``pixel_values`` to
+    the encoder. transformers >= 5 names that slow (PIL) class ``CLIPImageProcessorPil``; its ``CLIPImageProcessor``
+    is the torchvision-backed one."""
+    import transformers
 
+    slow = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     metric = M.ClipDirectional(clip_dir)
-    assert type(metric.processor) is CLIPImageProcessor  # not CLIPImageProcessorFast
+    assert type(metric.processor) is slow
     assert metric.processor.size == {"shortest_edge": 32}
     assert metric.processor.crop_size == {"height": 32, "width": 32}
 
 
 def test_clip_dir_matches_a_direct_computation(clip_dir):
     """cos(e(a') - e(a), e(b') - e(b)) with e the L2-normalised image_embeds, computed here with numpy from the model's
-    embeddings of the processor's pixels."""
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    embeddings of pixels prepared independently of transformers' processors (``testing.reference_clip_pixels``, a
+    transcription of the slow CLIP processor)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from lorweb_fast.testing import reference_clip_pixels
 
     metric = M.ClipDirectional(clip_dir)
     quads = [tuple(pictures(4, seed)) for seed in range(3)]
     got = metric(quads)
     model = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
-    proc = CLIPImageProcessor.from_pretrained(clip_dir)
+    size = model.config.image_size
     for quad, value in zip(quads, got):
+        pixels = torch.cat([reference_clip_pixels(im, size) for im in quad])
         with torch.no_grad():
-            emb = model(pixel_values=proc(images=list(quad), return_tensors="pt")["pixel_values"]).image_embeds
+            emb = model(pixel_values=pixels).image_embeds
         e = emb.double().numpy()
         e = e / np.linalg.norm(e, axis=1, keepdims=True)
         u, v = e[1] - e[0], e[3] - e[2]

@@ -86,7 +86,31 @@ def test_aggregate_order_balanced_win_rate():
     assert p["win_rate_as_b1"] == 1.0 and p["win_rate_as_b2"] == 0.0
     assert p["order_balanced_win_rate"] == 0.5  # the position bias cancels
     assert p["win_rate"] == pytest.approx((1 / 3 + 1 / 2) / 2)
-    assert p["n"] == 5
+    assert p["n"] == 5 and p["balanced_tasks"] == 2
+
+
+def test_order_balanced_win_rate_is_balanced_per_task():
+    """A judge without any preference whose position bias differs between tasks (task a: always B'1, task b: always
+    B'2, task c: always B'1): the balanced rate is exactly 1/2. Task c only had this method's b' shown first, so it
+    cannot be balanced and is left out (counted in balanced_tasks); the over-task means of the two positions cover
+    different tasks (as B'1: a, b, c; as B'2: a, b), and their mean would be (2/3 + 1/2) / 2."""
+    def row(task, i, first, judge_says):
+        order = ["run", "against"] if first else ["against", "run"]
+        return {"id": f"{task}/{i}", "task": task, "clip_dir": None, "lpips": None, "vlm_accuracy": None,
+                "vlm_consistency": None,
+                "pairwise": {"base": {"order": order, "better": judge_says, "won": order[judge_says - 1] == "run"}}}
+
+    rows = [row("a", 0, True, 1), row("a", 1, False, 1), row("b", 0, True, 2), row("b", 1, False, 2),
+            row("c", 0, True, 1), row("c", 1, True, 1)]
+    rep = aggregate(rows, [], ["base"])
+    p = rep["overall"]["pairwise"]["base"]
+    assert p["win_rate_as_b1"] == pytest.approx(2 / 3) and p["win_rate_as_b2"] == pytest.approx(1 / 2)
+    assert p["order_balanced_win_rate"] == pytest.approx(0.5)
+    assert p["balanced_tasks"] == 2 and p["n"] == 6
+    tasks = rep["per_task"]
+    assert tasks["a"]["pairwise"]["base"]["order_balanced_win_rate"] == 0.5
+    assert tasks["c"]["pairwise"]["base"]["order_balanced_win_rate"] is None
+    assert tasks["c"]["pairwise"]["base"]["win_rate"] == 1.0
 
 
 def test_pairwise_order_is_seeded_and_balanced():
@@ -212,7 +236,7 @@ def test_tiny_gemma3_judge_end_to_end(assets, torch_home, tmp_path):
     for item, raw in raws.items():
         task, _, name = item.partition("/")
         cached = json.loads((out / "judge" / "ours" / "score" / task / f"{name}.json").read_text())
-        assert cached["response"] == raw and cached["judge"] == f"gemma3:{gemma}"
+        assert cached["response"] == raw and cached["judge"] == f"gemma3:{gemma} max_new_tokens=6 dtype=float32"
     assert m["overall"]["clip_dir"] is None and m["overall"]["lpips"] is None
 
 

@@ -39,6 +39,7 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` (with ``generate`` and ``score``) on the main parser's subparsers."""
     from ..cli import DEFAULT_MODEL, DTYPES, _key_value
     from .evalsets import EVALSET_FORMATS
+    from .generate import MERGE_CHOICES
     from .metrics import DEFAULT_CLIP, LPIPS_NETS
 
     ev = subparsers.add_parser("eval", help="the paper's evaluation protocol: generate over an eval set, then score")
@@ -55,6 +56,10 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--encoder", default=None, help="analogy encoder (default: the checkpoint's metadata, else CLIP)")
     g.add_argument("--out", required=True, help="runs folder: RUNS/<task>/<id>/{a,a_prime,b,b_prime}.png")
     g.add_argument("--batch-size", type=int, default=4, help="analogies per pipeline call")
+    g.add_argument("--merge", choices=MERGE_CHOICES, default="none",
+                   help="merge strategy of every pipeline call (default none: the unmerged LoRWeB delta, as the "
+                        "official inference.py, for every batch size; auto merges a batch of one only, so results "
+                        "depend on the batching; full and offload need --batch-size 1)")
     g.add_argument("--seeds", type=int, nargs="+", default=[50],
                    help="generation seeds (official: 50); several seeds give <id>_seed<s> folders")
     g.add_argument("--steps", type=int, default=28, help="denoising steps")

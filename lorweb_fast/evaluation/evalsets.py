@@ -360,11 +360,18 @@ def detect_format(root: Union[str, Path]) -> str:
 def read_evalset(root: Union[str, Path], fmt: str = "auto", *, seed: int = 0, b_per_pair: int = 2,
                  pairs_file=None, tasks: Optional[Sequence[str]] = None, max_per_task: Optional[int] = None) -> list:
     """Triplets of an evaluation set in any supported layout (``fmt`` in EVALSET_FORMATS), optionally restricted to
-    ``tasks`` and to the first ``max_per_task`` triplets of each task."""
+    ``tasks`` and to the first ``max_per_task`` triplets of each task. The restrictions only drop triplets: every
+    reader picks each b from ``seed`` and the item itself, so a task's triplets are the same with or without them.
+    ``pairs_file`` (fixed b choices) is for the released LoRWeB layout only."""
     if fmt not in EVALSET_FORMATS:
         raise EvalInputError(f"unknown evaluation-set format {fmt!r}; choose from {EVALSET_FORMATS}")
+    if max_per_task is not None and max_per_task < 1:
+        raise EvalInputError(f"max_per_task must be >= 1, got {max_per_task}")
     if fmt == "auto":
         fmt = detect_format(root)
+    if pairs_file and fmt != "lorweb":
+        raise EvalInputError(f"a pairs file ({pairs_file}) fixes the b choices of the released LoRWeB layout; {root} "
+                             f"is read as the {fmt} layout")
     if fmt == "folder":
         triplets = read_folder_evalset(root)
     elif fmt == "lorweb":

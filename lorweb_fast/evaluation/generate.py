@@ -6,8 +6,15 @@ input came from). Every file is written atomically (a temporary file renamed int
 written last, so a triplet whose ``b_prime.png`` exists is finished: a rerun skips it.
 
 Batches only hold analogies whose a and b have the same sizes, so every batch element gets the control grid it would
-get alone (the pipeline gives the whole batch one grid size); with one generator per analogy, a batched run matches
-one-by-one runs.
+get alone (the pipeline gives the whole batch one grid size). Every batch runs the same merge strategy (``merge``,
+default "none": the unmerged LoRWeB delta, as the official inference), whatever its size; with one generator per
+analogy, a batched run then matches one-by-one runs up to floating-point rounding (batched matmuls may round
+differently). The pipeline's own default, "auto", would merge the weights for a batch of one and run unmerged for
+larger batches, so a triplet's numerics would depend on the batch it lands in.
+
+A resumed run must use the settings ``run.json`` recorded (``RESUME_KEYS``): the checkpoint, the generation settings
+and everything that picks the triplets (evaluation set, its format, ``--pair-seed``, ``--b-per-pair``, the ``--pairs``
+file's SHA-256); ``--tasks`` and ``--max-per-task`` only restrict a run to a subset of the same triplets and may change.
 """
 
 from __future__ import annotations
@@ -24,9 +31,16 @@ from .evalsets import EvalInputError, Triplet
 
 #: run.json settings that must match when a run is resumed.
 RESUME_KEYS = ("weights", "weights_file", "weights_sha256", "model", "encoder", "seeds", "steps", "guidance_scale",
-               "pipe_kwargs", "dtype", "encoder_dtype", "resolution", "max_size", "long_edge")
+               "pipe_kwargs", "dtype", "encoder_dtype", "resolution", "max_size", "long_edge", "merge", "evalset",
+               "format", "pair_seed", "b_per_pair", "pairs_sha256", "input_long_edge")
 #: settings that run.json files written before they existed lack: such a run cannot be checked for them
-UNRECORDED_BEFORE = ("weights_file", "weights_sha256")
+UNRECORDED_BEFORE = ("weights_file", "weights_sha256", "merge", "b_per_pair", "pairs_sha256", "input_long_edge")
+#: ``merge`` values of ``generate`` (the pipeline's ``merge``; "none" = the unmerged path)
+MERGE_CHOICES = ("none", "auto", "full", "offload", "jit")
+#: pipeline arguments ``generate`` sets itself, and the option that sets them instead of ``--pipe-arg``
+OWN_PIPE_ARGS = {"merge": "--merge", "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale",
+                 "generator": "--seeds", "seed": "--seeds", "num_images_per_prompt": "--seeds", "progress": "--quiet",
+                 "output_type": None}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -66,17 +80,32 @@ def output_id(triplet: Triplet, seed: int, seeds: Sequence[int]) -> str:
     return triplet.id if len(seeds) == 1 else f"{triplet.id}_seed{seed}"
 
 
+def _same_setting(key: str, old, new) -> bool:
+    """Whether a recorded setting matches the current one. ``evalset``: the same folder (a relative path, as older
+    run.json files hold, is resolved against the current directory); ``format``: an old recorded "auto" (older
+    run.json files did not record the detected format) matches any format."""
+    if key == "evalset" and old is not None and new is not None:
+        return Path(old).resolve() == Path(new).resolve()
+    if key == "format" and old == "auto":
+        return True
+    return old == new
+
+
 def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None:
-    """Check that a resumed run (``out/run.json`` exists) uses the same settings (raises ``EvalInputError``), then
-    write ``out/run.json`` when ``write``."""
+    """Check that a resumed run (``out/run.json`` exists) uses the same settings (the ``RESUME_KEYS``; raises
+    ``EvalInputError``), then write ``out/run.json`` when ``write``. A key the old run.json lacks is accepted when it
+    is in ``UNRECORDED_BEFORE`` (the run predates it and cannot be checked) or its new value is None."""
     path = out / "run.json"
     if path.is_file():
         try:
             old = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise EvalInputError(f"{path} is not valid JSON ({exc})") from exc
+        if not isinstance(old, dict):
+            raise EvalInputError(f"{path} does not hold a JSON object of settings")
         old.setdefault("resolution", "native")  # run.json files written before --resolution existed
-        diff = {k: (old.get(k), settings.get(k)) for k in RESUME_KEYS if k in old and old.get(k) != settings.get(k)
+        diff = {k: (old.get(k), settings.get(k)) for k in RESUME_KEYS
+                if k in old and not _same_setting(k, old[k], settings.get(k))
                 or k not in old and settings.get(k) is not None and k not in UNRECORDED_BEFORE}
         if diff:
             changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -96,25 +125,44 @@ def _batches(jobs: list, batch_size: int) -> list:
     return out
 
 
+def check_generate_options(*, batch_size: int, merge: str, pipe_kwargs: Optional[dict] = None) -> None:
+    """``EvalInputError`` for a batch size < 1, an unknown ``merge``, a ``merge`` that cannot serve batches of
+    different analogies ("full", "offload") with ``batch_size`` > 1, or a pipeline argument in ``pipe_kwargs`` that
+    ``generate`` sets itself (``OWN_PIPE_ARGS``)."""
+    if batch_size < 1:
+        raise EvalInputError(f"batch size must be >= 1, got {batch_size}")
+    if merge not in MERGE_CHOICES:
+        raise EvalInputError(f"merge must be one of {MERGE_CHOICES}, got {merge!r}")
+    if merge in ("full", "offload") and batch_size > 1:
+        raise EvalInputError(f"merge {merge!r} merges one analogy at a time: use batch size 1, or merge 'jit' or "
+                             f"'none' for batches of {batch_size}")
+    for key in pipe_kwargs or {}:
+        if key in OWN_PIPE_ARGS:
+            use = OWN_PIPE_ARGS[key]
+            raise EvalInputError(f"pipeline argument {key!r} is set by eval generate itself"
+                                 + (f"; use {use}" if use else " (b' is saved as a PNG image)"))
+
+
 def generate(pipe, triplets: Sequence[Triplet], out, *, seeds: Sequence[int] = (50,), batch_size: int = 4,
-             num_inference_steps: int = 28, guidance_scale: float = 2.5, device=None,
+             num_inference_steps: int = 28, guidance_scale: float = 2.5, device=None, merge: str = "none",
              input_long_edge: Optional[int] = 1024, progress: bool = True, pipe_kwargs: Optional[dict] = None) -> dict:
     """Generate b' for every (triplet, seed) not finished yet in ``out``; returns {"generated", "skipped"}.
 
-    ``pipe`` is a ``LoRWeBKontextPipeline`` (called through ``pipe(a, a_prime, b, prompt, generator=...)``).
-    ``input_long_edge`` caps the long edge of the a, a', b copies saved next to b' (the pipeline always gets the
-    full-size inputs); 0 or None keeps them as they are. One ``torch.Generator(device).manual_seed(seed)`` per
-    analogy.
+    ``pipe`` is a ``LoRWeBKontextPipeline`` (called through ``pipe(a, a_prime, b, prompt, generator=..., merge=...)``).
+    ``merge`` (``MERGE_CHOICES``) is passed to every pipeline call: "none" (default) runs the unmerged LoRWeB delta
+    for every batch size; "auto" lets the pipeline merge a batch of one and run larger batches unmerged, so results
+    then depend on the batching; "full" and "offload" need ``batch_size`` 1. ``input_long_edge`` caps the long edge
+    of the a, a', b copies saved next to b' (the pipeline always gets the full-size inputs); 0 or None keeps them as
+    they are. One ``torch.Generator(device).manual_seed(seed)`` per analogy.
     """
     from tqdm.auto import tqdm
 
-    if batch_size < 1:
-        raise EvalInputError(f"batch size must be >= 1, got {batch_size}")
+    check_generate_options(batch_size=batch_size, merge=merge, pipe_kwargs=pipe_kwargs)
     if not seeds:
         raise EvalInputError("at least one seed is needed")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "evalset.json", json.dumps([t.describe() for t in triplets], indent=2))
+    _record_triplets(out / "evalset.json", triplets)
     jobs, skipped = [], 0
     for t in triplets:
         for seed in seeds:
@@ -134,7 +182,8 @@ def generate(pipe, triplets: Sequence[Triplet], out, *, seeds: Sequence[int] = (
         prompts = [job["triplet"].prompt for job in batch]
         gens = [torch.Generator(device=device or "cpu").manual_seed(int(job["seed"])) for job in batch]
         results = pipe(a, a_prime, b, prompts, num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, generator=gens, progress=False, **(pipe_kwargs or {}))
+                       guidance_scale=guidance_scale, generator=gens, merge=merge, progress=False,
+                       **(pipe_kwargs or {}))
         if len(results) != len(batch):
             raise RuntimeError(f"the pipeline returned {len(results)} images for {len(batch)} analogies")
         for job, imgs, b_prime in zip(batch, images, results):
@@ -147,6 +196,19 @@ def generate(pipe, triplets: Sequence[Triplet], out, *, seeds: Sequence[int] = (
             bar.update(1)
     bar.close()
     return {"generated": generated, "skipped": skipped}
+
+
+def _record_triplets(path: Path, triplets: Sequence[Triplet]) -> None:
+    """Add the triplets' records (``Triplet.describe``) to the JSON list in ``path``, replacing records of the same
+    id: a resumed run restricted to some tasks keeps the records of the triplets generated before."""
+    records: dict = {}
+    if path.is_file():
+        try:
+            records = {r["id"]: r for r in json.loads(path.read_text())}
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise EvalInputError(f"{path} is not a JSON list of triplet records ({exc!r})") from exc
+    records.update((t.key, t.describe()) for t in triplets)
+    atomic_write_text(path, json.dumps(sorted(records.values(), key=lambda r: r["id"]), indent=2))
 
 
 def _ref_size(ref) -> tuple:
@@ -187,26 +249,37 @@ def run_generate(args) -> dict:
     """``lorweb-fast eval generate``."""
     from ..cli import DTYPES, _device
     from ..flux import LoRWeBKontextPipeline
-    from .evalsets import read_evalset
+    from .evalsets import detect_format, read_evalset
 
-    if args.batch_size < 1:
-        raise EvalInputError(f"batch size must be >= 1, got {args.batch_size}")
-    triplets = read_evalset(args.evalset, args.format, seed=args.pair_seed, b_per_pair=args.b_per_pair,
+    merge = args.merge
+    pipe_kwargs = dict(args.pipe_kwargs or {})
+    check_generate_options(batch_size=args.batch_size, merge=merge, pipe_kwargs=pipe_kwargs)
+    if args.resolution == "official" and args.long_edge is not None:
+        raise EvalInputError("--long-edge applies to --resolution native; the official resolution is capped by "
+                             "--max-size")
+    if args.resolution == "native" and args.max_size is not None:
+        raise EvalInputError("--max-size applies to --resolution official; the native resolution is capped by "
+                             "--long-edge")
+    fmt = detect_format(args.evalset) if args.format == "auto" else args.format
+    triplets = read_evalset(args.evalset, fmt, seed=args.pair_seed, b_per_pair=args.b_per_pair,
                             pairs_file=args.pairs, tasks=args.tasks, max_per_task=args.max_per_task)
     for t in triplets:  # fail on a missing input before loading any model
         for ref in (t.a, t.a_prime, t.b):
             if not Path(ref.path).is_file():
                 raise EvalInputError(f"image not found: {ref.path}")
     out = Path(args.out)
-    pipe_kwargs = dict(args.pipe_kwargs or {})
     # the exact checkpoint: a run folder still training gains newer checkpoints, and a resumed evaluation must not
     # mix the b' of two of them (the file and its SHA-256 are recorded and checked on resume)
     weights_file, config = _resolve_weights(args.weights)
+    # what picks the triplets (the evaluation set, its format, the b choices) is recorded and checked on resume too:
+    # triplet ids hold b's name, so another choice of b would add new folders next to the old ones
     settings = {"weights": str(args.weights), "weights_file": str(weights_file.resolve()),
                 "weights_sha256": file_sha256(weights_file), "model": str(args.model), "encoder": args.encoder,
                 "seeds": list(args.seeds), "steps": args.steps, "guidance_scale": args.guidance_scale,
-                "pipe_kwargs": pipe_kwargs, "evalset": str(args.evalset), "format": args.format,
-                "pair_seed": args.pair_seed, "dtype": args.dtype, "batch_size": args.batch_size,
+                "pipe_kwargs": pipe_kwargs, "merge": merge, "evalset": str(Path(args.evalset).resolve()),
+                "format": fmt, "pair_seed": args.pair_seed, "b_per_pair": args.b_per_pair,
+                "pairs_sha256": file_sha256(Path(args.pairs)) if args.pairs else None,
+                "input_long_edge": args.input_long_edge, "dtype": args.dtype, "batch_size": args.batch_size,
                 "encoder_dtype": args.dtype if getattr(args, "encoder_dtype", "auto") == "auto" else args.encoder_dtype,
                 "resolution": args.resolution, "max_size": args.max_size, "long_edge": args.long_edge,
                 "triplets": len(triplets)}
@@ -220,7 +293,7 @@ def run_generate(args) -> dict:
                                                  encoder_dtype=DTYPES[settings["encoder_dtype"]], **kwargs)
     check_run_settings(out, settings)  # nothing is written when the models fail to load
     result = generate(pipe, triplets, out, seeds=args.seeds, batch_size=args.batch_size,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale, device=device,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale, device=device, merge=merge,
                       input_long_edge=args.input_long_edge, progress=not args.quiet, pipe_kwargs=pipe_kwargs)
     print(f"eval generate: {result['generated']} generated, {result['skipped']} already done, in {out}")
     return result

@@ -184,13 +184,18 @@ class JudgeRequest:
 
 class Gemma3Judge:
     """Gemma-3 through transformers: ``Gemma3ForConditionalGeneration`` + ``AutoProcessor`` (its chat template),
-    the images then the prompt in one user turn, greedy decoding of up to ``max_new_tokens`` tokens."""
+    the images then the prompt in one user turn, greedy decoding of up to ``max_new_tokens`` tokens.
+
+    ``name`` (``gemma3:<model> max_new_tokens=<n> dtype=<dtype>``) holds the generation settings: the answer cache
+    matches on it, so a rerun with another token limit or dtype asks again instead of reusing (e.g. truncated)
+    answers."""
 
     def __init__(self, model: Union[str, Path], *, device=None, dtype: torch.dtype = torch.bfloat16,
                  max_new_tokens: int = 1024):
         from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
-        self.name = f"gemma3:{model}"
+        check_max_new_tokens(max_new_tokens)  # before the model loads
+        self.name = f"gemma3:{model} max_new_tokens={max_new_tokens} dtype={str(dtype).removeprefix('torch.')}"
         try:
             self.processor = AutoProcessor.from_pretrained(model)
             self.model = Gemma3ForConditionalGeneration.from_pretrained(model, dtype=dtype).eval()
@@ -214,6 +219,11 @@ class Gemma3Judge:
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         return self.processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def check_max_new_tokens(max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise EvalInputError(f"the judge's max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
 
 class ReplayJudge:

@@ -1,9 +1,10 @@
 """Automatic metrics of the paper (section 4.2): CLIP directional similarity and LPIPS between b and b'.
 
 - ``clip_dir`` = cos(e(a') - e(a), e(b') - e(b)), e = the L2-normalised ``image_embeds`` of CLIP ViT-L/14
-  (``CLIPVisionModelWithProjection``) through the slow ``CLIPImageProcessor`` with the sizes the official query uses
-  (``size`` and ``crop_size`` = the model's image size: shortest side resized, centre crop). A zero direction (a' = a)
-  gives 0.
+  (``CLIPVisionModelWithProjection``) through the slow (PIL) CLIP image processor with the sizes the official query
+  uses (``size`` and ``crop_size`` = the model's image size: shortest side resized, centre crop), built by
+  ``flux._official_processor`` (``CLIPImageProcessorPil`` in transformers >= 5, where ``CLIPImageProcessor`` is the
+  torchvision-backed class; ``CLIPImageProcessor`` before). A zero direction (a' = a) gives 0.
 - ``lpips`` = LPIPS(b, b') with the ``lpips`` package (v0.1, AlexNet by default), inputs in [-1, 1] at b''s size (b is
   resized to b''s size, bicubic, when they differ). The backbone's ImageNet weights are read from torchvision's cache
   (``$TORCH_HOME/hub/checkpoints/<file>``) or from ``weights``; nothing is downloaded. The linear calibration layers
@@ -29,14 +30,15 @@ class ClipDirectional:
     """CLIP directional similarity. ``encoder``: hub id or local directory of a CLIP checkpoint."""
 
     def __init__(self, encoder: Union[str, Path] = DEFAULT_CLIP, *, device=None, dtype=torch.float32):
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection
+
+        from ..flux import _official_processor
 
         self.name = str(encoder)
         try:
             model = CLIPVisionModelWithProjection.from_pretrained(encoder, dtype=dtype)
-            size = model.config.image_size
-            # the slow processor, as the official query (transformers picks the fast one when torchvision is there)
-            self.processor = CLIPImageProcessor.from_pretrained(encoder, size=size, crop_size=size)
+            # the slow (PIL) processor at the model's image size, as the official query
+            self.processor = _official_processor("clip", encoder, int(model.config.image_size))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise EvalInputError(f"cannot load the CLIP encoder {self.name!r}: {exc}") from exc
         self.model = model.eval().requires_grad_(False)

@@ -4,10 +4,15 @@
 
 - ``per_triplet``: ``[{id, task, clip_dir, lpips, vlm_accuracy, vlm_consistency[, pairwise]}]`` (None where a metric
   was not computed or failed; ``pairwise``: {baseline: {order, better, won}});
-- ``per_task``: ``{task: {clip_dir, lpips, vlm_accuracy, vlm_consistency, n, pairwise: {baseline: win rate}}}``;
+- ``per_task``: ``{task: {clip_dir, lpips, vlm_accuracy, vlm_consistency, n, pairwise: {baseline: {win_rate,
+  win_rate_as_b1, win_rate_as_b2, order_balanced_win_rate, n}}}}``: the task's win rate over its items, over the
+  items where this method's b' was shown first (B'1) / second (B'2), and the mean of those two (None unless the task
+  has items in both positions);
 - ``overall``: the means over tasks of the per-task means, ``tasks``, ``triplets``, and per baseline the pairwise
-  win rates (``win_rate``: mean over tasks; ``win_rate_as_b1`` / ``win_rate_as_b2``: the same over the items where
-  this method's b' was shown first / second; ``order_balanced_win_rate``: the mean of those two, the number to report);
+  win rates: ``win_rate``, ``win_rate_as_b1``, ``win_rate_as_b2`` (each the mean over the tasks that have it) and
+  ``order_balanced_win_rate``, the number to report: the mean over tasks of the per-task order-balanced rates, over
+  the ``balanced_tasks`` tasks with items in both positions (a task seen in one position only cannot cancel the
+  judge's position bias and is left out of it);
 - ``failures``: ``[{id, task, kind, error, response[, against]}]`` (unparseable or out-of-range judge answers,
   missing baseline items), excluded from the means and counted in ``overall["failures"]``;
 - ``methods``: the same four keys for every runs folder scored in the call; ``settings``.
@@ -29,7 +34,12 @@ def _mean(values) -> Optional[float]:
 
 
 def aggregate(per_triplet: Sequence[dict], failures: Sequence[dict], baselines: Sequence[str] = ()) -> dict:
-    """per_task / overall / failures from per-triplet rows (see the module docstring)."""
+    """per_task / overall / failures from per-triplet rows (see the module docstring).
+
+    The order-balanced win rate is balanced within each task: (rate as B'1 + rate as B'2) / 2 per task, then the mean
+    over the tasks that have items in both positions. A position bias that shifts every answer of a task by the same
+    amount (possibly a different amount in each task) cancels exactly from each task's balanced rate; the mean of the
+    over-task means of the two positions would not cancel it, since those are means over different sets of tasks."""
     tasks: dict = {}
     for row in per_triplet:
         tasks.setdefault(row["task"], []).append(row)
@@ -41,12 +51,12 @@ def aggregate(per_triplet: Sequence[dict], failures: Sequence[dict], baselines: 
             entry["pairwise"] = {}
             for base in baselines:
                 won = [r.get("pairwise", {}).get(base, {}) for r in rows]
+                b1 = _mean(float(w["won"]) for w in won if w.get("won") is not None and w["order"][0] == "run")
+                b2 = _mean(float(w["won"]) for w in won if w.get("won") is not None and w["order"][0] == "against")
                 entry["pairwise"][base] = {
                     "win_rate": _mean(float(w["won"]) for w in won if w.get("won") is not None),
-                    "win_rate_as_b1": _mean(float(w["won"]) for w in won
-                                            if w.get("won") is not None and w["order"][0] == "run"),
-                    "win_rate_as_b2": _mean(float(w["won"]) for w in won
-                                            if w.get("won") is not None and w["order"][0] == "against"),
+                    "win_rate_as_b1": b1, "win_rate_as_b2": b2,
+                    "order_balanced_win_rate": (b1 + b2) / 2 if b1 is not None and b2 is not None else None,
                     "n": sum(w.get("won") is not None for w in won)}
         per_task[task] = entry
     overall = {m: _mean(t[m] for t in per_task.values()) for m in SCALAR_METRICS}
@@ -57,10 +67,12 @@ def aggregate(per_triplet: Sequence[dict], failures: Sequence[dict], baselines: 
         overall["pairwise"] = {}
         for base in baselines:
             stats = [t["pairwise"][base] for t in per_task.values()]
-            b1, b2 = _mean(s["win_rate_as_b1"] for s in stats), _mean(s["win_rate_as_b2"] for s in stats)
+            balanced = [s["order_balanced_win_rate"] for s in stats if s["order_balanced_win_rate"] is not None]
             overall["pairwise"][base] = {
-                "win_rate": _mean(s["win_rate"] for s in stats), "win_rate_as_b1": b1, "win_rate_as_b2": b2,
-                "order_balanced_win_rate": (b1 + b2) / 2 if b1 is not None and b2 is not None else None,
+                "win_rate": _mean(s["win_rate"] for s in stats),
+                "win_rate_as_b1": _mean(s["win_rate_as_b1"] for s in stats),
+                "win_rate_as_b2": _mean(s["win_rate_as_b2"] for s in stats),
+                "order_balanced_win_rate": _mean(balanced), "balanced_tasks": len(balanced),
                 "n": sum(s["n"] for s in stats),
                 "failures": sum(f["kind"] == "pairwise" and f.get("against") == base for f in failures)}
     return {"per_triplet": list(per_triplet), "per_task": per_task, "overall": overall, "failures": list(failures)}
@@ -96,15 +108,16 @@ def summary_markdown(report: dict, settings: dict) -> str:
         lines.append(f"| {name} | {o['tasks']} | {o['triplets']} | {count} |")
     if baselines:
         lines += ["", "Pairwise details (win rate over tasks; when this method's b' was shown as B'1 / as B'2; "
-                      "balanced = mean of the two):", "",
-                  "| Model | Baseline | win rate | as B'1 | as B'2 | balanced | n | failures |",
-                  "|---|---|---|---|---|---|---|---|"]
+                      "balanced = per task the mean of the two, then the mean over the tasks with items in both "
+                      "positions, counted in 'balanced tasks'):", "",
+                  "| Model | Baseline | win rate | as B'1 | as B'2 | balanced | balanced tasks | n | failures |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, rep in report.items():
             for b in baselines:
                 p = rep["overall"]["pairwise"][b]
                 rates = " | ".join(_fmt(p[k], pct=True) for k in ("win_rate", "win_rate_as_b1", "win_rate_as_b2",
                                                                    "order_balanced_win_rate"))
-                lines.append(f"| {name} | {b} | {rates} | {p['n']} | {p['failures']} |")
+                lines.append(f"| {name} | {b} | {rates} | {p['balanced_tasks']} | {p['n']} | {p['failures']} |")
     lines += ["", f"Settings: `{json.dumps(settings)}`", ""]
     return "\n".join(lines)
 
