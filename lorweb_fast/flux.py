@@ -101,26 +101,6 @@ def official_control_grid(a, a_prime, b, *, max_size: Optional[int] = None):
     return grid
 
 
-def generation_size(width: int, height: int, *, max_area: int = 1024 ** 2, multiple: int = 16) -> tuple[int, int]:
-    """(width, height) the Kontext pipeline generates for a requested size: the same aspect ratio at about
-    ``max_area`` pixels, each side floored to ``multiple`` (= 2 x the VAE scale; 16 for FLUX). Mirrors diffusers'
-    ``FluxKontextPipeline.__call__``, which the official pipeline shares."""
-    aspect = width / height
-    w = round((max_area * aspect) ** 0.5) // multiple * multiple
-    h = round((max_area / aspect) ** 0.5) // multiple * multiple
-    return w, h
-
-
-def kontext_control_size(width: int, height: int, *, multiple: int = 16) -> tuple[int, int]:
-    """(width, height) the Kontext pipeline resizes the control image to with ``_auto_resize=True``: the preferred
-    Kontext resolution whose aspect ratio is closest (ties: the smaller width), floored to ``multiple``."""
-    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
-
-    aspect = width / height
-    _, w, h = min((abs(aspect - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)
-    return w // multiple * multiple, h // multiple * multiple
-
-
 def bottom_right_cell(grid):
     """b' from a generated grid."""
     w, h = grid.size
