@@ -17,8 +17,8 @@ from torch import nn
 
 from . import lora_api
 from .layer import LoRWeBLinear, has_plain_weight
-from .model import DEFAULT_ENCODER, checkpoint_metadata, get_coefficients, load_lorweb_weights, lorweb_layers, \
-    resolve_checkpoint_settings, set_query
+from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, checkpoint_metadata, get_coefficients, \
+    load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, set_query
 from .validation import MIN_LONG_EDGE, check_device, check_generation_options, check_int, check_pipe_kwargs, \
     warn_aspect_ratios
 
@@ -139,6 +139,10 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
         if layer._merged or layer._merge_jit:
             raise RuntimeError(f"{name} is already merged (nested merged() blocks)")
         coeffs = layer.coefficients
+        if coeffs is None and layer._query is not None:
+            raise RuntimeError(f"cannot merge {name}: its coefficients are computed inside every forward "
+                               "(set_query(..., per_forward=True)); merging needs fixed coefficients: call "
+                               "set_query(model, query) without per_forward")
         if coeffs is None:
             raise RuntimeError(f"cannot merge {name} without coefficients: call set_query first")
         if strategy != "jit" and coeffs.shape[0] != 1 and not bool((coeffs == coeffs[:1]).all()):
@@ -327,6 +331,33 @@ def _official_processor(kind: str, model: Union[str, Path], image_size: Optional
     return cls.from_pretrained(model)
 
 
+#: ``query_from_grid`` crops: the official inference (PIL) and training (tensor) paths, and the grid's own cells
+QUERY_CROPS = ("inference", "training", "cells")
+
+
+def query_crop_problem(width: int, height: int, query_mode: str, crops: str = "inference") -> Optional[str]:
+    """Why a ``width`` x ``height`` control grid has nothing to cut for the crops of ``query_mode``, or None.
+
+    ``crops="inference"`` (side s = W // 2, PIL crops padded past the edge): the modes that crop b or zero the
+    bottom-right cell need a bottom row, H > s. ``crops="training"`` (side s = H // 2, tensor slices): the modes that
+    crop a' need W > s. ``crops="cells"``: any grid of at least 2 x 2 pixels."""
+    if crops == "cells":
+        return None if width >= 2 and height >= 2 else f"a {width}x{height} grid has no 2x2 cells"
+    if crops == "inference":
+        s = width // 2
+        cuts_bottom = query_mode in ("caa'b", "paa'b", "paa'b3", "ca'-ca+cb") or query_mode.startswith("cat-")
+        if s < 1 or (cuts_bottom and height - s < 1):
+            return (f"a {width}x{height} grid is too wide for the official crops of query mode {query_mode!r}: the "
+                    f"bottom row (0, {s}, {width}, {height}) is empty (the grid's height must exceed half its width)")
+        return None
+    s = height // 2
+    cuts_a_prime = query_mode not in ("aa'bb'", "caa'bb'", "caa'b", "paa'b", "paa'b3", "caa'")
+    if s < 1 or (cuts_a_prime and width - s < 1):
+        return (f"a {width}x{height} grid is too tall for the official training crops: a' = [:{s}, {s}:{width}] is "
+                "empty (the grid's width must exceed half its height)")
+    return None
+
+
 class AnalogyEncoder:
     """Frozen image encoder turning analogies into LoRWeB queries, the official way by default.
 
@@ -474,73 +505,69 @@ class AnalogyEncoder:
         lower through the official float round trip, see there). Not reproduced: a crop holding only pure black and
         pure white pixels, which the official processor takes for 0..255 values (it then resizes it at levels 0/1).
 
+        ``crops="cells"`` (not official; the native resolution, whose cells are not square when b is not): the
+        boxes of the grid's own cells, split at (W // 2, H // 2): a = (0, 0, W/2, H/2), a' = (W/2, 0, W, H/2),
+        b = (0, H/2, W/2, H), the zeroed region (W/2, H/2, W, H), "caa'" = (0, 0, W, H/2). Square cells give the
+        official crops.
+
         Patch modes (p...) pool the CLIP tokens with ``pooling_type`` to the official query_dim (hidden_size, x3
         for "cat-"); the official code reshapes the tokens to one long vector there instead, which does not fit its
         own ``att_lora_to_q`` (in_features = hidden_size): pooling is lorweb_fast's reading.
         """
         from PIL import Image
 
-        if crops not in ("inference", "training"):
-            raise ValueError(f"crops must be 'inference' or 'training', got {crops!r}")
+        if crops not in QUERY_CROPS:
+            raise ValueError(f"crops must be one of {QUERY_CROPS}, got {crops!r}")
         mode = query_mode or self.query_mode
         grids = [load_image(g) for g in _as_list(grids)]
         if not grids:
             raise ValueError("query_from_grid needs at least one grid")
-        cuts_a_prime = mode not in ("aa'bb'", "caa'bb'", "caa'b", "paa'b", "paa'b3", "caa'")
-        # the modes that crop b or zero the bottom-right cell: PIL pads the other crops past the grid's edge
-        cuts_bottom = mode in ("caa'b", "paa'b", "paa'b3", "ca'-ca+cb") or mode.startswith("cat-")
         if crops == "training":  # the 8-bit levels the official tensor path hands to the image processor
             grids = [grid.point(OFFICIAL_TRAINING_LEVELS * 3) for grid in grids]
         sizes = []  # (w, h, s): s is the cell side of the official crops
         for grid in grids:
             w, h = grid.size
-            if crops == "inference":
-                s = w // 2
-                if s < 1 or (cuts_bottom and h - s < 1):
-                    raise ValueError(f"a {w}x{h} grid is too wide for the official crops of query mode {mode!r}: "
-                                     f"the bottom row (0, {s}, {w}, {h}) is empty (the grid's height must exceed "
-                                     "half its width)")
-            else:
-                s = h // 2
-                if s < 1 or (cuts_a_prime and w - s < 1):
-                    raise ValueError(f"a {w}x{h} grid is too tall for the official training crops: a' = "
-                                     f"[:{s}, {s}:{w}] is empty (the grid's width must exceed half its height)")
-            sizes.append((w, h, s))
+            problem = query_crop_problem(w, h, mode, crops)
+            if problem:
+                raise ValueError(problem)
+            # (x, y) of the split: squares of side s on the official paths, the cell corner for "cells"
+            sizes.append((w, h) + {"inference": (w // 2,) * 2, "training": (h // 2,) * 2,
+                                   "cells": (w // 2, h // 2)}[crops])
 
         def clip_box(box, w, h):  # tensor slices stop at the edge; PIL crops pad with black
             return box if crops == "inference" else (box[0], box[1], min(box[2], w), min(box[3], h))
 
         def cut(box):  # only the crops the mode needs (this runs on every training step)
-            return [grid.crop(clip_box(box(w, h, s), w, h)) for grid, (w, h, s) in zip(grids, sizes)]
+            return [grid.crop(clip_box(box(w, h, x, y), w, h)) for grid, (w, h, x, y) in zip(grids, sizes)]
 
         if mode in ("aa'bb'", "caa'bb'"):
             return self._encode(grids, mode)
         if mode in ("caa'b", "paa'b", "paa'b3"):  # the grid with b' zeroed
             zeroed = []
-            for grid, (w, h, s) in zip(grids, sizes):
+            for grid, (w, h, x, y) in zip(grids, sizes):
                 z = grid.copy()
-                if w > s:
-                    z.paste(Image.new("RGB", (w - s, h - s)), (s, s))
+                if w > x:
+                    z.paste(Image.new("RGB", (w - x, h - y)), (x, y))
                 zeroed.append(z)
             return self._encode(zeroed, mode)
         if mode == "caa'":
-            return self._encode(cut(lambda w, h, s: (0, 0, w, s)), mode)
-        ea = self._encode(cut(lambda w, h, s: (0, 0, s, s)), mode)
-        ea2 = self._encode(cut(lambda w, h, s: (s, 0, w, s)), mode)
+            return self._encode(cut(lambda w, h, x, y: (0, 0, w, y)), mode)
+        ea = self._encode(cut(lambda w, h, x, y: (0, 0, x, y)), mode)
+        ea2 = self._encode(cut(lambda w, h, x, y: (x, 0, w, y)), mode)
         if mode == "ca'-ca":
             return ea2 - ea
-        eb = self._encode(cut(lambda w, h, s: (0, s, s, h)), mode)
+        eb = self._encode(cut(lambda w, h, x, y: (0, y, x, h)), mode)
         if mode == "ca'-ca+cb":
             return ea2 - ea + eb
         return torch.cat([ea, ea2, eb], dim=1)  # cat-aa'b, cat-paa'b, cat-paa'b3
 
-    def query(self, grids=None, a=None, a_prime=None, b=None) -> torch.Tensor:
-        """(B, query_dim) by ``query_source``: from the control ``grids`` ("grid", official) or from the original
-        ``a``, ``a_prime``, ``b`` images ("images")."""
+    def query(self, grids=None, a=None, a_prime=None, b=None, *, crops: str = "inference") -> torch.Tensor:
+        """(B, query_dim) by ``query_source``: from the control ``grids`` ("grid", official; ``crops`` as in
+        ``query_from_grid``) or from the original ``a``, ``a_prime``, ``b`` images ("images")."""
         if self.query_source == "grid":
             if grids is None:
                 raise ValueError("query_source='grid' needs the control grids")
-            return self.query_from_grid(grids)
+            return self.query_from_grid(grids, crops=crops)
         if a is None or a_prime is None or b is None:
             raise ValueError("query_source='images' needs a, a_prime and b")
         return self(a, a_prime, b)
@@ -652,6 +679,8 @@ class LoRWeBKontextPipeline:
         self.pipe, self.encoder = pipe, encoder
         self.resolution, self.max_area, self.max_size, self.long_edge = resolution, max_area, max_size, long_edge
         self._disabled_scale: Optional[float] = None  # the strength to restore after disable_lora
+        self._scale_before_fuse: Optional[float] = None  # the strength to restore after fuse_lora(lora_scale=...)
+        self._adapter_name = "lorweb"  # diffusers' adapter name (load_lora_weights(adapter_name=...))
 
     @property
     def transformer(self) -> nn.Module:
@@ -714,39 +743,119 @@ class LoRWeBKontextPipeline:
         """Compute the queries of the analogies and ``set_query`` them (e.g. before ``fuse_lora``); returns
         ``{layer: (B, N) coefficients}``."""
         a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
-        query = self.encoder.query(grids=self.control_grids(a, a_prime, b), a=a, a_prime=a_prime, b=b)
+        query = self._query(self.control_grids(a, a_prime, b), a, a_prime, b)
         with torch.no_grad():
             return set_query(self.transformer, query)
 
     def load_lora_weights(self, path_or_dir: Union[str, Path], weight_name: Optional[str] = None,
-                          config: Union[str, Path, None] = None) -> list[str]:
+                          config: Union[str, Path, None] = None, *, adapter_name: Optional[str] = None,
+                          **kwargs) -> list[str]:
         """diffusers' ``load_lora_weights``: an official LoRWeB checkpoint file, or a directory holding one (and
         its ``config.yaml``), loaded into the transformer (injecting the layers when the transformer is stock).
         The checkpoint's query_dim, query mode and pooling are checked against the analogy encoder first.
+        LoRWeB is one adapter: a checkpoint loaded over layers of the same shapes replaces their weights (another
+        basis size needs ``unload_lora_weights()`` first); ``adapter_name`` names it (``get_active_adapters``).
         Returns the loaded modules."""
-        _, names = lora_api.load_lora_weights(self.transformer, path_or_dir, weight_name, config,
-                                              query_dim=self.encoder.query_dim,
-                                              query_settings={"query_mode": self.encoder.query_mode,
-                                                              "pooling_type": self.encoder.pooling_type})
+        if kwargs:
+            raise TypeError(f"load_lora_weights got options a LoRWeB checkpoint does not use: {sorted(kwargs)} "
+                            "(it takes path_or_dir, weight_name, config and adapter_name)")
+        if adapter_name is not None and not isinstance(adapter_name, str):
+            raise TypeError(f"adapter_name must be a string, got {type(adapter_name).__name__}")
+        had_layers = bool(lorweb_layers(self.transformer))
+        try:
+            _, names = lora_api.load_lora_weights(self.transformer, path_or_dir, weight_name, config,
+                                                  query_dim=self.encoder.query_dim,
+                                                  query_settings={"query_mode": self.encoder.query_mode,
+                                                                  "pooling_type": self.encoder.pooling_type})
+        except LoRWeBCheckpointError as exc:
+            if not had_layers:
+                raise
+            raise LoRWeBCheckpointError(f"{exc}\n(the transformer already holds a LoRWeB adapter, which a checkpoint "
+                                        "replaces only with the same shapes: call unload_lora_weights() first to "
+                                        "load another basis)") from exc
+        self._adapter_name = adapter_name or self._adapter_name
         return names
 
     def unload_lora_weights(self) -> list[str]:
         """diffusers' ``unload_lora_weights``: unfuse, then restore the stock transformer layers."""
+        self._scale_before_fuse = self._disabled_scale = None
         return lora_api.unload_lora_weights(self.transformer)
 
-    def fuse_lora(self, strategy: str = "full") -> None:
+    def fuse_lora(self, strategy: str = "full", *, lora_scale: float = 1.0, components=None,
+                  adapter_names=None, safe_fusing: bool = False) -> None:
         """diffusers' ``fuse_lora``: merge the current analogy (``set_analogy`` or the last call) into the weights
         with ``merged(strategy)`` until ``unfuse_lora``. Calls with the same analogy then run at base cost; another
-        analogy raises (strategy "jit" follows every new analogy instead)."""
-        lora_api.fuse_lora(self.transformer, strategy)
+        analogy raises (strategy "jit" follows every new analogy instead). ``lora_scale`` multiplies the fused
+        mixture (the strength from before comes back on ``unfuse_lora``); ``components`` must include
+        "transformer" (the only component LoRWeB adapts); ``adapter_names`` may name only this adapter;
+        ``safe_fusing`` is accepted (merged weights are always checked to be finite)."""
+        if components is not None and "transformer" not in components:
+            raise ValueError(f"LoRWeB adapts the transformer only; components={components!r} leaves it out")
+        if adapter_names is not None and list(_as_list(adapter_names)) != [self._adapter_name]:
+            raise ValueError(f"unknown adapter names {adapter_names!r}: this pipeline holds one LoRWeB adapter, "
+                             f"{self._adapter_name!r}")
+        layers = lorweb_layers(self.transformer)
+        if layers and lora_api.fused_strategy(self.transformer) is None and all(
+                layer.coefficients is None and layer._query is None for layer in layers.values()):
+            raise RuntimeError("no analogy to fuse: call pipe.set_analogy(a, a_prime, b) first (or run the "
+                               "pipeline once)")
+        if lora_api.fused_strategy(self.transformer) is not None:
+            lora_api.fuse_lora(self.transformer, strategy)  # raises: already fused
+        before = lora_api.get_lorweb_scale(self.transformer)
+        if lora_scale != 1.0:
+            lora_api.set_lorweb_scale(self.transformer, before * lora_scale)  # validates lora_scale
+        try:
+            lora_api.fuse_lora(self.transformer, strategy)
+        except Exception:
+            lora_api.set_lorweb_scale(self.transformer, before)  # not fused: the strength can go back
+            raise
+        self._scale_before_fuse = before
 
-    def unfuse_lora(self) -> None:
-        """diffusers' ``unfuse_lora``: the original weights back, bit for bit."""
+    def unfuse_lora(self, *, components=None) -> None:
+        """diffusers' ``unfuse_lora``: the original weights back, bit for bit, and the strength from before
+        ``fuse_lora(lora_scale=...)``."""
+        if components is not None and "transformer" not in components:
+            raise ValueError(f"LoRWeB adapts the transformer only; components={components!r} leaves it out")
         lora_api.unfuse_lora(self.transformer)
+        if self._scale_before_fuse is not None and lorweb_layers(self.transformer):
+            lora_api.set_lorweb_scale(self.transformer, self._scale_before_fuse)
+        self._scale_before_fuse = None
 
     def set_lorweb_scale(self, scale: float) -> None:
-        """Strength of the mixture (diffusers' ``set_adapters`` weight, the official multiplier)."""
-        lora_api.set_lorweb_scale(self.transformer, scale)
+        """Strength of the mixture (diffusers' ``set_adapters`` weight, the official multiplier). While the adapter
+        is disabled (``disable_lora``) the output stays the base model's and the strength is kept for
+        ``enable_lora``."""
+        lora_api.set_lorweb_scale(self.transformer, scale)  # validates; refused while fused
+        if self._disabled_scale is not None:
+            self._disabled_scale = float(scale)
+            lora_api.set_lorweb_scale(self.transformer, 0.0)
+
+    # diffusers' adapter bookkeeping: LoRWeB is one adapter
+    def get_active_adapters(self) -> list[str]:
+        """diffusers' ``get_active_adapters``: the LoRWeB adapter's name while it is loaded and enabled."""
+        return [self._adapter_name] if lorweb_layers(self.transformer) and self._disabled_scale is None else []
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """diffusers' ``get_list_adapters``: ``{"transformer": [name]}`` while a LoRWeB adapter is loaded."""
+        return {"transformer": [self._adapter_name]} if lorweb_layers(self.transformer) else {}
+
+    def delete_adapters(self, adapter_names) -> None:
+        """diffusers' ``delete_adapters``: naming this pipeline's adapter unloads it (``unload_lora_weights``)."""
+        loaded = bool(lorweb_layers(self.transformer))
+        unknown = [n for n in _as_list(adapter_names) if n != self._adapter_name or not loaded]
+        if unknown:
+            raise ValueError(f"unknown adapter names {unknown}: this pipeline holds "
+                             + (f"one LoRWeB adapter, {self._adapter_name!r}" if loaded else "no LoRWeB adapter"))
+        self.unload_lora_weights()
+
+    def save_lora_weights(self, save_directory: Union[str, Path], **kwargs) -> Path:
+        """diffusers' ``save_lora_weights`` for the LoRWeB adapter: ``save_pretrained(save_directory)`` (weights,
+        config.yaml, model card). Layer dicts such as ``transformer_lora_layers`` are refused: the adapter is
+        saved from the transformer."""
+        if kwargs:
+            raise TypeError(f"save_lora_weights saves the LoRWeB adapter from the transformer and takes no "
+                            f"{sorted(kwargs)}; call pipe.save_lora_weights(directory)")
+        return self.save_pretrained(save_directory)
 
     def save_pretrained(self, directory: Union[str, Path], *, base_model: Optional[str] = None,
                         training: Optional[dict] = None) -> Path:
@@ -768,7 +877,8 @@ class LoRWeBKontextPipeline:
 
     def set_adapters(self, adapter_names=None, adapter_weights=None) -> None:
         """diffusers' ``set_adapters``: LoRWeB is one adapter, so one weight (a number, or a list of one) sets the
-        mixture's strength (``set_lorweb_scale``); None means 1.0. The names are not checked (any name)."""
+        mixture's strength (``set_lorweb_scale``); None means 1.0. The names are not checked (any name). While
+        disabled, the strength is kept for ``enable_lora``, as in diffusers."""
         weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights]
         if len(weights) != 1:
             raise ValueError(f"LoRWeB is one adapter: give one adapter weight, got {len(weights)}")
@@ -777,13 +887,14 @@ class LoRWeBKontextPipeline:
     def disable_lora(self) -> None:
         """diffusers' ``disable_lora``: the base model's output (strength 0) until ``enable_lora``."""
         if self._disabled_scale is None:
-            self._disabled_scale = lora_api.get_lorweb_scale(self.transformer)
-        self.set_lorweb_scale(0.0)
+            before = lora_api.get_lorweb_scale(self.transformer)
+            lora_api.set_lorweb_scale(self.transformer, 0.0)  # refused while fused: nothing changes then
+            self._disabled_scale = before
 
     def enable_lora(self) -> None:
-        """diffusers' ``enable_lora``: the strength from before ``disable_lora``."""
+        """diffusers' ``enable_lora``: the strength from before ``disable_lora``, or the one set meanwhile."""
         if self._disabled_scale is not None:
-            self.set_lorweb_scale(self._disabled_scale)
+            lora_api.set_lorweb_scale(self.transformer, self._disabled_scale)
             self._disabled_scale = None
 
     def to(self, *args, **kwargs) -> "LoRWeBKontextPipeline":
@@ -834,6 +945,22 @@ class LoRWeBKontextPipeline:
             return "none"  # already fused (fuse_lora)
         return choose_merge_strategy(self.transformer)
 
+    def _query(self, grids: list, a: list, a_prime: list, b: list) -> torch.Tensor:
+        """(B, query_dim) analogy queries of the control grids. Official resolution: the official inference crops
+        (squares of side W/2, inference.py); an a of aspect ratio 2:1 or wider leaves no b to crop in the modes that
+        crop it, and raises naming it. Native resolution (not official), whose cells take b's shape: the grid's own
+        cells (``crops="cells"``), so a non-square b does not get squares of side W/2 cut across the cells."""
+        if self.resolution == "native":
+            return self.encoder.query(grids=grids, a=a, a_prime=a_prime, b=b, crops="cells")
+        if self.encoder.query_source == "grid":
+            for i, grid in enumerate(grids):
+                problem = query_crop_problem(*grid.size, self.encoder.query_mode, "inference")
+                if problem:
+                    raise ValueError(f"a[{i}] is {a[i].width}x{a[i].height}: at the official resolution the cells "
+                                     f"take a's shape, and {problem}; use resolution='native' (cells at b's shape) "
+                                     "or a narrower a")
+        return self.encoder.query(grids=grids, a=a, a_prime=a_prime, b=b, crops="inference")
+
     def control_grids(self, a, a_prime, b, *, long_edge: Optional[int] = None) -> list:
         """One control grid per analogy. Official: each at its a's size (``max_size`` cap); native: all of the
         first analogy's cell size (b's aspect, ``long_edge`` cap)."""
@@ -842,6 +969,8 @@ class LoRWeBKontextPipeline:
             raise ValueError(f"a, a_prime and b must hold the same number of images, got {len(a)}, {len(a_prime)}, "
                              f"{len(b)}")
         _check_resolution_options(self.resolution, long_edge=long_edge)
+        if not a:
+            raise ValueError("no analogies given: a, a_prime and b are empty")
         if self.resolution == "official":
             return [official_control_grid(x, y, z, max_size=self.max_size) for x, y, z in zip(a, a_prime, b)]
         long_edge = long_edge or self.long_edge
@@ -885,7 +1014,7 @@ class LoRWeBKontextPipeline:
         if generator is None:
             generator = torch.Generator(device=self.pipe._execution_device).manual_seed(seed)
         strategy = self.merge_strategy(merge, count * per_prompt)
-        query = self.encoder.query(grids=grids, a=a, a_prime=a_prime, b=b).repeat_interleave(per_prompt, dim=0)
+        query = self._query(grids, a, a_prime, b).repeat_interleave(per_prompt, dim=0)
         fused = lora_api.fused_strategy(self.transformer)
         with torch.no_grad():  # inference: no autograd history on the coefficients
             if fused in ("full", "offload"):  # fuse_lora(): the mixture is in the weights; the analogy must match

@@ -52,6 +52,10 @@ class LoRWeBLinear(nn.Module):
     Parameters (official names and layout, see METHOD.md):
         lora_A: (N, in, r), lora_B: (N, r, out), lora_keys: (N, key_dim), att_lora_to_q.weight: (key_dim, query_dim).
 
+    The LoRWeB parameters are created and initialised in ``dtype`` (default: the base weight's dtype, fp32 for a
+    base without a plain weight such as bitsandbytes layers); the trainer passes float32, as the official network is
+    initialised in fp32 (NVlabs/LoRWeB toolkit/models/AttLoRA.py ``AttLoRAModule.__init__``).
+
     The base layer is kept as ``base_layer`` and is neither copied nor unfrozen. Coefficients are set with
     ``set_coefficients`` (usually by ``lorweb_fast.set_query`` for the whole model) and stay until replaced or
     cleared; a forward without them raises.
@@ -91,6 +95,8 @@ class LoRWeBLinear(nn.Module):
         self.heads, self.activation, self.reduce, self.backend = heads, activation, reduce, backend
         self.lora_alpha = float(rank if lora_alpha is None else lora_alpha)
         self.scale = self.lora_alpha / rank
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         weight = getattr(base, "weight", None)
         if dtype is None:
             dtype = weight.dtype if has_plain_weight(base) else torch.float32

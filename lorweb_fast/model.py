@@ -107,8 +107,15 @@ def _find_targets(model: nn.Module, target_modules) -> list[str]:
     return names
 
 
-def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None) -> list[str]:
+def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
+                  dtype: Optional[torch.dtype] = None) -> list[str]:
     """Wrap every targeted linear layer of ``model`` in a ``LoRWeBLinear``, in place.
+
+    Args:
+        dtype: the dtype in which the LoRWeB parameters (lora_A, lora_B, lora_keys, att_lora_to_q) are created and
+            initialised; None (default): each base layer's weight dtype (fp32 for bases without a plain weight, e.g.
+            bitsandbytes). Training passes float32: fp32 master weights whose initial values are not rounded to a
+            bf16 base's dtype.
 
     Returns:
         The injected module names.
@@ -125,7 +132,8 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None) -> li
     if not names:
         raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of "
                          f"{type(model).__name__}")
-    new_layers = {name: LoRWeBLinear(model.get_submodule(name), **config.layer_kwargs()) for name in names}
+    new_layers = {name: LoRWeBLinear(model.get_submodule(name), dtype=dtype, **config.layer_kwargs())
+                  for name in names}
     for name, layer in new_layers.items():  # all built: swapping in cannot fail half way
         _set_submodule(model, name, layer)
     return names

@@ -17,6 +17,7 @@ fused, composed or all-cuBLAS route by ``choose_route`` (committed per-GPU table
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from functools import lru_cache
@@ -423,6 +424,10 @@ def compute_coefficients(query: torch.Tensor, to_q_weight: torch.Tensor, keys: t
         backend: validated like everywhere else; every backend computes this tiny batched GEMM with torch (cuBLAS on
             GPU), in the weights' dtype with fp32 logits and softmax (float64 logits for float64 weights).
 
+    Autocast is disabled inside, so these dtype rules hold under an enclosing ``torch.autocast`` as well (bf16
+    training calls ``set_query`` inside one): fp32 weights give fp32 coefficients computed in fp32, as the official
+    code computes them (NVlabs/LoRWeB toolkit/network_mixins.py: the query cast to the fp32 LoRA parameters).
+
     Returns:
         (B, N) fp32 (float64 for float64 weights), or (L, B, N) for stacked inputs.
     """
@@ -455,13 +460,18 @@ def compute_coefficients(query: torch.Tensor, to_q_weight: torch.Tensor, keys: t
             raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
     d = key_dim // heads
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-    p = torch.matmul(query.to(w.dtype).unsqueeze(0), w.transpose(1, 2)).to(acc)  # (L, B, key_dim)
-    p = p.view(num_layers, -1, heads, d)
-    kh = kk.to(acc).view(num_layers, kk.shape[1], heads, d)
-    logits = torch.einsum("lbhd,lnhd->lbhn", p, kh) * (d ** -0.5)
-    c = torch.softmax(logits, dim=-1) if activation == "softmax" else torch.tanh(logits)
-    if reduce == "mean":
-        c = c.mean(dim=2)
-    else:
-        c = c.sum(dim=2).clamp(0.0 if activation == "softmax" else -1.0, 1.0)
+    device_type = query.device.type
+    # torch.autocast has no meta (or other unknown) device type: nothing to disable there
+    no_autocast = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+                   else contextlib.nullcontext())
+    with no_autocast:
+        p = torch.matmul(query.to(w.dtype).unsqueeze(0), w.transpose(1, 2)).to(acc)  # (L, B, key_dim)
+        p = p.view(num_layers, -1, heads, d)
+        kh = kk.to(acc).view(num_layers, kk.shape[1], heads, d)
+        logits = torch.einsum("lbhd,lnhd->lbhn", p, kh) * (d ** -0.5)
+        c = torch.softmax(logits, dim=-1) if activation == "softmax" else torch.tanh(logits)
+        if reduce == "mean":
+            c = c.mean(dim=2)
+        else:
+            c = c.sum(dim=2).clamp(0.0 if activation == "softmax" else -1.0, 1.0)
     return c if stacked else c.squeeze(0)

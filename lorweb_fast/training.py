@@ -19,7 +19,8 @@ Objective (official, NVlabs/LoRWeB ``LoRWeB_default_PROMPTS.yaml``, ``jobs/proce
 Outputs in ``out``: ``lorweb.safetensors`` (official format in ``save_dtype``, fp16 by default as the official
 trainer, latest) with ``config.yaml`` (the official job config that the official inference.py reads),
 ``checkpoints/step-XXXXXXXX/`` (the same weights and config.yaml + trainer state with the fp32 master weights, written
-to a temporary folder and renamed), ``loss.jsonl`` and ``loss.png``.
+to a temporary folder and renamed; the newest ``keep_checkpoints`` are kept, and, as ai-toolkit does, every step that
+is a multiple of ``keep_milestone_every`` = 500), ``loss.jsonl`` and ``loss.png``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ CONTROL_LATENTS = ("sample", "mode")
 #: encoder in the model's dtype (extensions_built_in/flux_kontext.py ``FluxKontextModel.load_model``)
 ENCODER_DTYPES = ("auto", *DTYPE_NAMES)
 CHECKPOINT_DIR = "checkpoints"
+#: ai-toolkit never rotates out a step save whose step is a multiple of this (jobs/process/BaseSDTrainProcess.py
+#: ``clean_up_saves``: ``is_milestone_step(filename, milestone=500)``); ``TrainConfig.keep_milestone_every``
+OFFICIAL_MILESTONE_EVERY = 500
 WEIGHTS_NAME = "lorweb.safetensors"
 TRAINER_STATE_NAME = "trainer_state.pt"
 
@@ -212,6 +216,7 @@ class TrainConfig:
     save_dtype: str = "fp16"
     checkpoint_every: int = 250
     keep_checkpoints: int = 4
+    keep_milestone_every: int = OFFICIAL_MILESTONE_EVERY
     resume: bool = False
     overwrite: bool = False
     skip_bad: bool = False
@@ -253,13 +258,17 @@ class TrainConfig:
             raise ValueError("resume and overwrite exclude each other: --resume continues the run in --out, "
                              "--overwrite deletes it and starts over")
         check_train_config(self)  # every field: type, finite, range
+        if self.keep_milestone_every < 0:
+            raise ValueError(f"keep_milestone_every must be >= 0 (0: milestone checkpoints are rotated out like the "
+                             f"others), got {self.keep_milestone_every}")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 #: TrainConfig fields that may differ when resuming: the step budget, options that change no computed value, and
 #: the attention kernel choice (cudnn_attention: roundings only).
-RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers", "cudnn_attention")
+RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers", "cudnn_attention",
+                     "keep_milestone_every")
 #: What a stored config that lacks a field did, where that differs from the field's default today: runs written
 #: before ``batching`` existed batched across buckets; before ``control_latents`` / ``encoder_dtype`` they encoded the
 #: control with the latent mode and ran the encoder in fp32.
@@ -408,16 +417,30 @@ def checkpoint_settings(cfg: TrainConfig, encoder_name: str) -> dict:
             "encoder": encoder_name}
 
 
+def rotate_checkpoints(out: Union[str, Path], keep: int, milestone_every: int = OFFICIAL_MILESTONE_EVERY) -> list[Path]:
+    """Delete the ``checkpoints/step-*`` folders beyond the newest ``keep`` (0: keep all), except milestones: folders
+    whose step is a multiple of ``milestone_every`` (0: no milestones). The official rule (ai-toolkit
+    jobs/process/BaseSDTrainProcess.py ``clean_up_saves``: the saves before the newest ``max_step_saves_to_keep``
+    are removed unless ``is_milestone_step``, step % 500 == 0). Returns the deleted folders."""
+    older = checkpoint_dirs(out)[:-keep] if keep > 0 else []
+    doomed = [p for p in older if not (milestone_every > 0 and int(p.name.split("-")[1]) % milestone_every == 0)]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
+
+
 def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimizer_state: dict, metadata: dict,
                       keep: int, *, save_dtype: str = "fp32", settings: Optional[dict] = None,
-                      name: str = "lorweb", config: Optional[dict] = None, model: Optional[str] = None) -> Path:
+                      name: str = "lorweb", config: Optional[dict] = None, model: Optional[str] = None,
+                      milestone_every: int = OFFICIAL_MILESTONE_EVERY) -> Path:
     """Official weights (``weights`` = ``lorweb_state_dict``, written in ``save_dtype`` with our and ai-toolkit's
     metadata) + ``config.yaml`` (official format, from ``settings``) + trainer state (``optimizer_state`` as made by
     ``optimizer_state_dict``, and the fp32 master weights when ``save_dtype`` rounds them, so a resume is exact)
     into a temporary folder, renamed to ``checkpoints/step-XXXXXXXX``. ``out/lorweb.safetensors`` and
     ``out/config.yaml`` are then replaced by copies. ``config`` (the comparable training config) is stored in
     the trainer state, so a resume with different settings is refused. ``model`` is the base model named in
-    config.yaml (default: the official hub id)."""
+    config.yaml (default: the official hub id). Older checkpoints are then rotated out by ``rotate_checkpoints``
+    (the newest ``keep`` and the multiples of ``milestone_every`` stay)."""
     from .official_config import CONFIG_NAME, SAVE_DTYPES, aitk_metadata, write_config_yaml
 
     dtype = SAVE_DTYPES[save_dtype]
@@ -446,9 +469,7 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     tmp_config = out / f".{CONFIG_NAME}.tmp"
     shutil.copyfile(final / CONFIG_NAME, tmp_config)
     os.replace(tmp_config, out / CONFIG_NAME)
-    steps = checkpoint_dirs(out)
-    for old in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    rotate_checkpoints(out, keep, milestone_every)
     return final
 
 
@@ -806,14 +827,17 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     transformer = pipe.transformer
     if not lorweb_layers(transformer):
         torch.manual_seed(cfg.seed)  # the same initial basis, keys and projections on every rank and every run
+        # created and initialised in fp32 (official: AttLoRAModule.__init__ builds its parameters in fp32), not in
+        # the base's bf16 and cast afterwards: the fp32 masters do not start on the bf16 grid
         inject_lorweb(transformer, LoRWeBConfig(num_loras=cfg.num_loras, rank=cfg.rank, key_dim=cfg.key_dim,
                                                 query_dim=encoder.query_dim, heads=cfg.heads,
                                                 activation=cfg.activation, reduce=cfg.reduce,
-                                                query_projection_type=cfg.query_projection_type))
+                                                query_projection_type=cfg.query_projection_type),
+                      dtype=torch.float32)
     params, names = [], []
     for layer_name, layer in lorweb_layers(transformer).items():
         for suffix, p in layer.lorweb_tensors().items():
-            p.data = p.data.float()  # trainable master weights stay fp32
+            p.data = p.data.float()  # trainable master weights stay fp32 (layers injected by the caller may not be)
             p.requires_grad_(True)
             params.append(p)
             names.append(f"{layer_name}.{suffix}")
@@ -909,7 +933,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                 if accelerator.is_main_process:
                     _write_checkpoint(out, step, transformer, weights, optimizer_state, metadata, cfg.keep_checkpoints,
                                       save_dtype=cfg.save_dtype, settings=settings, name=Path(cfg.out).name or "lorweb",
-                                      config=_comparable_config(cfg), model=model_name)
+                                      config=_comparable_config(cfg), model=model_name,
+                                      milestone_every=cfg.keep_milestone_every)
                     plot_loss(log_path, png_path)
                 del weights, optimizer_state
                 accelerator.wait_for_everyone()

@@ -23,7 +23,7 @@ class EncoderReached(Exception):
 
 
 class FakeEncoder:
-    name, query_dim = "fake", 6
+    name, query_dim, query_source, query_mode = "fake", 6, "grid", "cat-aa'b"
 
     def __call__(self, *images):
         raise EncoderReached
@@ -146,7 +146,7 @@ def test_each_resolution_mode_has_its_default():
 ASPECT_CASES = [  # (case, resolution, a sizes, a' sizes, b sizes, warning fragment)
     ("mixed b ratios, native", "native", [(32, 32)] * 2, [(32, 32)] * 2, [(32, 32), (64, 32)],
      "the b images of this batch have different aspect ratios"),
-    ("mixed a ratios, official", "official", [(32, 32), (64, 32)], [(32, 32)] * 2, [(32, 32)] * 2,
+    ("mixed a ratios, official", "official", [(32, 32), (48, 32)], [(32, 32)] * 2, [(32, 32)] * 2,
      "the a images of this batch have different aspect ratios"),
     ("extreme b", "official", [(32, 32)], [(32, 32)], [(200, 20)], "b[0] is 200x20"),
     ("extreme a", "native", [(20, 200)], [(32, 32)], [(32, 32)], "a[0] is 20x200"),
@@ -182,3 +182,43 @@ def test_ordinary_aspect_ratios_do_not_warn(sizes):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_aspect_ratios(ims, ims, ims)
+
+
+# ---------------------------------------------------------------------------------------------- query crops
+class CropsRecorder(FakeEncoder):
+    def __init__(self):
+        self.crops = []
+
+    def query(self, **inputs):
+        self.crops.append(inputs["crops"])
+        raise EncoderReached
+
+
+@pytest.mark.parametrize("resolution,crops", [("official", "inference"), ("native", "cells")])
+def test_each_resolution_queries_its_crops(resolution, crops):
+    """The official resolution takes the official inference crops; the native one, whose cells take b's shape, the
+    grid's own cells (squares of side W/2 would cut across non-square cells)."""
+    encoder = CropsRecorder()
+    pipe = flux.LoRWeBKontextPipeline(FakeKontext(), encoder, resolution=resolution)
+    with pytest.raises(EncoderReached):
+        pipe(picture(), picture(), picture(64, 32), "flip")
+    assert encoder.crops == [crops]
+
+
+def test_official_resolution_names_an_a_too_wide_for_the_official_crops():
+    """Cells take a's shape: an a of 2:1 or wider leaves the official W/2 squares no b to cut (as the official
+    code); the error names a and the native resolution, before the encoder runs."""
+    pipe = flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder())
+    with pytest.raises(ValueError, match=r"a\[1\] is 64x32: at the official resolution the cells take a's shape.*"
+                                         r"resolution='native'"):
+        pipe([picture(), picture(64, 32)], [picture()] * 2, [picture()] * 2, "flip")
+    native = flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), resolution="native")
+    with pytest.raises(EncoderReached):
+        native([picture(), picture(64, 32)], [picture()] * 2, [picture()] * 2, "flip")
+
+
+@pytest.mark.parametrize("resolution", ["official", "native"])
+def test_an_empty_batch_is_named(resolution):
+    pipe = flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), resolution=resolution)
+    with pytest.raises(ValueError, match="no analogies given"):
+        pipe([], [], [], "flip")

@@ -306,8 +306,9 @@ def test_resume_of_a_folder_that_gained_a_newer_checkpoint_is_refused(assets, tm
     assert "1 generated, 1 already done" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra,fragment", [(("--resolution", "official"), "--long-edge applies to --resolution native"),
-                                            (("--max-size", "64"), "--max-size applies to --resolution official")])
+@pytest.mark.parametrize("extra,fragment", [
+    (("--resolution", "official"), "--long-edge applies to --resolution native"),
+    (("--max-size", "64"), "--max-size applies to --resolution official")])
 def test_cli_refuses_options_of_the_other_resolution_mode(assets, tmp_path, monkeypatch, capsys, extra, fragment):
     """An option of the other resolution mode would be ignored: refused before any model loads or file is written
     (gen_args gives --resolution native --long-edge 64)."""

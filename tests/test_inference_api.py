@@ -174,6 +174,90 @@ def test_pipeline_attributes_and_adapter_switches_as_in_diffusers(pipe):
         pipe.set_adapters(["a", "b"], adapter_weights=[1.0, 0.5])
 
 
+def test_disabled_adapter_keeps_a_strength_set_meanwhile(pipe):
+    """diffusers: after disable_lora the output stays the base model's whatever set_adapters sets; enable_lora then
+    uses the weight set meanwhile. The adapter bookkeeping (get_active_adapters, get_list_adapters) follows."""
+    assert pipe.get_active_adapters() == ["lorweb"] and pipe.get_list_adapters() == {"transformer": ["lorweb"]}
+    pipe.disable_lora()
+    assert pipe.get_active_adapters() == []
+    pipe.set_adapters("lorweb", 0.5)
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 0.0  # still disabled
+    with pytest.raises(ValueError, match="finite number"):
+        pipe.set_lorweb_scale(float("nan"))
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 0.0
+    pipe.enable_lora()
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 0.5 and pipe.get_active_adapters() == ["lorweb"]
+
+
+def test_fuse_lora_scale_components_and_guards(pipe):
+    """fuse_lora(lora_scale=s) fuses the mixture at s times its strength (the same images as the unfused pipeline
+    at that strength) and unfuse_lora brings the strength back; components / adapter_names are checked; fusing with
+    no analogy names set_analogy."""
+    with pytest.raises(RuntimeError, match=r"no analogy to fuse: call pipe.set_analogy\(a, a_prime, b\)"):
+        pipe.fuse_lora()
+    x = [random_analogy(2)]
+    pipe.set_lorweb_scale(0.5)
+    half = run(pipe, x, ["flip"])[0]
+    pipe.set_lorweb_scale(1.0)
+    pipe.set_analogy(*x[0])
+    before = params(pipe.transformer)
+    for kwargs, fragment in (({"components": ["text_encoder"]}, "adapts the transformer only"),
+                             ({"adapter_names": ["other"]}, "unknown adapter names")):
+        with pytest.raises(ValueError, match=fragment):
+            pipe.fuse_lora(**kwargs)
+    with pytest.raises(ValueError, match="finite number"):
+        pipe.fuse_lora(lora_scale=float("inf"))
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0 and lora_api.fused_strategy(pipe.transformer) is None
+    pipe.fuse_lora(lora_scale=0.5, components=["transformer"], adapter_names="lorweb")
+    np.testing.assert_allclose(run(pipe, x, ["flip"], merge="auto")[0], half, rtol=0, atol=FP32_IMAGE_ATOL)
+    pipe.unfuse_lora(components=["transformer"])
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0
+    after = params(pipe.transformer)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_adapter_names_save_and_delete_as_in_diffusers(pipe, assets, tmp_path):
+    """save_lora_weights writes the save_pretrained folder (layer dicts refused); load_lora_weights takes an
+    adapter_name and refuses options it does not use; delete_adapters with this adapter's name unloads it."""
+    out = pipe.save_lora_weights(tmp_path / "saved")
+    assert (out / lora_api.WEIGHT_NAME).is_file() and (out / "config.yaml").is_file()
+    with pytest.raises(TypeError, match="takes no .'transformer_lora_layers'."):
+        pipe.save_lora_weights(tmp_path / "other", transformer_lora_layers={})
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(TypeError, match="does not use: .'hotswap'."):
+        pipe.load_lora_weights(out, hotswap=True)
+    pipe.load_lora_weights(out, adapter_name="style")
+    assert pipe.get_list_adapters() == {"transformer": ["style"]}
+    with pytest.raises(ValueError, match="unknown adapter names .'lorweb'.: this pipeline holds one LoRWeB adapter"):
+        pipe.delete_adapters("lorweb")
+    pipe.delete_adapters(["style"])
+    assert not lf.lorweb_layers(pipe.transformer) and pipe.get_active_adapters() == []
+    with pytest.raises(ValueError, match="holds no LoRWeB adapter"):
+        pipe.delete_adapters("style")
+
+
+def test_a_second_basis_size_names_unload_first(pipe, tmp_path):
+    """LoRWeB is one adapter: a checkpoint whose basis has other shapes than the loaded one is refused, and the
+    error says to unload first (diffusers would add a second adapter)."""
+    state = dict(lf.lorweb_state_dict(pipe.transformer))
+    key = next(k for k in state if k.endswith("lora_A"))
+    n, k, r = state[key].shape
+    state[key] = torch.randn(n + 1, k, r)
+    from safetensors.torch import save_file
+
+    save_file({name: t.contiguous() for name, t in state.items()}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(lf.LoRWeBCheckpointError, match=r"call unload_lora_weights\(\) first"):
+        pipe.load_lora_weights(tmp_path / "other.safetensors")
+
+
+def test_merging_per_forward_coefficients_names_the_cause(pipe):
+    q = torch.randn(1, pipe.encoder.query_dim)
+    lf.set_query(pipe.transformer, q, per_forward=True)
+    with pytest.raises(RuntimeError, match="computed inside every forward .set_query.*per_forward=True"):
+        with lf.merged(pipe.transformer):
+            pass
+
+
 # ----------------------------------------------------------------------------------- load / unload / save / push
 def test_save_pretrained_load_and_unload(pipe, assets, tmp_path):
     out = pipe.save_pretrained(tmp_path / "saved", training={"data": "synthetic", "steps": 10})

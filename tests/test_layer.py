@@ -115,3 +115,31 @@ def test_wraps_bitsandbytes_layers(kind):
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert layer.lora_A.grad is not None and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_explicit_parameter_dtype_initialises_in_that_dtype():
+    """``dtype=torch.float32`` on a bf16 base creates and initialises the LoRWeB parameters in fp32 (the official
+    AttLoRAModule is built in fp32): the same draws as an fp32 base from the same seed, not bf16-rounded values.
+    Without ``dtype`` the parameters follow the base weight (bf16), as inference expects; other dtypes are refused."""
+    kw = dict(num_loras=3, rank=2, key_dim=8, query_dim=12)
+    fp32_base, base = nn.Linear(40, 24), nn.Linear(40, 24).to(torch.bfloat16)
+    torch.manual_seed(5)
+    want = lf.LoRWeBLinear(fp32_base, **kw)
+    torch.manual_seed(5)
+    got = lf.LoRWeBLinear(base, dtype=torch.float32, **kw)
+    for name, tensor in got.lorweb_tensors().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, want.lorweb_tensors()[name]), name
+    assert not torch.equal(got.lora_A, got.lora_A.bfloat16().float())
+    assert all(t.dtype == torch.bfloat16 for t in lf.LoRWeBLinear(base, **kw).lorweb_tensors().values())
+
+    model = nn.Sequential(nn.Linear(40, 24).to(torch.bfloat16))
+    torch.manual_seed(5)
+    lf.inject_lorweb(model, lf.LoRWeBConfig(target_modules=["0"], **kw), dtype=torch.float32)
+    assert all(torch.equal(t, want.lorweb_tensors()[n]) for n, t in model[0].lorweb_tensors().items())
+    for bad in (torch.int8, "float32"):
+        with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+            lf.LoRWeBLinear(nn.Linear(4, 4), dtype=bad, **kw)
+    plain = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="dtype must be"):
+        lf.inject_lorweb(plain, lf.LoRWeBConfig(target_modules=["0"], **kw), dtype=torch.int64)
+    assert type(plain[0]) is nn.Linear  # nothing injected

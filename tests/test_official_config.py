@@ -260,10 +260,9 @@ def test_cli_infer_options():
             args.query_source, args.query_mode, args.config) == (50, 2.5, 28, "official", None, None, None,
                                                                  None, None)  # query source: the checkpoint's
     # --max-area unset: the pipeline's official default, 1024**2 (flux_kontext.py CustomFluxKontextPipeline.__call__)
-    import inspect
-
+    # (applied when max_area is None: test_bad_inputs_pipeline.py test_each_resolution_mode_has_its_default)
     from lorweb_fast import flux
-    assert inspect.signature(flux.LoRWeBKontextPipeline.__init__).parameters["max_area"].default == 1024 ** 2
+    assert flux.DEFAULT_MAX_AREA == 1024 ** 2
     t = cli.build_parser().parse_args(["train", "--data", "d", "--out", "o", "--save-dtype", "bf16",
                                        "--query-mode", "caa'b"])
     assert (t.save_dtype, t.query_mode, t.pooling_type) == ("bf16", "caa'b", "avg")
@@ -319,3 +318,92 @@ def test_query_source_comes_from_the_checkpoint(tmp_path):
     assert resolve_query_source(tmp_path / "plain.safetensors", "images") == "images"
     with pytest.raises(ValueError, match="conflicting query_source"):
         resolve_query_source(tmp_path / "images.safetensors", "grid")
+
+
+def official_network_state_keys(transformer) -> list[str]:
+    """The state_dict keys of the official network on ``transformer``, transcribed from NVlabs/LoRWeB:
+    toolkit/lora_special.py ``LoRASpecialNetwork.__init__`` / ``create_modules`` (for every module whose class name
+    is in FluxKontextModel.target_lora_modules, every descendant whose class name is in toolkit/models/AttLoRA.py
+    ``LINEAR_MODULES``; lora_name = "." join of [prefix, name, child_name] without blanks, prefix "transformer"
+    (is_transformer, peft_format forced), dots replaced by "$$"; with ``transformer_only`` (NetworkConfig default
+    True), no get_transformer_block_names() and a root that has ``transformer_blocks``, names without
+    "transformer_blocks" are skipped) and toolkit/kohya_lora.py ``apply_to`` (``add_module(lora.lora_name, lora)``);
+    an AttLoRAModule holds the buffer ``alpha`` and the parameters lora_down, lora_up, lora_keys, att_lora_to_q."""
+    linear_modules = ("Linear", "LoRACompatibleLinear")
+    target_modules = ("FluxTransformer2DModel", "CustomFluxTransformer2DModel")
+    keys = []
+    for name, module in transformer.named_modules():
+        if type(module).__name__ not in target_modules:
+            continue
+        for child_name, child in module.named_modules():
+            if type(child).__name__ not in linear_modules:
+                continue
+            lora_name = ".".join(x for x in ["transformer", name, child_name] if x and x != "").replace(".", "$$")
+            if hasattr(transformer, "transformer_blocks") and "transformer_blocks" not in lora_name:
+                continue
+            keys += [f"{lora_name}.{p}" for p in ("alpha", "lora_down", "lora_up", "lora_keys",
+                                                  "att_lora_to_q.weight")]
+    return keys
+
+
+def official_saved_key(key: str):
+    """toolkit/network_mixins.py ``get_state_dict`` (peft_format): ``.alpha`` dropped, lora_down -> lora_A,
+    lora_up -> lora_B, "$$" -> "."; None for a dropped key."""
+    if key.endswith(".alpha"):
+        return None
+    return key.replace("lora_down", "lora_A").replace("lora_up", "lora_B").replace("$$", ".")
+
+
+def official_load_key(key: str) -> str:
+    """toolkit/network_mixins.py ``load_weights`` (peft_format): a file key back to the network's state_dict key."""
+    key = key.replace("lora_A", "lora_down").replace("lora_B", "lora_up").replace(".", "$$")
+    key = key.replace("$$lora_down$$", ".lora_down.").replace("$$lora_up$$", ".lora_up.")
+    key = key.replace("$$lora_down", ".lora_down").replace("$$lora_up", ".lora_up")
+    key = key.replace("$$heads_out_mat", ".heads_out_mat").replace("$$lora_keys", ".lora_keys")
+    key = key.replace("$$att_lora_to_q$$", ".att_lora_to_q.")
+    for i in range(10):
+        key = key.replace(f"att_lora_to_q.{i}$$", f"att_lora_to_q.{i}.")
+    return key.replace(".att_lora_to_q.pre_proj$$", ".att_lora_to_q.pre_proj.")
+
+
+def test_checkpoint_keys_of_the_tiny_flux_follow_ai_toolkit_naming(tmp_path):
+    """On the tiny FluxTransformer2DModel, lorweb_fast writes exactly the keys the official network saves (derived
+    from ai-toolkit's module naming, not written by hand), every one of them maps back onto the official network's
+    state_dict by the official loader, and a file written with those keys (official layout, fp16) loads."""
+    from diffusers import FluxTransformer2DModel
+
+    from lorweb_fast.testing import tiny_flux_config
+
+    n, r, key_dim, query_dim = 3, 2, 8, 12
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(**tiny_flux_config())
+    network_keys = official_network_state_keys(transformer)
+    official_keys = [k for k in map(official_saved_key, network_keys) if k is not None]
+    assert len(official_keys) == 4 * 20  # 14 linears of the double block + 6 of the single block
+    assert "transformer.single_transformer_blocks.0.proj_mlp.lora_A" in official_keys
+
+    lf.inject_lorweb(transformer, lf.LoRWeBConfig(num_loras=n, rank=r, key_dim=key_dim, query_dim=query_dim))
+    lf.save_lorweb_weights(transformer, tmp_path / "ours.safetensors")
+    with safe_open(str(tmp_path / "ours.safetensors"), framework="pt") as f:
+        written = set(f.keys())
+    assert written == set(official_keys) == set(lf.lorweb_state_dict(transformer))
+    assert {official_load_key(k) for k in written} == {k for k in network_keys if not k.endswith(".alpha")}
+
+    # an official file: those keys, fp16, official shapes (lora_down (N, in, r), lora_up (N, r, out))
+    base = {name: module for name, module in FluxTransformer2DModel(**tiny_flux_config()).named_modules()}
+    g = torch.Generator().manual_seed(4)
+    state = {}
+    for key in official_keys:
+        path = key.removeprefix("transformer.")
+        suffix = next(x for x in ("att_lora_to_q.weight", "lora_A", "lora_B", "lora_keys") if path.endswith("." + x))
+        linear = base[path[:-len(suffix) - 1]]
+        shape = {"lora_A": (n, linear.in_features, r), "lora_B": (n, r, linear.out_features),
+                 "lora_keys": (n, key_dim), "att_lora_to_q.weight": (key_dim, query_dim)}[suffix]
+        state[key] = torch.randn(*shape, generator=g).half()
+    save_file(state, str(tmp_path / "official.safetensors"), metadata={"format": "pt"})
+    fresh = FluxTransformer2DModel(**tiny_flux_config())
+    loaded = lf.load_lorweb_weights(fresh, tmp_path / "official.safetensors")
+    assert len(loaded) == 20
+    got = lf.lorweb_state_dict(fresh)
+    assert got.keys() == state.keys()
+    assert all(torch.equal(got[k], state[k].float()) for k in state)

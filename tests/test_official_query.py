@@ -301,7 +301,7 @@ def test_training_crops_of_a_too_tall_grid_and_bad_crops(clip_dir):
                                          r"\[:32, 32:30\] is empty"):
         enc.query_from_grid(Image.new("RGB", (30, 64)), crops="training")
     enc.query_from_grid(Image.new("RGB", (30, 64)), "caa'b", crops="training")  # no a' crop in this mode
-    with pytest.raises(ValueError, match="crops must be 'inference' or 'training'"):
+    with pytest.raises(ValueError, match="crops must be one of"):
         enc.query_from_grid(Image.new("RGB", (64, 64)), crops="tensor")
 
 
@@ -342,3 +342,38 @@ def test_query_projection_none(clip_dir):
     with pytest.raises(ValueError, match="conflicting query_projection_type"):
         lf.load_lorweb_weights(torch.nn.Sequential(torch.nn.Linear(6, 5)), state,
                                settings={"query_projection_type": "linear"})
+
+
+@pytest.mark.parametrize("mode", QUERY_MODES)
+@pytest.mark.parametrize("size", [(96, 40), (40, 96), (64, 64)])  # wide, tall and square cells
+def test_cells_crops_cut_the_grids_own_cells(clip_encoder, mode, size):
+    """crops="cells" (the native resolution, not official): the boxes of the grid's own cells, split at
+    (W // 2, H // 2); square cells give the official crops."""
+    enc = clip_encoder
+    grid = picture(17, size)
+    w, h = size
+    x, y = w // 2, h // 2
+    with torch.no_grad():
+        def emb(im):
+            return reference_clip_encode(enc.model, im, mode if mode in PATCH_QUERY_MODES else None)
+
+        if mode in PATCH_QUERY_MODES:
+            pool = (lambda t: t.mean(dim=1))
+        else:
+            pool = (lambda t: t[:, 0])
+        if mode in ("aa'bb'", "caa'bb'"):
+            want = pool(emb(grid))
+        elif mode in ("caa'b", "paa'b", "paa'b3"):
+            z = grid.copy()
+            z.paste(0, (x, y, w, h))
+            want = pool(emb(z))
+        elif mode == "caa'":
+            want = pool(emb(grid.crop((0, 0, w, y))))
+        else:
+            a, a2, b = (pool(emb(grid.crop(box))) for box in ((0, 0, x, y), (x, 0, w, y), (0, y, x, h)))
+            want = {"ca'-ca": a2 - a, "ca'-ca+cb": a2 - a + b}.get(mode, torch.cat([a, a2, b], dim=1))
+    got = enc.query_from_grid(grid, query_mode=mode, crops="cells")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    if w == h:
+        torch.testing.assert_close(got, enc.query_from_grid(grid, query_mode=mode), atol=2e-5, rtol=1e-4)
+

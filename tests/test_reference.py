@@ -153,3 +153,53 @@ def test_coefficients_match_the_official_attlora_forward(heads, activation, redu
     torch.testing.assert_close(layer.coefficients_from_query(query).double(), want, rtol=1e-12, atol=1e-12)
     if reduce == "sum" and heads > 1:  # the clamp is exercised (one head's softmax / tanh stays within it)
         assert bool((want == (0 if activation == "softmax" else -1)).any() or (want == 1).any())
+
+
+@pytest.mark.parametrize("activation,reduce,heads", [("softmax", "mean", 1), ("tanh", "sum", 2)])
+def test_coefficients_stay_fp32_under_autocast(activation, reduce, heads):
+    """Training calls ``set_query`` inside the bf16 ``accelerator.autocast()``; the official trainer runs no autocast
+    and computes the coefficients from the fp32 query and parameters (NVlabs/LoRWeB toolkit/network_mixins.py
+    ``forward``: the external query cast to the fp32 LoRA dtype, then ``attlora_forward``). So under
+    ``torch.autocast(bfloat16)`` the op, ``set_query`` and a compiled call give exactly the fp32 result computed
+    without autocast, which is within fp32 roundings of the float64 transcription of the official layer."""
+    import lorweb_fast as lf
+
+    g = torch.Generator().manual_seed(7)
+    query = torch.randn(3, 24, generator=g)
+    to_q = torch.randn(16, 24, generator=g) * 0.4
+    keys = torch.randn(7, 16, generator=g) * 2
+    kw = dict(heads=heads, activation=activation, reduce=reduce)
+    plain = lf.compute_coefficients(query, to_q, keys, **kw)
+    official = official_attlora_coefficients(query.double(), to_q.double(), keys.double(), heads,
+                                             activation == "softmax", reduce)
+    torch.testing.assert_close(plain.double(), official, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lf.compute_coefficients(query, to_q, keys, **kw)
+        stacked = lf.compute_coefficients(query, to_q[None].expand(2, -1, -1), keys[None].expand(2, -1, -1), **kw)
+    assert got.dtype == stacked.dtype == torch.float32
+    assert torch.equal(got, plain) and torch.equal(stacked[1], plain)
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4))
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=7, rank=2, key_dim=16, query_dim=24, target_modules=["0"],
+                                            **kw))
+    with torch.no_grad():
+        model[0].att_lora_to_q.weight.copy_(to_q)
+        model[0].lora_keys.copy_(keys)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        coeffs = lf.set_query(model, query)["0"]
+    assert coeffs.dtype == torch.float32 and torch.equal(coeffs.detach(), plain)
+
+    def under_autocast(q, w, k):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lf.compute_coefficients(q, w, k, **kw)
+
+    compiled = torch.compile(under_autocast, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(query, to_q, keys), plain, rtol=1e-6, atol=1e-7)
+    # negative control: the same arithmetic left to autocast (bf16 projection and logits) is told apart
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        p = (query @ to_q.t()).view(3, heads, -1)
+        logits = torch.einsum("bhd,nhd->bhn", p, keys.view(7, heads, -1)) * (16 // heads) ** -0.5
+    assert logits.dtype == torch.bfloat16
+    bf16 = torch.softmax(logits.float(), -1) if activation == "softmax" else torch.tanh(logits.float())
+    bf16 = bf16.mean(1) if reduce == "mean" else bf16.sum(1).clamp(-1.0, 1.0)
+    assert (bf16 - plain).abs().max() > 1e-4

@@ -182,6 +182,44 @@ def test_checkpoint_write_is_atomic(assets, tmp_path, monkeypatch):
     assert training.latest_checkpoint(cfg.out).name == "step-00000002"
 
 
+def official_clean_up_saves(saved: list[int], keep: int, milestone: int = 500) -> list[int]:
+    """The steps left after ai-toolkit's jobs/process/BaseSDTrainProcess.py ``clean_up_saves`` (run after every
+    save): the saves before the newest ``max_step_saves_to_keep`` (``items[:-keep]``, nothing for keep 0) are
+    removed, except those for which ``is_milestone_step(filename, milestone=500)``: step % milestone == 0.
+    ``milestone=None`` drops that exception (lorweb_fast's ``keep_milestone_every=0``)."""
+    removed = saved[:-keep] if saved else []
+    removed = [s for s in removed if milestone is None or s % milestone != 0]
+    return [s for s in saved if s not in removed]
+
+
+@pytest.mark.parametrize("keep,milestone_every", [(4, 500), (2, 500), (4, 0), (3, 1000)])
+def test_checkpoint_rotation_keeps_milestones_as_ai_toolkit(tmp_path, keep, milestone_every):
+    """Official save_every 250, max_step_saves_to_keep 4: after step 3000 the kept saves are 2250..3000 and the
+    milestones 500, 1000, 1500, 2000, not just the newest four."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=2, key_dim=4, query_dim=6, target_modules=["0"]))
+    weights = lf.lorweb_state_dict(model)
+    saved = []
+    for step in range(250, 3001, 250):
+        training._write_checkpoint(tmp_path, step, model, weights, {"state": {}, "param_groups": []}, {}, keep,
+                                   milestone_every=milestone_every)
+        saved = official_clean_up_saves(saved + [step], keep, milestone_every or None)
+        assert [int(p.name.split("-")[1]) for p in training.checkpoint_dirs(tmp_path)] == saved, step
+    if (keep, milestone_every) == (4, 500):
+        assert saved == [500, 1000, 1500, 2000, 2250, 2500, 2750, 3000]
+    assert TrainConfig(data="d", out="o").keep_milestone_every == training.OFFICIAL_MILESTONE_EVERY == 500
+    with pytest.raises(ValueError, match="keep_milestone_every must be >= 0"):
+        TrainConfig(data="d", out="o", keep_milestone_every=-1).validate()
+
+
+def test_training_keeps_milestone_checkpoints(assets, tmp_path):
+    """train() hands ``keep_milestone_every`` to the rotation: with keep_checkpoints=1 and milestones every 2 steps,
+    a 3-step run keeps step 2 (a milestone) and step 3 (the newest)."""
+    training.train(config(assets, tmp_path / "run", steps=3, checkpoint_every=1, keep_checkpoints=1,
+                          keep_milestone_every=2))
+    assert [p.name for p in training.checkpoint_dirs(tmp_path / "run")] == ["step-00000002", "step-00000003"]
+
+
 def launch(cfg: TrainConfig, cwd, *modes: str,
            launcher_args=("--multi_gpu", "--num_processes", "2")) -> tuple[list[dict], str]:
     """Run tests/accelerate_train_worker.py under ``accelerate launch``; returns every rank's LoRWeB tensors and
@@ -505,7 +543,108 @@ def test_official_hyper_parameter_defaults():
         ("auto", "none", "bf16", "none")
     params = [torch.nn.Parameter(torch.zeros(3))]
     opt = training._make_optimizer(params, dataclasses.replace(cfg, optimizer="adamw"))
+    assert type(opt) is torch.optim.AdamW
     assert opt.defaults["eps"] == 1e-6 and opt.defaults["betas"] == (0.9, 0.99)
+    assert opt.defaults["weight_decay"] == 0.05 and opt.defaults["lr"] == 1e-3
+    # the default branch: toolkit/optimizer.py get_optimizer("adamw8bit") builds
+    # bitsandbytes.optim.AdamW8bit(params, lr=learning_rate, eps=1e-6, **optimizer_params) with the yaml's
+    # optimizer_params (betas [0.9, 0.99], weight_decay 0.05) and bitsandbytes' other defaults
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        pytest.skip(f"bitsandbytes is not importable ({exc}): the default adamw8bit branch cannot be checked")
+    assert cfg.optimizer == "adamw8bit"
+    ours = training._make_optimizer(params, cfg)
+    official = bnb.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, eps=1e-6,
+                                   **{"betas": [0.9, 0.99], "weight_decay": 0.05})
+    assert type(ours) is bnb.optim.AdamW8bit
+
+    def plain(defaults):
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in defaults.items()}
+
+    assert plain(ours.defaults) == plain(official.defaults)
+    assert (ours.defaults["lr"], ours.defaults["eps"], ours.defaults["weight_decay"]) == (1e-3, 1e-6, 0.05)
+    assert tuple(ours.defaults["betas"]) == (0.9, 0.99)
+    assert vars(ours.args) == vars(official.args) and ours.args.optim_bits == 8  # 8-bit state, same block settings
+
+
+class _StopAtOptimizer(Exception):
+    pass
+
+
+def train_until_optimizer(cfg, monkeypatch, **kwargs) -> dict:
+    """Run ``training.train`` up to the creation of its optimizer and stop there (no step is taken, so the LoRWeB
+    parameters keep their initial values); returns ``{"optimizer", "params" (as handed to it), "transformer",
+    "layers" (lorweb_layers of the transformer)}``."""
+    import lorweb_fast.model as model_module
+
+    seen = {}
+    real = training._make_optimizer
+
+    def spy(params, train_cfg):
+        seen["optimizer"] = real(params, train_cfg)
+        seen["params"] = list(params)
+        raise _StopAtOptimizer
+
+    real_inject = model_module.inject_lorweb
+
+    def remember(transformer, *args, **kw):
+        seen["transformer"] = transformer
+        return real_inject(transformer, *args, **kw)
+
+    monkeypatch.setattr(training, "_make_optimizer", spy)
+    monkeypatch.setattr(training, "inject_lorweb", remember)
+    with pytest.raises(_StopAtOptimizer):
+        training.train(cfg, **kwargs)
+    seen["layers"] = lf.lorweb_layers(seen["transformer"])
+    return seen
+
+
+def test_optimizer_holds_every_lorweb_tensor_in_one_group(assets, tmp_path, monkeypatch):
+    """Official toolkit/kohya_lora.py ``LoRANetwork.prepare_optimizer_params`` (called through
+    toolkit/lora_special.py): one parameter group ``{"params": [p for lora in unet_loras for p in
+    lora.parameters()], "lr": unet_lr}``, an AttLoRAModule's parameters being lora_down (lora_A), lora_up (lora_B),
+    lora_keys and att_lora_to_q.weight, in that order; the base model is not in it."""
+    cfg = config(assets, tmp_path / "opt")
+    seen = train_until_optimizer(cfg, monkeypatch)
+    groups = seen["optimizer"].param_groups
+    assert len(groups) == 1
+    want = [t for layer in seen["layers"].values()
+            for t in (layer.lora_A, layer.lora_B, layer.lora_keys, layer.att_lora_to_q.weight)]
+    assert len(seen["layers"]) == 20  # 14 linears of the double block + 6 of the single block
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in want]
+    assert groups[0]["lr"] == cfg.learning_rate and groups[0]["weight_decay"] == 0.05
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in want)
+
+
+def test_initial_lorweb_parameters_are_drawn_in_fp32_on_a_bf16_base(assets, tmp_path, monkeypatch):
+    """The official network is created in fp32 (NVlabs/LoRWeB toolkit/models/AttLoRA.py ``AttLoRAModule.__init__``
+    draws lora_keys with randn and initialises lora_down with kaiming_uniform(a=sqrt(5)) in the default fp32;
+    jobs/process/BaseSDTrainProcess.py then ``network.force_to(device, dtype=torch.float32)``). So on a bf16 base
+    the initial basis, keys and projections are fp32 draws, not bf16-rounded values cast to fp32 afterwards: they
+    equal, layer by layer, lorweb_fast's draws (torch.manual_seed(seed); per layer in module order: keys randn,
+    att_lora_to_q kaiming_uniform (nn.Linear's init), lora_A kaiming_uniform) made in fp32."""
+    # the pipeline is given in bf16 (what train() loads for mixed_precision "bf16"); the accelerator stays "no"
+    # because accelerate's process-wide AcceleratorState cannot change its mixed precision within one test process
+    cfg = config(assets, tmp_path / "bf16init", seed=3)
+    pipe = flux.load_kontext_pipeline(cfg.model, torch.bfloat16)
+    seen = train_until_optimizer(cfg, monkeypatch, pipe=pipe)
+    layers = seen["layers"]
+    assert layers and all(l.base_layer.weight.dtype == torch.bfloat16 for l in layers.values())
+
+    torch.manual_seed(cfg.seed)
+    off_grid = False
+    for name, layer in layers.items():
+        keys = torch.randn(cfg.num_loras, cfg.key_dim)
+        to_q = torch.empty(cfg.key_dim, layer.query_dim)
+        torch.nn.init.kaiming_uniform_(to_q, a=math.sqrt(5))
+        lora_a = torch.empty(cfg.num_loras, layer.in_features, cfg.rank)
+        torch.nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        for got, want in ((layer.lora_A, lora_a), (layer.lora_keys, keys), (layer.att_lora_to_q.weight, to_q)):
+            assert got.dtype == torch.float32 and torch.equal(got.detach(), want), name
+        assert torch.count_nonzero(layer.lora_B) == 0
+        off_grid |= not torch.equal(layer.lora_A, layer.lora_A.bfloat16().float())
+    assert off_grid  # not on the bf16 grid
 
 
 def test_control_latents_are_sampled_as_the_official_trainer(assets):
