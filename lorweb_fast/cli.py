@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "backward returned NaN gradients on an H200 with torch 2.11)",
              "checkpoint_every": "steps between checkpoints (official 250)",
              "keep_checkpoints": "checkpoints kept (official 4)",
+             "keep_milestone_every": "checkpoints at steps that are multiples of this are never rotated out "
+                                     "(official ai-toolkit: 500); 0: rotate them like the others",
              "long_edge": "training resolution: the bucket resolution (official 512) or the long edge (--resize)",
              "resize": "bucket (official ai-toolkit aspect buckets of b''s size, centre crop) or long-edge",
              "bucket_divisibility": ("bucket sides are multiples of this (official 16: ai-toolkit replaces the "
@@ -264,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         text = helps.get(f.name)
         if f.name == "betas":
             t.add_argument(flag, type=float, nargs=2, default=list(f.default), help="AdamW betas (default: 0.9 0.99)")
+        elif f.name == "progress":  # --quiet as in data, demo and eval; --no-progress kept as an alias
+            t.add_argument("--quiet", "--no-progress", dest="progress", action="store_false", help="no progress bar")
         elif isinstance(f.default, bool) and f.default:
             t.add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
                            help=f"turn {f.name.replace('_', ' ')} off (on by default)")
@@ -291,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: its non-blank lines stripped and joined with "; ", or with a space after a line that
+    already ends in ":", ";" or "," (a multi-line "...; the model was not changed:" list reads "...: a; b")."""
+    joined = ""
+    for line in (raw.strip() for raw in text.splitlines()):
+        if line:
+            joined += line if not joined else (" " if joined[-1] in ":;," else "; ") + line
+    return joined
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .model import LoRWeBCheckpointError
     from .ops import BackendUnavailableError
@@ -301,8 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args.func(args)
     except (FileNotFoundError, LoRWeBCheckpointError, BackendUnavailableError, ValueError) as exc:
-        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
-        print(f"lorweb-fast {args.command}: error: {message}", file=sys.stderr)
+        print(f"lorweb-fast {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     return 0
 

@@ -400,9 +400,14 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
                  progress: bool = True) -> dict:
     """Validate every sample of ``root``; return counts ``{"samples", "layouts", "sizes", "captions", "problems"}``.
     With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there: the grids the
-    trainer sees, before resizing to the training resolution."""
+    trainer sees, before resizing to the training resolution. A ``dump`` that is a file or cannot be created is
+    refused (``validation.UsageError``) before any sample is read."""
     from tqdm.auto import tqdm
 
+    from .validation import check_output_dir
+
+    if dump is not None:
+        check_output_dir("dump", dump)  # before the (long) validation of every sample
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dataset = AnalogyFolder(root, skip_bad=skip_bad, layout=layout, resize=resize, long_edge=long_edge,
@@ -431,6 +436,33 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
 
 
 # ------------------------------------------------------------------------------------------ data prepare
+#: the fields of a Relation252K ``labels.json`` entry that ``data prepare`` reads
+LABEL_FIELDS = ("img_name", "edit_instruction", "left_image_description", "right_image_description")
+
+
+def _read_json(path: Path, what: str):
+    """The JSON value in ``path``; AnalogyDataError naming ``what`` and the file when it is not valid UTF-8 JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AnalogyDataError(f"{what} {path} is not valid JSON ({exc})") from None
+
+
+def _label_field(labels_path: Path, k: int, entry, field: str):
+    """``entry[field]`` of entry ``k`` of ``labels_path``; AnalogyDataError naming the file, the entry and the field
+    when the entry is not an object, lacks the field, or (img_name, edit_instruction) does not hold a string."""
+    if not isinstance(entry, dict):
+        raise AnalogyDataError(f"{labels_path}: entry {k} is a JSON {type(entry).__name__}, not an object with "
+                               f"{', '.join(LABEL_FIELDS)}")
+    name = f" ({entry['img_name']!r})" if isinstance(entry.get("img_name"), str) else ""
+    if field not in entry:
+        raise AnalogyDataError(f"{labels_path}: entry {k}{name} has no {field!r} field")
+    value = entry[field]
+    if field in ("img_name", "edit_instruction") and not isinstance(value, str):
+        raise AnalogyDataError(f"{labels_path}: entry {k}{name}: {field} must be a string, got {value!r}")
+    return value
+
+
 def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optional[int] = None,
                        filter_categories: Optional[list[str]] = None, filter_json: Optional[str] = None,
                        progress: bool = True) -> list[dict]:
@@ -438,7 +470,13 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
     (``Relation252KDataset`` + ``get_triplets``) reads them: every sub-folder ``<category>/Group1/`` with a
     ``labels.json`` (a list of ``{"img_name", "edit_instruction", "left_image_description",
     "right_image_description"}``); entries whose image is missing are skipped; the id is ``<category>_<img_name>``.
-    Categories are taken in sorted order (the official script uses the file system's order)."""
+    Categories are taken in sorted order (the official script uses the file system's order).
+
+    Raises AnalogyDataError naming the file: ``filter_json`` or a ``labels.json`` that is not valid JSON (the
+    official script skips such a category), a ``labels.json`` that is not a list of objects, an entry without
+    ``img_name``, or a used entry (its image exists) without one of the other fields (the official script stops
+    with a KeyError on both); also when ``filter_categories`` names none of the categories (unmatched names are
+    warned about)."""
     from tqdm.auto import tqdm
 
     src = Path(src)
@@ -446,32 +484,45 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
         raise AnalogyDataError(f"Relation252K folder {src} does not exist")
     excluded = set()
     if filter_json:
-        excluded = {item.get("image_id", "") for item in json.loads(Path(filter_json).read_text(encoding="utf-8"))}
+        items = _read_json(Path(filter_json), "filter JSON")
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise AnalogyDataError(f"filter JSON {filter_json} must be a list of objects with an image_id")
+        excluded = {item.get("image_id", "") for item in items}
     categories = sorted(d for d in src.iterdir() if d.is_dir() and (d / "Group1" / "labels.json").is_file())
     if not categories:
         raise AnalogyDataError(f"{src} holds no <category>/Group1/labels.json: not a Relation252K folder")
+    if filter_categories:
+        names = [d.name for d in categories]
+        unknown = [c for c in filter_categories if c not in names]
+        if len(unknown) == len(filter_categories):
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise AnalogyDataError(f"no category of {src} matches the category filter ({', '.join(unknown)}); its "
+                                   f"{len(names)} categories: {shown}")
+        if unknown:
+            warnings.warn(f"{src} has no category {', '.join(unknown)} (category filter)", stacklevel=2)
     pairs, counts = [], Counter()
     for category in tqdm(categories, desc="reading labels", unit="category", disable=not progress):
         name = category.name
         if filter_categories and name not in filter_categories:
             continue
         labels_path = category / "Group1" / "labels.json"
-        try:
-            labels = json.loads(labels_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AnalogyDataError(f"{labels_path} is not valid JSON ({exc})") from None
-        for entry in labels:
-            image = category / "Group1" / entry["img_name"]
-            image_id = f"{name}_{entry['img_name']}"
+        labels = _read_json(labels_path, "labels file")
+        if not isinstance(labels, list):
+            raise AnalogyDataError(f"{labels_path} holds a JSON {type(labels).__name__}, not a list of label objects")
+        for k, entry in enumerate(labels):
+            img_name = _label_field(labels_path, k, entry, "img_name")
+            image = category / "Group1" / img_name
+            image_id = f"{name}_{img_name}"
             if not image.is_file() or image_id in excluded:
                 continue
             if max_samples_per_category and counts[name] >= max_samples_per_category:
                 continue
+            fields = {field: _label_field(labels_path, k, entry, field) for field in LABEL_FIELDS[1:]}
             counts[name] += 1
-            pairs.append({"image_id": image_id, "category": name, "path": image, "img_name": entry["img_name"],
-                          "edit_prompt": entry["edit_instruction"],
-                          "left_image_description": entry["left_image_description"],
-                          "right_image_description": entry["right_image_description"]})
+            pairs.append({"image_id": image_id, "category": name, "path": image, "img_name": img_name,
+                          "edit_prompt": fields["edit_instruction"],
+                          "left_image_description": fields["left_image_description"],
+                          "right_image_description": fields["right_image_description"]})
     return pairs
 
 
@@ -551,16 +602,23 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
 
     Resumable: an analogy whose three files exist is skipped (files are written to a temporary name and renamed, so an
     existing file is complete). ``analogy_metadata.json`` lists every written analogy (official entry fields) and is
-    rewritten atomically at the end. Returns ``{"analogies", "written", "skipped", "failed": [(id, error)]}``."""
+    rewritten atomically at the end. Returns ``{"analogies", "written", "skipped", "failed": [(id, error)]}``.
+
+    Nothing is written when ``out`` is a file or not writable (``validation.UsageError``), when the labels or
+    filters are unusable (see ``relation252k_pairs``), or when no analogy can be formed (``AnalogyDataError``)."""
     from tqdm.auto import tqdm
 
-    out = Path(out)
+    from .validation import check_output_dir
+
+    out = check_output_dir("out", out)  # a file or an unwritable folder: refused before anything is read
     pairs = relation252k_pairs(src, max_samples_per_category=max_samples_per_category,
                                filter_categories=filter_categories, filter_json=filter_json, progress=progress)
     analogies = plan_analogies(pairs, min_pairs_per_category=min_pairs_per_category, max_analogies=max_analogies,
                                seed=seed)
     if not analogies:
-        raise AnalogyDataError(f"{src}: no category has {min_pairs_per_category} or more pairs, so no analogies")
+        most = max(Counter(p["category"] for p in pairs).values(), default=0)
+        raise AnalogyDataError(f"{src}: no category has {min_pairs_per_category} or more usable pairs (the most in "
+                               f"one category after the filters: {most}), so no analogies")
     (out / "control").mkdir(parents=True, exist_ok=True)
     (out / "target").mkdir(parents=True, exist_ok=True)
     written = skipped = 0
@@ -613,6 +671,11 @@ def add_data_subparser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_data(args) -> dict:
+    """``lorweb-fast data check|prepare``: the options are checked (``validation.check_data_args``) before any
+    folder is read or written."""
+    from .validation import check_data_args
+
+    check_data_args(args)
     if args.data_command == "check":
         report = check_folder(args.data, dump=args.dump, skip_bad=args.skip_bad, layout=args.layout,
                               resize=args.resize, long_edge=args.long_edge,

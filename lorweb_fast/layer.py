@@ -56,7 +56,9 @@ class LoRWeBLinear(nn.Module):
     base without a plain weight such as bitsandbytes layers); the trainer passes float32, as the official network is
     initialised in fp32 (NVlabs/LoRWeB toolkit/models/AttLoRA.py ``AttLoRAModule.__init__``).
 
-    The base layer is kept as ``base_layer`` and is neither copied nor unfrozen. Coefficients are set with
+    The base layer is kept as ``base_layer``, not copied, and frozen (its parameters get ``requires_grad=False``,
+    as peft freezes the layers it wraps: the base weight is frozen in LoRWeB, and the fused backward then skips its
+    gradient). Coefficients are set with
     ``set_coefficients`` (usually by ``lorweb_fast.set_query`` for the whole model) and stay until replaced or
     cleared; a forward without them raises.
 
@@ -124,6 +126,7 @@ class LoRWeBLinear(nn.Module):
         #: added to it. Set by the trainer's ``adapter_precision``.
         self.adapter_precision = "auto"
         self._merged_grad_warned = [False]  # shared by the layers of one merged() block: one warning per block
+        base.requires_grad_(False)  # W is frozen (METHOD.md), as peft freezes the layers it wraps
 
     def lorweb_tensors(self) -> dict[str, nn.Parameter]:
         """The LoRWeB parameters under their official checkpoint suffixes, in checkpoint order (without

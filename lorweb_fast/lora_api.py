@@ -182,6 +182,9 @@ def model_card(model: nn.Module, *, encoder: str = DEFAULT_ENCODER, base_model: 
                pooling_type: str = "avg") -> str:
     """A README.md model card: base model, encoder, N, r, query mode, training data and steps when known, usage."""
     layers = _require_layers(model)
+    if training is not None and not isinstance(training, dict):
+        raise TypeError(f"training must be a dict (e.g. {{'data': ..., 'steps': ...}}) or None, got "
+                        f"{type(training).__name__}")
     first = next(iter(layers.values()))
     base = base_model or "black-forest-labs/FLUX.1-Kontext-dev"
     training = training or {}
@@ -232,18 +235,23 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, enc
                     training: Optional[dict] = None, repo_id: Optional[str] = None) -> Path:
     """Write ``lorweb.safetensors`` (official format), the official ``config.yaml`` (from the layers plus the
     encoder, query mode and pooling: what ``from_pretrained`` and the official inference.py read back) and a
-    README.md model card to ``directory``. Fused weights are not saved: the LoRWeB parameters are."""
+    README.md model card to ``directory``. Fused weights are not saved: the LoRWeB parameters are.
+
+    Everything is checked before anything is written (``directory`` is created by ``save_lorweb_weights`` once the
+    tensors and settings have passed): a refused save (e.g. NaN weights, an unknown query mode) leaves no folder
+    or file behind."""
+    from .official_config import check_query_settings
+
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory")
-    _require_layers(model)
-    directory.mkdir(parents=True, exist_ok=True)
+    check_query_settings(query_mode, pooling_type)
+    card = model_card(model, encoder=encoder, base_model=base_model, training=training, repo_id=repo_id,
+                      query_mode=query_mode, pooling_type=pooling_type)  # also: the model has LoRWeB layers
     save_lorweb_weights(model, directory / WEIGHT_NAME, metadata={"encoder": encoder},
                         config={"encoder": encoder, "query_mode": query_mode, "pooling_type": pooling_type,
                                 "model": base_model})
-    (directory / CARD_NAME).write_text(model_card(model, encoder=encoder, base_model=base_model, training=training,
-                                                  repo_id=repo_id, query_mode=query_mode,
-                                                  pooling_type=pooling_type))
+    (directory / CARD_NAME).write_text(card)
     return directory
 
 

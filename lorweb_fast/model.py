@@ -298,7 +298,7 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     meta["encoder"] = DEFAULT_ENCODER
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a dict of strings, got {type(metadata).__name__}")
-    user = {str(k): str(v) for k, v in (metadata or {}).items()}
+    user = {str(k): str(v) for k, v in (metadata or {}).items() if v is not None}  # None: not given
     reserved = sorted(k for k in user
                       if k in RESERVED_METADATA or (k.startswith("lorweb.") and k not in QUERY_METADATA))
     if reserved:
@@ -329,9 +329,6 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         raise ValueError(f"cannot save LoRWeB weights to {path}: the file name must end in .safetensors (the format "
                          "written; the command line refuses other extensions)")
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
-    os.close(fd)
     settings = None
     if config is not None:
         from .official_config import LoRWeBConfigError
@@ -343,6 +340,8 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
                     "encoder": meta["encoder"], "query_mode": meta.get("lorweb.query_mode"),
                     "pooling_type": meta.get("lorweb.pooling_type")}
         for key, value in config.items():
+            if value is None and key in ("encoder", "query_mode", "pooling_type"):
+                continue  # not given: the layers' metadata or the official default
             if settings.get(key) is not None and key not in ("encoder", "query_mode", "pooling_type") \
                     and value != settings[key]:
                 raise LoRWeBConfigError(f"config {key}={value!r} contradicts the model's layers ({settings[key]!r})")
@@ -351,6 +350,9 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
             if settings.get(key) is not None:
                 meta[f"lorweb.{key}"] = str(settings[key])
         meta["encoder"] = str(settings["encoder"])
+    os.makedirs(directory, exist_ok=True)  # everything checked: nothing is written for a refused call
+    fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
+    os.close(fd)
     try:
         save_file(state, tmp, metadata=meta)
         if settings is not None:
@@ -597,7 +599,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise LoRWeBCheckpointError(f"LoRWeB checkpoint does not match {type(model).__name__} "
-                                    f"({len(problems)} problems); the model was not changed:\n  {shown}")
+                                    f"({len(problems)} problem{'s' if len(problems) != 1 else ''}); the model was not changed:\n  {shown}")
 
     # Everything is validated: build all new layers first, then swap them in and copy (cannot fail now).
     new_layers = {}

@@ -446,9 +446,13 @@ def compute_coefficients(query: torch.Tensor, to_q_weight: torch.Tensor, keys: t
     kk = keys if stacked else keys.unsqueeze(0)
     if query.dim() != 2:
         raise ValueError(f"query must be (B, query_dim), got shape {tuple(query.shape)}")
-    if w.dim() != 3 or w.shape[2] != query.shape[1]:
-        raise ValueError(f"to_q_weight must be (key_dim, query_dim={query.shape[1]}) (or stacked (L, ...)), "
-                         f"got shape {tuple(to_q_weight.shape)}")
+    if w.dim() != 3:
+        raise ValueError(f"to_q_weight must be (key_dim, query_dim) (or stacked (L, key_dim, query_dim)), got shape "
+                         f"{tuple(to_q_weight.shape)}")
+    if w.shape[2] != query.shape[1]:
+        raise ValueError(f"query has {query.shape[1]} features but to_q_weight {tuple(to_q_weight.shape)} expects "
+                         f"query_dim={w.shape[2]}: the query comes from another encoder or query mode than the layers "
+                         "were built for")
     if kk.dim() != 3 or kk.shape[0] != w.shape[0] or kk.shape[2] != w.shape[1]:
         raise ValueError(f"keys must be (N, key_dim={w.shape[1]}) (or stacked (L, N, key_dim)), "
                          f"got shape {tuple(keys.shape)}")

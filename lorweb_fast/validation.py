@@ -306,6 +306,7 @@ TRAIN_RANGES = {
     "max_sequence_length": (1, 512, False), "num_loras": (1, None, False), "rank": (1, None, False),
     "key_dim": (1, None, False), "heads": (1, None, False), "checkpoint_every": (1, None, False),
     "keep_checkpoints": (0, None, False), "seed": (0, 2 ** 63 - 1, False), "num_workers": (0, None, False),
+    "bucket_divisibility": (1, None, False),
 }
 
 
@@ -495,14 +496,43 @@ def check_train_args(args) -> None:
     check_model_source("--encoder", args.encoder, "config.json")
 
 
+#: what ``lorweb-fast demo`` writes in its --out folder (cli.run_demo)
+DEMO_OUTPUTS = ("models", "data", "train", "loss.png", "b_prime.png", "analogy.png", "coefficients.png",
+                "summary.json")
+
+
 def check_demo_args(args) -> None:
-    """``lorweb-fast demo`` options before anything is built."""
+    """``lorweb-fast demo`` options before anything is built; an --out that already holds any of ``DEMO_OUTPUTS``
+    (an earlier demo, or files the demo would overwrite or mix with) is refused."""
     try:
-        check_output_dir("--out", args.out)
+        out = check_output_dir("--out", args.out)
+        found = [name for name in DEMO_OUTPUTS if (out / name).exists()]
+        if found:
+            raise UsageError(f"--out {out} already holds {', '.join(found)}, which the demo writes; use another "
+                             f"--out, or delete {out} if it is an earlier demo's")
         check_int("--steps", args.steps, lo=1)
         check_int("--samples", args.samples, lo=1)
         check_real("--learning-rate", args.learning_rate, lo=0.0, lo_open=True)
         check_int("--inference-steps", args.inference_steps, lo=1)
         check_int("--seed", args.seed, lo=0, hi=2 ** 63 - 1)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_data_args(args) -> None:
+    """``lorweb-fast data check`` / ``data prepare`` options before any folder is read or written."""
+    try:
+        if args.data_command == "check":
+            check_int("--long-edge", args.long_edge, lo=MIN_LONG_EDGE)  # the range lorweb-fast train accepts
+            check_int("--bucket-divisibility", args.bucket_divisibility, lo=1)
+            if args.dump is not None:
+                check_output_dir("--dump", args.dump)
+            return
+        check_output_dir("out", args.out)
+        if args.filter_json is not None:
+            check_input_file("--filter-json", args.filter_json)
+        for option in ("max_analogies", "max_samples_per_category", "min_pairs_per_category"):
+            if getattr(args, option) is not None:
+                check_int("--" + option.replace("_", "-"), getattr(args, option), lo=1)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None

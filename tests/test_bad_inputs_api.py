@@ -612,3 +612,47 @@ def test_layer_forward_refuses_non_float_inputs(dtype):
     with pytest.raises(TypeError, match="x has dtype"):
         m(x)
     assert_unchanged(m, snap)
+
+
+@pytest.mark.parametrize("case,exc,fragment", [("nan lora_A", LoRWeBCheckpointError, "refusing to save"),
+                                               ("query mode", ValueError, "query_mode must be one of"),
+                                               ("pooling", ValueError, "pooling_type must be one of"),
+                                               ("training", TypeError, "training must be a dict")])
+def test_refused_save_pretrained_creates_nothing(tmp_path, case, exc, fragment):
+    """save_pretrained validates before it creates the folder: a refused save leaves no (empty) folder behind, and
+    no weights without their model card."""
+    from lorweb_fast import lora_api
+
+    m = tiny_model()
+    kwargs = {"query mode": {"query_mode": "bogus"}, "pooling": {"pooling_type": "bogus"},
+              "training": {"training": 5}}.get(case, {})
+    if case == "nan lora_A":
+        with torch.no_grad():
+            m[0].lora_A.view(-1)[0] = math.nan
+    with pytest.raises(exc, match=fragment):
+        lora_api.save_pretrained(m, tmp_path / "out" / "weights", **kwargs)
+    assert os.listdir(tmp_path) == []
+    lora_api.save_pretrained(tiny_model(), tmp_path / "out" / "weights")  # positive control
+    assert sorted(os.listdir(tmp_path / "out" / "weights")) == ["README.md", "config.yaml", "lorweb.safetensors"]
+
+
+def test_a_save_refused_for_its_config_writes_nothing(tmp_path):
+    """save_lorweb_weights checks a config that contradicts the layers before it creates the folder or its
+    temporary file; encoder=None means "not given" (the official default is written, not the string "None")."""
+    model = prepared()
+    target = tmp_path / "new" / "w.safetensors"
+    with pytest.raises(ValueError, match="contradicts the model's layers"):
+        lf.save_lorweb_weights(model, target, config={"num_loras": 99})
+    assert not (tmp_path / "new").exists()
+    lf.save_lorweb_weights(model, target, metadata={"encoder": None}, config={"encoder": None})
+    from lorweb_fast.model import DEFAULT_ENCODER, checkpoint_metadata
+
+    assert checkpoint_metadata(target)["encoder"] == DEFAULT_ENCODER
+
+
+def test_a_query_of_the_wrong_width_is_named():
+    """compute_coefficients blames the query (another encoder or query mode), not the layer's projection."""
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"query has 5 features but to_q_weight \(4, 6\) expects query_dim=6"):
+        ops.compute_coefficients(torch.randn(2, 5, generator=g), torch.randn(4, 6, generator=g),
+                                 torch.randn(3, 4, generator=g))

@@ -201,6 +201,7 @@ TRAIN_CASES = {
     "weight decay negative": (["--weight-decay", "-0.1"], "weight_decay must be >= 0"),
     "grad norm inf": (["--max-grad-norm", "inf"], "max_grad_norm must be finite"),
     "long edge 0": (["--long-edge", "0"], "long_edge must be"),
+    "bucket divisibility 0": (["--bucket-divisibility", "0"], "bucket_divisibility must be an integer >= 1"),
     "logit std 0": (["--logit-std", "0"], "logit_std must be > 0"),
     "logit mean nan": (["--logit-mean", "nan"], "logit_mean must be finite"),
     "mode scale inf": (["--mode-scale", "inf"], "mode_scale must be finite"),
@@ -304,6 +305,66 @@ def test_demo_out_is_a_file(files, capsys, monkeypatch):
     built = []
     monkeypatch.setattr(demo, "build_tiny_kontext_pipeline", lambda *a, **k: built.append(a))
     assert_one_line_exit_2(capsys, ["demo", "--out", str(files / "a_file")], "is a file; give a folder", built)
+
+
+@pytest.mark.parametrize("existing", ["models", "train", "summary.json", "every output"])
+def test_demo_refuses_an_out_holding_demo_outputs(tmp_path, capsys, monkeypatch, existing):
+    """A second demo into the same --out stops before anything is built or written (it used to rebuild models/ and
+    data/, then fail in training with advice about --resume/--overwrite, options demo does not have)."""
+    from lorweb_fast.validation import DEMO_OUTPUTS
+
+    built = []
+    monkeypatch.setattr(demo, "build_tiny_kontext_pipeline", lambda *a, **k: built.append(a))
+    out = tmp_path / "demo"
+    for name in (DEMO_OUTPUTS if existing == "every output" else [existing]):
+        if "." in name:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text("old")
+        else:
+            (out / name / "inner").mkdir(parents=True)
+    before = sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*"))
+    line = assert_one_line_exit_2(capsys, ["demo", "--out", str(out)], "which the demo writes; use another --out",
+                                  built)
+    assert f"already holds {existing if existing != 'every output' else ', '.join(DEMO_OUTPUTS)}," in line
+    assert "--resume" not in line and "--overwrite" not in line
+    assert sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*")) == before
+
+
+def test_demo_accepts_an_out_with_other_files(tmp_path, monkeypatch):
+    """Positive control: files the demo does not write do not stop it (and it reaches the model builder)."""
+    monkeypatch.setattr(demo, "build_tiny_kontext_pipeline", lambda *a, **k: (_ for _ in ()).throw(ModelLoaded()))
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "notes.txt").write_text("mine")
+    with pytest.raises(ModelLoaded):
+        cli.main(["demo", "--out", str(tmp_path / "demo"), "--quiet"])
+    assert (tmp_path / "demo" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("flag", ["--quiet", "--no-progress", None])
+def test_train_quiet_as_every_other_command(files, tmp_path, flag):
+    """``train --quiet`` turns the progress bars off as in data, demo and eval; --no-progress is an alias."""
+    argv = [a for a in train_argv(files, tmp_path) if a != "--no-progress"] + ([flag] if flag else [])
+    assert cli.build_parser().parse_args(argv).progress is (flag is None)
+
+
+def test_multi_line_errors_read_as_one_line(tmp_path, capsys, monkeypatch):
+    """A checkpoint that does not match the model: the real multi-line LoRWeBCheckpointError on one readable line
+    (no ":;" after the header, "; " between problems)."""
+    m = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=r"\d"))
+    lf.save_lorweb_weights(m, tmp_path / "w.safetensors")
+    other = nn.Sequential(nn.Linear(7, 5), nn.Linear(5, 3))  # both layers' shapes differ
+    lf.inject_lorweb(other, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=r"\d"))
+
+    def run_infer(args):
+        lf.load_lorweb_weights(other, tmp_path / "w.safetensors")
+
+    monkeypatch.setattr(cli, "run_infer", run_infer)
+    line = assert_one_line_exit_2(capsys, ["infer", "--a", "a", "--a-prime", "a", "--b", "b", "--prompt", "p",
+                                           "--weights", "w"], "the model was not changed: transformer.0.lora_A", [])
+    assert ":;" not in line and ";;" not in line
+    assert "in_features=7; transformer.1.lora_B has shape" in line, line
+    assert cli.one_line("a:\n  b\n\n  c;\nd,\ne") == "a: b; c; d, e"
 
 
 @pytest.mark.parametrize("option", ["--out", "--coefficients-plot", "existing --out file"])

@@ -344,6 +344,119 @@ def test_data_prepare_bad_source(tmp_path, capsys):
     assert "not a Relation252K folder" in capsys.readouterr().err
 
 
+def _one_error_line(capsys, argv) -> str:
+    """Run the CLI, expect exit status 2 and one stderr line without a traceback; return that line."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+LABEL_CASES = {  # labels.json of cat-a -> the fragments the error names
+    "missing field": ([{"img_name": "img0.png"}], ["entry 0 ('img0.png') has no 'edit_instruction' field"]),
+    "missing description": ([{"img_name": "img0.png", "edit_instruction": "e", "left_image_description": "l"}],
+                            ["entry 0 ('img0.png') has no 'right_image_description' field"]),
+    "missing img_name": ([{"edit_instruction": "e"}], ["entry 0 has no 'img_name' field"]),
+    "img_name not a string": ([{"img_name": 3}], ["entry 0: img_name must be a string, got 3"]),
+    "entry not an object": (["img0.png"], ["entry 0 is a JSON str, not an object"]),
+    "not a list": ({"img_name": "img0.png"}, ["holds a JSON dict, not a list of label objects"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LABEL_CASES))
+def test_data_prepare_names_an_incomplete_labels_entry(tmp_path, capsys, case):
+    """The official preprocess_data.py stops with a KeyError on such entries: here one line names the file, the
+    entry and the field, and nothing is written."""
+    _relation252k(tmp_path / "rel")
+    labels, fragments = LABEL_CASES[case]
+    labels_path = tmp_path / "rel" / "cat-a" / "Group1" / "labels.json"
+    labels_path.write_text(json.dumps(labels))
+    line = _one_error_line(capsys, ["data", "prepare", str(tmp_path / "rel"), str(tmp_path / "out"), "--quiet"])
+    assert str(labels_path) in line and all(f in line for f in fragments), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_prepare_needs_only_img_name_for_entries_it_skips(tmp_path):
+    """As the official script: an entry whose image is missing is skipped before its other fields are read."""
+    _relation252k(tmp_path / "rel")
+    labels_path = tmp_path / "rel" / "cat-a" / "Group1" / "labels.json"
+    labels_path.write_text(json.dumps(json.loads(labels_path.read_text()) + [{"img_name": "gone.png"}]))
+    assert data.prepare_relation252k(tmp_path / "rel", tmp_path / "out", progress=False)["analogies"] == 4
+
+
+@pytest.mark.parametrize("text,fragment", [("[1, 2", "is not valid JSON (Expecting ',' delimiter"),
+                                           ('{"image_id": "x"}', "must be a list of objects with an image_id"),
+                                           ("[1]", "must be a list of objects with an image_id")])
+def test_data_prepare_names_a_bad_filter_json(tmp_path, capsys, text, fragment):
+    _relation252k(tmp_path / "rel")
+    bad = tmp_path / "filter.json"
+    bad.write_text(text)
+    line = _one_error_line(capsys, ["data", "prepare", str(tmp_path / "rel"), str(tmp_path / "out"), "--quiet",
+                                    "--filter-json", str(bad)])
+    assert f"filter JSON {bad}" in line and fragment in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_prepare_filter_categories_that_match_nothing(tmp_path, capsys):
+    _relation252k(tmp_path / "rel")
+    line = _one_error_line(capsys, ["data", "prepare", str(tmp_path / "rel"), str(tmp_path / "out"), "--quiet",
+                                    "--filter-categories", "nope", "cat-x"])
+    assert "no category of" in line and "matches the category filter (nope, cat-x)" in line, line
+    assert "cat-a, cat-b, cat-c" in line and not (tmp_path / "out").exists()
+    with pytest.warns(UserWarning, match="has no category nope"):  # a partial match keeps the known categories
+        report = data.prepare_relation252k(tmp_path / "rel", tmp_path / "out", filter_categories=["nope", "cat-c"],
+                                           progress=False)
+    assert report["analogies"] == 1
+    # categories that exist but give no analogy: the message says so (not that the filter matched nothing)
+    line = _one_error_line(capsys, ["data", "prepare", str(tmp_path / "rel"), str(tmp_path / "out2"), "--quiet",
+                                    "--filter-categories", "cat-b"])
+    assert "no category has 2 or more usable pairs (the most in one category after the filters: 1)" in line, line
+
+
+@pytest.mark.parametrize("option,value,fragment", [("--max-analogies", "0", "--max-analogies must be an integer >= 1"),
+                                                   ("--max-samples-per-category", "-1",
+                                                    "--max-samples-per-category must be an integer >= 1"),
+                                                   ("--filter-json", "{tmp}/none.json", "none.json does not exist")])
+def test_data_prepare_bad_option(tmp_path, capsys, option, value, fragment):
+    _relation252k(tmp_path / "rel")
+    line = _one_error_line(capsys, ["data", "prepare", str(tmp_path / "rel"), str(tmp_path / "out"), "--quiet",
+                                    option, value.format(tmp=tmp_path)])
+    assert fragment in line and not (tmp_path / "out").exists(), line
+
+
+def test_data_prepare_out_is_a_file(tmp_path, capsys):
+    _relation252k(tmp_path / "rel")
+    (tmp_path / "out").write_text("mine")
+    line = _one_error_line(capsys, ["data", "prepare", str(tmp_path / "rel"), str(tmp_path / "out"), "--quiet"])
+    assert "is a file; give a folder" in line and (tmp_path / "out").read_text() == "mine"
+
+
+def test_data_check_dump_onto_a_file_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    root = _strip_folder(tmp_path / "d")
+    (tmp_path / "dump").write_text("mine")
+    line = _one_error_line(capsys, ["data", "check", str(root), "--dump", str(tmp_path / "dump"), "--quiet",
+                                    "--resize", "long-edge"])
+    assert f"--dump {tmp_path / 'dump'} is a file; give a folder" in line, line
+    assert (tmp_path / "dump").read_text() == "mine"
+    read = []  # the API refuses it too, before reading a sample
+    monkeypatch.setattr(data, "AnalogyFolder", lambda *a, **k: read.append(a))
+    with pytest.raises(ValueError, match="dump .* is a file; give a folder"):
+        data.check_folder(root, dump=tmp_path / "dump", progress=False)
+    assert read == []
+
+
+@pytest.mark.parametrize("option,value,fragment", [("--long-edge", "0", "--long-edge must be an integer >= 32, got 0"),
+                                                   ("--long-edge", "16", "--long-edge must be an integer >= 32"),
+                                                   ("--bucket-divisibility", "0",
+                                                    "--bucket-divisibility must be an integer >= 1, got 0")])
+def test_data_check_bad_option(tmp_path, capsys, option, value, fragment):
+    """--long-edge takes the range lorweb-fast train accepts; the error names the option, not every image."""
+    root = _strip_folder(tmp_path / "d")
+    line = _one_error_line(capsys, ["data", "check", str(root), "--quiet", option, value])
+    assert fragment in line and "s00" not in line, line
+
+
 # ------------------------------------------------------------------------------------------ training size
 _SDXL = np.array([[1024, 1024], [2048, 512], [1984, 512], [1920, 512], [1856, 512], [1792, 576], [1728, 576],
                   [1664, 576], [1600, 640], [1536, 640], [1472, 704], [1408, 704], [1344, 704], [1344, 768],

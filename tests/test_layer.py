@@ -143,3 +143,21 @@ def test_explicit_parameter_dtype_initialises_in_that_dtype():
     with pytest.raises(TypeError, match="dtype must be"):
         lf.inject_lorweb(plain, lf.LoRWeBConfig(target_modules=["0"], **kw), dtype=torch.int64)
     assert type(plain[0]) is nn.Linear  # nothing injected
+
+
+def test_wrapping_freezes_the_base_layer_only():
+    """As peft: the wrapped layer's parameters stop requiring grad (W is frozen in LoRWeB); the LoRWeB parameters
+    and the model's other layers are left as they were; a refused construction changes nothing."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+    with pytest.raises(ValueError):
+        lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, heads=3,
+                                                target_modules=["0"]))
+    assert all(p.requires_grad for p in model.parameters())
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=["0"]))
+    layer = model[0]
+    assert not any(p.requires_grad for p in layer.base_layer.parameters())
+    assert all(p.requires_grad for p in layer.lorweb_tensors().values())
+    assert all(p.requires_grad for p in model[1].parameters())
+    lf.set_query(model, torch.randn(2, 6))
+    model(torch.randn(2, 3, 6)).sum().backward()
+    assert layer.base_layer.weight.grad is None and layer.lora_B.grad is not None
