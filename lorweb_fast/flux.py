@@ -388,7 +388,14 @@ class AnalogyEncoder:
             raise ValueError(f"query_source='images' encodes a, a', b separately (like \"cat-aa'b\"); it cannot "
                              f"be combined with query_mode={query_mode!r}")
         self.name = str(model)
-        config = AutoConfig.from_pretrained(model)
+        if isinstance(model, Path) or str(model).startswith(("/", ".", os.sep)):
+            if not Path(model).is_dir():  # a local folder, not a hub id: named, not the hub's error
+                raise FileNotFoundError(f"analogy encoder folder not found: {model}")
+        try:
+            config = AutoConfig.from_pretrained(model)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"cannot load the analogy encoder {self.name!r} (a CLIP or SigLIP2 checkpoint: hub id or "
+                             f"folder): {exc}") from exc
         model_type = config.model_type
         if not model_type.startswith(("clip", "siglip")):
             raise ValueError(f"unsupported analogy encoder {self.name!r} (model_type {model_type!r}): use a CLIP or "
@@ -729,13 +736,21 @@ class LoRWeBKontextPipeline:
                     "pooling_type": pooling_type}
         settings = resolve_checkpoint_settings(weights, config, explicit)  # fails before any model loads
         query_source = resolve_query_source(weights, query_source)
+        # the encoder (far smaller than the transformer) first: its query width is checked against the checkpoint
+        # before the pipeline loads; it runs in the pipeline's dtype (diffusers' fp32 when dtype is None)
+        enc = AnalogyEncoder(settings["encoder"], device=device, dtype=encoder_dtype or dtype or torch.float32,
+                             query_mode=settings["query_mode"], pooling_type=settings["pooling_type"],
+                             query_source=query_source)
+        expected = lora_api.checkpoint_query_dim(Path(weights))
+        if expected is not None and expected != enc.query_dim:
+            mode = enc.query_mode if enc.query_source == "grid" else "query_source='images'"
+            raise ValueError(f"the analogy encoder {enc.name!r} gives queries of {enc.query_dim} features in query "
+                             f"mode {mode}, but {weights} expects {expected}: the checkpoint was trained with "
+                             "another query mode or encoder")
         pipe = load_kontext_pipeline(model, dtype)
         load_lorweb_weights(pipe.transformer, weights, config, settings=explicit)
         if device is not None:
             pipe.to(device)
-        enc = AnalogyEncoder(settings["encoder"], device=device, dtype=encoder_dtype or pipe.transformer.dtype,
-                             query_mode=settings["query_mode"], pooling_type=settings["pooling_type"],
-                             query_source=query_source)
         return cls(pipe, enc, **options)
 
     # ------------------------------------------------------------- the diffusers/peft LoRA API (lora_api)

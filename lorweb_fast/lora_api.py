@@ -125,7 +125,10 @@ def resolve_weight_file(path_or_dir: Union[str, os.PathLike], weight_name: Optio
     return file
 
 
-def _checkpoint_query_dim(file: Path) -> Optional[int]:
+def checkpoint_query_dim(file: Path) -> Optional[int]:
+    """The query width a LoRWeB checkpoint file expects (its ``att_lora_to_q`` input features), read from the file
+    header without loading tensors; None for a checkpoint without query projections (``query_projection_type``
+    "none")."""
     from safetensors import safe_open
 
     with safe_open(os.fspath(file), framework="pt") as f:
@@ -151,7 +154,7 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
     file = resolve_weight_file(path_or_dir, weight_name)
     checkpoint_metadata(file)  # a corrupt file fails before anything changes
     if query_dim is not None:
-        got = _checkpoint_query_dim(file)
+        got = checkpoint_query_dim(file)
         if got is not None and got != query_dim:
             raise LoRWeBCheckpointError(f"{file} expects queries of {got} features but the analogy encoder gives "
                                         f"{query_dim}; the model was not changed")

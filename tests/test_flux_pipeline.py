@@ -254,7 +254,7 @@ def test_cli_infer_mismatched_weights(assets, tmp_path, capsys):
     cfg = dict(lf.testing.tiny_flux_config(), attention_head_dim=8, axes_dims_rope=(2, 2, 4))
     other = FluxTransformer2DModel(**cfg)  # narrower model: every shape differs
     lf.inject_lorweb(other, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=24))
-    lf.save_lorweb_weights(other, tmp_path / "other.safetensors")
+    lf.save_lorweb_weights(other, tmp_path / "other.safetensors", metadata={"encoder": str(assets / "clip")})
     rc, out = cli_infer(assets, tmp_path, weights=tmp_path / "other.safetensors")
     err = capsys.readouterr().err
     assert rc == 2 and not out.exists()

@@ -437,3 +437,21 @@ def test_load_lora_weights_refuses_a_checkpoint_trained_with_another_query_mode(
     after = lf.lorweb_state_dict(pipe.transformer)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert pipe.load_lora_weights(assets / "lorweb.safetensors")  # recorded defaults: accepted
+
+
+def test_from_pretrained_checks_the_query_width_before_loading_the_pipeline(assets, monkeypatch, tmp_path):
+    """A query mode whose width does not fit the checkpoint fails after the (small) encoder and before the
+    pipeline loads; an encoder folder that does not exist is named."""
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded")
+
+    monkeypatch.setattr(flux, "load_kontext_pipeline", no_pipeline)
+    with pytest.raises(ValueError, match=r"in query mode aa'bb', but .* expects \d+: the checkpoint was trained"):
+        flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
+                                                   query_mode="aa'bb'", resolution="native", long_edge=64)
+    with pytest.raises(FileNotFoundError, match="analogy encoder folder not found: .*no-clip"):
+        flux.AnalogyEncoder(tmp_path / "no-clip")
+    (tmp_path / "not-clip").mkdir()
+    (tmp_path / "not-clip" / "config.json").write_text('{"model_type": "no_such_model_type"}')
+    with pytest.raises(ValueError, match="cannot load the analogy encoder .*not-clip"):
+        flux.AnalogyEncoder(tmp_path / "not-clip")
