@@ -62,7 +62,7 @@ class LoRWeBLinear(nn.Module):
     ``set_coefficients`` (usually by ``lorweb_fast.set_query`` for the whole model) and stay until replaced or
     cleared; a forward without them raises.
 
-    Inputs: (B, S, in) or (B, in); coefficients: (B, N).
+    Inputs: (B, S, in) or (B, in) (more dimensions, (B, ..., in), are one sample's tokens); coefficients: (B, N).
     """
 
     def __init__(self, base: nn.Module, *, num_loras: int = 32, rank: int = 4, lora_alpha: Optional[float] = None,
@@ -204,7 +204,8 @@ class LoRWeBLinear(nn.Module):
                 "LoRWeBLinear has no coefficients: call lorweb_fast.set_query(model, query) with the analogy query "
                 "(or layer.set_coefficients(coeffs)) before the forward pass")
         if x.dim() not in (2, 3):
-            raise ValueError(f"LoRWeBLinear takes (B, S, in) or (B, in) inputs, got shape {tuple(x.shape)}")
+            raise ValueError(f"LoRWeBLinear takes (B, ..., in) inputs with a batch dimension, got shape "
+                             f"{tuple(x.shape)}")
         if coeffs.shape[0] != x.shape[0]:
             raise ValueError(f"coefficients are set for batch size {coeffs.shape[0]} but the input has batch size "
                              f"{x.shape[0]}; call set_query with one query per sample")
@@ -219,6 +220,8 @@ class LoRWeBLinear(nn.Module):
                               "the LoRWeB parameters (lora_A, lora_B, lora_keys, att_lora_to_q) get no gradient; "
                               "train outside merged()", UserWarning, stacklevel=2)
             return self.base_layer(x)
+        if x.dim() > 3:  # (B, ..., in) as nn.Linear takes it: the middle dimensions are one sample's tokens
+            return self.forward(x.reshape(x.shape[0], -1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
         if self._merge_jit:
             return self.jit_merged_forward(x)
         if self.adapter_precision != "auto":

@@ -161,3 +161,21 @@ def test_wrapping_freezes_the_base_layer_only():
     lf.set_query(model, torch.randn(2, 6))
     model(torch.randn(2, 3, 6)).sum().backward()
     assert layer.base_layer.weight.grad is None and layer.lora_B.grad is not None
+
+
+def test_inputs_with_more_dimensions_are_one_samples_tokens():
+    """(B, H, W, in), as nn.Linear takes it: the middle dimensions are flattened into the sample's tokens, so each
+    sample keeps its own coefficients; the same as the (B, H*W, in) call, also merged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=6, target_modules=["0"]))
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+        lf.set_query(model, torch.randn(2, 6))
+    x = torch.randn(2, 3, 4, 6)
+    y = model(x)
+    assert y.shape == (2, 3, 4, 5)
+    torch.testing.assert_close(y, model(x.reshape(2, 12, 6)).reshape(2, 3, 4, 5))
+    assert not torch.allclose(y[0], model[0].base_layer(x[0]), atol=1e-3)  # the mixture is there
+    with pytest.raises(ValueError, match="with a batch dimension"):
+        model(torch.randn(6))
