@@ -20,7 +20,7 @@ from .layer import LoRWeBLinear, has_plain_weight
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, checkpoint_metadata, get_coefficients, \
     load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, set_query
 from .validation import MIN_LONG_EDGE, check_device, check_generation_options, check_int, check_pipe_kwargs, \
-    warn_aspect_ratios
+    check_real, warn_aspect_ratios
 
 
 # ----------------------------------------------------------------------------------------------------- grids
@@ -625,8 +625,16 @@ DEFAULT_LONG_EDGE = 1024
 
 
 def _check_resolution_options(resolution: str, *, long_edge=None, max_area=None, max_size=None) -> None:
-    """Refuse an option of the other resolution mode instead of ignoring it: ``long_edge`` is the native mode's cap,
-    ``max_area`` and ``max_size`` are the official mode's."""
+    """The resolution options' values, and an option of the other resolution mode refused instead of ignored:
+    ``long_edge`` is the native mode's cap, ``max_area`` and ``max_size`` are the official mode's."""
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
+    if long_edge is not None:
+        check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
+    if max_area is not None:
+        check_int("max_area", max_area, lo=1)
+    if max_size is not None:
+        check_int("max_size", max_size, lo=2)
     if resolution == "official" and long_edge is not None:
         raise ValueError("long_edge applies to resolution='native'; the official resolution is set by max_area "
                          "(and max_size)")
@@ -664,14 +672,6 @@ class LoRWeBKontextPipeline:
         if not layers:
             raise ValueError("the pipeline's transformer has no LoRWeB layers: load weights with "
                              "load_lorweb_weights (or LoRWeBKontextPipeline.from_pretrained)")
-        if resolution not in RESOLUTIONS:
-            raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
-        if long_edge is not None:
-            check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
-        if max_area is not None:
-            check_int("max_area", max_area, lo=1)
-        if max_size is not None:
-            check_int("max_size", max_size, lo=2)
         _check_resolution_options(resolution, long_edge=long_edge, max_area=max_area, max_size=max_size)
         if resolution == "official":
             max_area = DEFAULT_MAX_AREA if max_area is None else max_area
@@ -686,7 +686,7 @@ class LoRWeBKontextPipeline:
         self.pipe, self.encoder = pipe, encoder
         self.resolution, self.max_area, self.max_size, self.long_edge = resolution, max_area, max_size, long_edge
         self._disabled_scale: Optional[float] = None  # the strength to restore after disable_lora
-        self._scale_before_fuse: Optional[float] = None  # the strength to restore after fuse_lora(lora_scale=...)
+        self._fuse_scales: Optional[tuple] = None  # (strength before fuse_lora, strength it set), see unfuse_lora
         self._adapter_name = "lorweb"  # diffusers' adapter name (load_lora_weights(adapter_name=...))
 
     @property
@@ -793,7 +793,7 @@ class LoRWeBKontextPipeline:
 
     def unload_lora_weights(self) -> list[str]:
         """diffusers' ``unload_lora_weights``: unfuse, then restore the stock transformer layers."""
-        self._scale_before_fuse = self._disabled_scale = None
+        self._fuse_scales = self._disabled_scale = None
         return lora_api.unload_lora_weights(self.transformer)
 
     def fuse_lora(self, strategy: str = "full", *, lora_scale: float = 1.0, components=None,
@@ -803,7 +803,13 @@ class LoRWeBKontextPipeline:
         analogy raises (strategy "jit" follows every new analogy instead). ``lora_scale`` multiplies the fused
         mixture (the strength from before comes back on ``unfuse_lora``); ``components`` must include
         "transformer" (the only component LoRWeB adapts); ``adapter_names`` may name only this adapter;
-        ``safe_fusing`` is accepted (merged weights are always checked to be finite)."""
+        ``safe_fusing=True`` checks the fused weights ("full" / "offload") and unfuses and raises if one is not
+        finite.
+
+        The strength the fuse set (the one from before times ``lora_scale``) goes back to the one from before on
+        ``unfuse_lora``, unless it was changed meanwhile (strategy "jit" allows ``set_lorweb_scale`` and
+        ``disable_lora`` while fused): a strength set meanwhile stays, and a ``disable_lora`` meanwhile stays
+        disabled, with ``enable_lora`` then restoring the strength from before the fuse."""
         if components is not None and "transformer" not in components:
             raise ValueError(f"LoRWeB adapts the transformer only; components={components!r} leaves it out")
         if adapter_names is not None and list(_as_list(adapter_names)) != [self._adapter_name]:
@@ -814,17 +820,26 @@ class LoRWeBKontextPipeline:
                 layer.coefficients is None and layer._query is None for layer in layers.values()):
             raise RuntimeError("no analogy to fuse: call pipe.set_analogy(a, a_prime, b) first (or run the "
                                "pipeline once)")
+        lora_scale = check_real("lora_scale", lora_scale)
         if lora_api.fused_strategy(self.transformer) is not None:
             lora_api.fuse_lora(self.transformer, strategy)  # raises: already fused
         before = lora_api.get_lorweb_scale(self.transformer)
+        fused_scale = before * lora_scale
         if lora_scale != 1.0:
-            lora_api.set_lorweb_scale(self.transformer, before * lora_scale)  # validates lora_scale
+            lora_api.set_lorweb_scale(self.transformer, fused_scale)
         try:
             lora_api.fuse_lora(self.transformer, strategy)
         except Exception:
             lora_api.set_lorweb_scale(self.transformer, before)  # not fused: the strength can go back
             raise
-        self._scale_before_fuse = before
+        self._fuse_scales = (before, fused_scale)
+        if safe_fusing and strategy in ("full", "offload"):
+            bad = [name for name, layer in lorweb_layers(self.transformer).items()
+                   if not bool(torch.isfinite(layer.base_layer.weight).all())]
+            if bad:
+                self.unfuse_lora()
+                raise ValueError(f"safe_fusing: the fused weights of {bad[:3]}{' ...' if len(bad) > 3 else ''} "
+                                 "are not finite; the pipeline was left unfused")
 
     def unfuse_lora(self, *, components=None) -> None:
         """diffusers' ``unfuse_lora``: the original weights back, bit for bit, and the strength from before
@@ -832,9 +847,15 @@ class LoRWeBKontextPipeline:
         if components is not None and "transformer" not in components:
             raise ValueError(f"LoRWeB adapts the transformer only; components={components!r} leaves it out")
         lora_api.unfuse_lora(self.transformer)
-        if self._scale_before_fuse is not None and lorweb_layers(self.transformer):
-            lora_api.set_lorweb_scale(self.transformer, self._scale_before_fuse)
-        self._scale_before_fuse = None
+        scales, self._fuse_scales = self._fuse_scales, None
+        if scales is None or not lorweb_layers(self.transformer):
+            return
+        before, fused_scale = scales
+        if self._disabled_scale is not None:  # disabled while fused ("jit"): enable_lora restores the pre-fuse one
+            if self._disabled_scale == fused_scale:
+                self._disabled_scale = before
+        elif lora_api.get_lorweb_scale(self.transformer) == fused_scale:  # not changed meanwhile
+            lora_api.set_lorweb_scale(self.transformer, before)
 
     def set_lorweb_scale(self, scale: float) -> None:
         """Strength of the mixture (diffusers' ``set_adapters`` weight, the official multiplier). While the adapter
@@ -964,7 +985,10 @@ class LoRWeBKontextPipeline:
         """(B, query_dim) analogy queries of the control grids. Official resolution: the official inference crops
         (squares of side W/2, inference.py); an a of aspect ratio 2:1 or wider leaves no b to crop in the modes that
         crop it, and raises naming it. Native resolution (not official), whose cells take b's shape: the grid's own
-        cells (``crops="cells"``), so a non-square b does not get squares of side W/2 cut across the cells."""
+        cells (``crops="cells"``), so a non-square b does not get squares of side W/2 cut across the cells. Training
+        (official or ours) queries grids of the same cell geometry with squares of side H/2 (``crops="training"``):
+        for non-square cells the native query therefore differs from the training one too (square cells: all
+        agree)."""
         if self.resolution == "native":
             return self.encoder.query(grids=grids, a=a, a_prime=a_prime, b=b, crops="cells")
         if self.encoder.query_source == "grid":

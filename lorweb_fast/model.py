@@ -350,6 +350,13 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
             if settings.get(key) is not None:
                 meta[f"lorweb.{key}"] = str(settings[key])
         meta["encoder"] = str(settings["encoder"])
+        from .official_config import check_query_settings
+
+        check_query_settings(settings.get("query_mode") or "cat-aa'b", settings.get("pooling_type") or "avg",
+                             settings["query_projection_type"])
+        if not meta["encoder"].strip():
+            raise ValueError("config['encoder'] is empty; give the analogy encoder's hub id or folder")
+        _config_from_metadata(meta)  # the merged metadata too: never write a file our own loader would refuse
     os.makedirs(directory, exist_ok=True)  # everything checked: nothing is written for a refused call
     fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
     os.close(fd)

@@ -531,8 +531,9 @@ def check_data_args(args) -> None:
         check_output_dir("out", args.out)
         if args.filter_json is not None:
             check_input_file("--filter-json", args.filter_json)
-        for option in ("max_analogies", "max_samples_per_category", "min_pairs_per_category"):
+        for option, lo in (("max_analogies", 1), ("max_samples_per_category", 1),
+                           ("min_pairs_per_category", 2)):  # an analogy takes two pairs of one category
             if getattr(args, option) is not None:
-                check_int("--" + option.replace("_", "-"), getattr(args, option), lo=1)
+                check_int("--" + option.replace("_", "-"), getattr(args, option), lo=lo)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None

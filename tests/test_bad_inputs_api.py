@@ -641,9 +641,13 @@ def test_a_save_refused_for_its_config_writes_nothing(tmp_path):
     temporary file; encoder=None means "not given" (the official default is written, not the string "None")."""
     model = prepared()
     target = tmp_path / "new" / "w.safetensors"
-    with pytest.raises(ValueError, match="contradicts the model's layers"):
-        lf.save_lorweb_weights(model, target, config={"num_loras": 99})
-    assert not (tmp_path / "new").exists()
+    for config, fragment in (({"num_loras": 99}, "contradicts the model's layers"),
+                             ({"query_mode": "bogus"}, "query_mode must be one of"),
+                             ({"pooling_type": "median"}, "pooling_type must be one of"),
+                             ({"encoder": " "}, r"config\['encoder'\] is empty")):
+        with pytest.raises(ValueError, match=fragment):
+            lf.save_lorweb_weights(model, target, config=config)
+        assert not (tmp_path / "new").exists()
     lf.save_lorweb_weights(model, target, metadata={"encoder": None}, config={"encoder": None})
     from lorweb_fast.model import DEFAULT_ENCODER, checkpoint_metadata
 

@@ -222,3 +222,15 @@ def test_an_empty_batch_is_named(resolution):
     pipe = flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), resolution=resolution)
     with pytest.raises(ValueError, match="no analogies given"):
         pipe([], [], [], "flip")
+
+
+@pytest.mark.parametrize("options,exc,fragment", [({"resolution": "foo"}, ValueError, "resolution must be one of"),
+                                                  ({"resolution": "native", "long_edge": 8}, ValueError, "long_edge"),
+                                                  ({"max_area": -5}, ValueError, "max_area"),
+                                                  ({"max_size": 1}, ValueError, "max_size"),
+                                                  ({"max_area": 1.5}, TypeError, "max_area")])
+def test_from_pretrained_checks_option_values_before_loading(options, exc, fragment, tmp_path):
+    """The paths do not exist: an option value is refused before anything (encoder, pipeline) loads."""
+    with pytest.raises(exc, match=fragment):
+        flux.LoRWeBKontextPipeline.from_pretrained(tmp_path / "no-model", tmp_path / "no-weights.safetensors",
+                                                   **options)

@@ -162,15 +162,15 @@ def test_generate_bad_input_exits_2(assets, tmp_path, capsys):
 def test_resume_refuses_other_resolution_settings(tmp_path):
     """run.json records resolution, max_size and long_edge: a resume with other values is refused; a run.json from
     before these settings existed counts as the native resolution."""
-    settings = {"weights": "w", "resolution": "official", "max_size": None, "long_edge": None}
+    settings = {"weights": "w", "resolution": "official", "max_size": None, "long_edge": None, "merge": "none"}
     G.check_run_settings(tmp_path, settings)
     with pytest.raises(G.EvalInputError, match="resolution"):
         G.check_run_settings(tmp_path, {**settings, "resolution": "native"}, write=False)
     with pytest.raises(G.EvalInputError, match="max_size"):
         G.check_run_settings(tmp_path, {**settings, "max_size": 512}, write=False)
-    (tmp_path / "run.json").write_text(json.dumps({"weights": "w"}))  # an older run
-    G.check_run_settings(tmp_path, {"weights": "w", "resolution": "native", "max_size": None, "long_edge": None},
-                         write=False)
+    (tmp_path / "run.json").write_text(json.dumps({"weights": "w"}))  # an older run (merge: the pipeline's "auto")
+    G.check_run_settings(tmp_path, {"weights": "w", "resolution": "native", "max_size": None, "long_edge": None,
+                                    "merge": "auto"}, write=False)
     with pytest.raises(G.EvalInputError, match="resolution"):
         G.check_run_settings(tmp_path, settings, write=False)
 
@@ -179,21 +179,22 @@ def test_resume_refuses_another_checkpoint_file_or_content(tmp_path):
     """run.json records the exact checkpoint file and its SHA-256; a run.json from before they were recorded is
     accepted (it cannot be checked)."""
     settings = {"weights": "run", "weights_file": "/x/run_000000002.safetensors", "weights_sha256": "ab" * 32,
-                "resolution": "native"}
+                "resolution": "native", "merge": "none"}
     G.check_run_settings(tmp_path, settings)
     with pytest.raises(G.EvalInputError, match="weights_file: .*run_000000002.* -> .*run_000000004"):
         G.check_run_settings(tmp_path, {**settings, "weights_file": "/x/run_000000004.safetensors"}, write=False)
     with pytest.raises(G.EvalInputError, match="weights_sha256"):
         G.check_run_settings(tmp_path, {**settings, "weights_sha256": "cd" * 32}, write=False)
-    (tmp_path / "run.json").write_text(json.dumps({"weights": "run"}))  # an older run
-    G.check_run_settings(tmp_path, settings, write=False)
+    (tmp_path / "run.json").write_text(json.dumps({"weights": "run"}))  # an older run (merge: the pipeline's "auto")
+    G.check_run_settings(tmp_path, {**settings, "merge": "auto"}, write=False)
 
 
 def test_resume_refuses_another_triplet_set_or_merge(tmp_path, monkeypatch):
     """run.json records what picks the triplets (evaluation set, format, pair seed, b per pair, the pairs file's
     SHA-256), the saved inputs' cap and the merge strategy; a resume with another value is refused. A run.json from
-    before they were recorded is accepted for the new keys; its relative evalset path is resolved against the current
-    directory and its recorded format "auto" matches the detected one."""
+    before they were recorded is accepted for the new keys, except merge: it ran the pipeline's default "auto"; its
+    relative evalset path is resolved against the current directory and its recorded format "auto" matches the
+    detected one."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ev").mkdir()
     settings = {"weights": "w", "resolution": "native", "merge": "none", "evalset": str(tmp_path / "ev"),
@@ -206,6 +207,10 @@ def test_resume_refuses_another_triplet_set_or_merge(tmp_path, monkeypatch):
     G.check_run_settings(tmp_path, {**settings, "evalset": "ev"}, write=False)  # the same folder, relative
     older = {"weights": "w", "resolution": "native", "evalset": "ev", "format": "auto", "pair_seed": 0}
     (tmp_path / "run.json").write_text(json.dumps(older))
+    # before --merge existed the pipeline's default "auto" ran: resuming with another strategy would mix them
+    with pytest.raises(G.EvalInputError, match="merge: 'auto' -> 'none'"):
+        G.check_run_settings(tmp_path, settings, write=False)
+    settings = {**settings, "merge": "auto"}
     G.check_run_settings(tmp_path, settings, write=False)
     for key, value in [("evalset", str(tmp_path / "other")), ("pair_seed", 1)]:
         with pytest.raises(G.EvalInputError, match=f"{key}: "):

@@ -205,13 +205,55 @@ def test_fuse_lora_scale_components_and_guards(pipe):
                              ({"adapter_names": ["other"]}, "unknown adapter names")):
         with pytest.raises(ValueError, match=fragment):
             pipe.fuse_lora(**kwargs)
-    with pytest.raises(ValueError, match="finite number"):
+    with pytest.raises(ValueError, match="lora_scale must be finite"):
         pipe.fuse_lora(lora_scale=float("inf"))
     assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0 and lora_api.fused_strategy(pipe.transformer) is None
     pipe.fuse_lora(lora_scale=0.5, components=["transformer"], adapter_names="lorweb")
     np.testing.assert_allclose(run(pipe, x, ["flip"], merge="auto")[0], half, rtol=0, atol=FP32_IMAGE_ATOL)
     pipe.unfuse_lora(components=["transformer"])
     assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0
+    after = params(pipe.transformer)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_strength_changes_while_jit_fused_survive_unfuse(pipe):
+    """Strategy "jit" allows set_lorweb_scale / disable_lora while fused: unfuse_lora restores the strength from
+    before the fuse only where nothing changed it meanwhile; a disable meanwhile stays disabled, and enable_lora
+    then restores the strength from before the fuse."""
+    pipe.set_analogy(*random_analogy(5))
+    pipe.fuse_lora("jit")
+    pipe.disable_lora()
+    pipe.unfuse_lora()
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 0.0 and pipe.get_active_adapters() == []
+    pipe.enable_lora()
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0
+    pipe.fuse_lora("jit", lora_scale=0.5)
+    pipe.disable_lora()
+    pipe.unfuse_lora()
+    pipe.enable_lora()
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0  # not the fused 0.5
+    pipe.fuse_lora("jit", lora_scale=0.5)
+    pipe.set_lorweb_scale(0.8)
+    pipe.unfuse_lora()
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 0.8  # set meanwhile: kept
+    for bad in ("2", None, True):
+        with pytest.raises(TypeError, match="lora_scale"):
+            pipe.fuse_lora(lora_scale=bad)
+    assert lora_api.fused_strategy(pipe.transformer) is None
+
+
+def test_safe_fusing_refuses_non_finite_fused_weights(pipe):
+    pipe.set_analogy(*random_analogy(6))
+    pipe.fuse_lora(safe_fusing=True)  # finite: fused
+    pipe.unfuse_lora()
+    layer = next(iter(lf.lorweb_layers(pipe.transformer).values()))
+    with torch.no_grad():
+        layer.lora_B[0, 0, 0] = 3e38  # finite, but the merged weight overflows in fp32
+        layer.lora_A[0].fill_(1e10)
+    before = params(pipe.transformer)
+    with pytest.raises(ValueError, match="safe_fusing: the fused weights of .* are not finite"):
+        pipe.fuse_lora(safe_fusing=True)
+    assert lora_api.fused_strategy(pipe.transformer) is None
     after = params(pipe.transformer)
     assert all(torch.equal(before[n], after[n]) for n in before)
 

@@ -34,7 +34,7 @@ RESUME_KEYS = ("weights", "weights_file", "weights_sha256", "model", "encoder", 
                "pipe_kwargs", "dtype", "encoder_dtype", "resolution", "max_size", "long_edge", "merge", "evalset",
                "format", "pair_seed", "b_per_pair", "pairs_sha256", "input_long_edge")
 #: settings that run.json files written before they existed lack: such a run cannot be checked for them
-UNRECORDED_BEFORE = ("weights_file", "weights_sha256", "merge", "b_per_pair", "pairs_sha256", "input_long_edge")
+UNRECORDED_BEFORE = ("weights_file", "weights_sha256", "b_per_pair", "pairs_sha256", "input_long_edge")
 #: ``merge`` values of ``generate`` (the pipeline's ``merge``; "none" = the unmerged path)
 MERGE_CHOICES = ("none", "auto", "full", "offload", "jit")
 #: pipeline arguments ``generate`` sets itself, and the option that sets them instead of ``--pipe-arg``
@@ -104,6 +104,8 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
         if not isinstance(old, dict):
             raise EvalInputError(f"{path} does not hold a JSON object of settings")
         old.setdefault("resolution", "native")  # run.json files written before --resolution existed
+        # before --merge existed every call ran the pipeline's own default, "auto" (unless --pipe-arg merge=...)
+        old.setdefault("merge", (old.get("pipe_kwargs") or {}).get("merge", "auto"))
         diff = {k: (old.get(k), settings.get(k)) for k in RESUME_KEYS
                 if k in old and not _same_setting(k, old[k], settings.get(k))
                 or k not in old and settings.get(k) is not None and k not in UNRECORDED_BEFORE}
