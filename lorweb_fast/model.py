@@ -605,8 +605,9 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                             f"key_dim={t['lora_keys'].shape[1]} of {CHECKPOINT_PREFIX}{name}")
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise LoRWeBCheckpointError(f"LoRWeB checkpoint does not match {type(model).__name__} "
-                                    f"({len(problems)} problem{'s' if len(problems) != 1 else ''}); the model was not changed:\n  {shown}")
+        count = f"{len(problems)} problem" + ("s" if len(problems) != 1 else "")
+        raise LoRWeBCheckpointError(f"LoRWeB checkpoint does not match {type(model).__name__} ({count}); the model "
+                                    f"was not changed:\n  {shown}")
 
     # Everything is validated: build all new layers first, then swap them in and copy (cannot fail now).
     new_layers = {}
