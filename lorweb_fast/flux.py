@@ -333,6 +333,8 @@ def _official_processor(kind: str, model: Union[str, Path], image_size: Optional
 
 #: ``query_from_grid`` crops: the official inference (PIL) and training (tensor) paths, and the grid's own cells
 QUERY_CROPS = ("inference", "training", "cells")
+#: query modes that encode the grid with its bottom-right cell zeroed
+ZEROED_QUERY_MODES = ("caa'b", "paa'b", "paa'b3")
 
 
 def query_crop_problem(width: int, height: int, query_mode: str, crops: str = "inference") -> Optional[str]:
@@ -345,13 +347,13 @@ def query_crop_problem(width: int, height: int, query_mode: str, crops: str = "i
         return None if width >= 2 and height >= 2 else f"a {width}x{height} grid has no 2x2 cells"
     if crops == "inference":
         s = width // 2
-        cuts_bottom = query_mode in ("caa'b", "paa'b", "paa'b3", "ca'-ca+cb") or query_mode.startswith("cat-")
+        cuts_bottom = query_mode in (*ZEROED_QUERY_MODES, "ca'-ca+cb") or query_mode.startswith("cat-")
         if s < 1 or (cuts_bottom and height - s < 1):
             return (f"a {width}x{height} grid is too wide for the official crops of query mode {query_mode!r}: the "
                     f"bottom row (0, {s}, {width}, {height}) is empty (the grid's height must exceed half its width)")
         return None
     s = height // 2
-    cuts_a_prime = query_mode not in ("aa'bb'", "caa'bb'", "caa'b", "paa'b", "paa'b3", "caa'")
+    cuts_a_prime = query_mode not in ("aa'bb'", "caa'bb'", "caa'", *ZEROED_QUERY_MODES)
     if s < 1 or (cuts_a_prime and width - s < 1):
         return (f"a {width}x{height} grid is too tall for the official training crops: a' = [:{s}, {s}:{width}] is "
                 "empty (the grid's width must exceed half its height)")
@@ -549,7 +551,7 @@ class AnalogyEncoder:
 
         if mode in ("aa'bb'", "caa'bb'"):
             return self._encode(grids, mode)
-        if mode in ("caa'b", "paa'b", "paa'b3"):  # the grid with b' zeroed
+        if mode in ZEROED_QUERY_MODES:  # the grid with b' zeroed
             zeroed = []
             for grid, (w, h, x, y) in zip(grids, sizes):
                 z = grid.copy()
@@ -624,6 +626,13 @@ DEFAULT_MAX_AREA = 1024 ** 2
 DEFAULT_LONG_EDGE = 1024
 
 
+def _query_width_error(encoder: "AnalogyEncoder", expected: str) -> ValueError:
+    """The error for an analogy encoder whose query width is not the ``expected`` one (the layers' or a file's)."""
+    mode = encoder.query_mode if encoder.query_source == "grid" else "query_source='images'"
+    return ValueError(f"the analogy encoder {encoder.name!r} gives queries of {encoder.query_dim} features in query "
+                      f"mode {mode}, but {expected}: the checkpoint was trained with another query mode or encoder")
+
+
 def _check_resolution_options(resolution: str, *, long_edge=None, max_area=None, max_size=None) -> None:
     """The resolution options' values, and an option of the other resolution mode refused instead of ignored:
     ``long_edge`` is the native mode's cap, ``max_area`` and ``max_size`` are the official mode's."""
@@ -679,10 +688,7 @@ class LoRWeBKontextPipeline:
             long_edge = DEFAULT_LONG_EDGE if long_edge is None else long_edge
         query_dims = {layer.query_dim for layer in layers.values()}
         if query_dims != {encoder.query_dim}:
-            mode = encoder.query_mode if encoder.query_source == "grid" else "query_source='images'"
-            raise ValueError(f"the analogy encoder {encoder.name!r} gives queries of {encoder.query_dim} features "
-                             f"in query mode {mode}, but the LoRWeB layers expect query_dim {sorted(query_dims)}: "
-                             "the checkpoint was trained with another query mode or encoder")
+            raise _query_width_error(encoder, f"the LoRWeB layers expect query_dim {sorted(query_dims)}")
         self.pipe, self.encoder = pipe, encoder
         self.resolution, self.max_area, self.max_size, self.long_edge = resolution, max_area, max_size, long_edge
         self._disabled_scale: Optional[float] = None  # the strength to restore after disable_lora
@@ -743,10 +749,7 @@ class LoRWeBKontextPipeline:
                              query_source=query_source)
         expected = lora_api.checkpoint_query_dim(Path(weights))
         if expected is not None and expected != enc.query_dim:
-            mode = enc.query_mode if enc.query_source == "grid" else "query_source='images'"
-            raise ValueError(f"the analogy encoder {enc.name!r} gives queries of {enc.query_dim} features in query "
-                             f"mode {mode}, but {weights} expects {expected}: the checkpoint was trained with "
-                             "another query mode or encoder")
+            raise _query_width_error(enc, f"{weights} expects {expected}")
         pipe = load_kontext_pipeline(model, dtype)
         load_lorweb_weights(pipe.transformer, weights, config, settings=explicit)
         if device is not None:
@@ -1036,7 +1039,6 @@ class LoRWeBKontextPipeline:
         """
         check_generation_options(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                  long_edge=long_edge, merge=merge, output_type=output_type)
-        _check_resolution_options(self.resolution, long_edge=long_edge)
         check_pipe_kwargs(pipe_kwargs, type(self.pipe).__call__)
         a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
         warn_aspect_ratios(a, a_prime, b, cells_from="a" if self.resolution == "official" else "b")

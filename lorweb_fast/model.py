@@ -331,7 +331,7 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     directory = os.path.dirname(os.path.abspath(path))
     settings = None
     if config is not None:
-        from .official_config import LoRWeBConfigError
+        from .official_config import LoRWeBConfigError, check_query_settings
 
         first = next(iter(layers.values()))
         settings = {"num_loras": first.num_loras, "rank": first.rank, "lora_alpha": first.lora_alpha,
@@ -350,8 +350,6 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
             if settings.get(key) is not None:
                 meta[f"lorweb.{key}"] = str(settings[key])
         meta["encoder"] = str(settings["encoder"])
-        from .official_config import check_query_settings
-
         check_query_settings(settings.get("query_mode") or "cat-aa'b", settings.get("pooling_type") or "avg",
                              settings["query_projection_type"])
         if not meta["encoder"].strip():
