@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .reference import ACTIVATIONS, REDUCTIONS
     from .data import BIDIRECTIONAL, LAYOUTS, RESIZE_MODES, add_data_subparser
     from .training import ADAPTER_PRECISIONS, BATCHINGS, CONTROL_LATENTS, ENCODER_DTYPES, MIXED_PRECISIONS, \
-        OPTIMIZERS, QUANTIZE_BASE, TIMESTEP_TYPES, WEIGHTING_SCHEMES, TrainConfig
+        NAN_LOSS, OPTIMIZERS, QUANTIZE_BASE, TIMESTEP_TYPES, WEIGHTING_SCHEMES, TrainConfig
     from .official_config import POOLING_TYPES, QUERY_MODES, QUERY_PROJECTION_TYPES, QUERY_SOURCES, SAVE_DTYPES
     from .validation import OneLineArgumentParser
 
@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                "activation": ACTIVATIONS, "reduce": REDUCTIONS, "timestep_type": TIMESTEP_TYPES, "layout": LAYOUTS,
                "bidirectional": BIDIRECTIONAL, "adapter_precision": ADAPTER_PRECISIONS,
                "quantize_base": QUANTIZE_BASE, "resize": RESIZE_MODES, "batching": BATCHINGS,
-               "control_latents": CONTROL_LATENTS, "encoder_dtype": ENCODER_DTYPES, **QUERY_CHOICES}
+               "control_latents": CONTROL_LATENTS, "encoder_dtype": ENCODER_DTYPES, "nan_loss": NAN_LOSS,
+               **QUERY_CHOICES}
     helps = {"batch_size": "per process", "resume": "continue from the newest checkpoint in --out",
              "overwrite": "delete the run already in --out (its checkpoints, weights and logs) and start over",
              "skip_bad": "skip broken samples with a warning instead of failing",
@@ -246,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
              "quantize_base": "load the base transformer quantized by bitsandbytes (int8 or nf4), stock diffusers",
              "cudnn_attention": "let the transformer's attention use cuDNN's SDPA kernels while training (off: their "
                                 "backward returned NaN gradients on an H200 with torch 2.11)",
+             "nan_loss": "skip (official: a step whose loss is NaN makes no update, logged) or raise (stop with an "
+                         "error)",
              "checkpoint_every": "steps between checkpoints (official 250)",
              "keep_checkpoints": "checkpoints kept (official 4)",
              "keep_milestone_every": "checkpoints at steps that are multiples of this are never rotated out "

@@ -88,17 +88,24 @@ def _oriented_size(path: Path) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def open_rgb(path: Union[str, Path]):
-    """The image at ``path``, EXIF-transposed and converted to RGB (as ai-toolkit opens training images)."""
+def open_oriented(path: Union[str, Path]):
+    """The image at ``path``, EXIF-transposed, in the file's own mode (P, L, RGBA, ...): the official box-analogy
+    loader resizes strip and b' in that mode and converts only when it pastes the cells into the RGB grid."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
+        return ImageOps.exif_transpose(im)  # a loaded copy, transposed or not
+
+
+def open_rgb(path: Union[str, Path]):
+    """The image at ``path``, EXIF-transposed and converted to RGB (as ai-toolkit opens training images)."""
+    return open_oriented(path).convert("RGB")
 
 
 def strip_cells(strip, size: tuple[int, int]):
-    """(a, a', b) of an a|a'|b strip, each ``size`` = (W, H): the strip is first resized to (3W, H) with bicubic,
-    then cut into three W-wide cells (ai-toolkit ``_create_box_analogy_image``)."""
+    """(a, a', b) of an a|a'|b strip, each ``size`` = (W, H): the strip is first resized to (3W, H) with bicubic
+    (in the strip's own mode, where Pillow resizes P and 1 images with nearest), then cut into three W-wide cells
+    (ai-toolkit ``_create_box_analogy_image``)."""
     from PIL import Image
 
     w, h = size
@@ -107,7 +114,8 @@ def strip_cells(strip, size: tuple[int, int]):
 
 
 def compose_grid(top_left, top_right, bottom_left, bottom_right):
-    """The 2x2 grid of four (W, H) cells, (2W, 2H)."""
+    """The 2x2 RGB grid of four (W, H) cells, (2W, 2H): cells of another size are resized with bicubic in their own
+    mode, then pasted (which converts them to RGB), as ai-toolkit ``_create_box_analogy_image``."""
     from PIL import Image
 
     w, h = bottom_right.size
@@ -318,7 +326,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
             path = self.root / sub / f"{stem}.txt"
             if path.is_file():
                 try:
-                    return official_caption(path.read_bytes().decode("utf-8"))
+                    # text mode, as the official loader opens it: \r\n and \r read as \n
+                    return official_caption(path.read_text(encoding="utf-8"))
                 except UnicodeDecodeError as exc:
                     raise AnalogyDataError(f"caption {path} is not valid UTF-8 ({exc.reason} at byte {exc.start})") \
                         from None
@@ -351,8 +360,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
         """The target grid of sample ``index`` before resizing: composed from the strip, or the grid file, reversed
         when ``swap``."""
         control_path, target_path, _, layout, _ = self.samples[index]
-        if layout == "strip":
-            return strip_target_grid(open_rgb(control_path), open_rgb(target_path), swap=swap)
+        if layout == "strip":  # resized in the files' own modes, converted when pasted (official order)
+            return strip_target_grid(open_oriented(control_path), open_oriented(target_path), swap=swap)
         return swap_grid(open_rgb(target_path)) if swap else open_rgb(target_path)
 
     def __getitem__(self, key) -> dict:

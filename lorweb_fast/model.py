@@ -278,7 +278,8 @@ def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadata: Optional[dict] = None, *,
                         state_dict: Optional[Mapping[str, torch.Tensor]] = None,
-                        dtype: Optional[torch.dtype] = None, config: Optional[Mapping] = None) -> None:
+                        dtype: Optional[torch.dtype] = None, config: Optional[Mapping] = None,
+                        aitk_hashes: bool = False) -> None:
     """Write the official safetensors format atomically (temporary file, then rename).
 
     The configuration (heads, activation, reduce, scale, query_projection_type) and ``encoder`` go into the
@@ -290,6 +291,8 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     inference.py requires): the layers give num_loras, rank, lora_alpha, key_dim, heads, activation, reduce and the
     projection type; ``config`` gives query_mode, pooling_type and encoder (official defaults when absent) and may
     not contradict the layers; its ``model`` entry names the base model in config.yaml (default: the official hub id).
+    ``aitk_hashes`` adds the ``sshs_model_hash`` / ``sshs_legacy_hash`` entries ai-toolkit writes into every network
+    file it saves (``official_config.aitk_model_hashes``; training sets it).
     """
     from safetensors.torch import save_file
 
@@ -355,6 +358,10 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         if not meta["encoder"].strip():
             raise ValueError("config['encoder'] is empty; give the analogy encoder's hub id or folder")
         _config_from_metadata(meta)  # the merged metadata too: never write a file our own loader would refuse
+    if aitk_hashes:
+        from .official_config import aitk_model_hashes
+
+        meta.update(aitk_model_hashes(state, meta))
     os.makedirs(directory, exist_ok=True)  # everything checked: nothing is written for a refused call
     fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
     os.close(fd)

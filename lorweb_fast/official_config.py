@@ -261,15 +261,35 @@ def write_config_yaml(path: Union[str, os.PathLike], settings: Mapping[str, Any]
     return path
 
 
-def aitk_metadata(name: str, step: Optional[int] = None) -> dict[str, str]:
-    """ai-toolkit's safetensors metadata keys (jobs/process/BaseSDTrainProcess.py ``save`` +
-    toolkit/metadata.py ``get_meta_for_safetensors``): name, version, software and training_info, JSON-encoded
-    where not strings."""
+def aitk_metadata(name: str, step: Optional[int] = None, epoch: Optional[int] = None) -> dict[str, str]:
+    """ai-toolkit's safetensors metadata keys (jobs/process/BaseSDTrainProcess.py ``save``,
+    ``update_training_metadata``, ``get_training_info`` + toolkit/metadata.py ``get_meta_for_safetensors``): name,
+    version, software, training_info (step, epoch), ss_output_name and ss_base_model_version, JSON-encoded where not
+    strings. ss_base_model_version is "sd_1.5" as in the official files: ``update_training_metadata`` first sets
+    ``get_base_model_version()`` ("flux.1_kontext"), then ``add_base_model_info_to_meta`` (no base model, not v2,
+    not xl) overwrites it with its default."""
     meta = {"name": name, "version": "1.0", "software": json.dumps(AITK_SOFTWARE),
-            "ss_output_name": name, "ss_base_model_version": "flux.1_kontext"}
+            "ss_output_name": name, "ss_base_model_version": "sd_1.5"}
     if step is not None:
-        meta["training_info"] = json.dumps({"step": int(step)})
+        meta["training_info"] = json.dumps({"step": int(step)} if epoch is None
+                                           else {"step": int(step), "epoch": int(epoch)})
     return meta
+
+
+def aitk_model_hashes(tensors: dict, metadata: dict) -> dict[str, str]:
+    """The sd-webui-additional-networks hashes ai-toolkit adds to every network file it saves (toolkit/metadata.py
+    ``add_model_hash_to_meta``, toolkit/train_tools.py ``addnet_hash_safetensors`` / ``addnet_hash_legacy``): the
+    tensors as saved, serialized with only the ``ss_*`` entries of ``metadata``; ``sshs_model_hash`` is the SHA-256 of
+    everything after the header, ``sshs_legacy_hash`` the first 8 hex digits of the SHA-256 of the 64 KiB at offset
+    1 MiB (of fewer bytes, or none, in a smaller file)."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    blob = memoryview(save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")}))
+    header = int.from_bytes(blob[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(blob[8 + header:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}
 
 
 # ------------------------------------------------------------------------------------------ checkpoint discovery

@@ -69,6 +69,11 @@ CONTROL_LATENTS = ("sample", "mode")
 #: the analogy encoder's dtype; "auto": the training dtype (``mixed_precision``), as the official trainer loads the
 #: encoder in the model's dtype (extensions_built_in/flux_kontext.py ``FluxKontextModel.load_model``)
 ENCODER_DTYPES = ("auto", *DTYPE_NAMES)
+#: what a NaN training loss does. "skip" (official, extensions_built_in/sd_trainer/SDTrainer.py
+#: ``train_single_accumulation``: the loss is replaced by a zero leaf, so backward reaches no parameter and the
+#: optimizer step changes nothing; the step still counts): no update that step, logged; decided on every rank together
+#: (a NaN on any rank skips the step everywhere). "raise": stop with FloatingPointError before the optimizer step.
+NAN_LOSS = ("skip", "raise")
 CHECKPOINT_DIR = "checkpoints"
 #: ai-toolkit never rotates out a step save whose step is a multiple of this (jobs/process/BaseSDTrainProcess.py
 #: ``clean_up_saves``: ``is_milestone_step(filename, milestone=500)``); ``TrainConfig.keep_milestone_every``
@@ -134,6 +139,14 @@ class StepBatchSampler(torch.utils.data.Sampler):
         if self.bidirectional:
             return [(index, bidirectional_swap(self.seed, pos)) for index, pos in zip(indices, positions)]
         return list(indices)
+
+    def epoch(self, step: int) -> int:
+        """Passes over the data completed before this process's batch at ``step`` (of its first sample): ai-toolkit's
+        ``epoch_num`` when it draws that batch (jobs/process/BaseSDTrainProcess.py ``run`` counts one per exhausted
+        dataloader)."""
+        if self.bucket_batches is not None:
+            return (step * self.world_size + self.rank) // len(self.bucket_batches)
+        return (step * self.world_size + self.rank) * self.batch_size // self.n
 
     def _permutation(self, epoch: int, size: int) -> list[int]:
         """The epoch's order of ``size`` items (samples or bucket batches), computed once per epoch."""
@@ -225,6 +238,7 @@ class TrainConfig:
     adapter_precision: str = "bf16"
     quantize_base: str = "none"
     cudnn_attention: bool = False
+    nan_loss: str = "skip"
     seed: int = 0
     num_workers: int = 2
     progress: bool = True
@@ -238,7 +252,8 @@ class TrainConfig:
         self._check_choices((("timestep_type", TIMESTEP_TYPES), ("layout", LAYOUTS), ("resize", RESIZE_MODES),
                              ("bidirectional", BIDIRECTIONAL), ("adapter_precision", ADAPTER_PRECISIONS),
                              ("quantize_base", QUANTIZE_BASE), ("batching", BATCHINGS),
-                             ("control_latents", CONTROL_LATENTS), ("encoder_dtype", ENCODER_DTYPES)))
+                             ("control_latents", CONTROL_LATENTS), ("encoder_dtype", ENCODER_DTYPES),
+                             ("nan_loss", NAN_LOSS)))
         if self.weighting_scheme != "none" and self.timestep_type != "diffusers":
             raise ValueError(f"weighting_scheme={self.weighting_scheme!r} is a diffusers scheme: it needs "
                              f"timestep_type='diffusers' (--timestep-type diffusers), got {self.timestep_type!r}")
@@ -265,10 +280,10 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
-#: TrainConfig fields that may differ when resuming: the step budget, options that change no computed value, and
-#: the attention kernel choice (cudnn_attention: roundings only).
+#: TrainConfig fields that may differ when resuming: the step budget, options that change no computed value, the
+#: attention kernel choice (cudnn_attention: roundings only) and what a NaN loss does (nan_loss: only on a NaN).
 RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers", "cudnn_attention",
-                     "keep_milestone_every")
+                     "keep_milestone_every", "nan_loss")
 #: What a stored config that lacks a field did, where that differs from the field's default today: runs written
 #: before ``batching`` existed batched across buckets; before ``control_latents`` / ``encoder_dtype`` they encoded the
 #: control with the latent mode and ran the encoder in fp32.
@@ -432,9 +447,10 @@ def rotate_checkpoints(out: Union[str, Path], keep: int, milestone_every: int = 
 def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimizer_state: dict, metadata: dict,
                       keep: int, *, save_dtype: str = "fp32", settings: Optional[dict] = None,
                       name: str = "lorweb", config: Optional[dict] = None, model: Optional[str] = None,
-                      milestone_every: int = OFFICIAL_MILESTONE_EVERY) -> Path:
+                      milestone_every: int = OFFICIAL_MILESTONE_EVERY, epoch: Optional[int] = None) -> Path:
     """Official weights (``weights`` = ``lorweb_state_dict``, written in ``save_dtype`` with our and ai-toolkit's
-    metadata) + ``config.yaml`` (official format, from ``settings``) + trainer state (``optimizer_state`` as made by
+    metadata, ``epoch`` in its training_info, and its model hashes) + ``config.yaml`` (official format, from
+    ``settings``) + trainer state (``optimizer_state`` as made by
     ``optimizer_state_dict``, and the fp32 master weights when ``save_dtype`` rounds them, so a resume is exact)
     into a temporary folder, renamed to ``checkpoints/step-XXXXXXXX``. ``out/lorweb.safetensors`` and
     ``out/config.yaml`` are then replaced by copies. ``config`` (the comparable training config) is stored in
@@ -449,8 +465,9 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
     try:
-        meta = {**aitk_metadata(name, step), **metadata}
-        save_lorweb_weights(transformer, tmp / WEIGHTS_NAME, metadata=meta, state_dict=weights, dtype=dtype)
+        meta = {**aitk_metadata(name, step, epoch), **metadata}
+        save_lorweb_weights(transformer, tmp / WEIGHTS_NAME, metadata=meta, state_dict=weights, dtype=dtype,
+                            aitk_hashes=True)
         write_config_yaml(tmp / CONFIG_NAME, settings or {}, name=name, model=model,
                           extra={"save": {"dtype": str(dtype).removeprefix("torch.")}})
         state = {"step": step, "optimizer": optimizer_state, "config": config}
@@ -636,13 +653,16 @@ def cast_block_inputs_in_recompute(model) -> int:
 
 
 def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
-    """Plot the loss of a ``loss.jsonl`` log (raw and running mean) to a PNG."""
+    """Plot the loss of a ``loss.jsonl`` log (raw and running mean) to a PNG; steps skipped for a NaN loss (logged
+    with loss null) are marked with red vertical lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    skipped = [r["step"] for r in rows if r["loss"] is None]
+    rows = [r for r in rows if r["loss"] is not None]
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
     window = max(1, len(loss) // 20)
@@ -651,6 +671,8 @@ def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, loss, alpha=0.35, label="loss")
     ax.plot(steps, smooth, label=f"running mean ({window})")
+    for i, s in enumerate(skipped):
+        ax.axvline(s, color="red", alpha=0.4, lw=0.8, label=f"NaN loss, no update ({len(skipped)})" if i == 0 else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("flow-matching loss")
     ax.set_yscale("log")
@@ -779,12 +801,14 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
 
 def train(cfg: TrainConfig, *, pipe=None, encoder=None,
           step_callback: Optional[Callable[[int, float], None]] = None) -> dict:
-    """Train LoRWeB on ``cfg.data``; returns ``{"step": last step, "out": out dir, "loss": last loss,
-    "transformer": the trained transformer}`` (not wrapped by DDP; under FSDP2 sharded in place, its parameters
-    DTensors that ``lorweb_state_dict`` gathers).
+    """Train LoRWeB on ``cfg.data``; returns ``{"step": last step, "out": out dir, "loss": last loss (NaN when
+    that step was skipped), "transformer": the trained transformer, "nan_loss_steps": steps whose NaN loss made no
+    update (``cfg.nan_loss="skip"``)}`` (the transformer not wrapped by DDP; under FSDP2 sharded in place, its
+    parameters DTensors that ``lorweb_state_dict`` gathers).
 
     ``pipe`` (a FluxKontextPipeline) and ``encoder`` (an AnalogyEncoder) default to ``cfg.model`` and
-    ``cfg.encoder`` loaded with ``from_pretrained``. ``step_callback(step, loss)`` runs after every optimizer step.
+    ``cfg.encoder`` loaded with ``from_pretrained``. ``step_callback(step, loss)`` runs after every step (the loss
+    is NaN for a skipped one).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -895,7 +919,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         log_path.write_text("".join(l + "\n" for l in kept))
     accelerator.wait_for_everyone()
 
-    step, loss_value = start_step, math.nan
+    step, loss_value, nan_steps = start_step, math.nan, []
     bar = tqdm(total=cfg.steps, initial=start_step, desc="LoRWeB training", unit="step",
                disable=not (cfg.progress and accelerator.is_local_main_process))
     cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
@@ -910,22 +934,31 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
             query = batch_query(encoder, batch, device)
             with accelerator.autocast():
                 loss = flow_matching_loss(model, pipe, batch, query, cfg, generator, per_forward_query=sharded)
-            accelerator.backward(loss)
-            # the norm is computed without clipping when max_grad_norm is 0 (max_norm inf scales by 1)
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
-            _check_gradients(grad_norm, model, step + 1, cfg, scaled=accelerator.scaler is not None)
-            optimizer.step()
+            # one collective: the mean loss over the ranks, NaN when any rank's loss is NaN
+            loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+            skipped = cfg.nan_loss == "skip" and math.isnan(loss_value)
+            if skipped:  # official: no parameter gets a gradient, the step changes nothing and still counts
+                del loss
+                nan_steps.append(step + 1)
+                logger.warning("step %d: the training loss is NaN; no update this step (as the official trainer; "
+                               "--nan-loss raise stops instead)", step + 1)
+            else:
+                accelerator.backward(loss)
+                # the norm is computed without clipping when max_grad_norm is 0 (max_norm inf scales by 1)
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+                grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+                _check_gradients(grad_norm, model, step + 1, cfg, scaled=accelerator.scaler is not None)
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            if not math.isfinite(loss_value):
+            if not skipped and not math.isfinite(loss_value):
                 raise FloatingPointError(f"the training loss is {loss_value} at step {step}; lower the learning rate")
             if accelerator.is_main_process:
+                row = {"step": step, "loss": None if skipped else loss_value, "lr": cfg.learning_rate}
                 with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, "loss": loss_value, "lr": cfg.learning_rate}) + "\n")
+                    f.write(json.dumps({**row, "nan_loss_skipped": True} if skipped else row) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+            bar.set_postfix(loss="NaN, skipped" if skipped else f"{loss_value:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 accelerator.wait_for_everyone()
                 weights = lorweb_state_dict(transformer)  # collective under FSDP: every rank gathers
@@ -934,7 +967,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                     _write_checkpoint(out, step, transformer, weights, optimizer_state, metadata, cfg.keep_checkpoints,
                                       save_dtype=cfg.save_dtype, settings=settings, name=Path(cfg.out).name or "lorweb",
                                       config=_comparable_config(cfg), model=model_name,
-                                      milestone_every=cfg.keep_milestone_every)
+                                      milestone_every=cfg.keep_milestone_every, epoch=sampler.epoch(step - 1))
                     plot_loss(log_path, png_path)
                 del weights, optimizer_state
                 accelerator.wait_for_everyone()
@@ -944,7 +977,10 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
     bar.close()
     accelerator.wait_for_everyone()
-    return {"step": step, "out": str(out), "loss": loss_value, "transformer": transformer}
+    if nan_steps:
+        logger.warning("%d of the %d steps run had a NaN loss and made no update (steps %s)", len(nan_steps),
+                       step - start_step, ", ".join(map(str, nan_steps[:10])) + (", ..." if len(nan_steps) > 10 else ""))
+    return {"step": step, "out": str(out), "loss": loss_value, "transformer": transformer, "nan_loss_steps": nan_steps}
 
 
 @torch.no_grad()

@@ -7,10 +7,12 @@ argv: the TrainConfig as JSON, then an optional mode:
   before ``train`` runs; everything after that is accelerate's own FSDP2 preparation.
 - ``no-auto-wrap`` (with ``fsdp2-cpu``): no auto-wrap policy, only the root module is sharded.
 - ``resume-at=K``: first train to step K, then continue with ``resume=True`` in the same process.
+- ``nan-on-last-rank-call=K``: the last rank's K-th training loss is NaN (the other ranks' stay finite).
 """
 
 import dataclasses
 import json
+import os
 import sys
 
 from accelerate import Accelerator, PartialState
@@ -18,7 +20,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from lorweb_fast import lorweb_state_dict
+from lorweb_fast import lorweb_state_dict, training
 from lorweb_fast.training import TrainConfig, train
 
 cfg = TrainConfig(**json.loads(sys.argv[1]))
@@ -35,6 +37,17 @@ if "fsdp2-cpu" in modes:
         plugin.set_mixed_precision(cfg.mixed_precision)  # as AcceleratorState does
     state.fsdp_plugin = plugin
 
+for mode in modes:
+    # the launcher's environment (a PartialState made here, before train's Accelerator, would set up another state)
+    if mode.startswith("nan-on-last-rank-call=") and int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1:
+        poisoned_call, real_loss, calls = int(mode.split("=")[1]), training.flow_matching_loss, []
+
+        def poisoned(*args, **kwargs):
+            calls.append(1)
+            loss = real_loss(*args, **kwargs)
+            return loss * float("nan") if len(calls) == poisoned_call else loss
+
+        training.flow_matching_loss = poisoned
 for mode in modes:
     if mode.startswith("resume-at="):
         train(dataclasses.replace(cfg, steps=int(mode.split("=")[1])))

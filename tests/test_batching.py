@@ -136,3 +136,20 @@ def test_bucket_batches_of_a_real_folder_need_no_resizing(tmp_path):
     # "mixed" batches do cross the buckets (and the collate resizes them to the first sample's size)
     mixed = StepBatchSampler(len(ds), 3, seed=0, start_step=0, total_steps=6)
     assert any(len({groups[i] for i in b}) > 1 for b in mixed)
+
+
+@pytest.mark.parametrize("groups", [KEYS, None])
+def test_epoch_counts_completed_passes_as_ai_toolkit(groups):
+    """``StepBatchSampler.epoch`` (training_info's epoch) is ai-toolkit's ``epoch_num`` (jobs/process/
+    BaseSDTrainProcess.py ``run``: one more each time the dataloader is exhausted before the next batch): it goes up
+    by one exactly where a pass over the data ends, i.e. where the batches drawn since the last increase have
+    visited every sample (bucket batching: every batch) once."""
+    sampler = StepBatchSampler(len(KEYS), 3, seed=4, start_step=0, total_steps=0, groups=groups)
+    epochs = [sampler.epoch(s) for s in range(40)]
+    assert epochs[0] == 0 and all(b - a in (0, 1) for a, b in zip(epochs, epochs[1:])) and epochs[-1] >= 3
+    for e in range(epochs[-1]):
+        drawn = [i for s in range(40) if epochs[s] == e for i in sampler.batch(s)]
+        if groups is not None:  # whole batches: each sample exactly once
+            assert Counter(drawn) == Counter(range(len(KEYS)))
+        else:  # fixed-size batches run across the end of a pass: the pass is complete, the overlap belongs to it
+            assert set(drawn) == set(range(len(KEYS))) and len(drawn) < 2 * len(KEYS)

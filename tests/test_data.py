@@ -36,9 +36,11 @@ def _official_box_grid(strip: Image.Image, b_prime: Image.Image, swap: bool = Fa
     """Reference written from NVlabs/LoRWeB toolkit/dataloader_mixins.py ``_create_box_analogy_image`` with
     ``full_size_control_images: true``: the target size is b''s size (W, H); the strip is resized to (3W, H) with
     bicubic and cut into W-wide parts; a bidirectional swap exchanges parts 0<->1 and part 2<->b'; the grid is
-    [part0 part1; part2 b'] with 2W x 2H pixels."""
+    [part0 part1; part2 b'] with 2W x 2H pixels. The files are opened without conversion (``load_and_process_image``
+    converts the finished grid), so the resize runs in the file's own mode and each cell becomes RGB only when it is
+    pasted into the RGB grid (modelled here by ``convert("RGB")`` after the resize)."""
     w, h = b_prime.size
-    wide = np.asarray(strip.convert("RGB").resize((3 * w, h), Image.BICUBIC))
+    wide = np.asarray(strip.resize((3 * w, h), Image.BICUBIC).convert("RGB"))
     parts = [wide[:, k * w:(k + 1) * w] for k in range(3)]
     last = np.asarray(b_prime.convert("RGB"))
     if swap:
@@ -80,6 +82,30 @@ def test_strip_layout_composes_the_official_grids_exactly(tmp_path):
         np.testing.assert_array_equal(np.asarray(item["target"]), resized)
         np.testing.assert_array_equal(np.asarray(item["control"]), _official_control(resized))
         assert item["caption"] == "make it red" and item["layout"] == "strip" and not item["swapped"]
+
+
+@pytest.mark.parametrize("strip_mode, b_prime_mode", [("P", "L"), ("RGBA", "P"), ("L", "RGBA")])
+def test_strips_in_other_modes_are_resized_before_conversion(tmp_path, strip_mode, b_prime_mode):
+    """Palette, grey and RGBA files are resized in their own mode and converted when pasted, as the official loader
+    (reference ``_official_box_grid``): a palette strip is resized with nearest (Pillow's rule for P), which converting
+    to RGB first would not give."""
+    root = _strip_folder(tmp_path / "d", cells=[(20, 14)], b_prime=(24, 18))
+    rng = np.random.default_rng(1)
+    for path, size, mode in ((root / "control" / "s00.png", (60, 14), strip_mode),
+                             (root / "target" / "s00.png", (24, 18), b_prime_mode)):
+        img = _random_image(rng, *size)
+        img = img.quantize(32) if mode == "P" else img.convert(mode)
+        if mode == "RGBA":
+            img.putalpha(Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8)))
+        img.save(path)
+    strip, b_prime = Image.open(root / "control" / "s00.png"), Image.open(root / "target" / "s00.png")
+    assert (strip.mode, b_prime.mode) == (strip_mode, b_prime_mode)
+    want = _official_box_grid(strip, b_prime)
+    _, target = AnalogyFolder(root, long_edge=64, multiple=16, resize="long-edge").full_grids(0)
+    np.testing.assert_array_equal(np.asarray(target), want)
+    if strip_mode == "P":  # the order matters here: converting first and resizing with bicubic differs
+        wide = np.asarray(strip.convert("RGB").resize((72, 18), Image.BICUBIC))
+        assert not np.array_equal(want[:18, :48], wide[:, :48])
 
 
 @pytest.mark.parametrize("mode", ["official", "reverse"])
@@ -199,6 +225,9 @@ def test_captions_are_normalised_as_the_official_loader(tmp_path):
         assert data.official_caption(raw) == reference(raw), raw
     root = _strip_folder(tmp_path / "d", caption=" turn it ,, into   clay ,\n")
     assert AnalogyFolder(root)[0]["caption"] == "turn it, into   clay"
+    # the official loader reads the file in text mode (universal newlines): \r\n and a lone \r arrive as \n
+    (root / "target" / "s00.txt").write_bytes(b"make it\r\nred,\rbigger\r\n")
+    assert AnalogyFolder(root)[0]["caption"] == reference("make it\nred,\nbigger\n") == "make it\nred, bigger"
 
 
 def test_bad_utf8_caption_is_named_and_skippable(tmp_path):

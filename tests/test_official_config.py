@@ -2,6 +2,7 @@
 accepts it, fp16 checkpoints with ai-toolkit metadata and ``<name>_<step:09d>.safetensors`` names, checkpoint
 discovery, and the training run's outputs (save dtype, metadata, config.yaml, exact resume from fp32 masters)."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -241,6 +242,13 @@ def test_checkpoint_writes_fp16_aitk_metadata_config_and_masters(tmp_path):
         assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
     assert meta["name"] == "run" and meta["version"] == "1.0" and json.loads(meta["training_info"])["step"] == 4
     assert json.loads(meta["software"])["name"] == "ai-toolkit" and meta["lorweb.activation"] == "softmax"
+    # update_training_metadata's add_base_model_info_to_meta overwrites flux.1_kontext with its sd_1.5 default
+    assert meta["ss_output_name"] == "run" and meta["ss_base_model_version"] == "sd_1.5"
+    # add_model_hash_to_meta: sshs_model_hash is the SHA-256 of the tensor data (addnet_hash_safetensors: everything
+    # after the 8-byte length and the header), which the written file holds unchanged
+    blob = (tmp_path / "lorweb.safetensors").read_bytes()
+    assert meta["sshs_model_hash"] == hashlib.sha256(blob[8 + int.from_bytes(blob[:8], "little"):]).hexdigest()
+    assert len(meta["sshs_legacy_hash"]) == 8
     for path in (tmp_path / "config.yaml", final / "config.yaml"):
         assert official_inference_reads(path)["query_mode"] == "cat-aa'b"
     masters = torch.load(final / "trainer_state.pt", weights_only=False)["lorweb_master_weights"]
@@ -251,6 +259,38 @@ def test_checkpoint_writes_fp16_aitk_metadata_config_and_masters(tmp_path):
     torch.testing.assert_close(other[0].lora_A, weights["transformer.0.lora_A"].half().float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="save_dtype must be one of"):
         training.TrainConfig(data="d", out="o", save_dtype="int8").validate()
+
+
+def test_checkpoint_training_info_carries_the_epoch(tmp_path):
+    """BaseSDTrainProcess.get_training_info: {"step", "epoch"}."""
+    model = tiny_model()
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=12, target_modules=["0", "1"]))
+    training._write_checkpoint(tmp_path, 8, model, lf.lorweb_state_dict(model), {}, {}, 2, name="run", epoch=3)
+    with safe_open(str(tmp_path / "lorweb.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["training_info"]) == {"step": 8, "epoch": 3}
+
+
+def test_aitk_model_hashes_match_a_reference(tmp_path):
+    """Reference written from toolkit/metadata.py ``add_model_hash_to_meta`` and toolkit/train_tools.py
+    ``addnet_hash_safetensors`` / ``addnet_hash_legacy``: the tensors are written with only the ``ss_`` metadata
+    (here to a file with ``save_file``); the model hash is the SHA-256 of the bytes after the header, the legacy
+    hash the first 8 hex digits of the SHA-256 of the 0x10000 bytes at 0x100000. A state larger than 1.1 MB puts
+    data under the legacy window."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"transformer.b.lora_A": torch.randn(600, 1000, generator=g).half(),
+               "transformer.a.lora_B": torch.randn(7, 5, generator=g)}
+    meta = {"ss_output_name": "run", "ss_base_model_version": "sd_1.5", "name": "run", "training_info": "{}"}
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"ss_output_name": "run",
+                                                                     "ss_base_model_version": "sd_1.5"})
+    blob = (tmp_path / "ref.safetensors").read_bytes()
+    assert len(blob) > 0x110000
+    want = {"sshs_model_hash": hashlib.sha256(blob[8 + int.from_bytes(blob[:8], "little"):]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}
+    assert oc.aitk_model_hashes(tensors, meta) == want
+    # entries other than ss_* do not enter the hashes; an ss_ entry moves the legacy window, not the data hash
+    assert oc.aitk_model_hashes(tensors, {**meta, "name": "other"}) == want
+    moved = oc.aitk_model_hashes(tensors, {**meta, "ss_output_name": "a much longer output name"})
+    assert moved["sshs_model_hash"] == want["sshs_model_hash"] and moved["sshs_legacy_hash"] != want["sshs_legacy_hash"]
 
 
 def test_cli_infer_options():

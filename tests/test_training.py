@@ -249,15 +249,19 @@ def assert_ranks_identical(ranks: list[dict]) -> dict:
 
 @pytest.mark.slow
 def test_ddp_two_processes_keep_ranks_identical(assets, tmp_path):
+    """Two DDP processes stay identical, also when one rank's loss is NaN at step 2: the loss is reduced over the
+    ranks before backward, so every rank skips that step together (no rank waits in a gradient all-reduce that the
+    other never starts)."""
     cfg = config(assets, tmp_path / "ddp", steps=3, checkpoint_every=3)
-    ranks, _ = launch(cfg, tmp_path)
+    ranks, _ = launch(cfg, tmp_path, "nan-on-last-rank-call=2")
     assert ranks[0]["meta"]["world_size"] == "2" and ranks[0]["meta"]["distributed_type"].endswith("MULTI_CPU")
     r0 = assert_ranks_identical(ranks)
     assert any(r0[k].abs().max() > 0 for k in r0 if k.endswith("lora_B"))  # it did train
     saved = weights(tmp_path / "ddp" / "lorweb.safetensors")
     assert all(torch.equal(saved[k], r0[k]) for k in r0)
-    rows = (tmp_path / "ddp" / "loss.jsonl").read_text().splitlines()
+    rows = [json.loads(r) for r in (tmp_path / "ddp" / "loss.jsonl").read_text().splitlines()]
     assert len(rows) == 3  # one line per step, written by the main process only
+    assert [r["loss"] is None for r in rows] == [False, True, False]  # rank 1's NaN skipped the step on rank 0 too
 
 
 @pytest.mark.slow
@@ -859,21 +863,65 @@ def test_non_finite_gradients_stop_before_the_optimizer_step():
 
 
 def test_non_finite_gradients_stop_training_without_clipping_too(assets, tmp_path, monkeypatch):
-    """With --max-grad-norm 0 (no clipping) the norm is still computed and a non-finite one stops the run before the
-    optimizer step: the weights written before stay the last ones."""
-    cfg = config(assets, tmp_path / "nan", steps=3, checkpoint_every=1, max_grad_norm=0.0)
+    """With --nan-loss raise and --max-grad-norm 0 (no clipping) the norm is still computed and a non-finite one
+    stops the run before the optimizer step: the weights written before stay the last ones."""
+    cfg = config(assets, tmp_path / "nan", steps=3, checkpoint_every=1, max_grad_norm=0.0, nan_loss="raise")
+    poison_loss(monkeypatch, at_calls=(2,))
+    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 2; the optimizer step was not taken"):
+        training.train(cfg)
+    assert int(training.latest_checkpoint(tmp_path / "nan").name.split("-")[1]) == 1
+
+
+def poison_loss(monkeypatch, at_calls):
+    """Make ``training.flow_matching_loss`` return NaN (still attached to the graph) on the given 1-based calls."""
     real = training.flow_matching_loss
     calls = []
 
     def poisoned(*args, **kwargs):
         loss = real(*args, **kwargs)
         calls.append(1)
-        return loss * float("nan") if len(calls) == 2 else loss
+        return loss * float("nan") if len(calls) in at_calls else loss
 
     monkeypatch.setattr(training, "flow_matching_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 2; the optimizer step was not taken"):
-        training.train(cfg)
-    assert int(training.latest_checkpoint(tmp_path / "nan").name.split("-")[1]) == 1
+
+
+def test_nan_loss_skips_the_update_as_the_official_trainer(assets, tmp_path, monkeypatch):
+    """Default --nan-loss skip, from the official SDTrainer (extensions_built_in/sd_trainer/SDTrainer.py
+    ``train_single_accumulation``: ``if torch.isnan(loss): loss = torch.zeros_like(loss).requires_grad_(True)``, a
+    leaf outside the graph, so backward gives no parameter a gradient; ``hook_train_loop`` then clips and steps an
+    optimizer whose parameters have no gradients, which changes nothing). Reference: the step is counted, the LoRWeB
+    weights and the optimizer state after it equal those before it, and the next step trains as usual; the log marks
+    the step, the plot is written, and the result lists it."""
+    cfg = config(assets, tmp_path / "skip", steps=3, checkpoint_every=1, keep_checkpoints=3, optimizer="adamw")
+    assert TrainConfig(data="d", out="o").nan_loss == "skip"
+    poison_loss(monkeypatch, at_calls=(2,))
+    seen = []
+    result = training.train(cfg, step_callback=lambda step, loss: seen.append((step, math.isnan(loss))))
+    assert result["step"] == 3 and result["nan_loss_steps"] == [2] and math.isfinite(result["loss"])
+    assert seen == [(1, False), (2, True), (3, False)]
+    run = Path(cfg.out)
+    w = {k: weights(run / "checkpoints" / f"step-{k:08d}" / "lorweb.safetensors") for k in (1, 2, 3)}
+    assert all(torch.equal(w[1][key], w[2][key]) for key in w[1])  # the NaN step changed nothing
+    assert any(not torch.equal(w[2][key], w[3][key]) for key in w[2])  # the next one trains
+    s1, s2 = trainer_state(run, 1)["optimizer"]["state"], trainer_state(run, 2)["optimizer"]["state"]
+    assert s1.keys() == s2.keys() and all(int(s2[k]["step"]) == 1 for k in s2)
+    assert all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
+    rows = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[1]["loss"] is None and rows[1]["nan_loss_skipped"] is True
+    assert "nan_loss_skipped" not in rows[0] and math.isfinite(rows[2]["loss"])
+    assert np.asarray(Image.open(run / "loss.png").convert("L")).std() > 0
+
+
+def test_nan_loss_raise_is_a_cli_choice_and_may_change_on_resume():
+    parser = cli.build_parser()
+    assert parser.parse_args(["train", "--data", "d", "--out", "o"]).nan_loss == "skip"
+    assert parser.parse_args(["train", "--data", "d", "--out", "o", "--nan-loss", "raise"]).nan_loss == "raise"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--data", "d", "--out", "o", "--nan-loss", "zero"])
+    with pytest.raises(ValueError, match="nan_loss must be one of"):
+        TrainConfig(data="d", out="o", nan_loss="zero").validate()
+    assert "nan_loss" in training.RESUME_MAY_DIFFER
 
 
 @pytest.mark.gpu
