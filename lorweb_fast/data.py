@@ -8,7 +8,12 @@ Two layouts are read, detected per sample from the image sizes (never guessed: a
     DIR/control/<id>.jpg    a | a' | b   a horizontal strip of three equal cells (any width: it is resized to 3W x H)
     DIR/target/<id>.jpg     b'           alone, any size
     DIR/target/<id>.txt     the caption (the edit description)
-    DIR/analogy_metadata.json
+    DIR/analogy_metadata.json   [{"analogy_id": <id>, "edit_prompt": caption, ...}, ...]
+
+  As the official loader: the samples are the images under target/ (nested folders included, "_controls" folders
+  left out), each with the control named like it (.jpg, .jpeg, .png, .webp tried in that order); the caption is the
+  ``edit_prompt`` of its analogy_metadata.json entry, else the .txt beside the target image (then ours:
+  ``captions/<id>.txt``, ``control/<id>.txt``). Control images without a target are not samples (a warning).
 
   The trainer's target is the 2x2 grid [a a'; b b'] at b''s size (every cell W x H = b'.size, the strip resized to
   3W x H with bicubic first, as ai-toolkit ``_create_box_analogy_image`` with ``full_size_control_images: true``), and
@@ -43,6 +48,12 @@ from typing import Optional, Union
 import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+#: the order in which the official loader tries a control image's extension (toolkit/dataloader_mixins.py
+#: ``img_ext_list``, ``ControlFileItemDTOMixin.__init__``): the first file that exists is the control
+CONTROL_SUFFIX_ORDER = (".jpg", ".jpeg", ".png", ".webp")
+#: the relation captions the official config reads (``enable_relation_captions: true``, toolkit/data_loader.py): a
+#: JSON list of {"analogy_id", "edit_prompt", ...} beside control/ and target/, written by preprocess_data.py
+RELATION_METADATA = "analogy_metadata.json"
 LAYOUTS = ("auto", "strip", "grid")
 #: "bucket": the official training size (ai-toolkit aspect buckets of b''s size, see ``bucket_resize``);
 #: "long-edge": lorweb_fast's first rule (long edge ``long_edge``, sides multiples of 32, no crop)
@@ -55,7 +66,8 @@ SDXL_BUCKETS_1024 = ((1024, 1024), (2048, 512), (1984, 512), (1920, 512), (1856,
                      (768, 1344), (704, 1408), (704, 1472), (640, 1536), (640, 1600), (576, 1664), (576, 1728),
                      (576, 1792), (512, 1856), (512, 1920), (512, 1984), (512, 2048), (8192, 128), (128, 8192))
 BIDIRECTIONAL = ("none", "official", "reverse")
-CAPTION_DIRS = ("captions", "target", "control")
+#: where a caption .txt is looked for after the relation metadata and the .txt beside the target image (official)
+CAPTION_DIRS = ("captions", "control")
 #: the bucket divisibility of official FLUX.1-Kontext training: ai-toolkit's dataset sets ``bucket_tolerance`` to
 #: ``sd.get_bucket_divisibility()`` (toolkit/data_loader.py ``AiToolkitDataset.__init__``), which is 16 for
 #: FLUX.1-Kontext (extensions_built_in/flux_kontext.py ``FluxKontextModel.get_bucket_divisibility``); the config's
@@ -239,11 +251,31 @@ def detect_layout(control: Path, control_size: tuple[int, int], target: Path, ta
     return "grid"
 
 
+def _read_relation_captions(path: Path) -> dict[str, str]:
+    """{analogy_id: edit_prompt} of an ``analogy_metadata.json`` (empty when the file is absent); a file that is not
+    a JSON list of objects with a string ``analogy_id`` and ``edit_prompt`` raises AnalogyDataError naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AnalogyDataError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(entries, list):
+        raise AnalogyDataError(f"{path} must hold a JSON list of analogies, got {type(entries).__name__}")
+    captions = {}
+    for k, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and isinstance(entry.get("analogy_id"), str)
+                and isinstance(entry.get("edit_prompt"), str)):
+            raise AnalogyDataError(f"{path}: entry {k} needs string 'analogy_id' and 'edit_prompt' fields")
+        captions[entry["analogy_id"]] = entry["edit_prompt"]
+    return captions
+
+
 class AnalogyFolder(torch.utils.data.Dataset):
     """Analogy samples from ``root/control`` and ``root/target`` in the ``strip`` (official) or ``grid`` layout (see
     the module docstring).
 
-    Every sample is checked when the dataset is built: a missing target or caption, an unreadable image or caption
+    Every sample is checked when the dataset is built: a missing control or caption, an unreadable image or caption
     (bad UTF-8), a size that fits no layout, or mixed layouts under ``layout="auto"`` raise ``AnalogyDataError`` naming
     the file; with ``skip_bad=True`` a bad sample is dropped with a warning (mixed layouts always raise).
 
@@ -273,22 +305,33 @@ class AnalogyFolder(torch.utils.data.Dataset):
             if not d.is_dir():
                 raise AnalogyDataError(f"training data folder {d} does not exist (expected {self.root}/control/ and "
                                        f"{self.root}/target/ with one caption .txt per sample)")
-        controls = sorted(p for p in control_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not controls:
-            raise AnalogyDataError(f"no training samples: {control_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        # the samples are the target images, as the official loader lists its dataset folder (os.walk of target/,
+        # files with an image extension, not in a "_controls" folder); each finds its control in control/ by name
+        targets = sorted((Path(d) / f for d, _, files in os.walk(target_dir) for f in files
+                          if f.lower().endswith(IMAGE_SUFFIXES) and Path(d).name != "_controls"),
+                         key=lambda p: p.relative_to(target_dir).as_posix())
+        if not targets:
+            raise AnalogyDataError(f"no training samples: {target_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        self._relation_captions = _read_relation_captions(self.root / RELATION_METADATA)
         #: (control, target, caption, layout, grid size (W, H) before resizing)
         self.samples: list[tuple[Path, Path, str, str, tuple[int, int]]] = []
         self.skipped: list[str] = []
         self.problems: list[str] = []
-        for control in controls:
+        for target in targets:
             try:
-                self.samples.append(self._check_sample(control, target_dir))
+                self.samples.append(self._check_sample(target, control_dir))
             except AnalogyDataError as exc:
                 if not skip_bad:
                     raise AnalogyDataError(f"{exc} (pass skip_bad=True / --skip-bad to skip such samples)") from None
-                warnings.warn(f"skipping training sample {control.stem}: {exc}", stacklevel=2)
-                self.skipped.append(control.stem)
+                warnings.warn(f"skipping training sample {target.stem}: {exc}", stacklevel=2)
+                self.skipped.append(target.stem)
                 self.problems.append(str(exc))
+        stems = {t.stem for t in targets}
+        unused = sorted(p.name for p in control_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                        and p.stem not in stems)
+        if unused:  # the official loader never looks at them either
+            warnings.warn(f"{len(unused)} control images have no target image and are not training samples (e.g. "
+                          f"{control_dir / unused[0]}): the samples are the images in {target_dir}", stacklevel=2)
         if not self.samples:
             raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
         kinds = {s[3] for s in self.samples}
@@ -297,12 +340,12 @@ class AnalogyFolder(torch.utils.data.Dataset):
             raise AnalogyDataError(f"{self.root} mixes layouts ({first['grid']} is a 2x2 grid, {first['strip']} an "
                                    "a|a'|b strip); keep one layout per folder")
 
-    def _check_sample(self, control: Path, target_dir: Path):
-        target = next((target_dir / (control.stem + s) for s in IMAGE_SUFFIXES
-                       if (target_dir / (control.stem + s)).is_file()), None)
-        if target is None:
-            raise AnalogyDataError(f"{control} has no target image {target_dir / control.stem}.*")
-        caption = self._caption(control.stem)
+    def _check_sample(self, target: Path, control_dir: Path):
+        control = next((control_dir / (target.stem + s) for s in CONTROL_SUFFIX_ORDER
+                        if (control_dir / (target.stem + s)).is_file()), None)
+        if control is None:
+            raise AnalogyDataError(f"{target} has no control image {control_dir / target.stem}.*")
+        caption = self._caption(target)
         control_size, target_size = _oriented_size(control), _oriented_size(target)
         if self.layout == "auto":
             layout = detect_layout(control, control_size, target, target_size)
@@ -321,9 +364,15 @@ class AnalogyFolder(torch.utils.data.Dataset):
                 raise AnalogyDataError(f"{target}: {exc}") from None
         return control, target, caption, layout, grid_size
 
-    def _caption(self, stem: str) -> str:
-        for sub in CAPTION_DIRS:
-            path = self.root / sub / f"{stem}.txt"
+    def _caption(self, target: Path) -> str:
+        """The official order (toolkit/dataloader_mixins.py ``CaptionMixin.load_caption``): the ``edit_prompt`` of
+        the relation metadata entry named like the target, else the .txt beside the target image; then ours:
+        ``captions/<id>.txt``, ``control/<id>.txt``. None at all raises (the official loader would train with an
+        empty caption)."""
+        stem = target.stem
+        if stem in self._relation_captions:
+            return official_caption(self._relation_captions[stem])
+        for path in (target.with_suffix(".txt"), *(self.root / sub / f"{stem}.txt" for sub in CAPTION_DIRS)):
             if path.is_file():
                 try:
                     # text mode, as the official loader opens it: \r\n and \r read as \n
@@ -331,8 +380,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
                 except UnicodeDecodeError as exc:
                     raise AnalogyDataError(f"caption {path} is not valid UTF-8 ({exc.reason} at byte {exc.start})") \
                         from None
-        raise AnalogyDataError(f"sample {stem} has no caption: expected {self.root / 'captions' / stem}.txt or "
-                               f"{self.root / 'target' / stem}.txt")
+        raise AnalogyDataError(f"sample {stem} has no caption: no entry in {self.root / RELATION_METADATA} and no "
+                               f"{target.with_suffix('.txt')} or {self.root / 'captions' / stem}.txt")
 
     def __len__(self) -> int:
         return len(self.samples)

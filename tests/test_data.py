@@ -230,6 +230,68 @@ def test_captions_are_normalised_as_the_official_loader(tmp_path):
     assert AnalogyFolder(root)[0]["caption"] == reference("make it\nred,\nbigger\n") == "make it\nred, bigger"
 
 
+def _official_samples(root: Path) -> list[tuple[Path, Path, str]]:
+    """Reference written from NVlabs/LoRWeB toolkit/data_loader.py ``AiToolkitDataset.__init__`` (the samples: files
+    under folder_path = target/ found by os.walk whose lower-cased name ends in .jpg/.jpeg/.png/.webp, minus those in
+    a folder named "_controls"; analogy_metadata.json beside target/ keyed by analogy_id), toolkit/dataloader_mixins.py
+    ``ControlFileItemDTOMixin.__init__`` (the control: control_path/<name without extension> + the first of
+    .jpg, .jpeg, .png, .webp that exists) and ``CaptionMixin.load_caption`` (the relation entry's edit_prompt when the
+    name is in it, else <target path without extension>.txt), before ``get_caption``'s comma clean-up. Sorted here
+    (os.walk order is the file system's)."""
+    import os
+
+    relation = {e["analogy_id"]: e for e in json.loads((root / "analogy_metadata.json").read_text())}
+    out = []
+    for d, _, files in os.walk(root / "target"):
+        for f in files:
+            if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp")) and os.path.basename(d) != "_controls":
+                path = os.path.join(d, f)
+                name = ".".join(os.path.basename(path).split(".")[:-1])
+                control = next(root / "control" / (name + e) for e in (".jpg", ".jpeg", ".png", ".webp")
+                               if (root / "control" / (name + e)).exists())
+                caption = relation[name]["edit_prompt"] if name in relation else \
+                    Path(os.path.splitext(path)[0] + ".txt").read_text()
+                out.append((control, Path(path), caption))
+    return sorted(out, key=lambda t: t[1])
+
+
+def test_samples_are_found_from_target_as_the_official_loader(tmp_path):
+    """The samples are the target images (nested folders too, "_controls" left out); a control is found by name
+    with the official extension order (.jpg before .png); captions come from analogy_metadata.json first, then the
+    .txt beside the target; a control image without a target is no sample (a warning says so)."""
+    root = tmp_path / "d"
+    rng = np.random.default_rng(3)
+    for sub in ("control", "target/sub", "target/_controls"):
+        (root / sub).mkdir(parents=True)
+    for name, target in (("s00", "target/s00.png"), ("s01", "target/s01.jpg"), ("s02", "target/sub/s02.png"),
+                         ("s03", "target/_controls/s03.png")):
+        _random_image(rng, 24, 18).save(root / target)
+        _random_image(rng, 60, 14).save(root / "control" / f"{name}.png")
+        Path(root / target).with_suffix(".txt").write_text(f"txt of {name}")
+    _random_image(rng, 60, 14).save(root / "control" / "s00.jpg")  # official: .jpg is tried first
+    _random_image(rng, 60, 14).save(root / "control" / "s09.png")  # no target: not a sample
+    (root / "analogy_metadata.json").write_text(json.dumps([{"analogy_id": "s00", "edit_prompt": "json of s00"},
+                                                            {"analogy_id": "s77", "edit_prompt": "unused"}]))
+    want = _official_samples(root)
+    assert [(c.name, t.name, cap) for c, t, cap in want] == [("s00.jpg", "s00.png", "json of s00"),
+                                                             ("s01.png", "s01.jpg", "txt of s01"),
+                                                             ("s02.png", "s02.png", "txt of s02")]
+    with pytest.warns(UserWarning, match=r"2 control images have no target image .*s03.png"):
+        ds = AnalogyFolder(root, resize="long-edge")
+    assert [(c, t, cap) for c, t, cap, _, _ in ds.samples] == want
+    assert [ds[i]["name"] for i in range(3)] == ["s00", "s01", "s02"]
+
+
+@pytest.mark.parametrize("text, fragment", [("{not json", "is not valid JSON"), ('{"a": 1}', "must hold a JSON list"),
+                                            ('[{"analogy_id": "s00"}]', "entry 0 needs string 'analogy_id' and "
+                                                                        "'edit_prompt'")])
+def test_bad_relation_metadata_is_named(tmp_path, text, fragment):
+    root = _strip_folder(tmp_path / "d")
+    (root / "analogy_metadata.json").write_text(text)
+    with pytest.raises(AnalogyDataError, match=f"analogy_metadata.json.*{fragment}"):
+        AnalogyFolder(root, resize="long-edge")
+
+
 def test_bad_utf8_caption_is_named_and_skippable(tmp_path):
     root = _strip_folder(tmp_path / "d", cells=[(20, 14), (20, 14)])
     (root / "target" / "s01.txt").write_bytes(b"caf\xe9 au lait")

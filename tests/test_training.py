@@ -432,10 +432,11 @@ def test_broken_samples_error_or_skip(assets, tmp_path):
     (data / "captions" / "0003.txt").write_text("flip")
     with pytest.raises(AnalogyDataError, match="0005.png is not a readable image"):
         AnalogyFolder(data, resize="long-edge")
-    (data / "target" / "0007.png").unlink()
+    (data / "control" / "0007.png").unlink()
     with pytest.warns(UserWarning, match="skipping training sample"):
         ds = AnalogyFolder(data, skip_bad=True, long_edge=64, resize="long-edge")
     assert len(ds) == 10 and ds.skipped == ["0005", "0007"]
+    assert "0007.png has no control image" in ds.problems[1]
     item = ds[0]
     assert item["control"].size == item["target"].size == (64, 64)
     assert item["caption"]
