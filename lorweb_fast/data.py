@@ -313,6 +313,10 @@ class AnalogyFolder(torch.utils.data.Dataset):
         if not targets:
             raise AnalogyDataError(f"no training samples: {target_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         self._relation_captions = _read_relation_captions(self.root / RELATION_METADATA)
+        control_files = sorted(p for p in control_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        self._control_by_stem: dict[str, list[Path]] = {}
+        for p in sorted(control_files, key=lambda p: CONTROL_SUFFIX_ORDER.index(p.suffix.lower())):
+            self._control_by_stem.setdefault(p.stem, []).append(p)
         #: (control, target, caption, layout, grid size (W, H) before resizing)
         self.samples: list[tuple[Path, Path, str, str, tuple[int, int]]] = []
         self.skipped: list[str] = []
@@ -327,8 +331,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
                 self.skipped.append(target.stem)
                 self.problems.append(str(exc))
         stems = {t.stem for t in targets}
-        unused = sorted(p.name for p in control_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                        and p.stem not in stems)
+        unused = sorted(p.name for p in control_files if p.stem not in stems)
         if unused:  # the official loader never looks at them either
             warnings.warn(f"{len(unused)} control images have no target image and are not training samples (e.g. "
                           f"{control_dir / unused[0]}): the samples are the images in {target_dir}", stacklevel=2)
@@ -343,6 +346,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
     def _check_sample(self, target: Path, control_dir: Path):
         control = next((control_dir / (target.stem + s) for s in CONTROL_SUFFIX_ORDER
                         if (control_dir / (target.stem + s)).is_file()), None)
+        if control is None:  # an upper-case extension (the official lookup, case-sensitive, would fail)
+            control = next((p for p in self._control_by_stem.get(target.stem, ()) if p.is_file()), None)
         if control is None:
             raise AnalogyDataError(f"{target} has no control image {control_dir / target.stem}.*")
         caption = self._caption(target)

@@ -280,6 +280,10 @@ def test_samples_are_found_from_target_as_the_official_loader(tmp_path):
         ds = AnalogyFolder(root, resize="long-edge")
     assert [(c, t, cap) for c, t, cap, _, _ in ds.samples] == want
     assert [ds[i]["name"] for i in range(3)] == ["s00", "s01", "s02"]
+    # an upper-case extension, which the official (case-sensitive) lookup misses, is still found
+    (root / "control" / "s01.png").rename(root / "control" / "s01.PNG")
+    with pytest.warns(UserWarning, match="2 control images have no target"):
+        assert AnalogyFolder(root, resize="long-edge").samples[1][0] == root / "control" / "s01.PNG"
 
 
 @pytest.mark.parametrize("text, fragment", [("{not json", "is not valid JSON"), ('{"a": 1}', "must hold a JSON list"),
