@@ -37,7 +37,8 @@ def main() -> None:
                           steps=args.steps, batch_size=2, learning_rate=1e-2, mixed_precision="bf16",
                           adapter_precision=precision, long_edge=2 * demo.DEMO_CELL, resize="long-edge",
                           max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=8, rank=2, key_dim=8,
-                          checkpoint_every=args.steps, num_workers=0, seed=args.seed, progress=False)
+                          checkpoint_every=args.steps, num_workers=0, seed=args.seed, progress=False,
+                          nan_loss="raise")  # every step compared: a NaN stops the run instead of a gap
         train(cfg)
         rows = [json.loads(line) for line in (Path(cfg.out) / "loss.jsonl").read_text().splitlines()]
         curves[precision] = [r["loss"] for r in rows]

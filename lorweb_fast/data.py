@@ -20,7 +20,8 @@ Two layouts are read, detected per sample from the image sizes (never guessed: a
   the control is that grid with its bottom-left quadrant copied into the bottom-right (``load_control_image``).
 
 ``grid`` (lorweb_fast's first format): ``control/<id>.*`` = [a a'; b b] and ``target/<id>.*`` = [a a'; b b'], two
-grids of the same size; captions in ``captions/``, ``target/`` or ``control/``.
+grids of the same size; captions found as in the strip layout (beside the target, else ``captions/`` or
+``control/``).
 
 Bidirectional analogies (official ``is_bidirectional_analogy``): with probability 1/2 per sample draw the analogy is
 reversed. ``"official"`` reproduces the official composition exactly: the target grid becomes [a' a; b' b], and the
@@ -251,24 +252,21 @@ def detect_layout(control: Path, control_size: tuple[int, int], target: Path, ta
     return "grid"
 
 
-def _read_relation_captions(path: Path) -> dict[str, str]:
-    """{analogy_id: edit_prompt} of an ``analogy_metadata.json`` (empty when the file is absent); a file that is not
-    a JSON list of objects with a string ``analogy_id`` and ``edit_prompt`` raises AnalogyDataError naming it."""
+def _read_relation_captions(path: Path) -> dict:
+    """{analogy_id: entry} of an ``analogy_metadata.json`` (empty when the file is absent), indexed as the official
+    loader indexes it (toolkit/data_loader.py: ``{i['analogy_id']: i for i in ...}``): a file that is not a JSON list
+    of objects with an ``analogy_id`` raises AnalogyDataError naming it (the official index fails there too); an
+    entry's ``edit_prompt`` is checked only for the sample that uses it."""
     if not path.is_file():
         return {}
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnalogyDataError(f"{path} is not valid JSON ({exc})") from None
+    entries = _read_json(path, "relation metadata")
     if not isinstance(entries, list):
-        raise AnalogyDataError(f"{path} must hold a JSON list of analogies, got {type(entries).__name__}")
-    captions = {}
-    for k, entry in enumerate(entries):
-        if not (isinstance(entry, dict) and isinstance(entry.get("analogy_id"), str)
-                and isinstance(entry.get("edit_prompt"), str)):
-            raise AnalogyDataError(f"{path}: entry {k} needs string 'analogy_id' and 'edit_prompt' fields")
-        captions[entry["analogy_id"]] = entry["edit_prompt"]
-    return captions
+        raise AnalogyDataError(f"relation metadata {path} must hold a JSON list of analogies, got "
+                               f"{type(entries).__name__}")
+    bad = next((k for k, e in enumerate(entries) if not isinstance(e, dict) or "analogy_id" not in e), None)
+    if bad is not None:
+        raise AnalogyDataError(f"relation metadata {path}: entry {bad} is not an object with an 'analogy_id'")
+    return {e["analogy_id"]: e for e in entries if isinstance(e["analogy_id"], str)}  # others match no file name
 
 
 class AnalogyFolder(torch.utils.data.Dataset):
@@ -312,29 +310,32 @@ class AnalogyFolder(torch.utils.data.Dataset):
                          key=lambda p: p.relative_to(target_dir).as_posix())
         if not targets:
             raise AnalogyDataError(f"no training samples: {target_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        self._relation_captions = _read_relation_captions(self.root / RELATION_METADATA)
+        relation = _read_relation_captions(self.root / RELATION_METADATA)
         control_files = sorted(p for p in control_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        self._control_by_stem: dict[str, list[Path]] = {}
+        control_by_stem: dict[str, list[Path]] = {}
         for p in sorted(control_files, key=lambda p: CONTROL_SUFFIX_ORDER.index(p.suffix.lower())):
-            self._control_by_stem.setdefault(p.stem, []).append(p)
+            control_by_stem.setdefault(p.stem, []).append(p)
         #: (control, target, caption, layout, grid size (W, H) before resizing)
         self.samples: list[tuple[Path, Path, str, str, tuple[int, int]]] = []
         self.skipped: list[str] = []
         self.problems: list[str] = []
         for target in targets:
             try:
-                self.samples.append(self._check_sample(target, control_dir))
+                self.samples.append(self._check_sample(target, control_dir, control_by_stem, relation))
             except AnalogyDataError as exc:
                 if not skip_bad:
                     raise AnalogyDataError(f"{exc} (pass skip_bad=True / --skip-bad to skip such samples)") from None
-                warnings.warn(f"skipping training sample {target.stem}: {exc}", stacklevel=2)
-                self.skipped.append(target.stem)
+                name = self._name(target)
+                warnings.warn(f"skipping training sample {name}: {exc}", stacklevel=2)
+                self.skipped.append(name)
                 self.problems.append(str(exc))
         stems = {t.stem for t in targets}
-        unused = sorted(p.name for p in control_files if p.stem not in stems)
-        if unused:  # the official loader never looks at them either
-            warnings.warn(f"{len(unused)} control images have no target image and are not training samples (e.g. "
-                          f"{control_dir / unused[0]}): the samples are the images in {target_dir}", stacklevel=2)
+        #: control images with no target image of their name: not samples (the official loader never looks at them)
+        self.unused_controls = [p for p in control_files if p.stem not in stems]
+        if self.unused_controls:
+            warnings.warn(f"{len(self.unused_controls)} control images have no target image and are not training "
+                          f"samples (e.g. {self.unused_controls[0]}): the samples are the images in {target_dir}",
+                          stacklevel=2)
         if not self.samples:
             raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
         kinds = {s[3] for s in self.samples}
@@ -343,14 +344,22 @@ class AnalogyFolder(torch.utils.data.Dataset):
             raise AnalogyDataError(f"{self.root} mixes layouts ({first['grid']} is a 2x2 grid, {first['strip']} an "
                                    "a|a'|b strip); keep one layout per folder")
 
-    def _check_sample(self, target: Path, control_dir: Path):
+    def _name(self, target: Path) -> str:
+        """A sample's name: its target's path under target/ without the extension ("0007", "sub/0007")."""
+        return target.relative_to(self.root / "target").with_suffix("").as_posix()
+
+    def name(self, index: int) -> str:
+        """The name of sample ``index`` (unique, also when nested folders repeat a file name)."""
+        return self._name(self.samples[index][1])
+
+    def _check_sample(self, target: Path, control_dir: Path, control_by_stem: dict, relation: dict):
         control = next((control_dir / (target.stem + s) for s in CONTROL_SUFFIX_ORDER
                         if (control_dir / (target.stem + s)).is_file()), None)
         if control is None:  # an upper-case extension (the official lookup, case-sensitive, would fail)
-            control = next((p for p in self._control_by_stem.get(target.stem, ()) if p.is_file()), None)
+            control = next((p for p in control_by_stem.get(target.stem, ()) if p.is_file()), None)
         if control is None:
             raise AnalogyDataError(f"{target} has no control image {control_dir / target.stem}.*")
-        caption = self._caption(target)
+        caption = self._caption(target, relation)
         control_size, target_size = _oriented_size(control), _oriented_size(target)
         if self.layout == "auto":
             layout = detect_layout(control, control_size, target, target_size)
@@ -369,14 +378,18 @@ class AnalogyFolder(torch.utils.data.Dataset):
                 raise AnalogyDataError(f"{target}: {exc}") from None
         return control, target, caption, layout, grid_size
 
-    def _caption(self, target: Path) -> str:
+    def _caption(self, target: Path, relation: dict) -> str:
         """The official order (toolkit/dataloader_mixins.py ``CaptionMixin.load_caption``): the ``edit_prompt`` of
         the relation metadata entry named like the target, else the .txt beside the target image; then ours:
         ``captions/<id>.txt``, ``control/<id>.txt``. None at all raises (the official loader would train with an
         empty caption)."""
         stem = target.stem
-        if stem in self._relation_captions:
-            return official_caption(self._relation_captions[stem])
+        if stem in relation:
+            prompt = relation[stem].get("edit_prompt")
+            if not isinstance(prompt, str):
+                raise AnalogyDataError(f"sample {stem}: its entry in {self.root / RELATION_METADATA} has no string "
+                                       f"'edit_prompt' (got {prompt!r})")
+            return official_caption(prompt)
         for path in (target.with_suffix(".txt"), *(self.root / sub / f"{stem}.txt" for sub in CAPTION_DIRS)):
             if path.is_file():
                 try:
@@ -439,7 +452,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
         else:
             control = to_training_size(open_rgb(control_path))
             target = to_training_size(open_rgb(target_path))
-        return {"control": control, "target": target, "caption": caption, "name": control_path.stem,
+        return {"control": control, "target": target, "caption": caption, "name": self.name(index),
                 "layout": layout, "swapped": swap}
 
 
@@ -461,8 +474,10 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
                  layout: str = "auto", resize: str = "bucket", long_edge: int = 512,
                  bucket_divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY,
                  progress: bool = True) -> dict:
-    """Validate every sample of ``root``; return counts ``{"samples", "layouts", "sizes", "captions", "problems"}``.
-    With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there: the grids the
+    """Validate every sample of ``root``; return counts ``{"samples", "skipped", "layouts", "sizes",
+    "training_sizes", "captions", "problems", "controls_without_target"}``.
+    With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there (a nested sample's
+    ``/`` written ``__``): the grids the
     trainer sees, before resizing to the training resolution. A ``dump`` that is a file or cannot be created is
     refused (``validation.UsageError``) before any sample is read."""
     from tqdm.auto import tqdm
@@ -483,12 +498,13 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
                                              for s in dataset.samples).most_common()),
               "captions": {"non_empty": sum(bool(c) for c in captions), "empty": sum(not c for c in captions),
                            "distinct": len({c for c in captions if c})},
-              "problems": list(dataset.problems)}
+              "problems": list(dataset.problems),
+              "controls_without_target": [str(p) for p in dataset.unused_controls]}
     if dump is not None:
         out = Path(dump)
         out.mkdir(parents=True, exist_ok=True)
         for i in tqdm(range(len(dataset)), desc="dumping grids", unit="sample", disable=not progress):
-            name = dataset.samples[i][0].stem
+            name = dataset.name(i).replace("/", "__")
             control, target = dataset.full_grids(i)
             _atomic_write(out / f"{name}_target.png", lambda p: target.save(p, format="PNG"))
             _atomic_write(out / f"{name}_control.png", lambda p: control.save(p, format="PNG"))
@@ -754,6 +770,9 @@ def run_data(args) -> dict:
         print(f"problems: {len(report['problems'])}")
         for problem in report["problems"]:
             print(f"  {problem}")
+        unused = report["controls_without_target"]
+        if unused:
+            print(f"control images without a target (not samples): {len(unused)}, e.g. {unused[0]}")
         if args.dump:
             print(f"wrote the trainer's grids to {report['dumped']}")
         return report

@@ -72,7 +72,8 @@ ENCODER_DTYPES = ("auto", *DTYPE_NAMES)
 #: what a NaN training loss does. "skip" (official, extensions_built_in/sd_trainer/SDTrainer.py
 #: ``train_single_accumulation``: the loss is replaced by a zero leaf, so backward reaches no parameter and the
 #: optimizer step changes nothing; the step still counts): no update that step, logged; decided on every rank together
-#: (a NaN on any rank skips the step everywhere). "raise": stop with FloatingPointError before the optimizer step.
+#: (a NaN on any rank skips the step everywhere). "raise": stop with FloatingPointError before backward. An infinite
+#: loss always stops so.
 NAN_LOSS = ("skip", "raise")
 CHECKPOINT_DIR = "checkpoints"
 #: ai-toolkit never rotates out a step save whose step is a multiple of this (jobs/process/BaseSDTrainProcess.py
@@ -141,9 +142,10 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return list(indices)
 
     def epoch(self, step: int) -> int:
-        """Passes over the data completed before this process's batch at ``step`` (of its first sample): ai-toolkit's
-        ``epoch_num`` when it draws that batch (jobs/process/BaseSDTrainProcess.py ``run`` counts one per exhausted
-        dataloader)."""
+        """Passes over the data completed before this process's batch at ``step`` (of its first sample): in one
+        process, ai-toolkit's ``epoch_num`` when it draws that batch (jobs/process/BaseSDTrainProcess.py ``run``
+        counts one per exhausted dataloader). Under DDP the passes are over the stream the processes share (the
+        official loader is not sharded: each of its processes counts its own passes)."""
         if self.bucket_batches is not None:
             return (step * self.world_size + self.rank) // len(self.bucket_batches)
         return (step * self.world_size + self.rank) * self.batch_size // self.n
@@ -620,6 +622,17 @@ def _check_gradients(grad_norm, model, step: int, cfg: TrainConfig, *, scaled: b
         f"; lower the learning rate or use --mixed-precision no to find the cause{hint}")
 
 
+def _reshard_without_backward(model) -> None:
+    """Reshard every FSDP2 unit after a forward whose backward is skipped (a NaN loss): FSDP2 keeps the root unit's
+    parameters unsharded after its forward and reshards them only in the post-backward, so without this the module
+    would still hold the gathered tensors instead of the DTensors the optimizer and the checkpoint gather expect."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def cast_block_inputs_in_recompute(model) -> int:
     """Make FSDP2's input cast hold when activation checkpointing recomputes a sharded block.
 
@@ -662,7 +675,7 @@ def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
 
     rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     skipped = [r["step"] for r in rows if r["loss"] is None]
-    rows = [r for r in rows if r["loss"] is not None]
+    rows = [r for r in rows if r["loss"] is not None and r["loss"] > 0]  # a log axis
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
     window = max(1, len(loss) // 20)
@@ -675,7 +688,8 @@ def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
         ax.axvline(s, color="red", alpha=0.4, lw=0.8, label=f"NaN loss, no update ({len(skipped)})" if i == 0 else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("flow-matching loss")
-    ax.set_yscale("log")
+    if loss:
+        ax.set_yscale("log")
     ax.legend()
     ax.set_title("LoRWeB training loss")
     fig.tight_layout()
@@ -937,11 +951,17 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
             # one collective: the mean loss over the ranks, NaN when any rank's loss is NaN
             loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
             skipped = cfg.nan_loss == "skip" and math.isnan(loss_value)
+            if not skipped and not math.isfinite(loss_value):
+                raise FloatingPointError(f"the training loss is {loss_value} at step {step + 1}; the optimizer step was "
+                                         "not taken; lower the learning rate")
             if skipped:  # official: no parameter gets a gradient, the step changes nothing and still counts
                 del loss
+                if sharded:
+                    _reshard_without_backward(model)
                 nan_steps.append(step + 1)
-                logger.warning("step %d: the training loss is NaN; no update this step (as the official trainer; "
-                               "--nan-loss raise stops instead)", step + 1)
+                if accelerator.is_main_process:
+                    logger.warning("step %d: the training loss is NaN; no update this step (as the official trainer; "
+                                   "--nan-loss raise stops instead)", step + 1)
             else:
                 accelerator.backward(loss)
                 # the norm is computed without clipping when max_grad_norm is 0 (max_norm inf scales by 1)
@@ -951,8 +971,6 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if not skipped and not math.isfinite(loss_value):
-                raise FloatingPointError(f"the training loss is {loss_value} at step {step}; lower the learning rate")
             if accelerator.is_main_process:
                 row = {"step": step, "loss": None if skipped else loss_value, "lr": cfg.learning_rate}
                 with open(log_path, "a") as f:

@@ -279,7 +279,8 @@ def test_samples_are_found_from_target_as_the_official_loader(tmp_path):
     with pytest.warns(UserWarning, match=r"2 control images have no target image .*s03.png"):
         ds = AnalogyFolder(root, resize="long-edge")
     assert [(c, t, cap) for c, t, cap, _, _ in ds.samples] == want
-    assert [ds[i]["name"] for i in range(3)] == ["s00", "s01", "s02"]
+    assert [ds[i]["name"] for i in range(3)] == ["s00", "s01", "sub/s02"]  # unique: the path under target/
+    assert [p.name for p in ds.unused_controls] == ["s03.png", "s09.png"]
     # an upper-case extension, which the official (case-sensitive) lookup misses, is still found
     (root / "control" / "s01.png").rename(root / "control" / "s01.PNG")
     with pytest.warns(UserWarning, match="2 control images have no target"):
@@ -287,13 +288,28 @@ def test_samples_are_found_from_target_as_the_official_loader(tmp_path):
 
 
 @pytest.mark.parametrize("text, fragment", [("{not json", "is not valid JSON"), ('{"a": 1}', "must hold a JSON list"),
-                                            ('[{"analogy_id": "s00"}]', "entry 0 needs string 'analogy_id' and "
-                                                                        "'edit_prompt'")])
+                                            ('[{"analogy_id": "x"}, {"id": "s00"}]', "entry 1 is not an object with "
+                                                                                   "an 'analogy_id'")])
 def test_bad_relation_metadata_is_named(tmp_path, text, fragment):
     root = _strip_folder(tmp_path / "d")
     (root / "analogy_metadata.json").write_text(text)
     with pytest.raises(AnalogyDataError, match=f"analogy_metadata.json.*{fragment}"):
         AnalogyFolder(root, resize="long-edge")
+
+
+def test_relation_entries_are_checked_only_where_used(tmp_path):
+    """As the official index: entries of other analogies (a non-string id, no edit_prompt) do not matter; a used
+    entry without a string edit_prompt is that sample's problem (skippable)."""
+    root = _strip_folder(tmp_path / "d", cells=[(20, 14), (20, 14)])
+    (root / "analogy_metadata.json").write_text(json.dumps([{"analogy_id": 7, "edit_prompt": None},
+                                                            {"analogy_id": "zz"},
+                                                            {"analogy_id": "s01", "edit_prompt": "from json"}]))
+    assert [s[2] for s in AnalogyFolder(root, resize="long-edge").samples] == ["make it red", "from json"]
+    (root / "analogy_metadata.json").write_text(json.dumps([{"analogy_id": "s01", "edit_prompt": None}]))
+    with pytest.raises(AnalogyDataError, match="sample s01: its entry in .* has no string 'edit_prompt'"):
+        AnalogyFolder(root, resize="long-edge")
+    with pytest.warns(UserWarning, match="skipping training sample s01"):
+        assert len(AnalogyFolder(root, resize="long-edge", skip_bad=True)) == 1
 
 
 def test_bad_utf8_caption_is_named_and_skippable(tmp_path):
@@ -331,6 +347,19 @@ def test_data_check_prints_counts_and_dumps_the_trainers_grids(tmp_path, capsys)
     assert cli.main(["data", "check", str(root), "--skip-bad", "--quiet", "--resize", "long-edge"]) == 0
     text = capsys.readouterr().out
     assert "2 samples (1 skipped)" in text and "problems: 1" in text and "s01.png is not a readable image" in text
+    assert "control images without a target" not in text
+
+    # a control without a target is no sample, and the report says so; a nested sample dumps as sub__<id>
+    (root / "target" / "s01.png").unlink()
+    (root / "target" / "sub").mkdir()
+    shutil.move(root / "target" / "s02.png", root / "target" / "sub" / "s02.png")
+    shutil.move(root / "target" / "s02.txt", root / "target" / "sub" / "s02.txt")
+    assert cli.main(["data", "check", str(root), "--dump", str(tmp_path / "dump2"), "--quiet",
+                     "--resize", "long-edge"]) == 0
+    text = capsys.readouterr().out
+    assert "2 samples (0 skipped)" in text and "control images without a target (not samples): 1, e.g." in text
+    assert "s01.png" in text.split("without a target")[1]
+    assert (tmp_path / "dump2" / "sub__s02_target.png").is_file()
 
 
 # --------------------------------------------------------------------------------------------- data prepare

@@ -86,6 +86,10 @@ def test_training_lowers_the_loss_and_only_trains_lorweb(assets, tmp_path):
     with safe_open(str(run / "lorweb.safetensors"), framework="pt") as f:
         assert all(k.startswith("transformer.") for k in f.keys())
         assert f.metadata()["encoder"] == cfg.encoder
+        # 12 samples of one size in batches of 2: 6 batches a pass; the 24th batch is the last of the 4th pass
+        assert json.loads(f.metadata()["training_info"]) == {"step": 24, "epoch": 3}
+    with safe_open(str(run / "checkpoints" / "step-00000016" / "lorweb.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["training_info"]) == {"step": 16, "epoch": 2}
     rows = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 25))
     assert np.asarray(Image.open(run / "loss.png").convert("L")).std() > 0
@@ -318,10 +322,13 @@ def test_fsdp2_matches_ddp_resumes_and_writes_portable_checkpoints(assets, tmp_p
 @pytest.mark.slow
 def test_fsdp2_bf16_mixed_precision_and_unwrapped_warning(assets, tmp_path):
     """FSDP2 with accelerate's bf16 MixedPrecisionPolicy: the LoRWeB masters and the checkpoint stay fp32, ranks
-    stay identical, the loss is finite. Without an auto-wrap policy (only the root sharded) training still works
-    and a warning says that the whole transformer is gathered at once."""
-    cfg = config(assets, tmp_path / "bf16", steps=2, checkpoint_every=2, optimizer="adamw", mixed_precision="bf16")
-    ranks, log = launch(cfg, tmp_path, "fsdp2-cpu", "no-auto-wrap")
+    stay identical. Without an auto-wrap policy (only the root sharded) training still works
+    and a warning says that the whole transformer is gathered at once. A NaN loss on one rank at step 2 skips that
+    step everywhere; the checkpoint right after it works (FSDP2 reshards the root unit only in backward, so the
+    skipped step reshards it itself) and holds the step-1 weights."""
+    cfg = config(assets, tmp_path / "bf16", steps=3, checkpoint_every=1, keep_checkpoints=3, optimizer="adamw",
+                 mixed_precision="bf16")
+    ranks, log = launch(cfg, tmp_path, "fsdp2-cpu", "no-auto-wrap", "nan-on-last-rank-call=2")
     assert "LoRWeB layers (e.g. transformer_blocks.0." in log and "TRANSFORMER_BASED_WRAP" in log
     assert ranks[0]["meta"]["sharded"] == "True"
     r0 = assert_ranks_identical(ranks)
@@ -329,7 +336,10 @@ def test_fsdp2_bf16_mixed_precision_and_unwrapped_warning(assets, tmp_path):
     assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], r0[k]) for k in r0)
     assert any(saved[k].abs().max() > 0 for k in saved if k.endswith("lora_B"))
     rows = [json.loads(l) for l in (tmp_path / "bf16" / "loss.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    assert [r["loss"] is None for r in rows] == [False, True, False]
+    assert np.isfinite(rows[0]["loss"]) and np.isfinite(rows[2]["loss"])
+    w1, w2 = (weights(tmp_path / "bf16" / "checkpoints" / f"step-{k:08d}" / "lorweb.safetensors") for k in (1, 2))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
 def _recompute_run(mode: str) -> dict:
@@ -864,13 +874,55 @@ def test_non_finite_gradients_stop_before_the_optimizer_step():
 
 
 def test_non_finite_gradients_stop_training_without_clipping_too(assets, tmp_path, monkeypatch):
-    """With --nan-loss raise and --max-grad-norm 0 (no clipping) the norm is still computed and a non-finite one
-    stops the run before the optimizer step: the weights written before stay the last ones."""
-    cfg = config(assets, tmp_path / "nan", steps=3, checkpoint_every=1, max_grad_norm=0.0, nan_loss="raise")
-    poison_loss(monkeypatch, at_calls=(2,))
+    """With --max-grad-norm 0 (no clipping) the norm is still computed and a non-finite one (a finite loss whose
+    backward gives NaN) stops the run before the optimizer step: the weights written before stay the last ones."""
+    cfg = config(assets, tmp_path / "nan", steps=3, checkpoint_every=1, max_grad_norm=0.0)
+    real = training.flow_matching_loss
+    calls = []
+
+    class NanGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return NanGradient.apply(loss) if len(calls) == 2 else loss
+
+    monkeypatch.setattr(training, "flow_matching_loss", poisoned)
     with pytest.raises(FloatingPointError, match="gradient norm is nan at step 2; the optimizer step was not taken"):
         training.train(cfg)
     assert int(training.latest_checkpoint(tmp_path / "nan").name.split("-")[1]) == 1
+
+
+@pytest.mark.parametrize("value, nan_loss", [(float("nan"), "raise"), (float("inf"), "skip")])
+def test_non_finite_loss_stops_before_backward(assets, tmp_path, monkeypatch, value, nan_loss):
+    """--nan-loss raise stops at a NaN loss, and an infinite loss always stops, before backward: nothing changed."""
+    cfg = config(assets, tmp_path / "bad", steps=3, checkpoint_every=1, nan_loss=nan_loss)
+    real = training.flow_matching_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * value if len(calls) == 2 else loss
+
+    monkeypatch.setattr(training, "flow_matching_loss", poisoned)
+    check = training._check_gradients
+
+    def no_backward_at_step_2(grad_norm, model, step, *args, **kwargs):
+        assert step != 2, "backward ran at the bad step"
+        return check(grad_norm, model, step, *args, **kwargs)
+
+    monkeypatch.setattr(training, "_check_gradients", no_backward_at_step_2)
+    with pytest.raises(FloatingPointError, match=f"training loss is {value} at step 2; the optimizer step was not"):
+        training.train(cfg)
+    assert int(training.latest_checkpoint(tmp_path / "bad").name.split("-")[1]) == 1
 
 
 def poison_loss(monkeypatch, at_calls):
@@ -912,6 +964,14 @@ def test_nan_loss_skips_the_update_as_the_official_trainer(assets, tmp_path, mon
     assert rows[1]["loss"] is None and rows[1]["nan_loss_skipped"] is True
     assert "nan_loss_skipped" not in rows[0] and math.isfinite(rows[2]["loss"])
     assert np.asarray(Image.open(run / "loss.png").convert("L")).std() > 0
+
+
+def test_loss_plot_of_a_log_with_skipped_steps_only(tmp_path):
+    log = tmp_path / "loss.jsonl"
+    log.write_text("".join(json.dumps({"step": k, "loss": None, "lr": 1e-3, "nan_loss_skipped": True}) + "\n"
+                           for k in (1, 2)))
+    training.plot_loss(log, tmp_path / "loss.png")
+    assert np.asarray(Image.open(tmp_path / "loss.png").convert("L")).std() > 0
 
 
 def test_nan_loss_raise_is_a_cli_choice_and_may_change_on_resume():
