@@ -184,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="description of the edit")
     p.add_argument("--weights", required=True,
                    help="LoRWeB checkpoint (official safetensors format), or a folder: its final or newest complete "
-                        "checkpoint, with the folder's config.yaml")
+                        "checkpoint, with the folder's config.yaml; or a Hugging Face Hub repo id (e.g. "
+                        "hilamanor/lorweb), downloaded")
+    p.add_argument("--weight-name", default=None,
+                   help="the checkpoint file inside the --weights folder or Hub repo (default: picked as above)")
+    p.add_argument("--revision", default=None, help="Hub revision of a --weights repo id (branch, tag or commit)")
     p.add_argument("--config", default=None,
                    help="official config.yaml (default: the one beside the weights, when present)")
     p.add_argument("--query-mode", choices=QUERY_MODES, default=None,

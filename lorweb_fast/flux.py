@@ -707,8 +707,11 @@ class LoRWeBKontextPipeline:
                         encoder_dtype: Optional[torch.dtype] = None, **options) -> "LoRWeBKontextPipeline":
         """Load a FluxKontextPipeline (hub id or local directory), a LoRWeB checkpoint and its analogy encoder.
 
-        ``weights`` is a safetensors file or a folder (``official_config.find_checkpoint``: the final or newest
-        complete checkpoint, with its config.yaml). The encoder, query mode and pooling come from ``encoder`` /
+        ``weights`` is a safetensors file, a folder (``official_config.find_checkpoint``: the final or newest
+        complete checkpoint, with its config.yaml) or a Hugging Face Hub repo id such as the released
+        "hilamanor/lorweb" (``lora_api.resolve_checkpoint``; ``weight_name`` and the Hub options ``revision``,
+        ``subfolder``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download`` as diffusers'
+        ``load_lora_weights``). The encoder, query mode and pooling come from ``encoder`` /
         ``query_mode`` / ``pooling_type`` when given, else the official ``config.yaml`` (``config`` or the one
         beside the weights), else the checkpoint's metadata, else the official defaults; sources that disagree
         raise. The checkpoint is validated before anything is loaded into the transformer. The encoder runs in
@@ -721,11 +724,14 @@ class LoRWeBKontextPipeline:
             if dtype is not None and torch_dtype != dtype:
                 raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
             dtype = torch_dtype
+        hub = {k: options.pop(k) for k in lora_api.HUB_OPTIONS if k in options}
+        weight_name = options.pop("weight_name", None)
         unknown = sorted(set(options) - {"resolution", "max_area", "max_size", "long_edge"})
         if unknown:
             raise TypeError(f"LoRWeBKontextPipeline.from_pretrained got unexpected options {unknown}; the options "
-                            "are resolution, max_area, max_size and long_edge (FluxKontextPipeline arguments go to "
-                            "the call, pipe(..., **kwargs))")
+                            "are resolution, max_area, max_size, long_edge, weight_name and the Hub options "
+                            f"{', '.join(lora_api.HUB_OPTIONS)} (FluxKontextPipeline arguments go to the call, "
+                            "pipe(..., **kwargs))")
         _check_resolution_options(options.get("resolution", "official"), long_edge=options.get("long_edge"),
                                   max_area=options.get("max_area"), max_size=options.get("max_size"))
         for name, value in (("dtype", dtype), ("encoder_dtype", encoder_dtype)):
@@ -733,11 +739,8 @@ class LoRWeBKontextPipeline:
                 raise TypeError(f"{name} must be a floating point torch.dtype, got {value!r}")
         if device is not None:
             check_device("device", device)  # e.g. cuda without a GPU: before any model loads
-        from .official_config import find_checkpoint
-
-        if Path(weights).is_dir():
-            weights, found_config = find_checkpoint(weights)
-            config = config if config is not None else found_config
+        weights, found_config = lora_api.resolve_checkpoint(weights, weight_name, **hub)
+        config = config if config is not None else found_config
         explicit = {"encoder": None if encoder is None else str(encoder), "query_mode": query_mode,
                     "pooling_type": pooling_type}
         settings = resolve_checkpoint_settings(weights, config, explicit)  # fails before any model loads
@@ -768,15 +771,18 @@ class LoRWeBKontextPipeline:
     def load_lora_weights(self, path_or_dir: Union[str, Path], weight_name: Optional[str] = None,
                           config: Union[str, Path, None] = None, *, adapter_name: Optional[str] = None,
                           **kwargs) -> list[str]:
-        """diffusers' ``load_lora_weights``: an official LoRWeB checkpoint file, or a directory holding one (and
-        its ``config.yaml``), loaded into the transformer (injecting the layers when the transformer is stock).
+        """diffusers' ``load_lora_weights``: an official LoRWeB checkpoint file, a directory holding one (and
+        its ``config.yaml``) or a Hugging Face Hub repo id (``kwargs``: diffusers' Hub options ``revision``,
+        ``subfolder``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download``; see
+        ``lora_api.resolve_checkpoint``), loaded into the transformer (injecting the layers when it is stock).
         The checkpoint's query_dim, query mode and pooling are checked against the analogy encoder first.
         LoRWeB is one adapter: a checkpoint loaded over layers of the same shapes replaces their weights (another
         basis size needs ``unload_lora_weights()`` first); ``adapter_name`` names it (``get_active_adapters``).
         Returns the loaded modules."""
-        if kwargs:
-            raise TypeError(f"load_lora_weights got options a LoRWeB checkpoint does not use: {sorted(kwargs)} "
-                            "(it takes path_or_dir, weight_name, config and adapter_name)")
+        unused = sorted(set(kwargs) - set(lora_api.HUB_OPTIONS))
+        if unused:
+            raise TypeError(f"load_lora_weights got options a LoRWeB checkpoint does not use: {unused} (it takes "
+                            f"path_or_dir, weight_name, config, adapter_name and {', '.join(lora_api.HUB_OPTIONS)})")
         if adapter_name is not None and not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name must be a string, got {type(adapter_name).__name__}")
         had_layers = bool(lorweb_layers(self.transformer))
@@ -784,7 +790,8 @@ class LoRWeBKontextPipeline:
             _, names = lora_api.load_lora_weights(self.transformer, path_or_dir, weight_name, config,
                                                   query_dim=self.encoder.query_dim,
                                                   query_settings={"query_mode": self.encoder.query_mode,
-                                                                  "pooling_type": self.encoder.pooling_type})
+                                                                  "pooling_type": self.encoder.pooling_type},
+                                                  **kwargs)
         except LoRWeBCheckpointError as exc:
             if not had_layers:
                 raise

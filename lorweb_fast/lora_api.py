@@ -1,7 +1,7 @@
 """The diffusers/peft LoRA API on a transformer carrying LoRWeB layers (``LoRWeBKontextPipeline`` delegates here).
 
     diffusers / peft name                 lorweb_fast
-    pipe.load_lora_weights(dir_or_file)   load_lora_weights(model, dir_or_file, weight_name=None, config=None)
+    pipe.load_lora_weights(dir_or_file)   load_lora_weights(model, dir_file_or_hub_repo, weight_name=None, config=None)
     pipe.unload_lora_weights()            unload_lora_weights(model)       (remove_lorweb: the stock layers back)
     pipe.fuse_lora() / unfuse_lora()      fuse_lora(model, strategy) / unfuse_lora(model)   (merged() kept open)
     pipe.set_adapters(name, weights=s)    set_lorweb_scale(model, s)       (multiplies the mixture)
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
@@ -107,22 +108,95 @@ def get_lorweb_scale(model: nn.Module) -> float:
 
 
 # --------------------------------------------------------------------------------------------- load / unload
-def resolve_weight_file(path_or_dir: Union[str, os.PathLike], weight_name: Optional[str] = None) -> Path:
-    """The checkpoint file of ``path_or_dir``: the file itself, ``dir/weight_name``, or the directory's newest
-    complete checkpoint as ``--weights DIR`` picks it (``official_config.find_checkpoint``: the final file, else the
-    highest ``<name>_<step:09d>``, also lorweb_fast run folders)."""
-    from .official_config import find_checkpoint
+#: diffusers' ``load_lora_weights`` options for a checkpoint on the Hugging Face Hub (huggingface_hub's own names)
+HUB_OPTIONS = ("revision", "subfolder", "cache_dir", "local_files_only", "token", "force_download")
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
-    path = Path(path_or_dir)
-    if path.is_dir():
-        file = path / weight_name if weight_name is not None else find_checkpoint(path)[0]
-    elif weight_name is not None:
-        raise ValueError(f"weight_name={weight_name!r} is for a directory, but {path} is not a directory")
+
+def hub_repo_id(weights) -> Optional[str]:
+    """``weights`` when it names a Hugging Face Hub repository ("owner/name", e.g. the released "hilamanor/lorweb")
+    and no local path exists under that name; else None."""
+    if not isinstance(weights, (str, os.PathLike)):
+        return None
+    text = os.fspath(weights)
+    if os.path.exists(text) or not _HUB_REPO_ID.fullmatch(text) or text.lower().endswith(".safetensors"):
+        return None
+    return text
+
+
+def download_checkpoint(repo_id: str, weight_name: Optional[str] = None, **hub) -> Path:
+    """The local folder (huggingface_hub's cache) holding ``repo_id``'s checkpoint files: ``weight_name`` and the
+    config.yaml beside it and at the top, or every .safetensors and .yaml file (under ``subfolder`` when given).
+    ``hub``: ``HUB_OPTIONS`` for ``huggingface_hub.snapshot_download``. A repository that cannot be had (unknown,
+    offline without a cached copy, a bad revision) raises FileNotFoundError naming it."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    subfolder = (hub.pop("subfolder", None) or "").strip("/")
+    prefix = f"{subfolder}/" if subfolder else ""
+    if weight_name is not None:
+        parent = os.path.dirname(prefix + weight_name)
+        patterns = [prefix + weight_name, "config.yaml"] + ([f"{parent}/config.yaml"] if parent else [])
     else:
-        file = path
-    if not file.is_file():
-        raise FileNotFoundError(f"LoRWeB checkpoint not found: {file}")
-    return file
+        patterns = [prefix + "*.safetensors", prefix + "*.yaml", "config.yaml"]
+    try:
+        root = Path(snapshot_download(repo_id, allow_patterns=patterns, **hub))
+    except (OSError, ValueError, EntryNotFoundError) as exc:
+        raise FileNotFoundError(f"LoRWeB checkpoint {repo_id!r}: no such local path, and the Hugging Face Hub gave no "
+                                f"copy of it ({type(exc).__name__}: {exc})") from None
+    return root / subfolder if subfolder else root
+
+
+def resolve_checkpoint(weights: Union[str, os.PathLike], weight_name: Optional[str] = None,
+                       **hub) -> tuple[Path, Optional[Path]]:
+    """(checkpoint file, the config.yaml that goes with it or None) of ``weights``:
+
+    - a safetensors file: itself (no config);
+    - a folder: ``weight_name`` in it, else its final or newest complete checkpoint as ``--weights DIR`` picks it
+      (``official_config.find_checkpoint``: the final file, else the highest ``<name>_<step:09d>``, also lorweb_fast
+      run folders), with the config.yaml beside it (else the folder's);
+    - a Hugging Face Hub repo id ("owner/name" that is no local path), downloaded (``download_checkpoint``, options
+      ``hub`` = ``HUB_OPTIONS``) and read as a folder; when its top level holds no checkpoint, its only .safetensors
+      file (e.g. ``lorweb_model/lorweb_model.safetensors``) is taken, several need ``weight_name``.
+    """
+    from .official_config import config_beside, find_checkpoint
+
+    unknown = sorted(set(hub) - set(HUB_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown checkpoint options {unknown}; the Hugging Face Hub options are {list(HUB_OPTIONS)}")
+    hub = {k: v for k, v in hub.items() if v is not None and v is not False}
+    repo = hub_repo_id(weights)
+    if repo is None and hub:
+        raise ValueError(f"{sorted(hub)} are Hugging Face Hub options, but {weights} is a local path")
+    path = Path(weights) if repo is None else download_checkpoint(repo, weight_name, **hub)
+    where = str(weights) if repo is None else f"Hugging Face Hub repo {repo}"
+    if weight_name is not None:
+        if not path.is_dir():
+            raise ValueError(f"weight_name={weight_name!r} is for a directory, but {path} is not a directory")
+        file = path / weight_name
+        if not file.is_file():
+            raise FileNotFoundError(f"LoRWeB checkpoint not found: {weight_name} in {where}")
+        return file, config_beside(file, path)
+    if path.is_dir():
+        try:
+            return find_checkpoint(path)
+        except FileNotFoundError:
+            if repo is None:
+                raise
+        found = sorted(path.rglob("*.safetensors"))
+        if len(found) != 1:
+            names = ", ".join(p.relative_to(path).as_posix() for p in found[:5])
+            raise FileNotFoundError(f"{where} holds {len(found) or 'no'} .safetensors files{': ' + names if found else ''}"
+                                    "; pass weight_name (--weight-name) to pick the checkpoint")
+        return found[0], config_beside(found[0], path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRWeB checkpoint not found: {path}")
+    return path, None
+
+
+def resolve_weight_file(path_or_dir: Union[str, os.PathLike], weight_name: Optional[str] = None, **hub) -> Path:
+    """The checkpoint file of ``path_or_dir`` (``resolve_checkpoint`` without the config)."""
+    return resolve_checkpoint(path_or_dir, weight_name, **hub)[0]
 
 
 def checkpoint_query_dim(file: Path) -> Optional[int]:
@@ -140,8 +214,9 @@ def checkpoint_query_dim(file: Path) -> Optional[int]:
 
 def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], weight_name: Optional[str] = None,
                       config: Union[str, os.PathLike, None] = None, *, query_dim: Optional[int] = None,
-                      query_settings: Optional[dict] = None) -> tuple[Path, list[str]]:
-    """Load an official-format LoRWeB checkpoint (file or directory) into ``model`` (``load_lorweb_weights``).
+                      query_settings: Optional[dict] = None, **hub) -> tuple[Path, list[str]]:
+    """Load an official-format LoRWeB checkpoint (file, directory or Hugging Face Hub repo id, see
+    ``resolve_checkpoint``; ``hub``: its download options) into ``model`` (``load_lorweb_weights``).
 
     A directory's ``config.yaml`` (the one beside the chosen file, else the directory's) is used when ``config`` is
     None. ``query_dim``, when given (the analogy encoder's), must match the checkpoint, and ``query_settings``
@@ -149,17 +224,16 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
     metadata records: both are checked before the model changes. Returns (checkpoint file, loaded modules).
     """
     from .model import resolve_checkpoint_settings
-    from .official_config import config_beside
 
-    file = resolve_weight_file(path_or_dir, weight_name)
+    file, found_config = resolve_checkpoint(path_or_dir, weight_name, **hub)
     checkpoint_metadata(file)  # a corrupt file fails before anything changes
     if query_dim is not None:
         got = checkpoint_query_dim(file)
         if got is not None and got != query_dim:
             raise LoRWeBCheckpointError(f"{file} expects queries of {got} features but the analogy encoder gives "
                                         f"{query_dim}; the model was not changed")
-    if config is None and Path(path_or_dir).is_dir():
-        config = config_beside(file, Path(path_or_dir))
+    if config is None:
+        config = found_config
     if query_settings:
         recorded = resolve_checkpoint_settings(file, config)
         differ = {k: (recorded[k], v) for k, v in query_settings.items()

@@ -416,7 +416,8 @@ def check_infer_args(args) -> None:
     from .flux import load_image
     from .model import LoRWeBCheckpointError, _config_from_metadata, checkpoint_metadata, resolve_checkpoint_settings
     from .flux import resolve_query_source
-    from .official_config import LoRWeBConfigError, find_checkpoint
+    from .lora_api import hub_repo_id, resolve_checkpoint
+    from .official_config import LoRWeBConfigError
 
     try:
         for option, value in (("--a", args.a), ("--a-prime", args.a_prime), ("--b", args.b)):
@@ -424,14 +425,21 @@ def check_infer_args(args) -> None:
                 raise UsageError(f"{option} {value} is a folder; give an image file")
             load_image(value)  # missing: FileNotFoundError, not an image: ValueError, both naming the file
         weights, config = args.weights, getattr(args, "config", None)
+        weight_name, revision = getattr(args, "weight_name", None), getattr(args, "revision", None)
         if config is not None:
             check_input_file("--config", config, {".yaml", ".yml"})
-        if Path(weights).is_dir():  # a run or checkpoint folder: its newest complete checkpoint (and config.yaml)
+        if revision is not None and hub_repo_id(weights) is None:
+            raise UsageError(f"--revision is for a Hugging Face Hub repo id; --weights {weights} is a local path")
+        if Path(weights).is_dir() or hub_repo_id(weights) is not None or weight_name is not None:
+            # a run or checkpoint folder (its newest complete checkpoint and config.yaml) or a Hub repo (downloaded)
             try:
-                weights, found_config = find_checkpoint(weights)
-            except (OSError, LoRWeBConfigError) as exc:
+                weights, found_config = resolve_checkpoint(weights, weight_name, revision=revision)
+            except (OSError, ValueError) as exc:
                 raise UsageError(f"--weights: {exc}") from None
             config = config if config is not None else found_config
+            args.weights, args.weight_name, args.revision = str(weights), None, None  # the run loads the local file
+            if getattr(args, "config", None) is None:
+                args.config = None if found_config is None else str(found_config)
         else:
             check_input_file("--weights", weights, {".safetensors"})
         try:

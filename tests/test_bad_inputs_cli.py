@@ -181,6 +181,43 @@ def test_infer_good_arguments_reach_the_loader(files, tmp_path, capsys, no_model
     assert len(no_model_load) == 1
 
 
+def test_infer_weights_from_the_hub_reach_the_loader_as_a_local_file(files, tmp_path, capsys, no_model_load,
+                                                                     monkeypatch):
+    """--weights owner/name downloads (huggingface_hub.snapshot_download, mocked: nothing downloads) before any model
+    loads, and the run loads the downloaded file; --revision and --weight-name go with it. --revision on a local
+    path, and a repo that cannot be had, are one-line errors."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache, calls = tmp_path / "cache", []
+
+    def snapshot_download(repo_id, *, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns, kwargs))
+        if repo_id != "owner/lorweb":
+            raise LocalEntryNotFoundError(f"{repo_id}: not cached and offline")
+        (cache / "sub").mkdir(parents=True, exist_ok=True)
+        shutil.copy(files / "w.safetensors", cache / "sub" / "w.safetensors")
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    argv = infer_argv(files, tmp_path, **{"--weights": "owner/lorweb"}, extra=["--revision", "v1"])
+    with pytest.raises(ModelLoaded):
+        cli.main(argv)
+    assert no_model_load == [(str(files / "model"), str(cache / "sub" / "w.safetensors"))]
+    assert calls == [("owner/lorweb", ["*.safetensors", "*.yaml", "config.yaml"], {"revision": "v1"})]
+    with pytest.raises(ModelLoaded):
+        cli.main(infer_argv(files, tmp_path, **{"--weights": "owner/lorweb"}, extra=["--weight-name",
+                                                                                     "sub/w.safetensors"]))
+    assert calls[-1][1] == ["sub/w.safetensors", "config.yaml", "sub/config.yaml"]
+    no_model_load.clear()
+    assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, extra=["--revision", "v1"]),
+                           "--revision is for a Hugging Face Hub repo id", no_model_load)
+    assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **{"--weights": "owner/missing"}),
+                           "--weights: LoRWeB checkpoint 'owner/missing': no such local path", no_model_load)
+
+
 # ------------------------------------------------------------------------------------------------------ train
 def train_argv(root, tmp_path, *extra, out=None):
     return ["train", "--data", str(root / "data"), "--out", str(out or tmp_path / "run"), "--model",

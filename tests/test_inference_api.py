@@ -2,6 +2,7 @@
 save_pretrained / push_to_hub folders, merge strategies in the pipeline and the CLI's --merge, and offloading hooks."""
 
 
+import shutil
 import numpy as np
 import pytest
 import torch
@@ -497,3 +498,110 @@ def test_from_pretrained_checks_the_query_width_before_loading_the_pipeline(asse
     (tmp_path / "not-clip" / "config.json").write_text('{"model_type": "no_such_model_type"}')
     with pytest.raises(ValueError, match="cannot load the analogy encoder .*not-clip"):
         flux.AnalogyEncoder(tmp_path / "not-clip")
+
+
+# ------------------------------------------------------------------------------ Hugging Face Hub checkpoints
+@pytest.fixture()
+def fake_hub(tmp_path, monkeypatch):
+    """huggingface_hub.snapshot_download over a local folder of repos (nothing downloads): a repo's files whose
+    repo path matches an allow pattern (fnmatch, as huggingface_hub filters) are copied into a cache folder, whose
+    path is returned; an unknown repo raises huggingface_hub's RepositoryNotFoundError-like LocalEntryNotFoundError.
+    Returns (hub root, the calls made)."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    hub, calls = tmp_path / "hub", []
+
+    def snapshot_download(repo_id, *, allow_patterns=None, **kwargs):
+        calls.append({"repo_id": repo_id, "allow_patterns": allow_patterns, **kwargs})
+        src = hub / repo_id
+        if not src.is_dir():
+            raise LocalEntryNotFoundError(f"repo {repo_id} not found")
+        dst = tmp_path / "cache" / repo_id.replace("/", "--") / kwargs.get("revision", "main")
+        for f in src.rglob("*"):
+            rel = f.relative_to(src).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, dst / rel)
+        dst.mkdir(parents=True, exist_ok=True)
+        return str(dst)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return hub, calls
+
+
+def _hub_repo(hub, repo, assets, files):
+    for name in files:
+        (hub / repo / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".safetensors"):
+            shutil.copy(assets / "lorweb.safetensors", hub / repo / name)
+    return hub / repo
+
+
+def test_hub_repo_ids_are_told_from_local_paths(tmp_path, monkeypatch):
+    from lorweb_fast.lora_api import hub_repo_id
+
+    monkeypatch.chdir(tmp_path)
+    assert hub_repo_id("hilamanor/lorweb") == "hilamanor/lorweb" and hub_repo_id("a-b/c.d_e") == "a-b/c.d_e"
+    (tmp_path / "runs" / "lorweb").mkdir(parents=True)
+    for local_or_not_an_id in ("runs/lorweb", "./x/y", "/abs/path", "a/b/c", "x/w.safetensors", "lorweb", "", 3):
+        assert hub_repo_id(local_or_not_an_id) is None, local_or_not_an_id
+
+
+def test_a_hub_repo_loads_like_a_folder(pipe, assets, fake_hub, tmp_path):
+    """The released layout (weights in lorweb_model/, config.yaml at the top): the only .safetensors is taken with
+    the config.yaml above it; a pipeline loads it as it loads the local file; revision and weight_name are passed
+    on and restrict the download to those files."""
+    from lorweb_fast.lora_api import resolve_checkpoint
+
+    hub, calls = fake_hub
+    _hub_repo(hub, "owner/lorweb", assets, ["lorweb_model/lorweb_model.safetensors"])
+    lf.lora_api.save_pretrained(pipe.transformer, tmp_path / "cfg", encoder=pipe.encoder.name)
+    shutil.copy(tmp_path / "cfg" / "config.yaml", hub / "owner/lorweb" / "config.yaml")
+    file, config = resolve_checkpoint("owner/lorweb")
+    assert file.relative_to(file.parents[1]).as_posix() == "lorweb_model/lorweb_model.safetensors"
+    assert config == file.parents[1] / "config.yaml" and config.is_file()
+    assert calls[-1]["allow_patterns"] == ["*.safetensors", "*.yaml", "config.yaml"]
+    file2, config2 = resolve_checkpoint("owner/lorweb", "lorweb_model/lorweb_model.safetensors", revision="v1")
+    assert file2.name == "lorweb_model.safetensors" and config2 is not None and calls[-1]["revision"] == "v1"
+    assert calls[-1]["allow_patterns"] == ["lorweb_model/lorweb_model.safetensors", "config.yaml",
+                                           "lorweb_model/config.yaml"]
+
+    want = {k: v.clone() for k, v in lf.lorweb_state_dict(pipe.transformer).items()}
+    pipe.unload_lora_weights()
+    assert pipe.load_lora_weights("owner/lorweb", revision="v2") and calls[-1]["revision"] == "v2"
+    got = lf.lorweb_state_dict(pipe.transformer)
+    assert all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in want)
+    again = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", "owner/lorweb", resolution="native",
+                                                       long_edge=64, local_files_only=True)
+    assert calls[-1]["local_files_only"] is True and lf.lorweb_layers(again.transformer)
+
+
+def test_hub_checkpoint_errors_name_the_problem(pipe, assets, fake_hub, tmp_path):
+    from lorweb_fast.lora_api import resolve_checkpoint
+
+    hub, _ = fake_hub
+    _hub_repo(hub, "owner/two", assets, ["a/x.safetensors", "b/y.safetensors"])
+    with pytest.raises(FileNotFoundError, match=r"repo owner/two holds 2 .safetensors files: a/x.safetensors, "
+                                                 r"b/y.safetensors; pass weight_name"):
+        resolve_checkpoint("owner/two")
+    assert resolve_checkpoint("owner/two", "b/y.safetensors")[0].name == "y.safetensors"
+    with pytest.raises(FileNotFoundError, match="not found: c/z.safetensors in Hugging Face Hub repo owner/two"):
+        resolve_checkpoint("owner/two", "c/z.safetensors")
+    with pytest.raises(FileNotFoundError, match="'owner/missing': no such local path, and the Hugging Face Hub gave "
+                                                "no copy of it"):
+        resolve_checkpoint("owner/missing")
+    with pytest.raises(ValueError, match=r"\['revision'\] are Hugging Face Hub options, but .* is a local path"):
+        resolve_checkpoint(assets / "lorweb.safetensors", revision="v1")
+    with pytest.raises(TypeError, match="unknown checkpoint options"):
+        resolve_checkpoint("owner/two", mirror="x")
+    before = {k: v.clone() for k, v in lf.lorweb_state_dict(pipe.transformer).items()}
+    with pytest.raises(TypeError, match="does not use: \\['mirror'\\]"):
+        pipe.load_lora_weights("owner/two", mirror="x")
+    with pytest.raises(FileNotFoundError):
+        pipe.load_lora_weights("owner/missing")
+    after = lf.lorweb_state_dict(pipe.transformer)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # failed calls change nothing

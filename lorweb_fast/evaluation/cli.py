@@ -51,7 +51,11 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
                    help="evaluation-set layout (default: detected)")
     g.add_argument("--weights", required=True,
                    help="LoRWeB checkpoint (official safetensors format), or a run / checkpoint folder: its final or "
-                        "newest complete checkpoint, with the folder's config.yaml")
+                        "newest complete checkpoint, with the folder's config.yaml; or a Hugging Face Hub repo id "
+                        "(e.g. hilamanor/lorweb), downloaded")
+    g.add_argument("--weight-name", default=None,
+                   help="the checkpoint file inside the --weights folder or Hub repo (default: picked as above)")
+    g.add_argument("--revision", default=None, help="Hub revision of a --weights repo id (branch, tag or commit)")
     g.add_argument("--model", default=DEFAULT_MODEL, help="FLUX.1-Kontext hub id or local directory")
     g.add_argument("--encoder", default=None, help="analogy encoder (default: the checkpoint's metadata, else CLIP)")
     g.add_argument("--out", required=True, help="runs folder: RUNS/<task>/<id>/{a,a_prime,b,b_prime}.png")

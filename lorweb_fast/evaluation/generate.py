@@ -237,20 +237,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _resolve_weights(weights) -> tuple[Path, Optional[Path]]:
-    """(checkpoint file, its config.yaml or None) of ``--weights``: the file itself, or the folder's final or newest
-    complete checkpoint as ``official_config.find_checkpoint`` picks it."""
-    from ..lora_api import resolve_weight_file
-    from ..official_config import find_checkpoint
-
-    path = Path(weights)
-    return find_checkpoint(path) if path.is_dir() else (resolve_weight_file(path), None)
-
-
 def run_generate(args) -> dict:
     """``lorweb-fast eval generate``."""
     from ..cli import DTYPES, _device
     from ..flux import LoRWeBKontextPipeline
+    from ..lora_api import resolve_checkpoint
     from .evalsets import detect_format, read_evalset
 
     merge = args.merge
@@ -272,7 +263,8 @@ def run_generate(args) -> dict:
     out = Path(args.out)
     # the exact checkpoint: a run folder still training gains newer checkpoints, and a resumed evaluation must not
     # mix the b' of two of them (the file and its SHA-256 are recorded and checked on resume)
-    weights_file, config = _resolve_weights(args.weights)
+    weights_file, config = resolve_checkpoint(args.weights, getattr(args, "weight_name", None),
+                                              revision=getattr(args, "revision", None))
     # what picks the triplets (the evaluation set, its format, the b choices) is recorded and checked on resume too:
     # triplet ids hold b's name, so another choice of b would add new folders next to the old ones
     settings = {"weights": str(args.weights), "weights_file": str(weights_file.resolve()),
