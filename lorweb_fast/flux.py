@@ -709,9 +709,10 @@ class LoRWeBKontextPipeline:
 
         ``weights`` is a safetensors file, a folder (``official_config.find_checkpoint``: the final or newest
         complete checkpoint, with its config.yaml) or a Hugging Face Hub repo id such as the released
-        "hilamanor/lorweb" (``lora_api.resolve_checkpoint``; ``weight_name`` and the Hub options ``revision``,
-        ``subfolder``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download`` as diffusers'
-        ``load_lora_weights``). The encoder, query mode and pooling come from ``encoder`` /
+        "hilamanor/lorweb" (``lora_api.resolve_checkpoint``; ``weight_name`` picks the file, and
+        ``weights_hub_options`` = {revision, subfolder, cache_dir, local_files_only, token, force_download} reach the
+        download of the weights only, not of ``model`` or the encoder). The encoder, query mode and pooling come
+        from ``encoder`` /
         ``query_mode`` / ``pooling_type`` when given, else the official ``config.yaml`` (``config`` or the one
         beside the weights), else the checkpoint's metadata, else the official defaults; sources that disagree
         raise. The checkpoint is validated before anything is loaded into the transformer. The encoder runs in
@@ -724,14 +725,13 @@ class LoRWeBKontextPipeline:
             if dtype is not None and torch_dtype != dtype:
                 raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
             dtype = torch_dtype
-        hub = {k: options.pop(k) for k in lora_api.HUB_OPTIONS if k in options}
         weight_name = options.pop("weight_name", None)
+        hub = dict(options.pop("weights_hub_options", None) or {})
         unknown = sorted(set(options) - {"resolution", "max_area", "max_size", "long_edge"})
         if unknown:
             raise TypeError(f"LoRWeBKontextPipeline.from_pretrained got unexpected options {unknown}; the options "
-                            "are resolution, max_area, max_size, long_edge, weight_name and the Hub options "
-                            f"{', '.join(lora_api.HUB_OPTIONS)} (FluxKontextPipeline arguments go to the call, "
-                            "pipe(..., **kwargs))")
+                            "are resolution, max_area, max_size, long_edge, weight_name and weights_hub_options "
+                            "(FluxKontextPipeline arguments go to the call, pipe(..., **kwargs))")
         _check_resolution_options(options.get("resolution", "official"), long_edge=options.get("long_edge"),
                                   max_area=options.get("max_area"), max_size=options.get("max_size"))
         for name, value in (("dtype", dtype), ("encoder_dtype", encoder_dtype)):

@@ -108,43 +108,45 @@ def get_lorweb_scale(model: nn.Module) -> float:
 
 
 # --------------------------------------------------------------------------------------------- load / unload
-#: diffusers' ``load_lora_weights`` options for a checkpoint on the Hugging Face Hub (huggingface_hub's own names)
+#: diffusers' ``load_lora_weights`` options for a checkpoint on the Hugging Face Hub (huggingface_hub's own names);
+#: ``subfolder`` applies to a local folder too, the others only to a repo id
 HUB_OPTIONS = ("revision", "subfolder", "cache_dir", "local_files_only", "token", "force_download")
 _HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def hub_repo_id(weights) -> Optional[str]:
-    """``weights`` when it names a Hugging Face Hub repository ("owner/name", e.g. the released "hilamanor/lorweb")
-    and no local path exists under that name; else None."""
-    if not isinstance(weights, (str, os.PathLike)):
+    """``weights`` when it is a string naming a Hugging Face Hub repository ("owner/name", e.g. the released
+    "hilamanor/lorweb") and not a local path: nothing of that name exists here, and no local folder is named like
+    its owner part (``runs/lorweb_v2`` beside a ``runs/`` folder is a mistyped local path); else None."""
+    if not isinstance(weights, str) or not _HUB_REPO_ID.fullmatch(weights) or weights.lower().endswith(".safetensors"):
         return None
-    text = os.fspath(weights)
-    if os.path.exists(text) or not _HUB_REPO_ID.fullmatch(text) or text.lower().endswith(".safetensors"):
+    if os.path.exists(weights) or os.path.isdir(weights.split("/")[0]):
         return None
-    return text
+    return weights
 
 
-def download_checkpoint(repo_id: str, weight_name: Optional[str] = None, **hub) -> Path:
-    """The local folder (huggingface_hub's cache) holding ``repo_id``'s checkpoint files: ``weight_name`` and the
-    config.yaml beside it and at the top, or every .safetensors and .yaml file (under ``subfolder`` when given).
-    ``hub``: ``HUB_OPTIONS`` for ``huggingface_hub.snapshot_download``. A repository that cannot be had (unknown,
-    offline without a cached copy, a bad revision) raises FileNotFoundError naming it."""
+def download_checkpoint(repo_id: str, weight_name: Optional[str] = None, *, subfolder: str = "", **hub) -> Path:
+    """The local copy (huggingface_hub's cache) of ``repo_id``'s top folder, holding its checkpoint files:
+    ``subfolder/weight_name`` and the config.yaml beside it and at the top, or every .safetensors and .yaml file
+    under ``subfolder`` and the top config.yaml. ``hub``: the other ``HUB_OPTIONS``, for
+    ``huggingface_hub.snapshot_download``. Any failure (unknown or gated repo, a bad revision, offline without a
+    cached copy, a network error) raises FileNotFoundError naming the repo and the cause."""
+    import glob
+
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError
 
-    subfolder = (hub.pop("subfolder", None) or "").strip("/")
     prefix = f"{subfolder}/" if subfolder else ""
-    if weight_name is not None:
+    if weight_name is not None:  # escaped: the Hub filters with fnmatch, where [ and ] are pattern characters
         parent = os.path.dirname(prefix + weight_name)
-        patterns = [prefix + weight_name, "config.yaml"] + ([f"{parent}/config.yaml"] if parent else [])
+        patterns = [glob.escape(prefix + weight_name), "config.yaml"] + \
+            ([glob.escape(parent) + "/config.yaml"] if parent else [])
     else:
-        patterns = [prefix + "*.safetensors", prefix + "*.yaml", "config.yaml"]
+        patterns = [glob.escape(prefix) + "*.safetensors", glob.escape(prefix) + "*.yaml", "config.yaml"]
     try:
-        root = Path(snapshot_download(repo_id, allow_patterns=patterns, **hub))
-    except (OSError, ValueError, EntryNotFoundError) as exc:
-        raise FileNotFoundError(f"LoRWeB checkpoint {repo_id!r}: no such local path, and the Hugging Face Hub gave no "
-                                f"copy of it ({type(exc).__name__}: {exc})") from None
-    return root / subfolder if subfolder else root
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, **hub))
+    except Exception as exc:  # huggingface_hub's errors and its HTTP client's share no base class
+        raise FileNotFoundError(f"LoRWeB checkpoint {repo_id!r} is no local path, and getting it from the Hugging "
+                                f"Face Hub failed ({type(exc).__name__}: {exc})") from exc
 
 
 def resolve_checkpoint(weights: Union[str, os.PathLike], weight_name: Optional[str] = None,
@@ -152,46 +154,54 @@ def resolve_checkpoint(weights: Union[str, os.PathLike], weight_name: Optional[s
     """(checkpoint file, the config.yaml that goes with it or None) of ``weights``:
 
     - a safetensors file: itself (no config);
-    - a folder: ``weight_name`` in it, else its final or newest complete checkpoint as ``--weights DIR`` picks it
-      (``official_config.find_checkpoint``: the final file, else the highest ``<name>_<step:09d>``, also lorweb_fast
-      run folders), with the config.yaml beside it (else the folder's);
-    - a Hugging Face Hub repo id ("owner/name" that is no local path), downloaded (``download_checkpoint``, options
-      ``hub`` = ``HUB_OPTIONS``) and read as a folder; when its top level holds no checkpoint, its only .safetensors
-      file (e.g. ``lorweb_model/lorweb_model.safetensors``) is taken, several need ``weight_name``.
+    - a folder (``subfolder`` in it when given): ``weight_name`` in it, else its final or newest complete checkpoint
+      as ``--weights DIR`` picks it (``official_config.find_checkpoint``: the final file, else the highest
+      ``<name>_<step:09d>``, also lorweb_fast run folders), with the config.yaml beside it (else the folder's);
+    - a Hugging Face Hub repo id (``hub_repo_id``), downloaded (``download_checkpoint``, options ``hub`` =
+      ``HUB_OPTIONS``) and read as a folder; when its top level holds no checkpoint and all its .safetensors files
+      lie in one folder (e.g. ``lorweb_model/``), that folder is read the same way, else ``weight_name`` is needed.
+      The config falls back to the repo's top config.yaml. Without ``weight_name`` every .safetensors file of the repo
+      is downloaded first.
     """
     from .official_config import config_beside, find_checkpoint
 
     unknown = sorted(set(hub) - set(HUB_OPTIONS))
     if unknown:
         raise TypeError(f"unknown checkpoint options {unknown}; the Hugging Face Hub options are {list(HUB_OPTIONS)}")
-    hub = {k: v for k, v in hub.items() if v is not None and v is not False}
+    subfolder = (hub.pop("subfolder", None) or "").strip("/")
+    hub = {k: v for k, v in hub.items() if v is not None}
+    if weight_name is not None and (os.path.isabs(weight_name) or ".." in Path(weight_name).parts):
+        raise ValueError(f"weight_name={weight_name!r} must be a relative path inside the folder or repo")
     repo = hub_repo_id(weights)
     if repo is None and hub:
-        raise ValueError(f"{sorted(hub)} are Hugging Face Hub options, but {weights} is a local path")
-    path = Path(weights) if repo is None else download_checkpoint(repo, weight_name, **hub)
+        raise ValueError(f"{sorted(hub)} are Hugging Face Hub download options, but {weights} is a local path")
+    top = Path(weights) if repo is None else download_checkpoint(repo, weight_name, subfolder=subfolder, **hub)
     where = str(weights) if repo is None else f"Hugging Face Hub repo {repo}"
+    base = top / subfolder if subfolder else top
+    if weight_name is None and not base.is_dir():
+        if subfolder or not base.is_file():
+            raise FileNotFoundError(f"LoRWeB checkpoint not found: {base}")
+        return base, None
+    if not base.is_dir():
+        raise ValueError(f"weight_name={weight_name!r} is for a folder, but {base} is not a folder")
     if weight_name is not None:
-        if not path.is_dir():
-            raise ValueError(f"weight_name={weight_name!r} is for a directory, but {path} is not a directory")
-        file = path / weight_name
+        file, config = base / weight_name, None
         if not file.is_file():
             raise FileNotFoundError(f"LoRWeB checkpoint not found: {weight_name} in {where}")
-        return file, config_beside(file, path)
-    if path.is_dir():
+    else:
         try:
-            return find_checkpoint(path)
+            file, config = find_checkpoint(base)
         except FileNotFoundError:
             if repo is None:
                 raise
-        found = sorted(path.rglob("*.safetensors"))
-        if len(found) != 1:
-            names = ", ".join(p.relative_to(path).as_posix() for p in found[:5])
-            raise FileNotFoundError(f"{where} holds {len(found) or 'no'} .safetensors files{': ' + names if found else ''}"
-                                    "; pass weight_name (--weight-name) to pick the checkpoint")
-        return found[0], config_beside(found[0], path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRWeB checkpoint not found: {path}")
-    return path, None
+            folders = sorted({p.parent for p in base.rglob("*.safetensors")})
+            if len(folders) != 1:
+                names = ", ".join(f.relative_to(top).as_posix() for f in folders[:5])
+                raise FileNotFoundError(f"{where} holds .safetensors files in {len(folders) or 'no'} folders"
+                                        f"{': ' + names if folders else ''}; pass weight_name (--weight-name) to pick "
+                                        "the checkpoint") from None
+            file, config = find_checkpoint(folders[0])
+    return file, config or config_beside(file, top)
 
 
 def resolve_weight_file(path_or_dir: Union[str, os.PathLike], weight_name: Optional[str] = None, **hub) -> Path:

@@ -412,7 +412,10 @@ def _check_list(name, value):
 
 
 def check_infer_args(args) -> None:
-    """Every path and option of ``lorweb-fast infer``, before any model loads; raises UsageError (one line)."""
+    """Every path and option of ``lorweb-fast infer``, before any model loads; raises UsageError (one line).
+    A --weights folder or Hugging Face Hub repo id (downloaded here) is resolved to its checkpoint file and config:
+    once every check has passed, ``args.weights`` / ``args.config`` name those local files (``weight_name`` and
+    ``revision`` cleared), so the run loads exactly what was checked; a refused call leaves ``args`` as it was."""
     from .flux import load_image
     from .model import LoRWeBCheckpointError, _config_from_metadata, checkpoint_metadata, resolve_checkpoint_settings
     from .flux import resolve_query_source
@@ -426,6 +429,7 @@ def check_infer_args(args) -> None:
             load_image(value)  # missing: FileNotFoundError, not an image: ValueError, both naming the file
         weights, config = args.weights, getattr(args, "config", None)
         weight_name, revision = getattr(args, "weight_name", None), getattr(args, "revision", None)
+        resolved_weights = None
         if config is not None:
             check_input_file("--config", config, {".yaml", ".yml"})
         if revision is not None and hub_repo_id(weights) is None:
@@ -437,9 +441,7 @@ def check_infer_args(args) -> None:
             except (OSError, ValueError) as exc:
                 raise UsageError(f"--weights: {exc}") from None
             config = config if config is not None else found_config
-            args.weights, args.weight_name, args.revision = str(weights), None, None  # the run loads the local file
-            if getattr(args, "config", None) is None:
-                args.config = None if found_config is None else str(found_config)
+            resolved_weights = (str(weights), None if config is None else str(config))
         else:
             check_input_file("--weights", weights, {".safetensors"})
         try:
@@ -492,6 +494,9 @@ def check_infer_args(args) -> None:
                                encoder_name, "config.json", hint="; pass --encoder")
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    if resolved_weights is not None:  # every check passed: the run loads exactly the checkpoint checked here
+        args.weights, args.config = resolved_weights
+        args.weight_name = args.revision = None
 
 
 def check_train_args(args) -> None:

@@ -211,11 +211,12 @@ def test_infer_weights_from_the_hub_reach_the_loader_as_a_local_file(files, tmp_
         cli.main(infer_argv(files, tmp_path, **{"--weights": "owner/lorweb"}, extra=["--weight-name",
                                                                                      "sub/w.safetensors"]))
     assert calls[-1][1] == ["sub/w.safetensors", "config.yaml", "sub/config.yaml"]
+    assert no_model_load[-1] == (str(files / "model"), str(cache / "sub" / "w.safetensors"))
     no_model_load.clear()
     assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, extra=["--revision", "v1"]),
                            "--revision is for a Hugging Face Hub repo id", no_model_load)
     assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **{"--weights": "owner/missing"}),
-                           "--weights: LoRWeB checkpoint 'owner/missing': no such local path", no_model_load)
+                           "--weights: LoRWeB checkpoint 'owner/missing' is no local path", no_model_load)
 
 
 # ------------------------------------------------------------------------------------------------------ train

@@ -331,3 +331,18 @@ def test_cli_refuses_options_of_the_other_resolution_mode(assets, tmp_path, monk
     assert fragment in capsys.readouterr().err
     assert not out.exists()
 
+
+
+def test_resume_identity_of_hub_weights_does_not_depend_on_the_cache(tmp_path, monkeypatch):
+    """eval generate records the checkpoint it ran: for a Hub repo id ``<repo>@<commit>/<path>`` (the same from any
+    cache location), for a local file its resolved path."""
+    from lorweb_fast.evaluation.generate import _weights_identity
+
+    monkeypatch.chdir(tmp_path)
+    for cache in ("c1", "elsewhere/c2"):
+        file = tmp_path / cache / "models--o--w" / "snapshots" / "abc123" / "sub" / "w.safetensors"
+        assert _weights_identity("o/w", file) == "o/w@abc123/sub/w.safetensors"
+    local = tmp_path / "snapshots" / "x.safetensors"
+    local.parent.mkdir()
+    local.write_bytes(b"x")
+    assert _weights_identity(str(local), local) == str(local.resolve())

@@ -3,6 +3,8 @@ save_pretrained / push_to_hub folders, merge strategies in the pipeline and the 
 
 
 import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -330,7 +332,7 @@ def test_save_pretrained_load_and_unload(pipe, assets, tmp_path):
     assert all(torch.equal(saved[k], ref[k]) for k in ref)
     pipe.unload_lora_weights()
     assert sorted(pipe.load_lora_weights(tmp_path / "saved", weight_name="lorweb.safetensors")) == sorted(names)
-    with pytest.raises(ValueError, match="is for a directory"):
+    with pytest.raises(ValueError, match="is for a folder"):
         pipe.load_lora_weights(out / "lorweb.safetensors", weight_name="x.safetensors")
 
 
@@ -503,29 +505,31 @@ def test_from_pretrained_checks_the_query_width_before_loading_the_pipeline(asse
 # ------------------------------------------------------------------------------ Hugging Face Hub checkpoints
 @pytest.fixture()
 def fake_hub(tmp_path, monkeypatch):
-    """huggingface_hub.snapshot_download over a local folder of repos (nothing downloads): a repo's files whose
-    repo path matches an allow pattern (fnmatch, as huggingface_hub filters) are copied into a cache folder, whose
-    path is returned; an unknown repo raises huggingface_hub's RepositoryNotFoundError-like LocalEntryNotFoundError.
+    """huggingface_hub.snapshot_download over a local folder of repos (nothing downloads): a repo's files that
+    huggingface_hub's own filter (``filter_repo_objects``) keeps for the allow patterns are copied into a cache folder
+    laid out as huggingface_hub's (``<repo>/snapshots/<revision>/<path>``), whose path is returned; an unknown repo
+    raises LocalEntryNotFoundError (offline), a repo named "owner/gated" GatedRepoError (an HTTP error).
     Returns (hub root, the calls made)."""
-    import fnmatch
-    import shutil
-
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
+    from huggingface_hub.utils import filter_repo_objects
 
     hub, calls = tmp_path / "hub", []
 
     def snapshot_download(repo_id, *, allow_patterns=None, **kwargs):
         calls.append({"repo_id": repo_id, "allow_patterns": allow_patterns, **kwargs})
+        if repo_id == "owner/gated":  # an HTTP error; its constructor wants a real response, so built bare
+            exc = GatedRepoError.__new__(GatedRepoError)
+            Exception.__init__(exc, "401: access to this repo is restricted")
+            raise exc
         src = hub / repo_id
         if not src.is_dir():
             raise LocalEntryNotFoundError(f"repo {repo_id} not found")
-        dst = tmp_path / "cache" / repo_id.replace("/", "--") / kwargs.get("revision", "main")
-        for f in src.rglob("*"):
-            rel = f.relative_to(src).as_posix()
-            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
-                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(f, dst / rel)
+        dst = tmp_path / "cache" / repo_id.replace("/", "--") / "snapshots" / kwargs.get("revision", "main")
+        files = [f.relative_to(src).as_posix() for f in src.rglob("*") if f.is_file()]
+        for rel in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src / rel, dst / rel)
         dst.mkdir(parents=True, exist_ok=True)
         return str(dst)
 
@@ -547,7 +551,9 @@ def test_hub_repo_ids_are_told_from_local_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert hub_repo_id("hilamanor/lorweb") == "hilamanor/lorweb" and hub_repo_id("a-b/c.d_e") == "a-b/c.d_e"
     (tmp_path / "runs" / "lorweb").mkdir(parents=True)
-    for local_or_not_an_id in ("runs/lorweb", "./x/y", "/abs/path", "a/b/c", "x/w.safetensors", "lorweb", "", 3):
+    # existing paths, a mistyped path under an existing folder, paths, files, non-strings (a Path is a local path)
+    for local_or_not_an_id in ("runs/lorweb", "runs/lorweb_v2", "./x/y", "/abs/path", "a/b/c", "x/w.safetensors",
+                               "lorweb", "", 3, Path("hilamanor/lorweb"), "C:\\x\\y"):
         assert hub_repo_id(local_or_not_an_id) is None, local_or_not_an_id
 
 
@@ -576,8 +582,18 @@ def test_a_hub_repo_loads_like_a_folder(pipe, assets, fake_hub, tmp_path):
     got = lf.lorweb_state_dict(pipe.transformer)
     assert all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in want)
     again = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", "owner/lorweb", resolution="native",
-                                                       long_edge=64, local_files_only=True)
+                                                       long_edge=64, weights_hub_options={"local_files_only": True})
     assert calls[-1]["local_files_only"] is True and lf.lorweb_layers(again.transformer)
+
+    # a subfolder keeps the repo's top config.yaml as the fallback, as weight_name="sub/file" does
+    assert resolve_checkpoint("owner/lorweb", subfolder="lorweb_model")[1] == config
+    assert resolve_checkpoint("owner/lorweb", subfolder="lorweb_model")[0].name == "lorweb_model.safetensors"
+    # an official run folder inside the repo: the official rule (the final file wins over the step files)
+    _hub_repo(hub, "owner/run", assets, ["job/job_000000250.safetensors", "job/job.safetensors"])
+    assert resolve_checkpoint("owner/run")[0].name == "job.safetensors"
+    # brackets are literal in weight_name (the Hub filters with fnmatch)
+    _hub_repo(hub, "owner/odd", assets, ["w[v2].safetensors"])
+    assert resolve_checkpoint("owner/odd", "w[v2].safetensors")[0].name == "w[v2].safetensors"
 
 
 def test_hub_checkpoint_errors_name_the_problem(pipe, assets, fake_hub, tmp_path):
@@ -585,17 +601,26 @@ def test_hub_checkpoint_errors_name_the_problem(pipe, assets, fake_hub, tmp_path
 
     hub, _ = fake_hub
     _hub_repo(hub, "owner/two", assets, ["a/x.safetensors", "b/y.safetensors"])
-    with pytest.raises(FileNotFoundError, match=r"repo owner/two holds 2 .safetensors files: a/x.safetensors, "
-                                                 r"b/y.safetensors; pass weight_name"):
+    with pytest.raises(FileNotFoundError, match=r"repo owner/two holds .safetensors files in 2 folders: a, b; pass "
+                                                 r"weight_name \(--weight-name\)"):
         resolve_checkpoint("owner/two")
     assert resolve_checkpoint("owner/two", "b/y.safetensors")[0].name == "y.safetensors"
     with pytest.raises(FileNotFoundError, match="not found: c/z.safetensors in Hugging Face Hub repo owner/two"):
         resolve_checkpoint("owner/two", "c/z.safetensors")
-    with pytest.raises(FileNotFoundError, match="'owner/missing': no such local path, and the Hugging Face Hub gave "
-                                                "no copy of it"):
+    with pytest.raises(FileNotFoundError, match="'owner/missing' is no local path, and getting it from the Hugging "
+                                                "Face Hub failed \\(LocalEntryNotFoundError"):
         resolve_checkpoint("owner/missing")
-    with pytest.raises(ValueError, match=r"\['revision'\] are Hugging Face Hub options, but .* is a local path"):
+    with pytest.raises(FileNotFoundError, match="'owner/gated' .* failed \\(GatedRepoError: 401"):
+        resolve_checkpoint("owner/gated")
+    with pytest.raises(ValueError, match=r"\['revision'\] are Hugging Face Hub download options, but .* is a local"):
         resolve_checkpoint(assets / "lorweb.safetensors", revision="v1")
+    for bad in ("/etc/x.safetensors", "../x.safetensors"):
+        with pytest.raises(ValueError, match="must be a relative path inside the folder or repo"):
+            resolve_checkpoint("owner/two", bad)
+    # subfolder works for a local folder too (as diffusers)
+    (tmp_path / "local" / "s").mkdir(parents=True)
+    shutil.copy(assets / "lorweb.safetensors", tmp_path / "local" / "s" / "lorweb.safetensors")
+    assert resolve_checkpoint(tmp_path / "local", subfolder="s")[0] == tmp_path / "local" / "s" / "lorweb.safetensors"
     with pytest.raises(TypeError, match="unknown checkpoint options"):
         resolve_checkpoint("owner/two", mirror="x")
     before = {k: v.clone() for k, v in lf.lorweb_state_dict(pipe.transformer).items()}

@@ -237,6 +237,19 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _weights_identity(weights, weights_file: Path) -> str:
+    """What a resume checks besides the SHA-256: the checkpoint file's resolved path, or for a Hugging Face Hub repo id
+    ``<repo>@<commit>/<path in the repo>`` (huggingface_hub's cache keeps ``.../snapshots/<commit>/<path>``), which does
+    not depend on where the cache lives."""
+    from ..lora_api import hub_repo_id
+
+    repo, parts = hub_repo_id(str(weights)), weights_file.parts
+    if repo is not None and "snapshots" in parts:
+        at = len(parts) - 1 - parts[::-1].index("snapshots")
+        return f"{repo}@{'/'.join(parts[at + 1:])}"
+    return str(weights_file.resolve())
+
+
 def run_generate(args) -> dict:
     """``lorweb-fast eval generate``."""
     from ..cli import DTYPES, _device
@@ -267,7 +280,7 @@ def run_generate(args) -> dict:
                                               revision=getattr(args, "revision", None))
     # what picks the triplets (the evaluation set, its format, the b choices) is recorded and checked on resume too:
     # triplet ids hold b's name, so another choice of b would add new folders next to the old ones
-    settings = {"weights": str(args.weights), "weights_file": str(weights_file.resolve()),
+    settings = {"weights": str(args.weights), "weights_file": _weights_identity(args.weights, weights_file),
                 "weights_sha256": file_sha256(weights_file), "model": str(args.model), "encoder": args.encoder,
                 "seeds": list(args.seeds), "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "pipe_kwargs": pipe_kwargs, "merge": merge, "evalset": str(Path(args.evalset).resolve()),
