@@ -311,9 +311,12 @@ class AnalogyFolder(torch.utils.data.Dataset):
         if not targets:
             raise AnalogyDataError(f"no training samples: {target_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         relation = _read_relation_captions(self.root / RELATION_METADATA)
-        control_files = sorted(p for p in control_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        control_files = sorted(p for p in control_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        # each name's control files in lookup order: the official (case-sensitive) extension order, then an
+        # upper-case extension, which the official lookup would miss
         control_by_stem: dict[str, list[Path]] = {}
-        for p in sorted(control_files, key=lambda p: CONTROL_SUFFIX_ORDER.index(p.suffix.lower())):
+        for p in sorted(control_files, key=lambda p: (p.suffix not in CONTROL_SUFFIX_ORDER,
+                                                      CONTROL_SUFFIX_ORDER.index(p.suffix.lower()))):
             control_by_stem.setdefault(p.stem, []).append(p)
         #: (control, target, caption, layout, grid size (W, H) before resizing)
         self.samples: list[tuple[Path, Path, str, str, tuple[int, int]]] = []
@@ -353,10 +356,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
         return self._name(self.samples[index][1])
 
     def _check_sample(self, target: Path, control_dir: Path, control_by_stem: dict, relation: dict):
-        control = next((control_dir / (target.stem + s) for s in CONTROL_SUFFIX_ORDER
-                        if (control_dir / (target.stem + s)).is_file()), None)
-        if control is None:  # an upper-case extension (the official lookup, case-sensitive, would fail)
-            control = next((p for p in control_by_stem.get(target.stem, ()) if p.is_file()), None)
+        control = next(iter(control_by_stem.get(target.stem, ())), None)
         if control is None:
             raise AnalogyDataError(f"{target} has no control image {control_dir / target.stem}.*")
         caption = self._caption(target, relation)

@@ -432,9 +432,10 @@ def check_infer_args(args) -> None:
         resolved_weights = None
         if config is not None:
             check_input_file("--config", config, {".yaml", ".yml"})
-        if revision is not None and hub_repo_id(weights) is None:
+        on_hub = hub_repo_id(weights) is not None
+        if revision is not None and not on_hub:
             raise UsageError(f"--revision is for a Hugging Face Hub repo id; --weights {weights} is a local path")
-        if Path(weights).is_dir() or hub_repo_id(weights) is not None or weight_name is not None:
+        if Path(weights).is_dir() or on_hub or weight_name is not None:
             # a run or checkpoint folder (its newest complete checkpoint and config.yaml) or a Hub repo (downloaded)
             try:
                 weights, found_config = resolve_checkpoint(weights, weight_name, revision=revision)

@@ -285,6 +285,11 @@ def test_samples_are_found_from_target_as_the_official_loader(tmp_path):
     (root / "control" / "s01.png").rename(root / "control" / "s01.PNG")
     with pytest.warns(UserWarning, match="2 control images have no target"):
         assert AnalogyFolder(root, resize="long-edge").samples[1][0] == root / "control" / "s01.PNG"
+    # an exact official extension still comes before an upper-case one that sorts earlier (.JPG vs .png)
+    _random_image(rng, 60, 14).save(root / "control" / "s01.png")
+    (root / "control" / "s01.PNG").rename(root / "control" / "s01.JPG")
+    with pytest.warns(UserWarning, match="control images have no target"):
+        assert AnalogyFolder(root, resize="long-edge").samples[1][0] == root / "control" / "s01.png"
 
 
 @pytest.mark.parametrize("text, fragment", [("{not json", "is not valid JSON"), ('{"a": 1}', "must hold a JSON list"),
