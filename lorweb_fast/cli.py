@@ -164,7 +164,7 @@ def _key_value(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from .reference import ACTIVATIONS, REDUCTIONS
-    from .data import BIDIRECTIONAL, LAYOUTS, RESIZE_MODES, add_data_subparser
+    from .data import BIDIRECTIONAL, LAYOUTS, MISSING_CAPTION_MODES, RESIZE_MODES, add_data_subparser
     from .training import ADAPTER_PRECISIONS, BATCHINGS, CONTROL_LATENTS, ENCODER_DTYPES, MIXED_PRECISIONS, \
         NAN_LOSS, OPTIMIZERS, QUANTIZE_BASE, TIMESTEP_TYPES, WEIGHTING_SCHEMES, TrainConfig
     from .official_config import POOLING_TYPES, QUERY_MODES, QUERY_PROJECTION_TYPES, QUERY_SOURCES, SAVE_DTYPES
@@ -235,10 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
                "bidirectional": BIDIRECTIONAL, "adapter_precision": ADAPTER_PRECISIONS,
                "quantize_base": QUANTIZE_BASE, "resize": RESIZE_MODES, "batching": BATCHINGS,
                "control_latents": CONTROL_LATENTS, "encoder_dtype": ENCODER_DTYPES, "nan_loss": NAN_LOSS,
+               "missing_caption": MISSING_CAPTION_MODES,
                **QUERY_CHOICES}
     helps = {"batch_size": "per process", "resume": "continue from the newest checkpoint in --out",
              "overwrite": "delete the run already in --out (its checkpoints, weights and logs) and start over",
              "skip_bad": "skip broken samples with a warning instead of failing",
+             "missing_caption": "a sample without a caption: empty (official: it trains with an empty caption; a "
+                                "warning names them) or raise (a broken sample: an error, or skipped with --skip-bad)",
              "timestep_type": "weighted (official: uniform over the 1000-step grid, bell-curve loss weight), linear "
                               "(same grid, no weight) or diffusers (--weighting-scheme)",
              "weighting_scheme": "diffusers' timestep density / loss weighting (with --timestep-type diffusers)",

@@ -13,7 +13,9 @@ Two layouts are read, detected per sample from the image sizes (never guessed: a
   As the official loader: the samples are the images under target/ (nested folders included, "_controls" folders
   left out), each with the control named like it (.jpg, .jpeg, .png, .webp tried in that order); the caption is the
   ``edit_prompt`` of its analogy_metadata.json entry, else the .txt beside the target image (then ours:
-  ``captions/<id>.txt``, ``control/<id>.txt``). Control images without a target are not samples (a warning).
+  ``captions/<id>.txt``, ``control/<id>.txt``); a sample with none of them trains with an empty caption (official;
+  a warning, or an error with ``missing_caption="raise"``). Control images without a target are not samples (a
+  warning).
 
   The trainer's target is the 2x2 grid [a a'; b b'] at b''s size (every cell W x H = b'.size, the strip resized to
   3W x H with bicubic first, as ai-toolkit ``_create_box_analogy_image`` with ``full_size_control_images: true``), and
@@ -69,6 +71,9 @@ SDXL_BUCKETS_1024 = ((1024, 1024), (2048, 512), (1984, 512), (1920, 512), (1856,
 BIDIRECTIONAL = ("none", "official", "reverse")
 #: where a caption .txt is looked for after the relation metadata and the .txt beside the target image (official)
 CAPTION_DIRS = ("captions", "control")
+#: a sample without any caption: "empty" (official: the loader's caption is "" when no caption file exists,
+#: toolkit/dataloader_mixins.py ``CaptionProcessingDTOMixin.load_caption``; a warning names them) or "raise"
+MISSING_CAPTION_MODES = ("empty", "raise")
 #: the bucket divisibility of official FLUX.1-Kontext training: ai-toolkit's dataset sets ``bucket_tolerance`` to
 #: ``sd.get_bucket_divisibility()`` (toolkit/data_loader.py ``AiToolkitDataset.__init__``), which is 16 for
 #: FLUX.1-Kontext (extensions_built_in/flux_kontext.py ``FluxKontextModel.get_bucket_divisibility``); the config's
@@ -273,9 +278,11 @@ class AnalogyFolder(torch.utils.data.Dataset):
     """Analogy samples from ``root/control`` and ``root/target`` in the ``strip`` (official) or ``grid`` layout (see
     the module docstring).
 
-    Every sample is checked when the dataset is built: a missing control or caption, an unreadable image or caption
-    (bad UTF-8), a size that fits no layout, or mixed layouts under ``layout="auto"`` raise ``AnalogyDataError`` naming
-    the file; with ``skip_bad=True`` a bad sample is dropped with a warning (mixed layouts always raise).
+    Every sample is checked when the dataset is built: a missing control, an unreadable image or caption (bad
+    UTF-8), a size that fits no layout, or mixed layouts under ``layout="auto"`` raise ``AnalogyDataError`` naming
+    the file; with ``skip_bad=True`` a bad sample is dropped with a warning (mixed layouts always raise). A sample
+    without a caption trains with an empty one, as the official loader's (``missing_caption="empty"``: one warning
+    names them, ``missing_captions`` lists them), or is a bad sample (``missing_caption="raise"``).
 
     ``dataset[i]`` (or ``dataset[(i, swap)]`` for a bidirectional draw) is a dict ``{"control": PIL, "target": PIL,
     "caption": str, "name": id, "layout": str, "swapped": bool}`` with both grids at the training size:
@@ -288,11 +295,14 @@ class AnalogyFolder(torch.utils.data.Dataset):
 
     def __init__(self, root: Union[str, Path], *, long_edge: int = 512, multiple: int = 32, skip_bad: bool = False,
                  layout: str = "auto", bidirectional: str = "none", resize: str = "bucket",
-                 bucket_divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY):
+                 bucket_divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY, missing_caption: str = "empty"):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if bidirectional not in BIDIRECTIONAL:
             raise ValueError(f"bidirectional must be one of {BIDIRECTIONAL}, got {bidirectional!r}")
+        if missing_caption not in MISSING_CAPTION_MODES:
+            raise ValueError(f"missing_caption must be one of {MISSING_CAPTION_MODES}, got {missing_caption!r}")
+        self.missing_caption = missing_caption
         self.root, self.long_edge, self.multiple = Path(root), long_edge, multiple
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
@@ -322,6 +332,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
         self.samples: list[tuple[Path, Path, str, str, tuple[int, int]]] = []
         self.skipped: list[str] = []
         self.problems: list[str] = []
+        self._no_caption: set[Path] = set()  # targets whose caption lookup found nothing (filled by _caption)
         for target in targets:
             try:
                 self.samples.append(self._check_sample(target, control_dir, control_by_stem, relation))
@@ -332,6 +343,14 @@ class AnalogyFolder(torch.utils.data.Dataset):
                 warnings.warn(f"skipping training sample {name}: {exc}", stacklevel=2)
                 self.skipped.append(name)
                 self.problems.append(str(exc))
+        #: names of the samples that have no caption and train with an empty one (missing_caption="empty")
+        self.missing_captions = [self._name(s[1]) for s in self.samples if s[1] in self._no_caption]
+        if self.missing_captions:
+            warnings.warn(f"{len(self.missing_captions)} training samples have no caption and train with an empty "
+                          f"one, as the official loader does (e.g. {self.missing_captions[0]}: no entry in "
+                          f"{self.root / RELATION_METADATA}, no .txt beside its target, in captions/ or "
+                          "control/); pass missing_caption='raise' / --missing-caption raise to refuse them",
+                          stacklevel=2)
         stems = {t.stem for t in targets}
         #: control images with no target image of their name: not samples (the official loader never looks at them)
         self.unused_controls = [p for p in control_files if p.stem not in stems]
@@ -381,8 +400,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
     def _caption(self, target: Path, relation: dict) -> str:
         """The official order (toolkit/dataloader_mixins.py ``CaptionMixin.load_caption``): the ``edit_prompt`` of
         the relation metadata entry named like the target, else the .txt beside the target image; then ours:
-        ``captions/<id>.txt``, ``control/<id>.txt``. None at all raises (the official loader would train with an
-        empty caption)."""
+        ``captions/<id>.txt``, ``control/<id>.txt``. None at all: "" (official; the sample is recorded in
+        ``missing_captions``), or an error with ``missing_caption="raise"``."""
         stem = target.stem
         if stem in relation:
             prompt = relation[stem].get("edit_prompt")
@@ -398,8 +417,12 @@ class AnalogyFolder(torch.utils.data.Dataset):
                 except UnicodeDecodeError as exc:
                     raise AnalogyDataError(f"caption {path} is not valid UTF-8 ({exc.reason} at byte {exc.start})") \
                         from None
-        raise AnalogyDataError(f"sample {stem} has no caption: no entry in {self.root / RELATION_METADATA} and no "
-                               f"{target.with_suffix('.txt')} or {self.root / 'captions' / stem}.txt")
+        if self.missing_caption == "raise":
+            raise AnalogyDataError(f"sample {stem} has no caption: no entry in {self.root / RELATION_METADATA} and no "
+                                   f"{target.with_suffix('.txt')} or {self.root / 'captions' / stem}.txt "
+                                   "(missing_caption='raise'; the official loader trains it with an empty caption)")
+        self._no_caption.add(target)
+        return ""
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -472,10 +495,11 @@ def _atomic_write(path: Path, write) -> None:
 
 def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = None, skip_bad: bool = False,
                  layout: str = "auto", resize: str = "bucket", long_edge: int = 512,
-                 bucket_divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY,
+                 bucket_divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY, missing_caption: str = "empty",
                  progress: bool = True) -> dict:
     """Validate every sample of ``root``; return counts ``{"samples", "skipped", "layouts", "sizes",
-    "training_sizes", "captions", "problems", "controls_without_target"}``.
+    "training_sizes", "captions", "problems", "controls_without_target", "samples_without_caption"}`` (the last: the
+    samples that train with an empty caption, ``missing_caption="empty"``).
     With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there (a nested sample's
     ``/`` written ``__``): the grids the
     trainer sees, before resizing to the training resolution. A ``dump`` that is a file or cannot be created is
@@ -489,7 +513,7 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dataset = AnalogyFolder(root, skip_bad=skip_bad, layout=layout, resize=resize, long_edge=long_edge,
-                                bucket_divisibility=bucket_divisibility)
+                                bucket_divisibility=bucket_divisibility, missing_caption=missing_caption)
     captions = [s[2] for s in dataset.samples]
     report = {"samples": len(dataset), "skipped": len(dataset.skipped),
               "layouts": dict(Counter(s[3] for s in dataset.samples)),
@@ -499,7 +523,8 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
               "captions": {"non_empty": sum(bool(c) for c in captions), "empty": sum(not c for c in captions),
                            "distinct": len({c for c in captions if c})},
               "problems": list(dataset.problems),
-              "controls_without_target": [str(p) for p in dataset.unused_controls]}
+              "controls_without_target": [str(p) for p in dataset.unused_controls],
+              "samples_without_caption": list(dataset.missing_captions)}
     if dump is not None:
         out = Path(dump)
         out.mkdir(parents=True, exist_ok=True)
@@ -731,6 +756,9 @@ def add_data_subparser(subparsers) -> argparse.ArgumentParser:
                    help="write OUT/<id>_target.png, <id>_control.png, <id>_caption.txt (before training resize)")
     c.add_argument("--layout", choices=LAYOUTS, default="auto", help="sample layout (default: from the sizes)")
     c.add_argument("--skip-bad", action="store_true", help="report broken samples instead of failing on the first")
+    c.add_argument("--missing-caption", choices=MISSING_CAPTION_MODES, default="empty",
+                   help="a sample without a caption: empty (official: trains with an empty caption, reported) or "
+                        "raise (a broken sample), as lorweb-fast train")
     c.add_argument("--resize", choices=RESIZE_MODES, default="bucket", help="training-size rule, as lorweb-fast train")
     c.add_argument("--long-edge", type=int, default=512, help="training resolution, as lorweb-fast train")
     c.add_argument("--bucket-divisibility", type=int, default=OFFICIAL_BUCKET_DIVISIBILITY, help="as lorweb-fast train")
@@ -758,7 +786,8 @@ def run_data(args) -> dict:
     if args.data_command == "check":
         report = check_folder(args.data, dump=args.dump, skip_bad=args.skip_bad, layout=args.layout,
                               resize=args.resize, long_edge=args.long_edge,
-                              bucket_divisibility=args.bucket_divisibility, progress=not args.quiet)
+                              bucket_divisibility=args.bucket_divisibility, missing_caption=args.missing_caption,
+                              progress=not args.quiet)
         print(f"{report['samples']} samples ({report['skipped']} skipped); layouts: "
               + ", ".join(f"{k} {v}" for k, v in report["layouts"].items()))
         print("grid sizes: " + ", ".join(f"{k} x{v}" for k, v in list(report["sizes"].items())[:10])
@@ -767,6 +796,10 @@ def run_data(args) -> dict:
                                                              list(report["training_sizes"].items())[:10]))
         cap = report["captions"]
         print(f"captions: {cap['non_empty']} non-empty, {cap['empty']} empty, {cap['distinct']} distinct non-empty")
+        no_caption = report["samples_without_caption"]
+        if no_caption:
+            print(f"samples without a caption (trained with an empty one, as official): {len(no_caption)}, e.g. "
+                  f"{no_caption[0]}")
         print(f"problems: {len(report['problems'])}")
         for problem in report["problems"]:
             print(f"  {problem}")

@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .data import (BIDIRECTIONAL, IMAGE_SUFFIXES, LAYOUTS, RESIZE_MODES, AnalogyDataError,  # noqa: F401 (re-exported)
-                   AnalogyFolder, OFFICIAL_BUCKET_DIVISIBILITY, bidirectional_swap)
+                   AnalogyFolder, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, bidirectional_swap)
 from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lorweb, load_lorweb_weights, \
     lorweb_layers, lorweb_state_dict, save_lorweb_weights, set_query
 from .official_config import DTYPE_NAMES
@@ -235,6 +235,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     skip_bad: bool = False
+    missing_caption: str = "empty"
     layout: str = "auto"
     bidirectional: str = "none"
     adapter_precision: str = "bf16"
@@ -255,7 +256,7 @@ class TrainConfig:
                              ("bidirectional", BIDIRECTIONAL), ("adapter_precision", ADAPTER_PRECISIONS),
                              ("quantize_base", QUANTIZE_BASE), ("batching", BATCHINGS),
                              ("control_latents", CONTROL_LATENTS), ("encoder_dtype", ENCODER_DTYPES),
-                             ("nan_loss", NAN_LOSS)))
+                             ("nan_loss", NAN_LOSS), ("missing_caption", MISSING_CAPTION_MODES)))
         if self.weighting_scheme != "none" and self.timestep_type != "diffusers":
             raise ValueError(f"weighting_scheme={self.weighting_scheme!r} is a diffusers scheme: it needs "
                              f"timestep_type='diffusers' (--timestep-type diffusers), got {self.timestep_type!r}")
@@ -833,7 +834,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     cfg.validate()
     dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge, skip_bad=cfg.skip_bad, layout=cfg.layout,
                             bidirectional=cfg.bidirectional, resize=cfg.resize,
-                            bucket_divisibility=cfg.bucket_divisibility)  # fail before loading models
+                            bucket_divisibility=cfg.bucket_divisibility,
+                            missing_caption=cfg.missing_caption)  # fail before loading models
     # no GPU: run on CPU, and under `accelerate launch` / torchrun as a gloo process group (MULTI_CPU)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.accelerator.is_available())
     device = accelerator.device

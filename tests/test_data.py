@@ -235,9 +235,10 @@ def _official_samples(root: Path) -> list[tuple[Path, Path, str]]:
     under folder_path = target/ found by os.walk whose lower-cased name ends in .jpg/.jpeg/.png/.webp, minus those in
     a folder named "_controls"; analogy_metadata.json beside target/ keyed by analogy_id), toolkit/dataloader_mixins.py
     ``ControlFileItemDTOMixin.__init__`` (the control: control_path/<name without extension> + the first of
-    .jpg, .jpeg, .png, .webp that exists) and ``CaptionMixin.load_caption`` (the relation entry's edit_prompt when the
-    name is in it, else <target path without extension>.txt), before ``get_caption``'s comma clean-up. Sorted here
-    (os.walk order is the file system's)."""
+    .jpg, .jpeg, .png, .webp that exists) and ``CaptionProcessingDTOMixin.load_caption`` (the relation entry's
+    edit_prompt when the name is in it, else <target path without extension>.txt when that file exists, else ''
+    since the config sets no default_caption), before ``get_caption``'s comma clean-up. Sorted here (os.walk order is
+    the file system's)."""
     import os
 
     relation = {e["analogy_id"]: e for e in json.loads((root / "analogy_metadata.json").read_text())}
@@ -249,8 +250,9 @@ def _official_samples(root: Path) -> list[tuple[Path, Path, str]]:
                 name = ".".join(os.path.basename(path).split(".")[:-1])
                 control = next(root / "control" / (name + e) for e in (".jpg", ".jpeg", ".png", ".webp")
                                if (root / "control" / (name + e)).exists())
+                txt = os.path.splitext(path)[0] + ".txt"
                 caption = relation[name]["edit_prompt"] if name in relation else \
-                    Path(os.path.splitext(path)[0] + ".txt").read_text()
+                    Path(txt).read_text() if os.path.exists(txt) else ""
                 out.append((control, Path(path), caption))
     return sorted(out, key=lambda t: t[1])
 
@@ -315,6 +317,42 @@ def test_relation_entries_are_checked_only_where_used(tmp_path):
         AnalogyFolder(root, resize="long-edge")
     with pytest.warns(UserWarning, match="skipping training sample s01"):
         assert len(AnalogyFolder(root, resize="long-edge", skip_bad=True)) == 1
+
+
+def test_a_sample_without_caption_trains_with_an_empty_one_as_official(tmp_path, capsys):
+    """As ``_official_samples`` (official ``load_caption``): no relation entry and no .txt -> the caption is ''. Ours
+    warns and names the samples (``missing_captions``, data check); ``missing_caption="raise"`` makes it a broken
+    sample (an error, or skipped with ``skip_bad``)."""
+    root = _strip_folder(tmp_path / "d", cells=[(20, 14), (20, 14), (20, 14)])
+    (root / "target" / "s01.txt").unlink()
+    (root / "analogy_metadata.json").write_text(json.dumps([{"analogy_id": "s02", "edit_prompt": "from json"}]))
+    (root / "target" / "s02.txt").unlink()  # the relation entry is enough
+    want = _official_samples(root)
+    assert [cap for _, _, cap in want] == ["make it red", "", "from json"]
+    with pytest.warns(UserWarning, match=r"1 training samples have no caption and train with an empty one.*e\.g\. "
+                                         r"s01.*--missing-caption raise"):
+        ds = AnalogyFolder(root, resize="long-edge")
+    assert [(c, t, cap) for c, t, cap, _, _ in ds.samples] == want
+    assert ds.missing_captions == ["s01"] and ds[1]["caption"] == ""
+    with pytest.raises(AnalogyDataError, match=r"sample s01 has no caption: .*missing_caption='raise'.*--skip-bad"):
+        AnalogyFolder(root, resize="long-edge", missing_caption="raise")
+    with pytest.warns(UserWarning, match="skipping training sample s01"):
+        ds = AnalogyFolder(root, resize="long-edge", missing_caption="raise", skip_bad=True)
+    assert ds.skipped == ["s01"] and ds.missing_captions == [] and len(ds) == 2
+    # a sample skipped for another reason is not listed as trained with an empty caption
+    (root / "control" / "s01.png").unlink()
+    with pytest.warns(UserWarning, match="skipping training sample s01"):
+        ds = AnalogyFolder(root, resize="long-edge", skip_bad=True)
+    assert ds.missing_captions == [] and ds.skipped == ["s01"]
+    with pytest.raises(ValueError, match=r"missing_caption must be one of \('empty', 'raise'\), got 'skip'"):
+        AnalogyFolder(root, missing_caption="skip")
+    shutil.copy(root / "control" / "s00.png", root / "control" / "s01.png")
+    assert cli.main(["data", "check", str(root), "--quiet", "--resize", "long-edge"]) == 0
+    text = capsys.readouterr().out
+    assert "samples without a caption (trained with an empty one, as official): 1, e.g. s01" in text
+    assert "captions: 2 non-empty, 1 empty" in text
+    assert cli.main(["data", "check", str(root), "--quiet", "--resize", "long-edge", "--missing-caption", "raise"]) == 2
+    assert "s01 has no caption" in capsys.readouterr().err
 
 
 def test_bad_utf8_caption_is_named_and_skippable(tmp_path):

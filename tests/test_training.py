@@ -438,7 +438,7 @@ def test_broken_samples_error_or_skip(assets, tmp_path):
     (data / "captions" / "0003.txt").unlink()
     (data / "target" / "0005.png").write_bytes(b"garbage")
     with pytest.raises(AnalogyDataError, match="0003 has no caption"):
-        AnalogyFolder(data, resize="long-edge")
+        AnalogyFolder(data, resize="long-edge", missing_caption="raise")
     (data / "captions" / "0003.txt").write_text("flip")
     with pytest.raises(AnalogyDataError, match="0005.png is not a readable image"):
         AnalogyFolder(data, resize="long-edge")
