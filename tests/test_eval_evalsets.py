@@ -115,6 +115,25 @@ def test_released_layout_pairs_file_and_errors(tmp_path):
         E.read_evalset(root)
 
 
+def test_released_layout_task_filter_comes_before_the_pairs_file(tmp_path):
+    """With --tasks, a pairs file needs entries for those tasks only; an unknown task is named."""
+    root = make_lorweb_set(tmp_path / "set", {"dog-aaa-unsplash": (60, 40), "cat-bbb-unsplash": (90, 60),
+                                              "owl-ddd-unsplash": (30, 40)})
+    cape = root / "data/decoded_random_inference_set/db_not_in_trainset/animals/Add_a_cape"
+    cape.mkdir()
+    tiny.random_picture(random.Random(1), (48, 32)).save(cape / "dog-aaa-unsplash_0.png")
+    pairs = tmp_path / "pairs.jsonl"
+    base = "decoded_random_inference_set/db_not_in_trainset/animals/Add_a_flowing_mane"
+    pairs.write_text("\n".join(json.dumps({"a_prime": f"{base}/dog-aaa-unsplash_{k}.png",
+                                           "b": "original/unsplash_animals/owl-ddd-unsplash.jpg"}) for k in range(2)))
+    mane = E.read_evalset(root, pairs_file=pairs, tasks=["animals__Add_a_flowing_mane"])
+    assert [(t.task, t.b.path.stem) for t in mane] == [("animals__Add_a_flowing_mane", "owl-ddd-unsplash")] * 2
+    with pytest.raises(E.EvalInputError, match="pairs file .* has no b for .*Add_a_cape/dog-aaa-unsplash_0.png"):
+        E.read_evalset(root, pairs_file=pairs)
+    with pytest.raises(E.EvalInputError, match=r"tasks not found in .*\['animals__Nope'\]"):
+        E.read_evalset(root, pairs_file=pairs, tasks=["animals__Add_a_flowing_mane", "animals__Nope"])
+
+
 def make_relation(root, tasks=("115-Colored Pencil Filter", "7-Add Hat"), per_task=3):
     rng = random.Random(0)
     for task in tasks:
@@ -170,6 +189,29 @@ def test_options_that_do_not_apply_are_refused(tmp_path):
         E.read_evalset(root, pairs_file=pairs)
     with pytest.raises(E.EvalInputError, match="max_per_task must be >= 1, got 0"):
         E.read_evalset(root, max_per_task=0)
+
+
+def test_relation252k_pairs_split_at_half_width_rounded_down(tmp_path):
+    """Reference: NVlabs/LoRWeB preprocess_data.py splits a side-by-side pair at ``width // 2`` (left
+    ``crop((0, 0, width // 2, height))``, right ``crop((width // 2, 0, width, height))``), also for odd widths."""
+    root = make_relation(tmp_path / "rel", tasks=("t",), per_task=2)
+    for width in (63, 65, 67):
+        pair = tiny.random_picture(random.Random(width), (width, 20))
+        pair.save(root / "t/Group1/0.png")
+        (root / "t/Group1/labels.json").write_text(json.dumps([{"img_name": "0.png", "edit_instruction": "e"},
+                                                               {"img_name": "1.jpg", "edit_instruction": "f"}]))
+        (t,) = [t for t in E.read_evalset(root) if t.a.path.name == "0.png"]
+        assert t.a.load().tobytes() == pair.crop((0, 0, width // 2, 20)).tobytes()
+        assert t.a_prime.load().tobytes() == pair.crop((width // 2, 0, width, 20)).tobytes()
+
+
+def test_repeated_triplet_ids_are_refused(tmp_path):
+    """Two labels.json entries with one image (or two images with one name stem) would be one triplet folder."""
+    root = make_relation(tmp_path / "rel", tasks=("t",), per_task=3)
+    labels = json.loads((root / "t/Group1/labels.json").read_text())
+    (root / "t/Group1/labels.json").write_text(json.dumps(labels + [labels[0]]))
+    with pytest.raises(E.EvalInputError, match=r"triplet ids occur more than once \(t/0__"):
+        E.read_evalset(root)
 
 
 def test_relation252k_errors(tmp_path):

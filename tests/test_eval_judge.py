@@ -105,6 +105,20 @@ def test_replay_judge_matching(tmp_path):
         judge(_request(item="t/1"))
 
 
+def test_replay_judge_keeps_pairwise_answers_to_their_order(tmp_path):
+    """A recorded order must be the order asked: "B'1" of an answer given for the other order is the other image."""
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"id": "t/0", "kind": "pairwise", "order": ["against", "run"], "response": "1"}))
+    judge = J.ReplayJudge(path)
+    assert judge(_request("pairwise", against="base", order=["against", "run"])) == "1"
+    with pytest.raises(J.EvalInputError, match=r"r.jsonl: the pairwise answer for t/0 \(run ours, against base\) "
+                                               r"was given with B'1 = against, but this scoring shows B'1 = run"):
+        judge(_request("pairwise", against="base", order=["run", "against"]))
+    path.write_text(json.dumps({"id": "t/0", "kind": "pairwise", "order": ["run", "run"], "response": "1"}))
+    with pytest.raises(J.EvalInputError, match=r"r.jsonl:1: order must be \["):
+        J.ReplayJudge(path)
+
+
 def test_replay_judge_bad_files(tmp_path):
     with pytest.raises(J.EvalInputError, match="replay file not found"):
         J.ReplayJudge(tmp_path / "missing.jsonl")

@@ -113,12 +113,36 @@ def test_order_balanced_win_rate_is_balanced_per_task():
     assert tasks["c"]["pairwise"]["base"]["win_rate"] == 1.0
 
 
-def test_pairwise_order_is_seeded_and_balanced():
-    orders = [S.pairwise_order(0, "ours", "base", f"t/{i}") for i in range(400)]
-    assert orders == [S.pairwise_order(0, "ours", "base", f"t/{i}") for i in range(400)]
-    first = sum(o[0] == "run" for o in orders)
-    assert 160 < first < 240
-    assert orders != [S.pairwise_order(1, "ours", "base", f"t/{i}") for i in range(400)]
+def _items(sizes):
+    from lorweb_fast.evaluation.evalsets import RunItem
+
+    return [RunItem(f"t{t}", f"{i:03d}", *["x.png"] * 4) for t, n in enumerate(sizes) for i in range(n)]
+
+
+def test_pairwise_orders_are_seeded_random_and_balanced_per_task():
+    """Every task has floor(n/2) or ceil(n/2) items in each position (so every task with 2+ items has an
+    order-balanced rate, whatever the run's name), the orders repeat for the same seed, names and items, and the
+    seed (and the run's name) change which items are shown first; an odd item out goes to either position."""
+    sizes = [1, 2, 3, 5, 6, 7, 2, 9, 1, 4] * 3
+    items = _items(sizes)
+    orders = S.pairwise_orders(0, "ours", "base", items)
+    assert set(orders) == {it.key for it in items}
+    assert orders == S.pairwise_orders(0, "ours", "base", list(reversed(items)))
+    for t, n in enumerate(sizes):
+        first = sum(orders[f"t{t}/{i:03d}"] == ["run", "against"] for i in range(n))
+        assert first in (n // 2, (n + 1) // 2), (t, n, first)
+    odd_first = [sum(orders[f"t{t}/{i:03d}"][0] == "run" for i in range(n)) for t, n in enumerate(sizes) if n % 2]
+    assert len({f * 2 > n for f, n in zip(odd_first, [n for n in sizes if n % 2])}) == 2  # both ways
+    for other in (S.pairwise_orders(1, "ours", "base", items), S.pairwise_orders(0, "lorweb", "base", items)):
+        assert other != orders
+        for t, n in enumerate(sizes):
+            assert sum(other[f"t{t}/{i:03d}"][0] == "run" for i in range(n)) in (n // 2, (n + 1) // 2)
+    for name in ("ours", "lorweb", "x"):  # the count of balanced tasks does not depend on the run's name
+        rows = [{"id": k, "task": k.split("/")[0], "clip_dir": None, "lpips": None, "vlm_accuracy": None,
+                 "vlm_consistency": None, "pairwise": {"base": {"order": o, "better": 1, "won": o[0] == "run"}}}
+                for k, o in S.pairwise_orders(0, name, "base", items).items()]
+        p = aggregate(rows, [], ["base"])["overall"]["pairwise"]["base"]
+        assert p["balanced_tasks"] == sum(n >= 2 for n in sizes) and p["order_balanced_win_rate"] == 0.5
 
 
 def test_pareto_front():
@@ -155,9 +179,12 @@ def test_score_end_to_end(assets, torch_home, tmp_path):
     assert m["overall"]["clip_dir"] == pytest.approx((sum(flip) / 3 + sum(swap) / 3) / 2)
     assert m["per_task"]["flip"]["vlm_accuracy"] == 6  # only flip/001 parsed
     # pairwise: the judge says "1" except for flip/001; won == (ours shown at the chosen position)
+    from lorweb_fast.evaluation.evalsets import read_runs
+
+    orders = S.pairwise_orders(0, "ours", "base", read_runs(assets / "ours"))
     for item in IDS[:-1]:
         pw = by_id[item]["pairwise"]["base"]
-        assert pw["order"] == S.pairwise_order(0, "ours", "base", item)
+        assert pw["order"] == orders[item]
         assert pw["won"] == (pw["order"][pw["better"] - 1] == "run")
     assert m["settings"]["pairwise_seed"] == 0
     summary = (out / "summary.md").read_text()
@@ -171,6 +198,19 @@ def test_score_end_to_end(assets, torch_home, tmp_path):
                    "--judge", f"replay:{out / 'judge_answers.jsonl'}", "--out", out2) == 0
     m2 = json.loads((out2 / "metrics.json").read_text())
     assert m2["per_triplet"] == m["per_triplet"]
+    # answers given for the other B'1/B'2 order are refused, not read against the wrong image
+    flipped = [json.loads(line) for line in (out / "judge_answers.jsonl").read_text().splitlines()]
+    for rec in flipped:
+        if rec["kind"] == "pairwise":
+            rec["order"] = rec["order"][::-1]
+    (tmp_path / "flipped.jsonl").write_text("\n".join(json.dumps(r) for r in flipped) + "\n")
+    assert run_cli("--runs", assets / "ours", "--against", assets / "base", "--encoder", assets / "clip",
+                   "--judge", f"replay:{tmp_path / 'flipped.jsonl'}", "--out", tmp_path / "flipped") == 2
+    assert not (tmp_path / "flipped" / "metrics.json").exists()
+    # a later scoring without a judge or baseline in the same folder leaves no stale answers or win-rate plot
+    assert run_cli("--runs", assets / "ours", "--encoder", assets / "clip", "--out", out) == 0
+    assert not (out / "judge_answers.jsonl").exists() and not (out / "win_rates.png").exists()
+    assert (out / "preservation_vs_accuracy.png").is_file()
 
 
 def test_score_resumes_from_caches(assets, torch_home, tmp_path, monkeypatch):
@@ -238,6 +278,19 @@ def test_tiny_gemma3_judge_end_to_end(assets, torch_home, tmp_path):
         cached = json.loads((out / "judge" / "ours" / "score" / task / f"{name}.json").read_text())
         assert cached["response"] == raw and cached["judge"] == f"gemma3:{gemma} max_new_tokens=6 dtype=float32"
     assert m["overall"]["clip_dir"] is None and m["overall"]["lpips"] is None
+
+
+def test_named_runs_folders(tmp_path, monkeypatch):
+    """--runs PATH or NAME=PATH; a path with "=" in a folder name stays one path."""
+    from lorweb_fast.evaluation.cli import _named_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "N=32_r=4").mkdir()
+    assert _named_path("runs/ours") == ("ours", "runs/ours")
+    assert _named_path("second=runs/ckpt2") == ("second", "runs/ckpt2")
+    assert _named_path("/data/lr=1e-3/runs") == ("runs", "/data/lr=1e-3/runs")  # a separator before the "="
+    assert _named_path("N=32_r=4") == ("N=32_r=4", "N=32_r=4")  # an existing folder
+    assert _named_path("ablation=N=32_r=4") == ("ablation", "N=32_r=4")
 
 
 def test_cli_bad_input_exits_2(assets, torch_home, tmp_path, capsys):

@@ -11,12 +11,15 @@ A runs folder is given as PATH (named after its folder) or NAME=PATH.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
 def _named_path(text: str) -> tuple:
+    """(name, path) of ``PATH`` (named after its last component) or ``NAME=PATH``. A ``text`` that is an existing
+    path, or whose part before the first "=" holds a path separator, is a path (folders such as ``runs/lr=1e-3``)."""
     name, sep, path = text.partition("=")
-    if not sep:
+    if not sep or Path(text).exists() or "/" in name or os.sep in name:
         path = text
         name = Path(text.rstrip("/")).name or text
     if not name or not path:

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
+from collections import Counter
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +59,8 @@ class ImageRef:
         img = load_rgb(self.path)
         if self.box is not None:
             w, h = img.size
-            l, u, r, d = self.box
-            img = img.crop((round(l * w), round(u * h), round(r * w), round(d * h)))
+            l, u, r, d = self.box  # edges rounded down: a half of an odd width ends at w // 2, as the official split
+            img = img.crop((math.floor(l * w), math.floor(u * h), math.floor(r * w), math.floor(d * h)))
         if self.aspect is not None:
             img = center_crop_to_aspect(img, self.aspect)
         return img
@@ -165,8 +167,16 @@ def _seeded_rng(seed: int, *parts: str) -> random.Random:
 
 
 def _check_nonempty(triplets: list, root: Path, what: str) -> list:
+    """The triplets sorted by (task, id); none, or two with the same (task, id) (they would be generated into one
+    folder and scored as one), raise naming the problem."""
     if not triplets:
         raise EvalInputError(f"no analogy triplets found in {root} ({what})")
+    seen = Counter(f"{t.task}/{t.id}" for t in triplets)
+    repeated = sorted(k for k, n in seen.items() if n > 1)
+    if repeated:
+        raise EvalInputError(f"{root}: {len(repeated)} triplet ids occur more than once ({', '.join(repeated[:5])}"
+                             f"{', ...' if len(repeated) > 5 else ''}): the same image is listed twice, or two files "
+                             "share a name stem")
     return sorted(triplets, key=lambda t: (t.task, t.id))
 
 
@@ -224,9 +234,10 @@ def _read_pairs_file(path: Path) -> dict:
 
 def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: int = 0,
                         pairs_file: Union[str, Path, None] = None,
-                        aspect_tolerance: float = ASPECT_TOLERANCE) -> list:
+                        aspect_tolerance: float = ASPECT_TOLERANCE, tasks: Optional[Sequence[str]] = None) -> list:
     """The released LoRWeB evaluation set (see the module docstring). Task = "<category>__<Prompt_With_Underscores>"
-    (prefixed with "<db>__" for a db folder other than db_not_in_trainset), id = "<a'-stem>__<b-stem>"."""
+    (prefixed with "<db>__" for a db folder other than db_not_in_trainset), id = "<a'-stem>__<b-stem>". With
+    ``tasks``, only those tasks are read (a pairs file then needs entries for them only)."""
     base = _lorweb_root(Path(root))
     if b_per_pair < 1:
         raise EvalInputError(f"b_per_pair must be >= 1, got {b_per_pair}")
@@ -245,6 +256,7 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
         return w / h
 
     triplets = []
+    found: set = set()
     decoded = base / "decoded_random_inference_set"
     for db_dir in _subdirs(decoded):
         for cat_dir in _subdirs(db_dir):
@@ -255,6 +267,9 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
             for prompt_dir in _subdirs(cat_dir):
                 task = prompt_dir.name if db_dir.name == "db_not_in_trainset" else f"{db_dir.name}__{prompt_dir.name}"
                 task = f"{category}__{task}"
+                found.add(task)
+                if tasks and task not in tasks:
+                    continue
                 files = sorted(p for p in prompt_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
                 if not files:
                     raise EvalInputError(f"task {task!r} has no triplets: no a' images in {prompt_dir}")
@@ -299,6 +314,9 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
                             task, f"{a_prime.stem}__{b_path.stem}", ImageRef(a_path), ImageRef(a_prime),
                             ImageRef(b_path, aspect=round(a_aspect, 6)), prompt=prompt_dir.name.replace("_", " "),
                             extra={"category": category, **note}))
+    missing = [t for t in tasks or () if t not in found]
+    if missing:
+        raise EvalInputError(f"tasks not found in {root}: {missing}")
     return _check_nonempty(triplets, base, "released LoRWeB layout")
 
 
@@ -375,7 +393,7 @@ def read_evalset(root: Union[str, Path], fmt: str = "auto", *, seed: int = 0, b_
     if fmt == "folder":
         triplets = read_folder_evalset(root)
     elif fmt == "lorweb":
-        triplets = read_lorweb_evalset(root, b_per_pair=b_per_pair, seed=seed, pairs_file=pairs_file)
+        triplets = read_lorweb_evalset(root, b_per_pair=b_per_pair, seed=seed, pairs_file=pairs_file, tasks=tasks)
     else:
         triplets = read_relation252k(root, seed=seed, tasks=tasks)
     if tasks:

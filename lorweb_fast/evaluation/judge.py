@@ -228,7 +228,9 @@ def check_max_new_tokens(max_new_tokens) -> None:
 
 class ReplayJudge:
     """Answers read from a JSONL file of ``{"id", "kind", "response"}`` (+ optional ``"run"``, ``"against"``: a record
-    without them answers for every runs folder / baseline). A question without an answer raises ``KeyError``."""
+    without them answers for every runs folder / baseline; + optional ``"order"``, the B'1/B'2 order a pairwise answer
+    was given for, as ``judge_answers.jsonl`` records it). A question without an answer raises ``KeyError``; a
+    pairwise answer recorded for the other order raises ``EvalInputError`` (its "B'1" would mean the other image)."""
 
     def __init__(self, path: Union[str, Path]):
         path = Path(path)
@@ -247,15 +249,27 @@ class ReplayJudge:
                 raise EvalInputError(f"{path}:{n} needs 'id', 'kind' and 'response'")
             if rec["kind"] not in JUDGE_KINDS:
                 raise EvalInputError(f"{path}:{n}: kind must be one of {JUDGE_KINDS}, got {rec['kind']!r}")
+            order = rec.get("order")
+            if order is not None and (not isinstance(order, list) or sorted(order) != ["against", "run"]):
+                raise EvalInputError(f'{path}:{n}: order must be ["run", "against"] or ["against", "run"], got '
+                                     f"{order!r}")
             key = (rec.get("run"), rec["id"], rec["kind"], rec.get("against"))
-            self.records[key] = rec["response"]
+            self.records[key] = (rec["response"], order)
+        self.path = path
 
     def __call__(self, request: JudgeRequest) -> str:
         for run in (request.run, None):
             for against in ((request.against, None) if request.against is not None else (None,)):
                 key = (run, request.id, request.kind, against)
                 if key in self.records:
-                    return self.records[key]
+                    response, order = self.records[key]
+                    if order is not None and request.order is not None and list(order) != list(request.order):
+                        raise EvalInputError(
+                            f"{self.path}: the pairwise answer for {request.id} (run {request.run}, against "
+                            f"{request.against}) was given with B'1 = {order[0]}, but this scoring shows B'1 = "
+                            f"{request.order[0]}: score with the --pairwise-seed, runs and baselines of the scoring "
+                            "that wrote it")
+                    return response
         raise KeyError(f"no replayed {request.kind} answer for {request.id}"
                        + (f" (run {request.run}, against {request.against})" if request.against else ""))
 

@@ -216,8 +216,13 @@ def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict
     answers = [json.dumps({"id": a["id"], "kind": a["kind"], "run": a["run"], "against": a["against"],
                            "order": a["order"], "judge": a["judge"], "response": a["response"]}, ensure_ascii=False)
                for res in results.values() for a in res["answers"] if a["response"] is not None]
+    # a file this call does not write is removed: a report folder never mixes two scorings
     if answers:
         atomic_write_text(out / "judge_answers.jsonl", "\n".join(answers) + "\n")
-    plot_preservation_vs_accuracy(report, out / "preservation_vs_accuracy.png")
-    plot_win_rates(report, list(settings.get("against") or {}), out / "win_rates.png")
+    else:
+        (out / "judge_answers.jsonl").unlink(missing_ok=True)
+    if plot_preservation_vs_accuracy(report, out / "preservation_vs_accuracy.png") is None:
+        (out / "preservation_vs_accuracy.png").unlink(missing_ok=True)
+    if plot_win_rates(report, list(settings.get("against") or {}), out / "win_rates.png") is None:
+        (out / "win_rates.png").unlink(missing_ok=True)
     return metrics

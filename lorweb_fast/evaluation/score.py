@@ -6,9 +6,11 @@ baseline runs folder (``against``), the 2AFC answer. CLIP and LPIPS values are c
 answers in ``REPORT/judge/`` (per item and prompt, keyed by the image files too): a killed run resumes without
 recomputing finished items.
 
-Pairwise order: for each item, whether this run's b' is shown as B'1 or B'2 is drawn from a generator seeded with
-(``pairwise_seed``, run, baseline, item id), so it is reproducible, independent of which items are scored, and
-balanced in expectation; ``metrics.json`` records the seed and each item's order.
+Pairwise order: whether this run's b' is shown as B'1 or B'2 is randomised per item with a recorded seed and balanced
+within each task (``pairwise_orders``): a task's judged items are put in a seeded random order and alternate between
+the two positions, so every task with two or more items has both (half each; an odd item out goes to a seeded
+position) and its order-balanced win rate exists. The orders are reproducible from (``pairwise_seed``, run, baseline,
+the task's judged items); ``metrics.json`` records the seed and each item's order.
 """
 
 from __future__ import annotations
@@ -59,10 +61,25 @@ def _sig(settings: str, *files) -> str:
     return hashlib.sha256((settings + file_signature(*files)).encode()).hexdigest()[:16]
 
 
-def pairwise_order(seed: int, run: str, against: str, item_id: str) -> list:
-    """["run", "against"] or ["against", "run"]: which b' is B'1 and which is B'2."""
-    digest = hashlib.sha256(f"{seed}:{run}:{against}:{item_id}".encode()).digest()
-    return ["run", "against"] if random.Random(digest).random() < 0.5 else ["against", "run"]
+def _draw(seed: int, run: str, against: str, what: str) -> float:
+    digest = hashlib.sha256(f"{seed}:{run}:{against}:{what}".encode()).digest()
+    return random.Random(digest).random()
+
+
+def pairwise_orders(seed: int, run: str, against: str, items: Sequence[RunItem]) -> dict:
+    """{item key: ["run", "against"] or ["against", "run"]} (which b' is B'1 and which is B'2) for the judged
+    ``items`` of one run against one baseline: per task, the items in a random order drawn from (seed, run,
+    against, item), alternating between the two positions from a seeded start, so each task has floor(n/2) or
+    ceil(n/2) items in each position."""
+    by_task: dict = {}
+    for it in items:
+        by_task.setdefault(it.task, []).append(it.key)
+    orders = {}
+    for task, keys in by_task.items():
+        start = int(_draw(seed, run, against, f"task:{task}") < 0.5)
+        for i, key in enumerate(sorted(keys, key=lambda k: (_draw(seed, run, against, k), k))):
+            orders[key] = ["run", "against"] if (i + start) % 2 == 0 else ["against", "run"]
+    return orders
 
 
 def _images(item: RunItem, stems=("a", "a_prime", "b", "b_prime")) -> list:
@@ -125,6 +142,7 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
 
         for base_name, base_items in (baselines or {}).items():
             by_key = {b.key: b for b in base_items}
+            orders = pairwise_orders(pairwise_seed, name, base_name, [it for it in items if it.key in by_key])
             for it in tqdm(items, desc=f"{name} vs {base_name}: VLM 2AFC", disable=not progress):
                 entry = {"order": None, "better": None, "won": None}
                 rows[it.key].setdefault("pairwise", {})[base_name] = entry
@@ -133,7 +151,7 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
                     failures.append({"id": it.key, "task": it.task, "kind": "pairwise", "against": base_name,
                                      "error": f"{it.key} is missing in the baseline runs folder", "response": None})
                     continue
-                order = pairwise_order(pairwise_seed, name, base_name, it.key)
+                order = orders[it.key]
                 entry["order"] = order
                 pair = {"run": it.b_prime, "against": other.b_prime}
                 req = JudgeRequest(name, it.key, "pairwise", PAIRWISE_PROMPT, against=base_name, order=order,
