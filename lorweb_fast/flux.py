@@ -340,14 +340,15 @@ ZEROED_QUERY_MODES = ("caa'b", "paa'b", "paa'b3")
 def query_crop_problem(width: int, height: int, query_mode: str, crops: str = "inference") -> Optional[str]:
     """Why a ``width`` x ``height`` control grid has nothing to cut for the crops of ``query_mode``, or None.
 
-    ``crops="inference"`` (side s = W // 2, PIL crops padded past the edge): the modes that crop b or zero the
-    bottom-right cell need a bottom row, H > s. ``crops="training"`` (side s = H // 2, tensor slices): the modes that
+    ``crops="inference"`` (side s = W // 2, PIL crops padded past the edge): the modes that crop b need a bottom
+    row, H > s (the modes that zero the bottom-right cell encode the whole grid when it has none: the official
+    ``paste(0, (s, s, W, H))`` then paints nothing). ``crops="training"`` (side s = H // 2, tensor slices): the modes that
     crop a' need W > s. ``crops="cells"``: any grid of at least 2 x 2 pixels."""
     if crops == "cells":
         return None if width >= 2 and height >= 2 else f"a {width}x{height} grid has no 2x2 cells"
     if crops == "inference":
         s = width // 2
-        cuts_bottom = query_mode in (*ZEROED_QUERY_MODES, "ca'-ca+cb") or query_mode.startswith("cat-")
+        cuts_bottom = query_mode == "ca'-ca+cb" or query_mode.startswith("cat-")
         if s < 1 or (cuts_bottom and height - s < 1):
             return (f"a {width}x{height} grid is too wide for the official crops of query mode {query_mode!r}: the "
                     f"bottom row (0, {s}, {width}, {height}) is empty (the grid's height must exceed half its width)")
@@ -555,7 +556,7 @@ class AnalogyEncoder:
             zeroed = []
             for grid, (w, h, x, y) in zip(grids, sizes):
                 z = grid.copy()
-                if w > x:
+                if w > x and h > y:  # a grid without a bottom row: nothing to zero (the official paste paints none)
                     z.paste(Image.new("RGB", (w - x, h - y)), (x, y))
                 zeroed.append(z)
             return self._encode(zeroed, mode)
@@ -715,7 +716,8 @@ class LoRWeBKontextPipeline:
         from ``encoder`` /
         ``query_mode`` / ``pooling_type`` when given, else the official ``config.yaml`` (``config`` or the one
         beside the weights), else the checkpoint's metadata, else the official defaults; sources that disagree
-        raise. The checkpoint is validated before anything is loaded into the transformer. The encoder runs in
+        raise; an ``encoder`` of another family (CLIP, SigLIP2) than the one the checkpoint records is refused. The
+        checkpoint is validated before anything is loaded into the transformer. The encoder runs in
         ``encoder_dtype``, by default the transformer's dtype (official inference.py: both in bfloat16). ``options``:
         ``resolution``, ``max_area``, ``max_size``, ``long_edge`` (see the class); ``torch_dtype`` is accepted as
         diffusers' name for ``dtype``. Unknown options and bad values are refused before anything loads.
@@ -753,6 +755,16 @@ class LoRWeBKontextPipeline:
         expected = lora_api.checkpoint_query_dim(Path(weights))
         if expected is not None and expected != enc.query_dim:
             raise _query_width_error(enc, f"{weights} expects {expected}")
+        if encoder is not None:  # a local copy of the checkpoint's encoder, say: it must be of the same family
+            from .official_config import encoder_family
+
+            recorded = resolve_checkpoint_settings(weights, config, {**explicit, "encoder": None})
+            family = encoder_family(recorded["encoder"])
+            if recorded["sources"]["encoder"] != "official default" and family not in (None, enc.kind):
+                raise LoRWeBCheckpointError(f"{weights} was trained with the analogy encoder "
+                                            f"{recorded['encoder']!r} ({family}, says "
+                                            f"{recorded['sources']['encoder']}) but encoder={str(encoder)!r} is a "
+                                            f"{enc.kind} model")
         pipe = load_kontext_pipeline(model, dtype)
         load_lorweb_weights(pipe.transformer, weights, config, settings=explicit)
         if device is not None:
@@ -775,7 +787,8 @@ class LoRWeBKontextPipeline:
         its ``config.yaml``) or a Hugging Face Hub repo id (``kwargs``: diffusers' Hub options ``revision``,
         ``subfolder``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download``; see
         ``lora_api.resolve_checkpoint``), loaded into the transformer (injecting the layers when it is stock).
-        The checkpoint's query_dim, query mode and pooling are checked against the analogy encoder first.
+        The checkpoint's query_dim, query mode, pooling (patch modes) and encoder family are checked against the
+        analogy encoder first.
         LoRWeB is one adapter: a checkpoint loaded over layers of the same shapes replaces their weights (another
         basis size needs ``unload_lora_weights()`` first); ``adapter_name`` names it (``get_active_adapters``).
         Returns the loaded modules."""
@@ -791,7 +804,7 @@ class LoRWeBKontextPipeline:
                                                   query_dim=self.encoder.query_dim,
                                                   query_settings={"query_mode": self.encoder.query_mode,
                                                                   "pooling_type": self.encoder.pooling_type},
-                                                  **kwargs)
+                                                  encoder=(self.encoder.name, self.encoder.kind), **kwargs)
         except LoRWeBCheckpointError as exc:
             if not had_layers:
                 raise
@@ -1064,25 +1077,35 @@ class LoRWeBKontextPipeline:
         strategy = self.merge_strategy(merge, count * per_prompt)
         query = self._query(grids, a, a_prime, b).repeat_interleave(per_prompt, dim=0)
         fused = lora_api.fused_strategy(self.transformer)
-        with torch.no_grad():  # inference: no autograd history on the coefficients
-            if fused in ("full", "offload"):  # fuse_lora(): the mixture is in the weights; the analogy must match
-                lora_api.check_fused_query(self.transformer, query)
+        # a call that fails (a merge strategy that cannot serve this batch, an error inside the pipeline) leaves the
+        # layers' analogy as it was before the call
+        previous = {name: (layer._coefficients, layer._query)
+                    for name, layer in lorweb_layers(self.transformer).items()}
+        try:
+            with torch.no_grad():  # inference: no autograd history on the coefficients
+                if fused in ("full", "offload"):  # fuse_lora(): the mixture is in the weights; the analogy must match
+                    lora_api.check_fused_query(self.transformer, query)
+                else:
+                    set_query(self.transformer, query)  # once per generation; checks query and coefficients
+            if fused is not None:
+                strategy = "none"
+            width, height = grids[0].size
+            if self.resolution == "official":
+                size_kwargs = dict(max_area=self.max_area, _auto_resize=True)
             else:
-                set_query(self.transformer, query)  # once per generation; checks query and coefficients are finite
-        if fused is not None:
-            strategy = "none"
-        width, height = grids[0].size
-        if self.resolution == "official":
-            size_kwargs = dict(max_area=self.max_area, _auto_resize=True)
-        else:
-            size_kwargs = dict(max_area=width * height, _auto_resize=False)
-        self.pipe.set_progress_bar_config(disable=not progress)
-        context = contextlib.nullcontext() if strategy == "none" else merged(self.transformer, strategy)
-        with context:
-            out = self.pipe(image=grids if count > 1 else grids[0], prompt=prompts if count > 1 else prompts[0],
-                            height=height, width=width, num_inference_steps=num_inference_steps,
-                            guidance_scale=guidance_scale, generator=generator, output_type=output_type,
-                            **size_kwargs, **pipe_kwargs).images
+                size_kwargs = dict(max_area=width * height, _auto_resize=False)
+            self.pipe.set_progress_bar_config(disable=not progress)
+            context = contextlib.nullcontext() if strategy == "none" else merged(self.transformer, strategy)
+            with context:
+                out = self.pipe(image=grids if count > 1 else grids[0], prompt=prompts if count > 1 else prompts[0],
+                                height=height, width=width, num_inference_steps=num_inference_steps,
+                                guidance_scale=guidance_scale, generator=generator, output_type=output_type,
+                                **size_kwargs, **pipe_kwargs).images
+        except BaseException:
+            for name, layer in lorweb_layers(self.transformer).items():
+                if name in previous:
+                    layer._coefficients, layer._query = previous[name]
+            raise
         if output_type == "np":
             h, w = out.shape[1] // 2, out.shape[2] // 2
             return [img[h:, w:] for img in out]

@@ -224,16 +224,21 @@ def checkpoint_query_dim(file: Path) -> Optional[int]:
 
 def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], weight_name: Optional[str] = None,
                       config: Union[str, os.PathLike, None] = None, *, query_dim: Optional[int] = None,
-                      query_settings: Optional[dict] = None, **hub) -> tuple[Path, list[str]]:
+                      query_settings: Optional[dict] = None, encoder: Optional[tuple[str, str]] = None,
+                      **hub) -> tuple[Path, list[str]]:
     """Load an official-format LoRWeB checkpoint (file, directory or Hugging Face Hub repo id, see
     ``resolve_checkpoint``; ``hub``: its download options) into ``model`` (``load_lorweb_weights``).
 
     A directory's ``config.yaml`` (the one beside the chosen file, else the directory's) is used when ``config`` is
     None. ``query_dim``, when given (the analogy encoder's), must match the checkpoint, and ``query_settings``
-    (``{"query_mode": ..., "pooling_type": ...}``, the encoder's) must match what the checkpoint's config.yaml or
-    metadata records: both are checked before the model changes. Returns (checkpoint file, loaded modules).
+    (``{"query_mode": ..., "pooling_type": ...}``, the encoder's; the pooling only in the patch modes, the only ones
+    that pool) must match what the checkpoint's config.yaml or metadata records, as must the family of ``encoder``
+    (``(name, kind)``, kind "clip", "siglip2" or "siglip": the official inference.py builds the encoder the checkpoint
+    names, and a CLIP and a SigLIP2 query can have the same width): all are checked before the model changes.
+    Returns (checkpoint file, loaded modules).
     """
     from .model import resolve_checkpoint_settings
+    from .official_config import PATCH_QUERY_MODES, encoder_family
 
     file, found_config = resolve_checkpoint(path_or_dir, weight_name, **hub)
     checkpoint_metadata(file)  # a corrupt file fails before anything changes
@@ -244,10 +249,19 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
                                         f"{query_dim}; the model was not changed")
     if config is None:
         config = found_config
+    recorded = resolve_checkpoint_settings(file, config) if query_settings or encoder else None
+    if encoder is not None and recorded["sources"]["encoder"] != "official default":
+        family = encoder_family(recorded["encoder"])
+        if family is not None and family != encoder[1]:
+            raise LoRWeBCheckpointError(f"{file} was trained with the analogy encoder {recorded['encoder']!r} "
+                                        f"({family}, says {recorded['sources']['encoder']}) but this pipeline's "
+                                        f"encoder {encoder[0]!r} is a {encoder[1]} model; build the pipeline with "
+                                        "LoRWeBKontextPipeline.from_pretrained for this checkpoint. The model was "
+                                        "not changed")
     if query_settings:
-        recorded = resolve_checkpoint_settings(file, config)
         differ = {k: (recorded[k], v) for k, v in query_settings.items()
-                  if recorded["sources"].get(k) != "official default" and recorded[k] != v}
+                  if recorded["sources"].get(k) != "official default" and recorded[k] != v
+                  and (k != "pooling_type" or recorded["query_mode"] in PATCH_QUERY_MODES)}
         if differ:
             shown = ", ".join(f"{k}: checkpoint {a!r}, pipeline {b!r}" for k, (a, b) in differ.items())
             raise LoRWeBCheckpointError(f"{file} was trained with other query settings than this pipeline's encoder "

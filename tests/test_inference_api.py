@@ -92,6 +92,33 @@ def test_cli_merge_option(assets, tmp_path, monkeypatch):
         cli.build_parser().parse_args(base + ["--merge", "half"])
 
 
+def test_a_failed_call_leaves_the_analogy_as_it_was(pipe, monkeypatch):
+    """A batch that merge="full" cannot serve, or an error inside the pipeline, happens after the call computed its
+    coefficients: the layers get back the analogy set before the call (set_analogy, then fuse_lora still works)."""
+    pipe.set_analogy(*random_analogy(3))
+    coeffs = {n: c.clone() for n, c in lf.get_coefficients(pipe.transformer).items()}
+    assert next(iter(coeffs.values())).shape[0] == 1
+
+    def same():
+        now = lf.get_coefficients(pipe.transformer)
+        return set(now) == set(coeffs) and all(torch.equal(now[n], coeffs[n]) for n in coeffs)
+
+    with pytest.raises(ValueError, match="strategy='full' merges one analogy"):
+        run(pipe, [random_analogy(4), random_analogy(5)], ["flip", "flip"], merge="full")
+    assert same()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(type(pipe.pipe), "__call__", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(pipe, [random_analogy(6)], ["flip"])
+    assert same()
+    monkeypatch.undo()
+    pipe.fuse_lora()  # still the analogy set before the failed calls
+    pipe.unfuse_lora()
+
+
 # -------------------------------------------------------------------------------------------- fuse / unfuse
 def test_fuse_unfuse_and_other_analogy_raises(pipe):
     x = [random_analogy(3)]
@@ -471,17 +498,59 @@ def test_load_lora_weights_picks_the_newest_checkpoint_of_an_official_run_folder
     assert pipe.load_lora_weights(run)
 
 
-def test_load_lora_weights_refuses_a_checkpoint_trained_with_another_query_mode(pipe, assets, tmp_path):
-    """A checkpoint whose config.yaml records another pooling than the pipeline's encoder would run with the wrong
-    query and no shape error (same width): it is refused before the transformer changes."""
+def test_load_lora_weights_refuses_a_checkpoint_trained_with_another_pooling_in_a_patch_mode(pipe, assets, tmp_path):
+    """Pooling matters only in the patch modes: the official ``AttLoraLinearAdapter.forward``
+    (toolkit/models/AttLoRA.py) reads ``query_pooling`` only for a query taken from the tokens and reshapes an
+    external query as it is. So in "cat-aa'b" a checkpoint recording "max" loads; in a patch mode another pooling
+    (same width, no shape error) is refused before the transformer changes."""
     other = tmp_path / "other"
     lf.lora_api.save_pretrained(pipe.transformer, other, encoder=pipe.encoder.name, pooling_type="max")
+    assert pipe.encoder.query_mode == "cat-aa'b" and pipe.encoder.pooling_type == "avg"
+    assert pipe.load_lora_weights(other)
+    patch = tmp_path / "patch"
+    lf.lora_api.save_pretrained(pipe.transformer, patch, encoder=pipe.encoder.name, query_mode="paa'b",
+                                pooling_type="max")
     before = {k: v.clone() for k, v in lf.lorweb_state_dict(pipe.transformer).items()}
     with pytest.raises(lf.LoRWeBCheckpointError, match="pooling_type: checkpoint 'max', pipeline 'avg'"):
+        lf.lora_api.load_lora_weights(pipe.transformer, patch,
+                                      query_settings={"query_mode": "paa'b", "pooling_type": "avg"})
+    after = lf.lorweb_state_dict(pipe.transformer)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert lf.lora_api.load_lora_weights(pipe.transformer, patch,
+                                         query_settings={"query_mode": "paa'b", "pooling_type": "max"})
+    assert pipe.load_lora_weights(assets / "lorweb.safetensors")  # recorded defaults: accepted
+
+
+def test_a_checkpoint_of_another_encoder_family_is_refused(pipe, assets, tmp_path, monkeypatch):
+    """Official inference.py ``main`` builds the encoder class from the checkpoint config's
+    ``external_query_model`` (CLIPVisionModelWithProjection for openai/clip-vit-large-patch14, Siglip2VisionModel for
+    google/siglip2-base-patch16-224). A CLIP and a SigLIP2 query can have the same width, so a checkpoint that
+    records an encoder of another family than the pipeline's is refused (load_lora_weights: before the transformer
+    changes; from_pretrained with an explicit encoder: before the pipeline loads). Another name of the same family
+    (a local copy) is fine."""
+    other = tmp_path / "siglip"
+    lf.lora_api.save_pretrained(pipe.transformer, other, encoder="google/siglip2-base-patch16-224")
+    before = {k: v.clone() for k, v in lf.lorweb_state_dict(pipe.transformer).items()}
+    with pytest.raises(lf.LoRWeBCheckpointError, match=r"trained with the analogy encoder 'google/siglip2-base-"
+                                                       r"patch16-224' \(siglip2, says .*config.yaml\) but this "
+                                                       r"pipeline's encoder .* is a clip model"):
         pipe.load_lora_weights(other)
     after = lf.lorweb_state_dict(pipe.transformer)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert pipe.load_lora_weights(assets / "lorweb.safetensors")  # recorded defaults: accepted
+    same_family = tmp_path / "clip"
+    lf.lora_api.save_pretrained(pipe.transformer, same_family, encoder="openai/clip-vit-large-patch14")
+    assert pipe.load_lora_weights(same_family)
+
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded")
+
+    monkeypatch.setattr(flux, "load_kontext_pipeline", no_pipeline)
+    with pytest.raises(lf.LoRWeBCheckpointError, match=r"siglip2.* but encoder=.* is a clip model"):
+        flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", other, encoder=pipe.encoder.name,
+                                                   resolution="native", long_edge=64)
+    assert lf.official_config.encoder_family(pipe.encoder.name) == "clip"  # a local folder: its config.json
+    assert lf.official_config.encoder_family("someone/siglip2-so400m-patch14-384") == "siglip2"
+    assert lf.official_config.encoder_family("someone/dinov2") is None
 
 
 def test_from_pretrained_checks_the_query_width_before_loading_the_pipeline(assets, monkeypatch, tmp_path):
