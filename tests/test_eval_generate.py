@@ -198,10 +198,12 @@ def test_resume_refuses_another_triplet_set_or_merge(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ev").mkdir()
     settings = {"weights": "w", "resolution": "native", "merge": "none", "evalset": str(tmp_path / "ev"),
-                "format": "lorweb", "pair_seed": 0, "b_per_pair": 2, "pairs_sha256": None, "input_long_edge": 1024}
+                "format": "lorweb", "pair_seed": 0, "b_per_pair": 2, "pairs_sha256": None, "input_long_edge": 1024,
+                "generator_device": "cpu"}
     G.check_run_settings(tmp_path, settings)
     for key, value in [("evalset", str(tmp_path / "other")), ("format", "folder"), ("pair_seed", 1),
-                       ("b_per_pair", 3), ("pairs_sha256", "ab" * 32), ("input_long_edge", 512), ("merge", "auto")]:
+                       ("b_per_pair", 3), ("pairs_sha256", "ab" * 32), ("input_long_edge", 512), ("merge", "auto"),
+                       ("generator_device", "cuda")]:  # a CUDA generator draws other noise from the same seed
         with pytest.raises(G.EvalInputError, match=f"{key}: "):
             G.check_run_settings(tmp_path, {**settings, key: value}, write=False)
     G.check_run_settings(tmp_path, {**settings, "evalset": "ev"}, write=False)  # the same folder, relative
@@ -215,6 +217,7 @@ def test_resume_refuses_another_triplet_set_or_merge(tmp_path, monkeypatch):
     for key, value in [("evalset", str(tmp_path / "other")), ("pair_seed", 1)]:
         with pytest.raises(G.EvalInputError, match=f"{key}: "):
             G.check_run_settings(tmp_path, {**settings, key: value}, write=False)
+    G.check_run_settings(tmp_path, {**settings, "generator_device": "cuda"}, write=False)  # unrecorded before
     (tmp_path / "run.json").write_text("[1, 2]")
     with pytest.raises(G.EvalInputError, match="does not hold a JSON object"):
         G.check_run_settings(tmp_path, settings, write=False)

@@ -14,7 +14,8 @@ larger batches, so a triplet's numerics would depend on the batch it lands in.
 
 A resumed run must use the settings ``run.json`` recorded (``RESUME_KEYS``): the checkpoint, the generation settings
 and everything that picks the triplets (evaluation set, its format, ``--pair-seed``, ``--b-per-pair``, the ``--pairs``
-file's SHA-256); ``--tasks`` and ``--max-per-task`` only restrict a run to a subset of the same triplets and may change.
+file's SHA-256), and the device type of the generators (a CPU and a CUDA generator draw different noise from one
+seed); ``--tasks`` and ``--max-per-task`` only restrict a run to a subset of the same triplets and may change.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from .evalsets import EvalInputError, Triplet
 #: run.json settings that must match when a run is resumed.
 RESUME_KEYS = ("weights", "weights_file", "weights_sha256", "model", "encoder", "seeds", "steps", "guidance_scale",
                "pipe_kwargs", "dtype", "encoder_dtype", "resolution", "max_size", "long_edge", "merge", "evalset",
-               "format", "pair_seed", "b_per_pair", "pairs_sha256", "input_long_edge")
+               "format", "pair_seed", "b_per_pair", "pairs_sha256", "input_long_edge", "generator_device")
 #: settings that run.json files written before they existed lack: such a run cannot be checked for them
-UNRECORDED_BEFORE = ("weights_file", "weights_sha256", "b_per_pair", "pairs_sha256", "input_long_edge")
+UNRECORDED_BEFORE = ("weights_file", "weights_sha256", "b_per_pair", "pairs_sha256", "input_long_edge",
+                     "generator_device")
 #: ``merge`` values of ``generate`` (the pipeline's ``merge``; "none" = the unmerged path)
 MERGE_CHOICES = ("none", "auto", "full", "offload", "jit")
 #: pipeline arguments ``generate`` sets itself, and the option that sets them instead of ``--pipe-arg``
@@ -155,7 +157,8 @@ def generate(pipe, triplets: Sequence[Triplet], out, *, seeds: Sequence[int] = (
     for every batch size; "auto" lets the pipeline merge a batch of one and run larger batches unmerged, so results
     then depend on the batching; "full" and "offload" need ``batch_size`` 1. ``input_long_edge`` caps the long edge
     of the a, a', b copies saved next to b' (the pipeline always gets the full-size inputs); 0 or None keeps them as
-    they are. One ``torch.Generator(device).manual_seed(seed)`` per analogy.
+    they are. One ``torch.Generator(device).manual_seed(seed)`` per analogy; ``device=None``: the pipeline's
+    execution device (as the official inference.py, which seeds its generator there), else the CPU.
     """
     from tqdm.auto import tqdm
 
@@ -176,13 +179,15 @@ def generate(pipe, triplets: Sequence[Triplet], out, *, seeds: Sequence[int] = (
     for job in jobs:  # sizes from the file headers: images are read one batch at a time
         t = job["triplet"]
         job["sizes"] = (_ref_size(t.a), _ref_size(t.b))
+    if device is None:
+        device = getattr(getattr(pipe, "pipe", None), "_execution_device", None) or "cpu"
     generated = 0
     bar = tqdm(total=len(jobs), desc="eval generate", unit="b'", disable=not progress)
     for batch in _batches(jobs, batch_size):
         images = [[job["triplet"].a.load(), job["triplet"].a_prime.load(), job["triplet"].b.load()] for job in batch]
         a, a_prime, b = (list(x) for x in zip(*images))
         prompts = [job["triplet"].prompt for job in batch]
-        gens = [torch.Generator(device=device or "cpu").manual_seed(int(job["seed"])) for job in batch]
+        gens = [torch.Generator(device=device).manual_seed(int(job["seed"])) for job in batch]
         results = pipe(a, a_prime, b, prompts, num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, generator=gens, merge=merge, progress=False,
                        **(pipe_kwargs or {}))
@@ -280,6 +285,7 @@ def run_generate(args) -> dict:
                                               revision=getattr(args, "revision", None))
     # what picks the triplets (the evaluation set, its format, the b choices) is recorded and checked on resume too:
     # triplet ids hold b's name, so another choice of b would add new folders next to the old ones
+    device = _device(args.device)
     settings = {"weights": str(args.weights), "weights_file": _weights_identity(args.weights, weights_file),
                 "weights_sha256": file_sha256(weights_file), "model": str(args.model), "encoder": args.encoder,
                 "seeds": list(args.seeds), "steps": args.steps, "guidance_scale": args.guidance_scale,
@@ -289,9 +295,8 @@ def run_generate(args) -> dict:
                 "input_long_edge": args.input_long_edge, "dtype": args.dtype, "batch_size": args.batch_size,
                 "encoder_dtype": args.dtype if getattr(args, "encoder_dtype", "auto") == "auto" else args.encoder_dtype,
                 "resolution": args.resolution, "max_size": args.max_size, "long_edge": args.long_edge,
-                "triplets": len(triplets)}
+                "generator_device": torch.device(device).type, "triplets": len(triplets)}
     check_run_settings(out, settings, write=False)  # before loading any model
-    device = _device(args.device)
     kwargs = {"resolution": args.resolution, "max_size": args.max_size}
     if args.long_edge is not None:
         kwargs["long_edge"] = args.long_edge
