@@ -412,8 +412,9 @@ def _check_list(name, value):
 
 
 def check_infer_args(args) -> None:
-    """Every path and option of ``lorweb-fast infer``, before any model loads; raises UsageError (one line).
-    A --weights folder or Hugging Face Hub repo id (downloaded here) is resolved to its checkpoint file and config:
+    """Every path and option of ``lorweb-fast infer``, before any model loads; raises UsageError (one line). The
+    options that need no checkpoint are checked first; then a --weights folder or Hugging Face Hub repo id
+    (downloaded here) is resolved to its checkpoint file and config:
     once every check has passed, ``args.weights`` / ``args.config`` name those local files (``weight_name`` and
     ``revision`` cleared), so the run loads exactly what was checked; a refused call leaves ``args`` as it was."""
     from .flux import load_image
@@ -427,37 +428,7 @@ def check_infer_args(args) -> None:
             if Path(value).is_dir():
                 raise UsageError(f"{option} {value} is a folder; give an image file")
             load_image(value)  # missing: FileNotFoundError, not an image: ValueError, both naming the file
-        weights, config = args.weights, getattr(args, "config", None)
-        weight_name, revision = getattr(args, "weight_name", None), getattr(args, "revision", None)
-        resolved_weights = None
-        if config is not None:
-            check_input_file("--config", config, {".yaml", ".yml"})
-        on_hub = hub_repo_id(weights) is not None
-        if revision is not None and not on_hub:
-            raise UsageError(f"--revision is for a Hugging Face Hub repo id; --weights {weights} is a local path")
-        if Path(weights).is_dir() or on_hub or weight_name is not None:
-            # a run or checkpoint folder (its newest complete checkpoint and config.yaml) or a Hub repo (downloaded)
-            try:
-                weights, found_config = resolve_checkpoint(weights, weight_name, revision=revision)
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"--weights: {exc}") from None
-            config = config if config is not None else found_config
-            resolved_weights = (str(weights), None if config is None else str(config))
-        else:
-            check_input_file("--weights", weights, {".safetensors"})
-        try:
-            meta = checkpoint_metadata(weights)
-            _config_from_metadata(meta)
-            explicit = {"encoder": getattr(args, "encoder", None), "query_mode": getattr(args, "query_mode", None),
-                        "pooling_type": getattr(args, "pooling_type", None)}
-            resolved = resolve_checkpoint_settings(weights, config, explicit)
-            encoder_name = resolved["encoder"]
-            query_source = resolve_query_source(weights, getattr(args, "query_source", None))
-        except (LoRWeBCheckpointError, LoRWeBConfigError) as exc:
-            raise UsageError(f"--weights: {exc}") from None
-        if query_source == "images" and resolved["query_mode"] != "cat-aa'b":
-            raise UsageError(f"--query-source images encodes a, a', b separately (query mode \"cat-aa'b\"); the "
-                             f"checkpoint's query mode is {resolved['query_mode']!r}")
+        # the options that need no checkpoint first: a Hub repo id is downloaded below
         if getattr(args, "max_size", None) is not None:
             check_int("--max-size", args.max_size, lo=2)
         if getattr(args, "max_area", None) is not None:
@@ -490,7 +461,38 @@ def check_infer_args(args) -> None:
         check_model_source("--model", args.model, "model_index.json")
         if getattr(args, "encoder", None) is not None:
             check_model_source("--encoder", args.encoder, "config.json")
-        elif encoder_name:
+        weights, config = args.weights, getattr(args, "config", None)
+        weight_name, revision = getattr(args, "weight_name", None), getattr(args, "revision", None)
+        resolved_weights = None
+        if config is not None:
+            check_input_file("--config", config, {".yaml", ".yml"})
+        on_hub = hub_repo_id(weights) is not None
+        if revision is not None and not on_hub:
+            raise UsageError(f"--revision is for a Hugging Face Hub repo id; --weights {weights} is a local path")
+        if Path(weights).is_dir() or on_hub or weight_name is not None:
+            # a run or checkpoint folder (its newest complete checkpoint and config.yaml) or a Hub repo (downloaded)
+            try:
+                weights, found_config = resolve_checkpoint(weights, weight_name, revision=revision)
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"--weights: {exc}") from None
+            config = config if config is not None else found_config
+            resolved_weights = (str(weights), None if config is None else str(config))
+        else:
+            check_input_file("--weights", weights, {".safetensors"})
+        try:
+            meta = checkpoint_metadata(weights)
+            _config_from_metadata(meta)
+            explicit = {"encoder": getattr(args, "encoder", None), "query_mode": getattr(args, "query_mode", None),
+                        "pooling_type": getattr(args, "pooling_type", None)}
+            resolved = resolve_checkpoint_settings(weights, config, explicit)
+            encoder_name = resolved["encoder"]
+            query_source = resolve_query_source(weights, getattr(args, "query_source", None))
+        except (LoRWeBCheckpointError, LoRWeBConfigError) as exc:
+            raise UsageError(f"--weights: {exc}") from None
+        if query_source == "images" and resolved["query_mode"] != "cat-aa'b":
+            raise UsageError(f"--query-source images encodes a, a', b separately (query mode \"cat-aa'b\"); the "
+                             f"checkpoint's query mode is {resolved['query_mode']!r}")
+        if getattr(args, "encoder", None) is None and encoder_name:
             check_model_source(f"the analogy encoder {encoder_name!r} named in the checkpoint's config/metadata:",
                                encoder_name, "config.json", hint="; pass --encoder")
     except (TypeError, ValueError) as exc:

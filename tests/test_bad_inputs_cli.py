@@ -217,6 +217,16 @@ def test_infer_weights_from_the_hub_reach_the_loader_as_a_local_file(files, tmp_
                            "--revision is for a Hugging Face Hub repo id", no_model_load)
     assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **{"--weights": "owner/missing"}),
                            "--weights: LoRWeB checkpoint 'owner/missing' is no local path", no_model_load)
+    # options that need no checkpoint are refused before anything is downloaded
+    calls.clear()
+    for extra, message in ((["--steps", "0"], "--steps must be"), (["--seed", "-1"], "--seed must be"),
+                           (["--device", "tpu"], "--device")):
+        assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **{"--weights": "owner/lorweb"}, extra=extra),
+                               message, no_model_load)
+    assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **{"--weights": "owner/lorweb", "--out":
+                                                                   str(tmp_path / "out.txt")}),
+                           "--out", no_model_load)
+    assert calls == []
 
 
 # ------------------------------------------------------------------------------------------------------ train
