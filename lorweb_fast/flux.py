@@ -369,9 +369,11 @@ class AnalogyEncoder:
     default "cat-aa'b": concat(embed(a), embed(a'), embed(b)) of the crops of side W/2 at inference, H/2 in training,
     as the official code). ``model`` is a hub id or a
     local directory holding a CLIP checkpoint (``CLIPVisionModelWithProjection``, the unnormalized
-    ``image_embeds``, slow ``CLIPImageProcessor`` at the model's image size) or a SigLIP2 checkpoint
-    (``Siglip2VisionModel`` with the NaFlex ``Siglip2ImageProcessor``, ``pooler_output``). SigLIP (v1) checkpoints
-    also load (vision tower's ``pooler_output``; not an official encoder).
+    ``image_embeds``, slow ``CLIPImageProcessor`` at the model's image size) or a SigLIP2 NaFlex checkpoint
+    (``Siglip2VisionModel`` with the NaFlex ``Siglip2ImageProcessor``, ``pooler_output``). SigLIP-format checkpoints
+    (SigLIP v1, and the SigLIP2 FixRes ones such as the official id google/siglip2-base-patch16-224, which the
+    official code loads into ``Siglip2VisionModel`` with randomly re-initialised mismatched weights) load as stored:
+    the vision tower's ``pooler_output``.
 
     ``query_source="images"`` (not official: lorweb_fast's first behaviour) makes ``query(...)`` encode the original
     a, a', b files instead, each through the processor: concat of three embeddings, as "cat-aa'b".
@@ -716,7 +718,7 @@ class LoRWeBKontextPipeline:
         from ``encoder`` /
         ``query_mode`` / ``pooling_type`` when given, else the official ``config.yaml`` (``config`` or the one
         beside the weights), else the checkpoint's metadata, else the official defaults; sources that disagree
-        raise; an ``encoder`` of another family (CLIP, SigLIP2) than the one the checkpoint records is refused. The
+        raise; an ``encoder`` of another family (CLIP, SigLIP) than the one the checkpoint records is refused. The
         checkpoint is validated before anything is loaded into the transformer. The encoder runs in
         ``encoder_dtype``, by default the transformer's dtype (official inference.py: both in bfloat16). ``options``:
         ``resolution``, ``max_area``, ``max_size``, ``long_edge`` (see the class); ``torch_dtype`` is accepted as
@@ -756,11 +758,11 @@ class LoRWeBKontextPipeline:
         if expected is not None and expected != enc.query_dim:
             raise _query_width_error(enc, f"{weights} expects {expected}")
         if encoder is not None:  # a local copy of the checkpoint's encoder, say: it must be of the same family
-            from .official_config import encoder_family
+            from .official_config import encoder_family_mismatch
 
             recorded = resolve_checkpoint_settings(weights, config, {**explicit, "encoder": None})
-            family = encoder_family(recorded["encoder"])
-            if recorded["sources"]["encoder"] != "official default" and family not in (None, enc.kind):
+            family = encoder_family_mismatch(recorded["encoder"], enc.kind)
+            if recorded["sources"]["encoder"] != "official default" and family is not None:
                 raise LoRWeBCheckpointError(f"{weights} was trained with the analogy encoder "
                                             f"{recorded['encoder']!r} ({family}, says "
                                             f"{recorded['sources']['encoder']}) but encoder={str(encoder)!r} is a "

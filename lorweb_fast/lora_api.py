@@ -233,12 +233,12 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
     None. ``query_dim``, when given (the analogy encoder's), must match the checkpoint, and ``query_settings``
     (``{"query_mode": ..., "pooling_type": ...}``, the encoder's; the pooling only in the patch modes, the only ones
     that pool) must match what the checkpoint's config.yaml or metadata records, as must the family of ``encoder``
-    (``(name, kind)``, kind "clip", "siglip2" or "siglip": the official inference.py builds the encoder the checkpoint
-    names, and a CLIP and a SigLIP2 query can have the same width): all are checked before the model changes.
+    (``(name, kind)``, kind "clip", "siglip2" or "siglip"; CLIP or SigLIP: the official inference.py builds the
+    encoder the checkpoint names, and a CLIP and a SigLIP2 query can have the same width): all are checked before the model changes.
     Returns (checkpoint file, loaded modules).
     """
     from .model import resolve_checkpoint_settings
-    from .official_config import PATCH_QUERY_MODES, encoder_family
+    from .official_config import PATCH_QUERY_MODES, encoder_family_mismatch
 
     file, found_config = resolve_checkpoint(path_or_dir, weight_name, **hub)
     checkpoint_metadata(file)  # a corrupt file fails before anything changes
@@ -251,8 +251,8 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
         config = found_config
     recorded = resolve_checkpoint_settings(file, config) if query_settings or encoder else None
     if encoder is not None and recorded["sources"]["encoder"] != "official default":
-        family = encoder_family(recorded["encoder"])
-        if family is not None and family != encoder[1]:
+        family = encoder_family_mismatch(recorded["encoder"], encoder[1])
+        if family is not None:
             raise LoRWeBCheckpointError(f"{file} was trained with the analogy encoder {recorded['encoder']!r} "
                                         f"({family}, says {recorded['sources']['encoder']}) but this pipeline's "
                                         f"encoder {encoder[0]!r} is a {encoder[1]} model; build the pipeline with "

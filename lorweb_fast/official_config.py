@@ -47,8 +47,10 @@ DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 SAVE_DTYPES = DTYPE_NAMES
 #: Analogy encoders the official inference.py can load by name.
 OFFICIAL_ENCODERS = ("openai/clip-vit-large-patch14", "google/siglip2-base-patch16-224")
-#: The encoder family of each official encoder id (inference.py ``main`` picks the model class by this id).
-OFFICIAL_ENCODER_FAMILIES = {"openai/clip-vit-large-patch14": "clip", "google/siglip2-base-patch16-224": "siglip2"}
+#: The encoder family of each official encoder id (inference.py ``main`` picks the model class by this id). The
+#: SigLIP2 FixRes checkpoints (google/siglip2-base-patch16-224 included) are stored in the SigLIP (v1) format, so
+#: SigLIP and SigLIP2 are one family here: what a mismatch check can tell apart is CLIP from SigLIP.
+OFFICIAL_ENCODER_FAMILIES = {"openai/clip-vit-large-patch14": "clip", "google/siglip2-base-patch16-224": "siglip"}
 
 #: The released model's settings (LoRWeB_default_PROMPTS.yaml + the README's run.py command line).
 OFFICIAL_DEFAULTS = {"num_loras": 32, "rank": 4, "lora_alpha": 4.0, "key_dim": 128, "heads": 1,
@@ -74,26 +76,29 @@ def check_query_settings(query_mode: str, pooling_type: str = "avg", query_proje
 
 
 def encoder_family(name) -> Optional[str]:
-    """"clip", "siglip2" or "siglip" for an analogy encoder named by an official id, a local folder with a
-    config.json, or a hub id that names its family ("...clip...", "...siglip2..."); None when it cannot be told
-    without loading anything."""
+    """"clip" or "siglip" (SigLIP and SigLIP2) for an analogy encoder named by an official id, a local folder with a
+    config.json, a hub id that names its family ("...clip...", "...siglip..."), or an ``AnalogyEncoder.kind``; None
+    when it cannot be told without loading anything."""
     text = str(name)
     if text in OFFICIAL_ENCODER_FAMILIES:
         return OFFICIAL_ENCODER_FAMILIES[text]
     path = Path(text)
     if (path / "config.json").is_file():
         try:
-            model_type = str(json.loads((path / "config.json").read_text()).get("model_type", ""))
+            text = str(json.loads((path / "config.json").read_text()).get("model_type", ""))
         except (OSError, ValueError, AttributeError):
             return None
-        text = model_type
     elif path.exists():
         return None
     low = text.lower()
-    for family in ("siglip2", "siglip", "clip"):
-        if family in low:
-            return family
-    return None
+    return next((family for family in ("siglip", "clip") if family in low), None)
+
+
+def encoder_family_mismatch(recorded, kind: str) -> Optional[str]:
+    """The family of the ``recorded`` encoder (a checkpoint's ``external_query_model``) when it is known and is not
+    the family of an encoder of ``kind`` ("clip", "siglip2", "siglip"); else None."""
+    family = encoder_family(recorded)
+    return family if family is not None and family != encoder_family(kind) else None
 
 
 # ------------------------------------------------------------------------------------------------- reading

@@ -525,14 +525,15 @@ def test_a_checkpoint_of_another_encoder_family_is_refused(pipe, assets, tmp_pat
     """Official inference.py ``main`` builds the encoder class from the checkpoint config's
     ``external_query_model`` (CLIPVisionModelWithProjection for openai/clip-vit-large-patch14, Siglip2VisionModel for
     google/siglip2-base-patch16-224). A CLIP and a SigLIP2 query can have the same width, so a checkpoint that
-    records an encoder of another family than the pipeline's is refused (load_lora_weights: before the transformer
+    records an encoder of another family (CLIP or SigLIP: the SigLIP2 FixRes checkpoints are stored in the SigLIP
+    format) than the pipeline's is refused (load_lora_weights: before the transformer
     changes; from_pretrained with an explicit encoder: before the pipeline loads). Another name of the same family
     (a local copy) is fine."""
     other = tmp_path / "siglip"
     lf.lora_api.save_pretrained(pipe.transformer, other, encoder="google/siglip2-base-patch16-224")
     before = {k: v.clone() for k, v in lf.lorweb_state_dict(pipe.transformer).items()}
     with pytest.raises(lf.LoRWeBCheckpointError, match=r"trained with the analogy encoder 'google/siglip2-base-"
-                                                       r"patch16-224' \(siglip2, says .*config.yaml\) but this "
+                                                       r"patch16-224' \(siglip, says .*config.yaml\) but this "
                                                        r"pipeline's encoder .* is a clip model"):
         pipe.load_lora_weights(other)
     after = lf.lorweb_state_dict(pipe.transformer)
@@ -545,12 +546,18 @@ def test_a_checkpoint_of_another_encoder_family_is_refused(pipe, assets, tmp_pat
         raise AssertionError("the pipeline was loaded")
 
     monkeypatch.setattr(flux, "load_kontext_pipeline", no_pipeline)
-    with pytest.raises(lf.LoRWeBCheckpointError, match=r"siglip2.* but encoder=.* is a clip model"):
+    with pytest.raises(lf.LoRWeBCheckpointError, match=r"siglip2.*\(siglip, .* but encoder=.* is a clip model"):
         flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", other, encoder=pipe.encoder.name,
                                                    resolution="native", long_edge=64)
-    assert lf.official_config.encoder_family(pipe.encoder.name) == "clip"  # a local folder: its config.json
-    assert lf.official_config.encoder_family("someone/siglip2-so400m-patch14-384") == "siglip2"
-    assert lf.official_config.encoder_family("someone/dinov2") is None
+    family, mismatch = lf.official_config.encoder_family, lf.official_config.encoder_family_mismatch
+    assert family(pipe.encoder.name) == "clip"  # a local folder: its config.json
+    assert family("someone/siglip2-so400m-patch14-384") == family("siglip2") == "siglip"
+    assert family("someone/dinov2") is None
+    # the official SigLIP2 id is a SigLIP-format (FixRes) checkpoint: an encoder loaded from it (kind "siglip") fits
+    assert mismatch("google/siglip2-base-patch16-224", "siglip") is None
+    assert mismatch("google/siglip2-base-patch16-224", "siglip2") is None
+    assert mismatch("openai/clip-vit-large-patch14", "siglip") == "clip"
+    assert mismatch("someone/dinov2", "clip") is None
 
 
 def test_from_pretrained_checks_the_query_width_before_loading_the_pipeline(assets, monkeypatch, tmp_path):
