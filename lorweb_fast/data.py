@@ -398,9 +398,9 @@ class AnalogyFolder(torch.utils.data.Dataset):
         return control, target, caption, layout, grid_size
 
     def _caption(self, target: Path, relation: dict) -> str:
-        """The official order (toolkit/dataloader_mixins.py ``CaptionMixin.load_caption``): the ``edit_prompt`` of
-        the relation metadata entry named like the target, else the .txt beside the target image; then ours:
-        ``captions/<id>.txt``, ``control/<id>.txt``. None at all: "" (official; the sample is recorded in
+        """The official order (toolkit/dataloader_mixins.py ``CaptionProcessingDTOMixin.load_caption``): the
+        ``edit_prompt`` of the relation metadata entry named like the target, else the .txt beside the target image;
+        then ours: ``captions/<id>.txt``, ``control/<id>.txt``. None at all: "" (official; the sample is recorded in
         ``missing_captions``), or an error with ``missing_caption="raise"``."""
         stem = target.stem
         if stem in relation:

@@ -90,6 +90,8 @@ def encoder_family(name) -> Optional[str]:
             return None
     elif path.exists():
         return None
+    else:  # a hub id or a path not on this machine: its last part names the model ("owner/clip-vit-...")
+        text = path.name
     low = text.lower()
     return next((family for family in ("siglip", "clip") if family in low), None)
 
@@ -201,7 +203,9 @@ def resolve_settings(explicit: Optional[Mapping[str, Any]] = None, yaml_settings
     does not give a setting never conflicts). ``None`` values in ``explicit`` count as not given. Returns every
     setting of ``SETTINGS`` plus ``"sources"``: {setting: where its value came from}.
 
-    One exception: an explicit ``encoder`` overrides the others without conflict. It says where to load the
+    Two exceptions: ``pooling_type`` conflicts only in the patch modes (the only ones that pool; the official
+    ``AttLoraLinearAdapter.forward`` never pools an external query); an explicit ``encoder`` overrides the others
+    without conflict. It says where to load the
     analogy encoder from (e.g. a local copy of the hub id the checkpoint names); whether it fits is checked by the
     query dimension against the layers when the pipeline is built.
     """
@@ -215,6 +219,8 @@ def resolve_settings(explicit: Optional[Mapping[str, Any]] = None, yaml_settings
         given = [(name, src[key]) for name, src in layers if key in src]
         if key == "encoder" and given and given[0][0] == "argument":
             given = given[:1]
+        if key == "pooling_type" and out["query_mode"] not in PATCH_QUERY_MODES:
+            given = given[:1]  # only the patch modes pool (AttLoRA.py): other poolings cannot conflict
         for name, value in given[1:]:
             if not _same(value, given[0][1]):
                 raise LoRWeBConfigError(f"conflicting {key}: {given[0][0]} says {given[0][1]!r} but {name} says "

@@ -289,8 +289,10 @@ RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers", 
                      "keep_milestone_every", "nan_loss")
 #: What a stored config that lacks a field did, where that differs from the field's default today: runs written
 #: before ``batching`` existed batched across buckets; before ``control_latents`` / ``encoder_dtype`` they encoded the
-#: control with the latent mode and ran the encoder in fp32.
-RESUME_LEGACY_VALUES = {"batching": "mixed", "control_latents": "mode", "encoder_dtype": "fp32"}
+#: control with the latent mode and ran the encoder in fp32; before ``missing_caption`` a sample without a caption
+#: was an error (skipped with ``skip_bad``), so resuming with "empty" could add samples.
+RESUME_LEGACY_VALUES = {"batching": "mixed", "control_latents": "mode", "encoder_dtype": "fp32",
+                        "missing_caption": "raise"}
 #: Files a training run writes directly in ``out`` (``--overwrite`` deletes exactly these and ``checkpoints/``).
 RUN_FILES = (WEIGHTS_NAME, "config.yaml", "loss.jsonl", "loss.png", "train_config.json")
 

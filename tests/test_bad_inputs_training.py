@@ -133,6 +133,21 @@ def test_resume_of_a_run_from_before_bucket_batching_names_batching(tmp_path):
     assert state["step"] == 2
 
 
+def test_resume_of_a_run_from_before_missing_caption_names_it(tmp_path):
+    """Before ``missing_caption`` existed a sample without a caption was an error (skipped with --skip-bad): a run
+    that lacks the field resumes with ``--missing-caption raise`` only, not with today's "empty" (which could add
+    the samples it skipped)."""
+    cfg = cfg_for(tmp_path, missing_caption="raise", skip_bad=True)
+    stored = {k: v for k, v in training._comparable_config(cfg).items() if k != "missing_caption"}
+    fake_checkpoint(tmp_path, 2, cfg, state={"step": 2, "optimizer": {"state": {}, "param_groups": []},
+                                             "config": stored})
+    with pytest.raises(ValueError, match=r"in missing_caption: 'raise' -> 'empty' \(pass --missing-caption raise to "
+                                         r"resume it\)"):
+        prepare_output(dataclasses.replace(cfg, resume=True, missing_caption="empty"))
+    found, state = prepare_output(dataclasses.replace(cfg, resume=True))
+    assert state["step"] == 2
+
+
 def test_resume_beyond_the_step_budget_is_refused(tmp_path):
     cfg = cfg_for(tmp_path)
     fake_checkpoint(tmp_path, 6, cfg)

@@ -157,6 +157,25 @@ def test_generate_bad_input_exits_2(assets, tmp_path, capsys):
     assert cli.main(args) == 2
     assert "missing.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "runs3").exists()  # a failed call writes nothing
+    args = gen_args(assets, tmp_path / "runs4")
+    args[args.index("--device") + 1] = "gpu"
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--device 'gpu' is not a device" in err and "\n" not in err
+
+
+def test_batching_sizes_match_the_crops(tmp_path):
+    """The size a batch is keyed by (from the file header) is the size ImageRef.load gives, also for the halves of
+    an odd-width Relation252k pair (split at width // 2)."""
+    from lorweb_fast.evaluation.evalsets import ImageRef
+
+    for width in (63, 64, 65, 67):
+        path = tmp_path / f"pair{width}.png"
+        Image.new("RGB", (width, 21)).save(path)
+        for box in ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)):
+            for aspect in (None, 1.0, 0.75):
+                ref = ImageRef(path, box=box, aspect=aspect)
+                assert G._ref_size(ref) == ref.load().size, (width, box, aspect)
 
 
 def test_resume_refuses_other_resolution_settings(tmp_path):

@@ -117,6 +117,16 @@ def test_replay_judge_keeps_pairwise_answers_to_their_order(tmp_path):
     path.write_text(json.dumps({"id": "t/0", "kind": "pairwise", "order": ["run", "run"], "response": "1"}))
     with pytest.raises(J.EvalInputError, match=r"r.jsonl:1: order must be \["):
         J.ReplayJudge(path)
+    path.write_text(json.dumps({"id": "t/0", "kind": "pairwise", "order": [1, "run"], "response": "1"}))
+    with pytest.raises(J.EvalInputError, match=r"r.jsonl:1: order must be \["):
+        J.ReplayJudge(path)
+    # a run-specific record given for the other order gives way to a generic one given for this order
+    path.write_text(json.dumps({"id": "t/0", "kind": "pairwise", "run": "ours", "order": ["against", "run"],
+                                "response": "specific"}) + "\n" +
+                    json.dumps({"id": "t/0", "kind": "pairwise", "order": ["run", "against"], "response": "generic"}))
+    judge = J.ReplayJudge(path)
+    assert judge(_request("pairwise", against="base", order=["run", "against"])) == "generic"
+    assert judge(_request("pairwise", against="base", order=["against", "run"])) == "specific"
 
 
 def test_replay_judge_bad_files(tmp_path):

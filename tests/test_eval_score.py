@@ -207,6 +207,12 @@ def test_score_end_to_end(assets, torch_home, tmp_path):
     assert run_cli("--runs", assets / "ours", "--against", assets / "base", "--encoder", assets / "clip",
                    "--judge", f"replay:{tmp_path / 'flipped.jsonl'}", "--out", tmp_path / "flipped") == 2
     assert not (tmp_path / "flipped" / "metrics.json").exists()
+    # replaying the report's own answers file into the same folder never deletes it, even when no answer matches
+    saved = (out / "judge_answers.jsonl").read_text()
+    assert run_cli("--runs", f"renamed={assets / 'ours'}", "--encoder", assets / "clip", "--metrics", "vlm",
+                   "--judge", f"replay:{out / 'judge_answers.jsonl'}", "--out", out) == 0
+    assert json.loads((out / "metrics.json").read_text())["overall"]["failures"] == len(IDS)
+    assert (out / "judge_answers.jsonl").read_text() == saved
     # a later scoring without a judge or baseline in the same folder leaves no stale answers or win-rate plot
     assert run_cli("--runs", assets / "ours", "--encoder", assets / "clip", "--out", out) == 0
     assert not (out / "judge_answers.jsonl").exists() and not (out / "win_rates.png").exists()

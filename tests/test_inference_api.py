@@ -553,6 +553,8 @@ def test_a_checkpoint_of_another_encoder_family_is_refused(pipe, assets, tmp_pat
     assert family(pipe.encoder.name) == "clip"  # a local folder: its config.json
     assert family("someone/siglip2-so400m-patch14-384") == family("siglip2") == "siglip"
     assert family("someone/dinov2") is None
+    assert family("/data/clip_runs/siglip-local") == "siglip"  # the last part names it, not a parent folder
+    assert family("/data/eclipse/dinov2") is None
     # the official SigLIP2 id is a SigLIP-format (FixRes) checkpoint: an encoder loaded from it (kind "siglip") fits
     assert mismatch("google/siglip2-base-patch16-224", "siglip") is None
     assert mismatch("google/siglip2-base-patch16-224", "siglip2") is None

@@ -168,6 +168,17 @@ def test_precedence_and_conflicts():
         oc.resolve_settings({}, {"activation": "tanh"}, {"activation": "softmax"})
 
 
+def test_pooling_conflicts_only_in_the_patch_modes():
+    """toolkit/models/AttLoRA.py ``AttLoraLinearAdapter.forward`` reads ``query_pooling`` only for a query taken from
+    the tokens; an external query is reshaped as it is. So two poolings conflict only in the patch modes."""
+    r = oc.resolve_settings({"pooling_type": "max"}, {"pooling_type": "avg", "query_mode": "cat-aa'b"})
+    assert r["pooling_type"] == "max" and r["sources"]["pooling_type"] == "argument"
+    with pytest.raises(oc.LoRWeBConfigError, match="conflicting pooling_type: argument says 'max' but config.yaml"):
+        oc.resolve_settings({"pooling_type": "max"}, {"pooling_type": "avg", "query_mode": "cat-paa'b"})
+    with pytest.raises(oc.LoRWeBConfigError, match="conflicting pooling_type"):
+        oc.resolve_settings({"pooling_type": "max", "query_mode": "paa'b3"}, {"pooling_type": "avg"})
+
+
 def test_official_fp16_checkpoint_loads_with_its_config(tmp_path):
     state = official_checkpoint(tmp_path / "LoRWeB_000000250.safetensors")
     small_config(tmp_path / "config.yaml", lora_softmax=False, lora_heads=2, mixing_coeffs_type="sum")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -225,7 +226,7 @@ def _ref_size(ref) -> tuple:
     w, h = image_size(ref.path)
     if ref.box is not None:
         l, u, r, d = ref.box
-        w, h = round(r * w) - round(l * w), round(d * h) - round(u * h)
+        w, h = math.floor(r * w) - math.floor(l * w), math.floor(d * h) - math.floor(u * h)  # as ImageRef.load
     if ref.aspect is not None:
         if w / h > ref.aspect:
             w = max(1, round(h * ref.aspect))
@@ -258,6 +259,7 @@ def _weights_identity(weights, weights_file: Path) -> str:
 def run_generate(args) -> dict:
     """``lorweb-fast eval generate``."""
     from ..cli import DTYPES, _device
+    from ..validation import check_device
     from ..flux import LoRWeBKontextPipeline
     from ..lora_api import resolve_checkpoint
     from .evalsets import detect_format, read_evalset
@@ -265,6 +267,7 @@ def run_generate(args) -> dict:
     merge = args.merge
     pipe_kwargs = dict(args.pipe_kwargs or {})
     check_generate_options(batch_size=args.batch_size, merge=merge, pipe_kwargs=pipe_kwargs)
+    device = str(check_device("--device", _device(args.device)))  # a bad name: one line, before anything loads
     if args.resolution == "official" and args.long_edge is not None:
         raise EvalInputError("--long-edge applies to --resolution native; the official resolution is capped by "
                              "--max-size")
@@ -285,7 +288,6 @@ def run_generate(args) -> dict:
                                               revision=getattr(args, "revision", None))
     # what picks the triplets (the evaluation set, its format, the b choices) is recorded and checked on resume too:
     # triplet ids hold b's name, so another choice of b would add new folders next to the old ones
-    device = _device(args.device)
     settings = {"weights": str(args.weights), "weights_file": _weights_identity(args.weights, weights_file),
                 "weights_sha256": file_sha256(weights_file), "model": str(args.model), "encoder": args.encoder,
                 "seeds": list(args.seeds), "steps": args.steps, "guidance_scale": args.guidance_scale,

@@ -250,7 +250,8 @@ class ReplayJudge:
             if rec["kind"] not in JUDGE_KINDS:
                 raise EvalInputError(f"{path}:{n}: kind must be one of {JUDGE_KINDS}, got {rec['kind']!r}")
             order = rec.get("order")
-            if order is not None and (not isinstance(order, list) or sorted(order) != ["against", "run"]):
+            if order is not None and (not isinstance(order, list) or not all(isinstance(o, str) for o in order)
+                                      or sorted(order) != ["against", "run"]):
                 raise EvalInputError(f'{path}:{n}: order must be ["run", "against"] or ["against", "run"], got '
                                      f"{order!r}")
             key = (rec.get("run"), rec["id"], rec["kind"], rec.get("against"))
@@ -258,18 +259,20 @@ class ReplayJudge:
         self.path = path
 
     def __call__(self, request: JudgeRequest) -> str:
-        for run in (request.run, None):
+        other_order = None
+        for run in (request.run, None):  # the most specific record given for this order
             for against in ((request.against, None) if request.against is not None else (None,)):
                 key = (run, request.id, request.kind, against)
                 if key in self.records:
                     response, order = self.records[key]
-                    if order is not None and request.order is not None and list(order) != list(request.order):
-                        raise EvalInputError(
-                            f"{self.path}: the pairwise answer for {request.id} (run {request.run}, against "
-                            f"{request.against}) was given with B'1 = {order[0]}, but this scoring shows B'1 = "
-                            f"{request.order[0]}: score with the --pairwise-seed, runs and baselines of the scoring "
-                            "that wrote it")
-                    return response
+                    if order is None or request.order is None or list(order) == list(request.order):
+                        return response
+                    other_order = order
+        if other_order is not None:
+            raise EvalInputError(
+                f"{self.path}: the pairwise answer for {request.id} (run {request.run}, against {request.against}) "
+                f"was given with B'1 = {other_order[0]}, but this scoring shows B'1 = {request.order[0]}: score with "
+                "the --pairwise-seed, runs, baselines and items of the scoring that wrote it")
         raise KeyError(f"no replayed {request.kind} answer for {request.id}"
                        + (f" (run {request.run}, against {request.against})" if request.against else ""))
 

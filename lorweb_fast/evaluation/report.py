@@ -216,11 +216,15 @@ def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict
     answers = [json.dumps({"id": a["id"], "kind": a["kind"], "run": a["run"], "against": a["against"],
                            "order": a["order"], "judge": a["judge"], "response": a["response"]}, ensure_ascii=False)
                for res in results.values() for a in res["answers"] if a["response"] is not None]
-    # a file this call does not write is removed: a report folder never mixes two scorings
+    # a file this call does not write is removed: a report folder never mixes two scorings (but the answers file
+    # this scoring replays is never deleted)
+    answers_file = out / "judge_answers.jsonl"
+    judge = str(settings.get("judge") or "")
+    replayed = judge.startswith("replay:") and Path(judge[len("replay:"):]).resolve() == answers_file.resolve()
     if answers:
-        atomic_write_text(out / "judge_answers.jsonl", "\n".join(answers) + "\n")
-    else:
-        (out / "judge_answers.jsonl").unlink(missing_ok=True)
+        atomic_write_text(answers_file, "\n".join(answers) + "\n")
+    elif not replayed:
+        answers_file.unlink(missing_ok=True)
     if plot_preservation_vs_accuracy(report, out / "preservation_vs_accuracy.png") is None:
         (out / "preservation_vs_accuracy.png").unlink(missing_ok=True)
     if plot_win_rates(report, list(settings.get("against") or {}), out / "win_rates.png") is None:
