@@ -307,6 +307,10 @@ class AnalogyFolder(torch.utils.data.Dataset):
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.layout, self.bidirectional = layout, bidirectional
+        if resize == "bucket":
+            from .validation import check_bucket_divisibility
+
+            check_bucket_divisibility("bucket_divisibility", bucket_divisibility)
         self.resize, self.bucket_divisibility = resize, bucket_divisibility
         control_dir, target_dir = self.root / "control", self.root / "target"
         for d in (self.root, control_dir, target_dir):
@@ -483,7 +487,9 @@ class AnalogyFolder(torch.utils.data.Dataset):
 def _atomic_write(path: Path, write) -> None:
     """``write(tmp_path)`` then rename onto ``path`` (same folder), so ``path`` is complete or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    # the temporary name ends in .tmp, not in an image extension: a killed run's leftover is never read as a sample
+    # (the writers pass the format explicitly)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -569,12 +575,15 @@ def _label_field(labels_path: Path, k: int, entry, field: str):
 
 def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optional[int] = None,
                        filter_categories: Optional[list[str]] = None, filter_json: Optional[str] = None,
-                       progress: bool = True) -> list[dict]:
+                       progress: bool = True, unreadable: Optional[list] = None) -> list[dict]:
     """The (a, a') pairs of a downloaded Relation252K folder, as NVlabs/LoRWeB ``preprocess_data.py``
     (``Relation252KDataset`` + ``get_triplets``) reads them: every sub-folder ``<category>/Group1/`` with a
     ``labels.json`` (a list of ``{"img_name", "edit_instruction", "left_image_description",
-    "right_image_description"}``); entries whose image is missing are skipped; the id is ``<category>_<img_name>``.
-    Categories are taken in sorted order (the official script uses the file system's order).
+    "right_image_description"}``); entries whose image is missing or cannot be decoded are skipped (the official
+    ``_load_all_samples`` crops, so decodes, every image and drops those that fail, before the per-category cap
+    counts; a warning counts them and ``unreadable``, when given, receives ``(path, error)`` for each); the id is
+    ``<category>_<img_name>``. Categories are taken in sorted order (the official script uses the file system's
+    order).
 
     Raises AnalogyDataError naming the file: ``filter_json`` or a ``labels.json`` that is not valid JSON (the
     official script skips such a category), a ``labels.json`` that is not a list of objects, an entry without
@@ -604,7 +613,7 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
                                    f"{len(names)} categories: {shown}")
         if unknown:
             warnings.warn(f"{src} has no category {', '.join(unknown)} (category filter)", stacklevel=2)
-    pairs, counts = [], Counter()
+    pairs, counts, bad = [], Counter(), []
     for category in tqdm(categories, desc="reading labels", unit="category", disable=not progress):
         name = category.name
         if filter_categories and name not in filter_categories:
@@ -622,12 +631,34 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
             if max_samples_per_category and counts[name] >= max_samples_per_category:
                 continue
             fields = {field: _label_field(labels_path, k, entry, field) for field in LABEL_FIELDS[1:]}
+            error = _decode_error(image)
+            if error is not None:
+                bad.append((str(image), error))
+                continue
             counts[name] += 1
             pairs.append({"image_id": image_id, "category": name, "path": image, "img_name": img_name,
                           "edit_prompt": fields["edit_instruction"],
                           "left_image_description": fields["left_image_description"],
                           "right_image_description": fields["right_image_description"]})
+    if bad:
+        warnings.warn(f"skipped {len(bad)} Relation252K images that cannot be decoded, as the official script does "
+                      f"(e.g. {bad[0][0]}: {bad[0][1]})", stacklevel=2)
+    if unreadable is not None:
+        unreadable.extend(bad)
     return pairs
+
+
+def _decode_error(path: Path) -> Optional[str]:
+    """None when the image at ``path`` decodes completely, else the error (as the official loader's crop would
+    raise it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as exc:  # PIL raises several unrelated types for corrupt or truncated files
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def plan_analogies(pairs: list[dict], *, min_pairs_per_category: int = 2, max_analogies: Optional[int] = None,
@@ -692,10 +723,21 @@ def write_analogy(analogy: dict, out: Path) -> None:
             cell = cell.resize((w, h), Image.LANCZOS)
         strip.paste(cell.convert("RGB"), (i * w, 0))
     aid = analogy["id"]
-    _atomic_write(out / "control" / f"{aid}.jpg", lambda p: strip.save(p, format="JPEG", quality=95))
-    _atomic_write(out / "target" / f"{aid}.jpg", lambda p: b_prime.convert("RGB").save(p, format="JPEG", quality=95))
-    _atomic_write(out / "target" / f"{aid}.txt",
-                  lambda p: p.write_text(analogy["A"]["edit_prompt"], encoding="utf-8"))
+    done = []
+    try:  # a failure removes what this call wrote: no control without its target
+        for path, write in ((out / "control" / f"{aid}.jpg", lambda p: strip.save(p, format="JPEG", quality=95)),
+                            (out / "target" / f"{aid}.jpg",
+                             lambda p: b_prime.convert("RGB").save(p, format="JPEG", quality=95)),
+                            (out / "target" / f"{aid}.txt",
+                             lambda p: p.write_text(analogy["A"]["edit_prompt"], encoding="utf-8"))):
+            existed = path.exists()
+            _atomic_write(path, write)
+            if not existed:
+                done.append(path)
+    except BaseException:
+        for path in done:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_analogies: Optional[int] = None,
@@ -705,8 +747,11 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
     """Turn a Relation252K folder into the official training layout (the job of ``preprocess_data.py``).
 
     Resumable: an analogy whose three files exist is skipped (files are written to a temporary name and renamed, so an
-    existing file is complete). ``analogy_metadata.json`` lists every written analogy (official entry fields) and is
-    rewritten atomically at the end. Returns ``{"analogies", "written", "skipped", "failed": [(id, error)]}``.
+    existing file is complete; a killed run's temporary files are removed at the start). ``analogy_metadata.json``
+    lists every written analogy (official entry fields); as the official script, the entries an earlier run wrote
+    there are kept and this run's new ones appended; it is rewritten atomically at the end. Images that cannot be
+    decoded are skipped (``relation252k_pairs``). Returns ``{"analogies", "written", "skipped", "failed": [(id,
+    error)], "unreadable": [(image, error)]}``.
 
     Nothing is written when ``out`` is a file or not writable (``validation.UsageError``), when the labels or
     filters are unusable (see ``relation252k_pairs``), or when no analogy can be formed (``AnalogyDataError``)."""
@@ -715,16 +760,31 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
     from .validation import check_output_dir
 
     out = check_output_dir("out", out)  # a file or an unwritable folder: refused before anything is read
+    unreadable: list = []
     pairs = relation252k_pairs(src, max_samples_per_category=max_samples_per_category,
-                               filter_categories=filter_categories, filter_json=filter_json, progress=progress)
+                               filter_categories=filter_categories, filter_json=filter_json, progress=progress,
+                               unreadable=unreadable)
     analogies = plan_analogies(pairs, min_pairs_per_category=min_pairs_per_category, max_analogies=max_analogies,
                                seed=seed)
     if not analogies:
         most = max(Counter(p["category"] for p in pairs).values(), default=0)
         raise AnalogyDataError(f"{src}: no category has {min_pairs_per_category} or more usable pairs (the most in "
                                f"one category after the filters: {most}), so no analogies")
-    (out / "control").mkdir(parents=True, exist_ok=True)
-    (out / "target").mkdir(parents=True, exist_ok=True)
+    metadata_path = out / "analogy_metadata.json"
+    earlier = []  # what an earlier run listed, kept as the official script keeps it
+    if metadata_path.is_file():
+        try:
+            earlier = json.loads(metadata_path.read_text(encoding="utf-8"))
+            if not isinstance(earlier, list) or not all(isinstance(e, dict) and "analogy_id" in e for e in earlier):
+                raise ValueError("not a list of analogy entries")
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"cannot read the existing {metadata_path} ({exc}); it is rewritten with this run's "
+                          "analogies", stacklevel=2)
+            earlier = []
+    for sub in ("control", "target"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for tmp in (out / sub).glob(".*.tmp*"):  # a killed run's temporary files (older versions: .tmp.jpg)
+            tmp.unlink(missing_ok=True)
     written = skipped = 0
     failed, entries = [], []
     for analogy in tqdm(analogies, desc="writing analogies", unit="analogy", disable=not progress):
@@ -740,9 +800,12 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
                 failed.append((aid, str(exc)))
                 continue
         entries.append(_metadata_entry(analogy))
-    _atomic_write(out / "analogy_metadata.json",
+    known = {e["analogy_id"] for e in earlier}
+    entries = earlier + [e for e in entries if e["analogy_id"] not in known]
+    _atomic_write(metadata_path,
                   lambda p: p.write_text(json.dumps(entries, indent=2, ensure_ascii=False), encoding="utf-8"))
-    return {"analogies": len(analogies), "written": written, "skipped": skipped, "failed": failed}
+    return {"analogies": len(analogies), "written": written, "skipped": skipped, "failed": failed,
+            "unreadable": unreadable}
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -818,4 +881,9 @@ def run_data(args) -> dict:
           f"{len(report['failed'])} failed; metadata in {Path(args.out) / 'analogy_metadata.json'}")
     for aid, err in report["failed"]:
         print(f"  failed {aid}: {err}")
+    if report["unreadable"]:
+        print(f"{len(report['unreadable'])} source images could not be decoded and were left out (as the official "
+              "script does):")
+        for image, err in report["unreadable"]:
+            print(f"  {image}: {err}")
     return report

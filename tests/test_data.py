@@ -505,6 +505,71 @@ def test_data_prepare_writes_atomically(tmp_path, monkeypatch):
     assert (report["written"], report["failed"]) == (1, [])
 
 
+def test_data_prepare_failed_analogy_leaves_no_control_without_target(tmp_path, monkeypatch):
+    """A failure after the control was written (the target's save) removes that control: the training folder never
+    holds a control whose target is missing."""
+    _relation252k(tmp_path / "rel")
+    out = tmp_path / "prepared"
+    real_save = Image.Image.save
+    calls = {"n": 0}
+
+    def failing_save(self, fp, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first analogy's target, after its control
+            raise OSError("disk full")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
+    (failed, error), = report["failed"]
+    assert "disk full" in error
+    assert not (out / "control" / f"{failed}.jpg").exists() and not (out / "target" / f"{failed}.jpg").exists()
+    assert sorted(p.stem for p in (out / "control").iterdir()) == sorted(p.stem for p in (out / "target").glob("*.jpg"))
+
+
+def test_data_prepare_skips_undecodable_images_as_official(tmp_path, capsys):
+    """Reference: NVlabs/LoRWeB preprocess_data.py ``Relation252KDataset._load_all_samples`` crops every image (which
+    decodes it) and drops the pair when that raises (``print(...); continue``), before ``get_triplets`` applies the
+    per-category cap: a truncated image is no pair, takes no place under --max-samples-per-category and shifts the
+    analogy indices as officially."""
+    _relation252k(tmp_path / "rel")
+    bad = tmp_path / "rel" / "cat-a" / "Group1" / "img1.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # a truncated PNG: the header opens, the pixels do not decode
+    out = tmp_path / "prepared"
+    assert cli.main(["data", "prepare", str(tmp_path / "rel"), str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "2 analogies: 2 written, 0 already there, 0 failed" in text
+    assert "1 source images could not be decoded" in text and "img1.png" in text
+    ids = [m["analogy_id"] for m in json.loads((out / "analogy_metadata.json").read_text())]
+    assert ids == ["analogy_cat-a_img0.png_cat-a_img2.png_0000", "analogy_cat-c_img0.png_cat-c_img1.png_0001"]
+    with pytest.warns(UserWarning, match="skipped 1 Relation252K images that cannot be decoded"):
+        pairs = data.relation252k_pairs(tmp_path / "rel", max_samples_per_category=2, progress=False)
+    assert [p["image_id"] for p in pairs if p["category"] == "cat-a"] == ["cat-a_img0.png", "cat-a_img2.png"]
+
+
+def test_data_prepare_removes_a_killed_runs_temporary_files_and_keeps_earlier_metadata(tmp_path):
+    """Temporary files end in .tmp (never an image extension the trainer would read) and a killed run's leftovers
+    (also the .tmp.jpg names of earlier versions) are removed on the next run. As the official script,
+    analogy_metadata.json keeps the entries an earlier run wrote and appends the new ones."""
+    _relation252k(tmp_path / "rel")
+    out = tmp_path / "prepared"
+    data.prepare_relation252k(tmp_path / "rel", out, max_analogies=1, seed=3, progress=False)
+    first = json.loads((out / "analogy_metadata.json").read_text())
+    (out / "target" / ".analogy_x.jpg.abc123.tmp.jpg").write_bytes(b"half")
+    (out / "control" / ".analogy_y.jpg.def456.tmp").write_bytes(b"half")
+    report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
+    assert not [p for sub in ("control", "target") for p in (out / sub).iterdir() if p.name.startswith(".")]
+    meta = json.loads((out / "analogy_metadata.json").read_text())
+    data.prepare_relation252k(tmp_path / "rel", tmp_path / "fresh", progress=False)
+    full = [m["analogy_id"] for m in json.loads((tmp_path / "fresh" / "analogy_metadata.json").read_text())]
+    assert meta[:len(first)] == first  # the earlier run's entry (index 0000 of its own plan) stays first
+    assert [m["analogy_id"] for m in meta[len(first):]] == [i for i in full if i != first[0]["analogy_id"]]
+    (out / "analogy_metadata.json").write_text("{broken")
+    with pytest.warns(UserWarning, match="cannot read the existing .*analogy_metadata.json"):
+        data.prepare_relation252k(tmp_path / "rel", out, progress=False)
+    assert len(json.loads((out / "analogy_metadata.json").read_text())) == report["analogies"]
+
+
 def test_data_prepare_bad_source(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["data", "prepare", str(tmp_path / "empty"), str(tmp_path / "o"), "--quiet"]) == 2
@@ -616,7 +681,11 @@ def test_data_check_dump_onto_a_file_is_refused_up_front(tmp_path, capsys, monke
 @pytest.mark.parametrize("option,value,fragment", [("--long-edge", "0", "--long-edge must be an integer >= 32, got 0"),
                                                    ("--long-edge", "16", "--long-edge must be an integer >= 32"),
                                                    ("--bucket-divisibility", "0",
-                                                    "--bucket-divisibility must be an integer >= 1, got 0")])
+                                                    "--bucket-divisibility must be an integer >= 2, got 0"),
+                                                   ("--bucket-divisibility", "1",
+                                                    "--bucket-divisibility must be an integer >= 2, got 1"),
+                                                   ("--bucket-divisibility", "5",
+                                                    "--bucket-divisibility must be even")])
 def test_data_check_bad_option(tmp_path, capsys, option, value, fragment):
     """--long-edge takes the range lorweb-fast train accepts; the error names the option, not every image."""
     root = _strip_folder(tmp_path / "d")
