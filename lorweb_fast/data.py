@@ -370,6 +370,26 @@ class AnalogyFolder(torch.utils.data.Dataset):
             raise AnalogyDataError(f"{self.root} mixes layouts ({first['grid']} is a 2x2 grid, {first['strip']} an "
                                    "a|a'|b strip); keep one layout per folder")
 
+    def skip_samples(self, problems: dict, skip_bad: bool) -> None:
+        """Remove the samples ``problems`` ({index: why}) names: with ``skip_bad`` each with a warning (recorded in
+        ``skipped`` / ``problems``), else ``AnalogyDataError`` naming the first of them, the dataset unchanged. No
+        sample left is an error as well."""
+        if not problems:
+            return
+        names = {i: self.name(i) for i in problems}
+        if not skip_bad:
+            first = min(problems)
+            raise AnalogyDataError(f"{len(problems)} training samples cannot be used, e.g. {names[first]}: "
+                                   f"{problems[first]} (pass skip_bad=True / --skip-bad to skip such samples)")
+        for i in sorted(problems):
+            warnings.warn(f"skipping training sample {names[i]}: {problems[i]}", stacklevel=2)
+            self.skipped.append(names[i])
+            self.problems.append(f"{names[i]}: {problems[i]}")
+        self.samples = [s for i, s in enumerate(self.samples) if i not in problems]
+        self.missing_captions = [n for n in self.missing_captions if n not in set(names.values())]
+        if not self.samples:
+            raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
+
     def _name(self, target: Path) -> str:
         """A sample's name: its target's path under target/ without the extension ("0007", "sub/0007")."""
         return target.relative_to(self.root / "target").with_suffix("").as_posix()

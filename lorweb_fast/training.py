@@ -437,6 +437,23 @@ def checkpoint_settings(cfg: TrainConfig, encoder_name: str) -> dict:
             "encoder": encoder_name}
 
 
+def _check_injected_layers(transformer, cfg: TrainConfig, query_dim: Optional[int]) -> None:
+    """LoRWeB layers the caller injected before ``train`` must be what ``cfg`` says (the saved config.yaml and
+    train_config.json are written from ``cfg``, and the official inference.py reads only config.yaml): raise
+    ValueError naming the first layer and the settings that differ."""
+    want = {"num_loras": cfg.num_loras, "rank": cfg.rank, "lora_alpha": float(cfg.rank), "key_dim": cfg.key_dim,
+            "query_dim": query_dim, "heads": cfg.heads, "activation": cfg.activation, "reduce": cfg.reduce,
+            "query_projection_type": cfg.query_projection_type}
+    if query_dim is None:  # no encoder yet: its width is checked once it is built
+        del want["query_dim"]
+    for name, layer in lorweb_layers(transformer).items():
+        differ = {k: (getattr(layer, k), v) for k, v in want.items() if getattr(layer, k) != v}
+        if differ:
+            shown = ", ".join(f"{k}: layer {a!r}, config {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(f"the transformer's LoRWeB layers differ from the training config ({name}: {shown}); "
+                             "train with a TrainConfig that matches them, or remove_lorweb() first")
+
+
 def rotate_checkpoints(out: Union[str, Path], keep: int, milestone_every: int = OFFICIAL_MILESTONE_EVERY) -> list[Path]:
     """Delete the ``checkpoints/step-*`` folders beyond the newest ``keep`` (0: keep all), except milestones: folders
     whose step is a multiple of ``milestone_every`` (0: no milestones). The official rule (ai-toolkit
@@ -824,8 +841,10 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     parameters DTensors that ``lorweb_state_dict`` gathers).
 
     ``pipe`` (a FluxKontextPipeline) and ``encoder`` (an AnalogyEncoder) default to ``cfg.model`` and
-    ``cfg.encoder`` loaded with ``from_pretrained``. ``step_callback(step, loss)`` runs after every step (the loss
-    is NaN for a skipped one).
+    ``cfg.encoder`` loaded with ``from_pretrained``. A ``pipe`` whose transformer already holds LoRWeB layers
+    trains them; they must have ``cfg``'s settings (the saved config.yaml is written from ``cfg``). The
+    transformer gets its own forward back when training ends (accelerate's mixed precision replaces it in place).
+    ``step_callback(step, loss)`` runs after every step (the loss is NaN for a skipped one).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -838,6 +857,13 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                             bidirectional=cfg.bidirectional, resize=cfg.resize,
                             bucket_divisibility=cfg.bucket_divisibility,
                             missing_caption=cfg.missing_caption)  # fail before loading models
+    if cfg.query_source == "grid":  # the official training query crops (s = H // 2) of every sample's training size
+        from .flux import query_crop_problem
+
+        crops = {i: query_crop_problem(*dataset.grid_size(s[4]), cfg.query_mode, "training")
+                 for i, s in enumerate(dataset.samples)}
+        dataset.skip_samples({i: f"at its training size {dataset.grid_size(dataset.samples[i][4])}: {why}"
+                              for i, why in crops.items() if why}, cfg.skip_bad)
     # no GPU: run on CPU, and under `accelerate launch` / torchrun as a gloo process group (MULTI_CPU)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.accelerator.is_available())
     device = accelerator.device
@@ -845,6 +871,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     sharded = accelerator.distributed_type == DistributedType.FSDP
     if sharded:
         _check_fsdp(accelerator, cfg)  # before loading any model
+    if pipe is not None and lorweb_layers(pipe.transformer):  # before prepare_output may delete an old run
+        _check_injected_layers(pipe.transformer, cfg, None if encoder is None else encoder.query_dim)
     ckpt, trainer_state = prepare_output(cfg, main_process=accelerator.is_main_process)  # before loading models
     accelerator.wait_for_everyone()
 
@@ -867,6 +895,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         if not (name == "transformer" and getattr(module, "is_quantized", False)):  # diffusers placed it already
             module.to(device)
     transformer = pipe.transformer
+    if lorweb_layers(transformer):  # injected by the caller: they must be what cfg (and so the saved config) says
+        _check_injected_layers(transformer, cfg, encoder.query_dim)
     if not lorweb_layers(transformer):
         torch.manual_seed(cfg.seed)  # the same initial basis, keys and projections on every rank and every run
         # created and initialised in fp32 (official: AttLoRAModule.__init__ builds its parameters in fp32), not in
@@ -909,44 +939,49 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
 
     # under FSDP2 accelerate shards the transformer in place (blocks as units, each LoRWeB layer inside its block)
     # and swaps the optimizer's parameters for the sharded ones
+    # accelerate replaces the transformer's forward in place (autocast, fp32 outputs); the caller's pipeline gets
+    # its own instance attributes back at the end, on success and on failure (accelerate's unwrap_model would also
+    # strip the decorators of diffusers' forward, such as apply_lora_scale)
+    own_forward = {k: transformer.__dict__[k] for k in ("forward", "_original_forward") if k in transformer.__dict__}
     model, optimizer = accelerator.prepare(transformer, optimizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if sharded:
-        _warn_if_layers_unwrapped(model)
-        cast_block_inputs_in_recompute(model)
-    if trainer_state is not None:
-        load_optimizer_state_dict(model, optimizer.optimizer, trainer_state["optimizer"], names, sharded=sharded)
-        logger.info("resumed from %s (step %d)", ckpt, start_step)
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step,
-                               total_steps=cfg.steps, world_size=accelerator.num_processes,
-                               rank=accelerator.process_index, bidirectional=cfg.bidirectional != "none",
-                               groups=batch_groups(dataset, cfg.batching))
-    if sampler.buckets is not None and accelerator.is_main_process:
-        logger.info("%d training buckets (W x H: samples): %s", len(sampler.buckets),
-                    ", ".join(f"{w}x{h}: {len(m)}" for (w, h), m in sampler.buckets.items()))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
-                                         num_workers=cfg.num_workers)
-
-    log_path, png_path = out / "loss.jsonl", out / "loss.png"
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
-        kept = []
-        if log_path.is_file() and start_step > 0:
-            kept = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start_step]
-        log_path.write_text("".join(l + "\n" for l in kept))
-    accelerator.wait_for_everyone()
-
-    step, loss_value, nan_steps = start_step, math.nan, []
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="LoRWeB training", unit="step",
-               disable=not (cfg.progress and accelerator.is_local_main_process))
     cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
-    if device.type == "cuda" and not cfg.cudnn_attention:
-        # torch 2.11's cuDNN attention backward returned NaN gradients on the H200 for the tiny FLUX model (forward
-        # fine; flash / efficient / math clean); training uses the other SDPA kernels unless --cudnn-attention
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        logger.info("training attention: cuDNN SDPA off (--cudnn-attention turns it on)")
     try:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if sharded:
+            _warn_if_layers_unwrapped(model)
+            cast_block_inputs_in_recompute(model)
+        if trainer_state is not None:
+            load_optimizer_state_dict(model, optimizer.optimizer, trainer_state["optimizer"], names, sharded=sharded)
+            logger.info("resumed from %s (step %d)", ckpt, start_step)
+        sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step,
+                                   total_steps=cfg.steps, world_size=accelerator.num_processes,
+                                   rank=accelerator.process_index, bidirectional=cfg.bidirectional != "none",
+                                   groups=batch_groups(dataset, cfg.batching))
+        if sampler.buckets is not None and accelerator.is_main_process:
+            logger.info("%d training buckets (W x H: samples): %s", len(sampler.buckets),
+                        ", ".join(f"{w}x{h}: {len(m)}" for (w, h), m in sampler.buckets.items()))
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
+                                             num_workers=cfg.num_workers)
+
+        log_path, png_path = out / "loss.jsonl", out / "loss.png"
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+            kept = []
+            if log_path.is_file() and start_step > 0:
+                kept = [l for l in log_path.read_text().splitlines()
+                        if l.strip() and json.loads(l)["step"] <= start_step]
+            log_path.write_text("".join(l + "\n" for l in kept))
+        accelerator.wait_for_everyone()
+
+        step, loss_value, nan_steps = start_step, math.nan, []
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="LoRWeB training", unit="step",
+                   disable=not (cfg.progress and accelerator.is_local_main_process))
+        if device.type == "cuda" and not cfg.cudnn_attention:
+            # torch 2.11's cuDNN attention backward returned NaN gradients on the H200 for the tiny FLUX model (forward
+            # fine; flash / efficient / math clean); training uses the other SDPA kernels unless --cudnn-attention
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            logger.info("training attention: cuDNN SDPA off (--cudnn-attention turns it on)")
         for batch in loader:
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index)
             query = batch_query(encoder, batch, device)
@@ -956,8 +991,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
             loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
             skipped = cfg.nan_loss == "skip" and math.isnan(loss_value)
             if not skipped and not math.isfinite(loss_value):
-                raise FloatingPointError(f"the training loss is {loss_value} at step {step + 1}; the optimizer step was "
-                                         "not taken; lower the learning rate")
+                raise FloatingPointError(f"the training loss is {loss_value} at step {step + 1}; the optimizer step "
+                                         "was not taken; lower the learning rate")
             if skipped:  # official: no parameter gets a gradient, the step changes nothing and still counts
                 del loss
                 if sharded:
@@ -997,6 +1032,9 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                 step_callback(step, loss_value)
     finally:
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
+        for key in ("forward", "_original_forward"):
+            transformer.__dict__.pop(key, None)
+        transformer.__dict__.update(own_forward)
     bar.close()
     accelerator.wait_for_everyone()
     if nan_steps:

@@ -342,6 +342,66 @@ def test_fsdp2_bf16_mixed_precision_and_unwrapped_warning(assets, tmp_path):
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
+def test_samples_without_official_training_query_crops_fail_before_models_load(assets, tmp_path, monkeypatch):
+    """The official training query cuts a' = [:s, s:W] with s = H // 2 of the control tensor (SDTrainer.py
+    ``before_unet_predict`` -> flux_kontext.py ``get_external_query``): a sample whose training grid is at least
+    twice as tall as wide has an empty a'. Found for every sample before any model loads (else the run would stop at
+    that sample's step, again on every resume); --skip-bad drops it with a warning."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(assets / "data", data)
+    name = sorted(p.stem for p in (data / "target").iterdir() if p.suffix == ".png")[0]
+    for sub in ("control", "target"):  # a grid four times as tall as wide
+        with Image.open(data / sub / f"{name}.png") as im:
+            im.resize((im.width // 2, im.height * 2)).save(data / sub / f"{name}.png")
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(training, "load_training_pipeline", no_models)
+    cfg = config(assets, tmp_path / "run", data=str(data))
+    with pytest.raises(AnalogyDataError, match=rf"1 training samples cannot be used, e.g. {name}: at its training "
+                                               r"size \(\d+, \d+\): a \d+x\d+ grid is too tall for the official "
+                                               r"training crops"):
+        training.train(cfg)
+    assert not (tmp_path / "run").exists()
+    ds = AnalogyFolder(data, long_edge=cfg.long_edge, resize=cfg.resize)
+    with pytest.warns(UserWarning, match=f"skipping training sample {name}: too tall"):
+        ds.skip_samples({0: "too tall"}, skip_bad=True)
+    assert ds.skipped == [name] and len(ds) == 11
+    monkeypatch.undo()
+    monkeypatch.setattr(training, "load_training_pipeline", no_models)
+    with pytest.warns(UserWarning, match=f"skipping training sample {name}: at its training size"), \
+            pytest.raises(AssertionError, match="a model was loaded"):
+        training.train(dataclasses.replace(cfg, skip_bad=True))  # the sample is skipped; training goes on
+
+
+def test_layers_injected_by_the_caller_must_match_the_config(assets, tmp_path):
+    """train(cfg, pipe=...) on a transformer that already holds LoRWeB layers writes config.yaml from cfg: layers
+    with other settings are refused, naming them, before anything is written or deleted."""
+    cfg = config(assets, tmp_path / "run")
+    pipe = flux.load_kontext_pipeline(cfg.model)
+    encoder = flux.AnalogyEncoder(cfg.encoder)
+    lf.inject_lorweb(pipe.transformer, lf.LoRWeBConfig(num_loras=cfg.num_loras, rank=cfg.rank, key_dim=cfg.key_dim,
+                                                       query_dim=encoder.query_dim, heads=2, activation="tanh"))
+    with pytest.raises(ValueError, match=r"LoRWeB layers differ from the training config \(.*heads: layer 2, config 1, "
+                                         r"activation: layer 'tanh', config 'softmax'\)"):
+        training.train(cfg, pipe=pipe, encoder=encoder)
+    assert not (tmp_path / "run").exists()
+    result = training.train(dataclasses.replace(cfg, heads=2, activation="tanh", steps=1), pipe=pipe, encoder=encoder)
+    assert result["step"] == 1
+
+
+def test_train_gives_the_caller_its_transformer_forward_back(assets, tmp_path):
+    """accelerate's prepare() replaces a module's forward in place with an autocast one (mixed precision bf16): in a
+    one-process run the prepared model is the caller's transformer, which train() hands back with its own
+    forward (inference on the same pipeline afterwards must not run under autocast)."""
+    cfg = config(assets, tmp_path / "amp", steps=1, checkpoint_every=1, optimizer="adamw", mixed_precision="bf16")
+    ranks, _ = launch(cfg, tmp_path, launcher_args=("--num_processes", "1"))
+    assert ranks[0]["meta"]["forward_restored"] == "True"
+
+
 def _recompute_run(mode: str) -> dict:
     proc = subprocess.run([sys.executable, str(HERE / "fsdp_recompute_worker.py"), str(free_port()), mode],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
