@@ -482,49 +482,32 @@ def test_data_prepare_relation252k_official_pairing(tmp_path, capsys):
     assert report["analogies"] == 2 and [i[-4:] for i in ids] == ["0000", "0001"]
 
 
-def test_data_prepare_writes_atomically(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing_save", [3, 2], ids=["second analogy's strip", "first analogy's target"])
+def test_data_prepare_writes_atomically(tmp_path, monkeypatch, failing_save):
+    """Every file is written to a temporary name and renamed; an analogy that fails (also after its control was
+    written, when its target's save fails) leaves none of its files, so the folder never holds a control without its
+    target; a rerun writes it."""
     _relation252k(tmp_path / "rel")
     out = tmp_path / "prepared"
     real_save = Image.Image.save
     calls = {"n": 0}
 
-    def failing_save(self, fp, *args, **kwargs):
+    def save(self, fp, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:  # the second analogy's strip
+        if calls["n"] == failing_save:
             raise OSError("disk full")
         return real_save(self, fp, *args, **kwargs)
 
-    monkeypatch.setattr(Image.Image, "save", failing_save)
-    report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
-    assert len(report["failed"]) == 1 and "disk full" in report["failed"][0][1]
-    failed = report["failed"][0][0]
-    assert not (out / "control" / f"{failed}.jpg").exists()
-    assert not [p for p in (out / "control").iterdir() if p.name.startswith(".")]
-    monkeypatch.setattr(Image.Image, "save", real_save)
-    report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
-    assert (report["written"], report["failed"]) == (1, [])
-
-
-def test_data_prepare_failed_analogy_leaves_no_control_without_target(tmp_path, monkeypatch):
-    """A failure after the control was written (the target's save) removes that control: the training folder never
-    holds a control whose target is missing."""
-    _relation252k(tmp_path / "rel")
-    out = tmp_path / "prepared"
-    real_save = Image.Image.save
-    calls = {"n": 0}
-
-    def failing_save(self, fp, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the first analogy's target, after its control
-            raise OSError("disk full")
-        return real_save(self, fp, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "save", failing_save)
+    monkeypatch.setattr(Image.Image, "save", save)
     report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
     (failed, error), = report["failed"]
     assert "disk full" in error
     assert not (out / "control" / f"{failed}.jpg").exists() and not (out / "target" / f"{failed}.jpg").exists()
+    assert not [p for sub in ("control", "target") for p in (out / sub).iterdir() if p.name.startswith(".")]
     assert sorted(p.stem for p in (out / "control").iterdir()) == sorted(p.stem for p in (out / "target").glob("*.jpg"))
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
+    assert (report["written"], report["failed"]) == (1, [])
 
 
 def test_data_prepare_skips_undecodable_images_as_official(tmp_path, capsys):
