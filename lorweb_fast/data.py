@@ -42,6 +42,7 @@ import json
 import math
 import os
 import random
+import re
 import tempfile
 import warnings
 from collections import Counter
@@ -504,6 +505,12 @@ class AnalogyFolder(torch.utils.data.Dataset):
 
 
 # -------------------------------------------------------------------------------------------- data check
+#: the temporary names ``_atomic_write`` gives ``data prepare``'s files (".<name>.<8 random chars>.tmp"; before:
+#: "...tmp.jpg" / "...tmp.txt"), removed when a killed run left them
+_PREPARE_TEMPORARY = re.compile(r"\.(analogy_.+\.(jpg|txt)|analogy_metadata\.json)\.[a-z0-9_]{8}"
+                                r"\.tmp(\.jpg|\.txt|\.json)?")
+
+
 def _atomic_write(path: Path, write) -> None:
     """``write(tmp_path)`` then rename onto ``path`` (same folder), so ``path`` is complete or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -743,19 +750,14 @@ def write_analogy(analogy: dict, out: Path) -> None:
             cell = cell.resize((w, h), Image.LANCZOS)
         strip.paste(cell.convert("RGB"), (i * w, 0))
     aid = analogy["id"]
-    done = []
-    try:  # a failure removes what this call wrote: no control without its target
-        for path, write in ((out / "control" / f"{aid}.jpg", lambda p: strip.save(p, format="JPEG", quality=95)),
-                            (out / "target" / f"{aid}.jpg",
-                             lambda p: b_prime.convert("RGB").save(p, format="JPEG", quality=95)),
-                            (out / "target" / f"{aid}.txt",
-                             lambda p: p.write_text(analogy["A"]["edit_prompt"], encoding="utf-8"))):
-            existed = path.exists()
+    files = ((out / "control" / f"{aid}.jpg", lambda p: strip.save(p, format="JPEG", quality=95)),
+             (out / "target" / f"{aid}.jpg", lambda p: b_prime.convert("RGB").save(p, format="JPEG", quality=95)),
+             (out / "target" / f"{aid}.txt", lambda p: p.write_text(analogy["A"]["edit_prompt"], encoding="utf-8")))
+    try:
+        for path, write in files:
             _atomic_write(path, write)
-            if not existed:
-                done.append(path)
-    except BaseException:
-        for path in done:
+    except BaseException:  # the analogy is unfinished: none of its files stay (no control without its target)
+        for path, _ in files:
             path.unlink(missing_ok=True)
         raise
 
@@ -801,10 +803,11 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
             warnings.warn(f"cannot read the existing {metadata_path} ({exc}); it is rewritten with this run's "
                           "analogies", stacklevel=2)
             earlier = []
-    for sub in ("control", "target"):
+    for sub in ("control", "target", "."):
         (out / sub).mkdir(parents=True, exist_ok=True)
-        for tmp in (out / sub).glob(".*.tmp*"):  # a killed run's temporary files (older versions: .tmp.jpg)
-            tmp.unlink(missing_ok=True)
+        for tmp in (out / sub).iterdir():  # a killed run's temporary files (_atomic_write's names; older: .tmp.jpg)
+            if _PREPARE_TEMPORARY.fullmatch(tmp.name) and tmp.is_file():
+                tmp.unlink(missing_ok=True)
     written = skipped = 0
     failed, entries = [], []
     for analogy in tqdm(analogies, desc="writing analogies", unit="analogy", disable=not progress):
@@ -820,8 +823,9 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
                 failed.append((aid, str(exc)))
                 continue
         entries.append(_metadata_entry(analogy))
-    known = {e["analogy_id"] for e in earlier}
-    entries = earlier + [e for e in entries if e["analogy_id"] not in known]
+    # this run's entries replace an earlier run's of the same id (its files were written from them), new ones follow
+    current = {e["analogy_id"]: e for e in entries}
+    entries = [current.pop(e["analogy_id"], e) for e in earlier] + list(current.values())
     _atomic_write(metadata_path,
                   lambda p: p.write_text(json.dumps(entries, indent=2, ensure_ascii=False), encoding="utf-8"))
     return {"analogies": len(analogies), "written": written, "skipped": skipped, "failed": failed,

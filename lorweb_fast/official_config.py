@@ -77,8 +77,8 @@ def check_query_settings(query_mode: str, pooling_type: str = "avg", query_proje
 
 def encoder_family(name) -> Optional[str]:
     """"clip" or "siglip" (SigLIP and SigLIP2) for an analogy encoder named by an official id, a local folder with a
-    config.json, a hub id that names its family ("...clip...", "...siglip..."), or an ``AnalogyEncoder.kind``; None
-    when it cannot be told without loading anything."""
+    config.json, or a hub id that names its family ("...clip...", "...siglip..."); None when it cannot be told
+    without loading anything."""
     text = str(name)
     if text in OFFICIAL_ENCODER_FAMILIES:
         return OFFICIAL_ENCODER_FAMILIES[text]
@@ -100,7 +100,7 @@ def encoder_family_mismatch(recorded, kind: str) -> Optional[str]:
     """The family of the ``recorded`` encoder (a checkpoint's ``external_query_model``) when it is known and is not
     the family of an encoder of ``kind`` ("clip", "siglip2", "siglip"); else None."""
     family = encoder_family(recorded)
-    return family if family is not None and family != encoder_family(kind) else None
+    return family if family is not None and family != ("siglip" if kind.startswith("siglip") else kind) else None
 
 
 # ------------------------------------------------------------------------------------------------- reading

@@ -942,10 +942,11 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     # accelerate replaces the transformer's forward in place (autocast, fp32 outputs); the caller's pipeline gets
     # its own instance attributes back at the end, on success and on failure (accelerate's unwrap_model would also
     # strip the decorators of diffusers' forward, such as apply_lora_scale)
-    own_forward = {k: transformer.__dict__[k] for k in ("forward", "_original_forward") if k in transformer.__dict__}
-    model, optimizer = accelerator.prepare(transformer, optimizer)
+    patched = ("forward", "_original_forward", "_is_accelerate_prepared")
+    own_forward = {k: transformer.__dict__[k] for k in patched if k in transformer.__dict__}
     cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
     try:
+        model, optimizer = accelerator.prepare(transformer, optimizer)
         trainable = [p for p in model.parameters() if p.requires_grad]
         if sharded:
             _warn_if_layers_unwrapped(model)
@@ -1032,7 +1033,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                 step_callback(step, loss_value)
     finally:
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
-        for key in ("forward", "_original_forward"):
+        for key in patched:
             transformer.__dict__.pop(key, None)
         transformer.__dict__.update(own_forward)
     bar.close()

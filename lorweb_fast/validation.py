@@ -306,7 +306,7 @@ TRAIN_RANGES = {
     "max_sequence_length": (1, 512, False), "num_loras": (1, None, False), "rank": (1, None, False),
     "key_dim": (1, None, False), "heads": (1, None, False), "checkpoint_every": (1, None, False),
     "keep_checkpoints": (0, None, False), "seed": (0, 2 ** 63 - 1, False), "num_workers": (0, None, False),
-    "bucket_divisibility": (2, None, False),
+    "bucket_divisibility": (1, None, False),
 }
 
 
@@ -335,7 +335,8 @@ def check_train_config(cfg) -> None:
                 check_real(f"betas[{i}]", beta, lo=0.0, hi=1.0, hi_open=True)
     if cfg.key_dim % cfg.heads:
         raise ValueError(f"key_dim={cfg.key_dim} is not divisible by heads={cfg.heads}")
-    check_bucket_divisibility("bucket_divisibility", cfg.bucket_divisibility)
+    if cfg.resize == "bucket":  # unused by the long-edge rule
+        check_bucket_divisibility("bucket_divisibility", cfg.bucket_divisibility)
 
 
 def check_bucket_divisibility(name: str, value: int) -> None:
@@ -549,7 +550,10 @@ def check_data_args(args) -> None:
     try:
         if args.data_command == "check":
             check_int("--long-edge", args.long_edge, lo=MIN_LONG_EDGE)  # the range lorweb-fast train accepts
-            check_bucket_divisibility("--bucket-divisibility", args.bucket_divisibility)
+            if args.resize == "bucket":
+                check_bucket_divisibility("--bucket-divisibility", args.bucket_divisibility)
+            else:  # unused by the long-edge rule
+                check_int("--bucket-divisibility", args.bucket_divisibility, lo=1)
             if args.dump is not None:
                 check_output_dir("--dump", args.dump)
             return

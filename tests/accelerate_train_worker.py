@@ -60,6 +60,6 @@ meta = {"world_size": str(state.num_processes), "backend": str(state.backend),
         "distributed_type": str(state.distributed_type),
         "sharded": str(all(isinstance(p, DTensor) for p in transformer.parameters())),
         # accelerate's mixed-precision forward (autocast, fp32 outputs) is undone when train() returns
-        "forward_restored": str("_original_forward" not in transformer.__dict__
-                                and "forward" not in transformer.__dict__)}
+        "forward_restored": str(not {"forward", "_original_forward", "_is_accelerate_prepared"}
+                                & set(transformer.__dict__))}
 save_file(tensors, f"{cfg.out}/rank{state.process_index}.safetensors", metadata=meta)

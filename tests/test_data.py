@@ -499,6 +499,8 @@ def test_data_prepare_writes_atomically(tmp_path, monkeypatch, failing_save):
         return real_save(self, fp, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", save)
+    (out / "control").mkdir(parents=True)  # a killed run's control of the first analogy, without its target
+    (out / "control" / "analogy_cat-a_img0.png_cat-a_img1.png_0000.jpg").write_bytes(b"orphan")
     report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
     (failed, error), = report["failed"]
     assert "disk full" in error
@@ -538,15 +540,27 @@ def test_data_prepare_removes_a_killed_runs_temporary_files_and_keeps_earlier_me
     out = tmp_path / "prepared"
     data.prepare_relation252k(tmp_path / "rel", out, max_analogies=1, seed=3, progress=False)
     first = json.loads((out / "analogy_metadata.json").read_text())
-    (out / "target" / ".analogy_x.jpg.abc123.tmp.jpg").write_bytes(b"half")
-    (out / "control" / ".analogy_y.jpg.def456.tmp").write_bytes(b"half")
+    (out / "target" / ".analogy_x.jpg.abc123de.tmp.jpg").write_bytes(b"half")  # an earlier version's name
+    (out / "control" / ".analogy_y.jpg.def456gh.tmp").write_bytes(b"half")
+    (out / ".analogy_metadata.json.ijkl0123.tmp").write_bytes(b"half")
+    (out / "target" / ".notes.tmpl").write_text("mine")  # not a name data prepare writes: kept
+    (out / "target" / ".cache.tmpdir").mkdir()
     report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
-    assert not [p for sub in ("control", "target") for p in (out / sub).iterdir() if p.name.startswith(".")]
+    left = [p.name for sub in ("control", "target", ".") for p in (out / sub).iterdir() if p.name.startswith(".")]
+    assert sorted(left) == [".cache.tmpdir", ".notes.tmpl"]
     meta = json.loads((out / "analogy_metadata.json").read_text())
     data.prepare_relation252k(tmp_path / "rel", tmp_path / "fresh", progress=False)
     full = [m["analogy_id"] for m in json.loads((tmp_path / "fresh" / "analogy_metadata.json").read_text())]
     assert meta[:len(first)] == first  # the earlier run's entry (index 0000 of its own plan) stays first
     assert [m["analogy_id"] for m in meta[len(first):]] == [i for i in full if i != first[0]["analogy_id"]]
+    # an analogy this run writes again replaces the earlier entry of its id (its files come from this run)
+    rewritten = meta[-1]["analogy_id"]
+    (out / "target" / f"{rewritten}.jpg").unlink()
+    stale = [dict(m, edit_prompt="stale") if m["analogy_id"] == rewritten else m for m in meta]
+    (out / "analogy_metadata.json").write_text(json.dumps(stale))
+    data.prepare_relation252k(tmp_path / "rel", out, progress=False)
+    again = json.loads((out / "analogy_metadata.json").read_text())
+    assert [m["analogy_id"] for m in again] == [m["analogy_id"] for m in meta] and again == meta
     (out / "analogy_metadata.json").write_text("{broken")
     with pytest.warns(UserWarning, match="cannot read the existing .*analogy_metadata.json"):
         data.prepare_relation252k(tmp_path / "rel", out, progress=False)

@@ -213,6 +213,11 @@ def test_score_end_to_end(assets, torch_home, tmp_path):
                    "--judge", f"replay:{out / 'judge_answers.jsonl'}", "--out", out) == 0
     assert json.loads((out / "metrics.json").read_text())["overall"]["failures"] == len(IDS)
     assert (out / "judge_answers.jsonl").read_text() == saved
+    # nor rewrites it with the subset a scoring uses (here the scores only: no baseline)
+    assert run_cli("--runs", assets / "ours", "--encoder", assets / "clip", "--metrics", "vlm",
+                   "--judge", f"replay:{out / 'judge_answers.jsonl'}", "--out", out) == 0
+    assert json.loads((out / "metrics.json").read_text())["overall"]["vlm_accuracy"] is not None
+    assert (out / "judge_answers.jsonl").read_text() == saved
     # a later scoring without a judge or baseline in the same folder leaves no stale answers or win-rate plot
     assert run_cli("--runs", assets / "ours", "--encoder", assets / "clip", "--out", out) == 0
     assert not (out / "judge_answers.jsonl").exists() and not (out / "win_rates.png").exists()

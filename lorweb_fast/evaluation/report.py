@@ -216,12 +216,13 @@ def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict
     answers = [json.dumps({"id": a["id"], "kind": a["kind"], "run": a["run"], "against": a["against"],
                            "order": a["order"], "judge": a["judge"], "response": a["response"]}, ensure_ascii=False)
                for res in results.values() for a in res["answers"] if a["response"] is not None]
-    # a file this call does not write is removed: a report folder never mixes two scorings (but the answers file
-    # this scoring replays is never deleted)
+    # a file this call does not write is removed: a report folder never mixes two scorings. The answers file this
+    # scoring replays is left as it is (its answers are where they came from; rewriting it with this scoring's
+    # subset would lose the others)
     answers_file = out / "judge_answers.jsonl"
     judge = str(settings.get("judge") or "")
     replayed = judge.startswith("replay:") and Path(judge[len("replay:"):]).resolve() == answers_file.resolve()
-    if answers:
+    if answers and not replayed:
         atomic_write_text(answers_file, "\n".join(answers) + "\n")
     elif not replayed:
         answers_file.unlink(missing_ok=True)
