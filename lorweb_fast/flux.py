@@ -149,9 +149,9 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
             raise ValueError(f"strategy={strategy!r} merges one analogy (batch size 1), got coefficients for "
                              f"{coeffs.shape[0]} different samples; strategy='jit' merges per sample")
         ptr = layer.base_layer.weight.untyped_storage().data_ptr()
-        if strategy == "offload" and ptr in storages:
-            raise ValueError(f"{name} shares its weight storage with {storages[ptr]}: strategy='offload' merges in "
-                             "place; use strategy='full' or 'jit'")
+        if strategy in ("full", "offload") and ptr in storages:  # one tensor cannot hold two layers' mixtures
+            raise ValueError(f"{name} shares its weight storage with {storages[ptr]}: strategy={strategy!r} puts each "
+                             "layer's merged weight in place of its base weight; use strategy='jit'")
         storages[ptr] = name
     return layers
 
@@ -222,15 +222,25 @@ def _refusing_loads(model: nn.Module, layers: dict[str, LoRWeBLinear]):
     for layer in layers.values():
         layer._merged_grad_warned = grad_warning
 
-    def refuse_load(*args, **kwargs):  # runs before the root loads anything: the model stays untouched
-        raise RuntimeError("load_state_dict inside a merged() block: the merged weights would be overwritten or "
-                           "silently stay in use; exit the merged() block first")
+    def refuse_load(*args, **kwargs):  # runs before the called module loads anything: the model stays untouched
+        raise RuntimeError("load_state_dict inside a merged() block (or on a fuse_lora()'d model): the merged "
+                           "weights would be overwritten or silently stay in use; exit the merged() block (or "
+                           "unfuse_lora()) first")
 
-    hook = model.register_load_state_dict_pre_hook(refuse_load)
+    # on the model and every module above a merged layer (and the layers): whichever of them load_state_dict is
+    # called on refuses before its own first tensor loads
+    holders = {id(model): model}
+    for name in layers:
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            module = model.get_submodule(".".join(parts[:depth]))
+            holders.setdefault(id(module), module)
+    hooks = [module.register_load_state_dict_pre_hook(refuse_load) for module in holders.values()]
     try:
         yield
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
 
 
 @contextlib.contextmanager

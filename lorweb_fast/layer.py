@@ -17,8 +17,9 @@ from .validation import check_finite_tensor, check_float_tensor, check_int, chec
 
 def _refuse_inside_merged(layer: "LoRWeBLinear", what: str) -> None:
     if layer._merged:
-        raise RuntimeError(f"{what} inside a merged() block: the merged weights were built from the current "
-                           "coefficients and would silently stay in use; exit the merged() block first")
+        raise RuntimeError(f"{what} inside a merged() block (or on a fuse_lora()'d model): the merged weights were "
+                           "built from the current coefficients and would silently stay in use; exit the merged() "
+                           "block (or unfuse_lora()) first")
 
 
 def linear_dims(base: nn.Module) -> tuple[int, int]:
@@ -279,11 +280,14 @@ class LoRWeBLinear(nn.Module):
         """
         coeffs = self._coefficients
         if coeffs is None:
-            raise RuntimeError("LoRWeBLinear has no coefficients: call lorweb_fast.set_query before the forward")
+            raise RuntimeError("LoRWeBLinear has no coefficients for merged(strategy='jit'): call "
+                               "lorweb_fast.set_query(model, query) without per_forward before the forward")
         if x.dim() not in (2, 3) or coeffs.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"coefficients for batch size {coeffs.shape[0]} do not match input {tuple(x.shape)}")
         bias = self.base_layer.bias
-        if coeffs.shape[0] == 1 or bool((coeffs == coeffs[:1]).all()):
+        # identical rows take the one-weight path; under torch.compile that data-dependent test would break the
+        # graph, so a compiled batch takes the per-sample path (the same values up to rounding)
+        if coeffs.shape[0] == 1 or (not torch.compiler.is_compiling() and bool((coeffs == coeffs[:1]).all())):
             return F.linear(x, self.merged_weight_for(coeffs[0]), bias)
         weights = self.merged_weight_for(coeffs)  # (B, out, in)
         x3 = x if x.dim() == 3 else x.unsqueeze(1)

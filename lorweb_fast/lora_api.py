@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -87,8 +88,11 @@ def set_lorweb_scale(model: nn.Module, scale: float) -> None:
     """Multiply every layer's mixture by ``scale`` (diffusers' ``set_adapters`` weight, the official network
     multiplier): y = base(x) + scale * (lora_alpha / r) * sum_n alpha[n] B_n^T A_n^T x. 1.0 restores the
     trained strength, 0.0 gives the base model. Not saved with the weights."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.dtype.is_complex:
+        scale = scale.item()  # a 0-dim tensor
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number (int, float, a numpy or one-element torch scalar), "
+                         f"got {scale!r}")
     layers = _require_layers(model)
     strategy = fused_strategy(model)
     if strategy not in (None, "jit"):

@@ -140,8 +140,10 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
 
 
 def remove_lorweb(model: nn.Module) -> list[str]:
-    """Put the original base layers back in place of every LoRWeBLinear. Returns the restored names."""
+    """Put the original base layers back in place of every LoRWeBLinear. Returns the restored names. Refused while
+    the layers are merged (a merged() block or fuse_lora()): the stock layers would keep the merged weights."""
     layers = lorweb_layers(model)
+    _refuse_merged(layers, "remove_lorweb")
     for name, layer in layers.items():
         _set_submodule(model, name, layer.base_layer)
     return list(layers)
@@ -219,8 +221,9 @@ def _refuse_merged(layers: Mapping[str, LoRWeBLinear], what: str,
                    built_from: str = "the current coefficients") -> None:
     inside = [n for n, layer in layers.items() if layer._merged]
     if inside:
-        raise RuntimeError(f"{what} inside a merged() block ({inside[0]} is merged): the merged weights were built "
-                           f"from {built_from} and would silently stay in use; exit the merged() block first")
+        raise RuntimeError(f"{what} inside a merged() block or on a fuse_lora()'d model ({inside[0]} is merged): "
+                           f"the merged weights were built from {built_from} and would silently stay in use; exit "
+                           "the merged() block (or unfuse_lora()) first")
 
 
 def clear_query(model: nn.Module) -> None:

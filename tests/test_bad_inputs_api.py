@@ -326,6 +326,63 @@ def test_load_state_dict_inside_merged_leaves_every_module_untouched(tmp_path):
     assert lf.get_coefficients(m) == {}
 
 
+def test_load_state_dict_on_a_submodule_inside_merged_changes_nothing():
+    """load_state_dict on a module above a merged layer (not the root) is refused by that module itself, before
+    its first tensor loads: the modules loaded before the layer in its recursion are not modified either."""
+    m = nn.Sequential(nn.Sequential(nn.LayerNorm(6), tiny_model()))
+    with torch.no_grad():
+        lf.set_query(m, query())
+    sub = m[0]
+    other = {k: v + 1.0 for k, v in sub.state_dict().items()}
+    snap = snapshot(m)
+    for strategy in ("full", "offload"):
+        with flux.merged(m, strategy):
+            for target in (sub, sub[1], sub[1][0]):
+                part = {k[len(prefix):]: v for k, v in other.items() for prefix in [_prefix(sub, target)]
+                        if k.startswith(prefix)}
+                with pytest.raises(RuntimeError, match="load_state_dict inside a merged\\(\\) block"):
+                    target.load_state_dict(part)
+        assert_unchanged(m, snap)
+
+
+def _prefix(root, module):
+    return next(f"{name}." if name else "" for name, mod in root.named_modules() if mod is module)
+
+
+def test_tied_weights_are_not_merged_in_place():
+    """Two adapted layers sharing one weight tensor would need two merged weights in one tensor: "full" and
+    "offload" refuse (naming both layers) and leave the model untouched; "jit" serves it."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    m[1].weight = m[0].weight
+    lf.inject_lorweb(m, CONFIG)
+    with torch.no_grad():
+        for layer in lf.lorweb_layers(m).values():
+            layer.lora_B.normal_()
+        lf.set_query(m, query())
+    snap = snapshot(m)
+    x = torch.randn(1, 6)
+    with torch.no_grad():
+        want = m(x)
+    for strategy in ("full", "offload"):
+        with pytest.raises(ValueError, match=f"1 shares its weight storage with 0: strategy='{strategy}'"):
+            with flux.merged(m, strategy):
+                pass
+        assert_unchanged(m, snap)
+    with torch.no_grad(), flux.merged(m, "jit"):
+        torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_remove_lorweb_is_refused_while_merged():
+    m = prepared()
+    snap = snapshot(m)
+    with flux.merged(m, "full"):
+        with pytest.raises(RuntimeError, match="remove_lorweb inside a merged\\(\\) block or on a fuse_lora"):
+            lf.remove_lorweb(m)
+    assert_unchanged(m, snap)
+    assert len(lf.lorweb_layers(m)) == 2
+
+
 def test_load_state_dict_of_other_modules_keeps_coefficients():
     m = prepared()
     snap = snapshot(m)

@@ -68,6 +68,19 @@ def test_no_recompiles_for_new_coefficients_or_shapes():
     assert count_compiles(later_calls) == 0
 
 
+def test_jit_merge_of_a_batch_of_analogies_compiles_without_graph_breaks():
+    """merged(strategy="jit") serves a batch of different analogies (one merged weight per sample): compiled with
+    fullgraph=True it has no data-dependent branch, and matches eager, also for a batch of identical analogies."""
+    torch._dynamo.reset()
+    m = make_model()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x, temb = torch.randn(3, 5, 24), torch.randn(3, 24)
+    for query in (torch.randn(3, 10), torch.randn(1, 10).expand(3, 10)):
+        lf.set_query(m, query)
+        with torch.no_grad(), lf.merged(m, "jit"):
+            torch.testing.assert_close(compiled(x, temb), m(x, temb), rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_training_step_matches_eager():
     torch._dynamo.reset()
     m = make_model()

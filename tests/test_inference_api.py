@@ -166,9 +166,12 @@ def test_set_lorweb_scale_multiplies_the_mixture():
             torch.testing.assert_close(model(x) - base, 2.5 * one, rtol=1e-4, atol=1e-5)
         lf.lora_api.set_lorweb_scale(model, 0.0)
         torch.testing.assert_close(model(x), base)
-    for bad in (float("nan"), "1", True):
-        with pytest.raises(ValueError, match="finite number"):
+    for bad in (float("nan"), "1", True, torch.tensor([0.5, 1.0]), np.float32("inf")):
+        with pytest.raises(ValueError, match="finite real number"):
             lf.lora_api.set_lorweb_scale(model, bad)
+    for good in (np.float32(0.5), torch.tensor(0.5), np.int64(1), 0.0):  # numpy and one-element torch scalars
+        lf.lora_api.set_lorweb_scale(model, good)
+        assert lf.lora_api.get_lorweb_scale(model) == float(good)
     lf.set_query(model, torch.randn(1, 4))
     for strategy in ("full", "offload"):  # the merged weights hold the old scale: a new one is refused
         with flux.merged(model, strategy):
@@ -212,7 +215,7 @@ def test_disabled_adapter_keeps_a_strength_set_meanwhile(pipe):
     assert pipe.get_active_adapters() == []
     pipe.set_adapters("lorweb", 0.5)
     assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 0.0  # still disabled
-    with pytest.raises(ValueError, match="finite number"):
+    with pytest.raises(ValueError, match="finite real number"):
         pipe.set_lorweb_scale(float("nan"))
     assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 0.0
     pipe.enable_lora()

@@ -178,6 +178,34 @@ def test_dynamic_compile_does_not_recompile_for_sequence_lengths():
     assert counters["stats"]["unique_graphs"] == 0
 
 
+def test_compiled_layers_do_not_recompile_for_a_new_lorweb_scale():
+    """set_lorweb_scale (diffusers' set_adapters weight, disable_lora / enable_lora) changes a float on every layer:
+    the fused op takes it inside the coefficient tensor, so a compiled model keeps its graph (a float argument of
+    the op would be specialised and recompiled for every value), and matches the eager result."""
+    from torch import nn
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 19), nn.Linear(19, 16))
+    lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=5, target_modules=["0", "1"]))
+    for layer in lf.lorweb_layers(m).values():
+        nn.init.normal_(layer.lora_B)
+        layer.backend = "triton"
+    with torch.no_grad():
+        lf.set_query(m, torch.randn(2, 5))
+        # backend "eager": dynamo's guards decide the recompiles; the graph runs the ops as they are (under the
+        # interpreter a traced launch is not recorded, so an AOT-traced graph would not compute the result)
+        compiled = torch.compile(m, fullgraph=True, dynamic=True, backend="eager")
+        x = torch.randn(2, 7, 16)
+        compiled(x)
+        counters.clear()
+        for scale in (0.5, 0.25, 0.0, 1.5):
+            lf.lora_api.set_lorweb_scale(m, scale)
+            torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lorweb_linear_triton_with_whole_programs_per_sample(dtype):
     """128 rows per sample: every table's backward K1 block divides it, so the dcoeffs partials are per program
