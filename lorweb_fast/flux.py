@@ -352,8 +352,8 @@ def query_crop_problem(width: int, height: int, query_mode: str, crops: str = "i
 
     ``crops="inference"`` (side s = W // 2, PIL crops padded past the edge): the modes that crop b need a bottom
     row, H > s (the modes that zero the bottom-right cell encode the whole grid when it has none: the official
-    ``paste(0, (s, s, W, H))`` then paints nothing). ``crops="training"`` (side s = H // 2, tensor slices): the modes that
-    crop a' need W > s. ``crops="cells"``: any grid of at least 2 x 2 pixels."""
+    ``paste(0, (s, s, W, H))`` then paints nothing). ``crops="training"`` (side s = H // 2, tensor slices): the
+    modes that crop a' need W > s. ``crops="cells"``: any grid of at least 2 x 2 pixels."""
     if crops == "cells":
         return None if width >= 2 and height >= 2 else f"a {width}x{height} grid has no 2x2 cells"
     if crops == "inference":

@@ -238,8 +238,8 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
     (``{"query_mode": ..., "pooling_type": ...}``, the encoder's; the pooling only in the patch modes, the only ones
     that pool) must match what the checkpoint's config.yaml or metadata records, as must the family of ``encoder``
     (``(name, kind)``, kind "clip", "siglip2" or "siglip"; CLIP or SigLIP: the official inference.py builds the
-    encoder the checkpoint names, and a CLIP and a SigLIP2 query can have the same width): all are checked before the model changes.
-    Returns (checkpoint file, loaded modules).
+    encoder the checkpoint names, and a CLIP and a SigLIP2 query can have the same width): all are checked before
+    the model changes. Returns (checkpoint file, loaded modules).
     """
     from .model import resolve_checkpoint_settings
     from .official_config import PATCH_QUERY_MODES, encoder_family_mismatch
