@@ -467,9 +467,12 @@ def compute_coefficients(query: torch.Tensor, to_q_weight: torch.Tensor, keys: t
     d = key_dim // heads
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
     device_type = query.device.type
-    # torch.autocast has no meta (or other unknown) device type: nothing to disable there
-    no_autocast = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
-                   else contextlib.nullcontext())
+    # torch.autocast has no meta (or other unknown) device type: nothing to disable there. While torch.compile
+    # traces, is_autocast_available is not asked (torch 2.11's dynamo cannot trace it: a graph break); traced
+    # tensors are on a real device
+    available = (device_type != "meta" if torch.compiler.is_compiling()
+                 else torch.amp.is_autocast_available(device_type))
+    no_autocast = torch.autocast(device_type, enabled=False) if available else contextlib.nullcontext()
     with no_autocast:
         p = torch.matmul(query.to(w.dtype).unsqueeze(0), w.transpose(1, 2)).to(acc)  # (L, B, key_dim)
         p = p.view(num_layers, -1, heads, d)
