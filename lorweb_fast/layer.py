@@ -282,8 +282,12 @@ class LoRWeBLinear(nn.Module):
         if coeffs is None:
             raise RuntimeError("LoRWeBLinear has no coefficients for merged(strategy='jit'): call "
                                "lorweb_fast.set_query(model, query) without per_forward before the forward")
-        if x.dim() not in (2, 3) or coeffs.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"coefficients for batch size {coeffs.shape[0]} do not match input {tuple(x.shape)}")
+        if x.dim() not in (2, 3):
+            raise ValueError(f"LoRWeBLinear takes (B, ..., in) inputs with a batch dimension, got shape "
+                             f"{tuple(x.shape)}")
+        if coeffs.shape[0] != x.shape[0]:  # as the unmerged forward: one analogy per sample
+            raise ValueError(f"coefficients are set for batch size {coeffs.shape[0]} but the input has batch size "
+                             f"{x.shape[0]}; call set_query with one query per sample")
         bias = self.base_layer.bias
         # identical rows take the one-weight path; under torch.compile that data-dependent test would break the
         # graph, so a compiled batch takes the per-sample path (the same values up to rounding)

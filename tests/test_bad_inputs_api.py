@@ -373,6 +373,18 @@ def test_tied_weights_are_not_merged_in_place():
         torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-6)
 
 
+def test_jit_merge_takes_the_batches_the_unmerged_forward_takes():
+    """Coefficients for one analogy and an input batch of two: refused alike unmerged and under merged("jit") (the
+    pipeline's merge="auto" picks between them), not broadcast silently by one of them."""
+    m = prepared()
+    x = torch.randn(2, 6)
+    with pytest.raises(ValueError, match="coefficients are set for batch size 1 but the input has batch size 2"):
+        m(x)
+    with flux.merged(m, "jit"), pytest.raises(ValueError, match="coefficients are set for batch size 1 but the "
+                                                               "input has batch size 2"):
+        m(x)
+
+
 def test_remove_lorweb_is_refused_while_merged():
     m = prepared()
     snap = snapshot(m)
