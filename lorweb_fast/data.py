@@ -308,10 +308,9 @@ class AnalogyFolder(torch.utils.data.Dataset):
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.layout, self.bidirectional = layout, bidirectional
-        if resize == "bucket":
-            from .validation import check_bucket_divisibility
+        from .validation import check_bucket_divisibility
 
-            check_bucket_divisibility("bucket_divisibility", bucket_divisibility)
+        check_bucket_divisibility("bucket_divisibility", bucket_divisibility, resize)
         self.resize, self.bucket_divisibility = resize, bucket_divisibility
         control_dir, target_dir = self.root / "control", self.root / "target"
         for d in (self.root, control_dir, target_dir):
@@ -387,7 +386,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
             self.skipped.append(names[i])
             self.problems.append(f"{names[i]}: {problems[i]}")
         self.samples = [s for i, s in enumerate(self.samples) if i not in problems]
-        self.missing_captions = [n for n in self.missing_captions if n not in set(names.values())]
+        dropped = set(names.values())
+        self.missing_captions = [n for n in self.missing_captions if n not in dropped]
         if not self.samples:
             raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
 

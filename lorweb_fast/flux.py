@@ -17,8 +17,8 @@ from torch import nn
 
 from . import lora_api
 from .layer import LoRWeBLinear, has_plain_weight
-from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, checkpoint_metadata, get_coefficients, \
-    load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, set_query
+from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
+    get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, set_query
 from .validation import MIN_LONG_EDGE, check_device, check_generation_options, check_int, check_pipe_kwargs, \
     check_real, warn_aspect_ratios
 
@@ -768,14 +768,12 @@ class LoRWeBKontextPipeline:
         if expected is not None and expected != enc.query_dim:
             raise _query_width_error(enc, f"{weights} expects {expected}")
         if encoder is not None:  # a local copy of the checkpoint's encoder, say: it must be of the same family
-            from .official_config import encoder_family_mismatch
+            from .official_config import recorded_encoder_mismatch
 
-            recorded = resolve_checkpoint_settings(weights, config, {**explicit, "encoder": None})
-            family = encoder_family_mismatch(recorded["encoder"], enc.kind)
-            if recorded["sources"]["encoder"] != "official default" and family is not None:
-                raise LoRWeBCheckpointError(f"{weights} was trained with the analogy encoder "
-                                            f"{recorded['encoder']!r} ({family}, says "
-                                            f"{recorded['sources']['encoder']}) but encoder={str(encoder)!r} is a "
+            problem = recorded_encoder_mismatch(resolve_checkpoint_settings(weights, config,
+                                                                            {**explicit, "encoder": None}), enc.kind)
+            if problem is not None:
+                raise LoRWeBCheckpointError(f"{weights} was trained with {problem} but encoder={str(encoder)!r} is a "
                                             f"{enc.kind} model")
         pipe = load_kontext_pipeline(model, dtype)
         load_lorweb_weights(pipe.transformer, weights, config, settings=explicit)
@@ -1089,35 +1087,28 @@ class LoRWeBKontextPipeline:
         strategy = self.merge_strategy(merge, count * per_prompt)
         query = self._query(grids, a, a_prime, b).repeat_interleave(per_prompt, dim=0)
         fused = lora_api.fused_strategy(self.transformer)
+        if fused is not None:
+            strategy = "none"
+        width, height = grids[0].size
+        if self.resolution == "official":
+            size_kwargs = dict(max_area=self.max_area, _auto_resize=True)
+        else:
+            size_kwargs = dict(max_area=width * height, _auto_resize=False)
+        self.pipe.set_progress_bar_config(disable=not progress)
         # a call that fails (a merge strategy that cannot serve this batch, an error inside the pipeline) leaves the
         # layers' analogy as it was before the call
-        previous = {name: (layer._coefficients, layer._query)
-                    for name, layer in lorweb_layers(self.transformer).items()}
-        try:
+        with analogy_restored_on_error(self.transformer):
             with torch.no_grad():  # inference: no autograd history on the coefficients
                 if fused in ("full", "offload"):  # fuse_lora(): the mixture is in the weights; the analogy must match
                     lora_api.check_fused_query(self.transformer, query)
                 else:
                     set_query(self.transformer, query)  # once per generation; checks query and coefficients
-            if fused is not None:
-                strategy = "none"
-            width, height = grids[0].size
-            if self.resolution == "official":
-                size_kwargs = dict(max_area=self.max_area, _auto_resize=True)
-            else:
-                size_kwargs = dict(max_area=width * height, _auto_resize=False)
-            self.pipe.set_progress_bar_config(disable=not progress)
             context = contextlib.nullcontext() if strategy == "none" else merged(self.transformer, strategy)
             with context:
                 out = self.pipe(image=grids if count > 1 else grids[0], prompt=prompts if count > 1 else prompts[0],
                                 height=height, width=width, num_inference_steps=num_inference_steps,
                                 guidance_scale=guidance_scale, generator=generator, output_type=output_type,
                                 **size_kwargs, **pipe_kwargs).images
-        except BaseException:
-            for name, layer in lorweb_layers(self.transformer).items():
-                if name in previous:
-                    layer._coefficients, layer._query = previous[name]
-            raise
         if output_type == "np":
             h, w = out.shape[1] // 2, out.shape[2] // 2
             return [img[h:, w:] for img in out]

@@ -242,7 +242,7 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
     the model changes. Returns (checkpoint file, loaded modules).
     """
     from .model import resolve_checkpoint_settings
-    from .official_config import PATCH_QUERY_MODES, encoder_family_mismatch
+    from .official_config import PATCH_QUERY_MODES, recorded_encoder_mismatch
 
     file, found_config = resolve_checkpoint(path_or_dir, weight_name, **hub)
     checkpoint_metadata(file)  # a corrupt file fails before anything changes
@@ -254,14 +254,12 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
     if config is None:
         config = found_config
     recorded = resolve_checkpoint_settings(file, config) if query_settings or encoder else None
-    if encoder is not None and recorded["sources"]["encoder"] != "official default":
-        family = encoder_family_mismatch(recorded["encoder"], encoder[1])
-        if family is not None:
-            raise LoRWeBCheckpointError(f"{file} was trained with the analogy encoder {recorded['encoder']!r} "
-                                        f"({family}, says {recorded['sources']['encoder']}) but this pipeline's "
-                                        f"encoder {encoder[0]!r} is a {encoder[1]} model; build the pipeline with "
-                                        "LoRWeBKontextPipeline.from_pretrained for this checkpoint. The model was "
-                                        "not changed")
+    problem = None if encoder is None else recorded_encoder_mismatch(recorded, encoder[1])
+    if problem is not None:
+        raise LoRWeBCheckpointError(f"{file} was trained with {problem} but this pipeline's encoder {encoder[0]!r} "
+                                    f"is a {encoder[1]} model; build the pipeline with "
+                                    "LoRWeBKontextPipeline.from_pretrained for this checkpoint. The model was not "
+                                    "changed")
     if query_settings:
         differ = {k: (recorded[k], v) for k, v in query_settings.items()
                   if recorded["sources"].get(k) != "official default" and recorded[k] != v

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -224,6 +225,20 @@ def _refuse_merged(layers: Mapping[str, LoRWeBLinear], what: str,
         raise RuntimeError(f"{what} inside a merged() block or on a fuse_lora()'d model ({inside[0]} is merged): "
                            f"the merged weights were built from {built_from} and would silently stay in use; exit "
                            "the merged() block (or unfuse_lora()) first")
+
+
+@contextlib.contextmanager
+def analogy_restored_on_error(model: nn.Module):
+    """Every layer's coefficients (and per-forward query) are put back as they were on entry when the block raises:
+    a call that set a new analogy and then failed leaves the previous one in place."""
+    layers = lorweb_layers(model)
+    kept = {name: (layer._coefficients, layer._query) for name, layer in layers.items()}
+    try:
+        yield
+    except BaseException:
+        for name, layer in layers.items():
+            layer._coefficients, layer._query = kept[name]
+        raise
 
 
 def clear_query(model: nn.Module) -> None:

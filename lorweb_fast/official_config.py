@@ -103,6 +103,18 @@ def encoder_family_mismatch(recorded, kind: str) -> Optional[str]:
     return family if family is not None and family != ("siglip" if kind.startswith("siglip") else kind) else None
 
 
+def recorded_encoder_mismatch(recorded: Mapping[str, Any], kind: str) -> Optional[str]:
+    """``"the analogy encoder '<name>' (<family>, says <source>)"`` when a checkpoint's resolved settings
+    (``resolve_settings``) name an encoder, not just the official default, of another family than an encoder of
+    ``kind`` (``encoder_family_mismatch``); else None."""
+    if recorded["sources"]["encoder"] == "official default":
+        return None
+    family = encoder_family_mismatch(recorded["encoder"], kind)
+    if family is None:
+        return None
+    return f"the analogy encoder {recorded['encoder']!r} ({family}, says {recorded['sources']['encoder']})"
+
+
 # ------------------------------------------------------------------------------------------------- reading
 def _bool(value, where: str) -> bool:
     if isinstance(value, bool):

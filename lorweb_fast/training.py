@@ -860,10 +860,10 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     if cfg.query_source == "grid":  # the official training query crops (s = H // 2) of every sample's training size
         from .flux import query_crop_problem
 
-        crops = {i: query_crop_problem(*dataset.grid_size(s[4]), cfg.query_mode, "training")
-                 for i, s in enumerate(dataset.samples)}
-        dataset.skip_samples({i: f"at its training size {dataset.grid_size(dataset.samples[i][4])}: {why}"
-                              for i, why in crops.items() if why}, cfg.skip_bad)
+        sizes = [dataset.grid_size(s[4]) for s in dataset.samples]
+        crops = {i: query_crop_problem(*size, cfg.query_mode, "training") for i, size in enumerate(sizes)}
+        dataset.skip_samples({i: f"at its training size {sizes[i]}: {why}" for i, why in crops.items() if why},
+                             cfg.skip_bad)
     # no GPU: run on CPU, and under `accelerate launch` / torchrun as a gloo process group (MULTI_CPU)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.accelerator.is_available())
     device = accelerator.device
@@ -1039,8 +1039,9 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     bar.close()
     accelerator.wait_for_everyone()
     if nan_steps:
+        shown = ", ".join(map(str, nan_steps[:10])) + (", ..." if len(nan_steps) > 10 else "")
         logger.warning("%d of the %d steps run had a NaN loss and made no update (steps %s)", len(nan_steps),
-                       step - start_step, ", ".join(map(str, nan_steps[:10])) + (", ..." if len(nan_steps) > 10 else ""))
+                       step - start_step, shown)
     return {"step": step, "out": str(out), "loss": loss_value, "transformer": transformer, "nan_loss_steps": nan_steps}
 
 

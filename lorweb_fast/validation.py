@@ -335,13 +335,16 @@ def check_train_config(cfg) -> None:
                 check_real(f"betas[{i}]", beta, lo=0.0, hi=1.0, hi_open=True)
     if cfg.key_dim % cfg.heads:
         raise ValueError(f"key_dim={cfg.key_dim} is not divisible by heads={cfg.heads}")
-    if cfg.resize == "bucket":  # unused by the long-edge rule
-        check_bucket_divisibility("bucket_divisibility", cfg.bucket_divisibility)
+    check_bucket_divisibility("bucket_divisibility", cfg.bucket_divisibility, cfg.resize)
 
 
-def check_bucket_divisibility(name: str, value: int) -> None:
+def check_bucket_divisibility(name: str, value: int, resize: str = "bucket") -> None:
     """An aspect bucket is the size the 2x2 training grid is resized to, so its sides must split into two cells:
-    the divisibility must be even (official FLUX.1-Kontext: 16)."""
+    with ``resize="bucket"`` the divisibility must be even (official FLUX.1-Kontext: 16); the long-edge rule does
+    not use it (any integer >= 1)."""
+    if resize != "bucket":
+        check_int(name, value, lo=1)
+        return
     check_int(name, value, lo=2)
     if value % 2:
         raise ValueError(f"{name} must be even (bucket sides are the 2x2 grid's, split into two cells), got {value}")
@@ -550,10 +553,7 @@ def check_data_args(args) -> None:
     try:
         if args.data_command == "check":
             check_int("--long-edge", args.long_edge, lo=MIN_LONG_EDGE)  # the range lorweb-fast train accepts
-            if args.resize == "bucket":
-                check_bucket_divisibility("--bucket-divisibility", args.bucket_divisibility)
-            else:  # unused by the long-edge rule
-                check_int("--bucket-divisibility", args.bucket_divisibility, lo=1)
+            check_bucket_divisibility("--bucket-divisibility", args.bucket_divisibility, args.resize)
             if args.dump is not None:
                 check_output_dir("--dump", args.dump)
             return

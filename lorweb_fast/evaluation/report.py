@@ -224,7 +224,7 @@ def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict
     replayed = judge.startswith("replay:") and Path(judge[len("replay:"):]).resolve() == answers_file.resolve()
     if answers and not replayed:
         atomic_write_text(answers_file, "\n".join(answers) + "\n")
-    elif not replayed:
+    elif not replayed:  # nothing this scoring asked: no answers of an earlier one stay
         answers_file.unlink(missing_ok=True)
     if plot_preservation_vs_accuracy(report, out / "preservation_vs_accuracy.png") is None:
         (out / "preservation_vs_accuracy.png").unlink(missing_ok=True)
