@@ -267,7 +267,7 @@ def run_generate(args) -> dict:
     merge = args.merge
     pipe_kwargs = dict(args.pipe_kwargs or {})
     check_generate_options(batch_size=args.batch_size, merge=merge, pipe_kwargs=pipe_kwargs)
-    device = str(check_device("--device", _device(args.device)))  # a bad name: one line, before anything loads
+    device = check_device("--device", _device(args.device))  # a bad name: one line, before anything loads
     if args.resolution == "official" and args.long_edge is not None:
         raise EvalInputError("--long-edge applies to --resolution native; the official resolution is capped by "
                              "--max-size")
@@ -297,7 +297,7 @@ def run_generate(args) -> dict:
                 "input_long_edge": args.input_long_edge, "dtype": args.dtype, "batch_size": args.batch_size,
                 "encoder_dtype": args.dtype if getattr(args, "encoder_dtype", "auto") == "auto" else args.encoder_dtype,
                 "resolution": args.resolution, "max_size": args.max_size, "long_edge": args.long_edge,
-                "generator_device": torch.device(device).type, "triplets": len(triplets)}
+                "generator_device": device.type, "triplets": len(triplets)}
     check_run_settings(out, settings, write=False)  # before loading any model
     kwargs = {"resolution": args.resolution, "max_size": args.max_size}
     if args.long_edge is not None:
