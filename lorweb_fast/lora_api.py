@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
@@ -25,6 +26,7 @@ from torch import nn
 from .model import (CHECKPOINT_PREFIX, DEFAULT_ENCODER, LoRWeBCheckpointError, _refuse_merged, _require_layers,
                     checkpoint_metadata, load_lorweb_weights, lorweb_layers, remove_lorweb, save_lorweb_weights)
 
+logger = logging.getLogger(__name__)
 #: File names written by ``save_pretrained`` and looked for by ``load_lora_weights`` in a directory.
 WEIGHT_NAME = "lorweb.safetensors"
 CONFIG_NAME = "config.yaml"
@@ -129,10 +131,54 @@ def hub_repo_id(weights) -> Optional[str]:
     return weights
 
 
-def download_checkpoint(repo_id: str, weight_name: Optional[str] = None, *, subfolder: str = "", **hub) -> Path:
+def _no_single_folder(where: str, folders: list[str]) -> FileNotFoundError:
+    names = ", ".join(folders[:5])
+    return FileNotFoundError(f"{where} holds .safetensors files in {len(folders) or 'no'} folders"
+                             f"{': ' + names if folders else ''}; pass weight_name (--weight-name) to pick the "
+                             "checkpoint")
+
+
+def hub_checkpoint_name(repo_id: str, subfolder: str = "", **hub) -> Optional[tuple[str, str]]:
+    """(the file ``resolve_checkpoint`` takes from Hub repo ``repo_id`` without ``weight_name``, the folder it was
+    picked in), both relative to ``subfolder``, read from the repo's file listing (``huggingface_hub.list_repo_files``,
+    one metadata request) so that only that file is downloaded. The rule is the folder rule on names
+    (``official_config.pick_checkpoint_name``): the top level, else the one folder holding .safetensors files.
+    None when the listing cannot be had (``local_files_only``, ``HF_HUB_OFFLINE``, or a failed request): the caller
+    then reads the cached or downloaded snapshot itself, whose own failure names the cause."""
+    import huggingface_hub
+
+    from .official_config import pick_checkpoint_name
+
+    if hub.get("local_files_only") or huggingface_hub.constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        listing = huggingface_hub.list_repo_files(repo_id, revision=hub.get("revision"), token=hub.get("token"))
+    except Exception as exc:  # huggingface_hub's errors and its HTTP client's share no base class
+        logger.debug("listing Hub repo %s failed (%s: %s); reading its snapshot instead", repo_id,
+                     type(exc).__name__, exc)
+        return None
+    prefix = f"{subfolder}/" if subfolder else ""
+    names = [n[len(prefix):] for n in listing if n.startswith(prefix)]
+    where = f"Hugging Face Hub repo {repo_id}"
+    chosen = pick_checkpoint_name(names, where)
+    if chosen is not None:
+        return chosen, ""
+    folders = sorted({n.rsplit("/", 1)[0] if "/" in n else "" for n in names if n.endswith(".safetensors")})
+    if len(folders) != 1:
+        raise _no_single_folder(where, [prefix + f if f else prefix.rstrip("/") or "." for f in folders])
+    chosen = pick_checkpoint_name([n[len(folders[0]) + 1:] for n in names if n.startswith(folders[0] + "/")],
+                                  f"{where}, folder {prefix}{folders[0]}")
+    if chosen is None:
+        raise FileNotFoundError(f"no LoRWeB checkpoint (*.safetensors) in {where}, folder {prefix}{folders[0]}")
+    return f"{folders[0]}/{chosen}", folders[0]
+
+
+def download_checkpoint(repo_id: str, weight_name: Optional[str] = None, *, subfolder: str = "",
+                        picked_in: Optional[str] = None, **hub) -> Path:
     """The local copy (huggingface_hub's cache) of ``repo_id``'s top folder, holding its checkpoint files:
-    ``subfolder/weight_name`` and the config.yaml beside it and at the top, or every .safetensors and .yaml file
-    under ``subfolder`` and the top config.yaml. ``hub``: the other ``HUB_OPTIONS``, for
+    ``subfolder/weight_name`` and the config.yaml beside it, in folder ``picked_in`` (relative to ``subfolder``, when
+    ``hub_checkpoint_name`` picked the file) and at the top, or (no ``weight_name``) every .safetensors and .yaml
+    file under ``subfolder`` and the top config.yaml. ``hub``: the other ``HUB_OPTIONS``, for
     ``huggingface_hub.snapshot_download``. Any failure (unknown or gated repo, a bad revision, offline without a
     cached copy, a network error) raises FileNotFoundError naming the repo and the cause."""
     import glob
@@ -141,9 +187,11 @@ def download_checkpoint(repo_id: str, weight_name: Optional[str] = None, *, subf
 
     prefix = f"{subfolder}/" if subfolder else ""
     if weight_name is not None:  # escaped: the Hub filters with fnmatch, where [ and ] are pattern characters
-        parent = os.path.dirname(prefix + weight_name)
+        folders = [os.path.dirname(prefix + weight_name)]
+        if picked_in is not None:
+            folders.append((prefix + picked_in).rstrip("/"))
         patterns = [glob.escape(prefix + weight_name), "config.yaml"] + \
-            ([glob.escape(parent) + "/config.yaml"] if parent else [])
+            [glob.escape(f) + "/config.yaml" for f in dict.fromkeys(folders) if f]
     else:
         patterns = [glob.escape(prefix) + "*.safetensors", glob.escape(prefix) + "*.yaml", "config.yaml"]
     try:
@@ -164,8 +212,9 @@ def resolve_checkpoint(weights: Union[str, os.PathLike], weight_name: Optional[s
     - a Hugging Face Hub repo id (``hub_repo_id``), downloaded (``download_checkpoint``, options ``hub`` =
       ``HUB_OPTIONS``) and read as a folder; when its top level holds no checkpoint and all its .safetensors files
       lie in one folder (e.g. ``lorweb_model/``), that folder is read the same way, else ``weight_name`` is needed.
-      The config falls back to the repo's top config.yaml. Without ``weight_name`` every .safetensors file of the repo
-      is downloaded first.
+      The config falls back to the repo's top config.yaml. Without ``weight_name`` the file is picked from the
+      repo's listing (``hub_checkpoint_name``) and only it and its configs are downloaded; where no listing can be
+      had (offline, ``local_files_only``), every .safetensors file of the cached snapshot is read.
     """
     from .official_config import config_beside, find_checkpoint
 
@@ -179,16 +228,24 @@ def resolve_checkpoint(weights: Union[str, os.PathLike], weight_name: Optional[s
     repo = hub_repo_id(weights)
     if repo is None and hub:
         raise ValueError(f"{sorted(hub)} are Hugging Face Hub download options, but {weights} is a local path")
-    top = Path(weights) if repo is None else download_checkpoint(repo, weight_name, subfolder=subfolder, **hub)
+    picked = hub_checkpoint_name(repo, subfolder, **hub) if repo is not None and weight_name is None else None
+    name = picked[0] if picked else weight_name
+    top = Path(weights) if repo is None else \
+        download_checkpoint(repo, name, subfolder=subfolder, picked_in=picked and picked[1], **hub)
     where = str(weights) if repo is None else f"Hugging Face Hub repo {repo}"
     base = top / subfolder if subfolder else top
-    if weight_name is None and not base.is_dir():
+    if name is None and not base.is_dir():
         if subfolder or not base.is_file():
             raise FileNotFoundError(f"LoRWeB checkpoint not found: {base}")
         return base, None
     if not base.is_dir():
         raise ValueError(f"weight_name={weight_name!r} is for a folder, but {base} is not a folder")
-    if weight_name is not None:
+    if picked:
+        file = base / picked[0]
+        if not file.is_file():
+            raise FileNotFoundError(f"LoRWeB checkpoint not found: {picked[0]} in {where}, whose listing names it")
+        config = config_beside(file, base / picked[1])
+    elif weight_name is not None:
         file, config = base / weight_name, None
         if not file.is_file():
             raise FileNotFoundError(f"LoRWeB checkpoint not found: {weight_name} in {where}")
@@ -200,10 +257,7 @@ def resolve_checkpoint(weights: Union[str, os.PathLike], weight_name: Optional[s
                 raise
             folders = sorted({p.parent for p in base.rglob("*.safetensors")})
             if len(folders) != 1:
-                names = ", ".join(f.relative_to(top).as_posix() for f in folders[:5])
-                raise FileNotFoundError(f"{where} holds .safetensors files in {len(folders) or 'no'} folders"
-                                        f"{': ' + names if folders else ''}; pass weight_name (--weight-name) to pick "
-                                        "the checkpoint") from None
+                raise _no_single_folder(where, [f.relative_to(top).as_posix() for f in folders]) from None
             file, config = find_checkpoint(folders[0])
     return file, config or config_beside(file, top)
 

@@ -28,7 +28,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
@@ -356,6 +356,40 @@ def _complete(path: Path) -> bool:
         return False
 
 
+def checkpoint_candidates(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(final files, step files newest first) among ``names``, the paths of a folder's files relative to it
+    (posix). ``find_checkpoint``'s rule on names alone: a final ``<name>.safetensors`` (no step suffix) is preferred
+    over the ``<name>_<step:09d>.safetensors`` files and lorweb_fast's ``checkpoints/step-XXXXXXXX/lorweb.safetensors``;
+    hidden files and files in other subfolders are not candidates."""
+    finals, stepped = [], []
+    for name in names:
+        parts = name.split("/")
+        if len(parts) == 1 and name.endswith(".safetensors") and not name.startswith("."):
+            match = _STEP_FILE.match(name)
+            if match:
+                stepped.append((int(match["step"]), name))
+            else:
+                finals.append(name)
+        elif (len(parts) == 3 and parts[0] == "checkpoints" and re.fullmatch(r"step-\d+", parts[1])
+              and parts[2] == "lorweb.safetensors"):
+            stepped.append((int(parts[1].split("-")[1]), name))
+    return sorted(finals), [name for _, name in sorted(stepped, key=lambda x: x[0], reverse=True)]
+
+
+def _several_finals(root, finals) -> LoRWeBConfigError:
+    return LoRWeBConfigError(f"{root} holds several final checkpoints ({', '.join(finals)}); pass the file to use")
+
+
+def pick_checkpoint_name(names: Iterable[str], root: str) -> Optional[str]:
+    """The file ``find_checkpoint`` would pick from a folder holding ``names`` (paths relative to it, all complete,
+    e.g. a Hub repo's listing); None when none is a checkpoint. ``root`` names the folder in the error for two
+    final files."""
+    finals, stepped = checkpoint_candidates(names)
+    if len(finals) > 1:
+        raise _several_finals(root, finals)
+    return (finals + stepped)[0] if finals or stepped else None
+
+
 def find_checkpoint(directory: Union[str, os.PathLike]) -> tuple[Path, Optional[Path]]:
     """(weights, config.yaml or None) of the newest complete checkpoint in a folder.
 
@@ -368,20 +402,14 @@ def find_checkpoint(directory: Union[str, os.PathLike]) -> tuple[Path, Optional[
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {root}")
-    files = [p for p in root.iterdir() if p.suffix == ".safetensors" and not p.name.startswith(".") and p.is_file()]
-    finals = sorted(p for p in files if not _STEP_FILE.match(p.name) and _complete(p))
+    names = [p.name for p in root.iterdir() if p.is_file()]
+    names += [f"checkpoints/{d.name}/lorweb.safetensors" for d in (root / "checkpoints").glob("step-*")]
+    finals, stepped = checkpoint_candidates(names)
+    finals = [name for name in finals if _complete(root / name)]
     if len(finals) > 1:
-        raise LoRWeBConfigError(f"{root} holds several final checkpoints ({', '.join(p.name for p in finals)}); "
-                                "pass the file to use")
-    chosen = finals[0] if finals else None
-    if chosen is None:
-        stepped = [(int(_STEP_FILE.match(p.name)["step"]), p) for p in files if _STEP_FILE.match(p.name)]
-        stepped += [(int(d.name.split("-")[1]), d / "lorweb.safetensors")
-                    for d in (root / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", d.name)]
-        for _, p in sorted(stepped, key=lambda x: x[0], reverse=True):
-            if p.is_file() and _complete(p):
-                chosen = p
-                break
+        raise _several_finals(root, finals)
+    chosen = next((root / name for name in finals + stepped if (root / name).is_file() and _complete(root / name)),
+                  None)
     if chosen is None:
         raise FileNotFoundError(f"no complete LoRWeB checkpoint (*.safetensors) in {root}")
     return chosen, config_beside(chosen, root)

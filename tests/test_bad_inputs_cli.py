@@ -183,9 +183,9 @@ def test_infer_good_arguments_reach_the_loader(files, tmp_path, capsys, no_model
 
 def test_infer_weights_from_the_hub_reach_the_loader_as_a_local_file(files, tmp_path, capsys, no_model_load,
                                                                      monkeypatch):
-    """--weights owner/name downloads (huggingface_hub.snapshot_download, mocked: nothing downloads) before any model
-    loads, and the run loads the downloaded file; --revision and --weight-name go with it. --revision on a local
-    path, and a repo that cannot be had, are one-line errors."""
+    """--weights owner/name downloads (huggingface_hub.list_repo_files and snapshot_download, mocked: nothing
+    downloads) before any model loads, and the run loads the downloaded file, the only one downloaded; --revision
+    and --weight-name go with it. --revision on a local path, and a repo that cannot be had, are one-line errors."""
     import shutil
 
     import huggingface_hub
@@ -201,12 +201,20 @@ def test_infer_weights_from_the_hub_reach_the_loader_as_a_local_file(files, tmp_
         shutil.copy(files / "w.safetensors", cache / "sub" / "w.safetensors")
         return str(cache)
 
+    def list_repo_files(repo_id, *, revision=None, token=None):
+        calls.append(("listed", repo_id, revision))
+        if repo_id != "owner/lorweb":
+            raise LocalEntryNotFoundError(f"{repo_id}: offline")
+        return ["README.md", "sub/w.safetensors"]
+
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
     argv = infer_argv(files, tmp_path, **{"--weights": "owner/lorweb"}, extra=["--revision", "v1"])
     with pytest.raises(ModelLoaded):
         cli.main(argv)
     assert no_model_load == [(str(files / "model"), str(cache / "sub" / "w.safetensors"))]
-    assert calls == [("owner/lorweb", ["*.safetensors", "*.yaml", "config.yaml"], {"revision": "v1"})]
+    assert calls == [("listed", "owner/lorweb", "v1"),
+                     ("owner/lorweb", ["sub/w.safetensors", "config.yaml", "sub/config.yaml"], {"revision": "v1"})]
     with pytest.raises(ModelLoaded):
         cli.main(infer_argv(files, tmp_path, **{"--weights": "owner/lorweb"}, extra=["--weight-name",
                                                                                      "sub/w.safetensors"]))

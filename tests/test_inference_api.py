@@ -586,7 +586,8 @@ def test_from_pretrained_checks_the_query_width_before_loading_the_pipeline(asse
 # ------------------------------------------------------------------------------ Hugging Face Hub checkpoints
 @pytest.fixture()
 def fake_hub(tmp_path, monkeypatch):
-    """huggingface_hub.snapshot_download over a local folder of repos (nothing downloads): a repo's files that
+    """huggingface_hub.snapshot_download and list_repo_files over a local folder of repos (nothing downloads; a file
+    ``.offline`` in it makes every listing fail, as offline): a repo's files that
     huggingface_hub's own filter (``filter_repo_objects``) keeps for the allow patterns are copied into a cache folder
     laid out as huggingface_hub's (``<repo>/snapshots/<revision>/<path>``), whose path is returned; an unknown repo
     raises LocalEntryNotFoundError (offline), a repo named "owner/gated" GatedRepoError (an HTTP error).
@@ -614,7 +615,14 @@ def fake_hub(tmp_path, monkeypatch):
         dst.mkdir(parents=True, exist_ok=True)
         return str(dst)
 
+    def list_repo_files(repo_id, *, revision=None, token=None):
+        calls.append({"listed": repo_id, "revision": revision, "token": token})
+        if (hub / ".offline").exists() or not (hub / repo_id).is_dir():
+            raise LocalEntryNotFoundError(f"cannot list {repo_id}")
+        return sorted(f.relative_to(hub / repo_id).as_posix() for f in (hub / repo_id).rglob("*") if f.is_file())
+
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
     return hub, calls
 
 
@@ -651,7 +659,9 @@ def test_a_hub_repo_loads_like_a_folder(pipe, assets, fake_hub, tmp_path):
     file, config = resolve_checkpoint("owner/lorweb")
     assert file.relative_to(file.parents[1]).as_posix() == "lorweb_model/lorweb_model.safetensors"
     assert config == file.parents[1] / "config.yaml" and config.is_file()
-    assert calls[-1]["allow_patterns"] == ["*.safetensors", "*.yaml", "config.yaml"]
+    assert calls[-2] == {"listed": "owner/lorweb", "revision": None, "token": None}
+    assert calls[-1]["allow_patterns"] == ["lorweb_model/lorweb_model.safetensors", "config.yaml",
+                                           "lorweb_model/config.yaml"]
     file2, config2 = resolve_checkpoint("owner/lorweb", "lorweb_model/lorweb_model.safetensors", revision="v1")
     assert file2.name == "lorweb_model.safetensors" and config2 is not None and calls[-1]["revision"] == "v1"
     assert calls[-1]["allow_patterns"] == ["lorweb_model/lorweb_model.safetensors", "config.yaml",
@@ -675,6 +685,48 @@ def test_a_hub_repo_loads_like_a_folder(pipe, assets, fake_hub, tmp_path):
     # brackets are literal in weight_name (the Hub filters with fnmatch)
     _hub_repo(hub, "owner/odd", assets, ["w[v2].safetensors"])
     assert resolve_checkpoint("owner/odd", "w[v2].safetensors")[0].name == "w[v2].safetensors"
+
+
+def test_a_hub_repo_downloads_only_the_checkpoint_it_picks(assets, fake_hub):
+    """Without weight_name the repo's listing picks the file by the folder rule (a final file over step files, the
+    one folder holding checkpoints), and only it and its config.yaml files are downloaded, not every step file.
+    Offline or with local_files_only (no listing) the cached snapshot is read by the same rule."""
+    from lorweb_fast.lora_api import resolve_checkpoint
+
+    hub, calls = fake_hub
+    steps = [f"run/run_{step:09d}.safetensors" for step in (250, 500, 750)]
+    _hub_repo(hub, "owner/run", assets, steps + ["run/run.safetensors", "run/config.yaml", "notes/readme.yaml"])
+    (hub / "owner/run/run/config.yaml").write_text("job: extension\n")
+    file, config = resolve_checkpoint("owner/run", revision="v3", token="t")
+    assert file.name == "run.safetensors" and config == file.parent / "config.yaml"
+    assert calls[-2] == {"listed": "owner/run", "revision": "v3", "token": "t"}
+    assert calls[-1]["allow_patterns"] == ["run/run.safetensors", "config.yaml", "run/config.yaml"]
+    assert sorted(p.name for p in file.parent.iterdir()) == ["config.yaml", "run.safetensors"]
+    # no final file: the highest step, alone; lorweb_fast run folders too
+    (hub / "owner/run/run/run.safetensors").unlink()
+    assert resolve_checkpoint("owner/run", revision="v4")[0].name == "run_000000750.safetensors"
+    assert calls[-1]["allow_patterns"][0] == "run/run_000000750.safetensors"
+    _hub_repo(hub, "owner/ours", assets, ["checkpoints/step-00000010/lorweb.safetensors",
+                                          "checkpoints/step-00000020/lorweb.safetensors"])
+    assert resolve_checkpoint("owner/ours")[0].parent.name == "step-00000020"
+    assert calls[-1]["allow_patterns"][0] == "checkpoints/step-00000020/lorweb.safetensors"
+    # a subfolder narrows the listing; two final files are ambiguous, named before anything downloads
+    assert resolve_checkpoint("owner/run", subfolder="run", revision="v5")[0].name == "run_000000750.safetensors"
+    assert calls[-1]["allow_patterns"][0] == "run/run_000000750.safetensors"
+    _hub_repo(hub, "owner/finals", assets, ["a.safetensors", "b.safetensors"])
+    n = len(calls)
+    with pytest.raises(lf.official_config.LoRWeBConfigError, match="repo owner/finals holds several final "
+                                                                   "checkpoints \\(a.safetensors, b.safetensors\\)"):
+        resolve_checkpoint("owner/finals")
+    assert [c for c in calls[n:] if "allow_patterns" in c] == []
+    # no listing: the snapshot's .safetensors files are read, the same file is picked
+    n = len(calls)
+    assert resolve_checkpoint("owner/run", local_files_only=True, revision="v6")[0].name == "run_000000750.safetensors"
+    assert [c["allow_patterns"] for c in calls[n:]] == [["*.safetensors", "*.yaml", "config.yaml"]]
+    (hub / ".offline").touch()
+    assert resolve_checkpoint("owner/run", revision="v7")[0].name == "run_000000750.safetensors"
+    assert calls[-2] == {"listed": "owner/run", "revision": "v7", "token": None}
+    assert calls[-1]["allow_patterns"] == ["*.safetensors", "*.yaml", "config.yaml"]
 
 
 def test_hub_checkpoint_errors_name_the_problem(pipe, assets, fake_hub, tmp_path):
