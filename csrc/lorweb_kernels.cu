@@ -27,6 +27,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMinRowsPerChunk = 32;
 constexpr int kWarp = 32;
+constexpr int64_t kMaxGridY = 65535;  // CUDA limit of gridDim.y
 
 template <typename scalar_t, int V>
 struct alignas(sizeof(scalar_t) * V) Pack {
@@ -239,7 +240,6 @@ std::tuple<at::Tensor, at::Tensor> scale_and_dcoeffs(const at::Tensor& dz, const
     return {dzs, at::zeros({batch, num_loras}, coeffs.options().dtype(at::kFloat))};
   }
   check_int32_columns(cols, rank, num_loras);
-  TORCH_CHECK(batch <= 65535, "lorweb_fast_cuda: at most 65535 samples per call, got ", batch);
   TORCH_CHECK(batch * num_loras <= INT32_MAX, "lorweb_fast_cuda: B * N = ", batch * num_loras, " is too large");
   const int64_t width = 16 / static_cast<int64_t>(dz.element_size());
   const bool vectorizable =
@@ -256,12 +256,18 @@ std::tuple<at::Tensor, at::Tensor> scale_and_dcoeffs(const at::Tensor& dz, const
     const int64_t chunks = (rows_per_sample + rows_per_chunk - 1) / rows_per_chunk;
     TORCH_CHECK(chunks <= INT32_MAX, "lorweb_fast_cuda: rows_per_sample=", rows_per_sample, " is too large");
     auto partials = at::empty({batch, chunks, cols}, coeffs.options().dtype(at::kFloat));
-    const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(batch));
-    scale_dz_column_partials_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(
-        dz.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), coeffs.data_ptr<float>(), dzs.data_ptr<scalar_t>(),
-        partials.data_ptr<float>(), static_cast<int>(cols), static_cast<int>(rank), static_cast<int>(num_loras),
-        rows_per_sample, rows_per_chunk, threads_x, static_cast<float>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // grid.y (the sample) is at most 65535: more samples (a 2-D input has one row per sample) go in slices
+    for (int64_t b0 = 0; b0 < batch; b0 += kMaxGridY) {
+      const int64_t samples = std::min(kMaxGridY, batch - b0);
+      const int64_t row0 = b0 * rows_per_sample * cols;
+      const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(samples));
+      scale_dz_column_partials_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(
+          dz.data_ptr<scalar_t>() + row0, u.data_ptr<scalar_t>() + row0, coeffs.data_ptr<float>() + b0 * num_loras,
+          dzs.data_ptr<scalar_t>() + row0, partials.data_ptr<float>() + b0 * chunks * cols, static_cast<int>(cols),
+          static_cast<int>(rank), static_cast<int>(num_loras), rows_per_sample, rows_per_chunk, threads_x,
+          static_cast<float>(scale));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     reduce_dcoeffs_kernel<<<static_cast<unsigned>(batch * num_loras), kThreads, 0, stream>>>(
         partials.data_ptr<float>(), dcoeffs.data_ptr<float>(), static_cast<int>(num_loras),
         static_cast<int>(rank), static_cast<int>(cols), chunks, static_cast<float>(scale));

@@ -47,7 +47,8 @@ Dims check_common(const at::Tensor& x, const at::Tensor& lora_a, const at::Tenso
               d.r, ", out), got ", lora_b.sizes());
   TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(1) == d.n, "lorweb_fast_cuda: coeffs must be (B, N=", d.n, "), got ",
               coeffs.sizes());
-  TORCH_CHECK(rows_per_sample >= 1 && d.batch * rows_per_sample == d.m, "lorweb_fast_cuda: x has ", d.m,
+  // rows_per_sample is 0 for a (B, 0, in) input: no rows, nothing to mix
+  TORCH_CHECK((rows_per_sample >= 1 || d.m == 0) && rows_per_sample >= 0 && d.batch * rows_per_sample == d.m, "lorweb_fast_cuda: x has ", d.m,
               " rows but coeffs has ", d.batch, " samples of rows_per_sample=", rows_per_sample);
   return d;
 }

@@ -58,6 +58,13 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.library import wrap_triton
 
+#: Oldest Triton with host-side TMA descriptors (``triton.tools.tensor_descriptor``, triton-lang/triton#6455), which
+#: the sm_90 tables' ``tma`` entries launch with; older versions are refused at import, by name.
+MIN_TRITON = (3, 4)
+if tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2]) < MIN_TRITON:
+    raise ImportError(f"lorweb_fast's Triton kernels need triton >= {'.'.join(map(str, MIN_TRITON))} (host-side TMA "
+                      f"descriptors), found triton {triton.__version__}; upgrade torch/triton or use "
+                      "backend='cuda' / 'torch'")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Largest R served by the Triton kernels; larger bases go through the all-cuBLAS route (see ``choose_route``).
 MAX_FUSED_R = 512
@@ -713,14 +720,20 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     ``wrap_triton`` so that it is recorded in the graph. Under TRITON_INTERPRET=1 the interpreted kernel always runs
     directly (torch 2.11's wrap_triton refuses it), except on fake tensors while shapes are propagated (the outputs
     are already allocated with their final shapes). ``lorweb_fast.aot`` replaces this function to record launches
-    instead of running them."""
+    instead of running them. Eager launches go to the GPU of the tensors (Triton itself launches on the current
+    device: a model placed on ``cuda:1`` while ``cuda:0`` is current, as with a ``device_map``)."""
     if interpreting():
         if not _fake_args(args):
             kernel[grid](*args, **kwargs)
     elif traced(*args):
         wrap_triton(kernel)[grid](*args, **kwargs)
     else:
-        kernel[grid](*args, **kwargs)
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                kernel[grid](*args, **kwargs)
+        else:
+            kernel[grid](*args, **kwargs)
 
 
 def dot_mode(dtype: torch.dtype) -> int:
@@ -755,18 +768,21 @@ def _tma_device(t: torch.Tensor, family: str) -> bool:
 
 
 def _tma_aligned(t: torch.Tensor) -> bool:
-    """Unit column stride and 16-byte aligned row stride and base. Storage offsets stand for base addresses:
-    allocations themselves are 256-byte aligned (and data_ptr is unavailable on torch.compile's fake tensors)."""
+    """A non-empty (rows, cols) operand a TMA descriptor can describe: unit column stride, rows that do not overlap
+    (a broadcast row stride 0 is no tensor map), 16-byte aligned row stride and base. Storage offsets stand for base
+    addresses: allocations themselves are 256-byte aligned (and data_ptr is unavailable on torch.compile's fake
+    tensors). An empty operand has no descriptor (its shape must be positive)."""
     size = t.element_size()
-    return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and (t.storage_offset() * size) % 16 == 0
+    return (t.shape[0] > 0 and t.shape[1] > 0 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+            and (t.stride(0) * size) % 16 == 0 and (t.storage_offset() * size) % 16 == 0)
 
 
 def tma_usable(x: torch.Tensor, a_cat: torch.Tensor, r0: int, r1: int, family: str) -> bool:
     """Whether the shrink can fetch x (M, K) and a_cat (R, K) by TMA: a Hopper-or-newer GPU (or the interpreter),
     aligned operands (``_tma_aligned``), chunk heights <= 256 (the TMA box limit) and not traced (``traced``).
     Otherwise the table's ``tma`` flag falls back to the pointer kernel (cp.async), which computes the same result."""
-    return (_tma_device(x, family) and max(r0, r1) <= 256 and _tma_aligned(x) and _tma_aligned(a_cat)
-            and not traced(x, a_cat))
+    return (_tma_device(x, family) and max(r0, r1) <= 256 and not traced(x, a_cat) and _tma_aligned(x)
+            and _tma_aligned(a_cat))
 
 
 @lru_cache(maxsize=None)
@@ -989,6 +1005,10 @@ def expand(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], z: torch.T
             raise ValueError(f"base must be ({M}, {nout}), got {tuple(base.shape)}")
         base = _unit_cols(base)
     base_t = base if has_base else out
+    if bias is not None:  # the epilogue reads it as a dense vector
+        if tuple(bias.shape) != (nout,):
+            raise ValueError(f"bias must be ({nout},), got {tuple(bias.shape)}")
+        bias = bias.contiguous()
     family = _family(z, family)
     if has_x and weight_layout == "in_out":  # backward K2: this call's out is the layer's in
         cfg = kernel_config("expand_dx", nout, K, R, z.dtype, family, config)
@@ -996,8 +1016,8 @@ def expand(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], z: torch.T
         cfg = kernel_config("expand", K if has_x else nout, nout, R, z.dtype, family, config)
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     operands = [z, b_cat] + ([x, weight] if has_x else [])
-    if (cfg["tma"] and max(bm, bn, bk) <= 256 and _tma_device(z, family) and all(map(_tma_aligned, operands))
-            and not traced(*operands)):
+    if (cfg["tma"] and max(bm, bn, bk) <= 256 and _tma_device(z, family) and not traced(*operands)
+            and all(map(_tma_aligned, operands))):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         z_desc = TensorDescriptor.from_tensor(z, [bm, bk])

@@ -187,9 +187,11 @@ def merged(model: nn.Module, strategy: str = "full") -> Iterator[nn.Module]:
         with _refusing_loads(model, layers), _merged_offload(layers):
             yield model
     else:
+        grad_warning = [False]  # one warning per block, as the other strategies (_refusing_loads)
         try:
             for layer in layers.values():
                 layer._merge_jit = True
+                layer._merged_grad_warned = grad_warning
             yield model
         finally:
             for layer in layers.values():

@@ -213,22 +213,31 @@ class LoRWeBLinear(nn.Module):
         return coeffs
 
     # ----------------------------------------------------------------------------------------------- forward
+    def _warn_no_gradient_when_merged(self) -> None:
+        """Once per merged() context: a forward with autograd there gives the LoRWeB parameters no gradient."""
+        if not self._merged_grad_warned[0] and torch.is_grad_enabled() and self.lora_A.requires_grad:
+            self._merged_grad_warned[0] = True
+            warnings.warn("forward with autograd inside merged(): the mixture is folded into the base weight, so "
+                          "the LoRWeB parameters (lora_A, lora_B, lora_keys, att_lora_to_q) get no gradient; "
+                          "train outside merged()", UserWarning, stacklevel=3)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged:
-            if not self._merged_grad_warned[0] and torch.is_grad_enabled() and self.lora_A.requires_grad:
-                self._merged_grad_warned[0] = True
-                warnings.warn("forward with autograd inside merged(): the mixture is folded into the base weight, so "
-                              "the LoRWeB parameters (lora_A, lora_B, lora_keys, att_lora_to_q) get no gradient; "
-                              "train outside merged()", UserWarning, stacklevel=2)
+            self._warn_no_gradient_when_merged()
             return self.base_layer(x)
         if x.dim() > 3:  # (B, ..., in) as nn.Linear takes it: the middle dimensions are one sample's tokens
-            return self.forward(x.reshape(x.shape[0], -1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+            # the token count is spelled out: -1 is ambiguous for an empty batch
+            tokens = math.prod(x.shape[1:-1])
+            return self.forward(x.reshape(x.shape[0], tokens, x.shape[-1])).reshape(*x.shape[:-1],
+                                                                                     self.out_features)
         if self._merge_jit:
+            self._warn_no_gradient_when_merged()
             return self.jit_merged_forward(x)
         if self.adapter_precision != "auto":
             return self._forward_fp32(x)  # raises for anything but "fp32"
         coeffs = self._coefficients_for(x)
-        if torch.is_autocast_enabled(x.device.type):
+        # autocast's own rule: only fp16 / bf16 / fp32 inputs are cast (float64 and integer inputs are left alone)
+        if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
             dtype = torch.get_autocast_dtype(x.device.type)
         else:
             dtype = x.dtype
@@ -291,7 +300,8 @@ class LoRWeBLinear(nn.Module):
         bias = self.base_layer.bias
         # identical rows take the one-weight path; under torch.compile that data-dependent test would break the
         # graph, so a compiled batch takes the per-sample path (the same values up to rounding)
-        if coeffs.shape[0] == 1 or (not torch.compiler.is_compiling() and bool((coeffs == coeffs[:1]).all())):
+        if coeffs.shape[0] == 1 or (not torch.compiler.is_compiling() and coeffs.shape[0] > 1
+                                    and bool((coeffs == coeffs[:1]).all())):
             return F.linear(x, self.merged_weight_for(coeffs[0]), bias)
         weights = self.merged_weight_for(coeffs)  # (B, out, in)
         x3 = x if x.dim() == 3 else x.unsqueeze(1)

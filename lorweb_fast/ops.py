@@ -67,6 +67,15 @@ def _load_cuda_extension():
 _CUDA_EXT, _CUDA_IMPORT_ERROR = _load_cuda_extension()
 
 
+def cuda_build_error() -> Optional[str]:
+    """Why setup.py's compile of lorweb_fast._C failed at install (recorded in ``_cuda_build_info``), else None."""
+    try:
+        from ._cuda_build_info import BUILD_ERROR
+    except ImportError:
+        return None
+    return BUILD_ERROR
+
+
 def cuda_build_arch_list() -> str:
     """TORCH_CUDA_ARCH_LIST that lorweb_fast._C was compiled for ("unknown" when not recorded)."""
     try:
@@ -122,7 +131,7 @@ def _unavailable_reason(name: str, device: torch.device | None = None) -> Option
         return None
     if name == "triton":
         if _TRITON_KERNELS is None:
-            return f"triton is not importable ({_TRITON_IMPORT_ERROR})"
+            return f"the Triton kernels cannot be imported ({_TRITON_IMPORT_ERROR})"
         if device is not None and device.type == "cpu":
             return _interpreter_unsupported() if triton_interpret_mode() else (
                 "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported); use backend='torch' on CPU")
@@ -134,6 +143,10 @@ def _unavailable_reason(name: str, device: torch.device | None = None) -> Option
         return None
     if name == "cuda":
         if _CUDA_EXT is None:
+            failed = cuda_build_error()
+            if failed is not None:
+                return (f"the CUDA extension lorweb_fast._C failed to build at install ({failed}); fix the cause and "
+                        "reinstall (LORWEB_FAST_FORCE_CUDA_BUILD=1 makes a failed build an install error)")
             return ("the CUDA extension lorweb_fast._C is not built (install with a CUDA-enabled torch and nvcc, "
                     f"see README; import error: {_CUDA_IMPORT_ERROR})")
         if device is not None and device.type != "cuda":
@@ -344,7 +357,8 @@ if _CUDA_EXT is not None:
 
     @torch.library.register_fake(f"{CUDA_NAMESPACE}::bwd")
     def _cuda_bwd_fake(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample):
-        return (torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b),
+        # contiguous, as the extension returns them (empty_like would keep a transposed input's strides)
+        return (x.new_empty(x.shape), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape),
                 coeffs.new_empty(coeffs.shape, dtype=torch.float32))
 
     _cuda_setup, _cuda_backward = _fused_autograd(getattr(torch.ops, CUDA_NAMESPACE).bwd)

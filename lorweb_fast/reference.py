@@ -47,6 +47,12 @@ def compute_coefficients(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    if query.dim() != 2 or to_q_weight.dim() != 2 or keys.dim() != 2:
+        raise ValueError(f"query (B, query_dim), to_q_weight (key_dim, query_dim) and keys (N, key_dim) must be 2-D, "
+                         f"got {tuple(query.shape)}, {tuple(to_q_weight.shape)}, {tuple(keys.shape)}")
+    if to_q_weight.shape[1] != query.shape[1] or keys.shape[1] != to_q_weight.shape[0]:
+        raise ValueError(f"shapes do not chain: query {tuple(query.shape)}, to_q_weight {tuple(to_q_weight.shape)} "
+                         f"(key_dim, query_dim), keys {tuple(keys.shape)} (N, key_dim)")
     q = query.double()
     w = to_q_weight.double()
     k = keys.double()
@@ -86,6 +92,15 @@ def mixed_lora_delta(
     Returns:
         (B, S, out) or (B, out) float64 delta, matching the rank of ``x``.
     """
+    # checked here, not broadcast by einsum: the oracle must refuse what the fast paths refuse
+    if x.dim() not in (2, 3) or lora_a.dim() != 3 or lora_b.dim() != 3 or coeffs.dim() != 2:
+        raise ValueError(f"x (B, S, in) / (B, in), lora_a (N, in, r), lora_b (N, r, out) and coeffs (B, N) expected, "
+                         f"got {tuple(x.shape)}, {tuple(lora_a.shape)}, {tuple(lora_b.shape)}, {tuple(coeffs.shape)}")
+    num_loras, in_features, rank = lora_a.shape
+    if (x.shape[-1] != in_features or tuple(lora_b.shape[:2]) != (num_loras, rank)
+            or tuple(coeffs.shape) != (x.shape[0], num_loras)):
+        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)} (N, in, r), "
+                         f"lora_b {tuple(lora_b.shape)} (N, r, out), coeffs {tuple(coeffs.shape)} (B, N)")
     xd, a, b, c = x.double(), lora_a.double(), lora_b.double(), coeffs.double()
     if x.dim() == 2:
         return torch.einsum("bi,nir,bn,nro->bo", xd, a, c, b) * scale

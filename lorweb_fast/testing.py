@@ -161,10 +161,12 @@ def check_forward(name: str, y: torch.Tensor, problem: dict) -> None:
     assert_within_rss_bound(name, y.cpu(), ref.cpu(), rss.cpu(), y.dtype, depth)
 
 
-def check_against_reference(fn, problem: dict, *, with_base: bool = True, grad_seed: int = 1) -> None:
+def check_against_reference(fn, problem: dict, *, with_base: bool = True, grad_seed: int = 1,
+                            broadcast_dy: bool = False) -> None:
     """Run ``fn(x, weight, bias, lora_a, lora_b, coeffs, scale)`` (or without weight/bias when ``with_base`` is False)
     and check the output and the gradients of x, lora_a, lora_b, coeffs (and weight, bias) against the float64
-    reference, each with the worst-case and the statistical bound (module docstring)."""
+    reference, each with the worst-case and the statistical bound (module docstring). ``broadcast_dy``: the output
+    gradient is one random row expanded over the rows (row stride 0, as the gradient of a sum over tokens)."""
     names: Sequence[str] = ("x", "weight", "bias", "lora_a", "lora_b", "coeffs") if with_base else (
         "x", "lora_a", "lora_b", "coeffs")
     names = [n for n in names if problem.get(n) is not None]
@@ -182,6 +184,8 @@ def check_against_reference(fn, problem: dict, *, with_base: bool = True, grad_s
         raise AssertionError(f"output dtype {out.dtype} != input dtype {dtype}")
     g = torch.Generator().manual_seed(grad_seed)
     dy = torch.randn(out.shape, generator=g).to(dtype=dtype, device=out.device)
+    if broadcast_dy:
+        dy = dy[..., :1, :].expand(out.shape)
     out.backward(dy)
 
     ref_fn = reference.lorweb_linear if with_base else reference.mixed_lora_delta

@@ -73,6 +73,83 @@ def test_fake_kernels_give_contract_shapes(ext):
         assert dc.dtype == torch.float32 and da.dtype == torch.bfloat16
 
 
+def test_backward_fake_kernel_gives_contiguous_gradients_for_strided_inputs(ext):
+    """The extension returns contiguous gradients whatever the inputs' strides (a transposed x, lora_a in peft's
+    layout): the fake kernel must say so, or inductor's stride asserts fail (and without them fused code would read
+    the gradients with the wrong strides)."""
+    with FakeTensorMode():
+        x = torch.empty(17, 10, device="cuda", dtype=torch.bfloat16).t()
+        w = torch.empty(19, 17, device="cuda", dtype=torch.bfloat16)
+        a = torch.empty(3, 4, 17, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        b = torch.empty(3, 19, 4, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        c = torch.empty(2, 3, device="cuda")
+        y, u, z = torch.ops.lorweb_fast_cuda.fwd(x, w, None, None, a, b, c, 1.0, 5)
+        grads = torch.ops.lorweb_fast_cuda.bwd(torch.empty_like(y), x, w, a, b, c, u, z, 1.0, 5)
+        assert [tuple(g.shape) for g in grads] == [(10, 17), (3, 17, 4), (3, 4, 19), (2, 3)]
+        assert all(g.is_contiguous() for g in grads)
+
+
+def test_a_failed_build_is_named_by_the_backend_status(monkeypatch):
+    """setup.py records a failed compile in _cuda_build_info.BUILD_ERROR: backend='cuda' then raises naming it
+    (not the generic "not built")."""
+    import sys
+    import types
+
+    info = types.ModuleType("lorweb_fast._cuda_build_info")
+    info.TORCH_CUDA_ARCH_LIST, info.CUDA_VERSION = "9.0", "13.0"
+    info.BUILD_ERROR = "RuntimeError: Error compiling objects for extension"
+    monkeypatch.setitem(sys.modules, "lorweb_fast._cuda_build_info", info)
+    monkeypatch.setattr(ops, "_CUDA_EXT", None)
+    assert ops.cuda_build_error() == info.BUILD_ERROR
+    assert ops.backend_status()["cuda"] == (
+        "unavailable: the CUDA extension lorweb_fast._C failed to build at install (RuntimeError: Error compiling "
+        "objects for extension); fix the cause and reinstall (LORWEB_FAST_FORCE_CUDA_BUILD=1 makes a failed build "
+        "an install error)")
+    with pytest.raises(lorweb_fast.BackendUnavailableError, match="failed to build at install"):
+        ops.resolve_backend("cuda", torch.device("cuda"))
+    info.BUILD_ERROR = None
+    assert "is not built" in ops.backend_status()["cuda"]
+
+
+@pytest.mark.skipif(not build_expected(), reason="needs a CUDA torch and a CUDA toolkit")
+def test_setup_installs_without_the_extension_when_its_compile_fails(tmp_path):
+    """A compile error (here an #error in both sources) does not fail the install: setup.py logs it, records it in
+    _cuda_build_info.BUILD_ERROR and removes a stale binary from an earlier build; LORWEB_FAST_FORCE_CUDA_BUILD=1
+    makes it an install error."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(repo / "csrc", src / "csrc")
+    shutil.copytree(repo / "kernels", src / "kernels")
+    (src / "lorweb_fast").mkdir()
+    shutil.copy(repo / "setup.py", src / "setup.py")
+    shutil.copy(repo / "pyproject.toml", src / "pyproject.toml")
+    shutil.copy(repo / "lorweb_fast" / "__init__.py", src / "lorweb_fast" / "__init__.py")
+    for name in ("lorweb_kernels.cu", "lorweb_ops.cpp"):
+        path = src / "csrc" / name
+        path.write_text("#error deliberate build failure\n" + path.read_text())
+    stale = src / "lorweb_fast" / ("_C" + __import__("sysconfig").get_config_var("EXT_SUFFIX"))
+    env = {k: v for k, v in os.environ.items() if k not in ("LORWEB_FAST_SKIP_CUDA_BUILD", "PYTHONPATH")}
+    env["LORWEB_FAST_FORCE_CUDA_BUILD"] = "1"
+    forced = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert forced.returncode != 0 and "deliberate build failure" in forced.stdout + forced.stderr
+    stale.write_bytes(b"an earlier build")
+    del env["LORWEB_FAST_FORCE_CUDA_BUILD"]
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING: the CUDA extension lorweb_fast._C failed to build (RuntimeError" in proc.stderr
+    assert not stale.exists()
+    info = {}
+    exec((src / "lorweb_fast" / "_cuda_build_info.py").read_text(), info)
+    assert info["BUILD_ERROR"].startswith("RuntimeError: Error compiling objects")
+
+
 # ------------------------------------------------------------------------------------------ register spills (no GPU)
 KERNELS = ("scale_columns_kernel", "scale_dz_column_partials_kernel", "reduce_dcoeffs_kernel")
 

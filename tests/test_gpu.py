@@ -278,3 +278,56 @@ def test_offsets_beyond_2_pow_31_on_gpu():
     assert_within_bound("out tail", out[-300:].cpu(), (z64 @ b64).cpu(), (z64.abs() @ b64.abs()).cpu(),
                         torch.bfloat16, 16)
     del storage
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape", [(2, 0), (0, 5)])
+def test_empty_inputs_at_a_tma_shape(backend, shape):
+    """No rows ((B, 0, in) or B = 0) at 3072 -> 3072 bf16, whose sm_90 entries launch by TMA: forward and backward
+    give empty outputs and zero basis / coefficient gradients (no descriptor for an empty operand; the extension
+    accepts rows_per_sample 0)."""
+    _require(backend)
+    p = random_problem(max(shape[0], 1), 1, 3072, 3072, 32, 4, torch.bfloat16, device="cuda", seed=2)
+    x = torch.empty(*shape, 3072, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    coeffs = p["coeffs"][:shape[0]].clone().requires_grad_(True)
+    lora_a = p["lora_a"].clone().requires_grad_(True)
+    lora_b = p["lora_b"].clone().requires_grad_(True)
+    y = lf.lorweb_linear(x, p["weight"], p["bias"], lora_a, lora_b, coeffs, p["scale"], backend=backend)
+    assert y.shape == (*shape, 3072)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for grad in (lora_a.grad, lora_b.grad, coeffs.grad):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_2d_input_with_more_rows_than_a_grid_dimension(backend):
+    """A 2-D input has one row per sample: 70000 samples exceed CUDA's 65535 grid.y (the extension's dcoeffs kernel
+    launches in slices); forward and every gradient against float64."""
+    _require(backend)
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend=backend),
+                            random_problem(70000, None, 64, 40, 3, 4, torch.float32, device="cuda", seed=6))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_strided_bias_and_broadcast_gradient_at_a_tma_shape(backend):
+    """A bias that is a column of a bigger tensor, and an output gradient with row stride 0 (the gradient of a sum
+    over rows), at 3072 -> 3072 bf16 (TMA tables): the output and every gradient against float64."""
+    _require(backend)
+
+    def strided(bias):  # stride 2, the same values, differentiable
+        return torch.stack([bias, torch.zeros_like(bias)], 1)[:, 0]
+
+    check_against_reference(lambda x, w, b, *rest: lf.lorweb_linear(x, w, strided(b), *rest, backend=backend),
+                            random_problem(1, 300, 3072, 3072, 32, 4, torch.bfloat16, device="cuda", seed=9),
+                            broadcast_dy=True)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", FUSED)
+def test_layers_on_a_second_gpu_run_there(backend):
+    """Tensors on cuda:1 while cuda:0 is current (a device_map placement): the kernels run on cuda:1."""
+    _require(backend)
+    problem = random_problem(2, 33, 64, 40, 3, 4, torch.bfloat16, device="cuda:1", seed=8)
+    assert torch.cuda.current_device() == 0
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend=backend), problem)

@@ -182,3 +182,37 @@ def test_inputs_with_more_dimensions_are_one_samples_tokens():
     assert delta.abs().max() > 1e-2  # the mixture is there
     with pytest.raises(ValueError, match="with a batch dimension"):
         model(torch.randn(6))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 2, 8), (2, 0, 3, 8), (0, 8), (0, 4, 8)])
+def test_empty_inputs_of_any_rank_as_nn_linear(shape):
+    """An empty batch or token dimension of a 2-D, 3-D or 4-D input gives nn.Linear's empty output (the 4-D reshape
+    spells out the token count: -1 is ambiguous with 0 elements), unmerged and in merged(strategy="jit")."""
+    base = nn.Linear(8, 6)
+    layer = lf.LoRWeBLinear(base, num_loras=2, rank=2, key_dim=4, query_dim=6)
+    layer.set_coefficients(torch.rand(shape[0], 2))
+    x = torch.randn(*shape)
+    assert layer(x).shape == base(x).shape == (*shape[:-1], 6)
+    with lf.merged(layer, strategy="jit"):
+        assert layer(x).shape == (*shape[:-1], 6)
+
+
+def test_autocast_casts_only_what_autocast_casts():
+    """Under CPU bf16 autocast an fp32 input runs in bf16 (as nn.Linear), a float64 input stays float64 (autocast
+    leaves doubles alone), and an integer input is refused by dtype as without autocast."""
+    base = nn.Linear(8, 6)
+    layer = lf.LoRWeBLinear(base, num_loras=2, rank=2, key_dim=4, query_dim=6)
+    nn.init.normal_(layer.lora_B)
+    coeffs = torch.rand(2, 2)
+    layer.set_coefficients(coeffs)
+    x = torch.randn(2, 3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == base(x).dtype == torch.bfloat16
+        layer64, base64 = layer.double(), base.double()
+        layer64.set_coefficients(coeffs)
+        y64 = layer64(x.double())
+        assert y64.dtype == base64(x.double()).dtype == torch.float64
+        with pytest.raises(TypeError):
+            layer64(torch.ones(2, 3, 8, dtype=torch.long))
+    want = reference.lorweb_linear(x, base64.weight, base64.bias, layer64.lora_A, layer64.lora_B, coeffs, layer.scale)
+    torch.testing.assert_close(y64, want, rtol=1e-12, atol=1e-12)

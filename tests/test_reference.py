@@ -203,3 +203,17 @@ def test_coefficients_stay_fp32_under_autocast(activation, reduce, heads):
     bf16 = torch.softmax(logits.float(), -1) if activation == "softmax" else torch.tanh(logits.float())
     bf16 = bf16.mean(1) if reduce == "mean" else bf16.sum(1).clamp(-1.0, 1.0)
     assert (bf16 - plain).abs().max() > 1e-4
+
+
+def test_the_reference_refuses_what_the_fast_paths_refuse():
+    """The oracle checks shapes instead of letting einsum broadcast a size-1 dimension: coefficients of batch 1 for
+    an input of batch 2 would otherwise pass as a batch bug's reference."""
+    x, a, b = torch.randn(2, 5, 7), torch.randn(3, 7, 2), torch.randn(3, 2, 4)
+    for bad in ((x, a, b, torch.rand(1, 3)), (x, a, b, torch.rand(2, 4)), (x[..., :6], a, b, torch.rand(2, 3)),
+                (x, a, b[:, :1], torch.rand(2, 3)), (x.unsqueeze(1), a, b, torch.rand(2, 3))):
+        with pytest.raises(ValueError, match="expected|do not match"):
+            reference.mixed_lora_delta(*bad, 1.0)
+    with pytest.raises(ValueError, match="do not chain"):
+        reference.compute_coefficients(torch.randn(2, 6), torch.randn(8, 6), torch.randn(3, 9))
+    with pytest.raises(ValueError, match="do not chain"):
+        reference.compute_coefficients(torch.randn(2, 5), torch.randn(8, 6), torch.randn(3, 8))

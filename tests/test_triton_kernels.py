@@ -49,3 +49,20 @@ def test_old_triton_interpreter_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "3.7.0")
     assert ops.resolve_backend("triton", torch.device("cpu")) == "triton"
     assert ops.backend_status()["triton"].startswith("available: Triton interpreter")
+
+
+def test_triton_older_than_host_tma_descriptors_is_refused_by_name(tmp_path):
+    """The sm_90 tables launch with host-side TMA descriptors (Triton >= 3.4): an older Triton makes the kernels
+    refuse to import by name, so backend='triton' is unavailable with that reason instead of failing on the first
+    TMA launch with an ImportError from inside a layer."""
+    pytest.importorskip("triton")
+    code = ("import triton; triton.__version__ = '3.3.1'\n"
+            "from lorweb_fast import ops\n"
+            "print(ops.backend_status()['triton'])\n")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert ("unavailable: the Triton kernels cannot be imported (ImportError: lorweb_fast's Triton kernels need "
+            "triton >= 3.4 (host-side TMA descriptors), found triton 3.3.1") in proc.stdout, proc.stdout

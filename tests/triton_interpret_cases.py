@@ -155,6 +155,61 @@ def test_empty_sequence_backward():
     assert torch.equal(coeffs.grad, torch.zeros_like(coeffs)) and torch.equal(lora_a.grad, torch.zeros_like(lora_a))
 
 
+@pytest.mark.parametrize("shape", [(2, 0), (0, 5)])
+def test_empty_input_with_the_tma_tables(shape):
+    """No rows ((B, 0, in) or B = 0) at a layer whose sm_90 entries launch by TMA: no descriptor is built for an
+    empty operand (its shape must be positive); forward and backward give empty / zero results."""
+    entry = K.lookup(3072, 3072, 128, torch.bfloat16, "sm90")
+    assert entry["route"] == "fused" and any(entry[role]["tma"] for role in ("shrink", "expand", "shrink_dy",
+                                                                              "expand_dx"))
+    g = torch.Generator().manual_seed(5)
+    x = torch.empty(*shape, 3072, dtype=torch.bfloat16)
+    w = torch.randn(3072, 3072, generator=g).to(torch.bfloat16)
+    lora_a = (torch.randn(32, 3072, 4, generator=g) * 0.02).to(torch.bfloat16)
+    lora_b = (torch.randn(32, 4, 3072, generator=g) * 0.02).to(torch.bfloat16)
+    coeffs = torch.rand(shape[0], 32, generator=g)
+    x2d = x.reshape(-1, 3072)
+    y, u, z = K.forward(x2d, w, None, None, lora_a, lora_b, coeffs, 1.0, shape[1], family="sm90")
+    assert y.shape == (0, 3072) and u.shape == z.shape == (0, 128)
+    dx, d_a, d_b, d_c = K.backward(torch.empty(0, 3072, dtype=torch.bfloat16), x2d, w, lora_a, lora_b, coeffs, u, z,
+                                   1.0, shape[1], family="sm90")
+    assert dx.shape == (0, 3072) and d_c.shape == (shape[0], 32)
+    for grad in (d_a, d_b, d_c):
+        assert torch.equal(grad, torch.zeros_like(grad))
+    assert not K.tma_usable(x2d, lora_a.new_empty(128, 3072), 128, 0, "sm90") and not K._tma_aligned(x2d)
+
+
+def test_tma_needs_rows_that_do_not_overlap():
+    """A row stride 0 (a broadcast x, or the gradient of a sum over rows) is no TMA tensor map: the pointer kernels
+    take it, with the same result as the dense copy."""
+    dense = torch.randn(1, 64).expand(9, 64)
+    a_cat = torch.randn(16, 64)
+    assert dense.stride() == (0, 1) and not K._tma_aligned(dense) and K._tma_aligned(dense.contiguous())
+    assert not K.tma_usable(dense, a_cat, 16, 0, "sm90") and K.tma_usable(dense.contiguous(), a_cat, 16, 0, "sm90")
+    coeffs = torch.rand(3, 4)
+    cfg = dict(block_m=16, block_k=16, split_k=1, tma=1, num_warps=4, num_stages=2)
+    got, names = _launched(lambda: K.shrink(dense, a_cat, coeffs, 0.5, 3, 4, config=cfg, family="sm90"))
+    assert names == ["_shrink_kernel"]
+    for g, w in zip(got, K.shrink(dense.contiguous(), a_cat, coeffs, 0.5, 3, 4, config=cfg, family="sm90")):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_strided_bias_is_read_by_its_strides(dtype):
+    """The fused route's epilogue adds the bias as a dense vector: a strided bias (a column of a bigger tensor) is
+    made dense first; y against float64."""
+    p = random_problem(2, 5, 40, 19, 3, 4, dtype, seed=31)
+    p["bias"] = torch.randn(19, 2).to(dtype)[:, 0]
+    assert p["bias"].stride() == (2,)
+    assert K.choose_route(40, 19, 12, dtype, 5, "default", rank=4) == "fused"
+    y = lf.lorweb_linear(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"], p["scale"],
+                         backend="triton")
+    check_forward("strided bias", y, p)
+    with pytest.raises(ValueError, match=r"bias must be \(19,\)"):
+        K.expand(p["x"].reshape(10, 40), p["weight"], torch.randn(10, 12).to(dtype), torch.randn(12, 19).to(dtype),
+                 bias=torch.randn(20).to(dtype))
+
+
 def test_dynamic_compile_does_not_recompile_for_sequence_lengths():
     """Under torch.compile(dynamic=True), rows_per_sample is symbolic: the dcoeffs partials then stay per row
     instead of guarding on its divisibility by BLOCK_M, so lengths that are and are not multiples of it share one
@@ -457,3 +512,9 @@ def test_tuner_times_every_role_in_the_mode_it_runs_in(tmp_path, monkeypatch, fa
     args = tune_kernels.parse_args(["--layers", "48:40", "--tokens", "64", "--ranks", "8", "--dtypes", "float32",
                                     "--out", str(out), "--budget-s", "-1"])
     assert tune_kernels.tune(args, device=torch.device("cpu")) == 0 and out.read_text() == before
+
+
+def test_broadcast_output_gradient():
+    """An output gradient with row stride 0 (the gradient of a sum over tokens): every gradient against float64."""
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend="triton"),
+                            random_problem(2, 9, 40, 24, 3, 4, torch.float32, seed=32), broadcast_dy=True)
