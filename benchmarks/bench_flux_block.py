@@ -2,7 +2,9 @@
 
 Scenarios (rows named by ``scenario`` and ``impl``):
   train         forward + backward with gradient checkpointing (training at 512 px, batch 6 on GPU), LoRWeB params
-                trainable, base frozen; the coefficients are computed inside the step, as in training
+                trainable, base frozen, the block input's gradient computed in every row; the coefficients are
+                computed inside the step, as in training (lorweb_fast's set_query without its finiteness check,
+                a host synchronisation that this device-time timer would misread)
   infer         one denoising step without gradients (1024 px, batch 1 on GPU)
   infer_merged  the batch-1 merged fast path (lorweb_fast.merged) against the base block
   coeffs        computing the coefficients once per generation (set_query, one batched computation) against once
@@ -11,12 +13,14 @@ Implementations: ``base`` (the blocks without adapter), ``official`` (the offici
 dtype, coefficients computed in every layer call), ``official_as_run`` (what official training executes: fp32 LoRWeB
 parameters, x cast to fp32, the einsum in fp32 without TF32, added to the base output, coefficients computed in every
 layer call; METHOD.md) and ``lorweb_fast`` (default backend, coefficients from set_query).
-Peak memory is the CUDA allocator's peak above what was allocated before the step (GPU only).
-Attention runs without cuDNN's SDPA kernels, as lorweb-train does by default (on an H200 with torch 2.11 their
+Peak memory is the CUDA allocator's peak above what was allocated before the step (GPU only), with the previous
+step's gradients freed first (the step allocates them again).
+Before timing, each fast path's block output (lorweb_fast, lorweb_fast inside merged(), official_as_run) is checked
+against the official formulation in float64.
+Attention runs without cuDNN's SDPA kernels, as `lorweb-fast train` does by default (on an H200 with torch 2.11 their
 backward returned NaN in training and hit an illegal memory access in this benchmark's train step);
 ``--cudnn-attention`` turns them on.
 
-Before timing, lorweb_fast's block output is checked against the official formulation evaluated in float64.
 Without a GPU it runs a small CPU default labelled CPU. Results: benchmarks/results/flux_block_*.json and .md, and
 (``--profile``, on by default on a GPU) ``*_profile.txt``: torch.profiler's kernel tables of one training step of
 the base block and of lorweb_fast's, and the kernels that make the difference (time in lorweb_fast's step minus the
@@ -26,6 +30,7 @@ same kernel's time in the base step).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -143,15 +148,17 @@ def lorweb_params(model):
 
 
 def check_block(ours, official, inputs, dtype, name="lorweb_fast"):
-    """lorweb_fast's (or official_as_run's) block output against the official formulation in float64."""
+    """lorweb_fast's (official_as_run's, or lorweb_fast's inside ``merged()``) block output against the official
+    formulation in float64."""
     ref_model = copy.deepcopy(official).double()
     set_official_query(ref_model, inputs["query"].double())
     with torch.no_grad():
-        if name == "lorweb_fast":
+        if name.startswith("lorweb_fast"):
             lf.set_query(ours, inputs["query"])
         else:
             set_official_query(ours, inputs["query"])
-        got = ours(inputs["img"], inputs["txt"], inputs["temb"], inputs["rotary"]).double()
+        with lf.merged(ours) if name == "lorweb_fast_merged" else contextlib.nullcontext():
+            got = ours(inputs["img"], inputs["txt"], inputs["temb"], inputs["rotary"]).double()
         ref = ref_model(inputs["img"].double(), inputs["txt"].double(), inputs["temb"].double(),
                         tuple(t.double() for t in inputs["rotary"]))
     bound = CHAINED_LAYERS * tolerance(dtype, inputs["img"].shape[-1] * 4) * ref.abs().max()
@@ -162,9 +169,13 @@ def check_block(ours, official, inputs, dtype, name="lorweb_fast"):
     del ref_model
 
 
-def peak_mb(device, fn):
+def peak_mb(device, fn, release=None):
+    """The allocator's peak above what is allocated before ``fn()``; ``release()`` first frees what a step frees
+    and allocates again (the gradients of the timed steps), so that the step's own allocations are all counted."""
     if device.type != "cuda":
         return None
+    if release is not None:
+        release()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -215,7 +226,7 @@ def main(argv=None) -> dict:
     p.add_argument("--total-budget-s", type=float, default=None,
                    help="start no new row after this many seconds (the rest are recorded as skipped)")
     p.add_argument("--cudnn-attention", action="store_true",
-                   help="let attention use cuDNN's SDPA kernels (off by default, as in lorweb-train)")
+                   help="let attention use cuDNN's SDPA kernels (off by default, as in lorweb-fast train)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                    help="write *_profile.txt: kernel tables of one training step, base block and lorweb_fast, and "
                    "their difference per kernel (default: on a GPU)")
@@ -246,6 +257,8 @@ def run(args) -> dict:
     check_inputs = make_inputs(cfg, 2, 40, 8, device, dtype, seed=2)
     check_block(ours, official, check_inputs, dtype)
     check_block(as_run, official, check_inputs, dtype, name="official_as_run")
+    check_block(ours, official, {k: v if k == "rotary" else v[:1] for k, v in check_inputs.items()}, dtype,
+                name="lorweb_fast_merged")  # the merged fast path is for one analogy
 
     def train_step(model, impl, inp):
         model.gradient_checkpointing = True
@@ -253,9 +266,13 @@ def run(args) -> dict:
         for q in params:
             q.requires_grad_(True)
             q.grad = None
-        x = inp["img"].detach().requires_grad_(impl == "base")  # something to differentiate for the base block
+        # the input gradient in every row (as for every block but the first of the model; the base block needs
+        # something to differentiate), so that the rows do the same backward work apart from the adapter's
+        x = inp["img"].detach().requires_grad_(True)
         if impl == "lorweb_fast":
-            lf.set_query(model, inp["query"])
+            # without the finiteness check, a host synchronisation: under this timer (steps enqueued behind a GPU
+            # sleep) it would count host time as device time; the trainer keeps it
+            lf.set_query(model, inp["query"], check_finite=False)
         elif impl in ("official", "official_as_run"):
             set_official_query(model, inp["query"])
         model(x, inp["txt"], inp["temb"], inp["rotary"]).float().square().mean().backward()
@@ -290,11 +307,13 @@ def run(args) -> dict:
             set_official_query(as_run, inp["query"])
         step = (lambda i, m=model, im=impl, x=inp: train_step(m, im, x)) if scenario == "train" else \
             (lambda i, m=model, im=impl, x=inp: infer_step(m, im, x))
+        release = (lambda m=model: [setattr(q, "grad", None) for q in lorweb_params(m)]) if scenario == "train" \
+            else None
         if impl == "lorweb_fast_merged":
             with lf.merged(ours):
                 ms, peak = timer.run(step, 1), peak_mb(device, lambda: step(0))
         else:
-            ms, peak = timer.run(step, 1), peak_mb(device, lambda: step(0))
+            ms, peak = timer.run(step, 1), peak_mb(device, lambda: step(0), release)
         rows.append(dict(scenario=scenario, impl=impl, median_ms=ms, peak_mem_mb=peak))
         bar.update(1)
     profile_text = None

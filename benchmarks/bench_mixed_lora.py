@@ -447,6 +447,7 @@ def measure(impl: Impl, problem: dict, mode: str, timer: Timer) -> dict:
     peak = None
     device = problem["x"].device
     if device.type == "cuda":
+        step.release()  # the gradients of the timed calls, which step(0) frees and allocates again
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
@@ -485,6 +486,8 @@ def make_step(impl: Impl, problem: dict, mode: str):
     out_shape = (*x0.shape[:-1], problem["weight"].shape[0])
     dy = torch.randn(out_shape, device=device, dtype=x0.dtype)
     grads = [t for t in leaves.values() if t.requires_grad]
+    if peft_layer is not None and training:  # cleared every step too (else they accumulate: one more add)
+        grads += [peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight]
 
     def call(x):
         return impl(x, args["weight"], args["bias"], args["lora_a"], args["lora_b"], args["coeffs"], args["scale"],
@@ -501,6 +504,12 @@ def make_step(impl: Impl, problem: dict, mode: str):
             with torch.no_grad():
                 call(x)
 
+    def release():
+        """Free every gradient a step allocates, so that a memory measurement around one step counts them."""
+        for t in xs + grads:
+            t.grad = None
+
+    step.release = release
     return step, n_inputs
 
 

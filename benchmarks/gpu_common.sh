@@ -32,6 +32,17 @@ step() {
   return "$rc"
 }
 
+# At exit: close every descriptor that leads to the tee of run.log and give it up to 5 s to write its last lines
+# (nothing else waits for a process substitution).
+flush_run_log() {
+  exec 3>&- 1>&- 2>&-
+  local i
+  for i in $(seq 50); do
+    kill -0 "${LOG_TEE_PID:-0}" 2>/dev/null || return 0
+    sleep 0.1
+  done
+}
+
 gpu_setup() {
   OUTDIR="$1"
   local wheels="$2"
@@ -43,7 +54,9 @@ gpu_setup() {
   : > "$OUTDIR/steps.txt"
   exec 3>&1
   exec > >(tee -a "$OUTDIR/run.log") 2>&1
+  LOG_TEE_PID=$!
   exec 3>&1
+  trap flush_run_log EXIT
   note "lorweb_fast GPU run in $PWD -> $OUTDIR (budget ${BUDGET_S}s)"
 
   if ! "$PY" -c "import torch" 2>/dev/null; then

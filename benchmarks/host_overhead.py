@@ -31,12 +31,21 @@ IMPLS = ("linear", "torch", "triton", "cuda", "shrink", "expand")
 FORWARD_ONLY = ("shrink", "expand")
 
 
+def busy_gpu_for(step, n_inputs: int, calls: int) -> None:
+    """Enqueue a GPU sleep longer than ``calls`` steps take to enqueue (sized from three warm-up calls, capped at 2 s),
+    so that none of them waits for the device."""
+    warm = []
+    for i in range(3):
+        t0 = time.perf_counter()
+        step(i % n_inputs)
+        warm.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(Timer.cycles_per_ms() * min(2000.0, 50.0 + 3.0 * max(warm) * calls)))
+
+
 def host_ms(step, n_inputs: int, calls: int) -> float:
     """Median host milliseconds of one ``step`` while the GPU is held busy by a sleep (no call blocks on it)."""
-    for i in range(3):
-        step(i % n_inputs)
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(Timer.cycles_per_ms() * 2000))  # 2 s: far longer than the enqueueing below
+    busy_gpu_for(step, n_inputs, calls)
     times = []
     for i in range(calls):
         t0 = time.perf_counter()
@@ -71,7 +80,7 @@ def main(argv=None) -> int:
             print(f"{name:8s} {mode:8s} host {ms * 1e3:8.1f} us/call", flush=True)
             if args.profile and name in ("triton", "shrink", "expand"):
                 prof = cProfile.Profile()
-                torch.cuda._sleep(int(Timer.cycles_per_ms() * 2000))
+                busy_gpu_for(step, n_inputs, args.calls)
                 prof.enable()
                 for i in range(args.calls):
                     step(i % n_inputs)

@@ -158,7 +158,8 @@ def _require_layers(model: nn.Module) -> dict[str, LoRWeBLinear]:
     return layers
 
 
-def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = False) -> dict[str, torch.Tensor]:
+def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = False,
+              check_finite: bool = True) -> dict[str, torch.Tensor]:
     """Compute every layer's coefficients from the analogy query and cache them until the next ``set_query``.
 
     Layers with the same configuration are computed together in one batched computation (one group for the
@@ -170,6 +171,9 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
         per_forward: instead, hand the query to every layer, which computes its own coefficients inside its own
             forward (``LoRWeBLinear.set_query_per_forward``). Training under FSDP needs this: sharded LoRWeB
             parameters are only gathered inside the forward of the module that holds them.
+        check_finite: refuse a non-finite query or non-finite coefficients (nothing is set then). The check is one
+            device synchronisation (per configuration group, one in the official setup); False skips it, for
+            callers that check elsewhere or capture CUDA graphs.
 
     Returns:
         ``{name: (B, N)}`` as ``get_coefficients`` (empty with ``per_forward``).
@@ -191,8 +195,10 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
                              "coefficients from them; use enable_model_cpu_offload or group offloading instead")
         key = (layer.num_loras, layer.key_dim, layer.heads, layer.activation, layer.reduce, w.dtype, w.device)
         groups[key].append((name, layer))
-    check_finite_tensor("query", query, "the analogy query must be finite (check the encoder inputs)")
+    query_hint = "the analogy query must be finite (check the encoder inputs)"
     if per_forward:
+        if check_finite:
+            check_finite_tensor("query", query, query_hint)
         for layer in layers.values():
             layer.set_query_per_forward(query, check_finite=False)  # checked once above
         return {}
@@ -200,9 +206,12 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
     for (_, _, heads, activation, reduce, dtype, device), members in groups.items():
         to_q = torch.stack([layer.att_lora_to_q.weight for _, layer in members])  # (L, key_dim, query_dim)
         keys = torch.stack([layer.lora_keys for _, layer in members])  # (L, N, key_dim)
-        coeffs = ops.compute_coefficients(query.to(device), to_q, keys, heads=heads, activation=activation,
+        group_query = query.to(device)
+        coeffs = ops.compute_coefficients(group_query, to_q, keys, heads=heads, activation=activation,
                                           reduce=reduce)  # (L, B, N)
-        if not bool(torch.isfinite(coeffs).all()):  # one check per group (one group in the official setup)
+        # one synchronisation per group for the query and the coefficients together; the query is named first
+        if check_finite and not bool(torch.isfinite(group_query).all() & torch.isfinite(coeffs).all()):
+            check_finite_tensor("query", query, query_hint)
             bad = [name for i, (name, _) in enumerate(members) if not bool(torch.isfinite(coeffs[i]).all())]
             raise ValueError(f"the coefficients of {len(bad)} layers (e.g. {bad[0]}) hold NaN or Inf: their "
                              "att_lora_to_q / lora_keys are not finite or overflow; the previous coefficients are "

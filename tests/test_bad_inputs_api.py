@@ -238,6 +238,20 @@ def test_non_finite_query(value, per_forward):
     assert_unchanged(m, snap)
 
 
+@pytest.mark.parametrize("per_forward", [False, True])
+def test_check_finite_false_skips_the_finiteness_check(per_forward):
+    """set_query(check_finite=False) (no device synchronisation) sets what it computed, NaN included."""
+    m = prepared()
+    q = query()
+    q[0, 2] = math.nan
+    lf.set_query(m, q, per_forward=per_forward, check_finite=False)
+    for layer in lf.lorweb_layers(m).values():
+        if per_forward:
+            assert torch.isnan(layer._query).any()
+        else:
+            assert torch.isnan(layer._coefficients[0]).all() and torch.isfinite(layer._coefficients[1:]).all()
+
+
 @pytest.mark.parametrize("value", [math.nan, 3e38])  # NaN, and finite values whose logits overflow to NaN
 @pytest.mark.parametrize("param", ["lora_keys", "att_lora_to_q.weight"])
 def test_non_finite_coefficients_are_refused_and_old_ones_kept(param, value):
