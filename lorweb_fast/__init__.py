@@ -2,7 +2,7 @@
 
 Functional API: ``compute_coefficients``, ``mixed_lora_delta``, ``lorweb_linear`` (each with
 ``backend=None | "torch" | "triton" | "cuda"``) and ``backend_status``. Module: ``LoRWeBLinear``. Model-level:
-``LoRWeBConfig``, ``inject_lorweb``, ``set_query``, ``clear_query``, ``get_coefficients``, ``save_lorweb_weights``,
+``LoRWeBConfig``, ``inject_lorweb``, ``set_query``, ``set_backend``, ``clear_query``, ``get_coefficients``, ``save_lorweb_weights``,
 ``load_lorweb_weights``.
 """
 
@@ -19,6 +19,7 @@ from .model import (
     lorweb_state_dict,
     remove_lorweb,
     save_lorweb_weights,
+    set_backend,
     set_query,
 )
 from .ops import (
@@ -36,5 +37,5 @@ __all__ = [
     "BACKENDS", "BackendUnavailableError", "LoRWeBCheckpointError", "LoRWeBConfig", "LoRWeBLinear",
     "backend_status", "clear_query", "compute_coefficients", "get_coefficients", "inject_lorweb",
     "load_lorweb_weights", "lorweb_layers", "lorweb_linear", "lorweb_state_dict", "mixed_lora_delta",
-    "merged", "plot_coefficients", "remove_lorweb", "save_lorweb_weights", "set_query",
+    "merged", "plot_coefficients", "remove_lorweb", "save_lorweb_weights", "set_backend", "set_query",
 ]

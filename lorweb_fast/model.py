@@ -150,6 +150,17 @@ def remove_lorweb(model: nn.Module) -> list[str]:
     return list(layers)
 
 
+def set_backend(model: nn.Module, backend: Optional[str]) -> None:
+    """Run every LoRWeB layer of ``model`` on ``backend`` (None: the best available per call, ``ops.DEFAULT_ORDER``;
+    "torch", "triton" or "cuda"), as ``LoRWeBLinear(..., backend=...)`` does for one layer. Only the name is
+    checked here: a named backend that cannot run on the layers' tensors raises ``BackendUnavailableError`` at the
+    forward, naming why (the model may still move to another device)."""
+    if backend is not None and backend not in ops.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS} or None")
+    for layer in _require_layers(model).values():
+        layer.backend = backend
+
+
 def _require_layers(model: nn.Module) -> dict[str, LoRWeBLinear]:
     layers = lorweb_layers(model)
     if not layers:

@@ -375,7 +375,8 @@ def _check_resume_config(cfg, ckpt: Path, state: dict, out: Path) -> None:
         hints = "".join(f" (pass --{k.replace('_', '-')} {stored.get(k)} to resume it)" for k in differ
                         if k in RESUME_LEGACY_VALUES and stored.get(k) == RESUME_LEGACY_VALUES[k])
         raise ValueError(f"cannot resume the run in {out}: the training config differs from {source} in {shown}"
-                         f"{hints}; only the step budget may change (or pass --overwrite to start over)")
+                         f"{hints}; only the step budget and options that change no computed value may change "
+                         "(or pass --overwrite to start over)")
 
 
 def prepare_output(cfg, *, main_process: bool = True) -> tuple[Optional[Path], Optional[dict]]:

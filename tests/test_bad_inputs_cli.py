@@ -459,5 +459,5 @@ def test_train_resume_with_a_different_config(files, tmp_path, capsys, no_model_
     torch.save({"step": 1, "optimizer": {"state": {}, "param_groups": []},
                 "config": training._comparable_config(cfg)}, ckpt / "trainer_state.pt")
     line = assert_one_line_exit_2(capsys, train_argv(files, tmp_path, "--resume", *change, out=out),
-                                  "only the step budget may change", no_model_load)
+                                  "only the step budget and options that change no computed value may change", no_model_load)
     assert fragment in line

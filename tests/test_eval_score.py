@@ -318,6 +318,11 @@ def test_cli_bad_input_exits_2(assets, torch_home, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli("--runs", assets / "ours", "--metrics", "fid", "--out", tmp_path / "r")
     assert exc.value.code == 2
+    for judge in ("none", "replay:" + str(tmp_path / "answers.jsonl")):  # checked whatever the judge
+        assert run_cli("--runs", assets / "ours", "--judge", judge, "--judge-max-new-tokens", "0",
+                       "--out", tmp_path / "r") == 2
+        assert "max_new_tokens" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_missing_lpips_weights_exits_2(assets, tmp_path, monkeypatch, capsys):

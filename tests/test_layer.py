@@ -216,3 +216,29 @@ def test_autocast_casts_only_what_autocast_casts():
             layer64(torch.ones(2, 3, 8, dtype=torch.long))
     want = reference.lorweb_linear(x, base64.weight, base64.bias, layer64.lora_A, layer64.lora_B, coeffs, layer.scale)
     torch.testing.assert_close(y64, want, rtol=1e-12, atol=1e-12)
+
+
+def test_set_backend_applies_to_every_layer_and_a_named_backend_that_cannot_run_raises():
+    """lf.set_backend(model, name) is the model-wide LoRWeBLinear(backend=...): the torch backend on CPU gives the
+    default's result, an unusable named backend raises BackendUnavailableError at the forward (no silent fallback),
+    an unknown name is refused at once and changes nothing."""
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 5))
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=2, key_dim=4, query_dim=6, target_modules=r"\d"))
+    for layer in lf.lorweb_layers(model).values():
+        nn.init.normal_(layer.lora_B)
+    lf.set_query(model, torch.randn(2, 6))
+    x = torch.randn(2, 3, 8)
+    want = model(x)
+    lf.set_backend(model, "torch")
+    assert {layer.backend for layer in lf.lorweb_layers(model).values()} == {"torch"}
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown backend 'cuBLAS'"):
+        lf.set_backend(model, "cuBLAS")
+    assert {layer.backend for layer in lf.lorweb_layers(model).values()} == {"torch"}
+    lf.set_backend(model, "cuda")
+    with pytest.raises(lf.BackendUnavailableError):
+        model(x)
+    lf.set_backend(model, None)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no LoRWeB layers"):
+        lf.set_backend(nn.Linear(2, 2), "torch")

@@ -118,7 +118,7 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
 def run_score(args) -> dict:
     from ..cli import DTYPES, _device
     from .evalsets import EvalInputError, read_runs
-    from .judge import make_judge
+    from .judge import check_max_new_tokens, make_judge
     from .score import score
 
     runs, against = dict(args.runs), dict(args.against)
@@ -127,6 +127,7 @@ def run_score(args) -> dict:
     clash = set(runs) & set(against)
     if clash:
         raise EvalInputError(f"names used both in --runs and --against: {sorted(clash)} (use NAME=PATH)")
+    check_max_new_tokens(args.judge_max_new_tokens)  # whatever the judge: a bad value is a bad command line
     metrics = args.metrics or (["clip_dir", "lpips"] + (["vlm"] if args.judge not in ("", "none") else []))
     device = _device(args.device)
     for path in {**runs, **against}.values():  # bad folders fail before any model loads
