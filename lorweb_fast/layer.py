@@ -215,7 +215,10 @@ class LoRWeBLinear(nn.Module):
     # ----------------------------------------------------------------------------------------------- forward
     def _warn_no_gradient_when_merged(self) -> None:
         """Once per merged() context: a forward with autograd there gives the LoRWeB parameters no gradient."""
-        if not self._merged_grad_warned[0] and torch.is_grad_enabled() and self.lora_A.requires_grad:
+        # not while torch.compile traces: dynamo cannot trace warnings.warn (a graph break, or an error with
+        # fullgraph=True); the eager calls warn
+        if (not torch.compiler.is_compiling() and not self._merged_grad_warned[0] and torch.is_grad_enabled()
+                and self.lora_A.requires_grad):
             self._merged_grad_warned[0] = True
             warnings.warn("forward with autograd inside merged(): the mixture is folded into the base weight, so "
                           "the LoRWeB parameters (lora_A, lora_B, lora_keys, att_lora_to_q) get no gradient; "
@@ -242,18 +245,24 @@ class LoRWeBLinear(nn.Module):
         else:
             dtype = x.dtype
         lora_a, lora_b = self.lora_A.to(dtype), self.lora_B.to(dtype)
-        coeffs = coeffs.to(x.device)
+        coeffs = self._with_strength(coeffs.to(x.device))
         base = self.base_layer
         if has_plain_weight(base):
             bias = None if base.bias is None else base.bias.to(dtype)
             return ops.lorweb_linear(x.to(dtype), base.weight.to(dtype), bias, lora_a, lora_b, coeffs,
-                                     self.mixture_scale, backend=self.backend)
+                                     self.scale, backend=self.backend)
         _refuse_sharded_weight(base)
         y = base(x)
-        return ops.mixed_lora_delta(x.to(dtype), lora_a, lora_b, coeffs, self.mixture_scale, add_to=y.to(dtype),
+        return ops.mixed_lora_delta(x.to(dtype), lora_a, lora_b, coeffs, self.scale, add_to=y.to(dtype),
                                     backend=self.backend)
 
     # ------------------------------------------------------------------------------------------ merged weights
+    def _with_strength(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """``coeffs`` times the ``set_lorweb_scale`` strength, as a tensor op: the op then takes ``self.scale``
+        alone. A product of the two Python floats (``mixture_scale``) made torch 2.11's dynamo guard on its value and
+        recompile for every new strength."""
+        return coeffs * self._lorweb_scale
+
     @property
     def mixture_scale(self) -> float:
         """``scale`` (lora_alpha / r) times the strength set with ``set_lorweb_scale``: the factor of the mixture."""
@@ -271,7 +280,7 @@ class LoRWeBLinear(nn.Module):
         w = self.base_layer.weight.detach()
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         c = coeffs.detach().to(w.device)
-        scaling = ops.column_scaling(c, self.rank, self.mixture_scale).to(acc)  # (R,) or (B, R)
+        scaling = ops.column_scaling(self._with_strength(c.to(acc)), self.rank, self.scale).to(acc)  # (R,), (B, R)
         a_cat, b_cat = ops.concat_basis(self.lora_A.detach().to(w.device, acc),
                                         self.lora_B.detach().to(w.device, acc))  # (in, R), (R, out)
         if c.dim() == 1:
@@ -318,7 +327,7 @@ class LoRWeBLinear(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             coeffs = self._coefficients_for(x, fp32=True)
             delta = ops.mixed_lora_delta(x.float(), self.lora_A.float(), self.lora_B.float(),
-                                         coeffs.to(x.device, torch.float32), self.mixture_scale,
+                                         self._with_strength(coeffs.to(x.device, torch.float32)), self.scale,
                                          backend=self.backend)
         return y + delta.to(y.dtype)
 

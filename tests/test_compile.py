@@ -95,3 +95,58 @@ def test_compiled_training_step_matches_eager():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 12
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
+
+
+def test_no_recompiles_for_new_strengths_unmerged_and_jit_merged():
+    """set_lorweb_scale values go into the coefficients as a tensor op: no recompile per strength (a product of the
+    layer's two Python floats made torch 2.11's dynamo guard on its value), unmerged, with the per-forward query,
+    and in merged(strategy="jit")."""
+    from lorweb_fast import lora_api
+
+    torch._dynamo.reset()
+    m = make_model()
+    compiled = torch.compile(m, fullgraph=True, dynamic=True, backend="aot_eager")
+    x, temb, q = torch.randn(2, 5, 24), torch.randn(2, 24), torch.randn(2, 10)
+    for per_forward in (False, True):
+        lf.set_query(m, q, per_forward=per_forward)
+        lora_api.set_lorweb_scale(m, 1.0)
+        compiled(x, temb)
+
+        def new_strengths():
+            for strength in (0.5, 1.5, 0.25, 2.0, 0.0, 3.5, 0.75, 1.25, 2.5, 0.1):
+                lora_api.set_lorweb_scale(m, strength)
+                torch.testing.assert_close(compiled(x, temb), m(x, temb))
+
+        assert count_compiles(new_strengths) == 0
+    lf.set_query(m, q)
+    with torch.no_grad(), lf.merged(m, "jit"):
+        lora_api.set_lorweb_scale(m, 1.0)
+        compiled(x, temb)
+
+        def new_strengths_merged():
+            for strength in (0.5, 1.5, 0.25, 2.0, 0.0, 3.5, 0.75, 1.25, 2.5, 0.1):
+                lora_api.set_lorweb_scale(m, strength)
+                torch.testing.assert_close(compiled(x, temb), m(x, temb), rtol=1e-5, atol=1e-5)
+
+        assert count_compiles(new_strengths_merged) == 0
+
+
+def test_compiled_forward_with_autograd_inside_merged_does_not_break_the_graph():
+    """The no-gradient warning of a forward with autograd inside merged() is skipped while dynamo traces
+    (warnings.warn cannot be traced): fullgraph=True compiles, and the eager call still warns."""
+    import warnings
+
+    torch._dynamo.reset()
+    m = make_model()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    lf.set_query(m, torch.randn(1, 10))  # one analogy: every strategy merges it
+    x, temb = torch.randn(1, 5, 24), torch.randn(1, 24)
+    for strategy in ("jit", "full"):
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        with lf.merged(m, strategy):
+            compiled(x, temb).sum().backward()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                m(x, temb).sum().backward()
+        assert any("get no gradient" in str(w.message) for w in caught)
