@@ -212,7 +212,8 @@ def _merged_full(layers: dict[str, LoRWeBLinear]):
     finally:
         for name, data in originals.items():
             layer = layers[name]
-            layer.base_layer.weight.data = data
+            if not getattr(layer, "_keep_merged_on_exit", False):  # set by unload_lora_weights: bake, not restore
+                layer.base_layer.weight.data = data
             layer._merged = False
 
 
@@ -264,7 +265,8 @@ def _merged_offload(layers: dict[str, LoRWeBLinear]):
         with torch.no_grad():
             for name, copy in host.items():
                 layer = layers[name]
-                layer.base_layer.weight.data.copy_(copy)
+                if not getattr(layer, "_keep_merged_on_exit", False):  # set by unload_lora_weights: bake
+                    layer.base_layer.weight.data.copy_(copy)
                 layer._merged = False
 
 
@@ -827,7 +829,8 @@ class LoRWeBKontextPipeline:
         return names
 
     def unload_lora_weights(self) -> list[str]:
-        """diffusers' ``unload_lora_weights``: unfuse, then restore the stock transformer layers."""
+        """diffusers' ``unload_lora_weights``: the stock transformer layers go back; a mixture fused with
+        ``fuse_lora`` stays in their weights, as with diffusers/peft (``lora_api.unload_lora_weights``)."""
         self._fuse_scales = self._disabled_scale = None
         return lora_api.unload_lora_weights(self.transformer)
 

@@ -37,6 +37,16 @@ def has_plain_weight(base: nn.Module) -> bool:
             and type(base.weight) in (nn.Parameter, torch.Tensor) and base.weight.is_floating_point())
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """True when ``module``'s forward does more than its class's: torch forward (pre-)hooks, an accelerate hook
+    (``_hf_hook``: sequential CPU offload loads the weight inside the forward) or diffusers hooks (``_diffusers_hook``:
+    group offloading, layerwise casting). Such a base layer must be called, not read: its weight may be on the meta
+    or offload device (or in a storage dtype) outside its forward."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None) is not None
+                or (registry is not None and getattr(registry, "hooks", getattr(registry, "_hooks", True))))
+
+
 def _refuse_sharded_weight(base: nn.Module) -> None:
     """Tensor parallelism shards the base weight (a DTensor with a Shard placement) but not the LoRA basis: refuse."""
     weight = getattr(base, "weight", None)
@@ -247,7 +257,7 @@ class LoRWeBLinear(nn.Module):
         lora_a, lora_b = self.lora_A.to(dtype), self.lora_B.to(dtype)
         coeffs = self._with_strength(coeffs.to(x.device))
         base = self.base_layer
-        if has_plain_weight(base):
+        if has_plain_weight(base) and not has_forward_hooks(base):  # the fused kernels read W: y = x W^T + b + delta
             bias = None if base.bias is None else base.bias.to(dtype)
             return ops.lorweb_linear(x.to(dtype), base.weight.to(dtype), bias, lora_a, lora_b, coeffs,
                                      self.scale, backend=self.backend)

@@ -328,8 +328,37 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
 
 
 def unload_lora_weights(model: nn.Module) -> list[str]:
-    """Unfuse if fused, then put the stock layers back (``remove_lorweb``). Returns the restored names."""
-    unfuse_lora(model)
+    """Put the stock layers back (``remove_lorweb``). Returns the restored names.
+
+    As diffusers with peft, a mixture fused with ``fuse_lora`` stays in the weights: ``fuse_lora()`` then
+    ``unload_lora_weights()`` bakes the fused analogy (at the fused strength) into the stock layers, e.g. before
+    the base model's own ``save_pretrained``; call ``unfuse_lora()`` first to get the original weights back. The
+    "full" and "offload" strategies keep the weights they already hold (no extra memory); "jit" merges each layer in
+    place, one at a time, and needs one analogy (checked for every layer before any weight changes)."""
+    from .flux import merged_weight
+
+    state = getattr(model, _FUSED, None)
+    if state is None:
+        return remove_lorweb(model)
+    layers = lorweb_layers(model)
+    if state[1] == "jit":
+        for name, layer in layers.items():
+            coeffs = layer.coefficients
+            if coeffs is None or (coeffs.shape[0] != 1 and not bool((coeffs == coeffs[:1]).all())):
+                raise RuntimeError(f"unload_lora_weights() keeps a fused mixture in the weights, but {name} is fused "
+                                   "with strategy='jit' for no analogy or a batch of different ones: set one analogy, "
+                                   "or unfuse_lora() first to unload without baking")
+    for layer in layers.values():
+        layer._keep_merged_on_exit = True
+    try:
+        unfuse_lora(model)
+    finally:
+        for layer in layers.values():
+            del layer._keep_merged_on_exit
+    if state[1] == "jit":
+        with torch.no_grad():
+            for layer in layers.values():
+                layer.base_layer.weight.data.copy_(merged_weight(layer))
     return remove_lorweb(model)
 
 

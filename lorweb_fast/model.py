@@ -97,6 +97,35 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _refuse_incompatible_modules(model: nn.Module, what: str) -> None:
+    """Refuse, before anything changes, models whose layers LoRWeB would adapt without effect or break:
+    diffusers attention with fused projections (``fuse_qkv_projections()``: the attention runs ``to_qkv`` /
+    ``to_added_qkv``, not the ``to_q/k/v`` and ``add_*_proj`` layers LoRWeB adapts and the official checkpoints
+    hold), and peft adapter layers (their base layers and adapter internals are linear layers too)."""
+    for name, module in model.named_modules():
+        if getattr(module, "fused_projections", False) is True:
+            raise ValueError(f"{what}: {name or type(model).__name__} has fused QKV projections "
+                             "(fuse_qkv_projections()): its attention runs to_qkv / to_added_qkv, not the to_q / to_k "
+                             "/ to_v (add_*_proj) layers LoRWeB adapts, whose adapters would be silently unused; call "
+                             "unfuse_qkv_projections() first")
+        if hasattr(module, "adapter_layer_names") and hasattr(module, "get_base_layer"):  # peft's BaseTunerLayer
+            raise ValueError(f"{what}: {name} is a peft adapter layer ({type(module).__name__}); LoRWeB does not "
+                             "stack with peft adapters: unload them first (pipe.unload_lora_weights() / "
+                             "unload_lora())")
+
+
+def _keep_query_projection_out_of_layerwise_casting(model: nn.Module) -> None:
+    """diffusers' ``enable_layerwise_casting`` stores every nn.Linear outside its skip patterns in a low-precision
+    dtype; ``set_query`` reads ``att_lora_to_q``'s weight directly (one batched product for all layers), so that
+    layer is added to the model's skip patterns, as diffusers skips peft's adapter layers by default. The base layers
+    are cast as usual (a base layer with hooks is called, not read: ``layer.has_forward_hooks``)."""
+    if not hasattr(model, "enable_layerwise_casting"):
+        return
+    patterns = list(getattr(model, "_skip_layerwise_casting_patterns", None) or [])
+    if "att_lora_to_q" not in patterns:
+        model._skip_layerwise_casting_patterns = patterns + ["att_lora_to_q"]
+
+
 def _find_targets(model: nn.Module, target_modules) -> list[str]:
     inside_lorweb = [n + "." for n in lorweb_layers(model)]
     names = []
@@ -125,6 +154,7 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
     if not isinstance(config, LoRWeBConfig):
         raise TypeError(f"config must be a LoRWeBConfig, got {type(config).__name__}")
     config.validate()
+    _refuse_incompatible_modules(model, "inject_lorweb")
     already = [n for n, m in lorweb_layers(model).items() if matches_target(n, config.target_modules)]
     if already:
         raise ValueError(f"LoRWeB is already injected into {len(already)} targeted modules, e.g. {already[:3]}; "
@@ -137,6 +167,7 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
                   for name in names}
     for name, layer in new_layers.items():  # all built: swapping in cannot fail half way
         _set_submodule(model, name, layer)
+    _keep_query_projection_out_of_layerwise_casting(model)
     return names
 
 
@@ -200,10 +231,11 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
             raise ValueError(f"query has {query.shape[1]} features but layer {name} expects query_dim="
                              f"{layer.query_dim}")
         w = layer.att_lora_to_q.weight
-        if w.device.type == "meta" and not per_forward:
+        if w.device.type == "meta":  # per_forward too: the layer's forward reads att_lora_to_q's weight directly
             raise ValueError(f"layer {name} has its LoRWeB weights on the meta device (e.g. sequential CPU offload, "
-                             "which keeps weights only inside each module's forward): set_query cannot compute "
-                             "coefficients from them; use enable_model_cpu_offload or group offloading instead")
+                             "which keeps weights only inside each module's forward): the coefficients cannot be "
+                             "computed from them (here, or per forward); use enable_model_cpu_offload or block-level "
+                             "group offloading instead")
         key = (layer.num_loras, layer.key_dim, layer.heads, layer.activation, layer.reduce, w.dtype, w.device)
         groups[key].append((name, layer))
     query_hint = "the analogy query must be finite (check the encoder inputs)"
@@ -555,6 +587,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         The names of the loaded modules.
     """
     _refuse_merged(lorweb_layers(model), "load_lorweb_weights")
+    _refuse_incompatible_modules(model, "load_lorweb_weights")
     from .official_config import LoRWeBConfigError
 
     state, meta = read_checkpoint(path_or_state_dict)
@@ -666,6 +699,8 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                                         query_projection_type=projection)
     for name, layer in new_layers.items():
         _set_submodule(model, name, layer)
+    if new_layers:
+        _keep_query_projection_out_of_layerwise_casting(model)
     with torch.no_grad():
         for name, tensors in groups.items():
             layer = model.get_submodule(name)

@@ -763,3 +763,47 @@ def test_hub_checkpoint_errors_name_the_problem(pipe, assets, fake_hub, tmp_path
         pipe.load_lora_weights("owner/missing")
     after = lf.lorweb_state_dict(pipe.transformer)
     assert all(torch.equal(before[k], after[k]) for k in before)  # failed calls change nothing
+
+
+@pytest.mark.parametrize("strategy", ["full", "offload", "jit"])
+def test_unload_after_fuse_bakes_the_analogy_into_the_stock_layers(strategy):
+    """As diffusers with peft: fuse_lora() then unload_lora_weights() leaves the stock layers holding the fused
+    mixture (the same outputs as the fused model, bit for bit); unfuse_lora() first gives the original weights.
+    A jit fuse over a batch of different analogies cannot be baked: refused, the model still fused and unchanged."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.GELU(), torch.nn.Linear(6, 5))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=2, key_dim=4, query_dim=6, target_modules=r"\d"))
+    for layer in lf.lorweb_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(1, 3, 8)
+    with torch.no_grad():
+        lf.set_query(model, torch.randn(1, 6))
+        lora_api.set_lorweb_scale(model, 0.5)
+        lora_api.fuse_lora(model, strategy)
+        want = model(x)
+        assert lora_api.unload_lora_weights(model) == ["0", "2"]
+        assert not lf.lorweb_layers(model) and isinstance(model[0], torch.nn.Linear)
+        assert torch.equal(model(x), want)
+        assert not torch.equal(model[0].weight, original["0.weight"])
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.GELU(), torch.nn.Linear(6, 5))
+    model.load_state_dict(original)
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=2, key_dim=4, query_dim=6, target_modules=r"\d"))
+    with torch.no_grad():
+        lf.set_query(model, torch.randn(1, 6))
+        lora_api.fuse_lora(model, strategy)
+        lora_api.unfuse_lora(model)
+        lora_api.unload_lora_weights(model)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+    if strategy == "jit":
+        model.load_state_dict(original)
+        lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=2, key_dim=4, query_dim=6, target_modules=r"\d"))
+        with torch.no_grad():
+            lf.set_query(model, torch.randn(2, 6))
+            lora_api.fuse_lora(model, "jit")
+            with pytest.raises(RuntimeError, match="batch of different ones: set one analogy, or unfuse_lora"):
+                lora_api.unload_lora_weights(model)
+        assert lora_api.fused_strategy(model) == "jit" and len(lf.lorweb_layers(model)) == 2
+        assert torch.equal(model[0].base_layer.weight, original["0.weight"])

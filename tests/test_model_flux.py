@@ -297,3 +297,92 @@ def test_save_is_atomic(saved_base, tmp_path, monkeypatch):
         lf.save_lorweb_weights(m, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
     copy.deepcopy(m)  # injected models stay deep-copyable (used by accelerate/FSDP wrappers)
+
+
+# ------------------------------------------------------------------------- stock diffusers / peft / accelerate
+def test_fused_qkv_projections_are_refused_before_anything_changes(saved_base, tmp_path):
+    """After fuse_qkv_projections() the attention runs to_qkv / to_added_qkv: LoRWeB on to_q/k/v (and add_*_proj)
+    would be silently unused, so injecting and loading are refused naming the fix; unfused, both work."""
+    m = injected(saved_base)
+    lf.save_lorweb_weights(m, tmp_path / "w.safetensors")
+    base = load_base(saved_base)
+    base.fuse_qkv_projections()
+    snap = snapshot(base)
+    for call in (lambda: lf.inject_lorweb(base, CONFIG),
+                 lambda: lf.load_lorweb_weights(base, tmp_path / "w.safetensors")):
+        with pytest.raises(ValueError, match=r"fused QKV projections .*unfuse_qkv_projections\(\) first"):
+            call()
+        assert_unchanged(base, snap)
+    base.unfuse_qkv_projections()
+    assert len(lf.load_lorweb_weights(base, tmp_path / "w.safetensors")) == 20
+
+
+def test_peft_adapter_layers_are_refused_before_anything_changes(saved_base):
+    """A peft LoRA on the transformer: its layers' internals (base_layer, lora_A.default, ...) are linear layers
+    the default targets would wrap; injecting is refused naming the peft layer instead."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    m = load_base(saved_base)
+    m.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    snap = snapshot(m)
+    with pytest.raises(ValueError, match=r"attn.to_q is a peft adapter layer .*unload them first"):
+        lf.inject_lorweb(m, CONFIG)
+    assert_unchanged(m, snap)
+
+
+def test_hooked_base_layers_are_called_sequential_cpu_offload(saved_base):
+    """A base layer with hooks (accelerate's sequential CPU offload keeps its weight on the meta device outside its
+    forward) is called, not read by the fused path: the offloaded model gives the same output. set_query refuses
+    meta weights (per-forward too), naming the offload modes that work."""
+    import accelerate
+
+    m = injected(saved_base)
+    query = torch.randn(2, QUERY_DIM)
+    inputs = flux_inputs()
+    with torch.no_grad():
+        lf.set_query(m, query)
+        want = m(**inputs).sample
+        accelerate.cpu_offload(m, execution_device=torch.device("cpu"))
+        assert all(p.device.type == "meta" for p in m.parameters())
+        torch.testing.assert_close(m(**inputs).sample, want, rtol=0, atol=0)
+    for per_forward in (False, True):
+        with pytest.raises(ValueError, match="meta device .*enable_model_cpu_offload or block-level group"):
+            lf.set_query(m, query, per_forward=per_forward)
+
+
+def test_a_forward_hook_on_a_base_layer_runs():
+    """Any forward (pre-)hook on the base layer runs: the layer calls it (y = base(x) + mixture) instead of reading
+    its weight, and the result equals the unhooked one when the hook changes nothing."""
+    base = torch.nn.Linear(8, 6)
+    layer = lf.LoRWeBLinear(base, num_loras=2, rank=2, key_dim=4, query_dim=6)
+    torch.nn.init.normal_(layer.lora_B)
+    layer.set_coefficients(torch.rand(2, 2))
+    x = torch.randn(2, 3, 8)
+    want = layer(x)
+    calls = []
+    handle = base.register_forward_pre_hook(lambda module, args: calls.append(1))
+    assert lf.layer.has_forward_hooks(base)
+    torch.testing.assert_close(layer(x), want)
+    assert calls == [1]
+    handle.remove()
+    assert not lf.layer.has_forward_hooks(base)
+
+
+def test_layerwise_casting_keeps_the_query_projection(saved_base):
+    """diffusers' enable_layerwise_casting stores the linear layers in float8 but not att_lora_to_q (added to the
+    model's skip patterns at injection, as diffusers skips peft's layers): set_query and the forward run, close to
+    the uncast model (float8 storage of the base weights is the only difference)."""
+    m = injected(saved_base)
+    query = torch.randn(2, QUERY_DIM)
+    inputs = flux_inputs()
+    with torch.no_grad():
+        lf.set_query(m, query)
+        want = m(**inputs).sample
+    m.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    layer = m.transformer_blocks[0].attn.to_q
+    assert layer.att_lora_to_q.weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        lf.set_query(m, query)
+        got = m(**inputs).sample
+    assert torch.isfinite(got).all() and (got - want).norm() < 0.1 * want.norm()
