@@ -951,8 +951,12 @@ class LoRWeBKontextPipeline:
 
     def set_adapters(self, adapter_names=None, adapter_weights=None) -> None:
         """diffusers' ``set_adapters``: LoRWeB is one adapter, so one weight (a number, or a list of one) sets the
-        mixture's strength (``set_lorweb_scale``); None means 1.0. The names are not checked (any name). While
-        disabled, the strength is kept for ``enable_lora``, as in diffusers."""
+        mixture's strength (``set_lorweb_scale``); None means 1.0. ``adapter_names`` may name only this adapter
+        (None: it), as diffusers refuses names it does not hold. While disabled, the strength is kept for
+        ``enable_lora``, as in diffusers."""
+        if adapter_names is not None and list(_as_list(adapter_names)) != [self._adapter_name]:
+            raise ValueError(f"unknown adapter names {adapter_names!r}: this pipeline holds one LoRWeB adapter, "
+                             f"{self._adapter_name!r}")
         weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights]
         if len(weights) != 1:
             raise ValueError(f"LoRWeB is one adapter: give one adapter weight, got {len(weights)}")

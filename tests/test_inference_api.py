@@ -203,8 +203,13 @@ def test_pipeline_attributes_and_adapter_switches_as_in_diffusers(pipe):
     assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0
     torch.testing.assert_close(run(pipe, [(a, a2, b)], ["x"]), lorweb)
     assert not np.allclose(disabled, lorweb)  # disabling removes the mixture
-    with pytest.raises(ValueError, match="one adapter weight"):
+    with pytest.raises(ValueError, match="unknown adapter names"):
         pipe.set_adapters(["a", "b"], adapter_weights=[1.0, 0.5])
+    with pytest.raises(ValueError, match="one adapter weight"):
+        pipe.set_adapters("lorweb", adapter_weights=[1.0, 0.5])
+    with pytest.raises(ValueError, match="unknown adapter names 'typo'"):
+        pipe.set_adapters("typo", 0.25)
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0  # refused calls change nothing
 
 
 def test_disabled_adapter_keeps_a_strength_set_meanwhile(pipe):
