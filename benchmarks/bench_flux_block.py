@@ -21,7 +21,8 @@ Attention runs without cuDNN's SDPA kernels, as `lorweb-fast train` does by defa
 backward returned NaN in training and hit an illegal memory access in this benchmark's train step);
 ``--cudnn-attention`` turns them on.
 
-Without a GPU it runs a small CPU default labelled CPU. Results: benchmarks/results/flux_block_*.json and .md, and
+Without a GPU it runs a small CPU default labelled CPU. Results (rewritten after every row, ``complete`` false until
+the last, so that a run stopped by its time limit keeps its rows): benchmarks/results/flux_block_*.json and .md, and
 (``--profile``, on by default on a GPU) ``*_profile.txt``: torch.profiler's kernel tables of one training step of
 the base block and of lorweb_fast's, and the kernels that make the difference (time in lorweb_fast's step minus the
 same kernel's time in the base step).
@@ -281,6 +282,57 @@ def run(args) -> dict:
         with torch.no_grad():
             model(inp["img"], inp["txt"], inp["temb"], inp["rotary"])
 
+    commit = git_commit()
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    triton_version = installed_triton_version()
+    layers = list(lf.lorweb_layers(ours).values())
+    slug = "cpu" if not on_gpu else "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
+    stem = args.tag or f"flux_block_{slug}_{date[:10]}_{commit}"
+    profile_text = None
+
+    def write(complete: bool) -> tuple[dict, list[str]]:
+        """Write the record (JSON, markdown, profile) of the rows so far: after every row, so that a run cut short by
+        its time limit keeps what it measured (``complete`` false until the last row). Returns (record, table)."""
+        record = dict(label="GPU" if on_gpu else "CPU", device=device_name(device), torch=torch.__version__,
+                      triton=triton_version, cuda=torch.version.cuda, commit=commit, date=date,
+                      dtype=str(dtype).replace("torch.", ""), config=cfg, layers=len(layers),
+                      clocks=device_clocks(device), tf32=torch.backends.cuda.matmul.allow_tf32,
+                      cudnn_attention=args.cudnn_attention,
+                      timing=("device time per step (events behind an enqueued torch.cuda._sleep), median"
+                              if on_gpu else "wall-clock per step, median"),
+                      backend=lf.ops.resolve_backend(None, device), complete=complete, results=rows)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
+        ref = {(r["scenario"], r["impl"]): r["median_ms"] for r in rows}
+        lines = [f"# FLUX block benchmark ({record['label']})", "", f"- device: {record['device']}",
+                 f"- torch {record['torch']}, triton {record['triton']}, CUDA {record['cuda']}",
+                 f"- date: {date}; commit: {commit}; dtype: {record['dtype']}; backend: {record['backend']}; "
+                 f"cuDNN attention: {'on' if args.cudnn_attention else 'off'}",
+                 f"- {len(layers)} LoRWeB layers; config: {cfg}", ""]
+        if not on_gpu:
+            lines += ["**CPU run: these numbers say nothing about GPU speed.**", ""]
+        if not complete:
+            lines += ["**Partial record: the run stopped before its last row.**", ""]
+        lines += ["| scenario | impl | median ms | × base | × official | × official_as_run | peak MB |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r.get("skipped"):
+                lines.append(f"| {r['scenario']} | {r['impl']} | skipped: {r['skip_reason']} | | | | |")
+                continue
+            base_ms = ref.get((r["scenario"], "base")) or ref.get((r["scenario"], "per_layer_call"))
+            off_ms, as_run_ms = ref.get((r["scenario"], "official")), ref.get((r["scenario"], "official_as_run"))
+            peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+            lines.append(f"| {r['scenario']} | {r['impl']} | {r['median_ms']:.3f} | "
+                         + (f"{r['median_ms'] / base_ms:.3f}" if base_ms else "-") + " | "
+                         + (f"{r['median_ms'] / off_ms:.3f}" if off_ms else "-") + " | "
+                         + (f"{r['median_ms'] / as_run_ms:.3f}" if as_run_ms else "-") + f" | {peak} |")
+        (args.out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        if profile_text is not None:
+            header = (f"FLUX block training step ({record['label']}; {record['device']}; torch {record['torch']}; "
+                      f"commit {commit}; backend {record['backend']}; config {cfg})\n\n")
+            (args.out_dir / f"{stem}_profile.txt").write_text(header + profile_text)
+        return record, lines
+
     rows = []
     started = time.perf_counter()
 
@@ -299,6 +351,7 @@ def run(args) -> dict:
             rows.append(dict(scenario=scenario, impl=impl, median_ms=None, peak_mem_mb=None, skipped=True,
                              skip_reason="--total-budget-s spent"))
             bar.update(1)
+            write(False)
             continue
         inp = train_in if scenario == "train" else infer_in
         if scenario != "train":
@@ -316,7 +369,7 @@ def run(args) -> dict:
             ms, peak = timer.run(step, 1), peak_mb(device, lambda: step(0), release)
         rows.append(dict(scenario=scenario, impl=impl, median_ms=ms, peak_mem_mb=peak))
         bar.update(1)
-    profile_text = None
+        write(False)
     if args.profile if args.profile is not None else on_gpu:
         if out_of_budget():
             profile_text = "skipped: --total-budget-s spent\n"
@@ -328,59 +381,21 @@ def run(args) -> dict:
                 f"== train {impl}: torch.profiler, one step after warm-up\n"
                 + a.table(sort_by=profile_sort_key(device), row_limit=30) + "\n" for impl, a in avgs.items())
             profile_text += adapter_cost_table(avgs["base"], avgs["lorweb_fast"], device)
+        write(False)
     # Coefficients: once per generation (batched) against once per layer call (every forward pays this).
     query = infer_in["query"]
-    layers = list(lf.lorweb_layers(ours).values())
     with torch.no_grad():
         rows.append(dict(scenario="coeffs", impl="set_query_once",
-                         median_ms=timer.run(lambda i: lf.set_query(ours, query), 1), peak_mem_mb=None))
+                         median_ms=timer.run(lambda i: lf.set_query(ours, query, check_finite=False), 1),
+                         peak_mem_mb=None))  # without its host-syncing check, as the per-layer row has none
         bar.update(1)
+        write(False)
         rows.append(dict(scenario="coeffs", impl="per_layer_call",
                          median_ms=timer.run(lambda i: [layer.coefficients_from_query(query) for layer in layers], 1),
                          peak_mem_mb=None))
         bar.update(1)
     bar.close()
-    commit = git_commit()
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    triton_version = installed_triton_version()
-    record = dict(label="GPU" if on_gpu else "CPU", device=device_name(device), torch=torch.__version__,
-                  triton=triton_version, cuda=torch.version.cuda, commit=commit, date=date,
-                  dtype=str(dtype).replace("torch.", ""), config=cfg, layers=len(layers),
-                  clocks=device_clocks(device), tf32=torch.backends.cuda.matmul.allow_tf32,
-                  cudnn_attention=args.cudnn_attention,
-                  timing=("device time per step (events behind an enqueued torch.cuda._sleep), median"
-                          if on_gpu else "wall-clock per step, median"),
-                  backend=lf.ops.resolve_backend(None, device), results=rows)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "cpu" if not on_gpu else "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
-    stem = args.tag or f"flux_block_{slug}_{date[:10]}_{commit}"
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
-    ref = {(r["scenario"], r["impl"]): r["median_ms"] for r in rows}
-    lines = [f"# FLUX block benchmark ({record['label']})", "", f"- device: {record['device']}",
-             f"- torch {record['torch']}, triton {record['triton']}, CUDA {record['cuda']}",
-             f"- date: {date}; commit: {commit}; dtype: {record['dtype']}; backend: {record['backend']}; "
-             f"cuDNN attention: {'on' if args.cudnn_attention else 'off'}",
-             f"- {len(layers)} LoRWeB layers; config: {cfg}", ""]
-    if not on_gpu:
-        lines += ["**CPU run: these numbers say nothing about GPU speed.**", ""]
-    lines += ["| scenario | impl | median ms | × base | × official | × official_as_run | peak MB |",
-              "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r.get("skipped"):
-            lines.append(f"| {r['scenario']} | {r['impl']} | skipped: {r['skip_reason']} | | | | |")
-            continue
-        base_ms = ref.get((r["scenario"], "base")) or ref.get((r["scenario"], "per_layer_call"))
-        off_ms, as_run_ms = ref.get((r["scenario"], "official")), ref.get((r["scenario"], "official_as_run"))
-        peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-        lines.append(f"| {r['scenario']} | {r['impl']} | {r['median_ms']:.3f} | "
-                     + (f"{r['median_ms'] / base_ms:.3f}" if base_ms else "-") + " | "
-                     + (f"{r['median_ms'] / off_ms:.3f}" if off_ms else "-") + " | "
-                     + (f"{r['median_ms'] / as_run_ms:.3f}" if as_run_ms else "-") + f" | {peak} |")
-    (args.out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    if profile_text is not None:
-        header = (f"FLUX block training step ({record['label']}; {record['device']}; torch {record['torch']}; "
-                  f"commit {commit}; backend {record['backend']}; config {cfg})\n\n")
-        (args.out_dir / f"{stem}_profile.txt").write_text(header + profile_text)
+    record, lines = write(True)
     print("\n".join(lines))
     return record
 

@@ -131,7 +131,7 @@ def test_bench_flux_block_smoke(tmp_path, monkeypatch):
     assert all(r["median_ms"] > 0 for r in data["results"])
     table = (tmp_path / "block.md").read_text()
     assert "CPU run" in table and "× official_as_run" in table
-    assert data["tf32"] is False and "timing" in data
+    assert data["tf32"] is False and "timing" in data and data["complete"] is True
 
 
 def test_flux_block_adapter_cost_counts_device_time_once():
@@ -314,3 +314,19 @@ def test_official_as_run_recomputes_coefficients_in_fp32():
     impl.query_args = (problem["query"].flip(0), problem["to_q"], problem["keys"])
     y2 = impl(problem["x"], problem["weight"], problem["bias"], a32, b32, None, problem["scale"])
     assert y1.dtype == torch.bfloat16 and not torch.equal(y1, y2)
+
+
+def test_bench_flux_block_keeps_the_rows_of_a_run_that_stops(tmp_path, monkeypatch):
+    """The record is rewritten after every row: a run that stops before its end (here the profiler fails, as a
+    time limit would stop it) leaves a JSON and table with the rows it measured, marked complete false."""
+    pytest.importorskip("diffusers")
+    spec = importlib.util.spec_from_file_location("bench_flux_block4", BENCH.with_name("bench_flux_block.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "profile_averages", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped")))
+    with pytest.raises(RuntimeError, match="stopped"):
+        bench.main(["--device", "cpu", "--warmup", "0", "--reps", "1", "--out-dir", str(tmp_path), "--tag", "cut",
+                    "--profile"])
+    data = json.loads((tmp_path / "cut.json").read_text())
+    assert data["complete"] is False and len(data["results"]) == 10
+    assert "Partial record" in (tmp_path / "cut.md").read_text()
