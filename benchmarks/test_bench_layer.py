@@ -6,8 +6,8 @@
 
 Without a GPU it times small CPU shapes (the torch backend and nn.Linear; the fused backends skip with the reason),
 so CI runs it in seconds. With a CUDA GPU it times the target shape of METHOD.md: bf16, M=8192 (2 samples of 4096
-tokens), 3072->3072, N=32 LoRAs of rank 4. Every row first checks its output against the torch backend, then times
-whole calls; on a GPU each timed call ends with a synchronize, so rows include launch overhead (the device-only
+tokens), 3072->3072, N=32 LoRAs of rank 4. Every LoRWeB row first checks its output (and, forward+backward, every
+gradient) against the float64 reference with the dtype's bounds (lorweb_fast.testing), then times whole calls; on a GPU each timed call ends with a synchronize, so rows include launch overhead (the device-only
 numbers are benchmarks/bench_mixed_lora.py's).
 """
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import lorweb_fast as lf
 from lorweb_fast import ops
-from lorweb_fast.testing import random_problem
+from lorweb_fast.testing import check_against_reference, check_forward, random_problem
 
 pytest.importorskip("pytest_benchmark")
 
@@ -59,9 +59,7 @@ def test_layer_forward(benchmark, problem, row):
     x, a, b = problem["x"], problem["lora_a"], problem["lora_b"]
     with torch.no_grad():
         if row != "linear":
-            ref = lf.lorweb_linear(x, problem["weight"], problem["bias"], a, b, problem["coeffs"], problem["scale"],
-                                   backend="torch")
-            torch.testing.assert_close(fn(x, a, b).float(), ref.float(), rtol=2e-2, atol=2e-2)
+            check_forward(f"{row} forward", fn(x, a, b), problem)
 
         def call():
             y = fn(x, a, b)
@@ -76,6 +74,8 @@ def test_layer_forward(benchmark, problem, row):
 @pytest.mark.parametrize("row", ROWS)
 def test_layer_forward_backward(benchmark, problem, row):
     fn = _layer(row, problem)
+    if row != "linear":
+        check_against_reference(lambda *t: lf.lorweb_linear(*t, backend=row), problem)
     x = problem["x"].detach().clone().requires_grad_(True)
     a = problem["lora_a"].detach().clone().requires_grad_(True)
     b = problem["lora_b"].detach().clone().requires_grad_(True)

@@ -331,3 +331,18 @@ def test_layers_on_a_second_gpu_run_there(backend):
     problem = random_problem(2, 33, 64, 40, 3, 4, torch.bfloat16, device="cuda:1", seed=8)
     assert torch.cuda.current_device() == 0
     check_against_reference(lambda *a: lf.lorweb_linear(*a, backend=backend), problem)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_add_to_gets_the_output_gradient_on_gpu(backend):
+    """y = add_to + delta (bitsandbytes and hooked bases): d add_to is the output gradient exactly; the delta's
+    gradients against float64."""
+    _require(backend)
+    p = random_problem(2, 301, 515, 771, 32, 4, torch.bfloat16, device="cuda", seed=11)
+    base = torch.randn(2, 301, 771, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = lf.mixed_lora_delta(p["x"], p["lora_a"], p["lora_b"], p["coeffs"], p["scale"], add_to=base, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert torch.equal(base.grad, dy)
+    zeros = torch.zeros(2, 301, 771, device="cuda", dtype=torch.bfloat16)
+    check_against_reference(lambda *a: lf.mixed_lora_delta(*a, add_to=zeros, backend=backend), p, with_base=False)

@@ -8,6 +8,7 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import reference
+from lorweb_fast.testing import check_forward
 
 
 def test_parameter_layout_and_init():
@@ -207,12 +208,18 @@ def test_autocast_casts_only_what_autocast_casts():
     layer.set_coefficients(coeffs)
     x = torch.randn(2, 3, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer(x).dtype == base(x).dtype == torch.bfloat16
+        y = layer(x)
+        assert y.dtype == base(x).dtype == torch.bfloat16
+    # the bf16 run's values: x, W, b and the basis rounded to bf16 (what autocast computes with), then float64
+    rounded = {k: t.detach().to(torch.bfloat16) for k, t in (("x", x), ("weight", base.weight), ("bias", base.bias),
+                                                             ("lora_a", layer.lora_A), ("lora_b", layer.lora_B))}
+    check_forward("autocast bf16", y, {**rounded, "coeffs": coeffs, "scale": layer.scale})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         layer64, base64 = layer.double(), base.double()
         layer64.set_coefficients(coeffs)
         y64 = layer64(x.double())
         assert y64.dtype == base64(x.double()).dtype == torch.float64
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="dtype"):
             layer64(torch.ones(2, 3, 8, dtype=torch.long))
     want = reference.lorweb_linear(x, base64.weight, base64.bias, layer64.lora_A, layer64.lora_B, coeffs, layer.scale)
     torch.testing.assert_close(y64, want, rtol=1e-12, atol=1e-12)

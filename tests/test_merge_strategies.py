@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 import lorweb_fast as lf
 from lorweb_fast import flux, reference
 from lorweb_fast.flux import merged
-from lorweb_fast.testing import tolerance
+from lorweb_fast.testing import check_forward, tolerance
 
 DIM, LAYERS, QUERY_DIM, N, R = 64, 8, 6, 3, 2
 
@@ -22,7 +22,8 @@ def stack(dtype=torch.float32, device="cpu", dim=DIM, layers=LAYERS):
     """``layers`` LoRWeB layers of dim x dim in a row: weights dominate memory, activations are tiny."""
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(dim, dim) for _ in range(layers)])
-    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=N, rank=R, key_dim=8, query_dim=QUERY_DIM,
+    # lora_alpha = 2 r: scale 2, so that a merge that dropped or doubled the scale shows
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=N, rank=R, key_dim=8, query_dim=QUERY_DIM, lora_alpha=2.0 * R,
                                             target_modules=r"\d+"))
     with torch.no_grad():
         for layer in lf.lorweb_layers(model).values():
@@ -86,15 +87,22 @@ def test_strategies_give_the_full_merge_output_and_restore_bit_for_bit(dtype):
     with torch.no_grad():
         unmerged = model(x)
         outs = {}
+        first = model[0]
         for strategy in flux.MERGE_STRATEGIES:
             before = snapshot(model)
             with merged(model, strategy) as m:
                 assert m is model
                 outs[strategy] = model(x)
+                # one merged layer against float64, with the dtype's per-layer bounds: a merge that drops, scales
+                # or misplaces the mixture fails here (the chain bound below is loose)
+                check_forward(f"{strategy}: merged layer 0", first(x), {
+                    "x": x, "weight": before["0.base_layer.weight"][1], "bias": first.base_layer.bias,
+                    "lora_a": first.lora_A, "lora_b": first.lora_B, "coeffs": first.coefficients,
+                    "scale": first.scale})
             assert_restored(model, before)  # offload writes in place: same storages, original bits
+    assert first.scale == 2.0
     # one rounding of the same fp32 merged weight, then the same F.linear: identical bits
     assert torch.equal(outs["jit"], outs["full"]) and torch.equal(outs["offload"], outs["full"])
-    assert not torch.equal(outs["full"], model[0].base_layer(x))  # the mixture is in
     # merged and unmerged round differently, layer after layer: the per-layer bound of the dtype (6 roundings plus the
     # fp32 accumulation of DIM + N*R terms) times the LAYERS layers, relative to the output's scale
     tol = LAYERS * tolerance(dtype, DIM + N * R)

@@ -11,7 +11,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_triton
 import lorweb_fast as lf  # noqa: E402
 from lorweb_fast.kernels import mixed_lora as K  # noqa: E402
 from lorweb_fast import reference  # noqa: E402
-from lorweb_fast.testing import (assert_within_bound, case_id, check_against_reference, check_forward,  # noqa: E402
+from lorweb_fast.testing import (assert_within_bound, assert_within_rss_bound, case_id, check_against_reference, check_forward,  # noqa: E402
                                  odd_shape_cases, random_problem, spread_cases)
 
 CASES = odd_shape_cases()
@@ -50,6 +50,21 @@ def test_add_to_and_non_contiguous_inputs():
     assert_within_bound("add_to", got, want, want_abs, torch.float32, 37 + 12)
     w_t = p["weight"].t().contiguous().t()
     check_forward("non-contiguous", lf.lorweb_linear(x_t, w_t, p["bias"], *args, backend="triton"), p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_to_gets_the_output_gradient(dtype):
+    """y = add_to + delta: the gradient of add_to is the output gradient itself (exactly), and the other gradients
+    against float64 (with_base=False: the delta alone), for the add_to path of bitsandbytes and hooked bases."""
+    p = random_problem(2, 7, 37, 29, 3, 4, dtype, seed=6)
+    base = torch.randn(2, 7, 29).to(dtype).requires_grad_(True)
+    x = p["x"].clone().requires_grad_(True)
+    y = lf.mixed_lora_delta(x, p["lora_a"], p["lora_b"], p["coeffs"], p["scale"], add_to=base, backend="triton")
+    dy = torch.randn(y.shape).to(dtype)
+    y.backward(dy)
+    assert torch.equal(base.grad, dy) and x.grad is not None
+    check_against_reference(lambda *a: lf.mixed_lora_delta(*a, add_to=torch.zeros(2, 7, 29, dtype=dtype),
+                                                           backend="triton"), p, with_base=False)
 
 
 def test_in_place_accumulation_launcher():
@@ -335,6 +350,11 @@ def test_grad_basis_writes_the_basis_layouts(dtype, split, num_loras, rank):
     bound_b = (z.double().abs().t() @ dy.double().abs()).view(num_loras, rank, nout)
     assert_within_bound("d_lora_a", d_a, want_a, bound_a, dtype, M)
     assert_within_bound("d_lora_b", d_b, want_b, bound_b, dtype, M)
+    # and the statistical bound (root-sum-of-squares of the terms), which the worst-case one alone would not give
+    rss_a = (dz.double().square().t() @ x.double().square()).sqrt().view(num_loras, rank, k).transpose(1, 2)
+    rss_b = (z.double().square().t() @ dy.double().square()).sqrt().view(num_loras, rank, nout)
+    assert_within_rss_bound("d_lora_a", d_a, want_a, rss_a, dtype, M)
+    assert_within_rss_bound("d_lora_b", d_b, want_b, rss_b, dtype, M)
     with pytest.raises(ValueError, match="rank-5"):
         K.grad_basis(dz, x, z, dy, 5, config=cfg)
 
