@@ -3,8 +3,10 @@
     python -m lorweb_fast.aot --arch 90 --out aot_sm90
 
 For each METHOD.md layer shape (LAYERS), each R in RANKS (r = 4) and each dtype, the forward and backward op bodies
-(``lorweb_fast.kernels.mixed_lora.forward`` / ``backward``) run on meta tensors with the launcher replaced by a
-recorder, so the recorded launches are exactly what the dispatcher and the committed tile table choose for that GPU
+(``lorweb_fast.kernels.mixed_lora.forward`` / ``backward``: with and without weight, bias and base, both dcoeffs
+modes) run on meta tensors with the launcher replaced by a recorder, once as in eager mode and once as while
+torch.compile traces them (passes ``fwd_compiled`` / ``bwd_compiled``: no TMA, the pointer kernels with the TMA
+entries' tiles), so the recorded launches are exactly what the dispatcher and the committed tile table choose for that GPU
 family. Each launch's arguments are specialised the way Triton's JIT does (``native_specialize_impl``: integers equal
 to 1 become constants, 16-divisible integers and aligned pointers get divisibility hints), identical
 specializations are compiled once with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, and
@@ -12,7 +14,8 @@ the PTX is assembled by the ptxas bundled with Triton for registers and spills.
 
 ``DIR/report.json``::
 
-    {"arch", "triton", "kernels": [{"kernel", "pass": "fwd"|"bwd", "layer": [in, out], "dtype", "R", "config",
+    {"arch", "triton", "kernels": [{"kernel", "pass": "fwd"|"bwd"|"fwd_compiled"|"bwd_compiled", "layer": [in, out],
+      "dtype", "R", "config",
       "shared_bytes", "registers", "spill_bytes", "ptx": "<file name in DIR>"}]}
 
 plus the PTX files (one per distinct specialization; entries that share a specialization share the file).
@@ -22,6 +25,7 @@ plus the PTX files (one per distinct specialization; entries that share a specia
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -79,6 +83,18 @@ def _record_launches(fn, *args, **kwargs) -> list[Launch]:
     finally:
         K._launch = original
     return recorded
+
+
+@contextlib.contextmanager
+def _as_traced(K, traced: bool):
+    """While ``traced``: the launchers decide as while torch.compile traces them (no TMA descriptors)."""
+    original = K.traced
+    if traced:
+        K.traced = lambda *args: True
+    try:
+        yield
+    finally:
+        K.traced = original
 
 
 def _specialize(launch: Launch, backend) -> Specialization:
@@ -144,16 +160,27 @@ def plan(arch: int, layers=LAYERS, ranks=RANKS, dtypes=DTYPES):
                 calls = {
                     "fwd": [(K.forward, (p["x"], p["weight"], p["bias"], None, p["lora_a"], p["lora_b"], p["coeffs"],
                                          0.5, p["rows_per_sample"])),
+                            (K.forward, (p["x"], p["weight"], None, None, p["lora_a"], p["lora_b"], p["coeffs"],
+                                         0.5, p["rows_per_sample"])),
                             (K.forward, (p["x"], None, None, p["base"], p["lora_a"], p["lora_b"], p["coeffs"], 0.5,
+                                         p["rows_per_sample"])),
+                            (K.forward, (p["x"], None, None, None, p["lora_a"], p["lora_b"], p["coeffs"], 0.5,
                                          p["rows_per_sample"]))],
                     "bwd": [(K.backward, (p["dy"], p["x"], p["weight"], p["lora_a"], p["lora_b"], p["coeffs"],
                                           p["u"], p["z"], 0.5, p["rows_per_sample"])),
                             (K.backward, (q["dy"], q["x"], q["weight"], q["lora_a"], q["lora_b"], q["coeffs"],
-                                          q["u"], q["z"], 0.5, q["rows_per_sample"]))],
+                                          q["u"], q["z"], 0.5, q["rows_per_sample"])),
+                            (K.backward, (p["dy"], p["x"], None, p["lora_a"], p["lora_b"], p["coeffs"],
+                                          p["u"], p["z"], 0.5, p["rows_per_sample"]))],
                 }
+                # "_compiled": the same calls as torch.compile traces them (``kernels.mixed_lora.traced``): the
+                # pointer kernels with the tiles of the table's TMA entries
+                calls.update({f"{name}_compiled": fns for name, fns in list(calls.items())})
                 for pass_name, fns in calls.items():
                     for fn, args in fns:
-                        for launch in _record_launches(fn, *args, family=family):
+                        with _as_traced(K, pass_name.endswith("_compiled")):
+                            launches = _record_launches(fn, *args, family=family)
+                        for launch in launches:
                             spec = _specialize(launch, backend)
                             spec = specs.setdefault(spec.key, spec)
                             entry = dict(kernel=spec.name, layer=[in_f, out_f], dtype=dtype, R=R,

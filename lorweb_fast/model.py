@@ -154,8 +154,8 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
     if not isinstance(config, LoRWeBConfig):
         raise TypeError(f"config must be a LoRWeBConfig, got {type(config).__name__}")
     config.validate()
-    _refuse_incompatible_modules(model, "inject_lorweb")
     already = [n for n, m in lorweb_layers(model).items() if matches_target(n, config.target_modules)]
+    _refuse_incompatible_modules(model, "inject_lorweb")
     if already:
         raise ValueError(f"LoRWeB is already injected into {len(already)} targeted modules, e.g. {already[:3]}; "
                          "call remove_lorweb(model) first")

@@ -36,7 +36,8 @@ def test_report_schema_and_coverage(aot_report):
     covered = set()
     for e in report["kernels"]:
         assert set(e) == SCHEMA, e
-        assert e["pass"] in ("fwd", "bwd") and e["dtype"] in aot.DTYPES and e["R"] in aot.RANKS
+        assert e["pass"] in ("fwd", "bwd", "fwd_compiled", "bwd_compiled")
+        assert e["dtype"] in aot.DTYPES and e["R"] in aot.RANKS
         assert isinstance(e["config"], dict) and e["config"]["num_warps"] >= 1
         assert (out / e["ptx"]).is_file()
         covered.add((tuple(e["layer"]), e["R"], e["dtype"], e["pass"], e["kernel"].replace("_tma", "")))
@@ -53,12 +54,15 @@ def test_report_schema_and_coverage(aot_report):
                                       "_grad_basis_finish_kernel")))
                 else:
                     passes = (("fwd", ("_shrink_kernel",)), ("bwd", ("_shrink_kernel",)))
+                # torch.compile traces the pointer kernels, with the tiles of the table's TMA entries
+                passes += tuple((f"{name}_compiled", kernels) for name, kernels in passes)
                 for pass_name, kernels in passes:
                     for kernel in kernels:
                         assert (layer, R, dtype, pass_name, kernel) in covered, (layer, R, dtype, pass_name, kernel)
     if arch == 90:  # Hopper: the bf16/fp16 shrink and the persistent expand load through TMA
         for name in ("_shrink_tma_kernel", "_expand_tma_kernel"):
             assert any(e["kernel"] == name and e["dtype"] == "bfloat16" for e in report["kernels"]), name
+            assert not any(e["kernel"] == name and e["pass"].endswith("_compiled") for e in report["kernels"]), name
 
 
 def test_every_entry_passes_the_hardware_checks(aot_report):
