@@ -508,6 +508,12 @@ def _config_from_metadata(meta: Mapping[str, str]) -> dict:
     return cfg
 
 
+#: Keys of ordinary (single) LoRA checkpoints: peft/diffusers ``lora_A[.adapter].weight``, kohya ``lora_down`` /
+#: ``lora_up`` / ``alpha``, DoRA magnitudes and diffusers' full-weight ``diff`` / ``diff_b``.
+_PLAIN_LORA_KEY = re.compile(r"(\.lora_[AB](\.[\w-]+)?\.weight|\.lora_(down|up)\.weight|\.alpha"
+                             r"|\.lora_magnitude_vector(\.[\w-]+)?|\.diff(_b)?)$")
+
+
 def _group_checkpoint(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     unexpected = []
@@ -591,10 +597,16 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     from .official_config import LoRWeBConfigError
 
     state, meta = read_checkpoint(path_or_state_dict)
+    groups, unexpected = _group_checkpoint(state)
+    if not groups and unexpected and all(_PLAIN_LORA_KEY.search(k) for k in unexpected):
+        raise LoRWeBCheckpointError(
+            f"this is a plain LoRA checkpoint (peft / diffusers / kohya keys such as {unexpected[0]}), not a LoRWeB "
+            f"basis (keys {CHECKPOINT_PREFIX}<module>.lora_A (N, in, r), .lora_B (N, r, out), .lora_keys, "
+            ".att_lora_to_q.weight); LoRWeB does not stack with plain LoRAs: load it into a stock pipeline with "
+            "diffusers' load_lora_weights. The model was not changed")
     cfg = _config_from_metadata(meta)
     resolved = resolve_checkpoint_settings(path_or_state_dict, config, settings)
     where = resolved["sources"]
-    groups, unexpected = _group_checkpoint(state)
     problems = [f"unexpected key {k}" for k in unexpected]
     if not groups and not problems:
         problems.append("the checkpoint holds no LoRWeB tensors")

@@ -749,3 +749,22 @@ def test_a_query_of_the_wrong_width_is_named():
     with pytest.raises(ValueError, match=r"query has 5 features but to_q_weight \(4, 6\) expects query_dim=6"):
         ops.compute_coefficients(torch.randn(2, 5, generator=g), torch.randn(4, 6, generator=g),
                                  torch.randn(3, 4, generator=g))
+
+
+def test_a_plain_lora_checkpoint_is_named_as_such(tmp_path):
+    """A peft/diffusers (lora_A.weight / lora_B.weight) or kohya (lora_down / lora_up / alpha) checkpoint is not a
+    LoRWeB basis: the error says so (not a list of unexpected keys), and the model is unchanged."""
+    from safetensors.torch import save_file
+
+    m = prepared()
+    snap = snapshot(m)
+    for keys in (("transformer.0.lora_A.weight", "transformer.0.lora_B.weight"),
+                 ("lora_unet_0.lora_down.weight", "lora_unet_0.lora_up.weight", "lora_unet_0.alpha")):
+        save_file({k: torch.randn(2, 2) for k in keys}, tmp_path / "plain.safetensors")
+        with pytest.raises(lf.LoRWeBCheckpointError, match=r"plain LoRA checkpoint .*does not stack"):
+            lf.load_lorweb_weights(m, tmp_path / "plain.safetensors")
+        assert_unchanged(m, snap)
+    save_file({"transformer.0.lora_A.weight": torch.randn(2, 2), "something.else": torch.randn(2)},
+              tmp_path / "mixed.safetensors")
+    with pytest.raises(lf.LoRWeBCheckpointError, match="unexpected key something.else"):
+        lf.load_lorweb_weights(m, tmp_path / "mixed.safetensors")
