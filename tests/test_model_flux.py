@@ -300,6 +300,16 @@ def test_save_is_atomic(saved_base, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------- stock diffusers / peft / accelerate
+def injected_and_its_output(path):
+    """(an injected tiny transformer, the query set on it, inputs, its output for them), without autograd."""
+    m = injected(path)
+    query = torch.randn(2, QUERY_DIM)
+    inputs = flux_inputs()
+    with torch.no_grad():
+        lf.set_query(m, query)
+        return m, query, inputs, m(**inputs).sample
+
+
 def test_fused_qkv_projections_are_refused_before_anything_changes(saved_base, tmp_path):
     """After fuse_qkv_projections() the attention runs to_qkv / to_added_qkv: LoRWeB on to_q/k/v (and add_*_proj)
     would be silently unused, so injecting and loading are refused naming the fix; unfused, both work."""
@@ -337,12 +347,8 @@ def test_hooked_base_layers_are_called_sequential_cpu_offload(saved_base):
     meta weights (per-forward too), naming the offload modes that work."""
     import accelerate
 
-    m = injected(saved_base)
-    query = torch.randn(2, QUERY_DIM)
-    inputs = flux_inputs()
+    m, query, inputs, want = injected_and_its_output(saved_base)
     with torch.no_grad():
-        lf.set_query(m, query)
-        want = m(**inputs).sample
         accelerate.cpu_offload(m, execution_device=torch.device("cpu"))
         assert all(p.device.type == "meta" for p in m.parameters())
         torch.testing.assert_close(m(**inputs).sample, want, rtol=0, atol=0)
@@ -373,12 +379,7 @@ def test_layerwise_casting_keeps_the_query_projection(saved_base):
     """diffusers' enable_layerwise_casting stores the linear layers in float8 but not att_lora_to_q (added to the
     model's skip patterns at injection, as diffusers skips peft's layers): set_query and the forward run, close to
     the uncast model (float8 storage of the base weights is the only difference)."""
-    m = injected(saved_base)
-    query = torch.randn(2, QUERY_DIM)
-    inputs = flux_inputs()
-    with torch.no_grad():
-        lf.set_query(m, query)
-        want = m(**inputs).sample
+    m, query, inputs, want = injected_and_its_output(saved_base)
     m.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     layer = m.transformer_blocks[0].attn.to_q
     assert layer.att_lora_to_q.weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.float8_e4m3fn
