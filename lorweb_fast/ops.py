@@ -380,8 +380,10 @@ def _fused_linear(backend, x, weight, bias, base, lora_a, lora_b, coeffs, scale)
     base2d = None if base is None else base.reshape(-1, base.shape[-1])
     fwd = _FUSED_OPS[backend]
     # the scale goes in with the coefficients (a tensor op), not as the op's float argument: torch.compile would
-    # specialise on that float and recompile for every set_lorweb_scale value
-    y, _, _ = fwd(x2d, weight, bias, base2d, lora_a, lora_b, coeffs.float() * scale, 1.0, rows_per_sample)
+    # specialise on that float and recompile for every value. LoRWeBLinear passes lora_alpha / r, 1 for the official
+    # models, and has multiplied its strength in already: no second elementwise kernel per layer then.
+    scaled = coeffs.float() if scale == 1.0 else coeffs.float() * scale
+    y, _, _ = fwd(x2d, weight, bias, base2d, lora_a, lora_b, scaled, 1.0, rows_per_sample)
     return y.view(*x.shape[:-1], lora_b.shape[2])
 
 
