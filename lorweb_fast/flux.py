@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import lora_api
-from .layer import LoRWeBLinear, has_plain_weight
+from .layer import LoRWeBLinear, has_forward_hooks, has_plain_weight
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
     get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, set_query
 from .validation import MIN_LONG_EDGE, check_device, check_generation_options, check_int, check_pipe_kwargs, \
@@ -136,6 +136,10 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
         if not has_plain_weight(layer.base_layer):
             raise TypeError(f"cannot merge into {name}: its base layer {type(layer.base_layer).__name__} has no "
                             "plain tensor weight (quantized layers run unmerged)")
+        if has_forward_hooks(layer.base_layer):
+            raise TypeError(f"cannot merge into {name}: its base layer has forward hooks (offloading or layerwise "
+                            "casting keep its weight elsewhere or in a storage dtype outside its forward, where a "
+                            "merge would be lost or rounded); run it unmerged (merge='none')")
         if layer._merged or layer._merge_jit:
             raise RuntimeError(f"{name} is already merged (nested merged() blocks)")
         coeffs = layer.coefficients
@@ -161,7 +165,10 @@ def merged(model: nn.Module, strategy: str = "full") -> Iterator[nn.Module]:
     """Run every LoRWeB layer with the current analogy's mixture merged into its base weight.
 
     Every strategy computes the merged weight ``merged_weight`` in fp32 and rounds it once, and restores the
-    original weights bit for bit on exit (also on error): nothing is ever subtracted.
+    original weights bit for bit on exit (also on error): nothing is ever subtracted. (``unload_lora_weights`` on a
+    model fused with ``fuse_lora`` is the one exit that keeps the merged weights, as diffusers does.) Base layers
+    with forward hooks (offloading, layerwise casting) are refused: their weight lives elsewhere or in a storage
+    dtype outside their forward.
 
     Args:
         strategy:
@@ -831,8 +838,9 @@ class LoRWeBKontextPipeline:
     def unload_lora_weights(self) -> list[str]:
         """diffusers' ``unload_lora_weights``: the stock transformer layers go back; a mixture fused with
         ``fuse_lora`` stays in their weights, as with diffusers/peft (``lora_api.unload_lora_weights``)."""
+        names = lora_api.unload_lora_weights(self.transformer)  # may refuse: the pipeline's state stays then
         self._fuse_scales = self._disabled_scale = None
-        return lora_api.unload_lora_weights(self.transformer)
+        return names
 
     def fuse_lora(self, strategy: str = "full", *, lora_scale: float = 1.0, components=None,
                   adapter_names=None, safe_fusing: bool = False) -> None:
@@ -1017,7 +1025,8 @@ class LoRWeBKontextPipeline:
         if merge != "auto":
             raise ValueError(f"merge must be 'auto', 'none', one of {MERGE_STRATEGIES}, True or False; got {merge!r}")
         layers = lorweb_layers(self.transformer)
-        if batch_size != 1 or not all(has_plain_weight(l.base_layer) for l in layers.values()):
+        if batch_size != 1 or not all(has_plain_weight(l.base_layer) and not has_forward_hooks(l.base_layer)
+                                      for l in layers.values()):
             return "none"
         if any(l._merged or l._merge_jit for l in layers.values()):
             return "none"  # already fused (fuse_lora)

@@ -17,6 +17,7 @@ import numbers
 import os
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Optional, Union
 
@@ -57,7 +58,8 @@ def fuse_lora(model: nn.Module, strategy: str = "full") -> None:
 
 
 def unfuse_lora(model: nn.Module) -> None:
-    """Restore the weights fused by ``fuse_lora`` bit for bit (a no-op when nothing is fused)."""
+    """Restore the weights fused by ``fuse_lora`` bit for bit (a no-op when nothing is fused). ``unload_lora_weights``
+    on a fused model keeps the fused weights instead (as diffusers)."""
     state = getattr(model, _FUSED, None)
     if state is None:
         return
@@ -146,6 +148,7 @@ def hub_checkpoint_name(repo_id: str, subfolder: str = "", **hub) -> Optional[tu
     None when the listing cannot be had (``local_files_only``, ``HF_HUB_OFFLINE``, or a failed request): the caller
     then reads the cached or downloaded snapshot itself, whose own failure names the cause."""
     import huggingface_hub
+    import huggingface_hub.constants  # a lazily loaded submodule: not an attribute until imported
 
     from .official_config import pick_checkpoint_name
 
@@ -160,6 +163,9 @@ def hub_checkpoint_name(repo_id: str, subfolder: str = "", **hub) -> Optional[tu
     prefix = f"{subfolder}/" if subfolder else ""
     names = [n[len(prefix):] for n in listing if n.startswith(prefix)]
     where = f"Hugging Face Hub repo {repo_id}"
+    if not names:
+        raise FileNotFoundError(f"LoRWeB checkpoint not found: {where} has no files" +
+                                (f" in {subfolder!r}" if subfolder else ""))
     chosen = pick_checkpoint_name(names, where)
     if chosen is not None:
         return chosen, ""
@@ -341,13 +347,17 @@ def unload_lora_weights(model: nn.Module) -> list[str]:
     if state is None:
         return remove_lorweb(model)
     layers = lorweb_layers(model)
-    if state[1] == "jit":
+    baked = {}
+    if state[1] == "jit":  # every merged weight first: a failure (one analogy needed, memory) changes nothing
         for name, layer in layers.items():
             coeffs = layer.coefficients
-            if coeffs is None or (coeffs.shape[0] != 1 and not bool((coeffs == coeffs[:1]).all())):
+            if coeffs is None or coeffs.shape[0] == 0 or (coeffs.shape[0] != 1
+                                                          and not bool((coeffs == coeffs[:1]).all())):
                 raise RuntimeError(f"unload_lora_weights() keeps a fused mixture in the weights, but {name} is fused "
                                    "with strategy='jit' for no analogy or a batch of different ones: set one analogy, "
                                    "or unfuse_lora() first to unload without baking")
+        with torch.no_grad():
+            baked = {name: merged_weight(layer) for name, layer in layers.items()}
     for layer in layers.values():
         layer._keep_merged_on_exit = True
     try:
@@ -355,10 +365,13 @@ def unload_lora_weights(model: nn.Module) -> list[str]:
     finally:
         for layer in layers.values():
             del layer._keep_merged_on_exit
-    if state[1] == "jit":
-        with torch.no_grad():
-            for layer in layers.values():
-                layer.base_layer.weight.data.copy_(merged_weight(layer))
+    shared = Counter(id(layers[name].base_layer.weight) for name in baked)
+    for name, weight in baked.items():
+        base = layers[name].base_layer
+        if shared[id(base.weight)] > 1:  # one Parameter on several layers: each gets its own, with its own mixture
+            base.weight = nn.Parameter(weight, requires_grad=base.weight.requires_grad)
+        else:
+            base.weight.data = weight
     return remove_lorweb(model)
 
 

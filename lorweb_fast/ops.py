@@ -68,7 +68,8 @@ _CUDA_EXT, _CUDA_IMPORT_ERROR = _load_cuda_extension()
 
 
 def cuda_build_error() -> Optional[str]:
-    """Why setup.py's compile of lorweb_fast._C failed at install (recorded in ``_cuda_build_info``), else None."""
+    """Why setup.py did not build lorweb_fast._C at install (skipped, no toolkit, or a failed compile; recorded in
+    ``_cuda_build_info``), else None."""
     try:
         from ._cuda_build_info import BUILD_ERROR
     except ImportError:
@@ -150,10 +151,9 @@ def _unavailable_reason(name: str, device: torch.device | None = None) -> Option
         return None
     if name == "cuda":
         if _CUDA_EXT is None:
-            failed = cuda_build_error()
-            if failed is not None:
-                return (f"the CUDA extension lorweb_fast._C failed to build at install ({failed}); fix the cause and "
-                        "reinstall (LORWEB_FAST_FORCE_CUDA_BUILD=1 makes a failed build an install error)")
+            why = cuda_build_error()
+            if why is not None:
+                return f"the CUDA extension lorweb_fast._C was not built at install: {why}"
             return ("the CUDA extension lorweb_fast._C is not built (install with a CUDA-enabled torch and nvcc, "
                     f"see README; import error: {_CUDA_IMPORT_ERROR})")
         if device is not None and device.type != "cuda":

@@ -89,24 +89,25 @@ def test_backward_fake_kernel_gives_contiguous_gradients_for_strided_inputs(ext)
         assert all(g.is_contiguous() for g in grads)
 
 
-def test_a_failed_build_is_named_by_the_backend_status(monkeypatch):
-    """setup.py records a failed compile in _cuda_build_info.BUILD_ERROR: backend='cuda' then raises naming it
-    (not the generic "not built")."""
+def test_why_the_extension_was_not_built_is_named_by_the_backend_status(monkeypatch):
+    """setup.py records why it did not build the extension in _cuda_build_info.BUILD_ERROR (a failed compile, a skip,
+    no toolkit): backend='cuda' then raises naming it (not the generic "not built")."""
     import sys
     import types
 
     info = types.ModuleType("lorweb_fast._cuda_build_info")
     info.TORCH_CUDA_ARCH_LIST, info.CUDA_VERSION = "9.0", "13.0"
-    info.BUILD_ERROR = "RuntimeError: Error compiling objects for extension"
+    info.BUILD_ERROR = "its compile failed (RuntimeError: Error compiling objects for extension); fix the cause"
     monkeypatch.setitem(sys.modules, "lorweb_fast._cuda_build_info", info)
     monkeypatch.setattr(ops, "_CUDA_EXT", None)
     assert ops.cuda_build_error() == info.BUILD_ERROR
     assert ops.backend_status()["cuda"] == (
-        "unavailable: the CUDA extension lorweb_fast._C failed to build at install (RuntimeError: Error compiling "
-        "objects for extension); fix the cause and reinstall (LORWEB_FAST_FORCE_CUDA_BUILD=1 makes a failed build "
-        "an install error)")
-    with pytest.raises(lorweb_fast.BackendUnavailableError, match="failed to build at install"):
+        "unavailable: the CUDA extension lorweb_fast._C was not built at install: its compile failed (RuntimeError: "
+        "Error compiling objects for extension); fix the cause")
+    with pytest.raises(lorweb_fast.BackendUnavailableError, match="not built at install: its compile failed"):
         ops.resolve_backend("cuda", torch.device("cuda"))
+    info.BUILD_ERROR = "LORWEB_FAST_SKIP_CUDA_BUILD=1 was set"
+    assert ops.backend_status()["cuda"].endswith("not built at install: LORWEB_FAST_SKIP_CUDA_BUILD=1 was set")
     info.BUILD_ERROR = None
     assert "is not built" in ops.backend_status()["cuda"]
 
@@ -129,6 +130,8 @@ def test_setup_installs_without_the_extension_when_its_compile_fails(tmp_path):
     shutil.copy(repo / "setup.py", src / "setup.py")
     shutil.copy(repo / "pyproject.toml", src / "pyproject.toml")
     shutil.copy(repo / "lorweb_fast" / "__init__.py", src / "lorweb_fast" / "__init__.py")
+    (src / "lorweb_fast" / "evaluation").mkdir()  # a package setup.py lists (build_py needs it to exist)
+    shutil.copy(repo / "lorweb_fast" / "evaluation" / "__init__.py", src / "lorweb_fast" / "evaluation")
     for name in ("lorweb_kernels.cu", "lorweb_ops.cpp"):
         path = src / "csrc" / name
         path.write_text("#error deliberate build failure\n" + path.read_text())
@@ -140,14 +143,25 @@ def test_setup_installs_without_the_extension_when_its_compile_fails(tmp_path):
     assert forced.returncode != 0 and "deliberate build failure" in forced.stdout + forced.stderr
     stale.write_bytes(b"an earlier build")
     del env["LORWEB_FAST_FORCE_CUDA_BUILD"]
-    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, env=env,
+    proc = subprocess.run([sys.executable, "setup.py", "build"], cwd=src, env=env,  # build_py, then build_ext
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WARNING: the CUDA extension lorweb_fast._C failed to build (RuntimeError" in proc.stderr
     assert not stale.exists()
     info = {}
     exec((src / "lorweb_fast" / "_cuda_build_info.py").read_text(), info)
-    assert info["BUILD_ERROR"].startswith("RuntimeError: Error compiling objects")
+    assert info["BUILD_ERROR"].startswith("its compile failed (RuntimeError: Error compiling objects")
+    # a wheel is made from the build folder, which build_py filled before the compile: it holds the reason too
+    built_info = {}
+    exec(next((src / "build").glob("lib*/lorweb_fast/_cuda_build_info.py")).read_text(), built_info)
+    assert built_info["BUILD_ERROR"] == info["BUILD_ERROR"]
+    skipped = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src,
+                             env={**env, "LORWEB_FAST_SKIP_CUDA_BUILD": "1"}, capture_output=True, text=True,
+                             timeout=600)
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    info = {}
+    exec((src / "lorweb_fast" / "_cuda_build_info.py").read_text(), info)
+    assert info["BUILD_ERROR"] == "LORWEB_FAST_SKIP_CUDA_BUILD=1 was set"
 
 
 # ------------------------------------------------------------------------------------------ register spills (no GPU)

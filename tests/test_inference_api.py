@@ -803,6 +803,19 @@ def test_unload_after_fuse_bakes_the_analogy_into_the_stock_layers(strategy):
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
 
     if strategy == "jit":
+        # layers that share one weight tensor each keep their own mixture (the baked weights are new tensors)
+        tied = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6))
+        tied[1].weight = tied[0].weight
+        lf.inject_lorweb(tied, lf.LoRWeBConfig(num_loras=2, rank=2, key_dim=4, query_dim=6, target_modules=r"\d"))
+        for layer in lf.lorweb_layers(tied).values():
+            torch.nn.init.normal_(layer.lora_B)
+        with torch.no_grad():
+            lf.set_query(tied, torch.randn(1, 6))
+            lora_api.fuse_lora(tied, "jit")
+            xt = torch.randn(1, 3, 6)
+            want = tied(xt)
+            lora_api.unload_lora_weights(tied)
+            assert torch.equal(tied(xt), want) and not torch.equal(tied[0].weight, tied[1].weight)
         model.load_state_dict(original)
         lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=2, key_dim=4, query_dim=6, target_modules=r"\d"))
         with torch.no_grad():
@@ -812,3 +825,45 @@ def test_unload_after_fuse_bakes_the_analogy_into_the_stock_layers(strategy):
                 lora_api.unload_lora_weights(model)
         assert lora_api.fused_strategy(model) == "jit" and len(lf.lorweb_layers(model)) == 2
         assert torch.equal(model[0].base_layer.weight, original["0.weight"])
+
+
+def test_a_refused_unload_keeps_the_pipelines_fuse_state(pipe):
+    """unload_lora_weights() on a jit fuse of a batch of different analogies is refused (nothing to bake); the
+    pipeline keeps its own state, so the unfuse_lora() the error asks for still restores the strength from before."""
+    (a1, a1p, b1), (a2, a2p, b2) = random_analogy(7), random_analogy(8)
+    pipe.set_analogy([a1, a2], [a1p, a2p], [b1, b2])
+    pipe.fuse_lora("jit", lora_scale=0.5)
+    with pytest.raises(RuntimeError, match="unfuse_lora\\(\\) first to unload without baking"):
+        pipe.unload_lora_weights()
+    assert lf.lorweb_layers(pipe.transformer)
+    pipe.unfuse_lora()
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0
+
+
+def test_hub_checkpoints_resolve_in_a_fresh_process(tmp_path):
+    """In a process that imported nothing else (no diffusers, which would load huggingface_hub's submodules),
+    resolving a Hub repo id reads huggingface_hub.constants (a lazily loaded submodule) without an AttributeError;
+    the listing and the download are stubbed (nothing downloads)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import huggingface_hub, shutil
+from pathlib import Path
+cache = Path({str(tmp_path)!r}) / "snap"
+def list_repo_files(repo_id, revision=None, token=None):
+    return ["w.safetensors"]
+def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "w.safetensors").write_bytes(b"x")
+    return str(cache)
+huggingface_hub.list_repo_files = list_repo_files
+huggingface_hub.snapshot_download = snapshot_download
+from lorweb_fast.lora_api import resolve_checkpoint
+print(resolve_checkpoint("owner/repo")[0].name)
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_HUB_OFFLINE", "PYTHONPATH")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("w.safetensors")

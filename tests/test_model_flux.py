@@ -387,3 +387,18 @@ def test_layerwise_casting_keeps_the_query_projection(saved_base):
         lf.set_query(m, query)
         got = m(**inputs).sample
     assert torch.isfinite(got).all() and (got - want).norm() < 0.1 * want.norm()
+
+
+def test_hooked_base_layers_are_not_merged(saved_base):
+    """merged() refuses base layers with forward hooks (layerwise casting would round the merged weight to its
+    float8 storage, offloading would reload the original): the error names the layer and merge='none'."""
+    m, _, _, _ = injected_and_its_output(saved_base)
+    with torch.no_grad():
+        lf.set_query(m, torch.randn(1, QUERY_DIM))  # one analogy: every strategy could merge it but for the hooks
+    m.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    snap = {n: p.clone() for n, p in m.state_dict().items()}
+    for strategy in ("full", "offload", "jit"):
+        with pytest.raises(TypeError, match=r"cannot merge into .*forward hooks .*merge='none'"):
+            with lf.merged(m, strategy):
+                pass
+    assert all(torch.equal(p, snap[n]) for n, p in m.state_dict().items())
