@@ -339,8 +339,9 @@ def unload_lora_weights(model: nn.Module) -> list[str]:
     As diffusers with peft, a mixture fused with ``fuse_lora`` stays in the weights: ``fuse_lora()`` then
     ``unload_lora_weights()`` bakes the fused analogy (at the fused strength) into the stock layers, e.g. before
     the base model's own ``save_pretrained``; call ``unfuse_lora()`` first to get the original weights back. The
-    "full" and "offload" strategies keep the weights they already hold (no extra memory); "jit" merges each layer in
-    place, one at a time, and needs one analogy (checked for every layer before any weight changes)."""
+    "full" and "offload" strategies keep the weights they already hold (no extra memory); "jit" needs one analogy and
+    computes every layer's merged weight before any weight changes (one copy of the adapted weights; layers that
+    shared one weight Parameter get their own)."""
     from .flux import merged_weight
 
     state = getattr(model, _FUSED, None)
