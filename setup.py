@@ -71,7 +71,7 @@ def _build_ext_class(base, force, arch_list, cuda_version):
                 _write_build_info(arch_list, cuda_version, build_error=why)
                 if os.path.isdir(os.path.join(self.build_lib, "lorweb_fast")):  # build_py copied the file already
                     _write_build_info(arch_list, cuda_version, build_error=why, root=self.build_lib)
-                type(self).failed = True
+                self.failed = True
                 for ext in self.extensions:  # a binary from an earlier build must not stand in for this one
                     for path in {self.get_ext_fullpath(ext.name), os.path.join(
                             os.path.dirname(os.path.abspath(__file__)), *ext.name.split(".")[:-1],

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import lora_api
-from .layer import LoRWeBLinear, has_forward_hooks, has_plain_weight
+from .layer import LoRWeBLinear, has_forward_hooks, has_plain_weight, one_analogy
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
     get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, set_query
 from .validation import MIN_LONG_EDGE, check_device, check_generation_options, check_int, check_pipe_kwargs, \
@@ -114,7 +114,7 @@ def merged_weight(layer: LoRWeBLinear) -> torch.Tensor:
     coeffs = layer.coefficients
     if coeffs is None:
         raise RuntimeError("cannot merge a LoRWeBLinear without coefficients: call set_query first")
-    if coeffs.shape[0] != 1 and not bool((coeffs == coeffs[:1]).all()):
+    if not one_analogy(coeffs):
         raise ValueError(f"merging needs one analogy (batch size 1), got coefficients for {coeffs.shape[0]} "
                          "different samples")
     return layer.merged_weight_for(coeffs[0])
@@ -149,7 +149,7 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
                                "set_query(model, query) without per_forward")
         if coeffs is None:
             raise RuntimeError(f"cannot merge {name} without coefficients: call set_query first")
-        if strategy != "jit" and coeffs.shape[0] != 1 and not bool((coeffs == coeffs[:1]).all()):
+        if strategy != "jit" and not one_analogy(coeffs):
             raise ValueError(f"strategy={strategy!r} merges one analogy (batch size 1), got coefficients for "
                              f"{coeffs.shape[0]} different samples; strategy='jit' merges per sample")
         ptr = layer.base_layer.weight.untyped_storage().data_ptr()

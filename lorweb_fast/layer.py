@@ -37,6 +37,12 @@ def has_plain_weight(base: nn.Module) -> bool:
             and type(base.weight) in (nn.Parameter, torch.Tensor) and base.weight.is_floating_point())
 
 
+def one_analogy(coeffs: torch.Tensor) -> bool:
+    """Whether (B, N) coefficients hold one analogy: one row, or identical rows (a host synchronisation for B > 1).
+    False for an empty batch."""
+    return coeffs.shape[0] == 1 or (coeffs.shape[0] > 1 and bool((coeffs == coeffs[:1]).all()))
+
+
 def has_forward_hooks(module: nn.Module) -> bool:
     """True when ``module``'s forward does more than its class's: torch forward (pre-)hooks, an accelerate hook
     (``_hf_hook``: sequential CPU offload loads the weight inside the forward) or diffusers hooks (``_diffusers_hook``:
@@ -319,8 +325,7 @@ class LoRWeBLinear(nn.Module):
         bias = self.base_layer.bias
         # identical rows take the one-weight path; under torch.compile that data-dependent test would break the
         # graph, so a compiled batch takes the per-sample path (the same values up to rounding)
-        if coeffs.shape[0] == 1 or (not torch.compiler.is_compiling() and coeffs.shape[0] > 1
-                                    and bool((coeffs == coeffs[:1]).all())):
+        if coeffs.shape[0] == 1 or (not torch.compiler.is_compiling() and one_analogy(coeffs)):
             return F.linear(x, self.merged_weight_for(coeffs[0]), bias)
         weights = self.merged_weight_for(coeffs)  # (B, out, in)
         x3 = x if x.dim() == 3 else x.unsqueeze(1)

@@ -343,6 +343,7 @@ def unload_lora_weights(model: nn.Module) -> list[str]:
     computes every layer's merged weight before any weight changes (one copy of the adapted weights; layers that
     shared one weight Parameter get their own)."""
     from .flux import merged_weight
+    from .layer import one_analogy
 
     state = getattr(model, _FUSED, None)
     if state is None:
@@ -351,9 +352,7 @@ def unload_lora_weights(model: nn.Module) -> list[str]:
     baked = {}
     if state[1] == "jit":  # every merged weight first: a failure (one analogy needed, memory) changes nothing
         for name, layer in layers.items():
-            coeffs = layer.coefficients
-            if coeffs is None or coeffs.shape[0] == 0 or (coeffs.shape[0] != 1
-                                                          and not bool((coeffs == coeffs[:1]).all())):
+            if layer.coefficients is None or not one_analogy(layer.coefficients):
                 raise RuntimeError(f"unload_lora_weights() keeps a fused mixture in the weights, but {name} is fused "
                                    "with strategy='jit' for no analogy or a batch of different ones: set one analogy, "
                                    "or unfuse_lora() first to unload without baking")

@@ -408,8 +408,8 @@ def find_checkpoint(directory: Union[str, os.PathLike]) -> tuple[Path, Optional[
     finals = [name for name in finals if _complete(root / name)]
     if len(finals) > 1:
         raise _several_finals(root, finals)
-    chosen = next((root / name for name in finals + stepped if (root / name).is_file() and _complete(root / name)),
-                  None)
+    chosen = root / finals[0] if finals else next(
+        (root / name for name in stepped if (root / name).is_file() and _complete(root / name)), None)
     if chosen is None:
         raise FileNotFoundError(f"no complete LoRWeB checkpoint (*.safetensors) in {root}")
     return chosen, config_beside(chosen, root)

@@ -119,18 +119,18 @@ def _interpreter_unsupported() -> Optional[str]:
     return None
 
 
-_CUDA_EXT_SUPPORTS: dict[int, bool] = {}
+@lru_cache(maxsize=None)
+def _cuda_ext_device_supported(index: int) -> bool:
+    """The extension's own check (``cudaFuncGetAttributes``), once per device and process: a device's architecture
+    does not change, and asking cost host time on every eager layer call."""
+    return bool(_CUDA_EXT.device_supported(index))
 
 
 @torch.compiler.assume_constant_result
 def _cuda_ext_supports(index: int) -> bool:
     """Whether lorweb_fast._C has code for CUDA device ``index``. A pybind call that torch.compile cannot trace:
-    evaluated once while tracing and kept as a constant (no graph break). Asked once per device and process (a
-    device's architecture does not change): the extension's check (``cudaFuncGetAttributes``) cost host time on
-    every eager layer call."""
-    if index not in _CUDA_EXT_SUPPORTS:
-        _CUDA_EXT_SUPPORTS[index] = bool(_CUDA_EXT.device_supported(index))
-    return _CUDA_EXT_SUPPORTS[index]
+    evaluated once while tracing and kept as a constant (no graph break)."""
+    return _cuda_ext_device_supported(index)
 
 
 def _unavailable_reason(name: str, device: torch.device | None = None) -> Optional[str]:
