@@ -12,7 +12,10 @@ in: ``shrink`` (x a_cat^T) and ``expand`` (fused with the base GEMM, weight (out
 in the backward; ``grad_basis``. When the forward roles are swept, the forward of the fused route is compared with
 the composed route (shrink + two cuBLAS addmm) to set ``route``; ``expand_dx`` and ``grad_basis`` are not swept for a
 composed layer (its backward runs them on cuBLAS). The table's current tiles of each role are timed in the same run,
-and a candidate replaces them only when faster by more than --min-gain. The sweep stops at --budget-s (the best
+and a candidate replaces them only when faster by more than --min-gain. Before it is timed, every configuration
+(the table's included) runs once with freshly loaded kernels and is refused when a result differs from the float64
+reference beyond the statistical bound of lorweb_fast.testing, or (on a GPU) when a kernel it loaded spills
+registers: a wrong or spilling tile never enters the table, and a refused table entry is printed. The sweep stops at --budget-s (the best
 configuration found so far is kept; unswept roles and shapes keep what the table had). The table's ``defaults`` are
 kept; the swept shapes' entries are replaced, the others kept, and ``tuned`` becomes true; the table and the per-role
 times (``<table>_summary.json`` beside an --out table, else ``benchmarks/results/tune_<family>_summary.json``) are
@@ -133,6 +136,129 @@ def _bench(fn, n_inputs: int = 1) -> float:
     return float(Timer(torch.device("cuda"), warmup=3, reps=15, budget_s=2.0).run(fn, n_inputs))
 
 
+def role_references(name: str, x, dy, w, bias, a_cat, b_cat, coeffs, scale: float, rps: int, rank: int, u, z,
+                    dz) -> list[tuple]:
+    """The float64 results of launch role ``name`` on the tuner's inputs, as ``(label, ref, rss, depth, dtype)``
+    tuples in the order ``role_outputs`` lists a call's outputs (``rss``: each entry's root-sum-of-squares of terms,
+    ``depth``: its sum length, ``dtype``: the dtype its tolerance is derived from; see lorweb_fast.testing). The
+    low-precision inputs, u, z and dz included, are upcast exactly, so a correct kernel differs only by roundings.
+
+    Shapes: x (M, in), dy (M, out), w (out, in), bias (out,), a_cat (R, in), b_cat (R, out), coeffs (B, N) with
+    M = B * rps and R = N * rank; u, z (M, R) the forward shrink's outputs; dz (M, R) backward K1's scaled output."""
+    f64 = [t.double() for t in (x, dy, w, bias, a_cat, b_cat, u, z, dz)]
+    X, DY, W, BIAS, A, B, U, Z, DZ = f64
+    X2, DY2, W2, A2, B2 = (t * t for t in (X, DY, W, A, B))
+    M, R = U.shape
+    rows = torch.arange(M, device=X.device) // rps
+    cols = torch.arange(R, device=X.device) // rank
+    S = scale * coeffs.double()[rows][:, cols]  # (M, R) the scaling of each low-rank column
+    dtype, n_in, n_out = x.dtype, x.shape[1], dy.shape[1]
+    if name == "shrink":
+        rss_u = (X2 @ A2.t()).sqrt()
+        return [("u", X @ A.t(), rss_u, n_in, dtype), ("z", X @ A.t() * S, rss_u * S.abs(), n_in, dtype)]
+    if name == "expand":
+        return [("y", X @ W.t() + Z @ B + BIAS, (X2 @ W2.t() + Z * Z @ B2 + BIAS * BIAS).sqrt(), n_in + R, dtype)]
+    if name == "shrink_dy":
+        t, rss_t = DY @ B.t(), (DY2 @ B2.t()).sqrt()
+        batch, n_loras = coeffs.shape
+        dc = scale * (U * t).view(batch, rps, n_loras, rank).sum((1, 3))
+        rss_dc = scale * (U * U * rss_t * rss_t).view(batch, rps, n_loras, rank).sum((1, 3)).sqrt()
+        return [("dz", t * S, rss_t * S.abs(), n_out, dtype),
+                ("dcoeffs", dc, rss_dc, n_out * rps * rank, torch.float32)]
+    if name == "expand_dx":
+        return [("dx", DY @ W + DZ @ A, (DY2 @ W2 + DZ * DZ @ A2).sqrt(), n_out + R, dtype)]
+    if name == "grad_basis":
+        n_loras = R // rank
+        da = (DZ.t() @ X).view(n_loras, rank, n_in).transpose(1, 2)
+        rss_da = ((DZ * DZ).t() @ X2).sqrt().view(n_loras, rank, n_in).transpose(1, 2)
+        db = (Z.t() @ DY).view(n_loras, rank, n_out)
+        rss_db = ((Z * Z).t() @ DY2).sqrt().view(n_loras, rank, n_out)
+        return [("d_lora_a", da, rss_da, M, dtype), ("d_lora_b", db, rss_db, M, dtype)]
+    raise ValueError(f"unknown launch role {name!r}")
+
+
+def role_outputs(name: str, out, batch: int) -> list[torch.Tensor]:
+    """A role call's outputs in ``role_references``' order (backward K1's dcoeffs partials, (M / G, N), summed per
+    sample to (B, N): G depends on the tiles)."""
+    if name == "shrink":
+        return list(out)
+    if name == "shrink_dy":
+        dz, partials = out[1], out[2]
+        return [dz, partials.view(batch, -1, partials.shape[1]).sum(1)]
+    if name == "grad_basis":
+        return list(out)
+    return [out]
+
+
+def wrong_result(name: str, out, refs: list[tuple], batch: int) -> str | None:
+    """None when every output of a role call lies within the statistical float64 bound of lorweb_fast.testing, else
+    what is wrong (a tile configuration that computes a wrong result must never enter the table)."""
+    from lorweb_fast.testing import assert_within_rss_bound
+
+    try:
+        for got, (label, ref, rss, depth, dtype) in zip(role_outputs(name, out, batch), refs, strict=True):
+            assert_within_rss_bound(f"{name} {label}", got.double(), ref, rss, dtype, depth)
+    except (AssertionError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def jit_kernels() -> list:
+    """The Triton JIT functions of lorweb_fast.kernels.mixed_lora (autotuner / heuristics wrappers unwrapped)."""
+    from triton.runtime.jit import JITFunction
+
+    from lorweb_fast.kernels import mixed_lora as K
+
+    found = []
+    for attr in dir(K):
+        fn = getattr(K, attr)
+        while fn is not None and not isinstance(fn, JITFunction):
+            fn = getattr(fn, "fn", None)
+        if fn is not None and fn not in found:
+            found.append(fn)
+    return found
+
+
+def forget_loaded_kernels() -> None:
+    """Empty the JIT functions' in-process caches, so that the next call loads (from Triton's disk cache, or by
+    compiling) exactly the specializations it launches."""
+    for fn in jit_kernels():
+        fn.device_caches.clear()
+
+
+def loaded_spills() -> dict[str, int]:
+    """Spill bytes, as the driver reports them at load, of every specialization loaded since
+    ``forget_loaded_kernels`` (keyed by kernel name); empty where Triton does not report them (the interpreter)."""
+    spills = {}
+    for fn in jit_kernels():
+        for caches in list(fn.device_caches.values()):
+            cache = caches[0] if isinstance(caches, tuple) else caches
+            for kernel in list(cache.values()):
+                try:
+                    kernel._init_handles()
+                except Exception:
+                    pass
+                n = getattr(kernel, "n_spills", None)
+                if n:
+                    spills[fn.__name__] = max(spills.get(fn.__name__, 0), int(n))
+    return spills
+
+
+def admissible(name: str, call, refs: list[tuple], batch: int, device: torch.device) -> str | None:
+    """Run ``call()`` once with freshly loaded kernels: None when its results are right and (on a GPU) no kernel it
+    loaded spills registers, else why the configuration is refused."""
+    if device.type == "cuda":
+        forget_loaded_kernels()
+    out = call()
+    problem = wrong_result(name, out, refs, batch)
+    if problem is not None:
+        return f"wrong result: {problem}"
+    spills = loaded_spills() if device.type == "cuda" else {}
+    if spills:
+        return "spills registers: " + ", ".join(f"{k} {v} B" for k, v in sorted(spills.items()))
+    return None
+
+
 def summary_path(out_path: Path, explicit_out: bool) -> Path:
     """Where the per-role times go: beside an --out table, else under benchmarks/results/ (never into the
     package's configs/ folder, whose *.json files ship with the wheel)."""
@@ -224,6 +350,14 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
             zz = K.shrink(xs[i], a_cat, coeffs, 0.5, rps, LORA_RANK, config=rule["shrink"])[1]
             torch.addmm(bias, zz, b_cat).addmm_(xs[i], w.t())
 
+        refs = {}  # role -> float64 references, computed when the role is first swept
+
+        def refs_of(name):
+            if name not in refs:
+                refs[name] = role_references(name, xs[0], dys[0], w, bias, a_cat, b_cat, coeffs, 0.5, rps,
+                                             LORA_RANK, u, z, dz)
+            return refs[name]
+
         rule = dict(K.lookup_in(start_table, k, n, R, dtype, source.name))
         forward_swept = [name for name in item["counts"] if name in FORWARD_ROLES]
         for name in item["counts"]:
@@ -234,8 +368,16 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
             if out_of_budget():
                 done += item["counts"][name]
                 continue
+            table_refused = None
             try:  # the table's current tiles, timed beside the candidates: a winner must beat them by --min-gain
-                table_ms = _bench(lambda i: calls[name](rule[name], i), POOL)
+                refused = table_refused = admissible(name, lambda: calls[name](rule[name], 0), refs_of(name),
+                                                     coeffs.shape[0], device)
+                if refused:  # said loudly: the committed table itself is wrong or spills at this shape
+                    print(f"  in={k} out={n} R={R} {item['dtype']} {name}: THE TABLE'S TILES {rule[name]} "
+                          f"{refused}")
+                    table_ms = float("inf")
+                else:
+                    table_ms = _bench(lambda i: calls[name](rule[name], i), POOL)
             except Exception as exc:
                 print(f"  in={k} out={n} {name}: the table's tiles {rule[name]} failed ({type(exc).__name__})")
                 table_ms = float("inf")
@@ -245,6 +387,10 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
                 if out_of_budget():
                     break
                 try:
+                    refused = admissible(name, lambda: calls[name](cand, 0), refs_of(name), coeffs.shape[0], device)
+                    if refused:  # never timed, never adopted
+                        print(f"  [{done}/{total}] {name} {cand}: refused ({refused})")
+                        continue
                     ms = _bench(lambda i: calls[name](cand, i), POOL)
                 except Exception as exc:  # out of shared memory / registers for this tile: skip it
                     print(f"  [{done}/{total}] {name} {cand}: skipped ({type(exc).__name__})")
@@ -254,7 +400,7 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
                 print(f"  [{done}/{total}] in={k} out={n} R={R} {item['dtype']} {name} {cand}: {ms:.4f} ms")
             adopted = best is not None and best != rule[name] and best_ms < table_ms * (1 - args.min_gain)
             summary.append(dict(layer=[k, n], R=R, dtype=item["dtype"], role=name, adopted=adopted,
-                                table_ms=None if table_ms == float("inf") else table_ms,
+                                table_ms=None if table_ms == float("inf") else table_ms, table_refused=table_refused,
                                 best_ms=None if best is None else best_ms, table=rule[name], best=best))
             print(f"  in={k} out={n} R={R} {item['dtype']} {name}: table {table_ms:.4f} ms, best {best_ms:.4f} ms -> "
                   + ("adopted" if adopted else "table kept"))

@@ -538,3 +538,122 @@ def test_broadcast_output_gradient():
     """An output gradient with row stride 0 (the gradient of a sum over tokens): every gradient against float64."""
     check_against_reference(lambda *a: lf.lorweb_linear(*a, backend="triton"),
                             random_problem(2, 9, 40, 24, 3, 4, torch.float32, seed=32), broadcast_dy=True)
+
+
+def _import_tuner():
+    import sys
+    from pathlib import Path
+
+    bench_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench_dir)
+    try:
+        import tune_kernels
+    finally:
+        sys.path.remove(bench_dir)
+    return tune_kernels
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tuner_refuses_a_configuration_with_a_wrong_result(tmp_path, monkeypatch, dtype):
+    """Every configuration the tuner times first runs once against its float64 reference (``role_references``): the
+    starting table's tiles of every role pass (so the references, the per-sample sum of the dcoeffs partials and the
+    gradient layouts of grad_basis are right), while a candidate whose kernel is wrong by 3 % in one output of its
+    role (z, the dcoeffs partials, y, dx, d_lora_b) is refused and never timed, even though it would have been the
+    fastest; a table entry that computes a wrong result is named and replaced."""
+    import json
+
+    tune_kernels = _import_tuner()
+    small = {role: cands[:2] for role, cands in tune_kernels.CANDIDATES.items()}
+    monkeypatch.setattr(tune_kernels, "CANDIDATES", small)
+    bad = {role: cands[0] for role, cands in small.items()}  # the fastest candidate of each role computes wrongly
+    current = []
+
+    def corrupt(t):  # a 3 % error in the rows of one sample
+        t = t.clone()
+        t[: max(1, t.shape[0] // 4)] *= 1.03
+        return t
+
+    real = {name: getattr(K, name) for name in ("shrink", "expand", "grad_basis")}
+
+    def wrapped(name):
+        def call(*a, **kw):
+            role = {"shrink": "shrink_dy" if kw.get("u_in") is not None else "shrink",
+                    "expand": "expand_dx" if kw.get("weight_layout") == "in_out" else "expand",
+                    "grad_basis": "grad_basis"}[name]
+            out = real[name](*a, **kw)
+            current.append((role, kw.get("config")))
+            if kw.get("config") != bad[role]:
+                return out
+            if role == "shrink":
+                return out[0], corrupt(out[1])
+            if role == "shrink_dy":
+                return out[0], out[1], corrupt(out[2])
+            if role == "grad_basis":
+                return out[0], corrupt(out[1])
+            return corrupt(out)
+        return call
+
+    for name in real:
+        monkeypatch.setattr(K, name, wrapped(name))
+    timed = []
+
+    def fake_bench(fn, n_inputs=1):
+        current.clear()
+        fn(0)
+        if fn.__name__ in ("fused", "composed"):
+            return 1.0 if fn.__name__ == "fused" else 2.0
+        role, cfg = current[-1]
+        timed.append((role, cfg))
+        return 1.0 if cfg == bad[role] else 2.0 if cfg in small[role] else 3.0
+
+    monkeypatch.setattr(tune_kernels, "_bench", fake_bench)
+    out = tmp_path / "sm_test.json"
+    table = json.loads(K.config_path("default").read_text())
+    for rule in table["defaults"]:  # starting tiles that are no candidate
+        rule["grad_basis"]["split_m"] = 32
+    out.write_text(json.dumps(table))
+    args = tune_kernels.parse_args(["--layers", "48:40", "--tokens", "64", "--ranks", "8", "--dtypes", dtype,
+                                    "--out", str(out)])
+    assert tune_kernels.tune(args, device=torch.device("cpu")) == 0
+    summary = json.loads((tmp_path / "sm_test_summary.json").read_text())["roles"]
+    assert [r["role"] for r in summary] == list(small)
+    for r in summary:
+        assert r["table_refused"] is None, r  # the committed tiles compute the float64 result
+        assert r["adopted"] and r["best"] == small[r["role"]][1], r
+        assert (r["role"], bad[r["role"]]) not in timed, f"{r['role']}: the wrong configuration was timed"
+    (entry,) = K.validate_table(json.loads(out.read_text()), str(out))["entries"]
+    assert all(entry[role] == small[role][1] for role in small)
+
+    # the table's own tiles are the wrong ones now: named, and replaced by a right candidate
+    bad.update({role: entry[role] for role in small})
+    assert tune_kernels.tune(args, device=torch.device("cpu")) == 0
+    summary = json.loads((tmp_path / "sm_test_summary.json").read_text())["roles"]
+    for r in summary:
+        assert r["table_refused"] and r["table_refused"].startswith("wrong result"), r
+        assert r["table_ms"] is None and r["adopted"] and r["best"] == small[r["role"]][0], r
+
+
+def test_tuner_refuses_a_configuration_that_spills(monkeypatch):
+    """On a GPU the tuner reloads the kernels before a configuration's first call and refuses it when a
+    specialization it loaded spills registers (the driver's ``n_spills``; the AOT checks fail a table that spills)."""
+    tune_kernels = _import_tuner()
+    p = random_problem(2, 8, 40, 24, 2, 4, torch.float32, seed=3)
+    x = p["x"].reshape(16, 40)
+    a_cat = p["lora_a"].permute(0, 2, 1).reshape(8, 40).contiguous()
+    b_cat = p["lora_b"].reshape(8, 24).contiguous()
+    w, bias, coeffs = p["weight"], p["bias"], p["coeffs"]
+    dy = torch.randn(16, 24)
+    u, z = K.shrink(x, a_cat, coeffs, 0.5, 8, 4)
+    dz = K.shrink(dy, b_cat, coeffs, 0.5, 8, 4, u_in=u, out_features=40)[1]
+    refs = tune_kernels.role_references("expand", x, dy, w, bias, a_cat, b_cat, coeffs, 0.5, 8, 4, u, z, dz)
+    call = lambda: K.expand(x, w, z, b_cat, bias=bias)  # noqa: E731
+    assert tune_kernels.admissible("expand", call, refs, 2, torch.device("cpu")) is None
+    forgotten = []
+    monkeypatch.setattr(tune_kernels, "forget_loaded_kernels", lambda: forgotten.append(True))
+    monkeypatch.setattr(tune_kernels, "loaded_spills", lambda: {"_expand_kernel": 8})
+    refused = tune_kernels.admissible("expand", call, refs, 2, torch.device("cuda"))
+    assert forgotten and refused == "spills registers: _expand_kernel 8 B"
+    assert tune_kernels.admissible("expand", call, refs, 2, torch.device("cpu")) is None  # no spill data on CPU
+    monkeypatch.setattr(tune_kernels, "loaded_spills", dict)
+    wrong = lambda: K.expand(x, w, z, b_cat, bias=bias) * 1.05  # noqa: E731
+    assert tune_kernels.admissible("expand", wrong, refs, 2, torch.device("cuda")).startswith("wrong result: expand y")
