@@ -825,7 +825,8 @@ class LoRWeBKontextPipeline:
                                                   query_dim=self.encoder.query_dim,
                                                   query_settings={"query_mode": self.encoder.query_mode,
                                                                   "pooling_type": self.encoder.pooling_type},
-                                                  encoder=(self.encoder.name, self.encoder.kind), **kwargs)
+                                                  encoder=(self.encoder.name, self.encoder.kind),
+                                                  query_source=self.encoder.query_source, **kwargs)
         except LoRWeBCheckpointError as exc:
             if not had_layers:
                 raise
@@ -944,13 +945,15 @@ class LoRWeBKontextPipeline:
         """Write ``lorweb.safetensors``, ``config.yaml`` and a README model card (``lora_api.save_pretrained``)."""
         return lora_api.save_pretrained(self.transformer, directory, encoder=self.encoder.name,
                                         query_mode=self.encoder.query_mode, pooling_type=self.encoder.pooling_type,
-                                        base_model=base_model or self._base_model_name(), training=training)
+                                        base_model=base_model or self._base_model_name(), training=training,
+                                        query_source=self.encoder.query_source)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """``save_pretrained`` into a temporary folder uploaded with huggingface_hub's ``upload_folder``."""
         kwargs.setdefault("base_model", self._base_model_name())
         kwargs.setdefault("query_mode", self.encoder.query_mode)
         kwargs.setdefault("pooling_type", self.encoder.pooling_type)
+        kwargs.setdefault("query_source", self.encoder.query_source)
         return lora_api.push_to_hub(self.transformer, repo_id, encoder=self.encoder.name, **kwargs)
 
     def enable_model_cpu_offload(self, *args, **kwargs):

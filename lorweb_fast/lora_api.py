@@ -274,22 +274,29 @@ def resolve_weight_file(path_or_dir: Union[str, os.PathLike], weight_name: Optio
 
 
 def checkpoint_query_dim(file: Path) -> Optional[int]:
-    """The query width a LoRWeB checkpoint file expects (its ``att_lora_to_q`` input features), read from the file
-    header without loading tensors; None for a checkpoint without query projections (``query_projection_type``
-    "none")."""
+    """The query width a LoRWeB checkpoint file expects, read from the file header without loading tensors: its
+    ``att_lora_to_q`` input features, or for a checkpoint without query projections (``query_projection_type``
+    "none", where the query is compared with the keys directly) the keys' width; None when the file holds
+    neither."""
     from safetensors import safe_open
 
+    keys_dim = None
     with safe_open(os.fspath(file), framework="pt") as f:
         for key in f.keys():
-            if key.startswith(CHECKPOINT_PREFIX) and key.endswith(".att_lora_to_q.weight"):
+            if not key.startswith(CHECKPOINT_PREFIX):
+                continue
+            if key.endswith(".att_lora_to_q.weight"):
                 return int(f.get_slice(key).get_shape()[1])
-    return None
+            if keys_dim is None and key.endswith(".lora_keys"):
+                shape = f.get_slice(key).get_shape()
+                keys_dim = int(shape[-1]) if len(shape) == 2 else None
+    return keys_dim
 
 
 def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], weight_name: Optional[str] = None,
                       config: Union[str, os.PathLike, None] = None, *, query_dim: Optional[int] = None,
                       query_settings: Optional[dict] = None, encoder: Optional[tuple[str, str]] = None,
-                      **hub) -> tuple[Path, list[str]]:
+                      query_source: Optional[str] = None, **hub) -> tuple[Path, list[str]]:
     """Load an official-format LoRWeB checkpoint (file, directory or Hugging Face Hub repo id, see
     ``resolve_checkpoint``; ``hub``: its download options) into ``model`` (``load_lorweb_weights``).
 
@@ -298,14 +305,22 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
     (``{"query_mode": ..., "pooling_type": ...}``, the encoder's; the pooling only in the patch modes, the only ones
     that pool) must match what the checkpoint's config.yaml or metadata records, as must the family of ``encoder``
     (``(name, kind)``, kind "clip", "siglip2" or "siglip"; CLIP or SigLIP: the official inference.py builds the
-    encoder the checkpoint names, and a CLIP and a SigLIP2 query can have the same width): all are checked before
-    the model changes. Returns (checkpoint file, loaded modules).
+    encoder the checkpoint names, and a CLIP and a SigLIP2 query can have the same width), and ``query_source``
+    (the encoder's, "grid" or "images") must match the ``lorweb.query_source`` metadata when the checkpoint records
+    one (a query of the same width from other pixels): all are checked before the model changes. Returns
+    (checkpoint file, loaded modules).
     """
     from .model import resolve_checkpoint_settings
     from .official_config import PATCH_QUERY_MODES, recorded_encoder_mismatch
 
     file, found_config = resolve_checkpoint(path_or_dir, weight_name, **hub)
-    checkpoint_metadata(file)  # a corrupt file fails before anything changes
+    metadata = checkpoint_metadata(file)  # a corrupt file fails before anything changes
+    recorded_source = metadata.get("lorweb.query_source")
+    if query_source is not None and recorded_source is not None and recorded_source != query_source:
+        raise LoRWeBCheckpointError(f"{file} was trained with query_source={recorded_source!r} (its metadata) but "
+                                    f"this pipeline's encoder uses query_source={query_source!r}; build the pipeline "
+                                    "with LoRWeBKontextPipeline.from_pretrained for this checkpoint. The model was "
+                                    "not changed")
     if query_dim is not None:
         got = checkpoint_query_dim(file)
         if got is not None and got != query_dim:
@@ -431,10 +446,13 @@ b_prime.save("b_prime.png")
 
 def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, encoder: str = DEFAULT_ENCODER,
                     query_mode: str = "cat-aa'b", pooling_type: str = "avg", base_model: Optional[str] = None,
-                    training: Optional[dict] = None, repo_id: Optional[str] = None) -> Path:
+                    training: Optional[dict] = None, repo_id: Optional[str] = None,
+                    query_source: Optional[str] = None) -> Path:
     """Write ``lorweb.safetensors`` (official format), the official ``config.yaml`` (from the layers plus the
     encoder, query mode and pooling: what ``from_pretrained`` and the official inference.py read back) and a
-    README.md model card to ``directory``. Fused weights are not saved: the LoRWeB parameters are.
+    README.md model card to ``directory``. Fused weights are not saved: the LoRWeB parameters are. ``query_source``
+    ("grid", official, or "images"), when given, is recorded in the metadata (``lorweb.query_source``), where
+    ``from_pretrained`` and ``load_lora_weights`` read it back.
 
     Everything is checked before anything is written (``directory`` is created by ``save_lorweb_weights`` once the
     tensors and settings have passed): a refused save (e.g. NaN weights, an unknown query mode) leaves no folder
@@ -447,7 +465,10 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, enc
     check_query_settings(query_mode, pooling_type)
     card = model_card(model, encoder=encoder, base_model=base_model, training=training, repo_id=repo_id,
                       query_mode=query_mode, pooling_type=pooling_type)  # also: the model has LoRWeB layers
-    save_lorweb_weights(model, directory / WEIGHT_NAME, metadata={"encoder": encoder},
+    metadata = {"encoder": encoder}
+    if query_source is not None:
+        metadata["lorweb.query_source"] = query_source
+    save_lorweb_weights(model, directory / WEIGHT_NAME, metadata=metadata,
                         config={"encoder": encoder, "query_mode": query_mode, "pooling_type": pooling_type,
                                 "model": base_model})
     (directory / CARD_NAME).write_text(card)
@@ -456,7 +477,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, enc
 
 def push_to_hub(model: nn.Module, repo_id: str, *, encoder: str = DEFAULT_ENCODER, query_mode: str = "cat-aa'b",
                 pooling_type: str = "avg", base_model: Optional[str] = None, training: Optional[dict] = None,
-                private: Optional[bool] = None,
+                private: Optional[bool] = None, query_source: Optional[str] = None,
                 token: Optional[str] = None, commit_message: str = "Upload LoRWeB weights"):
     """``save_pretrained`` into a temporary folder, then ``huggingface_hub`` create_repo + upload_folder."""
     import huggingface_hub
@@ -465,7 +486,7 @@ def push_to_hub(model: nn.Module, repo_id: str, *, encoder: str = DEFAULT_ENCODE
         raise ValueError(f"repo_id must be a non-empty string, got {repo_id!r}")
     with tempfile.TemporaryDirectory(prefix="lorweb-push-") as tmp:
         save_pretrained(model, tmp, encoder=encoder, query_mode=query_mode, pooling_type=pooling_type,
-                        base_model=base_model, training=training, repo_id=repo_id)
+                        base_model=base_model, training=training, repo_id=repo_id, query_source=query_source)
         huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True)
         return huggingface_hub.upload_folder(repo_id=repo_id, folder_path=tmp, token=token,
                                              commit_message=commit_message)

@@ -173,9 +173,10 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
 
 def remove_lorweb(model: nn.Module) -> list[str]:
     """Put the original base layers back in place of every LoRWeBLinear. Returns the restored names. Refused while
-    the layers are merged (a merged() block or fuse_lora()): the stock layers would keep the merged weights."""
+    the layers are merged (a merged() block or fuse_lora(), any strategy): the stock layers would keep the merged
+    weights, or the block or fuse state would outlive the layers ("jit")."""
     layers = lorweb_layers(model)
-    _refuse_merged(layers, "remove_lorweb")
+    _refuse_merged(layers, "remove_lorweb", jit=True)
     for name, layer in layers.items():
         _set_submodule(model, name, layer.base_layer)
     return list(layers)
@@ -271,8 +272,10 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
 
 
 def _refuse_merged(layers: Mapping[str, LoRWeBLinear], what: str,
-                   built_from: str = "the current coefficients") -> None:
-    inside = [n for n, layer in layers.items() if layer._merged]
+                   built_from: str = "the current coefficients", *, jit: bool = False) -> None:
+    """Raise when a layer is merged ("full"/"offload"; with ``jit`` also under the "jit" strategy, whose merged
+    weight is rebuilt every forward but whose block or fuse state would outlive the layers)."""
+    inside = [n for n, layer in layers.items() if layer._merged or (jit and layer._merge_jit)]
     if inside:
         raise RuntimeError(f"{what} inside a merged() block or on a fuse_lora()'d model ({inside[0]} is merged): "
                            f"the merged weights were built from {built_from} and would silently stay in use; exit "

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorweb_fast as lf
-from lorweb_fast import flux, model as lmodel, ops
+from lorweb_fast import flux, lora_api, model as lmodel, ops
 from lorweb_fast.model import LoRWeBCheckpointError
 
 QUERY_DIM = 6
@@ -399,14 +399,24 @@ def test_jit_merge_takes_the_batches_the_unmerged_forward_takes():
         m(x)
 
 
-def test_remove_lorweb_is_refused_while_merged():
+@pytest.mark.parametrize("strategy", ["full", "offload", "jit"])
+def test_remove_lorweb_is_refused_while_merged(strategy):
+    """Under every strategy, inside merged() and on a fuse_lora()'d model ("jit" included: the removal left the
+    model marked fused with no LoRWeB layers, and a later fuse_lora raised "already fused")."""
     m = prepared()
     snap = snapshot(m)
-    with flux.merged(m, "full"):
+    with flux.merged(m, strategy):
         with pytest.raises(RuntimeError, match="remove_lorweb inside a merged\\(\\) block or on a fuse_lora"):
             lf.remove_lorweb(m)
     assert_unchanged(m, snap)
     assert len(lf.lorweb_layers(m)) == 2
+    lora_api.fuse_lora(m, strategy)
+    with pytest.raises(RuntimeError, match="remove_lorweb inside a merged\\(\\) block or on a fuse_lora"):
+        lf.remove_lorweb(m)
+    assert len(lf.lorweb_layers(m)) == 2 and lora_api.fused_strategy(m) == strategy
+    lora_api.unfuse_lora(m)
+    assert_unchanged(m, snap)
+    assert lf.remove_lorweb(m) and not lf.lorweb_layers(m)
 
 
 def test_load_state_dict_of_other_modules_keeps_coefficients():

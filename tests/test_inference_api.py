@@ -384,6 +384,53 @@ def test_load_checks_query_dim_before_changing_the_model(pipe, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
 
 
+def test_load_checks_query_dim_without_query_projections(pipe, tmp_path):
+    """A checkpoint with ``query_projection_type="none"`` has no att_lora_to_q: its query width is the keys' width,
+    checked like the others (it was skipped, and the mismatch only raised at generation)."""
+    other = torch.nn.Sequential()
+    other.add_module("transformer_blocks", torch.nn.ModuleList([torch.nn.Linear(4, 4)]))
+    lf.inject_lorweb(other, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=6, query_dim=6,
+                                                 query_projection_type="none",
+                                                 target_modules=["transformer_blocks.0"]))
+    lf.save_lorweb_weights(other, tmp_path / "w.safetensors")
+    assert lora_api.checkpoint_query_dim(tmp_path / "w.safetensors") == 6
+    before = params(pipe.transformer)
+    with pytest.raises(lf.LoRWeBCheckpointError, match="6 features"):
+        pipe.load_lora_weights(tmp_path / "w.safetensors")
+    after = params(pipe.transformer)
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_query_source_is_saved_and_checked_on_load(assets, pipe, tmp_path):
+    """A pipeline built from a checkpoint trained with ``query_source="images"`` writes that source into what it
+    saves (it was dropped: the re-saved checkpoint came back as "grid", a query of the same width from other pixels),
+    and ``load_lora_weights`` refuses a checkpoint whose recorded source differs from the pipeline's encoder."""
+    from lorweb_fast.model import checkpoint_metadata
+
+    images_ckpt = tmp_path / "images.safetensors"
+    lf.save_lorweb_weights(pipe.transformer, images_ckpt,
+                           metadata={"encoder": str(assets / "clip"), "lorweb.query_source": "images"})
+    images = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", images_ckpt, resolution="native",
+                                                        long_edge=64)
+    assert images.encoder.query_source == "images"
+    images.save_pretrained(tmp_path / "resaved")
+    assert checkpoint_metadata(tmp_path / "resaved" / "lorweb.safetensors")["lorweb.query_source"] == "images"
+    again = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", tmp_path / "resaved", resolution="native",
+                                                       long_edge=64)
+    assert again.encoder.query_source == "images"
+    pipe.save_pretrained(tmp_path / "grid")
+    assert checkpoint_metadata(tmp_path / "grid" / "lorweb.safetensors")["lorweb.query_source"] == "grid"
+
+    before = params(pipe.transformer)
+    with pytest.raises(lf.LoRWeBCheckpointError, match="query_source='images'.*query_source='grid'"):
+        pipe.load_lora_weights(images_ckpt)
+    after = params(pipe.transformer)
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    with pytest.raises(lf.LoRWeBCheckpointError, match="query_source='grid'.*query_source='images'"):
+        images.load_lora_weights(tmp_path / "grid")
+    assert images.load_lora_weights(tmp_path / "resaved")  # the same source loads
+
+
 def test_push_to_hub_uploads_the_saved_folder(pipe, monkeypatch):
     import huggingface_hub
 
