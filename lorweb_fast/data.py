@@ -51,6 +51,8 @@ from typing import Optional, Union
 
 import torch
 
+from ._files import default_permissions
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: the order in which the official loader tries a control image's extension (toolkit/dataloader_mixins.py
 #: ``img_ext_list``, ``ControlFileItemDTOMixin.__init__``): the first file that exists is the control
@@ -109,11 +111,15 @@ def _oriented_size(path: Path) -> tuple[int, int]:
 
 def open_oriented(path: Union[str, Path]):
     """The image at ``path``, EXIF-transposed, in the file's own mode (P, L, RGBA, ...): the official box-analogy
-    loader resizes strip and b' in that mode and converts only when it pastes the cells into the RGB grid."""
-    from PIL import Image, ImageOps
+    loader resizes strip and b' in that mode and converts only when it pastes the cells into the RGB grid. A file that
+    does not decode completely (a truncated JPEG passes the header check) raises AnalogyDataError naming it."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im)  # a loaded copy, transposed or not
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im)  # a loaded copy, transposed or not: decodes the whole file
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # e.g. a truncated JPEG
+        raise AnalogyDataError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from exc
 
 
 def open_rgb(path: Union[str, Path]):
@@ -368,7 +374,10 @@ class AnalogyFolder(torch.utils.data.Dataset):
         if len(kinds) > 1:
             first = {kind: next(s[0] for s in self.samples if s[3] == kind) for kind in sorted(kinds)}
             raise AnalogyDataError(f"{self.root} mixes layouts ({first['grid']} is a 2x2 grid, {first['strip']} an "
-                                   "a|a'|b strip); keep one layout per folder")
+                                   "a|a'|b strip, by their sizes); keep one layout per folder, or name it: "
+                                   "layout='strip' / --layout strip reads every control as a strip, as the official "
+                                   "loader does (an a|a'|b strip can have its target's size), layout='grid' / "
+                                   "--layout grid every one as a grid")
 
     def skip_samples(self, problems: dict, skip_bad: bool) -> None:
         """Remove the samples ``problems`` ({index: why}) names: with ``skip_bad`` each with a warning (recorded in
@@ -519,6 +528,7 @@ def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        default_permissions(tmp)  # mkstemp's 0600 would survive the rename
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
@@ -536,7 +546,9 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
     With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there (a nested sample's
     ``/`` written ``__``): the grids the
     trainer sees, before resizing to the training resolution. A ``dump`` that is a file or cannot be created is
-    refused (``validation.UsageError``) before any sample is read."""
+    refused (``validation.UsageError``) before any sample is read. Every image is decoded completely (the training
+    folder scan reads only headers): an image that does not decode is an AnalogyDataError naming it, or with
+    ``skip_bad`` a skipped sample listed in ``problems``."""
     from tqdm.auto import tqdm
 
     from .validation import check_output_dir
@@ -547,6 +559,16 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
         warnings.simplefilter("ignore")
         dataset = AnalogyFolder(root, skip_bad=skip_bad, layout=layout, resize=resize, long_edge=long_edge,
                                 bucket_divisibility=bucket_divisibility, missing_caption=missing_caption)
+        # the folder scan reads headers only (a truncated JPEG passes it and would fail at its training step):
+        # here every image is decoded completely
+        undecodable = {}
+        for i in tqdm(range(len(dataset)), desc="decoding images", unit="sample", disable=not progress):
+            for path in dataset.samples[i][:2]:
+                error = _decode_error(path)
+                if error is not None:
+                    undecodable[i] = f"{path} is not a readable image ({error})"
+                    break
+        dataset.skip_samples(undecodable, skip_bad)
     captions = [s[2] for s in dataset.samples]
     report = {"samples": len(dataset), "skipped": len(dataset.skipped),
               "layouts": dict(Counter(s[3] for s in dataset.samples)),

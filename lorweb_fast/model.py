@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._files import default_permissions
 from .layer import LoRWeBLinear, linear_dims
 from .reference import ACTIVATIONS, REDUCTIONS
 from .validation import check_choice, check_finite_tensor, check_float_tensor, check_int, check_real, check_regex
@@ -440,6 +441,7 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     os.close(fd)
     try:
         save_file(state, tmp, metadata=meta)
+        default_permissions(tmp)  # mkstemp's (and safetensors') 0600 would survive the rename
         if settings is not None:
             from .official_config import CONFIG_NAME, write_config_yaml
 

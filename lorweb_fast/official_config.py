@@ -32,6 +32,8 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
+from ._files import default_permissions
+
 #: Every official query mode (extensions_built_in/flux_kontext.py ``get_external_query``).
 QUERY_MODES = ("cat-aa'b", "aa'bb'", "caa'bb'", "caa'b", "caa'", "ca'-ca", "ca'-ca+cb", "paa'b", "paa'b3",
                "cat-paa'b", "cat-paa'b3")
@@ -299,6 +301,7 @@ def write_config_yaml(path: Union[str, os.PathLike], settings: Mapping[str, Any]
     text = yaml.safe_dump(official_config(settings, name=name, extra=extra, model=model), sort_keys=False)
     fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml.tmp", dir=path.parent)
     try:
+        default_permissions(tmp)  # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

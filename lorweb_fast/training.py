@@ -39,6 +39,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from ._files import default_permissions
 from .data import (BIDIRECTIONAL, IMAGE_SUFFIXES, LAYOUTS, RESIZE_MODES, AnalogyDataError,  # noqa: F401 (re-exported)
                    AnalogyFolder, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, bidirectional_swap)
 from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lorweb, load_lorweb_weights, \
@@ -488,6 +489,7 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
     try:
+        default_permissions(tmp, directory=True)  # mkdtemp's 0700 would survive the rename
         meta = {**aitk_metadata(name, step, epoch), **metadata}
         save_lorweb_weights(transformer, tmp / WEIGHTS_NAME, metadata=meta, state_dict=weights, dtype=dtype,
                             aitk_hashes=True)

@@ -184,6 +184,31 @@ def test_ambiguous_and_broken_samples_name_the_file(tmp_path):
         AnalogyFolder(root, resize="long-edge")
 
 
+def test_a_truncated_image_is_named_by_data_check_and_at_its_draw(tmp_path, capsys):
+    """A JPEG cut in half passes the header check of the folder scan (``Image.verify`` checks almost nothing for
+    JPEG): ``data check`` decodes every image and names it (or skips the sample with --skip-bad), and drawing the
+    sample raises AnalogyDataError naming the file (it was PIL's OSError without the path, at that sample's step)."""
+    rng = np.random.default_rng(3)
+    root = _strip_folder(tmp_path / "d", cells=[(20, 14), (20, 14)])
+    bad = root / "target" / "s01.jpg"
+    (root / "target" / "s01.png").unlink()
+    _random_image(rng, 64, 48).save(bad, quality=95)
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    ds = AnalogyFolder(root, resize="long-edge")  # headers only: the sample is there
+    assert len(ds) == 2
+    index = [ds.name(i) for i in range(2)].index("s01")
+    with pytest.raises(AnalogyDataError, match=r"s01\.jpg is not a readable image .*truncated"):
+        ds[index]
+    with pytest.raises(AnalogyDataError, match=r"1 training samples cannot be used, e.g. s01: .*s01\.jpg is not a "
+                                               r"readable image.*--skip-bad"):
+        data.check_folder(root, resize="long-edge", progress=False)
+    report = data.check_folder(root, resize="long-edge", progress=False, skip_bad=True)
+    assert report["samples"] == 1 and report["skipped"] == 1
+    assert len(report["problems"]) == 1 and "s01.jpg is not a readable image" in report["problems"][0]
+    assert cli.main(["data", "check", str(root), "--resize", "long-edge", "--quiet"]) == 2
+    assert "s01.jpg is not a readable image" in capsys.readouterr().err
+
+
 def test_strips_of_any_width_are_cut_as_the_official_loader(tmp_path):
     """ai-toolkit ``_create_box_analogy_image`` resizes the strip to (3W, H) with bicubic, W x H = b''s size, and cuts
     it at multiples of W: a strip whose width is not divisible by 3 (here 61 px, or portrait cells) is read too."""
@@ -209,8 +234,25 @@ def test_mixed_layouts_are_an_error(tmp_path):
     shutil.copy(grid / "control" / "0000.png", root / "control" / "g0.png")
     shutil.copy(grid / "target" / "0000.png", root / "target" / "g0.png")
     shutil.copy(grid / "captions" / "0000.txt", root / "target" / "g0.txt")
-    with pytest.raises(AnalogyDataError, match="mixes layouts .*g0.png is a 2x2 grid.*s00.png an a.a'.b strip"):
+    with pytest.raises(AnalogyDataError, match="mixes layouts .*g0.png is a 2x2 grid.*s00.png an a.a'.b strip"
+                                               ".*--layout strip reads every control as a strip"):
         AnalogyFolder(root, resize="long-edge")
+
+
+def test_a_strip_of_its_targets_size_reads_as_a_strip_when_named(tmp_path):
+    """Portrait cells: a 3 x (10 x 20) strip is 30 x 20, the size of a 30 x 20 b' (data prepare writes such a sample
+    when A's halves are narrower than C's). Detection takes it for a grid; beside ordinary strips the mixed-layouts
+    error names ``--layout strip``, which reads it as the official loader does."""
+    rng = np.random.default_rng(4)
+    root = _strip_folder(tmp_path / "d", cells=[(20, 14)])
+    _random_image(rng, 30, 20).save(root / "control" / "s01.png")
+    _random_image(rng, 30, 20).save(root / "target" / "s01.png")
+    (root / "target" / "s01.txt").write_text("x")
+    with pytest.raises(AnalogyDataError, match="--layout strip"):
+        AnalogyFolder(root, resize="long-edge")
+    ds = AnalogyFolder(root, resize="long-edge", layout="strip")
+    assert [s[3] for s in ds.samples] == ["strip", "strip"]
+    assert ds.samples[1][4] == (60, 40)  # the grid of a 30 x 20 b'
 
 
 def test_captions_are_normalised_as_the_official_loader(tmp_path):

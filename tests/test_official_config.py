@@ -458,3 +458,30 @@ def test_checkpoint_keys_of_the_tiny_flux_follow_ai_toolkit_naming(tmp_path):
     got = lf.lorweb_state_dict(fresh)
     assert got.keys() == state.keys()
     assert all(torch.equal(got[k], state[k].float()) for k in state)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_and_checkpoint_folders_follow_the_umask(tmp_path, umask):
+    """The atomic writers create their temporary files with mkstemp (0600) and checkpoint folders with mkdtemp
+    (0700), and the rename kept those modes: a shared machine's other users could not read a checkpoint or a prepared
+    dataset. They now get what a plain open / mkdir gives: 0666 / 0777 less the umask."""
+    import os
+
+    from lorweb_fast import data
+
+    model = tiny_model()
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=12, target_modules=["0", "1"]))
+    old = os.umask(umask)
+    try:
+        lf.save_lorweb_weights(model, tmp_path / "w" / "lorweb.safetensors")
+        oc.write_config_yaml(tmp_path / "c" / "config.yaml", {})
+        data._atomic_write(tmp_path / "d" / "x.txt", lambda p: p.write_text("x"))
+        final = training._write_checkpoint(tmp_path / "run", 4, model, lf.lorweb_state_dict(model), {}, {}, 2)
+    finally:
+        os.umask(old)
+    files = [tmp_path / "w" / "lorweb.safetensors", tmp_path / "c" / "config.yaml", tmp_path / "d" / "x.txt",
+             *[p for p in final.iterdir() if p.is_file()], tmp_path / "run" / "lorweb.safetensors"]
+    assert len(files) > 4
+    for path in files:
+        assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~umask), path
+    assert oct(final.stat().st_mode & 0o777) == oct(0o777 & ~umask)
