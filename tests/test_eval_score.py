@@ -224,6 +224,88 @@ def test_score_end_to_end(assets, torch_home, tmp_path):
     assert (out / "preservation_vs_accuracy.png").is_file()
 
 
+def _coloured_runs(root, name, ids):
+    """A runs folder whose every image is one solid colour standing for (folder, item, stem); returns
+    {colour: label}."""
+    from PIL import Image
+
+    labels = {}
+    for k, item in enumerate(ids):
+        d = root / name / item
+        d.mkdir(parents=True, exist_ok=True)
+        for j, stem in enumerate(("a", "a_prime", "b", "b_prime")):
+            colour = (17 * k + 3, 40 * j + 5, 100 if name == "ours" else 200)
+            labels[colour] = f"{name}:{item}:{stem}"
+            Image.new("RGB", (32, 24), colour).save(d / f"{stem}.png")
+    return labels
+
+
+def test_the_judge_sees_a_a_prime_b_b_prime_and_the_pairwise_b_primes_in_the_recorded_order(tmp_path):
+    """The paper's protocol (A.3): the score question shows A, A', B, B' in that order; the 2AFC shows A, A', B and
+    then the two B' as the recorded order says (B'1 first), and ``won`` is read through the same order. A judge that
+    records the images it is given (each file one colour) and always answers "B'1 is better" checks both: a swapped
+    stem list, or images shown in a fixed order while ``won`` follows the recorded one, fail here (the replay judge of
+    the other tests never looks at the images)."""
+    from lorweb_fast.evaluation.judge import JudgeRequest
+
+    labels = {**_coloured_runs(tmp_path, "ours", IDS), **_coloured_runs(tmp_path, "base", IDS)}
+    seen = []
+
+    class Recorder:
+        name = "recorder"
+
+        def __call__(self, request: JudgeRequest) -> str:
+            shown = [labels[img.convert("RGB").getpixel((0, 0))] for img in request.images()]
+            seen.append((request.kind, request.id, request.order, shown))
+            if request.kind == "score":
+                return score_answer(7, 7)
+            return json.dumps({"better": 1, "explanation": "the first"})
+
+    m = S.score({"ours": tmp_path / "ours"}, tmp_path / "report", metrics=["vlm"], judge=Recorder(),
+                against={"base": tmp_path / "base"}, progress=False)
+    scores = [x for x in seen if x[0] == "score"]
+    pairs = [x for x in seen if x[0] == "pairwise"]
+    assert sorted(x[1] for x in scores) == sorted(IDS) and sorted(x[1] for x in pairs) == sorted(IDS)
+    for _, item, _, shown in scores:
+        assert shown == [f"ours:{item}:{s}" for s in ("a", "a_prime", "b", "b_prime")]
+    rows = {r["id"]: r for r in m["per_triplet"]}
+    firsts = set()
+    for _, item, order, shown in pairs:
+        assert shown[:3] == [f"ours:{item}:{s}" for s in ("a", "a_prime", "b")]
+        names = {"run": "ours", "against": "base"}
+        assert shown[3:] == [f"{names[o]}:{item}:b_prime" for o in order]
+        entry = rows[item]["pairwise"]["base"]
+        assert entry["order"] == order and entry["won"] == (order[0] == "run")
+        firsts.add(order[0])
+    assert firsts == {"run", "against"}  # both positions occur
+
+
+def test_clip_direction_has_the_sign_of_the_analogy(assets, tmp_path):
+    """b = a and b' = a' make the edit directions e(a') - e(a) and e(b') - e(b) equal: CLIP Dir. is +1 (a stem
+    list with b and b' swapped gives -1)."""
+    import shutil
+
+    run = tmp_path / "runs"
+    tiny.make_runs_folder(run, tiny.make_folder_evalset(tmp_path / "ev", tasks=("flip",), per_task=2, size=(64, 48)))
+    for d in (run / "flip").iterdir():
+        shutil.copyfile(d / "a.png", d / "b.png")
+        shutil.copyfile(d / "a_prime.png", d / "b_prime.png")
+    m = S.score({"ours": run}, tmp_path / "report", metrics=["clip_dir"], encoder=str(assets / "clip"),
+                progress=False, device="cpu")
+    assert [r["clip_dir"] for r in m["per_triplet"]] == [pytest.approx(1.0, abs=1e-5)] * 2
+
+
+def test_score_batch_size_must_be_positive(assets, tmp_path):
+    """A negative --batch-size silently skipped CLIP Dir. (an empty range), 0 failed with range()'s message."""
+    from lorweb_fast.evaluation.evalsets import EvalInputError
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(EvalInputError, match=r"batch_size \(--batch-size\) must be an integer >= 1"):
+            S.score({"ours": assets / "ours"}, tmp_path / "r", metrics=["clip_dir"], encoder=str(assets / "clip"),
+                    batch_size=bad, progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_score_resumes_from_caches(assets, torch_home, tmp_path, monkeypatch):
     import shutil
 
@@ -243,19 +325,37 @@ def test_score_resumes_from_caches(assets, torch_home, tmp_path, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(M.ClipDirectional, "__call__", boom)
         mp.setattr(M.LPIPSDistance, "__call__", boom)
-        write_replay(replay, better={i: 2 for i in IDS}, scores={i: score_answer(1, 1) for i in IDS})  # would change
         assert run_cli(*args) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["per_triplet"] == first["per_triplet"]  # cached answers per item and prompt
+    # a rewritten replay file at the same path is the judge's new "model": asked again, not served from the cache
+    write_replay(replay, better={i: 2 for i in IDS}, scores={i: score_answer(1, 1) for i in IDS})
+    with monkeypatch.context() as mp:
+        mp.setattr(M.ClipDirectional, "__call__", boom)
+        mp.setattr(M.LPIPSDistance, "__call__", boom)
+        assert run_cli(*args) == 0
+    changed = json.loads((out / "metrics.json").read_text())
+    assert all(r["vlm_accuracy"] == 1 for r in changed["per_triplet"])
+    assert changed["per_triplet"] != first["per_triplet"]
+    write_replay(replay)  # the first answers again
+    assert run_cli(*args) == 0
+    assert json.loads((out / "metrics.json").read_text())["per_triplet"] == first["per_triplet"]
     # a torn last cache line (killed run) is ignored; a changed b' is recomputed and judged again
     cache = out / "cache" / "ours" / "metrics.jsonl"
     cache.write_text(cache.read_text() + '{"id": "flip/0')
     shutil.copyfile(ours / "flip/000/b.png", ours / "flip/000/b_prime.png")
-    assert run_cli(*args) == 0
+    from lorweb_fast.evaluation.judge import ReplayJudge
+
+    asked = []
+    real_call = ReplayJudge.__call__
+    with monkeypatch.context() as mp:
+        mp.setattr(ReplayJudge, "__call__", lambda self, request: (asked.append((request.id, request.kind)),
+                                                                    real_call(self, request))[1])
+        assert run_cli(*args) == 0
     third = {r["id"]: r for r in json.loads((out / "metrics.json").read_text())["per_triplet"]}
     assert third["flip/000"]["lpips"] == pytest.approx(0.0, abs=1e-6)
     assert third["flip/000"]["clip_dir"] == 0.0
-    assert third["flip/000"]["vlm_accuracy"] == 1  # the judge is asked again about the new b'
+    assert sorted(asked) == [("flip/000", "pairwise"), ("flip/000", "score")]  # only about the new b'
     assert third["flip/001"] == {**first["per_triplet"][1]}
 
 

@@ -236,9 +236,12 @@ class ReplayJudge:
         path = Path(path)
         if not path.is_file():
             raise EvalInputError(f"replay file not found: {path}")
-        self.name = f"replay:{path}"
+        text = path.read_text(encoding="utf-8")
+        # the file is the replay judge's "model": its content hash is in the name the answer cache compares, so a
+        # rewritten file at the same path is asked again instead of its old answers being reused
+        self.name = f"replay:{path}@{hashlib.sha256(text.encode()).hexdigest()[:16]}"
         self.records: dict = {}
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -221,7 +222,8 @@ def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict
     # subset would lose the others)
     answers_file = out / "judge_answers.jsonl"
     judge = str(settings.get("judge") or "")
-    replayed = judge.startswith("replay:") and Path(judge[len("replay:"):]).resolve() == answers_file.resolve()
+    replay = re.fullmatch(r"replay:(.*)@[0-9a-f]{16}", judge)  # ReplayJudge.name: the file and its content hash
+    replayed = replay is not None and Path(replay.group(1)).resolve() == answers_file.resolve()
     if answers and not replayed:
         atomic_write_text(answers_file, "\n".join(answers) + "\n")
     elif not replayed:  # nothing this scoring asked: no answers of an earlier one stay

@@ -190,6 +190,8 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
         raise EvalInputError(f"unknown metrics {unknown}; choose from {METRICS}")
     if not runs:
         raise EvalInputError("no runs folder to score")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EvalInputError(f"batch_size (--batch-size) must be an integer >= 1, got {batch_size!r}")
     if "vlm" in metrics and judge is None:
         raise EvalInputError("the vlm metric needs a judge (--judge gemma3:ID_OR_DIR or replay:FILE)")
     if against and "vlm" not in metrics:
