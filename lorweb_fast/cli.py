@@ -14,8 +14,10 @@ end with a one-line error naming the problem and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import re
 import shutil
 import sys
 import time
@@ -95,11 +97,25 @@ def run_train(args) -> dict:
         cfg = _train_config(args)
         cfg.validate()
     except (TypeError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(as_flag_message(str(exc))) from None
     check_train_args(args)  # paths, before loading any model
     result = train(cfg)
     print(f"trained to step {result['step']}; weights in {Path(result['out']) / 'lorweb.safetensors'}")
     return result
+
+
+def as_flag_message(message: str) -> str:
+    """A TrainConfig error ("steps must be at least 1, got 0") with its leading field name written as the
+    command-line flag that sets it ("--steps must be ...")."""
+    from .training import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data", "out"}
+    match = re.match(r"([a-z_]+)(\[\d+\])? must ", message)
+    if match is None or match.group(1) not in fields:
+        return message
+    name = match.group(1)
+    flag = "--quiet" if name == "progress" else "--" + name.replace("_", "-")
+    return flag + message[len(name):]
 
 
 # ---------------------------------------------------------------------------------------------------- demo
@@ -175,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "save_dtype": tuple(SAVE_DTYPES)}
 
     parser = OneLineArgumentParser(prog="lorweb-fast", description="LoRWeB visual analogies on FLUX.1-Kontext.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{infer,train,data,demo,eval}")
 
     p = sub.add_parser("infer", help="b' for one analogy a : a' :: b : ?")
     p.add_argument("--a", required=True, help="image a")
@@ -208,27 +224,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default=None,
                    help="analogy encoder hub id or directory (default: the checkpoint's metadata, else CLIP ViT-L/14)")
     p.add_argument("--out", default="b_prime.png", help="output image (default b_prime.png)")
-    p.add_argument("--steps", type=int, default=28, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=2.5)
-    p.add_argument("--seed", type=int, default=50, help="generator seed (on the execution device, as inference.py)")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps (default: %(default)s, official)")
+    p.add_argument("--guidance-scale", type=float, default=2.5,
+                   help="FLUX guidance (default: %(default)s, official)")
+    p.add_argument("--seed", type=int, default=50,
+                   help="generator seed, on the execution device as inference.py (default: %(default)s, official)")
     p.add_argument("--long-edge", type=int, default=None,
                    help="native resolution: cap on the control grid's long edge (default 1024)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="pipeline dtype (default: %(default)s)")
     p.add_argument("--encoder-dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                    help="analogy encoder dtype; auto (official inference.py): --dtype")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--merge", choices=("auto", "full", "offload", "jit", "none"), default="auto",
-                   help="merge strategy (see lorweb_fast.flux.merged): auto picks from the free memory; full keeps a "
-                        "merged copy of the adapted weights, offload keeps the originals in host memory, jit merges "
-                        "one layer at a time inside its forward, none runs the fused LoRA path")
-    p.add_argument("--no-merge", action="store_true", help="same as --merge none")
+    merging = p.add_mutually_exclusive_group()
+    merging.add_argument("--merge", choices=("auto", "full", "offload", "jit", "none"), default="auto",
+                         help="merge strategy (see lorweb_fast.flux.merged; default: %(default)s): auto picks from "
+                              "the free memory; full keeps a merged copy of the adapted weights, offload keeps the "
+                              "originals in host memory, jit merges one layer at a time inside its forward, none "
+                              "runs the fused LoRA path")
+    merging.add_argument("--no-merge", action="store_true", help="same as --merge none")
     p.add_argument("--coefficients-plot", default=None, help="also write a coefficient heat map here")
     p.add_argument("--pipe-arg", dest="pipe_kwargs", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="extra FluxKontextPipeline argument (repeatable)")
     p.set_defaults(func=run_infer)
 
     t = sub.add_parser("train", help="train LoRWeB on an analogy folder (works under accelerate launch)")
-    t.add_argument("--data", required=True, help="folder with control/, target/ and captions/")
+    t.add_argument("--data", required=True,
+                   help="analogy folder: control/ and target/ (official: a|a'|b strips and b' images, captions in "
+                        "analogy_metadata.json or .txt beside the targets; or 2x2 grids); see lorweb-fast data check")
     t.add_argument("--out", required=True, help="output folder (weights, checkpoints, loss log and plot)")
     choices = {"optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISIONS, "weighting_scheme": WEIGHTING_SCHEMES,
                "activation": ACTIVATIONS, "reduce": REDUCTIONS, "timestep_type": TIMESTEP_TYPES, "layout": LAYOUTS,
@@ -291,11 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_subparser(sub)
     d = sub.add_parser("demo", help="offline end-to-end run on tiny random models (about a minute on a 2-core CPU)")
     d.add_argument("--out", required=True, help="output folder")
-    d.add_argument("--steps", type=int, default=40, help="training steps")
-    d.add_argument("--samples", type=int, default=16, help="synthetic analogies")
-    d.add_argument("--learning-rate", type=float, default=1e-2)
-    d.add_argument("--inference-steps", type=int, default=8)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=int, default=40, help="training steps (default: %(default)s)")
+    d.add_argument("--samples", type=int, default=16, help="synthetic analogies (default: %(default)s)")
+    d.add_argument("--learning-rate", type=float, default=1e-2, help="default: %(default)s")
+    d.add_argument("--inference-steps", type=int, default=8, help="denoising steps (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)
 
@@ -322,12 +344,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "pipe_kwargs", None) is not None:
         args.pipe_kwargs = dict(args.pipe_kwargs)
+    quiet = bool(getattr(args, "quiet", False)) or getattr(args, "progress", True) is False
     try:
-        args.func(args)
+        with library_progress_bars(enabled=not quiet):
+            args.func(args)
     except (FileNotFoundError, LoRWeBCheckpointError, BackendUnavailableError, ValueError) as exc:
         print(f"lorweb-fast {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     return 0
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool):
+    """With ``enabled=False`` (``--quiet``): diffusers', transformers' and huggingface_hub's own progress bars
+    (loading pipeline components and weights, writing shards, downloads) are off for the block, and put back as they
+    were after it."""
+    if enabled:
+        yield
+        return
+    switches = []
+    try:
+        import diffusers.utils.logging as diffusers_logging
+
+        switches.append((diffusers_logging.is_progress_bar_enabled(), diffusers_logging.disable_progress_bar,
+                         diffusers_logging.enable_progress_bar))
+    except ImportError:
+        pass
+    try:
+        import transformers.utils.logging as transformers_logging
+
+        switches.append((transformers_logging.is_progress_bar_enabled(), transformers_logging.disable_progress_bar,
+                         transformers_logging.enable_progress_bar))
+    except ImportError:
+        pass
+    import huggingface_hub.utils as hub_utils
+
+    switches.append((not hub_utils.are_progress_bars_disabled(), hub_utils.disable_progress_bars,
+                     hub_utils.enable_progress_bars))
+    for _, disable, _ in switches:
+        disable()
+    try:
+        yield
+    finally:
+        for was_on, _, enable in switches:
+            if was_on:
+                enable()
 
 
 if __name__ == "__main__":

@@ -858,7 +858,7 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
 def add_data_subparser(subparsers) -> argparse.ArgumentParser:
     """``lorweb-fast data check|prepare``."""
     p = subparsers.add_parser("data", help="check a training folder or prepare Relation252K in the official layout")
-    sub = p.add_subparsers(dest="data_command", required=True)
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="{check,prepare}")
     c = sub.add_parser("check", help="validate every sample, print counts, optionally dump the grids the trainer sees")
     c.add_argument("data", help="training folder (control/, target/)")
     c.add_argument("--dump", default=None, metavar="OUT",

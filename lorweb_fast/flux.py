@@ -19,7 +19,7 @@ from . import lora_api
 from .layer import LoRWeBLinear, has_forward_hooks, has_plain_weight, one_analogy
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
     get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, set_query
-from .validation import MIN_LONG_EDGE, check_device, check_generation_options, check_int, check_pipe_kwargs, \
+from .validation import MIN_LONG_EDGE, MIN_MAX_AREA, check_device, check_generation_options, check_int, check_pipe_kwargs, \
     check_real, warn_aspect_ratios
 
 
@@ -637,9 +637,22 @@ def load_kontext_pipeline(model: Union[str, Path], dtype: Optional[torch.dtype] 
     from packaging.version import Version
 
     if dtype is None:
-        return FluxKontextPipeline.from_pretrained(model)
+        return base_model_loaded(model, lambda: FluxKontextPipeline.from_pretrained(model))
     key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
-    return FluxKontextPipeline.from_pretrained(model, **{key: dtype})
+    return base_model_loaded(model, lambda: FluxKontextPipeline.from_pretrained(model, **{key: dtype}))
+
+
+def base_model_loaded(model: Union[str, Path], load):
+    """``load()``, with the OSError diffusers raises for a base model it cannot fetch or read (offline, the gated
+    official repo without a token, a mistyped id, an incomplete folder) turned into a ValueError that names the model
+    and what to do (the command line prints it as one line)."""
+    try:
+        return load()
+    except OSError as exc:
+        raise ValueError(f"cannot load the FLUX.1-Kontext model {str(model)!r} (a diffusers folder or Hugging Face "
+                         "Hub id; the official black-forest-labs/FLUX.1-Kontext-dev is gated: accept its license "
+                         "and log in with `hf auth login`, or pass a local copy with --model): "
+                         f"{exc}") from exc
 
 
 RESOLUTIONS = ("official", "native")
@@ -665,9 +678,9 @@ def _check_resolution_options(resolution: str, *, long_edge=None, max_area=None,
     if long_edge is not None:
         check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
     if max_area is not None:
-        check_int("max_area", max_area, lo=1)
+        check_int("max_area", max_area, lo=MIN_MAX_AREA)
     if max_size is not None:
-        check_int("max_size", max_size, lo=2)
+        check_int("max_size", max_size, lo=MIN_LONG_EDGE)
     if resolution == "official" and long_edge is not None:
         raise ValueError("long_edge applies to resolution='native'; the official resolution is set by max_area "
                          "(and max_size)")

@@ -280,17 +280,24 @@ def checkpoint_query_dim(file: Path) -> Optional[int]:
     neither."""
     from safetensors import safe_open
 
-    keys_dim = None
     with safe_open(os.fspath(file), framework="pt") as f:
         for key in f.keys():
-            if not key.startswith(CHECKPOINT_PREFIX):
-                continue
-            if key.endswith(".att_lora_to_q.weight"):
+            if key.startswith(CHECKPOINT_PREFIX) and key.endswith(".att_lora_to_q.weight"):
                 return int(f.get_slice(key).get_shape()[1])
-            if keys_dim is None and key.endswith(".lora_keys"):
+    return checkpoint_key_dim(file)
+
+
+def checkpoint_key_dim(file: Path) -> Optional[int]:
+    """The key width (``lora_keys`` (N, key_dim)) of a LoRWeB checkpoint file, read from its header; None when the
+    file has no 2-D ``lora_keys``."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(file), framework="pt") as f:
+        for key in f.keys():
+            if key.startswith(CHECKPOINT_PREFIX) and key.endswith(".lora_keys"):
                 shape = f.get_slice(key).get_shape()
-                keys_dim = int(shape[-1]) if len(shape) == 2 else None
-    return keys_dim
+                return int(shape[-1]) if len(shape) == 2 else None
+    return None
 
 
 def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], weight_name: Optional[str] = None,

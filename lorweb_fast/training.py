@@ -572,7 +572,7 @@ def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize
     """The FluxKontextPipeline to train on; with ``quantize_base`` "int8" / "nf4" its transformer is loaded by stock
     diffusers with a bitsandbytes ``quantization_config`` (needs a CUDA GPU: diffusers' bitsandbytes quantizer
     refuses to quantize without one). The LoRWeB layers then wrap the quantized linears (delta-only path)."""
-    from .flux import load_kontext_pipeline
+    from .flux import base_model_loaded, load_kontext_pipeline
 
     if quantize_base == "none":
         return load_kontext_pipeline(model, dtype)
@@ -584,9 +584,10 @@ def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize
     from packaging.version import Version
 
     key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
-    transformer = FluxTransformer2DModel.from_pretrained(
-        model, subfolder="transformer", quantization_config=quantization_config(quantize_base, dtype), **{key: dtype})
-    return FluxKontextPipeline.from_pretrained(model, transformer=transformer, **{key: dtype})
+    transformer = base_model_loaded(model, lambda: FluxTransformer2DModel.from_pretrained(
+        model, subfolder="transformer", quantization_config=quantization_config(quantize_base, dtype), **{key: dtype}))
+    return base_model_loaded(model, lambda: FluxKontextPipeline.from_pretrained(model, transformer=transformer,
+                                                                                **{key: dtype}))
 
 
 def _is_quantized(module) -> bool:

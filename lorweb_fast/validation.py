@@ -211,7 +211,10 @@ def check_device(name: str, device) -> torch.device:
             raise UsageError(f"{name} {device}: no CUDA GPU is visible on this machine; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(f"{name} {device}: only {torch.cuda.device_count()} CUDA devices are visible")
-    elif dev.type not in ("cpu", "meta") and not (hasattr(torch, dev.type)
+    elif dev.type == "meta":
+        raise UsageError(f"{name} {device}: the meta device holds no data and cannot run a pipeline; use --device "
+                         "cpu or cuda")
+    elif dev.type != "cpu" and not (hasattr(torch, dev.type)
                                                    and getattr(getattr(torch, dev.type), "is_available",
                                                                lambda: False)()):
         raise UsageError(f"{name} {device}: no {dev.type} device on this machine")
@@ -247,6 +250,12 @@ def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, cells_fro
 # ------------------------------------------------------------------------------------------------ pipeline
 #: Smallest grid long edge: two cells of at least 16 pixels (FLUX packs 2x2 latents after the 8x VAE).
 MIN_LONG_EDGE = 32
+#: Smallest generation area of the official resolution: a MIN_LONG_EDGE square.
+MIN_MAX_AREA = MIN_LONG_EDGE ** 2
+#: Largest denoising step count and guidance scale a command takes (larger ones overflow inside diffusers, after
+#: the model has loaded; the official values are 28 and 2.5).
+MAX_STEPS = 10_000
+MAX_GUIDANCE_SCALE = 1e4
 _SIZE_OPTIONS = ("max_area / max_size (--max-area / --max-size) with resolution 'official', long_edge "
                  "(--long-edge) with 'native'")
 #: FluxKontextPipeline arguments that LoRWeBKontextPipeline sets itself, with the option that controls each.
@@ -287,8 +296,8 @@ def check_pipe_kwargs(pipe_kwargs: dict, call=None) -> dict:
 
 def check_generation_options(*, num_inference_steps, guidance_scale, long_edge, merge, output_type) -> None:
     """Range and type of LoRWeBKontextPipeline.__call__'s own options."""
-    check_int("num_inference_steps", num_inference_steps, lo=1)
-    check_real("guidance_scale", guidance_scale, lo=0.0)
+    check_int("num_inference_steps", num_inference_steps, lo=1, hi=MAX_STEPS)
+    check_real("guidance_scale", guidance_scale, lo=0.0, hi=MAX_GUIDANCE_SCALE)
     if long_edge is not None:
         check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)
     if merge not in ("auto", "none", "full", "offload", "jit", True, False):
@@ -433,7 +442,7 @@ def check_infer_args(args) -> None:
     from .flux import load_image
     from .model import LoRWeBCheckpointError, _config_from_metadata, checkpoint_metadata, resolve_checkpoint_settings
     from .flux import resolve_query_source
-    from .lora_api import hub_repo_id, resolve_checkpoint
+    from .lora_api import checkpoint_key_dim, hub_repo_id, resolve_checkpoint
     from .official_config import LoRWeBConfigError
 
     try:
@@ -443,11 +452,11 @@ def check_infer_args(args) -> None:
             load_image(value)  # missing: FileNotFoundError, not an image: ValueError, both naming the file
         # the options that need no checkpoint first: a Hub repo id is downloaded below
         if getattr(args, "max_size", None) is not None:
-            check_int("--max-size", args.max_size, lo=2)
+            check_int("--max-size", args.max_size, lo=MIN_LONG_EDGE)
         if getattr(args, "max_area", None) is not None:
-            check_int("--max-area", args.max_area, lo=1)
-        check_int("--steps", args.steps, lo=1)
-        check_real("--guidance-scale", args.guidance_scale, lo=0.0)
+            check_int("--max-area", args.max_area, lo=MIN_MAX_AREA)
+        check_int("--steps", args.steps, lo=1, hi=MAX_STEPS)
+        check_real("--guidance-scale", args.guidance_scale, lo=0.0, hi=MAX_GUIDANCE_SCALE)
         if getattr(args, "long_edge", None) is not None:
             check_int("--long-edge", args.long_edge, lo=MIN_LONG_EDGE)
         resolution = getattr(args, "resolution", "official")
@@ -498,6 +507,10 @@ def check_infer_args(args) -> None:
             explicit = {"encoder": getattr(args, "encoder", None), "query_mode": getattr(args, "query_mode", None),
                         "pooling_type": getattr(args, "pooling_type", None)}
             resolved = resolve_checkpoint_settings(weights, config, explicit)
+            key_dim = checkpoint_key_dim(weights)  # from the header: the heads must split it (else the load fails
+            if key_dim is not None and key_dim % resolved["heads"]:  # after the base model, minutes for FLUX)
+                raise UsageError(f"--weights: heads={resolved['heads']} ({resolved['sources'].get('heads', '?')}) "
+                                 f"does not divide the checkpoint's key_dim={key_dim}")
             encoder_name = resolved["encoder"]
             query_source = resolve_query_source(weights, getattr(args, "query_source", None))
         except (LoRWeBCheckpointError, LoRWeBConfigError) as exc:

@@ -52,6 +52,7 @@ def files(tmp_path_factory):
     lf.save_lorweb_weights(m, root / "w_missing_encoder.safetensors", metadata={"encoder": "/nonexistent/clip-tiny"})
     state = {k: v.detach() for k, v in lf.lorweb_state_dict(m).items()}
     save_file(state, str(root / "w_nan_scale.safetensors"), metadata={"lorweb.lora_alpha_over_rank": "nan"})
+    save_file(state, str(root / "w_heads_3.safetensors"), metadata={"lorweb.heads": "3", "encoder": str(root / "clip")})
     (root / "corrupt.safetensors").write_bytes(b"\x00" * 20)
     (root / "w.bin").write_bytes(b"weights")
     (root / "weights_dir.safetensors").mkdir()
@@ -90,12 +91,14 @@ def assert_one_line_exit_2(capsys, argv, fragment, no_model_load):
 
 
 INFER_CASES = {
-    "steps 0": (dict(**{"--steps": "0"}), "--steps must be an integer >= 1"),
-    "steps negative": (dict(**{"--steps": "-3"}), "--steps must be an integer >= 1"),
+    "steps 0": (dict(**{"--steps": "0"}), "--steps must be an integer in [1, 10000]"),
+    "steps negative": (dict(**{"--steps": "-3"}), "--steps must be an integer in [1, 10000]"),
     "steps not an int": (dict(**{"--steps": "2.5"}), "invalid int value"),
     "guidance nan": (dict(**{"--guidance-scale": "nan"}), "--guidance-scale must be finite"),
     "guidance inf": (dict(**{"--guidance-scale": "inf"}), "--guidance-scale must be finite"),
-    "guidance negative": (dict(**{"--guidance-scale": "-1"}), "--guidance-scale must be >= 0"),
+    "guidance negative": (dict(**{"--guidance-scale": "-1"}), "--guidance-scale must be in [0.0, 10000.0], got -1"),
+    "guidance huge": (dict(**{"--guidance-scale": "1e308"}), "--guidance-scale must be in [0.0, 10000.0]"),
+    "steps huge": (dict(**{"--steps": "99999999999999999999"}), "--steps must be an integer in [1, 10000]"),
     "long edge 0": (dict(**{"--long-edge": "0"}), "--long-edge must be an integer >= 32"),
     "long edge 16": (dict(**{"--long-edge": "16"}), "--long-edge must be an integer >= 32"),
     "seed negative": (dict(**{"--seed": "-1"}), "--seed must be an integer in [0,"),
@@ -111,6 +114,8 @@ INFER_CASES = {
     "weights missing": ({"--weights": "{root}/nope.safetensors"}, "does not exist"),
     "weights corrupt": ({"--weights": "{root}/corrupt.safetensors"}, "corrupt or truncated"),
     "weights nan scale": ({"--weights": "{root}/w_nan_scale.safetensors"}, "lora_alpha_over_rank='nan'"),
+    "weights heads not dividing key_dim": ({"--weights": "{root}/w_heads_3.safetensors"},
+                                           "heads=3 (the checkpoint metadata) does not divide the checkpoint's key_dim=4"),
     "pipe-arg unknown": ({"extra": ["--pipe-arg", "foo=1"]}, "--pipe-arg foo: unknown or unsupported"),
     "pipe-arg tensor-only": ({"extra": ["--pipe-arg", "latents=1"]}, "--pipe-arg latents: unknown or unsupported"),
     "pipe-arg owned": ({"extra": ["--pipe-arg", "height=64"]}, "--pipe-arg height is set by lorweb-fast"),
@@ -118,12 +123,15 @@ INFER_CASES = {
                                 "--pipe-arg max_area is set by lorweb-fast itself (use max_area / max_size "
                                 "(--max-area / --max-size) with resolution 'official'"),
     "pipe-arg nan": ({"extra": ["--pipe-arg", "true_cfg_scale=NaN"]}, "true_cfg_scale must be finite"),
-    "pipe-arg bad int": ({"extra": ["--pipe-arg", "max_sequence_length=0"]}, "max_sequence_length must be"),
+    "pipe-arg bad int": ({"extra": ["--pipe-arg", "max_sequence_length=0"]}, "--pipe-arg max_sequence_length must be"),
     "pipe-arg bad type": ({"extra": ["--pipe-arg", "negative_prompt=3"]}, "negative_prompt must be a string"),
     "pipe-arg not key=value": ({"extra": ["--pipe-arg", "foo"]}, "expected KEY=VALUE"),
     "device unknown": ({"--device": "banana"}, "--device 'banana' is not a device"),
-    "max size 1": ({"--max-size": "1"}, "--max-size must be an integer >= 2"),
-    "max area 0": ({"--max-area": "0"}, "--max-area must be an integer >= 1"),
+    "device meta": ({"--device": "meta"}, "--device meta: the meta device holds no data"),
+    "max size 1": ({"--max-size": "1"}, "--max-size must be an integer >= 32"),
+    "max size 16": ({"--max-size": "16"}, "--max-size must be an integer >= 32"),
+    "max area 0": ({"--max-area": "0"}, "--max-area must be an integer >= 1024"),
+    "max area 1000": ({"--max-area": "1000"}, "--max-area must be an integer >= 1024"),
     "long edge with the official resolution": ({"--resolution": "official"},
                                                "--long-edge applies to --resolution native"),
     "max area with the native resolution": ({"--max-area": "4096"}, "--max-area and --max-size apply to "
@@ -247,32 +255,32 @@ def train_argv(root, tmp_path, *extra, out=None):
 
 
 TRAIN_CASES = {
-    "steps 0": (["--steps", "0"], "steps must be at least 1"),
-    "batch size 0": (["--batch-size", "0"], "batch_size must be"),
-    "learning rate nan": (["--learning-rate", "nan"], "learning_rate must be finite"),
-    "learning rate 0": (["--learning-rate", "0"], "learning_rate must be > 0"),
-    "learning rate inf": (["--learning-rate", "inf"], "learning_rate must be finite"),
-    "beta 1": (["--betas", "0.9", "1.0"], "betas[1] must be in [0.0, 1.0)"),
-    "beta nan": (["--betas", "nan", "0.99"], "betas[0] must be finite"),
-    "weight decay negative": (["--weight-decay", "-0.1"], "weight_decay must be >= 0"),
-    "grad norm inf": (["--max-grad-norm", "inf"], "max_grad_norm must be finite"),
-    "long edge 0": (["--long-edge", "0"], "long_edge must be"),
-    "bucket divisibility 0": (["--bucket-divisibility", "0"], "bucket_divisibility must be an integer >= 1"),
+    "steps 0": (["--steps", "0"], "--steps must be at least 1"),
+    "batch size 0": (["--batch-size", "0"], "--batch-size must be"),
+    "learning rate nan": (["--learning-rate", "nan"], "--learning-rate must be finite"),
+    "learning rate 0": (["--learning-rate", "0"], "--learning-rate must be > 0"),
+    "learning rate inf": (["--learning-rate", "inf"], "--learning-rate must be finite"),
+    "beta 1": (["--betas", "0.9", "1.0"], "--betas[1] must be in [0.0, 1.0)"),
+    "beta nan": (["--betas", "nan", "0.99"], "--betas[0] must be finite"),
+    "weight decay negative": (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    "grad norm inf": (["--max-grad-norm", "inf"], "--max-grad-norm must be finite"),
+    "long edge 0": (["--long-edge", "0"], "--long-edge must be"),
+    "bucket divisibility 0": (["--bucket-divisibility", "0"], "--bucket-divisibility must be an integer >= 1"),
     "bucket divisibility odd": (["--resize", "bucket", "--bucket-divisibility", "3"],
-                                "bucket_divisibility must be even"),
-    "logit std 0": (["--logit-std", "0"], "logit_std must be > 0"),
-    "logit mean nan": (["--logit-mean", "nan"], "logit_mean must be finite"),
-    "mode scale inf": (["--mode-scale", "inf"], "mode_scale must be finite"),
-    "caption dropout 1.5": (["--caption-dropout", "1.5"], "caption_dropout must be in [0, 1]"),
-    "guidance nan": (["--guidance-scale", "nan"], "guidance_scale must be finite"),
-    "max sequence 0": (["--max-sequence-length", "0"], "max_sequence_length must be"),
-    "num loras 0": (["--num-loras", "0"], "num_loras must be"),
-    "rank negative": (["--rank", "-1"], "rank must be"),
+                                "--bucket-divisibility must be even"),
+    "logit std 0": (["--logit-std", "0"], "--logit-std must be > 0"),
+    "logit mean nan": (["--logit-mean", "nan"], "--logit-mean must be finite"),
+    "mode scale inf": (["--mode-scale", "inf"], "--mode-scale must be finite"),
+    "caption dropout 1.5": (["--caption-dropout", "1.5"], "--caption-dropout must be in [0, 1]"),
+    "guidance nan": (["--guidance-scale", "nan"], "--guidance-scale must be finite"),
+    "max sequence 0": (["--max-sequence-length", "0"], "--max-sequence-length must be"),
+    "num loras 0": (["--num-loras", "0"], "--num-loras must be"),
+    "rank negative": (["--rank", "-1"], "--rank must be"),
     "heads do not divide": (["--heads", "3"], "key_dim=128 is not divisible by heads=3"),
-    "checkpoint every 0": (["--checkpoint-every", "0"], "checkpoint_every must be"),
-    "keep negative": (["--keep-checkpoints", "-1"], "keep_checkpoints must be"),
-    "seed negative": (["--seed", "-5"], "seed must be"),
-    "workers negative": (["--num-workers", "-1"], "num_workers must be"),
+    "checkpoint every 0": (["--checkpoint-every", "0"], "--checkpoint-every must be"),
+    "keep negative": (["--keep-checkpoints", "-1"], "--keep-checkpoints must be"),
+    "seed negative": (["--seed", "-5"], "--seed must be"),
+    "workers negative": (["--num-workers", "-1"], "--num-workers must be"),
     "resume and overwrite": (["--resume", "--overwrite"], "resume and overwrite exclude each other"),
     "activation unknown": (["--activation", "relu"], "invalid choice"),
 }
@@ -461,3 +469,57 @@ def test_train_resume_with_a_different_config(files, tmp_path, capsys, no_model_
     line = assert_one_line_exit_2(capsys, train_argv(files, tmp_path, "--resume", *change, out=out),
                                   "only the step budget and options that change no computed value may change", no_model_load)
     assert fragment in line
+
+
+def test_a_base_model_that_cannot_be_fetched_is_one_line(files, tmp_path, capsys, monkeypatch):
+    """diffusers raises OSError for a base model it cannot fetch (offline, the gated official repo without a token,
+    a mistyped id): ``infer``, ``train`` and ``eval generate`` printed its traceback and exited 1. The loaders now
+    turn it into an error naming the model and what to do, printed as one line with exit status 2."""
+    import diffusers
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Cannot load model black-forest-labs/FLUX.1-Kontext-dev: the model is not fully cached "
+                      "locally and the Hub cannot be reached")
+
+    monkeypatch.setattr(diffusers.FluxKontextPipeline, "from_pretrained", unreachable)
+    with pytest.raises(ValueError, match=r"cannot load the FLUX.1-Kontext model 'black-forest-labs/FLUX.1-Kontext-dev'"
+                                         r" .*gated.*hf auth login.*not fully cached"):
+        flux.load_kontext_pipeline("black-forest-labs/FLUX.1-Kontext-dev", torch.float32)
+
+    # the pipeline's loader reaches it (after every up-front check has passed)
+    monkeypatch.setattr(flux.LoRWeBKontextPipeline, "from_pretrained",
+                        classmethod(lambda cls, model, *a, **k: flux.load_kontext_pipeline(model, torch.float32)))
+    assert cli.main(infer_argv(files, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "lorweb-fast infer: error: cannot load the FLUX.1-Kontext model" in err
+
+
+@pytest.mark.parametrize("argv", [["data", "check", "{data}", "--quiet"], ["train", "--quiet"]])
+def test_quiet_turns_the_libraries_progress_bars_off(files, tmp_path, monkeypatch, argv):
+    """--quiet also silences diffusers', transformers' and huggingface_hub's own bars (loading pipeline components
+    and weights, writing shards) for the command, and puts them back after it."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    from lorweb_fast import data as data_mod
+
+    def states():
+        return (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled(),
+                not hub_utils.are_progress_bars_disabled())
+
+    seen = []
+    monkeypatch.setattr(data_mod, "check_folder", lambda *a, **k: seen.append(states()) or {})
+    monkeypatch.setattr(cli, "run_train", lambda args: seen.append(states()))  # build_parser reads it at main()
+    before = states()
+    assert before == (True, True, True)
+    argv = [a.format(data=files / "data") for a in argv]
+    if argv[0] == "train":
+        argv = train_argv(files, tmp_path, "--quiet")
+    try:
+        cli.main(argv)
+    except (AttributeError, TypeError, KeyError):
+        pass  # the stubbed check_folder returns no report: only the state inside the command matters
+    assert seen == [(False, False, False)]
+    assert states() == before

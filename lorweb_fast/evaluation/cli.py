@@ -46,7 +46,7 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     from .metrics import DEFAULT_CLIP, LPIPS_NETS
 
     ev = subparsers.add_parser("eval", help="the paper's evaluation protocol: generate over an eval set, then score")
-    sub = ev.add_subparsers(dest="eval_command", required=True)
+    sub = ev.add_subparsers(dest="eval_command", required=True, metavar="{generate,score}")
 
     g = sub.add_parser("generate", help="b' for every triplet of an evaluation set (batched, resumable)")
     g.add_argument("--evalset", required=True, help="evaluation set folder")
