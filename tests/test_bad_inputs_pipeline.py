@@ -66,13 +66,15 @@ def state(p):
 
 
 BAD_OPTIONS = [
-    ("num_inference_steps", 0, ValueError, "num_inference_steps must be an integer >= 1"),
-    ("num_inference_steps", -4, ValueError, "num_inference_steps must be an integer >= 1"),
+    ("num_inference_steps", 0, ValueError, r"num_inference_steps must be an integer in \[1, 10000\]"),
+    ("num_inference_steps", -4, ValueError, r"num_inference_steps must be an integer in \[1, 10000\]"),
+    ("num_inference_steps", 10 ** 20, ValueError, r"num_inference_steps must be an integer in \[1, 10000\]"),
     ("num_inference_steps", 2.5, TypeError, "num_inference_steps must be an integer"),
     ("num_inference_steps", True, TypeError, "num_inference_steps must be an integer"),
     ("guidance_scale", math.nan, ValueError, "guidance_scale must be finite"),
     ("guidance_scale", math.inf, ValueError, "guidance_scale must be finite"),
-    ("guidance_scale", -1.0, ValueError, "guidance_scale must be >= 0"),
+    ("guidance_scale", -1.0, ValueError, r"guidance_scale must be in \[0.0, 10000.0\]"),
+    ("guidance_scale", 1e308, ValueError, r"guidance_scale must be in \[0.0, 10000.0\]"),
     ("guidance_scale", "2.5", TypeError, "guidance_scale must be a real number"),
     ("long_edge", 0, ValueError, "long_edge must be an integer >= 32"),
     ("long_edge", 16, ValueError, "long_edge must be an integer >= 32"),
