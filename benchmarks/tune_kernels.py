@@ -15,7 +15,8 @@ composed layer (its backward runs them on cuBLAS). The table's current tiles of 
 and a candidate replaces them only when faster by more than --min-gain. Before it is timed, every configuration
 (the table's included) runs once with freshly loaded kernels and is refused when a result differs from the float64
 reference beyond the statistical bound of lorweb_fast.testing, or (on a GPU) when a kernel it loaded spills
-registers: a wrong or spilling tile never enters the table, and a refused table entry is printed. The sweep stops at --budget-s (the best
+registers: a wrong or spilling tile never enters the table, and a refused table entry is printed (a shape whose refused tiles no candidate replaces is not written: the table
+keeps what it had there). The sweep stops at --budget-s (the best
 configuration found so far is kept; unswept roles and shapes keep what the table had). The table's ``defaults`` are
 kept; the swept shapes' entries are replaced, the others kept, and ``tuned`` becomes true; the table and the per-role
 times (``<table>_summary.json`` beside an --out table, else ``benchmarks/results/tune_<family>_summary.json``) are
@@ -297,9 +298,11 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
         return time.monotonic() - start > args.budget_s
 
     def write() -> None:
-        swept = {}  # shape -> roles actually timed (not skipped, not cut off by the budget)
+        swept = {}  # shape -> roles actually timed (not skipped, not cut off by the budget), of the written shapes
+        written = {(e["in"], e["out"], e["R"], e["dtype"]) for e in entries}
         for r in summary:
-            swept.setdefault(f"{r['layer'][0]}->{r['layer'][1]} R={r['R']} {r['dtype']}", []).append(r["role"])
+            if (r["layer"][0], r["layer"][1], r["R"], r["dtype"]) in written:
+                swept.setdefault(f"{r['layer'][0]}->{r['layer'][1]} R={r['R']} {r['dtype']}", []).append(r["role"])
         note = (f"Measured by benchmarks/tune_kernels.py on {device_name(device)} "
                 f"(torch {torch.__version__}, M = {args.tokens} for timing; keys never depend on M): roles "
                 + ("; ".join(f"{', '.join(roles)} of {shape}" for shape, roles in swept.items()) or "none")
@@ -309,8 +312,9 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
         table = {"family": family, "tuned": True, "note": note, "defaults": base_table["defaults"],
                  "entries": merge_entries(base_table.get("entries", []), entries)}
         K.validate_table(table, str(out_path))
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(table, indent=1) + "\n")
+        if entries:  # a sweep that wrote no shape leaves the table as it was
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(table, indent=1) + "\n")
         summary_file.parent.mkdir(parents=True, exist_ok=True)
         summary_file.write_text(json.dumps(dict(device=device_name(device), torch=torch.__version__,
                                                 tokens=args.tokens, min_gain=args.min_gain, source=str(source),
@@ -359,6 +363,7 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
             return refs[name]
 
         rule = dict(K.lookup_in(start_table, k, n, R, dtype, source.name))
+        still_refused = []  # roles whose table tiles were refused and not replaced
         forward_swept = [name for name in item["counts"] if name in FORWARD_ROLES]
         for name in item["counts"]:
             if name in FUSED_ONLY_ROLES and rule["route"] != "fused":
@@ -406,9 +411,16 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
                   + ("adopted" if adopted else "table kept"))
             if adopted:
                 rule[name] = best
-            if forward_swept and name == forward_swept[-1]:  # the forward roles are settled: fused or composed
+            elif table_refused:
+                still_refused.append(name)
+            if forward_swept and name == forward_swept[-1] and not still_refused:  # fused or composed
                 rule["route"] = "fused" if _bench(fused, POOL) <= _bench(composed, POOL) else "composed"
 
+        if still_refused:  # never written: the table keeps what it had for this shape, and the record says why
+            print(f"in={k} out={n} R={R} {item['dtype']}: NOT WRITTEN: the table's {', '.join(still_refused)} tiles "
+                  "are refused and no candidate replaced them (see table_refused in the summary)")
+            write()
+            continue
         entries.append({"in": k, "out": n, "R": R, "dtype": item["dtype"], "route": rule["route"],
                         **{name: rule[name] for name in CANDIDATES}})
         print(f"in={k} out={n} R={R} {item['dtype']}: route {rule['route']}")

@@ -10,7 +10,15 @@ _UMASK_LOCK = threading.Lock()
 
 
 def current_umask() -> int:
-    """The process umask (read by setting it and putting it back, under a lock)."""
+    """The process umask: read from /proc/self/status where Linux gives it (the umask is left alone), else by
+    setting it and putting it back, under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     with _UMASK_LOCK:
         mask = os.umask(0o022)
         os.umask(mask)
@@ -20,5 +28,9 @@ def current_umask() -> int:
 def default_permissions(path: Union[str, os.PathLike], *, directory: bool = False) -> None:
     """Give ``path`` the mode a plain ``open`` / ``mkdir`` would have given it (0o666 / 0o777 less the umask).
     ``tempfile.mkstemp`` / ``mkdtemp`` create their files 0600 and folders 0700, which the atomic rename keeps:
-    a checkpoint or prepared dataset then could not be read by other users of a shared machine."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+    a checkpoint or prepared dataset then could not be read by other users of a shared machine. Best effort: a file
+    system that refuses chmod (vfat, some network mounts) keeps the mode it gave."""
+    try:
+        os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+    except OSError:
+        pass

@@ -358,38 +358,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def library_progress_bars(enabled: bool):
     """With ``enabled=False`` (``--quiet``): diffusers', transformers' and huggingface_hub's own progress bars
     (loading pipeline components and weights, writing shards, downloads) are off for the block, and put back as they
-    were after it."""
+    were after it (huggingface_hub's per-group states included; transformers' switch also turns huggingface_hub's
+    on, so huggingface_hub is restored last)."""
     if enabled:
         yield
         return
+    import importlib
+
     switches = []
+    for module_name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            logging_module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        switches.append((logging_module.is_progress_bar_enabled(), logging_module.disable_progress_bar,
+                         logging_module.enable_progress_bar))
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module (``utils.tqdm`` is the class)
+    hub_states = getattr(hub_tqdm, "progress_bar_states", None)
+    hub_before = None if hub_states is None else dict(hub_states)
+    hub_was_disabled = hub_tqdm.are_progress_bars_disabled()
     try:
-        import diffusers.utils.logging as diffusers_logging
-
-        switches.append((diffusers_logging.is_progress_bar_enabled(), diffusers_logging.disable_progress_bar,
-                         diffusers_logging.enable_progress_bar))
-    except ImportError:
-        pass
-    try:
-        import transformers.utils.logging as transformers_logging
-
-        switches.append((transformers_logging.is_progress_bar_enabled(), transformers_logging.disable_progress_bar,
-                         transformers_logging.enable_progress_bar))
-    except ImportError:
-        pass
-    import huggingface_hub.utils as hub_utils
-
-    switches.append((not hub_utils.are_progress_bars_disabled(), hub_utils.disable_progress_bars,
-                     hub_utils.enable_progress_bars))
-    for _, disable, _ in switches:
-        disable()
-    try:
+        for _, disable, _ in switches:
+            disable()
+        hub_tqdm.disable_progress_bars()
         yield
     finally:
         for was_on, _, enable in switches:
             if was_on:
                 enable()
-
+        if hub_before is not None:
+            hub_states.clear()
+            hub_states.update(hub_before)
+        elif hub_was_disabled:
+            hub_tqdm.disable_progress_bars()
+        else:
+            hub_tqdm.enable_progress_bars()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -128,6 +128,7 @@ INFER_CASES = {
     "pipe-arg not key=value": ({"extra": ["--pipe-arg", "foo"]}, "expected KEY=VALUE"),
     "device unknown": ({"--device": "banana"}, "--device 'banana' is not a device"),
     "device meta": ({"--device": "meta"}, "--device meta: the meta device holds no data"),
+    "merge and no-merge": ({"extra": ["--merge", "jit", "--no-merge"]}, "not allowed with argument --merge"),
     "max size 1": ({"--max-size": "1"}, "--max-size must be an integer >= 32"),
     "max size 16": ({"--max-size": "16"}, "--max-size must be an integer >= 32"),
     "max area 0": ({"--max-area": "0"}, "--max-area must be an integer >= 1024"),
@@ -523,3 +524,23 @@ def test_quiet_turns_the_libraries_progress_bars_off(files, tmp_path, monkeypatc
         pass  # the stubbed check_folder returns no report: only the state inside the command matters
     assert seen == [(False, False, False)]
     assert states() == before
+
+
+def test_quiet_puts_back_huggingface_hubs_own_state():
+    """transformers' enable_progress_bar also turns huggingface_hub's bars on, and huggingface_hub's global switch
+    clears its per-group states: both are put back as they were (huggingface_hub last)."""
+    import huggingface_hub.utils as hub_utils
+
+    try:
+        hub_utils.disable_progress_bars()
+        with cli.library_progress_bars(enabled=False):
+            assert hub_utils.are_progress_bars_disabled()
+        assert hub_utils.are_progress_bars_disabled()
+        hub_utils.enable_progress_bars()
+        hub_utils.disable_progress_bars("huggingface_hub.lfs_upload")
+        with cli.library_progress_bars(enabled=False):
+            pass
+        assert hub_utils.are_progress_bars_disabled("huggingface_hub.lfs_upload")
+        assert not hub_utils.are_progress_bars_disabled()
+    finally:
+        hub_utils.enable_progress_bars()

@@ -566,6 +566,7 @@ def test_tuner_refuses_a_configuration_with_a_wrong_result(tmp_path, monkeypatch
     small = {role: cands[:2] for role, cands in tune_kernels.CANDIDATES.items()}
     monkeypatch.setattr(tune_kernels, "CANDIDATES", small)
     bad = {role: cands[0] for role, cands in small.items()}  # the fastest candidate of each role computes wrongly
+    everything_wrong = False
     current = []
 
     def corrupt(t):  # a 3 % error in the rows of one sample
@@ -582,7 +583,7 @@ def test_tuner_refuses_a_configuration_with_a_wrong_result(tmp_path, monkeypatch
                     "grad_basis": "grad_basis"}[name]
             out = real[name](*a, **kw)
             current.append((role, kw.get("config")))
-            if kw.get("config") != bad[role]:
+            if kw.get("config") != bad[role] and not everything_wrong:
                 return out
             if role == "shrink":
                 return out[0], corrupt(out[1])
@@ -631,6 +632,15 @@ def test_tuner_refuses_a_configuration_with_a_wrong_result(tmp_path, monkeypatch
     for r in summary:
         assert r["table_refused"] and r["table_refused"].startswith("wrong result"), r
         assert r["table_ms"] is None and r["adopted"] and r["best"] == small[r["role"]][0], r
+
+    # every tile wrong (the table's and every candidate's): nothing replaces the table's tiles, so the shape is not
+    # written and the table file stays as it was; the summary records the refusals
+    everything_wrong = True
+    before = out.read_text()
+    assert tune_kernels.tune(args, device=torch.device("cpu")) == 0
+    assert out.read_text() == before
+    summary = json.loads((tmp_path / "sm_test_summary.json").read_text())["roles"]
+    assert summary and all(r["table_refused"] and not r["adopted"] for r in summary)
 
 
 def test_tuner_refuses_a_configuration_that_spills(monkeypatch):
