@@ -48,6 +48,8 @@ gpu_setup() {
   local wheels="$2"
   BUDGET_S="$3"
   SECONDS=0
+  # a step killed by its timeout must not lose its last lines: Python buffers 8 KB when writing to the tee pipe
+  export PYTHONUNBUFFERED=1
   PY="${PYTHON:-python3}"
   mkdir -p "$OUTDIR" || { echo "cannot create $OUTDIR" >&2; return 1; }
   OUTDIR="$(cd "$OUTDIR" && pwd)"
@@ -88,6 +90,11 @@ gpu_setup() {
   note "nvcc: $(command -v nvcc || echo "${CUDA_HOME:-?}/bin/nvcc") (CUDA_HOME=${CUDA_HOME:-found by torch})"
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   export LORWEB_FAST_FORCE_CUDA_BUILD=1
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # only the visible GPU's architecture: nvcc time saved
+    local arch
+    arch="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || true)"
+    if [ -n "$arch" ]; then export TORCH_CUDA_ARCH_LIST="$arch"; fi
+  fi
   step "install lorweb_fast (editable, CUDA extension for ${TORCH_CUDA_ARCH_LIST:-8.0;9.0})" 200 \
     "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || {
       note "install failed: see above"; return 1; }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (finishes in under 9 minutes; every step is bounded with `timeout`):
 #   bash benchmarks/run_on_gpu.sh OUTDIR [--wheels DIR] [--budget-s SECONDS]
-# (set LORWEB_COMMIT=$(git rev-parse HEAD) from the sending checkout: a copied tree's git metadata can be stale)
+# (set LORWEB_COMMIT=<hash of the sending checkout>, written into the command before it is sent: a copied tree's
+# git metadata can be stale)
 #
 #  1. installs lorweb_fast against the machine's own torch, without downloading anything: the missing pure-Python
 #     dependencies (diffusers, ...) come as wheels from DIR (default: shared/wheels, else .whl; fill it with

@@ -15,8 +15,9 @@ composed layer (its backward runs them on cuBLAS). The table's current tiles of 
 and a candidate replaces them only when faster by more than --min-gain. Before it is timed, every configuration
 (the table's included) runs once with freshly loaded kernels and is refused when a result differs from the float64
 reference beyond the statistical bound of lorweb_fast.testing, or (on a GPU) when a kernel it loaded spills
-registers: a wrong or spilling tile never enters the table, and a refused table entry is printed (a shape whose refused tiles no candidate replaces is not written: the table
-keeps what it had there). The sweep stops at --budget-s (the best
+registers: the tuner never writes a wrong or spilling tile; the refusals are printed and recorded in the summary
+(``table_refused``, ``refused``), and a shape whose refused table tiles no candidate replaces, or none of whose roles
+was timed within the budget, is not written (the table keeps what it had there). The sweep stops at --budget-s (the best
 configuration found so far is kept; unswept roles and shapes keep what the table had). The table's ``defaults`` are
 kept; the swept shapes' entries are replaced, the others kept, and ``tuned`` becomes true; the table and the per-role
 times (``<table>_summary.json`` beside an --out table, else ``benchmarks/results/tune_<family>_summary.json``) are
@@ -364,6 +365,7 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
 
         rule = dict(K.lookup_in(start_table, k, n, R, dtype, source.name))
         still_refused = []  # roles whose table tiles were refused and not replaced
+        summarised = len(summary)  # the roles of this shape that get timed are appended from here
         forward_swept = [name for name in item["counts"] if name in FORWARD_ROLES]
         for name in item["counts"]:
             if name in FUSED_ONLY_ROLES and rule["route"] != "fused":
@@ -387,6 +389,7 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
                 print(f"  in={k} out={n} {name}: the table's tiles {rule[name]} failed ({type(exc).__name__})")
                 table_ms = float("inf")
             best_ms, best = float("inf"), None
+            refused_candidates = []  # [tiles, why] of the candidates the gate refused (in the summary)
             for cand in CANDIDATES[name]:
                 done += 1
                 if out_of_budget():
@@ -395,6 +398,7 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
                     refused = admissible(name, lambda: calls[name](cand, 0), refs_of(name), coeffs.shape[0], device)
                     if refused:  # never timed, never adopted
                         print(f"  [{done}/{total}] {name} {cand}: refused ({refused})")
+                        refused_candidates.append([cand, refused[:500]])
                         continue
                     ms = _bench(lambda i: calls[name](cand, i), POOL)
                 except Exception as exc:  # out of shared memory / registers for this tile: skip it
@@ -406,7 +410,8 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
             adopted = best is not None and best != rule[name] and best_ms < table_ms * (1 - args.min_gain)
             summary.append(dict(layer=[k, n], R=R, dtype=item["dtype"], role=name, adopted=adopted,
                                 table_ms=None if table_ms == float("inf") else table_ms, table_refused=table_refused,
-                                best_ms=None if best is None else best_ms, table=rule[name], best=best))
+                                refused=refused_candidates, best_ms=None if best is None else best_ms,
+                                table=rule[name], best=best))
             print(f"  in={k} out={n} R={R} {item['dtype']} {name}: table {table_ms:.4f} ms, best {best_ms:.4f} ms -> "
                   + ("adopted" if adopted else "table kept"))
             if adopted:
@@ -416,6 +421,10 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
             if forward_swept and name == forward_swept[-1] and not still_refused:  # fused or composed
                 rule["route"] = "fused" if _bench(fused, POOL) <= _bench(composed, POOL) else "composed"
 
+        if len(summary) == summarised:  # the budget ran out before any role of this shape was timed
+            print(f"in={k} out={n} R={R} {item['dtype']}: no role timed within --budget-s; keeps what "
+                  f"{source.name} has")
+            continue
         if still_refused:  # never written: the table keeps what it had for this shape, and the record says why
             print(f"in={k} out={n} R={R} {item['dtype']}: NOT WRITTEN: the table's {', '.join(still_refused)} tiles "
                   "are refused and no candidate replaced them (see table_refused in the summary)")

@@ -192,8 +192,11 @@ def test_gpu_scripts_parse(script):
     subprocess.run(["bash", "-n", str(path)], check=True)
     text = path.read_text()
     if script.startswith("run_"):  # every step is bounded, and the budget is capped below the device limits
-        assert "timeout --kill-after" in BENCH.with_name("gpu_common.sh").read_text()
+        common = BENCH.with_name("gpu_common.sh").read_text()
+        assert "timeout --kill-after" in common
         assert "gpu_setup" in text and "gpu_finish" in text
+        # a step stopped by its timeout keeps its last lines; the extension builds for the visible GPU only
+        assert "export PYTHONUNBUFFERED=1" in common and "torch.cuda.get_device_capability()" in common
 
 
 def test_run_on_gpu_tuning_step_arguments_are_accepted_by_the_tuner():

@@ -622,6 +622,7 @@ def test_tuner_refuses_a_configuration_with_a_wrong_result(tmp_path, monkeypatch
         assert r["table_refused"] is None, r  # the committed tiles compute the float64 result
         assert r["adopted"] and r["best"] == small[r["role"]][1], r
         assert (r["role"], bad[r["role"]]) not in timed, f"{r['role']}: the wrong configuration was timed"
+        assert [c for c, _ in r["refused"]] == [bad[r["role"]]] and r["refused"][0][1].startswith("wrong result")
     (entry,) = K.validate_table(json.loads(out.read_text()), str(out))["entries"]
     assert all(entry[role] == small[role][1] for role in small)
 
