@@ -46,6 +46,7 @@ import re
 import tempfile
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Union
 
@@ -562,12 +563,13 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
         # the folder scan reads headers only (a truncated JPEG passes it and would fail at its training step):
         # here every image is decoded completely
         undecodable = {}
-        for i in tqdm(range(len(dataset)), desc="decoding images", unit="sample", disable=not progress):
-            for path in dataset.samples[i][:2]:
-                error = _decode_error(path)
-                if error is not None:
-                    undecodable[i] = f"{path} is not a readable image ({error})"
-                    break
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+            decoded = pool.map(lambda s: [(p, _decode_error(p)) for p in s[:2]], dataset.samples)
+            for i, results in enumerate(tqdm(decoded, total=len(dataset), desc="decoding images", unit="sample",
+                                             disable=not progress)):
+                bad = next(((path, error) for path, error in results if error is not None), None)
+                if bad is not None:
+                    undecodable[i] = f"{bad[0]} is not a readable image ({bad[1]})"
         dataset.skip_samples(undecodable, skip_bad)
     captions = [s[2] for s in dataset.samples]
     report = {"samples": len(dataset), "skipped": len(dataset.skipped),
