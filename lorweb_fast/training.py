@@ -471,7 +471,8 @@ def rotate_checkpoints(out: Union[str, Path], keep: int, milestone_every: int = 
 def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimizer_state: dict, metadata: dict,
                       keep: int, *, save_dtype: str = "fp32", settings: Optional[dict] = None,
                       name: str = "lorweb", config: Optional[dict] = None, model: Optional[str] = None,
-                      milestone_every: int = OFFICIAL_MILESTONE_EVERY, epoch: Optional[int] = None) -> Path:
+                      milestone_every: int = OFFICIAL_MILESTONE_EVERY, epoch: Optional[int] = None,
+                      grad_scaler: Optional[dict] = None) -> Path:
     """Official weights (``weights`` = ``lorweb_state_dict``, written in ``save_dtype`` with our and ai-toolkit's
     metadata, ``epoch`` in its training_info, and its model hashes) + ``config.yaml`` (official format, from
     ``settings``) + trainer state (``optimizer_state`` as made by
@@ -496,6 +497,8 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
         write_config_yaml(tmp / CONFIG_NAME, settings or {}, name=name, model=model,
                           extra={"save": {"dtype": str(dtype).removeprefix("torch.")}})
         state = {"step": step, "optimizer": optimizer_state, "config": config}
+        if grad_scaler is not None:  # fp16: the loss scale and its growth tracker, so a resume continues them
+            state["grad_scaler"] = grad_scaler
         if any(v.dtype != dtype for v in weights.values()):
             state["lorweb_master_weights"] = {k: v.detach().cpu().clone() for k, v in weights.items()}
         torch.save(state, tmp / TRAINER_STATE_NAME)
@@ -607,6 +610,13 @@ def _check_fsdp(accelerator, cfg: TrainConfig) -> None:
     if cfg.quantize_base != "none":
         raise ValueError(f"--quantize-base {cfg.quantize_base} cannot be sharded by FSDP2 (bitsandbytes weights are "
                          "not DTensors); use DDP or one process with a quantized base")
+    if cfg.adapter_precision == "fp32" and cfg.mixed_precision in ("bf16", "fp16"):
+        # accelerate's FSDP2 policy gathers every parameter of a block in the compute dtype (param_dtype), the
+        # LoRWeB fp32 masters included: the official fp32 arithmetic would silently run on rounded weights
+        raise ValueError(f"--adapter-precision fp32 cannot hold under FSDP2 with --mixed-precision "
+                         f"{cfg.mixed_precision}: FSDP2 gathers each block's parameters, the LoRWeB ones included, in "
+                         f"{cfg.mixed_precision}; use DDP (or one process) for the official fp32 adapter arithmetic, "
+                         "or --adapter-precision bf16")
 
 
 def _warn_if_layers_unwrapped(model) -> None:
@@ -689,6 +699,28 @@ def cast_block_inputs_in_recompute(model) -> int:
     return hooked
 
 
+def _loss_rows(log_path: Union[str, Path]) -> list[tuple[str, dict]]:
+    """(line, row) of every complete line of a ``loss.jsonl`` log: a line cut short (the log is appended every step;
+    a full disk or a power loss can tear the last one) is left out, with a warning."""
+    rows, torn = [], 0
+    for line in Path(log_path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(row, dict) and "step" in row and "loss" in row:
+            rows.append((line, row))
+        else:
+            torn += 1
+    if torn:
+        warnings.warn(f"{log_path}: {torn} incomplete line(s) left out (a run stopped while writing it)",
+                      stacklevel=3)
+    return rows
+
+
 def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
     """Plot the loss of a ``loss.jsonl`` log (raw and running mean) to a PNG; steps skipped for a NaN loss (logged
     with loss null) are marked with red vertical lines."""
@@ -697,7 +729,7 @@ def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    rows = [row for _, row in _loss_rows(log_path)]
     skipped = [r["step"] for r in rows if r["loss"] is None]
     rows = [r for r in rows if r["loss"] is not None and r["loss"] > 0]  # a log axis
     steps = [r["step"] for r in rows]
@@ -957,7 +989,10 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
             cast_block_inputs_in_recompute(model)
         if trainer_state is not None:
             load_optimizer_state_dict(model, optimizer.optimizer, trainer_state["optimizer"], names, sharded=sharded)
+            if accelerator.scaler is not None and trainer_state.get("grad_scaler") is not None:
+                accelerator.scaler.load_state_dict(trainer_state["grad_scaler"])  # fp16: the scale it had reached
             logger.info("resumed from %s (step %d)", ckpt, start_step)
+            trainer_state = masters = None  # loaded: the optimizer state and fp32 masters are not held for the run
         sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step,
                                    total_steps=cfg.steps, world_size=accelerator.num_processes,
                                    rank=accelerator.process_index, bidirectional=cfg.bidirectional != "none",
@@ -974,8 +1009,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
             (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
             kept = []
             if log_path.is_file() and start_step > 0:
-                kept = [l for l in log_path.read_text().splitlines()
-                        if l.strip() and json.loads(l)["step"] <= start_step]
+                kept = [l for l, row in _loss_rows(log_path) if row["step"] <= start_step]
             log_path.write_text("".join(l + "\n" for l in kept))
         accelerator.wait_for_everyone()
 
@@ -1029,7 +1063,9 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                     _write_checkpoint(out, step, transformer, weights, optimizer_state, metadata, cfg.keep_checkpoints,
                                       save_dtype=cfg.save_dtype, settings=settings, name=Path(cfg.out).name or "lorweb",
                                       config=_comparable_config(cfg), model=model_name,
-                                      milestone_every=cfg.keep_milestone_every, epoch=sampler.epoch(step - 1))
+                                      milestone_every=cfg.keep_milestone_every, epoch=sampler.epoch(step - 1),
+                                      grad_scaler=None if accelerator.scaler is None
+                                      else accelerator.scaler.state_dict())
                     plot_loss(log_path, png_path)
                 del weights, optimizer_state
                 accelerator.wait_for_everyone()

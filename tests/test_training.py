@@ -121,9 +121,13 @@ def test_resume_after_kill_is_exact(assets, tmp_path):
         training.train(killed_cfg, step_callback=kill_at_5)
     ckpt = training.latest_checkpoint(killed_cfg.out)
     assert ckpt.name == "step-00000003"  # at most checkpoint_every steps are lost
+    log = Path(killed_cfg.out) / "loss.jsonl"  # a run stopped while appending: a torn last line
+    log.write_text(log.read_text() + '{"step": 5, "lo')
 
     seen = []
-    resumed = training.train(dataclasses.replace(killed_cfg, resume=True), step_callback=lambda s, l: seen.append(s))
+    with pytest.warns(UserWarning, match="1 incomplete line"):
+        resumed = training.train(dataclasses.replace(killed_cfg, resume=True),
+                                 step_callback=lambda s, l: seen.append(s))
     assert seen == [4, 5, 6, 7, 8]
     assert resumed["step"] == straight["step"] == 8
 
@@ -141,6 +145,41 @@ def test_resume_after_kill_is_exact(assets, tmp_path):
     log_a = [json.loads(l) for l in (tmp_path / "straight" / "loss.jsonl").read_text().splitlines()]
     log_b = [json.loads(l) for l in (tmp_path / "killed" / "loss.jsonl").read_text().splitlines()]
     assert log_a == log_b
+
+
+def test_the_loss_scalers_state_resumes(assets, tmp_path, monkeypatch):
+    """fp16 training scales the loss (accelerate's GradScaler on a GPU): its scale and growth tracker are saved in the
+    trainer state and restored on resume. Without that a resumed run restarted at the initial scale and skipped an
+    overflowing step the uninterrupted run did not. On CPU the scaler is attached as accelerate attaches it on a GPU,
+    with an initial scale so large that the tiny model overflows at first."""
+    import accelerate
+
+    class ScaledAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 126, growth_interval=2)
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    straight = config(assets, tmp_path / "straight", steps=6, checkpoint_every=3, optimizer="adamw")
+    training.train(straight)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step, loss):
+        if step == 5:
+            raise Killed
+
+    killed = config(assets, tmp_path / "killed", steps=6, checkpoint_every=3, optimizer="adamw")
+    with pytest.raises(Killed):
+        training.train(killed, step_callback=kill_at_5)
+    state = trainer_state(tmp_path / "killed", 3)
+    assert state["grad_scaler"]["scale"] != 2.0 ** 126  # it has moved (grown, or backed off after an overflow)
+    training.train(dataclasses.replace(killed, resume=True))
+    a, b = weights(tmp_path / "straight" / "lorweb.safetensors"), weights(tmp_path / "killed" / "lorweb.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert trainer_state(tmp_path / "straight", 6)["grad_scaler"] == trainer_state(tmp_path / "killed", 6)["grad_scaler"]
 
 
 def test_fp16_checkpoints_resume_exactly_from_fp32_masters(assets, tmp_path):
@@ -453,6 +492,12 @@ def test_fsdp_setup_errors():
     with pytest.raises(ValueError, match="--optimizer adamw"):
         training._check_fsdp(accelerator, TrainConfig(data="d", out="o", optimizer="adamw8bit"))
     training._check_fsdp(accelerator, TrainConfig(data="d", out="o", optimizer="adamw"))
+    # FSDP2's mixed-precision policy gathers the LoRWeB fp32 masters in bf16: the fp32 adapter arithmetic cannot hold
+    with pytest.raises(ValueError, match="--adapter-precision fp32 cannot hold under FSDP2 with --mixed-precision bf16"):
+        training._check_fsdp(accelerator, TrainConfig(data="d", out="o", optimizer="adamw", adapter_precision="fp32",
+                                                      mixed_precision="bf16"))
+    training._check_fsdp(accelerator, TrainConfig(data="d", out="o", optimizer="adamw", adapter_precision="fp32",
+                                                  mixed_precision="no"))
 
 
 def test_optimizer_state_by_name_round_trip_and_mismatch():
