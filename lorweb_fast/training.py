@@ -396,10 +396,14 @@ def prepare_output(cfg, *, main_process: bool = True) -> tuple[Optional[Path], O
             shutil.rmtree(tmp, ignore_errors=True)
             logger.warning("removed the leftover temporary checkpoint folder %s", tmp)
         for ckpt in checkpoint_dirs(out):
-            for tmp in ckpt.glob(".lorweb-*.safetensors.tmp"):
+            for tmp in [*ckpt.glob(".lorweb-*.safetensors.tmp"), *ckpt.glob(".config-*.yaml.tmp")]:
                 tmp.unlink(missing_ok=True)
-    if main_process and (out / f".{WEIGHTS_NAME}.tmp").is_file():
-        (out / f".{WEIGHTS_NAME}.tmp").unlink()
+    if main_process:  # the top-level copies' temporaries (_write_checkpoint)
+        from .official_config import CONFIG_NAME
+
+        for name in (f".{WEIGHTS_NAME}.tmp", f".{CONFIG_NAME}.tmp"):
+            if (out / name).is_file():
+                (out / name).unlink()
     log = out / "loss.jsonl"
     used = bool(checkpoint_dirs(out)) or (out / WEIGHTS_NAME).exists() or (log.is_file() and log.stat().st_size > 0)
     if used and cfg.overwrite:

@@ -204,8 +204,9 @@ def test_all_checkpoints_corrupt_is_an_error_naming_the_files(tmp_path):
 
 
 @pytest.mark.parametrize("leftover", ["checkpoints/.tmp-step-00000006-abc123", "checkpoints/.tmp-step-00000004-x",
-                                      ".lorweb.safetensors.tmp",
-                                      "checkpoints/step-00000002/.lorweb-k2j3.safetensors.tmp"])
+                                      ".lorweb.safetensors.tmp", ".config.yaml.tmp",
+                                      "checkpoints/step-00000002/.lorweb-k2j3.safetensors.tmp",
+                                      "checkpoints/step-00000002/.config-k2j3.yaml.tmp"])
 def test_leftover_temporary_files_are_removed(tmp_path, leftover):
     cfg = cfg_for(tmp_path)
     fake_checkpoint(tmp_path, 2, cfg)
