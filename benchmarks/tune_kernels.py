@@ -421,9 +421,9 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
             if forward_swept and name == forward_swept[-1] and not still_refused:  # fused or composed
                 rule["route"] = "fused" if _bench(fused, POOL) <= _bench(composed, POOL) else "composed"
 
-        if len(summary) == summarised:  # the budget ran out before any role of this shape was timed
-            print(f"in={k} out={n} R={R} {item['dtype']}: no role timed within --budget-s; keeps what "
-                  f"{source.name} has")
+        if len(summary) == summarised:  # no role of this shape was timed (the budget, or nothing for its route)
+            why = "the budget ran out" if out_of_budget() else f"nothing to sweep on route {rule['route']}"
+            print(f"in={k} out={n} R={R} {item['dtype']}: no role timed ({why}); keeps what {source.name} has")
             continue
         if still_refused:  # never written: the table keeps what it had for this shape, and the record says why
             print(f"in={k} out={n} R={R} {item['dtype']}: NOT WRITTEN: the table's {', '.join(still_refused)} tiles "

@@ -355,3 +355,15 @@ def test_field_missing_from_an_older_checkpoint_counts_as_its_default(tmp_path, 
             prepare_output(resumed)
     else:
         assert prepare_output(resumed)[1]["step"] == 2
+
+
+def test_a_torn_loss_log_line_is_left_out_of_the_plot(tmp_path):
+    """The loss log is appended every step: a line cut short by a stopped run is left out of the plot with a
+    warning instead of failing it (the resume side: test_training.py::test_resume_after_kill_is_exact)."""
+    from lorweb_fast.training import plot_loss
+
+    log = tmp_path / "loss.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    with pytest.warns(UserWarning, match="1 incomplete line"):
+        plot_loss(log, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0
