@@ -47,34 +47,51 @@ def run_backends(m: int, in_features: int, out_features: int) -> dict:
     return status
 
 
-def triton_kernels() -> list[dict]:
-    """Every compiled specialization of every Triton JIT function in lorweb_fast.kernels.mixed_lora."""
-    try:
-        from triton.runtime.jit import JITFunction
+def jit_functions() -> list[tuple[str, object]]:
+    """(name, JITFunction) of every Triton JIT function in lorweb_fast.kernels.mixed_lora (autotuner / heuristics
+    wrappers unwrapped, each function once)."""
+    from triton.runtime.jit import JITFunction
 
-        import lorweb_fast.kernels.mixed_lora as mod
-    except Exception as exc:
-        return [{"error": f"Triton kernels not importable: {exc}"}]
+    import lorweb_fast.kernels.mixed_lora as mod
+
     found = []
     for attr in dir(mod):
         fn = getattr(mod, attr)
-        while fn is not None and not isinstance(fn, JITFunction):  # unwrap autotuners / heuristics
+        while fn is not None and not isinstance(fn, JITFunction):
             fn = getattr(fn, "fn", None)
-        if fn is None:
-            continue
-        for device, caches in getattr(fn, "device_caches", {}).items():
+        if fn is not None and all(fn is not other for _, other in found):
+            found.append((attr, fn))
+    return found
+
+
+def loaded_specializations():
+    """(name, device, specialization key, compiled kernel) of every specialization loaded in this process, its
+    driver attributes (``n_regs``, ``n_spills``) read (Triton reads them when it loads the cubin)."""
+    for attr, fn in jit_functions():
+        for device, caches in list(getattr(fn, "device_caches", {}).items()):
             cache = caches[0] if isinstance(caches, tuple) else caches
-            for key, kernel in cache.items():
+            for key, kernel in list(cache.items()):
                 try:
                     kernel._init_handles()
                 except Exception:
                     pass
-                meta = getattr(kernel, "metadata", None)
-                found.append({
-                    "kernel": attr, "device": str(device), "specialization": str(key)[:300],
-                    "registers": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None),
-                    "shared_bytes": getattr(meta, "shared", None), "num_warps": getattr(meta, "num_warps", None),
-                    "num_stages": getattr(meta, "num_stages", None), "source": "triton (driver load)"})
+                yield attr, device, key, kernel
+
+
+def triton_kernels() -> list[dict]:
+    """Every compiled specialization of every Triton JIT function in lorweb_fast.kernels.mixed_lora."""
+    try:
+        specializations = list(loaded_specializations())
+    except Exception as exc:
+        return [{"error": f"Triton kernels not importable: {exc}"}]
+    found = []
+    for attr, device, key, kernel in specializations:
+        meta = getattr(kernel, "metadata", None)
+        found.append({
+            "kernel": attr, "device": str(device), "specialization": str(key)[:300],
+            "registers": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None),
+            "shared_bytes": getattr(meta, "shared", None), "num_warps": getattr(meta, "num_warps", None),
+            "num_stages": getattr(meta, "num_stages", None), "source": "triton (driver load)"})
     return found
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_mixed_lora (its Timer) sits beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_mixed_lora (Timer), kernel_resources
 
 #: The token-wise METHOD.md layers. The norm modulations (3072 -> 9216 / 18432) see one row per sample, so they always
 #: take the cuBLAS route (``choose_route``) and are swept only when named with --layers.
@@ -182,14 +182,10 @@ def role_references(name: str, x, dy, w, bias, a_cat, b_cat, coeffs, scale: floa
 def role_outputs(name: str, out, batch: int) -> list[torch.Tensor]:
     """A role call's outputs in ``role_references``' order (backward K1's dcoeffs partials, (M / G, N), summed per
     sample to (B, N): G depends on the tiles)."""
-    if name == "shrink":
-        return list(out)
     if name == "shrink_dy":
         dz, partials = out[1], out[2]
         return [dz, partials.view(batch, -1, partials.shape[1]).sum(1)]
-    if name == "grad_basis":
-        return list(out)
-    return [out]
+    return list(out) if name in ("shrink", "grad_basis") else [out]
 
 
 def wrong_result(name: str, out, refs: list[tuple], batch: int) -> str | None:
@@ -205,44 +201,25 @@ def wrong_result(name: str, out, refs: list[tuple], batch: int) -> str | None:
     return None
 
 
-def jit_kernels() -> list:
-    """The Triton JIT functions of lorweb_fast.kernels.mixed_lora (autotuner / heuristics wrappers unwrapped)."""
-    from triton.runtime.jit import JITFunction
-
-    from lorweb_fast.kernels import mixed_lora as K
-
-    found = []
-    for attr in dir(K):
-        fn = getattr(K, attr)
-        while fn is not None and not isinstance(fn, JITFunction):
-            fn = getattr(fn, "fn", None)
-        if fn is not None and fn not in found:
-            found.append(fn)
-    return found
-
-
 def forget_loaded_kernels() -> None:
     """Empty the JIT functions' in-process caches, so that the next call loads (from Triton's disk cache, or by
     compiling) exactly the specializations it launches."""
-    for fn in jit_kernels():
+    from kernel_resources import jit_functions
+
+    for _, fn in jit_functions():
         fn.device_caches.clear()
 
 
 def loaded_spills() -> dict[str, int]:
     """Spill bytes, as the driver reports them at load, of every specialization loaded since
     ``forget_loaded_kernels`` (keyed by kernel name); empty where Triton does not report them (the interpreter)."""
+    from kernel_resources import loaded_specializations
+
     spills = {}
-    for fn in jit_kernels():
-        for caches in list(fn.device_caches.values()):
-            cache = caches[0] if isinstance(caches, tuple) else caches
-            for kernel in list(cache.values()):
-                try:
-                    kernel._init_handles()
-                except Exception:
-                    pass
-                n = getattr(kernel, "n_spills", None)
-                if n:
-                    spills[fn.__name__] = max(spills.get(fn.__name__, 0), int(n))
+    for name, _, _, kernel in loaded_specializations():
+        n = getattr(kernel, "n_spills", None)
+        if n:
+            spills[name] = max(spills.get(name, 0), int(n))
     return spills
 
 
@@ -377,11 +354,11 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
                 continue
             table_refused = None
             try:  # the table's current tiles, timed beside the candidates: a winner must beat them by --min-gain
-                refused = table_refused = admissible(name, lambda: calls[name](rule[name], 0), refs_of(name),
-                                                     coeffs.shape[0], device)
-                if refused:  # said loudly: the committed table itself is wrong or spills at this shape
+                table_refused = admissible(name, lambda: calls[name](rule[name], 0), refs_of(name), coeffs.shape[0],
+                                           device)
+                if table_refused:  # said loudly: the committed table itself is wrong or spills at this shape
                     print(f"  in={k} out={n} R={R} {item['dtype']} {name}: THE TABLE'S TILES {rule[name]} "
-                          f"{refused}")
+                          f"{table_refused}")
                     table_ms = float("inf")
                 else:
                     table_ms = _bench(lambda i: calls[name](rule[name], i), POOL)

@@ -93,11 +93,16 @@ class AnalogyDataError(ValueError):
     """The training data folder is empty, incomplete, ambiguous or holds files that are not images."""
 
 
+#: what Pillow raises for a file that is not a (complete) image: UnidentifiedImageError is an OSError, a truncated
+#: file an OSError, and some corrupt headers SyntaxError or ValueError
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
+
+
 # ---------------------------------------------------------------------------------------------- composition
 def _oriented_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image file after its EXIF orientation (read from the header, no decoding); verifies
     the file. Raises AnalogyDataError naming the file when it is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
@@ -105,7 +110,7 @@ def _oriented_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except IMAGE_ERRORS as exc:
         raise AnalogyDataError(f"{path} is not a readable image ({exc})") from exc
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
@@ -114,12 +119,12 @@ def open_oriented(path: Union[str, Path]):
     """The image at ``path``, EXIF-transposed, in the file's own mode (P, L, RGBA, ...): the official box-analogy
     loader resizes strip and b' in that mode and converts only when it pastes the cells into the RGB grid. A file that
     does not decode completely (a truncated JPEG passes the header check) raises AnalogyDataError naming it."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
             return ImageOps.exif_transpose(im)  # a loaded copy, transposed or not: decodes the whole file
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # e.g. a truncated JPEG
+    except IMAGE_ERRORS as exc:  # e.g. a truncated JPEG
         raise AnalogyDataError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from exc
 
 

@@ -19,8 +19,8 @@ from . import lora_api
 from .layer import LoRWeBLinear, has_forward_hooks, has_plain_weight, one_analogy
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
     get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, set_query
-from .validation import MIN_LONG_EDGE, MIN_MAX_AREA, check_device, check_generation_options, check_int, check_pipe_kwargs, \
-    check_real, warn_aspect_ratios
+from .validation import MIN_LONG_EDGE, MIN_MAX_AREA, check_device, check_generation_options, check_int, \
+    check_pipe_kwargs, check_real, warn_aspect_ratios
 
 
 # ----------------------------------------------------------------------------------------------------- grids

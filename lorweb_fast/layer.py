@@ -275,17 +275,12 @@ class LoRWeBLinear(nn.Module):
     # ------------------------------------------------------------------------------------------ merged weights
     def _with_strength(self, coeffs: torch.Tensor) -> torch.Tensor:
         """``coeffs`` times the ``set_lorweb_scale`` strength, as a tensor op: the op then takes ``self.scale``
-        alone. A product of the two Python floats (``mixture_scale``) made torch 2.11's dynamo guard on its value and
+        alone. A product of the two Python floats (scale times strength) made torch 2.11's dynamo guard on its value and
         recompile for every new strength."""
         return coeffs * self._lorweb_scale
 
-    @property
-    def mixture_scale(self) -> float:
-        """``scale`` (lora_alpha / r) times the strength set with ``set_lorweb_scale``: the factor of the mixture."""
-        return self.scale * self._lorweb_scale
-
     def merged_weight_for(self, coeffs: torch.Tensor) -> torch.Tensor:
-        """``W + mixture_scale * sum_n coeffs[..., n] (A_n B_n)^T`` in fp32 (float64 for a float64 weight), rounded
+        """``W + scale * strength * sum_n coeffs[..., n] (A_n B_n)^T`` in fp32 (float64 for a float64 weight), rounded
         once to W's dtype.
 
         Args:

@@ -273,31 +273,32 @@ def resolve_weight_file(path_or_dir: Union[str, os.PathLike], weight_name: Optio
     return resolve_checkpoint(path_or_dir, weight_name, **hub)[0]
 
 
+def _header_width(file: Path, suffix: str) -> Optional[int]:
+    """The last dimension of the first 2-D LoRWeB tensor whose key ends in ``suffix``, read from the file header
+    without loading tensors; None when there is none."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(file), framework="pt") as f:
+        for key in f.keys():
+            if key.startswith(CHECKPOINT_PREFIX) and key.endswith(suffix):
+                shape = f.get_slice(key).get_shape()
+                return int(shape[-1]) if len(shape) == 2 else None
+    return None
+
+
 def checkpoint_query_dim(file: Path) -> Optional[int]:
     """The query width a LoRWeB checkpoint file expects, read from the file header without loading tensors: its
     ``att_lora_to_q`` input features, or for a checkpoint without query projections (``query_projection_type``
     "none", where the query is compared with the keys directly) the keys' width; None when the file holds
     neither."""
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(file), framework="pt") as f:
-        for key in f.keys():
-            if key.startswith(CHECKPOINT_PREFIX) and key.endswith(".att_lora_to_q.weight"):
-                return int(f.get_slice(key).get_shape()[1])
-    return checkpoint_key_dim(file)
+    width = _header_width(file, ".att_lora_to_q.weight")  # (key_dim, query_dim)
+    return width if width is not None else checkpoint_key_dim(file)
 
 
 def checkpoint_key_dim(file: Path) -> Optional[int]:
     """The key width (``lora_keys`` (N, key_dim)) of a LoRWeB checkpoint file, read from its header; None when the
     file has no 2-D ``lora_keys``."""
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(file), framework="pt") as f:
-        for key in f.keys():
-            if key.startswith(CHECKPOINT_PREFIX) and key.endswith(".lora_keys"):
-                shape = f.get_slice(key).get_shape()
-                return int(shape[-1]) if len(shape) == 2 else None
-    return None
+    return _header_width(file, ".lora_keys")
 
 
 def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], weight_name: Optional[str] = None,

@@ -44,7 +44,7 @@ from .data import (BIDIRECTIONAL, IMAGE_SUFFIXES, LAYOUTS, RESIZE_MODES, Analogy
                    AnalogyFolder, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, bidirectional_swap)
 from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lorweb, load_lorweb_weights, \
     lorweb_layers, lorweb_state_dict, save_lorweb_weights, set_query
-from .official_config import DTYPE_NAMES
+from .official_config import CONFIG_NAME, DTYPE_NAMES
 from .reference import ACTIVATIONS, REDUCTIONS
 from .validation import check_train_config
 
@@ -399,8 +399,6 @@ def prepare_output(cfg, *, main_process: bool = True) -> tuple[Optional[Path], O
             for tmp in [*ckpt.glob(".lorweb-*.safetensors.tmp"), *ckpt.glob(".config-*.yaml.tmp")]:
                 tmp.unlink(missing_ok=True)
     if main_process:  # the top-level copies' temporaries (_write_checkpoint)
-        from .official_config import CONFIG_NAME
-
         for name in (f".{WEIGHTS_NAME}.tmp", f".{CONFIG_NAME}.tmp"):
             if (out / name).is_file():
                 (out / name).unlink()
@@ -486,7 +484,7 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     the trainer state, so a resume with different settings is refused. ``model`` is the base model named in
     config.yaml (default: the official hub id). Older checkpoints are then rotated out by ``rotate_checkpoints``
     (the newest ``keep`` and the multiples of ``milestone_every`` stay)."""
-    from .official_config import CONFIG_NAME, SAVE_DTYPES, aitk_metadata, write_config_yaml
+    from .official_config import SAVE_DTYPES, aitk_metadata, write_config_yaml
 
     dtype = SAVE_DTYPES[save_dtype]
     root = out / CHECKPOINT_DIR

@@ -215,8 +215,7 @@ def check_device(name: str, device) -> torch.device:
         raise UsageError(f"{name} {device}: the meta device holds no data and cannot run a pipeline; use --device "
                          "cpu or cuda")
     elif dev.type != "cpu" and not (hasattr(torch, dev.type)
-                                                   and getattr(getattr(torch, dev.type), "is_available",
-                                                               lambda: False)()):
+                                    and getattr(getattr(torch, dev.type), "is_available", lambda: False)()):
         raise UsageError(f"{name} {device}: no {dev.type} device on this machine")
     return dev
 
