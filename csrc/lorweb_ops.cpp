@@ -3,8 +3,10 @@
 //   lorweb_fast_cuda::fwd(x (M, in), weight (out, in)?, bias (out,)?, base (M, out)?, lora_a (N, in, r),
 //                         lora_b (N, r, out), coeffs (B, N) fp32, scale, rows_per_sample)
 //       -> (y (M, out), u (M, R), z (M, R))
-//   lorweb_fast_cuda::bwd(dy (M, out), x, weight?, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample)
+//   lorweb_fast_cuda::bwd(dy (M, out), x, weight?, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample,
+//                         need_dx=True, need_dbasis=True)
 //       -> (dx (M, in), d_lora_a (N, in, r), d_lora_b (N, r, out), d_coeffs (B, N) fp32)
+//       dx is an empty (0,) tensor when need_dx is false; d_lora_a and d_lora_b when need_dbasis is false.
 //
 // Plain GEMMs use cuBLAS through ATen on PyTorch's current stream (so CUDA-graph capture works); the per-sample
 // scaling and the coefficient-gradient reduction are the hand-written kernels in lorweb_kernels.cu.
@@ -113,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const c1
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& coeffs, const at::Tensor& u, const at::Tensor& z, double scale,
-    int64_t rows_per_sample) {
+    int64_t rows_per_sample, bool need_dx, bool need_dbasis) {
   const Dims d = check_common(x, lora_a, lora_b, coeffs, rows_per_sample);
   check_tensor(dy, "dy", 2, x);
   check_tensor(u, "u", 2, x);
@@ -127,10 +129,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
   const auto b_cat = pack_b(lora_b);  // (R, out)
   auto dz = at::mm(dy, b_cat.t());    // (M, R), cuBLAS
   auto [dzs, dcoeffs] = scale_and_dcoeffs(dz, u.contiguous(), coeffs_c, d.r, rows_per_sample, scale);
-  auto dx = at::mm(dzs, a_cat);                       // (M, in)
-  if (weight.has_value()) dx.addmm_(dy, *weight);     // beta = 1
-  auto d_lora_a = at::mm(dzs.t(), x).view({d.n, d.r, d.k}).transpose(1, 2).contiguous();
-  auto d_lora_b = at::mm(z.t(), dy).view({d.n, d.r, d.out});
+  // what autograd does not need is not computed (an input that needs no gradient: the first layer's x, a frozen
+  // basis), and comes back as an empty (0,) tensor
+  auto dx = x.new_empty({0});
+  if (need_dx) {
+    dx = at::mm(dzs, a_cat);                           // (M, in)
+    if (weight.has_value()) dx.addmm_(dy, *weight);    // beta = 1
+  }
+  auto d_lora_a = lora_a.new_empty({0});
+  auto d_lora_b = lora_b.new_empty({0});
+  if (need_dbasis) {
+    d_lora_a = at::mm(dzs.t(), x).view({d.n, d.r, d.k}).transpose(1, 2).contiguous();
+    d_lora_b = at::mm(z.t(), dy).view({d.n, d.r, d.out});
+  }
   return {dx, d_lora_a, d_lora_b, dcoeffs};
 }
 
@@ -143,7 +154,8 @@ TORCH_LIBRARY(lorweb_fast_cuda, m) {
       "float scale, SymInt rows_per_sample) -> (Tensor, Tensor, Tensor)");
   m.def(
       "bwd(Tensor dy, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, Tensor coeffs, Tensor u, Tensor z, "
-      "float scale, SymInt rows_per_sample) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float scale, SymInt rows_per_sample, bool need_dx=True, bool need_dbasis=True) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lorweb_fast_cuda, CUDA, m) {

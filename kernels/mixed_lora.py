@@ -1124,12 +1124,14 @@ def forward(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sampl
     return y, u, z
 
 
-def backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample, *, family=None):
+def backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample, need_dx=True, need_dbasis=True, *,
+             family=None):
     """The triton_bwd op body: (dx (M, in), d_lora_a (N, in, r), d_lora_b (N, r, out), d_coeffs (B, N) fp32).
 
     K1 (shrink kernel on dy): dZ * scaling and dcoeffs partials from the saved u; K2 (expand kernel):
     dx = dy weight + (dZ*scaling) a_cat; K3 (grad_basis): d a_cat, d b_cat. The cuBLAS route does the same products
-    with torch. All reductions run in a fixed order."""
+    with torch. All reductions run in a fixed order. K2 runs only if ``need_dx`` and K3 only if ``need_dbasis``; what
+    is skipped comes back as an empty (0,) tensor."""
     n, k, r = lora_a.shape
     nout, R = lora_b.shape[2], n * r
     family = _family(x, family)
@@ -1145,13 +1147,18 @@ def backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample
                                         family=family)
     # the partials of one sample are consecutive rows, as many for every sample
     d_coeffs = dc_parts.view(batch, dc_parts.shape[0] // max(batch, 1), n).sum(1)
+    dx, d_lora_a, d_lora_b = x.new_empty(0), lora_a.new_empty(0), lora_b.new_empty(0)
     if route == "fused":
-        dx = expand(dy if weight is not None else None, weight, dz_scaled, a_cat, weight_layout="in_out",
-                    family=family)
-        d_lora_a, d_lora_b = grad_basis(dz_scaled, x, z, dy, r, family=family)
+        if need_dx:
+            dx = expand(dy if weight is not None else None, weight, dz_scaled, a_cat, weight_layout="in_out",
+                        family=family)
+        if need_dbasis:
+            d_lora_a, d_lora_b = grad_basis(dz_scaled, x, z, dy, r, family=family)
     else:
-        dx = dz_scaled @ a_cat
-        if weight is not None:
-            dx = dx.addmm_(dy, weight)
-        d_lora_a, d_lora_b = unpack_basis_grads(dz_scaled.t() @ x, z.t() @ dy, n)
+        if need_dx:
+            dx = dz_scaled @ a_cat
+            if weight is not None:
+                dx = dx.addmm_(dy, weight)
+        if need_dbasis:
+            d_lora_a, d_lora_b = unpack_basis_grads(dz_scaled.t() @ x, z.t() @ dy, n)
     return dx, d_lora_a, d_lora_b, d_coeffs

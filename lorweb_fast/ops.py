@@ -6,8 +6,9 @@ Op contract shared by the fused backends (``lorweb_fast::triton_fwd`` / ``triton
     fwd(x (M, in), weight (out, in)?, bias (out,)?, base (M, out)?, lora_a (N, in, r), lora_b (N, r, out),
         coeffs (B, N) fp32, scale, rows_per_sample) -> (y (M, out), u (M, R), z (M, R))
         u = x A_cat (unscaled), z = u * scaling, y = [x W^T + bias] + [base] + z B_cat
-    bwd(dy (M, out), x, weight?, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample)
-        -> (dx (M, in), d_lora_a (N, in, r), d_lora_b (N, r, out), d_coeffs (B, N) fp32)
+    bwd(dy (M, out), x, weight?, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample, need_dx=True,
+        need_dbasis=True) -> (dx (M, in), d_lora_a (N, in, r), d_lora_b (N, r, out), d_coeffs (B, N) fp32)
+        (dx, or d_lora_a and d_lora_b, an empty (0,) tensor when not needed: autograd asks for what requires grad)
 
 with R = N * r and scaling[m, n*r + j] = scale * coeffs[m // rows_per_sample, n]. The weight is frozen: its gradient
 is only computed (by a plain GEMM) if it requires grad. The Triton op bodies are ``lorweb_fast.kernels.mixed_lora.
@@ -321,9 +322,14 @@ def _fused_autograd(bwd):
         if dy is None:  # not reached through y
             return (None,) * 9
         x, weight, lora_a, lora_b, coeffs, u, z = ctx.saved_tensors
-        dx, d_lora_a, d_lora_b, d_coeffs = bwd(dy, x, weight, lora_a, lora_b, coeffs, u, z,
-                                               ctx.scale, ctx.rows_per_sample)
         needs = ctx.needs_input_grad
+        need_dx, need_dbasis = needs[0], needs[4] or needs[5]
+        dx, d_lora_a, d_lora_b, d_coeffs = bwd(dy, x, weight, lora_a, lora_b, coeffs, u, z,
+                                               ctx.scale, ctx.rows_per_sample, need_dx, need_dbasis)
+        dx = dx if need_dx else None
+        d_lora_a = d_lora_a if needs[4] else None
+        d_lora_b = d_lora_b if needs[5] else None
+        d_coeffs = d_coeffs if needs[6] else None
         d_weight = dy.t().mm(x) if weight is not None and needs[1] else None
         d_bias = dy.sum(0) if ctx.has_bias and needs[2] else None
         d_base = dy if ctx.has_base and needs[3] else None
@@ -346,8 +352,9 @@ if _TRITON_KERNELS is not None:
     @torch.library.triton_op("lorweb_fast::triton_bwd", mutates_args=())
     def _triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], lora_a: torch.Tensor,
                     lora_b: torch.Tensor, coeffs: torch.Tensor, u: torch.Tensor, z: torch.Tensor, scale: float,
-                    rows_per_sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _k.backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample)
+                    rows_per_sample: int, need_dx: bool = True,
+                    need_dbasis: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _k.backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample, need_dx, need_dbasis)
 
     _setup, _backward = _fused_autograd(_triton_bwd)
     torch.library.register_autograd("lorweb_fast::triton_fwd", _backward, setup_context=_setup)
@@ -363,9 +370,12 @@ if _CUDA_EXT is not None:
                 x.new_empty(x.shape[0], rank_total))
 
     @torch.library.register_fake(f"{CUDA_NAMESPACE}::bwd")
-    def _cuda_bwd_fake(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample):
+    def _cuda_bwd_fake(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample, need_dx=True,
+                       need_dbasis=True):
         # contiguous, as the extension returns them (empty_like would keep a transposed input's strides)
-        return (x.new_empty(x.shape), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape),
+        return (x.new_empty(x.shape if need_dx else (0,)),
+                lora_a.new_empty(lora_a.shape if need_dbasis else (0,)),
+                lora_b.new_empty(lora_b.shape if need_dbasis else (0,)),
                 coeffs.new_empty(coeffs.shape, dtype=torch.float32))
 
     _cuda_setup, _cuda_backward = _fused_autograd(getattr(torch.ops, CUDA_NAMESPACE).bwd)

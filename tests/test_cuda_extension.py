@@ -14,8 +14,8 @@ from lorweb_fast import ops
 FWD_SCHEMA = ("lorweb_fast_cuda::fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor lora_a, "
               "Tensor lora_b, Tensor coeffs, float scale, SymInt rows_per_sample) -> (Tensor, Tensor, Tensor)")
 BWD_SCHEMA = ("lorweb_fast_cuda::bwd(Tensor dy, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, "
-              "Tensor coeffs, Tensor u, Tensor z, float scale, SymInt rows_per_sample) -> "
-              "(Tensor, Tensor, Tensor, Tensor)")
+              "Tensor coeffs, Tensor u, Tensor z, float scale, SymInt rows_per_sample, bool need_dx=True, "
+              "bool need_dbasis=True) -> (Tensor, Tensor, Tensor, Tensor)")
 
 
 def build_expected() -> bool:
@@ -71,6 +71,13 @@ def test_fake_kernels_give_contract_shapes(ext):
         dx, da, db, dc = torch.ops.lorweb_fast_cuda.bwd(torch.empty_like(y), x, w, a, b, c, u, z, 1.0, 5)
         assert (dx.shape, da.shape, db.shape, dc.shape) == ((10, 17), (3, 17, 4), (3, 4, 19), (2, 3))
         assert dc.dtype == torch.float32 and da.dtype == torch.bfloat16
+        # what autograd does not need is not computed: an empty (0,) tensor in its place
+        for need_dx, need_dbasis in ((False, True), (True, False), (False, False)):
+            grads = torch.ops.lorweb_fast_cuda.bwd(torch.empty_like(y), x, w, a, b, c, u, z, 1.0, 5, need_dx,
+                                                   need_dbasis)
+            want = [(10, 17) if need_dx else (0,), (3, 17, 4) if need_dbasis else (0,),
+                    (3, 4, 19) if need_dbasis else (0,), (2, 3)]
+            assert [tuple(g.shape) for g in grads] == want
 
 
 def test_backward_fake_kernel_gives_contiguous_gradients_for_strided_inputs(ext):

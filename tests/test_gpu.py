@@ -102,8 +102,40 @@ def test_opcheck_all_ops():
             args = (x, weight, bias, base, p["lora_a"], p["lora_b"], p["coeffs"].float(), 0.75, 5)
             torch.library.opcheck(fwd.default, args)
             y, u, z = fwd(*args)
-            torch.library.opcheck(bwd.default, (torch.randn_like(y), x, weight, p["lora_a"], p["lora_b"],
-                                                p["coeffs"].float(), u, z, 0.75, 5))
+            bwd_args = (torch.randn_like(y), x, weight, p["lora_a"], p["lora_b"], p["coeffs"].float(), u, z, 0.75, 5)
+            torch.library.opcheck(bwd.default, bwd_args)
+            torch.library.opcheck(bwd.default, bwd_args + (False, False))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("x_grad,basis_grad", [(False, True), (True, False), (False, False)])
+def test_backward_computes_only_what_autograd_needs_on_gpu(backend, x_grad, basis_grad):
+    """An input that needs no gradient gets none and costs no GEMM: the op's backward returns an empty (0,) tensor
+    in its place, and the gradients it does compute are bitwise those of the all-gradients backward."""
+    _require(backend)
+    p = random_problem(2, 300, 160, 200, 3, 4, torch.bfloat16, device="cuda", seed=12)
+    dy = torch.randn(2, 300, 200, device="cuda").to(torch.bfloat16)
+
+    def grads(needs):
+        leaves = [p["x"].clone().requires_grad_(needs[0]), p["lora_a"].clone().requires_grad_(needs[1]),
+                  p["lora_b"].clone().requires_grad_(needs[1]), p["coeffs"].clone().requires_grad_(True)]
+        lf.lorweb_linear(leaves[0], p["weight"], p["bias"], *leaves[1:], p["scale"], backend=backend).backward(dy)
+        return [t.grad for t in leaves]
+
+    full, got = grads((True, True)), grads((x_grad, basis_grad))
+    for name, g, want, needed in zip(("x", "lora_a", "lora_b", "coeffs"), got, full,
+                                     (x_grad, basis_grad, basis_grad, True)):
+        assert (g is not None) == needed, name
+        if needed:
+            assert torch.equal(g, want), name
+    fwd = torch.ops.lorweb_fast.triton_fwd if backend == "triton" else torch.ops.lorweb_fast_cuda.fwd
+    bwd = torch.ops.lorweb_fast.triton_bwd if backend == "triton" else torch.ops.lorweb_fast_cuda.bwd
+    x = p["x"].reshape(600, 160)
+    y, u, z = fwd(x, p["weight"], p["bias"], None, p["lora_a"], p["lora_b"], p["coeffs"].float(), 0.75, 300)
+    out = bwd(dy.reshape(600, 200), x, p["weight"], p["lora_a"], p["lora_b"], p["coeffs"].float(), u, z, 0.75, 300,
+              x_grad, basis_grad)
+    assert [tuple(t.shape) for t in out] == [(600, 160) if x_grad else (0,), (3, 160, 4) if basis_grad else (0,),
+                                             (3, 4, 200) if basis_grad else (0,), (2, 3)]
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -418,6 +418,8 @@ def test_opcheck_registered_ops(with_weight):
     bwd_args = (torch.randn_like(y), x, weight, p["lora_a"], p["lora_b"], p["coeffs"].float(), u, z, 0.75, 5)
     torch.library.opcheck(torch.ops.lorweb_fast.triton_bwd.default, bwd_args,
                           test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.lorweb_fast.triton_bwd.default, bwd_args + (False, with_weight),
+                          test_utils=OPCHECK_UTILS)
 
 
 def test_backward_gets_no_zero_gradients_for_u_and_z():
@@ -448,6 +450,47 @@ def test_backward_gets_no_zero_gradients_for_u_and_z():
     assert counter.fills == [], counter.fills
     for t in (x, lora_a, lora_b, coeffs):
         assert t.grad is not None and torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("x_grad,basis_grad,coeffs_grad", [(False, True, True), (True, False, True),
+                                                            (False, False, True), (True, True, False)])
+@pytest.mark.parametrize("seq", [5, 1], ids=["fused", "cublas"])
+def test_backward_computes_only_what_autograd_needs(monkeypatch, x_grad, basis_grad, coeffs_grad, seq):
+    """An input that needs no gradient (the first layer's x, a frozen basis) costs no kernel: the backward skips the
+    dx expand / grad_basis (route "fused", 3-D x) or their GEMMs (route "cublas", 2-D x), and what it computes is
+    bitwise what the all-gradients backward computes, which check_against_reference holds to float64."""
+    p = random_problem(2, seq, 17, 19, 3, 4, torch.float32, seed=9)
+    route = K.choose_route(17, 19, 12, torch.float32, seq, K.gpu_family(torch.device("cpu")), rank=4)
+    assert route == ("fused" if seq == 5 else "cublas")
+    dy = torch.randn(2, seq, 19)
+
+    def grads(needs):
+        leaves = [p["x"].clone().requires_grad_(needs[0]), p["lora_a"].clone().requires_grad_(needs[1]),
+                  p["lora_b"].clone().requires_grad_(needs[1]), p["coeffs"].clone().requires_grad_(needs[2])]
+        x, a, b, c = leaves
+        lf.lorweb_linear(x if seq > 1 else x[:, 0], p["weight"], p["bias"], a, b, c, p["scale"],
+                         backend="triton").backward(dy if seq > 1 else dy[:, 0])
+        return [t.grad for t in leaves]
+
+    full = grads((True, True, True))
+    calls = []
+    for name in ("expand", "grad_basis"):
+        monkeypatch.setattr(K, name, lambda *a, _f=getattr(K, name), _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    got = grads((x_grad, basis_grad, coeffs_grad))
+    wanted = (x_grad, basis_grad, basis_grad, coeffs_grad)
+    for name, g, want, needed in zip(("x", "lora_a", "lora_b", "coeffs"), got, full, wanted):
+        assert (g is not None) == needed, name
+        if needed:
+            assert torch.equal(g, want), name
+    if route == "fused":  # forward: one expand; backward: the dx expand and grad_basis only when needed
+        assert calls == ["expand"] + ["expand"] * x_grad + ["grad_basis"] * basis_grad, calls
+    u_z = torch.ops.lorweb_fast.triton_fwd(p["x"].reshape(2 * seq, 17), p["weight"], p["bias"], None, p["lora_a"],
+                                           p["lora_b"], p["coeffs"].float(), 0.75, seq)
+    out = torch.ops.lorweb_fast.triton_bwd(torch.randn(2 * seq, 19), p["x"].reshape(2 * seq, 17), p["weight"],
+                                           p["lora_a"], p["lora_b"], p["coeffs"].float(), u_z[1], u_z[2], 0.75, seq,
+                                           x_grad, basis_grad)
+    assert [tuple(t.shape) for t in out] == [(2 * seq, 17) if x_grad else (0,), (3, 17, 4) if basis_grad else (0,),
+                                             (3, 4, 19) if basis_grad else (0,), (2, 3)]
 
 
 @pytest.mark.parametrize("faster", ["first", "last", "table"])
