@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from . import lora_api
-from .layer import LoRWeBLinear, has_forward_hooks, has_plain_weight, one_analogy
+from .layer import (LoRWeBLinear, group_offloading_modes, has_forward_hooks, has_plain_weight, one_analogy,
+                    refuse_disk_group_offloading)
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
     get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, set_query
 from .validation import MIN_LONG_EDGE, MIN_MAX_AREA, check_device, check_generation_options, check_int, \
@@ -131,8 +133,15 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
     layers = lorweb_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRWeB layers to merge")
+    modes = group_offloading_modes(model)
+    refuse_disk_group_offloading(layers, modes, f"merged(strategy={strategy!r})")
     storages = {}
     for name, layer in layers.items():
+        if strategy != "jit" and modes.get(id(layer.base_layer.weight)) == "stream":
+            raise TypeError(f"cannot merge into {name} with strategy={strategy!r}: group offloading with "
+                            "use_stream=True restores its weight from the copy taken when offloading was enabled at "
+                            "every onload, so the merge would be lost; use strategy='jit' or run unmerged "
+                            "(merge='none')")
         if not has_plain_weight(layer.base_layer):
             raise TypeError(f"cannot merge into {name}: its base layer {type(layer.base_layer).__name__} has no "
                             "plain tensor weight (quantized layers run unmerged)")
@@ -217,11 +226,42 @@ def _merged_full(layers: dict[str, LoRWeBLinear]):
             layer._merged = True
         yield
     finally:
+        failed = []
         for name, data in originals.items():
             layer = layers[name]
-            if not getattr(layer, "_keep_merged_on_exit", False):  # set by unload_lora_weights: bake, not restore
-                layer.base_layer.weight.data = data
             layer._merged = False
+            if getattr(layer, "_keep_merged_on_exit", False):  # set by unload_lora_weights: bake, not restore
+                continue
+            weight = layer.base_layer.weight
+            try:
+                # the model may have moved or been cast while merged (fuse_lora, then pipe.to(...)): the original
+                # goes back where and as the weight is now (bit for bit when nothing moved)
+                if data.device != weight.device or data.dtype != weight.dtype:
+                    data = data.to(device=weight.device, dtype=weight.dtype)
+                weight.data = data
+            except Exception as exc:  # the other layers are still restored
+                failed.append(f"{name}: {type(exc).__name__}: {exc}")
+        if failed:
+            raise RuntimeError(f"could not restore the original weights of {len(failed)} layers (they keep the merged "
+                               f"weights): {failed[:3]}{' ...' if len(failed) > 3 else ''}")
+
+
+class _RefuseLoad:
+    """The load_state_dict pre-hook of a merged model: it runs before the called module loads anything, so the model
+    stays untouched. It also refuses to be copied or pickled (``copy.deepcopy`` / ``torch.save`` of the model while
+    merged): a copy would hold merged weights with no way back."""
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("load_state_dict inside a merged() block (or on a fuse_lora()'d model): the merged "
+                           "weights would be overwritten or silently stay in use; exit the merged() block (or "
+                           "unfuse_lora()) first")
+
+    def _refuse_copy(self, *args):
+        raise TypeError("a LoRWeB model inside a merged() block or fused with fuse_lora cannot be copied or pickled: "
+                        "its weights hold the merged mixture; exit the block (or call unfuse_lora(), or "
+                        "unload_lora_weights() to bake the mixture into the stock layers) first")
+
+    __deepcopy__ = __copy__ = __reduce_ex__ = __reduce__ = _refuse_copy
 
 
 @contextlib.contextmanager
@@ -232,11 +272,7 @@ def _refusing_loads(model: nn.Module, layers: dict[str, LoRWeBLinear]):
     for layer in layers.values():
         layer._merged_grad_warned = grad_warning
 
-    def refuse_load(*args, **kwargs):  # runs before the called module loads anything: the model stays untouched
-        raise RuntimeError("load_state_dict inside a merged() block (or on a fuse_lora()'d model): the merged "
-                           "weights would be overwritten or silently stay in use; exit the merged() block (or "
-                           "unfuse_lora()) first")
-
+    refuse_load = _RefuseLoad()
     # on the model and every module above a merged layer (and the layers): whichever of them load_state_dict is
     # called on refuses before its own first tensor loads
     holders = {id(model): model}
@@ -832,6 +868,13 @@ class LoRWeBKontextPipeline:
                             f"path_or_dir, weight_name, config, adapter_name and {', '.join(lora_api.HUB_OPTIONS)})")
         if adapter_name is not None and not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name must be a string, got {type(adapter_name).__name__}")
+        if adapter_name is not None and not adapter_name.strip():
+            raise ValueError("adapter_name must be a non-empty name (None: 'lorweb')")
+        if isinstance(path_or_dir, Mapping):
+            raise TypeError("load_lora_weights takes a checkpoint file, a folder or a Hugging Face Hub repo id, not a "
+                            "state dict: the LoRWeB settings (heads, activation, query mode, ...) live in the file's "
+                            "metadata and config.yaml; for a state dict call lorweb_fast.load_lorweb_weights("
+                            "pipe.transformer, state_dict, config)")
         had_layers = bool(lorweb_layers(self.transformer))
         try:
             _, names = lora_api.load_lora_weights(self.transformer, path_or_dir, weight_name, config,
@@ -846,7 +889,13 @@ class LoRWeBKontextPipeline:
             raise LoRWeBCheckpointError(f"{exc}\n(the transformer already holds a LoRWeB adapter, which a checkpoint "
                                         "replaces only with the same shapes: call unload_lora_weights() first to "
                                         "load another basis)") from exc
-        self._adapter_name = adapter_name or self._adapter_name
+        # a loaded adapter starts as diffusers' does: under its own name ("lorweb" by default), at strength 1.0 and
+        # enabled, whatever the adapter it replaces was set to (under a "jit" fuse, unfuse_lora then keeps 1.0)
+        self._adapter_name = "lorweb" if adapter_name is None else adapter_name
+        self._disabled_scale = None
+        lora_api.set_lorweb_scale(self.transformer, 1.0)
+        if self._fuse_scales is not None:
+            self._fuse_scales = (1.0, 1.0)
         return names
 
     def unload_lora_weights(self) -> list[str]:
@@ -854,6 +903,7 @@ class LoRWeBKontextPipeline:
         ``fuse_lora`` stays in their weights, as with diffusers/peft (``lora_api.unload_lora_weights``)."""
         names = lora_api.unload_lora_weights(self.transformer)  # may refuse: the pipeline's state stays then
         self._fuse_scales = self._disabled_scale = None
+        self._adapter_name = "lorweb"  # as diffusers: the unloaded adapter's name is gone
         return names
 
     def fuse_lora(self, strategy: str = "full", *, lora_scale: float = 1.0, components=None,
@@ -906,8 +956,14 @@ class LoRWeBKontextPipeline:
         ``fuse_lora(lora_scale=...)``."""
         if components is not None and "transformer" not in components:
             raise ValueError(f"LoRWeB adapts the transformer only; components={components!r} leaves it out")
-        lora_api.unfuse_lora(self.transformer)
-        scales, self._fuse_scales = self._fuse_scales, None
+        try:
+            lora_api.unfuse_lora(self.transformer)  # unfused even when a weight could not go back (it raises then)
+        finally:
+            scales, self._fuse_scales = self._fuse_scales, None
+            self._restore_scale_after_unfuse(scales)
+
+    def _restore_scale_after_unfuse(self, scales: Optional[tuple]) -> None:
+        """The strength from before ``fuse_lora(lora_scale=...)`` back, unless it was changed while fused."""
         if scales is None or not lorweb_layers(self.transformer):
             return
         before, fused_scale = scales
@@ -1044,6 +1100,9 @@ class LoRWeBKontextPipeline:
         if batch_size != 1 or not all(has_plain_weight(l.base_layer) and not has_forward_hooks(l.base_layer)
                                       for l in layers.values()):
             return "none"
+        modes = group_offloading_modes(self.transformer)
+        if any(modes.get(id(l.base_layer.weight)) in ("disk", "stream") for l in layers.values()):
+            return "none"  # the merge would be lost at the next onload (refused by merged())
         if any(l._merged or l._merge_jit for l in layers.values()):
             return "none"  # already fused (fuse_lora)
         return choose_merge_strategy(self.transformer)

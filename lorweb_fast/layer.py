@@ -53,6 +53,50 @@ def has_forward_hooks(module: nn.Module) -> bool:
                 or (registry is not None and getattr(registry, "hooks", getattr(registry, "_hooks", True))))
 
 
+def group_offloading_modes(model: nn.Module) -> dict[int, str]:
+    """``{id(tensor): mode}`` for the tensors of ``model`` that diffusers' group offloading (``enable_group_offload``
+    / ``apply_group_offloading``) manages, with ``mode``:
+
+    * ``"disk"`` (``offload_to_disk_path``): outside their group's forward the tensors are empty placeholders, and
+      every onload reads them back from the file written when offloading was enabled;
+    * ``"stream"`` (``use_stream=True``): outside the forward they are pinned CPU copies taken when offloading was
+      enabled, and every onload copies those copies (a weight replaced in the meantime is lost);
+    * ``"memory"``: moved between devices as they are.
+
+    Empty without group offloading."""
+    modes: dict[int, str] = {}
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        get_hook = getattr(registry, "get_hook", None)
+        group = getattr(get_hook("group_offloading") if get_hook else None, "group", None)
+        if group is None:
+            continue
+        mode = ("disk" if getattr(group, "offload_to_disk_path", None) else
+                "stream" if getattr(group, "stream", None) is not None else "memory")
+        tensors = [*getattr(group, "parameters", ()), *getattr(group, "buffers", ())]
+        for member in getattr(group, "modules", ()):
+            tensors += [*member.parameters(), *member.buffers()]
+        for t in tensors:
+            modes.setdefault(id(t), mode)
+    return modes
+
+
+def refuse_disk_group_offloading(layers: dict[str, "LoRWeBLinear"], modes: dict[int, str], what: str) -> None:
+    """Raise when group offloading keeps a LoRWeB layer's tensors on disk (``group_offloading_modes``): ``what``
+    would read placeholders or write into them (the next onload re-reads the file)."""
+    for name, layer in layers.items():
+        tensors = [*layer.lorweb_tensors().values(), layer.att_lora_to_q.weight]
+        weight = getattr(layer.base_layer, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            tensors.append(weight)
+        if any(modes.get(id(t)) == "disk" for t in tensors):
+            raise RuntimeError(f"{what}: {name} is group-offloaded to disk (offload_to_disk_path): outside its "
+                               "group's forward its tensors are placeholders and every onload re-reads the file "
+                               "written when offloading was enabled, so coefficients would be computed from "
+                               "placeholders and new weights or merges lost; offload in memory instead (without "
+                               "offload_to_disk_path)")
+
+
 def _refuse_sharded_weight(base: nn.Module) -> None:
     """Tensor parallelism shards the base weight (a DTensor with a Shard placement) but not the LoRA basis: refuse."""
     weight = getattr(base, "weight", None)

@@ -32,7 +32,19 @@ logger = logging.getLogger(__name__)
 WEIGHT_NAME = "lorweb.safetensors"
 CONFIG_NAME = "config.yaml"
 CARD_NAME = "README.md"
-_FUSED = "_lorweb_fused"  # model attribute: (merged() context, strategy, coefficients at fuse time)
+_FUSED = "_lorweb_fused"  # model attribute: a _FuseState
+
+
+class _FuseState(tuple):
+    """(merged() context, strategy, coefficients at fuse time) of a ``fuse_lora``'d model. A fused model is not
+    copied or pickled (``copy.deepcopy``, ``torch.save`` of the module): its open merge cannot be, and a copy would
+    hold merged weights with no way back; this says so instead of "cannot pickle 'generator' object"."""
+
+    def _refuse(self, *args):
+        raise TypeError(f"a LoRWeB model fused with fuse_lora (strategy={self[1]!r}) cannot be copied or pickled: "
+                        "call unfuse_lora() first, or unload_lora_weights() to bake the mixture into the stock layers")
+
+    __deepcopy__ = __copy__ = __reduce_ex__ = __reduce__ = _refuse
 
 
 # -------------------------------------------------------------------------------------------------- fusing
@@ -54,7 +66,7 @@ def fuse_lora(model: nn.Module, strategy: str = "full") -> None:
     context = merged(model, strategy)
     context.__enter__()  # validates everything before changing anything
     coeffs = {n: l.coefficients.detach().clone() for n, l in lorweb_layers(model).items()}
-    setattr(model, _FUSED, (context, strategy, coeffs))
+    setattr(model, _FUSED, _FuseState((context, strategy, coeffs)))
 
 
 def unfuse_lora(model: nn.Module) -> None:

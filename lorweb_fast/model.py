@@ -18,7 +18,7 @@ from torch import nn
 
 from . import ops
 from ._files import default_permissions
-from .layer import LoRWeBLinear, linear_dims
+from .layer import LoRWeBLinear, group_offloading_modes, linear_dims, refuse_disk_group_offloading
 from .reference import ACTIVATIONS, REDUCTIONS
 from .validation import check_choice, check_finite_tensor, check_float_tensor, check_int, check_real, check_regex
 
@@ -115,6 +115,15 @@ def _refuse_incompatible_modules(model: nn.Module, what: str) -> None:
                              "unload_lora())")
 
 
+def _refuse_new_layers_under_group_offloading(model: nn.Module, what: str) -> None:
+    """diffusers' group offloading builds its groups from the tensors present when it is enabled: LoRWeB layers
+    injected afterwards would belong to no group (left on the offload device, or missing from its stream copies)."""
+    if group_offloading_modes(model):
+        raise RuntimeError(f"{what}: {type(model).__name__} has group offloading enabled, whose groups were built "
+                           "before the LoRWeB layers existed; load the LoRWeB adapter first, then enable group "
+                           "offloading")
+
+
 def _keep_query_projection_out_of_layerwise_casting(model: nn.Module) -> None:
     """diffusers' ``enable_layerwise_casting`` stores every nn.Linear outside its skip patterns in a low-precision
     dtype; ``set_query`` reads ``att_lora_to_q``'s weight directly (one batched product for all layers), so that
@@ -157,6 +166,7 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
     config.validate()
     already = [n for n, m in lorweb_layers(model).items() if matches_target(n, config.target_modules)]
     _refuse_incompatible_modules(model, "inject_lorweb")
+    _refuse_new_layers_under_group_offloading(model, "inject_lorweb")
     if already:
         raise ValueError(f"LoRWeB is already injected into {len(already)} targeted modules, e.g. {already[:3]}; "
                          "call remove_lorweb(model) first")
@@ -227,6 +237,8 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
     if query.dim() != 2 or query.shape[0] < 1:
         raise ValueError(f"query must be a (B, query_dim) tensor with B >= 1, got shape {tuple(query.shape)}")
     _refuse_merged(layers, "set_query")
+    if not torch.compiler.is_compiling():
+        refuse_disk_group_offloading(layers, group_offloading_modes(model), "set_query")
     groups: dict[tuple, list[tuple[str, LoRWeBLinear]]] = defaultdict(list)
     for name, layer in layers.items():
         if layer.query_dim != query.shape[1]:
@@ -599,6 +611,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     """
     _refuse_merged(lorweb_layers(model), "load_lorweb_weights")
     _refuse_incompatible_modules(model, "load_lorweb_weights")
+    refuse_disk_group_offloading(lorweb_layers(model), group_offloading_modes(model), "load_lorweb_weights")
     from .official_config import LoRWeBConfigError
 
     state, meta = read_checkpoint(path_or_state_dict)
@@ -703,6 +716,8 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                                     f"was not changed:\n  {shown}")
 
     # Everything is validated: build all new layers first, then swap them in and copy (cannot fail now).
+    if any(name not in existing for name in groups):
+        _refuse_new_layers_under_group_offloading(model, "load_lorweb_weights")
     new_layers = {}
     for name, tensors in groups.items():
         if name in existing:

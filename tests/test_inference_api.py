@@ -148,6 +148,80 @@ def test_fuse_unfuse_and_other_analogy_raises(pipe):
     np.testing.assert_allclose(other, run(pipe, [random_analogy(4)], ["flip"])[0], rtol=0, atol=FP32_IMAGE_ATOL)
 
 
+@pytest.mark.parametrize("move", ["dtype", "meta"])
+def test_unfuse_after_the_model_moved_restores_the_weights_where_they_are_now(pipe, move):
+    """fuse_lora("full") keeps the original tensors; if the model is cast or moved while fused (fuse, then
+    pipe.to(...)), unfuse_lora puts them back in the weights' current dtype and device, not the ones at fuse time
+    (they came back as fp32 tensors in a float64 model, and a move to another device failed and left every layer
+    marked merged with no way back)."""
+    pipe.set_analogy(*random_analogy(3))
+    originals = {n: layer.base_layer.weight.detach().clone() for n, layer in lf.lorweb_layers(pipe.transformer).items()}
+    pipe.fuse_lora()
+    if move == "dtype":
+        pipe.transformer.to(torch.float64)
+    else:
+        pipe.transformer.to("meta")
+    pipe.unfuse_lora()
+    assert lora_api.fused_strategy(pipe.transformer) is None
+    for name, layer in lf.lorweb_layers(pipe.transformer).items():
+        weight = layer.base_layer.weight
+        assert not layer._merged
+        if move == "dtype":
+            assert weight.dtype == torch.float64 and torch.equal(weight, originals[name].double()), name
+        else:
+            assert weight.device.type == "meta", name
+    if move == "dtype":  # every other tensor of the model was cast too: one dtype throughout
+        assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float64}
+
+
+def test_a_fused_model_says_why_it_cannot_be_copied(pipe):
+    """copy.deepcopy / torch.save of a fuse_lora()'d transformer: the open merge cannot be copied, and a copy would
+    hold merged weights with no way back; a TypeError says to unfuse first (it was "cannot pickle 'generator'
+    object"). Unfused, the model copies as before."""
+    import copy
+    import io
+
+    pipe.set_analogy(*random_analogy(3))
+    for strategy in ("full", "jit"):
+        pipe.fuse_lora(strategy)
+        with pytest.raises(TypeError, match="unfuse_lora"):
+            copy.deepcopy(pipe.transformer)
+        with pytest.raises(TypeError, match="unfuse_lora"):
+            torch.save(pipe.transformer, io.BytesIO())
+        pipe.unfuse_lora()
+    with lf.merged(pipe.transformer, "offload"):  # inside a merged() block, too
+        with pytest.raises(TypeError, match="merged"):
+            copy.deepcopy(pipe.transformer)
+    copy.deepcopy(pipe.transformer)
+
+
+def test_a_loaded_adapter_starts_named_at_full_strength_and_enabled(pipe, assets):
+    """As diffusers: a newly loaded adapter runs at weight 1.0 and enabled under its own name ("lorweb" unless
+    adapter_name says otherwise), whatever the adapter it replaces was set to (it kept the old strength, or stayed
+    disabled, and the old name); after unload_lora_weights the name is gone; an empty name and a state dict are
+    refused by name."""
+    x = [random_analogy(1)]
+    want = run(pipe, x, ["flip"])[0]
+    pipe.set_adapters("lorweb", 0.3)
+    pipe.load_lora_weights(assets / "lorweb.safetensors", adapter_name="new")
+    assert lora_api.get_lorweb_scale(pipe.transformer) == 1.0 and pipe.get_active_adapters() == ["new"]
+    pipe.disable_lora()
+    pipe.load_lora_weights(assets / "lorweb.safetensors")
+    assert pipe.get_active_adapters() == ["lorweb"] and pipe.get_list_adapters() == {"transformer": ["lorweb"]}
+    np.testing.assert_array_equal(run(pipe, x, ["flip"])[0], want)
+    pipe.load_lora_weights(assets / "lorweb.safetensors", adapter_name="kept")
+    pipe.delete_adapters("kept")
+    pipe.load_lora_weights(assets / "lorweb.safetensors")
+    assert pipe.get_list_adapters() == {"transformer": ["lorweb"]}
+    with pytest.raises(ValueError, match="non-empty"):
+        pipe.load_lora_weights(assets / "lorweb.safetensors", adapter_name=" ")
+    from safetensors.torch import load_file
+
+    with pytest.raises(TypeError, match="not a state dict"):
+        pipe.load_lora_weights(load_file(assets / "lorweb.safetensors"))
+    assert pipe.get_active_adapters() == ["lorweb"]
+
+
 # ---------------------------------------------------------------------------------------------------- scale
 def test_set_lorweb_scale_multiplies_the_mixture():
     torch.manual_seed(0)
@@ -474,6 +548,73 @@ def test_group_offloading_hooks_keep_outputs_identical(pipe):
     with pytest.raises(TypeError, match="forward hooks"):
         run(pipe, x, ["flip"], merge="jit")
     np.testing.assert_array_equal(run(pipe, x, ["flip"])[0], want[0])  # the refused call changed nothing
+
+
+def test_group_offloading_to_disk_is_refused_by_name(pipe, assets, tmp_path):
+    """diffusers' group offloading to disk (offload_to_disk_path; hooks/group_offloading.py, ModuleGroup:
+    ``_offload_to_disk`` leaves ``torch.empty_like`` placeholders, every ``onload_`` re-reads the file written when
+    offloading was enabled): set_query (the pipeline's call), a checkpoint load and every merge are refused naming
+    it, before anything changes. They had computed coefficients from the placeholders (an error blaming the
+    checkpoint's weights, or silently wrong coefficients when the placeholders were finite), and a load or merge
+    was lost at the next onload."""
+    x = [random_analogy(2)]
+    run(pipe, x, ["flip"])
+    layers = lf.lorweb_layers(pipe.transformer)
+    before = {n: layer.coefficients.clone() for n, layer in layers.items()}
+    pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                          offload_type="block_level", num_blocks_per_group=1,
+                                          offload_to_disk_path=str(tmp_path / "offload"))
+    with pytest.raises(RuntimeError, match="group-offloaded to disk"):
+        run(pipe, x, ["flip"])
+    with pytest.raises(RuntimeError, match="offload_to_disk_path"):
+        pipe.load_lora_weights(assets / "lorweb.safetensors")
+    for strategy in flux.MERGE_STRATEGIES:
+        with pytest.raises(RuntimeError, match="offload_to_disk_path"):
+            with lf.merged(pipe.transformer, strategy):
+                pass
+    assert pipe.merge_strategy("auto", 1) == "none"
+    assert all(torch.equal(layer.coefficients, before[n]) for n, layer in layers.items())
+    assert all(not layer._merged and not layer._merge_jit for layer in layers.values())
+
+
+def test_group_offloading_with_streams_refuses_merges_that_would_be_lost(pipe):
+    """With use_stream=True, every onload copies the pinned CPU copies taken when offloading was enabled
+    (ModuleGroup.cpu_param_dict), so a "full" / "offload" merge, which replaces the base weights outside the
+    forward, would be lost: refused by name, and merge="auto" runs unmerged; "jit" builds its merged weights inside
+    the forward and is allowed. Streams need a GPU: the group's stream is set by hand on CPU (the refusal only reads
+    it)."""
+    run(pipe, [random_analogy(1)], ["flip"])
+    pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                          offload_type="block_level", num_blocks_per_group=1)
+    assert pipe.merge_strategy("auto", 1) != "none"  # in-memory offloading keeps the merge (the weight moves with it)
+    for module in pipe.transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        if hook is not None:
+            hook.group.stream = object()
+    for strategy in ("full", "offload"):
+        with pytest.raises(TypeError, match="use_stream=True"):
+            with lf.merged(pipe.transformer, strategy):
+                pass
+    with lf.merged(pipe.transformer, "jit"):
+        pass
+    assert pipe.merge_strategy("auto", 1) == "none"
+
+
+def test_injection_after_group_offloading_is_refused(assets):
+    """diffusers builds its offloading groups from the tensors present when offloading is enabled: LoRWeB layers
+    injected afterwards would belong to no group. inject_lorweb and a first load_lora_weights refuse, naming the
+    order that works, and the transformer is left stock."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(assets / "pipe" / "transformer")
+    transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                     offload_type="block_level", num_blocks_per_group=1)
+    with pytest.raises(RuntimeError, match="load the LoRWeB adapter first, then enable group offloading"):
+        lf.inject_lorweb(transformer, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=8, query_dim=8))
+    with pytest.raises(RuntimeError, match="load the LoRWeB adapter first, then enable group offloading"):
+        lf.load_lorweb_weights(transformer, assets / "lorweb.safetensors")
+    assert not lf.lorweb_layers(transformer)
 
 
 def test_model_offload_hooks_keep_outputs_identical(pipe):
