@@ -100,14 +100,23 @@ class StepBatchSampler(torch.utils.data.Sampler):
     last batch is shorter, the processes of one step may hold different batch sizes (DDP averages their mean losses
     with equal weights, as one process averages over a short batch).
 
-    The order depends only on the step, so a resumed run sees exactly the batches the killed run would have seen.
+    The order depends only on the position in that stream, so a resumed run sees exactly the batches the killed run
+    would have seen: ``start_position`` (``stream_position`` of the killed run at ``start_step``, which its
+    checkpoint records) continues the stream where it stopped also when the number of processes changed (the
+    default, ``start_step`` steps of ``world_size`` processes, is right only when it did not).
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int, start_step: int, total_steps: int,
                  world_size: int = 1, rank: int = 0, bidirectional: bool = False,
-                 groups: Optional[Sequence] = None):
+                 groups: Optional[Sequence] = None, start_position: Optional[int] = None):
         self.n, self.batch_size, self.seed, self.bidirectional = num_samples, batch_size, seed, bidirectional
         self.start_step, self.total_steps, self.world_size, self.rank = start_step, total_steps, world_size, rank
+        # one step of one process advances the stream by one batch (bucket) or batch_size samples (mixed)
+        self._unit = 1 if groups is not None else batch_size
+        if start_position is not None and (isinstance(start_position, bool) or not isinstance(start_position, int)
+                                           or start_position < 0):
+            raise ValueError(f"start_position must be a non-negative integer, got {start_position!r}")
+        self.start_position = start_step * world_size * self._unit if start_position is None else start_position
         self.buckets: Optional[dict] = None
         self.bucket_batches: Optional[list[list[int]]] = None
         if groups is not None:
@@ -126,13 +135,12 @@ class StepBatchSampler(torch.utils.data.Sampler):
         """Sample indices of this process at ``step``; with ``bidirectional``, ``(index, swap)`` pairs whose swap
         is ``data.bidirectional_swap(seed, position in the sample stream)``."""
         if self.bucket_batches is not None:
-            position = step * self.world_size + self.rank  # in the stream of batches
+            position = self.stream_position(step) + self.rank  # in the stream of batches
             epoch, offset = divmod(position, len(self.bucket_batches))
             indices = self.bucket_batches[self._permutation(epoch, len(self.bucket_batches))[offset]]
             positions = range(position * self.batch_size, position * self.batch_size + len(indices))
         else:
-            global_bs = self.batch_size * self.world_size
-            start = step * global_bs + self.rank * self.batch_size
+            start = self.stream_position(step) + self.rank * self.batch_size
             positions = range(start, start + self.batch_size)
             indices = []
             for pos in positions:
@@ -148,8 +156,13 @@ class StepBatchSampler(torch.utils.data.Sampler):
         counts one per exhausted dataloader). Under DDP the passes are over the stream the processes share (the
         official loader is not sharded: each of its processes counts its own passes)."""
         if self.bucket_batches is not None:
-            return (step * self.world_size + self.rank) // len(self.bucket_batches)
-        return (step * self.world_size + self.rank) * self.batch_size // self.n
+            return (self.stream_position(step) + self.rank) // len(self.bucket_batches)
+        return (self.stream_position(step) + self.rank * self.batch_size) // self.n
+
+    def stream_position(self, step: int) -> int:
+        """Where in the stream (of bucket batches, or of samples for mixed batching) the first process's batch at
+        ``step`` starts; after ``step`` completed steps, the first item not yet drawn."""
+        return self.start_position + (step - self.start_step) * self.world_size * self._unit
 
     def _permutation(self, epoch: int, size: int) -> list[int]:
         """The epoch's order of ``size`` items (samples or bucket batches), computed once per epoch."""
@@ -331,6 +344,10 @@ def _read_trainer_state(ckpt: Path) -> dict:
     if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys() \
             or not isinstance(state.get("step"), int):
         raise ValueError(f"{path} is not a trainer state (expected step and optimizer state)")
+    for key in ("data_position", "num_processes"):
+        value = state.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{path} is corrupt: its {key} is {value!r}, not a non-negative integer")
     checkpoint_metadata(ckpt / WEIGHTS_NAME)  # the weights file must at least be readable
     return state
 
@@ -474,14 +491,17 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
                       keep: int, *, save_dtype: str = "fp32", settings: Optional[dict] = None,
                       name: str = "lorweb", config: Optional[dict] = None, model: Optional[str] = None,
                       milestone_every: int = OFFICIAL_MILESTONE_EVERY, epoch: Optional[int] = None,
-                      grad_scaler: Optional[dict] = None) -> Path:
+                      grad_scaler: Optional[dict] = None, data_position: Optional[int] = None,
+                      num_processes: Optional[int] = None) -> Path:
     """Official weights (``weights`` = ``lorweb_state_dict``, written in ``save_dtype`` with our and ai-toolkit's
     metadata, ``epoch`` in its training_info, and its model hashes) + ``config.yaml`` (official format, from
     ``settings``) + trainer state (``optimizer_state`` as made by
     ``optimizer_state_dict``, and the fp32 master weights when ``save_dtype`` rounds them, so a resume is exact)
     into a temporary folder, renamed to ``checkpoints/step-XXXXXXXX``. ``out/lorweb.safetensors`` and
     ``out/config.yaml`` are then replaced by copies. ``config`` (the comparable training config) is stored in
-    the trainer state, so a resume with different settings is refused. ``model`` is the base model named in
+    the trainer state, so a resume with different settings is refused, as are ``data_position`` (the sampler's
+    ``stream_position`` after ``step`` steps) and ``num_processes``, so a resume continues the data stream where it
+    stopped whatever its number of processes. ``model`` is the base model named in
     config.yaml (default: the official hub id). Older checkpoints are then rotated out by ``rotate_checkpoints``
     (the newest ``keep`` and the multiples of ``milestone_every`` stay)."""
     from .official_config import SAVE_DTYPES, aitk_metadata, write_config_yaml
@@ -501,6 +521,8 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
         state = {"step": step, "optimizer": optimizer_state, "config": config}
         if grad_scaler is not None:  # fp16: the loss scale and its growth tracker, so a resume continues them
             state["grad_scaler"] = grad_scaler
+        if data_position is not None:
+            state["data_position"], state["num_processes"] = data_position, num_processes
         if any(v.dtype != dtype for v in weights.values()):
             state["lorweb_master_weights"] = {k: v.detach().cpu().clone() for k, v in weights.items()}
         torch.save(state, tmp / TRAINER_STATE_NAME)
@@ -904,6 +926,13 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                              cfg.skip_bad)
     # no GPU: run on CPU, and under `accelerate launch` / torchrun as a gloo process group (MULTI_CPU)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.accelerator.is_available())
+    if accelerator.gradient_accumulation_steps != 1:
+        # accelerator.backward would divide every loss by it while the loop steps the optimizer every step
+        raise ValueError(f"accelerate is set to accumulate gradients over {accelerator.gradient_accumulation_steps} "
+                         "steps (the ACCELERATE_GRADIENT_ACCUMULATION_STEPS environment variable or a DeepSpeed "
+                         "config); the LoRWeB trainer steps the optimizer every step, as the official run, so every "
+                         "gradient would only be divided by it: unset it and raise --batch-size or the number of "
+                         "processes instead")
     device = accelerator.device
     out = Path(cfg.out)
     sharded = accelerator.distributed_type == DistributedType.FSDP
@@ -966,7 +995,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                 "lorweb.pooling_type": cfg.pooling_type, "lorweb.query_source": cfg.query_source}
     settings = checkpoint_settings(cfg, encoder_name)
 
-    start_step = 0
+    start_step, data_position = 0, None
     if ckpt is not None:
         # validated, all or nothing; before sharding. The fp32 masters when the weights file was rounded.
         masters = trainer_state.get("lorweb_master_weights")
@@ -974,6 +1003,14 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                             settings=None if masters is None else {"activation": cfg.activation,
                                                                    "reduce": cfg.reduce, "heads": cfg.heads})
         start_step = int(trainer_state["step"])
+        # where the data stream stopped (None in checkpoints written before it was recorded: then taken as
+        # start_step steps of this run's process count)
+        data_position = trainer_state.get("data_position")
+        was = trainer_state.get("num_processes")
+        if was is not None and was != accelerator.num_processes and accelerator.is_main_process:
+            logger.warning("resuming a run of %d processes with %d: the data continues where it stopped, but the "
+                           "global batch size changes from %d to %d samples per step", was,
+                           accelerator.num_processes, was * cfg.batch_size, accelerator.num_processes * cfg.batch_size)
 
     # under FSDP2 accelerate shards the transformer in place (blocks as units, each LoRWeB layer inside its block)
     # and swaps the optimizer's parameters for the sharded ones
@@ -998,7 +1035,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step,
                                    total_steps=cfg.steps, world_size=accelerator.num_processes,
                                    rank=accelerator.process_index, bidirectional=cfg.bidirectional != "none",
-                                   groups=batch_groups(dataset, cfg.batching))
+                                   groups=batch_groups(dataset, cfg.batching), start_position=data_position)
         if sampler.buckets is not None and accelerator.is_main_process:
             logger.info("%d training buckets (W x H: samples): %s", len(sampler.buckets),
                         ", ".join(f"{w}x{h}: {len(m)}" for (w, h), m in sampler.buckets.items()))
@@ -1067,7 +1104,9 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
                                       config=_comparable_config(cfg), model=model_name,
                                       milestone_every=cfg.keep_milestone_every, epoch=sampler.epoch(step - 1),
                                       grad_scaler=None if accelerator.scaler is None
-                                      else accelerator.scaler.state_dict())
+                                      else accelerator.scaler.state_dict(),
+                                      data_position=sampler.stream_position(step),
+                                      num_processes=accelerator.num_processes)
                     plot_loss(log_path, png_path)
                 del weights, optimizer_state
                 accelerator.wait_for_everyone()

@@ -172,7 +172,8 @@ def test_stray_folders_under_checkpoints_are_ignored(tmp_path, stray):
     assert (tmp_path / "checkpoints" / stray).is_dir()  # not ours: left alone
 
 
-@pytest.mark.parametrize("corruption", ["empty", "garbage", "not a dict", "no optimizer", "weights corrupt"])
+@pytest.mark.parametrize("corruption", ["empty", "garbage", "not a dict", "no optimizer", "weights corrupt",
+                                        "bad data position"])
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, corruption):
     cfg = cfg_for(tmp_path)
     older = fake_checkpoint(tmp_path, 2, cfg)
@@ -184,6 +185,9 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, corruptio
         bad_file.write_bytes(b"\x80\x02 definitely not a checkpoint")
     elif corruption == "not a dict":
         torch.save([1, 2, 3], bad_file)
+    elif corruption == "bad data position":  # where the data stream stopped (resume across process counts)
+        torch.save({"step": 4, "optimizer": {"state": {}, "param_groups": []},
+                    "config": training._comparable_config(cfg), "data_position": -8, "num_processes": 2}, bad_file)
     else:
         torch.save({"step": 4}, bad_file)
     with pytest.warns(UserWarning, match=rf"cannot resume from step-00000004: .*{bad_file.name}.*falling back"):
@@ -259,6 +263,19 @@ def assets(tmp_path_factory):
     demo.build_tiny_clip(root / "clip")
     demo.make_synthetic_analogies(root / "data", 8)
     return root
+
+
+def test_accelerate_gradient_accumulation_is_refused(assets, tmp_path, monkeypatch):
+    """accelerate takes its gradient accumulation from ACCELERATE_GRADIENT_ACCUMULATION_STEPS (or a DeepSpeed
+    config); accelerator.backward then divides every loss by it, while the trainer steps the optimizer every step,
+    so every gradient was silently divided. Refused by name before any model loads; nothing is written."""
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    cfg = TrainConfig(data=str(assets / "data"), out=str(tmp_path / "run"), model=str(tmp_path / "no-model"),
+                      encoder=str(tmp_path / "no-encoder"), steps=2, batch_size=2, long_edge=64, resize="long-edge",
+                      num_loras=4, rank=2, key_dim=8, num_workers=0, progress=False, mixed_precision="no")
+    with pytest.raises(ValueError, match="accumulate gradients over 2 steps"):
+        training.train(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -89,6 +89,35 @@ def test_bucket_batches_resume_exactly_and_split_between_processes(world_size):
     assert 0 < sum(swaps) < len(swaps)
 
 
+@pytest.mark.parametrize("batching", ["bucket", "mixed"])
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 3)])
+def test_a_resume_with_another_process_count_continues_the_stream(batching, before, after):
+    """A run of ``before`` processes killed after 3 steps and resumed with ``after`` from the position its
+    checkpoint records (``stream_position``) draws exactly the single-process stream: nothing seen twice, nothing
+    skipped (from ``start_step`` alone it restarted at 3 steps of ``after`` processes, replaying or skipping data).
+    The epochs follow the stream too."""
+    groups = KEYS if batching == "bucket" else None
+    n, bs, done, total = len(KEYS), 3, 3, 7
+
+    def make(**kw):
+        return StepBatchSampler(n, bs, seed=2, groups=groups, bidirectional=True, **kw)
+
+    first = [make(start_step=0, total_steps=done, world_size=before, rank=r) for r in range(before)]
+    position = first[0].stream_position(done)
+    resumed = [make(start_step=done, total_steps=total, world_size=after, rank=r, start_position=position)
+               for r in range(after)]
+    drawn = [s.batch(step) for step in range(done) for s in first]
+    drawn += [s.batch(step) for step in range(done, total) for s in resumed]
+    single = make(start_step=0, total_steps=len(drawn))
+    # one batch (bucket) or bs samples (mixed) per process and step: the single stream's batches, in order
+    assert drawn == list(single)
+    epochs = [s.epoch(step) for step in range(done, total) for s in resumed]
+    single_epochs = [single.epoch(i) for i in range(done * before, len(drawn))]
+    assert epochs == single_epochs
+    with pytest.raises(ValueError, match="start_position"):
+        make(start_step=done, total_steps=total, start_position=-1)
+
+
 def test_mixed_batching_keeps_the_first_rule():
     """``batching="mixed"`` is lorweb_fast's first sampler: a permutation of all samples per epoch, cut into global
     batches of ``batch_size * world_size`` whatever their sizes."""

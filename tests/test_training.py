@@ -4,6 +4,7 @@ validated, and ``lorweb-fast demo`` writes its images."""
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -308,7 +309,7 @@ def test_ddp_two_processes_keep_ranks_identical(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_matches_ddp_resumes_and_writes_portable_checkpoints(assets, tmp_path):
+def test_fsdp2_matches_ddp_resumes_and_writes_portable_checkpoints(assets, tmp_path, caplog):
     """accelerate's FSDP2 preparation (transformer blocks as units; on CPU turned on by the worker, see there):
     the LoRWeB parameters are really sharded, training is the same computation as DDP, checkpoints gather the
     full LoRWeB tensors and optimizer state, a resume under FSDP continues exactly, and the FSDP checkpoint resumes
@@ -350,12 +351,20 @@ def test_fsdp2_matches_ddp_resumes_and_writes_portable_checkpoints(assets, tmp_p
     assert [r["step"] for r in log_f] == [1, 2, 3, 4]
     assert [r["loss"] for r in log_f] == pytest.approx([r["loss"] for r in log_d], rel=1e-4)
 
-    # the FSDP checkpoint (full tensors keyed by parameter name) resumes in one process, optimizer state included
+    # the FSDP checkpoint (full tensors keyed by parameter name) resumes in one process, optimizer state included,
+    # and its data stream continues where the two processes left it (it had restarted at 4 steps of one process:
+    # batches the run had already seen)
+    unit = 1 if fsdp_cfg.batching == "bucket" else fsdp_cfg.batch_size  # a step of one process: a batch / samples
+    assert (sf["data_position"], sf["num_processes"]) == (4 * 2 * unit, 2)
     seen = []
-    result = training.train(dataclasses.replace(fsdp_cfg, steps=5, resume=True),
-                            step_callback=lambda s, l: seen.append(s))
+    with caplog.at_level(logging.WARNING, logger="lorweb_fast.training"):
+        result = training.train(dataclasses.replace(fsdp_cfg, steps=5, resume=True),
+                                step_callback=lambda s, l: seen.append(s))
     assert seen == [5] and result["step"] == 5
-    assert all(int(s["step"]) == 5 for s in trainer_state(tmp_path / "fsdp", 5)["optimizer"]["state"].values())
+    assert "resuming a run of 2 processes with 1" in caplog.text
+    resumed = trainer_state(tmp_path / "fsdp", 5)
+    assert all(int(s["step"]) == 5 for s in resumed["optimizer"]["state"].values())
+    assert (resumed["data_position"], resumed["num_processes"]) == (4 * 2 * unit + unit, 1)
 
 
 @pytest.mark.slow
