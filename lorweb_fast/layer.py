@@ -170,12 +170,13 @@ class LoRWeBLinear(nn.Module):
         self.lora_keys = nn.Parameter(torch.randn(num_loras, key_dim, **factory))
         self.att_lora_to_q = nn.Linear(query_dim, key_dim, bias=False, **factory)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        # "none" (official nn.Identity): a frozen identity projection, not trained and not saved
+        # "none" (official nn.Identity): an identity projection held as a non-persistent buffer, not a parameter, so
+        # it is never trained (not even after model.requires_grad_(True) in a custom loop, which would train a
+        # tensor no checkpoint saves) and not saved
         self.query_projection_type = query_projection_type
         if query_projection_type == "none":
-            with torch.no_grad():
-                self.att_lora_to_q.weight.copy_(torch.eye(key_dim, **factory))
-            self.att_lora_to_q.weight.requires_grad_(False)
+            del self.att_lora_to_q.weight
+            self.att_lora_to_q.register_buffer("weight", torch.eye(key_dim, **factory), persistent=False)
         self._coefficients: Optional[torch.Tensor] = None
         self._query: Optional[torch.Tensor] = None  # per-forward mode, see set_query_per_forward
         self._merged = False  # set by lorweb_fast.merged(): the mixture is folded into the base weight

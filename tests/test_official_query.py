@@ -331,6 +331,14 @@ def test_query_projection_none(clip_dir):
                                            query_projection_type="none", target_modules=["0"]))
     layer = base[0]
     assert "att_lora_to_q.weight" not in layer.lorweb_tensors() and not layer.att_lora_to_q.weight.requires_grad
+    # a buffer, not a parameter: model.requires_grad_(True) (a custom training loop) cannot make it trainable, and
+    # it is in no state dict (a trained identity would have been silently lost at save)
+    base.requires_grad_(True)
+    assert not layer.att_lora_to_q.weight.requires_grad
+    assert all(p is not layer.att_lora_to_q.weight for p in base.parameters())
+    assert not any(k.endswith("att_lora_to_q.weight") for k in base.state_dict())
+    assert torch.equal(layer.att_lora_to_q.weight, torch.eye(8))
+    base.requires_grad_(False)
     q = torch.randn(2, 8)
     keys = layer.lora_keys.detach()
     want = torch.softmax(q @ keys.t() / 8 ** 0.5, dim=-1)  # AttLoRA: q (identity) . keys / sqrt(d), softmax
