@@ -248,6 +248,25 @@ def test_dynamic_compile_does_not_recompile_for_sequence_lengths():
     assert counters["stats"]["unique_graphs"] == 0
 
 
+def test_compiled_backward_skips_dx_for_an_input_without_grad(monkeypatch):
+    """Under torch.compile, AOTAutograd traces the backward with the inputs' requires_grad, so the traced
+    triton_bwd gets need_dx=False for an x without grad (and True with it); the traced op body then launches no dx
+    expand. (The values are not compared here: under the interpreter the traced graphs launch no kernels; the eager
+    tests above compare them.)"""
+    p = random_problem(2, 5, 17, 19, 3, 4, torch.float32, seed=4)
+    traced = []
+    body = K.backward
+    monkeypatch.setattr(K, "backward", lambda *a, **kw: traced.append(a[10:12]) or body(*a, **kw))
+    for x_grad in (True, False):
+        torch._dynamo.reset()
+        traced.clear()
+        fn = torch.compile(lambda *t: lf.lorweb_linear(*t, backend="triton"), fullgraph=True, backend="aot_eager")
+        leaves = [p["lora_a"].clone().requires_grad_(True), p["lora_b"].clone().requires_grad_(True),
+                  p["coeffs"].clone().requires_grad_(True)]
+        fn(p["x"].clone().requires_grad_(x_grad), p["weight"], p["bias"], *leaves, p["scale"]).sum().backward()
+        assert traced and set(traced) == {(x_grad, True)}, traced
+
+
 def test_compiled_layers_do_not_recompile_for_a_new_lorweb_scale():
     """set_lorweb_scale (diffusers' set_adapters weight, disable_lora / enable_lora) changes a float on every layer:
     the fused op takes it inside the coefficient tensor, so a compiled model keeps its graph (a float argument of
