@@ -338,6 +338,18 @@ def _fused_autograd(bwd):
     return setup_context, backward
 
 
+def _no_double_backward(ctx, *grads):
+    """The autograd formula of the fused backward ops: reached only by differentiating a gradient
+    (``create_graph=True``), which the fused kernels do not support."""
+    raise NotImplementedError("double backward (torch.autograd.grad(..., create_graph=True): gradient penalties, "
+                              "Hessian-vector products) through lorweb_fast's fused backends is not supported; run "
+                              "those layers with backend='torch', which supports it")
+
+
+def _register_no_double_backward(op_name: str) -> None:
+    torch.library.register_autograd(op_name, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 _FUSED_OPS: dict[str, object] = {}
 
 if _TRITON_KERNELS is not None:
@@ -358,6 +370,7 @@ if _TRITON_KERNELS is not None:
 
     _setup, _backward = _fused_autograd(_triton_bwd)
     torch.library.register_autograd("lorweb_fast::triton_fwd", _backward, setup_context=_setup)
+    _register_no_double_backward("lorweb_fast::triton_bwd")
     _FUSED_OPS["triton"] = _triton_fwd
 
 
@@ -380,6 +393,7 @@ if _CUDA_EXT is not None:
 
     _cuda_setup, _cuda_backward = _fused_autograd(getattr(torch.ops, CUDA_NAMESPACE).bwd)
     torch.library.register_autograd(f"{CUDA_NAMESPACE}::fwd", _cuda_backward, setup_context=_cuda_setup)
+    _register_no_double_backward(f"{CUDA_NAMESPACE}::bwd")
     _FUSED_OPS["cuda"] = getattr(torch.ops, CUDA_NAMESPACE).fwd
 
 

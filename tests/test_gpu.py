@@ -378,3 +378,15 @@ def test_add_to_gets_the_output_gradient_on_gpu(backend):
     assert torch.equal(base.grad, dy)
     zeros = torch.zeros(2, 301, 771, device="cuda", dtype=torch.bfloat16)
     check_against_reference(lambda *a: lf.mixed_lora_delta(*a, add_to=zeros, backend=backend), p, with_base=False)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_double_backward_is_refused_by_name_on_gpu(backend):
+    """create_graph=True through a fused backend: a NotImplementedError naming backend='torch'."""
+    _require(backend)
+    p = random_problem(2, 5, 17, 19, 3, 4, torch.float32, device="cuda", seed=4)
+    a = p["lora_a"].clone().requires_grad_(True)
+    y = lf.lorweb_linear(p["x"], p["weight"], p["bias"], a, p["lora_b"], p["coeffs"], p["scale"], backend=backend)
+    g, = torch.autograd.grad(y.sum(), a, create_graph=True)
+    with pytest.raises(NotImplementedError, match="backend='torch'"):
+        g.sum().backward()

@@ -160,3 +160,15 @@ def test_default_backend_order_on_cuda_tensors(monkeypatch, usable, want):
     monkeypatch.setattr(ops, "_unavailable_reason", reason)
     assert ops.resolve_backend(None, torch.device("cuda", 0)) == want
     assert asked == ["cuda", "triton"][:["cuda", "triton", "torch"].index(want) + 1]
+
+
+def test_torch_backend_supports_double_backward():
+    """The way out the fused backends name for create_graph=True: the torch backend's second derivatives pass
+    torch.autograd.gradgradcheck in float64 (x, basis and coefficients)."""
+    p = random_problem(2, 3, 5, 4, 3, 2, torch.float64, seed=1)
+    leaves = [p[k].double().requires_grad_(True) for k in ("x", "lora_a", "lora_b", "coeffs")]
+
+    def fn(x, a, b, c):
+        return lf.lorweb_linear(x, p["weight"], p["bias"], a, b, c, p["scale"], backend="torch")
+
+    assert torch.autograd.gradgradcheck(fn, leaves)

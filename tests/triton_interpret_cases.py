@@ -248,6 +248,18 @@ def test_dynamic_compile_does_not_recompile_for_sequence_lengths():
     assert counters["stats"]["unique_graphs"] == 0
 
 
+def test_double_backward_is_refused_by_name():
+    """Differentiating a gradient (create_graph=True) through the fused op raises a NotImplementedError naming the
+    way out (it was torch's "no autograd formula was registered" for lorweb_fast.triton_bwd); a plain backward with
+    create_graph=False is unaffected."""
+    p = random_problem(2, 5, 17, 19, 3, 4, torch.float32, seed=4)
+    a = p["lora_a"].clone().requires_grad_(True)
+    y = lf.lorweb_linear(p["x"], p["weight"], p["bias"], a, p["lora_b"], p["coeffs"], p["scale"], backend="triton")
+    g, = torch.autograd.grad(y.sum(), a, create_graph=True)
+    with pytest.raises(NotImplementedError, match="backend='torch'"):
+        g.sum().backward()
+
+
 def test_compiled_backward_skips_dx_for_an_input_without_grad(monkeypatch):
     """Under torch.compile, AOTAutograd traces the backward with the inputs' requires_grad, so the traced
     triton_bwd gets need_dx=False for an x without grad (and True with it); the traced op body then launches no dx
