@@ -1059,3 +1059,18 @@ print(resolve_checkpoint("owner/repo")[0].name)
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("w.safetensors")
+
+
+def test_fuse_qkv_projections_after_loading_changes_nothing(pipe):
+    """diffusers' fuse_qkv_projections() on a transformer holding LoRWeB layers fails on the wrappers' missing
+    ``weight`` (the README documents the message) before it changes anything: no fused to_qkv, the LoRWeB layers
+    and the outputs as they were (a wrapper exposing its base weight would let the fusion drop the mixture)."""
+    x = [random_analogy(1)]
+    want = run(pipe, x, ["flip"])[0]
+    names = sorted(lf.lorweb_layers(pipe.transformer))
+    with pytest.raises(AttributeError, match="'LoRWeBLinear' object has no attribute 'weight'"):
+        pipe.transformer.fuse_qkv_projections()
+    assert sorted(lf.lorweb_layers(pipe.transformer)) == names
+    assert not any(getattr(m, "fused_projections", False) or hasattr(m, "to_qkv")
+                   for m in pipe.transformer.modules())
+    np.testing.assert_array_equal(run(pipe, x, ["flip"])[0], want)
