@@ -568,7 +568,7 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
         # the folder scan reads headers only (a truncated JPEG passes it and would fail at its training step):
         # here every image is decoded completely
         undecodable = {}
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+        with ThreadPoolExecutor(max_workers=_image_threads()) as pool:
             decoded = pool.map(lambda s: [(p, _decode_error(p)) for p in s[:2]], dataset.samples)
             for i, results in enumerate(tqdm(decoded, total=len(dataset), desc="decoding images", unit="sample",
                                              disable=not progress)):
@@ -669,39 +669,58 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
                                    f"{len(names)} categories: {shown}")
         if unknown:
             warnings.warn(f"{src} has no category {', '.join(unknown)} (category filter)", stacklevel=2)
-    pairs, counts, bad = [], Counter(), []
-    for category in tqdm(categories, desc="reading labels", unit="category", disable=not progress):
-        name = category.name
-        if filter_categories and name not in filter_categories:
-            continue
-        labels_path = category / "Group1" / "labels.json"
-        labels = _read_json(labels_path, "labels file")
-        if not isinstance(labels, list):
-            raise AnalogyDataError(f"{labels_path} holds a JSON {type(labels).__name__}, not a list of label objects")
-        for k, entry in enumerate(labels):
-            img_name = _label_field(labels_path, k, entry, "img_name")
-            image = category / "Group1" / img_name
-            image_id = f"{name}_{img_name}"
-            if not image.is_file() or image_id in excluded:
+    pairs, bad = [], []
+    cap = max_samples_per_category or None
+    pool = ThreadPoolExecutor(max_workers=_image_threads())
+    try:
+        for category in tqdm(categories, desc="reading labels", unit="category", disable=not progress):
+            name = category.name
+            if filter_categories and name not in filter_categories:
                 continue
-            if max_samples_per_category and counts[name] >= max_samples_per_category:
-                continue
-            fields = {field: _label_field(labels_path, k, entry, field) for field in LABEL_FIELDS[1:]}
-            error = _decode_error(image)
-            if error is not None:
-                bad.append((str(image), error))
-                continue
-            counts[name] += 1
-            pairs.append({"image_id": image_id, "category": name, "path": image, "img_name": img_name,
-                          "edit_prompt": fields["edit_instruction"],
-                          "left_image_description": fields["left_image_description"],
-                          "right_image_description": fields["right_image_description"]})
+            labels_path = category / "Group1" / "labels.json"
+            labels = _read_json(labels_path, "labels file")
+            if not isinstance(labels, list):
+                raise AnalogyDataError(f"{labels_path} holds a JSON {type(labels).__name__}, not a list of label "
+                                       "objects")
+            candidates = []  # (index, entry, img_name, image, image_id) of the entries whose image exists
+            for k, entry in enumerate(labels):
+                img_name = _label_field(labels_path, k, entry, "img_name")
+                image = category / "Group1" / img_name
+                image_id = f"{name}_{img_name}"
+                if image.is_file() and image_id not in excluded:
+                    candidates.append((k, entry, img_name, image, image_id))
+            # decoded in parallel, in chunks of as many entries as the cap still admits: every entry of a chunk would
+            # also be reached one by one (each earlier entry adds at most one to the count), so the fields checked,
+            # the pairs kept and the images reported are exactly the sequential ones, in order
+            count, start = 0, 0
+            while start < len(candidates) and (cap is None or count < cap):
+                chunk = candidates[start:start + (len(candidates) if cap is None else cap - count)]
+                start += len(chunk)
+                fields = [{field: _label_field(labels_path, k, entry, field) for field in LABEL_FIELDS[1:]}
+                          for k, entry, *_ in chunk]
+                errors = pool.map(_decode_error, [image for *_, image, _ in chunk])
+                for (_, _, img_name, image, image_id), field, error in zip(chunk, fields, errors):
+                    if error is not None:
+                        bad.append((str(image), error))
+                        continue
+                    count += 1
+                    pairs.append({"image_id": image_id, "category": name, "path": image, "img_name": img_name,
+                                  "edit_prompt": field["edit_instruction"],
+                                  "left_image_description": field["left_image_description"],
+                                  "right_image_description": field["right_image_description"]})
+    finally:
+        pool.shutdown(cancel_futures=True)
     if bad:
         warnings.warn(f"skipped {len(bad)} Relation252K images that cannot be decoded, as the official script does "
                       f"(e.g. {bad[0][0]}: {bad[0][1]})", stacklevel=2)
     if unreadable is not None:
         unreadable.extend(bad)
     return pairs
+
+
+def _image_threads() -> int:
+    """Threads for decoding and encoding images: Pillow releases the GIL while it decodes and encodes."""
+    return min(8, os.cpu_count() or 1)
 
 
 def _decode_error(path: Path) -> Optional[str]:
@@ -837,21 +856,35 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
         for tmp in (out / sub).iterdir():  # a killed run's temporary files (_atomic_write's names; older: .tmp.jpg)
             if _PREPARE_TEMPORARY.fullmatch(tmp.name) and tmp.is_file():
                 tmp.unlink(missing_ok=True)
-    written = skipped = 0
-    failed, entries = [], []
-    for analogy in tqdm(analogies, desc="writing analogies", unit="analogy", disable=not progress):
+    def write_one(analogy: dict) -> tuple[str, Optional[str]]:
+        """("skipped", None) when its three files exist, ("written", None), or ("failed", error)."""
         aid = analogy["id"]
         files = (out / "control" / f"{aid}.jpg", out / "target" / f"{aid}.jpg", out / "target" / f"{aid}.txt")
         if all(f.is_file() for f in files):
-            skipped += 1
-        else:
-            try:
-                write_analogy(analogy, out)
-                written += 1
-            except (OSError, ValueError) as exc:
-                failed.append((aid, str(exc)))
+            return "skipped", None
+        try:
+            write_analogy(analogy, out)
+        except (OSError, ValueError) as exc:
+            return "failed", str(exc)
+        return "written", None
+
+    written = skipped = 0
+    failed, entries = [], []
+    # analogies are written on several threads (each to its own files), the results taken in the plan's order; an
+    # interrupted run cancels the analogies not started (the next run resumes them)
+    pool = ThreadPoolExecutor(max_workers=_image_threads())
+    try:
+        results = pool.map(write_one, analogies)
+        for analogy, (status, error) in tqdm(zip(analogies, results), total=len(analogies), desc="writing analogies",
+                                             unit="analogy", disable=not progress):
+            if status == "failed":
+                failed.append((analogy["id"], error))
                 continue
-        entries.append(_metadata_entry(analogy))
+            skipped += status == "skipped"
+            written += status == "written"
+            entries.append(_metadata_entry(analogy))
+    finally:
+        pool.shutdown(cancel_futures=True)
     # this run's entries replace an earlier run's of the same id (its files were written from them), new ones follow
     current = {e["analogy_id"]: e for e in entries}
     entries = [current.pop(e["analogy_id"], e) for e in earlier] + list(current.values())

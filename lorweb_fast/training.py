@@ -33,7 +33,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace as dataclass_replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -634,6 +634,7 @@ def _check_fsdp(accelerator, cfg: TrainConfig) -> None:
     if cfg.quantize_base != "none":
         raise ValueError(f"--quantize-base {cfg.quantize_base} cannot be sharded by FSDP2 (bitsandbytes weights are "
                          "not DTensors); use DDP or one process with a quantized base")
+    _reduce_gradients_in_fp32(accelerator.state.fsdp_plugin)
     if cfg.adapter_precision == "fp32" and cfg.mixed_precision in ("bf16", "fp16"):
         # accelerate's FSDP2 policy gathers every parameter of a block in the compute dtype (param_dtype), the
         # LoRWeB fp32 masters included: the official fp32 arithmetic would silently run on rounded weights
@@ -641,6 +642,18 @@ def _check_fsdp(accelerator, cfg: TrainConfig) -> None:
                          f"{cfg.mixed_precision}: FSDP2 gathers each block's parameters, the LoRWeB ones included, in "
                          f"{cfg.mixed_precision}; use DDP (or one process) for the official fp32 adapter arithmetic, "
                          "or --adapter-precision bf16")
+
+
+def _reduce_gradients_in_fp32(plugin) -> None:
+    """accelerate's FSDP2 mixed-precision policy reduces gradients in the compute dtype (``reduce_dtype`` = bf16 /
+    fp16): the LoRWeB gradients (the only ones: the transformer is frozen) would be averaged over the processes in
+    bf16. Set ``reduce_dtype`` to fp32, as DDP averages them; the parameters are still gathered in the compute dtype
+    (``param_dtype``). A reduce-scatter of the LoRWeB gradients only, so the fp32 traffic is small."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if isinstance(policy, MixedPrecisionPolicy) and policy.reduce_dtype not in (None, torch.float32):
+        plugin.mixed_precision_policy = dataclass_replace(policy, reduce_dtype=torch.float32)
 
 
 def _warn_if_layers_unwrapped(model) -> None:
@@ -1131,9 +1144,7 @@ def evaluation_loss(pipe, encoder, dataset: AnalogyFolder, cfg: TrainConfig, *, 
                     seed: int = 12345) -> float:
     """Mean flow-matching loss of the LoRWeB model on fixed batches, timesteps and noise (no caption dropout):
     a deterministic yardstick for comparing weights before and after training."""
-    from dataclasses import replace
-
-    eval_cfg = replace(cfg, caption_dropout=0.0)
+    eval_cfg = dataclass_replace(cfg, caption_dropout=0.0)
     device = pipe.transformer.device
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=seed, start_step=0, total_steps=batches,
                                groups=batch_groups(dataset, cfg.batching))

@@ -59,6 +59,9 @@ tensors = {k: v.contiguous() for k, v in lorweb_state_dict(transformer).items()}
 meta = {"world_size": str(state.num_processes), "backend": str(state.backend),
         "distributed_type": str(state.distributed_type),
         "sharded": str(all(isinstance(p, DTensor) for p in transformer.parameters())),
+        # the gradient-reduction dtypes of the FSDP2 units (train() sets fp32 under bf16/fp16 mixed precision)
+        "reduce_dtypes": ",".join(sorted({str(m._get_fsdp_state()._mp_policy.reduce_dtype)
+                                          for m in transformer.modules() if hasattr(m, "_get_fsdp_state")})),
         # accelerate's mixed-precision forward (autocast, fp32 outputs) is undone when train() returns
         "forward_restored": str(not {"forward", "_original_forward", "_is_accelerate_prepared"}
                                 & set(transformer.__dict__))}

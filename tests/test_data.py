@@ -4,6 +4,7 @@ tiny synthetic Relation252K folder."""
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -646,6 +647,56 @@ def test_data_prepare_names_an_incomplete_labels_entry(tmp_path, capsys, case):
     line = _one_error_line(capsys, ["data", "prepare", str(tmp_path / "rel"), str(tmp_path / "out"), "--quiet"])
     assert str(labels_path) in line and all(f in line for f in fragments), line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cap", [None, 1, 2, 3, 4])
+def test_parallel_decoding_keeps_the_sequential_pairs_cap_and_checks(tmp_path, cap):
+    """relation252k_pairs decodes on several threads, in chunks of as many entries as the per-category cap still
+    admits: the pairs, the unreadable images and the entries whose fields are checked are exactly those of the
+    official one-by-one loop (preprocess_data.py ``_load_all_samples`` then ``get_triplets``' cap), written here as a
+    small sequential reference: a truncated image takes no place under the cap, and an incomplete entry beyond the
+    cap is never read."""
+    root = tmp_path / "rel"
+    _relation252k(root)
+    group = root / "cat-z" / "Group1"
+    group.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    labels = []
+    for k in range(6):
+        Image.fromarray(np.concatenate([_smooth(rng, 8, 8), _smooth(rng, 8, 8)], axis=1)).save(group / f"z{k}.png")
+        labels.append({"img_name": f"z{k}.png", "edit_instruction": f"e{k}", "left_image_description": "",
+                       "right_image_description": ""})
+    for k in (1, 2):  # truncated: the header opens, the pixels do not decode
+        path = group / f"z{k}.png"
+        path.write_bytes(path.read_bytes()[:60])
+    del labels[5]["edit_instruction"]  # read only if the loop reaches it
+    (group / "labels.json").write_text(json.dumps(labels))
+
+    def sequential():  # the one-by-one loop for cat-z
+        kept, unreadable, count = [], [], 0
+        for k, entry in enumerate(labels):
+            if cap and count >= cap:
+                continue
+            if "edit_instruction" not in entry:
+                return "error"
+            if k in (1, 2):
+                unreadable.append(f"z{k}.png")
+                continue
+            count += 1
+            kept.append(entry["img_name"])
+        return kept, unreadable
+
+    want = sequential()
+    unreadable = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if want == "error":
+            with pytest.raises(data.AnalogyDataError, match="edit_instruction"):
+                data.relation252k_pairs(root, max_samples_per_category=cap, progress=False)
+            return
+        pairs = data.relation252k_pairs(root, max_samples_per_category=cap, progress=False, unreadable=unreadable)
+    assert ([p["img_name"] for p in pairs if p["category"] == "cat-z"],
+            [Path(path).name for path, _ in unreadable]) == want
 
 
 def test_data_prepare_needs_only_img_name_for_entries_it_skips(tmp_path):

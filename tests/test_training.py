@@ -379,6 +379,8 @@ def test_fsdp2_bf16_mixed_precision_and_unwrapped_warning(assets, tmp_path):
     ranks, log = launch(cfg, tmp_path, "fsdp2-cpu", "no-auto-wrap", "nan-on-last-rank-call=2")
     assert "LoRWeB layers (e.g. transformer_blocks.0." in log and "TRANSFORMER_BASED_WRAP" in log
     assert ranks[0]["meta"]["sharded"] == "True"
+    # accelerate's bf16 policy reduces gradients in bf16; train() sets fp32 (the LoRWeB gradients averaged as DDP)
+    assert ranks[0]["meta"]["reduce_dtypes"] == "torch.float32"
     r0 = assert_ranks_identical(ranks)
     saved = weights(tmp_path / "bf16" / "lorweb.safetensors")
     assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], r0[k]) for k in r0)
