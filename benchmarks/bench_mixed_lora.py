@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import math
 import os
@@ -193,10 +194,8 @@ class Impl:
             if self.skip_reason is None:
                 self.launchers, self.skip_reason = _triton_launchers()
         elif name == "peft_lora":
-            try:
-                import peft  # noqa: F401
-            except ImportError as exc:
-                self.skip_reason = f"peft is not installed ({exc})"
+            if importlib.util.find_spec("peft") is None:
+                self.skip_reason = "peft is not installed"
         elif name in COMPILED and device.type == "cpu" and not os.environ.get("LORWEB_BENCH_COMPILE_CPU"):
             self.skip_reason = ("skipped on CPU: inductor's C++ compile of every shape would exceed the one-minute "
                                 "CPU budget (set LORWEB_BENCH_COMPILE_CPU=1 to include it)")
