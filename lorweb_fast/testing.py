@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference
+from .ops import lorweb_linear
 
 #: Sequential roundings to the working dtype along the longest chain of any backend (see module docstring).
 ROUNDINGS = 6
@@ -207,6 +208,33 @@ def check_against_reference(fn, problem: dict, *, with_base: bool = True, grad_s
         ref, ref_abs, rss = pick(results["ref"]), pick(results["abs"]), pick(results["sq"]).sqrt()
         assert_within_bound(label, got, ref, ref_abs, dtype, depth[depth_key])
         assert_within_rss_bound(label, got, ref, rss, dtype, depth[depth_key])
+
+
+def partial_gradients(problem: dict, needs: Sequence[bool], backend: str, dy: torch.Tensor, *,
+                      two_d: bool = False) -> tuple[list, list]:
+    """Run ``lorweb_linear`` forward and backward with only the inputs ``needs`` marks (x, lora_a, lora_b, coeffs)
+    requiring grad. Returns (their gradients, None where not required; the output shapes of every fused backward op
+    call, recorded as the op returned them). ``two_d`` takes the first position of each sample, (B, in)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BackwardOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.outputs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.name() in ("lorweb_fast::triton_bwd", "lorweb_fast_cuda::bwd"):
+                self.outputs.append([tuple(t.shape) for t in out])
+            return out
+
+    leaves = [problem[k].clone().requires_grad_(need) for k, need in zip(("x", "lora_a", "lora_b", "coeffs"), needs)]
+    x = leaves[0][:, 0] if two_d else leaves[0]
+    y = lorweb_linear(x, problem["weight"], problem["bias"], *leaves[1:], problem["scale"], backend=backend)
+    recorder = BackwardOps()
+    with recorder:
+        y.backward(dy[:, 0] if two_d else dy)
+    return [t.grad for t in leaves], recorder.outputs
 
 
 def tiny_flux_config() -> dict:

@@ -173,7 +173,7 @@ def test_stray_folders_under_checkpoints_are_ignored(tmp_path, stray):
 
 
 @pytest.mark.parametrize("corruption", ["empty", "garbage", "not a dict", "no optimizer", "weights corrupt",
-                                        "bad data position"])
+                                        "bad data position", "bad process count"])
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, corruption):
     cfg = cfg_for(tmp_path)
     older = fake_checkpoint(tmp_path, 2, cfg)
@@ -185,9 +185,11 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, corruptio
         bad_file.write_bytes(b"\x80\x02 definitely not a checkpoint")
     elif corruption == "not a dict":
         torch.save([1, 2, 3], bad_file)
-    elif corruption == "bad data position":  # where the data stream stopped (resume across process counts)
+    elif corruption in ("bad data position", "bad process count"):  # resume across process counts
+        bad_position = corruption == "bad data position"
         torch.save({"step": 4, "optimizer": {"state": {}, "param_groups": []},
-                    "config": training._comparable_config(cfg), "data_position": -8, "num_processes": 2}, bad_file)
+                    "config": training._comparable_config(cfg), "data_position": -8 if bad_position else 8,
+                    "num_processes": 2 if bad_position else "2"}, bad_file)
     else:
         torch.save({"step": 4}, bad_file)
     with pytest.warns(UserWarning, match=rf"cannot resume from step-00000004: .*{bad_file.name}.*falling back"):

@@ -114,8 +114,9 @@ def test_a_resume_with_another_process_count_continues_the_stream(batching, befo
     epochs = [s.epoch(step) for step in range(done, total) for s in resumed]
     single_epochs = [single.epoch(i) for i in range(done * before, len(drawn))]
     assert epochs == single_epochs
-    with pytest.raises(ValueError, match="start_position"):
-        make(start_step=done, total_steps=total, start_position=-1)
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="start_position"):
+            make(start_step=done, total_steps=total, start_position=bad)
 
 
 def test_mixed_batching_keeps_the_first_rule():

@@ -8,7 +8,7 @@ import torch
 import lorweb_fast as lf
 from lorweb_fast import ops
 from lorweb_fast.testing import (assert_within_bound, case_id, check_against_reference, odd_shape_cases,
-                                 random_problem, spread_cases, tolerance)
+                                 partial_gradients, random_problem, spread_cases, tolerance)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 CASES = odd_shape_cases()
@@ -108,34 +108,24 @@ def test_opcheck_all_ops():
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("x_grad,basis_grad", [(False, True), (True, False), (False, False)])
-def test_backward_computes_only_what_autograd_needs_on_gpu(backend, x_grad, basis_grad):
+@pytest.mark.parametrize("needs", [(False, True, True, True), (True, False, False, True), (False, False, False, True),
+                                   (True, False, True, True), (True, True, False, True)],
+                         ids=lambda n: "".join("xabc"[i] for i in range(4) if n[i]))
+def test_backward_computes_only_what_autograd_needs_on_gpu(backend, needs):
     """An input that needs no gradient gets none and costs no GEMM: the op's backward returns an empty (0,) tensor
     in its place, and the gradients it does compute are bitwise those of the all-gradients backward."""
     _require(backend)
     p = random_problem(2, 300, 160, 200, 3, 4, torch.bfloat16, device="cuda", seed=12)
     dy = torch.randn(2, 300, 200, device="cuda").to(torch.bfloat16)
-
-    def grads(needs):
-        leaves = [p["x"].clone().requires_grad_(needs[0]), p["lora_a"].clone().requires_grad_(needs[1]),
-                  p["lora_b"].clone().requires_grad_(needs[1]), p["coeffs"].clone().requires_grad_(True)]
-        lf.lorweb_linear(leaves[0], p["weight"], p["bias"], *leaves[1:], p["scale"], backend=backend).backward(dy)
-        return [t.grad for t in leaves]
-
-    full, got = grads((True, True)), grads((x_grad, basis_grad))
-    for name, g, want, needed in zip(("x", "lora_a", "lora_b", "coeffs"), got, full,
-                                     (x_grad, basis_grad, basis_grad, True)):
+    full, _ = partial_gradients(p, (True,) * 4, backend, dy)
+    got, outputs = partial_gradients(p, needs, backend, dy)
+    for name, g, want, needed in zip(("x", "lora_a", "lora_b", "coeffs"), got, full, needs):
         assert (g is not None) == needed, name
         if needed:
             assert torch.equal(g, want), name
-    fwd = torch.ops.lorweb_fast.triton_fwd if backend == "triton" else torch.ops.lorweb_fast_cuda.fwd
-    bwd = torch.ops.lorweb_fast.triton_bwd if backend == "triton" else torch.ops.lorweb_fast_cuda.bwd
-    x = p["x"].reshape(600, 160)
-    y, u, z = fwd(x, p["weight"], p["bias"], None, p["lora_a"], p["lora_b"], p["coeffs"].float(), 0.75, 300)
-    out = bwd(dy.reshape(600, 200), x, p["weight"], p["lora_a"], p["lora_b"], p["coeffs"].float(), u, z, 0.75, 300,
-              x_grad, basis_grad)
-    assert [tuple(t.shape) for t in out] == [(600, 160) if x_grad else (0,), (3, 160, 4) if basis_grad else (0,),
-                                             (3, 4, 200) if basis_grad else (0,), (2, 3)]
+    basis = needs[1] or needs[2]
+    assert outputs == [[(600, 160) if needs[0] else (0,), (3, 160, 4) if basis else (0,),
+                        (3, 4, 200) if basis else (0,), (2, 3)]]
 
 
 @pytest.mark.parametrize("backend", FUSED)

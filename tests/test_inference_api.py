@@ -174,6 +174,50 @@ def test_unfuse_after_the_model_moved_restores_the_weights_where_they_are_now(pi
         assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float64}
 
 
+def test_a_weight_that_cannot_go_back_is_named_and_the_others_restored(pipe):
+    """If one layer's original cannot be put back at unfuse (here a weight replaced by a sparse tensor, whose .data
+    refuses a dense one), the other layers are still restored bit for bit, every layer is unmerged, the pipeline is
+    unfused and its strength from before fuse_lora(lora_scale=...) is back; then a RuntimeError names the layer."""
+    pipe.set_analogy(*random_analogy(3))
+    layers = lf.lorweb_layers(pipe.transformer)
+    originals = {n: layer.base_layer.weight.detach().clone() for n, layer in layers.items()}
+    pipe.fuse_lora(lora_scale=0.5)
+    stuck = next(iter(layers))
+    base = layers[stuck].base_layer
+    base.weight = torch.nn.Parameter(base.weight.detach().to_sparse(), requires_grad=False)
+    with pytest.raises(RuntimeError, match=rf"could not restore the original weights of 1 layers.*{stuck}"):
+        pipe.unfuse_lora()
+    assert lora_api.fused_strategy(pipe.transformer) is None and pipe.get_active_adapters() == ["lorweb"]
+    assert lora_api.get_lorweb_scale(pipe.transformer) == 1.0
+    for name, layer in layers.items():
+        assert not layer._merged, name
+        if name != stuck:
+            assert torch.equal(layer.base_layer.weight, originals[name]), name
+
+
+def test_a_load_under_a_jit_fuse_unfuses_to_full_strength(pipe, assets):
+    """Loading a checkpoint while fused with "jit" (allowed: the merged weights are built per forward) starts the
+    new adapter at strength 1.0; the unfuse after it keeps 1.0 (it had put back the strength from before the fuse,
+    the old adapter's)."""
+    pipe.set_analogy(*random_analogy(3))
+    pipe.set_lorweb_scale(0.5)
+    pipe.fuse_lora("jit", lora_scale=2.0)
+    pipe.load_lora_weights(assets / "lorweb.safetensors")
+    pipe.unfuse_lora()
+    assert lora_api.get_lorweb_scale(pipe.transformer) == 1.0
+
+
+def test_reloading_under_in_memory_group_offloading_works(pipe, assets):
+    """In-memory group offloading (no disk, no streams) moves the tensors as they are, so loading the adapter again
+    into the existing layers is allowed and the outputs stay those of the pipeline without offloading."""
+    x = [random_analogy(1)]
+    want = run(pipe, x, ["flip"])[0]
+    pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                          offload_type="block_level", num_blocks_per_group=1)
+    pipe.load_lora_weights(assets / "lorweb.safetensors")
+    np.testing.assert_array_equal(run(pipe, x, ["flip"])[0], want)
+
+
 def test_a_fused_model_says_why_it_cannot_be_copied(pipe):
     """copy.deepcopy / torch.save of a fuse_lora()'d transformer: the open merge cannot be copied, and a copy would
     hold merged weights with no way back; a TypeError says to unfuse first (it was "cannot pickle 'generator'
@@ -211,8 +255,8 @@ def test_a_loaded_adapter_starts_named_at_full_strength_and_enabled(pipe, assets
     np.testing.assert_array_equal(run(pipe, x, ["flip"])[0], want)
     pipe.load_lora_weights(assets / "lorweb.safetensors", adapter_name="kept")
     pipe.delete_adapters("kept")
-    pipe.load_lora_weights(assets / "lorweb.safetensors")
-    assert pipe.get_list_adapters() == {"transformer": ["lorweb"]}
+    lf.load_lorweb_weights(pipe.transformer, assets / "lorweb.safetensors")  # layers back, not through the pipeline
+    assert pipe.get_list_adapters() == {"transformer": ["lorweb"]}  # the deleted adapter's name is gone
     with pytest.raises(ValueError, match="non-empty"):
         pipe.load_lora_weights(assets / "lorweb.safetensors", adapter_name=" ")
     from safetensors.torch import load_file
@@ -646,6 +690,20 @@ def test_set_query_refuses_meta_weights_of_sequential_offload():
     cpu_offload(model, execution_device=torch.device("cpu"))
     with pytest.raises(ValueError, match="meta device"):
         lf.set_query(model, torch.randn(1, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_unfuse_after_a_move_to_the_gpu_restores_the_originals_there(pipe):
+    """fuse_lora on CPU, pipe.to("cuda"), unfuse_lora: the originals go back onto the GPU, bit for bit."""
+    pipe.set_analogy(*random_analogy(3))
+    originals = {n: layer.base_layer.weight.detach().clone() for n, layer in lf.lorweb_layers(pipe.transformer).items()}
+    pipe.fuse_lora()
+    pipe.to("cuda")
+    pipe.unfuse_lora()
+    for name, layer in lf.lorweb_layers(pipe.transformer).items():
+        weight = layer.base_layer.weight
+        assert weight.is_cuda and torch.equal(weight.cpu(), originals[name]), name
 
 
 @pytest.mark.gpu

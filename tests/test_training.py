@@ -107,6 +107,30 @@ def test_training_lowers_the_loss_and_only_trains_lorweb(assets, tmp_path):
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def test_a_resume_continues_the_data_stream_the_checkpoint_records(assets, tmp_path, monkeypatch, caplog):
+    """The trainer state's data_position (where the stream stopped) is what the resumed sampler starts from, and a
+    changed num_processes is warned about: here the checkpoint is edited to say a 2-process run wrote it (its
+    stream at 2 steps of 2 processes), and the one-process resume draws its step-3 batch from there (from start_step
+    alone it would have drawn the batch at 2 steps of one process, already seen)."""
+    cfg = config(assets, tmp_path / "run", steps=2, checkpoint_every=2)
+    training.train(cfg)
+    path = training.latest_checkpoint(cfg.out) / training.TRAINER_STATE_NAME
+    state = torch.load(path, weights_only=False)
+    unit = 1 if cfg.batching == "bucket" else cfg.batch_size
+    assert (state["data_position"], state["num_processes"]) == (2 * unit, 1)
+    state["data_position"], state["num_processes"] = 2 * 2 * unit, 2
+    torch.save(state, path)
+    drawn = []
+    batch = training.StepBatchSampler.batch
+    monkeypatch.setattr(training.StepBatchSampler, "batch",
+                        lambda self, step: drawn.append((step, self.stream_position(step))) or batch(self, step))
+    with caplog.at_level(logging.WARNING, logger="lorweb_fast.training"):
+        training.train(dataclasses.replace(cfg, steps=3, resume=True))
+    assert drawn[0] == (2, 4 * unit)
+    assert "resuming a run of 2 processes with 1" in caplog.text
+    assert trainer_state(tmp_path / "run", 3)["data_position"] == 5 * unit
+
+
 def test_resume_after_kill_is_exact(assets, tmp_path):
     straight = training.train(config(assets, tmp_path / "straight", steps=8, checkpoint_every=3))
 

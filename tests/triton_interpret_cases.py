@@ -12,7 +12,7 @@ import lorweb_fast as lf  # noqa: E402
 from lorweb_fast.kernels import mixed_lora as K  # noqa: E402
 from lorweb_fast import reference  # noqa: E402
 from lorweb_fast.testing import (assert_within_bound, assert_within_rss_bound, case_id, check_against_reference, check_forward,  # noqa: E402
-                                 odd_shape_cases, random_problem, spread_cases)
+                                 odd_shape_cases, partial_gradients, random_problem, spread_cases)
 
 CASES = odd_shape_cases()
 
@@ -483,45 +483,40 @@ def test_backward_gets_no_zero_gradients_for_u_and_z():
         assert t.grad is not None and torch.isfinite(t.grad).all()
 
 
-@pytest.mark.parametrize("x_grad,basis_grad,coeffs_grad", [(False, True, True), (True, False, True),
-                                                            (False, False, True), (True, True, False)])
+@pytest.mark.parametrize("needs", [(False, True, True, True), (True, False, False, True), (False, False, False, True),
+                                   (True, True, True, False), (True, False, True, True), (True, True, False, True)],
+                         ids=lambda n: "".join("xabc"[i] for i in range(4) if n[i]))
 @pytest.mark.parametrize("seq", [5, 1], ids=["fused", "cublas"])
-def test_backward_computes_only_what_autograd_needs(monkeypatch, x_grad, basis_grad, coeffs_grad, seq):
-    """An input that needs no gradient (the first layer's x, a frozen basis) costs no kernel: the backward skips the
-    dx expand / grad_basis (route "fused", 3-D x) or their GEMMs (route "cublas", 2-D x), and what it computes is
-    bitwise what the all-gradients backward computes, which check_against_reference holds to float64."""
-    p = random_problem(2, seq, 17, 19, 3, 4, torch.float32, seed=9)
+def test_backward_computes_only_what_autograd_needs(monkeypatch, needs, seq):
+    """An input that needs no gradient (the first layer's x, a frozen basis) costs no kernel: the op's backward
+    returns an empty (0,) tensor in its place (route "fused", 3-D x, and route "cublas", 2-D x), launches no dx
+    expand / grad_basis (fused route), and every gradient that is asked for (lora_a alone, lora_b alone too) is
+    bitwise the all-gradients backward's, which check_against_reference holds to float64."""
+    p = random_problem(2, 5, 17, 19, 3, 4, torch.float32, seed=9)
     route = K.choose_route(17, 19, 12, torch.float32, seq, K.gpu_family(torch.device("cpu")), rank=4)
     assert route == ("fused" if seq == 5 else "cublas")
-    dy = torch.randn(2, seq, 19)
-
-    def grads(needs):
-        leaves = [p["x"].clone().requires_grad_(needs[0]), p["lora_a"].clone().requires_grad_(needs[1]),
-                  p["lora_b"].clone().requires_grad_(needs[1]), p["coeffs"].clone().requires_grad_(needs[2])]
-        x, a, b, c = leaves
-        lf.lorweb_linear(x if seq > 1 else x[:, 0], p["weight"], p["bias"], a, b, c, p["scale"],
-                         backend="triton").backward(dy if seq > 1 else dy[:, 0])
-        return [t.grad for t in leaves]
-
-    full = grads((True, True, True))
+    dy = torch.randn(2, 5, 19)
+    full, _ = partial_gradients(p, (True,) * 4, "triton", dy, two_d=seq == 1)
     calls = []
     for name in ("expand", "grad_basis"):
         monkeypatch.setattr(K, name, lambda *a, _f=getattr(K, name), _n=name, **kw: calls.append(_n) or _f(*a, **kw))
-    got = grads((x_grad, basis_grad, coeffs_grad))
-    wanted = (x_grad, basis_grad, basis_grad, coeffs_grad)
-    for name, g, want, needed in zip(("x", "lora_a", "lora_b", "coeffs"), got, full, wanted):
+    got, outputs = partial_gradients(p, needs, "triton", dy, two_d=seq == 1)
+    for name, g, want, needed in zip(("x", "lora_a", "lora_b", "coeffs"), got, full, needs):
         assert (g is not None) == needed, name
         if needed:
             assert torch.equal(g, want), name
+    rows, basis = 2 * seq, needs[1] or needs[2]
+    assert outputs == [[(rows, 17) if needs[0] else (0,), (3, 17, 4) if basis else (0,),
+                        (3, 4, 19) if basis else (0,), (2, 3)]]
     if route == "fused":  # forward: one expand; backward: the dx expand and grad_basis only when needed
-        assert calls == ["expand"] + ["expand"] * x_grad + ["grad_basis"] * basis_grad, calls
-    u_z = torch.ops.lorweb_fast.triton_fwd(p["x"].reshape(2 * seq, 17), p["weight"], p["bias"], None, p["lora_a"],
-                                           p["lora_b"], p["coeffs"].float(), 0.75, seq)
-    out = torch.ops.lorweb_fast.triton_bwd(torch.randn(2 * seq, 19), p["x"].reshape(2 * seq, 17), p["weight"],
-                                           p["lora_a"], p["lora_b"], p["coeffs"].float(), u_z[1], u_z[2], 0.75, seq,
-                                           x_grad, basis_grad)
-    assert [tuple(t.shape) for t in out] == [(2 * seq, 17) if x_grad else (0,), (3, 17, 4) if basis_grad else (0,),
-                                             (3, 4, 19) if basis_grad else (0,), (2, 3)]
+        assert calls == ["expand"] + ["expand"] * needs[0] + ["grad_basis"] * basis, calls
+    # the op's defaults compute everything
+    x2d = p["x"].reshape(10, 17)
+    _, u, z = torch.ops.lorweb_fast.triton_fwd(x2d, p["weight"], p["bias"], None, p["lora_a"], p["lora_b"],
+                                               p["coeffs"].float(), 0.75, 5)
+    out = torch.ops.lorweb_fast.triton_bwd(torch.randn(10, 19), x2d, p["weight"], p["lora_a"], p["lora_b"],
+                                           p["coeffs"].float(), u, z, 0.75, 5)
+    assert [tuple(t.shape) for t in out] == [(10, 17), (3, 17, 4), (3, 4, 19), (2, 3)]
 
 
 @pytest.mark.parametrize("faster", ["first", "last", "table"])
