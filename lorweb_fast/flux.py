@@ -139,9 +139,9 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
     for name, layer in layers.items():
         if strategy != "jit" and modes.get(id(layer.base_layer.weight)) == "stream":
             raise TypeError(f"cannot merge into {name} with strategy={strategy!r}: group offloading with "
-                            "use_stream=True restores its weight from the copy taken when offloading was enabled at "
-                            "every onload, so the merge would be lost; use strategy='jit' or run unmerged "
-                            "(merge='none')")
+                            "use_stream=True swaps its weight for the CPU copy taken when offloading was enabled at "
+                            "every offload and onload, where a merge outside the forward is lost ('full') or "
+                            "untested ('offload'); use strategy='jit' or run unmerged (merge='none')")
         if not has_plain_weight(layer.base_layer):
             raise TypeError(f"cannot merge into {name}: its base layer {type(layer.base_layer).__name__} has no "
                             "plain tensor weight (quantized layers run unmerged)")
@@ -226,42 +226,56 @@ def _merged_full(layers: dict[str, LoRWeBLinear]):
             layer._merged = True
         yield
     finally:
-        failed = []
-        for name, data in originals.items():
-            layer = layers[name]
-            layer._merged = False
-            if getattr(layer, "_keep_merged_on_exit", False):  # set by unload_lora_weights: bake, not restore
-                continue
-            weight = layer.base_layer.weight
+        _restore_layers(layers, originals, _swap_back)
+
+
+def _swap_back(layer: LoRWeBLinear, original: torch.Tensor) -> None:
+    """"full": the original tensor back in place of the merged one. The model may have moved or been cast while
+    merged (fuse_lora, then pipe.to(...)): the original goes back where and as the weight is now (bit for bit when
+    nothing moved)."""
+    weight = layer.base_layer.weight
+    if original.device != weight.device or original.dtype != weight.dtype:
+        original = original.to(device=weight.device, dtype=weight.dtype)
+    weight.data = original
+
+
+def _copy_back(layer: LoRWeBLinear, host_copy: torch.Tensor) -> None:
+    """"offload": the host copy written back into the weight's own storage (copy_ casts and moves)."""
+    with torch.no_grad():
+        layer.base_layer.weight.data.copy_(host_copy)
+
+
+def _restore_layers(layers: dict[str, LoRWeBLinear], originals: dict, restore) -> None:
+    """On leaving a merge: ``restore(layer, original)`` for every layer that holds one (not those whose merge
+    ``unload_lora_weights`` bakes). A layer restored is unmerged; one whose restore fails stays marked merged, since
+    its weight still holds the mixture (unmerged, its forward would add the mixture a second time), and the others
+    are still restored; then a RuntimeError names the failures."""
+    failed = []
+    for name, original in originals.items():
+        layer = layers[name]
+        if not getattr(layer, "_keep_merged_on_exit", False):  # set by unload_lora_weights: bake, not restore
             try:
-                # the model may have moved or been cast while merged (fuse_lora, then pipe.to(...)): the original
-                # goes back where and as the weight is now (bit for bit when nothing moved)
-                if data.device != weight.device or data.dtype != weight.dtype:
-                    data = data.to(device=weight.device, dtype=weight.dtype)
-                weight.data = data
-            except Exception as exc:  # the other layers are still restored
+                restore(layer, original)
+            except Exception as exc:
                 failed.append(f"{name}: {type(exc).__name__}: {exc}")
-        if failed:
-            raise RuntimeError(f"could not restore the original weights of {len(failed)} layers (they keep the merged "
-                               f"weights): {failed[:3]}{' ...' if len(failed) > 3 else ''}")
+                continue
+        layer._merged = False
+    if failed:
+        raise RuntimeError(f"could not restore the original weights of {len(failed)} layers: they keep the merged "
+                           "weights and stay marked merged (set_query and loads into them are refused; reload the "
+                           f"model): {failed[:3]}{' ...' if len(failed) > 3 else ''}")
 
 
 class _RefuseLoad:
     """The load_state_dict pre-hook of a merged model: it runs before the called module loads anything, so the model
-    stays untouched. It also refuses to be copied or pickled (``copy.deepcopy`` / ``torch.save`` of the model while
-    merged): a copy would hold merged weights with no way back."""
+    stays untouched. It also refuses to be copied (``lora_api.refuse_copy_of_merged_model``)."""
 
     def __call__(self, *args, **kwargs):
         raise RuntimeError("load_state_dict inside a merged() block (or on a fuse_lora()'d model): the merged "
                            "weights would be overwritten or silently stay in use; exit the merged() block (or "
                            "unfuse_lora()) first")
 
-    def _refuse_copy(self, *args):
-        raise TypeError("a LoRWeB model inside a merged() block or fused with fuse_lora cannot be copied or pickled: "
-                        "its weights hold the merged mixture; exit the block (or call unfuse_lora(), or "
-                        "unload_lora_weights() to bake the mixture into the stock layers) first")
-
-    __deepcopy__ = __copy__ = __reduce_ex__ = __reduce__ = _refuse_copy
+    __deepcopy__ = __copy__ = __reduce_ex__ = __reduce__ = lora_api.refuse_copy_of_merged_model
 
 
 @contextlib.contextmanager
@@ -305,12 +319,7 @@ def _merged_offload(layers: dict[str, LoRWeBLinear]):
             layer._merged = True
         yield
     finally:
-        with torch.no_grad():
-            for name, copy in host.items():
-                layer = layers[name]
-                if not getattr(layer, "_keep_merged_on_exit", False):  # set by unload_lora_weights: bake
-                    layer.base_layer.weight.data.copy_(copy)
-                layer._merged = False
+        _restore_layers(layers, host, _copy_back)
 
 
 def adapted_weight_bytes(model: nn.Module) -> int:
@@ -956,11 +965,11 @@ class LoRWeBKontextPipeline:
         ``fuse_lora(lora_scale=...)``."""
         if components is not None and "transformer" not in components:
             raise ValueError(f"LoRWeB adapts the transformer only; components={components!r} leaves it out")
-        try:
-            lora_api.unfuse_lora(self.transformer)  # unfused even when a weight could not go back (it raises then)
-        finally:
-            scales, self._fuse_scales = self._fuse_scales, None
-            self._restore_scale_after_unfuse(scales)
+        scales, self._fuse_scales = self._fuse_scales, None
+        # unfused even when a weight could not go back: it raises then, and the layer left merged keeps the strength
+        # as it is (the model is to be reloaded)
+        lora_api.unfuse_lora(self.transformer)
+        self._restore_scale_after_unfuse(scales)
 
     def _restore_scale_after_unfuse(self, scales: Optional[tuple]) -> None:
         """The strength from before ``fuse_lora(lora_scale=...)`` back, unless it was changed while fused."""

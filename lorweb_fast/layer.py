@@ -59,26 +59,42 @@ def group_offloading_modes(model: nn.Module) -> dict[int, str]:
 
     * ``"disk"`` (``offload_to_disk_path``): outside their group's forward the tensors are empty placeholders, and
       every onload reads them back from the file written when offloading was enabled;
-    * ``"stream"`` (``use_stream=True``): outside the forward they are pinned CPU copies taken when offloading was
+    * ``"stream"`` (``use_stream=True``): outside the forward they are CPU copies taken when offloading was
       enabled, and every onload copies those copies (a weight replaced in the meantime is lost);
     * ``"memory"``: moved between devices as they are.
 
     Empty without group offloading."""
     modes: dict[int, str] = {}
-    for module in model.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        get_hook = getattr(registry, "get_hook", None)
-        group = getattr(get_hook("group_offloading") if get_hook else None, "group", None)
-        if group is None:
-            continue
-        mode = ("disk" if getattr(group, "offload_to_disk_path", None) else
-                "stream" if getattr(group, "stream", None) is not None else "memory")
+    for mode, group in _offloading_groups(model):
         tensors = [*getattr(group, "parameters", ()), *getattr(group, "buffers", ())]
         for member in getattr(group, "modules", ()):
             tensors += [*member.parameters(), *member.buffers()]
         for t in tensors:
             modes.setdefault(id(t), mode)
     return modes
+
+
+def group_offloading_members(model: nn.Module) -> tuple[bool, set[int]]:
+    """(whether any group keeps fixed tables of its tensors, the ids of the modules the in-memory groups move whole).
+    Disk and stream groups fix their tensors when offloading is enabled; an in-memory group moves its ``modules``
+    with ``.to()``, so a layer added under one of them later (block-level offloading) is moved with it, while one
+    added beside a leaf-level group's layer belongs to no group."""
+    fixed, members = False, set()
+    for mode, group in _offloading_groups(model):
+        fixed = fixed or mode != "memory"
+        members.update(id(m) for m in getattr(group, "modules", ()))
+    return fixed, members
+
+
+def _offloading_groups(model: nn.Module):
+    """(mode, diffusers ModuleGroup) of every group-offloading hook in ``model`` (see group_offloading_modes)."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        get_hook = getattr(registry, "get_hook", None)
+        group = getattr(get_hook("group_offloading") if get_hook else None, "group", None)
+        if group is not None:
+            yield ("disk" if getattr(group, "offload_to_disk_path", None) else
+                   "stream" if getattr(group, "stream", None) is not None else "memory"), group
 
 
 def refuse_disk_group_offloading(layers: dict[str, "LoRWeBLinear"], modes: dict[int, str], what: str) -> None:
@@ -394,6 +410,15 @@ class LoRWeBLinear(nn.Module):
         touches = any(k.startswith(prefix) for k in state_dict)
         if touches:
             _refuse_inside_merged(self, "load_state_dict")
+        identity_key = prefix + "att_lora_to_q.weight"
+        if self.query_projection_type == "none" and identity_key in state_dict:
+            # a module state_dict saved before the identity became a non-persistent buffer holds it: accepted (it
+            # is left out, not an unexpected key) when it is the identity, refused when it is anything else
+            saved = state_dict.pop(identity_key)
+            if not (isinstance(saved, torch.Tensor) and saved.shape == (self.key_dim, self.key_dim)
+                    and torch.equal(saved.to(torch.float32), torch.eye(self.key_dim, device=saved.device))):
+                error_msgs.append(f"{identity_key}: query_projection_type='none' has the identity as its query "
+                                  "projection, but the state dict holds another tensor")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if any(k in state_dict for k in own):

@@ -35,16 +35,21 @@ CARD_NAME = "README.md"
 _FUSED = "_lorweb_fused"  # model attribute: a _FuseState
 
 
+def refuse_copy_of_merged_model(*_args):
+    """``__deepcopy__`` / ``__reduce_ex__`` of the objects a merged or fused model holds (its fuse state, its
+    load_state_dict pre-hook): ``copy.deepcopy`` / ``torch.save`` of such a model raise this instead of
+    "cannot pickle 'generator' object" (an open merge cannot be copied, and a copy would hold merged weights with no
+    way back)."""
+    raise TypeError("a LoRWeB model fused with fuse_lora or inside a merged() block cannot be copied or pickled: its "
+                    "weights hold the merged mixture; call unfuse_lora() (or exit the merged() block) first, or "
+                    "unload_lora_weights() to bake the mixture into the stock layers")
+
+
 class _FuseState(tuple):
-    """(merged() context, strategy, coefficients at fuse time) of a ``fuse_lora``'d model. A fused model is not
-    copied or pickled (``copy.deepcopy``, ``torch.save`` of the module): its open merge cannot be, and a copy would
-    hold merged weights with no way back; this says so instead of "cannot pickle 'generator' object"."""
+    """(merged() context, strategy, coefficients at fuse time) of a ``fuse_lora``'d model; refuses to be copied
+    (``refuse_copy_of_merged_model``)."""
 
-    def _refuse(self, *args):
-        raise TypeError(f"a LoRWeB model fused with fuse_lora (strategy={self[1]!r}) cannot be copied or pickled: "
-                        "call unfuse_lora() first, or unload_lora_weights() to bake the mixture into the stock layers")
-
-    __deepcopy__ = __copy__ = __reduce_ex__ = __reduce__ = _refuse
+    __deepcopy__ = __copy__ = __reduce_ex__ = __reduce__ = refuse_copy_of_merged_model
 
 
 # -------------------------------------------------------------------------------------------------- fusing

@@ -18,7 +18,8 @@ from torch import nn
 
 from . import ops
 from ._files import default_permissions
-from .layer import LoRWeBLinear, group_offloading_modes, linear_dims, refuse_disk_group_offloading
+from .layer import (LoRWeBLinear, group_offloading_members, group_offloading_modes, linear_dims,
+                    refuse_disk_group_offloading)
 from .reference import ACTIVATIONS, REDUCTIONS
 from .validation import check_choice, check_finite_tensor, check_float_tensor, check_int, check_real, check_regex
 
@@ -115,13 +116,22 @@ def _refuse_incompatible_modules(model: nn.Module, what: str) -> None:
                              "unload_lora())")
 
 
-def _refuse_new_layers_under_group_offloading(model: nn.Module, what: str) -> None:
-    """diffusers' group offloading builds its groups from the tensors present when it is enabled: LoRWeB layers
-    injected afterwards would belong to no group (left on the offload device, or missing from its stream copies)."""
-    if group_offloading_modes(model):
+def _refuse_new_layers_under_group_offloading(model: nn.Module, names, what: str) -> None:
+    """LoRWeB layers wrapped at ``names`` after diffusers' group offloading was enabled: fine under in-memory
+    block-level offloading (the block, moved whole, takes them along), refused where they would belong to no group
+    (leaf-level offloading) or miss the tables a disk or stream group fixed when it was enabled."""
+    fixed, members = group_offloading_members(model)
+    if not names or (not fixed and not members):
+        return
+
+    def moved_whole(name: str) -> bool:  # a proper ancestor of the wrapped layer is an in-memory group's module
+        parts = name.split(".")
+        return any(id(model.get_submodule(".".join(parts[:depth]))) in members for depth in range(len(parts)))
+
+    if fixed or not all(moved_whole(name) for name in names):
         raise RuntimeError(f"{what}: {type(model).__name__} has group offloading enabled, whose groups were built "
-                           "before the LoRWeB layers existed; load the LoRWeB adapter first, then enable group "
-                           "offloading")
+                           "before the LoRWeB layers existed and would not hold them (leaf-level, disk or stream "
+                           "offloading); load the LoRWeB adapter first, then enable group offloading")
 
 
 def _keep_query_projection_out_of_layerwise_casting(model: nn.Module) -> None:
@@ -166,11 +176,11 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
     config.validate()
     already = [n for n, m in lorweb_layers(model).items() if matches_target(n, config.target_modules)]
     _refuse_incompatible_modules(model, "inject_lorweb")
-    _refuse_new_layers_under_group_offloading(model, "inject_lorweb")
     if already:
         raise ValueError(f"LoRWeB is already injected into {len(already)} targeted modules, e.g. {already[:3]}; "
                          "call remove_lorweb(model) first")
     names = _find_targets(model, config.target_modules)
+    _refuse_new_layers_under_group_offloading(model, names, "inject_lorweb")
     if not names:
         raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of "
                          f"{type(model).__name__}")
@@ -716,8 +726,8 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                                     f"was not changed:\n  {shown}")
 
     # Everything is validated: build all new layers first, then swap them in and copy (cannot fail now).
-    if any(name not in existing for name in groups):
-        _refuse_new_layers_under_group_offloading(model, "load_lorweb_weights")
+    _refuse_new_layers_under_group_offloading(model, [name for name in groups if name not in existing],
+                                              "load_lorweb_weights")
     new_layers = {}
     for name, tensors in groups.items():
         if name in existing:

@@ -344,10 +344,10 @@ def _read_trainer_state(ckpt: Path) -> dict:
     if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys() \
             or not isinstance(state.get("step"), int):
         raise ValueError(f"{path} is not a trainer state (expected step and optimizer state)")
-    for key in ("data_position", "num_processes"):
+    for key, least in (("data_position", 0), ("num_processes", 1)):
         value = state.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{path} is corrupt: its {key} is {value!r}, not a non-negative integer")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ValueError(f"{path} is corrupt: its {key} is {value!r}, not an integer >= {least}")
     checkpoint_metadata(ckpt / WEIGHTS_NAME)  # the weights file must at least be readable
     return state
 

@@ -189,7 +189,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, corruptio
         bad_position = corruption == "bad data position"
         torch.save({"step": 4, "optimizer": {"state": {}, "param_groups": []},
                     "config": training._comparable_config(cfg), "data_position": -8 if bad_position else 8,
-                    "num_processes": 2 if bad_position else "2"}, bad_file)
+                    "num_processes": 2 if bad_position else 0}, bad_file)
     else:
         torch.save({"step": 4}, bad_file)
     with pytest.warns(UserWarning, match=rf"cannot resume from step-00000004: .*{bad_file.name}.*falling back"):

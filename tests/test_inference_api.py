@@ -174,25 +174,29 @@ def test_unfuse_after_the_model_moved_restores_the_weights_where_they_are_now(pi
         assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float64}
 
 
-def test_a_weight_that_cannot_go_back_is_named_and_the_others_restored(pipe):
-    """If one layer's original cannot be put back at unfuse (here a weight replaced by a sparse tensor, whose .data
-    refuses a dense one), the other layers are still restored bit for bit, every layer is unmerged, the pipeline is
-    unfused and its strength from before fuse_lora(lora_scale=...) is back; then a RuntimeError names the layer."""
+@pytest.mark.parametrize("strategy", ["full", "offload"])
+def test_a_weight_that_cannot_go_back_is_named_and_the_others_restored(pipe, strategy):
+    """If one layer's original cannot be put back at unfuse (here a weight replaced by a sparse tensor, which takes
+    neither a dense .data nor a dense copy_), the other layers are still restored bit for bit and unmerged, the
+    pipeline is unfused, and a RuntimeError names the layer. That layer stays marked merged: its weight still holds
+    the mixture, and unmerged its forward would add the mixture a second time; set_query is then refused (the model
+    is to be reloaded)."""
     pipe.set_analogy(*random_analogy(3))
     layers = lf.lorweb_layers(pipe.transformer)
     originals = {n: layer.base_layer.weight.detach().clone() for n, layer in layers.items()}
-    pipe.fuse_lora(lora_scale=0.5)
+    pipe.fuse_lora(strategy, lora_scale=0.5)
     stuck = next(iter(layers))
     base = layers[stuck].base_layer
     base.weight = torch.nn.Parameter(base.weight.detach().to_sparse(), requires_grad=False)
     with pytest.raises(RuntimeError, match=rf"could not restore the original weights of 1 layers.*{stuck}"):
         pipe.unfuse_lora()
-    assert lora_api.fused_strategy(pipe.transformer) is None and pipe.get_active_adapters() == ["lorweb"]
-    assert lora_api.get_lorweb_scale(pipe.transformer) == 1.0
+    assert lora_api.fused_strategy(pipe.transformer) is None and pipe._fuse_scales is None
     for name, layer in layers.items():
-        assert not layer._merged, name
+        assert layer._merged == (name == stuck), name
         if name != stuck:
             assert torch.equal(layer.base_layer.weight, originals[name]), name
+    with pytest.raises(RuntimeError, match="merged"):
+        pipe.set_analogy(*random_analogy(4))
 
 
 def test_a_load_under_a_jit_fuse_unfuses_to_full_strength(pipe, assets):
@@ -645,20 +649,53 @@ def test_group_offloading_with_streams_refuses_merges_that_would_be_lost(pipe):
     assert pipe.merge_strategy("auto", 1) == "none"
 
 
-def test_injection_after_group_offloading_is_refused(assets):
-    """diffusers builds its offloading groups from the tensors present when offloading is enabled: LoRWeB layers
-    injected afterwards would belong to no group. inject_lorweb and a first load_lora_weights refuse, naming the
-    order that works, and the transformer is left stock."""
+@pytest.mark.parametrize("offloading", ["block_level", "leaf_level", "disk"])
+def test_injection_after_group_offloading(assets, tmp_path, offloading):
+    """diffusers builds its offloading groups from the modules present when offloading is enabled. In-memory
+    block-level groups move their blocks whole, so LoRWeB layers injected afterwards are moved with them: allowed,
+    with the same outputs as loading first. Leaf-level groups would not hold the new LoRWeB tensors, and disk (and
+    stream) groups fix their tensor tables: inject_lorweb and a first load_lorweb_weights refuse, naming the order
+    that works, and the transformer is left stock."""
     from diffusers import FluxTransformer2DModel
 
-    transformer = FluxTransformer2DModel.from_pretrained(assets / "pipe" / "transformer")
-    transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                                     offload_type="block_level", num_blocks_per_group=1)
-    with pytest.raises(RuntimeError, match="load the LoRWeB adapter first, then enable group offloading"):
-        lf.inject_lorweb(transformer, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=8, query_dim=8))
-    with pytest.raises(RuntimeError, match="load the LoRWeB adapter first, then enable group offloading"):
-        lf.load_lorweb_weights(transformer, assets / "lorweb.safetensors")
-    assert not lf.lorweb_layers(transformer)
+    def transformer():
+        return FluxTransformer2DModel.from_pretrained(assets / "pipe" / "transformer")
+
+    cpu = torch.device("cpu")
+    options = dict(onload_device=cpu, offload_device=cpu, offload_type="leaf_level" if offloading == "leaf_level"
+                   else "block_level")
+    if offloading != "leaf_level":
+        options["num_blocks_per_group"] = 1
+    if offloading == "disk":
+        options["offload_to_disk_path"] = str(tmp_path / "offload")
+    late = transformer()
+    late.enable_group_offload(**options)
+    if offloading != "block_level":
+        with pytest.raises(RuntimeError, match="load the LoRWeB adapter first, then enable group offloading"):
+            lf.inject_lorweb(late, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=8, query_dim=8))
+        with pytest.raises(RuntimeError, match="load the LoRWeB adapter first, then enable group offloading"):
+            lf.load_lorweb_weights(late, assets / "lorweb.safetensors")
+        assert not lf.lorweb_layers(late)
+        return
+    lf.load_lorweb_weights(late, assets / "lorweb.safetensors")
+    early = transformer()
+    lf.load_lorweb_weights(early, assets / "lorweb.safetensors")
+    early.enable_group_offload(**options)
+    torch.manual_seed(0)
+    query = torch.randn(1, next(iter(lf.lorweb_layers(early).values())).query_dim)
+    config = early.config
+    inputs = dict(hidden_states=torch.randn(1, 8, config.in_channels),
+                  encoder_hidden_states=torch.randn(1, 4, config.joint_attention_dim),
+                  pooled_projections=torch.randn(1, config.pooled_projection_dim), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(8, 3), txt_ids=torch.zeros(4, 3), return_dict=False)
+    if config.guidance_embeds:
+        inputs["guidance"] = torch.tensor([3.5])
+    outputs = []
+    for model in (early, late):
+        lf.set_query(model, query)
+        with torch.no_grad():
+            outputs.append(model(**inputs)[0])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
 
 
 def test_model_offload_hooks_keep_outputs_identical(pipe):

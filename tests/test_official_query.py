@@ -339,6 +339,11 @@ def test_query_projection_none(clip_dir):
     assert not any(k.endswith("att_lora_to_q.weight") for k in base.state_dict())
     assert torch.equal(layer.att_lora_to_q.weight, torch.eye(8))
     base.requires_grad_(False)
+    # a module state_dict saved when the identity was a parameter still loads strictly; a non-identity is refused
+    old = dict(base.state_dict(), **{"0.att_lora_to_q.weight": torch.eye(8)})
+    base.load_state_dict(old)
+    with pytest.raises(RuntimeError, match="holds another tensor"):
+        base.load_state_dict(dict(old, **{"0.att_lora_to_q.weight": 2 * torch.eye(8)}))
     q = torch.randn(2, 8)
     keys = layer.lora_keys.detach()
     want = torch.softmax(q @ keys.t() / 8 ** 0.5, dim=-1)  # AttLoRA: q (identity) . keys / sqrt(d), softmax
