@@ -38,6 +38,7 @@ Training size: ``resize="bucket"`` (official, ai-toolkit ``setup_buckets``) or `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -568,7 +569,7 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
         # the folder scan reads headers only (a truncated JPEG passes it and would fail at its training step):
         # here every image is decoded completely
         undecodable = {}
-        with ThreadPoolExecutor(max_workers=_image_threads()) as pool:
+        with _image_pool() as pool:
             decoded = pool.map(lambda s: [(p, _decode_error(p)) for p in s[:2]], dataset.samples)
             for i, results in enumerate(tqdm(decoded, total=len(dataset), desc="decoding images", unit="sample",
                                              disable=not progress)):
@@ -670,46 +671,10 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
         if unknown:
             warnings.warn(f"{src} has no category {', '.join(unknown)} (category filter)", stacklevel=2)
     pairs, bad = [], []
-    cap = max_samples_per_category or None
-    pool = ThreadPoolExecutor(max_workers=_image_threads())
-    try:
+    with _image_pool() as pool:
         for category in tqdm(categories, desc="reading labels", unit="category", disable=not progress):
-            name = category.name
-            if filter_categories and name not in filter_categories:
-                continue
-            labels_path = category / "Group1" / "labels.json"
-            labels = _read_json(labels_path, "labels file")
-            if not isinstance(labels, list):
-                raise AnalogyDataError(f"{labels_path} holds a JSON {type(labels).__name__}, not a list of label "
-                                       "objects")
-            candidates = []  # (index, entry, img_name, image, image_id) of the entries whose image exists
-            for k, entry in enumerate(labels):
-                img_name = _label_field(labels_path, k, entry, "img_name")
-                image = category / "Group1" / img_name
-                image_id = f"{name}_{img_name}"
-                if image.is_file() and image_id not in excluded:
-                    candidates.append((k, entry, img_name, image, image_id))
-            # decoded in parallel, in chunks of as many entries as the cap still admits: every entry of a chunk would
-            # also be reached one by one (each earlier entry adds at most one to the count), so the fields checked,
-            # the pairs kept and the images reported are exactly the sequential ones, in order
-            count, start = 0, 0
-            while start < len(candidates) and (cap is None or count < cap):
-                chunk = candidates[start:start + (len(candidates) if cap is None else cap - count)]
-                start += len(chunk)
-                fields = [{field: _label_field(labels_path, k, entry, field) for field in LABEL_FIELDS[1:]}
-                          for k, entry, *_ in chunk]
-                errors = pool.map(_decode_error, [image for *_, image, _ in chunk])
-                for (_, _, img_name, image, image_id), field, error in zip(chunk, fields, errors):
-                    if error is not None:
-                        bad.append((str(image), error))
-                        continue
-                    count += 1
-                    pairs.append({"image_id": image_id, "category": name, "path": image, "img_name": img_name,
-                                  "edit_prompt": field["edit_instruction"],
-                                  "left_image_description": field["left_image_description"],
-                                  "right_image_description": field["right_image_description"]})
-    finally:
-        pool.shutdown(cancel_futures=True)
+            if not filter_categories or category.name in filter_categories:
+                pairs += _category_pairs(category, excluded, max_samples_per_category or None, pool, bad)
     if bad:
         warnings.warn(f"skipped {len(bad)} Relation252K images that cannot be decoded, as the official script does "
                       f"(e.g. {bad[0][0]}: {bad[0][1]})", stacklevel=2)
@@ -718,9 +683,52 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
     return pairs
 
 
-def _image_threads() -> int:
-    """Threads for decoding and encoding images: Pillow releases the GIL while it decodes and encodes."""
-    return min(8, os.cpu_count() or 1)
+@contextlib.contextmanager
+def _image_pool():
+    """Threads for decoding and encoding images (Pillow releases the GIL while it decodes and encodes), at most 8.
+    On leaving, also by an error or an interrupt, the tasks not yet started are cancelled."""
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _category_pairs(category: Path, excluded: set, cap: Optional[int], pool: ThreadPoolExecutor,
+                    bad: list) -> list[dict]:
+    """The pairs of one Relation252K category (``relation252k_pairs``): at most ``cap`` whose image decodes, in
+    labels order; ``(path, error)`` of each image that does not decode is appended to ``bad``. Images are decoded
+    on ``pool`` in chunks of as many entries as the cap still admits: every entry of a chunk would also be reached
+    one by one (each earlier entry adds at most one to the count), so the fields checked, the pairs kept and the
+    images reported are exactly the sequential ones, in order."""
+    name = category.name
+    labels_path = category / "Group1" / "labels.json"
+    labels = _read_json(labels_path, "labels file")
+    if not isinstance(labels, list):
+        raise AnalogyDataError(f"{labels_path} holds a JSON {type(labels).__name__}, not a list of label objects")
+    candidates = []  # (index, entry, img_name, image, image_id) of the entries whose image exists
+    for k, entry in enumerate(labels):
+        img_name = _label_field(labels_path, k, entry, "img_name")
+        image = category / "Group1" / img_name
+        image_id = f"{name}_{img_name}"
+        if image.is_file() and image_id not in excluded:
+            candidates.append((k, entry, img_name, image, image_id))
+    pairs, start = [], 0
+    while start < len(candidates) and (cap is None or len(pairs) < cap):
+        chunk = candidates[start:start + (len(candidates) if cap is None else cap - len(pairs))]
+        start += len(chunk)
+        fields = [{field: _label_field(labels_path, k, entry, field) for field in LABEL_FIELDS[1:]}
+                  for k, entry, *_ in chunk]
+        errors = pool.map(_decode_error, [image for *_, image, _ in chunk])
+        for (_, _, img_name, image, image_id), field, error in zip(chunk, fields, errors):
+            if error is not None:
+                bad.append((str(image), error))
+                continue
+            pairs.append({"image_id": image_id, "category": name, "path": image, "img_name": img_name,
+                          "edit_prompt": field["edit_instruction"],
+                          "left_image_description": field["left_image_description"],
+                          "right_image_description": field["right_image_description"]})
+    return pairs
 
 
 def _decode_error(path: Path) -> Optional[str]:
@@ -872,8 +880,7 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
     failed, entries = [], []
     # analogies are written on several threads (each to its own files), the results taken in the plan's order; an
     # interrupted run cancels the analogies not started (the next run resumes them)
-    pool = ThreadPoolExecutor(max_workers=_image_threads())
-    try:
+    with _image_pool() as pool:
         results = pool.map(write_one, analogies)
         for analogy, (status, error) in tqdm(zip(analogies, results), total=len(analogies), desc="writing analogies",
                                              unit="analogy", disable=not progress):
@@ -883,8 +890,6 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
             skipped += status == "skipped"
             written += status == "written"
             entries.append(_metadata_entry(analogy))
-    finally:
-        pool.shutdown(cancel_futures=True)
     # this run's entries replace an earlier run's of the same id (its files were written from them), new ones follow
     current = {e["analogy_id"]: e for e in entries}
     entries = [current.pop(e["analogy_id"], e) for e in earlier] + list(current.values())

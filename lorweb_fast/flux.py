@@ -124,6 +124,8 @@ def merged_weight(layer: LoRWeBLinear) -> torch.Tensor:
 
 #: Strategies of ``merged``; "none" in the pipeline and CLI means the unmerged (fused) path.
 MERGE_STRATEGIES = ("full", "offload", "jit")
+#: diffusers' name of the one LoRWeB adapter a pipeline holds, unless ``load_lora_weights(adapter_name=...)``.
+DEFAULT_ADAPTER_NAME = "lorweb"
 
 
 def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear]:
@@ -775,7 +777,7 @@ class LoRWeBKontextPipeline:
         self.resolution, self.max_area, self.max_size, self.long_edge = resolution, max_area, max_size, long_edge
         self._disabled_scale: Optional[float] = None  # the strength to restore after disable_lora
         self._fuse_scales: Optional[tuple] = None  # (strength before fuse_lora, strength it set), see unfuse_lora
-        self._adapter_name = "lorweb"  # diffusers' adapter name (load_lora_weights(adapter_name=...))
+        self._adapter_name = DEFAULT_ADAPTER_NAME  # diffusers' adapter name (load_lora_weights(adapter_name=...))
 
     @property
     def transformer(self) -> nn.Module:
@@ -900,7 +902,7 @@ class LoRWeBKontextPipeline:
                                         "load another basis)") from exc
         # a loaded adapter starts as diffusers' does: under its own name ("lorweb" by default), at strength 1.0 and
         # enabled, whatever the adapter it replaces was set to (under a "jit" fuse, unfuse_lora then keeps 1.0)
-        self._adapter_name = "lorweb" if adapter_name is None else adapter_name
+        self._adapter_name = DEFAULT_ADAPTER_NAME if adapter_name is None else adapter_name
         self._disabled_scale = None
         lora_api.set_lorweb_scale(self.transformer, 1.0)
         if self._fuse_scales is not None:
@@ -912,7 +914,7 @@ class LoRWeBKontextPipeline:
         ``fuse_lora`` stays in their weights, as with diffusers/peft (``lora_api.unload_lora_weights``)."""
         names = lora_api.unload_lora_weights(self.transformer)  # may refuse: the pipeline's state stays then
         self._fuse_scales = self._disabled_scale = None
-        self._adapter_name = "lorweb"  # as diffusers: the unloaded adapter's name is gone
+        self._adapter_name = DEFAULT_ADAPTER_NAME  # as diffusers: the unloaded adapter's name is gone
         return names
 
     def fuse_lora(self, strategy: str = "full", *, lora_scale: float = 1.0, components=None,
@@ -969,10 +971,6 @@ class LoRWeBKontextPipeline:
         # unfused even when a weight could not go back: it raises then, and the layer left merged keeps the strength
         # as it is (the model is to be reloaded)
         lora_api.unfuse_lora(self.transformer)
-        self._restore_scale_after_unfuse(scales)
-
-    def _restore_scale_after_unfuse(self, scales: Optional[tuple]) -> None:
-        """The strength from before ``fuse_lora(lora_scale=...)`` back, unless it was changed while fused."""
         if scales is None or not lorweb_layers(self.transformer):
             return
         before, fused_scale = scales

@@ -100,8 +100,10 @@ def _offloading_groups(model: nn.Module):
 def refuse_disk_group_offloading(layers: dict[str, "LoRWeBLinear"], modes: dict[int, str], what: str) -> None:
     """Raise when group offloading keeps a LoRWeB layer's tensors on disk (``group_offloading_modes``): ``what``
     would read placeholders or write into them (the next onload re-reads the file)."""
+    if "disk" not in modes.values():  # set_query runs this every step: nothing per layer without disk groups
+        return
     for name, layer in layers.items():
-        tensors = [*layer.lorweb_tensors().values(), layer.att_lora_to_q.weight]
+        tensors = [layer.lora_A, layer.lora_B, layer.lora_keys, layer.att_lora_to_q.weight]
         weight = getattr(layer.base_layer, "weight", None)
         if isinstance(weight, torch.Tensor):
             tensors.append(weight)

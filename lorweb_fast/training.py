@@ -634,7 +634,6 @@ def _check_fsdp(accelerator, cfg: TrainConfig) -> None:
     if cfg.quantize_base != "none":
         raise ValueError(f"--quantize-base {cfg.quantize_base} cannot be sharded by FSDP2 (bitsandbytes weights are "
                          "not DTensors); use DDP or one process with a quantized base")
-    _reduce_gradients_in_fp32(accelerator.state.fsdp_plugin)
     if cfg.adapter_precision == "fp32" and cfg.mixed_precision in ("bf16", "fp16"):
         # accelerate's FSDP2 policy gathers every parameter of a block in the compute dtype (param_dtype), the
         # LoRWeB fp32 masters included: the official fp32 arithmetic would silently run on rounded weights
@@ -951,6 +950,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     sharded = accelerator.distributed_type == DistributedType.FSDP
     if sharded:
         _check_fsdp(accelerator, cfg)  # before loading any model
+        _reduce_gradients_in_fp32(accelerator.state.fsdp_plugin)
     if pipe is not None and lorweb_layers(pipe.transformer):  # before prepare_output may delete an old run
         _check_injected_layers(pipe.transformer, cfg, None if encoder is None else encoder.query_dim)
     ckpt, trainer_state = prepare_output(cfg, main_process=accelerator.is_main_process)  # before loading models
