@@ -2,7 +2,8 @@
 # Download, on a machine with internet, the pure-Python wheels that the GPU machine lacks, so that
 # benchmarks/run_on_gpu.sh can install lorweb_fast there without any download:
 #   bash benchmarks/collect_wheels.sh [DIR (default shared/wheels)] [--with-bitsandbytes] [--python-version 3.12]
-# Only the missing packages are fetched (--no-deps): diffusers and importlib_metadata, at the versions installed in
+# Only the missing packages are fetched (--no-deps): diffusers, importlib_metadata and optimum-quanto (the official
+# fp8 quantization, --quantize-base qfloat8; pure Python, 0.2 MB), at the versions installed in
 # this environment when it has them. bitsandbytes (a ~60 MB binary wheel, over half of what a device call carries)
 # only with --with-bitsandbytes. DIR is git-ignored: never commit wheels.
 set -eu -o pipefail
@@ -33,7 +34,7 @@ pin() {  # NAME DEFAULT -> NAME==installed version (or DEFAULT)
   echo "$1==${v:-$2}"
 }
 
-PKGS=("$(pin diffusers 0.42.1)" "$(pin importlib_metadata 8.7.0)")
+PKGS=("$(pin diffusers 0.42.1)" "$(pin importlib_metadata 8.7.0)" "$(pin optimum-quanto 0.2.7)")
 if [ "$WITH_BNB" -eq 1 ]; then PKGS+=("$(pin bitsandbytes 0.49.0)"); fi
 
 mkdir -p "$DIR"

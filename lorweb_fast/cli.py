@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "the official loader composes them) or reverse (control [a' a; b' b'])",
              "adapter_precision": "bf16: fused kernels in the compute dtype (fp32 accumulation); fp32: the official "
                                   "numerics (x and query cast to the fp32 LoRA parameters)",
-             "quantize_base": "load the base transformer quantized by bitsandbytes (int8 or nf4), stock diffusers",
+             "quantize_base": "qfloat8: the official fp8 quantization (optimum-quanto, transformer and T5, CPU or "
+                              "GPU); int8 / nf4: the transformer loaded by stock diffusers with bitsandbytes (GPU)",
              "cudnn_attention": "let the transformer's attention use cuDNN's SDPA kernels while training (off: their "
                                 "backward returned NaN gradients on an H200 with torch 2.11)",
              "nan_loss": "skip (official: a step whose loss is NaN makes no update, logged) or raise (stop with an "

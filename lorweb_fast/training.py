@@ -56,7 +56,11 @@ WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 #: ``weighting_scheme``
 TIMESTEP_TYPES = ("weighted", "linear", "diffusers")
 ADAPTER_PRECISIONS = ("bf16", "fp32")
-QUANTIZE_BASE = ("none", "int8", "nf4")
+#: "qfloat8": the official ``quantize: true`` (optimum-quanto fp8 weights for the transformer and T5); "int8" /
+#: "nf4": bitsandbytes, loaded by stock diffusers (GPU only)
+QUANTIZE_BASE = ("none", "qfloat8", "int8", "nf4")
+#: the pipeline components the official ``quantize: true`` quantizes (``quantize_te`` defaults to ``quantize``)
+QFLOAT8_COMPONENTS = ("transformer", "text_encoder_2")
 #: "bucket": one training size per batch, as ai-toolkit batches (official); "mixed": batches drawn across buckets,
 #: each resized to its first sample's size (lorweb_fast's first rule)
 BATCHINGS = ("bucket", "mixed")
@@ -595,17 +599,82 @@ def quantization_config(quantize_base: str, compute_dtype: torch.dtype = torch.b
     raise ValueError(f"quantize_base must be 'int8' or 'nf4' for a quantization config, got {quantize_base!r}")
 
 
-def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize_base: str = "none"):
-    """The FluxKontextPipeline to train on; with ``quantize_base`` "int8" / "nf4" its transformer is loaded by stock
-    diffusers with a bitsandbytes ``quantization_config`` (needs a CUDA GPU: diffusers' bitsandbytes quantizer
-    refuses to quantize without one). The LoRWeB layers then wrap the quantized linears (delta-only path)."""
+def _import_quanto():
+    """optimum.quanto's ``quantize``, ``freeze``, ``qfloat8``; ImportError naming the package when it is missing."""
+    try:
+        from optimum.quanto import freeze, qfloat8, quantize
+    except ImportError as exc:
+        raise ImportError(f"--quantize-base qfloat8 needs optimum-quanto, the library the official run quantizes "
+                          f"with (pip install 'lorweb_fast[quanto]' or 'optimum-quanto>=0.2.7'): {exc}") from None
+    return quantize, freeze, qfloat8
+
+
+def quantize_qfloat8(pipe, device: Optional[torch.device] = None) -> None:
+    """Quantize ``pipe.transformer`` and ``pipe.text_encoder_2`` (T5) in place to fp8 weights with optimum-quanto,
+    as the official run does with ``quantize: true`` (NVlabs/LoRWeB extensions_built_in/flux_kontext.py
+    ``FluxKontextModel.load_model``: each model moved to the quantize device, ``quantize(model, weights=qfloat8)``
+    over all its submodules, then ``freeze(model)``; ``quantize_te`` defaults to ``quantize``). Every linear of those
+    models becomes an optimum-quanto ``QLinear`` (float8_e4m3fn weights, one scale per output row); the LoRWeB layers
+    injected afterwards wrap them through the delta-only path. ``device``: where to quantize (the official quantize
+    device is the training device); None quantizes where the models are.
+
+    Checked before anything changes: optimum-quanto importable, neither model quantized already, no LoRWeB layers
+    (quantize first, then inject: quanto would quantize the LoRWeB query projections and wrapped bases too)."""
+    quantize, freeze, qfloat8 = _import_quanto()
+    from .model import lorweb_layers
+
+    models = {}
+    for name in QFLOAT8_COMPONENTS:
+        module = getattr(pipe, name, None)
+        if not isinstance(module, torch.nn.Module):
+            raise ValueError(f"quantize_qfloat8 needs a FluxKontextPipeline with a {name}, got {type(pipe).__name__} "
+                             f"whose {name} is {type(module).__name__}")
+        if quantization_kind(module) is not None:
+            raise ValueError(f"the pipeline's {name} is quantized already ({quantization_kind(module)})")
+        if lorweb_layers(module):
+            raise ValueError(f"the pipeline's {name} has LoRWeB layers: quantize the base before injecting them "
+                             "(quanto would quantize their query projections and wrapped base layers too)")
+        models[name] = module
+    for module in models.values():
+        if device is not None:
+            module.to(device)
+        quantize(module, weights=qfloat8)
+        freeze(module)
+
+
+def quantization_kind(module: torch.nn.Module) -> Optional[str]:
+    """"quanto" (optimum-quanto modules), "bitsandbytes" (bitsandbytes modules or a diffusers ``is_quantized``
+    model) or None for a module tree without quantized layers."""
+    kinds = {type(m).__module__.split(".")[0] for m in module.modules()}
+    if "optimum" in kinds and any(type(m).__module__.startswith("optimum.quanto") for m in module.modules()):
+        return "quanto"
+    if "bitsandbytes" in kinds or getattr(module, "is_quantized", False):
+        return "bitsandbytes"
+    return None
+
+
+def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize_base: str = "none",
+                           device: Optional[torch.device] = None):
+    """The FluxKontextPipeline to train on.
+
+    ``quantize_base``: "qfloat8" loads the pipeline in ``dtype`` and quantizes its transformer and T5 on ``device``
+    with optimum-quanto as the official run (``quantize_qfloat8``; works on a CPU too); "int8" / "nf4" load the
+    transformer by stock diffusers with a bitsandbytes ``quantization_config`` (needs a CUDA GPU: diffusers'
+    bitsandbytes quantizer refuses to quantize without one). The LoRWeB layers then wrap the quantized linears
+    (delta-only path)."""
     from .flux import base_model_loaded, load_kontext_pipeline
 
     if quantize_base == "none":
         return load_kontext_pipeline(model, dtype)
+    if quantize_base == "qfloat8":
+        _import_quanto()  # before loading anything
+        pipe = load_kontext_pipeline(model, dtype)
+        quantize_qfloat8(pipe, device)
+        return pipe
     if not torch.cuda.is_available():
         raise ValueError(f"--quantize-base {quantize_base} needs a CUDA GPU: diffusers' bitsandbytes quantizer does "
-                         "not quantize on the CPU (pass --quantize-base none)")
+                         "not quantize on the CPU (pass --quantize-base none, or qfloat8 for the official "
+                         "optimum-quanto fp8 quantization, which runs on a CPU too)")
     import diffusers
     from diffusers import FluxKontextPipeline, FluxTransformer2DModel
     from packaging.version import Version
@@ -617,9 +686,18 @@ def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize
                                                                                 **{key: dtype}))
 
 
-def _is_quantized(module) -> bool:
-    return bool(getattr(module, "is_quantized", False)) or any(
-        type(m).__module__.startswith("bitsandbytes") for m in module.modules())
+def _check_given_quantization(pipe, quantize_base: str) -> None:
+    """A pipeline passed to ``train`` must already be quantized the way ``quantize_base`` says (not checked for
+    "none")."""
+    if quantize_base == "none":
+        return
+    want = "quanto" if quantize_base == "qfloat8" else "bitsandbytes"
+    got = quantization_kind(pipe.transformer)
+    if got != want:
+        how = ("quantize it with lorweb_fast.training.quantize_qfloat8(pipe) before training" if want == "quanto"
+               else "load it with a diffusers BitsAndBytesConfig (lorweb_fast.training.quantization_config)")
+        raise ValueError(f"quantize_base={quantize_base!r} but the given pipeline's transformer is "
+                         f"{'not quantized' if got is None else 'quantized by ' + got}: {how}")
 
 
 def _check_fsdp(accelerator, cfg: TrainConfig) -> None:
@@ -632,7 +710,7 @@ def _check_fsdp(accelerator, cfg: TrainConfig) -> None:
         raise ValueError("bitsandbytes' 8-bit AdamW cannot step FSDP2's sharded (DTensor) parameters; pass "
                          "--optimizer adamw under FSDP (the LoRWeB optimizer state is small and sharded anyway)")
     if cfg.quantize_base != "none":
-        raise ValueError(f"--quantize-base {cfg.quantize_base} cannot be sharded by FSDP2 (bitsandbytes weights are "
+        raise ValueError(f"--quantize-base {cfg.quantize_base} cannot be sharded by FSDP2 (quantized weights are "
                          "not DTensors); use DDP or one process with a quantized base")
     if cfg.adapter_precision == "fp32" and cfg.mixed_precision in ("bf16", "fp16"):
         # accelerate's FSDP2 policy gathers every parameter of a block in the compute dtype (param_dtype), the
@@ -953,14 +1031,16 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         _reduce_gradients_in_fp32(accelerator.state.fsdp_plugin)
     if pipe is not None and lorweb_layers(pipe.transformer):  # before prepare_output may delete an old run
         _check_injected_layers(pipe.transformer, cfg, None if encoder is None else encoder.query_dim)
+    if pipe is not None:
+        _check_given_quantization(pipe, cfg.quantize_base)
+    elif cfg.quantize_base == "qfloat8":
+        _import_quanto()
     ckpt, trainer_state = prepare_output(cfg, main_process=accelerator.is_main_process)  # before loading models
     accelerator.wait_for_everyone()
 
     weight_dtype = DTYPE_NAMES.get(cfg.mixed_precision, torch.float32)  # mixed_precision "no": fp32
     if pipe is None:
-        pipe = load_training_pipeline(cfg.model, weight_dtype, cfg.quantize_base)
-    elif cfg.quantize_base != "none" and not _is_quantized(pipe.transformer):
-        raise ValueError(f"quantize_base={cfg.quantize_base!r} but the given pipeline's transformer is not quantized")
+        pipe = load_training_pipeline(cfg.model, weight_dtype, cfg.quantize_base, device)
     if encoder is None:
         encoder_dtype = weight_dtype if cfg.encoder_dtype == "auto" else DTYPE_NAMES[cfg.encoder_dtype]
         encoder = AnalogyEncoder(cfg.encoder, dtype=encoder_dtype, query_mode=cfg.query_mode,

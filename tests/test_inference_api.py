@@ -578,6 +578,30 @@ def test_push_to_hub_uploads_the_saved_folder(pipe, monkeypatch):
         pipe.push_to_hub("")
 
 
+def test_qfloat8_quantized_transformer_runs_unmerged(pipe, assets):
+    """A transformer quantized like the official run (``lorweb_fast.training.quantize_qfloat8``: optimum-quanto fp8
+    weights), then given the checkpoint: the LoRWeB layers wrap quanto's QLinear, merge="auto" runs unmerged at batch
+    1, a named merge is refused before anything changes, and the result is the unmerged one (deterministic). The
+    mixture is really applied: the output differs from the same quantized pipeline at strength 0."""
+    pytest.importorskip("optimum.quanto")
+    from lorweb_fast import training
+
+    base = flux.load_kontext_pipeline(assets / "pipe")
+    training.quantize_qfloat8(base)
+    lf.load_lorweb_weights(base.transformer, assets / "lorweb.safetensors")
+    qpipe = flux.LoRWeBKontextPipeline(base, pipe.encoder, resolution="native", long_edge=64)
+    assert all(type(l.base_layer).__name__ == "QLinear" for l in lf.lorweb_layers(base.transformer).values())
+    assert qpipe.merge_strategy("auto", 1) == "none"
+    x = [random_analogy(2)]
+    want = run(qpipe, x, ["flip"])
+    for strategy in ("full", "offload", "jit"):
+        with pytest.raises(TypeError, match="no plain tensor weight"):
+            run(qpipe, x, ["flip"], merge=strategy)
+    np.testing.assert_array_equal(run(qpipe, x, ["flip"])[0], want[0])
+    qpipe.set_adapters(qpipe.get_active_adapters(), adapter_weights=0.0)
+    assert not np.array_equal(run(qpipe, x, ["flip"])[0], want[0])
+
+
 # ------------------------------------------------------------------------------------------- offloading hooks
 def test_group_offloading_hooks_keep_outputs_identical(pipe):
     """diffusers' group offloading (CPU -> CPU here: the hooks run, the devices do not change) leaves the

@@ -118,6 +118,36 @@ def test_wraps_bitsandbytes_layers(kind):
     assert layer.lora_A.grad is not None and layer.lora_B.grad.abs().sum() > 0
 
 
+def test_wraps_optimum_quanto_qfloat8_layers():
+    """An optimum-quanto QLinear with fp8 weights (what ``--quantize-base qfloat8`` and the official
+    ``quantize: true`` make) is wrapped through the delta-only path: the output is the QLinear's own output plus the
+    mixture, the quantized weight is neither read nor changed, and the gradients reach x and the basis."""
+    quanto = pytest.importorskip("optimum.quanto")
+    torch.manual_seed(0)
+    q = nn.Sequential(nn.Linear(37, 21))
+    quanto.quantize(q, weights=quanto.qfloat8)
+    quanto.freeze(q)
+    q = q[0]
+    assert not lf.layer.has_plain_weight(q)  # its forward is quanto's, not F.linear on .weight
+    data, scale = q.weight._data.clone(), q.weight._scale.clone()
+    layer = lf.LoRWeBLinear(q, num_loras=3, rank=2, key_dim=8, query_dim=6)
+    assert layer.lora_A.dtype == torch.float32
+    nn.init.normal_(layer.lora_B)
+    coeffs = torch.rand(2, 3)
+    layer.set_coefficients(coeffs)
+    x = torch.randn(2, 5, 37, requires_grad=True)
+    with torch.no_grad():
+        base_out = q(x)
+    want = base_out.double() + reference.mixed_lora_delta(x.detach().double(), layer.lora_A.double(),
+                                                            layer.lora_B.double(), coeffs.double(), layer.scale)
+    out = layer(x)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+    assert torch.equal(q.weight._data.view(torch.uint8), data.view(torch.uint8)) and torch.equal(q.weight._scale, scale)
+
+
 def test_explicit_parameter_dtype_initialises_in_that_dtype():
     """``dtype=torch.float32`` on a bf16 base creates and initialises the LoRWeB parameters in fp32 (the official
     AttLoRAModule is built in fp32): the same draws as an fp32 base from the same seed, not bf16-rounded values.

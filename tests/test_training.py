@@ -943,6 +943,129 @@ def test_quantized_base_trains_through_the_delta_only_path(assets, tmp_path, kin
         assert torch.equal(state[key.replace("to_q.", "to_q.base_layer.")], value), key
 
 
+def _official_qfloat8(module):
+    """Reference written from NVlabs/LoRWeB toolkit/util/quantize.py ``quantize`` and extensions_built_in/
+    flux_kontext.py ``FluxKontextModel.load_model`` (``quantize: true``): every named submodule of the model, walked
+    as the model changes, except those whose class is already one of quanto's Q modules, goes through optimum-quanto's
+    ``_quantize_submodule`` with qfloat8 weights and no activation quantization; then ``freeze(model)``. The
+    transformer and, ``quantize_te`` defaulting to ``quantize``, T5 (``text_encoder_2``)."""
+    from optimum.quanto import freeze, qfloat8
+    from optimum.quanto.quantize import _quantize_submodule
+
+    q_modules = ("QLinear", "QConv2d", "QEmbedding", "QBatchNorm2d", "QLayerNorm", "QConvTranspose2d", "QEmbeddingBag")
+    for name, m in module.named_modules():
+        if type(m).__name__ not in q_modules:
+            _quantize_submodule(module, name, m, weights=qfloat8, activations=None, optimizer=None)
+    freeze(module)
+
+
+def _quantized_state(module) -> dict:
+    """{module path: class name, plus the fp8 bytes and scales of quantized weights}."""
+    state = {}
+    for name, m in module.named_modules():
+        state[name] = type(m).__name__
+        w = getattr(m, "weight", None)
+        if type(w).__name__ == "WeightQBytesTensor":
+            state[name + ".weight"] = (w._data.dtype, w._data.view(torch.uint8).clone(), w._scale.clone())
+    return state
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, tuple):
+            if x[0] != y[0] or not torch.equal(x[1], y[1]) or not torch.equal(x[2], y[2]):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def test_qfloat8_quantizes_as_the_official_run(assets):
+    """``quantize_qfloat8`` (``--quantize-base qfloat8``) quantizes the transformer and T5 exactly as the official
+    ``quantize: true`` (reference above): the same modules become QLinear with the same fp8 bytes and scales; the VAE
+    and the CLIP text encoder stay as they were."""
+    pytest.importorskip("optimum.quanto")
+    ours = training.load_training_pipeline(assets / "pipe", torch.float32, "qfloat8")
+    official = flux.load_kontext_pipeline(assets / "pipe", torch.float32)
+    plain = {name: _quantized_state(getattr(official, name)) for name in ("vae", "text_encoder")}
+    for name in ("transformer", "text_encoder_2"):  # quantize and quantize_te
+        _official_qfloat8(getattr(official, name))
+    for name in ("transformer", "text_encoder_2", "vae", "text_encoder"):
+        got, want = _quantized_state(getattr(ours, name)), _quantized_state(getattr(official, name))
+        assert _same_state(got, want), name
+    quantized = [k for k, v in _quantized_state(ours.transformer).items() if v == "QLinear"]
+    assert "x_embedder" in quantized and "transformer_blocks.0.attn.to_q" in quantized  # not only the blocks
+    assert any(v == "QLinear" for v in _quantized_state(ours.text_encoder_2).values())
+    for name in ("vae", "text_encoder"):
+        assert _same_state(_quantized_state(getattr(ours, name)), plain[name])
+        assert training.quantization_kind(getattr(ours, name)) is None
+    assert training.quantization_kind(ours.transformer) == "quanto"
+
+
+def test_qfloat8_base_trains_through_the_delta_only_path(assets, tmp_path):
+    """``--quantize-base qfloat8`` on the CPU, from the model folder and with a pipeline quantized beforehand: the
+    LoRWeB layers wrap quanto's QLinear (the official LoRASpecialNetwork adapts QLinear modules, toolkit/
+    lora_special.py LINEAR_MODULES), only the LoRWeB tensors move, the fp8 weights stay bit for bit."""
+    pytest.importorskip("optimum.quanto")
+    result = training.train(config(assets, tmp_path / "run", steps=2, checkpoint_every=2, quantize_base="qfloat8",
+                                   optimizer="adamw"))
+    assert math.isfinite(result["loss"])
+    layer = result["transformer"].transformer_blocks[0].attn.to_q
+    assert type(layer.base_layer).__name__ == "QLinear" and layer.lora_B.abs().max() > 0
+    assert (tmp_path / "run" / "lorweb.safetensors").is_file()
+
+    pipe = training.load_training_pipeline(assets / "pipe", torch.float32, "qfloat8")
+    before = {name: _quantized_state(getattr(pipe, name)) for name in training.QFLOAT8_COMPONENTS}
+    result = training.train(config(assets, tmp_path / "given", steps=2, checkpoint_every=2,
+                                   quantize_base="qfloat8", optimizer="adamw"), pipe=pipe)
+    layers = lf.lorweb_layers(pipe.transformer)
+    assert layers and all(type(l.base_layer).__name__ == "QLinear" for l in layers.values())
+    assert all(l.lora_B.abs().max() > 0 for l in layers.values())
+    after = _quantized_state(pipe.transformer)
+    for key, value in before["transformer"].items():  # the wrapped bases moved under .base_layer, unchanged
+        moved = key if key in after else key.replace(".weight", ".base_layer.weight") if key.endswith(".weight") \
+            else key + ".base_layer"
+        if isinstance(value, tuple):
+            assert _same_state({key: after[moved]}, {key: value}), key
+    assert _same_state(_quantized_state(pipe.text_encoder_2), before["text_encoder_2"])
+
+
+def test_qfloat8_refusals(assets, tmp_path, monkeypatch):
+    """Refused by name before anything changes: a pipeline that is not quantized (or quantized by the other
+    library) for ``quantize_base``, quantizing twice, quantizing after injection, and a missing optimum-quanto (the
+    old run under --overwrite survives)."""
+    pytest.importorskip("optimum.quanto")
+    plain = flux.load_kontext_pipeline(assets / "pipe")
+    with pytest.raises(ValueError, match="transformer is not quantized: quantize it with"):
+        training.train(config(assets, tmp_path / "a", quantize_base="qfloat8"), pipe=plain)
+    quantized = training.load_training_pipeline(assets / "pipe", torch.float32, "qfloat8")
+    with pytest.raises(ValueError, match="quantized by quanto: load it with a diffusers BitsAndBytesConfig"):
+        training.train(config(assets, tmp_path / "b", quantize_base="int8"), pipe=quantized)
+    with pytest.raises(ValueError, match="quantized already"):
+        training.quantize_qfloat8(quantized)
+    injected = flux.load_kontext_pipeline(assets / "pipe")
+    lf.inject_lorweb(injected.transformer, lf.LoRWeBConfig(num_loras=2, rank=2, key_dim=4, query_dim=4))
+    before = _quantized_state(injected.transformer)
+    with pytest.raises(ValueError, match="before injecting"):
+        training.quantize_qfloat8(injected)
+    assert _same_state(_quantized_state(injected.transformer), before)
+    assert training.quantization_kind(injected.text_encoder_2) is None
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("old run")
+    monkeypatch.setitem(sys.modules, "optimum.quanto", None)
+    with pytest.raises(ImportError, match="optimum-quanto"):
+        training.train(config(assets, old, quantize_base="qfloat8", overwrite=True))
+    assert (old / "keep.txt").read_text() == "old run"
+    with pytest.raises(ImportError, match="optimum-quanto"):
+        training.quantize_qfloat8(plain)
+    assert training.quantization_kind(plain.transformer) is None
+
+
 def test_quantized_base_plumbing(assets, tmp_path):
     int8 = training.quantization_config("int8")
     nf4 = training.quantization_config("nf4", torch.bfloat16)
