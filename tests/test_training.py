@@ -333,6 +333,18 @@ def test_ddp_two_processes_keep_ranks_identical(assets, tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_with_a_qfloat8_base_keeps_ranks_identical(assets, tmp_path):
+    """DDP over a transformer quantized by optimum-quanto (``--quantize-base qfloat8``): DDP's start-up broadcast of
+    the module states takes quanto's fp8 weight tensors, and both ranks end with the same trained LoRWeB tensors."""
+    pytest.importorskip("optimum.quanto")
+    cfg = config(assets, tmp_path / "ddp", steps=2, checkpoint_every=2, quantize_base="qfloat8", optimizer="adamw")
+    ranks, _ = launch(cfg, tmp_path)
+    assert ranks[0]["meta"]["world_size"] == "2"
+    r0 = assert_ranks_identical(ranks)
+    assert any(r0[k].abs().max() > 0 for k in r0 if k.endswith("lora_B"))
+
+
+@pytest.mark.slow
 def test_fsdp2_matches_ddp_resumes_and_writes_portable_checkpoints(assets, tmp_path, caplog):
     """accelerate's FSDP2 preparation (transformer blocks as units; on CPU turned on by the worker, see there):
     the LoRWeB parameters are really sharded, training is the same computation as DDP, checkpoints gather the
