@@ -698,6 +698,8 @@ def _fake_args(args) -> bool:
     """Whether a fake tensor is among the launch arguments (or under a TMA descriptor). Plain tensors that are not
     functional wrappers are answered without ``is_fake`` (it walks subclasses; this runs on every launch)."""
     for a in args:
+        if a is None or isinstance(a, (int, float)):  # most launch arguments: skipped before the getattr, which
+            continue  # raises and catches inside for them
         t = a if isinstance(a, torch.Tensor) else getattr(a, "base", None)
         if (isinstance(t, torch.Tensor) and (type(t) is not torch.Tensor or torch._is_functional_tensor(t))
                 and is_fake(t)):
@@ -734,6 +736,12 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
                 kernel[grid](*args, **kwargs)
         else:
             kernel[grid](*args, **kwargs)
+
+
+def _cdiv(a, b):
+    """``ceil(a / b)`` for the launch grids: ``triton.cdiv`` without its per-call host cost (a ConstexprFunction in
+    Triton 3.6): the same expression, so symbolic sizes under torch.compile give the same grid."""
+    return (a + b - 1) // b
 
 
 def dot_mode(dtype: torch.dtype) -> int:
@@ -912,7 +920,7 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
         dc_mode, group = (DC_PER_BLOCK.value, group) if whole else (DC_PER_ROW.value, 1)
         dc = torch.empty((M // group, R // rank), device=x.device, dtype=torch.float32)
     part = torch.empty((split, M, r0 + r1), device=x.device, dtype=torch.float32) if split > 1 else z
-    grid = (triton.cdiv(M, cfg["block_m"]), split)
+    grid = (_cdiv(M, cfg["block_m"]), split)
     common = dict(R=R, RANK=rank, R0=r0, R1=r1, WRITE_U=write_unscaled, DCOEFFS=dc_mode)
     tiles = dict(DOT_MODE=dot_mode(x.dtype), BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"], SPLIT_K=split,
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -934,7 +942,7 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
                 x.stride(0), a_cat.stride(0), coeffs.stride(0), u.stride(0), z.stride(0), dc.stride(0),
                 **common, **tiles)
     if split > 1:
-        _launch(_shrink_finish_kernel, (triton.cdiv(M, SHRINK_FINISH_BLOCK_M),),
+        _launch(_shrink_finish_kernel, (_cdiv(M, SHRINK_FINISH_BLOCK_M),),
                 part, coeffs, u, z, dc,
                 M, rows_per_sample, float(scale),
                 coeffs.stride(0), u.stride(0), z.stride(0), dc.stride(0),
@@ -1036,7 +1044,7 @@ def expand(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], z: torch.T
                 DOT_MODE=dot_mode(z.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["group_m"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return out
-    grid = (triton.cdiv(M, cfg["block_m"]) * triton.cdiv(nout, cfg["block_n"]),)
+    grid = (_cdiv(M, cfg["block_m"]) * _cdiv(nout, cfg["block_n"]),)
     _launch(_expand_kernel, grid,
             x, weight, z, b_cat, bias if bias is not None else out, base_t, out,
             M, nout, K, R,
@@ -1076,9 +1084,9 @@ def grad_basis(dz_scaled: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dy: to
     bm, bn = cfg["block_m"], cfg["block_n"]
     if split * (K + nout) * (r0 + r1) >= 2 ** 31:
         raise ValueError(f"grad_basis: {split} slices x ({K} + {nout}) x {r0 + r1} partials overflow 32-bit offsets")
-    rows_per_split = triton.cdiv(triton.cdiv(M, split), bm) * bm
+    rows_per_split = _cdiv(_cdiv(M, split), bm) * bm
     part = torch.empty((split, K + nout, r0 + r1), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(K, bn) + triton.cdiv(nout, bn), split)
+    grid = (_cdiv(K, bn) + _cdiv(nout, bn), split)
     _launch(_grad_basis_kernel, grid,
             dz_scaled, x, z, dy, part,
             M, K, nout, rows_per_split,
@@ -1088,7 +1096,7 @@ def grad_basis(dz_scaled: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dy: to
     d_lora_a = torch.empty((R // rank, K, rank), device=x.device, dtype=x.dtype)
     d_lora_b = torch.empty((R // rank, rank, nout), device=x.device, dtype=x.dtype)
     block_rows = max(1, triton.next_power_of_2(FINISH_ELEMENTS // (r0 + r1) + 1) // 2)  # power of two
-    _launch(_grad_basis_finish_kernel, (triton.cdiv(K + nout, block_rows),),
+    _launch(_grad_basis_finish_kernel, (_cdiv(K + nout, block_rows),),
             part, d_lora_a, d_lora_b, K, nout,
             SPLIT=split, RANK=rank, R=R, R0=r0, R1=r1, BLOCK_ROWS=block_rows, num_warps=4)
     return d_lora_a, d_lora_b

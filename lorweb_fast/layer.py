@@ -37,6 +37,11 @@ def has_plain_weight(base: nn.Module) -> bool:
             and type(base.weight) in (nn.Parameter, torch.Tensor) and base.weight.is_floating_point())
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipped when ``t`` has that dtype already (then ``.to`` returns ``t`` itself anyway)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def one_analogy(coeffs: torch.Tensor) -> bool:
     """Whether (B, N) coefficients hold one analogy: one row, or identical rows (a host synchronisation for B > 1).
     False for an empty batch."""
@@ -48,8 +53,11 @@ def has_forward_hooks(module: nn.Module) -> bool:
     (``_hf_hook``: sequential CPU offload loads the weight inside the forward) or diffusers hooks (``_diffusers_hook``:
     group offloading, layerwise casting). Such a base layer must be called, not read: its weight may be on the meta
     or offload device (or in a storage dtype) outside its forward."""
-    registry = getattr(module, "_diffusers_hook", None)
-    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None) is not None
+    # accelerate's _hf_hook and diffusers' HookRegistry are plain attributes, held in the module's __dict__ (read
+    # there: a getattr that misses goes through nn.Module.__getattr__, which raises and catches on every call)
+    attrs = module.__dict__
+    registry = attrs.get("_diffusers_hook")
+    return bool(module._forward_hooks or module._forward_pre_hooks or attrs.get("_hf_hook") is not None
                 or (registry is not None and getattr(registry, "hooks", getattr(registry, "_hooks", True))))
 
 
@@ -323,23 +331,29 @@ class LoRWeBLinear(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
         else:
             dtype = x.dtype
-        lora_a, lora_b = self.lora_A.to(dtype), self.lora_B.to(dtype)
-        coeffs = self._with_strength(coeffs.to(x.device))
+        # _cast: a cast only where the dtype differs (``.to`` to the same dtype returns the tensor itself, after
+        # several microseconds of host time per call: this runs on every eager layer call)
+        lora_a, lora_b = _cast(self.lora_A, dtype), _cast(self.lora_B, dtype)
+        coeffs = self._with_strength(coeffs if coeffs.device == x.device else coeffs.to(x.device))
         base = self.base_layer
         if has_plain_weight(base) and not has_forward_hooks(base):  # the fused kernels read W: y = x W^T + b + delta
-            bias = None if base.bias is None else base.bias.to(dtype)
-            return ops.lorweb_linear(x.to(dtype), base.weight.to(dtype), bias, lora_a, lora_b, coeffs,
+            bias = base.bias
+            return ops.lorweb_linear(_cast(x, dtype), _cast(base.weight, dtype),
+                                     None if bias is None else _cast(bias, dtype), lora_a, lora_b, coeffs,
                                      self.scale, backend=self.backend)
         _refuse_sharded_weight(base)
         y = base(x)
-        return ops.mixed_lora_delta(x.to(dtype), lora_a, lora_b, coeffs, self.scale, add_to=y.to(dtype),
+        return ops.mixed_lora_delta(_cast(x, dtype), lora_a, lora_b, coeffs, self.scale, add_to=_cast(y, dtype),
                                     backend=self.backend)
 
     # ------------------------------------------------------------------------------------------ merged weights
     def _with_strength(self, coeffs: torch.Tensor) -> torch.Tensor:
         """``coeffs`` times the ``set_lorweb_scale`` strength, as a tensor op: the op then takes ``self.scale``
         alone. A product of the two Python floats (scale times strength) made torch 2.11's dynamo guard on its value and
-        recompile for every new strength."""
+        recompile for every new strength. Eager calls at strength 1 skip the product (one elementwise kernel less
+        per layer call; the same values); compiled code keeps it, so a later strength does not recompile."""
+        if not torch.compiler.is_compiling() and self._lorweb_scale == 1.0:  # in this order: no guard on it
+            return coeffs
         return coeffs * self._lorweb_scale
 
     def merged_weight_for(self, coeffs: torch.Tensor) -> torch.Tensor:
