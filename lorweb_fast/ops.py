@@ -14,6 +14,11 @@ with R = N * r and scaling[m, n*r + j] = scale * coeffs[m // rows_per_sample, n]
 is only computed (by a plain GEMM) if it requires grad. The Triton op bodies are ``lorweb_fast.kernels.mixed_lora.
 forward`` / ``backward``: they pack the basis into contiguous (R, in) / (R, out) matrices on every call and pick the
 fused, composed or all-cuBLAS route by ``choose_route`` (committed per-GPU tables; 2-D inputs and R > 512 -> cuBLAS).
+
+Eager calls of plain tensors run those op bodies through ``_EagerFusedFunction`` (the same kernels and gradient
+formula) instead of torch.library's dispatch, whose Python autograd wrapper costs more host time than a kernel at
+small M; torch.compile, dispatch and function modes, functorch transforms and tensor subclasses use the registered
+ops (``_eager_direct``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .validation import check_float_tensor, check_positive_int, check_real
 
@@ -321,21 +327,27 @@ def _fused_autograd(bwd):
     def backward(ctx, dy, _du, _dz):
         if dy is None:  # not reached through y
             return (None,) * 9
-        x, weight, lora_a, lora_b, coeffs, u, z = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        need_dx, need_dbasis = needs[0], needs[4] or needs[5]
-        dx, d_lora_a, d_lora_b, d_coeffs = bwd(dy, x, weight, lora_a, lora_b, coeffs, u, z,
-                                               ctx.scale, ctx.rows_per_sample, need_dx, need_dbasis)
-        dx = dx if need_dx else None
-        d_lora_a = d_lora_a if needs[4] else None
-        d_lora_b = d_lora_b if needs[5] else None
-        d_coeffs = d_coeffs if needs[6] else None
-        d_weight = dy.t().mm(x) if weight is not None and needs[1] else None
-        d_bias = dy.sum(0) if ctx.has_bias and needs[2] else None
-        d_base = dy if ctx.has_base and needs[3] else None
-        return dx, d_weight, d_bias, d_base, d_lora_a, d_lora_b, d_coeffs, None, None
+        return _fused_input_grads(bwd, ctx, ctx.needs_input_grad, dy) + (None, None)
 
     return setup_context, backward
+
+
+def _fused_input_grads(bwd, ctx, needs, dy) -> tuple:
+    """(dx, d_weight, d_bias, d_base, d_lora_a, d_lora_b, d_coeffs) of a fused forward from its saved tensors
+    (x, weight, lora_a, lora_b, coeffs, u, z): the backward op ``bwd`` computes what ``needs`` (the seven inputs'
+    needs_input_grad) asks for; None for the rest."""
+    x, weight, lora_a, lora_b, coeffs, u, z = ctx.saved_tensors
+    need_dx, need_dbasis = needs[0], needs[4] or needs[5]
+    dx, d_lora_a, d_lora_b, d_coeffs = bwd(dy, x, weight, lora_a, lora_b, coeffs, u, z,
+                                           ctx.scale, ctx.rows_per_sample, need_dx, need_dbasis)
+    dx = dx if need_dx else None
+    d_lora_a = d_lora_a if needs[4] else None
+    d_lora_b = d_lora_b if needs[5] else None
+    d_coeffs = d_coeffs if needs[6] else None
+    d_weight = dy.t().mm(x) if weight is not None and needs[1] else None
+    d_bias = dy.sum(0) if ctx.has_bias and needs[2] else None
+    d_base = dy if ctx.has_base and needs[3] else None
+    return dx, d_weight, d_bias, d_base, d_lora_a, d_lora_b, d_coeffs
 
 
 def _no_double_backward(ctx, *grads):
@@ -351,6 +363,11 @@ def _register_no_double_backward(op_name: str) -> None:
 
 
 _FUSED_OPS: dict[str, object] = {}
+#: backend -> (forward body, backward body, backward op) for eager calls (``_eager_fused``)
+_EAGER_BODIES: dict[str, tuple] = {}
+#: Eager calls of plain tensors skip torch.library's dispatch of the fused op (tests switch it off to compare)
+EAGER_DIRECT = True
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 if _TRITON_KERNELS is not None:
     _k = _TRITON_KERNELS
@@ -372,6 +389,9 @@ if _TRITON_KERNELS is not None:
     torch.library.register_autograd("lorweb_fast::triton_fwd", _backward, setup_context=_setup)
     _register_no_double_backward("lorweb_fast::triton_bwd")
     _FUSED_OPS["triton"] = _triton_fwd
+    # the op bodies, called directly by eager calls (see _eager_fused); the backward op itself when a gradient is
+    # differentiated (create_graph=True), so that its refusal is recorded
+    _EAGER_BODIES["triton"] = (_k.forward, _k.backward, _triton_bwd)
 
 
 if _CUDA_EXT is not None:
@@ -396,6 +416,60 @@ if _CUDA_EXT is not None:
     _register_no_double_backward(f"{CUDA_NAMESPACE}::bwd")
     _FUSED_OPS["cuda"] = getattr(torch.ops, CUDA_NAMESPACE).fwd
 
+    def _cuda_fwd_below_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():  # the extension's CUDA kernel, without the autograd wrapper
+            return getattr(torch.ops, CUDA_NAMESPACE).fwd(*args)
+
+    def _cuda_bwd_below_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return getattr(torch.ops, CUDA_NAMESPACE).bwd(*args)
+
+    _EAGER_BODIES["cuda"] = (_cuda_fwd_below_autograd, _cuda_bwd_below_autograd,
+                             getattr(torch.ops, CUDA_NAMESPACE).bwd)
+
+
+class _EagerFusedFunction(torch.autograd.Function):
+    """The fused op's autograd formula (``_fused_autograd``) for eager calls, around the op bodies: the same kernels
+    and gradients as the registered op, without torch.library's Python autograd wrapper of it (which re-binds the
+    op's schema on every call: about 75 us of host time per forward measured on a CPU, more than a kernel at
+    M=1024). Only the mixture's output y is an output; u and z are saved for the backward."""
+
+    @staticmethod
+    def forward(ctx, backend, x, weight, bias, base, lora_a, lora_b, coeffs, rows_per_sample):
+        forward_body, ctx.backward_body, ctx.backward_op = _EAGER_BODIES[backend]
+        y, u, z = forward_body(x, weight, bias, base, lora_a, lora_b, coeffs, 1.0, rows_per_sample)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, coeffs, u, z)
+        ctx.scale, ctx.rows_per_sample = 1.0, rows_per_sample
+        ctx.has_bias, ctx.has_base = bias is not None, base is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        # through the backward op when this gradient is differentiated (create_graph=True: its autograd formula
+        # refuses that by name, as on the registered path) or a dispatch / function mode watches (it sees the op)
+        watched = _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled()
+        bwd = ctx.backward_op if torch.is_grad_enabled() or watched else ctx.backward_body
+        return (None,) + _fused_input_grads(bwd, ctx, ctx.needs_input_grad[1:8], dy) + (None,)
+
+
+def _eager_direct(tensors) -> bool:
+    """Whether a fused call may run the op bodies directly (``_eager_fused``): eager (not traced by torch.compile or
+    export), no dispatch, function mode or functorch transform active, and plain tensors only. Anything else goes
+    through the registered op, which those mechanisms see and handle."""
+    if (not EAGER_DIRECT or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+            or _get_current_dispatch_mode() is not None or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+
+
+def _eager_fused(backend, x, weight, bias, base, lora_a, lora_b, coeffs, rows_per_sample) -> torch.Tensor:
+    """y of the fused op for an eager call: through ``_EagerFusedFunction`` when autograd records, else the forward
+    body alone."""
+    tensors = (x, weight, bias, base, lora_a, lora_b, coeffs)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _EagerFusedFunction.apply(backend, *tensors, rows_per_sample)
+    return _EAGER_BODIES[backend][0](*tensors, 1.0, rows_per_sample)[0]
+
 
 def _fused_linear(backend, x, weight, bias, base, lora_a, lora_b, coeffs, scale):
     """Run a fused backend on x of any supported rank; returns the output in x's leading shape."""
@@ -407,7 +481,10 @@ def _fused_linear(backend, x, weight, bias, base, lora_a, lora_b, coeffs, scale)
     # specialise on that float and recompile for every value. LoRWeBLinear passes lora_alpha / r, 1 for the official
     # models, and has multiplied its strength in already: no second elementwise kernel per layer then.
     scaled = coeffs.float() if scale == 1.0 else coeffs.float() * scale
-    y, _, _ = fwd(x2d, weight, bias, base2d, lora_a, lora_b, scaled, 1.0, rows_per_sample)
+    if _eager_direct((x2d, weight, bias, base2d, lora_a, lora_b, scaled)):
+        y = _eager_fused(backend, x2d, weight, bias, base2d, lora_a, lora_b, scaled, rows_per_sample)
+    else:
+        y, _, _ = fwd(x2d, weight, bias, base2d, lora_a, lora_b, scaled, 1.0, rows_per_sample)
     return y.view(*x.shape[:-1], lora_b.shape[2])
 
 

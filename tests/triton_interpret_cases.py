@@ -248,6 +248,84 @@ def test_dynamic_compile_does_not_recompile_for_sequence_lengths():
     assert counters["stats"]["unique_graphs"] == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_calls_skip_the_op_dispatch_with_identical_results(dtype, monkeypatch):
+    """Eager calls of plain tensors run the op bodies directly (``ops._EagerFusedFunction``, without torch.library's
+    Python autograd wrapper of the op); torch.compile, dispatch modes and tensor subclasses keep the registered op.
+    Both give the same output and the same gradients bit for bit, for every mix of inputs needing a gradient, 2-D
+    and 3-D, with weight and bias and with add_to (a base output needing its gradient), and without autograd; the
+    direct path never calls the op, the switched-off one always does."""
+    from lorweb_fast import ops
+
+    calls = []
+    op = ops._FUSED_OPS["triton"]
+    monkeypatch.setitem(ops._FUSED_OPS, "triton", lambda *a: calls.append(1) or op(*a))
+    p = random_problem(2, 7, 37, 29, 3, 4, dtype, seed=9)
+    base = torch.randn(2, 7, 29).to(dtype)
+    dy = torch.randn(2, 7, 29).to(dtype)
+
+    def run(direct, needs, kind, two_d, grad_mode=True):
+        monkeypatch.setattr(ops, "EAGER_DIRECT", direct)
+        calls.clear()
+        names = ("x", "lora_a", "lora_b", "coeffs")
+        leaves = [p[k].clone().requires_grad_(n) for k, n in zip(names, needs)]
+        add_to = base.clone().requires_grad_(needs[0])
+        x, a_to, g = ((leaves[0][:, 0], add_to[:, 0], dy[:, 0]) if two_d else (leaves[0], add_to, dy))
+        with torch.set_grad_enabled(grad_mode):
+            if kind == "linear":
+                y = lf.lorweb_linear(x, p["weight"], p["bias"], *leaves[1:], p["scale"], backend="triton")
+            else:
+                y = lf.mixed_lora_delta(x, *leaves[1:], p["scale"], add_to=a_to, backend="triton")
+        if y.requires_grad:
+            y.backward(g)
+        return y.detach(), [t.grad for t in leaves] + [add_to.grad], len(calls)
+
+    mixes = [(True, True, True, True), (True, False, False, False), (False, True, True, False),
+             (False, False, False, True), (False, False, False, False)]
+    for kind in ("linear", "delta"):
+        for two_d in (False, True):
+            for needs in mixes:
+                direct, via_op = run(True, needs, kind, two_d), run(False, needs, kind, two_d)
+                assert direct[2] == 0 and via_op[2] == 1
+                assert torch.equal(direct[0], via_op[0]), (kind, two_d, needs)
+                for got, want in zip(direct[1], via_op[1]):
+                    assert (got is None) == (want is None) and (got is None or torch.equal(got, want)), \
+                        (kind, two_d, needs)
+                if any(needs):
+                    assert any(g is not None for g in direct[1])
+            no_grad = run(True, (True,) * 4, kind, two_d, grad_mode=False)
+            assert no_grad[2] == 0 and torch.equal(no_grad[0], run(False, (True,) * 4, kind, two_d)[0])
+
+
+def test_dispatch_modes_and_subclasses_see_the_registered_op():
+    """A TorchDispatchMode sees the fused forward and backward ops as before (profilers, FlopCounterMode,
+    partial_gradients' recorder): with a mode active the op is called, and a backward run under a mode after a
+    direct forward goes through the backward op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    p = random_problem(2, 5, 17, 19, 3, 4, torch.float32, seed=4)
+    a = p["lora_a"].clone().requires_grad_(True)
+    seen = Seen()
+    with seen:
+        y = lf.lorweb_linear(p["x"], p["weight"], p["bias"], a, p["lora_b"], p["coeffs"], p["scale"],
+                             backend="triton")
+    assert "lorweb_fast::triton_fwd" in seen.names
+    y = lf.lorweb_linear(p["x"], p["weight"], p["bias"], a, p["lora_b"], p["coeffs"], p["scale"], backend="triton")
+    seen = Seen()
+    with seen:
+        y.sum().backward()
+    assert "lorweb_fast::triton_bwd" in seen.names and a.grad is not None
+
+
 def test_double_backward_is_refused_by_name():
     """Differentiating a gradient (create_graph=True) through the fused op raises a NotImplementedError naming the
     way out (it was torch's "no autograd formula was registered" for lorweb_fast.triton_bwd); a plain backward with
