@@ -89,6 +89,7 @@ def main(argv=None) -> int:
                 buf = io.StringIO()
                 pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
                 profiles.append(f"== {name} ({mode}), {args.calls} calls\n{buf.getvalue()}")
+    rows += op_path_rows(problem, args.calls)
     rows += breakdown(problem, args.calls)
     linear = {r["mode"]: r["host_ms"] for r in rows if r["impl"] == "linear"}
     record = {"device": device_name(device), "torch": torch.__version__,
@@ -113,6 +114,29 @@ def main(argv=None) -> int:
         Path(str(out) + "_profile.txt").write_text("\n".join(profiles))
     print(f"wrote {out}.json, .md" + (", _profile.txt" if profiles else ""))
     return 0
+
+
+def op_path_rows(problem: dict, calls: int) -> list[dict]:
+    """The fused backends through torch.library's dispatch of their registered ops (``ops.EAGER_DIRECT = False``,
+    as every eager call ran before the direct path), side by side with the default rows above in the same run."""
+    from lorweb_fast import ops
+
+    out = []
+    device = problem["x"].device
+    for name in ("triton", "cuda"):
+        impl = Impl(name, device, torch.bfloat16)
+        if impl.skip_reason:
+            continue
+        ops.EAGER_DIRECT = False
+        try:
+            for mode in ("fwd", "fwd_bwd"):
+                step, n_inputs = make_step(impl, problem, mode)
+                ms = host_ms(step, n_inputs, calls)
+                out.append({"impl": f"{name} (registered op path)", "mode": mode, "host_ms": round(ms, 4)})
+                print(f"{name} (registered op path) {mode:8s} host {ms * 1e3:8.1f} us/call", flush=True)
+        finally:
+            ops.EAGER_DIRECT = True
+    return out
 
 
 def breakdown(problem: dict, calls: int) -> list[dict]:
