@@ -17,8 +17,8 @@ fused, composed or all-cuBLAS route by ``choose_route`` (committed per-GPU table
 
 Eager calls of plain tensors run those op bodies through ``_EagerFusedFunction`` (the same kernels and gradient
 formula) instead of torch.library's dispatch, whose Python autograd wrapper costs more host time than a kernel at
-small M; torch.compile, dispatch and function modes, functorch transforms and tensor subclasses use the registered
-ops (``_eager_direct``).
+small M; torch.compile, torch.jit tracing, dispatch and function modes, functorch transforms, forward-mode AD, the
+autograd profiler and tensor subclasses use the registered ops (``_eager_direct``).
 """
 
 from __future__ import annotations
@@ -445,19 +445,28 @@ class _EagerFusedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        # through the backward op when this gradient is differentiated (create_graph=True: its autograd formula
-        # refuses that by name, as on the registered path) or a dispatch / function mode watches (it sees the op)
-        watched = _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled()
-        bwd = ctx.backward_op if torch.is_grad_enabled() or watched else ctx.backward_body
+        # through the backward op when compiled autograd traces this backward (checked first: dynamo cannot trace
+        # the mode checks), when this gradient is differentiated (create_graph=True: the op's autograd formula
+        # refuses that by name, as on the registered path), or when something watches the ops (see _watched)
+        via_op = torch.compiler.is_compiling() or torch.is_grad_enabled() or _watched()
+        bwd = ctx.backward_op if via_op else ctx.backward_body
         return (None,) + _fused_input_grads(bwd, ctx, ctx.needs_input_grad[1:8], dy) + (None,)
+
+
+def _watched() -> bool:
+    """Whether something records or transforms the ops that run: a torch dispatch or function mode (FakeTensorMode,
+    FlopCounterMode, partial_gradients' recorder), a functorch transform, forward-mode AD (dual tensors), the
+    autograd profiler (its op tables name the registered ops) or torch.jit tracing."""
+    return (_get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+            or torch._C._autograd._profiler_enabled() or torch.jit.is_tracing())
 
 
 def _eager_direct(tensors) -> bool:
     """Whether a fused call may run the op bodies directly (``_eager_fused``): eager (not traced by torch.compile or
-    export), no dispatch, function mode or functorch transform active, and plain tensors only. Anything else goes
-    through the registered op, which those mechanisms see and handle."""
-    if (not EAGER_DIRECT or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-            or _get_current_dispatch_mode() is not None or torch._C._are_functorch_transforms_active()):
+    export), nothing watching the ops (``_watched``), and plain tensors only. Anything else goes through the
+    registered op, which those mechanisms see and handle (or refuse, as forward-mode AD)."""
+    if not EAGER_DIRECT or torch.compiler.is_compiling() or _watched():
         return False
     return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
 

@@ -252,9 +252,10 @@ def test_dynamic_compile_does_not_recompile_for_sequence_lengths():
 def test_eager_calls_skip_the_op_dispatch_with_identical_results(dtype, monkeypatch):
     """Eager calls of plain tensors run the op bodies directly (``ops._EagerFusedFunction``, without torch.library's
     Python autograd wrapper of the op); torch.compile, dispatch modes and tensor subclasses keep the registered op.
-    Both give the same output and the same gradients bit for bit, for every mix of inputs needing a gradient, 2-D
-    and 3-D, with weight and bias and with add_to (a base output needing its gradient), and without autograd; the
-    direct path never calls the op, the switched-off one always does."""
+    Both give the same output and the same gradients bit for bit, for all 16 mixes of x / lora_a / lora_b / coeffs
+    needing a gradient, plus weight and bias needing theirs, 2-D and 3-D, with weight and bias and with add_to (a
+    base output needing its gradient), and without autograd; the direct path never calls the op, the switched-off
+    one always does."""
     from lorweb_fast import ops
 
     calls = []
@@ -264,24 +265,24 @@ def test_eager_calls_skip_the_op_dispatch_with_identical_results(dtype, monkeypa
     base = torch.randn(2, 7, 29).to(dtype)
     dy = torch.randn(2, 7, 29).to(dtype)
 
-    def run(direct, needs, kind, two_d, grad_mode=True):
+    def run(direct, needs, kind, two_d, grad_mode=True, frozen_weight=True):
         monkeypatch.setattr(ops, "EAGER_DIRECT", direct)
         calls.clear()
         names = ("x", "lora_a", "lora_b", "coeffs")
         leaves = [p[k].clone().requires_grad_(n) for k, n in zip(names, needs)]
+        weight, bias = (p[k].clone().requires_grad_(not frozen_weight) for k in ("weight", "bias"))
         add_to = base.clone().requires_grad_(needs[0])
         x, a_to, g = ((leaves[0][:, 0], add_to[:, 0], dy[:, 0]) if two_d else (leaves[0], add_to, dy))
         with torch.set_grad_enabled(grad_mode):
             if kind == "linear":
-                y = lf.lorweb_linear(x, p["weight"], p["bias"], *leaves[1:], p["scale"], backend="triton")
+                y = lf.lorweb_linear(x, weight, bias, *leaves[1:], p["scale"], backend="triton")
             else:
                 y = lf.mixed_lora_delta(x, *leaves[1:], p["scale"], add_to=a_to, backend="triton")
         if y.requires_grad:
             y.backward(g)
-        return y.detach(), [t.grad for t in leaves] + [add_to.grad], len(calls)
+        return y.detach(), [t.grad for t in leaves] + [add_to.grad, weight.grad, bias.grad], len(calls)
 
-    mixes = [(True, True, True, True), (True, False, False, False), (False, True, True, False),
-             (False, False, False, True), (False, False, False, False)]
+    mixes = [tuple(bool(i >> j & 1) for j in range(4)) for i in range(16)]
     for kind in ("linear", "delta"):
         for two_d in (False, True):
             for needs in mixes:
@@ -295,6 +296,59 @@ def test_eager_calls_skip_the_op_dispatch_with_identical_results(dtype, monkeypa
                     assert any(g is not None for g in direct[1])
             no_grad = run(True, (True,) * 4, kind, two_d, grad_mode=False)
             assert no_grad[2] == 0 and torch.equal(no_grad[0], run(False, (True,) * 4, kind, two_d)[0])
+        direct, via_op = (run(d, (False, True, False, False), "linear", False, frozen_weight=False)
+                          for d in (True, False))
+        assert direct[1][-2] is not None and direct[1][-1] is not None
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(direct[1], via_op[1]))
+
+
+def test_tracing_profiling_forward_ad_and_compiled_autograd_use_the_registered_ops(monkeypatch):
+    """What records or transforms the ops keeps the registered ones: torch.jit.trace (the trace holds the op and
+    replays on new inputs; the op bodies would be traced into their Python-int arguments), the autograd profiler
+    (its op table names lorweb_fast::triton_fwd / triton_bwd), forward-mode AD (dual tensors: the op path, whatever
+    it gives, not the bodies, which would drop the Triton part of the tangent), and compiled autograd over an eager
+    forward (dynamo traces the backward through the backward op, fullgraph)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.testing import CompileCounter
+
+    from lorweb_fast import ops
+
+    p = random_problem(2, 5, 16, 16, 2, 2, torch.float32, seed=1)
+    fn = (lambda x, a=p["lora_a"]: lf.lorweb_linear(x, p["weight"], p["bias"], a, p["lora_b"], p["coeffs"],
+                                                     p["scale"], backend="triton"))
+    with torch.no_grad():
+        traced = torch.jit.trace(fn, (p["x"],), check_trace=False)
+        x2 = torch.randn_like(p["x"])
+        assert "lorweb_fast::triton_fwd" in [n.kind() for n in traced.graph.nodes()]
+        assert torch.equal(traced(x2), fn(x2))
+
+    a = p["lora_a"].clone().requires_grad_(True)
+    with torch.profiler.profile() as prof:
+        fn(p["x"], a).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert {"lorweb_fast::triton_fwd", "lorweb_fast::triton_bwd"} <= names, sorted(names)[:20]
+
+    bodies = []
+    body = ops._EAGER_BODIES["triton"]
+    monkeypatch.setitem(ops._EAGER_BODIES, "triton",
+                        (lambda *t: bodies.append(1) or body[0](*t), body[1], body[2]))
+    with fwAD.dual_level():
+        try:
+            fn(fwAD.make_dual(p["x"].clone(), torch.ones_like(p["x"])))
+        except Exception:  # whatever the op path does with dual tensors, the bodies did not run
+            pass
+    assert not bodies
+
+    a = p["lora_a"].clone().requires_grad_(True)
+    y = fn(p["x"], a)
+    assert bodies  # the eager forward took the direct path
+    counter = CompileCounter()
+    with compiled_autograd._enable(torch.compile(backend=counter, fullgraph=True)):
+        y.sum().backward()
+    want = p["lora_a"].clone().requires_grad_(True)
+    fn(p["x"], want).sum().backward()
+    assert counter.frame_count == 1 and torch.equal(a.grad, want.grad)
 
 
 def test_dispatch_modes_and_subclasses_see_the_registered_op():
