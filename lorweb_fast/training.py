@@ -619,7 +619,13 @@ def quantize_qfloat8(pipe, device: Optional[torch.device] = None) -> None:
     device is the training device); None quantizes where the models are.
 
     Checked before anything changes: optimum-quanto importable, neither model quantized already, no LoRWeB layers
-    (quantize first, then inject: quanto would quantize the LoRWeB query projections and wrapped bases too)."""
+    (quantize first, then inject: quanto would quantize the LoRWeB query projections and wrapped bases too). An
+    error while moving or quantizing (out of memory) leaves the models partly moved or quantized.
+
+    The models are quantized in the dtypes they have; the official run casts them to the training dtype first
+    (``.to(device, dtype=dtype)``), which differs only where a model keeps modules in another dtype: T5 loaded in
+    fp16 keeps its ``wo`` layers in fp32 (transformers' ``_keep_in_fp32_modules``); bf16, the official dtype, has
+    none."""
     quantize, freeze, qfloat8 = _import_quanto()
     from .model import lorweb_layers
 
@@ -686,18 +692,30 @@ def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize
                                                                                 **{key: dtype}))
 
 
+def _quanto_weight_types(module: torch.nn.Module) -> set[str]:
+    """Names of the optimum-quanto weight types in ``module`` ("qfloat8_e4m3fn", "qint8", ...)."""
+    return {m.weight_qtype.name for m in module.modules() if getattr(m, "weight_qtype", None) is not None}
+
+
 def _check_given_quantization(pipe, quantize_base: str) -> None:
     """A pipeline passed to ``train`` must already be quantized the way ``quantize_base`` says (not checked for
-    "none")."""
+    "none"): bitsandbytes layers for "int8" / "nf4"; for "qfloat8", the transformer and T5 with optimum-quanto
+    qfloat8 weights only, as ``quantize_qfloat8`` leaves them (the official ``quantize: true``)."""
     if quantize_base == "none":
         return
     want = "quanto" if quantize_base == "qfloat8" else "bitsandbytes"
-    got = quantization_kind(pipe.transformer)
-    if got != want:
-        how = ("quantize it with lorweb_fast.training.quantize_qfloat8(pipe) before training" if want == "quanto"
-               else "load it with a diffusers BitsAndBytesConfig (lorweb_fast.training.quantization_config)")
-        raise ValueError(f"quantize_base={quantize_base!r} but the given pipeline's transformer is "
-                         f"{'not quantized' if got is None else 'quantized by ' + got}: {how}")
+    how = ("quantize it with lorweb_fast.training.quantize_qfloat8(pipe) before training" if want == "quanto"
+           else "load it with a diffusers BitsAndBytesConfig (lorweb_fast.training.quantization_config)")
+    for name in (QFLOAT8_COMPONENTS if want == "quanto" else ("transformer",)):
+        module = getattr(pipe, name)
+        got = quantization_kind(module)
+        if got != want:
+            raise ValueError(f"quantize_base={quantize_base!r} but the given pipeline's {name} is "
+                             f"{'not quantized' if got is None else 'quantized by ' + got}: {how}")
+        kinds = _quanto_weight_types(module) if want == "quanto" else set()
+        if kinds - {"qfloat8_e4m3fn"}:
+            raise ValueError(f"quantize_base='qfloat8' but the given pipeline's {name} has optimum-quanto "
+                             f"{sorted(kinds)} weights, not qfloat8 only: {how}")
 
 
 def _check_fsdp(accelerator, cfg: TrainConfig) -> None:

@@ -2,6 +2,8 @@
 and writes the documented JSON schema, a markdown table and a plot."""
 
 import importlib.util
+import os
+import sys
 import json
 from pathlib import Path
 
@@ -333,3 +335,22 @@ def test_bench_flux_block_keeps_the_rows_of_a_run_that_stops(tmp_path, monkeypat
     data = json.loads((tmp_path / "cut.json").read_text())
     assert data["complete"] is False and len(data["results"]) == 10
     assert "Partial record" in (tmp_path / "cut.md").read_text()
+
+
+def test_host_python_cpu_runs_and_writes_its_rows(tmp_path):
+    """benchmarks/host_python_cpu.py (the CPU Python-time table in the README) runs in a subprocess (it sets
+    TRITON_INTERPRET before triton is imported) and writes every row, the op and direct paths side by side; without
+    an interpreter-capable Triton it exits 2 and says why."""
+    import subprocess
+
+    out = tmp_path / "host.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(BENCH.with_name("host_python_cpu.py")), "--rounds", "1",
+                           "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode == 2:
+        assert "interpreter" in proc.stderr
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 8 and all(r["min_us"] > 0 for r in rows.values())
+    assert "fused forward+backward: direct eager path" in rows and "fused forward+backward: registered op path" in rows

@@ -371,6 +371,40 @@ def test_add_to_gets_the_output_gradient_on_gpu(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_eager_path_matches_the_registered_op_on_gpu(backend, dtype, monkeypatch):
+    """Eager calls run the op bodies directly (the extension's op below the autograd key, the Triton launchers
+    without torch.library's dispatch); the registered op path (``ops.EAGER_DIRECT = False``) gives the same output
+    and the same gradients bit for bit, for several mixes of inputs needing gradients, 2-D and 3-D, and under
+    no_grad; the direct path does not call the op."""
+    _require(backend)
+    calls = []
+    op = ops._FUSED_OPS[backend]
+    monkeypatch.setitem(ops._FUSED_OPS, backend, lambda *a: calls.append(1) or op(*a))
+    p = random_problem(2, 301, 515, 771, 32, 4, dtype, device="cuda", seed=12)
+    dy = torch.randn(2, 301, 771, device="cuda", dtype=dtype)
+
+    def run(direct, needs, two_d, grad=True):
+        monkeypatch.setattr(ops, "EAGER_DIRECT", direct)
+        calls.clear()
+        leaves = [p[k].clone().requires_grad_(n) for k, n in zip(("x", "lora_a", "lora_b", "coeffs"), needs)]
+        x, g = (leaves[0][:, 0], dy[:, 0]) if two_d else (leaves[0], dy)
+        with torch.set_grad_enabled(grad):
+            y = lf.lorweb_linear(x, p["weight"], p["bias"], *leaves[1:], p["scale"], backend=backend)
+        if y.requires_grad:
+            y.backward(g)
+        return y.detach(), [t.grad for t in leaves], len(calls)
+
+    for needs in ((True,) * 4, (True, False, False, False), (False, True, True, False), (False, False, False, True)):
+        for two_d in (False, True):
+            direct, via_op = run(True, needs, two_d), run(False, needs, two_d)
+            assert direct[2] == 0 and via_op[2] == 1
+            assert torch.equal(direct[0], via_op[0])
+            assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(direct[1], via_op[1])), needs
+    assert torch.equal(run(True, (True,) * 4, False, grad=False)[0], run(False, (True,) * 4, False)[0])
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_double_backward_is_refused_by_name_on_gpu(backend):
     """create_graph=True through a fused backend: a NotImplementedError naming backend='torch'."""
     _require(backend)

@@ -1053,6 +1053,20 @@ def test_qfloat8_refusals(assets, tmp_path, monkeypatch):
     plain = flux.load_kontext_pipeline(assets / "pipe")
     with pytest.raises(ValueError, match="transformer is not quantized: quantize it with"):
         training.train(config(assets, tmp_path / "a", quantize_base="qfloat8"), pipe=plain)
+    from optimum.quanto import freeze, qint8, quantize
+
+    half = flux.load_kontext_pipeline(assets / "pipe")  # the transformer alone, as diffusers' QuantoConfig does
+    quantize(half.transformer, weights=training._import_quanto()[2])
+    freeze(half.transformer)
+    with pytest.raises(ValueError, match="text_encoder_2 is not quantized"):
+        training.train(config(assets, tmp_path / "a", quantize_base="qfloat8"), pipe=half)
+    int8 = flux.load_kontext_pipeline(assets / "pipe")  # quanto, but int8 weights
+    for name in ("transformer", "text_encoder_2"):
+        quantize(getattr(int8, name), weights=qint8)
+        freeze(getattr(int8, name))
+    with pytest.raises(ValueError, match=r"transformer has optimum-quanto \['qint8'\] weights, not qfloat8"):
+        training.train(config(assets, tmp_path / "a", quantize_base="qfloat8"), pipe=int8)
+    assert not (tmp_path / "a").exists()
     quantized = training.load_training_pipeline(assets / "pipe", torch.float32, "qfloat8")
     with pytest.raises(ValueError, match="quantized by quanto: load it with a diffusers BitsAndBytesConfig"):
         training.train(config(assets, tmp_path / "b", quantize_base="int8"), pipe=quantized)
