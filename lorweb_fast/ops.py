@@ -389,8 +389,8 @@ if _TRITON_KERNELS is not None:
     torch.library.register_autograd("lorweb_fast::triton_fwd", _backward, setup_context=_setup)
     _register_no_double_backward("lorweb_fast::triton_bwd")
     _FUSED_OPS["triton"] = _triton_fwd
-    # the op bodies, called directly by eager calls (see _eager_fused); the backward op itself when a gradient is
-    # differentiated (create_graph=True), so that its refusal is recorded
+    # the op bodies, called directly by eager calls (see _eager_fused); the backward op itself where the backward
+    # must be seen (create_graph=True, so that its refusal is recorded; modes, compiled autograd)
     _EAGER_BODIES["triton"] = (_k.forward, _k.backward, _triton_bwd)
 
 
@@ -431,8 +431,9 @@ if _CUDA_EXT is not None:
 class _EagerFusedFunction(torch.autograd.Function):
     """The fused op's autograd formula (``_fused_autograd``) for eager calls, around the op bodies: the same kernels
     and gradients as the registered op, without torch.library's Python autograd wrapper of it (which re-binds the
-    op's schema on every call: about 75 us of host time per forward measured on a CPU, more than a kernel at
-    M=1024). Only the mixture's output y is an output; u and z are saved for the backward."""
+    op's schema on every call: about 90 us of Python time per forward on the 2-core CI CPU,
+    benchmarks/host_python_cpu.py; more than a kernel at M=1024 on a GPU). Only the mixture's output y is an
+    output; u and z are saved for the backward."""
 
     @staticmethod
     def forward(ctx, backend, x, weight, bias, base, lora_a, lora_b, coeffs, rows_per_sample):
