@@ -1,0 +1,389 @@
+"""Guards of the checkpoint path (save, load, injection, configuration, checkpoint discovery) that a mutation audit of
+lorweb_fast/model.py and lorweb_fast/official_config.py found untested: every refused checkpoint raises the named
+error with a message fragment and leaves the model bit-identical (no LoRWeB layer added), every refused save leaves
+the files as they were, and the configuration defaults and discovery rules are the official ones."""
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lorweb_fast as lf
+from lorweb_fast import model as lmodel, official_config as oc
+from lorweb_fast.model import LoRWeBCheckpointError
+
+QUERY_DIM = 6
+CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM, target_modules=r"\d")
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def tiny_model(seed=0, config=CONFIG):
+    """Two injected linear layers (6 -> 5 -> 4), random non-zero basis."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).eval()
+    lf.inject_lorweb(m, config)
+    with torch.no_grad():
+        for layer in lf.lorweb_layers(m).values():
+            layer.lora_B.normal_()
+    return m
+
+
+def fresh_model(seed=0):
+    """The same base layers without LoRWeB layers (load_lorweb_weights injects them)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).eval()
+
+
+def bits(t):
+    return t.detach().contiguous().view(torch.uint8)
+
+
+def snapshot(m):
+    return ({k: v.detach().clone() for k, v in m.state_dict().items()},
+            {n: type(mod) for n, mod in m.named_modules()})
+
+
+def assert_unchanged(m, snap):
+    """state_dict bit-identical (NaN included) and the same modules (no LoRWeB layer added, removed or nested)."""
+    state, types = snap
+    assert {n: type(mod) for n, mod in m.named_modules()} == types
+    now = m.state_dict()
+    assert now.keys() == state.keys()
+    for k in state:
+        assert torch.equal(bits(now[k]), bits(state[k])), k
+
+
+def _saved(tmp_path, seed=0, config=CONFIG, name="w.safetensors"):
+    path = tmp_path / name
+    lf.save_lorweb_weights(tiny_model(seed, config), path)
+    return path
+
+
+def _rewrite(path, out, *, meta=None, tensors=None):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    state = load_file(str(path))
+    metadata.update(meta or {})
+    for k, v in (tensors or {}).items():
+        state[k] = v
+    save_file(state, str(out), metadata=metadata)
+    return out
+
+
+def _state(seed=1):
+    """An in-memory checkpoint (no metadata) of another tiny model, detached from it."""
+    return {k: v.clone() for k, v in lf.lorweb_state_dict(tiny_model(seed)).items()}
+
+
+def official_checkpoint(path, *, n=3, r=2, key_dim=8, query_dim=12, seed=1):
+    """An official-style fp16 file for the (6 -> 5 -> 4) model, ai-toolkit metadata and none of our keys."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, (i, o) in {"0": (6, 5), "1": (5, 4)}.items():
+        state[f"transformer.{name}.lora_A"] = torch.randn(n, i, r, generator=g).half()
+        state[f"transformer.{name}.lora_B"] = torch.randn(n, r, o, generator=g).half()
+        state[f"transformer.{name}.lora_keys"] = torch.randn(n, key_dim, generator=g).half()
+        state[f"transformer.{name}.att_lora_to_q.weight"] = torch.randn(key_dim, query_dim, generator=g).half()
+    save_file(state, str(path), metadata={"name": "LoRWeB", "version": "1.0", "format": "pt"})
+    return state
+
+
+def small_config(path, linear=2, **network_kwargs):
+    doc = {"job": "extension", "config": {"name": "LoRWeB", "process": [{"type": "sd_trainer", "network": {
+        "type": "attlora", "linear": linear, "linear_alpha": linear,
+        "network_kwargs": {"loras_num": 3, "lora_keys_dim": 8, "lora_heads": 1, "lora_softmax": True,
+                           "mixing_coeffs_type": "mean", "external_query": True, "pooling_type": "avg",
+                           "query_projection_type": "linear", "query_mode": "cat-aa'b",
+                           "external_query_model": "openai/clip-vit-large-patch14", **network_kwargs}}}]}}
+    Path(path).write_text(yaml.safe_dump(doc))
+    return path
+
+
+# ------------------------------------------------------------------------------------ shapes on a fresh model
+SHAPE_CASES = {  # module "1": N=3, r=2, in 5, out 4, key_dim 4, query_dim 6
+    "lora_B_one_more_lora": ("lora_B", (4, 2, 4), "transformer.1.lora_B has shape (4, 2, 4), expected (3, 2, 4)"),
+    "lora_keys_one_more_row": ("lora_keys", (4, 4), "transformer.1.lora_keys has shape (4, 4), expected (3, key_dim)"),
+    "att_lora_to_q_one_more_row": ("att_lora_to_q.weight", (5, QUERY_DIM),
+                                   "transformer.1.att_lora_to_q.weight has shape (5, 6), expected (4, query_dim)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHAPE_CASES))
+def test_mismatched_basis_shapes_are_refused_before_injecting(tmp_path, case):
+    """A checkpoint whose lora_B or lora_keys holds one basis LoRA more than lora_A, or whose att_lora_to_q has one
+    row more than lora_keys has columns, loaded into a model without LoRWeB layers: a LoRWeBCheckpointError naming
+    the shape, not a copy error half way through, and no LoRWeB layer is injected."""
+    suffix, shape, fragment = SHAPE_CASES[case]
+    bad = _rewrite(_saved(tmp_path), tmp_path / "bad.safetensors",
+                   tensors={f"transformer.1.{suffix}": torch.randn(*shape)})
+    m = fresh_model()
+    snap = snapshot(m)
+    with pytest.raises(LoRWeBCheckpointError, match=re.escape(fragment)):
+        lf.load_lorweb_weights(m, bad)
+    assert not lf.lorweb_layers(m)
+    assert_unchanged(m, snap)
+
+
+def test_rank_zero_is_a_checkpoint_error(tmp_path):
+    """lora_A (N, in, 0) / lora_B (N, 0, out): refused as a LoRWeBCheckpointError naming N and r, not as the layer
+    constructor's plain ValueError; the model is unchanged."""
+    path = _saved(tmp_path)
+    bad = _rewrite(path, tmp_path / "bad.safetensors",
+                   tensors={"transformer.1.lora_A": torch.randn(3, 5, 0), "transformer.1.lora_B": torch.randn(3, 0, 4)})
+    m = fresh_model()
+    snap = snapshot(m)
+    with pytest.raises(LoRWeBCheckpointError, match=re.escape("transformer.1.lora_A has shape (3, 5, 0): N and r "
+                                                              "must be at least 1")):
+        lf.load_lorweb_weights(m, bad)
+    assert not lf.lorweb_layers(m)
+    assert_unchanged(m, snap)
+
+
+@pytest.mark.parametrize("source", ["state_dict", "file"])
+def test_att_lora_to_q_in_only_some_modules_is_a_missing_key(tmp_path, source):
+    """When some modules have att_lora_to_q weights, the checkpoint is a "linear" one: a module without them is
+    missing a key (not silently loaded as query_projection_type="none"); the fresh model is unchanged."""
+    state = _state()
+    del state["transformer.1.att_lora_to_q.weight"]
+    if source == "file":
+        save_file(state, str(tmp_path / "partial.safetensors"))
+        state = tmp_path / "partial.safetensors"
+    m = fresh_model()
+    snap = snapshot(m)
+    with pytest.raises(LoRWeBCheckpointError, match=r"missing key transformer\.1\.att_lora_to_q\.weight"):
+        lf.load_lorweb_weights(m, state)
+    assert not lf.lorweb_layers(m)
+    assert_unchanged(m, snap)
+
+
+@pytest.mark.parametrize("into", ["fresh", "injected"])
+def test_integer_tensors_are_refused(tmp_path, into):
+    """An int32 lora_A (values that would copy into the float parameters without error) is refused as a non-float
+    dtype; the model is unchanged."""
+    path = _saved(tmp_path, seed=1)
+    lora_a = load_file(str(path))["transformer.0.lora_A"]
+    bad = _rewrite(path, tmp_path / "bad.safetensors", tensors={"transformer.0.lora_A": (lora_a * 3).to(torch.int32)})
+    m = fresh_model() if into == "fresh" else tiny_model()
+    snap = snapshot(m)
+    with pytest.raises(LoRWeBCheckpointError, match=r"transformer\.0\.lora_A has non-float dtype torch\.int32"):
+        lf.load_lorweb_weights(m, bad)
+    assert_unchanged(m, snap)
+
+
+def test_keys_inside_an_injected_layer_are_refused():
+    """Keys for "<layer>.base_layer.*" (a LoRWeB basis for the linear layer an injected LoRWeB layer wraps) are
+    refused as being inside a LoRWeB layer: no LoRWeB layer is nested in another; the model is unchanged."""
+    state = _state()
+    state.update({k.replace("transformer.0.", "transformer.0.base_layer."): v.clone()
+                  for k, v in list(state.items()) if k.startswith("transformer.0.")})
+    m = tiny_model()
+    snap = snapshot(m)
+    with pytest.raises(LoRWeBCheckpointError, match=r"transformer\.0\.base_layer\.\*: '0\.base_layer' is inside a "
+                                                    "LoRWeB layer"):
+        lf.load_lorweb_weights(m, state)
+    assert_unchanged(m, snap)
+
+
+@pytest.mark.parametrize("field,value", [("activation", "tanh"), ("reduce", "sum"), ("lora_alpha", 4.0),
+                                         ("query_projection_type", "none")])
+def test_injected_model_refuses_a_checkpoint_of_another_configuration(tmp_path, field, value):
+    """A model injected with softmax / mean / scale 1 / linear projection refuses a checkpoint saved with another
+    activation, reduction, lora_alpha or projection type (its layers would otherwise compute with the wrong
+    settings); the model is unchanged."""
+    over = {field: value}
+    if field == "query_projection_type":
+        over["query_dim"] = CONFIG.key_dim  # "none" feeds the query to the keys directly
+    other = lf.LoRWeBConfig(**{**CONFIG.__dict__, **over})
+    path = _saved(tmp_path, seed=1, config=other)
+    m = tiny_model()
+    snap = snapshot(m)
+    with pytest.raises(LoRWeBCheckpointError, match="but the injected layer has"):
+        lf.load_lorweb_weights(m, path)
+    assert_unchanged(m, snap)
+
+
+def test_explicit_lora_alpha_contradicting_the_metadata_scale_conflicts(tmp_path):
+    """settings={"lora_alpha": ...} giving another scale than the file's lorweb.lora_alpha_over_rank is a
+    configuration conflict naming both (the model is unchanged); an agreeing lora_alpha loads."""
+    from lorweb_fast.official_config import LoRWeBConfigError
+
+    path = _saved(tmp_path)  # rank 2, scale 1
+    m = fresh_model()
+    snap = snapshot(m)
+    with pytest.raises(LoRWeBConfigError, match=r"conflicting lora_alpha / rank: argument gives 2\.0 but the "
+                                                r"checkpoint metadata says 1\.0"):
+        lf.load_lorweb_weights(m, path, settings={"lora_alpha": 4.0})
+    assert not lf.lorweb_layers(m)
+    assert_unchanged(m, snap)
+    assert lf.load_lorweb_weights(m, path, settings={"lora_alpha": 2.0}) == ["0", "1"]
+    assert {layer.scale for layer in lf.lorweb_layers(m).values()} == {1.0}
+
+
+# ------------------------------------------------------------------------------------------------------ saving
+def test_config_query_settings_are_mirrored_into_the_metadata(tmp_path):
+    """save_lorweb_weights(metadata={"lorweb.query_mode": X}, config={"query_mode": Y}): config.yaml and the
+    metadata both say Y (the same for pooling_type), so the file loads back without a conflict."""
+    path = tmp_path / "w.safetensors"
+    lf.save_lorweb_weights(tiny_model(), path, metadata={"lorweb.query_mode": "paa'b", "lorweb.pooling_type": "max"},
+                           config={"query_mode": "cat-paa'b", "pooling_type": "avg"})
+    meta = lmodel.checkpoint_metadata(path)
+    assert (meta["lorweb.query_mode"], meta["lorweb.pooling_type"]) == ("cat-paa'b", "avg")
+    written = oc.read_config_yaml(tmp_path / "config.yaml")
+    assert (written["query_mode"], written["pooling_type"]) == ("cat-paa'b", "avg")
+    resolved = lmodel.resolve_checkpoint_settings(path)
+    assert (resolved["query_mode"], resolved["pooling_type"]) == ("cat-paa'b", "avg")
+    assert lf.load_lorweb_weights(fresh_model(), path) == ["0", "1"]
+
+
+@pytest.mark.parametrize("key", lmodel.QUERY_METADATA)
+def test_bogus_query_metadata_is_refused_before_writing(tmp_path, key):
+    """metadata={"lorweb.query_mode" / "lorweb.pooling_type" / "lorweb.query_source": "bogus"}: a ValueError naming
+    the key, and no file is written."""
+    with pytest.raises(ValueError, match=re.escape(f"metadata[{key!r}] must be one of")):
+        lf.save_lorweb_weights(tiny_model(), tmp_path / "w.safetensors", metadata={key: "bogus"})
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_config_yaml_write_keeps_the_previous_weights(tmp_path, monkeypatch):
+    """Weights and config.yaml are replaced together: when writing config.yaml fails, the previous weights file and
+    config.yaml are byte-identical and no temporary file remains."""
+    path = tmp_path / "w.safetensors"
+    lf.save_lorweb_weights(tiny_model(seed=1), path, config={})
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert sorted(before) == ["config.yaml", "w.safetensors"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(oc, "write_config_yaml", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        lf.save_lorweb_weights(tiny_model(seed=2), path, config={})
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+@pytest.mark.parametrize("projection", ["none", "linear"])
+def test_the_projection_type_is_written_to_the_metadata(tmp_path, projection):
+    """The saved metadata records lorweb.query_projection_type (read back as the checkpoint's setting, e.g. by
+    resolve_checkpoint_settings), "none" included, and the file loads back as that type."""
+    config = lf.LoRWeBConfig(**{**CONFIG.__dict__, "query_projection_type": projection, "query_dim": CONFIG.key_dim})
+    path = _saved(tmp_path, config=config)
+    assert lmodel.checkpoint_metadata(path)["lorweb.query_projection_type"] == projection
+    resolved = lmodel.resolve_checkpoint_settings(path)
+    assert resolved["query_projection_type"] == projection
+    assert resolved["sources"]["query_projection_type"] == "the checkpoint metadata"
+    m = fresh_model()
+    lf.load_lorweb_weights(m, path)
+    assert {layer.query_projection_type for layer in lf.lorweb_layers(m).values()} == {projection}
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+def test_config_defaults_are_the_official_release():
+    """LoRWeBConfig() is the released FLUX.1-Kontext model (32 LoRAs of rank 4, key_dim 128, one head, softmax,
+    mean, linear projection of a 2304-d query: 3 x CLIP ViT-L/14's 768-d embedding, mode cat-aa'b) and agrees with
+    official_config.OFFICIAL_DEFAULTS."""
+    cfg = lf.LoRWeBConfig()
+    assert (cfg.num_loras, cfg.rank, cfg.lora_alpha, cfg.key_dim, cfg.query_dim, cfg.heads, cfg.activation,
+            cfg.reduce, cfg.query_projection_type) == (32, 4, None, 128, 2304, 1, "softmax", "mean", "linear")
+    for key in ("num_loras", "rank", "key_dim", "heads", "activation", "reduce", "query_projection_type"):
+        assert getattr(cfg, key) == oc.OFFICIAL_DEFAULTS[key], key
+    assert oc.OFFICIAL_DEFAULTS["lora_alpha"] == cfg.rank  # lora_alpha None: alpha = rank
+    assert (oc.OFFICIAL_DEFAULTS["query_mode"], oc.OFFICIAL_DEFAULTS["encoder"]) == (
+        "cat-aa'b", "openai/clip-vit-large-patch14")
+
+
+def test_a_listed_target_matches_whole_dotted_names_only():
+    """target_modules=["q"] matches a module named "q" or ending in ".q" (peft), not "attn.to_q": the injection is
+    refused as matching no linear layer and the model is unchanged; ["to_q"] and ["attn.to_q"] match it."""
+    def model():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"attn": nn.ModuleDict({"to_q": nn.Linear(6, 4), "proj": nn.Linear(4, 4)})})
+
+    assert not lmodel.matches_target("attn.to_q", ["q"])
+    m = model()
+    snap = snapshot(m)
+    with pytest.raises(ValueError, match=r"target_modules=\['q'\] matches no linear layer of ModuleDict"):
+        lf.inject_lorweb(m, lf.LoRWeBConfig(**{**CONFIG.__dict__, "target_modules": ["q"]}))
+    assert_unchanged(m, snap)
+    for targets in (["to_q"], ["attn.to_q"]):
+        assert lf.inject_lorweb(model(), lf.LoRWeBConfig(**{**CONFIG.__dict__, "target_modules": targets})) == [
+            "attn.to_q"]
+
+
+@pytest.mark.parametrize("where", ["argument", "config.yaml"])
+@pytest.mark.parametrize("key,field", [("heads", "lora_heads"), ("num_loras", "loras_num"),
+                                       ("key_dim", "lora_keys_dim"), ("rank", "linear")])
+def test_zero_sizes_are_refused_as_settings(tmp_path, key, field, where):
+    """heads / num_loras / key_dim / rank = 0, given as an argument or in config.yaml, is a LoRWeBConfigError asking
+    for a positive integer."""
+    if where == "argument":
+        with pytest.raises(oc.LoRWeBConfigError, match=f"the explicit arguments: {key} must be a positive integer, "
+                                                       "got 0"):
+            oc.resolve_settings({key: 0})
+    else:
+        path = small_config(tmp_path / "config.yaml", **{field: 0})
+        with pytest.raises(oc.LoRWeBConfigError, match=f"config.yaml: {key} must be a positive integer, got 0"):
+            oc.read_config_yaml(path)
+
+
+def test_written_linear_alpha_defaults_to_the_rank(tmp_path):
+    """official_config / write_config_yaml for rank 2 without lora_alpha write linear_alpha 2 (alpha = rank, the
+    official network), with no warning, and read back without a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        network = oc.official_config({"rank": 2})["config"]["process"][0]["network"]
+        assert (network["linear"], network["linear_alpha"]) == (2, 2)
+        assert type(network["linear_alpha"]) is int
+        path = oc.write_config_yaml(tmp_path / "config.yaml", {"rank": 2})
+        assert oc.read_config_yaml(path)["rank"] == 2
+    assert yaml.safe_load(path.read_text())["config"]["process"][0]["network"]["linear_alpha"] == 2
+
+
+# ------------------------------------------------------------------------------------------ checkpoint discovery
+def test_a_truncated_final_file_falls_back_to_the_newest_complete_step(tmp_path):
+    """A final LoRWeB.safetensors cut short (a crash while saving) beside complete step files: find_checkpoint
+    picks the newest complete step file."""
+    run = tmp_path / "run"
+    run.mkdir()
+    official_checkpoint(run / "LoRWeB_000000250.safetensors")
+    official_checkpoint(run / "LoRWeB_000000500.safetensors")
+    official_checkpoint(run / "full.safetensors")
+    blob = (run / "full.safetensors").read_bytes()
+    (run / "full.safetensors").unlink()
+    (run / "LoRWeB.safetensors").write_bytes(blob[:len(blob) // 2])
+    small_config(run / "config.yaml")
+    assert oc.find_checkpoint(run) == (run / "LoRWeB_000000500.safetensors", run / "config.yaml")
+
+
+def test_the_config_beside_the_file_wins_over_the_run_folders(tmp_path):
+    """With config.yaml both in the run folder and beside the chosen checkpoint, the one beside the file is used;
+    the run folder's is the fallback for a file without its own."""
+    run = tmp_path / "run"
+    for step in (4, 8):
+        (run / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+        official_checkpoint(run / "checkpoints" / f"step-{step:08d}" / "lorweb.safetensors")
+    small_config(run / "config.yaml")
+    small_config(run / "checkpoints" / "step-00000008" / "config.yaml", lora_heads=2)
+    newest = run / "checkpoints" / "step-00000008" / "lorweb.safetensors"
+    assert oc.find_checkpoint(run) == (newest, newest.parent / "config.yaml")
+    assert oc.config_beside(newest, run) == newest.parent / "config.yaml"
+    older = run / "checkpoints" / "step-00000004" / "lorweb.safetensors"
+    assert oc.config_beside(older, run) == run / "config.yaml"
+
+
+def test_hidden_files_are_never_checkpoints(tmp_path):
+    """A complete hidden ".x_000009999.safetensors" (a higher step) is skipped by find_checkpoint and
+    pick_checkpoint_name: the visible step file is picked."""
+    run = tmp_path / "run"
+    run.mkdir()
+    official_checkpoint(run / "LoRWeB_000000250.safetensors")
+    official_checkpoint(run / ".x_000009999.safetensors")
+    assert oc.find_checkpoint(run)[0] == run / "LoRWeB_000000250.safetensors"
+    assert oc.pick_checkpoint_name(sorted(os.listdir(run)), "run") == "LoRWeB_000000250.safetensors"
