@@ -355,3 +355,55 @@ def reference_clip_pixels(img, size: int) -> torch.Tensor:
     arr = np.asarray(im, dtype=np.float64)[top:top + size, left:left + size] / 255.0
     arr = (arr - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
     return torch.tensor(arr.transpose(2, 0, 1), dtype=torch.float32)[None]
+
+
+def rewrite_safetensors(path, out, *, meta: Optional[dict] = None, tensors: Optional[dict] = None):
+    """Copy the safetensors file ``path`` to ``out`` with metadata entries and tensors replaced or added (for
+    bad-checkpoint tests); returns ``out``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    state = load_file(str(path))
+    metadata.update(meta or {})
+    state.update(tensors or {})
+    save_file(state, str(out), metadata=metadata)
+    return out
+
+
+def official_style_checkpoint(path, *, n: int = 3, r: int = 2, key_dim: int = 8, query_dim: int = 12,
+                              seed: int = 1) -> dict:
+    """An official-style LoRWeB file for a (6 -> 5 -> 4) ``nn.Sequential`` of two linears: fp16 tensors under
+    ``transformer.0`` / ``transformer.1``, ai-toolkit metadata (BaseSDTrainProcess.save, toolkit/metadata.py
+    get_meta_for_safetensors: JSON strings, format pt) and none of lorweb_fast's keys. Returns the tensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, (i, o) in {"0": (6, 5), "1": (5, 4)}.items():
+        state[f"transformer.{name}.lora_A"] = torch.randn(n, i, r, generator=g).half()
+        state[f"transformer.{name}.lora_B"] = torch.randn(n, r, o, generator=g).half()
+        state[f"transformer.{name}.lora_keys"] = torch.randn(n, key_dim, generator=g).half()
+        state[f"transformer.{name}.att_lora_to_q.weight"] = torch.randn(key_dim, query_dim, generator=g).half()
+    meta = {"name": "LoRWeB", "version": "1.0", "training_info": json.dumps({"step": 250, "epoch": 0}),
+            "software": json.dumps({"name": "ai-toolkit", "repo": "https://github.com/ostris/ai-toolkit",
+                                    "version": "0.3.4"}), "ss_output_name": "LoRWeB", "format": "pt"}
+    save_file(state, str(path), metadata=meta)
+    return state
+
+
+def tiny_lorweb_pair(config, seed: int = 0) -> torch.nn.Module:
+    """``nn.Sequential(Linear(6, 5), Linear(5, 4))`` in eval mode with LoRWeB layers injected by ``config`` (a
+    ``LoRWeBConfig``) and a random non-zero basis (lora_B drawn from a normal, not the zero init)."""
+    from .model import inject_lorweb, lorweb_layers
+
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4)).eval()
+    inject_lorweb(m, config)
+    with torch.no_grad():
+        for layer in lorweb_layers(m).values():
+            layer.lora_B.normal_()
+    return m

@@ -11,12 +11,13 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import flux, lora_api, model as lmodel, ops
 from lorweb_fast.model import LoRWeBCheckpointError
+from lorweb_fast.testing import rewrite_safetensors, tiny_lorweb_pair
 
 QUERY_DIM = 6
 CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM, target_modules=r"\d")
@@ -24,13 +25,7 @@ CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM, ta
 
 def tiny_model(seed=0):
     """Two injected linear layers (6 -> 5 -> 4), random non-zero basis."""
-    torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).eval()
-    lf.inject_lorweb(m, CONFIG)
-    with torch.no_grad():
-        for layer in lf.lorweb_layers(m).values():
-            layer.lora_B.normal_()
-    return m
+    return tiny_lorweb_pair(CONFIG, seed)
 
 
 def snapshot(m):
@@ -459,19 +454,6 @@ def _saved(tmp_path):
     return path
 
 
-def _rewrite(path, out, *, meta=None, tensors=None):
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata())
-    state = load_file(str(path))
-    metadata.update(meta or {})
-    for k, v in (tensors or {}).items():
-        state[k] = v
-    save_file(state, str(out), metadata=metadata)
-    return out
-
-
 BAD_METADATA = [
     ({"lorweb.lora_alpha_over_rank": "nan"}, "lora_alpha_over_rank='nan'"),
     ({"lorweb.lora_alpha_over_rank": "inf"}, "lora_alpha_over_rank='inf'"),
@@ -492,7 +474,7 @@ BAD_METADATA = [
 @pytest.mark.parametrize("meta,fragment", BAD_METADATA)
 @pytest.mark.parametrize("into", ["fresh", "injected"])
 def test_bad_metadata_is_refused_and_model_unchanged(tmp_path, meta, fragment, into):
-    bad = _rewrite(_saved(tmp_path), tmp_path / "bad.safetensors", meta=meta)
+    bad = rewrite_safetensors(_saved(tmp_path), tmp_path / "bad.safetensors", meta=meta)
     m = prepared() if into == "injected" else nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
     snap = snapshot(m) if into == "injected" else ({k: v.clone() for k, v in m.state_dict().items()}, {})
     with pytest.raises(LoRWeBCheckpointError, match=fragment.replace(".", r"\.").replace("[", r"\[")):
@@ -512,7 +494,7 @@ def test_inconsistent_or_empty_shapes_are_refused(tmp_path, case):
         tensors = {f"transformer.1.{s}": state[f"transformer.1.{s}"][:0]
                    for s in ("lora_A", "lora_B", "lora_keys")}
         fragment = "N and r must be at least 1"
-    bad = _rewrite(path, tmp_path / "bad.safetensors", tensors=tensors)
+    bad = rewrite_safetensors(path, tmp_path / "bad.safetensors", tensors=tensors)
     m = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(LoRWeBCheckpointError, match=fragment):

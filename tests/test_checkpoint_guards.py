@@ -17,6 +17,7 @@ from torch import nn
 import lorweb_fast as lf
 from lorweb_fast import model as lmodel, official_config as oc
 from lorweb_fast.model import LoRWeBCheckpointError
+from lorweb_fast.testing import rewrite_safetensors, tiny_lorweb_pair, official_style_checkpoint
 
 QUERY_DIM = 6
 CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM, target_modules=r"\d")
@@ -25,13 +26,7 @@ CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM, ta
 # ----------------------------------------------------------------------------------------------------- helpers
 def tiny_model(seed=0, config=CONFIG):
     """Two injected linear layers (6 -> 5 -> 4), random non-zero basis."""
-    torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).eval()
-    lf.inject_lorweb(m, config)
-    with torch.no_grad():
-        for layer in lf.lorweb_layers(m).values():
-            layer.lora_B.normal_()
-    return m
+    return tiny_lorweb_pair(config, seed)
 
 
 def fresh_model(seed=0):
@@ -65,35 +60,9 @@ def _saved(tmp_path, seed=0, config=CONFIG, name="w.safetensors"):
     return path
 
 
-def _rewrite(path, out, *, meta=None, tensors=None):
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata())
-    state = load_file(str(path))
-    metadata.update(meta or {})
-    for k, v in (tensors or {}).items():
-        state[k] = v
-    save_file(state, str(out), metadata=metadata)
-    return out
-
-
 def _state(seed=1):
     """An in-memory checkpoint (no metadata) of another tiny model, detached from it."""
     return {k: v.clone() for k, v in lf.lorweb_state_dict(tiny_model(seed)).items()}
-
-
-def official_checkpoint(path, *, n=3, r=2, key_dim=8, query_dim=12, seed=1):
-    """An official-style fp16 file for the (6 -> 5 -> 4) model, ai-toolkit metadata and none of our keys."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, (i, o) in {"0": (6, 5), "1": (5, 4)}.items():
-        state[f"transformer.{name}.lora_A"] = torch.randn(n, i, r, generator=g).half()
-        state[f"transformer.{name}.lora_B"] = torch.randn(n, r, o, generator=g).half()
-        state[f"transformer.{name}.lora_keys"] = torch.randn(n, key_dim, generator=g).half()
-        state[f"transformer.{name}.att_lora_to_q.weight"] = torch.randn(key_dim, query_dim, generator=g).half()
-    save_file(state, str(path), metadata={"name": "LoRWeB", "version": "1.0", "format": "pt"})
-    return state
 
 
 def small_config(path, linear=2, **network_kwargs):
@@ -122,7 +91,7 @@ def test_mismatched_basis_shapes_are_refused_before_injecting(tmp_path, case):
     row more than lora_keys has columns, loaded into a model without LoRWeB layers: a LoRWeBCheckpointError naming
     the shape, not a copy error half way through, and no LoRWeB layer is injected."""
     suffix, shape, fragment = SHAPE_CASES[case]
-    bad = _rewrite(_saved(tmp_path), tmp_path / "bad.safetensors",
+    bad = rewrite_safetensors(_saved(tmp_path), tmp_path / "bad.safetensors",
                    tensors={f"transformer.1.{suffix}": torch.randn(*shape)})
     m = fresh_model()
     snap = snapshot(m)
@@ -136,7 +105,7 @@ def test_rank_zero_is_a_checkpoint_error(tmp_path):
     """lora_A (N, in, 0) / lora_B (N, 0, out): refused as a LoRWeBCheckpointError naming N and r, not as the layer
     constructor's plain ValueError; the model is unchanged."""
     path = _saved(tmp_path)
-    bad = _rewrite(path, tmp_path / "bad.safetensors",
+    bad = rewrite_safetensors(path, tmp_path / "bad.safetensors",
                    tensors={"transformer.1.lora_A": torch.randn(3, 5, 0), "transformer.1.lora_B": torch.randn(3, 0, 4)})
     m = fresh_model()
     snap = snapshot(m)
@@ -170,7 +139,7 @@ def test_integer_tensors_are_refused(tmp_path, into):
     dtype; the model is unchanged."""
     path = _saved(tmp_path, seed=1)
     lora_a = load_file(str(path))["transformer.0.lora_A"]
-    bad = _rewrite(path, tmp_path / "bad.safetensors", tensors={"transformer.0.lora_A": (lora_a * 3).to(torch.int32)})
+    bad = rewrite_safetensors(path, tmp_path / "bad.safetensors", tensors={"transformer.0.lora_A": (lora_a * 3).to(torch.int32)})
     m = fresh_model() if into == "fresh" else tiny_model()
     snap = snapshot(m)
     with pytest.raises(LoRWeBCheckpointError, match=r"transformer\.0\.lora_A has non-float dtype torch\.int32"):
@@ -352,9 +321,9 @@ def test_a_truncated_final_file_falls_back_to_the_newest_complete_step(tmp_path)
     picks the newest complete step file."""
     run = tmp_path / "run"
     run.mkdir()
-    official_checkpoint(run / "LoRWeB_000000250.safetensors")
-    official_checkpoint(run / "LoRWeB_000000500.safetensors")
-    official_checkpoint(run / "full.safetensors")
+    official_style_checkpoint(run / "LoRWeB_000000250.safetensors")
+    official_style_checkpoint(run / "LoRWeB_000000500.safetensors")
+    official_style_checkpoint(run / "full.safetensors")
     blob = (run / "full.safetensors").read_bytes()
     (run / "full.safetensors").unlink()
     (run / "LoRWeB.safetensors").write_bytes(blob[:len(blob) // 2])
@@ -368,7 +337,7 @@ def test_the_config_beside_the_file_wins_over_the_run_folders(tmp_path):
     run = tmp_path / "run"
     for step in (4, 8):
         (run / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
-        official_checkpoint(run / "checkpoints" / f"step-{step:08d}" / "lorweb.safetensors")
+        official_style_checkpoint(run / "checkpoints" / f"step-{step:08d}" / "lorweb.safetensors")
     small_config(run / "config.yaml")
     small_config(run / "checkpoints" / "step-00000008" / "config.yaml", lora_heads=2)
     newest = run / "checkpoints" / "step-00000008" / "lorweb.safetensors"
@@ -383,7 +352,7 @@ def test_hidden_files_are_never_checkpoints(tmp_path):
     pick_checkpoint_name: the visible step file is picked."""
     run = tmp_path / "run"
     run.mkdir()
-    official_checkpoint(run / "LoRWeB_000000250.safetensors")
-    official_checkpoint(run / ".x_000009999.safetensors")
+    official_style_checkpoint(run / "LoRWeB_000000250.safetensors")
+    official_style_checkpoint(run / ".x_000009999.safetensors")
     assert oc.find_checkpoint(run)[0] == run / "LoRWeB_000000250.safetensors"
     assert oc.pick_checkpoint_name(sorted(os.listdir(run)), "run") == "LoRWeB_000000250.safetensors"

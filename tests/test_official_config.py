@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import lorweb_fast as lf
 from lorweb_fast import cli, official_config as oc, training
+from lorweb_fast.testing import official_style_checkpoint
 
 # the released model: LoRWeB_default_PROMPTS.yaml with the README's overrides (--linear 4 --linear_alpha 4
 # --loras_num 32 --lora_softmax true --query_mode "cat-aa'b"), as ai-toolkit dumps it (BaseTrainProcess
@@ -68,23 +69,6 @@ def tiny_model():
     return m
 
 
-def official_checkpoint(path, *, n=3, r=2, key_dim=8, query_dim=12, seed=1):
-    """An official-style file: fp16 tensors, ai-toolkit metadata (BaseSDTrainProcess.save,
-    toolkit/metadata.py get_meta_for_safetensors: JSON strings, format pt) and none of our keys."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, (i, o) in {"0": (6, 5), "1": (5, 4)}.items():
-        state[f"transformer.{name}.lora_A"] = torch.randn(n, i, r, generator=g).half()
-        state[f"transformer.{name}.lora_B"] = torch.randn(n, r, o, generator=g).half()
-        state[f"transformer.{name}.lora_keys"] = torch.randn(n, key_dim, generator=g).half()
-        state[f"transformer.{name}.att_lora_to_q.weight"] = torch.randn(key_dim, query_dim, generator=g).half()
-    meta = {"name": "LoRWeB", "version": "1.0", "training_info": json.dumps({"step": 250, "epoch": 0}),
-            "software": json.dumps({"name": "ai-toolkit", "repo": "https://github.com/ostris/ai-toolkit",
-                                    "version": "0.3.4"}), "ss_output_name": "LoRWeB", "format": "pt"}
-    save_file(state, str(path), metadata=meta)
-    return state
-
-
 def small_config(path, **network_kwargs):
     doc = yaml.safe_load(OFFICIAL_YAML)
     net = doc["config"]["process"][0]["network"]
@@ -130,7 +114,7 @@ def test_linear_alpha_is_ignored_as_the_official_network_does(tmp_path):
     where ``self.alpha = self.lora_dim`` replaces the configured alpha; extensions_built_in/flux_kontext.py
     ``get_peft_kwargs`` loads with ``lora_alpha = r`` when the file stores no alpha. So a config.yaml written by
     ``run.py ... --linear 4`` (yaml ``linear_alpha: 1``) still trains and runs with scale 1."""
-    official_checkpoint(tmp_path / "LoRWeB.safetensors")
+    official_style_checkpoint(tmp_path / "LoRWeB.safetensors")
     doc = yaml.safe_load(OFFICIAL_YAML)
     net = doc["config"]["process"][0]["network"]
     net["linear"], net["linear_alpha"] = 2, 1
@@ -180,7 +164,7 @@ def test_pooling_conflicts_only_in_the_patch_modes():
 
 
 def test_official_fp16_checkpoint_loads_with_its_config(tmp_path):
-    state = official_checkpoint(tmp_path / "LoRWeB_000000250.safetensors")
+    state = official_style_checkpoint(tmp_path / "LoRWeB_000000250.safetensors")
     small_config(tmp_path / "config.yaml", lora_softmax=False, lora_heads=2, mixing_coeffs_type="sum")
     model = tiny_model()
     names = lf.load_lorweb_weights(model, tmp_path / "LoRWeB_000000250.safetensors")  # config.yaml beside it
@@ -211,15 +195,15 @@ def test_official_fp16_checkpoint_loads_with_its_config(tmp_path):
 def test_find_checkpoint(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    official_checkpoint(run / "LoRWeB_000000250.safetensors")
-    official_checkpoint(run / "LoRWeB_000000500.safetensors")
+    official_style_checkpoint(run / "LoRWeB_000000250.safetensors")
+    official_style_checkpoint(run / "LoRWeB_000000500.safetensors")
     (run / "LoRWeB_000000750.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"")  # partial write
     (run / ".LoRWeB_000001000.safetensors").write_bytes(b"")
     small_config(run / "config.yaml")
     assert oc.find_checkpoint(run) == (run / "LoRWeB_000000500.safetensors", run / "config.yaml")
-    official_checkpoint(run / "LoRWeB.safetensors")  # the final save wins (inference.py)
+    official_style_checkpoint(run / "LoRWeB.safetensors")  # the final save wins (inference.py)
     assert oc.find_checkpoint(run)[0] == run / "LoRWeB.safetensors"
-    official_checkpoint(run / "other.safetensors")
+    official_style_checkpoint(run / "other.safetensors")
     with pytest.raises(oc.LoRWeBConfigError, match="several final checkpoints"):
         oc.find_checkpoint(run)
     with pytest.raises(FileNotFoundError, match="no complete LoRWeB checkpoint"):
@@ -228,7 +212,7 @@ def test_find_checkpoint(tmp_path):
     ours = tmp_path / "ours"
     for step in (4, 8):
         (ours / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
-        official_checkpoint(ours / "checkpoints" / f"step-{step:08d}" / "lorweb.safetensors")
+        official_style_checkpoint(ours / "checkpoints" / f"step-{step:08d}" / "lorweb.safetensors")
     small_config(ours / "checkpoints" / "step-00000008" / "config.yaml")
     assert oc.find_checkpoint(ours) == (ours / "checkpoints" / "step-00000008" / "lorweb.safetensors",
                                         ours / "checkpoints" / "step-00000008" / "config.yaml")
