@@ -651,10 +651,10 @@ def quantize_qfloat8(pipe, device: Optional[torch.device] = None) -> None:
 def quantization_kind(module: torch.nn.Module) -> Optional[str]:
     """"quanto" (optimum-quanto modules), "bitsandbytes" (bitsandbytes modules or a diffusers ``is_quantized``
     model) or None for a module tree without quantized layers."""
-    kinds = {type(m).__module__.split(".")[0] for m in module.modules()}
-    if "optimum" in kinds and any(type(m).__module__.startswith("optimum.quanto") for m in module.modules()):
+    homes = {type(m).__module__ for m in module.modules()}
+    if any(h.startswith("optimum.quanto") for h in homes):
         return "quanto"
-    if "bitsandbytes" in kinds or getattr(module, "is_quantized", False):
+    if any(h.startswith("bitsandbytes") for h in homes) or getattr(module, "is_quantized", False):
         return "bitsandbytes"
     return None
 
@@ -712,10 +712,11 @@ def _check_given_quantization(pipe, quantize_base: str) -> None:
         if got != want:
             raise ValueError(f"quantize_base={quantize_base!r} but the given pipeline's {name} is "
                              f"{'not quantized' if got is None else 'quantized by ' + got}: {how}")
-        kinds = _quanto_weight_types(module) if want == "quanto" else set()
-        if kinds - {"qfloat8_e4m3fn"}:
-            raise ValueError(f"quantize_base='qfloat8' but the given pipeline's {name} has optimum-quanto "
-                             f"{sorted(kinds)} weights, not qfloat8 only: {how}")
+        if want == "quanto":
+            kinds = _quanto_weight_types(module)
+            if kinds - {_import_quanto()[2].name}:
+                raise ValueError(f"quantize_base='qfloat8' but the given pipeline's {name} has optimum-quanto "
+                                 f"{sorted(kinds)} weights, not qfloat8 only: {how}")
 
 
 def _check_fsdp(accelerator, cfg: TrainConfig) -> None:

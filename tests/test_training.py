@@ -1037,11 +1037,13 @@ def test_qfloat8_base_trains_through_the_delta_only_path(assets, tmp_path):
     assert layers and all(type(l.base_layer).__name__ == "QLinear" for l in layers.values())
     assert all(l.lora_B.abs().max() > 0 for l in layers.values())
     after = _quantized_state(pipe.transformer)
-    for key, value in before["transformer"].items():  # the wrapped bases moved under .base_layer, unchanged
-        moved = key if key in after else key.replace(".weight", ".base_layer.weight") if key.endswith(".weight") \
-            else key + ".base_layer"
-        if isinstance(value, tuple):
-            assert _same_state({key: after[moved]}, {key: value}), key
+    wrapped = 0
+    for key, value in before["transformer"].items():
+        if isinstance(value, tuple):  # a quantized weight: unchanged, in place or under its LoRWeB layer's base_layer
+            inner = key[:-len(".weight")] + ".base_layer.weight"
+            wrapped += inner in after
+            assert _same_state({key: after[inner if inner in after else key]}, {key: value}), key
+    assert wrapped == len(layers)
     assert _same_state(_quantized_state(pipe.text_encoder_2), before["text_encoder_2"])
 
 
