@@ -481,8 +481,28 @@ def _eager_fused(backend, x, weight, bias, base, lora_a, lora_b, coeffs, rows_pe
     return _EAGER_BODIES[backend][0](*tensors, 1.0, rows_per_sample)[0]
 
 
+def _refuse_forward_ad(tensors) -> None:
+    """Forward-mode AD through the fused ops (dual tensors of ``torch.autograd.forward_ad``, ``torch.func.jvp`` /
+    ``jacfwd``): refused by name. The ops have no forward-mode formula, and torch gave no tangent (dual tensors) or a
+    zero tangent (``torch.func.jvp``) instead of an error. Cheap unless forward AD or a functorch transform is on."""
+    forward_ad = torch.autograd.forward_ad
+    dual = forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    jvp = False
+    if not dual and torch._C._are_functorch_transforms_active():
+        from torch._C._functorch import TransformType, get_interpreter_stack
+
+        jvp = any(level.key() == TransformType.Jvp for level in (get_interpreter_stack() or ()))
+    if dual or jvp:
+        raise NotImplementedError("forward-mode AD (torch.func.jvp / jacfwd, forward_ad dual tensors) through "
+                                  "lorweb_fast's fused backends is not supported: they have no forward-mode "
+                                  "formula; run those layers with backend='torch', which supports it")
+
+
 def _fused_linear(backend, x, weight, bias, base, lora_a, lora_b, coeffs, scale):
     """Run a fused backend on x of any supported rank; returns the output in x's leading shape."""
+    if not torch.compiler.is_compiling():
+        _refuse_forward_ad((x, weight, bias, base, lora_a, lora_b, coeffs))
     rows_per_sample = 1 if x.dim() == 2 else x.shape[1]
     x2d = x.reshape(-1, x.shape[-1])
     base2d = None if base is None else base.reshape(-1, base.shape[-1])
