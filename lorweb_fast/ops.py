@@ -465,11 +465,14 @@ def _watched() -> bool:
 
 def _eager_direct(tensors) -> bool:
     """Whether a fused call may run the op bodies directly (``_eager_fused``): eager (not traced by torch.compile or
-    export), nothing watching the ops (``_watched``), and plain tensors only. Anything else goes through the
-    registered op, which those mechanisms see and handle (or refuse, as forward-mode AD)."""
-    if not EAGER_DIRECT or torch.compiler.is_compiling() or _watched():
+    export), nothing watching the ops (``_watched``; forward-mode AD among them is refused by name here), and plain
+    tensors only. Anything else goes through the registered op, which those mechanisms see and handle."""
+    if torch.compiler.is_compiling():
         return False
-    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+    if _watched():
+        _refuse_forward_ad(tensors)
+        return False
+    return EAGER_DIRECT and all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
 
 
 def _eager_fused(backend, x, weight, bias, base, lora_a, lora_b, coeffs, rows_per_sample) -> torch.Tensor:
@@ -484,7 +487,7 @@ def _eager_fused(backend, x, weight, bias, base, lora_a, lora_b, coeffs, rows_pe
 def _refuse_forward_ad(tensors) -> None:
     """Forward-mode AD through the fused ops (dual tensors of ``torch.autograd.forward_ad``, ``torch.func.jvp`` /
     ``jacfwd``): refused by name. The ops have no forward-mode formula, and torch gave no tangent (dual tensors) or a
-    zero tangent (``torch.func.jvp``) instead of an error. Cheap unless forward AD or a functorch transform is on."""
+    zero tangent (``torch.func.jvp``) instead of an error. Asked only when ``_watched`` says something is on."""
     forward_ad = torch.autograd.forward_ad
     dual = forward_ad._current_level >= 0 and any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
@@ -501,8 +504,6 @@ def _refuse_forward_ad(tensors) -> None:
 
 def _fused_linear(backend, x, weight, bias, base, lora_a, lora_b, coeffs, scale):
     """Run a fused backend on x of any supported rank; returns the output in x's leading shape."""
-    if not torch.compiler.is_compiling():
-        _refuse_forward_ad((x, weight, bias, base, lora_a, lora_b, coeffs))
     rows_per_sample = 1 if x.dim() == 2 else x.shape[1]
     x2d = x.reshape(-1, x.shape[-1])
     base2d = None if base is None else base.reshape(-1, base.shape[-1])
