@@ -1094,6 +1094,89 @@ def test_qfloat8_refusals(assets, tmp_path, monkeypatch):
     assert training.quantization_kind(plain.transformer) is None
 
 
+def _module_tree(module) -> dict:
+    """{module path: (module object, {parameter name: (parameter object, device, dtype, values)}, buffers)}."""
+    tree = {}
+    for name, m in module.named_modules():
+        params = {k: (p, p.device, p.dtype, p.detach().clone()) for k, p in m._parameters.items() if p is not None}
+        buffers = {k: (b, b.detach().clone()) for k, b in m._buffers.items() if b is not None}
+        tree[name] = (m, params, buffers)
+    return tree
+
+
+def _same_tree(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for name, (m, params, buffers) in a.items():
+        m2, params2, buffers2 = b[name]
+        if m is not m2 or params.keys() != params2.keys() or buffers.keys() != buffers2.keys():
+            return False
+        for k, (p, device, dtype, value) in params.items():
+            p2, device2, dtype2, value2 = params2[k]
+            if p is not p2 or (device, dtype) != (device2, dtype2) or not torch.equal(value, value2):
+                return False
+        for k, (t, value) in buffers.items():
+            if t is not buffers2[k][0] or not torch.equal(value, buffers2[k][1]):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("fail_at", ["quantize_t5", "freeze_t5", "interrupt_in_transformer", "move_t5",
+                                     "quantize_t5_on_meta", "quantize_t5_after_data_move"])
+def test_qfloat8_failure_puts_the_models_back(assets, monkeypatch, fail_at):
+    """An error (out of memory) or an interrupt anywhere in ``quantize_qfloat8`` -- moving a model, quanto's
+    ``quantize``, the freeze of one module, after the first model is done -- leaves both models as they were: the
+    same module, parameter and buffer objects with the same values, devices and dtypes, no quanto module left; the
+    same pipeline then quantizes exactly as the official run (the reference ``_official_qfloat8``)."""
+    pytest.importorskip("optimum.quanto")
+    pipe = flux.load_kontext_pipeline(assets / "pipe", torch.float32)
+    before = {name: _module_tree(getattr(pipe, name)) for name in training.QFLOAT8_COMPONENTS}
+    quantize, freeze, qfloat8 = training._import_quanto()
+    t5 = pipe.text_encoder_2
+    frozen = []
+
+    def failing_quantize(model, **kw):
+        quantize(model, **kw)
+        if fail_at.startswith("quantize_t5") and model is t5:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory while quantizing")
+
+    def failing_freeze(module):
+        freeze(module)
+        frozen.append(module)
+        if fail_at == "freeze_t5" and any(module is m for m in t5.modules()):
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory while freezing")
+        if fail_at == "interrupt_in_transformer" and len(frozen) == 3:
+            raise KeyboardInterrupt
+
+    def failing_to(self, *args, **kw):
+        if self is t5:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory while moving")
+        return torch.nn.Module.to(self, *args, **kw)
+
+    def data_swapping_to(self, *args, **kw):  # a move to another device: same parameter objects, new data
+        for p in self.parameters():
+            p.data = torch.full_like(p.data, float("nan"))
+        return self
+
+    monkeypatch.setattr(training, "_import_quanto", lambda: (failing_quantize, failing_freeze, qfloat8))
+    if fail_at == "move_t5":
+        monkeypatch.setattr(type(t5), "to", failing_to)
+    if fail_at.endswith("data_move"):
+        monkeypatch.setattr(type(pipe.transformer), "to", data_swapping_to)
+    with pytest.raises(KeyboardInterrupt if fail_at.startswith("interrupt") else torch.OutOfMemoryError):
+        training.quantize_qfloat8(pipe, device=torch.device("meta" if fail_at.endswith("meta") else "cpu"))
+    assert frozen, "the failure came after something was quantized"
+    for name in training.QFLOAT8_COMPONENTS:
+        assert training.quantization_kind(getattr(pipe, name)) is None, name
+        assert _same_tree(_module_tree(getattr(pipe, name)), before[name]), name
+    monkeypatch.undo()
+    training.quantize_qfloat8(pipe)
+    official = flux.load_kontext_pipeline(assets / "pipe", torch.float32)
+    for name in training.QFLOAT8_COMPONENTS:
+        _official_qfloat8(getattr(official, name))
+        assert _same_state(_quantized_state(getattr(pipe, name)), _quantized_state(getattr(official, name))), name
+
+
 def test_quantized_base_plumbing(assets, tmp_path):
     int8 = training.quantization_config("int8")
     nf4 = training.quantization_config("nf4", torch.bfloat16)
