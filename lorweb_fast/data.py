@@ -324,6 +324,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
         from .validation import check_bucket_divisibility
 
         check_bucket_divisibility("bucket_divisibility", bucket_divisibility, resize)
+        if resize == "long-edge":  # the grid's sides are multiples of ``multiple`` and must split into two cells
+            check_bucket_divisibility("multiple", multiple, "bucket")
         self.resize, self.bucket_divisibility = resize, bucket_divisibility
         control_dir, target_dir = self.root / "control", self.root / "target"
         for d in (self.root, control_dir, target_dir):

@@ -1,0 +1,409 @@
+"""Guards for ``lorweb_fast/data.py`` found by a mutation audit: behaviour of the training dataset that the other data
+tests left unpinned (EXIF orientation, which file is control and which target in the grid layout, reversed grid
+draws, layout detection boundaries, caption lookup order, long-edge sizes, the sample order, ``data check``'s options
+and errors, ``data prepare``'s filters, Lanczos strips and metadata). Every image is built here with PIL/numpy."""
+
+import json
+import warnings
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from lorweb_fast import data
+from lorweb_fast.data import AnalogyDataError, AnalogyFolder
+
+
+def _image(rng, w, h):
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _sample(root: Path, name: str, control_size, target_size, *, seed=0, caption="edit"):
+    """control/<name>.png and target/<name>.png of the given sizes (random pixels), target/<name>.txt."""
+    rng = np.random.default_rng(seed)
+    for sub in ("control", "target"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    _image(rng, *control_size).save(root / "control" / f"{name}.png")
+    _image(rng, *target_size).save(root / "target" / f"{name}.png")
+    if caption is not None:
+        (root / "target" / f"{name}.txt").write_text(caption)
+    return root
+
+
+def _grid_folder(root: Path, n=1, size=(64, 48)) -> Path:
+    """Grid layout: control [a a'; b b] and target [a a'; b b'] of the same size, distinct pixels."""
+    for i in range(n):
+        _sample(root, f"g{i}", size, size, seed=10 + i)
+    return root
+
+
+def _quiet(fn):
+    """``fn()`` with its warnings silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+# ------------------------------------------------------------------------------------------- orientation
+def test_exif_orientation_sets_the_cell_size_and_the_pixels(tmp_path):
+    """Official: toolkit/data_transfer_object/data_loader.py ``FileItemDTO.__init__`` takes the size of
+    ``exif_transpose(Image.open(path))`` (the bucket comes from it) and dataloader_mixins.py
+    ``load_and_process_image`` opens target and control with ``exif_transpose``: a b' stored 18 x 24 with
+    orientation 6 is a 24 x 18 cell, and its pixels arrive transposed."""
+    root = _sample(tmp_path / "d", "s00", (60, 14), (18, 24))
+    stored = Image.open(root / "target" / "s00.png").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(root / "target" / "s00.png", exif=exif.tobytes())
+    b_prime = ImageOps.exif_transpose(Image.open(root / "target" / "s00.png"))
+    assert b_prime.size == (24, 18)
+    ds = AnalogyFolder(root, resize="long-edge", long_edge=64, multiple=16)
+    assert ds.samples[0][4] == (48, 36)
+    _, target = ds.full_grids(0)
+    np.testing.assert_array_equal(np.asarray(target)[18:, 24:], np.asarray(b_prime.convert("RGB")))
+    assert AnalogyFolder(root, long_edge=64)[0]["target"].size == data.official_bucket(24, 18, 64)
+
+
+# ------------------------------------------------------------------------------------------- grid layout
+def test_grid_layout_items_keep_control_and_target_apart(tmp_path):
+    """``dataset[i]`` of a finished grid: the control is the control file, the target the target file, each resized
+    to the training size with bicubic (the files are RGBA here: they arrive RGB, as ai-toolkit converts them)."""
+    root = _grid_folder(tmp_path / "d")
+    rng = np.random.default_rng(5)
+    for sub in ("control", "target"):
+        img = Image.open(root / sub / "g0.png").convert("RGBA")
+        img.putalpha(Image.fromarray(rng.integers(0, 256, (48, 64), dtype=np.uint8)))
+        img.save(root / sub / "g0.png")
+    ds = AnalogyFolder(root, resize="long-edge", long_edge=32, multiple=8)
+    item = ds[0]
+    assert item["layout"] == "grid" and item["target"].size == (32, 24)
+    for key in ("control", "target"):
+        want = Image.open(root / key / "g0.png").convert("RGB").resize((32, 24), Image.BICUBIC)
+        assert item[key].mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(item[key]), np.asarray(want))
+    control, target = ds.full_grids(0)
+    assert control.mode == target.mode == "RGB"
+
+
+def test_a_reversed_grid_draw_is_reversed(tmp_path):
+    """A bidirectional draw of a finished grid: target [a' a; b' b] (``swap_grid``), control with b' in both bottom
+    cells (``bidirectional="reverse"``), at the training size."""
+    root = _grid_folder(tmp_path / "d")
+    ds = AnalogyFolder(root, resize="long-edge", long_edge=32, multiple=8, bidirectional="reverse")
+    item = ds[(0, True)]
+    assert item["swapped"]
+    full = data.swap_grid(Image.open(root / "target" / "g0.png").convert("RGB"))
+    want = np.asarray(full.resize((32, 24), Image.BICUBIC))
+    np.testing.assert_array_equal(np.asarray(item["target"]), want)
+    np.testing.assert_array_equal(np.asarray(item["control"])[12:, 16:], want[12:, :16])
+
+
+def test_full_grids_swap_needs_bidirectional(tmp_path):
+    """``full_grids(i, swap=True)`` of a dataset without bidirectional draws is the plain sample, as ``dataset[(i,
+    True)]``."""
+    root = _sample(tmp_path / "d", "s00", (60, 14), (24, 18))
+    ds = AnalogyFolder(root, resize="long-edge")
+    for got, want in zip(ds.full_grids(0, swap=True), ds.full_grids(0)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_control_from_target_refuses_odd_sides():
+    """An odd grid cannot be split into quadrants: AnalogyDataError, not a shifted copy."""
+    with pytest.raises(AnalogyDataError, match="even sides.*got 31x20"):
+        data.control_from_target(Image.new("RGB", (31, 20)))
+    with pytest.raises(AnalogyDataError, match="even sides.*got 30x21"):
+        data.control_from_target(Image.new("RGB", (30, 21)))
+
+
+# --------------------------------------------------------------------------------------- layout detection
+@pytest.mark.parametrize("size", [(30, 12), (45, 16)])
+def test_same_size_strip_shaped_pairs_are_ambiguous_from_aspect_2_5(tmp_path, size):
+    """``STRIP_MIN_ASPECT``: a same-size pair with a width divisible by 3 and at least 2.5 times its height is
+    ambiguous (30 x 12 is exactly 2.5, 45 x 16 is 2.8)."""
+    root = _sample(tmp_path / "d", "s00", size, size)
+    with pytest.raises(AnalogyDataError, match=rf"s00.png \({size[0]}x{size[1]}\) is ambiguous"):
+        AnalogyFolder(root, resize="long-edge")
+
+
+def test_same_size_grids_with_an_odd_height_are_refused(tmp_path):
+    """Two grids of the same size need even sides: an odd height is named as the odd width is."""
+    root = _sample(tmp_path / "d", "s00", (40, 21), (40, 21))
+    with pytest.raises(AnalogyDataError, match="are 40x21 grids with an odd side"):
+        AnalogyFolder(root, resize="long-edge")
+
+
+def test_a_control_of_another_height_is_a_strip(tmp_path):
+    """A control whose width equals its target's but whose height differs is a strip, not a grid."""
+    root = _sample(tmp_path / "d", "s00", (48, 20), (48, 36))
+    ds = AnalogyFolder(root, resize="long-edge")
+    assert ds.samples[0][3] == "strip" and ds.samples[0][4] == (96, 72)
+
+
+@pytest.mark.parametrize("control_size, target_size", [((41, 20), (41, 20)), ((40, 22), (40, 20))])
+def test_layout_grid_refuses_odd_or_unequal_grids(tmp_path, control_size, target_size):
+    """``layout="grid"``: control and target must be two grids of the same even size."""
+    root = _sample(tmp_path / "d", "s00", control_size, target_size)
+    with pytest.raises(AnalogyDataError, match=r"are not two 2x2 grids of the same even size \(layout='grid'\)"):
+        AnalogyFolder(root, resize="long-edge", layout="grid")
+
+
+# ---------------------------------------------------------------------------------------- samples, captions
+def test_upper_case_target_extensions_are_samples(tmp_path):
+    """Official toolkit/data_loader.py ``AiToolkitDataset.__init__``: ``file.lower().endswith(extensions)``: a
+    target named s00.PNG is a sample."""
+    root = _sample(tmp_path / "d", "s00", (60, 14), (24, 18))
+    (root / "target" / "s00.png").rename(root / "target" / "s00.PNG")
+    assert [t.name for _, t, *_ in AnalogyFolder(root, resize="long-edge").samples] == ["s00.PNG"]
+
+
+def test_samples_are_ordered_by_their_path_under_target(tmp_path):
+    """Sample indices follow the sorted path under target/ ("a/z" before "b"), not the bare file name."""
+    root = _sample(tmp_path / "d", "b", (60, 14), (24, 18))
+    (root / "target" / "a").mkdir()
+    _sample(root, "z", (60, 14), (24, 18), seed=1)
+    (root / "target" / "z.png").rename(root / "target" / "a" / "z.png")
+    (root / "target" / "z.txt").rename(root / "target" / "a" / "z.txt")
+    ds = AnalogyFolder(root, resize="long-edge")
+    assert [ds.name(i) for i in range(len(ds))] == ["a/z", "b"]
+
+
+def test_caption_lookup_prefers_captions_over_control(tmp_path):
+    """After the .txt beside the target: ``captions/<id>.txt``, then ``control/<id>.txt`` (``CAPTION_DIRS``)."""
+    root = _sample(tmp_path / "d", "s00", (60, 14), (24, 18), caption=None)
+    (root / "captions").mkdir()
+    (root / "captions" / "s00.txt").write_text("from captions")
+    (root / "control" / "s00.txt").write_text("from control")
+    assert AnalogyFolder(root, resize="long-edge").samples[0][2] == "from captions"
+    (root / "captions" / "s00.txt").unlink()
+    assert AnalogyFolder(root, resize="long-edge").samples[0][2] == "from control"
+
+
+def test_relation_prompts_are_normalised_as_official(tmp_path):
+    """Official dataloader_mixins.py: ``load_caption`` takes the entry's ``edit_prompt`` raw and ``get_caption`` splits
+    it on commas, strips the pieces, drops empty ones and joins them with ", " (as a .txt caption)."""
+    root = _sample(tmp_path / "d", "s00", (60, 14), (24, 18), caption=None)
+    (root / "analogy_metadata.json").write_text(json.dumps([{"analogy_id": "s00",
+                                                             "edit_prompt": " make it red ,, bigger \n"}]))
+    assert AnalogyFolder(root, resize="long-edge")[0]["caption"] == "make it red, bigger"
+
+
+# ------------------------------------------------------------------------------------------ errors, options
+def test_a_folder_whose_every_sample_is_skipped_is_an_error(tmp_path):
+    """skip_bad drops broken samples, but a folder with none left is an AnalogyDataError."""
+    root = _sample(tmp_path / "d", "s00", (60, 14), (24, 18))
+    (root / "control" / "s00.png").unlink()
+    with pytest.raises(AnalogyDataError, match=r"no usable training samples in .* \(1 skipped\)"):
+        _quiet(lambda: AnalogyFolder(root, resize="long-edge", skip_bad=True))
+
+
+@pytest.mark.parametrize("kwargs, fragment", [({"resize": "crop"}, "resize must be one of"),
+                                              ({"layout": "row"}, "layout must be one of"),
+                                              ({"bidirectional": "yes"}, "bidirectional must be one of"),
+                                              ({"bucket_divisibility": 5}, "bucket_divisibility must be even"),
+                                              ({"resize": "long-edge", "multiple": 5}, "multiple must be even"),
+                                              ({"resize": "long-edge", "multiple": 0}, "multiple")])
+def test_bad_dataset_options_are_refused(tmp_path, kwargs, fragment):
+    """Options outside their choices are a ValueError naming the option, before any sample is read."""
+    root = _sample(tmp_path / "d", "s00", (60, 14), (24, 18))
+    with pytest.raises(ValueError, match=fragment):
+        AnalogyFolder(root, **kwargs)
+
+
+def _truncate(path: Path):
+    """Replace the target image ``path`` (.png) by a JPEG cut in half: its header passes the folder scan, its pixels
+    do not decode (what ``data check`` decodes completely)."""
+    path.unlink()
+    jpeg = path.with_suffix(".jpg")
+    _image(np.random.default_rng(9), 64, 48).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+
+
+def test_data_check_names_the_first_undecodable_sample(tmp_path):
+    """Several samples that do not decode: the error counts them and names the first in sample order."""
+    root = tmp_path / "d"
+    for i in range(3):
+        _sample(root, f"s{i:02d}", (60, 14), (24, 18), seed=i)
+    _truncate(root / "target" / "s00.png")
+    _truncate(root / "target" / "s02.png")
+    with pytest.raises(AnalogyDataError, match=r"2 training samples cannot be used, e.g. s00: .*s00\.jpg"):
+        data.check_folder(root, resize="long-edge", progress=False)
+
+
+def test_data_check_all_samples_undecodable_with_skip_bad_is_an_error(tmp_path):
+    """``data check --skip-bad`` where no sample decodes: an error, not a report of 0 samples."""
+    root = _sample(tmp_path / "d", "s00", (60, 14), (24, 18))
+    _truncate(root / "target" / "s00.png")
+    with pytest.raises(AnalogyDataError, match=r"no usable training samples .*\(1 skipped\)"):
+        data.check_folder(root, resize="long-edge", skip_bad=True, progress=False)
+
+
+def test_data_check_skipped_samples_are_not_listed_as_uncaptioned(tmp_path):
+    """A sample without a caption that is skipped as undecodable does not train, so it is not reported as training
+    with an empty caption."""
+    root = tmp_path / "d"
+    _sample(root, "s00", (60, 14), (24, 18))
+    _sample(root, "s01", (60, 14), (24, 18), seed=1, caption=None)
+    _truncate(root / "target" / "s01.png")
+    report = data.check_folder(root, resize="long-edge", skip_bad=True, progress=False)
+    assert report["samples"] == 1 and report["samples_without_caption"] == []
+
+
+def test_data_check_training_sizes_follow_long_edge_and_divisibility(tmp_path):
+    """``training_sizes`` are the sizes the trainer uses with the given options (official bucket of the 100 x 70
+    b' cell: (96, 64) at divisibility 16, (64, 64) at 64; long edge 64 with bucket (48, 32))."""
+    root = _sample(tmp_path / "d", "s00", (120, 30), (100, 70))
+
+    def sizes(**kw):
+        return data.check_folder(root, progress=False, **kw)["training_sizes"]
+
+    assert sizes() == {"96x64": 1}
+    assert sizes(bucket_divisibility=64) == {"64x64": 1}
+    assert sizes(long_edge=64) == {f"{data.official_bucket(100, 70, 64)[0]}x{data.official_bucket(100, 70, 64)[1]}": 1}
+    assert sizes(long_edge=64) != sizes()
+    assert sizes(resize="long-edge", long_edge=64) == {"64x32": 1}  # 200 x 140 -> 64 x 44.8 -> multiples of 32
+
+
+def test_bucket_ties_keep_the_first_bucket():
+    """Official toolkit/buckets.py ``get_bucket_for_image_size``: the closest bucket is replaced only when it removes
+    strictly fewer pixels (``removed_pixels < min_removed_pixels``), so among equal ones the first in the SDXL list
+    wins: 368 x 384 -> (368, 368) (not (336, 368)), 384 x 368 -> (368, 368), 336 x 528 -> (336, 496)."""
+    assert data.official_bucket(368, 384) == (368, 368)
+    assert data.official_bucket(384, 368) == (368, 368)
+    assert data.official_bucket(336, 528) == (336, 496)
+
+
+# --------------------------------------------------------------------------------------------- long edge
+def test_long_edge_sizes_round_to_the_nearest_multiple_and_keep_one(tmp_path):
+    """``resize="long-edge"``: the long edge is ``long_edge``, the other side rounded to the nearest multiple of
+    ``multiple`` (60 x 44 at 64 / 16: 46.9 -> 48) and at least one multiple (400 x 8: 1.3 -> 32, not 0)."""
+    ds = AnalogyFolder(_sample(tmp_path / "d", "s00", (60, 14), (24, 18)), resize="long-edge", long_edge=64,
+                       multiple=16)
+    assert ds.grid_size((60, 44)) == (64, 48)
+    assert ds.grid_size((44, 60)) == (48, 64)
+    ds.multiple = 32
+    assert ds.grid_size((400, 8)) == (64, 32)
+    assert ds.grid_size((8, 400)) == (32, 64)
+
+
+# -------------------------------------------------------------------------------------------- draws
+def test_bidirectional_draws_are_a_fair_coin():
+    """Official ``_create_box_analogy_image``: ``random.random() < 0.5``: over 20000 positions the share of reversed
+    draws is 0.5 within 0.015 (about 4 standard deviations)."""
+    share = sum(data.bidirectional_swap(0, p) for p in range(20000)) / 20000
+    assert abs(share - 0.5) < 0.015
+
+
+# ------------------------------------------------------------------------------------------ data prepare
+def _smooth(rng, w, h):
+    colour = rng.integers(40, 200, 3)
+    ramp = np.linspace(0, 60, w)[None, :, None] + np.linspace(0, 40, h)[:, None, None]
+    return np.broadcast_to(colour + ramp, (h, w, 3)).astype(np.uint8)
+
+
+def _relation252k(root: Path, spec=None) -> dict:
+    """<category>/Group1/labels.json + side-by-side before|after PNGs; returns {image_id: (left, right) arrays}."""
+    rng = np.random.default_rng(2)
+    spec = spec or {"cat-a": [(16, 12), (16, 12), (20, 10)]}
+    halves = {}
+    for category, sizes in spec.items():
+        group = root / category / "Group1"
+        group.mkdir(parents=True)
+        labels = []
+        for k, (w, h) in enumerate(sizes):
+            left, right = _smooth(rng, w, h), _smooth(rng, w, h)
+            Image.fromarray(np.concatenate([left, right], axis=1)).save(group / f"img{k}.png")
+            halves[f"{category}_img{k}.png"] = (left, right)
+            labels.append({"img_name": f"img{k}.png", "edit_instruction": f"{category} edit {k}",
+                           "left_image_description": f"L{k}", "right_image_description": f"R{k}"})
+        (group / "labels.json").write_text(json.dumps(labels))
+    return halves
+
+
+def test_data_prepare_strips_are_resized_with_lanczos(tmp_path):
+    """Official preprocess_data.py ``process_single_analogy``: every cell that differs from the smallest width and
+    height is resized with ``Image.Resampling.LANCZOS``, the strip saved as JPEG quality 95; here the written strip
+    decodes to exactly the reference's JPEG."""
+    halves = _relation252k(tmp_path / "rel")
+    out = tmp_path / "out"
+    data.prepare_relation252k(tmp_path / "rel", out, progress=False)
+    aid = "analogy_cat-a_img0.png_cat-a_img2.png_0001"  # A: 16 x 12 halves, C: 20 x 10 -> cells 16 x 10
+    a, a2 = halves["cat-a_img0.png"]
+    b, _ = halves["cat-a_img2.png"]
+    cells = [Image.fromarray(c).resize((16, 10), Image.Resampling.LANCZOS) for c in (a, a2, b)]
+    buf = BytesIO()
+    Image.fromarray(np.concatenate([np.asarray(c) for c in cells], axis=1)).save(buf, "JPEG", quality=95)
+    with Image.open(out / "control" / f"{aid}.jpg") as got:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(Image.open(buf)))
+
+
+def test_data_prepare_splits_odd_widths_at_half_the_width(tmp_path):
+    """Official ``_split_concatenated_image``: left = (0, 0, width // 2, h), right = (width // 2, 0, width, h); a
+    33 px wide image gives a 16 px a and a 17 px a' (then resized to the smallest cell with Lanczos)."""
+    group = tmp_path / "rel" / "cat" / "Group1"
+    group.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        Image.fromarray(_smooth(rng, 33, 12)).save(group / f"img{k}.png")
+    (group / "labels.json").write_text(json.dumps([{"img_name": f"img{k}.png", "edit_instruction": "e",
+                                                     "left_image_description": "", "right_image_description": ""}
+                                                    for k in range(2)]))
+    data.prepare_relation252k(tmp_path / "rel", tmp_path / "out", progress=False)
+    aid = "analogy_cat_img0.png_cat_img1.png_0000"
+    with Image.open(tmp_path / "out" / "control" / f"{aid}.jpg") as im:
+        assert im.size == (48, 12)
+    with Image.open(tmp_path / "out" / "target" / f"{aid}.jpg") as im:
+        assert im.size == (17, 12)
+
+
+def test_data_prepare_max_analogies_follows_the_seed(tmp_path):
+    """``max_analogies`` keeps a sample drawn with ``seed``: the same seed gives the same analogies, and the seeds
+    0..9 do not all give the same ones (6 analogies, 2 kept)."""
+    _relation252k(tmp_path / "rel", {"cat-a": [(16, 12)] * 4})
+    pairs = data.relation252k_pairs(tmp_path / "rel", progress=False)
+    chosen = [[(x["A"]["image_id"], x["C"]["image_id"]) for x in data.plan_analogies(pairs, max_analogies=2, seed=s)]
+              for s in range(10)]
+    assert chosen[3] == [(x["A"]["image_id"], x["C"]["image_id"])
+                         for x in data.plan_analogies(pairs, max_analogies=2, seed=3)]
+    assert len({tuple(c) for c in chosen}) > 1
+
+
+def test_data_prepare_filter_json_leaves_images_out(tmp_path):
+    """Official ``get_triplets(filter_json)``: entries whose ``image_id`` (``<category>_<img_name>``) is listed are
+    left out before the pairing."""
+    _relation252k(tmp_path / "rel")
+    (tmp_path / "f.json").write_text(json.dumps([{"image_id": "cat-a_img1.png"}, {"other": 1}]))
+    report = data.prepare_relation252k(tmp_path / "rel", tmp_path / "out", filter_json=str(tmp_path / "f.json"),
+                                       progress=False)
+    ids = [m["analogy_id"] for m in json.loads((tmp_path / "out" / "analogy_metadata.json").read_text())]
+    assert report["analogies"] == 1 and ids == ["analogy_cat-a_img0.png_cat-a_img2.png_0000"]
+
+
+def test_data_prepare_refuses_a_non_string_edit_instruction(tmp_path):
+    """A used labels entry whose ``edit_instruction`` is not a string is named (it would become the caption)."""
+    _relation252k(tmp_path / "rel")
+    labels_path = tmp_path / "rel" / "cat-a" / "Group1" / "labels.json"
+    labels = json.loads(labels_path.read_text())
+    labels[1]["edit_instruction"] = 5
+    labels_path.write_text(json.dumps(labels))
+    with pytest.raises(AnalogyDataError, match=r"entry 1 \('img1.png'\): edit_instruction must be a string, got 5"):
+        data.prepare_relation252k(tmp_path / "rel", tmp_path / "out", progress=False)
+
+
+def test_data_prepare_failed_analogies_are_not_in_the_metadata(tmp_path, monkeypatch):
+    """An analogy whose files could not be written is reported as failed and left out of analogy_metadata.json."""
+    _relation252k(tmp_path / "rel")
+    real = data.write_analogy
+
+    def write(analogy, out):
+        if analogy["id"].endswith("_0001"):
+            raise OSError("disk full")
+        return real(analogy, out)
+
+    monkeypatch.setattr(data, "write_analogy", write)
+    report = data.prepare_relation252k(tmp_path / "rel", tmp_path / "out", progress=False)
+    ids = [m["analogy_id"] for m in json.loads((tmp_path / "out" / "analogy_metadata.json").read_text())]
+    assert [f for f, _ in report["failed"]] == ["analogy_cat-a_img0.png_cat-a_img2.png_0001"]
+    assert ids == ["analogy_cat-a_img0.png_cat-a_img1.png_0000", "analogy_cat-a_img1.png_cat-a_img2.png_0002"]
+
