@@ -793,23 +793,40 @@ def _metadata_entry(analogy: dict) -> dict:
             "pair_A": pair(analogy["A"]), "pair_C": pair(analogy["C"])}
 
 
+def strip_cell_modes(cells: list, analogy_id: str = "") -> list:
+    """The colour modes of the a | a' | b cells as ``process_single_analogy`` (NVlabs/LoRWeB preprocess_data.py)
+    leaves them: RGBA and every mode but RGB and L become RGB, L stays L; then the cells follow the first cell (a):
+    after an L first cell the RGB cells become L (a greyscale strip), while an L cell after an RGB first cell is a
+    ValueError (the official script's concatenation fails, and the analogy with it)."""
+    cells = [c if c.mode in ("RGB", "L") else c.convert("RGB") for c in cells]
+    if cells[0].mode == "L":
+        return [c.convert("L") for c in cells]
+    if any(c.mode == "L" for c in cells):
+        raise ValueError(f"{analogy_id}: greyscale (L) cell after a colour first cell: the official "
+                         "preprocess_data.py cannot concatenate them and fails this analogy")
+    return cells
+
+
 def write_analogy(analogy: dict, out: Path) -> None:
-    """control/<id>.jpg (a | a' | b, every cell at the smallest width and height of the three, Lanczos), target/<id>.jpg
-    (b' as is) and target/<id>.txt (a's edit instruction), as ``process_single_analogy``; each file atomically."""
+    """control/<id>.jpg (a | a' | b, every cell at the smallest width and height of the three, Lanczos, in the
+    official colour modes: ``strip_cell_modes``), target/<id>.jpg (b' as is, RGBA as RGB) and target/<id>.txt (a's
+    edit instruction), as ``process_single_analogy``; each file atomically."""
     from PIL import Image
 
     a, a_prime = _halves(analogy["A"]["path"])
     b, b_prime = _halves(analogy["C"]["path"])
     cells = [a, a_prime, b]
     w, h = min(c.width for c in cells), min(c.height for c in cells)
-    strip = Image.new("RGB", (3 * w, h))
+    cells = strip_cell_modes([c if c.size == (w, h) else c.resize((w, h), Image.LANCZOS) for c in cells],
+                             analogy["id"])
+    strip = Image.new(cells[0].mode, (3 * w, h))
     for i, cell in enumerate(cells):
-        if cell.size != (w, h):
-            cell = cell.resize((w, h), Image.LANCZOS)
-        strip.paste(cell.convert("RGB"), (i * w, 0))
+        strip.paste(cell, (i * w, 0))
+    if b_prime.mode == "RGBA":  # other modes are saved as they are (JPEG refuses P or LA: the analogy fails)
+        b_prime = b_prime.convert("RGB")
     aid = analogy["id"]
     files = ((out / "control" / f"{aid}.jpg", lambda p: strip.save(p, format="JPEG", quality=95)),
-             (out / "target" / f"{aid}.jpg", lambda p: b_prime.convert("RGB").save(p, format="JPEG", quality=95)),
+             (out / "target" / f"{aid}.jpg", lambda p: b_prime.save(p, format="JPEG", quality=95)),
              (out / "target" / f"{aid}.txt", lambda p: p.write_text(analogy["A"]["edit_prompt"], encoding="utf-8")))
     try:
         for path, write in files:

@@ -407,3 +407,78 @@ def test_data_prepare_failed_analogies_are_not_in_the_metadata(tmp_path, monkeyp
     assert [f for f, _ in report["failed"]] == ["analogy_cat-a_img0.png_cat-a_img2.png_0001"]
     assert ids == ["analogy_cat-a_img0.png_cat-a_img1.png_0000", "analogy_cat-a_img1.png_cat-a_img2.png_0002"]
 
+
+
+def _relation252k_modes(root: Path, modes: list) -> dict:
+    """One category of side-by-side 16 x 12 | 16 x 12 images, image k saved in PIL mode ``modes[k]``; returns
+    {k: (left, right)} as the images that were saved (in their modes)."""
+    group = root / "cat" / "Group1"
+    group.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    halves, labels = {}, []
+    for k, mode in enumerate(modes):
+        whole = Image.fromarray(np.concatenate([_smooth(rng, 16, 12), _smooth(rng, 16, 12)], axis=1)).convert(mode)
+        whole.save(group / f"img{k}.png")
+        halves[k] = (whole.crop((0, 0, 16, 12)), whole.crop((16, 0, 32, 12)))
+        labels.append({"img_name": f"img{k}.png", "edit_instruction": f"edit {k}", "left_image_description": "",
+                       "right_image_description": ""})
+    (group / "labels.json").write_text(json.dumps(labels))
+    return halves
+
+
+def _official_strip_jpeg(cells) -> np.ndarray:
+    """Reference written from NVlabs/LoRWeB preprocess_data.py ``process_single_analogy``: RGBA and modes other
+    than RGB / L -> RGB, L kept; the channel count of the first cell's array decides, RGB arrays converted to L after
+    an L first cell; numpy concatenation; JPEG quality 95 in the resulting mode. Returns the decoded JPEG."""
+    arrays = []
+    for img in cells:
+        if img.mode == "RGBA" or img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")
+        arrays.append(np.array(img))
+    channels = arrays[0].shape[2] if arrays[0].ndim == 3 else 1
+    same = [np.array(Image.fromarray(a).convert("L")) if a.ndim == 3 and channels == 1 else a for a in arrays]
+    buf = BytesIO()
+    Image.fromarray(np.concatenate(same, axis=1)).save(buf, "JPEG", quality=95)
+    with Image.open(buf) as im:
+        return np.asarray(im.convert(im.mode))
+
+
+def test_data_prepare_keeps_the_official_colour_modes(tmp_path):
+    """Greyscale sources as the official ``process_single_analogy``: an L first cell makes a greyscale (L) strip, its
+    colour cells converted to L; an L cell after a colour first cell fails the analogy (left out of the metadata); an
+    L b' is saved as an L JPEG. Images 0 and 2 are RGB, 1 and 3 greyscale; analogies are the pairs i < j."""
+    halves = _relation252k_modes(tmp_path / "rel", ["RGB", "L", "RGB", "L"])
+    out = tmp_path / "out"
+    report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    ids = {p: f"analogy_cat_img{p[0]}.png_cat_img{p[1]}.png_{i:04d}" for i, p in enumerate(pairs)}
+    failed = {pair for pair in pairs if (ids[pair] in {f for f, _ in report["failed"]})}
+    assert failed == {(0, 1), (0, 3), (2, 3)}, report["failed"]
+    assert all("greyscale" in why for _, why in report["failed"])
+    listed = {m["analogy_id"] for m in json.loads((out / "analogy_metadata.json").read_text())}
+    assert listed == {ids[p] for p in pairs if p not in failed}
+    for (i, j) in [(0, 2), (1, 2), (1, 3)]:
+        (a, a2), (b, b2) = halves[i], halves[j]
+        with Image.open(out / "control" / f"{ids[i, j]}.jpg") as got:
+            assert got.mode == ("L" if i in (1, 3) else "RGB")
+            np.testing.assert_array_equal(np.asarray(got), _official_strip_jpeg([a, a2, b]))
+        with Image.open(out / "target" / f"{ids[i, j]}.jpg") as got:
+            assert got.mode == b2.mode
+
+
+def test_data_prepare_target_modes_as_official(tmp_path):
+    """b' as the official ``process_single_analogy`` saves it: RGBA converted to RGB, other modes saved as they are,
+    so a palette (P) b' cannot be written as JPEG and its analogy fails; a palette a / b cell becomes RGB."""
+    halves = _relation252k_modes(tmp_path / "rel", ["RGB", "P", "RGBA"])
+    out = tmp_path / "out"
+    report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
+    assert [f for f, _ in report["failed"]] == ["analogy_cat_img0.png_cat_img1.png_0000"]
+    assert "P" in report["failed"][0][1]
+    for i, aid in ((0, "analogy_cat_img0.png_cat_img2.png_0001"), (1, "analogy_cat_img1.png_cat_img2.png_0002")):
+        (a, a2), (b, _) = halves[i], halves[2]
+        with Image.open(out / "control" / f"{aid}.jpg") as got:
+            assert got.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(got), _official_strip_jpeg([a, a2, b]))
+        with Image.open(out / "target" / f"{aid}.jpg") as got:
+            assert got.mode == "RGB"
+    assert not (out / "control" / "analogy_cat_img0.png_cat_img1.png_0000.jpg").exists()
