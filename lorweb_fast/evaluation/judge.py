@@ -302,7 +302,8 @@ def _safe(name: str) -> str:
 class JudgeCache:
     """Raw answers on disk, one JSON file per item and question: ``root/<run>/<kind>[__vs__<against>]/<task>/<id>.json``
     with the judge, the prompt's hash, the image files' signature and (pairwise) the image order; reused only when
-    all of them match."""
+    all of them match, and the item, run and baseline names too (names that differ only in characters the file name
+    cannot hold share a file)."""
 
     def __init__(self, root: Union[str, Path]):
         self.root = Path(root)
@@ -323,6 +324,9 @@ class JudgeCache:
         if rec.get("judge") != judge_name or rec.get("prompt_sha256") != prompt_hash(request.prompt) \
                 or rec.get("order") != request.order or rec.get("files_sig") != request.files_sig:
             return None
+        if (rec.get("id"), rec.get("kind"), rec.get("run"), rec.get("against")) != \
+                (request.id, request.kind, request.run, request.against):
+            return None  # another name that _safe maps to the same file ("lora v1" and "lora_v1")
         return rec
 
     def put(self, request: JudgeRequest, judge_name: str, response: Optional[str], error: Optional[str]) -> dict:
