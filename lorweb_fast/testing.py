@@ -295,6 +295,20 @@ def inject_random_lorweb(transformer: torch.nn.Module, *, seed: int = 1) -> None
             layer.lora_keys.normal_(0, 3.0)
 
 
+def tiny_kontext_with_encoder(root):
+    """(a tiny in-memory FluxKontextPipeline with ``inject_random_lorweb``'s basis, a tiny CLIP ``AnalogyEncoder``
+    saved under ``root/clip``), fp32, for the pipeline tests' module fixtures."""
+    from pathlib import Path
+
+    from . import demo
+    from .flux import AnalogyEncoder
+
+    demo.build_tiny_clip(Path(root) / "clip")
+    pipe = demo.build_tiny_kontext_pipeline()
+    inject_random_lorweb(pipe.transformer)
+    return pipe, AnalogyEncoder(Path(root) / "clip")
+
+
 def random_analogy(seed: int):
     """(a, a', b) PIL images for tests: a random 32 px picture, its mirror image, and a random 40 px picture."""
     import random

@@ -10,6 +10,7 @@ by hand on tiny inputs. The stock pipeline's ``__call__`` is replaced by a recor
 nothing is denoised and the file stays fast; nothing is downloaded.
 """
 
+import contextlib
 import types
 import warnings
 
@@ -18,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lorweb_fast import demo, flux
-from lorweb_fast.testing import inject_random_lorweb, reference_clip_pixels
+from lorweb_fast import flux
+from lorweb_fast.testing import reference_clip_pixels, tiny_kontext_with_encoder
 
 pytest.importorskip("diffusers")
 
@@ -30,11 +31,7 @@ QUADRANTS = ((10, 0, 0), (0, 10, 0), (0, 0, 10), (200, 100, 50))  # TL, TR, BL, 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny in-memory FluxKontextPipeline with a random LoRWeB basis and a tiny CLIP encoder (fp32)."""
-    root = tmp_path_factory.mktemp("flux_guards")
-    demo.build_tiny_clip(root / "clip")
-    pipe = demo.build_tiny_kontext_pipeline()
-    inject_random_lorweb(pipe.transformer)
-    return pipe, flux.AnalogyEncoder(root / "clip")
+    return tiny_kontext_with_encoder(tmp_path_factory.mktemp("flux_guards"))
 
 
 def solid(size, color):
@@ -332,23 +329,33 @@ def test_full_merge_refuses_layers_sharing_one_weight():
         pass
 
 
-def test_fuse_lora_scale_multiplies_the_strength_set_before(tiny):
-    """fuse_lora(lora_scale=s) fuses at (strength before) * s and gives the strength before back on unfuse."""
+@contextlib.contextmanager
+def at_strength(tiny, strength):
+    """The shared tiny pipeline wrapped, an analogy set and the strength ``strength``; unfused and back at strength 1
+    afterwards."""
     from lorweb_fast import lora_api
 
     pipe, encoder = tiny
     lp = flux.LoRWeBKontextPipeline(pipe, encoder)
     lp.set_analogy(picture(0, (16, 16)), picture(1, (16, 16)), picture(2, (16, 16)))
-    lp.set_lorweb_scale(2.0)
+    lp.set_lorweb_scale(strength)
     try:
-        lp.fuse_lora("jit", lora_scale=0.25)
-        assert lora_api.get_lorweb_scale(pipe.transformer) == 0.5
-        lp.unfuse_lora()
-        assert lora_api.get_lorweb_scale(pipe.transformer) == 2.0
+        yield lp
     finally:
         if lora_api.fused_strategy(pipe.transformer) is not None:
             lp.unfuse_lora()
         lp.set_lorweb_scale(1.0)
+
+
+def test_fuse_lora_scale_multiplies_the_strength_set_before(tiny):
+    """fuse_lora(lora_scale=s) fuses at (strength before) * s and gives the strength before back on unfuse."""
+    from lorweb_fast import lora_api
+
+    with at_strength(tiny, 2.0) as lp:
+        lp.fuse_lora("jit", lora_scale=0.25)
+        assert lora_api.get_lorweb_scale(lp.transformer) == 0.5
+        lp.unfuse_lora()
+        assert lora_api.get_lorweb_scale(lp.transformer) == 2.0
 
 
 def test_images_query_source_needs_the_cat_mode(tiny):
@@ -371,17 +378,11 @@ def test_a_failed_fuse_gives_the_strength_back(tiny):
     """fuse_lora(lora_scale=...) that fails (an unknown strategy) leaves the strength as it was before the call."""
     from lorweb_fast import lora_api
 
-    pipe, encoder = tiny
-    lp = flux.LoRWeBKontextPipeline(pipe, encoder)
-    lp.set_analogy(picture(0, (16, 16)), picture(1, (16, 16)), picture(2, (16, 16)))
-    lp.set_lorweb_scale(2.0)
-    try:
+    with at_strength(tiny, 2.0) as lp:
         with pytest.raises(ValueError):
             lp.fuse_lora("bogus", lora_scale=0.25)
-        assert lora_api.fused_strategy(pipe.transformer) is None
-        assert lora_api.get_lorweb_scale(pipe.transformer) == 2.0
-    finally:
-        lp.set_lorweb_scale(1.0)
+        assert lora_api.fused_strategy(lp.transformer) is None
+        assert lora_api.get_lorweb_scale(lp.transformer) == 2.0
 
 
 def test_offload_is_chosen_only_when_host_memory_holds_the_copy(monkeypatch):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import lorweb_fast as lf
-from lorweb_fast.testing import inject_random_lorweb
+from lorweb_fast.testing import tiny_kontext_with_encoder
 from lorweb_fast import demo, flux
 
 pytest.importorskip("diffusers")
@@ -80,11 +80,7 @@ def test_official_control_grid_cells_at_a_size():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("official_inference")
-    demo.build_tiny_clip(root / "clip")
-    pipe = demo.build_tiny_kontext_pipeline()
-    inject_random_lorweb(pipe.transformer)
-    return pipe, flux.AnalogyEncoder(root / "clip")
+    return tiny_kontext_with_encoder(tmp_path_factory.mktemp("official_inference"))
 
 
 SMALL_RESOLUTIONS = [(48, 80), (64, 64), (72, 56), (80, 48)]
