@@ -25,17 +25,13 @@ F32_EPS = torch.finfo(torch.float32).eps
 
 
 # ------------------------------------------------------------------------------------- a stand-in fused backend
-def _cat(lora_a, lora_b):
-    n, k, r = lora_a.shape
-    return lora_a.permute(1, 0, 2).reshape(k, n * r), lora_b.reshape(n * r, lora_b.shape[2])
-
-
 def _row_scaling(coeffs, r, scale, rows_per_sample):
-    return (coeffs * scale).repeat_interleave(r, dim=1).repeat_interleave(rows_per_sample, dim=0)
+    """(M, R) per-row scaling: the torch backend's per-sample column scaling repeated over each sample's rows."""
+    return ops.column_scaling(coeffs, r, scale).repeat_interleave(rows_per_sample, dim=0)
 
 
 def _contract_fwd(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample):
-    a_cat, b_cat = _cat(lora_a, lora_b)
+    a_cat, b_cat = ops.concat_basis(lora_a, lora_b)
     u = x @ a_cat
     z = u * _row_scaling(coeffs, lora_a.shape[2], scale, rows_per_sample).to(x.dtype)
     y = z @ b_cat
@@ -51,7 +47,7 @@ def _contract_fwd(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per
 def _contract_bwd(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample, need_dx=True,
                   need_dbasis=True):
     n, k, r = lora_a.shape
-    a_cat, b_cat = _cat(lora_a, lora_b)
+    a_cat, b_cat = ops.concat_basis(lora_a, lora_b)
     scaling = _row_scaling(coeffs, r, scale, rows_per_sample).to(x.dtype)
     dz = dy @ b_cat.t()
     du = dz * scaling
