@@ -421,3 +421,56 @@ def tiny_lorweb_pair(config, seed: int = 0) -> torch.nn.Module:
         for layer in lorweb_layers(m).values():
             layer.lora_B.normal_()
     return m
+
+
+def random_rgb_image(rng, width: int, height: int):
+    """A (height, width) RGB PIL image of uniform random pixels drawn from the numpy Generator ``rng``."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def smooth_rgb(rng, width: int, height: int, *, ramp: tuple = (40, 0)):
+    """(height, width, 3) uint8: a random flat colour in [40, 200) plus a ramp rising by ``ramp[0]`` from left to
+    right and by ``ramp[1]`` from top to bottom; smooth, so JPEG and resampling keep it close."""
+    import numpy as np
+
+    colour = rng.integers(40, 200, 3)
+    gradient = np.linspace(0, ramp[0], width)[None, :, None] + np.linspace(0, ramp[1], height)[:, None, None]
+    return np.broadcast_to(colour + gradient, (height, width, 3)).astype(np.uint8)
+
+
+def relation252k_folder(root, spec: dict, *, seed: int, ramp: tuple = (40, 0), skipped_entries: bool = False) -> dict:
+    """A tiny Relation252K-shaped folder, as NVlabs/LoRWeB preprocess_data.py ``Relation252KDataset`` walks it:
+    ``<category>/Group1/labels.json`` (a list of img_name, edit_instruction, left/right descriptions) and side-by-side
+    before|after PNGs of ``smooth_rgb`` halves, ``spec`` = {category: [(half width, height), ...]}.
+
+    ``skipped_entries`` adds what the official loader skips: a labels entry without its image in every group and a
+    folder without groups. Returns {image_id: (left, right) arrays} with image_id = "<category>_<img_name>"."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    halves = {}
+    for category, sizes in spec.items():
+        group = Path(root) / category / "Group1"
+        group.mkdir(parents=True)
+        labels = []
+        for k, (w, h) in enumerate(sizes):
+            name = f"img{k}.png"
+            left, right = smooth_rgb(rng, w, h, ramp=ramp), smooth_rgb(rng, w, h, ramp=ramp)
+            Image.fromarray(np.concatenate([left, right], axis=1)).save(group / name)
+            halves[f"{category}_{name}"] = (left, right)
+            labels.append({"img_name": name, "edit_instruction": f"{category} edit {k}",
+                           "left_image_description": f"L{k}", "right_image_description": f"R{k}"})
+        if skipped_entries:
+            labels.append({"img_name": "missing.png", "edit_instruction": "x", "left_image_description": "",
+                           "right_image_description": ""})
+        (group / "labels.json").write_text(json.dumps(labels))
+    if skipped_entries:
+        (Path(root) / "not-a-category").mkdir()
+    return halves

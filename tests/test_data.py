@@ -15,10 +15,7 @@ from PIL import Image
 from lorweb_fast import cli, data, demo
 from lorweb_fast.data import AnalogyDataError, AnalogyFolder
 from lorweb_fast.training import StepBatchSampler
-
-
-def _random_image(rng, w, h):
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+from lorweb_fast.testing import random_rgb_image, relation252k_folder, smooth_rgb
 
 
 def _strip_folder(root: Path, *, cells=((20, 14),), b_prime=(24, 18), seed=0, caption="make it red") -> Path:
@@ -27,8 +24,8 @@ def _strip_folder(root: Path, *, cells=((20, 14),), b_prime=(24, 18), seed=0, ca
     (root / "control").mkdir(parents=True, exist_ok=True)
     (root / "target").mkdir(parents=True, exist_ok=True)
     for i, (w, h) in enumerate(cells):
-        _random_image(rng, 3 * w, h).save(root / "control" / f"s{i:02d}.png")
-        _random_image(rng, *b_prime).save(root / "target" / f"s{i:02d}.png")
+        random_rgb_image(rng, 3 * w, h).save(root / "control" / f"s{i:02d}.png")
+        random_rgb_image(rng, *b_prime).save(root / "target" / f"s{i:02d}.png")
         (root / "target" / f"s{i:02d}.txt").write_text(caption)
     return root
 
@@ -94,7 +91,7 @@ def test_strips_in_other_modes_are_resized_before_conversion(tmp_path, strip_mod
     rng = np.random.default_rng(1)
     for path, size, mode in ((root / "control" / "s00.png", (60, 14), strip_mode),
                              (root / "target" / "s00.png", (24, 18), b_prime_mode)):
-        img = _random_image(rng, *size)
+        img = random_rgb_image(rng, *size)
         img = img.quantize(32) if mode == "P" else img.convert(mode)
         if mode == "RGBA":
             img.putalpha(Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8)))
@@ -171,16 +168,16 @@ def test_grid_layout_still_works(tmp_path):
 def test_ambiguous_and_broken_samples_name_the_file(tmp_path):
     rng = np.random.default_rng(0)
     root = _strip_folder(tmp_path / "d", cells=[(20, 14)])
-    _random_image(rng, 50, 40).save(root / "control" / "s00.png")  # fits no grid: a strip of any width
+    random_rgb_image(rng, 50, 40).save(root / "control" / "s00.png")  # fits no grid: a strip of any width
     assert AnalogyFolder(root, resize="long-edge").samples[0][3] == "strip"
-    _random_image(rng, 60, 20).save(root / "control" / "s00.png")
-    _random_image(rng, 60, 20).save(root / "target" / "s00.png")  # same size and strip-shaped: which one?
+    random_rgb_image(rng, 60, 20).save(root / "control" / "s00.png")
+    random_rgb_image(rng, 60, 20).save(root / "target" / "s00.png")  # same size and strip-shaped: which one?
     with pytest.raises(AnalogyDataError, match="s00.png .60x20. is ambiguous"):
         AnalogyFolder(root, resize="long-edge")
     assert AnalogyFolder(root, resize="long-edge", layout="grid").samples[0][3] == "grid"
     assert AnalogyFolder(root, resize="long-edge", layout="strip").samples[0][3] == "strip"
-    _random_image(rng, 61, 20).save(root / "control" / "s00.png")
-    _random_image(rng, 61, 20).save(root / "target" / "s00.png")  # two grids with an odd side
+    random_rgb_image(rng, 61, 20).save(root / "control" / "s00.png")
+    random_rgb_image(rng, 61, 20).save(root / "target" / "s00.png")  # two grids with an odd side
     with pytest.raises(AnalogyDataError, match="s00.png and .*s00.png are 61x20 grids with an odd side"):
         AnalogyFolder(root, resize="long-edge")
 
@@ -193,7 +190,7 @@ def test_a_truncated_image_is_named_by_data_check_and_at_its_draw(tmp_path, caps
     root = _strip_folder(tmp_path / "d", cells=[(20, 14), (20, 14)])
     bad = root / "target" / "s01.jpg"
     (root / "target" / "s01.png").unlink()
-    _random_image(rng, 64, 48).save(bad, quality=95)
+    random_rgb_image(rng, 64, 48).save(bad, quality=95)
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     ds = AnalogyFolder(root, resize="long-edge")  # headers only: the sample is there
     assert len(ds) == 2
@@ -216,7 +213,7 @@ def test_strips_of_any_width_are_cut_as_the_official_loader(tmp_path):
     rng = np.random.default_rng(1)
     for name, strip_size in (("odd", (61, 14)), ("portrait", (30, 40))):
         root = _strip_folder(tmp_path / name, cells=[(20, 14)])
-        strip = _random_image(rng, *strip_size)
+        strip = random_rgb_image(rng, *strip_size)
         strip.save(root / "control" / "s00.png")
         target = Image.open(root / "target" / "s00.png").convert("RGB")
         ds = AnalogyFolder(root, resize="long-edge")
@@ -246,8 +243,8 @@ def test_a_strip_of_its_targets_size_reads_as_a_strip_when_named(tmp_path):
     error names ``--layout strip``, which reads it as the official loader does."""
     rng = np.random.default_rng(4)
     root = _strip_folder(tmp_path / "d", cells=[(20, 14)])
-    _random_image(rng, 30, 20).save(root / "control" / "s01.png")
-    _random_image(rng, 30, 20).save(root / "target" / "s01.png")
+    random_rgb_image(rng, 30, 20).save(root / "control" / "s01.png")
+    random_rgb_image(rng, 30, 20).save(root / "target" / "s01.png")
     (root / "target" / "s01.txt").write_text("x")
     with pytest.raises(AnalogyDataError, match="--layout strip"):
         AnalogyFolder(root, resize="long-edge")
@@ -310,11 +307,11 @@ def test_samples_are_found_from_target_as_the_official_loader(tmp_path):
         (root / sub).mkdir(parents=True)
     for name, target in (("s00", "target/s00.png"), ("s01", "target/s01.jpg"), ("s02", "target/sub/s02.png"),
                          ("s03", "target/_controls/s03.png")):
-        _random_image(rng, 24, 18).save(root / target)
-        _random_image(rng, 60, 14).save(root / "control" / f"{name}.png")
+        random_rgb_image(rng, 24, 18).save(root / target)
+        random_rgb_image(rng, 60, 14).save(root / "control" / f"{name}.png")
         Path(root / target).with_suffix(".txt").write_text(f"txt of {name}")
-    _random_image(rng, 60, 14).save(root / "control" / "s00.jpg")  # official: .jpg is tried first
-    _random_image(rng, 60, 14).save(root / "control" / "s09.png")  # no target: not a sample
+    random_rgb_image(rng, 60, 14).save(root / "control" / "s00.jpg")  # official: .jpg is tried first
+    random_rgb_image(rng, 60, 14).save(root / "control" / "s09.png")  # no target: not a sample
     (root / "analogy_metadata.json").write_text(json.dumps([{"analogy_id": "s00", "edit_prompt": "json of s00"},
                                                             {"analogy_id": "s77", "edit_prompt": "unused"}]))
     want = _official_samples(root)
@@ -331,7 +328,7 @@ def test_samples_are_found_from_target_as_the_official_loader(tmp_path):
     with pytest.warns(UserWarning, match="2 control images have no target"):
         assert AnalogyFolder(root, resize="long-edge").samples[1][0] == root / "control" / "s01.PNG"
     # an exact official extension still comes before an upper-case one that sorts earlier (.JPG vs .png)
-    _random_image(rng, 60, 14).save(root / "control" / "s01.png")
+    random_rgb_image(rng, 60, 14).save(root / "control" / "s01.png")
     (root / "control" / "s01.PNG").rename(root / "control" / "s01.JPG")
     with pytest.warns(UserWarning, match="control images have no target"):
         assert AnalogyFolder(root, resize="long-edge").samples[1][0] == root / "control" / "s01.png"
@@ -449,36 +446,14 @@ def test_data_check_prints_counts_and_dumps_the_trainers_grids(tmp_path, capsys)
 
 
 # --------------------------------------------------------------------------------------------- data prepare
-def _smooth(rng, w, h) -> np.ndarray:
-    """(h, w, 3) uint8: a random flat colour plus a gentle horizontal ramp."""
-    colour = rng.integers(40, 200, 3)
-    ramp = np.linspace(0, 40, w)[None, :, None]
-    return np.broadcast_to(colour + ramp, (h, w, 3)).astype(np.uint8)
+#: the tiny Relation252K of these tests: three categories, one with two sizes (lorweb_fast.testing.relation252k_folder)
+RELATION_SPEC = {"cat-a": [(16, 12), (16, 12), (20, 10)], "cat-b": [(16, 12)], "cat-c": [(12, 12), (12, 12)]}
 
 
 def _relation252k(root: Path) -> dict:
-    """A tiny Relation252K-shaped folder, as NVlabs/LoRWeB preprocess_data.py ``Relation252KDataset`` walks it:
-    <category>/Group1/labels.json (list of img_name, edit_instruction, left/right descriptions) and side-by-side
-    before|after images. Returns {image_id: (left, right) arrays}."""
-    rng = np.random.default_rng(1)
-    halves = {}
-    spec = {"cat-a": [(16, 12), (16, 12), (20, 10)], "cat-b": [(16, 12)], "cat-c": [(12, 12), (12, 12)]}
-    for category, sizes in spec.items():
-        group = root / category / "Group1"
-        group.mkdir(parents=True)
-        labels = []
-        for k, (w, h) in enumerate(sizes):
-            name = f"img{k}.png"
-            left, right = _smooth(rng, w, h), _smooth(rng, w, h)  # smooth: JPEG keeps them close
-            Image.fromarray(np.concatenate([left, right], axis=1)).save(group / name)
-            halves[f"{category}_{name}"] = (left, right)
-            labels.append({"img_name": name, "edit_instruction": f"{category} edit {k}",
-                           "left_image_description": f"L{k}", "right_image_description": f"R{k}"})
-        labels.append({"img_name": "missing.png", "edit_instruction": "x", "left_image_description": "",
-                       "right_image_description": ""})  # no image: skipped as the official loader does
-        (group / "labels.json").write_text(json.dumps(labels))
-    (root / "not-a-category").mkdir()
-    return halves
+    """RELATION_SPEC as a Relation252K folder with the entries the official loader skips (an entry without image, a
+    folder without groups); returns {image_id: (left, right) arrays}."""
+    return relation252k_folder(root, RELATION_SPEC, seed=1, skipped_entries=True)
 
 
 def test_data_prepare_relation252k_official_pairing(tmp_path, capsys):
@@ -663,7 +638,7 @@ def test_parallel_decoding_keeps_the_sequential_pairs_cap_and_checks(tmp_path, c
     rng = np.random.default_rng(3)
     labels = []
     for k in range(6):
-        Image.fromarray(np.concatenate([_smooth(rng, 8, 8), _smooth(rng, 8, 8)], axis=1)).save(group / f"z{k}.png")
+        Image.fromarray(np.concatenate([smooth_rgb(rng, 8, 8), smooth_rgb(rng, 8, 8)], axis=1)).save(group / f"z{k}.png")
         labels.append({"img_name": f"z{k}.png", "edit_instruction": f"e{k}", "left_image_description": "",
                        "right_image_description": ""})
     for k in (1, 2):  # truncated: the header opens, the pixels do not decode

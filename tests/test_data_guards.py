@@ -14,10 +14,7 @@ from PIL import Image, ImageOps
 
 from lorweb_fast import data
 from lorweb_fast.data import AnalogyDataError, AnalogyFolder
-
-
-def _image(rng, w, h):
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+from lorweb_fast.testing import random_rgb_image, relation252k_folder, smooth_rgb
 
 
 def _sample(root: Path, name: str, control_size, target_size, *, seed=0, caption="edit"):
@@ -25,8 +22,8 @@ def _sample(root: Path, name: str, control_size, target_size, *, seed=0, caption
     rng = np.random.default_rng(seed)
     for sub in ("control", "target"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    _image(rng, *control_size).save(root / "control" / f"{name}.png")
-    _image(rng, *target_size).save(root / "target" / f"{name}.png")
+    random_rgb_image(rng, *control_size).save(root / "control" / f"{name}.png")
+    random_rgb_image(rng, *target_size).save(root / "target" / f"{name}.png")
     if caption is not None:
         (root / "target" / f"{name}.txt").write_text(caption)
     return root
@@ -216,7 +213,7 @@ def _truncate(path: Path):
     do not decode (what ``data check`` decodes completely)."""
     path.unlink()
     jpeg = path.with_suffix(".jpg")
-    _image(np.random.default_rng(9), 64, 48).save(jpeg, quality=95)
+    random_rgb_image(np.random.default_rng(9), 64, 48).save(jpeg, quality=95)
     jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
 
 
@@ -296,29 +293,13 @@ def test_bidirectional_draws_are_a_fair_coin():
 
 
 # ------------------------------------------------------------------------------------------ data prepare
-def _smooth(rng, w, h):
-    colour = rng.integers(40, 200, 3)
-    ramp = np.linspace(0, 60, w)[None, :, None] + np.linspace(0, 40, h)[:, None, None]
-    return np.broadcast_to(colour + ramp, (h, w, 3)).astype(np.uint8)
+#: the smooth halves of these tests ramp along both axes (lorweb_fast.testing.smooth_rgb)
+RAMP = (60, 40)
 
 
 def _relation252k(root: Path, spec=None) -> dict:
-    """<category>/Group1/labels.json + side-by-side before|after PNGs; returns {image_id: (left, right) arrays}."""
-    rng = np.random.default_rng(2)
-    spec = spec or {"cat-a": [(16, 12), (16, 12), (20, 10)]}
-    halves = {}
-    for category, sizes in spec.items():
-        group = root / category / "Group1"
-        group.mkdir(parents=True)
-        labels = []
-        for k, (w, h) in enumerate(sizes):
-            left, right = _smooth(rng, w, h), _smooth(rng, w, h)
-            Image.fromarray(np.concatenate([left, right], axis=1)).save(group / f"img{k}.png")
-            halves[f"{category}_img{k}.png"] = (left, right)
-            labels.append({"img_name": f"img{k}.png", "edit_instruction": f"{category} edit {k}",
-                           "left_image_description": f"L{k}", "right_image_description": f"R{k}"})
-        (group / "labels.json").write_text(json.dumps(labels))
-    return halves
+    """A one-category Relation252K folder (lorweb_fast.testing.relation252k_folder); {image_id: (left, right)}."""
+    return relation252k_folder(root, spec or {"cat-a": [(16, 12), (16, 12), (20, 10)]}, seed=2, ramp=RAMP)
 
 
 def test_data_prepare_strips_are_resized_with_lanczos(tmp_path):
@@ -345,7 +326,7 @@ def test_data_prepare_splits_odd_widths_at_half_the_width(tmp_path):
     group.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for k in range(2):
-        Image.fromarray(_smooth(rng, 33, 12)).save(group / f"img{k}.png")
+        Image.fromarray(smooth_rgb(rng, 33, 12, ramp=RAMP)).save(group / f"img{k}.png")
     (group / "labels.json").write_text(json.dumps([{"img_name": f"img{k}.png", "edit_instruction": "e",
                                                      "left_image_description": "", "right_image_description": ""}
                                                     for k in range(2)]))
@@ -417,7 +398,7 @@ def _relation252k_modes(root: Path, modes: list) -> dict:
     rng = np.random.default_rng(5)
     halves, labels = {}, []
     for k, mode in enumerate(modes):
-        whole = Image.fromarray(np.concatenate([_smooth(rng, 16, 12), _smooth(rng, 16, 12)], axis=1)).convert(mode)
+        whole = Image.fromarray(np.concatenate([smooth_rgb(rng, 16, 12, ramp=RAMP), smooth_rgb(rng, 16, 12, ramp=RAMP)], axis=1)).convert(mode)
         whole.save(group / f"img{k}.png")
         halves[k] = (whole.crop((0, 0, 16, 12)), whole.crop((16, 0, 32, 12)))
         labels.append({"img_name": f"img{k}.png", "edit_instruction": f"edit {k}", "left_image_description": "",
