@@ -584,7 +584,8 @@ def load_optimizer_state_dict(model, optimizer: torch.optim.Optimizer, state: di
     index = {n: i for i, n in enumerate(names)}
     optimizer.load_state_dict({
         "state": {index[n]: s for n, s in state["state"].items()},
-        "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]]})
+        # torch pairs the saved groups' ids with this optimizer's parameters in order: list them in this order
+        "param_groups": [dict(g, params=sorted(index[n] for n in g["params"])) for g in state["param_groups"]]})
 
 
 def quantization_config(quantize_base: str, compute_dtype: torch.dtype = torch.bfloat16):
