@@ -474,3 +474,56 @@ def relation252k_folder(root, spec: dict, *, seed: int, ramp: tuple = (40, 0), s
     if skipped_entries:
         (Path(root) / "not-a-category").mkdir()
     return halves
+
+
+def small_train_config(out, **over):
+    """A small valid ``TrainConfig`` writing to ``out`` (placeholder data/model/encoder names, 8 steps of batch 2,
+    a 4 x rank-2 basis, checkpoints every 2 steps), with ``over`` replacing any field; for tests that never load the
+    pipeline."""
+    from .training import TrainConfig
+
+    values = dict(data="data", out=str(out), model="m", encoder="e", steps=8, batch_size=2, learning_rate=1e-2,
+                  mixed_precision="no", long_edge=64, resize="long-edge", num_loras=4, rank=2, key_dim=8,
+                  checkpoint_every=2, num_workers=0, progress=False)
+    values.update(over)
+    return TrainConfig(**values)
+
+
+def tiny_lorweb_linear_model(**config):
+    """``nn.Sequential(nn.Linear(4, 3))`` with its layer wrapped by LoRWeB (2 x rank-1 basis, key_dim 2, query 3;
+    ``config`` replaces any ``LoRWeBConfig`` field)."""
+    from torch import nn
+
+    from .model import LoRWeBConfig, inject_lorweb
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    values = dict(num_loras=2, rank=1, key_dim=2, query_dim=3, target_modules=r"\d")
+    values.update(config)
+    inject_lorweb(model, LoRWeBConfig(**values))
+    return model
+
+
+def fake_checkpoint(out, step: int, cfg, *, state=None, weights: bool = True):
+    """``out/checkpoints/step-<step>`` laid out as the trainer writes it: ``lorweb.safetensors`` of
+    ``tiny_lorweb_linear_model`` (unless ``weights`` is False) and ``trainer_state.pt`` (``state``, by default the
+    step, an empty optimizer state and ``cfg``'s comparable fields). Returns the folder."""
+    from pathlib import Path
+
+    from .model import save_lorweb_weights
+    from .training import _comparable_config
+
+    folder = Path(out) / "checkpoints" / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    if weights:
+        save_lorweb_weights(tiny_lorweb_linear_model(), folder / "lorweb.safetensors")
+    if state is None:
+        state = {"step": step, "optimizer": {"state": {}, "param_groups": []}, "config": _comparable_config(cfg)}
+    torch.save(state, folder / "trainer_state.pt")
+    return folder
+
+
+def file_tree(root) -> list:
+    """Every path under ``root`` (sorted, relative) with its bytes, None for folders: equal trees = nothing changed."""
+    from pathlib import Path
+
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in Path(root).rglob("*"))

@@ -13,58 +13,30 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
-import lorweb_fast as lf
 from lorweb_fast import demo, training
+from lorweb_fast.testing import fake_checkpoint, file_tree, small_train_config
 from lorweb_fast.training import TrainConfig, prepare_output
-
-
-def cfg_for(out, **over) -> TrainConfig:
-    values = dict(data="data", out=str(out), model="m", encoder="e", steps=8, batch_size=2, learning_rate=1e-2,
-                  mixed_precision="no", long_edge=64, resize="long-edge", num_loras=4, rank=2, key_dim=8,
-                  checkpoint_every=2, num_workers=0, progress=False)
-    values.update(over)
-    return TrainConfig(**values)
-
-
-def fake_checkpoint(out, step, cfg, *, state=None, weights=True):
-    """A complete checkpoint folder as _write_checkpoint writes it (tiny real weights file)."""
-    d = Path(out) / "checkpoints" / f"step-{step:08d}"
-    d.mkdir(parents=True)
-    if weights:
-        m = nn.Sequential(nn.Linear(4, 3))
-        lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=2, query_dim=3, target_modules=r"\d"))
-        lf.save_lorweb_weights(m, d / "lorweb.safetensors")
-    if state is None:
-        state = {"step": step, "optimizer": {"state": {}, "param_groups": []},
-                 "config": training._comparable_config(cfg)}
-    torch.save(state, d / "trainer_state.pt")
-    return d
-
-
-def tree(root):
-    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in Path(root).rglob("*"))
 
 
 # ------------------------------------------------------------------------------------------ used --out
 @pytest.mark.parametrize("what", ["checkpoint", "weights", "loss"])
 def test_used_out_is_refused_without_resume_or_overwrite(tmp_path, what):
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     if what == "checkpoint":
         fake_checkpoint(tmp_path, 2, cfg)
     elif what == "weights":
         (tmp_path / "lorweb.safetensors").write_bytes(b"old")
     else:
         (tmp_path / "loss.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    before = tree(tmp_path)
+    before = file_tree(tmp_path)
     with pytest.raises(ValueError, match="already holds a training run.*--resume.*--overwrite"):
         prepare_output(cfg)
-    assert tree(tmp_path) == before
+    assert file_tree(tmp_path) == before
 
 
 def test_overwrite_removes_only_the_run(tmp_path):
-    cfg = cfg_for(tmp_path, overwrite=True)
+    cfg = small_train_config(tmp_path, overwrite=True)
     fake_checkpoint(tmp_path, 2, cfg)
     for name in training.RUN_FILES:
         (tmp_path / name).write_text("old")
@@ -76,7 +48,7 @@ def test_overwrite_removes_only_the_run(tmp_path):
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, caplog):
     (tmp_path / "loss.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     with caplog.at_level("WARNING", logger="lorweb_fast.training"):
-        assert prepare_output(cfg_for(tmp_path, resume=True)) == (None, None)
+        assert prepare_output(small_train_config(tmp_path, resume=True)) == (None, None)
     assert "starting from step 0" in caplog.text
 
 
@@ -89,16 +61,16 @@ CHANGES = [("learning_rate", 5e-3), ("rank", 4), ("num_loras", 8), ("seed", 3), 
 
 @pytest.mark.parametrize("field,value", CHANGES)
 def test_resume_with_a_different_config_is_refused_naming_the_field(tmp_path, field, value):
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     fake_checkpoint(tmp_path, 2, cfg)
-    before = tree(tmp_path)
+    before = file_tree(tmp_path)
     with pytest.raises(ValueError, match=rf"differs from .*trainer_state.pt in {field}: "):
         prepare_output(dataclasses.replace(cfg, resume=True, **{field: value}))
-    assert tree(tmp_path) == before
+    assert file_tree(tmp_path) == before
 
 
 def test_resume_names_every_differing_field(tmp_path):
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     fake_checkpoint(tmp_path, 2, cfg)
     with pytest.raises(ValueError, match="learning_rate: 0.01 -> 0.02, rank: 2 -> 3"):
         prepare_output(dataclasses.replace(cfg, resume=True, learning_rate=2e-2, rank=3))
@@ -106,14 +78,14 @@ def test_resume_names_every_differing_field(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("steps", 20), ("num_workers", 3), ("progress", True)])
 def test_resume_may_change_the_step_budget(tmp_path, field, value):
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     ckpt = fake_checkpoint(tmp_path, 2, cfg)
     found, state = prepare_output(dataclasses.replace(cfg, resume=True, **{field: value}))
     assert found == ckpt and state["step"] == 2
 
 
 def test_resume_checks_train_config_json_for_older_checkpoints(tmp_path):
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     fake_checkpoint(tmp_path, 2, cfg, state={"step": 2, "optimizer": {"state": {}, "param_groups": []}})
     (tmp_path / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), default=str))
     with pytest.raises(ValueError, match="train_config.json in rank"):
@@ -123,7 +95,7 @@ def test_resume_checks_train_config_json_for_older_checkpoints(tmp_path):
 def test_resume_of_a_run_from_before_bucket_batching_names_batching(tmp_path):
     """A checkpoint whose stored config has no ``batching`` field was trained with batches across buckets ("mixed"),
     not with today's default: resuming with the default is refused naming the field, ``--batching mixed`` resumes."""
-    cfg = cfg_for(tmp_path, batching="mixed")
+    cfg = small_train_config(tmp_path, batching="mixed")
     stored = {k: v for k, v in training._comparable_config(cfg).items() if k != "batching"}
     fake_checkpoint(tmp_path, 2, cfg, state={"step": 2, "optimizer": {"state": {}, "param_groups": []},
                                              "config": stored})
@@ -137,7 +109,7 @@ def test_resume_of_a_run_from_before_missing_caption_names_it(tmp_path):
     """Before ``missing_caption`` existed a sample without a caption was an error (skipped with --skip-bad): a run
     that lacks the field resumes with ``--missing-caption raise`` only, not with today's "empty" (which could add
     the samples it skipped)."""
-    cfg = cfg_for(tmp_path, missing_caption="raise", skip_bad=True)
+    cfg = small_train_config(tmp_path, missing_caption="raise", skip_bad=True)
     stored = {k: v for k, v in training._comparable_config(cfg).items() if k != "missing_caption"}
     fake_checkpoint(tmp_path, 2, cfg, state={"step": 2, "optimizer": {"state": {}, "param_groups": []},
                                              "config": stored})
@@ -149,19 +121,19 @@ def test_resume_of_a_run_from_before_missing_caption_names_it(tmp_path):
 
 
 def test_resume_beyond_the_step_budget_is_refused(tmp_path):
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     fake_checkpoint(tmp_path, 6, cfg)
-    before = tree(tmp_path)
+    before = file_tree(tmp_path)
     with pytest.raises(ValueError, match="at step 6, beyond --steps 4"):
         prepare_output(dataclasses.replace(cfg, resume=True, steps=4))
-    assert tree(tmp_path) == before
+    assert file_tree(tmp_path) == before
 
 
 # -------------------------------------------------------------------------------- checkpoints/ contents
 @pytest.mark.parametrize("stray", ["step-foo", "notes", "step-12-old", "step-", "backup_step-00000009",
                                    "step-00000009.bak"])
 def test_stray_folders_under_checkpoints_are_ignored(tmp_path, stray):
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     good = fake_checkpoint(tmp_path, 4, cfg)
     (tmp_path / "checkpoints" / stray).mkdir()
     (tmp_path / "checkpoints" / stray / "trainer_state.pt").write_bytes(b"junk")
@@ -175,7 +147,7 @@ def test_stray_folders_under_checkpoints_are_ignored(tmp_path, stray):
 @pytest.mark.parametrize("corruption", ["empty", "garbage", "not a dict", "no optimizer", "weights corrupt",
                                         "bad data position", "bad process count"])
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, corruption):
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     older = fake_checkpoint(tmp_path, 2, cfg)
     newest = fake_checkpoint(tmp_path, 4, cfg)
     bad_file = newest / ("lorweb.safetensors" if corruption == "weights corrupt" else "trainer_state.pt")
@@ -198,15 +170,15 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, corruptio
 
 
 def test_all_checkpoints_corrupt_is_an_error_naming_the_files(tmp_path):
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     for step in (2, 4):
         (fake_checkpoint(tmp_path, step, cfg) / "trainer_state.pt").write_bytes(b"")
-    before = tree(tmp_path)
+    before = file_tree(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="no usable checkpoint.*step-00000004.*step-00000002"):
             prepare_output(dataclasses.replace(cfg, resume=True))
-    assert tree(tmp_path) == before  # the corrupt checkpoints are kept for inspection, nothing else written
+    assert file_tree(tmp_path) == before  # the corrupt checkpoints are kept for inspection, nothing else written
 
 
 @pytest.mark.parametrize("leftover", ["checkpoints/.tmp-step-00000006-abc123", "checkpoints/.tmp-step-00000004-x",
@@ -214,7 +186,7 @@ def test_all_checkpoints_corrupt_is_an_error_naming_the_files(tmp_path):
                                       "checkpoints/step-00000002/.lorweb-k2j3.safetensors.tmp",
                                       "checkpoints/step-00000002/.config-k2j3.yaml.tmp"])
 def test_leftover_temporary_files_are_removed(tmp_path, leftover):
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     fake_checkpoint(tmp_path, 2, cfg)
     path = tmp_path / leftover
     if leftover.endswith(".tmp"):
@@ -248,12 +220,12 @@ BAD_FIELDS = [("steps", 0, ValueError), ("steps", 2.5, TypeError), ("steps", Tru
 @pytest.mark.parametrize("field,value,exc", BAD_FIELDS)
 def test_train_config_refuses_bad_values(tmp_path, field, value, exc):
     with pytest.raises(exc, match=field):
-        cfg_for(tmp_path, **{field: value}).validate()
+        small_train_config(tmp_path, **{field: value}).validate()
 
 
 def test_train_config_defaults_are_valid(tmp_path):
     TrainConfig(data="d", out=str(tmp_path)).validate()
-    cfg_for(tmp_path).validate()
+    small_train_config(tmp_path).validate()
 
 
 # ---------------------------------------------------------------------------- end to end: fallback is exact
@@ -363,7 +335,7 @@ def test_killed_mid_run_then_resume_is_bit_identical(assets, tmp_path, signame):
 
 @pytest.mark.parametrize("value,refused", [("none", False), ("logit_normal", True)])
 def test_field_missing_from_an_older_checkpoint_counts_as_its_default(tmp_path, value, refused):
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     stored = training._comparable_config(cfg)
     del stored["weighting_scheme"]  # as if written before the field existed (default "none")
     fake_checkpoint(tmp_path, 2, cfg, state={"step": 2, "optimizer": {"state": {}, "param_groups": []},

@@ -638,7 +638,8 @@ def test_parallel_decoding_keeps_the_sequential_pairs_cap_and_checks(tmp_path, c
     rng = np.random.default_rng(3)
     labels = []
     for k in range(6):
-        Image.fromarray(np.concatenate([smooth_rgb(rng, 8, 8), smooth_rgb(rng, 8, 8)], axis=1)).save(group / f"z{k}.png")
+        halves = [smooth_rgb(rng, 8, 8), smooth_rgb(rng, 8, 8)]
+        Image.fromarray(np.concatenate(halves, axis=1)).save(group / f"z{k}.png")
         labels.append({"img_name": f"z{k}.png", "edit_instruction": f"e{k}", "left_image_description": "",
                        "right_image_description": ""})
     for k in (1, 2):  # truncated: the header opens, the pixels do not decode

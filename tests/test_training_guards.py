@@ -20,45 +20,10 @@ from torch import nn
 import lorweb_fast as lf
 from lorweb_fast import training
 from lorweb_fast.data import bidirectional_swap
+from lorweb_fast.testing import fake_checkpoint, file_tree, small_train_config, tiny_lorweb_linear_model
 from lorweb_fast.training import StepBatchSampler, TrainConfig, prepare_output
 
 KEYS = [(64, 64)] * 5 + [(96, 48)] * 3 + [(64, 64)] * 2  # two buckets: 7 and 3 samples
-
-
-def cfg_for(out, **over) -> TrainConfig:
-    """A small valid training config writing to ``out``."""
-    values = dict(data="data", out=str(out), model="m", encoder="e", steps=8, batch_size=2, learning_rate=1e-2,
-                  mixed_precision="no", long_edge=64, resize="long-edge", num_loras=4, rank=2, key_dim=8,
-                  checkpoint_every=2, num_workers=0, progress=False)
-    values.update(over)
-    return TrainConfig(**values)
-
-
-def tiny_lorweb(**over) -> nn.Module:
-    """One linear layer wrapped by LoRWeB (as the tiny checkpoints of tests/test_bad_inputs_training.py)."""
-    model = nn.Sequential(nn.Linear(4, 3))
-    values = dict(num_loras=2, rank=1, key_dim=2, query_dim=3, target_modules=r"\d")
-    values.update(over)
-    lf.inject_lorweb(model, lf.LoRWeBConfig(**values))
-    return model
-
-
-def fake_checkpoint(out, step, cfg, *, state=None, weights=True) -> Path:
-    """A checkpoint folder as ``_write_checkpoint`` lays it out (tiny real weights, trainer state with ``cfg``)."""
-    d = Path(out) / "checkpoints" / f"step-{step:08d}"
-    d.mkdir(parents=True)
-    if weights:
-        lf.save_lorweb_weights(tiny_lorweb(), d / "lorweb.safetensors")
-    if state is None:
-        state = {"step": step, "optimizer": {"state": {}, "param_groups": []},
-                 "config": training._comparable_config(cfg)}
-    torch.save(state, d / "trainer_state.pt")
-    return d
-
-
-def tree(root) -> list:
-    """Every path under ``root`` with its bytes (None for folders)."""
-    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in Path(root).rglob("*"))
 
 
 # ------------------------------------------------------------------------------------------------- sampler
@@ -124,7 +89,7 @@ def test_mixed_collate_resizes_every_image_to_the_first_target():
 def test_every_choice_field_refuses_an_unknown_value(tmp_path, field):
     """The choice fields no other test covers: an unknown value is refused naming the field."""
     with pytest.raises(ValueError, match=rf"{field} must be one of"):
-        cfg_for(tmp_path, **{field: "bogus"}).validate()
+        small_train_config(tmp_path, **{field: "bogus"}).validate()
 
 
 @pytest.mark.parametrize("field,value", [("caption_dropout", 1.0), ("caption_dropout", 0.0),
@@ -133,19 +98,19 @@ def test_every_choice_field_refuses_an_unknown_value(tmp_path, field):
 def test_boundary_values_are_accepted(tmp_path, field, value):
     """The documented ends of each range are valid: caption_dropout in [0, 1], keep_milestone_every 0 (no
     milestones), sizes of 1, keep_checkpoints 0 (keep all)."""
-    cfg_for(tmp_path, **{field: value}).validate()
+    small_train_config(tmp_path, **{field: value}).validate()
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path):
     """--resume continues a run, --overwrite deletes it: both at once is an error naming both."""
     with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
-        cfg_for(tmp_path, resume=True, overwrite=True).validate()
+        small_train_config(tmp_path, resume=True, overwrite=True).validate()
 
 
 def test_query_settings_are_checked_by_validate(tmp_path):
     """An unknown query mode is refused before anything loads."""
     with pytest.raises(ValueError, match="query_mode"):
-        cfg_for(tmp_path, query_mode="bogus").validate()
+        small_train_config(tmp_path, query_mode="bogus").validate()
 
 
 # -------------------------------------------------------------------------------------------- checkpoints/
@@ -163,7 +128,7 @@ def test_checkpoint_folders_are_ordered_by_step_and_files_are_not_checkpoints(tm
 def test_a_resume_picks_the_newest_complete_checkpoint(tmp_path):
     """Of several complete checkpoints the newest is resumed; a newer folder with weights but no trainer state
     (not a finished checkpoint) is passed over silently, not as a corrupt one."""
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     fake_checkpoint(tmp_path, 2, cfg)
     newest = fake_checkpoint(tmp_path, 4, cfg)
     half = tmp_path / "checkpoints" / "step-00000006"
@@ -185,8 +150,8 @@ RESUME_MAY_CHANGE = {"steps", "resume", "overwrite", "progress", "num_workers", 
 def test_options_that_change_no_computed_value_may_change_on_resume(tmp_path, stored, now):
     """RESUME_MAY_DIFFER: the attention kernel choice, the milestone spacing, the NaN policy, and --overwrite (a run
     started with --overwrite is continued with --resume) do not block a resume."""
-    ckpt = fake_checkpoint(tmp_path, 2, cfg_for(tmp_path, **stored))
-    found, state = prepare_output(cfg_for(tmp_path, resume=True, **now))
+    ckpt = fake_checkpoint(tmp_path, 2, small_train_config(tmp_path, **stored))
+    found, state = prepare_output(small_train_config(tmp_path, resume=True, **now))
     assert found == ckpt and state["step"] == 2
 
 
@@ -194,21 +159,21 @@ def test_every_other_config_field_blocks_a_resume(tmp_path):
     """Any field outside the documented set (the step budget and options that change no computed value) differing
     from the checkpoint's config refuses the resume, naming that field; nothing on disk changes (``out`` itself is
     where the checkpoint is looked for)."""
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     fake_checkpoint(tmp_path, 2, cfg)
-    before = tree(tmp_path)
+    before = file_tree(tmp_path)
     others = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RESUME_MAY_CHANGE | {"out"}]
     assert len(others) > 40
     for name in others:
         with pytest.raises(ValueError, match=rf"differs from .* in {name}: .* -> 'changed'"):
             prepare_output(dataclasses.replace(cfg, resume=True, **{name: "changed"}))
-    assert tree(tmp_path) == before
+    assert file_tree(tmp_path) == before
 
 
 def test_older_train_config_json_may_differ_in_the_step_budget(tmp_path):
     """A checkpoint without a stored config is compared with train_config.json (every field): the fields that may
     differ on resume are left out of that comparison too."""
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     ckpt = fake_checkpoint(tmp_path, 2, cfg, state={"step": 2, "optimizer": {"state": {}, "param_groups": []}})
     (tmp_path / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), default=str))
     found, state = prepare_output(dataclasses.replace(cfg, resume=True, steps=20, num_workers=3))
@@ -218,7 +183,7 @@ def test_older_train_config_json_may_differ_in_the_step_budget(tmp_path):
 @pytest.mark.parametrize("extra", [{"data_position": 0, "num_processes": 1}, {"data_position": 5, "num_processes": 3}])
 def test_valid_stream_positions_are_accepted(tmp_path, extra):
     """data_position 0 (the stream's start) and a single process are valid trainer-state values."""
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     state = {"step": 2, "optimizer": {"state": {}, "param_groups": []}, "config": training._comparable_config(cfg),
              **extra}
     ckpt = fake_checkpoint(tmp_path, 2, cfg, state=state)
@@ -233,7 +198,7 @@ def test_valid_stream_positions_are_accepted(tmp_path, extra):
 def test_malformed_trainer_states_fall_back(tmp_path, corruption):
     """A trainer state without an integer step, with an optimizer state lacking its keys, or with a bool as data
     position is not resumable: the previous checkpoint is used, with a warning naming the file."""
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     older = fake_checkpoint(tmp_path, 2, cfg)
     state = {"step": 4, "optimizer": {"state": {}, "param_groups": []}, "config": training._comparable_config(cfg)}
     if corruption == "step missing":
@@ -256,33 +221,33 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     path = tmp_path / "run"
     path.write_bytes(b"notes")
     with pytest.raises(ValueError, match=r"run is a file; give a folder"):
-        prepare_output(cfg_for(path, overwrite=True))
+        prepare_output(small_train_config(path, overwrite=True))
     assert path.read_bytes() == b"notes"
 
 
 def test_only_the_main_process_deletes_anything(tmp_path):
     """With ``main_process=False`` neither leftover temporaries nor (with --overwrite) the run itself are removed:
     rank 0 does that, the other processes only read."""
-    cfg = cfg_for(tmp_path)
+    cfg = small_train_config(tmp_path)
     fake_checkpoint(tmp_path, 2, cfg)
     (tmp_path / "checkpoints" / ".tmp-step-00000004-x").mkdir()
     (tmp_path / ".lorweb.safetensors.tmp").write_bytes(b"partial")
     (tmp_path / "loss.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    before = tree(tmp_path)
+    before = file_tree(tmp_path)
     assert prepare_output(dataclasses.replace(cfg, resume=True), main_process=False)[1]["step"] == 2
     assert prepare_output(dataclasses.replace(cfg, overwrite=True), main_process=False) == (None, None)
-    assert tree(tmp_path) == before
+    assert file_tree(tmp_path) == before
 
 
 def test_an_empty_loss_log_is_not_a_run(tmp_path):
     """A loss.jsonl with nothing in it (created, never written) does not make --out a used run folder."""
     (tmp_path / "loss.jsonl").write_text("")
-    assert prepare_output(cfg_for(tmp_path)) == (None, None)
+    assert prepare_output(small_train_config(tmp_path)) == (None, None)
 
 
 def test_resume_of_a_finished_run_is_allowed(tmp_path):
     """A checkpoint exactly at --steps resumes (nothing left to train); only beyond it is refused."""
-    cfg = cfg_for(tmp_path, steps=6)
+    cfg = small_train_config(tmp_path, steps=6)
     ckpt = fake_checkpoint(tmp_path, 6, cfg)
     assert prepare_output(dataclasses.replace(cfg, resume=True)) == (ckpt, training._read_trainer_state(ckpt))
 
@@ -308,7 +273,7 @@ def test_rotation_keeps_all_for_keep_zero(tmp_path, keep, milestone_every, want)
 def test_a_checkpoint_rewritten_at_the_same_step_replaces_the_old_one(tmp_path):
     """Resuming from an older checkpoint (the newest was corrupt) writes a step folder that exists: it is
     replaced, the trainer state records what this write was given, and no temporary folder is left."""
-    model = tiny_lorweb()
+    model = tiny_lorweb_linear_model()
     _write(tmp_path, 4, model, data_position=8, num_processes=2)
     with torch.no_grad():
         model[0].lora_B.add_(1.0)
@@ -326,7 +291,7 @@ def test_a_checkpoint_rewritten_at_the_same_step_replaces_the_old_one(tmp_path):
 def test_a_crash_while_copying_the_top_level_files_keeps_the_previous_ones(tmp_path, monkeypatch, name):
     """``out/lorweb.safetensors`` and ``out/config.yaml`` are replaced by a rename of a finished copy: a copy that
     dies half-way leaves the previous file intact (and the new step's folder complete)."""
-    model = tiny_lorweb()
+    model = tiny_lorweb_linear_model()
     _write(tmp_path, 2, model, settings={"num_loras": 2})
     previous = (tmp_path / name).read_bytes()
     real_copy = shutil.copyfile
@@ -412,7 +377,7 @@ def test_injected_layers_are_checked_against_the_config(over, field):
     """Layers injected before ``train`` must match the config (lora_alpha is the rank, as the saved config.yaml
     says); without an encoder yet (query_dim None) the query width is not compared. A mismatch names the
     setting and leaves the layers untouched."""
-    model = tiny_lorweb(**{"num_loras": 4, "rank": 2, "key_dim": 8, "query_dim": 3, **over})
+    model = tiny_lorweb_linear_model(**{"num_loras": 4, "rank": 2, "key_dim": 8, "query_dim": 3, **over})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(data="d", out="o", num_loras=4, rank=2, key_dim=8)
     if field is None:
@@ -486,7 +451,7 @@ def test_evaluation_loss_uses_fixed_bucket_batches_seeds_and_no_caption_dropout(
     monkeypatch.setattr(training, "flow_matching_loss", fake_loss)
     monkeypatch.setattr(training, "batch_query", lambda encoder, batch, device: torch.zeros(len(batch["name"]), 1))
     pipe = type("Pipe", (), {"transformer": type("T", (), {"device": torch.device("cpu")})()})()
-    cfg = cfg_for("o", batch_size=2, caption_dropout=0.3)
+    cfg = small_train_config("o", batch_size=2, caption_dropout=0.3)
     assert cfg.batching == "bucket"
     loss = training.evaluation_loss(pipe, None, Folder(), cfg, batches=3, seed=11)
     want = StepBatchSampler(len(keys), 2, seed=11, start_step=0, total_steps=3, groups=keys)
