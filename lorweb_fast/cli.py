@@ -109,7 +109,7 @@ def as_flag_message(message: str) -> str:
     command-line flag that sets it ("--steps must be ...")."""
     from .training import TrainConfig
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data", "out"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}  # data and out too: --data, --out
     match = re.match(r"([a-z_]+)(\[\d+\])? must ", message)
     if match is None or match.group(1) not in fields:
         return message

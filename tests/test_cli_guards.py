@@ -1,0 +1,257 @@
+"""Guards for ``lorweb_fast/cli.py`` found by a mutation audit: each test here failed on a hand-made mutant of the
+command line that the other tests let pass, and passes on the original.
+
+What they pin: every ``infer`` option reaches the argument of ``LoRWeBKontextPipeline.from_pretrained`` or of the
+pipeline call that it configures (a, a', b in that order, the seed of the generator, each ``--pipe-arg``, the output
+path, the coefficient plot), the documented ``infer`` defaults (official LoRWeB inference: FLUX.1-Kontext-dev, bf16
+with the encoder in the same dtype, the official resolution, merge auto), ``cuda`` as the default device when one is
+visible, ``demo``'s options reaching its training configuration, which errors become a one-line exit 2, a missing
+sub-command, TrainConfig errors written with the flag that sets the field, and the demo's a | a' | b | b' strip.
+
+The pipeline and the trainer are replaced by recording stand-ins: nothing is loaded, trained or generated.
+"""
+
+import pytest
+import torch
+from PIL import Image
+
+import lorweb_fast as lf
+from lorweb_fast import cli, demo, flux, official_config as oc, training
+from lorweb_fast.testing import tiny_lorweb_pair
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Three distinct images, a model and an encoder folder (their marker files only), a checkpoint whose metadata
+    names the encoder, and an official config.yaml in another folder."""
+    root = tmp_path_factory.mktemp("cli_guards")
+    for i, name in enumerate(("a", "a_prime", "b")):
+        Image.new("RGB", (32 + 8 * i, 32), (60 * i, 80, 120)).save(root / f"{name}.png")
+    for folder, marker in (("clip", "config.json"), ("model", "model_index.json")):
+        (root / folder).mkdir()
+        (root / folder / marker).write_text("{}")
+    (root / "w").mkdir()
+    m = tiny_lorweb_pair(lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=r"\d"))
+    lf.save_lorweb_weights(m, root / "w" / "w.safetensors", metadata={"encoder": str(root / "clip")})
+    (root / "cfg").mkdir()
+    oc.write_config_yaml(root / "cfg" / "config.yaml", {"num_loras": 2, "rank": 1, "lora_alpha": 1, "key_dim": 4,
+                                                        "query_mode": "cat-aa'b", "encoder": str(root / "clip")})
+    return root
+
+
+class FakePipeline:
+    """Stands in for a loaded LoRWeBKontextPipeline: records its call and returns a solid b'."""
+
+    transformer = "the transformer"
+
+    def __init__(self, calls):
+        self.calls = calls
+        self.pipe = type("Stock", (), {"_execution_device": torch.device("cpu")})()
+
+    def __call__(self, *args, **kwargs):
+        self.calls["call"] = (args, kwargs)
+        return [Image.new("RGB", (8, 8), (1, 2, 3))]
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """``from_pretrained``, the pipeline call and ``plot_coefficients`` recorded (keys "load", "call", "plot")."""
+    calls = {}
+
+    def from_pretrained(cls, *args, **kwargs):
+        calls["load"] = (args, kwargs)
+        return FakePipeline(calls)
+
+    monkeypatch.setattr(flux.LoRWeBKontextPipeline, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(flux, "plot_coefficients", lambda transformer, path: calls.setdefault("plot", (transformer,
+                                                                                                       path)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return calls
+
+
+def infer(files, tmp_path, *extra):
+    return ["infer", "--a", str(files / "a.png"), "--a-prime", str(files / "a_prime.png"), "--b", str(files / "b.png"),
+            "--prompt", "mirror it", "--weights", str(files / "w" / "w.safetensors"), "--model", str(files / "model"),
+            "--out", str(tmp_path / "new" / "b_prime.png"), *extra]
+
+
+# (extra argv, "load" or "call", argument, expected value; "{root}" is the fixture folder)
+WIRING = [
+    ([], "load", "dtype", torch.bfloat16),  # official inference.py: the pipeline in bfloat16 ...
+    ([], "load", "encoder_dtype", None),  # ... and the analogy encoder in the pipeline's dtype (--encoder-dtype auto)
+    ([], "load", "resolution", "official"),
+    ([], "load", "device", "cpu"),
+    ([], "call", "merge", "auto"),
+    ([], "call", "num_inference_steps", 28),
+    ([], "call", "guidance_scale", 2.5),
+    (["--encoder", "{root}/clip"], "load", "encoder", "{root}/clip"),
+    (["--config", "{root}/cfg/config.yaml"], "load", "config", "{root}/cfg/config.yaml"),
+    (["--query-mode", "caa'b"], "load", "query_mode", "caa'b"),
+    (["--pooling-type", "max"], "load", "pooling_type", "max"),
+    (["--query-source", "images"], "load", "query_source", "images"),
+    (["--dtype", "fp16"], "load", "dtype", torch.float16),
+    (["--encoder-dtype", "fp32"], "load", "encoder_dtype", torch.float32),
+    (["--device", "cpu"], "load", "device", "cpu"),
+    (["--resolution", "native"], "load", "resolution", "native"),
+    (["--resolution", "native", "--long-edge", "96"], "load", "long_edge", 96),
+    (["--max-area", "4096"], "load", "max_area", 4096),
+    (["--max-size", "640"], "load", "max_size", 640),
+    (["--steps", "3"], "call", "num_inference_steps", 3),
+    (["--guidance-scale", "0"], "call", "guidance_scale", 0.0),
+    (["--merge", "offload"], "call", "merge", "offload"),
+    (["--pipe-arg", "negative_prompt=a=b", "--pipe-arg", "true_cfg_scale=1.5"], "call", "negative_prompt", "a=b"),
+    (["--pipe-arg", "negative_prompt=a=b", "--pipe-arg", "true_cfg_scale=1.5"], "call", "true_cfg_scale", 1.5),
+]
+
+
+@pytest.mark.parametrize("extra,where,key,want", WIRING, ids=[f"{w[1]}.{w[2]}:{' '.join(w[0])}" for w in WIRING])
+def test_infer_options_reach_the_argument_they_configure(files, tmp_path, recorded, extra, where, key, want):
+    """Each option arrives, with its value, as the loader's or the pipeline call's argument it sets; the defaults
+    are the official ones (README: seed 50, guidance 2.5, 28 steps, bf16, encoder in the pipeline's dtype)."""
+    extra = [x.replace("{root}", str(files)) for x in extra]
+    assert cli.main(infer(files, tmp_path, *extra)) == 0
+    kwargs = recorded[where][1]
+    want = want.replace("{root}", str(files)) if isinstance(want, str) else want
+    assert kwargs[key] == want and type(kwargs[key]) is type(want)
+
+
+def test_infer_size_options_are_passed_only_when_given(files, tmp_path, recorded):
+    """Unset --max-area / --max-size / --long-edge are left out, so the pipeline applies its own defaults (official:
+    max_area 1024**2, no grid cap)."""
+    assert cli.main(infer(files, tmp_path)) == 0
+    assert not {"max_area", "max_size", "long_edge"} & set(recorded["load"][1])
+
+
+@pytest.mark.parametrize("seed", [None, "0", "7"])
+def test_infer_images_prompt_seed_out_and_plot(files, tmp_path, recorded, capsys, seed):
+    """a, a', b and the prompt are passed in that order, the generator is seeded with --seed (default 50, official)
+    on the execution device, b' is written to exactly --out (its folder created) and --coefficients-plot plots the
+    pipeline's transformer to that path."""
+    plot = tmp_path / "plot.pdf"
+    extra = ["--coefficients-plot", str(plot)] + (["--seed", seed] if seed is not None else [])
+    assert cli.main(infer(files, tmp_path, *extra)) == 0
+    args, kwargs = recorded["call"]
+    for got, name in zip(args[:3], ("a", "a_prime", "b")):
+        with Image.open(files / f"{name}.png") as want:
+            assert got.size == want.size and got.tobytes() == want.convert("RGB").tobytes()
+    assert args[3:] == ("mirror it",)
+    assert kwargs["generator"].initial_seed() == (50 if seed is None else int(seed))
+    assert kwargs["generator"].device == torch.device("cpu")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["b_prime.png"]
+    with Image.open(tmp_path / "new" / "b_prime.png") as out:
+        assert out.getpixel((0, 0)) == (1, 2, 3)
+    assert recorded["plot"] == ("the transformer", str(plot))
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'new' / 'b_prime.png'}\n"
+
+
+def test_infer_documented_defaults():
+    """The defaults README's synopsis documents: the official base model, --out b_prime.png, native --long-edge
+    unset (an official-resolution run with a default --long-edge would always be refused), no --encoder/--device."""
+    args = cli.build_parser().parse_args(["infer", "--a", "a", "--a-prime", "b", "--b", "c", "--prompt", "p",
+                                          "--weights", "w"])
+    assert (args.model, args.out, args.long_edge, args.encoder, args.device, args.merge, args.no_merge,
+            args.dtype, args.encoder_dtype, args.pipe_kwargs) == \
+        ("black-forest-labs/FLUX.1-Kontext-dev", "b_prime.png", None, None, None, "auto", False, "bf16", "auto", [])
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_default_device_is_cuda_when_visible(monkeypatch, cuda):
+    """Without --device the pipeline goes to cuda when a GPU is visible, else cpu; an explicit one is kept."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert cli._device(None) == ("cuda" if cuda else "cpu")
+    assert cli._device("cpu") == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------- demo
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("extra", [[], ["--steps", "1", "--seed", "3", "--learning-rate", "0.5", "--quiet"]])
+def test_demo_options_reach_the_builders_and_the_training_config(tmp_path, monkeypatch, extra):
+    """--steps, --samples, --seed, --learning-rate and --quiet reach the tiny models, the synthetic data and the
+    TrainConfig (a checkpoint at least every step: --steps 1 gives checkpoint_every 1, not an invalid 0); the
+    defaults are README's (--steps 40, --samples 16)."""
+    seen = {}
+    monkeypatch.setattr(demo, "build_tiny_kontext_pipeline", lambda path, seed: seen.setdefault("flux", seed))
+    monkeypatch.setattr(demo, "build_tiny_clip", lambda path, seed: seen.setdefault("clip", seed))
+    monkeypatch.setattr(demo, "make_synthetic_analogies", lambda path, n, seed: seen.setdefault("data", (n, seed)))
+
+    def train(cfg):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(training, "train", train)
+    with pytest.raises(Stop):
+        cli.main(["demo", "--out", str(tmp_path / "demo"), "--samples", "5", *extra])
+    steps, seed, lr, quiet = (1, 3, 0.5, True) if extra else (40, 0, 1e-2, False)
+    cfg = seen["cfg"]
+    assert seen["flux"] == seen["clip"] == seed and seen["data"] == (5, seed)
+    assert (cfg.steps, cfg.seed, cfg.learning_rate, cfg.progress) == (steps, seed, lr, not quiet)
+    assert cfg.checkpoint_every == max(1, steps // 2)
+    cfg.validate()
+    defaults = cli.build_parser().parse_args(["demo", "--out", "o"])
+    assert (defaults.steps, defaults.samples) == (40, 16)
+
+
+def test_demo_strip_is_a_a_prime_b_b_prime_with_white_gaps():
+    """The demo's analogy.png: a | a' | b | b', each resized to b''s size, 4 white pixels between them."""
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)]
+    ims = [Image.new("RGB", size, c) for size, c in zip([(10, 20), (5, 5), (30, 6), (12, 8)], colours)]
+    strip = cli.analogy_strip(*ims)
+    assert strip.size == (4 * 12 + 3 * 4, 8)
+    for i, c in enumerate(colours):
+        assert strip.getpixel((i * 16 + 6, 4)) == c
+        if i < 3:
+            assert strip.getpixel((i * 16 + 13, 4)) == (255, 255, 255)
+
+
+# ------------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("error", ["BackendUnavailableError", "FileNotFoundError", "UsageError", "AnalogyDataError"])
+def test_each_user_error_is_one_line_and_exit_2(monkeypatch, capsys, error):
+    """The errors a command reports (an unavailable kernel backend, a missing file, a bad option, a broken data
+    folder) end with ``lorweb-fast <command>: error: ...`` on one stderr line and exit status 2, no traceback."""
+    from lorweb_fast.data import AnalogyDataError
+    from lorweb_fast.ops import BackendUnavailableError
+    from lorweb_fast.validation import UsageError
+
+    exc = {"BackendUnavailableError": BackendUnavailableError, "FileNotFoundError": FileNotFoundError,
+           "UsageError": UsageError, "AnalogyDataError": AnalogyDataError}[error]
+
+    def run_infer(args):
+        raise exc("the 'triton' backend is not available:\n  no GPU")
+
+    monkeypatch.setattr(cli, "run_infer", run_infer)
+    rc = cli.main(["infer", "--a", "a", "--a-prime", "a", "--b", "b", "--prompt", "p", "--weights", "w"])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    assert captured.err == "lorweb-fast infer: error: the 'triton' backend is not available: no GPU\n"
+
+
+def test_a_missing_command_is_one_line_and_exit_2(capsys):
+    """``lorweb-fast`` alone: argparse's one-line usage error naming the commands, exit 2 (not a traceback)."""
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert "error: the following arguments are required: {infer,train,data,demo,eval}" in err
+
+
+@pytest.mark.parametrize("message,want", [
+    ("progress must be True or False, got 1", "--quiet must be True or False, got 1"),
+    ("betas[1] must be in [0.0, 1.0), got 1", "--betas[1] must be in [0.0, 1.0), got 1"),
+    ("data must be a non-empty string, got ''", "--data must be a non-empty string, got ''"),
+    ("out must be a non-empty string, got ''", "--out must be a non-empty string, got ''"),
+    ("start_position must be a non-negative integer", "start_position must be a non-negative integer"),
+    ("key_dim=6 is not divisible by heads=4", "key_dim=6 is not divisible by heads=4"),
+])
+def test_train_config_errors_name_the_flag(message, want):
+    """A TrainConfig error is written with the flag that sets its field (--quiet for progress, --betas for
+    betas[i], --data / --out for the folders); a message about anything that is not a field is left as it is."""
+    assert cli.as_flag_message(message) == want
+
+
+def test_train_empty_data_names_the_flag(tmp_path, capsys):
+    """``train --data ''``: the one-line error names --data, as every other train error names its flag."""
+    assert cli.main(["train", "--data", "", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "lorweb-fast train: error: --data must be a non-empty string, got ''\n"
