@@ -86,17 +86,12 @@ def check_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
-def check_float_tensor(name: str, value, *, dim: Optional[Iterable[int]] = None) -> torch.Tensor:
+def check_float_tensor(name: str, value) -> torch.Tensor:
     """A floating-point tensor (integer, boolean and complex tensors are refused: they would silently truncate or
-    break the math), optionally of one of the dimensionalities ``dim``."""
+    break the math)."""
     check_tensor(name, value)
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-    if dim is not None:
-        dims = tuple(dim)
-        if value.dim() not in dims:
-            raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape "
-                             f"{tuple(value.shape)}")
     return value
 
 

@@ -1,10 +1,12 @@
 """Guards for lorweb_fast/lora_api.py found by a mutation audit (CPU only, no GPU, nothing downloaded).
 
-The fused-analogy check (``check_fused_query``: "jit" follows every analogy, a nearby analogy is another one), the
-strength's refusals and bookkeeping while fused, ``unload_lora_weights`` keeping the weight Parameters (and their
-``requires_grad``), the config.yaml found beside a checkpoint's folder, query settings that a checkpoint does not
-record, and ``save_pretrained`` / ``push_to_hub`` / ``resolve_checkpoint`` edge cases. Everything runs on a tiny
-two-layer ``nn.Sequential`` (``lorweb_fast.testing.tiny_lorweb_pair``); the Hub calls are replaced by recorders.
+The fused-analogy check (``check_fused_query``: "jit" follows every analogy, a nearby analogy is another one, the
+fused coefficients are a copy), the strength's refusals and bookkeeping while fused, ``unload_lora_weights`` keeping
+the weight Parameters (and their ``requires_grad``), the config.yaml found beside a checkpoint's folder, query
+settings that a checkpoint does not record, and ``save_pretrained`` / ``push_to_hub`` / ``resolve_checkpoint`` edge
+cases (argument checks first, local folders read at their top only, Hub listings picking a folder two levels
+down or naming what is missing). Everything runs on a tiny two-layer ``nn.Sequential``
+(``lorweb_fast.testing.tiny_lorweb_pair``); the Hub calls are replaced by recorders.
 """
 
 import shutil
@@ -76,6 +78,28 @@ def test_check_fused_query_lets_jit_follow_any_analogy():
         lora_api.fuse_lora(m, "jit")
         lora_api.check_fused_query(m, query(2, seed=5))
         lora_api.unfuse_lora(m)
+
+
+def test_check_fused_query_compares_with_the_coefficients_of_the_fuse():
+    """fuse_lora keeps its own copy of the fused coefficients: coefficients handed to set_coefficients and changed in
+    place afterwards (a reused buffer) do not make another analogy pass the check, the weights still hold the
+    first one."""
+    m = tiny_model()
+    q, other = query(), query(seed=3)
+    layers = lf.lorweb_layers(m)
+    with torch.no_grad():
+        buffers = {name: layer.coefficients_from_query(q) for name, layer in layers.items()}
+        for name, layer in layers.items():
+            layer.set_coefficients(buffers[name])
+        lora_api.fuse_lora(m, "full")
+        try:
+            lora_api.check_fused_query(m, q)
+            for name, layer in layers.items():
+                buffers[name].copy_(layer.coefficients_from_query(other))
+            with pytest.raises(RuntimeError, match="fused for another analogy"):
+                lora_api.check_fused_query(m, other)
+        finally:
+            lora_api.unfuse_lora(m)
 
 
 @pytest.mark.parametrize("strategy", ["full", "offload"])
@@ -196,6 +220,14 @@ def test_save_pretrained_names_the_base_model_in_the_card_and_config(tmp_path):
     assert cfg["config"]["process"][0]["model"]["name_or_path"] == "me/my-kontext"
 
 
+def test_save_pretrained_names_a_bad_query_setting_before_the_model(tmp_path):
+    """save_pretrained checks its own query settings first: on a model without LoRWeB layers a bad query_mode is
+    what is named, and nothing is written."""
+    with pytest.raises(ValueError, match="query_mode must be one of"):
+        lora_api.save_pretrained(nn.Sequential(nn.Linear(2, 2)), tmp_path / "out", query_mode="bogus")
+    assert not (tmp_path / "out").exists()
+
+
 def test_push_to_hub_reuses_an_existing_repo(monkeypatch):
     """A second push to the same repo updates it: create_repo is called with exist_ok=True."""
     import huggingface_hub
@@ -221,6 +253,16 @@ def test_none_hub_options_are_not_options(tmp_path):
     lf.save_lorweb_weights(tiny_model(), tmp_path / "w.safetensors")
     assert lora_api.resolve_checkpoint(tmp_path / "w.safetensors", revision=None, token=None) == \
         (tmp_path / "w.safetensors", None)
+
+
+def test_a_local_folder_is_not_searched_below_its_top(tmp_path):
+    """A local folder whose only checkpoint lies in a subfolder is refused (find_checkpoint's rule, as --weights DIR
+    reads it): the one-folder fallback is for Hub repos. weight_name picks the file."""
+    lf.save_lorweb_weights(tiny_model(), tmp_path / "top" / "sub" / "w.safetensors")
+    with pytest.raises(FileNotFoundError, match="no complete LoRWeB checkpoint"):
+        lora_api.resolve_checkpoint(tmp_path / "top")
+    assert lora_api.resolve_checkpoint(tmp_path / "top", "sub/w.safetensors") == \
+        (tmp_path / "top" / "sub" / "w.safetensors", None)
 
 
 # ------------------------------------------------------------------------------------ Hub repos (stubbed, local)
@@ -279,6 +321,17 @@ def test_a_run_folder_in_a_hub_subfolder_brings_that_subfolders_config(hub, tmp_
     assert file == snapshot / "s/checkpoints/step-00000020/lorweb.safetensors"
     assert config == snapshot / "s" / "config.yaml" and config.is_file()
     assert len(downloads) == 1 and not (snapshot / "s/checkpoints/step-00000010").exists()
+
+
+def test_a_hub_checkpoint_two_folders_down_is_picked_from_the_listing(hub, tmp_path):
+    """All of a repo's .safetensors files in one folder two levels down ("a/b/"): the listing picks that folder's
+    checkpoint, as the snapshot rule would, and only it is downloaded."""
+    root, downloads = hub
+    lf.save_lorweb_weights(tiny_model(), tmp_path / "w.safetensors")
+    _repo(root, ["a/b/lorweb.safetensors"], tmp_path / "w.safetensors")
+    file, _ = lora_api.resolve_checkpoint("owner/repo")
+    assert file == tmp_path / "cache" / "owner--repo" / "a/b/lorweb.safetensors"
+    assert len(downloads) == 1
 
 
 @pytest.mark.parametrize("files,subfolder,fragment", [

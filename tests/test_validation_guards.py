@@ -1,13 +1,14 @@
 """Guards for ``lorweb_fast/validation.py`` found by a mutation audit: each test here failed on a hand-made mutant of
 the argument checks that the other tests let pass, and passes on the original.
 
-What they pin: the boundaries of the number checks (closed ends included, a one-element tensor read as its number,
-the value returned as a float, choices refused), the path checks (a folder that is readable but not writable, an
-existing output folder that is not writable, an input that is a folder or unreadable, upper-case extensions), the
-device check (a CUDA index past the visible devices, a device type this machine lacks), the pipeline arguments'
-ranges, TrainConfig's betas and seed range, and the options of ``infer`` (--seed up to 2**64 - 1, --config .yml,
---pipe-arg sigmas, --config beside a --weights folder, a refused call leaving ``args`` as it was), ``demo``
-(--learning-rate > 0, --seed) and ``data check`` / ``data prepare``, each a one-line exit 2 before anything loads.
+What they pin: the boundaries of the number checks (closed ends included, a one-element tensor read as its number, the
+value returned as a float, choices refused), the path checks (a folder that is readable but not writable, an existing
+output folder that is not writable, an input that is a folder or unreadable, upper-case extensions), the device check
+(a CUDA index past the visible devices, a device type this machine lacks), the pipeline arguments' ranges,
+TrainConfig's betas, seed range and caption dropout at most 1, and the options of ``infer`` (--seed up to 2**64 - 1,
+--config .yml, --pipe-arg sigmas, --config beside a --weights folder, a refused call leaving ``args`` as it was),
+``demo`` (--learning-rate > 0, --seed) and ``data check`` / ``data prepare``, each a one-line exit 2 before anything
+loads.
 """
 
 import argparse
@@ -171,6 +172,14 @@ def test_train_config_accepts_the_range_ends(field, value):
     """The ends are valid: keep_checkpoints 0 keeps every checkpoint (rotate_checkpoints), 0 workers loads in the
     main process, caption dropout 1 drops every caption."""
     TrainConfig(**{"data": "d", "out": "o", field: value}).validate()
+
+
+def test_train_ranges_keep_caption_dropout_a_probability():
+    """check_train_config's range table on its own (TrainConfig.validate also checks this field first): a caption
+    dropout above 1 is refused, 1 itself (every caption dropped) is fine."""
+    V.check_train_config(TrainConfig(data="d", out="o", caption_dropout=1.0))
+    with pytest.raises(ValueError, match=r"^caption_dropout must be in \[0.0, 1.0\], got 1.5$"):
+        V.check_train_config(TrainConfig(data="d", out="o", caption_dropout=1.5))
 
 
 # ------------------------------------------------------------------------------------------------- command line
