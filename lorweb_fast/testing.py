@@ -527,3 +527,20 @@ def file_tree(root) -> list:
     from pathlib import Path
 
     return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in Path(root).rglob("*"))
+
+
+def cli_usage_error(capsys, argv: list) -> str:
+    """Run ``lorweb-fast <argv>`` in-process and return its one error line, asserting that it is a usage error: exit
+    status 2 (from ``cli.main`` or argparse), exactly one non-empty line on stderr, no traceback. ``capsys`` is
+    pytest's fixture."""
+    from . import cli
+
+    try:
+        rc = cli.main(argv)
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

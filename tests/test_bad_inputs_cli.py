@@ -13,6 +13,7 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import cli, demo, flux
+from lorweb_fast.testing import cli_usage_error
 
 pytest.importorskip("diffusers")
 
@@ -76,18 +77,10 @@ def infer_argv(root, tmp_path, **over):
 
 
 def assert_one_line_exit_2(capsys, argv, fragment, no_model_load):
-    try:
-        rc = cli.main(argv)
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in err
+    line = cli_usage_error(capsys, argv)
+    assert fragment in line, line
     assert no_model_load == [], "a model was loaded before the error"
-    return lines[0]
+    return line
 
 
 INFER_CASES = {

@@ -21,7 +21,7 @@ from PIL import Image
 
 import lorweb_fast as lf
 from lorweb_fast import cli, flux, official_config as oc, validation as V
-from lorweb_fast.testing import tiny_lorweb_pair
+from lorweb_fast.testing import cli_usage_error, tiny_lorweb_pair
 from lorweb_fast.training import TrainConfig
 from lorweb_fast.validation import UsageError
 
@@ -227,16 +227,6 @@ def infer_argv(root, tmp_path, *extra):
             "--out", str(tmp_path / "out" / "b.png"), "--device", "cpu", *extra]
 
 
-def one_line_exit_2(capsys, argv):
-    try:
-        rc = cli.main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 INFER_REFUSED = {
     "seed 2**64": (["--seed", str(2 ** 64)], "--seed must be an integer in [0, 18446744073709551615]"),
     "sigmas not a list": (["--pipe-arg", "sigmas=0.5"], "--pipe-arg sigmas must be a non-empty JSON list"),
@@ -250,7 +240,7 @@ INFER_REFUSED = {
 @pytest.mark.parametrize("case", sorted(INFER_REFUSED))
 def test_infer_refuses_up_front(files, tmp_path, capsys, loads, case):
     extra, fragment = INFER_REFUSED[case]
-    err = one_line_exit_2(capsys, infer_argv(files, tmp_path, *[x.format(root=files) for x in extra]))
+    err = cli_usage_error(capsys, infer_argv(files, tmp_path, *[x.format(root=files) for x in extra]))
     assert fragment.format(root=files) in err
     assert loads == [] and not (tmp_path / "out").exists()
 
@@ -300,7 +290,7 @@ def test_a_refused_infer_check_leaves_args_as_they_were(files, tmp_path):
 @pytest.mark.parametrize("extra,fragment", [(["--learning-rate", "0"], "--learning-rate must be > 0"),
                                             (["--seed", str(2 ** 63)], "--seed must be an integer in [0,")])
 def test_demo_refuses_up_front(tmp_path, capsys, extra, fragment):
-    assert fragment in one_line_exit_2(capsys, ["demo", "--out", str(tmp_path / "demo"), *extra])
+    assert fragment in cli_usage_error(capsys, ["demo", "--out", str(tmp_path / "demo"), *extra])
     assert not (tmp_path / "demo").exists()
 
 
@@ -329,7 +319,7 @@ def test_data_commands_refuse_up_front(tmp_path, capsys, monkeypatch, case):
     (tmp_path / "f").write_text("x")
     argv, fragment = DATA_REFUSED[case]
     fmt = dict(data=tmp_path / "data", file=tmp_path / "f", tmp=tmp_path)
-    err = one_line_exit_2(capsys, ["data", *[a.format(**fmt) for a in argv], "--quiet"])
+    err = cli_usage_error(capsys, ["data", *[a.format(**fmt) for a in argv], "--quiet"])
     assert fragment.format(**fmt) in err
     assert not (tmp_path / "o").exists()
 
