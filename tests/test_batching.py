@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from lorweb_fast.data import AnalogyFolder
+from lorweb_fast.testing import random_rgb_image
 from lorweb_fast.training import BATCHINGS, StepBatchSampler, _collate, batch_groups
 
 
@@ -145,8 +145,8 @@ def _mixed_aspect_folder(root: Path) -> Path:
     (root / "control").mkdir(parents=True)
     (root / "target").mkdir(parents=True)
     for i, (w, h) in enumerate([(64, 64), (128, 64), (64, 64), (128, 64), (64, 64), (128, 64), (64, 64)]):
-        Image.fromarray(rng.integers(0, 256, (h, 3 * w, 3), dtype=np.uint8)).save(root / "control" / f"s{i}.png")
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "target" / f"s{i}.png")
+        random_rgb_image(rng, 3 * w, h).save(root / "control" / f"s{i}.png")
+        random_rgb_image(rng, w, h).save(root / "target" / f"s{i}.png")
         (root / "target" / f"s{i}.txt").write_text("edit")
     return root
 

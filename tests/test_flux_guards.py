@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from lorweb_fast import flux
-from lorweb_fast.testing import reference_clip_pixels, tiny_kontext_with_encoder
+from lorweb_fast.testing import random_rgb_image, reference_clip_pixels, tiny_kontext_with_encoder
 
 pytest.importorskip("diffusers")
 
@@ -41,7 +41,7 @@ def solid(size, color):
 def picture(seed, size):
     """A deterministic picture with structure (so that different crops give different embeddings)."""
     rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    return random_rgb_image(rng, size[0], size[1])
 
 
 def fake_grid(width, height):

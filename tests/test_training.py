@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import lorweb_fast as lf
 from lorweb_fast import cli, demo, flux, training
-from lorweb_fast.testing import free_port
+from lorweb_fast.testing import free_port, random_rgb_image
 from lorweb_fast.training import AnalogyDataError, AnalogyFolder, TrainConfig
 
 pytest.importorskip("diffusers")
@@ -1200,8 +1200,8 @@ def test_strip_layout_bidirectional_training_resumes_exactly(assets, tmp_path):
     for sub in ("control", "target"):
         (data / sub).mkdir(parents=True)
     for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (32, 96, 3), dtype=np.uint8)).save(data / "control" / f"{i}.png")
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / "target" / f"{i}.png")
+        random_rgb_image(rng, 96, 32).save(data / "control" / f"{i}.png")
+        random_rgb_image(rng, 32, 32).save(data / "target" / f"{i}.png")
         (data / "target" / f"{i}.txt").write_text("flip")
     common = dict(data=str(data), steps=4, checkpoint_every=2, bidirectional="official",
                   adapter_precision="fp32")
