@@ -306,15 +306,22 @@ def test_killed_mid_run_then_resume_is_bit_identical(assets, tmp_path, signame):
     killed = tmp_path / "killed"
     exe = Path(sys.executable).with_name("lorweb-fast")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lorweb_fast.cli"]
-    proc = subprocess.Popen(cmd + argv(killed, 400), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "wb") as err:  # PYTHONFAULTHANDLER: a hung child prints its threads' stacks on SIGABRT
+        proc = subprocess.Popen(cmd + argv(killed, 400), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
+                                env=dict(os.environ, PYTHONFAULTHANDLER="1"))
     try:
         deadline = time.time() + 600
         while training.latest_checkpoint(killed) is None and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before it could be killed"
+        assert proc.poll() is None, "the run ended before it could be killed: " + stderr.read_text()[-2000:]
         os.kill(proc.pid, getattr(signal, signame))
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=60)
+            pytest.fail(f"still running 300 s after {signame}; its stacks:\n" + stderr.read_text()[-6000:])
     finally:
         if proc.poll() is None:
             proc.kill()
