@@ -704,6 +704,9 @@ def base_model_loaded(model: Union[str, Path], load):
 
 RESOLUTIONS = ("official", "native")
 DEFAULT_SEED = 50
+# The keyword options of LoRWeBKontextPipeline.from_pretrained beyond its named parameters (anything else is refused).
+FROM_PRETRAINED_OPTIONS = ("resolution", "max_area", "max_size", "long_edge", "weight_name", "weights_hub_options",
+                           "torch_dtype")
 #: official resolution: the pipeline generates about this many pixels (FluxKontextPipeline's max_area default)
 DEFAULT_MAX_AREA = 1024 ** 2
 #: native resolution: the control grid's long-edge cap
@@ -812,10 +815,10 @@ class LoRWeBKontextPipeline:
             dtype = torch_dtype
         weight_name = options.pop("weight_name", None)
         hub = dict(options.pop("weights_hub_options", None) or {})
-        unknown = sorted(set(options) - {"resolution", "max_area", "max_size", "long_edge"})
+        unknown = sorted(set(options) - set(FROM_PRETRAINED_OPTIONS))
         if unknown:
             raise TypeError(f"LoRWeBKontextPipeline.from_pretrained got unexpected options {unknown}; the options "
-                            "are resolution, max_area, max_size, long_edge, weight_name and weights_hub_options "
+                            f"are {', '.join(FROM_PRETRAINED_OPTIONS)} "
                             "(FluxKontextPipeline arguments go to the call, pipe(..., **kwargs))")
         _check_resolution_options(options.get("resolution", "official"), long_edge=options.get("long_edge"),
                                   max_area=options.get("max_area"), max_size=options.get("max_size"))
