@@ -704,7 +704,7 @@ def base_model_loaded(model: Union[str, Path], load):
 
 RESOLUTIONS = ("official", "native")
 DEFAULT_SEED = 50
-# The keyword options of LoRWeBKontextPipeline.from_pretrained beyond its named parameters (anything else is refused).
+#: the keyword options of LoRWeBKontextPipeline.from_pretrained beyond its named parameters (others are refused)
 FROM_PRETRAINED_OPTIONS = ("resolution", "max_area", "max_size", "long_edge", "weight_name", "weights_hub_options",
                            "torch_dtype")
 #: official resolution: the pipeline generates about this many pixels (FluxKontextPipeline's max_area default)
