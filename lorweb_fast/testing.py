@@ -544,3 +544,35 @@ def cli_usage_error(capsys, argv: list) -> str:
     assert rc == 2, err
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def tiny_training_assets(root, samples: int):
+    """``root/pipe`` (tiny Kontext pipeline), ``root/clip`` (tiny CLIP) and ``root/data`` (``samples`` synthetic
+    analogies in the official layout), as ``tiny_train_config`` reads them; returns root."""
+    from pathlib import Path
+
+    from . import demo
+
+    root = Path(root)
+    demo.build_tiny_kontext_pipeline(root / "pipe")
+    demo.build_tiny_clip(root / "clip")
+    demo.make_synthetic_analogies(root / "data", samples)
+    return root
+
+
+def tiny_train_config(assets, out, **over):
+    """A ``TrainConfig`` that trains on ``tiny_training_assets(assets)`` into ``out``: 8 steps of batch 2 at lr 1e-2,
+    fp32, long edge 64, a 4 x rank-2 basis with key_dim 8, checkpoints every 4 steps, weights saved in fp32 (for
+    bit-exact comparisons); ``over`` replaces any field."""
+    from pathlib import Path
+
+    from . import demo
+    from .training import TrainConfig
+
+    assets = Path(assets)
+    values = dict(data=str(assets / "data"), out=str(out), model=str(assets / "pipe"), encoder=str(assets / "clip"),
+                  steps=8, batch_size=2, learning_rate=1e-2, mixed_precision="no", long_edge=64, resize="long-edge",
+                  max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=4, rank=2, key_dim=8,
+                  checkpoint_every=4, num_workers=0, progress=False, save_dtype="fp32")
+    values.update(over)
+    return TrainConfig(**values)

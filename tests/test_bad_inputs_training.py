@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorweb_fast import demo, training
-from lorweb_fast.testing import fake_checkpoint, file_tree, small_train_config
+from lorweb_fast.testing import fake_checkpoint, file_tree, small_train_config, tiny_train_config, tiny_training_assets
 from lorweb_fast.training import TrainConfig, prepare_output
 
 
@@ -232,11 +232,7 @@ def test_train_config_defaults_are_valid(tmp_path):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     pytest.importorskip("diffusers")
-    root = tmp_path_factory.mktemp("train_bad")
-    demo.build_tiny_kontext_pipeline(root / "pipe")
-    demo.build_tiny_clip(root / "clip")
-    demo.make_synthetic_analogies(root / "data", 8)
-    return root
+    return tiny_training_assets(tmp_path_factory.mktemp("train_bad"), 8)
 
 
 def test_accelerate_gradient_accumulation_is_refused(assets, tmp_path, monkeypatch):
@@ -255,12 +251,8 @@ def test_accelerate_gradient_accumulation_is_refused(assets, tmp_path, monkeypat
 @pytest.mark.slow
 def test_corrupt_newest_optimizer_state_resumes_from_the_previous_checkpoint_bit_identically(assets, tmp_path):
     def real_cfg(out, steps):
-        return TrainConfig(data=str(assets / "data"), out=str(out), model=str(assets / "pipe"),
-                           encoder=str(assets / "clip"), steps=steps, batch_size=2, learning_rate=1e-2,
-                           mixed_precision="no", long_edge=64, resize="long-edge",
-                           max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH,
-                           num_loras=4, rank=2, key_dim=8, checkpoint_every=2, keep_checkpoints=3, num_workers=0,
-                           progress=False, optimizer="adamw")
+        return tiny_train_config(assets, out, steps=steps, checkpoint_every=2, keep_checkpoints=3, optimizer="adamw",
+                                 save_dtype=TrainConfig.save_dtype)
 
     straight = tmp_path / "straight"
     training.train(real_cfg(straight, 6))

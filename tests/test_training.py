@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import lorweb_fast as lf
 from lorweb_fast import cli, demo, flux, training
-from lorweb_fast.testing import free_port, random_rgb_image
+from lorweb_fast.testing import free_port, random_rgb_image, tiny_train_config, tiny_training_assets
 from lorweb_fast.training import AnalogyDataError, AnalogyFolder, TrainConfig
 
 pytest.importorskip("diffusers")
@@ -32,21 +32,11 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    demo.build_tiny_kontext_pipeline(root / "pipe")
-    demo.build_tiny_clip(root / "clip")
-    demo.make_synthetic_analogies(root / "data", 12)
-    return root
+    return tiny_training_assets(tmp_path_factory.mktemp("train"), 12)
 
 
-def config(assets, out, **overrides) -> TrainConfig:
-    values = dict(data=str(assets / "data"), out=str(out), model=str(assets / "pipe"), encoder=str(assets / "clip"),
-                  steps=8, batch_size=2, learning_rate=1e-2, mixed_precision="no", long_edge=64, resize="long-edge",
-                  max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=4, rank=2, key_dim=8,
-                  checkpoint_every=4, num_workers=0, progress=False,
-                  save_dtype="fp32")  # bit-exact save/load comparisons; fp16 (the default) is tested separately
-    values.update(overrides)
-    return TrainConfig(**values)
+# weights saved in fp32 for bit-exact save/load comparisons; fp16 (the default) is tested separately
+config = tiny_train_config
 
 
 def weights(path) -> dict:

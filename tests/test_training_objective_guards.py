@@ -13,6 +13,7 @@ from PIL import Image
 
 import lorweb_fast as lf
 from lorweb_fast import demo, training
+from lorweb_fast.testing import tiny_train_config, tiny_training_assets
 from lorweb_fast.training import TrainConfig
 
 pytest.importorskip("diffusers")
@@ -151,20 +152,13 @@ def test_plot_shows_positive_losses_and_marks_skipped_steps(tmp_path, monkeypatc
 # ---------------------------------------------------------------------------------------- the train loop
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("objective_guards")
-    demo.build_tiny_kontext_pipeline(root / "pipe")
-    demo.build_tiny_clip(root / "clip")
-    demo.make_synthetic_analogies(root / "data", 4)
-    return root
+    return tiny_training_assets(tmp_path_factory.mktemp("objective_guards"), 4)
 
 
 def _config(assets, out, **over) -> TrainConfig:
-    values = dict(data=str(assets / "data"), out=str(out), model=str(assets / "pipe"), encoder=str(assets / "clip"),
-                  steps=2, batch_size=2, learning_rate=1e-2, mixed_precision="no", long_edge=64, resize="long-edge",
-                  max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=2, rank=2, key_dim=4,
-                  checkpoint_every=100, num_workers=0, progress=False, optimizer="adamw", save_dtype="fp32")
-    values.update(over)
-    return TrainConfig(**values)
+    """Two steps of a 2 x rank-2 basis, AdamW, no checkpoint."""
+    return tiny_train_config(assets, out, **{**dict(steps=2, num_loras=2, key_dim=4, checkpoint_every=100,
+                                                    optimizer="adamw"), **over})
 
 
 def _spy_steps(monkeypatch):
