@@ -267,3 +267,39 @@ def test_gemma3_bad_max_new_tokens(tmp_path):
 def test_gemma3_load_error_names_the_model(tmp_path):
     with pytest.raises(J.EvalInputError, match="cannot load the Gemma-3 judge .*nothing-here"):
         J.Gemma3Judge(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("ending", ["cut", "eos", "short"])
+def test_gemma3_names_an_answer_cut_at_the_token_limit(tiny_gemma, ending):
+    """An answer that fills max_new_tokens without its end-of-turn token is recorded in ``truncated`` and the first
+    one warns naming the limit and the flag (later ones do not); an answer ending on the model's end-of-turn token,
+    or shorter than the limit, is not cut."""
+    import warnings
+
+    import torch
+
+    judge = J.Gemma3Judge(tiny_gemma, device="cpu", max_new_tokens=3)
+    eos_ids = judge.model.generation_config.eos_token_id
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    eos = eos_ids[-1]
+    other = next(t for t in range(5, 50) if t not in eos_ids)
+    new = {"cut": [other] * 3, "eos": [other, other, eos], "short": [other]}[ending]
+
+    def generate(input_ids, **kwargs):
+        assert kwargs["max_new_tokens"] == 3
+        return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype)], dim=1)
+
+    judge.model.generate = generate
+    images = [Image.new("RGB", (24, 24), (50 * i, 0, 0)) for i in range(4)]
+    requests = [J.JudgeRequest("ours", f"t/{i}", "score", J.SCORE_PROMPT, images=lambda: images) for i in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for request in requests:
+            assert isinstance(judge(request), str)
+    cut_warnings = [w for w in caught if "max_new_tokens=3" in str(w.message)]
+    if ending == "cut":
+        assert judge.truncated == ["t/0", "t/1"]
+        assert len(cut_warnings) == 1 and "t/0" in str(cut_warnings[0].message)
+        assert "--judge-max-new-tokens" in str(cut_warnings[0].message)
+    else:
+        assert judge.truncated == [] and cut_warnings == []

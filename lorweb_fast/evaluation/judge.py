@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -188,7 +189,8 @@ class Gemma3Judge:
 
     ``name`` (``gemma3:<model> max_new_tokens=<n> dtype=<dtype>``) holds the generation settings: the answer cache
     matches on it, so a rerun with another token limit or dtype asks again instead of reusing (e.g. truncated)
-    answers."""
+    answers. An answer cut at ``max_new_tokens`` (no end of turn) is recorded in ``truncated`` (request ids) and the
+    first one warns, naming the limit: such an answer usually lacks its score and is listed as a failure."""
 
     def __init__(self, model: Union[str, Path], *, device=None, dtype: torch.dtype = torch.bfloat16,
                  max_new_tokens: int = 1024):
@@ -204,6 +206,7 @@ class Gemma3Judge:
         if device is not None:
             self.model.to(device)
         self.max_new_tokens = max_new_tokens
+        self.truncated: list = []
 
     def messages(self, images: Sequence, prompt: str) -> list:
         return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
@@ -218,7 +221,23 @@ class Gemma3Judge:
         dtype = next(self.model.parameters()).dtype
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        return self.processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        answer = out[0, inputs["input_ids"].shape[1]:]
+        if self._was_cut(answer):
+            if not self.truncated:
+                warnings.warn(f"the judge's answer to {request.id} ({request.kind}) stopped at max_new_tokens="
+                              f"{self.max_new_tokens} before its end; a cut answer usually has no score and is listed "
+                              "as a failure: raise --judge-max-new-tokens (later cut answers are not warned about; "
+                              "see the judge's .truncated)", UserWarning, stacklevel=2)
+            self.truncated.append(request.id)
+        return self.processor.decode(answer, skip_special_tokens=True)
+
+    def _was_cut(self, answer: torch.Tensor) -> bool:
+        """``answer`` (new token ids) filled the token limit without ending on an end-of-turn token."""
+        if answer.numel() < self.max_new_tokens:
+            return False
+        eos = self.model.generation_config.eos_token_id
+        eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        return int(answer[-1]) not in eos
 
 
 def check_max_new_tokens(max_new_tokens) -> None:
