@@ -476,17 +476,18 @@ def relation252k_folder(root, spec: dict, *, seed: int, ramp: tuple = (40, 0), s
     return halves
 
 
+#: the small training run of the tests: 8 steps of batch 2 at lr 1e-2 in fp32, long edge 64, a 4 x rank-2 basis
+SMALL_TRAINING = dict(steps=8, batch_size=2, learning_rate=1e-2, mixed_precision="no", long_edge=64,
+                      resize="long-edge", num_loras=4, rank=2, key_dim=8, num_workers=0, progress=False)
+
+
 def small_train_config(out, **over):
-    """A small valid ``TrainConfig`` writing to ``out`` (placeholder data/model/encoder names, 8 steps of batch 2,
-    a 4 x rank-2 basis, checkpoints every 2 steps), with ``over`` replacing any field; for tests that never load the
-    pipeline."""
+    """A valid ``SMALL_TRAINING`` ``TrainConfig`` writing to ``out`` (placeholder data/model/encoder names,
+    checkpoints every 2 steps), with ``over`` replacing any field; for tests that never load the pipeline."""
     from .training import TrainConfig
 
-    values = dict(data="data", out=str(out), model="m", encoder="e", steps=8, batch_size=2, learning_rate=1e-2,
-                  mixed_precision="no", long_edge=64, resize="long-edge", num_loras=4, rank=2, key_dim=8,
-                  checkpoint_every=2, num_workers=0, progress=False)
-    values.update(over)
-    return TrainConfig(**values)
+    return TrainConfig(**{**SMALL_TRAINING, "data": "data", "out": str(out), "model": "m", "encoder": "e",
+                          "checkpoint_every": 2, **over})
 
 
 def tiny_lorweb_linear_model(**config):
@@ -561,18 +562,33 @@ def tiny_training_assets(root, samples: int):
 
 
 def tiny_train_config(assets, out, **over):
-    """A ``TrainConfig`` that trains on ``tiny_training_assets(assets)`` into ``out``: 8 steps of batch 2 at lr 1e-2,
-    fp32, long edge 64, a 4 x rank-2 basis with key_dim 8, checkpoints every 4 steps, weights saved in fp32 (for
-    bit-exact comparisons); ``over`` replaces any field."""
+    """A ``SMALL_TRAINING`` ``TrainConfig`` that trains on ``tiny_training_assets(assets)`` into ``out``: the demo's
+    text length, checkpoints every 4 steps, weights saved in fp32 (for bit-exact comparisons); ``over`` replaces any
+    field."""
     from pathlib import Path
 
     from . import demo
     from .training import TrainConfig
 
     assets = Path(assets)
-    values = dict(data=str(assets / "data"), out=str(out), model=str(assets / "pipe"), encoder=str(assets / "clip"),
-                  steps=8, batch_size=2, learning_rate=1e-2, mixed_precision="no", long_edge=64, resize="long-edge",
-                  max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=4, rank=2, key_dim=8,
-                  checkpoint_every=4, num_workers=0, progress=False, save_dtype="fp32")
-    values.update(over)
-    return TrainConfig(**values)
+    return TrainConfig(**{**SMALL_TRAINING, "data": str(assets / "data"), "out": str(out),
+                          "model": str(assets / "pipe"), "encoder": str(assets / "clip"),
+                          "max_sequence_length": demo.DEMO_MAX_SEQUENCE_LENGTH, "checkpoint_every": 4,
+                          "save_dtype": "fp32", **over})
+
+
+def infer_input_files(root, *, widths=(32, 32, 32), red_step: int = 60):
+    """What ``lorweb-fast infer``'s path checks accept, without any real model: ``a.png``, ``a_prime.png`` and
+    ``b.png`` (solid RGB ``(red_step * i, 80, 120)``, ``widths[i]`` x 32) and marker-only ``clip/`` (config.json) and
+    ``model/`` (model_index.json) folders under ``root``; returns root."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    for i, name in enumerate(("a", "a_prime", "b")):
+        Image.new("RGB", (widths[i], 32), (red_step * i, 80, 120)).save(root / f"{name}.png")
+    for folder, marker in (("clip", "config.json"), ("model", "model_index.json")):
+        (root / folder).mkdir()
+        (root / folder / marker).write_text("{}")
+    return root

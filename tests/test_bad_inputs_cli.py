@@ -7,13 +7,12 @@ import os
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import cli, demo, flux
-from lorweb_fast.testing import cli_usage_error
+from lorweb_fast.testing import cli_usage_error, infer_input_files
 
 pytest.importorskip("diffusers")
 
@@ -39,15 +38,9 @@ def no_model_load(monkeypatch):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli_inputs")
-    for i, name in enumerate(("a", "a_prime", "b")):
-        Image.new("RGB", (32, 32), (40 * i, 80, 120)).save(root / f"{name}.png")
+    root = infer_input_files(tmp_path_factory.mktemp("cli_inputs"), red_step=40)
     m = nn.Sequential(nn.Linear(6, 5))
     lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=r"\d"))
-    (root / "clip").mkdir()
-    (root / "model").mkdir()
-    (root / "clip" / "config.json").write_text("{}")  # the marker files the path checks look for
-    (root / "model" / "model_index.json").write_text("{}")
     (root / "empty_dir").mkdir()
     lf.save_lorweb_weights(m, root / "w.safetensors", metadata={"encoder": str(root / "clip")})
     lf.save_lorweb_weights(m, root / "w_missing_encoder.safetensors", metadata={"encoder": "/nonexistent/clip-tiny"})

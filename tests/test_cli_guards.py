@@ -17,19 +17,14 @@ from PIL import Image
 
 import lorweb_fast as lf
 from lorweb_fast import cli, demo, flux, official_config as oc, training
-from lorweb_fast.testing import tiny_lorweb_pair
+from lorweb_fast.testing import infer_input_files, tiny_lorweb_pair
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Three distinct images, a model and an encoder folder (their marker files only), a checkpoint whose metadata
     names the encoder, and an official config.yaml in another folder."""
-    root = tmp_path_factory.mktemp("cli_guards")
-    for i, name in enumerate(("a", "a_prime", "b")):
-        Image.new("RGB", (32 + 8 * i, 32), (60 * i, 80, 120)).save(root / f"{name}.png")
-    for folder, marker in (("clip", "config.json"), ("model", "model_index.json")):
-        (root / folder).mkdir()
-        (root / folder / marker).write_text("{}")
+    root = infer_input_files(tmp_path_factory.mktemp("cli_guards"), widths=(32, 40, 48))
     (root / "w").mkdir()
     m = tiny_lorweb_pair(lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=r"\d"))
     lf.save_lorweb_weights(m, root / "w" / "w.safetensors", metadata={"encoder": str(root / "clip")})

@@ -17,11 +17,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import lorweb_fast as lf
 from lorweb_fast import cli, flux, official_config as oc, validation as V
-from lorweb_fast.testing import cli_usage_error, tiny_lorweb_pair
+from lorweb_fast.testing import cli_usage_error, infer_input_files, tiny_lorweb_pair
 from lorweb_fast.training import TrainConfig
 from lorweb_fast.validation import UsageError
 
@@ -187,12 +186,7 @@ def test_train_ranges_keep_caption_dropout_a_probability():
 def files(tmp_path_factory):
     """Images, marker-only model and encoder folders, a checkpoint (metadata: the encoder, query mode "cat-aa'b")
     and a run folder holding it with a config.yaml, plus another config.yaml saying "caa'b"."""
-    root = tmp_path_factory.mktemp("validation_guards")
-    for i, name in enumerate(("a", "a_prime", "b")):
-        Image.new("RGB", (32, 32), (60 * i, 80, 120)).save(root / f"{name}.png")
-    for folder, marker in (("clip", "config.json"), ("model", "model_index.json")):
-        (root / folder).mkdir()
-        (root / folder / marker).write_text("{}")
+    root = infer_input_files(tmp_path_factory.mktemp("validation_guards"))
     m = tiny_lorweb_pair(lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=r"\d"))
     lf.save_lorweb_weights(m, root / "w.safetensors", metadata={"encoder": str(root / "clip")})
     settings = {"num_loras": 2, "rank": 1, "lora_alpha": 1, "key_dim": 4, "encoder": str(root / "clip")}
