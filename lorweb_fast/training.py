@@ -40,8 +40,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ._files import default_permissions
-from .data import (BIDIRECTIONAL, IMAGE_SUFFIXES, LAYOUTS, RESIZE_MODES, AnalogyDataError,  # noqa: F401 (re-exported)
-                   AnalogyFolder, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, bidirectional_swap)
+from .data import (BIDIRECTIONAL, LAYOUTS, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, RESIZE_MODES,
+                   AnalogyFolder, bidirectional_swap)
 from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lorweb, load_lorweb_weights, \
     lorweb_layers, lorweb_state_dict, save_lorweb_weights, set_query
 from .official_config import CONFIG_NAME, DTYPE_NAMES
@@ -287,8 +287,6 @@ class TrainConfig:
 
         check_query_settings(self.query_mode, self.pooling_type, self.query_projection_type)
         self._check_choices((("query_source", QUERY_SOURCES), ("save_dtype", tuple(SAVE_DTYPES))))
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         self._check_choices((("activation", ACTIVATIONS), ("reduce", REDUCTIONS)))
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: --resume continues the run in --out, "

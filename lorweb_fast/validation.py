@@ -305,7 +305,7 @@ def check_generation_options(*, num_inference_steps, guidance_scale, long_edge, 
 TRAIN_RANGES = {
     "steps": (1, None, False), "batch_size": (1, None, False), "learning_rate": (0.0, None, True),
     "weight_decay": (0.0, None, False), "max_grad_norm": (0.0, None, False), "long_edge": (MIN_LONG_EDGE, None, False),
-    "logit_std": (0.0, None, True), "caption_dropout": (0.0, 1.0, False), "guidance_scale": (0.0, None, False),
+    "logit_std": (0.0, None, True), "caption_dropout": (0, 1, False), "guidance_scale": (0.0, None, False),
     "max_sequence_length": (1, 512, False), "num_loras": (1, None, False), "rank": (1, None, False),
     "key_dim": (1, None, False), "heads": (1, None, False), "checkpoint_every": (1, None, False),
     "keep_checkpoints": (0, None, False), "seed": (0, 2 ** 63 - 1, False), "num_workers": (0, None, False),

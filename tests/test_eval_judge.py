@@ -270,10 +270,11 @@ def test_gemma3_load_error_names_the_model(tmp_path):
 
 
 @pytest.mark.parametrize("ending", ["cut", "eos", "short"])
-def test_gemma3_names_an_answer_cut_at_the_token_limit(tiny_gemma, ending):
-    """An answer that fills max_new_tokens without its end-of-turn token is recorded in ``truncated`` and the first
-    one warns naming the limit and the flag (later ones do not); an answer ending on the model's end-of-turn token,
-    or shorter than the limit, is not cut."""
+def test_gemma3_names_an_answer_cut_at_the_token_limit(tiny_gemma, ending, tmp_path):
+    """An answer that fills max_new_tokens without its end-of-turn token is recorded in ``truncated`` and
+    ``last_truncated`` (which ``ask`` stores in the cached record) and the first one warns naming the limit and the
+    flag (later ones do not); an answer ending on the model's end-of-turn token, or shorter than the limit, is not
+    cut."""
     import warnings
 
     import torch
@@ -297,8 +298,14 @@ def test_gemma3_names_an_answer_cut_at_the_token_limit(tiny_gemma, ending):
         for request in requests:
             assert isinstance(judge(request), str)
     cut_warnings = [w for w in caught if "max_new_tokens=3" in str(w.message)]
+    assert judge.last_truncated is (ending == "cut")
+    cache = J.JudgeCache(tmp_path / "judge")  # ask stores the flag with the answer; a cache hit returns it
+    rec = J.ask(judge, cache, J.JudgeRequest("ours", "t/9", "score", J.SCORE_PROMPT, images=lambda: images))
+    assert rec["truncated"] is (ending == "cut") and cache.get(requests[0], judge.name) is None
+    judge.model.generate = None  # not asked again
+    assert J.ask(judge, cache, J.JudgeRequest("ours", "t/9", "score", J.SCORE_PROMPT, images=lambda: images)) == rec
     if ending == "cut":
-        assert judge.truncated == ["t/0", "t/1"]
+        assert judge.truncated == ["t/0", "t/1", "t/9"]
         assert len(cut_warnings) == 1 and "t/0" in str(cut_warnings[0].message)
         assert "--judge-max-new-tokens" in str(cut_warnings[0].message)
     else:

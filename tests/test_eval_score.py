@@ -40,8 +40,8 @@ def score_answer(acc, cons):
     return f"Transformation: mirror.\n```json\n{answer}\n```"
 
 
-def write_replay(path, *, scores=None, better=None, missing=()):
-    """scores: {id: raw answer}; better: {id: 1|2}."""
+def write_replay(path, *, scores=None, better=None, missing=(), truncated=()):
+    """scores: {id: raw answer}; better: {id: 1|2}; truncated: (id, kind) pairs marked as cut at the token limit."""
     rows = []
     for i, item in enumerate(IDS):
         if item in missing:
@@ -49,6 +49,9 @@ def write_replay(path, *, scores=None, better=None, missing=()):
         rows.append({"id": item, "kind": "score", "response": (scores or {}).get(item, score_answer(5 + i % 3, 8))})
         rows.append({"id": item, "kind": "pairwise", "response": json.dumps({"better": (better or {}).get(item, 1),
                                                                              "explanation": "x"})})
+        for row in rows[-2:]:
+            if (item, row["kind"]) in truncated:
+                row["truncated"] = True
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
@@ -224,6 +227,44 @@ def test_score_end_to_end(assets, torch_home, tmp_path):
     assert (out / "preservation_vs_accuracy.png").is_file()
 
 
+def test_score_counts_answers_cut_at_the_token_limit(assets, torch_home, tmp_path):
+    """A judge answer cut at its token limit (the judge's ``last_truncated``; here replayed from a record's
+    ``"truncated": true``) is flagged in its failure, counted in ``overall["truncated_answers"]`` whether or not it
+    parsed, named in summary.md with the flag to raise, kept in judge_answers.jsonl (so replaying that file counts
+    the same answers) and in the answer cache (so a resumed scoring does too); a report without cut answers has
+    no such line, and a replay record whose ``truncated`` is not a boolean is refused by line."""
+    replay = write_replay(tmp_path / "replay.jsonl", scores={"flip/000": "Transformation: mirror.\n```json\n{"},
+                          truncated={("flip/000", "score"), ("flip/001", "pairwise")})
+    out = tmp_path / "report"
+    args = ("--runs", assets / "ours", "--against", assets / "base", "--encoder", assets / "clip",
+            "--metrics", "vlm")
+    assert run_cli(*args, "--judge", f"replay:{replay}", "--out", out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["overall"]["truncated_answers"] == 2
+    assert [(f["id"], f["kind"], f["truncated"]) for f in m["failures"]] == [("flip/000", "score", True)]
+    assert "raise --judge-max-new-tokens and rerun): ours: 2." in (out / "summary.md").read_text()
+    cut = {(r["id"], r["kind"]) for r in map(json.loads, (out / "judge_answers.jsonl").read_text().splitlines())
+           if r.get("truncated")}
+    assert cut == {("flip/000", "score"), ("flip/001", "pairwise")}
+    cached = json.loads((out / "judge" / "ours" / "score" / "flip" / "000.json").read_text())
+    assert cached["truncated"] is True
+    assert run_cli(*args, "--judge", f"replay:{replay}", "--out", out) == 0  # resumed from the answer cache
+    assert json.loads((out / "metrics.json").read_text())["overall"]["truncated_answers"] == 2
+    again = tmp_path / "again"
+    assert run_cli(*args, "--judge", f"replay:{out / 'judge_answers.jsonl'}", "--out", again) == 0
+    assert json.loads((again / "metrics.json").read_text())["overall"]["truncated_answers"] == 2
+    clean = tmp_path / "clean"
+    assert run_cli(*args, "--judge", f"replay:{write_replay(tmp_path / 'clean.jsonl')}", "--out", clean) == 0
+    assert json.loads((clean / "metrics.json").read_text())["overall"]["truncated_answers"] == 0
+    assert "token limit" not in (clean / "summary.md").read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": IDS[0], "kind": "score", "response": "x", "truncated": "yes"}) + "\n")
+    from lorweb_fast.evaluation import judge as J
+
+    with pytest.raises(J.EvalInputError, match=r"bad\.jsonl:1: truncated must be true or false, got 'yes'"):
+        J.ReplayJudge(bad)
+
+
 def _coloured_runs(root, name, ids):
     """A runs folder whose every image is one solid colour standing for (folder, item, stem); returns
     {colour: label}."""
@@ -388,6 +429,10 @@ def test_tiny_gemma3_judge_end_to_end(assets, torch_home, tmp_path):
         task, _, name = item.partition("/")
         cached = json.loads((out / "judge" / "ours" / "score" / task / f"{name}.json").read_text())
         assert cached["response"] == raw and cached["judge"] == f"gemma3:{gemma} max_new_tokens=6 dtype=float32"
+        assert cached["truncated"] is next(f["truncated"] for f in m["failures"] if f["id"] == item)
+    # the count is of the cached records' flags (the seeded random model cuts at least flip/000's answer)
+    flags = [json.loads(p.read_text())["truncated"] for p in (out / "judge" / "ours" / "score").rglob("*.json")]
+    assert len(flags) == len(IDS) and m["overall"]["truncated_answers"] == sum(flags) >= 1
     assert m["overall"]["clip_dir"] is None and m["overall"]["lpips"] is None
 
 

@@ -23,8 +23,9 @@ from safetensors.torch import load_file
 
 import lorweb_fast as lf
 from lorweb_fast import cli, demo, flux, training
+from lorweb_fast.data import AnalogyDataError, AnalogyFolder
 from lorweb_fast.testing import free_port, random_rgb_image, tiny_train_config, tiny_training_assets
-from lorweb_fast.training import AnalogyDataError, AnalogyFolder, TrainConfig
+from lorweb_fast.training import TrainConfig
 
 pytest.importorskip("diffusers")
 HERE = Path(__file__).resolve().parent

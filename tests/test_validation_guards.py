@@ -174,11 +174,14 @@ def test_train_config_accepts_the_range_ends(field, value):
 
 
 def test_train_ranges_keep_caption_dropout_a_probability():
-    """check_train_config's range table on its own (TrainConfig.validate also checks this field first): a caption
-    dropout above 1 is refused, 1 itself (every caption dropped) is fine."""
+    """check_train_config's range table (the only check of this field, so TrainConfig.validate says the same): a
+    caption dropout above 1 or below 0 is refused with the range as documented, 1 itself (every caption dropped) is
+    fine."""
     V.check_train_config(TrainConfig(data="d", out="o", caption_dropout=1.0))
-    with pytest.raises(ValueError, match=r"^caption_dropout must be in \[0.0, 1.0\], got 1.5$"):
-        V.check_train_config(TrainConfig(data="d", out="o", caption_dropout=1.5))
+    for bad in (1.5, -0.5):
+        for check in (V.check_train_config, TrainConfig.validate):
+            with pytest.raises(ValueError, match=rf"^caption_dropout must be in \[0, 1\], got {bad}$"):
+                check(TrainConfig(data="d", out="o", caption_dropout=bad))
 
 
 # ------------------------------------------------------------------------------------------------- command line

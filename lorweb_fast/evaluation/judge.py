@@ -190,7 +190,9 @@ class Gemma3Judge:
     ``name`` (``gemma3:<model> max_new_tokens=<n> dtype=<dtype>``) holds the generation settings: the answer cache
     matches on it, so a rerun with another token limit or dtype asks again instead of reusing (e.g. truncated)
     answers. An answer cut at ``max_new_tokens`` (no end of turn) is recorded in ``truncated`` (request ids) and the
-    first one warns, naming the limit: such an answer usually lacks its score and is listed as a failure."""
+    first one warns, naming the limit: such an answer usually lacks its score and is listed as a failure.
+    ``last_truncated`` says whether the latest answer was cut (``ask`` stores it in the answer's record, and the
+    report counts such answers)."""
 
     def __init__(self, model: Union[str, Path], *, device=None, dtype: torch.dtype = torch.bfloat16,
                  max_new_tokens: int = 1024):
@@ -207,6 +209,7 @@ class Gemma3Judge:
             self.model.to(device)
         self.max_new_tokens = max_new_tokens
         self.truncated: list = []
+        self.last_truncated = False
 
     def messages(self, images: Sequence, prompt: str) -> list:
         return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
@@ -222,12 +225,13 @@ class Gemma3Judge:
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         answer = out[0, inputs["input_ids"].shape[1]:]
-        if self._was_cut(answer):
+        self.last_truncated = self._was_cut(answer)
+        if self.last_truncated:
             if not self.truncated:
                 warnings.warn(f"the judge's answer to {request.id} ({request.kind}) stopped at max_new_tokens="
                               f"{self.max_new_tokens} before its end; a cut answer usually has no score and is listed "
                               "as a failure: raise --judge-max-new-tokens (later cut answers are not warned about; "
-                              "see the judge's .truncated)", UserWarning, stacklevel=2)
+                              "see the judge's .truncated)", UserWarning, stacklevel=3)
             self.truncated.append(request.id)
         return self.processor.decode(answer, skip_special_tokens=True)
 
@@ -248,7 +252,8 @@ def check_max_new_tokens(max_new_tokens) -> None:
 class ReplayJudge:
     """Answers read from a JSONL file of ``{"id", "kind", "response"}`` (+ optional ``"run"``, ``"against"``: a record
     without them answers for every runs folder / baseline; + optional ``"order"``, the B'1/B'2 order a pairwise answer
-    was given for, as ``judge_answers.jsonl`` records it). A question without an answer raises ``KeyError``; a
+    was given for, as ``judge_answers.jsonl`` records it; + optional ``"truncated": true``, an answer cut at the
+    judge's token limit, replayed as ``last_truncated``). A question without an answer raises ``KeyError``; a
     pairwise answer recorded for the other order raises ``EvalInputError`` (its "B'1" would mean the other image)."""
 
     def __init__(self, path: Union[str, Path]):
@@ -276,9 +281,13 @@ class ReplayJudge:
                                       or sorted(order) != ["against", "run"]):
                 raise EvalInputError(f'{path}:{n}: order must be ["run", "against"] or ["against", "run"], got '
                                      f"{order!r}")
+            truncated = rec.get("truncated", False)
+            if not isinstance(truncated, bool):
+                raise EvalInputError(f"{path}:{n}: truncated must be true or false, got {truncated!r}")
             key = (rec.get("run"), rec["id"], rec["kind"], rec.get("against"))
-            self.records[key] = (rec["response"], order)
+            self.records[key] = (rec["response"], order, truncated)
         self.path = path
+        self.last_truncated = False
 
     def __call__(self, request: JudgeRequest) -> str:
         other_order = None
@@ -286,8 +295,9 @@ class ReplayJudge:
             for against in ((request.against, None) if request.against is not None else (None,)):
                 key = (run, request.id, request.kind, against)
                 if key in self.records:
-                    response, order = self.records[key]
+                    response, order, truncated = self.records[key]
                     if order is None or request.order is None or list(order) == list(request.order):
+                        self.last_truncated = truncated
                         return response
                     other_order = order
         if other_order is not None:
@@ -348,19 +358,28 @@ class JudgeCache:
             return None  # another name that _safe maps to the same file ("lora v1" and "lora_v1")
         return rec
 
-    def put(self, request: JudgeRequest, judge_name: str, response: Optional[str], error: Optional[str]) -> dict:
+    def put(self, request: JudgeRequest, judge_name: str, response: Optional[str], error: Optional[str], *,
+            truncated: bool = False) -> dict:
         from .generate import atomic_write_text
 
-        rec = {"id": request.id, "kind": request.kind, "run": request.run, "against": request.against,
-               "order": request.order, "judge": judge_name, "prompt_sha256": prompt_hash(request.prompt),
-               "files_sig": request.files_sig, "response": response, "backend_error": error}
+        rec = _record(request, judge_name, response, error, truncated)
         atomic_write_text(self.path(request), json.dumps(rec, ensure_ascii=False, indent=1))
         return rec
 
 
+def _record(request: JudgeRequest, judge_name: str, response: Optional[str], error: Optional[str],
+            truncated: bool) -> dict:
+    """An answer's record: the question, the judge's name, the prompt's hash, the image files' signature, the answer
+    or the backend's error, and whether the answer was cut at the judge's token limit."""
+    return {"id": request.id, "kind": request.kind, "run": request.run, "against": request.against,
+            "order": request.order, "judge": judge_name, "prompt_sha256": prompt_hash(request.prompt),
+            "files_sig": request.files_sig, "response": response, "backend_error": error, "truncated": truncated}
+
+
 def ask(judge, cache: Optional[JudgeCache], request: JudgeRequest) -> dict:
     """The cached record for ``request`` or a fresh answer (cached). A backend that cannot answer (a replay file
-    without the item) gives a record with ``response`` None and ``backend_error``; it is not cached."""
+    without the item) gives a record with ``response`` None and ``backend_error``; it is not cached. ``truncated``:
+    the judge's ``last_truncated`` after the call (False for judges without it, and in records cached before it)."""
     if cache is not None:
         rec = cache.get(request, judge.name)
         if rec is not None and rec.get("backend_error") is None:
@@ -369,8 +388,7 @@ def ask(judge, cache: Optional[JudgeCache], request: JudgeRequest) -> dict:
         response, error = judge(request), None
     except KeyError as exc:
         response, error = None, str(exc.args[0] if exc.args else exc)
+    truncated = error is None and bool(getattr(judge, "last_truncated", False))
     if cache is not None and error is None:
-        return cache.put(request, judge.name, response, None)
-    return {"id": request.id, "kind": request.kind, "run": request.run, "against": request.against,
-            "order": request.order, "judge": judge.name, "prompt_sha256": prompt_hash(request.prompt),
-            "response": response, "backend_error": error}
+        return cache.put(request, judge.name, response, None, truncated=truncated)
+    return _record(request, judge.name, response, error, truncated)

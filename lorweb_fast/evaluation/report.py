@@ -8,13 +8,15 @@
   win_rate_as_b1, win_rate_as_b2, order_balanced_win_rate, n}}}}``: the task's win rate over its items, over the
   items where this method's b' was shown first (B'1) / second (B'2), and the mean of those two (None unless the task
   has items in both positions);
-- ``overall``: the means over tasks of the per-task means, ``tasks``, ``triplets``, and per baseline the pairwise
-  win rates: ``win_rate``, ``win_rate_as_b1``, ``win_rate_as_b2`` (each the mean over the tasks that have it) and
-  ``order_balanced_win_rate``, the number to report: the mean over tasks of the per-task order-balanced rates, over
-  the ``balanced_tasks`` tasks with items in both positions (a task seen in one position only cannot cancel the
+- ``overall``: the means over tasks of the per-task means, ``tasks``, ``triplets``, ``failures`` (and by kind),
+  ``truncated_answers`` (judge answers cut at the judge's token limit, whether or not they parsed), and per baseline
+  the pairwise win rates: ``win_rate``, ``win_rate_as_b1``, ``win_rate_as_b2`` (each the mean over the tasks that have
+  it) and ``order_balanced_win_rate``, the number to report: the mean over tasks of the per-task order-balanced rates,
+  over the ``balanced_tasks`` tasks with items in both positions (a task seen in one position only cannot cancel the
   judge's position bias and is left out of it);
-- ``failures``: ``[{id, task, kind, error, response[, against]}]`` (unparseable or out-of-range judge answers,
-  missing baseline items), excluded from the means and counted in ``overall["failures"]``;
+- ``failures``: ``[{id, task, kind, error, response[, against][, truncated]}]`` (unparseable or out-of-range judge
+  answers, ``truncated`` when the answer was cut at the judge's token limit; missing baseline items), excluded from
+  the means and counted in ``overall["failures"]``;
 - ``methods``: the same four keys for every runs folder scored in the call; ``settings``.
 """
 
@@ -34,8 +36,10 @@ def _mean(values) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-def aggregate(per_triplet: Sequence[dict], failures: Sequence[dict], baselines: Sequence[str] = ()) -> dict:
-    """per_task / overall / failures from per-triplet rows (see the module docstring).
+def aggregate(per_triplet: Sequence[dict], failures: Sequence[dict], baselines: Sequence[str] = (),
+              answers: Sequence[dict] = ()) -> dict:
+    """per_task / overall / failures from per-triplet rows (see the module docstring); ``answers``: the judge's
+    answer records (``judge.ask``), of which those marked ``truncated`` are counted.
 
     The order-balanced win rate is balanced within each task: (rate as B'1 + rate as B'2) / 2 per task, then the mean
     over the tasks that have items in both positions. A position bias that shifts every answer of a task by the same
@@ -63,7 +67,8 @@ def aggregate(per_triplet: Sequence[dict], failures: Sequence[dict], baselines: 
     overall = {m: _mean(t[m] for t in per_task.values()) for m in SCALAR_METRICS}
     overall.update(tasks=len(per_task), triplets=len(per_triplet), failures=len(failures),
                    failures_by_kind={k: sum(f["kind"] == k for f in failures)
-                                     for k in sorted({f["kind"] for f in failures})})
+                                     for k in sorted({f["kind"] for f in failures})},
+                   truncated_answers=sum(bool(a.get("truncated")) for a in answers))
     if baselines:
         overall["pairwise"] = {}
         for base in baselines:
@@ -107,6 +112,11 @@ def summary_markdown(report: dict, settings: dict) -> str:
         by_kind = ", ".join(f"{k}: {v}" for k, v in o["failures_by_kind"].items())
         count = f"{o['failures']}" + (f" ({by_kind})" if by_kind else "")
         lines.append(f"| {name} | {o['tasks']} | {o['triplets']} | {count} |")
+    cut = {name: rep["overall"].get("truncated_answers", 0) for name, rep in report.items()}
+    if any(cut.values()):
+        lines += ["", "Judge answers cut at the judge's token limit (usually without a score, so listed as failures; "
+                      "raise --judge-max-new-tokens and rerun): "
+                  + ", ".join(f"{name}: {n}" for name, n in cut.items() if n) + "."]
     if baselines:
         lines += ["", "Pairwise details (win rate over tasks; when this method's b' was shown as B'1 / as B'2; "
                       "balanced = per task the mean of the two, then the mean over the tasks with items in both "
@@ -214,8 +224,10 @@ def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict
     metrics = {**report[first], "method": first, "methods": report, "settings": settings}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, ensure_ascii=False))
     atomic_write_text(out / "summary.md", summary_markdown(report, settings))
+    # "truncated" only where the answer was cut, so a replay of this file counts the same cut answers
     answers = [json.dumps({"id": a["id"], "kind": a["kind"], "run": a["run"], "against": a["against"],
-                           "order": a["order"], "judge": a["judge"], "response": a["response"]}, ensure_ascii=False)
+                           "order": a["order"], "judge": a["judge"], "response": a["response"],
+                           **({"truncated": True} if a.get("truncated") else {})}, ensure_ascii=False)
                for res in results.values() for a in res["answers"] if a["response"] is not None]
     # a file this call does not write is removed: a report folder never mixes two scorings. The answers file this
     # scoring replays is left as it is (its answers are where they came from; rewriting it with this scoring's

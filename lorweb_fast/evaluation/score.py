@@ -138,7 +138,8 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
                 rows[it.key]["vlm_consistency"] = parsed.value["consistency"]
             else:
                 failures.append({"id": it.key, "task": it.task, "kind": "score",
-                                 "error": rec["backend_error"] or parsed.error, "response": rec["response"]})
+                                 "error": rec["backend_error"] or parsed.error, "response": rec["response"],
+                                 "truncated": bool(rec.get("truncated"))})
 
         for base_name, base_items in (baselines or {}).items():
             by_key = {b.key: b for b in base_items}
@@ -166,7 +167,8 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
                     entry["won"] = order[parsed.value - 1] == "run"
                 else:
                     failures.append({"id": it.key, "task": it.task, "kind": "pairwise", "against": base_name,
-                                     "error": rec["backend_error"] or parsed.error, "response": rec["response"]})
+                                     "error": rec["backend_error"] or parsed.error, "response": rec["response"],
+                                     "truncated": bool(rec.get("truncated"))})
         known = {it.key for it in items}
         for base_name, base_items in (baselines or {}).items():
             extra = sorted(b.key for b in base_items if b.key not in known)
@@ -212,6 +214,6 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
                 "metrics": list(metrics), "encoder": clip.name if clip else None,
                 "lpips": {"net": lpips.net, "weights": lpips.weights} if lpips else None,
                 "judge": judge.name if judge is not None else None, "pairwise_seed": pairwise_seed}
-    report = {name: aggregate(res["per_triplet"], res["failures"], list((against or {}))) for name, res in
-              results.items()}
+    report = {name: aggregate(res["per_triplet"], res["failures"], list((against or {})), res["answers"])
+              for name, res in results.items()}
     return write_report(out, report, results, settings)
