@@ -8,7 +8,9 @@
 - every repository path it names exists (globs and ``{a,b}`` lists expanded);
 - every call in its Python blocks to ``lf.*``, ``flux.*``, a name imported from lorweb_fast, or a method of an object
   built by one of those binds to the callable's signature (no unknown keyword, not too many positional arguments),
-  and keywords that land in a ``**kwargs`` are ones that the callable passes on or accepts.
+  and keywords that land in a ``**kwargs`` are ones that the callable passes on or accepts;
+- every dotted API name in the prose's code spans that starts at this package, the pipeline (``pipe.x``) or a
+  diffusers transformer method exists, and a call written with arguments binds (this package's callables).
 """
 
 import argparse
@@ -261,3 +263,162 @@ def test_python_block_calls_match_the_signatures(index):
     errors, checked = signature_errors(blocks[index])
     assert checked >= 3
     assert not errors, "\n".join(errors)
+
+
+# ----------------------------------------------------------------------------------------- API names in the prose
+def inline_spans(text: str = README) -> list:
+    """(line, text) of each inline `code span` outside the fenced blocks."""
+    spans, in_block = [], False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            in_block = not in_block
+        elif not in_block:
+            spans += [(number, span) for span in re.findall(r"`([^`]+)`", line)]
+    return spans
+
+
+DOTTED = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(\(.*\))?")
+FILE_NAME = re.compile(r".*\.(py|pyi|json|jsonl|md|png|txt|yaml|safetensors|sh|pt|gz|log|so|whl|toml|cu|cpp|h)")
+#: module names that the prose also uses as variables (`model.requires_grad_(True)`: a torch model)
+VARIABLE_NAMES = {"model"}
+
+
+def lorweb_fast_names() -> dict:
+    """{name: object} for the roots a prose name can start from: ``lf`` / ``lorweb_fast``, each module of the
+    package (``flux``, ``official_config``, ...) and each class defined in it (``LoRWeBLinear``, ``TrainConfig``)."""
+    import importlib
+    import pkgutil
+
+    roots = {"lf": lf, "lorweb_fast": lf}
+    for info in pkgutil.walk_packages(lf.__path__, "lorweb_fast."):
+        if info.name.split(".")[-1].startswith("_") or info.name.split(".")[-1] in VARIABLE_NAMES:
+            continue
+        module = importlib.import_module(info.name)
+        roots.setdefault(info.name.split(".")[-1], module)
+        for value in vars(module).values():
+            if inspect.isclass(value) and value.__module__.startswith("lorweb_fast"):
+                roots.setdefault(value.__name__, value)
+    return roots
+
+
+def _instance_attributes(cls) -> set:
+    """The ``self.x`` names that ``cls.__init__`` assigns."""
+    tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(cls.__init__)))
+    return {t.attr for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            for t in (target.elts if isinstance(target, ast.Tuple) else [target])
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+
+
+def _resolve(parts: list, roots: dict):
+    """The object ``a.b.c`` names from ``roots`` (importing submodules on the way), or raise AttributeError."""
+    import importlib
+
+    obj = roots[parts[0]]
+    for i, part in enumerate(parts[1:], 1):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            if not inspect.ismodule(obj):
+                raise
+            name = f"{obj.__name__}.{part}"
+            if name == "lorweb_fast._C":  # the optional extension: built where a CUDA toolkit is (setup.py)
+                assert "lorweb_fast._C" in (ROOT / "setup.py").read_text()
+                return None
+            obj = importlib.import_module(name)
+    return obj
+
+
+def _pipeline_attribute_exists(attr: str) -> bool:
+    """``pipe.attr`` for a LoRWeBKontextPipeline: its own (class or ``__init__``) attribute, or one of the wrapped
+    FluxKontextPipeline that the wrapper hands on (a class attribute or a component named in its ``__init__``)."""
+    from diffusers import FluxKontextPipeline
+
+    from lorweb_fast.flux import LoRWeBKontextPipeline
+
+    if hasattr(LoRWeBKontextPipeline, attr) or attr in _instance_attributes(LoRWeBKontextPipeline):
+        return True
+    handed_on = "__getattr__" in vars(LoRWeBKontextPipeline)
+    return handed_on and (hasattr(FluxKontextPipeline, attr)
+                          or attr in inspect.signature(FluxKontextPipeline.__init__).parameters)
+
+
+def _prose_call_error(fn, call_text: str, bound: bool):
+    """Why ``name(args)`` as the prose writes it does not bind to lorweb_fast's ``fn``, or None (``name()`` names the
+    callable, ``...`` stands for any arguments; other callables' signatures are not checked)."""
+    module = inspect.getmodule(fn)
+    if module is None or not module.__name__.startswith("lorweb_fast") or call_text == "()" \
+            or "..." in call_text.replace("=...", ""):
+        return None
+    call = ast.parse("f" + call_text, mode="eval").body
+    positional = [None] * (len(call.args) + bound)
+    keywords = {k.arg: None for k in call.keywords if k.arg is not None}
+    try:
+        inspect.signature(fn).bind(*positional, **keywords)
+    except TypeError as exc:
+        return str(exc)
+    return None
+
+
+def prose_api_errors(readme: str = README) -> tuple:
+    """(the dotted names in the prose that name nothing or are called with arguments their callable does not take,
+    how many names were checked)."""
+    from diffusers import FluxTransformer2DModel
+
+    roots = lorweb_fast_names()
+    errors, checked = [], 0
+    for number, span in inline_spans(readme):
+        for text in span.split(";"):
+            match = DOTTED.fullmatch(text.strip())
+            if match is None or FILE_NAME.fullmatch(match.group(1)):
+                continue
+            parts, call_text = match.group(1).split("."), match.group(2)
+            bound = False
+            try:
+                if parts[0] in roots:
+                    obj = _resolve(parts, roots)  # a class's method as written: unbound
+                elif parts[0] == "pipe":
+                    if not _pipeline_attribute_exists(parts[1]):
+                        raise AttributeError(f"LoRWeBKontextPipeline has no {parts[1]!r}")
+                    from lorweb_fast.flux import LoRWeBKontextPipeline
+
+                    obj = getattr(LoRWeBKontextPipeline, parts[1], None) if len(parts) == 2 else None
+                    bound = obj is not None and not isinstance(
+                        inspect.getattr_static(LoRWeBKontextPipeline, parts[1]), (classmethod, staticmethod))
+                elif parts[0] == "transformer" and call_text is not None:  # diffusers' model methods
+                    obj = getattr(FluxTransformer2DModel, parts[1])
+                else:
+                    continue  # torch, config keys, the official code's names: not this package's to check
+            except (AttributeError, KeyError, ImportError) as exc:
+                errors.append(f"README.md:{number}: `{text.strip()}`: {exc}")
+                continue
+            checked += 1
+            if call_text is not None and obj is not None and callable(obj):
+                error = _prose_call_error(obj, call_text, bound)
+                if error:
+                    errors.append(f"README.md:{number}: `{text.strip()}`: {error}")
+    return errors, checked
+
+
+def test_every_api_name_in_the_prose_exists():
+    """Each dotted name in an inline code span that starts at this package (``lf.x``, ``lorweb_fast.x.y``, a module
+    such as ``flux.X``, a class such as ``LoRWeBLinear.forward``), at the pipeline (``pipe.x``: the wrapper's own or
+    the wrapped FluxKontextPipeline's) or at a diffusers transformer method (``transformer.x(...)``) exists, and a
+    call written with its arguments binds to the callable (this package's callables only)."""
+    errors, checked = prose_api_errors()
+    assert checked >= 30, checked
+    assert not errors, "\n".join(errors)
+
+
+def test_the_prose_check_finds_wrong_names():
+    """The check above on made-up prose: every wrong name and call is reported, and names it does not own (torch,
+    config keys, file names, a code block) are left alone."""
+    made_up = ("`lf.no_such_thing`, `pipe.fuse_lora(bogus=1)`; `flux.LoRWeBKontextPipeline.from_pretrained(a)`\n"
+               "`transformer.no_method()` `pipe.nothing` `LoRWeBLinear.frobnicate` `lorweb_fast.nomod.x`\n"
+               "fine: `lf.merged()` `pipe.vae` `pipe.pipe` `TrainConfig.validate` `torch.nothing` `network.linear`\n"
+               "`model.nothing` `flux.py` `lorweb_fast.evaluation.judge.ReplayJudge`\n```python\n`lf.nope`\n```\n")
+    errors, checked = prose_api_errors(made_up)
+    assert [e.split("`")[1] for e in errors] == [
+        "lf.no_such_thing", "pipe.fuse_lora(bogus=1)", "flux.LoRWeBKontextPipeline.from_pretrained(a)",
+        "transformer.no_method()", "pipe.nothing", "LoRWeBLinear.frobnicate", "lorweb_fast.nomod.x"]
+    assert checked == 7  # the five fine names and the two that exist but are called wrongly
