@@ -791,7 +791,11 @@ def _reduce_gradients_in_fp32(plugin) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     policy = getattr(plugin, "mixed_precision_policy", None)
-    if isinstance(policy, MixedPrecisionPolicy) and policy.reduce_dtype not in (None, torch.float32):
+    if not isinstance(policy, MixedPrecisionPolicy):
+        return
+    # reduce_dtype None reduces in param_dtype (torch's MixedPrecisionPolicy): bf16 / fp16 as well
+    reduce_dtype = policy.param_dtype if policy.reduce_dtype is None else policy.reduce_dtype
+    if reduce_dtype not in (None, torch.float32):
         plugin.mixed_precision_policy = dataclass_replace(policy, reduce_dtype=torch.float32)
 
 
