@@ -900,3 +900,92 @@ def test_tuner_refuses_a_configuration_that_spills(monkeypatch):
     monkeypatch.setattr(tune_kernels, "loaded_spills", dict)
     wrong = lambda: K.expand(x, w, z, b_cat, bias=bias) * 1.05  # noqa: E731
     assert tune_kernels.admissible("expand", wrong, refs, 2, torch.device("cuda")).startswith("wrong result: expand y")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Mutation-audit additions: cases the kernels' interpreter tests above did not reach.
+
+
+@pytest.mark.parametrize("tma", [0, 1])
+def test_expand_grouped_order_with_a_short_last_group(tma):
+    """The expand kernels' grouped tile order (GROUP_M rows of tiles per group) when the last group is short: 3 row
+    tiles (M = 37, BLOCK_M = 16) in groups of 2, over 3 column tiles (out = 40, BLOCK_N = 16), so the last group
+    holds one row of tiles. Every other test has one row of tiles or a whole number of groups; there a mapping that
+    ignored the short group (rows_in_group = GROUP_M) left output tiles unwritten and still passed. ``out`` starts as
+    NaN so an unwritten tile shows; y = x W^T + z b_cat + bias against float64, pointer and TMA kernels."""
+    g = torch.Generator().manual_seed(41)
+    M, k, nout, R = 37, 40, 40, 24
+    x, z = torch.randn(M, k, generator=g), torch.randn(M, R, generator=g)
+    w, b_cat = torch.randn(nout, k, generator=g), torch.randn(R, nout, generator=g)
+    bias = torch.randn(nout, generator=g)
+    cfg = dict(block_m=16, block_n=16, block_k=16, group_m=2, tma=tma, num_warps=4, num_stages=2)
+    out = torch.full((M, nout), float("nan"))
+    y, names = _launched(lambda: K.expand(x, w, z, b_cat, bias=bias, out=out, config=cfg))
+    assert names == ["_expand_tma_kernel" if tma else "_expand_kernel"]
+    x64, z64 = x.double(), z.double()
+    want = x64 @ w.double().t() + z64 @ b_cat.double() + bias.double()
+    want_abs = x64.abs() @ w.double().abs().t() + z64.abs() @ b_cat.double().abs() + bias.double().abs()
+    assert_within_bound("y", y, want, want_abs, torch.float32, k + R)
+
+
+@pytest.mark.parametrize("tma", [0, 1])
+def test_expand_reads_a_base_by_its_own_row_stride(tma):
+    """The expand epilogue reads ``base`` by its own row stride: a base (add_to) that is a column slice of a wider
+    tensor (row stride 40 for 29 or 24 columns) reaches the kernel as a view, while every other test's base has the
+    output's row stride, where reading it with the output's stride passed. Through mixed_lora_delta(add_to=...)
+    (the pointer kernel of the fused route) and through the expand launcher (pointer and persistent TMA kernels)."""
+    g = torch.Generator().manual_seed(43)
+    if not tma:
+        p = random_problem(2, 7, 37, 29, 3, 4, torch.float32, seed=5)
+        assert K.choose_route(37, 29, 12, torch.float32, 7, "default", rank=4) == "fused"
+        wide = torch.randn(2, 7, 40, generator=g)
+        add_to = wide[..., 5:34]
+        assert add_to.stride() == (280, 40, 1)
+        args = (p["lora_a"], p["lora_b"], p["coeffs"], p["scale"])
+        got = lf.mixed_lora_delta(p["x"], *args, add_to=add_to, backend="triton")
+        want = add_to.double() + reference.mixed_lora_delta(p["x"], *args)
+        want_abs = add_to.double().abs() + reference.mixed_lora_delta(p["x"].abs(), p["lora_a"].abs(),
+                                                                      p["lora_b"].abs(), p["coeffs"].abs(), p["scale"])
+        assert_within_bound("add_to (strided)", got, want, want_abs, torch.float32, 37 + 12)
+    M, nout, R = 21, 24, 24
+    z, b_cat = torch.randn(M, R, generator=g), torch.randn(R, nout, generator=g)
+    base = torch.randn(M, 40, generator=g)[:, 8:8 + nout]
+    assert base.stride() == (40, 1)
+    cfg = dict(block_m=16, block_n=16, block_k=16, group_m=2, tma=tma, num_warps=4, num_stages=2)
+    y, names = _launched(lambda: K.expand(None, None, z, b_cat, base=base, config=cfg))
+    assert names == ["_expand_tma_kernel" if tma else "_expand_kernel"]
+    want = base.double() + z.double() @ b_cat.double()
+    want_abs = base.double().abs() + z.double().abs() @ b_cat.double().abs()
+    assert_within_bound("base + z b_cat", y, want, want_abs, torch.float32, R)
+
+
+def test_row_strided_input_and_output_gradient():
+    """x a column slice of a wider tensor (row stride 45 for in = 37) and an output gradient that is a column slice
+    too (y concatenated with another tensor: row stride 29 + 6): both reach the kernels as 2-D views whose row
+    stride is not their width, which no other test gives the expand (x, then dy as its X1) or grad_basis (x and dy);
+    reading them with the width as the row stride passed everywhere else. The output against float64, and the output
+    and every gradient bit for bit against the same layer on contiguous copies (same tiles, same order)."""
+    p = random_problem(2, 7, 37, 29, 3, 4, torch.float32, seed=44)
+    assert K.choose_route(37, 29, 12, torch.float32, 7, "default", rank=4) == "fused"
+    g = torch.Generator().manual_seed(44)
+    wide = torch.randn(2, 7, 45, generator=g)
+    wide[..., 4:41] = p["x"]
+    dy_wide = torch.randn(2, 7, 35, generator=g)
+
+    def run(strided):
+        leaves = [(wide if strided else p["x"]).clone().requires_grad_(True)] + [
+            p[k].clone().requires_grad_(True) for k in ("lora_a", "lora_b", "coeffs")]
+        x = leaves[0][..., 4:41] if strided else leaves[0]
+        assert (x.stride(1) == 45) == strided
+        y = lf.lorweb_linear(x, p["weight"], p["bias"], *leaves[1:], p["scale"], backend="triton")
+        if strided:
+            torch.cat([y, torch.zeros(2, 7, 6)], -1).backward(dy_wide)
+        else:
+            y.backward(dy_wide[..., :29].contiguous())
+        dx = leaves[0].grad[..., 4:41] if strided else leaves[0].grad
+        return [y.detach(), dx] + [t.grad for t in leaves[1:]]
+
+    got, want = run(True), run(False)
+    check_forward("y of a row-strided x", got[0], p)
+    for name, a, b in zip(("y", "x", "lora_a", "lora_b", "coeffs"), got, want):
+        assert torch.equal(a, b), name
