@@ -989,3 +989,22 @@ def test_row_strided_input_and_output_gradient():
     check_forward("y of a row-strided x", got[0], p)
     for name, a, b in zip(("y", "x", "lora_a", "lora_b", "coeffs"), got, want):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("tma", [0, 1])
+def test_expand_accumulates_in_fp32_for_bf16_outputs(tma):
+    """The expand's accumulator stays fp32 across its K loop for a bf16 output: x = [1, 2^-13, ..., 2^-13] (K = 1024)
+    against all-ones weights, so every BLOCK_K = 16 step adds 2^-9, under half a bf16 ulp of 1 (2^-8). Rounded to
+    bf16 after each step the sum would stay at 1.0 instead of 1 + 1023 * 2^-13 ~ 1.125, an error of 2.4x the bf16
+    bound; other tests caught this only by comparing the pointer and TMA kernels bit for bit. Pointer and TMA."""
+    M, k, nout, R = 16, 1024, 16, 16
+    x = torch.full((M, k), 2.0 ** -13, dtype=torch.bfloat16)
+    x[:, 0] = 1.0
+    w = torch.ones(nout, k, dtype=torch.bfloat16)
+    z, b_cat = torch.zeros(M, R, dtype=torch.bfloat16), torch.zeros(R, nout, dtype=torch.bfloat16)
+    cfg = dict(block_m=16, block_n=16, block_k=16, group_m=1, tma=tma, num_warps=4, num_stages=2)
+    y, names = _launched(lambda: K.expand(x, w, z, b_cat, config=cfg))
+    assert names == ["_expand_tma_kernel" if tma else "_expand_kernel"]
+    want = (x.double() @ w.double().t())
+    assert want[0, 0].item() == 1 + 1023 * 2.0 ** -13
+    assert_within_bound("y", y, want, want.abs(), torch.bfloat16, k + R)
