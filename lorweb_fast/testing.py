@@ -423,6 +423,16 @@ def tiny_lorweb_pair(config, seed: int = 0) -> torch.nn.Module:
     return m
 
 
+def module_from_package(home: str, **attrs) -> torch.nn.Module:
+    """A Sequential holding one 2x2 Linear whose class claims to live in the package ``home`` (what
+    ``training.quantization_kind`` looks at), with ``attrs`` set on the Sequential (e.g. ``is_quantized=True``)."""
+    cls = type("Linear", (torch.nn.Linear,), {"__module__": home})
+    module = torch.nn.Sequential(cls(2, 2))
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    return module
+
+
 def random_rgb_image(rng, width: int, height: int):
     """A (height, width) RGB PIL image of uniform random pixels drawn from the numpy Generator ``rng``."""
     import numpy as np

@@ -20,7 +20,8 @@ from torch import nn
 import lorweb_fast as lf
 from lorweb_fast import training
 from lorweb_fast.data import bidirectional_swap
-from lorweb_fast.testing import fake_checkpoint, file_tree, small_train_config, tiny_lorweb_linear_model
+from lorweb_fast.testing import (fake_checkpoint, file_tree, module_from_package, small_train_config,
+                                 tiny_lorweb_linear_model)
 from lorweb_fast.training import StepBatchSampler, TrainConfig, prepare_output
 
 KEYS = [(64, 64)] * 5 + [(96, 48)] * 3 + [(64, 64)] * 2  # two buckets: 7 and 3 samples
@@ -341,19 +342,10 @@ def test_optimizer_state_keeps_group_settings_and_follows_names_not_order():
 
 
 # ----------------------------------------------------------------------------------------- quantization
-def _module_from(home: str, **attrs) -> nn.Module:
-    """A module whose class claims to live in the package ``home`` (what ``quantization_kind`` looks at)."""
-    cls = type("Linear", (nn.Linear,), {"__module__": home})
-    module = nn.Sequential(cls(2, 2))
-    for key, value in attrs.items():
-        setattr(module, key, value)
-    return module
-
-
-@pytest.mark.parametrize("module,kind", [(_module_from("optimum.quanto.nn.qlinear"), "quanto"),
-                                         (_module_from("bitsandbytes.nn.modules"), "bitsandbytes"),
-                                         (_module_from("torch.nn", is_quantized=True), "bitsandbytes"),
-                                         (_module_from("torch.nn"), None)],
+@pytest.mark.parametrize("module,kind", [(module_from_package("optimum.quanto.nn.qlinear"), "quanto"),
+                                         (module_from_package("bitsandbytes.nn.modules"), "bitsandbytes"),
+                                         (module_from_package("torch.nn", is_quantized=True), "bitsandbytes"),
+                                         (module_from_package("torch.nn"), None)],
                          ids=["quanto", "bitsandbytes", "is_quantized", "plain"])
 def test_quantization_kind(module, kind):
     """optimum-quanto and bitsandbytes layers are told apart by their package; a diffusers model flagged
@@ -363,11 +355,11 @@ def test_quantization_kind(module, kind):
 
 def test_given_pipeline_must_be_quantized_as_asked():
     """quantize_base "none" checks nothing; "int8" needs a bitsandbytes transformer and names the problem."""
-    plain = type("Pipe", (), {"transformer": _module_from("torch.nn")})()
+    plain = type("Pipe", (), {"transformer": module_from_package("torch.nn")})()
     training._check_given_quantization(object(), "none")  # no components to look at: nothing is checked
     with pytest.raises(ValueError, match="quantize_base='int8' but the given pipeline's transformer is not quantized"):
         training._check_given_quantization(plain, "int8")
-    training._check_given_quantization(type("Pipe", (), {"transformer": _module_from("bitsandbytes.nn")})(), "int8")
+    training._check_given_quantization(type("Pipe", (), {"transformer": module_from_package("bitsandbytes.nn")})(), "int8")
 
 
 # -------------------------------------------------------------------------------------- injected layers

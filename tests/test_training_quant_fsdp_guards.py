@@ -15,7 +15,7 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import demo, flux, training
-from lorweb_fast.testing import small_train_config
+from lorweb_fast.testing import module_from_package, small_train_config
 
 pytest.importorskip("diffusers")
 
@@ -126,25 +126,17 @@ def test_broken_optimum_quanto_install_is_named(monkeypatch):
         training._import_quanto()
 
 
-def _module_from(home: str, **attrs) -> nn.Module:
-    cls = type("Linear", (nn.Linear,), {"__module__": home})
-    module = nn.Sequential(cls(2, 2))
-    for key, value in attrs.items():
-        setattr(module, key, value)
-    return module
-
-
 def test_quanto_model_flagged_is_quantized_is_quanto():
     """A diffusers model loaded with a QuantoConfig has quanto layers and ``is_quantized``: it is "quanto", not
     bitsandbytes (quanto layers are looked for first)."""
-    assert training.quantization_kind(_module_from("optimum.quanto.nn.qlinear", is_quantized=True)) == "quanto"
+    assert training.quantization_kind(module_from_package("optimum.quanto.nn.qlinear", is_quantized=True)) == "quanto"
 
 
 def test_given_quantization_nf4_wants_bitsandbytes():
     """quantize_base "nf4", like "int8", needs a bitsandbytes transformer; a quanto one is refused by name."""
-    bnb = types.SimpleNamespace(transformer=_module_from("bitsandbytes.nn.modules"))
+    bnb = types.SimpleNamespace(transformer=module_from_package("bitsandbytes.nn.modules"))
     training._check_given_quantization(bnb, "nf4")
-    quanto = types.SimpleNamespace(transformer=_module_from("optimum.quanto.nn.qlinear"))
+    quanto = types.SimpleNamespace(transformer=module_from_package("optimum.quanto.nn.qlinear"))
     with pytest.raises(ValueError, match="quantize_base='nf4' but the given pipeline's transformer is quantized by "
                                          "quanto: load it with a diffusers BitsAndBytesConfig"):
         training._check_given_quantization(quanto, "nf4")
