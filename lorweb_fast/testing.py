@@ -423,6 +423,17 @@ def tiny_lorweb_pair(config, seed: int = 0) -> torch.nn.Module:
     return m
 
 
+def load_module_from_file(path, name: str):
+    """The Python file ``path`` run as a fresh module named ``name`` (not put in ``sys.modules``): how tests import
+    the scripts in ``benchmarks/``, which are not a package. A new module object on every call."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def module_from_package(home: str, **attrs) -> torch.nn.Module:
     """A Sequential holding one 2x2 Linear whose class claims to live in the package ``home`` (what
     ``training.quantization_kind`` looks at), with ``attrs`` set on the Sequential (e.g. ``is_quantized=True``)."""

@@ -1,7 +1,6 @@
 """CPU smoke test of the benchmark: it runs on tiny shapes, checks every implementation against the reference first,
 and writes the documented JSON schema, a markdown table and a plot."""
 
-import importlib.util
 import os
 import sys
 import json
@@ -9,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from lorweb_fast.testing import load_module_from_file
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mixed_lora.py"
 ROW_KEYS = {"impl", "mode", "M", "in", "out", "N", "r", "dtype", "median_ms", "eager_ms", "peak_mem_mb"}
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_mixed_lora", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module_from_file(BENCH, "bench_mixed_lora")
 
 
 def test_bench_mixed_lora_smoke(tmp_path):
@@ -86,9 +84,7 @@ def test_bench_flux_block_smoke(tmp_path, monkeypatch):
     import torch
 
     pytest.importorskip("diffusers")
-    spec = importlib.util.spec_from_file_location("bench_flux_block", BENCH.with_name("bench_flux_block.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_module_from_file(BENCH.with_name("bench_flux_block.py"), "bench_flux_block")
     settings_during = []
     check_block = bench.check_block
 
@@ -144,9 +140,7 @@ def test_flux_block_adapter_cost_counts_device_time_once():
     import torch
     from torch.autograd import DeviceType
 
-    spec = importlib.util.spec_from_file_location("bench_flux_block3", BENCH.with_name("bench_flux_block.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_module_from_file(BENCH.with_name("bench_flux_block.py"), "bench_flux_block3")
 
     def event(key, device_us, device_type, cpu_us=0.0, annotation=False, count=1):
         return types.SimpleNamespace(key=key, self_device_time_total=device_us, self_cpu_time_total=cpu_us,
@@ -167,9 +161,7 @@ def test_bench_flux_block_check_catches_a_wrong_block(monkeypatch):
     pytest.importorskip("diffusers")
     import torch
 
-    spec = importlib.util.spec_from_file_location("bench_flux_block2", BENCH.with_name("bench_flux_block.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_module_from_file(BENCH.with_name("bench_flux_block.py"), "bench_flux_block2")
     cfg = bench.CPU
     base, ours, official, as_run = bench.build_models(cfg, torch.device("cpu"), torch.float32)
     inputs = bench.make_inputs(cfg, 2, 40, 8, torch.device("cpu"), torch.float32, seed=2)
@@ -325,9 +317,7 @@ def test_bench_flux_block_keeps_the_rows_of_a_run_that_stops(tmp_path, monkeypat
     """The record is rewritten after every row: a run that stops before its end (here the profiler fails, as a
     time limit would stop it) leaves a JSON and table with the rows it measured, marked complete false."""
     pytest.importorskip("diffusers")
-    spec = importlib.util.spec_from_file_location("bench_flux_block4", BENCH.with_name("bench_flux_block.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_module_from_file(BENCH.with_name("bench_flux_block.py"), "bench_flux_block4")
     monkeypatch.setattr(bench, "profile_averages", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped")))
     with pytest.raises(RuntimeError, match="stopped"):
         bench.main(["--device", "cpu", "--warmup", "0", "--reps", "1", "--out-dir", str(tmp_path), "--tag", "cut",

@@ -1,7 +1,7 @@
 """Host-side logic of the benchmark and tuning scripts in benchmarks/ (the numbers committed as the GPU record): ratios,
 medians, budgets, record fields, the tuner's winner and gates, with deterministic fake timings (CPU only, seconds)."""
 
-import importlib.util
+import importlib
 import json
 import sys
 import types
@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorweb_fast.testing import load_module_from_file
+
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name, alias=None):
-    spec = importlib.util.spec_from_file_location(alias or name, BENCH_DIR / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module_from_file(BENCH_DIR / f"{name}.py", alias or name)
 
 
 @pytest.fixture

@@ -272,17 +272,16 @@ def test_extension_kernels_do_not_spill(ext):
 def test_kernel_resources_script_reads_the_extension_cubins(ext, tmp_path):
     """benchmarks/kernel_resources.py's cuobjdump path (its fallback where the driver API is missing) finds every
     extension kernel in the per-architecture cubins of the built binary."""
-    import importlib.util
     import subprocess
     from pathlib import Path
+
+    from lorweb_fast.testing import load_module_from_file
 
     tool = find_cuobjdump()
     if tool is None:
         pytest.skip("cuobjdump not found (PATH, $CUDA_HOME/bin or triton/backends/nvidia/bin)")
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
-    spec = importlib.util.spec_from_file_location("kernel_resources", path)
-    resources = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(resources)
+    resources = load_module_from_file(path, "kernel_resources")
     subprocess.run([tool, "-xelf", "all", ext.__file__], check=True, cwd=tmp_path, capture_output=True)
     cubins = sorted(tmp_path.glob("*.cubin"))
     assert cubins, "no cubin extracted"

@@ -7,8 +7,8 @@ import torch
 
 import lorweb_fast as lf
 from lorweb_fast import ops
-from lorweb_fast.testing import (assert_within_bound, case_id, check_against_reference, odd_shape_cases,
-                                 partial_gradients, random_problem, spread_cases, tolerance)
+from lorweb_fast.testing import (assert_within_bound, case_id, check_against_reference, load_module_from_file,
+                                 odd_shape_cases, partial_gradients, random_problem, spread_cases, tolerance)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 CASES = odd_shape_cases()
@@ -131,12 +131,9 @@ def test_backward_computes_only_what_autograd_needs_on_gpu(backend, needs):
 @pytest.mark.parametrize("backend", FUSED)
 def test_compile_no_graph_breaks_no_recompiles_on_gpu(backend):
     _require(backend)
-    import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("compile_helpers", Path(__file__).with_name("test_compile.py"))
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
+    helpers = load_module_from_file(Path(__file__).with_name("test_compile.py"), "compile_helpers")
     torch._dynamo.reset()
     m = helpers.make_model("cuda").to(torch.bfloat16)
     for layer in lf.lorweb_layers(m).values():

@@ -26,6 +26,8 @@ from unittest import mock
 
 import pytest
 
+from lorweb_fast.testing import load_module_from_file
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "benchmarks"
 README = REPO / "README.md"
@@ -241,10 +243,7 @@ class _Parsed(Exception):
 def _module(name: str):
     if name.startswith("lorweb_fast"):
         return importlib.import_module(name)
-    spec = importlib.util.spec_from_file_location(f"dry_run_{name}", BENCH_DIR / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module_from_file(BENCH_DIR / f"{name}.py", f"dry_run_{name}")
 
 
 def real_parse(name: str, args: list) -> argparse.Namespace:
