@@ -45,7 +45,8 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mixed_lora import (DTYPES, RESULTS_DIR, Timer, device_clocks, device_name, git_commit,  # noqa: E402
-                              installed_triton_version, profile_averages, profile_sort_key, tf32_off)
+                              installed_triton_version, nonnegative_int, positive_int, profile_averages,
+                              profile_sort_key, seconds, tf32_off)
 
 import lorweb_fast as lf  # noqa: E402
 from lorweb_fast.layer import LoRWeBLinear  # noqa: E402
@@ -219,12 +220,13 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--warmup", type=int, default=None, help="discarded warm-up steps (default GPU 5, CPU 1)")
-    p.add_argument("--reps", type=int, default=None, help="timed steps (default GPU 20, CPU 5)")
-    p.add_argument("--budget-s", type=float, default=None, help="time budget per row (default GPU 10, CPU 1)")
+    p.add_argument("--warmup", type=nonnegative_int, default=None,
+                   help="discarded warm-up steps (default GPU 5, CPU 1)")
+    p.add_argument("--reps", type=positive_int, default=None, help="timed steps (default GPU 20, CPU 5)")
+    p.add_argument("--budget-s", type=seconds, default=None, help="time budget per row (default GPU 10, CPU 1)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where to write results")
     p.add_argument("--tag", default=None, help="file name stem")
-    p.add_argument("--total-budget-s", type=float, default=None,
+    p.add_argument("--total-budget-s", type=seconds, default=None,
                    help="start no new row after this many seconds (the rest are recorded as skipped)")
     p.add_argument("--cudnn-attention", action="store_true",
                    help="let attention use cuDNN's SDPA kernels (off by default, as in lorweb-fast train)")

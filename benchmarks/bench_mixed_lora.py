@@ -700,22 +700,50 @@ def write_plot(path: Path, record: dict) -> bool:
 
 
 # -------------------------------------------------------------------------------------------------------- main
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+#: argparse types: a count of calls, rows, LoRAs, features (> 0); of discarded warm-up calls (>= 0)
+positive_int, nonnegative_int = _int_at_least(1), _int_at_least(0)
+
+
+def seconds(text: str) -> float:
+    """argparse type: a finite number of seconds >= 0 (a budget); anything else is refused by name."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype (default bf16)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations to run")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="fwd and/or fwd_bwd")
-    p.add_argument("--m", nargs="+", type=int, default=None,
+    p.add_argument("--m", nargs="+", type=positive_int, default=None,
                    help=f"token counts M (default GPU {GPU_M}, CPU {CPU_M})")
     p.add_argument("--shapes", nargs="+", default=None,
                    help="layer shapes as INxOUT, e.g. 3072x3072 (default: METHOD.md shapes on GPU, small on CPU)")
-    p.add_argument("--num-loras", type=int, default=32, help="N basis LoRAs (default 32)")
-    p.add_argument("--rank", type=int, default=4, help="rank r of each LoRA (default 4)")
+    p.add_argument("--num-loras", type=positive_int, default=32, help="N basis LoRAs (default 32)")
+    p.add_argument("--rank", type=positive_int, default=4, help="rank r of each LoRA (default 4)")
     p.add_argument("--no-rank-sweep", action="store_true", help="skip the N*r sweep")
-    p.add_argument("--warmup", type=int, default=None, help="discarded warm-up calls (default GPU 10, CPU 2)")
-    p.add_argument("--reps", type=int, default=None, help="timed calls per row (default GPU 50, CPU 7)")
-    p.add_argument("--budget-s", type=float, default=None,
+    p.add_argument("--warmup", type=nonnegative_int, default=None,
+                   help="discarded warm-up calls (default GPU 10, CPU 2)")
+    p.add_argument("--reps", type=positive_int, default=None, help="timed calls per row (default GPU 50, CPU 7)")
+    p.add_argument("--budget-s", type=seconds, default=None,
                    help="stop timing a row after this many seconds (min 5 calls; default GPU 5, CPU 0.5)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where to write results")
     p.add_argument("--tag", default=None, help="file name stem (default: device_date_commit)")
@@ -726,7 +754,7 @@ def parse_args(argv=None):
                    help="where the torch.compile rows run: every configuration, or only the target one "
                         f"(M={TARGET['M']}, {TARGET['in_features']}->{TARGET['out_features']}, the default N*r); "
                         "they are compiled afresh per configuration")
-    p.add_argument("--total-budget-s", type=float, default=None,
+    p.add_argument("--total-budget-s", type=seconds, default=None,
                    help="start no configuration that would end past this many seconds, judged by the longest one so "
                         "far (the first always runs; the record lists what was not run)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,

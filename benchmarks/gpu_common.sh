@@ -1,6 +1,8 @@
 # Shared by benchmarks/run_on_gpu.sh and benchmarks/run_full_on_gpu.sh (sourced, not run):
 #   gpu_setup OUTDIR WHEELS_DIR BUDGET_S   log to OUTDIR/run.log, check the GPU, install, print device + versions
 #   step NAME SECONDS CMD...                run CMD under `timeout`, never past the overall budget; status to steps.txt
+#   skipped NAME WHY                        a step not run: said in the log and in steps.txt (the run exits 1)
+#   save WHAT CMD...                        copy or archive results into OUTDIR; a failure is recorded in steps.txt
 #   note TEXT, remaining, gpu_finish
 # Every step is bounded by min(its own seconds, what is left of BUDGET_S), so a whole run cannot exceed BUDGET_S
 # (plus the few seconds `timeout --kill-after` may add to the last step).
@@ -15,8 +17,7 @@ step() {
   left=$(( $(remaining) - 10 ))
   t=$(( want < left ? want : left ))
   if [ "$t" -lt 5 ]; then
-    note "$name: skipped (budget spent: $(remaining)s left)"
-    echo "$name: skipped (budget)" >> "$OUTDIR/steps.txt"
+    skipped "$name" "budget" "$(remaining)s left"
     return 124
   fi
   note "$name: start (limit ${t}s)"
@@ -29,6 +30,23 @@ step() {
     note "$name: exit $rc in $(( SECONDS - start ))s"
   fi
   echo "$name: rc=$rc in $(( SECONDS - start ))s (limit ${t}s)" >> "$OUTDIR/steps.txt"
+  return "$rc"
+}
+
+skipped() {  # NAME WHY [DETAIL]: steps.txt gets "NAME: skipped (WHY)", which makes gpu_finish return 1
+  note "$1: skipped ($2${3:+: $3})"
+  echo "$1: skipped ($2)" >> "$OUTDIR/steps.txt"
+}
+
+save() {  # WHAT CMD...: a copy or an archive into OUTDIR; the files a device call brings back must not go missing
+  local what="$1" rc
+  shift
+  "$@"
+  rc=$?
+  if [ "$rc" -ne 0 ]; then
+    note "saving $what FAILED (exit $rc)"
+    echo "save $what: FAILED rc=$rc" >> "$OUTDIR/steps.txt"
+  fi
   return "$rc"
 }
 

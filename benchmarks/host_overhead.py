@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mixed_lora import (RESULTS_DIR, Impl, Timer, device_name, git_commit,  # noqa: E402
-                              installed_triton_version, make_problem, make_step)
+                              installed_triton_version, make_problem, make_step, positive_int)
 
 IMPLS = ("linear", "torch", "triton", "cuda", "shrink", "expand")
 FORWARD_ONLY = ("shrink", "expand")
@@ -58,8 +58,8 @@ def host_ms(step, n_inputs: int, calls: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(RESULTS_DIR / "host_overhead"))
-    ap.add_argument("--calls", type=int, default=40)
-    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--calls", type=positive_int, default=40)
+    ap.add_argument("--tokens", type=positive_int, default=1024)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -37,20 +37,24 @@ gpu_setup "$OUTDIR" "$WHEELS" "$BUDGET_S" || exit $?
 WORK="$(mktemp -d)"
 # The FLUX block gets about 40% of what is left, the layer grid the rest; each benchmark also gets a matching
 # --total-budget-s so it stops adding rows (and still writes its record) before its step's timeout.
+# (a budget of at least 0 s: with little time left the first row still runs and its record is still written)
+at_least_0() { echo $(( $1 > 0 ? $1 : 0 )); }
 block_s=$(( $(remaining) * 4 / 10 ))
 step "FLUX block benchmark (${block_s}s)" "$block_s" \
-  "$PY" benchmarks/bench_flux_block.py --total-budget-s $((block_s - 40)) --out-dir "$WORK/block" --tag flux_block
+  "$PY" benchmarks/bench_flux_block.py --total-budget-s "$(at_least_0 $((block_s - 40)))" --out-dir "$WORK/block" \
+  --tag flux_block
 if [ -f "$WORK/block/flux_block.md" ]; then
-  cp "$WORK/block/flux_block.md" "$OUTDIR/flux_block.md"
-  tar -C "$WORK/block" -czf "$OUTDIR/flux_block.tar.gz" .
+  save flux_block.md cp "$WORK/block/flux_block.md" "$OUTDIR/flux_block.md"
+  save flux_block.tar.gz tar -C "$WORK/block" -czf "$OUTDIR/flux_block.tar.gz" .
 fi
 grid_s=$(( $(remaining) - 20 ))
 step "layer benchmark, full grid (${grid_s}s)" "$grid_s" \
-  "$PY" benchmarks/bench_mixed_lora.py --full-grid --compiled-rows target --budget-s 3 --total-budget-s $((grid_s - 40)) \
+  "$PY" benchmarks/bench_mixed_lora.py --full-grid --compiled-rows target --budget-s 3 \
+  --total-budget-s "$(at_least_0 $((grid_s - 40)))" \
   --out-dir "$WORK/bench" --tag bench_full --profile
 if [ -f "$WORK/bench/bench_full.md" ]; then
-  cp "$WORK/bench/bench_full.md" "$OUTDIR/bench_full.md"
-  tar -C "$WORK/bench" -czf "$OUTDIR/bench_full.tar.gz" .
+  save bench_full.md cp "$WORK/bench/bench_full.md" "$OUTDIR/bench_full.md"
+  save bench_full.tar.gz tar -C "$WORK/bench" -czf "$OUTDIR/bench_full.tar.gz" .
 fi
 rm -rf "$WORK"
 gpu_finish

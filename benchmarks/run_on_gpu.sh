@@ -64,7 +64,7 @@ if "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('lorweb_fast.
   major_minor="$("$PY" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')"
   # the report is kept when a check fails too (the run where it matters most)
   step "AOT report (sm_$major_minor)" 90 "$PY" -m lorweb_fast.aot --arch "$major_minor" --out "$WORK/aot"
-  if [ -d "$WORK/aot" ]; then tar -C "$WORK" -czf "$OUTDIR/aot.tar.gz" aot; fi
+  if [ -d "$WORK/aot" ]; then save aot.tar.gz tar -C "$WORK" -czf "$OUTDIR/aot.tar.gz" aot; fi
 else
   note "AOT report: skipped (lorweb_fast.aot is not in this checkout)"
 fi
@@ -77,8 +77,8 @@ step "target benchmark (bf16, M=8192, 3072->3072)" 150 \
 # host time per call (what eager, launch-bound calls pay besides the kernels), with a cProfile of the launchers
 step "host overhead per call" 60 "$PY" benchmarks/host_overhead.py --out "$WORK/bench/host_overhead" --profile
 if [ -f "$WORK/bench/bench_target.md" ]; then
-  cp "$WORK/bench/bench_target.md" "$OUTDIR/bench_target.md"
-  tar -C "$WORK/bench" -czf "$OUTDIR/bench_target.tar.gz" .
+  save bench_target.md cp "$WORK/bench/bench_target.md" "$OUTDIR/bench_target.md"
+  save bench_target.tar.gz tar -C "$WORK/bench" -czf "$OUTDIR/bench_target.tar.gz" .
 fi
 
 # 6. the bounded tuning sweep, with what is left of the budget
@@ -91,9 +91,9 @@ if [ -f benchmarks/tune_kernels.py ]; then
       "$PY" benchmarks/tune_kernels.py --kernels shrink_dy expand_dx --layers 15360:3072 3072:3072 12288:3072 \
       3072:12288 --budget-s "$tune_s" --out "$WORK/tune/sm${major_minor:-90}.json"
     # the tuner rewrites its table after every shape: keep what a stopped sweep finished
-    if compgen -G "$WORK/tune/*" > /dev/null; then tar -C "$WORK" -czf "$OUTDIR/tune.tar.gz" tune; fi
+    if compgen -G "$WORK/tune/*" > /dev/null; then save tune.tar.gz tar -C "$WORK" -czf "$OUTDIR/tune.tar.gz" tune; fi
   else
-    note "tuning sweep: skipped (only $(remaining)s of the budget left)"
+    skipped "tuning sweep, backward roles" "budget" "only $(remaining)s of the budget left"
   fi
 else
   note "tuning sweep: skipped (benchmarks/tune_kernels.py is not in this checkout)"

@@ -60,19 +60,32 @@ FUSED_ONLY_ROLES = ("expand_dx", "grad_basis")
 
 
 def parse_args(argv=None):
+    from bench_mixed_lora import positive_int, seconds
+
+    def fraction(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+        if not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
+        return value
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget-s", type=float, default=420.0, help="stop sweeping after this many seconds (default "
+    p.add_argument("--budget-s", type=seconds, default=420.0, help="stop sweeping after this many seconds (default "
                    "420, so that the sweep with its compilations ends within 8 minutes)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[128], help="R values to tune (default: 128 = N 32 x r 4)")
+    p.add_argument("--ranks", type=positive_int, nargs="+", default=[128],
+                   help="R values to tune (default: 128 = N 32 x r 4)")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=sorted(DTYPES))
-    p.add_argument("--tokens", type=int, default=8192, help="rows M used for timing (not part of the table key)")
+    p.add_argument("--tokens", type=positive_int, default=8192,
+                   help="rows M used for timing (not part of the table key)")
     p.add_argument("--layers", nargs="+", default=None, help="in:out pairs (default: the token-wise METHOD.md "
                    "layers, in this order)")
     p.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES),
                    help="launch roles to sweep (default: all); the others keep the table's values")
     p.add_argument("--out", default=None, help="table to write (default: kernels/configs/<family>.json in this "
                    "source tree)")
-    p.add_argument("--min-gain", type=float, default=0.01, help="a candidate replaces the table's tiles only when "
+    p.add_argument("--min-gain", type=fraction, default=0.01, help="a candidate replaces the table's tiles only when "
                    "it is faster by more than this fraction, timed in the same run (default 0.01)")
     p.add_argument("--dry-run", action="store_true", help="list the sweep and exit (no GPU needed)")
     return p.parse_args(argv)
@@ -396,7 +409,10 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
             elif table_refused:
                 still_refused.append(name)
             if forward_swept and name == forward_swept[-1] and not still_refused:  # fused or composed
-                rule["route"] = "fused" if _bench(fused, POOL) <= _bench(composed, POOL) else "composed"
+                if out_of_budget():  # two more timings would run past --budget-s: the table's route stays
+                    print(f"  in={k} out={n}: route not compared (budget spent); keeps {rule['route']}")
+                else:
+                    rule["route"] = "fused" if _bench(fused, POOL) <= _bench(composed, POOL) else "composed"
 
         if len(summary) == summarised:  # no role of this shape was timed (the budget, or nothing for its route)
             why = "the budget ran out" if out_of_budget() else f"nothing to sweep on route {rule['route']}"

@@ -310,6 +310,37 @@ def test_flux_adapter_cost_table_lists_the_largest_difference_first():
 
 
 # ------------------------------------------------------------------------------------------- tune_kernels
+@pytest.mark.parametrize("script, args, refused", [
+    ("bench_mixed_lora", ["--reps", "0"], "argument --reps: expected an integer >= 1, got 0"),
+    ("bench_mixed_lora", ["--warmup", "-1"], "argument --warmup: expected an integer >= 0, got -1"),
+    ("bench_mixed_lora", ["--m", "8192", "0"], "argument --m: expected an integer >= 1, got 0"),
+    ("bench_mixed_lora", ["--num-loras", "x"], "argument --num-loras: expected an integer >= 1, got 'x'"),
+    ("bench_mixed_lora", ["--rank", "0"], "argument --rank: expected an integer >= 1, got 0"),
+    ("bench_mixed_lora", ["--budget-s", "-1"], "argument --budget-s: expected a finite number of seconds >= 0"),
+    ("bench_mixed_lora", ["--total-budget-s", "nan"], "argument --total-budget-s: expected a finite number"),
+    ("bench_flux_block", ["--reps", "0"], "argument --reps: expected an integer >= 1, got 0"),
+    ("bench_flux_block", ["--total-budget-s", "-40"], "argument --total-budget-s: expected a finite number"),
+    ("bench_flux_block", ["--budget-s", "inf"], "argument --budget-s: expected a finite number"),
+    ("tune_kernels", ["--budget-s", "-5"], "argument --budget-s: expected a finite number of seconds >= 0"),
+    ("tune_kernels", ["--tokens", "0"], "argument --tokens: expected an integer >= 1, got 0"),
+    ("tune_kernels", ["--ranks", "128", "-4"], "argument --ranks: expected an integer >= 1, got -4"),
+    ("tune_kernels", ["--min-gain", "1"], "argument --min-gain: expected a fraction in [0, 1), got 1"),
+    ("tune_kernels", ["--min-gain", "nan"], "argument --min-gain: expected a fraction in [0, 1), got nan"),
+    ("host_overhead", ["--calls", "0"], "argument --calls: expected an integer >= 1, got 0"),
+    ("kernel_resources", ["--out", "r.json", "--m", "-8"], "argument --m: expected an integer >= 1, got -8"),
+    ("kernel_resources", ["--out", "r.json", "--in-features", "0"], "argument --in-features: expected an integer"),
+])
+def test_scripts_refuse_bad_numbers_by_name(script, args, refused, capsys):
+    """A count <= 0 (or < 0 warm-up calls), negative or non-finite seconds and a --min-gain outside [0, 1) are refused
+    by argparse with the option and the value named (exit 2), before anything is set up; the smallest valid values
+    (0 warm-up calls, a budget of 0 s) are accepted elsewhere in these tests."""
+    module = _on_path(script)
+    with pytest.raises(SystemExit) as exc:
+        module.main(args)
+    assert exc.value.code == 2
+    assert refused in capsys.readouterr().err
+
+
 @pytest.fixture
 def tuner(monkeypatch):
     tk = _on_path("tune_kernels")
@@ -479,6 +510,28 @@ def test_tuner_budget_stops_the_candidates_and_the_roles(tuner, monkeypatch, tmp
     (role,) = summary["roles"]  # shrink_dy never started
     assert role["role"] == "shrink" and role["best"] == small["shrink"][0] and role["adopted"]
     assert [b for b in benched if b not in ("fused", "composed")] == ["<lambda>"] * 2  # table, first candidate
+
+
+@pytest.mark.parametrize("budget_s, compared", [("100", True), ("7.5", False)])
+def test_tuner_compares_the_route_only_within_the_budget(tuner, monkeypatch, tmp_path, budget_s, compared):
+    """After the forward roles of a shape, the fused route is timed against the composed one and the faster is
+    written (here fused, 1.0 against 2.0, replacing the table's composed); once --budget-s is spent (each timing
+    advances the clock by 1 s: 4 shrink and 4 expand timings end at 8 s) the two timings are not run and the table's
+    route is kept."""
+    import lorweb_fast.kernels.mixed_lora as K
+
+    small = _small(tuner, monkeypatch)
+    table = json.loads(K.config_path("default").read_text())
+    for rule in table["defaults"]:
+        rule["route"] = "composed"
+    summary, written, benched = _run_tuner(
+        tuner, monkeypatch, tmp_path, lambda role, cfg, n: 1.0 if cfg in small[role] else 10.0,
+        kernels=("shrink", "expand"), table=table, extra=("--budget-s", budget_s), clock=FakeClock())
+    assert [r["role"] for r in summary["roles"]] == ["shrink", "expand"]
+    assert len([b for b in benched if b not in ("fused", "composed")]) == 8
+    assert (("fused" in benched) and ("composed" in benched)) is compared
+    (entry,) = written["entries"]
+    assert entry["route"] == ("fused" if compared else "composed")
 
 
 def test_tuner_note_keeps_the_previous_sweep(tuner, monkeypatch, tmp_path):

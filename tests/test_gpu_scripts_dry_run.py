@@ -159,6 +159,16 @@ printf '%s\\t%s\\t%s\\t%s\\n' "$(date +%s.%N)" "$1" "$2" "${*:3}" >> "$FAKE_TIME
 exec {real} "$@"
 """
 
+# fails (exit 2, as GNU tar on a write error) when asked to write the archive named by FAKE_TAR_FAIL; else the real tar
+TAR = """#!/bin/bash
+for a in "$@"; do
+  if [ -n "${{FAKE_TAR_FAIL:-}}" ] && [ "$(basename -- "$a")" = "$FAKE_TAR_FAIL" ]; then
+    echo "tar: $a: Cannot write: No space left on device" >&2; exit 2
+  fi
+done
+exec {real} "$@"
+"""
+
 # a bare interpreter or pip on PATH must not be what the scripts call (they use "$PY")
 FORBIDDEN = """#!/bin/sh
 echo "$0 $*" >> "$FAKE_TOOL_LOG"
@@ -182,10 +192,11 @@ def header_files_of(script: str) -> list:
     return [f.strip() for f in m.group(1).split(",")]
 
 
-def make_fakes(tmp_path: Path, *, plugins: str = "xdist pytest_timeout", pytest_until: float = 0.0) -> dict:
+def make_fakes(tmp_path: Path, *, plugins: str = "xdist pytest_timeout", pytest_until: float = 0.0,
+               tar_fail: str = "") -> dict:
     """The fake interpreter and tools in tmp_path; the environment to run a script with. ``plugins``: the pytest
     plugins the machine has; ``pytest_until``: the fake test step returns only at this
-    wall-clock time (to spend a known part of a small budget)."""
+    wall-clock time (to spend a known part of a small budget); ``tar_fail``: an archive name tar fails to write."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (tmp_path / "fakepy.py").write_text(FAKE_PY)
@@ -193,6 +204,7 @@ def make_fakes(tmp_path: Path, *, plugins: str = "xdist pytest_timeout", pytest_
     py.write_text(f"#!/bin/sh\nexec '{sys.executable}' -S '{tmp_path / 'fakepy.py'}' \"$@\"\n")
     (bin_dir / "nvidia-smi").write_text(NVIDIA_SMI)
     (bin_dir / "timeout").write_text(TIMEOUT.replace("{real}", shutil.which("timeout")))
+    (bin_dir / "tar").write_text(TAR.replace("{{", "{").replace("}}", "}").replace("{real}", shutil.which("tar")))
     for name in ("python", "python3", "pip", "pip3"):
         (bin_dir / name).write_text(FORBIDDEN)
     for f in bin_dir.iterdir():
@@ -203,7 +215,7 @@ def make_fakes(tmp_path: Path, *, plugins: str = "xdist pytest_timeout", pytest_
             "LANG": "C.UTF-8", "PYTHON": str(py), "LORWEB_COMMIT": COMMIT, "FAKE_REPO": str(REPO),
             "FAKE_PY_LOG": str(tmp_path / "python.log"), "FAKE_TOOL_LOG": str(tmp_path / "tools.log"),
             "FAKE_TIMEOUT_LOG": str(tmp_path / "timeout.log"), "FAKE_PLUGINS": plugins,
-            "FAKE_PYTEST_UNTIL": str(pytest_until)}
+            "FAKE_PYTEST_UNTIL": str(pytest_until), "FAKE_TAR_FAIL": tar_fail}
 
 
 def run_script(script: str, tmp_path: Path, *args, **fakes):
@@ -441,10 +453,12 @@ def test_run_on_gpu_dry_run_small_budget(tmp_path):
     assert res.returncode == 1, log
     assert sorted(p.name for p in out.iterdir()) == ["pytest_gpu.txt", "run.log", "steps.txt"]
     lines = (out / "steps.txt").read_text().splitlines()
-    assert [line.split(": ", 1)[1].split(" in ")[0] for line in lines] == ["rc=0", "rc=0"] + ["skipped (budget)"] * 4
+    assert [line.split(": ", 1)[1].split(" in ")[0] for line in lines] == ["rc=0", "rc=0"] + ["skipped (budget)"] * 5
     assert steps_of(out)[1] == "pytest -m gpu --maxfail 25"  # no xdist, no pytest-timeout: neither flag
+    assert steps_of(out)[-1] == "tuning sweep, backward roles"  # recorded, not only said in the log
     run_log = (out / "run.log").read_text()
-    assert "tuning sweep: skipped (only" in run_log and "some steps failed, timed out or were skipped" in run_log
+    assert "tuning sweep, backward roles: skipped (budget: only" in run_log
+    assert "some steps failed, timed out or were skipped" in run_log
     check_limits(limits, budget)
     parsed = check_calls(calls)
     assert sorted(parsed) == ["pip", "pytest"]  # no carried wheels: the package install only
@@ -489,3 +503,35 @@ def test_run_full_on_gpu_dry_run(tmp_path):
     run_log = (out / "run.log").read_text()
     assert f"6 files in {out}" in run_log
     assert [p.name for p in (tmp_path / "tmp").iterdir()] == []
+
+
+def test_run_on_gpu_records_a_failed_archive(tmp_path):
+    """tar failing to write an archive (a full disk) is not silent: the run ends with status 1, steps.txt names the
+    archive and its exit status, and every other file is still there."""
+    res, out, calls, _, _ = run_script("run_on_gpu.sh", tmp_path, tar_fail="bench_target.tar.gz")
+    log = res.stdout + res.stderr
+    assert res.returncode == 1, log
+    lines = (out / "steps.txt").read_text().splitlines()
+    assert "save bench_target.tar.gz: FAILED rc=2" in lines
+    assert all(": rc=0 " in line for line in lines if not line.startswith("save ")), lines
+    assert {p.name for p in out.iterdir()} >= {"run.log", "steps.txt", "pytest_gpu.txt", "resources.json",
+                                               "aot.tar.gz", "bench_target.md", "tune.tar.gz"}
+    run_log = (out / "run.log").read_text()
+    assert "saving bench_target.tar.gz FAILED (exit 2)" in run_log and "some steps failed" in run_log
+    check_calls(calls)
+
+
+def test_run_full_on_gpu_small_budget_passes_no_negative_budgets(tmp_path):
+    """With about a minute left, each benchmark's step still runs and gets --total-budget-s 0 (its first row runs and
+    its record is written), never a negative budget, which the benchmarks' parsers refuse."""
+    budget = 60
+    res, out, calls, limits, _ = run_script("run_full_on_gpu.sh", tmp_path, "--budget-s", str(budget))
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log
+    parsed = check_calls(calls)  # the real parsers accept every call
+    (_, block), = parsed["bench_flux_block"]
+    (_, grid), = parsed["bench_mixed_lora"]
+    assert block.total_budget_s == 0 and grid.total_budget_s == 0
+    check_limits(limits, budget)
+    assert {"flux_block.md", "flux_block.tar.gz", "bench_full.md", "bench_full.tar.gz"} <= {p.name for p in
+                                                                                              out.iterdir()}
