@@ -396,8 +396,9 @@ def pick_checkpoint_name(names: Iterable[str], root: str) -> Optional[str]:
 def find_checkpoint(directory: Union[str, os.PathLike]) -> tuple[Path, Optional[Path]]:
     """(weights, config.yaml or None) of the newest complete checkpoint in a folder.
 
-    Like the official inference.py: a final ``<name>.safetensors`` (no step suffix) wins, else the highest
-    ``<name>_<step:09d>.safetensors``. Also understands lorweb_fast's run folders (``lorweb.safetensors`` and
+    The rule the official inference.py's folder lookup means (``main``: its loop takes the first non-step file in
+    listing order, and fails on an undefined ``output_path`` once it has seen a step file): a final
+    ``<name>.safetensors`` (no step suffix) wins, else the highest ``<name>_<step:09d>.safetensors``. Also understands lorweb_fast's run folders (``lorweb.safetensors`` and
     ``checkpoints/step-XXXXXXXX/``). Hidden and temporary files and files whose header cannot be read are
     skipped. Two different final files are ambiguous and raise. The config is the ``config.yaml`` beside the
     chosen weights, else the folder's.
