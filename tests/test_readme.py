@@ -38,7 +38,7 @@ OTHER_TOOLS_FLAGS = {
     "--multi_gpu", "--num_processes", "--mixed_precision", "--use_fsdp", "--fsdp_version",
     "--fsdp_auto_wrap_policy",  # accelerate launch
     "--linear", "--linear_alpha", "--loras_num", "--lora_softmax", "--query_mode",  # official README.md
-    "--max_size",  # official inference.py
+    "--max_size", "--config_file",  # official inference.py
 }
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9_-]*)")
 
