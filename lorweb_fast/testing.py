@@ -70,6 +70,8 @@ def _assert_entries_within(name: str, got: torch.Tensor, ref: torch.Tensor, boun
         raise AssertionError(f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
     if not torch.isfinite(got).all():
         raise AssertionError(f"{name}: non-finite values")
+    if (bound < 0).any():  # a negative bound (a signed ref_abs or scale) would turn the check off, not tighten it
+        raise ValueError(f"{name}: {what} has negative entries; build ref_abs from |inputs| and |scale|")
     err = (got.double() - ref).abs()
     bound = bound + 1e-30
     ratio = (err / bound).max().item()
