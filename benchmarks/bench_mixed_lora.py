@@ -716,6 +716,14 @@ def _int_at_least(minimum: int):
 positive_int, nonnegative_int = _int_at_least(1), _int_at_least(0)
 
 
+def layer_shape(text: str) -> str:
+    """argparse type: a layer shape INxOUT of two integers > 0 (returned as given, parsed by build_configs)."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected INxOUT with both > 0, e.g. 3072x3072, got {text!r}")
+    return text
+
+
 def seconds(text: str) -> float:
     """argparse type: a finite number of seconds >= 0 (a budget); anything else is refused by name."""
     try:
@@ -735,7 +743,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="fwd and/or fwd_bwd")
     p.add_argument("--m", nargs="+", type=positive_int, default=None,
                    help=f"token counts M (default GPU {GPU_M}, CPU {CPU_M})")
-    p.add_argument("--shapes", nargs="+", default=None,
+    p.add_argument("--shapes", nargs="+", type=layer_shape, default=None,
                    help="layer shapes as INxOUT, e.g. 3072x3072 (default: METHOD.md shapes on GPU, small on CPU)")
     p.add_argument("--num-loras", type=positive_int, default=32, help="N basis LoRAs (default 32)")
     p.add_argument("--rank", type=positive_int, default=4, help="rank r of each LoRA (default 4)")

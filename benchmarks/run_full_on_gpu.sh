@@ -37,7 +37,7 @@ gpu_setup "$OUTDIR" "$WHEELS" "$BUDGET_S" || exit $?
 WORK="$(mktemp -d)"
 # The FLUX block gets about 40% of what is left, the layer grid the rest; each benchmark also gets a matching
 # --total-budget-s so it stops adding rows (and still writes its record) before its step's timeout.
-# (a budget of at least 0 s: with little time left the first row still runs and its record is still written)
+# (a budget of at least 0 s: with little time left the first row is still attempted, never a negative budget)
 at_least_0() { echo $(( $1 > 0 ? $1 : 0 )); }
 block_s=$(( $(remaining) * 4 / 10 ))
 step "FLUX block benchmark (${block_s}s)" "$block_s" \

@@ -62,6 +62,12 @@ FUSED_ONLY_ROLES = ("expand_dx", "grad_basis")
 def parse_args(argv=None):
     from bench_mixed_lora import positive_int, seconds
 
+    def even_tokens(text: str) -> int:  # two samples of tokens // 2 rows each
+        value = positive_int(text)
+        if value % 2:
+            raise argparse.ArgumentTypeError(f"expected an even number of rows (two samples), got {value}")
+        return value
+
     def fraction(text: str) -> float:
         try:
             value = float(text)
@@ -77,8 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--ranks", type=positive_int, nargs="+", default=[128],
                    help="R values to tune (default: 128 = N 32 x r 4)")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=sorted(DTYPES))
-    p.add_argument("--tokens", type=positive_int, default=8192,
-                   help="rows M used for timing (not part of the table key)")
+    p.add_argument("--tokens", type=even_tokens, default=8192,
+                   help="rows M used for timing, two samples of M/2 (not part of the table key)")
     p.add_argument("--layers", nargs="+", default=None, help="in:out pairs (default: the token-wise METHOD.md "
                    "layers, in this order)")
     p.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES),
@@ -98,9 +104,12 @@ def layers_from(args):
     for item in args.layers:
         try:
             a, b = item.split(":")
-            out.append((int(a), int(b)))
+            k, n = int(a), int(b)
         except ValueError:
             raise SystemExit(f"--layers entries must look like 3072:3072, got {item!r}") from None
+        if k <= 0 or n <= 0:
+            raise SystemExit(f"--layers entries need in and out > 0, got {item!r}")
+        out.append((k, n))
     return tuple(out)
 
 
@@ -409,7 +418,7 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
             elif table_refused:
                 still_refused.append(name)
             if forward_swept and name == forward_swept[-1] and not still_refused:  # fused or composed
-                if out_of_budget():  # two more timings would run past --budget-s: the table's route stays
+                if out_of_budget():  # --budget-s already spent: the table's route stays, not timed again
                     print(f"  in={k} out={n}: route not compared (budget spent); keeps {rule['route']}")
                 else:
                     rule["route"] = "fused" if _bench(fused, POOL) <= _bench(composed, POOL) else "composed"

@@ -70,12 +70,16 @@ def _assert_entries_within(name: str, got: torch.Tensor, ref: torch.Tensor, boun
         raise AssertionError(f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
     if not torch.isfinite(got).all():
         raise AssertionError(f"{name}: non-finite values")
-    if (bound < 0).any():  # a negative bound (a signed ref_abs or scale) would turn the check off, not tighten it
-        raise ValueError(f"{name}: {what} has negative entries; build ref_abs from |inputs| and |scale|")
+    # a negative or NaN bound (a signed ref_abs or scale), or a NaN in the reference, would turn the check off for
+    # every entry (the largest ratio would be NaN or never above 1), not tighten it
+    if not (bound >= 0).all():
+        raise ValueError(f"{name}: {what} has negative or NaN entries; build ref_abs from |inputs| and |scale|")
+    if not torch.isfinite(ref).all():
+        raise ValueError(f"{name}: the reference has non-finite values")
     err = (got.double() - ref).abs()
     bound = bound + 1e-30
     ratio = (err / bound).max().item()
-    if ratio > 1.0:
+    if not ratio <= 1.0:
         idx, flat = int((err / bound).argmax()), err.flatten()
         raise AssertionError(f"{name} ({dtype}): error {flat[idx].item():.3e} exceeds {what} "
                              f"{bound.flatten()[idx].item():.3e} ({ratio:.2f}x{detail(flat, idx)}) at flat index {idx}")
@@ -113,7 +117,7 @@ def assert_within_rss_bound(name: str, got: torch.Tensor, ref: torch.Tensor, rss
                                  in_eps)
     if err.numel() >= NORM_MIN_ENTRIES:
         norm, rss_norm = err.norm().item(), rss.norm().item()
-        if norm > norm_tolerance(dtype, depth) * rss_norm:
+        if not norm <= norm_tolerance(dtype, depth) * rss_norm:
             raise AssertionError(f"{name} ({dtype}): error norm {norm:.3e} exceeds the statistical bound of the "
                                  f"whole tensor {norm_tolerance(dtype, depth) * rss_norm:.3e} "
                                  f"({norm / max(rss_norm, 1e-300) / eps:.2f} eps x ||rss||)")

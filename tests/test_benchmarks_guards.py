@@ -323,6 +323,10 @@ def test_flux_adapter_cost_table_lists_the_largest_difference_first():
     ("bench_flux_block", ["--budget-s", "inf"], "argument --budget-s: expected a finite number"),
     ("tune_kernels", ["--budget-s", "-5"], "argument --budget-s: expected a finite number of seconds >= 0"),
     ("tune_kernels", ["--tokens", "0"], "argument --tokens: expected an integer >= 1, got 0"),
+    ("tune_kernels", ["--tokens", "63"], "argument --tokens: expected an even number of rows (two samples), got 63"),
+    ("bench_mixed_lora", ["--shapes", "40x24", "0x24"], "argument --shapes: expected INxOUT with both > 0"),
+    ("bench_mixed_lora", ["--shapes", "40x-24"], "argument --shapes: expected INxOUT with both > 0"),
+    ("bench_mixed_lora", ["--shapes", "40:24"], "argument --shapes: expected INxOUT with both > 0"),
     ("tune_kernels", ["--ranks", "128", "-4"], "argument --ranks: expected an integer >= 1, got -4"),
     ("tune_kernels", ["--min-gain", "1"], "argument --min-gain: expected a fraction in [0, 1), got 1"),
     ("tune_kernels", ["--min-gain", "nan"], "argument --min-gain: expected a fraction in [0, 1), got nan"),
@@ -351,6 +355,15 @@ def test_tuner_sweep_plan_refuses_ranks_not_multiple_of_r(tuner):
     """--ranks must be multiples of r = 4."""
     with pytest.raises(SystemExit, match="multiples of r"):
         tuner.sweep_plan(tuner.parse_args(["--ranks", "6"]))
+
+
+@pytest.mark.parametrize("item, refused", [("0:3072", "need in and out > 0"), ("3072:-1", "need in and out > 0"),
+                                           ("3072x3072", "must look like 3072:3072")])
+def test_tuner_layers_refuses_bad_pairs(tuner, item, refused):
+    """--layers entries are in:out pairs of integers > 0; 48:40 is read as (48, 40)."""
+    with pytest.raises(SystemExit, match=refused):
+        tuner.layers_from(tuner.parse_args(["--layers", "48:40", item]))
+    assert tuner.layers_from(tuner.parse_args(["--layers", "48:40"])) == ((48, 40),)
 
 
 def test_tuner_summary_path(tuner):

@@ -523,9 +523,31 @@ def test_a_negative_bound_is_refused_not_ignored():
     (|err| / bound is never above 1): both comparison helpers refuse it with a ValueError naming it."""
     ref = torch.tensor([1.0, 2.0], dtype=torch.float64)
     got = torch.tensor([1.5, 2.0])  # far off: would fail under any non-negative bound of this size
-    with pytest.raises(ValueError, match="y: the bound has negative entries"):
+    with pytest.raises(ValueError, match="y: the bound has negative or NaN entries"):
         assert_within_bound("y", got, ref, torch.tensor([-1.0, 1.0], dtype=torch.float64), torch.float32, 4)
-    with pytest.raises(ValueError, match="y: the statistical bound has negative entries"):
+    with pytest.raises(ValueError, match="y: the statistical bound has negative or NaN entries"):
         assert_within_rss_bound("y", got, ref, torch.tensor([-1.0, 1.0], dtype=torch.float64), torch.float32, 4)
     with pytest.raises(AssertionError, match="exceeds the bound"):
         assert_within_bound("y", got, ref, torch.tensor([1.0, 1.0], dtype=torch.float64), torch.float32, 4)
+
+
+def test_a_nan_bound_or_reference_is_refused_not_ignored():
+    """One NaN in the bound (ref_abs, rss) or in the reference made the largest ratio NaN, which is not above 1: every
+    other entry passed however wrong. Both helpers refuse it; a NaN in the rss of a tensor with a wrong entry
+    elsewhere does not let the norm check pass either."""
+    ref = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    got = torch.tensor([100.0, 2.0])
+    nan_bound = torch.tensor([1.0, float("nan")], dtype=torch.float64)
+    with pytest.raises(ValueError, match="y: the bound has negative or NaN entries"):
+        assert_within_bound("y", got, ref, nan_bound, torch.float32, 4)
+    with pytest.raises(ValueError, match="y: the statistical bound has negative or NaN entries"):
+        assert_within_rss_bound("y", got, ref, nan_bound, torch.float32, 4)
+    with pytest.raises(ValueError, match="y: the reference has non-finite values"):
+        assert_within_bound("y", got, torch.tensor([float("nan"), 2.0], dtype=torch.float64),
+                            torch.ones(2, dtype=torch.float64), torch.float32, 4)
+    # the norm check: 40 entries, one 50 off, every bound finite: caught entry by entry and by the norm
+    ref40 = torch.linspace(1, 2, 40, dtype=torch.float64)
+    got40 = ref40.float().clone()
+    got40[0] += 50
+    with pytest.raises(AssertionError):
+        assert_within_rss_bound("y", got40, ref40, torch.ones(40, dtype=torch.float64), torch.float32, 4)

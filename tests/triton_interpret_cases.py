@@ -762,7 +762,7 @@ def test_tuner_times_every_role_in_the_mode_it_runs_in(tmp_path, monkeypatch, fa
         assert all(r["adopted"] and r["table_ms"] == 100.0 and r["best_ms"] in (9.0, 10.0, 11.0) for r in summary)
     before = out.read_text()  # a sweep with no time left changes nothing
     args = tune_kernels.parse_args(["--layers", "48:40", "--tokens", "64", "--ranks", "8", "--dtypes", "float32",
-                                    "--out", str(out), "--budget-s", "-1"])
+                                    "--out", str(out), "--budget-s", "0"])
     assert tune_kernels.tune(args, device=torch.device("cpu")) == 0 and out.read_text() == before
 
 
