@@ -700,20 +700,24 @@ def write_plot(path: Path, record: dict) -> bool:
 
 
 # -------------------------------------------------------------------------------------------------------- main
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
+def number_type(convert, ok, expected: str):
+    """An argparse type: ``convert(text)`` (int or float) accepted when ``ok(value)``; else refused as "expected
+    {expected}, got {text}" (argparse adds the option's name)."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
         return value
     return parse
 
 
-#: argparse types: a count of calls, rows, LoRAs, features (> 0); of discarded warm-up calls (>= 0)
-positive_int, nonnegative_int = _int_at_least(1), _int_at_least(0)
+#: a count of calls, rows, LoRAs, features; of discarded warm-up calls; a budget in seconds
+positive_int = number_type(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
+seconds = number_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number of seconds >= 0")
 
 
 def layer_shape(text: str) -> str:
@@ -722,17 +726,6 @@ def layer_shape(text: str) -> str:
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"expected INxOUT with both > 0, e.g. 3072x3072, got {text!r}")
     return text
-
-
-def seconds(text: str) -> float:
-    """argparse type: a finite number of seconds >= 0 (a budget); anything else is refused by name."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
-    return value
 
 
 def parse_args(argv=None):

@@ -60,22 +60,10 @@ FUSED_ONLY_ROLES = ("expand_dx", "grad_basis")
 
 
 def parse_args(argv=None):
-    from bench_mixed_lora import positive_int, seconds
+    from bench_mixed_lora import number_type, positive_int, seconds
 
-    def even_tokens(text: str) -> int:  # two samples of tokens // 2 rows each
-        value = positive_int(text)
-        if value % 2:
-            raise argparse.ArgumentTypeError(f"expected an even number of rows (two samples), got {value}")
-        return value
-
-    def fraction(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
-        if not 0 <= value < 1:
-            raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
-        return value
+    even_tokens = number_type(int, lambda v: v >= 2 and v % 2 == 0, "an even number of rows >= 2 (two samples)")
+    fraction = number_type(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget-s", type=seconds, default=420.0, help="stop sweeping after this many seconds (default "
