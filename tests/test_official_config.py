@@ -153,8 +153,9 @@ def test_precedence_and_conflicts():
 
 
 def test_pooling_conflicts_only_in_the_patch_modes():
-    """extensions_built_in/flux_kontext.py ``AttLoraLinearAdapter.forward`` reads ``query_pooling`` only for a query taken from
-    the tokens; an external query is reshaped as it is. So two poolings conflict only in the patch modes."""
+    """extensions_built_in/flux_kontext.py ``AttLoraLinearAdapter.forward`` reads ``query_pooling`` only for a query
+    taken from the tokens; an external query is reshaped as it is. So two poolings conflict only in the patch
+    modes."""
     r = oc.resolve_settings({"pooling_type": "max"}, {"pooling_type": "avg", "query_mode": "cat-aa'b"})
     assert r["pooling_type"] == "max" and r["sources"]["pooling_type"] == "argument"
     with pytest.raises(oc.LoRWeBConfigError, match="conflicting pooling_type: argument says 'max' but config.yaml"):
