@@ -43,15 +43,16 @@ Dims check_common(const at::Tensor& x, const at::Tensor& lora_a, const at::Tenso
   TORCH_CHECK(coeffs.is_cuda() && coeffs.device() == x.device(), "lorweb_fast_cuda: coeffs must be on ", x.device());
   TORCH_CHECK(coeffs.scalar_type() == at::kFloat, "lorweb_fast_cuda: coeffs must be float32, got ",
               coeffs.scalar_type());
+  TORCH_CHECK(coeffs.dim() == 2, "lorweb_fast_cuda: coeffs must be 2-D (B, N), got shape ", coeffs.sizes());
   Dims d{x.size(0), x.size(1), lora_a.size(0), lora_a.size(2), lora_b.size(2), coeffs.size(0)};
   TORCH_CHECK(lora_a.size(1) == d.k, "lorweb_fast_cuda: lora_a must be (N, in=", d.k, ", r), got ", lora_a.sizes());
   TORCH_CHECK(lora_b.size(0) == d.n && lora_b.size(1) == d.r, "lorweb_fast_cuda: lora_b must be (N=", d.n, ", r=",
               d.r, ", out), got ", lora_b.sizes());
-  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(1) == d.n, "lorweb_fast_cuda: coeffs must be (B, N=", d.n, "), got ",
-              coeffs.sizes());
+  TORCH_CHECK(coeffs.size(1) == d.n, "lorweb_fast_cuda: coeffs must be (B, N=", d.n, "), got ", coeffs.sizes());
   // rows_per_sample is 0 for a (B, 0, in) input: no rows, nothing to mix
-  TORCH_CHECK((rows_per_sample >= 1 || d.m == 0) && rows_per_sample >= 0 && d.batch * rows_per_sample == d.m, "lorweb_fast_cuda: x has ", d.m,
-              " rows but coeffs has ", d.batch, " samples of rows_per_sample=", rows_per_sample);
+  TORCH_CHECK((rows_per_sample >= 1 || d.m == 0) && rows_per_sample >= 0 && d.batch * rows_per_sample == d.m,
+              "lorweb_fast_cuda: x has ", d.m, " rows but coeffs has ", d.batch, " samples of rows_per_sample=",
+              rows_per_sample);
   return d;
 }
 

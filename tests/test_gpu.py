@@ -218,6 +218,19 @@ def test_cuda_extension_bias_and_base_together():
     torch.testing.assert_close(y, y_no_base + base, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("coeffs_shape, message", [((), "coeffs must be 2-D"), ((2, 3, 1), "coeffs must be 2-D"),
+                                                    ((2, 4), "coeffs must be \\(B, N=3\\)")])
+def test_cuda_extension_op_names_a_bad_coeffs_shape(coeffs_shape, message):
+    """The extension's ops called directly (below lorweb_fast's own checks) refuse coefficients that are not (B, N)
+    with a message naming them (a 0-D tensor was indexed before its rank was checked: c10 IndexError)."""
+    _require("cuda")
+    p = random_problem(2, 5, 17, 19, 3, 4, torch.float32, device="cuda", seed=11)
+    coeffs = torch.rand(coeffs_shape, device="cuda")
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.lorweb_fast_cuda.fwd(p["x"].reshape(10, 17), p["weight"], p["bias"], None, p["lora_a"],
+                                       p["lora_b"], coeffs, 0.75, 5)
+
+
 def test_public_launchers_on_gpu():
     """pack_basis / shrink / expand / grad_basis at an odd shape with R = 96 (64 + 32 chunks), bf16, vs float64."""
     _require("triton")
