@@ -344,15 +344,23 @@ def test_2d_input_with_more_rows_than_a_grid_dimension(backend):
 @pytest.mark.parametrize("backend", FUSED)
 def test_strided_bias_and_broadcast_gradient_at_a_tma_shape(backend):
     """A bias that is a column of a bigger tensor, and an output gradient with row stride 0 (the gradient of a sum
-    over rows), at 3072 -> 3072 bf16 (TMA tables): the output and every gradient against float64."""
+    over rows), at 3072 -> 3072 bf16 (TMA tables): the output and every gradient against float64.
+
+    Checked apart: with a row-stride-0 gradient the bias gradient is 300 copies of one bf16 value summed exactly in
+    fp32, then rounded once, and |ref| = sqrt(300) * rss there, so that one rounding alone exceeds the statistical
+    bound (seen on CPU with the torch backend: 8.4 eps x rss against 8); the strided bias with a random gradient, and
+    the broadcast gradient without a bias, keep both cases (TMA epilogue reading the strided bias; the stride-0 dy
+    taking the pointer kernels)."""
     _require(backend)
 
     def strided(bias):  # stride 2, the same values, differentiable
         return torch.stack([bias, torch.zeros_like(bias)], 1)[:, 0]
 
     check_against_reference(lambda x, w, b, *rest: lf.lorweb_linear(x, w, strided(b), *rest, backend=backend),
-                            random_problem(1, 300, 3072, 3072, 32, 4, torch.bfloat16, device="cuda", seed=9),
-                            broadcast_dy=True)
+                            random_problem(1, 300, 3072, 3072, 32, 4, torch.bfloat16, device="cuda", seed=9))
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend=backend),
+                            random_problem(1, 300, 3072, 3072, 32, 4, torch.bfloat16, device="cuda", seed=9,
+                                           bias=False), broadcast_dy=True)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
