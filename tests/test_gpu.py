@@ -394,29 +394,41 @@ def test_direct_eager_path_matches_the_registered_op_on_gpu(backend, dtype, monk
     """Eager calls run the op bodies directly (the extension's op below the autograd key, the Triton launchers
     without torch.library's dispatch); the registered op path (``ops.EAGER_DIRECT = False``) gives the same output
     and the same gradients bit for bit, for several mixes of inputs needing gradients, 2-D and 3-D, and under
-    no_grad; the direct path does not call the op."""
+    no_grad; the direct path calls neither the forward nor the backward op (its backward runs the backward body)."""
     _require(backend)
-    calls = []
+    calls, bwd_calls = [], {"body": 0, "op": 0}
     op = ops._FUSED_OPS[backend]
     monkeypatch.setitem(ops._FUSED_OPS, backend, lambda *a: calls.append(1) or op(*a))
+    fwd_body, bwd_body, bwd_op = ops._EAGER_BODIES[backend]
+
+    def counted(kind, fn):
+        def wrapper(*a):
+            bwd_calls[kind] += 1
+            return fn(*a)
+        return wrapper
+
+    monkeypatch.setitem(ops._EAGER_BODIES, backend, (fwd_body, counted("body", bwd_body), counted("op", bwd_op)))
     p = random_problem(2, 301, 515, 771, 32, 4, dtype, device="cuda", seed=12)
     dy = torch.randn(2, 301, 771, device="cuda", dtype=dtype)
 
     def run(direct, needs, two_d, grad=True):
         monkeypatch.setattr(ops, "EAGER_DIRECT", direct)
         calls.clear()
+        bwd_calls.update(body=0, op=0)
         leaves = [p[k].clone().requires_grad_(n) for k, n in zip(("x", "lora_a", "lora_b", "coeffs"), needs)]
         x, g = (leaves[0][:, 0], dy[:, 0]) if two_d else (leaves[0], dy)
         with torch.set_grad_enabled(grad):
             y = lf.lorweb_linear(x, p["weight"], p["bias"], *leaves[1:], p["scale"], backend=backend)
         if y.requires_grad:
             y.backward(g)
-        return y.detach(), [t.grad for t in leaves], len(calls)
+        return y.detach(), [t.grad for t in leaves], len(calls), dict(bwd_calls)
 
     for needs in ((True,) * 4, (True, False, False, False), (False, True, True, False), (False, False, False, True)):
         for two_d in (False, True):
             direct, via_op = run(True, needs, two_d), run(False, needs, two_d)
             assert direct[2] == 0 and via_op[2] == 1
+            assert direct[3] == {"body": 1, "op": 0}, direct[3]  # the registered path's backward is its own op
+            assert via_op[3] == {"body": 0, "op": 0}, via_op[3]
             assert torch.equal(direct[0], via_op[0])
             assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(direct[1], via_op[1])), needs
     assert torch.equal(run(True, (True,) * 4, False, grad=False)[0], run(False, (True,) * 4, False)[0])
