@@ -11,7 +11,8 @@
 // Rows are read with 16-byte vector loads when R and the pointers allow it (else one element at a time). Every
 // reduction has a fixed order (no atomics), and rows_per_chunk depends only on (R, dtype, whether the pointers
 // allow 16-byte loads), so the same call is bit-identical run to run (a view of u at a misaligned offset takes
-// the one-element path, whose order differs from an aligned copy's). Row offsets are int64 (M * R may exceed 2^31); column indices are int (R < 2^31).
+// the one-element path, whose order differs from an aligned copy's). Row offsets are int64 (M * R may exceed
+// 2^31); column indices are int (R < 2^31).
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
