@@ -84,7 +84,7 @@ def build_configs(args, on_gpu: bool) -> list[dict]:
     ms = args.m or (GPU_M if grid else CPU_M)
     sweep = GPU_RANK_SWEEP if grid else CPU_RANK_SWEEP
     if args.shapes:
-        shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes)
+        shapes = tuple(args.shapes)
     configs = [dict(M=m, in_features=i, out_features=o, N=args.num_loras, r=args.rank, two_d=False)
                for (i, o) in shapes for m in ms]
     if grid and not args.shapes and not args.m:  # the 2-D norm layers, one row per sample
@@ -720,12 +720,12 @@ nonnegative_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
 seconds = number_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number of seconds >= 0")
 
 
-def layer_shape(text: str) -> str:
-    """argparse type: a layer shape INxOUT of two integers > 0 (returned as given, parsed by build_configs)."""
+def layer_shape(text: str) -> tuple[int, int]:
+    """argparse type: a layer shape INxOUT of two integers > 0, as (in, out)."""
     parts = text.split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"expected INxOUT with both > 0, e.g. 3072x3072, got {text!r}")
-    return text
+    return int(parts[0]), int(parts[1])
 
 
 def parse_args(argv=None):
