@@ -2,7 +2,8 @@
 #   gpu_setup OUTDIR WHEELS_DIR BUDGET_S   log to OUTDIR/run.log, check the GPU, install, print device + versions
 #   step NAME SECONDS CMD...                run CMD under `timeout`, never past the overall budget; status to steps.txt
 #   skipped NAME WHY                        a step not run: said in the log and in steps.txt (the run exits 1)
-#   save WHAT CMD...                        copy or archive results into OUTDIR; a failure is recorded in steps.txt
+#   save WHAT CMD...                        copy or archive results into OUTDIR as WHAT; a failure is recorded in
+#                                           steps.txt and the partial OUTDIR/WHAT removed
 #   note TEXT, remaining, gpu_finish
 # Every step is bounded by min(its own seconds, what is left of BUDGET_S), so a whole run cannot exceed BUDGET_S
 # (plus the few seconds `timeout --kill-after` may add to the last step).
@@ -46,6 +47,7 @@ save() {  # WHAT CMD...: a copy or an archive into OUTDIR; the files a device ca
   if [ "$rc" -ne 0 ]; then
     note "saving $what FAILED (exit $rc)"
     echo "save $what: FAILED rc=$rc" >> "$OUTDIR/steps.txt"
+    rm -f -- "${OUTDIR:?}/$what"  # a truncated archive or copy must not come back looking like a result
   fi
   return "$rc"
 }

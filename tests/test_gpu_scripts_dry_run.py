@@ -163,6 +163,7 @@ exec {real} "$@"
 TAR = """#!/bin/bash
 for a in "$@"; do
   if [ -n "${{FAKE_TAR_FAIL:-}}" ] && [ "$(basename -- "$a")" = "$FAKE_TAR_FAIL" ]; then
+    printf 'partial' > "$a"  # what a full disk leaves: the start of the archive
     echo "tar: $a: Cannot write: No space left on device" >&2; exit 2
   fi
 done
@@ -507,14 +508,14 @@ def test_run_full_on_gpu_dry_run(tmp_path):
 
 def test_run_on_gpu_records_a_failed_archive(tmp_path):
     """tar failing to write an archive (a full disk) is not silent: the run ends with status 1, steps.txt names the
-    archive and its exit status, and every other file is still there."""
+    archive and its exit status, the truncated archive tar left is removed, and every other file is still there."""
     res, out, calls, _, _ = run_script("run_on_gpu.sh", tmp_path, tar_fail="bench_target.tar.gz")
     log = res.stdout + res.stderr
     assert res.returncode == 1, log
     lines = (out / "steps.txt").read_text().splitlines()
     assert "save bench_target.tar.gz: FAILED rc=2" in lines
     assert all(": rc=0 " in line for line in lines if not line.startswith("save ")), lines
-    assert {p.name for p in out.iterdir()} >= {"run.log", "steps.txt", "pytest_gpu.txt", "resources.json",
+    assert {p.name for p in out.iterdir()} == {"run.log", "steps.txt", "pytest_gpu.txt", "resources.json",
                                                "aot.tar.gz", "bench_target.md", "tune.tar.gz"}
     run_log = (out / "run.log").read_text()
     assert "saving bench_target.tar.gz FAILED (exit 2)" in run_log and "some steps failed" in run_log

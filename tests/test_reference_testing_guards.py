@@ -124,6 +124,7 @@ def test_tolerances_follow_the_documented_error_model(dtype, eps, depth):
     assert rss_tolerance(dtype, depth) == pytest.approx(8 * eps + 6 * math.sqrt(depth) * FP32_EPS, rel=1e-12)
     assert norm_tolerance(dtype, depth) == pytest.approx(2.5 * eps + 2 * math.sqrt(depth) * FP32_EPS, rel=1e-12)
     assert NORM_MIN_ENTRIES == 32
+    assert testing.FINAL_ROUNDING == 0.5  # half an ulp: the statistical bounds' term for the stored result's rounding
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -216,6 +217,52 @@ def test_rss_norm_check_applies_from_norm_min_entries(dtype):
     assert_within_rss_bound("t", ref + 0.95 * norm_tolerance(dtype, depth), ref, rss, dtype, depth)
     with pytest.raises(AssertionError, match="error norm"):
         assert_within_rss_bound("t", ref + 1.05 * norm_tolerance(dtype, depth), ref, rss, dtype, depth)
+
+
+@pytest.mark.parametrize("dtype,depth", [(torch.float32, 100), (torch.bfloat16, 300)])
+def test_rss_bounds_add_the_stored_results_rounding_relative_to_ref(dtype, depth):
+    """The statistical bounds add FINAL_ROUNDING * eps * |ref| entry by entry (and * ||ref|| to the norm bound): with
+    ref 40 x rss (correlated terms), one entry off by 0.99 x (rss_tolerance * rss + 0.5 eps |ref|) passes and 1.01 x
+    fails, at the smallest and the largest |ref|; every entry off by 0.99 x the norm bound's share passes and 1.05 x
+    fails on the norm (pins the term, its factor, |ref| and not ref, and ||ref|| in the norm)."""
+    eps, n = testing.dtype_eps(dtype), NORM_MIN_ENTRIES * 2
+    rss = torch.ones(n, dtype=torch.float64)
+    ref = -torch.linspace(40.0, 44.0, n, dtype=torch.float64)  # negative: the term must use |ref|
+    entry = rss_tolerance(dtype, depth) * rss + 0.5 * eps * ref.abs()
+    for i in (0, n - 1):
+        got = ref.clone()
+        got[i] += 0.99 * entry[i]
+        assert_within_rss_bound("t", got, ref, rss, dtype, depth)
+        got[i] = ref[i] + 1.01 * entry[i]
+        with pytest.raises(AssertionError, match="the statistical bound"):
+            assert_within_rss_bound("t", got, ref, rss, dtype, depth)
+    norm_bound = norm_tolerance(dtype, depth) * rss.norm() + 0.5 * eps * ref.norm()
+    share = norm_bound / math.sqrt(n)  # the same error in every entry: its norm is share * sqrt(n)
+    assert (share < entry).all()  # so only the norm check can fail below
+    assert_within_rss_bound("t", ref + 0.99 * share, ref, rss, dtype, depth)
+    with pytest.raises(AssertionError, match="error norm"):
+        assert_within_rss_bound("t", ref + 1.05 * share, ref, rss, dtype, depth)
+
+
+def test_a_correctly_rounded_sum_of_equal_bf16_terms_passes_the_rss_bound():
+    """The case that motivated the rounding term: a bias gradient of one broadcast output gradient, 300 equal terms
+    summed exactly and rounded once to bf16, the value placed just below a rounding midpoint (about half an ulp of
+    error, 0.5 * sqrt(300) = 8.7 eps x rss > RSS_ELEMENT). The correct result passes; the next bf16 value below it
+    (twice as far off, beyond the 16.7 eps x rss the bound then allows) fails."""
+    terms = 300
+    value = torch.tensor([1 + 2.0 ** -8 * (1 - 1e-3), -(2 + 2.0 ** -7 * (1 - 1e-3)), 1.5], dtype=torch.float64)
+    term = value / terms
+    ref = term * terms
+    rss = term.abs() * math.sqrt(terms)
+    got = ref.to(torch.bfloat16)
+    in_rss = ((got.double() - ref).abs() / rss / BF16_EPS)[:2]
+    assert (in_rss > testing.RSS_ELEMENT).all()  # beyond what the rss term alone allows
+    assert_within_rss_bound("grad bias", got, ref, rss, torch.bfloat16, terms)
+    off = got.clone()
+    off[0] = got[0] - 2.0 ** -8  # the bf16 value below 1.0 (255/256): about 17.3 eps x rss off
+    assert off[0].item() == 255 / 256
+    with pytest.raises(AssertionError, match="grad bias.*the statistical bound"):
+        assert_within_rss_bound("grad bias", off, ref, rss, torch.bfloat16, terms)
 
 
 def test_statistical_bounds_catch_the_errors_the_docstring_names():
