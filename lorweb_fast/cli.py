@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
              "nan_loss": "skip (official: a step whose loss is NaN makes no update, logged) or raise (stop with an "
                          "error)",
              "checkpoint_every": "steps between checkpoints (official 250)",
-             "keep_checkpoints": "checkpoints kept (official 4)",
+             "keep_checkpoints": "newest checkpoints kept (official 4); 0: keep every checkpoint",
              "keep_milestone_every": "checkpoints at steps that are multiples of this are never rotated out "
                                      "(official ai-toolkit: 500); 0: rotate them like the others",
              "long_edge": "training resolution: the bucket resolution (official 512) or the long edge (--resize)",

@@ -331,7 +331,9 @@ class AnalogyFolder(torch.utils.data.Dataset):
         for d in (self.root, control_dir, target_dir):
             if not d.is_dir():
                 raise AnalogyDataError(f"training data folder {d} does not exist (expected {self.root}/control/ and "
-                                       f"{self.root}/target/ with one caption .txt per sample)")
+                                       f"{self.root}/target/, each target image with its control image of the same "
+                                       f"name; captions, optional, from analogy_metadata.json, <id>.txt beside the "
+                                       f"target, captions/ or control/)")
         # the samples are the target images, as the official loader lists its dataset folder (os.walk of target/,
         # files with an image extension, not in a "_controls" folder); each finds its control in control/ by name
         targets = sorted((Path(d) / f for d, _, files in os.walk(target_dir) for f in files
@@ -942,8 +944,11 @@ def add_data_subparser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--max-analogies", type=int, default=None, help="keep a random sample of this many analogies")
     r.add_argument("--filter-categories", nargs="+", default=None, help="only these categories")
     r.add_argument("--filter-json", default=None, help="JSON list of {image_id} entries to leave out")
-    r.add_argument("--min-pairs-per-category", type=int, default=2)
-    r.add_argument("--max-samples-per-category", type=int, default=None)
+    r.add_argument("--min-pairs-per-category", type=int, default=2,
+                   help="categories with fewer usable pairs are left out (default 2, at least 2: an analogy takes "
+                        "two pairs of one category)")
+    r.add_argument("--max-samples-per-category", type=int, default=None,
+                   help="at most this many (a, a') pairs read per category, in labels order (default: all)")
     r.add_argument("--seed", type=int, default=0, help="seed of the --max-analogies sample")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_data)

@@ -592,7 +592,8 @@ def cli_usage_error(capsys, argv: list) -> str:
 
 def tiny_training_assets(root, samples: int):
     """``root/pipe`` (tiny Kontext pipeline), ``root/clip`` (tiny CLIP) and ``root/data`` (``samples`` synthetic
-    analogies in the official layout), as ``tiny_train_config`` reads them; returns root."""
+    analogies in the grid layout: 2 x 2 control and target grids, captions in captions/), as ``tiny_train_config``
+    reads them; returns root."""
     from pathlib import Path
 
     from . import demo

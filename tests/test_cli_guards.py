@@ -250,3 +250,51 @@ def test_train_empty_data_names_the_flag(tmp_path, capsys):
     """``train --data ''``: the one-line error names --data, as every other train error names its flag."""
     assert cli.main(["train", "--data", "", "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == "lorweb-fast train: error: --data must be a non-empty string, got ''\n"
+
+
+def test_keep_checkpoints_0_keeps_every_checkpoint_and_the_help_says_so(tmp_path, capsys):
+    """--keep-checkpoints 0 keeps every checkpoint (training.rotate_checkpoints deletes nothing, milestones or not);
+    the help said only "checkpoints kept", which reads as keeping none. A keep of 2 deletes the older non-milestones
+    (the control)."""
+    from lorweb_fast.training import rotate_checkpoints
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "0: keep every checkpoint" in " ".join(capsys.readouterr().out.split())
+    for step in (2, 4, 6, 8, 10):
+        (tmp_path / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+    assert rotate_checkpoints(tmp_path, 0, milestone_every=4) == []
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 5
+    deleted = rotate_checkpoints(tmp_path, 2, milestone_every=4)
+    assert sorted(p.name for p in deleted) == ["step-00000002", "step-00000006"]
+
+
+def test_every_option_of_every_command_has_help():
+    """`--help` of every subcommand explains every option (eval generate's --guidance-scale, eval score's
+    --judge-max-new-tokens, data prepare's --min-pairs-per-category had none); the eval and data options the README
+    gives defaults for say them in the help."""
+    import argparse
+
+    missing, helps = [], {}
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            else:
+                key = (" ".join(path), (action.option_strings or [action.dest])[-1])
+                helps[key] = action.help
+                if action.help is None:
+                    missing.append(key)
+
+    walk(cli.build_parser(), [])
+    assert len(helps) > 100 and missing == []
+    for command, option, says in [("eval generate", "--guidance-scale", "default 2.5"),
+                                  ("eval generate", "--steps", "default 28"),
+                                  ("eval generate", "--batch-size", "default 4"),
+                                  ("eval generate", "--input-long-edge", "default 1024"),
+                                  ("eval score", "--judge-max-new-tokens", "default 1024"),
+                                  ("eval score", "--lpips-net", "default alex"),
+                                  ("data prepare", "--min-pairs-per-category", "default 2")]:
+        assert says in helps[(command, option)], (command, option)

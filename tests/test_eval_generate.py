@@ -368,3 +368,46 @@ def test_resume_identity_of_hub_weights_does_not_depend_on_the_cache(tmp_path, m
     local.parent.mkdir()
     local.write_bytes(b"x")
     assert _weights_identity(str(local), local) == str(local.resolve())
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (("--steps", "0"), "--steps must be an integer in [1, 10000], got 0"),
+    (("--guidance-scale", "nan"), "--guidance-scale must be finite"),
+    (("--guidance-scale", "-1"), "--guidance-scale must be in [0.0, 10000.0]"),
+    (("--seeds", "50", "-1"), "--seeds must be an integer in [0, "),
+    (("--input-long-edge", "-5"), "--input-long-edge must be an integer >= 0, got -5"),
+    (("--long-edge", "8"), "--long-edge must be an integer >= 32, got 8"),
+    (("--b-per-pair", "0"), "--b-per-pair must be an integer >= 1, got 0"),
+    (("--pipe-arg", "foo=1"), "--pipe-arg: unknown pipeline argument 'foo'"),
+    (("--pipe-arg", "max_sequence_length=0"), "--pipe-arg: max_sequence_length must be an integer in [1, 512]")])
+def test_cli_refuses_bad_numbers_before_loading_or_writing(assets, tmp_path, monkeypatch, capsys, extra, fragment):
+    """Values the pipeline would refuse only after the models loaded (and after run.json was written, so that the
+    corrected rerun was refused as "a run with other settings"), and a negative --input-long-edge (which saved 1x1
+    copies of a, a', b): one line naming the flag, before any model loads or file is written."""
+    from lorweb_fast.flux import LoRWeBKontextPipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(LoRWeBKontextPipeline, "from_pretrained", staticmethod(no_load))
+    out = tmp_path / "runs"
+    assert cli.main(gen_args(assets, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_cli_refuses_an_out_that_is_a_file(assets, tmp_path, monkeypatch, capsys):
+    """--out naming a file: one line naming it (it was a FileExistsError traceback after the models loaded)."""
+    from lorweb_fast.flux import LoRWeBKontextPipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(LoRWeBKontextPipeline, "from_pretrained", staticmethod(no_load))
+    out = tmp_path / "runs.png"
+    out.write_bytes(b"not a folder")
+    assert cli.main(gen_args(assets, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out {out} is a file; give a folder" in err and "\n" not in err
+    assert out.read_bytes() == b"not a folder"

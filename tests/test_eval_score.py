@@ -479,3 +479,13 @@ def test_missing_lpips_weights_exits_2(assets, tmp_path, monkeypatch, capsys):
     weights = tiny.save_random_lpips_backbone(tmp_path / "elsewhere")
     assert run_cli("--runs", assets / "ours", "--metrics", "lpips", "--lpips-weights", weights,
                    "--out", tmp_path / "r") == 0
+
+
+def test_cli_refuses_an_out_that_is_a_file(assets, torch_home, tmp_path, capsys):
+    """--out naming a file: one line naming it (it was a NotADirectoryError traceback, after reading the runs)."""
+    out = tmp_path / "report.md"
+    out.write_text("mine")
+    assert run_cli("--runs", assets / "ours", "--out", out, "--encoder", assets / "clip") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out {out} is a file; give a folder" in err and "\n" not in err and "Traceback" not in err
+    assert out.read_text() == "mine"

@@ -62,15 +62,16 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--model", default=DEFAULT_MODEL, help="FLUX.1-Kontext hub id or local directory")
     g.add_argument("--encoder", default=None, help="analogy encoder (default: the checkpoint's metadata, else CLIP)")
     g.add_argument("--out", required=True, help="runs folder: RUNS/<task>/<id>/{a,a_prime,b,b_prime}.png")
-    g.add_argument("--batch-size", type=int, default=4, help="analogies per pipeline call")
+    g.add_argument("--batch-size", type=int, default=4, help="analogies per pipeline call (default 4)")
     g.add_argument("--merge", choices=MERGE_CHOICES, default="none",
                    help="merge strategy of every pipeline call (default none: the unmerged LoRWeB delta, as the "
                         "official inference.py, for every batch size; auto merges a batch of one only, so results "
                         "depend on the batching; full and offload need --batch-size 1)")
     g.add_argument("--seeds", type=int, nargs="+", default=[50],
                    help="generation seeds (official: 50); several seeds give <id>_seed<s> folders")
-    g.add_argument("--steps", type=int, default=28, help="denoising steps")
-    g.add_argument("--guidance-scale", type=float, default=2.5)
+    g.add_argument("--steps", type=int, default=28, help="denoising steps (default 28, the pipeline's)")
+    g.add_argument("--guidance-scale", type=float, default=2.5,
+                   help="guidance scale (default 2.5, official inference.py)")
     g.add_argument("--resolution", choices=("official", "native"), default="official",
                    help="official: cells at a's size, ~1 MP generation (inference.py); native: b's aspect, --long-edge")
     g.add_argument("--max-size", type=int, default=None, help="official resolution: control-grid long-edge cap "
@@ -78,13 +79,15 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--long-edge", type=int, default=None, help="native resolution: control-grid long-edge cap "
                    "(default: the pipeline's)")
     g.add_argument("--input-long-edge", type=int, default=1024,
-                   help="long-edge cap of the a, a', b copies saved in the runs folder (0: keep)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+                   help="long-edge cap of the a, a', b copies saved in the runs folder (default 1024; 0: keep)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="pipeline dtype (default bf16)")
     g.add_argument("--encoder-dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                    help="analogy encoder dtype; auto (official inference.py): --dtype")
     g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    g.add_argument("--pair-seed", type=int, default=0, help="seed of the b choices (released set, Relation252k)")
-    g.add_argument("--b-per-pair", type=int, default=2, help="b images per (a, a') in the released set (paper: 2)")
+    g.add_argument("--pair-seed", type=int, default=0,
+                   help="seed of the b choices (released set, Relation252k; default 0)")
+    g.add_argument("--b-per-pair", type=int, default=2,
+                   help="b images per (a, a') in the released set (default 2, as the paper)")
     g.add_argument("--pairs", default=None, help="released set: JSON/JSONL of {a_prime, b} paths fixing the b choices")
     g.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
     g.add_argument("--max-per-task", type=int, default=None, help="at most this many triplets per task")
@@ -100,15 +103,18 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="report folder")
     s.add_argument("--metrics", type=_metric_list, default=None,
                    help="comma-separated subset of clip_dir,lpips,vlm (default: clip_dir,lpips, plus vlm with a judge)")
-    s.add_argument("--encoder", default=DEFAULT_CLIP, help="CLIP checkpoint for clip_dir (hub id or directory)")
-    s.add_argument("--lpips-net", choices=LPIPS_NETS, default="alex")
+    s.add_argument("--encoder", default=DEFAULT_CLIP,
+                   help=f"CLIP checkpoint for clip_dir (hub id or directory; default {DEFAULT_CLIP})")
+    s.add_argument("--lpips-net", choices=LPIPS_NETS, default="alex", help="LPIPS backbone (default alex)")
     s.add_argument("--lpips-weights", default=None,
                    help="backbone ImageNet weights file (default: torchvision's cache, TORCH_HOME/hub/checkpoints)")
-    s.add_argument("--judge", default="none", help="none, gemma3:ID_OR_DIR or replay:FILE")
-    s.add_argument("--judge-max-new-tokens", type=int, default=1024)
-    s.add_argument("--judge-dtype", choices=sorted(DTYPES), default="bf16")
-    s.add_argument("--pairwise-seed", type=int, default=0, help="seed of the B'1/B'2 order (recorded)")
-    s.add_argument("--batch-size", type=int, default=8, help="triplets per CLIP batch")
+    s.add_argument("--judge", default="none", help="the VLM judge: none (default), gemma3:ID_OR_DIR or replay:FILE")
+    s.add_argument("--judge-max-new-tokens", type=int, default=1024,
+                   help="tokens a Gemma-3 judge may generate per answer (default 1024); an answer cut at this limit "
+                        "counts as failed")
+    s.add_argument("--judge-dtype", choices=sorted(DTYPES), default="bf16", help="Gemma-3 judge dtype (default bf16)")
+    s.add_argument("--pairwise-seed", type=int, default=0, help="seed of the B'1/B'2 order (recorded; default 0)")
+    s.add_argument("--batch-size", type=int, default=8, help="triplets per CLIP batch (default 8)")
     s.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=run_eval)
@@ -128,6 +134,9 @@ def run_score(args) -> dict:
     if clash:
         raise EvalInputError(f"names used both in --runs and --against: {sorted(clash)} (use NAME=PATH)")
     check_max_new_tokens(args.judge_max_new_tokens)  # whatever the judge: a bad value is a bad command line
+    from ..validation import check_output_dir
+
+    check_output_dir("--out", args.out)  # a file: one line, before any model loads (not a NotADirectoryError)
     metrics = args.metrics or (["clip_dir", "lpips"] + (["vlm"] if args.judge not in ("", "none") else []))
     device = _device(args.device)
     for path in {**runs, **against}.values():  # bad folders fail before any model loads

@@ -256,6 +256,30 @@ def _weights_identity(weights, weights_file: Path) -> str:
     return str(weights_file.resolve())
 
 
+def check_generate_args(args, pipe_kwargs: dict) -> None:
+    """The numeric options and the output folder of ``eval generate``, named by their flags, before anything is
+    read, loaded or written (the pipeline would refuse the same values only after the models loaded and run.json was
+    written, and a rerun with the corrected value would then be refused as a run with other settings)."""
+    from ..validation import (MAX_GUIDANCE_SCALE, MAX_STEPS, MIN_LONG_EDGE, check_int, check_output_dir,
+                              check_pipe_kwargs, check_real)
+
+    check_int("--steps", args.steps, lo=1, hi=MAX_STEPS)
+    check_real("--guidance-scale", args.guidance_scale, lo=0.0, hi=MAX_GUIDANCE_SCALE)
+    for seed in args.seeds:
+        check_int("--seeds", seed, lo=0, hi=2 ** 64 - 1)
+    for flag, value in (("--long-edge", args.long_edge), ("--max-size", args.max_size)):
+        if value is not None:
+            check_int(flag, value, lo=MIN_LONG_EDGE)
+    if args.input_long_edge is not None:
+        check_int("--input-long-edge", args.input_long_edge, lo=0)
+    check_int("--b-per-pair", args.b_per_pair, lo=1)  # read by the released-set reader only: named here for all
+    check_output_dir("--out", args.out)
+    try:
+        check_pipe_kwargs(pipe_kwargs)
+    except ValueError as exc:
+        raise EvalInputError(f"--pipe-arg: {exc}") from None
+
+
 def run_generate(args) -> dict:
     """``lorweb-fast eval generate``."""
     from ..cli import DTYPES, _device
@@ -267,6 +291,7 @@ def run_generate(args) -> dict:
     merge = args.merge
     pipe_kwargs = dict(args.pipe_kwargs or {})
     check_generate_options(batch_size=args.batch_size, merge=merge, pipe_kwargs=pipe_kwargs)
+    check_generate_args(args, pipe_kwargs)
     device = check_device("--device", _device(args.device))  # a bad name: one line, before anything loads
     if args.resolution == "official" and args.long_edge is not None:
         raise EvalInputError("--long-edge applies to --resolution native; the official resolution is capped by "
