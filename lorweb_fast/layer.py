@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Optional
@@ -439,6 +440,23 @@ class LoRWeBLinear(nn.Module):
                                       error_msgs)
         if any(k in state_dict for k in own):
             self._coefficients = None
+
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy`` as for any module, but coefficients (or a per-forward query) that carry autograd
+        history (``set_query`` with autograd on, as in training) are refused by name: torch can only deep-copy graph
+        leaves, and its own error ("Only Tensors created explicitly by the user ...") names neither the tensor nor
+        the way out."""
+        for attr, what in (("_coefficients", "coefficients"), ("_query", "per-forward query")):
+            t = self.__dict__.get(attr)
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                raise RuntimeError(
+                    f"cannot deep-copy a LoRWeBLinear holding {what} with autograd history (set_query with "
+                    "autograd on, e.g. in training): torch deep-copies graph leaves only. Call "
+                    "lorweb_fast.clear_query(model), or set_query(...) under torch.no_grad(), before copy.deepcopy")
+        new = type(self).__new__(type(self))  # then what copy.deepcopy does for any module: its state, deep-copied
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_loras={self.num_loras}, "

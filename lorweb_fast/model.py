@@ -157,8 +157,19 @@ def _find_targets(model: nn.Module, target_modules) -> list[str]:
     return names
 
 
+def _freeze_base_model(model: nn.Module) -> None:
+    """Every parameter of ``model`` that is not a LoRWeB tensor of one of its LoRWeBLinear layers stops requiring
+    grad: as peft's injection (``inject_adapter_in_model``, diffusers' ``add_adapter``) leaves only the adapters
+    trainable (peft ``BaseTuner._mark_only_adapters_as_trainable``), and as the official trainer freezes the
+    transformer."""
+    keep = {id(p) for layer in lorweb_layers(model).values() for p in layer.lorweb_tensors().values()}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+
+
 def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
-                  dtype: Optional[torch.dtype] = None) -> list[str]:
+                  dtype: Optional[torch.dtype] = None, freeze_base_model: bool = True) -> list[str]:
     """Wrap every targeted linear layer of ``model`` in a ``LoRWeBLinear``, in place.
 
     Args:
@@ -166,6 +177,10 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
             initialised; None (default): each base layer's weight dtype (fp32 for bases without a plain weight, e.g.
             bitsandbytes). Training passes float32: fp32 master weights whose initial values are not rounded to a
             bf16 base's dtype.
+        freeze_base_model: True (default, as peft's injection): every parameter of ``model`` other than the LoRWeB
+            tensors stops requiring grad, so an optimizer built from ``p.requires_grad`` trains LoRWeB only; False:
+            only the wrapped base layers are frozen, the model's other parameters are left as they were.
+            ``remove_lorweb`` does not unfreeze them (as peft's unload).
 
     Returns:
         The injected module names.
@@ -189,6 +204,8 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
     for name, layer in new_layers.items():  # all built: swapping in cannot fail half way
         _set_submodule(model, name, layer)
     _keep_query_projection_out_of_layerwise_casting(model)
+    if freeze_base_model:
+        _freeze_base_model(model)
     return names
 
 
@@ -246,6 +263,8 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
     check_float_tensor("query", query)
     if query.dim() != 2 or query.shape[0] < 1:
         raise ValueError(f"query must be a (B, query_dim) tensor with B >= 1, got shape {tuple(query.shape)}")
+    if query.device.type == "meta":  # whatever check_finite says: the coefficients are computed from its values
+        raise ValueError("query is on the meta device: it holds no values (give a tensor with data, on any device)")
     _refuse_merged(layers, "set_query")
     if not torch.compiler.is_compiling():
         refuse_disk_group_offloading(layers, group_offloading_modes(model), "set_query")
@@ -601,8 +620,9 @@ def resolve_checkpoint_settings(path_or_state_dict, config=None, settings: Optio
 
 
 def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str, os.PathLike, None] = None, *,
-                        settings: Optional[Mapping] = None) -> list[str]:
-    """Load an official-format LoRWeB checkpoint, injecting the layers that are missing.
+                        settings: Optional[Mapping] = None, freeze_base_model: bool = True) -> list[str]:
+    """Load an official-format LoRWeB checkpoint, injecting the layers that are missing (when it injects any,
+    ``freeze_base_model`` is applied as by ``inject_lorweb``).
 
     N, r, key_dim and query_dim come from the tensor shapes (query_dim = key_dim when the checkpoint has no
     ``att_lora_to_q`` weights: ``query_projection_type="none"``). heads, activation, reduce, lora_alpha and the
@@ -743,6 +763,8 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         _set_submodule(model, name, layer)
     if new_layers:
         _keep_query_projection_out_of_layerwise_casting(model)
+        if freeze_base_model:
+            _freeze_base_model(model)
     with torch.no_grad():
         for name, tensors in groups.items():
             layer = model.get_submodule(name)

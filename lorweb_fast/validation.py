@@ -96,7 +96,9 @@ def check_float_tensor(name: str, value) -> torch.Tensor:
 
 
 def check_finite_tensor(name: str, value: torch.Tensor, hint: str = "") -> torch.Tensor:
-    """Raise ValueError when ``value`` holds NaN or Inf (one device synchronisation)."""
+    """Raise ValueError when ``value`` holds NaN or Inf (one device synchronisation), or is on the meta device."""
+    if value.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: it holds no values (give a tensor with data, on any device)")
     if not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).sum())
         raise ValueError(f"{name} holds {bad} NaN or Inf values{'; ' + hint if hint else ''}")

@@ -599,6 +599,43 @@ def test_autograd_history_at_inference_warns_and_no_grad_does_not():
         lf.set_query(m, query())  # training: history wanted, no warning
 
 
+@pytest.mark.parametrize("per_forward", [False, True])
+def test_a_query_or_coefficients_on_the_meta_device_are_refused_by_name(per_forward):
+    """A meta tensor holds no values: set_query (either mode, with or without the finiteness check) and
+    set_coefficients name it instead of failing inside torch ("Cannot copy out of meta tensor", "Tensor.item()
+    cannot be called on meta tensors"), and leave the model as it was."""
+    m = prepared()
+    snap = snapshot(m)
+    for check_finite in (True, False):
+        with pytest.raises(ValueError, match="query is on the meta device: it holds no values"), torch.no_grad():
+            lf.set_query(m, torch.randn(1, QUERY_DIM, device="meta"), per_forward=per_forward,
+                         check_finite=check_finite)
+        assert_unchanged(m, snap)
+    with pytest.raises(ValueError, match="coefficients is on the meta device: it holds no values"):
+        m[0].set_coefficients(torch.rand(1, CONFIG.num_loras, device="meta"))
+    assert_unchanged(m, snap)
+
+
+@pytest.mark.parametrize("per_forward", [False, True])
+def test_deepcopy_of_coefficients_with_autograd_history_names_them(per_forward):
+    """Training (autograd on) keeps the coefficients' (or the per-forward query's) history: copy.deepcopy of the model
+    (e.g. an EMA copy) is refused naming them and the way out, not with torch's "Only Tensors created explicitly by
+    the user (graph leaves)..." error; cleared or set under no_grad, the copy works and computes the same."""
+    m = tiny_model().train()
+    lf.set_query(m, query() * torch.ones((), requires_grad=True), per_forward=per_forward)
+    what = "per-forward query" if per_forward else "coefficients"
+    with pytest.raises(RuntimeError, match=f"holding {what} with autograd history.*clear_query"):
+        copy.deepcopy(m)
+    with torch.no_grad():
+        lf.set_query(m, query())
+    other = copy.deepcopy(m)
+    x = torch.randn(2, QUERY_DIM)
+    with torch.no_grad():
+        lf.set_query(m, query(2))
+        lf.set_query(other, query(2))
+    assert torch.equal(other(x), m(x)) and other[0].lora_A is not m[0].lora_A
+
+
 # ------------------------------------------------------------------------------------- weights files, devices
 @pytest.mark.parametrize("kind,exc,fragment", [("folder", IsADirectoryError, "is a folder; give its .safetensors"),
                                                ("torch pickle", LoRWeBCheckpointError, "not a safetensors file"),

@@ -176,22 +176,52 @@ def test_explicit_parameter_dtype_initialises_in_that_dtype():
     assert type(plain[0]) is nn.Linear  # nothing injected
 
 
-def test_wrapping_freezes_the_base_layer_only():
-    """As peft: the wrapped layer's parameters stop requiring grad (W is frozen in LoRWeB); the LoRWeB parameters
-    and the model's other layers are left as they were; a refused construction changes nothing."""
+@pytest.mark.parametrize("freeze_base_model", [True, False])
+def test_injection_leaves_only_lorweb_trainable_as_peft(freeze_base_model):
+    """As peft's injection (``inject_adapter_in_model``, diffusers' ``add_adapter``): every parameter but the LoRWeB
+    tensors stops requiring grad, the wrapped layer's W included (frozen in LoRWeB), so an optimizer built from
+    ``requires_grad`` trains LoRWeB only; ``freeze_base_model=False`` freezes the wrapped layers only and leaves the
+    model's other layers as they were; a refused construction changes nothing; ``remove_lorweb`` does not unfreeze
+    (as peft's unload)."""
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
     with pytest.raises(ValueError):
         lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, heads=3,
                                                 target_modules=["0"]))
     assert all(p.requires_grad for p in model.parameters())
-    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=["0"]))
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=["0"]),
+                     freeze_base_model=freeze_base_model)
     layer = model[0]
     assert not any(p.requires_grad for p in layer.base_layer.parameters())
     assert all(p.requires_grad for p in layer.lorweb_tensors().values())
-    assert all(p.requires_grad for p in model[1].parameters())
+    assert [p.requires_grad for p in model[1].parameters()] == [not freeze_base_model] * 2
+    assert {id(p) for p in model.parameters() if p.requires_grad} == (
+        {id(p) for p in layer.lorweb_tensors().values()} | (set() if freeze_base_model else
+                                                            {id(p) for p in model[1].parameters()}))
     lf.set_query(model, torch.randn(2, 6))
     model(torch.randn(2, 3, 6)).sum().backward()
     assert layer.base_layer.weight.grad is None and layer.lora_B.grad is not None
+    assert (model[1].weight.grad is None) == freeze_base_model
+    lf.remove_lorweb(model)
+    assert [p.requires_grad for p in model.parameters()] == [False, False] + [not freeze_base_model] * 2
+
+
+def test_loading_that_injects_layers_freezes_the_base_model_as_injection_does(tmp_path):
+    """load_lorweb_weights injecting the missing layers freezes the rest as inject_lorweb does (default), or only the
+    wrapped layers with freeze_base_model=False; loading into layers already there changes no requires_grad."""
+    config = lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=["0"])
+    source = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+    lf.inject_lorweb(source, config)
+    path = tmp_path / "w.safetensors"
+    lf.save_lorweb_weights(source, path)
+    for freeze in (True, False):
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+        lf.load_lorweb_weights(model, path, freeze_base_model=freeze)
+        assert [p.requires_grad for p in model[1].parameters()] == [not freeze] * 2
+        assert all(p.requires_grad for p in model[0].lorweb_tensors().values())
+        assert not any(p.requires_grad for p in model[0].base_layer.parameters())
+    model[1].requires_grad_(True)
+    lf.load_lorweb_weights(model, path)  # the layers are there: nothing injected, nothing frozen
+    assert all(p.requires_grad for p in model[1].parameters())
 
 
 def test_inputs_with_more_dimensions_are_one_samples_tokens():
