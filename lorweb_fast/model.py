@@ -21,7 +21,8 @@ from ._files import default_permissions
 from .layer import (LoRWeBLinear, group_offloading_members, group_offloading_modes, linear_dims,
                     refuse_disk_group_offloading)
 from .reference import ACTIVATIONS, REDUCTIONS
-from .validation import check_choice, check_finite_tensor, check_float_tensor, check_int, check_real, check_regex
+from .validation import (check_choice, check_finite_tensor, check_float_tensor, check_has_values, check_int,
+                         check_real, check_regex)
 
 #: The official targets: every nn.Linear inside the double and single FLUX blocks (494 layers in FLUX.1).
 DEFAULT_TARGET_MODULES = r"(transformer_blocks|single_transformer_blocks)\.\d+\..+"
@@ -263,8 +264,7 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
     check_float_tensor("query", query)
     if query.dim() != 2 or query.shape[0] < 1:
         raise ValueError(f"query must be a (B, query_dim) tensor with B >= 1, got shape {tuple(query.shape)}")
-    if query.device.type == "meta":  # whatever check_finite says: the coefficients are computed from its values
-        raise ValueError("query is on the meta device: it holds no values (give a tensor with data, on any device)")
+    check_has_values("query", query)  # whatever check_finite says: the coefficients are computed from its values
     _refuse_merged(layers, "set_query")
     if not torch.compiler.is_compiling():
         refuse_disk_group_offloading(layers, group_offloading_modes(model), "set_query")

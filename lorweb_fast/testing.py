@@ -131,12 +131,11 @@ def assert_within_rss_bound(name: str, got: torch.Tensor, ref: torch.Tensor, rss
     err = _assert_entries_within(name, got, ref, rss_tolerance(dtype, depth) * rss + rounding, dtype,
                                  "the statistical bound", in_eps)
     if err.numel() >= NORM_MIN_ENTRIES:
-        norm = err.norm().item()
-        bound = norm_tolerance(dtype, depth) * rss.norm().item() + FINAL_ROUNDING * eps * ref.norm().item()
+        norm, rss_norm = err.norm().item(), rss.norm().item()
+        bound = norm_tolerance(dtype, depth) * rss_norm + FINAL_ROUNDING * eps * ref.norm().item()
         if not norm <= bound:
             raise AssertionError(f"{name} ({dtype}): error norm {norm:.3e} exceeds the statistical bound of the "
-                                 f"whole tensor {bound:.3e} "
-                                 f"({norm / max(rss.norm().item(), 1e-300) / eps:.2f} eps x ||rss||)")
+                                 f"whole tensor {bound:.3e} ({norm / max(rss_norm, 1e-300) / eps:.2f} eps x ||rss||)")
 
 
 def random_problem(batch: int, seq: Optional[int], in_features: int, out_features: int, num_loras: int, rank: int,

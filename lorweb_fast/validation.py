@@ -95,10 +95,16 @@ def check_float_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
-def check_finite_tensor(name: str, value: torch.Tensor, hint: str = "") -> torch.Tensor:
-    """Raise ValueError when ``value`` holds NaN or Inf (one device synchronisation), or is on the meta device."""
+def check_has_values(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Raise ValueError when ``value`` is on the meta device (a shape without values)."""
     if value.device.type == "meta":
         raise ValueError(f"{name} is on the meta device: it holds no values (give a tensor with data, on any device)")
+    return value
+
+
+def check_finite_tensor(name: str, value: torch.Tensor, hint: str = "") -> torch.Tensor:
+    """Raise ValueError when ``value`` holds NaN or Inf (one device synchronisation), or is on the meta device."""
+    check_has_values(name, value)
     if not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).sum())
         raise ValueError(f"{name} holds {bad} NaN or Inf values{'; ' + hint if hint else ''}")
@@ -252,6 +258,8 @@ MIN_MAX_AREA = MIN_LONG_EDGE ** 2
 #: the model has loaded; the official values are 28 and 2.5).
 MAX_STEPS = 10_000
 MAX_GUIDANCE_SCALE = 1e4
+#: the largest generator seed (torch.Generator.manual_seed takes a 64-bit unsigned value)
+MAX_SEED = 2 ** 64 - 1
 _SIZE_OPTIONS = ("max_area / max_size (--max-area / --max-size) with resolution 'official', long_edge "
                  "(--long-edge) with 'native'")
 #: FluxKontextPipeline arguments that LoRWeBKontextPipeline sets itself, with the option that controls each.
@@ -463,7 +471,7 @@ def check_infer_args(args) -> None:
                                        or getattr(args, "max_size", None) is not None):
             raise UsageError("--max-area and --max-size apply to --resolution official; the native resolution is "
                              "capped by --long-edge")
-        check_int("--seed", args.seed, lo=0, hi=2 ** 64 - 1)
+        check_int("--seed", args.seed, lo=0, hi=MAX_SEED)
         if getattr(args, "device", None) is not None:
             check_device("--device", args.device)
         check_output_file("--out", args.out, image_suffixes())

@@ -260,13 +260,13 @@ def check_generate_args(args, pipe_kwargs: dict) -> None:
     """The numeric options and the output folder of ``eval generate``, named by their flags, before anything is
     read, loaded or written (the pipeline would refuse the same values only after the models loaded and run.json was
     written, and a rerun with the corrected value would then be refused as a run with other settings)."""
-    from ..validation import (MAX_GUIDANCE_SCALE, MAX_STEPS, MIN_LONG_EDGE, check_int, check_output_dir,
+    from ..validation import (MAX_GUIDANCE_SCALE, MAX_SEED, MAX_STEPS, MIN_LONG_EDGE, check_int, check_output_dir,
                               check_pipe_kwargs, check_real)
 
     check_int("--steps", args.steps, lo=1, hi=MAX_STEPS)
     check_real("--guidance-scale", args.guidance_scale, lo=0.0, hi=MAX_GUIDANCE_SCALE)
     for seed in args.seeds:
-        check_int("--seeds", seed, lo=0, hi=2 ** 64 - 1)
+        check_int("--seeds", seed, lo=0, hi=MAX_SEED)
     for flag, value in (("--long-edge", args.long_edge), ("--max-size", args.max_size)):
         if value is not None:
             check_int(flag, value, lo=MIN_LONG_EDGE)
