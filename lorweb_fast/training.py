@@ -281,7 +281,8 @@ class TrainConfig:
         self._check_choices((("weighting_scheme", WEIGHTING_SCHEMES), ("optimizer", OPTIMIZERS),
                              ("mixed_precision", MIXED_PRECISIONS)))
         for name in ("steps", "batch_size", "checkpoint_every", "long_edge"):
-            if getattr(self, name) < 1:
+            value = getattr(self, name)  # not a number: check_train_config names the field and its type
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         from .official_config import QUERY_SOURCES, SAVE_DTYPES, check_query_settings
 
@@ -299,10 +300,15 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
-#: TrainConfig fields that may differ when resuming: the step budget, options that change no computed value, the
-#: attention kernel choice (cudnn_attention: roundings only) and what a NaN loss does (nan_loss: only on a NaN).
+#: TrainConfig fields that may differ when resuming: the step budget, options that change no computed value (how
+#: many checkpoints are kept among them), the attention kernel choice (cudnn_attention: roundings only), what a NaN
+#: loss does (nan_loss: only on a NaN) and ``out``, the folder the checkpoint is found in (a run folder may be moved
+#: or named another way: ``runs/x/``, ``./runs/x``).
 RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers", "cudnn_attention",
-                     "keep_milestone_every", "nan_loss")
+                     "keep_checkpoints", "keep_milestone_every", "nan_loss", "out")
+#: TrainConfig fields naming a local folder or a hub id: compared on resume as ``recorded_location`` writes them (a
+#: local folder as its absolute path), so ``DATA``, ``DATA/`` and ``./DATA`` are the same folder
+RESUME_LOCATIONS = ("data", "model", "encoder")
 #: What a stored config that lacks a field did, where that differs from the field's default today: runs written
 #: before ``batching`` existed batched across buckets; before ``control_latents`` / ``encoder_dtype`` they encoded the
 #: control with the latent mode and ran the encoder in fp32; before ``missing_caption`` a sample without a caption
@@ -332,7 +338,12 @@ def latest_checkpoint(out: Union[str, Path]) -> Optional[Path]:
 def _comparable_config(cfg) -> dict:
     """The training config as JSON values, without the fields that may differ on resume."""
     values = json.loads(json.dumps(asdict(cfg), default=str))
-    return {k: v for k, v in values.items() if k not in RESUME_MAY_DIFFER}
+    return _located({k: v for k, v in values.items() if k not in RESUME_MAY_DIFFER})
+
+
+def _located(values: dict) -> dict:
+    """``values`` with the RESUME_LOCATIONS fields as ``recorded_location`` writes them."""
+    return {k: recorded_location(v) if k in RESUME_LOCATIONS and isinstance(v, str) else v for k, v in values.items()}
 
 
 def _read_trainer_state(ckpt: Path) -> dict:
@@ -383,7 +394,7 @@ def _check_resume_config(cfg, ckpt: Path, state: dict, out: Path) -> None:
     if stored is None:
         return
     now = _comparable_config(cfg)
-    stored = {k: v for k, v in stored.items() if k not in RESUME_MAY_DIFFER}
+    stored = _located({k: v for k, v in stored.items() if k not in RESUME_MAY_DIFFER})
     # a field added after the checkpoint was written counts as its default there
     defaults = json.loads(json.dumps({f.name: f.default for f in fields(cfg) if f.default is not MISSING},
                                      default=str))
@@ -475,6 +486,14 @@ def _check_injected_layers(transformer, cfg: TrainConfig, query_dim: Optional[in
             shown = ", ".join(f"{k}: layer {a!r}, config {b!r}" for k, (a, b) in differ.items())
             raise ValueError(f"the transformer's LoRWeB layers differ from the training config ({name}: {shown}); "
                              "train with a TrainConfig that matches them, or remove_lorweb() first")
+
+
+def _check_encoder_settings(encoder, cfg: TrainConfig) -> None:
+    """The analogy encoder must compute the query ``cfg`` says (the saved config.yaml is written from ``cfg``)."""
+    got = (encoder.query_mode, encoder.pooling_type, encoder.query_source)
+    if got != (cfg.query_mode, cfg.pooling_type, cfg.query_source):
+        raise ValueError(f"the encoder's (query_mode, pooling_type, query_source) = {got} differ from the training "
+                         f"config's {(cfg.query_mode, cfg.pooling_type, cfg.query_source)}")
 
 
 def rotate_checkpoints(out: Union[str, Path], keep: int, milestone_every: int = OFFICIAL_MILESTONE_EVERY) -> list[Path]:
@@ -1097,6 +1116,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         _reduce_gradients_in_fp32(accelerator.state.fsdp_plugin)
     if pipe is not None and lorweb_layers(pipe.transformer):  # before prepare_output may delete an old run
         _check_injected_layers(pipe.transformer, cfg, None if encoder is None else encoder.query_dim)
+    if encoder is not None:  # a given encoder, before prepare_output may delete an old run
+        _check_encoder_settings(encoder, cfg)
     if pipe is not None:
         _check_given_quantization(pipe, cfg.quantize_base)
     elif cfg.quantize_base == "qfloat8":
@@ -1111,10 +1132,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         encoder_dtype = weight_dtype if cfg.encoder_dtype == "auto" else DTYPE_NAMES[cfg.encoder_dtype]
         encoder = AnalogyEncoder(cfg.encoder, dtype=encoder_dtype, query_mode=cfg.query_mode,
                                  pooling_type=cfg.pooling_type, query_source=cfg.query_source)
-    got = (encoder.query_mode, encoder.pooling_type, encoder.query_source)
-    if got != (cfg.query_mode, cfg.pooling_type, cfg.query_source):
-        raise ValueError(f"the encoder's (query_mode, pooling_type, query_source) = {got} differ from the training "
-                         f"config's {(cfg.query_mode, cfg.pooling_type, cfg.query_source)}")
+    _check_encoder_settings(encoder, cfg)
     encoder.model.to(device)
     for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
         module = getattr(pipe, name).requires_grad_(False)

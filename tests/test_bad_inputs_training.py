@@ -9,6 +9,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -82,6 +83,49 @@ def test_resume_may_change_the_step_budget(tmp_path, field, value):
     ckpt = fake_checkpoint(tmp_path, 2, cfg)
     found, state = prepare_output(dataclasses.replace(cfg, resume=True, **{field: value}))
     assert found == ckpt and state["step"] == 2
+
+
+def test_resume_may_change_how_many_checkpoints_are_kept(tmp_path):
+    """keep_checkpoints changes no computed value (as keep_milestone_every): a run whose disk fills up can resume
+    keeping fewer checkpoints."""
+    cfg = small_train_config(tmp_path, keep_checkpoints=4)
+    ckpt = fake_checkpoint(tmp_path, 2, cfg)
+    found, state = prepare_output(dataclasses.replace(cfg, resume=True, keep_checkpoints=1))
+    assert found == ckpt and state["step"] == 2
+
+
+def test_resume_compares_folders_not_how_they_are_spelled(tmp_path, monkeypatch):
+    """--data, --model and --encoder name the same folders as ``DIR``, ``DIR/`` (shell completion) or ``./DIR`` from
+    the same directory; ``--out`` is where the checkpoint is found, so a run folder written as ``runs/x/`` or moved
+    elsewhere resumes. Another data folder is still refused, naming it."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("data", "other_data", "pipe", "clip"):
+        (tmp_path / name).mkdir()
+    cfg = small_train_config(tmp_path / "runs" / "x", data="data", model="pipe", encoder="clip")
+    fake_checkpoint(tmp_path / "runs" / "x", 2, cfg)
+    spelled = dict(data=str(tmp_path / "data") + "/", model="./pipe", encoder=str(tmp_path / "clip"))
+    found, state = prepare_output(dataclasses.replace(cfg, resume=True, out="runs/x/", **spelled))
+    assert found.name == "step-00000002" and state["step"] == 2
+    (tmp_path / "runs" / "x").rename(tmp_path / "moved")
+    found, state = prepare_output(dataclasses.replace(cfg, resume=True, out=str(tmp_path / "moved")))
+    assert found == tmp_path / "moved" / "checkpoints" / "step-00000002" and state["step"] == 2
+    with pytest.raises(ValueError, match=r"in data: '.*/data' -> '.*/other_data'"):
+        prepare_output(dataclasses.replace(cfg, resume=True, out="moved", data="other_data"))
+
+
+def test_a_given_encoder_with_another_query_is_refused_before_overwrite_deletes_the_old_run(tmp_path):
+    """train(cfg, encoder=...) checks the given encoder's query settings before --overwrite deletes anything (it used
+    to delete the old run, load the pipeline, then refuse the encoder)."""
+    demo.make_synthetic_analogies(tmp_path / "data", 2)
+    out = tmp_path / "run"
+    cfg = small_train_config(out, data=str(tmp_path / "data"), overwrite=True)
+    fake_checkpoint(out, 2, cfg)
+    (out / "loss.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    before = file_tree(out)
+    encoder = SimpleNamespace(query_mode="caa'b", pooling_type="avg", query_source="grid", query_dim=24)
+    with pytest.raises(ValueError, match=r"the encoder's \(query_mode, pooling_type, query_source\) = \(\"caa'b\""):
+        training.train(cfg, encoder=encoder)
+    assert file_tree(out) == before
 
 
 def test_resume_checks_train_config_json_for_older_checkpoints(tmp_path):
@@ -214,7 +258,8 @@ BAD_FIELDS = [("steps", 0, ValueError), ("steps", 2.5, TypeError), ("steps", Tru
               ("seed", -1, ValueError), ("num_workers", -2, ValueError), ("resume", "yes", TypeError),
               ("gradient_checkpointing", 1, TypeError), ("betas", (0.9,), ValueError),
               ("betas", (0.9, 1.0), ValueError), ("betas", (math.nan, 0.9), ValueError),
-              ("activation", "relu", ValueError), ("reduce", "max", ValueError), ("model", "", TypeError)]
+              ("activation", "relu", ValueError), ("reduce", "max", ValueError), ("model", "", TypeError),
+              ("batch_size", "2", TypeError), ("steps", "10", TypeError), ("long_edge", None, TypeError)]
 
 
 @pytest.mark.parametrize("field,value,exc", BAD_FIELDS)
