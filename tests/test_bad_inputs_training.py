@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from lorweb_fast import demo, training
-from lorweb_fast.testing import fake_checkpoint, file_tree, small_train_config, tiny_train_config, tiny_training_assets
+from lorweb_fast.model import save_lorweb_weights
+from lorweb_fast.testing import (fake_checkpoint, file_tree, small_train_config, tiny_lorweb_linear_model,
+                                 tiny_train_config, tiny_training_assets)
 from lorweb_fast.training import TrainConfig, prepare_output
 
 
@@ -51,6 +53,24 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path
     with caplog.at_level("WARNING", logger="lorweb_fast.training"):
         assert prepare_output(small_train_config(tmp_path, resume=True)) == (None, None)
     assert "starting from step 0" in caplog.text
+
+
+@pytest.mark.parametrize("held", ["checkpoint_without_trainer_state", "top_level_weights"])
+def test_resume_refuses_weights_it_cannot_continue_instead_of_overwriting_them(tmp_path, held):
+    """--resume where trained weights exist but no checkpoint holds both weights and trainer state (the trainer state
+    deleted to save space, or only the final lorweb.safetensors kept) is refused naming what is there: starting at
+    step 0 would overwrite those weights. Nothing is changed."""
+    cfg = small_train_config(tmp_path, resume=True)
+    if held == "top_level_weights":
+        save_lorweb_weights(tiny_lorweb_linear_model(), tmp_path / "lorweb.safetensors")
+    else:
+        (fake_checkpoint(tmp_path, 4, cfg) / "trainer_state.pt").unlink()
+    before = file_tree(tmp_path)
+    shown = "step-00000004" if held != "top_level_weights" else "lorweb.safetensors"
+    with pytest.raises(ValueError, match=rf"--resume: .* holds trained weights \({shown}\) but no checkpoint with both "
+                                         r"lorweb.safetensors and trainer_state.pt.*pass --overwrite"):
+        prepare_output(cfg)
+    assert file_tree(tmp_path) == before
 
 
 # -------------------------------------------------------------------------------------- resume config check
