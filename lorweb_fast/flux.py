@@ -859,10 +859,19 @@ class LoRWeBKontextPipeline:
     def set_analogy(self, a, a_prime, b) -> dict:
         """Compute the queries of the analogies and ``set_query`` them (e.g. before ``fuse_lora``); returns
         ``{layer: (B, N) coefficients}``."""
+        self._require_adapter()
         a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
         query = self._query(self.control_grids(a, a_prime, b), a, a_prime, b)
         with torch.no_grad():
             return set_query(self.transformer, query)
+
+    def _require_adapter(self) -> None:
+        """Raise, naming ``load_lora_weights``, when the transformer holds no LoRWeB layers (after
+        ``unload_lora_weights`` / ``delete_adapters``): an analogy has no coefficients to set then."""
+        if not lorweb_layers(self.transformer):
+            raise ValueError("this pipeline holds no LoRWeB adapter (unload_lora_weights() or delete_adapters() "
+                             "removed it): load one with pipe.load_lora_weights(path_or_dir) first; the stock "
+                             "pipeline without LoRWeB is pipe.pipe")
 
     def load_lora_weights(self, path_or_dir: Union[str, Path], weight_name: Optional[str] = None,
                           config: Union[str, Path, None] = None, *, adapter_name: Optional[str] = None,
@@ -1040,8 +1049,9 @@ class LoRWeBKontextPipeline:
         return self.pipe.enable_model_cpu_offload(*args, **kwargs)
 
     def set_adapters(self, adapter_names=None, adapter_weights=None) -> None:
-        """diffusers' ``set_adapters``: LoRWeB is one adapter, so one weight (a number, or a list of one) sets the
-        mixture's strength (``set_lorweb_scale``); None means 1.0. ``adapter_names`` may name only this adapter
+        """diffusers' ``set_adapters``: LoRWeB is one adapter, so one weight (a number, diffusers' per-component
+        ``{"transformer": number}``, or a list of one) sets the mixture's strength (``set_lorweb_scale``); None
+        means 1.0. ``adapter_names`` may name only this adapter
         (None: it), as diffusers refuses names it does not hold. While disabled, the strength is kept for
         ``enable_lora``, as in diffusers."""
         if adapter_names is not None and list(_as_list(adapter_names)) != [self._adapter_name]:
@@ -1050,7 +1060,14 @@ class LoRWeBKontextPipeline:
         weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights]
         if len(weights) != 1:
             raise ValueError(f"LoRWeB is one adapter: give one adapter weight, got {len(weights)}")
-        self.set_lorweb_scale(1.0 if weights[0] is None else weights[0])
+        weight = weights[0]
+        if isinstance(weight, Mapping):  # diffusers' per-component form, {"transformer": s}
+            others = sorted(str(k) for k in weight if k != "transformer")
+            if others:
+                raise ValueError(f"adapter_weights names components {others}: LoRWeB adapts the transformer only "
+                                 "(give {'transformer': weight} or a number)")
+            weight = weight.get("transformer")
+        self.set_lorweb_scale(1.0 if weight is None else weight)
 
     def disable_lora(self) -> None:
         """diffusers' ``disable_lora``: the base model's output (strength 0) until ``enable_lora``."""
@@ -1127,6 +1144,13 @@ class LoRWeBKontextPipeline:
         agree)."""
         if self.resolution == "native":
             return self.encoder.query(grids=grids, a=a, a_prime=a_prime, b=b, crops="cells")
+        multiple = 2 * int(getattr(self.pipe, "vae_scale_factor", 8))  # FluxKontextPipeline: sides multiples of it
+        for i, grid in enumerate(grids):
+            if min(grid.size) < multiple:
+                raise ValueError(f"a[{i}] is {a[i].width}x{a[i].height}: at the official resolution the control grid "
+                                 f"takes a's size ({grid.width}x{grid.height}), and the pipeline rounds its sides "
+                                 f"down to multiples of {multiple}, to 0 here; use a larger a (at least "
+                                 f"{multiple // 2} px on a side) or resolution='native'")
         if self.encoder.query_source == "grid":
             for i, grid in enumerate(grids):
                 problem = query_crop_problem(*grid.size, self.encoder.query_mode, "inference")
@@ -1154,7 +1178,7 @@ class LoRWeBKontextPipeline:
 
     def __call__(self, a, a_prime, b, prompt, *, merge: Union[bool, str] = "auto", num_inference_steps: int = 28,
                  guidance_scale: float = 2.5, generator=None, seed: int = DEFAULT_SEED,
-                 long_edge: Optional[int] = None, output_type: str = "pil", progress: bool = True,
+                 long_edge: Optional[int] = None, output_type: str = "pil", progress: Optional[bool] = None,
                  **pipe_kwargs) -> list:
         """b' for each analogy (a[i] : a_prime[i] :: b[i] : ?). Images are PIL images or paths (see load_image).
 
@@ -1168,10 +1192,16 @@ class LoRWeBKontextPipeline:
             generator: a torch.Generator, or B of them (one per analogy: the result then matches one-by-one runs);
                 by default one seeded with ``seed`` (50, as inference.py) on the pipeline's execution device.
             output_type: "pil" (PIL images) or "np" (float arrays in [0, 1], (H, W, 3)).
+            progress: True / False shows / hides the denoising progress bar (``set_progress_bar_config(disable=not
+                progress)`` on the wrapped pipeline, which replaces its progress bar settings); None (default) leaves
+                the settings of ``pipe.set_progress_bar_config(...)`` as they are.
             pipe_kwargs: passed to FluxKontextPipeline.__call__ (e.g. ``true_cfg_scale``, ``negative_prompt``).
         """
         check_generation_options(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                  long_edge=long_edge, merge=merge, output_type=output_type)
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError(f"progress must be True, False or None, got {progress!r}")
+        self._require_adapter()
         check_pipe_kwargs(pipe_kwargs, type(self.pipe).__call__)
         a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
         warn_aspect_ratios(a, a_prime, b, cells_from="a" if self.resolution == "official" else "b")
@@ -1197,7 +1227,8 @@ class LoRWeBKontextPipeline:
             size_kwargs = dict(max_area=self.max_area, _auto_resize=True)
         else:
             size_kwargs = dict(max_area=width * height, _auto_resize=False)
-        self.pipe.set_progress_bar_config(disable=not progress)
+        if progress is not None:  # None: what pipe.set_progress_bar_config(...) set stays in force
+            self.pipe.set_progress_bar_config(disable=not progress)
         # a call that fails (a merge strategy that cannot serve this batch, an error inside the pipeline) leaves the
         # layers' analogy as it was before the call
         with analogy_restored_on_error(self.transformer):

@@ -241,6 +241,9 @@ def resolve_checkpoint(weights: Union[str, os.PathLike], weight_name: Optional[s
     """
     from .official_config import config_beside, find_checkpoint
 
+    if not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"the LoRWeB checkpoint must be a safetensors file, a folder or a Hugging Face Hub repo id "
+                        f"(a str or path), got {type(weights).__name__}")
     unknown = sorted(set(hub) - set(HUB_OPTIONS))
     if unknown:
         raise TypeError(f"unknown checkpoint options {unknown}; the Hugging Face Hub options are {list(HUB_OPTIONS)}")

@@ -219,6 +219,50 @@ def test_official_resolution_names_an_a_too_wide_for_the_official_crops():
         native([picture(), picture(64, 32)], [picture()] * 2, [picture()] * 2, "flip")
 
 
+@pytest.mark.parametrize("size", [(1, 1), (4, 4), (7, 12), (12, 7)])
+def test_official_resolution_names_an_a_too_small_for_the_pipeline(pipe, size):
+    """Cells take a's size: a grid side below the pipeline's multiple (2 * vae_scale_factor, 16 for FLUX) is rounded
+    to 0 by FluxKontextPipeline (a ZeroDivisionError deep inside it); the error names a, before anything runs."""
+    official = flux.LoRWeBKontextPipeline(pipe.pipe, FakeEncoder())
+    before = state(official)
+    with pytest.raises(ValueError, match=rf"a\[0\] is {size[0]}x{size[1]}: .*multiples of 16, to 0 here"):
+        official(picture(*size), picture(), picture(), "flip")
+    after = state(official)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    with pytest.raises(EncoderReached):  # 8x8 cells: a 16x16 grid
+        official(picture(8, 8), picture(), picture(), "flip")
+
+
+def test_set_adapters_takes_diffusers_per_component_weights(pipe):
+    """diffusers' ``set_adapters(name, {"transformer": s})`` sets the strength; a component LoRWeB does not adapt
+    is named and changes nothing."""
+    pipe.set_adapters("lorweb", {"transformer": 0.25})
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 0.25
+    pipe.set_adapters(["lorweb"], [{"transformer": 0.5}])
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 0.5
+    with pytest.raises(ValueError, match=r"components \['text_encoder'\]: LoRWeB adapts the transformer only"):
+        pipe.set_adapters("lorweb", {"transformer": 2.0, "text_encoder": 0.5})
+    assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 0.5
+
+
+def test_a_pipeline_without_its_adapter_names_load_lora_weights(pipe):
+    """After unload_lora_weights() an analogy has nothing to set: the call and set_analogy name the way back
+    instead of failing inside the merge choice or set_query."""
+    pipe.unload_lora_weights()
+    for merge in ("auto", "none", "full"):
+        with pytest.raises(ValueError, match=r"holds no LoRWeB adapter.*pipe\.load_lora_weights"):
+            pipe(picture(), picture(), picture(), "flip", merge=merge)
+    with pytest.raises(ValueError, match="holds no LoRWeB adapter"):
+        pipe.set_analogy(picture(), picture(), picture())
+
+
+@pytest.mark.parametrize("progress", ["yes", 1])
+def test_progress_must_be_a_bool_or_none(pipe, progress):
+    with pytest.raises(TypeError, match="progress must be True, False or None"):
+        pipe(picture(), picture(), picture(), "flip", progress=progress)
+
+
 @pytest.mark.parametrize("resolution", ["official", "native"])
 def test_an_empty_batch_is_named(resolution):
     pipe = flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), resolution=resolution)

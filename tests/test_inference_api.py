@@ -334,6 +334,24 @@ def test_pipeline_attributes_and_adapter_switches_as_in_diffusers(pipe):
     assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0  # refused calls change nothing
 
 
+def test_a_call_keeps_the_progress_bar_settings_of_set_progress_bar_config(pipe, capsys):
+    """diffusers: ``pipe.set_progress_bar_config(disable=True)`` turns the denoising bar off for every later call;
+    a call without ``progress=`` keeps it so (it used to reset the settings to disable=False on every call), and
+    ``progress=True`` / ``False`` still switch it."""
+    a, a2, b = random_analogy(0)
+
+    def bar_shown(**options):
+        capsys.readouterr()
+        pipe(a, a2, b, "x", num_inference_steps=STEPS, output_type="np",
+             max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, **options)
+        return f"{STEPS}/{STEPS}" in capsys.readouterr().err
+
+    pipe.set_progress_bar_config(disable=True)
+    assert not bar_shown()
+    assert bar_shown(progress=True)
+    assert not bar_shown(progress=False)
+
+
 def test_disabled_adapter_keeps_a_strength_set_meanwhile(pipe):
     """diffusers: after disable_lora the output stays the base model's whatever set_adapters sets; enable_lora then
     uses the weight set meanwhile. The adapter bookkeeping (get_active_adapters, get_list_adapters) follows."""

@@ -255,6 +255,16 @@ def test_none_hub_options_are_not_options(tmp_path):
         (tmp_path / "w.safetensors", None)
 
 
+@pytest.mark.parametrize("weights", [None, 3, {"transformer.0.lora_A": torch.zeros(1)}])
+def test_a_checkpoint_that_is_no_path_is_named(weights):
+    """None, a number or a state dict where a file, folder or repo id is expected: one error saying what is
+    expected (not os.fspath's "expected str, bytes or os.PathLike object")."""
+    with pytest.raises(TypeError, match="checkpoint must be a safetensors file, a folder or a Hugging Face Hub repo"):
+        lora_api.resolve_checkpoint(weights)
+    with pytest.raises(TypeError, match="checkpoint must be a safetensors file"):
+        lora_api.load_lora_weights(tiny_model(), weights)
+
+
 def test_a_local_folder_is_not_searched_below_its_top(tmp_path):
     """A local folder whose only checkpoint lies in a subfolder is refused (find_checkpoint's rule, as --weights DIR
     reads it): the one-folder fallback is for Hub repos. weight_name picks the file."""
