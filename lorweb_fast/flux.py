@@ -1198,9 +1198,8 @@ class LoRWeBKontextPipeline:
             pipe_kwargs: passed to FluxKontextPipeline.__call__ (e.g. ``true_cfg_scale``, ``negative_prompt``).
         """
         check_generation_options(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                 long_edge=long_edge, merge=merge, output_type=output_type)
-        if progress is not None and not isinstance(progress, bool):
-            raise TypeError(f"progress must be True, False or None, got {progress!r}")
+                                 long_edge=long_edge, merge=merge, output_type=output_type, seed=seed,
+                                 progress=progress)
         self._require_adapter()
         check_pipe_kwargs(pipe_kwargs, type(self.pipe).__call__)
         a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))

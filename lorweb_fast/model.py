@@ -18,7 +18,7 @@ from torch import nn
 
 from . import ops
 from ._files import default_permissions
-from .layer import (LoRWeBLinear, group_offloading_members, group_offloading_modes, linear_dims,
+from .layer import (LoRWeBLinear, group_offloading_members, group_offloading_modes, has_plain_weight, linear_dims,
                     refuse_disk_group_offloading)
 from .reference import ACTIVATIONS, REDUCTIONS
 from .validation import (check_choice, check_finite_tensor, check_float_tensor, check_has_values, check_int,
@@ -619,6 +619,27 @@ def resolve_checkpoint_settings(path_or_state_dict, config=None, settings: Optio
     return out
 
 
+def _overflow_problems(name: str, tensors: dict, module: nn.Module) -> list[str]:
+    """The checkpoint tensors of ``name`` that are finite in the file but not once cast to the dtype the layer holds
+    them in (an fp32 file with values beyond 65504 loaded into an fp16 model): they would turn into Inf there."""
+    if isinstance(module, LoRWeBLinear):
+        held = {s: t.dtype for s, t in module.lorweb_tensors().items()}
+    else:  # a new LoRWeBLinear creates its tensors in the base weight's dtype (fp32 for a quantized base)
+        dtype = module.weight.dtype if has_plain_weight(module) else torch.float32
+        held = dict.fromkeys(tensors, dtype)
+    problems = []
+    for suffix, t in tensors.items():
+        target = held.get(suffix)
+        if (target is None or not t.is_floating_point() or not target.is_floating_point
+                or torch.finfo(target).max >= torch.finfo(t.dtype).max or not bool(torch.isfinite(t).all())):
+            continue
+        if not bool(torch.isfinite(t.to(target)).all()):
+            problems.append(f"{CHECKPOINT_PREFIX}{name}.{suffix} holds values up to {t.abs().max().item():.4g}, "
+                            f"which overflow the layer's {str(target).removeprefix('torch.')} (largest finite "
+                            f"{torch.finfo(target).max:.4g})")
+    return problems
+
+
 def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str, os.PathLike, None] = None, *,
                         settings: Optional[Mapping] = None, freeze_base_model: bool = True) -> list[str]:
     """Load an official-format LoRWeB checkpoint, injecting the layers that are missing (when it injects any,
@@ -711,6 +732,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         in_f, out_f = linear_dims(module)
         shape_problems = _check_module_tensors(name, tensors, in_f, out_f)
         problems += shape_problems
+        problems += _overflow_problems(name, tensors, module)
         if isinstance(module, LoRWeBLinear) and not shape_problems:
             k = tensors["lora_keys"]
             q_shape = tuple(tensors["att_lora_to_q.weight"].shape) if projection == "linear" else (k.shape[1],) * 2

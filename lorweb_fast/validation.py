@@ -298,9 +298,13 @@ def check_pipe_kwargs(pipe_kwargs: dict, call=None) -> dict:
     return pipe_kwargs
 
 
-def check_generation_options(*, num_inference_steps, guidance_scale, long_edge, merge, output_type) -> None:
+def check_generation_options(*, num_inference_steps, guidance_scale, long_edge, merge, output_type, seed=0,
+                             progress=None) -> None:
     """Range and type of LoRWeBKontextPipeline.__call__'s own options."""
     check_int("num_inference_steps", num_inference_steps, lo=1, hi=MAX_STEPS)
+    check_int("seed", seed, lo=0, hi=MAX_SEED)  # as --seed: torch.Generator.manual_seed's non-negative range
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None, got {progress!r}")
     check_real("guidance_scale", guidance_scale, lo=0.0, hi=MAX_GUIDANCE_SCALE)
     if long_edge is not None:
         check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)

@@ -797,3 +797,34 @@ def test_a_plain_lora_checkpoint_is_named_as_such(tmp_path):
               tmp_path / "mixed.safetensors")
     with pytest.raises(lf.LoRWeBCheckpointError, match="unexpected key something.else"):
         lf.load_lorweb_weights(m, tmp_path / "mixed.safetensors")
+
+
+@pytest.mark.parametrize("target", ["fresh", "injected"])
+def test_values_finite_in_the_file_but_not_in_the_layers_dtype_are_refused(tmp_path, target):
+    """An fp32 checkpoint with values beyond fp16's range (65504) passes the file's NaN/Inf check but would turn into
+    Inf in an fp16 model (and every output into NaN): refused naming the tensor, its largest value and the dtype, the
+    model unchanged. Values inside the range load (positive control)."""
+    source = nn.Sequential(nn.Linear(4, 3))
+    lf.inject_lorweb(source, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=2, query_dim=3, target_modules=r"\d"))
+    state = lf.lorweb_state_dict(source)
+    key_b = next(k for k in state if k.endswith("lora_B"))
+    fits = dict(state, **{key_b: torch.full_like(state[key_b], 6.0e4)})
+    overflows = dict(state, **{key_b: torch.full_like(state[key_b], 1.0e6)})
+
+    def fp16_model():
+        model = nn.Sequential(nn.Linear(4, 3)).half()
+        if target == "injected":
+            lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=2, query_dim=3,
+                                                    target_modules=r"\d"))
+        return model
+
+    model = fp16_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LoRWeBCheckpointError, match=r"0\.lora_B holds values up to 1e\+06, which overflow the "
+                                                    r"layer's float16 \(largest finite 6\.55e\+04\)"):
+        lf.load_lorweb_weights(model, overflows)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model = fp16_model()
+    lf.load_lorweb_weights(model, fits)
+    assert model[0].lora_B.dtype == torch.float16 and bool((model[0].lora_B == 6.0e4).all())

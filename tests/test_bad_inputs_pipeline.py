@@ -263,6 +263,14 @@ def test_progress_must_be_a_bool_or_none(pipe, progress):
         pipe(picture(), picture(), picture(), "flip", progress=progress)
 
 
+@pytest.mark.parametrize("seed,exc", [("50", TypeError), (50.0, TypeError), (-1, ValueError)])
+def test_a_seed_that_is_no_non_negative_integer_is_named(pipe, seed, exc):
+    """As --seed: named before anything runs, not torch.Generator.manual_seed's "expected a long" or a negative
+    seed that the CLI refuses."""
+    with pytest.raises(exc, match="seed must be an integer"):
+        pipe(picture(), picture(), picture(), "flip", seed=seed)
+
+
 @pytest.mark.parametrize("resolution", ["official", "native"])
 def test_an_empty_batch_is_named(resolution):
     pipe = flux.LoRWeBKontextPipeline(FakeKontext(), FakeEncoder(), resolution=resolution)

@@ -141,14 +141,21 @@ def test_pipeline_argument_ranges(kwargs, fragment):
 
 @pytest.mark.parametrize("options,fragment", [({"num_inference_steps": V.MAX_STEPS + 1}, "num_inference_steps"),
                                               ({"output_type": "latent"}, "output_type must be 'pil' or 'np'"),
-                                              ({"merge": "half"}, "merge must be 'auto', 'none'")])
+                                              ({"merge": "half"}, "merge must be 'auto', 'none'"),
+                                              ({"seed": -1}, r"seed must be an integer in \[0, 18446744073709551615\]"),
+                                              ({"seed": V.MAX_SEED + 1}, "seed must be an integer in"),
+                                              ({"seed": "50"}, "seed must be an integer .*got str '50'"),
+                                              ({"seed": 50.0}, "seed must be an integer .*got float"),
+                                              ({"progress": "yes"}, "progress must be True, False or None")])
 def test_generation_options_ranges(options, fragment):
     """Refused before anything runs: more steps than MAX_STEPS, an output type or merge strategy that does not
-    exist; the ends of the ranges are fine."""
+    exist, a seed that is no integer in [0, MAX_SEED] (as --seed), a progress that is no bool; the ends of the
+    ranges are fine."""
     base = dict(num_inference_steps=V.MAX_STEPS, guidance_scale=V.MAX_GUIDANCE_SCALE, long_edge=V.MIN_LONG_EDGE,
-                merge="auto", output_type="np")
+                merge="auto", output_type="np", seed=V.MAX_SEED, progress=None)
     V.check_generation_options(**base)
-    with pytest.raises(ValueError, match=fragment):
+    V.check_generation_options(**{**base, "seed": 0, "progress": False})
+    with pytest.raises((ValueError, TypeError), match=fragment):
         V.check_generation_options(**{**base, **options})
 
 
