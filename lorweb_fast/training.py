@@ -494,12 +494,25 @@ def _check_injected_layers(transformer, cfg: TrainConfig, query_dim: Optional[in
                              "train with a TrainConfig that matches them, or remove_lorweb() first")
 
 
+def _build_encoder(cfg: TrainConfig, weight_dtype: torch.dtype):
+    """The AnalogyEncoder ``cfg`` names, in ``cfg.encoder_dtype`` ("auto": the training weights' dtype)."""
+    from .flux import AnalogyEncoder
+
+    encoder_dtype = weight_dtype if cfg.encoder_dtype == "auto" else DTYPE_NAMES[cfg.encoder_dtype]
+    return AnalogyEncoder(cfg.encoder, dtype=encoder_dtype, query_mode=cfg.query_mode, pooling_type=cfg.pooling_type,
+                          query_source=cfg.query_source)
+
+
 def _check_encoder_settings(encoder, cfg: TrainConfig) -> None:
     """The analogy encoder must compute the query ``cfg`` says (the saved config.yaml is written from ``cfg``)."""
     got = (encoder.query_mode, encoder.pooling_type, encoder.query_source)
     if got != (cfg.query_mode, cfg.pooling_type, cfg.query_source):
         raise ValueError(f"the encoder's (query_mode, pooling_type, query_source) = {got} differ from the training "
                          f"config's {(cfg.query_mode, cfg.pooling_type, cfg.query_source)}")
+    if cfg.query_projection_type == "none" and cfg.key_dim != encoder.query_dim:
+        raise ValueError(f"key_dim must be {encoder.query_dim} with query_projection_type 'none', got {cfg.key_dim}: "
+                         f"the keys take the encoder's {encoder.query_dim}-feature queries directly (query_mode "
+                         f"{cfg.query_mode!r}); pass --key-dim {encoder.query_dim} or --query-projection-type linear")
 
 
 def rotate_checkpoints(out: Union[str, Path], keep: int, milestone_every: int = OFFICIAL_MILESTONE_EVERY) -> list[Path]:
@@ -1091,8 +1104,6 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
 
-    from .flux import AnalogyEncoder
-
     cfg.validate()
     dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge, skip_bad=cfg.skip_bad, layout=cfg.layout,
                             bidirectional=cfg.bidirectional, resize=cfg.resize,
@@ -1122,7 +1133,10 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         _reduce_gradients_in_fp32(accelerator.state.fsdp_plugin)
     if pipe is not None and lorweb_layers(pipe.transformer):  # before prepare_output may delete an old run
         _check_injected_layers(pipe.transformer, cfg, None if encoder is None else encoder.query_dim)
-    if encoder is not None:  # a given encoder, before prepare_output may delete an old run
+    weight_dtype = DTYPE_NAMES.get(cfg.mixed_precision, torch.float32)  # mixed_precision "no": fp32
+    if encoder is None and cfg.query_projection_type == "none":  # key_dim must be its width: known before
+        encoder = _build_encoder(cfg, weight_dtype)                 # prepare_output may delete an old run
+    if encoder is not None:  # before prepare_output may delete an old run
         _check_encoder_settings(encoder, cfg)
     if pipe is not None:
         _check_given_quantization(pipe, cfg.quantize_base)
@@ -1131,14 +1145,11 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     ckpt, trainer_state = prepare_output(cfg, main_process=accelerator.is_main_process)  # before loading models
     accelerator.wait_for_everyone()
 
-    weight_dtype = DTYPE_NAMES.get(cfg.mixed_precision, torch.float32)  # mixed_precision "no": fp32
     if pipe is None:
         pipe = load_training_pipeline(cfg.model, weight_dtype, cfg.quantize_base, device)
     if encoder is None:
-        encoder_dtype = weight_dtype if cfg.encoder_dtype == "auto" else DTYPE_NAMES[cfg.encoder_dtype]
-        encoder = AnalogyEncoder(cfg.encoder, dtype=encoder_dtype, query_mode=cfg.query_mode,
-                                 pooling_type=cfg.pooling_type, query_source=cfg.query_source)
-    _check_encoder_settings(encoder, cfg)
+        encoder = _build_encoder(cfg, weight_dtype)
+        _check_encoder_settings(encoder, cfg)
     encoder.model.to(device)
     for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
         module = getattr(pipe, name).requires_grad_(False)

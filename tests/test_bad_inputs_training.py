@@ -148,6 +148,36 @@ def test_a_given_encoder_with_another_query_is_refused_before_overwrite_deletes_
     assert file_tree(out) == before
 
 
+def test_a_key_dim_other_than_the_encoders_width_without_projection_is_refused_before_overwrite(tmp_path,
+                                                                                               monkeypatch):
+    """query_projection_type 'none' feeds the encoder's queries to the keys, so key_dim must be the encoder's query
+    width: refused naming both before --overwrite deletes the old run and before the FLUX pipeline loads (it used to
+    fail at injection, after both)."""
+    from lorweb_fast import flux
+
+    demo.make_synthetic_analogies(tmp_path / "data", 2)
+    demo.build_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "run"
+    cfg = small_train_config(out, data=str(tmp_path / "data"), encoder=str(tmp_path / "clip"),
+                             query_projection_type="none", key_dim=8, heads=1, overwrite=True)
+    fake_checkpoint(out, 2, cfg)
+    (out / "loss.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    before = file_tree(out)
+
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("the FLUX pipeline was loaded before the key_dim check")
+
+    monkeypatch.setattr(training, "load_training_pipeline", no_pipeline)
+    width = flux.AnalogyEncoder(str(tmp_path / "clip")).query_dim
+    assert width != 8
+    with pytest.raises(ValueError, match=rf"key_dim must be {width} with query_projection_type 'none', got 8: .*"
+                                         rf"pass --key-dim {width}"):
+        training.train(cfg)
+    assert file_tree(out) == before
+    with pytest.raises(AssertionError, match="pipeline was loaded"):  # positive control: the matching width passes
+        training.train(dataclasses.replace(cfg, key_dim=width))
+
+
 def test_resume_checks_train_config_json_for_older_checkpoints(tmp_path):
     cfg = small_train_config(tmp_path)
     fake_checkpoint(tmp_path, 2, cfg, state={"step": 2, "optimizer": {"state": {}, "param_groups": []}})
