@@ -595,8 +595,12 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
     if dump is not None:
         out = Path(dump)
         out.mkdir(parents=True, exist_ok=True)
+        names = [dataset.name(i) for i in range(len(dataset))]
+        shared = {n for n, k in Counter(names).items() if k > 1}  # target/a.jpg and target/a.png: both samples
         for i in tqdm(range(len(dataset)), desc="dumping grids", unit="sample", disable=not progress):
-            name = dataset.name(i).replace("/", "__")
+            name = names[i] if names[i] not in shared else \
+                dataset.samples[i][1].relative_to(dataset.root / "target").as_posix()  # keeps the extension
+            name = name.replace("/", "__")
             control, target = dataset.full_grids(i)
             _atomic_write(out / f"{name}_target.png", lambda p: target.save(p, format="PNG"))
             _atomic_write(out / f"{name}_control.png", lambda p: control.save(p, format="PNG"))
@@ -815,6 +819,10 @@ def write_analogy(analogy: dict, out: Path) -> None:
     edit instruction), as ``process_single_analogy``; each file atomically."""
     from PIL import Image
 
+    if "/" in analogy["id"] or os.sep in analogy["id"]:  # an img_name in a sub-folder of Group1/
+        raise ValueError(f"{analogy['id']}: the analogy id holds a path separator (from an img_name in a sub-folder); "
+                         "its files would land in sub-folders of control/ and target/, where the training loader "
+                         "cannot pair them (the official preprocess_data.py fails such an analogy)")
     a, a_prime = _halves(analogy["A"]["path"])
     b, b_prime = _halves(analogy["C"]["path"])
     cells = [a, a_prime, b]

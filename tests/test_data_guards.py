@@ -463,3 +463,36 @@ def test_data_prepare_target_modes_as_official(tmp_path):
         with Image.open(out / "target" / f"{aid}.jpg") as got:
             assert got.mode == "RGB"
     assert not (out / "control" / "analogy_cat_img0.png_cat_img1.png_0000.jpg").exists()
+
+
+def test_data_check_dump_keeps_samples_that_share_a_name(tmp_path):
+    """target/s.png and target/s.jpg are two samples (as the official loader lists them): the dump wrote both to
+    s_target.png, the second replacing the first; each now keeps its extension in its file names."""
+    root = _grid_folder(tmp_path / "d", n=1)
+    with Image.open(root / "target" / "g0.png") as im:
+        im.save(root / "target" / "g0.jpg", quality=95)
+    report = _quiet(lambda: data.check_folder(root, dump=tmp_path / "dump", progress=False))
+    assert report["samples"] == 2
+    assert sorted(p.name for p in (tmp_path / "dump").iterdir()) == sorted(
+        f"g0.{ext}_{kind}" for ext in ("jpg", "png") for kind in ("caption.txt", "control.png", "target.png"))
+
+
+def test_data_prepare_fails_an_analogy_whose_id_holds_a_path_separator(tmp_path):
+    """An img_name in a sub-folder of Group1/ ("sub/img0.png") gives an id with "/": its files were written into
+    sub-folders of control/ and target/ that the training loader cannot pair ("has no control image"); the analogy
+    now fails, as in the official script (whose save into the missing sub-folder fails), and nothing is written."""
+    group = tmp_path / "rel" / "cat" / "Group1"
+    (group / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    labels = []
+    for k in range(2):
+        Image.fromarray(smooth_rgb(rng, 32, 12, ramp=RAMP)).save(group / "sub" / f"img{k}.png")
+        labels.append({"img_name": f"sub/img{k}.png", "edit_instruction": "e", "left_image_description": "l",
+                       "right_image_description": "r"})
+    (group / "labels.json").write_text(json.dumps(labels))
+    report = data.prepare_relation252k(tmp_path / "rel", tmp_path / "out", progress=False)
+    assert report["written"] == 0 and len(report["failed"]) == 1
+    assert "path separator" in report["failed"][0][1]
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()] == \
+        ["analogy_metadata.json"]
+    assert not list((tmp_path / "out" / "control").iterdir()) and not list((tmp_path / "out" / "target").iterdir())

@@ -240,3 +240,27 @@ def test_runs_reader(tmp_path):
         E.read_runs(runs)
     with pytest.raises(E.EvalInputError, match="runs folder not found"):
         E.read_runs(tmp_path / "none")
+
+
+def test_text_files_that_are_not_utf8_name_the_file(tmp_path):
+    """A prompt.txt or labels.json that is not UTF-8 was a bare "'utf-8' codec can't decode byte" error naming no
+    file; a labels.json that is not a list of string fields was a TypeError traceback."""
+    root = tiny.make_folder_evalset(tmp_path / "ev", per_task=1)
+    (root / "flip/000/prompt.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(E.EvalInputError, match=r"prompt file .*flip/000/prompt.txt is not valid UTF-8"):
+        E.read_evalset(root)
+    runs = tiny.make_runs_folder(tmp_path / "runs", tiny.make_folder_evalset(tmp_path / "ev2", per_task=1))
+    (runs / "swap/000/prompt.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(E.EvalInputError, match=r"prompt file .*swap/000/prompt.txt is not valid UTF-8"):
+        E.read_runs(runs)
+    group = tmp_path / "rel" / "task" / "Group1"
+    group.mkdir(parents=True)
+    (group / "labels.json").write_bytes(b'[{"img_name": "a.png", "edit_instruction": "caf\xe9"}]')
+    with pytest.raises(E.EvalInputError, match=r"labels file .*labels.json is not valid UTF-8"):
+        E.read_evalset(tmp_path / "rel", "relation252k")
+    (group / "labels.json").write_text(json.dumps([{"img_name": 3, "edit_instruction": "e"}]))
+    with pytest.raises(E.EvalInputError, match=r"entry 0 needs 'img_name' and 'edit_instruction' strings"):
+        E.read_evalset(tmp_path / "rel", "relation252k")
+    (group / "labels.json").write_text(json.dumps({"img_name": "a.png"}))
+    with pytest.raises(E.EvalInputError, match=r"labels.json holds a JSON dict, not a list"):
+        E.read_evalset(tmp_path / "rel", "relation252k")

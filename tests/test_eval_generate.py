@@ -411,3 +411,38 @@ def test_cli_refuses_an_out_that_is_a_file(assets, tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert f"--out {out} is a file; give a folder" in err and "\n" not in err
     assert out.read_bytes() == b"not a folder"
+
+
+@pytest.mark.parametrize("case", ["seeds", "not_an_image", "out_inside"])
+def test_cli_refuses_bad_inputs_before_loading(assets, tmp_path, monkeypatch, capsys, case):
+    """A repeated seed (generated the same b' twice into one folder and counted it twice), an input that is not an
+    image (e.g. a Git LFS pointer: found only after the models loaded and run.json was written) and an --out inside
+    a folder-layout evaluation set (read back as a task by the next run): one line, before any model loads or any
+    file is written."""
+    import shutil
+
+    from lorweb_fast.flux import LoRWeBKontextPipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(LoRWeBKontextPipeline, "from_pretrained", staticmethod(no_load))
+    evalset = tmp_path / "evalset"
+    shutil.copytree(assets / "evalset", evalset)
+    argv = gen_args(assets, tmp_path / "runs")
+    argv[argv.index("--evalset") + 1] = str(evalset)
+    out, fragment = tmp_path / "runs", None
+    if case == "seeds":
+        argv += ["--seeds", "5", "7", "5"]
+        fragment = "--seeds repeats 5"
+    elif case == "not_an_image":
+        (evalset / "swap/001/b.png").write_text("version https://git-lfs.github.com/spec/v1\n")
+        fragment = "swap/001/b.png is not a readable image"
+    else:
+        out = evalset / "runs"
+        argv[argv.index("--out") + 1] = str(out)
+        fragment = f"--out {out} is inside the evaluation set"
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err
+    assert not out.exists()

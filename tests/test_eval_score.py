@@ -489,3 +489,21 @@ def test_cli_refuses_an_out_that_is_a_file(assets, torch_home, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert f"--out {out} is a file; give a folder" in err and "\n" not in err and "Traceback" not in err
     assert out.read_text() == "mine"
+
+
+def test_cli_refuses_a_report_inside_a_runs_folder(assets, torch_home, tmp_path, capsys):
+    """--out inside a runs folder: the first scoring worked and wrote cache/ there, which the next scoring read as a
+    task ("missing image .../cache/a.<png|...>"); refused before anything is written."""
+    import shutil
+
+    runs = tmp_path / "ours"
+    shutil.copytree(assets / "ours", runs)
+    for out, argv in ((runs / "report", ("--runs", runs)), (runs, ("--runs", runs)),
+                      (runs / "r", ("--runs", assets / "ckpt2", "--against", runs, "--judge",
+                                    "replay:" + str(write_replay(tmp_path / "a.jsonl"))))):
+        assert run_cli(*argv, "--out", out, "--encoder", assets / "clip") == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--out {out.resolve()} is inside runs folder" in err and "\n" not in err
+    assert sorted(p.name for p in runs.iterdir()) == ["flip", "swap"]
+    with pytest.raises(S.EvalInputError, match="is inside runs folder 'ours'"):
+        S.score({"ours": runs}, runs / "report", metrics=["lpips"])

@@ -123,7 +123,7 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
 
 def run_score(args) -> dict:
     from ..cli import DTYPES, _device
-    from .evalsets import EvalInputError, read_runs
+    from .evalsets import EvalInputError, check_outside, read_runs
     from .judge import check_max_new_tokens, make_judge
     from .score import score
 
@@ -139,8 +139,9 @@ def run_score(args) -> dict:
     check_output_dir("--out", args.out)  # a file: one line, before any model loads (not a NotADirectoryError)
     metrics = args.metrics or (["clip_dir", "lpips"] + (["vlm"] if args.judge not in ("", "none") else []))
     device = _device(args.device)
-    for path in {**runs, **against}.values():  # bad folders fail before any model loads
+    for name, path in {**runs, **against}.items():  # bad folders fail before any model loads
         read_runs(path)
+        check_outside("--out", args.out, path, f"runs folder {name!r}")
     judge = make_judge(args.judge, device=device, dtype=DTYPES[args.judge_dtype],
                        max_new_tokens=args.judge_max_new_tokens) if "vlm" in metrics else None
     result = score(runs, args.out, metrics=metrics, encoder=args.encoder, lpips_net=args.lpips_net,

@@ -157,6 +157,23 @@ def _require_image(directory: Path, stem: str) -> Path:
     return path
 
 
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``; ``EvalInputError`` naming ``what`` and the file when it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvalInputError(f"{what} {path} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def check_outside(flag: str, out: Union[str, Path], folder: Union[str, Path], what: str) -> None:
+    """``EvalInputError`` when the output folder ``out`` is ``folder`` or inside it: its sub-folders would be read
+    back as tasks of ``folder`` by the next run."""
+    out, folder = Path(out).resolve(), Path(folder).resolve()
+    if out == folder or folder in out.parents:
+        raise EvalInputError(f"{flag} {out} is inside {what} {folder}: its folders would be read as tasks by the "
+                             "next run; choose a folder outside it")
+
+
 def _subdirs(path: Path) -> list:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -201,7 +218,7 @@ def read_folder_evalset(root: Union[str, Path]) -> list:
                 raise EvalInputError(f"missing prompt file {prompt_file}")
             triplets.append(Triplet(task_dir.name, item.name, *(ImageRef(_require_image(item, s))
                                                                   for s in ("a", "a_prime", "b")),
-                                    prompt=prompt_file.read_text().strip()))
+                                    prompt=read_text(prompt_file, "prompt file").strip()))
     return _check_nonempty(triplets, root, "folder layout <task>/<id>/{a,a_prime,b}.<ext> + prompt.txt")
 
 
@@ -218,7 +235,7 @@ def _read_pairs_file(path: Path) -> dict:
     """{a_prime relative path: [b relative paths]} from a JSON list or JSONL of {"a_prime", "b"}."""
     if not path.is_file():
         raise EvalInputError(f"pairs file not found: {path}")
-    text = path.read_text()
+    text = read_text(path, "pairs file")
     try:
         rows = json.loads(text) if text.lstrip().startswith("[") else \
             [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -339,13 +356,16 @@ def read_relation252k(root: Union[str, Path], *, seed: int = 0, tasks: Optional[
     for cat in cats:
         labels_path = cat / "Group1" / "labels.json"
         try:
-            labels = json.loads(labels_path.read_text())
+            labels = json.loads(read_text(labels_path, "labels file"))
         except json.JSONDecodeError as exc:
             raise EvalInputError(f"{labels_path} is not valid JSON ({exc})") from exc
+        if not isinstance(labels, list):
+            raise EvalInputError(f"{labels_path} holds a JSON {type(labels).__name__}, not a list of label objects")
         entries = []
         for i, e in enumerate(labels):
-            if not isinstance(e, dict) or "img_name" not in e or "edit_instruction" not in e:
-                raise EvalInputError(f"{labels_path}: entry {i} needs 'img_name' and 'edit_instruction'")
+            if not isinstance(e, dict) or not isinstance(e.get("img_name"), str) \
+                    or not isinstance(e.get("edit_instruction"), str):
+                raise EvalInputError(f"{labels_path}: entry {i} needs 'img_name' and 'edit_instruction' strings")
             path = cat / "Group1" / e["img_name"]
             if not path.is_file():
                 raise EvalInputError(f"{labels_path}: image not found: {path}")
@@ -452,7 +472,7 @@ def read_runs(runs: Union[str, Path]) -> list:
                     raise EvalInputError(f"missing image {d / stem}.<{'|'.join(e[1:] for e in IMAGE_EXTENSIONS)}>"
                                          f"{hint}")
                 files[stem] = path
-            prompt = (d / "prompt.txt").read_text().strip() if (d / "prompt.txt").is_file() else ""
+            prompt = read_text(d / "prompt.txt", "prompt file").strip() if (d / "prompt.txt").is_file() else ""
             items.append(RunItem(task_dir.name, d.name, prompt=prompt, **files))
     if not items:
         raise EvalInputError(f"no triplets in runs folder {root} (expected <task>/<id>/{{a,a_prime,b,b_prime}}.png)")

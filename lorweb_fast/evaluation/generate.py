@@ -166,6 +166,7 @@ def generate(pipe, triplets: Sequence[Triplet], out, *, seeds: Sequence[int] = (
     check_generate_options(batch_size=batch_size, merge=merge, pipe_kwargs=pipe_kwargs)
     if not seeds:
         raise EvalInputError("at least one seed is needed")
+    _check_distinct_seeds(seeds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _record_triplets(out / "evalset.json", triplets)
@@ -256,6 +257,14 @@ def _weights_identity(weights, weights_file: Path) -> str:
     return str(weights_file.resolve())
 
 
+def _check_distinct_seeds(seeds: Sequence[int]) -> None:
+    """A seed given twice would generate the same b' twice into one folder."""
+    repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if repeated:
+        raise EvalInputError(f"--seeds repeats {', '.join(map(str, repeated))}: each seed gives one b' per triplet, "
+                             "give every seed once")
+
+
 def check_generate_args(args, pipe_kwargs: dict) -> None:
     """The numeric options and the output folder of ``eval generate``, named by their flags, before anything is
     read, loaded or written (the pipeline would refuse the same values only after the models loaded and run.json was
@@ -267,6 +276,7 @@ def check_generate_args(args, pipe_kwargs: dict) -> None:
     check_real("--guidance-scale", args.guidance_scale, lo=0.0, hi=MAX_GUIDANCE_SCALE)
     for seed in args.seeds:
         check_int("--seeds", seed, lo=0, hi=MAX_SEED)
+    _check_distinct_seeds(args.seeds)
     for flag, value in (("--long-edge", args.long_edge), ("--max-size", args.max_size)):
         if value is not None:
             check_int(flag, value, lo=MIN_LONG_EDGE)
@@ -286,7 +296,7 @@ def run_generate(args) -> dict:
     from ..validation import check_device
     from ..flux import LoRWeBKontextPipeline
     from ..lora_api import resolve_checkpoint
-    from .evalsets import detect_format, read_evalset
+    from .evalsets import check_outside, detect_format, image_size, read_evalset
 
     merge = args.merge
     pipe_kwargs = dict(args.pipe_kwargs or {})
@@ -302,11 +312,16 @@ def run_generate(args) -> dict:
     fmt = detect_format(args.evalset) if args.format == "auto" else args.format
     triplets = read_evalset(args.evalset, fmt, seed=args.pair_seed, b_per_pair=args.b_per_pair,
                             pairs_file=args.pairs, tasks=args.tasks, max_per_task=args.max_per_task)
-    for t in triplets:  # fail on a missing input before loading any model
+    headers: set = set()
+    for t in triplets:  # fail on a missing input or a file that is not an image before loading any model
         for ref in (t.a, t.a_prime, t.b):
             if not Path(ref.path).is_file():
                 raise EvalInputError(f"image not found: {ref.path}")
+            if ref.path not in headers:  # the header only (e.g. a Git LFS pointer instead of the image)
+                image_size(ref.path)
+                headers.add(ref.path)
     out = Path(args.out)
+    check_outside("--out", out, args.evalset, "the evaluation set")
     # the exact checkpoint: a run folder still training gains newer checkpoints, and a resumed evaluation must not
     # mix the b' of two of them (the file and its SHA-256 are recorded and checked on resume)
     weights_file, config = resolve_checkpoint(args.weights, getattr(args, "weight_name", None),

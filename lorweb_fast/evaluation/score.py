@@ -21,7 +21,7 @@ import random
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .evalsets import EvalInputError, RunItem, file_signature, load_rgb, read_runs
+from .evalsets import EvalInputError, RunItem, check_outside, file_signature, load_rgb, read_runs
 from .judge import PAIRWISE_PROMPT, PARSERS, SCORE_PROMPT, JudgeCache, JudgeRequest, ask
 
 METRICS = ("clip_dir", "lpips", "vlm")
@@ -201,6 +201,8 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     out = Path(out)
     items = {name: read_runs(path) for name, path in runs.items()}  # fail on bad folders before loading models
     base_items = {name: read_runs(path) for name, path in (against or {}).items()}
+    for name, path in {**runs, **(against or {})}.items():  # a report inside a runs folder breaks the next scoring
+        check_outside("out", out, path, f"runs folder {name!r}")
     # LPIPS first: its missing weights are found in a moment, before the CLIP encoder spends its load time
     lpips = LPIPSDistance(lpips_net, weights=lpips_weights, device=device) if "lpips" in metrics else None
     clip = ClipDirectional(encoder or DEFAULT_CLIP, device=device) if "clip_dir" in metrics else None
