@@ -91,7 +91,11 @@ def _build_ext_class(base, force, arch_list, cuda_version):
 
 def _pip_cuda_include_dirs():
     """Headers of the CUDA libraries that torch's wheels ship (nvidia-* pip packages, e.g. nvidia/cu13/include with
-    cusparse.h and cublas_v2.h), which ATen's CUDA headers include but a minimal toolkit may lack."""
+    cusparse.h and cublas_v2.h), which ATen's CUDA headers include but a minimal toolkit may lack.
+
+    They are searched after the toolkit's own headers (see ``_after_toolkit_include_flags``): the wheels' folder also
+    holds cuda_runtime_api.h, whose CUDA version is torch's (e.g. 13.2 for torch 2.15+cu132), and CCCL refuses an
+    nvcc of another minor version (13.0) with "CUDA compiler and CUDA toolkit headers are incompatible"."""
     try:
         import nvidia
     except ImportError:
@@ -103,6 +107,12 @@ def _pip_cuda_include_dirs():
             if os.path.isfile(os.path.join(inc, "cusparse.h")) or os.path.isfile(os.path.join(inc, "cublas_v2.h")):
                 dirs.append(inc)
     return dirs
+
+
+def _after_toolkit_include_flags(dirs):
+    """``-isystem DIR`` for each of ``dirs``: searched after every ``-I`` folder (torch's and CUDA_HOME/include), by
+    g++ and by nvcc alike, so that they only supply the headers the toolkit lacks."""
+    return [flag for d in dirs for flag in ("-isystem", d)]
 
 
 def cuda_extension():
@@ -135,11 +145,11 @@ def cuda_extension():
     _log(f"building lorweb_fast._C for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
          f"with CUDA_HOME={CUDA_HOME}, MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
     _write_build_info(os.environ["TORCH_CUDA_ARCH_LIST"], torch.version.cuda)
+    after_toolkit = _after_toolkit_include_flags(_pip_cuda_include_dirs())
     ext = CUDAExtension(
         name="lorweb_fast._C",
         sources=CSRC,
-        include_dirs=_pip_cuda_include_dirs(),
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3", *after_toolkit], "nvcc": ["-O3", "-lineinfo", *after_toolkit]},
     )
     return [ext], {"build_ext": _build_ext_class(BuildExtension.with_options(use_ninja=True), force,
                                                  os.environ["TORCH_CUDA_ARCH_LIST"], torch.version.cuda)}
