@@ -1147,10 +1147,17 @@ class LoRWeBKontextPipeline:
         multiple = 2 * int(getattr(self.pipe, "vae_scale_factor", 8))  # FluxKontextPipeline: sides multiples of it
         for i, grid in enumerate(grids):
             if min(grid.size) < multiple:
-                raise ValueError(f"a[{i}] is {a[i].width}x{a[i].height}: at the official resolution the control grid "
-                                 f"takes a's size ({grid.width}x{grid.height}), and the pipeline rounds its sides "
-                                 f"down to multiples of {multiple}, to 0 here; use a larger a (at least "
-                                 f"{multiple // 2} px on a side) or resolution='native'")
+                full = (2 * a[i].width, 2 * a[i].height)  # the grid of four cells at a's size
+                if grid.size != full:  # max_size scaled it down: a itself may be large enough
+                    cause = (f"the {full[0]}x{full[1]} control grid of cells at a's size is scaled to "
+                             f"{grid.width}x{grid.height} by max_size={self.max_size}")
+                    remedy = "use a less elongated a or a larger max_size"
+                else:
+                    cause = f"the control grid of cells at a's size is {grid.width}x{grid.height}"
+                    remedy = f"use a larger a (at least {multiple // 2} px on a side)"
+                raise ValueError(f"a[{i}] is {a[i].width}x{a[i].height}: at the official resolution {cause}, and the "
+                                 f"pipeline rounds its sides down to multiples of {multiple}, to 0 here; {remedy} "
+                                 "or resolution='native'")
         if self.encoder.query_source == "grid":
             for i, grid in enumerate(grids):
                 problem = query_crop_problem(*grid.size, self.encoder.query_mode, "inference")
@@ -1176,6 +1183,16 @@ class LoRWeBKontextPipeline:
         cell = _cell_size([b[0]], long_edge)
         return [make_grid(x, y, z, z, long_edge=long_edge, cell_size=cell) for x, y, z in zip(a, a_prime, b)]
 
+    @contextlib.contextmanager
+    def _progress_bar_config_restored(self, bar_config: Optional[dict], progress: Optional[bool]):
+        """Gives the wrapped pipeline its progress bar settings ``bar_config`` back after a call that passed
+        ``progress`` (None: nothing was changed)."""
+        try:
+            yield
+        finally:
+            if progress is not None:
+                self.pipe.set_progress_bar_config(**(bar_config or {}))
+
     def __call__(self, a, a_prime, b, prompt, *, merge: Union[bool, str] = "auto", num_inference_steps: int = 28,
                  guidance_scale: float = 2.5, generator=None, seed: int = DEFAULT_SEED,
                  long_edge: Optional[int] = None, output_type: str = "pil", progress: Optional[bool] = None,
@@ -1192,14 +1209,15 @@ class LoRWeBKontextPipeline:
             generator: a torch.Generator, or B of them (one per analogy: the result then matches one-by-one runs);
                 by default one seeded with ``seed`` (50, as inference.py) on the pipeline's execution device.
             output_type: "pil" (PIL images) or "np" (float arrays in [0, 1], (H, W, 3)).
-            progress: True / False shows / hides the denoising progress bar (``set_progress_bar_config(disable=not
-                progress)`` on the wrapped pipeline, which replaces its progress bar settings); None (default) leaves
-                the settings of ``pipe.set_progress_bar_config(...)`` as they are.
+            progress: True / False shows / hides the denoising progress bar for this call (the other settings of
+                ``pipe.set_progress_bar_config(...)`` kept, all of them given back after the call); None (default)
+                leaves the settings of ``pipe.set_progress_bar_config(...)`` as they are.
             pipe_kwargs: passed to FluxKontextPipeline.__call__ (e.g. ``true_cfg_scale``, ``negative_prompt``).
         """
+        # seed is used (and so checked) only without a generator, as before: generator=g, seed=None is a call
         check_generation_options(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                 long_edge=long_edge, merge=merge, output_type=output_type, seed=seed,
-                                 progress=progress)
+                                 long_edge=long_edge, merge=merge, output_type=output_type,
+                                 seed=seed if generator is None else DEFAULT_SEED, progress=progress)
         self._require_adapter()
         check_pipe_kwargs(pipe_kwargs, type(self.pipe).__call__)
         a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
@@ -1226,11 +1244,14 @@ class LoRWeBKontextPipeline:
             size_kwargs = dict(max_area=self.max_area, _auto_resize=True)
         else:
             size_kwargs = dict(max_area=width * height, _auto_resize=False)
-        if progress is not None:  # None: what pipe.set_progress_bar_config(...) set stays in force
-            self.pipe.set_progress_bar_config(disable=not progress)
+        # None: what pipe.set_progress_bar_config(...) set stays in force; True / False switch the bar for this
+        # call only (the other settings kept), and the settings are given back afterwards
+        bar_config = getattr(self.pipe, "_progress_bar_config", None)
+        if progress is not None:
+            self.pipe.set_progress_bar_config(**{**(bar_config or {}), "disable": not progress})
         # a call that fails (a merge strategy that cannot serve this batch, an error inside the pipeline) leaves the
         # layers' analogy as it was before the call
-        with analogy_restored_on_error(self.transformer):
+        with self._progress_bar_config_restored(bar_config, progress), analogy_restored_on_error(self.transformer):
             with torch.no_grad():  # inference: no autograd history on the coefficients
                 if fused in ("full", "offload"):  # fuse_lora(): the mixture is in the weights; the analogy must match
                     lora_api.check_fused_query(self.transformer, query)

@@ -234,6 +234,24 @@ def test_official_resolution_names_an_a_too_small_for_the_pipeline(pipe, size):
         official(picture(8, 8), picture(), picture(), "flip")
 
 
+def test_official_resolution_names_max_size_when_it_makes_the_grid_too_small(pipe):
+    """A 64x20 a is large enough, but max_size=32 scales its 128x40 grid to 32x10: the error names max_size, not
+    "a larger a (at least 8 px on a side)", which a already is."""
+    official = flux.LoRWeBKontextPipeline(pipe.pipe, FakeEncoder(), max_size=32)
+    with pytest.raises(ValueError, match=r"a\[0\] is 64x20: .*128x40 control grid .* scaled to 32x10 by "
+                                         r"max_size=32.*to 0 here; use a less elongated a or a larger max_size"):
+        official(picture(64, 20), picture(), picture(), "flip")
+
+
+def test_seed_is_not_checked_when_a_generator_is_given(pipe):
+    """seed is used only without a generator: generator=g with seed=None (a caller forwarding an unset seed) runs
+    as before the seed check came."""
+    with pytest.raises(EncoderReached):
+        pipe(picture(), picture(), picture(), "flip", generator=torch.Generator().manual_seed(1), seed=None)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        pipe(picture(), picture(), picture(), "flip", seed=None)
+
+
 def test_set_adapters_takes_diffusers_per_component_weights(pipe):
     """diffusers' ``set_adapters(name, {"transformer": s})`` sets the strength; a component LoRWeB does not adapt
     is named and changes nothing."""

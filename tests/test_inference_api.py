@@ -334,22 +334,41 @@ def test_pipeline_attributes_and_adapter_switches_as_in_diffusers(pipe):
     assert lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0  # refused calls change nothing
 
 
+def _denoising_bar(pipe, capsys, **options) -> str:
+    """What one call of ``pipe`` on a random analogy writes to stderr (the progress bar)."""
+    a, a2, b = random_analogy(0)
+    capsys.readouterr()
+    pipe(a, a2, b, "x", num_inference_steps=STEPS, output_type="np",
+         max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, **options)
+    return capsys.readouterr().err
+
+
 def test_a_call_keeps_the_progress_bar_settings_of_set_progress_bar_config(pipe, capsys):
     """diffusers: ``pipe.set_progress_bar_config(disable=True)`` turns the denoising bar off for every later call;
     a call without ``progress=`` keeps it so (it used to reset the settings to disable=False on every call), and
     ``progress=True`` / ``False`` still switch it."""
-    a, a2, b = random_analogy(0)
-
     def bar_shown(**options):
-        capsys.readouterr()
-        pipe(a, a2, b, "x", num_inference_steps=STEPS, output_type="np",
-             max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, **options)
-        return f"{STEPS}/{STEPS}" in capsys.readouterr().err
+        return f"{STEPS}/{STEPS}" in _denoising_bar(pipe, capsys, **options)
 
     pipe.set_progress_bar_config(disable=True)
     assert not bar_shown()
     assert bar_shown(progress=True)
     assert not bar_shown(progress=False)
+
+
+def test_progress_switches_the_bar_for_one_call_only(pipe, capsys):
+    """progress=True / False is one call's choice: the next call without it shows the bar as before (it stayed
+    hidden after one progress=False, e.g. after eval's generate), and set_progress_bar_config's other settings
+    survive it."""
+    def bar_shown(**options):
+        return f"{STEPS}/{STEPS}" in _denoising_bar(pipe, capsys, **options)
+
+    assert bar_shown()
+    assert not bar_shown(progress=False)
+    assert bar_shown()
+    pipe.set_progress_bar_config(desc="mine", disable=True)
+    assert "mine" in _denoising_bar(pipe, capsys, progress=True)
+    assert not bar_shown()  # disable=True is back after the call
 
 
 def test_disabled_adapter_keeps_a_strength_set_meanwhile(pipe):
