@@ -19,7 +19,7 @@ import re
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -242,8 +242,10 @@ def resolve_checkpoint(weights: Union[str, os.PathLike], weight_name: Optional[s
     from .official_config import config_beside, find_checkpoint
 
     if not isinstance(weights, (str, os.PathLike)):
+        hint = " (a state dict: lf.load_lorweb_weights(model, state_dict, config) takes one)" \
+            if isinstance(weights, Mapping) else ""
         raise TypeError(f"the LoRWeB checkpoint must be a safetensors file, a folder or a Hugging Face Hub repo id "
-                        f"(a str or path), got {type(weights).__name__}")
+                        f"(a str or path), got {type(weights).__name__}{hint}")
     unknown = sorted(set(hub) - set(HUB_OPTIONS))
     if unknown:
         raise TypeError(f"unknown checkpoint options {unknown}; the Hugging Face Hub options are {list(HUB_OPTIONS)}")

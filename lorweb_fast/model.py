@@ -633,7 +633,7 @@ def _overflow_problems(name: str, tensors: dict, module: nn.Module) -> list[str]
         if (target is None or not t.is_floating_point() or not target.is_floating_point
                 or torch.finfo(target).max >= torch.finfo(t.dtype).max or not bool(torch.isfinite(t).all())):
             continue
-        if not bool(torch.isfinite(t.to(target)).all()):
+        if not bool(torch.isfinite(t.to(target).to(t.dtype)).all()):  # back to t's dtype: float8 has no isfinite
             problems.append(f"{CHECKPOINT_PREFIX}{name}.{suffix} holds values up to {t.abs().max().item():.4g}, "
                             f"which overflow the layer's {str(target).removeprefix('torch.')} (largest finite "
                             f"{torch.finfo(target).max:.4g})")

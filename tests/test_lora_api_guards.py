@@ -263,6 +263,9 @@ def test_a_checkpoint_that_is_no_path_is_named(weights):
         lora_api.resolve_checkpoint(weights)
     with pytest.raises(TypeError, match="checkpoint must be a safetensors file"):
         lora_api.load_lora_weights(tiny_model(), weights)
+    if isinstance(weights, dict):  # the way to load a state dict is named
+        with pytest.raises(TypeError, match=r"got dict \(a state dict: lf\.load_lorweb_weights\(model, state_dict"):
+            lora_api.resolve_checkpoint(weights)
 
 
 def test_a_local_folder_is_not_searched_below_its_top(tmp_path):
