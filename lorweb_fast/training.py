@@ -283,7 +283,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "long_edge"):
             value = getattr(self, name)  # not a number: check_train_config names the field and its type
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be at least 1, got {value}")
         from .official_config import QUERY_SOURCES, SAVE_DTYPES, check_query_settings
 
         check_query_settings(self.query_mode, self.pooling_type, self.query_projection_type)
