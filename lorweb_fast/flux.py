@@ -1184,14 +1184,18 @@ class LoRWeBKontextPipeline:
         return [make_grid(x, y, z, z, long_edge=long_edge, cell_size=cell) for x, y, z in zip(a, a_prime, b)]
 
     @contextlib.contextmanager
-    def _progress_bar_config_restored(self, bar_config: Optional[dict], progress: Optional[bool]):
-        """Gives the wrapped pipeline its progress bar settings ``bar_config`` back after a call that passed
-        ``progress`` (None: nothing was changed)."""
+    def _progress_for_call(self, progress: Optional[bool]):
+        """The wrapped pipeline's progress bar shown (True) or hidden (False) inside the block, its other
+        ``set_progress_bar_config`` settings kept, and all of them given back after it; None changes nothing."""
+        if progress is None:
+            yield
+            return
+        bar_config = getattr(self.pipe, "_progress_bar_config", None) or {}
+        self.pipe.set_progress_bar_config(**{**bar_config, "disable": not progress})
         try:
             yield
         finally:
-            if progress is not None:
-                self.pipe.set_progress_bar_config(**(bar_config or {}))
+            self.pipe.set_progress_bar_config(**bar_config)
 
     def __call__(self, a, a_prime, b, prompt, *, merge: Union[bool, str] = "auto", num_inference_steps: int = 28,
                  guidance_scale: float = 2.5, generator=None, seed: int = DEFAULT_SEED,
@@ -1244,14 +1248,9 @@ class LoRWeBKontextPipeline:
             size_kwargs = dict(max_area=self.max_area, _auto_resize=True)
         else:
             size_kwargs = dict(max_area=width * height, _auto_resize=False)
-        # None: what pipe.set_progress_bar_config(...) set stays in force; True / False switch the bar for this
-        # call only (the other settings kept), and the settings are given back afterwards
-        bar_config = getattr(self.pipe, "_progress_bar_config", None)
-        if progress is not None:
-            self.pipe.set_progress_bar_config(**{**(bar_config or {}), "disable": not progress})
         # a call that fails (a merge strategy that cannot serve this batch, an error inside the pipeline) leaves the
         # layers' analogy as it was before the call
-        with self._progress_bar_config_restored(bar_config, progress), analogy_restored_on_error(self.transformer):
+        with self._progress_for_call(progress), analogy_restored_on_error(self.transformer):
             with torch.no_grad():  # inference: no autograd history on the coefficients
                 if fused in ("full", "offload"):  # fuse_lora(): the mixture is in the weights; the analogy must match
                     lora_api.check_fused_query(self.transformer, query)

@@ -446,13 +446,14 @@ def prepare_output(cfg, *, main_process: bool = True) -> tuple[Optional[Path], O
     if not cfg.resume:
         return None, None
     ckpt, state = find_resumable_checkpoint(out)
-    if ckpt is None and (checkpoint_dirs(out) or (out / WEIGHTS_NAME).exists()):  # weights that cannot continue
+    if ckpt is None:
         held = [p.name for p in checkpoint_dirs(out)] + [WEIGHTS_NAME] * (out / WEIGHTS_NAME).exists()
-        raise ValueError(f"--resume: {out} holds trained weights ({', '.join(held)}) but no checkpoint with both "
-                         f"{WEIGHTS_NAME} and {TRAINER_STATE_NAME} (the optimizer state and step), so the run cannot "
-                         "be continued; starting over would overwrite them: pass --overwrite to do so, or another "
-                         "--out")
-    if ckpt is None:  # e.g. killed before its first checkpoint: start over (the loss log restarts, not mixed)
+        if held:  # trained weights that cannot be continued
+            raise ValueError(f"--resume: {out} holds trained weights ({', '.join(held)}) but no checkpoint with both "
+                             f"{WEIGHTS_NAME} and {TRAINER_STATE_NAME} (the optimizer state and step), so the run "
+                             "cannot be continued; starting over would overwrite them: pass --overwrite to do so, or "
+                             "another --out")
+        # e.g. killed before its first checkpoint: start over (the loss log restarts, not mixed)
         logger.warning("--resume: no checkpoint in %s, starting from step 0", root)
         return None, None
     _check_resume_config(cfg, ckpt, state, out)

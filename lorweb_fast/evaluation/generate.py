@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -259,7 +260,7 @@ def _weights_identity(weights, weights_file: Path) -> str:
 
 def _check_distinct_seeds(seeds: Sequence[int]) -> None:
     """A seed given twice would generate the same b' twice into one folder."""
-    repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    repeated = sorted(s for s, count in Counter(seeds).items() if count > 1)
     if repeated:
         raise EvalInputError(f"--seeds repeats {', '.join(map(str, repeated))}: each seed gives one b' per triplet, "
                              "give every seed once")
