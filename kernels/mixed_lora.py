@@ -65,6 +65,10 @@ if tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2]) 
     raise ImportError(f"lorweb_fast's Triton kernels need triton >= {'.'.join(map(str, MIN_TRITON))} (host-side TMA "
                       f"descriptors), found triton {triton.__version__}; upgrade torch/triton or use "
                       "backend='cuda' / 'torch'")
+# FP fusion (a * b + c as one fma) pinned on at every launch: the kernels were written, checked and tuned with it, and
+# Triton 3.10 turns its default off (Triton 3.9 warns at every compile that leaves it unset). Triton's
+# TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off. lorweb_fast.aot compiles with the same option.
+FP_FUSION = True
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Largest R served by the Triton kernels; larger bases go through the all-cuBLAS route (see ``choose_route``).
 MAX_FUSED_R = 512
@@ -722,7 +726,9 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     ``wrap_triton`` so that it is recorded in the graph. Under TRITON_INTERPRET=1 the interpreted kernel always runs
     directly (torch 2.11's wrap_triton refuses it), except on fake tensors while shapes are propagated (the outputs
     are already allocated with their final shapes). ``lorweb_fast.aot`` replaces this function to record launches
-    instead of running them. Eager launches go to the GPU of the tensors (Triton itself launches on the current
+    instead of running them. Eager launches pin ``enable_fp_fusion=FP_FUSION``; under torch.compile the compiler's
+    options apply (torch's ``wrap_triton`` takes no compile options but num_warps / num_stages). Eager launches go to
+    the GPU of the tensors (Triton itself launches on the current
     device: a model placed on ``cuda:1`` while ``cuda:0`` is current, as with a ``device_map``)."""
     if interpreting():
         if not _fake_args(args):
@@ -733,9 +739,9 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
         if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):
-                kernel[grid](*args, **kwargs)
+                kernel[grid](*args, enable_fp_fusion=FP_FUSION, **kwargs)
         else:
-            kernel[grid](*args, **kwargs)
+            kernel[grid](*args, enable_fp_fusion=FP_FUSION, **kwargs)
 
 
 def _cdiv(a, b):

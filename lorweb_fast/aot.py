@@ -234,7 +234,9 @@ def compile_specialization(spec: Specialization, arch: int, workdir: Path) -> di
 
     fn = getattr(K, spec.name)
     src = ASTSource(fn, spec.signature, spec.constexprs, spec.attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(spec.options))
+    # FP fusion as the eager launches pin it (kernels.mixed_lora.FP_FUSION)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(spec.options, enable_fp_fusion=K.FP_FUSION))
     ptx = compiled.asm["ptx"]
     res = ptxas_resources(ptx, ARCHS[arch][1], workdir)
     return dict(shared_bytes=int(compiled.metadata.shared), ptx=ptx, ttir=compiled.asm["ttir"], **res)

@@ -455,3 +455,22 @@ def test_main_exit_status_and_summary(tmp_path, monkeypatch, capsys, spills, cod
                            f"report: {out / 'report.json'}")
     assert aot.main(["--arch", "90", "--out", str(out), "--quiet"]) == code
     assert capsys.readouterr().out.splitlines() == printed[-1:]
+
+
+def test_compiles_with_the_eager_launches_fp_fusion(small_plan, tmp_path, monkeypatch):
+    """``compile_specialization`` passes ``kernels.mixed_lora.FP_FUSION`` to triton.compile, as the eager launches
+    do: a shrink kernel's scaling epilogue has fp32 fma instructions with it on and none with it off."""
+    import re
+
+    _, specs = small_plan[90]
+    shrinks = [s for s in specs.values() if s.name == "_shrink_kernel"]
+    counts = []
+    for spec in shrinks:
+        fused = aot.compile_specialization(spec, 90, tmp_path)["ptx"]
+        monkeypatch.setattr(K, "FP_FUSION", False)
+        unfused = aot.compile_specialization(spec, 90, tmp_path)["ptx"]
+        monkeypatch.setattr(K, "FP_FUSION", True)
+        counts.append((len(re.findall(r"\bfma\.rn\.f32\b", fused)), len(re.findall(r"\bfma\.rn\.f32\b", unfused))))
+        if counts[-1][0]:
+            break
+    assert counts[-1][0] > 0 and counts[-1][1] == 0, counts

@@ -554,3 +554,31 @@ def test_fused_forward_and_backward_launches(monkeypatch):
     dx, _, _, _ = K.backward(dy, x, torch.empty(48, 64, **META), lora_a, lora_b, coeffs, u, z, 0.5, rows,
                              need_dbasis=False, family="default")  # K2: dy (M, out) @ weight (out, in)
     assert dx.shape == (M, 64) and launched[1].kw["HAS_X1"] is True
+
+
+def test_eager_launches_pin_fp_fusion_and_traced_ones_leave_it_to_the_compiler(monkeypatch):
+    """An eager launch passes ``enable_fp_fusion=FP_FUSION`` (True: Triton 3.10 turns its default off), next to the
+    caller's options; a launch traced by torch.compile goes through ``wrap_triton`` without it (torch takes no
+    compile options there but num_warps / num_stages)."""
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("eager", grid, args, kwargs))
+
+    def wrap(kernel):
+        class Wrapped:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: calls.append(("traced", grid, args, kwargs))
+        return Wrapped()
+
+    x = torch.ones(2)
+    monkeypatch.setattr(K, "interpreting", lambda: False)
+    monkeypatch.setattr(K, "wrap_triton", wrap)
+    monkeypatch.setattr(K, "traced", lambda *args: False)
+    K._launch(Kernel(), (3,), x, 5, BLOCK=16, num_warps=4)
+    monkeypatch.setattr(K, "traced", lambda *args: True)
+    K._launch(Kernel(), (3,), x, 5, BLOCK=16, num_warps=4)
+    assert K.FP_FUSION is True
+    assert calls == [("eager", (3,), (x, 5), {"enable_fp_fusion": True, "BLOCK": 16, "num_warps": 4}),
+                     ("traced", (3,), (x, 5), {"BLOCK": 16, "num_warps": 4})]
