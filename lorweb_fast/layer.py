@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -13,7 +14,7 @@ from torch import nn
 
 from . import ops
 from .reference import ACTIVATIONS, REDUCTIONS
-from .validation import check_finite_tensor, check_float_tensor, check_int, check_real
+from .validation import check_finite_tensor, check_float_tensor, check_has_values, check_int, check_real
 
 
 def _refuse_inside_merged(layer: "LoRWeBLinear", what: str) -> None:
@@ -233,7 +234,8 @@ class LoRWeBLinear(nn.Module):
 
     def set_coefficients(self, coeffs: Optional[torch.Tensor], *, check_finite: bool = True) -> None:
         """Use ``coeffs`` (B, N) floating point, finite, for every following forward, until replaced; None clears
-        them. ``check_finite=False`` skips the finiteness check (``set_query`` checks all layers at once).
+        them. ``check_finite=False`` skips the finiteness check (``set_query`` checks all layers at once); coefficients
+        on the meta device (no values) are refused either way.
 
         A view with a storage offset (e.g. one layer's slice of ``set_query``'s stacked (L, B, N) result) is stored
         as a copy: torch.compile guards on the storage offset of a tensor attribute, and an offset that grows with
@@ -245,6 +247,7 @@ class LoRWeBLinear(nn.Module):
                 shape = tuple(coeffs.shape) if isinstance(coeffs, torch.Tensor) else type(coeffs).__name__
                 raise ValueError(f"coefficients must be (B, N={self.num_loras}), got {shape}")
             check_float_tensor("coefficients", coeffs)
+            check_has_values("coefficients", coeffs)  # whatever check_finite says: the forward reads their values
             if check_finite:
                 check_finite_tensor("coefficients", coeffs)
             if coeffs.storage_offset() != 0:
@@ -258,6 +261,7 @@ class LoRWeBLinear(nn.Module):
         For sharded training (FSDP): the LoRWeB parameters are then only used inside this module's own forward,
         where the wrapper has gathered them. Costs one (B x query_dim x key_dim) product per forward; inference
         should use ``set_coefficients`` / ``lorweb_fast.set_query`` instead (once per generation). None clears.
+        ``check_finite=False`` skips the finiteness check; a query on the meta device (no values) is refused either way.
         """
         if query is not None and (not isinstance(query, torch.Tensor) or query.dim() != 2
                                   or query.shape[1] != self.query_dim):
@@ -266,6 +270,7 @@ class LoRWeBLinear(nn.Module):
         _refuse_inside_merged(self, "set_query")
         if query is not None:
             check_float_tensor("query", query)
+            check_has_values("query", query)  # whatever check_finite says: the forward reads its values
             if check_finite:
                 check_finite_tensor("query", query)
         self._coefficients = None
@@ -327,8 +332,10 @@ class LoRWeBLinear(nn.Module):
         if self.adapter_precision != "auto":
             return self._forward_fp32(x)  # raises for anything but "fp32"
         coeffs = self._coefficients_for(x)
-        # autocast's own rule: only fp16 / bf16 / fp32 inputs are cast (float64 and integer inputs are left alone)
-        if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        # autocast's own rule: only fp16 / bf16 / fp32 inputs are cast (float64 and integer inputs are left alone);
+        # torch.autocast has no meta device type (asking raises): a meta forward (a shape dry run) has no autocast
+        if (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+                and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
             dtype = torch.get_autocast_dtype(x.device.type)
         else:
             dtype = x.dtype
@@ -366,6 +373,10 @@ class LoRWeBLinear(nn.Module):
         """
         if not has_plain_weight(self.base_layer):
             raise TypeError(f"cannot merge into a {type(self.base_layer).__name__}: no plain tensor weight")
+        check_float_tensor("coeffs", coeffs)
+        if coeffs.dim() not in (1, 2) or coeffs.shape[-1] != self.num_loras:
+            raise ValueError(f"coeffs must be (N={self.num_loras},) or (B, N={self.num_loras}), got shape "
+                             f"{tuple(coeffs.shape)}")
         w = self.base_layer.weight.detach()
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         c = coeffs.detach().to(w.device)
@@ -412,7 +423,10 @@ class LoRWeBLinear(nn.Module):
         if self.adapter_precision != "fp32":
             raise ValueError(f"adapter_precision must be 'auto' or 'fp32', got {self.adapter_precision!r}")
         y = self.base_layer(x)
-        with torch.autocast(x.device.type, enabled=False):
+        # torch.autocast has no meta device type (entering it raises): nothing to disable in a meta forward
+        no_autocast = (contextlib.nullcontext() if x.device.type == "meta"
+                       else torch.autocast(x.device.type, enabled=False))
+        with no_autocast:
             coeffs = self._coefficients_for(x, fp32=True)
             delta = ops.mixed_lora_delta(x.float(), self.lora_A.float(), self.lora_B.float(),
                                          self._with_strength(coeffs.to(x.device, torch.float32)), self.scale,

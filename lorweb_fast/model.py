@@ -158,6 +158,27 @@ def _find_targets(model: nn.Module, target_modules) -> list[str]:
     return names
 
 
+def _read_not_called(model: nn.Module, name: str) -> Optional[str]:
+    """Why the linear ``name`` cannot carry a LoRWeB layer because its parent reads its weight instead of calling
+    it (``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward`` and never calls
+    ``out_proj``: the adapter would be silently unused, and the parent's forward fails on the missing ``weight``);
+    None when it can."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        return (f"{name} is the {child} of an nn.MultiheadAttention, which reads its weight directly and never calls "
+                "it, so its LoRWeB adapter would be silently unused")
+    return None
+
+
+def _refuse_targets_read_not_called(model: nn.Module, names, what: str) -> None:
+    """Refuse, before anything changes, targets whose parent reads their weight instead of calling them."""
+    for name in names:
+        why = _read_not_called(model, name)
+        if why:
+            raise ValueError(f"{what}: {why}; leave it out of target_modules")
+
+
 def _freeze_base_model(model: nn.Module) -> None:
     """Every parameter of ``model`` that is not a LoRWeB tensor of one of its LoRWeBLinear layers stops requiring
     grad: as peft's injection (``inject_adapter_in_model``, diffusers' ``add_adapter``) leaves only the adapters
@@ -196,6 +217,7 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
         raise ValueError(f"LoRWeB is already injected into {len(already)} targeted modules, e.g. {already[:3]}; "
                          "call remove_lorweb(model) first")
     names = _find_targets(model, config.target_modules)
+    _refuse_targets_read_not_called(model, names, "inject_lorweb")
     _refuse_new_layers_under_group_offloading(model, names, "inject_lorweb")
     if not names:
         raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of "
@@ -703,6 +725,21 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     modules = dict(model.named_modules())
     for name in sorted(groups):
         tensors = groups[name]
+        module = modules.get(name)  # first: keys of a module the model lacks are unexpected, not incomplete
+        if module is None:
+            problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: the model has no module {name!r}")
+            continue
+        if not isinstance(module, (LoRWeBLinear, nn.Linear)):
+            problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: module {name!r} is a "
+                            f"{type(module).__name__}, not a linear layer")
+            continue
+        if any(name.startswith(e + ".") for e in existing):
+            problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: {name!r} is inside a LoRWeB layer")
+            continue
+        why = None if isinstance(module, LoRWeBLinear) or not name else _read_not_called(model, name)
+        if why:
+            problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: {why}")
+            continue
         needed = PARAM_SUFFIXES if projection == "linear" else PARAM_SUFFIXES[:3]
         missing = [s for s in needed if s not in tensors]
         if missing:
@@ -718,17 +755,6 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                 problems.append(f"{CHECKPOINT_PREFIX}{name}.{s} has non-float dtype {t.dtype}")
             elif not bool(torch.isfinite(t).all()):
                 problems.append(f"{CHECKPOINT_PREFIX}{name}.{s} holds NaN or Inf values")
-        module = modules.get(name)
-        if module is None:
-            problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: the model has no module {name!r}")
-            continue
-        if not isinstance(module, (LoRWeBLinear, nn.Linear)):
-            problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: module {name!r} is a "
-                            f"{type(module).__name__}, not a linear layer")
-            continue
-        if any(name.startswith(e + ".") for e in existing):
-            problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: {name!r} is inside a LoRWeB layer")
-            continue
         in_f, out_f = linear_dims(module)
         shape_problems = _check_module_tensors(name, tensors, in_f, out_f)
         problems += shape_problems

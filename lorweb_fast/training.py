@@ -1100,7 +1100,66 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     trains them; they must have ``cfg``'s settings (the saved config.yaml is written from ``cfg``). The
     transformer gets its own forward back when training ends (accelerate's mixed precision replaces it in place).
     ``step_callback(step, loss)`` runs after every step (the loss is NaN for a skipped one).
+
+    A caller's ``pipe`` is handed back with the transformer's train/eval mode and gradient checkpointing as found,
+    and the VAE's and text encoders' ``requires_grad`` flags; on success its transformer is as ``inject_lorweb``
+    leaves one (only the LoRWeB tensors require grad). On failure the transformer's flags are put back too and the
+    LoRWeB layers this call injected are removed again (not under FSDP2, whose sharding replaced the parameters);
+    layers the caller injected keep the updates made before the failure (the last checkpoint under ``cfg.out``
+    holds a known state). The models stay on the training device.
     """
+    callers = None if pipe is None else _CallersPipeline(pipe)  # recorded before train() changes anything
+    try:
+        result = _train(cfg, pipe, encoder, step_callback)
+    except BaseException:
+        if callers is not None:
+            callers.restore(failed=True)
+        raise
+    if callers is not None:
+        callers.restore(failed=False)
+    return result
+
+
+class _CallersPipeline:
+    """What ``train`` changes on a caller's pipeline and puts back: the transformer's training mode and gradient
+    checkpointing, the ``requires_grad`` flags of the VAE's and text encoders' parameters and, after a failure, of
+    the transformer's, and the LoRWeB layers the call injected."""
+
+    def __init__(self, pipe):
+        self.transformer = pipe.transformer
+        self.training = self.transformer.training
+        self.checkpointing = bool(getattr(self.transformer, "is_gradient_checkpointing", False))
+        self.requires_grad = {name: [(p, p.requires_grad) for p in getattr(pipe, name).parameters()]
+                              for name in _PIPELINE_MODELS if getattr(pipe, name, None) is not None}
+        self.layers = set(lorweb_layers(self.transformer))
+
+    def restore(self, failed: bool) -> None:
+        """Put back what was recorded; ``failed``: also the transformer's flags, and remove the injected layers
+        (not under FSDP2: its sharding replaced the parameters and wraps the blocks)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = any(isinstance(m, FSDPModule) for m in self.transformer.modules())
+        if failed and not sharded:
+            for name, layer in lorweb_layers(self.transformer).items():
+                if name not in self.layers:
+                    self.transformer.set_submodule(name, layer.base_layer)
+        self.transformer.train(self.training)
+        if self.checkpointing != bool(getattr(self.transformer, "is_gradient_checkpointing", False)):
+            if self.checkpointing:
+                self.transformer.enable_gradient_checkpointing()
+            else:
+                self.transformer.disable_gradient_checkpointing()
+        for name, flags in self.requires_grad.items():
+            if name != "transformer" or (failed and not sharded):
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+
+
+_PIPELINE_MODELS = ("vae", "text_encoder", "text_encoder_2", "transformer")  # frozen by train(); moved to its device
+
+
+def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
+    """``train``'s body (``pipe`` and ``encoder`` may be None)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
@@ -1152,7 +1211,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         encoder = _build_encoder(cfg, weight_dtype)
         _check_encoder_settings(encoder, cfg)
     encoder.model.to(device)
-    for name in ("vae", "text_encoder", "text_encoder_2", "transformer"):
+    for name in _PIPELINE_MODELS:
         module = getattr(pipe, name).requires_grad_(False)
         if not (name == "transformer" and getattr(module, "is_quantized", False)):  # diffusers placed it already
             module.to(device)
@@ -1215,6 +1274,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     patched = ("forward", "_original_forward", "_is_accelerate_prepared")
     own_forward = {k: transformer.__dict__[k] for k in patched if k in transformer.__dict__}
     cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+    bar = None
     try:
         model, optimizer = accelerator.prepare(transformer, optimizer)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -1308,11 +1368,12 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
             if step_callback is not None:
                 step_callback(step, loss_value)
     finally:
+        if bar is not None:
+            bar.close()
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
         for key in patched:
             transformer.__dict__.pop(key, None)
         transformer.__dict__.update(own_forward)
-    bar.close()
     accelerator.wait_for_everyone()
     if nan_steps:
         shown = ", ".join(map(str, nan_steps[:10])) + (", ..." if len(nan_steps) > 10 else "")

@@ -161,6 +161,25 @@ def test_keys_inside_an_injected_layer_are_refused():
     assert_unchanged(m, snap)
 
 
+@pytest.mark.parametrize("into", ["fresh", "injected"])
+def test_a_stray_key_of_a_module_the_model_lacks_is_unexpected_not_incomplete(into):
+    """One stray key ``transformer.foo.lora_A`` (no such module) is named as a module the model lacks, not as a
+    module missing its lora_B, lora_keys and projection; a stray non-linear module likewise; the model is
+    unchanged."""
+    for stray, reason in (("transformer.foo.lora_A", r"the model has no module 'foo'"),
+                          ("transformer.lora_A", r"module '' is a Sequential, not a linear layer"),
+                          ("transformer.0.weight.lora_A", r"the model has no module '0\.weight'")):
+        state = dict(_state(), **{stray: torch.randn(3, 6, 2)})
+        m = fresh_model() if into == "fresh" else tiny_model()
+        snap = snapshot(m)
+        with pytest.raises(LoRWeBCheckpointError) as info:
+            lf.load_lorweb_weights(m, state)
+        text = str(info.value)
+        assert re.search(reason, text) and "(1 problem)" in text, text
+        assert "missing key" not in text, text
+        assert_unchanged(m, snap)
+
+
 @pytest.mark.parametrize("field,value", [("activation", "tanh"), ("reduce", "sum"), ("lora_alpha", 4.0),
                                          ("query_projection_type", "none")])
 def test_injected_model_refuses_a_checkpoint_of_another_configuration(tmp_path, field, value):

@@ -150,3 +150,41 @@ def test_compiled_forward_with_autograd_inside_merged_does_not_break_the_graph()
                 warnings.simplefilter("always")
                 m(x, temb).sum().backward()
         assert any("get no gradient" in str(w.message) for w in caught)
+
+
+def test_default_dynamic_compiles_once_more_per_changing_size_or_strength_then_never():
+    """With torch.compile's default ``dynamic=None`` (as the README says): a new analogy (coefficients) never
+    recompiles; the first change of the batch size, the sequence length or the strength compiles once more
+    (torch's automatic dynamic shapes), and further changes of each do not."""
+    from lorweb_fast import lora_api
+
+    torch._dynamo.reset()
+    m = make_model()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    lf.set_query(m, torch.randn(2, 10))
+    lora_api.set_lorweb_scale(m, 1.0)
+    compiled(torch.randn(2, 5, 24), torch.randn(2, 24))
+
+    def analogies():
+        for _ in range(3):
+            lf.set_query(m, torch.randn(2, 10))
+            x, temb = torch.randn(2, 5, 24), torch.randn(2, 24)
+            torch.testing.assert_close(compiled(x, temb), m(x, temb))
+
+    def sizes(batch_sizes, seq_lens):
+        for b, s in zip(batch_sizes, seq_lens):
+            lf.set_query(m, torch.randn(b, 10))
+            x, temb = torch.randn(b, s, 24), torch.randn(b, 24)
+            torch.testing.assert_close(compiled(x, temb), m(x, temb))
+
+    def strengths(values):
+        x, temb = torch.randn(2, 5, 24), torch.randn(2, 24)
+        lf.set_query(m, torch.randn(2, 10))
+        for v in values:
+            lora_api.set_lorweb_scale(m, v)
+            torch.testing.assert_close(compiled(x, temb), m(x, temb))
+
+    assert count_compiles(analogies) == 0
+    assert count_compiles(lambda: sizes((3,), (5,))) == 1 and count_compiles(lambda: sizes((4, 5, 6), (5,) * 3)) == 0
+    assert count_compiles(lambda: sizes((6,), (7,))) == 1 and count_compiles(lambda: sizes((6,) * 3, (8, 9, 11))) == 0
+    assert count_compiles(lambda: strengths((0.5,))) == 1 and count_compiles(lambda: strengths((1.5, 0.25))) == 0

@@ -481,3 +481,66 @@ def test_any_disk_group_refuses_layers_added_under_an_in_memory_block():
     with pytest.raises(RuntimeError, match="load the LoRWeB adapter first, then enable group offloading"):
         lf.inject_lorweb(model, lf.LoRWeBConfig(target_modules=["1.0"], **KW))
     assert not lf.lorweb_layers(model)
+
+
+# ------------------------------------------------------------------------------------------- layer-level audit
+@pytest.mark.parametrize("setter", ["coefficients", "per_forward_query"])
+def test_meta_coefficients_or_query_are_refused_even_without_the_finite_check(setter):
+    """``check_finite=False`` skips the finiteness check only: coefficients (or a per-forward query) on the meta
+    device hold no values and are refused by name at once, not by torch's "Cannot copy out of meta tensor" at the
+    next forward; what was set before is kept."""
+    layer = _layer()
+    kept = _coeffs(2)
+    layer.set_coefficients(kept)
+    with pytest.raises(ValueError, match="meta device"):
+        if setter == "coefficients":
+            layer.set_coefficients(_coeffs(2).to("meta"), check_finite=False)
+        else:
+            layer.set_query_per_forward(torch.randn(2, KW["query_dim"], device="meta"), check_finite=False)
+    assert layer.coefficients is kept and layer._query is None
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_a_meta_forward_gives_the_shape_as_nn_linear(precision):
+    """A shape dry run on the meta device (layer and input on meta) works as for nn.Linear: torch.autocast has no
+    meta device type, so the forward must not ask it (it raised "unknown device type for autocast" / "unsupported
+    scalarType")."""
+    layer = _layer()
+    layer.set_coefficients(_coeffs(2))
+    layer.to("meta")
+    layer.adapter_precision = precision
+    for shape in ((2, 5, 8), (2, 8), (2, 3, 4, 8)):
+        y = layer(torch.empty(shape, device="meta"))
+        assert y.device.type == "meta" and y.shape == (*shape[:-1], 6)
+
+
+def test_merged_weight_for_names_wrong_coefficients():
+    """``merged_weight_for`` takes (N,) or (B, N) floating-point coefficients: another shape is named instead of a
+    broadcasting error from inside the merge, and integer coefficients are refused as by set_coefficients."""
+    layer = _layer()
+    for bad in (torch.rand(KW["num_loras"] + 1), torch.rand(1, 2, KW["num_loras"])):
+        with pytest.raises(ValueError, match=r"coeffs must be \(N=3,\) or \(B, N=3\), got shape"):
+            layer.merged_weight_for(bad)
+    with pytest.raises(TypeError, match="coeffs must be a floating-point tensor"):
+        layer.merged_weight_for(torch.ones(KW["num_loras"], dtype=torch.int64))
+    assert layer.merged_weight_for(_coeffs(2)).shape == (2, 6, 8)
+
+
+def test_injection_refuses_the_out_proj_of_nn_multiheadattention():
+    """nn.MultiheadAttention reads ``out_proj.weight`` and never calls ``out_proj``: a LoRWeB layer there would be
+    unused (and the attention's forward failed with "'LoRWeBLinear' object has no attribute 'weight'"). Refused by
+    name before anything is injected."""
+    model = nn.Module()
+    model.transformer_blocks = nn.ModuleList([nn.MultiheadAttention(8, 2, batch_first=True)])
+    with pytest.raises(ValueError, match="transformer_blocks.0.out_proj is the out_proj of an nn.MultiheadAttention"):
+        lf.inject_lorweb(model, lf.LoRWeBConfig(**KW))
+    assert not lf.lorweb_layers(model) and model.transformer_blocks[0].out_proj.weight.requires_grad
+    # a checkpoint naming it is refused the same way by load_lorweb_weights (which would inject the layer)
+    donor = nn.Module()
+    donor.transformer_blocks = nn.ModuleList([nn.Module()])
+    donor.transformer_blocks[0].out_proj = nn.Linear(8, 8)
+    lf.inject_lorweb(donor, lf.LoRWeBConfig(**KW))
+    with pytest.raises(lf.LoRWeBCheckpointError, match="transformer_blocks.0.out_proj is the out_proj of an "
+                                                       "nn.MultiheadAttention"):
+        lf.load_lorweb_weights(model, lf.lorweb_state_dict(donor))
+    assert not lf.lorweb_layers(model)

@@ -742,6 +742,8 @@ def train_until_optimizer(cfg, monkeypatch, **kwargs) -> dict:
     def spy(params, train_cfg):
         seen["optimizer"] = real(params, train_cfg)
         seen["params"] = list(params)
+        # taken here: train() removes the layers it injected into a caller's pipeline when it fails
+        seen["layers"] = lf.lorweb_layers(seen["transformer"])
         raise _StopAtOptimizer
 
     real_inject = model_module.inject_lorweb
@@ -754,7 +756,6 @@ def train_until_optimizer(cfg, monkeypatch, **kwargs) -> dict:
     monkeypatch.setattr(training, "inject_lorweb", remember)
     with pytest.raises(_StopAtOptimizer):
         training.train(cfg, **kwargs)
-    seen["layers"] = lf.lorweb_layers(seen["transformer"])
     return seen
 
 
@@ -1363,3 +1364,56 @@ def test_bf16_training_on_gpu_turns_cudnn_attention_off_and_back(assets, tmp_pat
                             step_callback=lambda step, loss: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
     assert seen == [False, False, False] and math.isfinite(result["loss"])
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_train_hands_the_callers_pipeline_back_as_found(assets, tmp_path, monkeypatch):
+    """train(cfg, pipe=...) on a caller's pipeline (eval mode, no gradient checkpointing, every parameter requiring
+    grad as from_pretrained leaves it): on success the trained LoRWeB layers stay and the rest is as found; when a
+    step fails the layers this call injected are gone again as well, and the tqdm bar is closed."""
+    import tqdm.auto
+
+    cfg = config(assets, tmp_path / "ok", steps=2, checkpoint_every=2)
+    pipe = flux.load_kontext_pipeline(cfg.model)
+    encoder = flux.AnalogyEncoder(cfg.encoder)
+    models = [pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer]
+    for m in models:
+        m.eval().requires_grad_(True)
+
+    def as_found():
+        assert not pipe.transformer.training and not pipe.transformer.is_gradient_checkpointing
+        assert all(not m.training for m in pipe.transformer.modules())
+        for m in models[:3]:  # the VAE and text encoders: flags as found
+            assert all(p.requires_grad for p in m.parameters())
+
+    result = training.train(cfg, pipe=pipe, encoder=encoder)
+    assert result["step"] == 2 and len(lf.lorweb_layers(pipe.transformer)) > 0
+    as_found()
+    # the transformer as inject_lorweb leaves one: only the LoRWeB tensors require grad
+    trainable = {n for n, p in pipe.transformer.named_parameters() if p.requires_grad}
+    assert trainable == {f"{layer}.{suffix}" for layer, m in lf.lorweb_layers(pipe.transformer).items()
+                         for suffix in m.lorweb_tensors()}
+
+    fresh = flux.load_kontext_pipeline(cfg.model)
+    for m in [fresh.vae, fresh.text_encoder, fresh.text_encoder_2, fresh.transformer]:
+        m.eval().requires_grad_(True)
+    names_before = [n for n, _ in fresh.transformer.named_modules()]
+    closed = []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def close(self):
+            closed.append(self.n)
+            super().close()
+
+    def fail_after_1(step, loss):
+        raise RuntimeError("stopped by the test")
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    with pytest.raises(RuntimeError, match="stopped by the test") as failure:
+        training.train(config(assets, tmp_path / "failed", steps=3), pipe=fresh, encoder=encoder,
+                       step_callback=fail_after_1)
+    assert closed == [0], closed  # closed by train(), while the traceback still holds the bar (disabled: n = 0)
+    del failure
+    assert not lf.lorweb_layers(fresh.transformer)
+    assert [n for n, _ in fresh.transformer.named_modules()] == names_before
+    assert not fresh.transformer.training and not fresh.transformer.is_gradient_checkpointing
+    assert all(p.requires_grad for p in fresh.transformer.parameters())
