@@ -350,7 +350,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with library_progress_bars(enabled=not quiet):
             args.func(args)
     except (FileNotFoundError, LoRWeBCheckpointError, BackendUnavailableError, ValueError) as exc:
-        print(f"lorweb-fast {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
+        sub = getattr(args, f"{args.command}_command", None)  # "data check", "eval score": as argparse's errors
+        command = args.command if sub is None else f"{args.command} {sub}"
+        print(f"lorweb-fast {command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     return 0
 

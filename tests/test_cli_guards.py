@@ -223,6 +223,21 @@ def test_each_user_error_is_one_line_and_exit_2(monkeypatch, capsys, error):
     assert captured.err == "lorweb-fast infer: error: the 'triton' backend is not available: no GPU\n"
 
 
+@pytest.mark.parametrize("argv,prefix", [
+    (["data", "check", "{missing}"], "lorweb-fast data check: error: training data folder"),
+    (["data", "prepare", "{missing}", "{out}"], "lorweb-fast data prepare: error: "),
+    (["eval", "score", "--runs", "{missing}", "--out", "{out}"], "lorweb-fast eval score: error: "),
+])
+def test_errors_of_a_subcommand_name_it_as_argparse_does(tmp_path, capsys, argv, prefix):
+    """``data check`` / ``data prepare`` / ``eval score`` errors are prefixed with the whole subcommand, as
+    argparse's own usage errors are (``lorweb-fast eval score: error: the following arguments are required``), not
+    with ``lorweb-fast data:`` / ``lorweb-fast eval:``."""
+    argv = [a.format(missing=tmp_path / "missing", out=tmp_path / "out") for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(prefix) and err.count("\n") == 1, err
+
+
 def test_a_missing_command_is_one_line_and_exit_2(capsys):
     """``lorweb-fast`` alone: argparse's one-line usage error naming the commands, exit 2 (not a traceback)."""
     with pytest.raises(SystemExit) as info:

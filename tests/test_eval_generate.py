@@ -147,7 +147,7 @@ def test_generate_bad_input_exits_2(assets, tmp_path, capsys):
     args[args.index("--evalset") + 1] = str(ev)
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("lorweb-fast eval: error: missing image") and "flip/000/a_prime" in err
+    assert err.startswith("lorweb-fast eval generate: error: missing image") and "flip/000/a_prime" in err
     assert "\n" not in err
     args = gen_args(assets, tmp_path / "runs2", "--batch-size", "0")
     assert cli.main(args) == 2

@@ -452,7 +452,7 @@ def test_named_runs_folders(tmp_path, monkeypatch):
 def test_cli_bad_input_exits_2(assets, torch_home, tmp_path, capsys):
     assert run_cli("--runs", tmp_path / "nope", "--out", tmp_path / "r") == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("lorweb-fast eval: error: runs folder not found") and "\n" not in err
+    assert err.startswith("lorweb-fast eval score: error: runs folder not found") and "\n" not in err
     assert run_cli("--runs", assets / "ours", "--metrics", "vlm", "--out", tmp_path / "r") == 2
     assert "needs a judge" in capsys.readouterr().err
     assert run_cli("--runs", assets / "ours", "--against", assets / "base", "--metrics", "clip_dir",
