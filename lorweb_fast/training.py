@@ -1136,9 +1136,11 @@ class _CallersPipeline:
     def restore(self, failed: bool) -> None:
         """Put back what was recorded; ``failed``: also the transformer's flags, and remove the injected layers
         (not under FSDP2: its sharding replaced the parameters and wraps the blocks)."""
-        from torch.distributed.fsdp import FSDPModule
+        sharded = False
+        if torch.distributed.is_available():  # a torch built without it has no FSDP
+            from torch.distributed.fsdp import FSDPModule
 
-        sharded = any(isinstance(m, FSDPModule) for m in self.transformer.modules())
+            sharded = any(isinstance(m, FSDPModule) for m in self.transformer.modules())
         if failed and not sharded:
             for name, layer in lorweb_layers(self.transformer).items():
                 if name not in self.layers:
