@@ -100,7 +100,9 @@ def run_train(args) -> dict:
         raise UsageError(as_flag_message(str(exc))) from None
     check_train_args(args)  # paths, before loading any model
     result = train(cfg)
-    print(f"trained to step {result['step']}; weights in {Path(result['out']) / 'lorweb.safetensors'}")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:  # once, not once per process
+        print(f"trained to step {result['step']}; weights in {Path(result['out']) / 'lorweb.safetensors'}")
     return result
 
 

@@ -25,6 +25,7 @@ is a multiple of ``keep_milestone_every`` = 500), ``loss.jsonl`` and ``loss.png`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -415,7 +416,7 @@ def prepare_output(cfg, *, main_process: bool = True) -> tuple[Optional[Path], O
 
     A used ``out`` (checkpoints, weights or a loss log) needs ``resume`` or ``overwrite``; ``overwrite`` deletes the
     run's files (RUN_FILES and ``checkpoints/``, nothing else); temporary folders of a killed run are removed.
-    Only ``main_process`` deletes anything.
+    Only ``main_process`` deletes anything; ``train`` runs it there first and on the other processes after that.
     """
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -1110,7 +1111,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     """
     callers = None if pipe is None else _CallersPipeline(pipe)  # recorded before train() changes anything
     try:
-        result = _train(cfg, pipe, encoder, step_callback)
+        with _reports_from_main_only():
+            result = _train(cfg, pipe, encoder, step_callback)
     except BaseException:
         if callers is not None:
             callers.restore(failed=True)
@@ -1160,6 +1162,51 @@ class _CallersPipeline:
 _PIPELINE_MODELS = ("vae", "text_encoder", "text_encoder_2", "transformer")  # frozen by train(); moved to its device
 
 
+@contextlib.contextmanager
+def _reports_from_main_only():
+    """Under several processes only the main one warns, logs and shows progress bars (the others would repeat the
+    same lines: the data scan's warnings, model loading, the NaN summary): on the other processes, warnings, this
+    module's log records and diffusers' / transformers' / huggingface_hub's progress bars are off for the block;
+    errors still propagate."""
+    from accelerate import PartialState
+
+    from .cli import library_progress_bars
+
+    if PartialState(cpu=not torch.accelerator.is_available()).is_main_process:
+        yield
+        return
+    was_disabled = logger.disabled
+    logger.disabled = True
+    try:
+        with warnings.catch_warnings(), library_progress_bars(enabled=False):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = was_disabled
+
+
+def _prepare_output_in_order(cfg: TrainConfig, accelerator) -> tuple[Optional[Path], Optional[dict]]:
+    """``prepare_output`` on the main process first (it alone deletes: ``--overwrite``, a killed run's temporary
+    files), then on the others, which only read ``cfg.out`` once it is done (reading it while the main process
+    deletes it could fail); an error of the main process is raised on every rank, so none waits for it."""
+    if accelerator.num_processes == 1:
+        return prepare_output(cfg, main_process=True)
+    from accelerate.utils import broadcast_object_list
+
+    result, error = (None, None), None
+    if accelerator.is_main_process:
+        try:
+            result = prepare_output(cfg, main_process=True)
+        except Exception as exc:  # raised below on every rank
+            error = exc
+    error = broadcast_object_list([error], from_process=0)[0]  # the other ranks wait here for the main one
+    if error is not None:
+        raise error
+    if not accelerator.is_main_process:
+        result = prepare_output(cfg, main_process=False)
+    return result
+
+
 def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
     """``train``'s body (``pipe`` and ``encoder`` may be None)."""
     from accelerate import Accelerator
@@ -1204,7 +1251,7 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
         _check_given_quantization(pipe, cfg.quantize_base)
     elif cfg.quantize_base == "qfloat8":
         _import_quanto()
-    ckpt, trainer_state = prepare_output(cfg, main_process=accelerator.is_main_process)  # before loading models
+    ckpt, trainer_state = _prepare_output_in_order(cfg, accelerator)  # before loading models
     accelerator.wait_for_everyone()
 
     if pipe is None:
@@ -1311,7 +1358,7 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
 
         step, loss_value, nan_steps = start_step, math.nan, []
         bar = tqdm(total=cfg.steps, initial=start_step, desc="LoRWeB training", unit="step",
-                   disable=not (cfg.progress and accelerator.is_local_main_process))
+                   disable=not (cfg.progress and accelerator.is_main_process))
         if device.type == "cuda" and not cfg.cudnn_attention:
             # torch 2.11's cuDNN attention backward returned NaN gradients on the H200 for the tiny FLUX model (forward
             # fine; flash / efficient / math clean); training uses the other SDPA kernels unless --cudnn-attention

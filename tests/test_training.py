@@ -336,6 +336,78 @@ def test_ddp_with_a_qfloat8_base_keeps_ranks_identical(assets, tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_overwrite_deletes_the_old_run_before_the_other_ranks_read_it(assets, tmp_path):
+    """--overwrite under two processes: the main process deletes the old run and only then do the other ranks look
+    at --out (they used to read it while it was being deleted: a FileNotFoundError when a folder vanished between
+    two of their reads). Here the main process starts 5 s late; rank 1 must still find the old run gone. Only the
+    run's files go, the new run writes its own checkpoint once."""
+    out = tmp_path / "run"
+    old = out / "checkpoints" / "step-00000004"
+    old.mkdir(parents=True)
+    for name in ("lorweb.safetensors", "trainer_state.pt"):
+        (old / name).write_bytes(b"old")
+    (out / "loss.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (out / "notes.txt").write_text("mine")
+    cfg = config(assets, out, steps=2, checkpoint_every=2, overwrite=True)
+    ranks, _ = launch(cfg, tmp_path, "slow-main-prepare")
+    assert_ranks_identical(ranks)
+    assert (tmp_path / "prepare-rank1.txt").read_text() == "clean"
+    assert [p.name for p in training.checkpoint_dirs(out)] == ["step-00000002"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert len((out / "loss.jsonl").read_text().splitlines()) == 2
+
+
+def tiny_train_cli(assets, data, out) -> list[str]:
+    """``-m lorweb_fast.cli train ...`` for a launcher: one tiny step on ``data`` into ``out``."""
+    return ["-m", "lorweb_fast.cli", "train", "--data", str(data), "--out", str(out), "--model", str(assets / "pipe"),
+            "--encoder", str(assets / "clip"), "--steps", "1", "--batch-size", "2", "--mixed-precision", "no",
+            "--long-edge", "64", "--resize", "long-edge", "--num-loras", "4", "--rank", "2", "--key-dim", "8",
+            "--num-workers", "0", "--max-sequence-length", str(demo.DEMO_MAX_SEQUENCE_LENGTH), "--optimizer", "adamw"]
+
+
+@pytest.mark.slow
+def test_two_nodes_show_one_progress_bar(assets, tmp_path):
+    """Two torchrun "nodes" of one process each (on this machine): the second node's process is its node's local
+    main process but not the main one, and it used to show a second training progress bar."""
+    port, env = str(free_port()), dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                               *tiny_train_cli(assets, assets / "data", tmp_path / "run")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "LoRWeB training" in logs[0] and "trained to step 1" in logs[0]
+    assert "LoRWeB training" not in logs[1] and "trained to step 1" not in logs[1], logs[1][-3000:]
+
+
+@pytest.mark.slow
+def test_cli_under_two_processes_reports_once_and_refusals_stop_every_rank(assets, tmp_path):
+    """`accelerate launch ... lorweb-fast train` with two processes: the data scan's warnings, the resume notice and
+    the closing line come once (the other rank used to repeat each of them), and a refused --out stops both ranks
+    with the message (no rank waits for the other)."""
+    data = tmp_path / "data"
+    shutil.copytree(assets / "data", data)
+    (data / "captions" / "0003.txt").unlink()  # a sample without a caption: a warning
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", *tiny_train_cli(assets, data, tmp_path / "run"), "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    assert text.count("training samples have no caption") == 1, text[-3000:]
+    assert text.count("--resume: no checkpoint") == 1, text[-3000:]
+    assert text.count("trained to step 1") == 1, text[-3000:]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # used --out, no --resume
+    assert proc.returncode != 0
+    assert "already holds a training run" in proc.stderr and "pass --resume" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_fsdp2_matches_ddp_resumes_and_writes_portable_checkpoints(assets, tmp_path, caplog):
     """accelerate's FSDP2 preparation (transformer blocks as units; on CPU turned on by the worker, see there):
     the LoRWeB parameters are really sharded, training is the same computation as DDP, checkpoints gather the
