@@ -187,7 +187,7 @@ def test_options_that_do_not_apply_are_refused(tmp_path):
     pairs.write_text("")
     with pytest.raises(E.EvalInputError, match="pairs file .*pairs.jsonl.* released LoRWeB layout; .* relation252k"):
         E.read_evalset(root, pairs_file=pairs)
-    with pytest.raises(E.EvalInputError, match="max_per_task must be >= 1, got 0"):
+    with pytest.raises(E.EvalInputError, match=r"max_per_task \(--max-per-task\) must be >= 1, got 0"):
         E.read_evalset(root, max_per_task=0)
 
 

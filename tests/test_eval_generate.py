@@ -151,7 +151,9 @@ def test_generate_bad_input_exits_2(assets, tmp_path, capsys):
     assert "\n" not in err
     args = gen_args(assets, tmp_path / "runs2", "--batch-size", "0")
     assert cli.main(args) == 2
-    assert "batch size must be >= 1" in capsys.readouterr().err
+    assert "batch_size (--batch-size) must be >= 1" in capsys.readouterr().err  # names the flag the user typed
+    assert cli.main(gen_args(assets, tmp_path / "runs2", "--max-per-task", "0")) == 2
+    assert "max_per_task (--max-per-task) must be >= 1, got 0" in capsys.readouterr().err
     args = gen_args(assets, tmp_path / "runs3")
     args[args.index("--weights") + 1] = str(tmp_path / "missing.safetensors")
     assert cli.main(args) == 2

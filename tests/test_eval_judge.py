@@ -260,7 +260,8 @@ def test_gemma3_cache_is_keyed_on_the_generation_settings(tiny_gemma, tmp_path):
 
 def test_gemma3_bad_max_new_tokens(tmp_path):
     for bad in (0, -3, 2.5, True):
-        with pytest.raises(J.EvalInputError, match="max_new_tokens must be an integer >= 1"):
+        with pytest.raises(J.EvalInputError,
+                           match=r"max_new_tokens \(--judge-max-new-tokens\) must be an integer >= 1"):
             J.make_judge(f"gemma3:{tmp_path / 'nothing-here'}", max_new_tokens=bad)
 
 

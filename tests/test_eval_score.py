@@ -466,7 +466,7 @@ def test_cli_bad_input_exits_2(assets, torch_home, tmp_path, capsys):
     for judge in ("none", "replay:" + str(tmp_path / "answers.jsonl")):  # checked whatever the judge
         assert run_cli("--runs", assets / "ours", "--judge", judge, "--judge-max-new-tokens", "0",
                        "--out", tmp_path / "r") == 2
-        assert "max_new_tokens" in capsys.readouterr().err
+        assert "max_new_tokens (--judge-max-new-tokens) must be" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

@@ -404,7 +404,7 @@ def read_evalset(root: Union[str, Path], fmt: str = "auto", *, seed: int = 0, b_
     if fmt not in EVALSET_FORMATS:
         raise EvalInputError(f"unknown evaluation-set format {fmt!r}; choose from {EVALSET_FORMATS}")
     if max_per_task is not None and max_per_task < 1:
-        raise EvalInputError(f"max_per_task must be >= 1, got {max_per_task}")
+        raise EvalInputError(f"max_per_task (--max-per-task) must be >= 1, got {max_per_task}")
     if fmt == "auto":
         fmt = detect_format(root)
     if pairs_file and fmt != "lorweb":

@@ -136,7 +136,7 @@ def check_generate_options(*, batch_size: int, merge: str, pipe_kwargs: Optional
     different analogies ("full", "offload") with ``batch_size`` > 1, or a pipeline argument in ``pipe_kwargs`` that
     ``generate`` sets itself (``OWN_PIPE_ARGS``)."""
     if batch_size < 1:
-        raise EvalInputError(f"batch size must be >= 1, got {batch_size}")
+        raise EvalInputError(f"batch_size (--batch-size) must be >= 1, got {batch_size}")
     if merge not in MERGE_CHOICES:
         raise EvalInputError(f"merge must be one of {MERGE_CHOICES}, got {merge!r}")
     if merge in ("full", "offload") and batch_size > 1:

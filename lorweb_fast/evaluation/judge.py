@@ -246,7 +246,8 @@ class Gemma3Judge:
 
 def check_max_new_tokens(max_new_tokens) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise EvalInputError(f"the judge's max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise EvalInputError(f"the judge's max_new_tokens (--judge-max-new-tokens) must be an integer >= 1, "
+                             f"got {max_new_tokens!r}")
 
 
 class ReplayJudge:
