@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -71,7 +72,7 @@ def run_infer(args) -> Path:
     generator = torch.Generator(device=pipe.pipe._execution_device).manual_seed(args.seed)
     merge = "none" if args.no_merge else args.merge
     (b_prime,) = pipe(*images, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                      generator=generator, merge=merge, **args.pipe_kwargs)
+                      generator=generator, merge=merge, progress=False if args.quiet else None, **args.pipe_kwargs)
     out = _save_image(b_prime, Path(args.out))
     if args.coefficients_plot:
         plot_coefficients(pipe.transformer, args.coefficients_plot)
@@ -247,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coefficients-plot", default=None, help="also write a coefficient heat map here")
     p.add_argument("--pipe-arg", dest="pipe_kwargs", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="extra FluxKontextPipeline argument (repeatable)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (the denoising loop's, and diffusers', transformers' and huggingface_hub's "
+                        "loading bars), as in train, data, demo and eval")
     p.set_defaults(func=run_infer)
 
     t = sub.add_parser("train", help="train LoRWeB on an analogy folder (works under accelerate launch)")
@@ -348,15 +352,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "pipe_kwargs", None) is not None:
         args.pipe_kwargs = dict(args.pipe_kwargs)
     quiet = bool(getattr(args, "quiet", False)) or getattr(args, "progress", True) is False
+    sub = getattr(args, f"{args.command}_command", None)  # "data check", "eval score": as argparse's errors
+    command = args.command if sub is None else f"{args.command} {sub}"
     try:
-        with library_progress_bars(enabled=not quiet):
+        with library_progress_bars(enabled=not quiet), one_line_warnings(command):
             args.func(args)
     except (FileNotFoundError, LoRWeBCheckpointError, BackendUnavailableError, ValueError) as exc:
-        sub = getattr(args, f"{args.command}_command", None)  # "data check", "eval score": as argparse's errors
-        command = args.command if sub is None else f"{args.command} {sub}"
         print(f"lorweb-fast {command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     return 0
+
+
+@contextlib.contextmanager
+def one_line_warnings(command: str):
+    """Warnings shown while a command runs read ``lorweb-fast <command>: warning: <message>`` on one line, as its
+    errors do (Python's default format adds the warning's file, line, category and source line; a category other
+    than UserWarning is kept before the message). Only the format
+    changes: which warnings show, and their capture (``warnings.catch_warnings(record=True)``, pytest), do not."""
+    original = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        kind = "" if category is UserWarning else f"{category.__name__}: "  # a library's FutureWarning keeps its kind
+        return f"lorweb-fast {command}: warning: {kind}{one_line(str(message))}\n"
+
+    warnings.formatwarning = formatwarning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
 
 
 @contextlib.contextmanager

@@ -11,6 +11,9 @@ sub-command, TrainConfig errors written with the flag that sets the field, and t
 The pipeline and the trainer are replaced by recording stand-ins: nothing is loaded, trained or generated.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from PIL import Image
@@ -79,6 +82,8 @@ WIRING = [
     ([], "call", "merge", "auto"),
     ([], "call", "num_inference_steps", 28),
     ([], "call", "guidance_scale", 2.5),
+    ([], "call", "progress", None),  # the pipeline's own set_progress_bar_config applies
+    (["--quiet"], "call", "progress", False),
     (["--encoder", "{root}/clip"], "load", "encoder", "{root}/clip"),
     (["--config", "{root}/cfg/config.yaml"], "load", "config", "{root}/cfg/config.yaml"),
     (["--query-mode", "caa'b"], "load", "query_mode", "caa'b"),
@@ -236,6 +241,48 @@ def test_errors_of_a_subcommand_name_it_as_argparse_does(tmp_path, capsys, argv,
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(prefix) and err.count("\n") == 1, err
+
+
+ONE_LINE_WARNINGS_SCRIPT = """
+import argparse, sys, warnings
+from lorweb_fast import cli
+
+def run_check(args):
+    warnings.warn("3 training samples have no caption:\\n  a\\n  b", stacklevel=2)
+    warnings.warn("old option", FutureWarning, stacklevel=2)
+
+class Parser:
+    def parse_args(self, argv):
+        return argparse.Namespace(command="data", data_command="check", quiet=True, func=run_check)
+
+cli.build_parser = Parser
+original = warnings.formatwarning
+assert cli.main(["data", "check", "somewhere"]) == 0
+assert warnings.formatwarning is original
+warnings.warn("after the command")
+"""
+
+
+def test_warnings_of_a_command_are_one_line_and_name_it():
+    """A warning shown while a command runs reads ``lorweb-fast <command>: warning: <message>`` on one line (not
+    Python's file:line: UserWarning and source line); another category keeps its name; the format is put back
+    afterwards (a warning after the command is Python's own), and warnings still reach a
+    ``catch_warnings(record=True)`` block (pytest) unchanged. In a subprocess: Python's own display of warnings,
+    which pytest replaces."""
+    import warnings
+
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", ONE_LINE_WARNINGS_SCRIPT], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[:2] == ["lorweb-fast data check: warning: 3 training samples have no caption: a; b",
+                         "lorweb-fast data check: warning: FutureWarning: old option"], proc.stderr
+    assert "UserWarning: after the command" in lines[2], proc.stderr
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with cli.one_line_warnings("train"):
+            warnings.warn("recorded")
+    assert [str(w.message) for w in seen] == ["recorded"]
 
 
 def test_a_missing_command_is_one_line_and_exit_2(capsys):
