@@ -16,9 +16,10 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="folder for the tiny models, data, runs and the record")
+    parser.add_argument("--steps", type=int, default=40, help="training steps of each run (default 40)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the tiny models, the data and both runs (default 0)")
     args = parser.parse_args()
 
     from lorweb_fast import demo

@@ -57,10 +57,12 @@ def host_ms(step, n_inputs: int, calls: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(RESULTS_DIR / "host_overhead"))
-    ap.add_argument("--calls", type=positive_int, default=40)
-    ap.add_argument("--tokens", type=positive_int, default=1024)
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "host_overhead"),
+                    help="output path without extension: OUT.json, OUT.md (default benchmarks/results/host_overhead)")
+    ap.add_argument("--calls", type=positive_int, default=40, help="calls timed per implementation (default 40)")
+    ap.add_argument("--tokens", type=positive_int, default=1024, help="rows M of the input (default 1024)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also write OUT_profile.txt: cProfile of the triton, shrink and expand calls")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("host_overhead.py needs a CUDA GPU (host cost is measured against a busy device)", file=sys.stderr)

@@ -190,8 +190,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     p.add_argument("--m", type=positive_int, default=8192, help="rows (default 8192)")
-    p.add_argument("--in-features", type=positive_int, default=3072)
-    p.add_argument("--out-features", type=positive_int, default=3072)
+    p.add_argument("--in-features", type=positive_int, default=3072, help="layer in_features (default 3072)")
+    p.add_argument("--out-features", type=positive_int, default=3072, help="layer out_features (default 3072)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernel_resources.py needs a CUDA GPU (none is visible to torch)", file=sys.stderr)

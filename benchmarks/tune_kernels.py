@@ -70,7 +70,8 @@ def parse_args(argv=None):
                    "420, so that the sweep with its compilations ends within 8 minutes)")
     p.add_argument("--ranks", type=positive_int, nargs="+", default=[128],
                    help="R values to tune (default: 128 = N 32 x r 4)")
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=sorted(DTYPES))
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=sorted(DTYPES),
+                   help="dtypes to tune (default: bfloat16)")
     p.add_argument("--tokens", type=even_tokens, default=8192,
                    help="rows M used for timing, two samples of M/2 (not part of the table key)")
     p.add_argument("--layers", nargs="+", default=None, help="in:out pairs (default: the token-wise METHOD.md "

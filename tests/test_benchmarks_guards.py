@@ -739,3 +739,18 @@ def test_host_overhead_op_path_restores_the_direct_path(host, monkeypatch):
     rows = host.op_path_rows({"x": torch.zeros(1)}, 3)
     assert ops.EAGER_DIRECT is True and seen == [False] * 4
     assert [r["impl"] for r in rows] == ["triton (registered op path)"] * 2 + ["cuda (registered op path)"] * 2
+
+
+def test_every_benchmark_option_has_help():
+    """Every ``add_argument`` of every benchmark script passes a help text (``--help`` explains each option, as the
+    ``lorweb-fast`` command's do); read from the scripts' source, since their parsers are built inside main()."""
+    import ast
+
+    missing = []
+    for script in sorted(BENCH_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+                if not any(k.arg == "help" for k in node.keywords):
+                    missing.append(f"{script.name}:{node.lineno}")
+    calls = sum(s.read_text().count("add_argument(") for s in BENCH_DIR.glob("*.py"))
+    assert calls > 30 and missing == [], missing
