@@ -2,12 +2,13 @@
 
 Functional API: ``compute_coefficients``, ``mixed_lora_delta``, ``lorweb_linear`` (each with
 ``backend=None | "torch" | "triton" | "cuda"``) and ``backend_status``. Module: ``LoRWeBLinear``. Model-level:
-``LoRWeBConfig``, ``inject_lorweb``, ``set_query``, ``set_backend``, ``clear_query``, ``get_coefficients``, ``save_lorweb_weights``,
-``load_lorweb_weights``.
+``LoRWeBConfig``, ``inject_lorweb``, ``set_query``, ``set_backend``, ``clear_query``, ``get_coefficients``,
+``set_lorweb_scale`` / ``get_lorweb_scale`` (the strength), ``save_lorweb_weights``, ``load_lorweb_weights``.
 """
 
 from .flux import merged, plot_coefficients
 from .layer import LoRWeBLinear
+from .lora_api import get_lorweb_scale, set_lorweb_scale
 from .model import (
     LoRWeBCheckpointError,
     LoRWeBConfig,
@@ -35,7 +36,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "LoRWeBCheckpointError", "LoRWeBConfig", "LoRWeBLinear",
-    "backend_status", "clear_query", "compute_coefficients", "get_coefficients", "inject_lorweb",
+    "backend_status", "clear_query", "compute_coefficients", "get_coefficients", "get_lorweb_scale", "inject_lorweb",
     "load_lorweb_weights", "lorweb_layers", "lorweb_linear", "lorweb_state_dict", "mixed_lora_delta",
-    "merged", "plot_coefficients", "remove_lorweb", "save_lorweb_weights", "set_backend", "set_query",
+    "merged", "plot_coefficients", "remove_lorweb", "save_lorweb_weights", "set_backend", "set_lorweb_scale",
+    "set_query",
 ]

@@ -281,8 +281,8 @@ def test_set_lorweb_scale_multiplies_the_mixture():
     with torch.no_grad():
         base = layer.base_layer(x)
         one = model(x) - base
-        lf.lora_api.set_lorweb_scale(model, 2.5)
-        assert lf.lora_api.get_lorweb_scale(model) == 2.5
+        lf.set_lorweb_scale(model, 2.5)  # exported at the top level (README's API block) as lora_api's
+        assert lf.set_lorweb_scale is lf.lora_api.set_lorweb_scale and lf.get_lorweb_scale(model) == 2.5
         torch.testing.assert_close(model(x) - base, 2.5 * one, rtol=1e-5, atol=1e-6)
         with flux.merged(model, "jit"):
             torch.testing.assert_close(model(x) - base, 2.5 * one, rtol=1e-4, atol=1e-5)
