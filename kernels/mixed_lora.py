@@ -66,8 +66,9 @@ if tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2]) 
                       f"descriptors), found triton {triton.__version__}; upgrade torch/triton or use "
                       "backend='cuda' / 'torch'")
 # FP fusion (a * b + c as one fma) pinned on at every launch: the kernels were written, checked and tuned with it, and
-# Triton 3.10 turns its default off (Triton 3.9 warns at every compile that leaves it unset). Triton's
-# TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off. lorweb_fast.aot compiles with the same option.
+# Triton 3.10 turns its default off (Triton 3.9 warns at every compile that leaves it unset). Triton >= 3.10's
+# TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off (older Triton has no such switch, and the pin overrides its
+# TRITON_DEFAULT_FP_FUSION=0). lorweb_fast.aot compiles with the same option.
 FP_FUSION = True
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Largest R served by the Triton kernels; larger bases go through the all-cuBLAS route (see ``choose_route``).
@@ -726,8 +727,8 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     ``wrap_triton`` so that it is recorded in the graph. Under TRITON_INTERPRET=1 the interpreted kernel always runs
     directly (torch 2.11's wrap_triton refuses it), except on fake tensors while shapes are propagated (the outputs
     are already allocated with their final shapes). ``lorweb_fast.aot`` replaces this function to record launches
-    instead of running them. Eager launches pin ``enable_fp_fusion=FP_FUSION``; under torch.compile the compiler's
-    options apply (torch's ``wrap_triton`` takes no compile options but num_warps / num_stages). Eager launches go to
+    instead of running them. Eager launches pin ``enable_fp_fusion=FP_FUSION``; traced launches do not pass it (the
+    compiler's options apply; whether torch 2.11's ``wrap_triton`` forwards it is unchecked). Eager launches go to
     the GPU of the tensors (Triton itself launches on the current
     device: a model placed on ``cuda:1`` while ``cuda:0`` is current, as with a ``device_map``)."""
     if interpreting():

@@ -713,9 +713,11 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     cfg.update(heads=int(resolved["heads"]), activation=resolved["activation"], reduce=resolved["reduce"])
     # scale = lora_alpha / rank: from an explicit lora_alpha, else our metadata, else 1 (the official network has
     # alpha = r whatever config.yaml's linear_alpha says; read_config_yaml does not read it)
-    if where["lora_alpha"] != "official default" and groups:
-        tensor_rank = int(next(iter(groups.values()))["lora_A"].shape[-1])
-        rank = int(resolved["rank"]) if where["rank"] != "official default" else tensor_rank
+    # the rank from a module with an (N, in, r) lora_A: a stray, incomplete or misshapen one is reported below
+    tensor_rank = next((int(t["lora_A"].shape[-1]) for t in groups.values()
+                        if "lora_A" in t and t["lora_A"].dim() == 3), None)
+    rank = int(resolved["rank"]) if where["rank"] != "official default" else tensor_rank
+    if where["lora_alpha"] != "official default" and rank:  # none or 0: refused below (missing key, zero-sized r)
         scale = float(resolved["lora_alpha"]) / rank
         if "lorweb.lora_alpha_over_rank" in meta and scale != cfg["scale"]:
             raise LoRWeBConfigError(f"conflicting lora_alpha / rank: {where['lora_alpha']} gives {scale!r} but the "

@@ -1105,9 +1105,10 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     A caller's ``pipe`` is handed back with the transformer's train/eval mode and gradient checkpointing as found,
     and the VAE's and text encoders' ``requires_grad`` flags; on success its transformer is as ``inject_lorweb``
     leaves one (only the LoRWeB tensors require grad). On failure the transformer's flags are put back too and the
-    LoRWeB layers this call injected are removed again (not under FSDP2, whose sharding replaced the parameters);
-    layers the caller injected keep the updates made before the failure (the last checkpoint under ``cfg.out``
-    holds a known state). The models stay on the training device.
+    LoRWeB layers this call injected are removed again (under FSDP2, whose sharding replaced the parameters, neither
+    is done); layers the caller injected keep the updates made before the failure (the last checkpoint under
+    ``cfg.out`` holds a known state) and, as on success, their fp32 master tensors and ``adapter_precision``. The
+    models stay on the training device.
     """
     callers = None if pipe is None else _CallersPipeline(pipe)  # recorded before train() changes anything
     try:

@@ -375,3 +375,27 @@ def test_hidden_files_are_never_checkpoints(tmp_path):
     official_style_checkpoint(run / ".x_000009999.safetensors")
     assert oc.find_checkpoint(run)[0] == run / "LoRWeB_000000250.safetensors"
     assert oc.pick_checkpoint_name(sorted(os.listdir(run)), "run") == "LoRWeB_000000250.safetensors"
+
+
+@pytest.mark.parametrize("broken", ["stray module first", "lora_A missing", "lora_A not 3-D", "r = 0"])
+def test_an_explicit_lora_alpha_does_not_hide_the_checkpoints_problems(broken):
+    """``settings={"lora_alpha": ...}`` (the scale of an official checkpoint) takes the rank from the tensors: a first
+    module without a usable lora_A (a stray key, an incomplete or misshapen module) is named in the one
+    LoRWeBCheckpointError, as without the setting, not a KeyError / IndexError / ZeroDivisionError; the model is
+    unchanged."""
+    state = _state()
+    first = sorted(k for k in state if k.endswith(".lora_A"))[0]
+    if broken == "stray module first":
+        state, reason = {"transformer.foo.lora_keys": torch.randn(3, 4), **state}, "the model has no module 'foo'"
+    elif broken == "lora_A missing":
+        state, reason = {k: v for k, v in state.items() if k != first}, f"missing key {first}"
+    elif broken == "lora_A not 3-D":
+        state, reason = {first: torch.randn(6), **{k: v for k, v in state.items() if k != first}}, first
+    else:
+        state, reason = {first: torch.randn(3, 6, 0), **{k: v for k, v in state.items() if k != first}}, first
+    m = fresh_model()
+    snap = snapshot(m)
+    with pytest.raises(LoRWeBCheckpointError) as info:
+        lf.load_lorweb_weights(m, state, settings={"lora_alpha": 4.0})
+    assert reason in str(info.value), str(info.value)
+    assert_unchanged(m, snap)
