@@ -642,8 +642,9 @@ def resolve_checkpoint_settings(path_or_state_dict, config=None, settings: Optio
 
 
 def _overflow_problems(name: str, tensors: dict, module: nn.Module) -> list[str]:
-    """The checkpoint tensors of ``name`` that are finite in the file but not once cast to the dtype the layer holds
-    them in (an fp32 file with values beyond 65504 loaded into an fp16 model): they would turn into Inf there."""
+    """The checkpoint tensors of ``name`` (floating point and finite in the file) that are not finite once cast to
+    the dtype the layer holds them in (an fp32 file with values beyond 65504 loaded into an fp16 model): they would
+    turn into Inf there."""
     if isinstance(module, LoRWeBLinear):
         held = {s: t.dtype for s, t in module.lorweb_tensors().items()}
     else:  # a new LoRWeBLinear creates its tensors in the base weight's dtype (fp32 for a quantized base)
@@ -652,8 +653,7 @@ def _overflow_problems(name: str, tensors: dict, module: nn.Module) -> list[str]
     problems = []
     for suffix, t in tensors.items():
         target = held.get(suffix)
-        if (target is None or not t.is_floating_point() or not target.is_floating_point
-                or torch.finfo(target).max >= torch.finfo(t.dtype).max or not bool(torch.isfinite(t).all())):
+        if target is None or not target.is_floating_point or torch.finfo(target).max >= torch.finfo(t.dtype).max:
             continue
         if not bool(torch.isfinite(t.to(target).to(t.dtype)).all()):  # back to t's dtype: float8 has no isfinite
             problems.append(f"{CHECKPOINT_PREFIX}{name}.{suffix} holds values up to {t.abs().max().item():.4g}, "
@@ -738,7 +738,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         if any(name.startswith(e + ".") for e in existing):
             problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: {name!r} is inside a LoRWeB layer")
             continue
-        why = None if isinstance(module, LoRWeBLinear) or not name else _read_not_called(model, name)
+        why = None if isinstance(module, LoRWeBLinear) else _read_not_called(model, name)
         if why:
             problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: {why}")
             continue
@@ -752,15 +752,18 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
             if value is not None and where[key] != "official default" and int(resolved[key]) != int(value):
                 raise LoRWeBConfigError(f"conflicting {key}: {where[key]} says {resolved[key]!r} but the checkpoint "
                                         f"tensors of {CHECKPOINT_PREFIX}{name} have {key}={value}")
+        finite = {}  # the float tensors without NaN or Inf: the ones whose range the layer's dtype must hold
         for s, t in tensors.items():
             if not t.is_floating_point():
                 problems.append(f"{CHECKPOINT_PREFIX}{name}.{s} has non-float dtype {t.dtype}")
             elif not bool(torch.isfinite(t).all()):
                 problems.append(f"{CHECKPOINT_PREFIX}{name}.{s} holds NaN or Inf values")
+            else:
+                finite[s] = t
         in_f, out_f = linear_dims(module)
         shape_problems = _check_module_tensors(name, tensors, in_f, out_f)
         problems += shape_problems
-        problems += _overflow_problems(name, tensors, module)
+        problems += _overflow_problems(name, finite, module)
         if isinstance(module, LoRWeBLinear) and not shape_problems:
             k = tensors["lora_keys"]
             q_shape = tuple(tensors["att_lora_to_q.weight"].shape) if projection == "linear" else (k.shape[1],) * 2

@@ -839,6 +839,16 @@ def _reduce_gradients_in_fp32(plugin) -> None:
         plugin.mixed_precision_policy = dataclass_replace(policy, reduce_dtype=torch.float32)
 
 
+def _fsdp_units(model) -> list:
+    """The sub-modules of ``model`` (itself included) that FSDP2 shards as units; [] when it is not sharded (or
+    torch is built without torch.distributed)."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 def _warn_if_layers_unwrapped(model) -> None:
     """Under FSDP2, warn when LoRWeB layers are not inside a wrapped sub-module (then the root unit gathers the whole
     transformer at once: correct, but it needs the memory FSDP is meant to save)."""
@@ -880,11 +890,8 @@ def _reshard_without_backward(model) -> None:
     """Reshard every FSDP2 unit after a forward whose backward is skipped (a NaN loss): FSDP2 keeps the root unit's
     parameters unsharded after its forward and reshards them only in the post-backward, so without this the module
     would still hold the gathered tensors instead of the DTensors the optimizer and the checkpoint gather expect."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    for unit in _fsdp_units(model):
+        unit.reshard()
 
 
 def cast_block_inputs_in_recompute(model) -> int:
@@ -896,12 +903,11 @@ def cast_block_inputs_in_recompute(model) -> int:
     recomputes with fp32 inputs what it first ran with bf16 ones, and ``torch.utils.checkpoint`` refuses the
     mismatch. This adds, after FSDP's own hook, a hook that applies the same cast: a no-op in the forward (already
     cast), the missing cast in the recompute. Returns the number of units hooked."""
-    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.utils import _apply_to_tensors  # what FSDP casts with (dataclasses, namedtuples, dicts)
 
     hooked = 0
-    for module in model.modules():
-        if not isinstance(module, FSDPModule) or hasattr(module, "_lorweb_recompute_cast"):
+    for module in _fsdp_units(model):
+        if hasattr(module, "_lorweb_recompute_cast"):
             continue  # a second call (train() again on the same model) adds nothing
         policy = module._get_fsdp_state()._mp_policy
         dtype = policy.param_dtype
@@ -1139,11 +1145,7 @@ class _CallersPipeline:
     def restore(self, failed: bool) -> None:
         """Put back what was recorded; ``failed``: also the transformer's flags, and remove the injected layers
         (not under FSDP2: its sharding replaced the parameters and wraps the blocks)."""
-        sharded = False
-        if torch.distributed.is_available():  # a torch built without it has no FSDP
-            from torch.distributed.fsdp import FSDPModule
-
-            sharded = any(isinstance(m, FSDPModule) for m in self.transformer.modules())
+        sharded = bool(_fsdp_units(self.transformer))
         if failed and not sharded:
             for name, layer in lorweb_layers(self.transformer).items():
                 if name not in self.layers:
@@ -1257,9 +1259,8 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
 
     if pipe is None:
         pipe = load_training_pipeline(cfg.model, weight_dtype, cfg.quantize_base, device)
-    if encoder is None:
+    if encoder is None:  # built from cfg: its query settings are cfg's ("none"'s key_dim was checked above)
         encoder = _build_encoder(cfg, weight_dtype)
-        _check_encoder_settings(encoder, cfg)
     encoder.model.to(device)
     for name in _PIPELINE_MODELS:
         module = getattr(pipe, name).requires_grad_(False)
