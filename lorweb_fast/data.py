@@ -15,7 +15,8 @@ Two layouts are read, detected per sample from the image sizes (never guessed: a
   ``edit_prompt`` of its analogy_metadata.json entry, else the .txt beside the target image (then ours:
   ``captions/<id>.txt``, ``control/<id>.txt``); a sample with none of them trains with an empty caption (official;
   a warning, or an error with ``missing_caption="raise"``). Control images without a target are not samples (a
-  warning).
+  warning). A name with several control images uses the first in that order (a warning names the others, never
+  read); target images sharing a name (``0007.jpg`` and ``0007.png``) are each a sample, as official (a warning).
 
   The trainer's target is the 2x2 grid [a a'; b b'] at b''s size (every cell W x H = b'.size, the strip resized to
   3W x H with bicubic first, as ai-toolkit ``_create_box_analogy_image`` with ``full_size_control_images: true``), and
@@ -349,6 +350,27 @@ class AnalogyFolder(torch.utils.data.Dataset):
         for p in sorted(control_files, key=lambda p: (p.suffix not in CONTROL_SUFFIX_ORDER,
                                                       CONTROL_SUFFIX_ORDER.index(p.suffix.lower()))):
             control_by_stem.setdefault(p.stem, []).append(p)
+        stems = {t.stem for t in targets}
+        #: {name: control files} for the target names with several control images: the first is the one used (the
+        #: official lookup order), the others are never read
+        self.several_controls = {stem: files for stem, files in sorted(control_by_stem.items())
+                                 if len(files) > 1 and stem in stems}
+        if self.several_controls:
+            stem, files = next(iter(self.several_controls.items()))
+            warnings.warn(f"several control images share a target's name ({len(self.several_controls)} names); "
+                          f"each sample uses the first in the official lookup order ({', '.join(CONTROL_SUFFIX_ORDER)}, then upper case) "
+                          f"and never reads the others (e.g. {stem}: {files[0].name} over "
+                          f"{', '.join(f.name for f in files[1:])})", stacklevel=2)
+        names = Counter(self._name(t) for t in targets)
+        #: names shared by several target images (target/0007.jpg and target/0007.png): each is a sample, as in the
+        #: official loader, with the same control image and caption
+        self.shared_names = sorted(n for n, k in names.items() if k > 1)
+        if self.shared_names:
+            warnings.warn(f"several target images share a name ({len(self.shared_names)} names), each a sample "
+                          f"with the same control image and caption, as in the official loader (e.g. "
+                          f"{self.shared_names[0]}: "
+                          + ", ".join(t.name for t in targets if self._name(t) == self.shared_names[0]) + ")",
+                          stacklevel=2)
         #: (control, target, caption, layout, grid size (W, H) before resizing)
         self.samples: list[tuple[Path, Path, str, str, tuple[int, int]]] = []
         self.skipped: list[str] = []
@@ -372,7 +394,6 @@ class AnalogyFolder(torch.utils.data.Dataset):
                           f"{self.root / RELATION_METADATA}, no .txt beside its target, in captions/ or "
                           "control/); pass missing_caption='raise' / --missing-caption raise to refuse them",
                           stacklevel=2)
-        stems = {t.stem for t in targets}
         #: control images with no target image of their name: not samples (the official loader never looks at them)
         self.unused_controls = [p for p in control_files if p.stem not in stems]
         if self.unused_controls:
@@ -552,8 +573,10 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
                  bucket_divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY, missing_caption: str = "empty",
                  progress: bool = True) -> dict:
     """Validate every sample of ``root``; return counts ``{"samples", "skipped", "layouts", "sizes",
-    "training_sizes", "captions", "problems", "controls_without_target", "samples_without_caption"}`` (the last: the
-    samples that train with an empty caption, ``missing_caption="empty"``).
+    "training_sizes", "captions", "problems", "controls_without_target", "samples_without_caption",
+    "several_controls", "shared_names"}`` (``samples_without_caption``: the samples that train with an empty caption,
+    ``missing_caption="empty"``; ``several_controls``: {name: [the control used, the others]}; ``shared_names``: names
+    of several target images, each a sample).
     With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there (a nested sample's
     ``/`` written ``__``): the grids the
     trainer sees, before resizing to the training resolution. A ``dump`` that is a file or cannot be created is
@@ -591,7 +614,9 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
                            "distinct": len({c for c in captions if c})},
               "problems": list(dataset.problems),
               "controls_without_target": [str(p) for p in dataset.unused_controls],
-              "samples_without_caption": list(dataset.missing_captions)}
+              "samples_without_caption": list(dataset.missing_captions),
+              "several_controls": {stem: [str(p) for p in files] for stem, files in dataset.several_controls.items()},
+              "shared_names": list(dataset.shared_names)}
     if dump is not None:
         out = Path(dump)
         out.mkdir(parents=True, exist_ok=True)
@@ -992,6 +1017,14 @@ def run_data(args) -> dict:
         unused = report["controls_without_target"]
         if unused:
             print(f"control images without a target (not samples): {len(unused)}, e.g. {unused[0]}")
+        several = report["several_controls"]
+        if several:
+            stem, files = next(iter(several.items()))
+            print(f"names with several control images (the first in the official order is used): {len(several)}, "
+                  f"e.g. {stem}: {Path(files[0]).name} over {', '.join(Path(f).name for f in files[1:])}")
+        if report["shared_names"]:
+            print(f"names shared by several target images (each a sample): {len(report['shared_names'])}, e.g. "
+                  f"{report['shared_names'][0]}")
         if args.dump:
             print(f"wrote the trainer's grids to {report['dumped']}")
         return report

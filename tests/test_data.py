@@ -318,20 +318,56 @@ def test_samples_are_found_from_target_as_the_official_loader(tmp_path):
     assert [(c.name, t.name, cap) for c, t, cap in want] == [("s00.jpg", "s00.png", "json of s00"),
                                                              ("s01.png", "s01.jpg", "txt of s01"),
                                                              ("s02.png", "s02.png", "txt of s02")]
-    with pytest.warns(UserWarning, match=r"2 control images have no target image .*s03.png"):
+    with pytest.warns(UserWarning, match=r"2 control images have no target image .*s03.png"), \
+            pytest.warns(UserWarning, match=r"several control images share a target's name \(1 names\).*s00: s00.jpg over s00.png"):
         ds = AnalogyFolder(root, resize="long-edge")
     assert [(c, t, cap) for c, t, cap, _, _ in ds.samples] == want
     assert [ds[i]["name"] for i in range(3)] == ["s00", "s01", "sub/s02"]  # unique: the path under target/
     assert [p.name for p in ds.unused_controls] == ["s03.png", "s09.png"]
+    assert ds.several_controls == {"s00": [root / "control" / "s00.jpg", root / "control" / "s00.png"]}
+    assert ds.shared_names == []
     # an upper-case extension, which the official (case-sensitive) lookup misses, is still found
     (root / "control" / "s01.png").rename(root / "control" / "s01.PNG")
-    with pytest.warns(UserWarning, match="2 control images have no target"):
+    with pytest.warns(UserWarning, match="2 control images have no target"), \
+            pytest.warns(UserWarning, match=r"share a target's name \(1 names\)"):
         assert AnalogyFolder(root, resize="long-edge").samples[1][0] == root / "control" / "s01.PNG"
     # an exact official extension still comes before an upper-case one that sorts earlier (.JPG vs .png)
     random_rgb_image(rng, 60, 14).save(root / "control" / "s01.png")
     (root / "control" / "s01.PNG").rename(root / "control" / "s01.JPG")
-    with pytest.warns(UserWarning, match="control images have no target"):
+    with pytest.warns(UserWarning, match="control images have no target"), \
+            pytest.warns(UserWarning, match=r"share a target's name \(2 names\).*s00: s00.jpg over s00.png"):
         assert AnalogyFolder(root, resize="long-edge").samples[1][0] == root / "control" / "s01.png"
+
+
+def test_target_images_sharing_a_name_are_each_a_sample_with_a_warning(tmp_path, capsys):
+    """target/s00.png and target/s00.jpg: the official loader (toolkit/data_loader.py ``AiToolkitDataset``, an
+    os.walk of the dataset folder keeping every image file) makes each a sample, both finding control/s00.* and the
+    same caption; ours too, with a warning, ``shared_names`` and the data check report naming them (the dump keeps
+    both, by their file names)."""
+    root = _strip_folder(tmp_path / "d", cells=((20, 14), (20, 14)))
+    random_rgb_image(np.random.default_rng(5), 24, 18).save(root / "target" / "s00.jpg")
+    (root / "control" / "s01.png").rename(root / "control" / "s01.webp")
+    random_rgb_image(np.random.default_rng(6), 60, 14).save(root / "control" / "s01.jpeg")
+    with pytest.warns(UserWarning, match=r"several target images share a name \(1 names\).*s00: s00.jpg, s00.png"), \
+            pytest.warns(UserWarning, match=r"several control images share a target's name .*s01: s01.jpeg over"):
+        ds = AnalogyFolder(root, resize="long-edge")
+    assert [(c.name, t.name) for c, t, *_ in ds.samples] == [("s00.png", "s00.jpg"), ("s00.png", "s00.png"),
+                                                            ("s01.jpeg", "s01.png")]
+    assert ds.shared_names == ["s00"]
+    assert ds.several_controls == {"s01": [root / "control" / "s01.jpeg", root / "control" / "s01.webp"]}
+    report = data.check_folder(root, dump=tmp_path / "dump", progress=False)
+    assert report["shared_names"] == ["s00"]
+    assert report["several_controls"] == {"s01": [str(root / "control" / "s01.jpeg"),
+                                                  str(root / "control" / "s01.webp")]}
+    capsys.readouterr()
+    assert cli.main(["data", "check", str(root), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "names shared by several target images (each a sample): 1, e.g. s00" in out
+    assert "names with several control images (the first in the official order is used): 1, e.g. s01: s01.jpeg " \
+           "over s01.webp" in out
+    assert sorted(p.name for p in (tmp_path / "dump").glob("*_target.png")) == ["s00.jpg_target.png",
+                                                                               "s00.png_target.png",
+                                                                               "s01_target.png"]
 
 
 @pytest.mark.parametrize("text, fragment", [("{not json", "is not valid JSON"), ('{"a": 1}', "must hold a JSON list"),
