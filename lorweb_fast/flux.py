@@ -873,6 +873,14 @@ class LoRWeBKontextPipeline:
                              "removed it): load one with pipe.load_lora_weights(path_or_dir) first; the stock "
                              "pipeline without LoRWeB is pipe.pipe")
 
+    def _refuse_while_fused(self, what: str) -> None:
+        """RuntimeError naming ``what`` when the mixture is fused into the weights by "full" / "offload" (the
+        strength is baked into them; "jit" merges at every call and follows it)."""
+        strategy = lora_api.fused_strategy(self.transformer)
+        if strategy not in (None, "jit"):
+            raise RuntimeError(f"{what}() while the mixture is fused into the weights (fuse_lora(strategy="
+                               f"{strategy!r})): call unfuse_lora() first")
+
     def load_lora_weights(self, path_or_dir: Union[str, Path], weight_name: Optional[str] = None,
                           config: Union[str, Path, None] = None, *, adapter_name: Optional[str] = None,
                           **kwargs) -> list[str]:
@@ -907,7 +915,7 @@ class LoRWeBKontextPipeline:
                                                   encoder=(self.encoder.name, self.encoder.kind),
                                                   query_source=self.encoder.query_source, **kwargs)
         except LoRWeBCheckpointError as exc:
-            if not had_layers:
+            if not had_layers or not getattr(exc, "differs_from_injected", False):
                 raise
             raise LoRWeBCheckpointError(f"{exc}\n(the transformer already holds a LoRWeB adapter, which a checkpoint "
                                         "replaces only with the same shapes: call unload_lora_weights() first to "
@@ -945,6 +953,7 @@ class LoRWeBKontextPipeline:
         disabled, with ``enable_lora`` then restoring the strength from before the fuse."""
         if components is not None and "transformer" not in components:
             raise ValueError(f"LoRWeB adapts the transformer only; components={components!r} leaves it out")
+        self._require_adapter()
         if adapter_names is not None and list(_as_list(adapter_names)) != [self._adapter_name]:
             raise ValueError(f"unknown adapter names {adapter_names!r}: this pipeline holds one LoRWeB adapter, "
                              f"{self._adapter_name!r}")
@@ -996,6 +1005,7 @@ class LoRWeBKontextPipeline:
         """Strength of the mixture (diffusers' ``set_adapters`` weight, the official multiplier). While the adapter
         is disabled (``disable_lora``) the output stays the base model's and the strength is kept for
         ``enable_lora``."""
+        self._require_adapter()
         lora_api.set_lorweb_scale(self.transformer, scale)  # validates; refused while fused
         if self._disabled_scale is not None:
             self._disabled_scale = float(scale)
@@ -1019,25 +1029,41 @@ class LoRWeBKontextPipeline:
                              + (f"one LoRWeB adapter, {self._adapter_name!r}" if loaded else "no LoRWeB adapter"))
         self.unload_lora_weights()
 
-    def save_lora_weights(self, save_directory: Union[str, Path], **kwargs) -> Path:
+    def save_lora_weights(self, save_directory: Union[str, Path], *, weight_name: Optional[str] = None,
+                          is_main_process: bool = True, safe_serialization: bool = True, **kwargs) -> Optional[Path]:
         """diffusers' ``save_lora_weights`` for the LoRWeB adapter: ``save_pretrained(save_directory)`` (weights,
-        config.yaml, model card). Layer dicts such as ``transformer_lora_layers`` are refused: the adapter is
-        saved from the transformer."""
+        config.yaml, model card). ``weight_name`` names the weights file (default ``lorweb.safetensors``;
+        ``load_lora_weights(save_directory, weight_name)`` reads it back); ``is_main_process=False`` writes nothing
+        (returns None), as diffusers; ``safe_serialization`` must be True (LoRWeB checkpoints are safetensors).
+        Layer dicts such as ``transformer_lora_layers`` and ``save_function`` are refused: the adapter is saved
+        from the transformer, as safetensors."""
         if kwargs:
             raise TypeError(f"save_lora_weights saves the LoRWeB adapter from the transformer and takes no "
-                            f"{sorted(kwargs)}; call pipe.save_lora_weights(directory)")
-        return self.save_pretrained(save_directory)
+                            f"{sorted(kwargs)}; call pipe.save_lora_weights(directory) (options: weight_name, "
+                            "is_main_process, safe_serialization=True)")
+        if safe_serialization is not True:
+            raise ValueError("safe_serialization=False: LoRWeB checkpoints are written as safetensors only (the "
+                             "official format)")
+        if not isinstance(is_main_process, bool):
+            raise TypeError(f"is_main_process must be True or False, got {is_main_process!r}")
+        if not is_main_process:
+            return None
+        return self.save_pretrained(save_directory, weight_name=weight_name)
 
     def save_pretrained(self, directory: Union[str, Path], *, base_model: Optional[str] = None,
-                        training: Optional[dict] = None) -> Path:
-        """Write ``lorweb.safetensors``, ``config.yaml`` and a README model card (``lora_api.save_pretrained``)."""
+                        training: Optional[dict] = None, weight_name: Optional[str] = None) -> Path:
+        """Write ``lorweb.safetensors`` (or ``weight_name``), ``config.yaml`` and a README model card
+        (``lora_api.save_pretrained``)."""
+        self._require_adapter()
         return lora_api.save_pretrained(self.transformer, directory, encoder=self.encoder.name,
                                         query_mode=self.encoder.query_mode, pooling_type=self.encoder.pooling_type,
                                         base_model=base_model or self._base_model_name(), training=training,
-                                        query_source=self.encoder.query_source)
+                                        query_source=self.encoder.query_source,
+                                        weight_name=weight_name or lora_api.WEIGHT_NAME)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """``save_pretrained`` into a temporary folder uploaded with huggingface_hub's ``upload_folder``."""
+        self._require_adapter()
         kwargs.setdefault("base_model", self._base_model_name())
         kwargs.setdefault("query_mode", self.encoder.query_mode)
         kwargs.setdefault("pooling_type", self.encoder.pooling_type)
@@ -1054,6 +1080,7 @@ class LoRWeBKontextPipeline:
         means 1.0. ``adapter_names`` may name only this adapter
         (None: it), as diffusers refuses names it does not hold. While disabled, the strength is kept for
         ``enable_lora``, as in diffusers."""
+        self._require_adapter()
         if adapter_names is not None and list(_as_list(adapter_names)) != [self._adapter_name]:
             raise ValueError(f"unknown adapter names {adapter_names!r}: this pipeline holds one LoRWeB adapter, "
                              f"{self._adapter_name!r}")
@@ -1070,7 +1097,10 @@ class LoRWeBKontextPipeline:
         self.set_lorweb_scale(1.0 if weight is None else weight)
 
     def disable_lora(self) -> None:
-        """diffusers' ``disable_lora``: the base model's output (strength 0) until ``enable_lora``."""
+        """diffusers' ``disable_lora``: the base model's output (strength 0) until ``enable_lora``. Refused while
+        the mixture is fused into the weights ("full" / "offload"; "jit" follows it)."""
+        self._require_adapter()
+        self._refuse_while_fused("disable_lora")
         if self._disabled_scale is None:
             before = lora_api.get_lorweb_scale(self.transformer)
             lora_api.set_lorweb_scale(self.transformer, 0.0)  # refused while fused: nothing changes then
@@ -1079,6 +1109,7 @@ class LoRWeBKontextPipeline:
     def enable_lora(self) -> None:
         """diffusers' ``enable_lora``: the strength from before ``disable_lora``, or the one set meanwhile."""
         if self._disabled_scale is not None:
+            self._refuse_while_fused("enable_lora")
             lora_api.set_lorweb_scale(self.transformer, self._disabled_scale)
             self._disabled_scale = None
 

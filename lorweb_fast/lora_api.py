@@ -228,7 +228,8 @@ def resolve_checkpoint(weights: Union[str, os.PathLike], weight_name: Optional[s
                        **hub) -> tuple[Path, Optional[Path]]:
     """(checkpoint file, the config.yaml that goes with it or None) of ``weights``:
 
-    - a safetensors file: itself (no config);
+    - a safetensors file: itself (no config; a ``weight_name`` equal to its file name is accepted, as diffusers
+      ignores it for a file, and any other is refused);
     - a folder (``subfolder`` in it when given): ``weight_name`` in it, else its final or newest complete checkpoint
       as ``--weights DIR`` picks it (``official_config.find_checkpoint``: the final file, else the highest
       ``<name>_<step:09d>``, also lorweb_fast run folders), with the config.yaml beside it (else the folder's);
@@ -267,7 +268,10 @@ def resolve_checkpoint(weights: Union[str, os.PathLike], weight_name: Optional[s
             raise FileNotFoundError(f"LoRWeB checkpoint not found: {base}")
         return base, None
     if not base.is_dir():
-        raise ValueError(f"weight_name={weight_name!r} is for a folder, but {base} is not a folder")
+        if base.is_file() and repo is None and not subfolder and base.name == weight_name:
+            return base, None  # diffusers ignores weight_name for a file: the same file named twice is that file
+        raise ValueError(f"weight_name={weight_name!r} is for a folder, but {base} is not a folder"
+                         + (f" (it is the file {base.name}; pass the file alone)" if base.is_file() else ""))
     if picked:
         file = base / picked[0]
         if not file.is_file():
@@ -423,8 +427,9 @@ def unload_lora_weights(model: nn.Module) -> list[str]:
 # ----------------------------------------------------------------------------------------------- model card
 def model_card(model: nn.Module, *, encoder: str = DEFAULT_ENCODER, base_model: Optional[str] = None,
                training: Optional[dict] = None, repo_id: Optional[str] = None, query_mode: str = "cat-aa'b",
-               pooling_type: str = "avg") -> str:
-    """A README.md model card: base model, encoder, N, r, query mode, training data and steps when known, usage."""
+               pooling_type: str = "avg", weight_name: str = WEIGHT_NAME) -> str:
+    """A README.md model card: base model, encoder, N, r, query mode, training data and steps when known, usage
+    (loading ``weight_name``)."""
     layers = _require_layers(model)
     if training is not None and not isinstance(training, dict):
         raise TypeError(f"training must be a dict (e.g. {{'data': ..., 'steps': ...}}) or None, got "
@@ -454,7 +459,7 @@ tags:
 # LoRWeB weights
 
 A LoRWeB adapter (a basis of {first.num_loras} LoRAs of rank {first.rank}, mixed per sample from the analogy
-a : a' :: b : ?) for {base}, in the official checkpoint format (`{WEIGHT_NAME}`, `{CONFIG_NAME}`).
+a : a' :: b : ?) for {base}, in the official checkpoint format (`{weight_name}`, `{CONFIG_NAME}`).
 
 | setting | value |
 |---|---|
@@ -466,7 +471,7 @@ a : a' :: b : ?) for {base}, in the official checkpoint format (`{WEIGHT_NAME}`,
 import torch
 from lorweb_fast.flux import LoRWeBKontextPipeline
 
-pipe = LoRWeBKontextPipeline.from_pretrained("{base}", "{source}/{WEIGHT_NAME}", dtype=torch.bfloat16,
+pipe = LoRWeBKontextPipeline.from_pretrained("{base}", "{source}/{weight_name}", dtype=torch.bfloat16,
                                              device="cuda")
 (b_prime,) = pipe("a.png", "a_prime.png", "b.png", "describe the edit")
 b_prime.save("b_prime.png")
@@ -477,31 +482,37 @@ b_prime.save("b_prime.png")
 def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, encoder: str = DEFAULT_ENCODER,
                     query_mode: str = "cat-aa'b", pooling_type: str = "avg", base_model: Optional[str] = None,
                     training: Optional[dict] = None, repo_id: Optional[str] = None,
-                    query_source: Optional[str] = None) -> Path:
-    """Write ``lorweb.safetensors`` (official format), the official ``config.yaml`` (from the layers plus the
-    encoder, query mode and pooling: what ``from_pretrained`` and the official inference.py read back) and a
-    README.md model card to ``directory``. Fused weights are not saved: the LoRWeB parameters are. ``query_source``
+                    query_source: Optional[str] = None, weight_name: str = WEIGHT_NAME) -> Path:
+    """Write ``lorweb.safetensors`` (official format; ``weight_name``: another file name ending in .safetensors),
+    the official ``config.yaml`` (from the layers plus the encoder, query mode and pooling: what ``from_pretrained``
+    and the official inference.py read back) and a README.md model card to ``directory``. Fused weights are not saved: the LoRWeB parameters are. ``query_source``
     ("grid", official, or "images"), when given, is recorded in the metadata (``lorweb.query_source``), where
     ``from_pretrained`` and ``load_lora_weights`` read it back.
 
     Everything is checked before anything is written (``directory`` is created by ``save_lorweb_weights`` once the
     tensors and settings have passed): a refused save (e.g. NaN weights, an unknown query mode) leaves no folder
-    or file behind."""
+    or file behind. The three files are written to temporary files first and then renamed into place together, so
+    a save that fails while writing leaves the folder's files as they were. A folder whose ``config.yaml`` other
+    checkpoints there read (e.g. an official run folder) is refused when that file would change (save into a
+    folder of its own)."""
     from .official_config import check_query_settings
 
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory")
+    if not isinstance(weight_name, str) or Path(weight_name).name != weight_name \
+            or not weight_name.lower().endswith(".safetensors") or weight_name.startswith("."):
+        raise ValueError(f"weight_name must be a file name ending in .safetensors (no folder), got {weight_name!r}")
     check_query_settings(query_mode, pooling_type)
     card = model_card(model, encoder=encoder, base_model=base_model, training=training, repo_id=repo_id,
-                      query_mode=query_mode, pooling_type=pooling_type)  # also: the model has LoRWeB layers
+                      query_mode=query_mode, pooling_type=pooling_type,
+                      weight_name=weight_name)  # also: the model has LoRWeB layers
     metadata = {"encoder": encoder}
     if query_source is not None:
         metadata["lorweb.query_source"] = query_source
-    save_lorweb_weights(model, directory / WEIGHT_NAME, metadata=metadata,
+    save_lorweb_weights(model, directory / weight_name, metadata=metadata,
                         config={"encoder": encoder, "query_mode": query_mode, "pooling_type": pooling_type,
-                                "model": base_model})
-    (directory / CARD_NAME).write_text(card)
+                                "model": base_model}, extra_files={CARD_NAME: card})
     return directory
 
 

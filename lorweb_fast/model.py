@@ -416,7 +416,7 @@ def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadata: Optional[dict] = None, *,
                         state_dict: Optional[Mapping[str, torch.Tensor]] = None,
                         dtype: Optional[torch.dtype] = None, config: Optional[Mapping] = None,
-                        aitk_hashes: bool = False) -> None:
+                        aitk_hashes: bool = False, extra_files: Optional[Mapping[str, str]] = None) -> None:
     """Write the official safetensors format atomically (temporary file, then rename).
 
     The configuration (heads, activation, reduce, scale, query_projection_type) and ``encoder`` go into the
@@ -429,7 +429,13 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     projection type; ``config`` gives query_mode, pooling_type and encoder (official defaults when absent) and may
     not contradict the layers; its ``model`` entry names the base model in config.yaml (default: the official hub id).
     ``aitk_hashes`` adds the ``sshs_model_hash`` / ``sshs_legacy_hash`` entries ai-toolkit writes into every network
-    file it saves (``official_config.aitk_model_hashes``; training sets it).
+    file it saves (``official_config.aitk_model_hashes``; training sets it). ``extra_files`` ({file name: text})
+    are written beside the file (``save_pretrained``'s README.md card).
+
+    Every file is first written to a temporary file in the target folder, then all are renamed into place (the
+    weights last): a refused or failed call leaves the folder's files as they were. A ``config.yaml`` that other
+    checkpoints in the folder read (any other ``*.safetensors`` there) is not replaced by one with other settings
+    (LoRWeBConfigError naming them): save into a folder of its own.
     """
     from safetensors.torch import save_file
 
@@ -495,26 +501,77 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         if not meta["encoder"].strip():
             raise ValueError("config['encoder'] is empty; give the analogy encoder's hub id or folder")
         _config_from_metadata(meta)  # the merged metadata too: never write a file our own loader would refuse
+    texts = {}  # file name -> text, written beside the weights
+    if settings is not None:
+        from .official_config import CONFIG_NAME, config_yaml_text
+
+        _refuse_replacing_others_config(directory, os.path.basename(path), settings)
+        texts[CONFIG_NAME] = config_yaml_text(settings, name=os.path.splitext(os.path.basename(path))[0],
+                                              model=settings.pop("model", None))
+    for name, text in (extra_files or {}).items():
+        if os.path.basename(name) != name or name in texts or name == os.path.basename(path):
+            raise ValueError(f"extra_files: {name!r} is not a plain file name of its own beside {path}")
+        if os.path.isdir(os.path.join(directory, name)):
+            raise IsADirectoryError(f"cannot write {os.path.join(directory, name)}: it is a folder")
+        texts[name] = text
     if aitk_hashes:
         from .official_config import aitk_model_hashes
 
         meta.update(aitk_model_hashes(state, meta))
     os.makedirs(directory, exist_ok=True)  # everything checked: nothing is written for a refused call
-    fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
-    os.close(fd)
+    temps: list[tuple[str, str]] = []  # (temporary file, final path), renamed in this order: the weights last
     try:
+        for name, text in texts.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=directory)
+            temps.append((tmp, os.path.join(directory, name)))
+            default_permissions(tmp)  # mkstemp's 0600 would survive the rename
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
+        os.close(fd)
+        temps.append((tmp, path))
         save_file(state, tmp, metadata=meta)
         default_permissions(tmp)  # mkstemp's (and safetensors') 0600 would survive the rename
-        if settings is not None:
-            from .official_config import CONFIG_NAME, write_config_yaml
-
-            write_config_yaml(os.path.join(directory, CONFIG_NAME), settings,
-                              name=os.path.splitext(os.path.basename(path))[0], model=settings.pop("model", None))
-        os.replace(tmp, path)
+        for tmp, final in temps:
+            os.replace(tmp, final)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
+
+
+def _refuse_replacing_others_config(directory: str, weights_name: str, settings: Mapping) -> None:
+    """LoRWeBConfigError when ``directory/config.yaml`` exists, other checkpoints (``*.safetensors`` besides
+    ``weights_name``) lie beside it, and it is unreadable or says other settings than ``settings`` (the loader reads
+    that file for every checkpoint in the folder: replacing it would change how they load)."""
+    import warnings
+
+    from .official_config import CONFIG_NAME, OFFICIAL_DEFAULTS, LoRWeBConfigError, read_config_yaml
+
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.lexists(config_path):
+        return
+    others = sorted(n for n in os.listdir(directory)
+                    if n.lower().endswith(".safetensors") and n != weights_name
+                    and os.path.isfile(os.path.join(directory, n)))
+    if not others:
+        return
+    readers = f"the other checkpoints in {directory} ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its linear_alpha note is about loading it, not replacing it
+            old = read_config_yaml(config_path)
+    except (OSError, ValueError) as exc:
+        raise LoRWeBConfigError(f"refusing to replace {config_path}, which {readers} read: it cannot be read "
+                                f"({exc}); save into a folder of its own") from None
+    new = {k: v for k, v in settings.items() if k in OFFICIAL_DEFAULTS and k != "lora_alpha" and v is not None}
+    differ = [f"{k}={old.get(k, OFFICIAL_DEFAULTS[k])!r} (this model: {new.get(k, OFFICIAL_DEFAULTS[k])!r})"
+              for k in OFFICIAL_DEFAULTS if k != "lora_alpha"
+              and str(old.get(k, OFFICIAL_DEFAULTS[k])) != str(new.get(k, OFFICIAL_DEFAULTS[k]))]
+    if differ:
+        raise LoRWeBConfigError(f"refusing to replace {config_path}, which {readers} read: it says "
+                                f"{', '.join(differ)}; save into a folder of its own")
 
 
 def read_checkpoint(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -634,7 +691,13 @@ def resolve_checkpoint_settings(path_or_state_dict, config=None, settings: Optio
         beside = Path(path_or_state_dict).parent / CONFIG_NAME
         if config_path is None and beside.is_file():
             config_path = beside
-    yaml_settings = read_config_yaml(config_path) if config_path is not None else {}
+    recorded_scale = None
+    if "lorweb.lora_alpha_over_rank" in meta:  # our own file: config.yaml's linear_alpha agreeing with it is no news
+        try:
+            recorded_scale = float(meta["lorweb.lora_alpha_over_rank"])
+        except ValueError:
+            pass  # load_lorweb_weights names the bad value
+    yaml_settings = read_config_yaml(config_path, recorded_scale=recorded_scale) if config_path is not None else {}
     out = resolve_settings(settings, yaml_settings, settings_from_metadata(meta),
                            yaml_name=str(config_path) if config_path else "config.yaml")
     out["config_path"] = config_path
@@ -724,6 +787,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                                     f"checkpoint metadata says {cfg['scale']!r}")
         cfg["scale"] = scale
     existing = lorweb_layers(model)
+    differs_from_injected = False  # a problem only because the model already holds LoRWeB layers of other shapes
     modules = dict(model.named_modules())
     for name in sorted(groups):
         tensors = groups[name]
@@ -773,11 +837,13 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
             got = (tuple(tensors["lora_A"].shape), tuple(k.shape), q_shape, cfg["heads"], cfg["activation"],
                    cfg["reduce"], cfg["scale"], projection)
             if want != got:
+                differs_from_injected = True
                 problems.append(f"{CHECKPOINT_PREFIX}{name}.*: (lora_A, lora_keys, att_lora_to_q shapes, heads, "
                                 f"activation, reduce, scale, query_projection_type) = {got} but the injected layer "
                                 f"has {want}")
-    problems += [f"missing keys {CHECKPOINT_PREFIX}{n}.* for the injected layer {n!r}"
-                 for n in existing if n not in groups]
+    not_covered = [n for n in existing if n not in groups]
+    problems += [f"missing keys {CHECKPOINT_PREFIX}{n}.* for the injected layer {n!r}" for n in not_covered]
+    differs_from_injected = differs_from_injected or bool(not_covered)
     # one analogy query feeds every layer: query_dim must agree across the checkpoint and the injected layers
     query_dims = {name: int(t["att_lora_to_q.weight"].shape[-1]) for name, t in groups.items()
                   if "att_lora_to_q.weight" in t and t["att_lora_to_q.weight"].dim() == 2}
@@ -795,8 +861,10 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         count = f"{len(problems)} problem" + ("s" if len(problems) != 1 else "")
-        raise LoRWeBCheckpointError(f"LoRWeB checkpoint does not match {type(model).__name__} ({count}); the model "
-                                    f"was not changed:\n  {shown}")
+        error = LoRWeBCheckpointError(f"LoRWeB checkpoint does not match {type(model).__name__} ({count}); the "
+                                      f"model was not changed:\n  {shown}")
+        error.differs_from_injected = differs_from_injected  # the pipeline's unload_lora_weights() hint
+        raise error
 
     # Everything is validated: build all new layers first, then swap them in and copy (cannot fail now).
     _refuse_new_layers_under_group_offloading(model, [name for name in groups if name not in existing],

@@ -126,7 +126,7 @@ def _bool(value, where: str) -> bool:
     raise LoRWeBConfigError(f"{where} must be true or false, got {value!r}")
 
 
-def read_config_yaml(path: Union[str, os.PathLike]) -> dict:
+def read_config_yaml(path: Union[str, os.PathLike], *, recorded_scale: Optional[float] = None) -> dict:
     """The LoRWeB settings (lorweb_fast names, see the module docstring) of an official ``config.yaml``.
 
     Reads ``config.process[0].network`` as the official inference.py does; fields that are absent are left out.
@@ -137,6 +137,8 @@ def read_config_yaml(path: Union[str, os.PathLike]) -> dict:
     through ``get_peft_kwargs`` with no stored alpha, so lora_alpha = r), so the official mixture scale is 1 whatever
     the config says. A ``linear_alpha`` different from ``linear`` is reported with a warning; pass
     ``settings={"lora_alpha": ...}`` to ``load_lorweb_weights`` to apply another scale on purpose.
+    ``recorded_scale``: the alpha / rank a lorweb_fast checkpoint's metadata records; a ``linear_alpha`` that agrees
+    with it (the config.yaml written beside that checkpoint) is not warned about.
     """
     import yaml
 
@@ -155,7 +157,8 @@ def read_config_yaml(path: Union[str, os.PathLike]) -> dict:
         if network.get("linear") is not None:
             out["rank"] = int(network["linear"])
         alpha = network.get("linear_alpha")
-        if alpha is not None and "rank" in out and float(alpha) != out["rank"]:
+        if alpha is not None and "rank" in out and float(alpha) != out["rank"] \
+                and (recorded_scale is None or float(alpha) / out["rank"] != recorded_scale):
             warnings.warn(f"{path}: network.linear_alpha={alpha!r} is not read: the official LoRWeB network uses "
                           f"alpha = rank = {out['rank']} (scale 1) whatever linear_alpha says (peft format); "
                           "lorweb_fast takes the scale from settings={'lora_alpha': ...} or its own checkpoint "
@@ -291,14 +294,20 @@ def official_config(settings: Mapping[str, Any], *, name: str = "lorweb", extra:
             "meta": {"name": name, "version": "1.0", "software": "lorweb_fast"}}
 
 
+def config_yaml_text(settings: Mapping[str, Any], *, name: str = "lorweb", extra: Optional[Mapping] = None,
+                     model: Optional[str] = None) -> str:
+    """The text of ``official_config(settings, ...)`` as config.yaml holds it."""
+    import yaml
+
+    return yaml.safe_dump(official_config(settings, name=name, extra=extra, model=model), sort_keys=False)
+
+
 def write_config_yaml(path: Union[str, os.PathLike], settings: Mapping[str, Any], *, name: str = "lorweb",
                       extra: Optional[Mapping] = None, model: Optional[str] = None) -> Path:
     """Write ``official_config(settings, model=model)`` to ``path`` atomically (temporary file, then rename)."""
-    import yaml
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(official_config(settings, name=name, extra=extra, model=model), sort_keys=False)
+    text = config_yaml_text(settings, name=name, extra=extra, model=model)
     fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml.tmp", dir=path.parent)
     try:
         default_permissions(tmp)  # mkstemp's 0600 would survive the rename

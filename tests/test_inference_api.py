@@ -476,17 +476,29 @@ def test_adapter_names_save_and_delete_as_in_diffusers(pipe, assets, tmp_path):
 
 
 def test_a_second_basis_size_names_unload_first(pipe, tmp_path):
-    """LoRWeB is one adapter: a checkpoint whose basis has other shapes than the loaded one is refused, and the
-    error says to unload first (diffusers would add a second adapter)."""
-    state = dict(lf.lorweb_state_dict(pipe.transformer))
-    key = next(k for k in state if k.endswith("lora_A"))
-    n, k, r = state[key].shape
-    state[key] = torch.randn(n + 1, k, r)
+    """LoRWeB is one adapter: a checkpoint whose basis has other shapes than the loaded one (one more LoRA in every
+    layer) is refused, and the error says to unload first (diffusers would add a second adapter). A checkpoint that
+    is wrong in itself (a NaN; one layer's lora_A of another size than its lora_B) gets no such hint: unloading
+    would not help."""
     from safetensors.torch import save_file
 
-    save_file({name: t.contiguous() for name, t in state.items()}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(lf.LoRWeBCheckpointError, match=r"call unload_lora_weights\(\) first"):
+    state = dict(lf.lorweb_state_dict(pipe.transformer))
+    grown = {name: (torch.cat([t, t[:1]]) if name.endswith(("lora_A", "lora_B", "lora_keys")) else t).contiguous()
+             for name, t in state.items()}
+    save_file(grown, str(tmp_path / "other.safetensors"))
+    with pytest.raises(lf.LoRWeBCheckpointError, match=r"but the injected layer has(.|\n)*call "
+                                                       r"unload_lora_weights\(\) first"):
         pipe.load_lora_weights(tmp_path / "other.safetensors")
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(tmp_path / "other.safetensors")  # the way the hint names
+    assert {layer.num_loras for layer in lf.lorweb_layers(pipe.transformer).values()} == \
+        {next(t for k, t in state.items() if k.endswith("lora_A")).shape[0] + 1}
+    key = next(k for k in grown if k.endswith("lora_A"))
+    for name, bad in (("nan", grown[key].clone().fill_(float("nan"))), ("misshapen", torch.randn(2, 3, 4))):
+        save_file({**grown, key: bad.contiguous()}, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(lf.LoRWeBCheckpointError) as info:
+            pipe.load_lora_weights(tmp_path / f"{name}.safetensors")
+        assert "does not match" in str(info.value) and "unload_lora_weights" not in str(info.value)
 
 
 def test_merging_per_forward_coefficients_names_the_cause(pipe):
@@ -526,8 +538,72 @@ def test_save_pretrained_load_and_unload(pipe, assets, tmp_path):
     assert all(torch.equal(saved[k], ref[k]) for k in ref)
     pipe.unload_lora_weights()
     assert sorted(pipe.load_lora_weights(tmp_path / "saved", weight_name="lorweb.safetensors")) == sorted(names)
-    with pytest.raises(ValueError, match="is for a folder"):
+    with pytest.raises(ValueError, match="is for a folder.*it is the file lorweb.safetensors; pass the file alone"):
         pipe.load_lora_weights(out / "lorweb.safetensors", weight_name="x.safetensors")
+    # diffusers ignores weight_name for a file: the file's own name is that file
+    assert sorted(pipe.load_lora_weights(out / "lorweb.safetensors", weight_name="lorweb.safetensors")) == \
+        sorted(names)
+
+
+def test_save_lora_weights_takes_diffusers_options(pipe, tmp_path):
+    """weight_name names the weights file (load_lora_weights(folder, weight_name) reads it back, and the model card
+    loads that file), is_main_process=False writes nothing, safe_serialization=False is refused: LoRWeB files are
+    safetensors. A weight_name that is no .safetensors file name is refused before anything is written."""
+    out = pipe.save_lora_weights(tmp_path / "named", weight_name="my_adapter.safetensors", safe_serialization=True)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.yaml", "my_adapter.safetensors"]
+    assert "path/to/this/folder/my_adapter.safetensors" in (out / "README.md").read_text()
+    want = {k: v.clone() for k, v in lf.lorweb_state_dict(pipe.transformer).items()}
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(out, weight_name="my_adapter.safetensors")
+    assert all(torch.equal(lf.lorweb_state_dict(pipe.transformer)[k], v) for k, v in want.items())
+    assert pipe.save_lora_weights(tmp_path / "rank1", is_main_process=False) is None
+    assert not (tmp_path / "rank1").exists()
+    with pytest.raises(ValueError, match="safe_serialization=False: LoRWeB checkpoints are written as safetensors"):
+        pipe.save_lora_weights(tmp_path / "pt", safe_serialization=False)
+    for bad in ("sub/w.safetensors", "w.bin", ".hidden.safetensors"):
+        with pytest.raises(ValueError, match="weight_name must be a file name ending in .safetensors"):
+            pipe.save_lora_weights(tmp_path / "bad", weight_name=bad)
+    assert not (tmp_path / "pt").exists() and not (tmp_path / "bad").exists()
+
+
+def test_after_unload_the_adapter_calls_name_load_lora_weights(pipe, tmp_path):
+    """After unload_lora_weights(), the calls that need the adapter (set_adapters, set_lorweb_scale, disable_lora,
+    fuse_lora, save_lora_weights / save_pretrained / push_to_hub) name pipe.load_lora_weights, as the pipeline call
+    does, not a library function; enable_lora (nothing disabled) and unfuse_lora stay no-ops, as in diffusers."""
+    pipe.unload_lora_weights()
+    calls = {"set_adapters": lambda: pipe.set_adapters("lorweb", 0.5),
+             "set_lorweb_scale": lambda: pipe.set_lorweb_scale(0.5), "disable_lora": pipe.disable_lora,
+             "fuse_lora": pipe.fuse_lora, "save_lora_weights": lambda: pipe.save_lora_weights(tmp_path / "a"),
+             "save_pretrained": lambda: pipe.save_pretrained(tmp_path / "b"),
+             "push_to_hub": lambda: pipe.push_to_hub("me/repo")}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"holds no LoRWeB adapter.*pipe\.load_lora_weights"):
+            call()
+    pipe.enable_lora()
+    pipe.unfuse_lora()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("strategy", ["full", "offload"])
+def test_disable_and_enable_while_fused_name_themselves(pipe, strategy):
+    """disable_lora / enable_lora while the mixture is baked into the weights are refused naming the call and
+    unfuse_lora (not a scale the user never set), the strength and disabled state unchanged."""
+    pipe.set_analogy(*random_analogy(7))
+    pipe.fuse_lora(strategy)
+    with pytest.raises(RuntimeError, match=rf"disable_lora\(\) while the mixture is fused into the weights "
+                                           rf"\(fuse_lora\(strategy='{strategy}'\)\): call unfuse_lora\(\) first"):
+        pipe.disable_lora()
+    assert pipe.get_active_adapters() == ["lorweb"] and lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0
+    pipe.unfuse_lora()
+    pipe.disable_lora()
+    pipe.set_analogy(*random_analogy(8))
+    pipe.fuse_lora(strategy)  # fused while disabled: the base model's weights
+    with pytest.raises(RuntimeError, match=r"enable_lora\(\) while the mixture is fused"):
+        pipe.enable_lora()
+    assert pipe.get_active_adapters() == []
+    pipe.unfuse_lora()
+    pipe.enable_lora()
+    assert pipe.get_active_adapters() == ["lorweb"] and lf.lora_api.get_lorweb_scale(pipe.transformer) == 1.0
 
 
 def test_load_checks_query_dim_before_changing_the_model(pipe, tmp_path):

@@ -18,6 +18,7 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import lora_api
+from lorweb_fast import model as lmodel
 from lorweb_fast.model import LoRWeBCheckpointError
 from lorweb_fast.testing import official_style_checkpoint, tiny_lorweb_pair
 
@@ -206,6 +207,61 @@ def test_save_pretrained_into_an_existing_file_is_refused(tmp_path):
     with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
         lora_api.save_pretrained(tiny_model(), target)
     assert target.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_save_pretrained_that_fails_writing_the_card_changes_no_file(tmp_path, monkeypatch):
+    """The weights, config.yaml and the README.md card are renamed into place together: a README.md that is a folder
+    is refused before anything is written, and a card whose write fails (disk full) leaves the previous save's three
+    files byte-identical (no new weights beside an old card), with no temporary file left."""
+    import os
+
+    out = lora_api.save_pretrained(tiny_model(seed=1), tmp_path / "saved")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["README.md", "config.yaml", "lorweb.safetensors"]
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        if "README" in os.readlink(f"/proc/self/fd/{fd}"):
+            f.close()
+            raise OSError(28, "No space left on device")
+        return f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    with pytest.raises(OSError, match="No space left on device"):
+        lora_api.save_pretrained(tiny_model(seed=2), out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (tmp_path / "card" / "README.md").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError, match="README.md: it is a folder"):
+        lora_api.save_pretrained(tiny_model(seed=2), tmp_path / "card")
+    assert [p.name for p in (tmp_path / "card").iterdir()] == ["README.md"]
+
+
+def test_an_own_checkpoints_lora_alpha_loads_without_the_linear_alpha_warning(tmp_path, recwarn):
+    """lora_alpha != rank: saving warns once (the official inference.py would apply scale 1); loading the folder back
+    restores the scale from the metadata without the config.yaml linear_alpha warning, which is for files whose
+    metadata does not record the scale (an official config.yaml with linear_alpha != linear still warns)."""
+    import warnings
+
+    import yaml
+
+    model = tiny_lorweb_pair(lf.LoRWeBConfig(**{**CONFIG.__dict__, "lora_alpha": 4.0}), 0)
+    with pytest.warns(UserWarning, match="lora_alpha=4.0 != rank=2"):
+        out = lora_api.save_pretrained(model, tmp_path / "saved")
+    fresh = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora_api.load_lora_weights(fresh, out)
+    assert {m.scale for m in lf.lorweb_layers(fresh).values()} == {2.0}
+    official = tmp_path / "official"
+    official.mkdir()
+    official_style_checkpoint(official / "LoRWeB.safetensors", key_dim=CONFIG.key_dim, query_dim=CONFIG.query_dim)
+    doc = yaml.safe_load((out / "config.yaml").read_text())
+    (official / "config.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.warns(UserWarning, match="network.linear_alpha=4 is not read"):
+        settings = lmodel.resolve_checkpoint_settings(official / "LoRWeB.safetensors")
+    assert settings["rank"] == 2
 
 
 def test_save_pretrained_names_the_base_model_in_the_card_and_config(tmp_path):
