@@ -1,4 +1,5 @@
-"""File-system helpers shared by the writers (weights, config.yaml, prepared data, checkpoints)."""
+"""File-system helpers shared by the writers (weights, config.yaml, prepared data, checkpoints) and the image
+readers."""
 
 from __future__ import annotations
 
@@ -23,6 +24,26 @@ def current_umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
     return mask
+
+
+def image_read_errors() -> tuple:
+    """What Pillow raises for a file that is not a complete, decodable image: UnidentifiedImageError and a truncated
+    file (OSError), some corrupt headers (SyntaxError, ValueError), and DecompressionBombError (a plain Exception)
+    for an image of more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels."""
+    from PIL import Image
+
+    return (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def image_read_error_message(path, exc: BaseException) -> str:
+    """The one-line error for an image file Pillow cannot read: the file, and for a decompression bomb the limit
+    and how to raise it."""
+    from PIL import Image
+
+    if isinstance(exc, Image.DecompressionBombError):
+        return (f"{path} is too large to decode ({exc}); if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS "
+                "before reading it")
+    return f"{path} is not a readable image ({type(exc).__name__}: {exc})"
 
 
 def default_permissions(path: Union[str, os.PathLike], *, directory: bool = False) -> None:

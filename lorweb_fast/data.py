@@ -54,7 +54,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._files import default_permissions
+from ._files import default_permissions, image_read_error_message, image_read_errors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: the order in which the official loader tries a control image's extension (toolkit/dataloader_mixins.py
@@ -95,9 +95,6 @@ class AnalogyDataError(ValueError):
     """The training data folder is empty, incomplete, ambiguous or holds files that are not images."""
 
 
-#: what Pillow raises for a file that is not a (complete) image: UnidentifiedImageError is an OSError, a truncated
-#: file an OSError, and some corrupt headers SyntaxError or ValueError
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
 
 
 # ---------------------------------------------------------------------------------------------- composition
@@ -112,8 +109,8 @@ def _oriented_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
-    except IMAGE_ERRORS as exc:
-        raise AnalogyDataError(f"{path} is not a readable image ({exc})") from exc
+    except image_read_errors() as exc:
+        raise AnalogyDataError(image_read_error_message(path, exc)) from exc
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
@@ -126,8 +123,8 @@ def open_oriented(path: Union[str, Path]):
     try:
         with Image.open(path) as im:
             return ImageOps.exif_transpose(im)  # a loaded copy, transposed or not: decodes the whole file
-    except IMAGE_ERRORS as exc:  # e.g. a truncated JPEG
-        raise AnalogyDataError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from exc
+    except image_read_errors() as exc:  # e.g. a truncated JPEG
+        raise AnalogyDataError(image_read_error_message(path, exc)) from exc
 
 
 def open_rgb(path: Union[str, Path]):

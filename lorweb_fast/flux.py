@@ -37,22 +37,37 @@ def _cell_size(images, long_edge: int, multiple: int = 16) -> tuple[int, int]:
 
 
 def load_image(image):
-    """An RGB PIL image from a PIL image or a path; a missing file or a file that is not an image raises an error
-    naming it."""
-    from PIL import Image, UnidentifiedImageError
+    """An RGB PIL image from a PIL image or a path, opened as the official inference.py opens its inputs
+    (``Image.open(path).convert("RGB")``: no EXIF orientation applied). Errors name the input: a missing file
+    (FileNotFoundError); a folder, a URL (nothing is downloaded), a file that is not a complete image, one over
+    Pillow's decompression-bomb limit, or an image without pixels (ValueError)."""
+    from PIL import Image
+
+    from ._files import image_read_error_message, image_read_errors
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if not isinstance(image, (str, os.PathLike)):
-        raise TypeError(f"expected a PIL image or a path, got {type(image).__name__}")
-    path = Path(image)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable image ({exc})") from exc
+        im = image.convert("RGB")
+        where = "the image"
+    else:
+        if not isinstance(image, (str, os.PathLike)):
+            raise TypeError(f"expected a PIL image or a path, got {type(image).__name__}")
+        if isinstance(image, str) and image.lower().startswith(("http://", "https://")):
+            raise ValueError(f"{image} is a URL: lorweb_fast does not download images; download it and pass its "
+                             "path, or a PIL image")
+        path = Path(image)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; give an image file")
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            with Image.open(path) as opened:
+                im = opened.convert("RGB")
+        except image_read_errors() as exc:
+            raise ValueError(image_read_error_message(path, exc)) from exc
+        where = str(path)
+    if im.width == 0 or im.height == 0:
+        raise ValueError(f"{where} has no pixels ({im.width}x{im.height})")
+    return im
 
 
 def make_grid(top_left, top_right, bottom_left, bottom_right, *, long_edge: int = 512,

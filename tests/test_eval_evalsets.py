@@ -49,6 +49,29 @@ def test_folder_layout_errors(tmp_path):
         E.read_evalset(tmp_path / "train")
 
 
+def test_image_extensions_are_found_in_any_case(tmp_path):
+    """find_image is case-insensitive (``a.Jpg`` as ``a.JPG`` and ``a.jpg``), as the training loader and infer are;
+    the exact lower-case name wins over another spelling of the same extension."""
+    root = tiny.make_folder_evalset(tmp_path / "ev", per_task=1)
+    folder = root / "flip/000"
+    (folder / "a.png").rename(folder / "a.Png")
+    (t,) = [t for t in E.read_evalset(root) if t.key == "flip/000"]
+    assert t.a.path == folder / "a.Png" and t.a.load().size
+    (folder / "a.png").write_bytes((folder / "a.Png").read_bytes())
+    if len(list(folder.glob("a.*"))) == 2:  # a case-sensitive file system holds both
+        assert E.find_image(folder, "a") == folder / "a.png"
+
+
+def test_a_crop_box_without_pixels_names_the_file(tmp_path):
+    """A Relation252K half of a 1-pixel-wide image has no pixels: named with its size and box, not a 0-wide image."""
+    from PIL import Image
+
+    Image.new("RGB", (1, 4)).save(tmp_path / "thin.png")
+    with pytest.raises(E.EvalInputError, match=r"thin.png \(1x4\) is too small for its crop box \(0, 0, 0.5, 1\): "
+                                                r"the crop has no pixels \(0x4\)"):
+        E.ImageRef(tmp_path / "thin.png", box=(0, 0, 0.5, 1)).load()
+
+
 def test_unreadable_image_names_the_file(tmp_path):
     root = tiny.make_folder_evalset(tmp_path / "ev", per_task=1)
     (root / "flip/000/a.png").write_bytes(b"this is not a png")

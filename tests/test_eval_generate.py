@@ -415,10 +415,12 @@ def test_cli_refuses_an_out_that_is_a_file(assets, tmp_path, monkeypatch, capsys
     assert out.read_bytes() == b"not a folder"
 
 
-@pytest.mark.parametrize("case", ["seeds", "not_an_image", "out_inside"])
+@pytest.mark.parametrize("case", ["seeds", "not_an_image", "truncated", "folder", "out_inside"])
 def test_cli_refuses_bad_inputs_before_loading(assets, tmp_path, monkeypatch, capsys, case):
     """A repeated seed (generated the same b' twice into one folder and counted it twice), an input that is not an
-    image (e.g. a Git LFS pointer: found only after the models loaded and run.json was written) and an --out inside
+    image (e.g. a Git LFS pointer: found only after the models loaded and run.json was written; a truncated PNG,
+    whose header reads fine: every input is decoded first, as infer does; a folder named like an image) and an
+    --out inside
     a folder-layout evaluation set (read back as a task by the next run): one line, before any model loads or any
     file is written."""
     import shutil
@@ -440,6 +442,14 @@ def test_cli_refuses_bad_inputs_before_loading(assets, tmp_path, monkeypatch, ca
     elif case == "not_an_image":
         (evalset / "swap/001/b.png").write_text("version https://git-lfs.github.com/spec/v1\n")
         fragment = "swap/001/b.png is not a readable image"
+    elif case == "truncated":
+        data = (evalset / "swap/001/b.png").read_bytes()
+        (evalset / "swap/001/b.png").write_bytes(data[:len(data) // 2])
+        fragment = "swap/001/b.png is not a readable image (OSError: "
+    elif case == "folder":
+        (evalset / "swap/001/b.png").unlink()
+        (evalset / "swap/001/b.png").mkdir()
+        fragment = "swap/001/b.png is a folder; give an image file"
     else:
         out = evalset / "runs"
         argv[argv.index("--out") + 1] = str(out)

@@ -2,6 +2,8 @@
 from_pretrained; analogy encoders (CLIP, SigLIP); the CLI's infer errors."""
 
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -147,6 +149,43 @@ def test_lorweb_changes_the_output(assets, lorweb_pipe):
     assert np.abs(with_basis - without).max() > 100 * FP32_IMAGE_ATOL
 
 
+def test_an_image_over_the_decompression_bomb_limit_is_one_named_error(tmp_path, monkeypatch, capsys):
+    """Pillow's DecompressionBombError (more than twice Image.MAX_IMAGE_PIXELS pixels) is a plain Exception that
+    no image-error wrapper caught: the CLI printed a traceback, data check --skip-bad did not skip. Now load_image,
+    the training folder scan (skippable) and the evaluation reader name the file, the limit and how to raise it."""
+    from lorweb_fast import cli
+    from lorweb_fast.data import AnalogyDataError, AnalogyFolder
+    from lorweb_fast.evaluation.evalsets import EvalInputError, image_size, load_rgb
+
+    Image.new("RGB", (40, 40)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 pixels > 2 x 100: a bomb
+    fragment = "big.png is too large to decode (Image size (1600 pixels) exceeds limit"
+    with pytest.raises(ValueError, match=re.escape(fragment) + ".*raise PIL.Image.MAX_IMAGE_PIXELS"):
+        flux.load_image(tmp_path / "big.png")
+    for read in (load_rgb, image_size):
+        with pytest.raises(EvalInputError, match=re.escape(fragment)):
+            read(tmp_path / "big.png")
+    root = tmp_path / "data"
+    for sub in ("control", "target"):
+        (root / sub).mkdir(parents=True)
+    Image.new("RGB", (6, 2)).save(root / "control" / "s0.png")
+    Image.new("RGB", (2, 2)).save(root / "target" / "s0.png")
+    (root / "target" / "s0.txt").write_text("make it red")
+    (root / "control" / "s1.png").write_bytes((tmp_path / "big.png").read_bytes())
+    (root / "target" / "s1.png").write_bytes((tmp_path / "big.png").read_bytes())
+    with pytest.raises(AnalogyDataError, match=re.escape("s1.png is too large to decode")):
+        AnalogyFolder(root, resize="long-edge")
+    with pytest.warns(UserWarning, match="skipping training sample s1"):
+        ds = AnalogyFolder(root, resize="long-edge", skip_bad=True)
+    assert [ds.name(i) for i in range(len(ds))] == ["s0"]
+    out = tmp_path / "out"
+    assert cli.main(["infer", "--weights", str(tmp_path / "w.safetensors"), "--a", str(tmp_path / "big.png"),
+                     "--a-prime", str(tmp_path / "big.png"), "--b", str(tmp_path / "big.png"), "--prompt", "x",
+                     "--out", str(out / "b.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err and "Traceback" not in err
+
+
 def test_pipeline_rejects_bad_inputs(lorweb_pipe, tmp_path):
     a, a2, b = random_analogy(0)
     layers = lf.lorweb_layers(lorweb_pipe.transformer)
@@ -159,6 +198,13 @@ def test_pipeline_rejects_bad_inputs(lorweb_pipe, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(ValueError, match="notes.png is not a readable image"):
         lorweb_pipe(a, tmp_path / "notes.png", b, "x")
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(ValueError, match="dir.png is a folder; give an image file"):
+        lorweb_pipe(a, a2, tmp_path / "dir.png", "x")
+    with pytest.raises(ValueError, match="https://example.com/a.png is a URL: lorweb_fast does not download"):
+        lorweb_pipe("https://example.com/a.png", a2, b, "x")
+    with pytest.raises(ValueError, match=r"the image has no pixels \(0x5\)"):
+        lorweb_pipe(a, Image.new("RGB", (0, 5)), b, "x")
     with pytest.raises(ValueError, match="same number of images"):
         lorweb_pipe([a, a], [a2], [b, b], "x")
     with pytest.raises(ValueError, match="3 prompts for 2 analogies"):

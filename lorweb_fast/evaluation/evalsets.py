@@ -61,6 +61,9 @@ class ImageRef:
             w, h = img.size
             l, u, r, d = self.box  # edges rounded down: a half of an odd width ends at w // 2, as the official split
             img = img.crop((math.floor(l * w), math.floor(u * h), math.floor(r * w), math.floor(d * h)))
+            if img.width == 0 or img.height == 0:
+                raise EvalInputError(f"{self.path} ({w}x{h}) is too small for its crop box {tuple(self.box)}: the "
+                                     f"crop has no pixels ({img.width}x{img.height})")
         if self.aspect is not None:
             img = center_crop_to_aspect(img, self.aspect)
         return img
@@ -118,13 +121,15 @@ def file_signature(*paths) -> str:
 
 def image_size(path: Path) -> tuple:
     """(width, height) from the file header."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from .._files import image_read_error_message, image_read_errors
 
     try:
         with Image.open(path) as im:
             return im.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise EvalInputError(f"{path} is not a readable image ({exc})") from exc
+    except image_read_errors() as exc:
+        raise EvalInputError(image_read_error_message(path, exc)) from exc
 
 
 def center_crop_to_aspect(img, aspect: float):
@@ -140,20 +145,29 @@ def center_crop_to_aspect(img, aspect: float):
 
 
 def find_image(directory: Path, stem: str) -> Optional[Path]:
-    """``directory/<stem>.<ext>`` for the first known image extension that exists (case-insensitive ext)."""
+    """``directory/<stem>.<ext>`` for the first known image extension that exists (case-insensitive ext: ``.Jpg``
+    too; the exact lower- or upper-case name first)."""
     if not directory.is_dir():
         return None
+    by_suffix = {}
+    for cand in directory.iterdir():
+        if cand.stem == stem and cand.suffix.lower() in IMAGE_EXTENSIONS:
+            by_suffix.setdefault(cand.suffix.lower(), []).append(cand)
     for ext in IMAGE_EXTENSIONS:
-        for cand in (directory / f"{stem}{ext}", directory / f"{stem}{ext.upper()}"):
-            if cand.is_file():
-                return cand
+        found = sorted((c for c in by_suffix.get(ext, ()) if c.is_file()),
+                       key=lambda c: (c.suffix not in (ext, ext.upper()), c.name))
+        if found:
+            return found[0]
     return None
 
 
 def _require_image(directory: Path, stem: str) -> Path:
     path = find_image(directory, stem)
     if path is None:
-        raise EvalInputError(f"missing image {directory / stem}.<{'|'.join(e[1:] for e in IMAGE_EXTENSIONS)}>")
+        folders = sorted(c.name for c in directory.glob(f"{stem}.*")
+                         if c.suffix.lower() in IMAGE_EXTENSIONS and c.is_dir()) if directory.is_dir() else []
+        raise EvalInputError(f"missing image {directory / stem}.<{'|'.join(e[1:] for e in IMAGE_EXTENSIONS)}>"
+                             + (f" ({directory / folders[0]} is a folder; give an image file)" if folders else ""))
     return path
 
 

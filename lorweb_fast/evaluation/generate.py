@@ -291,13 +291,33 @@ def check_generate_args(args, pipe_kwargs: dict) -> None:
         raise EvalInputError(f"--pipe-arg: {exc}") from None
 
 
+
+def _check_inputs_decode(triplets: Sequence[Triplet], *, progress: bool = True) -> None:
+    """Fail on a missing input or a file that is not a complete image (a Git LFS pointer, a truncated JPEG, one over
+    Pillow's decompression-bomb limit) before any model loads or run.json is written: every distinct a, a', b file
+    is decoded once (threads, a progress bar), as ``infer`` checks its inputs."""
+    from tqdm.auto import tqdm
+
+    from ..data import _decode_error, _image_pool
+
+    paths = list(dict.fromkeys(Path(ref.path) for t in triplets for ref in (t.a, t.a_prime, t.b)))
+    for path in paths:
+        if not path.is_file():
+            raise EvalInputError(f"{path} is a folder; give an image file" if path.is_dir() else
+                                 f"image not found: {path}")
+    with _image_pool() as pool:
+        for path, error in tqdm(zip(paths, pool.map(_decode_error, paths)), total=len(paths),
+                                desc="checking input images", unit="image", disable=not progress):
+            if error is not None:
+                raise EvalInputError(f"{path} is not a readable image ({error})")
+
 def run_generate(args) -> dict:
     """``lorweb-fast eval generate``."""
     from ..cli import DTYPES, _device
     from ..validation import check_device
     from ..flux import LoRWeBKontextPipeline
     from ..lora_api import resolve_checkpoint
-    from .evalsets import check_outside, detect_format, image_size, read_evalset
+    from .evalsets import check_outside, detect_format, read_evalset
 
     merge = args.merge
     pipe_kwargs = dict(args.pipe_kwargs or {})
@@ -313,14 +333,7 @@ def run_generate(args) -> dict:
     fmt = detect_format(args.evalset) if args.format == "auto" else args.format
     triplets = read_evalset(args.evalset, fmt, seed=args.pair_seed, b_per_pair=args.b_per_pair,
                             pairs_file=args.pairs, tasks=args.tasks, max_per_task=args.max_per_task)
-    headers: set = set()
-    for t in triplets:  # fail on a missing input or a file that is not an image before loading any model
-        for ref in (t.a, t.a_prime, t.b):
-            if not Path(ref.path).is_file():
-                raise EvalInputError(f"image not found: {ref.path}")
-            if ref.path not in headers:  # the header only (e.g. a Git LFS pointer instead of the image)
-                image_size(ref.path)
-                headers.add(ref.path)
+    _check_inputs_decode(triplets, progress=not args.quiet)
     out = Path(args.out)
     check_outside("--out", out, args.evalset, "the evaluation set")
     # the exact checkpoint: a run folder still training gains newer checkpoints, and a resumed evaluation must not
