@@ -207,7 +207,10 @@ def _collate(items: list[dict]) -> dict:
 @dataclass
 class TrainConfig:
     """Training options; the defaults are the official LoRWeB ones (README table "Official LoRWeB vs lorweb_fast
-    defaults"), except ``adapter_precision`` (bf16 fused kernels; "fp32" is the official arithmetic)."""
+    defaults"), except ``adapter_precision`` (bf16 fused kernels; "fp32" is the official arithmetic),
+    ``quantize_base`` (none; "qfloat8" is the official fp8 base, with optimum-quanto), ``mixed_precision`` (bf16
+    autocast around the loss, where the official run computes in plain bf16) and ``seed`` (every draw a function of
+    (seed, step); the official run resets the global generators at its samples)."""
 
     data: str
     out: str
