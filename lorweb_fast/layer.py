@@ -39,6 +39,35 @@ def has_plain_weight(base: nn.Module) -> bool:
             and type(base.weight) in (nn.Parameter, torch.Tensor) and base.weight.is_floating_point())
 
 
+def default_adapter_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype a new LoRWeBLinear over ``base`` holds its LoRWeB tensors in: the compute dtype of diffusers'
+    layerwise casting when ``base`` has it (its weight is stored in a low-precision dtype outside the forward), else
+    the weight's dtype for a plain floating-point weight of 16 bits or more, else float32 (quantized and float8
+    weights)."""
+    registry = base.__dict__.get("_diffusers_hook")
+    get_hook = getattr(registry, "get_hook", None)
+    casting = get_hook("layerwise_casting") if callable(get_hook) else None
+    compute = getattr(casting, "compute_dtype", None)
+    if isinstance(compute, torch.dtype) and compute.is_floating_point:
+        return compute
+    if has_plain_weight(base) and base.weight.element_size() >= 2:
+        return base.weight.dtype
+    return torch.float32
+
+
+def replaced_query_projection_error(name: str, layer: nn.Module) -> Optional[str]:
+    """Why ``layer``'s ``att_lora_to_q`` cannot be used, or None: a module whose forward is not ``nn.Linear``'s (a
+    quantization of the whole model after LoRWeB was injected turns it into e.g. quanto's QLinear or a bitsandbytes
+    layer, whose weight is no plain tensor): ``set_query`` reads that weight directly, and saving or loading it
+    would fail inside safetensors or write quantized values."""
+    proj = layer.att_lora_to_q
+    if type(proj).forward is nn.Linear.forward:
+        return None
+    return (f"layer {name}: its att_lora_to_q is a {type(proj).__name__}, not a plain nn.Linear (the model was "
+            "quantized or converted after LoRWeB was injected?); quantize the base before injecting LoRWeB or "
+            "loading a checkpoint")
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, skipped when ``t`` has that dtype already (then ``.to`` returns ``t`` itself anyway)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -190,7 +219,7 @@ class LoRWeBLinear(nn.Module):
             raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         weight = getattr(base, "weight", None)
         if dtype is None:
-            dtype = weight.dtype if has_plain_weight(base) else torch.float32
+            dtype = default_adapter_dtype(base)
         device = weight.device if isinstance(weight, torch.Tensor) and weight.device.type != "meta" else None
         factory = {"dtype": dtype, "device": device}
         self.lora_A = nn.Parameter(torch.empty(num_loras, in_features, rank, **factory))
@@ -351,8 +380,14 @@ class LoRWeBLinear(nn.Module):
                                      self.scale, backend=self.backend)
         _refuse_sharded_weight(base)
         y = base(x)
-        return ops.mixed_lora_delta(_cast(x, dtype), lora_a, lora_b, coeffs, self.scale, add_to=_cast(y, dtype),
-                                    backend=self.backend)
+        if y.dtype == dtype:
+            return ops.mixed_lora_delta(_cast(x, dtype), lora_a, lora_b, coeffs, self.scale, add_to=y,
+                                        backend=self.backend)
+        # a base returning another dtype (a hook that upcasts; a quantized bf16 base called with fp32 x): the mixture
+        # in the compute dtype, added to the base output in its own dtype, which the layer returns (as peft's LoRA
+        # layers return the base layer's dtype)
+        delta = ops.mixed_lora_delta(_cast(x, dtype), lora_a, lora_b, coeffs, self.scale, backend=self.backend)
+        return y + delta.to(y.dtype)
 
     # ------------------------------------------------------------------------------------------ merged weights
     def _with_strength(self, coeffs: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ from torch import nn
 
 from . import ops
 from ._files import default_permissions
-from .layer import (LoRWeBLinear, group_offloading_members, group_offloading_modes, has_plain_weight, linear_dims,
-                    refuse_disk_group_offloading)
+from .layer import (LoRWeBLinear, default_adapter_dtype, group_offloading_members, group_offloading_modes,
+                    linear_dims, refuse_disk_group_offloading, replaced_query_projection_error)
 from .reference import ACTIVATIONS, REDUCTIONS
 from .validation import (check_choice, check_finite_tensor, check_float_tensor, check_has_values, check_int,
                          check_real, check_regex)
@@ -196,8 +196,8 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
 
     Args:
         dtype: the dtype in which the LoRWeB parameters (lora_A, lora_B, lora_keys, att_lora_to_q) are created and
-            initialised; None (default): each base layer's weight dtype (fp32 for bases without a plain weight, e.g.
-            bitsandbytes). Training passes float32: fp32 master weights whose initial values are not rounded to a
+            initialised; None (default): each base layer's weight dtype (its compute dtype under diffusers'
+            layerwise casting; fp32 for bases without a plain 16/32-bit weight, e.g. bitsandbytes, float8). Training passes float32: fp32 master weights whose initial values are not rounded to a
             bf16 base's dtype.
         freeze_base_model: True (default, as peft's injection): every parameter of ``model`` other than the LoRWeB
             tensors stops requiring grad, so an optimizer built from ``p.requires_grad`` trains LoRWeB only; False:
@@ -295,6 +295,9 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
         if layer.query_dim != query.shape[1]:
             raise ValueError(f"query has {query.shape[1]} features but layer {name} expects query_dim="
                              f"{layer.query_dim}")
+        replaced = replaced_query_projection_error(name, layer)
+        if replaced:
+            raise ValueError(replaced)
         w = layer.att_lora_to_q.weight
         if w.device.type == "meta":  # per_forward too: the layer's forward reads att_lora_to_q's weight directly
             raise ValueError(f"layer {name} has its LoRWeB weights on the meta device (e.g. sequential CPU offload, "
@@ -406,7 +409,12 @@ def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     state = {}
-    for name, layer in _require_layers(model).items():
+    layers = _require_layers(model)
+    for name, layer in layers.items():
+        replaced = replaced_query_projection_error(name, layer)
+        if replaced:
+            raise ValueError(replaced)
+    for name, layer in layers.items():
         for suffix, t in layer.lorweb_tensors().items():
             t = t.detach()
             state[f"{CHECKPOINT_PREFIX}{name}.{suffix}"] = t.full_tensor().cpu() if isinstance(t, DTensor) else t
@@ -710,9 +718,8 @@ def _overflow_problems(name: str, tensors: dict, module: nn.Module) -> list[str]
     turn into Inf there."""
     if isinstance(module, LoRWeBLinear):
         held = {s: t.dtype for s, t in module.lorweb_tensors().items()}
-    else:  # a new LoRWeBLinear creates its tensors in the base weight's dtype (fp32 for a quantized base)
-        dtype = module.weight.dtype if has_plain_weight(module) else torch.float32
-        held = dict.fromkeys(tensors, dtype)
+    else:  # the dtype a new LoRWeBLinear creates its tensors in (the base weight's, fp32 for a quantized base)
+        held = dict.fromkeys(tensors, default_adapter_dtype(module))
     problems = []
     for suffix, t in tensors.items():
         target = held.get(suffix)
@@ -801,6 +808,10 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
             continue
         if any(name.startswith(e + ".") for e in existing):
             problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: {name!r} is inside a LoRWeB layer")
+            continue
+        replaced = replaced_query_projection_error(name, module) if isinstance(module, LoRWeBLinear) else None
+        if replaced:
+            problems.append(replaced)
             continue
         why = None if isinstance(module, LoRWeBLinear) else _read_not_called(model, name)
         if why:

@@ -182,23 +182,45 @@ def test_an_fp32_basis_on_a_bf16_base_runs_in_the_inputs_dtype():
                                                     coeffs=coeffs, scale=layer.scale))
 
 
-def test_a_base_returning_another_dtype_is_cast_to_the_inputs_dtype():
-    """A called base (here a forward hook) that returns fp32 for a bf16 input: its output is rounded to bf16 and the
-    bf16 mixture added (the delta op takes one dtype), so the layer returns bf16 like its input."""
+def test_a_base_returning_another_dtype_keeps_its_output_dtype():
+    """A called base (here a forward hook) that returns fp32 for a bf16 input: the bf16 mixture is added to its fp32
+    output, which keeps its dtype and precision (peft's LoRA layers return the base layer's dtype too: a drop-in
+    wrapper does not change what the layer returns); gradients reach x and the basis."""
     base = nn.Linear(8, 6).to(torch.bfloat16)
     base.register_forward_hook(lambda module, args, out: out.float())
     layer = _layer(base)
     coeffs = _coeffs(2)
     layer.set_coefficients(coeffs)
-    x = torch.randn(2, 3, 8).to(torch.bfloat16)
+    x = torch.randn(2, 3, 8).to(torch.bfloat16).requires_grad_()
+    got = layer(x)
     with torch.no_grad():
+        base_out = base(x).double()
+        delta = reference.mixed_lora_delta(x, layer.lora_A, layer.lora_B, coeffs, layer.scale)
+        delta_abs = reference.mixed_lora_delta(x.abs(), layer.lora_A.abs(), layer.lora_B.abs(), coeffs, layer.scale)
+    assert got.dtype == torch.float32
+    _bound(got - base_out.float(), delta, delta_abs, torch.bfloat16, KW["num_loras"] * KW["rank"] + 8)
+    got.sum().backward()
+    assert x.grad is not None and layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
+def test_a_quantized_bf16_base_called_with_fp32_keeps_the_bases_output_dtype():
+    """optimum-quanto qfloat8 over a bf16 linear returns bf16 for an fp32 x; the wrapper returns bf16 too (it
+    returned fp32, unlike the layer it wraps), the mixture added to the base output."""
+    quanto = pytest.importorskip("optimum.quanto")
+    model = nn.Sequential(nn.Linear(16, 12)).to(torch.bfloat16)
+    quanto.quantize(model, weights=quanto.qfloat8)
+    quanto.freeze(model)
+    base = model[0]
+    layer = _layer(base)
+    coeffs = _coeffs(1)
+    layer.set_coefficients(coeffs)
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        want_dtype = base(x).dtype
         got = layer(x)
-        base_out = base(x).to(torch.bfloat16).double()
-        want = base_out + reference.mixed_lora_delta(x, layer.lora_A, layer.lora_B, coeffs, layer.scale)
-        want_abs = base_out.abs() + reference.mixed_lora_delta(x.abs(), layer.lora_A.abs(), layer.lora_B.abs(),
-                                                               coeffs, layer.scale)
-    assert got.dtype == torch.bfloat16
-    _bound(got, want, want_abs, torch.bfloat16, KW["num_loras"] * KW["rank"] + 8)
+        delta = reference.mixed_lora_delta(x, layer.lora_A, layer.lora_B, coeffs, layer.scale)
+    assert want_dtype == torch.bfloat16 and got.dtype == torch.bfloat16
+    assert torch.allclose(got.double() - base(x).double(), delta, atol=0.05, rtol=0.05)
 
 
 def test_a_called_base_under_autocast_runs_in_the_autocast_dtype():

@@ -389,6 +389,57 @@ def test_layerwise_casting_keeps_the_query_projection(saved_base):
     assert torch.isfinite(got).all() and (got - want).norm() < 0.1 * want.norm()
 
 
+@pytest.mark.parametrize("storage, compute", [(torch.float8_e4m3fn, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_injecting_after_layerwise_casting_creates_the_basis_in_the_compute_dtype(saved_base, tmp_path, storage,
+                                                                                compute):
+    """enable_layerwise_casting first, then inject_lorweb / load_lorweb_weights: the LoRWeB tensors are created in
+    the casting's compute dtype (they were created in the storage dtype: float8 failed inside torch's normal_ with no
+    layer named, and bf16 storage with fp32 compute gave bf16 tensors); the layers diffusers leaves uncast (the
+    norms) take their weight's dtype as before; set_query and the forward run, close to injecting before the
+    casting."""
+    m, query, inputs, want = injected_and_its_output(saved_base)
+    path = tmp_path / "w.safetensors"
+    lf.save_lorweb_weights(m, path)
+    for load in (False, True):
+        late = load_base(saved_base)
+        late.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+        lf.load_lorweb_weights(late, path) if load else lf.inject_lorweb(late, CONFIG)
+        for name, layer in lf.lorweb_layers(late).items():  # the layers diffusers skips (norms) keep fp32 storage
+            cast = lf.layer.has_forward_hooks(layer.base_layer)
+            assert cast == (layer.base_layer.weight.dtype == storage), name
+            want_dtype = compute if cast else layer.base_layer.weight.dtype
+            assert {t.dtype for t in layer.lorweb_tensors().values()} == {want_dtype}, name
+        with torch.no_grad():
+            lf.set_query(late, query)
+        if load and compute == torch.float32:  # the fp32 inputs run through a model computing in fp32
+            with torch.no_grad():
+                got = late(**inputs).sample
+            assert torch.isfinite(got).all() and (got.float() - want).norm() < 0.1 * want.norm()
+
+
+def test_quantizing_after_injection_is_refused_by_name(saved_base, tmp_path):
+    """optimum-quanto's quantize() over a model that holds LoRWeB layers turns each att_lora_to_q into a QLinear
+    (fp8 weight): set_query computed the coefficients from it silently and saving failed inside safetensors ("invalid
+    python storage"). set_query, save_lorweb_weights and load_lorweb_weights now name the layer and say to quantize
+    first; nothing is written or changed."""
+    quanto = pytest.importorskip("optimum.quanto")
+    m, query, inputs, _ = injected_and_its_output(saved_base)
+    path = tmp_path / "w.safetensors"
+    lf.save_lorweb_weights(m, path)
+    quanto.quantize(m, weights=quanto.qfloat8)
+    quanto.freeze(m)
+    fragment = r"att_lora_to_q is a QLinear, not a plain nn.Linear .*quantize the base before injecting LoRWeB"
+    with pytest.raises(ValueError, match=fragment):
+        lf.set_query(m, query)
+    with pytest.raises(ValueError, match=fragment):
+        lf.save_lorweb_weights(m, tmp_path / "other.safetensors")
+    assert not (tmp_path / "other.safetensors").exists()
+    snap = snapshot(m)
+    with pytest.raises(lf.LoRWeBCheckpointError, match=fragment):
+        lf.load_lorweb_weights(m, path)
+    assert_unchanged(m, snap)
+
+
 def test_hooked_base_layers_are_not_merged(saved_base):
     """merged() refuses base layers with forward hooks (layerwise casting would round the merged weight to its
     float8 storage, offloading would reload the original): the error names the layer and merge='none'."""
