@@ -158,7 +158,7 @@ def _shrink_store(acc, rm, rows, row_ok, cols, pid_k, first_row, M, PART, U, Z, 
         _shrink_epilogue(acc, first_row, rows, row_ok, cols, U, Z, DC, COEFFS, ROWS_PER_SAMPLE, scale,
                          stride_um, stride_zm, stride_cb, stride_dcm, R, RANK, CHUNK, WRITE_U, DCOEFFS)
     else:
-        part = PART + (pid_k * M + first_row).to(tl.int64) * R_CHUNKS
+        part = PART + (pid_k.to(tl.int64) * M + first_row) * R_CHUNKS
         tl.store(part + rm[:, None] * R_CHUNKS + cols[None, :], acc, mask=row_ok[:, None])
 
 
@@ -281,7 +281,7 @@ def _shrink_finish_kernel(
         c1 = R0 + tl.arange(0, R1)
         acc1 = tl.zeros((BLOCK_M, R1), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
-        part = PART + (s * M + first_row).to(tl.int64) * (R0 + R1)
+        part = PART + (tl.full((), s, tl.int64) * M + first_row) * (R0 + R1)
         acc0 += tl.load(part + rm[:, None] * (R0 + R1) + c0[None, :], mask=row_ok[:, None], other=0.0)
         if R1 > 0:
             acc1 += tl.load(part + rm[:, None] * (R0 + R1) + c1[None, :], mask=row_ok[:, None], other=0.0)

@@ -172,14 +172,62 @@ def test_cuda_extension_many_chunks_against_reference(dtype, num_loras, rank):
                             with_base=False)
 
 
+# sequences whose length is a multiple of every backward K1 block height (32 fp32; 64 / 128 bf16; the split-K finish
+# kernel's 32): K1 writes one dcoeffs partial per program (DC_PER_BLOCK), the path real FLUX sequences (4096, 4608
+# tokens) take; the odd shapes above take the per-row partials. 12288 <-> 3072 bf16 have TMA shrink_dy entries.
+PER_BLOCK_CASES = [(2, 256, 12288, 3072, torch.bfloat16), (2, 256, 3072, 12288, torch.bfloat16),
+                   (3, 128, 3072, 3072, torch.bfloat16), (2, 64, 520, 776, torch.float32)]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("batch, seq, in_features, out_features, dtype", PER_BLOCK_CASES,
+                         ids=lambda v: str(v).removeprefix("torch."))
+def test_backward_with_one_dcoeffs_partial_per_program(backend, batch, seq, in_features, out_features, dtype):
+    """Forward and every gradient against float64 where K1 writes per-program dcoeffs partials (rows_per_sample a
+    multiple of its block height), including the TMA K1 at 12288 <-> 3072; and for triton, directly: the partials
+    have M / block_m rows (the per-block path ran) and sum per sample to the float64 coefficient gradient."""
+    _require(backend)
+    p = random_problem(batch, seq, in_features, out_features, 32, 4, dtype, device="cuda", seed=11)
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend=backend), p)
+    if backend != "triton":
+        return
+    from lorweb_fast.kernels import mixed_lora as K
+
+    x = p["x"].reshape(-1, in_features)
+    a_cat, b_cat = K.pack_basis(p["lora_a"], p["lora_b"])
+    u, _ = K.shrink(x, a_cat, p["coeffs"], p["scale"], seq, 4, out_features=out_features)
+    dy = torch.randn(batch * seq, out_features, device="cuda").to(dtype)
+    block_m = K.kernel_config("shrink_dy", in_features, out_features, 128, dtype, K._family(dy, None))["block_m"]
+    for split in (1, 3):
+        config = None if split == 1 else {**K.kernel_config("shrink_dy", in_features, out_features, 128, dtype,
+                                                            K._family(dy, None)), "split_k": 3, "tma": 0}
+        _, dzs, dc = K.shrink(dy, b_cat, p["coeffs"], p["scale"], seq, 4, u_in=u, config=config,
+                              out_features=in_features)
+        group = block_m if split == 1 else K.SHRINK_FINISH_BLOCK_M
+        assert seq % group == 0 and dc.shape == (batch * seq // group, 32)
+        # dcoeffs[b, n] = scale * sum over the sample's rows of sum_j u[m, n r + j] * (dy B_cat^T)[m, n r + j]
+        dz = dy.double() @ b_cat.double().t()
+        terms = (u.double() * dz).view(batch, seq, 32, 4).sum(-1) * p["scale"]
+        want = terms.sum(1)
+        bound = ((u.double().abs() * (dy.double().abs() @ b_cat.double().abs().t())).view(batch, seq, 32, 4)
+                 .sum(-1).sum(1) * abs(p["scale"]))
+        assert_within_bound(f"dcoeffs split {split}", dc.view(batch, -1, 32).sum(1), want, bound, dtype,
+                            out_features + seq * 4)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_forward_and_backward_are_deterministic(backend):
     """Every reduction has a fixed order (no atomics; split-M / split-K partials added in slice order): repeated
     forwards and backwards at a shape with many programs per output are bit-identical. (Moved here from the
     interpreter suite, where programs run one after another and the check could not fail.)"""
     _require(backend)
-    p = random_problem(2, 2500, 3072, 1000, 32, 4, torch.bfloat16, device="cuda", seed=8)
-    dy = torch.randn(2, 2500, 1000, device="cuda").to(torch.bfloat16)
+    for seq, out_features in ((2500, 1000), (2048, 3072)):  # per-row and per-program dcoeffs partials
+        _check_deterministic(backend, seq, out_features)
+
+
+def _check_deterministic(backend, seq, out_features):
+    p = random_problem(2, seq, 3072, out_features, 32, 4, torch.bfloat16, device="cuda", seed=8)
+    dy = torch.randn(2, seq, out_features, device="cuda").to(torch.bfloat16)
     runs = []
     for _ in range(3):
         leaves = {n: p[n].clone().requires_grad_(True) for n in ("x", "weight", "bias", "lora_a", "lora_b", "coeffs")}
@@ -314,18 +362,19 @@ def test_offsets_beyond_2_pow_31_on_gpu():
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("shape", [(2, 0), (0, 5)])
-def test_empty_inputs_at_a_tma_shape(backend, shape):
-    """No rows ((B, 0, in) or B = 0) at 3072 -> 3072 bf16, whose sm_90 entries launch by TMA: forward and backward
-    give empty outputs and zero basis / coefficient gradients (no descriptor for an empty operand; the extension
-    accepts rows_per_sample 0)."""
+@pytest.mark.parametrize("in_features, out_features", [(3072, 3072), (12288, 3072)])
+def test_empty_inputs_at_a_tma_shape(backend, shape, in_features, out_features):
+    """No rows ((B, 0, in) or B = 0) at 3072 -> 3072 bf16 (sm_90 entries: TMA expands) and 12288 -> 3072 (TMA in
+    all four roles, shrinks included): forward and backward give empty outputs and zero basis / coefficient
+    gradients (no descriptor for an empty operand; the extension accepts rows_per_sample 0)."""
     _require(backend)
-    p = random_problem(max(shape[0], 1), 1, 3072, 3072, 32, 4, torch.bfloat16, device="cuda", seed=2)
-    x = torch.empty(*shape, 3072, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    p = random_problem(max(shape[0], 1), 1, in_features, out_features, 32, 4, torch.bfloat16, device="cuda", seed=2)
+    x = torch.empty(*shape, in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     coeffs = p["coeffs"][:shape[0]].clone().requires_grad_(True)
     lora_a = p["lora_a"].clone().requires_grad_(True)
     lora_b = p["lora_b"].clone().requires_grad_(True)
     y = lf.lorweb_linear(x, p["weight"], p["bias"], lora_a, lora_b, coeffs, p["scale"], backend=backend)
-    assert y.shape == (*shape, 3072)
+    assert y.shape == (*shape, out_features)
     y.sum().backward()
     assert x.grad.shape == x.shape
     for grad in (lora_a.grad, lora_b.grad, coeffs.grad):
@@ -335,7 +384,8 @@ def test_empty_inputs_at_a_tma_shape(backend, shape):
 @pytest.mark.parametrize("backend", FUSED)
 def test_2d_input_with_more_rows_than_a_grid_dimension(backend):
     """A 2-D input has one row per sample: 70000 samples exceed CUDA's 65535 grid.y (the extension's dcoeffs kernel
-    launches in slices); forward and every gradient against float64."""
+    launches in slices); forward and every gradient against float64. (For triton a 2-D input takes the all-cuBLAS
+    route, and its grids put rows on axis 0, which has no such limit: that case checks the route, not a slicing.)"""
     _require(backend)
     check_against_reference(lambda *a: lf.lorweb_linear(*a, backend=backend),
                             random_problem(70000, None, 64, 40, 3, 4, torch.float32, device="cuda", seed=6))
