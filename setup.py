@@ -155,5 +155,19 @@ def cuda_extension():
                                                  os.environ["TORCH_CUDA_ARCH_LIST"], torch.version.cuda)}
 
 
-ext_modules, cmdclass = cuda_extension()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+def license_metadata(setuptools_version: str) -> dict:
+    """The project's license for ``setup()``: ``license_expression`` (SPDX) on setuptools >= 77, where pyproject's
+    table form is deprecated (an error from 2027-02-18), else the ``license`` text field, since older setuptools
+    (e.g. a GPU machine's preinstalled one, used by ``--no-build-isolation``) refuse a string in pyproject."""
+    major = int(setuptools_version.split(".")[0])
+    return {"license_expression": LICENSE} if major >= 77 else {"license": LICENSE}
+
+
+LICENSE = "Apache-2.0"
+
+if __name__ == "__main__":
+    import setuptools
+
+    ext_modules, cmdclass = cuda_extension()
+    setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass,
+          **license_metadata(setuptools.__version__))

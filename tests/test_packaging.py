@@ -95,6 +95,9 @@ def test_wheel_and_sdist_install_lorweb_fast_kernels(tmp_path):
     (tgz,) = dist.glob("*.tar.gz")
     names = set(zipfile.ZipFile(whl).namelist())
     assert {"lorweb_fast/kernels/__init__.py", "lorweb_fast/kernels/mixed_lora.py"} <= names
+    # the license as an SPDX expression (setuptools >= 77 here), not the deprecated pyproject table
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    assert "License-Expression: Apache-2.0" in zipfile.ZipFile(whl).read(metadata).decode().splitlines()
     assert not any(n.startswith("kernels/") for n in names)
     with tarfile.open(tgz) as tar:
         members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
@@ -114,3 +117,22 @@ def test_wheel_and_sdist_install_lorweb_fast_kernels(tmp_path):
         assert out.returncode == 0, (label, out.stderr)
         assert str(site / "lorweb_fast" / "kernels" / "mixed_lora.py") in out.stdout
         assert "top-level None" in out.stdout
+
+
+def test_the_license_suits_old_and_new_setuptools():
+    """setup.py gives the license as an SPDX expression to setuptools >= 77 (pyproject's table form is deprecated
+    there, an error from 2027-02-18) and as the license text to older ones, which refuse a string in pyproject (a
+    GPU machine's preinstalled setuptools builds the package with --no-build-isolation); pyproject declares it
+    dynamic and sets no license itself."""
+    import importlib.util
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("lorweb_fast_setup_script", root / "setup.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # not __main__: defines, builds nothing
+    assert script.license_metadata("84.2.1") == script.license_metadata("77.0.0") == {"license_expression":
+                                                                                        "Apache-2.0"}
+    assert script.license_metadata("70.3.0") == script.license_metadata("76.1.0") == {"license": "Apache-2.0"}
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert "license" not in project and "license" in project["dynamic"]
