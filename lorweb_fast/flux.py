@@ -649,11 +649,14 @@ class AnalogyEncoder:
             return self._encode(cut(lambda w, h, x, y: (0, 0, w, y)), mode)
         ea = self._encode(cut(lambda w, h, x, y: (0, 0, x, y)), mode)
         ea2 = self._encode(cut(lambda w, h, x, y: (x, 0, w, y)), mode)
+        # the differences in the encoder's dtype, rounded after each operation as the official code computes them on
+        # its (bf16) embeddings (get_external_query); then fp32 like every query
+        dtype = next(self.model.parameters()).dtype
         if mode == "ca'-ca":
-            return ea2 - ea
+            return (ea2.to(dtype) - ea.to(dtype)).float()
         eb = self._encode(cut(lambda w, h, x, y: (0, y, x, h)), mode)
         if mode == "ca'-ca+cb":
-            return ea2 - ea + eb
+            return (ea2.to(dtype) - ea.to(dtype) + eb.to(dtype)).float()
         return torch.cat([ea, ea2, eb], dim=1)  # cat-aa'b, cat-paa'b, cat-paa'b3
 
     def query(self, grids=None, a=None, a_prime=None, b=None, *, crops: str = "inference") -> torch.Tensor:

@@ -90,7 +90,8 @@ def test_official_pipeline_end_to_end(tiny, monkeypatch):
     """The wrapper equals the official flow run by hand on the stock pipeline: the reference grid, the query from
     the grid (get_external_query), pipe(image=grid, height=grid.height, width=grid.width, guidance 2.5,
     generator seeded 50 on the execution device), b' = crop (W//2, H//2, W, H); the control image is snapped to a
-    preferred resolution (here a small list patched in, so that the tiny pipeline stays fast)."""
+    preferred resolution (here a small list patched in, so that the tiny pipeline stays fast). Unmerged and with the
+    default merge ("auto": merged at batch 1)."""
     import diffusers.pipelines.flux.pipeline_flux_kontext as kontext
 
     pipe, encoder = tiny
@@ -126,6 +127,9 @@ def test_official_pipeline_end_to_end(tiny, monkeypatch):
     assert got.shape == (gh - gh // 2, gw - gw // 2, 3)
     np.testing.assert_allclose(got, ref_np[gh // 2:, gw // 2:], rtol=0, atol=1e-2)
     assert np.abs(got - ref_np[:gh - gh // 2, :gw - gw // 2]).max() > 5e-2  # not the top-left quarter
+    # the default merge ("auto": one analogy at batch 1, so the mixture merged into the weights) gives the same b'
+    (got_default,) = lp(a, a2, b, "mirror", output_type="np", **kwargs)
+    np.testing.assert_allclose(got_default, ref_np[gh // 2:, gw // 2:], rtol=0, atol=1e-2)
 
 
 def test_native_resolution_keeps_the_old_behaviour(tiny):

@@ -174,6 +174,26 @@ def test_every_clip_mode_matches_the_official_query(clip_encoder, mode, size):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["cat-aa'b", "caa'b", "caa'", "ca'-ca", "ca'-ca+cb"])
+def test_bf16_query_is_the_official_bf16_chain_bit_for_bit(clip_dir, mode):
+    """The official chain, and the default one (encoder dtype = the pipeline's bf16), is bf16: pixel values cast to
+    bf16 (FluxKontextModel.load_model puts the encoder in the training dtype; encode_image casts its input), bf16
+    image_embeds, and get_external_query's sums on those bf16 tensors, so "ca'-ca+cb" rounds after each operation
+    (lorweb_fast summed fp32 copies, one rounding: some entries one bf16 step off). Equal bit for bit."""
+    enc = flux.AnalogyEncoder(clip_dir, dtype=torch.bfloat16, query_mode=mode)
+
+    def encode(img, m):
+        px = reference_clip_pixels(img, enc.model.config.image_size).to(torch.bfloat16)
+        return enc.model(pixel_values=px).image_embeds[:, None]  # bf16, as the official encode_image returns it
+
+    grids = [picture(seed, (64, 48)) for seed in range(40)]
+    got = torch.cat([enc.query_from_grid([g], query_mode=mode) for g in grids])
+    with torch.no_grad():
+        want = torch.cat([reference_query(encode, g, mode) for g in grids])
+    assert want.dtype == torch.bfloat16 and got.dtype == torch.float32
+    assert torch.equal(got, want.float())
+
+
 @pytest.mark.parametrize("mode", ["paa'b", "cat-paa'b3"])
 def test_patch_modes_pool_max(clip_dir, mode):
     enc = flux.AnalogyEncoder(clip_dir, query_mode=mode, pooling_type="max")

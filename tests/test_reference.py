@@ -155,6 +155,35 @@ def test_coefficients_match_the_official_attlora_forward(heads, activation, redu
         assert bool((want == (0 if activation == "softmax" else -1)).any() or (want == 1).any())
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("activation", ["softmax", "tanh"])
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_bf16_coefficients_round_to_the_official_bf16_ones(heads, activation, reduce):
+    """At inference the official adapter is bf16 (the base's dtype): query, att_lora_to_q and keys in bf16 through
+    the transcription above give bf16 coefficients. lorweb_fast computes them from the same bf16 weights with fp32
+    logits, softmax / tanh and head mean (fp32 result, README "adapter arithmetic"). For the released layer (softmax,
+    one head) they round to the official bf16 values within one bf16 step (equal on the CPUs checked: SDPA also
+    takes the softmax in fp32); where the official code rounds bf16 logits before tanh, or averages heads in bf16,
+    they agree within a few bf16 steps of the largest coefficient. At the released sizes (key_dim 128, N 32, the
+    2304-wide CLIP query)."""
+    import lorweb_fast as lf
+
+    g = torch.Generator().manual_seed(10 + heads)
+    query = (torch.randn(4, 2304, generator=g) * 0.05).to(torch.bfloat16)
+    to_q = (torch.randn(128, 2304, generator=g) * 2304 ** -0.5).to(torch.bfloat16)
+    keys = torch.randn(32, 128, generator=g).to(torch.bfloat16)
+    want = official_attlora_coefficients(query, to_q, keys, heads, activation == "softmax", reduce)
+    got = lf.compute_coefficients(query, to_q, keys, heads=heads, activation=activation, reduce=reduce)
+    assert want.dtype == torch.bfloat16 and got.dtype == torch.float32
+    eps = torch.finfo(torch.bfloat16).eps
+    assert float(want.float().abs().max()) > 1e-3  # not a comparison of zeros
+    if activation == "softmax" and heads == 1:
+        step = eps * want.float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+        assert bool(((got.to(torch.bfloat16).float() - want.float()).abs() <= step).all())
+    else:
+        torch.testing.assert_close(got, want.float(), rtol=4 * eps, atol=4 * eps * float(want.float().abs().max()))
+
+
 @pytest.mark.parametrize("activation,reduce,heads", [("softmax", "mean", 1), ("tanh", "sum", 2)])
 def test_coefficients_stay_fp32_under_autocast(activation, reduce, heads):
     """Training calls ``set_query`` inside the bf16 ``accelerator.autocast()``; the official trainer runs no autocast
