@@ -355,7 +355,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
         if self.several_controls:
             stem, files = next(iter(self.several_controls.items()))
             warnings.warn(f"several control images share a target's name ({len(self.several_controls)} names); "
-                          f"each sample uses the first in the official lookup order ({', '.join(CONTROL_SUFFIX_ORDER)}, then upper case) "
+                          "each sample uses the first in the official lookup order "
+                          f"({', '.join(CONTROL_SUFFIX_ORDER)}, then upper case) "
                           f"and never reads the others (e.g. {stem}: {files[0].name} over "
                           f"{', '.join(f.name for f in files[1:])})", stacklevel=2)
         names = Counter(self._name(t) for t in targets)
@@ -424,8 +425,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
             self.skipped.append(names[i])
             self.problems.append(f"{names[i]}: {problems[i]}")
         self.samples = [s for i, s in enumerate(self.samples) if i not in problems]
-        dropped = set(names.values())
-        self.missing_captions = [n for n in self.missing_captions if n not in dropped]
+        # by target file, not by name: target/0007.jpg and target/0007.png share a name
+        self.missing_captions = [self._name(s[1]) for s in self.samples if s[1] in self._no_caption]
         if not self.samples:
             raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
 
@@ -434,7 +435,9 @@ class AnalogyFolder(torch.utils.data.Dataset):
         return target.relative_to(self.root / "target").with_suffix("").as_posix()
 
     def name(self, index: int) -> str:
-        """The name of sample ``index`` (unique, also when nested folders repeat a file name)."""
+        """The name of sample ``index``: its target's path under target/ without the extension (distinct for nested
+        folders that repeat a file name; shared by target images that differ only in their extension, see
+        ``shared_names``)."""
         return self._name(self.samples[index][1])
 
     def _check_sample(self, target: Path, control_dir: Path, control_by_stem: dict, relation: dict):
@@ -594,12 +597,12 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
         # here every image is decoded completely
         undecodable = {}
         with _image_pool() as pool:
-            decoded = pool.map(lambda s: [(p, _decode_error(p)) for p in s[:2]], dataset.samples)
-            for i, results in enumerate(tqdm(decoded, total=len(dataset), desc="decoding images", unit="sample",
-                                             disable=not progress)):
-                bad = next(((path, error) for path, error in results if error is not None), None)
+            decoded = pool.map(lambda s: [decode_problem(p) for p in s[:2]], dataset.samples)
+            for i, problems in enumerate(tqdm(decoded, total=len(dataset), desc="decoding images", unit="sample",
+                                              disable=not progress)):
+                bad = next((problem for problem in problems if problem is not None), None)
                 if bad is not None:
-                    undecodable[i] = f"{bad[0]} is not a readable image ({bad[1]})"
+                    undecodable[i] = bad
         dataset.skip_samples(undecodable, skip_bad)
     captions = [s[2] for s in dataset.samples]
     report = {"samples": len(dataset), "skipped": len(dataset.skipped),
@@ -761,17 +764,30 @@ def _category_pairs(category: Path, excluded: set, cap: Optional[int], pool: Thr
     return pairs
 
 
-def _decode_error(path: Path) -> Optional[str]:
-    """None when the image at ``path`` decodes completely, else the error (as the official loader's crop would
-    raise it)."""
+def _decode_exception(path: Path) -> Optional[Exception]:
+    """None when the image at ``path`` decodes completely, else the exception (as the official loader's crop
+    would raise it)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.load()
     except Exception as exc:  # PIL raises several unrelated types for corrupt or truncated files
-        return f"{type(exc).__name__}: {exc}"
+        return exc
     return None
+
+
+def _decode_error(path: Path) -> Optional[str]:
+    """None when the image at ``path`` decodes completely, else ``"<Type>: <message>"``."""
+    exc = _decode_exception(path)
+    return None if exc is None else f"{type(exc).__name__}: {exc}"
+
+
+def decode_problem(path: Path) -> Optional[str]:
+    """None when the image at ``path`` decodes completely, else the one-line error naming the file (for a
+    decompression bomb: the limit and how to raise it)."""
+    exc = _decode_exception(path)
+    return None if exc is None else image_read_error_message(path, exc)
 
 
 def plan_analogies(pairs: list[dict], *, min_pairs_per_category: int = 2, max_analogies: Optional[int] = None,

@@ -1118,8 +1118,8 @@ class LoRWeBKontextPipeline:
         """diffusers' ``disable_lora``: the base model's output (strength 0) until ``enable_lora``. Refused while
         the mixture is fused into the weights ("full" / "offload"; "jit" follows it)."""
         self._require_adapter()
-        self._refuse_while_fused("disable_lora")
         if self._disabled_scale is None:
+            self._refuse_while_fused("disable_lora")
             before = lora_api.get_lorweb_scale(self.transformer)
             lora_api.set_lorweb_scale(self.transformer, 0.0)  # refused while fused: nothing changes then
             self._disabled_scale = before

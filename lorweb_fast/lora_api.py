@@ -485,23 +485,23 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, enc
                     query_source: Optional[str] = None, weight_name: str = WEIGHT_NAME) -> Path:
     """Write ``lorweb.safetensors`` (official format; ``weight_name``: another file name ending in .safetensors),
     the official ``config.yaml`` (from the layers plus the encoder, query mode and pooling: what ``from_pretrained``
-    and the official inference.py read back) and a README.md model card to ``directory``. Fused weights are not saved: the LoRWeB parameters are. ``query_source``
-    ("grid", official, or "images"), when given, is recorded in the metadata (``lorweb.query_source``), where
-    ``from_pretrained`` and ``load_lora_weights`` read it back.
+    and the official inference.py read back) and a README.md model card to ``directory``. Fused weights are not
+    saved: the LoRWeB parameters are. ``query_source`` ("grid", official, or "images"), when given, is recorded in
+    the metadata (``lorweb.query_source``), where ``from_pretrained`` and ``load_lora_weights`` read it back.
 
     Everything is checked before anything is written (``directory`` is created by ``save_lorweb_weights`` once the
     tensors and settings have passed): a refused save (e.g. NaN weights, an unknown query mode) leaves no folder
-    or file behind. The three files are written to temporary files first and then renamed into place together, so
-    a save that fails while writing leaves the folder's files as they were. A folder whose ``config.yaml`` other
-    checkpoints there read (e.g. an official run folder) is refused when that file would change (save into a
-    folder of its own)."""
+    or file behind. The three files are written to temporary files first and then renamed into place (the weights
+    last), so a save that fails while writing leaves the folder's files as they were. A folder that holds other
+    checkpoints (e.g. an official run folder) is refused: they would load with the new config.yaml, and two final
+    checkpoints make loading the folder ambiguous (save into a folder of its own)."""
     from .official_config import check_query_settings
 
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory")
     if not isinstance(weight_name, str) or Path(weight_name).name != weight_name \
-            or not weight_name.lower().endswith(".safetensors") or weight_name.startswith("."):
+            or not weight_name.endswith(".safetensors") or weight_name.startswith("."):
         raise ValueError(f"weight_name must be a file name ending in .safetensors (no folder), got {weight_name!r}")
     check_query_settings(query_mode, pooling_type)
     card = model_card(model, encoder=encoder, base_model=base_model, training=training, repo_id=repo_id,

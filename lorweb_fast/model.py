@@ -197,8 +197,8 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
     Args:
         dtype: the dtype in which the LoRWeB parameters (lora_A, lora_B, lora_keys, att_lora_to_q) are created and
             initialised; None (default): each base layer's weight dtype (its compute dtype under diffusers'
-            layerwise casting; fp32 for bases without a plain 16/32-bit weight, e.g. bitsandbytes, float8). Training passes float32: fp32 master weights whose initial values are not rounded to a
-            bf16 base's dtype.
+            layerwise casting; fp32 for bases without a plain 16/32-bit weight, e.g. bitsandbytes, float8).
+            Training passes float32: fp32 master weights whose initial values are not rounded to a bf16 base's dtype.
         freeze_base_model: True (default, as peft's injection): every parameter of ``model`` other than the LoRWeB
             tensors stops requiring grad, so an optimizer built from ``p.requires_grad`` trains LoRWeB only; False:
             only the wrapped base layers are frozen, the model's other parameters are left as they were.
@@ -440,10 +440,11 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     file it saves (``official_config.aitk_model_hashes``; training sets it). ``extra_files`` ({file name: text})
     are written beside the file (``save_pretrained``'s README.md card).
 
-    Every file is first written to a temporary file in the target folder, then all are renamed into place (the
-    weights last): a refused or failed call leaves the folder's files as they were. A ``config.yaml`` that other
-    checkpoints in the folder read (any other ``*.safetensors`` there) is not replaced by one with other settings
-    (LoRWeBConfigError naming them): save into a folder of its own.
+    Every file is first written to a temporary file in the target folder, then they are renamed into place one
+    after another (the weights last): a refused call, or one that fails while writing, leaves the folder's files as
+    they were (and removes a folder it created). With ``config``, a folder that holds other checkpoints (any other
+    ``*.safetensors`` there, which would load with this config.yaml) is refused (LoRWeBConfigError naming them):
+    save into a folder of its own.
     """
     from safetensors.torch import save_file
 
@@ -513,7 +514,7 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     if settings is not None:
         from .official_config import CONFIG_NAME, config_yaml_text
 
-        _refuse_replacing_others_config(directory, os.path.basename(path), settings)
+        _refuse_folder_with_other_checkpoints(directory, os.path.basename(path))
         texts[CONFIG_NAME] = config_yaml_text(settings, name=os.path.splitext(os.path.basename(path))[0],
                                               model=settings.pop("model", None))
     for name, text in (extra_files or {}).items():
@@ -526,6 +527,7 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         from .official_config import aitk_model_hashes
 
         meta.update(aitk_model_hashes(state, meta))
+    created = not os.path.isdir(directory)
     os.makedirs(directory, exist_ok=True)  # everything checked: nothing is written for a refused call
     temps: list[tuple[str, str]] = []  # (temporary file, final path), renamed in this order: the weights last
     try:
@@ -546,40 +548,27 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         for tmp, _ in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        if created and not os.listdir(directory):
+            os.rmdir(directory)
         raise
 
 
-def _refuse_replacing_others_config(directory: str, weights_name: str, settings: Mapping) -> None:
-    """LoRWeBConfigError when ``directory/config.yaml`` exists, other checkpoints (``*.safetensors`` besides
-    ``weights_name``) lie beside it, and it is unreadable or says other settings than ``settings`` (the loader reads
-    that file for every checkpoint in the folder: replacing it would change how they load)."""
-    import warnings
+def _refuse_folder_with_other_checkpoints(directory: str, weights_name: str) -> None:
+    """LoRWeBConfigError when ``directory`` holds other checkpoints (``*.safetensors`` files besides
+    ``weights_name``): a config.yaml written there would describe them too (the loader reads the folder's
+    config.yaml for each of them), and a second final checkpoint makes loading the folder ambiguous."""
+    from .official_config import LoRWeBConfigError
 
-    from .official_config import CONFIG_NAME, OFFICIAL_DEFAULTS, LoRWeBConfigError, read_config_yaml
-
-    config_path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.lexists(config_path):
+    if not os.path.isdir(directory):
         return
     others = sorted(n for n in os.listdir(directory)
                     if n.lower().endswith(".safetensors") and n != weights_name
                     and os.path.isfile(os.path.join(directory, n)))
-    if not others:
-        return
-    readers = f"the other checkpoints in {directory} ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # its linear_alpha note is about loading it, not replacing it
-            old = read_config_yaml(config_path)
-    except (OSError, ValueError) as exc:
-        raise LoRWeBConfigError(f"refusing to replace {config_path}, which {readers} read: it cannot be read "
-                                f"({exc}); save into a folder of its own") from None
-    new = {k: v for k, v in settings.items() if k in OFFICIAL_DEFAULTS and k != "lora_alpha" and v is not None}
-    differ = [f"{k}={old.get(k, OFFICIAL_DEFAULTS[k])!r} (this model: {new.get(k, OFFICIAL_DEFAULTS[k])!r})"
-              for k in OFFICIAL_DEFAULTS if k != "lora_alpha"
-              and str(old.get(k, OFFICIAL_DEFAULTS[k])) != str(new.get(k, OFFICIAL_DEFAULTS[k]))]
-    if differ:
-        raise LoRWeBConfigError(f"refusing to replace {config_path}, which {readers} read: it says "
-                                f"{', '.join(differ)}; save into a folder of its own")
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise LoRWeBConfigError(f"refusing to save {weights_name} with a config.yaml into {directory}: it holds other "
+                                f"checkpoints ({shown}), which load with the folder's config.yaml and would make "
+                                "loading the folder ambiguous; save into a folder of its own")
 
 
 def read_checkpoint(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

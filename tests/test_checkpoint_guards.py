@@ -242,9 +242,9 @@ def test_bogus_query_metadata_is_refused_before_writing(tmp_path, key):
 
 @pytest.mark.parametrize("fails", ["config.yaml", "weights"])
 def test_a_failed_write_keeps_the_previous_files(tmp_path, monkeypatch, fails):
-    """Weights, config.yaml and extra files are replaced together: when writing config.yaml or the weights fails
-    (after the other temporary files are written), the previous files are byte-identical and no temporary file
-    remains."""
+    """Weights, config.yaml and extra files are written to temporary files before any is renamed into place: when
+    writing config.yaml's (the first) or the weights' (the last, after the card's) fails, the previous files are
+    byte-identical and no temporary file remains."""
     import safetensors.torch
 
     path = tmp_path / "w.safetensors"
@@ -255,40 +255,55 @@ def test_a_failed_write_keeps_the_previous_files(tmp_path, monkeypatch, fails):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(oc, "config_yaml_text", disk_full) if fails == "config.yaml" else \
+    if fails == "config.yaml":  # while its temporary file is written (the first; the weights' is written last)
+        real_fdopen = os.fdopen
+
+        def fdopen(fd, *args, **kwargs):
+            if "config.yaml" in os.readlink(f"/proc/self/fd/{fd}"):
+                os.close(fd)
+                disk_full()
+            return real_fdopen(fd, *args, **kwargs)
+
+        monkeypatch.setattr(os, "fdopen", fdopen)
+    else:
         monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left on device"):
         lf.save_lorweb_weights(tiny_model(seed=2), path, config={}, extra_files={"README.md": "two"})
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
 
 
-def test_a_config_yaml_other_checkpoints_read_is_not_replaced_by_other_settings(tmp_path):
-    """An official run folder (LoRWeB.safetensors without our metadata, config.yaml with heads 2 and tanh): saving
-    another model's weights there with config would rewrite the config.yaml the loader reads for LoRWeB.safetensors
-    (it would then load with softmax and one head, silently). Refused, naming the file, the other checkpoint and the
-    differing settings, with every file as it was; the same settings may be saved there (config.yaml is rewritten
-    with them), and a folder without other checkpoints is rewritten freely. An unreadable config.yaml beside other
-    checkpoints is refused too."""
+def test_a_folder_with_other_checkpoints_is_refused_for_a_config_yaml(tmp_path):
+    """An official run folder (LoRWeB.safetensors, config.yaml with heads 2 and tanh): saving another model there
+    with a config rewrote the config.yaml that LoRWeB.safetensors loads with (it then loaded with softmax and one
+    head, silently), and even with the same settings a second final file made loading the folder ambiguous.
+    Refused, naming the folder and the other checkpoint, every file as it was; saving the same file name again
+    (a folder of its own) and saving without a config are allowed."""
     run = tmp_path / "run"
     cfg = lf.LoRWeBConfig(**{**CONFIG.__dict__, "heads": 2, "activation": "tanh"})
     lf.save_lorweb_weights(tiny_model(seed=1, config=cfg), run / "LoRWeB.safetensors", config={})
     before = {name: (run / name).read_bytes() for name in os.listdir(run)}
-    with pytest.raises(oc.LoRWeBConfigError, match=re.escape(f"refusing to replace {run / 'config.yaml'}, which the "
-                                                             f"other checkpoints in {run} (LoRWeB.safetensors) read: "
-                                                             "it says heads=2 (this model: 1), activation='tanh' "
-                                                             "(this model: 'softmax')")):
-        lf.save_lorweb_weights(tiny_model(seed=2), run / "other.safetensors", config={})
-    assert {name: (run / name).read_bytes() for name in os.listdir(run)} == before
-    lf.save_lorweb_weights(tiny_model(seed=3, config=cfg), run / "other.safetensors", config={})  # same settings
+    for model in (tiny_model(seed=2), tiny_model(seed=3, config=cfg)):  # other settings, then the same ones
+        with pytest.raises(oc.LoRWeBConfigError, match=re.escape(
+                f"refusing to save other.safetensors with a config.yaml into {run}: it holds other checkpoints "
+                "(LoRWeB.safetensors), which load with the folder's config.yaml")):
+            lf.save_lorweb_weights(model, run / "other.safetensors", config={})
+        assert {name: (run / name).read_bytes() for name in os.listdir(run)} == before
+    lf.save_lorweb_weights(tiny_model(seed=3, config=cfg), run / "LoRWeB.safetensors", config={})  # its own name
+    lf.save_lorweb_weights(tiny_model(seed=2), run / "plain.safetensors")  # no config: the folder's is untouched
     assert oc.read_config_yaml(run / "config.yaml")["heads"] == 2
-    lf.save_lorweb_weights(tiny_model(seed=2), tmp_path / "alone" / "w.safetensors", config={})
-    lf.save_lorweb_weights(tiny_model(seed=4, config=cfg), tmp_path / "alone" / "w.safetensors", config={})
-    assert oc.read_config_yaml(tmp_path / "alone" / "config.yaml")["heads"] == 2  # its own file: replaced
-    (run / "config.yaml").write_text("{not yaml")
-    with pytest.raises(oc.LoRWeBConfigError, match="refusing to replace .*config.yaml, which the other checkpoints "
-                                                   r"in .* \(LoRWeB.safetensors, other.safetensors\) read: it "
-                                                   "cannot be read"):
-        lf.save_lorweb_weights(tiny_model(seed=3, config=cfg), run / "third.safetensors", config={})
+
+
+def test_a_failed_save_removes_the_folder_it_created(tmp_path, monkeypatch):
+    """A save that fails while writing into a folder it created leaves no empty folder behind."""
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        lf.save_lorweb_weights(tiny_model(), tmp_path / "new" / "w.safetensors", config={})
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("projection", ["none", "linear"])

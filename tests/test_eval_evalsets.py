@@ -70,6 +70,10 @@ def test_a_crop_box_without_pixels_names_the_file(tmp_path):
     with pytest.raises(E.EvalInputError, match=r"thin.png \(1x4\) is too small for its crop box \(0, 0, 0.5, 1\): "
                                                 r"the crop has no pixels \(0x4\)"):
         E.ImageRef(tmp_path / "thin.png", box=(0, 0, 0.5, 1)).load()
+    from lorweb_fast.evaluation import generate
+
+    with pytest.raises(E.EvalInputError, match=r"thin.png \(1x4\) is too small"):  # eval generate's size plan
+        generate._ref_size(E.ImageRef(tmp_path / "thin.png", box=(0, 0, 0.5, 1)))
 
 
 def test_unreadable_image_names_the_file(tmp_path):

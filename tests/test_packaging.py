@@ -123,7 +123,9 @@ def test_the_license_suits_old_and_new_setuptools():
     """setup.py gives the license as an SPDX expression to setuptools >= 77 (pyproject's table form is deprecated
     there, an error from 2027-02-18) and as the license text to older ones, which refuse a string in pyproject (a
     GPU machine's preinstalled setuptools builds the package with --no-build-isolation); pyproject declares it
-    dynamic and sets no license itself."""
+    dynamic and sets no license itself. The wheel test above builds with this environment's setuptools (>= 77);
+    the old branch's metadata ("License: Apache-2.0") was checked by hand with setuptools 70.3 (no download in
+    tests), here only the choice between the two."""
     import importlib.util
 
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11

@@ -58,15 +58,20 @@ class ImageRef:
         """The RGB PIL image; a missing or unreadable file raises ``EvalInputError`` naming it."""
         img = load_rgb(self.path)
         if self.box is not None:
-            w, h = img.size
-            l, u, r, d = self.box  # edges rounded down: a half of an odd width ends at w // 2, as the official split
-            img = img.crop((math.floor(l * w), math.floor(u * h), math.floor(r * w), math.floor(d * h)))
-            if img.width == 0 or img.height == 0:
-                raise EvalInputError(f"{self.path} ({w}x{h}) is too small for its crop box {tuple(self.box)}: the "
-                                     f"crop has no pixels ({img.width}x{img.height})")
+            img = img.crop(self.pixel_box(*img.size))
         if self.aspect is not None:
             img = center_crop_to_aspect(img, self.aspect)
         return img
+
+    def pixel_box(self, w: int, h: int) -> tuple:
+        """The crop (left, upper, right, lower) of ``box`` on a w x h image, edges rounded down (a half of an odd
+        width ends at w // 2, as the official split); ``EvalInputError`` when it has no pixels."""
+        l, u, r, d = self.box
+        box = (math.floor(l * w), math.floor(u * h), math.floor(r * w), math.floor(d * h))
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise EvalInputError(f"{self.path} ({w}x{h}) is too small for its crop box {tuple(self.box)}: the crop "
+                                 f"has no pixels ({max(box[2] - box[0], 0)}x{max(box[3] - box[1], 0)})")
+        return box
 
     def describe(self) -> dict:
         out = {"path": str(self.path)}
@@ -155,7 +160,7 @@ def find_image(directory: Path, stem: str) -> Optional[Path]:
             by_suffix.setdefault(cand.suffix.lower(), []).append(cand)
     for ext in IMAGE_EXTENSIONS:
         found = sorted((c for c in by_suffix.get(ext, ()) if c.is_file()),
-                       key=lambda c: (c.suffix not in (ext, ext.upper()), c.name))
+                       key=lambda c: (c.suffix != ext, c.suffix != ext.upper(), c.name))
         if found:
             return found[0]
     return None

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -227,8 +226,8 @@ def _ref_size(ref) -> tuple:
 
     w, h = image_size(ref.path)
     if ref.box is not None:
-        l, u, r, d = ref.box
-        w, h = math.floor(r * w) - math.floor(l * w), math.floor(d * h) - math.floor(u * h)  # as ImageRef.load
+        left, upper, right, lower = ref.pixel_box(w, h)  # as ImageRef.load (a box without pixels raises)
+        w, h = right - left, lower - upper
     if ref.aspect is not None:
         if w / h > ref.aspect:
             w = max(1, round(h * ref.aspect))
@@ -291,14 +290,13 @@ def check_generate_args(args, pipe_kwargs: dict) -> None:
         raise EvalInputError(f"--pipe-arg: {exc}") from None
 
 
-
 def _check_inputs_decode(triplets: Sequence[Triplet], *, progress: bool = True) -> None:
-    """Fail on a missing input or a file that is not a complete image (a Git LFS pointer, a truncated JPEG, one over
-    Pillow's decompression-bomb limit) before any model loads or run.json is written: every distinct a, a', b file
-    is decoded once (threads, a progress bar), as ``infer`` checks its inputs."""
+    """Fail on a missing input, a file that is not a complete image (a Git LFS pointer, a truncated JPEG, one over
+    Pillow's decompression-bomb limit) or a crop box without pixels, before any model loads or run.json is written:
+    every distinct a, a', b file is decoded once (threads, a progress bar), as ``infer`` checks its inputs."""
     from tqdm.auto import tqdm
 
-    from ..data import _decode_error, _image_pool
+    from ..data import _image_pool, decode_problem
 
     paths = list(dict.fromkeys(Path(ref.path) for t in triplets for ref in (t.a, t.a_prime, t.b)))
     for path in paths:
@@ -306,10 +304,15 @@ def _check_inputs_decode(triplets: Sequence[Triplet], *, progress: bool = True) 
             raise EvalInputError(f"{path} is a folder; give an image file" if path.is_dir() else
                                  f"image not found: {path}")
     with _image_pool() as pool:
-        for path, error in tqdm(zip(paths, pool.map(_decode_error, paths)), total=len(paths),
-                                desc="checking input images", unit="image", disable=not progress):
-            if error is not None:
-                raise EvalInputError(f"{path} is not a readable image ({error})")
+        for problem in tqdm(pool.map(decode_problem, paths), total=len(paths), desc="checking input images",
+                            unit="image", disable=not progress):
+            if problem is not None:
+                raise EvalInputError(problem)
+    from .evalsets import image_size
+
+    for ref in dict.fromkeys(ref for t in triplets for ref in (t.a, t.a_prime, t.b) if ref.box is not None):
+        ref.pixel_box(*image_size(ref.path))  # a crop box without pixels (a half of a 1-pixel-wide image)
+
 
 def run_generate(args) -> dict:
     """``lorweb-fast eval generate``."""
