@@ -149,18 +149,55 @@ def lorweb_params(model):
     return [p for layer in lf.lorweb_layers(model).values() for p in layer.lorweb_tensors().values()]
 
 
+#: the factor (a power of two: exact, undone exactly) by which the checks multiply every lora_B: the benchmark's
+#: trained-like basis moves a layer's output by about 1/25 of its bf16 rounding bound, below what any check sees
+CHECK_BASIS_GAIN = 128
+
+
+@contextlib.contextmanager
+def amplified_basis(*models, gain=CHECK_BASIS_GAIN):
+    """Every LoRWeB layer's lora_B in ``models`` multiplied by ``gain`` inside the block, divided back on exit
+    (bit-exact for a power of two)."""
+    tensors = [layer.lora_B for model in models for layer in lf.lorweb_layers(model).values()]
+    with torch.no_grad():
+        for t in tensors:
+            t.mul_(gain)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t in tensors:
+                t.div_(gain)
+
+
 def check_block(ours, official, inputs, dtype, name="lorweb_fast"):
     """lorweb_fast's (official_as_run's, or lorweb_fast's inside ``merged()``) block output against the official
-    formulation in float64."""
+    formulation in float64; for lorweb_fast also every LoRWeB layer's output against float64 from the input it
+    received (``check_layer_outputs``): in bf16 the adapter's share of the block output lies below the block's
+    rounding noise, so the block comparison alone would pass a wrong or missing mixture. Both checks run with the
+    basis amplified (``amplified_basis``), so that the mixture moves each output by more than its rounding bound."""
+    with amplified_basis(ours, official):
+        _check_block(ours, official, inputs, dtype, name)
+
+
+def _check_block(ours, official, inputs, dtype, name):
     ref_model = copy.deepcopy(official).double()
     set_official_query(ref_model, inputs["query"].double())
+    captured = []
+    hooks = [layer.register_forward_hook(lambda m, args, out, n=n: captured.append((n, m, args[0], out)))
+             for n, layer in lf.lorweb_layers(ours).items()] if name.startswith("lorweb_fast") else []
     with torch.no_grad():
         if name.startswith("lorweb_fast"):
             lf.set_query(ours, inputs["query"])
         else:
             set_official_query(ours, inputs["query"])
-        with lf.merged(ours) if name == "lorweb_fast_merged" else contextlib.nullcontext():
-            got = ours(inputs["img"], inputs["txt"], inputs["temb"], inputs["rotary"]).double()
+        try:
+            with lf.merged(ours) if name == "lorweb_fast_merged" else contextlib.nullcontext():
+                got = ours(inputs["img"], inputs["txt"], inputs["temb"], inputs["rotary"]).double()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        check_layer_outputs(captured, dtype, name)  # after merged(): the original weights are back
         ref = ref_model(inputs["img"].double(), inputs["txt"].double(), inputs["temb"].double(),
                         tuple(t.double() for t in inputs["rotary"]))
     bound = CHAINED_LAYERS * tolerance(dtype, inputs["img"].shape[-1] * 4) * ref.abs().max()
@@ -169,6 +206,39 @@ def check_block(ours, official, inputs, dtype, name="lorweb_fast"):
         raise AssertionError(f"{name} block output differs from the float64 official formulation by "
                              f"{err.item():.3e} > {bound.item():.3e}")
     del ref_model
+
+
+def _version(package: str) -> str:
+    """The installed version of ``package``, or "not installed"."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def check_layer_outputs(captured, dtype, name):
+    """Each captured (layer name, LoRWeBLinear, input x (..., in), output y (..., out)) against float64:
+    ``x W^T + b + scale * sum_n coeffs[b, n] (x A_n) B_n`` with the layer's set coefficients, entry by entry within
+    the rounding bound of ``dtype`` for sums of in + N r terms and within the statistical (root-sum-of-squares)
+    bound, as the layer benchmark's gates."""
+    from lorweb_fast import reference
+    from lorweb_fast.testing import assert_within_bound, assert_within_rss_bound
+
+    for layer_name, layer, x, y in captured:
+        x64, w64 = x.double(), layer.base_layer.weight.double()
+        b64 = None if layer.base_layer.bias is None else layer.base_layer.bias.double()
+        a64, bb64, c64 = layer.lora_A.double(), layer.lora_B.double(), layer.coefficients.double()
+        want = torch.nn.functional.linear(x64, w64, b64) + reference.mixed_lora_delta(x64, a64, bb64, c64,
+                                                                                     layer.scale)
+        bound = (torch.nn.functional.linear(x64.abs(), w64.abs(), None if b64 is None else b64.abs())
+                 + reference.mixed_lora_delta(x64.abs(), a64.abs(), bb64.abs(), c64.abs(), abs(layer.scale)))
+        depth = x.shape[-1] + layer.num_loras * layer.rank
+        assert_within_bound(f"{name} layer {layer_name} output", y, want, bound, dtype, depth)
+        rss = (torch.nn.functional.linear(x64 ** 2, w64 ** 2, None if b64 is None else b64 ** 2)
+               + reference.mixed_lora_delta(x64 ** 2, a64 ** 2, bb64 ** 2, c64 ** 2, layer.scale ** 2)).sqrt()
+        assert_within_rss_bound(f"{name} layer {layer_name} output", y, want, rss, dtype, depth)
 
 
 def peak_mb(device, fn, release=None):
@@ -302,12 +372,17 @@ def run(args) -> dict:
                       cudnn_attention=args.cudnn_attention,
                       timing=("device time per step (events behind an enqueued torch.cuda._sleep), median"
                               if on_gpu else "wall-clock per step, median"),
-                      backend=lf.ops.resolve_backend(None, device), complete=complete, results=rows)
+                      backend=lf.ops.resolve_backend(None, device), diffusers=_version("diffusers"),
+                      python=sys.version.split()[0], cudnn=torch.backends.cudnn.version(),
+                      opt_einsum=bool(torch.backends.opt_einsum.is_available() and torch.backends.opt_einsum.enabled),
+                      complete=complete, results=rows)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
         ref = {(r["scenario"], r["impl"]): r["median_ms"] for r in rows}
         lines = [f"# FLUX block benchmark ({record['label']})", "", f"- device: {record['device']}",
-                 f"- torch {record['torch']}, triton {record['triton']}, CUDA {record['cuda']}",
+                 f"- torch {record['torch']}, triton {record['triton']}, CUDA {record['cuda']}, cuDNN "
+                 f"{record['cudnn']}, diffusers {record['diffusers']}, Python {record['python']}; opt_einsum "
+                 f"{'on' if record['opt_einsum'] else 'off'} (the einsum rows' contraction order)",
                  f"- date: {date}; commit: {commit}; dtype: {record['dtype']}; backend: {record['backend']}; "
                  f"cuDNN attention: {'on' if args.cudnn_attention else 'off'}",
                  f"- {len(layers)} LoRWeB layers; config: {cfg}", ""]
@@ -324,7 +399,8 @@ def run(args) -> dict:
             base_ms = ref.get((r["scenario"], "base")) or ref.get((r["scenario"], "per_layer_call"))
             off_ms, as_run_ms = ref.get((r["scenario"], "official")), ref.get((r["scenario"], "official_as_run"))
             peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-            lines.append(f"| {r['scenario']} | {r['impl']} | {r['median_ms']:.3f} | "
+            lines.append(f"| {r['scenario']} | {r['impl']} | {r['median_ms']:.3f}"
+                         + (" (host-bound)" if r.get("host_bound") else "") + " | "
                          + (f"{r['median_ms'] / base_ms:.3f}" if base_ms else "-") + " | "
                          + (f"{r['median_ms'] / off_ms:.3f}" if off_ms else "-") + " | "
                          + (f"{r['median_ms'] / as_run_ms:.3f}" if as_run_ms else "-") + f" | {peak} |")
@@ -366,10 +442,10 @@ def run(args) -> dict:
             else None
         if impl == "lorweb_fast_merged":
             with lf.merged(ours):
-                ms, peak = timer.run(step, 1), peak_mb(device, lambda: step(0))
+                ms, host_bound, peak = timer.run(step, 1), timer.host_bound, peak_mb(device, lambda: step(0))
         else:
-            ms, peak = timer.run(step, 1), peak_mb(device, lambda: step(0), release)
-        rows.append(dict(scenario=scenario, impl=impl, median_ms=ms, peak_mem_mb=peak))
+            ms, host_bound, peak = timer.run(step, 1), timer.host_bound, peak_mb(device, lambda: step(0), release)
+        rows.append(dict(scenario=scenario, impl=impl, median_ms=ms, peak_mem_mb=peak, host_bound=host_bound))
         bar.update(1)
         write(False)
     if args.profile if args.profile is not None else on_gpu:
@@ -389,12 +465,13 @@ def run(args) -> dict:
     with torch.no_grad():
         rows.append(dict(scenario="coeffs", impl="set_query_once",
                          median_ms=timer.run(lambda i: lf.set_query(ours, query, check_finite=False), 1),
-                         peak_mem_mb=None))  # without its host-syncing check, as the per-layer row has none
+                         peak_mem_mb=None,  # without its host-syncing check, as the per-layer row has none
+                         host_bound=timer.host_bound))
         bar.update(1)
         write(False)
         rows.append(dict(scenario="coeffs", impl="per_layer_call",
                          median_ms=timer.run(lambda i: [layer.coefficients_from_query(query) for layer in layers], 1),
-                         peak_mem_mb=None))
+                         peak_mem_mb=None, host_bound=timer.host_bound))
         bar.update(1)
     bar.close()
     record, lines = write(True)

@@ -368,15 +368,22 @@ class Timer:
     """Per-call times after discarded warm-up calls, with inputs rotated through a pool larger than the L2 cache.
 
     ``measure`` returns (device ms, eager ms). On a GPU the device time excludes host overhead: a
-    ``torch.cuda._sleep`` long enough to cover the host's enqueueing of all timed calls is enqueued first, then the
+    ``torch.cuda._sleep`` long enough to cover the host's enqueueing of the timed calls is enqueued first, then the
     calls back to back with a CUDA event between consecutive calls; the median of the per-call event intervals is
-    the device time. The eager time is the median wall time of one call followed by a synchronize. On CPU both are
-    the median wall time of one call. ``run`` returns the device time alone."""
+    the device time. The GPU must not catch up with the host meanwhile (the launch queue holds about a thousand
+    launches: a call of many small kernels fills it, and the host then waits for the sleep to end, after which the
+    intervals measure the host): when the sleep has already ended once a group of calls is enqueued, the group is
+    timed again in halves behind a longer sleep; a single call that still outruns its sleep is host-bound, and
+    ``host_bound`` says so (its interval then includes host time). The eager time is the median wall time of one call
+    followed by a synchronize. On CPU both are the median wall time of one call. ``run`` returns the device time
+    alone."""
 
     _cycles_per_ms = None
 
     def __init__(self, device: torch.device, warmup: int, reps: int, budget_s: float):
         self.device, self.warmup, self.reps, self.budget_s = device, warmup, reps, budget_s
+        #: whether the last ``measure`` on a GPU had a call that outran its sleep (its device time includes host time)
+        self.host_bound = False
 
     def run(self, fn, n_inputs: int) -> float:
         return self.measure(fn, n_inputs)[0]
@@ -396,6 +403,7 @@ class Timer:
 
     def measure(self, fn, n_inputs: int) -> tuple[float, float]:
         cuda = self.device.type == "cuda"
+        self.host_bound = False
         for i in range(self.warmup):  # discarded
             fn(i % n_inputs)
         if cuda:
@@ -421,16 +429,32 @@ class Timer:
             fn(i % n_inputs)
         enqueue_ms = (time.perf_counter() - t0) * 1e3 / min(reps, 5)
         torch.cuda.synchronize()
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
-        sleep_ms = min(2.0 + 1.5 * enqueue_ms * reps, 2000.0)
-        torch.cuda._sleep(int(self.cycles_per_ms() * sleep_ms))
-        events[0].record()
-        for i in range(reps):
-            fn(i % n_inputs)
-            events[i + 1].record()
-        events[-1].synchronize()
-        times = [events[i].elapsed_time(events[i + 1]) for i in range(reps)]
+        times, self.host_bound = self._device_intervals(fn, n_inputs, reps, enqueue_ms)
         return statistics.median(times), eager_ms
+
+    def _device_intervals(self, fn, n_inputs: int, reps: int, enqueue_ms: float) -> tuple[list, bool]:
+        """(per-call device ms of ``reps`` calls, whether a single call outran its sleep). Calls are enqueued in
+        groups behind a sleep of 1.5x their estimated enqueue time (at least 2 ms, at most 2 s); a group whose sleep
+        had ended before its last call was enqueued is discarded and timed again in halves behind twice the
+        margin."""
+        times, host_bound, first, group, margin = [], False, 0, reps, 1.5
+        while first < reps:
+            n = min(group, reps - first)
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+            torch.cuda._sleep(int(self.cycles_per_ms() * min(2.0 + margin * enqueue_ms * n, 2000.0)))
+            events[0].record()
+            for k in range(n):
+                fn((first + k) % n_inputs)
+                events[k + 1].record()
+            caught_up = events[0].query()  # the sleep had ended: the GPU may have waited for the host
+            events[-1].synchronize()
+            if caught_up and n > 1:
+                group, margin = max(1, n // 2), margin * 2
+                continue
+            host_bound = host_bound or caught_up
+            times += [events[k].elapsed_time(events[k + 1]) for k in range(n)]
+            first += n
+        return times, host_bound
 
 
 def l2_bytes(device: torch.device) -> int:
@@ -443,6 +467,7 @@ def measure(impl: Impl, problem: dict, mode: str, timer: Timer) -> dict:
     """{"median_ms" (device), "eager_ms", "peak_mem_mb" (above the inputs)} for one implementation and mode."""
     step, n_inputs = make_step(impl, problem, mode)
     ms, eager_ms = timer.measure(step, n_inputs)
+    host_bound = timer.host_bound
     peak = None
     device = problem["x"].device
     if device.type == "cuda":
@@ -453,7 +478,7 @@ def measure(impl: Impl, problem: dict, mode: str, timer: Timer) -> dict:
         step(0)
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-    return dict(median_ms=ms, eager_ms=eager_ms, peak_mem_mb=peak)
+    return dict(median_ms=ms, eager_ms=eager_ms, peak_mem_mb=peak, host_bound=host_bound)
 
 
 def make_step(impl: Impl, problem: dict, mode: str):
@@ -625,8 +650,9 @@ def ratio_table(results: list[dict]) -> str:
         peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
         tflops = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
         tbps = f"{r['tbps']:.2f}" if r.get("tbps") else "-"
+        device_ms = f"{r['median_ms']:.4f}" + (" (host-bound)" if r.get("host_bound") else "")
         lines.append(f"| {r['mode']} | {r['M']} | {r['in']}→{r['out']} | {r['N'] * r['r']} | {r['impl']} | "
-                     f"{r['median_ms']:.4f} | {r['eager_ms']:.4f} | {ratio(r, keyed.get((*key, 'linear')))} | "
+                     f"{device_ms} | {r['eager_ms']:.4f} | {ratio(r, keyed.get((*key, 'linear')))} | "
                      f"{ratio(r, keyed.get((*key, 'official_einsum')))} | "
                      f"{ratio(r, keyed.get((*key, 'official_as_run')))} | {tflops} | {tbps} | {peak} |")
     return "\n".join(lines)

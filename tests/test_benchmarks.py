@@ -171,8 +171,39 @@ def test_bench_flux_block_check_catches_a_wrong_block(monkeypatch):
     assert as_run_layer.lora_A.dtype == torch.float32 and isinstance(as_run_layer, bench.OfficialAsRunLinear)
     with torch.no_grad():  # a wrong basis in one layer must be caught
         next(iter(bench.lf.lorweb_layers(ours).values())).lora_B.mul_(3)
-    with pytest.raises(AssertionError, match="differs from the float64 official"):
+    with pytest.raises(AssertionError, match="differs from the float64 official|layer .* output"):
         bench.check_block(ours, official, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("fault", ["one layer's mixture x 1.5", "no mixture"])
+def test_bench_flux_block_check_catches_a_wrong_adapter_in_bf16(monkeypatch, fault):
+    """In bf16 the adapter's share of the block output lies below the block's rounding noise, so the block-level
+    bound passed a wrong mixture; with the basis amplified for the check, the per-layer check (each LoRWeB layer's
+    output against float64 from its own input) catches one layer computing its mixture 1.5 times too large, and
+    every layer returning the base output alone; the correct bf16 block (also merged, and the basis restored bit
+    for bit) passes."""
+    pytest.importorskip("diffusers")
+    import torch
+
+    bench = load_module_from_file(BENCH.with_name("bench_flux_block.py"), f"bench_flux_block_bf16_{fault[0]}")
+    cfg = bench.CPU
+    base, ours, official, as_run = bench.build_models(cfg, torch.device("cpu"), torch.bfloat16)
+    inputs = bench.make_inputs(cfg, 2, 40, 8, torch.device("cpu"), torch.bfloat16, seed=2)
+    snapshot = [t.clone() for t in bench.lorweb_params(ours)]
+    bench.check_block(ours, official, inputs, torch.bfloat16)
+    bench.check_block(ours, official, {k: v if k == "rotary" else v[:1] for k, v in inputs.items()}, torch.bfloat16,
+                      name="lorweb_fast_merged")  # batch 1, as main() checks the merged row
+    layers = bench.lf.lorweb_layers(ours)
+    assert all(torch.equal(t, before) for t, before in zip(bench.lorweb_params(ours), snapshot))
+    if fault == "no mixture":
+        for layer in layers.values():
+            monkeypatch.setattr(layer, "forward", layer.base_layer.forward)
+    else:
+        layer = list(layers.values())[2]
+        right = layer.forward
+        monkeypatch.setattr(layer, "forward", lambda x: layer.base_layer(x) + 1.5 * (right(x) - layer.base_layer(x)))
+    with pytest.raises(AssertionError, match="lorweb_fast layer .* output"):
+        bench.check_block(ours, official, inputs, torch.bfloat16)
 
 
 SCRIPTS = ("run_on_gpu.sh", "run_full_on_gpu.sh", "gpu_common.sh", "collect_wheels.sh")

@@ -260,13 +260,19 @@ def test_flux_block_table_ratios_and_budget(monkeypatch, tmp_path):
     pytest.importorskip("diffusers")
     fb = _load("bench_flux_block", "bench_flux_block_guards")
     times = iter([2.0, 8.0, 16.0, 4.0, 1.0, 3.0, 6.0, 1.5, 1.0, 1.25, 0.5, 2.0])
+    seen = []
 
     class FakeTimer:
+        host_bound = False
+
         def __init__(self, *a, **k):
             pass
 
         def run(self, fn, n):
-            return next(times)
+            value = next(times)
+            self.host_bound = value == 2.0 and len(seen) > 0  # the last row (per_layer_call): outran its sleep
+            seen.append(value)
+            return value
 
     monkeypatch.setattr(fb, "Timer", FakeTimer)
     monkeypatch.setattr(fb, "check_block", lambda *a, **k: None)
@@ -282,6 +288,9 @@ def test_flux_block_table_ratios_and_budget(monkeypatch, tmp_path):
     assert rows[("infer_merged", "lorweb_fast_merged")]["× base"] == "1.250"
     assert rows[("infer_merged", "lorweb_fast_merged")]["× official"] == "-"
     assert rows[("coeffs", "set_query_once")]["× base"] == "0.250"
+    # a row whose calls outran the timer's sleep is marked (its time includes host time), the others are not
+    assert [r["impl"] for r in record["results"] if r.get("host_bound")] == ["per_layer_call"]
+    assert "| coeffs | per_layer_call | 2.000 (host-bound) |" in md and md.count("(host-bound)") == 1
 
     times = iter([2.0, 0.5, 0.25])
     monkeypatch.setattr(fb, "profile_averages", lambda *a, **k: (_ for _ in ()).throw(AssertionError("profiled")))
@@ -754,3 +763,46 @@ def test_every_benchmark_option_has_help():
                     missing.append(f"{script.name}:{node.lineno}")
     calls = sum(s.read_text().count("add_argument(") for s in BENCH_DIR.glob("*.py"))
     assert calls > 30 and missing == [], missing
+
+
+@pytest.mark.parametrize("queue_limit, want_groups, host_bound",
+                         [(100, [10], False), (4, [10, 5, 2, 2, 2, 2, 2], False), (0, [10, 5, 2, 1] + [1] * 9, True)])
+def test_the_device_timer_retimes_groups_that_outran_their_sleep(bench, monkeypatch, queue_limit, want_groups,
+                                                                 host_bound):
+    """Timer._device_intervals with a fake CUDA: the sleep "ends" before the last call of a group is enqueued when
+    the group has more than ``queue_limit`` calls (a full launch queue, or a host slower than the GPU): that group's
+    intervals are discarded and it is timed again in halves behind a longer sleep; a single call that still outruns
+    its sleep is kept and flagged host-bound. Every call is timed exactly once in the kept groups."""
+    groups, sleeps, calls = [], [], []
+
+    class FakeEvent:
+        recorded = []
+
+        def __init__(self, enable_timing=True):
+            pass
+
+        def record(self):
+            FakeEvent.recorded.append(self)
+
+        def query(self):  # the first event of a group: completed when the group outran the sleep
+            return len(FakeEvent.recorded) - 1 > queue_limit
+
+        def synchronize(self):
+            groups.append(len(FakeEvent.recorded) - 1)
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    def sleep(cycles):
+        FakeEvent.recorded = []
+        sleeps.append(cycles)
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "_sleep", sleep)
+    timer = bench.Timer(torch.device("cpu"), warmup=0, reps=10, budget_s=1.0)
+    monkeypatch.setattr(bench.Timer, "_cycles_per_ms", 1000.0)
+    times, flagged = timer._device_intervals(lambda i: calls.append(i), n_inputs=3, reps=10, enqueue_ms=0.5)
+    assert groups == want_groups and flagged is host_bound
+    assert len(times) == 10
+    if host_bound:  # the margin doubled at every retry: longer sleeps for the same number of calls per group
+        assert sleeps[3] > sleeps[2] / 2 and sleeps[4] >= sleeps[3]
