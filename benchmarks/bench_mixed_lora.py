@@ -906,5 +906,19 @@ def run(args) -> dict:
     print(f"\nwrote {args.out_dir / stem}: " + ", ".join(written), file=sys.stderr)
     return record
 
+
+def unavailable_fused_backends(record: dict) -> list[str]:
+    """``"<backend>: <reason>"`` for each fused backend (triton, cuda) whose rows a GPU run skipped because the
+    backend could not run there: the record then lacks what it exists for."""
+    if record.get("label") != "GPU":
+        return []
+    return list(dict.fromkeys(f"{r['impl']}: {r['skip_reason']}" for r in record["results"]
+                              if r.get("skipped") and r["impl"] in ("triton", "cuda")
+                              and "budget" not in r["skip_reason"]))
+
+
 if __name__ == "__main__":
-    main()
+    missing = unavailable_fused_backends(main())
+    if missing:  # the record is written; the GPU scripts mark the step failed
+        print("bench_mixed_lora: fused backends could not run on this GPU: " + "; ".join(missing), file=sys.stderr)
+        sys.exit(1)

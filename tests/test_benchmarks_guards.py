@@ -806,3 +806,17 @@ def test_the_device_timer_retimes_groups_that_outran_their_sleep(bench, monkeypa
     assert len(times) == 10
     if host_bound:  # the margin doubled at every retry: longer sleeps for the same number of calls per group
         assert sleeps[3] > sleeps[2] / 2 and sleeps[4] >= sleeps[3]
+
+
+def test_a_gpu_record_without_a_fused_backend_fails_the_run(bench):
+    """On a GPU, triton or cuda rows skipped because the backend cannot run there (the extension not built, say)
+    make the script exit 1 after writing its record (the GPU scripts then mark the step failed); budget skips and
+    CPU records do not."""
+    why = "the CUDA extension lorweb_fast._C was not built at install: x"
+    rows = [dict(impl="cuda", skipped=True, skip_reason=why), dict(impl="cuda", skipped=True, skip_reason=why),
+            dict(impl="triton", median_ms=1.0), dict(impl="official_as_run", skipped=True, skip_reason="whatever"),
+            dict(impl="triton", skipped=True, skip_reason="--total-budget-s spent")]
+    assert bench.unavailable_fused_backends({"label": "GPU", "results": rows}) == [
+        "cuda: the CUDA extension lorweb_fast._C was not built at install: x"]
+    assert bench.unavailable_fused_backends({"label": "CPU", "results": rows}) == []
+    assert bench.unavailable_fused_backends({"label": "GPU", "results": rows[2:]}) == []
