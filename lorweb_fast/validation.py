@@ -196,11 +196,16 @@ def image_suffixes() -> set[str]:
     return usable
 
 
+#: matplotlib file types that need an external program (pgf: a LaTeX installation), which a finished run would
+#: find missing only when it writes the plot
+EXTERNAL_PLOT_TYPES = {".pgf"}
+
+
 def plot_suffixes() -> set[str]:
-    """File extensions matplotlib can write."""
+    """File extensions matplotlib can write by itself."""
     from matplotlib.backend_bases import FigureCanvasBase
 
-    return {"." + ext for ext in FigureCanvasBase.get_supported_filetypes()}
+    return {"." + ext for ext in FigureCanvasBase.get_supported_filetypes()} - EXTERNAL_PLOT_TYPES
 
 
 def check_device(name: str, device) -> torch.device:
@@ -479,8 +484,16 @@ def check_infer_args(args) -> None:
         if getattr(args, "device", None) is not None:
             check_device("--device", args.device)
         check_output_file("--out", args.out, image_suffixes())
+        out = Path(args.out).resolve()
+        for option, value in (("--a", args.a), ("--a-prime", args.a_prime), ("--b", args.b)):
+            if Path(value).resolve() == out:
+                raise UsageError(f"--out {args.out} is the input image {option}: b' would replace it; give another "
+                                 "file")
         if getattr(args, "coefficients_plot", None):
             check_output_file("--coefficients-plot", args.coefficients_plot, plot_suffixes())
+            if Path(args.coefficients_plot).resolve() == out:
+                raise UsageError(f"--coefficients-plot {args.coefficients_plot} is the --out file: the plot would "
+                                 "replace b'; give another file")
         for key, value in (getattr(args, "pipe_kwargs", None) or {}).items():
             if key in PIPELINE_OWNED_ARGS:
                 raise UsageError(f"--pipe-arg {key} is set by lorweb-fast itself (use {PIPELINE_OWNED_ARGS[key]})")

@@ -95,6 +95,10 @@ INFER_CASES = {
     "out under a file": ({"--out": "{root}/a_file/b.png"}, "a_file is a file, not a folder"),
     "plot extension unknown": ({"--coefficients-plot": "{tmp}/c.xyz"}, "--coefficients-plot"),
     "plot is a folder": ({"--coefficients-plot": "{root}/out_dir.png"}, "is a folder; give a file name"),
+    "plot needs LaTeX": ({"--coefficients-plot": "{tmp}/c.pgf"}, "unknown file extension '.pgf'"),
+    "plot is the out file": ({"--coefficients-plot": "{tmp}/out/b.png"}, "b.png is the --out file: the plot would "
+                                                                         "replace b'"),
+    "out is an input": ({"--out": "{root}/a.png"}, "a.png is the input image --a: b' would replace it"),
     "weights folder": ({"--weights": "{root}/weights_dir.safetensors"}, "no complete LoRWeB checkpoint"),
     "weights not safetensors": ({"--weights": "{root}/w.bin"}, "must be a .safetensors file"),
     "weights missing": ({"--weights": "{root}/nope.safetensors"}, "does not exist"),
