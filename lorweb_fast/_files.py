@@ -4,6 +4,7 @@ readers."""
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from typing import Union
 
@@ -24,6 +25,21 @@ def current_umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
     return mask
+
+
+def write_temporary_text(directory: Union[str, os.PathLike], name: str, text: str) -> str:
+    """A temporary file ``.<name>.<random>.tmp`` in ``directory`` holding ``text`` (UTF-8), with the permissions a
+    plain ``open`` would give (``default_permissions``), for the caller to rename onto ``directory/name``; removed
+    again when writing it fails."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        default_permissions(tmp)  # mkstemp's 0600 would survive the rename
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
 
 
 def image_read_errors() -> tuple:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._files import default_permissions
+from ._files import default_permissions, write_temporary_text
 from .layer import (LoRWeBLinear, default_adapter_dtype, group_offloading_members, group_offloading_modes,
                     linear_dims, refuse_disk_group_offloading, replaced_query_projection_error)
 from .reference import ACTIVATIONS, REDUCTIONS
@@ -532,11 +532,7 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     temps: list[tuple[str, str]] = []  # (temporary file, final path), renamed in this order: the weights last
     try:
         for name, text in texts.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=directory)
-            temps.append((tmp, os.path.join(directory, name)))
-            default_permissions(tmp)  # mkstemp's 0600 would survive the rename
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            temps.append((write_temporary_text(directory, name, text), os.path.join(directory, name)))
         fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
         os.close(fd)
         temps.append((tmp, path))

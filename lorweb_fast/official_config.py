@@ -25,14 +25,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ._files import default_permissions
+from ._files import write_temporary_text
 
 #: Every official query mode (extensions_built_in/flux_kontext.py ``get_external_query``).
 QUERY_MODES = ("cat-aa'b", "aa'bb'", "caa'bb'", "caa'b", "caa'", "ca'-ca", "ca'-ca+cb", "paa'b", "paa'b3",
@@ -307,16 +306,11 @@ def write_config_yaml(path: Union[str, os.PathLike], settings: Mapping[str, Any]
     """Write ``official_config(settings, model=model)`` to ``path`` atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = config_yaml_text(settings, name=name, extra=extra, model=model)
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml.tmp", dir=path.parent)
+    tmp = write_temporary_text(path.parent, path.name, config_yaml_text(settings, name=name, extra=extra, model=model))
     try:
-        default_permissions(tmp)  # mkstemp's 0600 would survive the rename
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
     return path
 
