@@ -56,11 +56,10 @@ def analogy_strip(a, a_prime, b, b_prime):
 
 # --------------------------------------------------------------------------------------------------- infer
 def run_infer(args) -> Path:
-    from .flux import LoRWeBKontextPipeline, load_image, plot_coefficients
+    from .flux import LoRWeBKontextPipeline, plot_coefficients
     from .validation import check_infer_args
 
-    check_infer_args(args)  # every path and option, before loading any model
-    images = [load_image(p) for p in (args.a, args.a_prime, args.b)]
+    images = check_infer_args(args)  # every path and option, before loading any model; a, a', b decoded
     device = _device(args.device)
     pipe = LoRWeBKontextPipeline.from_pretrained(args.model, args.weights, encoder=args.encoder, config=args.config,
                                                  query_mode=args.query_mode, pooling_type=args.pooling_type,
@@ -76,7 +75,9 @@ def run_infer(args) -> Path:
     out = _save_image(b_prime, Path(args.out))
     if args.coefficients_plot:
         plot_coefficients(pipe.transformer, args.coefficients_plot)
-    print(f"wrote {out}")
+        print(f"wrote {out} and {args.coefficients_plot}")
+    else:
+        print(f"wrote {out}")
     return out
 
 
@@ -227,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default=None,
                    help="analogy encoder hub id or directory (default: the checkpoint's metadata, else CLIP ViT-L/14)")
     p.add_argument("--out", default="b_prime.png", help="output image (default b_prime.png)")
-    p.add_argument("--steps", type=int, default=28, help="denoising steps (default: %(default)s, official)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: 28, official; with --pipe-arg sigmas, one per sigma)")
     p.add_argument("--guidance-scale", type=float, default=2.5,
                    help="FLUX guidance (default: %(default)s, official)")
     p.add_argument("--seed", type=int, default=50,

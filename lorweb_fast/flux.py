@@ -118,6 +118,38 @@ def official_control_grid(a, a_prime, b, *, max_size: Optional[int] = None):
     return grid
 
 
+#: how official_grid_problem names the options, in the Python API (default) and on the command line
+API_OPTION_NAMES = {"native": "resolution='native'", "max_size": "max_size"}
+CLI_OPTION_NAMES = {"native": "--resolution native", "max_size": "--max-size"}
+
+
+def official_grid_problem(a, grid, *, query_mode: str, query_source: str = "grid", max_size: Optional[int] = None,
+                          multiple: int = 16, option_names: Optional[dict] = None) -> Optional[str]:
+    """Why the official-resolution control ``grid`` (``official_control_grid`` of analogy image ``a``) cannot be
+    generated from, or None: a side that the pipeline rounds down to 0 (sides multiples of ``multiple``, 16 for
+    FLUX), or, for ``query_source="grid"``, a grid with nothing to cut for the official inference crops of
+    ``query_mode`` (an a of aspect ratio 2:1 or wider). The text starts with a's size ("WxH: ...") and names the
+    remedy with ``option_names`` (``API_OPTION_NAMES`` or ``CLI_OPTION_NAMES``)."""
+    names = option_names or API_OPTION_NAMES
+    if min(grid.size) < multiple:
+        full = (2 * a.width, 2 * a.height)  # the grid of four cells at a's size
+        if grid.size != full:  # max_size scaled it down: a itself may be large enough
+            cause = (f"the {full[0]}x{full[1]} control grid of cells at a's size is scaled to "
+                     f"{grid.width}x{grid.height} by {names['max_size']}={max_size}")
+            remedy = f"use a less elongated a or a larger {names['max_size']}"
+        else:
+            cause = f"the control grid of cells at a's size is {grid.width}x{grid.height}"
+            remedy = f"use a larger a (at least {multiple // 2} px on a side)"
+        return (f"{a.width}x{a.height}: at the official resolution {cause}, and the pipeline rounds its sides down "
+                f"to multiples of {multiple}, to 0 here; {remedy} or {names['native']}")
+    if query_source == "grid":
+        problem = query_crop_problem(*grid.size, query_mode, "inference")
+        if problem:
+            return (f"{a.width}x{a.height}: at the official resolution the cells take a's shape, and {problem}; use "
+                    f"{names['native']} (cells at b's shape) or a narrower a")
+    return None
+
+
 def bottom_right_cell(grid):
     """b' from a generated grid."""
     w, h = grid.size
@@ -1195,25 +1227,11 @@ class LoRWeBKontextPipeline:
             return self.encoder.query(grids=grids, a=a, a_prime=a_prime, b=b, crops="cells")
         multiple = 2 * int(getattr(self.pipe, "vae_scale_factor", 8))  # FluxKontextPipeline: sides multiples of it
         for i, grid in enumerate(grids):
-            if min(grid.size) < multiple:
-                full = (2 * a[i].width, 2 * a[i].height)  # the grid of four cells at a's size
-                if grid.size != full:  # max_size scaled it down: a itself may be large enough
-                    cause = (f"the {full[0]}x{full[1]} control grid of cells at a's size is scaled to "
-                             f"{grid.width}x{grid.height} by max_size={self.max_size}")
-                    remedy = "use a less elongated a or a larger max_size"
-                else:
-                    cause = f"the control grid of cells at a's size is {grid.width}x{grid.height}"
-                    remedy = f"use a larger a (at least {multiple // 2} px on a side)"
-                raise ValueError(f"a[{i}] is {a[i].width}x{a[i].height}: at the official resolution {cause}, and the "
-                                 f"pipeline rounds its sides down to multiples of {multiple}, to 0 here; {remedy} "
-                                 "or resolution='native'")
-        if self.encoder.query_source == "grid":
-            for i, grid in enumerate(grids):
-                problem = query_crop_problem(*grid.size, self.encoder.query_mode, "inference")
-                if problem:
-                    raise ValueError(f"a[{i}] is {a[i].width}x{a[i].height}: at the official resolution the cells "
-                                     f"take a's shape, and {problem}; use resolution='native' (cells at b's shape) "
-                                     "or a narrower a")
+            problem = official_grid_problem(a[i], grid, query_mode=self.encoder.query_mode,
+                                            query_source=self.encoder.query_source, max_size=self.max_size,
+                                            multiple=multiple)
+            if problem:
+                raise ValueError(f"a[{i}] is {problem}")
         return self.encoder.query(grids=grids, a=a, a_prime=a_prime, b=b, crops="inference")
 
     def control_grids(self, a, a_prime, b, *, long_edge: Optional[int] = None) -> list:

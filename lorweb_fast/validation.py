@@ -446,29 +446,38 @@ def _check_list(name, value):
     return value
 
 
-def check_infer_args(args) -> None:
+#: the official number of denoising steps (inference.py), the default of ``lorweb-fast infer --steps``
+DEFAULT_STEPS = 28
+
+
+def check_infer_args(args) -> list:
     """Every path and option of ``lorweb-fast infer``, before any model loads; raises UsageError (one line). The
     options that need no checkpoint are checked first; then a --weights folder or Hugging Face Hub repo id
-    (downloaded here) is resolved to its checkpoint file and config:
-    once every check has passed, ``args.weights`` / ``args.config`` name those local files (``weight_name`` and
-    ``revision`` cleared), so the run loads exactly what was checked; a refused call leaves ``args`` as it was."""
-    from .flux import load_image
+    (downloaded here) is resolved to its checkpoint file and config, and at the official resolution the control
+    grid is checked against the official query crops. Once every check has passed, ``args.weights`` /
+    ``args.config`` name those local files (``weight_name`` and ``revision`` cleared), so the run loads exactly what
+    was checked, and ``args.steps`` is the step count (None: the length of ``--pipe-arg sigmas``, else 28); a
+    refused call leaves ``args`` as it was. Returns the decoded [a, a', b] PIL images."""
+    from .flux import CLI_OPTION_NAMES, load_image, official_control_grid, official_grid_problem
     from .model import LoRWeBCheckpointError, _config_from_metadata, checkpoint_metadata, resolve_checkpoint_settings
     from .flux import resolve_query_source
     from .lora_api import checkpoint_key_dim, hub_repo_id, resolve_checkpoint
-    from .official_config import LoRWeBConfigError
+    from .official_config import PATCH_QUERY_MODES, LoRWeBConfigError
 
+    images = []
     try:
         for option, value in (("--a", args.a), ("--a-prime", args.a_prime), ("--b", args.b)):
             if Path(value).is_dir():
                 raise UsageError(f"{option} {value} is a folder; give an image file")
-            load_image(value)  # missing: FileNotFoundError, not an image: ValueError, both naming the file
+            images.append(load_image(value))  # missing: FileNotFoundError, not an image: ValueError, naming it
         # the options that need no checkpoint first: a Hub repo id is downloaded below
         if getattr(args, "max_size", None) is not None:
             check_int("--max-size", args.max_size, lo=MIN_LONG_EDGE)
         if getattr(args, "max_area", None) is not None:
             check_int("--max-area", args.max_area, lo=MIN_MAX_AREA)
-        check_int("--steps", args.steps, lo=1, hi=MAX_STEPS)
+        steps = args.steps
+        if steps is not None:
+            check_int("--steps", steps, lo=1, hi=MAX_STEPS)
         check_real("--guidance-scale", args.guidance_scale, lo=0.0, hi=MAX_GUIDANCE_SCALE)
         if getattr(args, "long_edge", None) is not None:
             check_int("--long-edge", args.long_edge, lo=MIN_LONG_EDGE)
@@ -501,6 +510,14 @@ def check_infer_args(args) -> None:
                 raise UsageError(f"--pipe-arg {key}: unknown or unsupported on the command line; supported keys: "
                                  f"{', '.join(sorted(CLI_PIPE_ARGS))}")
             CLI_PIPE_ARGS[key](f"--pipe-arg {key}", value)
+        sigmas = (getattr(args, "pipe_kwargs", None) or {}).get("sigmas")
+        if sigmas is not None:  # the pipeline runs one step per sigma (diffusers' retrieve_timesteps)
+            if steps is not None and steps != len(sigmas):
+                raise UsageError(f"--steps {steps} disagrees with --pipe-arg sigmas, which sets {len(sigmas)} "
+                                 "steps (one per sigma); give one of them, or the same count")
+            steps = len(sigmas)
+        elif steps is None:
+            steps = DEFAULT_STEPS
         check_model_source("--model", args.model, "model_index.json")
         if getattr(args, "encoder", None) is not None:
             check_model_source("--encoder", args.encoder, "config.json")
@@ -512,6 +529,9 @@ def check_infer_args(args) -> None:
         on_hub = hub_repo_id(weights) is not None
         if revision is not None and not on_hub:
             raise UsageError(f"--revision is for a Hugging Face Hub repo id; --weights {weights} is a local path")
+        if weight_name is not None and Path(weights).is_file() and Path(weights).name != weight_name:
+            raise UsageError(f"--weight-name picks a checkpoint inside a --weights folder or Hub repo; --weights "
+                             f"{weights} is a file (give the folder, or no --weight-name)")
         if Path(weights).is_dir() or on_hub or weight_name is not None:
             # a run or checkpoint folder (its newest complete checkpoint and config.yaml) or a Hub repo (downloaded)
             try:
@@ -539,6 +559,18 @@ def check_infer_args(args) -> None:
         if query_source == "images" and resolved["query_mode"] != "cat-aa'b":
             raise UsageError(f"--query-source images encodes a, a', b separately (query mode \"cat-aa'b\"); the "
                              f"checkpoint's query mode is {resolved['query_mode']!r}")
+        if getattr(args, "pooling_type", None) is not None and resolved["query_mode"] not in PATCH_QUERY_MODES:
+            source = resolved["sources"].get("query_mode", "official default")
+            raise UsageError(f"--pooling-type applies to the patch query modes ({', '.join(PATCH_QUERY_MODES)}), "
+                             f"which pool CLIP's patch tokens; query mode {resolved['query_mode']!r} (from "
+                             f"{'--query-mode' if source == 'argument' else source}) does not pool")
+        if resolution == "official":  # the a of a 2:1 or wider analogy has no b to crop: refused before loading
+            grid = official_control_grid(*images, max_size=getattr(args, "max_size", None))
+            problem = official_grid_problem(images[0], grid, query_mode=resolved["query_mode"],
+                                            query_source=query_source, max_size=getattr(args, "max_size", None),
+                                            option_names=CLI_OPTION_NAMES)
+            if problem:
+                raise UsageError(f"--a {args.a} is {problem}")
         if getattr(args, "encoder", None) is None and encoder_name:
             check_model_source(f"the analogy encoder {encoder_name!r} named in the checkpoint's config/metadata:",
                                encoder_name, "config.json", hint="; pass --encoder")
@@ -547,6 +579,8 @@ def check_infer_args(args) -> None:
     if resolved_weights is not None:  # every check passed: the run loads exactly the checkpoint checked here
         args.weights, args.config = resolved_weights
         args.weight_name = args.revision = None
+    args.steps = steps
+    return images
 
 
 def check_train_args(args) -> None:

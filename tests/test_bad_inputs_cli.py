@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
@@ -53,6 +54,9 @@ def files(tmp_path_factory):
     (root / "a_file").write_text("x")
     (root / "out_dir.png").mkdir()
     demo.make_synthetic_analogies(root / "data", 2)
+    Image.new("RGB", (64, 32), (200, 10, 10)).save(root / "wide_2to1.png")
+    Image.new("RGB", (6, 6), (10, 200, 10)).save(root / "tiny_6px.png")
+    Image.new("RGB", (64, 24), (10, 10, 200)).save(root / "wide_8to3.png")
     return root
 
 
@@ -139,6 +143,28 @@ INFER_CASES = {
     "model folder not a pipeline": ({"--model": "{root}/empty_dir"}, "has no model_index.json"),
     "encoder folder not a model": ({"--encoder": "{root}/empty_dir"}, "has no config.json"),
     "image missing": ({"--b": "{root}/nope.png"}, "image not found"),
+    "steps disagree with sigmas": ({"extra": ["--pipe-arg", "sigmas=[1.0, 0.5, 0.25]"]},
+                                   "--steps 2 disagrees with --pipe-arg sigmas, which sets 3 steps"),
+    "pooling type outside the patch modes": ({"extra": ["--pooling-type", "max"]},
+                                             "--pooling-type applies to the patch query modes (paa'b, paa'b3, "
+                                             "cat-paa'b, cat-paa'b3), which pool CLIP's patch tokens; query mode "
+                                             "\"cat-aa'b\" (from official default) does not pool"),
+    "pooling type with an explicit grid mode": ({"extra": ["--pooling-type", "avg", "--query-mode", "caa'b"]},
+                                                "query mode \"caa'b\" (from --query-mode) does not pool"),
+    "weight name with a weights file": ({"extra": ["--weight-name", "other.safetensors"]},
+                                        "--weight-name picks a checkpoint inside a --weights folder or Hub repo"),
+    # official resolution: the cells take a's shape, so a 2:1 a leaves no bottom row for b's crop (inference.py)
+    "a 2:1 at the official resolution": ({"--a": "{root}/wide_2to1.png", "--resolution": "official",
+                                          "--long-edge": None},
+                                         "wide_2to1.png is 64x32: at the official resolution the cells take a's "
+                                         "shape, and a 128x64 grid is too wide"),
+    "a grid scaled below 16 px by --max-size": ({"--a": "{root}/wide_8to3.png", "--resolution": "official",
+                                                 "--long-edge": None, "--max-size": "32"},
+                                                "the 128x48 control grid of cells at a's size is scaled to 32x12 by "
+                                                "--max-size=32"),
+    "a too small at the official resolution": ({"--a": "{root}/tiny_6px.png", "--resolution": "official",
+                                                "--long-edge": None},
+                                               "use a larger a (at least 8 px on a side) or --resolution native"),
     "image is a folder": ({"--a": "{root}/model"}, "is a folder; give an image file"),
     "image not an image": ({"--a-prime": "{root}/w.bin"}, "is not a readable image"),
 }
@@ -148,7 +174,7 @@ INFER_CASES = {
 def test_infer_bad_input_stops_up_front(files, tmp_path, capsys, no_model_load, case):
     over, fragment = INFER_CASES[case]
     over = {k: ([x.format(root=files, tmp=tmp_path) for x in v] if isinstance(v, list)
-                else v.format(root=files, tmp=tmp_path)) for k, v in over.items()}
+                else v if v is None else v.format(root=files, tmp=tmp_path)) for k, v in over.items()}
     assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **over), fragment, no_model_load)
     assert not (tmp_path / "out").exists()
 

@@ -87,7 +87,10 @@ WIRING = [
     (["--encoder", "{root}/clip"], "load", "encoder", "{root}/clip"),
     (["--config", "{root}/cfg/config.yaml"], "load", "config", "{root}/cfg/config.yaml"),
     (["--query-mode", "caa'b"], "load", "query_mode", "caa'b"),
-    (["--pooling-type", "max"], "load", "pooling_type", "max"),
+    (["--query-mode", "cat-paa'b", "--pooling-type", "max"], "load", "pooling_type", "max"),
+    (["--pipe-arg", "sigmas=[1.0, 0.5, 0.25]"], "call", "num_inference_steps", 3),  # one step per sigma
+    (["--pipe-arg", "sigmas=[1.0, 0.5, 0.25]", "--steps", "3"], "call", "num_inference_steps", 3),
+    (["--pipe-arg", "sigmas=[1.0, 0.5, 0.25]"], "call", "sigmas", [1.0, 0.5, 0.25]),
     (["--query-source", "images"], "load", "query_source", "images"),
     (["--dtype", "fp16"], "load", "dtype", torch.float16),
     (["--encoder-dtype", "fp32"], "load", "encoder_dtype", torch.float32),
@@ -141,7 +144,7 @@ def test_infer_images_prompt_seed_out_and_plot(files, tmp_path, recorded, capsys
     with Image.open(tmp_path / "new" / "b_prime.png") as out:
         assert out.getpixel((0, 0)) == (1, 2, 3)
     assert recorded["plot"] == ("the transformer", str(plot))
-    assert capsys.readouterr().out == f"wrote {tmp_path / 'new' / 'b_prime.png'}\n"
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'new' / 'b_prime.png'} and {plot}\n"
 
 
 def test_infer_documented_defaults():
