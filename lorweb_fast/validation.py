@@ -450,6 +450,20 @@ def _check_list(name, value):
 DEFAULT_STEPS = 28
 
 
+def resolve_step_count(steps: Optional[int], pipe_kwargs: Optional[dict]) -> int:
+    """The denoising step count of a command with ``--steps`` (None: not given) and ``--pipe-arg`` ``pipe_kwargs``:
+    the pipeline runs one step per sigma when ``sigmas`` is given (diffusers' ``retrieve_timesteps`` overrides
+    ``num_inference_steps`` with their number), so their count, and a ``--steps`` that differs is refused rather than
+    silently overridden; else ``steps``, by default 28 (official)."""
+    sigmas = (pipe_kwargs or {}).get("sigmas")
+    if isinstance(sigmas, (list, tuple)) and sigmas:
+        if steps is not None and steps != len(sigmas):
+            raise UsageError(f"--steps {steps} disagrees with --pipe-arg sigmas, which sets {len(sigmas)} steps (one "
+                             "per sigma); give one of them, or the same count")
+        return len(sigmas)
+    return DEFAULT_STEPS if steps is None else steps
+
+
 def check_infer_args(args) -> list:
     """Every path and option of ``lorweb-fast infer``, before any model loads; raises UsageError (one line). The
     options that need no checkpoint are checked first; then a --weights folder or Hugging Face Hub repo id
@@ -510,14 +524,7 @@ def check_infer_args(args) -> list:
                 raise UsageError(f"--pipe-arg {key}: unknown or unsupported on the command line; supported keys: "
                                  f"{', '.join(sorted(CLI_PIPE_ARGS))}")
             CLI_PIPE_ARGS[key](f"--pipe-arg {key}", value)
-        sigmas = (getattr(args, "pipe_kwargs", None) or {}).get("sigmas")
-        if sigmas is not None:  # the pipeline runs one step per sigma (diffusers' retrieve_timesteps)
-            if steps is not None and steps != len(sigmas):
-                raise UsageError(f"--steps {steps} disagrees with --pipe-arg sigmas, which sets {len(sigmas)} "
-                                 "steps (one per sigma); give one of them, or the same count")
-            steps = len(sigmas)
-        elif steps is None:
-            steps = DEFAULT_STEPS
+        steps = resolve_step_count(steps, getattr(args, "pipe_kwargs", None))
         check_model_source("--model", args.model, "model_index.json")
         if getattr(args, "encoder", None) is not None:
             check_model_source("--encoder", args.encoder, "config.json")

@@ -381,7 +381,8 @@ def test_resume_identity_of_hub_weights_does_not_depend_on_the_cache(tmp_path, m
     (("--long-edge", "8"), "--long-edge must be an integer >= 32, got 8"),
     (("--b-per-pair", "0"), "--b-per-pair must be an integer >= 1, got 0"),
     (("--pipe-arg", "foo=1"), "--pipe-arg: unknown pipeline argument 'foo'"),
-    (("--pipe-arg", "max_sequence_length=0"), "--pipe-arg: max_sequence_length must be an integer in [1, 512]")])
+    (("--pipe-arg", "max_sequence_length=0"), "--pipe-arg: max_sequence_length must be an integer in [1, 512]"),
+    (("--pipe-arg", "sigmas=[1.0, 0.5, 0.25]"), "--steps 2 disagrees with --pipe-arg sigmas, which sets 3 steps")])
 def test_cli_refuses_bad_numbers_before_loading_or_writing(assets, tmp_path, monkeypatch, capsys, extra, fragment):
     """Values the pipeline would refuse only after the models loaded (and after run.json was written, so that the
     corrected rerun was refused as "a run with other settings"), and a negative --input-long-edge (which saved 1x1
@@ -458,3 +459,25 @@ def test_cli_refuses_bad_inputs_before_loading(assets, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip()
     assert fragment in err and "\n" not in err
     assert not out.exists()
+
+
+def test_cli_step_count_of_sigmas_is_recorded_and_run(assets, tmp_path, monkeypatch, capsys):
+    """--pipe-arg sigmas without --steps: the pipeline runs one step per sigma (diffusers' retrieve_timesteps), so
+    run.json records their count as "steps" and the pipeline is called with it (it recorded the default 28)."""
+    from lorweb_fast.flux import LoRWeBKontextPipeline
+
+    calls = []
+
+    class StepsPipe(RecordingPipe):
+        def __call__(self, *args, **kwargs):
+            calls.append((kwargs["num_inference_steps"], kwargs["sigmas"]))
+            return super().__call__(*args, **kwargs)
+
+    monkeypatch.setattr(LoRWeBKontextPipeline, "from_pretrained", staticmethod(lambda *a, **k: StepsPipe()))
+    out = tmp_path / "runs"
+    argv = gen_args(assets, out, "--pipe-arg", "sigmas=[1.0, 0.6, 0.3]")
+    i = argv.index("--steps")
+    del argv[i:i + 2]
+    assert cli.main(argv) == 0
+    assert json.loads((out / "run.json").read_text())["steps"] == 3
+    assert calls and all(c == (3, [1.0, 0.6, 0.3]) for c in calls)

@@ -69,7 +69,8 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
                         "depend on the batching; full and offload need --batch-size 1)")
     g.add_argument("--seeds", type=int, nargs="+", default=[50],
                    help="generation seeds (official: 50); several seeds give <id>_seed<s> folders")
-    g.add_argument("--steps", type=int, default=28, help="denoising steps (default 28, the pipeline's)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default 28, official; with --pipe-arg sigmas, one per sigma)")
     g.add_argument("--guidance-scale", type=float, default=2.5,
                    help="guidance scale (default 2.5, official inference.py)")
     g.add_argument("--resolution", choices=("official", "native"), default="official",

@@ -269,10 +269,11 @@ def check_generate_args(args, pipe_kwargs: dict) -> None:
     """The numeric options and the output folder of ``eval generate``, named by their flags, before anything is
     read, loaded or written (the pipeline would refuse the same values only after the models loaded and run.json was
     written, and a rerun with the corrected value would then be refused as a run with other settings)."""
-    from ..validation import (MAX_GUIDANCE_SCALE, MAX_SEED, MAX_STEPS, MIN_LONG_EDGE, check_int, check_output_dir,
-                              check_pipe_kwargs, check_real)
+    from ..validation import (MAX_GUIDANCE_SCALE, MAX_SEED, MAX_STEPS, MIN_LONG_EDGE, UsageError, check_int,
+                              check_output_dir, check_pipe_kwargs, check_real, resolve_step_count)
 
-    check_int("--steps", args.steps, lo=1, hi=MAX_STEPS)
+    if args.steps is not None:
+        check_int("--steps", args.steps, lo=1, hi=MAX_STEPS)
     check_real("--guidance-scale", args.guidance_scale, lo=0.0, hi=MAX_GUIDANCE_SCALE)
     for seed in args.seeds:
         check_int("--seeds", seed, lo=0, hi=MAX_SEED)
@@ -288,6 +289,10 @@ def check_generate_args(args, pipe_kwargs: dict) -> None:
         check_pipe_kwargs(pipe_kwargs)
     except ValueError as exc:
         raise EvalInputError(f"--pipe-arg: {exc}") from None
+    try:
+        resolve_step_count(args.steps, pipe_kwargs)
+    except UsageError as exc:
+        raise EvalInputError(str(exc)) from None
 
 
 def _check_inputs_decode(triplets: Sequence[Triplet], *, progress: bool = True) -> None:
@@ -317,7 +322,7 @@ def _check_inputs_decode(triplets: Sequence[Triplet], *, progress: bool = True) 
 def run_generate(args) -> dict:
     """``lorweb-fast eval generate``."""
     from ..cli import DTYPES, _device
-    from ..validation import check_device
+    from ..validation import check_device, resolve_step_count
     from ..flux import LoRWeBKontextPipeline
     from ..lora_api import resolve_checkpoint
     from .evalsets import check_outside, detect_format, read_evalset
@@ -326,6 +331,7 @@ def run_generate(args) -> dict:
     pipe_kwargs = dict(args.pipe_kwargs or {})
     check_generate_options(batch_size=args.batch_size, merge=merge, pipe_kwargs=pipe_kwargs)
     check_generate_args(args, pipe_kwargs)
+    steps = resolve_step_count(args.steps, pipe_kwargs)  # --pipe-arg sigmas: one step per sigma
     device = check_device("--device", _device(args.device))  # a bad name: one line, before anything loads
     if args.resolution == "official" and args.long_edge is not None:
         raise EvalInputError("--long-edge applies to --resolution native; the official resolution is capped by "
@@ -347,7 +353,7 @@ def run_generate(args) -> dict:
     # triplet ids hold b's name, so another choice of b would add new folders next to the old ones
     settings = {"weights": str(args.weights), "weights_file": _weights_identity(args.weights, weights_file),
                 "weights_sha256": file_sha256(weights_file), "model": str(args.model), "encoder": args.encoder,
-                "seeds": list(args.seeds), "steps": args.steps, "guidance_scale": args.guidance_scale,
+                "seeds": list(args.seeds), "steps": steps, "guidance_scale": args.guidance_scale,
                 "pipe_kwargs": pipe_kwargs, "merge": merge, "evalset": str(Path(args.evalset).resolve()),
                 "format": fmt, "pair_seed": args.pair_seed, "b_per_pair": args.b_per_pair,
                 "pairs_sha256": file_sha256(Path(args.pairs)) if args.pairs else None,
@@ -364,7 +370,7 @@ def run_generate(args) -> dict:
                                                  encoder_dtype=DTYPES[settings["encoder_dtype"]], **kwargs)
     check_run_settings(out, settings)  # nothing is written when the models fail to load
     result = generate(pipe, triplets, out, seeds=args.seeds, batch_size=args.batch_size,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale, device=device, merge=merge,
+                      num_inference_steps=steps, guidance_scale=args.guidance_scale, device=device, merge=merge,
                       input_long_edge=args.input_long_edge, progress=not args.quiet, pipe_kwargs=pipe_kwargs)
     print(f"eval generate: {result['generated']} generated, {result['skipped']} already done, in {out}")
     return result
