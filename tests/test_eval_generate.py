@@ -481,3 +481,74 @@ def test_cli_step_count_of_sigmas_is_recorded_and_run(assets, tmp_path, monkeypa
     assert cli.main(argv) == 0
     assert json.loads((out / "run.json").read_text())["steps"] == 3
     assert calls and all(c == (3, [1.0, 0.6, 0.3]) for c in calls)
+
+
+def _recording_cli(monkeypatch):
+    from lorweb_fast.flux import LoRWeBKontextPipeline
+
+    pipe = RecordingPipe()
+    monkeypatch.setattr(LoRWeBKontextPipeline, "from_pretrained", staticmethod(lambda *args, **kwargs: pipe))
+    return pipe
+
+
+def test_cli_resume_after_the_evalset_listing_changed_is_refused(assets, tmp_path, monkeypatch, capsys):
+    """Relation252K picks each b at random from its task's listing (as the released set picks from original/): a
+    picture added to a task after the run started (an interrupted, then completed download) changes the picks, and
+    a resume would add new triplets (ids hold b's name) beside the old ones. run.json records each task's picks
+    (b_choices): a resume is refused naming the changed task, before anything is written; a resume restricted to an
+    unchanged task, and a --max-per-task run followed by the whole task (the same picks), go on."""
+    _recording_cli(monkeypatch)
+    ev = make_relation252k(tmp_path / "rel")
+    out = tmp_path / "runs"
+
+    def args(*extra):
+        a = gen_args(assets, out, *extra)
+        a[a.index("--evalset") + 1] = str(ev)
+        return a
+
+    assert cli.main(args("--max-per-task", "2")) == 0
+    assert "4 generated" in capsys.readouterr().out
+    assert sorted(json.loads((out / "run.json").read_text())["b_choices"]) == ["1-A", "2-B"]
+    assert cli.main(args()) == 0  # the whole tasks: the picks --max-per-task made are among them
+    assert "2 generated, 4 already done" in capsys.readouterr().out
+    folders = sorted(p.relative_to(out) for p in out.glob("*/*"))
+    group = ev / "1-A" / "Group1"
+    Image.new("RGB", (64, 32), (250, 250, 9)).save(group / "9.png")
+    labels = json.loads((group / "labels.json").read_text())
+    (group / "labels.json").write_text(json.dumps(labels + [{"img_name": "9.png", "edit_instruction": "edit"}]))
+    assert cli.main(args()) == 2
+    err = capsys.readouterr().err
+    assert "b choices differ from the ones the evaluation set gives now in 1 task(s) (1-A)" in err
+    assert sorted(p.relative_to(out) for p in out.glob("*/*")) == folders
+    assert cli.main(args("--tasks", "2-B")) == 0
+    assert "0 generated, 3 already done" in capsys.readouterr().out
+
+
+def test_cli_resume_checks_model_and_weights_by_the_files_they_name(assets, tmp_path, monkeypatch, capsys):
+    """run.json records local --model / --weights paths resolved: the same files typed relative or absolute resume,
+    while a relative --model typed in another directory (another model there) is refused (the typed text matched)."""
+    _recording_cli(monkeypatch)
+    out = tmp_path / "runs"
+    monkeypatch.chdir(assets)
+
+    def args(model, weights):
+        a = gen_args(assets, out)
+        a[a.index("--model") + 1], a[a.index("--weights") + 1] = model, weights
+        return a
+
+    assert cli.main(args("pipe", "lorweb.safetensors")) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert (run["model"], run["weights"]) == (str((assets / "pipe").resolve()),
+                                              str((assets / "lorweb.safetensors").resolve()))
+    (out / "flip" / "000" / "b_prime.png").unlink()  # a killed run
+    capsys.readouterr()
+    assert cli.main(args(str(assets / "pipe"), str(assets / "lorweb.safetensors"))) == 0
+    assert "1 generated, 3 already done" in capsys.readouterr().out
+    other = tmp_path / "elsewhere"
+    (other / "pipe").mkdir(parents=True)
+    (other / "pipe" / "model_index.json").write_text((assets / "pipe" / "model_index.json").read_text())
+    monkeypatch.chdir(other)
+    (out / "flip" / "000" / "b_prime.png").unlink()
+    assert cli.main(args("pipe", str(assets / "lorweb.safetensors"))) == 2
+    assert "holds a run with other settings (model: " in capsys.readouterr().err
+    assert not (out / "flip" / "000" / "b_prime.png").exists()

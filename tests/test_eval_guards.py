@@ -16,6 +16,9 @@ Nothing is downloaded: CLIP and LPIPS are replaced by small recording stand-ins 
 
 import json
 import random
+import re
+import warnings
+import zlib
 
 import pytest
 from PIL import Image
@@ -30,12 +33,16 @@ from lorweb_fast.evaluation import tiny
 
 # ------------------------------------------------------------------------------------------------------ helpers
 def solid_runs(root, items, *, shade=0):
-    """``root/<task>/<id>/{a,a_prime,b,b_prime}.png``, every image a distinct solid colour; returns read_runs."""
-    for k, key in enumerate(items):
+    """``root/<task>/<id>/{a,a_prime,b,b_prime}.png``, every image a solid colour, distinct per key and stem and the
+    same for a key in every folder (a baseline holds the same analogies); ``shade`` tints b' only (the method's own
+    output); returns read_runs."""
+    for key in items:
         d = root / key
         d.mkdir(parents=True, exist_ok=True)
+        k = zlib.crc32(key.encode())
         for j, stem in enumerate(("a", "a_prime", "b", "b_prime")):
-            Image.new("RGB", (16, 12), (10 * k % 256, 50 * j, shade)).save(d / f"{stem}.png")
+            Image.new("RGB", (16, 12), (k % 251, 50 * j, shade if stem == "b_prime" else (k >> 8) % 251)).save(
+                d / f"{stem}.png")
     return E.read_runs(root)
 
 
@@ -635,3 +642,158 @@ def test_cli_score_passes_the_pairwise_seed_and_refuses_name_clashes(tmp_path, c
     assert "both in --runs and --against" in capsys.readouterr().err
     assert not (tmp_path / "clash").exists()
 
+
+
+# ------------------------------------------------------------------ score: baselines and runs of other analogies
+@pytest.mark.parametrize("change", ["b", "a_prime", "prompt"])
+def test_a_baseline_holding_another_analogy_under_an_id_is_a_failure_not_judged(tmp_path, change):
+    """The 2AFC pairs baseline items by ``<task>/<id>``: a baseline whose b (or a', or prompt) under an id is another
+    one than this run's would have its b' judged against this run's analogy. That item is a pairwise failure naming
+    the difference, the judge is not asked about it, and the other items are judged as before."""
+    items = solid_runs(tmp_path / "ours", ["t/0", "t/1", "t/2"])
+    solid_runs(tmp_path / "base", ["t/0", "t/1", "t/2"], shade=200)
+    if change == "prompt":
+        (tmp_path / "ours" / "t" / "1" / "prompt.txt").write_text("make it blue")
+        (tmp_path / "base" / "t" / "1" / "prompt.txt").write_text("make it red")
+    else:
+        rewrite(tmp_path / "base" / "t" / "1" / f"{change}.png", (255, 255, 255))
+    items = E.read_runs(tmp_path / "ours")
+    judge = FixedJudge()
+    res = S.score_run("ours", items, tmp_path / "rep", metrics=["vlm"], judge=judge,
+                      baselines={"base": E.read_runs(tmp_path / "base")}, progress=False)
+    fails = [f for f in res["failures"] if f["kind"] == "pairwise"]
+    assert [f["id"] for f in fails] == ["t/1"]
+    want = "prompt for t/1 is 'make it red', this run's 'make it blue'" if change == "prompt" else \
+        f"the baseline's {change} for t/1"
+    assert want in fails[0]["error"] and "another analogy under this id" in fails[0]["error"]
+    assert sorted(i for kind, i, _ in judge.asked if kind == "pairwise") == ["t/0", "t/2"]
+    rows = {r["id"]: r for r in res["per_triplet"]}
+    assert rows["t/1"]["pairwise"]["base"] == {"order": None, "better": None, "won": None}
+    assert rows["t/0"]["pairwise"]["base"]["won"] is not None
+
+
+def test_a_baseline_saving_the_same_inputs_at_another_size_or_as_jpeg_matches(tmp_path):
+    """The same a, a', b pictures stored at another size and as JPEG (another tool's copies of the inputs) are the
+    same analogy: judged, no failure; a baseline without prompt.txt is not compared by prompt."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for root in ("ours", "base"):
+        d = tmp_path / root / "t" / "0"
+        d.mkdir(parents=True)
+    for stem in ("a", "a_prime", "b"):
+        smooth = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((16, 16, 1))).astype(np.uint8)
+        Image.fromarray(smooth).save(tmp_path / "ours" / "t" / "0" / f"{stem}.png")
+        Image.fromarray(smooth).resize((40, 40), Image.BICUBIC).save(tmp_path / "base" / "t" / "0" / f"{stem}.jpg",
+                                                                     quality=80)
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "ours" / "t" / "0" / "b_prime.png")
+    Image.new("RGB", (40, 40), (200, 2, 3)).save(tmp_path / "base" / "t" / "0" / "b_prime.png")
+    (tmp_path / "ours" / "t" / "0" / "prompt.txt").write_text("swap")
+    judge = FixedJudge()
+    res = S.score_run("ours", E.read_runs(tmp_path / "ours"), tmp_path / "rep", metrics=["vlm"], judge=judge,
+                      baselines={"base": E.read_runs(tmp_path / "base")}, progress=False)
+    assert res["failures"] == [] and ("pairwise", "t/0", "base") in judge.asked
+
+
+def test_runs_folders_of_different_triplets_are_warned_about_and_reported(tmp_path):
+    """Several --runs folders are compared side by side: when they hold different triplets, a warning says so, and
+    metrics.json (settings.coverage) and summary.md give each one's count and the shared count; the same triplets
+    give neither."""
+    solid_runs(tmp_path / "ours", ["t/0", "t/1", "u/0"])
+    solid_runs(tmp_path / "ckpt", ["t/0"])
+    runs = {"ours": tmp_path / "ours", "ckpt": tmp_path / "ckpt"}
+    with pytest.warns(UserWarning, match=r"different triplets \(ours: 3, ckpt: 1, shared: 1\)"):
+        m = S.score(runs, tmp_path / "rep", metrics=["vlm"], judge=FixedJudge(), progress=False)
+    assert m["settings"]["coverage"] == {"ours": 3, "ckpt": 1, "shared": 1}
+    assert "hold different triplets (ours: 3, ckpt: 1, shared: 1)" in (tmp_path / "rep" / "summary.md").read_text()
+    solid_runs(tmp_path / "same", ["t/0", "t/1", "u/0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = S.score({"ours": tmp_path / "ours", "same": tmp_path / "same"}, tmp_path / "rep2", metrics=["vlm"],
+                    judge=FixedJudge(), progress=False)
+    assert "coverage" not in m["settings"]
+    assert "different triplets" not in (tmp_path / "rep2" / "summary.md").read_text()
+
+
+def _score_replay(tmp_path, keys, runs_names=("ours",)):
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text("\n".join(json.dumps({"id": k, "kind": kind, "response": resp}) for k in keys for kind, resp in
+                                (("score", '{"metrics":{"accuracy":5,"consistency":5}}'), ("pairwise", '{"better":1}'))))
+    return ["eval", "score", "--metrics", "vlm", "--judge", f"replay:{replay}", "--device", "cpu", "--quiet"]
+
+
+def test_cli_score_repeated_runs_and_against_add_up_and_the_failure_count_covers_every_folder(tmp_path, capsys):
+    """``--runs A --runs B`` scores both (the second one replaced the first), as does ``--against`` repeated; the
+    closing line counts the failures of every runs folder (it counted the first one's only)."""
+    from lorweb_fast import cli
+
+    keys = ["t/0", "t/1"]
+    for name in ("ours", "ckpt", "base1", "base2"):
+        solid_runs(tmp_path / name, keys, shade=200 if name.startswith("base") else 0)
+    solid_runs(tmp_path / "broken", ["t/0", "t/1", "t/2"])  # t/2 has no replay answer: its question is a failure
+    common = _score_replay(tmp_path, keys)
+    argv = [*common, "--runs", f"ours={tmp_path / 'ours'}", "--runs", f"ckpt={tmp_path / 'ckpt'}",
+            "--against", f"base1={tmp_path / 'base1'}", "--against", f"base2={tmp_path / 'base2'}",
+            "--out", str(tmp_path / "rep")]
+    assert cli.main(argv) == 0
+    m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert list(m["methods"]) == ["ours", "ckpt"] and list(m["settings"]["against"]) == ["base1", "base2"]
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="different triplets"):
+        assert cli.main([*common, "--runs", f"ours={tmp_path / 'ours'}", f"broken={tmp_path / 'broken'}",
+                         "--out", str(tmp_path / "rep2")]) == 0
+    m = json.loads((tmp_path / "rep2" / "metrics.json").read_text())
+    per_folder = [rep["overall"]["failures"] for rep in m["methods"].values()]
+    assert per_folder[0] == 0 and per_folder[1] > 0
+    assert f"({sum(per_folder)} failures)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device,fragment", [("banana", "--device 'banana' is not a device"),
+                                             ("meta", "--device meta: the meta device holds no data")])
+def test_cli_score_refuses_a_bad_device_in_one_line(tmp_path, capsys, device, fragment):
+    """eval score --device is checked as eval generate's: one line, exit 2, before any model loads or file is
+    written (it was a RuntimeError traceback)."""
+    from lorweb_fast import cli
+
+    solid_runs(tmp_path / "ours", ["t/0"])
+    argv = ["eval", "score", "--runs", str(tmp_path / "ours"), "--metrics", "lpips", "--device", device, "--out",
+            str(tmp_path / "rep")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err
+    assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ('{"id": "t/0", "kind": "score", "response": {"accuracy": 5}}', ":1: response must be a string"),
+    ('{"id": "t/0", "kind": "pairwise", "response": 1}', ":1: response must be a string"),
+    ('{"id": 0, "kind": "score", "response": "x"}', ":1: id must be a string"),
+])
+def test_replay_records_of_the_wrong_type_are_refused_naming_the_line(tmp_path, line, fragment):
+    """A replay record whose response is not text (it crashed in the parser with an AttributeError, after caching
+    the record as an answer) or whose id is not a string: EvalInputError naming the file and line."""
+    path = tmp_path / "replay.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(E.EvalInputError, match=re.escape(str(path) + fragment)):
+        J.ReplayJudge(path)
+
+
+def test_a_replay_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "replay.jsonl"
+    path.write_bytes(b'{"id": "t/0", "kind": "score", "response": "\xff"}\n')
+    with pytest.raises(E.EvalInputError, match=f"replay file {re.escape(str(path))} is not valid UTF-8"):
+        J.ReplayJudge(path)
+
+
+def test_a_cached_answer_that_is_not_text_is_asked_again(tmp_path):
+    """A cache record whose response is not a string (written by an older version from a bad replay record) is
+    not an answer: the judge is asked again."""
+    items = solid_runs(tmp_path / "ours", ["t/0"])
+    judge = FixedJudge()
+    S.score_run("ours", items, tmp_path / "rep", metrics=["vlm"], judge=judge, progress=False)
+    cached = next((tmp_path / "rep" / "judge").rglob("*.json"))
+    rec = json.loads(cached.read_text())
+    rec["response"] = {"accuracy": 7}
+    cached.write_text(json.dumps(rec))
+    res = S.score_run("ours", items, tmp_path / "rep", metrics=["vlm"], judge=judge, progress=False)
+    assert len(judge.asked) == 2 and res["failures"] == []

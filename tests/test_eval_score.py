@@ -267,7 +267,8 @@ def test_score_counts_answers_cut_at_the_token_limit(assets, torch_home, tmp_pat
 
 def _coloured_runs(root, name, ids):
     """A runs folder whose every image is one solid colour standing for (folder, item, stem); returns
-    {colour: label}."""
+    {colour: label}. The a, a', b of one item differ between folders by 2/255 in one channel only (the same
+    analogy to ``baseline_mismatch``, yet each file recognisable); the b' differ widely."""
     from PIL import Image
 
     labels = {}
@@ -275,7 +276,10 @@ def _coloured_runs(root, name, ids):
         d = root / name / item
         d.mkdir(parents=True, exist_ok=True)
         for j, stem in enumerate(("a", "a_prime", "b", "b_prime")):
-            colour = (17 * k + 3, 40 * j + 5, 100 if name == "ours" else 200)
+            if stem == "b_prime":
+                colour = (17 * k + 3, 40 * j + 5, 100 if name == "ours" else 200)
+            else:
+                colour = (17 * k + 3, 40 * j + 5, 100 if name == "ours" else 102)
             labels[colour] = f"{name}:{item}:{stem}"
             Image.new("RGB", (32, 24), colour).save(d / f"{stem}.png")
     return labels

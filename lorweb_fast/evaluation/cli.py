@@ -97,10 +97,10 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
     s = sub.add_parser("score", help="CLIP Dir., LPIPS and the VLM judge over runs folders; metrics.json, summary.md")
-    s.add_argument("--runs", type=_named_path, nargs="+", required=True, metavar="[NAME=]RUNS",
-                   help="runs folders to score (methods or checkpoints, compared side by side)")
-    s.add_argument("--against", type=_named_path, nargs="+", default=[], metavar="[NAME=]RUNS",
-                   help="baseline runs folders for the pairwise 2AFC")
+    s.add_argument("--runs", type=_named_path, nargs="+", action="extend", required=True, metavar="[NAME=]RUNS",
+                   help="runs folders to score (methods or checkpoints, compared side by side; repeatable)")
+    s.add_argument("--against", type=_named_path, nargs="+", action="extend", default=[], metavar="[NAME=]RUNS",
+                   help="baseline runs folders for the pairwise 2AFC (repeatable)")
     s.add_argument("--out", required=True, help="report folder")
     s.add_argument("--metrics", type=_metric_list, default=None,
                    help="comma-separated subset of clip_dir,lpips,vlm (default: clip_dir,lpips, plus vlm with a judge)")
@@ -112,7 +112,7 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--judge", default="none", help="the VLM judge: none (default), gemma3:ID_OR_DIR or replay:FILE")
     s.add_argument("--judge-max-new-tokens", type=int, default=1024,
                    help="tokens a Gemma-3 judge may generate per answer (default 1024); an answer cut at this limit "
-                        "counts as failed")
+                        "is counted as truncated, and as failed when it lacks its score")
     s.add_argument("--judge-dtype", choices=sorted(DTYPES), default="bf16", help="Gemma-3 judge dtype (default bf16)")
     s.add_argument("--pairwise-seed", type=int, default=0, help="seed of the B'1/B'2 order (recorded; default 0)")
     s.add_argument("--batch-size", type=int, default=8, help="triplets per CLIP batch (default 8)")
@@ -139,7 +139,9 @@ def run_score(args) -> dict:
 
     check_output_dir("--out", args.out)  # a file: one line, before any model loads (not a NotADirectoryError)
     metrics = args.metrics or (["clip_dir", "lpips"] + (["vlm"] if args.judge not in ("", "none") else []))
-    device = _device(args.device)
+    from ..validation import check_device
+
+    device = check_device("--device", _device(args.device))  # a bad name or no GPU: one line, before any load
     for name, path in {**runs, **against}.items():  # bad folders fail before any model loads
         read_runs(path)
         check_outside("--out", args.out, path, f"runs folder {name!r}")
@@ -149,8 +151,16 @@ def run_score(args) -> dict:
                    lpips_weights=args.lpips_weights, judge=judge, against=against, pairwise_seed=args.pairwise_seed,
                    batch_size=args.batch_size, device=device, progress=not args.quiet)
     print(f"eval score: wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'summary.md'} "
-          f"({result['overall']['failures']} failures)")
+          f"({_failure_count(result)} failures)")
     return result
+
+
+def _failure_count(result: dict) -> int:
+    """Failures over every scored runs folder (``result["overall"]`` is the first one's)."""
+    methods = result.get("methods")
+    if isinstance(methods, dict) and methods:
+        return sum(int(m.get("overall", {}).get("failures", 0)) for m in methods.values())
+    return int(result["overall"]["failures"])
 
 
 def run_eval(args):

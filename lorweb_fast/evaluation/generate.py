@@ -15,7 +15,10 @@ larger batches, so a triplet's numerics would depend on the batch it lands in.
 A resumed run must use the settings ``run.json`` recorded (``RESUME_KEYS``): the checkpoint, the generation settings
 and everything that picks the triplets (evaluation set, its format, ``--pair-seed``, ``--b-per-pair``, the ``--pairs``
 file's SHA-256), and the device type of the generators (a CPU and a CUDA generator draw different noise from one
-seed); ``--tasks`` and ``--max-per-task`` only restrict a run to a subset of the same triplets and may change.
+seed); ``--tasks`` and ``--max-per-task`` only restrict a run to a subset of the same triplets and may change. Local
+model, encoder and weights paths are recorded resolved (``source_identity``). For the layouts that pick b at random
+from a listing (the released set without ``--pairs``, Relation252K), each task's picks are recorded too
+(``b_choices``): photos added to the set since the run started would change them, and a resume is then refused.
 """
 
 from __future__ import annotations
@@ -83,12 +86,29 @@ def output_id(triplet: Triplet, seed: int, seeds: Sequence[int]) -> str:
     return triplet.id if len(seeds) == 1 else f"{triplet.id}_seed{seed}"
 
 
+def source_identity(value) -> Optional[str]:
+    """How run.json records a model, encoder or weights source: a local path resolved (absolute, symbolic links
+    followed), so the same files typed another way match and a relative path typed in another directory does not;
+    anything else (a Hugging Face Hub id) as given."""
+    if value is None:
+        return None
+    path = Path(value)
+    return str(path.resolve()) if path.exists() else str(value)
+
+
+#: settings recorded as ``source_identity``
+SOURCE_KEYS = ("weights", "model", "encoder")
+
+
 def _same_setting(key: str, old, new) -> bool:
     """Whether a recorded setting matches the current one. ``evalset``: the same folder (a relative path, as older
-    run.json files hold, is resolved against the current directory); ``format``: an old recorded "auto" (older
-    run.json files did not record the detected format) matches any format."""
+    run.json files hold, is resolved against the current directory); ``weights``, ``model``, ``encoder``: the same
+    ``source_identity`` (the same for older run.json files, which hold them as typed); ``format``: an old recorded
+    "auto" (older run.json files did not record the detected format) matches any format."""
     if key == "evalset" and old is not None and new is not None:
         return Path(old).resolve() == Path(new).resolve()
+    if key in SOURCE_KEYS and old is not None and new is not None:
+        return source_identity(old) == source_identity(new)
     if key == "format" and old == "auto":
         return True
     return old == new
@@ -97,7 +117,9 @@ def _same_setting(key: str, old, new) -> bool:
 def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None:
     """Check that a resumed run (``out/run.json`` exists) uses the same settings (the ``RESUME_KEYS``; raises
     ``EvalInputError``), then write ``out/run.json`` when ``write``. A key the old run.json lacks is accepted when it
-    is in ``UNRECORDED_BEFORE`` (the run predates it and cannot be checked) or its new value is None."""
+    is in ``UNRECORDED_BEFORE`` (the run predates it and cannot be checked) or its new value is None. ``b_choices``
+    ({task: signature}, ``b_choices_by_task``) must match for the tasks both record; ``settings`` then records the
+    union."""
     path = out / "run.json"
     if path.is_file():
         try:
@@ -115,6 +137,16 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
         if diff:
             changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise EvalInputError(f"{out} holds a run with other settings ({changes}); use another --out folder")
+        recorded, now = old.get("b_choices"), settings.get("b_choices")
+        if isinstance(recorded, dict) and now is not None:
+            changed = sorted(t for t in now if t in recorded and recorded[t] != now[t])
+            if changed:
+                raise EvalInputError(
+                    f"{out} holds a run whose b choices differ from the ones the evaluation set gives now in "
+                    f"{len(changed)} task(s) ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): the "
+                    "set's listing changed since the run started (photos added or removed), and resuming would add a "
+                    "second set of b to the same a'; restore the set, or use another --out folder")
+            settings["b_choices"] = {**recorded, **now}  # tasks of earlier, restricted calls stay recorded
     if write:
         atomic_write_text(path, json.dumps(settings, indent=2))
 
@@ -236,6 +268,30 @@ def _ref_size(ref) -> tuple:
     return w, h
 
 
+#: evaluation-set layouts whose reader picks each b at random from a listing (``--pair-seed``)
+RANDOM_B_FORMATS = ("lorweb", "relation252k")
+
+
+def b_choices_by_task(root, triplets: Sequence[Triplet]) -> dict:
+    """{task: 16-hex signature of its triplets' a, a', b sources} (paths relative to the evaluation set ``root``),
+    for layouts whose b are picked at random from a listing: a photo added to or removed from the set changes the
+    picks, which a resume must not mix with the recorded ones (triplet ids hold b's name, so new picks would be new
+    triplets beside the old)."""
+    root = Path(root).resolve()
+
+    def where(ref) -> dict:
+        d = ref.describe()
+        path = Path(ref.path).resolve()
+        d["path"] = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+        return d
+
+    rows: dict = {}
+    for t in triplets:
+        rows.setdefault(t.task, []).append(json.dumps([t.key, where(t.a), where(t.a_prime), where(t.b)],
+                                                      sort_keys=True))
+    return {task: hashlib.sha256("\n".join(sorted(r)).encode()).hexdigest()[:16] for task, r in sorted(rows.items())}
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -342,6 +398,11 @@ def run_generate(args) -> dict:
     fmt = detect_format(args.evalset) if args.format == "auto" else args.format
     triplets = read_evalset(args.evalset, fmt, seed=args.pair_seed, b_per_pair=args.b_per_pair,
                             pairs_file=args.pairs, tasks=args.tasks, max_per_task=args.max_per_task)
+    b_choices = None
+    if fmt in RANDOM_B_FORMATS and not args.pairs:  # --max-per-task cuts after the picks: sign whole tasks
+        picked = triplets if args.max_per_task is None else read_evalset(
+            args.evalset, fmt, seed=args.pair_seed, b_per_pair=args.b_per_pair, tasks=args.tasks)
+        b_choices = b_choices_by_task(args.evalset, picked)
     _check_inputs_decode(triplets, progress=not args.quiet)
     out = Path(args.out)
     check_outside("--out", out, args.evalset, "the evaluation set")
@@ -351,8 +412,10 @@ def run_generate(args) -> dict:
                                               revision=getattr(args, "revision", None))
     # what picks the triplets (the evaluation set, its format, the b choices) is recorded and checked on resume too:
     # triplet ids hold b's name, so another choice of b would add new folders next to the old ones
-    settings = {"weights": str(args.weights), "weights_file": _weights_identity(args.weights, weights_file),
-                "weights_sha256": file_sha256(weights_file), "model": str(args.model), "encoder": args.encoder,
+    settings = {"weights": source_identity(args.weights),
+                "weights_file": _weights_identity(args.weights, weights_file),
+                "weights_sha256": file_sha256(weights_file), "model": source_identity(args.model),
+                "encoder": source_identity(args.encoder),
                 "seeds": list(args.seeds), "steps": steps, "guidance_scale": args.guidance_scale,
                 "pipe_kwargs": pipe_kwargs, "merge": merge, "evalset": str(Path(args.evalset).resolve()),
                 "format": fmt, "pair_seed": args.pair_seed, "b_per_pair": args.b_per_pair,
@@ -360,7 +423,7 @@ def run_generate(args) -> dict:
                 "input_long_edge": args.input_long_edge, "dtype": args.dtype, "batch_size": args.batch_size,
                 "encoder_dtype": args.dtype if getattr(args, "encoder_dtype", "auto") == "auto" else args.encoder_dtype,
                 "resolution": args.resolution, "max_size": args.max_size, "long_edge": args.long_edge,
-                "generator_device": device.type, "triplets": len(triplets)}
+                "generator_device": device.type, "triplets": len(triplets), "b_choices": b_choices}
     check_run_settings(out, settings, write=False)  # before loading any model
     kwargs = {"resolution": args.resolution, "max_size": args.max_size}
     if args.long_edge is not None:

@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .evalsets import EvalInputError
+from .evalsets import EvalInputError, read_text
 
 #: The paper's prompts (appendix A.3), verbatim: the 1-10 accuracy / consistency score (images A, A', B, B').
 SCORE_PROMPT = (
@@ -261,7 +261,7 @@ class ReplayJudge:
         path = Path(path)
         if not path.is_file():
             raise EvalInputError(f"replay file not found: {path}")
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, "replay file")
         # the file is the replay judge's "model": its content hash is in the name the answer cache compares, so a
         # rewritten file at the same path is asked again instead of its old answers being reused
         self.name = f"replay:{path}@{hashlib.sha256(text.encode()).hexdigest()[:16]}"
@@ -277,6 +277,11 @@ class ReplayJudge:
                 raise EvalInputError(f"{path}:{n} needs 'id', 'kind' and 'response'")
             if rec["kind"] not in JUDGE_KINDS:
                 raise EvalInputError(f"{path}:{n}: kind must be one of {JUDGE_KINDS}, got {rec['kind']!r}")
+            if not isinstance(rec["response"], str):
+                raise EvalInputError(f"{path}:{n}: response must be a string (the judge's answer text), got "
+                                     f"{type(rec['response']).__name__} {rec['response']!r}"[:300])
+            if not isinstance(rec["id"], str):
+                raise EvalInputError(f"{path}:{n}: id must be a string such as \"<task>/<id>\", got {rec['id']!r}")
             order = rec.get("order")
             if order is not None and (not isinstance(order, list) or not all(isinstance(o, str) for o in order)
                                       or sorted(order) != ["against", "run"]):
@@ -349,8 +354,10 @@ class JudgeCache:
             return None
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return None  # a torn write from a killed run: ask again
+        if not isinstance(rec, dict) or not isinstance(rec.get("response"), str):
+            return None  # not an answer record (e.g. written by another version): ask again
         if rec.get("judge") != judge_name or rec.get("prompt_sha256") != prompt_hash(request.prompt) \
                 or rec.get("order") != request.order or rec.get("files_sig") != request.files_sig:
             return None

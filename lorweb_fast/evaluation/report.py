@@ -112,6 +112,10 @@ def summary_markdown(report: dict, settings: dict) -> str:
         by_kind = ", ".join(f"{k}: {v}" for k, v in o["failures_by_kind"].items())
         count = f"{o['failures']}" + (f" ({by_kind})" if by_kind else "")
         lines.append(f"| {name} | {o['tasks']} | {o['triplets']} | {count} |")
+    coverage = settings.get("coverage")
+    if coverage:
+        lines += ["", "The runs folders hold different triplets (" + ", ".join(f"{n}: {c}" for n, c in coverage.items())
+                  + "): each row's means are over its own triplets, so the rows compare different analogies."]
     cut = {name: rep["overall"].get("truncated_answers", 0) for name, rep in report.items()}
     if any(cut.values()):
         lines += ["", "Judge answers cut at the judge's token limit (usually without a score, so listed as failures; "

@@ -86,6 +86,39 @@ def _images(item: RunItem, stems=("a", "a_prime", "b", "b_prime")) -> list:
     return [load_rgb(getattr(item, s)) for s in stems]
 
 
+#: Mean absolute difference (0..1 per channel) of two 32x32 thumbnails above which two input files of one triplet id
+#: are different pictures (the same picture saved at another size or as JPEG stays far below it).
+DIFFERENT_PICTURE = 0.1
+
+
+def _thumbnail(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(load_rgb(path).resize((32, 32), Image.BOX), dtype=np.float32) / 255.0
+
+
+def baseline_mismatch(item: RunItem, other: RunItem) -> Optional[str]:
+    """Why the baseline triplet ``other`` (the same ``<task>/<id>``) is not the same analogy as ``item``, or None:
+    another prompt (when both folders have one), or another a, a' or b picture (files that differ and whose 32x32
+    thumbnails differ by more than ``DIFFERENT_PICTURE`` on average). The 2AFC shows the judge this run's a, a', b
+    beside both b', so a baseline b' made from other inputs would be judged against the wrong analogy."""
+    import filecmp
+
+    if item.prompt and other.prompt and item.prompt != other.prompt:
+        return (f"the baseline's prompt for {item.key} is {other.prompt!r}, this run's {item.prompt!r}: the baseline "
+                "holds another analogy under this id")
+    for stem in ("a", "a_prime", "b"):
+        mine, theirs = getattr(item, stem), getattr(other, stem)
+        if filecmp.cmp(mine, theirs, shallow=False):
+            continue
+        diff = float(abs(_thumbnail(mine) - _thumbnail(theirs)).mean())
+        if diff > DIFFERENT_PICTURE:
+            return (f"the baseline's {stem} for {item.key} ({theirs}) is another picture than this run's ({mine}; mean "
+                    f"difference {diff:.2f} of 32x32 thumbnails): the baseline holds another analogy under this id")
+    return None
+
+
 def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequence[str], clip=None, lpips=None,
               judge=None, baselines: Optional[dict] = None, pairwise_seed: int = 0, batch_size: int = 8,
               progress: bool = True) -> dict:
@@ -143,14 +176,19 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
 
         for base_name, base_items in (baselines or {}).items():
             by_key = {b.key: b for b in base_items}
-            orders = pairwise_orders(pairwise_seed, name, base_name, [it for it in items if it.key in by_key])
+            mismatch = {it.key: baseline_mismatch(it, by_key[it.key])
+                        for it in tqdm(items, desc=f"{name} vs {base_name}: same inputs", disable=not progress)
+                        if it.key in by_key}
+            orders = pairwise_orders(pairwise_seed, name, base_name,
+                                     [it for it in items if it.key in by_key and mismatch[it.key] is None])
             for it in tqdm(items, desc=f"{name} vs {base_name}: VLM 2AFC", disable=not progress):
                 entry = {"order": None, "better": None, "won": None}
                 rows[it.key].setdefault("pairwise", {})[base_name] = entry
                 other = by_key.get(it.key)
-                if other is None:
+                if other is None or mismatch[it.key] is not None:
+                    error = f"{it.key} is missing in the baseline runs folder" if other is None else mismatch[it.key]
                     failures.append({"id": it.key, "task": it.task, "kind": "pairwise", "against": base_name,
-                                     "error": f"{it.key} is missing in the baseline runs folder", "response": None})
+                                     "error": error, "response": None})
                     continue
                 order = orders[it.key]
                 entry["order"] = order
@@ -177,6 +215,22 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
                                  "error": f"{len(extra)} baseline triplets have no match in {name}: {extra[:5]}",
                                  "response": None})
     return {"per_triplet": [rows[it.key] for it in items], "failures": failures, "answers": answers}
+
+
+def _coverage(items: dict) -> Optional[dict]:
+    """None when every runs folder of ``items`` ({name: [RunItem]}) holds the same triplets; else {name: count,
+    "shared": count of the triplets all of them hold}, after a warning: their means are over other analogies."""
+    import warnings
+
+    keys = {name: {it.key for it in its} for name, its in items.items()}
+    if len({frozenset(k) for k in keys.values()}) <= 1:
+        return None
+    shared = set.intersection(*keys.values())
+    coverage = {**{name: len(k) for name, k in keys.items()}, "shared": len(shared)}
+    warnings.warn("the runs folders hold different triplets (" + ", ".join(f"{n}: {c}" for n, c in coverage.items())
+                  + "): each one's means are over its own triplets, so the side-by-side numbers compare different "
+                  "analogies", stacklevel=3)
+    return coverage
 
 
 def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optional[str] = None,
@@ -206,6 +260,7 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     # LPIPS first: its missing weights are found in a moment, before the CLIP encoder spends its load time
     lpips = LPIPSDistance(lpips_net, weights=lpips_weights, device=device) if "lpips" in metrics else None
     clip = ClipDirectional(encoder or DEFAULT_CLIP, device=device) if "clip_dir" in metrics else None
+    coverage = _coverage(items)
     results = {}
     for name in runs:
         results[name] = score_run(name, items[name], out, metrics=metrics, clip=clip, lpips=lpips, judge=judge,
@@ -216,6 +271,8 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
                 "metrics": list(metrics), "encoder": clip.name if clip else None,
                 "lpips": {"net": lpips.net, "weights": lpips.weights} if lpips else None,
                 "judge": judge.name if judge is not None else None, "pairwise_seed": pairwise_seed}
+    if coverage is not None:
+        settings["coverage"] = coverage
     report = {name: aggregate(res["per_triplet"], res["failures"], list((against or {})), res["answers"])
               for name, res in results.items()}
     return write_report(out, report, results, settings)
