@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import re
 import shutil
 import sys
@@ -357,12 +358,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = getattr(args, f"{args.command}_command", None)  # "data check", "eval score": as argparse's errors
     command = args.command if sub is None else f"{args.command} {sub}"
     try:
-        with library_progress_bars(enabled=not quiet), one_line_warnings(command):
+        with library_progress_bars(enabled=not quiet), one_line_warnings(command), command_logging(command):
             args.func(args)
     except (FileNotFoundError, LoRWeBCheckpointError, BackendUnavailableError, ValueError) as exc:
         print(f"lorweb-fast {command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     return 0
+
+
+class _OneLineFormatter(logging.Formatter):
+    def __init__(self, command: str):
+        super().__init__()
+        self.command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"lorweb-fast {self.command}: {record.levelname.lower()}: {one_line(record.getMessage())}"
+
+
+@contextlib.contextmanager
+def command_logging(command: str):
+    """The package's log lines (``lorweb_fast.*`` loggers: the trainer's buckets, "resumed from ...", skipped NaN
+    steps) shown on stderr while a command runs, from INFO up, one line each as ``lorweb-fast <command>: info: ...``
+    (Python's default shows only warnings, without the command). The package logger's level, propagation and
+    handlers are given back after the command; records do not also reach the root logger's handlers meanwhile."""
+    package = logging.getLogger("lorweb_fast")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter(command))
+    saved = (package.level, package.propagate)
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(saved[0])
+        package.propagate = saved[1]
 
 
 @contextlib.contextmanager

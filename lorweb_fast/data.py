@@ -328,7 +328,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
         control_dir, target_dir = self.root / "control", self.root / "target"
         for d in (self.root, control_dir, target_dir):
             if not d.is_dir():
-                raise AnalogyDataError(f"training data folder {d} does not exist (expected {self.root}/control/ and "
+                state = "is a file, not a folder" if d.exists() else "does not exist"
+                raise AnalogyDataError(f"training data folder {d} {state} (expected {self.root}/control/ and "
                                        f"{self.root}/target/, each target image with its control image of the same "
                                        f"name; captions, optional, from analogy_metadata.json, <id>.txt beside the "
                                        f"target, captions/ or control/)")
@@ -684,7 +685,8 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
 
     src = Path(src)
     if not src.is_dir():
-        raise AnalogyDataError(f"Relation252K folder {src} does not exist")
+        state = "is a file, not a folder" if src.exists() else "does not exist"
+        raise AnalogyDataError(f"Relation252K folder {src} {state}")
     excluded = set()
     if filter_json:
         items = _read_json(Path(filter_json), "filter JSON")

@@ -8,6 +8,7 @@ and coefficient plots. Training lives in ``lorweb_fast.training``, the command l
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -520,31 +521,45 @@ class AnalogyEncoder:
         if not model_type.startswith(("clip", "siglip")):
             raise ValueError(f"unsupported analogy encoder {self.name!r} (model_type {model_type!r}): use a CLIP or "
                              "SigLIP2 checkpoint")
-        if model_type.startswith("clip"):
-            from transformers import CLIPVisionModelWithProjection
-
-            vision = CLIPVisionModelWithProjection.from_pretrained(model, dtype=dtype)
-            self.processor = _official_processor("clip", model, int(vision.config.image_size))
-            self.embed_dim = int(vision.config.projection_dim)
-            self.kind = "clip"
-        elif model_type.startswith("siglip2"):
-            from transformers import Siglip2VisionModel
-
-            vision = Siglip2VisionModel.from_pretrained(model, dtype=dtype)
-            self.processor = _official_processor("siglip2", model)
-            self.embed_dim = int(vision.config.hidden_size)
-            self.kind = "siglip2"
-        else:  # siglip v1 (full model or vision tower): not an official encoder
-            from transformers import AutoImageProcessor, AutoModel
-
-            vision = AutoModel.from_pretrained(model, dtype=dtype)
-            vision = getattr(vision, "vision_model", vision)
-            self.processor = AutoImageProcessor.from_pretrained(model)
-            self.embed_dim = int(vision.config.hidden_size)
-            self.kind = "siglip"
-        if query_mode in PATCH_QUERY_MODES and self.kind != "clip":
+        if model_type.endswith("_text_model"):  # e.g. a FLUX pipeline's text_encoder/ folder
+            raise ValueError(f"the analogy encoder {self.name!r} is a text model (model_type {model_type!r}); the "
+                             "analogy encoder encodes images: give a CLIP or SigLIP2 checkpoint with its vision "
+                             "model (e.g. openai/clip-vit-large-patch14)")
+        if query_mode in PATCH_QUERY_MODES and not model_type.startswith("clip"):
             raise ValueError(f"query_mode={query_mode!r} uses CLIP patch tokens; the official code has no patch "
                              f"queries for {model_type} ({self.name})")
+        vision_config = getattr(config, "vision_config", config)
+        layers = getattr(vision_config, "num_hidden_layers", None)
+        if query_mode.endswith("3") and layers is not None and layers < 16:
+            raise ValueError(f"query mode {query_mode!r} uses the hidden states -16, -8 and -1 of the vision model; "
+                             f"the analogy encoder {self.name!r} has only {layers} layers")
+        try:
+            if model_type.startswith("clip"):
+                from transformers import CLIPVisionModelWithProjection
+
+                vision = CLIPVisionModelWithProjection.from_pretrained(model, dtype=dtype)
+                self.processor = _official_processor("clip", model, int(vision.config.image_size))
+                self.embed_dim = int(vision.config.projection_dim)
+                self.kind = "clip"
+            elif model_type.startswith("siglip2"):
+                from transformers import Siglip2VisionModel
+
+                vision = Siglip2VisionModel.from_pretrained(model, dtype=dtype)
+                self.processor = _official_processor("siglip2", model)
+                self.embed_dim = int(vision.config.hidden_size)
+                self.kind = "siglip2"
+            else:  # siglip v1 (full model or vision tower): not an official encoder
+                from transformers import AutoImageProcessor, AutoModel
+
+                vision = AutoModel.from_pretrained(model, dtype=dtype)
+                vision = getattr(vision, "vision_model", vision)
+                self.processor = AutoImageProcessor.from_pretrained(model)
+                self.embed_dim = int(vision.config.hidden_size)
+                self.kind = "siglip"
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:  # missing or mismatched weights, processor
+            raise ValueError(f"cannot load the analogy encoder {self.name!r} ({model_type}): "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                             ) from exc
         self.model_type = model_type
         self.query_mode, self.pooling_type, self.query_source = query_mode, pooling_type, query_source
         self.model = vision.eval().requires_grad_(False)
@@ -743,6 +758,16 @@ def base_model_loaded(model: Union[str, Path], load):
     """``load()``, with the OSError diffusers raises for a base model it cannot fetch or read (offline, the gated
     official repo without a token, a mistyped id, an incomplete folder) turned into a ValueError that names the model
     and what to do (the command line prints it as one line)."""
+    index = Path(str(model)) / "model_index.json"
+    if index.is_file():  # a broken index fails inside diffusers with a KeyError or a JSON traceback
+        try:
+            components = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot load the FLUX.1-Kontext model {str(model)!r}: {index} is not valid JSON "
+                             f"({exc})") from None
+        if not isinstance(components, dict) or "_class_name" not in components:
+            raise ValueError(f"cannot load the FLUX.1-Kontext model {str(model)!r}: {index} names no pipeline class "
+                             "(_class_name); is it a diffusers pipeline folder?")
     try:
         return load()
     except OSError as exc:

@@ -305,11 +305,12 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------------ checkpoints
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 #: TrainConfig fields that may differ when resuming: the step budget, options that change no computed value (how
-#: many checkpoints are kept among them), the attention kernel choice (cudnn_attention: roundings only), what a NaN
+#: often checkpoints are written and how many are kept, the dtype of the saved weights files: the trainer state
+#: keeps the fp32 masters it resumes from, among them), the attention kernel choice (cudnn_attention: roundings only), what a NaN
 #: loss does (nan_loss: only on a NaN) and ``out``, the folder the checkpoint is found in (a run folder may be moved
 #: or named another way: ``runs/x/``, ``./runs/x``).
 RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers", "cudnn_attention",
-                     "keep_checkpoints", "keep_milestone_every", "nan_loss", "out")
+                     "keep_checkpoints", "keep_milestone_every", "checkpoint_every", "save_dtype", "nan_loss", "out")
 #: TrainConfig fields naming a local folder or a hub id: compared on resume as ``recorded_location`` writes them (a
 #: local folder as its absolute path), so ``DATA``, ``DATA/`` and ``./DATA`` are the same folder
 RESUME_LOCATIONS = ("data", "model", "encoder")
@@ -414,12 +415,40 @@ def _check_resume_config(cfg, ckpt: Path, state: dict, out: Path) -> None:
                          "(or pass --overwrite to start over)")
 
 
-def prepare_output(cfg, *, main_process: bool = True) -> tuple[Optional[Path], Optional[dict]]:
+def _foreign_run_files(out: Path) -> list[str]:
+    """RUN_FILES in ``out`` that no unfinished run of this trainer leaves without checkpoints, weights or a loss log:
+    config.yaml and loss.png (written with the first checkpoint), and a train_config.json that is not a training
+    config (a run killed before its first step leaves its own). Training would overwrite them."""
+    found = [name for name in (CONFIG_NAME, "loss.png") if (out / name).exists()]
+    own = out / "train_config.json"
+    if own.exists():
+        try:
+            values = json.loads(own.read_text())
+            ours = isinstance(values, dict) and {"data", "out", "model", "steps"} <= values.keys()
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            found.append("train_config.json")
+    return found
+
+
+def clear_run(out: Union[str, Path]) -> None:
+    """Delete a training run's files in ``out``: RUN_FILES and ``checkpoints/``, nothing else."""
+    out = Path(out)
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def prepare_output(cfg, *, main_process: bool = True, clear: bool = True) -> tuple[Optional[Path], Optional[dict]]:
     """Check ``cfg.out`` before any model loads and return (checkpoint to resume, its trainer state).
 
     A used ``out`` (checkpoints, weights or a loss log) needs ``resume`` or ``overwrite``; ``overwrite`` deletes the
-    run's files (RUN_FILES and ``checkpoints/``, nothing else); temporary folders of a killed run are removed.
-    Only ``main_process`` deletes anything; ``train`` runs it there first and on the other processes after that.
+    run's files (``clear_run``: RUN_FILES and ``checkpoints/``, nothing else) when ``clear``, else leaves that to the
+    caller (``train`` deletes them once the models have loaded, so a call that fails to load keeps the old run). An
+    ``out`` without a run that holds files training writes (``_foreign_run_files``: e.g. a config.yaml of your own)
+    needs ``overwrite`` too. Temporary folders of a killed run are removed. Only ``main_process`` deletes anything;
+    ``train`` runs it there first and on the other processes after that.
     """
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -438,15 +467,18 @@ def prepare_output(cfg, *, main_process: bool = True) -> tuple[Optional[Path], O
                 (out / name).unlink()
     log = out / "loss.jsonl"
     used = bool(checkpoint_dirs(out)) or (out / WEIGHTS_NAME).exists() or (log.is_file() and log.stat().st_size > 0)
-    if used and cfg.overwrite:
-        if main_process:
-            shutil.rmtree(root, ignore_errors=True)
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
+    foreign = [] if used or not out.is_dir() else _foreign_run_files(out)
+    if (used or foreign) and cfg.overwrite:
+        if main_process and clear:
+            clear_run(out)
         return None, None
     if used and not cfg.resume:
         raise ValueError(f"--out {out} already holds a training run (checkpoints, {WEIGHTS_NAME} or loss.jsonl); "
                          "pass --resume to continue it or --overwrite to start over")
+    if foreign:
+        raise ValueError(f"--out {out} holds {', '.join(foreign)} but no training run (no checkpoints, "
+                         f"{WEIGHTS_NAME} or loss log); training writes these files: pass --overwrite to replace "
+                         "them, or another --out")
     if not cfg.resume:
         return None, None
     ckpt, state = find_resumable_checkpoint(out)
@@ -745,6 +777,13 @@ def quantization_kind(module: torch.nn.Module) -> Optional[str]:
     return None
 
 
+def _check_bitsandbytes_device(quantize_base: str) -> None:
+    if not torch.cuda.is_available():
+        raise ValueError(f"--quantize-base {quantize_base} needs a CUDA GPU: diffusers' bitsandbytes quantizer does "
+                         "not quantize on the CPU (pass --quantize-base none, or qfloat8 for the official "
+                         "optimum-quanto fp8 quantization, which runs on a CPU too)")
+
+
 def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize_base: str = "none",
                            device: Optional[torch.device] = None):
     """The FluxKontextPipeline to train on.
@@ -763,10 +802,7 @@ def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize
         pipe = load_kontext_pipeline(model, dtype)
         quantize_qfloat8(pipe, device)
         return pipe
-    if not torch.cuda.is_available():
-        raise ValueError(f"--quantize-base {quantize_base} needs a CUDA GPU: diffusers' bitsandbytes quantizer does "
-                         "not quantize on the CPU (pass --quantize-base none, or qfloat8 for the official "
-                         "optimum-quanto fp8 quantization, which runs on a CPU too)")
+    _check_bitsandbytes_device(quantize_base)
     import diffusers
     from diffusers import FluxKontextPipeline, FluxTransformer2DModel
     from packaging.version import Version
@@ -1192,24 +1228,25 @@ def _reports_from_main_only():
 
 
 def _prepare_output_in_order(cfg: TrainConfig, accelerator) -> tuple[Optional[Path], Optional[dict]]:
-    """``prepare_output`` on the main process first (it alone deletes: ``--overwrite``, a killed run's temporary
-    files), then on the others, which only read ``cfg.out`` once it is done (reading it while the main process
-    deletes it could fail); an error of the main process is raised on every rank, so none waits for it."""
+    """``prepare_output`` on the main process first (it alone deletes a killed run's temporary files; ``--overwrite``
+    deletes the old run later, in ``_train``, once the models have loaded), then on the others, which only read
+    ``cfg.out`` once it is done (reading it while the main process deletes it could fail); an error of the main
+    process is raised on every rank, so none waits for it."""
     if accelerator.num_processes == 1:
-        return prepare_output(cfg, main_process=True)
+        return prepare_output(cfg, main_process=True, clear=False)
     from accelerate.utils import broadcast_object_list
 
     result, error = (None, None), None
     if accelerator.is_main_process:
         try:
-            result = prepare_output(cfg, main_process=True)
+            result = prepare_output(cfg, main_process=True, clear=False)
         except Exception as exc:  # raised below on every rank
             error = exc
     error = broadcast_object_list([error], from_process=0)[0]  # the other ranks wait here for the main one
     if error is not None:
         raise error
     if not accelerator.is_main_process:
-        result = prepare_output(cfg, main_process=False)
+        result = prepare_output(cfg, main_process=False, clear=False)
     return result
 
 
@@ -1257,6 +1294,14 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
         _check_given_quantization(pipe, cfg.quantize_base)
     elif cfg.quantize_base == "qfloat8":
         _import_quanto()
+    elif cfg.quantize_base != "none":
+        _check_bitsandbytes_device(cfg.quantize_base)
+    if cfg.batch_size > len(dataset):
+        if cfg.batching == "mixed":
+            raise ValueError(f"batch_size (--batch-size) {cfg.batch_size} is larger than the {len(dataset)} training "
+                             "samples: with batching 'mixed' every batch would repeat samples; lower it")
+        warnings.warn(f"batch_size (--batch-size) {cfg.batch_size} is larger than the {len(dataset)} training "
+                      "samples: every batch holds at most the samples of one bucket", UserWarning, stacklevel=3)
     ckpt, trainer_state = _prepare_output_in_order(cfg, accelerator)  # before loading models
     accelerator.wait_for_everyone()
 
@@ -1264,6 +1309,10 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
         pipe = load_training_pipeline(cfg.model, weight_dtype, cfg.quantize_base, device)
     if encoder is None:  # built from cfg: its query settings are cfg's ("none"'s key_dim was checked above)
         encoder = _build_encoder(cfg, weight_dtype)
+    if cfg.overwrite and ckpt is None:  # the models loaded: only now is the old run deleted (--overwrite)
+        if accelerator.is_main_process:
+            clear_run(out)
+        accelerator.wait_for_everyone()
     encoder.model.to(device)
     for name in _PIPELINE_MODELS:
         module = getattr(pipe, name).requires_grad_(False)

@@ -328,7 +328,7 @@ TRAIN_RANGES = {
     "max_sequence_length": (1, 512, False), "num_loras": (1, None, False), "rank": (1, None, False),
     "key_dim": (1, None, False), "heads": (1, None, False), "checkpoint_every": (1, None, False),
     "keep_checkpoints": (0, None, False), "seed": (0, 2 ** 63 - 1, False), "num_workers": (0, None, False),
-    "bucket_divisibility": (1, None, False),
+    "bucket_divisibility": (1, None, False), "adam_eps": (0.0, None, True),
 }
 
 
@@ -631,6 +631,11 @@ def check_data_args(args) -> None:
             check_bucket_divisibility("--bucket-divisibility", args.bucket_divisibility, args.resize)
             if args.dump is not None:
                 check_output_dir("--dump", args.dump)
+                data, dump = Path(args.data).resolve(), Path(args.dump).resolve()
+                if dump == data or data in dump.parents:
+                    raise UsageError(f"--dump {args.dump} is inside the training folder {args.data}: the dumped "
+                                     "images would be read back as samples (or break its control/ and target/ "
+                                     "pairs); choose a folder outside it")
             return
         check_output_dir("out", args.out)
         if args.filter_json is not None:

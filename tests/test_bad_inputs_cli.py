@@ -4,6 +4,7 @@ are replaced by mocks that fail the test when called; a positive control shows t
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -300,6 +301,11 @@ TRAIN_CASES = {
     "workers negative": (["--num-workers", "-1"], "--num-workers must be"),
     "resume and overwrite": (["--resume", "--overwrite"], "resume and overwrite exclude each other"),
     "activation unknown": (["--activation", "relu"], "invalid choice"),
+    "adam eps 0": (["--adam-eps", "0"], "--adam-eps must be > 0"),  # a 0/0 in the update: NaN coefficients
+    "adam eps negative": (["--adam-eps", "-1"], "--adam-eps must be > 0"),
+    "batch size above the samples, mixed batching": (["--batch-size", "3", "--batching", "mixed"],
+                                                     "batch_size (--batch-size) 3 is larger than the 2 training "
+                                                     "samples: with batching 'mixed' every batch would repeat"),
 }
 
 
@@ -356,12 +362,58 @@ def test_train_good_arguments_reach_the_loader(files, tmp_path, capsys, no_model
     assert len(no_model_load) == 1
 
 
-def test_train_overwrite_reaches_the_loader_and_clears_only_run_files(files, tmp_path, no_model_load):
+def test_train_overwrite_keeps_the_old_run_when_the_models_fail_to_load(files, tmp_path, no_model_load):
+    """--overwrite deletes the old run only once the models have loaded: a call whose model does not load (gated,
+    offline, a bad folder) leaves the run it was to replace as it was (it was deleted first, then the call failed)."""
     out = _used_out(tmp_path, "checkpoint")
-    (out / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
     with pytest.raises(ModelLoaded):
         cli.main(train_argv(files, tmp_path, "--overwrite", "--mixed-precision", "no", out=out))
-    assert not (out / "checkpoints").exists() and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_train_overwrite_clears_only_run_files_once_the_models_loaded(files, tmp_path, monkeypatch):
+    """Once the pipeline and the encoder are built, --overwrite deletes the run's files (checkpoints/ and the
+    RUN_FILES) and nothing else in --out."""
+    from lorweb_fast import training
+
+    class Stop(Exception):
+        pass
+
+    class Encoder:
+        name, query_dim = "enc", 6
+
+        @property
+        def model(self):
+            raise Stop
+
+    monkeypatch.setattr(training, "load_training_pipeline", lambda *a, **k: object())
+    monkeypatch.setattr(training, "_build_encoder", lambda *a, **k: Encoder())
+    out = _used_out(tmp_path, "checkpoint")
+    (out / "notes.txt").write_text("mine")
+    (out / "loss.png").write_bytes(b"png")
+    with pytest.raises(Stop):
+        cli.main(train_argv(files, tmp_path, "--overwrite", "--mixed-precision", "no", out=out))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name,content", [("config.yaml", "my: settings\n"), ("loss.png", "png"),
+                                          ("train_config.json", "{\"mine\": 1}")])
+def test_train_refuses_an_out_holding_files_it_would_overwrite(files, tmp_path, capsys, no_model_load, name,
+                                                               content):
+    """An --out without a run that holds a file training writes (a config.yaml of your own, a train_config.json
+    that is no training config) was silently overwritten: refused up front, the file kept; --overwrite replaces
+    it. A train_config.json of a run killed before its first step (a training config) is not refused."""
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / name).write_text(content)
+    line = assert_one_line_exit_2(capsys, train_argv(files, tmp_path, out=out), f"holds {name} but no training run",
+                                  no_model_load)
+    assert "pass --overwrite to replace them" in line and (out / name).read_text() == content
+    (out / name).unlink()
+    (out / "train_config.json").write_text(json.dumps({"data": "d", "out": str(out), "model": "m", "steps": 2}))
+    with pytest.raises(ModelLoaded):
+        cli.main(train_argv(files, tmp_path, out=out))
 
 
 # ------------------------------------------------------------------------------------------------------- demo
@@ -560,3 +612,32 @@ def test_quiet_puts_back_huggingface_hubs_own_state():
         assert not hub_utils.are_progress_bars_disabled()
     finally:
         hub_utils.enable_progress_bars()
+
+
+def test_train_warns_about_a_batch_size_above_the_samples_with_bucket_batching(files, tmp_path, capsys,
+                                                                              no_model_load):
+    """Bucket batching (official) with --batch-size above the samples: every batch is one bucket's samples, which
+    training may go on with; a warning says so."""
+    with pytest.raises(ModelLoaded), pytest.warns(UserWarning, match=re.escape(
+            "batch_size (--batch-size) 3 is larger than the 2 training samples: every batch holds at most the "
+            "samples of one bucket")):
+        cli.main(train_argv(files, tmp_path, "--batch-size", "3"))
+
+
+def test_the_package_log_lines_reach_the_command_line_on_one_line(monkeypatch, capsys):
+    """The package's INFO and WARNING log lines (the trainer's buckets, "resumed from ...") reach stderr while a
+    command runs, one line each in the command's format (Python's default showed only warnings, without the
+    command); the package logger's level, propagation and handlers are given back afterwards."""
+    import logging
+
+    package = logging.getLogger("lorweb_fast")
+    before = (package.level, package.propagate, list(package.handlers))
+
+    def run_infer(args):
+        logging.getLogger("lorweb_fast.training").info("3 training buckets:\n512x512: 6")
+        logging.getLogger("lorweb_fast.training").debug("not shown")
+
+    monkeypatch.setattr(cli, "run_infer", run_infer)
+    assert cli.main(["infer", "--a", "a", "--a-prime", "a", "--b", "b", "--prompt", "p", "--weights", "w"]) == 0
+    assert capsys.readouterr().err == "lorweb-fast infer: info: 3 training buckets: 512x512: 6\n"
+    assert (package.level, package.propagate, list(package.handlers)) == before

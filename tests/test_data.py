@@ -648,6 +648,28 @@ def test_data_prepare_bad_source(tmp_path, capsys):
     assert "not a Relation252K folder" in capsys.readouterr().err
 
 
+def test_data_commands_name_a_file_given_for_a_folder(tmp_path, capsys):
+    """``data check FILE`` and ``data prepare FILE OUT`` said the path "does not exist"; it is a file."""
+    (tmp_path / "afile").write_text("x")
+    assert "training data folder " + str(tmp_path / "afile") + " is a file, not a folder" in \
+        _one_error_line(capsys, ["data", "check", str(tmp_path / "afile"), "--quiet"])
+    assert "Relation252K folder " + str(tmp_path / "afile") + " is a file, not a folder" in \
+        _one_error_line(capsys, ["data", "prepare", str(tmp_path / "afile"), str(tmp_path / "o"), "--quiet"])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("inside", [".", "target", "control/sub"])
+def test_data_check_refuses_a_dump_folder_inside_the_data(tmp_path, capsys, inside):
+    """--dump inside DATA wrote *_target.png / *_control.png where the next data check or train reads samples
+    (into target/: every dumped image became a sample without a control): refused, nothing written."""
+    root = _strip_folder(tmp_path / "d", cells=[(20, 14), (16, 16)])
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    line = _one_error_line(capsys, ["data", "check", str(root), "--dump", str(root / inside), "--quiet",
+                                    "--resize", "long-edge"])
+    assert "is inside the training folder" in line and "choose a folder outside it" in line
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
 def _one_error_line(capsys, argv) -> str:
     """Run the CLI, expect exit status 2 and one stderr line without a traceback; return that line."""
     assert cli.main(argv) == 2

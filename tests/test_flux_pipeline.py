@@ -1,7 +1,6 @@
 """LoRWeBKontextPipeline on a tiny random FLUX.1-Kontext pipeline saved with save_pretrained and loaded back with
 from_pretrained; analogy encoders (CLIP, SigLIP); the CLI's infer errors."""
 
-
 import re
 
 import numpy as np
@@ -265,6 +264,49 @@ def test_unsupported_encoder(tmp_path):
         tmp_path)
     with pytest.raises(ValueError, match="unsupported analogy encoder"):
         flux.AnalogyEncoder(tmp_path)
+
+
+def test_a_text_model_or_a_folder_without_weights_as_encoder_is_a_value_error(tmp_path):
+    """A CLIP *text* model (a FLUX pipeline's text_encoder/ folder, an easy mix-up) passed the model_type check and
+    failed inside transformers with a RuntimeError (a traceback from the CLI); a CLIP folder without weights raised
+    transformers' OSError: both are ValueErrors naming the encoder (one line, exit status 2 from the CLI)."""
+    from transformers import CLIPTextConfig, CLIPVisionConfig
+
+    CLIPTextConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                   projection_dim=8).save_pretrained(tmp_path / "text")
+    with pytest.raises(ValueError, match=r"'.*text' is a text model \(model_type 'clip_text_model'\); the analogy "
+                                         r"encoder encodes images"):
+        flux.AnalogyEncoder(tmp_path / "text")
+    CLIPVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     projection_dim=8, image_size=32, patch_size=16).save_pretrained(tmp_path / "noweights")
+    with pytest.raises(ValueError, match=r"cannot load the analogy encoder '.*noweights' \(clip_vision_model\): "):
+        flux.AnalogyEncoder(tmp_path / "noweights")
+
+
+def test_a_three_layer_query_mode_needs_16_encoder_layers_before_any_weights_load(tmp_path):
+    """The "...3" query modes read hidden states -16, -8, -1: an encoder with fewer layers is refused from its
+    config, before its weights load (it failed at the first query: for training, after FLUX had loaded)."""
+    from transformers import CLIPVisionConfig
+
+    CLIPVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                     projection_dim=8, image_size=32, patch_size=16).save_pretrained(tmp_path / "clip2")
+    for mode in ("paa'b3", "cat-paa'b3"):
+        with pytest.raises(ValueError, match=rf"query mode {re.escape(repr(mode))} uses the hidden states -16, -8 "
+                                             r"and -1 of the vision model; the analogy encoder '.*clip2' has only 2 "
+                                             "layers"):
+            flux.AnalogyEncoder(tmp_path / "clip2", query_mode=mode)  # no weights file: refused before loading
+
+
+@pytest.mark.parametrize("index,fragment", [('{"transformer": ["diffusers", "FluxTransformer2DModel"]}',
+                                             "names no pipeline class (_class_name)"),
+                                            ("{not json", "is not valid JSON")])
+def test_a_broken_model_index_is_a_value_error_naming_it(tmp_path, index, fragment):
+    """A model_index.json without _class_name failed inside diffusers with KeyError('_class_name') (a traceback from
+    the CLI): a ValueError naming the model and the file."""
+    (tmp_path / "model_index.json").write_text(index)
+    with pytest.raises(ValueError, match=rf"cannot load the FLUX.1-Kontext model '.*': .*model_index.json "
+                                         rf"{re.escape(fragment)}"):
+        flux.load_kontext_pipeline(tmp_path, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------ CLI infer
