@@ -110,13 +110,21 @@ def official_control_grid(a, a_prime, b, *, max_size: Optional[int] = None):
     cell_b = b.resize((w, h), Image.BICUBIC)
     grid.paste(cell_b, (0, h))
     grid.paste(cell_b, (w, h))
-    if max_size is not None:
-        if max_size < 2:
-            raise ValueError(f"max_size must be at least 2 pixels, got {max_size}")
-        if 2 * w > max_size or 2 * h > max_size:
-            size = (max_size, int(h * max_size / w)) if w > h else (int(w * max_size / h), max_size)
-            grid = grid.resize(size, Image.BICUBIC)
-    return grid
+    size = official_grid_size(a.size, max_size)
+    return grid if size == grid.size else grid.resize(size, Image.BICUBIC)
+
+
+def official_grid_size(a_size: tuple, max_size: Optional[int] = None) -> tuple:
+    """(width, height) of ``official_control_grid`` for an a of ``a_size`` (w, h): (2w, 2h), or with ``max_size``
+    and a side above it, the long edge (cell width > height decides it) at ``max_size``, the other side truncated."""
+    w, h = a_size
+    if max_size is None:
+        return 2 * w, 2 * h
+    if max_size < 2:
+        raise ValueError(f"max_size must be at least 2 pixels, got {max_size}")
+    if 2 * w > max_size or 2 * h > max_size:
+        return (max_size, int(h * max_size / w)) if w > h else (int(w * max_size / h), max_size)
+    return 2 * w, 2 * h
 
 
 #: how official_grid_problem names the options, in the Python API (default) and on the command line
@@ -124,29 +132,31 @@ API_OPTION_NAMES = {"native": "resolution='native'", "max_size": "max_size"}
 CLI_OPTION_NAMES = {"native": "--resolution native", "max_size": "--max-size"}
 
 
-def official_grid_problem(a, grid, *, query_mode: str, query_source: str = "grid", max_size: Optional[int] = None,
-                          multiple: int = 16, option_names: Optional[dict] = None) -> Optional[str]:
-    """Why the official-resolution control ``grid`` (``official_control_grid`` of analogy image ``a``) cannot be
-    generated from, or None: a side that the pipeline rounds down to 0 (sides multiples of ``multiple``, 16 for
-    FLUX), or, for ``query_source="grid"``, a grid with nothing to cut for the official inference crops of
-    ``query_mode`` (an a of aspect ratio 2:1 or wider). The text starts with a's size ("WxH: ...") and names the
-    remedy with ``option_names`` (``API_OPTION_NAMES`` or ``CLI_OPTION_NAMES``)."""
+def official_grid_problem(a_size: tuple, grid_size: tuple, *, query_mode: str, query_source: str = "grid",
+                          max_size: Optional[int] = None, multiple: int = 16,
+                          option_names: Optional[dict] = None) -> Optional[str]:
+    """Why the official-resolution control grid of ``grid_size`` (``official_grid_size`` of an analogy image a of
+    ``a_size``) cannot be generated from, or None: a side that the pipeline rounds down to 0 (sides multiples of
+    ``multiple``, 16 for FLUX), or, for ``query_source="grid"``, a grid with nothing to cut for the official inference
+    crops of ``query_mode`` (an a of aspect ratio 2:1 or wider). The text starts with a's size ("WxH: ...") and names
+    the remedy with ``option_names`` (``API_OPTION_NAMES`` or ``CLI_OPTION_NAMES``)."""
     names = option_names or API_OPTION_NAMES
-    if min(grid.size) < multiple:
-        full = (2 * a.width, 2 * a.height)  # the grid of four cells at a's size
-        if grid.size != full:  # max_size scaled it down: a itself may be large enough
-            cause = (f"the {full[0]}x{full[1]} control grid of cells at a's size is scaled to "
-                     f"{grid.width}x{grid.height} by {names['max_size']}={max_size}")
+    (aw, ah), (gw, gh) = a_size, grid_size
+    if min(gw, gh) < multiple:
+        full = (2 * aw, 2 * ah)  # the grid of four cells at a's size
+        if (gw, gh) != full:  # max_size scaled it down: a itself may be large enough
+            cause = (f"the {full[0]}x{full[1]} control grid of cells at a's size is scaled to {gw}x{gh} by "
+                     f"{names['max_size']}={max_size}")
             remedy = f"use a less elongated a or a larger {names['max_size']}"
         else:
-            cause = f"the control grid of cells at a's size is {grid.width}x{grid.height}"
+            cause = f"the control grid of cells at a's size is {gw}x{gh}"
             remedy = f"use a larger a (at least {multiple // 2} px on a side)"
-        return (f"{a.width}x{a.height}: at the official resolution {cause}, and the pipeline rounds its sides down "
-                f"to multiples of {multiple}, to 0 here; {remedy} or {names['native']}")
+        return (f"{aw}x{ah}: at the official resolution {cause}, and the pipeline rounds its sides down to multiples "
+                f"of {multiple}, to 0 here; {remedy} or {names['native']}")
     if query_source == "grid":
-        problem = query_crop_problem(*grid.size, query_mode, "inference")
+        problem = query_crop_problem(gw, gh, query_mode, "inference")
         if problem:
-            return (f"{a.width}x{a.height}: at the official resolution the cells take a's shape, and {problem}; use "
+            return (f"{aw}x{ah}: at the official resolution the cells take a's shape, and {problem}; use "
                     f"{names['native']} (cells at b's shape) or a narrower a")
     return None
 
@@ -1252,7 +1262,7 @@ class LoRWeBKontextPipeline:
             return self.encoder.query(grids=grids, a=a, a_prime=a_prime, b=b, crops="cells")
         multiple = 2 * int(getattr(self.pipe, "vae_scale_factor", 8))  # FluxKontextPipeline: sides multiples of it
         for i, grid in enumerate(grids):
-            problem = official_grid_problem(a[i], grid, query_mode=self.encoder.query_mode,
+            problem = official_grid_problem(a[i].size, grid.size, query_mode=self.encoder.query_mode,
                                             query_source=self.encoder.query_source, max_size=self.max_size,
                                             multiple=multiple)
             if problem:

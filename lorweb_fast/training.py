@@ -306,9 +306,9 @@ class TrainConfig:
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 #: TrainConfig fields that may differ when resuming: the step budget, options that change no computed value (how
 #: often checkpoints are written and how many are kept, the dtype of the saved weights files: the trainer state
-#: keeps the fp32 masters it resumes from, among them), the attention kernel choice (cudnn_attention: roundings only), what a NaN
-#: loss does (nan_loss: only on a NaN) and ``out``, the folder the checkpoint is found in (a run folder may be moved
-#: or named another way: ``runs/x/``, ``./runs/x``).
+#: keeps the fp32 masters it resumes from, among them), the attention kernel choice (cudnn_attention: roundings
+#: only), what a NaN loss does (nan_loss: only on a NaN) and ``out``, the folder the checkpoint is found in (a run
+#: folder may be moved or named another way: ``runs/x/``, ``./runs/x``).
 RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers", "cudnn_attention",
                      "keep_checkpoints", "keep_milestone_every", "checkpoint_every", "save_dtype", "nan_loss", "out")
 #: TrainConfig fields naming a local folder or a hub id: compared on resume as ``recorded_location`` writes them (a

@@ -472,7 +472,7 @@ def check_infer_args(args) -> list:
     ``args.config`` name those local files (``weight_name`` and ``revision`` cleared), so the run loads exactly what
     was checked, and ``args.steps`` is the step count (None: the length of ``--pipe-arg sigmas``, else 28); a
     refused call leaves ``args`` as it was. Returns the decoded [a, a', b] PIL images."""
-    from .flux import CLI_OPTION_NAMES, load_image, official_control_grid, official_grid_problem
+    from .flux import CLI_OPTION_NAMES, load_image, official_grid_problem, official_grid_size
     from .model import LoRWeBCheckpointError, _config_from_metadata, checkpoint_metadata, resolve_checkpoint_settings
     from .flux import resolve_query_source
     from .lora_api import checkpoint_key_dim, hub_repo_id, resolve_checkpoint
@@ -572,8 +572,8 @@ def check_infer_args(args) -> list:
                              f"which pool CLIP's patch tokens; query mode {resolved['query_mode']!r} (from "
                              f"{'--query-mode' if source == 'argument' else source}) does not pool")
         if resolution == "official":  # the a of a 2:1 or wider analogy has no b to crop: refused before loading
-            grid = official_control_grid(*images, max_size=getattr(args, "max_size", None))
-            problem = official_grid_problem(images[0], grid, query_mode=resolved["query_mode"],
+            grid_size = official_grid_size(images[0].size, getattr(args, "max_size", None))
+            problem = official_grid_problem(images[0].size, grid_size, query_mode=resolved["query_mode"],
                                             query_source=query_source, max_size=getattr(args, "max_size", None),
                                             option_names=CLI_OPTION_NAMES)
             if problem:
