@@ -133,16 +133,17 @@ CLI_OPTION_NAMES = {"native": "--resolution native", "max_size": "--max-size"}
 
 
 def official_grid_problem(a_size: tuple, grid_size: tuple, *, query_mode: str, query_source: str = "grid",
-                          max_size: Optional[int] = None, multiple: int = 16,
+                          max_size: Optional[int] = None, multiple: Optional[int] = 16,
                           option_names: Optional[dict] = None) -> Optional[str]:
     """Why the official-resolution control grid of ``grid_size`` (``official_grid_size`` of an analogy image a of
     ``a_size``) cannot be generated from, or None: a side that the pipeline rounds down to 0 (sides multiples of
-    ``multiple``, 16 for FLUX), or, for ``query_source="grid"``, a grid with nothing to cut for the official inference
+    ``multiple``, 16 for FLUX; None: not checked), or, for ``query_source="grid"``, a grid with nothing to cut for the
+    official inference
     crops of ``query_mode`` (an a of aspect ratio 2:1 or wider). The text starts with a's size ("WxH: ...") and names
     the remedy with ``option_names`` (``API_OPTION_NAMES`` or ``CLI_OPTION_NAMES``)."""
     names = option_names or API_OPTION_NAMES
     (aw, ah), (gw, gh) = a_size, grid_size
-    if min(gw, gh) < multiple:
+    if multiple is not None and min(gw, gh) < multiple:
         full = (2 * aw, 2 * ah)  # the grid of four cells at a's size
         if (gw, gh) != full:  # max_size scaled it down: a itself may be large enough
             cause = (f"the {full[0]}x{full[1]} control grid of cells at a's size is scaled to {gw}x{gh} by "

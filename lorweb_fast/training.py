@@ -1296,12 +1296,17 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
         _import_quanto()
     elif cfg.quantize_base != "none":
         _check_bitsandbytes_device(cfg.quantize_base)
-    if cfg.batch_size > len(dataset):
-        if cfg.batching == "mixed":
-            raise ValueError(f"batch_size (--batch-size) {cfg.batch_size} is larger than the {len(dataset)} training "
-                             "samples: with batching 'mixed' every batch would repeat samples; lower it")
-        warnings.warn(f"batch_size (--batch-size) {cfg.batch_size} is larger than the {len(dataset)} training "
-                      "samples: every batch holds at most the samples of one bucket", UserWarning, stacklevel=3)
+    global_batch = cfg.batch_size * accelerator.num_processes
+    if global_batch > len(dataset):
+        what = (f"batch_size (--batch-size) {cfg.batch_size}" if accelerator.num_processes == 1 else
+                f"the global batch of {global_batch} (batch_size (--batch-size) {cfg.batch_size} x "
+                f"{accelerator.num_processes} processes)")
+        if cfg.batching == "mixed" and not cfg.resume:  # a run started before this check resumes (with a warning)
+            raise ValueError(f"{what} is larger than the {len(dataset)} training samples: with batching 'mixed' every "
+                             "step would repeat samples; lower it")
+        warnings.warn(f"{what} is larger than the {len(dataset)} training samples: "
+                      + ("every step repeats samples" if cfg.batching == "mixed" else
+                         "every step holds at most the samples of one bucket"), UserWarning, stacklevel=3)
     ckpt, trainer_state = _prepare_output_in_order(cfg, accelerator)  # before loading models
     accelerator.wait_for_everyone()
 

@@ -464,6 +464,22 @@ def resolve_step_count(steps: Optional[int], pipe_kwargs: Optional[dict]) -> int
     return DEFAULT_STEPS if steps is None else steps
 
 
+def pipeline_grid_multiple(model) -> Optional[int]:
+    """What FluxKontextPipeline rounds the generated sides down to (2 x its VAE scale factor, 2 ** (levels - 1) of
+    ``vae/config.json`` ``block_out_channels``): 16 for FLUX.1-Kontext. For a local diffusers folder from its VAE
+    config; None when that does not read (the pipeline checks the sizes once loaded); 16 for a Hub id."""
+    import json
+
+    folder = Path(str(model))
+    if not folder.exists():
+        return 16
+    try:
+        channels = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))["block_out_channels"]
+        return 2 * 2 ** (len(channels) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_infer_args(args) -> list:
     """Every path and option of ``lorweb-fast infer``, before any model loads; raises UsageError (one line). The
     options that need no checkpoint are checked first; then a --weights folder or Hugging Face Hub repo id
@@ -575,6 +591,7 @@ def check_infer_args(args) -> list:
             grid_size = official_grid_size(images[0].size, getattr(args, "max_size", None))
             problem = official_grid_problem(images[0].size, grid_size, query_mode=resolved["query_mode"],
                                             query_source=query_source, max_size=getattr(args, "max_size", None),
+                                            multiple=pipeline_grid_multiple(args.model),
                                             option_names=CLI_OPTION_NAMES)
             if problem:
                 raise UsageError(f"--a {args.a} is {problem}")

@@ -8,8 +8,8 @@ argv: the TrainConfig as JSON, then an optional mode:
 - ``no-auto-wrap`` (with ``fsdp2-cpu``): no auto-wrap policy, only the root module is sharded.
 - ``resume-at=K``: first train to step K, then continue with ``resume=True`` in the same process.
 - ``nan-on-last-rank-call=K``: the last rank's K-th training loss is NaN (the other ranks' stay finite).
-- ``slow-main-prepare``: the main process starts ``prepare_output`` (which deletes for ``overwrite``) 5 s late; the
-  others write OUT/../prepare-rank<i>.txt: "old run" when ``checkpoints/`` still exists as they start reading OUT.
+- ``slow-main-prepare``: the main process starts ``prepare_output`` 5 s late; the others write
+  OUT/../prepare-rank<i>.txt: "old run" when ``checkpoints/`` still exists as they start reading OUT.
 """
 
 import dataclasses
@@ -55,13 +55,13 @@ for mode in modes:
 if "slow-main-prepare" in modes:
     real_prepare = training.prepare_output
 
-    def slow_prepare(cfg, *, main_process=True):
+    def slow_prepare(cfg, *, main_process=True, **kwargs):
         if main_process:
             time.sleep(5)
         else:
             seen = "old run" if (Path(cfg.out) / "checkpoints").exists() else "clean"
             (Path(cfg.out).parent / f"prepare-rank{os.environ['RANK']}.txt").write_text(seen)
-        return real_prepare(cfg, main_process=main_process)
+        return real_prepare(cfg, main_process=main_process, **kwargs)
 
     training.prepare_output = slow_prepare
 for mode in modes:

@@ -58,6 +58,11 @@ def files(tmp_path_factory):
     Image.new("RGB", (64, 32), (200, 10, 10)).save(root / "wide_2to1.png")
     Image.new("RGB", (6, 6), (10, 200, 10)).save(root / "tiny_6px.png")
     Image.new("RGB", (64, 24), (10, 10, 200)).save(root / "wide_8to3.png")
+    (root / "model" / "vae").mkdir()  # FLUX's VAE: 4 levels, scale factor 8, sides rounded to multiples of 16
+    (root / "model" / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    (root / "tiny_vae_model" / "vae").mkdir(parents=True)  # the demo's tiny VAE: 2 levels, multiples of 4
+    (root / "tiny_vae_model" / "model_index.json").write_text("{}")
+    (root / "tiny_vae_model" / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [8, 16]}))
     return root
 
 
@@ -178,6 +183,20 @@ def test_infer_bad_input_stops_up_front(files, tmp_path, capsys, no_model_load, 
                 else v if v is None else v.format(root=files, tmp=tmp_path)) for k, v in over.items()}
     assert_one_line_exit_2(capsys, infer_argv(files, tmp_path, **over), fragment, no_model_load)
     assert not (tmp_path / "out").exists()
+
+
+def test_infer_rounds_the_official_grid_as_the_models_vae_does(files, tmp_path, capsys, no_model_load):
+    """The up-front size check uses the model's own rounding (2 x its VAE scale factor, from vae/config.json): a 6 px
+    a, whose 12 px grid FLUX rounds to 0, is fine for a model whose VAE rounds to multiples of 4 (it reaches the
+    loader), and is refused for FLUX's."""
+    argv = infer_argv(files, tmp_path, **{"--a": files / "tiny_6px.png", "--resolution": "official",
+                                          "--long-edge": None, "--model": files / "tiny_vae_model"})
+    with pytest.raises(ModelLoaded):
+        cli.main(argv)
+    loads = len(no_model_load)
+    line = cli_usage_error(capsys, infer_argv(files, tmp_path, **{"--a": files / "tiny_6px.png",
+                                                                 "--resolution": "official", "--long-edge": None}))
+    assert "rounds its sides down to multiples of 16" in line and len(no_model_load) == loads
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -305,7 +324,7 @@ TRAIN_CASES = {
     "adam eps negative": (["--adam-eps", "-1"], "--adam-eps must be > 0"),
     "batch size above the samples, mixed batching": (["--batch-size", "3", "--batching", "mixed"],
                                                      "batch_size (--batch-size) 3 is larger than the 2 training "
-                                                     "samples: with batching 'mixed' every batch would repeat"),
+                                                     "samples: with batching 'mixed' every step would repeat"),
 }
 
 
@@ -619,9 +638,12 @@ def test_train_warns_about_a_batch_size_above_the_samples_with_bucket_batching(f
     """Bucket batching (official) with --batch-size above the samples: every batch is one bucket's samples, which
     training may go on with; a warning says so."""
     with pytest.raises(ModelLoaded), pytest.warns(UserWarning, match=re.escape(
-            "batch_size (--batch-size) 3 is larger than the 2 training samples: every batch holds at most the "
+            "batch_size (--batch-size) 3 is larger than the 2 training samples: every step holds at most the "
             "samples of one bucket")):
         cli.main(train_argv(files, tmp_path, "--batch-size", "3"))
+    # --resume of a run with mixed batching started before the refusal existed: a warning, not a refusal
+    with pytest.raises(ModelLoaded), pytest.warns(UserWarning, match="every step repeats samples"):
+        cli.main(train_argv(files, tmp_path, "--batch-size", "3", "--batching", "mixed", "--resume"))
 
 
 def test_the_package_log_lines_reach_the_command_line_on_one_line(monkeypatch, capsys):

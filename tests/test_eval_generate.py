@@ -513,9 +513,16 @@ def test_cli_resume_after_the_evalset_listing_changed_is_refused(assets, tmp_pat
     assert "2 generated, 4 already done" in capsys.readouterr().out
     folders = sorted(p.relative_to(out) for p in out.glob("*/*"))
     group = ev / "1-A" / "Group1"
-    Image.new("RGB", (64, 32), (250, 250, 9)).save(group / "9.png")
-    labels = json.loads((group / "labels.json").read_text())
-    (group / "labels.json").write_text(json.dumps(labels + [{"img_name": "9.png", "edit_instruction": "edit"}]))
+    recorded = G.b_choices_by_task(ev, read_evalset(ev))["1-A"]
+    for k in range(9, 16):  # pairs added to the task until an existing pair's pick changes (the first may not)
+        Image.new("RGB", (64, 32), (250, 20 * k, 9)).save(group / f"{k}.png")
+        labels = json.loads((group / "labels.json").read_text())
+        (group / "labels.json").write_text(json.dumps(labels + [{"img_name": f"{k}.png", "edit_instruction": "e"}]))
+        now = G.b_choices_by_task(ev, read_evalset(ev))["1-A"]
+        if any(now[pair] != picks for pair, picks in recorded.items()):
+            break
+    else:
+        raise AssertionError("no existing pick changed")
     assert cli.main(args()) == 2
     err = capsys.readouterr().err
     assert "b choices differ from the ones the evaluation set gives now in 1 task(s) (1-A)" in err

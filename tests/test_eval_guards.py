@@ -484,6 +484,43 @@ def test_released_set_exactly_enough_close_photos(tmp_path):
     assert not any(t.extra.get("b_aspect_outside_tolerance") for t in triplets)
 
 
+def test_resume_checks_b_picks_per_pair_not_the_whole_listing(tmp_path):
+    """eval generate's run.json records each (a, a') pair's b picks: an a' added to the released set (a new pair)
+    changes no recorded pick and resumes (recorded: the union); a photo added to original/ that changes an existing
+    pair's picks is refused naming the task."""
+    root = make_released(tmp_path / "set", {"c1": (90, 60), "c2": (70, 50), "far": (30, 40)}, n_a_prime=1)
+    first = G.b_choices_by_task(root, E.read_evalset(root))
+    base = {"resolution": "official", "merge": "none"}
+    G.check_run_settings(tmp_path, {**base, "b_choices": first})
+    prompt = root / "decoded_random_inference_set/db_not_in_trainset/animals/Add_a_hat"
+    tiny.random_picture(random.Random(7), (30, 20)).save(prompt / "dog_1.png")
+    grown = G.b_choices_by_task(root, E.read_evalset(root))
+    settings = {**base, "b_choices": grown}
+    G.check_run_settings(tmp_path, settings)  # a new pair: accepted
+    [task] = first
+    assert set(first[task]) < set(settings["b_choices"][task])
+    orig = root / "original/unsplash_animals"
+    for k in range(3, 12):  # close photos added until the pick of dog_0 changes (sample of 2 from more)
+        tiny.random_picture(random.Random(k), (90, 61)).save(orig / f"c{k}.jpg")
+        now = G.b_choices_by_task(root, E.read_evalset(root))
+        if any(now[task][pair] != picks for pair, picks in first[task].items()):
+            break
+    else:
+        raise AssertionError("no pick changed")
+    with pytest.raises(G.EvalInputError, match=rf"b choices differ .* in 1 task\(s\) \({re.escape(task)}\)"):
+        G.check_run_settings(tmp_path, {**base, "b_choices": now}, write=False)
+
+
+def test_resume_of_a_run_recorded_before_sigmas_set_the_step_count(tmp_path):
+    """A run.json written before --pipe-arg sigmas set the step count recorded the --steps default (28) while one
+    step per sigma ran: it resumes with the count that ran (it was refused as "steps: 28 -> 3")."""
+    old = {"steps": 28, "pipe_kwargs": {"sigmas": [1.0, 0.5, 0.2]}, "resolution": "official", "merge": "none"}
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    G.check_run_settings(tmp_path, {**old, "steps": 3}, write=False)
+    with pytest.raises(G.EvalInputError, match="steps: 3 -> 28"):
+        G.check_run_settings(tmp_path, old, write=False)
+
+
 def test_released_set_b_choices_are_drawn_per_a_prime(tmp_path):
     """Each (a, a') pair draws its own two b (paper A.2): across seeds, the two a' of one a do not always get the same
     pair of b."""
@@ -702,10 +739,15 @@ def test_runs_folders_of_different_triplets_are_warned_about_and_reported(tmp_pa
     solid_runs(tmp_path / "ours", ["t/0", "t/1", "u/0"])
     solid_runs(tmp_path / "ckpt", ["t/0"])
     runs = {"ours": tmp_path / "ours", "ckpt": tmp_path / "ckpt"}
-    with pytest.warns(UserWarning, match=r"different triplets \(ours: 3, ckpt: 1, shared: 1\)"):
+    with pytest.warns(UserWarning, match=r"different triplets \(ours: 3, ckpt: 1; shared: 1\)"):
         m = S.score(runs, tmp_path / "rep", metrics=["vlm"], judge=FixedJudge(), progress=False)
-    assert m["settings"]["coverage"] == {"ours": 3, "ckpt": 1, "shared": 1}
-    assert "hold different triplets (ours: 3, ckpt: 1, shared: 1)" in (tmp_path / "rep" / "summary.md").read_text()
+    assert m["settings"]["coverage"] == {"triplets": {"ours": 3, "ckpt": 1}, "shared": 1}
+    assert "hold different triplets (ours: 3, ckpt: 1; shared: 1)" in (tmp_path / "rep" / "summary.md").read_text()
+    solid_runs(tmp_path / "shared", ["t/0", "t/1"])  # a folder named like the shared count keeps its own count
+    with pytest.warns(UserWarning, match=r"\(shared: 2, ckpt: 1; shared: 1\)"):
+        m = S.score({"shared": tmp_path / "shared", "ckpt": tmp_path / "ckpt"}, tmp_path / "rep3", metrics=["vlm"],
+                    judge=FixedJudge(), progress=False)
+    assert m["settings"]["coverage"] == {"triplets": {"shared": 2, "ckpt": 1}, "shared": 1}
     solid_runs(tmp_path / "same", ["t/0", "t/1", "u/0"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")

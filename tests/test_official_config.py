@@ -293,8 +293,11 @@ def test_cli_infer_options():
     args = cli.build_parser().parse_args(["infer", "--a", "a", "--a-prime", "b", "--b", "c", "--prompt", "p",
                                           "--weights", "DIR"])
     assert (args.seed, args.guidance_scale, args.steps, args.resolution, args.max_area, args.max_size,
-            args.query_source, args.query_mode, args.config) == (50, 2.5, 28, "official", None, None, None,
+            args.query_source, args.query_mode, args.config) == (50, 2.5, None, "official", None, None, None,
                                                                  None, None)  # query source: the checkpoint's
+    # --steps unset: 28, official (or one per --pipe-arg sigmas)
+    from lorweb_fast.validation import resolve_step_count
+    assert resolve_step_count(args.steps, {}) == 28
     # --max-area unset: the pipeline's official default, 1024**2 (flux_kontext.py CustomFluxKontextPipeline.__call__)
     # (applied when max_area is None: test_bad_inputs_pipeline.py test_each_resolution_mode_has_its_default)
     from lorweb_fast import flux

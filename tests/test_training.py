@@ -336,11 +336,12 @@ def test_ddp_with_a_qfloat8_base_keeps_ranks_identical(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_overwrite_deletes_the_old_run_before_the_other_ranks_read_it(assets, tmp_path):
-    """--overwrite under two processes: the main process deletes the old run and only then do the other ranks look
-    at --out (they used to read it while it was being deleted: a FileNotFoundError when a folder vanished between
-    two of their reads). Here the main process starts 5 s late; rank 1 must still find the old run gone. Only the
-    run's files go, the new run writes its own checkpoint once."""
+def test_ddp_overwrite_deletes_the_old_run_after_every_rank_has_read_it(assets, tmp_path):
+    """--overwrite under two processes: the other ranks read --out only after the main process has checked it (they
+    used to read it while it was being deleted: a FileNotFoundError when a folder vanished between two of their
+    reads), and the old run is deleted only once every rank has read it and the models have loaded (a call whose
+    model fails to load keeps it). Here the main process starts 5 s late; rank 1 still finds the old run intact when
+    it reads --out. Only the run's files go, the new run writes its own checkpoint once."""
     out = tmp_path / "run"
     old = out / "checkpoints" / "step-00000004"
     old.mkdir(parents=True)
@@ -351,7 +352,7 @@ def test_ddp_overwrite_deletes_the_old_run_before_the_other_ranks_read_it(assets
     cfg = config(assets, out, steps=2, checkpoint_every=2, overwrite=True)
     ranks, _ = launch(cfg, tmp_path, "slow-main-prepare")
     assert_ranks_identical(ranks)
-    assert (tmp_path / "prepare-rank1.txt").read_text() == "clean"
+    assert (tmp_path / "prepare-rank1.txt").read_text() == "old run"
     assert [p.name for p in training.checkpoint_dirs(out)] == ["step-00000002"]
     assert (out / "notes.txt").read_text() == "mine"
     assert len((out / "loss.jsonl").read_text().splitlines()) == 2

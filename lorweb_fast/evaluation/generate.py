@@ -118,7 +118,7 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
     """Check that a resumed run (``out/run.json`` exists) uses the same settings (the ``RESUME_KEYS``; raises
     ``EvalInputError``), then write ``out/run.json`` when ``write``. A key the old run.json lacks is accepted when it
     is in ``UNRECORDED_BEFORE`` (the run predates it and cannot be checked) or its new value is None. ``b_choices``
-    ({task: signature}, ``b_choices_by_task``) must match for the tasks both record; ``settings`` then records the
+    ({task: {pair: picks}}, ``b_choices_by_task``) must match for the pairs both record; ``settings`` then records the
     union."""
     path = out / "run.json"
     if path.is_file():
@@ -131,6 +131,9 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
         old.setdefault("resolution", "native")  # run.json files written before --resolution existed
         # before --merge existed every call ran the pipeline's own default, "auto" (unless --pipe-arg merge=...)
         old.setdefault("merge", (old.get("pipe_kwargs") or {}).get("merge", "auto"))
+        sigmas = (old.get("pipe_kwargs") or {}).get("sigmas") if isinstance(old.get("pipe_kwargs"), dict) else None
+        if isinstance(sigmas, list) and sigmas:  # the steps that ran: run.json files written before --pipe-arg
+            old["steps"] = len(sigmas)            # sigmas set the step count recorded the --steps default
         diff = {k: (old.get(k), settings.get(k)) for k in RESUME_KEYS
                 if k in old and not _same_setting(k, old[k], settings.get(k))
                 or k not in old and settings.get(k) is not None and k not in UNRECORDED_BEFORE}
@@ -139,14 +142,18 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
             raise EvalInputError(f"{out} holds a run with other settings ({changes}); use another --out folder")
         recorded, now = old.get("b_choices"), settings.get("b_choices")
         if isinstance(recorded, dict) and now is not None:
-            changed = sorted(t for t in now if t in recorded and recorded[t] != now[t])
+            changed = sorted(task for task, pairs in now.items() if isinstance(recorded.get(task), dict)
+                             and any(recorded[task].get(pair, picks) != picks for pair, picks in pairs.items()))
             if changed:
                 raise EvalInputError(
                     f"{out} holds a run whose b choices differ from the ones the evaluation set gives now in "
                     f"{len(changed)} task(s) ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): the "
                     "set's listing changed since the run started (photos added or removed), and resuming would add a "
                     "second set of b to the same a'; restore the set, or use another --out folder")
-            settings["b_choices"] = {**recorded, **now}  # tasks of earlier, restricted calls stay recorded
+            merged = {task: dict(pairs) for task, pairs in recorded.items() if isinstance(pairs, dict)}
+            for task, pairs in now.items():  # pairs and tasks of earlier, restricted calls stay recorded
+                merged.setdefault(task, {}).update(pairs)
+            settings["b_choices"] = merged
     if write:
         atomic_write_text(path, json.dumps(settings, indent=2))
 
@@ -273,23 +280,28 @@ RANDOM_B_FORMATS = ("lorweb", "relation252k")
 
 
 def b_choices_by_task(root, triplets: Sequence[Triplet]) -> dict:
-    """{task: 16-hex signature of its triplets' a, a', b sources} (paths relative to the evaluation set ``root``),
-    for layouts whose b are picked at random from a listing: a photo added to or removed from the set changes the
-    picks, which a resume must not mix with the recorded ones (triplet ids hold b's name, so new picks would be new
-    triplets beside the old)."""
+    """{task: {pair: picks}}: for every (a, a') pair, a 16-hex signature of the b sources picked for it (paths
+    relative to the evaluation set ``root``; the pair is named by a signature of its a and a' sources), for layouts
+    whose b are picked at random from a listing: a photo added to or removed from the set can change a pair's picks,
+    which a resume must not mix with the recorded ones (triplet ids hold b's name, so new picks would be new triplets
+    beside the old). Pairs added to or removed from the set change no other pair's entry."""
     root = Path(root).resolve()
 
-    def where(ref) -> dict:
+    def where(ref) -> str:
         d = ref.describe()
         path = Path(ref.path).resolve()
         d["path"] = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-        return d
+        return json.dumps(d, sort_keys=True)
 
-    rows: dict = {}
+    def sign(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    picks: dict = {}
     for t in triplets:
-        rows.setdefault(t.task, []).append(json.dumps([t.key, where(t.a), where(t.a_prime), where(t.b)],
-                                                      sort_keys=True))
-    return {task: hashlib.sha256("\n".join(sorted(r)).encode()).hexdigest()[:16] for task, r in sorted(rows.items())}
+        pair = sign(where(t.a) + "\n" + where(t.a_prime))
+        picks.setdefault(t.task, {}).setdefault(pair, []).append(where(t.b))
+    return {task: {pair: sign("\n".join(sorted(bs))) for pair, bs in sorted(pairs.items())}
+            for task, pairs in sorted(picks.items())}
 
 
 def file_sha256(path: Path) -> str:

@@ -114,8 +114,10 @@ def summary_markdown(report: dict, settings: dict) -> str:
         lines.append(f"| {name} | {o['tasks']} | {o['triplets']} | {count} |")
     coverage = settings.get("coverage")
     if coverage:
-        lines += ["", "The runs folders hold different triplets (" + ", ".join(f"{n}: {c}" for n, c in coverage.items())
-                  + "): each row's means are over its own triplets, so the rows compare different analogies."]
+        from .score import coverage_text
+
+        lines += ["", f"The runs folders hold different triplets ({coverage_text(coverage)}): each row's means are "
+                      "over its own triplets, so the rows compare different analogies."]
     cut = {name: rep["overall"].get("truncated_answers", 0) for name, rep in report.items()}
     if any(cut.values()):
         lines += ["", "Judge answers cut at the judge's token limit (usually without a score, so listed as failures; "

@@ -218,19 +218,23 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
 
 
 def _coverage(items: dict) -> Optional[dict]:
-    """None when every runs folder of ``items`` ({name: [RunItem]}) holds the same triplets; else {name: count,
-    "shared": count of the triplets all of them hold}, after a warning: their means are over other analogies."""
+    """None when every runs folder of ``items`` ({name: [RunItem]}) holds the same triplets; else {"triplets": {name:
+    count}, "shared": count of the triplets all of them hold}, after a warning: their means are over other
+    analogies."""
     import warnings
 
     keys = {name: {it.key for it in its} for name, its in items.items()}
     if len({frozenset(k) for k in keys.values()}) <= 1:
         return None
-    shared = set.intersection(*keys.values())
-    coverage = {**{name: len(k) for name, k in keys.items()}, "shared": len(shared)}
-    warnings.warn("the runs folders hold different triplets (" + ", ".join(f"{n}: {c}" for n, c in coverage.items())
-                  + "): each one's means are over its own triplets, so the side-by-side numbers compare different "
-                  "analogies", stacklevel=3)
+    coverage = {"triplets": {name: len(k) for name, k in keys.items()}, "shared": len(set.intersection(*keys.values()))}
+    warnings.warn(f"the runs folders hold different triplets ({coverage_text(coverage)}): each one's means are over "
+                  "its own triplets, so the side-by-side numbers compare different analogies", stacklevel=3)
     return coverage
+
+
+def coverage_text(coverage: dict) -> str:
+    """"ours: 3, ckpt: 1; shared: 1" for a ``_coverage`` result."""
+    return ", ".join(f"{n}: {c}" for n, c in coverage["triplets"].items()) + f"; shared: {coverage['shared']}"
 
 
 def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optional[str] = None,
