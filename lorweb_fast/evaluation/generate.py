@@ -17,8 +17,8 @@ and everything that picks the triplets (evaluation set, its format, ``--pair-see
 file's SHA-256), and the device type of the generators (a CPU and a CUDA generator draw different noise from one
 seed); ``--tasks`` and ``--max-per-task`` only restrict a run to a subset of the same triplets and may change. Local
 model, encoder and weights paths are recorded resolved (``source_identity``). For the layouts that pick b at random
-from a listing (the released set without ``--pairs``, Relation252K), each task's picks are recorded too
-(``b_choices``): photos added to the set since the run started would change them, and a resume is then refused.
+from a listing (the released set without ``--pairs``, Relation252K), every (a, a') pair's picks are recorded too
+(``b_choices``): a resume after photos added to the set changed a recorded pair's picks is refused.
 """
 
 from __future__ import annotations
