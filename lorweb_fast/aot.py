@@ -10,7 +10,7 @@ entries' tiles), so the recorded launches are exactly what the dispatcher and th
 family. Each launch's arguments are specialised the way Triton's JIT does (``native_specialize_impl``: integers equal
 to 1 become constants, 16-divisible integers and aligned pointers get divisibility hints), identical
 specializations are compiled once with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, and
-the PTX is assembled by the ptxas bundled with Triton for registers and spills.
+the PTX is assembled for registers and spills by the ptxas Triton itself uses for that arch (``ptxas_for``).
 
 ``DIR/report.json``::
 
@@ -204,11 +204,20 @@ def triton_bin(name: str) -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
 
 
-def ptxas_resources(ptx: str, gpu_name: str, workdir: Path) -> dict:
-    """Registers and spill bytes from ``ptxas -v`` (the ptxas bundled with Triton)."""
-    exe = triton_bin("ptxas-blackwell")
-    if not exe.exists():
-        exe = triton_bin("ptxas")
+def ptxas_for(arch: int) -> Path:
+    """The ptxas Triton assembles ``arch``'s cubins with (``triton.backends.nvidia.compiler.get_ptxas``: the bundled
+    ``ptxas`` below sm_100, ``ptxas-blackwell`` from sm_100, or what TRITON_PTXAS_PATH names), so the registers and
+    spills reported are those of the binary Triton builds there (another ptxas version allocates differently)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:  # an older Triton: its bundled binaries, by the same rule
+        return triton_bin("ptxas-blackwell" if arch >= 100 else "ptxas")
+    return Path(get_ptxas(arch).path)
+
+
+def ptxas_resources(ptx: str, gpu_name: str, workdir: Path, exe: Path) -> dict:
+    """Registers and spill bytes from ``exe -v`` (``ptxas_for(arch)``: the ptxas Triton uses for that arch)."""
+    exe = Path(exe)
     src = workdir / "_ptxas_input.ptx"
     src.write_text(ptx)
     proc = subprocess.run([str(exe), "--gpu-name", gpu_name, "-v", str(src), "-o", str(workdir / "_ptxas.cubin")],
@@ -238,7 +247,7 @@ def compile_specialization(spec: Specialization, arch: int, workdir: Path) -> di
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(spec.options, enable_fp_fusion=K.FP_FUSION))
     ptx = compiled.asm["ptx"]
-    res = ptxas_resources(ptx, ARCHS[arch][1], workdir)
+    res = ptxas_resources(ptx, ARCHS[arch][1], workdir, ptxas_for(arch))
     return dict(shared_bytes=int(compiled.metadata.shared), ptx=ptx, ttir=compiled.asm["ttir"], **res)
 
 
@@ -364,6 +373,8 @@ def build_report(arch: int, out_dir, layers=LAYERS, ranks=RANKS, dtypes=DTYPES, 
     if arch not in ARCHS:
         raise ValueError(f"--arch must be one of {sorted(ARCHS)}, got {arch}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
     entries, specs = plan(arch, layers, ranks, dtypes)
     results = {}
@@ -371,6 +382,10 @@ def build_report(arch: int, out_dir, layers=LAYERS, ranks=RANKS, dtypes=DTYPES, 
         ptx_name = f"{specs[key].name.strip('_')}-{key}.ptx"
         (out / ptx_name).write_text(res["ptx"])
         results[key] = dict(res, ptx_file=ptx_name)
+    written = {r["ptx_file"] for r in results.values()}
+    for stale in out.glob("*.ptx"):  # an earlier report's: the folder holds this report's PTX files only
+        if stale.name not in written:
+            stale.unlink()
     kernels = []
     for e in entries:
         res = results[e["_key"]]
@@ -401,9 +416,15 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lorweb_fast.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, choices=sorted(ARCHS), required=True, help="80 (A100) or 90 (H100/H200)")
     parser.add_argument("--out", required=True, help="folder for report.json and the PTX files")
-    parser.add_argument("--jobs", type=int, default=0, help="compiler processes (default: CPU cores, at most 4)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="compiler processes (default 0: CPU cores, at most 4)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar and no per-specialization lines (the closing line stays)")
     args = parser.parse_args(argv)
+    if args.jobs < 0:
+        parser.error(f"--jobs must be >= 0 (0: CPU cores, at most 4), got {args.jobs}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder")
     report = build_report(args.arch, args.out, progress=not args.quiet, jobs=args.jobs)
     failed = 0
     for line in summarize(report, args.out):

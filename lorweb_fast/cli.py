@@ -141,7 +141,7 @@ def run_demo(args) -> dict:
     print(f"[demo] writing {args.samples} synthetic analogies (left-right flip, colour swap) to {out / 'data'}")
     demo.make_synthetic_analogies(out / "data", args.samples, seed=args.seed)
     cfg = TrainConfig(data=str(out / "data"), out=str(out / "train"), model=str(out / "models" / "flux-kontext-tiny"),
-                      encoder=str(out / "models" / "clip-tiny"), steps=args.steps, batch_size=2,
+                      encoder=str(out / "models" / "clip-tiny"), steps=args.steps, batch_size=min(2, args.samples),
                       learning_rate=args.learning_rate, mixed_precision="no", long_edge=2 * demo.DEMO_CELL,
                       resize="long-edge",
                       max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, num_loras=8, rank=2, key_dim=8,

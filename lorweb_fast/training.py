@@ -130,7 +130,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
             self.buckets = {}
             for index, key in enumerate(groups):
                 self.buckets.setdefault(key, []).append(index)
-            generator = torch.Generator().manual_seed(seed * 7919 + 1_000_033)
+            generator = torch.Generator().manual_seed(derived_seed(seed * 7919 + 1_000_033))
             self.bucket_batches = []
             for members in self.buckets.values():
                 shuffled = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
@@ -172,7 +172,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def _permutation(self, epoch: int, size: int) -> list[int]:
         """The epoch's order of ``size`` items (samples or bucket batches), computed once per epoch."""
         if getattr(self, "_cached_epoch", None) != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            generator = torch.Generator().manual_seed(derived_seed(self.seed * 7919 + epoch))
             self._cached_epoch, self._cached_perm = epoch, torch.randperm(size, generator=generator).tolist()
         return self._cached_perm
 
@@ -300,6 +300,13 @@ class TrainConfig:
         if self.keep_milestone_every < 0:
             raise ValueError(f"keep_milestone_every must be >= 0 (0: milestone checkpoints are rotated out like the "
                              f"others), got {self.keep_milestone_every}")
+
+
+def derived_seed(value: int) -> int:
+    """A seed computed from ``--seed`` (and the step, epoch, rank) taken modulo 2**64, the range
+    ``torch.Generator.manual_seed`` takes: every --seed the options accept runs (a large one overflowed it after the
+    models had loaded); seeds whose derived values fit are unchanged, so runs and resumes keep their draws."""
+    return value % 2 ** 64
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -1424,7 +1431,8 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
             torch.backends.cuda.enable_cudnn_sdp(False)
             logger.info("training attention: cuDNN SDPA off (--cudnn-attention turns it on)")
         for batch in loader:
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index)
+            generator = torch.Generator().manual_seed(derived_seed(cfg.seed * 1_000_003 + step * 1009
+                                                                  + accelerator.process_index))
             query = batch_query(encoder, batch, device)
             with accelerator.autocast():
                 loss = flow_matching_loss(model, pipe, batch, query, cfg, generator, per_forward_query=sharded)
@@ -1503,6 +1511,6 @@ def evaluation_loss(pipe, encoder, dataset: AnalogyFolder, cfg: TrainConfig, *, 
     for step, indices in enumerate(sampler):
         batch = _collate([dataset[i] for i in indices])
         query = batch_query(encoder, batch, device)
-        generator = torch.Generator().manual_seed(seed + step)
+        generator = torch.Generator().manual_seed(derived_seed(seed + step))
         losses.append(flow_matching_loss(pipe.transformer, pipe, batch, query, eval_cfg, generator).item())
     return sum(losses) / len(losses)

@@ -5,6 +5,7 @@ and the CLI exit status. CPU-only; one tiny real compile per architecture."""
 import json
 import stat
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,28 +181,33 @@ PTXAS_OK = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
 
 
 def test_ptxas_resources_parses_registers_and_spills(tmp_path, monkeypatch):
-    """Registers (all digits) and spill bytes = spill stores + spill loads; the gpu name and the input are passed;
-    the Blackwell-capable ptxas is preferred."""
+    """Registers (all digits) and spill bytes = spill stores + spill loads; the gpu name and the input are passed
+    to the ptxas given."""
     bindir = _fake_bin(tmp_path, monkeypatch, PTXAS_OK)
-    res = aot.ptxas_resources(".version 8.0\n", "sm_90a", tmp_path)
-    assert res == {"registers": 255, "spill_bytes": 208, "ptxas": "ptxas-blackwell"}
-    argv = json.loads((bindir / "ptxas-blackwell.argv").read_text())
+    res = aot.ptxas_resources(".version 8.0\n", "sm_90a", tmp_path, bindir / "ptxas")
+    assert res == {"registers": 255, "spill_bytes": 208, "ptxas": "ptxas"}
+    argv = json.loads((bindir / "ptxas.argv").read_text())
     assert argv[:3] == ["--gpu-name", "sm_90a", "-v"]
     assert (tmp_path / "_ptxas_input.ptx").read_text() == ".version 8.0\n"
-    assert not (bindir / "ptxas.argv").exists()
+    assert not (bindir / "ptxas-blackwell.argv").exists()
 
 
-def test_ptxas_resources_falls_back_to_plain_ptxas(tmp_path, monkeypatch):
-    """Without ptxas-blackwell, the plain bundled ptxas runs."""
-    _fake_bin(tmp_path, monkeypatch, PTXAS_OK, names=("ptxas",))
-    assert aot.ptxas_resources("x", "sm_80", tmp_path)["ptxas"] == "ptxas"
+def test_the_ptxas_is_the_one_triton_builds_the_arch_with():
+    """sm_80 / sm_90 cubins are built by Triton's bundled ptxas, sm_100 by ptxas-blackwell
+    (triton.backends.nvidia.compiler.get_ptxas): the report's registers and spills come from that binary (the newer
+    ptxas-blackwell allocated 188 registers where Triton's sm_90 cubin has 190)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    for arch in (80, 90, 100):
+        assert aot.ptxas_for(arch) == Path(get_ptxas(arch).path)
+    assert aot.ptxas_for(90).name == "ptxas" and aot.ptxas_for(100).name == "ptxas-blackwell"
 
 
 def test_ptxas_failure_is_reported(tmp_path, monkeypatch):
     """A non-zero ptxas exit raises, even when its output has parsable lines."""
-    _fake_bin(tmp_path, monkeypatch, PTXAS_OK + "ptxas error   : bad\n", rc=255)
+    bindir = _fake_bin(tmp_path, monkeypatch, PTXAS_OK + "ptxas error   : bad\n", rc=255)
     with pytest.raises(RuntimeError, match="failed on sm_80"):
-        aot.ptxas_resources("x", "sm_80", tmp_path)
+        aot.ptxas_resources("x", "sm_80", tmp_path, bindir / "ptxas")
 
 
 @pytest.mark.parametrize("output", [
@@ -210,9 +216,9 @@ def test_ptxas_failure_is_reported(tmp_path, monkeypatch):
 ])
 def test_ptxas_unparsable_output_raises(tmp_path, monkeypatch, output):
     """Output missing either the register or the spill line is an error, not a silent zero."""
-    _fake_bin(tmp_path, monkeypatch, output)
+    bindir = _fake_bin(tmp_path, monkeypatch, output)
     with pytest.raises(RuntimeError, match="could not parse"):
-        aot.ptxas_resources("x", "sm_80", tmp_path)
+        aot.ptxas_resources("x", "sm_80", tmp_path, bindir / "ptxas")
 
 
 # ------------------------------------------------------------------------------------------------- real compile
@@ -407,6 +413,34 @@ def test_build_report_fields(tmp_path, monkeypatch):
     assert (out / "shrink_kernel-k0.ptx").read_text() == WIDE
     assert (out / "grad_basis_finish_kernel-k1.ptx").read_text() == "// finish"
     assert json.loads((out / "report.json").read_text()) == report
+
+
+def test_build_report_removes_an_earlier_reports_ptx_files(tmp_path, monkeypatch):
+    """A report written into a folder that holds an earlier report: the PTX files this report does not name are
+    removed (the folder held 26 PTX files for a report naming 10); other files stay."""
+    results = {"k0": dict(shared_bytes=1000, registers=128, spill_bytes=8, ptx=WIDE, ttir="ttir0"),
+               "k1": dict(shared_bytes=0, registers=40, spill_bytes=0, ptx="// finish", ttir="ttir1")}
+    _stub_pipeline(monkeypatch, results)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "expand_kernel-old.ptx").write_text("// stale")
+    (out / "notes.txt").write_text("mine")
+    aot.build_report(80, out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["grad_basis_finish_kernel-k1.ptx", "notes.txt", "report.json",
+                                                     "shrink_kernel-k0.ptx"]
+
+
+@pytest.mark.parametrize("argv,fragment", [(["--jobs", "-1"], "--jobs must be >= 0"),
+                                           (["--out", "{file}"], "is a file; give a folder")])
+def test_main_refuses_bad_options_in_one_line(tmp_path, capsys, argv, fragment):
+    """--jobs -1 ran serially without a word; --out naming a file was a FileExistsError traceback: both are
+    argparse errors (exit status 2) before anything compiles."""
+    (tmp_path / "afile").write_text("x")
+    argv = [a.replace("{file}", str(tmp_path / "afile")) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        aot.main(["--arch", "90", *(["--out", str(tmp_path / "o")] if "--out" not in argv else []), *argv])
+    assert exc.value.code == 2 and fragment in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def _write_report(out, arch, kernels, files):

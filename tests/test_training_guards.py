@@ -487,3 +487,18 @@ def test_diffusers_timesteps_carry_the_schemes_loss_weight(scheme):
     want_t = compute_density_for_timestep_sampling(scheme, 8, 0.0, 1.0, 1.29, generator=torch.Generator().manual_seed(3))
     want_w = compute_loss_weighting_for_sd3(scheme, want_t).float()
     assert torch.equal(t, want_t.float()) and torch.equal(weight, want_w) and not torch.equal(want_w, torch.ones(8))
+
+
+@pytest.mark.parametrize("groups", [None, ["a", "b", "a", "b", "a"]])
+def test_every_accepted_seed_draws_batches(groups):
+    """--seed accepts [0, 2**63 - 1]; the seeds derived from it (seed * 7919 + ..., seed * 1_000_003 + ...)
+    overflowed torch.Generator.manual_seed for seeds above ~1.8e13, after the models had loaded. They are taken
+    modulo 2**64 (training.derived_seed): the largest seed draws batches, and a seed whose derived values fit draws
+    exactly what it drew before."""
+    from lorweb_fast.training import StepBatchSampler, derived_seed
+
+    big = list(StepBatchSampler(5, 2, seed=2 ** 63 - 1, start_step=0, total_steps=6, groups=groups))
+    assert len(big) == 6 and all(0 <= i < 5 for batch in big for i in batch)
+    assert derived_seed(12345 * 1_000_003 + 7) == 12345 * 1_000_003 + 7
+    assert derived_seed((2 ** 63 - 1) * 1_000_003) < 2 ** 64
+    torch.Generator().manual_seed(derived_seed((2 ** 63 - 1) * 1_000_003 + 10 ** 6 * 1009 + 7))
