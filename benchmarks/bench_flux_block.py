@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mixed_lora import (DTYPES, RESULTS_DIR, Timer, device_clocks, device_name, git_commit,  # noqa: E402
                               installed_triton_version, nonnegative_int, positive_int, profile_averages,
-                              profile_sort_key, seconds, tf32_off)
+                              profile_sort_key, safe_file_stem, seconds, tf32_off)
 
 import lorweb_fast as lf  # noqa: E402
 from lorweb_fast.layer import LoRWeBLinear  # noqa: E402
@@ -359,7 +359,7 @@ def run(args) -> dict:
     triton_version = installed_triton_version()
     layers = list(lf.lorweb_layers(ours).values())
     slug = "cpu" if not on_gpu else "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
-    stem = args.tag or f"flux_block_{slug}_{date[:10]}_{commit}"
+    stem = args.tag or safe_file_stem(f"flux_block_{slug}_{date[:10]}_{commit}")
     profile_text = None
 
     def write(complete: bool) -> tuple[dict, list[str]]:

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -267,7 +268,9 @@ class Impl:
         a_cat, b_cat = self._cached(("basis", lora_a.data_ptr(), lora_b.data_ptr()), lambda: pack_basis(lora_a,
                                                                                                         lora_b))
         if self.name == "shrink":
-            return shrink(x2d, a_cat, coeffs.float(), float(scale), rows_per_sample, r)[1]  # z (M, R)
+            # out_features: the tile table is keyed on the layer (in, out), as the layer's own forward looks it up
+            return shrink(x2d, a_cat, coeffs.float(), float(scale), rows_per_sample, r,
+                          out_features=lora_b.shape[2])[1]  # z (M, R)
         z = self._cached(key, scaled_z)
         return expand(x2d, weight, z, b_cat, bias=bias).view(out_shape)
 
@@ -599,6 +602,12 @@ def git_commit() -> str:
     return head + ("+modified" if dirty else "")
 
 
+def safe_file_stem(text: str) -> str:
+    """``text`` with every character outside [A-Za-z0-9._-] replaced by "_" (a commit such as "abc+modified" or
+    "x (LORWEB_COMMIT)"): the device tool brings back only files whose names use those characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
 def installed_triton_version():
     """triton's version, or None when it is not installed."""
     try:
@@ -632,6 +641,17 @@ def device_clocks(device: torch.device) -> dict:
     return info
 
 
+def timed(row: dict) -> bool:
+    """Whether a result row holds a measurement (not skipped, not failed)."""
+    return not row.get("skipped") and not row.get("failed")
+
+
+def failed_rows(record: dict) -> list[str]:
+    """``"<impl> <mode> M=.. in->out N*r=..: <error>"`` for every row whose check or timing raised."""
+    return [f"{r['impl']} {r['mode']} M={r['M']} {r['in']}->{r['out']} N*r={r['N'] * r['r']}: {r['error']}"
+            for r in record["results"] if r.get("failed")]
+
+
 def ratio_table(results: list[dict]) -> str:
     keyed = {}
     for r in results:
@@ -641,10 +661,10 @@ def ratio_table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(r, ref):
-        return f"{r['median_ms'] / ref['median_ms']:.3f}" if ref and not ref.get("skipped") else "-"
+        return f"{r['median_ms'] / ref['median_ms']:.3f}" if ref and timed(ref) else "-"
 
     for r in results:
-        if r.get("skipped"):
+        if not timed(r):
             continue
         key = (r["mode"], r["M"], r["in"], r["out"], r["N"], r["r"])
         peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
@@ -678,6 +698,10 @@ def write_markdown(path: Path, record: dict) -> None:
         text += ["**CPU run: these numbers say nothing about GPU speed.**", ""]
     if skipped:
         text += ["Skipped:", ""] + [f"- {line}" for line in skipped] + [""]
+    failed = failed_rows(record)
+    if failed:
+        text += ["**Failed** (the check or the timing raised; the other rows ran):", ""] + \
+            [f"- {line}" for line in failed] + [""]
     text.append(ratio_table(record["results"]))
     path.write_text("\n".join(text) + "\n")
 
@@ -690,7 +714,7 @@ def write_plot(path: Path, record: dict) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [r for r in record["results"] if not r.get("skipped")]
+    rows = [r for r in record["results"] if timed(r)]
     base = {(r["mode"], r["M"], r["in"], r["out"], r["N"], r["r"]): r["median_ms"] for r in rows
             if r["impl"] == "linear"}
     nr = record["default_nr"]
@@ -788,7 +812,38 @@ def parse_args(argv=None):
                    help="write a per-kernel torch.profiler table of one forward+backward per row at the target "
                         "shape (M=8192, 3072->3072; the first configuration when the target is not in the run) "
                         "beside the record (default: on with a GPU, off on CPU)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_rank_options(p, args)
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            p.error(f"--device {args.device!r} is not a device (cuda, cuda:0 or cpu)")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA GPU is visible")
+        if device.type not in ("cuda", "cpu"):
+            p.error(f"--device {args.device}: the benchmark runs on cuda or cpu")
+    return args
+
+
+#: implementations that launch the Triton kernels (power-of-two rank, N*r <= MAX_FUSED_R = 512)
+TRITON_ROWS = ("triton", "shrink", "expand")
+
+
+def check_rank_options(parser, args) -> None:
+    """Rank options that would only fail once the run is under way (on a GPU, minutes in): a rank the Triton rows
+    cannot launch, an N*r above their maximum, a rank that does not divide the N*r sweep's totals (N = total // r
+    would time another N*r, or N = 0)."""
+    fused = [i for i in args.impls if i in TRITON_ROWS]
+    if fused and args.rank & (args.rank - 1):
+        parser.error(f"--rank {args.rank}: the Triton rows ({', '.join(fused)}) need a power-of-two rank; pass "
+                     "another --rank, or --impls without them")
+    if fused and args.num_loras * args.rank > 512:
+        parser.error(f"--num-loras x --rank = {args.num_loras * args.rank} is above the Triton kernels' maximum "
+                     f"N*r of 512 ({', '.join(fused)}); lower them, or pass --impls without those rows")
+    totals = sorted(set(GPU_RANK_SWEEP) | set(CPU_RANK_SWEEP))
+    if not args.no_rank_sweep and any(t % args.rank for t in totals):
+        parser.error(f"--rank {args.rank} does not divide the N*r sweep's totals {totals}; pass --no-rank-sweep")
 
 
 @contextlib.contextmanager
@@ -840,7 +895,7 @@ def run(args) -> dict:
                   backend_status=lf.backend_status(), complete=False, not_run=not_run, results=results)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     slug = "cpu" if not on_gpu else "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-")
-    stem = args.tag or f"mixed_lora_{slug.lower()}_{date[:10]}_{commit}"
+    stem = args.tag or safe_file_stem(f"mixed_lora_{slug.lower()}_{date[:10]}_{commit}")
 
     def write_record():  # after every configuration too, so that a run stopped from outside keeps what it measured
         (args.out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -879,17 +934,23 @@ def run(args) -> dict:
                 elif mode == "fwd_bwd" and impl.name in FORWARD_ONLY:
                     row.update(skipped=True, skip_reason="forward-only row (one GEMM or kernel, no backward)")
                 else:
-                    if not args.no_check:
-                        check_impl(impl, problem, mode)
-                    row.update(measure(impl, problem, mode, timer))
-                    impl.query_args = None
-                    work = impl.work(problem) if mode == "fwd" else None
-                    if work is not None:
-                        row.update(tflops=work[0] / (row["median_ms"] * 1e-3) / 1e12,
-                                   tbps=work[1] / (row["median_ms"] * 1e-3) / 1e12)
+                    try:
+                        if not args.no_check:
+                            check_impl(impl, problem, mode)
+                        row.update(measure(impl, problem, mode, timer))
+                        work = impl.work(problem) if mode == "fwd" else None
+                        if work is not None:
+                            row.update(tflops=work[0] / (row["median_ms"] * 1e-3) / 1e12,
+                                       tbps=work[1] / (row["median_ms"] * 1e-3) / 1e12)
+                    except Exception as exc:  # one row's failure (a check, a compile error) keeps the others
+                        row.update(failed=True, median_ms=None, eager_ms=None,
+                                   error=f"{type(exc).__name__}: {str(exc).strip()}"[:500])
+                        print(f"bench_mixed_lora: {impl.name} {mode} failed: {row['error']}", file=sys.stderr)
+                    finally:
+                        impl.query_args = None
                 results.append(row)
+                write_record()  # after every row: a run stopped from outside keeps every row it finished
                 bar.update(1)
-        write_record()
         if profile_cfg is cfg:  # while this configuration's compiled graphs are still cached
             profile_table(ordered, problem, args.out_dir / f"{stem}_profile.txt")
             written.append("_profile.txt")
@@ -918,7 +979,12 @@ def unavailable_fused_backends(record: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    missing = unavailable_fused_backends(main())
+    final = main()
+    missing, failed = unavailable_fused_backends(final), failed_rows(final)
     if missing:  # the record is written; the GPU scripts mark the step failed
         print("bench_mixed_lora: fused backends could not run on this GPU: " + "; ".join(missing), file=sys.stderr)
+    if failed:
+        print(f"bench_mixed_lora: {len(failed)} rows failed (recorded with their errors): " + "; ".join(failed),
+              file=sys.stderr)
+    if missing or failed:
         sys.exit(1)

@@ -38,6 +38,19 @@ PKGS=("$(pin diffusers 0.42.1)" "$(pin importlib_metadata 8.7.0)" "$(pin optimum
 if [ "$WITH_BNB" -eq 1 ]; then PKGS+=("$(pin bitsandbytes 0.49.0)"); fi
 
 mkdir -p "$DIR"
+# one wheel per package: an older version left in DIR would make the GPU machine's pip refuse the whole install
+for spec in "${PKGS[@]}"; do
+  name="${spec%%==*}"; version="${spec#*==}"
+  prefix="$(echo "$name" | tr 'A-Z.-' 'a-z__')"
+  for old in "$DIR"/*.whl; do
+    [ -e "$old" ] || continue
+    base="$(basename "$old")"
+    if [ "$(echo "${base%%-*}" | tr 'A-Z.-' 'a-z__')" = "$prefix" ] && [[ "$base" != "${base%%-*}-$version-"* ]]; then
+      echo "removing $old (another version than $version)"
+      rm -f "$old"
+    fi
+  done
+done
 echo "downloading ${PKGS[*]} for CPython $PYVER manylinux x86_64 into $DIR"
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \

@@ -80,6 +80,7 @@ gpu_setup() {
   exec 3>&1
   trap flush_run_log EXIT
   note "lorweb_fast GPU run in $PWD -> $OUTDIR (budget ${BUDGET_S}s)"
+  note "commit: ${LORWEB_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (set LORWEB_COMMIT)")}"
 
   if ! "$PY" -c "import torch" 2>/dev/null; then
     echo "No usable torch for $PY (set PYTHON=...): this script needs the GPU machine's own torch." >&2
@@ -98,7 +99,16 @@ gpu_setup() {
       if compgen -G "$cand/*.whl" > /dev/null; then wheels="$cand"; break; fi
     done
   fi
+  local twice=""
   if [ -n "$wheels" ] && compgen -G "$wheels/*.whl" > /dev/null; then
+    # two versions of one package make pip refuse the whole install (ResolutionImpossible): named, not installed
+    twice="$(for f in "$wheels"/*.whl; do basename "$f" | cut -d- -f1 | tr 'A-Z.-' 'a-z__'; done | sort | uniq -d \
+      | tr '\n' ' ')"
+  fi
+  if [ -n "$twice" ]; then
+    skipped "install carried wheels from $wheels" "several versions of: $twice" \
+      "keep one wheel per package (benchmarks/collect_wheels.sh removes the older ones)"
+  elif [ -n "$wheels" ] && compgen -G "$wheels/*.whl" > /dev/null; then
     local site="${TMPDIR:-/tmp}/lorweb_fast_site"
     step "install carried wheels from $wheels" 60 "$PY" -m pip install -q --no-index --no-deps --no-compile \
       --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl

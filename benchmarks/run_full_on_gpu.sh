@@ -45,6 +45,8 @@ step "FLUX block benchmark (${block_s}s)" "$block_s" \
   --tag flux_block
 if [ -f "$WORK/block/flux_block.md" ]; then
   save flux_block.md cp "$WORK/block/flux_block.md" "$OUTDIR/flux_block.md"
+fi
+if compgen -G "$WORK/block/*" > /dev/null; then  # whatever the step wrote, also without its table
   save flux_block.tar.gz tar -C "$WORK/block" -czf "$OUTDIR/flux_block.tar.gz" .
 fi
 grid_s=$(( $(remaining) - 20 ))
@@ -54,6 +56,8 @@ step "layer benchmark, full grid (${grid_s}s)" "$grid_s" \
   --out-dir "$WORK/bench" --tag bench_full --profile
 if [ -f "$WORK/bench/bench_full.md" ]; then
   save bench_full.md cp "$WORK/bench/bench_full.md" "$OUTDIR/bench_full.md"
+fi
+if compgen -G "$WORK/bench/*" > /dev/null; then  # whatever the step wrote, also without its table
   save bench_full.tar.gz tar -C "$WORK/bench" -czf "$OUTDIR/bench_full.tar.gz" .
 fi
 rm -rf "$WORK"

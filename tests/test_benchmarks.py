@@ -1,9 +1,9 @@
 """CPU smoke test of the benchmark: it runs on tiny shapes, checks every implementation against the reference first,
 and writes the documented JSON schema, a markdown table and a plot."""
 
+import json
 import os
 import sys
-import json
 from pathlib import Path
 
 import pytest
@@ -62,7 +62,8 @@ def test_bench_mixed_lora_smoke(tmp_path):
 
 
 def test_bench_refuses_a_wrong_implementation(tmp_path, monkeypatch):
-    """The correctness gate before timing is real: a broken implementation stops the benchmark."""
+    """The correctness gate before timing is real: a broken implementation is not timed; its row is recorded as
+    failed with the check's error (in the JSON and the table), the other rows run, and the script exits 1."""
     bench = load_bench()
     real_call = bench.Impl.__call__
 
@@ -72,9 +73,18 @@ def test_bench_refuses_a_wrong_implementation(tmp_path, monkeypatch):
         return real_call(self, x, weight, bias, lora_a, lora_b, coeffs, scale, peft_layer)
 
     monkeypatch.setattr(bench.Impl, "__call__", broken)
-    with pytest.raises(AssertionError, match="torch output"):
-        bench.main(["--device", "cpu", "--m", "34", "--shapes", "40x24", "--num-loras", "3", "--no-rank-sweep",
-                    "--impls", "linear", "torch", "--modes", "fwd", "--reps", "1", "--out-dir", str(tmp_path)])
+    record = bench.main(["--device", "cpu", "--m", "34", "--shapes", "40x24", "--num-loras", "3", "--no-rank-sweep",
+                         "--impls", "linear", "torch", "--modes", "fwd", "--reps", "1", "--out-dir", str(tmp_path),
+                         "--tag", "broken"])
+    rows = {r["impl"]: r for r in record["results"]}
+    assert rows["torch"]["failed"] and rows["torch"]["median_ms"] is None
+    assert rows["torch"]["error"].startswith("AssertionError: ") and "torch output" in rows["torch"]["error"]
+    assert rows["linear"]["median_ms"] > 0 and not rows["linear"].get("failed")
+    assert [line.split(":")[0] for line in bench.failed_rows(record)] == ["torch fwd M=34 40->24 N*r=12"]
+    assert json.loads((tmp_path / "broken.json").read_text())["results"][1]["failed"] is True
+    md = (tmp_path / "broken.md").read_text()
+    assert "**Failed**" in md and "torch fwd M=34" in md
+    assert "| torch |" not in md  # no timing row for it
 
 
 def test_bench_flux_block_smoke(tmp_path, monkeypatch):

@@ -536,3 +536,23 @@ def test_run_full_on_gpu_small_budget_passes_no_negative_budgets(tmp_path):
     check_limits(limits, budget)
     assert {"flux_block.md", "flux_block.tar.gz", "bench_full.md", "bench_full.tar.gz"} <= {p.name for p in
                                                                                               out.iterdir()}
+
+
+def test_run_on_gpu_refuses_two_versions_of_a_carried_wheel(tmp_path):
+    """Two versions of one package among the carried wheels made the one pip call refuse the whole install
+    (ResolutionImpossible: no diffusers there, the block benchmark failing): the script names the package in
+    steps.txt and the log, installs none of them (the run ends with status 1), and runs the other steps; the log
+    names the commit."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("diffusers-0.36.0-py3-none-any.whl", "diffusers-0.42.1-py3-none-any.whl",
+                 "optimum_quanto-0.2.7-py3-none-any.whl"):
+        (wheels / name).write_bytes(b"fake wheel")
+    res, out, calls, _, _ = run_script("run_on_gpu.sh", tmp_path, "--wheels", str(wheels))
+    log = res.stdout + res.stderr
+    assert res.returncode == 1, log
+    lines = (out / "steps.txt").read_text().splitlines()
+    assert f"install carried wheels from {wheels}: skipped (several versions of: diffusers )" in lines
+    assert not any("--target" in c["argv"] for c in calls if c["argv"][:3] == ["-m", "pip", "install"])
+    assert "target benchmark (bf16, M=8192, 3072->3072)" in steps_of(out)  # the other steps ran
+    assert f"commit: {COMMIT}" in (out / "run.log").read_text()

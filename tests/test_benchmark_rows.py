@@ -1,0 +1,117 @@
+"""bench_mixed_lora's rows and options as a lent GPU session needs them: one failing row keeps the others and the
+record (the run then exits 1), options that would fail only minutes into a GPU run are refused up front, the
+default file names survive the device tool, and the shrink row launches the tiles the layer launches. CPU only."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorweb_fast.testing import load_module_from_file
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+SMALL = ["--device", "cpu", "--m", "10", "--shapes", "40x24", "--num-loras", "3", "--no-rank-sweep", "--modes", "fwd",
+         "--reps", "1", "--warmup", "0", "--no-profile"]
+
+
+@pytest.fixture
+def bench():
+    return load_module_from_file(BENCH_DIR / "bench_mixed_lora.py", "bench_mixed_lora_rows")
+
+
+def test_a_row_that_raises_is_recorded_and_the_run_goes_on(bench, monkeypatch, tmp_path):
+    """A row whose timing raises (a compile error, an API change of a compared library) was the end of the whole
+    run, leaving no record at all: it is recorded as failed with its error, every other row is measured, and the
+    record is written after each row."""
+    real_measure = bench.measure
+
+    def measure(impl, problem, mode, timer):
+        if impl.name == "torch":
+            raise RuntimeError("inductor exploded\nsecond line")
+        return real_measure(impl, problem, mode, timer)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    record = bench.main(SMALL + ["--impls", "linear", "torch", "cublas_composed", "--out-dir", str(tmp_path),
+                                 "--tag", "rows"])
+    rows = {r["impl"]: r for r in record["results"]}
+    assert rows["torch"]["failed"] and rows["torch"]["error"] == "RuntimeError: inductor exploded\nsecond line"
+    assert rows["linear"]["median_ms"] > 0 and rows["cublas_composed"]["median_ms"] > 0
+    assert record["complete"] and (tmp_path / "rows.json").exists() and (tmp_path / "rows.md").exists()
+
+
+def test_the_script_exits_1_when_a_row_failed(tmp_path):
+    """Run as a script (as the GPU scripts do: its ``__main__`` block, executed as written), a failed row makes
+    the exit status 1 after the record is written."""
+    code = ("import sys, textwrap\n"
+            f"sys.path.insert(0, {str(BENCH_DIR)!r})\n"
+            "import bench_mixed_lora as b\n"
+            "def fail(*a, **k):\n    raise RuntimeError('no')\n"
+            "b.Impl._low_level = fail\n"
+            "block = open(b.__file__).read().split('if __name__ == \"__main__\":')[1]\n"
+            "sys.argv = ['bench_mixed_lora.py'] + sys.argv[1:]\n"
+            "exec(textwrap.dedent(block), vars(b))\n")
+    res = subprocess.run([sys.executable, "-c", code, *SMALL, "--impls", "linear", "cublas_composed", "--out-dir",
+                          str(tmp_path), "--tag", "t"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "cublas_composed fwd failed: RuntimeError: no" in res.stderr
+    assert "bench_mixed_lora: 1 rows failed (recorded with their errors)" in res.stderr
+    assert (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--rank", "3", "--no-rank-sweep"], "--rank 3: the Triton rows (triton, shrink, expand) need a power-of-two"),
+    (["--num-loras", "64", "--rank", "16"], "above the Triton kernels' maximum N*r of 512"),
+    (["--num-loras", "2", "--rank", "32"], "--rank 32 does not divide the N*r sweep's totals"),
+    (["--device", "banana"], "--device 'banana' is not a device"),
+])
+def test_options_that_would_fail_minutes_into_a_gpu_run_are_refused(bench, capsys, extra, fragment):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--out-dir", "unused", *extra])
+    assert exc.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_rank_3_is_fine_without_the_triton_rows(bench):
+    args = bench.parse_args(["--rank", "3", "--no-rank-sweep", "--impls", "linear", "torch"])
+    assert args.rank == 3
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_refused(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cuda"])
+    assert "--device cuda: no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_default_file_names_keep_to_the_characters_the_device_tool_returns(bench):
+    """The default stem holds the commit, which may read "abc (LORWEB_COMMIT)" or "abc+modified": names with other
+    characters than [A-Za-z0-9._-] do not come back from the device machine."""
+    assert bench.safe_file_stem("mixed_lora_cpu_2026-11-25_0123456789ab (LORWEB_COMMIT)") == \
+        "mixed_lora_cpu_2026-11-25_0123456789ab_LORWEB_COMMIT"
+    assert bench.safe_file_stem("flux_block_x_2026_1077cec1b0e7+modified") == "flux_block_x_2026_1077cec1b0e7_modified"
+
+
+def test_default_record_name_of_a_modified_tree(bench, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "git_commit", lambda: "1077cec1b0e7+modified")
+    record = bench.main(SMALL + ["--impls", "linear", "--out-dir", str(tmp_path), "--no-check"])
+    (json_path,) = tmp_path.glob("*.json")
+    assert json_path.name == f"mixed_lora_cpu_{record['date'][:10]}_1077cec1b0e7_modified.json"
+
+
+def test_the_shrink_row_looks_its_tiles_up_under_the_layers_shape(bench, monkeypatch):
+    """The layer's forward launches shrink with out_features (the tile table is keyed on (in, out)); the shrink row
+    did not, so for 12288->3072 it timed untuned default tiles the layer never runs."""
+    import torch
+
+    seen = {}
+
+    def shrink(x2d, a_cat, coeffs, scale, rows_per_sample, r, **kwargs):
+        seen.update(kwargs)
+        return None, torch.zeros(x2d.shape[0], a_cat.shape[0])
+
+    impl = bench.Impl.__new__(bench.Impl)
+    impl.name, impl.launchers, impl._cache = "shrink", (lambda a, b: (a, b), shrink, None), {}
+    monkeypatch.setattr(impl, "_cached", lambda key, make: make(), raising=False)
+    x = torch.randn(2, 5, 8)
+    impl._low_level(x, torch.randn(3, 8), None, torch.randn(2, 8, 4), torch.randn(2, 4, 3), torch.rand(2, 2), 1.0)
+    assert seen.get("out_features") == 3
