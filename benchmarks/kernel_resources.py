@@ -9,12 +9,16 @@ Runs one forward+backward per fused backend at the given shape (bf16, N=32, r=4)
     loaded through the driver API (cuda-bindings), and cuFuncGetAttribute gives registers, local (spill) bytes and
     static shared bytes; where cuda-bindings is missing, cuobjdump's resource table of the same cubin is used and the
     entry says so (``"source": "cuobjdump"``).
-Needs a CUDA GPU; exits with status 2 and a message otherwise.
+The report names the device, the torch, CUDA and Triton versions, the commit (LORWEB_COMMIT, else git HEAD) and the
+date. Exits with status 1 when a backend failed to run or a kernel list holds an error entry instead of kernels (the
+report is written all the same, and the closing line counts real kernels only); needs a CUDA GPU, exits with status 2
+and a message otherwise. --m must be even (two samples of M/2 rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import re
 import shutil
@@ -24,6 +28,24 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+
+def provenance() -> dict:
+    """{"commit", "triton", "date"} of this run: the commit from LORWEB_COMMIT, else git HEAD of this checkout (see
+    bench_mixed_lora.git_commit), else "unknown"; the installed Triton's version (None without Triton); the UTC
+    date."""
+    from bench_mixed_lora import git_commit, installed_triton_version
+
+    return {"commit": git_commit(), "triton": installed_triton_version(),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def problems(report: dict) -> list[str]:
+    """What went wrong in a report: each backend that failed to run, each error entry of a kernel list."""
+    found = [f"backend {name}: {status}" for name, status in report["backends"].items() if status != "ran"]
+    for key in ("triton_kernels", "cuda_extension_kernels"):
+        found += [f"{key}: {row['error']}" for row in report[key] if "error" in row]
+    return found
 
 
 def run_backends(m: int, in_features: int, out_features: int) -> dict:
@@ -185,11 +207,12 @@ def driver_attributes(cubin: Path, names: list[str]) -> dict:
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded from a file by tests
-    from bench_mixed_lora import positive_int
+    from bench_mixed_lora import number_type, positive_int
 
+    even_rows = number_type(int, lambda v: v >= 2 and v % 2 == 0, "an even number of rows >= 2 (two samples)")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    p.add_argument("--m", type=positive_int, default=8192, help="rows (default 8192)")
+    p.add_argument("--m", type=even_rows, default=8192, help="rows, two samples of M/2 (default 8192)")
     p.add_argument("--in-features", type=positive_int, default=3072, help="layer in_features (default 3072)")
     p.add_argument("--out-features", type=positive_int, default=3072, help="layer out_features (default 3072)")
     args = p.parse_args(argv)
@@ -198,18 +221,22 @@ def main(argv=None) -> int:
         return 2
     ran = run_backends(args.m, args.in_features, args.out_features)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "shape": {"M": args.m, "in": args.in_features, "out": args.out_features, "N": 32, "r": 4,
+              **provenance(), "shape": {"M": args.m, "in": args.in_features, "out": args.out_features, "N": 32, "r": 4,
                         "dtype": "bf16"},
               "backends": ran, "triton_kernels": triton_kernels(), "cuda_extension_kernels": extension_kernels()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    spills = [k for k in report["triton_kernels"] if k.get("spills")] + [
-        k for k in report["cuda_extension_kernels"] if k.get("local_bytes")]
-    print(f"{len(report['triton_kernels'])} Triton and {len(report['cuda_extension_kernels'])} extension kernels; "
+    triton_rows = [k for k in report["triton_kernels"] if "error" not in k]
+    extension_rows = [k for k in report["cuda_extension_kernels"] if "error" not in k]
+    spills = [k for k in triton_rows if k.get("spills")] + [k for k in extension_rows if k.get("local_bytes")]
+    print(f"{len(triton_rows)} Triton and {len(extension_rows)} extension kernels; "
           f"{len(spills)} with spills or local memory -> {args.out}")
     for k in spills:
         print("  spills:", k)
-    return 0
+    failed = problems(report)
+    for line in failed:
+        print("  FAILED:", line, file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -5,23 +5,28 @@
     python benchmarks/tune_kernels.py --kernels shrink_dy expand_dx --layers 15360:3072   # the backward only
 
 For each token-wise METHOD.md layer shape (in, out), each R and dtype, every candidate configuration of each launch
-role is timed in device time (the benchmark's Timer: median, no host overhead, inputs rotated) at a representative
-token count (--tokens; the choice is recorded by (in, out, R, dtype) only, never by M), each role in the mode it runs
-in: ``shrink`` (x a_cat^T) and ``expand`` (fused with the base GEMM, weight (out, in)) as in the forward;
-``shrink_dy`` (dy b_cat^T with the dcoeffs partials) and ``expand_dx`` (dy W + dZ a_cat, weight read as stored) as
-in the backward; ``grad_basis``. When the forward roles are swept, the forward of the fused route is compared with
-the composed route (shrink + two cuBLAS addmm) to set ``route``; ``expand_dx`` and ``grad_basis`` are not swept for a
-composed layer (its backward runs them on cuBLAS). The table's current tiles of each role are timed in the same run,
-and a candidate replaces them only when faster by more than --min-gain. Before it is timed, every configuration
-(the table's included) runs once with freshly loaded kernels and is refused when a result differs from the float64
-reference beyond the statistical bound of lorweb_fast.testing, or (on a GPU) when a kernel it loaded spills
-registers: the tuner never writes a wrong or spilling tile; the refusals are printed and recorded in the summary
-(``table_refused``, ``refused``), and a shape whose refused table tiles no candidate replaces, or none of whose roles
-was timed within the budget, is not written (the table keeps what it had there). The sweep stops at --budget-s (the best
-configuration found so far is kept; unswept roles and shapes keep what the table had). The table's ``defaults`` are
-kept; the swept shapes' entries are replaced, the others kept, and ``tuned`` becomes true; the table and the per-role
+role is timed in device time (the benchmark's Timer: median, no host overhead; x and dy rotated through a pool of
+copies whose total exceeds twice the L2, at least 3 copies) at a representative token count (--tokens; the choice is
+recorded by (in, out, R, dtype) only, never by M), each role in the mode it runs in: ``shrink`` (x a_cat^T) and
+``expand`` (fused with the base GEMM, weight (out, in)) as in the forward; ``shrink_dy`` (dy b_cat^T with the
+dcoeffs partials) and ``expand_dx`` (dy W + dZ a_cat, weight read as stored) as in the backward; ``grad_basis``.
+When the forward roles are swept, the forward of the fused route is compared with the composed route (shrink + two
+cuBLAS addmm) to set ``route``; ``expand_dx`` and ``grad_basis`` are not swept for a composed layer (its backward
+runs them on cuBLAS). The table's current tiles of each role are timed in the same run; when the fastest candidate
+beats them by more than --min-gain, the two are timed again alternately (--confirm-rounds rounds each, every timing
+a median) and the candidate replaces the table's tiles only when the median of its rounds is below the table's by
+more than --min-gain (a single timing's noise, about 1 % on the H200, no longer adopts a tie; the rounds are in the
+summary's ``confirm``). Before it is timed, every configuration (the table's included) runs once with freshly loaded
+kernels and is refused when a result differs from the float64 reference beyond the statistical bound of
+lorweb_fast.testing, or (on a GPU) when a kernel it loaded spills registers: the tuner never writes a wrong or
+spilling tile; the refusals are printed and recorded in the summary (``table_refused``, ``refused``), and a shape
+whose refused table tiles no candidate replaces, or none of whose roles was timed within the budget, is not written
+(the table keeps what it had there). The sweep stops at --budget-s (the best configuration found so far is kept,
+after its confirmation rounds; unswept roles and shapes keep what the table had). The table's ``defaults`` are kept;
+the swept shapes' entries are replaced, the others kept, and ``tuned`` becomes true; the table and the per-role
 times (``<table>_summary.json`` beside an --out table, else ``benchmarks/results/tune_<family>_summary.json``) are
-rewritten after every shape. The launchers read the table at run time; nothing is autotuned at run time.
+rewritten after every shape; both name the commit (LORWEB_COMMIT, else git HEAD), the Triton version and the date.
+The launchers read the table at run time; nothing is autotuned at run time.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,8 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_mixed_lora (Ti
 #: take the cuBLAS route (``choose_route``) and are swept only when named with --layers.
 LAYERS = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072))
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-LORA_RANK = 4
-POOL = 3  # inputs x rotated per call: 3 x (8192 x 3072 bf16) = 150 MB, more than an H100/H200 L2
+LORA_RANK = 4  # a power of two, as the Triton launchers need (lorweb_fast.kernels.mixed_lora.shrink)
+#: Fewest copies of x and dy rotated through the timed calls; more where one copy is small (see ``pool_size``).
+MIN_POOL = 3
+#: Largest R the tuner may be given when lorweb_fast.kernels cannot be imported (--dry-run without Triton); else the
+#: launchers' own MAX_FUSED_R (larger R take the cuBLAS route, and shrink / expand refuse them).
+FALLBACK_MAX_FUSED_R = 512
 
 SHRINK = [dict(block_m=bm, block_k=bk, split_k=sk, tma=t, num_warps=w, num_stages=s)
           for bm, bk, sk, t, w, s in itertools.product((64, 128), (64, 128), (1, 2), (0, 1), (8,), (3, 4))]
@@ -59,6 +69,31 @@ FORWARD_ROLES = ("shrink", "expand")
 FUSED_ONLY_ROLES = ("expand_dx", "grad_basis")
 
 
+def max_fused_r() -> int:
+    """The launchers' largest R (lorweb_fast.kernels.mixed_lora.MAX_FUSED_R)."""
+    try:
+        from lorweb_fast.kernels.mixed_lora import MAX_FUSED_R
+    except ImportError:  # no (recent) Triton: --dry-run still lists the sweep
+        return FALLBACK_MAX_FUSED_R
+    return MAX_FUSED_R
+
+
+def rank_type(text: str) -> int:
+    """argparse type of --ranks: an R the fused launchers serve, N LoRAs of rank r = LORA_RANK, 1 <= N, R <= MAX_FUSED_R
+    (shrink and expand raise for a larger R, and every candidate would be timed on a shape that never runs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    limit = max_fused_r()
+    if value % LORA_RANK or value > limit:
+        raise argparse.ArgumentTypeError(f"expected a multiple of r = {LORA_RANK} up to MAX_FUSED_R = {limit} (larger "
+                                         f"R take the cuBLAS route), got {text}")
+    return value
+
+
 def parse_args(argv=None):
     from bench_mixed_lora import number_type, positive_int, seconds
 
@@ -68,8 +103,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget-s", type=seconds, default=420.0, help="stop sweeping after this many seconds (default "
                    "420, so that the sweep with its compilations ends within 8 minutes)")
-    p.add_argument("--ranks", type=positive_int, nargs="+", default=[128],
-                   help="R values to tune (default: 128 = N 32 x r 4)")
+    p.add_argument("--ranks", type=rank_type, nargs="+", default=[128],
+                   help=f"R values to tune, multiples of r = {LORA_RANK} up to the launchers' MAX_FUSED_R (default: "
+                   "128 = N 32 x r 4)")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=sorted(DTYPES),
                    help="dtypes to tune (default: bfloat16)")
     p.add_argument("--tokens", type=even_tokens, default=8192,
@@ -81,7 +117,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="table to write (default: kernels/configs/<family>.json in this "
                    "source tree)")
     p.add_argument("--min-gain", type=fraction, default=0.01, help="a candidate replaces the table's tiles only when "
-                   "it is faster by more than this fraction, timed in the same run (default 0.01)")
+                   "the median of its --confirm-rounds timings is below the table's by more than this fraction "
+                   "(default 0.01)")
+    p.add_argument("--confirm-rounds", type=positive_int, default=5, help="timings each of the fastest candidate and "
+                   "the table's tiles, alternated, before a candidate is adopted (default 5)")
     p.add_argument("--dry-run", action="store_true", help="list the sweep and exit (no GPU needed)")
     return p.parse_args(argv)
 
@@ -106,8 +145,6 @@ def sweep_plan(args) -> list[dict]:
     """One item per distinct (layer, R, dtype), in the order given: the candidate counts of each role swept."""
     plan, seen = [], set()
     for (k, n), R, dtype in itertools.product(layers_from(args), args.ranks, args.dtypes):
-        if R % LORA_RANK:
-            raise SystemExit(f"--ranks must be multiples of r = {LORA_RANK}, got {R}")
         if (k, n, R, dtype) in seen:
             continue
         seen.add((k, n, R, dtype))
@@ -138,6 +175,36 @@ def print_plan(plan, args) -> None:
         k, n = item["layer"]
         print(f"  in={k:<6} out={n:<6} R={item['R']:<4} {item['dtype']:<9} "
               + ", ".join(f"{name}: {c}" for name, c in item["counts"].items()))
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The L2 the rotated inputs must exceed twice: the GPU's (the benchmark's l2_bytes); 0 off a GPU (the tests'
+    CPU path, which times nothing real)."""
+    if device.type != "cuda":
+        return 0
+    from bench_mixed_lora import l2_bytes
+
+    return l2_bytes(device)
+
+
+def pool_size(x_bytes: int, dy_bytes: int, l2: int) -> int:
+    """Copies of x and of dy rotated through the timed calls: at least MIN_POOL, and enough that the copies of each
+    exceed twice the L2 (a call never reads an input that the calls before it left in the cache), whatever --tokens
+    is."""
+    return max(MIN_POOL, 2 * l2 // max(1, min(x_bytes, dy_bytes)) + 1)
+
+
+def confirm_gain(table_fn, best_fn, rounds: int, n_inputs: int) -> dict:
+    """Time the table's tiles and the fastest candidate again, alternately (table first in even rounds, candidate
+    first in odd ones, so a drift favours neither), ``rounds`` timings each, every timing itself a median; the
+    adoption compares the medians of the rounds, not one timing of each."""
+    table_ms, best_ms = [], []
+    for r in range(rounds):
+        pair = [(table_ms, table_fn), (best_ms, best_fn)]
+        for times, fn in (pair if r % 2 == 0 else pair[::-1]):
+            times.append(_bench(fn, n_inputs))
+    return dict(rounds=rounds, table_ms=table_ms, best_ms=best_ms, table_median_ms=statistics.median(table_ms),
+                best_median_ms=statistics.median(best_ms))
 
 
 def _bench(fn, n_inputs: int = 1) -> float:
@@ -261,10 +328,12 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
     """Sweep and write the table (``device`` other than CUDA only for tests, which replace ``_bench``). The table and
     the summary are rewritten after every shape, so a sweep stopped from outside keeps the shapes it finished."""
     from bench_mixed_lora import device_name
+    from kernel_resources import provenance
 
     from lorweb_fast.kernels import mixed_lora as K
 
     start = time.monotonic()
+    origin = provenance()  # commit, triton, date: in the note and the summary
     family = K.gpu_family(device)
     if family == "default" and device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -283,6 +352,8 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
     done = 0
     total = sum(sum(item["counts"].values()) for item in plan)
 
+    l2 = cache_bytes(device)
+
     def out_of_budget() -> bool:
         return time.monotonic() - start > args.budget_s
 
@@ -292,8 +363,9 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
         for r in summary:
             if (r["layer"][0], r["layer"][1], r["R"], r["dtype"]) in written:
                 swept.setdefault(f"{r['layer'][0]}->{r['layer'][1]} R={r['R']} {r['dtype']}", []).append(r["role"])
-        note = (f"Measured by benchmarks/tune_kernels.py on {device_name(device)} "
-                f"(torch {torch.__version__}, M = {args.tokens} for timing; keys never depend on M): roles "
+        note = (f"Measured by benchmarks/tune_kernels.py on {device_name(device)} (commit {origin['commit']}, "
+                f"torch {torch.__version__}, triton {origin['triton']}, {origin['date']}, M = {args.tokens} for "
+                "timing; keys never depend on M): roles "
                 + ("; ".join(f"{', '.join(roles)} of {shape}" for shape, roles in swept.items()) or "none")
                 + ". Shapes not listed use the untuned defaults.")
         if base_table.get("tuned") and base_table.get("entries"):
@@ -305,8 +377,9 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(table, indent=1) + "\n")
         summary_file.parent.mkdir(parents=True, exist_ok=True)
-        summary_file.write_text(json.dumps(dict(device=device_name(device), torch=torch.__version__,
-                                                tokens=args.tokens, min_gain=args.min_gain, source=str(source),
+        summary_file.write_text(json.dumps(dict(device=device_name(device), torch=torch.__version__, **origin,
+                                                tokens=args.tokens, min_gain=args.min_gain,
+                                                confirm_rounds=args.confirm_rounds, l2_bytes=l2, source=str(source),
                                                 table=str(out_path), roles=summary), indent=1) + "\n")
 
     for item in plan:
@@ -316,8 +389,10 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
             continue
         g = torch.Generator(device="cpu").manual_seed(0)
         M, rps = args.tokens, args.tokens // 2
-        xs = [torch.randn(M, k, generator=g).to(device, dtype) for _ in range(POOL)]  # rotated: more than the L2
-        dys = [torch.randn(M, n, generator=g).to(device, dtype) for _ in range(POOL)]
+        size = torch.tensor([], dtype=dtype).element_size()
+        pool = pool_size(M * k * size, M * n * size, l2)  # rotated: the copies of each exceed twice the L2
+        xs = [torch.randn(M, k, generator=g).to(device, dtype) for _ in range(pool)]
+        dys = [torch.randn(M, n, generator=g).to(device, dtype) for _ in range(pool)]
         x = xs[0]
         w = (torch.randn(n, k, generator=g) * k ** -0.5).to(device, dtype)
         bias = torch.randn(n, generator=g).to(device, dtype)
@@ -372,7 +447,7 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
                           f"{table_refused}")
                     table_ms = float("inf")
                 else:
-                    table_ms = _bench(lambda i: calls[name](rule[name], i), POOL)
+                    table_ms = _bench(lambda i: calls[name](rule[name], i), pool)
             except Exception as exc:
                 print(f"  in={k} out={n} {name}: the table's tiles {rule[name]} failed ({type(exc).__name__})")
                 table_ms = float("inf")
@@ -388,7 +463,7 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
                         print(f"  [{done}/{total}] {name} {cand}: refused ({refused})")
                         refused_candidates.append([cand, refused[:500]])
                         continue
-                    ms = _bench(lambda i: calls[name](cand, i), POOL)
+                    ms = _bench(lambda i: calls[name](cand, i), pool)
                 except Exception as exc:  # out of shared memory / registers for this tile: skip it
                     print(f"  [{done}/{total}] {name} {cand}: skipped ({type(exc).__name__})")
                     continue
@@ -396,12 +471,24 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
                     best_ms, best = ms, cand
                 print(f"  [{done}/{total}] in={k} out={n} R={R} {item['dtype']} {name} {cand}: {ms:.4f} ms")
             adopted = best is not None and best != rule[name] and best_ms < table_ms * (1 - args.min_gain)
+            confirm, verdict = None, ""
+            if adopted and table_ms != float("inf"):  # one timing each is within the noise: time both again
+                try:
+                    confirm = confirm_gain(lambda i: calls[name](rule[name], i), lambda i: calls[name](best, i),
+                                           args.confirm_rounds, pool)
+                    adopted = confirm["best_median_ms"] < confirm["table_median_ms"] * (1 - args.min_gain)
+                    verdict = (f"; {args.confirm_rounds} alternating rounds: table median "
+                               f"{confirm['table_median_ms']:.4f} ms, best median {confirm['best_median_ms']:.4f} ms")
+                except Exception as exc:
+                    adopted = False
+                    confirm = dict(rounds=args.confirm_rounds, error=f"{type(exc).__name__}: {exc}"[:500])
+                    verdict = f"; confirmation failed ({type(exc).__name__})"
             summary.append(dict(layer=[k, n], R=R, dtype=item["dtype"], role=name, adopted=adopted,
                                 table_ms=None if table_ms == float("inf") else table_ms, table_refused=table_refused,
                                 refused=refused_candidates, best_ms=None if best is None else best_ms,
-                                table=rule[name], best=best))
-            print(f"  in={k} out={n} R={R} {item['dtype']} {name}: table {table_ms:.4f} ms, best {best_ms:.4f} ms -> "
-                  + ("adopted" if adopted else "table kept"))
+                                confirm=confirm, table=rule[name], best=best))
+            print(f"  in={k} out={n} R={R} {item['dtype']} {name}: table {table_ms:.4f} ms, best {best_ms:.4f} ms"
+                  + verdict + " -> " + ("adopted" if adopted else "table kept"))
             if adopted:
                 rule[name] = best
             elif table_refused:
@@ -410,7 +497,7 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
                 if out_of_budget():  # --budget-s already spent: the table's route stays, not timed again
                     print(f"  in={k} out={n}: route not compared (budget spent); keeps {rule['route']}")
                 else:
-                    rule["route"] = "fused" if _bench(fused, POOL) <= _bench(composed, POOL) else "composed"
+                    rule["route"] = "fused" if _bench(fused, pool) <= _bench(composed, pool) else "composed"
 
         if len(summary) == summarised:  # no role of this shape was timed (the budget, or nothing for its route)
             why = "the budget ran out" if out_of_budget() else f"nothing to sweep on route {rule['route']}"

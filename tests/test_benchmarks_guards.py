@@ -339,10 +339,20 @@ def test_flux_adapter_cost_table_lists_the_largest_difference_first():
     ("bench_mixed_lora", ["--shapes", "40x-24"], "argument --shapes: expected INxOUT with both > 0"),
     ("bench_mixed_lora", ["--shapes", "40:24"], "argument --shapes: expected INxOUT with both > 0"),
     ("tune_kernels", ["--ranks", "128", "-4"], "argument --ranks: expected an integer >= 1, got -4"),
+    ("tune_kernels", ["--ranks", "6"], "argument --ranks: expected a multiple of r = 4 up to MAX_FUSED_R = 512"),
+    ("tune_kernels", ["--ranks", "128", "516"], "argument --ranks: expected a multiple of r = 4 up to MAX_FUSED_R"),
+    ("tune_kernels", ["--ranks", "1024"], "argument --ranks: expected a multiple of r = 4 up to MAX_FUSED_R"),
+    ("tune_kernels", ["--confirm-rounds", "0"], "argument --confirm-rounds: expected an integer >= 1, got 0"),
+    ("tune_kernels", ["--device", "cuda"], "unrecognized arguments: --device cuda"),
     ("tune_kernels", ["--min-gain", "1"], "argument --min-gain: expected a fraction in [0, 1), got 1"),
     ("tune_kernels", ["--min-gain", "nan"], "argument --min-gain: expected a fraction in [0, 1), got nan"),
     ("host_overhead", ["--calls", "0"], "argument --calls: expected an integer >= 1, got 0"),
-    ("kernel_resources", ["--out", "r.json", "--m", "-8"], "argument --m: expected an integer >= 1, got -8"),
+    ("kernel_resources", ["--out", "r.json", "--m", "-8"],
+     "argument --m: expected an even number of rows >= 2 (two samples), got -8"),
+    ("kernel_resources", ["--out", "r.json", "--m", "1"],
+     "argument --m: expected an even number of rows >= 2 (two samples), got 1"),
+    ("kernel_resources", ["--out", "r.json", "--m", "8191"],
+     "argument --m: expected an even number of rows >= 2 (two samples), got 8191"),
     ("kernel_resources", ["--out", "r.json", "--in-features", "0"], "argument --in-features: expected an integer"),
 ])
 def test_scripts_refuse_bad_numbers_by_name(script, args, refused, capsys):
@@ -353,7 +363,8 @@ def test_scripts_refuse_bad_numbers_by_name(script, args, refused, capsys):
     with pytest.raises(SystemExit) as exc:
         module.main(args)
     assert exc.value.code == 2
-    assert refused in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert refused in err and "Traceback" not in err
 
 
 @pytest.fixture
@@ -362,10 +373,19 @@ def tuner(monkeypatch):
     return tk
 
 
-def test_tuner_sweep_plan_refuses_ranks_not_multiple_of_r(tuner):
-    """--ranks must be multiples of r = 4."""
-    with pytest.raises(SystemExit, match="multiples of r"):
-        tuner.sweep_plan(tuner.parse_args(["--ranks", "6"]))
+def test_tuner_ranks_are_those_the_launchers_serve(tuner, capsys):
+    """--ranks: multiples of r = 4 (a power of two, as the launchers need) up to the launchers' own MAX_FUSED_R, both
+    ends accepted; anything else is an argparse error (exit 2) before a shape is set up (it used to raise inside the
+    shape setup, outside any try)."""
+    K = pytest.importorskip("lorweb_fast.kernels.mixed_lora")
+    assert tuner.max_fused_r() == K.MAX_FUSED_R == tuner.FALLBACK_MAX_FUSED_R
+    assert tuner.LORA_RANK & (tuner.LORA_RANK - 1) == 0
+    args = tuner.parse_args(["--ranks", "4", str(K.MAX_FUSED_R)])
+    assert args.ranks == [4, K.MAX_FUSED_R] and [item["R"] for item in tuner.sweep_plan(args)][:2] == [4, 512]
+    for bad in ("6", str(K.MAX_FUSED_R + 4)):
+        with pytest.raises(SystemExit) as exc:
+            tuner.parse_args(["--ranks", bad])
+        assert exc.value.code == 2 and "argument --ranks" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("item, refused", [("0:3072", "need in and out > 0"), ("3072:-1", "need in and out > 0"),
@@ -393,9 +413,10 @@ def test_tuner_loaded_spills_takes_the_largest_per_kernel(tuner, monkeypatch):
 
 
 def _run_tuner(tuner, monkeypatch, tmp_path, timing, *, kernels=("shrink",), admit=None, table=None,
-               extra=(), clock=None):
+               extra=(), clock=None, pools=None):
     """tune() on CPU with the launchers replaced by shape-only stubs, the gate by ``admit(role, cfg)`` and the timer by
-    ``timing(role, cfg, nth_call_of_this_cfg)``; returns (summary record, written table or None, benched names)."""
+    ``timing(role, cfg, nth_call_of_this_cfg)`` (each timing calls the last input of the pool); returns (summary
+    record, written table or None, benched names); ``pools`` (a list) receives each timing's pool size."""
     import lorweb_fast.kernels.mixed_lora as K
 
     last = []
@@ -425,12 +446,15 @@ def _run_tuner(tuner, monkeypatch, tmp_path, timing, *, kernels=("shrink",), adm
 
     def fake_bench(fn, n_inputs=1):
         benched.append(fn.__name__)
+        if pools is not None:
+            pools.append(n_inputs)
         if clock is not None:
             clock.t += 1.0
         if fn.__name__ in ("fused", "composed"):
+            fn(n_inputs - 1)
             return 1.0 if fn.__name__ == "fused" else 2.0
         last.clear()
-        fn(0)
+        fn(n_inputs - 1)
         role, cfg = last[-1]
         key = json.dumps([role, cfg], sort_keys=True)
         counts[key] = counts.get(key, 0) + 1
@@ -456,6 +480,56 @@ def _small(tuner, monkeypatch, n=3):
     small = {role: cands[:n] for role, cands in tuner.CANDIDATES.items()}
     monkeypatch.setattr(tuner, "CANDIDATES", small)
     return small
+
+
+def test_tuner_confirms_a_gain_over_alternating_rounds(tuner, monkeypatch, tmp_path):
+    """A candidate whose one sweep timing is 5 % faster than the table's tiles (noise: timed again it ties) is not
+    adopted: the table's tiles and the candidate are timed again alternately, 5 rounds each (table first in even
+    rounds, candidate first in odd ones), and the medians of the rounds decide; the summary records the rounds and
+    both medians. A candidate that stays 5 % faster over the rounds is adopted."""
+    small = _small(tuner, monkeypatch)
+    order = []
+
+    def timing(steady_gain):
+        def t(role, cfg, n):
+            if cfg not in small[role]:
+                order.append("table")
+                return 10.0
+            i = small[role].index(cfg)
+            if i == 1:
+                order.append("best")
+                return 9.5 if n == 1 else 10.0 * (1 - steady_gain)
+            return 12.0
+        return t
+
+    summary, written, _ = _run_tuner(tuner, monkeypatch, tmp_path, timing(0.0))
+    (role,) = summary["roles"]
+    assert role["best"] == small["shrink"][1] and role["best_ms"] == 9.5 and role["table_ms"] == 10.0
+    assert role["adopted"] is False and written["entries"][0]["shrink"] == role["table"] != small["shrink"][1]
+    confirm = role["confirm"]
+    assert confirm["rounds"] == 5 and summary["confirm_rounds"] == 5
+    assert confirm["table_ms"] == [10.0] * 5 and confirm["best_ms"] == [10.0] * 5
+    assert confirm["table_median_ms"] == 10.0 and confirm["best_median_ms"] == 10.0
+    assert order[:2] == ["table", "best"]  # the sweep: the table's tiles, then candidate 1 (0 and 2 are not recorded)
+    assert order[2:] == ["table", "best", "best", "table", "table", "best", "best", "table", "table", "best"]
+    order.clear()
+    summary, written, _ = _run_tuner(tuner, monkeypatch, tmp_path, timing(0.05),
+                                     extra=("--confirm-rounds", "3"))
+    (role,) = summary["roles"]
+    assert role["adopted"] is True and role["confirm"]["best_median_ms"] == pytest.approx(9.5)
+    assert len(role["confirm"]["best_ms"]) == 3 and len(order) == 2 + 6
+    assert written["entries"][0]["shrink"] == small["shrink"][1]
+
+
+def test_tuner_skips_the_confirmation_when_nothing_beat_the_table(tuner, monkeypatch, tmp_path):
+    """No candidate faster than the table's tiles by --min-gain in the sweep: no confirmation rounds are timed
+    (``confirm`` is null); table tiles that failed (infinitely slow) are replaced without rounds either."""
+    small = _small(tuner, monkeypatch)
+    summary, _, benched = _run_tuner(tuner, monkeypatch, tmp_path,
+                                     lambda role, cfg, n: 10.0 if cfg not in small[role] else 11.0)
+    (role,) = summary["roles"]
+    assert role["confirm"] is None and role["adopted"] is False
+    assert [b for b in benched if b not in ("fused", "composed")] == ["<lambda>"] * 4  # table, 3 candidates
 
 
 def test_tuner_adopts_only_a_gain_above_min_gain(tuner, monkeypatch, tmp_path):
@@ -522,10 +596,12 @@ def test_tuner_table_tiles_that_raise_are_replaced(tuner, monkeypatch, tmp_path)
     summary, written, _ = _run_tuner(tuner, monkeypatch, tmp_path, timing)
     (role,) = summary["roles"]
     assert role["table_ms"] is None and role["adopted"] is True and written is not None
+    assert role["confirm"] is None  # nothing to time the candidate against
 
 
 def test_tuner_budget_stops_the_candidates_and_the_roles(tuner, monkeypatch, tmp_path):
-    """--budget-s: once spent, no further candidate or role is timed; the best so far is kept."""
+    """--budget-s: once spent, no further candidate or role is timed; the best so far is kept, after its
+    confirmation rounds (5 each of the table's tiles and the candidate)."""
     small = _small(tuner, monkeypatch)
     clock = FakeClock()
     summary, written, benched = _run_tuner(
@@ -533,15 +609,17 @@ def test_tuner_budget_stops_the_candidates_and_the_roles(tuner, monkeypatch, tmp
         kernels=("shrink", "shrink_dy"), extra=("--budget-s", "1.5"), clock=clock)
     (role,) = summary["roles"]  # shrink_dy never started
     assert role["role"] == "shrink" and role["best"] == small["shrink"][0] and role["adopted"]
-    assert [b for b in benched if b not in ("fused", "composed")] == ["<lambda>"] * 2  # table, first candidate
+    assert [b for b in benched if b not in ("fused", "composed")] == ["<lambda>"] * 12  # table, candidate, 2 x 5
+    assert role["confirm"]["rounds"] == 5
 
 
-@pytest.mark.parametrize("budget_s, compared", [("100", True), ("7.5", False)])
+@pytest.mark.parametrize("budget_s, compared", [("100", True), ("27.5", False)])
 def test_tuner_compares_the_route_only_within_the_budget(tuner, monkeypatch, tmp_path, budget_s, compared):
     """After the forward roles of a shape, the fused route is timed against the composed one and the faster is
     written (here fused, 1.0 against 2.0, replacing the table's composed); once --budget-s is spent (each timing
-    advances the clock by 1 s: 4 shrink and 4 expand timings end at 8 s) the two timings are not run and the table's
-    route is kept."""
+    advances the clock by 1 s: the shrink and expand timings end at 28 s) the two timings are not run and the table's
+    route is kept. The candidates here beat the table's tiles, so each role also times 5 confirmation rounds of both
+    (4 + 10 timings per role: 28 in all)."""
     import lorweb_fast.kernels.mixed_lora as K
 
     small = _small(tuner, monkeypatch)
@@ -552,7 +630,7 @@ def test_tuner_compares_the_route_only_within_the_budget(tuner, monkeypatch, tmp
         tuner, monkeypatch, tmp_path, lambda role, cfg, n: 1.0 if cfg in small[role] else 10.0,
         kernels=("shrink", "expand"), table=table, extra=("--budget-s", budget_s), clock=FakeClock())
     assert [r["role"] for r in summary["roles"]] == ["shrink", "expand"]
-    assert len([b for b in benched if b not in ("fused", "composed")]) == 8
+    assert len([b for b in benched if b not in ("fused", "composed")]) == 28
     assert (("fused" in benched) and ("composed" in benched)) is compared
     (entry,) = written["entries"]
     assert entry["route"] == ("fused" if compared else "composed")
@@ -572,6 +650,59 @@ def test_tuner_note_keeps_the_previous_sweep(tuner, monkeypatch, tmp_path):
     assert "roles shrink of 48->40 R=8 float32." in written["note"]
     assert "Before this sweep: OLD SWEEP NOTE" in written["note"]
     assert [(e["in"], e["out"]) for e in written["entries"]] == [(96, 96), (48, 40)]
+
+
+def test_tuner_records_commit_triton_and_date(tuner, monkeypatch, tmp_path):
+    """The summary and the table's note name the commit (LORWEB_COMMIT when set, else git HEAD, else "unknown"), the
+    Triton version and the date of the sweep."""
+    import re
+
+    triton = pytest.importorskip("triton")
+    small = _small(tuner, monkeypatch)
+    monkeypatch.setenv("LORWEB_COMMIT", "0123456789abcdef")
+    summary, written, _ = _run_tuner(tuner, monkeypatch, tmp_path,
+                                     lambda role, cfg, n: 1.0 if cfg in small[role] else 10.0)
+    assert summary["commit"] == "0123456789ab (LORWEB_COMMIT)" and summary["triton"] == triton.__version__
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", summary["date"])
+    note = written["note"]
+    assert "commit 0123456789ab (LORWEB_COMMIT)" in note and f"triton {triton.__version__}" in note
+    assert summary["date"] in note
+
+
+def test_provenance_falls_back_to_git_head_then_unknown(monkeypatch):
+    """provenance(): without LORWEB_COMMIT the commit is git HEAD of the checkout, and "unknown" where git fails."""
+    bml = _on_path("bench_mixed_lora")
+    kr = _on_path("kernel_resources")
+    monkeypatch.delenv("LORWEB_COMMIT", raising=False)
+
+    def no_git(*a, **k):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(bml, "subprocess", types.SimpleNamespace(run=no_git))
+    assert kr.provenance()["commit"] == "unknown"
+    monkeypatch.setattr(bml, "subprocess", types.SimpleNamespace(
+        run=lambda cmd, **kw: types.SimpleNamespace(stdout="abc123\n" if "rev-parse" in cmd else "")))
+    assert kr.provenance()["commit"] == "abc123"
+
+
+def test_tuner_pool_exceeds_twice_the_l2_for_any_tokens(tuner, monkeypatch, tmp_path):
+    """The copies of x and of dy rotated through the timed calls exceed twice the L2 whatever --tokens is (a fixed
+    pool of 3 small inputs fitted in the H200's L2), and are never fewer than 3."""
+    mib = 2 ** 20
+    assert tuner.pool_size(48 * mib, 48 * mib, 60 * mib) == 3  # the default shapes: 3 copies of 48 MiB
+    assert tuner.pool_size(10 ** 9, 10 ** 9, 60 * mib) == 3
+    for tokens in (2, 64, 1024, 8192):
+        x_bytes, dy_bytes = tokens * 15360 * 2, tokens * 3072 * 2
+        n = tuner.pool_size(x_bytes, dy_bytes, 60 * mib)
+        assert n * min(x_bytes, dy_bytes) > 2 * 60 * mib and n >= 3
+    assert tuner.cache_bytes(torch.device("cpu")) == 0
+    _small(tuner, monkeypatch)
+    monkeypatch.setattr(tuner, "cache_bytes", lambda device: mib)  # a 1 MiB L2 against 64 x 40 fp32 dy = 10 KiB
+    pools = []
+    summary, _, _ = _run_tuner(tuner, monkeypatch, tmp_path, lambda role, cfg, n: 1.0, pools=pools)
+    want = 2 * mib // (64 * 40 * 4) + 1
+    assert pools and set(pools) == {want} and want * 64 * 40 * 4 > 2 * mib  # every timing, the last copy called
+    assert summary["l2_bytes"] == mib
 
 
 def test_tuner_writes_nothing_for_a_shape_with_no_role_timed(tuner, monkeypatch, tmp_path):
@@ -647,6 +778,49 @@ def test_kernel_resources_main_counts_local_memory(monkeypatch, tmp_path, capsys
     assert "2 Triton and 2 extension kernels; 2 with spills or local memory" in out
     assert "'kernel': 'b'" in out and "'kernel': 'c'" in out and "'kernel': 'd'" not in out
     assert json.loads((tmp_path / "r.json").read_text())["device"] == "FakeGPU"
+
+
+@pytest.mark.parametrize("backends, triton_rows, ext_rows, counted", [
+    ({"triton": "ran", "cuda": "failed: RuntimeError: no kernel image"}, [{"kernel": "a"}], [{"kernel": "c"}],
+     "1 Triton and 1 extension kernels"),
+    ({"triton": "ran", "cuda": "ran"}, [{"kernel": "a"}], [{"error": "cuobjdump not found"}],
+     "1 Triton and 0 extension kernels"),
+    ({"triton": "ran", "cuda": "ran"}, [{"error": "Triton kernels not importable: x"}], [{"kernel": "c"}],
+     "0 Triton and 1 extension kernels"),
+])
+def test_kernel_resources_fails_on_a_failed_backend_or_an_error_entry(monkeypatch, tmp_path, capsys, backends,
+                                                                      triton_rows, ext_rows, counted):
+    """main: a backend that failed, or an error entry instead of a kernel list, exits 1 (the report is still
+    written and says what failed); error entries are not counted as kernels."""
+    kr = _load("kernel_resources", "kernel_resources_guards5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FakeGPU")
+    monkeypatch.setattr(kr, "run_backends", lambda *a: backends)
+    monkeypatch.setattr(kr, "triton_kernels", lambda: triton_rows)
+    monkeypatch.setattr(kr, "extension_kernels", lambda: ext_rows)
+    assert kr.main(["--out", str(tmp_path / "r.json")]) == 1
+    captured = capsys.readouterr()
+    assert counted in captured.out and "FAILED:" in captured.err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["backends"] == backends
+
+
+def test_kernel_resources_report_names_commit_triton_and_date(monkeypatch, tmp_path):
+    """resources.json names the commit (LORWEB_COMMIT), the Triton version and the date."""
+    import re
+
+    triton = pytest.importorskip("triton")
+    kr = _load("kernel_resources", "kernel_resources_guards6")
+    monkeypatch.setenv("LORWEB_COMMIT", "fedcba9876543210")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FakeGPU")
+    monkeypatch.setattr(kr, "run_backends", lambda *a: {"triton": "ran", "cuda": "ran"})
+    monkeypatch.setattr(kr, "triton_kernels", lambda: [])
+    monkeypatch.setattr(kr, "extension_kernels", lambda: [])
+    assert kr.main(["--out", str(tmp_path / "r.json"), "--m", "2"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["commit"] == "fedcba987654 (LORWEB_COMMIT)" and report["triton"] == triton.__version__
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", report["date"]) and report["shape"]["M"] == 2
 
 
 def test_kernel_resources_extension_rows_take_the_drivers_attributes(monkeypatch, tmp_path):
