@@ -49,6 +49,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -561,8 +562,19 @@ def profile_sort_key(device: torch.device) -> str:
     return "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
 
 
-def profile_table(impls: list[Impl], problem: dict, path: Path) -> None:
-    """Per-kernel torch.profiler table of one forward+backward (forward for the forward-only rows) per row."""
+def cuda_context_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a sticky CUDA error (an illegal memory access, a device-side assert): every later CUDA
+    call of the process fails with it, so the run cannot go on."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    text = str(exc)
+    return (accelerator_error is not None and isinstance(exc, accelerator_error)) or "CUDA error" in text \
+        or "illegal memory access" in text
+
+
+def profile_table(impls: list[Impl], problem: dict, path: Path, failed: Optional[dict] = None) -> None:
+    """Per-kernel torch.profiler table of one forward+backward (forward for the forward-only rows) per row;
+    ``failed`` ({impl name: error}) names the rows that failed in this configuration: not profiled. A row that
+    fails only here is noted in the table, and the others are profiled."""
     device = problem["x"].device
     x = problem["x"]
     parts = [f"torch.profiler, one call after warm-up; M={x.numel() // x.shape[-1]}, "
@@ -572,11 +584,21 @@ def profile_table(impls: list[Impl], problem: dict, path: Path) -> None:
         if impl.skip_reason:
             parts.append(f"== {impl.name}: skipped: {impl.skip_reason}\n")
             continue
+        if impl.name in (failed or ()):
+            parts.append(f"== {impl.name}: not profiled: its row failed ({failed[impl.name]})\n")
+            continue
         mode = "fwd" if impl.name in FORWARD_ONLY else "fwd_bwd"
-        step, _ = make_step(impl, problem, mode)
-        table = profile_averages(step, device).table(sort_by=profile_sort_key(device), row_limit=20)
-        impl.clear_operands()
-        impl.query_args = None
+        try:
+            step, _ = make_step(impl, problem, mode)
+            table = profile_averages(step, device).table(sort_by=profile_sort_key(device), row_limit=20)
+        except Exception as exc:  # a row that only fails here: the other tables and the run go on
+            if cuda_context_lost(exc):
+                raise
+            parts.append(f"== {impl.name} ({mode}): profiling failed: {type(exc).__name__}: {exc}\n")
+            continue
+        finally:
+            impl.clear_operands()
+            impl.query_args = None
         parts.append(f"== {impl.name} ({mode})\n" + table + "\n")
     path.write_text("\n".join(parts))
 
@@ -690,8 +712,15 @@ def write_markdown(path: Path, record: dict) -> None:
     if not record.get("complete", True):
         text += ["**Partial record: written after each configuration; the run has not finished (or was stopped).**",
                  ""]
-    if record.get("not_run"):
-        text += [f"Not run (total budget spent): {record['not_run']}", ""]
+    if record.get("stopped"):
+        text += [f"**Stopped: {record['stopped']}** (the rows after it and the configurations listed as not run "
+                 "were not measured)", ""]
+    budget = [c for c in record.get("not_run") or [] if "reason" not in c]
+    stopped = [c for c in record.get("not_run") or [] if "reason" in c]
+    if budget:
+        text += [f"Not run (total budget spent): {budget}", ""]
+    if stopped:
+        text += [f"Not run (the run stopped): {stopped}", ""]
     text += [f"FLOP floors at 3072×3072, N·r = 128: forward {FLOP_FLOOR['fwd']:.3f}× linear, forward+backward "
              f"{FLOP_FLOOR['fwd_bwd']:.3f}× linear (METHOD.md).", ""]
     if record["label"] == "CPU":
@@ -813,28 +842,32 @@ def parse_args(argv=None):
                         "shape (M=8192, 3072->3072; the first configuration when the target is not in the run) "
                         "beside the record (default: on with a GPU, off on CPU)")
     args = p.parse_args(argv)
-    check_rank_options(p, args)
     if args.device is not None:
         try:
             device = torch.device(args.device)
         except RuntimeError:
             p.error(f"--device {args.device!r} is not a device (cuda, cuda:0 or cpu)")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            p.error(f"--device {args.device}: no CUDA GPU is visible")
         if device.type not in ("cuda", "cpu"):
             p.error(f"--device {args.device}: the benchmark runs on cuda or cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA GPU is visible")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    check_rank_options(p, args)
     return args
 
 
-#: implementations that launch the Triton kernels (power-of-two rank, N*r <= MAX_FUSED_R = 512)
-TRITON_ROWS = ("triton", "shrink", "expand")
+#: rows that call the Triton launchers directly (power-of-two rank, N*r <= MAX_FUSED_R = 512); the ``triton``
+#: backend itself routes other ranks and N*r to cuBLAS (ops.choose_route)
+TRITON_ROWS = ("shrink", "expand")
 
 
 def check_rank_options(parser, args) -> None:
     """Rank options that would only fail once the run is under way (on a GPU, minutes in): a rank the Triton rows
     cannot launch, an N*r above their maximum, a rank that does not divide the N*r sweep's totals (N = total // r
     would time another N*r, or N = 0)."""
-    fused = [i for i in args.impls if i in TRITON_ROWS]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fused = [i for i in args.impls if i in TRITON_ROWS] if device.startswith("cuda") else []  # skipped on CPU
     if fused and args.rank & (args.rank - 1):
         parser.error(f"--rank {args.rank}: the Triton rows ({', '.join(fused)}) need a power-of-two rank; pass "
                      "another --rank, or --impls without them")
@@ -908,8 +941,14 @@ def run(args) -> dict:
     bar = tqdm(total=len(configs) * len(impls) * len(args.modes), desc="bench_mixed_lora", unit="row",
                disable=None)
     longest = 0.0  # seconds of the longest configuration so far: one that would not fit is not started
+    lost = None  # a sticky CUDA error: the rest of the run is recorded as not run
     for cfg in configs:
         cfg_started = time.perf_counter()
+        if lost is not None:
+            not_run.append({**{k: cfg[k] for k in ("M", "in_features", "out_features", "N", "r")},
+                            "reason": f"CUDA context lost ({lost})"})
+            bar.update(len(impls) * len(args.modes))
+            continue
         if results and args.total_budget_s is not None and cfg_started - started + longest > args.total_budget_s:
             not_run.append({k: cfg[k] for k in ("M", "in_features", "out_features", "N", "r")})
             bar.update(len(impls) * len(args.modes))
@@ -920,8 +959,12 @@ def run(args) -> dict:
         for impl in impls:
             impl.new_configuration()
         problem = make_problem(cfg, dtype, device)
+        failed_here = {}
         for mode in args.modes:
             for impl in ordered:
+                if lost is not None:
+                    bar.update(1)
+                    continue
                 row = dict(impl=impl.name, mode=mode, M=cfg["M"], **{"in": cfg["in_features"]},
                            out=cfg["out_features"], N=cfg["N"], r=cfg["r"], two_d=cfg["two_d"], dtype=args.dtype,
                            median_ms=None, eager_ms=None, peak_mem_mb=None)
@@ -946,20 +989,35 @@ def run(args) -> dict:
                         row.update(failed=True, median_ms=None, eager_ms=None,
                                    error=f"{type(exc).__name__}: {str(exc).strip()}"[:500])
                         print(f"bench_mixed_lora: {impl.name} {mode} failed: {row['error']}", file=sys.stderr)
+                        failed_here[impl.name] = row["error"]
+                        if cuda_context_lost(exc):  # every later CUDA call would fail with it: stop here
+                            lost = f"after {impl.name} {mode} at M={cfg['M']} {cfg['in_features']}->" \
+                                   f"{cfg['out_features']}"
+                            record["stopped"] = f"CUDA context lost {lost}: {row['error']}"
                     finally:
                         impl.query_args = None
                 results.append(row)
                 write_record()  # after every row: a run stopped from outside keeps every row it finished
                 bar.update(1)
-        if profile_cfg is cfg:  # while this configuration's compiled graphs are still cached
-            profile_table(ordered, problem, args.out_dir / f"{stem}_profile.txt")
-            written.append("_profile.txt")
+        if profile_cfg is cfg and lost is None:  # while this configuration's compiled graphs are still cached
+            try:
+                profile_table(ordered, problem, args.out_dir / f"{stem}_profile.txt", failed_here)
+                written.append("_profile.txt")
+            except Exception as exc:  # the table is lost, not the run (unless the CUDA context is)
+                error = f"{type(exc).__name__}: {exc}"[:600]
+                if cuda_context_lost(exc):
+                    lost = "while profiling"
+                    record["stopped"] = f"CUDA context lost while profiling: {error}"
+                else:
+                    record["profile_error"] = error
+                print(f"bench_mixed_lora: the profiler table failed: {error}", file=sys.stderr)
+                write_record()
         del problem
-        if on_gpu:
+        if on_gpu and lost is None:
             torch.cuda.empty_cache()
         longest = max(longest, time.perf_counter() - cfg_started)
     bar.close()
-    record["complete"] = True
+    record["complete"] = lost is None
     write_record()
     if write_plot(args.out_dir / f"{stem}.png", record):
         written.append(".png")

@@ -38,7 +38,15 @@ PKGS=("$(pin diffusers 0.42.1)" "$(pin importlib_metadata 8.7.0)" "$(pin optimum
 if [ "$WITH_BNB" -eq 1 ]; then PKGS+=("$(pin bitsandbytes 0.49.0)"); fi
 
 mkdir -p "$DIR"
-# one wheel per package: an older version left in DIR would make the GPU machine's pip refuse the whole install
+NEW="$(mktemp -d)"
+trap 'rm -rf "$NEW"' EXIT
+echo "downloading ${PKGS[*]} for CPython $PYVER manylinux x86_64"
+"$PY" -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+  --platform any -d "$NEW" "${PKGS[@]}"
+# every download succeeded: only now are other versions of these packages removed from DIR (one wheel per package;
+# two would make the GPU machine's pip refuse the whole install)
 for spec in "${PKGS[@]}"; do
   name="${spec%%==*}"; version="${spec#*==}"
   prefix="$(echo "$name" | tr 'A-Z.-' 'a-z__')"
@@ -51,11 +59,9 @@ for spec in "${PKGS[@]}"; do
     fi
   done
 done
-echo "downloading ${PKGS[*]} for CPython $PYVER manylinux x86_64 into $DIR"
-"$PY" -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-  --platform any -d "$DIR" "${PKGS[@]}"
+mv -f "$NEW"/*.whl "$DIR"/
+echo "wheels in $DIR:"
+ls "$DIR"
 du -sh "$DIR"
 echo "carry it to the GPU machine with the working tree (it is git-ignored), then:"
 echo "  bash benchmarks/run_on_gpu.sh OUTDIR --wheels $DIR"

@@ -80,7 +80,12 @@ gpu_setup() {
   exec 3>&1
   trap flush_run_log EXIT
   note "lorweb_fast GPU run in $PWD -> $OUTDIR (budget ${BUDGET_S}s)"
-  note "commit: ${LORWEB_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (set LORWEB_COMMIT)")}"
+  if [ -n "${LORWEB_COMMIT:-}" ]; then
+    note "commit: $LORWEB_COMMIT"
+  else
+    note "commit: LORWEB_COMMIT unset; the copy's git HEAD, which may be stale: $(git rev-parse --short HEAD 2>/dev/null \
+      || echo unknown)"
+  fi
 
   if ! "$PY" -c "import torch" 2>/dev/null; then
     echo "No usable torch for $PY (set PYTHON=...): this script needs the GPU machine's own torch." >&2

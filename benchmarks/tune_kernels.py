@@ -213,7 +213,9 @@ def _bench(fn, n_inputs: int = 1) -> float:
     ``do_bench`` measured the launchers' host cost instead of the kernels on the H200 (a 25 us shrink timed 0.3 ms)."""
     from bench_mixed_lora import Timer
 
-    return float(Timer(torch.device("cuda"), warmup=3, reps=15, budget_s=2.0).run(fn, n_inputs))
+    # at least one call per input of the pool: the Timer rotates over the first ``reps`` inputs only, and a pool
+    # sized beyond twice the L2 (small --tokens) would otherwise be read partly, from L2
+    return float(Timer(torch.device("cuda"), warmup=3, reps=max(15, n_inputs), budget_s=2.0).run(fn, n_inputs))
 
 
 def role_references(name: str, x, dy, w, bias, a_cat, b_cat, coeffs, scale: float, rps: int, rank: int, u, z,

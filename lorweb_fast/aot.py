@@ -210,9 +210,10 @@ def ptxas_for(arch: int) -> Path:
     spills reported are those of the binary Triton builds there (another ptxas version allocates differently)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
-    except ImportError:  # an older Triton: its bundled binaries, by the same rule
-        return triton_bin("ptxas-blackwell" if arch >= 100 else "ptxas")
-    return Path(get_ptxas(arch).path)
+
+        return Path(get_ptxas(arch).path)
+    except (ImportError, TypeError, AttributeError):  # an older Triton (get_ptxas() without the arch, or none):
+        return triton_bin("ptxas-blackwell" if arch >= 100 else "ptxas")  # its bundled binaries, by the same rule
 
 
 def ptxas_resources(ptx: str, gpu_name: str, workdir: Path, exe: Path) -> dict:

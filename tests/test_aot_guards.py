@@ -508,3 +508,14 @@ def test_compiles_with_the_eager_launches_fp_fusion(small_plan, tmp_path, monkey
         if counts[-1][0]:
             break
     assert counts[-1][0] > 0 and counts[-1][1] == 0, counts
+
+
+def test_ptxas_for_falls_back_on_a_triton_without_the_arch_argument(monkeypatch):
+    """A Triton whose get_ptxas takes no arch (or has none) gets its bundled binaries by the same rule as Triton 3.6+
+    (the plain ptxas below sm_100) instead of failing every compile with a TypeError."""
+    import triton.backends.nvidia.compiler as compiler
+
+    monkeypatch.setattr(compiler, "get_ptxas", lambda: None)
+    assert aot.ptxas_for(90) == aot.triton_bin("ptxas") and aot.ptxas_for(100) == aot.triton_bin("ptxas-blackwell")
+    monkeypatch.delattr(compiler, "get_ptxas")
+    assert aot.ptxas_for(80) == aot.triton_bin("ptxas")

@@ -59,21 +59,87 @@ def test_the_script_exits_1_when_a_row_failed(tmp_path):
     assert (tmp_path / "t.json").exists()
 
 
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """torch answering as a machine with one CUDA GPU (only parse_args runs)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
 @pytest.mark.parametrize("extra,fragment", [
-    (["--rank", "3", "--no-rank-sweep"], "--rank 3: the Triton rows (triton, shrink, expand) need a power-of-two"),
+    (["--rank", "3", "--no-rank-sweep"], "--rank 3: the Triton rows (shrink, expand) need a power-of-two"),
     (["--num-loras", "64", "--rank", "16"], "above the Triton kernels' maximum N*r of 512"),
     (["--num-loras", "2", "--rank", "32"], "--rank 32 does not divide the N*r sweep's totals"),
     (["--device", "banana"], "--device 'banana' is not a device"),
+    (["--device", "cuda:3"], "--device cuda:3: this machine has 1 CUDA GPU(s)"),
 ])
-def test_options_that_would_fail_minutes_into_a_gpu_run_are_refused(bench, capsys, extra, fragment):
+def test_options_that_would_fail_minutes_into_a_gpu_run_are_refused(bench, capsys, one_gpu, extra, fragment):
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(["--out-dir", "unused", *extra])
     assert exc.value.code == 2 and fragment in capsys.readouterr().err
 
 
-def test_rank_3_is_fine_without_the_triton_rows(bench):
-    args = bench.parse_args(["--rank", "3", "--no-rank-sweep", "--impls", "linear", "torch"])
+@pytest.mark.parametrize("extra", [["--impls", "linear", "torch"],
+                                   ["--impls", "linear", "triton"]])  # the triton backend routes rank 3 to cuBLAS
+def test_rank_3_is_fine_without_the_rows_that_launch_the_kernels_directly(bench, one_gpu, extra):
+    args = bench.parse_args(["--rank", "3", "--no-rank-sweep", *extra])
     assert args.rank == 3
+
+
+def test_the_triton_rows_rank_check_does_not_apply_on_cpu(bench, monkeypatch):
+    """On a CPU the shrink and expand rows are skipped anyway: their rank limits refuse nothing there."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.parse_args(["--rank", "3", "--no-rank-sweep", "--device", "cpu"]).rank == 3
+
+
+def test_a_failed_row_is_not_profiled_and_the_run_goes_on(bench, monkeypatch, tmp_path):
+    """The profiler pass ran every row of the profiled configuration again, outside the per-row error handling: a
+    failed row raised there and ended the run (the grid's other configurations lost). It is noted as not profiled;
+    every configuration runs and the record completes."""
+    real_measure = bench.measure
+
+    def measure(impl, problem, mode, timer):
+        if impl.name == "torch":
+            raise RuntimeError("simulated API change")
+        return real_measure(impl, problem, mode, timer)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    args = [a for a in SMALL if a != "--no-profile"]
+    args[args.index("--shapes") + 1:args.index("--shapes") + 2] = ["40x24", "24x40"]
+    record = bench.main(args + ["--impls", "linear", "torch", "--profile", "--out-dir", str(tmp_path), "--tag", "p"])
+    assert record["complete"] and sorted({(r["in"], r["out"]) for r in record["results"]}) == [(24, 40), (40, 24)]
+    profile = (tmp_path / "p_profile.txt").read_text()
+    assert "== torch: not profiled: its row failed (RuntimeError: simulated API change)" in profile
+    assert "== linear (fwd_bwd)" in profile
+
+
+def test_a_sticky_cuda_error_stops_the_run_and_says_where(bench, monkeypatch, tmp_path):
+    """After an illegal memory access every CUDA call of the process fails: the failing row is recorded, the run
+    stops there (no cascade of rows failing with the same error), the record says where, lists the configurations
+    not run, and is not complete."""
+    real_measure = bench.measure
+    calls = []
+
+    def measure(impl, problem, mode, timer):
+        calls.append(impl.name)
+        if impl.name == "torch":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_measure(impl, problem, mode, timer)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    args = list(SMALL)
+    args[args.index("--shapes") + 1:args.index("--shapes") + 2] = ["40x24", "24x40"]
+    record = bench.main(args + ["--impls", "linear", "torch", "cublas_composed", "--out-dir", str(tmp_path),
+                                "--tag", "s"])
+    assert calls == ["linear", "torch"]  # nothing after the lost context
+    assert [r["impl"] for r in record["results"]] == ["linear", "torch"] and record["results"][1]["failed"]
+    assert record["complete"] is False and record["stopped"].startswith("CUDA context lost after torch fwd at M=10")
+    assert [(c["in_features"], c["out_features"]) for c in record["not_run"]] == [(24, 40)]
+    assert "**Stopped: CUDA context lost" in (tmp_path / "s.md").read_text()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
@@ -115,3 +181,14 @@ def test_the_shrink_row_looks_its_tiles_up_under_the_layers_shape(bench, monkeyp
     x = torch.randn(2, 5, 8)
     impl._low_level(x, torch.randn(3, 8), None, torch.randn(2, 8, 4), torch.randn(2, 4, 3), torch.rand(2, 2), 1.0)
     assert seen.get("out_features") == 3
+
+
+def test_a_profiler_table_that_fails_is_recorded_and_the_run_completes(bench, monkeypatch, tmp_path):
+    """A failure of the profiler pass itself (not a lost CUDA context) costs the table, not the run."""
+    def broken(impls, problem, path, failed=None):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bench, "profile_table", broken)
+    args = [a for a in SMALL if a != "--no-profile"]
+    record = bench.main(args + ["--impls", "linear", "--profile", "--out-dir", str(tmp_path), "--tag", "pe"])
+    assert record["complete"] and record["profile_error"] == "OSError: disk full" and "stopped" not in record

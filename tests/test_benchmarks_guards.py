@@ -219,7 +219,8 @@ def test_profile_goes_to_the_target_at_n_r_128(bench, tmp_path, monkeypatch):
     """--profile profiles the target shape at N*r = 128 (METHOD.md), not the first target-shaped configuration."""
     monkeypatch.setattr(bench, "TARGET", dict(M=10, in_features=40, out_features=24))
     profiled = []
-    monkeypatch.setattr(bench, "profile_table", lambda impls, problem, path: profiled.append(problem["lora_a"].shape))
+    monkeypatch.setattr(bench, "profile_table",
+                        lambda impls, problem, path, failed=None: profiled.append(problem["lora_a"].shape))
     args = [a for a in SMALL if a != "--no-rank-sweep"]
     bench.main(args + ["--full-grid", "--rank", "4", "--impls", "linear", "--out-dir", str(tmp_path), "--tag", "p",
                        "--profile"])
@@ -994,3 +995,23 @@ def test_a_gpu_record_without_a_fused_backend_fails_the_run(bench):
         "cuda: the CUDA extension lorweb_fast._C was not built at install: x"]
     assert bench.unavailable_fused_backends({"label": "CPU", "results": rows}) == []
     assert bench.unavailable_fused_backends({"label": "GPU", "results": rows[2:]}) == []
+
+
+def test_tuner_times_at_least_one_call_per_pooled_input(tuner, monkeypatch):
+    """The Timer rotates over its first ``reps`` inputs only: with a pool beyond 15 copies (small --tokens, sized
+    past twice the L2) the tuner's 15 calls read part of it, from L2. Every pooled input is called."""
+    bench = _on_path("bench_mixed_lora")
+    made = []
+
+    class Timer:
+        def __init__(self, device, warmup, reps, budget_s):
+            made.append(reps)
+
+        def run(self, fn, n_inputs):
+            return 1.0
+
+    monkeypatch.setattr(bench, "Timer", Timer)
+    monkeypatch.setitem(sys.modules, "bench_mixed_lora", bench)
+    tuner._bench(lambda i: None, 67)
+    tuner._bench(lambda i: None, 3)
+    assert made == [67, 15]
