@@ -710,7 +710,7 @@ def write_markdown(path: Path, record: dict) -> None:
             f"- dtype: {record['dtype']}; TF32 {'on' if record.get('tf32') else 'off'}; timing: {record['timing']}",
             ""]
     if not record.get("complete", True):
-        text += ["**Partial record: written after each configuration; the run has not finished (or was stopped).**",
+        text += ["**Partial record: written after each row; the run has not finished (or was stopped).**",
                  ""]
     if record.get("stopped"):
         text += [f"**Stopped: {record['stopped']}** (the rows after it and the configurations listed as not run "

@@ -15,6 +15,20 @@ SMALL = ["--device", "cpu", "--m", "10", "--shapes", "40x24", "--num-loras", "3"
          "--reps", "1", "--warmup", "0", "--no-profile"]
 
 
+def fail_measure(bench, monkeypatch, name: str, error: Exception) -> list:
+    """``bench.measure`` raising ``error`` for implementation ``name``; returns the list of measured names."""
+    real_measure, calls = bench.measure, []
+
+    def measure(impl, problem, mode, timer):
+        calls.append(impl.name)
+        if impl.name == name:
+            raise error
+        return real_measure(impl, problem, mode, timer)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    return calls
+
+
 @pytest.fixture
 def bench():
     return load_module_from_file(BENCH_DIR / "bench_mixed_lora.py", "bench_mixed_lora_rows")
@@ -24,14 +38,7 @@ def test_a_row_that_raises_is_recorded_and_the_run_goes_on(bench, monkeypatch, t
     """A row whose timing raises (a compile error, an API change of a compared library) was the end of the whole
     run, leaving no record at all: it is recorded as failed with its error, every other row is measured, and the
     record is written after each row."""
-    real_measure = bench.measure
-
-    def measure(impl, problem, mode, timer):
-        if impl.name == "torch":
-            raise RuntimeError("inductor exploded\nsecond line")
-        return real_measure(impl, problem, mode, timer)
-
-    monkeypatch.setattr(bench, "measure", measure)
+    fail_measure(bench, monkeypatch, "torch", RuntimeError("inductor exploded\nsecond line"))
     record = bench.main(SMALL + ["--impls", "linear", "torch", "cublas_composed", "--out-dir", str(tmp_path),
                                  "--tag", "rows"])
     rows = {r["impl"]: r for r in record["results"]}
@@ -100,14 +107,7 @@ def test_a_failed_row_is_not_profiled_and_the_run_goes_on(bench, monkeypatch, tm
     """The profiler pass ran every row of the profiled configuration again, outside the per-row error handling: a
     failed row raised there and ended the run (the grid's other configurations lost). It is noted as not profiled;
     every configuration runs and the record completes."""
-    real_measure = bench.measure
-
-    def measure(impl, problem, mode, timer):
-        if impl.name == "torch":
-            raise RuntimeError("simulated API change")
-        return real_measure(impl, problem, mode, timer)
-
-    monkeypatch.setattr(bench, "measure", measure)
+    fail_measure(bench, monkeypatch, "torch", RuntimeError("simulated API change"))
     args = [a for a in SMALL if a != "--no-profile"]
     args[args.index("--shapes") + 1:args.index("--shapes") + 2] = ["40x24", "24x40"]
     record = bench.main(args + ["--impls", "linear", "torch", "--profile", "--out-dir", str(tmp_path), "--tag", "p"])
@@ -121,16 +121,8 @@ def test_a_sticky_cuda_error_stops_the_run_and_says_where(bench, monkeypatch, tm
     """After an illegal memory access every CUDA call of the process fails: the failing row is recorded, the run
     stops there (no cascade of rows failing with the same error), the record says where, lists the configurations
     not run, and is not complete."""
-    real_measure = bench.measure
-    calls = []
-
-    def measure(impl, problem, mode, timer):
-        calls.append(impl.name)
-        if impl.name == "torch":
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real_measure(impl, problem, mode, timer)
-
-    monkeypatch.setattr(bench, "measure", measure)
+    calls = fail_measure(bench, monkeypatch, "torch",
+                         RuntimeError("CUDA error: an illegal memory access was encountered"))
     args = list(SMALL)
     args[args.index("--shapes") + 1:args.index("--shapes") + 2] = ["40x24", "24x40"]
     record = bench.main(args + ["--impls", "linear", "torch", "cublas_composed", "--out-dir", str(tmp_path),
