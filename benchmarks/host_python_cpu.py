@@ -46,7 +46,8 @@ def per_call_us(fn, calls: int, rounds: int) -> list[float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=7, help="timing rounds per row; the minimum and the median are kept (default 7)")
+    ap.add_argument("--rounds", type=int, default=7,
+                    help="timing rounds per row; the minimum and the median are kept (default 7)")
     ap.add_argument("--json", default=None, help="write the rows here as JSON")
     args = ap.parse_args(argv)
 
