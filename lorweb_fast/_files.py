@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from pathlib import Path
 from typing import Union
 
 _UMASK_LOCK = threading.Lock()
@@ -25,6 +26,23 @@ def current_umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
     return mask
+
+
+def atomic_write(path: Union[str, os.PathLike], write) -> None:
+    """``write(tmp_path)`` then rename onto ``path`` (same folder, created when missing), so ``path`` is complete or
+    absent. The temporary name ``.<name>.<random>.tmp`` ends in .tmp, not in an image extension: a killed run's
+    leftover is never read as a sample (the writers pass the format explicitly)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        default_permissions(tmp)  # mkstemp's 0600 would survive the rename
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_temporary_text(directory: Union[str, os.PathLike], name: str, text: str) -> str:
@@ -71,3 +89,17 @@ def default_permissions(path: Union[str, os.PathLike], *, directory: bool = Fals
         os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
     except OSError:
         pass
+
+
+def recorded_location(name: Union[str, os.PathLike]) -> str:
+    """How a model location is recorded (checkpoints, training configs, evaluation runs): a local path that exists
+    as an absolute path (a relative one would break when used from another directory), anything else (a hub id)
+    unchanged."""
+    path = Path(str(name)).expanduser()
+    return str(path.resolve()) if path.exists() else str(name)
+
+
+def same_or_inside(path: Union[str, os.PathLike], folder: Union[str, os.PathLike]) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both resolved)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents

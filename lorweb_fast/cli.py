@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .training import ADAPTER_PRECISIONS, BATCHINGS, CONTROL_LATENTS, ENCODER_DTYPES, MIXED_PRECISIONS, \
         NAN_LOSS, OPTIMIZERS, QUANTIZE_BASE, TIMESTEP_TYPES, WEIGHTING_SCHEMES, TrainConfig
     from .official_config import POOLING_TYPES, QUERY_MODES, QUERY_PROJECTION_TYPES, QUERY_SOURCES, SAVE_DTYPES
-    from .validation import OneLineArgumentParser
+    from .validation import DEFAULT_STEPS, OneLineArgumentParser
 
     QUERY_CHOICES = {"query_mode": QUERY_MODES, "pooling_type": POOLING_TYPES,
                      "query_projection_type": QUERY_PROJECTION_TYPES, "query_source": QUERY_SOURCES,
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="analogy encoder hub id or directory (default: the checkpoint's metadata, else CLIP ViT-L/14)")
     p.add_argument("--out", default="b_prime.png", help="output image (default b_prime.png)")
     p.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (default: 28, official; with --pipe-arg sigmas, one per sigma)")
+                   help=f"denoising steps (default: {DEFAULT_STEPS}, official; with --pipe-arg sigmas, one per sigma)")
     p.add_argument("--guidance-scale", type=float, default=2.5,
                    help="FLUX guidance (default: %(default)s, official)")
     p.add_argument("--seed", type=int, default=50,

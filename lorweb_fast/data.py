@@ -45,7 +45,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +53,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._files import default_permissions, image_read_error_message, image_read_errors
+from ._files import atomic_write as _atomic_write, image_read_error_message, image_read_errors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: the order in which the official loader tries a control image's extension (toolkit/dataloader_mixins.py
@@ -328,8 +327,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
         control_dir, target_dir = self.root / "control", self.root / "target"
         for d in (self.root, control_dir, target_dir):
             if not d.is_dir():
-                state = "is a file, not a folder" if d.exists() else "does not exist"
-                raise AnalogyDataError(f"training data folder {d} {state} (expected {self.root}/control/ and "
+                raise AnalogyDataError(f"training data folder {d} {_not_a_folder(d)} (expected {self.root}/control/ and "
                                        f"{self.root}/target/, each target image with its control image of the same "
                                        f"name; captions, optional, from analogy_metadata.json, <id>.txt beside the "
                                        f"target, captions/ or control/)")
@@ -385,8 +383,6 @@ class AnalogyFolder(torch.utils.data.Dataset):
                 warnings.warn(f"skipping training sample {name}: {exc}", stacklevel=2)
                 self.skipped.append(name)
                 self.problems.append(str(exc))
-        #: names of the samples that have no caption and train with an empty one (missing_caption="empty")
-        self.missing_captions = [self._name(s[1]) for s in self.samples if s[1] in self._no_caption]
         if self.missing_captions:
             warnings.warn(f"{len(self.missing_captions)} training samples have no caption and train with an empty "
                           f"one, as the official loader does (e.g. {self.missing_captions[0]}: no entry in "
@@ -426,10 +422,14 @@ class AnalogyFolder(torch.utils.data.Dataset):
             self.skipped.append(names[i])
             self.problems.append(f"{names[i]}: {problems[i]}")
         self.samples = [s for i, s in enumerate(self.samples) if i not in problems]
-        # by target file, not by name: target/0007.jpg and target/0007.png share a name
-        self.missing_captions = [self._name(s[1]) for s in self.samples if s[1] in self._no_caption]
         if not self.samples:
             raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
+
+    @property
+    def missing_captions(self) -> list:
+        """Names of the samples that have no caption and train with an empty one (missing_caption="empty"); by
+        target file, not by name (target/0007.jpg and target/0007.png share a name)."""
+        return [self._name(s[1]) for s in self.samples if s[1] in self._no_caption]
 
     def _name(self, target: Path) -> str:
         """A sample's name: its target's path under target/ without the extension ("0007", "sub/0007")."""
@@ -553,20 +553,9 @@ _PREPARE_TEMPORARY = re.compile(r"\.(analogy_.+\.(jpg|txt)|analogy_metadata\.jso
                                 r"\.tmp(\.jpg|\.txt|\.json)?")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path`` (same folder), so ``path`` is complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the temporary name ends in .tmp, not in an image extension: a killed run's leftover is never read as a sample
-    # (the writers pass the format explicitly)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        default_permissions(tmp)  # mkstemp's 0600 would survive the rename
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _not_a_folder(path: Path) -> str:
+    """Why ``path``, expected to be a folder, is not one."""
+    return "is a file, not a folder" if path.exists() else "does not exist"
 
 
 def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = None, skip_bad: bool = False,
@@ -685,8 +674,7 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
 
     src = Path(src)
     if not src.is_dir():
-        state = "is a file, not a folder" if src.exists() else "does not exist"
-        raise AnalogyDataError(f"Relation252K folder {src} {state}")
+        raise AnalogyDataError(f"Relation252K folder {src} {_not_a_folder(src)}")
     excluded = set()
     if filter_json:
         items = _read_json(Path(filter_json), "filter JSON")

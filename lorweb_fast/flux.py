@@ -132,17 +132,16 @@ API_OPTION_NAMES = {"native": "resolution='native'", "max_size": "max_size"}
 CLI_OPTION_NAMES = {"native": "--resolution native", "max_size": "--max-size"}
 
 
-def official_grid_problem(a_size: tuple, grid_size: tuple, *, query_mode: str, query_source: str = "grid",
+def official_grid_problem(a_size: tuple, *, query_mode: str, query_source: str = "grid",
                           max_size: Optional[int] = None, multiple: Optional[int] = 16,
                           option_names: Optional[dict] = None) -> Optional[str]:
-    """Why the official-resolution control grid of ``grid_size`` (``official_grid_size`` of an analogy image a of
-    ``a_size``) cannot be generated from, or None: a side that the pipeline rounds down to 0 (sides multiples of
+    """Why the official-resolution control grid of an analogy image a of ``a_size`` (``official_grid_size`` with
+    ``max_size``) cannot be generated from, or None: a side that the pipeline rounds down to 0 (sides multiples of
     ``multiple``, 16 for FLUX; None: not checked), or, for ``query_source="grid"``, a grid with nothing to cut for the
-    official inference
-    crops of ``query_mode`` (an a of aspect ratio 2:1 or wider). The text starts with a's size ("WxH: ...") and names
-    the remedy with ``option_names`` (``API_OPTION_NAMES`` or ``CLI_OPTION_NAMES``)."""
+    official inference crops of ``query_mode`` (an a of aspect ratio 2:1 or wider). The text starts with a's size
+    ("WxH: ...") and names the remedy with ``option_names`` (``API_OPTION_NAMES`` or ``CLI_OPTION_NAMES``)."""
     names = option_names or API_OPTION_NAMES
-    (aw, ah), (gw, gh) = a_size, grid_size
+    (aw, ah), (gw, gh) = a_size, official_grid_size(a_size, max_size)
     if multiple is not None and min(gw, gh) < multiple:
         full = (2 * aw, 2 * ah)  # the grid of four cells at a's size
         if (gw, gh) != full:  # max_size scaled it down: a itself may be large enough
@@ -488,6 +487,13 @@ def query_crop_problem(width: int, height: int, query_mode: str, crops: str = "i
     return None
 
 
+def _check_three_layer_depth(name: str, query_mode: str, layers: int) -> None:
+    """The "...3" query modes read the vision model's hidden states -16, -8 and -1: at least 16 layers."""
+    if layers < 16:
+        raise ValueError(f"query mode {query_mode!r} uses the hidden states -16, -8 and -1 of the vision model; the "
+                         f"analogy encoder {name!r} has only {layers} layers")
+
+
 class AnalogyEncoder:
     """Frozen image encoder turning analogies into LoRWeB queries, the official way by default.
 
@@ -539,11 +545,9 @@ class AnalogyEncoder:
         if query_mode in PATCH_QUERY_MODES and not model_type.startswith("clip"):
             raise ValueError(f"query_mode={query_mode!r} uses CLIP patch tokens; the official code has no patch "
                              f"queries for {model_type} ({self.name})")
-        vision_config = getattr(config, "vision_config", config)
-        layers = getattr(vision_config, "num_hidden_layers", None)
-        if query_mode.endswith("3") and layers is not None and layers < 16:
-            raise ValueError(f"query mode {query_mode!r} uses the hidden states -16, -8 and -1 of the vision model; "
-                             f"the analogy encoder {self.name!r} has only {layers} layers")
+        layers = getattr(getattr(config, "vision_config", config), "num_hidden_layers", None)
+        if query_mode.endswith("3") and layers is not None:
+            _check_three_layer_depth(self.name, query_mode, layers)
         try:
             if model_type.startswith("clip"):
                 from transformers import CLIPVisionModelWithProjection
@@ -622,9 +626,7 @@ class AnalogyEncoder:
         pixels = self._inputs(images)["pixel_values"]
         states = self.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
         if three_layers:
-            if len(states) < 17:
-                raise ValueError(f"query modes ending in 3 use hidden states -16, -8, -1; {self.name} has only "
-                                 f"{len(states) - 1} layers")
+            _check_three_layer_depth(self.name, self.query_mode, len(states) - 1)
             return torch.cat([states[-16], states[-8], states[-1]], dim=1).float()
         return states[-1].float()
 
@@ -962,8 +964,8 @@ class LoRWeBKontextPipeline:
     def _refuse_while_fused(self, what: str) -> None:
         """RuntimeError naming ``what`` when the mixture is fused into the weights by "full" / "offload" (the
         strength is baked into them; "jit" merges at every call and follows it)."""
-        strategy = lora_api.fused_strategy(self.transformer)
-        if strategy not in (None, "jit"):
+        strategy = lora_api.scale_fused_strategy(self.transformer)
+        if strategy is not None:
             raise RuntimeError(f"{what}() while the mixture is fused into the weights (fuse_lora(strategy="
                                f"{strategy!r})): call unfuse_lora() first")
 
@@ -1189,7 +1191,7 @@ class LoRWeBKontextPipeline:
         if self._disabled_scale is None:
             self._refuse_while_fused("disable_lora")
             before = lora_api.get_lorweb_scale(self.transformer)
-            lora_api.set_lorweb_scale(self.transformer, 0.0)  # refused while fused: nothing changes then
+            lora_api.set_lorweb_scale(self.transformer, 0.0)
             self._disabled_scale = before
 
     def enable_lora(self) -> None:
@@ -1262,8 +1264,8 @@ class LoRWeBKontextPipeline:
         if self.resolution == "native":
             return self.encoder.query(grids=grids, a=a, a_prime=a_prime, b=b, crops="cells")
         multiple = 2 * int(getattr(self.pipe, "vae_scale_factor", 8))  # FluxKontextPipeline: sides multiples of it
-        for i, grid in enumerate(grids):
-            problem = official_grid_problem(a[i].size, grid.size, query_mode=self.encoder.query_mode,
+        for i in range(len(grids)):
+            problem = official_grid_problem(a[i].size, query_mode=self.encoder.query_mode,
                                             query_source=self.encoder.query_source, max_size=self.max_size,
                                             multiple=multiple)
             if problem:

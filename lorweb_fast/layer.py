@@ -39,15 +39,19 @@ def has_plain_weight(base: nn.Module) -> bool:
             and type(base.weight) in (nn.Parameter, torch.Tensor) and base.weight.is_floating_point())
 
 
+def _diffusers_hook(module: nn.Module, name: str):
+    """The diffusers hook ``name`` ("layerwise_casting", "group_offloading") registered on ``module`` itself, or
+    None."""
+    get_hook = getattr(module.__dict__.get("_diffusers_hook"), "get_hook", None)
+    return get_hook(name) if callable(get_hook) else None
+
+
 def default_adapter_dtype(base: nn.Module) -> torch.dtype:
     """The dtype a new LoRWeBLinear over ``base`` holds its LoRWeB tensors in: the compute dtype of diffusers'
     layerwise casting when ``base`` has it (its weight is stored in a low-precision dtype outside the forward), else
     the weight's dtype for a plain floating-point weight of 16 bits or more, else float32 (quantized and float8
     weights)."""
-    registry = base.__dict__.get("_diffusers_hook")
-    get_hook = getattr(registry, "get_hook", None)
-    casting = get_hook("layerwise_casting") if callable(get_hook) else None
-    compute = getattr(casting, "compute_dtype", None)
+    compute = getattr(_diffusers_hook(base, "layerwise_casting"), "compute_dtype", None)
     if isinstance(compute, torch.dtype) and compute.is_floating_point:
         return compute
     if has_plain_weight(base) and base.weight.element_size() >= 2:
@@ -128,9 +132,7 @@ def group_offloading_members(model: nn.Module) -> tuple[bool, set[int]]:
 def _offloading_groups(model: nn.Module):
     """(mode, diffusers ModuleGroup) of every group-offloading hook in ``model`` (see group_offloading_modes)."""
     for module in model.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        get_hook = getattr(registry, "get_hook", None)
-        group = getattr(get_hook("group_offloading") if get_hook else None, "group", None)
+        group = getattr(_diffusers_hook(module, "group_offloading"), "group", None)
         if group is not None:
             yield ("disk" if getattr(group, "offload_to_disk_path", None) else
                    "stream" if getattr(group, "stream", None) is not None else "memory"), group

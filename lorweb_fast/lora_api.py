@@ -59,6 +59,13 @@ def fused_strategy(model: nn.Module) -> Optional[str]:
     return None if state is None else state[1]
 
 
+def scale_fused_strategy(model: nn.Module) -> Optional[str]:
+    """The ``fuse_lora`` strategy whose fused weights hold the current strength ("full" / "offload"; "jit" merges at
+    every call and follows it), or None: while it is set the strength cannot change."""
+    strategy = fused_strategy(model)
+    return None if strategy in (None, "jit") else strategy
+
+
 def fuse_lora(model: nn.Module, strategy: str = "full") -> None:
     """Fold the current analogy's mixture into the weights until ``unfuse_lora``: ``merged(model, strategy)`` kept
     open. With "full"/"offload" the weights hold the analogy set by the last ``set_query``; with "jit" every
@@ -115,8 +122,8 @@ def set_lorweb_scale(model: nn.Module, scale: float) -> None:
         raise ValueError(f"scale must be a finite real number (int, float, a numpy or one-element torch scalar), "
                          f"got {scale!r}")
     layers = _require_layers(model)
-    strategy = fused_strategy(model)
-    if strategy not in (None, "jit"):
+    strategy = scale_fused_strategy(model)
+    if strategy is not None:
         raise RuntimeError(f"the mixture is fused into the weights (strategy={strategy!r}); call unfuse_lora() "
                            "before changing its scale")
     _refuse_merged(layers, "set_lorweb_scale", "the current scale")

@@ -484,9 +484,9 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         raise ValueError(f"cannot save LoRWeB weights to {path}: the file name must end in .safetensors (the format "
                          "written; the command line refuses other extensions)")
     directory = os.path.dirname(os.path.abspath(path))
-    settings = None
+    texts = {}  # file name -> text, written beside the weights
     if config is not None:
-        from .official_config import LoRWeBConfigError, check_query_settings
+        from .official_config import CONFIG_NAME, LoRWeBConfigError, check_query_settings, config_yaml_text
 
         first = next(iter(layers.values()))
         settings = {"num_loras": first.num_loras, "rank": first.rank, "lora_alpha": first.lora_alpha,
@@ -510,10 +510,6 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         if not meta["encoder"].strip():
             raise ValueError("config['encoder'] is empty; give the analogy encoder's hub id or folder")
         _config_from_metadata(meta)  # the merged metadata too: never write a file our own loader would refuse
-    texts = {}  # file name -> text, written beside the weights
-    if settings is not None:
-        from .official_config import CONFIG_NAME, config_yaml_text
-
         _refuse_folder_with_other_checkpoints(directory, os.path.basename(path))
         texts[CONFIG_NAME] = config_yaml_text(settings, name=os.path.splitext(os.path.basename(path))[0],
                                               model=settings.pop("model", None))

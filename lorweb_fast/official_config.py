@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ._files import write_temporary_text
+from ._files import atomic_write
 
 #: Every official query mode (extensions_built_in/flux_kontext.py ``get_external_query``).
 QUERY_MODES = ("cat-aa'b", "aa'bb'", "caa'bb'", "caa'b", "caa'", "ca'-ca", "ca'-ca+cb", "paa'b", "paa'b3",
@@ -305,13 +305,8 @@ def write_config_yaml(path: Union[str, os.PathLike], settings: Mapping[str, Any]
                       extra: Optional[Mapping] = None, model: Optional[str] = None) -> Path:
     """Write ``official_config(settings, model=model)`` to ``path`` atomically (temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = write_temporary_text(path.parent, path.name, config_yaml_text(settings, name=name, extra=extra, model=model))
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    text = config_yaml_text(settings, name=name, extra=extra, model=model)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 

@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ._files import default_permissions
+from ._files import default_permissions, recorded_location  # noqa: F401 (recorded_location: re-exported)
 from .data import (BIDIRECTIONAL, LAYOUTS, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, RESIZE_MODES,
                    AnalogyFolder, bidirectional_swap)
 from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lorweb, load_lorweb_weights, \
@@ -504,13 +504,6 @@ def prepare_output(cfg, *, main_process: bool = True, clear: bool = True) -> tup
         raise ValueError(f"--resume: the checkpoint {ckpt.name} is at step {state['step']}, beyond --steps "
                          f"{cfg.steps}")
     return ckpt, state
-
-
-def recorded_location(name: str) -> str:
-    """How a model location is written into a checkpoint: a local path that exists as an absolute path (a relative
-    one would break when the checkpoint is used from another directory), anything else (a hub id) unchanged."""
-    path = Path(str(name)).expanduser()
-    return str(path.resolve()) if path.exists() else str(name)
 
 
 def checkpoint_settings(cfg: TrainConfig, encoder_name: str) -> dict:

@@ -488,7 +488,7 @@ def check_infer_args(args) -> list:
     ``args.config`` name those local files (``weight_name`` and ``revision`` cleared), so the run loads exactly what
     was checked, and ``args.steps`` is the step count (None: the length of ``--pipe-arg sigmas``, else 28); a
     refused call leaves ``args`` as it was. Returns the decoded [a, a', b] PIL images."""
-    from .flux import CLI_OPTION_NAMES, load_image, official_grid_problem, official_grid_size
+    from .flux import CLI_OPTION_NAMES, load_image, official_grid_problem
     from .model import LoRWeBCheckpointError, _config_from_metadata, checkpoint_metadata, resolve_checkpoint_settings
     from .flux import resolve_query_source
     from .lora_api import checkpoint_key_dim, hub_repo_id, resolve_checkpoint
@@ -588,8 +588,7 @@ def check_infer_args(args) -> list:
                              f"which pool CLIP's patch tokens; query mode {resolved['query_mode']!r} (from "
                              f"{'--query-mode' if source == 'argument' else source}) does not pool")
         if resolution == "official":  # the a of a 2:1 or wider analogy has no b to crop: refused before loading
-            grid_size = official_grid_size(images[0].size, getattr(args, "max_size", None))
-            problem = official_grid_problem(images[0].size, grid_size, query_mode=resolved["query_mode"],
+            problem = official_grid_problem(images[0].size, query_mode=resolved["query_mode"],
                                             query_source=query_source, max_size=getattr(args, "max_size", None),
                                             multiple=pipeline_grid_multiple(args.model),
                                             option_names=CLI_OPTION_NAMES)
@@ -642,14 +641,15 @@ def check_demo_args(args) -> None:
 
 def check_data_args(args) -> None:
     """``lorweb-fast data check`` / ``data prepare`` options before any folder is read or written."""
+    from ._files import same_or_inside
+
     try:
         if args.data_command == "check":
             check_int("--long-edge", args.long_edge, lo=MIN_LONG_EDGE)  # the range lorweb-fast train accepts
             check_bucket_divisibility("--bucket-divisibility", args.bucket_divisibility, args.resize)
             if args.dump is not None:
                 check_output_dir("--dump", args.dump)
-                data, dump = Path(args.data).resolve(), Path(args.dump).resolve()
-                if dump == data or data in dump.parents:
+                if same_or_inside(args.dump, args.data):
                     raise UsageError(f"--dump {args.dump} is inside the training folder {args.data}: the dumped "
                                      "images would be read back as samples (or break its control/ and target/ "
                                      "pairs); choose a folder outside it")

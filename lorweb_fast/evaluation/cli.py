@@ -41,6 +41,7 @@ def _metric_list(text: str) -> list:
 def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` (with ``generate`` and ``score``) on the main parser's subparsers."""
     from ..cli import DEFAULT_MODEL, DTYPES, _key_value
+    from ..validation import DEFAULT_STEPS
     from .evalsets import EVALSET_FORMATS
     from .generate import MERGE_CHOICES
     from .metrics import DEFAULT_CLIP, LPIPS_NETS
@@ -70,7 +71,8 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=int, nargs="+", default=[50],
                    help="generation seeds (official: 50); several seeds give <id>_seed<s> folders")
     g.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (default 28, official; with --pipe-arg sigmas, one per sigma)")
+                   help=f"denoising steps (default {DEFAULT_STEPS}, official; with --pipe-arg sigmas, one per "
+                        "sigma)")
     g.add_argument("--guidance-scale", type=float, default=2.5,
                    help="guidance scale (default 2.5, official inference.py)")
     g.add_argument("--resolution", choices=("official", "native"), default="official",
@@ -150,17 +152,10 @@ def run_score(args) -> dict:
     result = score(runs, args.out, metrics=metrics, encoder=args.encoder, lpips_net=args.lpips_net,
                    lpips_weights=args.lpips_weights, judge=judge, against=against, pairwise_seed=args.pairwise_seed,
                    batch_size=args.batch_size, device=device, progress=not args.quiet)
+    failures = sum(m["overall"]["failures"] for m in result["methods"].values())  # every runs folder's
     print(f"eval score: wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'summary.md'} "
-          f"({_failure_count(result)} failures)")
+          f"({failures} failures)")
     return result
-
-
-def _failure_count(result: dict) -> int:
-    """Failures over every scored runs folder (``result["overall"]`` is the first one's)."""
-    methods = result.get("methods")
-    if isinstance(methods, dict) and methods:
-        return sum(int(m.get("overall", {}).get("failures", 0)) for m in methods.values())
-    return int(result["overall"]["failures"])
 
 
 def run_eval(args):

@@ -187,8 +187,10 @@ def read_text(path: Path, what: str) -> str:
 def check_outside(flag: str, out: Union[str, Path], folder: Union[str, Path], what: str) -> None:
     """``EvalInputError`` when the output folder ``out`` is ``folder`` or inside it: its sub-folders would be read
     back as tasks of ``folder`` by the next run."""
-    out, folder = Path(out).resolve(), Path(folder).resolve()
-    if out == folder or folder in out.parents:
+    from .._files import same_or_inside
+
+    if same_or_inside(out, folder):
+        out, folder = Path(out).resolve(), Path(folder).resolve()
         raise EvalInputError(f"{flag} {out} is inside {what} {folder}: its folders would be read as tasks by the "
                              "next run; choose a folder outside it")
 
@@ -422,8 +424,7 @@ def read_evalset(root: Union[str, Path], fmt: str = "auto", *, seed: int = 0, b_
     ``pairs_file`` (fixed b choices) is for the released LoRWeB layout only."""
     if fmt not in EVALSET_FORMATS:
         raise EvalInputError(f"unknown evaluation-set format {fmt!r}; choose from {EVALSET_FORMATS}")
-    if max_per_task is not None and max_per_task < 1:
-        raise EvalInputError(f"max_per_task (--max-per-task) must be >= 1, got {max_per_task}")
+    _check_max_per_task(max_per_task)
     if fmt == "auto":
         fmt = detect_format(root)
     if pairs_file and fmt != "lorweb":
@@ -441,15 +442,26 @@ def read_evalset(root: Union[str, Path], fmt: str = "auto", *, seed: int = 0, b_
         if missing:
             raise EvalInputError(f"tasks not found in {root}: {missing}")
         triplets = [t for t in triplets if t.task in set(tasks)]
-    if max_per_task is not None:
-        counts: dict = {}
-        kept = []
-        for t in triplets:
-            counts[t.task] = counts.get(t.task, 0) + 1
-            if counts[t.task] <= max_per_task:
-                kept.append(t)
-        triplets = kept
-    return triplets
+    return first_per_task(triplets, max_per_task)
+
+
+def _check_max_per_task(max_per_task: Optional[int]) -> None:
+    if max_per_task is not None and max_per_task < 1:
+        raise EvalInputError(f"max_per_task (--max-per-task) must be >= 1, got {max_per_task}")
+
+
+def first_per_task(triplets: Sequence[Triplet], max_per_task: Optional[int]) -> list:
+    """The first ``max_per_task`` triplets of each task, in order (all of them for None)."""
+    _check_max_per_task(max_per_task)
+    if max_per_task is None:
+        return list(triplets)
+    counts: dict = {}
+    kept = []
+    for t in triplets:
+        counts[t.task] = counts.get(t.task, 0) + 1
+        if counts[t.task] <= max_per_task:
+            kept.append(t)
+    return kept
 
 
 # --------------------------------------------------------------------------------------------- runs folders

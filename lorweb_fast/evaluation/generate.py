@@ -87,13 +87,12 @@ def output_id(triplet: Triplet, seed: int, seeds: Sequence[int]) -> str:
 
 
 def source_identity(value) -> Optional[str]:
-    """How run.json records a model, encoder or weights source: a local path resolved (absolute, symbolic links
-    followed), so the same files typed another way match and a relative path typed in another directory does not;
-    anything else (a Hugging Face Hub id) as given."""
-    if value is None:
-        return None
-    path = Path(value)
-    return str(path.resolve()) if path.exists() else str(value)
+    """How run.json records a model, encoder or weights source (``_files.recorded_location``: a local path resolved,
+    so the same files typed another way match and a relative path typed in another directory does not; a Hugging
+    Face Hub id as given); None stays None."""
+    from .._files import recorded_location
+
+    return None if value is None else recorded_location(value)
 
 
 #: settings recorded as ``source_identity``
@@ -131,9 +130,12 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
         old.setdefault("resolution", "native")  # run.json files written before --resolution existed
         # before --merge existed every call ran the pipeline's own default, "auto" (unless --pipe-arg merge=...)
         old.setdefault("merge", (old.get("pipe_kwargs") or {}).get("merge", "auto"))
-        sigmas = (old.get("pipe_kwargs") or {}).get("sigmas") if isinstance(old.get("pipe_kwargs"), dict) else None
-        if isinstance(sigmas, list) and sigmas:  # the steps that ran: run.json files written before --pipe-arg
-            old["steps"] = len(sigmas)            # sigmas set the step count recorded the --steps default
+        from ..validation import resolve_step_count
+
+        if isinstance(old.get("pipe_kwargs"), dict) and old["pipe_kwargs"].get("sigmas"):
+            # the steps that ran: run.json files written before --pipe-arg sigmas set the step count recorded the
+            # --steps default
+            old["steps"] = resolve_step_count(None, old["pipe_kwargs"])
         diff = {k: (old.get(k), settings.get(k)) for k in RESUME_KEYS
                 if k in old and not _same_setting(k, old[k], settings.get(k))
                 or k not in old and settings.get(k) is not None and k not in UNRECORDED_BEFORE}
@@ -333,10 +335,11 @@ def _check_distinct_seeds(seeds: Sequence[int]) -> None:
                              "give every seed once")
 
 
-def check_generate_args(args, pipe_kwargs: dict) -> None:
+def check_generate_args(args, pipe_kwargs: dict) -> int:
     """The numeric options and the output folder of ``eval generate``, named by their flags, before anything is
     read, loaded or written (the pipeline would refuse the same values only after the models loaded and run.json was
-    written, and a rerun with the corrected value would then be refused as a run with other settings)."""
+    written, and a rerun with the corrected value would then be refused as a run with other settings). Returns the
+    step count (``resolve_step_count``: one per ``--pipe-arg sigmas``, else ``--steps``, else 28)."""
     from ..validation import (MAX_GUIDANCE_SCALE, MAX_SEED, MAX_STEPS, MIN_LONG_EDGE, UsageError, check_int,
                               check_output_dir, check_pipe_kwargs, check_real, resolve_step_count)
 
@@ -358,7 +361,7 @@ def check_generate_args(args, pipe_kwargs: dict) -> None:
     except ValueError as exc:
         raise EvalInputError(f"--pipe-arg: {exc}") from None
     try:
-        resolve_step_count(args.steps, pipe_kwargs)
+        return resolve_step_count(args.steps, pipe_kwargs)
     except UsageError as exc:
         raise EvalInputError(str(exc)) from None
 
@@ -390,16 +393,15 @@ def _check_inputs_decode(triplets: Sequence[Triplet], *, progress: bool = True) 
 def run_generate(args) -> dict:
     """``lorweb-fast eval generate``."""
     from ..cli import DTYPES, _device
-    from ..validation import check_device, resolve_step_count
+    from ..validation import check_device
     from ..flux import LoRWeBKontextPipeline
     from ..lora_api import resolve_checkpoint
-    from .evalsets import check_outside, detect_format, read_evalset
+    from .evalsets import check_outside, detect_format, first_per_task, read_evalset
 
     merge = args.merge
     pipe_kwargs = dict(args.pipe_kwargs or {})
     check_generate_options(batch_size=args.batch_size, merge=merge, pipe_kwargs=pipe_kwargs)
-    check_generate_args(args, pipe_kwargs)
-    steps = resolve_step_count(args.steps, pipe_kwargs)  # --pipe-arg sigmas: one step per sigma
+    steps = check_generate_args(args, pipe_kwargs)  # --pipe-arg sigmas: one step per sigma
     device = check_device("--device", _device(args.device))  # a bad name: one line, before anything loads
     if args.resolution == "official" and args.long_edge is not None:
         raise EvalInputError("--long-edge applies to --resolution native; the official resolution is capped by "
@@ -408,13 +410,11 @@ def run_generate(args) -> dict:
         raise EvalInputError("--max-size applies to --resolution official; the native resolution is capped by "
                              "--long-edge")
     fmt = detect_format(args.evalset) if args.format == "auto" else args.format
-    triplets = read_evalset(args.evalset, fmt, seed=args.pair_seed, b_per_pair=args.b_per_pair,
-                            pairs_file=args.pairs, tasks=args.tasks, max_per_task=args.max_per_task)
-    b_choices = None
-    if fmt in RANDOM_B_FORMATS and not args.pairs:  # --max-per-task cuts after the picks: sign whole tasks
-        picked = triplets if args.max_per_task is None else read_evalset(
-            args.evalset, fmt, seed=args.pair_seed, b_per_pair=args.b_per_pair, tasks=args.tasks)
-        b_choices = b_choices_by_task(args.evalset, picked)
+    picked = read_evalset(args.evalset, fmt, seed=args.pair_seed, b_per_pair=args.b_per_pair,
+                          pairs_file=args.pairs, tasks=args.tasks)
+    triplets = first_per_task(picked, args.max_per_task)
+    # --max-per-task cuts after the picks: whole tasks are signed
+    b_choices = b_choices_by_task(args.evalset, picked) if fmt in RANDOM_B_FORMATS and not args.pairs else None
     _check_inputs_decode(triplets, progress=not args.quiet)
     out = Path(args.out)
     check_outside("--out", out, args.evalset, "the evaluation set")

@@ -15,6 +15,7 @@ the task's judged items); ``metrics.json`` records the seed and each item's orde
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -92,6 +93,14 @@ DIFFERENT_PICTURE = 0.1
 
 
 def _thumbnail(path: Path):
+    """The 32x32 thumbnail of an image file, decoded once per file version (a runs folder compared with several
+    baselines, or a baseline with several runs folders, reads each input once)."""
+    st = Path(path).stat()
+    return _thumbnail_of(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _thumbnail_of(path: str, mtime_ns: int, size: int):
     import numpy as np
     from PIL import Image
 
