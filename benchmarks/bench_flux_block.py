@@ -197,7 +197,7 @@ def _check_block(ours, official, inputs, dtype, name):
         finally:
             for hook in hooks:
                 hook.remove()
-        check_layer_outputs(captured, dtype, name)  # after merged(): the original weights are back
+        check_layer_outputs(captured, name)  # after merged(): the original weights are back
         ref = ref_model(inputs["img"].double(), inputs["txt"].double(), inputs["temb"].double(),
                         tuple(t.double() for t in inputs["rotary"]))
     bound = CHAINED_LAYERS * tolerance(dtype, inputs["img"].shape[-1] * 4) * ref.abs().max()
@@ -208,37 +208,17 @@ def _check_block(ours, official, inputs, dtype, name):
     del ref_model
 
 
-def _version(package: str) -> str:
-    """The installed version of ``package``, or "not installed"."""
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def check_layer_outputs(captured, dtype, name):
+def check_layer_outputs(captured, name):
     """Each captured (layer name, LoRWeBLinear, input x (..., in), output y (..., out)) against float64:
     ``x W^T + b + scale * sum_n coeffs[b, n] (x A_n) B_n`` with the layer's set coefficients, entry by entry within
-    the rounding bound of ``dtype`` for sums of in + N r terms and within the statistical (root-sum-of-squares)
-    bound, as the layer benchmark's gates."""
-    from lorweb_fast import reference
-    from lorweb_fast.testing import assert_within_bound, assert_within_rss_bound
+    the rounding bound of the outputs' dtype for sums of in + N r terms and within the statistical
+    (root-sum-of-squares) bound (``testing.check_forward``, as the layer benchmark's gates)."""
+    from lorweb_fast.testing import check_forward
 
     for layer_name, layer, x, y in captured:
-        x64, w64 = x.double(), layer.base_layer.weight.double()
-        b64 = None if layer.base_layer.bias is None else layer.base_layer.bias.double()
-        a64, bb64, c64 = layer.lora_A.double(), layer.lora_B.double(), layer.coefficients.double()
-        want = torch.nn.functional.linear(x64, w64, b64) + reference.mixed_lora_delta(x64, a64, bb64, c64,
-                                                                                     layer.scale)
-        bound = (torch.nn.functional.linear(x64.abs(), w64.abs(), None if b64 is None else b64.abs())
-                 + reference.mixed_lora_delta(x64.abs(), a64.abs(), bb64.abs(), c64.abs(), abs(layer.scale)))
-        depth = x.shape[-1] + layer.num_loras * layer.rank
-        assert_within_bound(f"{name} layer {layer_name} output", y, want, bound, dtype, depth)
-        rss = (torch.nn.functional.linear(x64 ** 2, w64 ** 2, None if b64 is None else b64 ** 2)
-               + reference.mixed_lora_delta(x64 ** 2, a64 ** 2, bb64 ** 2, c64 ** 2, layer.scale ** 2)).sqrt()
-        assert_within_rss_bound(f"{name} layer {layer_name} output", y, want, rss, dtype, depth)
+        check_forward(f"{name} layer {layer_name} output", y,
+                      dict(x=x, weight=layer.base_layer.weight, bias=layer.base_layer.bias, lora_a=layer.lora_A,
+                           lora_b=layer.lora_B, coeffs=layer.coefficients, scale=layer.scale))
 
 
 def peak_mb(device, fn, release=None):
@@ -357,6 +337,10 @@ def run(args) -> dict:
     commit = git_commit()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     triton_version = installed_triton_version()
+    import diffusers  # the blocks are diffusers' own (TwoBlocks)
+
+    static = dict(diffusers=diffusers.__version__, python=sys.version.split()[0], cudnn=torch.backends.cudnn.version(),
+                  opt_einsum=bool(torch.backends.opt_einsum.is_available() and torch.backends.opt_einsum.enabled))
     layers = list(lf.lorweb_layers(ours).values())
     slug = "cpu" if not on_gpu else "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
     stem = args.tag or safe_file_stem(f"flux_block_{slug}_{date[:10]}_{commit}")
@@ -372,10 +356,7 @@ def run(args) -> dict:
                       cudnn_attention=args.cudnn_attention,
                       timing=("device time per step (events behind an enqueued torch.cuda._sleep), median"
                               if on_gpu else "wall-clock per step, median"),
-                      backend=lf.ops.resolve_backend(None, device), diffusers=_version("diffusers"),
-                      python=sys.version.split()[0], cudnn=torch.backends.cudnn.version(),
-                      opt_einsum=bool(torch.backends.opt_einsum.is_available() and torch.backends.opt_einsum.enabled),
-                      complete=complete, results=rows)
+                      backend=lf.ops.resolve_backend(None, device), **static, complete=complete, results=rows)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
         ref = {(r["scenario"], r["impl"]): r["median_ms"] for r in rows}

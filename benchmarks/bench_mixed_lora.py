@@ -61,6 +61,11 @@ from lorweb_fast.testing import check_against_reference, check_forward, random_p
 IMPLS = ("linear", "official_einsum", "official_compile", "official_as_run", "peft_lora", "torch", "torch_compile",
          "cublas_concat", "cublas_composed", "triton", "cuda", "shrink", "expand")
 FORWARD_ONLY = ("cublas_concat", "shrink", "expand")
+#: rows that call the Triton launchers directly (power-of-two rank, N*r <= MAX_FUSED_R); the ``triton`` backend
+#: itself routes other ranks and N*r to cuBLAS (ops.choose_route)
+TRITON_ROWS = ("shrink", "expand")
+#: the launchers' largest N*r when lorweb_fast.kernels cannot be imported (no recent Triton; see ``max_fused_r``)
+FALLBACK_MAX_FUSED_R = 512
 COMPILED = ("torch_compile", "official_compile")
 MODES = ("fwd", "fwd_bwd")
 GPU_LAYER_SHAPES = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072))
@@ -189,7 +194,7 @@ class Impl:
         self.launchers = None
         if name in ("triton", "cuda"):
             self.skip_reason = ops._unavailable_reason(name, device)
-        elif name in ("shrink", "expand"):
+        elif name in TRITON_ROWS:
             self.skip_reason = ops._unavailable_reason("triton", device)
             if self.skip_reason is None and device.type != "cuda":
                 self.skip_reason = "the Triton interpreter on CPU says nothing about kernel speed"
@@ -797,6 +802,8 @@ def number_type(convert, ok, expected: str):
 positive_int = number_type(int, lambda v: v >= 1, "an integer >= 1")
 nonnegative_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
 seconds = number_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number of seconds >= 0")
+#: rows split into two samples of half the rows (the tuner's --tokens, kernel_resources.py --m)
+even_rows = number_type(int, lambda v: v >= 2 and v % 2 == 0, "an even number of rows >= 2 (two samples)")
 
 
 def layer_shape(text: str) -> tuple[int, int]:
@@ -857,9 +864,13 @@ def parse_args(argv=None):
     return args
 
 
-#: rows that call the Triton launchers directly (power-of-two rank, N*r <= MAX_FUSED_R = 512); the ``triton``
-#: backend itself routes other ranks and N*r to cuBLAS (ops.choose_route)
-TRITON_ROWS = ("shrink", "expand")
+def max_fused_r() -> int:
+    """The launchers' largest R (lorweb_fast.kernels.mixed_lora.MAX_FUSED_R)."""
+    try:
+        from lorweb_fast.kernels.mixed_lora import MAX_FUSED_R
+    except ImportError:  # no (recent) Triton: --dry-run still lists the sweep
+        return FALLBACK_MAX_FUSED_R
+    return MAX_FUSED_R
 
 
 def check_rank_options(parser, args) -> None:
@@ -871,9 +882,10 @@ def check_rank_options(parser, args) -> None:
     if fused and args.rank & (args.rank - 1):
         parser.error(f"--rank {args.rank}: the Triton rows ({', '.join(fused)}) need a power-of-two rank; pass "
                      "another --rank, or --impls without them")
-    if fused and args.num_loras * args.rank > 512:
+    limit = max_fused_r()
+    if fused and args.num_loras * args.rank > limit:
         parser.error(f"--num-loras x --rank = {args.num_loras * args.rank} is above the Triton kernels' maximum "
-                     f"N*r of 512 ({', '.join(fused)}); lower them, or pass --impls without those rows")
+                     f"N*r of {limit} ({', '.join(fused)}); lower them, or pass --impls without those rows")
     totals = sorted(set(GPU_RANK_SWEEP) | set(CPU_RANK_SWEEP))
     if not args.no_rank_sweep and any(t % args.rank for t in totals):
         parser.error(f"--rank {args.rank} does not divide the N*r sweep's totals {totals}; pass --no-rank-sweep")

@@ -52,6 +52,11 @@ save() {  # WHAT CMD...: a copy or an archive into OUTDIR; the files a device ca
   return "$rc"
 }
 
+save_results() {  # DIR NAME: DIR/NAME.md as NAME.md, and whatever DIR holds as NAME.tar.gz (also without the table)
+  if [ -f "$1/$2.md" ]; then save "$2.md" cp "$1/$2.md" "$OUTDIR/$2.md"; fi
+  if compgen -G "$1/*" > /dev/null; then save "$2.tar.gz" tar -C "$1" -czf "$OUTDIR/$2.tar.gz" .; fi
+}
+
 # At exit: close every descriptor that leads to the tee of run.log and give it up to 5 s to write its last lines
 # (nothing else waits for a process substitution).
 flush_run_log() {
@@ -104,20 +109,19 @@ gpu_setup() {
       if compgen -G "$cand/*.whl" > /dev/null; then wheels="$cand"; break; fi
     done
   fi
-  local twice=""
   if [ -n "$wheels" ] && compgen -G "$wheels/*.whl" > /dev/null; then
     # two versions of one package make pip refuse the whole install (ResolutionImpossible): named, not installed
+    local twice site="${TMPDIR:-/tmp}/lorweb_fast_site"
     twice="$(for f in "$wheels"/*.whl; do basename "$f" | cut -d- -f1 | tr 'A-Z.-' 'a-z__'; done | sort | uniq -d \
       | tr '\n' ' ')"
-  fi
-  if [ -n "$twice" ]; then
-    skipped "install carried wheels from $wheels" "several versions of: $twice" \
-      "keep one wheel per package (benchmarks/collect_wheels.sh removes the older ones)"
-  elif [ -n "$wheels" ] && compgen -G "$wheels/*.whl" > /dev/null; then
-    local site="${TMPDIR:-/tmp}/lorweb_fast_site"
-    step "install carried wheels from $wheels" 60 "$PY" -m pip install -q --no-index --no-deps --no-compile \
-      --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    if [ -n "$twice" ]; then
+      skipped "install carried wheels from $wheels" "several versions of: $twice" \
+        "keep one wheel per package (benchmarks/collect_wheels.sh removes the older ones)"
+    else
+      step "install carried wheels from $wheels" 60 "$PY" -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl
+      export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
   else
     note "no carried wheels (--wheels DIR, shared/wheels or .whl): tests that need diffusers will skip or fail"
   fi

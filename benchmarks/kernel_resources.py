@@ -207,9 +207,8 @@ def driver_attributes(cubin: Path, names: list[str]) -> dict:
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded from a file by tests
-    from bench_mixed_lora import number_type, positive_int
+    from bench_mixed_lora import even_rows, positive_int
 
-    even_rows = number_type(int, lambda v: v >= 2 and v % 2 == 0, "an even number of rows >= 2 (two samples)")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     p.add_argument("--m", type=even_rows, default=8192, help="rows, two samples of M/2 (default 8192)")

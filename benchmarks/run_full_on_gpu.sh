@@ -43,22 +43,12 @@ block_s=$(( $(remaining) * 4 / 10 ))
 step "FLUX block benchmark (${block_s}s)" "$block_s" \
   "$PY" benchmarks/bench_flux_block.py --total-budget-s "$(at_least_0 $((block_s - 40)))" --out-dir "$WORK/block" \
   --tag flux_block
-if [ -f "$WORK/block/flux_block.md" ]; then
-  save flux_block.md cp "$WORK/block/flux_block.md" "$OUTDIR/flux_block.md"
-fi
-if compgen -G "$WORK/block/*" > /dev/null; then  # whatever the step wrote, also without its table
-  save flux_block.tar.gz tar -C "$WORK/block" -czf "$OUTDIR/flux_block.tar.gz" .
-fi
+save_results "$WORK/block" flux_block
 grid_s=$(( $(remaining) - 20 ))
 step "layer benchmark, full grid (${grid_s}s)" "$grid_s" \
   "$PY" benchmarks/bench_mixed_lora.py --full-grid --compiled-rows target --budget-s 3 \
   --total-budget-s "$(at_least_0 $((grid_s - 40)))" \
   --out-dir "$WORK/bench" --tag bench_full --profile
-if [ -f "$WORK/bench/bench_full.md" ]; then
-  save bench_full.md cp "$WORK/bench/bench_full.md" "$OUTDIR/bench_full.md"
-fi
-if compgen -G "$WORK/bench/*" > /dev/null; then  # whatever the step wrote, also without its table
-  save bench_full.tar.gz tar -C "$WORK/bench" -czf "$OUTDIR/bench_full.tar.gz" .
-fi
+save_results "$WORK/bench" bench_full
 rm -rf "$WORK"
 gpu_finish

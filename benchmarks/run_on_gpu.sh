@@ -77,12 +77,7 @@ step "target benchmark (bf16, M=8192, 3072->3072)" 150 \
 # host time per call (what eager, launch-bound calls pay besides the kernels), with a cProfile of the launchers
 step "host overhead per call" 60 "$PY" benchmarks/host_overhead.py --out "$WORK/bench/host_overhead" --profile
 # whatever the two steps wrote comes back, also when the benchmark stopped before its table
-if [ -f "$WORK/bench/bench_target.md" ]; then
-  save bench_target.md cp "$WORK/bench/bench_target.md" "$OUTDIR/bench_target.md"
-fi
-if compgen -G "$WORK/bench/*" > /dev/null; then
-  save bench_target.tar.gz tar -C "$WORK/bench" -czf "$OUTDIR/bench_target.tar.gz" .
-fi
+save_results "$WORK/bench" bench_target
 
 # 6. the bounded tuning sweep, with what is left of the budget
 if [ -f benchmarks/tune_kernels.py ]; then

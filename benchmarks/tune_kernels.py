@@ -42,6 +42,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_mixed_lora (Timer), kernel_resources
+import bench_mixed_lora  # noqa: E402
+
+#: the launchers' largest R and its fallback without Triton (--dry-run), shared with the layer benchmark
+FALLBACK_MAX_FUSED_R, max_fused_r = bench_mixed_lora.FALLBACK_MAX_FUSED_R, bench_mixed_lora.max_fused_r
 
 #: The token-wise METHOD.md layers. The norm modulations (3072 -> 9216 / 18432) see one row per sample, so they always
 #: take the cuBLAS route (``choose_route``) and are swept only when named with --layers.
@@ -50,9 +54,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 LORA_RANK = 4  # a power of two, as the Triton launchers need (lorweb_fast.kernels.mixed_lora.shrink)
 #: Fewest copies of x and dy rotated through the timed calls; more where one copy is small (see ``pool_size``).
 MIN_POOL = 3
-#: Largest R the tuner may be given when lorweb_fast.kernels cannot be imported (--dry-run without Triton); else the
-#: launchers' own MAX_FUSED_R (larger R take the cuBLAS route, and shrink / expand refuse them).
-FALLBACK_MAX_FUSED_R = 512
 
 SHRINK = [dict(block_m=bm, block_k=bk, split_k=sk, tma=t, num_warps=w, num_stages=s)
           for bm, bk, sk, t, w, s in itertools.product((64, 128), (64, 128), (1, 2), (0, 1), (8,), (3, 4))]
@@ -69,24 +70,12 @@ FORWARD_ROLES = ("shrink", "expand")
 FUSED_ONLY_ROLES = ("expand_dx", "grad_basis")
 
 
-def max_fused_r() -> int:
-    """The launchers' largest R (lorweb_fast.kernels.mixed_lora.MAX_FUSED_R)."""
-    try:
-        from lorweb_fast.kernels.mixed_lora import MAX_FUSED_R
-    except ImportError:  # no (recent) Triton: --dry-run still lists the sweep
-        return FALLBACK_MAX_FUSED_R
-    return MAX_FUSED_R
-
-
 def rank_type(text: str) -> int:
     """argparse type of --ranks: an R the fused launchers serve, N LoRAs of rank r = LORA_RANK, 1 <= N, R <= MAX_FUSED_R
     (shrink and expand raise for a larger R, and every candidate would be timed on a shape that never runs)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    from bench_mixed_lora import positive_int
+
+    value = positive_int(text)
     limit = max_fused_r()
     if value % LORA_RANK or value > limit:
         raise argparse.ArgumentTypeError(f"expected a multiple of r = {LORA_RANK} up to MAX_FUSED_R = {limit} (larger "
@@ -95,9 +84,8 @@ def rank_type(text: str) -> int:
 
 
 def parse_args(argv=None):
-    from bench_mixed_lora import number_type, positive_int, seconds
+    from bench_mixed_lora import even_rows as even_tokens, number_type, positive_int, seconds
 
-    even_tokens = number_type(int, lambda v: v >= 2 and v % 2 == 0, "an even number of rows >= 2 (two samples)")
     fraction = number_type(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -373,9 +373,9 @@ def build_report(arch: int, out_dir, layers=LAYERS, ranks=RANKS, dtypes=DTYPES, 
 
     if arch not in ARCHS:
         raise ValueError(f"--arch must be one of {sorted(ARCHS)}, got {arch}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
+    from .validation import check_output_dir
+
+    out = check_output_dir("--out", out_dir)  # a file: ValueError (UsageError) naming it
     out.mkdir(parents=True, exist_ok=True)
     entries, specs = plan(arch, layers, ranks, dtypes)
     results = {}
@@ -424,8 +424,12 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 0:
         parser.error(f"--jobs must be >= 0 (0: CPU cores, at most 4), got {args.jobs}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out} is a file; give a folder")
+    from .validation import UsageError, check_output_dir
+
+    try:
+        check_output_dir("--out", args.out)
+    except UsageError as exc:
+        parser.error(str(exc))
     report = build_report(args.arch, args.out, progress=not args.quiet, jobs=args.jobs)
     failed = 0
     for line in summarize(report, args.out):
