@@ -278,19 +278,31 @@ def real_parse(name: str, args: list) -> argparse.Namespace:
     pytest.fail(f"{name}.main({args}) never parsed its arguments")
 
 
+_PIP_PARSE = """
+import json, sys
+try:
+    from pip._internal.commands import create_command
+except ImportError:
+    sys.exit(3)
+opts, rest = create_command("install").parse_args(json.loads(sys.argv[1]))
+print(json.dumps([vars(opts), rest], default=str))
+"""
+
+
 def real_pip_parse(args: list):
-    """pip's own option parser for `pip install ...` (None when this interpreter has no pip)."""
-    try:
-        from pip._internal.commands import create_command
-    except ImportError:
-        return None
+    """pip's own option parser for `pip install ...`: (options namespace, positional rest), or None when this
+    interpreter has no pip. Parsed in a child interpreter: even looking pip up here (find_spec) switches
+    setuptools' distutils shim off for the rest of the test process, and torch.compile's C++ builds in later tests
+    then fail."""
     assert args[:1] == ["install"], args
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            return create_command("install").parse_args(list(args[1:]))
-        except SystemExit as exc:
-            pytest.fail(f"pip refuses install {args[1:]} (exit {exc.code}): {err.getvalue()}")
+    res = subprocess.run([sys.executable, "-c", _PIP_PARSE, json.dumps(list(args[1:]))], capture_output=True,
+                         text=True)
+    if res.returncode == 3:
+        return None
+    if res.returncode != 0:
+        pytest.fail(f"pip refuses install {args[1:]} (exit {res.returncode}): {res.stderr}")
+    opts, rest = json.loads(res.stdout)
+    return argparse.Namespace(**opts), rest
 
 
 def expected_written(name: str, ns) -> set:
