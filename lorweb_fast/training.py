@@ -466,7 +466,7 @@ def prepare_output(cfg, *, main_process: bool = True, clear: bool = True) -> tup
             shutil.rmtree(tmp, ignore_errors=True)
             logger.warning("removed the leftover temporary checkpoint folder %s", tmp)
         for ckpt in checkpoint_dirs(out):
-            for tmp in [*ckpt.glob(".lorweb-*.safetensors.tmp"), *ckpt.glob(".config-*.yaml.tmp")]:
+            for tmp in [*ckpt.glob(".lorweb-*.safetensors.tmp"), *ckpt.glob(f".{CONFIG_NAME}.*.tmp")]:
                 tmp.unlink(missing_ok=True)
     if main_process:  # the top-level copies' temporaries (_write_checkpoint)
         for name in (f".{WEIGHTS_NAME}.tmp", f".{CONFIG_NAME}.tmp"):

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorweb_fast import demo, training
+from lorweb_fast import _files, demo, training
+from lorweb_fast.official_config import CONFIG_NAME
 from lorweb_fast.model import save_lorweb_weights
 from lorweb_fast.testing import (fake_checkpoint, file_tree, small_train_config, tiny_lorweb_linear_model,
                                  tiny_train_config, tiny_training_assets)
@@ -280,12 +281,17 @@ def test_all_checkpoints_corrupt_is_an_error_naming_the_files(tmp_path):
 @pytest.mark.parametrize("leftover", ["checkpoints/.tmp-step-00000006-abc123", "checkpoints/.tmp-step-00000004-x",
                                       ".lorweb.safetensors.tmp", ".config.yaml.tmp",
                                       "checkpoints/step-00000002/.lorweb-k2j3.safetensors.tmp",
-                                      "checkpoints/step-00000002/.config-k2j3.yaml.tmp"])
+                                      "config temporary"])
 def test_leftover_temporary_files_are_removed(tmp_path, leftover):
+    """What a killed run leaves: temporary checkpoint folders, the top-level copies' temporaries, and inside a
+    checkpoint the weights' and config.yaml's temporaries under the names their writers really give them."""
     cfg = small_train_config(tmp_path)
     fake_checkpoint(tmp_path, 2, cfg)
-    path = tmp_path / leftover
-    if leftover.endswith(".tmp"):
+    if leftover == "config temporary":  # the name save_lorweb_weights' config.yaml writer uses
+        path = Path(_files.write_temporary_text(tmp_path / "checkpoints" / "step-00000002", CONFIG_NAME, "x: 1\n"))
+    else:
+        path = tmp_path / leftover
+    if path.name.endswith(".tmp"):
         path.write_bytes(b"partial")
     else:
         path.mkdir()

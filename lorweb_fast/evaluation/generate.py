@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from .._files import atomic_write
 from .evalsets import EvalInputError, Triplet
 
 #: run.json settings that must match when a run is resumed.
@@ -50,14 +50,8 @@ OWN_PIPE_ARGS = {"merge": "--merge", "num_inference_steps": "--steps", "guidance
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``path`` holds ``data`` completely or keeps what it held (``_files.atomic_write``; no temporary is left)."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
