@@ -328,8 +328,8 @@ TRAIN_RANGES = {
     "max_sequence_length": (1, 512, False), "num_loras": (1, None, False), "rank": (1, None, False),
     "key_dim": (1, None, False), "heads": (1, None, False), "checkpoint_every": (1, None, False),
     "keep_checkpoints": (0, None, False), "seed": (0, 2 ** 63 - 1, False), "num_workers": (0, None, False),
-    "bucket_divisibility": (1, None, False), "adam_eps": (0.0, None, True),
-}
+    "adam_eps": (0.0, None, True),
+}  # bucket_divisibility: its range depends on resize (check_bucket_divisibility)
 
 
 def check_train_config(cfg) -> None:

@@ -326,6 +326,14 @@ def test_train_config_refuses_bad_values(tmp_path, field, value, exc):
         small_train_config(tmp_path, **{field: value}).validate()
 
 
+@pytest.mark.parametrize("value,resize,bound", [(0, "bucket", 2), (1, "bucket", 2), (0, "long-edge", 1)])
+def test_bucket_divisibility_bound_follows_the_resize_rule(tmp_path, value, resize, bound):
+    """Aspect buckets split into two cells, so with resize="bucket" the bound is 2 for 0 and 1 alike; the
+    long-edge rule only needs a positive integer."""
+    with pytest.raises(ValueError, match=rf"bucket_divisibility must be an integer >= {bound}, got {value}$"):
+        small_train_config(tmp_path, bucket_divisibility=value, resize=resize).validate()
+
+
 def test_train_config_defaults_are_valid(tmp_path):
     TrainConfig(data="d", out=str(tmp_path)).validate()
     small_train_config(tmp_path).validate()
