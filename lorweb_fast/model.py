@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from collections import defaultdict
@@ -378,7 +379,7 @@ def get_coefficients(model: nn.Module) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------ checkpoints
 #: Metadata keys written by save_lorweb_weights from the layers themselves; user metadata may not override them.
 RESERVED_METADATA = ("format", "lorweb.heads", "lorweb.activation", "lorweb.reduce", "lorweb.lora_alpha_over_rank",
-                     "lorweb.query_projection_type")
+                     "lorweb.query_projection_type", "lorweb.layers")
 #: ``lorweb.*`` metadata keys that describe the analogy query (not the layers): callers (training) may set them, and
 #: their values are checked against the allowed choices.
 QUERY_METADATA = ("lorweb.query_mode", "lorweb.pooling_type", "lorweb.query_source")
@@ -389,14 +390,17 @@ def _layer_metadata(layers: Mapping[str, LoRWeBLinear]) -> dict[str, str]:
     meta = {"format": "pt", "lorweb.heads": str(first.heads), "lorweb.activation": first.activation,
             "lorweb.reduce": first.reduce, "lorweb.lora_alpha_over_rank": repr(first.scale),
             "lorweb.query_projection_type": first.query_projection_type}
-    key = (lambda l: (l.heads, l.activation, l.reduce, l.scale, l.query_projection_type))
+    key = (lambda l: (l.num_loras, l.rank, l.key_dim, l.heads, l.activation, l.reduce, l.scale,
+                      l.query_projection_type))
     for name, layer in layers.items():
         if key(layer) != key(first):
-            raise ValueError(f"layer {name} has a configuration different from the others; one checkpoint stores "
-                             "one heads/activation/reduce/scale/query_projection_type setting")
+            raise ValueError(f"layer {name} has a configuration different from the others (num_loras, rank, key_dim, "
+                             f"heads, activation, reduce, scale, query_projection_type = {key(layer)} vs "
+                             f"{key(first)}); one checkpoint (and its config.yaml) stores one configuration")
         if layer.query_dim != first.query_dim:
             raise ValueError(f"layer {name} has query_dim={layer.query_dim} but others {first.query_dim}: one analogy "
                              "query feeds every layer, so the loader would refuse this checkpoint")
+    meta["lorweb.layers"] = str(len(layers))  # a file holding fewer layers is partial: the loader refuses it
     return meta
 
 
@@ -416,6 +420,10 @@ def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             raise ValueError(replaced)
     for name, layer in layers.items():
         for suffix, t in layer.lorweb_tensors().items():
+            if t.device.type == "meta":
+                raise ValueError(f"layer {name} has its LoRWeB tensor {suffix} on the meta device (no values: "
+                                 "injected under torch.device('meta') / init_empty_weights, or offloaded by "
+                                 "sequential CPU offload); load or materialize the weights before saving them")
             t = t.detach()
             state[f"{CHECKPOINT_PREFIX}{name}.{suffix}"] = t.full_tensor().cpu() if isinstance(t, DTensor) else t
     return state
@@ -440,9 +448,14 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     file it saves (``official_config.aitk_model_hashes``; training sets it). ``extra_files`` ({file name: text})
     are written beside the file (``save_pretrained``'s README.md card).
 
+    ``state_dict``, when given, must hold exactly the model's LoRWeB tensors in their shapes; every layer must have
+    one configuration (N, r, key_dim and the settings above); the metadata records the layer count
+    (``lorweb.layers``), so that a partial file is refused on load.
+
     Every file is first written to a temporary file in the target folder, then they are renamed into place one
-    after another (the weights last): a refused call, or one that fails while writing, leaves the folder's files as
-    they were (and removes a folder it created). With ``config``, a folder that holds other checkpoints (any other
+    after another (the weights last): a refused call, or one that fails while writing or renaming, leaves the
+    folder's files as they were (a file already renamed gets its previous contents back) and removes every folder
+    it created. With ``config``, a folder that holds other checkpoints (any other
     ``*.safetensors`` there, which would load with this config.yaml) is refused (LoRWeBConfigError naming them):
     save into a folder of its own.
     """
@@ -470,10 +483,12 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     _config_from_metadata(meta)  # never write a file our own loader would refuse
     if state_dict is None:
         state_dict = lorweb_state_dict(model)
+    else:
+        _check_state_dict_matches_layers(state_dict, layers)
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     state = {k: (v if dtype is None else v.to(dtype)).contiguous().cpu() for k, v in state_dict.items()}
-    bad = [k for k, v in state.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in state.items() if not v.is_floating_point() or not _all_finite(v)]
     if bad:
         raise LoRWeBCheckpointError(f"refusing to save {len(bad)} LoRWeB tensors that are not finite floating-point "
                                     f"values (e.g. {bad[0]}); the loader would refuse the file")
@@ -523,9 +538,14 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         from .official_config import aitk_model_hashes
 
         meta.update(aitk_model_hashes(state, meta))
-    created = not os.path.isdir(directory)
+    created = []  # the folders this call makes, outermost first (removed again when it fails)
+    parent = directory
+    while not os.path.isdir(parent):
+        created.insert(0, parent)
+        parent = os.path.dirname(parent)
     os.makedirs(directory, exist_ok=True)  # everything checked: nothing is written for a refused call
     temps: list[tuple[str, str]] = []  # (temporary file, final path), renamed in this order: the weights last
+    replaced: list[tuple[str, Optional[str]]] = []  # (final path, a copy of what it held, None if it was absent)
     try:
         for name, text in texts.items():
             temps.append((write_temporary_text(directory, name, text), os.path.join(directory, name)))
@@ -535,14 +555,80 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         save_file(state, tmp, metadata=meta)
         default_permissions(tmp)  # mkstemp's (and safetensors') 0600 would survive the rename
         for tmp, final in temps:
-            os.replace(tmp, final)
+            kept = _keep_copy(final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                if kept is not None:
+                    os.unlink(kept)
+                raise
+            replaced.append((final, kept))
     except BaseException:
+        for final, kept in reversed(replaced):  # a failed rename: every file renamed before it goes back
+            with contextlib.suppress(OSError):
+                if kept is not None:
+                    os.replace(kept, final)
+                else:  # absent before: written by this call
+                    os.unlink(final)
         for tmp, _ in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        if created and not os.listdir(directory):
-            os.rmdir(directory)
+        for folder in reversed(created):
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
         raise
+    for _, kept in replaced:
+        if kept is not None:
+            os.unlink(kept)
+
+
+def _keep_copy(path: str) -> Optional[str]:
+    """A hidden copy ``.<name>.<random>.kept`` of ``path`` beside it (a hard link where the file system has them),
+    for putting it back when a later step of the save fails; None when ``path`` does not exist."""
+    if not os.path.isfile(path):
+        return None
+    directory, name = os.path.split(path)
+    fd, kept = tempfile.mkstemp(prefix=f".{name}.", suffix=".kept", dir=directory)
+    os.close(fd)
+    os.unlink(kept)
+    try:
+        os.link(path, kept)
+    except OSError:
+        try:
+            shutil.copy2(path, kept)
+        except BaseException:
+            if os.path.exists(kept):
+                os.unlink(kept)
+            raise
+    return kept
+
+
+def _check_state_dict_matches_layers(state_dict: Mapping[str, torch.Tensor],
+                                     layers: Mapping[str, LoRWeBLinear]) -> None:
+    """``save_lorweb_weights(state_dict=...)``: exactly the LoRWeB keys of ``layers`` (``lorweb_state_dict``'s),
+    each a tensor of the layer's shape; anything else would write a file the loader refuses."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of LoRWeB tensors, got {type(state_dict).__name__}")
+    want = {f"{CHECKPOINT_PREFIX}{name}.{suffix}": tuple(t.shape)
+            for name, layer in layers.items() for suffix, t in layer.lorweb_tensors().items()}
+    missing = sorted(set(want) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(want))
+    if missing or unexpected:
+        raise LoRWeBCheckpointError(
+            f"state_dict does not hold the model's LoRWeB tensors ({len(want)} keys): "
+            + "; ".join(part for part in (f"missing {len(missing)} (e.g. {missing[0]})" if missing else "",
+                                          f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "")
+                        if part) + "; nothing was written")
+    for key, shape in want.items():
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            raise LoRWeBCheckpointError(f"state_dict[{key!r}] is a {type(value).__name__}, not a tensor; nothing was "
+                                        "written")
+        if tuple(value.shape) != shape:
+            raise LoRWeBCheckpointError(f"state_dict[{key!r}] has shape {tuple(value.shape)} but the layer's tensor "
+                                        f"has {shape}; nothing was written")
+        if value.device.type == "meta":
+            raise LoRWeBCheckpointError(f"state_dict[{key!r}] is on the meta device (no values); nothing was written")
 
 
 def _refuse_folder_with_other_checkpoints(directory: str, weights_name: str) -> None:
@@ -567,8 +653,30 @@ def read_checkpoint(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[s
     """(state dict, metadata) from a safetensors file or an in-memory mapping; corrupt files raise
     LoRWeBCheckpointError naming the file."""
     if isinstance(path_or_state_dict, Mapping):
-        return dict(path_or_state_dict), {}
+        state = dict(path_or_state_dict)
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise LoRWeBCheckpointError(f"state dict entry {key!r} is a {type(value).__name__}, not a torch.Tensor")
+            if value.device.type == "meta":
+                raise LoRWeBCheckpointError(f"state dict tensor {key!r} is on the meta device: it holds no values")
+        return state, {}
     return _read_safetensors(path_or_state_dict, tensors=True)
+
+
+def _on_meta_device(module: nn.Module) -> Optional[str]:
+    """What of a load target holds no values: the LoRWeB tensors of a LoRWeBLinear, or the weight of a plain linear
+    layer (a LoRWeBLinear built on it would create its tensors there); None when everything is real."""
+    if isinstance(module, LoRWeBLinear):
+        if any(t.device.type == "meta" for t in module.lorweb_tensors().values()):
+            return "the injected layer's LoRWeB tensors are"
+        return None
+    weight = getattr(module, "weight", None)
+    return "the layer's weight is" if isinstance(weight, torch.Tensor) and weight.device.type == "meta" else None
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in floating-point ``t`` (float8 has no isfinite kernel: checked in float32)."""
+    return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
 
 
 def checkpoint_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
@@ -726,9 +834,11 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     shapes, raise ``LoRWeBConfigError`` naming both values. Float16 / bfloat16 files load (the values are cast to
     the layers' dtype).
 
-    Everything is validated before anything changes: a checkpoint with missing or unexpected keys, wrong shapes, a
-    configuration different from already-injected layers, non-finite values, or a corrupt file raises
-    LoRWeBCheckpointError naming the offending keys, and the model is left exactly as it was.
+    Everything is validated before anything changes: a checkpoint with missing or unexpected keys, wrong shapes,
+    layers of different (N, r, key_dim), fewer layers than its ``lorweb.layers`` metadata records, a configuration
+    different from already-injected layers, non-finite values, a target on the meta device (nothing could be
+    copied into it), or a corrupt file raises LoRWeBCheckpointError naming the offending keys, and the model is left
+    exactly as it was.
 
     Returns:
         The names of the loaded modules.
@@ -738,6 +848,8 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     refuse_disk_group_offloading(lorweb_layers(model), group_offloading_modes(model), "load_lorweb_weights")
     from .official_config import LoRWeBConfigError
 
+    if settings is not None and not isinstance(settings, Mapping):
+        raise TypeError(f"settings must be a dict of LoRWeB settings, got {type(settings).__name__}")
     state, meta = read_checkpoint(path_or_state_dict)
     groups, unexpected = _group_checkpoint(state)
     if not groups and unexpected and all(_PLAIN_LORA_KEY.search(k) for k in unexpected):
@@ -798,13 +910,22 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         if why:
             problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: {why}")
             continue
+        on_meta = _on_meta_device(module)
+        if on_meta:
+            problems.append(f"{CHECKPOINT_PREFIX}{name}.*: {on_meta} on the meta device (no values: injected or "
+                            "built under torch.device('meta') / init_empty_weights, or offloaded by sequential CPU "
+                            "offload); loading into it would change nothing. Materialize the model (to_empty / "
+                            "load its weights) or load before enabling sequential offload (or use "
+                            "enable_model_cpu_offload)")
+            continue
         needed = PARAM_SUFFIXES if projection == "linear" else PARAM_SUFFIXES[:3]
         missing = [s for s in needed if s not in tensors]
         if missing:
             problems += [f"missing key {CHECKPOINT_PREFIX}{name}.{s}" for s in missing]
             continue
         n, _, r = tensors["lora_A"].shape if tensors["lora_A"].dim() == 3 else (None, None, None)
-        for key, value in (("rank", r), ("num_loras", n), ("key_dim", tensors["lora_keys"].shape[-1])):
+        key_dim = tensors["lora_keys"].shape[-1] if tensors["lora_keys"].dim() == 2 else None  # else: below
+        for key, value in (("rank", r), ("num_loras", n), ("key_dim", key_dim)):
             if value is not None and where[key] != "official default" and int(resolved[key]) != int(value):
                 raise LoRWeBConfigError(f"conflicting {key}: {where[key]} says {resolved[key]!r} but the checkpoint "
                                         f"tensors of {CHECKPOINT_PREFIX}{name} have {key}={value}")
@@ -812,7 +933,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         for s, t in tensors.items():
             if not t.is_floating_point():
                 problems.append(f"{CHECKPOINT_PREFIX}{name}.{s} has non-float dtype {t.dtype}")
-            elif not bool(torch.isfinite(t).all()):
+            elif not _all_finite(t):
                 problems.append(f"{CHECKPOINT_PREFIX}{name}.{s} holds NaN or Inf values")
             else:
                 finite[s] = t
@@ -833,6 +954,19 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                 problems.append(f"{CHECKPOINT_PREFIX}{name}.*: (lora_A, lora_keys, att_lora_to_q shapes, heads, "
                                 f"activation, reduce, scale, query_projection_type) = {got} but the injected layer "
                                 f"has {want}")
+    recorded = meta.get("lorweb.layers")  # our files record their layer count: fewer groups is a partial file
+    if recorded is not None and (not recorded.isdigit() or int(recorded) != len(groups)):
+        problems.append(f"the checkpoint metadata records lorweb.layers={recorded!r} but the file holds "
+                        f"{len(groups)} LoRWeB layers: a partial or edited file")
+    shapes = defaultdict(list)  # (N, r, key_dim) -> modules: one checkpoint, one configuration (one config.yaml)
+    for name, t in groups.items():
+        if t.get("lora_A") is not None and t["lora_A"].dim() == 3 and t.get("lora_keys") is not None \
+                and t["lora_keys"].dim() == 2:
+            shapes[(int(t["lora_A"].shape[0]), int(t["lora_A"].shape[2]), int(t["lora_keys"].shape[1]))].append(name)
+    if len(shapes) > 1:
+        problems.append("inconsistent (num_loras, rank, key_dim) across layers (one checkpoint stores one "
+                        "configuration): " + ", ".join(f"{k} in {len(ns)} layers (e.g. {ns[0]})"
+                                                       for k, ns in sorted(shapes.items())))
     not_covered = [n for n in existing if n not in groups]
     problems += [f"missing keys {CHECKPOINT_PREFIX}{n}.* for the injected layer {n!r}" for n in not_covered]
     differs_from_injected = differs_from_injected or bool(not_covered)

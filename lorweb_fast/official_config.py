@@ -398,8 +398,8 @@ def find_checkpoint(directory: Union[str, os.PathLike]) -> tuple[Path, Optional[
     listing order, and fails on an undefined ``output_path`` once it has seen a step file): a final
     ``<name>.safetensors`` (no step suffix) wins, else the highest ``<name>_<step:09d>.safetensors``. Also
     understands lorweb_fast's run folders (``lorweb.safetensors`` and ``checkpoints/step-XXXXXXXX/``). Hidden and
-    temporary files and files whose header cannot be read are skipped. Two different final files are ambiguous and
-    raise. The config is the ``config.yaml`` beside the chosen weights, else the folder's.
+    temporary files are skipped, and so are files whose header cannot be read, with a warning naming them. Two
+    different final files are ambiguous and raise. The config is the ``config.yaml`` beside the chosen weights, else the folder's.
     """
     root = Path(directory)
     if not root.is_dir():
@@ -407,13 +407,24 @@ def find_checkpoint(directory: Union[str, os.PathLike]) -> tuple[Path, Optional[
     names = [p.name for p in root.iterdir() if p.is_file()]
     names += [f"checkpoints/{d.name}/lorweb.safetensors" for d in (root / "checkpoints").glob("step-*")]
     finals, stepped = checkpoint_candidates(names)
-    finals = [name for name in finals if _complete(root / name)]
+    skipped = [name for name in finals if not _complete(root / name)]
+    finals = [name for name in finals if name not in skipped]
     if len(finals) > 1:
         raise _several_finals(root, finals)
-    chosen = root / finals[0] if finals else next(
-        (root / name for name in stepped if (root / name).is_file() and _complete(root / name)), None)
+    chosen = root / finals[0] if finals else None
+    for name in [] if finals else stepped:
+        if not (root / name).is_file():
+            continue
+        if _complete(root / name):
+            chosen = root / name
+            break
+        skipped.append(name)
     if chosen is None:
-        raise FileNotFoundError(f"no complete LoRWeB checkpoint (*.safetensors) in {root}")
+        raise FileNotFoundError(f"no complete LoRWeB checkpoint (*.safetensors) in {root}"
+                                + (f" (unreadable: {', '.join(skipped)})" if skipped else ""))
+    if skipped:  # never silently: the newest or final file is what the folder is expected to give
+        warnings.warn(f"{root}: skipped the unreadable checkpoint file(s) {', '.join(skipped)} (truncated, or not "
+                      f"safetensors); using {chosen.relative_to(root).as_posix()}", stacklevel=2)
     return chosen, config_beside(chosen, root)
 
 

@@ -17,8 +17,9 @@ fused, composed or all-cuBLAS route by ``choose_route`` (committed per-GPU table
 
 Eager calls of plain tensors run those op bodies through ``_EagerFusedFunction`` (the same kernels and gradient
 formula) instead of torch.library's dispatch, whose Python autograd wrapper costs more host time than a kernel at
-small M; torch.compile, torch.jit tracing, dispatch and function modes, functorch transforms, forward-mode AD, the
-autograd profiler and tensor subclasses use the registered ops (``_eager_direct``).
+small M; torch.compile, torch.jit tracing, dispatch and function modes, functorch's vmap, the autograd profiler and
+tensor subclasses use the registered ops (``_eager_direct``); forward-mode AD and functorch's reverse mode
+(``torch.func.grad`` / ``vjp`` / ``jacrev``) are refused by name.
 """
 
 from __future__ import annotations
@@ -362,6 +363,31 @@ def _register_no_double_backward(op_name: str) -> None:
     torch.library.register_autograd(op_name, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+#: Tests that check only the structure of a graph traced around the interpreter (recompiles, which gradients the
+#: traced backward asks for; never values) switch this on: the graph then holds no kernel launches.
+INTERPRETER_GRAPH_CAPTURE = False
+
+
+def _refuse_graph_capture_of_the_interpreter() -> None:
+    """BackendUnavailableError when a graph is being captured (AOT autograd's functionalization or proxy tracing:
+    torch.compile with aot_eager or inductor, torch.export) around Triton's CPU interpreter: its kernels run on the
+    spot and are not recorded in the graph, and the compiled call returned uninitialised memory. Shape propagation
+    alone (fake tensors: dynamo's backend="eager") and eager calls are not affected."""
+    if not triton_interpret_mode() or INTERPRETER_GRAPH_CAPTURE:
+        return
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+    from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    if any(isinstance(mode, (FunctionalTensorMode, ProxyTorchDispatchMode))
+           for mode in _get_current_dispatch_mode_stack()):
+        raise BackendUnavailableError(
+            "backend='triton' is unavailable: a graph capture (torch.compile with aot_eager / inductor, "
+            "torch.export) cannot record Triton's CPU interpreter (TRITON_INTERPRET=1): its kernels are not "
+            "captured, and the compiled call returned uninitialised memory; call it eagerly, compile with "
+            "backend='eager', or use backend='torch' on CPU")
+
+
 _FUSED_OPS: dict[str, object] = {}
 #: backend -> (forward body, backward body, backward op) for eager calls (``_eager_fused``)
 _EAGER_BODIES: dict[str, tuple] = {}
@@ -376,6 +402,7 @@ if _TRITON_KERNELS is not None:
     def _triton_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                     base: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor, coeffs: torch.Tensor,
                     scale: float, rows_per_sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _refuse_graph_capture_of_the_interpreter()
         return _k.forward(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample)
 
     @torch.library.triton_op("lorweb_fast::triton_bwd", mutates_args=())
@@ -383,6 +410,7 @@ if _TRITON_KERNELS is not None:
                     lora_b: torch.Tensor, coeffs: torch.Tensor, u: torch.Tensor, z: torch.Tensor, scale: float,
                     rows_per_sample: int, need_dx: bool = True,
                     need_dbasis: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        _refuse_graph_capture_of_the_interpreter()
         return _k.backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample, need_dx, need_dbasis)
 
     _setup, _backward = _fused_autograd(_triton_bwd)
@@ -470,7 +498,7 @@ def _eager_direct(tensors) -> bool:
     if torch.compiler.is_compiling():
         return False
     if _watched():
-        _refuse_forward_ad(tensors)
+        _refuse_unsupported_transforms(tensors)
         return False
     return EAGER_DIRECT and all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
 
@@ -484,22 +512,37 @@ def _eager_fused(backend, x, weight, bias, base, lora_a, lora_b, coeffs, rows_pe
     return _EAGER_BODIES[backend][0](*tensors, 1.0, rows_per_sample)[0]
 
 
-def _refuse_forward_ad(tensors) -> None:
-    """Forward-mode AD through the fused ops (dual tensors of ``torch.autograd.forward_ad``, ``torch.func.jvp`` /
-    ``jacfwd``): refused by name. The ops have no forward-mode formula, and torch gave no tangent (dual tensors) or a
-    zero tangent (``torch.func.jvp``) instead of an error. Asked only when ``_watched`` says something is on."""
+def _refuse_unsupported_transforms(tensors) -> None:
+    """The autodiff transforms the fused ops cannot take, refused by name (asked only when ``_watched`` says
+    something is on):
+
+    - forward-mode AD (dual tensors of ``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``): the ops have
+      no forward-mode formula, and torch gave no tangent (dual tensors) or a zero tangent (``torch.func.jvp``)
+      instead of an error;
+    - functorch's reverse mode (``torch.func.grad`` / ``vjp`` / ``jacrev``): torch.library's autograd registration
+      of an op cannot run under it (torch raised an error about ``autograd.Function.setup_context`` naming neither
+      the op nor the way out). ``torch.autograd.grad`` / ``backward`` work.
+    """
     forward_ad = torch.autograd.forward_ad
     dual = forward_ad._current_level >= 0 and any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-    jvp = False
+    levels = set()
     if not dual and torch._C._are_functorch_transforms_active():
         from torch._C._functorch import TransformType, get_interpreter_stack
 
-        jvp = any(level.key() == TransformType.Jvp for level in (get_interpreter_stack() or ()))
+        levels = {level.key() for level in (get_interpreter_stack() or ())}
+        jvp, grad = TransformType.Jvp in levels, TransformType.Grad in levels
+    else:
+        jvp = grad = False
     if dual or jvp:
         raise NotImplementedError("forward-mode AD (torch.func.jvp / jacfwd, forward_ad dual tensors) through "
                                   "lorweb_fast's fused backends is not supported: they have no forward-mode "
                                   "formula; run those layers with backend='torch', which supports it")
+    if grad:
+        raise NotImplementedError("torch.func.grad / vjp / jacrev through lorweb_fast's fused backends is not "
+                                  "supported (torch.library's autograd registration of their ops cannot run under "
+                                  "functorch's reverse mode); use torch.autograd.grad / .backward(), or run those "
+                                  "layers with backend='torch', which supports torch.func")
 
 
 def _fused_linear(backend, x, weight, bias, base, lora_a, lora_b, coeffs, scale):
@@ -537,11 +580,15 @@ def mixed_lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
         (B, S, out) or (B, out) in x.dtype.
     """
     validate_inputs(x, lora_a, lora_b, coeffs, add_to=add_to)
-    if not torch.compiler.is_compiling():  # under dynamic compile scale may be symbolic (checked when eager)
-        scale = check_real("scale", scale)
+    scale = _checked_scale(scale)
     name = resolve_backend_for(backend, x)
     if name == "torch":
         delta = _torch_delta(x, lora_a, lora_b, coeffs, scale)
+        return delta if add_to is None else add_to + delta
+    dtype = _autocast_dtype(x)
+    if dtype is not None:  # as the torch backend's matmuls: the mixture in autocast's dtype, add_to (x's dtype,
+        # so not autocast's) added to it with type promotion
+        delta = _fused_linear(name, x.to(dtype), None, None, None, lora_a.to(dtype), lora_b.to(dtype), coeffs, scale)
         return delta if add_to is None else add_to + delta
     return _fused_linear(name, x, None, None, add_to, lora_a, lora_b, coeffs, scale)
 
@@ -560,12 +607,35 @@ def lorweb_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     validate_inputs(x, lora_a, lora_b, coeffs, weight=weight, bias=bias)
-    if not torch.compiler.is_compiling():  # under dynamic compile scale may be symbolic (checked when eager)
-        scale = check_real("scale", scale)
+    scale = _checked_scale(scale)
     name = resolve_backend_for(backend, x)
     if name == "torch":
         return F.linear(x, weight, bias) + _torch_delta(x, lora_a, lora_b, coeffs, scale)
+    dtype = _autocast_dtype(x)
+    if dtype is not None:  # as F.linear and the torch backend's matmuls under autocast
+        x, weight, lora_a, lora_b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     return _fused_linear(name, x, weight, bias, None, lora_a, lora_b, coeffs, scale)
+
+
+def _checked_scale(scale):
+    """``scale`` checked (a finite real number; when eager only: under dynamic compile it may be symbolic, and a
+    tensor's value is not read while tracing). A tensor that requires grad is refused in both modes: the eager check
+    reads its value (no gradient would reach it) while a compiled call differentiated it."""
+    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+        raise TypeError("scale must be a number or a tensor that does not require grad: the LoRA scale is not "
+                        "trained (fold a learned strength into the coefficients instead)")
+    return scale if torch.compiler.is_compiling() else check_real("scale", scale)
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype torch.autocast runs x's matmuls in on x's device, or None when autocast is off there or does not
+    cast x (only fp16 / bf16 / fp32 inputs are cast; the meta device has no autocast). The fused ops are not
+    autocast ops: the public functions cast their inputs so every backend returns the torch backend's dtype."""
+    if x.device.type == "meta" or x.dtype not in FUSED_DTYPES or not torch.is_autocast_enabled(x.device.type):
+        return None
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return dtype if dtype != x.dtype else None
 
 
 def compute_coefficients(query: torch.Tensor, to_q_weight: torch.Tensor, keys: torch.Tensor, *, heads: int = 1,

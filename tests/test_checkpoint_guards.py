@@ -304,6 +304,161 @@ def test_a_failed_save_removes_the_folder_it_created(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         lf.save_lorweb_weights(tiny_model(), tmp_path / "new" / "w.safetensors", config={})
     assert os.listdir(tmp_path) == []
+    with pytest.raises(OSError, match="No space left"):  # every folder it made, not only the innermost
+        lf.save_lorweb_weights(tiny_model(), tmp_path / "a" / "b" / "c" / "w.safetensors", config={})
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fails_at", ["config.yaml", "README.md", "w.safetensors"])
+def test_a_failed_rename_puts_back_the_files_renamed_before_it(tmp_path, monkeypatch, fails_at):
+    """The files are renamed into place one after another (config.yaml, the card, the weights last): when one
+    rename fails, those renamed before it get their previous contents back, so the folder never pairs a new
+    config.yaml with old weights; no temporary or kept copy remains. Into a new folder, nothing is left."""
+    path = tmp_path / "w.safetensors"
+    lf.save_lorweb_weights(tiny_model(seed=1), path, config={}, extra_files={"README.md": "one"})
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == fails_at and ".tmp" in os.path.basename(src):
+            raise OSError("Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    heads2 = lf.LoRWeBConfig(**{**CONFIG.__dict__, "heads": 2})
+    with pytest.raises(OSError, match="Input/output error"):
+        lf.save_lorweb_weights(tiny_model(seed=2, config=heads2), path, config={}, extra_files={"README.md": "two"})
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    with pytest.raises(OSError, match="Input/output error"):
+        lf.save_lorweb_weights(tiny_model(seed=2), tmp_path / "new" / "w.safetensors", config={},
+                               extra_files={"README.md": "two"})
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    lf.load_lorweb_weights(fresh_model(), path)  # the folder is consistent: it loads
+
+
+def _hetero_model(field, value):
+    """tiny_model with its second layer re-injected with another num_loras / rank / key_dim."""
+    model = tiny_model(seed=1)
+    lf.remove_lorweb(model)
+    lf.inject_lorweb(model, lf.LoRWeBConfig(**{**CONFIG.__dict__, "target_modules": ["0"]}))
+    lf.inject_lorweb(model, lf.LoRWeBConfig(**{**CONFIG.__dict__, field: value, "target_modules": ["1"]}))
+    return model
+
+
+@pytest.mark.parametrize("field,value", [("num_loras", 5), ("rank", 3), ("key_dim", 2)])
+def test_layers_of_different_sizes_are_not_saved_as_one_checkpoint(tmp_path, field, value):
+    """One checkpoint (and the config.yaml written with it) describes one configuration: a model whose layers
+    differ in num_loras, rank or key_dim is refused before anything is written (config.yaml recorded the first
+    layer's values, which its own loader then refused); a hand-made file that mixes them is refused on load."""
+    model = _hetero_model(field, value)
+    for config in (None, {}):
+        with pytest.raises(ValueError, match=r"layer 1 has a configuration different from the others"):
+            lf.save_lorweb_weights(model, tmp_path / "w.safetensors", config=config)
+    assert os.listdir(tmp_path) == []
+    state = {k: v.detach().clone() for k, v in lf.lorweb_state_dict(model).items()}
+    fresh = fresh_model()
+    snap = snapshot(fresh)
+    with pytest.raises(LoRWeBCheckpointError, match=r"inconsistent \(num_loras, rank, key_dim\) across layers"):
+        lf.load_lorweb_weights(fresh, state)
+    assert_unchanged(fresh, snap)
+
+
+def test_a_file_holding_fewer_layers_than_it_records_is_partial(tmp_path):
+    """Our files record their layer count (lorweb.layers): a file with a layer's tensors removed is refused by name
+    instead of injecting only the rest; official files (no count) still load a subset of layers."""
+    path = _saved(tmp_path)
+    assert lmodel.checkpoint_metadata(path)["lorweb.layers"] == "2"
+    meta = dict(lmodel.checkpoint_metadata(path))
+    kept = {k: v for k, v in load_file(path).items() if not k.startswith("transformer.1.")}
+    partial = tmp_path / "partial.safetensors"
+    save_file(kept, partial, metadata=meta)
+    fresh = fresh_model()
+    snap = snapshot(fresh)
+    with pytest.raises(LoRWeBCheckpointError, match=r"records lorweb.layers='2' but the file holds 1 LoRWeB layers: "
+                                                    r"a partial or edited file"):
+        lf.load_lorweb_weights(fresh, partial)
+    assert_unchanged(fresh, snap)
+    del meta["lorweb.layers"]
+    save_file(kept, partial, metadata=meta)
+    assert lf.load_lorweb_weights(fresh_model(), partial) == ["0"]
+    with pytest.raises(ValueError, match=r"metadata may not set \['lorweb.layers'\]"):
+        lf.save_lorweb_weights(tiny_model(), tmp_path / "x.safetensors", metadata={"lorweb.layers": "9"})
+
+
+@pytest.mark.parametrize("case", ["empty", "extra key", "missing layer", "other shape", "not a tensor", "meta"])
+def test_a_given_state_dict_must_hold_the_models_tensors(tmp_path, case):
+    """save_lorweb_weights(state_dict=...) writes only the model's LoRWeB tensors in the layers' shapes (anything
+    else made a file its own loader refuses): refused by name, an existing file kept byte-identical."""
+    model = tiny_model(seed=1)
+    path = _saved(tmp_path)
+    before = path.read_bytes()
+    state = {k: v.detach().clone() for k, v in lf.lorweb_state_dict(model).items()}
+    bad = {"empty": {}, "extra key": {**state, "foo": torch.zeros(1)},
+           "missing layer": {k: v for k, v in state.items() if not k.startswith("transformer.1.")},
+           "other shape": {**state, "transformer.0.lora_A": torch.randn(5, 6, 2)},
+           "not a tensor": {**state, "transformer.0.lora_A": state["transformer.0.lora_A"].numpy()},
+           "meta": {**state, "transformer.0.lora_A": state["transformer.0.lora_A"].to("meta")}}[case]
+    fragment = {"empty": r"missing 8 \(e.g. transformer.0.att_lora_to_q.weight\)", "extra key": r"unexpected 1 \(e.g. foo\)",
+                "missing layer": r"missing 4 \(e.g. transformer.1.", "other shape": r"has shape \(5, 6, 2\) but the "
+                r"layer's tensor has \(3, 6, 2\)", "not a tensor": "is a ndarray, not a tensor",
+                "meta": "is on the meta device"}[case]
+    with pytest.raises(LoRWeBCheckpointError, match=fragment):
+        lf.save_lorweb_weights(model, path, state_dict=bad)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
+    lf.save_lorweb_weights(model, path, state_dict=state)  # the right tensors save
+
+
+@pytest.mark.parametrize("target", ["injected on meta", "base on meta"])
+def test_loading_into_tensors_without_values_is_refused(tmp_path, target):
+    """A model built under torch.device("meta") (or offloaded by sequential CPU offload, which leaves its
+    weights there) cannot take the values: copy_ into a meta tensor does nothing, and the load reported success.
+    Refused by name, the model unchanged."""
+    path = _saved(tmp_path)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+        if target == "injected on meta":
+            lf.inject_lorweb(model, CONFIG)
+    modules = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(LoRWeBCheckpointError, match=r"transformer.0.\*: the (injected layer's LoRWeB tensors are|"
+                                                    r"layer's weight is) on the meta device .*loading into it would "
+                                                    r"change nothing"):
+        lf.load_lorweb_weights(model, path)
+    assert {n: type(m) for n, m in model.named_modules()} == modules
+    if target == "injected on meta":  # nor are its value-less tensors saved
+        with pytest.raises(ValueError, match=r"LoRWeB tensor lora_A on the meta device .*load or materialize the "
+                                             r"weights before saving"):
+            lf.save_lorweb_weights(model, tmp_path / "m.safetensors")
+        assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("case", ["0-d lora_keys", "float8 file", "numpy value", "settings list"])
+def test_odd_checkpoint_values_get_named_errors(tmp_path, case):
+    """What crashed inside the loader (IndexError, isfinite not implemented for float8, AttributeError) is a named
+    error or, for float8 (a floating-point format), a load of the values cast to the layer's dtype."""
+    state = _state()
+    fresh = fresh_model()
+    snap = snapshot(fresh)
+    if case == "float8 file":
+        f8 = {k: v.to(torch.float8_e4m3fn) for k, v in state.items()}
+        assert lf.load_lorweb_weights(fresh, f8) == ["0", "1"]
+        got = lf.lorweb_state_dict(fresh)
+        assert all(torch.equal(got[k], f8[k].float()) for k in f8)
+        return
+    if case == "0-d lora_keys":
+        call, error, fragment = (lambda: lf.load_lorweb_weights(fresh, {**state, "transformer.1.lora_keys":
+                                                                        torch.tensor(1.0)}),
+                                 LoRWeBCheckpointError, r"transformer.1.lora_keys has shape \(\), expected \(3, key_dim\)")
+    elif case == "numpy value":
+        call, error, fragment = (lambda: lf.load_lorweb_weights(fresh, {**state, "transformer.1.lora_keys":
+                                                                        state["transformer.1.lora_keys"].numpy()}),
+                                 LoRWeBCheckpointError, r"'transformer.1.lora_keys' is a ndarray, not a torch.Tensor")
+    else:
+        call, error, fragment = (lambda: lf.load_lorweb_weights(fresh, state, settings=["heads", 2]), TypeError,
+                                 "settings must be a dict of LoRWeB settings, got list")
+    with pytest.raises(error, match=fragment):
+        call()
+    assert_unchanged(fresh, snap)
 
 
 @pytest.mark.parametrize("projection", ["none", "linear"])
@@ -386,7 +541,7 @@ def test_written_linear_alpha_defaults_to_the_rank(tmp_path):
 # ------------------------------------------------------------------------------------------ checkpoint discovery
 def test_a_truncated_final_file_falls_back_to_the_newest_complete_step(tmp_path):
     """A final LoRWeB.safetensors cut short (a crash while saving) beside complete step files: find_checkpoint
-    picks the newest complete step file."""
+    picks the newest complete step file, with a warning naming the skipped file (never silently)."""
     run = tmp_path / "run"
     run.mkdir()
     official_style_checkpoint(run / "LoRWeB_000000250.safetensors")
@@ -396,7 +551,18 @@ def test_a_truncated_final_file_falls_back_to_the_newest_complete_step(tmp_path)
     (run / "full.safetensors").unlink()
     (run / "LoRWeB.safetensors").write_bytes(blob[:len(blob) // 2])
     small_config(run / "config.yaml")
-    assert oc.find_checkpoint(run) == (run / "LoRWeB_000000500.safetensors", run / "config.yaml")
+    with pytest.warns(UserWarning, match=r"skipped the unreadable checkpoint file\(s\) LoRWeB.safetensors .*using "
+                                         r"LoRWeB_000000500.safetensors"):
+        assert oc.find_checkpoint(run) == (run / "LoRWeB_000000500.safetensors", run / "config.yaml")
+    # a truncated newest step file is named too; with nothing readable left the error names what was skipped
+    (run / "LoRWeB_000000500.safetensors").write_bytes(blob[:100])
+    with pytest.warns(UserWarning, match=r"LoRWeB.safetensors, LoRWeB_000000500.safetensors .*using "
+                                         r"LoRWeB_000000250.safetensors"):
+        assert oc.find_checkpoint(run)[0] == run / "LoRWeB_000000250.safetensors"
+    (run / "LoRWeB_000000250.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no complete LoRWeB checkpoint .*\(unreadable: LoRWeB.safetensors, "
+                                                 r"LoRWeB_000000500.safetensors, LoRWeB_000000250.safetensors\)"):
+        oc.find_checkpoint(run)
 
 
 def test_the_config_beside_the_file_wins_over_the_run_folders(tmp_path):

@@ -1,7 +1,7 @@
 """Guards for lorweb_fast/ops.py found by a mutation audit (CPU only, no GPU, no interpreter).
 
 The fused-path plumbing (``_fused_linear``, ``_eager_fused`` / ``_EagerFusedFunction``, ``_fused_autograd``,
-``_fused_input_grads``, ``_eager_direct``, ``_watched``, ``_refuse_forward_ad``) is driven here through a stand-in
+``_fused_input_grads``, ``_eager_direct``, ``_watched``, ``_refuse_unsupported_transforms``) is driven here through a stand-in
 fused backend: two torch.library custom ops written in plain torch that follow the documented fwd / bwd op contract
 (need flags honoured with empty (0,) tensors), registered with ops' own autograd formula and installed in place of
 the Triton ones. The backend choice and availability messages, input validation, the torch backend's dtype handling
@@ -31,6 +31,11 @@ def _row_scaling(coeffs, r, scale, rows_per_sample):
 
 
 def _contract_fwd(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample):
+    with torch.autocast(x.device.type, enabled=False):  # as the kernels: in the inputs' dtype, whatever autocast says
+        return _contract_fwd_body(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample)
+
+
+def _contract_fwd_body(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample):
     a_cat, b_cat = ops.concat_basis(lora_a, lora_b)
     u = x @ a_cat
     z = u * _row_scaling(coeffs, lora_a.shape[2], scale, rows_per_sample).to(x.dtype)
@@ -295,6 +300,91 @@ def test_forward_mode_ad_is_refused_only_when_a_tangent_is_there():
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
         torch.func.vmap(lambda w: torch.func.jvp(lambda v: (ops._eager_direct((v,)), v)[1], (t,), (w,))[1])(
             torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev"])
+def test_functorch_reverse_mode_through_a_fused_backend_is_refused_by_name(fused, transform):
+    """torch.func.grad / vjp / jacrev cannot run torch.library's autograd registration of the fused ops (torch
+    raised an error about autograd.Function.setup_context naming neither the op nor the way out): refused by name;
+    the torch backend runs them, and torch.autograd.grad through the fused backend still works."""
+    p = random_problem(2, 3, 9, 6, 3, 2, torch.float32, seed=2)
+    args = (p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"], 0.5)
+
+    def run(backend, transform):
+        f = lambda x: lf.lorweb_linear(x, *args, backend=backend).sum()  # noqa: E731
+        if transform == "grad":
+            return torch.func.grad(f)(p["x"])
+        if transform == "vjp":
+            out, pull = torch.func.vjp(f, p["x"])
+            return pull(torch.ones_like(out))[0]
+        return torch.func.jacrev(f)(p["x"])
+
+    with pytest.raises(NotImplementedError, match=r"torch.func.grad / vjp / jacrev through lorweb_fast's fused "
+                                                  r"backends is not supported.*backend='torch'"):
+        run("triton", transform)
+    want = run("torch", transform)
+    x = p["x"].clone().requires_grad_(True)
+    got, = torch.autograd.grad(lf.lorweb_linear(x, *args, backend="triton").sum(), x)
+    assert torch.allclose(got, want, atol=_tol(9 + 6), rtol=0)
+
+
+def test_a_scale_that_requires_grad_is_refused_on_every_backend(fused):
+    """The eager check read a tensor scale's value (its gradient silently dropped) while a compiled call
+    differentiated it: refused in both modes; a tensor that does not require grad is still a scale."""
+    p = random_problem(2, 3, 9, 6, 3, 2, torch.float32, seed=3)
+    for backend in ("torch", "triton"):
+        for call in (lambda s: lf.mixed_lora_delta(p["x"], p["lora_a"], p["lora_b"], p["coeffs"], s, backend=backend),
+                     lambda s: lf.lorweb_linear(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"],
+                                                s, backend=backend)):
+            with pytest.raises(TypeError, match="scale must be a number or a tensor that does not require grad"):
+                call(torch.tensor(0.5, requires_grad=True))
+            assert torch.equal(call(torch.tensor(0.5)), call(0.5))
+    compiled = torch.compile(lambda s: lf.mixed_lora_delta(p["x"], p["lora_a"], p["lora_b"], p["coeffs"], s,
+                                                           backend="torch"), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="scale must be a number or a tensor that does not require grad"):
+        compiled(torch.tensor(0.5, requires_grad=True))
+
+
+@pytest.mark.parametrize("kind", ["linear", "delta", "delta fp32 add_to"])
+def test_fused_backends_follow_autocast_as_the_torch_backend(fused, kind):
+    """Under torch.autocast the torch backend's matmuls run in autocast's dtype while the fused ops (not autocast
+    ops) kept fp32: the public functions cast for them, so every backend returns the same dtype (add_to, in x's
+    dtype, is added to the mixture as the torch backend adds it: fp32), within bf16 rounding of each other."""
+    p = random_problem(2, 3, 9, 6, 3, 2, torch.float32, seed=4)
+    add_to = torch.randn(2, 3, 6) if kind == "delta fp32 add_to" else None  # x's dtype, as validate_inputs asks
+
+    def run(backend):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if kind == "linear":
+                return lf.lorweb_linear(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"], 0.5,
+                                        backend=backend)
+            return lf.mixed_lora_delta(p["x"], p["lora_a"], p["lora_b"], p["coeffs"], 0.5, add_to=add_to,
+                                       backend=backend)
+
+    want, got = run("torch"), run("triton")
+    assert got.dtype == want.dtype == (torch.float32 if kind == "delta fp32 add_to" else torch.bfloat16)
+    scale = reference.lorweb_linear(p["x"].abs(), p["weight"].abs(), p["bias"].abs(), p["lora_a"].abs(),
+                                    p["lora_b"].abs(), p["coeffs"].abs(), 0.5) + 1
+    assert ((got.double() - want.double()).abs() <= 8 * torch.finfo(torch.bfloat16).eps * scale).all()
+
+
+def test_a_graph_capture_of_the_interpreter_is_refused(monkeypatch):
+    """AOT autograd's graph capture (functionalization, proxy tracing) does not record the interpreter's kernel
+    launches (the compiled call returned uninitialised memory): the Triton op bodies refuse it by name; fake-tensor
+    shape propagation alone (dynamo's backend="eager"), eager calls, and compiled GPU kernels are not affected."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ops._refuse_graph_capture_of_the_interpreter()  # eager
+    with FakeTensorMode():
+        ops._refuse_graph_capture_of_the_interpreter()
+        with FunctionalTensorMode():
+            with pytest.raises(ops.BackendUnavailableError, match="cannot record Triton's CPU interpreter"):
+                ops._refuse_graph_capture_of_the_interpreter()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with FunctionalTensorMode():  # compiled kernels are captured by wrap_triton
+        ops._refuse_graph_capture_of_the_interpreter()
 
 
 def test_fused_input_grads_returns_none_for_what_is_not_needed():

@@ -225,12 +225,15 @@ def test_a_strided_bias_is_read_by_its_strides(dtype):
                  bias=torch.randn(20).to(dtype))
 
 
-def test_dynamic_compile_does_not_recompile_for_sequence_lengths():
+def test_dynamic_compile_does_not_recompile_for_sequence_lengths(monkeypatch):
     """Under torch.compile(dynamic=True), rows_per_sample is symbolic: the dcoeffs partials then stay per row
     instead of guarding on its divisibility by BLOCK_M, so lengths that are and are not multiples of it share one
     graph (forward and backward)."""
     from torch._dynamo.utils import counters
 
+    from lorweb_fast import ops
+
+    monkeypatch.setattr(ops, "INTERPRETER_GRAPH_CAPTURE", True)  # the graphs' structure only, never their values
     torch._dynamo.reset()
     fn = torch.compile(lambda *t: lf.lorweb_linear(*t, backend="triton"), fullgraph=True, backend="aot_eager",
                        dynamic=True)
@@ -428,6 +431,9 @@ def test_compiled_backward_skips_dx_for_an_input_without_grad(monkeypatch):
     triton_bwd gets need_dx=False for an x without grad (and True with it); the traced op body then launches no dx
     expand. (The values are not compared here: under the interpreter the traced graphs launch no kernels; the eager
     tests above compare them.)"""
+    from lorweb_fast import ops
+
+    monkeypatch.setattr(ops, "INTERPRETER_GRAPH_CAPTURE", True)
     p = random_problem(2, 5, 17, 19, 3, 4, torch.float32, seed=4)
     traced = []
     body = K.backward
@@ -1010,3 +1016,28 @@ def test_expand_accumulates_in_fp32_for_bf16_outputs(tma):
     want = (x.double() @ w.double().t())
     assert want[0, 0].item() == 1 + 1023 * 2.0 ** -13
     assert_within_bound("y", y, want, want.abs(), torch.bfloat16, k + R)
+
+
+def test_compile_and_functorch_reverse_mode_are_refused_by_name():
+    """The real interpreter path of two refusals (tests/test_ops_guards.py checks their logic on a stand-in):
+    torch.compile's AOT graph capture (aot_eager here; inductor too) of backend='triton' on CPU names the interpreter
+    instead of returning uninitialised memory (dynamo alone, backend="eager", runs it), and torch.func.grad names the fused backends instead of torch's setup_context error; eager calls and
+    torch.autograd.grad work and match."""
+    p = _problem(CASES[0], torch.float32)
+    args = (p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"], p["scale"])
+    want_y = lf.lorweb_linear(p["x"], *args, backend="triton")
+    for backend in ("eager", "aot_eager"):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x: lf.lorweb_linear(x, *args, backend="triton"), backend=backend,
+                                 fullgraph=True)
+        if backend == "eager":  # dynamo alone calls the op itself: the interpreter runs
+            assert torch.equal(compiled(p["x"]), want_y)
+            continue
+        with pytest.raises(Exception, match="cannot record Triton's CPU interpreter"):
+            compiled(p["x"])
+    with pytest.raises(NotImplementedError, match="torch.func.grad / vjp / jacrev through lorweb_fast's fused"):
+        torch.func.grad(lambda x: lf.lorweb_linear(x, *args, backend="triton").sum())(p["x"])
+    x = p["x"].clone().requires_grad_(True)
+    got, = torch.autograd.grad(lf.lorweb_linear(x, *args, backend="triton").sum(), x)
+    want = torch.func.grad(lambda x: lf.lorweb_linear(x, *args, backend="torch").sum())(p["x"])
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
