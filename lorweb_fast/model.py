@@ -390,13 +390,11 @@ def _layer_metadata(layers: Mapping[str, LoRWeBLinear]) -> dict[str, str]:
     meta = {"format": "pt", "lorweb.heads": str(first.heads), "lorweb.activation": first.activation,
             "lorweb.reduce": first.reduce, "lorweb.lora_alpha_over_rank": repr(first.scale),
             "lorweb.query_projection_type": first.query_projection_type}
-    key = (lambda l: (l.num_loras, l.rank, l.key_dim, l.heads, l.activation, l.reduce, l.scale,
-                      l.query_projection_type))
+    key = (lambda l: (l.heads, l.activation, l.reduce, l.scale, l.query_projection_type))
     for name, layer in layers.items():
         if key(layer) != key(first):
-            raise ValueError(f"layer {name} has a configuration different from the others (num_loras, rank, key_dim, "
-                             f"heads, activation, reduce, scale, query_projection_type = {key(layer)} vs "
-                             f"{key(first)}); one checkpoint (and its config.yaml) stores one configuration")
+            raise ValueError(f"layer {name} has a configuration different from the others; one checkpoint stores "
+                             "one heads/activation/reduce/scale/query_projection_type setting")
         if layer.query_dim != first.query_dim:
             raise ValueError(f"layer {name} has query_dim={layer.query_dim} but others {first.query_dim}: one analogy "
                              "query feeds every layer, so the loader would refuse this checkpoint")
@@ -449,13 +447,14 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     are written beside the file (``save_pretrained``'s README.md card).
 
     ``state_dict``, when given, must hold exactly the model's LoRWeB tensors in their shapes; every layer must have
-    one configuration (N, r, key_dim and the settings above); the metadata records the layer count
+    the settings above in common (and, with ``config``, one N, r and key_dim); the metadata records the layer count
     (``lorweb.layers``), so that a partial file is refused on load.
 
     Every file is first written to a temporary file in the target folder, then they are renamed into place one
     after another (the weights last): a refused call, or one that fails while writing or renaming, leaves the
-    folder's files as they were (a file already renamed gets its previous contents back) and removes every folder
-    it created. With ``config``, a folder that holds other checkpoints (any other
+    folder's files as they were (a file already renamed gets its previous contents back: each replaced file is
+    kept as a hidden ``.<name>.<random>.kept`` hard link until the last rename, or a copy where the file system has
+    no hard links) and removes every folder it created. With ``config``, a folder that holds other checkpoints (any other
     ``*.safetensors`` there, which would load with this config.yaml) is refused (LoRWeBConfigError naming them):
     save into a folder of its own.
     """
@@ -504,6 +503,12 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         from .official_config import CONFIG_NAME, LoRWeBConfigError, check_query_settings, config_yaml_text
 
         first = next(iter(layers.values()))
+        sizes = (lambda l: (l.num_loras, l.rank, l.key_dim))
+        for name, layer in layers.items():  # each layer loads from its own shapes, but config.yaml holds one
+            if sizes(layer) != sizes(first):
+                raise ValueError(f"layer {name} has (num_loras, rank, key_dim) = {sizes(layer)} but others "
+                                 f"{sizes(first)}: one config.yaml describes one basis size; save this model "
+                                 "without config (its file loads, every layer from its own tensor shapes)")
         settings = {"num_loras": first.num_loras, "rank": first.rank, "lora_alpha": first.lora_alpha,
                     "key_dim": first.key_dim, "heads": first.heads, "activation": first.activation,
                     "reduce": first.reduce, "query_projection_type": first.query_projection_type,
@@ -543,10 +548,10 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     while not os.path.isdir(parent):
         created.insert(0, parent)
         parent = os.path.dirname(parent)
-    os.makedirs(directory, exist_ok=True)  # everything checked: nothing is written for a refused call
     temps: list[tuple[str, str]] = []  # (temporary file, final path), renamed in this order: the weights last
     replaced: list[tuple[str, Optional[str]]] = []  # (final path, a copy of what it held, None if it was absent)
     try:
+        os.makedirs(directory, exist_ok=True)  # everything checked: nothing is written for a refused call
         for name, text in texts.items():
             temps.append((write_temporary_text(directory, name, text), os.path.join(directory, name)))
         fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
@@ -577,9 +582,10 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
             if os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)
         raise
-    for _, kept in replaced:
+    for _, kept in replaced:  # everything is in place: a copy that cannot be removed is no failure of the save
         if kept is not None:
-            os.unlink(kept)
+            with contextlib.suppress(OSError):
+                os.unlink(kept)
 
 
 def _keep_copy(path: str) -> Optional[str]:
@@ -664,14 +670,16 @@ def read_checkpoint(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def _on_meta_device(module: nn.Module) -> Optional[str]:
-    """What of a load target holds no values: the LoRWeB tensors of a LoRWeBLinear, or the weight of a plain linear
-    layer (a LoRWeBLinear built on it would create its tensors there); None when everything is real."""
+    """What of a load target would hold no values: the LoRWeB tensors of a LoRWeBLinear, or, for a plain linear
+    layer, the default device its new LoRWeBLinear creates its tensors on when the base weight is on the meta device
+    (real, so a meta base filled later with load_state_dict(assign=True) works); None when they are real."""
     if isinstance(module, LoRWeBLinear):
         if any(t.device.type == "meta" for t in module.lorweb_tensors().values()):
             return "the injected layer's LoRWeB tensors are"
         return None
-    weight = getattr(module, "weight", None)
-    return "the layer's weight is" if isinstance(weight, torch.Tensor) and weight.device.type == "meta" else None
+    # a new LoRWeBLinear over a meta base creates its tensors on the default device: real, unless that is meta
+    return "the default device (a torch.device('meta') context) is" if torch.get_default_device().type == "meta" \
+        else None
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -835,7 +843,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     the layers' dtype).
 
     Everything is validated before anything changes: a checkpoint with missing or unexpected keys, wrong shapes,
-    layers of different (N, r, key_dim), fewer layers than its ``lorweb.layers`` metadata records, a configuration
+    fewer layers than its ``lorweb.layers`` metadata records, a configuration
     different from already-injected layers, non-finite values, a target on the meta device (nothing could be
     copied into it), or a corrupt file raises LoRWeBCheckpointError naming the offending keys, and the model is left
     exactly as it was.
@@ -912,11 +920,10 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
             continue
         on_meta = _on_meta_device(module)
         if on_meta:
-            problems.append(f"{CHECKPOINT_PREFIX}{name}.*: {on_meta} on the meta device (no values: injected or "
-                            "built under torch.device('meta') / init_empty_weights, or offloaded by sequential CPU "
-                            "offload); loading into it would change nothing. Materialize the model (to_empty / "
-                            "load its weights) or load before enabling sequential offload (or use "
-                            "enable_model_cpu_offload)")
+            problems.append(f"{CHECKPOINT_PREFIX}{name}.*: {on_meta} on the meta device (no values: injected "
+                            "under torch.device('meta'), or offloaded by sequential CPU offload after injection); "
+                            "loading into it would change nothing. Materialize the LoRWeB tensors (to_empty) or "
+                            "load before enabling sequential offload (or use enable_model_cpu_offload)")
             continue
         needed = PARAM_SUFFIXES if projection == "linear" else PARAM_SUFFIXES[:3]
         missing = [s for s in needed if s not in tensors]
@@ -958,15 +965,6 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     if recorded is not None and (not recorded.isdigit() or int(recorded) != len(groups)):
         problems.append(f"the checkpoint metadata records lorweb.layers={recorded!r} but the file holds "
                         f"{len(groups)} LoRWeB layers: a partial or edited file")
-    shapes = defaultdict(list)  # (N, r, key_dim) -> modules: one checkpoint, one configuration (one config.yaml)
-    for name, t in groups.items():
-        if t.get("lora_A") is not None and t["lora_A"].dim() == 3 and t.get("lora_keys") is not None \
-                and t["lora_keys"].dim() == 2:
-            shapes[(int(t["lora_A"].shape[0]), int(t["lora_A"].shape[2]), int(t["lora_keys"].shape[1]))].append(name)
-    if len(shapes) > 1:
-        problems.append("inconsistent (num_loras, rank, key_dim) across layers (one checkpoint stores one "
-                        "configuration): " + ", ".join(f"{k} in {len(ns)} layers (e.g. {ns[0]})"
-                                                       for k, ns in sorted(shapes.items())))
     not_covered = [n for n in existing if n not in groups]
     problems += [f"missing keys {CHECKPOINT_PREFIX}{n}.* for the injected layer {n!r}" for n in not_covered]
     differs_from_injected = differs_from_injected or bool(not_covered)

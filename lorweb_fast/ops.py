@@ -519,21 +519,24 @@ def _refuse_unsupported_transforms(tensors) -> None:
     - forward-mode AD (dual tensors of ``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``): the ops have
       no forward-mode formula, and torch gave no tangent (dual tensors) or a zero tangent (``torch.func.jvp``)
       instead of an error;
-    - functorch's reverse mode (``torch.func.grad`` / ``vjp`` / ``jacrev``): torch.library's autograd registration
-      of an op cannot run under it (torch raised an error about ``autograd.Function.setup_context`` naming neither
-      the op nor the way out). ``torch.autograd.grad`` / ``backward`` work.
+    - differentiating through them with functorch's reverse mode (``torch.func.grad`` / ``vjp`` / ``jacrev``):
+      torch.library's autograd registration of an op cannot run under it (torch raised an error about
+      ``autograd.Function.setup_context`` naming neither the op nor the way out). Calls under ``no_grad`` or on
+      inputs the transform does not track still run; ``torch.autograd.grad`` / ``backward`` work.
     """
     forward_ad = torch.autograd.forward_ad
     dual = forward_ad._current_level >= 0 and any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-    levels = set()
+    jvp = grad = False
     if not dual and torch._C._are_functorch_transforms_active():
         from torch._C._functorch import TransformType, get_interpreter_stack
 
         levels = {level.key() for level in (get_interpreter_stack() or ())}
-        jvp, grad = TransformType.Jvp in levels, TransformType.Grad in levels
-    else:
-        jvp = grad = False
+        jvp = TransformType.Jvp in levels
+        # only a call that would be differentiated: grad mode on and an input the transform tracks (requires_grad
+        # at its level; inputs that do not depend on the variable, and calls under no_grad, ran and still run)
+        grad = (TransformType.Grad in levels and torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in tensors))
     if dual or jvp:
         raise NotImplementedError("forward-mode AD (torch.func.jvp / jacfwd, forward_ad dual tensors) through "
                                   "lorweb_fast's fused backends is not supported: they have no forward-mode "

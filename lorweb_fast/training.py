@@ -466,7 +466,8 @@ def prepare_output(cfg, *, main_process: bool = True, clear: bool = True) -> tup
             shutil.rmtree(tmp, ignore_errors=True)
             logger.warning("removed the leftover temporary checkpoint folder %s", tmp)
         for ckpt in checkpoint_dirs(out):
-            for tmp in [*ckpt.glob(".lorweb-*.safetensors.tmp"), *ckpt.glob(f".{CONFIG_NAME}.*.tmp")]:
+            for tmp in [*ckpt.glob(".lorweb-*.safetensors.tmp"), *ckpt.glob(f".{CONFIG_NAME}.*.tmp"),
+                        *ckpt.glob(".*.kept")]:  # save_lorweb_weights' copies of replaced files
                 tmp.unlink(missing_ok=True)
     if main_process:  # the top-level copies' temporaries (_write_checkpoint)
         for name in (f".{WEIGHTS_NAME}.tmp", f".{CONFIG_NAME}.tmp"):

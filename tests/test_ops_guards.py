@@ -305,8 +305,9 @@ def test_forward_mode_ad_is_refused_only_when_a_tangent_is_there():
 @pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev"])
 def test_functorch_reverse_mode_through_a_fused_backend_is_refused_by_name(fused, transform):
     """torch.func.grad / vjp / jacrev cannot run torch.library's autograd registration of the fused ops (torch
-    raised an error about autograd.Function.setup_context naming neither the op nor the way out): refused by name;
-    the torch backend runs them, and torch.autograd.grad through the fused backend still works."""
+    raised an error about autograd.Function.setup_context naming neither the op nor the way out): differentiating
+    through them is refused by name; calls that are not differentiated (no_grad, untracked inputs: a frozen teacher)
+    still run; the torch backend runs them all, and torch.autograd.grad through the fused backend still works."""
     p = random_problem(2, 3, 9, 6, 3, 2, torch.float32, seed=2)
     args = (p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"], 0.5)
 
@@ -323,6 +324,16 @@ def test_functorch_reverse_mode_through_a_fused_backend_is_refused_by_name(fused
                                                   r"backends is not supported.*backend='torch'"):
         run("triton", transform)
     want = run("torch", transform)
+    # a call that is not differentiated runs: under no_grad, or on inputs the transform does not track
+    frozen = torch.func.grad(lambda x: x.sum() + lf.lorweb_linear(p["x"], *args, backend="triton").sum())(p["x"])
+    assert torch.equal(frozen, torch.ones_like(p["x"]))
+
+    def under_no_grad(x):
+        with torch.no_grad():
+            y = lf.lorweb_linear(x, *args, backend="triton").sum()
+        return x.sum() + y
+
+    assert torch.equal(torch.func.grad(under_no_grad)(p["x"]), torch.ones_like(p["x"]))
     x = p["x"].clone().requires_grad_(True)
     got, = torch.autograd.grad(lf.lorweb_linear(x, *args, backend="triton").sum(), x)
     assert torch.allclose(got, want, atol=_tol(9 + 6), rtol=0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
@@ -50,8 +51,15 @@ OWN_PIPE_ARGS = {"merge": "--merge", "num_inference_steps": "--steps", "guidance
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` completely or keeps what it held (``_files.atomic_write``; no temporary is left)."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    """``path`` holds ``data`` completely or keeps what it held (``_files.atomic_write``; no temporary is left),
+    synced to disk before the rename: a resumed run takes an existing file as done."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
