@@ -450,13 +450,13 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     the settings above in common (and, with ``config``, one N, r and key_dim); the metadata records the layer count
     (``lorweb.layers``), so that a partial file is refused on load.
 
-    Every file is first written to a temporary file in the target folder, then they are renamed into place one
-    after another (the weights last): a refused call, or one that fails while writing or renaming, leaves the
-    folder's files as they were (a file already renamed gets its previous contents back: each replaced file is
-    kept as a hidden ``.<name>.<random>.kept`` hard link until the last rename, or a copy where the file system has
-    no hard links) and removes every folder it created. With ``config``, a folder that holds other checkpoints (any other
-    ``*.safetensors`` there, which would load with this config.yaml) is refused (LoRWeBConfigError naming them):
-    save into a folder of its own.
+    Every file is first written to a temporary file in the target folder, then they are renamed into place one after
+    another (the weights last): a refused call, or one that fails while writing or renaming, leaves the folder's files
+    as they were (a file already renamed gets its previous contents back: each replaced file is kept as a hidden
+    ``.<name>.<random>.kept`` hard link until the last rename, or a copy where the file system has no hard links) and
+    removes every folder it created. With ``config``, a folder that holds other checkpoints (any other ``*.safetensors``
+    there, which would load with this config.yaml) is refused (LoRWeBConfigError naming them): save into a folder of its
+    own.
     """
     from safetensors.torch import save_file
 
@@ -842,11 +842,10 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     shapes, raise ``LoRWeBConfigError`` naming both values. Float16 / bfloat16 files load (the values are cast to
     the layers' dtype).
 
-    Everything is validated before anything changes: a checkpoint with missing or unexpected keys, wrong shapes,
-    fewer layers than its ``lorweb.layers`` metadata records, a configuration
-    different from already-injected layers, non-finite values, a target on the meta device (nothing could be
-    copied into it), or a corrupt file raises LoRWeBCheckpointError naming the offending keys, and the model is left
-    exactly as it was.
+    Everything is validated before anything changes: a checkpoint with missing or unexpected keys, wrong shapes, fewer
+    layers than its ``lorweb.layers`` metadata records, a configuration different from already-injected layers,
+    non-finite values, a target on the meta device (nothing could be copied into it), or a corrupt file raises
+    LoRWeBCheckpointError naming the offending keys, and the model is left exactly as it was.
 
     Returns:
         The names of the loaded modules.

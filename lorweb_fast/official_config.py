@@ -396,10 +396,10 @@ def find_checkpoint(directory: Union[str, os.PathLike]) -> tuple[Path, Optional[
 
     The rule the official inference.py's folder lookup means (``main``: its loop takes the first non-step file in
     listing order, and fails on an undefined ``output_path`` once it has seen a step file): a final
-    ``<name>.safetensors`` (no step suffix) wins, else the highest ``<name>_<step:09d>.safetensors``. Also
-    understands lorweb_fast's run folders (``lorweb.safetensors`` and ``checkpoints/step-XXXXXXXX/``). Hidden and
-    temporary files are skipped, and so are files whose header cannot be read, with a warning naming them. Two
-    different final files are ambiguous and raise. The config is the ``config.yaml`` beside the chosen weights, else the folder's.
+    ``<name>.safetensors`` (no step suffix) wins, else the highest ``<name>_<step:09d>.safetensors``. Also understands
+    lorweb_fast's run folders (``lorweb.safetensors`` and ``checkpoints/step-XXXXXXXX/``). Hidden and temporary files
+    are skipped, and so are files whose header cannot be read, with a warning naming them. Two different final files are
+    ambiguous and raise. The config is the ``config.yaml`` beside the chosen weights, else the folder's.
     """
     root = Path(directory)
     if not root.is_dir():

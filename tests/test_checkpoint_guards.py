@@ -399,10 +399,10 @@ def test_a_given_state_dict_must_hold_the_models_tensors(tmp_path, case):
            "other shape": {**state, "transformer.0.lora_A": torch.randn(5, 6, 2)},
            "not a tensor": {**state, "transformer.0.lora_A": state["transformer.0.lora_A"].numpy()},
            "meta": {**state, "transformer.0.lora_A": state["transformer.0.lora_A"].to("meta")}}[case]
-    fragment = {"empty": r"missing 8 \(e.g. transformer.0.att_lora_to_q.weight\)", "extra key": r"unexpected 1 \(e.g. foo\)",
-                "missing layer": r"missing 4 \(e.g. transformer.1.", "other shape": r"has shape \(5, 6, 2\) but the "
-                r"layer's tensor has \(3, 6, 2\)", "not a tensor": "is a ndarray, not a tensor",
-                "meta": "is on the meta device"}[case]
+    fragment = {"empty": r"missing 8 \(e.g. transformer.0.att_lora_to_q.weight\)",
+                "extra key": r"unexpected 1 \(e.g. foo\)", "missing layer": r"missing 4 \(e.g. transformer.1.",
+                "other shape": r"has shape \(5, 6, 2\) but the layer's tensor has \(3, 6, 2\)",
+                "not a tensor": "is a ndarray, not a tensor", "meta": "is on the meta device"}[case]
     with pytest.raises(LoRWeBCheckpointError, match=fragment):
         lf.save_lorweb_weights(model, path, state_dict=bad)
     assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
@@ -436,7 +436,8 @@ def test_loading_into_tensors_without_values_is_refused(tmp_path):
     assert lf.load_lorweb_weights(base_on_meta, path) == ["0", "1"]
     got, want = lf.lorweb_state_dict(base_on_meta), load_file(path)
     assert all(torch.equal(got[k], want[k]) for k in want)
-    base_state = {f"{k.split('.')[0]}.base_layer.{k.split('.', 1)[1]}": v for k, v in fresh_model().state_dict().items()}
+    base_state = {f"{k.split('.')[0]}.base_layer.{k.split('.', 1)[1]}": v
+                  for k, v in fresh_model().state_dict().items()}
     base_on_meta.load_state_dict(base_state, strict=False, assign=True)
     x = torch.randn(2, 6)
     lf.set_query(base_on_meta, torch.randn(2, QUERY_DIM))
@@ -459,7 +460,8 @@ def test_odd_checkpoint_values_get_named_errors(tmp_path, case):
     if case == "0-d lora_keys":
         call, error, fragment = (lambda: lf.load_lorweb_weights(fresh, {**state, "transformer.1.lora_keys":
                                                                         torch.tensor(1.0)}),
-                                 LoRWeBCheckpointError, r"transformer.1.lora_keys has shape \(\), expected \(3, key_dim\)")
+                                 LoRWeBCheckpointError,
+                                 r"transformer.1.lora_keys has shape \(\), expected \(3, key_dim\)")
     elif case == "numpy value":
         call, error, fragment = (lambda: lf.load_lorweb_weights(fresh, {**state, "transformer.1.lora_keys":
                                                                         state["transformer.1.lora_keys"].numpy()}),

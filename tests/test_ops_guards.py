@@ -1,10 +1,10 @@
 """Guards for lorweb_fast/ops.py found by a mutation audit (CPU only, no GPU, no interpreter).
 
 The fused-path plumbing (``_fused_linear``, ``_eager_fused`` / ``_EagerFusedFunction``, ``_fused_autograd``,
-``_fused_input_grads``, ``_eager_direct``, ``_watched``, ``_refuse_unsupported_transforms``) is driven here through a stand-in
-fused backend: two torch.library custom ops written in plain torch that follow the documented fwd / bwd op contract
-(need flags honoured with empty (0,) tensors), registered with ops' own autograd formula and installed in place of
-the Triton ones. The backend choice and availability messages, input validation, the torch backend's dtype handling
+``_fused_input_grads``, ``_eager_direct``, ``_watched``, ``_refuse_unsupported_transforms``) is driven here through a
+stand-in fused backend: two torch.library custom ops written in plain torch that follow the documented fwd / bwd op
+contract (need flags honoured with empty (0,) tensors), registered with ops' own autograd formula and installed in place
+of the Triton ones. The backend choice and availability messages, input validation, the torch backend's dtype handling
 and ``compute_coefficients``' checks are tested directly. Expected values come from lorweb_fast.reference (float64).
 """
 

@@ -1021,8 +1021,8 @@ def test_expand_accumulates_in_fp32_for_bf16_outputs(tma):
 def test_compile_and_functorch_reverse_mode_are_refused_by_name():
     """The real interpreter path of two refusals (tests/test_ops_guards.py checks their logic on a stand-in):
     torch.compile's AOT graph capture (aot_eager here; inductor too) of backend='triton' on CPU names the interpreter
-    instead of returning uninitialised memory (dynamo alone, backend="eager", runs it), and torch.func.grad names the fused backends instead of torch's setup_context error; eager calls and
-    torch.autograd.grad work and match."""
+    instead of returning uninitialised memory (dynamo alone, backend="eager", runs it), and torch.func.grad names the
+    fused backends instead of torch's setup_context error; eager calls and torch.autograd.grad work and match."""
     p = _problem(CASES[0], torch.float32)
     args = (p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["coeffs"], p["scale"])
     want_y = lf.lorweb_linear(p["x"], *args, backend="triton")
