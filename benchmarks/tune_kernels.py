@@ -73,9 +73,7 @@ FUSED_ONLY_ROLES = ("expand_dx", "grad_basis")
 def rank_type(text: str) -> int:
     """argparse type of --ranks: an R the fused launchers serve, N LoRAs of rank r = LORA_RANK, 1 <= N, R <= MAX_FUSED_R
     (shrink and expand raise for a larger R, and every candidate would be timed on a shape that never runs)."""
-    from bench_mixed_lora import positive_int
-
-    value = positive_int(text)
+    value = bench_mixed_lora.positive_int(text)
     limit = max_fused_r()
     if value % LORA_RANK or value > limit:
         raise argparse.ArgumentTypeError(f"expected a multiple of r = {LORA_RANK} up to MAX_FUSED_R = {limit} (larger "
@@ -84,9 +82,9 @@ def rank_type(text: str) -> int:
 
 
 def parse_args(argv=None):
-    from bench_mixed_lora import even_rows as even_tokens, number_type, positive_int, seconds
-
-    fraction = number_type(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+    b = bench_mixed_lora
+    even_tokens, positive_int, seconds = b.even_rows, b.positive_int, b.seconds
+    fraction = b.number_type(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget-s", type=seconds, default=420.0, help="stop sweeping after this many seconds (default "

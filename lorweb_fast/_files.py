@@ -34,15 +34,22 @@ def atomic_write(path: Union[str, os.PathLike], write) -> None:
     leftover is never read as a sample (the writers pass the format explicitly)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temporary_file(path.parent, f".{path.name}.")
     try:
-        default_permissions(tmp)  # mkstemp's 0600 would survive the rename
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temporary_file(directory: Union[str, os.PathLike], prefix: str, suffix: str = ".tmp") -> str:
+    """A new empty file ``<prefix><random><suffix>`` in ``directory`` with the permissions a plain ``open`` would
+    give (``default_permissions``: mkstemp's 0600 would survive the rename onto the final name); returns its path."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    os.close(fd)
+    default_permissions(tmp)
+    return tmp
 
 
 def write_temporary_text(directory: Union[str, os.PathLike], name: str, text: str) -> str:

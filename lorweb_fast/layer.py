@@ -363,13 +363,8 @@ class LoRWeBLinear(nn.Module):
         if self.adapter_precision != "auto":
             return self._forward_fp32(x)  # raises for anything but "fp32"
         coeffs = self._coefficients_for(x)
-        # autocast's own rule: only fp16 / bf16 / fp32 inputs are cast (float64 and integer inputs are left alone);
-        # torch.autocast has no meta device type (asking raises): a meta forward (a shape dry run) has no autocast
-        if (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
-                and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        else:
-            dtype = x.dtype
+        # autocast's own rule (only fp16 / bf16 / fp32 inputs are cast; a meta forward has no autocast)
+        dtype = ops.autocast_dtype(x) or x.dtype
         # _cast: a cast only where the dtype differs (``.to`` to the same dtype returns the tensor itself, after
         # several microseconds of host time per call: this runs on every eager layer call)
         lora_a, lora_b = _cast(self.lora_A, dtype), _cast(self.lora_B, dtype)

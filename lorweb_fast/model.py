@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._files import default_permissions, write_temporary_text
+from ._files import default_permissions, temporary_file, write_temporary_text
 from .layer import (LoRWeBLinear, default_adapter_dtype, group_offloading_members, group_offloading_modes,
                     linear_dims, refuse_disk_group_offloading, replaced_query_projection_error)
 from .reference import ACTIVATIONS, REDUCTIONS
@@ -554,11 +554,10 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         os.makedirs(directory, exist_ok=True)  # everything checked: nothing is written for a refused call
         for name, text in texts.items():
             temps.append((write_temporary_text(directory, name, text), os.path.join(directory, name)))
-        fd, tmp = tempfile.mkstemp(prefix=".lorweb-", suffix=".safetensors.tmp", dir=directory)
-        os.close(fd)
+        tmp = temporary_file(directory, ".lorweb-", ".safetensors.tmp")
         temps.append((tmp, path))
         save_file(state, tmp, metadata=meta)
-        default_permissions(tmp)  # mkstemp's (and safetensors') 0600 would survive the rename
+        default_permissions(tmp)  # safetensors' own 0600 (it writes the file anew) would survive the rename
         for tmp, final in temps:
             kept = _keep_copy(final)
             try:

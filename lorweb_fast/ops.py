@@ -588,7 +588,7 @@ def mixed_lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     if name == "torch":
         delta = _torch_delta(x, lora_a, lora_b, coeffs, scale)
         return delta if add_to is None else add_to + delta
-    dtype = _autocast_dtype(x)
+    dtype = autocast_dtype(x)
     if dtype is not None:  # as the torch backend's matmuls: the mixture in autocast's dtype, add_to (x's dtype,
         # so not autocast's) added to it with type promotion
         delta = _fused_linear(name, x.to(dtype), None, None, None, lora_a.to(dtype), lora_b.to(dtype), coeffs, scale)
@@ -614,7 +614,7 @@ def lorweb_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     name = resolve_backend_for(backend, x)
     if name == "torch":
         return F.linear(x, weight, bias) + _torch_delta(x, lora_a, lora_b, coeffs, scale)
-    dtype = _autocast_dtype(x)
+    dtype = autocast_dtype(x)
     if dtype is not None:  # as F.linear and the torch backend's matmuls under autocast
         x, weight, lora_a, lora_b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -631,10 +631,11 @@ def _checked_scale(scale):
     return scale if torch.compiler.is_compiling() else check_real("scale", scale)
 
 
-def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype torch.autocast runs x's matmuls in on x's device, or None when autocast is off there or does not
-    cast x (only fp16 / bf16 / fp32 inputs are cast; the meta device has no autocast). The fused ops are not
-    autocast ops: the public functions cast their inputs so every backend returns the torch backend's dtype."""
+    cast x (only fp16 / bf16 / fp32 inputs are cast; torch.autocast has no meta device type, asking raises: a meta
+    forward has no autocast). The fused ops are not autocast ops: the public functions (and LoRWeBLinear) cast their
+    inputs so every backend returns the torch backend's dtype."""
     if x.device.type == "meta" or x.dtype not in FUSED_DTYPES or not torch.is_autocast_enabled(x.device.type):
         return None
     dtype = torch.get_autocast_dtype(x.device.type)
