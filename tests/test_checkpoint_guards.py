@@ -627,3 +627,50 @@ def test_an_explicit_lora_alpha_does_not_hide_the_checkpoints_problems(broken):
         lf.load_lorweb_weights(m, state, settings={"lora_alpha": 4.0})
     assert reason in str(info.value), str(info.value)
     assert_unchanged(m, snap)
+
+
+# ---------------------------------------------------------------- official-format files adapting fewer layers
+def _tiny_flux(seed=0):
+    from diffusers import FluxTransformer2DModel
+
+    from lorweb_fast.testing import tiny_flux_config
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**tiny_flux_config()).eval()
+
+
+def _flux_state_without(names_to_drop, seed=0):
+    """An official-format state dict (no lorweb_fast metadata) of a tiny FLUX transformer with the default (official)
+    targets, without the tensors of the modules in ``names_to_drop``."""
+    t = _tiny_flux(seed)
+    lf.inject_lorweb(t, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM))
+    state = lf.lorweb_state_dict(t)
+    return {k: v for k, v in state.items() if not any(k.startswith(f"transformer.{n}.") for n in names_to_drop)}
+
+
+def test_an_official_file_adapting_fewer_layers_than_the_official_targets_warns_and_names_one():
+    """The official LoRWeB adapts every linear of the transformer blocks (METHOD.md "Where it is applied"): an
+    official-format file (no ``lorweb.layers`` count) covering fewer loads, with a warning naming the count and a layer
+    left without adapter; a complete file loads silently."""
+    full = _flux_state_without([])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        names = lf.load_lorweb_weights(_tiny_flux(), full)
+    dropped = "single_transformer_blocks.0.proj_out"
+    assert dropped in names
+    with pytest.warns(UserWarning, match=rf"adapts {len(names) - 1} of the {len(names)} linear layers.*"
+                                         rf"1 \(e\.g\. '{re.escape(dropped)}'\) run without an adapter"):
+        loaded = lf.load_lorweb_weights(_tiny_flux(), _flux_state_without([dropped]))
+    assert dropped not in loaded and len(loaded) == len(names) - 1
+
+
+def test_an_own_file_trained_on_fewer_targets_loads_without_the_coverage_warning(tmp_path):
+    """Our files record their layer count (``lorweb.layers``): a basis trained with narrower ``target_modules`` is
+    complete as recorded, so loading it does not warn about the layers it leaves alone."""
+    t = _tiny_flux()
+    lf.inject_lorweb(t, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM,
+                                        target_modules=r"transformer_blocks\.0\.attn\.to_[qkv]"))
+    lf.save_lorweb_weights(t, tmp_path / "w.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(lf.load_lorweb_weights(_tiny_flux(), tmp_path / "w.safetensors")) == 3
