@@ -43,6 +43,26 @@ def atomic_write(path: Union[str, os.PathLike], write) -> None:
         raise
 
 
+def save_image_atomically(image, path: Union[str, os.PathLike]) -> Path:
+    """Save the PIL ``image`` under ``path`` in the format its extension names (``atomic_write``: the file is complete
+    or keeps what it held, e.g. a previous result when the disk fills); returns ``path``."""
+    from PIL import Image
+
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image file extension {path.suffix or '(none)'!r}")
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+    return path
+
+
+def save_figure_atomically(fig, path: Union[str, os.PathLike], dpi: int) -> Path:
+    """``fig.savefig`` under ``path`` in the format its extension names (png without one), via ``atomic_write``."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower() or "png"))
+    return path
+
+
 def temporary_file(directory: Union[str, os.PathLike], prefix: str, suffix: str = ".tmp") -> str:
     """A new empty file ``<prefix><random><suffix>`` in ``directory`` with the permissions a plain ``open`` would
     give (``default_permissions``: mkstemp's 0600 would survive the rename onto the final name); returns its path."""

@@ -39,9 +39,9 @@ def _device(name: Optional[str]) -> str:
 
 
 def _save_image(image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    from ._files import save_image_atomically
+
+    return save_image_atomically(image, path)  # a failed save keeps the file's earlier content
 
 
 def analogy_strip(a, a_prime, b, b_prime):

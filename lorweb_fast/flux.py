@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import lora_api
+from ._files import save_figure_atomically
 from .layer import (LoRWeBLinear, group_offloading_modes, has_forward_hooks, has_plain_weight, one_analogy,
                     refuse_disk_group_offloading)
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
@@ -1411,8 +1412,7 @@ def plot_coefficients(model: nn.Module, path: Union[str, Path], *, sample: int =
     ax.set_title(f"LoRWeB coefficients (sample {sample})")
     fig.colorbar(im, ax=ax, label="alpha")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure_atomically(fig, path, dpi=120)
+    finally:
+        plt.close(fig)

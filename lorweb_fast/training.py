@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ._files import default_permissions, recorded_location  # noqa: F401 (recorded_location: re-exported)
+from ._files import default_permissions, recorded_location, save_figure_atomically  # noqa: F401 (recorded_location: re-exported)
 from .data import (BIDIRECTIONAL, LAYOUTS, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, RESIZE_MODES,
                    AnalogyFolder, bidirectional_swap)
 from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lorweb, load_lorweb_weights, \
@@ -473,6 +473,8 @@ def prepare_output(cfg, *, main_process: bool = True, clear: bool = True) -> tup
         for name in (f".{WEIGHTS_NAME}.tmp", f".{CONFIG_NAME}.tmp"):
             if (out / name).is_file():
                 (out / name).unlink()
+        for tmp in out.glob(".loss.png.*.tmp"):  # plot_loss's (save_figure_atomically)
+            tmp.unlink(missing_ok=True)
     log = out / "loss.jsonl"
     used = bool(checkpoint_dirs(out)) or (out / WEIGHTS_NAME).exists() or (log.is_file() and log.stat().st_size > 0)
     foreign = [] if used or not out.is_dir() else _foreign_run_files(out)
@@ -1015,10 +1017,10 @@ def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
     ax.legend()
     ax.set_title("LoRWeB training loss")
     fig.tight_layout()
-    png_path = Path(png_path)
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
+    try:
+        return save_figure_atomically(fig, png_path, dpi=120)  # a kill mid-write keeps the previous plot
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------- train

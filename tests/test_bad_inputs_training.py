@@ -281,7 +281,7 @@ def test_all_checkpoints_corrupt_is_an_error_naming_the_files(tmp_path):
 @pytest.mark.parametrize("leftover", ["checkpoints/.tmp-step-00000006-abc123", "checkpoints/.tmp-step-00000004-x",
                                       ".lorweb.safetensors.tmp", ".config.yaml.tmp",
                                       "checkpoints/step-00000002/.lorweb-k2j3.safetensors.tmp",
-                                      "config temporary"])
+                                      "config temporary", "loss plot temporary"])
 def test_leftover_temporary_files_are_removed(tmp_path, leftover):
     """What a killed run leaves: temporary checkpoint folders, the top-level copies' temporaries, and inside a
     checkpoint the weights' and config.yaml's temporaries under the names their writers really give them."""
@@ -289,6 +289,8 @@ def test_leftover_temporary_files_are_removed(tmp_path, leftover):
     fake_checkpoint(tmp_path, 2, cfg)
     if leftover == "config temporary":  # the name save_lorweb_weights' config.yaml writer uses
         path = Path(_files.write_temporary_text(tmp_path / "checkpoints" / "step-00000002", CONFIG_NAME, "x: 1\n"))
+    elif leftover == "loss plot temporary":  # plot_loss's, through save_figure_atomically's atomic_write
+        path = Path(_files.temporary_file(tmp_path, ".loss.png."))
     else:
         path = tmp_path / leftover
     if path.name.endswith(".tmp"):

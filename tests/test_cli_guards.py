@@ -363,3 +363,58 @@ def test_every_option_of_every_command_has_help():
                                   ("eval score", "--lpips-net", "default alex"),
                                   ("data prepare", "--min-pairs-per-category", "default 2")]:
         assert says in helps[(command, option)], (command, option)
+
+
+# ------------------------------------------------------------------------------------- atomic image and plot writes
+def _failing_after_partial_write():
+    """A stand-in for ``Image.save`` / ``Figure.savefig`` that leaves half a file in the temporary, then fails (a
+    full disk, say)."""
+    def write(self, target, *args, **kwargs):
+        with open(target, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+    return write
+
+
+def test_infer_output_that_fails_to_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    """b' is written through a temporary and a rename: a save that fails part-way keeps what ``--out`` held (an earlier
+    result) and leaves no temporary; a save that succeeds writes the format the extension names."""
+    out = tmp_path / "b_prime.png"
+    out.write_bytes(b"earlier result")
+    image = Image.new("RGB", (5, 3), (10, 200, 30))
+    monkeypatch.setattr(Image.Image, "save", _failing_after_partial_write())
+    with pytest.raises(OSError, match="No space left"):
+        cli._save_image(image, out)
+    assert out.read_bytes() == b"earlier result" and sorted(p.name for p in tmp_path.iterdir()) == ["b_prime.png"]
+    monkeypatch.undo()
+    for name, fmt in (("b_prime.png", "PNG"), ("b.JPG", "JPEG"), ("sub/b.webp", "WEBP")):
+        with Image.open(cli._save_image(image, tmp_path / name)) as saved:
+            assert saved.format == fmt and saved.size == (5, 3)
+    with pytest.raises(ValueError, match=r"unknown image file extension '\.xyz'"):
+        cli._save_image(image, tmp_path / "b.xyz")
+    assert not (tmp_path / "b.xyz").exists()
+
+
+def test_coefficient_and_loss_plots_that_fail_to_save_keep_the_previous_file(tmp_path, monkeypatch):
+    """``plot_coefficients`` and the training loss plot go through ``save_figure_atomically``: a failing savefig keeps
+    the earlier plot and leaves no temporary; a working one writes the format the extension names."""
+    import matplotlib.figure
+
+    model = tiny_lorweb_pair(lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=6, target_modules=r"\d"))
+    with torch.no_grad():
+        lf.set_query(model, torch.randn(1, 6))
+    log = tmp_path / "loss.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25}\n')
+    plots = {"coefficients.png": lambda p: flux.plot_coefficients(model, p),
+             "loss.png": lambda p: training.plot_loss(log, p)}
+    for name, plot in plots.items():
+        (tmp_path / name).write_bytes(b"earlier plot")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", _failing_after_partial_write())
+    for name, plot in plots.items():
+        with pytest.raises(OSError, match="No space left"):
+            plot(tmp_path / name)
+        assert (tmp_path / name).read_bytes() == b"earlier plot"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coefficients.png", "loss.jsonl", "loss.png"]
+    monkeypatch.undo()
+    assert flux.plot_coefficients(model, tmp_path / "c.pdf").read_bytes().startswith(b"%PDF")
+    assert training.plot_loss(log, tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")

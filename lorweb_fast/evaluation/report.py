@@ -28,6 +28,8 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .._files import save_figure_atomically
+
 SCALAR_METRICS = ("clip_dir", "lpips", "vlm_accuracy", "vlm_consistency")
 
 
@@ -181,9 +183,10 @@ def plot_preservation_vs_accuracy(report: dict, path: Path) -> Optional[Path]:
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure_atomically(fig, path, dpi=130)
+    finally:
+        plt.close(fig)
 
 
 def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Optional[Path]:
@@ -215,9 +218,10 @@ def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Option
     ax.set_title("2AFC win rates (order balanced)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure_atomically(fig, path, dpi=130)
+    finally:
+        plt.close(fig)
 
 
 def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict:
