@@ -298,6 +298,7 @@ def test_cli_resume_with_another_pair_seed_is_refused(assets, tmp_path, monkeypa
     assert "0 generated, 2 already done" in capsys.readouterr().out
     # evalset.json keeps the records of the triplets the restricted run did not cover
     assert [r["id"] for r in json.loads((out / "evalset.json").read_text())] == [str(f) for f in folders]
+    assert json.loads((out / "run.json").read_text())["triplets"] == 6  # what the folder holds, not this call's 2
     assert cli.main(args("--format", "relation252k", evalset="rel")) == 0
     assert "1 generated, 5 already done" in capsys.readouterr().out
     assert sorted(p.relative_to(out) for p in out.glob("*/*")) == folders

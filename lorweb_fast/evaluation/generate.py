@@ -250,15 +250,20 @@ def generate(pipe, triplets: Sequence[Triplet], out, *, seeds: Sequence[int] = (
     return {"generated": generated, "skipped": skipped}
 
 
+def _recorded_triplets(path: Path) -> dict:
+    """{id: record} of the triplet records (``Triplet.describe``) in the JSON list in ``path`` ({} when absent)."""
+    if not path.is_file():
+        return {}
+    try:
+        return {r["id"]: r for r in json.loads(path.read_text())}
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise EvalInputError(f"{path} is not a JSON list of triplet records ({exc!r})") from exc
+
+
 def _record_triplets(path: Path, triplets: Sequence[Triplet]) -> None:
     """Add the triplets' records (``Triplet.describe``) to the JSON list in ``path``, replacing records of the same
     id: a resumed run restricted to some tasks keeps the records of the triplets generated before."""
-    records: dict = {}
-    if path.is_file():
-        try:
-            records = {r["id"]: r for r in json.loads(path.read_text())}
-        except (json.JSONDecodeError, TypeError, KeyError) as exc:
-            raise EvalInputError(f"{path} is not a JSON list of triplet records ({exc!r})") from exc
+    records = _recorded_triplets(path)
     records.update((t.key, t.describe()) for t in triplets)
     atomic_write_text(path, json.dumps(sorted(records.values(), key=lambda r: r["id"]), indent=2))
 
@@ -437,7 +442,9 @@ def run_generate(args) -> dict:
                 "input_long_edge": args.input_long_edge, "dtype": args.dtype, "batch_size": args.batch_size,
                 "encoder_dtype": args.dtype if getattr(args, "encoder_dtype", "auto") == "auto" else args.encoder_dtype,
                 "resolution": args.resolution, "max_size": args.max_size, "long_edge": args.long_edge,
-                "generator_device": device.type, "triplets": len(triplets), "b_choices": b_choices}
+                "generator_device": device.type, "b_choices": b_choices,
+                # the triplets the folder records after this call: a resume restricted by --tasks adds to them
+                "triplets": len(_recorded_triplets(out / "evalset.json").keys() | {t.key for t in triplets})}
     check_run_settings(out, settings, write=False)  # before loading any model
     kwargs = {"resolution": args.resolution, "max_size": args.max_size}
     if args.long_edge is not None:
