@@ -342,7 +342,9 @@ def aitk_model_hashes(tensors: dict, metadata: dict) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ checkpoint discovery
-_STEP_FILE = re.compile(r"^(?P<name>.+)_(?P<step>\d{9})\.safetensors$")
+# the official inference.py's step-file test (``re.search(r'_(000\d+)\.safetensors', ...)``): ai-toolkit's
+# ``<name>_<step:09d>`` names, and any other suffix of three zeros and more digits
+_STEP_FILE = re.compile(r"^(?P<name>.+)_(?P<step>000\d+)\.safetensors$")
 
 
 def _complete(path: Path) -> bool:

@@ -193,6 +193,25 @@ def test_official_fp16_checkpoint_loads_with_its_config(tmp_path):
         lf.load_lorweb_weights(tiny_model(), tmp_path / "ours" / "w.safetensors")
 
 
+@pytest.mark.parametrize("name,step", [("LoRWeB_000000250.safetensors", 250), ("x_0001000000.safetensors", 1000000),
+                                       ("x_0001.safetensors", 1), ("x_00000250.safetensors", 250),
+                                       ("LoRWeB.safetensors", None), ("x_123456789.safetensors", None),
+                                       ("x_0010.safetensors", None), ("x_000.safetensors", None),
+                                       ("x_000000250.safetensors.bak", "skipped")])
+def test_step_file_names_follow_the_official_lookup(name, step):
+    """Which names are step files: the official inference.py ``main`` folder lookup (``re.search(r'_(000\\d+)\\.
+    safetensors', prop)``: three zeros and at least one more digit before the extension; anything else ending in
+    .safetensors is a final file)."""
+    finals, stepped = oc.checkpoint_candidates([name])
+    if step == "skipped":
+        assert finals == stepped == []
+    elif step is None:
+        assert (finals, stepped) == ([name], [])
+    else:
+        assert (finals, stepped) == ([], [name])
+        assert oc._STEP_FILE.match(name)["step"].lstrip("0") == str(step)
+
+
 def test_find_checkpoint(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
