@@ -177,6 +177,17 @@ def test_caption_lookup_prefers_captions_over_control(tmp_path):
     assert AnalogyFolder(root, resize="long-edge").samples[0][2] == "from control"
 
 
+def test_the_caption_beside_the_target_wins_over_ours(tmp_path):
+    """Official toolkit/dataloader_mixins.py ``CaptionProcessingDTOMixin.load_caption`` reads only the .txt beside the
+    target image (after the relation metadata): our ``captions/`` and ``control/`` folders are fallbacks and never
+    override it."""
+    root = _sample(tmp_path / "d", "s00", (60, 14), (24, 18), caption="beside the target")
+    for sub in ("captions", "control"):
+        (root / sub).mkdir(exist_ok=True)
+        (root / sub / "s00.txt").write_text(f"from {sub}")
+    assert AnalogyFolder(root, resize="long-edge").samples[0][2] == "beside the target"
+
+
 def test_relation_prompts_are_normalised_as_official(tmp_path):
     """Official dataloader_mixins.py: ``load_caption`` takes the entry's ``edit_prompt`` raw and ``get_caption`` splits
     it on commas, strips the pieces, drops empty ones and joins them with ", " (as a .txt caption)."""

@@ -543,6 +543,26 @@ def test_layers_injected_by_the_caller_must_match_the_config(assets, tmp_path):
     assert result["step"] == 1
 
 
+def test_layers_injected_by_the_caller_in_bf16_train_as_fp32_masters(assets, tmp_path):
+    """Official toolkit/models/AttLoRA.py: the LoRA parameters are fp32 (x and the query are cast to them). Layers a
+    caller injected in bf16 (say, inject_lorweb's default, the base's dtype) become fp32 masters before the optimizer
+    sees them: the trained tensors and the optimizer state saved in trainer_state.pt are fp32."""
+    cfg = config(assets, tmp_path / "run", steps=2, checkpoint_every=2, optimizer="adamw")
+    pipe = flux.load_kontext_pipeline(cfg.model)
+    encoder = flux.AnalogyEncoder(cfg.encoder)
+    lf.inject_lorweb(pipe.transformer, lf.LoRWeBConfig(num_loras=cfg.num_loras, rank=cfg.rank, key_dim=cfg.key_dim,
+                                                       query_dim=encoder.query_dim), dtype=torch.bfloat16)
+    assert {p.dtype for l in lf.lorweb_layers(pipe.transformer).values() for p in l.lorweb_tensors().values()} == \
+        {torch.bfloat16}
+    assert training.train(cfg, pipe=pipe, encoder=encoder)["step"] == 2
+    trained = [p for l in lf.lorweb_layers(pipe.transformer).values() for p in l.lorweb_tensors().values()]
+    assert {p.dtype for p in trained} == {torch.float32}
+    state = trainer_state(cfg.out, 2)
+    moments = [t for s in state["optimizer"]["state"].values() for t in s.values()
+               if torch.is_tensor(t) and t.dim() > 0]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
+
+
 def test_train_gives_the_caller_its_transformer_forward_back(assets, tmp_path):
     """accelerate's prepare() replaces a module's forward in place with an autocast one (mixed precision bf16): in a
     one-process run the prepared model is the caller's transformer, which train() hands back with its own
