@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lorweb_fast import cli, demo
@@ -92,6 +93,49 @@ class RecordingPipe:
         self.batches.append([im.size for im in b])
         self.merges.append(kwargs.get("merge", "<pipeline default>"))
         return [im.copy() for im in b]
+
+
+class DefaultsRecordingPipe(RecordingPipe):
+    """A RecordingPipe that also records the steps and guidance it is called with, and claims to run on a GPU
+    (``pipe._execution_device``), as LoRWeBKontextPipeline wraps the stock pipeline in ``.pipe``."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.pipe = type("StockPipe", (), {"_execution_device": device})()
+        self.settings = []
+
+    def __call__(self, a, a_prime, b, prompt, *, generator=None, **kwargs):
+        self.settings.append((kwargs["num_inference_steps"], kwargs["guidance_scale"]))
+        return super().__call__(a, a_prime, b, prompt, generator=generator, **kwargs)
+
+
+def test_generate_defaults_are_the_official_inference_settings(tmp_path, monkeypatch):
+    """``generate()`` without settings runs inference.py main's: 28 steps, guidance 2.5, seed 50, one generator per
+    analogy made on the pipeline's execution device (a CPU and a CUDA generator draw different noise from one
+    seed; the stand-in generator is a CPU one, so nothing needs a GPU)."""
+    triplets = read_evalset(tiny.make_folder_evalset(tmp_path / "ev", tasks=("flip",), per_task=2, size=(32, 32)))
+    made, real = [], torch.Generator
+    monkeypatch.setattr(torch, "Generator", lambda device="cpu": made.append(torch.device(device)) or real())
+    pipe = DefaultsRecordingPipe(torch.device("cuda", 2))
+    assert G.generate(pipe, triplets, tmp_path / "runs", batch_size=1, progress=False)["generated"] == 2
+    assert pipe.settings == [(28, 2.5)] * 2 and made == [torch.device("cuda", 2)] * 2
+    assert sorted(p.name for p in (tmp_path / "runs" / "flip").iterdir()) == sorted(t.key.split("/")[-1]
+                                                                                    for t in triplets)
+
+
+def test_eval_generate_command_defaults_are_the_official_settings(assets, tmp_path, monkeypatch, capsys):
+    """``lorweb-fast eval generate`` without --steps, --guidance-scale or --seeds: 28 steps, guidance 2.5 and seed 50
+    reach the pipeline and run.json."""
+    from lorweb_fast.flux import LoRWeBKontextPipeline
+
+    pipe = DefaultsRecordingPipe(torch.device("cpu"))
+    monkeypatch.setattr(LoRWeBKontextPipeline, "from_pretrained", staticmethod(lambda *args, **kwargs: pipe))
+    argv = gen_args(assets, tmp_path / "runs", "--max-per-task", "1")
+    del argv[argv.index("--steps"):argv.index("--steps") + 2]
+    assert cli.main(argv) == 0
+    assert set(pipe.settings) == {(28, 2.5)}
+    run = json.loads((tmp_path / "runs" / "run.json").read_text())
+    assert (run["steps"], run["guidance_scale"], run["seeds"]) == (28, 2.5, [50])
 
 
 def test_batches_group_same_sizes_and_several_seeds(tmp_path):

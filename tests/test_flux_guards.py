@@ -192,6 +192,22 @@ def test_official_call_hands_the_official_arguments_to_the_stock_pipeline(tiny, 
     assert (np.asarray(out) == np.array(QUADRANTS[3], np.uint8)).all()
 
 
+def test_the_default_generator_lives_on_the_execution_device(tiny, recorder, monkeypatch):
+    """inference.py main seeds ``torch.Generator(device=...)`` on the device the pipeline runs on (a CPU and a CUDA
+    generator draw different noise from one seed): the default generator is made on ``_execution_device``, here
+    pretended to be a GPU (the stand-in generator is a CPU one, so nothing needs a GPU)."""
+    from diffusers import FluxKontextPipeline
+
+    pipe, encoder = tiny
+    made, real = [], torch.Generator
+    monkeypatch.setattr(FluxKontextPipeline, "_execution_device", property(lambda self: torch.device("cuda", 1)))
+    monkeypatch.setattr(torch, "Generator", lambda device="cpu": made.append(torch.device(device)) or real())
+    lp = flux.LoRWeBKontextPipeline(pipe, encoder)
+    lp(picture(0, (24, 20)), picture(1, (30, 30)), picture(2, (16, 40)), "mirror", progress=False)
+    assert made == [torch.device("cuda", 1)]
+    assert torch.equal(recorder.calls[0]["generator"].get_state(), real().manual_seed(50).get_state())
+
+
 def test_official_max_area_and_max_size_reach_the_call(tiny, recorder):
     """max_area given to the wrapper is the area the stock pipeline generates; max_size caps the grid."""
     pipe, encoder = tiny

@@ -78,6 +78,8 @@ def test_training_lowers_the_loss_and_only_trains_lorweb(assets, tmp_path):
     with safe_open(str(run / "lorweb.safetensors"), framework="pt") as f:
         assert all(k.startswith("transformer.") for k in f.keys())
         assert f.metadata()["encoder"] == cfg.encoder
+        # ai-toolkit's job name is the run's: name and ss_output_name in the metadata, config.name in config.yaml
+        assert f.metadata()["name"] == f.metadata()["ss_output_name"] == run.name == "run"
         # 12 samples of one size in batches of 2: 6 batches a pass; the 24th batch is the last of the 4th pass
         assert json.loads(f.metadata()["training_info"]) == {"step": 24, "epoch": 3}
     with safe_open(str(run / "checkpoints" / "step-00000016" / "lorweb.safetensors"), framework="pt") as f:
@@ -85,6 +87,7 @@ def test_training_lowers_the_loss_and_only_trains_lorweb(assets, tmp_path):
     rows = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 25))
     assert np.asarray(Image.open(run / "loss.png").convert("L")).std() > 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["config"]["name"] == "run"
 
     # save -> load gives the same outputs
     reloaded = flux.load_kontext_pipeline(cfg.model)
