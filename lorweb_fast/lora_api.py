@@ -112,13 +112,21 @@ def check_fused_query(model: nn.Module, query: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ strength
+def _finite_real(value: numbers.Real) -> bool:
+    """``math.isfinite`` that is False, not an OverflowError, for an int beyond the float range."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def set_lorweb_scale(model: nn.Module, scale: float) -> None:
     """Multiply every layer's mixture by ``scale`` (diffusers' ``set_adapters`` weight, the official network
     multiplier): y = base(x) + scale * (lora_alpha / r) * sum_n alpha[n] B_n^T A_n^T x. 1.0 restores the
     trained strength, 0.0 gives the base model. Not saved with the weights."""
     if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.dtype.is_complex:
         scale = scale.item()  # a 0-dim tensor
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not _finite_real(scale):
         raise ValueError(f"scale must be a finite real number (int, float, a numpy or one-element torch scalar), "
                          f"got {scale!r}")
     layers = _require_layers(model)

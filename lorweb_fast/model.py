@@ -960,7 +960,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                                 f"activation, reduce, scale, query_projection_type) = {got} but the injected layer "
                                 f"has {want}")
     recorded = meta.get("lorweb.layers")  # our files record their layer count: fewer groups is a partial file
-    if recorded is not None and (not recorded.isdigit() or int(recorded) != len(groups)):
+    if recorded is not None and (not (recorded.isascii() and recorded.isdigit()) or int(recorded) != len(groups)):
         problems.append(f"the checkpoint metadata records lorweb.layers={recorded!r} but the file holds "
                         f"{len(groups)} LoRWeB layers: a partial or edited file")
     not_covered = [n for n in existing if n not in groups]

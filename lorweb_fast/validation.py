@@ -42,7 +42,10 @@ def check_real(name: str, value, lo: Optional[float] = None, hi: Optional[float]
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number ({_range_text(lo, hi, lo_open, hi_open)}), got "
                         f"{type(value).__name__} {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range (e.g. 10**400)
+        value = math.inf if value > 0 else -math.inf
     if not math.isfinite(value):
         bounds = _range_text(lo, hi, lo_open, hi_open)
         raise ValueError(f"{name} must be finite{'' if bounds == 'finite' else f' ({bounds})'}, got {value}")

@@ -173,6 +173,8 @@ def test_layer_and_config_integers(field, value, exc, fragment):
 
 
 BAD_REALS = [(math.nan, ValueError, "finite"), (math.inf, ValueError, "finite"), (-math.inf, ValueError, "finite"),
+             pytest.param(10 ** 400, ValueError, "finite", id="int-1e400"),  # ints beyond the float range
+             pytest.param(-10 ** 400, ValueError, "finite", id="int--1e400"),
              ("1.0", TypeError, "real number"), (None, TypeError, "real number"), (1j, TypeError, "real number"),
              (True, TypeError, "real number"), (torch.ones(2), TypeError, "real number")]
 

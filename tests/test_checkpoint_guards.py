@@ -379,6 +379,11 @@ def test_a_file_holding_fewer_layers_than_it_records_is_partial(tmp_path):
                                                     r"a partial or edited file"):
         lf.load_lorweb_weights(fresh, partial)
     assert_unchanged(fresh, snap)
+    for odd in ("\u00b2", "-1", " 2", "2.0"):  # not an ASCII count: '²'.isdigit() holds but int('²') raises
+        save_file(load_file(path), partial, metadata={**meta, "lorweb.layers": odd})
+        with pytest.raises(LoRWeBCheckpointError, match=rf"records lorweb.layers={re.escape(repr(odd))} but"):
+            lf.load_lorweb_weights(fresh, partial)
+        assert_unchanged(fresh, snap)
     del meta["lorweb.layers"]
     save_file(kept, partial, metadata=meta)
     assert lf.load_lorweb_weights(fresh_model(), partial) == ["0"]
@@ -674,3 +679,55 @@ def test_an_own_file_trained_on_fewer_targets_loads_without_the_coverage_warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(lf.load_lorweb_weights(_tiny_flux(), tmp_path / "w.safetensors")) == 3
+
+
+# ------------------------------------------------------------------------------------ saving: names, layouts, copies
+def test_a_successful_save_over_existing_files_leaves_no_kept_copies(tmp_path):
+    """The hidden ``.<name>.<random>.kept`` copies of replaced files exist only while a save renames its files: after
+    a save over weights, config.yaml and an extra file, the folder holds exactly those three, with the new contents."""
+    path = tmp_path / "w.safetensors"
+    lf.save_lorweb_weights(tiny_model(seed=1), path, config={}, extra_files={"README.md": "one"})
+    lf.save_lorweb_weights(tiny_model(seed=2), path, config={}, extra_files={"README.md": "two"})
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "config.yaml", "w.safetensors"]
+    assert (tmp_path / "README.md").read_text() == "two"
+    want = lf.lorweb_state_dict(tiny_model(seed=2))
+    assert all(torch.equal(load_file(path)[k], want[k]) for k in want)
+
+
+def test_a_state_dict_of_strided_tensors_saves_and_round_trips(tmp_path):
+    """safetensors refuses non-contiguous tensors: a ``state_dict=`` whose tensors are transposed views (what a
+    gathered or re-laid-out copy can hold) is written contiguous, with the same values."""
+    model = tiny_model(seed=3)
+    strided = {k: v.detach().clone().transpose(0, -1).contiguous().transpose(0, -1)
+               for k, v in lf.lorweb_state_dict(model).items()}
+    assert not all(v.is_contiguous() for v in strided.values())
+    lf.save_lorweb_weights(model, tmp_path / "w.safetensors", state_dict=strided)
+    got = load_file(tmp_path / "w.safetensors")
+    assert got.keys() == strided.keys() and all(torch.equal(got[k], strided[k]) for k in strided)
+
+
+def test_an_upper_case_safetensors_extension_saves_and_loads(tmp_path):
+    """The extension check ignores case, as the loader and the command line do: W.SAFETENSORS is a weights file."""
+    path = tmp_path / "W.SAFETENSORS"
+    lf.save_lorweb_weights(tiny_model(seed=4), path)
+    assert lf.load_lorweb_weights(fresh_model(), path) == ["0", "1"]
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "sub/README.md", "config.yaml"])
+def test_extra_files_that_would_clash_are_refused_before_writing(tmp_path, name):
+    """An extra file named like the weights (it would be written, then replaced by them), a path rather than a plain
+    name, or config.yaml when a config is written is refused, and nothing is written."""
+    with pytest.raises(ValueError, match=rf"extra_files: {re.escape(repr(name))} is not a plain file name of its own"):
+        lf.save_lorweb_weights(tiny_model(), tmp_path / "w.safetensors", config={}, extra_files={name: "x"})
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_key_without_the_transformer_prefix_is_named_as_it_is(tmp_path):
+    """Official keys start with ``transformer.``; a key without it (a file for another component, or a stripped
+    prefix) is an unexpected key named in full, not read as a module of the transformer."""
+    state = {k.removeprefix("transformer."): v for k, v in lf.lorweb_state_dict(tiny_model()).items()}
+    fresh = fresh_model()
+    snap = snapshot(fresh)
+    with pytest.raises(LoRWeBCheckpointError, match=r"unexpected key 0\.lora_A\b"):
+        lf.load_lorweb_weights(fresh, state)
+    assert_unchanged(fresh, snap)

@@ -326,6 +326,28 @@ def test_float64_merged_weight_accumulates_in_float64():
         assert ((got - ref).abs() <= tol * ref_abs).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_merged_weight_is_rounded_once(dtype):
+    """A bf16 / fp16 layer's merged weight is W + scale * sum_n c_n (A_n B_n)^T accumulated in fp32 and rounded once to
+    W's dtype: it equals the float64 value rounded once (fp32 accumulation differs from it only within ~2^-24 of a
+    rounding midpoint, probability ~2^-13 per entry), where accumulating in W's dtype rounds the delta and the sum
+    apart and misses in many entries."""
+    layer = _layer(nn.Linear(40, 24).to(dtype), num_loras=4, rank=4)
+    with torch.no_grad():
+        layer.lora_A.normal_(0, 0.5)
+    coeffs = _coeffs(2, n=4)
+    w = layer.base_layer.weight.detach().double()
+    delta = torch.einsum("nir,bn,nro->boi", layer.lora_A.detach().double(), coeffs.double(),
+                         layer.lora_B.detach().double()) * layer.scale
+    want = (w + delta).to(dtype)
+    for got, ref in ((layer.merged_weight_for(coeffs[0]), want[0]), (layer.merged_weight_for(coeffs), want)):
+        assert got.dtype == dtype and got.shape == ref.shape
+        exact = (got == ref).double().mean().item()
+        assert exact >= 0.99, f"{1 - exact:.1%} of the entries differ from the once-rounded value"
+        ulp = torch.finfo(dtype).eps * ref.double().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((got.double() - ref.double()).abs() <= ulp).all()
+
+
 def test_jit_batch_of_different_analogies_in_bf16():
     """merged(strategy="jit") on a bf16 layer with different analogies per sample: each sample's merged weight is
     rounded once to bf16 and applied in bf16; the output is bf16 and matches the float64 reference."""

@@ -9,6 +9,7 @@ down or naming what is missing). Everything runs on a tiny two-layer ``nn.Sequen
 (``lorweb_fast.testing.tiny_lorweb_pair``); the Hub calls are replaced by recorders.
 """
 
+import re
 import shutil
 
 import numpy as np
@@ -184,6 +185,27 @@ def test_query_settings_a_checkpoint_does_not_record_are_not_compared(tmp_path):
     lora_api.load_lora_weights(m, tmp_path / "w.safetensors",
                                query_settings={"query_mode": "paa'b", "pooling_type": "max"})
     assert len(lf.lorweb_layers(m)) == 2
+
+
+@pytest.mark.parametrize("recorded,pipeline,differs", [
+    ({"query_mode": "paa'b", "pooling_type": "max"}, {"query_mode": "paa'b", "pooling_type": "avg"}, "pooling_type"),
+    ({"query_mode": "caa'b"}, {"query_mode": "cat-aa'b", "pooling_type": "avg"}, "query_mode"),
+])
+def test_query_settings_recorded_only_in_the_metadata_are_compared(tmp_path, recorded, pipeline, differs):
+    """A bare .safetensors (no config.yaml) whose metadata records the query mode / pooling it was trained with
+    (``lorweb.query_mode``, ``lorweb.pooling_type``) is refused by a pipeline whose encoder queries otherwise, naming
+    the setting, and the model is left as it was; the matching settings load."""
+    lf.save_lorweb_weights(tiny_model(seed=1), tmp_path / "w.safetensors",
+                           metadata={f"lorweb.{k}": v for k, v in recorded.items()})
+    assert not (tmp_path / "config.yaml").exists()
+    m = tiny_model()
+    before = weights(m)
+    with pytest.raises(LoRWeBCheckpointError, match=rf"other query settings.*{differs}: checkpoint "
+                                                    rf"{re.escape(repr(recorded[differs]))}.*not changed"):
+        lora_api.load_lora_weights(m, tmp_path / "w.safetensors", query_settings=pipeline)
+    assert same(m, before)
+    lora_api.load_lora_weights(m, tmp_path / "w.safetensors", query_settings={**pipeline, **recorded})
+    assert not same(m, before)
 
 
 def test_a_query_source_mismatch_changes_nothing(tmp_path):

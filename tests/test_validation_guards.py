@@ -50,6 +50,21 @@ def test_check_real_refuses_bool_complex_and_multi_element_tensors(value):
         V.check_real("scale", value)
 
 
+@pytest.mark.parametrize("value", [10 ** 400, -10 ** 400], ids=["1e400", "-1e400"])
+def test_ints_beyond_the_float_range_are_not_finite_reals(value):
+    """An int too large for a float is refused as not finite (ValueError naming the argument), not with Python's
+    OverflowError: by check_real (LoRWeBLinear's lora_alpha, the ops' scale) and by set_lorweb_scale."""
+    with pytest.raises(ValueError, match=r"^scale must be finite, got -?inf$"):
+        V.check_real("scale", value)
+    with pytest.raises(ValueError, match="lora_alpha must be finite"):
+        lf.LoRWeBLinear(torch.nn.Linear(4, 3), num_loras=2, rank=1, key_dim=2, query_dim=3, lora_alpha=value)
+    model = lf.testing.tiny_lorweb_pair(lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=2, query_dim=3,
+                                                        target_modules=r"\d"))
+    with pytest.raises(ValueError, match="scale must be a finite real number"):
+        lf.set_lorweb_scale(model, value)
+    assert lf.get_lorweb_scale(model) == 1.0
+
+
 def test_check_choice_refuses_a_value_outside_the_choices():
     """The error names the argument and the choices (LoRWeBConfig.activation / reduce rely on it)."""
     assert V.check_choice("activation", "tanh", ("softmax", "tanh")) == "tanh"
