@@ -844,7 +844,9 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     Everything is validated before anything changes: a checkpoint with missing or unexpected keys, wrong shapes, fewer
     layers than its ``lorweb.layers`` metadata records, a configuration different from already-injected layers,
     non-finite values, a target on the meta device (nothing could be copied into it), or a corrupt file raises
-    LoRWeBCheckpointError naming the offending keys, and the model is left exactly as it was.
+    LoRWeBCheckpointError naming the offending keys, and the model is left exactly as it was. An official-format file
+    (no ``lorweb.layers`` count) loaded into a model without LoRWeB layers that adapts fewer of its transformer-block
+    linears than the official LoRWeB does loads with a UserWarning naming how many run without an adapter.
 
     Returns:
         The names of the loaded modules.
@@ -988,19 +990,21 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         error.differs_from_injected = differs_from_injected  # the pipeline's unload_lora_weights() hint
         raise error
 
-    # an official-format file (no lorweb.layers count) adapting fewer of this model's linear layers than the official
-    # LoRWeB adapts (every linear of the transformer blocks): loaded, but the others run without an adapter
+    _refuse_new_layers_under_group_offloading(model, [name for name in groups if name not in existing],
+                                              "load_lorweb_weights")
+    # an official-format file (no lorweb.layers count; not a state dict, which never records one) adapting fewer of
+    # this model's linear layers than the official LoRWeB adapts (every linear of the transformer blocks): loaded, but
+    # the others run without an adapter
     official_targets = [n for n in _find_targets(model, DEFAULT_TARGET_MODULES) if _read_not_called(model, n) is None]
     uncovered = [n for n in official_targets if n not in groups and n not in existing]
-    if recorded is None and not existing and uncovered and (groups.keys() & set(official_targets)):
+    from_file = not isinstance(path_or_state_dict, Mapping)
+    if recorded is None and from_file and not existing and uncovered and groups.keys() & set(official_targets):
         warnings.warn(f"the checkpoint adapts {len(official_targets) - len(uncovered)} of the {len(official_targets)} "
                       f"linear layers of {type(model).__name__}'s transformer blocks that the official LoRWeB adapts; "
                       f"{len(uncovered)} (e.g. {uncovered[0]!r}) run without an adapter: a checkpoint for a smaller "
                       "model or trained with other target modules?", UserWarning, stacklevel=2)
 
     # Everything is validated: build all new layers first, then swap them in and copy (cannot fail now).
-    _refuse_new_layers_under_group_offloading(model, [name for name in groups if name not in existing],
-                                              "load_lorweb_weights")
     new_layers = {}
     for name, tensors in groups.items():
         if name in existing:

@@ -362,8 +362,8 @@ def _complete(path: Path) -> bool:
 def checkpoint_candidates(names: Iterable[str]) -> tuple[list[str], list[str]]:
     """(final files, step files newest first) among ``names``, the paths of a folder's files relative to it
     (posix). ``find_checkpoint``'s rule on names alone: a final ``<name>.safetensors`` (no step suffix) is preferred
-    over the ``<name>_<step:09d>.safetensors`` files and lorweb_fast's ``checkpoints/step-XXXXXXXX/lorweb.safetensors``;
-    hidden files and files in other subfolders are not candidates."""
+    over the step files ``<name>_000<digits>.safetensors`` (ai-toolkit's ``<name>_<step:09d>``) and lorweb_fast's
+    ``checkpoints/step-XXXXXXXX/lorweb.safetensors``; hidden files and files in other subfolders are not candidates."""
     finals, stepped = [], []
     for name in names:
         parts = name.split("/")
@@ -398,10 +398,11 @@ def find_checkpoint(directory: Union[str, os.PathLike]) -> tuple[Path, Optional[
 
     The rule the official inference.py's folder lookup means (``main``: its loop takes the first non-step file in
     listing order, and fails on an undefined ``output_path`` once it has seen a step file): a final
-    ``<name>.safetensors`` (no step suffix) wins, else the highest ``<name>_<step:09d>.safetensors``. Also understands
-    lorweb_fast's run folders (``lorweb.safetensors`` and ``checkpoints/step-XXXXXXXX/``). Hidden and temporary files
-    are skipped, and so are files whose header cannot be read, with a warning naming them. Two different final files are
-    ambiguous and raise. The config is the ``config.yaml`` beside the chosen weights, else the folder's.
+    ``<name>.safetensors`` (no step suffix) wins, else the highest step file ``<name>_000<digits>.safetensors``.
+    Also understands lorweb_fast's run folders (``lorweb.safetensors`` and ``checkpoints/step-XXXXXXXX/``). Hidden
+    and temporary files are skipped, and so are files whose header cannot be read, with a warning naming them. Two
+    different final files are ambiguous and raise. The config is the ``config.yaml`` beside the chosen weights, else
+    the folder's.
     """
     root = Path(directory)
     if not root.is_dir():

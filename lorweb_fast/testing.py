@@ -258,6 +258,23 @@ def partial_gradients(problem: dict, needs: Sequence[bool], backend: str, dy: to
     return [t.grad for t in leaves], recorder.outputs
 
 
+def device_recording_generator(made: list) -> type:
+    """A ``torch.Generator`` subclass to monkeypatch over ``torch.Generator``: each construction appends the
+    ``torch.device`` it was asked for to ``made`` and gives a CPU generator (still a ``torch.Generator``), so a test
+    can check that code seeds its generator on a GPU without one."""
+    real = torch.Generator
+
+    class DeviceRecordingGenerator(real):
+        def __new__(cls, device="cpu"):
+            made.append(torch.device(device))
+            return real.__new__(cls)
+
+        def __init__(self, device="cpu"):
+            super().__init__()
+
+    return DeviceRecordingGenerator
+
+
 def tiny_flux_config() -> dict:
     """Config of a tiny random FluxTransformer2DModel (1 double + 1 single block) for tests and the demo."""
     return dict(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,

@@ -40,7 +40,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ._files import default_permissions, recorded_location, save_figure_atomically  # noqa: F401 (recorded_location: re-exported)
+from ._files import default_permissions, save_figure_atomically
+from ._files import recorded_location  # noqa: F401 (re-exported)
 from .data import (BIDIRECTIONAL, LAYOUTS, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, RESIZE_MODES,
                    AnalogyFolder, bidirectional_swap)
 from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lorweb, load_lorweb_weights, \

@@ -644,29 +644,35 @@ def _tiny_flux(seed=0):
     return FluxTransformer2DModel(**tiny_flux_config()).eval()
 
 
-def _flux_state_without(names_to_drop, seed=0):
-    """An official-format state dict (no lorweb_fast metadata) of a tiny FLUX transformer with the default (official)
+def _flux_file_without(path, names_to_drop, seed=0):
+    """An official-format file (no lorweb_fast metadata) of a tiny FLUX transformer with the default (official)
     targets, without the tensors of the modules in ``names_to_drop``."""
     t = _tiny_flux(seed)
     lf.inject_lorweb(t, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM))
     state = lf.lorweb_state_dict(t)
-    return {k: v for k, v in state.items() if not any(k.startswith(f"transformer.{n}.") for n in names_to_drop)}
+    save_file({k: v.contiguous() for k, v in state.items()
+               if not any(k.startswith(f"transformer.{n}.") for n in names_to_drop)}, str(path))
+    return path
 
 
-def test_an_official_file_adapting_fewer_layers_than_the_official_targets_warns_and_names_one():
+def test_an_official_file_adapting_fewer_layers_than_the_official_targets_warns_and_names_one(tmp_path):
     """The official LoRWeB adapts every linear of the transformer blocks (METHOD.md "Where it is applied"): an
     official-format file (no ``lorweb.layers`` count) covering fewer loads, with a warning naming the count and a layer
-    left without adapter; a complete file loads silently."""
-    full = _flux_state_without([])
+    left without adapter; a complete file and the same tensors as a state dict (which never records a count) load
+    silently."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        names = lf.load_lorweb_weights(_tiny_flux(), full)
+        names = lf.load_lorweb_weights(_tiny_flux(), _flux_file_without(tmp_path / "full.safetensors", []))
     dropped = "single_transformer_blocks.0.proj_out"
     assert dropped in names
+    partial = _flux_file_without(tmp_path / "partial.safetensors", [dropped])
     with pytest.warns(UserWarning, match=rf"adapts {len(names) - 1} of the {len(names)} linear layers.*"
                                          rf"1 \(e\.g\. '{re.escape(dropped)}'\) run without an adapter"):
-        loaded = lf.load_lorweb_weights(_tiny_flux(), _flux_state_without([dropped]))
+        loaded = lf.load_lorweb_weights(_tiny_flux(), partial)
     assert dropped not in loaded and len(loaded) == len(names) - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lf.load_lorweb_weights(_tiny_flux(), load_file(partial))
 
 
 def test_an_own_file_trained_on_fewer_targets_loads_without_the_coverage_warning(tmp_path):

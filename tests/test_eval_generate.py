@@ -14,7 +14,7 @@ from lorweb_fast import cli, demo
 from lorweb_fast.evaluation import generate as G
 from lorweb_fast.evaluation import tiny
 from lorweb_fast.evaluation.evalsets import read_evalset
-from lorweb_fast.testing import build_tiny_lorweb_assets
+from lorweb_fast.testing import build_tiny_lorweb_assets, device_recording_generator
 
 pytest.importorskip("diffusers")
 
@@ -114,8 +114,8 @@ def test_generate_defaults_are_the_official_inference_settings(tmp_path, monkeyp
     analogy made on the pipeline's execution device (a CPU and a CUDA generator draw different noise from one
     seed; the stand-in generator is a CPU one, so nothing needs a GPU)."""
     triplets = read_evalset(tiny.make_folder_evalset(tmp_path / "ev", tasks=("flip",), per_task=2, size=(32, 32)))
-    made, real = [], torch.Generator
-    monkeypatch.setattr(torch, "Generator", lambda device="cpu": made.append(torch.device(device)) or real())
+    made = []
+    monkeypatch.setattr(torch, "Generator", device_recording_generator(made))
     pipe = DefaultsRecordingPipe(torch.device("cuda", 2))
     assert G.generate(pipe, triplets, tmp_path / "runs", batch_size=1, progress=False)["generated"] == 2
     assert pipe.settings == [(28, 2.5)] * 2 and made == [torch.device("cuda", 2)] * 2

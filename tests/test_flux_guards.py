@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from lorweb_fast import flux
-from lorweb_fast.testing import random_rgb_image, reference_clip_pixels, tiny_kontext_with_encoder
+from lorweb_fast.testing import (device_recording_generator, random_rgb_image, reference_clip_pixels,
+                                 tiny_kontext_with_encoder)
 
 pytest.importorskip("diffusers")
 
@@ -201,7 +202,7 @@ def test_the_default_generator_lives_on_the_execution_device(tiny, recorder, mon
     pipe, encoder = tiny
     made, real = [], torch.Generator
     monkeypatch.setattr(FluxKontextPipeline, "_execution_device", property(lambda self: torch.device("cuda", 1)))
-    monkeypatch.setattr(torch, "Generator", lambda device="cpu": made.append(torch.device(device)) or real())
+    monkeypatch.setattr(torch, "Generator", device_recording_generator(made))
     lp = flux.LoRWeBKontextPipeline(pipe, encoder)
     lp(picture(0, (24, 20)), picture(1, (30, 30)), picture(2, (16, 40)), "mirror", progress=False)
     assert made == [torch.device("cuda", 1)]
