@@ -12,7 +12,7 @@ import lorweb_fast as lf  # noqa: E402
 from lorweb_fast.kernels import mixed_lora as K  # noqa: E402
 from lorweb_fast import reference  # noqa: E402
 from lorweb_fast.testing import (assert_within_bound, assert_within_rss_bound, case_id, check_against_reference, check_forward,  # noqa: E402
-                                 odd_shape_cases, partial_gradients, random_problem, spread_cases)
+                                 odd_shape_cases, partial_gradients, random_problem, spread_cases, tolerance)
 
 CASES = odd_shape_cases()
 
@@ -1041,3 +1041,56 @@ def test_compile_and_functorch_reverse_mode_are_refused_by_name():
     got, = torch.autograd.grad(lf.lorweb_linear(x, *args, backend="triton").sum(), x)
     want = torch.func.grad(lambda x: lf.lorweb_linear(x, *args, backend="torch").sum())(p["x"])
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_raw_op_backward_applies_its_scale():
+    """torch.ops.lorweb_fast.triton_fwd called directly with scale 0.75 (the public functions fold the scale into the
+    coefficients and pass 1): dx, the basis gradients and dcoeffs carry the scale, as the torch backend's do."""
+    p = random_problem(2, 5, 17, 19, 3, 4, torch.float32, seed=5)
+    dy = torch.randn(10, 19, generator=torch.Generator().manual_seed(6))
+
+    def grads(call):
+        leaves = [p["x"].reshape(10, 17).clone(), p["lora_a"].clone(), p["lora_b"].clone(), p["coeffs"].float().clone()]
+        for t in leaves:
+            t.requires_grad_(True)
+        call(*leaves).backward(dy)
+        return [t.grad for t in leaves]
+
+    got = grads(lambda x, a, b, c: torch.ops.lorweb_fast.triton_fwd(x, p["weight"], p["bias"], None, a, b, c, 0.75,
+                                                                      5)[0])
+    want = grads(lambda x, a, b, c: lf.lorweb_linear(x.view(2, 5, 17), p["weight"], p["bias"], a, b, c, 0.75,
+                                                     backend="torch").reshape(10, 19))
+    tol = tolerance(torch.float32, 17 + 19 + 12)
+    for name, g, w in zip(("dx", "d_lora_a", "d_lora_b", "dcoeffs"), got, want):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol, msg=name)
+
+
+def test_each_kernel_role_looks_up_its_own_tiles():
+    """forward and backward ask the configuration table for each role's tiles under the role's own (in, out) key:
+    shrink, expand, shrink_dy, expand_dx and grad_basis of a 17 -> 19 layer all use (17, 19). The default table has
+    the same tiles for every role, so only the lookups show a swapped role or key (sm90.json's differ)."""
+    p = random_problem(2, 5, 17, 19, 3, 4, torch.float32, seed=5)
+    calls, real = [], K.kernel_config
+
+    def spy(kernel, in_features, out_features, *args, **kwargs):
+        calls.append((kernel, in_features, out_features))
+        return real(kernel, in_features, out_features, *args, **kwargs)
+
+    x, c = p["x"].reshape(10, 17), p["coeffs"].float()
+    try:
+        K.kernel_config = spy
+        y, u, z = K.forward(x, p["weight"], p["bias"], None, p["lora_a"], p["lora_b"], c, 0.75, 5)
+        K.backward(torch.randn_like(y), x, p["weight"], p["lora_a"], p["lora_b"], c, u, z, 0.75, 5)
+    finally:
+        K.kernel_config = real
+    assert calls == [(role, 17, 19) for role in ("shrink", "expand", "shrink_dy", "expand_dx", "grad_basis")]
+
+
+def test_a_feature_major_input_gets_exact_gradients():
+    """A 3-D x laid out feature-major (``randn(in, B, S).permute(1, 2, 0)``: its (M, in) view has a column stride of
+    M, not 1) reaches the basis-gradient kernel through a unit-column copy: forward and every gradient match the
+    float64 reference."""
+    p = random_problem(2, 5, 17, 19, 3, 4, torch.float32, seed=5)
+    p["x"] = p["x"].permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert p["x"].reshape(-1, 17).stride() == (1, 10)
+    check_against_reference(lambda *a: lf.lorweb_linear(*a, backend="triton"), p)
