@@ -28,31 +28,38 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write(path: Union[str, os.PathLike], write) -> None:
+def atomic_write(path: Union[str, os.PathLike], write, *, sync: bool = False) -> None:
     """``write(tmp_path)`` then rename onto ``path`` (same folder, created when missing), so ``path`` is complete or
     absent. The temporary name ``.<name>.<random>.tmp`` ends in .tmp, not in an image extension: a killed run's
-    leftover is never read as a sample (the writers pass the format explicitly)."""
+    leftover is never read as a sample (the writers pass the format explicitly). ``sync``: the temporary is flushed
+    to disk before the rename (for files whose presence marks work as done)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_file(path.parent, f".{path.name}.")
     try:
         write(Path(tmp))
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def save_image_atomically(image, path: Union[str, os.PathLike]) -> Path:
+def save_image_atomically(image, path: Union[str, os.PathLike], *, sync: bool = False) -> Path:
     """Save the PIL ``image`` under ``path`` in the format its extension names (``atomic_write``: the file is complete
-    or keeps what it held, e.g. a previous result when the disk fills); returns ``path``."""
+    or keeps what it held, e.g. a previous result when the disk fills; ``sync`` as there); returns ``path``."""
     from PIL import Image
 
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unknown image file extension {path.suffix or '(none)'!r}")
-    atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt), sync=sync)
     return path
 
 

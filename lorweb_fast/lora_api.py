@@ -26,6 +26,7 @@ from torch import nn
 
 from .model import (CHECKPOINT_PREFIX, DEFAULT_ENCODER, LoRWeBCheckpointError, _refuse_merged, _require_layers,
                     checkpoint_metadata, load_lorweb_weights, lorweb_layers, remove_lorweb, save_lorweb_weights)
+from .validation import float_or_inf
 
 logger = logging.getLogger(__name__)
 #: File names written by ``save_pretrained`` and looked for by ``load_lora_weights`` in a directory.
@@ -112,21 +113,13 @@ def check_fused_query(model: nn.Module, query: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ strength
-def _finite_real(value: numbers.Real) -> bool:
-    """``math.isfinite`` that is False, not an OverflowError, for an int beyond the float range."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 def set_lorweb_scale(model: nn.Module, scale: float) -> None:
     """Multiply every layer's mixture by ``scale`` (diffusers' ``set_adapters`` weight, the official network
     multiplier): y = base(x) + scale * (lora_alpha / r) * sum_n alpha[n] B_n^T A_n^T x. 1.0 restores the
     trained strength, 0.0 gives the base model. Not saved with the weights."""
     if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.dtype.is_complex:
         scale = scale.item()  # a 0-dim tensor
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not _finite_real(scale):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float_or_inf(scale)):
         raise ValueError(f"scale must be a finite real number (int, float, a numpy or one-element torch scalar), "
                          f"got {scale!r}")
     layers = _require_layers(model)

@@ -992,13 +992,13 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
 
     _refuse_new_layers_under_group_offloading(model, [name for name in groups if name not in existing],
                                               "load_lorweb_weights")
-    # an official-format file (no lorweb.layers count; not a state dict, which never records one) adapting fewer of
-    # this model's linear layers than the official LoRWeB adapts (every linear of the transformer blocks): loaded, but
-    # the others run without an adapter
-    official_targets = [n for n in _find_targets(model, DEFAULT_TARGET_MODULES) if _read_not_called(model, n) is None]
-    uncovered = [n for n in official_targets if n not in groups and n not in existing]
-    from_file = not isinstance(path_or_state_dict, Mapping)
-    if recorded is None and from_file and not existing and uncovered and groups.keys() & set(official_targets):
+    # an official-format file (no lorweb.layers count; not a state dict, which never records one) loaded into a stock
+    # model (no LoRWeB layers yet), adapting fewer of its linear layers than the official LoRWeB adapts (every linear
+    # of the transformer blocks): loaded, but the others run without an adapter
+    official_targets = [] if recorded is not None or isinstance(path_or_state_dict, Mapping) or existing else \
+        [n for n in _find_targets(model, DEFAULT_TARGET_MODULES) if _read_not_called(model, n) is None]
+    uncovered = [n for n in official_targets if n not in groups]
+    if uncovered and len(uncovered) < len(official_targets):  # some adapted, not all
         warnings.warn(f"the checkpoint adapts {len(official_targets) - len(uncovered)} of the {len(official_targets)} "
                       f"linear layers of {type(model).__name__}'s transformer blocks that the official LoRWeB adapts; "
                       f"{len(uncovered)} (e.g. {uncovered[0]!r}) run without an adapter: a checkpoint for a smaller "

@@ -33,6 +33,14 @@ def _range_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
     return "finite"
 
 
+def float_or_inf(value: numbers.Real) -> float:
+    """``float(value)``, with an int beyond the float range (e.g. 10**400) as +-inf instead of an OverflowError."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_real(name: str, value, lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open: bool = False,
                hi_open: bool = False) -> float:
     """``value`` as a float: a real number (not bool, not a string, not a tensor with more than one element),
@@ -42,10 +50,7 @@ def check_real(name: str, value, lo: Optional[float] = None, hi: Optional[float]
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number ({_range_text(lo, hi, lo_open, hi_open)}), got "
                         f"{type(value).__name__} {value!r}")
-    try:
-        value = float(value)
-    except OverflowError:  # an int beyond the float range (e.g. 10**400)
-        value = math.inf if value > 0 else -math.inf
+    value = float_or_inf(value)
     if not math.isfinite(value):
         bounds = _range_text(lo, hi, lo_open, hi_open)
         raise ValueError(f"{name} must be finite{'' if bounds == 'finite' else f' ({bounds})'}, got {value}")

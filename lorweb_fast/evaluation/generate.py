@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from .._files import atomic_write
+from .._files import atomic_write, save_image_atomically
 from .evalsets import EvalInputError, Triplet
 
 #: run.json settings that must match when a run is resumed.
@@ -50,28 +49,15 @@ OWN_PIPE_ARGS = {"merge": "--merge", "num_inference_steps": "--steps", "guidance
                  "output_type": None}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` completely or keeps what it held (``_files.atomic_write``; no temporary is left),
-    synced to disk before the rename: a resumed run takes an existing file as done."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(path, write)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+    """``path`` holds ``text`` completely or keeps what it held (``_files.atomic_write``; no temporary is left),
+    synced to disk before the rename: a resumed run takes an existing file as done."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(text.encode()), sync=True)
 
 
 def atomic_save_image(image, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    """``image`` as ``path`` (a .png), written and synced as ``atomic_write_text``."""
+    save_image_atomically(image, path, sync=True)
 
 
 def capped(image, long_edge: Optional[int]):
