@@ -54,6 +54,7 @@ from typing import Optional, Union
 import torch
 
 from ._files import atomic_write as _atomic_write, image_read_error_message, image_read_errors
+from .validation import warn
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: the order in which the official loader tries a control image's extension (toolkit/dataloader_mixins.py
@@ -353,21 +354,20 @@ class AnalogyFolder(torch.utils.data.Dataset):
                                  if len(files) > 1 and stem in stems}
         if self.several_controls:
             stem, files = next(iter(self.several_controls.items()))
-            warnings.warn(f"several control images share a target's name ({len(self.several_controls)} names); "
-                          "each sample uses the first in the official lookup order "
-                          f"({', '.join(CONTROL_SUFFIX_ORDER)}, then upper case) "
-                          f"and never reads the others (e.g. {stem}: {files[0].name} over "
-                          f"{', '.join(f.name for f in files[1:])})", stacklevel=2)
+            warn(f"several control images share a target's name ({len(self.several_controls)} names); "
+                 "each sample uses the first in the official lookup order "
+                 f"({', '.join(CONTROL_SUFFIX_ORDER)}, then upper case) "
+                 f"and never reads the others (e.g. {stem}: {files[0].name} over "
+                 f"{', '.join(f.name for f in files[1:])})")
         names = Counter(self._name(t) for t in targets)
         #: names shared by several target images (target/0007.jpg and target/0007.png): each is a sample, as in the
         #: official loader, with the same control image and caption
         self.shared_names = sorted(n for n, k in names.items() if k > 1)
         if self.shared_names:
-            warnings.warn(f"several target images share a name ({len(self.shared_names)} names), each a sample "
-                          f"with the same control image and caption, as in the official loader (e.g. "
-                          f"{self.shared_names[0]}: "
-                          + ", ".join(t.name for t in targets if self._name(t) == self.shared_names[0]) + ")",
-                          stacklevel=2)
+            warn(f"several target images share a name ({len(self.shared_names)} names), each a sample "
+                 f"with the same control image and caption, as in the official loader (e.g. "
+                 f"{self.shared_names[0]}: "
+                 + ", ".join(t.name for t in targets if self._name(t) == self.shared_names[0]) + ")")
         #: (control, target, caption, layout, grid size (W, H) before resizing)
         self.samples: list[tuple[Path, Path, str, str, tuple[int, int]]] = []
         self.skipped: list[str] = []
@@ -380,21 +380,19 @@ class AnalogyFolder(torch.utils.data.Dataset):
                 if not skip_bad:
                     raise AnalogyDataError(f"{exc} (pass skip_bad=True / --skip-bad to skip such samples)") from None
                 name = self._name(target)
-                warnings.warn(f"skipping training sample {name}: {exc}", stacklevel=2)
+                warn(f"skipping training sample {name}: {exc}")
                 self.skipped.append(name)
                 self.problems.append(str(exc))
         if self.missing_captions:
-            warnings.warn(f"{len(self.missing_captions)} training samples have no caption and train with an empty "
-                          f"one, as the official loader does (e.g. {self.missing_captions[0]}: no entry in "
-                          f"{self.root / RELATION_METADATA}, no .txt beside its target, in captions/ or "
-                          "control/); pass missing_caption='raise' / --missing-caption raise to refuse them",
-                          stacklevel=2)
+            warn(f"{len(self.missing_captions)} training samples have no caption and train with an empty "
+                 f"one, as the official loader does (e.g. {self.missing_captions[0]}: no entry in "
+                 f"{self.root / RELATION_METADATA}, no .txt beside its target, in captions/ or "
+                 "control/); pass missing_caption='raise' / --missing-caption raise to refuse them")
         #: control images with no target image of their name: not samples (the official loader never looks at them)
         self.unused_controls = [p for p in control_files if p.stem not in stems]
         if self.unused_controls:
-            warnings.warn(f"{len(self.unused_controls)} control images have no target image and are not training "
-                          f"samples (e.g. {self.unused_controls[0]}): the samples are the images in {target_dir}",
-                          stacklevel=2)
+            warn(f"{len(self.unused_controls)} control images have no target image and are not training "
+                 f"samples (e.g. {self.unused_controls[0]}): the samples are the images in {target_dir}")
         if not self.samples:
             raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
         kinds = {s[3] for s in self.samples}
@@ -418,7 +416,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
             raise AnalogyDataError(f"{len(problems)} training samples cannot be used, e.g. {names[first]}: "
                                    f"{problems[first]} (pass skip_bad=True / --skip-bad to skip such samples)")
         for i in sorted(problems):
-            warnings.warn(f"skipping training sample {names[i]}: {problems[i]}", stacklevel=2)
+            warn(f"skipping training sample {names[i]}: {problems[i]}")
             self.skipped.append(names[i])
             self.problems.append(f"{names[i]}: {problems[i]}")
         self.samples = [s for i, s in enumerate(self.samples) if i not in problems]
@@ -692,15 +690,15 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
             raise AnalogyDataError(f"no category of {src} matches the category filter ({', '.join(unknown)}); its "
                                    f"{len(names)} categories: {shown}")
         if unknown:
-            warnings.warn(f"{src} has no category {', '.join(unknown)} (category filter)", stacklevel=2)
+            warn(f"{src} has no category {', '.join(unknown)} (category filter)")
     pairs, bad = [], []
     with _image_pool() as pool:
         for category in tqdm(categories, desc="reading labels", unit="category", disable=not progress):
             if not filter_categories or category.name in filter_categories:
                 pairs += _category_pairs(category, excluded, max_samples_per_category or None, pool, bad)
     if bad:
-        warnings.warn(f"skipped {len(bad)} Relation252K images that cannot be decoded, as the official script does "
-                      f"(e.g. {bad[0][0]}: {bad[0][1]})", stacklevel=2)
+        warn(f"skipped {len(bad)} Relation252K images that cannot be decoded, as the official script does "
+             f"(e.g. {bad[0][0]}: {bad[0][1]})")
     if unreadable is not None:
         unreadable.extend(bad)
     return pairs
@@ -913,8 +911,8 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
             if not isinstance(earlier, list) or not all(isinstance(e, dict) and "analogy_id" in e for e in earlier):
                 raise ValueError("not a list of analogy entries")
         except (OSError, ValueError) as exc:
-            warnings.warn(f"cannot read the existing {metadata_path} ({exc}); it is rewritten with this run's "
-                          "analogies", stacklevel=2)
+            warn(f"cannot read the existing {metadata_path} ({exc}); it is rewritten with this run's "
+                 "analogies")
             earlier = []
     for sub in ("control", "target", "."):
         (out / sub).mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import warnings
 from typing import Optional
 
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 
 from . import ops
 from .reference import ACTIVATIONS, REDUCTIONS
-from .validation import check_finite_tensor, check_float_tensor, check_has_values, check_int, check_real
+from .validation import check_finite_tensor, check_float_tensor, check_has_values, check_int, check_real, warn
 
 
 def _refuse_inside_merged(layer: "LoRWeBLinear", what: str) -> None:
@@ -344,9 +343,9 @@ class LoRWeBLinear(nn.Module):
         if (not torch.compiler.is_compiling() and not self._merged_grad_warned[0] and torch.is_grad_enabled()
                 and self.lora_A.requires_grad):
             self._merged_grad_warned[0] = True
-            warnings.warn("forward with autograd inside merged(): the mixture is folded into the base weight, so "
-                          "the LoRWeB parameters (lora_A, lora_B, lora_keys, att_lora_to_q) get no gradient; "
-                          "train outside merged()", UserWarning, stacklevel=3)
+            warn("forward with autograd inside merged(): the mixture is folded into the base weight, so "
+                 "the LoRWeB parameters (lora_A, lora_B, lora_keys, att_lora_to_q) get no gradient; "
+                 "train outside merged()")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged:

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from .layer import (LoRWeBLinear, default_adapter_dtype, group_offloading_member
                     linear_dims, refuse_disk_group_offloading, replaced_query_projection_error)
 from .reference import ACTIVATIONS, REDUCTIONS
 from .validation import (check_choice, check_finite_tensor, check_float_tensor, check_has_values, check_int,
-                         check_real, check_regex)
+                         check_real, check_regex, warn)
 
 #: The official targets: every nn.Linear inside the double and single FLUX blocks (494 layers in FLUX.1).
 DEFAULT_TARGET_MODULES = r"(transformer_blocks|single_transformer_blocks)\.\d+\..+"
@@ -333,9 +332,9 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
         for i, (_, layer) in enumerate(members):
             layer.set_coefficients(coeffs[i], check_finite=False)
     if torch.is_grad_enabled() and not model.training and any(c.requires_grad for _, c in computed):
-        warnings.warn("set_query on a model in eval mode with autograd enabled: the coefficients carry autograd "
-                      "history (copy.deepcopy of the model then fails and the graph is kept alive); call it under "
-                      "torch.no_grad() for inference, or model.train() for training", UserWarning, stacklevel=2)
+        warn("set_query on a model in eval mode with autograd enabled: the coefficients carry autograd "
+             "history (copy.deepcopy of the model then fails and the graph is kept alive); call it under "
+             "torch.no_grad() for inference, or model.train() for training")
     return get_coefficients(model)
 
 
@@ -999,10 +998,10 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         [n for n in _find_targets(model, DEFAULT_TARGET_MODULES) if _read_not_called(model, n) is None]
     uncovered = [n for n in official_targets if n not in groups]
     if uncovered and len(uncovered) < len(official_targets):  # some adapted, not all
-        warnings.warn(f"the checkpoint adapts {len(official_targets) - len(uncovered)} of the {len(official_targets)} "
-                      f"linear layers of {type(model).__name__}'s transformer blocks that the official LoRWeB adapts; "
-                      f"{len(uncovered)} (e.g. {uncovered[0]!r}) run without an adapter: a checkpoint for a smaller "
-                      "model or trained with other target modules?", UserWarning, stacklevel=2)
+        warn(f"the checkpoint adapts {len(official_targets) - len(uncovered)} of the {len(official_targets)} "
+             f"linear layers of {type(model).__name__}'s transformer blocks that the official LoRWeB adapts; "
+             f"{len(uncovered)} (e.g. {uncovered[0]!r}) run without an adapter: a checkpoint for a smaller "
+             "model or trained with other target modules?")
 
     # Everything is validated: build all new layers first, then swap them in and copy (cannot fail now).
     new_layers = {}

@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
 from ._files import atomic_write
+from .validation import warn
 
 #: Every official query mode (extensions_built_in/flux_kontext.py ``get_external_query``).
 QUERY_MODES = ("cat-aa'b", "aa'bb'", "caa'bb'", "caa'b", "caa'", "ca'-ca", "ca'-ca+cb", "paa'b", "paa'b3",
@@ -158,10 +158,10 @@ def read_config_yaml(path: Union[str, os.PathLike], *, recorded_scale: Optional[
         alpha = network.get("linear_alpha")
         if alpha is not None and "rank" in out and float(alpha) != out["rank"] \
                 and (recorded_scale is None or float(alpha) / out["rank"] != recorded_scale):
-            warnings.warn(f"{path}: network.linear_alpha={alpha!r} is not read: the official LoRWeB network uses "
-                          f"alpha = rank = {out['rank']} (scale 1) whatever linear_alpha says (peft format); "
-                          "lorweb_fast takes the scale from settings={'lora_alpha': ...} or its own checkpoint "
-                          "metadata, else 1", UserWarning, stacklevel=2)
+            warn(f"{path}: network.linear_alpha={alpha!r} is not read: the official LoRWeB network uses "
+                 f"alpha = rank = {out['rank']} (scale 1) whatever linear_alpha says (peft format); "
+                 "lorweb_fast takes the scale from settings={'lora_alpha': ...} or its own checkpoint "
+                 "metadata, else 1")
         for ours, theirs in (("num_loras", "loras_num"), ("key_dim", "lora_keys_dim"), ("heads", "lora_heads")):
             if kwargs.get(theirs) is not None:
                 out[ours] = int(kwargs[theirs])
@@ -270,9 +270,9 @@ def official_config(settings: Mapping[str, Any], *, name: str = "lorweb", extra:
         s["lora_alpha"] = s["rank"]  # the official alpha = rank
     _validate(s, "the settings to write")
     if float(s["lora_alpha"]) != float(s["rank"]):
-        warnings.warn(f"lora_alpha={s['lora_alpha']!r} != rank={s['rank']!r}: the official inference.py ignores "
-                      "network.linear_alpha and applies the mixture with scale 1 (alpha = rank); lorweb_fast reads "
-                      "the scale from the checkpoint metadata", UserWarning, stacklevel=2)
+        warn(f"lora_alpha={s['lora_alpha']!r} != rank={s['rank']!r}: the official inference.py ignores "
+             "network.linear_alpha and applies the mixture with scale 1 (alpha = rank); lorweb_fast reads "
+             "the scale from the checkpoint metadata")
     network = {
         "type": "attlora",
         "linear": int(s["rank"]),
@@ -426,8 +426,8 @@ def find_checkpoint(directory: Union[str, os.PathLike]) -> tuple[Path, Optional[
         raise FileNotFoundError(f"no complete LoRWeB checkpoint (*.safetensors) in {root}"
                                 + (f" (unreadable: {', '.join(skipped)})" if skipped else ""))
     if skipped:  # never silently: the newest or final file is what the folder is expected to give
-        warnings.warn(f"{root}: skipped the unreadable checkpoint file(s) {', '.join(skipped)} (truncated, or not "
-                      f"safetensors); using {chosen.relative_to(root).as_posix()}", stacklevel=2)
+        warn(f"{root}: skipped the unreadable checkpoint file(s) {', '.join(skipped)} (truncated, or not "
+             f"safetensors); using {chosen.relative_to(root).as_posix()}")
     return chosen, config_beside(chosen, root)
 
 

@@ -48,7 +48,7 @@ from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lo
     lorweb_layers, lorweb_state_dict, save_lorweb_weights, set_query
 from .official_config import CONFIG_NAME, DTYPE_NAMES
 from .reference import ACTIVATIONS, REDUCTIONS
-from .validation import check_train_config
+from .validation import check_train_config, warn
 
 logger = logging.getLogger("lorweb_fast.training")
 
@@ -389,8 +389,7 @@ def find_resumable_checkpoint(out: Union[str, Path]) -> tuple[Optional[Path], Op
             return ckpt, _read_trainer_state(ckpt)
         except Exception as exc:  # corrupt trainer state or unreadable weights
             problems.append(str(exc))
-            warnings.warn(f"cannot resume from {ckpt.name}: {exc}; falling back to the previous complete checkpoint",
-                          UserWarning, stacklevel=2)
+            warn(f"cannot resume from {ckpt.name}: {exc}; falling back to the previous complete checkpoint")
     if problems:
         raise ValueError(f"no usable checkpoint in {Path(out) / CHECKPOINT_DIR}: " + "; ".join(problems))
     return None, None
@@ -900,9 +899,9 @@ def _warn_if_layers_unwrapped(model) -> None:
     units = [name for name, m in model.named_modules() if name and isinstance(m, FSDPModule)]
     loose = [name for name in lorweb_layers(model) if not any(name.startswith(u + ".") for u in units)]
     if loose:
-        warnings.warn(f"FSDP: {len(loose)} LoRWeB layers (e.g. {loose[0]}) are not inside a wrapped transformer block, "
-                      "so the whole transformer is gathered at once; launch with --fsdp_auto_wrap_policy "
-                      "TRANSFORMER_BASED_WRAP (blocks from the model's _no_split_modules)", stacklevel=3)
+        warn(f"FSDP: {len(loose)} LoRWeB layers (e.g. {loose[0]}) are not inside a wrapped transformer block, "
+             "so the whole transformer is gathered at once; launch with --fsdp_auto_wrap_policy "
+             "TRANSFORMER_BASED_WRAP (blocks from the model's _no_split_modules)")
 
 
 def _check_gradients(grad_norm, model, step: int, cfg: TrainConfig, *, scaled: bool = False) -> None:
@@ -985,8 +984,7 @@ def _loss_rows(log_path: Union[str, Path]) -> list[tuple[str, dict]]:
         else:
             torn += 1
     if torn:
-        warnings.warn(f"{log_path}: {torn} incomplete line(s) left out (a run stopped while writing it)",
-                      stacklevel=3)
+        warn(f"{log_path}: {torn} incomplete line(s) left out (a run stopped while writing it)")
     return rows
 
 
@@ -1308,9 +1306,9 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
         if cfg.batching == "mixed" and not cfg.resume:  # a run started before this check resumes (with a warning)
             raise ValueError(f"{what} is larger than the {len(dataset)} training samples: with batching 'mixed' every "
                              "step would repeat samples; lower it")
-        warnings.warn(f"{what} is larger than the {len(dataset)} training samples: "
-                      + ("every step repeats samples" if cfg.batching == "mixed" else
-                         "every step holds at most the samples of one bucket"), UserWarning, stacklevel=3)
+        warn(f"{what} is larger than the {len(dataset)} training samples: "
+             + ("every step repeats samples" if cfg.batching == "mixed" else
+                "every step holds at most the samples of one bucket"))
     ckpt, trainer_state = _prepare_output_in_order(cfg, accelerator)  # before loading models
     accelerator.wait_for_everyone()
 

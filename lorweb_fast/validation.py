@@ -237,12 +237,31 @@ def check_device(name: str, device) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------------ warnings
+#: Packages whose frames a warning skips to reach the caller's line (lorweb_fast itself, and the libraries that call
+#: into it: a pipeline call, a module's forward, a context manager).
+_LIBRARY_PACKAGES = frozenset({"lorweb_fast", "torch", "diffusers", "transformers", "accelerate", "peft",
+                               "contextlib"})
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside lorweb_fast and the libraries in
+    ``_LIBRARY_PACKAGES`` (the user's script, notebook cell or test) rather than to lorweb_fast's own line; to the
+    outermost frame when every frame is library code (the ``lorweb-fast`` command)."""
+    import sys
+
+    frame, stacklevel = sys._getframe(), 1  # stacklevel 1: this frame, which calls warnings.warn
+    while frame.f_back is not None:
+        if (frame.f_globals.get("__name__") or "").split(".", 1)[0] not in _LIBRARY_PACKAGES:
+            break
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(message, category, stacklevel=stacklevel)
+
+
 #: Aspect ratios (long side / short side) above this are squashed noticeably by the 2x2 grid.
 EXTREME_ASPECT_RATIO = 4.0
 
 
-def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, cells_from: str = "b",
-                       stacklevel: int = 3) -> None:
+def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, cells_from: str = "b") -> None:
     """Warn when the images that set the cell shape (``cells_from``: "b" at the native resolution, "a" at the
     official one, where every cell takes a's size) have different aspect ratios within a batch (every grid then
     uses the first one's shape) or when any image is more elongated than ``EXTREME_ASPECT_RATIO`` (its cell
@@ -250,16 +269,16 @@ def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, cells_fro
     ratios = [im.size[0] / max(1, im.size[1]) for im in (a if cells_from == "a" else b)]
     if len(ratios) > 1 and max(ratios) / min(ratios) > 1.01:
         shown = ", ".join(f"{r:.2f}" for r in ratios)
-        warnings.warn(f"the {cells_from} images of this batch have different aspect ratios ({shown}"
-                      "); every grid uses the first analogy's cell shape, so the others are stretched. Run them in "
-                      "separate calls to keep their proportions", UserWarning, stacklevel=stacklevel)
+        warn(f"the {cells_from} images of this batch have different aspect ratios ({shown}"
+             "); every grid uses the first analogy's cell shape, so the others are stretched. Run them in "
+             "separate calls to keep their proportions")
     for role, images in (("a", a), ("a_prime", a_prime), ("b", b)):
         for i, im in enumerate(images):
             w, h = im.size
             if max(w, h) > EXTREME_ASPECT_RATIO * max(1, min(w, h)):
-                warnings.warn(f"{role}[{i}] is {w}x{h} (aspect ratio {max(w, h) / max(1, min(w, h)):.1f}:1); the "
-                              "2x2 analogy grid squashes such extreme shapes. Crop it closer to square for better "
-                              "results", UserWarning, stacklevel=stacklevel)
+                warn(f"{role}[{i}] is {w}x{h} (aspect ratio {max(w, h) / max(1, min(w, h)):.1f}:1); the "
+                     "2x2 analogy grid squashes such extreme shapes. Crop it closer to square for better "
+                     "results")
 
 
 # ------------------------------------------------------------------------------------------------ pipeline

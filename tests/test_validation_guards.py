@@ -363,3 +363,34 @@ def test_hub_offline_spellings(tmp_path, monkeypatch):
             V.check_model_source("--model", "someone/absent-model", "model_index.json")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert V.check_model_source("--model", "someone/absent-model", "model_index.json") == "someone/absent-model"
+
+
+def test_warnings_point_at_the_callers_line_not_at_lorweb_fast():
+    """A warning raised deep inside lorweb_fast (through torch's Module.__call__, contextlib's merged() and the
+    model helpers) is attributed to the line of this file that made the call, so that Python's default filter and a
+    user's ``filterwarnings`` by module see the user's code; a helper of a package outside the list is where the
+    walk stops."""
+    import warnings
+
+    m = tiny_lorweb_pair(lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=r"\d"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lf.set_query(m, torch.randn(1, 6, requires_grad=True))  # eval mode with autograd: warns
+    assert [(w.filename, "carry autograd" in str(w.message)) for w in caught] == [(__file__, True)]
+
+    for p in m.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():
+        lf.set_query(m, torch.randn(1, 6))
+    with lf.merged(m), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = __import__("inspect").currentframe().f_lineno + 1
+        m(torch.randn(1, 6))  # a forward with autograd inside merged(): warns from LoRWeBLinear's forward
+    assert [(w.filename, w.lineno) for w in caught if "get no gradient" in str(w.message)] == [(__file__, line)]
+
+    user_module = {"__name__": "user_code", "V": V}
+    exec(compile("def call():\n    V.warn('from user code')\n", "user_code.py", "exec"), user_module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        user_module["call"]()  # the walk stops at user_code's frame, before this file's
+    assert [(w.filename, w.lineno) for w in caught] == [("user_code.py", 2)]

@@ -30,10 +30,11 @@ import math
 import random
 import re
 from collections import Counter
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
+
+from ..validation import warn
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EVALSET_FORMATS = ("auto", "folder", "lorweb", "relation252k")
@@ -344,9 +345,9 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
                             far = sorted(set(cands) - set(close), key=lambda p: (abs(aspect(p) - a_aspect), p.name))
                             bs = close + far[:b_per_pair - len(close)]
                             note = {"b_aspect_outside_tolerance": True}
-                            warnings.warn(f"{rel}: only {len(close)} photos of {category!r} have an aspect ratio "
-                                          f"within {aspect_tolerance} of a's; the closest others complete the "
-                                          f"{b_per_pair} b images (recorded as b_aspect_outside_tolerance)")
+                            warn(f"{rel}: only {len(close)} photos of {category!r} have an aspect ratio "
+                                 f"within {aspect_tolerance} of a's; the closest others complete the "
+                                 f"{b_per_pair} b images (recorded as b_aspect_outside_tolerance)")
                     for b_path in bs:
                         triplets.append(Triplet(
                             task, f"{a_prime.stem}__{b_path.stem}", ImageRef(a_path), ImageRef(a_prime),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -29,6 +28,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .evalsets import EvalInputError, read_text
+from ..validation import warn
 
 #: The paper's prompts (appendix A.3), verbatim: the 1-10 accuracy / consistency score (images A, A', B, B').
 SCORE_PROMPT = (
@@ -228,10 +228,10 @@ class Gemma3Judge:
         self.last_truncated = self._was_cut(answer)
         if self.last_truncated:
             if not self.truncated:
-                warnings.warn(f"the judge's answer to {request.id} ({request.kind}) stopped at max_new_tokens="
-                              f"{self.max_new_tokens} before its end; a cut answer usually has no score and is listed "
-                              "as a failure: raise --judge-max-new-tokens (later cut answers are not warned about; "
-                              "see the judge's .truncated)", UserWarning, stacklevel=3)
+                warn(f"the judge's answer to {request.id} ({request.kind}) stopped at max_new_tokens="
+                     f"{self.max_new_tokens} before its end; a cut answer usually has no score and is listed "
+                     "as a failure: raise --judge-max-new-tokens (later cut answers are not warned about; "
+                     "see the judge's .truncated)")
             self.truncated.append(request.id)
         return self.processor.decode(answer, skip_special_tokens=True)
 

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 from .evalsets import EvalInputError, RunItem, check_outside, file_signature, load_rgb, read_runs
 from .judge import PAIRWISE_PROMPT, PARSERS, SCORE_PROMPT, JudgeCache, JudgeRequest, ask
+from ..validation import warn
 
 METRICS = ("clip_dir", "lpips", "vlm")
 
@@ -230,14 +231,12 @@ def _coverage(items: dict) -> Optional[dict]:
     """None when every runs folder of ``items`` ({name: [RunItem]}) holds the same triplets; else {"triplets": {name:
     count}, "shared": count of the triplets all of them hold}, after a warning: their means are over other
     analogies."""
-    import warnings
-
     keys = {name: {it.key for it in its} for name, its in items.items()}
     if len({frozenset(k) for k in keys.values()}) <= 1:
         return None
     coverage = {"triplets": {name: len(k) for name, k in keys.items()}, "shared": len(set.intersection(*keys.values()))}
-    warnings.warn(f"the runs folders hold different triplets ({coverage_text(coverage)}): each one's means are over "
-                  "its own triplets, so the side-by-side numbers compare different analogies", stacklevel=3)
+    warn(f"the runs folders hold different triplets ({coverage_text(coverage)}): each one's means are over "
+         "its own triplets, so the side-by-side numbers compare different analogies")
     return coverage
 
 
