@@ -66,6 +66,12 @@ def replaced_query_projection_error(name: str, layer: nn.Module) -> Optional[str
     proj = layer.att_lora_to_q
     if type(proj).forward is nn.Linear.forward:
         return None
+    if hasattr(proj, "adapter_layer_names") and hasattr(proj, "get_base_layer"):  # peft's BaseTunerLayer
+        return (f"layer {name}: its att_lora_to_q is a peft adapter layer ({type(proj).__name__}): a peft / "
+                "diffusers LoRA was added after LoRWeB with target modules that reach into LoRWeB's layers (e.g. "
+                "target_modules='all-linear'); LoRWeB does not stack with peft adapters: take LoRWeB out with "
+                "lf.remove_lorweb(model) (the peft layers stay), unload the peft adapter, then inject or load "
+                "LoRWeB again")
     return (f"layer {name}: its att_lora_to_q is a {type(proj).__name__}, not a plain nn.Linear (the model was "
             "quantized or converted after LoRWeB was injected?); quantize the base before injecting LoRWeB or "
             "loading a checkpoint")
@@ -247,6 +253,14 @@ class LoRWeBLinear(nn.Module):
         self.adapter_precision = "auto"
         self._merged_grad_warned = [False]  # shared by the layers of one merged() block: one warning per block
         base.requires_grad_(False)  # W is frozen (METHOD.md), as peft freezes the layers it wraps
+
+    def get_base_layer(self) -> "LoRWeBLinear":
+        """``self``. diffusers' stock unload (``unload_lora()``, a stock pipeline's ``unload_lora_weights()``: its
+        ``recurse_remove_peft_layers``) puts ``module.get_base_layer()`` in the place of every module with a
+        ``base_layer`` attribute, meaning peft adapter layers. A LoRWeB layer is none: unloading a peft LoRA loaded
+        beside LoRWeB leaves the LoRWeB layers in place (without this method that unload raised an AttributeError
+        after removing part of the peft layers). ``lf.remove_lorweb`` takes LoRWeB out."""
+        return self
 
     def lorweb_tensors(self) -> dict[str, nn.Parameter]:
         """The LoRWeB parameters under their official checkpoint suffixes, in checkpoint order (without

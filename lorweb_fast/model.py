@@ -113,8 +113,10 @@ def _refuse_incompatible_modules(model: nn.Module, what: str) -> None:
                              "unfuse_qkv_projections() first")
         if hasattr(module, "adapter_layer_names") and hasattr(module, "get_base_layer"):  # peft's BaseTunerLayer
             raise ValueError(f"{what}: {name} is a peft adapter layer ({type(module).__name__}); LoRWeB does not "
-                             "stack with peft adapters: unload them first (pipe.unload_lora_weights() / "
-                             "unload_lora())")
+                             "stack with peft adapters: unload them first with diffusers' own calls "
+                             "(transformer.unload_lora(), or the stock pipeline's unload_lora_weights(): pipe.pipe"
+                             ".unload_lora_weights() on a LoRWeBKontextPipeline, whose own unload_lora_weights() "
+                             "removes LoRWeB)")
 
 
 def _refuse_new_layers_under_group_offloading(model: nn.Module, names, what: str) -> None:

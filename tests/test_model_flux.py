@@ -341,6 +341,47 @@ def test_peft_adapter_layers_are_refused_before_anything_changes(saved_base):
     assert_unchanged(m, snap)
 
 
+def test_a_peft_lora_beside_lorweb_unloads_with_diffusers_own_unload(saved_base, tmp_path):
+    """LoRWeB first, then a peft LoRA on layers LoRWeB does not wrap (the embedders; peft accepts it): diffusers'
+    own ``unload_lora()`` (``recurse_remove_peft_layers`` replaces every module with a ``base_layer`` by its
+    ``get_base_layer()``) removes the peft layers and their config and leaves the LoRWeB layers in place, so the
+    output is LoRWeB's alone again and a LoRWeB checkpoint loads (refused while the peft layers were there)."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    m, query, inputs, want = injected_and_its_output(saved_base)
+    lf.save_lorweb_weights(m, tmp_path / "w.safetensors")
+    m.add_adapter(LoraConfig(r=2, target_modules=["x_embedder", "context_embedder"]), adapter_name="emb")
+    with torch.no_grad():
+        for name, param in m.named_parameters():
+            if ".lora_B." in name:
+                param.normal_()
+        assert not torch.allclose(m(**inputs).sample, want)  # the peft LoRA changes the output
+    with pytest.raises(ValueError, match=r"_embedder is a peft adapter layer .*transformer.unload_lora\(\)"):
+        lf.load_lorweb_weights(m, tmp_path / "w.safetensors")
+    m.unload_lora()
+    assert not any(hasattr(mod, "adapter_layer_names") for mod in m.modules())
+    assert not getattr(m, "peft_config", None)
+    assert len(lf.lorweb_layers(m)) == 20
+    with torch.no_grad():
+        torch.testing.assert_close(m(**inputs).sample, want, rtol=0, atol=0)
+    assert len(lf.load_lorweb_weights(m, tmp_path / "w.safetensors")) == 20
+
+
+def test_a_peft_lora_reaching_into_lorweb_layers_is_named_by_set_query(saved_base):
+    """A peft LoRA added after LoRWeB with all-linear targets wraps the LoRWeB layers' query projections before peft
+    itself refuses LoRWeBLinear: set_query then names the peft layer and the way out (remove_lorweb), not a
+    quantization."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    m, query, _, _ = injected_and_its_output(saved_base)
+    with pytest.raises(Exception):  # peft's own refusal of LoRWeBLinear, after wrapping what it could
+        m.add_adapter(LoraConfig(r=2, target_modules="all-linear"))
+    with pytest.raises(ValueError, match=r"att_lora_to_q is a peft adapter layer .*lf.remove_lorweb\(model\)"):
+        lf.set_query(m, query)
+
+
 def test_hooked_base_layers_are_called_sequential_cpu_offload(saved_base):
     """A base layer with hooks (accelerate's sequential CPU offload keeps its weight on the meta device outside its
     forward) is called, not read by the fused path: the offloaded model gives the same output. set_query refuses
