@@ -54,6 +54,7 @@ from typing import Optional, Union
 import torch
 
 from ._files import atomic_write as _atomic_write, image_read_error_message, image_read_errors
+from .official_config import OFFICIAL_DEFAULTS, QUERY_MODES, QUERY_SOURCES
 from .validation import warn
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -423,6 +424,19 @@ class AnalogyFolder(torch.utils.data.Dataset):
         if not self.samples:
             raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
 
+    def skip_query_crop_problems(self, query_mode: str, query_source: str, skip_bad: bool) -> None:
+        """With ``query_source="grid"`` (official), ``skip_samples`` those whose training-size grid has nothing to
+        cut for the official training query crops of ``query_mode`` (side s = H // 2: a grid at most half as wide as
+        it is tall has no a' cell); the same check in ``lorweb-fast train`` and ``data check``."""
+        if query_source != "grid":
+            return
+        from .flux import query_crop_problem
+
+        sizes = [self.grid_size(s[4]) for s in self.samples]
+        crops = {i: query_crop_problem(*size, query_mode, "training") for i, size in enumerate(sizes)}
+        self.skip_samples({i: f"at its training size {sizes[i]}: {why}" for i, why in crops.items() if why},
+                          skip_bad)
+
     @property
     def missing_captions(self) -> list:
         """Names of the samples that have no caption and train with an empty one (missing_caption="empty"); by
@@ -559,7 +573,7 @@ def _not_a_folder(path: Path) -> str:
 def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = None, skip_bad: bool = False,
                  layout: str = "auto", resize: str = "bucket", long_edge: int = 512,
                  bucket_divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY, missing_caption: str = "empty",
-                 progress: bool = True) -> dict:
+                 query_mode: str = OFFICIAL_DEFAULTS["query_mode"], query_source: str = "grid", progress: bool = True) -> dict:
     """Validate every sample of ``root``; return counts ``{"samples", "skipped", "layouts", "sizes",
     "training_sizes", "captions", "problems", "controls_without_target", "samples_without_caption",
     "several_controls", "shared_names"}`` (``samples_without_caption``: the samples that train with an empty caption,
@@ -570,7 +584,9 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
     trainer sees, before resizing to the training resolution. A ``dump`` that is a file or cannot be created is
     refused (``validation.UsageError``) before any sample is read. Every image is decoded completely (the training
     folder scan reads only headers): an image that does not decode is an AnalogyDataError naming it, or with
-    ``skip_bad`` a skipped sample listed in ``problems``."""
+    ``skip_bad`` a skipped sample listed in ``problems``; so is a sample that ``lorweb-fast train`` with
+    ``query_mode`` / ``query_source`` (its defaults) refuses because its grid has no official query crop
+    (``AnalogyFolder.skip_query_crop_problems``)."""
     from tqdm.auto import tqdm
 
     from .validation import check_output_dir
@@ -592,6 +608,7 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
                 if bad is not None:
                     undecodable[i] = bad
         dataset.skip_samples(undecodable, skip_bad)
+    dataset.skip_query_crop_problems(query_mode, query_source, skip_bad)
     captions = [s[2] for s in dataset.samples]
     report = {"samples": len(dataset), "skipped": len(dataset.skipped),
               "layouts": dict(Counter(s[3] for s in dataset.samples)),
@@ -971,6 +988,10 @@ def add_data_subparser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--resize", choices=RESIZE_MODES, default="bucket", help="training-size rule, as lorweb-fast train")
     c.add_argument("--long-edge", type=int, default=512, help="training resolution, as lorweb-fast train")
     c.add_argument("--bucket-divisibility", type=int, default=OFFICIAL_BUCKET_DIVISIBILITY, help="as lorweb-fast train")
+    c.add_argument("--query-mode", choices=QUERY_MODES, default=OFFICIAL_DEFAULTS["query_mode"],
+                   help="as lorweb-fast train: a grid with nothing to cut for its official training query crops is "
+                        "a problem")
+    c.add_argument("--query-source", choices=QUERY_SOURCES, default="grid", help="as lorweb-fast train")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     r = sub.add_parser("prepare", help="Relation252K folder -> control/ strips, target/ b' + captions (official)")
     r.add_argument("src", help="downloaded Relation252K folder (<category>/Group1/labels.json + images)")
@@ -999,7 +1020,7 @@ def run_data(args) -> dict:
         report = check_folder(args.data, dump=args.dump, skip_bad=args.skip_bad, layout=args.layout,
                               resize=args.resize, long_edge=args.long_edge,
                               bucket_divisibility=args.bucket_divisibility, missing_caption=args.missing_caption,
-                              progress=not args.quiet)
+                              query_mode=args.query_mode, query_source=args.query_source, progress=not args.quiet)
         print(f"{report['samples']} samples ({report['skipped']} skipped); layouts: "
               + ", ".join(f"{k} {v}" for k, v in report["layouts"].items()))
         print("grid sizes: " + ", ".join(f"{k} x{v}" for k, v in list(report["sizes"].items())[:10])

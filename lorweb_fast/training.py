@@ -1263,13 +1263,7 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
                             bidirectional=cfg.bidirectional, resize=cfg.resize,
                             bucket_divisibility=cfg.bucket_divisibility,
                             missing_caption=cfg.missing_caption)  # fail before loading models
-    if cfg.query_source == "grid":  # the official training query crops (s = H // 2) of every sample's training size
-        from .flux import query_crop_problem
-
-        sizes = [dataset.grid_size(s[4]) for s in dataset.samples]
-        crops = {i: query_crop_problem(*size, cfg.query_mode, "training") for i, size in enumerate(sizes)}
-        dataset.skip_samples({i: f"at its training size {sizes[i]}: {why}" for i, why in crops.items() if why},
-                             cfg.skip_bad)
+    dataset.skip_query_crop_problems(cfg.query_mode, cfg.query_source, cfg.skip_bad)
     # no GPU: run on CPU, and under `accelerate launch` / torchrun as a gloo process group (MULTI_CPU)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.accelerator.is_available())
     if accelerator.gradient_accumulation_steps != 1:

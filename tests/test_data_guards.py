@@ -507,3 +507,25 @@ def test_data_prepare_fails_an_analogy_whose_id_holds_a_path_separator(tmp_path)
     assert [p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()] == \
         ["analogy_metadata.json"]
     assert not list((tmp_path / "out" / "control").iterdir()) and not list((tmp_path / "out" / "target").iterdir())
+
+
+def test_data_check_refuses_what_train_refuses_for_the_official_query_crops(tmp_path, capsys):
+    """A portrait b' (100 x 220 in a strip of 300 x 220) gives a training grid at most half as wide as it is tall:
+    the official training crops (s = H // 2) leave a' empty, so ``lorweb-fast train`` refuses it (or skips it with
+    --skip-bad); ``data check`` with the same options reports the same sample, and passes it for a query source or
+    mode that does not cut a' (as train does)."""
+    from lorweb_fast import cli
+
+    root = tmp_path / "d"
+    _sample(root, "ok", (300, 100), (100, 100), seed=1)
+    _sample(root, "tall", (300, 220), (100, 220), seed=2)
+    with pytest.raises(AnalogyDataError, match=r"1 training samples cannot be used, e.g. tall: .*too tall"):
+        _quiet(lambda: data.check_folder(root, progress=False))
+    report = _quiet(lambda: data.check_folder(root, skip_bad=True, progress=False))
+    assert report["samples"] == 1 and report["skipped"] == 1 and "too tall" in report["problems"][0]
+    for options in ({"query_source": "images"}, {"query_mode": "aa'bb'"}):
+        assert _quiet(lambda: data.check_folder(root, progress=False, **options))["samples"] == 2
+    assert _quiet(lambda: cli.main(["data", "check", str(root), "--quiet", "--skip-bad"])) == 0
+    assert "problems: 1" in capsys.readouterr().out
+    assert _quiet(lambda: cli.main(["data", "check", str(root), "--quiet", "--query-source", "images"])) == 0
+    assert "problems: 0" in capsys.readouterr().out
