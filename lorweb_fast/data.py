@@ -90,6 +90,10 @@ OFFICIAL_BUCKET_DIVISIBILITY = 16
 #: a control image of its target's size at least this many times wider than tall, with a width divisible by 3, could
 #: be an a|a'|b strip as well as a grid: ambiguous
 STRIP_MIN_ASPECT = 2.5
+#: A strip control whose aspect ratio differs from three target cells side by side (3 W / H) by more than this
+#: factor is stretched noticeably by the official resize to 3W x H (e.g. a finished 2x2 grid saved at another size
+#: than its target, read as a strip): a warning names such samples.
+STRIP_STRETCH_WARNING = 1.5
 
 
 class AnalogyDataError(ValueError):
@@ -270,6 +274,16 @@ def detect_layout(control: Path, control_size: tuple[int, int], target: Path, ta
     return "grid"
 
 
+def _unread_images(*folders: Path) -> list[str]:
+    """The files under ``folders`` (walked, as the sample list) that Pillow reads as images but whose extension is
+    not one of IMAGE_SUFFIXES, sorted."""
+    from PIL import Image
+
+    known = {ext for ext in Image.registered_extensions() if ext not in IMAGE_SUFFIXES}
+    return sorted(str(Path(d) / f) for folder in folders for d, _, files in os.walk(folder) for f in files
+                  if os.path.splitext(f)[1].lower() in known)
+
+
 def _read_relation_captions(path: Path) -> dict:
     """{analogy_id: entry} of an ``analogy_metadata.json`` (empty when the file is absent), indexed as the official
     loader indexes it (toolkit/data_loader.py: ``{i['analogy_id']: i for i in ...}``): a file that is not a JSON list
@@ -338,6 +352,13 @@ class AnalogyFolder(torch.utils.data.Dataset):
         targets = sorted((Path(d) / f for d, _, files in os.walk(target_dir) for f in files
                           if f.lower().endswith(IMAGE_SUFFIXES) and Path(d).name != "_controls"),
                          key=lambda p: p.relative_to(target_dir).as_posix())
+        #: image files that are not samples or controls because their extension is not one of IMAGE_SUFFIXES (the
+        #: official loader's list; e.g. .tif, .bmp, .gif): never read
+        self.unread_images = _unread_images(target_dir, control_dir)
+        if self.unread_images:
+            warn(f"{len(self.unread_images)} image files under {target_dir} or {control_dir} are not read: only "
+                 f"{', '.join(IMAGE_SUFFIXES)} files are samples and controls, as in the official loader (e.g. "
+                 f"{self.unread_images[0]}); convert them to be trained on")
         if not targets:
             raise AnalogyDataError(f"no training samples: {target_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         relation = _read_relation_captions(self.root / RELATION_METADATA)
@@ -369,11 +390,27 @@ class AnalogyFolder(torch.utils.data.Dataset):
                  f"with the same control image and caption, as in the official loader (e.g. "
                  f"{self.shared_names[0]}: "
                  + ", ".join(t.name for t in targets if self._name(t) == self.shared_names[0]) + ")")
+        #: {control file: names of the targets} for targets in different sub-folders of target/ that share a file
+        #: name: the control lookup is by file name in control/ (official), so they all use that one control
+        self.shared_controls = {}
+        users_by_stem: dict[str, set] = {}
+        for t in targets:
+            users_by_stem.setdefault(t.stem, set()).add(self._name(t))
+        for stem, users in sorted(users_by_stem.items()):
+            if stem in control_by_stem and len({name.rpartition("/")[0] for name in users}) > 1:
+                self.shared_controls[str(control_by_stem[stem][0])] = sorted(users)
+        if self.shared_controls:
+            control, users = next(iter(self.shared_controls.items()))
+            warn(f"targets in different sub-folders of {target_dir} share a file name and so one control image "
+                 f"({len(self.shared_controls)} controls; the control lookup is by file name in {control_dir}, as "
+                 f"in the official loader; sub-folders of control/ are not read): e.g. {control} for "
+                 f"{', '.join(users)}")
         #: (control, target, caption, layout, grid size (W, H) before resizing)
         self.samples: list[tuple[Path, Path, str, str, tuple[int, int]]] = []
         self.skipped: list[str] = []
         self.problems: list[str] = []
         self._no_caption: set[Path] = set()  # targets whose caption lookup found nothing (filled by _caption)
+        self._stretched: dict[Path, str] = {}  # strip samples far from 3W x H (filled by _check_sample): why
         for target in targets:
             try:
                 self.samples.append(self._check_sample(target, control_dir, control_by_stem, relation))
@@ -394,6 +431,11 @@ class AnalogyFolder(torch.utils.data.Dataset):
         if self.unused_controls:
             warn(f"{len(self.unused_controls)} control images have no target image and are not training "
                  f"samples (e.g. {self.unused_controls[0]}): the samples are the images in {target_dir}")
+        if self.stretched_strips:
+            name, why = next(iter(self.stretched_strips.items()))
+            warn(f"{len(self.stretched_strips)} strip controls are far from three target-sized cells side by side "
+                 f"and are stretched by the official resize to 3W x H (e.g. {name}: {why}); a finished 2x2 grid "
+                 "needs its target's size to be read as a grid")
         if not self.samples:
             raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
         kinds = {s[3] for s in self.samples}
@@ -438,6 +480,13 @@ class AnalogyFolder(torch.utils.data.Dataset):
                           skip_bad)
 
     @property
+    def stretched_strips(self) -> dict:
+        """{name: why} of the strip samples whose control the official 3W x H resize stretches by more than
+        ``STRIP_STRETCH_WARNING`` (of the samples left)."""
+        kept = {s[1] for s in self.samples}
+        return {self._name(t): why for t, why in self._stretched.items() if t in kept}
+
+    @property
     def missing_captions(self) -> list:
         """Names of the samples that have no caption and train with an empty one (missing_caption="empty"); by
         target file, not by name (target/0007.jpg and target/0007.png share a name)."""
@@ -469,6 +518,11 @@ class AnalogyFolder(torch.utils.data.Dataset):
         else:
             layout = "strip"
         grid_size = target_size if layout == "grid" else (2 * target_size[0], 2 * target_size[1])
+        if layout == "strip":
+            stretch = (control_size[0] * target_size[1]) / (3 * target_size[0] * control_size[1])
+            if max(stretch, 1 / stretch) > STRIP_STRETCH_WARNING:
+                self._stretched[target] = (f"control {control_size[0]}x{control_size[1]} against 3 x its target's "
+                                           f"{target_size[0]}x{target_size[1]}")
         if self.resize == "bucket":  # a sample too small for any bucket fails here, naming its file
             try:
                 official_bucket(grid_size[0] // 2, grid_size[1] // 2, self.long_edge, self.bucket_divisibility)
@@ -576,9 +630,12 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
                  query_mode: str = OFFICIAL_DEFAULTS["query_mode"], query_source: str = "grid", progress: bool = True) -> dict:
     """Validate every sample of ``root``; return counts ``{"samples", "skipped", "layouts", "sizes",
     "training_sizes", "captions", "problems", "controls_without_target", "samples_without_caption",
-    "several_controls", "shared_names"}`` (``samples_without_caption``: the samples that train with an empty caption,
-    ``missing_caption="empty"``; ``several_controls``: {name: [the control used, the others]}; ``shared_names``: names
-    of several target images, each a sample).
+    "several_controls", "shared_names", "shared_controls", "unread_images", "stretched_strips"}``
+    (``samples_without_caption``: the samples that train with an empty caption, ``missing_caption="empty"``;
+    ``several_controls``: {name: [the control used, the others]}; ``shared_names``: names of several target images,
+    each a sample; ``shared_controls``: {control: [names]} of targets in different sub-folders sharing a file name;
+    ``unread_images``: image files with an extension the loader does not read; ``stretched_strips``: {name: why},
+    see ``AnalogyFolder.stretched_strips``).
     With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there (a nested sample's
     ``/`` written ``__``): the grids the
     trainer sees, before resizing to the training resolution. A ``dump`` that is a file or cannot be created is
@@ -621,7 +678,8 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
               "controls_without_target": [str(p) for p in dataset.unused_controls],
               "samples_without_caption": list(dataset.missing_captions),
               "several_controls": {stem: [str(p) for p in files] for stem, files in dataset.several_controls.items()},
-              "shared_names": list(dataset.shared_names)}
+              "shared_names": list(dataset.shared_names), "shared_controls": dict(dataset.shared_controls),
+              "unread_images": list(dataset.unread_images), "stretched_strips": dict(dataset.stretched_strips)}
     if dump is not None:
         out = Path(dump)
         out.mkdir(parents=True, exist_ok=True)
@@ -1026,7 +1084,8 @@ def run_data(args) -> dict:
         print("grid sizes: " + ", ".join(f"{k} x{v}" for k, v in list(report["sizes"].items())[:10])
               + (" ..." if len(report["sizes"]) > 10 else ""))
         print(f"training sizes ({args.resize}): " + ", ".join(f"{k} x{v}" for k, v in
-                                                             list(report["training_sizes"].items())[:10]))
+                                                             list(report["training_sizes"].items())[:10])
+              + (" ..." if len(report["training_sizes"]) > 10 else ""))
         cap = report["captions"]
         print(f"captions: {cap['non_empty']} non-empty, {cap['empty']} empty, {cap['distinct']} distinct non-empty")
         no_caption = report["samples_without_caption"]
@@ -1047,6 +1106,17 @@ def run_data(args) -> dict:
         if report["shared_names"]:
             print(f"names shared by several target images (each a sample): {len(report['shared_names'])}, e.g. "
                   f"{report['shared_names'][0]}")
+        if report["shared_controls"]:
+            control, users = next(iter(report["shared_controls"].items()))
+            print(f"control images shared by targets in different sub-folders (lookup by file name): "
+                  f"{len(report['shared_controls'])}, e.g. {control} for {', '.join(users)}")
+        if report["unread_images"]:
+            print(f"image files not read (extension not one of {', '.join(IMAGE_SUFFIXES)}): "
+                  f"{len(report['unread_images'])}, e.g. {report['unread_images'][0]}")
+        if report["stretched_strips"]:
+            name, why = next(iter(report["stretched_strips"].items()))
+            print(f"strip controls stretched by the official 3W x H resize: {len(report['stretched_strips'])}, e.g. "
+                  f"{name}: {why}")
         if args.dump:
             print(f"wrote the trainer's grids to {report['dumped']}")
         return report

@@ -529,3 +529,54 @@ def test_data_check_refuses_what_train_refuses_for_the_official_query_crops(tmp_
     assert "problems: 1" in capsys.readouterr().out
     assert _quiet(lambda: cli.main(["data", "check", str(root), "--quiet", "--query-source", "images"])) == 0
     assert "problems: 0" in capsys.readouterr().out
+
+
+def test_images_the_loader_does_not_read_are_named(tmp_path, capsys):
+    """A .tif / .bmp target or control (Pillow reads them; the official extension list does not): the sample list
+    is the official one, and a warning, the report and ``data check``'s output name the unread files."""
+    from lorweb_fast import cli
+
+    root = _sample(tmp_path / "d", "a", (60, 14), (24, 18))
+    random_rgb_image(np.random.default_rng(3), 24, 18).save(root / "target" / "b.tif")
+    random_rgb_image(np.random.default_rng(4), 60, 14).save(root / "control" / "b.bmp")
+    with pytest.warns(UserWarning, match=r"2 image files under .* are not read: only .png, .jpg, .jpeg, .webp .*b\.bmp"):
+        ds = AnalogyFolder(root)
+    assert [ds.name(i) for i in range(len(ds))] == ["a"]
+    assert [Path(p).name for p in ds.unread_images] == ["b.bmp", "b.tif"]
+    assert _quiet(lambda: cli.main(["data", "check", str(root), "--quiet"])) == 0
+    assert "image files not read (extension not one of .png, .jpg, .jpeg, .webp): 2, e.g." in capsys.readouterr().out
+    assert AnalogyFolder(_sample(tmp_path / "clean", "a", (60, 14), (24, 18))).unread_images == []
+
+
+def test_nested_targets_sharing_a_file_name_are_named_with_their_one_control(tmp_path):
+    """target/cat/0001.png and target/dog/0001.png both take control/0001.png (the official lookup, by file name in
+    control/): both are samples, with a warning naming the control and the two targets, and ``data check``'s
+    ``shared_controls``; a single nested target, or two files of one folder, are not reported."""
+    root = _sample(tmp_path / "d", "x", (60, 14), (24, 18))
+    random_rgb_image(np.random.default_rng(1), 60, 14).save(root / "control" / "0001.png")
+    for k, sub in enumerate(("cat", "dog")):
+        (root / "target" / sub).mkdir()
+        random_rgb_image(np.random.default_rng(2 + k), 24, 18).save(root / "target" / sub / "0001.png")
+        (root / "target" / sub / "0001.txt").write_text(f"{sub} edit")
+    with pytest.warns(UserWarning, match=r"share a file name and so one control image .*0001\.png for cat/0001, "
+                                         r"dog/0001"):
+        ds = AnalogyFolder(root)
+    assert sorted(ds.name(i) for i in range(len(ds))) == ["cat/0001", "dog/0001", "x"]
+    assert {s[1].relative_to(root).as_posix(): s[0].name for s in ds.samples}["target/dog/0001.png"] == "0001.png"
+    report = _quiet(lambda: data.check_folder(root, progress=False))
+    assert report["shared_controls"] == {str(root / "control" / "0001.png"): ["cat/0001", "dog/0001"]}
+    (root / "target" / "dog" / "0001.png").unlink()
+    assert _quiet(lambda: AnalogyFolder(root)).shared_controls == {}
+
+
+def test_strip_controls_far_from_three_target_cells_are_named(tmp_path):
+    """A finished 2x2 grid saved at twice its target's size is read as an a|a'|b strip (official: another size
+    than the target) and stretched from 1:1 to 3:1: a warning and the report name it; ordinary strips (within
+    ``STRIP_STRETCH_WARNING`` of 3W x H) are not named."""
+    root = _sample(tmp_path / "d", "g", (128, 128), (64, 64))
+    _sample(root, "s", (72, 20), (24, 18), seed=1)  # 72x20 against 3 x 24x18: stretched by 0.9, not named
+    with pytest.warns(UserWarning, match=r"1 strip controls are far from three target-sized cells .*e\.g\. g: "
+                                         r"control 128x128 against 3 x its target's 64x64"):
+        ds = AnalogyFolder(root)
+    assert list(ds.stretched_strips) == ["g"] and {s[3] for s in ds.samples} == {"strip"}
+    assert list(_quiet(lambda: data.check_folder(root, progress=False))["stretched_strips"]) == ["g"]
