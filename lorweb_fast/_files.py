@@ -35,7 +35,7 @@ def atomic_write(path: Union[str, os.PathLike], write, *, sync: bool = False) ->
     to disk before the rename (for files whose presence marks work as done)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_file(path.parent, f".{path.name}.")
+    tmp = temporary_file(path.parent, temporary_prefix(path))
     try:
         write(Path(tmp))
         if sync:
@@ -48,6 +48,20 @@ def atomic_write(path: Union[str, os.PathLike], write, *, sync: bool = False) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temporary_prefix(path: Path, reserve: int = len("12345678.tmp")) -> str:
+    """``".<name>."`` for a temporary file beside ``path``, with ``name`` cut (at a character boundary) so that the
+    prefix plus ``reserve`` bytes (mkstemp's 8 random characters and ``.tmp``) fit the folder's file-name limit: a
+    final name that fits it, e.g. a long analogy id, never fails for its temporary's length."""
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    name = path.name
+    while len(os.fsencode(f".{name}.")) + reserve > limit and name:
+        name = name[:-1]
+    return f".{name}."
 
 
 def save_image_atomically(image, path: Union[str, os.PathLike], *, sync: bool = False) -> Path:
@@ -83,7 +97,7 @@ def write_temporary_text(directory: Union[str, os.PathLike], name: str, text: st
     """A temporary file ``.<name>.<random>.tmp`` in ``directory`` holding ``text`` (UTF-8), with the permissions a
     plain ``open`` would give (``default_permissions``), for the caller to rename onto ``directory/name``; removed
     again when writing it fails."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(Path(directory) / name), suffix=".tmp", dir=directory)
     try:
         default_permissions(tmp)  # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "w", encoding="utf-8") as f:

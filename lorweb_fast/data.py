@@ -613,10 +613,10 @@ class AnalogyFolder(torch.utils.data.Dataset):
 
 
 # -------------------------------------------------------------------------------------------- data check
-#: the temporary names ``_atomic_write`` gives ``data prepare``'s files (".<name>.<8 random chars>.tmp"; before:
-#: "...tmp.jpg" / "...tmp.txt"), removed when a killed run left them
-_PREPARE_TEMPORARY = re.compile(r"\.(analogy_.+\.(jpg|txt)|analogy_metadata\.json)\.[a-z0-9_]{8}"
-                                r"\.tmp(\.jpg|\.txt|\.json)?")
+#: the temporary names ``_atomic_write`` gives ``data prepare``'s files (".<name>.<8 random chars>.tmp", the name
+#: cut short where it would exceed the file-name limit; before: "...tmp.jpg" / "...tmp.txt"), removed when a killed
+#: run left them
+_PREPARE_TEMPORARY = re.compile(r"\.analogy_.+\.[a-z0-9_]{8}\.tmp(\.jpg|\.txt|\.json)?")
 
 
 def _not_a_folder(path: Path) -> str:
@@ -637,7 +637,7 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
     ``unread_images``: image files with an extension the loader does not read; ``stretched_strips``: {name: why},
     see ``AnalogyFolder.stretched_strips``).
     With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there (a nested sample's
-    ``/`` written ``__``): the grids the
+    ``/`` written ``__``, and ``~2``, ``~3``, ... after a name an earlier sample's already took): the grids the
     trainer sees, before resizing to the training resolution. A ``dump`` that is a file or cannot be created is
     refused (``validation.UsageError``) before any sample is read. Every image is decoded completely (the training
     folder scan reads only headers): an image that does not decode is an AnalogyDataError naming it, or with
@@ -685,10 +685,20 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
         out.mkdir(parents=True, exist_ok=True)
         names = [dataset.name(i) for i in range(len(dataset))]
         shared = {n for n, k in Counter(names).items() if k > 1}  # target/a.jpg and target/a.png: both samples
+        files = [(names[i] if names[i] not in shared else  # keeps the extension
+                  dataset.samples[i][1].relative_to(dataset.root / "target").as_posix()).replace("/", "__")
+                 for i in range(len(dataset))]
+        taken, assigned = set(files), set()
+        for i in range(len(files)):  # target/sub/x.png and target/sub__x.png: sub__x, then sub__x~2
+            if files[i] in assigned:
+                k = 2
+                while f"{files[i]}~{k}" in taken:
+                    k += 1
+                files[i] = f"{files[i]}~{k}"
+                taken.add(files[i])
+            assigned.add(files[i])
         for i in tqdm(range(len(dataset)), desc="dumping grids", unit="sample", disable=not progress):
-            name = names[i] if names[i] not in shared else \
-                dataset.samples[i][1].relative_to(dataset.root / "target").as_posix()  # keeps the extension
-            name = name.replace("/", "__")
+            name = files[i]
             control, target = dataset.full_grids(i)
             _atomic_write(out / f"{name}_target.png", lambda p: target.save(p, format="PNG"))
             _atomic_write(out / f"{name}_control.png", lambda p: control.save(p, format="PNG"))
@@ -961,13 +971,14 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
     decoded are skipped (``relation252k_pairs``). Returns ``{"analogies", "written", "skipped", "failed": [(id,
     error)], "unreadable": [(image, error)]}``.
 
-    Nothing is written when ``out`` is a file or not writable (``validation.UsageError``), when the labels or
-    filters are unusable (see ``relation252k_pairs``), or when no analogy can be formed (``AnalogyDataError``)."""
+    Nothing is written when ``out`` is a file, not writable, ``src`` itself or inside it, or holds a file named
+    ``control`` or ``target`` or a folder named ``analogy_metadata.json`` (``validation.UsageError``), when the
+    labels or filters are unusable (see ``relation252k_pairs``), or when no analogy can be formed (``AnalogyDataError``)."""
     from tqdm.auto import tqdm
 
-    from .validation import check_output_dir
+    from .validation import check_prepare_output
 
-    out = check_output_dir("out", out)  # a file or an unwritable folder: refused before anything is read
+    out = check_prepare_output("out", out, src)  # refused before anything is read
     unreadable: list = []
     pairs = relation252k_pairs(src, max_samples_per_category=max_samples_per_category,
                                filter_categories=filter_categories, filter_json=filter_json, progress=progress,

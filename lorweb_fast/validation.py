@@ -171,6 +171,26 @@ def check_output_dir(name: str, path) -> Path:
     return path
 
 
+def check_prepare_output(name: str, out, src) -> Path:
+    """``data prepare``'s output folder ``out`` for the Relation252K folder ``src``: an output folder
+    (``check_output_dir``) outside ``src``, whose ``control`` / ``target`` are folders if they exist and whose
+    ``analogy_metadata.json`` is a file if it exists (refused before anything is read or written)."""
+    from ._files import same_or_inside
+
+    out = check_output_dir(name, out)
+    if Path(src).exists() and same_or_inside(out, src):
+        raise UsageError(f"{name} {out} is the Relation252K folder {src} or inside it: the training layout would be "
+                         "written among the source images; choose a folder outside it")
+    for sub in ("control", "target"):
+        if (out / sub).exists() and not (out / sub).is_dir():
+            raise UsageError(f"{name} {out}: {out / sub} is a file, where the {sub} images go; remove it or choose "
+                             "another folder")
+    if (out / "analogy_metadata.json").exists() and not (out / "analogy_metadata.json").is_file():
+        raise UsageError(f"{name} {out}: {out / 'analogy_metadata.json'} is not a file; remove it or choose another "
+                         "folder")
+    return out
+
+
 def check_input_file(name: str, path, suffixes: Optional[Iterable[str]] = None) -> Path:
     path = Path(path)
     if path.is_dir():
@@ -681,7 +701,7 @@ def check_data_args(args) -> None:
                                      "images would be read back as samples (or break its control/ and target/ "
                                      "pairs); choose a folder outside it")
             return
-        check_output_dir("out", args.out)
+        check_prepare_output("out", args.out, args.src)
         if args.filter_json is not None:
             check_input_file("--filter-json", args.filter_json)
         for option, lo in (("max_analogies", 1), ("max_samples_per_category", 1),

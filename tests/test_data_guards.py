@@ -330,6 +330,56 @@ def test_data_prepare_strips_are_resized_with_lanczos(tmp_path):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(Image.open(buf)))
 
 
+@pytest.mark.parametrize("case", ["out is src", "out inside src", "control is a file", "target is a file",
+                                  "metadata is a folder"])
+def test_data_prepare_refuses_an_output_it_cannot_use_before_writing(tmp_path, capsys, case):
+    """``data prepare`` into the Relation252K folder itself (or inside it) would write the training layout among
+    the source images; an output whose control / target is a file, or whose analogy_metadata.json is a folder,
+    failed with a raw FileExistsError / IsADirectoryError (the latter after every image was written). Each is a
+    one-line usage error (exit status 2) before anything is written, from the CLI and from the function."""
+    from lorweb_fast import cli
+    from lorweb_fast.validation import UsageError
+
+    src = tmp_path / "rel"
+    _relation252k(src)
+    out = {"out is src": src, "out inside src": src / "cat-a" / "out"}.get(case, tmp_path / "out")
+    if case in ("control is a file", "target is a file"):
+        out.mkdir()
+        (out / case.split()[0]).write_text("x")
+    elif case == "metadata is a folder":
+        (out / "analogy_metadata.json").mkdir(parents=True)
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    fragment = {"out is src": "inside it", "out inside src": "inside it", "control is a file": "control is a file",
+                "target is a file": "target is a file", "metadata is a folder": "analogy_metadata.json is not a file"}
+    with pytest.raises(UsageError, match=fragment[case]):
+        data.prepare_relation252k(src, out, progress=False)
+    assert cli.main(["data", "prepare", str(src), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert fragment[case] in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
+
+
+def test_data_prepare_writes_an_analogy_whose_file_name_just_fits_the_limit(tmp_path):
+    """A 109-character category gives 254-byte file names (``<id>.jpg``), which fit the 255-byte limit and which the
+    official script writes; the temporary name ``.<name>.<random>.tmp`` is cut to fit instead of failing the
+    analogy with "File name too long", and a killed run's cut temporary is still recognised and removed."""
+    cat = "c" * 109
+    relation252k_folder(tmp_path / "rel", {cat: [(16, 12), (16, 12)]}, seed=2, ramp=RAMP)
+    out = tmp_path / "out"
+    (out / "target").mkdir(parents=True)
+    aid = f"analogy_{cat}_img0.png_{cat}_img1.png_0000"
+    assert len(f"{aid}.jpg") == 254
+    from lorweb_fast._files import temporary_prefix
+
+    leftover = out / "target" / (temporary_prefix(out / "target" / f"{aid}.jpg") + "abcd1234.tmp")
+    assert len(leftover.name.encode()) == 255
+    leftover.write_bytes(b"half")
+    report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
+    assert (report["analogies"], report["written"], report["failed"]) == (1, 1, [])
+    assert (out / "control" / f"{aid}.jpg").is_file() and (out / "target" / f"{aid}.txt").is_file()
+    assert not leftover.exists()
+
+
 def test_data_prepare_splits_odd_widths_at_half_the_width(tmp_path):
     """Official ``_split_concatenated_image``: left = (0, 0, width // 2, h), right = (width // 2, 0, width, h); a
     33 px wide image gives a 16 px a and a 17 px a' (then resized to the smallest cell with Lanczos)."""
@@ -486,6 +536,25 @@ def test_data_check_dump_keeps_samples_that_share_a_name(tmp_path):
     assert report["samples"] == 2
     assert sorted(p.name for p in (tmp_path / "dump").iterdir()) == sorted(
         f"g0.{ext}_{kind}" for ext in ("jpg", "png") for kind in ("caption.txt", "control.png", "target.png"))
+
+
+def test_data_check_dump_keeps_a_nested_sample_and_a_flat_one_of_the_same_written_name(tmp_path):
+    """target/sub/x.png and target/sub__x.png both write as sub__x (``/`` written ``__``): the second in sample
+    order takes sub__x~2 instead of replacing the first's files, and each dumped target is its own sample's."""
+    root = _grid_folder(tmp_path / "d", n=1)
+    (root / "target" / "sub").mkdir()
+    for k, (target, control) in enumerate((("sub/x.png", "x.png"), ("sub__x.png", "sub__x.png"))):
+        size = (64 + 16 * k, 48)
+        random_rgb_image(np.random.default_rng(20 + k), *size).save(root / "target" / target)
+        random_rgb_image(np.random.default_rng(30 + k), *size).save(root / "control" / control)
+    report = _quiet(lambda: data.check_folder(root, dump=tmp_path / "dump", progress=False))
+    assert report["samples"] == 3
+    dumped = {p.name for p in (tmp_path / "dump").iterdir()}
+    assert {f"{n}_{kind}" for n in ("g0", "sub__x", "sub__x~2")
+            for kind in ("caption.txt", "control.png", "target.png")} == dumped
+    with Image.open(tmp_path / "dump" / "sub__x_target.png") as first, \
+            Image.open(tmp_path / "dump" / "sub__x~2_target.png") as second:
+        assert (first.size, second.size) == ((64, 48), (80, 48))  # sub/x.png sorts before sub__x.png
 
 
 def test_data_prepare_fails_an_analogy_whose_id_holds_a_path_separator(tmp_path):
