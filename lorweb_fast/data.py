@@ -343,8 +343,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
         control_dir, target_dir = self.root / "control", self.root / "target"
         for d in (self.root, control_dir, target_dir):
             if not d.is_dir():
-                raise AnalogyDataError(f"training data folder {d} {_not_a_folder(d)} (expected {self.root}/control/ and "
-                                       f"{self.root}/target/, each target image with its control image of the same "
+                raise AnalogyDataError(f"training data folder {d} {_not_a_folder(d)} (expected {self.root}/control/ "
+                                       f"and {self.root}/target/, each target image with its control image of the same "
                                        f"name; captions, optional, from analogy_metadata.json, <id>.txt beside the "
                                        f"target, captions/ or control/)")
         # the samples are the target images, as the official loader lists its dataset folder (os.walk of target/,
@@ -627,7 +627,8 @@ def _not_a_folder(path: Path) -> str:
 def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = None, skip_bad: bool = False,
                  layout: str = "auto", resize: str = "bucket", long_edge: int = 512,
                  bucket_divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY, missing_caption: str = "empty",
-                 query_mode: str = OFFICIAL_DEFAULTS["query_mode"], query_source: str = "grid", progress: bool = True) -> dict:
+                 query_mode: str = OFFICIAL_DEFAULTS["query_mode"], query_source: str = "grid",
+                 progress: bool = True) -> dict:
     """Validate every sample of ``root``; return counts ``{"samples", "skipped", "layouts", "sizes",
     "training_sizes", "captions", "problems", "controls_without_target", "samples_without_caption",
     "several_controls", "shared_names", "shared_controls", "unread_images", "stretched_strips"}``
@@ -738,13 +739,15 @@ def _label_field(labels_path: Path, k: int, entry, field: str):
 
 def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optional[int] = None,
                        filter_categories: Optional[list[str]] = None, filter_json: Optional[str] = None,
-                       progress: bool = True, unreadable: Optional[list] = None) -> list[dict]:
+                       progress: bool = True, unreadable: Optional[list] = None,
+                       missing: Optional[list] = None) -> list[dict]:
     """The (a, a') pairs of a downloaded Relation252K folder, as NVlabs/LoRWeB ``preprocess_data.py``
     (``Relation252KDataset`` + ``get_triplets``) reads them: every sub-folder ``<category>/Group1/`` with a
     ``labels.json`` (a list of ``{"img_name", "edit_instruction", "left_image_description",
     "right_image_description"}``); entries whose image is missing or cannot be decoded are skipped (the official
     ``_load_all_samples`` crops, so decodes, every image and drops those that fail, before the per-category cap
-    counts; a warning counts them and ``unreadable``, when given, receives ``(path, error)`` for each); the id is
+    counts; a warning counts them and ``unreadable``, when given, receives ``(path, error)`` for each; likewise
+    ``missing`` receives the paths of the entries without an image file, also counted by a warning); the id is
     ``<category>_<img_name>``. Categories are taken in sorted order (the official script uses the file system's
     order).
 
@@ -776,11 +779,16 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
                                    f"{len(names)} categories: {shown}")
         if unknown:
             warn(f"{src} has no category {', '.join(unknown)} (category filter)")
-    pairs, bad = [], []
+    pairs, bad, absent = [], [], []
     with _image_pool() as pool:
         for category in tqdm(categories, desc="reading labels", unit="category", disable=not progress):
             if not filter_categories or category.name in filter_categories:
-                pairs += _category_pairs(category, excluded, max_samples_per_category or None, pool, bad)
+                pairs += _category_pairs(category, excluded, max_samples_per_category or None, pool, bad, absent)
+    if absent:
+        warn(f"skipped {len(absent)} Relation252K labels entries whose image file is missing, as the official "
+             f"script does (e.g. {absent[0]})")
+    if missing is not None:
+        missing.extend(absent)
     if bad:
         warn(f"skipped {len(bad)} Relation252K images that cannot be decoded, as the official script does "
              f"(e.g. {bad[0][0]}: {bad[0][1]})")
@@ -801,9 +809,10 @@ def _image_pool():
 
 
 def _category_pairs(category: Path, excluded: set, cap: Optional[int], pool: ThreadPoolExecutor,
-                    bad: list) -> list[dict]:
+                    bad: list, missing: list) -> list[dict]:
     """The pairs of one Relation252K category (``relation252k_pairs``): at most ``cap`` whose image decodes, in
-    labels order; ``(path, error)`` of each image that does not decode is appended to ``bad``. Images are decoded
+    labels order; ``(path, error)`` of each image that does not decode is appended to ``bad``, the path of each
+    entry (not filtered out) without its image file to ``missing``. Images are decoded
     on ``pool`` in chunks of as many entries as the cap still admits: every entry of a chunk would also be reached
     one by one (each earlier entry adds at most one to the count), so the fields checked, the pairs kept and the
     images reported are exactly the sequential ones, in order."""
@@ -817,8 +826,12 @@ def _category_pairs(category: Path, excluded: set, cap: Optional[int], pool: Thr
         img_name = _label_field(labels_path, k, entry, "img_name")
         image = category / "Group1" / img_name
         image_id = f"{name}_{img_name}"
-        if image.is_file() and image_id not in excluded:
+        if image_id in excluded:
+            continue
+        if image.is_file():
             candidates.append((k, entry, img_name, image, image_id))
+        else:
+            missing.append(str(image))
     pairs, start = [], 0
     while start < len(candidates) and (cap is None or len(pairs) < cap):
         chunk = candidates[start:start + (len(candidates) if cap is None else cap - len(pairs))]
@@ -968,27 +981,38 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
     existing file is complete; a killed run's temporary files are removed at the start). ``analogy_metadata.json``
     lists every written analogy (official entry fields); as the official script, the entries an earlier run wrote
     there are kept and this run's new ones appended; it is rewritten atomically at the end. Images that cannot be
-    decoded are skipped (``relation252k_pairs``). Returns ``{"analogies", "written", "skipped", "failed": [(id,
-    error)], "unreadable": [(image, error)]}``.
+    decoded, and labels entries without their image, are skipped (``relation252k_pairs``). Returns ``{"analogies",
+    "written", "skipped", "failed": [(id, error)], "unreadable": [(image, error)], "missing": [image],
+    "categories_left_out": {category: usable pairs}}`` (the categories with fewer than ``min_pairs_per_category``
+    usable pairs, warned about).
 
     Nothing is written when ``out`` is a file, not writable, ``src`` itself or inside it, or holds a file named
     ``control`` or ``target`` or a folder named ``analogy_metadata.json`` (``validation.UsageError``), when the
-    labels or filters are unusable (see ``relation252k_pairs``), or when no analogy can be formed (``AnalogyDataError``)."""
+    labels or filters are unusable (see ``relation252k_pairs``), or when no analogy can be formed
+    (``AnalogyDataError``)."""
     from tqdm.auto import tqdm
 
     from .validation import check_prepare_output
 
     out = check_prepare_output("out", out, src)  # refused before anything is read
     unreadable: list = []
+    missing: list = []
     pairs = relation252k_pairs(src, max_samples_per_category=max_samples_per_category,
                                filter_categories=filter_categories, filter_json=filter_json, progress=progress,
-                               unreadable=unreadable)
+                               unreadable=unreadable, missing=missing)
     analogies = plan_analogies(pairs, min_pairs_per_category=min_pairs_per_category, max_analogies=max_analogies,
                                seed=seed)
+    per_category = Counter(p["category"] for p in pairs)
+    small = {c: n for c, n in per_category.items() if n < min_pairs_per_category}
     if not analogies:
-        most = max(Counter(p["category"] for p in pairs).values(), default=0)
+        most = max(per_category.values(), default=0)
         raise AnalogyDataError(f"{src}: no category has {min_pairs_per_category} or more usable pairs (the most in "
-                               f"one category after the filters: {most}), so no analogies")
+                               f"one category after the filters: {most}; labels entries without their image: "
+                               f"{len(missing)}, images that do not decode: {len(unreadable)}), so no analogies")
+    if small:
+        category, n = next(iter(small.items()))
+        warn(f"{len(small)} categories have fewer than {min_pairs_per_category} usable pairs and give no analogies "
+             f"(e.g. {category}: {n}; --min-pairs-per-category)")
     metadata_path = out / "analogy_metadata.json"
     earlier = []  # what an earlier run listed, kept as the official script keeps it
     if metadata_path.is_file():
@@ -1037,7 +1061,7 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
     _atomic_write(metadata_path,
                   lambda p: p.write_text(json.dumps(entries, indent=2, ensure_ascii=False), encoding="utf-8"))
     return {"analogies": len(analogies), "written": written, "skipped": skipped, "failed": failed,
-            "unreadable": unreadable}
+            "unreadable": unreadable, "missing": missing, "categories_left_out": small}
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -1145,4 +1169,11 @@ def run_data(args) -> dict:
               "script does):")
         for image, err in report["unreadable"]:
             print(f"  {image}: {err}")
+    if report["missing"]:
+        print(f"{len(report['missing'])} labels entries have no image file and were left out (as the official "
+              f"script does), e.g. {report['missing'][0]}")
+    if report["categories_left_out"]:
+        left_out = list(report["categories_left_out"].items())
+        print(f"{len(left_out)} categories with fewer than {args.min_pairs_per_category} usable pairs were left out: "
+              + ", ".join(f"{c} ({n})" for c, n in left_out[:10]) + (", ..." if len(left_out) > 10 else ""))
     return report

@@ -788,7 +788,7 @@ def test_data_prepare_filter_categories_that_match_nothing(tmp_path, capsys):
     # categories that exist but give no analogy: the message says so (not that the filter matched nothing)
     line = _one_error_line(capsys, ["data", "prepare", str(tmp_path / "rel"), str(tmp_path / "out2"), "--quiet",
                                     "--filter-categories", "cat-b"])
-    assert "no category has 2 or more usable pairs (the most in one category after the filters: 1)" in line, line
+    assert "no category has 2 or more usable pairs (the most in one category after the filters: 1;" in line, line
 
 
 @pytest.mark.parametrize("option,value,fragment", [("--max-analogies", "0", "--max-analogies must be an integer >= 1"),

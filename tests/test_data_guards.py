@@ -380,6 +380,34 @@ def test_data_prepare_writes_an_analogy_whose_file_name_just_fits_the_limit(tmp_
     assert not leftover.exists()
 
 
+def test_data_prepare_counts_entries_without_images_and_categories_left_out(tmp_path, capsys):
+    """Labels entries whose image file is missing and categories left with fewer than --min-pairs-per-category
+    usable pairs are skipped as in the official script, but no longer silently: warnings, the report
+    (``missing``, ``categories_left_out``) and the command's output count them; when nothing is left, the error
+    says how many entries had no image."""
+    from lorweb_fast import cli
+
+    src = tmp_path / "rel"
+    relation252k_folder(src, {"cat-a": [(16, 12)], "cat-b": [(16, 12), (16, 12)]}, seed=2, ramp=RAMP,
+                        skipped_entries=True)
+    with pytest.warns(UserWarning) as caught:
+        report = data.prepare_relation252k(src, tmp_path / "out", progress=False)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "skipped 2 Relation252K labels entries whose image file is missing" in messages
+    assert "1 categories have fewer than 2 usable pairs and give no analogies (e.g. cat-a: 1" in messages
+    assert sorted(Path(m).relative_to(src).as_posix() for m in report["missing"]) == [
+        "cat-a/Group1/missing.png", "cat-b/Group1/missing.png"]
+    assert report["categories_left_out"] == {"cat-a": 1} and report["analogies"] == 1
+    assert _quiet(lambda: cli.main(["data", "prepare", str(src), str(tmp_path / "out2"), "--quiet"])) == 0
+    out = capsys.readouterr().out
+    assert "2 labels entries have no image file and were left out" in out
+    assert "1 categories with fewer than 2 usable pairs were left out: cat-a (1)" in out
+    with pytest.raises(AnalogyDataError, match=r"the most in one category after the filters: 1; labels entries "
+                                               r"without their image: 1, images that do not decode: 0"):
+        _quiet(lambda: data.prepare_relation252k(src, tmp_path / "out3", filter_categories=["cat-a"],
+                                                 progress=False))
+
+
 def test_data_prepare_splits_odd_widths_at_half_the_width(tmp_path):
     """Official ``_split_concatenated_image``: left = (0, 0, width // 2, h), right = (width // 2, 0, width, h); a
     33 px wide image gives a 16 px a and a 17 px a' (then resized to the smallest cell with Lanczos)."""
@@ -608,7 +636,8 @@ def test_images_the_loader_does_not_read_are_named(tmp_path, capsys):
     root = _sample(tmp_path / "d", "a", (60, 14), (24, 18))
     random_rgb_image(np.random.default_rng(3), 24, 18).save(root / "target" / "b.tif")
     random_rgb_image(np.random.default_rng(4), 60, 14).save(root / "control" / "b.bmp")
-    with pytest.warns(UserWarning, match=r"2 image files under .* are not read: only .png, .jpg, .jpeg, .webp .*b\.bmp"):
+    with pytest.warns(UserWarning, match=r"2 image files under .* are not read: only .png, .jpg, .jpeg, .webp "
+                                         r".*b\.bmp"):
         ds = AnalogyFolder(root)
     assert [ds.name(i) for i in range(len(ds))] == ["a"]
     assert [Path(p).name for p in ds.unread_images] == ["b.bmp", "b.tif"]
