@@ -103,20 +103,25 @@ class AnalogyDataError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- composition
-def _oriented_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image file after its EXIF orientation (read from the header, no decoding); verifies
-    the file. Raises AnalogyDataError naming the file when it is not a readable image."""
+#: Pillow modes with more than 8 bits per channel: their conversion to RGB (the official loader's) clips every value
+#: above 255, so a 16-bit PNG trains as a nearly white image
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _oriented_size(path: Path) -> tuple[tuple[int, int], str]:
+    """((width, height) of an image file after its EXIF orientation, its Pillow mode), read from the header (no
+    decoding); verifies the file. Raises AnalogyDataError naming the file when it is not a readable image."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.verify()
         with Image.open(path) as im:
-            w, h = im.size
+            (w, h), mode = im.size, im.mode
             orientation = im.getexif().get(0x0112, 1)
     except image_read_errors() as exc:
         raise AnalogyDataError(image_read_error_message(path, exc)) from exc
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return ((h, w) if orientation in (5, 6, 7, 8) else (w, h)), mode
 
 
 def open_oriented(path: Union[str, Path]):
@@ -411,6 +416,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
         self.problems: list[str] = []
         self._no_caption: set[Path] = set()  # targets whose caption lookup found nothing (filled by _caption)
         self._stretched: dict[Path, str] = {}  # strip samples far from 3W x H (filled by _check_sample): why
+        self._high_bit_depth: dict[Path, str] = {}  # images in HIGH_BIT_DEPTH_MODES (filled by _check_sample): mode
         for target in targets:
             try:
                 self.samples.append(self._check_sample(target, control_dir, control_by_stem, relation))
@@ -431,6 +437,11 @@ class AnalogyFolder(torch.utils.data.Dataset):
         if self.unused_controls:
             warn(f"{len(self.unused_controls)} control images have no target image and are not training "
                  f"samples (e.g. {self.unused_controls[0]}): the samples are the images in {target_dir}")
+        if self._high_bit_depth:
+            path, mode = next(iter(self._high_bit_depth.items()))
+            warn(f"{len(self._high_bit_depth)} images have more than 8 bits per channel (e.g. {path}: mode {mode}); "
+                 "the conversion to RGB, as in the official loader, clips their values above 255 (a 16-bit image "
+                 "trains nearly white): save them as 8-bit images")
         if self.stretched_strips:
             name, why = next(iter(self.stretched_strips.items()))
             warn(f"{len(self.stretched_strips)} strip controls are far from three target-sized cells side by side "
@@ -480,6 +491,12 @@ class AnalogyFolder(torch.utils.data.Dataset):
                           skip_bad)
 
     @property
+    def high_bit_depth_images(self) -> dict:
+        """{path: mode} of the images of the samples left whose mode is in ``HIGH_BIT_DEPTH_MODES``."""
+        kept = {p for s in self.samples for p in s[:2]}
+        return {str(p): mode for p, mode in self._high_bit_depth.items() if p in kept}
+
+    @property
     def stretched_strips(self) -> dict:
         """{name: why} of the strip samples whose control the official 3W x H resize stretches by more than
         ``STRIP_STRETCH_WARNING`` (of the samples left)."""
@@ -507,7 +524,10 @@ class AnalogyFolder(torch.utils.data.Dataset):
         if control is None:
             raise AnalogyDataError(f"{target} has no control image {control_dir / target.stem}.*")
         caption = self._caption(target, relation)
-        control_size, target_size = _oriented_size(control), _oriented_size(target)
+        (control_size, control_mode), (target_size, target_mode) = _oriented_size(control), _oriented_size(target)
+        for path, mode in ((control, control_mode), (target, target_mode)):
+            if mode in HIGH_BIT_DEPTH_MODES:
+                self._high_bit_depth[path] = mode
         if self.layout == "auto":
             layout = detect_layout(control, control_size, target, target_size)
         elif self.layout == "grid":
@@ -636,7 +656,7 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
     ``several_controls``: {name: [the control used, the others]}; ``shared_names``: names of several target images,
     each a sample; ``shared_controls``: {control: [names]} of targets in different sub-folders sharing a file name;
     ``unread_images``: image files with an extension the loader does not read; ``stretched_strips``: {name: why},
-    see ``AnalogyFolder.stretched_strips``).
+    see ``AnalogyFolder.stretched_strips``; ``high_bit_depth_images``: {path: mode} of 16/32-bit images).
     With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there (a nested sample's
     ``/`` written ``__``, and ``~2``, ``~3``, ... after a name an earlier sample's already took): the grids the
     trainer sees, before resizing to the training resolution. A ``dump`` that is a file or cannot be created is
@@ -680,7 +700,8 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
               "samples_without_caption": list(dataset.missing_captions),
               "several_controls": {stem: [str(p) for p in files] for stem, files in dataset.several_controls.items()},
               "shared_names": list(dataset.shared_names), "shared_controls": dict(dataset.shared_controls),
-              "unread_images": list(dataset.unread_images), "stretched_strips": dict(dataset.stretched_strips)}
+              "unread_images": list(dataset.unread_images), "stretched_strips": dict(dataset.stretched_strips),
+              "high_bit_depth_images": dataset.high_bit_depth_images}
     if dump is not None:
         out = Path(dump)
         out.mkdir(parents=True, exist_ok=True)
@@ -1148,6 +1169,10 @@ def run_data(args) -> dict:
         if report["unread_images"]:
             print(f"image files not read (extension not one of {', '.join(IMAGE_SUFFIXES)}): "
                   f"{len(report['unread_images'])}, e.g. {report['unread_images'][0]}")
+        if report["high_bit_depth_images"]:
+            path, mode = next(iter(report["high_bit_depth_images"].items()))
+            print(f"images with more than 8 bits per channel (clipped to white above 255 by the RGB conversion): "
+                  f"{len(report['high_bit_depth_images'])}, e.g. {path} ({mode})")
         if report["stretched_strips"]:
             name, why = next(iter(report["stretched_strips"].items()))
             print(f"strip controls stretched by the official 3W x H resize: {len(report['stretched_strips'])}, e.g. "

@@ -678,3 +678,24 @@ def test_strip_controls_far_from_three_target_cells_are_named(tmp_path):
         ds = AnalogyFolder(root)
     assert list(ds.stretched_strips) == ["g"] and {s[3] for s in ds.samples} == {"strip"}
     assert list(_quiet(lambda: data.check_folder(root, progress=False))["stretched_strips"]) == ["g"]
+
+
+def test_sixteen_bit_images_are_named_before_they_train_nearly_white(tmp_path):
+    """A 16-bit greyscale PNG target (mode I;16) converts to RGB as in the official loader, which clips every value
+    above 255: the sample trains almost white. It stays a sample (official), with a warning and a ``data check``
+    entry naming the file and its mode; 8-bit samples are not named."""
+    root = _sample(tmp_path / "d", "a", (60, 14), (24, 18))
+    _sample(root, "b", (60, 14), (24, 18), seed=1)
+    deep = np.random.default_rng(0).integers(1000, 60000, size=(18, 24), dtype=np.uint16)
+    Image.fromarray(deep).save(root / "target" / "b.png")  # uint16: mode I;16
+    with Image.open(root / "target" / "b.png") as im:
+        assert im.mode.startswith("I")
+        assert np.asarray(im.convert("RGB")).mean() > 250  # what the conversion does to it
+    with pytest.warns(UserWarning, match=r"1 images have more than 8 bits per channel \(e\.g\. .*b\.png: mode I"):
+        ds = AnalogyFolder(root)
+    assert len(ds) == 2 and [Path(p).name for p in ds.high_bit_depth_images] == ["b.png"]
+    report = _quiet(lambda: data.check_folder(root, progress=False))
+    assert [Path(p).name for p in report["high_bit_depth_images"]] == ["b.png"]
+    (root / "target" / "b.png").unlink()
+    _sample(root, "b", (60, 14), (24, 18), seed=1)
+    assert _quiet(lambda: AnalogyFolder(root)).high_bit_depth_images == {}
