@@ -203,6 +203,11 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
                             "use_stream=True swaps its weight for the CPU copy taken when offloading was enabled at "
                             "every offload and onload, where a merge outside the forward is lost ('full') or "
                             "untested ('offload'); use strategy='jit' or run unmerged (merge='none')")
+        if hasattr(layer.base_layer, "adapter_layer_names") and hasattr(layer.base_layer, "get_base_layer"):
+            raise TypeError(f"cannot merge into {name}: its base layer is a peft adapter layer "
+                            f"({type(layer.base_layer).__name__}, a peft / diffusers LoRA added after LoRWeB); "
+                            "LoRWeB does not stack with peft adapters: unload it (transformer.unload_lora()) or run "
+                            "unmerged (merge='none')")
         if not has_plain_weight(layer.base_layer):
             raise TypeError(f"cannot merge into {name}: its base layer {type(layer.base_layer).__name__} has no "
                             "plain tensor weight (quantized layers run unmerged)")

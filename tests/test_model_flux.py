@@ -371,7 +371,7 @@ def test_a_peft_lora_beside_lorweb_unloads_with_diffusers_own_unload(saved_base,
 def test_a_peft_lora_reaching_into_lorweb_layers_is_named_by_set_query(saved_base):
     """A peft LoRA added after LoRWeB with all-linear targets wraps the LoRWeB layers' query projections before peft
     itself refuses LoRWeBLinear: set_query then names the peft layer and the way out (remove_lorweb), not a
-    quantization."""
+    quantization, and so does merged() for the peft layers it wrapped around the LoRWeB base layers."""
     pytest.importorskip("peft")
     from peft import LoraConfig
 
@@ -380,6 +380,9 @@ def test_a_peft_lora_reaching_into_lorweb_layers_is_named_by_set_query(saved_bas
         m.add_adapter(LoraConfig(r=2, target_modules="all-linear"))
     with pytest.raises(ValueError, match=r"att_lora_to_q is a peft adapter layer .*lf.remove_lorweb\(model\)"):
         lf.set_query(m, query)
+    with pytest.raises(TypeError, match=r"cannot merge into .*: its base layer is a peft adapter layer"):
+        with lf.merged(m):
+            pass
 
 
 def test_hooked_base_layers_are_called_sequential_cpu_offload(saved_base):
