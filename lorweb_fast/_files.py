@@ -50,14 +50,19 @@ def atomic_write(path: Union[str, os.PathLike], write, *, sync: bool = False) ->
         raise
 
 
+def name_limit(directory: Union[str, os.PathLike]) -> int:
+    """The longest file name (bytes) ``directory``'s file system takes (255 where it cannot be asked)."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
 def temporary_prefix(path: Path, reserve: int = len("12345678.tmp")) -> str:
     """``".<name>."`` for a temporary file beside ``path``, with ``name`` cut (at a character boundary) so that the
     prefix plus ``reserve`` bytes (mkstemp's 8 random characters and ``.tmp``) fit the folder's file-name limit: a
     final name that fits it, e.g. a long analogy id, never fails for its temporary's length."""
-    try:
-        limit = os.pathconf(path.parent, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
-        limit = 255
+    limit = name_limit(path.parent)
     name = path.name
     while len(os.fsencode(f".{name}.")) + reserve > limit and name:
         name = name[:-1]

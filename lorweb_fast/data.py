@@ -90,10 +90,10 @@ OFFICIAL_BUCKET_DIVISIBILITY = 16
 #: a control image of its target's size at least this many times wider than tall, with a width divisible by 3, could
 #: be an a|a'|b strip as well as a grid: ambiguous
 STRIP_MIN_ASPECT = 2.5
-#: A strip control whose aspect ratio differs from three target cells side by side (3 W / H) by more than this
-#: factor is stretched noticeably by the official resize to 3W x H (e.g. a finished 2x2 grid saved at another size
-#: than its target, read as a strip): a warning names such samples.
-STRIP_STRETCH_WARNING = 1.5
+#: A strip control (another size than its target) whose aspect ratio is within this factor of its target's looks
+#: like a finished 2x2 grid saved at another size: the official resize to 3W x H stretches it threefold (a
+#: warning names such samples; a real strip is about three times as wide, relative to its height, as its target).
+GRID_LIKE_ASPECT_TOLERANCE = 1.1
 
 
 class AnalogyDataError(ValueError):
@@ -280,11 +280,13 @@ def detect_layout(control: Path, control_size: tuple[int, int], target: Path, ta
 
 
 def _unread_images(*folders: Path) -> list[str]:
-    """The files under ``folders`` (walked, as the sample list) that Pillow reads as images but whose extension is
-    not one of IMAGE_SUFFIXES, sorted."""
+    """The files under ``folders`` (walked, as the sample list) whose extension names a format Pillow opens (not
+    one it only writes, such as .pdf) but is not one of IMAGE_SUFFIXES, sorted."""
     from PIL import Image
 
-    known = {ext for ext in Image.registered_extensions() if ext not in IMAGE_SUFFIXES}
+    Image.init()
+    known = {ext for ext, fmt in Image.registered_extensions().items()
+             if fmt in Image.OPEN and ext not in IMAGE_SUFFIXES}
     return sorted(str(Path(d) / f) for folder in folders for d, _, files in os.walk(folder) for f in files
                   if os.path.splitext(f)[1].lower() in known)
 
@@ -415,7 +417,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
         self.skipped: list[str] = []
         self.problems: list[str] = []
         self._no_caption: set[Path] = set()  # targets whose caption lookup found nothing (filled by _caption)
-        self._stretched: dict[Path, str] = {}  # strip samples far from 3W x H (filled by _check_sample): why
+        self._grid_like: dict[Path, str] = {}  # strips shaped like their target (filled by _check_sample): why
         self._high_bit_depth: dict[Path, str] = {}  # images in HIGH_BIT_DEPTH_MODES (filled by _check_sample): mode
         for target in targets:
             try:
@@ -442,11 +444,12 @@ class AnalogyFolder(torch.utils.data.Dataset):
             warn(f"{len(self._high_bit_depth)} images have more than 8 bits per channel (e.g. {path}: mode {mode}); "
                  "the conversion to RGB, as in the official loader, clips their values above 255 (a 16-bit image "
                  "trains nearly white): save them as 8-bit images")
-        if self.stretched_strips:
-            name, why = next(iter(self.stretched_strips.items()))
-            warn(f"{len(self.stretched_strips)} strip controls are far from three target-sized cells side by side "
-                 f"and are stretched by the official resize to 3W x H (e.g. {name}: {why}); a finished 2x2 grid "
-                 "needs its target's size to be read as a grid")
+        if self.grid_like_strips:
+            name, why = next(iter(self.grid_like_strips.items()))
+            warn(f"{len(self.grid_like_strips)} controls of another size than their target have the target's "
+                 f"aspect ratio, like a finished 2x2 grid saved at another size (e.g. {name}: {why}); they are read "
+                 "as a|a'|b strips, as in the official loader, and stretched threefold by its resize to 3W x H: to "
+                 "train them as grids, save each control at its target's size")
         if not self.samples:
             raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
         kinds = {s[3] for s in self.samples}
@@ -497,11 +500,11 @@ class AnalogyFolder(torch.utils.data.Dataset):
         return {str(p): mode for p, mode in self._high_bit_depth.items() if p in kept}
 
     @property
-    def stretched_strips(self) -> dict:
-        """{name: why} of the strip samples whose control the official 3W x H resize stretches by more than
-        ``STRIP_STRETCH_WARNING`` (of the samples left)."""
+    def grid_like_strips(self) -> dict:
+        """{name: why} of the strip samples (of those left) whose control has its target's aspect ratio, within
+        ``GRID_LIKE_ASPECT_TOLERANCE``; not those listed in ``analogy_metadata.json`` (prepared strips)."""
         kept = {s[1] for s in self.samples}
-        return {self._name(t): why for t, why in self._stretched.items() if t in kept}
+        return {self._name(t): why for t, why in self._grid_like.items() if t in kept}
 
     @property
     def missing_captions(self) -> list:
@@ -528,7 +531,11 @@ class AnalogyFolder(torch.utils.data.Dataset):
         for path, mode in ((control, control_mode), (target, target_mode)):
             if mode in HIGH_BIT_DEPTH_MODES:
                 self._high_bit_depth[path] = mode
-        if self.layout == "auto":
+        if self.layout == "auto" and target.stem in relation:
+            # listed in analogy_metadata.json: a strip written by data prepare / the official preprocess_data.py,
+            # which can have its target's size (cells at a's 10x30 halves, a 30x30 b'): never a grid
+            layout = "strip"
+        elif self.layout == "auto":
             layout = detect_layout(control, control_size, target, target_size)
         elif self.layout == "grid":
             if control_size != target_size or control_size[0] % 2 or control_size[1] % 2:
@@ -538,10 +545,11 @@ class AnalogyFolder(torch.utils.data.Dataset):
         else:
             layout = "strip"
         grid_size = target_size if layout == "grid" else (2 * target_size[0], 2 * target_size[1])
-        if layout == "strip":
-            stretch = (control_size[0] * target_size[1]) / (3 * target_size[0] * control_size[1])
-            if max(stretch, 1 / stretch) > STRIP_STRETCH_WARNING:
-                self._stretched[target] = (f"control {control_size[0]}x{control_size[1]} against 3 x its target's "
+        if layout == "strip" and target.stem not in relation:  # a prepared strip (listed in analogy_metadata.json)
+            # has cells at the smallest width and height of a, a', b and b' as it is: any shape, never a grid
+            shape = (control_size[0] * target_size[1]) / (target_size[0] * control_size[1])
+            if max(shape, 1 / shape) < GRID_LIKE_ASPECT_TOLERANCE:
+                self._grid_like[target] = (f"control {control_size[0]}x{control_size[1]}, target "
                                            f"{target_size[0]}x{target_size[1]}")
         if self.resize == "bucket":  # a sample too small for any bucket fails here, naming its file
             try:
@@ -633,10 +641,22 @@ class AnalogyFolder(torch.utils.data.Dataset):
 
 
 # -------------------------------------------------------------------------------------------- data check
-#: the temporary names ``_atomic_write`` gives ``data prepare``'s files (".<name>.<8 random chars>.tmp", the name
-#: cut short where it would exceed the file-name limit; before: "...tmp.jpg" / "...tmp.txt"), removed when a killed
-#: run left them
-_PREPARE_TEMPORARY = re.compile(r"\.analogy_.+\.[a-z0-9_]{8}\.tmp(\.jpg|\.txt|\.json)?")
+#: the temporary names ``_atomic_write`` gives ``data prepare``'s files (".<name>.<8 random chars>.tmp"; before:
+#: "...tmp.jpg" / "...tmp.txt"), removed when a killed run left them
+_PREPARE_TEMPORARY = re.compile(r"\.(analogy_.+\.(jpg|txt)|analogy_metadata\.json)\.[a-z0-9_]{8}"
+                                r"\.tmp(\.jpg|\.txt|\.json)?")
+#: the same with the name cut to fit the file-name limit (``_files.temporary_prefix``): only at that length
+_CUT_PREPARE_TEMPORARY = re.compile(r"\.analogy_.+\.[a-z0-9_]{8}\.tmp")
+
+
+def _is_prepare_temporary(path: Path) -> bool:
+    """Whether ``path`` is a temporary file a killed ``data prepare`` left (``_PREPARE_TEMPORARY``, or a cut name
+    within 3 bytes of the file-name limit: a character boundary cuts at most 3 bytes short)."""
+    from ._files import name_limit
+
+    return path.is_file() and (_PREPARE_TEMPORARY.fullmatch(path.name) is not None or (
+        _CUT_PREPARE_TEMPORARY.fullmatch(path.name) is not None
+        and len(os.fsencode(path.name)) >= name_limit(path.parent) - 3))
 
 
 def _not_a_folder(path: Path) -> str:
@@ -651,12 +671,13 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
                  progress: bool = True) -> dict:
     """Validate every sample of ``root``; return counts ``{"samples", "skipped", "layouts", "sizes",
     "training_sizes", "captions", "problems", "controls_without_target", "samples_without_caption",
-    "several_controls", "shared_names", "shared_controls", "unread_images", "stretched_strips"}``
+    "several_controls", "shared_names", "shared_controls", "unread_images", "grid_like_strips",
+    "high_bit_depth_images"}``
     (``samples_without_caption``: the samples that train with an empty caption, ``missing_caption="empty"``;
     ``several_controls``: {name: [the control used, the others]}; ``shared_names``: names of several target images,
     each a sample; ``shared_controls``: {control: [names]} of targets in different sub-folders sharing a file name;
-    ``unread_images``: image files with an extension the loader does not read; ``stretched_strips``: {name: why},
-    see ``AnalogyFolder.stretched_strips``; ``high_bit_depth_images``: {path: mode} of 16/32-bit images).
+    ``unread_images``: image files with an extension the loader does not read; ``grid_like_strips``: {name: why},
+    see ``AnalogyFolder.grid_like_strips``; ``high_bit_depth_images``: {path: mode} of 16/32-bit images).
     With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there (a nested sample's
     ``/`` written ``__``, and ``~2``, ``~3``, ... after a name an earlier sample's already took): the grids the
     trainer sees, before resizing to the training resolution. A ``dump`` that is a file or cannot be created is
@@ -686,7 +707,7 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
                 if bad is not None:
                     undecodable[i] = bad
         dataset.skip_samples(undecodable, skip_bad)
-    dataset.skip_query_crop_problems(query_mode, query_source, skip_bad)
+        dataset.skip_query_crop_problems(query_mode, query_source, skip_bad)  # listed in the report's problems
     captions = [s[2] for s in dataset.samples]
     report = {"samples": len(dataset), "skipped": len(dataset.skipped),
               "layouts": dict(Counter(s[3] for s in dataset.samples)),
@@ -700,7 +721,7 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
               "samples_without_caption": list(dataset.missing_captions),
               "several_controls": {stem: [str(p) for p in files] for stem, files in dataset.several_controls.items()},
               "shared_names": list(dataset.shared_names), "shared_controls": dict(dataset.shared_controls),
-              "unread_images": list(dataset.unread_images), "stretched_strips": dict(dataset.stretched_strips),
+              "unread_images": list(dataset.unread_images), "grid_like_strips": dict(dataset.grid_like_strips),
               "high_bit_depth_images": dataset.high_bit_depth_images}
     if dump is not None:
         out = Path(dump)
@@ -761,14 +782,16 @@ def _label_field(labels_path: Path, k: int, entry, field: str):
 def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optional[int] = None,
                        filter_categories: Optional[list[str]] = None, filter_json: Optional[str] = None,
                        progress: bool = True, unreadable: Optional[list] = None,
-                       missing: Optional[list] = None) -> list[dict]:
+                       missing: Optional[list] = None, category_counts: Optional[dict] = None) -> list[dict]:
     """The (a, a') pairs of a downloaded Relation252K folder, as NVlabs/LoRWeB ``preprocess_data.py``
     (``Relation252KDataset`` + ``get_triplets``) reads them: every sub-folder ``<category>/Group1/`` with a
     ``labels.json`` (a list of ``{"img_name", "edit_instruction", "left_image_description",
     "right_image_description"}``); entries whose image is missing or cannot be decoded are skipped (the official
     ``_load_all_samples`` crops, so decodes, every image and drops those that fail, before the per-category cap
     counts; a warning counts them and ``unreadable``, when given, receives ``(path, error)`` for each; likewise
-    ``missing`` receives the paths of the entries without an image file, also counted by a warning); the id is
+    ``missing`` receives the paths of the entries without an image file that the per-category cap reaches, also
+    counted by a warning; ``category_counts`` receives {category: usable pairs} of every category read, zero
+    included); the id is
     ``<category>_<img_name>``. Categories are taken in sorted order (the official script uses the file system's
     order).
 
@@ -804,7 +827,10 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
     with _image_pool() as pool:
         for category in tqdm(categories, desc="reading labels", unit="category", disable=not progress):
             if not filter_categories or category.name in filter_categories:
-                pairs += _category_pairs(category, excluded, max_samples_per_category or None, pool, bad, absent)
+                found = _category_pairs(category, excluded, max_samples_per_category or None, pool, bad, absent)
+                pairs += found
+                if category_counts is not None:
+                    category_counts[category.name] = len(found)
     if absent:
         warn(f"skipped {len(absent)} Relation252K labels entries whose image file is missing, as the official "
              f"script does (e.g. {absent[0]})")
@@ -833,7 +859,7 @@ def _category_pairs(category: Path, excluded: set, cap: Optional[int], pool: Thr
                     bad: list, missing: list) -> list[dict]:
     """The pairs of one Relation252K category (``relation252k_pairs``): at most ``cap`` whose image decodes, in
     labels order; ``(path, error)`` of each image that does not decode is appended to ``bad``, the path of each
-    entry (not filtered out) without its image file to ``missing``. Images are decoded
+    entry (not filtered out) without its image file to ``missing`` (those before the entry that completed the cap). Images are decoded
     on ``pool`` in chunks of as many entries as the cap still admits: every entry of a chunk would also be reached
     one by one (each earlier entry adds at most one to the count), so the fields checked, the pairs kept and the
     images reported are exactly the sequential ones, in order."""
@@ -843,6 +869,7 @@ def _category_pairs(category: Path, excluded: set, cap: Optional[int], pool: Thr
     if not isinstance(labels, list):
         raise AnalogyDataError(f"{labels_path} holds a JSON {type(labels).__name__}, not a list of label objects")
     candidates = []  # (index, entry, img_name, image, image_id) of the entries whose image exists
+    absent = []  # (index, image) of the entries whose image does not
     for k, entry in enumerate(labels):
         img_name = _label_field(labels_path, k, entry, "img_name")
         image = category / "Group1" / img_name
@@ -852,22 +879,26 @@ def _category_pairs(category: Path, excluded: set, cap: Optional[int], pool: Thr
         if image.is_file():
             candidates.append((k, entry, img_name, image, image_id))
         else:
-            missing.append(str(image))
-    pairs, start = [], 0
+            absent.append((k, str(image)))
+    pairs, start, last = [], 0, -1
     while start < len(candidates) and (cap is None or len(pairs) < cap):
         chunk = candidates[start:start + (len(candidates) if cap is None else cap - len(pairs))]
         start += len(chunk)
         fields = [{field: _label_field(labels_path, k, entry, field) for field in LABEL_FIELDS[1:]}
                   for k, entry, *_ in chunk]
         errors = pool.map(_decode_error, [image for *_, image, _ in chunk])
-        for (_, _, img_name, image, image_id), field, error in zip(chunk, fields, errors):
+        for (k, _, img_name, image, image_id), field, error in zip(chunk, fields, errors):
             if error is not None:
                 bad.append((str(image), error))
                 continue
+            last = k
             pairs.append({"image_id": image_id, "category": name, "path": image, "img_name": img_name,
                           "edit_prompt": field["edit_instruction"],
                           "left_image_description": field["left_image_description"],
                           "right_image_description": field["right_image_description"]})
+    # the entries read one by one would stop at the one that completed the cap
+    reached = last if cap is not None and len(pairs) >= cap else len(labels)
+    missing.extend(image for k, image in absent if k < reached)
     return pairs
 
 
@@ -1018,12 +1049,12 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
     out = check_prepare_output("out", out, src)  # refused before anything is read
     unreadable: list = []
     missing: list = []
+    per_category: dict = {}
     pairs = relation252k_pairs(src, max_samples_per_category=max_samples_per_category,
                                filter_categories=filter_categories, filter_json=filter_json, progress=progress,
-                               unreadable=unreadable, missing=missing)
+                               unreadable=unreadable, missing=missing, category_counts=per_category)
     analogies = plan_analogies(pairs, min_pairs_per_category=min_pairs_per_category, max_analogies=max_analogies,
                                seed=seed)
-    per_category = Counter(p["category"] for p in pairs)
     small = {c: n for c, n in per_category.items() if n < min_pairs_per_category}
     if not analogies:
         most = max(per_category.values(), default=0)
@@ -1048,7 +1079,7 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
     for sub in ("control", "target", "."):
         (out / sub).mkdir(parents=True, exist_ok=True)
         for tmp in (out / sub).iterdir():  # a killed run's temporary files (_atomic_write's names; older: .tmp.jpg)
-            if _PREPARE_TEMPORARY.fullmatch(tmp.name) and tmp.is_file():
+            if _is_prepare_temporary(tmp):
                 tmp.unlink(missing_ok=True)
     def write_one(analogy: dict) -> tuple[str, Optional[str]]:
         """("skipped", None) when its three files exist, ("written", None), or ("failed", error)."""
@@ -1173,10 +1204,10 @@ def run_data(args) -> dict:
             path, mode = next(iter(report["high_bit_depth_images"].items()))
             print(f"images with more than 8 bits per channel (clipped to white above 255 by the RGB conversion): "
                   f"{len(report['high_bit_depth_images'])}, e.g. {path} ({mode})")
-        if report["stretched_strips"]:
-            name, why = next(iter(report["stretched_strips"].items()))
-            print(f"strip controls stretched by the official 3W x H resize: {len(report['stretched_strips'])}, e.g. "
-                  f"{name}: {why}")
+        if report["grid_like_strips"]:
+            name, why = next(iter(report["grid_like_strips"].items()))
+            print(f"controls shaped like their target, read as strips and stretched threefold (finished grids saved "
+                  f"at another size?): {len(report['grid_like_strips'])}, e.g. {name}: {why}")
         if args.dump:
             print(f"wrote the trainer's grids to {report['dumped']}")
         return report

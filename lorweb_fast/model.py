@@ -105,18 +105,36 @@ def _refuse_incompatible_modules(model: nn.Module, what: str) -> None:
     diffusers attention with fused projections (``fuse_qkv_projections()``: the attention runs ``to_qkv`` /
     ``to_added_qkv``, not the ``to_q/k/v`` and ``add_*_proj`` layers LoRWeB adapts and the official checkpoints
     hold), and peft adapter layers (their base layers and adapter internals are linear layers too)."""
+    inside_lorweb = None  # the name of the LoRWeB layer whose submodules the walk is in
+    peft_layer = peft_inside = None  # the first peft layer, and the first inside a LoRWeB layer (with that layer)
     for name, module in model.named_modules():
+        if isinstance(module, LoRWeBLinear):
+            inside_lorweb = name
+        elif inside_lorweb is not None and not name.startswith(inside_lorweb + "."):
+            inside_lorweb = None
         if getattr(module, "fused_projections", False) is True:
             raise ValueError(f"{what}: {name or type(model).__name__} has fused QKV projections "
                              "(fuse_qkv_projections()): its attention runs to_qkv / to_added_qkv, not the to_q / to_k "
                              "/ to_v (add_*_proj) layers LoRWeB adapts, whose adapters would be silently unused; call "
                              "unfuse_qkv_projections() first")
         if hasattr(module, "adapter_layer_names") and hasattr(module, "get_base_layer"):  # peft's BaseTunerLayer
-            raise ValueError(f"{what}: {name} is a peft adapter layer ({type(module).__name__}); LoRWeB does not "
-                             "stack with peft adapters: unload them first with diffusers' own calls "
-                             "(transformer.unload_lora(), or the stock pipeline's unload_lora_weights(): pipe.pipe"
-                             ".unload_lora_weights() on a LoRWeBKontextPipeline, whose own unload_lora_weights() "
-                             "removes LoRWeB)")
+            peft_layer = peft_layer or (name, module)
+            if inside_lorweb and peft_inside is None:
+                peft_inside = (name, module, inside_lorweb)
+    if peft_inside is not None:
+        # diffusers' unload skips module paths holding "lora" (att_lora_to_q): only remove_lorweb gets them out
+        name, module, layer = peft_inside
+        raise ValueError(f"{what}: {name} is a peft adapter layer ({type(module).__name__}) inside the LoRWeB layer "
+                         f"{layer}: a peft / diffusers LoRA was added after LoRWeB with target modules that reach "
+                         "into LoRWeB's layers (e.g. target_modules='all-linear'), some of which diffusers' unload "
+                         "leaves in them (att_lora_to_q); take LoRWeB out with lf.remove_lorweb(model) (the peft layers stay), "
+                         "unload the peft adapter (transformer.unload_lora()), then inject or load LoRWeB again")
+    if peft_layer is not None:
+        name, module = peft_layer
+        raise ValueError(f"{what}: {name} is a peft adapter layer ({type(module).__name__}); LoRWeB does not stack "
+                         "with peft adapters: unload them first with diffusers' own calls (transformer.unload_lora(), "
+                         "or the stock pipeline's unload_lora_weights(): pipe.pipe.unload_lora_weights() on a "
+                         "LoRWeBKontextPipeline, whose own unload_lora_weights() removes LoRWeB)")
 
 
 def _refuse_new_layers_under_group_offloading(model: nn.Module, names, what: str) -> None:

@@ -173,14 +173,20 @@ def check_output_dir(name: str, path) -> Path:
 
 def check_prepare_output(name: str, out, src) -> Path:
     """``data prepare``'s output folder ``out`` for the Relation252K folder ``src``: an output folder
-    (``check_output_dir``) outside ``src``, whose ``control`` / ``target`` are folders if they exist and whose
-    ``analogy_metadata.json`` is a file if it exists (refused before anything is read or written)."""
-    from ._files import same_or_inside
-
+    (``check_output_dir``) that is neither ``src`` nor inside one of its categories (a sub-folder of ``src`` that is
+    no category, such as ``src/prepared``, is fine: it is never read as one), whose ``control`` / ``target`` are
+    folders if they exist and whose ``analogy_metadata.json`` is a file if it exists (refused before anything is
+    read or written)."""
     out = check_output_dir(name, out)
-    if Path(src).exists() and same_or_inside(out, src):
-        raise UsageError(f"{name} {out} is the Relation252K folder {src} or inside it: the training layout would be "
-                         "written among the source images; choose a folder outside it")
+    src = Path(src)
+    if src.is_dir():
+        resolved, source = out.resolve(), src.resolve()
+        inside = resolved == source or source in resolved.parents
+        top = source / resolved.relative_to(source).parts[0] if inside and resolved != source else None
+        if resolved == source or (top is not None and (top / "Group1").is_dir()):
+            raise UsageError(f"{name} {out} is the Relation252K folder {src} or inside one of its categories: the "
+                             "training layout would be written among the source images; choose a folder outside "
+                             "them")
     for sub in ("control", "target"):
         if (out / sub).exists() and not (out / sub).is_dir():
             raise UsageError(f"{name} {out}: {out / sub} is a file, where the {sub} images go; remove it or choose "

@@ -342,14 +342,15 @@ def test_data_prepare_refuses_an_output_it_cannot_use_before_writing(tmp_path, c
 
     src = tmp_path / "rel"
     _relation252k(src)
-    out = {"out is src": src, "out inside src": src / "cat-a" / "out"}.get(case, tmp_path / "out")
+    out = {"out is src": src, "out inside src": src / "cat-a" / "Group1" / "out"}.get(case, tmp_path / "out")
     if case in ("control is a file", "target is a file"):
         out.mkdir()
         (out / case.split()[0]).write_text("x")
     elif case == "metadata is a folder":
         (out / "analogy_metadata.json").mkdir(parents=True)
     before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
-    fragment = {"out is src": "inside it", "out inside src": "inside it", "control is a file": "control is a file",
+    fragment = {"out is src": "or inside one of its categories", "out inside src": "or inside one of its categories",
+                "control is a file": "control is a file",
                 "target is a file": "target is a file", "metadata is a folder": "analogy_metadata.json is not a file"}
     with pytest.raises(UsageError, match=fragment[case]):
         data.prepare_relation252k(src, out, progress=False)
@@ -357,6 +358,9 @@ def test_data_prepare_refuses_an_output_it_cannot_use_before_writing(tmp_path, c
     err = capsys.readouterr().err
     assert fragment[case] in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
+    if case == "out is src":  # a sub-folder of the source that is no category is never read as one: accepted
+        assert _quiet(lambda: data.prepare_relation252k(src, src / "prepared", progress=False))["written"] == 3
+        assert _quiet(lambda: data.prepare_relation252k(src, src / "prepared", progress=False))["skipped"] == 3
 
 
 def test_data_prepare_writes_an_analogy_whose_file_name_just_fits_the_limit(tmp_path):
@@ -374,10 +378,12 @@ def test_data_prepare_writes_an_analogy_whose_file_name_just_fits_the_limit(tmp_
     leftover = out / "target" / (temporary_prefix(out / "target" / f"{aid}.jpg") + "abcd1234.tmp")
     assert len(leftover.name.encode()) == 255
     leftover.write_bytes(b"half")
+    mine = out / "target" / ".analogy_notes.abcd1234.tmp"  # temporary-shaped, but short and not a prepared name
+    mine.write_text("mine")
     report = data.prepare_relation252k(tmp_path / "rel", out, progress=False)
     assert (report["analogies"], report["written"], report["failed"]) == (1, 1, [])
     assert (out / "control" / f"{aid}.jpg").is_file() and (out / "target" / f"{aid}.txt").is_file()
-    assert not leftover.exists()
+    assert not leftover.exists() and mine.read_text() == "mine"
 
 
 def test_data_prepare_counts_entries_without_images_and_categories_left_out(tmp_path, capsys):
@@ -390,18 +396,24 @@ def test_data_prepare_counts_entries_without_images_and_categories_left_out(tmp_
     src = tmp_path / "rel"
     relation252k_folder(src, {"cat-a": [(16, 12)], "cat-b": [(16, 12), (16, 12)]}, seed=2, ramp=RAMP,
                         skipped_entries=True)
+    (src / "cat-z" / "Group1").mkdir(parents=True)  # a category whose only entry has no image: 0 usable pairs
+    (src / "cat-z" / "Group1" / "labels.json").write_text(json.dumps([{"img_name": "gone.png"}]))
     with pytest.warns(UserWarning) as caught:
         report = data.prepare_relation252k(src, tmp_path / "out", progress=False)
     messages = " | ".join(str(w.message) for w in caught)
-    assert "skipped 2 Relation252K labels entries whose image file is missing" in messages
-    assert "1 categories have fewer than 2 usable pairs and give no analogies (e.g. cat-a: 1" in messages
+    assert "skipped 3 Relation252K labels entries whose image file is missing" in messages
+    assert "2 categories have fewer than 2 usable pairs and give no analogies (e.g. cat-a: 1" in messages
     assert sorted(Path(m).relative_to(src).as_posix() for m in report["missing"]) == [
-        "cat-a/Group1/missing.png", "cat-b/Group1/missing.png"]
-    assert report["categories_left_out"] == {"cat-a": 1} and report["analogies"] == 1
+        "cat-a/Group1/missing.png", "cat-b/Group1/missing.png", "cat-z/Group1/gone.png"]
+    assert report["categories_left_out"] == {"cat-a": 1, "cat-z": 0} and report["analogies"] == 1
     assert _quiet(lambda: cli.main(["data", "prepare", str(src), str(tmp_path / "out2"), "--quiet"])) == 0
     out = capsys.readouterr().out
-    assert "2 labels entries have no image file and were left out" in out
-    assert "1 categories with fewer than 2 usable pairs were left out: cat-a (1)" in out
+    assert "3 labels entries have no image file and were left out" in out
+    assert "2 categories with fewer than 2 usable pairs were left out: cat-a (1), cat-z (0)" in out
+    # with a cap of one pair per category, the entries after the one that completed it are never reached
+    pairs_missing = []
+    _quiet(lambda: data.relation252k_pairs(src, max_samples_per_category=1, missing=pairs_missing, progress=False))
+    assert [Path(m).relative_to(src).as_posix() for m in pairs_missing] == ["cat-z/Group1/gone.png"]
     with pytest.raises(AnalogyDataError, match=r"the most in one category after the filters: 1; labels entries "
                                                r"without their image: 1, images that do not decode: 0"):
         _quiet(lambda: data.prepare_relation252k(src, tmp_path / "out3", filter_categories=["cat-a"],
@@ -667,17 +679,31 @@ def test_nested_targets_sharing_a_file_name_are_named_with_their_one_control(tmp
     assert _quiet(lambda: AnalogyFolder(root)).shared_controls == {}
 
 
-def test_strip_controls_far_from_three_target_cells_are_named(tmp_path):
+def test_controls_shaped_like_their_target_are_named_as_grid_like_strips(tmp_path):
     """A finished 2x2 grid saved at twice its target's size is read as an a|a'|b strip (official: another size
-    than the target) and stretched from 1:1 to 3:1: a warning and the report name it; ordinary strips (within
-    ``STRIP_STRETCH_WARNING`` of 3W x H) are not named."""
+    than the target) and stretched threefold: a warning and the report name it. Ordinary strips, and the strips
+    ``data prepare`` writes (cells at the smallest width and height of a, a', b; b' as it is, so their shapes may
+    differ widely, and one may even have its target's size: listed in analogy_metadata.json, it is read as the strip
+    it is, not as a grid), are not named."""
     root = _sample(tmp_path / "d", "g", (128, 128), (64, 64))
-    _sample(root, "s", (72, 20), (24, 18), seed=1)  # 72x20 against 3 x 24x18: stretched by 0.9, not named
-    with pytest.warns(UserWarning, match=r"1 strip controls are far from three target-sized cells .*e\.g\. g: "
-                                         r"control 128x128 against 3 x its target's 64x64"):
+    _sample(root, "s", (72, 20), (24, 18), seed=1)
+    _sample(root, "t", (96, 32), (48, 64), seed=2)  # a prepared strip whose b' is portrait
+    with pytest.warns(UserWarning, match=r"1 controls of another size than their target have the target's aspect "
+                                         r"ratio.*e\.g\. g: control 128x128, target 64x64"):
         ds = AnalogyFolder(root)
-    assert list(ds.stretched_strips) == ["g"] and {s[3] for s in ds.samples} == {"strip"}
-    assert list(_quiet(lambda: data.check_folder(root, progress=False))["stretched_strips"]) == ["g"]
+    assert list(ds.grid_like_strips) == ["g"] and {s[3] for s in ds.samples} == {"strip"}
+    assert list(_quiet(lambda: data.check_folder(root, progress=False))["grid_like_strips"]) == ["g"]
+    src = tmp_path / "rel"
+    relation252k_folder(src, {"cat-a": [(10, 30), (30, 30), (16, 12), (40, 8)]}, seed=2, ramp=RAMP)  # A 10x30, C
+    # 30x30: cells 10x30, a 30x30 strip beside a 30x30 b', shaped like a grid
+    data.prepare_relation252k(src, tmp_path / "prepared", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared = AnalogyFolder(tmp_path / "prepared", resize="long-edge", long_edge=64)
+    assert prepared.grid_like_strips == {} and {s[3] for s in prepared.samples} == {"strip"}
+    first = next(s for s in prepared.samples if s[1].stem.endswith("_0000"))
+    with Image.open(first[0]) as control, Image.open(first[1]) as target:
+        assert control.size == target.size == (30, 30)  # the same size, still the strip it is (not a 2x2 grid)
 
 
 def test_sixteen_bit_images_are_named_before_they_train_nearly_white(tmp_path):

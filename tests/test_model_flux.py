@@ -368,14 +368,16 @@ def test_a_peft_lora_beside_lorweb_unloads_with_diffusers_own_unload(saved_base,
     assert len(lf.load_lorweb_weights(m, tmp_path / "w.safetensors")) == 20
 
 
-def test_a_peft_lora_reaching_into_lorweb_layers_is_named_by_set_query(saved_base):
+def test_a_peft_lora_reaching_into_lorweb_layers_is_named_by_set_query(saved_base, tmp_path):
     """A peft LoRA added after LoRWeB with all-linear targets wraps the LoRWeB layers' query projections before peft
     itself refuses LoRWeBLinear: set_query then names the peft layer and the way out (remove_lorweb), not a
-    quantization, and so does merged() for the peft layers it wrapped around the LoRWeB base layers."""
+    quantization, and so does merged() for the peft layers it wrapped around the LoRWeB base layers; loading a
+    checkpoint names the way out too, which works."""
     pytest.importorskip("peft")
     from peft import LoraConfig
 
-    m, query, _, _ = injected_and_its_output(saved_base)
+    m, query, inputs, want = injected_and_its_output(saved_base)
+    lf.save_lorweb_weights(m, tmp_path / "w.safetensors")
     with pytest.raises(Exception):  # peft's own refusal of LoRWeBLinear, after wrapping what it could
         m.add_adapter(LoraConfig(r=2, target_modules="all-linear"))
     with pytest.raises(ValueError, match=r"att_lora_to_q is a peft adapter layer .*lf.remove_lorweb\(model\)"):
@@ -383,6 +385,17 @@ def test_a_peft_lora_reaching_into_lorweb_layers_is_named_by_set_query(saved_bas
     with pytest.raises(TypeError, match=r"cannot merge into .*: its base layer is a peft adapter layer"):
         with lf.merged(m):
             pass
+    # loading names the route that works (diffusers' unload skips the "...att_lora_to_q" paths), and it does
+    with pytest.raises(ValueError, match=r"is a peft adapter layer .* inside the LoRWeB layer .*"
+                                         r"lf.remove_lorweb\(model\)"):
+        lf.load_lorweb_weights(m, tmp_path / "w.safetensors")
+    lf.remove_lorweb(m)
+    m.unload_lora()
+    assert not any(hasattr(mod, "adapter_layer_names") for mod in m.modules())
+    assert len(lf.load_lorweb_weights(m, tmp_path / "w.safetensors")) == 20
+    with torch.no_grad():
+        lf.set_query(m, query)
+        torch.testing.assert_close(m(**inputs).sample, want, rtol=0, atol=0)
 
 
 def test_hooked_base_layers_are_called_sequential_cpu_offload(saved_base):
