@@ -1182,32 +1182,23 @@ def run_data(args) -> dict:
         print(f"problems: {len(report['problems'])}")
         for problem in report["problems"]:
             print(f"  {problem}")
-        unused = report["controls_without_target"]
-        if unused:
-            print(f"control images without a target (not samples): {len(unused)}, e.g. {unused[0]}")
-        several = report["several_controls"]
-        if several:
-            stem, files = next(iter(several.items()))
-            print(f"names with several control images (the first in the official order is used): {len(several)}, "
-                  f"e.g. {stem}: {Path(files[0]).name} over {', '.join(Path(f).name for f in files[1:])}")
-        if report["shared_names"]:
-            print(f"names shared by several target images (each a sample): {len(report['shared_names'])}, e.g. "
-                  f"{report['shared_names'][0]}")
-        if report["shared_controls"]:
-            control, users = next(iter(report["shared_controls"].items()))
-            print(f"control images shared by targets in different sub-folders (lookup by file name): "
-                  f"{len(report['shared_controls'])}, e.g. {control} for {', '.join(users)}")
-        if report["unread_images"]:
-            print(f"image files not read (extension not one of {', '.join(IMAGE_SUFFIXES)}): "
-                  f"{len(report['unread_images'])}, e.g. {report['unread_images'][0]}")
-        if report["high_bit_depth_images"]:
-            path, mode = next(iter(report["high_bit_depth_images"].items()))
-            print(f"images with more than 8 bits per channel (clipped to white above 255 by the RGB conversion): "
-                  f"{len(report['high_bit_depth_images'])}, e.g. {path} ({mode})")
-        if report["grid_like_strips"]:
-            name, why = next(iter(report["grid_like_strips"].items()))
-            print(f"controls shaped like their target, read as strips and stretched threefold (finished grids saved "
-                  f"at another size?): {len(report['grid_like_strips'])}, e.g. {name}: {why}")
+        listed = (  # (report key, what its entries are, the first entry shown as an example)
+            ("controls_without_target", "control images without a target (not samples)", str),
+            ("several_controls", "names with several control images (the first in the official order is used)",
+             lambda stem, files: f"{stem}: {Path(files[0]).name} over {', '.join(Path(f).name for f in files[1:])}"),
+            ("shared_names", "names shared by several target images (each a sample)", str),
+            ("shared_controls", "control images shared by targets in different sub-folders (lookup by file name)",
+             lambda control, users: f"{control} for {', '.join(users)}"),
+            ("unread_images", f"image files not read (extension not one of {', '.join(IMAGE_SUFFIXES)})", str),
+            ("high_bit_depth_images", "images with more than 8 bits per channel (clipped to white above 255 by the "
+             "RGB conversion)", lambda path, mode: f"{path} ({mode})"),
+            ("grid_like_strips", "controls shaped like their target, read as strips and stretched threefold "
+             "(finished grids saved at another size?)", lambda name, why: f"{name}: {why}"))
+        for key, what, example in listed:
+            entries = report[key]
+            if entries:
+                first = next(iter(entries.items())) if isinstance(entries, dict) else (entries[0],)
+                print(f"{what}: {len(entries)}, e.g. {example(*first)}")
         if args.dump:
             print(f"wrote the trainer's grids to {report['dumped']}")
         return report
