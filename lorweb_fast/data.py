@@ -859,10 +859,10 @@ def _category_pairs(category: Path, excluded: set, cap: Optional[int], pool: Thr
                     bad: list, missing: list) -> list[dict]:
     """The pairs of one Relation252K category (``relation252k_pairs``): at most ``cap`` whose image decodes, in
     labels order; ``(path, error)`` of each image that does not decode is appended to ``bad``, the path of each
-    entry (not filtered out) without its image file to ``missing`` (those before the entry that completed the cap). Images are decoded
-    on ``pool`` in chunks of as many entries as the cap still admits: every entry of a chunk would also be reached
-    one by one (each earlier entry adds at most one to the count), so the fields checked, the pairs kept and the
-    images reported are exactly the sequential ones, in order."""
+    entry (not filtered out) without its image file to ``missing`` (those before the entry that completed the
+    cap). Images are decoded on ``pool`` in chunks of as many entries as the cap still admits: every entry of a
+    chunk would also be reached one by one (each earlier entry adds at most one to the count), so the fields
+    checked, the pairs kept and the images reported are exactly the sequential ones, in order."""
     name = category.name
     labels_path = category / "Group1" / "labels.json"
     labels = _read_json(labels_path, "labels file")

@@ -127,8 +127,9 @@ def _refuse_incompatible_modules(model: nn.Module, what: str) -> None:
         raise ValueError(f"{what}: {name} is a peft adapter layer ({type(module).__name__}) inside the LoRWeB layer "
                          f"{layer}: a peft / diffusers LoRA was added after LoRWeB with target modules that reach "
                          "into LoRWeB's layers (e.g. target_modules='all-linear'), some of which diffusers' unload "
-                         "leaves in them (att_lora_to_q); take LoRWeB out with lf.remove_lorweb(model) (the peft layers stay), "
-                         "unload the peft adapter (transformer.unload_lora()), then inject or load LoRWeB again")
+                         "leaves in them (att_lora_to_q); take LoRWeB out with lf.remove_lorweb(model) (the peft "
+                         "layers stay), unload the peft adapter (transformer.unload_lora()), then inject or load "
+                         "LoRWeB again")
     if peft_layer is not None:
         name, module = peft_layer
         raise ValueError(f"{what}: {name} is a peft adapter layer ({type(module).__name__}); LoRWeB does not stack "
