@@ -279,16 +279,15 @@ def detect_layout(control: Path, control_size: tuple[int, int], target: Path, ta
     return "grid"
 
 
-def _unread_images(*folders: Path) -> list[str]:
-    """The files under ``folders`` (walked, as the sample list) whose extension names a format Pillow opens (not
-    one it only writes, such as .pdf) but is not one of IMAGE_SUFFIXES, sorted."""
+def _unread_images(files: list[Path]) -> list[str]:
+    """Those of ``files`` whose extension names a format Pillow opens (not one it only writes, such as .pdf) but is
+    not one of IMAGE_SUFFIXES, sorted."""
     from PIL import Image
 
     Image.init()
     known = {ext for ext, fmt in Image.registered_extensions().items()
              if fmt in Image.OPEN and ext not in IMAGE_SUFFIXES}
-    return sorted(str(Path(d) / f) for folder in folders for d, _, files in os.walk(folder) for f in files
-                  if os.path.splitext(f)[1].lower() in known)
+    return sorted(str(p) for p in files if p.suffix.lower() in known)
 
 
 def _read_relation_captions(path: Path) -> dict:
@@ -356,12 +355,13 @@ class AnalogyFolder(torch.utils.data.Dataset):
                                        f"target, captions/ or control/)")
         # the samples are the target images, as the official loader lists its dataset folder (os.walk of target/,
         # files with an image extension, not in a "_controls" folder); each finds its control in control/ by name
-        targets = sorted((Path(d) / f for d, _, files in os.walk(target_dir) for f in files
-                          if f.lower().endswith(IMAGE_SUFFIXES) and Path(d).name != "_controls"),
-                         key=lambda p: p.relative_to(target_dir).as_posix())
+        target_files = [Path(d) / f for d, _, files in os.walk(target_dir) for f in files]
+        targets = sorted((p for p in target_files if p.name.lower().endswith(IMAGE_SUFFIXES)
+                          and p.parent.name != "_controls"), key=lambda p: p.relative_to(target_dir).as_posix())
         #: image files that are not samples or controls because their extension is not one of IMAGE_SUFFIXES (the
         #: official loader's list; e.g. .tif, .bmp, .gif): never read
-        self.unread_images = _unread_images(target_dir, control_dir)
+        self.unread_images = _unread_images(
+            target_files + [Path(d) / f for d, _, files in os.walk(control_dir) for f in files])
         if self.unread_images:
             warn(f"{len(self.unread_images)} image files under {target_dir} or {control_dir} are not read: only "
                  f"{', '.join(IMAGE_SUFFIXES)} files are samples and controls, as in the official loader (e.g. "
@@ -388,7 +388,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
                  f"({', '.join(CONTROL_SUFFIX_ORDER)}, then upper case) "
                  f"and never reads the others (e.g. {stem}: {files[0].name} over "
                  f"{', '.join(f.name for f in files[1:])})")
-        names = Counter(self._name(t) for t in targets)
+        target_names = [self._name(t) for t in targets]
+        names = Counter(target_names)
         #: names shared by several target images (target/0007.jpg and target/0007.png): each is a sample, as in the
         #: official loader, with the same control image and caption
         self.shared_names = sorted(n for n, k in names.items() if k > 1)
@@ -396,13 +397,13 @@ class AnalogyFolder(torch.utils.data.Dataset):
             warn(f"several target images share a name ({len(self.shared_names)} names), each a sample "
                  f"with the same control image and caption, as in the official loader (e.g. "
                  f"{self.shared_names[0]}: "
-                 + ", ".join(t.name for t in targets if self._name(t) == self.shared_names[0]) + ")")
+                 + ", ".join(t.name for t, n in zip(targets, target_names) if n == self.shared_names[0]) + ")")
         #: {control file: names of the targets} for targets in different sub-folders of target/ that share a file
         #: name: the control lookup is by file name in control/ (official), so they all use that one control
         self.shared_controls = {}
         users_by_stem: dict[str, set] = {}
-        for t in targets:
-            users_by_stem.setdefault(t.stem, set()).add(self._name(t))
+        for t, name in zip(targets, target_names):
+            users_by_stem.setdefault(t.stem, set()).add(name)
         for stem, users in sorted(users_by_stem.items()):
             if stem in control_by_stem and len({name.rpartition("/")[0] for name in users}) > 1:
                 self.shared_controls[str(control_by_stem[stem][0])] = sorted(users)
@@ -654,9 +655,9 @@ def _is_prepare_temporary(path: Path) -> bool:
     within 3 bytes of the file-name limit: a character boundary cuts at most 3 bytes short)."""
     from ._files import name_limit
 
-    return path.is_file() and (_PREPARE_TEMPORARY.fullmatch(path.name) is not None or (
+    return (_PREPARE_TEMPORARY.fullmatch(path.name) is not None or (
         _CUT_PREPARE_TEMPORARY.fullmatch(path.name) is not None
-        and len(os.fsencode(path.name)) >= name_limit(path.parent) - 3))
+        and len(os.fsencode(path.name)) >= name_limit(path.parent) - 3)) and path.is_file()
 
 
 def _not_a_folder(path: Path) -> str:

@@ -179,14 +179,11 @@ def check_prepare_output(name: str, out, src) -> Path:
     read or written)."""
     out = check_output_dir(name, out)
     src = Path(src)
-    if src.is_dir():
-        resolved, source = out.resolve(), src.resolve()
-        inside = resolved == source or source in resolved.parents
-        top = source / resolved.relative_to(source).parts[0] if inside and resolved != source else None
-        if resolved == source or (top is not None and (top / "Group1").is_dir()):
-            raise UsageError(f"{name} {out} is the Relation252K folder {src} or inside one of its categories: the "
-                             "training layout would be written among the source images; choose a folder outside "
-                             "them")
+    resolved, source = out.resolve(), src.resolve()
+    if src.is_dir() and (resolved == source or (source in resolved.parents and (
+            source / resolved.relative_to(source).parts[0] / "Group1").is_dir())):
+        raise UsageError(f"{name} {out} is the Relation252K folder {src} or inside one of its categories: the "
+                         "training layout would be written among the source images; choose a folder outside them")
     for sub in ("control", "target"):
         if (out / sub).exists() and not (out / sub).is_dir():
             raise UsageError(f"{name} {out}: {out / sub} is a file, where the {sub} images go; remove it or choose "
