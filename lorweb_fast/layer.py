@@ -262,6 +262,15 @@ class LoRWeBLinear(nn.Module):
         after removing part of the peft layers). ``lf.remove_lorweb`` takes LoRWeB out."""
         return self
 
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> "LoRWeBLinear":
+        """``self``. A ``PeftModel``'s ``merge_and_unload()`` / ``unload()`` (peft's ``_unload_and_optionally_merge``)
+        merges and unloads every module with a ``base_layer`` attribute, calling ``merge`` (which a LoRWeB layer has
+        not: the mixture changes with each analogy) unless the module has this method. A LoRWeB layer is no peft
+        adapter: the peft LoRAs beside it are merged or unloaded and the LoRWeB layers stay in place, as with
+        diffusers' ``unload_lora()``. ``lf.merged(model)`` merges one analogy's mixture; ``lf.remove_lorweb`` takes
+        LoRWeB out."""
+        return self
+
     def lorweb_tensors(self) -> dict[str, nn.Parameter]:
         """The LoRWeB parameters under their official checkpoint suffixes, in checkpoint order (without
         ``att_lora_to_q.weight`` when ``query_projection_type == "none"``: the official layer then has none)."""

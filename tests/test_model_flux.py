@@ -368,6 +368,34 @@ def test_a_peft_lora_beside_lorweb_unloads_with_diffusers_own_unload(saved_base,
     assert len(lf.load_lorweb_weights(m, tmp_path / "w.safetensors")) == 20
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_a_peft_model_around_lorweb_merges_and_unloads_its_own_lora(saved_base, merge):
+    """peft's ``get_peft_model`` around an injected transformer, its LoRA on the embedders: ``merge_and_unload()``
+    (peft's ``_unload_and_optionally_merge`` calls ``merge`` on every module with a ``base_layer``, which crashed on
+    the first LoRWeB layer) folds the peft LoRA into the embedders and keeps the LoRWeB layers, so the output stays
+    the one with both; ``unload()`` drops the peft LoRA and gives LoRWeB's own output back exactly."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    m, query, inputs, want = injected_and_its_output(saved_base)
+    peft_model = get_peft_model(m, LoraConfig(r=2, target_modules=["x_embedder", "context_embedder"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_()
+        with_both = m(**inputs).sample
+    assert not torch.allclose(with_both, want)
+    out = peft_model.merge_and_unload() if merge else peft_model.unload()
+    assert out is m and not any(hasattr(mod, "adapter_layer_names") for mod in m.modules())
+    assert len(lf.lorweb_layers(m)) == 20
+    with torch.no_grad():
+        got = m(**inputs).sample
+    if merge:
+        torch.testing.assert_close(got, with_both, rtol=1e-4, atol=1e-5)
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_a_peft_lora_reaching_into_lorweb_layers_is_named_by_set_query(saved_base, tmp_path):
     """A peft LoRA added after LoRWeB with all-linear targets wraps the LoRWeB layers' query projections before peft
     itself refuses LoRWeBLinear: set_query then names the peft layer and the way out (remove_lorweb), not a
