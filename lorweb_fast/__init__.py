@@ -4,6 +4,7 @@ Functional API: ``compute_coefficients``, ``mixed_lora_delta``, ``lorweb_linear`
 ``backend=None | "torch" | "triton" | "cuda"``) and ``backend_status``. Module: ``LoRWeBLinear``. Model-level:
 ``LoRWeBConfig``, ``inject_lorweb``, ``set_query``, ``set_backend``, ``clear_query``, ``get_coefficients``,
 ``set_lorweb_scale`` / ``get_lorweb_scale`` (the strength), ``save_lorweb_weights``, ``load_lorweb_weights``.
+Warnings: ``LoRWeBWarning`` (a ``UserWarning``), attributed to the caller's line.
 """
 
 from .flux import merged, plot_coefficients
@@ -31,11 +32,12 @@ from .ops import (
     lorweb_linear,
     mixed_lora_delta,
 )
+from .validation import LoRWeBWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "LoRWeBCheckpointError", "LoRWeBConfig", "LoRWeBLinear",
+    "BACKENDS", "BackendUnavailableError", "LoRWeBCheckpointError", "LoRWeBConfig", "LoRWeBLinear", "LoRWeBWarning",
     "backend_status", "clear_query", "compute_coefficients", "get_coefficients", "get_lorweb_scale", "inject_lorweb",
     "load_lorweb_weights", "lorweb_layers", "lorweb_linear", "lorweb_state_dict", "mixed_lora_delta",
     "merged", "plot_coefficients", "remove_lorweb", "save_lorweb_weights", "set_backend", "set_lorweb_scale",

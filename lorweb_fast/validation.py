@@ -266,7 +266,13 @@ _LIBRARY_PACKAGES = frozenset({"lorweb_fast", "torch", "diffusers", "transformer
                                "contextlib"})
 
 
-def warn(message: str, category: type[Warning] = UserWarning) -> None:
+class LoRWeBWarning(UserWarning):
+    """The category of every warning lorweb_fast gives (a ``UserWarning``). The warnings point at the caller's line,
+    so a ``module="lorweb_fast"`` filter does not catch them; ``warnings.filterwarnings("ignore",
+    category=lorweb_fast.LoRWeBWarning)`` does."""
+
+
+def warn(message: str, category: type[Warning] = LoRWeBWarning) -> None:
     """``warnings.warn`` attributed to the first frame outside lorweb_fast and the libraries in
     ``_LIBRARY_PACKAGES`` (the user's script, notebook cell or test) rather than to lorweb_fast's own line; to the
     outermost frame when every frame is library code (the ``lorweb-fast`` command)."""

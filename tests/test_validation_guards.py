@@ -394,3 +394,24 @@ def test_warnings_point_at_the_callers_line_not_at_lorweb_fast():
         warnings.simplefilter("always")
         user_module["call"]()  # the walk stops at user_code's frame, before this file's
     assert [(w.filename, w.lineno) for w in caught] == [("user_code.py", 2)]
+
+
+def test_warnings_are_lorweb_warnings_that_a_category_filter_silences():
+    """Every lorweb_fast warning has the category ``lf.LoRWeBWarning``, a UserWarning (Python's default filter and
+    ``pytest.warns(UserWarning)`` still see it): ``filterwarnings(category=lf.LoRWeBWarning)`` silences it, as a
+    ``module="lorweb_fast"`` filter cannot (the warning is attributed to the caller's line)."""
+    import warnings
+
+    m = tiny_lorweb_pair(lf.LoRWeBConfig(num_loras=2, rank=1, key_dim=4, query_dim=6, target_modules=r"\d"))
+    query = torch.randn(1, 6, requires_grad=True)  # eval mode with autograd: warns
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", module="lorweb_fast")
+        lf.set_query(m, query)
+    assert [w.category for w in caught] == [lf.LoRWeBWarning] and issubclass(lf.LoRWeBWarning, UserWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=lf.LoRWeBWarning)
+        lf.set_query(m, query)
+    assert caught == []
+    assert lf.LoRWeBWarning is V.LoRWeBWarning and "LoRWeBWarning" in lf.__all__
