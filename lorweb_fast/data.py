@@ -732,15 +732,17 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
         files = [(names[i] if names[i] not in shared else  # keeps the extension
                   dataset.samples[i][1].relative_to(dataset.root / "target").as_posix()).replace("/", "__")
                  for i in range(len(dataset))]
-        taken, assigned = set(files), set()
-        for i in range(len(files)):  # target/sub/x.png and target/sub__x.png: sub__x, then sub__x~2
-            if files[i] in assigned:
+        # target/sub/x.png and target/sub__x.png: sub__x, then sub__x~2; names compared case-folded, so that A.png
+        # and a.png do not overwrite each other's files on a case-insensitive file system (macOS, Windows)
+        taken, assigned = {f.casefold() for f in files}, set()
+        for i in range(len(files)):
+            if files[i].casefold() in assigned:
                 k = 2
-                while f"{files[i]}~{k}" in taken:
+                while f"{files[i]}~{k}".casefold() in taken:
                     k += 1
                 files[i] = f"{files[i]}~{k}"
-                taken.add(files[i])
-            assigned.add(files[i])
+                taken.add(files[i].casefold())
+            assigned.add(files[i].casefold())
         for i in tqdm(range(len(dataset)), desc="dumping grids", unit="sample", disable=not progress):
             name = files[i]
             control, target = dataset.full_grids(i)

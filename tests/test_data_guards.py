@@ -499,7 +499,8 @@ def _relation252k_modes(root: Path, modes: list) -> dict:
     rng = np.random.default_rng(5)
     halves, labels = {}, []
     for k, mode in enumerate(modes):
-        whole = Image.fromarray(np.concatenate([smooth_rgb(rng, 16, 12, ramp=RAMP), smooth_rgb(rng, 16, 12, ramp=RAMP)], axis=1)).convert(mode)
+        halves_rgb = [smooth_rgb(rng, 16, 12, ramp=RAMP), smooth_rgb(rng, 16, 12, ramp=RAMP)]
+        whole = Image.fromarray(np.concatenate(halves_rgb, axis=1)).convert(mode)
         whole.save(group / f"img{k}.png")
         halves[k] = (whole.crop((0, 0, 16, 12)), whole.crop((16, 0, 32, 12)))
         labels.append({"img_name": f"img{k}.png", "edit_instruction": f"edit {k}", "left_image_description": "",
@@ -595,6 +596,25 @@ def test_data_check_dump_keeps_a_nested_sample_and_a_flat_one_of_the_same_writte
     with Image.open(tmp_path / "dump" / "sub__x_target.png") as first, \
             Image.open(tmp_path / "dump" / "sub__x~2_target.png") as second:
         assert (first.size, second.size) == ((64, 48), (80, 48))  # sub/x.png sorts before sub__x.png
+
+
+def test_data_check_dump_keeps_samples_whose_names_differ_only_in_case_apart(tmp_path):
+    """target/A.png and target/a.png are two samples here (a case-sensitive file system); dumped as A_* and a_*
+    they would overwrite each other on a case-insensitive one (macOS, Windows), so the second in sample order
+    takes a~2."""
+    root = _grid_folder(tmp_path / "d", n=1)
+    for k, name in enumerate(("A.png", "a.png")):
+        size = (64 + 16 * k, 48)
+        random_rgb_image(np.random.default_rng(40 + k), *size).save(root / "target" / name)
+        random_rgb_image(np.random.default_rng(50 + k), *size).save(root / "control" / name)
+    report = _quiet(lambda: data.check_folder(root, dump=tmp_path / "dump", progress=False))
+    assert report["samples"] == 3
+    dumped = {p.name for p in (tmp_path / "dump").iterdir()}
+    kinds = ("caption.txt", "control.png", "target.png")
+    assert {f"{n}_{kind}" for n in ("g0", "A", "a~2") for kind in kinds} == dumped
+    with Image.open(tmp_path / "dump" / "A_target.png") as first, \
+            Image.open(tmp_path / "dump" / "a~2_target.png") as second:
+        assert (first.size, second.size) == ((64, 48), (80, 48))  # "A.png" sorts before "a.png"
 
 
 def test_data_prepare_fails_an_analogy_whose_id_holds_a_path_separator(tmp_path):
