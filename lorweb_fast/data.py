@@ -447,10 +447,14 @@ class AnalogyFolder(torch.utils.data.Dataset):
                  "trains nearly white): save them as 8-bit images")
         if self.grid_like_strips:
             name, why = next(iter(self.grid_like_strips.items()))
-            warn(f"{len(self.grid_like_strips)} controls of another size than their target have the target's "
-                 f"aspect ratio, like a finished 2x2 grid saved at another size (e.g. {name}: {why}); they are read "
-                 "as a|a'|b strips, as in the official loader, and stretched threefold by its resize to 3W x H: to "
-                 "train them as grids, save each control at its target's size")
+            if self.layout == "auto":  # a control of its target's size is a grid here: these have other sizes
+                what, fix = ("controls of another size than their target have", "save each control at its target's "
+                             "size")
+            else:  # layout="strip" reads every control as a strip, the ones of their target's size too
+                what, fix = "controls have", "use layout 'auto' or 'grid' (--layout), each control at its target's size"
+            warn(f"{len(self.grid_like_strips)} {what} the target's aspect ratio, like a finished 2x2 grid (e.g. "
+                 f"{name}: {why}); they are read as a|a'|b strips, as in the official loader, and stretched "
+                 f"threefold by its resize to 3W x H: to train them as grids, {fix}")
         if not self.samples:
             raise AnalogyDataError(f"no usable training samples in {self.root} ({len(self.skipped)} skipped)")
         kinds = {s[3] for s in self.samples}

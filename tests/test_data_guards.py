@@ -726,6 +726,19 @@ def test_controls_shaped_like_their_target_are_named_as_grid_like_strips(tmp_pat
         assert control.size == target.size == (30, 30)  # the same size, still the strip it is (not a 2x2 grid)
 
 
+def test_grid_like_controls_under_layout_strip_are_told_to_use_another_layout(tmp_path):
+    """layout="strip" reads a control of its target's size as a strip too (grid-like): the warning does not call it
+    "of another size than their target" nor advise saving it at its target's size (it is), but names the layouts
+    that read it as a grid; one of another size is told both."""
+    root = _sample(tmp_path / "d", "g", (30, 30), (30, 30))
+    with pytest.warns(UserWarning, match=r"^1 controls have the target's aspect ratio, like a finished 2x2 grid "
+                                         r"\(e\.g\. g: control 30x30, target 30x30\).*use layout 'auto' or 'grid' "
+                                         r"\(--layout\), each control at its target's size$"):
+        ds = AnalogyFolder(root, layout="strip", resize="long-edge", long_edge=64)
+    assert ds.grid_like_strips == {"g": "control 30x30, target 30x30"}
+    assert _quiet(lambda: AnalogyFolder(root, resize="long-edge", long_edge=64)).grid_like_strips == {}  # a grid
+
+
 def test_sixteen_bit_images_are_named_before_they_train_nearly_white(tmp_path):
     """A 16-bit greyscale PNG target (mode I;16) converts to RGB as in the official loader, which clips every value
     above 255: the sample trains almost white. It stays a sample (official), with a warning and a ``data check``
