@@ -51,6 +51,7 @@ class FakeClip:
 
     def __init__(self, name="clip-A"):
         self.name, self.asked = name, 0
+        self.cache_id = f"clip:{name}"
 
     def __call__(self, quads):
         self.asked += len(quads)
@@ -62,6 +63,7 @@ class FakeLpips:
 
     def __init__(self, weights="w1.pth"):
         self.net, self.weights, self.asked = "alex", weights, 0
+        self.cache_id = f"lpips:alex:{weights}"
 
     def __call__(self, b, b_prime):
         self.asked += 1
@@ -152,6 +154,32 @@ def test_metric_cache_is_keyed_on_the_encoder_and_the_lpips_weights(tmp_path):
     S.score_run("ours", items, tmp_path / "rep", metrics=["clip_dir", "lpips"], clip=other_clip, lpips=other_lp,
                 progress=False)
     assert (other_clip.asked, other_lp.asked) == (2, 2)
+
+
+def test_a_local_clip_folder_rewritten_at_the_same_path_is_measured_again(tmp_path):
+    """The metric cache's key for a local CLIP folder holds its files' signature, not only its path: other weights
+    saved into the same folder are measured again (the cache served the old encoder's values); the same folder
+    unchanged is served from the cache."""
+    from lorweb_fast import demo
+    from lorweb_fast.evaluation.metrics import ClipDirectional
+
+    items = solid_runs(tmp_path / "runs", ["t/0", "t/1"])
+    folder = demo.build_tiny_clip(tmp_path / "clip", seed=0)
+
+    def scores():
+        res = S.score_run("ours", items, tmp_path / "rep", metrics=["clip_dir"], clip=ClipDirectional(folder),
+                          progress=False)
+        return [r["clip_dir"] for r in res["per_triplet"]]
+
+    first = scores()
+    fresh = [r["clip_dir"] for r in S.score_run("x", items, tmp_path / "other", metrics=["clip_dir"],
+                                                   clip=ClipDirectional(folder), progress=False)["per_triplet"]]
+    assert scores() == first == fresh
+    demo.build_tiny_clip(folder, seed=1)  # other weights, same path
+    again = scores()
+    want = [r["clip_dir"] for r in S.score_run("y", items, tmp_path / "new", metrics=["clip_dir"],
+                                                  clip=ClipDirectional(folder), progress=False)["per_triplet"]]
+    assert again == want and again != first
 
 
 # ------------------------------------------------------------------------------------------- score: 2AFC

@@ -124,6 +124,27 @@ def test_lpips_resizes_b_to_b_prime(torch_home):
         ours(b, b2.resize((16, 12)))
 
 
+def test_metric_cache_ids_follow_the_weights_files(tmp_path, clip_dir):
+    """The metric cache's key (``cache_id``) names the metric, the encoder or backbone, and the signature of the
+    weights (files' names, sizes and modification times): a weights file replaced at the same path gives another
+    key, the same files the same key."""
+    import os
+
+    path = tiny.save_random_lpips_backbone(tmp_path / "home", seed=1)
+    first = M.LPIPSDistance("alex", weights=path).cache_id
+    assert first.startswith(f"lpips:alex:{path}@") and M.LPIPSDistance("alex", weights=path).cache_id == first
+    tiny.save_random_lpips_backbone(tmp_path / "home", seed=2)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a replaced file, a later time
+    assert M.LPIPSDistance("alex", weights=path).cache_id != first
+    clip_id = M.ClipDirectional(clip_dir).cache_id
+    assert clip_id == f"clip:{clip_dir}@{M.weights_signature(clip_dir)}" == M.ClipDirectional(clip_dir).cache_id
+    weights = next(clip_dir.glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert M.ClipDirectional(clip_dir).cache_id != clip_id
+
+
 def test_lpips_missing_weights_names_the_file(torch_home):
     with pytest.raises(EvalInputError) as err:
         M.LPIPSDistance("alex")

@@ -19,10 +19,18 @@ from typing import Sequence, Union
 
 import torch
 
-from .evalsets import EvalInputError
+from .evalsets import EvalInputError, file_signature
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 LPIPS_NETS = ("alex", "vgg", "squeeze")
+
+
+def weights_signature(path: Union[str, Path]) -> str:
+    """``file_signature`` of a weights file, or of the files directly inside a model folder (config, weights,
+    processor config): a file replaced at the same path gives another signature, so cached metric values computed
+    with the old weights are not served for the new ones."""
+    path = Path(path)
+    return file_signature(*(sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]))
 
 
 # ------------------------------------------------------------------------------------------------------- CLIP
@@ -42,6 +50,8 @@ class ClipDirectional:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise EvalInputError(f"cannot load the CLIP encoder {self.name!r}: {exc}") from exc
         self.model = model.eval().requires_grad_(False)
+        #: the metric cache's key for this encoder: its name, and for a local folder its files' signature
+        self.cache_id = f"clip:{self.name}" + (f"@{weights_signature(encoder)}" if Path(encoder).is_dir() else "")
         if device is not None:
             self.model.to(device)
 
@@ -122,6 +132,7 @@ class LPIPSDistance:
             slices[name] = features[f"{idx}.{param}"]
         model.net.load_state_dict(slices)
         self.net, self.weights = net, str(path)
+        self.cache_id = f"lpips:{net}:{path}@{weights_signature(path)}"  # the metric cache's key for these weights
         self.model = model.eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)

@@ -142,7 +142,7 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
     answers: list = []
 
     if "clip_dir" in metrics:
-        sig_base = f"clip:{clip.name}"
+        sig_base = clip.cache_id
         todo = []
         for it in items:
             sig = _sig(sig_base, it.a, it.a_prime, it.b, it.b_prime)
@@ -159,7 +159,7 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
                 rows[it.key]["clip_dir"] = v
 
     if "lpips" in metrics:
-        sig_base = f"lpips:{lpips.net}:{lpips.weights}"
+        sig_base = lpips.cache_id
         for it in tqdm(items, desc=f"{name}: lpips", disable=not progress):
             sig = _sig(sig_base, it.b, it.b_prime)
             value = cache.get(it.key, "lpips", sig)
