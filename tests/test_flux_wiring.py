@@ -4,7 +4,11 @@ conversion and type error, the bicubic cells of the native grid, the crop check 
 merged_weight's one-analogy check, the bytes, free memory and headroom behind choose_merge_strategy, the analogy
 encoder (frozen on its device, the "caa'" training crops, its error paths), analogy coefficients without autograd
 history, a call on a fused pipeline, from_pretrained's device, and the wrapper's refusals (a transformer without
-LoRWeB layers, unfuse_lora without the transformer). The comment above each test names the mutant it kills.
+LoRWeB layers, unfuse_lora without the transformer); from a second pass: merge="auto" counting images per prompt and
+seeing a fused pipeline, safe_fusing's scope, a run folder's config.yaml, the dtype keyword of the installed
+diffusers, to() moving the encoder, delete_adapters after an unload, the query settings pushed to the hub, the
+encoder's pooling checked at load, and the layer count of the three-layer query modes. The comment above each test
+names the mutant it kills.
 
 Everything runs on tiny random models built here (lorweb_fast.testing); nothing is downloaded.
 """
@@ -280,3 +284,167 @@ def test_from_pretrained_moves_the_pipeline_to_the_device(tiny, tmp_path, monkey
     lp = flux.LoRWeBKontextPipeline.from_pretrained("a-local-stand-in", weights, device="cpu")
     assert lp.pipe is pipe and moves == [(("cpu",), {})]
 
+
+
+# ------------------------------------------------------------------------------ second audit pass (95 more mutants)
+# mutant: __call__ asks merge_strategy for ``count`` samples instead of ``count * num_images_per_prompt`` (merge="auto"
+# then merges the weights for a batch of several images, which it runs unmerged)
+def test_auto_merge_counts_the_images_per_prompt(tiny, monkeypatch):
+    from diffusers import FluxKontextPipeline
+
+    pipe, encoder = tiny
+    lp = flux.LoRWeBKontextPipeline(pipe, encoder)
+    merged_in_call = []
+
+    def fake_call(self, **kwargs):
+        layers = lf.lorweb_layers(self.transformer).values()
+        merged_in_call.append([bool(layer._merged or layer._merge_jit) for layer in layers])
+        n = int(kwargs.get("num_images_per_prompt") or 1)
+        return types.SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"])) for _ in range(n)])
+
+    monkeypatch.setattr(FluxKontextPipeline, "__call__", fake_call)
+    lp(*analogy(), "p", progress=False, merge="auto", num_inference_steps=1)
+    assert merged_in_call and all(merged_in_call[-1])  # one image: merged (the control of this test)
+    out = lp(*analogy(), "p", progress=False, merge="auto", num_inference_steps=1, num_images_per_prompt=2)
+    assert len(out) == 2 and not any(merged_in_call[-1])
+
+
+# mutant: merge_strategy's "already fused (fuse_lora)" check dropped (merge="auto" then names a merge, though a call
+# on a fused pipeline runs unmerged)
+@pytest.mark.parametrize("strategy", ["full", "jit"])
+def test_auto_merge_strategy_of_a_fused_pipeline_is_none(tiny, strategy):
+    pipe, encoder = tiny
+    lp = flux.LoRWeBKontextPipeline(pipe, encoder)
+    lp.set_analogy(*analogy(0))
+    assert lp.merge_strategy("auto", 1) != "none"  # the control: unfused, one sample merges
+    lp.fuse_lora(strategy)
+    try:
+        assert lp.merge_strategy("auto", 1) == "none"
+    finally:
+        lp.unfuse_lora()
+
+
+# mutant: fuse_lora(safe_fusing=True) checks the base weights under strategy "jit" too (nothing is fused into them:
+# a base weight that is not finite then makes a jit fuse raise)
+def test_safe_fusing_checks_only_weights_that_hold_the_fused_mixture(tiny):
+    from lorweb_fast import lora_api
+
+    pipe, encoder = tiny
+    lp = flux.LoRWeBKontextPipeline(pipe, encoder)
+    lp.set_analogy(*analogy(0))
+    weight = next(iter(lf.lorweb_layers(pipe.transformer).values())).base_layer.weight
+    kept = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="safe_fusing: the fused weights of .* are not finite"):
+            lp.fuse_lora("full", safe_fusing=True)  # the control: a merged weight that is not finite
+        assert lora_api.fused_strategy(pipe.transformer) is None
+        lp.fuse_lora("jit", safe_fusing=True)
+        assert lora_api.fused_strategy(pipe.transformer) == "jit"
+        lp.unfuse_lora()
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+
+
+# mutant: from_pretrained drops the config.yaml that resolve_checkpoint found (``config = config``): a run folder's
+# top config.yaml, which is not beside its checkpoints/step-*/lorweb.safetensors, then goes unread
+def test_from_pretrained_reads_the_config_of_a_run_folder(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    from lorweb_fast import lora_api
+    from lorweb_fast.model import save_lorweb_weights
+
+    pipe, encoder = tiny
+    lora_api.save_pretrained(pipe.transformer, tmp_path / "saved", encoder=encoder.name, pooling_type="max")
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-00000010"
+    step.mkdir(parents=True)
+    shutil.copy(tmp_path / "saved" / "config.yaml", run / "config.yaml")
+    save_lorweb_weights(pipe.transformer, step / "lorweb.safetensors", metadata={"encoder": encoder.name})
+    monkeypatch.setattr(flux, "load_kontext_pipeline", lambda model, dtype=None: pipe)
+    lp = flux.LoRWeBKontextPipeline.from_pretrained("a-local-stand-in", run)
+    assert lp.encoder.pooling_type == "max"
+
+
+# mutant: load_kontext_pipeline always passes ``torch_dtype=`` (diffusers 0.42 renamed it ``dtype=``, and warns on
+# the old name)
+def test_load_kontext_pipeline_passes_the_dtype_under_the_installed_diffusers_name(monkeypatch):
+    import diffusers
+    from diffusers import FluxKontextPipeline
+    from packaging.version import Version
+
+    calls = []
+    monkeypatch.setattr(FluxKontextPipeline, "from_pretrained",
+                        classmethod(lambda cls, model, **kwargs: calls.append((model, kwargs)) or "loaded"))
+    assert flux.load_kontext_pipeline("some/model") == "loaded"
+    assert flux.load_kontext_pipeline("some/model", torch.bfloat16) == "loaded"
+    key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+    assert calls == [("some/model", {}), ("some/model", {key: torch.bfloat16})]
+
+
+# mutant: LoRWeBKontextPipeline.to no longer moves the analogy encoder to the transformer's device
+def test_to_moves_the_encoder_to_the_device_of_the_transformer(tiny, monkeypatch):
+    pipe, encoder = tiny
+    lp = flux.LoRWeBKontextPipeline(pipe, encoder)
+    moved, encoder_moved = [], []
+    monkeypatch.setattr(type(pipe), "to", lambda self, *args, **kwargs: moved.append((args, kwargs)) or self)
+    monkeypatch.setattr(encoder.model, "to", lambda *args, **kwargs: encoder_moved.append((args, kwargs)))
+    assert lp.to("cpu", torch.float16) is lp
+    assert moved == [(("cpu", torch.float16), {})]
+    assert encoder_moved == [((torch.device("cpu"),), {})]  # the device only: the encoder keeps its dtype
+
+
+# mutant: delete_adapters accepts this adapter's name once it is unloaded (it then unloads nothing, silently)
+def test_delete_adapters_refuses_once_the_adapter_is_unloaded(tmp_path):
+    pipe, encoder = tiny_kontext_with_encoder(tmp_path)
+    lp = flux.LoRWeBKontextPipeline(pipe, encoder)
+    (name,) = lp.get_list_adapters()["transformer"]
+    lp.delete_adapters(name)
+    assert not lf.lorweb_layers(pipe.transformer) and lp.get_list_adapters() == {}
+    with pytest.raises(ValueError, match=r"unknown adapter names .*holds no LoRWeB adapter"):
+        lp.delete_adapters(name)
+
+
+# mutant: push_to_hub no longer hands the encoder's query_source to lora_api.push_to_hub (save_pretrained does)
+def test_push_to_hub_records_the_query_settings_of_the_encoder(tiny, monkeypatch):
+    from lorweb_fast import lora_api
+
+    pipe, encoder = tiny
+    lp = flux.LoRWeBKontextPipeline(pipe, encoder)
+    pushed = []
+    monkeypatch.setattr(lora_api, "push_to_hub", lambda model, repo_id, **kwargs: pushed.append(kwargs) or "url")
+    assert lp.push_to_hub("me/repo") == "url"
+    assert pushed[0]["encoder"] == encoder.name
+    assert {k: pushed[0][k] for k in ("query_mode", "pooling_type", "query_source")} == {
+        "query_mode": encoder.query_mode, "pooling_type": encoder.pooling_type, "query_source": encoder.query_source}
+
+
+# mutant: LoRWeBKontextPipeline.load_lora_weights no longer hands the encoder's pooling_type to the checkpoint check
+# (in a patch query mode, a checkpoint trained with another pooling then loads; the encoder's mode is patched
+# here, its width kept)
+def test_load_lora_weights_checks_the_pooling_of_the_encoder(tiny, tmp_path, monkeypatch):
+    from lorweb_fast import lora_api
+
+    pipe, encoder = tiny
+    lp = flux.LoRWeBKontextPipeline(pipe, encoder)
+    width = encoder.query_dim  # the checkpoint's: the query width stays that of the pipeline's mode
+    monkeypatch.setattr(type(encoder), "query_dim", property(lambda self: width))
+    monkeypatch.setattr(encoder, "query_mode", "paa'b")
+    monkeypatch.setattr(encoder, "pooling_type", "avg")
+    lora_api.save_pretrained(pipe.transformer, tmp_path / "max", encoder=encoder.name, query_mode="paa'b",
+                             pooling_type="max")
+    before = {k: v.clone() for k, v in lf.lorweb_state_dict(pipe.transformer).items()}
+    with pytest.raises(lf.LoRWeBCheckpointError, match="pooling_type: checkpoint 'max', pipeline 'avg'"):
+        lp.load_lora_weights(tmp_path / "max")
+    after = lf.lorweb_state_dict(pipe.transformer)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# mutant: the "...3" query modes' depth check allows 15 layers (``layers < 15``): hidden state -16 of a 15-layer
+# encoder is its embedding output, not a layer's
+def test_three_layer_query_modes_need_exactly_16_layers_or_more():
+    with pytest.raises(ValueError, match="uses the hidden states -16, -8 and -1 .* has only 15 layers"):
+        flux._check_three_layer_depth("tiny-clip", "paa'b3", 15)
+    flux._check_three_layer_depth("tiny-clip", "paa'b3", 16)
