@@ -490,6 +490,26 @@ def random_rgb_image(rng, width: int, height: int):
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+def analogy_sample(root, name: str, control_size, target_size, *, seed: int = 0, caption: Optional[str] = "edit",
+                   ext: str = ".png"):
+    """One sample of the official training layout in ``root``: ``control/<name><ext>`` and ``target/<name>.png`` of
+    the given (width, height) sizes (random pixels) and the caption ``target/<name>.txt`` (none when ``caption`` is
+    None); returns ``root``."""
+    from pathlib import Path
+
+    import numpy as np
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for sub in ("control", "target"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    random_rgb_image(rng, *control_size).save(root / "control" / f"{name}{ext}")
+    random_rgb_image(rng, *target_size).save(root / "target" / f"{name}.png")
+    if caption is not None:
+        (root / "target" / f"{name}.txt").write_text(caption)
+    return root
+
+
 def smooth_rgb(rng, width: int, height: int, *, ramp: tuple = (40, 0)):
     """(height, width, 3) uint8: a random flat colour in [40, 200) plus a ramp rising by ``ramp[0]`` from left to
     right and by ``ramp[1]`` from top to bottom; smooth, so JPEG and resampling keep it close."""

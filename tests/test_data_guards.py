@@ -14,19 +14,10 @@ from PIL import Image, ImageOps
 
 from lorweb_fast import data
 from lorweb_fast.data import AnalogyDataError, AnalogyFolder
-from lorweb_fast.testing import random_rgb_image, relation252k_folder, smooth_rgb
+from lorweb_fast.testing import analogy_sample, random_rgb_image, relation252k_folder, smooth_rgb
 
 
-def _sample(root: Path, name: str, control_size, target_size, *, seed=0, caption="edit"):
-    """control/<name>.png and target/<name>.png of the given sizes (random pixels), target/<name>.txt."""
-    rng = np.random.default_rng(seed)
-    for sub in ("control", "target"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    random_rgb_image(rng, *control_size).save(root / "control" / f"{name}.png")
-    random_rgb_image(rng, *target_size).save(root / "target" / f"{name}.png")
-    if caption is not None:
-        (root / "target" / f"{name}.txt").write_text(caption)
-    return root
+_sample = analogy_sample  # control/<name><ext>, target/<name>.png and its caption
 
 
 def _grid_folder(root: Path, n=1, size=(64, 48)) -> Path:

@@ -70,19 +70,7 @@ class FakeLpips:
         return 0.5
 
 
-class FixedJudge:
-    """Answers every score question 7/8 and every pairwise question "B'1"."""
-
-    name = "fixed"
-
-    def __init__(self):
-        self.asked = []
-
-    def __call__(self, request):
-        self.asked.append((request.kind, request.id, request.against))
-        if request.kind == "score":
-            return '{"metrics": {"accuracy": 7, "consistency": 8}}'
-        return '{"better": 1}'
+FixedJudge = tiny.FixedJudge  # score 7/8, pairwise B'1; records the questions
 
 
 def rewrite(path, colour):
@@ -474,18 +462,8 @@ def test_triplets_are_sorted_by_task_and_id(tmp_path):
 
 
 def make_released(root, sizes, a_size=(60, 40), n_a_prime=2):
-    """The released LoRWeB layout with a = dog (``a_size``) and other photos of ``sizes`` (stem -> size)."""
-    rng = random.Random(0)
-    orig = root / "original/unsplash_animals"
-    orig.mkdir(parents=True)
-    tiny.random_picture(rng, a_size).save(orig / "dog.jpg")
-    for stem, size in sizes.items():
-        tiny.random_picture(rng, size).save(orig / f"{stem}.jpg")
-    prompt = root / "decoded_random_inference_set/db_not_in_trainset/animals/Add_a_hat"
-    prompt.mkdir(parents=True)
-    for k in range(n_a_prime):
-        tiny.random_picture(rng, (30, 20)).save(prompt / f"dog_{k}.png")
-    return root
+    """``tiny.make_released_evalset`` (two a' images unless told otherwise)."""
+    return tiny.make_released_evalset(root, sizes, a_size=a_size, n_a_prime=n_a_prime)
 
 
 def test_released_set_b_within_the_papers_aspect_tolerance(tmp_path):

@@ -49,18 +49,8 @@ def solid_evalset(root, n=2, size=(16, 16), task="t"):
 
 
 def make_released(root, sizes, a_size=(60, 40), n_a_prime=1):
-    """The released LoRWeB layout: a = dog (``a_size``), other photos of ``sizes`` (stem -> size), one prompt."""
-    rng = random.Random(0)
-    orig = root / "original/unsplash_animals"
-    orig.mkdir(parents=True)
-    tiny.random_picture(rng, a_size).save(orig / "dog.jpg")
-    for stem, size in sizes.items():
-        tiny.random_picture(rng, size).save(orig / f"{stem}.jpg")
-    prompt = root / "decoded_random_inference_set/db_not_in_trainset/animals/Add_a_hat"
-    prompt.mkdir(parents=True)
-    for k in range(n_a_prime):
-        tiny.random_picture(rng, (30, 20)).save(prompt / f"dog_{k}.png")
-    return root
+    """``tiny.make_released_evalset`` (one a' image unless told otherwise)."""
+    return tiny.make_released_evalset(root, sizes, a_size=a_size, n_a_prime=n_a_prime)
 
 
 @pytest.fixture()
@@ -276,19 +266,7 @@ def solid_runs(root, items, *, shade=0, b_colour=None):
     return E.read_runs(root)
 
 
-class FixedJudge:
-    """Answers every score question 7/8 and every pairwise question "B'1"; records the questions."""
-
-    name = "fixed"
-
-    def __init__(self):
-        self.asked = []
-
-    def __call__(self, request):
-        self.asked.append((request.kind, request.id, request.against))
-        if request.kind == "score":
-            return '{"metrics": {"accuracy": 7, "consistency": 8}}'
-        return '{"better": 1}'
+FixedJudge = tiny.FixedJudge  # score 7/8, pairwise B'1; records the questions
 
 
 # S07: DIFFERENT_PICTURE 0.1 -> 0.5

@@ -128,3 +128,37 @@ def make_runs_folder(root: Union[str, Path], evalset: Union[str, Path], *, b_pri
         b_prime.save(d / "b_prime.png")
         (d / "prompt.txt").write_text(prompt.read_text())
     return root
+
+
+def make_released_evalset(root: Union[str, Path], sizes: dict, *, a_size: tuple = (60, 40), n_a_prime: int = 2) -> Path:
+    """The released LoRWeB evaluation layout in ``root``: a = ``original/unsplash_animals/dog.jpg`` (``a_size``),
+    other photos there of ``sizes`` (stem -> (width, height)), and ``n_a_prime`` a' images of one prompt
+    (``decoded_random_inference_set/db_not_in_trainset/animals/Add_a_hat/dog_<k>.png``); random pictures."""
+    rng = random.Random(0)
+    root = Path(root)
+    orig = root / "original/unsplash_animals"
+    orig.mkdir(parents=True)
+    random_picture(rng, a_size).save(orig / "dog.jpg")
+    for stem, size in sizes.items():
+        random_picture(rng, size).save(orig / f"{stem}.jpg")
+    prompt = root / "decoded_random_inference_set/db_not_in_trainset/animals/Add_a_hat"
+    prompt.mkdir(parents=True)
+    for k in range(n_a_prime):
+        random_picture(rng, (30, 20)).save(prompt / f"dog_{k}.png")
+    return root
+
+
+class FixedJudge:
+    """A judge for tests: answers every score question accuracy 7 / consistency 8 and every pairwise question "B'1",
+    and records each question as (kind, id, against) in ``asked``."""
+
+    name = "fixed"
+
+    def __init__(self):
+        self.asked = []
+
+    def __call__(self, request):
+        self.asked.append((request.kind, request.id, request.against))
+        if request.kind == "score":
+            return '{"metrics": {"accuracy": 7, "consistency": 8}}'
+        return '{"better": 1}'
