@@ -739,14 +739,14 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
         # target/sub/x.png and target/sub__x.png: sub__x, then sub__x~2; names compared case-folded, so that A.png
         # and a.png do not overwrite each other's files on a case-insensitive file system (macOS, Windows)
         taken, assigned = {f.casefold() for f in files}, set()
-        for i in range(len(files)):
-            if files[i].casefold() in assigned:
+        for i, name in enumerate(files):
+            if name.casefold() in assigned:
                 k = 2
-                while f"{files[i]}~{k}".casefold() in taken:
+                while f"{name}~{k}".casefold() in taken:
                     k += 1
-                files[i] = f"{files[i]}~{k}"
-                taken.add(files[i].casefold())
-            assigned.add(files[i].casefold())
+                files[i] = name = f"{name}~{k}"
+                taken.add(name.casefold())
+            assigned.add(name.casefold())
         for i in tqdm(range(len(dataset)), desc="dumping grids", unit="sample", disable=not progress):
             name = files[i]
             control, target = dataset.full_grids(i)

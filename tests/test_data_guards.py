@@ -594,10 +594,8 @@ def test_data_check_dump_keeps_samples_whose_names_differ_only_in_case_apart(tmp
     they would overwrite each other on a case-insensitive one (macOS, Windows), so the second in sample order
     takes a~2."""
     root = _grid_folder(tmp_path / "d", n=1)
-    for k, name in enumerate(("A.png", "a.png")):
-        size = (64 + 16 * k, 48)
-        random_rgb_image(np.random.default_rng(40 + k), *size).save(root / "target" / name)
-        random_rgb_image(np.random.default_rng(50 + k), *size).save(root / "control" / name)
+    for k, name in enumerate(("A", "a")):
+        _sample(root, name, (64 + 16 * k, 48), (64 + 16 * k, 48), seed=40 + k)
     report = _quiet(lambda: data.check_folder(root, dump=tmp_path / "dump", progress=False))
     assert report["samples"] == 3
     dumped = {p.name for p in (tmp_path / "dump").iterdir()}
