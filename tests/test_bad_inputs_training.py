@@ -413,8 +413,11 @@ def test_killed_mid_run_then_resume_is_bit_identical(assets, tmp_path, signame):
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lorweb_fast.cli"]
     stderr = tmp_path / "stderr.txt"
     with open(stderr, "wb") as err:  # PYTHONFAULTHANDLER: a hung child prints its threads' stacks on SIGABRT
+        # a shell starts background jobs with SIGINT ignored, and a Python started so never raises
+        # KeyboardInterrupt: the child gets SIGINT's default back, as a run started from a terminal has it
         proc = subprocess.Popen(cmd + argv(killed, 400), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
-                                env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+                                env=dict(os.environ, PYTHONFAULTHANDLER="1"),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 600
         while training.latest_checkpoint(killed) is None and time.time() < deadline and proc.poll() is None:
