@@ -102,11 +102,21 @@ def run_train(args) -> dict:
     except (TypeError, ValueError) as exc:
         raise UsageError(as_flag_message(str(exc))) from None
     check_train_args(args)  # paths, before loading any model
+    grouped_before = _process_group_initialized()
     result = train(cfg)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    distributed = _process_group_initialized()
     if not distributed or torch.distributed.get_rank() == 0:  # once, not once per process
         print(f"trained to step {result['step']}; weights in {Path(result['out']) / 'lorweb.safetensors'}")
+    if distributed and not grouped_before:
+        # the process group train() started (accelerate launch) ends with the command, as accelerate's
+        # end_training ends it: torch warns at exit about an NCCL group left alive, and under torch 2.15 a gloo
+        # rank sometimes aborted at exit ("terminate called without an active exception") after training
+        torch.distributed.destroy_process_group()
     return result
+
+
+def _process_group_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def as_flag_message(message: str) -> str:

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from safetensors.torch import save_file
@@ -82,3 +83,5 @@ meta = {"world_size": str(state.num_processes), "backend": str(state.backend),
         "forward_restored": str(not {"forward", "_original_forward", "_is_accelerate_prepared"}
                                 & set(transformer.__dict__))}
 save_file(tensors, f"{cfg.out}/rank{state.process_index}.safetensors", metadata=meta)
+if torch.distributed.is_initialized():  # as the end of `lorweb-fast train` (cli.run_train): every rank exits cleanly
+    torch.distributed.destroy_process_group()

@@ -132,6 +132,33 @@ def test_train_closing_line_only_on_rank_0(train_inputs, monkeypatch, capsys):
         assert ("trained to step 3" in capsys.readouterr().out) is printed, rank
 
 
+@pytest.mark.parametrize("started_by", ["train", "caller"])
+def test_train_ends_the_process_group_it_started(train_inputs, tmp_path, monkeypatch, started_by):
+    """A process group that training started (``accelerate launch lorweb-fast train``: the Accelerator initializes
+    it) is destroyed when the command ends, as accelerate's ``end_training`` does; one the caller had started
+    before ``cli.main`` is left to the caller."""
+    import torch.distributed as dist
+
+    argv, seen = train_inputs
+    store = f"file://{tmp_path / 'store'}"
+    if started_by == "caller":
+        dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    else:
+        def train(cfg):
+            dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+            seen["cfg"] = cfg
+            return {"step": 3, "out": cfg.out}
+
+        monkeypatch.setattr(training, "train", train)
+    try:
+        assert cli.main(argv) == 0
+        assert seen["cfg"].out == str(tmp_path / "run")
+        assert dist.is_initialized() is (started_by == "caller")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # --------------------------------------------------------------------------------------------------------- demo
 @pytest.fixture
 def fake_demo(monkeypatch):
