@@ -108,7 +108,10 @@ class TwoBlocks(nn.Module):
 
 
 def make_inputs(cfg, batch, img_tokens, txt_tokens, device, dtype, seed=0):
-    from diffusers.models.embeddings import FluxPosEmbed
+    try:  # its home since diffusers deprecated the embeddings import (a FutureWarning in 0.42)
+        from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+    except ImportError:  # older diffusers
+        from diffusers.models.embeddings import FluxPosEmbed
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.cat([torch.zeros(txt_tokens, 3), torch.randint(0, 64, (img_tokens, 3), generator=g).float()])
