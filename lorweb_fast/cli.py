@@ -373,7 +373,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, LoRWeBCheckpointError, BackendUnavailableError, ValueError) as exc:
         print(f"lorweb-fast {command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line saying how to continue, not a traceback from deep inside torch
+        if not _process_group_initialized() or torch.distributed.get_rank() == 0:  # once under accelerate launch
+            print(f"lorweb-fast {command}: interrupted{_continue_hint(command, args)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
     return 0
+
+
+def _continue_hint(command: str, args) -> str:
+    """How an interrupted ``command`` continues: "" when it does not."""
+    if command == "train":
+        from .training import latest_checkpoint
+
+        try:
+            newest = latest_checkpoint(args.out)
+        except OSError:
+            newest = None
+        if newest is None:
+            return f"; no checkpoint was written to {args.out} yet"
+        again = "with --resume instead of --overwrite" if getattr(args, "overwrite", False) else (
+            "again" if getattr(args, "resume", False) else "with --resume")
+        return f"; the newest checkpoint is {newest.name}: run the same command {again} to continue from it"
+    if command == "eval generate":
+        return "; run the same command again to continue (the images written are kept)"
+    if command == "data prepare":
+        return "; run the same command again to continue (the analogies written are kept)"
+    return ""
 
 
 class _OneLineFormatter(logging.Formatter):

@@ -435,7 +435,12 @@ def test_killed_mid_run_then_resume_is_bit_identical(assets, tmp_path, signame):
             proc.kill()
             proc.wait()
     assert proc.returncode != 0
-    resumed_from = int(training.latest_checkpoint(killed).name.split("-")[1])
+    newest = training.latest_checkpoint(killed)
+    if signame == "SIGINT":  # Ctrl-C: one line naming the checkpoint to continue from, status 128 + SIGINT
+        assert proc.returncode == 130, stderr.read_text()[-3000:]
+        assert stderr.read_text().endswith(f"lorweb-fast train: interrupted; the newest checkpoint is {newest.name}: "
+                                           "run the same command with --resume to continue from it\n")
+    resumed_from = int(newest.name.split("-")[1])
     total = resumed_from + 2
     assert cli.main(argv(killed, total) + ["--resume"]) == 0
     assert not list((killed / "checkpoints").glob(".tmp-step-*"))

@@ -159,6 +159,68 @@ def test_train_ends_the_process_group_it_started(train_inputs, tmp_path, monkeyp
             dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("flag,checkpoint,hint", [
+    (None, True, "the newest checkpoint is step-00000004: run the same command with --resume to continue from it"),
+    ("--resume", True, "the newest checkpoint is step-00000004: run the same command again to continue from it"),
+    ("--overwrite", True, "the newest checkpoint is step-00000004: run the same command with --resume instead of "
+                          "--overwrite to continue from it"),
+    (None, False, "no checkpoint was written to {out} yet"),
+])
+def test_train_interrupted_says_how_to_continue(train_inputs, tmp_path, monkeypatch, capsys, flag, checkpoint, hint):
+    """Ctrl-C (KeyboardInterrupt) in ``train`` ends the command with status 130 and one line naming the newest
+    complete checkpoint and the flag that continues from it (``--resume``, which ``--overwrite`` excludes), not a
+    traceback; an older checkpoint and a half-written one are not named."""
+    argv, _ = train_inputs
+    out = tmp_path / "run"
+
+    def interrupted(cfg):
+        if checkpoint:
+            for step, files in ((2, (training.WEIGHTS_NAME, training.TRAINER_STATE_NAME)),
+                                (4, (training.WEIGHTS_NAME, training.TRAINER_STATE_NAME)), (6, ())):
+                ckpt = out / "checkpoints" / f"step-{step:08d}"
+                ckpt.mkdir(parents=True)
+                for name in files:
+                    (ckpt / name).write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    assert cli.main(argv + ([flag] if flag else [])) == 130
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"lorweb-fast train: interrupted; {hint.format(out=out)}\n"
+
+
+def test_interrupted_commands_say_whether_running_them_again_continues(tmp_path, monkeypatch, capsys):
+    """``data prepare`` and ``eval generate`` continue where an interrupted run stopped when run again (what they
+    wrote is kept), and their interruption line says so; a command without a way to continue (``data check``) says
+    only that it was interrupted. Status 130 each time."""
+    from lorweb_fast import data
+    from lorweb_fast.evaluation import generate
+    from lorweb_fast.testing import relation252k_folder
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    relation252k_folder(tmp_path / "rel", {"cat-a": [(16, 12), (16, 12)]}, seed=1)
+    monkeypatch.setattr(data, "write_analogy", interrupt)
+    assert cli.main(["data", "prepare", str(tmp_path / "rel"), str(tmp_path / "prepared"), "--quiet"]) == 130
+    assert capsys.readouterr().err == ("lorweb-fast data prepare: interrupted; run the same command again to "
+                                       "continue (the analogies written are kept)\n")
+
+    monkeypatch.setattr(generate, "run_generate", interrupt)
+    weights = tmp_path / "lorweb.safetensors"
+    weights.write_bytes(b"x")
+    assert cli.main(["eval", "generate", "--evalset", str(tmp_path / "rel"), "--weights", str(weights), "--model",
+                     "m", "--out", str(tmp_path / "runs"), "--device", "cpu", "--quiet"]) == 130
+    assert capsys.readouterr().err == ("lorweb-fast eval generate: interrupted; run the same command again to "
+                                       "continue (the images written are kept)\n")
+
+    demo.make_synthetic_analogies(tmp_path / "data", 2)
+    monkeypatch.setattr(data, "check_folder", interrupt)
+    assert cli.main(["data", "check", str(tmp_path / "data"), "--quiet"]) == 130
+    assert capsys.readouterr().err == "lorweb-fast data check: interrupted\n"
+
+
 # --------------------------------------------------------------------------------------------------------- demo
 @pytest.fixture
 def fake_demo(monkeypatch):
