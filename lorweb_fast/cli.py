@@ -103,20 +103,33 @@ def run_train(args) -> dict:
         raise UsageError(as_flag_message(str(exc))) from None
     check_train_args(args)  # paths, before loading any model
     grouped_before = _process_group_initialized()
-    result = train(cfg)
-    distributed = _process_group_initialized()
-    if not distributed or torch.distributed.get_rank() == 0:  # once, not once per process
-        print(f"trained to step {result['step']}; weights in {Path(result['out']) / 'lorweb.safetensors'}")
-    if distributed and not grouped_before:
-        # the process group train() started (accelerate launch) ends with the command, as accelerate's
-        # end_training ends it: torch warns at exit about an NCCL group left alive, and under torch 2.15 a gloo
-        # rank sometimes aborted at exit ("terminate called without an active exception") after training
-        torch.distributed.destroy_process_group()
+    failed = True
+    try:
+        result = train(cfg)
+        failed = False
+        if not _process_group_initialized() or torch.distributed.get_rank() == 0:  # once, not once per process
+            print(f"trained to step {result['step']}; weights in {Path(result['out']) / 'lorweb.safetensors'}")
+    finally:
+        if not grouped_before:
+            _end_process_group(failed)
     return result
 
 
 def _process_group_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _end_process_group(failed: bool) -> None:
+    """Destroy the process group ``train`` started (``accelerate launch``), as accelerate's ``end_training`` does:
+    torch warns at exit about an NCCL group left alive, and under torch 2.15 a gloo rank sometimes aborted at exit
+    ("terminate called without an active exception"). After a failure only a gloo group is destroyed (local):
+    an NCCL group's shutdown may wait for ranks still inside a collective, which the launcher stops once this rank
+    has exited."""
+    if not _process_group_initialized():
+        return
+    if failed and torch.distributed.get_backend() != "gloo":
+        return
+    torch.distributed.destroy_process_group()
 
 
 def as_flag_message(message: str) -> str:
@@ -371,13 +384,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with library_progress_bars(enabled=not quiet), one_line_warnings(command), command_logging(command):
             args.func(args)
     except (FileNotFoundError, LoRWeBCheckpointError, BackendUnavailableError, ValueError) as exc:
-        print(f"lorweb-fast {command}: error: {one_line(str(exc))}", file=sys.stderr)
+        if not getattr(exc, REPORTED_BY_MAIN_PROCESS, False):  # the main process's error, raised on every rank
+            _stderr_line(f"lorweb-fast {command}: error: {one_line(str(exc))}")
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line saying how to continue, not a traceback from deep inside torch
         if not _process_group_initialized() or torch.distributed.get_rank() == 0:  # once under accelerate launch
-            print(f"lorweb-fast {command}: interrupted{_continue_hint(command, args)}", file=sys.stderr)
+            _stderr_line(f"lorweb-fast {command}: interrupted{_continue_hint(command, args)}")
         return 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
     return 0
+
+
+#: Set on the copy of the main process's error that the other ranks raise (``training._prepare_output_in_order``):
+#: the main process prints it, the others do not repeat it.
+REPORTED_BY_MAIN_PROCESS = "_lorweb_reported_by_main_process"
+
+
+def _stderr_line(text: str) -> None:
+    """``text`` and its newline in one write: the ranks of ``accelerate launch`` share stderr, and ``print``'s
+    separate writes of a message and its newline let two ranks' lines run together."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def _continue_hint(command: str, args) -> str:

@@ -36,14 +36,14 @@ import tempfile
 import warnings
 from dataclasses import MISSING, asdict, dataclass, fields, replace as dataclass_replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
 from ._files import default_permissions, save_figure_atomically
 from ._files import recorded_location  # noqa: F401 (re-exported)
 from .data import (BIDIRECTIONAL, LAYOUTS, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, RESIZE_MODES,
-                   AnalogyFolder, bidirectional_swap)
+                   AnalogyDataError, AnalogyFolder, bidirectional_swap)
 from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lorweb, load_lorweb_weights, \
     lorweb_layers, lorweb_state_dict, save_lorweb_weights, set_query
 from .official_config import CONFIG_NAME, DTYPE_NAMES
@@ -1229,6 +1229,39 @@ def _reports_from_main_only():
         logger.disabled = was_disabled
 
 
+def _batches(loader) -> Iterator:
+    """``loader``'s batches. An ``AnalogyDataError`` raised in a DataLoader worker (a sample's file that does not
+    decode) comes out with its own message again: torch re-raises it in the main process with "Caught
+    AnalogyDataError in DataLoader worker process N." and the worker's whole traceback as its message (kept as the
+    new error's cause), which the command line would print as one long line."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except AnalogyDataError as exc:
+            original = _worker_error_message(exc)
+            if original is None:
+                raise
+            raise AnalogyDataError(original) from exc
+        yield batch
+
+
+def _worker_error_message(exc: Exception) -> Optional[str]:
+    """The message of the exception a DataLoader worker raised, from the text torch re-raised ``exc`` with (see
+    ``torch._utils.ExceptionWrapper.reraise``); None when ``exc`` is not such a re-raise."""
+    text = str(exc)
+    if not (text.startswith(f"Caught {type(exc).__name__} in DataLoader worker process")
+            and "\nOriginal Traceback" in text):
+        return None
+    last = max(text.rfind(f"\n{name}: ") for name in (type(exc).__name__,
+                                                      f"{type(exc).__module__}.{type(exc).__qualname__}"))
+    if last < 0:
+        return None
+    return text[text.index(": ", last) + 2:].rstrip("\n")
+
+
 def _prepare_output_in_order(cfg: TrainConfig, accelerator) -> tuple[Optional[Path], Optional[dict]]:
     """``prepare_output`` on the main process first (it alone deletes a killed run's temporary files; ``--overwrite``
     deletes the old run later, in ``_train``, once the models have loaded), then on the others, which only read
@@ -1246,6 +1279,10 @@ def _prepare_output_in_order(cfg: TrainConfig, accelerator) -> tuple[Optional[Pa
             error = exc
     error = broadcast_object_list([error], from_process=0)[0]  # the other ranks wait here for the main one
     if error is not None:
+        if not accelerator.is_main_process:  # a copy: the command line prints the main process's error once
+            from .cli import REPORTED_BY_MAIN_PROCESS
+
+            setattr(error, REPORTED_BY_MAIN_PROCESS, True)
         raise error
     if not accelerator.is_main_process:
         result = prepare_output(cfg, main_process=False, clear=False)
@@ -1311,6 +1348,7 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
     if encoder is None:  # built from cfg: its query settings are cfg's ("none"'s key_dim was checked above)
         encoder = _build_encoder(cfg, weight_dtype)
     if cfg.overwrite and ckpt is None:  # the models loaded: only now is the old run deleted (--overwrite)
+        accelerator.wait_for_everyone()  # on every rank: a rank whose load fails stops the run before the delete
         if accelerator.is_main_process:
             clear_run(out)
         accelerator.wait_for_everyone()
@@ -1419,7 +1457,7 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
             # fine; flash / efficient / math clean); training uses the other SDPA kernels unless --cudnn-attention
             torch.backends.cuda.enable_cudnn_sdp(False)
             logger.info("training attention: cuDNN SDPA off (--cudnn-attention turns it on)")
-        for batch in loader:
+        for batch in _batches(loader):
             generator = torch.Generator().manual_seed(derived_seed(cfg.seed * 1_000_003 + step * 1009
                                                                   + accelerator.process_index))
             query = batch_query(encoder, batch, device)
