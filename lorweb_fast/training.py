@@ -1404,8 +1404,8 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
         data_position = trainer_state.get("data_position")
         was = trainer_state.get("num_processes")
         if was is not None and was != accelerator.num_processes and accelerator.is_main_process:
-            logger.warning("resuming a run of %d processes with %d: the data continues where it stopped, but the "
-                           "global batch size changes from %d to %d samples per step", was,
+            logger.warning("resuming a run of %d process%s with %d: the data continues where it stopped, but the "
+                           "global batch size changes from %d to %d samples per step", was, "" if was == 1 else "es",
                            accelerator.num_processes, was * cfg.batch_size, accelerator.num_processes * cfg.batch_size)
 
     # under FSDP2 accelerate shards the transformer in place (blocks as units, each LoRWeB layer inside its block)

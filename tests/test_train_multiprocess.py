@@ -171,7 +171,8 @@ def test_resume_with_another_number_of_processes_continues_the_stream(assets, tm
         assert proc.returncode == 0, proc.stderr[-3000:]
         if extra:
             was = 3 - processes
-            assert proc.stderr.count(f"resuming a run of {was} processes with {processes}") == 1, proc.stderr[-3000:]
+            was_text = f"{was} process{'' if was == 1 else 'es'}"  # "1 process", "2 processes"
+            assert proc.stderr.count(f"resuming a run of {was_text} with {processes}") == 1, proc.stderr[-3000:]
     positions = [(trainer_state(out, s)["data_position"], trainer_state(out, s)["num_processes"]) for s in (2, 4, 6)]
     assert positions == [(4, 2), (6, 1), (10, 2)]
     rows = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
