@@ -156,3 +156,80 @@ def same_or_inside(path: Union[str, os.PathLike], folder: Union[str, os.PathLike
     """Whether ``path`` is ``folder`` or lies inside it (both resolved)."""
     path, folder = Path(path).resolve(), Path(folder).resolve()
     return path == folder or folder in path.parents
+
+
+class FolderInUseError(ValueError):
+    """Another process holds the folder's lock (``FolderLock``)."""
+
+
+class FolderLock:
+    """An exclusive lock on ``folder`` for one run: the file ``folder/<name>`` locked with ``flock`` (released by the
+    kernel when the holder dies, so a killed run leaves no stale lock), holding the holder's process id and host for
+    the message of a refused second run. ``acquire`` creates ``folder`` (and missing parents) when missing;
+    ``release`` removes the lock file and the folders ``acquire`` created that are empty again, so a run refused
+    or failed before writing anything leaves the file system as it was. Without ``fcntl`` (Windows) nothing is
+    locked."""
+
+    def __init__(self, folder: Union[str, os.PathLike], name: str, what: str):
+        self.folder, self.path, self.what = Path(folder), Path(folder) / name, what
+        self.fd = None
+        self.created: list[Path] = []
+
+    def acquire(self) -> None:
+        """Take the lock (once; later calls do nothing); raise FolderInUseError naming the holder when another
+        process has it."""
+        if self.fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # no flock: not locked
+            return
+        missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.created = missing  # innermost first
+        try:
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+                    os.close(fd)
+                    raise FolderInUseError(f"{self.folder} is in use by another {self.what} ({holder}, which "
+                                           f"holds {self.path}); wait for it to end or use another folder") from None
+                except BaseException:
+                    os.close(fd)
+                    raise
+                try:  # the holder before may have removed the file after this open: lock the file in place
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)
+            import socket
+
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+            self.fd = fd
+        except BaseException:
+            self._remove_created()
+            raise
+
+    def release(self) -> None:
+        """Remove the lock file and unlock; then remove the folders ``acquire`` created if they are empty."""
+        if self.fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)  # while locked: a waiting process re-checks the file it locks
+            finally:
+                os.close(self.fd)
+                self.fd = None
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self.created:
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                break
+        self.created = []

@@ -40,7 +40,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from ._files import default_permissions, save_figure_atomically
+from ._files import FolderInUseError, FolderLock, default_permissions, save_figure_atomically
 from ._files import recorded_location  # noqa: F401 (re-exported)
 from .data import (BIDIRECTIONAL, LAYOUTS, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, RESIZE_MODES,
                    AnalogyDataError, AnalogyFolder, bidirectional_swap)
@@ -329,6 +329,8 @@ RESUME_LOCATIONS = ("data", "model", "encoder")
 RESUME_LEGACY_VALUES = {"batching": "mixed", "control_latents": "mode", "encoder_dtype": "fp32",
                         "missing_caption": "raise"}
 #: Files a training run writes directly in ``out`` (``--overwrite`` deletes exactly these and ``checkpoints/``).
+#: The lock file the main process of a training run holds in its ``out`` (``train``).
+RUN_LOCK_NAME = ".lorweb-train.lock"
 RUN_FILES = (WEIGHTS_NAME, "config.yaml", "loss.jsonl", "loss.png", "train_config.json")
 
 
@@ -1156,15 +1158,23 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     is done); layers the caller injected keep the updates made before the failure (the last checkpoint under
     ``cfg.out`` holds a known state) and, as on success, their fp32 master tensors and ``adapter_precision``. The
     models stay on the training device.
+
+    The main process holds ``cfg.out/.lorweb-train.lock`` (``RUN_LOCK_NAME``) while it trains: a second run into the
+    same folder (a job started twice, a requeued job while the old one still runs) is refused with a ValueError
+    naming the process that holds it, before it reads or changes anything there. A killed run's lock is released by
+    the kernel.
     """
     callers = None if pipe is None else _CallersPipeline(pipe)  # recorded before train() changes anything
+    lock = FolderLock(cfg.out, RUN_LOCK_NAME, "training run")
     try:
         with _reports_from_main_only():
-            result = _train(cfg, pipe, encoder, step_callback)
+            result = _train(cfg, pipe, encoder, step_callback, lock)
     except BaseException:
+        lock.release()
         if callers is not None:
             callers.restore(failed=True)
         raise
+    lock.release()
     if callers is not None:
         callers.restore(failed=False)
     return result
@@ -1262,18 +1272,21 @@ def _worker_error_message(exc: Exception) -> Optional[str]:
     return text[text.index(": ", last) + 2:].rstrip("\n")
 
 
-def _prepare_output_in_order(cfg: TrainConfig, accelerator) -> tuple[Optional[Path], Optional[dict]]:
-    """``prepare_output`` on the main process first (it alone deletes a killed run's temporary files; ``--overwrite``
-    deletes the old run later, in ``_train``, once the models have loaded), then on the others, which only read
-    ``cfg.out`` once it is done (reading it while the main process deletes it could fail); an error of the main
-    process is raised on every rank, so none waits for it."""
+def _prepare_output_in_order(cfg: TrainConfig, accelerator,
+                             lock: FolderLock) -> tuple[Optional[Path], Optional[dict]]:
+    """``prepare_output`` on the main process first, once it holds ``lock`` (``_lock_run_folder``; it alone deletes
+    a killed run's temporary files; ``--overwrite`` deletes the old run later, in ``_train``, once the models have
+    loaded), then on the others, which only read ``cfg.out`` once it is done (reading it while the main process
+    deletes it could fail); an error of the main process is raised on every rank, so none waits for it."""
     if accelerator.num_processes == 1:
+        _lock_run_folder(cfg, lock)
         return prepare_output(cfg, main_process=True, clear=False)
     from accelerate.utils import broadcast_object_list
 
     result, error = (None, None), None
     if accelerator.is_main_process:
         try:
+            _lock_run_folder(cfg, lock)
             result = prepare_output(cfg, main_process=True, clear=False)
         except Exception as exc:  # raised below on every rank
             error = exc
@@ -1289,7 +1302,22 @@ def _prepare_output_in_order(cfg: TrainConfig, accelerator) -> tuple[Optional[Pa
     return result
 
 
-def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
+def _lock_run_folder(cfg: TrainConfig, lock: FolderLock) -> None:
+    """Take the run folder's lock (creating ``cfg.out`` when missing; ``FolderLock.release`` removes it again if
+    the run writes nothing). An ``out`` that is a file is left to ``prepare_output``'s error; a folder that cannot
+    be created or locked is a ValueError naming it."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        return
+    try:
+        lock.acquire()
+    except FolderInUseError as exc:
+        raise FolderInUseError(f"--out {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the folder or its lock file {RUN_LOCK_NAME} ({exc})") from None
+
+
+def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> dict:
     """``train``'s body (``pipe`` and ``encoder`` may be None)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -1340,7 +1368,7 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback) -> dict:
         warn(f"{what} is larger than the {len(dataset)} training samples: "
              + ("every step repeats samples" if cfg.batching == "mixed" else
                 "every step holds at most the samples of one bucket"))
-    ckpt, trainer_state = _prepare_output_in_order(cfg, accelerator)  # before loading models
+    ckpt, trainer_state = _prepare_output_in_order(cfg, accelerator, lock)  # before loading models
     accelerator.wait_for_everyone()
 
     if pipe is None:

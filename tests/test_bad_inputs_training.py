@@ -478,3 +478,95 @@ def test_a_torn_loss_log_line_is_left_out_of_the_plot(tmp_path):
     with pytest.warns(UserWarning, match="1 incomplete line"):
         plot_loss(log, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------ one run per folder
+def _hold_lock(folder):
+    """A separate process holding ``folder``'s training lock (as a running `lorweb-fast train` does) until killed;
+    returns it once the lock is held."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time\nfrom lorweb_fast._files import FolderLock\n"
+            "from lorweb_fast.training import RUN_LOCK_NAME\n"
+            "FolderLock(sys.argv[1], RUN_LOCK_NAME, 'training run').acquire()\nprint('held', flush=True)\n"
+            "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    time.sleep(0.01)
+    return proc
+
+
+@pytest.mark.parametrize("flags", [{"overwrite": True}, {"resume": True}])
+def test_a_second_run_into_a_folder_in_use_is_refused_and_changes_nothing(assets, tmp_path, flags):
+    """A training run into an --out whose lock another process holds (the same job started twice, a requeued job
+    while the old one still runs) is refused with a ValueError naming the holder, before it deletes (--overwrite)
+    or reads anything there; once the holder is gone (killed: the kernel releases its lock, its lock file stays)
+    the run goes ahead and leaves no lock file behind."""
+    out = tmp_path / "run"
+    training.train(tiny_train_config(assets, out, steps=2, checkpoint_every=2))
+    holder = _hold_lock(out)
+    try:
+        before = file_tree(out)
+        with pytest.raises(ValueError, match=rf"--out {out} is in use by another training run \(process "
+                                             rf"{holder.pid} on .*, which holds {out / training.RUN_LOCK_NAME}\)"):
+            training.train(tiny_train_config(assets, out, steps=4, checkpoint_every=2, **flags))
+        assert file_tree(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / training.RUN_LOCK_NAME).is_file()  # the killed holder's
+    result = training.train(tiny_train_config(assets, out, steps=4, checkpoint_every=2, **flags))
+    assert result["step"] == 4 and not (out / training.RUN_LOCK_NAME).exists()
+    assert training.latest_checkpoint(out).name == "step-00000004"
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(assets, tmp_path, monkeypatch):
+    """The lock creates a missing --out (and its missing parents) before anything loads; a run that fails before
+    writing anything there (here its base model does not load) removes them again, as it found the file system."""
+    out = tmp_path / "new" / "run"
+    seen = []
+
+    def failing_load(*args, **kwargs):
+        seen.append(sorted(p.name for p in out.iterdir()))  # the lock is held while the models load
+        raise OSError("simulated: the base model does not load")
+
+    monkeypatch.setattr(training, "load_training_pipeline", failing_load)
+    with pytest.raises(OSError, match="simulated"):
+        training.train(tiny_train_config(assets, out, steps=2))
+    assert seen == [[training.RUN_LOCK_NAME]]
+    assert not (tmp_path / "new").exists()
+
+
+def test_folder_lock_is_exclusive_within_a_process_and_relocks_a_removed_file(tmp_path, monkeypatch):
+    """_files.FolderLock: a second lock object on the same folder is refused in the same process too (flock locks
+    an open file, not a process), and a lock taken on a file that its holder removed meanwhile (the holder unlinks
+    it on release while still holding it) is not kept: the file in place is locked instead."""
+    first = _files.FolderLock(tmp_path / "out", "x.lock", "thing")
+    first.acquire()
+    with pytest.raises(_files.FolderInUseError, match=rf"{tmp_path / 'out'} is in use by another thing \(process "):
+        _files.FolderLock(tmp_path / "out", "x.lock", "thing").acquire()
+    first.release()
+    assert not (tmp_path / "out").exists()  # the lock created it, and it is empty again
+
+    (tmp_path / "out").mkdir()
+
+    import fcntl
+
+    real_flock, calls = fcntl.flock, []
+
+    def flock_then_removed(fd, op):  # the first lock lands on a file its holder unlinks right after
+        real_flock(fd, op)
+        calls.append(fd)
+        if len(calls) == 1:
+            (tmp_path / "out" / "x.lock").unlink()
+
+    monkeypatch.setattr(fcntl, "flock", flock_then_removed)
+    second = _files.FolderLock(tmp_path / "out", "x.lock", "thing")
+    second.acquire()
+    assert len(calls) == 2 and (tmp_path / "out" / "x.lock").is_file()
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    with pytest.raises(_files.FolderInUseError):
+        _files.FolderLock(tmp_path / "out", "x.lock", "thing").acquire()
+    second.release()

@@ -578,3 +578,38 @@ def test_a_recorded_pair_seed_picks_the_same_b_as_before(tmp_path):
     picks = {seed: [t.id for t in E.read_evalset(tmp_path / "rel", seed=seed)] for seed in (0, 1)}
     assert picks == {0: ["0__2", "1__4", "2__3", "3__0", "4__1", "5__0"],
                      1: ["0__2", "1__0", "2__3", "3__1", "4__5", "5__4"]}
+
+
+def test_a_second_generate_into_a_folder_in_use_is_refused_and_changes_nothing(fake_loader, tmp_path, capsys):
+    """`eval generate` holds RUNS/.lorweb-generate.lock while it runs: a second one into the same --out (started
+    twice), whose records the two would race on, is refused before any model loads, naming the process that holds
+    it, and writes nothing; once the holder has ended, the run goes ahead and leaves no lock file behind."""
+    import subprocess
+    import sys
+
+    from lorweb_fast.testing import file_tree
+
+    loads, _, weights = fake_loader
+    ev = solid_evalset(tmp_path / "ev", n=1)
+    out = tmp_path / "runs"
+    assert gen(ev, weights, out) == 0
+    assert not (out / G.GENERATE_LOCK_NAME).exists()
+    before, loaded = file_tree(out), len(loads)
+    code = ("import sys, time\nfrom lorweb_fast._files import FolderLock\n"
+            "FolderLock(sys.argv[1], sys.argv[2], 'eval generate run').acquire()\nprint('held', flush=True)\n"
+            "time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out), G.GENERATE_LOCK_NAME], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert gen(ev, weights, out) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} is in use by another eval generate run (process {holder.pid} on " in err, err
+        assert len(loads) == loaded
+        assert [(p, b) for p, b in file_tree(out) if p != G.GENERATE_LOCK_NAME] == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert gen(ev, weights, out) == 0 and len(loads) == loaded + 1
+    assert not (out / G.GENERATE_LOCK_NAME).exists()

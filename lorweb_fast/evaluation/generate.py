@@ -31,8 +31,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._files import atomic_write, save_image_atomically
+from .._files import FolderInUseError, FolderLock, atomic_write, save_image_atomically
 from .evalsets import EvalInputError, Triplet
+
+#: The lock file ``eval generate`` holds in its ``--out`` while it runs (``_files.FolderLock``).
+GENERATE_LOCK_NAME = ".lorweb-generate.lock"
 
 #: run.json settings that must match when a run is resumed.
 RESUME_KEYS = ("weights", "weights_file", "weights_sha256", "model", "encoder", "seeds", "steps", "guidance_scale",
@@ -431,16 +434,25 @@ def run_generate(args) -> dict:
                 "generator_device": device.type, "b_choices": b_choices,
                 # the triplets the folder records after this call: a resume restricted by --tasks adds to them
                 "triplets": len(_recorded_triplets(out / "evalset.json").keys() | {t.key for t in triplets})}
-    check_run_settings(out, settings, write=False)  # before loading any model
-    kwargs = {"resolution": args.resolution, "max_size": args.max_size}
-    if args.long_edge is not None:
-        kwargs["long_edge"] = args.long_edge
-    pipe = LoRWeBKontextPipeline.from_pretrained(args.model, weights_file, config=config, encoder=args.encoder,
-                                                 dtype=DTYPES[args.dtype], device=device,
-                                                 encoder_dtype=DTYPES[settings["encoder_dtype"]], **kwargs)
-    check_run_settings(out, settings)  # nothing is written when the models fail to load
-    result = generate(pipe, triplets, out, seeds=args.seeds, batch_size=args.batch_size,
-                      num_inference_steps=steps, guidance_scale=args.guidance_scale, device=device, merge=merge,
-                      input_long_edge=args.input_long_edge, progress=not args.quiet, pipe_kwargs=pipe_kwargs)
+    # one run per folder: a second `eval generate` into it (started twice) would race on its records
+    lock = FolderLock(out, GENERATE_LOCK_NAME, "eval generate run")
+    try:
+        try:
+            lock.acquire()
+        except FolderInUseError as exc:
+            raise EvalInputError(f"--out {exc}") from None
+        check_run_settings(out, settings, write=False)  # before loading any model
+        kwargs = {"resolution": args.resolution, "max_size": args.max_size}
+        if args.long_edge is not None:
+            kwargs["long_edge"] = args.long_edge
+        pipe = LoRWeBKontextPipeline.from_pretrained(args.model, weights_file, config=config, encoder=args.encoder,
+                                                     dtype=DTYPES[args.dtype], device=device,
+                                                     encoder_dtype=DTYPES[settings["encoder_dtype"]], **kwargs)
+        check_run_settings(out, settings)  # nothing is written when the models fail to load
+        result = generate(pipe, triplets, out, seeds=args.seeds, batch_size=args.batch_size,
+                          num_inference_steps=steps, guidance_scale=args.guidance_scale, device=device, merge=merge,
+                          input_long_edge=args.input_long_edge, progress=not args.quiet, pipe_kwargs=pipe_kwargs)
+    finally:
+        lock.release()
     print(f"eval generate: {result['generated']} generated, {result['skipped']} already done, in {out}")
     return result
