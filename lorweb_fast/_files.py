@@ -3,6 +3,7 @@ readers."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import threading
@@ -162,18 +163,44 @@ class FolderInUseError(ValueError):
     """Another process holds the folder's lock (``FolderLock``)."""
 
 
+#: Error numbers of a file system that does not implement ``flock`` (some network and cluster file systems).
+_NO_FLOCK_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSYS", "ENOLCK", "EOPNOTSUPP", "ENOTSUP")
+                             if hasattr(errno, name))
+#: The descriptors of the locks this process holds: closed in a child forked while they are held (a DataLoader
+#: worker), whose copy would otherwise keep the lock after the holder was killed.
+_HELD_LOCK_FDS: set = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in list(_HELD_LOCK_FDS):
+        try:
+            os.close(fd)  # the child's copy only: the parent's lock stays
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 class FolderLock:
     """An exclusive lock on ``folder`` for one run: the file ``folder/<name>`` locked with ``flock`` (released by the
-    kernel when the holder dies, so a killed run leaves no stale lock), holding the holder's process id and host for
-    the message of a refused second run. ``acquire`` creates ``folder`` (and missing parents) when missing;
-    ``release`` removes the lock file and the folders ``acquire`` created that are empty again, so a run refused
-    or failed before writing anything leaves the file system as it was. Without ``fcntl`` (Windows) nothing is
-    locked."""
+    kernel when the holder dies, so a killed run leaves no stale lock; a child forked meanwhile closes its copy),
+    holding the holder's process id and host for the message of a refused second run. ``acquire`` creates
+    ``folder`` (and missing parents) when missing; ``release`` removes the lock file and the folders ``acquire``
+    created that are empty again, so a run refused or failed before writing anything leaves the file system as it
+    was (a killed one leaves its lock file, which does no harm). Without ``fcntl`` (Windows), or on a file system
+    without ``flock``, nothing is locked (the latter with a warning)."""
 
-    def __init__(self, folder: Union[str, os.PathLike], name: str, what: str):
-        self.folder, self.path, self.what = Path(folder), Path(folder) / name, what
+    def __init__(self, folder, name: str, what: str):
+        self.folder, self.name, self.what = folder, name, what  # checked when acquired (the caller validates)
         self.fd = None
         self.created: list[Path] = []
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder) / self.name
 
     def acquire(self) -> None:
         """Take the lock (once; later calls do nothing); raise FolderInUseError naming the holder when another
@@ -184,46 +211,90 @@ class FolderLock:
             import fcntl
         except ImportError:  # no flock: not locked
             return
-        missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.created = missing  # innermost first
+        folder = Path(self.folder)
+        self.created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd, created_file = self._open()
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
                     os.close(fd)
-                    raise FolderInUseError(f"{self.folder} is in use by another {self.what} ({holder}, which "
-                                           f"holds {self.path}); wait for it to end or use another folder") from None
+                    raise FolderInUseError(f"{folder} is in use by another {self.what} ({holder}, which holds "
+                                           f"{self.path}); wait for it to end or use another folder") from None
+                except OSError as exc:
+                    os.close(fd)
+                    if created_file:
+                        self.path.unlink(missing_ok=True)
+                    if exc.errno not in _NO_FLOCK_ERRNOS:
+                        raise
+                    from .validation import warn
+
+                    warn(f"the file system of {folder} does not support flock ({exc.strerror}): this "
+                         f"{self.what} runs without its lock, so make sure no other one uses the folder")
+                    self._remove_created()
+                    return
                 except BaseException:
                     os.close(fd)
                     raise
-                try:  # the holder before may have removed the file after this open: lock the file in place
-                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-                except FileNotFoundError:
-                    same = False
-                if same:
+                self.fd = fd  # locked: from here release() undoes it
+                if self._holds_the_file_in_place():
                     break
+                self.fd = None  # the holder before removed the file after this open: lock the file in place
                 os.close(fd)
-            import socket
-
-            os.ftruncate(fd, 0)
-            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
-            self.fd = fd
+            _HELD_LOCK_FDS.add(self.fd)
+            self._write_holder()
         except BaseException:
-            self._remove_created()
+            self.release()
             raise
 
+    def _open(self) -> tuple[int, bool]:
+        """(descriptor, whether this call created the file): read-write to record the holder; read-only when the
+        file (a killed run's, of another user) cannot be written, which flock takes as well."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            pass
+        try:
+            return os.open(self.path, os.O_RDWR), False
+        except PermissionError:
+            return os.open(self.path, os.O_RDONLY), False
+
+    def _holds_the_file_in_place(self) -> bool:
+        """Whether the locked descriptor is the file at ``path`` (not one its holder removed meanwhile)."""
+        try:
+            return os.fstat(self.fd).st_ino == os.stat(self.path).st_ino
+        except OSError:
+            return False
+
+    def _write_holder(self) -> None:
+        import socket
+
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+        except OSError:  # a read-only descriptor (see _open): the message then names no holder
+            pass
+
     def release(self) -> None:
-        """Remove the lock file and unlock; then remove the folders ``acquire`` created if they are empty."""
+        """Remove the lock file and unlock; then remove the folders ``acquire`` created if they are empty. Never
+        raises an OSError (a lock file that cannot be removed stays, harmless)."""
         if self.fd is not None:
+            fd = self.fd
             try:
-                self.path.unlink(missing_ok=True)  # while locked: a waiting process re-checks the file it locks
+                if self._holds_the_file_in_place():  # ours, not one another process locks now
+                    self.path.unlink()  # while locked: a waiting process re-checks the file it locks
+            except OSError:
+                pass
             finally:
-                os.close(self.fd)
                 self.fd = None
+                _HELD_LOCK_FDS.discard(fd)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self._remove_created()
 
     def _remove_created(self) -> None:

@@ -384,19 +384,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with library_progress_bars(enabled=not quiet), one_line_warnings(command), command_logging(command):
             args.func(args)
     except (FileNotFoundError, LoRWeBCheckpointError, BackendUnavailableError, ValueError) as exc:
+        from .validation import REPORTED_BY_MAIN_PROCESS
+
         if not getattr(exc, REPORTED_BY_MAIN_PROCESS, False):  # the main process's error, raised on every rank
             _stderr_line(f"lorweb-fast {command}: error: {one_line(str(exc))}")
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line saying how to continue, not a traceback from deep inside torch
-        if not _process_group_initialized() or torch.distributed.get_rank() == 0:  # once under accelerate launch
+        if _main_rank():  # once under accelerate launch, whose launcher passes the Ctrl-C on to every rank
             _stderr_line(f"lorweb-fast {command}: interrupted{_continue_hint(command, args)}")
         return 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
     return 0
 
 
-#: Set on the copy of the main process's error that the other ranks raise (``training._prepare_output_in_order``):
-#: the main process prints it, the others do not repeat it.
-REPORTED_BY_MAIN_PROCESS = "_lorweb_reported_by_main_process"
+def _main_rank() -> bool:
+    """Whether this is the main process: rank 0 of the process group, or (the group already ended, or not yet
+    started) of the launcher's RANK variable."""
+    import os
+
+    if _process_group_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _stderr_line(text: str) -> None:
@@ -417,8 +424,10 @@ def _continue_hint(command: str, args) -> str:
             newest = None
         if newest is None:
             return f"; no checkpoint was written to {args.out} yet"
-        again = "with --resume instead of --overwrite" if getattr(args, "overwrite", False) else (
-            "again" if getattr(args, "resume", False) else "with --resume")
+        if getattr(args, "overwrite", False):  # interrupted before or after it deleted the old run
+            return (f"; the newest checkpoint in {args.out} is {newest.name}: run the same command with --resume "
+                    "instead of --overwrite to continue from it, or the same command to start over")
+        again = "again" if getattr(args, "resume", False) else "with --resume"
         return f"; the newest checkpoint is {newest.name}: run the same command {again} to continue from it"
     if command == "eval generate":
         return "; run the same command again to continue (the images written are kept)"

@@ -48,7 +48,7 @@ from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lo
     lorweb_layers, lorweb_state_dict, save_lorweb_weights, set_query
 from .official_config import CONFIG_NAME, DTYPE_NAMES
 from .reference import ACTIVATIONS, REDUCTIONS
-from .validation import check_train_config, warn
+from .validation import REPORTED_BY_MAIN_PROCESS, check_train_config, warn
 
 logger = logging.getLogger("lorweb_fast.training")
 
@@ -329,9 +329,9 @@ RESUME_LOCATIONS = ("data", "model", "encoder")
 RESUME_LEGACY_VALUES = {"batching": "mixed", "control_latents": "mode", "encoder_dtype": "fp32",
                         "missing_caption": "raise"}
 #: Files a training run writes directly in ``out`` (``--overwrite`` deletes exactly these and ``checkpoints/``).
-#: The lock file the main process of a training run holds in its ``out`` (``train``).
-RUN_LOCK_NAME = ".lorweb-train.lock"
 RUN_FILES = (WEIGHTS_NAME, "config.yaml", "loss.jsonl", "loss.png", "train_config.json")
+#: The lock file the main process of a training run holds in its ``out`` while it trains (``train``).
+RUN_LOCK_NAME = ".lorweb-train.lock"
 
 
 def checkpoint_dirs(out: Union[str, Path]) -> list[Path]:
@@ -1293,8 +1293,6 @@ def _prepare_output_in_order(cfg: TrainConfig, accelerator,
     error = broadcast_object_list([error], from_process=0)[0]  # the other ranks wait here for the main one
     if error is not None:
         if not accelerator.is_main_process:  # a copy: the command line prints the main process's error once
-            from .cli import REPORTED_BY_MAIN_PROCESS
-
             setattr(error, REPORTED_BY_MAIN_PROCESS, True)
         raise error
     if not accelerator.is_main_process:

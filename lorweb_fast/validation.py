@@ -266,6 +266,11 @@ _LIBRARY_PACKAGES = frozenset({"lorweb_fast", "torch", "diffusers", "transformer
                                "contextlib"})
 
 
+#: Set on the copy of the main process's error that the other ranks of a multi-process run raise
+#: (``training._prepare_output_in_order``): the command line prints the main process's error and not the copies.
+REPORTED_BY_MAIN_PROCESS = "_lorweb_reported_by_main_process"
+
+
 class LoRWeBWarning(UserWarning):
     """The category of every warning lorweb_fast gives (a ``UserWarning``). The warnings point at the caller's line,
     so a ``module="lorweb_fast"`` filter does not catch them; ``warnings.filterwarnings("ignore",

@@ -486,7 +486,6 @@ def _hold_lock(folder):
     returns it once the lock is held."""
     import subprocess
     import sys
-    import time
 
     code = ("import sys, time\nfrom lorweb_fast._files import FolderLock\n"
             "from lorweb_fast.training import RUN_LOCK_NAME\n"
@@ -494,7 +493,6 @@ def _hold_lock(folder):
             "time.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
-    time.sleep(0.01)
     return proc
 
 
@@ -570,3 +568,98 @@ def test_folder_lock_is_exclusive_within_a_process_and_relocks_a_removed_file(tm
     with pytest.raises(_files.FolderInUseError):
         _files.FolderLock(tmp_path / "out", "x.lock", "thing").acquire()
     second.release()
+
+
+def test_a_killed_holders_forked_child_does_not_keep_the_lock(tmp_path):
+    """A child forked while the lock is held (a DataLoader worker) closes its copy of the lock's descriptor: once
+    the holder is killed, the lock is free although the child still runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, sys, time\nfrom lorweb_fast._files import FolderLock\n"
+            "FolderLock(sys.argv[1], 'x.lock', 'thing').acquire()\n"
+            "child = os.fork()\n"
+            "if child == 0:\n    time.sleep(600)\n    os._exit(0)\n"
+            "print(child, flush=True)\ntime.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(_files.FolderInUseError):
+            _files.FolderLock(tmp_path / "out", "x.lock", "thing").acquire()
+        holder.kill()
+        holder.wait()
+        lock = _files.FolderLock(tmp_path / "out", "x.lock", "thing")
+        lock.acquire()  # at once, while the forked child still runs
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait()
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+    """Where flock is not implemented (some network and cluster file systems: ENOSYS, ENOLCK, EOPNOTSUPP) the run
+    goes on unlocked with a warning saying so, leaving neither the lock file nor the folder it created; another
+    error while locking is raised, leaving neither too."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock = _files.FolderLock(tmp_path / "a" / "out", "x.lock", "training run")
+    with pytest.warns(UserWarning, match=r"does not support flock \(Function not implemented\): this training run "
+                                         r"runs without its lock"):
+        lock.acquire()
+    assert lock.fd is None and not (tmp_path / "a").exists()
+    lock.release()
+
+    def broken_flock(fd, op):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fcntl, "flock", broken_flock)
+    with pytest.raises(OSError, match="Input/output error"):
+        _files.FolderLock(tmp_path / "a" / "out", "x.lock", "training run").acquire()
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_failure_after_locking_releases_the_lock(tmp_path, monkeypatch):
+    """An error after the lock is taken (recording the holder on a full disk, an interrupt) releases it again: the
+    folder can be locked at once, and the lock file and the folder acquire created are gone."""
+    import errno
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_files.os, "write", full_disk)
+    first = _files.FolderLock(tmp_path / "out", "x.lock", "thing")
+    first.acquire()  # the holder is not recorded, the lock is held
+    monkeypatch.undo()
+    assert first.fd is not None and (tmp_path / "out" / "x.lock").read_text() == ""
+    first.release()
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_files.FolderLock, "_write_holder", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _files.FolderLock(tmp_path / "out", "x.lock", "thing").acquire()
+    monkeypatch.undo()
+    assert not (tmp_path / "out").exists()
+    again = _files.FolderLock(tmp_path / "out", "x.lock", "thing")
+    again.acquire()
+    again.release()
+
+
+def test_train_with_an_invalid_out_gets_the_configs_error(tmp_path):
+    """The run folder's lock takes ``out`` as a path only once the config is validated: a non-string ``out`` gets
+    the config's error naming the field, not pathlib's."""
+    cfg = dataclasses.replace(small_train_config(tmp_path), out=None)
+    with pytest.raises(TypeError, match="^out must be a non-empty string, got None$"):
+        training.train(cfg)

@@ -162,8 +162,8 @@ def test_train_ends_the_process_group_it_started(train_inputs, tmp_path, monkeyp
 @pytest.mark.parametrize("flag,checkpoint,hint", [
     (None, True, "the newest checkpoint is step-00000004: run the same command with --resume to continue from it"),
     ("--resume", True, "the newest checkpoint is step-00000004: run the same command again to continue from it"),
-    ("--overwrite", True, "the newest checkpoint is step-00000004: run the same command with --resume instead of "
-                          "--overwrite to continue from it"),
+    ("--overwrite", True, "the newest checkpoint in {out} is step-00000004: run the same command with --resume "
+                          "instead of --overwrite to continue from it, or the same command to start over"),
     (None, False, "no checkpoint was written to {out} yet"),
 ])
 def test_train_interrupted_says_how_to_continue(train_inputs, tmp_path, monkeypatch, capsys, flag, checkpoint, hint):
@@ -188,6 +188,22 @@ def test_train_interrupted_says_how_to_continue(train_inputs, tmp_path, monkeypa
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == f"lorweb-fast train: interrupted; {hint.format(out=out)}\n"
+
+
+@pytest.mark.parametrize("rank,printed", [("0", True), ("1", False)])
+def test_interrupted_line_comes_from_the_main_rank_only(train_inputs, monkeypatch, capsys, rank, printed):
+    """Under `accelerate launch` the launcher passes Ctrl-C on to every rank, and a failed train has ended its
+    (gloo) process group by the time the line is printed: the launcher's RANK variable then tells the main process,
+    which alone prints it. Status 130 on every rank."""
+    argv, _ = train_inputs
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    monkeypatch.setenv("RANK", rank)
+    assert cli.main(argv) == 130
+    assert ("interrupted" in capsys.readouterr().err) is printed
 
 
 def test_interrupted_commands_say_whether_running_them_again_continues(tmp_path, monkeypatch, capsys):

@@ -418,22 +418,6 @@ def run_generate(args) -> dict:
     # mix the b' of two of them (the file and its SHA-256 are recorded and checked on resume)
     weights_file, config = resolve_checkpoint(args.weights, getattr(args, "weight_name", None),
                                               revision=getattr(args, "revision", None))
-    # what picks the triplets (the evaluation set, its format, the b choices) is recorded and checked on resume too:
-    # triplet ids hold b's name, so another choice of b would add new folders next to the old ones
-    settings = {"weights": source_identity(args.weights),
-                "weights_file": _weights_identity(args.weights, weights_file),
-                "weights_sha256": file_sha256(weights_file), "model": source_identity(args.model),
-                "encoder": source_identity(args.encoder),
-                "seeds": list(args.seeds), "steps": steps, "guidance_scale": args.guidance_scale,
-                "pipe_kwargs": pipe_kwargs, "merge": merge, "evalset": str(Path(args.evalset).resolve()),
-                "format": fmt, "pair_seed": args.pair_seed, "b_per_pair": args.b_per_pair,
-                "pairs_sha256": file_sha256(Path(args.pairs)) if args.pairs else None,
-                "input_long_edge": args.input_long_edge, "dtype": args.dtype, "batch_size": args.batch_size,
-                "encoder_dtype": args.dtype if getattr(args, "encoder_dtype", "auto") == "auto" else args.encoder_dtype,
-                "resolution": args.resolution, "max_size": args.max_size, "long_edge": args.long_edge,
-                "generator_device": device.type, "b_choices": b_choices,
-                # the triplets the folder records after this call: a resume restricted by --tasks adds to them
-                "triplets": len(_recorded_triplets(out / "evalset.json").keys() | {t.key for t in triplets})}
     # one run per folder: a second `eval generate` into it (started twice) would race on its records
     lock = FolderLock(out, GENERATE_LOCK_NAME, "eval generate run")
     try:
@@ -441,6 +425,26 @@ def run_generate(args) -> dict:
             lock.acquire()
         except FolderInUseError as exc:
             raise EvalInputError(f"--out {exc}") from None
+        except OSError as exc:
+            raise EvalInputError(f"--out {out}: cannot create the folder or its lock file {GENERATE_LOCK_NAME} "
+                                 f"({exc})") from None
+        # what picks the triplets (the evaluation set, its format, the b choices) is recorded and checked on resume
+        # too: triplet ids hold b's name, so another choice of b would add new folders next to the old ones
+        settings = {"weights": source_identity(args.weights),
+                    "weights_file": _weights_identity(args.weights, weights_file),
+                    "weights_sha256": file_sha256(weights_file), "model": source_identity(args.model),
+                    "encoder": source_identity(args.encoder),
+                    "seeds": list(args.seeds), "steps": steps, "guidance_scale": args.guidance_scale,
+                    "pipe_kwargs": pipe_kwargs, "merge": merge, "evalset": str(Path(args.evalset).resolve()),
+                    "format": fmt, "pair_seed": args.pair_seed, "b_per_pair": args.b_per_pair,
+                    "pairs_sha256": file_sha256(Path(args.pairs)) if args.pairs else None,
+                    "input_long_edge": args.input_long_edge, "dtype": args.dtype, "batch_size": args.batch_size,
+                    "encoder_dtype": (args.dtype if getattr(args, "encoder_dtype", "auto") == "auto"
+                                      else args.encoder_dtype),
+                    "resolution": args.resolution, "max_size": args.max_size, "long_edge": args.long_edge,
+                    "generator_device": device.type, "b_choices": b_choices,
+                    # the triplets the folder records after this call: a resume restricted by --tasks adds to them
+                    "triplets": len(_recorded_triplets(out / "evalset.json").keys() | {t.key for t in triplets})}
         check_run_settings(out, settings, write=False)  # before loading any model
         kwargs = {"resolution": args.resolution, "max_size": args.max_size}
         if args.long_edge is not None:
