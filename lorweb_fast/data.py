@@ -53,7 +53,8 @@ from typing import Optional, Union
 
 import torch
 
-from ._files import atomic_write as _atomic_write, image_read_error_message, image_read_errors
+from ._files import FolderLock, image_read_error_message, image_read_errors
+from ._files import atomic_write as _atomic_write
 from .official_config import OFFICIAL_DEFAULTS, QUERY_MODES, QUERY_SOURCES
 from .validation import warn
 
@@ -100,6 +101,8 @@ class AnalogyDataError(ValueError):
     """The training data folder is empty, incomplete, ambiguous or holds files that are not images."""
 
 
+#: The lock file ``prepare_relation252k`` (``data prepare``) holds in its output folder while it runs.
+PREPARE_LOCK_NAME = ".lorweb-prepare.lock"
 
 
 # ---------------------------------------------------------------------------------------------- composition
@@ -1048,12 +1051,31 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
     Nothing is written when ``out`` is a file, not writable, ``src`` itself or inside it, or holds a file named
     ``control`` or ``target`` or a folder named ``analogy_metadata.json`` (``validation.UsageError``), when the
     labels or filters are unusable (see ``relation252k_pairs``), or when no analogy can be formed
-    (``AnalogyDataError``)."""
-    from tqdm.auto import tqdm
-
+    (``AnalogyDataError``). While it runs it holds ``out/.lorweb-prepare.lock`` (``PREPARE_LOCK_NAME``): a second
+    run into ``out`` is refused naming the process that holds it."""
     from .validation import check_prepare_output
 
     out = check_prepare_output("out", out, src)  # refused before anything is read
+    # one run per folder: two runs into it would each rewrite analogy_metadata.json without the other's entries
+    lock = FolderLock(out, PREPARE_LOCK_NAME, "data prepare run")
+    try:
+        try:
+            lock.acquire()
+        except OSError as exc:
+            raise AnalogyDataError(f"{out}: cannot create the folder or its lock file {PREPARE_LOCK_NAME} "
+                                   f"({exc})") from None
+        return _prepare_locked(src, out, max_analogies=max_analogies, filter_categories=filter_categories,
+                               filter_json=filter_json, min_pairs_per_category=min_pairs_per_category,
+                               max_samples_per_category=max_samples_per_category, seed=seed, progress=progress)
+    finally:
+        lock.release()
+
+
+def _prepare_locked(src, out: Path, *, max_analogies, filter_categories, filter_json, min_pairs_per_category,
+                    max_samples_per_category, seed, progress) -> dict:
+    """``prepare_relation252k``'s work, once it holds ``out``'s lock."""
+    from tqdm.auto import tqdm
+
     unreadable: list = []
     missing: list = []
     per_category: dict = {}

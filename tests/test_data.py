@@ -899,3 +899,35 @@ def test_bucket_resize_is_the_official_training_size(tmp_path):
     small = _strip_folder(tmp_path / "small", cells=[(4, 4)], b_prime=(12, 8))
     with pytest.raises(AnalogyDataError, match="s00.png: an image of 12x8 has no training bucket"):
         AnalogyFolder(small)  # sides multiples of 16 at resolution int(sqrt(96)) = 9: nothing fits
+
+
+def test_data_prepare_into_a_folder_in_use_is_refused_and_changes_nothing(tmp_path, capsys):
+    """`data prepare` holds OUT/.lorweb-prepare.lock while it runs: a second one into the same folder (whose
+    analogy_metadata.json the two would each rewrite without the other's entries) is refused naming the process
+    that holds it and writes nothing; once the holder has ended the run goes ahead and leaves no lock file."""
+    import subprocess
+    import sys
+
+    from lorweb_fast.testing import file_tree
+
+    _relation252k(tmp_path / "rel")
+    out = tmp_path / "prepared"
+    out.mkdir()
+    code = ("import sys, time\nfrom lorweb_fast._files import FolderLock\n"
+            "FolderLock(sys.argv[1], sys.argv[2], 'data prepare run').acquire()\nprint('held', flush=True)\n"
+            "time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out), data.PREPARE_LOCK_NAME], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = file_tree(out)
+        assert cli.main(["data", "prepare", str(tmp_path / "rel"), str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is in use by another data prepare run (process {holder.pid} on " in err, err
+        assert file_tree(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.main(["data", "prepare", str(tmp_path / "rel"), str(out), "--quiet"]) == 0
+    assert "4 analogies: 4 written" in capsys.readouterr().out
+    assert not (out / data.PREPARE_LOCK_NAME).exists()
