@@ -672,3 +672,21 @@ def infer_input_files(root, *, widths=(32, 32, 32), red_step: int = 60):
         (root / folder).mkdir()
         (root / folder / marker).write_text("{}")
     return root
+
+
+def hold_folder_lock(folder, name: str, what: str):
+    """A separate process holding ``_files.FolderLock(folder, name, what)`` (as a running `lorweb-fast train`,
+    `eval generate` or `data prepare` holds its output folder's) until killed; returned once the lock is held. The
+    caller kills and waits for it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom lorweb_fast._files import FolderLock\n"
+            "FolderLock(sys.argv[1], sys.argv[2], sys.argv[3]).acquire()\nprint('held', flush=True)\n"
+            "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder), name, what], stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "held":
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the lock holder for {folder} did not start")
+    return proc

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from lorweb_fast import _files, demo, training
 from lorweb_fast.official_config import CONFIG_NAME
 from lorweb_fast.model import save_lorweb_weights
-from lorweb_fast.testing import (fake_checkpoint, file_tree, small_train_config, tiny_lorweb_linear_model,
-                                 tiny_train_config, tiny_training_assets)
+from lorweb_fast.testing import (fake_checkpoint, file_tree, hold_folder_lock, small_train_config,
+                                 tiny_lorweb_linear_model, tiny_train_config, tiny_training_assets)
 from lorweb_fast.training import TrainConfig, prepare_output
 
 
@@ -482,18 +482,8 @@ def test_a_torn_loss_log_line_is_left_out_of_the_plot(tmp_path):
 
 # ------------------------------------------------------------------------------------------ one run per folder
 def _hold_lock(folder):
-    """A separate process holding ``folder``'s training lock (as a running `lorweb-fast train` does) until killed;
-    returns it once the lock is held."""
-    import subprocess
-    import sys
-
-    code = ("import sys, time\nfrom lorweb_fast._files import FolderLock\n"
-            "from lorweb_fast.training import RUN_LOCK_NAME\n"
-            "FolderLock(sys.argv[1], RUN_LOCK_NAME, 'training run').acquire()\nprint('held', flush=True)\n"
-            "time.sleep(600)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
+    """A separate process holding ``folder``'s training lock (as a running `lorweb-fast train` does) until killed."""
+    return hold_folder_lock(folder, training.RUN_LOCK_NAME, "training run")
 
 
 @pytest.mark.parametrize("flags", [{"overwrite": True}, {"resume": True}])

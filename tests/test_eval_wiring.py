@@ -584,10 +584,7 @@ def test_a_second_generate_into_a_folder_in_use_is_refused_and_changes_nothing(f
     """`eval generate` holds RUNS/.lorweb-generate.lock while it runs: a second one into the same --out (started
     twice), whose records the two would race on, is refused before any model loads, naming the process that holds
     it, and writes nothing; once the holder has ended, the run goes ahead and leaves no lock file behind."""
-    import subprocess
-    import sys
-
-    from lorweb_fast.testing import file_tree
+    from lorweb_fast.testing import file_tree, hold_folder_lock
 
     loads, _, weights = fake_loader
     ev = solid_evalset(tmp_path / "ev", n=1)
@@ -595,13 +592,8 @@ def test_a_second_generate_into_a_folder_in_use_is_refused_and_changes_nothing(f
     assert gen(ev, weights, out) == 0
     assert not (out / G.GENERATE_LOCK_NAME).exists()
     before, loaded = file_tree(out), len(loads)
-    code = ("import sys, time\nfrom lorweb_fast._files import FolderLock\n"
-            "FolderLock(sys.argv[1], sys.argv[2], 'eval generate run').acquire()\nprint('held', flush=True)\n"
-            "time.sleep(600)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out), G.GENERATE_LOCK_NAME], stdout=subprocess.PIPE,
-                              text=True)
+    holder = hold_folder_lock(out, G.GENERATE_LOCK_NAME, "eval generate run")
     try:
-        assert holder.stdout.readline().strip() == "held"
         capsys.readouterr()
         assert gen(ev, weights, out) == 2
         err = capsys.readouterr().err
