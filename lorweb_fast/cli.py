@@ -107,7 +107,7 @@ def run_train(args) -> dict:
     try:
         result = train(cfg)
         failed = False
-        if not _process_group_initialized() or torch.distributed.get_rank() == 0:  # once, not once per process
+        if _main_rank():  # once, not once per process
             print(f"trained to step {result['step']}; weights in {Path(result['out']) / 'lorweb.safetensors'}")
     finally:
         if not grouped_before:

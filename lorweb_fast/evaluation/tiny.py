@@ -162,3 +162,16 @@ class FixedJudge:
         if request.kind == "score":
             return '{"metrics": {"accuracy": 7, "consistency": 8}}'
         return '{"better": 1}'
+
+
+def b_picks_without_warnings(root: Union[str, Path]) -> tuple[list, bool]:
+    """(the sorted stems of the b photos ``read_evalset`` picks from the evaluation set at ``root``, whether any
+    triplet is flagged ``b_aspect_outside_tolerance``), read with every warning an error."""
+    import warnings
+
+    from .evalsets import read_evalset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        triplets = read_evalset(root)
+    return sorted(t.b.path.stem for t in triplets), any(t.extra.get("b_aspect_outside_tolerance") for t in triplets)
