@@ -113,12 +113,18 @@ HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 def _oriented_size(path: Path) -> tuple[tuple[int, int], str]:
     """((width, height) of an image file after its EXIF orientation, its Pillow mode), read from the header (no
-    decoding); verifies the file. Raises AnalogyDataError naming the file when it is not a readable image."""
+    decoding); verifies the file. Raises AnalogyDataError naming the file when it is not a readable image. A file
+    that fails ``Image.verify`` only for a bad chunk checksum (a PNG) but decodes completely is kept, as the
+    official loader, which never verifies, trains on its pixels."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im.verify()
+            try:
+                im.verify()
+            except image_read_errors() as exc:
+                if _decode_exception(path) is not None:  # not readable: the verify error names the problem
+                    raise exc
         with Image.open(path) as im:
             (w, h), mode = im.size, im.mode
             orientation = im.getexif().get(0x0112, 1)

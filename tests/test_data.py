@@ -207,6 +207,39 @@ def test_a_truncated_image_is_named_by_data_check_and_at_its_draw(tmp_path, caps
     assert "s01.jpg is not a readable image" in capsys.readouterr().err
 
 
+def _corrupt_png_chunk_checksum(path: Path, chunk: bytes) -> None:
+    """Flip one byte of the CRC of ``path``'s first ``chunk`` (e.g. b"IDAT"), leaving its data intact."""
+    raw = bytearray(path.read_bytes())
+    at = raw.index(chunk)
+    length = int.from_bytes(raw[at - 4:at], "big")
+    raw[at + 4 + length] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_a_png_with_a_bad_checksum_that_decodes_trains_as_officially(tmp_path):
+    """ai-toolkit opens training images with ``Image.open(...).convert("RGB")`` (``_create_box_analogy_image``) and
+    never calls ``Image.verify``; Pillow's decode does not check an IDAT chunk's CRC. A PNG whose only fault is that
+    checksum is therefore trained on officially (its pixels intact): the folder scan keeps it and the draw gives its
+    pixels, while a PNG cut short (which fails to decode as well) is still refused by name."""
+    root = _strip_folder(tmp_path / "d", cells=[(20, 14), (20, 14)])
+    target = root / "target" / "s01.png"
+    pixels = np.asarray(Image.open(target).convert("RGB"))
+    _corrupt_png_chunk_checksum(target, b"IDAT")
+    with pytest.raises(SyntaxError, match="checksum"):  # what the header check saw: Image.verify refuses the file
+        with Image.open(target) as im:
+            im.verify()
+    ds = AnalogyFolder(root, resize="long-edge")
+    assert len(ds) == 2
+    index = [ds.name(i) for i in range(2)].index("s01")
+    _, grid = ds.full_grids(index)
+    h, w = pixels.shape[:2]
+    np.testing.assert_array_equal(np.asarray(grid)[-h:, -w:], pixels)  # b' is the target's pixels
+    assert data.check_folder(root, resize="long-edge", progress=False)["samples"] == 2
+    target.write_bytes(target.read_bytes()[:-40])  # now also cut short: no decode, refused at the scan
+    with pytest.raises(AnalogyDataError, match=r"s01\.png is not a readable image"):
+        AnalogyFolder(root, resize="long-edge")
+
+
 def test_strips_of_any_width_are_cut_as_the_official_loader(tmp_path):
     """ai-toolkit ``_create_box_analogy_image`` resizes the strip to (3W, H) with bicubic, W x H = b''s size, and cuts
     it at multiples of W: a strip whose width is not divisible by 3 (here 61 px, or portrait cells) is read too."""
