@@ -24,7 +24,7 @@ from .layer import (LoRWeBLinear, group_offloading_modes, has_forward_hooks, has
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
     get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, set_query
 from .validation import MIN_LONG_EDGE, MIN_MAX_AREA, check_device, check_generation_options, check_int, \
-    check_pipe_kwargs, check_real, warn_aspect_ratios
+    check_pipe_call, check_pipe_kwargs, check_real, warn, warn_aspect_ratios
 
 
 # ----------------------------------------------------------------------------------------------------- grids
@@ -48,6 +48,7 @@ def load_image(image):
     from ._files import image_read_error_message, image_read_errors
 
     if isinstance(image, Image.Image):
+        _warn_high_bit_depth(image, "an image")
         im = image.convert("RGB")
         where = "the image"
     else:
@@ -63,6 +64,7 @@ def load_image(image):
             raise FileNotFoundError(f"image not found: {path}")
         try:
             with Image.open(path) as opened:
+                _warn_high_bit_depth(opened, str(path))
                 im = opened.convert("RGB")
         except image_read_errors() as exc:
             raise ValueError(image_read_error_message(path, exc)) from exc
@@ -70,6 +72,17 @@ def load_image(image):
     if im.width == 0 or im.height == 0:
         raise ValueError(f"{where} has no pixels ({im.width}x{im.height})")
     return im
+
+
+def _warn_high_bit_depth(image, where: str) -> None:
+    """Warn when ``image`` has more than 8 bits per channel: its conversion to RGB (as the official inference.py
+    reads its inputs, kept) clips every value above 255, so a 16-bit image comes out nearly white."""
+    from .data import HIGH_BIT_DEPTH_MODES
+
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        warn(f"{where} has more than 8 bits per channel (mode {image.mode}); the conversion to RGB, as in the "
+             "official inference.py, clips its values above 255 (a 16-bit image reads nearly white): save it as an "
+             "8-bit image")
 
 
 def make_grid(top_left, top_right, bottom_left, bottom_right, *, long_edge: int = 512,
@@ -1095,6 +1108,19 @@ class LoRWeBKontextPipeline:
         elif lora_api.get_lorweb_scale(self.transformer) == fused_scale:  # not changed meanwhile
             lora_api.set_lorweb_scale(self.transformer, before)
 
+    def _call_strength(self, attention_kwargs: Optional[dict]):
+        """diffusers' per-call LoRA scale, ``joint_attention_kwargs={"scale": s}`` (checked by check_pipe_call), as a
+        context manager: the mixture's strength times ``s`` inside it, given back after (diffusers' own
+        ``scale_lora_layers`` reaches only peft layers; it still scales those). A no-op without a scale or at 1."""
+        scale = None if attention_kwargs is None else attention_kwargs.get("scale")
+        if scale is None or float(scale) == 1.0:
+            return contextlib.nullcontext()
+        strategy = lora_api.scale_fused_strategy(self.transformer)
+        if strategy is not None:
+            raise ValueError(f"joint_attention_kwargs['scale'] cannot change the strength of a mixture fused into the "
+                             f"weights (strategy={strategy!r}); call unfuse_lora() first, or fuse with lora_scale")
+        return _strength_times(self.transformer, float(scale))
+
     def set_lorweb_scale(self, scale: float) -> None:
         """Strength of the mixture (diffusers' ``set_adapters`` weight, the official multiplier). While the adapter
         is disabled (``disable_lora``) the output stays the base model's and the strength is kept for
@@ -1339,14 +1365,18 @@ class LoRWeBKontextPipeline:
         warn_aspect_ratios(a, a_prime, b, cells_from="a" if self.resolution == "official" else "b")
         grids = self.control_grids(a, a_prime, b, long_edge=long_edge)
         count = len(grids)
-        prompts = _as_list(prompt, count) if isinstance(prompt, str) else _as_list(prompt)  # a str is broadcast
-        if len(prompts) != count:
-            raise ValueError(f"got {len(prompts)} prompts for {count} analogies (give one string for all, or one "
-                             "prompt per analogy)")
         per_prompt = int(pipe_kwargs.get("num_images_per_prompt") or 1)
         if per_prompt > 1 and count > 1:
             raise ValueError("num_images_per_prompt > 1 is supported for a single analogy only; pass the analogy "
                              "several times instead")
+        if "num_images_per_prompt" in pipe_kwargs:
+            pipe_kwargs["num_images_per_prompt"] = per_prompt  # None is diffusers' 1 too, but it cannot take None
+        # prompts and the other per-analogy arguments, generators, latents, sigmas, callbacks, IP adapter: checked
+        # here, before any model runs (diffusers checks some only after the encoders ran, some never)
+        prompts = check_pipe_call(pipe_kwargs, prompt, generator, count=count,
+                                  callback_tensor_inputs=getattr(self.pipe, "_callback_tensor_inputs", None),
+                                  has_ip_adapter=getattr(self.transformer, "encoder_hid_proj", None) is not None)
+        call_strength = self._call_strength(pipe_kwargs.get("joint_attention_kwargs"))
         if generator is None:
             generator = torch.Generator(device=self.pipe._execution_device).manual_seed(seed)
         strategy = self.merge_strategy(merge, count * per_prompt)
@@ -1361,7 +1391,7 @@ class LoRWeBKontextPipeline:
             size_kwargs = dict(max_area=width * height, _auto_resize=False)
         # a call that fails (a merge strategy that cannot serve this batch, an error inside the pipeline) leaves the
         # layers' analogy as it was before the call
-        with self._progress_for_call(progress), analogy_restored_on_error(self.transformer):
+        with self._progress_for_call(progress), analogy_restored_on_error(self.transformer), call_strength:
             with torch.no_grad():  # inference: no autograd history on the coefficients
                 if fused in ("full", "offload"):  # fuse_lora(): the mixture is in the weights; the analogy must match
                     lora_api.check_fused_query(self.transformer, query)
@@ -1369,7 +1399,8 @@ class LoRWeBKontextPipeline:
                     set_query(self.transformer, query)  # once per generation; checks query and coefficients
             context = contextlib.nullcontext() if strategy == "none" else merged(self.transformer, strategy)
             with context:
-                out = self.pipe(image=grids if count > 1 else grids[0], prompt=prompts if count > 1 else prompts[0],
+                prompt_arg = None if prompts is None else prompts if count > 1 else prompts[0]
+                out = self.pipe(image=grids if count > 1 else grids[0], prompt=prompt_arg,
                                 height=height, width=width, num_inference_steps=num_inference_steps,
                                 guidance_scale=guidance_scale, generator=generator, output_type=output_type,
                                 **size_kwargs, **pipe_kwargs).images
@@ -1377,6 +1408,20 @@ class LoRWeBKontextPipeline:
             h, w = out.shape[1] // 2, out.shape[2] // 2
             return [img[h:, w:] for img in out]
         return [bottom_right_cell(img) for img in out]
+
+
+@contextlib.contextmanager
+def _strength_times(model: nn.Module, factor: float):
+    """Every LoRWeB layer's strength (``set_lorweb_scale``) times ``factor`` inside the block, as it was after."""
+    layers = list(lorweb_layers(model).values())
+    kept = [layer._lorweb_scale for layer in layers]
+    for layer, strength in zip(layers, kept):
+        layer._lorweb_scale = strength * factor
+    try:
+        yield
+    finally:
+        for layer, strength in zip(layers, kept):
+            layer._lorweb_scale = strength
 
 
 def resolve_query_source(weights: Union[str, Path], query_source: Optional[str] = None) -> str:

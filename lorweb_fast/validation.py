@@ -364,6 +364,133 @@ def check_pipe_kwargs(pipe_kwargs: dict, call=None) -> dict:
     return pipe_kwargs
 
 
+#: FluxKontextPipeline arguments that need an IP adapter (``pipe.pipe.load_ip_adapter``) in the transformer
+IP_ADAPTER_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
+                   "negative_ip_adapter_image_embeds")
+
+
+def _check_text(name: str, value, count: int) -> None:
+    """A prompt-like pass-through argument: None, one string (every analogy's) or ``count`` strings."""
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a string or a list of strings, got {_short_repr(value)}")
+    if len(value) != count:
+        what = "prompts" if name == "prompt" else f"{name} entries"
+        raise ValueError(f"got {len(value)} {what} for {count} analogies (give one string for all, or one per "
+                         "analogy)")
+
+
+def _check_batch_tensor(name: str, value, dims: int, batch: int, what: str) -> None:
+    if not isinstance(value, torch.Tensor) or value.dim() != dims:
+        raise TypeError(f"{name} must be a {dims}-D tensor, got {_short_repr(value)}")
+    if value.shape[0] != batch:
+        raise ValueError(f"{name} holds {value.shape[0]} rows for {batch} {what}: give one row per "
+                         f"{what.rstrip('s')}")
+
+
+def _short_repr(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def check_pipe_call(pipe_kwargs: dict, prompt, generator, *, count: int, callback_tensor_inputs=None,
+                    has_ip_adapter: bool = False):
+    """The batch and type of what LoRWeBKontextPipeline.__call__ passes on to FluxKontextPipeline, checked before
+    any model runs (diffusers checks some of it only after the encoders ran, some never): ``count`` analogies,
+    ``pipe_kwargs["num_images_per_prompt"]`` images each. ``prompt``: one string, ``count`` of them, or None with
+    ``prompt_embeds`` ((count, L, D)) and ``pooled_prompt_embeds`` ((count, D')) given; likewise ``prompt_2``,
+    ``negative_prompt``, ``negative_prompt_2`` and the negative embeddings. ``generator``: None, a torch.Generator or
+    one per image; ``latents``: (count * images per analogy, L, C); ``sigmas``: a non-empty sequence of numbers in
+    [0, 1]; ``joint_attention_kwargs``: None or a dict (its ``"scale"`` a finite number);
+    ``callback_on_step_end_tensor_inputs`` among ``callback_tensor_inputs``; IP-adapter arguments only with
+    ``has_ip_adapter``. Returns the prompts to pass on (a list of ``count`` strings, or None for embeddings)."""
+    per_prompt = pipe_kwargs.get("num_images_per_prompt") or 1
+    images = count * per_prompt
+    embeds = pipe_kwargs.get("prompt_embeds")
+    if embeds is not None:
+        for name, value in (("prompt", prompt), ("prompt_2", pipe_kwargs.get("prompt_2"))):
+            if value is not None:
+                raise ValueError(f"give {name} or prompt_embeds, not both (prompt_embeds replace the prompts; "
+                                 f"pass {name}=None)")
+        _check_batch_tensor("prompt_embeds", embeds, 3, count, "analogies")
+        if pipe_kwargs.get("pooled_prompt_embeds") is None:
+            raise ValueError("prompt_embeds need pooled_prompt_embeds (from the same text encoders: "
+                             "pipe.pipe.encode_prompt returns both)")
+        prompts = None
+    else:
+        if prompt is None:
+            raise ValueError("prompt is None: give the edit description (one string, or one per analogy), or "
+                             "prompt_embeds with pooled_prompt_embeds")
+        _check_text("prompt", prompt, count)
+        prompts = [prompt] * count if isinstance(prompt, str) else list(prompt)
+    if pipe_kwargs.get("pooled_prompt_embeds") is not None:
+        if embeds is None:
+            raise ValueError("pooled_prompt_embeds are used only with prompt_embeds")
+        _check_batch_tensor("pooled_prompt_embeds", pipe_kwargs["pooled_prompt_embeds"], 2, count, "analogies")
+    for name in ("prompt_2", "negative_prompt", "negative_prompt_2"):
+        _check_text(name, pipe_kwargs.get(name), count)
+    negative_embeds = pipe_kwargs.get("negative_prompt_embeds")
+    if negative_embeds is not None:
+        for name in ("negative_prompt", "negative_prompt_2"):
+            if pipe_kwargs.get(name) is not None:
+                raise ValueError(f"give {name} or negative_prompt_embeds, not both")
+        _check_batch_tensor("negative_prompt_embeds", negative_embeds, 3, count, "analogies")
+        if pipe_kwargs.get("negative_pooled_prompt_embeds") is None:
+            raise ValueError("negative_prompt_embeds need negative_pooled_prompt_embeds (pipe.pipe.encode_prompt "
+                             "returns both)")
+    if pipe_kwargs.get("negative_pooled_prompt_embeds") is not None:
+        if negative_embeds is None:
+            raise ValueError("negative_pooled_prompt_embeds are used only with negative_prompt_embeds")
+        _check_batch_tensor("negative_pooled_prompt_embeds", pipe_kwargs["negative_pooled_prompt_embeds"], 2,
+                            count, "analogies")
+    if generator is not None:
+        if isinstance(generator, (list, tuple)):
+            if not all(isinstance(g, torch.Generator) for g in generator):
+                raise TypeError(f"generator must be a torch.Generator or a list of them, got {_short_repr(generator)}")
+            if len(generator) != images:
+                raise ValueError(f"got {len(generator)} generators for {images} images ({count} analogies x "
+                                 f"{per_prompt} per prompt): give one generator, or one per image")
+        elif not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or a list of them, got {_short_repr(generator)}")
+    if pipe_kwargs.get("latents") is not None:
+        _check_batch_tensor("latents", pipe_kwargs["latents"], 3, images, "images")
+    if pipe_kwargs.get("sigmas") is not None:
+        sigmas = pipe_kwargs["sigmas"]
+        if isinstance(sigmas, (str, bytes)) or not (isinstance(sigmas, Sequence) or hasattr(sigmas, "__array__")):
+            raise TypeError(f"sigmas must be a list of numbers in [0, 1], got {_short_repr(sigmas)}")
+        sigmas = list(sigmas)
+        if not sigmas or len(sigmas) > MAX_STEPS:
+            raise ValueError(f"sigmas must hold 1 to {MAX_STEPS} numbers in [0, 1] (one denoising step each), got "
+                             f"{len(sigmas)}")
+        for i, sigma in enumerate(sigmas):
+            check_real(f"sigmas[{i}]", sigma, lo=0.0, hi=1.0)
+    attention = pipe_kwargs.get("joint_attention_kwargs")
+    if attention is not None:
+        if not isinstance(attention, dict):
+            raise TypeError(f"joint_attention_kwargs must be a dict or None, got {_short_repr(attention)}")
+        if "scale" in attention:
+            check_real("joint_attention_kwargs['scale']", attention["scale"])
+    callback = pipe_kwargs.get("callback_on_step_end")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback_on_step_end must be callable, got {_short_repr(callback)}")
+    names = pipe_kwargs.get("callback_on_step_end_tensor_inputs")
+    if names is not None and callback_tensor_inputs is not None:
+        unknown = [n for n in names if n not in callback_tensor_inputs] if isinstance(names, (list, tuple)) \
+            else names
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be a list of {list(callback_tensor_inputs)}, "
+                             f"got {_short_repr(unknown)}")
+    if not has_ip_adapter:
+        for name in IP_ADAPTER_ARGS:
+            if pipe_kwargs.get(name) is not None:
+                raise ValueError(f"{name} needs an IP adapter in the transformer; load one with "
+                                 "pipe.pipe.load_ip_adapter(...) first")
+    return prompts
+
+
 def check_generation_options(*, num_inference_steps, guidance_scale, long_edge, merge, output_type, seed=0,
                              progress=None) -> None:
     """Range and type of LoRWeBKontextPipeline.__call__'s own options."""

@@ -14,6 +14,7 @@ Everything runs on tiny random models built here (lorweb_fast.testing); nothing 
 """
 
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -65,9 +66,14 @@ def recorder(monkeypatch):
 # mutant: load_image returns a PIL image as given (``im = image``) instead of ``image.convert("RGB")``
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
 def test_load_image_converts_a_pil_image_to_rgb(mode):
-    """A PIL image of any mode comes back RGB, with the pixels of ``convert("RGB")`` (as a file does)."""
+    """A PIL image of any mode comes back RGB, with the pixels of ``convert("RGB")`` (as a file does; a 16-bit one
+    with a warning that the conversion clips it)."""
     src = picture(0, (12, 10)).convert(mode)
-    got = flux.load_image(src)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = flux.load_image(src)
+    assert [str(w.message)[:41] for w in caught] == (["an image has more than 8 bits per channel"] if mode == "I;16"
+                                                     else [])
     assert got.mode == "RGB" and got.size == (12, 10)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(src.convert("RGB")))
 
