@@ -1437,10 +1437,7 @@ def resolve_query_source(weights: Union[str, Path], query_source: Optional[str] 
 # ------------------------------------------------------------------------------------------------------ plots
 def plot_coefficients(model: nn.Module, path: Union[str, Path], *, sample: int = 0) -> Path:
     """Heat map (layers x basis LoRAs) of the coefficients the current analogy selected, for one sample."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global figure registry, the caller's backend untouched
 
     from .validation import check_output_file, plot_suffixes
 
@@ -1452,7 +1449,8 @@ def plot_coefficients(model: nn.Module, path: Union[str, Path], *, sample: int =
     check_int("sample", sample, lo=0, hi=batch - 1)
     names = list(coeffs)
     data = torch.stack([coeffs[n][sample].detach().float().cpu() for n in names]).numpy()
-    fig, ax = plt.subplots(figsize=(max(6, data.shape[1] * 0.25 + 3), max(4, len(names) * 0.12 + 2)))
+    fig = Figure(figsize=(max(6, data.shape[1] * 0.25 + 3), max(4, len(names) * 0.12 + 2)))
+    ax = fig.subplots()
     im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("basis LoRA n")
     ax.set_ylabel("layer")
@@ -1462,7 +1460,4 @@ def plot_coefficients(model: nn.Module, path: Union[str, Path], *, sample: int =
     ax.set_title(f"LoRWeB coefficients (sample {sample})")
     fig.colorbar(im, ax=ax, label="alpha")
     fig.tight_layout()
-    try:
-        return save_figure_atomically(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
+    return save_figure_atomically(fig, path, dpi=120)

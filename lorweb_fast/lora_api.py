@@ -78,8 +78,12 @@ def fuse_lora(model: nn.Module, strategy: str = "full") -> None:
                            "unfuse_lora() first")
     context = merged(model, strategy)
     context.__enter__()  # validates everything before changing anything
-    coeffs = {n: l.coefficients.detach().clone() for n, l in lorweb_layers(model).items()}
-    setattr(model, _FUSED, _FuseState((context, strategy, coeffs)))
+    try:
+        coeffs = {n: l.coefficients.detach().clone() for n, l in lorweb_layers(model).items()}
+        setattr(model, _FUSED, _FuseState((context, strategy, coeffs)))
+    except BaseException:  # out of memory, Ctrl-C: the weights back as they were, nothing left fused
+        context.__exit__(None, None, None)
+        raise
 
 
 def unfuse_lora(model: nn.Module) -> None:

@@ -993,10 +993,7 @@ def _loss_rows(log_path: Union[str, Path]) -> list[tuple[str, dict]]:
 def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
     """Plot the loss of a ``loss.jsonl`` log (raw and running mean) to a PNG; steps skipped for a NaN loss (logged
     with loss null) are marked with red vertical lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global figure registry, the caller's backend untouched
 
     rows = [row for _, row in _loss_rows(log_path)]
     skipped = [r["step"] for r in rows if r["loss"] is None]
@@ -1006,7 +1003,8 @@ def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
     window = max(1, len(loss) // 20)
     smooth = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1])
               for i in range(len(loss))]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(steps, loss, alpha=0.35, label="loss")
     ax.plot(steps, smooth, label=f"running mean ({window})")
     for i, s in enumerate(skipped):
@@ -1018,10 +1016,7 @@ def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
     ax.legend()
     ax.set_title("LoRWeB training loss")
     fig.tight_layout()
-    try:
-        return save_figure_atomically(fig, png_path, dpi=120)  # a kill mid-write keeps the previous plot
-    finally:
-        plt.close(fig)
+    return save_figure_atomically(fig, png_path, dpi=120)  # a kill mid-write keeps the previous plot
 
 
 # ----------------------------------------------------------------------------------------------------- train
@@ -1156,8 +1151,10 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     leaves one (only the LoRWeB tensors require grad). On failure the transformer's flags are put back too and the
     LoRWeB layers this call injected are removed again (under FSDP2, whose sharding replaced the parameters, neither
     is done); layers the caller injected keep the updates made before the failure (the last checkpoint under
-    ``cfg.out`` holds a known state) and, as on success, their fp32 master tensors and ``adapter_precision``. The
-    models stay on the training device.
+    ``cfg.out`` holds a known state) and, as on success, their fp32 master tensors and ``adapter_precision``. Either
+    way no LoRWeB parameter keeps a ``.grad`` and no layer keeps the last step's coefficients (``set_query`` before
+    generating); gradients a caller left on them are dropped before the first step. The models stay on the training
+    device.
 
     The main process holds ``cfg.out/.lorweb-train.lock`` (``RUN_LOCK_NAME``) while it trains: a second run into the
     same folder (a job started twice, a requeued job while the old one still runs) is refused with a ValueError
@@ -1442,10 +1439,11 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
     patched = ("forward", "_original_forward", "_is_accelerate_prepared")
     own_forward = {k: transformer.__dict__[k] for k in patched if k in transformer.__dict__}
     cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
-    bar = None
+    bar, trainable = None, []
     try:
         model, optimizer = accelerator.prepare(transformer, optimizer)
         trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer.zero_grad(set_to_none=True)  # gradients left by the caller's own backward would join step 1
         if sharded:
             _warn_if_layers_unwrapped(model)
             cast_block_inputs_in_recompute(model)
@@ -1539,6 +1537,13 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
     finally:
         if bar is not None:
             bar.close()
+        # the caller's layers without the run's leftovers, on success and on failure: no gradients (a failed step
+        # raises between backward and zero_grad; a later run would add them to its first step) and no coefficients
+        # (the last batch's, with the autograd graph of its query, which holds the projections and keys)
+        for p in trainable:
+            p.grad = None
+        for layer in lorweb_layers(transformer).values():
+            layer._coefficients = layer._query = None
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
         for key in patched:
             transformer.__dict__.pop(key, None)

@@ -127,22 +127,22 @@ def test_a_gradient_with_an_infinite_entry_is_named():
 def test_plot_shows_positive_losses_and_marks_skipped_steps(tmp_path, monkeypatch):
     """The plot's raw curve holds the steps with a positive loss (log axis: a zero loss cannot be drawn), and every
     step logged with loss null (a NaN loss, no update) gets a vertical marker."""
-    import matplotlib.pyplot as plt
+    import matplotlib.figure
 
     log = tmp_path / "loss.jsonl"
     rows = [{"step": 1, "loss": 0.5, "lr": 1e-3}, {"step": 2, "loss": None, "lr": 1e-3, "nan_loss_skipped": True},
             {"step": 3, "loss": 0.0, "lr": 1e-3}, {"step": 4, "loss": 0.25, "lr": 1e-3}]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     made = []
-    real = plt.subplots
+    real = matplotlib.figure.Figure.savefig
 
-    def subplots(*args, **kwargs):
-        made.append(real(*args, **kwargs))
-        return made[-1]
+    def savefig(fig, *args, **kwargs):
+        made.append(fig)
+        return real(fig, *args, **kwargs)
 
-    monkeypatch.setattr(plt, "subplots", subplots)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     training.plot_loss(log, tmp_path / "loss.png")
-    ax = made[0][1]
+    ax, = made[0].axes
     raw, smooth, *marks = ax.lines
     assert list(raw.get_xdata()) == [1, 4] and list(raw.get_ydata()) == [0.5, 0.25]
     assert list(smooth.get_xdata()) == [1, 4]

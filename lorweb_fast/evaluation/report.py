@@ -151,10 +151,7 @@ def pareto_front(points: Sequence[tuple]) -> list:
 def plot_preservation_vs_accuracy(report: dict, path: Path) -> Optional[Path]:
     """The paper's Fig. 5: one point per method, Pres. (VLM) vs Acc. (VLM), with the Pareto front. Without VLM scores,
     LPIPS (axis reversed: lower = better preservation) vs CLIP Dir. stand in. None when there is nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global figure registry, the caller's backend untouched
 
     names = list(report)
     vlm = all(report[n]["overall"]["vlm_consistency"] is not None and report[n]["overall"]["vlm_accuracy"] is not None
@@ -170,7 +167,8 @@ def plot_preservation_vs_accuracy(report: dict, path: Path) -> Optional[Path]:
     else:
         return None
     front = pareto_front([(flip * x, y) for x, y in zip(xs, ys)])
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
     ax.scatter(xs, ys, s=40, zorder=3)
     for x, y, n in zip(xs, ys, names):
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
@@ -183,25 +181,20 @@ def plot_preservation_vs_accuracy(report: dict, path: Path) -> Optional[Path]:
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        return save_figure_atomically(fig, path, dpi=130)
-    finally:
-        plt.close(fig)
+    return save_figure_atomically(fig, path, dpi=130)
 
 
 def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Optional[Path]:
     """The paper's Fig. 6: order-balanced pairwise win rates (%) per baseline, one bar group per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global figure registry, the caller's backend untouched
     import numpy as np
 
     if not baselines:
         return None
     names = list(report)
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(baselines) + 2), 4))
+    fig = Figure(figsize=(max(5, 1.5 * len(baselines) + 2), 4))
+    ax = fig.subplots()
     x = np.arange(len(baselines))
     for i, n in enumerate(names):
         rates = [report[n]["overall"]["pairwise"][b]["order_balanced_win_rate"] for b in baselines]
@@ -218,10 +211,7 @@ def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Option
     ax.set_title("2AFC win rates (order balanced)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        return save_figure_atomically(fig, path, dpi=130)
-    finally:
-        plt.close(fig)
+    return save_figure_atomically(fig, path, dpi=130)
 
 
 def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict:
