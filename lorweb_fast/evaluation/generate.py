@@ -216,26 +216,27 @@ def generate(pipe, triplets: Sequence[Triplet], out, *, seeds: Sequence[int] = (
     if device is None:
         device = getattr(getattr(pipe, "pipe", None), "_execution_device", None) or "cpu"
     generated = 0
-    bar = tqdm(total=len(jobs), desc="eval generate", unit="b'", disable=not progress)
-    for batch in _batches(jobs, batch_size):
-        images = [[job["triplet"].a.load(), job["triplet"].a_prime.load(), job["triplet"].b.load()] for job in batch]
-        a, a_prime, b = (list(x) for x in zip(*images))
-        prompts = [job["triplet"].prompt for job in batch]
-        gens = [torch.Generator(device=device).manual_seed(int(job["seed"])) for job in batch]
-        results = pipe(a, a_prime, b, prompts, num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, generator=gens, merge=merge, progress=False,
-                       **(pipe_kwargs or {}))
-        if len(results) != len(batch):
-            raise RuntimeError(f"the pipeline returned {len(results)} images for {len(batch)} analogies")
-        for job, imgs, b_prime in zip(batch, images, results):
-            d = job["dir"]
-            for name, img in zip(("a", "a_prime", "b"), imgs):
-                atomic_save_image(capped(img, input_long_edge), d / f"{name}.png")
-            atomic_write_text(d / "prompt.txt", job["triplet"].prompt + "\n")
-            atomic_save_image(b_prime, d / "b_prime.png")  # last: marks the triplet finished
-            generated += 1
-            bar.update(1)
-    bar.close()
+    # the bar is closed when a call raises too (an open one garbles the next output in a notebook)
+    with tqdm(total=len(jobs), desc="eval generate", unit="b'", disable=not progress) as bar:
+        for batch in _batches(jobs, batch_size):
+            images = [[job["triplet"].a.load(), job["triplet"].a_prime.load(), job["triplet"].b.load()]
+                      for job in batch]
+            a, a_prime, b = (list(x) for x in zip(*images))
+            prompts = [job["triplet"].prompt for job in batch]
+            gens = [torch.Generator(device=device).manual_seed(int(job["seed"])) for job in batch]
+            results = pipe(a, a_prime, b, prompts, num_inference_steps=num_inference_steps,
+                           guidance_scale=guidance_scale, generator=gens, merge=merge, progress=False,
+                           **(pipe_kwargs or {}))
+            if len(results) != len(batch):
+                raise RuntimeError(f"the pipeline returned {len(results)} images for {len(batch)} analogies")
+            for job, imgs, b_prime in zip(batch, images, results):
+                d = job["dir"]
+                for name, img in zip(("a", "a_prime", "b"), imgs):
+                    atomic_save_image(capped(img, input_long_edge), d / f"{name}.png")
+                atomic_write_text(d / "prompt.txt", job["triplet"].prompt + "\n")
+                atomic_save_image(b_prime, d / "b_prime.png")  # last: marks the triplet finished
+                generated += 1
+                bar.update(1)
     return {"generated": generated, "skipped": skipped}
 
 
