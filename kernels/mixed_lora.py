@@ -1,9 +1,10 @@
 """Triton kernels for the coefficient-weighted LoRA basis (pure launchers; no autograd, no dispatch).
 
 Notation (see ../shared/METHOD.md): the N basis LoRAs of rank r are one rank-R LoRA, R = N*r. The basis is packed
-once per forward (``pack_basis``) into contiguous row-major ``a_cat`` (R, in) and ``b_cat`` (R, out): row c belongs
-to LoRA n = c // r, rank slot j = c % r. Rows of the flattened input (M = B*S rows) map to samples by index: row m
-belongs to sample m // rows_per_sample, whose scaling of column c is ``scale * coeffs[m // rows_per_sample, c // r]``.
+on every forward and backward call (``pack_basis``) into contiguous row-major ``a_cat`` (R, in) and ``b_cat``
+(R, out): row c belongs to LoRA n = c // r, rank slot j = c % r. Rows of the flattened input (M = B*S rows) map to
+samples by index: row m belongs to sample m // rows_per_sample, whose scaling of column c is
+``scale * coeffs[m // rows_per_sample, c // r]``.
 
 Kernels (R and r are compile-time constants of the shrink and grad_basis kernels; every reduction is in fp32 in a
 fixed order, no atomics, so results are bit-for-bit deterministic):
@@ -14,8 +15,9 @@ fixed order, no atomics, so results are bit-for-bit deterministic):
   streamed once. R is covered by at most two power-of-two column chunks (96 = 64 + 32: no padding to 128).
   Optional split-K over a fixed number of K slices writes fp32 partials that ``_shrink_finish_kernel`` adds in
   slice order. Forward: X = x, P = a_cat -> (u, z).
-  Backward K1: X = dy, P = b_cat -> (dZ, dZ * scaling) plus dcoeffs partials ``sum_j u * dZ`` per LoRA, summed
-  over each program's rows when they lie in one sample (else one partial per row).
+  Backward K1: X = dy, P = b_cat -> dZ * scaling (dZ itself is not stored) plus dcoeffs partials
+  ``scale * sum_j u * dZ`` per LoRA, summed over each program's rows when they lie in one sample (else one partial
+  per row).
 * ``_expand_kernel`` / ``_expand_tma_kernel`` (persistent, TMA loads; table flag ``tma``, aligned operands, Hopper)
   -- ``Y = X1 W1 + X2 W2 (+ bias) (+ base)``: one GEMM over the extended reduction [K | R] (the
   low-rank chunk runs *before* the main loop, bias and base are added in the epilogue, Y is written once).
@@ -631,6 +633,7 @@ def validate_table(table, where: str) -> dict:
 
 
 def config_path(family: str):
+    """The packaged file ``kernels/configs/<family>.json`` (it may not exist)."""
     return resources.files("lorweb_fast.kernels").joinpath("configs", f"{family}.json")
 
 
@@ -861,16 +864,17 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
     """``u = x a_cat^T`` and ``z = u * scale * coeffs[row // rows_per_sample, col // rank]``.
 
     Args:
-        x: (M, K) rows (forward: x with K = in; backward K1: dy with K = out).
-        a_cat: (R, K) packed basis (forward: a_cat; backward K1: b_cat).
-        coeffs: (B, N) fp32 mixing coefficients, M == B * rows_per_sample, R == N * rank.
+        x: (M, K) rows (forward: x with K = in; backward K1: dy with K = out); float32 / bfloat16 / float16.
+        a_cat: (R, K) packed basis in x's dtype (forward: a_cat; backward K1: b_cat); R <= MAX_FUSED_R.
+        coeffs: (B, N) fp32 mixing coefficients, M == B * rows_per_sample, R == N * rank (rank a power of two).
         scale: lora_alpha / r.
         write_unscaled: store u (else only z is written and u is returned as None).
         u_in: backward K1 only: the forward's u (M, R); then the dcoeffs partials
-            ``scale * sum_j u[m, n*r+j] * out[m, n*r+j]`` are returned as a third output, (M / G, N) fp32: row i
-            sums rows [i G, (i + 1) G), with G the rows per program of the launch that writes them (BLOCK_M, or
-            with split-K the finish kernel's SHRINK_FINISH_BLOCK_M) when G divides a concrete rows_per_sample,
-            else G = 1. The G rows of a partial lie in one sample, so ``dc.view(B, -1, N).sum(1)`` is per sample.
+            ``scale * sum_j u[m, n*r+j] * (x a_cat^T)[m, n*r+j]`` (x a_cat^T: dZ, unscaled) are returned as a third
+            output, (M / G, N) fp32, and u is not written: row i sums rows [i G, (i + 1) G), with G the rows per
+            program of the launch that writes them (BLOCK_M, or with split-K the finish kernel's
+            SHRINK_FINISH_BLOCK_M) when G divides a concrete rows_per_sample, else G = 1. The G rows of a partial
+            lie in one sample, so ``dc.view(B, -1, N).sum(1)`` is per sample.
         config: tile dict overriding the table's entry for this call's role (``shrink``, or ``shrink_dy`` with
             ``u_in``; see out_features).
         out_features: the layer's other dimension, for the table lookup (defaults to K). The table role is
@@ -965,7 +969,8 @@ def expand(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], z: torch.T
     """``y = x weight^T + z b_cat (+ bias) (+ base)`` as one GEMM over the extended reduction [in | R].
 
     Args:
-        x: (M, in) or None (delta-only: y = z b_cat [+ bias] [+ base]).
+        x: (M, in) or None (delta-only: y = z b_cat [+ bias] [+ base]). All tensors in one dtype (float32 /
+            bfloat16 / float16; not checked against each other).
         weight: (out, in) frozen weight (``weight_layout="out_in"``, forward) or (in, out) read as is
             (``weight_layout="in_out"``: backward K2 passes weight (out_layer, in_layer) to compute dy weight).
         z: (M, R) low-rank activations; b_cat: (R, out) packed basis.
@@ -976,7 +981,7 @@ def expand(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], z: torch.T
             (in = out, out = K); delta-only (x None) ``expand`` keyed (out, out).
 
     Returns:
-        y (M, out) in z.dtype.
+        y (M, out) in z.dtype (``out`` itself when given).
     """
     _check(z, "z", 2)
     _check(b_cat, "b_cat", 2)
@@ -1117,7 +1122,10 @@ def _scaling(coeffs: torch.Tensor, rows_per_sample: int, rank: int, scale: float
 
 
 def forward(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample, *, family=None):
-    """The triton_fwd op body: (y (M, out), u (M, R), z (M, R)); see lorweb_fast.ops for the contract."""
+    """The triton_fwd op body: (y (M, out), u (M, R), z (M, R)) in x's dtype; see lorweb_fast.ops for the contract.
+
+    x (M, in), weight (out, in) or None, bias (out,) or None, base (M, out) or None, lora_a (N, in, r),
+    lora_b (N, r, out), all in x's dtype; coeffs (B, N) fp32 with M = B * rows_per_sample."""
     n, k, r = lora_a.shape
     nout, R = lora_b.shape[2], n * r
     family = _family(x, family)
@@ -1146,7 +1154,7 @@ def backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample
     K1 (shrink kernel on dy): dZ * scaling and dcoeffs partials from the saved u; K2 (expand kernel):
     dx = dy weight + (dZ*scaling) a_cat; K3 (grad_basis): d a_cat, d b_cat. The cuBLAS route does the same products
     with torch. All reductions run in a fixed order. K2 runs only if ``need_dx`` and K3 only if ``need_dbasis``; what
-    is skipped comes back as an empty (0,) tensor."""
+    is skipped comes back as an empty (0,) tensor. dy (M, out); u, z (M, R) from ``forward``; the rest as there."""
     n, k, r = lora_a.shape
     nout, R = lora_b.shape[2], n * r
     family = _family(x, family)

@@ -177,9 +177,14 @@ class LoRWeBLinear(nn.Module):
     Parameters (official names and layout, see METHOD.md):
         lora_A: (N, in, r), lora_B: (N, r, out), lora_keys: (N, key_dim), att_lora_to_q.weight: (key_dim, query_dim).
 
-    The LoRWeB parameters are created and initialised in ``dtype`` (default: the base weight's dtype, fp32 for a
-    base without a plain weight such as bitsandbytes layers); the trainer passes float32, as the official network is
-    initialised in fp32 (NVlabs/LoRWeB toolkit/models/AttLoRA.py ``AttLoRAModule.__init__``).
+    The LoRWeB parameters are created and initialised in ``dtype`` (default ``default_adapter_dtype``: the base
+    weight's dtype for a plain weight of 16 bits or more, the compute dtype under diffusers' layerwise casting, fp32
+    for a base without a plain weight such as bitsandbytes layers, or with a float8 weight) on the base weight's
+    device (the default device for a meta or absent weight); the trainer passes float32, as the official network is
+    initialised in fp32 (NVlabs/LoRWeB toolkit/models/AttLoRA.py ``AttLoRAModule.__init__``). lora_alpha None means
+    rank (scale = lora_alpha / rank = 1); query_projection_type="none" holds an identity (key_dim, key_dim)
+    projection instead (key_dim must equal query_dim); backend as in ``lorweb_fast.ops`` (None: the best available
+    per call).
 
     The base layer is kept as ``base_layer``, not copied, and frozen (its parameters get ``requires_grad=False``,
     as peft freezes the layers it wraps: the base weight is frozen in LoRWeB, and the fused backward then skips its
@@ -188,6 +193,7 @@ class LoRWeBLinear(nn.Module):
     cleared; a forward without them raises.
 
     Inputs: (B, S, in) or (B, in) (more dimensions, (B, ..., in), are one sample's tokens); coefficients: (B, N).
+    Outputs: (B, S, out), (B, out) or (B, ..., out).
     """
 
     def __init__(self, base: nn.Module, *, num_loras: int = 32, rank: int = 4, lora_alpha: Optional[float] = None,
@@ -272,8 +278,9 @@ class LoRWeBLinear(nn.Module):
         return self
 
     def lorweb_tensors(self) -> dict[str, nn.Parameter]:
-        """The LoRWeB parameters under their official checkpoint suffixes, in checkpoint order (without
-        ``att_lora_to_q.weight`` when ``query_projection_type == "none"``: the official layer then has none)."""
+        """The LoRWeB parameters under their official checkpoint suffixes, in checkpoint order: lora_A (N, in, r),
+        lora_B (N, r, out), lora_keys (N, key_dim), att_lora_to_q.weight (key_dim, query_dim) (left out when
+        ``query_projection_type == "none"``: the official layer then has none)."""
         tensors = {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_keys": self.lora_keys}
         if self.query_projection_type == "linear":
             tensors["att_lora_to_q.weight"] = self.att_lora_to_q.weight
@@ -286,9 +293,10 @@ class LoRWeBLinear(nn.Module):
         return self._coefficients
 
     def set_coefficients(self, coeffs: Optional[torch.Tensor], *, check_finite: bool = True) -> None:
-        """Use ``coeffs`` (B, N) floating point, finite, for every following forward, until replaced; None clears
-        them. ``check_finite=False`` skips the finiteness check (``set_query`` checks all layers at once); coefficients
-        on the meta device (no values) are refused either way.
+        """Use ``coeffs`` (B, N) floating point, finite (any device: the forward moves them to x's), for every
+        following forward, until replaced; None clears them. A per-forward query is dropped either way.
+        ``check_finite=False`` skips the finiteness check (``set_query`` checks all layers at once); coefficients on
+        the meta device (no values) are refused either way.
 
         A view with a storage offset (e.g. one layer's slice of ``set_query``'s stacked (L, B, N) result) is stored
         as a copy: torch.compile guards on the storage offset of a tensor attribute, and an offset that grows with
@@ -330,8 +338,9 @@ class LoRWeBLinear(nn.Module):
         self._query = query
 
     def coefficients_from_query(self, query: torch.Tensor, *, fp32: bool = False) -> torch.Tensor:
-        """(B, query_dim) -> (B, N) for this layer alone (``set_query`` batches this over all layers); ``fp32``
-        computes with the query, projection and keys cast to fp32 (the official adapter arithmetic)."""
+        """(B, query_dim) -> (B, N) for this layer alone (``set_query`` batches this over all layers); the query on
+        att_lora_to_q's device. The result is fp32 (float64 for float64 LoRWeB weights); ``fp32`` computes with the
+        query, projection and keys cast to fp32 (the official adapter arithmetic)."""
         weight, keys = self.att_lora_to_q.weight, self.lora_keys
         if fp32:
             query, weight, keys = query.float(), weight.float(), keys.float()
@@ -371,6 +380,11 @@ class LoRWeBLinear(nn.Module):
                  "train outside merged()")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, in), (B, in) or (B, ..., in) -> (B, S, out), (B, out) or (B, ..., out): ``base(x)`` plus the mixture
+        with the coefficients set by ``set_query`` (B must match theirs; none set raises RuntimeError). In autocast's
+        dtype when autocast casts x, else x's dtype; a base returning another dtype (a hook, a quantized layer), or
+        ``adapter_precision="fp32"``, gives the base output's dtype. Inside ``merged()``: the merged weight (built per
+        forward by ``jit_merged_forward`` under strategy="jit")."""
         if self._merged:
             self._warn_no_gradient_when_merged()
             return self.base_layer(x)
@@ -423,7 +437,8 @@ class LoRWeBLinear(nn.Module):
         once to W's dtype.
 
         Args:
-            coeffs: (N,) for one analogy -> (out, in); (B, N) -> (B, out, in), one merged weight per sample.
+            coeffs: (N,) for one analogy -> (out, in); (B, N) -> (B, out, in), one merged weight per sample; any
+                floating dtype and device (the result is on W's device).
         """
         if not has_plain_weight(self.base_layer):
             raise TypeError(f"cannot merge into a {type(self.base_layer).__name__}: no plain tensor weight")
@@ -448,7 +463,7 @@ class LoRWeBLinear(nn.Module):
 
         One analogy (or identical coefficient rows): ``F.linear(x, merged_weight, bias)``, exactly what a layer
         merged by ``merged(strategy="full")`` computes. Different analogies: one merged weight per sample,
-        (B, out, in), applied with a batched matmul. Inputs (B, S, in) or (B, in).
+        (B, out, in), applied with a batched matmul. Inputs (B, S, in) or (B, in) -> (B, S, out) or (B, out).
         """
         coeffs = self._coefficients
         if coeffs is None:

@@ -41,7 +41,9 @@ class LoRWeBConfig:
     """Hyper-parameters of a LoRWeB injection (defaults: the official FLUX.1-Kontext release).
 
     target_modules: a regex (full match against the module name, like peft) or a list of names, each matching a
-    module whose name equals it or ends with ``"." + name`` (like peft). Only linear-like modules are wrapped.
+    module whose name equals it or ends with ``"." + name`` (like peft). Only ``nn.Linear`` modules (and subclasses,
+    e.g. bitsandbytes' quantized linears) are wrapped. The other fields are ``LoRWeBLinear``'s arguments (lora_alpha
+    None: rank, i.e. scale 1).
     """
 
     num_loras: int = 32
@@ -56,7 +58,8 @@ class LoRWeBConfig:
     target_modules: Union[str, list[str]] = field(default=DEFAULT_TARGET_MODULES)
 
     def validate(self) -> "LoRWeBConfig":
-        """Raise TypeError / ValueError naming the first field out of range (called by ``inject_lorweb``)."""
+        """Raise TypeError / ValueError naming the first field out of range (called by ``inject_lorweb``);
+        query_projection_type is checked by ``LoRWeBLinear`` when the layers are built."""
         for name in ("num_loras", "rank", "key_dim", "query_dim", "heads"):
             check_int(f"LoRWeBConfig.{name}", getattr(self, name), lo=1)
         if self.key_dim % self.heads:
@@ -75,6 +78,7 @@ class LoRWeBConfig:
         return self
 
     def layer_kwargs(self) -> dict:
+        """The keyword arguments of ``LoRWeBLinear`` for this configuration (all fields but target_modules)."""
         return dict(num_loras=self.num_loras, rank=self.rank, lora_alpha=self.lora_alpha, key_dim=self.key_dim,
                     query_dim=self.query_dim, heads=self.heads, activation=self.activation, reduce=self.reduce,
                     query_projection_type=self.query_projection_type)
@@ -218,7 +222,7 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
     Args:
         dtype: the dtype in which the LoRWeB parameters (lora_A, lora_B, lora_keys, att_lora_to_q) are created and
             initialised; None (default): each base layer's weight dtype (its compute dtype under diffusers'
-            layerwise casting; fp32 for bases without a plain 16/32-bit weight, e.g. bitsandbytes, float8).
+            layerwise casting; fp32 for bases without a plain weight of 16 bits or more, e.g. bitsandbytes, float8).
             Training passes float32: fp32 master weights whose initial values are not rounded to a bf16 base's dtype.
         freeze_base_model: True (default, as peft's injection): every parameter of ``model`` other than the LoRWeB
             tensors stops requiring grad, so an optimizer built from ``p.requires_grad`` trains LoRWeB only; False:
@@ -292,7 +296,8 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
     stay differentiable with respect to every layer's ``att_lora_to_q`` and ``lora_keys`` (training).
 
     Args:
-        query: (B, query_dim) analogy queries, one per sample.
+        query: (B, query_dim) analogy queries, one per sample, B >= 1; any floating dtype and device (moved to each
+            layer's device and cast to its att_lora_to_q dtype).
         per_forward: instead, hand the query to every layer, which computes its own coefficients inside its own
             forward (``LoRWeBLinear.set_query_per_forward``). Training under FSDP needs this: sharded LoRWeB
             parameters are only gathered inside the forward of the module that holds them.
@@ -301,7 +306,8 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
             callers that check elsewhere or capture CUDA graphs.
 
     Returns:
-        ``{name: (B, N)}`` as ``get_coefficients`` (empty with ``per_forward``).
+        ``{name: (B, N)}`` as ``get_coefficients``, fp32 (float64 for float64 LoRWeB weights) on each layer's
+        device (empty with ``per_forward``).
     """
     layers = _require_layers(model)
     check_float_tensor("query", query)
@@ -423,7 +429,9 @@ def _layer_metadata(layers: Mapping[str, LoRWeBLinear]) -> dict[str, str]:
 
 
 def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRWeB parameters of ``model`` under the official keys ``transformer.<module>.<param>``.
+    """The LoRWeB parameters of ``model`` under the official keys ``transformer.<module>.<param>``: lora_A (N, in, r),
+    lora_B (N, r, out), lora_keys (N, key_dim) and att_lora_to_q.weight (key_dim, query_dim) (none for
+    ``query_projection_type="none"``), in the layers' dtype.
 
     Parameters sharded by FSDP2 (DTensors) are gathered one at a time to full CPU tensors; this is then a collective
     call that every rank must make. Other parameters are returned as they are (detached, not copied).
@@ -454,8 +462,10 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     """Write the official safetensors format atomically (temporary file, then rename).
 
     The configuration (heads, activation, reduce, scale, query_projection_type) and ``encoder`` go into the
-    safetensors metadata; ``metadata`` adds or overrides string entries (training adds the query settings and
-    ai-toolkit's name/version/software/training_info keys). ``state_dict`` is ``lorweb_state_dict(model)`` when
+    safetensors metadata; ``metadata`` adds entries (values written with ``str``, None values left out) and may
+    override ``encoder``; the keys written from the layers (RESERVED_METADATA, and any ``lorweb.*`` key but
+    QUERY_METADATA) raise ValueError (training adds the query settings and ai-toolkit's
+    name/version/software/training_info keys). ``state_dict`` is ``lorweb_state_dict(model)`` when
     already gathered (sharded training gathers on every rank, then one rank writes); by default it is computed here.
     ``dtype`` casts every tensor (the official trainer saves float16, ``save: dtype: float16``); None keeps them.
     ``config`` (a mapping, may be empty) also writes an official ``config.yaml`` beside the file (what the official

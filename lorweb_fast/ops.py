@@ -13,7 +13,8 @@ Op contract shared by the fused backends (``lorweb_fast::triton_fwd`` / ``triton
 with R = N * r and scaling[m, n*r + j] = scale * coeffs[m // rows_per_sample, n]. The weight is frozen: its gradient
 is only computed (by a plain GEMM) if it requires grad. The Triton op bodies are ``lorweb_fast.kernels.mixed_lora.
 forward`` / ``backward``: they pack the basis into contiguous (R, in) / (R, out) matrices on every call and pick the
-fused, composed or all-cuBLAS route by ``choose_route`` (committed per-GPU tables; 2-D inputs and R > 512 -> cuBLAS).
+fused, composed or all-cuBLAS route by ``choose_route`` (committed per-GPU tables; 2-D inputs, R > 512 and a rank r
+that is not a power of two -> cuBLAS).
 
 Eager calls of plain tensors run those op bodies through ``_EagerFusedFunction`` (the same kernels and gradient
 formula) instead of torch.library's dispatch, whose Python autograd wrapper costs more host time than a kernel at
@@ -95,6 +96,7 @@ def cuda_build_arch_list() -> str:
 
 
 def triton_interpret_mode() -> bool:
+    """True when TRITON_INTERPRET=1 (Triton's CPU interpreter: the triton backend then takes CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -235,7 +237,11 @@ def _check_device(t: torch.Tensor, name: str, device: torch.device) -> None:
 
 
 def validate_inputs(x, lora_a, lora_b, coeffs, weight=None, bias=None, add_to=None) -> None:
-    """Raise a clear error naming the offending argument for a wrong shape, dtype or device."""
+    """Raise a clear error naming the offending argument for a wrong shape, dtype or device.
+
+    Accepted: x (B, S, in) or (B, in) in SUPPORTED_DTYPES; lora_a (N, in, r), lora_b (N, r, out), weight (out, in),
+    bias (out,) and add_to (x's shape with out features) in x's dtype; coeffs (B, N) of any floating dtype; all on
+    x's device (TypeError for a wrong type or dtype, ValueError for a wrong shape or device)."""
     for name, t in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b), ("coeffs", coeffs)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -301,7 +307,8 @@ def concat_basis(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tens
 
 
 def _torch_delta(x, lora_a, lora_b, coeffs, scale):
-    """Batched-matmul delta: the basis as one rank-R LoRA whose R columns are scaled per sample."""
+    """Batched-matmul delta: the basis as one rank-R LoRA whose R columns are scaled per sample. x (B, S, in) or
+    (B, in) -> (B, S, out) or (B, out)."""
     a_cat, b_cat = concat_basis(lora_a, lora_b)  # (in, R), (R, out)
     scaling = column_scaling(coeffs, lora_a.shape[2], scale).to(x.dtype)  # (B, R)
     x3 = x if x.dim() == 3 else x.unsqueeze(1)
@@ -572,15 +579,19 @@ def mixed_lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     """The LoRWeB update ``scale * sum_n coeffs[b, n] * B_n^T A_n^T x`` (plus ``add_to`` when given).
 
     Args:
-        x: (B, S, in) or (B, in).
-        lora_a: (N, in, r); lora_b: (N, r, out); coeffs: (B, N), one coefficient vector per sample.
-        scale: lora_alpha / r.
-        add_to: optional (B, S, out) / (B, out) tensor to add the delta to (e.g. the output of a quantized base
-            layer); the fused backends add it in the same pass instead of writing the delta separately.
+        x: (B, S, in) or (B, in); float32 / bfloat16 / float16 (float64: torch backend only).
+        lora_a: (N, in, r); lora_b: (N, r, out), both in x's dtype.
+        coeffs: (B, N), one coefficient vector per sample, any floating dtype (the fused backends read it in fp32).
+            All tensors on x's device.
+        scale: lora_alpha / r (a finite real; a tensor that requires grad is refused).
+        add_to: optional (B, S, out) / (B, out) tensor in x's dtype to add the delta to (e.g. the output of a
+            quantized base layer); the fused backends add it in the same pass instead of writing the delta
+            separately (not under autocast: then it is added afterwards).
         backend: None (best available), "torch", "triton" or "cuda".
 
     Returns:
-        (B, S, out) or (B, out) in x.dtype.
+        (B, S, out) or (B, out) in x.dtype; under ``torch.autocast`` in autocast's dtype, promoted with add_to's
+        dtype when add_to is given (as the torch backend's matmuls).
     """
     validate_inputs(x, lora_a, lora_b, coeffs, add_to=add_to)
     scale = _checked_scale(scale)
@@ -602,10 +613,11 @@ def lorweb_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """``x W^T + bias + mixed_lora_delta(x, ...)``: a frozen linear layer plus the per-sample LoRA mixture.
 
     Args:
-        x: (B, S, in) or (B, in); weight: (out, in); bias: (out,) or None; the rest as in ``mixed_lora_delta``.
+        x: (B, S, in) or (B, in); weight: (out, in); bias: (out,) or None, both in x's dtype and on x's device; the
+            rest as in ``mixed_lora_delta``.
 
     Returns:
-        (B, S, out) or (B, out) in x.dtype.
+        (B, S, out) or (B, out) in x.dtype (in autocast's dtype under ``torch.autocast``, as ``F.linear``).
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -648,12 +660,13 @@ def compute_coefficients(query: torch.Tensor, to_q_weight: torch.Tensor, keys: t
     """Per-sample mixing coefficients, for one layer or for a stack of L layers at once.
 
     Args:
-        query: (B, query_dim).
+        query: (B, query_dim), any floating dtype (cast to the weights' dtype), on the weights' device.
         to_q_weight: (key_dim, query_dim), or (L, key_dim, query_dim) for L layers in one batched computation.
-        keys: (N, key_dim), or (L, N, key_dim).
+        keys: (N, key_dim), or (L, N, key_dim) (cast to the logits' dtype).
         heads, activation, reduce: as in ``lorweb_fast.reference.compute_coefficients``.
-        backend: validated like everywhere else; every backend computes this tiny batched GEMM with torch (cuBLAS on
-            GPU), in the weights' dtype with fp32 logits and softmax (float64 logits for float64 weights).
+        backend: checked as by ``resolve_backend`` on query's device (an unknown or unusable named backend raises);
+            every backend computes this tiny batched GEMM with torch (cuBLAS on GPU), the projection in the
+            weights' dtype, logits and softmax in fp32 (float64 for float64 weights).
 
     Autocast is disabled inside, so these dtype rules hold under an enclosing ``torch.autocast`` as well (bf16
     training calls ``set_query`` inside one): fp32 weights give fp32 coefficients computed in fp32, as the official

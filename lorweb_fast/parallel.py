@@ -4,8 +4,8 @@ Context parallelism (``ContextParallelConfig``) splits the token sequence across
 (B, S/k, in) with the whole batch, so its per-sample coefficients (B, N) apply unchanged and the LoRWeB weights stay
 replicated. Tensor-parallel plans (``TensorParallelConfig``, a model's ``_tp_plan``) shard the weights of the linear
 layers that LoRWeB wraps, while the basis (lora_A, lora_B) would stay whole: the result would be wrong, so
-``enable_parallelism`` here raises before anything is sharded, and a LoRWeB layer whose base weight is sharded
-refuses to run.
+``enable_parallelism`` here raises before anything is sharded when a tensor-parallel config comes with a model
+``_tp_plan`` that reaches a LoRWeB layer, and a LoRWeB layer whose base weight is sharded refuses to run.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def check_tensor_parallel(model: nn.Module, tp_plan: Optional[dict] = None) -> N
 
 def enable_parallelism(model: nn.Module, config, cp_plan: Optional[dict] = None) -> None:
     """``model.enable_parallelism(config=..., cp_plan=...)`` after checking that it does not shard LoRWeB layers:
-    context parallelism is accepted, a tensor-parallel config raises TensorParallelNotSupportedError (model
-    unchanged)."""
+    context parallelism is accepted; a tensor-parallel config (a TensorParallelConfig, or a ParallelConfig with a
+    ``tensor_parallel_config``) raises TensorParallelNotSupportedError (model unchanged) when the model's
+    ``_tp_plan`` shards a LoRWeB layer (``check_tensor_parallel``); otherwise the call is passed on as it is."""
     tp = None
     try:
         from diffusers.models._modeling_parallel import TensorParallelConfig

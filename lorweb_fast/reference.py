@@ -35,7 +35,7 @@ def compute_coefficients(
         query: (B, query_dim) analogy query, e.g. concat of the CLIP image embeddings of a, a' and b.
         to_q_weight: (key_dim, query_dim) weight of the query projection ``att_lora_to_q``.
         keys: (N, key_dim) one learned key per basis LoRA.
-        heads: number of heads; key_dim must be divisible by it.
+        heads: number of heads; key_dim must be divisible by it (ValueError otherwise).
         activation: "softmax" (over the N LoRAs) or "tanh".
         reduce: "mean" over heads, or "sum" over heads followed by the official clamp
             ([0, 1] for softmax, [-1, 1] for tanh).
@@ -116,7 +116,8 @@ def lorweb_linear(
     coeffs: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """``x W^T + bias + mixed_lora_delta(...)`` in float64. weight: (out, in), bias: (out,) or None."""
+    """``x W^T + bias + mixed_lora_delta(...)`` in float64. weight: (out, in), bias: (out,) or None; the rest as in
+    ``mixed_lora_delta``. Returns (B, S, out) or (B, out) float64, matching the rank of ``x``."""
     y = x.double() @ weight.double().T
     if bias is not None:
         y = y + bias.double()
