@@ -534,6 +534,9 @@ class AnalogyEncoder:
     def __init__(self, model: Union[str, Path] = DEFAULT_ENCODER, *, device=None,
                  dtype: torch.dtype = torch.float32, query_mode: str = "cat-aa'b", pooling_type: str = "avg",
                  query_source: str = "grid"):
+        """Load ``model`` frozen (eval mode, no grad) on ``device`` (default CPU) in ``dtype``; ``query_mode``,
+        ``pooling_type`` and ``query_source`` are checked here (ValueError) and used by ``query`` /
+        ``query_from_grid``."""
         from transformers import AutoConfig
 
         from .official_config import PATCH_QUERY_MODES, QUERY_SOURCES, check_query_settings
@@ -618,6 +621,7 @@ class AnalogyEncoder:
 
     @property
     def query_dim(self) -> int:
+        """Features of this encoder's queries, (B, query_dim), in its ``query_mode``."""
         return self.query_dim_for(self.query_mode)
 
     # --------------------------------------------------------------------------------------------- encoding
@@ -871,6 +875,8 @@ class LoRWeBKontextPipeline:
 
     def __init__(self, pipe, encoder: AnalogyEncoder, *, resolution: str = "official",
                  max_area: Optional[int] = None, max_size: Optional[int] = None, long_edge: Optional[int] = None):
+        """Wrap ``pipe`` (its transformer must hold LoRWeB layers whose query_dim is ``encoder.query_dim``);
+        the resolution options as in the class docstring (ValueError for one of the other mode)."""
         layers = lorweb_layers(pipe.transformer)
         if not layers:
             raise ValueError("the pipeline's transformer has no LoRWeB layers: load weights with "
@@ -891,6 +897,7 @@ class LoRWeBKontextPipeline:
 
     @property
     def transformer(self) -> nn.Module:
+        """The inner pipeline's transformer, which holds the LoRWeB layers."""
         return self.pipe.transformer
 
     @classmethod
@@ -1242,10 +1249,12 @@ class LoRWeBKontextPipeline:
 
     @property
     def device(self) -> torch.device:
+        """The inner pipeline's device (diffusers' ``DiffusionPipeline.device``)."""
         return self.pipe.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The inner pipeline's dtype (diffusers' ``DiffusionPipeline.dtype``)."""
         return self.pipe.dtype
 
     def __getattr__(self, name: str):
@@ -1436,7 +1445,9 @@ def resolve_query_source(weights: Union[str, Path], query_source: Optional[str] 
 
 # ------------------------------------------------------------------------------------------------------ plots
 def plot_coefficients(model: nn.Module, path: Union[str, Path], *, sample: int = 0) -> Path:
-    """Heat map (layers x basis LoRAs) of the coefficients the current analogy selected, for one sample."""
+    """Heat map (layers x basis LoRAs) of the (B, N) coefficients the current analogy selected, for sample
+    ``sample`` (0 <= sample < B), written atomically to ``path`` (a format matplotlib writes: .png, .pdf, .svg, ...);
+    returns ``path``. RuntimeError when no coefficients are set (``set_query`` first)."""
     from matplotlib.figure import Figure  # not pyplot: no global figure registry, the caller's backend untouched
 
     from .validation import check_output_file, plot_suffixes

@@ -58,8 +58,7 @@ class LoRWeBConfig:
     target_modules: Union[str, list[str]] = field(default=DEFAULT_TARGET_MODULES)
 
     def validate(self) -> "LoRWeBConfig":
-        """Raise TypeError / ValueError naming the first field out of range (called by ``inject_lorweb``);
-        query_projection_type is checked by ``LoRWeBLinear`` when the layers are built."""
+        """Raise TypeError / ValueError naming the first field out of range (called by ``inject_lorweb``)."""
         for name in ("num_loras", "rank", "key_dim", "query_dim", "heads"):
             check_int(f"LoRWeBConfig.{name}", getattr(self, name), lo=1)
         if self.key_dim % self.heads:
@@ -68,6 +67,10 @@ class LoRWeBConfig:
             check_real("LoRWeBConfig.lora_alpha", self.lora_alpha, lo=0.0, lo_open=True)
         check_choice("LoRWeBConfig.activation", self.activation, ACTIVATIONS)
         check_choice("LoRWeBConfig.reduce", self.reduce, REDUCTIONS)
+        check_choice("LoRWeBConfig.query_projection_type", self.query_projection_type, ("linear", "none"))
+        if self.query_projection_type == "none" and self.key_dim != self.query_dim:
+            raise ValueError(f"LoRWeBConfig.query_projection_type='none' feeds the query to the keys directly, so "
+                             f"key_dim ({self.key_dim}) must equal query_dim ({self.query_dim})")
         targets = self.target_modules
         if isinstance(targets, str):
             check_regex("LoRWeBConfig.target_modules", targets)

@@ -1093,7 +1093,13 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
                        generator: torch.Generator, *, per_forward_query: bool = False) -> torch.Tensor:
     """One rectified-flow loss on a batch: x_t = (1 - t) x0 + t noise, target noise - x0, MSE over the whole target
     grid (the noisy tokens), weighted per sample by ``sample_timesteps``, with the control grid's packed latents
-    appended as Kontext context tokens (position ids first coordinate 1)."""
+    appended as Kontext context tokens (position ids first coordinate 1).
+
+    ``batch``: B samples as ``_collate`` makes them ({"control", "target": B PIL grids of one size, "caption",
+    "name": B strings}); ``query``: (B, query_dim) analogy queries on the training device (``batch_query``);
+    ``transformer``: ``pipe.transformer`` or its DDP / accelerate wrapper. Sets the query on the LoRWeB layers (with
+    autograd, ``per_forward_query`` under FSDP2) and returns the 0-dim fp32 loss, differentiable in the LoRWeB
+    parameters."""
     from diffusers import FluxKontextPipeline
 
     device = query.device

@@ -89,6 +89,7 @@ def check_choice(name: str, value, choices: Sequence) -> object:
 
 # ------------------------------------------------------------------------------------------------- tensors
 def check_tensor(name: str, value) -> torch.Tensor:
+    """``value`` when it is a torch.Tensor, else TypeError naming ``name`` and the type given."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value

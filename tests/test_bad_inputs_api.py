@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lorweb_fast as lf
-from lorweb_fast import flux, lora_api, model as lmodel, ops
+from lorweb_fast import flux, lora_api, model as lmodel, ops, reference
 from lorweb_fast.model import LoRWeBCheckpointError
 from lorweb_fast.testing import rewrite_safetensors, tiny_lorweb_pair
 
@@ -220,6 +220,27 @@ def test_config_choices_and_divisibility(field, value):
     with pytest.raises(ValueError, match=field):
         lf.inject_lorweb(m, lf.LoRWeBConfig(heads=4, target_modules=r"\d", **{field: value}))
     assert not lf.lorweb_layers(m)
+
+
+@pytest.mark.parametrize("settings,fragment", [
+    (dict(query_projection_type="conv"), r"query_projection_type must be one of \('linear', 'none'\)"),
+    (dict(query_projection_type="none", key_dim=8, query_dim=12), r"key_dim \(8\) must equal query_dim \(12\)")])
+def test_config_query_projection_type(settings, fragment):
+    """``LoRWeBConfig.validate`` checks query_projection_type as every other field (it was left to the layers)."""
+    config = lf.LoRWeBConfig(target_modules=r"\d", **settings)
+    with pytest.raises(ValueError, match=fragment):
+        config.validate()
+    m = nn.Sequential(nn.Linear(6, 5))
+    with pytest.raises(ValueError, match=fragment):
+        lf.inject_lorweb(m, config)
+    assert not lf.lorweb_layers(m)
+
+
+@pytest.mark.parametrize("heads", [0, -1, 1.0, True])
+def test_reference_coefficients_heads(heads):
+    """The float64 oracle refuses heads that are not a positive integer (0 was a ZeroDivisionError)."""
+    with pytest.raises(ValueError, match="heads must be an integer >= 1"):
+        reference.compute_coefficients(torch.randn(2, 4), torch.randn(4, 4), torch.randn(3, 4), heads=heads)
 
 
 # --------------------------------------------------------------------------------------------- non-finite inputs

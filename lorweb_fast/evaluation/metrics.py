@@ -65,7 +65,7 @@ class ClipDirectional:
 
     @staticmethod
     def directional(e_a, e_a_prime, e_b, e_b_prime) -> torch.Tensor:
-        """cos(e_a' - e_a, e_b' - e_b) per row; 0 where a direction is zero."""
+        """cos(e_a' - e_a, e_b' - e_b) per row: four (Q, D) embeddings -> (Q,); 0 where a direction is zero."""
         return torch.nn.functional.cosine_similarity(e_a_prime - e_a, e_b_prime - e_b, dim=-1, eps=1e-12)
 
     def __call__(self, quads: Sequence[tuple]) -> list:
@@ -147,6 +147,7 @@ class LPIPSDistance:
 
     @torch.no_grad()
     def __call__(self, b, b_prime) -> float:
+        """LPIPS(b, b') of two PIL images (b resized to b''s size with bicubic when they differ); lower: closer."""
         from PIL import Image
 
         if b.size != b_prime.size:
