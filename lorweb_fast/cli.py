@@ -525,5 +525,6 @@ def library_progress_bars(enabled: bool):
         else:
             hub_tqdm.enable_progress_bars()
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -45,6 +45,19 @@ def test_info_prints_versions_and_backends(tmp_path):
         assert word in out.stdout
 
 
+def test_python_m_lorweb_fast_is_the_command(tmp_path):
+    """``python -m lorweb_fast`` runs the ``lorweb-fast`` command (for launchers that take a module:
+    ``torchrun -m lorweb_fast train ...``), with its exit statuses: 0 for --help, 2 for a usage error."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    ok = subprocess.run([sys.executable, "-m", "lorweb_fast", "train", "--help"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("usage: lorweb-fast train") and "--data" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "lorweb_fast", "nonsense"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "invalid choice: 'nonsense'" in bad.stderr
+
+
 # ------------------------------------------------------------------ repository root (issue 15, section 4)
 def test_repo_root_imports_diffusers_flux_and_transformers():
     """Python started in a clone has the repo root on sys.path, so transformers' probe for the PyPI package

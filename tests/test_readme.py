@@ -37,6 +37,7 @@ OTHER_TOOLS_FLAGS = {
     "--benchmark-only", "--benchmark-save", "--benchmark-compare",  # pytest-benchmark
     "--multi_gpu", "--num_processes", "--mixed_precision", "--use_fsdp", "--fsdp_version",
     "--fsdp_auto_wrap_policy",  # accelerate launch
+    "--nproc-per-node",  # torchrun
     "--linear", "--linear_alpha", "--loras_num", "--lora_softmax", "--query_mode",  # official README.md
     "--max_size", "--config_file",  # official inference.py
 }
