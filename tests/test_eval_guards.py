@@ -792,6 +792,44 @@ def test_cli_score_repeated_runs_and_against_add_up_and_the_failure_count_covers
     assert f"({sum(per_folder)} failures)" in capsys.readouterr().out
 
 
+def test_cli_score_pools_runs_folders_given_one_name(tmp_path, capsys):
+    """The paper pools the custom set with Relation252k's unseen tasks ("we first aggregate per task, then over all
+    tasks"); ``eval generate`` writes one runs folder per evaluation set, so ``--runs ours=A --runs ours=B`` pools A
+    and B into one method: the same report as one folder holding both sets' tasks. Two folders named only after
+    their last component, a folder given twice and a triplet in two pooled folders are refused up front."""
+    from lorweb_fast import cli
+
+    custom, relation = ["sketch/0", "sketch/1", "night/0"], ["rel/0", "rel/1"]
+    solid_runs(tmp_path / "custom" / "runs", custom)
+    solid_runs(tmp_path / "relation" / "runs", relation)
+    solid_runs(tmp_path / "both", custom + relation)
+    accuracy = {"sketch/0": 2, "sketch/1": 4, "night/0": 9, "rel/0": 1, "rel/1": 5}  # task means 3, 9, 3
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text("\n".join(json.dumps({"id": k, "kind": "score", "response": json.dumps(
+        {"metrics": {"accuracy": a, "consistency": 10 - a}})}) for k, a in accuracy.items()))
+    common = ["eval", "score", "--metrics", "vlm", "--judge", f"replay:{replay}", "--device", "cpu", "--quiet"]
+    pooled = [f"ours={tmp_path / 'custom' / 'runs'}", f"ours={tmp_path / 'relation' / 'runs'}"]
+    assert cli.main([*common, "--runs", *pooled, "--out", str(tmp_path / "pooled")]) == 0
+    assert cli.main([*common, "--runs", f"ours={tmp_path / 'both'}", "--out", str(tmp_path / "one")]) == 0
+    got, want = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("pooled", "one"))
+    assert list(got["methods"]) == ["ours"]
+    assert got["overall"]["vlm_accuracy"] == pytest.approx(5.0)  # over the three tasks, not the five triplets
+    assert got["overall"] == want["overall"] and got["per_task"] == want["per_task"]
+    assert got["settings"]["runs"] == {"ours": [str(tmp_path / "custom" / "runs"), str(tmp_path / "relation" / "runs")]}
+    capsys.readouterr()
+    refusals = {
+        "several runs folders are named 'runs': use NAME=PATH": [str(tmp_path / "custom" / "runs"),
+                                                                  str(tmp_path / "relation" / "runs")],
+        "is given twice": [f"ours={tmp_path / 'both'}", f"ours={tmp_path / 'both'}"],
+        "triplet night/0 is in both": [f"ours={tmp_path / 'both'}", f"ours={tmp_path / 'custom' / 'runs'}"],
+    }
+    for fragment, runs in refusals.items():
+        assert cli.main([*common, "--runs", *runs, "--out", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and "\n" not in err, err
+        assert not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize("device,fragment", [("banana", "--device 'banana' is not a device"),
                                              ("meta", "--device meta: the meta device holds no data")])
 def test_cli_score_refuses_a_bad_device_in_one_line(tmp_path, capsys, device, fragment):

@@ -446,11 +446,11 @@ def test_named_runs_folders(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "N=32_r=4").mkdir()
-    assert _named_path("runs/ours") == ("ours", "runs/ours")
-    assert _named_path("second=runs/ckpt2") == ("second", "runs/ckpt2")
-    assert _named_path("/data/lr=1e-3/runs") == ("runs", "/data/lr=1e-3/runs")  # a separator before the "="
-    assert _named_path("N=32_r=4") == ("N=32_r=4", "N=32_r=4")  # an existing folder
-    assert _named_path("ablation=N=32_r=4") == ("ablation", "N=32_r=4")
+    assert _named_path("runs/ours") == ("ours", "runs/ours", False)
+    assert _named_path("second=runs/ckpt2") == ("second", "runs/ckpt2", True)
+    assert _named_path("/data/lr=1e-3/runs") == ("runs", "/data/lr=1e-3/runs", False)  # a separator before the "="
+    assert _named_path("N=32_r=4") == ("N=32_r=4", "N=32_r=4", False)  # an existing folder
+    assert _named_path("ablation=N=32_r=4") == ("ablation", "N=32_r=4", True)
 
 
 def test_cli_bad_input_exits_2(assets, torch_home, tmp_path, capsys):

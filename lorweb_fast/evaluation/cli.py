@@ -5,7 +5,7 @@
                            [--lpips-net alex] [--lpips-weights PATH] [--judge none|gemma3:ID_OR_DIR|replay:FILE]
                            [--metrics clip_dir,lpips,vlm] --out REPORT
 
-A runs folder is given as PATH (named after its folder) or NAME=PATH.
+A runs folder is given as PATH (named after its folder) or NAME=PATH; one NAME for several folders pools them.
 """
 
 from __future__ import annotations
@@ -16,15 +16,35 @@ from pathlib import Path
 
 
 def _named_path(text: str) -> tuple:
-    """(name, path) of ``PATH`` (named after its last component) or ``NAME=PATH``. A ``text`` that is an existing
-    path, or whose part before the first "=" holds a path separator, is a path (folders such as ``runs/lr=1e-3``)."""
+    """(name, path, named) of ``PATH`` (named after its last component; named False) or ``NAME=PATH`` (named True).
+    A ``text`` that is an existing path, or whose part before the first "=" holds a path separator, is a path
+    (folders such as ``runs/lr=1e-3``)."""
     name, sep, path = text.partition("=")
+    named = True
     if not sep or Path(text).exists() or "/" in name or os.sep in name:
-        path = text
+        path, named = text, False
         name = Path(text.rstrip("/")).name or text
     if not name or not path:
         raise argparse.ArgumentTypeError(f"expected PATH or NAME=PATH, got {text!r}")
-    return name, path
+    return name, path, named
+
+
+def _methods(given: list, option: str) -> dict:
+    """{name: path, or [paths] pooled} of ``--runs`` / ``--against`` entries: a NAME given to several folders
+    (``ours=runs/custom ours=runs/relation252k``) pools them into one method; two folders that are only named after
+    their last component (``a/runs b/runs``) must be named apart."""
+    from .evalsets import EvalInputError
+
+    grouped: dict = {}
+    for name, path, named in given:
+        grouped.setdefault(name, []).append((path, named))
+    methods = {}
+    for name, entries in grouped.items():
+        if len(entries) > 1 and not all(named for _, named in entries):
+            raise EvalInputError(f"{option}: several runs folders are named {name!r}: use NAME=PATH (the same NAME "
+                                 "for several folders pools them into one method)")
+        methods[name] = entries[0][0] if len(entries) == 1 else [path for path, _ in entries]
+    return methods
 
 
 def _metric_list(text: str) -> list:
@@ -100,7 +120,8 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="CLIP Dir., LPIPS and the VLM judge over runs folders; metrics.json, summary.md")
     s.add_argument("--runs", type=_named_path, nargs="+", action="extend", required=True, metavar="[NAME=]RUNS",
-                   help="runs folders to score (methods or checkpoints, compared side by side; repeatable)")
+                   help="runs folders to score (methods or checkpoints, compared side by side; repeatable; one NAME "
+                        "for several folders pools them, e.g. the custom set and Relation252k as in the paper)")
     s.add_argument("--against", type=_named_path, nargs="+", action="extend", default=[], metavar="[NAME=]RUNS",
                    help="baseline runs folders for the pairwise 2AFC (repeatable)")
     s.add_argument("--out", required=True, help="report folder")
@@ -130,9 +151,7 @@ def run_score(args) -> dict:
     from .judge import check_max_new_tokens, make_judge
     from .score import score
 
-    runs, against = dict(args.runs), dict(args.against)
-    if len(runs) != len(args.runs) or len(against) != len(args.against):
-        raise EvalInputError("runs folders need distinct names: use NAME=PATH")
+    runs, against = _methods(args.runs, "--runs"), _methods(args.against, "--against")
     clash = set(runs) & set(against)
     if clash:
         raise EvalInputError(f"names used both in --runs and --against: {sorted(clash)} (use NAME=PATH)")
@@ -144,9 +163,10 @@ def run_score(args) -> dict:
     from ..validation import check_device
 
     device = check_device("--device", _device(args.device))  # a bad name or no GPU: one line, before any load
-    for name, path in {**runs, **against}.items():  # bad folders fail before any model loads
-        read_runs(path)
-        check_outside("--out", args.out, path, f"runs folder {name!r}")
+    for name, paths in {**runs, **against}.items():  # bad folders fail before any model loads
+        read_runs(paths)
+        for path in paths if isinstance(paths, list) else [paths]:
+            check_outside("--out", args.out, path, f"runs folder {name!r}")
     judge = make_judge(args.judge, device=device, dtype=DTYPES[args.judge_dtype],
                        max_new_tokens=args.judge_max_new_tokens) if "vlm" in metrics else None
     result = score(runs, args.out, metrics=metrics, encoder=args.encoder, lpips_net=args.lpips_net,

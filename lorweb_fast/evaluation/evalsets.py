@@ -483,9 +483,27 @@ class RunItem:
         return f"{self.task}/{self.id}"
 
 
-def read_runs(runs: Union[str, Path]) -> list:
+def read_runs(runs: Union[str, Path, Sequence[Union[str, Path]]]) -> list:
     """``RUNS/<task>/<id>/{a,a_prime,b,b_prime}.<ext>`` (+ optional ``prompt.txt``), sorted by (task, id). A missing
-    image, a task folder without triplets or an empty runs folder raise ``EvalInputError`` naming the path."""
+    image, a task folder without triplets or an empty runs folder raise ``EvalInputError`` naming the path.
+
+    A list of runs folders pools them into one method's triplets (the paper's numbers pool the custom set with
+    Relation252k's unseen tasks): a folder given twice, or a triplet (task / id) in two of them, is refused."""
+    if isinstance(runs, (list, tuple)):
+        if not runs:
+            raise EvalInputError("no runs folder to read")
+        resolved = [Path(r).resolve() for r in runs]
+        if len(set(resolved)) != len(resolved):
+            raise EvalInputError(f"a runs folder is given twice in {[str(r) for r in runs]}")
+        items, seen = [], {}
+        for folder in runs:
+            for item in read_runs(folder):
+                if item.key in seen:
+                    raise EvalInputError(f"triplet {item.task}/{item.id} is in both {seen[item.key]} and {folder}: "
+                                         "pooled runs folders must hold different triplets")
+                seen[item.key] = folder
+                items.append(item)
+        return sorted(items, key=lambda t: (t.task, t.id))
     root = Path(runs)
     if not root.is_dir():
         raise EvalInputError(f"runs folder not found: {root}")

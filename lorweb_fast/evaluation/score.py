@@ -245,11 +245,17 @@ def coverage_text(coverage: dict) -> str:
     return ", ".join(f"{n}: {c}" for n, c in coverage["triplets"].items()) + f"; shared: {coverage['shared']}"
 
 
+def _path_text(paths):
+    """A runs folder as metrics.json records it: its path, or the list of pooled paths."""
+    return [str(p) for p in paths] if isinstance(paths, (list, tuple)) else str(paths)
+
+
 def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optional[str] = None,
           lpips_net: str = "alex", lpips_weights=None, judge=None, against: Optional[dict] = None,
           pairwise_seed: int = 0, batch_size: int = 8, device=None, progress: bool = True) -> dict:
     """Score every runs folder of ``runs`` ({name: path}) and write the report in ``out``; returns metrics.json's
-    content. ``judge``: a judge backend (``judge.make_judge``) or None (no VLM metrics)."""
+    content. ``judge``: a judge backend (``judge.make_judge``) or None (no VLM metrics). A list of paths as a value
+    (in ``runs`` or ``against``) pools those folders into one method (``read_runs``)."""
     from .metrics import DEFAULT_CLIP, ClipDirectional, LPIPSDistance
     from .report import aggregate, write_report
 
@@ -267,8 +273,9 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     out = Path(out)
     items = {name: read_runs(path) for name, path in runs.items()}  # fail on bad folders before loading models
     base_items = {name: read_runs(path) for name, path in (against or {}).items()}
-    for name, path in {**runs, **(against or {})}.items():  # a report inside a runs folder breaks the next scoring
-        check_outside("out", out, path, f"runs folder {name!r}")
+    for name, paths in {**runs, **(against or {})}.items():  # a report inside a runs folder breaks the next scoring
+        for path in paths if isinstance(paths, (list, tuple)) else [paths]:
+            check_outside("out", out, path, f"runs folder {name!r}")
     # LPIPS first: its missing weights are found in a moment, before the CLIP encoder spends its load time
     lpips = LPIPSDistance(lpips_net, weights=lpips_weights, device=device) if "lpips" in metrics else None
     clip = ClipDirectional(encoder or DEFAULT_CLIP, device=device) if "clip_dir" in metrics else None
@@ -278,8 +285,8 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
         results[name] = score_run(name, items[name], out, metrics=metrics, clip=clip, lpips=lpips, judge=judge,
                                   baselines=base_items if "vlm" in metrics else None, pairwise_seed=pairwise_seed,
                                   batch_size=batch_size, progress=progress)
-    settings = {"runs": {k: str(v) for k, v in runs.items()},
-                "against": {k: str(v) for k, v in (against or {}).items()},
+    settings = {"runs": {k: _path_text(v) for k, v in runs.items()},
+                "against": {k: _path_text(v) for k, v in (against or {}).items()},
                 "metrics": list(metrics), "encoder": clip.name if clip else None,
                 "lpips": {"net": lpips.net, "weights": lpips.weights} if lpips else None,
                 "judge": judge.name if judge is not None else None, "pairwise_seed": pairwise_seed}
