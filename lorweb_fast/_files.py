@@ -72,7 +72,8 @@ def temporary_prefix(path: Path, reserve: int = len("12345678.tmp")) -> str:
 
 def save_image_atomically(image, path: Union[str, os.PathLike], *, sync: bool = False) -> Path:
     """Save the PIL ``image`` under ``path`` in the format its extension names (``atomic_write``: the file is complete
-    or keeps what it held, e.g. a previous result when the disk fills; ``sync`` as there); returns ``path``."""
+    or keeps what it held, e.g. a previous result when the disk fills; ``sync`` as there); returns ``path``. An
+    extension Pillow does not know is a ValueError."""
     from PIL import Image
 
     path = Path(path)
@@ -172,6 +173,7 @@ _HELD_LOCK_FDS: set = set()
 
 
 def _close_held_locks_in_child() -> None:
+    """In a forked child: close its copies of the held lock descriptors (``_HELD_LOCK_FDS``)."""
     for fd in list(_HELD_LOCK_FDS):
         try:
             os.close(fd)  # the child's copy only: the parent's lock stays
@@ -200,11 +202,12 @@ class FolderLock:
 
     @property
     def path(self) -> Path:
+        """The lock file, ``folder/<name>``."""
         return Path(self.folder) / self.name
 
     def acquire(self) -> None:
         """Take the lock (once; later calls do nothing); raise FolderInUseError naming the holder when another
-        process has it."""
+        process has it, or the OSError of a folder or lock file that cannot be created (then nothing stays)."""
         if self.fd is not None:
             return
         try:
@@ -270,6 +273,7 @@ class FolderLock:
             return False
 
     def _write_holder(self) -> None:
+        """Write "process <pid> on <host>" into the locked file (nothing on a read-only descriptor)."""
         import socket
 
         try:
@@ -298,6 +302,7 @@ class FolderLock:
         self._remove_created()
 
     def _remove_created(self) -> None:
+        """Remove the folders ``acquire`` created, innermost first, while they are empty."""
         for folder in self.created:
             try:
                 folder.rmdir()  # only when empty

@@ -6,9 +6,9 @@ For each METHOD.md layer shape (LAYERS), each R in RANKS (r = 4) and each dtype,
 (``lorweb_fast.kernels.mixed_lora.forward`` / ``backward``: with and without weight, bias and base, both dcoeffs
 modes) run on meta tensors with the launcher replaced by a recorder, once as in eager mode and once as while
 torch.compile traces them (passes ``fwd_compiled`` / ``bwd_compiled``: no TMA, the pointer kernels with the TMA
-entries' tiles), so the recorded launches are exactly what the dispatcher and the committed tile table choose for that GPU
-family. Each launch's arguments are specialised the way Triton's JIT does (``native_specialize_impl``: integers equal
-to 1 become constants, 16-divisible integers and aligned pointers get divisibility hints), identical
+entries' tiles), so the recorded launches are exactly what the dispatcher and the committed tile table choose for that
+GPU family. Each launch's arguments are specialised the way Triton's JIT does (``native_specialize_impl``: integers
+equal to 1 become constants, 16-divisible integers and aligned pointers get divisibility hints), identical
 specializations are compiled once with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, and
 the PTX is assembled for registers and spills by the ptxas Triton itself uses for that arch (``ptxas_for``).
 
@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Optional
 
 #: (in, out) of the FLUX.1 LoRA target layers (METHOD.md): attention projections, MLP up/down, the single blocks'
-#: proj_out (15360 -> 3072) and the fused qkv+mlp in (3072 -> 18432 via norm/linear), the norm modulations.
+#: proj_out (15360 -> 3072), and the 2-D norm modulations: the double blocks' norm1 / norm1_context.linear
+#: (3072 -> 18432 = 6 x 3072) and the single blocks' norm.linear (3072 -> 9216 = 3 x 3072).
 LAYERS = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072), (3072, 18432), (3072, 9216))
 RANKS = (16, 64, 96, 128, 256)
 LORA_RANK = 4
@@ -54,6 +55,7 @@ GEMM_KERNELS = ("_shrink_kernel", "_shrink_tma_kernel", "_expand_kernel", "_expa
 
 @dataclass
 class Launch:
+    """One recorded kernel launch: the JIT kernel, its positional and keyword arguments, and its grid."""
     kernel: object
     args: tuple
     kwargs: dict
@@ -73,6 +75,8 @@ class Specialization:
 
 
 def _record_launches(fn, *args, **kwargs) -> list[Launch]:
+    """The launches ``fn(*args, **kwargs)`` makes, recorded in order with ``mixed_lora._launch`` replaced (nothing
+    runs)."""
     from lorweb_fast.kernels import mixed_lora as K
 
     recorded: list[Launch] = []
@@ -126,6 +130,9 @@ def _specialize(launch: Launch, backend) -> Specialization:
 
 
 def _meta_problem(in_features, out_features, R, dtype, batch=BATCH):
+    """Meta tensors of one layer problem, M = M_TOKENS rows, n = R // LORA_RANK basis LoRAs, in ``dtype`` (a torch
+    dtype name) except coeffs: x (M, in), weight (out, in), bias (out,), lora_a (n, in, r), lora_b (n, r, out),
+    coeffs (batch, n) fp32, u and z (M, R), dy and base (M, out); rows_per_sample = M // batch."""
     import torch
 
     dt = getattr(torch, dtype)
@@ -142,7 +149,8 @@ def _meta_problem(in_features, out_features, R, dtype, batch=BATCH):
 
 
 def plan(arch: int, layers=LAYERS, ranks=RANKS, dtypes=DTYPES):
-    """All (entry, specialization) pairs for ``arch``: entries in report order, specializations deduplicated."""
+    """(entries, specializations) for ``arch``: entries in report order, each ``{kernel, layer: [in, out], dtype, R,
+    config, pass, _key}`` (distinct), and ``{key: Specialization}`` deduplicated."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
 
@@ -193,12 +201,14 @@ def plan(arch: int, layers=LAYERS, ranks=RANKS, dtypes=DTYPES):
 
 
 def _config_of(spec: Specialization) -> dict:
+    """The tile configuration of a specialization: its upper-case int / bool constexprs plus num_warps, num_stages."""
     cfg = {k: v for k, v in spec.constexprs.items() if isinstance(v, (int, bool)) and k.isupper()}
     cfg.update(spec.options)
     return cfg
 
 
 def triton_bin(name: str) -> Path:
+    """The path of the binary ``name`` bundled with Triton (backends/nvidia/bin)."""
     import triton
 
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
@@ -217,7 +227,9 @@ def ptxas_for(arch: int) -> Path:
 
 
 def ptxas_resources(ptx: str, gpu_name: str, workdir: Path, exe: Path) -> dict:
-    """Registers and spill bytes from ``exe -v`` (``ptxas_for(arch)``: the ptxas Triton uses for that arch)."""
+    """``{"registers", "spill_bytes" (stores + loads), "ptxas": exe's name}`` from ``exe -v`` (``ptxas_for(arch)``:
+    the ptxas Triton uses for that arch) assembling ``ptx`` for ``gpu_name`` in ``workdir``; RuntimeError when it
+    fails or its output does not parse."""
     exe = Path(exe)
     src = workdir / "_ptxas_input.ptx"
     src.write_text(ptx)
@@ -235,7 +247,8 @@ def ptxas_resources(ptx: str, gpu_name: str, workdir: Path, exe: Path) -> dict:
 
 
 def compile_specialization(spec: Specialization, arch: int, workdir: Path) -> dict:
-    """Compile one specialization for ``arch``; returns shared bytes, registers, spills, PTX and TTIR."""
+    """Compile one specialization for ``arch``; returns ``{"shared_bytes", "ptx", "ttir", "registers",
+    "spill_bytes", "ptxas"}``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -334,6 +347,7 @@ _COMPILED: dict = {}  # (arch, specialization key) -> compile result, cached per
 
 
 def _compile_job(job):
+    """(key, ``compile_specialization`` result) of ``job`` = (specialization, arch), in a temporary work folder."""
     spec, arch = job
     import tempfile
 
@@ -342,7 +356,8 @@ def _compile_job(job):
 
 
 def compile_all(specs: dict, arch: int, jobs: int = 0, progress: bool = True) -> dict:
-    """Compile the specializations not yet cached, with ``jobs`` worker processes (0: one per CPU core, at most 4)."""
+    """Compile the specializations not yet cached, with ``jobs`` worker processes (0: one per CPU core, at most 4);
+    returns {key: ``compile_specialization`` result} for every key of ``specs``."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
@@ -414,6 +429,7 @@ def summarize(report: dict, out_dir) -> list[str]:
 
 
 def main(argv: Optional[list] = None) -> int:
+    """``python -m lorweb_fast.aot``: build the report, print the summary; exit status 1 when a check fails."""
     parser = argparse.ArgumentParser(prog="python -m lorweb_fast.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, choices=sorted(ARCHS), required=True, help="80 (A100) or 90 (H100/H200)")
     parser.add_argument("--out", required=True, help="folder for report.json and the PTX files")

@@ -114,7 +114,7 @@ HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 def _oriented_size(path: Path) -> tuple[tuple[int, int], str]:
     """((width, height) of an image file after its EXIF orientation, its Pillow mode), read from the header (no
     decoding); verifies the file. Raises AnalogyDataError naming the file when it is not a readable image. A file
-    that fails ``Image.verify`` only for a bad chunk checksum (a PNG) but decodes completely is kept, as the
+    that fails ``Image.verify`` but decodes completely (e.g. a PNG with a bad chunk checksum) is kept, as the
     official loader, which never verifies, trains on its pixels."""
     from PIL import Image
 
@@ -163,8 +163,9 @@ def strip_cells(strip, size: tuple[int, int]):
 
 
 def compose_grid(top_left, top_right, bottom_left, bottom_right):
-    """The 2x2 RGB grid of four (W, H) cells, (2W, 2H): cells of another size are resized with bicubic in their own
-    mode, then pasted (which converts them to RGB), as ai-toolkit ``_create_box_analogy_image``."""
+    """The 2x2 RGB grid (2W, 2H) of four cells, (W, H) = ``bottom_right.size``: cells of another size are resized
+    with bicubic in their own mode, then pasted (which converts them to RGB), as ai-toolkit
+    ``_create_box_analogy_image``."""
     from PIL import Image
 
     w, h = bottom_right.size
@@ -177,7 +178,8 @@ def compose_grid(top_left, top_right, bottom_left, bottom_right):
 
 
 def strip_target_grid(strip, b_prime, *, swap: bool = False):
-    """Training target [a a'; b b'] (or [a' a; b' b] with ``swap``) at b''s cell size, from a strip and b'."""
+    """Training target [a a'; b b'] (or [a' a; b' b] with ``swap``) from a strip and b': an RGB grid (2W, 2H) with
+    (W, H) = ``b_prime.size``."""
     a, a_prime, b = strip_cells(strip, b_prime.size)
     if swap:
         return compose_grid(a_prime, a, b_prime, b)
@@ -188,6 +190,7 @@ def control_from_target(target, *, bidirectional: str = "none", swapped: bool = 
     """The control grid the official loader derives from a target grid (ai-toolkit ``load_control_image``): the
     bottom-left quadrant copied into the bottom-right (split at h//2, w//2); with ``bidirectional="official"`` and a
     swapped sample, the official top-row copy leaves the top-right quadrant in both top cells (see module docstring).
+    Same size and mode as ``target``; a target with an odd side raises AnalogyDataError.
     """
     w, h = target.size
     if w % 2 or h % 2:
@@ -229,7 +232,8 @@ def official_bucket(width: int, height: int, resolution: int = 512,
                     divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY) -> tuple[int, int]:
     """The ai-toolkit bucket (W, H) of an image of ``width`` x ``height`` (toolkit/buckets.py
     ``get_bucket_for_image_size``): the SDXL buckets scaled to min(resolution, sqrt(w h)) / 1024 and floored to
-    multiples of ``divisibility``; an exact match, else the bucket that crops the fewest pixels (first wins)."""
+    multiples of ``divisibility``; an exact match, else the bucket that crops the fewest pixels (first wins).
+    AnalogyDataError when every bucket has a side of 0 at that scale (an image too small)."""
     res = min(resolution, int((width * height) ** 0.5))
     scaler = res / 1024
     buckets = []
@@ -257,7 +261,8 @@ def bucket_resize(grid, cell_size: tuple[int, int], resolution: int = 512,
                   divisibility: int = OFFICIAL_BUCKET_DIVISIBILITY):
     """The official training-size step (ai-toolkit ``setup_buckets`` + ``load_and_process_image``): the bucket is
     chosen from the b' cell size (W, H), the whole grid is resized with bicubic to (ceil(W s), ceil(H s)) with
-    s = max(bucket W / W, bucket H / H), then centre-cropped to the bucket."""
+    s = max(bucket W / W, bucket H / H), then centre-cropped to the bucket: returns the grid at the bucket's
+    (W, H) = ``official_bucket(W, H, resolution, divisibility)`` (the whole grid fits the bucket of one cell)."""
     from PIL import Image
 
     w, h = cell_size
@@ -321,8 +326,9 @@ class AnalogyFolder(torch.utils.data.Dataset):
     the module docstring).
 
     Every sample is checked when the dataset is built: a missing control, an unreadable image or caption (bad
-    UTF-8), a size that fits no layout, or mixed layouts under ``layout="auto"`` raise ``AnalogyDataError`` naming
-    the file; with ``skip_bad=True`` a bad sample is dropped with a warning (mixed layouts always raise). A sample
+    UTF-8), a size that fits no layout or no training bucket, or mixed layouts under ``layout="auto"`` raise
+    ``AnalogyDataError`` naming the file; with ``skip_bad=True`` a bad sample is dropped with a warning (mixed layouts
+    always raise). An unknown ``layout``, ``bidirectional``, ``resize`` or ``missing_caption`` is a ValueError. A sample
     without a caption trains with an empty one, as the official loader's (``missing_caption="empty"``: one warning
     names them, ``missing_captions`` lists them), or is a bad sample (``missing_caption="raise"``).
 
@@ -331,8 +337,9 @@ class AnalogyFolder(torch.utils.data.Dataset):
     ``resize="bucket"`` (official) puts the grid into the ai-toolkit aspect bucket of its b' cell at resolution
     ``long_edge`` (sides multiples of ``bucket_divisibility``, bicubic, centre crop; ``bucket_resize``);
     ``resize="long-edge"`` scales it to long edge ``long_edge`` with sides multiples of ``multiple``. In the strip
-    layout the control is derived from the resized target as the official loader does. ``full_grids(i)`` gives the
-    grids before that resize.
+    layout (and for a swapped draw) the control is derived from the resized target as the official loader does;
+    ``swap`` takes effect only with ``bidirectional`` "official" or "reverse" (see the module docstring).
+    ``full_grids(i)`` gives the grids before that resize.
     """
 
     def __init__(self, root: Union[str, Path], *, long_edge: int = 512, multiple: int = 32, skip_bad: bool = False,
@@ -537,6 +544,9 @@ class AnalogyFolder(torch.utils.data.Dataset):
         return self._name(self.samples[index][1])
 
     def _check_sample(self, target: Path, control_dir: Path, control_by_stem: dict, relation: dict):
+        """``samples``' entry for the target image ``target``: (control, target, caption, layout, grid size (W, H)
+        before resizing: the target's size for a grid, twice it for a strip); records high-bit-depth images and
+        grid-shaped strips. AnalogyDataError naming the file for a bad sample (see the class docstring)."""
         control = next(iter(control_by_stem.get(target.stem, ())), None)
         if control is None:
             raise AnalogyDataError(f"{target} has no control image {control_dir / target.stem}.*")
@@ -603,8 +613,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def grid_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """Training size of a grid of ``size``: with ``resize="bucket"`` the official bucket of its cell (half the
-        grid); with ``"long-edge"`` long edge ``long_edge``, sides multiples of ``multiple``."""
+        """Training size (W, H) of a grid of ``size`` (W, H): with ``resize="bucket"`` the official bucket of its
+        cell (half the grid); with ``"long-edge"`` long edge ``long_edge``, sides multiples of ``multiple``."""
         w, h = size
         if self.resize == "bucket":
             return official_bucket(w // 2, h // 2, self.long_edge, self.bucket_divisibility)
@@ -613,7 +623,9 @@ class AnalogyFolder(torch.utils.data.Dataset):
         return max(m, round(w * scale / m) * m), max(m, round(h * scale / m) * m)
 
     def full_grids(self, index: int, swap: bool = False):
-        """(control grid, target grid) of sample ``index`` before resizing to the training size."""
+        """(control grid, target grid) of sample ``index`` before resizing to the training size: RGB, both of the
+        sample's grid size (``samples[index][4]``); ``swap`` (ignored with ``bidirectional="none"``): the reversed
+        analogy, the control derived from the reversed target."""
         control_path, target_path, _, layout, _ = self.samples[index]
         swap = swap and self.bidirectional != "none"
         if layout == "grid" and not swap:
@@ -630,6 +642,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
         return swap_grid(open_rgb(target_path)) if swap else open_rgb(target_path)
 
     def __getitem__(self, key) -> dict:
+        """``key`` = index or (index, swap): the sample dict of the class docstring, both grids at ``grid_size``."""
         from PIL import Image
 
         index, swap = key if isinstance(key, tuple) else (key, False)
@@ -691,15 +704,15 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
     ``several_controls``: {name: [the control used, the others]}; ``shared_names``: names of several target images,
     each a sample; ``shared_controls``: {control: [names]} of targets in different sub-folders sharing a file name;
     ``unread_images``: image files with an extension the loader does not read; ``grid_like_strips``: {name: why},
-    see ``AnalogyFolder.grid_like_strips``; ``high_bit_depth_images``: {path: mode} of 16/32-bit images).
-    With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and ``<id>_caption.txt`` there (a nested sample's
-    ``/`` written ``__``, and ``~2``, ``~3``, ... after a name an earlier sample's already took): the grids the
-    trainer sees, before resizing to the training resolution. A ``dump`` that is a file or cannot be created is
-    refused (``validation.UsageError``) before any sample is read. Every image is decoded completely (the training
-    folder scan reads only headers): an image that does not decode is an AnalogyDataError naming it, or with
-    ``skip_bad`` a skipped sample listed in ``problems``; so is a sample that ``lorweb-fast train`` with
-    ``query_mode`` / ``query_source`` (its defaults) refuses because its grid has no official query crop
-    (``AnalogyFolder.skip_query_crop_problems``)."""
+    see ``AnalogyFolder.grid_like_strips``; ``high_bit_depth_images``: {path: mode} of 16/32-bit images; plus
+    ``"dumped"``: the folder, with ``dump``). With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and
+    ``<id>_caption.txt`` there (a nested sample's ``/`` written ``__``, and ``~2``, ``~3``, ... after a name an
+    earlier sample's already took): the grids the trainer sees, before resizing to the training resolution. A
+    ``dump`` that is a file or cannot be created is refused (``validation.UsageError``) before any sample is read.
+    Every image is decoded completely (the training folder scan reads only headers): an image that does not decode
+    is an AnalogyDataError naming it, or with ``skip_bad`` a skipped sample listed in ``problems``; so is a sample
+    that ``lorweb-fast train`` with ``query_mode`` / ``query_source`` (its defaults) refuses because its grid has no
+    official query crop (``AnalogyFolder.skip_query_crop_problems``)."""
     from tqdm.auto import tqdm
 
     from .validation import check_output_dir
@@ -807,15 +820,16 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
     counts; a warning counts them and ``unreadable``, when given, receives ``(path, error)`` for each; likewise
     ``missing`` receives the paths of the entries without an image file that the per-category cap reaches, also
     counted by a warning; ``category_counts`` receives {category: usable pairs} of every category read, zero
-    included); the id is
-    ``<category>_<img_name>``. Categories are taken in sorted order (the official script uses the file system's
-    order).
+    included). Each pair is ``{"image_id": "<category>_<img_name>", "category", "path" (the side-by-side image),
+    "img_name", "edit_prompt" (its edit_instruction), "left_image_description", "right_image_description"}``.
+    Categories are taken in sorted order (the official script uses the file system's order).
 
     Raises AnalogyDataError naming the file: ``filter_json`` or a ``labels.json`` that is not valid JSON (the
     official script skips such a category), a ``labels.json`` that is not a list of objects, an entry without
     ``img_name``, or a used entry (its image exists) without one of the other fields (the official script stops
-    with a KeyError on both); also when ``filter_categories`` names none of the categories (unmatched names are
-    warned about)."""
+    with a KeyError on both); also when ``src`` is not a folder or holds no ``<category>/Group1/labels.json``, when
+    ``filter_json`` is not a list of objects, and when ``filter_categories`` names none of the categories (unmatched
+    names are warned about)."""
     from tqdm.auto import tqdm
 
     src = Path(src)
@@ -949,7 +963,8 @@ def plan_analogies(pairs: list[dict], *, min_pairs_per_category: int = 2, max_an
     """The official analogy pairing (``create_analogy_dataset``): within each category with at least
     ``min_pairs_per_category`` pairs, every i < j gives the forward analogy (A = pair i, C = pair j); categories in
     first-seen order. ``max_analogies`` keeps a random sample (official: unseeded ``random.sample``; here seeded).
-    Each analogy gets ``id = analogy_<A id>_<C id>_<k:04d>`` with k its index in the final list."""
+    Each analogy is ``{"category", "A": pair i, "C": pair j, "direction": "forward", "id"}`` (pairs as
+    ``relation252k_pairs`` gives them), ``id = analogy_<A id>_<C id>_<k:04d>`` with k its index in the final list."""
     groups: dict[str, list[dict]] = {}
     for pair in pairs:
         groups.setdefault(pair["category"], []).append(pair)
@@ -978,6 +993,8 @@ def _halves(path: Path):
 
 
 def _metadata_entry(analogy: dict) -> dict:
+    """The ``analogy_metadata.json`` entry of one analogy (the official entry fields: ``analogy_id``, ``edit_prompt``
+    (A's), ``category``, ``direction``, the three file paths, ``pair_A`` and ``pair_C``)."""
     aid = analogy["id"]
 
     def pair(p):
@@ -1008,7 +1025,8 @@ def strip_cell_modes(cells: list, analogy_id: str = "") -> list:
 def write_analogy(analogy: dict, out: Path) -> None:
     """control/<id>.jpg (a | a' | b, every cell at the smallest width and height of the three, Lanczos, in the
     official colour modes: ``strip_cell_modes``), target/<id>.jpg (b' as is, RGBA as RGB) and target/<id>.txt (a's
-    edit instruction), as ``process_single_analogy``; each file atomically."""
+    edit instruction), as ``process_single_analogy``; each file atomically, and none stays when one fails. An id
+    holding a path separator, or cell modes the official script cannot concatenate, raise ValueError."""
     from PIL import Image
 
     if "/" in analogy["id"] or os.sep in analogy["id"]:  # an img_name in a sub-folder of Group1/
@@ -1054,11 +1072,11 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
     "categories_left_out": {category: usable pairs}}`` (the categories with fewer than ``min_pairs_per_category``
     usable pairs, warned about).
 
-    Nothing is written when ``out`` is a file, not writable, ``src`` itself or inside it, or holds a file named
-    ``control`` or ``target`` or a folder named ``analogy_metadata.json`` (``validation.UsageError``), when the
-    labels or filters are unusable (see ``relation252k_pairs``), or when no analogy can be formed
-    (``AnalogyDataError``). While it runs it holds ``out/.lorweb-prepare.lock`` (``PREPARE_LOCK_NAME``): a second
-    run into ``out`` is refused naming the process that holds it."""
+    Nothing is written when ``out`` is a file, not writable, ``src`` itself or inside one of its categories, or
+    holds a file named ``control`` or ``target`` or a folder named ``analogy_metadata.json``
+    (``validation.UsageError``), when the labels or filters are unusable (see ``relation252k_pairs``), or when no
+    analogy can be formed (``AnalogyDataError``). While it runs it holds ``out/.lorweb-prepare.lock``
+    (``PREPARE_LOCK_NAME``): a second run into ``out`` is refused naming the process that holds it."""
     from .validation import check_prepare_output
 
     out = check_prepare_output("out", out, src)  # refused before anything is read

@@ -27,6 +27,7 @@ _WORDS = ("make", "the", "it", "a", "an", "turn", "into", "same", "edit", "as", 
 
 
 def _clip_tokenizer():
+    """A character-level CLIPTokenizer (no merges) covering the letters of ``_WORDS``, 77 tokens."""
     from transformers import CLIPTokenizer
 
     chars = sorted(set("".join(_WORDS)))
@@ -38,6 +39,7 @@ def _clip_tokenizer():
 
 
 def _t5_tokenizer():
+    """A T5Tokenizer (unigram) over the ``_WORDS`` pieces and their letters, no extra ids."""
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
@@ -47,8 +49,9 @@ def _t5_tokenizer():
 
 
 def build_tiny_kontext_pipeline(directory: Union[str, Path, None] = None, *, seed: int = 0):
-    """A tiny random ``FluxKontextPipeline`` (1 double + 1 single block, 2x VAE). Saved to ``directory`` with
-    ``save_pretrained`` when given (then load it with ``FluxKontextPipeline.from_pretrained(directory)``)."""
+    """A tiny random ``FluxKontextPipeline`` (``testing.tiny_flux_config``: 1 double + 1 single block; a 2x VAE),
+    fp32 on the CPU, returned. Saved to ``directory`` with ``save_pretrained`` when given (then load it with
+    ``FluxKontextPipeline.from_pretrained(directory)``)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -78,8 +81,8 @@ def build_tiny_kontext_pipeline(directory: Union[str, Path, None] = None, *, see
 
 
 def build_tiny_clip(directory: Union[str, Path], *, projection_dim: int = 8, seed: int = 0) -> Path:
-    """Save a tiny random ``CLIPVisionModelWithProjection`` and its ``CLIPImageProcessor`` to ``directory``
-    (queries of 3 * projection_dim features)."""
+    """Save a tiny random ``CLIPVisionModelWithProjection`` (32 px images, 8 px patches) and its
+    ``CLIPImageProcessor`` to ``directory`` (queries of 3 * projection_dim features); returns ``directory``."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
@@ -125,9 +128,11 @@ def _random_picture(rng: random.Random, size: int):
 
 def make_synthetic_analogies(directory: Union[str, Path], count: int = 8, *, cell: int = DEMO_CELL,
                              seed: int = 0) -> Path:
-    """Write ``count`` analogies in the training layout: ``control/<id>.png`` ([a a'; b b]),
-    ``target/<id>.png`` ([a a'; b b']) and ``captions/<id>.txt``. Transformations alternate between a left-right
-    flip and a colour-channel swap, so the basis has two different edits to learn."""
+    """Write ``count`` analogies in the grid layout: ``control/<id>.png`` ([a a'; b b]), ``target/<id>.png``
+    ([a a'; b b']), both 2c x 2c px with c = ``cell`` rounded down to a multiple of 16 (``flux.make_grid``), and
+    ``captions/<id>.txt``, ids 0000, 0001, ...; returns the folder.
+    Transformations alternate between a left-right flip and a colour-channel swap, so the basis has two different
+    edits to learn."""
     from .flux import control_grid, target_grid
 
     rng = random.Random(seed)
@@ -147,7 +152,7 @@ def make_synthetic_analogies(directory: Union[str, Path], count: int = 8, *, cel
 
 
 def demo_analogy(cell: int = DEMO_CELL, seed: int = 1234):
-    """(a, a', b, prompt) for the demo's inference: a held-out left-right flip."""
+    """(a, a', b, prompt) for the demo's inference, ``cell`` x ``cell`` PIL images: a held-out left-right flip."""
     rng = random.Random(seed)
     caption, fn = _TRANSFORMS["flip"]
     a, b = _random_picture(rng, cell), _random_picture(rng, cell)

@@ -118,6 +118,7 @@ def recorded_encoder_mismatch(recorded: Mapping[str, Any], kind: str) -> Optiona
 
 # ------------------------------------------------------------------------------------------------- reading
 def _bool(value, where: str) -> bool:
+    """A YAML boolean (or "true" / "false" in any case); LoRWeBConfigError naming ``where`` otherwise."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -129,7 +130,9 @@ def read_config_yaml(path: Union[str, os.PathLike], *, recorded_scale: Optional[
     """The LoRWeB settings (lorweb_fast names, see the module docstring) of an official ``config.yaml``.
 
     Reads ``config.process[0].network`` as the official inference.py does; fields that are absent are left out.
-    A missing file, invalid YAML or a file without that structure raises LoRWeBConfigError naming the file.
+    A missing file raises FileNotFoundError; invalid YAML, a file without that structure, a numeric field that is
+    not a number, a ``lora_softmax`` that is not a boolean or a value that is not an official one (``_validate``)
+    raise LoRWeBConfigError naming the file.
 
     ``network.linear_alpha`` gives no ``lora_alpha``: the official FLUX network ignores it (toolkit/lora_special.py
     ``LoRASpecialNetwork.__init__`` sets ``peft_format`` for transformers and then alpha = rank; inference loads
@@ -180,7 +183,8 @@ def read_config_yaml(path: Union[str, os.PathLike], *, recorded_scale: Optional[
 
 def settings_from_metadata(meta: Mapping[str, str]) -> dict:
     """The settings our safetensors metadata records (``lorweb.*`` keys and ``encoder``); absent keys are left out.
-    The rank/alpha scale is not included: it is checked against the tensors by ``load_lorweb_weights``."""
+    The rank/alpha scale is not included: it is checked against the tensors by ``load_lorweb_weights``. An
+    unreadable ``lorweb.heads`` or a value that is not an official one raises LoRWeBConfigError."""
     out: dict[str, Any] = {}
     for ours, key in (("activation", "lorweb.activation"), ("reduce", "lorweb.reduce"),
                       ("query_mode", "lorweb.query_mode"), ("pooling_type", "lorweb.pooling_type"),
@@ -197,6 +201,8 @@ def settings_from_metadata(meta: Mapping[str, str]) -> dict:
 
 
 def _validate(settings: Mapping[str, Any], where: str) -> None:
+    """LoRWeBConfigError naming ``where`` for a key not in ``SETTINGS``, an activation / reduce / query setting that
+    is not an official value, or a num_loras / rank / key_dim / heads that is not a positive integer."""
     from .reference import ACTIVATIONS, REDUCTIONS
 
     allowed = {"activation": ACTIVATIONS, "reduce": REDUCTIONS, "query_mode": QUERY_MODES,
@@ -236,7 +242,7 @@ def resolve_settings(explicit: Optional[Mapping[str, Any]] = None, yaml_settings
         if key == "encoder" and given and given[0][0] == "argument":
             given = given[:1]
         if key == "pooling_type" and out["query_mode"] not in PATCH_QUERY_MODES:
-            given = given[:1]  # only the patch modes pool (AttLoRA.py): other poolings cannot conflict
+            given = given[:1]  # only the patch modes pool (here; the official code never does): no conflict
         for name, value in given[1:]:
             if not _same(value, given[0][1]):
                 raise LoRWeBConfigError(f"conflicting {key}: {given[0][0]} says {given[0][1]!r} but {name} says "
@@ -247,6 +253,7 @@ def resolve_settings(explicit: Optional[Mapping[str, Any]] = None, yaml_settings
 
 
 def _same(a, b) -> bool:
+    """Equal values, numbers compared as floats (4 and 4.0 agree)."""
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return float(a) == float(b)
     return a == b
@@ -261,9 +268,12 @@ def official_config(settings: Mapping[str, Any], *, name: str = "lorweb", extra:
                     model: Optional[str] = None) -> dict:
     """An official-style job config (the structure ai-toolkit dumps to ``config.yaml``) holding ``settings``.
 
-    ``settings`` uses lorweb_fast names (see the module docstring); missing ones take the official defaults.
+    ``settings`` uses lorweb_fast names (see the module docstring); missing ones (None counts as missing) take the
+    official defaults, except ``lora_alpha``, which defaults to the rank (the official alpha = rank; another value
+    is written with a warning).
     ``model`` is the base FLUX.1-Kontext model the adapter was trained on (hub id or path; None: OFFICIAL_MODEL).
-    ``extra`` entries are merged into ``config.process[0]`` (e.g. ``train``, ``save``, ``datasets``).
+    ``extra`` entries are merged into ``config.process[0]`` (e.g. ``train``, ``save``, ``datasets``). Returns
+    ``{"job": "extension", "config": {"name": name, "process": [{"type", "network", "model", **extra}]}, "meta"}``.
     """
     s = {**OFFICIAL_DEFAULTS, **{k: v for k, v in settings.items() if k in SETTINGS and v is not None}}
     if settings.get("lora_alpha") is None:
@@ -303,7 +313,8 @@ def config_yaml_text(settings: Mapping[str, Any], *, name: str = "lorweb", extra
 
 def write_config_yaml(path: Union[str, os.PathLike], settings: Mapping[str, Any], *, name: str = "lorweb",
                       extra: Optional[Mapping] = None, model: Optional[str] = None) -> Path:
-    """Write ``official_config(settings, model=model)`` to ``path`` atomically (temporary file, then rename)."""
+    """Write ``official_config(settings, name=name, extra=extra, model=model)`` as YAML to ``path`` atomically
+    (temporary file, then rename); returns ``path``."""
     path = Path(path)
     text = config_yaml_text(settings, name=name, extra=extra, model=model)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -380,6 +391,7 @@ def checkpoint_candidates(names: Iterable[str]) -> tuple[list[str], list[str]]:
 
 
 def _several_finals(root, finals) -> LoRWeBConfigError:
+    """The error for a folder ``root`` holding several final checkpoints ``finals``."""
     return LoRWeBConfigError(f"{root} holds several final checkpoints ({', '.join(finals)}); pass the file to use")
 
 
@@ -401,8 +413,8 @@ def find_checkpoint(directory: Union[str, os.PathLike]) -> tuple[Path, Optional[
     ``<name>.safetensors`` (no step suffix) wins, else the highest step file ``<name>_000<digits>.safetensors``.
     Also understands lorweb_fast's run folders (``lorweb.safetensors`` and ``checkpoints/step-XXXXXXXX/``). Hidden
     and temporary files are skipped, and so are files whose header cannot be read, with a warning naming them. Two
-    different final files are ambiguous and raise. The config is the ``config.yaml`` beside the chosen weights, else
-    the folder's.
+    different final files are ambiguous (LoRWeBConfigError); a missing folder or one without a complete checkpoint
+    raises FileNotFoundError. The config is the ``config.yaml`` beside the chosen weights, else the folder's.
     """
     root = Path(directory)
     if not root.is_dir():

@@ -63,6 +63,7 @@ FINAL_ROUNDING = 0.5
 
 
 def dtype_eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of ``dtype`` (``torch.finfo(dtype).eps``)."""
     return float(torch.finfo(dtype).eps)
 
 
@@ -140,7 +141,9 @@ def assert_within_rss_bound(name: str, got: torch.Tensor, ref: torch.Tensor, rss
 
 def random_problem(batch: int, seq: Optional[int], in_features: int, out_features: int, num_loras: int, rank: int,
                    dtype: torch.dtype, device="cpu", seed: int = 0, bias: bool = True) -> dict:
-    """Random (never zero) inputs for a mixed-LoRA linear; coefficients differ per sample."""
+    """Random (never zero) inputs for a mixed-LoRA linear; coefficients differ per sample. Returns {"x": (B, in) or
+    (B, seq, in), "weight": (out, in), "bias": (out,) or None, "lora_a": (N, in, r), "lora_b": (N, r, out)}, all in
+    ``dtype`` on ``device``, plus "coeffs": (B, N) fp32 (signed, not normalised) and "scale": 0.75."""
     g = torch.Generator().manual_seed(seed)
     shape = (batch, in_features) if seq is None else (batch, seq, in_features)
 
@@ -276,7 +279,8 @@ def device_recording_generator(made: list) -> type:
 
 
 def tiny_flux_config() -> dict:
-    """Config of a tiny random FluxTransformer2DModel (1 double + 1 single block) for tests and the demo."""
+    """Config of a tiny random FluxTransformer2DModel (1 double + 1 single block, hidden 2 heads x 16 = 32,
+    in_channels 8 = 2 VAE latent channels packed 2x2, text dims 24 (T5) / 20 (pooled CLIP)) for tests and the demo."""
     return dict(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
                 num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=True,
                 axes_dims_rope=(4, 4, 8))
@@ -314,6 +318,8 @@ def spread_cases(cases: Optional[list] = None) -> list[dict]:
 
 
 def case_id(case: dict) -> str:
+    """A pytest id for an ``odd_shape_cases`` entry, e.g. "B1x7-17to19-N1r1-float32" (x7: the sequence length;
+    2-D cases have none)."""
     seq = "" if case["seq"] is None else f"x{case['seq']}"
     return (f"B{case['batch']}{seq}-{case['in_features']}to{case['out_features']}-N{case['num_loras']}"
             f"r{case['rank']}-{str(case['dtype']).replace('torch.', '')}")
@@ -393,7 +399,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def reference_clip_pixels(img, size: int) -> torch.Tensor:
     """The slow CLIPImageProcessor (transformers 4.56, as pinned by the official environment.yml): shortest side to
-    ``size`` (bicubic, long side int(size * long / short)), centre crop size x size, /255, CLIP mean/std."""
+    ``size`` (bicubic, long side int(size * long / short)), centre crop size x size, /255, CLIP mean/std: a
+    (1, 3, size, size) float32 tensor."""
     import numpy as np
     from PIL import Image
 
@@ -427,7 +434,8 @@ def rewrite_safetensors(path, out, *, meta: Optional[dict] = None, tensors: Opti
 def official_style_checkpoint(path, *, n: int = 3, r: int = 2, key_dim: int = 8, query_dim: int = 12,
                               seed: int = 1) -> dict:
     """An official-style LoRWeB file for a (6 -> 5 -> 4) ``nn.Sequential`` of two linears: fp16 tensors under
-    ``transformer.0`` / ``transformer.1``, ai-toolkit metadata (BaseSDTrainProcess.save, toolkit/metadata.py
+    ``transformer.0`` / ``transformer.1`` (lora_A (n, in, r), lora_B (n, r, out), lora_keys (n, key_dim),
+    att_lora_to_q.weight (key_dim, query_dim)), ai-toolkit metadata (BaseSDTrainProcess.save, toolkit/metadata.py
     get_meta_for_safetensors: JSON strings, format pt) and none of lorweb_fast's keys. Returns the tensors."""
     import json
 

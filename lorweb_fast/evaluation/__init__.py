@@ -5,8 +5,10 @@
 - ``generate``: inference over an evaluation set in batches of different analogies, resumable;
 - ``metrics``: CLIP directional similarity (``clip_dir``) and LPIPS between b and b';
 - ``judge``: the VLM judge (the paper's two prompts, a Gemma-3 backend and a replay backend, robust parsing);
+- ``score``: ``eval score``'s driver (metric and judge caches, the balanced 2AFC order);
 - ``report``: per-task then over-task aggregation, ``metrics.json``, ``summary.md`` and the plots;
-- ``cli``: ``lorweb-fast eval generate`` and ``lorweb-fast eval score``.
+- ``cli``: ``lorweb-fast eval generate`` and ``lorweb-fast eval score``;
+- ``tiny``: offline tiny stand-ins (a random Gemma-3, LPIPS weights, synthetic sets) for tests and dry runs.
 """
 
 from .evalsets import EvalInputError, ImageRef, Triplet, read_evalset, read_runs

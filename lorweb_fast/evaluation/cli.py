@@ -48,6 +48,7 @@ def _methods(given: list, option: str) -> dict:
 
 
 def _metric_list(text: str) -> list:
+    """``--metrics``: the names of a comma-separated subset of ``score.METRICS`` (ArgumentTypeError otherwise)."""
     from .score import METRICS
 
     names = [m.strip() for m in text.split(",") if m.strip()]
@@ -146,6 +147,8 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_score(args) -> dict:
+    """``lorweb-fast eval score``: the command line and the runs folders checked before any model loads, then
+    ``score.score``; returns metrics.json's content."""
     from ..cli import DTYPES, _device
     from .evalsets import EvalInputError, check_outside, read_runs
     from .judge import check_max_new_tokens, make_judge

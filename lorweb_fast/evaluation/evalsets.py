@@ -1,8 +1,8 @@
 """Evaluation-set and runs-folder readers.
 
-Every reader returns a list of ``Triplet`` (task, id, a, a', b, prompt), sorted by (task, id). Images are
-``ImageRef``: a file, optionally a crop of it (Relation252k's side-by-side pairs, b cropped to a's aspect ratio), read
-only when needed.
+Every evaluation-set reader returns a list of ``Triplet`` (task, id, a, a', b, prompt), sorted by (task, id); the
+runs-folder reader returns ``RunItem``. Images are ``ImageRef``: a file, optionally a crop of it (a half of a
+Relation252k side-by-side pair; a released-set b cropped to a's aspect ratio), read only when needed.
 
 Layouts:
 
@@ -12,8 +12,9 @@ Layouts:
   ``decoded_random_inference_set/<db>/<category>/<Prompt_With_Underscores>/<a-stem>_<k>.png`` (a' images, a being
   ``original/unsplash_<category>/<a-stem>.*``). The prompt is the folder name with underscores as spaces. The paper
   (section 4, appendix A.2) picks, for each (a, a'), ``b_per_pair`` = 2 random photos b of the same category whose
-  aspect ratio is within 0.15 of a's, and crops them to a's aspect ratio; the released set does not list those
-  choices, so the reader makes them with a recorded seed, or takes them from a pairs file (JSON list or JSONL of
+  aspect ratio (width / height) is within 0.15 of a's, and crops them to a's aspect ratio; the released set does not
+  list those choices, so the reader makes them with a recorded seed (the closest other photos when too few are within
+  the tolerance, flagged ``b_aspect_outside_tolerance``), or takes them from a pairs file (JSON list or JSONL of
   ``{"a_prime": <path under the root>, "b": <path under the root>}``).
 - ``relation252k``: Relation252k's unseen tasks: ``<task>/Group1/labels.json`` (entries with ``img_name`` and
   ``edit_instruction``) and ``<task>/Group1/<img_name>``, each image a side-by-side pair (left: original, right:
@@ -75,6 +76,7 @@ class ImageRef:
         return box
 
     def describe(self) -> dict:
+        """``{"path"[, "box"][, "crop_to_aspect"]}``: where the image comes from (recorded in evalset.json)."""
         out = {"path": str(self.path)}
         if self.box is not None:
             out["box"] = list(self.box)
@@ -97,9 +99,11 @@ class Triplet:
 
     @property
     def key(self) -> str:
+        """``"<task>/<id>"``."""
         return f"{self.task}/{self.id}"
 
     def describe(self) -> dict:
+        """``{"id": key, "task", "prompt", "a", "a_prime", "b" (``ImageRef.describe``), **extra}``."""
         return {"id": self.key, "task": self.task, "prompt": self.prompt, "a": self.a.describe(),
                 "a_prime": self.a_prime.describe(), "b": self.b.describe(), **self.extra}
 
@@ -126,7 +130,7 @@ def file_signature(*paths) -> str:
 
 
 def image_size(path: Path) -> tuple:
-    """(width, height) from the file header."""
+    """(width, height) from the file header; ``EvalInputError`` naming the file when it is not a readable image."""
     from PIL import Image
 
     from .._files import image_read_error_message, image_read_errors
@@ -151,8 +155,8 @@ def center_crop_to_aspect(img, aspect: float):
 
 
 def find_image(directory: Path, stem: str) -> Optional[Path]:
-    """``directory/<stem>.<ext>`` for the first known image extension that exists (case-insensitive ext: ``.Jpg``
-    too; the exact lower- or upper-case name first)."""
+    """``directory/<stem>.<ext>`` for the first of IMAGE_EXTENSIONS that exists as a file (case-insensitive ext:
+    ``.Jpg`` too; the exact lower- or upper-case name first); None when there is none or ``directory`` is missing."""
     if not directory.is_dir():
         return None
     by_suffix = {}
@@ -168,6 +172,7 @@ def find_image(directory: Path, stem: str) -> Optional[Path]:
 
 
 def _require_image(directory: Path, stem: str) -> Path:
+    """``find_image(directory, stem)``; ``EvalInputError`` when there is none (naming a folder of that name)."""
     path = find_image(directory, stem)
     if path is None:
         folders = sorted(c.name for c in directory.glob(f"{stem}.*")
@@ -197,10 +202,12 @@ def check_outside(flag: str, out: Union[str, Path], folder: Union[str, Path], wh
 
 
 def _subdirs(path: Path) -> list:
+    """The sub-folders of ``path``, sorted, hidden ones left out."""
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _seeded_rng(seed: int, *parts: str) -> random.Random:
+    """A ``random.Random`` seeded from (``seed``, ``parts``) only: an item's draw does not depend on the others."""
     digest = hashlib.sha256(":".join([str(seed), *parts]).encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "little"))
 
@@ -221,7 +228,8 @@ def _check_nonempty(triplets: list, root: Path, what: str) -> list:
 
 # --------------------------------------------------------------------------------------------- folder layout
 def read_folder_evalset(root: Union[str, Path]) -> list:
-    """``EVALSET/<task>/<id>/{a,a_prime,b}.<ext>`` + ``prompt.txt``."""
+    """``EVALSET/<task>/<id>/{a,a_prime,b}.<ext>`` + ``prompt.txt`` (stripped): task and id are the folder names.
+    ``EvalInputError`` for a missing folder, a training folder, a task without items, a missing image or prompt."""
     root = Path(root)
     if not root.is_dir():
         raise EvalInputError(f"evaluation set folder not found: {root}")
@@ -246,6 +254,7 @@ def read_folder_evalset(root: Union[str, Path]) -> list:
 
 # ----------------------------------------------------------------------------------- released LoRWeB eval set
 def _lorweb_root(root: Path) -> Path:
+    """``root`` or ``root/data``, whichever holds original/ and decoded_random_inference_set/; else EvalInputError."""
     for cand in (root, root / "data"):
         if (cand / "original").is_dir() and (cand / "decoded_random_inference_set").is_dir():
             return cand
@@ -275,8 +284,10 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
                         pairs_file: Union[str, Path, None] = None,
                         aspect_tolerance: float = ASPECT_TOLERANCE, tasks: Optional[Sequence[str]] = None) -> list:
     """The released LoRWeB evaluation set (see the module docstring). Task = "<category>__<Prompt_With_Underscores>"
-    (prefixed with "<db>__" for a db folder other than db_not_in_trainset), id = "<a'-stem>__<b-stem>". With
-    ``tasks``, only those tasks are read (a pairs file then needs entries for them only)."""
+    for the db folder db_not_in_trainset, "<category>__<db>__<Prompt_With_Underscores>" for another db folder; id =
+    "<a'-stem>__<b-stem>"; b is cropped to a's aspect ratio (``ImageRef.aspect``), ``extra`` = {"category"} (plus
+    ``b_aspect_outside_tolerance``: True when the closest photos outside ``aspect_tolerance`` completed the picks).
+    With ``tasks``, only those tasks are read (a pairs file then needs entries for them only)."""
     base = _lorweb_root(Path(root))
     if b_per_pair < 1:
         raise EvalInputError(f"b_per_pair must be >= 1, got {b_per_pair}")
@@ -362,7 +373,8 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
 # ---------------------------------------------------------------------------------------------- Relation252k
 def read_relation252k(root: Union[str, Path], *, seed: int = 0, tasks: Optional[Sequence[str]] = None) -> list:
     """Relation252k tasks (e.g. its released unseen tasks): every pair (a, a') with a b from another pair of the same
-    task, chosen with ``seed``. Task = the category folder name, id = "<a-image-stem>__<b-image-stem>"."""
+    task, chosen with ``seed``. Task = the category folder name, id = "<a-image-stem>__<b-image-stem>"; a and a' are
+    the left and right halves of one image, b the left half of another (``ImageRef.box``)."""
     root = Path(root)
     if not root.is_dir():
         raise EvalInputError(f"Relation252k folder not found: {root}")
@@ -404,6 +416,8 @@ def read_relation252k(root: Union[str, Path], *, seed: int = 0, tasks: Optional[
 
 # ------------------------------------------------------------------------------------------------ dispatch
 def detect_format(root: Union[str, Path]) -> str:
+    """"lorweb" (original/ and decoded_random_inference_set/ in ``root`` or ``root/data``), "relation252k" (a
+    sub-folder with Group1/labels.json) or "folder"; EvalInputError when ``root`` is not a folder."""
     root = Path(root)
     if not root.is_dir():
         raise EvalInputError(f"evaluation set folder not found: {root}")
@@ -447,6 +461,7 @@ def read_evalset(root: Union[str, Path], fmt: str = "auto", *, seed: int = 0, b_
 
 
 def _check_max_per_task(max_per_task: Optional[int]) -> None:
+    """EvalInputError for a ``max_per_task`` below 1 (None: no limit)."""
     if max_per_task is not None and max_per_task < 1:
         raise EvalInputError(f"max_per_task (--max-per-task) must be >= 1, got {max_per_task}")
 
@@ -480,6 +495,7 @@ class RunItem:
 
     @property
     def key(self) -> str:
+        """``"<task>/<id>"``."""
         return f"{self.task}/{self.id}"
 
 

@@ -74,6 +74,7 @@ def capped(image, long_edge: Optional[int]):
 
 
 def output_id(triplet: Triplet, seed: int, seeds: Sequence[int]) -> str:
+    """The output folder name under ``RUNS/<task>/``: the triplet id, ``<id>_seed<seed>`` when several seeds run."""
     return triplet.id if len(seeds) == 1 else f"{triplet.id}_seed{seed}"
 
 
@@ -152,7 +153,8 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
 
 
 def _batches(jobs: list, batch_size: int) -> list:
-    """Consecutive groups of at most ``batch_size`` jobs sharing (a size, b size)."""
+    """The jobs grouped by (a size, b size) (groups in first-seen order, jobs in order), each group cut into
+    batches of at most ``batch_size``."""
     groups: dict = {}
     for job in jobs:
         groups.setdefault(job["sizes"], []).append(job)
@@ -183,9 +185,12 @@ def check_generate_options(*, batch_size: int, merge: str, pipe_kwargs: Optional
 def generate(pipe, triplets: Sequence[Triplet], out, *, seeds: Sequence[int] = (50,), batch_size: int = 4,
              num_inference_steps: int = 28, guidance_scale: float = 2.5, device=None, merge: str = "none",
              input_long_edge: Optional[int] = 1024, progress: bool = True, pipe_kwargs: Optional[dict] = None) -> dict:
-    """Generate b' for every (triplet, seed) not finished yet in ``out``; returns {"generated", "skipped"}.
+    """Generate b' for every (triplet, seed) not finished yet in ``out``; returns {"generated": count, "skipped":
+    count of those already finished}, counted per (triplet, seed).
 
-    ``pipe`` is a ``LoRWeBKontextPipeline`` (called through ``pipe(a, a_prime, b, prompt, generator=..., merge=...)``).
+    ``pipe`` is a ``LoRWeBKontextPipeline``, called once per batch with lists of B images and prompts:
+    ``pipe(a, a_prime, b, prompts, num_inference_steps=..., guidance_scale=..., generator=[B generators],
+    merge=..., progress=False, **pipe_kwargs)``, which must return B images (else RuntimeError).
     ``merge`` (``MERGE_CHOICES``) is passed to every pipeline call: "none" (default) runs the unmerged LoRWeB delta
     for every batch size; "auto" lets the pipeline merge a batch of one and run larger batches unmerged, so results
     then depend on the batching; "full" and "offload" need ``batch_size`` 1. ``input_long_edge`` caps the long edge
@@ -304,6 +309,7 @@ def b_choices_by_task(root, triplets: Sequence[Triplet]) -> dict:
 
 
 def file_sha256(path: Path) -> str:
+    """The SHA-256 (hex) of the file's bytes, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -388,7 +394,8 @@ def _check_inputs_decode(triplets: Sequence[Triplet], *, progress: bool = True) 
 
 
 def run_generate(args) -> dict:
-    """``lorweb-fast eval generate``."""
+    """``lorweb-fast eval generate``: every option and input checked, then ``generate`` under the ``--out`` lock;
+    returns its {"generated", "skipped"}."""
     from ..cli import DTYPES, _device
     from ..validation import check_device
     from ..flux import LoRWeBKontextPipeline

@@ -60,6 +60,7 @@ SCORE_RANGE = (1, 10)
 
 
 def prompt_hash(prompt: str) -> str:
+    """The first 16 hex digits of the prompt's SHA-256 (the answer cache's key for the prompt)."""
     return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
@@ -120,11 +121,13 @@ class Parsed:
 
     @property
     def ok(self) -> bool:
+        """True when the answer parsed (no ``error``)."""
         return self.error is None
 
 
 def parse_score(text: Optional[str]) -> Parsed:
-    """``{"accuracy": int, "consistency": int}`` from a score answer (both 1-10)."""
+    """``{"accuracy": int, "consistency": int}`` from a score answer (both 1-10): the last JSON object holding both
+    (under "metrics" or at its top level), else the last ``"key": value`` pairs (``via="key-value"``)."""
     if not text or not text.strip():
         return Parsed(error="empty answer")
     lo, hi = SCORE_RANGE
@@ -151,7 +154,8 @@ def parse_score(text: Optional[str]) -> Parsed:
 
 
 def parse_pairwise(text: Optional[str]) -> Parsed:
-    """1 or 2 (which of B'1, B'2 is better) from a pairwise answer."""
+    """1 or 2 (which of B'1, B'2 is better) from a pairwise answer: the last JSON object with "better", else the
+    last ``"better": value`` pair (``via="key-value"``)."""
     if not text or not text.strip():
         return Parsed(error="empty answer")
     for obj in reversed(_json_objects(text)):
@@ -171,7 +175,10 @@ PARSERS: dict = {"score": parse_score, "pairwise": parse_pairwise}
 # --------------------------------------------------------------------------------------------------- backends
 @dataclass
 class JudgeRequest:
-    """One question to the judge: ``images`` (PIL images, in prompt order), the prompt and who it is about."""
+    """One question to the judge: ``images`` (a callable returning the PIL images, in prompt order), the prompt and
+    who it is about: ``run`` (runs folder name), ``id`` ("<task>/<id>"), ``kind`` ("score" | "pairwise"), for a
+    pairwise question ``against`` (the baseline's name) and ``order`` (["run", "against"] when this run's b' is B'1,
+    else ["against", "run"])."""
 
     run: str
     id: str
@@ -212,11 +219,13 @@ class Gemma3Judge:
         self.last_truncated = False
 
     def messages(self, images: Sequence, prompt: str) -> list:
+        """The chat: one user turn holding the images, then the prompt."""
         return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
                                              {"type": "text", "text": prompt}]}]
 
     @torch.no_grad()
     def __call__(self, request: JudgeRequest) -> str:
+        """The decoded answer (special tokens dropped) to ``request``; sets ``last_truncated``."""
         inputs = self.processor.apply_chat_template(self.messages(request.images(), request.prompt),
                                                     add_generation_prompt=True, tokenize=True, return_dict=True,
                                                     return_tensors="pt")
@@ -245,6 +254,7 @@ class Gemma3Judge:
 
 
 def check_max_new_tokens(max_new_tokens) -> None:
+    """EvalInputError unless ``max_new_tokens`` is an integer >= 1 (not a bool)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise EvalInputError(f"the judge's max_new_tokens (--judge-max-new-tokens) must be an integer >= 1, "
                              f"got {max_new_tokens!r}")
@@ -296,6 +306,8 @@ class ReplayJudge:
         self.last_truncated = False
 
     def __call__(self, request: JudgeRequest) -> str:
+        """The recorded answer: the record for this run before a run-less one, for this baseline before a
+        baseline-less one; sets ``last_truncated``."""
         other_order = None
         for run in (request.run, None):  # the most specific record given for this order
             for against in ((request.against, None) if request.against is not None else (None,)):
@@ -331,6 +343,7 @@ def make_judge(spec: str, *, device=None, dtype: torch.dtype = torch.bfloat16, m
 
 # ------------------------------------------------------------------------------------------------------ cache
 def _safe(name: str) -> str:
+    """``name`` as a file-name part: characters other than letters, digits and ``._=+-`` become ``_``."""
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
 
 
@@ -344,11 +357,14 @@ class JudgeCache:
         self.root = Path(root)
 
     def path(self, request: JudgeRequest) -> Path:
+        """The JSON file of ``request``'s answer (see the class docstring)."""
         kind = request.kind if request.against is None else f"{request.kind}__vs__{_safe(request.against)}"
         task, _, item = request.id.partition("/")
         return self.root / _safe(request.run) / kind / _safe(task) / f"{_safe(item)}.json"
 
     def get(self, request: JudgeRequest, judge_name: str) -> Optional[dict]:
+        """The cached record (``_record``) of ``request`` from the judge named ``judge_name``; None when absent,
+        unreadable or recorded for another judge, prompt, image files, order or name."""
         path = self.path(request)
         if not path.is_file():
             return None
@@ -368,6 +384,7 @@ class JudgeCache:
 
     def put(self, request: JudgeRequest, judge_name: str, response: Optional[str], error: Optional[str], *,
             truncated: bool = False) -> dict:
+        """Write the record (``_record``) of an answer atomically; returns it."""
         from .generate import atomic_write_text
 
         rec = _record(request, judge_name, response, error, truncated)

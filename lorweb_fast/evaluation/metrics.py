@@ -35,7 +35,8 @@ def weights_signature(path: Union[str, Path]) -> str:
 
 # ------------------------------------------------------------------------------------------------------- CLIP
 class ClipDirectional:
-    """CLIP directional similarity. ``encoder``: hub id or local directory of a CLIP checkpoint."""
+    """CLIP directional similarity. ``encoder``: hub id or local directory of a CLIP checkpoint, loaded frozen in
+    ``dtype`` on ``device`` (None: CPU); EvalInputError when it cannot be loaded."""
 
     def __init__(self, encoder: Union[str, Path] = DEFAULT_CLIP, *, device=None, dtype=torch.float32):
         from transformers import CLIPVisionModelWithProjection
@@ -69,7 +70,8 @@ class ClipDirectional:
         return torch.nn.functional.cosine_similarity(e_a_prime - e_a, e_b_prime - e_b, dim=-1, eps=1e-12)
 
     def __call__(self, quads: Sequence[tuple]) -> list:
-        """clip_dir for each (a, a', b, b') of PIL images."""
+        """clip_dir for each (a, a', b, b') of Q PIL-image quadruples: a list of Q floats in [-1, 1] (one batch of
+        4Q images)."""
         if not quads:
             return []
         emb = self.embed([im for quad in quads for im in quad]).view(len(quads), 4, -1)
@@ -78,6 +80,7 @@ class ClipDirectional:
 
 # ------------------------------------------------------------------------------------------------------ LPIPS
 def _tv_weights(net: str):
+    """torchvision's ImageNet weights enum of the LPIPS backbone ``net`` (its ``url`` names the cached file)."""
     from torchvision import models
 
     return {"alex": models.AlexNet_Weights.IMAGENET1K_V1, "vgg": models.VGG16_Weights.IMAGENET1K_V1,
@@ -86,7 +89,8 @@ def _tv_weights(net: str):
 
 def lpips_backbone_file(net: str = "alex") -> Path:
     """Where torchvision (and so the lpips package) looks for the backbone's ImageNet weights:
-    ``torch.hub.get_dir()/checkpoints/<file name of the torchvision weights URL>`` (follows ``$TORCH_HOME``)."""
+    ``torch.hub.get_dir()/checkpoints/<file name of the torchvision weights URL>`` (follows ``$TORCH_HOME``);
+    EvalInputError for a ``net`` not in LPIPS_NETS."""
     if net not in LPIPS_NETS:
         raise EvalInputError(f"unknown LPIPS network {net!r}; choose from {LPIPS_NETS}")
     url = _tv_weights(net).url
@@ -94,13 +98,16 @@ def lpips_backbone_file(net: str = "alex") -> Path:
 
 
 def _tv_backbone(net: str):
+    """The torchvision backbone of ``net`` without weights (``weights=None``: nothing is downloaded)."""
     from torchvision import models
 
     return {"alex": models.alexnet, "vgg": models.vgg16, "squeeze": models.squeezenet1_1}[net](weights=None)
 
 
 class LPIPSDistance:
-    """LPIPS(b, b') through the lpips package with the backbone weights loaded from a local file."""
+    """LPIPS(b, b') through the lpips package with the backbone weights loaded from a local file: ``weights``, or
+    ``lpips_backbone_file(net)`` when None. EvalInputError for an unknown ``net``, a missing lpips package, or a
+    missing or unloadable weights file."""
 
     def __init__(self, net: str = "alex", *, weights: Union[str, Path, None] = None, device=None):
         if net not in LPIPS_NETS:
@@ -147,7 +154,8 @@ class LPIPSDistance:
 
     @torch.no_grad()
     def __call__(self, b, b_prime) -> float:
-        """LPIPS(b, b') of two PIL images (b resized to b''s size with bicubic when they differ); lower: closer."""
+        """LPIPS(b, b') of two PIL images (b resized to b''s size with bicubic when they differ), a float; lower:
+        closer. EvalInputError when b' is too small for the backbone."""
         from PIL import Image
 
         if b.size != b_prime.size:

@@ -13,11 +13,12 @@
   the pairwise win rates: ``win_rate``, ``win_rate_as_b1``, ``win_rate_as_b2`` (each the mean over the tasks that have
   it) and ``order_balanced_win_rate``, the number to report: the mean over tasks of the per-task order-balanced rates,
   over the ``balanced_tasks`` tasks with items in both positions (a task seen in one position only cannot cancel the
-  judge's position bias and is left out of it);
+  judge's position bias and is left out of it), ``n`` (judged items) and ``failures`` (pairwise ones);
 - ``failures``: ``[{id, task, kind, error, response[, against][, truncated]}]`` (unparseable or out-of-range judge
   answers, ``truncated`` when the answer was cut at the judge's token limit; missing baseline items), excluded from
   the means and counted in ``overall["failures"]``;
-- ``methods``: the same four keys for every runs folder scored in the call; ``settings``.
+- ``method``: the first runs folder's name; ``methods``: {name: the same four keys} for every runs folder scored in
+  the call; ``settings`` (runs, against, metrics, encoder, lpips, judge, pairwise_seed[, coverage]).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ SCALAR_METRICS = ("clip_dir", "lpips", "vlm_accuracy", "vlm_consistency")
 
 
 def _mean(values) -> Optional[float]:
+    """The mean of the values that are not None or NaN; None when there is none."""
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return sum(values) / len(values) if values else None
 
@@ -94,7 +96,8 @@ def _fmt(v, digits=2, pct=False) -> str:
 
 
 def summary_markdown(report: dict, settings: dict) -> str:
-    """The paper's table: Pres. (VLM), Acc. (VLM), LPIPS, CLIP Dir., pairwise win rates (%) per baseline."""
+    """``summary.md``'s text: the paper's table (Pres. (VLM), Acc. (VLM), LPIPS, CLIP Dir., order-balanced pairwise
+    win rates (%) per baseline) for every method of ``report`` ({name: ``aggregate``}), counts, notes, settings."""
     baselines = list(settings.get("against") or {})
     head = ["Model", "Pres. (VLM)", "Acc. (VLM)", "LPIPS", "CLIP Dir."]
     head += [f"Pairwise VLM (%) vs {b}" for b in baselines]
@@ -150,7 +153,8 @@ def pareto_front(points: Sequence[tuple]) -> list:
 
 def plot_preservation_vs_accuracy(report: dict, path: Path) -> Optional[Path]:
     """The paper's Fig. 5: one point per method, Pres. (VLM) vs Acc. (VLM), with the Pareto front. Without VLM scores,
-    LPIPS (axis reversed: lower = better preservation) vs CLIP Dir. stand in. None when there is nothing to plot."""
+    LPIPS (axis reversed: lower = better preservation) vs CLIP Dir. stand in. Returns ``path`` (written atomically),
+    None when neither pair of means exists for every method."""
     from matplotlib.figure import Figure  # not pyplot: no global figure registry, the caller's backend untouched
 
     names = list(report)
@@ -185,7 +189,8 @@ def plot_preservation_vs_accuracy(report: dict, path: Path) -> Optional[Path]:
 
 
 def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Optional[Path]:
-    """The paper's Fig. 6: order-balanced pairwise win rates (%) per baseline, one bar group per method."""
+    """The paper's Fig. 6: order-balanced pairwise win rates (%) per baseline, one bar group per method (N/A, a
+    zero bar, where a rate is None). Returns ``path``; None without baselines."""
     from matplotlib.figure import Figure  # not pyplot: no global figure registry, the caller's backend untouched
     import numpy as np
 
@@ -215,7 +220,9 @@ def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Option
 
 
 def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict:
-    """metrics.json, summary.md, judge_answers.jsonl and the plots in ``out``; returns metrics.json's content."""
+    """metrics.json, summary.md, judge_answers.jsonl (unless it is the file this scoring replays) and the plots in
+    ``out``, each written atomically; a report file this call does not write is removed. ``report``: {name:
+    ``aggregate``}, ``results``: {name: ``score_run``}. Returns metrics.json's content."""
     from .generate import atomic_write_text
 
     out = Path(out)

@@ -30,7 +30,8 @@ METRICS = ("clip_dir", "lpips", "vlm")
 
 
 class MetricCache:
-    """Append-only JSONL of {id, metric, sig, value}; a torn last line (killed run) is ignored."""
+    """Append-only JSONL of {id, metric, sig, value}; a line that does not parse (a killed run's torn last line) is
+    ignored, and a later line for the same (id, metric) replaces an earlier one."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -44,11 +45,12 @@ class MetricCache:
                     continue
 
     def get(self, item_id: str, metric: str, sig: str):
+        """The cached value of (``item_id``, ``metric``) when it was computed with signature ``sig``, else None."""
         hit = self.values.get((item_id, metric))
         return hit[1] if hit is not None and hit[0] == sig else None
 
     def put_many(self, records: Sequence[tuple]) -> None:
-        """records: (id, metric, sig, value)."""
+        """Append ``records`` ((id, metric, sig, value) tuples) to the file and to ``values``."""
         if not records:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,10 +62,12 @@ class MetricCache:
 
 
 def _sig(settings: str, *files) -> str:
+    """16 hex digits of the SHA-256 of a metric's settings (its ``cache_id``) and the files' ``file_signature``."""
     return hashlib.sha256((settings + file_signature(*files)).encode()).hexdigest()[:16]
 
 
 def _draw(seed: int, run: str, against: str, what: str) -> float:
+    """A uniform [0, 1) number that depends only on (seed, run, against, what)."""
     digest = hashlib.sha256(f"{seed}:{run}:{against}:{what}".encode()).digest()
     return random.Random(digest).random()
 
@@ -85,6 +89,7 @@ def pairwise_orders(seed: int, run: str, against: str, items: Sequence[RunItem])
 
 
 def _images(item: RunItem, stems=("a", "a_prime", "b", "b_prime")) -> list:
+    """The RGB PIL images of ``item``'s ``stems``, in that order."""
     return [load_rgb(getattr(item, s)) for s in stems]
 
 
@@ -102,6 +107,7 @@ def _thumbnail(path: Path):
 
 @functools.lru_cache(maxsize=4096)
 def _thumbnail_of(path: str, mtime_ns: int, size: int):
+    """(32, 32, 3) float32 in [0, 1]: the image at ``path`` box-resized to 32x32 (cached per path, time and size)."""
     import numpy as np
     from PIL import Image
 
@@ -132,7 +138,11 @@ def baseline_mismatch(item: RunItem, other: RunItem) -> Optional[str]:
 def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequence[str], clip=None, lpips=None,
               judge=None, baselines: Optional[dict] = None, pairwise_seed: int = 0, batch_size: int = 8,
               progress: bool = True) -> dict:
-    """Per-triplet results and failures for one runs folder. ``baselines``: {name: [RunItem]} for the 2AFC."""
+    """Per-triplet results and failures for one runs folder ``name``: ``{"per_triplet": [{id, task, clip_dir,
+    lpips, vlm_accuracy, vlm_consistency[, pairwise: {baseline: {order, better, won}}]}] (in ``items`` order, None
+    where not computed or failed), "failures": [...], "answers": [judge records]}`` (see ``report``). ``clip`` /
+    ``lpips``: a ``ClipDirectional`` / ``LPIPSDistance``, needed when ``metrics`` names them; the VLM score and the
+    2AFC against ``baselines`` ({name: [RunItem]}) run only with "vlm" in ``metrics`` and a ``judge``."""
     from tqdm.auto import tqdm
 
     cache = MetricCache(out / "cache" / name / "metrics.jsonl")
@@ -255,7 +265,10 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
           pairwise_seed: int = 0, batch_size: int = 8, device=None, progress: bool = True) -> dict:
     """Score every runs folder of ``runs`` ({name: path}) and write the report in ``out``; returns metrics.json's
     content. ``judge``: a judge backend (``judge.make_judge``) or None (no VLM metrics). A list of paths as a value
-    (in ``runs`` or ``against``) pools those folders into one method (``read_runs``)."""
+    (in ``runs`` or ``against``) pools those folders into one method (``read_runs``). ``encoder``: the CLIP
+    checkpoint of clip_dir (None: ``metrics.DEFAULT_CLIP``). EvalInputError for an unknown metric, no runs folder, a
+    bad ``batch_size``, "vlm" without a judge, ``against`` without "vlm", a bad runs folder or an ``out`` inside
+    one."""
     from .metrics import DEFAULT_CLIP, ClipDirectional, LPIPSDistance
     from .report import aggregate, write_report
 

@@ -86,7 +86,9 @@ def random_picture(rng: random.Random, size: tuple):
 
 def make_folder_evalset(root: Union[str, Path], tasks: Sequence[str] = ("flip", "swap"), per_task: int = 2, *,
                         size: tuple = (32, 32), seed: int = 0) -> Path:
-    """``root/<task>/<id>/{a,a_prime,b}.png`` + ``prompt.txt``: left-right flips and colour-channel swaps."""
+    """``root/<task>/<id>/{a,a_prime,b}.png`` + ``prompt.txt`` (``per_task`` ids 000, 001, ... per task), every image
+    ``size`` = (width, height): left-right flips and colour-channel swaps (any other task name: a flip); returns
+    root."""
     from PIL import Image
 
     edits = {"flip": ("mirror the image", lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
@@ -107,7 +109,8 @@ def make_folder_evalset(root: Union[str, Path], tasks: Sequence[str] = ("flip", 
 
 
 def make_runs_folder(root: Union[str, Path], evalset: Union[str, Path], *, b_prime_fn=None, seed: int = 0) -> Path:
-    """A runs folder from a folder-layout evaluation set: b' = ``b_prime_fn(b, rng)`` (default: b plus noise)."""
+    """A runs folder from a folder-layout evaluation set: its a, a', b and prompt.txt copied, b' =
+    ``b_prime_fn(b, rng)`` (a numpy Generator; default: b plus uniform integer noise in [-40, 40]); returns root."""
     import numpy as np
     from PIL import Image
 
@@ -133,7 +136,8 @@ def make_runs_folder(root: Union[str, Path], evalset: Union[str, Path], *, b_pri
 def make_released_evalset(root: Union[str, Path], sizes: dict, *, a_size: tuple = (60, 40), n_a_prime: int = 2) -> Path:
     """The released LoRWeB evaluation layout in ``root``: a = ``original/unsplash_animals/dog.jpg`` (``a_size``),
     other photos there of ``sizes`` (stem -> (width, height)), and ``n_a_prime`` a' images of one prompt
-    (``decoded_random_inference_set/db_not_in_trainset/animals/Add_a_hat/dog_<k>.png``); random pictures."""
+    (``decoded_random_inference_set/db_not_in_trainset/animals/Add_a_hat/dog_<k>.png``, 30x20); random pictures.
+    Returns root."""
     rng = random.Random(0)
     root = Path(root)
     orig = root / "original/unsplash_animals"
@@ -158,6 +162,7 @@ class FixedJudge:
         self.asked = []
 
     def __call__(self, request):
+        """The fixed answer's JSON text for ``request``."""
         self.asked.append((request.kind, request.id, request.against))
         if request.kind == "score":
             return '{"metrics": {"accuracy": 7, "consistency": 8}}'
