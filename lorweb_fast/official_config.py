@@ -23,6 +23,7 @@ Field mapping (official -> lorweb_fast)::
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 from pathlib import Path
@@ -212,8 +213,18 @@ def _validate(settings: Mapping[str, Any], where: str) -> None:
             raise LoRWeBConfigError(f"{where}: unknown LoRWeB setting {key!r}; known: {SETTINGS}")
         if key in allowed and value not in allowed[key]:
             raise LoRWeBConfigError(f"{where}: {key} must be one of {allowed[key]}, got {value!r}")
-        if key in ("num_loras", "rank", "key_dim", "heads") and (int(value) != value or value < 1):
+        if key in ("num_loras", "rank", "key_dim", "heads") and not _positive_integer(value):
             raise LoRWeBConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
+
+
+def _positive_integer(value) -> bool:
+    """An int >= 1, or a float with such a value (YAML's ``4.0``); not a bool, a string, NaN or an infinity."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return int(value) == value and value >= 1
+    except (OverflowError, ValueError):  # inf, nan
+        return False
 
 
 def resolve_settings(explicit: Optional[Mapping[str, Any]] = None, yaml_settings: Optional[Mapping[str, Any]] = None,

@@ -543,6 +543,17 @@ def test_zero_sizes_are_refused_as_settings(tmp_path, key, field, where):
             oc.read_config_yaml(path)
 
 
+@pytest.mark.parametrize("value", [True, "abc", "4", float("nan"), float("inf"), -float("inf"), [4]])
+@pytest.mark.parametrize("key", ["rank", "num_loras", "key_dim", "heads"])
+def test_a_size_setting_that_is_no_number_is_refused_by_name(key, value):
+    """A bool (True passed as 1), a string, NaN, an infinity or a list as a size setting is the LoRWeBConfigError
+    naming the source and the key: it was accepted (True), a bare ``int()`` ValueError or an OverflowError (inf),
+    which callers catching LoRWeBConfigError missed. 4 and YAML's 4.0 pass."""
+    with pytest.raises(oc.LoRWeBConfigError, match=f"the explicit arguments: {key} must be a positive integer, got "):
+        oc.resolve_settings({key: value})
+    assert oc.resolve_settings({key: 4})[key] == 4 and oc.resolve_settings({key: 4.0})[key] == 4
+
+
 def test_written_linear_alpha_defaults_to_the_rank(tmp_path):
     """official_config / write_config_yaml for rank 2 without lora_alpha write linear_alpha 2 (alpha = rank, the
     official network), with no warning, and read back without a warning."""
