@@ -267,6 +267,10 @@ def test_runs_reader(tmp_path):
         E.read_runs(runs)
     with pytest.raises(E.EvalInputError, match="runs folder not found"):
         E.read_runs(tmp_path / "none")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(E.EvalInputError, match=r"no triplets in runs folder .*empty \(expected "
+                                               r"<task>/<id>/\{a,a_prime,b,b_prime\}\.<png\|jpg\|jpeg\|webp\|bmp>\)"):
+        E.read_runs(tmp_path / "empty")
 
 
 def test_text_files_that_are_not_utf8_name_the_file(tmp_path):

@@ -541,5 +541,6 @@ def read_runs(runs: Union[str, Path, Sequence[Union[str, Path]]]) -> list:
             prompt = read_text(d / "prompt.txt", "prompt file").strip() if (d / "prompt.txt").is_file() else ""
             items.append(RunItem(task_dir.name, d.name, prompt=prompt, **files))
     if not items:
-        raise EvalInputError(f"no triplets in runs folder {root} (expected <task>/<id>/{{a,a_prime,b,b_prime}}.png)")
+        raise EvalInputError(f"no triplets in runs folder {root} (expected <task>/<id>/{{a,a_prime,b,b_prime}}."
+                             f"<{'|'.join(e[1:] for e in IMAGE_EXTENSIONS)}>)")
     return sorted(items, key=lambda t: (t.task, t.id))
