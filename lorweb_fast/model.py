@@ -70,7 +70,7 @@ class LoRWeBConfig:
         check_choice("LoRWeBConfig.query_projection_type", self.query_projection_type, ("linear", "none"))
         if self.query_projection_type == "none" and self.key_dim != self.query_dim:
             raise ValueError(f"LoRWeBConfig.query_projection_type='none' feeds the query to the keys directly, so "
-                             f"key_dim ({self.key_dim}) must equal query_dim ({self.query_dim})")
+                             f"key_dim must equal query_dim; got key_dim={self.key_dim}, query_dim={self.query_dim}")
         targets = self.target_modules
         if isinstance(targets, str):
             check_regex("LoRWeBConfig.target_modules", targets)

@@ -224,7 +224,7 @@ def test_config_choices_and_divisibility(field, value):
 
 @pytest.mark.parametrize("settings,fragment", [
     (dict(query_projection_type="conv"), r"query_projection_type must be one of \('linear', 'none'\)"),
-    (dict(query_projection_type="none", key_dim=8, query_dim=12), r"key_dim \(8\) must equal query_dim \(12\)")])
+    (dict(query_projection_type="none", key_dim=8, query_dim=12), r"key_dim must equal query_dim; got key_dim=8, query_dim=12")])
 def test_config_query_projection_type(settings, fragment):
     """``LoRWeBConfig.validate`` checks query_projection_type as every other field (it was left to the layers)."""
     config = lf.LoRWeBConfig(target_modules=r"\d", **settings)
