@@ -328,17 +328,29 @@ def _restore_layers(layers: dict[str, LoRWeBLinear], originals: dict, restore) -
     """On leaving a merge: ``restore(layer, original)`` for every layer that holds one (not those whose merge
     ``unload_lora_weights`` bakes). A layer restored is unmerged; one whose restore fails stays marked merged, since
     its weight still holds the mixture (unmerged, its forward would add the mixture a second time), and the others
-    are still restored; then a RuntimeError names the failures."""
-    failed = []
+    are still restored; then a RuntimeError names the failures. A Ctrl-C (any BaseException but an Exception)
+    during a layer's restore does not stop it: that layer is restored again and the others after it, and the
+    interrupt is raised at the end (else the layers left would hold the merged weights for good)."""
+    failed, interrupt = [], None
     for name, original in originals.items():
         layer = layers[name]
         if not getattr(layer, "_keep_merged_on_exit", False):  # set by unload_lora_weights: bake, not restore
             try:
-                restore(layer, original)
-            except Exception as exc:
+                try:
+                    restore(layer, original)
+                except Exception:
+                    raise
+                except BaseException as exc:  # Ctrl-C: this layer once more, then the rest, then the interrupt
+                    interrupt = interrupt or exc
+                    restore(layer, original)
+            except BaseException as exc:
                 failed.append(f"{name}: {type(exc).__name__}: {exc}")
+                if not isinstance(exc, Exception):
+                    interrupt = interrupt or exc
                 continue
         layer._merged = False
+    if interrupt is not None and not failed:
+        raise interrupt
     if failed:
         raise RuntimeError(f"could not restore the original weights of {len(failed)} layers: they keep the merged "
                            "weights and stay marked merged (set_query and loads into them are refused; reload the "
@@ -604,6 +616,16 @@ class AnalogyEncoder:
             self.model.to(device)
 
     # ----------------------------------------------------------------------------------------------- sizes
+    def __repr__(self) -> str:
+        """The model, its kind, query settings, width, device and dtype, on one line."""
+        from .official_config import PATCH_QUERY_MODES
+
+        pooling = f", pooling_type={self.pooling_type!r}" if self.query_mode in PATCH_QUERY_MODES else ""
+        weight = next(self.model.parameters(), None)
+        where = "" if weight is None else f", device={weight.device}, dtype={weight.dtype}"
+        return (f"AnalogyEncoder({self.name!r}, kind={self.kind!r}, query_mode={self.query_mode!r}{pooling}, "
+                f"query_source={self.query_source!r}, query_dim={self.query_dim}{where})")
+
     @property
     def hidden_size(self) -> int:
         """Width of the vision tower's tokens (the patch modes' features)."""
@@ -895,6 +917,26 @@ class LoRWeBKontextPipeline:
         self._fuse_scales: Optional[tuple] = None  # (strength before fuse_lora, strength it set), see unfuse_lora
         self._adapter_name = DEFAULT_ADAPTER_NAME  # diffusers' adapter name (load_lora_weights(adapter_name=...))
 
+    def __repr__(self) -> str:
+        """The adapter (name, layer count, N, r, strength, fused state), the resolution, the encoder and the inner
+        pipeline's class: one line (the stock pipeline's components: ``pipe.pipe``)."""
+        layers = list(lorweb_layers(self.transformer).values())
+        if not layers:
+            adapter = "no adapter (unloaded)"
+        else:
+            sizes = sorted({(layer.num_loras, layer.rank) for layer in layers})
+            shape = ", ".join(f"N={n}, r={r}" for n, r in sizes)
+            strengths = sorted({layer._lorweb_scale for layer in layers})
+            fused = lora_api.fused_strategy(self.transformer)
+            adapter = (f"adapter={self._adapter_name!r} ({len(layers)} layers, {shape}, strength="
+                       f"{strengths[0] if len(strengths) == 1 else strengths}"
+                       f"{', disabled' if self._disabled_scale is not None else ''}"
+                       f"{'' if fused is None else f', fused={fused!r}'})")
+        size = (f"max_area={self.max_area}" + (f", max_size={self.max_size}" if self.max_size else "")
+                if self.resolution == "official" else f"long_edge={self.long_edge}")
+        return (f"LoRWeBKontextPipeline({adapter}, resolution={self.resolution!r} ({size}), encoder={self.encoder!r}, "
+                f"pipe={type(self.pipe).__name__})")
+
     @property
     def transformer(self) -> nn.Module:
         """The inner pipeline's transformer, which holds the LoRWeB layers."""
@@ -1085,7 +1127,7 @@ class LoRWeBKontextPipeline:
             lora_api.set_lorweb_scale(self.transformer, fused_scale)
         try:
             lora_api.fuse_lora(self.transformer, strategy)
-        except Exception:
+        except BaseException:  # Ctrl-C too
             lora_api.set_lorweb_scale(self.transformer, before)  # not fused: the strength can go back
             raise
         self._fuse_scales = (before, fused_scale)
@@ -1105,10 +1147,21 @@ class LoRWeBKontextPipeline:
         scales, self._fuse_scales = self._fuse_scales, None
         # unfused even when a weight could not go back: it raises then, and the layer left merged keeps the strength
         # as it is (the model is to be reloaded)
-        lora_api.unfuse_lora(self.transformer)
-        if scales is None or not lorweb_layers(self.transformer):
-            return
-        before, fused_scale = scales
+        interrupt = None
+        try:
+            lora_api.unfuse_lora(self.transformer)
+        except Exception:
+            raise
+        except BaseException as exc:  # Ctrl-C: every weight went back all the same (_restore_layers), so the strength
+            interrupt = exc  # goes back too, then the interrupt is raised
+        layers = lorweb_layers(self.transformer).values()
+        if scales is not None and layers and not any(layer._merged for layer in layers):
+            self._restore_fused_strength(*scales)
+        if interrupt is not None:
+            raise interrupt
+
+    def _restore_fused_strength(self, before: float, fused_scale: float) -> None:
+        """After unfuse_lora: the strength from before fuse_lora(lora_scale=...), unless changed meanwhile."""
         if self._disabled_scale is not None:  # disabled while fused ("jit"): enable_lora restores the pre-fuse one
             if self._disabled_scale == fused_scale:
                 self._disabled_scale = before

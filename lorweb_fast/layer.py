@@ -542,8 +542,14 @@ class LoRWeBLinear(nn.Module):
         return new
 
     def extra_repr(self) -> str:
+        """The layer's settings; the strength (``set_lorweb_scale``, 0 while disabled) and the merged state
+        (``merged=True``: the mixture is in the base weight, "full" / "offload"; ``merged='jit'``: merged at every
+        forward) when not the defaults."""
+        merged = "True" if self._merged else "'jit'" if self._merge_jit else None
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_loras={self.num_loras}, "
                 f"rank={self.rank}, lora_alpha={self.lora_alpha:g}, key_dim={self.key_dim}, "
                 f"query_dim={self.query_dim}, heads={self.heads}, activation={self.activation!r}, "
                 f"reduce={self.reduce!r}, backend={self.backend!r}"
-                + ("" if self.query_projection_type == "linear" else ", query_projection_type='none'"))
+                + ("" if self.query_projection_type == "linear" else ", query_projection_type='none'")
+                + ("" if self._lorweb_scale == 1.0 else f", strength={self._lorweb_scale:g}")
+                + ("" if merged is None else f", merged={merged}"))

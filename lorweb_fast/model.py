@@ -250,13 +250,25 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
     if not names:
         raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of "
                          f"{type(model).__name__}")
-    new_layers = {name: LoRWeBLinear(model.get_submodule(name), dtype=dtype, **config.layer_kwargs())
-                  for name in names}
-    for name, layer in new_layers.items():  # all built: swapping in cannot fail half way
-        _set_submodule(model, name, layer)
-    _keep_query_projection_out_of_layerwise_casting(model)
-    if freeze_base_model:
-        _freeze_base_model(model)
+    # building a layer freezes its base: the flags go back, and the layers swapped in come out again, whatever
+    # interrupts the injection (Ctrl-C, out of memory while building FLUX.1-Kontext's layers)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    swapped_in = []
+    try:
+        new_layers = {name: LoRWeBLinear(model.get_submodule(name), dtype=dtype, **config.layer_kwargs())
+                      for name in names}
+        for name, layer in new_layers.items():  # all built: swapping in cannot fail half way
+            swapped_in.append(name)  # first: undone even when the interrupt comes right after the swap
+            _set_submodule(model, name, layer)
+        _keep_query_projection_out_of_layerwise_casting(model)
+        if freeze_base_model:
+            _freeze_base_model(model)
+    except BaseException:
+        for name in reversed(swapped_in):
+            _set_submodule(model, name, new_layers[name].base_layer)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
     return names
 
 
@@ -1037,7 +1049,11 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
              f"{len(uncovered)} (e.g. {uncovered[0]!r}) run without an adapter: a checkpoint for a smaller "
              "model or trained with other target modules?")
 
-    # Everything is validated: build all new layers first, then swap them in and copy (cannot fail now).
+    # Everything is validated. The flags first (building a layer freezes its base), then every new layer and a copy
+    # of the values the load overwrites in the layers already there (no model change yet), then the swap and copy,
+    # undone whatever interrupts it (Ctrl-C, out of memory): the model is as it was. The existing tensors keep their
+    # storage (copied into, as before: compiled graphs and CUDA graphs hold their addresses)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     new_layers = {}
     for name, tensors in groups.items():
         if name in existing:
@@ -1049,16 +1065,33 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                                         key_dim=key_dim, query_dim=query_dim, heads=cfg["heads"],
                                         activation=cfg["activation"], reduce=cfg["reduce"],
                                         query_projection_type=projection)
-    for name, layer in new_layers.items():
-        _set_submodule(model, name, layer)
-    if new_layers:
-        _keep_query_projection_out_of_layerwise_casting(model)
-        if freeze_base_model:
-            _freeze_base_model(model)
     with torch.no_grad():
-        for name, tensors in groups.items():
-            layer = model.get_submodule(name)
-            for suffix, param in layer.lorweb_tensors().items():
-                param.copy_(tensors[suffix])
-            layer._coefficients = None  # computed from the old parameters: a forward now raises until set_query
+        kept = [(param, param.detach().clone()) for name in groups if name in existing
+                for param in existing[name].lorweb_tensors().values()]
+    swapped_in = []
+    try:
+        for name, layer in new_layers.items():
+            swapped_in.append(name)  # first: undone even when the interrupt comes right after the swap
+            _set_submodule(model, name, layer)
+        if new_layers:
+            _keep_query_projection_out_of_layerwise_casting(model)
+            if freeze_base_model:
+                _freeze_base_model(model)
+        with torch.no_grad():
+            for name, tensors in groups.items():
+                layer = model.get_submodule(name)
+                for suffix, param in layer.lorweb_tensors().items():
+                    param.copy_(tensors[suffix])
+    except BaseException:
+        with torch.no_grad():
+            for param, value in kept:
+                param.copy_(value)
+        for name in reversed(swapped_in):
+            _set_submodule(model, name, new_layers[name].base_layer)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
+    del kept
+    for name in groups:
+        model.get_submodule(name)._coefficients = None  # from the old parameters: a forward raises until set_query
     return sorted(groups)

@@ -1167,10 +1167,12 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     naming the process that holds it, before it reads or changes anything there. A killed run's lock is released by
     the kernel.
     """
+    from .cli import library_progress_bars
+
     callers = None if pipe is None else _CallersPipeline(pipe)  # recorded before train() changes anything
     lock = FolderLock(cfg.out, RUN_LOCK_NAME, "training run")
-    try:
-        with _reports_from_main_only():
+    try:  # progress=False: no bar at all, diffusers' and transformers' loading bars included (as --quiet)
+        with _reports_from_main_only(), library_progress_bars(enabled=bool(cfg.progress)):
             result = _train(cfg, pipe, encoder, step_callback, lock)
     except BaseException:
         lock.release()
@@ -1318,6 +1320,21 @@ def _lock_run_folder(cfg: TrainConfig, lock: FolderLock) -> None:
         raise ValueError(f"--out {out}: cannot create the folder or its lock file {RUN_LOCK_NAME} ({exc})") from None
 
 
+def _single_process_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state whose mixed precision cannot change: a second ``train()`` in one
+    Python session (a notebook) with another ``mixed_precision`` failed with "AcceleratorState has already been
+    initialized ... restart your runtime". In a single process (no process group) that state is dropped when its
+    precision differs, so the new run's Accelerator sets it up again; under a launcher it is left alone."""
+    from accelerate.state import AcceleratorState
+
+    state = getattr(AcceleratorState, "_shared_state", None)
+    if not state or state.get("_mixed_precision", mixed_precision) == mixed_precision:
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    AcceleratorState._reset_state()
+
+
 def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> dict:
     """``train``'s body (``pipe`` and ``encoder`` may be None)."""
     from accelerate import Accelerator
@@ -1330,6 +1347,7 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
                             bucket_divisibility=cfg.bucket_divisibility,
                             missing_caption=cfg.missing_caption)  # fail before loading models
     dataset.skip_query_crop_problems(cfg.query_mode, cfg.query_source, cfg.skip_bad)
+    _single_process_precision(cfg.mixed_precision)
     # no GPU: run on CPU, and under `accelerate launch` / torchrun as a gloo process group (MULTI_CPU)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.accelerator.is_available())
     if accelerator.gradient_accumulation_steps != 1:

@@ -269,6 +269,7 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     checkpoint of clip_dir (None: ``metrics.DEFAULT_CLIP``). EvalInputError for an unknown metric, no runs folder, a
     bad ``batch_size``, "vlm" without a judge, ``against`` without "vlm", a bad runs folder or an ``out`` inside
     one."""
+    from ..cli import library_progress_bars
     from .metrics import DEFAULT_CLIP, ClipDirectional, LPIPSDistance
     from .report import aggregate, write_report
 
@@ -290,8 +291,9 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
         for path in paths if isinstance(paths, (list, tuple)) else [paths]:
             check_outside("out", out, path, f"runs folder {name!r}")
     # LPIPS first: its missing weights are found in a moment, before the CLIP encoder spends its load time
-    lpips = LPIPSDistance(lpips_net, weights=lpips_weights, device=device) if "lpips" in metrics else None
-    clip = ClipDirectional(encoder or DEFAULT_CLIP, device=device) if "clip_dir" in metrics else None
+    with library_progress_bars(enabled=progress):  # progress=False: transformers' loading bars off too
+        lpips = LPIPSDistance(lpips_net, weights=lpips_weights, device=device) if "lpips" in metrics else None
+        clip = ClipDirectional(encoder or DEFAULT_CLIP, device=device) if "clip_dir" in metrics else None
     coverage = _coverage(items)
     results = {}
     for name in runs:
