@@ -1321,6 +1321,12 @@ class LoRWeBKontextPipeline:
             raise AttributeError(f"{type(self).__name__} (and its FluxKontextPipeline) has no attribute "
                                  f"{name!r}") from None
 
+    def __dir__(self) -> list:
+        """This class's names and those forwarded from the wrapped pipeline (tab completion in IPython)."""
+        inner = self.__dict__.get("pipe")
+        forwarded = [] if inner is None else [n for n in dir(inner) if not n.startswith("__")]
+        return sorted(set(super().__dir__()) | set(forwarded))
+
     def _base_model_name(self) -> Optional[str]:
         name = getattr(getattr(self.pipe, "config", None), "_name_or_path", None)
         return str(name) if name else None

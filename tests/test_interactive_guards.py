@@ -682,6 +682,16 @@ def test_pipeline_and_encoder_repr_are_informative(shared_pipe, what):
     assert not missing, f"{missing} not in {text!r}"
 
 
+def test_pipeline_dir_lists_what_it_forwards(shared_pipe):
+    """Tab completion: ``dir(pipe)`` lists the wrapper's own names and the stock pipeline's it forwards (``vae``,
+    ``set_progress_bar_config``), each of which resolves."""
+    names = dir(shared_pipe)
+    for name in ("set_analogy", "fuse_lora", "vae", "scheduler", "set_progress_bar_config", "encode_prompt"):
+        assert name in names, name
+        getattr(shared_pipe, name)
+    assert names == sorted(set(names))
+
+
 # ----------------------------------------------------------------------------------------- warnings in a loop
 def test_a_warning_in_a_loop_is_shown_once_at_the_callers_line(tiny):
     """Twenty calls in a loop with b images of different aspect ratios: with Python's default filter the warning is
