@@ -354,7 +354,7 @@ def _restore_layers(layers: dict[str, LoRWeBLinear], originals: dict, restore) -
     if failed:
         raise RuntimeError(f"could not restore the original weights of {len(failed)} layers: they keep the merged "
                            "weights and stay marked merged (set_query and loads into them are refused; reload the "
-                           f"model): {failed[:3]}{' ...' if len(failed) > 3 else ''}")
+                           f"model): {failed[:3]}{' ...' if len(failed) > 3 else ''}") from interrupt
 
 
 class _RefuseLoad:
@@ -1128,8 +1128,9 @@ class LoRWeBKontextPipeline:
         try:
             lora_api.fuse_lora(self.transformer, strategy)
         except BaseException:  # Ctrl-C too
-            lora_api.set_lorweb_scale(self.transformer, before)  # not fused: the strength can go back
-            raise
+            if not any(layer._merged for layer in lorweb_layers(self.transformer).values()):
+                lora_api.set_lorweb_scale(self.transformer, before)  # not fused: the strength can go back
+            raise  # (a layer left merged by a failed restore: that error, not set_lorweb_scale's refusal)
         self._fuse_scales = (before, fused_scale)
         if safe_fusing and strategy in ("full", "offload"):
             bad = [name for name, layer in lorweb_layers(self.transformer).items()
@@ -1177,8 +1178,9 @@ class LoRWeBKontextPipeline:
             return contextlib.nullcontext()
         strategy = lora_api.scale_fused_strategy(self.transformer)
         if strategy is not None:
-            raise ValueError(f"joint_attention_kwargs['scale'] cannot change the strength of a mixture fused into the "
-                             f"weights (strategy={strategy!r}); call unfuse_lora() first, or fuse with lora_scale")
+            raise RuntimeError(f"joint_attention_kwargs['scale'] cannot change the strength of a mixture fused into "
+                               f"the weights (strategy={strategy!r}); call unfuse_lora() first, or fuse with "
+                               "lora_scale")
         return _strength_times(self.transformer, float(scale))
 
     def set_lorweb_scale(self, scale: float) -> None:
@@ -1483,9 +1485,9 @@ def _strength_times(model: nn.Module, factor: float):
     """Every LoRWeB layer's strength (``set_lorweb_scale``) times ``factor`` inside the block, as it was after."""
     layers = list(lorweb_layers(model).values())
     kept = [layer._lorweb_scale for layer in layers]
-    for layer, strength in zip(layers, kept):
-        layer._lorweb_scale = strength * factor
     try:
+        for layer, strength in zip(layers, kept):
+            layer._lorweb_scale = strength * factor
         yield
     finally:
         for layer, strength in zip(layers, kept):

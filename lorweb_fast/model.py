@@ -1049,27 +1049,23 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
              f"{len(uncovered)} (e.g. {uncovered[0]!r}) run without an adapter: a checkpoint for a smaller "
              "model or trained with other target modules?")
 
-    # Everything is validated. The flags first (building a layer freezes its base), then every new layer and a copy
-    # of the values the load overwrites in the layers already there (no model change yet), then the swap and copy,
-    # undone whatever interrupts it (Ctrl-C, out of memory): the model is as it was. The existing tensors keep their
-    # storage (copied into, as before: compiled graphs and CUDA graphs hold their addresses)
+    # Everything is validated. Building and swapping in the new layers (building one freezes its base) is undone
+    # whatever interrupts it (Ctrl-C, out of memory): the model is as it was. The copy into the tensors is finished
+    # even when a Ctrl-C comes during it (copied once more, whole; then the interrupt is raised): the model then
+    # holds the whole checkpoint, never a mix (no rollback copy: it would double the adapter's memory on the GPU)
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    new_layers = {}
-    for name, tensors in groups.items():
-        if name in existing:
-            continue
-        n, _, r = tensors["lora_A"].shape
-        key_dim = tensors["lora_keys"].shape[1]
-        query_dim = tensors["att_lora_to_q.weight"].shape[1] if projection == "linear" else key_dim
-        new_layers[name] = LoRWeBLinear(modules[name], num_loras=n, rank=r, lora_alpha=cfg["scale"] * r,
-                                        key_dim=key_dim, query_dim=query_dim, heads=cfg["heads"],
-                                        activation=cfg["activation"], reduce=cfg["reduce"],
-                                        query_projection_type=projection)
-    with torch.no_grad():
-        kept = [(param, param.detach().clone()) for name in groups if name in existing
-                for param in existing[name].lorweb_tensors().values()]
-    swapped_in = []
+    new_layers, swapped_in = {}, []
     try:
+        for name, tensors in groups.items():
+            if name in existing:
+                continue
+            n, _, r = tensors["lora_A"].shape
+            key_dim = tensors["lora_keys"].shape[1]
+            query_dim = tensors["att_lora_to_q.weight"].shape[1] if projection == "linear" else key_dim
+            new_layers[name] = LoRWeBLinear(modules[name], num_loras=n, rank=r, lora_alpha=cfg["scale"] * r,
+                                            key_dim=key_dim, query_dim=query_dim, heads=cfg["heads"],
+                                            activation=cfg["activation"], reduce=cfg["reduce"],
+                                            query_projection_type=projection)
         for name, layer in new_layers.items():
             swapped_in.append(name)  # first: undone even when the interrupt comes right after the swap
             _set_submodule(model, name, layer)
@@ -1077,21 +1073,26 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
             _keep_query_projection_out_of_layerwise_casting(model)
             if freeze_base_model:
                 _freeze_base_model(model)
-        with torch.no_grad():
-            for name, tensors in groups.items():
-                layer = model.get_submodule(name)
-                for suffix, param in layer.lorweb_tensors().items():
-                    param.copy_(tensors[suffix])
     except BaseException:
-        with torch.no_grad():
-            for param, value in kept:
-                param.copy_(value)
         for name in reversed(swapped_in):
             _set_submodule(model, name, new_layers[name].base_layer)
         for param, flag in flags:
             param.requires_grad_(flag)
         raise
-    del kept
-    for name in groups:
-        model.get_submodule(name)._coefficients = None  # from the old parameters: a forward raises until set_query
+
+    def copy_checkpoint():
+        with torch.no_grad():
+            for name, tensors in groups.items():
+                layer = model.get_submodule(name)
+                layer._coefficients = None  # from the old parameters: a forward raises until set_query
+                for suffix, param in layer.lorweb_tensors().items():
+                    param.copy_(tensors[suffix])
+
+    try:
+        copy_checkpoint()
+    except Exception:
+        raise
+    except BaseException:  # Ctrl-C: the copy once more, whole, then the interrupt
+        copy_checkpoint()
+        raise
     return sorted(groups)

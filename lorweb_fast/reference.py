@@ -45,8 +45,9 @@ def compute_coefficients(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads must be an integer >= 1, got {heads!r}")
+    from .validation import check_positive_int
+
+    heads = check_positive_int("heads", heads)  # as ops.compute_coefficients: numpy integers pass
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     if query.dim() != 2 or to_q_weight.dim() != 2 or keys.dim() != 2:

@@ -383,11 +383,12 @@ def _check_text(name: str, value, count: int) -> None:
 
 
 def _check_batch_tensor(name: str, value, dims: int, batch: int, what: str) -> None:
+    """``value`` a ``dims``-D tensor with ``batch`` rows, one per ``what`` ("analogies" or "images")."""
     if not isinstance(value, torch.Tensor) or value.dim() != dims:
         raise TypeError(f"{name} must be a {dims}-D tensor, got {_short_repr(value)}")
     if value.shape[0] != batch:
-        raise ValueError(f"{name} holds {value.shape[0]} rows for {batch} {what}: give one row per "
-                         f"{what.rstrip('s')}")
+        one = {"analogies": "analogy", "images": "image"}[what]
+        raise ValueError(f"{name} holds {value.shape[0]} rows for {batch} {what}: give one row per {one}")
 
 
 def _short_repr(value) -> str:

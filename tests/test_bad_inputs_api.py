@@ -9,6 +9,7 @@ import os
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -224,7 +225,8 @@ def test_config_choices_and_divisibility(field, value):
 
 @pytest.mark.parametrize("settings,fragment", [
     (dict(query_projection_type="conv"), r"query_projection_type must be one of \('linear', 'none'\)"),
-    (dict(query_projection_type="none", key_dim=8, query_dim=12), r"key_dim must equal query_dim; got key_dim=8, query_dim=12")])
+    (dict(query_projection_type="none", key_dim=8, query_dim=12),
+     r"key_dim must equal query_dim; got key_dim=8, query_dim=12")])
 def test_config_query_projection_type(settings, fragment):
     """``LoRWeBConfig.validate`` checks query_projection_type as every other field (it was left to the layers)."""
     config = lf.LoRWeBConfig(target_modules=r"\d", **settings)
@@ -236,11 +238,14 @@ def test_config_query_projection_type(settings, fragment):
     assert not lf.lorweb_layers(m)
 
 
-@pytest.mark.parametrize("heads", [0, -1, 1.0, True])
-def test_reference_coefficients_heads(heads):
-    """The float64 oracle refuses heads that are not a positive integer (0 was a ZeroDivisionError)."""
-    with pytest.raises(ValueError, match="heads must be an integer >= 1"):
+@pytest.mark.parametrize("heads,exc", [(0, ValueError), (-1, ValueError), (1.0, TypeError), (True, TypeError)])
+def test_reference_coefficients_heads(heads, exc):
+    """The float64 oracle refuses heads that are not a positive integer as ``ops.compute_coefficients`` does (0 was
+    a ZeroDivisionError); a numpy integer passes."""
+    with pytest.raises(exc, match="heads must be an integer"):
         reference.compute_coefficients(torch.randn(2, 4), torch.randn(4, 4), torch.randn(3, 4), heads=heads)
+    q, w, keys = torch.randn(2, 4), torch.randn(4, 4), torch.randn(3, 4)
+    assert reference.compute_coefficients(q, w, keys, heads=np.int64(2)).shape == (2, 3)
 
 
 # --------------------------------------------------------------------------------------------- non-finite inputs

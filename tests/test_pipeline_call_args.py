@@ -373,7 +373,7 @@ def test_joint_attention_kwargs_scale_on_a_fused_pipeline_is_refused(tiny, work)
     try:
         before = state(tiny)
         work.clear()
-        with pytest.raises(ValueError, match=r"joint_attention_kwargs\['scale'\].*unfuse_lora"):
+        with pytest.raises(RuntimeError, match=r"joint_attention_kwargs\['scale'\].*unfuse_lora"):
             call(tiny, *X0, "flip", joint_attention_kwargs={"scale": 0.5})
         assert work == []
         assert_same_state(before, state(tiny))
