@@ -250,26 +250,35 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
     if not names:
         raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of "
                          f"{type(model).__name__}")
-    # building a layer freezes its base: the flags go back, and the layers swapped in come out again, whatever
-    # interrupts the injection (Ctrl-C, out of memory while building FLUX.1-Kontext's layers)
+    _swap_in_layers(model, lambda: {name: LoRWeBLinear(model.get_submodule(name), dtype=dtype,
+                                                        **config.layer_kwargs()) for name in names},
+                    freeze_base_model)
+    return names
+
+
+def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool) -> dict:
+    """The layers ``build()`` makes ({name: LoRWeBLinear} around the model's modules) swapped into ``model``, the
+    query projections kept out of layerwise casting and, with ``freeze_base_model``, the rest frozen. Undone whatever
+    interrupts it (Ctrl-C, out of memory; building a layer freezes its base): the modules and every ``requires_grad``
+    flag as they were. Returns the new layers."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    swapped_in = []
+    new_layers, swapped_in = {}, []
     try:
-        new_layers = {name: LoRWeBLinear(model.get_submodule(name), dtype=dtype, **config.layer_kwargs())
-                      for name in names}
+        new_layers = build()
         for name, layer in new_layers.items():  # all built: swapping in cannot fail half way
             swapped_in.append(name)  # first: undone even when the interrupt comes right after the swap
             _set_submodule(model, name, layer)
-        _keep_query_projection_out_of_layerwise_casting(model)
-        if freeze_base_model:
-            _freeze_base_model(model)
+        if new_layers:
+            _keep_query_projection_out_of_layerwise_casting(model)
+            if freeze_base_model:
+                _freeze_base_model(model)
     except BaseException:
         for name in reversed(swapped_in):
             _set_submodule(model, name, new_layers[name].base_layer)
         for param, flag in flags:
             param.requires_grad_(flag)
         raise
-    return names
+    return new_layers
 
 
 def remove_lorweb(model: nn.Module) -> list[str]:
@@ -1049,13 +1058,12 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
              f"{len(uncovered)} (e.g. {uncovered[0]!r}) run without an adapter: a checkpoint for a smaller "
              "model or trained with other target modules?")
 
-    # Everything is validated. Building and swapping in the new layers (building one freezes its base) is undone
-    # whatever interrupts it (Ctrl-C, out of memory): the model is as it was. The copy into the tensors is finished
-    # even when a Ctrl-C comes during it (copied once more, whole; then the interrupt is raised): the model then
-    # holds the whole checkpoint, never a mix (no rollback copy: it would double the adapter's memory on the GPU)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    new_layers, swapped_in = {}, []
-    try:
+    # Everything is validated. Building and swapping in the new layers is undone whatever interrupts it (Ctrl-C, out
+    # of memory): the model is as it was. The copy into the tensors is finished even when a Ctrl-C comes during it
+    # (copied once more, whole; then the interrupt is raised): the model then holds the whole checkpoint, never a mix
+    # (no rollback copy: it would double the adapter's memory on the GPU)
+    def build() -> dict:
+        new_layers = {}
         for name, tensors in groups.items():
             if name in existing:
                 continue
@@ -1066,19 +1074,9 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                                             key_dim=key_dim, query_dim=query_dim, heads=cfg["heads"],
                                             activation=cfg["activation"], reduce=cfg["reduce"],
                                             query_projection_type=projection)
-        for name, layer in new_layers.items():
-            swapped_in.append(name)  # first: undone even when the interrupt comes right after the swap
-            _set_submodule(model, name, layer)
-        if new_layers:
-            _keep_query_projection_out_of_layerwise_casting(model)
-            if freeze_base_model:
-                _freeze_base_model(model)
-    except BaseException:
-        for name in reversed(swapped_in):
-            _set_submodule(model, name, new_layers[name].base_layer)
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        raise
+        return new_layers
+
+    _swap_in_layers(model, build, freeze_base_model)
 
     def copy_checkpoint():
         with torch.no_grad():

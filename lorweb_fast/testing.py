@@ -40,6 +40,7 @@ rounded bf16 result of 300 equal terms (0.5 * sqrt(300) = 8.7 eps x rss) would e
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -698,3 +699,15 @@ def hold_folder_lock(folder, name: str, what: str):
         proc.wait()
         raise RuntimeError(f"the lock holder for {folder} did not start")
     return proc
+
+
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """torch on one intra-op thread inside the block (tiny models run faster without thread spinning on a shared
+    CPU), the previous count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -32,8 +32,8 @@ import lorweb_fast as lf
 from lorweb_fast import demo, flux, lora_api, ops, training
 from lorweb_fast import model as lf_model
 from lorweb_fast._files import FolderLock
-from lorweb_fast.testing import (file_tree, random_analogy, tiny_kontext_with_encoder, tiny_lorweb_pair,
-                                 tiny_train_config, tiny_training_assets)
+from lorweb_fast.testing import (file_tree, one_intra_op_thread, random_analogy, tiny_kontext_with_encoder,
+                                 tiny_lorweb_pair, tiny_train_config, tiny_training_assets)
 
 pytest.importorskip("diffusers")
 
@@ -47,11 +47,8 @@ BAR = re.compile(r"\d+%\|")
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The tiny models run faster on one intra-op thread (no thread spinning on a shared CPU); put back after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

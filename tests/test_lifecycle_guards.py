@@ -25,8 +25,8 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import demo, flux, lora_api, training
-from lorweb_fast.testing import (random_analogy, tiny_kontext_with_encoder, tiny_lorweb_pair, tiny_train_config,
-                                 tiny_training_assets)
+from lorweb_fast.testing import (one_intra_op_thread, random_analogy, tiny_kontext_with_encoder, tiny_lorweb_pair,
+                                 tiny_train_config, tiny_training_assets)
 
 pytest.importorskip("diffusers")
 
@@ -45,11 +45,8 @@ GLOBAL_HOOK_TABLES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_gl
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The tiny models run faster on one intra-op thread (no thread spinning on a shared CPU); put back after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 def tiny_model(seed=0):
