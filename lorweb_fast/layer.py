@@ -502,6 +502,24 @@ class LoRWeBLinear(nn.Module):
                                          backend=self.backend)
         return y + delta.to(y.dtype)
 
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``to``, ``half``, ``to_empty``, ...); with ``query_projection_type="none"`` the
+        identity query projection is filled in again afterwards: ``to_empty`` leaves it uninitialised, and no
+        checkpoint or state dict holds it (a non-persistent buffer)."""
+        result = super()._apply(fn, recurse)
+        self.refill_identity_projection()
+        return result
+
+    def refill_identity_projection(self) -> None:
+        """With ``query_projection_type="none"``: the (key_dim, key_dim) identity query projection written in again
+        (not on the meta device); a no-op for "linear". Called after module conversions and loads, which may leave
+        it uninitialised (``to_empty``) while no checkpoint holds it."""
+        if self.query_projection_type == "none":
+            identity = self.att_lora_to_q.weight
+            if identity.device.type != "meta":
+                with torch.no_grad():
+                    identity.copy_(torch.eye(self.key_dim, dtype=identity.dtype, device=identity.device))
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """``load_state_dict``: refused inside ``merged()``; loading new LoRWeB parameters drops the coefficients
@@ -523,6 +541,7 @@ class LoRWeBLinear(nn.Module):
                                       error_msgs)
         if any(k in state_dict for k in own):
             self._coefficients = None
+            self.refill_identity_projection()  # e.g. after to_empty: the state dict does not hold it
 
     def __deepcopy__(self, memo):
         """``copy.deepcopy`` as for any module, but coefficients (or a per-forward query) that carry autograd

@@ -175,14 +175,25 @@ def _keep_query_projection_out_of_layerwise_casting(model: nn.Module) -> None:
         model._skip_layerwise_casting_patterns = patterns + ["att_lora_to_q"]
 
 
-def _find_targets(model: nn.Module, target_modules) -> list[str]:
+def _find_targets(model: nn.Module, target_modules, *, refuse_aliases: bool = True) -> list[str]:
+    """The names of the nn.Linear modules of ``model`` that ``target_modules`` matches (outside LoRWeB layers).
+    A targeted linear reachable under several names (one module assigned to two attributes) is refused with a
+    ValueError naming them: a LoRWeB layer swapped in under one name would leave the others calling the bare base
+    layer, silently without the adapter (``named_modules()`` lists such a module once)."""
     inside_lorweb = [n + "." for n in lorweb_layers(model)]
-    names = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p) for p in inside_lorweb):
+    names, aliases = [], {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or any(name.startswith(p) for p in inside_lorweb) or not isinstance(module, nn.Linear):
             continue
-        if isinstance(module, nn.Linear) and matches_target(name, target_modules):
+        aliases.setdefault(id(module), []).append(name)
+        if matches_target(name, target_modules):
             names.append(name)
+    shared = sorted({tuple(aliases[id(model.get_submodule(n))]) for n in names if len(
+        aliases[id(model.get_submodule(n))]) > 1})
+    if shared and refuse_aliases:
+        raise ValueError(f"the targeted linear layer {shared[0][0]!r} is one module reachable under several names "
+                         f"{list(shared[0])}: a LoRWeB layer swapped in under one of them would leave the others "
+                         "without the adapter; give the module one name (or leave it out of target_modules)")
     return names
 
 
@@ -731,8 +742,13 @@ def _on_meta_device(module: nn.Module) -> Optional[str]:
             return "the injected layer's LoRWeB tensors are"
         return None
     # a new LoRWeBLinear over a meta base creates its tensors on the default device: real, unless that is meta
-    return "the default device (a torch.device('meta') context) is" if torch.get_default_device().type == "meta" \
-        else None
+    if torch.get_default_device().type == "meta":
+        return "the default device (a torch.device('meta') context) is"
+    # accelerate's init_empty_weights() moves every parameter a new module registers to meta (a patched
+    # register_parameter), whatever the default device: a probe parameter shows it
+    if nn.Linear(1, 1, bias=False).weight.device.type == "meta":
+        return "every new parameter (inside accelerate's init_empty_weights()) is"
+    return None
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -950,7 +966,10 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         cfg["scale"] = scale
     existing = lorweb_layers(model)
     differs_from_injected = False  # a problem only because the model already holds LoRWeB layers of other shapes
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # every name of a module reachable under several
+    names_of: dict[int, list] = {}
+    for module_name, module in modules.items():
+        names_of.setdefault(id(module), []).append(module_name)
     for name in sorted(groups):
         tensors = groups[name]
         module = modules.get(name)  # first: keys of a module the model lacks are unexpected, not incomplete
@@ -960,6 +979,11 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         if not isinstance(module, (LoRWeBLinear, nn.Linear)):
             problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: module {name!r} is a "
                             f"{type(module).__name__}, not a linear layer")
+            continue
+        if not isinstance(module, LoRWeBLinear) and len(names_of[id(module)]) > 1:
+            problems.append(f"{CHECKPOINT_PREFIX}{name}.*: module {name!r} is one linear layer reachable under "
+                            f"several names {names_of[id(module)]}: a LoRWeB layer swapped in under one of them "
+                            "would leave the others without the adapter")
             continue
         if any(name.startswith(e + ".") for e in existing):
             problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: {name!r} is inside a LoRWeB layer")
@@ -1050,7 +1074,8 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     # model (no LoRWeB layers yet), adapting fewer of its linear layers than the official LoRWeB adapts (every linear
     # of the transformer blocks): loaded, but the others run without an adapter
     official_targets = [] if recorded is not None or isinstance(path_or_state_dict, Mapping) or existing else \
-        [n for n in _find_targets(model, DEFAULT_TARGET_MODULES) if _read_not_called(model, n) is None]
+        [n for n in _find_targets(model, DEFAULT_TARGET_MODULES, refuse_aliases=False)
+         if _read_not_called(model, n) is None]
     uncovered = [n for n in official_targets if n not in groups]
     if uncovered and len(uncovered) < len(official_targets):  # some adapted, not all
         warn(f"the checkpoint adapts {len(official_targets) - len(uncovered)} of the {len(official_targets)} "
@@ -1085,6 +1110,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                 layer._coefficients = None  # from the old parameters: a forward raises until set_query
                 for suffix, param in layer.lorweb_tensors().items():
                     param.copy_(tensors[suffix])
+                layer.refill_identity_projection()  # "none": no checkpoint holds it (to_empty may have cleared it)
 
     try:
         copy_checkpoint()
