@@ -8,6 +8,7 @@ own, are killed with it."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -47,7 +48,9 @@ if mode == "late-load-failure-on-rank-1" and os.environ["RANK"] == "1":
     training.load_training_pipeline = failing_load
 rc = cli.main(argv)
 alive = torch.distributed.is_available() and torch.distributed.is_initialized()
-print(f"audit rank {os.environ['RANK']}: exit {rc}, process group alive: {alive}", flush=True)
+# one write with its newline (print writes the text and the newline apart: two ranks' lines could run together)
+sys.stdout.write(f"audit rank {os.environ['RANK']}: exit {rc}, process group alive: {alive}\\n")
+sys.stdout.flush()
 if rc:
     time.sleep(5)  # torchrun terminates the other ranks once one has exited: let them report too
 sys.exit(rc)
@@ -260,7 +263,8 @@ def test_failed_train_command_destroys_its_process_group(refused_launch):
     exit with another status than 2."""
     text = refused_launch.stdout + refused_launch.stderr
     assert refused_launch.returncode != 0
-    reports = sorted(line for line in text.splitlines() if line.startswith("audit rank "))
+    # found anywhere in the text: another process's output may share a line with a report
+    reports = sorted(re.findall(r"audit rank \d+: exit -?\d+, process group alive: (?:True|False)", text))
     assert [r.split(":")[0] for r in reports] == ["audit rank 0", "audit rank 1"], text[-3000:]
     assert all("exit 2," in r for r in reports), reports  # the refusal, on every rank
     assert all(r.endswith("process group alive: False") for r in reports), reports
