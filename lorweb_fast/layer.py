@@ -514,7 +514,7 @@ class LoRWeBLinear(nn.Module):
         """With ``query_projection_type="none"``: the (key_dim, key_dim) identity query projection written in again
         (not on the meta device); a no-op for "linear". Called after module conversions and loads, which may leave
         it uninitialised (``to_empty``) while no checkpoint holds it."""
-        if self.query_projection_type == "none":
+        if getattr(self, "query_projection_type", None) == "none":  # (None while __init__ runs)
             identity = self.att_lora_to_q.weight
             if identity.device.type != "meta":
                 with torch.no_grad():
