@@ -456,9 +456,10 @@ def official_style_checkpoint(path, *, n: int = 3, r: int = 2, key_dim: int = 8,
     return state
 
 
-def tiny_lorweb_pair(config, seed: int = 0) -> torch.nn.Module:
+def tiny_lorweb_pair(config, seed: int = 0, *, key_std: Optional[float] = None) -> torch.nn.Module:
     """``nn.Sequential(Linear(6, 5), Linear(5, 4))`` in eval mode with LoRWeB layers injected by ``config`` (a
-    ``LoRWeBConfig``) and a random non-zero basis (lora_B drawn from a normal, not the zero init)."""
+    ``LoRWeBConfig``) and a random non-zero basis (lora_B drawn from a normal, not the zero init); ``key_std``: the
+    keys drawn again from N(0, key_std) (spread-out keys: coefficients far from uniform)."""
     from .model import inject_lorweb, lorweb_layers
 
     torch.manual_seed(seed)
@@ -467,6 +468,8 @@ def tiny_lorweb_pair(config, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for layer in lorweb_layers(m).values():
             layer.lora_B.normal_()
+        for layer in lorweb_layers(m).values() if key_std is not None else ():
+            layer.lora_keys.normal_(0, key_std)
     return m
 
 

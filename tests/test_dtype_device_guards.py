@@ -40,11 +40,7 @@ def one_thread():
 
 def tiny_model(seed=0, config=CONFIG):
     """Two injected linear layers (6 -> 5 -> 4), random non-zero basis, spread-out keys, eval mode."""
-    m = tiny_lorweb_pair(config, seed)
-    with torch.no_grad():
-        for layer in lf.lorweb_layers(m).values():
-            layer.lora_keys.normal_(0, 2.0)
-    return m
+    return tiny_lorweb_pair(config, seed, key_std=2.0)
 
 
 def query(b=2, seed=0):

@@ -94,11 +94,7 @@ def call(pipe, analogy, **kwargs):
 
 def tiny_model(seed=0):
     """Two injected linear layers (6 -> 5 -> 4), random non-zero basis, spread-out keys."""
-    m = tiny_lorweb_pair(CONFIG, seed)
-    with torch.no_grad():
-        for layer in lf.lorweb_layers(m).values():
-            layer.lora_keys.normal_(0, 2.0)
-    return m
+    return tiny_lorweb_pair(CONFIG, seed, key_std=2.0)
 
 
 def query(b=1, seed=0):
