@@ -22,7 +22,8 @@ from ._files import save_figure_atomically
 from .layer import (LoRWeBLinear, group_offloading_modes, has_forward_hooks, has_plain_weight, one_analogy,
                     refuse_disk_group_offloading)
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
-    get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, set_query
+    finished_through_interrupt, get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, \
+    set_query
 from .validation import MIN_LONG_EDGE, MIN_MAX_AREA, check_device, check_generation_options, check_int, \
     check_pipe_call, check_pipe_kwargs, check_real, warn, warn_aspect_ratios
 
@@ -335,18 +336,14 @@ def _restore_layers(layers: dict[str, LoRWeBLinear], originals: dict, restore) -
     for name, original in originals.items():
         layer = layers[name]
         if not getattr(layer, "_keep_merged_on_exit", False):  # set by unload_lora_weights: bake, not restore
-            try:
-                try:
-                    restore(layer, original)
-                except Exception:
-                    raise
-                except BaseException as exc:  # Ctrl-C: this layer once more, then the rest, then the interrupt
-                    interrupt = interrupt or exc
-                    restore(layer, original)
-            except BaseException as exc:
+            try:  # a Ctrl-C: this layer once more, then the rest, then the interrupt
+                interrupted = finished_through_interrupt(lambda: restore(layer, original))
+                interrupt = interrupt or interrupted
+            except BaseException as exc:  # the restore failed (its retry too, after a Ctrl-C: its context)
                 failed.append(f"{name}: {type(exc).__name__}: {exc}")
-                if not isinstance(exc, Exception):
-                    interrupt = interrupt or exc
+                ctrl_c = exc if not isinstance(exc, Exception) else exc.__context__
+                if ctrl_c is not None and not isinstance(ctrl_c, Exception):
+                    interrupt = interrupt or ctrl_c
                 continue
         layer._merged = False
     if interrupt is not None and not failed:

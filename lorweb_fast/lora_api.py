@@ -112,7 +112,7 @@ def check_fused_query(model: nn.Module, query: torch.Tensor) -> None:
         # close, not equal: the per-layer computation may round differently from set_query's batched one, and a
         # model cast to fp16 / bf16 after the fuse computes from rounded projections and keys: each row within
         # 2 eps of the weights' dtype (at least 1e-4) of the fused coefficients, relative to their norm
-        tol = max(1e-4, 2 * torch.finfo(weight.dtype).eps) if weight.dtype.is_floating_point else 1e-4
+        tol = max(1e-4, 2 * torch.finfo(weight.dtype).eps)
         same = now.shape[1] == then.shape[1]
         if same:
             want = then[:1].to(now.device, torch.float32).expand(now.shape[0], -1)

@@ -181,20 +181,26 @@ def _find_targets(model: nn.Module, target_modules, *, refuse_aliases: bool = Tr
     ValueError naming them: a LoRWeB layer swapped in under one name would leave the others calling the bare base
     layer, silently without the adapter (``named_modules()`` lists such a module once)."""
     inside_lorweb = [n + "." for n in lorweb_layers(model)]
-    names, aliases = [], {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if not name or any(name.startswith(p) for p in inside_lorweb) or not isinstance(module, nn.Linear):
-            continue
-        aliases.setdefault(id(module), []).append(name)
-        if matches_target(name, target_modules):
-            names.append(name)
-    shared = sorted({tuple(aliases[id(model.get_submodule(n))]) for n in names if len(
-        aliases[id(model.get_submodule(n))]) > 1})
+    modules, names_of = _modules_with_every_name(model)
+    names = [name for name, module in modules.items()
+             if name and not any(name.startswith(p) for p in inside_lorweb) and isinstance(module, nn.Linear)
+             and matches_target(name, target_modules)]
+    shared = [names_of[id(modules[n])] for n in names if len(names_of[id(modules[n])]) > 1]
     if shared and refuse_aliases:
         raise ValueError(f"the targeted linear layer {shared[0][0]!r} is one module reachable under several names "
-                         f"{list(shared[0])}: a LoRWeB layer swapped in under one of them would leave the others "
+                         f"{shared[0]}: a LoRWeB layer swapped in under one of them would leave the others "
                          "without the adapter; give the module one name (or leave it out of target_modules)")
     return names
+
+
+def _modules_with_every_name(model: nn.Module) -> tuple[dict, dict]:
+    """``({name: module}, {id(module): [its names]})`` over every name a module is reachable under
+    (``named_modules()`` lists a module assigned to two attributes once)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    names_of: dict[int, list] = {}
+    for name, module in modules.items():
+        names_of.setdefault(id(module), []).append(name)
+    return modules, names_of
 
 
 def _read_not_called(model: nn.Module, name: str) -> Optional[str]:
@@ -265,6 +271,20 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
                                                         **config.layer_kwargs()) for name in names},
                     freeze_base_model)
     return names
+
+
+def finished_through_interrupt(work) -> Optional[BaseException]:
+    """Run ``work()``; a Ctrl-C (a BaseException that is no Exception) during it runs ``work()`` once more, whole, and
+    is returned for the caller to raise once the rest of its own work is done (an idempotent step that must not stop
+    half way: a checkpoint's copy, a weight's restore). None when nothing interrupted it; an Exception propagates."""
+    try:
+        work()
+    except Exception:
+        raise
+    except BaseException as exc:
+        work()
+        return exc
+    return None
 
 
 def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool) -> dict:
@@ -733,7 +753,18 @@ def read_checkpoint(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[s
     return _read_safetensors(path_or_state_dict, tensors=True)
 
 
-def _on_meta_device(module: nn.Module) -> Optional[str]:
+def _new_parameters_on_meta() -> Optional[str]:
+    """Where a new LoRWeBLinear's tensors would hold no values, or None: the default device is meta (a
+    ``torch.device('meta')`` context), or accelerate's ``init_empty_weights()`` moves every parameter a new module
+    registers to meta (a patched ``register_parameter``, whatever the default device: a probe parameter shows it)."""
+    if torch.get_default_device().type == "meta":
+        return "the default device (a torch.device('meta') context) is"
+    if nn.Linear(1, 1, bias=False).weight.device.type == "meta":
+        return "every new parameter (inside accelerate's init_empty_weights()) is"
+    return None
+
+
+def _on_meta_device(module: nn.Module, new_parameters_on_meta: Optional[str]) -> Optional[str]:
     """What of a load target would hold no values: the LoRWeB tensors of a LoRWeBLinear, or, for a plain linear
     layer, the default device its new LoRWeBLinear creates its tensors on when the base weight is on the meta device
     (real, so a meta base filled later with load_state_dict(assign=True) works); None when they are real."""
@@ -742,13 +773,7 @@ def _on_meta_device(module: nn.Module) -> Optional[str]:
             return "the injected layer's LoRWeB tensors are"
         return None
     # a new LoRWeBLinear over a meta base creates its tensors on the default device: real, unless that is meta
-    if torch.get_default_device().type == "meta":
-        return "the default device (a torch.device('meta') context) is"
-    # accelerate's init_empty_weights() moves every parameter a new module registers to meta (a patched
-    # register_parameter), whatever the default device: a probe parameter shows it
-    if nn.Linear(1, 1, bias=False).weight.device.type == "meta":
-        return "every new parameter (inside accelerate's init_empty_weights()) is"
-    return None
+    return new_parameters_on_meta
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -966,10 +991,8 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         cfg["scale"] = scale
     existing = lorweb_layers(model)
     differs_from_injected = False  # a problem only because the model already holds LoRWeB layers of other shapes
-    modules = dict(model.named_modules(remove_duplicate=False))  # every name of a module reachable under several
-    names_of: dict[int, list] = {}
-    for module_name, module in modules.items():
-        names_of.setdefault(id(module), []).append(module_name)
+    modules, names_of = _modules_with_every_name(model)
+    new_parameters_on_meta = _new_parameters_on_meta()
     for name in sorted(groups):
         tensors = groups[name]
         module = modules.get(name)  # first: keys of a module the model lacks are unexpected, not incomplete
@@ -996,7 +1019,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         if why:
             problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: {why}")
             continue
-        on_meta = _on_meta_device(module)
+        on_meta = _on_meta_device(module, new_parameters_on_meta)
         if on_meta:
             problems.append(f"{CHECKPOINT_PREFIX}{name}.*: {on_meta} on the meta device (no values: injected "
                             "under torch.device('meta'), or offloaded by sequential CPU offload after injection); "
@@ -1112,11 +1135,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                     param.copy_(tensors[suffix])
                 layer.refill_identity_projection()  # "none": no checkpoint holds it (to_empty may have cleared it)
 
-    try:
-        copy_checkpoint()
-    except Exception:
-        raise
-    except BaseException:  # Ctrl-C: the copy once more, whole, then the interrupt
-        copy_checkpoint()
-        raise
+    interrupt = finished_through_interrupt(copy_checkpoint)
+    if interrupt is not None:
+        raise interrupt
     return sorted(groups)

@@ -714,3 +714,15 @@ def one_intra_op_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+class NanGradient(torch.autograd.Function):
+    """Identity whose backward returns NaN: a finite loss with a non-finite gradient (``NanGradient.apply(loss)``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")

@@ -467,8 +467,7 @@ def check_pipe_call(pipe_kwargs: dict, prompt, generator, *, count: int, callbac
         if not sigmas or len(sigmas) > MAX_STEPS:
             raise ValueError(f"sigmas must hold 1 to {MAX_STEPS} numbers in [0, 1] (one denoising step each), got "
                              f"{len(sigmas)}")
-        for i, sigma in enumerate(sigmas):
-            check_real(f"sigmas[{i}]", sigma, lo=0.0, hi=1.0)
+        _check_sigma_values("sigmas", sigmas)
     attention = pipe_kwargs.get("joint_attention_kwargs")
     if attention is not None:
         if not isinstance(attention, dict):
@@ -620,8 +619,13 @@ CLI_PIPE_ARGS = {
     "prompt_2": lambda k, v: _check_str(k, v), "negative_prompt": lambda k, v: _check_str(k, v),
     "negative_prompt_2": lambda k, v: _check_str(k, v), "true_cfg_scale": lambda k, v: check_real(k, v, lo=0.0),
     "max_sequence_length": lambda k, v: check_int(k, v, lo=1, hi=512),
-    "sigmas": lambda k, v: [check_real(f"{k}[{i}]", s, lo=0.0, hi=1.0) for i, s in enumerate(_check_list(k, v))],
+    "sigmas": lambda k, v: _check_sigma_values(k, _check_list(k, v)),
 }
+
+
+def _check_sigma_values(name, sigmas) -> list:
+    """Every entry of ``sigmas`` a real number in [0, 1] (diffusers' flow-matching noise levels)."""
+    return [check_real(f"{name}[{i}]", s, lo=0.0, hi=1.0) for i, s in enumerate(sigmas)]
 
 
 def _check_str(name, value):

@@ -25,8 +25,8 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import demo, flux, lora_api, training
-from lorweb_fast.testing import (one_intra_op_thread, random_analogy, tiny_kontext_with_encoder, tiny_lorweb_pair,
-                                 tiny_train_config, tiny_training_assets)
+from lorweb_fast.testing import (NanGradient, one_intra_op_thread, random_analogy, tiny_kontext_with_encoder,
+                                 tiny_lorweb_pair, tiny_train_config, tiny_training_assets)
 
 pytest.importorskip("diffusers")
 
@@ -528,18 +528,6 @@ def train_assets(tmp_path_factory):
 
 def train_config(assets, out, **over):
     return tiny_train_config(assets, out, **{"steps": 2, "checkpoint_every": 2, **over})
-
-
-class NanGradient(torch.autograd.Function):
-    """Identity whose backward returns NaN: a finite loss with a non-finite gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
 
 
 @pytest.fixture(scope="module")

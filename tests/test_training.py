@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import lorweb_fast as lf
 from lorweb_fast import cli, demo, flux, training
 from lorweb_fast.data import AnalogyDataError, AnalogyFolder
-from lorweb_fast.testing import free_port, random_rgb_image, tiny_train_config, tiny_training_assets
+from lorweb_fast.testing import NanGradient, free_port, random_rgb_image, tiny_train_config, tiny_training_assets
 from lorweb_fast.training import TrainConfig
 
 pytest.importorskip("diffusers")
@@ -1341,15 +1341,6 @@ def test_non_finite_gradients_stop_training_without_clipping_too(assets, tmp_pat
     cfg = config(assets, tmp_path / "nan", steps=3, checkpoint_every=1, max_grad_norm=0.0)
     real = training.flow_matching_loss
     calls = []
-
-    class NanGradient(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * float("nan")
 
     def poisoned(*args, **kwargs):
         calls.append(1)

@@ -150,7 +150,7 @@ def run_score(args) -> dict:
     """``lorweb-fast eval score``: the command line and the runs folders checked before any model loads, then
     ``score.score``; returns metrics.json's content."""
     from ..cli import DTYPES, _device
-    from .evalsets import EvalInputError, check_outside, read_runs
+    from .evalsets import EvalInputError, check_outside, read_runs, runs_folders
     from .judge import check_max_new_tokens, make_judge
     from .score import score
 
@@ -168,7 +168,7 @@ def run_score(args) -> dict:
     device = check_device("--device", _device(args.device))  # a bad name or no GPU: one line, before any load
     for name, paths in {**runs, **against}.items():  # bad folders fail before any model loads
         read_runs(paths)
-        for path in paths if isinstance(paths, list) else [paths]:
+        for path in runs_folders(paths):
             check_outside("--out", args.out, path, f"runs folder {name!r}")
     judge = make_judge(args.judge, device=device, dtype=DTYPES[args.judge_dtype],
                        max_new_tokens=args.judge_max_new_tokens) if "vlm" in metrics else None

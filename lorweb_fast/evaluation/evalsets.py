@@ -499,6 +499,11 @@ class RunItem:
         return f"{self.task}/{self.id}"
 
 
+def runs_folders(runs) -> list:
+    """A method's runs folders: ``[runs]``, or the folders it pools when ``runs`` is a list (``read_runs``)."""
+    return list(runs) if isinstance(runs, (list, tuple)) else [runs]
+
+
 def read_runs(runs: Union[str, Path, Sequence[Union[str, Path]]]) -> list:
     """``RUNS/<task>/<id>/{a,a_prime,b,b_prime}.<ext>`` (+ optional ``prompt.txt``), sorted by (task, id). A missing
     image, a task folder without triplets or an empty runs folder raise ``EvalInputError`` naming the path.

@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .evalsets import EvalInputError, RunItem, check_outside, file_signature, load_rgb, read_runs
+from .evalsets import EvalInputError, RunItem, check_outside, file_signature, load_rgb, read_runs, runs_folders
 from .judge import PAIRWISE_PROMPT, PARSERS, SCORE_PROMPT, JudgeCache, JudgeRequest, ask
 from ..validation import warn
 
@@ -288,7 +288,7 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     items = {name: read_runs(path) for name, path in runs.items()}  # fail on bad folders before loading models
     base_items = {name: read_runs(path) for name, path in (against or {}).items()}
     for name, paths in {**runs, **(against or {})}.items():  # a report inside a runs folder breaks the next scoring
-        for path in paths if isinstance(paths, (list, tuple)) else [paths]:
+        for path in runs_folders(paths):
             check_outside("out", out, path, f"runs folder {name!r}")
     # LPIPS first: its missing weights are found in a moment, before the CLIP encoder spends its load time
     with library_progress_bars(enabled=progress):  # progress=False: transformers' loading bars off too
