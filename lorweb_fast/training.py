@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -362,11 +363,20 @@ def _located(values: dict) -> dict:
 
 
 def _read_trainer_state(ckpt: Path) -> dict:
-    """A checkpoint's trainer state, checked; raises ValueError naming the file when it is empty or corrupt."""
+    """A checkpoint's trainer state, checked; raises ValueError naming the file when it is empty or corrupt, or when
+    it pickles anything but tensors and plain values (loaded with ``weights_only=True``: unpickling a shared run
+    folder's arbitrary objects could run code; globals the caller trusts are allowed with torch's
+    ``torch.serialization.add_safe_globals`` / ``safe_globals``)."""
     path = ckpt / TRAINER_STATE_NAME
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        unsafe = _unsafe_globals(path) if isinstance(exc, pickle.UnpicklingError) else []
+        if unsafe:
+            raise ValueError(f"{path} pickles objects other than tensors and plain values ({', '.join(unsafe[:5])}"
+                             f"{', ...' if len(unsafe) > 5 else ''}): not loaded, since unpickling them could run "
+                             "code (lorweb_fast writes none); if you trust the file, allow them with "
+                             "torch.serialization.add_safe_globals([...]) before resuming") from None
         raise ValueError(f"{path} is empty or corrupt ({type(exc).__name__}: {exc})") from None
     optimizer = state.get("optimizer") if isinstance(state, dict) else None
     if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys() \
@@ -378,6 +388,14 @@ def _read_trainer_state(ckpt: Path) -> dict:
             raise ValueError(f"{path} is corrupt: its {key} is {value!r}, not an integer >= {least}")
     checkpoint_metadata(ckpt / WEIGHTS_NAME)  # the weights file must at least be readable
     return state
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals a ``weights_only`` load of ``path`` refuses (torch's own list), or [] when that cannot be read."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:
+        return []
 
 
 def find_resumable_checkpoint(out: Union[str, Path]) -> tuple[Optional[Path], Optional[dict]]:

@@ -267,7 +267,7 @@ def test_checkpoint_writes_fp16_aitk_metadata_config_and_masters(tmp_path):
     assert len(meta["sshs_legacy_hash"]) == 8
     for path in (tmp_path / "config.yaml", final / "config.yaml"):
         assert official_inference_reads(path)["query_mode"] == "cat-aa'b"
-    masters = torch.load(final / "trainer_state.pt", weights_only=False)["lorweb_master_weights"]
+    masters = torch.load(final / "trainer_state.pt", weights_only=True)["lorweb_master_weights"]
     assert all(torch.equal(masters[k], weights[k]) for k in weights)
     # the fp16 file loads back (values rounded once)
     other = tiny_model()

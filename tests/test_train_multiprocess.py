@@ -115,7 +115,7 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def trainer_state(out, step: int) -> dict:
-    return torch.load(Path(out) / "checkpoints" / f"step-{step:08d}" / "trainer_state.pt", weights_only=False)
+    return torch.load(Path(out) / "checkpoints" / f"step-{step:08d}" / "trainer_state.pt", weights_only=True)
 
 
 def error_lines(text: str) -> list[str]:

@@ -45,7 +45,7 @@ def weights(path) -> dict:
 
 
 def trainer_state(out, step: int) -> dict:
-    return torch.load(Path(out) / "checkpoints" / f"step-{step:08d}" / "trainer_state.pt", weights_only=False)
+    return torch.load(Path(out) / "checkpoints" / f"step-{step:08d}" / "trainer_state.pt", weights_only=True)
 
 
 def test_training_lowers_the_loss_and_only_trains_lorweb(assets, tmp_path):
@@ -109,7 +109,7 @@ def test_a_resume_continues_the_data_stream_the_checkpoint_records(assets, tmp_p
     cfg = config(assets, tmp_path / "run", steps=2, checkpoint_every=2)
     training.train(cfg)
     path = training.latest_checkpoint(cfg.out) / training.TRAINER_STATE_NAME
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     unit = 1 if cfg.batching == "bucket" else cfg.batch_size
     assert (state["data_position"], state["num_processes"]) == (2 * unit, 1)
     state["data_position"], state["num_processes"] = 2 * 2 * unit, 2

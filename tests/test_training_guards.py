@@ -216,6 +216,42 @@ def test_malformed_trainer_states_fall_back(tmp_path, corruption):
     assert found == older and got["step"] == 2
 
 
+class PickledNote:
+    """An object a trainer state should never hold: unpickling it needs a global outside torch's allowlist."""
+
+    def __init__(self, text: str = "note"):
+        self.text = text
+
+
+def test_trainer_state_pickling_other_objects_is_not_unpickled(tmp_path):
+    """Trainer states load with ``weights_only=True``: one that pickles an arbitrary object (a shared run folder could
+    run code when unpickled) is not resumed from; the warning names the global and torch's allowlist, and the previous
+    checkpoint is used. Allowed with ``torch.serialization.safe_globals``, the same file resumes."""
+    cfg = small_train_config(tmp_path)
+    older = fake_checkpoint(tmp_path, 2, cfg)
+    state = {"step": 4, "optimizer": {"state": {}, "param_groups": []}, "config": training._comparable_config(cfg),
+             "note": PickledNote()}
+    newer = fake_checkpoint(tmp_path, 4, cfg, state=state)
+    with pytest.warns(UserWarning, match=r"cannot resume from step-00000004: .*trainer_state.pt pickles objects "
+                                         r"other than tensors .*PickledNote.*add_safe_globals"):
+        found, got = prepare_output(dataclasses.replace(cfg, resume=True))
+    assert found == older and got["step"] == 2
+    with torch.serialization.safe_globals([PickledNote]):
+        found, got = prepare_output(dataclasses.replace(cfg, resume=True))
+    assert found == newer and got["step"] == 4 and got["note"].text == "note"
+
+
+def test_trainer_state_that_is_no_pickle_is_called_corrupt(tmp_path):
+    """Bytes that are no torch file at all are 'empty or corrupt', not an unsafe pickle."""
+    cfg = small_train_config(tmp_path)
+    older = fake_checkpoint(tmp_path, 2, cfg)
+    newer = fake_checkpoint(tmp_path, 4, cfg)
+    (newer / "trainer_state.pt").write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match=r"step-00000004: .*trainer_state.pt is empty or corrupt"):
+        found, _ = prepare_output(dataclasses.replace(cfg, resume=True))
+    assert found == older
+
+
 # ------------------------------------------------------------------------------------------- prepare_output
 def test_out_that_is_a_file_is_refused(tmp_path):
     """--out naming a file is an error naming it; the file is left as it was."""
@@ -281,7 +317,7 @@ def test_a_checkpoint_rewritten_at_the_same_step_replaces_the_old_one(tmp_path):
     final = _write(tmp_path, 4, model, config={"seed": 3}, data_position=12, num_processes=3,
                    grad_scaler={"scale": 8.0})
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000004"]
-    state = torch.load(final / "trainer_state.pt", weights_only=False)
+    state = torch.load(final / "trainer_state.pt", weights_only=True)
     assert (state["step"], state["config"], state["data_position"], state["num_processes"], state["grad_scaler"]) \
         == (4, {"seed": 3}, 12, 3, {"scale": 8.0})
     written = load_file(str(final / "lorweb.safetensors"))
