@@ -7,8 +7,9 @@
 Without a GPU it times small CPU shapes (the torch backend and nn.Linear; the fused backends skip with the reason),
 so CI runs it in seconds. With a CUDA GPU it times the target shape of METHOD.md: bf16, M=8192 (2 samples of 4096
 tokens), 3072->3072, N=32 LoRAs of rank 4. Every LoRWeB row first checks its output (and, forward+backward, every
-gradient) against the float64 reference with the dtype's bounds (lorweb_fast.testing), then times whole calls; on a GPU each timed call ends with a synchronize, so rows include launch overhead (the device-only
-numbers are benchmarks/bench_mixed_lora.py's).
+gradient) against the float64 reference with the dtype's bounds (lorweb_fast.testing), then times whole calls; on
+a GPU each timed call ends with a synchronize, so rows include launch overhead (the device-only numbers are
+benchmarks/bench_mixed_lora.py's).
 """
 
 import pytest

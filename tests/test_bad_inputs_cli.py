@@ -115,7 +115,8 @@ INFER_CASES = {
     "weights corrupt": ({"--weights": "{root}/corrupt.safetensors"}, "corrupt or truncated"),
     "weights nan scale": ({"--weights": "{root}/w_nan_scale.safetensors"}, "lora_alpha_over_rank='nan'"),
     "weights heads not dividing key_dim": ({"--weights": "{root}/w_heads_3.safetensors"},
-                                           "heads=3 (the checkpoint metadata) does not divide the checkpoint's key_dim=4"),
+                                           "heads=3 (the checkpoint metadata) does not divide the checkpoint's "
+                                           "key_dim=4"),
     "pipe-arg unknown": ({"extra": ["--pipe-arg", "foo=1"]}, "--pipe-arg foo: unknown or unsupported"),
     "pipe-arg tensor-only": ({"extra": ["--pipe-arg", "latents=1"]}, "--pipe-arg latents: unknown or unsupported"),
     "pipe-arg owned": ({"extra": ["--pipe-arg", "height=64"]}, "--pipe-arg height is set by lorweb-fast"),
@@ -555,7 +556,8 @@ def test_train_resume_with_a_different_config(files, tmp_path, capsys, no_model_
     torch.save({"step": 1, "optimizer": {"state": {}, "param_groups": []},
                 "config": training._comparable_config(cfg)}, ckpt / "trainer_state.pt")
     line = assert_one_line_exit_2(capsys, train_argv(files, tmp_path, "--resume", *change, out=out),
-                                  "only the step budget and options that change no computed value may change", no_model_load)
+                                  "only the step budget and options that change no computed value may change",
+                                  no_model_load)
     assert fragment in line
 
 

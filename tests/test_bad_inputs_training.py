@@ -406,7 +406,8 @@ def test_killed_mid_run_then_resume_is_bit_identical(assets, tmp_path, signame):
                 "--encoder", str(assets / "clip"), "--steps", str(steps), "--batch-size", "2", "--mixed-precision",
                 "no", "--long-edge", "64", "--resize", "long-edge", "--max-sequence-length",
                 str(demo.DEMO_MAX_SEQUENCE_LENGTH), "--num-loras", "4", "--rank", "2", "--key-dim", "8",
-                "--checkpoint-every", "2", "--num-workers", "0", "--no-progress", "--optimizer", "adamw", "--learning-rate", "0.01"]
+                "--checkpoint-every", "2", "--num-workers", "0", "--no-progress", "--optimizer", "adamw",
+                "--learning-rate", "0.01"]
 
     killed = tmp_path / "killed"
     exe = Path(sys.executable).with_name("lorweb-fast")

@@ -136,7 +136,8 @@ def test_build_configs_target_first_and_rank_sweep(bench):
 
 def test_samples_for_two_samples_when_even(bench):
     """M tokens are 2 samples (different mixtures) when M is even, 1 when odd; a 2-D layer has M samples."""
-    assert bench.samples_for(10) == (2, 5) and bench.samples_for(9) == (1, 9) and bench.samples_for(6, True) == (6, None)
+    assert bench.samples_for(10) == (2, 5) and bench.samples_for(9) == (1, 9)
+    assert bench.samples_for(6, True) == (6, None)
 
 
 SMALL = ["--device", "cpu", "--m", "10", "--shapes", "40x24", "--num-loras", "3", "--no-rank-sweep", "--modes", "fwd",

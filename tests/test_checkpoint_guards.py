@@ -139,7 +139,8 @@ def test_integer_tensors_are_refused(tmp_path, into):
     dtype; the model is unchanged."""
     path = _saved(tmp_path, seed=1)
     lora_a = load_file(str(path))["transformer.0.lora_A"]
-    bad = rewrite_safetensors(path, tmp_path / "bad.safetensors", tensors={"transformer.0.lora_A": (lora_a * 3).to(torch.int32)})
+    bad = rewrite_safetensors(path, tmp_path / "bad.safetensors",
+                              tensors={"transformer.0.lora_A": (lora_a * 3).to(torch.int32)})
     m = fresh_model() if into == "fresh" else tiny_model()
     snap = snapshot(m)
     with pytest.raises(LoRWeBCheckpointError, match=r"transformer\.0\.lora_A has non-float dtype torch\.int32"):

@@ -669,8 +669,9 @@ def test_cli_score_passes_the_pairwise_seed_and_refuses_name_clashes(tmp_path, c
     solid_runs(tmp_path / "ours", keys)
     solid_runs(tmp_path / "base", keys, shade=200)
     replay = tmp_path / "replay.jsonl"
-    replay.write_text("\n".join(json.dumps({"id": k, "kind": kind, "response": resp}) for k in keys for kind, resp in
-                                (("score", '{"metrics":{"accuracy":5,"consistency":5}}'), ("pairwise", '{"better":1}'))))
+    answers = (("score", '{"metrics":{"accuracy":5,"consistency":5}}'), ("pairwise", '{"better":1}'))
+    replay.write_text("\n".join(json.dumps({"id": k, "kind": kind, "response": resp})
+                                for k in keys for kind, resp in answers))
     common = ["eval", "score", "--metrics", "vlm", "--judge", f"replay:{replay}", "--device", "cpu", "--quiet"]
     assert cli.main([*common, "--runs", f"ours={tmp_path / 'ours'}", "--against", f"base={tmp_path / 'base'}",
                      "--pairwise-seed", "5", "--out", str(tmp_path / "rep")]) == 0
@@ -761,8 +762,9 @@ def test_runs_folders_of_different_triplets_are_warned_about_and_reported(tmp_pa
 
 def _score_replay(tmp_path, keys, runs_names=("ours",)):
     replay = tmp_path / "replay.jsonl"
-    replay.write_text("\n".join(json.dumps({"id": k, "kind": kind, "response": resp}) for k in keys for kind, resp in
-                                (("score", '{"metrics":{"accuracy":5,"consistency":5}}'), ("pairwise", '{"better":1}'))))
+    answers = (("score", '{"metrics":{"accuracy":5,"consistency":5}}'), ("pairwise", '{"better":1}'))
+    replay.write_text("\n".join(json.dumps({"id": k, "kind": kind, "response": resp})
+                                for k in keys for kind, resp in answers))
     return ["eval", "score", "--metrics", "vlm", "--judge", f"replay:{replay}", "--device", "cpu", "--quiet"]
 
 

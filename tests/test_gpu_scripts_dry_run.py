@@ -413,7 +413,8 @@ def test_run_on_gpu_dry_run(tmp_path):
     (wheel_call, wheel_opts), (pkg_call, pkg_opts) = parsed["pip"]
     if wheel_opts is not None:
         opts, rest = wheel_opts
-        assert opts.target_dir and opts.no_index and opts.ignore_dependencies and rest == [str(wheels / "diffusers-0.36.0-py3-none-any.whl")]
+        assert opts.target_dir and opts.no_index and opts.ignore_dependencies
+        assert rest == [str(wheels / "diffusers-0.36.0-py3-none-any.whl")]
         opts, rest = pkg_opts
         assert opts.editables == ["."] and opts.no_index and opts.ignore_dependencies and not opts.build_isolation
         assert rest == []

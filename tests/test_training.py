@@ -198,7 +198,8 @@ def test_the_loss_scalers_state_resumes(assets, tmp_path, monkeypatch):
     a, b = weights(tmp_path / "straight" / "lorweb.safetensors"), weights(tmp_path / "killed" / "lorweb.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert trainer_state(tmp_path / "straight", 6)["grad_scaler"] == trainer_state(tmp_path / "killed", 6)["grad_scaler"]
+    straight, killed = trainer_state(tmp_path / "straight", 6), trainer_state(tmp_path / "killed", 6)
+    assert straight["grad_scaler"] == killed["grad_scaler"]
 
 
 def test_fp16_checkpoints_resume_exactly_from_fp32_masters(assets, tmp_path):
@@ -627,7 +628,8 @@ def test_fsdp_setup_errors():
         training._check_fsdp(accelerator, TrainConfig(data="d", out="o", optimizer="adamw8bit"))
     training._check_fsdp(accelerator, TrainConfig(data="d", out="o", optimizer="adamw"))
     # FSDP2's mixed-precision policy gathers the LoRWeB fp32 masters in bf16: the fp32 adapter arithmetic cannot hold
-    with pytest.raises(ValueError, match="--adapter-precision fp32 cannot hold under FSDP2 with --mixed-precision bf16"):
+    with pytest.raises(ValueError,
+                       match="--adapter-precision fp32 cannot hold under FSDP2 with --mixed-precision bf16"):
         training._check_fsdp(accelerator, TrainConfig(data="d", out="o", optimizer="adamw", adapter_precision="fp32",
                                                       mixed_precision="bf16"))
     training._check_fsdp(accelerator, TrainConfig(data="d", out="o", optimizer="adamw", adapter_precision="fp32",

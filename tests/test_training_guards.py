@@ -395,7 +395,8 @@ def test_given_pipeline_must_be_quantized_as_asked():
     training._check_given_quantization(object(), "none")  # no components to look at: nothing is checked
     with pytest.raises(ValueError, match="quantize_base='int8' but the given pipeline's transformer is not quantized"):
         training._check_given_quantization(plain, "int8")
-    training._check_given_quantization(type("Pipe", (), {"transformer": module_from_package("bitsandbytes.nn")})(), "int8")
+    pipe = type("Pipe", (), {"transformer": module_from_package("bitsandbytes.nn")})()
+    training._check_given_quantization(pipe, "int8")
 
 
 # -------------------------------------------------------------------------------------- injected layers
@@ -520,7 +521,8 @@ def test_diffusers_timesteps_carry_the_schemes_loss_weight(scheme):
 
     cfg = TrainConfig(data="d", out="o", timestep_type="diffusers", weighting_scheme=scheme)
     t, weight = training.sample_timesteps(cfg, 8, torch.Generator().manual_seed(3))
-    want_t = compute_density_for_timestep_sampling(scheme, 8, 0.0, 1.0, 1.29, generator=torch.Generator().manual_seed(3))
+    want_t = compute_density_for_timestep_sampling(scheme, 8, 0.0, 1.0, 1.29,
+                                                   generator=torch.Generator().manual_seed(3))
     want_w = compute_loss_weighting_for_sd3(scheme, want_t).float()
     assert torch.equal(t, want_t.float()) and torch.equal(weight, want_w) and not torch.equal(want_w, torch.ones(8))
 

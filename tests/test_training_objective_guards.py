@@ -217,7 +217,8 @@ def test_each_step_starts_from_no_gradient_and_logs_step_loss_lr(assets, tmp_pat
     the step, so the gradient the optimizer gets at every step is that step's loss's alone: its norm equals the
     norm of ``autograd.grad`` of the same loss (not |g1 + g2| at step 2). The log (ai-toolkit reports ``loss`` and
     ``lr`` per step) holds one row per step with exactly the step, the loss the step computed and the learning
-    rate, the loss being the mean over the ranks. With max_grad_norm 0 (lorweb_fast: no clipping) the optimizer gets these gradients unscaled."""
+    rate, the loss being the mean over the ranks. With max_grad_norm 0 (lorweb_fast: no clipping) the optimizer gets
+    these gradients unscaled."""
     cfg = _config(assets, tmp_path / "run", max_grad_norm=0.0)
     seen = _spy_steps(monkeypatch)
     fresh = []

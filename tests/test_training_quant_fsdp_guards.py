@@ -254,7 +254,8 @@ def test_load_training_pipeline_qfloat8_plumbing(monkeypatch):
         return "pipe"
 
     monkeypatch.setattr(flux, "load_kontext_pipeline", fake_load)
-    monkeypatch.setattr(training, "quantize_qfloat8", lambda pipe, device=None: calls.append(("quantize", pipe, device)))
+    monkeypatch.setattr(training, "quantize_qfloat8",
+                        lambda pipe, device=None: calls.append(("quantize", pipe, device)))
     monkeypatch.setattr(training, "_import_quanto", lambda: calls.append(("import",)))
     device = torch.device("meta")
     assert training.load_training_pipeline("m", torch.float16, "qfloat8", device) == "pipe"
@@ -310,7 +311,8 @@ def test_fsdp_setup_refusals_beyond_the_basic_ones():
                                                      mixed_precision="bf16"))
     with pytest.raises(ValueError, match="--quantize-base qfloat8 cannot be sharded by FSDP2"):
         training._check_fsdp(fsdp2, training.TrainConfig(data="d", out="o", optimizer="adamw", quantize_base="qfloat8"))
-    with pytest.raises(ValueError, match="--adapter-precision fp32 cannot hold under FSDP2 with --mixed-precision fp16"):
+    with pytest.raises(ValueError,
+                       match="--adapter-precision fp32 cannot hold under FSDP2 with --mixed-precision fp16"):
         training._check_fsdp(fsdp2, training.TrainConfig(data="d", out="o", optimizer="adamw", adapter_precision="fp32",
                                                          mixed_precision="fp16"))
 

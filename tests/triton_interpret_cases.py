@@ -11,8 +11,9 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_triton
 import lorweb_fast as lf  # noqa: E402
 from lorweb_fast.kernels import mixed_lora as K  # noqa: E402
 from lorweb_fast import reference  # noqa: E402
-from lorweb_fast.testing import (assert_within_bound, assert_within_rss_bound, case_id, check_against_reference, check_forward,  # noqa: E402
-                                 odd_shape_cases, partial_gradients, random_problem, spread_cases, tolerance)
+from lorweb_fast.testing import (assert_within_bound, assert_within_rss_bound, case_id,  # noqa: E402
+                                 check_against_reference, check_forward, odd_shape_cases, partial_gradients,
+                                 random_problem, spread_cases, tolerance)
 
 CASES = odd_shape_cases()
 
