@@ -51,6 +51,37 @@ def atomic_write(path: Union[str, os.PathLike], write, *, sync: bool = False) ->
         raise
 
 
+def append_text(path: Union[str, os.PathLike], text: str) -> None:
+    """Append ``text`` (UTF-8) to the file ``path``, created when missing, never through a symlink: a symlink at
+    ``path`` (planted in a received folder; none of ours is one) is replaced by a new file, its target untouched."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    if path.is_symlink():
+        path.unlink()
+    fd = os.open(path, flags, 0o666)  # O_NOFOLLOW: a symlink planted meanwhile is an error, not a target
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
+def unlink_file_or_link(path: Union[str, os.PathLike]) -> None:
+    """Remove ``path`` when it is a file or a symlink (a dangling one included; the link, never its target)."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+
+
+def loads_json(text: Union[str, bytes]):
+    """``json.loads``, with JSON nested deeper than Python's recursion limit (a RecursionError) raised as the
+    ``json.JSONDecodeError`` (a ValueError) its readers report for any malformed file."""
+    import json
+
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to be read", text if isinstance(text, str) else "", 0) \
+            from None
+
+
 def name_limit(directory: Union[str, os.PathLike]) -> int:
     """The longest file name (bytes) ``directory``'s file system takes (255 where it cannot be asked)."""
     try:
@@ -255,15 +286,24 @@ class FolderLock:
 
     def _open(self) -> tuple[int, bool]:
         """(descriptor, whether this call created the file): read-write to record the holder; read-only when the
-        file (a killed run's, of another user) cannot be written, which flock takes as well."""
-        try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
-        except FileExistsError:
-            pass
-        try:
-            return os.open(self.path, os.O_RDWR), False
-        except PermissionError:
-            return os.open(self.path, os.O_RDONLY), False
+        file (a killed run's, of another user) cannot be written, which flock takes as well. Never through a
+        symlink: one at the lock's name (planted in a received folder; no lock of ours is one) is replaced."""
+        no_follow = getattr(os, "O_NOFOLLOW", 0)
+        while True:
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True  # EXCL: never follows
+            except FileExistsError:
+                pass
+            if self.path.is_symlink():
+                self.path.unlink(missing_ok=True)
+                continue
+            try:
+                try:
+                    return os.open(self.path, os.O_RDWR | no_follow), False
+                except PermissionError:
+                    return os.open(self.path, os.O_RDONLY | no_follow), False
+            except FileNotFoundError:  # its holder removed it meanwhile
+                continue
 
     def _holds_the_file_in_place(self) -> bool:
         """Whether the locked descriptor is the file at ``path`` (not one its holder removed meanwhile)."""

@@ -380,6 +380,17 @@ def compile_all(specs: dict, arch: int, jobs: int = 0, progress: bool = True) ->
     return {key: _COMPILED[(arch, key)] for key in specs}
 
 
+def _earlier_ptx_files(out: Path) -> set:
+    """The PTX file names (plain ``*.ptx`` names in ``out``) the report.json already in ``out`` lists; none when
+    there is no readable report."""
+    try:
+        kernels = json.loads((out / "report.json").read_text())["kernels"]
+        names = {k["ptx"] for k in kernels}
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n.endswith(".ptx") and Path(n).name == n and n != ".ptx"}
+
+
 def build_report(arch: int, out_dir, layers=LAYERS, ranks=RANKS, dtypes=DTYPES, progress: bool = True,
                  jobs: int = 0) -> dict:
     """Compile every specialization for ``arch``, write ``out_dir/report.json`` and the PTX files; return the report.
@@ -392,6 +403,7 @@ def build_report(arch: int, out_dir, layers=LAYERS, ranks=RANKS, dtypes=DTYPES, 
 
     out = check_output_dir("--out", out_dir)  # a file: ValueError (UsageError) naming it
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier_ptx_files(out)
     entries, specs = plan(arch, layers, ranks, dtypes)
     results = {}
     for key, res in compile_all(specs, arch, jobs, progress).items():
@@ -399,9 +411,8 @@ def build_report(arch: int, out_dir, layers=LAYERS, ranks=RANKS, dtypes=DTYPES, 
         (out / ptx_name).write_text(res["ptx"])
         results[key] = dict(res, ptx_file=ptx_name)
     written = {r["ptx_file"] for r in results.values()}
-    for stale in out.glob("*.ptx"):  # an earlier report's: the folder holds this report's PTX files only
-        if stale.name not in written:
-            stale.unlink()
+    for stale in earlier - written:  # an earlier report's PTX files, not any other .ptx in the folder
+        (out / stale).unlink(missing_ok=True)
     kernels = []
     for e in entries:
         res = results[e["_key"]]

@@ -53,7 +53,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._files import FolderLock, image_read_error_message, image_read_errors
+from ._files import FolderLock, image_read_error_message, image_read_errors, loads_json
 from ._files import atomic_write as _atomic_write
 from .official_config import OFFICIAL_DEFAULTS, QUERY_MODES, QUERY_SOURCES
 from .validation import warn
@@ -547,6 +547,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
         """``samples``' entry for the target image ``target``: (control, target, caption, layout, grid size (W, H)
         before resizing: the target's size for a grid, twice it for a strip); records high-bit-depth images and
         grid-shaped strips. AnalogyDataError naming the file for a bad sample (see the class docstring)."""
+        if target.exists() and not target.is_file():  # opening a FIFO would block forever
+            raise AnalogyDataError(f"{target} is not a regular file (a FIFO, socket or device)")
         control = next(iter(control_by_stem.get(target.stem, ())), None)
         if control is None:
             raise AnalogyDataError(f"{target} has no control image {control_dir / target.stem}.*")
@@ -788,7 +790,7 @@ LABEL_FIELDS = ("img_name", "edit_instruction", "left_image_description", "right
 def _read_json(path: Path, what: str):
     """The JSON value in ``path``; AnalogyDataError naming ``what`` and the file when it is not valid UTF-8 JSON."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_json(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AnalogyDataError(f"{what} {path} is not valid JSON ({exc})") from None
 
@@ -1122,7 +1124,7 @@ def _prepare_locked(src, out: Path, *, max_analogies, filter_categories, filter_
     earlier = []  # what an earlier run listed, kept as the official script keeps it
     if metadata_path.is_file():
         try:
-            earlier = json.loads(metadata_path.read_text(encoding="utf-8"))
+            earlier = loads_json(metadata_path.read_text(encoding="utf-8"))
             if not isinstance(earlier, list) or not all(isinstance(e, dict) and "analogy_id" in e for e in earlier):
                 raise ValueError("not a list of analogy entries")
         except (OSError, ValueError) as exc:

@@ -8,7 +8,6 @@ and coefficient plots. Training lives in ``lorweb_fast.training``, the command l
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from . import lora_api
-from ._files import save_figure_atomically
+from ._files import loads_json, save_figure_atomically
 from .layer import (LoRWeBLinear, group_offloading_modes, has_forward_hooks, has_plain_weight, one_analogy,
                     refuse_disk_group_offloading)
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
@@ -816,7 +815,7 @@ def base_model_loaded(model: Union[str, Path], load):
     index = Path(str(model)) / "model_index.json"
     if index.is_file():  # a broken index fails inside diffusers with a KeyError or a JSON traceback
         try:
-            components = json.loads(index.read_text(encoding="utf-8"))
+            components = loads_json(index.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot load the FLUX.1-Kontext model {str(model)!r}: {index} is not valid JSON "
                              f"({exc})") from None

@@ -407,8 +407,10 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
             check_finite_tensor("query", query, query_hint)
             bad = [name for i, (name, _) in enumerate(members) if not bool(torch.isfinite(coeffs[i]).all())]
             raise ValueError(f"the coefficients of {len(bad)} layers (e.g. {bad[0]}) hold NaN or Inf: their "
-                             "att_lora_to_q / lora_keys are not finite or overflow; the previous coefficients are "
-                             "kept unchanged")
+                             f"att_lora_to_q / lora_keys are not finite, or the query projected by att_lora_to_q "
+                             f"(in {str(dtype).removeprefix('torch.')}, as officially) or the fp32 logits overflow "
+                             f"(the query's largest magnitude is {float(query.detach().abs().max()):.3g}); the "
+                             "previous coefficients are kept unchanged")
         computed.append((members, coeffs))
     for members, coeffs in computed:  # everything checked: set all layers
         for i, (_, layer) in enumerate(members):

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ._files import atomic_write
+from ._files import atomic_write, loads_json
 from .validation import warn
 
 #: Every official query mode (extensions_built_in/flux_kontext.py ``get_external_query``).
@@ -87,7 +87,7 @@ def encoder_family(name) -> Optional[str]:
     path = Path(text)
     if (path / "config.json").is_file():
         try:
-            text = str(json.loads((path / "config.json").read_text()).get("model_type", ""))
+            text = str(loads_json((path / "config.json").read_text()).get("model_type", ""))
         except (OSError, ValueError, AttributeError):
             return None
     elif path.exists():

@@ -310,9 +310,12 @@ def _torch_delta(x, lora_a, lora_b, coeffs, scale):
     """Batched-matmul delta: the basis as one rank-R LoRA whose R columns are scaled per sample. x (B, S, in) or
     (B, in) -> (B, S, out) or (B, out)."""
     a_cat, b_cat = concat_basis(lora_a, lora_b)  # (in, R), (R, out)
-    scaling = column_scaling(coeffs, lora_a.shape[2], scale).to(x.dtype)  # (B, R)
+    scaling = column_scaling(coeffs, lora_a.shape[2], scale)  # (B, R), fp32 (float64 for float64 coefficients)
     x3 = x if x.dim() == 3 else x.unsqueeze(1)
-    z = (x3 @ a_cat) * scaling.unsqueeze(1)
+    u = x3 @ a_cat  # (B, S, R) in x's dtype (autocast's under autocast)
+    # the product in fp32 (type promotion), rounded once to u's dtype: its gradient for the coefficients, a sum over
+    # every token, is then formed in fp32 as in the fused backends (in fp16 it overflowed where the exact one fits)
+    z = (u * scaling.unsqueeze(1)).to(u.dtype)
     delta = z @ b_cat
     return delta if x.dim() == 3 else delta.squeeze(1)
 

@@ -41,7 +41,8 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from ._files import FolderInUseError, FolderLock, default_permissions, save_figure_atomically
+from ._files import FolderInUseError, FolderLock, append_text, atomic_write, default_permissions, loads_json, \
+    save_figure_atomically, unlink_file_or_link
 from ._files import recorded_location  # noqa: F401 (re-exported)
 from .data import (BIDIRECTIONAL, LAYOUTS, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, RESIZE_MODES,
                    AnalogyDataError, AnalogyFolder, bidirectional_swap)
@@ -377,7 +378,7 @@ def _read_trainer_state(ckpt: Path) -> dict:
                              f"{', ...' if len(unsafe) > 5 else ''}): not loaded, since unpickling them could run "
                              "code (lorweb_fast writes none); if you trust the file, allow them with "
                              "torch.serialization.add_safe_globals([...]) before resuming") from None
-        raise ValueError(f"{path} is empty or corrupt ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{path} is empty or corrupt ({type(exc).__name__}: {_load_error_detail(exc)})") from None
     optimizer = state.get("optimizer") if isinstance(state, dict) else None
     if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys() \
             or not isinstance(state.get("step"), int):
@@ -388,6 +389,14 @@ def _read_trainer_state(ckpt: Path) -> dict:
             raise ValueError(f"{path} is corrupt: its {key} is {value!r}, not an integer >= {least}")
     checkpoint_metadata(ckpt / WEIGHTS_NAME)  # the weights file must at least be readable
     return state
+
+
+def _load_error_detail(exc: BaseException) -> str:
+    """One line of a ``torch.load`` failure: the unpickler's own reason where torch wraps it in its multi-line
+    ``weights_only`` advice (which suggests ``weights_only=False``, wrong for a corrupt file), else the first line."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return found.group(1).strip() if found else (text.splitlines() or [""])[0]
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -421,7 +430,7 @@ def _check_resume_config(cfg, ckpt: Path, state: dict, out: Path) -> None:
     stored = state.get("config")
     source = ckpt / TRAINER_STATE_NAME
     if stored is None and (out / "train_config.json").is_file():  # checkpoints written before configs were stored
-        stored = json.loads((out / "train_config.json").read_text())
+        stored = loads_json((out / "train_config.json").read_text())
         source = out / "train_config.json"
     if stored is None:
         return
@@ -450,7 +459,7 @@ def _foreign_run_files(out: Path) -> list[str]:
     own = out / "train_config.json"
     if own.exists():
         try:
-            values = json.loads(own.read_text())
+            values = loads_json(own.read_text())
             ours = isinstance(values, dict) and {"data", "out", "model", "steps"} <= values.keys()
         except (OSError, ValueError):
             ours = False
@@ -460,8 +469,11 @@ def _foreign_run_files(out: Path) -> list[str]:
 
 
 def clear_run(out: Union[str, Path]) -> None:
-    """Delete a training run's files in ``out``: RUN_FILES and ``checkpoints/``, nothing else."""
+    """Delete a training run's files in ``out``: RUN_FILES and ``checkpoints/``, nothing else (a symlink among them:
+    the link, never what it points to; ``prepare_output`` refuses a symlinked ``checkpoints/`` before this)."""
     out = Path(out)
+    if (out / CHECKPOINT_DIR).is_symlink():
+        (out / CHECKPOINT_DIR).unlink()
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
@@ -481,20 +493,29 @@ def prepare_output(cfg, *, main_process: bool = True, clear: bool = True) -> tup
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
     root = out / CHECKPOINT_DIR
+    if cfg.overwrite and root.is_symlink():  # --overwrite deletes inside --out only
+        raise ValueError(f"--out {out}: {CHECKPOINT_DIR}/ is a symlink (to {os.path.realpath(root)}); --overwrite "
+                         "deletes a run's checkpoints only inside --out: remove the link, or empty the folder it "
+                         "points to yourself")
     if main_process and root.is_dir():
         for tmp in root.glob(".tmp-step-*"):  # a killed run's half-written checkpoint
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_symlink():
+                tmp.unlink()
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
             logger.warning("removed the leftover temporary checkpoint folder %s", tmp)
         for ckpt in checkpoint_dirs(out):
+            if ckpt.is_symlink():  # not written by a run: nothing of ours to clean up in it
+                continue
             for tmp in [*ckpt.glob(".lorweb-*.safetensors.tmp"), *ckpt.glob(f".{CONFIG_NAME}.*.tmp"),
                         *ckpt.glob(".*.kept")]:  # save_lorweb_weights' copies of replaced files
                 tmp.unlink(missing_ok=True)
     if main_process:  # the top-level copies' temporaries (_write_checkpoint)
         for name in (f".{WEIGHTS_NAME}.tmp", f".{CONFIG_NAME}.tmp"):
-            if (out / name).is_file():
-                (out / name).unlink()
-        for tmp in out.glob(".loss.png.*.tmp"):  # plot_loss's (save_figure_atomically)
-            tmp.unlink(missing_ok=True)
+            unlink_file_or_link(out / name)
+        for name in ("loss.png", "loss.jsonl", "train_config.json"):  # atomic writes' (plot_loss's, train's)
+            for tmp in out.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
     log = out / "loss.jsonl"
     used = bool(checkpoint_dirs(out)) or (out / WEIGHTS_NAME).exists() or (log.is_file() and log.stat().st_size > 0)
     foreign = [] if used or not out.is_dir() else _foreign_run_files(out)
@@ -632,12 +653,11 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    tmp_latest = out / f".{WEIGHTS_NAME}.tmp"
-    shutil.copyfile(final / WEIGHTS_NAME, tmp_latest)  # the same file, not serialized again
-    os.replace(tmp_latest, out / WEIGHTS_NAME)
-    tmp_config = out / f".{CONFIG_NAME}.tmp"
-    shutil.copyfile(final / CONFIG_NAME, tmp_config)
-    os.replace(tmp_config, out / CONFIG_NAME)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):  # copies (the same bytes, not serialized again), never through a link
+        tmp = out / f".{name}.tmp"
+        unlink_file_or_link(tmp)
+        shutil.copyfile(final / name, tmp)
+        os.replace(tmp, out / name)
     rotate_checkpoints(out, keep, milestone_every)
     return final
 
@@ -995,7 +1015,7 @@ def _loss_rows(log_path: Union[str, Path]) -> list[tuple[str, dict]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = loads_json(line)
         except json.JSONDecodeError:
             torn += 1
             continue
@@ -1508,11 +1528,13 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
         log_path, png_path = out / "loss.jsonl", out / "loss.png"
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+            # replaced, not written into: a symlink at these names (a received run folder) is not followed
+            atomic_write(out / "train_config.json",
+                         lambda tmp: tmp.write_text(json.dumps(asdict(cfg), indent=2, default=str)))
             kept = []
             if log_path.is_file() and start_step > 0:
                 kept = [l for l, row in _loss_rows(log_path) if row["step"] <= start_step]
-            log_path.write_text("".join(l + "\n" for l in kept))
+            atomic_write(log_path, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
         accelerator.wait_for_everyone()
 
         step, loss_value, nan_steps = start_step, math.nan, []
@@ -1554,8 +1576,7 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
             step += 1
             if accelerator.is_main_process:
                 row = {"step": step, "loss": None if skipped else loss_value, "lr": cfg.learning_rate}
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({**row, "nan_loss_skipped": True} if skipped else row) + "\n")
+                append_text(log_path, json.dumps({**row, "nan_loss_skipped": True} if skipped else row) + "\n")
             bar.update(1)
             bar.set_postfix(loss="NaN, skipped" if skipped else f"{loss_value:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:

@@ -662,13 +662,13 @@ def pipeline_grid_multiple(model) -> Optional[int]:
     """What FluxKontextPipeline rounds the generated sides down to (2 x its VAE scale factor, 2 ** (levels - 1) of
     ``vae/config.json`` ``block_out_channels``): 16 for FLUX.1-Kontext. For a local diffusers folder from its VAE
     config; None when that does not read (the pipeline checks the sizes once loaded); 16 for a Hub id."""
-    import json
+    from ._files import loads_json
 
     folder = Path(str(model))
     if not folder.exists():
         return 16
     try:
-        channels = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))["block_out_channels"]
+        channels = loads_json((folder / "vae" / "config.json").read_text(encoding="utf-8"))["block_out_channels"]
         return 2 * 2 ** (len(channels) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         return None

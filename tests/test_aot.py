@@ -207,7 +207,9 @@ def test_every_entry_passes_with_the_gpu_machines_triton(arch, tmp_path):
 
     if triton.__version__ == DEVICE_TRITON:
         pytest.skip(f"triton {DEVICE_TRITON} is the installed one: test_every_entry_passes_the_hardware_checks ran it")
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorweb_fast" / f"triton-{DEVICE_TRITON}"
+    # per Python version: the wheel holds compiled modules for one CPython ABI
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorweb_fast" / \
+        f"triton-{DEVICE_TRITON}-cp{sys.version_info[0]}{sys.version_info[1]}"
     site = _device_triton_site(cache)
     env = dict(os.environ, PYTHONPATH=str(site), TRITON_CACHE_DIR=str(cache / "triton_cache"))
     env.pop("TRITON_INTERPRET", None)

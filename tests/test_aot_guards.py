@@ -421,18 +421,22 @@ def test_build_report_fields(tmp_path, monkeypatch):
 
 
 def test_build_report_removes_an_earlier_reports_ptx_files(tmp_path, monkeypatch):
-    """A report written into a folder that holds an earlier report: the PTX files this report does not name are
-    removed (the folder held 26 PTX files for a report naming 10); other files stay."""
+    """A report written into a folder that holds an earlier report: the PTX files the earlier report.json named and
+    this one does not are removed (the folder held 26 PTX files for a report naming 10); other files stay."""
     results = {"k0": dict(shared_bytes=1000, registers=128, spill_bytes=8, ptx=WIDE, ttir="ttir0"),
                "k1": dict(shared_bytes=0, registers=40, spill_bytes=0, ptx="// finish", ttir="ttir1")}
     _stub_pipeline(monkeypatch, results)
     out = tmp_path / "out"
     out.mkdir()
     (out / "expand_kernel-old.ptx").write_text("// stale")
+    (out / "shrink_kernel-k0.ptx").write_text("// stale, rewritten")
+    (out / "report.json").write_text(json.dumps({"kernels": [{"ptx": "expand_kernel-old.ptx"},
+                                                              {"ptx": "shrink_kernel-k0.ptx"}]}))
     (out / "notes.txt").write_text("mine")
     aot.build_report(80, out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["grad_basis_finish_kernel-k1.ptx", "notes.txt", "report.json",
                                                      "shrink_kernel-k0.ptx"]
+    assert (out / "shrink_kernel-k0.ptx").read_text() == WIDE
 
 
 @pytest.mark.parametrize("argv,fragment", [(["--jobs", "-1"], "--jobs must be >= 0"),

@@ -19,10 +19,14 @@ BWD_SCHEMA = ("lorweb_fast_cuda::bwd(Tensor dy, Tensor x, Tensor? weight, Tensor
 
 
 def build_expected() -> bool:
-    """setup.py builds the extension whenever torch is a CUDA build and a toolkit is found, unless skipped."""
+    """setup.py builds the extension whenever torch is a CUDA build and a toolkit is found, unless skipped (now, or
+    at install time: the build info records it)."""
     from torch.utils.cpp_extension import CUDA_HOME
 
-    skipped = os.environ.get("LORWEB_FAST_SKIP_CUDA_BUILD", "").lower() in {"1", "true", "yes", "on"}
+    from lorweb_fast import _cuda_build_info
+
+    skipped = os.environ.get("LORWEB_FAST_SKIP_CUDA_BUILD", "").lower() in {"1", "true", "yes", "on"} \
+        or "LORWEB_FAST_SKIP_CUDA_BUILD" in str(_cuda_build_info.BUILD_ERROR or "")
     return torch.version.cuda is not None and CUDA_HOME is not None and not skipped
 
 

@@ -1,6 +1,7 @@
 """Runs tests/triton_interpret_cases.py in a subprocess with TRITON_INTERPRET=1 set before triton is imported."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +9,12 @@ from pathlib import Path
 import pytest
 
 CASES = Path(__file__).with_name("triton_interpret_cases.py")
+#: other test files with interpreter-only cases (skipped unless TRITON_INTERPRET=1): the file and its -k selection
+INTERPRETER_CASES_ELSEWHERE = {"test_half_precision_range.py": "triton"}
 
 
-def test_triton_kernels_under_the_interpreter(tmp_path):
+@pytest.mark.parametrize("cases", [CASES.name, *INTERPRETER_CASES_ELSEWHERE])
+def test_triton_kernels_under_the_interpreter(tmp_path, cases):
     triton = pytest.importorskip("triton")
     from lorweb_fast import ops
 
@@ -19,12 +23,14 @@ def test_triton_kernels_under_the_interpreter(tmp_path):
                     "test_old_triton_interpreter_is_refused_by_name)")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", str(CASES), "-q", "-p", "no:cacheprovider",
-                           "--import-mode=importlib", "--rootdir", str(tmp_path)],
+    select = ["-k", INTERPRETER_CASES_ELSEWHERE[cases]] if cases in INTERPRETER_CASES_ELSEWHERE else []
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(CASES.with_name(cases)), *select, "-q", "-p",
+                           "no:cacheprovider", "--import-mode=importlib", "--rootdir", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     tail = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout and "failed" not in proc.stdout.splitlines()[-1], tail
+    last = proc.stdout.splitlines()[-1]
+    assert re.search(r"\b[1-9]\d* passed", last) and not re.search(r"\d+ (failed|errors?)\b", last), tail
     print(proc.stdout.splitlines()[-1])
 
 

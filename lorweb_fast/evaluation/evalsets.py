@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from .._files import loads_json
 from ..validation import warn
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -268,8 +269,8 @@ def _read_pairs_file(path: Path) -> dict:
         raise EvalInputError(f"pairs file not found: {path}")
     text = read_text(path, "pairs file")
     try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = loads_json(text) if text.lstrip().startswith("[") else \
+            [loads_json(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as exc:
         raise EvalInputError(f"{path} is not a JSON list or JSONL file ({exc})") from exc
     pairs: dict = {}
@@ -390,7 +391,7 @@ def read_relation252k(root: Union[str, Path], *, seed: int = 0, tasks: Optional[
     for cat in cats:
         labels_path = cat / "Group1" / "labels.json"
         try:
-            labels = json.loads(read_text(labels_path, "labels file"))
+            labels = loads_json(read_text(labels_path, "labels file"))
         except json.JSONDecodeError as exc:
             raise EvalInputError(f"{labels_path} is not valid JSON ({exc})") from exc
         if not isinstance(labels, list):

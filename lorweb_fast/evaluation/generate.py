@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._files import FolderInUseError, FolderLock, atomic_write, save_image_atomically
+from .._files import FolderInUseError, FolderLock, atomic_write, loads_json, save_image_atomically
 from .evalsets import EvalInputError, Triplet
 
 #: The lock file ``eval generate`` holds in its ``--out`` while it runs (``_files.FolderLock``).
@@ -114,7 +114,7 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
     path = out / "run.json"
     if path.is_file():
         try:
-            old = json.loads(path.read_text())
+            old = loads_json(path.read_text())
         except json.JSONDecodeError as exc:
             raise EvalInputError(f"{path} is not valid JSON ({exc})") from exc
         if not isinstance(old, dict):
@@ -250,7 +250,7 @@ def _recorded_triplets(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return {r["id"]: r for r in json.loads(path.read_text())}
+        return {r["id"]: r for r in loads_json(path.read_text())}
     except (json.JSONDecodeError, TypeError, KeyError) as exc:
         raise EvalInputError(f"{path} is not a JSON list of triplet records ({exc!r})") from exc
 

@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .._files import loads_json
 from .evalsets import EvalInputError, read_text
 from ..validation import warn
 
@@ -300,7 +301,7 @@ class ReplayJudge:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = loads_json(line)
             except json.JSONDecodeError as exc:
                 raise EvalInputError(f"{path}:{n} is not JSON ({exc})") from exc
             if not isinstance(rec, dict) or not {"id", "kind", "response"} <= set(rec):
@@ -389,7 +390,7 @@ class JudgeCache:
         if not path.is_file():
             return None
         try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
+            rec = loads_json(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None  # a torn write from a killed run: ask again
         if not isinstance(rec, dict) or not isinstance(rec.get("response"), str):

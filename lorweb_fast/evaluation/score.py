@@ -22,6 +22,7 @@ import random
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .._files import append_text, loads_json
 from .evalsets import EvalInputError, RunItem, check_outside, file_signature, load_rgb, read_runs, runs_folders
 from .judge import PAIRWISE_PROMPT, PARSERS, SCORE_PROMPT, JudgeCache, JudgeRequest, ask
 from ..validation import warn
@@ -31,15 +32,16 @@ METRICS = ("clip_dir", "lpips", "vlm")
 
 class MetricCache:
     """Append-only JSONL of {id, metric, sig, value}; a line that does not parse (a killed run's torn last line) is
-    ignored, and a later line for the same (id, metric) replaces an earlier one."""
+    ignored, and a later line for the same (id, metric) replaces an earlier one. A symlink at ``path`` (none of ours
+    is one) is neither read nor written through: the cache starts anew beside it."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.values: dict = {}
-        if self.path.is_file():
+        if self.path.is_file() and not self.path.is_symlink():
             for line in self.path.read_text().splitlines():
                 try:
-                    rec = json.loads(line)
+                    rec = loads_json(line)
                     self.values[(rec["id"], rec["metric"])] = (rec["sig"], rec["value"])
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue
@@ -54,11 +56,9 @@ class MetricCache:
         if not records:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            for item_id, metric, sig, value in records:
-                f.write(json.dumps({"id": item_id, "metric": metric, "sig": sig, "value": value}) + "\n")
-                self.values[(item_id, metric)] = (sig, value)
-            f.flush()
+        append_text(self.path, "".join(json.dumps({"id": item_id, "metric": metric, "sig": sig, "value": value}) + "\n"
+                                       for item_id, metric, sig, value in records))
+        self.values.update({(item_id, metric): (sig, value) for item_id, metric, sig, value in records})
 
 
 def _sig(settings: str, *files) -> str:
