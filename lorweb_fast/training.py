@@ -1198,7 +1198,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     ``cfg.out`` holds a known state) and, as on success, their fp32 master tensors and ``adapter_precision``. Either
     way no LoRWeB parameter keeps a ``.grad`` and no layer keeps the last step's coefficients (``set_query`` before
     generating); gradients a caller left on them are dropped before the first step. The models stay on the training
-    device.
+    device. In a single process, accelerate's process-wide state is as ``train`` found it when it returns (what this
+    call set up is dropped).
 
     The main process holds ``cfg.out/.lorweb-train.lock`` (``RUN_LOCK_NAME``) while it trains: a second run into the
     same folder (a job started twice, a requeued job while the old one still runs) is refused with a ValueError
@@ -1208,6 +1209,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     from .cli import library_progress_bars
 
     callers = None if pipe is None else _CallersPipeline(pipe)  # recorded before train() changes anything
+    fresh_accelerate = _accelerate_state_empty()
     lock = FolderLock(cfg.out, RUN_LOCK_NAME, "training run")
     try:  # progress=False: no bar at all, diffusers' and transformers' loading bars included (as --quiet)
         with _reports_from_main_only(), library_progress_bars(enabled=bool(cfg.progress)):
@@ -1216,11 +1218,35 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         lock.release()
         if callers is not None:
             callers.restore(failed=True)
+        if fresh_accelerate:
+            _drop_single_process_accelerate_state()
         raise
     lock.release()
     if callers is not None:
         callers.restore(failed=False)
+    if fresh_accelerate:
+        _drop_single_process_accelerate_state()
     return result
+
+
+def _accelerate_state_empty() -> bool:
+    """Whether accelerate's process-wide state (``PartialState``, ``AcceleratorState``) is not set up yet."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    return not getattr(AcceleratorState, "_shared_state", None) and not getattr(PartialState, "_shared_state", None)
+
+
+def _drop_single_process_accelerate_state() -> None:
+    """Drop the process-wide accelerate state a single-process ``train()`` set up, so the caller's session is as
+    before it (a later ``Accelerator(mixed_precision=...)`` of the caller's, or of another run, is set up afresh
+    instead of failing with "AcceleratorState has already been initialized" or silently keeping this run's
+    precision). Under a launcher (a process group) it is left to the launcher."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 class _CallersPipeline:

@@ -290,6 +290,23 @@ def warn(message: str, category: type[Warning] = LoRWeBWarning) -> None:
             break
         frame, stacklevel = frame.f_back, stacklevel + 1
     warnings.warn(message, category, stacklevel=stacklevel)
+    _bound_registry(frame.f_globals.get("__warningregistry__"))
+
+
+#: How many distinct LoRWeB warnings (text and line) a module's ``__warningregistry__`` keeps; older ones are dropped.
+MAX_REGISTERED_WARNINGS = 256
+
+
+def _bound_registry(registry) -> None:
+    """Drop the oldest LoRWeB entries of a ``__warningregistry__`` beyond MAX_REGISTERED_WARNINGS. Python keeps one
+    entry per distinct warning text and line for ever, and ours name image sizes and files: a server warning about
+    new images would grow its registry without bound. A dropped warning may be shown once more."""
+    if not isinstance(registry, dict) or len(registry) <= MAX_REGISTERED_WARNINGS:
+        return
+    ours = [key for key in registry if isinstance(key, tuple) and len(key) == 3 and isinstance(key[1], type)
+            and issubclass(key[1], LoRWeBWarning)]
+    for key in ours[:len(ours) - MAX_REGISTERED_WARNINGS]:
+        registry.pop(key, None)
 
 
 #: Aspect ratios (long side / short side) above this are squashed noticeably by the 2x2 grid.

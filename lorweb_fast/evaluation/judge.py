@@ -217,8 +217,9 @@ class Gemma3Judge:
 
     ``name`` (``gemma3:<model> max_new_tokens=<n> dtype=<dtype>``) holds the generation settings: the answer cache
     matches on it, so a rerun with another token limit or dtype asks again instead of reusing (e.g. truncated)
-    answers. An answer cut at ``max_new_tokens`` (no end of turn) is recorded in ``truncated`` (request ids) and the
-    first one warns, naming the limit: such an answer usually lacks its score and is listed as a failure.
+    answers. An answer cut at ``max_new_tokens`` (no end of turn) is recorded in ``truncated`` (request ids; ``score``
+    starts it afresh for each scoring) and the first one warns, naming the limit: such an answer usually lacks its
+    score and is listed as a failure.
     ``last_truncated`` says whether the latest answer was cut (``ask`` stores it in the answer's record, and the
     report counts such answers)."""
 

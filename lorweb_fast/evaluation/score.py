@@ -102,16 +102,17 @@ def _thumbnail(path: Path):
     """The 32x32 thumbnail of an image file, decoded once per file version (a runs folder compared with several
     baselines, or a baseline with several runs folders, reads each input once)."""
     st = Path(path).stat()
-    return _thumbnail_of(str(path), st.st_mtime_ns, st.st_size)
+    return _thumbnail_of(str(path), st.st_mtime_ns, st.st_size) / 255.0  # float64, as numpy divides uint8
 
 
 @functools.lru_cache(maxsize=4096)
 def _thumbnail_of(path: str, mtime_ns: int, size: int):
-    """(32, 32, 3) float32 in [0, 1]: the image at ``path`` box-resized to 32x32 (cached per path, time and size)."""
+    """(32, 32, 3) uint8: the image at ``path`` box-resized to 32x32 (cached per path, time and size; 3 KB each, so
+    the full cache holds 12 MB for the process's life)."""
     import numpy as np
     from PIL import Image
 
-    return np.asarray(load_rgb(path).resize((32, 32), Image.BOX), dtype=np.float32) / 255.0
+    return np.asarray(load_rgb(path).resize((32, 32), Image.BOX), dtype=np.uint8)
 
 
 def baseline_mismatch(item: RunItem, other: RunItem) -> Optional[str]:
@@ -295,6 +296,8 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
         lpips = LPIPSDistance(lpips_net, weights=lpips_weights, device=device) if "lpips" in metrics else None
         clip = ClipDirectional(encoder or DEFAULT_CLIP, device=device) if "clip_dir" in metrics else None
     coverage = _coverage(items)
+    if isinstance(getattr(judge, "truncated", None), list):  # a judge reused across scorings: this run's cut answers
+        judge.truncated = []                                   # (and their warning) start afresh
     results = {}
     for name in runs:
         results[name] = score_run(name, items[name], out, metrics=metrics, clip=clip, lpips=lpips, judge=judge,
