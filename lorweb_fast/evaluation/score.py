@@ -33,7 +33,7 @@ METRICS = ("clip_dir", "lpips", "vlm")
 class MetricCache:
     """Append-only JSONL of {id, metric, sig, value}; a line that does not parse (a killed run's torn last line) is
     ignored, and a later line for the same (id, metric) replaces an earlier one. A symlink at ``path`` (none of ours
-    is one) is neither read nor written through: the cache starts anew beside it."""
+    is one) is neither read nor written through: the cache starts anew in its place."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
