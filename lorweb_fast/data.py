@@ -434,6 +434,8 @@ class AnalogyFolder(torch.utils.data.Dataset):
         self.skipped: list[str] = []
         self.problems: list[str] = []
         self._no_caption: set[Path] = set()  # targets whose caption lookup found nothing (filled by _caption)
+        #: caption files that begin with a UTF-8 byte-order mark, kept in the prompt as the official loader keeps it
+        self.bom_captions: list[Path] = []
         self._grid_like: dict[Path, str] = {}  # strips shaped like their target (filled by _check_sample): why
         self._high_bit_depth: dict[Path, str] = {}  # images in HIGH_BIT_DEPTH_MODES (filled by _check_sample): mode
         for target in targets:
@@ -446,6 +448,10 @@ class AnalogyFolder(torch.utils.data.Dataset):
                 warn(f"skipping training sample {name}: {exc}")
                 self.skipped.append(name)
                 self.problems.append(str(exc))
+        if self.bom_captions:
+            warn(f"{len(self.bom_captions)} caption files begin with a UTF-8 byte-order mark (e.g. "
+                 f"{self.bom_captions[0]}), which stays in the prompt the text encoders read, as the official loader "
+                 "(utf-8, not utf-8-sig) keeps it; save them as UTF-8 without a BOM")
         if self.missing_captions:
             warn(f"{len(self.missing_captions)} training samples have no caption and train with an empty "
                  f"one, as the official loader does (e.g. {self.missing_captions[0]}: no entry in "
@@ -600,10 +606,13 @@ class AnalogyFolder(torch.utils.data.Dataset):
             if path.is_file():
                 try:
                     # text mode, as the official loader opens it: \r\n and \r read as \n
-                    return official_caption(path.read_text(encoding="utf-8"))
+                    text = path.read_text(encoding="utf-8")
                 except UnicodeDecodeError as exc:
                     raise AnalogyDataError(f"caption {path} is not valid UTF-8 ({exc.reason} at byte {exc.start})") \
                         from None
+                if text.startswith("\ufeff"):  # utf-8 (not utf-8-sig), as officially: the mark stays in the prompt
+                    self.bom_captions.append(path)
+                return official_caption(text)
         if self.missing_caption == "raise":
             raise AnalogyDataError(f"sample {stem} has no caption: no entry in {self.root / RELATION_METADATA} and no "
                                    f"{target.with_suffix('.txt')} or {self.root / 'captions' / stem}.txt "

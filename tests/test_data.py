@@ -303,6 +303,21 @@ def test_captions_are_normalised_as_the_official_loader(tmp_path):
     assert AnalogyFolder(root)[0]["caption"] == reference("make it\nred,\nbigger\n") == "make it\nred, bigger"
 
 
+def test_a_caption_with_a_utf8_byte_order_mark_keeps_it_with_a_warning(tmp_path):
+    """A caption saved with a byte-order mark (Windows Notepad's UTF-8): the official loader reads captions as utf-8
+    (toolkit/dataloader_mixins.py ``CaptionProcessingDTOMixin.load_caption``, ``open(..., encoding='utf-8')``), not
+    utf-8-sig, and ``get_caption``'s ``strip`` keeps U+FEFF, so the mark reaches the text encoders: kept, with a
+    warning naming the file; ``bom_captions`` lists it. A caption without one is not listed."""
+    root = _strip_folder(tmp_path / "d")
+    caption = root / "target" / "s00.txt"
+    caption.write_bytes("\ufeffmake it red".encode("utf-8"))
+    with pytest.warns(UserWarning, match=r"1 caption files begin with a UTF-8 byte-order mark \(e\.g\. .*s00\.txt\)"):
+        data = AnalogyFolder(root)
+    assert data.bom_captions == [caption] and data[0]["caption"] == "\ufeffmake it red"
+    caption.write_text("make it red", encoding="utf-8")
+    assert AnalogyFolder(root).bom_captions == []
+
+
 def _official_samples(root: Path) -> list[tuple[Path, Path, str]]:
     """Reference written from NVlabs/LoRWeB toolkit/data_loader.py ``AiToolkitDataset.__init__`` (the samples: files
     under folder_path = target/ found by os.walk whose lower-cased name ends in .jpg/.jpeg/.png/.webp, minus those in
