@@ -74,9 +74,12 @@ def tiny(tmp_path_factory):
 
 
 def request_pipe(lp, *, own_transformer=False):
-    """diffusers' per-request pipeline (examples/server): a fresh scheduler, the other components shared (the
-    transformer too, unless ``own_transformer``), wrapped with the same analogy encoder."""
-    kwargs = {"scheduler": lp.pipe.scheduler.from_config(lp.pipe.scheduler.config)}
+    """diffusers' per-request pipeline (examples/server): a fresh scheduler and tokenizers, the other components
+    shared (the transformer too, unless ``own_transformer``), wrapped with the same analogy encoder. The tokenizers
+    are copied because a shared fast tokenizer is not thread-safe (found here: diffusers' CLIP prompt encoding sets
+    its padding per call, and another thread's call then pads differently; upstream, not lorweb_fast)."""
+    kwargs = {"scheduler": lp.pipe.scheduler.from_config(lp.pipe.scheduler.config),
+              "tokenizer": copy.deepcopy(lp.pipe.tokenizer), "tokenizer_2": copy.deepcopy(lp.pipe.tokenizer_2)}
     if own_transformer:
         kwargs["transformer"] = copy.deepcopy(lp.transformer)
     inner = FluxKontextPipeline.from_pipe(lp.pipe, **kwargs)
@@ -164,8 +167,8 @@ def small_model():
 # ------------------------------------------------------------------------------------- what works (passing)
 @pytest.mark.parametrize("merge", ["none", "auto", "jit"])
 def test_pipelines_that_own_their_transformer_match_solo_calls_under_threads(tiny, merge):
-    """Three threads, each with its own pipeline (own transformer and scheduler; text encoders, VAE and analogy
-    encoder shared), start together 20 times with different analogies: every b' is bit-equal to the same call run
+    """Three threads, each with its own pipeline (own transformer, scheduler and tokenizers; text encoders, VAE and
+    analogy encoder shared), start together 20 times with different analogies: every b' is bit-equal to the same call run
     alone. The safe pattern: LoRWeB state lives on the transformer, so a transformer per concurrent request."""
     pipes = {seed: request_pipe(tiny, own_transformer=True) for seed in (1, 2, 3)}
     refs = {seed: generate(pipes[seed], seed, merge) for seed in pipes}

@@ -30,7 +30,8 @@ from PIL import Image
 
 import lorweb_fast as lf
 from lorweb_fast import _files, cli, demo, training
-from lorweb_fast.testing import file_tree, relation252k_folder, tiny_lorweb_linear_model, tiny_training_assets
+from lorweb_fast.testing import (file_tree, one_intra_op_thread, relation252k_folder, tiny_lorweb_linear_model,
+                                 tiny_training_assets)
 
 pytest.importorskip("diffusers")
 
@@ -109,6 +110,13 @@ def same_parameters(a: dict, b: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ shared assets
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """torch on one intra-op thread: the tiny models run faster without thread spinning on a shared CPU."""
+    with one_intra_op_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Tiny pipeline, CLIP and 4-sample data folder; ``straight``: an uninterrupted 3-step CLI training run (a
@@ -335,6 +343,7 @@ def test_failed_checkpoint_cli_error_names_step_and_newest_checkpoint(failed_run
     assert newest in line and "--resume" in line and ("step 2" in line or "step-00000002" in line), line
 
 
+@pytest.mark.filterwarnings("ignore:.*incomplete line")
 @pytest.mark.parametrize("failed_run", list(TRAIN_FAULTS), indirect=True)
 def test_resume_after_failed_write_matches_the_uninterrupted_run(failed_run, assets, tmp_path):
     """``--resume`` (in a copy of the failed run's folder: the run folder may move) continues from the newest
