@@ -3,6 +3,7 @@ readers."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
@@ -29,22 +30,66 @@ def current_umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def naming_the_file(path: Union[str, os.PathLike]):
+    """An OSError without a file name raised inside (a write's ENOSPC or EIO names none) re-raised naming ``path``,
+    the file being written, so the error says which file the disk could not take. So is the OSError behind a
+    serializer's own error: safetensors' ``SafetensorError`` ("... (os error 28)") and the RuntimeError ``torch.save``
+    raises over its file object's OSError (give ``torch.save`` an open file: to a path it reports none)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    except Exception as exc:
+        code = _errno_behind(exc)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+def _errno_behind(exc: BaseException):
+    """The errno of the OSError a library error wraps (its context chain, or "os error N" in its message), or None."""
+    import re
+
+    seen, cause = set(), exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno:
+            return cause.errno
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(found.group(1)) if found else None
+
+
+def torch_save(obj, path: Union[str, os.PathLike], name: Union[str, os.PathLike, None] = None) -> None:
+    """``torch.save(obj)`` into the file ``path`` through a Python file object, so a full disk is an OSError naming
+    ``name`` (default ``path``; e.g. the final name of a temporary) instead of torch's "unexpected pos" RuntimeError."""
+    import torch
+
+    with naming_the_file(name or path), open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def atomic_write(path: Union[str, os.PathLike], write, *, sync: bool = False) -> None:
     """``write(tmp_path)`` then rename onto ``path`` (same folder, created when missing), so ``path`` is complete or
     absent. The temporary name ``.<name>.<random>.tmp`` ends in .tmp, not in an image extension: a killed run's
     leftover is never read as a sample (the writers pass the format explicitly). ``sync``: the temporary is flushed
-    to disk before the rename (for files whose presence marks work as done)."""
+    to disk before the rename (for files whose presence marks work as done). An OSError that names no file (a full
+    disk) names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_file(path.parent, temporary_prefix(path))
     try:
-        write(Path(tmp))
-        if sync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        with naming_the_file(path):
+            write(Path(tmp))
+            if sync:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -59,7 +104,7 @@ def append_text(path: Union[str, os.PathLike], text: str) -> None:
     if path.is_symlink():
         path.unlink()
     fd = os.open(path, flags, 0o666)  # O_NOFOLLOW: a symlink planted meanwhile is an error, not a target
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
+    with naming_the_file(path), os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(text)
 
 

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._files import atomic_write
 from .official_config import DTYPE_NAMES, OFFICIAL_MODEL
 
 DEFAULT_MODEL = OFFICIAL_MODEL
@@ -171,7 +172,7 @@ def run_demo(args) -> dict:
                       checkpoint_every=max(1, args.steps // 2), num_workers=0, seed=args.seed,
                       progress=not args.quiet)
     result = train(cfg)
-    shutil.copyfile(out / "train" / "loss.png", out / "loss.png")
+    atomic_write(out / "loss.png", lambda tmp: shutil.copyfile(out / "train" / "loss.png", tmp))
 
     print("[demo] inference on a held-out analogy with the trained weights")
     # native resolution: the official one generates at ~1 MP, far too slow for the tiny CPU demo
@@ -190,7 +191,7 @@ def run_demo(args) -> dict:
     rows = [json.loads(line) for line in (out / "train" / "loss.jsonl").read_text().splitlines()]
     summary = {"steps": result["step"], "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
                "seconds": round(time.time() - start, 1), "files": {k: str(v) for k, v in files.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     print(f"[demo] done in {summary['seconds']} s: " + ", ".join(str(v) for v in files.values()))
     return summary
 
@@ -389,6 +390,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not getattr(exc, REPORTED_BY_MAIN_PROCESS, False):  # the main process's error, raised on every rank
             _stderr_line(f"lorweb-fast {command}: error: {one_line(str(exc))}")
         return 2
+    except OSError as exc:  # a write that failed (full disk, read-only folder, I/O error): one line, not a traceback
+        step = getattr(exc, "lorweb_step", None)
+        _stderr_line(f"lorweb-fast {command}: error: {_os_error_line(exc)}"
+                     + ("" if step is None else f" (writing step {step})") + _continue_hint(command, args))
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: one line saying how to continue, not a traceback from deep inside torch
         if _main_rank():  # once under accelerate launch, whose launcher passes the Ctrl-C on to every rank
             _stderr_line(f"lorweb-fast {command}: interrupted{_continue_hint(command, args)}")
@@ -411,6 +417,14 @@ def _stderr_line(text: str) -> None:
     separate writes of a message and its newline let two ranks' lines run together."""
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``<file>: <cause>`` (``<file> -> <file2>`` for a rename) of an OSError; its text when it names no file."""
+    if exc.filename is None:
+        return one_line(str(exc))
+    where = str(exc.filename) + ("" if exc.filename2 is None else f" -> {exc.filename2}")
+    return f"{where}: {exc.strerror or one_line(str(exc))}"
 
 
 def _continue_hint(command: str, args) -> str:

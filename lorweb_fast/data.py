@@ -53,7 +53,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._files import FolderLock, image_read_error_message, image_read_errors, loads_json
+from ._files import FolderLock, image_read_error_message, image_read_errors, loads_json, same_or_inside
 from ._files import atomic_write as _atomic_write
 from .official_config import OFFICIAL_DEFAULTS, QUERY_MODES, QUERY_SOURCES
 from .validation import warn
@@ -1154,6 +1154,8 @@ def _prepare_locked(src, out: Path, *, max_analogies, filter_categories, filter_
         try:
             write_analogy(analogy, out)
         except (OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.filename is not None and same_or_inside(exc.filename, out):
+                raise  # out cannot take the files (full disk, read-only): the run stops, naming the file
             return "failed", str(exc)
         return "written", None
 

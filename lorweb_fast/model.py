@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._files import default_permissions, temporary_file, write_temporary_text
+from ._files import default_permissions, naming_the_file, temporary_file, write_temporary_text
 from .layer import (LoRWeBLinear, default_adapter_dtype, group_offloading_members, group_offloading_modes,
                     linear_dims, refuse_disk_group_offloading, replaced_query_projection_error)
 from .reference import ACTIVATIONS, REDUCTIONS
@@ -640,10 +640,12 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     try:
         os.makedirs(directory, exist_ok=True)  # everything checked: nothing is written for a refused call
         for name, text in texts.items():
-            temps.append((write_temporary_text(directory, name, text), os.path.join(directory, name)))
+            with naming_the_file(os.path.join(directory, name)):
+                temps.append((write_temporary_text(directory, name, text), os.path.join(directory, name)))
         tmp = temporary_file(directory, ".lorweb-", ".safetensors.tmp")
         temps.append((tmp, path))
-        save_file(state, tmp, metadata=meta)
+        with naming_the_file(path):  # a full disk names the file it could not take
+            save_file(state, tmp, metadata=meta)
         default_permissions(tmp)  # safetensors' own 0600 (it writes the file anew) would survive the rename
         for tmp, final in temps:
             kept = _keep_copy(final)

@@ -42,7 +42,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 
 from ._files import FolderInUseError, FolderLock, append_text, atomic_write, default_permissions, loads_json, \
-    save_figure_atomically, unlink_file_or_link
+    naming_the_file, save_figure_atomically, torch_save, unlink_file_or_link
 from ._files import recorded_location  # noqa: F401 (re-exported)
 from .data import (BIDIRECTIONAL, LAYOUTS, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, RESIZE_MODES,
                    AnalogyDataError, AnalogyFolder, bidirectional_swap)
@@ -646,18 +646,24 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
             state["data_position"], state["num_processes"] = data_position, num_processes
         if any(v.dtype != dtype for v in weights.values()):
             state["lorweb_master_weights"] = {k: v.detach().cpu().clone() for k, v in weights.items()}
-        torch.save(state, tmp / TRAINER_STATE_NAME)
+        torch_save(state, tmp / TRAINER_STATE_NAME, final / TRAINER_STATE_NAME)  # a full disk names the file
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        with naming_the_file(final):
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for name in (WEIGHTS_NAME, CONFIG_NAME):  # copies (the same bytes, not serialized again), never through a link
         tmp = out / f".{name}.tmp"
         unlink_file_or_link(tmp)
-        shutil.copyfile(final / name, tmp)
-        os.replace(tmp, out / name)
+        try:
+            with naming_the_file(out / name):
+                shutil.copyfile(final / name, tmp)
+            os.replace(tmp, out / name)
+        except BaseException:  # a full disk: no half copy stays (the checkpoint itself is complete)
+            tmp.unlink(missing_ok=True)
+            raise
     rotate_checkpoints(out, keep, milestone_every)
     return final
 
@@ -1229,6 +1235,17 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     return result
 
 
+@contextlib.contextmanager
+def _writing_step(step: int):
+    """An OSError inside (a full disk while the loss log or a checkpoint is written) carries ``lorweb_step``, which
+    the command line names beside the newest checkpoint to resume from."""
+    try:
+        yield
+    except OSError as exc:
+        exc.lorweb_step = step
+        raise
+
+
 def _accelerate_state_empty() -> bool:
     """Whether accelerate's process-wide state (``PartialState``, ``AcceleratorState``) is not set up yet."""
     from accelerate.state import AcceleratorState, PartialState
@@ -1602,7 +1619,8 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
             step += 1
             if accelerator.is_main_process:
                 row = {"step": step, "loss": None if skipped else loss_value, "lr": cfg.learning_rate}
-                append_text(log_path, json.dumps({**row, "nan_loss_skipped": True} if skipped else row) + "\n")
+                with _writing_step(step), naming_the_file(log_path):
+                    append_text(log_path, json.dumps({**row, "nan_loss_skipped": True} if skipped else row) + "\n")
             bar.update(1)
             bar.set_postfix(loss="NaN, skipped" if skipped else f"{loss_value:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -1610,15 +1628,17 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
                 weights = lorweb_state_dict(transformer)  # collective under FSDP: every rank gathers
                 optimizer_state = optimizer_state_dict(model, optimizer.optimizer, names, sharded=sharded)
                 if accelerator.is_main_process:
-                    _write_checkpoint(out, step, transformer, weights, optimizer_state, metadata, cfg.keep_checkpoints,
-                                      save_dtype=cfg.save_dtype, settings=settings, name=Path(cfg.out).name or "lorweb",
-                                      config=_comparable_config(cfg), model=model_name,
-                                      milestone_every=cfg.keep_milestone_every, epoch=sampler.epoch(step - 1),
-                                      grad_scaler=None if accelerator.scaler is None
-                                      else accelerator.scaler.state_dict(),
-                                      data_position=sampler.stream_position(step),
-                                      num_processes=accelerator.num_processes)
-                    plot_loss(log_path, png_path)
+                    with _writing_step(step):
+                        _write_checkpoint(out, step, transformer, weights, optimizer_state, metadata,
+                                          cfg.keep_checkpoints, save_dtype=cfg.save_dtype, settings=settings,
+                                          name=Path(cfg.out).name or "lorweb", config=_comparable_config(cfg),
+                                          model=model_name,
+                                          milestone_every=cfg.keep_milestone_every, epoch=sampler.epoch(step - 1),
+                                          grad_scaler=None if accelerator.scaler is None
+                                          else accelerator.scaler.state_dict(),
+                                          data_position=sampler.stream_position(step),
+                                          num_processes=accelerator.num_processes)
+                        plot_loss(log_path, png_path)
                 del weights, optimizer_state
                 accelerator.wait_for_everyone()
             if step_callback is not None:

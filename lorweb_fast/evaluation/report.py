@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -219,36 +220,72 @@ def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Option
     return save_figure_atomically(fig, path, dpi=130)
 
 
+def _replace_together(out: Path, texts: dict) -> None:
+    """Write every ``{name: text}`` to a temporary in ``out`` (an OSError names its file), then rename them onto
+    their names: a failed write replaces none of them."""
+    from .._files import naming_the_file, temporary_file, temporary_prefix
+
+    temps = []
+    try:
+        for name, text in texts.items():
+            tmp = Path(temporary_file(out, temporary_prefix(out / name)))
+            temps.append((tmp, out / name))
+            with naming_the_file(out / name):
+                tmp.write_bytes(text.encode())
+        for tmp, final in temps:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+
+
+#: The files ``write_report`` writes (or removes) in a report folder.
+REPORT_FILES = ("metrics.json", "summary.md", "judge_answers.jsonl", "preservation_vs_accuracy.png", "win_rates.png")
+
+
 def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict:
     """metrics.json, summary.md, judge_answers.jsonl (unless it is the file this scoring replays) and the plots in
-    ``out``, each written atomically; a report file this call does not write is removed. ``report``: {name:
-    ``aggregate``}, ``results``: {name: ``score_run``}. Returns metrics.json's content."""
+    ``out``, each written atomically; a report file this call does not write is removed. metrics.json and
+    summary.md are both written to temporaries before either replaces its file (a full disk while writing them
+    leaves the earlier scoring's pair), and a later write that fails removes the earlier scoring's files this call
+    had not replaced yet: a report folder never mixes two scorings. ``report``: {name: ``aggregate``}, ``results``:
+    {name: ``score_run``}. Returns metrics.json's content."""
     from .generate import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(report))
     metrics = {**report[first], "method": first, "methods": report, "settings": settings}
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, ensure_ascii=False))
-    atomic_write_text(out / "summary.md", summary_markdown(report, settings))
-    # "truncated" only where the answer was cut, so a replay of this file counts the same cut answers
-    answers = [json.dumps({"id": a["id"], "kind": a["kind"], "run": a["run"], "against": a["against"],
-                           "order": a["order"], "judge": a["judge"], "response": a["response"],
-                           **({"truncated": True} if a.get("truncated") else {})}, ensure_ascii=False)
-               for res in results.values() for a in res["answers"] if a["response"] is not None]
-    # a file this call does not write is removed: a report folder never mixes two scorings. The answers file this
-    # scoring replays is left as it is (its answers are where they came from; rewriting it with this scoring's
-    # subset would lose the others)
     answers_file = out / "judge_answers.jsonl"
     judge = str(settings.get("judge") or "")
     replay = re.fullmatch(r"replay:(.*)@[0-9a-f]{16}", judge)  # ReplayJudge.name: the file and its content hash
+    # the answers file this scoring replays is left as it is (its answers are where they came from; rewriting it
+    # with this scoring's subset would lose the others)
     replayed = replay is not None and Path(replay.group(1)).resolve() == answers_file.resolve()
-    if answers and not replayed:
-        atomic_write_text(answers_file, "\n".join(answers) + "\n")
-    elif not replayed:  # nothing this scoring asked: no answers of an earlier one stay
-        answers_file.unlink(missing_ok=True)
-    if plot_preservation_vs_accuracy(report, out / "preservation_vs_accuracy.png") is None:
-        (out / "preservation_vs_accuracy.png").unlink(missing_ok=True)
-    if plot_win_rates(report, list(settings.get("against") or {}), out / "win_rates.png") is None:
-        (out / "win_rates.png").unlink(missing_ok=True)
+    done = {answers_file.name} if replayed else set()  # written, or removed, by this call
+    try:
+        _replace_together(out, {"metrics.json": json.dumps(metrics, indent=1, ensure_ascii=False),
+                                "summary.md": summary_markdown(report, settings)})
+        done.update(("metrics.json", "summary.md"))
+        # "truncated" only where the answer was cut, so a replay of this file counts the same cut answers
+        answers = [json.dumps({"id": a["id"], "kind": a["kind"], "run": a["run"], "against": a["against"],
+                               "order": a["order"], "judge": a["judge"], "response": a["response"],
+                               **({"truncated": True} if a.get("truncated") else {})}, ensure_ascii=False)
+                   for res in results.values() for a in res["answers"] if a["response"] is not None]
+        if answers and not replayed:
+            atomic_write_text(answers_file, "\n".join(answers) + "\n")
+        elif not replayed:  # nothing this scoring asked: no answers of an earlier one stay
+            answers_file.unlink(missing_ok=True)
+        done.add(answers_file.name)
+        if plot_preservation_vs_accuracy(report, out / "preservation_vs_accuracy.png") is None:
+            (out / "preservation_vs_accuracy.png").unlink(missing_ok=True)
+        done.add("preservation_vs_accuracy.png")
+        if plot_win_rates(report, list(settings.get("against") or {}), out / "win_rates.png") is None:
+            (out / "win_rates.png").unlink(missing_ok=True)
+    except BaseException:  # once this scoring's metrics.json is in, the earlier scoring's other files go
+        if "metrics.json" in done:
+            for name in REPORT_FILES:
+                if name not in done:
+                    (out / name).unlink(missing_ok=True)
+        raise
     return metrics

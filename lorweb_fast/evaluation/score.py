@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .._files import append_text, loads_json
+from .._files import append_text, loads_json, naming_the_file
 from .evalsets import EvalInputError, RunItem, check_outside, file_signature, load_rgb, read_runs, runs_folders
 from .judge import PAIRWISE_PROMPT, PARSERS, SCORE_PROMPT, JudgeCache, JudgeRequest, ask
 from ..validation import warn
@@ -56,8 +56,10 @@ class MetricCache:
         if not records:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        append_text(self.path, "".join(json.dumps({"id": item_id, "metric": metric, "sig": sig, "value": value}) + "\n"
-                                       for item_id, metric, sig, value in records))
+        lines = "".join(json.dumps({"id": item_id, "metric": metric, "sig": sig, "value": value}) + "\n"
+                        for item_id, metric, sig, value in records)
+        with naming_the_file(self.path):
+            append_text(self.path, lines)
         self.values.update({(item_id, metric): (sig, value) for item_id, metric, sig, value in records})
 
 
