@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from . import lora_api
+from . import _locks
 from ._files import loads_json, save_figure_atomically
+from ._locks import holding, serialized_on_transformer
 from .layer import (LoRWeBLinear, group_offloading_modes, has_forward_hooks, has_plain_weight, one_analogy,
                     refuse_disk_group_offloading)
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
@@ -539,6 +541,7 @@ class AnalogyEncoder:
     a, a', b files instead, each through the processor: concat of three embeddings, as "cat-aa'b".
     """
 
+    @holding(_locks.LOADING)  # transformers loads through accelerate's process-wide init_empty_weights
     def __init__(self, model: Union[str, Path] = DEFAULT_ENCODER, *, device=None,
                  dtype: torch.dtype = torch.float32, query_mode: str = "cat-aa'b", pooling_type: str = "avg",
                  query_source: str = "grid"):
@@ -795,6 +798,7 @@ def _as_list(x, n: Optional[int] = None) -> list:
     return items
 
 
+@holding(_locks.LOADING)
 def load_kontext_pipeline(model: Union[str, Path], dtype: Optional[torch.dtype] = None):
     """``FluxKontextPipeline.from_pretrained`` (hub id or local directory) in ``dtype``; diffusers 0.42 renamed the
     ``torch_dtype`` argument to ``dtype``."""
@@ -939,6 +943,7 @@ class LoRWeBKontextPipeline:
         return self.pipe.transformer
 
     @classmethod
+    @holding(_locks.LOADING)
     def from_pretrained(cls, model: Union[str, Path], weights: Union[str, Path], *,
                         encoder: Union[str, Path, None] = None, config: Union[str, Path, None] = None,
                         query_mode: Optional[str] = None, pooling_type: Optional[str] = None,
@@ -1008,6 +1013,7 @@ class LoRWeBKontextPipeline:
         return cls(pipe, enc, **options)
 
     # ------------------------------------------------------------- the diffusers/peft LoRA API (lora_api)
+    @serialized_on_transformer
     def set_analogy(self, a, a_prime, b) -> dict:
         """Compute the queries of the analogies and ``set_query`` them (e.g. before ``fuse_lora``); returns
         ``{layer: (B, N) coefficients}``."""
@@ -1089,6 +1095,7 @@ class LoRWeBKontextPipeline:
         self._adapter_name = DEFAULT_ADAPTER_NAME  # as diffusers: the unloaded adapter's name is gone
         return names
 
+    @serialized_on_transformer
     def fuse_lora(self, strategy: str = "full", *, lora_scale: float = 1.0, components=None,
                   adapter_names=None, safe_fusing: bool = False) -> None:
         """diffusers' ``fuse_lora``: merge the current analogy (``set_analogy`` or the last call) into the weights
@@ -1136,6 +1143,7 @@ class LoRWeBKontextPipeline:
                 raise ValueError(f"safe_fusing: the fused weights of {bad[:3]}{' ...' if len(bad) > 3 else ''} "
                                  "are not finite; the pipeline was left unfused")
 
+    @serialized_on_transformer
     def unfuse_lora(self, *, components=None) -> None:
         """diffusers' ``unfuse_lora``: the original weights back, bit for bit, and the strength from before
         ``fuse_lora(lora_scale=...)``."""
@@ -1400,6 +1408,7 @@ class LoRWeBKontextPipeline:
         finally:
             self.pipe.set_progress_bar_config(**bar_config)
 
+    @serialized_on_transformer
     def __call__(self, a, a_prime, b, prompt, *, merge: Union[bool, str] = "auto", num_inference_steps: int = 28,
                  guidance_scale: float = 2.5, generator=None, seed: int = DEFAULT_SEED,
                  long_edge: Optional[int] = None, output_type: str = "pil", progress: Optional[bool] = None,
@@ -1501,6 +1510,7 @@ def resolve_query_source(weights: Union[str, Path], query_source: Optional[str] 
 
 
 # ------------------------------------------------------------------------------------------------------ plots
+@holding(_locks.DRAWING)
 def plot_coefficients(model: nn.Module, path: Union[str, Path], *, sample: int = 0) -> Path:
     """Heat map (layers x basis LoRAs) of the (B, N) coefficients the current analogy selected, for sample
     ``sample`` (0 <= sample < B), written atomically to ``path`` (a format matplotlib writes: .png, .pdf, .svg, ...);

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import ops
 from ._files import default_permissions, naming_the_file, temporary_file, write_temporary_text
+from ._locks import serialized_on_model
 from .layer import (LoRWeBLinear, default_adapter_dtype, group_offloading_members, group_offloading_modes,
                     linear_dims, refuse_disk_group_offloading, replaced_query_projection_error)
 from .reference import ACTIVATIONS, REDUCTIONS
@@ -342,6 +343,7 @@ def _require_layers(model: nn.Module) -> dict[str, LoRWeBLinear]:
     return layers
 
 
+@serialized_on_model
 def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = False,
               check_finite: bool = True) -> dict[str, torch.Tensor]:
     """Compute every layer's coefficients from the analogy query and cache them until the next ``set_query``.
@@ -447,6 +449,7 @@ def analogy_restored_on_error(model: nn.Module):
         raise
 
 
+@serialized_on_model
 def clear_query(model: nn.Module) -> None:
     """Drop the cached coefficients of every layer (a following forward raises until ``set_query``)."""
     _refuse_merged(lorweb_layers(model), "clear_query")

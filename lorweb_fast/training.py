@@ -44,6 +44,8 @@ import torch
 from ._files import FolderInUseError, FolderLock, append_text, atomic_write, default_permissions, loads_json, \
     naming_the_file, save_figure_atomically, torch_save, unlink_file_or_link
 from ._files import recorded_location  # noqa: F401 (re-exported)
+from . import _locks
+from ._locks import holding
 from .data import (BIDIRECTIONAL, LAYOUTS, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, RESIZE_MODES,
                    AnalogyDataError, AnalogyFolder, bidirectional_swap)
 from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lorweb, load_lorweb_weights, \
@@ -1034,6 +1036,7 @@ def _loss_rows(log_path: Union[str, Path]) -> list[tuple[str, dict]]:
     return rows
 
 
+@holding(_locks.DRAWING)
 def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
     """Plot the loss of a ``loss.jsonl`` log (raw and running mean) to a PNG; steps skipped for a NaN loss (logged
     with loss null) are marked with red vertical lines."""
@@ -1183,6 +1186,7 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
     return (weight * (pred - target) ** 2).mean()
 
 
+@holding(_locks.TRAINING)
 def train(cfg: TrainConfig, *, pipe=None, encoder=None,
           step_callback: Optional[Callable[[int, float], None]] = None) -> dict:
     """Train LoRWeB on ``cfg.data``; returns ``{"step": last step, "out": out dir, "loss": last loss (NaN when

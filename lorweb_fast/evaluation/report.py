@@ -30,7 +30,9 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .. import _locks
 from .._files import save_figure_atomically
+from .._locks import holding
 
 SCALAR_METRICS = ("clip_dir", "lpips", "vlm_accuracy", "vlm_consistency")
 
@@ -152,6 +154,7 @@ def pareto_front(points: Sequence[tuple]) -> list:
     return sorted(front, key=lambda i: points[i][0])
 
 
+@holding(_locks.DRAWING)
 def plot_preservation_vs_accuracy(report: dict, path: Path) -> Optional[Path]:
     """The paper's Fig. 5: one point per method, Pres. (VLM) vs Acc. (VLM), with the Pareto front. Without VLM scores,
     LPIPS (axis reversed: lower = better preservation) vs CLIP Dir. stand in. Returns ``path`` (written atomically),
@@ -189,6 +192,7 @@ def plot_preservation_vs_accuracy(report: dict, path: Path) -> Optional[Path]:
     return save_figure_atomically(fig, path, dpi=130)
 
 
+@holding(_locks.DRAWING)
 def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Optional[Path]:
     """The paper's Fig. 6: order-balanced pairwise win rates (%) per baseline, one bar group per method (N/A, a
     zero bar, where a rate is None). Returns ``path``; None without baselines."""

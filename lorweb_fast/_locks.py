@@ -1,0 +1,74 @@
+"""Locks for threads that share a LoRWeB model, or the process (a server's request threads, a notebook's workers).
+
+A LoRWeB model holds one analogy at a time (every layer's coefficients, merged or fused weights, the strength), so
+the calls that set it and generate from it are serialized per model: a pipeline call holds its transformer's lock
+from its query to its output, and ``set_query``, ``clear_query``, ``set_analogy``, ``fuse_lora`` / ``unfuse_lora``
+of another thread wait for it (re-entrant: the same thread nests freely). Process-wide state gets process-wide
+locks: model loading (accelerate's ``init_empty_weights`` patches ``nn.Module`` for the whole process, so two
+overlapping loads could leave every later module on the meta device), ``train`` (it seeds the process-wide RNG and
+sets up accelerate's process-wide state) and matplotlib drawing (its text parser is not thread-safe)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import weakref
+
+import torch
+
+_ANALOGY_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_GUARD = threading.Lock()
+
+#: held while a model is loaded (``load_kontext_pipeline``, the analogy encoder, ``from_pretrained``)
+LOADING = threading.RLock()
+#: held by ``train`` for its whole run
+TRAINING = threading.RLock()
+#: held while a figure is drawn and saved
+DRAWING = threading.RLock()
+
+
+def analogy_lock(model) -> threading.RLock:
+    """The re-entrant lock that serializes the analogy state of ``model`` (one per model object, dropped with it)."""
+    with _GUARD:
+        lock = _ANALOGY_LOCKS.get(model)
+        if lock is None:
+            lock = _ANALOGY_LOCKS[model] = threading.RLock()
+        return lock
+
+
+def holding_analogy(model):
+    """A context holding ``analogy_lock(model)``; nothing while torch.compile traces (a compiled region does not
+    take Python locks)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return analogy_lock(model)
+
+
+def serialized_on_model(function):
+    """``function(model, ...)`` run holding ``model``'s analogy lock."""
+    @functools.wraps(function)
+    def wrapper(model, *args, **kwargs):
+        with holding_analogy(model):
+            return function(model, *args, **kwargs)
+    return wrapper
+
+
+def serialized_on_transformer(method):
+    """A pipeline method run holding its transformer's analogy lock."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with holding_analogy(self.transformer):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def holding(lock):
+    """``function`` run holding the process-wide ``lock``."""
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            with lock:
+                return function(*args, **kwargs)
+        return wrapper
+    return decorate
