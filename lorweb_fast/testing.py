@@ -704,6 +704,25 @@ def hold_folder_lock(folder, name: str, what: str):
     return proc
 
 
+def module_level_state() -> dict:
+    """``{(module, name): size}`` of every module-level dict / list / set and functools cache of lorweb_fast's modules
+    (the kernels included): equal before and after a loop = nothing accumulates there."""
+    import sys
+
+    sizes = {}
+    for mod_name, module in list(sys.modules.items()):
+        if mod_name != "lorweb_fast" and not mod_name.startswith("lorweb_fast."):
+            continue
+        for name, value in list(vars(module).items()):
+            if name.startswith("__"):
+                continue
+            if isinstance(value, (dict, list, set)):
+                sizes[(mod_name, name)] = len(value)
+            elif callable(getattr(value, "cache_info", None)):
+                sizes[(mod_name, name)] = value.cache_info().currsize
+    return sizes
+
+
 @contextlib.contextmanager
 def one_intra_op_thread():
     """torch on one intra-op thread inside the block (tiny models run faster without thread spinning on a shared

@@ -15,7 +15,6 @@ import gc
 import json
 import math
 import multiprocessing
-import sys
 import weakref
 from types import SimpleNamespace
 
@@ -25,8 +24,8 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import demo, flux, lora_api, training
-from lorweb_fast.testing import (NanGradient, one_intra_op_thread, random_analogy, tiny_kontext_with_encoder,
-                                 tiny_lorweb_pair, tiny_train_config, tiny_training_assets)
+from lorweb_fast.testing import (module_level_state, NanGradient, one_intra_op_thread, random_analogy,
+                                 tiny_kontext_with_encoder, tiny_lorweb_pair, tiny_train_config, tiny_training_assets)
 
 pytest.importorskip("diffusers")
 
@@ -316,20 +315,6 @@ def test_a_fused_model_that_is_dropped_is_freed(strategy):
 
 
 # ------------------------------------------------------------------------------------ module-level state, caches
-def module_state() -> dict:
-    """Sizes of every module-level dict / list / set and functools cache of lorweb_fast's modules (kernels too)."""
-    sizes = {}
-    for mod_name, module in list(sys.modules.items()):
-        if mod_name != "lorweb_fast" and not mod_name.startswith("lorweb_fast."):
-            continue
-        for name, value in list(vars(module).items()):
-            if name.startswith("__"):
-                continue
-            if isinstance(value, (dict, list, set)):
-                sizes[(mod_name, name)] = len(value)
-            elif callable(getattr(value, "cache_info", None)):
-                sizes[(mod_name, name)] = value.cache_info().currsize
-    return sizes
 
 
 def workload(tmp_path, sizes, seed) -> list:
@@ -367,9 +352,9 @@ def test_no_module_level_state_grows_with_shapes_or_models(tmp_path):
     """After a warm-up, running everything again on new shapes and new models adds nothing to lorweb_fast's
     module-level containers and caches, and none of them keeps a layer or a model alive."""
     refs = workload(tmp_path, [(1, 3, 8, 5), (2, 4, 6, 9)], seed=0)
-    before = module_state()
+    before = module_level_state()
     refs += workload(tmp_path, [(3, 5, 10, 7), (1, 2, 12, 3), (4, 1, 5, 11)], seed=1)
-    after = module_state()
+    after = module_level_state()
     assert after == before, {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
     assert alive(refs) == 0
 

@@ -37,8 +37,8 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import demo, flux, lora_api, training
-from lorweb_fast.testing import (one_intra_op_thread, random_analogy, tiny_kontext_with_encoder, tiny_lorweb_pair,
-                                 tiny_train_config, tiny_training_assets)
+from lorweb_fast.testing import (module_level_state, one_intra_op_thread, random_analogy, tiny_kontext_with_encoder,
+                                 tiny_lorweb_pair, tiny_train_config, tiny_training_assets)
 
 pytest.importorskip("diffusers")
 
@@ -103,20 +103,6 @@ def hooks(*models) -> int:
     return own + sum(len(getattr(torch.nn.modules.module, t, None) or {}) for t in GLOBAL_HOOK_TABLES)
 
 
-def module_state() -> dict:
-    """Sizes of every module-level dict / list / set and functools cache of lorweb_fast's modules."""
-    sizes = {}
-    for mod_name, module in list(sys.modules.items()):
-        if mod_name != "lorweb_fast" and not mod_name.startswith("lorweb_fast."):
-            continue
-        for name, value in list(vars(module).items()):
-            if name.startswith("__"):
-                continue
-            if isinstance(value, (dict, list, set)):
-                sizes[(mod_name, name)] = len(value)
-            elif callable(getattr(value, "cache_info", None)):
-                sizes[(mod_name, name)] = value.cache_info().currsize
-    return sizes
 
 
 def snapshot(*models) -> dict:
@@ -130,7 +116,7 @@ def snapshot(*models) -> dict:
             "os threads": len(os.listdir("/proc/self/task")), "children": len(multiprocessing.active_children()),
             "handlers": {name: len(logging.getLogger(name).handlers)
                          for name in ("", "lorweb_fast", "lorweb_fast.training", "lorweb_fast.lora_api")},
-            "tqdm": len(getattr(tqdm, "_instances", ())), "module state": module_state(),
+            "tqdm": len(getattr(tqdm, "_instances", ())), "module state": module_level_state(),
             "model attributes": [sorted(model.__dict__) for model in models], "layer attributes": sorted(layers),
             "warning filters": len(warnings.filters)}
 
