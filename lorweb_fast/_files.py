@@ -36,6 +36,9 @@ def naming_the_file(path: Union[str, os.PathLike]):
     the file being written, so the error says which file the disk could not take. So is the OSError behind a
     serializer's own error: safetensors' ``SafetensorError`` ("... (os error 28)") and the RuntimeError ``torch.save``
     raises over its file object's OSError (give ``torch.save`` an open file: to a path it reports none)."""
+    import sys
+
+    handled = sys.exc_info()[1]  # an exception the caller is handling: not this block's cause
     try:
         yield
     except OSError as exc:
@@ -43,24 +46,30 @@ def naming_the_file(path: Union[str, os.PathLike]):
             raise
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except Exception as exc:
-        code = _errno_behind(exc)
+        code = _errno_behind(exc, handled)
         if code is None:
             raise
         raise OSError(code, os.strerror(code), str(path)) from exc
 
 
-def _errno_behind(exc: BaseException):
-    """The errno of the OSError a library error wraps (its context chain, or "os error N" in its message), or None."""
+def _errno_behind(exc: BaseException, stop: BaseException = None):
+    """The errno of the OSError a serializer's error wraps, or None: torch's RuntimeError over the OSError it
+    caught (its context chain, up to ``stop``, honouring ``raise ... from None``), safetensors' SafetensorError
+    ("... (os error N)")."""
     import re
 
-    seen, cause = set(), exc.__cause__ or exc.__context__
-    while cause is not None and id(cause) not in seen:
+    if type(exc).__name__ == "SafetensorError":
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        return int(found.group(1)) if found else None
+    if not isinstance(exc, RuntimeError):
+        return None
+    seen, cause = set(), exc
+    while cause is not None and cause is not stop and id(cause) not in seen:
         if isinstance(cause, OSError) and cause.errno:
             return cause.errno
         seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    found = re.search(r"\(os error (\d+)\)", str(exc))
-    return int(found.group(1)) if found else None
+        cause = cause.__cause__ if cause.__cause__ is not None or cause.__suppress_context__ else cause.__context__
+    return None
 
 
 def torch_save(obj, path: Union[str, os.PathLike], name: Union[str, os.PathLike, None] = None) -> None:
@@ -100,8 +109,9 @@ def append_text(path: Union[str, os.PathLike], text: str) -> None:
     """Append ``text`` (UTF-8) to the file ``path``, created when missing, never through a symlink: a symlink at
     ``path`` (planted in a received folder; none of ours is one) is replaced by a new file, its target untouched."""
     path = Path(path)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    if path.is_symlink():
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) \
+        | getattr(os, "O_NONBLOCK", 0)  # a FIFO planted meanwhile: an error, not a wait for a reader
+    if path.is_symlink() or (path.exists() and not path.is_file() and not path.is_dir()):  # a link, a FIFO
         path.unlink()
     fd = os.open(path, flags, 0o666)  # O_NOFOLLOW: a symlink planted meanwhile is an error, not a target
     with naming_the_file(path), os.fdopen(fd, "a", encoding="utf-8") as f:
@@ -170,7 +180,10 @@ def save_figure_atomically(fig, path: Union[str, os.PathLike], dpi: int) -> Path
 def temporary_file(directory: Union[str, os.PathLike], prefix: str, suffix: str = ".tmp") -> str:
     """A new empty file ``<prefix><random><suffix>`` in ``directory`` with the permissions a plain ``open`` would
     give (``default_permissions``: mkstemp's 0600 would survive the rename onto the final name); returns its path."""
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    except OSError as exc:  # a read-only or full folder: named, not the random name that was never created
+        raise OSError(exc.errno, exc.strerror, str(directory)) from exc
     os.close(fd)
     default_permissions(tmp)
     return tmp
@@ -180,7 +193,10 @@ def write_temporary_text(directory: Union[str, os.PathLike], name: str, text: st
     """A temporary file ``.<name>.<random>.tmp`` in ``directory`` holding ``text`` (UTF-8), with the permissions a
     plain ``open`` would give (``default_permissions``), for the caller to rename onto ``directory/name``; removed
     again when writing it fails."""
-    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(Path(directory) / name), suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(Path(directory) / name), suffix=".tmp", dir=directory)
+    except OSError as exc:  # as temporary_file
+        raise OSError(exc.errno, exc.strerror, str(Path(directory) / name)) from exc
     try:
         default_permissions(tmp)  # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -39,10 +39,13 @@ def analogy_lock(model) -> threading.RLock:
 
 def holding_analogy(model):
     """A context holding ``analogy_lock(model)``; nothing while torch.compile traces (a compiled region does not
-    take Python locks)."""
+    take Python locks) or for an object that is no model (the call then refuses it by name)."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    return analogy_lock(model)
+    try:
+        return analogy_lock(model)
+    except TypeError:  # cannot be weakly referenced (a string, None): not a model
+        return contextlib.nullcontext()
 
 
 def serialized_on_model(function):

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ._files import atomic_write
+
 #: (in, out) of the FLUX.1 LoRA target layers (METHOD.md): attention projections, MLP up/down, the single blocks'
 #: proj_out (15360 -> 3072), and the 2-D norm modulations: the double blocks' norm1 / norm1_context.linear
 #: (3072 -> 18432 = 6 x 3072) and the single blocks' norm.linear (3072 -> 9216 = 3 x 3072).
@@ -408,7 +410,7 @@ def build_report(arch: int, out_dir, layers=LAYERS, ranks=RANKS, dtypes=DTYPES, 
     results = {}
     for key, res in compile_all(specs, arch, jobs, progress).items():
         ptx_name = f"{specs[key].name.strip('_')}-{key}.ptx"
-        (out / ptx_name).write_text(res["ptx"])
+        atomic_write(out / ptx_name, lambda tmp, text=res["ptx"]: tmp.write_text(text))  # never through a link
         results[key] = dict(res, ptx_file=ptx_name)
     written = {r["ptx_file"] for r in results.values()}
     for stale in earlier - written:  # an earlier report's PTX files, not any other .ptx in the folder
@@ -420,7 +422,7 @@ def build_report(arch: int, out_dir, layers=LAYERS, ranks=RANKS, dtypes=DTYPES, 
                         "R": e["R"], "config": e["config"], "shared_bytes": res["shared_bytes"],
                         "registers": res["registers"], "spill_bytes": res["spill_bytes"], "ptx": res["ptx_file"]})
     report = {"arch": arch, "triton": triton.__version__, "kernels": kernels}
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
     return report
 
 

@@ -554,7 +554,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
         before resizing: the target's size for a grid, twice it for a strip); records high-bit-depth images and
         grid-shaped strips. AnalogyDataError naming the file for a bad sample (see the class docstring)."""
         if target.exists() and not target.is_file():  # opening a FIFO would block forever
-            raise AnalogyDataError(f"{target} is not a regular file (a FIFO, socket or device)")
+            raise AnalogyDataError(f"{target} is not a regular file (a folder, FIFO, socket or device)")
         control = next(iter(control_by_stem.get(target.stem, ())), None)
         if control is None:
             raise AnalogyDataError(f"{target} has no control image {control_dir / target.stem}.*")

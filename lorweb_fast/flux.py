@@ -541,7 +541,7 @@ class AnalogyEncoder:
     a, a', b files instead, each through the processor: concat of three embeddings, as "cat-aa'b".
     """
 
-    @holding(_locks.LOADING)  # transformers loads through accelerate's process-wide init_empty_weights
+    @holding(_locks.LOADING)  # model loads are serialized per process (see _locks)
     def __init__(self, model: Union[str, Path] = DEFAULT_ENCODER, *, device=None,
                  dtype: torch.dtype = torch.float32, query_mode: str = "cat-aa'b", pooling_type: str = "avg",
                  query_source: str = "grid"):
@@ -1039,6 +1039,7 @@ class LoRWeBKontextPipeline:
             raise RuntimeError(f"{what}() while the mixture is fused into the weights (fuse_lora(strategy="
                                f"{strategy!r})): call unfuse_lora() first")
 
+    @serialized_on_transformer
     def load_lora_weights(self, path_or_dir: Union[str, Path], weight_name: Optional[str] = None,
                           config: Union[str, Path, None] = None, *, adapter_name: Optional[str] = None,
                           **kwargs) -> list[str]:
@@ -1087,6 +1088,7 @@ class LoRWeBKontextPipeline:
             self._fuse_scales = (1.0, 1.0)
         return names
 
+    @serialized_on_transformer
     def unload_lora_weights(self) -> list[str]:
         """diffusers' ``unload_lora_weights``: the stock transformer layers go back; a mixture fused with
         ``fuse_lora`` stays in their weights, as with diffusers/peft (``lora_api.unload_lora_weights``)."""
@@ -1187,6 +1189,7 @@ class LoRWeBKontextPipeline:
                                "lora_scale")
         return _strength_times(self.transformer, float(scale))
 
+    @serialized_on_transformer
     def set_lorweb_scale(self, scale: float) -> None:
         """Strength of the mixture (diffusers' ``set_adapters`` weight, the official multiplier). While the adapter
         is disabled (``disable_lora``) the output stays the base model's and the strength is kept for
@@ -1206,6 +1209,7 @@ class LoRWeBKontextPipeline:
         """diffusers' ``get_list_adapters``: ``{"transformer": [name]}`` while a LoRWeB adapter is loaded."""
         return {"transformer": [self._adapter_name]} if lorweb_layers(self.transformer) else {}
 
+    @serialized_on_transformer
     def delete_adapters(self, adapter_names) -> None:
         """diffusers' ``delete_adapters``: naming this pipeline's adapter unloads it (``unload_lora_weights``)."""
         loaded = bool(lorweb_layers(self.transformer))
@@ -1260,6 +1264,7 @@ class LoRWeBKontextPipeline:
         """diffusers' model CPU offload of the wrapped pipeline; LoRWeB coefficients follow each layer's device."""
         return self.pipe.enable_model_cpu_offload(*args, **kwargs)
 
+    @serialized_on_transformer
     def set_adapters(self, adapter_names=None, adapter_weights=None) -> None:
         """diffusers' ``set_adapters``: LoRWeB is one adapter, so one weight (a number, diffusers' per-component
         ``{"transformer": number}``, or a list of one) sets the mixture's strength (``set_lorweb_scale``); None
@@ -1282,6 +1287,7 @@ class LoRWeBKontextPipeline:
             weight = weight.get("transformer")
         self.set_lorweb_scale(1.0 if weight is None else weight)
 
+    @serialized_on_transformer
     def disable_lora(self) -> None:
         """diffusers' ``disable_lora``: the base model's output (strength 0) until ``enable_lora``. Refused while
         the mixture is fused into the weights ("full" / "offload"; "jit" follows it)."""
@@ -1292,6 +1298,7 @@ class LoRWeBKontextPipeline:
             lora_api.set_lorweb_scale(self.transformer, 0.0)
             self._disabled_scale = before
 
+    @serialized_on_transformer
     def enable_lora(self) -> None:
         """diffusers' ``enable_lora``: the strength from before ``disable_lora``, or the one set meanwhile."""
         if self._disabled_scale is not None:

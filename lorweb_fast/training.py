@@ -633,7 +633,10 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     root = out / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
+    except OSError as exc:  # a full or read-only folder: the checkpoint named, not a temporary never created
+        raise OSError(exc.errno, exc.strerror, str(final)) from exc
     try:
         default_permissions(tmp, directory=True)  # mkdtemp's 0700 would survive the rename
         meta = {**aitk_metadata(name, step, epoch), **metadata}
@@ -649,7 +652,9 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
         if any(v.dtype != dtype for v in weights.values()):
             state["lorweb_master_weights"] = {k: v.detach().cpu().clone() for k, v in weights.items()}
         torch_save(state, tmp / TRAINER_STATE_NAME, final / TRAINER_STATE_NAME)  # a full disk names the file
-        if final.exists():
+        if final.is_symlink():  # not a checkpoint this run wrote (e.g. a skipped corrupt one): the link goes
+            final.unlink()
+        elif final.exists():
             shutil.rmtree(final)
         with naming_the_file(final):
             os.replace(tmp, final)
@@ -835,6 +840,7 @@ def _check_bitsandbytes_device(quantize_base: str) -> None:
                          "optimum-quanto fp8 quantization, which runs on a CPU too)")
 
 
+@holding(_locks.LOADING)
 def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize_base: str = "none",
                            device: Optional[torch.device] = None):
     """The FluxKontextPipeline to train on.
@@ -1219,7 +1225,7 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     from .cli import library_progress_bars
 
     callers = None if pipe is None else _CallersPipeline(pipe)  # recorded before train() changes anything
-    fresh_accelerate = _accelerate_state_empty()
+    accelerate_before = _accelerate_state()
     lock = FolderLock(cfg.out, RUN_LOCK_NAME, "training run")
     try:  # progress=False: no bar at all, diffusers' and transformers' loading bars included (as --quiet)
         with _reports_from_main_only(), library_progress_bars(enabled=bool(cfg.progress)):
@@ -1228,14 +1234,12 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
         lock.release()
         if callers is not None:
             callers.restore(failed=True)
-        if fresh_accelerate:
-            _drop_single_process_accelerate_state()
+        _restore_single_process_accelerate_state(accelerate_before)
         raise
     lock.release()
     if callers is not None:
         callers.restore(failed=False)
-    if fresh_accelerate:
-        _drop_single_process_accelerate_state()
+    _restore_single_process_accelerate_state(accelerate_before)
     return result
 
 
@@ -1250,24 +1254,29 @@ def _writing_step(step: int):
         raise
 
 
-def _accelerate_state_empty() -> bool:
-    """Whether accelerate's process-wide state (``PartialState``, ``AcceleratorState``) is not set up yet."""
-    from accelerate.state import AcceleratorState, PartialState
+def _accelerate_state() -> tuple:
+    """Copies of accelerate's process-wide state dicts (``PartialState``, ``AcceleratorState``, ``GradientState``)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    return not getattr(AcceleratorState, "_shared_state", None) and not getattr(PartialState, "_shared_state", None)
+    return tuple(dict(getattr(cls, "_shared_state", None) or {})
+                 for cls in (PartialState, AcceleratorState, GradientState))
 
 
-def _drop_single_process_accelerate_state() -> None:
-    """Drop the process-wide accelerate state a single-process ``train()`` set up, so the caller's session is as
-    before it (a later ``Accelerator(mixed_precision=...)`` of the caller's, or of another run, is set up afresh
-    instead of failing with "AcceleratorState has already been initialized" or silently keeping this run's
-    precision). Under a launcher (a process group) it is left to the launcher."""
+def _restore_single_process_accelerate_state(before: tuple) -> None:
+    """Put accelerate's process-wide state back as ``train`` found it (``_accelerate_state``), so the caller's
+    session is as before (a later ``Accelerator(mixed_precision=...)`` of the caller's is set up afresh instead of
+    failing with "AcceleratorState has already been initialized" or keeping this run's precision; a state of the
+    caller's that ``_single_process_precision`` replaced comes back). Under a launcher (a process group) it is left
+    to the launcher."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    for cls, state in zip((PartialState, AcceleratorState, GradientState), before):
+        shared = getattr(cls, "_shared_state", None)
+        if isinstance(shared, dict):
+            shared.clear()
+            shared.update(state)
 
 
 class _CallersPipeline:

@@ -303,7 +303,8 @@ def _bound_registry(registry) -> None:
     new images would grow its registry without bound. A dropped warning may be shown once more."""
     if not isinstance(registry, dict) or len(registry) <= MAX_REGISTERED_WARNINGS:
         return
-    ours = [key for key in registry if isinstance(key, tuple) and len(key) == 3 and isinstance(key[1], type)
+    # (text, category, lineno) keys, and (text, category) ones under the "once" / "module" filters
+    ours = [key for key in registry if isinstance(key, tuple) and len(key) in (2, 3) and isinstance(key[1], type)
             and issubclass(key[1], LoRWeBWarning)]
     for key in ours[:len(ours) - MAX_REGISTERED_WARNINGS]:
         registry.pop(key, None)

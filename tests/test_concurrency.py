@@ -444,7 +444,7 @@ def test_two_train_calls_in_threads_match_solo_runs(train_assets, tmp_path, monk
         results, errors = run_threads({seed: lambda seed=seed: weights(training.train(config(f"run{seed}", seed),
                                                                                       **given[seed]))
                                        for seed in refs})
-        assert training._accelerate_state_empty()
+        assert not any(training._accelerate_state())  # as before the two runs: no accelerate state
         for seed, ref in refs.items():
             if seed in errors:
                 assert CLEAR_ERROR.search(str(errors[seed])), f"unclear error {errors[seed]!r}"
@@ -518,3 +518,26 @@ def test_readme_states_the_threading_rule():
     """The README tells server authors the rule for threads (the word "thread" appears with the rule)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert re.search(r"thread-safe|thread safe|concurrent (calls|requests)|from several threads", readme, re.I)
+
+
+@pytest.mark.parametrize("change", ["set_lorweb_scale", "disable_lora", "set_adapters"])
+@pytest.mark.parametrize("merge", ["none", "auto"])
+def test_strength_changes_from_another_thread_wait_for_a_running_call(tiny, change, merge):
+    """Found by the session review: the pipeline's strength methods (``set_lorweb_scale``, ``disable_lora``,
+    ``set_adapters``, as the LoRA loading ones) took no lock, so a call paused after its first step finished with
+    another strength (``merge="none"``) or the change failed with an error about a merged() block the caller never
+    entered (``merge="auto"``). They now wait for the running call: its b' is its solo result, and the change
+    applies after it."""
+    ref = generate(tiny, 1, merge)
+    inside, changed = threading.Event(), threading.Event()
+    calls = {"set_lorweb_scale": lambda: tiny.set_lorweb_scale(0.3), "disable_lora": tiny.disable_lora,
+             "set_adapters": lambda: tiny.set_adapters(tiny.get_active_adapters()[0], adapter_weights=0.3)}
+    try:
+        results, errors = run_threads({1: lambda: paused_call(tiny, 1, inside, changed, merge),
+                                       2: after(inside, calls[change], changed)})
+        assert not errors, errors
+        assert np.array_equal(results[1], ref)
+        assert lora_api.get_lorweb_scale(tiny.transformer) in (0.0, 0.3)  # applied once the call ended
+    finally:
+        tiny.enable_lora()
+        tiny.set_lorweb_scale(1.0)

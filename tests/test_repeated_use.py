@@ -620,6 +620,28 @@ def test_train_leaves_accelerates_process_wide_state_as_it_found_it(train_assets
         AcceleratorState._reset_state()
 
 
+def test_train_puts_back_a_callers_partial_state(train_assets, tmp_path):
+    """Found by the session review: a caller holding only a ``PartialState`` (for ``accelerate.logging``) got the
+    run's bf16 ``AcceleratorState`` left behind. train() now puts every accelerate state dict back as it found it:
+    the caller's PartialState is the same, no AcceleratorState stays, and the caller's own fp32 Accelerator works."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pytest.skip("a process group is initialised: accelerate's state is the launcher's")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        PartialState(cpu=True)
+        before = dict(PartialState._shared_state)
+        cfg = tiny_train_config(train_assets, tmp_path / "run", steps=1, checkpoint_every=1, batch_size=1,
+                                mixed_precision="bf16")
+        training.train(cfg)
+        assert PartialState._shared_state == before and not AcceleratorState._shared_state
+        assert Accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 # --------------------------------------------------------------------------------------------- 6. evaluation
 @pytest.fixture(scope="module")
 def eval_assets(tmp_path_factory):
@@ -737,3 +759,21 @@ def test_a_judge_reused_across_scorings_does_not_accumulate_state(eval_assets, t
         sizes.append(len(judge.truncated))
     assert warned == [1, 1, 1], f"cut-answer warnings per scoring: {warned}"
     assert sizes[-1] <= sizes[0], f"judge.truncated after each scoring: {sizes}"
+
+
+@pytest.mark.parametrize("action", ["default", "module", "once"])
+def test_the_warnings_registry_bound_holds_under_every_filter(monkeypatch, action):
+    """Found by the session review: under the "module" and "once" filters Python also keeps a (text, category) key
+    per warning, which the bound did not drop. 40 distinct LoRWeB warnings from this module with a bound of 8: at
+    most 8 LoRWeB keys of either shape stay in this module's registry."""
+    from lorweb_fast import validation
+
+    monkeypatch.setattr(validation, "MAX_REGISTERED_WARNINGS", 8)
+    registry = globals().setdefault("__warningregistry__", {})
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter(action)
+        registry.clear()
+        for i in range(40):
+            validation.warn(f"image {i} is odd")
+        ours = [k for k in registry if isinstance(k, tuple) and len(k) in (2, 3) and k[1] is lf.LoRWeBWarning]
+    assert 0 < len(ours) <= 8, len(ours)

@@ -569,3 +569,28 @@ def test_aot_report_deletes_only_the_ptx_files_of_an_earlier_report(tmp_path, mo
     aot.build_report(90, out, progress=False)
     assert not (out / "old-k.ptx").exists()
     assert mine.read_text() == "// mine\n"
+
+
+def test_a_fifo_planted_as_the_metric_cache_does_not_hang_scoring(tmp_path):
+    """Found by the session review: a FIFO at ``cache/<run>/metrics.jsonl`` made the cache's append block forever
+    (opening a FIFO for writing waits for a reader). ``_files.append_text`` replaces it, as a planted symlink."""
+    from lorweb_fast.evaluation.score import MetricCache
+
+    path = tmp_path / "metrics.jsonl"
+    os.mkfifo(path)
+    done = {}
+
+    def put():
+        cache = MetricCache(path)
+        cache.put_many([("t/0", "clip_dir", "sig", 0.5)])
+        done["ok"] = True
+
+    thread = threading.Thread(target=put, daemon=True)
+    thread.start()
+    thread.join(5)
+    hung = thread.is_alive()
+    if hung:  # unblock it: a reader for the FIFO
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        thread.join(5)
+    assert not hung and done.get("ok")
+    assert path.is_file() and MetricCache(path).get("t/0", "clip_dir", "sig") == 0.5

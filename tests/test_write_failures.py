@@ -789,3 +789,39 @@ def test_real_os_write_failures_are_oserrors_naming_the_file(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(" ok ") == 2, proc.stdout
+
+
+def test_naming_the_file_leaves_unrelated_errors_alone(tmp_path):
+    """Found by the session review: ``naming_the_file`` followed any error's context, so a ValueError raised while
+    the caller handled an unrelated OSError (or after ``raise ... from None``) became a fake OSError about the file.
+    Only the serializers' own wrappers of an OSError are converted: torch.save's RuntimeError over its file object's
+    OSError, safetensors' "(os error N)"."""
+    path = tmp_path / "out.json"
+    try:
+        raise FileNotFoundError(errno.ENOENT, "missing", "elsewhere")
+    except OSError:
+        with pytest.raises(ValueError, match="not JSON compliant"), _files.naming_the_file(path):
+            raise ValueError("Out of range float values are not JSON compliant")
+    with pytest.raises(RuntimeError, match="mentions"), _files.naming_the_file(path):
+        raise RuntimeError("a message that merely mentions (os error 28)")
+    with pytest.raises(OSError) as caught, _files.naming_the_file(path):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+
+
+def test_a_folder_that_refuses_new_files_is_named_not_a_random_temporary(tmp_path, monkeypatch):
+    """Found by the session review: a read-only folder made the temporary's creation fail naming a random
+    ``.<name>.<random>.tmp`` that never existed. ``atomic_write`` (and every writer built on ``temporary_file``)
+    names the folder now."""
+    import tempfile
+
+    def refuse(prefix="", suffix="", dir=None, **_):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, prefix + "x1y2z3" + suffix))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError) as caught:
+        _files.atomic_write(tmp_path / "summary.json", lambda tmp: tmp.write_text("{}"))
+    assert caught.value.filename == str(tmp_path) and "x1y2z3" not in str(caught.value)

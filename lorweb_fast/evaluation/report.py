@@ -224,9 +224,9 @@ def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Option
     return save_figure_atomically(fig, path, dpi=130)
 
 
-def _replace_together(out: Path, texts: dict) -> None:
-    """Write every ``{name: text}`` to a temporary in ``out`` (an OSError names its file), then rename them onto
-    their names: a failed write replaces none of them."""
+def _replace_together(out: Path, texts: dict, done: set) -> None:
+    """Write every ``{name: text}`` to a temporary in ``out`` (an OSError names its file), synced, then rename them
+    onto their names, adding each name to ``done`` once renamed: a failed write replaces none of them."""
     from .._files import naming_the_file, temporary_file, temporary_prefix
 
     temps = []
@@ -236,8 +236,14 @@ def _replace_together(out: Path, texts: dict) -> None:
             temps.append((tmp, out / name))
             with naming_the_file(out / name):
                 tmp.write_bytes(text.encode())
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         for tmp, final in temps:
             os.replace(tmp, final)
+            done.add(final.name)
     finally:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)
@@ -269,8 +275,7 @@ def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict
     done = {answers_file.name} if replayed else set()  # written, or removed, by this call
     try:
         _replace_together(out, {"metrics.json": json.dumps(metrics, indent=1, ensure_ascii=False),
-                                "summary.md": summary_markdown(report, settings)})
-        done.update(("metrics.json", "summary.md"))
+                                "summary.md": summary_markdown(report, settings)}, done)
         # "truncated" only where the answer was cut, so a replay of this file counts the same cut answers
         answers = [json.dumps({"id": a["id"], "kind": a["kind"], "run": a["run"], "against": a["against"],
                                "order": a["order"], "judge": a["judge"], "response": a["response"],
