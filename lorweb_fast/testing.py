@@ -704,6 +704,33 @@ def hold_folder_lock(folder, name: str, what: str):
     return proc
 
 
+def tiny_lorweb_kontext_pipeline(root):
+    """``tiny_kontext_with_encoder(root)`` wrapped as a ``LoRWeBKontextPipeline``: every component in eval mode
+    (built in memory, the text encoders are in training mode: dropout), native resolution, 64 px grids, no bar."""
+    from torch import nn
+
+    from .flux import LoRWeBKontextPipeline
+
+    pipe, encoder = tiny_kontext_with_encoder(root)
+    for component in pipe.components.values():
+        if isinstance(component, nn.Module):
+            component.eval()
+    wrapper = LoRWeBKontextPipeline(pipe, encoder, resolution="native", long_edge=64)
+    wrapper.set_progress_bar_config(disable=True)
+    return wrapper
+
+
+def state_dict_copy(model) -> dict:
+    """A detached copy of ``model.state_dict()`` (for ``same_state_dict``)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state_dict(model, before: dict) -> bool:
+    """Whether ``model``'s state dict holds exactly ``before`` (``state_dict_copy``): the same keys, bit-equal."""
+    now = model.state_dict()
+    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
+
+
 def module_level_state() -> dict:
     """``{(module, name): size}`` of every module-level dict / list / set and functools cache of lorweb_fast's modules
     (the kernels included): equal before and after a loop = nothing accumulates there."""

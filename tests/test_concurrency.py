@@ -40,7 +40,7 @@ from torch import nn
 import lorweb_fast as lf
 from lorweb_fast import _files, demo, flux, lora_api, training
 from lorweb_fast.testing import (build_tiny_lorweb_assets, one_intra_op_thread, random_analogy,
-                                 tiny_kontext_with_encoder, tiny_train_config, tiny_training_assets)
+                                 tiny_lorweb_kontext_pipeline, tiny_train_config, tiny_training_assets)
 
 pytest.importorskip("diffusers")
 from diffusers import FluxKontextPipeline  # noqa: E402
@@ -64,13 +64,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny LoRWeBKontextPipeline (eval mode, native resolution, 64 px grids, no bar)."""
-    pipe, encoder = tiny_kontext_with_encoder(tmp_path_factory.mktemp("concurrency-pipe"))
-    for component in pipe.components.values():
-        if isinstance(component, nn.Module):
-            component.eval()
-    lp = flux.LoRWeBKontextPipeline(pipe, encoder, resolution="native", long_edge=64)
-    lp.set_progress_bar_config(disable=True)
-    return lp
+    return tiny_lorweb_kontext_pipeline(tmp_path_factory.mktemp("concurrency-pipe"))
 
 
 def request_pipe(lp, *, own_transformer=False):
@@ -429,6 +423,7 @@ def test_two_train_calls_in_threads_match_solo_runs(train_assets, tmp_path, monk
         return {k: v.detach().clone() for k, v in lf.lorweb_state_dict(result["transformer"]).items()}
 
     AcceleratorState._reset_state(reset_partial_state=True)  # the premise: no state from an earlier test
+    GradientState._reset_state()
     try:
         refs = {seed: weights(training.train(config(f"solo{seed}", seed), **models())) for seed in (3, 4)}
         given = {seed: models() for seed in refs}

@@ -429,15 +429,10 @@ def test_fused_model_cast_accepts_the_fused_analogy(dtype):
 def test_pipeline_fused_then_cast_to_float16_generates_the_fused_analogy(tmp_path):
     """Fixed (user-visible form of the above): ``set_analogy`` + ``fuse_lora()`` then ``pipe.to(torch.float16)``; a
     call with that same analogy raises "the LoRWeB mixture is fused for another analogy"."""
-    from lorweb_fast import demo, flux
-    from lorweb_fast.testing import random_analogy, tiny_kontext_with_encoder
+    from lorweb_fast import demo
+    from lorweb_fast.testing import random_analogy, tiny_lorweb_kontext_pipeline
 
-    pipe, encoder = tiny_kontext_with_encoder(tmp_path)
-    for component in pipe.components.values():
-        if isinstance(component, nn.Module):
-            component.eval()
-    wrapper = flux.LoRWeBKontextPipeline(pipe, encoder, resolution="native", long_edge=64)
-    wrapper.set_progress_bar_config(disable=True)
+    wrapper = tiny_lorweb_kontext_pipeline(tmp_path)
     a, a_prime, b = random_analogy(0)
     wrapper.set_analogy(a, a_prime, b)
     wrapper.fuse_lora()

@@ -24,8 +24,9 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import demo, flux, lora_api, training
-from lorweb_fast.testing import (module_level_state, NanGradient, one_intra_op_thread, random_analogy,
-                                 tiny_kontext_with_encoder, tiny_lorweb_pair, tiny_train_config, tiny_training_assets)
+from lorweb_fast.testing import (module_level_state, NanGradient, one_intra_op_thread, random_analogy, same_state_dict,
+                                 state_dict_copy, tiny_kontext_with_encoder, tiny_lorweb_pair, tiny_train_config,
+                                 tiny_training_assets)
 
 pytest.importorskip("diffusers")
 
@@ -72,15 +73,6 @@ def structure(model: nn.Module) -> dict:
 def held_tensors(layer) -> dict:
     """The tensors a LoRWeB layer holds as plain attributes (not parameters or buffers)."""
     return {k: v for k, v in vars(layer).items() if isinstance(v, torch.Tensor)}
-
-
-def weights(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same_weights(model, before) -> bool:
-    now = model.state_dict()
-    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
 
 
 def merge_flags(model) -> list:
@@ -173,11 +165,11 @@ def test_merged_entered_many_times_leaves_nothing_behind(strategy):
     m = tiny_model()
     with torch.no_grad():
         lf.set_query(m, query())
-    before, shape = weights(m), structure(m)
+    before, shape = state_dict_copy(m), structure(m)
     for _ in range(5):
         with lf.merged(m, strategy), torch.no_grad():
             m(torch.randn(1, 6))
-    assert structure(m) == shape and same_weights(m, before)
+    assert structure(m) == shape and same_state_dict(m, before)
     assert merge_flags(m) == [(False, False)] * 2
 
 
@@ -190,7 +182,7 @@ def test_merged_that_raises_restores_weights_and_removes_its_hooks(strategy, whe
     m = tiny_model()
     with torch.no_grad():
         lf.set_query(m, query())
-    before, shape = weights(m), structure(m)
+    before, shape = state_dict_copy(m), structure(m)
 
     class Interrupted(Exception):
         pass
@@ -215,7 +207,7 @@ def test_merged_that_raises_restores_weights_and_removes_its_hooks(strategy, whe
             m(torch.randn(1, 6))
             raise Interrupted()
     monkeypatch.undo()
-    assert structure(m) == shape and same_weights(m, before) and merge_flags(m) == [(False, False)] * 2
+    assert structure(m) == shape and same_state_dict(m, before) and merge_flags(m) == [(False, False)] * 2
     with lf.merged(m, strategy):
         assert structure(m)["hooks"] == (0 if strategy == "jit" else shape["hooks"] + 3)
     assert structure(m) == shape
@@ -229,13 +221,13 @@ def test_fuse_unfuse_cycles_and_a_refused_fuse_leave_nothing_behind(strategy):
     m = tiny_model()
     with torch.no_grad():
         lf.set_query(m, query())
-    before, shape = weights(m), structure(m)
+    before, shape = state_dict_copy(m), structure(m)
     for _ in range(3):
         lora_api.fuse_lora(m, strategy)
         with torch.no_grad():
             m(torch.randn(1, 6))
         lora_api.unfuse_lora(m)
-        assert structure(m) == shape and same_weights(m, before)
+        assert structure(m) == shape and same_state_dict(m, before)
     if strategy == "jit":
         lora_api.fuse_lora(m, "jit")
         with pytest.raises(RuntimeError, match="already fused"):
@@ -246,7 +238,7 @@ def test_fuse_unfuse_cycles_and_a_refused_fuse_leave_nothing_behind(strategy):
             lf.set_query(m, torch.cat([query(seed=1), query(seed=2)]))
         with pytest.raises(ValueError, match="merges one analogy"):
             lora_api.fuse_lora(m, strategy)
-    assert structure(m) == shape and same_weights(m, before) and merge_flags(m) == [(False, False)] * 2
+    assert structure(m) == shape and same_state_dict(m, before) and merge_flags(m) == [(False, False)] * 2
     assert lora_api.fused_strategy(m) is None
 
 
@@ -258,7 +250,7 @@ def test_a_fuse_interrupted_after_its_merge_leaves_nothing_fused(strategy, monke
     m = tiny_model()
     with torch.no_grad():
         lf.set_query(m, query())
-    before, shape = weights(m), structure(m)
+    before, shape = state_dict_copy(m), structure(m)
 
     class Interrupted(BaseException):
         pass
@@ -275,7 +267,7 @@ def test_a_fuse_interrupted_after_its_merge_leaves_nothing_fused(strategy, monke
         # dropping the merge's generator would undo the merge by chance)
     assert kept is not None
     assert lora_api.fused_strategy(m) is None
-    assert structure(m) == shape and same_weights(m, before) and merge_flags(m) == [(False, False)] * 2
+    assert structure(m) == shape and same_state_dict(m, before) and merge_flags(m) == [(False, False)] * 2
 
 
 @pytest.mark.parametrize("strategy", ["full", "jit"])
@@ -429,14 +421,14 @@ def test_pipeline_calls_keep_no_graph_inputs_or_hooks(lorweb_pipe):
     lp = lorweb_pipe.pipe
     transformer = lp.transformer
     generate(lp, "none")
-    before, shape = weights(transformer), structure(transformer)
+    before, shape = state_dict_copy(transformer), structure(transformer)
     refs = []
     for merge in ("none", "auto", *STRATEGIES, "jit"):
         images = random_analogy(1)
         refs += [weakref.ref(image) for image in images]
         generate(lp, merge, images)
         del images
-        assert structure(transformer) == shape and same_weights(transformer, before), merge
+        assert structure(transformer) == shape and same_state_dict(transformer, before), merge
         assert lf.get_lorweb_scale(transformer) == 1.0, merge
         for layer in lf.lorweb_layers(transformer).values():
             held = held_tensors(layer)
@@ -455,7 +447,7 @@ def test_pipeline_call_that_raises_midway_leaves_the_model_as_before(lorweb_pipe
     transformer = lp.transformer
     generate(lp, "none", random_analogy(2))
     coefficients = {name: layer.coefficients for name, layer in lf.lorweb_layers(transformer).items()}
-    before, shape = weights(transformer), structure(transformer)
+    before, shape = state_dict_copy(transformer), structure(transformer)
 
     class Interrupted(Exception):
         pass
@@ -465,12 +457,12 @@ def test_pipeline_call_that_raises_midway_leaves_the_model_as_before(lorweb_pipe
 
     with pytest.raises(Interrupted):
         generate(lp, merge, random_analogy(3), callback_on_step_end=interrupt)
-    assert structure(transformer) == shape and same_weights(transformer, before)
+    assert structure(transformer) == shape and same_state_dict(transformer, before)
     assert merge_flags(transformer) == [(False, False)] * len(coefficients)
     assert lf.get_lorweb_scale(transformer) == 1.0 and lora_api.fused_strategy(transformer) is None
     assert all(layer.coefficients is coefficients[name] for name, layer in lf.lorweb_layers(transformer).items())
     generate(lp, merge, random_analogy(3))
-    assert structure(transformer) == shape and same_weights(transformer, before)
+    assert structure(transformer) == shape and same_state_dict(transformer, before)
 
 
 def test_lora_api_cycles_do_not_grow_and_free_the_unloaded_adapter(lorweb_pipe):
@@ -481,7 +473,7 @@ def test_lora_api_cycles_do_not_grow_and_free_the_unloaded_adapter(lorweb_pipe):
     transformer = lp.transformer
     analogy = random_analogy(4)
     generate(lp, "none", analogy)
-    before, shape = weights(transformer), structure(transformer)
+    before, shape = state_dict_copy(transformer), structure(transformer)
     refs = []
     for _ in range(2):
         refs += [weakref.ref(obj) for layer in lf.lorweb_layers(transformer).values()
@@ -501,7 +493,7 @@ def test_lora_api_cycles_do_not_grow_and_free_the_unloaded_adapter(lorweb_pipe):
             generate(lp, "auto", analogy)
             lp.unfuse_lora()
         generate(lp, "none", analogy)
-        assert structure(transformer) == shape and same_weights(transformer, before)
+        assert structure(transformer) == shape and same_state_dict(transformer, before)
     assert alive(refs) == 0
 
 

@@ -37,8 +37,9 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import demo, flux, lora_api, training
-from lorweb_fast.testing import (module_level_state, one_intra_op_thread, random_analogy, tiny_kontext_with_encoder,
-                                 tiny_lorweb_pair, tiny_train_config, tiny_training_assets)
+from lorweb_fast.testing import (module_level_state, one_intra_op_thread, random_analogy, same_state_dict,
+                                 state_dict_copy, tiny_lorweb_kontext_pipeline, tiny_lorweb_pair, tiny_train_config,
+                                 tiny_training_assets)
 
 pytest.importorskip("diffusers")
 
@@ -158,15 +159,6 @@ def query(b=1, seed=0):
     return torch.randn(b, QUERY_DIM, generator=torch.Generator().manual_seed(seed))
 
 
-def weights(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same_weights(model, before) -> bool:
-    now = model.state_dict()
-    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
-
-
 def merge_flags(model) -> set:
     return {(layer._merged, layer._merge_jit) for layer in lf.lorweb_layers(model).values()}
 
@@ -252,7 +244,7 @@ def test_merged_and_fuse_cycles_do_not_grow(strategy):
     m = tiny_model(width=256)
     with torch.no_grad():
         lf.set_query(m, query())
-    originals = weights(m)
+    originals = state_dict_copy(m)
 
     def cycles(start, n):
         for i in range(start, start + n):
@@ -269,7 +261,7 @@ def test_merged_and_fuse_cycles_do_not_grow(strategy):
     before = snapshot(m)
     cycles(3, 30)
     assert_no_growth(before, snapshot(m), f"merged / fuse ({strategy})")
-    assert same_weights(m, originals) and merge_flags(m) == {(False, False)}
+    assert same_state_dict(m, originals) and merge_flags(m) == {(False, False)}
     assert lora_api.fused_strategy(m) is None and not hasattr(m, lora_api._FUSED)
 
 
@@ -371,12 +363,7 @@ def test_load_remove_inject_cycles_do_not_grow_or_keep_files_open(tmp_path):
 def tiny_pipe(tmp_path_factory):
     """A tiny LoRWeBKontextPipeline (eval mode, native resolution, 64 px grids, no bar) and its adapter folder."""
     root = tmp_path_factory.mktemp("repeated-pipe")
-    pipe, encoder = tiny_kontext_with_encoder(root)
-    for component in pipe.components.values():
-        if isinstance(component, nn.Module):
-            component.eval()
-    lp = flux.LoRWeBKontextPipeline(pipe, encoder, resolution="native", long_edge=64)
-    lp.set_progress_bar_config(disable=True)
+    lp = tiny_lorweb_kontext_pipeline(root)
     lp.save_lora_weights(root / "adapter")
     return SimpleNamespace(pipe=lp, adapter=root / "adapter")
 
@@ -440,7 +427,7 @@ def test_failed_pipeline_calls_leave_nothing_behind_and_memory_comes_back(tiny_p
         raise Interrupted()
 
     generate(lp, 1)
-    state, originals = pipe_state(lp), weights(transformer)
+    state, originals = pipe_state(lp), state_dict_copy(transformer)
     coefficients = {n: layer.coefficients for n, layer in lf.lorweb_layers(transformer).items()}
     baseline = snapshot(transformer)
 
@@ -458,7 +445,7 @@ def test_failed_pipeline_calls_leave_nothing_behind_and_memory_comes_back(tiny_p
         assert pipe_state(lp) == state and lora_api.fused_strategy(transformer) is None
         assert all(layer.coefficients is coefficients[n] for n, layer in lf.lorweb_layers(transformer).items())
     assert_no_growth(after_one, snapshot(transformer), f"failed calls (merge={merge})")
-    assert same_weights(transformer, originals)
+    assert same_state_dict(transformer, originals)
     kept = fail(13)
     assert live_tensors()[0] > after_one["tensors"]  # the premise: the traceback holds the call's frames
     del kept
@@ -490,13 +477,13 @@ def test_pipeline_lora_api_cycles_do_not_grow(tiny_pipe):
 
     one_round(0)
     generate(lp, 5)
-    originals = weights(lp.transformer)
+    originals = state_dict_copy(lp.transformer)
     before = snapshot(lp.transformer)
     for r in range(1, 7):
         one_round(r)
     generate(lp, 5)
     assert_no_growth(before, snapshot(lp.transformer), "pipeline LoRA API")
-    assert same_weights(lp.transformer, originals) and lora_api.get_lorweb_scale(lp.transformer) == 1.0
+    assert same_state_dict(lp.transformer, originals) and lora_api.get_lorweb_scale(lp.transformer) == 1.0
 
 
 def extreme_analogy(width):
@@ -625,7 +612,7 @@ def test_train_puts_back_a_callers_partial_state(train_assets, tmp_path):
     run's bf16 ``AcceleratorState`` left behind. train() now puts every accelerate state dict back as it found it:
     the caller's PartialState is the same, no AcceleratorState stays, and the caller's own fp32 Accelerator works."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         pytest.skip("a process group is initialised: accelerate's state is the launcher's")
@@ -640,6 +627,7 @@ def test_train_puts_back_a_callers_partial_state(train_assets, tmp_path):
         assert Accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 # --------------------------------------------------------------------------------------------- 6. evaluation
