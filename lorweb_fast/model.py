@@ -457,8 +457,10 @@ def clear_query(model: nn.Module) -> None:
         layer.set_coefficients(None)  # also drops a per-forward query
 
 
+@serialized_on_model
 def get_coefficients(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{name: (B, N) coefficients}`` for every LoRWeB layer whose coefficients are set."""
+    """``{name: (B, N) coefficients}`` for every LoRWeB layer whose coefficients are set: one analogy's (read under
+    the model's analogy lock, so a ``set_query`` of another thread is not half seen)."""
     return {n: l.coefficients for n, l in lorweb_layers(model).items() if l.coefficients is not None}
 
 

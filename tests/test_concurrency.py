@@ -536,3 +536,46 @@ def test_strength_changes_from_another_thread_wait_for_a_running_call(tiny, chan
     finally:
         tiny.enable_lora()
         tiny.set_lorweb_scale(1.0)
+
+
+def test_get_coefficients_never_sees_half_of_another_threads_set_query(monkeypatch):
+    """``get_coefficients`` (and so ``plot_coefficients``) reads under the model's analogy lock: while another
+    thread's ``set_query`` is half way through setting the layers, the read waits and then sees one analogy on every
+    layer, never a mix."""
+    from lorweb_fast.layer import LoRWeBLinear
+
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=4, rank=2, key_dim=4, query_dim=6, target_modules=r"\d"))
+    queries = [torch.randn(1, 6, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    with torch.no_grad():
+        lf.set_query(model, queries[0])
+        first = {n: c.clone() for n, c in lf.get_coefficients(model).items()}
+        lf.set_query(model, queries[1])
+        second = {n: c.clone() for n, c in lf.get_coefficients(model).items()}
+        lf.set_query(model, queries[0])
+    assert not all(torch.equal(first[n], second[n]) for n in first)
+    half_set, read_may_start = threading.Event(), threading.Event()
+    original, calls = LoRWeBLinear.set_coefficients, []
+
+    def slow_set(self, *args, **kwargs):
+        calls.append(self)
+        original(self, *args, **kwargs)
+        if len(calls) == 2:  # two of the four layers hold the new analogy
+            half_set.set()
+            read_may_start.wait(0.5)
+
+    monkeypatch.setattr(LoRWeBLinear, "set_coefficients", slow_set)
+
+    def setter():
+        with torch.no_grad():
+            lf.set_query(model, queries[1])
+
+    def reader():
+        got = lf.get_coefficients(model)
+        read_may_start.set()
+        return got
+
+    results, errors = run_threads({"set": setter, "read": after(half_set, reader)})
+    assert not errors, errors
+    got = results["read"]
+    assert all(torch.equal(got[n], second[n]) for n in got) or all(torch.equal(got[n], first[n]) for n in got)
