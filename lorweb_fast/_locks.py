@@ -20,7 +20,9 @@ import torch
 _ANALOGY_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _GUARD = threading.Lock()
 
-#: held while a model is loaded (``load_kontext_pipeline``, the analogy encoder, ``from_pretrained``)
+#: held while a model is loaded (``load_kontext_pipeline``, the analogy encoder, ``from_pretrained``, the evaluation's
+#: CLIP and LPIPS) and while LoRWeB layers are built (a module built during another thread's load gets meta
+#: parameters from accelerate's process-wide patch)
 LOADING = threading.RLock()
 #: held by ``train`` for its whole run
 TRAINING = threading.RLock()

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import ops
 from ._files import default_permissions, naming_the_file, temporary_file, write_temporary_text
+from . import _locks
 from ._locks import serialized_on_model
 from .layer import (LoRWeBLinear, default_adapter_dtype, group_offloading_members, group_offloading_modes,
                     linear_dims, refuse_disk_group_offloading, replaced_query_projection_error)
@@ -296,7 +297,8 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool) -> dict:
     flags = [(p, p.requires_grad) for p in model.parameters()]
     new_layers, swapped_in = {}, []
     try:
-        new_layers = build()
+        with _locks.LOADING:  # modules built while another thread loads a model would get its meta parameters
+            new_layers = build()
         for name, layer in new_layers.items():  # all built: swapping in cannot fail half way
             swapped_in.append(name)  # first: undone even when the interrupt comes right after the swap
             _set_submodule(model, name, layer)

@@ -19,6 +19,8 @@ from typing import Sequence, Union
 
 import torch
 
+from .. import _locks
+from .._locks import holding
 from .evalsets import EvalInputError, file_signature
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -38,6 +40,7 @@ class ClipDirectional:
     """CLIP directional similarity. ``encoder``: hub id or local directory of a CLIP checkpoint, loaded frozen in
     ``dtype`` on ``device`` (None: CPU); EvalInputError when it cannot be loaded."""
 
+    @holding(_locks.LOADING)  # model loads are serialized per process (see _locks)
     def __init__(self, encoder: Union[str, Path] = DEFAULT_CLIP, *, device=None, dtype=torch.float32):
         from transformers import CLIPVisionModelWithProjection
 
@@ -109,6 +112,7 @@ class LPIPSDistance:
     ``lpips_backbone_file(net)`` when None. EvalInputError for an unknown ``net``, a missing lpips package, or a
     missing or unloadable weights file."""
 
+    @holding(_locks.LOADING)
     def __init__(self, net: str = "alex", *, weights: Union[str, Path, None] = None, device=None):
         if net not in LPIPS_NETS:
             raise EvalInputError(f"unknown LPIPS network {net!r}; choose from {LPIPS_NETS}")
