@@ -94,11 +94,7 @@ def atomic_write(path: Union[str, os.PathLike], write, *, sync: bool = False) ->
         with naming_the_file(path):
             write(Path(tmp))
             if sync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                sync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -135,6 +131,15 @@ def loads_json(text: Union[str, bytes]):
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply to be read", text if isinstance(text, str) else "", 0) \
             from None
+
+
+def sync_file(path: Union[str, os.PathLike]) -> None:
+    """Flush ``path``'s data to disk (before a rename that marks it complete)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def name_limit(directory: Union[str, os.PathLike]) -> int:

@@ -227,7 +227,7 @@ def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Option
 def _replace_together(out: Path, texts: dict, done: set) -> None:
     """Write every ``{name: text}`` to a temporary in ``out`` (an OSError names its file), synced, then rename them
     onto their names, adding each name to ``done`` once renamed: a failed write replaces none of them."""
-    from .._files import naming_the_file, temporary_file, temporary_prefix
+    from .._files import naming_the_file, sync_file, temporary_file, temporary_prefix
 
     temps = []
     try:
@@ -236,11 +236,7 @@ def _replace_together(out: Path, texts: dict, done: set) -> None:
             temps.append((tmp, out / name))
             with naming_the_file(out / name):
                 tmp.write_bytes(text.encode())
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                sync_file(tmp)
         for tmp, final in temps:
             os.replace(tmp, final)
             done.add(final.name)
