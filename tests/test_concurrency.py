@@ -463,21 +463,17 @@ def test_plot_loss_from_concurrent_threads(tmp_path):
         assert all(path.is_file() for path in paths)
 
 
-def test_loading_pipelines_from_two_threads_leaves_no_meta_parameters(tmp_path, monkeypatch):
-    """Two threads load ``LoRWeBKontextPipeline.from_pretrained`` at once, the first two ``init_empty_weights``
-    blocks overlapping (the second entered while the first is open, the first left first): both pipelines hold real
-    weights and a new ``nn.Linear`` of the process is not on the meta device. (The patched methods are put back.)"""
-    from accelerate import big_modeling
-
-    assets = build_tiny_lorweb_assets(tmp_path)
-    saved = (nn.Module.register_parameter, nn.Module.register_buffer)
-    original, order_lock, entered = big_modeling.init_on_device, threading.Lock(), []
+def forced_overlap(original):
+    """A stand-in for the context-manager factory ``original`` whose first two blocks (entered from two threads)
+    overlap the bad way when nothing serializes them: the second is entered while the first is open (both wait for
+    each other, at most WAIT_S) and the first is left first. Serialized callers just wait WAIT_S once."""
+    order_lock, entered = threading.Lock(), []
     both_inside, first_left = threading.Barrier(2, timeout=WAIT_S), threading.Event()
 
     @contextlib.contextmanager
-    def overlapping(device, include_buffers=None):
+    def overlapping(*args, **kwargs):
         with order_lock:
-            context = original(device, include_buffers)
+            context = original(*args, **kwargs)
             context.__enter__()
             rank = len(entered)
             entered.append(rank)
@@ -493,7 +489,18 @@ def test_loading_pipelines_from_two_threads_leaves_no_meta_parameters(tmp_path, 
             if rank == 0:
                 first_left.set()
 
-    monkeypatch.setattr(big_modeling, "init_on_device", overlapping)
+    return overlapping
+
+
+def test_loading_pipelines_from_two_threads_leaves_no_meta_parameters(tmp_path, monkeypatch):
+    """Two threads load ``LoRWeBKontextPipeline.from_pretrained`` at once, the first two ``init_empty_weights``
+    blocks overlapping (the second entered while the first is open, the first left first): both pipelines hold real
+    weights and a new ``nn.Linear`` of the process is not on the meta device. (The patched methods are put back.)"""
+    from accelerate import big_modeling
+
+    assets = build_tiny_lorweb_assets(tmp_path)
+    saved = (nn.Module.register_parameter, nn.Module.register_buffer)
+    monkeypatch.setattr(big_modeling, "init_on_device", forced_overlap(big_modeling.init_on_device))
 
     def load():
         pipe = flux.LoRWeBKontextPipeline.from_pretrained(assets / "pipe", assets / "lorweb.safetensors",
@@ -507,6 +514,29 @@ def test_loading_pipelines_from_two_threads_leaves_no_meta_parameters(tmp_path, 
     finally:
         nn.Module.register_parameter, nn.Module.register_buffer = saved
     assert not errors and results == {0: 0, 1: 0} and not leaked
+
+
+def test_clip_loads_from_two_threads_leave_transformers_weight_tying_on(eval_assets, monkeypatch):
+    """The evaluation's CLIP (``ClipDirectional``) and the analogy encoder (``AnalogyEncoder``) loaded from two
+    threads at once, their transformers ``no_tie_weights`` blocks forced to overlap the bad way: that block swaps
+    ``PreTrainedModel.tie_weights`` for a no-op process-wide and puts back what it found, so unserialized loads leave
+    the no-op behind, and every later T5 load keeps its tied ``embed_tokens`` on the meta device (a CI run's
+    "Cannot copy out of meta tensor" in the two-train test). Both load and weight tying is left on."""
+    from transformers import PreTrainedModel, initialization
+
+    from lorweb_fast.evaluation.metrics import ClipDirectional
+
+    original = PreTrainedModel.tie_weights
+    monkeypatch.setattr(initialization, "no_tie_weights", forced_overlap(initialization.no_tie_weights))
+    jobs = {"clip": lambda: ClipDirectional(eval_assets / "clip"), "encoder": lambda: flux.AnalogyEncoder(
+        eval_assets / "clip")}
+    try:
+        _, errors = run_threads(jobs)
+        left = PreTrainedModel.tie_weights
+    finally:
+        PreTrainedModel.tie_weights = original
+    assert not errors, errors
+    assert left is original, "a no-op PreTrainedModel.tie_weights was left behind"
 
 
 def test_readme_states_the_threading_rule():
