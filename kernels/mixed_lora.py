@@ -14,7 +14,8 @@ fixed order, no atomics, so results are bit-for-bit deterministic):
   P (R, K), plus ``z = u * scaling`` in the epilogue. One program owns BLOCK_M rows and all R columns, so X is
   streamed once. R is covered by at most two power-of-two column chunks (96 = 64 + 32: no padding to 128).
   Optional split-K over a fixed number of K slices writes fp32 partials that ``_shrink_finish_kernel`` adds in
-  slice order. Forward: X = x, P = a_cat -> (u, z).
+  slice order. Forward: X = x, P = a_cat -> (u, z); z is scaled from the fp32 accumulator, and for fp16 inputs the
+  saved u is fp32 (``saved_u_dtype``): u = x A_cat may pass fp16's 65504 where z, y and the gradients fit.
   Backward K1: X = dy, P = b_cat -> dZ * scaling (dZ itself is not stored) plus dcoeffs partials
   ``scale * sum_j u * dZ`` per LoRA, summed over each program's rows when they lie in one sample (else one partial
   per row).
@@ -79,6 +80,14 @@ MAX_FUSED_R = 512
 FINISH_ELEMENTS = 8192
 #: Rows per program of the split-K shrink's finish kernel.
 SHRINK_FINISH_BLOCK_M = 32
+
+
+def saved_u_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the u = x A_cat the fused forward saves for backward K1's d coeffs, for inputs of ``dtype``: fp32 for
+    fp16 (u is unscaled, so it overflows fp16 where the scaled z, the output and d coeffs are finite: a finite
+    forward would be followed by an inf d coeffs, and a GradScaler skip every step), else ``dtype`` (bf16 has fp32's
+    range). 2 extra bytes per (row, basis column) for fp16: 0.5 MiB at M = 8192, R = 32."""
+    return torch.float32 if dtype == torch.float16 else dtype
 #: Backward K1's dcoeffs partials (the shrink kernels' DCOEFFS): none (forward), one row per input row, or one row
 #: per program of BLOCK_M rows (when BLOCK_M divides rows_per_sample, so that no program spans two samples).
 DC_NONE: tl.constexpr = tl.constexpr(0)
@@ -882,7 +891,8 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
             keyed by the layer's own (in = out_features, out = K).
 
     Returns:
-        (u, z), both (M, R) in x.dtype, or (None, z, dcoeff_partials) when ``u_in`` is given.
+        (u, z), both (M, R): z in x.dtype, u in ``saved_u_dtype(x.dtype)`` (fp32 for fp16 x), or
+        (None, z, dcoeff_partials) when ``u_in`` is given.
     """
     _check(x, "x", 2)
     _check(a_cat, "a_cat", 2)
@@ -920,7 +930,7 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, coeffs: torch.Tensor, scale: fl
         u = _unit_cols(u_in)
         write_unscaled = False
     else:
-        u = torch.empty((M, R), device=x.device, dtype=x.dtype) if write_unscaled else z
+        u = torch.empty((M, R), device=x.device, dtype=saved_u_dtype(x.dtype)) if write_unscaled else z
     split = cfg["split_k"]
     dc_mode, dc = DC_NONE.value, z
     if dcoeffs:  # one partial per program when no program spans two samples
@@ -1122,7 +1132,8 @@ def _scaling(coeffs: torch.Tensor, rows_per_sample: int, rank: int, scale: float
 
 
 def forward(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample, *, family=None):
-    """The triton_fwd op body: (y (M, out), u (M, R), z (M, R)) in x's dtype; see lorweb_fast.ops for the contract.
+    """The triton_fwd op body: (y (M, out), u (M, R), z (M, R)) in x's dtype (u in fp32 for fp16 x on the fused and
+    composed routes: ``saved_u_dtype``); see lorweb_fast.ops for the contract.
 
     x (M, in), weight (out, in) or None, bias (out,) or None, base (M, out) or None, lora_a (N, in, r),
     lora_b (N, r, out), all in x's dtype; coeffs (B, N) fp32 with M = B * rows_per_sample."""
