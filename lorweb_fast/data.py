@@ -371,7 +371,15 @@ class AnalogyFolder(torch.utils.data.Dataset):
                                        f"target, captions/ or control/)")
         # the samples are the target images, as the official loader lists its dataset folder (os.walk of target/,
         # files with an image extension, not in a "_controls" folder); each finds its control in control/ by name
-        target_files = [Path(d) / f for d, _, files in os.walk(target_dir) for f in files]
+        walked = list(os.walk(target_dir))
+        target_files = [Path(d) / f for d, _, files in walked for f in files]
+        #: folders under target/ that are symlinks: os.walk does not enter them (nor does the official loader's)
+        self.unfollowed_links = sorted(Path(d) / sub for d, subs, _ in walked for sub in subs
+                                       if (Path(d) / sub).is_symlink())
+        if self.unfollowed_links:
+            warn(f"{len(self.unfollowed_links)} symlinked folders under {target_dir} are not entered, as in the "
+                 f"official loader (os.walk): their images are not samples (e.g. {self.unfollowed_links[0]}); "
+                 "copy the folder, or link its image files one by one (symlinked files are read)")
         targets = sorted((p for p in target_files if p.name.lower().endswith(IMAGE_SUFFIXES)
                           and p.parent.name != "_controls"), key=lambda p: p.relative_to(target_dir).as_posix())
         #: image files that are not samples or controls because their extension is not one of IMAGE_SUFFIXES (the
@@ -709,12 +717,13 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
                  progress: bool = True) -> dict:
     """Validate every sample of ``root``; return counts ``{"samples", "skipped", "layouts", "sizes",
     "training_sizes", "captions", "problems", "controls_without_target", "samples_without_caption",
-    "several_controls", "shared_names", "shared_controls", "unread_images", "grid_like_strips",
-    "high_bit_depth_images"}``
+    "several_controls", "shared_names", "shared_controls", "unread_images", "unfollowed_links",
+    "grid_like_strips", "high_bit_depth_images"}``
     (``samples_without_caption``: the samples that train with an empty caption, ``missing_caption="empty"``;
     ``several_controls``: {name: [the control used, the others]}; ``shared_names``: names of several target images,
     each a sample; ``shared_controls``: {control: [names]} of targets in different sub-folders sharing a file name;
-    ``unread_images``: image files with an extension the loader does not read; ``grid_like_strips``: {name: why},
+    ``unread_images``: image files with an extension the loader does not read; ``unfollowed_links``: symlinked
+    folders under target/, not entered (``AnalogyFolder.unfollowed_links``); ``grid_like_strips``: {name: why},
     see ``AnalogyFolder.grid_like_strips``; ``high_bit_depth_images``: {path: mode} of 16/32-bit images; plus
     ``"dumped"``: the folder, with ``dump``). With ``dump``, write ``<id>_target.png``, ``<id>_control.png`` and
     ``<id>_caption.txt`` there (a nested sample's ``/`` written ``__``, and ``~2``, ``~3``, ... after a name an
@@ -759,7 +768,9 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
               "samples_without_caption": list(dataset.missing_captions),
               "several_controls": {stem: [str(p) for p in files] for stem, files in dataset.several_controls.items()},
               "shared_names": list(dataset.shared_names), "shared_controls": dict(dataset.shared_controls),
-              "unread_images": list(dataset.unread_images), "grid_like_strips": dict(dataset.grid_like_strips),
+              "unread_images": list(dataset.unread_images),
+              "unfollowed_links": [str(p) for p in dataset.unfollowed_links],
+              "grid_like_strips": dict(dataset.grid_like_strips),
               "high_bit_depth_images": dataset.high_bit_depth_images}
     if dump is not None:
         out = Path(dump)
@@ -1256,6 +1267,7 @@ def run_data(args) -> dict:
             ("shared_controls", "control images shared by targets in different sub-folders (lookup by file name)",
              lambda control, users: f"{control} for {', '.join(users)}"),
             ("unread_images", f"image files not read (extension not one of {', '.join(IMAGE_SUFFIXES)})", str),
+            ("unfollowed_links", "symlinked folders under target/ not entered (as the official loader)", str),
             ("high_bit_depth_images", "images with more than 8 bits per channel (clipped to white above 255 by the "
              "RGB conversion)", lambda path, mode: f"{path} ({mode})"),
             ("grid_like_strips", "controls shaped like their target, read as strips and stretched threefold "

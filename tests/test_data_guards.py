@@ -747,3 +747,26 @@ def test_sixteen_bit_images_are_named_before_they_train_nearly_white(tmp_path):
     (root / "target" / "b.png").unlink()
     _sample(root, "b", (60, 14), (24, 18), seed=1)
     assert _quiet(lambda: AnalogyFolder(root)).high_bit_depth_images == {}
+
+
+def test_symlinked_target_folders_are_not_entered_and_are_named(tmp_path, capsys):
+    """Official: toolkit/data_loader.py lists the dataset with ``os.walk`` (symlinked folders not followed): a
+    symlinked sub-folder of target/ gives no samples, as there, but a warning, ``AnalogyFolder.unfollowed_links``
+    and ``data check``'s report name it; a symlinked image file is read."""
+    import os
+
+    from lorweb_fast import cli
+
+    root = _sample(tmp_path / "d", "a", (60, 14), (24, 18))
+    elsewhere = _sample(tmp_path / "other", "b", (60, 14), (24, 18))
+    os.symlink(elsewhere / "target", root / "target" / "linked")
+    os.symlink(elsewhere / "target" / "b.png", root / "target" / "c.png")
+    os.symlink(elsewhere / "control" / "b.png", root / "control" / "c.png")
+    with pytest.warns(UserWarning, match=r"1 symlinked folders under .*target are not entered, as in the official "
+                                         r"loader \(os\.walk\): .*linked"):
+        ds = AnalogyFolder(root)
+    assert sorted(ds.name(i) for i in range(len(ds))) == ["a", "c"]
+    assert [p.name for p in ds.unfollowed_links] == ["linked"]
+    assert _quiet(lambda: cli.main(["data", "check", str(root), "--quiet"])) == 0
+    assert "symlinked folders under target/ not entered (as the official loader): 1, e.g." in capsys.readouterr().out
+    assert AnalogyFolder(_sample(tmp_path / "clean", "a", (60, 14), (24, 18))).unfollowed_links == []
