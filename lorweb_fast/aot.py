@@ -453,11 +453,12 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 0:
         parser.error(f"--jobs must be >= 0 (0: CPU cores, at most 4), got {args.jobs}")
-    from .validation import UsageError, check_output_dir
+    from .validation import MissingDependencyError, UsageError, check_output_dir, require
 
     try:
+        require("triton", "compiling the kernels ahead of time")
         check_output_dir("--out", args.out)
-    except UsageError as exc:
+    except (UsageError, MissingDependencyError) as exc:
         parser.error(str(exc))
     report = build_report(args.arch, args.out, progress=not args.quiet, jobs=args.jobs)
     failed = 0

@@ -390,6 +390,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not getattr(exc, REPORTED_BY_MAIN_PROCESS, False):  # the main process's error, raised on every rank
             _stderr_line(f"lorweb-fast {command}: error: {one_line(str(exc))}")
         return 2
+    except ImportError as exc:  # a package the command needs is missing or broken: one line naming it
+        if (getattr(exc, "name", None) or "").split(".")[0] == "lorweb_fast":  # our own bug: its traceback
+            raise
+        _stderr_line(f"lorweb-fast {command}: error: {one_line(_import_error_line(exc))}")
+        return 2
     except OSError as exc:  # a write that failed (full disk, read-only folder, I/O error): one line, not a traceback
         step = getattr(exc, "lorweb_step", None)
         _stderr_line(f"lorweb-fast {command}: error: {_os_error_line(exc)}"
@@ -417,6 +422,18 @@ def _stderr_line(text: str) -> None:
     separate writes of a message and its newline let two ranks' lines run together."""
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
+
+
+def _import_error_line(exc: ImportError) -> str:
+    """A MissingDependencyError's message; for another ImportError, the package it names and its pip command."""
+    from .validation import MissingDependencyError, dependency_message
+
+    if isinstance(exc, MissingDependencyError):
+        return str(exc)
+    name = getattr(exc, "name", None)
+    if name:
+        return dependency_message(name, "this command", exc)
+    return f"an import failed: {exc}"
 
 
 def _os_error_line(exc: OSError) -> str:

@@ -26,7 +26,7 @@ from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_e
     finished_through_interrupt, get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, \
     set_query
 from .validation import MIN_LONG_EDGE, MIN_MAX_AREA, check_device, check_generation_options, check_int, \
-    check_pipe_call, check_pipe_kwargs, check_real, warn, warn_aspect_ratios
+    check_pipe_call, check_pipe_kwargs, check_real, diffusers_classes, warn, warn_aspect_ratios
 
 
 # ----------------------------------------------------------------------------------------------------- grids
@@ -803,9 +803,9 @@ def load_kontext_pipeline(model: Union[str, Path], dtype: Optional[torch.dtype] 
     """``FluxKontextPipeline.from_pretrained`` (hub id or local directory) in ``dtype``; diffusers 0.42 renamed the
     ``torch_dtype`` argument to ``dtype``."""
     import diffusers
-    from diffusers import FluxKontextPipeline
     from packaging.version import Version
 
+    (FluxKontextPipeline,) = diffusers_classes("FluxKontextPipeline")  # a broken package it imports: one line
     if dtype is None:
         return base_model_loaded(model, lambda: FluxKontextPipeline.from_pretrained(model))
     key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
@@ -1459,6 +1459,10 @@ class LoRWeBKontextPipeline:
                                   callback_tensor_inputs=getattr(self.pipe, "_callback_tensor_inputs", None),
                                   has_ip_adapter=getattr(self.transformer, "encoder_hid_proj", None) is not None)
         call_strength = self._call_strength(pipe_kwargs.get("joint_attention_kwargs"))
+        attention_kwargs = pipe_kwargs.get("joint_attention_kwargs")
+        if attention_kwargs and "scale" in attention_kwargs and not _peft_backend():
+            # applied by call_strength; diffusers without peft would only warn that it is ineffective (it is not)
+            pipe_kwargs["joint_attention_kwargs"] = {k: v for k, v in attention_kwargs.items() if k != "scale"}
         if generator is None:
             generator = torch.Generator(device=self.pipe._execution_device).manual_seed(seed)
         strategy = self.merge_strategy(merge, count * per_prompt)
@@ -1490,6 +1494,13 @@ class LoRWeBKontextPipeline:
             h, w = out.shape[1] // 2, out.shape[2] // 2
             return [img[h:, w:] for img in out]
         return [bottom_right_cell(img) for img in out]
+
+
+def _peft_backend() -> bool:
+    """diffusers' USE_PEFT_BACKEND: whether it scales peft LoRA layers by ``joint_attention_kwargs["scale"]``."""
+    from diffusers.utils import USE_PEFT_BACKEND
+
+    return bool(USE_PEFT_BACKEND)
 
 
 @contextlib.contextmanager

@@ -21,8 +21,10 @@ def collect() -> dict[str, str]:
         import triton
 
         info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = "not installed"
+    except ModuleNotFoundError as exc:
+        info["triton"] = "not installed" if exc.name == "triton" else f"installed, but its import fails ({exc})"
+    except Exception as exc:  # noqa: BLE001 - installed but broken (another torch's triton, a missing library)
+        info["triton"] = f"installed, but its import fails ({type(exc).__name__}: {exc})"
     for name, why in lorweb_fast.backend_status().items():
         info[f"backend {name}"] = why
     return info

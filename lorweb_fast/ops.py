@@ -13,9 +13,9 @@ Op contract shared by the fused backends (``lorweb_fast::triton_fwd`` / ``triton
 with R = N * r and scaling[m, n*r + j] = scale * coeffs[m // rows_per_sample, n]; u, z and y in x's dtype, except
 Triton's u for fp16 x outside the cuBLAS route: fp32 (``kernels.mixed_lora.saved_u_dtype``). The weight is frozen:
 its gradient is only computed (by a plain GEMM) if it requires grad. The Triton op bodies are
-``lorweb_fast.kernels.mixed_lora.forward`` / ``backward``: they pack the basis into contiguous (R, in) / (R, out) matrices on every call and pick the
-fused, composed or all-cuBLAS route by ``choose_route`` (committed per-GPU tables; 2-D inputs, R > 512 and a rank r
-that is not a power of two -> cuBLAS).
+``lorweb_fast.kernels.mixed_lora.forward`` / ``backward``: they pack the basis into contiguous (R, in) / (R, out)
+matrices on every call and pick the fused, composed or all-cuBLAS route by ``choose_route`` (committed per-GPU
+tables; 2-D inputs, R > 512 and a rank r that is not a power of two -> cuBLAS).
 
 Eager calls of plain tensors run those op bodies through ``_EagerFusedFunction`` (the same kernels and gradient
 formula) instead of torch.library's dispatch, whose Python autograd wrapper costs more host time than a kernel at
@@ -60,21 +60,35 @@ class BackendUnavailableError(RuntimeError):
 def _import_triton_kernels():
     try:
         return importlib.import_module("lorweb_fast.kernels.mixed_lora"), None
-    except Exception as exc:  # triton missing or broken
+    except ModuleNotFoundError as exc:
+        if exc.name == "triton":
+            return None, (f"{type(exc).__name__}: {exc}; pip install triton (Linux only; torch's Linux wheels bring "
+                          "it), or use backend='torch'")
         return None, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # triton installed but broken
+        return None, (f"{type(exc).__name__}: {exc}; triton is installed but fails to import: reinstall the triton "
+                      "of this torch, or use backend='torch'")
 
 
 _TRITON_KERNELS, _TRITON_IMPORT_ERROR = _import_triton_kernels()
 
 
 def _load_cuda_extension():
+    """(lorweb_fast._C, None), or (None, its ImportError)."""
     try:
         return importlib.import_module("lorweb_fast._C"), None
     except ImportError as exc:
-        return None, str(exc)
+        return None, exc
 
 
 _CUDA_EXT, _CUDA_IMPORT_ERROR = _load_cuda_extension()
+
+
+def _cuda_ext_missing() -> bool:
+    """Whether lorweb_fast._C is absent (not built) rather than present but failing to load."""
+    error = _CUDA_IMPORT_ERROR
+    return not isinstance(error, ImportError) or (isinstance(error, ModuleNotFoundError)
+                                                  and error.name == "lorweb_fast._C")
 
 
 def cuda_build_error() -> Optional[str]:
@@ -165,6 +179,10 @@ def _unavailable_reason(name: str, device: torch.device | None = None) -> Option
             why = cuda_build_error()
             if why is not None:
                 return f"the CUDA extension lorweb_fast._C was not built at install: {why}"
+            if not _cuda_ext_missing():
+                return (f"the CUDA extension lorweb_fast._C is built but fails to load ({_CUDA_IMPORT_ERROR}): built "
+                        "against another torch? Reinstall lorweb_fast with this torch (pip install "
+                        "--no-build-isolation --force-reinstall), or use backend='triton' or 'torch'")
             return ("the CUDA extension lorweb_fast._C is not built (install with a CUDA-enabled torch and nvcc, "
                     f"see README; import error: {_CUDA_IMPORT_ERROR})")
         if device is not None and device.type != "cuda":

@@ -52,7 +52,8 @@ from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lo
     lorweb_layers, lorweb_state_dict, save_lorweb_weights, set_query
 from .official_config import CONFIG_NAME, DTYPE_NAMES
 from .reference import ACTIVATIONS, REDUCTIONS
-from .validation import REPORTED_BY_MAIN_PROCESS, check_train_config, warn
+from .validation import REPORTED_BY_MAIN_PROCESS, MissingDependencyError, check_train_config, dependency_message, \
+    diffusers_classes, import_problem, require, warn
 
 logger = logging.getLogger("lorweb_fast.training")
 
@@ -734,8 +735,9 @@ def _import_quanto():
     try:
         from optimum.quanto import freeze, qfloat8, quantize
     except ImportError as exc:
-        raise ImportError(f"--quantize-base qfloat8 needs optimum-quanto, the library the official run quantizes "
-                          f"with (pip install 'lorweb_fast[quanto]' or 'optimum-quanto>=0.2.7'): {exc}") from None
+        raise MissingDependencyError(f"--quantize-base qfloat8 needs optimum-quanto, the library the official run "
+                                     f"quantizes with (pip install 'lorweb_fast[quanto]' or 'optimum-quanto>=0.2.7'): "
+                                     f"{exc}") from None
     return quantize, freeze, qfloat8
 
 
@@ -838,6 +840,25 @@ def _check_bitsandbytes_device(quantize_base: str) -> None:
         raise ValueError(f"--quantize-base {quantize_base} needs a CUDA GPU: diffusers' bitsandbytes quantizer does "
                          "not quantize on the CPU (pass --quantize-base none, or qfloat8 for the official "
                          "optimum-quanto fp8 quantization, which runs on a CPU too)")
+    require("bitsandbytes", f"--quantize-base {quantize_base}", alternative="pass --quantize-base none or qfloat8")
+
+
+def _loss_plot_drawable() -> bool:
+    """Whether matplotlib imports; else a warning that loss.png is not drawn (the run trains, logs loss.jsonl and
+    saves its checkpoints as usual; a loss.png of an earlier run is removed at the first checkpoint)."""
+    problem = import_problem("matplotlib.figure")
+    if problem is not None:
+        warn("loss.png is not drawn: " + dependency_message("matplotlib", "the loss plot", problem))
+    return problem is None
+
+
+def _check_optimizer_package(cfg: TrainConfig) -> None:
+    """MissingDependencyError before anything loads (or an old run is deleted) when the optimizer's package cannot
+    be imported: bitsandbytes for "adamw8bit" (the official default)."""
+    if cfg.optimizer == "adamw8bit":
+        require("bitsandbytes", "optimizer adamw8bit (--optimizer adamw8bit, the official default)",
+                alternative="train with --optimizer adamw (torch's AdamW: about 6 more bytes of optimizer state per "
+                            "trained parameter)")
 
 
 @holding(_locks.LOADING)
@@ -861,8 +882,9 @@ def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize
         return pipe
     _check_bitsandbytes_device(quantize_base)
     import diffusers
-    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
     from packaging.version import Version
+
+    FluxKontextPipeline, FluxTransformer2DModel = diffusers_classes("FluxKontextPipeline", "FluxTransformer2DModel")
 
     key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
     transformer = base_model_loaded(model, lambda: FluxTransformer2DModel.from_pretrained(
@@ -1153,7 +1175,7 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
     ``transformer``: ``pipe.transformer`` or its DDP / accelerate wrapper. Sets the query on the LoRWeB layers (with
     autograd, ``per_forward_query`` under FSDP2) and returns the 0-dim fp32 loss, differentiable in the LoRWeB
     parameters."""
-    from diffusers import FluxKontextPipeline
+    (FluxKontextPipeline,) = diffusers_classes("FluxKontextPipeline")
 
     device = query.device
     bsz = len(batch["target"])
@@ -1464,6 +1486,8 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
         encoder = _build_encoder(cfg, weight_dtype)                 # prepare_output may delete an old run
     if encoder is not None:  # before prepare_output may delete an old run
         _check_encoder_settings(encoder, cfg)
+    _check_optimizer_package(cfg)
+    draw_loss = _loss_plot_drawable() if accelerator.is_main_process else False
     if pipe is not None:
         _check_given_quantization(pipe, cfg.quantize_base)
     elif cfg.quantize_base == "qfloat8":
@@ -1651,7 +1675,10 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
                                           else accelerator.scaler.state_dict(),
                                           data_position=sampler.stream_position(step),
                                           num_processes=accelerator.num_processes)
-                        plot_loss(log_path, png_path)
+                        if draw_loss:
+                            plot_loss(log_path, png_path)
+                        else:  # no plot of an earlier run's steps beside this run's log
+                            png_path.unlink(missing_ok=True)
                 del weights, optimizer_state
                 accelerator.wait_for_everyone()
             if step_callback is not None:

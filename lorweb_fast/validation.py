@@ -22,6 +22,83 @@ class UsageError(ValueError):
     """A command-line path or option is unusable (reported as one line, exit status 2, before any model loads)."""
 
 
+# ------------------------------------------------------------------------------------------------- packages
+class MissingDependencyError(ImportError):
+    """A package that a feature needs is missing or fails to import; the message names the feature, the package,
+    the import error and the pip command (the command line prints it as one line, exit status 2)."""
+
+
+#: pip's names of the packages whose import name differs
+PIP_NAMES = {"optimum": "optimum-quanto", "yaml": "pyyaml", "PIL": "pillow"}
+
+
+def _flat(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def dependency_message(module: str, needed_for: str, exc: BaseException, *, pip: Optional[str] = None,
+                       alternative: str = "") -> str:
+    """"<needed_for> needs <package>, which cannot be imported (<error>): <what to do>[, or <alternative>]": pip
+    install when the package is missing, the package it lacks when its own import needs another one (lpips ->
+    torchvision), a reinstall when it is installed but its import fails (a bitsandbytes built for another CUDA)."""
+    top = module.split(".")[0]
+    pip = pip or PIP_NAMES.get(top, top)
+    absent = (getattr(exc, "name", None) or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+    if absent == top:
+        how = f"pip install {pip}"
+    elif absent:
+        how = f"{pip} imports {absent}, which is missing: pip install {PIP_NAMES.get(absent, absent)}"
+    else:
+        how = f"{pip} is installed but its import fails: reinstall it (pip install --force-reinstall {pip})"
+    return (f"{needed_for} needs {pip}, which cannot be imported ({_flat(exc)}): {how}"
+            + (f", or {alternative}" if alternative else ""))
+
+
+def require(module: str, needed_for: str, *, pip: Optional[str] = None, alternative: str = ""):
+    """``importlib.import_module(module)``, or MissingDependencyError (``dependency_message``) when it fails."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(dependency_message(module, needed_for, exc, pip=pip,
+                                                        alternative=alternative)) from exc
+
+
+def import_problem(module: str) -> Optional[ImportError]:
+    """None when ``module`` imports, else the ImportError (for features that are skipped, with a warning, without
+    it)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return exc
+    return None
+
+
+def diffusers_classes(*names: str) -> tuple:
+    """``getattr(diffusers, name)`` for each name. diffusers imports a class's module lazily and wraps an import
+    error inside it (a bitsandbytes, peft or torchvision it found installed at its own import but that fails to
+    import) in a multi-line RuntimeError: that is a MissingDependencyError naming the error instead."""
+    import diffusers
+
+    try:
+        return tuple(getattr(diffusers, name) for name in names)
+    except RuntimeError as exc:
+        cause = exc.__cause__
+        while isinstance(cause, RuntimeError):  # one wrapper per lazily imported module on the way
+            cause = cause.__cause__
+        if not isinstance(cause, ImportError):
+            raise
+        absent = (getattr(cause, "name", None) or "").split(".")[0] if isinstance(cause, ModuleNotFoundError) else ""
+        how = (f"pip install {PIP_NAMES.get(absent, absent)}" if absent else
+               "reinstall the package it names (pip install --force-reinstall ...), or uninstall it if it is an "
+               "optional one (bitsandbytes, peft)")
+        raise MissingDependencyError(f"diffusers cannot import {', '.join(names)}: a package it imports fails to "
+                                     f"import ({_flat(cause)}): {how}") from exc
+
+
 # ------------------------------------------------------------------------------------------------- numbers
 def _range_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
     if lo is not None and hi is not None:
@@ -234,8 +311,8 @@ EXTERNAL_PLOT_TYPES = {".pgf"}
 
 
 def plot_suffixes() -> set[str]:
-    """File extensions matplotlib can write by itself."""
-    from matplotlib.backend_bases import FigureCanvasBase
+    """File extensions matplotlib can write by itself; MissingDependencyError when matplotlib cannot be imported."""
+    FigureCanvasBase = require("matplotlib.backend_bases", "plotting").FigureCanvasBase
 
     return {"." + ext for ext in FigureCanvasBase.get_supported_filetypes()} - EXTERNAL_PLOT_TYPES
 
@@ -360,9 +437,7 @@ def check_pipe_kwargs(pipe_kwargs: dict, call=None) -> dict:
     import inspect
 
     if call is None:
-        from diffusers import FluxKontextPipeline
-
-        call = FluxKontextPipeline.__call__
+        call = diffusers_classes("FluxKontextPipeline")[0].__call__
     params = inspect.signature(call).parameters
     accepted = set(params) - {"self"}
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -170,6 +170,10 @@ def run_score(args) -> dict:
         read_runs(paths)
         for path in runs_folders(paths):
             check_outside("--out", args.out, path, f"runs folder {name!r}")
+    if "lpips" in metrics:  # its package and weights file are found missing before a judge spends its load time
+        from .metrics import check_lpips
+
+        check_lpips(args.lpips_net, args.lpips_weights)
     judge = make_judge(args.judge, device=device, dtype=DTYPES[args.judge_dtype],
                        max_new_tokens=args.judge_max_new_tokens) if "vlm" in metrics else None
     result = score(runs, args.out, metrics=metrics, encoder=args.encoder, lpips_net=args.lpips_net,

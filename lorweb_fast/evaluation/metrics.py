@@ -21,6 +21,7 @@ import torch
 
 from .. import _locks
 from .._locks import holding
+from ..validation import dependency_message
 from .evalsets import EvalInputError, file_signature
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -82,9 +83,22 @@ class ClipDirectional:
 
 
 # ------------------------------------------------------------------------------------------------------ LPIPS
+def import_lpips():
+    """The lpips package; EvalInputError naming what cannot be imported (lpips, or torchvision, which it imports)
+    and how to install it."""
+    try:
+        import lpips
+    except ImportError as exc:
+        raise EvalInputError(dependency_message("lpips", "the LPIPS metric", exc)) from exc
+    return lpips
+
+
 def _tv_weights(net: str):
     """torchvision's ImageNet weights enum of the LPIPS backbone ``net`` (its ``url`` names the cached file)."""
-    from torchvision import models
+    try:
+        from torchvision import models
+    except ImportError as exc:
+        raise EvalInputError(dependency_message("torchvision", "the LPIPS backbones", exc)) from exc
 
     return {"alex": models.AlexNet_Weights.IMAGENET1K_V1, "vgg": models.VGG16_Weights.IMAGENET1K_V1,
             "squeeze": models.SqueezeNet1_1_Weights.IMAGENET1K_V1}[net]
@@ -107,6 +121,22 @@ def _tv_backbone(net: str):
     return {"alex": models.alexnet, "vgg": models.vgg16, "squeeze": models.squeezenet1_1}[net](weights=None)
 
 
+def check_lpips(net: str = "alex", weights: Union[str, Path, None] = None) -> tuple:
+    """(the lpips package, the backbone weights file) of ``LPIPSDistance(net, weights=weights)``, found without
+    loading anything (``eval score`` checks them before a judge loads): EvalInputError for an unknown ``net``, a
+    package that cannot be imported, or a weights file that does not exist."""
+    if net not in LPIPS_NETS:
+        raise EvalInputError(f"unknown LPIPS network {net!r}; choose from {LPIPS_NETS}")
+    lpips = import_lpips()
+    path = Path(weights) if weights else lpips_backbone_file(net)
+    if not path.is_file():
+        raise EvalInputError(
+            f"LPIPS backbone weights not found: {path}. Place torchvision's {net} ImageNet weights "
+            f"({_tv_weights(net).url.rsplit('/', 1)[-1]}, from {_tv_weights(net).url}) at "
+            f"{lpips_backbone_file(net)} (TORCH_HOME/hub/checkpoints), or pass --lpips-weights PATH")
+    return lpips, path
+
+
 class LPIPSDistance:
     """LPIPS(b, b') through the lpips package with the backbone weights loaded from a local file: ``weights``, or
     ``lpips_backbone_file(net)`` when None. EvalInputError for an unknown ``net``, a missing lpips package, or a
@@ -114,18 +144,7 @@ class LPIPSDistance:
 
     @holding(_locks.LOADING)
     def __init__(self, net: str = "alex", *, weights: Union[str, Path, None] = None, device=None):
-        if net not in LPIPS_NETS:
-            raise EvalInputError(f"unknown LPIPS network {net!r}; choose from {LPIPS_NETS}")
-        try:
-            import lpips
-        except ImportError as exc:
-            raise EvalInputError("the LPIPS metric needs the lpips package (pip install lpips)") from exc
-        path = Path(weights) if weights else lpips_backbone_file(net)
-        if not path.is_file():
-            raise EvalInputError(
-                f"LPIPS backbone weights not found: {path}. Place torchvision's {net} ImageNet weights "
-                f"({_tv_weights(net).url.rsplit('/', 1)[-1]}, from {_tv_weights(net).url}) at "
-                f"{lpips_backbone_file(net)} (TORCH_HOME/hub/checkpoints), or pass --lpips-weights PATH")
+        lpips, path = check_lpips(net, weights)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             backbone = _tv_backbone(net)

@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 from .. import _locks
 from .._files import save_figure_atomically
 from .._locks import holding
+from ..validation import dependency_message, import_problem, warn
 
 SCALAR_METRICS = ("clip_dir", "lpips", "vlm_accuracy", "vlm_consistency")
 
@@ -245,13 +246,24 @@ def _replace_together(out: Path, texts: dict, done: set) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def plots_drawable() -> bool:
+    """Whether matplotlib imports; else a warning that the report's plots are not drawn (the metrics, metrics.json
+    and summary.md are written as usual)."""
+    problem = import_problem("matplotlib.figure")
+    if problem is not None:
+        warn("the report's plots (preservation_vs_accuracy.png, win_rates.png) are not drawn: "
+             + dependency_message("matplotlib", "plotting", problem))
+    return problem is None
+
+
 #: The files ``write_report`` writes (or removes) in a report folder.
 REPORT_FILES = ("metrics.json", "summary.md", "judge_answers.jsonl", "preservation_vs_accuracy.png", "win_rates.png")
 
 
-def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict:
+def write_report(out: Path, report: dict, results: dict, settings: dict, *, plots: bool = True) -> dict:
     """metrics.json, summary.md, judge_answers.jsonl (unless it is the file this scoring replays) and the plots in
-    ``out``, each written atomically; a report file this call does not write is removed. metrics.json and
+    ``out`` (``plots=False``: none, as without matplotlib), each written atomically; a report file this call does
+    not write is removed. metrics.json and
     summary.md are both written to temporaries before either replaces its file (a full disk while writing them
     leaves the earlier scoring's pair), and a later write that fails removes the earlier scoring's files this call
     had not replaced yet: a report folder never mixes two scorings. ``report``: {name: ``aggregate``}, ``results``:
@@ -282,10 +294,10 @@ def write_report(out: Path, report: dict, results: dict, settings: dict) -> dict
         elif not replayed:  # nothing this scoring asked: no answers of an earlier one stay
             answers_file.unlink(missing_ok=True)
         done.add(answers_file.name)
-        if plot_preservation_vs_accuracy(report, out / "preservation_vs_accuracy.png") is None:
+        if not plots or plot_preservation_vs_accuracy(report, out / "preservation_vs_accuracy.png") is None:
             (out / "preservation_vs_accuracy.png").unlink(missing_ok=True)
         done.add("preservation_vs_accuracy.png")
-        if plot_win_rates(report, list(settings.get("against") or {}), out / "win_rates.png") is None:
+        if not plots or plot_win_rates(report, list(settings.get("against") or {}), out / "win_rates.png") is None:
             (out / "win_rates.png").unlink(missing_ok=True)
     except BaseException:  # once this scoring's metrics.json is in, the earlier scoring's other files go
         if "metrics.json" in done:

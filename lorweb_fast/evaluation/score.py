@@ -274,7 +274,7 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     one."""
     from ..cli import library_progress_bars
     from .metrics import DEFAULT_CLIP, ClipDirectional, LPIPSDistance
-    from .report import aggregate, write_report
+    from .report import aggregate, plots_drawable, write_report
 
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -293,6 +293,7 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     for name, paths in {**runs, **(against or {})}.items():  # a report inside a runs folder breaks the next scoring
         for path in runs_folders(paths):
             check_outside("out", out, path, f"runs folder {name!r}")
+    plots = plots_drawable()  # warned now, before the scoring, not after it
     # LPIPS first: its missing weights are found in a moment, before the CLIP encoder spends its load time
     with library_progress_bars(enabled=progress):  # progress=False: transformers' loading bars off too
         lpips = LPIPSDistance(lpips_net, weights=lpips_weights, device=device) if "lpips" in metrics else None
@@ -314,4 +315,4 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
         settings["coverage"] = coverage
     report = {name: aggregate(res["per_triplet"], res["failures"], list((against or {})), res["answers"])
               for name, res in results.items()}
-    return write_report(out, report, results, settings)
+    return write_report(out, report, results, settings, plots=plots)
