@@ -605,6 +605,39 @@ def test_data_prepare_relation252k_official_pairing(tmp_path, capsys):
     assert report["analogies"] == 2 and [i[-4:] for i in ids] == ["0000", "0001"]
 
 
+def test_data_prepare_resizes_strip_cells_with_lanczos(tmp_path, monkeypatch):
+    """Official: NVlabs/LoRWeB preprocess_data.py ``process_single_analogy`` resizes every cell of the a | a' | b strip
+    whose size is not the smallest width x height of the three with ``Image.Resampling.LANCZOS`` and concatenates
+    them. Reference written from it on the halves; the strip is compared as handed to the JPEG encoder (exactly),
+    and the reference differs from a bicubic resize, so another filter fails the test."""
+    _relation252k(tmp_path / "rel")
+    rng = np.random.default_rng(7)  # noise, not the folder's smooth ramps (which every interpolating filter keeps)
+    halves = {}
+    for name, (w, h) in (("img0.png", (16, 12)), ("img2.png", (20, 10))):
+        halves[name] = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(2)]
+        Image.fromarray(np.concatenate(halves[name], axis=1)).save(tmp_path / "rel" / "cat-a" / "Group1" / name)
+    saved = {}
+    real_save = Image.Image.save
+
+    def save(image, fp, *args, **kwargs):
+        saved[Path(str(fp)).parent.name] = saved.get(Path(str(fp)).parent.name, []) + [image.copy()]
+        return real_save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    data.prepare_relation252k(tmp_path / "rel", tmp_path / "prepared", max_analogies=None, progress=False)
+    # the second analogy: A = cat-a img0 (16 x 12 halves), C = cat-a img2 (20 x 10): every cell resized to 16 x 10
+    a, a2 = halves["img0.png"]
+    b, _ = halves["img2.png"]
+
+    def reference(resample):
+        return np.concatenate([np.asarray(Image.fromarray(x).resize((16, 10), resample)) for x in (a, a2, b)], axis=1)
+
+    want = reference(Image.Resampling.LANCZOS)
+    assert not np.array_equal(want, reference(Image.Resampling.BICUBIC))
+    strips = [np.asarray(im) for im in saved["control"]]
+    assert any(s.shape == want.shape and np.array_equal(s, want) for s in strips), [s.shape for s in strips]
+
+
 @pytest.mark.parametrize("failing_save", [3, 2], ids=["second analogy's strip", "first analogy's target"])
 def test_data_prepare_writes_atomically(tmp_path, monkeypatch, failing_save):
     """Every file is written to a temporary name and renamed; an analogy that fails (also after its control was

@@ -785,7 +785,7 @@ def test_official_timestep_grid_and_weighted_curve():
 def test_official_hyper_parameter_defaults():
     """NVlabs/LoRWeB LoRWeB_default_PROMPTS.yaml (train: batch 6, 10000 steps, adamw8bit, betas [0.9, 0.99],
     weight_decay 0.05, lr 1e-3, timestep_type weighted, gradient checkpointing; save every 250, keep 4; caption
-    dropout 0.05), toolkit/optimizer.py (AdamW8bit eps 1e-6), toolkit/config_modules.py (max_grad_norm 1.0,
+    dropout 0.05; datasets resolution [512], bucketed), the T5 prompt length of flux_kontext.py (512), toolkit/optimizer.py (AdamW8bit eps 1e-6), toolkit/config_modules.py (max_grad_norm 1.0,
     lr_scheduler constant) and README.md's command line (--linear 4 --loras_num 32 --lora_softmax true)."""
     cfg = TrainConfig(data="d", out="o")
     assert (cfg.batch_size, cfg.steps, cfg.optimizer, cfg.betas, cfg.weight_decay, cfg.learning_rate) == \
@@ -797,6 +797,10 @@ def test_official_hyper_parameter_defaults():
         (4, 32, "softmax", 128, 1, "mean")
     assert (cfg.layout, cfg.bidirectional, cfg.adapter_precision, cfg.quantize_base) == \
         ("auto", "none", "bf16", "none")
+    # extensions_built_in/flux_kontext.py FluxKontextModel.get_prompt_embeds: encode_prompts_flux(...,
+    # max_length=512); the yaml's datasets "resolution: [ 512]" with aspect buckets (toolkit/dataloader_mixins.py
+    # BucketsMixin: each image's bucket of about 512 x 512 pixels, then a centre crop)
+    assert (cfg.max_sequence_length, cfg.long_edge, cfg.resize) == (512, 512, "bucket")
     params = [torch.nn.Parameter(torch.zeros(3))]
     opt = training._make_optimizer(params, dataclasses.replace(cfg, optimizer="adamw"))
     assert type(opt) is torch.optim.AdamW
