@@ -193,6 +193,69 @@ def test_official_fp16_checkpoint_loads_with_its_config(tmp_path):
         lf.load_lorweb_weights(tiny_model(), tmp_path / "ours" / "w.safetensors")
 
 
+def official_adapter_output(x, base, tensors, query, *, heads, softmax, reduce):
+    """float64 transcription of NVlabs/LoRWeB extensions_built_in/flux_kontext.py ``AttLoraLinearAdapter.forward``
+    for an external query: the base layer, then the query reshaped to (B, 1, q) and projected by att_lora_to_q (no
+    bias), split into heads of key_dim / heads, logits q k^T / sqrt(head_dim) over the N keys, softmax (SDPA with
+    identity values) or tanh, summed (clamped to [0 or -1, 1]) or averaged over heads and queries, and the
+    ``einsum("b s i, n i r, b n, n r o -> b s o")`` delta times scaling = lora_alpha / r = 1 (``get_peft_kwargs``
+    loads with lora_alpha = r). ``tensors``: lora_A, lora_B, lora_keys, att_lora_to_q.weight as stored."""
+    import torch.nn.functional as F
+
+    a, b_, keys, to_q = (tensors[k].double() for k in ("lora_A", "lora_B", "lora_keys", "att_lora_to_q.weight"))
+    x = x.double()
+    out = F.linear(x, base.weight.double(), base.bias.double())
+    q = query.double().reshape(query.shape[0], 1, -1) @ to_q.t()
+    batch, n_queries, _ = q.shape
+    head_dim = keys.shape[-1] // heads
+    q = q.view(batch, n_queries, heads, head_dim).transpose(1, 2)
+    k = keys.view(-1, heads, head_dim).transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)
+    n = keys.shape[0]
+    if softmax:
+        eye = torch.eye(n, dtype=q.dtype).expand(batch, heads, -1, -1)
+        mix = F.scaled_dot_product_attention(q, k, eye, scale=head_dim ** -0.5)
+    else:
+        mix = torch.tanh(q @ k.transpose(-2, -1) * head_dim ** -0.5)
+    mix = mix.sum(dim=(1, 2)).clamp(min=0 if softmax else -1, max=1) if reduce == "sum" else mix.mean(dim=(1, 2))
+    return out + torch.einsum("bsi,nir,bn,nro->bso", x, a, mix, b_) * 1.0
+
+
+@pytest.mark.parametrize("yaml_kwargs,official", [
+    ({}, dict(heads=1, softmax=True, reduce="mean")),
+    ({"lora_softmax": False, "lora_heads": 2, "mixing_coeffs_type": "sum"}, dict(heads=2, softmax=False,
+                                                                                  reduce="sum"))],
+    ids=["softmax-mean-1head", "tanh-sum-2heads"])
+def test_official_checkpoint_runs_as_the_official_adapter(tmp_path, yaml_kwargs, official):
+    """An official-style fp16 checkpoint with its config.yaml, loaded into a 6 -> 5 -> 4 model: with an external
+    query, each layer's output equals the float64 transcription of the official adapter's forward
+    (``official_adapter_output``) run on the file's tensors under their stored names, within fp32's tolerance."""
+    from safetensors.torch import load_file
+
+    from lorweb_fast.testing import tolerance
+
+    path = tmp_path / "LoRWeB_000000250.safetensors"
+    official_style_checkpoint(path)
+    small_config(tmp_path / "config.yaml", **yaml_kwargs)
+    stored = load_file(str(path))
+    model = tiny_model()
+    bases = [torch.nn.Linear(6, 5), torch.nn.Linear(5, 4)]
+    for base, layer in zip(bases, model):
+        base.load_state_dict(layer.state_dict())
+    lf.load_lorweb_weights(model, path)
+    g = torch.Generator().manual_seed(3)
+    x, query = torch.randn(2, 7, 6, generator=g), torch.randn(2, 12, generator=g) * 3
+    with torch.no_grad():
+        lf.set_query(model, query)
+        got = model(x)
+    want = x.double()
+    for name, base in zip(("0", "1"), bases):
+        tensors = {k: stored[f"transformer.{name}.{k}"] for k in ("lora_A", "lora_B", "lora_keys",
+                                                                  "att_lora_to_q.weight")}
+        want = official_adapter_output(want, base, tensors, query, **official)
+    err = (got.double() - want).abs().max() / want.abs().max()
+    assert err <= tolerance(torch.float32, 64), float(err)
+
+
 @pytest.mark.parametrize("name,step", [("LoRWeB_000000250.safetensors", 250), ("x_0001000000.safetensors", 1000000),
                                        ("x_0001.safetensors", 1), ("x_00000250.safetensors", 250),
                                        ("LoRWeB.safetensors", None), ("x_123456789.safetensors", None),
