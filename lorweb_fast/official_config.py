@@ -173,6 +173,14 @@ def read_config_yaml(path: Union[str, os.PathLike], *, recorded_scale: Optional[
         raise LoRWeBConfigError(f"{path}: a numeric network field is not a number ({exc})") from exc
     if kwargs.get("lora_softmax") is not None:
         out["activation"] = "softmax" if _bool(kwargs["lora_softmax"], f"{path}: lora_softmax") else "tanh"
+    if kwargs.get("external_query") is not None and not _bool(kwargs["external_query"], f"{path}: external_query"):
+        # extensions_built_in/flux_kontext.py AttLoraLinearAdapter: without an external query each layer pools its
+        # own input tokens (query_dim = in_features); the official inference.py sets external_query = True
+        raise LoRWeBConfigError(f"{path}: network_kwargs.external_query is false: its layers take their query from "
+                                "their own hidden states (pooled input tokens), a variant of the official toolkit "
+                                "that lorweb_fast does not implement (nor does the official inference.py, which "
+                                "sets external_query = True); only external (CLIP / SigLIP2) analogy queries are "
+                                "supported")
     for ours, theirs in (("reduce", "mixing_coeffs_type"), ("query_mode", "query_mode"),
                          ("pooling_type", "pooling_type"), ("query_projection_type", "query_projection_type"),
                          ("encoder", "external_query_model")):

@@ -95,6 +95,31 @@ def test_read_official_config(tmp_path):
         oc.read_config_yaml(path)
 
 
+def test_hidden_state_queries_are_refused_by_name(tmp_path):
+    """extensions_built_in/flux_kontext.py ``AttLoraLinearAdapter.update_layer`` / ``forward``: with
+    ``external_query: false`` a layer's query is its own pooled input tokens (query_dim = in_features), a variant
+    lorweb_fast does not implement: a config.yaml saying so is refused by name (it was read as a CLIP config and
+    failed later with a projection width mismatch), also when loading a checkpoint beside it; true or absent reads
+    as before."""
+    path = tmp_path / "config.yaml"
+    path.write_text(OFFICIAL_YAML.replace("external_query: true", "external_query: false"))
+    with pytest.raises(oc.LoRWeBConfigError, match=r"external_query is false: its layers take their query from "
+                                                   r"their own hidden states"):
+        oc.read_config_yaml(path)
+    path.write_text(OFFICIAL_YAML.replace("external_query: true", "external_query: maybe"))
+    with pytest.raises(oc.LoRWeBConfigError, match="external_query must be true or false"):
+        oc.read_config_yaml(path)
+    path.write_text(OFFICIAL_YAML.replace("        external_query: true\n", ""))
+    assert oc.read_config_yaml(path)["encoder"] == "openai/clip-vit-large-patch14"
+    official_style_checkpoint(tmp_path / "LoRWeB.safetensors")
+    small_config(path, external_query=False)
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(oc.LoRWeBConfigError, match="external_query is false"):
+        lf.load_lorweb_weights(model, tmp_path / "LoRWeB.safetensors")
+    assert not lf.lorweb_layers(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_written_config_is_accepted_by_official_inference(tmp_path):
     settings = {"num_loras": 32, "rank": 4, "key_dim": 128, "heads": 2, "activation": "tanh", "reduce": "sum",
                 "query_mode": "caa'b", "pooling_type": "max", "query_projection_type": "linear",
