@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Union
 
 _UMASK_LOCK = threading.Lock()
 
@@ -112,6 +113,31 @@ def append_text(path: Union[str, os.PathLike], text: str) -> None:
     fd = os.open(path, flags, 0o666)  # O_NOFOLLOW: a symlink planted meanwhile is an error, not a target
     with naming_the_file(path), os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(text)
+
+
+def remove_temporaries(folder: Union[str, os.PathLike], names: Iterable[str]) -> list:
+    """Remove the temporaries a killed writer left beside ``folder/<name>`` for each of ``names``: files (or links)
+    named ``.<name>.<8 random characters>.tmp``, as ``atomic_write`` / ``temporary_file`` make them (the name cut by
+    ``temporary_prefix`` at the folder's name limit included). Other files are never touched. Returns the removed
+    paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    prefixes = {temporary_prefix(folder / name) for name in names}
+    removed = []
+    for entry in folder.iterdir():
+        name = entry.name
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is None or not _TEMPORARY_TAIL.fullmatch(name[len(prefix):]):
+            continue
+        if entry.is_symlink() or entry.is_file():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+#: what mkstemp adds to a temporary_prefix: 8 characters of tempfile's alphabet and ``.tmp``
+_TEMPORARY_TAIL = re.compile(r"[a-z0-9_]{8}\.tmp")
 
 
 def unlink_file_or_link(path: Union[str, os.PathLike]) -> None:

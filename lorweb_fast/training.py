@@ -662,6 +662,15 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_checkpoint(out, final, keep, milestone_every)
+    return final
+
+
+def publish_checkpoint(out: Path, final: Path, keep: int, milestone_every: int = OFFICIAL_MILESTONE_EVERY) -> None:
+    """What follows a checkpoint's rename into ``checkpoints/``: ``out/lorweb.safetensors`` and ``out/config.yaml``
+    replaced by copies of its files, then ``rotate_checkpoints``. A resume runs it again for the checkpoint it
+    resumes from: a run killed between the rename and the end of this left the previous step's (or no) top-level
+    files, which a resume from a checkpoint at ``--steps`` (no step left to train) would otherwise report as done."""
     for name in (WEIGHTS_NAME, CONFIG_NAME):  # copies (the same bytes, not serialized again), never through a link
         tmp = out / f".{name}.tmp"
         unlink_file_or_link(tmp)
@@ -673,7 +682,6 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
             tmp.unlink(missing_ok=True)
             raise
     rotate_checkpoints(out, keep, milestone_every)
-    return final
 
 
 def optimizer_state_dict(model, optimizer: torch.optim.Optimizer, names: list[str], *, sharded: bool) -> dict:
@@ -1615,6 +1623,11 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
             if log_path.is_file() and start_step > 0:
                 kept = [l for l, row in _loss_rows(log_path) if row["step"] <= start_step]
             atomic_write(log_path, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
+            if ckpt is not None:  # a run killed after the rename of its last checkpoint is completed first
+                with _writing_step(start_step):
+                    publish_checkpoint(out, ckpt, cfg.keep_checkpoints, cfg.keep_milestone_every)
+                    if draw_loss:
+                        plot_loss(log_path, png_path)
         accelerator.wait_for_everyone()
 
         step, loss_value, nan_steps = start_step, math.nan, []

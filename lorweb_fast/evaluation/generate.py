@@ -31,9 +31,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._files import FolderInUseError, FolderLock, atomic_write, loads_json, save_image_atomically
+from .._files import FolderInUseError, FolderLock, atomic_write, loads_json, remove_temporaries, \
+    save_image_atomically
 from .evalsets import EvalInputError, Triplet
 
+#: The files ``generate`` writes in each triplet's folder (b_prime.png last: it marks the triplet finished).
+TRIPLET_FILES = ("a.png", "a_prime.png", "b.png", "prompt.txt", "b_prime.png")
 #: The lock file ``eval generate`` holds in its ``--out`` while it runs (``_files.FolderLock``).
 GENERATE_LOCK_NAME = ".lorweb-generate.lock"
 
@@ -206,6 +209,7 @@ def generate(pipe, triplets: Sequence[Triplet], out, *, seeds: Sequence[int] = (
     _check_distinct_seeds(seeds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out, ("evalset.json", "run.json"))  # a killed run's (never read, but they would stay)
     _record_triplets(out / "evalset.json", triplets)
     jobs, skipped = [], 0
     for t in triplets:
@@ -214,6 +218,7 @@ def generate(pipe, triplets: Sequence[Triplet], out, *, seeds: Sequence[int] = (
             if (d / "b_prime.png").is_file():
                 skipped += 1
                 continue
+            remove_temporaries(d, TRIPLET_FILES)
             jobs.append({"triplet": t, "seed": seed, "dir": d})
     for job in jobs:  # sizes from the file headers: images are read one batch at a time
         t = job["triplet"]

@@ -409,8 +409,12 @@ class JudgeCache:
         """Write the record (``_record``) of an answer atomically; returns it."""
         from .generate import atomic_write_text
 
+        from .._files import remove_temporaries
+
         rec = _record(request, judge_name, response, error, truncated)
-        atomic_write_text(self.path(request), json.dumps(rec, ensure_ascii=False, indent=1))
+        path = self.path(request)
+        remove_temporaries(path.parent, [path.name])  # a killed scoring's, left while it wrote this answer
+        atomic_write_text(path, json.dumps(rec, ensure_ascii=False, indent=1))
         return rec
 
 

@@ -225,10 +225,12 @@ def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Option
     return save_figure_atomically(fig, path, dpi=130)
 
 
-def _replace_together(out: Path, texts: dict, done: set) -> None:
-    """Write every ``{name: text}`` to a temporary in ``out`` (an OSError names its file), synced, then rename them
-    onto their names, adding each name to ``done`` once renamed: a failed write replaces none of them."""
-    from .._files import naming_the_file, sync_file, temporary_file, temporary_prefix
+def _replace_together(out: Path, texts: dict, done: set, clear: Sequence[str] = ()) -> None:
+    """Write every ``{name: text}`` to a temporary in ``out`` (an OSError names its file), synced, then remove the
+    files named in ``clear`` and rename the temporaries onto their names, adding each name to ``done`` once renamed:
+    a failed write replaces none of them, and a process killed between the renames leaves files of this call and
+    none of ``clear`` (the earlier scoring's), never a mix."""
+    from .._files import naming_the_file, sync_file, temporary_file, temporary_prefix, unlink_file_or_link
 
     temps = []
     try:
@@ -238,6 +240,8 @@ def _replace_together(out: Path, texts: dict, done: set) -> None:
             with naming_the_file(out / name):
                 tmp.write_bytes(text.encode())
                 sync_file(tmp)
+        for name in clear:
+            unlink_file_or_link(out / name)
         for tmp, final in temps:
             os.replace(tmp, final)
             done.add(final.name)
@@ -266,7 +270,8 @@ def write_report(out: Path, report: dict, results: dict, settings: dict, *, plot
     not write is removed. metrics.json and
     summary.md are both written to temporaries before either replaces its file (a full disk while writing them
     leaves the earlier scoring's pair), and a later write that fails removes the earlier scoring's files this call
-    had not replaced yet: a report folder never mixes two scorings. ``report``: {name: ``aggregate``}, ``results``:
+    had not replaced yet; the earlier scoring's files are removed just before the pair is renamed in, so a process
+    killed from there on leaves part of this scoring's files: a report folder never mixes two scorings. ``report``: {name: ``aggregate``}, ``results``:
     {name: ``score_run``}. Returns metrics.json's content."""
     from .generate import atomic_write_text
 
@@ -282,8 +287,11 @@ def write_report(out: Path, report: dict, results: dict, settings: dict, *, plot
     replayed = replay is not None and Path(replay.group(1)).resolve() == answers_file.resolve()
     done = {answers_file.name} if replayed else set()  # written, or removed, by this call
     try:
+        # the earlier scoring's files go just before the pair is renamed in: a kill from there on leaves some of
+        # this scoring's files and none of the earlier one's
         _replace_together(out, {"metrics.json": json.dumps(metrics, indent=1, ensure_ascii=False),
-                                "summary.md": summary_markdown(report, settings)}, done)
+                                "summary.md": summary_markdown(report, settings)}, done,
+                          clear=[name for name in REPORT_FILES if name not in done])
         # "truncated" only where the answer was cut, so a replay of this file counts the same cut answers
         answers = [json.dumps({"id": a["id"], "kind": a["kind"], "run": a["run"], "against": a["against"],
                                "order": a["order"], "judge": a["judge"], "response": a["response"],

@@ -274,7 +274,8 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     one."""
     from ..cli import library_progress_bars
     from .metrics import DEFAULT_CLIP, ClipDirectional, LPIPSDistance
-    from .report import aggregate, plots_drawable, write_report
+    from .._files import remove_temporaries
+    from .report import REPORT_FILES, aggregate, plots_drawable, write_report
 
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -294,6 +295,7 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
         for path in runs_folders(paths):
             check_outside("out", out, path, f"runs folder {name!r}")
     plots = plots_drawable()  # warned now, before the scoring, not after it
+    remove_temporaries(out, REPORT_FILES)  # a killed scoring's
     # LPIPS first: its missing weights are found in a moment, before the CLIP encoder spends its load time
     with library_progress_bars(enabled=progress):  # progress=False: transformers' loading bars off too
         lpips = LPIPSDistance(lpips_net, weights=lpips_weights, device=device) if "lpips" in metrics else None
