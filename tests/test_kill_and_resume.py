@@ -43,7 +43,6 @@ Fixed (the audit's findings, held by these tests as strict xfails until then):
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path

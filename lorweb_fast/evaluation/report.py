@@ -267,12 +267,12 @@ REPORT_FILES = ("metrics.json", "summary.md", "judge_answers.jsonl", "preservati
 def write_report(out: Path, report: dict, results: dict, settings: dict, *, plots: bool = True) -> dict:
     """metrics.json, summary.md, judge_answers.jsonl (unless it is the file this scoring replays) and the plots in
     ``out`` (``plots=False``: none, as without matplotlib), each written atomically; a report file this call does
-    not write is removed. metrics.json and
-    summary.md are both written to temporaries before either replaces its file (a full disk while writing them
-    leaves the earlier scoring's pair), and a later write that fails removes the earlier scoring's files this call
-    had not replaced yet; the earlier scoring's files are removed just before the pair is renamed in, so a process
-    killed from there on leaves part of this scoring's files: a report folder never mixes two scorings. ``report``: {name: ``aggregate``}, ``results``:
-    {name: ``score_run``}. Returns metrics.json's content."""
+    not write is removed. metrics.json and summary.md are both written to temporaries before either replaces its
+    file (a full disk while writing them leaves the earlier scoring's pair), and a later write that fails removes
+    the earlier scoring's files this call had not replaced yet; the earlier scoring's files are removed just before
+    the pair is renamed in, so a process killed from there on leaves part of this scoring's files: a report folder
+    never mixes two scorings. ``report``: {name: ``aggregate``}, ``results``: {name: ``score_run``}. Returns
+    metrics.json's content."""
     from .generate import atomic_write_text
 
     out = Path(out)
