@@ -316,6 +316,44 @@ def test_training_levels_follow_the_official_float_round_trip(clip_dir):
     assert not torch.allclose(training_query, enc.query_from_grid(square), atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["cat-aa'b", "caa'b"])
+def test_siglip2_training_query_follows_the_official_tensor_path(siglip2_dir, mode):
+    """SigLIP2 in training: SDTrainer.py ``before_unet_predict`` passes ``control_tensor / 2 + 0.5`` to
+    extensions_built_in/flux_kontext.py ``get_external_query`` (crops of side H // 2, b' zeroed for "caa'b"), whose
+    ``encode_image`` runs each float crop through the NaFlex processor with ``do_rescale=False`` and takes
+    ``pooler_output``. Reference: those steps on the float tensor with the slow (PIL) processor loaded on its own
+    (transformers 5's ``Siglip2ImageProcessor`` is another implementation, off by up to 0.017); wide cells, so
+    H // 2 is not W // 2."""
+    import transformers
+
+    enc = flux.AnalogyEncoder(siglip2_dir, query_mode=mode)
+    processor_class = getattr(transformers, "Siglip2ImageProcessorPil", None) or transformers.Siglip2ImageProcessor
+    processor = processor_class.from_pretrained(siglip2_dir)
+    grids = [picture(21, (96, 64)), picture(22, (96, 64))]
+    got = training.batch_query(enc, {"control": grids, "target": grids}, "cpu")
+
+    def encode(x):  # (1, 3, h, w), floats in [0, 1]
+        p = processor(images=x[0], return_tensors="pt", do_rescale=False)
+        return enc.model(pixel_values=p.pixel_values, pixel_attention_mask=p.pixel_attention_mask.float(),
+                         spatial_shapes=p.spatial_shapes).pooler_output[:, None]
+
+    want = []
+    with torch.no_grad():
+        for grid in grids:
+            image = (torch.from_numpy(np.array(grid)).permute(2, 0, 1).float().div(255) * 2 - 1)[None] / 2 + 0.5
+            s = image.shape[2] // 2
+            if mode == "caa'b":
+                zeroed = image.clone()
+                zeroed[:, :, s:, s:] = 0
+                q = encode(zeroed)
+            else:
+                q = torch.cat([encode(image[:, :, :s, :s]), encode(image[:, :, :s, s:]),
+                               encode(image[:, :, s:, :s])], dim=1)
+            want.append(q.reshape(1, -1))
+    torch.testing.assert_close(got, torch.cat(want), atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got, enc.query_from_grid(grids), atol=1e-3)  # the inference crops are other boxes
+
+
 def test_training_crops_of_a_too_tall_grid_and_bad_crops(clip_dir):
     enc = flux.AnalogyEncoder(clip_dir)
     with pytest.raises(ValueError, match=r"a 30x64 grid is too tall for the official training crops: a' = "
