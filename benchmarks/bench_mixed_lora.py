@@ -285,8 +285,12 @@ class Impl:
         x, w, a = problem["x"], problem["weight"], problem["lora_a"]
         m, k, out, big_r, e = x.numel() // x.shape[-1], x.shape[-1], w.shape[0], a.shape[0] * a.shape[2], \
             x.element_size()
-        if self.name == "shrink":
-            return 2.0 * m * k * big_r, float(e * (m * k + big_r * k + 2 * m * big_r))
+        if self.name == "shrink":  # x and a_cat read, z written in x's dtype, u in the dtype the forward saves it in
+            from lorweb_fast.kernels import mixed_lora  # importable: the shrink row runs only then
+
+            u_dtype = getattr(mixed_lora, "saved_u_dtype", lambda dtype: dtype)(x.dtype)
+            u_bytes = torch.empty(0, dtype=u_dtype).element_size()
+            return 2.0 * m * k * big_r, float(e * (m * k + big_r * k + m * big_r) + u_bytes * m * big_r)
         if self.name in ("expand", "cublas_concat"):
             return 2.0 * m * (k + big_r) * out, float(e * (m * (k + big_r) + (k + big_r) * out + m * out))
         if self.name == "linear":

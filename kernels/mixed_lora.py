@@ -80,14 +80,6 @@ MAX_FUSED_R = 512
 FINISH_ELEMENTS = 8192
 #: Rows per program of the split-K shrink's finish kernel.
 SHRINK_FINISH_BLOCK_M = 32
-
-
-def saved_u_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the u = x A_cat the fused forward saves for backward K1's d coeffs, for inputs of ``dtype``: fp32 for
-    fp16 (u is unscaled, so it overflows fp16 where the scaled z, the output and d coeffs are finite: a finite
-    forward would be followed by an inf d coeffs, and a GradScaler skip every step), else ``dtype`` (bf16 has fp32's
-    range). 2 extra bytes per (row, basis column) for fp16: 0.5 MiB at M = 8192, R = 32."""
-    return torch.float32 if dtype == torch.float16 else dtype
 #: Backward K1's dcoeffs partials (the shrink kernels' DCOEFFS): none (forward), one row per input row, or one row
 #: per program of BLOCK_M rows (when BLOCK_M divides rows_per_sample, so that no program spans two samples).
 DC_NONE: tl.constexpr = tl.constexpr(0)
@@ -107,6 +99,14 @@ KERNEL_CONFIG_KEYS = {
     "grad_basis": ("block_m", "block_n", "split_m", "num_warps", "num_stages"),
 }
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def saved_u_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the u = x A_cat the fused forward saves for backward K1's d coeffs, for inputs of ``dtype``: fp32 for
+    fp16 (u is unscaled, so it overflows fp16 where the scaled z, the output and d coeffs are finite: a finite
+    forward would be followed by an inf d coeffs, and a GradScaler skip every step), else ``dtype`` (bf16 has fp32's
+    range). 2 extra bytes per (row, basis column) for fp16: 0.5 MiB at M = 8192, R = 32."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 # ------------------------------------------------------------------------------------------------------- kernels

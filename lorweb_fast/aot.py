@@ -134,8 +134,11 @@ def _specialize(launch: Launch, backend) -> Specialization:
 def _meta_problem(in_features, out_features, R, dtype, batch=BATCH):
     """Meta tensors of one layer problem, M = M_TOKENS rows, n = R // LORA_RANK basis LoRAs, in ``dtype`` (a torch
     dtype name) except coeffs: x (M, in), weight (out, in), bias (out,), lora_a (n, in, r), lora_b (n, r, out),
-    coeffs (batch, n) fp32, u and z (M, R), dy and base (M, out); rows_per_sample = M // batch."""
+    coeffs (batch, n) fp32, u and z (M, R) (u in the dtype the forward saves it in: ``saved_u_dtype``, fp32 for
+    fp16), dy and base (M, out); rows_per_sample = M // batch."""
     import torch
+
+    from lorweb_fast.kernels.mixed_lora import saved_u_dtype
 
     dt = getattr(torch, dtype)
     meta = dict(device="meta", dtype=dt)
@@ -146,7 +149,7 @@ def _meta_problem(in_features, out_features, R, dtype, batch=BATCH):
         bias=torch.empty(out_features, **meta), lora_a=torch.empty(n, in_features, LORA_RANK, **meta),
         lora_b=torch.empty(n, LORA_RANK, out_features, **meta),
         coeffs=torch.empty(batch, n, device="meta", dtype=torch.float32), rows_per_sample=rows_per_sample,
-        u=torch.empty(M_TOKENS, R, **meta), z=torch.empty(M_TOKENS, R, **meta),
+        u=torch.empty(M_TOKENS, R, device="meta", dtype=saved_u_dtype(dt)), z=torch.empty(M_TOKENS, R, **meta),
         dy=torch.empty(M_TOKENS, out_features, **meta), base=torch.empty(M_TOKENS, out_features, **meta))
 
 

@@ -391,9 +391,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _stderr_line(f"lorweb-fast {command}: error: {one_line(str(exc))}")
         return 2
     except ImportError as exc:  # a package the command needs is missing or broken: one line naming it
-        if (getattr(exc, "name", None) or "").split(".")[0] == "lorweb_fast":  # our own bug: its traceback
+        line = _import_error_line(exc)
+        if line is None:  # a name an installed package lacks (a bug, or versions that do not fit): its traceback
             raise
-        _stderr_line(f"lorweb-fast {command}: error: {one_line(_import_error_line(exc))}")
+        _stderr_line(f"lorweb-fast {command}: error: {one_line(line)}")
         return 2
     except OSError as exc:  # a write that failed (full disk, read-only folder, I/O error): one line, not a traceback
         step = getattr(exc, "lorweb_step", None)
@@ -424,16 +425,26 @@ def _stderr_line(text: str) -> None:
     sys.stderr.flush()
 
 
-def _import_error_line(exc: ImportError) -> str:
-    """A MissingDependencyError's message; for another ImportError, the package it names and its pip command."""
+def _import_error_line(exc: ImportError) -> Optional[str]:
+    """The line for an ImportError: a MissingDependencyError's message, or for a package that is not installed at
+    all (a ModuleNotFoundError whose top-level package cannot be found) the package and its pip command; None for
+    anything else (a module or name an installed package lacks: a bug or a version mismatch, shown as a
+    traceback)."""
+    import importlib.util
+
     from .validation import MissingDependencyError, dependency_message
 
     if isinstance(exc, MissingDependencyError):
         return str(exc)
-    name = getattr(exc, "name", None)
-    if name:
-        return dependency_message(name, "this command", exc)
-    return f"an import failed: {exc}"
+    name = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if not name or name.split(".")[0] == "lorweb_fast":
+        return None
+    top = name.split(".")[0]
+    try:
+        installed = importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):  # a package blocked in sys.modules (None) or without a spec
+        installed = False
+    return None if installed else dependency_message(top, "this command", exc)
 
 
 def _os_error_line(exc: OSError) -> str:

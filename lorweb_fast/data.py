@@ -375,7 +375,7 @@ class AnalogyFolder(torch.utils.data.Dataset):
         target_files = [Path(d) / f for d, _, files in walked for f in files]
         #: folders under target/ that are symlinks: os.walk does not enter them (nor does the official loader's)
         self.unfollowed_links = sorted(Path(d) / sub for d, subs, _ in walked for sub in subs
-                                       if (Path(d) / sub).is_symlink())
+                                       if (Path(d) / sub).is_symlink() and sub != "_controls")  # never samples
         if self.unfollowed_links:
             warn(f"{len(self.unfollowed_links)} symlinked folders under {target_dir} are not entered, as in the "
                  f"official loader (os.walk): their images are not samples (e.g. {self.unfollowed_links[0]}); "

@@ -58,16 +58,19 @@ class BackendUnavailableError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------- backend discovery
 def _import_triton_kernels():
+    """(the kernels module, None), or (None, why not: the import error and what to do)."""
     try:
         return importlib.import_module("lorweb_fast.kernels.mixed_lora"), None
-    except ModuleNotFoundError as exc:
-        if exc.name == "triton":
-            return None, (f"{type(exc).__name__}: {exc}; pip install triton (Linux only; torch's Linux wheels bring "
-                          "it), or use backend='torch'")
-        return None, f"{type(exc).__name__}: {exc}"
-    except Exception as exc:  # triton installed but broken
-        return None, (f"{type(exc).__name__}: {exc}; triton is installed but fails to import: reinstall the triton "
-                      "of this torch, or use backend='torch'")
+    except Exception as exc:  # triton missing or broken
+        why = f"{type(exc).__name__}: {exc}"
+        missing = (exc.name or "") if isinstance(exc, ModuleNotFoundError) else None
+        if missing == "triton":
+            return None, (f"{why}; pip install triton (Linux only; torch's Linux wheels bring it), or use "
+                          "backend='torch'")
+        if missing is None or missing.startswith("triton."):
+            return None, (f"{why}; triton is installed but fails to import: reinstall the triton of this torch, or use "
+                          "backend='torch'")
+        return None, why
 
 
 _TRITON_KERNELS, _TRITON_IMPORT_ERROR = _import_triton_kernels()

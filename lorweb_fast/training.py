@@ -52,8 +52,8 @@ from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lo
     lorweb_layers, lorweb_state_dict, save_lorweb_weights, set_query
 from .official_config import CONFIG_NAME, DTYPE_NAMES
 from .reference import ACTIVATIONS, REDUCTIONS
-from .validation import REPORTED_BY_MAIN_PROCESS, MissingDependencyError, check_train_config, dependency_message, \
-    diffusers_classes, import_problem, require, warn
+from .validation import REPORTED_BY_MAIN_PROCESS, MissingDependencyError, check_train_config, diffusers_classes, \
+    plotting_available, require, warn
 
 logger = logging.getLogger("lorweb_fast.training")
 
@@ -662,16 +662,20 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    publish_checkpoint(out, final, keep, milestone_every)
+    copy_to_top_level(out, final)
+    rotate_checkpoints(out, keep, milestone_every)
     return final
 
 
-def publish_checkpoint(out: Path, final: Path, keep: int, milestone_every: int = OFFICIAL_MILESTONE_EVERY) -> None:
-    """What follows a checkpoint's rename into ``checkpoints/``: ``out/lorweb.safetensors`` and ``out/config.yaml``
-    replaced by copies of its files, then ``rotate_checkpoints``. A resume runs it again for the checkpoint it
-    resumes from: a run killed between the rename and the end of this left the previous step's (or no) top-level
-    files, which a resume from a checkpoint at ``--steps`` (no step left to train) would otherwise report as done."""
+def copy_to_top_level(out: Path, final: Path) -> None:
+    """``out/lorweb.safetensors`` and ``out/config.yaml`` replaced by copies of checkpoint ``final``'s files (one
+    it lacks, as checkpoints written before config.yaml was saved in each, is left as it is). A resume runs it again
+    for the checkpoint it resumes from: a run killed between the checkpoint's rename and these copies left the
+    previous step's (or no) top-level files, which a resume from a checkpoint at ``--steps`` (no step left to train)
+    would otherwise report as the result."""
     for name in (WEIGHTS_NAME, CONFIG_NAME):  # copies (the same bytes, not serialized again), never through a link
+        if not (final / name).is_file():
+            continue
         tmp = out / f".{name}.tmp"
         unlink_file_or_link(tmp)
         try:
@@ -681,7 +685,6 @@ def publish_checkpoint(out: Path, final: Path, keep: int, milestone_every: int =
         except BaseException:  # a full disk: no half copy stays (the checkpoint itself is complete)
             tmp.unlink(missing_ok=True)
             raise
-    rotate_checkpoints(out, keep, milestone_every)
 
 
 def optimizer_state_dict(model, optimizer: torch.optim.Optimizer, names: list[str], *, sharded: bool) -> dict:
@@ -849,15 +852,6 @@ def _check_bitsandbytes_device(quantize_base: str) -> None:
                          "not quantize on the CPU (pass --quantize-base none, or qfloat8 for the official "
                          "optimum-quanto fp8 quantization, which runs on a CPU too)")
     require("bitsandbytes", f"--quantize-base {quantize_base}", alternative="pass --quantize-base none or qfloat8")
-
-
-def _loss_plot_drawable() -> bool:
-    """Whether matplotlib imports; else a warning that loss.png is not drawn (the run trains, logs loss.jsonl and
-    saves its checkpoints as usual; a loss.png of an earlier run is removed at the first checkpoint)."""
-    problem = import_problem("matplotlib.figure")
-    if problem is not None:
-        warn("loss.png is not drawn: " + dependency_message("matplotlib", "the loss plot", problem))
-    return problem is None
 
 
 def _check_optimizer_package(cfg: TrainConfig) -> None:
@@ -1495,7 +1489,9 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
     if encoder is not None:  # before prepare_output may delete an old run
         _check_encoder_settings(encoder, cfg)
     _check_optimizer_package(cfg)
-    draw_loss = _loss_plot_drawable() if accelerator.is_main_process else False
+    # without matplotlib the run trains, logs and saves as usual, without loss.png (an earlier run's is removed at
+    # the first checkpoint)
+    draw_loss = plotting_available("loss.png") if accelerator.is_main_process else False
     if pipe is not None:
         _check_given_quantization(pipe, cfg.quantize_base)
     elif cfg.quantize_base == "qfloat8":
@@ -1625,7 +1621,11 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
             atomic_write(log_path, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
             if ckpt is not None:  # a run killed after the rename of its last checkpoint is completed first
                 with _writing_step(start_step):
-                    publish_checkpoint(out, ckpt, cfg.keep_checkpoints, cfg.keep_milestone_every)
+                    copy_to_top_level(out, ckpt)
+                    # rotated only when resuming from the newest folder: past a newer corrupt one, the rotation
+                    # would keep that one and could delete the checkpoint resumed from
+                    if checkpoint_dirs(out)[-1:] == [ckpt]:
+                        rotate_checkpoints(out, cfg.keep_checkpoints, cfg.keep_milestone_every)
                     if draw_loss:
                         plot_loss(log_path, png_path)
         accelerator.wait_for_everyone()

@@ -54,27 +54,29 @@ def dependency_message(module: str, needed_for: str, exc: BaseException, *, pip:
             + (f", or {alternative}" if alternative else ""))
 
 
-def require(module: str, needed_for: str, *, pip: Optional[str] = None, alternative: str = ""):
-    """``importlib.import_module(module)``, or MissingDependencyError (``dependency_message``) when it fails."""
+def require(module: str, needed_for: str, *, pip: Optional[str] = None, alternative: str = "",
+            error: type = MissingDependencyError):
+    """``importlib.import_module(module)``, or ``error`` (MissingDependencyError; another type where a caller's
+    errors have their own, e.g. the evaluation's EvalInputError) with ``dependency_message`` when it fails."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingDependencyError(dependency_message(module, needed_for, exc, pip=pip,
-                                                        alternative=alternative)) from exc
+        raise error(dependency_message(module, needed_for, exc, pip=pip, alternative=alternative)) from exc
 
 
-def import_problem(module: str) -> Optional[ImportError]:
-    """None when ``module`` imports, else the ImportError (for features that are skipped, with a warning, without
-    it)."""
+def plotting_available(skipped: str) -> bool:
+    """Whether matplotlib imports; else a warning that ``skipped`` (the plots not drawn, e.g. "loss.png") is not
+    drawn while the rest of the work goes on."""
     import importlib
 
     try:
-        importlib.import_module(module)
+        importlib.import_module("matplotlib.figure")
     except ImportError as exc:
-        return exc
-    return None
+        warn(f"not drawing {skipped}: " + dependency_message("matplotlib", "plotting", exc))
+        return False
+    return True
 
 
 def diffusers_classes(*names: str) -> tuple:

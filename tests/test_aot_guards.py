@@ -145,6 +145,23 @@ def test_plan_problem_shapes(small_plan):
             (True, True, False), (True, False, False), (False, False, True), (False, False, False)}
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_planned_backward_gets_the_u_the_forward_saves(dtype):
+    """The planned backward's saved u is what the forward returns (``saved_u_dtype``: fp32 for fp16 inputs), so the
+    backward K1 specializations compiled and checked are the ones that run (a u in the input dtype planned fp16
+    ``U: *fp16`` kernels that never run and missed the ``U: *fp32`` ones that do)."""
+    p = aot._meta_problem(3072, 3072, 128, dtype)
+    out = {}
+
+    def forward(**kwargs):
+        out["y"], out["u"], out["z"] = K.forward(p["x"], p["weight"], p["bias"], None, p["lora_a"], p["lora_b"],
+                                                 p["coeffs"], 0.5, p["rows_per_sample"], **kwargs)
+
+    aot._record_launches(forward, family="sm90")
+    assert out["u"].dtype == p["u"].dtype == K.saved_u_dtype(getattr(torch, dtype))
+    assert out["z"].dtype == p["z"].dtype == getattr(torch, dtype)
+
+
 def test_plan_tma_only_eager_on_sm90(small_plan):
     """sm_90's eager passes take the TMA kernels, the *_compiled passes (traced) the pointer kernels; sm_80 never
     plans TMA. The launches are planned for the asked GPU family."""

@@ -389,6 +389,37 @@ def test_corrupt_newest_optimizer_state_resumes_from_the_previous_checkpoint_bit
 
 
 @pytest.mark.slow
+def test_resume_past_a_corrupt_newest_checkpoint_keeps_the_one_it_resumes_from(assets, tmp_path, monkeypatch):
+    """A resume that falls back past a corrupt newest checkpoint, with fewer checkpoints kept than before, and that
+    then fails in its first step: the checkpoint it resumed from is still there (the resume-time completion of the
+    top-level files does not rotate then), so the run stays resumable; a checkpoint without config.yaml (written
+    before each checkpoint held one) resumes too."""
+    cfg = tiny_train_config(assets, tmp_path / "run", steps=3, checkpoint_every=1, keep_checkpoints=2,
+                            optimizer="adamw")
+    training.train(cfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000003"]
+    (ckpts / "step-00000003" / "trainer_state.pt").write_bytes(b"")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped in the first step")
+
+    resumed = dataclasses.replace(cfg, resume=True, keep_checkpoints=1, steps=4)
+    with monkeypatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch.setattr(training, "flow_matching_loss", fail)  # before the step's checkpoint
+        with pytest.raises(RuntimeError, match="stopped in the first step"):
+            training.train(resumed)
+    assert (ckpts / "step-00000002" / "trainer_state.pt").is_file()
+    (ckpts / "step-00000002" / "config.yaml").unlink()
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        training.train(resumed, step_callback=lambda step, loss: seen.append(step))
+    assert seen == [3, 4]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_killed_mid_run_then_resume_is_bit_identical(assets, tmp_path, signame):
     """A `lorweb-fast train` process killed by a signal (possibly mid-checkpoint, leaving a temporary folder)

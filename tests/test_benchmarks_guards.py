@@ -1016,3 +1016,17 @@ def test_tuner_times_at_least_one_call_per_pooled_input(tuner, monkeypatch):
     tuner._bench(lambda i: None, 67)
     tuner._bench(lambda i: None, 3)
     assert made == [67, 15]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_shrink_row_counts_u_in_the_dtype_the_forward_saves_it_in(bench, dtype):
+    """The shrink row's minimum bytes: x (M, in) and a_cat (R, in) read and z (M, R) written in x's dtype, u (M, R)
+    written in ``saved_u_dtype`` (fp32 for fp16 inputs, so 2 more bytes per entry there)."""
+    saved_u_dtype = pytest.importorskip("lorweb_fast.kernels.mixed_lora").saved_u_dtype
+    m, k, n, r = 64, 48, 8, 4
+    problem = {"x": torch.empty(m, k, dtype=dtype), "weight": torch.empty(40, k, dtype=dtype),
+               "lora_a": torch.empty(n, k, r, dtype=dtype)}
+    flops, moved = bench.Impl("shrink", torch.device("cpu"), dtype).work(problem)
+    e, u_e = dtype.itemsize, saved_u_dtype(dtype).itemsize
+    assert flops == 2.0 * m * k * n * r
+    assert moved == e * (m * k + n * r * k + m * n * r) + u_e * m * n * r

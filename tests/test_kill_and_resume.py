@@ -33,7 +33,8 @@ Fixed (the audit's findings, held by these tests as strict xfails until then):
 - training.py: a run killed at its last step after ``checkpoints/step-<last>`` was renamed into place but before the
   top-level copies: ``--resume`` found the checkpoint at ``--steps``, trained nothing and exited 0 naming
   OUT/lorweb.safetensors, which held the previous step's weights (or none), loss.png without the last step. A resume
-  now redoes ``publish_checkpoint`` (the copies and the rotation) and the plot for the checkpoint it resumes from.
+  now redoes ``copy_to_top_level``, the rotation (when it resumes from the newest folder) and the plot for the
+  checkpoint it resumes from.
 - evaluation/generate.py ``generate``, evaluation/score.py ``score``, judge.py ``JudgeCache.put``: a killed run's
   temporaries (``.<name>.<random>.tmp``) were never removed by the rerun (``_files.remove_temporaries`` now).
 - evaluation/report.py ``_replace_together``: a rescoring killed between its two renames left the new metrics.json

@@ -498,3 +498,24 @@ def test_aot_without_triton_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc in (1, 2) and "triton" in err and "Traceback" not in err, (rc, err)
     assert not (tmp_path / "aot").exists()
+
+
+@pytest.mark.parametrize("code,one_line", [
+    ("import lorweb_fast_not_installed_pkg", True),  # a package that is not installed: one line, pip command
+    ("from torch.nn import NoSuchLayer", False),  # a name an installed package lacks: a bug or a version mismatch
+    ("import diffusers.no_such_module", False),  # a module an installed package lacks
+    ("import lorweb_fast.no_such_module", False)])  # our own
+def test_cli_gives_one_line_only_for_packages_that_are_not_installed(monkeypatch, capsys, tmp_path, code, one_line):
+    """cli.main turns an ImportError into one line (exit 2) only when it is a MissingDependencyError or names a
+    package that is not installed; any other ImportError keeps its traceback (it is raised), instead of a line that
+    would advise reinstalling an installed package."""
+    def command(args):
+        exec(code, {})
+
+    monkeypatch.setattr(cli, "run_demo", command)
+    if one_line:
+        rc, err = run_main(["demo", "--out", tmp_path / "demo"], capsys)
+        assert_one_line_error(rc, err, "lorweb_fast_not_installed_pkg", "pip install")
+    else:
+        with pytest.raises(ImportError):
+            cli.main(["demo", "--out", str(tmp_path / "demo")])

@@ -785,8 +785,9 @@ def test_official_timestep_grid_and_weighted_curve():
 def test_official_hyper_parameter_defaults():
     """NVlabs/LoRWeB LoRWeB_default_PROMPTS.yaml (train: batch 6, 10000 steps, adamw8bit, betas [0.9, 0.99],
     weight_decay 0.05, lr 1e-3, timestep_type weighted, gradient checkpointing; save every 250, keep 4; caption
-    dropout 0.05; datasets resolution [512], bucketed), the T5 prompt length of flux_kontext.py (512), toolkit/optimizer.py (AdamW8bit eps 1e-6), toolkit/config_modules.py (max_grad_norm 1.0,
-    lr_scheduler constant) and README.md's command line (--linear 4 --loras_num 32 --lora_softmax true)."""
+    dropout 0.05; datasets resolution [512], bucketed), the T5 prompt length of flux_kontext.py (512),
+    toolkit/optimizer.py (AdamW8bit eps 1e-6), toolkit/config_modules.py (max_grad_norm 1.0, lr_scheduler constant)
+    and README.md's command line (--linear 4 --loras_num 32 --lora_softmax true)."""
     cfg = TrainConfig(data="d", out="o")
     assert (cfg.batch_size, cfg.steps, cfg.optimizer, cfg.betas, cfg.weight_decay, cfg.learning_rate) == \
         (6, 10_000, "adamw8bit", (0.9, 0.99), 0.05, 1e-3)

@@ -21,7 +21,7 @@ import torch
 
 from .. import _locks
 from .._locks import holding
-from ..validation import dependency_message
+from ..validation import require
 from .evalsets import EvalInputError, file_signature
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -83,22 +83,9 @@ class ClipDirectional:
 
 
 # ------------------------------------------------------------------------------------------------------ LPIPS
-def import_lpips():
-    """The lpips package; EvalInputError naming what cannot be imported (lpips, or torchvision, which it imports)
-    and how to install it."""
-    try:
-        import lpips
-    except ImportError as exc:
-        raise EvalInputError(dependency_message("lpips", "the LPIPS metric", exc)) from exc
-    return lpips
-
-
 def _tv_weights(net: str):
     """torchvision's ImageNet weights enum of the LPIPS backbone ``net`` (its ``url`` names the cached file)."""
-    try:
-        from torchvision import models
-    except ImportError as exc:
-        raise EvalInputError(dependency_message("torchvision", "the LPIPS backbones", exc)) from exc
+    models = require("torchvision.models", "the LPIPS backbones", error=EvalInputError)
 
     return {"alex": models.AlexNet_Weights.IMAGENET1K_V1, "vgg": models.VGG16_Weights.IMAGENET1K_V1,
             "squeeze": models.SqueezeNet1_1_Weights.IMAGENET1K_V1}[net]
@@ -127,7 +114,7 @@ def check_lpips(net: str = "alex", weights: Union[str, Path, None] = None) -> tu
     package that cannot be imported, or a weights file that does not exist."""
     if net not in LPIPS_NETS:
         raise EvalInputError(f"unknown LPIPS network {net!r}; choose from {LPIPS_NETS}")
-    lpips = import_lpips()
+    lpips = require("lpips", "the LPIPS metric", error=EvalInputError)  # names torchvision when that is missing
     path = Path(weights) if weights else lpips_backbone_file(net)
     if not path.is_file():
         raise EvalInputError(

@@ -33,7 +33,6 @@ from typing import Optional, Sequence
 from .. import _locks
 from .._files import save_figure_atomically
 from .._locks import holding
-from ..validation import dependency_message, import_problem, warn
 
 SCALAR_METRICS = ("clip_dir", "lpips", "vlm_accuracy", "vlm_consistency")
 
@@ -248,16 +247,6 @@ def _replace_together(out: Path, texts: dict, done: set, clear: Sequence[str] = 
     finally:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)
-
-
-def plots_drawable() -> bool:
-    """Whether matplotlib imports; else a warning that the report's plots are not drawn (the metrics, metrics.json
-    and summary.md are written as usual)."""
-    problem = import_problem("matplotlib.figure")
-    if problem is not None:
-        warn("the report's plots (preservation_vs_accuracy.png, win_rates.png) are not drawn: "
-             + dependency_message("matplotlib", "plotting", problem))
-    return problem is None
 
 
 #: The files ``write_report`` writes (or removes) in a report folder.

@@ -275,7 +275,8 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     from ..cli import library_progress_bars
     from .metrics import DEFAULT_CLIP, ClipDirectional, LPIPSDistance
     from .._files import remove_temporaries
-    from .report import REPORT_FILES, aggregate, plots_drawable, write_report
+    from ..validation import plotting_available
+    from .report import REPORT_FILES, aggregate, write_report
 
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -294,7 +295,10 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     for name, paths in {**runs, **(against or {})}.items():  # a report inside a runs folder breaks the next scoring
         for path in runs_folders(paths):
             check_outside("out", out, path, f"runs folder {name!r}")
-    plots = plots_drawable()  # warned now, before the scoring, not after it
+    # without matplotlib the report is written without its plots (warned now, not after the scoring); a scoring
+    # that draws none (no VLM and not both of LPIPS and CLIP Dir., no baselines) needs no warning
+    plots = plotting_available("the report's plots") if "vlm" in metrics or {"lpips", "clip_dir"} <= set(metrics) \
+        else True
     remove_temporaries(out, REPORT_FILES)  # a killed scoring's
     # LPIPS first: its missing weights are found in a moment, before the CLIP encoder spends its load time
     with library_progress_bars(enabled=progress):  # progress=False: transformers' loading bars off too
