@@ -63,13 +63,14 @@ def _import_triton_kernels():
         return importlib.import_module("lorweb_fast.kernels.mixed_lora"), None
     except Exception as exc:  # triton missing or broken
         why = f"{type(exc).__name__}: {exc}"
-        missing = (exc.name or "") if isinstance(exc, ModuleNotFoundError) else None
-        if missing == "triton":
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "triton":
             return None, (f"{why}; pip install triton (Linux only; torch's Linux wheels bring it), or use "
                           "backend='torch'")
-        if missing is None or missing.startswith("triton."):
-            return None, (f"{why}; triton is installed but fails to import: reinstall the triton of this torch, or use "
-                          "backend='torch'")
+        try:  # whether triton itself is what fails (not the kernels module: a local edit, a missing name)
+            importlib.import_module("triton")
+        except Exception:  # noqa: BLE001 - installed but broken (another torch's triton, a missing library)
+            return None, (f"{why}; triton is installed but fails to import: reinstall the triton of this torch, or "
+                          "use backend='torch'")
         return None, why
 
 
