@@ -57,8 +57,6 @@ def _errno_behind(exc: BaseException, stop: BaseException = None):
     """The errno of the OSError a serializer's error wraps, or None: torch's RuntimeError over the OSError it
     caught (its context chain, up to ``stop``, honouring ``raise ... from None``), safetensors' SafetensorError
     ("... (os error N)")."""
-    import re
-
     if type(exc).__name__ == "SafetensorError":
         found = re.search(r"\(os error (\d+)\)", str(exc))
         return int(found.group(1)) if found else None

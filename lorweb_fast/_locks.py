@@ -22,7 +22,8 @@ _GUARD = threading.Lock()
 
 #: held while a model is loaded (``load_kontext_pipeline``, the analogy encoder, ``from_pretrained``, the evaluation's
 #: CLIP and LPIPS) and while LoRWeB layers are built (a module built during another thread's load gets meta
-#: parameters from accelerate's process-wide patch)
+#: parameters from accelerate's process-wide patch; transformers swaps ``PreTrainedModel.tie_weights`` process-wide
+#: while it loads, and overlapping loads left the swap behind)
 LOADING = threading.RLock()
 #: held by ``train`` for its whole run
 TRAINING = threading.RLock()

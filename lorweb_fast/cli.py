@@ -432,14 +432,13 @@ def _import_error_line(exc: ImportError) -> Optional[str]:
     traceback)."""
     import importlib.util
 
-    from .validation import MissingDependencyError, dependency_message
+    from .validation import MissingDependencyError, dependency_message, missing_package
 
     if isinstance(exc, MissingDependencyError):
         return str(exc)
-    name = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
-    if not name or name.split(".")[0] == "lorweb_fast":
+    top = missing_package(exc)
+    if top in ("", "lorweb_fast"):
         return None
-    top = name.split(".")[0]
     try:
         installed = importlib.util.find_spec(top) is not None
     except (ImportError, ValueError):  # a package blocked in sys.modules (None) or without a spec

@@ -36,6 +36,11 @@ def _flat(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def missing_package(exc: BaseException) -> str:
+    """The top-level package a ModuleNotFoundError names ("" for another error, or one that names none)."""
+    return (getattr(exc, "name", None) or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+
+
 def dependency_message(module: str, needed_for: str, exc: BaseException, *, pip: Optional[str] = None,
                        alternative: str = "") -> str:
     """"<needed_for> needs <package>, which cannot be imported (<error>): <what to do>[, or <alternative>]": pip
@@ -43,7 +48,7 @@ def dependency_message(module: str, needed_for: str, exc: BaseException, *, pip:
     torchvision), a reinstall when it is installed but its import fails (a bitsandbytes built for another CUDA)."""
     top = module.split(".")[0]
     pip = pip or PIP_NAMES.get(top, top)
-    absent = (getattr(exc, "name", None) or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+    absent = missing_package(exc)
     if absent == top:
         how = f"pip install {pip}"
     elif absent:
@@ -93,7 +98,7 @@ def diffusers_classes(*names: str) -> tuple:
             cause = cause.__cause__
         if not isinstance(cause, ImportError):
             raise
-        absent = (getattr(cause, "name", None) or "").split(".")[0] if isinstance(cause, ModuleNotFoundError) else ""
+        absent = missing_package(cause)
         how = (f"pip install {PIP_NAMES.get(absent, absent)}" if absent else
                "reinstall the package it names (pip install --force-reinstall ...), or uninstall it if it is an "
                "optional one (bitsandbytes, peft)")
