@@ -289,11 +289,12 @@ def finished_through_interrupt(work) -> Optional[BaseException]:
     return None
 
 
-def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool) -> dict:
+def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None) -> dict:
     """The layers ``build()`` makes ({name: LoRWeBLinear} around the model's modules) swapped into ``model``, the
-    query projections kept out of layerwise casting and, with ``freeze_base_model``, the rest frozen. Undone whatever
-    interrupts it (Ctrl-C, out of memory; building a layer freezes its base): the modules and every ``requires_grad``
-    flag as they were. Returns the new layers."""
+    query projections kept out of layerwise casting and, with ``freeze_base_model``, the rest frozen; then
+    ``fill()`` (if given: writing values into the layers). Undone whatever interrupts it, ``fill()`` included
+    (Ctrl-C, out of memory; building a layer freezes its base): the modules and every ``requires_grad`` flag as they
+    were. Returns the new layers."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     new_layers, swapped_in = {}, []
     try:
@@ -306,6 +307,8 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool) -> dict:
             _keep_query_projection_out_of_layerwise_casting(model)
             if freeze_base_model:
                 _freeze_base_model(model)
+        if fill is not None:
+            fill()
     except BaseException:
         for name in reversed(swapped_in):
             _set_submodule(model, name, new_layers[name].base_layer)
@@ -1117,10 +1120,12 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
              f"{len(uncovered)} (e.g. {uncovered[0]!r}) run without an adapter: a checkpoint for a smaller "
              "model or trained with other target modules?")
 
-    # Everything is validated. Building and swapping in the new layers is undone whatever interrupts it (Ctrl-C, out
-    # of memory): the model is as it was. The copy into the tensors is finished even when a Ctrl-C comes during it
-    # (copied once more, whole; then the interrupt is raised): the model then holds the whole checkpoint, never a mix
-    # (no rollback copy: it would double the adapter's memory on the GPU)
+    # Everything is validated. Building and swapping in the new layers, and staging the checkpoint's tensors for the
+    # copy, are undone whatever interrupts them (Ctrl-C, out of memory): the model is as it was. The staged tensors
+    # are the checkpoint's in the layers' dtypes, contiguous, on the checkpoint's device (a conversion allocates
+    # there, never a rollback copy on the GPU), so the copy into the layers allocates nothing: only a device fault
+    # can stop it half way. A Ctrl-C during the copy is held until it is finished (copied once more, whole; then the
+    # interrupt is raised): the model then holds the whole checkpoint, never a mix
     def build() -> dict:
         new_layers = {}
         for name, tensors in groups.items():
@@ -1135,18 +1140,33 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
                                             query_projection_type=projection)
         return new_layers
 
-    _swap_in_layers(model, build, freeze_base_model)
+    interrupted = []
 
-    def copy_checkpoint():
-        with torch.no_grad():
-            for name, tensors in groups.items():
-                layer = model.get_submodule(name)
-                layer._coefficients = None  # from the old parameters: a forward raises until set_query
-                for suffix, param in layer.lorweb_tensors().items():
-                    param.copy_(tensors[suffix])
-                layer.refill_identity_projection()  # "none": no checkpoint holds it (to_empty may have cleared it)
+    def stage_and_copy():
+        layers = {name: model.get_submodule(name) for name in groups}
+        staged = _staged_for_copy(layers, groups)
+        for layer in layers.values():  # "none": no checkpoint holds it (to_empty may have cleared it); always eye
+            layer.refill_identity_projection()
 
-    interrupt = finished_through_interrupt(copy_checkpoint)
-    if interrupt is not None:
-        raise interrupt
+        def copy_checkpoint():
+            with torch.no_grad():
+                for name, layer in layers.items():
+                    layer._coefficients = None  # from the old parameters: a forward raises until set_query
+                    for param, values in staged[name]:
+                        param.copy_(values)
+
+        interrupted.append(finished_through_interrupt(copy_checkpoint))
+
+    _swap_in_layers(model, build, freeze_base_model, fill=stage_and_copy)
+    if interrupted[0] is not None:
+        raise interrupted[0]
     return sorted(groups)
+
+
+def _staged_for_copy(layers: Mapping[str, LoRWeBLinear], groups: Mapping[str, Mapping[str, torch.Tensor]]) -> dict:
+    """{name: [(parameter, values)]}: each checkpoint tensor of ``groups`` ({name: {suffix: tensor}}) converted to its
+    layer parameter's dtype and made contiguous on the tensor's own device, so that ``parameter.copy_(values)``
+    allocates nothing (a cross-device copy converts on the CPU or the source GPU; a strided one goes through a
+    contiguous temporary). Unchanged tensors are not copied."""
+    return {name: [(param, groups[name][suffix].detach().to(dtype=param.dtype).contiguous())
+                   for suffix, param in layer.lorweb_tensors().items()] for name, layer in layers.items()}

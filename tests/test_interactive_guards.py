@@ -414,6 +414,84 @@ def test_a_load_interrupted_while_it_builds_its_layers_changes_nothing(tmp_path,
     assert_same_state(model_state(m), before)
 
 
+def failing_after(n: int, real, when):
+    """``real`` (a Tensor method) wrapped to raise ``torch.OutOfMemoryError`` at every call for which ``when(self,
+    *args, **kwargs)`` holds after the first ``n`` such calls, and to run otherwise. Returns the wrapper and the list
+    of those calls' count."""
+    calls = [0]
+
+    def wrapped(self, *args, **kwargs):
+        if when(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] > n:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, *args, **kwargs)
+
+    return wrapped, calls
+
+
+def half_checkpoint(seed=1) -> dict:
+    """A float16 state dict of ``tiny_model(seed)``: loading it into the float32 layers converts every tensor."""
+    return {k: v.detach().half() for k, v in lf.lorweb_state_dict(tiny_model(seed=seed)).items()}
+
+
+@pytest.mark.parametrize("target", ["stock model", "loaded model"])
+def test_an_out_of_memory_error_in_a_converting_copy_cannot_leave_a_mix(target, monkeypatch):
+    """Noticed by the review of the Ctrl-C guard: ``load_lorweb_weights`` copied the checkpoint with
+    ``param.copy_(tensor)``, which converts a float16 tensor to the layer's float32 (and a strided one to a
+    contiguous temporary) as it copies: an allocation per tensor, after the first tensors were copied. An
+    out-of-memory error there (an Exception, which the Ctrl-C guard lets through) left a model that held another
+    checkpoint with a mix of both. Now every tensor is converted before the first copy, so the copies allocate
+    nothing: here a copy that would allocate fails, and the load still succeeds, bit-identical to one without the
+    failure."""
+    state = half_checkpoint()
+    stock = lambda: (torch.manual_seed(0), nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)))[1]  # noqa: E731
+    make = stock if target == "stock model" else tiny_model
+    clean = make()
+    lf.load_lorweb_weights(clean, state)
+    m = make()
+    if target == "loaded model":
+        with torch.no_grad():
+            lf.set_query(m, query())
+    needs_temporary = (lambda self, src, *a, **k: isinstance(src, torch.Tensor)  # noqa: E731
+                       and (src.dtype != self.dtype or not src.is_contiguous()))
+    copy, calls = failing_after(2, torch.Tensor.copy_, needs_temporary)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy)
+    assert lf.load_lorweb_weights(m, state) == ["0", "1"]
+    monkeypatch.undo()
+    assert calls[0] == 0, "a copy into the layers converted or went through a temporary"
+    assert_same_state(model_state(m), model_state(clean))
+
+
+@pytest.mark.parametrize("target", ["stock model", "loaded model"])
+def test_an_out_of_memory_error_while_the_checkpoint_is_converted_leaves_the_model_unchanged(target, monkeypatch):
+    """The conversion of the checkpoint to the layers' dtype that precedes the copy (see above) allocates: an
+    out-of-memory error on its third tensor raises, the model as it was (a stock model without the injected layers,
+    a loaded one with its tensors and coefficients), and a retry loads."""
+    import traceback
+
+    state = half_checkpoint()
+    if target == "stock model":
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    else:
+        m = tiny_model()
+        with torch.no_grad():
+            lf.set_query(m, query())
+    before = model_state(m)
+    converts = (lambda self, *a, dtype=None, **k: dtype is not None and dtype != self.dtype)  # noqa: E731
+    to, calls = failing_after(2, torch.Tensor.to, converts)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        lf.load_lorweb_weights(m, state)
+    monkeypatch.undo()
+    assert any(frame.name == "_staged_for_copy" for frame in traceback.extract_tb(caught.value.__traceback__)), \
+        "the premise: the error came while the checkpoint was converted for the copy"
+    assert_same_state(model_state(m), before)
+    assert lf.load_lorweb_weights(m, state) == ["0", "1"]
+    assert torch.equal(m[1].lora_B, state["transformer.1.lora_B"].float())
+
+
 def test_an_interrupted_inject_lorweb_changes_nothing(monkeypatch):
     """Found by the interactive audit: ``inject_lorweb`` builds every layer before it swaps them in (so a failure
     swaps none in), but each ``LoRWeBLinear.__init__`` freezes its base layer (``base.requires_grad_(False)``) as it
