@@ -206,29 +206,29 @@ def save_figure_atomically(fig, path: Union[str, os.PathLike], dpi: int) -> Path
     return path
 
 
-def temporary_file(directory: Union[str, os.PathLike], prefix: str, suffix: str = ".tmp") -> str:
+def temporary_file(directory: Union[str, os.PathLike], prefix: str, suffix: str = ".tmp", *,
+                   named: Union[str, os.PathLike, None] = None) -> str:
     """A new empty file ``<prefix><random><suffix>`` in ``directory`` with the permissions a plain ``open`` would
-    give (``default_permissions``: mkstemp's 0600 would survive the rename onto the final name); returns its path."""
+    give (``default_permissions``: mkstemp's 0600 would survive the rename onto the final name); returns its path.
+    A folder that cannot take it raises an OSError naming ``named`` (default ``directory``), never the random name
+    that was not created."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
-    except OSError as exc:  # a read-only or full folder: named, not the random name that was never created
-        raise OSError(exc.errno, exc.strerror, str(directory)) from exc
+    except OSError as exc:  # a read-only or full folder
+        raise OSError(exc.errno, exc.strerror, str(named if named is not None else directory)) from exc
     os.close(fd)
     default_permissions(tmp)
     return tmp
 
 
 def write_temporary_text(directory: Union[str, os.PathLike], name: str, text: str) -> str:
-    """A temporary file ``.<name>.<random>.tmp`` in ``directory`` holding ``text`` (UTF-8), with the permissions a
-    plain ``open`` would give (``default_permissions``), for the caller to rename onto ``directory/name``; removed
-    again when writing it fails."""
+    """A temporary file ``.<name>.<random>.tmp`` in ``directory`` (``temporary_file``) holding ``text`` (UTF-8), for
+    the caller to rename onto ``directory/name``; removed again when writing it fails. Errors name
+    ``directory/name``."""
+    final = Path(directory) / name
+    tmp = temporary_file(directory, temporary_prefix(final), named=final)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(Path(directory) / name), suffix=".tmp", dir=directory)
-    except OSError as exc:  # as temporary_file
-        raise OSError(exc.errno, exc.strerror, str(Path(directory) / name)) from exc
-    try:
-        default_permissions(tmp)  # mkstemp's 0600 would survive the rename
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)), "w", encoding="utf-8") as f:
             f.write(text)
     except BaseException:
         os.unlink(tmp)

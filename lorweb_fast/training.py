@@ -1067,6 +1067,15 @@ def _loss_rows(log_path: Union[str, Path]) -> list[tuple[str, dict]]:
 
 
 @holding(_locks.DRAWING)
+def _refresh_loss_plot(draw: bool, log_path: Path, png_path: Path) -> None:
+    """loss.png redrawn from the log as it stands (``draw``), else removed: never a plot of other steps (an earlier
+    run's, or steps past the checkpoint a run resumes from) beside the log."""
+    if draw:
+        plot_loss(log_path, png_path)
+    else:
+        png_path.unlink(missing_ok=True)
+
+
 def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
     """Plot the loss of a ``loss.jsonl`` log (raw and running mean) to a PNG; steps skipped for a NaN loss (logged
     with loss null) are marked with red vertical lines."""
@@ -1626,8 +1635,7 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
                     # would keep that one and could delete the checkpoint resumed from
                     if checkpoint_dirs(out)[-1:] == [ckpt]:
                         rotate_checkpoints(out, cfg.keep_checkpoints, cfg.keep_milestone_every)
-                    if draw_loss:
-                        plot_loss(log_path, png_path)
+                    _refresh_loss_plot(draw_loss, log_path, png_path)
         accelerator.wait_for_everyone()
 
         step, loss_value, nan_steps = start_step, math.nan, []
@@ -1688,10 +1696,7 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
                                           else accelerator.scaler.state_dict(),
                                           data_position=sampler.stream_position(step),
                                           num_processes=accelerator.num_processes)
-                        if draw_loss:
-                            plot_loss(log_path, png_path)
-                        else:  # no plot of an earlier run's steps beside this run's log
-                            png_path.unlink(missing_ok=True)
+                        _refresh_loss_plot(draw_loss, log_path, png_path)
                 del weights, optimizer_state
                 accelerator.wait_for_everyone()
             if step_callback is not None:
