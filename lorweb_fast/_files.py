@@ -188,13 +188,17 @@ def temporary_prefix(path: Path, reserve: int = len("12345678.tmp")) -> str:
 def save_image_atomically(image, path: Union[str, os.PathLike], *, sync: bool = False) -> Path:
     """Save the PIL ``image`` under ``path`` in the format its extension names (``atomic_write``: the file is complete
     or keeps what it held, e.g. a previous result when the disk fills; ``sync`` as there); returns ``path``. An
-    extension Pillow does not know is a ValueError."""
+    extension Pillow does not know is a ValueError. An image Pillow has not decoded yet (opened from a file) is
+    decoded first: an error reading it names that file, never ``path``."""
     from PIL import Image
 
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unknown image file extension {path.suffix or '(none)'!r}")
+    source = getattr(image, "filename", None)
+    with naming_the_file(source) if source else contextlib.nullcontext():
+        image.load()  # a no-op for a decoded image
     atomic_write(path, lambda tmp: image.save(tmp, format=fmt), sync=sync)
     return path
 

@@ -825,3 +825,35 @@ def test_a_folder_that_refuses_new_files_is_named_not_a_random_temporary(tmp_pat
     with pytest.raises(PermissionError) as caught:
         _files.atomic_write(tmp_path / "summary.json", lambda tmp: tmp.write_text("{}"))
     assert caught.value.filename == str(tmp_path) and "x1y2z3" not in str(caught.value)
+
+
+class _FailingReads:
+    """A file object standing for a disk that fails: every read raises EIO (an OSError naming no file)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def read(self, *args):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_an_image_read_error_while_saving_names_the_image_read_not_the_file_written(tmp_path):
+    """Noticed while reviewing ``naming_the_file``: Pillow decodes an image opened from a file only when its pixels
+    are first needed, which for an image passed straight to ``_files.save_image_atomically`` is inside the save. A
+    read error of the source (EIO, which names no file) was then re-raised naming the file being written, blaming
+    the wrong disk. Now the image is decoded first: the error names the file read, and the output keeps what it
+    held."""
+    source, out = tmp_path / "a.png", tmp_path / "out" / "copy.png"
+    Image.new("RGB", (9, 7), (200, 10, 30)).save(source)
+    out.parent.mkdir()
+    out.write_bytes(b"earlier")
+    with Image.open(source) as image:
+        image.fp = _FailingReads(image.fp)
+        with pytest.raises(OSError) as caught:
+            _files.save_image_atomically(image, out)
+    assert caught.value.errno == errno.EIO
+    assert caught.value.filename == str(source), caught.value
+    assert out.read_bytes() == b"earlier" and sorted(p.name for p in out.parent.iterdir()) == ["copy.png"]
