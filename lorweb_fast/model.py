@@ -943,11 +943,13 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     ``freeze_base_model`` is applied as by ``inject_lorweb``).
 
     N, r, key_dim and query_dim come from the tensor shapes (query_dim = key_dim when the checkpoint has no
-    ``att_lora_to_q`` weights: ``query_projection_type="none"``). heads, activation, reduce, lora_alpha and the
-    projection type come from, in this order: ``settings`` (explicit values, lorweb_fast names), the official
-    ``config.yaml`` (``config``, or the one beside the weights file), our safetensors metadata, the official
-    defaults; two sources that disagree, or a config whose rank / loras_num / lora_keys_dim contradicts the tensor
-    shapes, raise ``LoRWeBConfigError`` naming both values. Float16 / bfloat16 files load (the values are cast to
+    ``att_lora_to_q`` weights: ``query_projection_type="none"``). heads, activation, reduce and the projection type
+    come from, in this order: ``settings`` (explicit values, lorweb_fast names), the official ``config.yaml``
+    (``config``, or the one beside the weights file), our safetensors metadata, the official defaults; lora_alpha
+    from ``settings``, else our metadata, else the rank (scale 1: config.yaml's ``linear_alpha`` is not applied, as
+    the official FLUX network does not; a value other than ``linear`` is warned about). Two sources that disagree, or
+    a config whose rank / loras_num / lora_keys_dim contradicts the tensor shapes, raise ``LoRWeBConfigError`` (a
+    ValueError) naming both values. Float16 / bfloat16 files load (the values are cast to
     the layers' dtype).
 
     Everything is validated before anything changes: a checkpoint with missing or unexpected keys, wrong shapes, fewer

@@ -38,6 +38,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .validation import check_float_tensor, check_positive_int, check_real
 
+#: The names ``backend=`` takes (None: the best available per call, ``DEFAULT_ORDER``).
 BACKENDS = ("torch", "triton", "cuda")
 #: The fused backends ``backend=None`` tries on CUDA tensors, in order. The CUDA extension first: on the H200 record
 #: (benchmarks/results/h200-2026-11-23-run5to8, bf16, M=8192, 3072->3072) both take the same device time (forward
