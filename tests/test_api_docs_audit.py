@@ -8,7 +8,6 @@ their fake (shape-propagation) kernels.
 
 import inspect
 import re
-import warnings
 from pathlib import Path
 
 import pytest
