@@ -8,6 +8,7 @@ and coefficient plots. Training lives in ``lorweb_fast.training``, the command l
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -332,9 +333,11 @@ def _restore_layers(layers: dict[str, LoRWeBLinear], originals: dict, restore) -
     its weight still holds the mixture (unmerged, its forward would add the mixture a second time), and the others
     are still restored; then a RuntimeError names the failures. A Ctrl-C (any BaseException but an Exception)
     during a layer's restore does not stop it: that layer is restored again and the others after it, and the
-    interrupt is raised at the end (else the layers left would hold the merged weights for good)."""
+    interrupt is raised at the end (else the layers left would hold the merged weights for good). ``originals`` is
+    left holding the failed layers' originals only; the RuntimeError's ``restore_the_rest()`` tries them again
+    (``unfuse_lora`` keeps it: a retry, once memory is free, restores them)."""
     failed, interrupt = [], None
-    for name, original in originals.items():
+    for name, original in list(originals.items()):
         layer = layers[name]
         if not getattr(layer, "_keep_merged_on_exit", False):  # set by unload_lora_weights: bake, not restore
             try:  # a Ctrl-C: this layer once more, then the rest, then the interrupt
@@ -347,12 +350,16 @@ def _restore_layers(layers: dict[str, LoRWeBLinear], originals: dict, restore) -
                     interrupt = interrupt or ctrl_c
                 continue
         layer._merged = False
+        del originals[name]
     if interrupt is not None and not failed:
         raise interrupt
     if failed:
-        raise RuntimeError(f"could not restore the original weights of {len(failed)} layers: they keep the merged "
-                           "weights and stay marked merged (set_query and loads into them are refused; reload the "
-                           f"model): {failed[:3]}{' ...' if len(failed) > 3 else ''}") from interrupt
+        error = RuntimeError(f"could not restore the original weights of {len(failed)} layers: they keep the merged "
+                             "weights and stay marked merged (set_query and loads into them are refused; after "
+                             "fuse_lora, unfuse_lora() again retries them, else reload the model): "
+                             f"{failed[:3]}{' ...' if len(failed) > 3 else ''}")
+        error.restore_the_rest = functools.partial(_restore_layers, layers, originals, restore)
+        raise error from interrupt
 
 
 class _RefuseLoad:
@@ -1138,8 +1145,12 @@ class LoRWeBKontextPipeline:
             raise  # (a layer left merged by a failed restore: that error, not set_lorweb_scale's refusal)
         self._fuse_scales = (before, fused_scale)
         if safe_fusing and strategy in ("full", "offload"):
-            bad = [name for name, layer in lorweb_layers(self.transformer).items()
-                   if not bool(torch.isfinite(layer.base_layer.weight).all())]
+            try:
+                bad = [name for name, layer in lorweb_layers(self.transformer).items()
+                       if not bool(torch.isfinite(layer.base_layer.weight).all())]
+            except BaseException:  # the check itself failed (it allocates; Ctrl-C): not fused, as it found nothing
+                self.unfuse_lora()
+                raise
             if bad:
                 self.unfuse_lora()
                 raise ValueError(f"safe_fusing: the fused weights of {bad[:3]}{' ...' if len(bad) > 3 else ''} "
@@ -1151,16 +1162,19 @@ class LoRWeBKontextPipeline:
         ``fuse_lora(lora_scale=...)``."""
         if components is not None and "transformer" not in components:
             raise ValueError(f"LoRWeB adapts the transformer only; components={components!r} leaves it out")
-        scales, self._fuse_scales = self._fuse_scales, None
-        # unfused even when a weight could not go back: it raises then, and the layer left merged keeps the strength
-        # as it is (the model is to be reloaded)
+        scales = self._fuse_scales
+        # a weight that could not go back raises, its layer still merged and fused: the strength is kept for the
+        # retry (unfuse_lora() again) that restores it
         interrupt = None
         try:
             lora_api.unfuse_lora(self.transformer)
         except Exception:
+            if lora_api.fused_strategy(self.transformer) is None:
+                self._fuse_scales = None
             raise
         except BaseException as exc:  # Ctrl-C: every weight went back all the same (_restore_layers), so the strength
             interrupt = exc  # goes back too, then the interrupt is raised
+        self._fuse_scales = None
         layers = lorweb_layers(self.transformer).values()
         if scales is not None and layers and not any(layer._merged for layer in layers):
             self._restore_fused_strength(*scales)

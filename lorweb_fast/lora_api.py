@@ -88,12 +88,31 @@ def fuse_lora(model: nn.Module, strategy: str = "full") -> None:
 
 def unfuse_lora(model: nn.Module) -> None:
     """Restore the weights fused by ``fuse_lora`` bit for bit (a no-op when nothing is fused). ``unload_lora_weights``
-    on a fused model keeps the fused weights instead (as diffusers)."""
+    on a fused model keeps the fused weights instead (as diffusers). A layer whose weight cannot go back (out of
+    memory) raises after the others are restored; the model stays fused for it, and a later call retries it."""
     state = getattr(model, _FUSED, None)
     if state is None:
         return
+    try:
+        state[0].__exit__(None, None, None)
+    except BaseException as exc:
+        rest = getattr(exc, "restore_the_rest", None)  # layers whose weights could not go back: kept for a retry
+        if rest is None:
+            delattr(model, _FUSED)
+        else:
+            setattr(model, _FUSED, _FuseState((_RestoreTheRest(rest), state[1], state[2])))
+        raise
     delattr(model, _FUSED)
-    state[0].__exit__(None, None, None)
+
+
+class _RestoreTheRest:
+    """The exit of a fuse whose unfuse could not restore every layer: ``__exit__`` retries the layers left."""
+
+    def __init__(self, restore_the_rest):
+        self.restore_the_rest = restore_the_rest
+
+    def __exit__(self, *exc_info):
+        self.restore_the_rest()
 
 
 def check_fused_query(model: nn.Module, query: torch.Tensor) -> None:

@@ -419,13 +419,17 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
                              f"(the query's largest magnitude is {float(query.detach().abs().max()):.3g}); the "
                              "previous coefficients are kept unchanged")
         computed.append((members, coeffs))
-    for members, coeffs in computed:  # everything checked: set all layers
-        for i, (_, layer) in enumerate(members):
-            layer.set_coefficients(coeffs[i], check_finite=False)
+    # warned before anything is set: a warning raised as an error (-W error) leaves the previous coefficients
     if torch.is_grad_enabled() and not model.training and any(c.requires_grad for _, c in computed):
         warn("set_query on a model in eval mode with autograd enabled: the coefficients carry autograd "
              "history (copy.deepcopy of the model then fails and the graph is kept alive); call it under "
              "torch.no_grad() for inference, or model.train() for training")
+    # everything checked: set all layers; storing copies a view (an allocation): failing at a later layer puts the
+    # earlier ones back, never a model mixing two analogies
+    with analogy_restored_on_error(model):
+        for members, coeffs in computed:
+            for i, (_, layer) in enumerate(members):
+                layer.set_coefficients(coeffs[i], check_finite=False)
     return get_coefficients(model)
 
 
