@@ -445,7 +445,23 @@ def summarize(report: dict, out_dir) -> list[str]:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """``python -m lorweb_fast.aot``: build the report, print the summary; exit status 1 when a check fails."""
+    """``python -m lorweb_fast.aot``: build the report, print the summary; exit status 1 when a check fails, 130
+    after Ctrl-C (one line), 141 when the reader of its output has gone."""
+    from .cli import run_writing_stdout
+
+    prog = "python -m lorweb_fast.aot"
+
+    def run() -> int:
+        try:
+            return _run(argv)
+        except KeyboardInterrupt:
+            sys.stderr.write(f"{prog}: interrupted\n")
+            return 130
+
+    return run_writing_stdout(prog, run)
+
+
+def _run(argv: Optional[list]) -> int:
     parser = argparse.ArgumentParser(prog="python -m lorweb_fast.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, choices=sorted(ARCHS), required=True, help="80 (A100) or 90 (H100/H200)")
     parser.add_argument("--out", required=True, help="folder for report.json and the PTX files")

@@ -219,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "query_projection_type": QUERY_PROJECTION_TYPES, "query_source": QUERY_SOURCES,
                      "save_dtype": tuple(SAVE_DTYPES)}
 
+    from . import __version__
+
     parser = OneLineArgumentParser(prog="lorweb-fast", description="LoRWeB visual analogies on FLUX.1-Kontext.")
+    parser.add_argument("--version", action="version", version=f"lorweb-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{infer,train,data,demo,eval}")
 
     p = sub.add_parser("infer", help="b' for one analogy a : a' :: b : ?")
@@ -372,6 +375,77 @@ def one_line(text: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``lorweb-fast``: the command's exit status (0; 2 for bad input; 1 for a failed write; 130 after Ctrl-C; 141
+    when the reader of its output has gone, as ``lorweb-fast ... | head``)."""
+    return run_writing_stdout("lorweb-fast", lambda: _run(argv))
+
+
+def run_writing_stdout(prog: str, run) -> int:
+    """``run()`` (a command's body, returning its exit status; argparse's SystemExit passes through) with its output
+    flushed before the status is returned, as a Unix filter ends: a reader that has gone (a closed pipe) ends the
+    command quietly with 141 (128 + SIGPIPE, what a shell reports for a C program a closed pipe stopped), and output
+    that cannot be written (a full disk) is one line on stderr and status 1, never "Exception ignored" and status 120
+    at interpreter exit."""
+    try:
+        status = run()
+    except SystemExit as exc:  # --help, a usage error: their text must reach the reader too
+        failed = _flush_stdout(prog)
+        if failed is not None and exc.code in (0, None):
+            raise SystemExit(failed) from None
+        raise
+    except BrokenPipeError:
+        if not stdout_reader_gone():
+            raise
+        _discard_stdout()
+        return 141
+    failed = _flush_stdout(prog)
+    return status if failed is None else failed
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has gone: poll reports an error or hang-up on it. A
+    BrokenPipeError from anything else (a worker's pipe) is not taken for it."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stdout), no poll
+        return False
+
+
+def _discard_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null: what is still buffered goes nowhere at interpreter exit instead
+    of raising there (Python's own advice for SIGPIPE)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _flush_stdout(prog: str) -> Optional[int]:
+    """Flush stdout: None when done, else the exit status (141: its reader has gone; 1: it cannot be written,
+    said in one line on stderr)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return 141
+    except OSError as exc:
+        _discard_stdout()
+        _stderr_line(f"{prog}: error: cannot write the output (stdout): {exc.strerror or one_line(str(exc))}")
+        return 1
+    except (ValueError, AttributeError):  # closed or replaced by the caller
+        pass
+    return None
+
+
+def _run(argv: Optional[Sequence[str]] = None) -> int:
     from .model import LoRWeBCheckpointError
     from .ops import BackendUnavailableError
 
@@ -397,6 +471,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _stderr_line(f"lorweb-fast {command}: error: {one_line(line)}")
         return 2
     except OSError as exc:  # a write that failed (full disk, read-only folder, I/O error): one line, not a traceback
+        if isinstance(exc, BrokenPipeError) and stdout_reader_gone():  # `... | head`: ends quietly, as a filter
+            hint = _continue_hint(command, args)
+            _discard_stdout()
+            if hint and _main_rank():  # work that continues: how
+                _stderr_line(f"lorweb-fast {command}: stopped: the reader of its output has gone{hint}")
+            return 141
         step = getattr(exc, "lorweb_step", None)
         _stderr_line(f"lorweb-fast {command}: error: {_os_error_line(exc)}"
                      + ("" if step is None else f" (writing step {step})") + _continue_hint(command, args))

@@ -38,4 +38,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from .cli import run_writing_stdout
+
+    sys.exit(run_writing_stdout("python -m lorweb_fast.info", lambda: main() or 0))

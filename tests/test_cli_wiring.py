@@ -7,6 +7,7 @@ and the demo's builders are stand-ins.
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -381,3 +382,51 @@ def test_python_m_lorweb_fast_cli_exits_with_the_commands_status(tmp_path):
                            "--out", str(tmp_path / "o"), "--quiet"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("lorweb-fast train: error: --data ") and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("stdout_gone, status, line", [
+    (True, 141, "lorweb-fast train: stopped: the reader of its output has gone; no checkpoint was written to {out} "
+                "yet\n"),
+    (False, 1, "lorweb-fast train: error: [Errno 32] Broken pipe; no checkpoint was written to {out} yet\n"),
+])
+def test_a_broken_pipe_in_train_is_a_quiet_stop_only_when_it_is_stdouts(train_inputs, tmp_path, monkeypatch, capsys,
+                                                                         stdout_gone, status, line):
+    """``lorweb-fast train ... | head`` whose reader has gone: the run stops as a Unix filter does (status 141,
+    128 + SIGPIPE), with the one line that says how to continue, since a training run continues. A BrokenPipeError
+    from anything else (stdout still has its reader: a worker's pipe) is an error as before (status 1), never
+    taken for a closed stdout (``cli.stdout_reader_gone`` asks the file descriptor)."""
+    argv, _ = train_inputs
+
+    def broken(cfg):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(training, "train", broken)
+    monkeypatch.setattr(cli, "stdout_reader_gone", lambda: stdout_gone)
+    monkeypatch.setattr(cli, "_discard_stdout", lambda: None)  # (pytest's captured stdout has no descriptor)
+    assert cli.main(argv) == status
+    captured = capsys.readouterr()
+    assert captured.err == line.format(out=tmp_path / "run")
+
+
+def test_stdout_reader_gone_asks_the_file_descriptor(tmp_path, monkeypatch):
+    """``stdout_reader_gone``: True for a pipe whose read end is closed, False for one with its reader, for a
+    regular file and for a stdout without a descriptor (captured)."""
+    import io
+    import os
+
+    read, write = os.pipe()
+    try:
+        with os.fdopen(write, "w") as out:
+            monkeypatch.setattr(sys, "stdout", out)
+            assert cli.stdout_reader_gone() is False
+            os.close(read)
+            read = None
+            assert cli.stdout_reader_gone() is True
+    finally:
+        if read is not None:
+            os.close(read)
+    with open(tmp_path / "file", "w") as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        assert cli.stdout_reader_gone() is False
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert cli.stdout_reader_gone() is False
