@@ -293,9 +293,10 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None)
     """The layers ``build()`` makes ({name: LoRWeBLinear} around the model's modules) swapped into ``model``, the
     query projections kept out of layerwise casting and, with ``freeze_base_model``, the rest frozen; then
     ``fill()`` (if given: writing values into the layers). Undone whatever interrupts it, ``fill()`` included
-    (Ctrl-C, out of memory; building a layer freezes its base): the modules and every ``requires_grad`` flag as they
-    were. Returns the new layers."""
+    (Ctrl-C, out of memory; building a layer freezes its base): the modules, every ``requires_grad`` flag and the
+    model's layerwise-casting skip patterns as they were. Returns the new layers."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    skip_patterns = model.__dict__.get("_skip_layerwise_casting_patterns", _ABSENT)  # (an instance attribute)
     new_layers, swapped_in = {}, []
     try:
         with _locks.LOADING:  # modules built while another thread loads a model would get its meta parameters
@@ -314,8 +315,15 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None)
             _set_submodule(model, name, new_layers[name].base_layer)
         for param, flag in flags:
             param.requires_grad_(flag)
+        if skip_patterns is _ABSENT:
+            model.__dict__.pop("_skip_layerwise_casting_patterns", None)
+        else:
+            model._skip_layerwise_casting_patterns = skip_patterns
         raise
     return new_layers
+
+
+_ABSENT = object()
 
 
 def remove_lorweb(model: nn.Module) -> list[str]:

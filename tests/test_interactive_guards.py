@@ -951,3 +951,32 @@ def test_plots_keep_the_callers_backend_and_leave_no_figure_open(train_assets, t
     assert file_tree(tmp_path) == kept  # the previous plots intact, no temporary file left
     assert matplotlib.get_backend() == backend
     assert plt.get_fignums() == figures
+
+
+def test_a_failed_load_into_a_diffusers_model_leaves_its_layerwise_casting_skip_patterns(tmp_path, monkeypatch):
+    """Noticed by the failure-atomicity audit: a load into a diffusers model adds ``att_lora_to_q`` to the model's
+    ``_skip_layerwise_casting_patterns`` (an instance attribute shadowing the class's) as it swaps its layers in; a
+    load that then failed (out of memory converting the checkpoint) undid the layers but left the attribute. Now the
+    rollback removes it: the model's ``__dict__`` is as before."""
+    from diffusers import FluxTransformer2DModel
+
+    from lorweb_fast.testing import inject_random_lorweb, tiny_flux_config
+
+    torch.manual_seed(0)
+    source = FluxTransformer2DModel(**tiny_flux_config())
+    inject_random_lorweb(source)
+    lf.save_lorweb_weights(source, tmp_path / "w.safetensors", dtype=torch.float16)
+    target = FluxTransformer2DModel(**tiny_flux_config())
+    before = dict(target.__dict__)
+    assert "_skip_layerwise_casting_patterns" not in before  # the premise: the class holds the patterns
+    converts = (lambda self, *a, dtype=None, **k: dtype is not None and dtype != self.dtype)  # noqa: E731
+    to, calls = failing_after(5, torch.Tensor.to, converts)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    with pytest.raises(torch.OutOfMemoryError):
+        lf.load_lorweb_weights(target, tmp_path / "w.safetensors")
+    monkeypatch.undo()
+    assert calls[0] > 5, "the premise: the conversion failed"
+    assert target.__dict__.keys() == before.keys()
+    assert not lf.lorweb_layers(target)
+    lf.load_lorweb_weights(target, tmp_path / "w.safetensors")
+    assert "att_lora_to_q" in target._skip_layerwise_casting_patterns
