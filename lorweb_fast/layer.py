@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -249,6 +250,8 @@ class LoRWeBLinear(nn.Module):
             self.att_lora_to_q.register_buffer("weight", torch.eye(key_dim, **factory), persistent=False)
         self._coefficients: Optional[torch.Tensor] = None
         self._query: Optional[torch.Tensor] = None  # per-forward mode, see set_query_per_forward
+        #: what set_query computed the coefficients from (record_coefficient_sources): None unchecked, False stale
+        self._coefficient_sources = None
         self._merged = False  # set by lorweb_fast.merged(): the mixture is folded into the base weight
         self._merge_jit = False  # set by merged(strategy="jit"): merged weight built inside each forward
         self._lorweb_scale = 1.0  # strength multiplier of the mixture (set_lorweb_scale)
@@ -315,6 +318,32 @@ class LoRWeBLinear(nn.Module):
                 coeffs = coeffs.clone()
         self._coefficients = coeffs
         self._query = None
+        self._coefficient_sources = None  # set by hand: from whatever the caller chose
+
+    def _routing_tensors(self) -> tuple:
+        """The lora_keys and query-projection tensor objects as the layer holds them now (None for one under a
+        parametrization)."""
+        projection = self.att_lora_to_q
+        return (self._parameters.get("lora_keys"),
+                projection._parameters.get("weight", projection._buffers.get("weight")))
+
+    def record_coefficient_sources(self) -> None:
+        """Remember the lora_keys / att_lora_to_q tensors the current coefficients were computed from (``set_query``
+        calls it): a forward after they were replaced by other tensors (``torch.func.functional_call``, accelerate's
+        ``set_module_tensor_to_device``, an assignment) raises instead of using the old analogy's coefficients.
+        Changes in place (an optimizer step, a ``load_state_dict`` into ``att_lora_to_q`` alone; a load into the
+        layer drops the coefficients) keep the tensors and are not seen: call ``set_query`` again."""
+        self._coefficient_sources = tuple(None if t is None else weakref.ref(t) for t in self._routing_tensors())
+
+    def _coefficients_stale(self) -> bool:
+        """Whether the coefficients came from lora_keys / att_lora_to_q tensors the layer no longer holds."""
+        sources = self.__dict__.get("_coefficient_sources")
+        if sources is None:
+            return False
+        if sources is False:
+            return True
+        return any((ref is None) != (now is None) or (ref is not None and ref() is not now)
+                   for ref, now in zip(sources, self._routing_tensors()))
 
     def set_query_per_forward(self, query: Optional[torch.Tensor], *, check_finite: bool = True) -> None:
         """Keep the (B, query_dim) query and compute this layer's coefficients inside every forward.
@@ -351,6 +380,12 @@ class LoRWeBLinear(nn.Module):
         """The (B, N) coefficients for input ``x`` (B, S, in) / (B, in): the ones set by ``set_query``, or computed
         here from the per-forward query; raises when there are none or they do not match x's batch."""
         coeffs = self._coefficients
+        if coeffs is not None and not torch.compiler.is_compiling() and self._coefficients_stale():
+            raise RuntimeError(
+                "LoRWeBLinear's coefficients were computed by set_query from lora_keys / att_lora_to_q tensors it no "
+                "longer holds (replaced by torch.func.functional_call, set_module_tensor_to_device or an "
+                "assignment): call lorweb_fast.set_query(model, query) again, or set_query(..., per_forward=True) "
+                "to compute them inside every forward from the tensors in use (torch.func)")
         if coeffs is None and self._query is not None:
             weight = self.att_lora_to_q.weight
             query = self._query.to(weight.device, torch.float32 if fp32 else weight.dtype)
@@ -505,8 +540,12 @@ class LoRWeBLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """``nn.Module._apply`` (``to``, ``half``, ``to_empty``, ...); with ``query_projection_type="none"`` the
         identity query projection is filled in again afterwards: ``to_empty`` leaves it uninitialised, and no
-        checkpoint or state dict holds it (a non-persistent buffer)."""
+        checkpoint or state dict holds it (a non-persistent buffer). Coefficients current before the conversion
+        stay current: a conversion that makes new tensor objects (meta, ``to_empty``) is no replacement."""
+        current = self._coefficient_sources is not None and not self._coefficients_stale()
         result = super()._apply(fn, recurse)
+        if current:
+            self.record_coefficient_sources()
         self.refill_identity_projection()
         return result
 
@@ -516,7 +555,12 @@ class LoRWeBLinear(nn.Module):
         it uninitialised (``to_empty``) while no checkpoint holds it."""
         if getattr(self, "query_projection_type", None) == "none":  # (None while __init__ runs)
             identity = self.att_lora_to_q.weight
-            if identity.device.type != "meta":
+            keys = self._parameters.get("lora_keys")
+            if identity.device.type == "meta" and keys is not None and keys.device.type != "meta":
+                # built on meta, then given real tensors by load_state_dict(assign=True), which has none for it
+                self.att_lora_to_q.register_buffer(
+                    "weight", torch.eye(self.key_dim, dtype=identity.dtype, device=keys.device), persistent=False)
+            elif identity.device.type != "meta":
                 with torch.no_grad():
                     identity.copy_(torch.eye(self.key_dim, dtype=identity.dtype, device=identity.device))
 
@@ -543,22 +587,44 @@ class LoRWeBLinear(nn.Module):
             self._coefficients = None
             self.refill_identity_projection()  # e.g. after to_empty: the state dict does not hold it
 
-    def __deepcopy__(self, memo):
-        """``copy.deepcopy`` as for any module, but coefficients (or a per-forward query) that carry autograd
-        history (``set_query`` with autograd on, as in training) are refused by name: torch can only deep-copy graph
-        leaves, and its own error ("Only Tensors created explicitly by the user ...") names neither the tensor nor
-        the way out."""
+    def _refuse_copy_of_autograd_history(self, what_call: str, how: str) -> None:
+        """Raise when the coefficients (or a per-forward query) carry autograd history (``set_query`` with autograd
+        on, as in training): a copy would hold them cut off from lora_keys / att_lora_to_q."""
         for attr, what in (("_coefficients", "coefficients"), ("_query", "per-forward query")):
             t = self.__dict__.get(attr)
             if isinstance(t, torch.Tensor) and t.grad_fn is not None:
                 raise RuntimeError(
-                    f"cannot deep-copy a LoRWeBLinear holding {what} with autograd history (set_query with "
-                    "autograd on, e.g. in training): torch deep-copies graph leaves only. Call "
-                    "lorweb_fast.clear_query(model), or set_query(...) under torch.no_grad(), before copy.deepcopy")
-        new = type(self).__new__(type(self))  # then what copy.deepcopy does for any module: its state, deep-copied
+                    f"cannot {what_call} a LoRWeBLinear holding {what} with autograd history (set_query with "
+                    f"autograd on, e.g. in training): {how}. Call lorweb_fast.clear_query(model), or "
+                    f"set_query(...) under torch.no_grad(), before {what_call}")
+
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy`` as for any module (its ``__dict__``, deep-copied: also for a layer with a
+        ``torch.nn.utils.parametrize`` parametrization, whose ``__getstate__`` refuses), but coefficients (or a
+        per-forward query) that carry autograd history are refused by name: torch can only deep-copy graph leaves,
+        and its own error ("Only Tensors created explicitly by the user ...") names neither the tensor nor the way
+        out."""
+        self._refuse_copy_of_autograd_history("deep-copy", "torch deep-copies graph leaves only")
+        new = type(self).__new__(type(self))
         memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        state = {k: v for k, v in self.__dict__.items() if k != "_coefficient_sources"}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        new._coefficient_sources = self._copied_coefficient_sources()
         return new
+
+    def _copied_coefficient_sources(self):
+        """What a copy records for its coefficients' sources: unchecked when they are current here (the copy's own
+        tensors are new objects), stale when they are stale here."""
+        return False if self._coefficients_stale() else None
+
+    def __getstate__(self):
+        """Pickling (``torch.save(model)``): refused as ``copy.deepcopy`` is for coefficients with autograd history
+        (the pickled copy would hold them as a leaf cut off from the parameters they were computed from)."""
+        self._refuse_copy_of_autograd_history("pickle (torch.save of the module)",
+                                              "the copy would hold them cut off from the parameters")
+        state = dict(super().__getstate__())
+        state["_coefficient_sources"] = self._copied_coefficient_sources()  # (weak references do not pickle)
+        return state
 
     def extra_repr(self) -> str:
         """The layer's settings; the strength (``set_lorweb_scale``, 0 while disabled) and the merged state

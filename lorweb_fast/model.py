@@ -231,7 +231,9 @@ def _freeze_base_model(model: nn.Module) -> None:
     grad: as peft's injection (``inject_adapter_in_model``, diffusers' ``add_adapter``) leaves only the adapters
     trainable (peft ``BaseTuner._mark_only_adapters_as_trainable``), and as the official trainer freezes the
     transformer."""
-    keep = {id(p) for layer in lorweb_layers(model).values() for p in layer.lorweb_tensors().values()}
+    # the layer's own parameters, not its base layer's: a parametrized LoRWeB tensor's stored original included
+    keep = {id(p) for layer in lorweb_layers(model).values() for name, p in layer.named_parameters()
+            if not name.startswith("base_layer.")}
     for p in model.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
@@ -438,6 +440,7 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
         for members, coeffs in computed:
             for i, (_, layer) in enumerate(members):
                 layer.set_coefficients(coeffs[i], check_finite=False)
+                layer.record_coefficient_sources()
     return get_coefficients(model)
 
 
@@ -457,12 +460,12 @@ def analogy_restored_on_error(model: nn.Module):
     """Every layer's coefficients (and per-forward query) are put back as they were on entry when the block raises:
     a call that set a new analogy and then failed leaves the previous one in place."""
     layers = lorweb_layers(model)
-    kept = {name: (layer._coefficients, layer._query) for name, layer in layers.items()}
+    kept = {name: (layer._coefficients, layer._query, layer._coefficient_sources) for name, layer in layers.items()}
     try:
         yield
     except BaseException:
         for name, layer in layers.items():
-            layer._coefficients, layer._query = kept[name]
+            layer._coefficients, layer._query, layer._coefficient_sources = kept[name]
         raise
 
 
@@ -1047,6 +1050,12 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         if why:
             problems.append(f"unexpected keys {CHECKPOINT_PREFIX}{name}.*: {why}")
             continue
+        parametrized = _parametrized_lorweb_tensors(module) if isinstance(module, LoRWeBLinear) else []
+        if parametrized:
+            problems.append(f"{CHECKPOINT_PREFIX}{name}.*: {', '.join(parametrized)} parametrized "
+                            "(torch.nn.utils.parametrize): a copy into the parametrization's output would change "
+                            "nothing; remove the parametrization (parametrize.remove_parametrizations) first")
+            continue
         on_meta = _on_meta_device(module, new_parameters_on_meta)
         if on_meta:
             problems.append(f"{CHECKPOINT_PREFIX}{name}.*: {on_meta} on the meta device (no values: injected "
@@ -1175,6 +1184,15 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     if interrupted[0] is not None:
         raise interrupted[0]
     return sorted(groups)
+
+
+def _parametrized_lorweb_tensors(layer: LoRWeBLinear) -> list[str]:
+    """The LoRWeB tensors of ``layer`` under a ``torch.nn.utils.parametrize`` parametrization (reading them gives
+    the parametrization's output, a new tensor: a copy into it is lost)."""
+    from torch.nn.utils import parametrize
+
+    names = [n for n in ("lora_A", "lora_B", "lora_keys") if parametrize.is_parametrized(layer, n)]
+    return names + (["att_lora_to_q.weight"] if parametrize.is_parametrized(layer.att_lora_to_q, "weight") else [])
 
 
 def _staged_for_copy(layers: Mapping[str, LoRWeBLinear], groups: Mapping[str, Mapping[str, torch.Tensor]]) -> dict:

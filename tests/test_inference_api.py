@@ -177,26 +177,34 @@ def test_unfuse_after_the_model_moved_restores_the_weights_where_they_are_now(pi
 @pytest.mark.parametrize("strategy", ["full", "offload"])
 def test_a_weight_that_cannot_go_back_is_named_and_the_others_restored(pipe, strategy):
     """If one layer's original cannot be put back at unfuse (here a weight replaced by a sparse tensor, which takes
-    neither a dense .data nor a dense copy_), the other layers are still restored bit for bit and unmerged, the
-    pipeline is unfused, and a RuntimeError names the layer. That layer stays marked merged: its weight still holds
-    the mixture, and unmerged its forward would add the mixture a second time; set_query is then refused (the model
-    is to be reloaded)."""
+    neither a dense .data nor a dense copy_), the other layers are still restored bit for bit and unmerged, and a
+    RuntimeError names the layer. That layer stays marked merged (its weight still holds the mixture, and unmerged its
+    forward would add the mixture a second time; set_query is refused) and the pipeline stays fused for it, with the
+    strength to restore: once the cause is gone, ``unfuse_lora()`` again restores it and the strength (the failure
+    audit: it used to drop the fuse, so the layer could only be reloaded)."""
     pipe.set_analogy(*random_analogy(3))
     layers = lf.lorweb_layers(pipe.transformer)
     originals = {n: layer.base_layer.weight.detach().clone() for n, layer in layers.items()}
     pipe.fuse_lora(strategy, lora_scale=0.5)
     stuck = next(iter(layers))
     base = layers[stuck].base_layer
+    dense = base.weight
     base.weight = torch.nn.Parameter(base.weight.detach().to_sparse(), requires_grad=False)
     with pytest.raises(RuntimeError, match=rf"could not restore the original weights of 1 layers.*{stuck}"):
         pipe.unfuse_lora()
-    assert lora_api.fused_strategy(pipe.transformer) is None and pipe._fuse_scales is None
+    assert lora_api.fused_strategy(pipe.transformer) == strategy and pipe._fuse_scales is not None
     for name, layer in layers.items():
         assert layer._merged == (name == stuck), name
         if name != stuck:
             assert torch.equal(layer.base_layer.weight, originals[name]), name
     with pytest.raises(RuntimeError, match="merged"):
         pipe.set_analogy(*random_analogy(4))
+    base.weight = dense  # the cause gone: the retry restores the rest
+    pipe.unfuse_lora()
+    assert lora_api.fused_strategy(pipe.transformer) is None and pipe._fuse_scales is None
+    assert not any(layer._merged for layer in layers.values())
+    assert torch.equal(base.weight, originals[stuck])
+    assert lora_api.get_lorweb_scale(pipe.transformer) == 1.0
 
 
 def test_a_load_under_a_jit_fuse_unfuses_to_full_strength(pipe, assets):
