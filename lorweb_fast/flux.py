@@ -1059,6 +1059,10 @@ class LoRWeBKontextPipeline:
         LoRWeB is one adapter: a checkpoint loaded over layers of the same shapes replaces their weights (another
         basis size needs ``unload_lora_weights()`` first); ``adapter_name`` names it (``get_active_adapters``).
         Returns the loaded modules."""
+        if isinstance(weight_name, str) and not weight_name.endswith(".safetensors"):  # diffusers: adapter_name
+            raise ValueError(f"weight_name={weight_name!r} is no .safetensors file name (LoRWeB checkpoints are "
+                             "safetensors): this pipeline's second positional argument is the weights file's name, "
+                             f"where diffusers' is adapter_name; pass adapter_name={weight_name!r}")
         unused = sorted(set(kwargs) - set(lora_api.HUB_OPTIONS))
         if unused:
             raise TypeError(f"load_lora_weights got options a LoRWeB checkpoint does not use: {unused} (it takes "
@@ -1157,7 +1161,7 @@ class LoRWeBKontextPipeline:
                                  "are not finite; the pipeline was left unfused")
 
     @serialized_on_transformer
-    def unfuse_lora(self, *, components=None) -> None:
+    def unfuse_lora(self, components=None) -> None:
         """diffusers' ``unfuse_lora``: the original weights back, bit for bit, and the strength from before
         ``fuse_lora(lora_scale=...)``."""
         if components is not None and "transformer" not in components:
@@ -1223,6 +1227,31 @@ class LoRWeBKontextPipeline:
         """diffusers' ``get_list_adapters``: ``{"transformer": [name]}`` while a LoRWeB adapter is loaded."""
         return {"transformer": [self._adapter_name]} if lorweb_layers(self.transformer) else {}
 
+    @property
+    def fused_loras(self) -> set:
+        """diffusers' ``fused_loras``: the LoRWeB adapter's name while it is fused (``fuse_lora``)."""
+        return {self._adapter_name} if lora_api.fused_strategy(self.transformer) is not None else set()
+
+    @property
+    def num_fused_loras(self) -> int:
+        """diffusers' ``num_fused_loras``: 1 while the LoRWeB adapter is fused, else 0."""
+        return len(self.fused_loras)
+
+    def set_lora_device(self, adapter_names, device) -> None:
+        """diffusers' ``set_lora_device`` moves one adapter's tensors apart from the model; refused: the LoRWeB
+        tensors serve every layer's forward and the analogy's ``set_analogy`` on the transformer's device, so they
+        move with it (``pipe.to(device)``, ``enable_model_cpu_offload``)."""
+        raise TypeError("set_lora_device: the LoRWeB adapter's tensors move with the transformer (pipe.to(device), "
+                        "pipe.enable_model_cpu_offload()); they cannot live on another device than the layers they "
+                        "adapt")
+
+    def enable_lora_hotswap(self, **kwargs) -> None:
+        """diffusers' ``enable_lora_hotswap``; refused, as ``load_lora_weights(hotswap=True)`` is: a LoRWeB checkpoint
+        of the same shapes already replaces the weights in place (no recompile of a compiled transformer)."""
+        raise TypeError("enable_lora_hotswap: LoRWeB needs no hotswap preparation: load_lora_weights with a checkpoint "
+                        "of the same shapes replaces the weights in place (a compiled transformer is not recompiled); "
+                        "another basis size needs unload_lora_weights() first")
+
     @serialized_on_transformer
     def delete_adapters(self, adapter_names) -> None:
         """diffusers' ``delete_adapters``: naming this pipeline's adapter unloads it (``unload_lora_weights``)."""
@@ -1233,14 +1262,21 @@ class LoRWeBKontextPipeline:
                              + (f"one LoRWeB adapter, {self._adapter_name!r}" if loaded else "no LoRWeB adapter"))
         self.unload_lora_weights()
 
-    def save_lora_weights(self, save_directory: Union[str, Path], *, weight_name: Optional[str] = None,
+    def save_lora_weights(self, save_directory: Union[str, Path, None] = None, *, weight_name: Optional[str] = None,
                           is_main_process: bool = True, safe_serialization: bool = True, **kwargs) -> Optional[Path]:
         """diffusers' ``save_lora_weights`` for the LoRWeB adapter: ``save_pretrained(save_directory)`` (weights,
         config.yaml, model card). ``weight_name`` names the weights file (default ``lorweb.safetensors``;
         ``load_lora_weights(save_directory, weight_name)`` reads it back); ``is_main_process=False`` writes nothing
         (returns None), as diffusers; ``safe_serialization`` must be True (LoRWeB checkpoints are safetensors).
         Layer dicts such as ``transformer_lora_layers`` and ``save_function`` are refused: the adapter is saved
-        from the transformer, as safetensors."""
+        from the transformer, as safetensors. Called on the class (diffusers' classmethod, as its training scripts
+        call it with layer dicts) it is refused naming the instance call."""
+        if not isinstance(self, LoRWeBKontextPipeline):  # LoRWeBKontextPipeline.save_lora_weights(directory, ...)
+            raise TypeError("save_lora_weights saves the LoRWeB adapter from a pipeline instance's transformer: call "
+                            "pipe.save_lora_weights(directory) (or lorweb_fast.lora_api.save_pretrained(transformer, "
+                            "directory)), not LoRWeBKontextPipeline.save_lora_weights(...) on the class")
+        if save_directory is None:
+            raise TypeError("save_lora_weights needs save_directory (the folder to write the adapter into)")
         if kwargs:
             raise TypeError(f"save_lora_weights saves the LoRWeB adapter from the transformer and takes no "
                             f"{sorted(kwargs)}; call pipe.save_lora_weights(directory) (options: weight_name, "
