@@ -1066,7 +1066,6 @@ def _loss_rows(log_path: Union[str, Path]) -> list[tuple[str, dict]]:
     return rows
 
 
-@holding(_locks.DRAWING)
 def _refresh_loss_plot(draw: bool, log_path: Path, png_path: Path) -> None:
     """loss.png redrawn from the log as it stands (``draw``), else removed: never a plot of other steps (an earlier
     run's, or steps past the checkpoint a run resumes from) beside the log."""
@@ -1076,6 +1075,7 @@ def _refresh_loss_plot(draw: bool, log_path: Path, png_path: Path) -> None:
         png_path.unlink(missing_ok=True)
 
 
+@holding(_locks.DRAWING)
 def plot_loss(log_path: Union[str, Path], png_path: Union[str, Path]) -> Path:
     """Plot the loss of a ``loss.jsonl`` log (raw and running mean) to a PNG; steps skipped for a NaN loss (logged
     with loss null) are marked with red vertical lines."""
