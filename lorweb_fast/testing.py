@@ -772,3 +772,38 @@ class NanGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * float("nan")
+
+
+def lorweb_model_state(model: torch.nn.Module) -> dict:
+    """What a failed or interrupted call must leave as it was: every tensor (cloned), requires_grad flags, the module
+    tree, hooks, and per LoRWeB layer its coefficients, strength and merged flags; the fuse state. Compare two with
+    ``assert_same_model_state``."""
+    from . import lora_api
+    from .model import lorweb_layers
+
+    layers = lorweb_layers(model)
+    modules = list(model.modules())
+    return {"tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+            "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+            "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._load_state_dict_pre_hooks)
+                         for m in modules),
+            "coefficients": {n: None if l.coefficients is None else l.coefficients.detach().clone()
+                             for n, l in layers.items()},
+            "strength": [l._lorweb_scale for l in layers.values()],
+            "merged": [(l._merged, l._merge_jit) for l in layers.values()],
+            "fused": lora_api.fused_strategy(model)}
+
+
+def assert_same_model_state(got: dict, want: dict, *, ignore=()) -> None:
+    """Two ``lorweb_model_state`` results (or dicts extending them) equal, tensors bit for bit, but for ``ignore``."""
+    assert got.keys() == want.keys()
+    for key in set(want) - set(ignore):
+        if key in ("tensors", "coefficients"):
+            assert got[key].keys() == want[key].keys(), key
+            for name, value in want[key].items():
+                other = got[key][name]
+                assert (other is None) == (value is None), f"{key} {name}"
+                assert value is None or torch.equal(other, value), f"{key} {name} changed"
+        else:
+            assert got[key] == want[key], key

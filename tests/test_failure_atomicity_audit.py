@@ -26,8 +26,8 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import demo, flux, lora_api, ops
-from lorweb_fast.testing import (file_tree, one_intra_op_thread, random_analogy, tiny_lorweb_kontext_pipeline,
-                                 tiny_lorweb_pair)
+from lorweb_fast.testing import (assert_same_model_state, file_tree, lorweb_model_state, one_intra_op_thread,
+                                 random_analogy, tiny_lorweb_kontext_pipeline, tiny_lorweb_pair)
 
 pytest.importorskip("diffusers")
 
@@ -57,21 +57,7 @@ def oom() -> torch.OutOfMemoryError:
     return torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
 
-def model_state(model: nn.Module) -> dict:
-    """What a failed call must leave as it was: every tensor (cloned), requires_grad flags, the module tree, hooks,
-    and per LoRWeB layer its coefficients, strength and merged flags; the fuse state."""
-    layers = lf.lorweb_layers(model)
-    modules = list(model.modules())
-    return {"tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-            "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
-            "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._load_state_dict_pre_hooks)
-                         for m in modules),
-            "coefficients": {n: None if l.coefficients is None else l.coefficients.detach().clone()
-                             for n, l in layers.items()},
-            "strength": [l._lorweb_scale for l in layers.values()],
-            "merged": [(l._merged, l._merge_jit) for l in layers.values()],
-            "fused": lora_api.fused_strategy(model)}
+model_state = lorweb_model_state
 
 
 def pipeline_state(pipe) -> dict:
@@ -82,17 +68,7 @@ def pipeline_state(pipe) -> dict:
             "adapters": (pipe.get_list_adapters(), pipe.get_active_adapters())}
 
 
-def assert_same_state(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    for key in want:
-        if key in ("tensors", "coefficients"):
-            assert got[key].keys() == want[key].keys(), key
-            for name, value in want[key].items():
-                other = got[key][name]
-                assert (other is None) == (value is None), f"{key} {name}"
-                assert value is None or torch.equal(other, value), f"{key} {name} changed"
-        else:
-            assert got[key] == want[key], key
+assert_same_state = assert_same_model_state
 
 
 def failing_at(n: int, real, error=oom, when=None):

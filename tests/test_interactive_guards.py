@@ -32,8 +32,9 @@ import lorweb_fast as lf
 from lorweb_fast import demo, flux, lora_api, ops, training
 from lorweb_fast import model as lf_model
 from lorweb_fast._files import FolderLock
-from lorweb_fast.testing import (file_tree, one_intra_op_thread, random_analogy, tiny_kontext_with_encoder,
-                                 tiny_lorweb_pair, tiny_train_config, tiny_training_assets)
+from lorweb_fast.testing import (assert_same_model_state, file_tree, lorweb_model_state, one_intra_op_thread,
+                                 random_analogy, tiny_kontext_with_encoder, tiny_lorweb_pair, tiny_train_config,
+                                 tiny_training_assets)
 
 pytest.importorskip("diffusers")
 
@@ -101,21 +102,7 @@ def query(b=1, seed=0):
     return torch.randn(b, QUERY_DIM, generator=torch.Generator().manual_seed(seed))
 
 
-def model_state(model: nn.Module) -> dict:
-    """What an interrupted call must leave as it was: every tensor (cloned), requires_grad flags, the module tree,
-    hooks, and per LoRWeB layer its coefficients, strength and merged flags; the fuse state."""
-    layers = lf.lorweb_layers(model)
-    modules = list(model.modules())
-    return {"tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-            "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
-            "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._load_state_dict_pre_hooks)
-                         for m in modules),
-            "coefficients": {n: None if l.coefficients is None else l.coefficients.detach().clone()
-                             for n, l in layers.items()},
-            "strength": [l._lorweb_scale for l in layers.values()],
-            "merged": [(l._merged, l._merge_jit) for l in layers.values()],
-            "fused": lora_api.fused_strategy(model)}
+model_state = lorweb_model_state
 
 
 def pipeline_state(pipe) -> dict:
@@ -123,17 +110,7 @@ def pipeline_state(pipe) -> dict:
             "adapters": (pipe.get_list_adapters(), pipe.get_active_adapters())}
 
 
-def assert_same_state(got: dict, want: dict, *, ignore=()) -> None:
-    assert got.keys() == want.keys()
-    for key in set(want) - set(ignore):
-        if key in ("tensors", "coefficients"):
-            assert got[key].keys() == want[key].keys(), key
-            for name, value in want[key].items():
-                other = got[key][name]
-                assert (other is None) == (value is None), f"{key} {name}"
-                assert value is None or torch.equal(other, value), f"{key} {name} changed"
-        else:
-            assert got[key] == want[key], key
+assert_same_state = assert_same_model_state
 
 
 def open_bars() -> set:
