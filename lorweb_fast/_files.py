@@ -221,7 +221,11 @@ def temporary_file(directory: Union[str, os.PathLike], prefix: str, suffix: str 
     except OSError as exc:  # a read-only or full folder
         raise OSError(exc.errno, exc.strerror, str(named if named is not None else directory)) from exc
     os.close(fd)
-    default_permissions(tmp)
+    try:
+        default_permissions(tmp)
+    except BaseException:  # (a Ctrl-C included): no temporary left behind
+        os.unlink(tmp)
+        raise
     return tmp
 
 

@@ -320,6 +320,9 @@ class LoRWeBLinear(nn.Module):
         self._query = None
         self._coefficient_sources = None  # set by hand: from whatever the caller chose
 
+    #: (the class default: a module pickled before this attribute existed loads without it)
+    _coefficient_sources = None
+
     def _routing_tensors(self) -> tuple:
         """The lora_keys and query-projection tensor objects as the layer holds them now (None for one under a
         parametrization)."""
@@ -336,14 +339,23 @@ class LoRWeBLinear(nn.Module):
         self._coefficient_sources = tuple(None if t is None else weakref.ref(t) for t in self._routing_tensors())
 
     def _coefficients_stale(self) -> bool:
-        """Whether the coefficients came from lora_keys / att_lora_to_q tensors the layer no longer holds."""
+        """Whether the coefficients came from lora_keys / att_lora_to_q tensors the layer no longer holds. Not
+        asked under accelerate's offload hooks (``enable_sequential_cpu_offload``), which put new tensor objects in
+        place around every forward. Inline (no generator, no tuple): it runs in every eager layer call."""
         sources = self.__dict__.get("_coefficient_sources")
         if sources is None:
             return False
         if sources is False:
             return True
-        return any((ref is None) != (now is None) or (ref is not None and ref() is not now)
-                   for ref, now in zip(sources, self._routing_tensors()))
+        projection = self.att_lora_to_q
+        if "_hf_hook" in self.__dict__ or "_hf_hook" in projection.__dict__:
+            return False
+        keys_ref, projection_ref = sources
+        weight = projection._parameters.get("weight")
+        if weight is None:
+            weight = projection._buffers.get("weight")
+        return ((None if keys_ref is None else keys_ref()) is not self._parameters.get("lora_keys")
+                or (None if projection_ref is None else projection_ref()) is not weight)
 
     def set_query_per_forward(self, query: Optional[torch.Tensor], *, check_finite: bool = True) -> None:
         """Keep the (B, query_dim) query and compute this layer's coefficients inside every forward.
@@ -363,7 +375,7 @@ class LoRWeBLinear(nn.Module):
             check_has_values("query", query)  # whatever check_finite says: the forward reads its values
             if check_finite:
                 check_finite_tensor("query", query)
-        self._coefficients = None
+        self._coefficients = self._coefficient_sources = None
         self._query = query
 
     def coefficients_from_query(self, query: torch.Tensor, *, fp32: bool = False) -> torch.Tensor:
@@ -380,7 +392,8 @@ class LoRWeBLinear(nn.Module):
         """The (B, N) coefficients for input ``x`` (B, S, in) / (B, in): the ones set by ``set_query``, or computed
         here from the per-forward query; raises when there are none or they do not match x's batch."""
         coeffs = self._coefficients
-        if coeffs is not None and not torch.compiler.is_compiling() and self._coefficients_stale():
+        if (coeffs is not None and self.__dict__.get("_coefficient_sources") is not None
+                and not torch.compiler.is_compiling() and self._coefficients_stale()):
             raise RuntimeError(
                 "LoRWeBLinear's coefficients were computed by set_query from lora_keys / att_lora_to_q tensors it no "
                 "longer holds (replaced by torch.func.functional_call, set_module_tensor_to_device or an "
@@ -584,7 +597,7 @@ class LoRWeBLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if any(k in state_dict for k in own):
-            self._coefficients = None
+            self._coefficients = self._coefficient_sources = None
             self.refill_identity_projection()  # e.g. after to_empty: the state dict does not hold it
 
     def _refuse_copy_of_autograd_history(self, what_call: str, how: str) -> None:
@@ -620,7 +633,7 @@ class LoRWeBLinear(nn.Module):
     def __getstate__(self):
         """Pickling (``torch.save(model)``): refused as ``copy.deepcopy`` is for coefficients with autograd history
         (the pickled copy would hold them as a leaf cut off from the parameters they were computed from)."""
-        self._refuse_copy_of_autograd_history("pickle (torch.save of the module)",
+        self._refuse_copy_of_autograd_history("copy or pickle (copy.copy, torch.save of the module)",
                                               "the copy would hold them cut off from the parameters")
         state = dict(super().__getstate__())
         state["_coefficient_sources"] = self._copied_coefficient_sources()  # (weak references do not pickle)

@@ -100,19 +100,32 @@ def unfuse_lora(model: nn.Module) -> None:
         if rest is None:
             delattr(model, _FUSED)
         else:
-            setattr(model, _FUSED, _FuseState((_RestoreTheRest(rest), state[1], state[2])))
+            guard = state[0].guard if isinstance(state[0], _RestoreTheRest) else _loads_refused(model)
+            setattr(model, _FUSED, _FuseState((_RestoreTheRest(rest, guard), state[1], state[2])))
         raise
     delattr(model, _FUSED)
 
 
-class _RestoreTheRest:
-    """The exit of a fuse whose unfuse could not restore every layer: ``__exit__`` retries the layers left."""
+def _loads_refused(model: nn.Module):
+    """``load_state_dict`` refused (before anything loads) on ``model`` and the modules above its layers left
+    merged, as inside the fuse; the entered context, for ``__exit__`` once they are restored."""
+    from .flux import _refusing_loads
 
-    def __init__(self, restore_the_rest):
-        self.restore_the_rest = restore_the_rest
+    guard = _refusing_loads(model, {n: l for n, l in lorweb_layers(model).items() if l._merged})
+    guard.__enter__()
+    return guard
+
+
+class _RestoreTheRest:
+    """The exit of a fuse whose unfuse could not restore every layer: ``__exit__`` retries the layers left, and
+    once they are back lets loads in again (``guard``)."""
+
+    def __init__(self, restore_the_rest, guard):
+        self.restore_the_rest, self.guard = restore_the_rest, guard
 
     def __exit__(self, *exc_info):
         self.restore_the_rest()
+        self.guard.__exit__(None, None, None)
 
 
 def check_fused_query(model: nn.Module, query: torch.Tensor) -> None:

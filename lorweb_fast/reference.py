@@ -121,8 +121,9 @@ def lorweb_linear(
 ) -> torch.Tensor:
     """``x W^T + bias + mixed_lora_delta(...)`` in float64. weight: (out, in), bias: (out,) or None; the rest as in
     ``mixed_lora_delta``. Returns (B, S, out) or (B, out) float64, matching the rank of ``x``."""
+    delta = mixed_lora_delta(x, lora_a, lora_b, coeffs, scale)  # checks x, the basis and the coefficients first
     # checked as the fast paths check them (a bias that merely broadcasts is refused there)
-    out_features = lora_b.shape[-1] if lora_b.dim() == 3 else None
+    out_features = lora_b.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] != out_features:
         raise ValueError(f"weight must be (out, in) = ({out_features}, {x.shape[-1]}), got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (out_features,):
@@ -130,4 +131,4 @@ def lorweb_linear(
     y = x.double() @ weight.double().T
     if bias is not None:
         y = y + bias.double()
-    return y + mixed_lora_delta(x, lora_a, lora_b, coeffs, scale)
+    return y + delta

@@ -776,7 +776,8 @@ class NanGradient(torch.autograd.Function):
 
 def lorweb_model_state(model: torch.nn.Module) -> dict:
     """What a failed or interrupted call must leave as it was: every tensor (cloned), requires_grad flags, the module
-    tree, hooks, and per LoRWeB layer its coefficients, strength and merged flags; the fuse state. Compare two with
+    tree, hooks, and per LoRWeB layer its coefficients (their sources) or per-forward query, strength and merged
+    flags; the fuse state. Compare two with
     ``assert_same_model_state``."""
     from . import lora_api
     from .model import lorweb_layers
@@ -790,16 +791,25 @@ def lorweb_model_state(model: torch.nn.Module) -> dict:
                          for m in modules),
             "coefficients": {n: None if l.coefficients is None else l.coefficients.detach().clone()
                              for n, l in layers.items()},
+            "queries": {n: None if l._query is None else l._query.detach().clone() for n, l in layers.items()},
+            "coefficient sources": [_source_ids(l._coefficient_sources) for l in layers.values()],
             "strength": [l._lorweb_scale for l in layers.values()],
             "merged": [(l._merged, l._merge_jit) for l in layers.values()],
             "fused": lora_api.fused_strategy(model)}
+
+
+def _source_ids(sources):
+    """A layer's ``_coefficient_sources`` as comparable values: the ids of the tensors still referenced."""
+    if not isinstance(sources, tuple):
+        return sources
+    return tuple(None if ref is None else id(ref()) for ref in sources)
 
 
 def assert_same_model_state(got: dict, want: dict, *, ignore=()) -> None:
     """Two ``lorweb_model_state`` results (or dicts extending them) equal, tensors bit for bit, but for ``ignore``."""
     assert got.keys() == want.keys()
     for key in set(want) - set(ignore):
-        if key in ("tensors", "coefficients"):
+        if key in ("tensors", "coefficients", "queries"):
             assert got[key].keys() == want[key].keys(), key
             for name, value in want[key].items():
                 other = got[key][name]
