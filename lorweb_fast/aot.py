@@ -449,20 +449,22 @@ def main(argv: Optional[list] = None) -> int:
     after Ctrl-C (one line), 141 when the reader of its output has gone."""
     from .cli import run_writing_stdout
 
-    prog = "python -m lorweb_fast.aot"
-
     def run() -> int:
         try:
             return _run(argv)
         except KeyboardInterrupt:
-            sys.stderr.write(f"{prog}: interrupted\n")
+            sys.stderr.write(f"{PROG}: interrupted\n")
             return 130
 
-    return run_writing_stdout(prog, run)
+    return run_writing_stdout(PROG, run)
+
+
+#: the command's name in its usage and error lines
+PROG = "python -m lorweb_fast.aot"
 
 
 def _run(argv: Optional[list]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lorweb_fast.aot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, choices=sorted(ARCHS), required=True, help="80 (A100) or 90 (H100/H200)")
     parser.add_argument("--out", required=True, help="folder for report.json and the PTX files")
     parser.add_argument("--jobs", type=int, default=0,
