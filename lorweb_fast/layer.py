@@ -630,6 +630,13 @@ class LoRWeBLinear(nn.Module):
         tensors are new objects), stale when they are stale here."""
         return False if self._coefficients_stale() else None
 
+    def _replicate_for_data_parallel(self):
+        """``nn.DataParallel``'s replica: it gets its own copies of the tensors (new objects), so its coefficients'
+        sources are recorded as a copy's are."""
+        replica = super()._replicate_for_data_parallel()
+        replica.__dict__["_coefficient_sources"] = self._copied_coefficient_sources()
+        return replica
+
     def __getstate__(self):
         """Pickling (``torch.save(model)``): refused as ``copy.deepcopy`` is for coefficients with autograd history
         (the pickled copy would hold them as a leaf cut off from the parameters they were computed from)."""

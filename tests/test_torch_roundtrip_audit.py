@@ -521,3 +521,30 @@ def test_clip_grad_norm_and_parameter_groups_by_name():
     opt = torch.optim.AdamW([{"params": basis, "lr": 1e-3}, {"params": routing, "lr": 1e-2}])
     grouped = {id(p) for g in opt.param_groups for p in g["params"]}
     assert grouped == {id(p) for p in m.parameters() if p.requires_grad} and len(grouped) == 8
+
+
+def test_a_data_parallel_replica_keeps_the_coefficients_set_before():
+    """``nn.DataParallel`` replicates each module with ``_replicate_for_data_parallel`` and gives the replica new
+    tensor objects: the replica of a layer whose coefficients are current is no replacement of lora_keys (the
+    stale-coefficient check would otherwise refuse every replica's forward) and computes what the layer computes; a
+    replica of a layer whose tensors were replaced stays refused."""
+    m, q, x = tiny_model(), query(), inputs()
+    with torch.no_grad():
+        lf.set_query(m, q)
+        want = m(x)
+        assert torch.equal(_cpu_replica(m)(x), want)
+        m[0].lora_keys = nn.Parameter(m[0].lora_keys.detach().clone())  # replaced: stale
+        with pytest.raises(RuntimeError, match="set_query"):
+            _cpu_replica(m)(x)
+
+
+def _cpu_replica(model: nn.Module) -> nn.Module:
+    """What ``torch.nn.parallel.replicate`` does per module, on the CPU (it needs GPUs):
+    ``_replicate_for_data_parallel`` for every module, then new tensor objects for the parameters."""
+    memo = {}
+    for module in model.modules():
+        memo[module] = module._replicate_for_data_parallel()
+    for module, replica in memo.items():
+        replica._modules = {k: memo[v] if v is not None else None for k, v in module._modules.items()}
+        replica._parameters = {k: None if v is None else v.detach().clone() for k, v in module._parameters.items()}
+    return memo[model]
