@@ -288,8 +288,7 @@ class Impl:
         if self.name == "shrink":  # x and a_cat read, z written in x's dtype, u in the dtype the forward saves it in
             from lorweb_fast.kernels import mixed_lora  # importable: the shrink row runs only then
 
-            u_dtype = getattr(mixed_lora, "saved_u_dtype", lambda dtype: dtype)(x.dtype)
-            u_bytes = torch.empty(0, dtype=u_dtype).element_size()
+            u_bytes = torch.empty(0, dtype=mixed_lora.saved_u_dtype(x.dtype)).element_size()
             return 2.0 * m * k * big_r, float(e * (m * k + big_r * k + m * big_r) + u_bytes * m * big_r)
         if self.name in ("expand", "cublas_concat"):
             return 2.0 * m * (k + big_r) * out, float(e * (m * (k + big_r) + (k + big_r) * out + m * out))

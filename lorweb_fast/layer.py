@@ -323,12 +323,12 @@ class LoRWeBLinear(nn.Module):
     #: (the class default: a module pickled before this attribute existed loads without it)
     _coefficient_sources = None
 
-    def _routing_tensors(self) -> tuple:
-        """The lora_keys and query-projection tensor objects as the layer holds them now (None for one under a
-        parametrization)."""
+    def _projection_tensor(self) -> Optional[torch.Tensor]:
+        """att_lora_to_q's weight tensor object as the layer holds it now: its parameter ("linear"), its identity
+        buffer ("none"), or None under a parametrization."""
         projection = self.att_lora_to_q
-        return (self._parameters.get("lora_keys"),
-                projection._parameters.get("weight", projection._buffers.get("weight")))
+        weight = projection._parameters.get("weight")
+        return projection._buffers.get("weight") if weight is None else weight
 
     def record_coefficient_sources(self) -> None:
         """Remember the lora_keys / att_lora_to_q tensors the current coefficients were computed from (``set_query``
@@ -336,26 +336,30 @@ class LoRWeBLinear(nn.Module):
         ``set_module_tensor_to_device``, an assignment) raises instead of using the old analogy's coefficients.
         Changes in place (an optimizer step, a ``load_state_dict`` into ``att_lora_to_q`` alone; a load into the
         layer drops the coefficients) keep the tensors and are not seen: call ``set_query`` again."""
-        self._coefficient_sources = tuple(None if t is None else weakref.ref(t) for t in self._routing_tensors())
+        self._coefficient_sources = tuple(None if t is None else weakref.ref(t)
+                                          for t in (self._parameters.get("lora_keys"), self._projection_tensor()))
+
+    def _drop_coefficients(self) -> None:
+        """Forget the coefficients (and what they were computed from): new LoRWeB parameters were loaded."""
+        self._coefficients = self._coefficient_sources = None
 
     def _coefficients_stale(self) -> bool:
-        """Whether the coefficients came from lora_keys / att_lora_to_q tensors the layer no longer holds. Not
-        asked under accelerate's offload hooks (``enable_sequential_cpu_offload``), which put new tensor objects in
-        place around every forward. Inline (no generator, no tuple): it runs in every eager layer call."""
-        sources = self.__dict__.get("_coefficient_sources")
+        """Whether the coefficients came from lora_keys / att_lora_to_q tensors the layer no longer holds."""
+        return self._sources_stale(self.__dict__.get("_coefficient_sources"))
+
+    def _sources_stale(self, sources) -> bool:
+        """``_coefficients_stale`` for recorded ``sources`` (None: unchecked, False: stale). Not asked under
+        accelerate's offload hooks (``enable_sequential_cpu_offload``), which put new tensor objects in place around
+        every forward. Inline (no generator, no tuple): it runs in every eager layer call."""
         if sources is None:
             return False
         if sources is False:
             return True
-        projection = self.att_lora_to_q
-        if "_hf_hook" in self.__dict__ or "_hf_hook" in projection.__dict__:
+        if "_hf_hook" in self.__dict__ or "_hf_hook" in self.att_lora_to_q.__dict__:
             return False
         keys_ref, projection_ref = sources
-        weight = projection._parameters.get("weight")
-        if weight is None:
-            weight = projection._buffers.get("weight")
         return ((None if keys_ref is None else keys_ref()) is not self._parameters.get("lora_keys")
-                or (None if projection_ref is None else projection_ref()) is not weight)
+                or (None if projection_ref is None else projection_ref()) is not self._projection_tensor())
 
     def set_query_per_forward(self, query: Optional[torch.Tensor], *, check_finite: bool = True) -> None:
         """Keep the (B, query_dim) query and compute this layer's coefficients inside every forward.
@@ -391,9 +395,9 @@ class LoRWeBLinear(nn.Module):
     def _coefficients_for(self, x: torch.Tensor, *, fp32: bool = False) -> torch.Tensor:
         """The (B, N) coefficients for input ``x`` (B, S, in) / (B, in): the ones set by ``set_query``, or computed
         here from the per-forward query; raises when there are none or they do not match x's batch."""
-        coeffs = self._coefficients
-        if (coeffs is not None and self.__dict__.get("_coefficient_sources") is not None
-                and not torch.compiler.is_compiling() and self._coefficients_stale()):
+        coeffs, sources = self._coefficients, self.__dict__.get("_coefficient_sources")
+        if (coeffs is not None and sources is not None and not torch.compiler.is_compiling()
+                and self._sources_stale(sources)):
             raise RuntimeError(
                 "LoRWeBLinear's coefficients were computed by set_query from lora_keys / att_lora_to_q tensors it no "
                 "longer holds (replaced by torch.func.functional_call, set_module_tensor_to_device or an "
@@ -597,7 +601,7 @@ class LoRWeBLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if any(k in state_dict for k in own):
-            self._coefficients = self._coefficient_sources = None
+            self._drop_coefficients()
             self.refill_identity_projection()  # e.g. after to_empty: the state dict does not hold it
 
     def _refuse_copy_of_autograd_history(self, what_call: str, how: str) -> None:

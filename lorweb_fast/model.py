@@ -1174,8 +1174,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         def copy_checkpoint():
             with torch.no_grad():
                 for name, layer in layers.items():
-                    layer._coefficients = layer._coefficient_sources = None  # from the old parameters: a forward
-                    # raises until set_query
+                    layer._drop_coefficients()  # from the old parameters: a forward raises until set_query
                     for param, values in staged[name]:
                         param.copy_(values)
 

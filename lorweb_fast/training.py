@@ -1710,7 +1710,8 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
         for p in trainable:
             p.grad = None
         for layer in lorweb_layers(transformer).values():
-            layer._coefficients = layer._query = layer._coefficient_sources = None
+            layer._drop_coefficients()
+            layer._query = None
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
         for key in patched:
             transformer.__dict__.pop(key, None)
