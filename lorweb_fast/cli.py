@@ -570,11 +570,14 @@ class _OneLineFormatter(logging.Formatter):
 def command_logging(command: str):
     """The package's log lines (``lorweb_fast.*`` loggers: the trainer's buckets, "resumed from ...", skipped NaN
     steps) shown on stderr while a command runs, from INFO up, one line each as ``lorweb-fast <command>: info: ...``
-    (Python's default shows only warnings, without the command). The package logger's level, propagation and
-    handlers are given back after the command; records do not also reach the root logger's handlers meanwhile."""
+    (Python's default shows only warnings, without the command). Under a launcher only the main process shows them
+    (``_main_rank``; as accelerate's loggers do by default), not one copy per rank. The package logger's level,
+    propagation and handlers are given back after the command; records do not also reach the root logger's
+    handlers meanwhile."""
     package = logging.getLogger("lorweb_fast")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter(command))
+    handler.addFilter(lambda record: _main_rank())
     saved = (package.level, package.propagate)
     package.addHandler(handler)
     package.setLevel(logging.INFO)
@@ -591,19 +594,30 @@ def command_logging(command: str):
 def one_line_warnings(command: str):
     """Warnings shown while a command runs read ``lorweb-fast <command>: warning: <message>`` on one line, as its
     errors do (Python's default format adds the warning's file, line, category and source line; a category other
-    than UserWarning is kept before the message). Only the format
-    changes: which warnings show, and their capture (``warnings.catch_warnings(record=True)``, pytest), do not."""
-    original = warnings.formatwarning
+    than UserWarning is kept before the message). Under a launcher only the main process prints them (``_main_rank``:
+    every rank loads the same model and data, so each warning would otherwise show once per rank). Only the format
+    and the ranks that print change: which warnings are raised, and their capture (``warnings.catch_warnings(record=True)``,
+    pytest), do not."""
+    original, original_show = warnings.formatwarning, warnings.showwarning
+    printing = original_show is getattr(warnings, "_showwarning_orig", None)  # not a capture's (record=True)
 
     def formatwarning(message, category, filename, lineno, line=None):
         kind = "" if category is UserWarning else f"{category.__name__}: "  # a library's FutureWarning keeps its kind
         return f"lorweb-fast {command}: warning: {kind}{one_line(str(message))}\n"
 
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if _main_rank():
+            original_show(message, category, filename, lineno, file, line)
+
     warnings.formatwarning = formatwarning
+    if printing:
+        warnings.showwarning = showwarning
     try:
         yield
     finally:
         warnings.formatwarning = original
+        if printing and warnings.showwarning is showwarning:
+            warnings.showwarning = original_show
 
 
 @contextlib.contextmanager

@@ -653,12 +653,22 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
         if any(v.dtype != dtype for v in weights.values()):
             state["lorweb_master_weights"] = {k: v.detach().cpu().clone() for k, v in weights.items()}
         torch_save(state, tmp / TRAINER_STATE_NAME, final / TRAINER_STATE_NAME)  # a full disk names the file
+        replaced = None
         if final.is_symlink():  # not a checkpoint this run wrote (e.g. a skipped corrupt one): the link goes
             final.unlink()
-        elif final.exists():
-            shutil.rmtree(final)
-        with naming_the_file(final):
-            os.replace(tmp, final)
+        elif final.exists():  # moved aside (a ``.tmp-step-*`` name, removed at the next start if killed) and
+            replaced = tmp.with_name(f"{tmp.name}-replaced")  # removed only once the new one is in place
+            with naming_the_file(final):
+                os.replace(final, replaced)
+        try:
+            with naming_the_file(final):
+                os.replace(tmp, final)
+        except BaseException:
+            if replaced is not None:  # the folder that was there goes back
+                os.replace(replaced, final)
+            raise
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,6 +11,7 @@ sub-command, TrainConfig errors written with the flag that sets the field, and t
 The pipeline and the trainer are replaced by recording stand-ins: nothing is loaded, trained or generated.
 """
 
+import os
 import subprocess
 import sys
 
@@ -286,6 +287,43 @@ def test_warnings_of_a_command_are_one_line_and_name_it():
         with cli.one_line_warnings("train"):
             warnings.warn("recorded")
     assert [str(w.message) for w in seen] == ["recorded"]
+
+
+RANKED_LINES_SCRIPT = """
+import argparse, logging, sys, warnings
+from lorweb_fast import cli
+
+def run_check(args):
+    warnings.warn("a warning", stacklevel=2)
+    logging.getLogger("lorweb_fast.training").info("an info line")
+    logging.getLogger("lorweb_fast.training").warning("a logged warning")
+
+class Parser:
+    def parse_args(self, argv):
+        return argparse.Namespace(command="train", func=run_check)
+
+cli.build_parser = Parser
+show = warnings.showwarning
+assert cli.main(["train"]) == 0
+assert warnings.showwarning is show
+warnings.warn("after the command")
+"""
+
+
+@pytest.mark.parametrize("rank", [None, "0", "1"])
+def test_warnings_and_log_lines_show_on_the_main_rank_only(rank):
+    """Under a launcher (``RANK`` set) a command's warnings and log lines show once, from rank 0, not once per rank
+    (every rank loads the same model and data); without a launcher, and on rank 0, they show. Python's own display
+    is put back after the command on every rank."""
+    env = {k: v for k, v in os.environ.items() if k != "RANK"} | ({} if rank is None else {"RANK": rank})
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", RANKED_LINES_SCRIPT], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    command_lines = ["lorweb-fast train: warning: a warning", "lorweb-fast train: info: an info line",
+                     "lorweb-fast train: warning: a logged warning"]
+    assert lines[:-1] == ([] if rank == "1" else command_lines), proc.stderr
+    assert "UserWarning: after the command" in lines[-1], proc.stderr
 
 
 def test_a_missing_command_is_one_line_and_exit_2(capsys):

@@ -6,7 +6,9 @@ the optimizer state's groups and order, quantization detection, injected-layer c
 ``batch_query``). Everything is built here on tiny CPU modules; no pipeline is loaded."""
 
 import dataclasses
+import errno
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -322,6 +324,32 @@ def test_a_checkpoint_rewritten_at_the_same_step_replaces_the_old_one(tmp_path):
         == (4, {"seed": 3}, 12, 3, {"scale": 8.0})
     written = load_file(str(final / "lorweb.safetensors"))
     assert torch.equal(written["transformer.0.lora_B"], model[0].lora_B)
+
+
+def test_a_failed_rename_over_an_existing_step_folder_keeps_the_old_one(tmp_path, monkeypatch):
+    """The step folder being replaced is moved aside, not deleted, until the new one is in place: a rename that
+    fails puts it back byte for byte and leaves no temporary folder; the next write replaces it and removes it."""
+    model = tiny_lorweb_linear_model()
+    old = _write(tmp_path, 4, model)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    with torch.no_grad():
+        model[0].lora_B.add_(1.0)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src).name.startswith(".tmp-step-") and not Path(src).name.endswith("-replaced"):
+            raise OSError(errno.EIO, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="step-00000004"):
+        _write(tmp_path, 4, model)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000004"]
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    monkeypatch.setattr(os, "replace", real_replace)
+    _write(tmp_path, 4, model)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000004"]
+    assert torch.equal(load_file(str(old / "lorweb.safetensors"))["transformer.0.lora_B"], model[0].lora_B)
 
 
 @pytest.mark.parametrize("name", ["lorweb.safetensors", "config.yaml"])
