@@ -596,8 +596,8 @@ def one_line_warnings(command: str):
     errors do (Python's default format adds the warning's file, line, category and source line; a category other
     than UserWarning is kept before the message). Under a launcher only the main process prints them (``_main_rank``:
     every rank loads the same model and data, so each warning would otherwise show once per rank). Only the format
-    and the ranks that print change: which warnings are raised, and their capture (``warnings.catch_warnings(record=True)``,
-    pytest), do not."""
+    and the ranks that print change: which warnings are raised, and their capture
+    (``warnings.catch_warnings(record=True)``, pytest), do not."""
     original, original_show = warnings.formatwarning, warnings.showwarning
     printing = original_show is getattr(warnings, "_showwarning_orig", None)  # not a capture's (record=True)
 

@@ -473,6 +473,47 @@ def tiny_lorweb_pair(config, seed: int = 0, *, key_std: Optional[float] = None) 
     return m
 
 
+#: the query width of the two-layer test model (``pair_config``, ``tiny_pair_model``, ``pair_query``)
+PAIR_QUERY_DIM = 6
+
+
+def pair_config(**over):
+    """The ``LoRWeBConfig`` of the two-layer test model: 3 LoRAs of rank 2, keys of 4, queries of
+    ``PAIR_QUERY_DIM``, every numbered submodule of an ``nn.Sequential`` adapted; ``over`` replaces fields."""
+    from .model import LoRWeBConfig
+
+    return LoRWeBConfig(**{"num_loras": 3, "rank": 2, "key_dim": 4, "query_dim": PAIR_QUERY_DIM,
+                           "target_modules": r"\d", **over})
+
+
+def tiny_pair_model(seed: int = 0, config=None) -> torch.nn.Module:
+    """``tiny_lorweb_pair`` of ``config`` (default ``pair_config()``) with spread-out keys: two injected linear
+    layers (6 -> 5 -> 4), a random non-zero basis, eval mode."""
+    return tiny_lorweb_pair(pair_config() if config is None else config, seed, key_std=2.0)
+
+
+def pair_query(b: int = 1, seed: int = 0, dim: int = PAIR_QUERY_DIM, dtype: torch.dtype = torch.float32):
+    """(b, dim) random analogy queries (standard normal, ``seed``)."""
+    return torch.randn(b, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+#: every per-module hook table of torch.nn.Module (forward, backward, state-dict hooks)
+MODULE_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                      "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_state_dict_hooks",
+                      "_state_dict_pre_hooks")
+#: torch's module-global hook tables
+GLOBAL_HOOK_TABLES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks", "_global_module_registration_hooks",
+                      "_global_parameter_registration_hooks", "_global_buffer_registration_hooks")
+
+
+def module_hook_count(*models: torch.nn.Module) -> int:
+    """Every hook registered on the modules of ``models`` (``MODULE_HOOK_TABLES``) plus torch's global module hooks
+    (``GLOBAL_HOOK_TABLES``): equal before and after a loop = no hook accumulates."""
+    own = sum(len(getattr(m, t, None) or {}) for model in models for m in model.modules() for t in MODULE_HOOK_TABLES)
+    return own + sum(len(getattr(torch.nn.modules.module, t, None) or {}) for t in GLOBAL_HOOK_TABLES)
+
+
 def load_module_from_file(path, name: str):
     """The Python file ``path`` run as a fresh module named ``name`` (not put in ``sys.modules``): how tests import
     the scripts in ``benchmarks/``, which are not a package. A new module object on every call."""

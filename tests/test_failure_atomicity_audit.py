@@ -27,12 +27,13 @@ from torch import nn
 import lorweb_fast as lf
 from lorweb_fast import demo, flux, lora_api, ops
 from lorweb_fast.testing import (assert_same_model_state, file_tree, lorweb_model_state, one_intra_op_thread,
-                                 random_analogy, tiny_lorweb_kontext_pipeline, tiny_lorweb_pair)
+                                 pair_config, pair_query, PAIR_QUERY_DIM, random_analogy, tiny_lorweb_kontext_pipeline,
+                                 tiny_pair_model)
 
 pytest.importorskip("diffusers")
 
-QUERY_DIM = 6
-CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM, target_modules=r"\d")
+QUERY_DIM = PAIR_QUERY_DIM
+CONFIG = pair_config()
 MSL = demo.DEMO_MAX_SEQUENCE_LENGTH
 X0, X1 = random_analogy(0), random_analogy(1)  # (a, a', b): 32 px a / a', 40 px b -> 64 px native grids
 
@@ -44,15 +45,7 @@ def one_thread():
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def tiny_model(seed=0):
-    """Two injected linear layers (6 -> 5 -> 4), random non-zero basis, spread-out keys, eval mode."""
-    return tiny_lorweb_pair(CONFIG, seed, key_std=2.0)
-
-
-def query(b=1, seed=0):
-    return torch.randn(b, QUERY_DIM, generator=torch.Generator().manual_seed(seed))
-
-
+tiny_model, query = tiny_pair_model, pair_query
 def oom() -> torch.OutOfMemoryError:
     return torch.OutOfMemoryError("CUDA out of memory (simulated)")
 

@@ -33,13 +33,13 @@ from lorweb_fast import demo, flux, lora_api, ops, training
 from lorweb_fast import model as lf_model
 from lorweb_fast._files import FolderLock
 from lorweb_fast.testing import (assert_same_model_state, file_tree, lorweb_model_state, one_intra_op_thread,
-                                 random_analogy, tiny_kontext_with_encoder, tiny_lorweb_pair, tiny_train_config,
-                                 tiny_training_assets)
+                                 pair_config, pair_query, PAIR_QUERY_DIM, random_analogy, tiny_kontext_with_encoder,
+                                 tiny_pair_model, tiny_train_config, tiny_training_assets)
 
 pytest.importorskip("diffusers")
 
-QUERY_DIM = 6
-CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM, target_modules=r"\d")
+QUERY_DIM = PAIR_QUERY_DIM
+CONFIG = pair_config()
 MSL = demo.DEMO_MAX_SEQUENCE_LENGTH
 X0, X1 = random_analogy(0), random_analogy(1)  # (a, a', b): 32 px a / a', 40 px b -> 64 px native grids
 #: a tqdm bar as it is drawn ("  0%|", "100%|")
@@ -93,15 +93,7 @@ def call(pipe, analogy, **kwargs):
                 output_type="np", max_sequence_length=MSL, **kwargs)[0]
 
 
-def tiny_model(seed=0):
-    """Two injected linear layers (6 -> 5 -> 4), random non-zero basis, spread-out keys."""
-    return tiny_lorweb_pair(CONFIG, seed, key_std=2.0)
-
-
-def query(b=1, seed=0):
-    return torch.randn(b, QUERY_DIM, generator=torch.Generator().manual_seed(seed))
-
-
+tiny_model, query = tiny_pair_model, pair_query
 model_state = lorweb_model_state
 
 

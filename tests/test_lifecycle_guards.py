@@ -24,23 +24,15 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import demo, flux, lora_api, training
-from lorweb_fast.testing import (module_level_state, NanGradient, one_intra_op_thread, random_analogy, same_state_dict,
-                                 state_dict_copy, tiny_kontext_with_encoder, tiny_lorweb_pair, tiny_train_config,
-                                 tiny_training_assets)
+from lorweb_fast.testing import (module_hook_count, module_level_state, NanGradient, one_intra_op_thread, pair_config,
+                                 pair_query, PAIR_QUERY_DIM, random_analogy, same_state_dict, state_dict_copy,
+                                 tiny_kontext_with_encoder, tiny_pair_model, tiny_train_config, tiny_training_assets)
 
 pytest.importorskip("diffusers")
 
-QUERY_DIM = 6
-CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM, target_modules=r"\d")
+QUERY_DIM = PAIR_QUERY_DIM
+CONFIG = pair_config()
 STRATEGIES = ("full", "offload", "jit")
-#: every per-module hook table of torch.nn.Module (forward, backward, state-dict hooks)
-HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_state_dict_hooks",
-               "_state_dict_pre_hooks")
-#: torch's module-global hook tables
-GLOBAL_HOOK_TABLES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                      "_global_backward_pre_hooks", "_global_module_registration_hooks",
-                      "_global_parameter_registration_hooks", "_global_buffer_registration_hooks")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,13 +41,7 @@ def one_thread():
         yield
 
 
-def tiny_model(seed=0):
-    """Two injected linear layers (6 -> 5 -> 4), random non-zero basis, spread-out keys."""
-    return tiny_lorweb_pair(CONFIG, seed, key_std=2.0)
-
-
-def query(b=1, seed=0, dim=QUERY_DIM):
-    return torch.randn(b, dim, generator=torch.Generator().manual_seed(seed))
+tiny_model, query = tiny_pair_model, pair_query
 
 
 def structure(model: nn.Module) -> dict:
@@ -64,8 +50,7 @@ def structure(model: nn.Module) -> dict:
     modules = list(model.modules())
     return {"modules": len(modules), "parameters": len(list(model.parameters())),
             "buffers": len(list(model.buffers())),
-            "hooks": sum(len(getattr(m, table, None) or {}) for m in modules for table in HOOK_TABLES),
-            "global hooks": sum(len(getattr(torch.nn.modules.module, t, None) or {}) for t in GLOBAL_HOOK_TABLES),
+            "hooks": module_hook_count(model),
             "model attributes": sorted(model.__dict__),
             "layer attributes": sorted({k for layer in lf.lorweb_layers(model).values() for k in vars(layer)})}
 

@@ -37,22 +37,17 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import demo, flux, lora_api, training
-from lorweb_fast.testing import (module_level_state, one_intra_op_thread, random_analogy, same_state_dict,
-                                 state_dict_copy, tiny_lorweb_kontext_pipeline, tiny_lorweb_pair, tiny_train_config,
+from lorweb_fast.testing import (module_hook_count, module_level_state, one_intra_op_thread, pair_config, pair_query,
+                                 PAIR_QUERY_DIM, random_analogy, same_state_dict, state_dict_copy,
+                                 tiny_lorweb_kontext_pipeline, tiny_lorweb_pair, tiny_train_config,
                                  tiny_training_assets)
 
 pytest.importorskip("diffusers")
 
-QUERY_DIM = 6
-CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM, target_modules=r"\d")
+QUERY_DIM = PAIR_QUERY_DIM
+CONFIG = pair_config()
 STRATEGIES = ("full", "offload", "jit")
 MSL = demo.DEMO_MAX_SEQUENCE_LENGTH
-HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_state_dict_hooks",
-               "_state_dict_pre_hooks")
-GLOBAL_HOOK_TABLES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                      "_global_backward_pre_hooks", "_global_module_registration_hooks",
-                      "_global_parameter_registration_hooks", "_global_buffer_registration_hooks")
 #: RSS growth allowed between a warmed-up snapshot and a later one (allocator noise, lazily built library caches)
 RSS_SLACK_MB = 48
 #: live tensors / storage bytes allowed to appear between two warmed-up snapshots (lazily created scalars)
@@ -98,10 +93,7 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def hooks(*models) -> int:
-    """Every per-module hook of ``models`` plus torch's global module hooks."""
-    own = sum(len(getattr(m, t, None) or {}) for model in models for m in model.modules() for t in HOOK_TABLES)
-    return own + sum(len(getattr(torch.nn.modules.module, t, None) or {}) for t in GLOBAL_HOOK_TABLES)
+hooks = module_hook_count
 
 
 
@@ -155,8 +147,7 @@ def tiny_model(seed=0, width=None):
     return m
 
 
-def query(b=1, seed=0):
-    return torch.randn(b, QUERY_DIM, generator=torch.Generator().manual_seed(seed))
+query = pair_query
 
 
 def merge_flags(model) -> set:

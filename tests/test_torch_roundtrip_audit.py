@@ -23,10 +23,10 @@ from torch.nn.utils import parametrize
 
 import lorweb_fast as lf
 from lorweb_fast.model import LoRWeBCheckpointError, lorweb_state_dict
-from lorweb_fast.testing import one_intra_op_thread, tiny_lorweb_pair
+from lorweb_fast.testing import one_intra_op_thread, pair_config, pair_query, PAIR_QUERY_DIM, tiny_pair_model
 
-QUERY_DIM = 6
-CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM, target_modules=r"\d")
+QUERY_DIM = PAIR_QUERY_DIM
+CONFIG = pair_config()
 # query_projection_type="none": the identity query projection is a non-persistent buffer (key_dim == query_dim)
 NONE_CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=QUERY_DIM, query_dim=QUERY_DIM,
                               query_projection_type="none", target_modules=r"\d")
@@ -50,13 +50,11 @@ def fresh_accelerate_state():
     state.GradientState._reset_state()
 
 
-def tiny_model(seed=0, config=CONFIG):
-    """Two injected linear layers (6 -> 5 -> 4), random non-zero basis, spread-out keys, eval mode."""
-    return tiny_lorweb_pair(config, seed, key_std=2.0)
+tiny_model = tiny_pair_model
 
 
 def query(b=2, seed=0, dtype=torch.float32):
-    return torch.randn(b, QUERY_DIM, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return pair_query(b, seed, dtype=dtype)
 
 
 def inputs(b=2, seed=1, dtype=torch.float32):
