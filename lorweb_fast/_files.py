@@ -278,8 +278,8 @@ def default_permissions(path: Union[str, os.PathLike], *, directory: bool = Fals
 def recorded_location(name: Union[str, os.PathLike]) -> str:
     """How a model location is recorded (checkpoints, training configs, evaluation runs): a local path that exists
     as an absolute path (a relative one would break when used from another directory), anything else (a hub id)
-    unchanged."""
-    path = Path(str(name)).expanduser()
+    unchanged. ``~`` is not expanded, as nowhere in this package (a shell expands an unquoted one)."""
+    path = Path(str(name))
     return str(path.resolve()) if path.exists() else str(name)
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -1079,6 +1080,11 @@ def write_analogy(analogy: dict, out: Path) -> None:
         raise
 
 
+#: OSError numbers for a file name the output's file system refuses (ENAMETOOLONG: longer than its name limit,
+#: temporary name included; EINVAL: characters it does not take, as vfat's): ``data prepare`` fails that analogy only
+NAME_REFUSED_ERRNOS = frozenset((errno.ENAMETOOLONG, errno.EINVAL))
+
+
 def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_analogies: Optional[int] = None,
                          filter_categories: Optional[list[str]] = None, filter_json: Optional[str] = None,
                          min_pairs_per_category: int = 2, max_samples_per_category: Optional[int] = None,
@@ -1092,7 +1098,9 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
     decoded, and labels entries without their image, are skipped (``relation252k_pairs``). Returns ``{"analogies",
     "written", "skipped", "failed": [(id, error)], "unreadable": [(image, error)], "missing": [image],
     "categories_left_out": {category: usable pairs}}`` (the categories with fewer than ``min_pairs_per_category``
-    usable pairs, warned about).
+    usable pairs, warned about). An analogy that cannot be written (e.g. cell modes the official script cannot
+    concatenate, an id whose file names the file system refuses: ``NAME_REFUSED_ERRNOS``) is listed in "failed" and
+    the run goes on; an output folder that cannot take the files (a full disk, read-only) stops it (OSError).
 
     Nothing is written when ``out`` is a file, not writable, ``src`` itself or inside one of its categories, or
     holds a file named ``control`` or ``target`` or a folder named ``analogy_metadata.json``
@@ -1157,14 +1165,19 @@ def _prepare_locked(src, out: Path, *, max_analogies, filter_categories, filter_
             if _is_prepare_temporary(tmp):
                 tmp.unlink(missing_ok=True)
     def write_one(analogy: dict) -> tuple[str, Optional[str]]:
-        """("skipped", None) when its three files exist, ("written", None), or ("failed", error)."""
+        """("skipped", None) when its three files exist, ("written", None), or ("failed", error). A file name the
+        file system refuses (``NAME_REFUSED_ERRNOS``: an id longer than its name limit) fails this analogy only."""
         aid = analogy["id"]
         files = (out / "control" / f"{aid}.jpg", out / "target" / f"{aid}.jpg", out / "target" / f"{aid}.txt")
-        if all(f.is_file() for f in files):
-            return "skipped", None
         try:
+            if all(f.is_file() for f in files):  # a name too long raises here already
+                return "skipped", None
             write_analogy(analogy, out)
         except (OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.errno in NAME_REFUSED_ERRNOS:
+                return "failed", (f"the file system of {out} refuses its file names ({exc.strerror}): the analogy "
+                                  "id, made of its category and image names, is too long or holds characters it "
+                                  "does not take; shorten or rename them")
             if isinstance(exc, OSError) and exc.filename is not None and same_or_inside(exc.filename, out):
                 raise  # out cannot take the files (full disk, read-only): the run stops, naming the file
             return "failed", str(exc)

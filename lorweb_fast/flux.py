@@ -19,7 +19,7 @@ from torch import nn
 
 from . import lora_api
 from . import _locks
-from ._files import loads_json, save_figure_atomically
+from ._files import loads_json, recorded_location, save_figure_atomically
 from ._locks import holding, serialized_on_transformer
 from .layer import (LoRWeBLinear, group_offloading_modes, has_forward_hooks, has_plain_weight, one_analogy,
                     refuse_disk_group_offloading)
@@ -27,7 +27,8 @@ from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_e
     finished_through_interrupt, get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, \
     set_query
 from .validation import MIN_LONG_EDGE, MIN_MAX_AREA, check_device, check_generation_options, check_int, \
-    check_pipe_call, check_pipe_kwargs, check_real, diffusers_classes, warn, warn_aspect_ratios
+    check_pipe_call, check_pipe_kwargs, check_real, diffusers_classes, warn, warn_aspect_ratios, \
+    warn_grid_sizes
 
 
 # ----------------------------------------------------------------------------------------------------- grids
@@ -566,6 +567,9 @@ class AnalogyEncoder:
             raise ValueError(f"query_source='images' encodes a, a', b separately (like \"cat-aa'b\"); it cannot "
                              f"be combined with query_mode={query_mode!r}")
         self.name = str(model)
+        #: how a saved checkpoint records this encoder: a local folder by its absolute path (usable from any working
+        #: directory), a hub id as given
+        self.location = recorded_location(model)
         if isinstance(model, Path) or str(model).startswith(("/", ".", os.sep)):
             if not Path(model).is_dir():  # a local folder, not a hub id: named, not the hub's error
                 raise FileNotFoundError(f"analogy encoder folder not found: {model}")
@@ -923,6 +927,7 @@ class LoRWeBKontextPipeline:
         self._disabled_scale: Optional[float] = None  # the strength to restore after disable_lora
         self._fuse_scales: Optional[tuple] = None  # (strength before fuse_lora, strength it set), see unfuse_lora
         self._adapter_name = DEFAULT_ADAPTER_NAME  # diffusers' adapter name (load_lora_weights(adapter_name=...))
+        self._base_model_location: Optional[str] = None  # set by from_pretrained (see _base_model_name)
 
     def __repr__(self) -> str:
         """The adapter (name, layer count, N, r, strength, fused state), the resolution, the encoder and the inner
@@ -1017,7 +1022,9 @@ class LoRWeBKontextPipeline:
         load_lorweb_weights(pipe.transformer, weights, config, settings=explicit)
         if device is not None:
             pipe.to(device)
-        return cls(pipe, enc, **options)
+        wrapper = cls(pipe, enc, **options)
+        wrapper._base_model_location = recorded_location(model)  # taken now: the working directory may change
+        return wrapper
 
     # ------------------------------------------------------------- the diffusers/peft LoRA API (lora_api)
     @serialized_on_transformer
@@ -1295,7 +1302,7 @@ class LoRWeBKontextPipeline:
         """Write ``lorweb.safetensors`` (or ``weight_name``), ``config.yaml`` and a README model card
         (``lora_api.save_pretrained``)."""
         self._require_adapter()
-        return lora_api.save_pretrained(self.transformer, directory, encoder=self.encoder.name,
+        return lora_api.save_pretrained(self.transformer, directory, encoder=self.encoder.location,
                                         query_mode=self.encoder.query_mode, pooling_type=self.encoder.pooling_type,
                                         base_model=base_model or self._base_model_name(), training=training,
                                         query_source=self.encoder.query_source,
@@ -1308,7 +1315,7 @@ class LoRWeBKontextPipeline:
         kwargs.setdefault("query_mode", self.encoder.query_mode)
         kwargs.setdefault("pooling_type", self.encoder.pooling_type)
         kwargs.setdefault("query_source", self.encoder.query_source)
-        return lora_api.push_to_hub(self.transformer, repo_id, encoder=self.encoder.name, **kwargs)
+        return lora_api.push_to_hub(self.transformer, repo_id, encoder=self.encoder.location, **kwargs)
 
     def enable_model_cpu_offload(self, *args, **kwargs):
         """diffusers' model CPU offload of the wrapped pipeline; LoRWeB coefficients follow each layer's device."""
@@ -1391,8 +1398,12 @@ class LoRWeBKontextPipeline:
         return sorted(set(super().__dir__()) | set(forwarded))
 
     def _base_model_name(self) -> Optional[str]:
+        """The base model a saved checkpoint records: the one ``from_pretrained`` loaded (a local folder by its
+        absolute path), else the wrapped pipeline's ``_name_or_path`` (a local one made absolute)."""
+        if self._base_model_location is not None:
+            return self._base_model_location
         name = getattr(getattr(self.pipe, "config", None), "_name_or_path", None)
-        return str(name) if name else None
+        return recorded_location(name) if name else None
 
     def merge_strategy(self, merge: Union[bool, str], batch_size: int) -> str:
         """The strategy ``__call__`` runs for ``merge`` and ``batch_size`` samples: one of MERGE_STRATEGIES or
@@ -1494,8 +1505,12 @@ class LoRWeBKontextPipeline:
         self._require_adapter()
         check_pipe_kwargs(pipe_kwargs, type(self.pipe).__call__)
         a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
-        warn_aspect_ratios(a, a_prime, b, cells_from="a" if self.resolution == "official" else "b")
+        stretched = warn_aspect_ratios(a, a_prime, b, cells_from="a" if self.resolution == "official" else "b")
         grids = self.control_grids(a, a_prime, b, long_edge=long_edge)
+        if self.resolution == "native" and not stretched:  # the same shapes, other sizes (said once, not twice;
+            # the official resolution is set by the shape alone): the grid each analogy gets in a call of its own
+            cells = [_cell_size([image], long_edge or self.long_edge) for image in b]
+            warn_grid_sizes([(2 * w, 2 * h) for w, h in cells])
         count = len(grids)
         per_prompt = int(pipe_kwargs.get("num_images_per_prompt") or 1)
         if per_prompt > 1 and count > 1:

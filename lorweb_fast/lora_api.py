@@ -15,7 +15,6 @@ import logging
 import math
 import numbers
 import os
-import re
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 
 from .model import (CHECKPOINT_PREFIX, DEFAULT_ENCODER, LoRWeBCheckpointError, _refuse_merged, _require_layers,
                     checkpoint_metadata, load_lorweb_weights, lorweb_layers, remove_lorweb, save_lorweb_weights)
-from .validation import float_or_inf
+from .validation import float_or_inf, names_hub_repo
 
 logger = logging.getLogger(__name__)
 #: File names written by ``save_pretrained`` and looked for by ``load_lora_weights`` in a directory.
@@ -187,18 +186,11 @@ def get_lorweb_scale(model: nn.Module) -> float:
 #: diffusers' ``load_lora_weights`` options for a checkpoint on the Hugging Face Hub (huggingface_hub's own names);
 #: ``subfolder`` applies to a local folder too, the others only to a repo id
 HUB_OPTIONS = ("revision", "subfolder", "cache_dir", "local_files_only", "token", "force_download")
-_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
 def hub_repo_id(weights) -> Optional[str]:
     """``weights`` when it is a string naming a Hugging Face Hub repository ("owner/name", e.g. the released
     "hilamanor/lorweb") and not a local path: nothing of that name exists here, and no local folder is named like
     its owner part (``runs/lorweb_v2`` beside a ``runs/`` folder is a mistyped local path); else None."""
-    if not isinstance(weights, str) or not _HUB_REPO_ID.fullmatch(weights) or weights.lower().endswith(".safetensors"):
-        return None
-    if os.path.exists(weights) or os.path.isdir(weights.split("/")[0]):
-        return None
-    return weights
+    return weights if names_hub_repo(weights) and not weights.lower().endswith(".safetensors") else None
 
 
 def _no_single_folder(where: str, folders: list[str]) -> FileNotFoundError:
@@ -497,8 +489,16 @@ def model_card(model: nn.Module, *, encoder: str = DEFAULT_ENCODER, base_model: 
             ("training data", training.get("data", "unknown")), ("training steps", training.get("steps", "unknown"))]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     source = repo_id or "path/to/this/folder"
+    import json
+
+    import yaml
+
+    # quoted where YAML needs it (a local folder's ' #', ': ', a leading '[' ...): the Hub parses the front matter
+    front = yaml.safe_dump({"base_model": base}, allow_unicode=True, width=float("inf")).rstrip("\n")
+    base_literal, weights_literal = (json.dumps(text, ensure_ascii=False)  # Python string literals, any path
+                                     for text in (base, f"{source}/{weight_name}"))
     return f"""---
-base_model: {base}
+{front}
 library_name: diffusers
 tags:
 - lorweb
@@ -522,7 +522,7 @@ a : a' :: b : ?) for {base}, in the official checkpoint format (`{weight_name}`,
 import torch
 from lorweb_fast.flux import LoRWeBKontextPipeline
 
-pipe = LoRWeBKontextPipeline.from_pretrained("{base}", "{source}/{weight_name}", dtype=torch.bfloat16,
+pipe = LoRWeBKontextPipeline.from_pretrained({base_literal}, {weights_literal}, dtype=torch.bfloat16,
                                              device="cuda")
 (b_prime,) = pipe("a.png", "a_prime.png", "b.png", "describe the edit")
 b_prime.save("b_prime.png")

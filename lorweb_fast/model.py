@@ -291,6 +291,17 @@ def finished_through_interrupt(work) -> Optional[BaseException]:
     return None
 
 
+@contextlib.contextmanager
+def global_rng_kept():
+    """torch's process-wide random states (the CPU generator and, once CUDA is initialised, every CUDA device's)
+    put back after the block: initial values drawn in it (layers whose tensors a checkpoint overwrites at once, or
+    the trainer's seeded initial basis) leave the caller's own later draws as they were, as diffusers' and
+    transformers' loaders do."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
 def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None) -> dict:
     """The layers ``build()`` makes ({name: LoRWeBLinear} around the model's modules) swapped into ``model``, the
     query projections kept out of layerwise casting and, with ``freeze_base_model``, the rest frozen; then
@@ -537,6 +548,30 @@ def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _sort_safetensors_metadata(path: str) -> None:
+    """Rewrite, in place, the JSON header of the safetensors file ``path`` with its ``__metadata__`` entries in
+    sorted order. safetensors writes them in its hash map's order, which changes from call to call: the same model
+    and metadata saved twice gave files with other bytes (another SHA-256, which ``eval generate`` records to check
+    a resumed run's checkpoint). The tensors' entries keep their (deterministic) order; the header keeps its length
+    (the same JSON, entries reordered; padded with spaces as safetensors pads it), so the data is not moved."""
+    import json
+    import struct
+
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        header = {"__metadata__": header.pop("__metadata__"), **header}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > length:  # the same entries, compact: never longer than what safetensors wrote
+            raise RuntimeError(f"{path}: its safetensors header ({length} bytes) could not be rewritten in sorted "
+                               f"order in place ({len(text)} bytes)")
+        f.seek(8)
+        f.write(text + b" " * (length - len(text)))
+
+
 def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadata: Optional[dict] = None, *,
                         state_dict: Optional[Mapping[str, torch.Tensor]] = None,
                         dtype: Optional[torch.dtype] = None, config: Optional[Mapping] = None,
@@ -671,6 +706,7 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         temps.append((tmp, path))
         with naming_the_file(path):  # a full disk names the file it could not take
             save_file(state, tmp, metadata=meta)
+            _sort_safetensors_metadata(tmp)
         default_permissions(tmp)  # safetensors' own 0600 (it writes the file anew) would survive the rename
         for tmp, final in temps:
             kept = _keep_copy(final)
@@ -788,7 +824,9 @@ def _new_parameters_on_meta() -> Optional[str]:
     registers to meta (a patched ``register_parameter``, whatever the default device: a probe parameter shows it)."""
     if torch.get_default_device().type == "meta":
         return "the default device (a torch.device('meta') context) is"
-    if nn.Linear(1, 1, bias=False).weight.device.type == "meta":
+    probe = nn.Module()  # a parameter registered as a layer registers its own (no random initial values drawn)
+    probe.register_parameter("weight", nn.Parameter(torch.empty(0)))
+    if probe.weight.device.type == "meta":
         return "every new parameter (inside accelerate's init_empty_weights()) is"
     return None
 
@@ -1151,16 +1189,17 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     # interrupt is raised): the model then holds the whole checkpoint, never a mix
     def build() -> dict:
         new_layers = {}
-        for name, tensors in groups.items():
-            if name in existing:
-                continue
-            n, _, r = tensors["lora_A"].shape
-            key_dim = tensors["lora_keys"].shape[1]
-            query_dim = tensors["att_lora_to_q.weight"].shape[1] if projection == "linear" else key_dim
-            new_layers[name] = LoRWeBLinear(modules[name], num_loras=n, rank=r, lora_alpha=cfg["scale"] * r,
-                                            key_dim=key_dim, query_dim=query_dim, heads=cfg["heads"],
-                                            activation=cfg["activation"], reduce=cfg["reduce"],
-                                            query_projection_type=projection)
+        with global_rng_kept():  # the initial values the checkpoint overwrites: not drawn from the caller's RNG
+            for name, tensors in groups.items():
+                if name in existing:
+                    continue
+                n, _, r = tensors["lora_A"].shape
+                key_dim = tensors["lora_keys"].shape[1]
+                query_dim = tensors["att_lora_to_q.weight"].shape[1] if projection == "linear" else key_dim
+                new_layers[name] = LoRWeBLinear(modules[name], num_loras=n, rank=r, lora_alpha=cfg["scale"] * r,
+                                                key_dim=key_dim, query_dim=query_dim, heads=cfg["heads"],
+                                                activation=cfg["activation"], reduce=cfg["reduce"],
+                                                query_projection_type=projection)
         return new_layers
 
     interrupted = []

@@ -87,7 +87,7 @@ def encoder_family(name) -> Optional[str]:
     path = Path(text)
     if (path / "config.json").is_file():
         try:
-            text = str(loads_json((path / "config.json").read_text()).get("model_type", ""))
+            text = str(loads_json((path / "config.json").read_text(encoding="utf-8")).get("model_type", ""))
         except (OSError, ValueError, AttributeError):
             return None
     elif path.exists():
@@ -149,7 +149,7 @@ def read_config_yaml(path: Union[str, os.PathLike], *, recorded_scale: Optional[
     if not path.is_file():
         raise FileNotFoundError(f"LoRWeB config not found: {path}")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))  # as write_config_yaml writes it
         network = doc["config"]["process"][0]["network"]
         kwargs = network.get("network_kwargs") or {}
     except Exception as exc:  # yaml errors, missing keys, wrong types

@@ -48,8 +48,8 @@ from . import _locks
 from ._locks import holding
 from .data import (BIDIRECTIONAL, LAYOUTS, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, RESIZE_MODES,
                    AnalogyDataError, AnalogyFolder, bidirectional_swap)
-from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, inject_lorweb, load_lorweb_weights, \
-    lorweb_layers, lorweb_state_dict, save_lorweb_weights, set_query
+from .model import DEFAULT_ENCODER, LoRWeBConfig, checkpoint_metadata, global_rng_kept, inject_lorweb, \
+    load_lorweb_weights, lorweb_layers, lorweb_state_dict, save_lorweb_weights, set_query
 from .official_config import CONFIG_NAME, DTYPE_NAMES
 from .reference import ACTIVATIONS, REDUCTIONS
 from .validation import REPORTED_BY_MAIN_PROCESS, MissingDependencyError, check_train_config, diffusers_classes, \
@@ -1549,14 +1549,15 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
     if lorweb_layers(transformer):  # injected by the caller: they must be what cfg (and so the saved config) says
         _check_injected_layers(transformer, cfg, encoder.query_dim)
     if not lorweb_layers(transformer):
-        torch.manual_seed(cfg.seed)  # the same initial basis, keys and projections on every rank and every run
-        # created and initialised in fp32 (official: AttLoRAModule.__init__ builds its parameters in fp32), not in
-        # the base's bf16 and cast afterwards: the fp32 masters do not start on the bf16 grid
-        inject_lorweb(transformer, LoRWeBConfig(num_loras=cfg.num_loras, rank=cfg.rank, key_dim=cfg.key_dim,
-                                                query_dim=encoder.query_dim, heads=cfg.heads,
-                                                activation=cfg.activation, reduce=cfg.reduce,
-                                                query_projection_type=cfg.query_projection_type),
-                      dtype=torch.float32)
+        with global_rng_kept():  # the caller's own RNG states are given back afterwards
+            torch.manual_seed(cfg.seed)  # the same initial basis, keys and projections on every rank and every run
+            # created and initialised in fp32 (official: AttLoRAModule.__init__ builds its parameters in fp32), not
+            # in the base's bf16 and cast afterwards: the fp32 masters do not start on the bf16 grid
+            inject_lorweb(transformer, LoRWeBConfig(num_loras=cfg.num_loras, rank=cfg.rank, key_dim=cfg.key_dim,
+                                                    query_dim=encoder.query_dim, heads=cfg.heads,
+                                                    activation=cfg.activation, reduce=cfg.reduce,
+                                                    query_projection_type=cfg.query_projection_type),
+                          dtype=torch.float32)
     params, names = [], []
     for layer_name, layer in lorweb_layers(transformer).items():
         for suffix, p in layer.lorweb_tensors().items():
@@ -1625,8 +1626,10 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
         if sampler.buckets is not None and accelerator.is_main_process:
             logger.info("%d training buckets (W x H: samples): %s", len(sampler.buckets),
                         ", ".join(f"{w}x{h}: {len(m)}" for (w, h), m in sampler.buckets.items()))
+        # its own generator: the base seed of its workers is not drawn from the caller's global RNG
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
-                                             num_workers=cfg.num_workers)
+                                             num_workers=cfg.num_workers,
+                                             generator=torch.Generator().manual_seed(derived_seed(cfg.seed)))
 
         log_path, png_path = out / "loss.jsonl", out / "loss.png"
         if accelerator.is_main_process:

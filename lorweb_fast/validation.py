@@ -398,13 +398,14 @@ def _bound_registry(registry) -> None:
 EXTREME_ASPECT_RATIO = 4.0
 
 
-def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, cells_from: str = "b") -> None:
+def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, cells_from: str = "b") -> bool:
     """Warn when the images that set the cell shape (``cells_from``: "b" at the native resolution, "a" at the
     official one, where every cell takes a's size) have different aspect ratios within a batch (every grid then
     uses the first one's shape) or when any image is more elongated than ``EXTREME_ASPECT_RATIO`` (its cell
-    squashes it)."""
+    squashes it). Returns whether the batch's aspect ratios differ (warned)."""
     ratios = [im.size[0] / max(1, im.size[1]) for im in (a if cells_from == "a" else b)]
-    if len(ratios) > 1 and max(ratios) / min(ratios) > 1.01:
+    stretched = len(ratios) > 1 and max(ratios) / min(ratios) > 1.01
+    if stretched:
         shown = ", ".join(f"{r:.2f}" for r in ratios)
         warn(f"the {cells_from} images of this batch have different aspect ratios ({shown}"
              "); every grid uses the first analogy's cell shape, so the others are stretched. Run them in "
@@ -416,6 +417,19 @@ def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, cells_fro
                 warn(f"{role}[{i}] is {w}x{h} (aspect ratio {max(w, h) / max(1, min(w, h)):.1f}:1); the "
                      "2x2 analogy grid squashes such extreme shapes. Crop it closer to square for better "
                      "results")
+    return stretched
+
+
+def warn_grid_sizes(sizes: Sequence[tuple[int, int]]) -> None:
+    """Warn when the analogies of one batch at the native resolution would get control grids of different sizes in
+    calls of their own (``sizes``: (width, height) each, from each b's size): the batch makes every grid at the first
+    one's size, so the others' b' differ from one-by-one calls (another resolution). The official resolution needs
+    no such warning: the generation size follows the grid's shape and ``max_area`` only, in a batch as alone."""
+    if len(set(sizes)) > 1:
+        shown = ", ".join(f"{w}x{h}" for w, h in sizes)
+        warn(f"the b images of this batch give control grids of different sizes in calls of their own ({shown}); "
+             "the batch makes every grid at the first one's size, so the others' b' differ from one-by-one calls. "
+             "Run them in separate calls, or give b images of one size")
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -675,12 +689,17 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+#: a Hugging Face Hub repo id, "owner/name" (the pattern ``lora_api.hub_repo_id`` takes for --weights)
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def _looks_like_path(name: str) -> bool:
-    return (os.path.isabs(name) or name.startswith((".", "~")) or os.sep in name.replace("/", "", 1)
-            or (os.altsep is not None and os.altsep in name) or not _HUB_ID.fullmatch(name))
+def names_hub_repo(name) -> bool:
+    """Whether ``name`` names a Hugging Face Hub repo rather than a local path (the README's rule): a string shaped
+    "owner/name" (``HUB_REPO_ID``) of which nothing exists here and whose owner part is no local folder
+    (``models/pipe_typo`` beside a ``models/`` folder is a mistyped local path). ``~`` is not expanded, as nowhere in
+    this package: a shell expands an unquoted one, and a quoted one names a folder ``~``."""
+    return (isinstance(name, str) and HUB_REPO_ID.fullmatch(name) is not None and not os.path.exists(name)
+            and not os.path.isdir(name.split("/")[0]))
 
 
 def _hub_cached(repo_id: str, filename: str) -> bool:
@@ -696,21 +715,35 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def check_model_source(option: str, name: str, marker: str, *, hint: str = "") -> str:
-    """A model given as a local folder or a hub id: an existing path must be a folder; a path-like name must exist;
-    a hub id must be cached when HF_HUB_OFFLINE is set. ``marker`` is the file a cached hub snapshot holds."""
+def model_source_problem(name, marker: str) -> Optional[str]:
+    """Why the model ``name`` (a local folder or a Hugging Face Hub repo id, ``names_hub_repo``) cannot be loaded,
+    found without loading it ("does not exist on this machine", "is a file; ...", ...), to follow the name in a
+    message; None when it can be tried. ``marker`` is the file a model folder (and a cached hub snapshot) holds. The
+    name is used as given (``~`` is not expanded, as the loaders do not expand it)."""
     name = str(name)
-    path = Path(name).expanduser()
+    path = Path(name)
     if path.exists():
         if not path.is_dir():
-            raise UsageError(f"{option} {name} is a file; give a model folder or a hub id{hint}")
+            return "is a file; give a model folder or a hub id"
         if not (path / marker).is_file():
-            raise UsageError(f"{option} {name} is not a saved model folder (it has no {marker}){hint}")
-        return name
-    if _looks_like_path(name):
-        raise UsageError(f"{option} {name} does not exist on this machine{hint}")
+            return f"is not a saved model folder (it has no {marker})"
+        return None
+    if not names_hub_repo(name):
+        return "does not exist on this machine" + (" (a quoted ~ is not expanded: leave it unquoted for the shell to "
+                                                   "expand, or give the full path)" if name.startswith("~") else "")
     if _offline() and not _hub_cached(name, marker):
-        raise UsageError(f"{option} {name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set{hint}")
+        return "is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+    return None
+
+
+def check_model_source(option: str, name: str, marker: str, *, hint: str = "") -> str:
+    """A model given as a local folder or a hub id: an existing path must be a folder holding ``marker``; a name that
+    is no hub id (``names_hub_repo``) must exist; a hub id must be cached when HF_HUB_OFFLINE is set. UsageError
+    "<option> <name> <problem><hint>" (``model_source_problem``) otherwise; returns ``name`` (a str), as given."""
+    name = str(name)
+    problem = model_source_problem(name, marker)
+    if problem is not None:
+        raise UsageError(f"{option} {name} {problem}{hint}")
     return name
 
 

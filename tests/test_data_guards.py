@@ -770,3 +770,31 @@ def test_symlinked_target_folders_are_not_entered_and_are_named(tmp_path, capsys
     assert _quiet(lambda: cli.main(["data", "check", str(root), "--quiet"])) == 0
     assert "symlinked folders under target/ not entered (as the official loader): 1, e.g." in capsys.readouterr().out
     assert AnalogyFolder(_sample(tmp_path / "clean", "a", (60, 14), (24, 18))).unfollowed_links == []
+
+
+def test_data_prepare_a_file_name_the_file_system_refuses_fails_that_analogy_only(tmp_path, monkeypatch):
+    """An analogy whose file names the output's file system refuses (EINVAL, as vfat for some characters;
+    ENAMETOOLONG) is listed as failed, naming the cause, and the run goes on to write analogy_metadata.json; an
+    output that cannot take files (ENOSPC) still stops the run."""
+    import errno
+    import os
+
+    _relation252k(tmp_path / "rel")
+    real = data.write_analogy
+
+    def write(analogy, out, code=errno.EINVAL):
+        if analogy["id"].endswith("_0001"):
+            path = out / "control" / f"{analogy['id']}.jpg"
+            raise OSError(code, os.strerror(code), str(path))
+        return real(analogy, out)
+
+    monkeypatch.setattr(data, "write_analogy", write)
+    report = data.prepare_relation252k(tmp_path / "rel", tmp_path / "out", progress=False)
+    assert [f for f, _ in report["failed"]] == ["analogy_cat-a_img0.png_cat-a_img2.png_0001"]
+    assert "refuses its file names (Invalid argument)" in report["failed"][0][1]
+    ids = [m["analogy_id"] for m in json.loads((tmp_path / "out" / "analogy_metadata.json").read_text())]
+    assert ids == ["analogy_cat-a_img0.png_cat-a_img1.png_0000", "analogy_cat-a_img1.png_cat-a_img2.png_0002"]
+    monkeypatch.setattr(data, "write_analogy", lambda analogy, out: write(analogy, out, errno.ENOSPC))
+    with pytest.raises(OSError, match="No space left"):
+        data.prepare_relation252k(tmp_path / "rel", tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2" / "analogy_metadata.json").exists()

@@ -881,3 +881,77 @@ def test_a_cached_answer_that_is_not_text_is_asked_again(tmp_path):
     cached.write_text(json.dumps(rec))
     res = S.score_run("ours", items, tmp_path / "rep", metrics=["vlm"], judge=judge, progress=False)
     assert len(judge.asked) == 2 and res["failures"] == []
+
+
+# ------------------------------------------------------------------------------------ paths and names (audit)
+def _generate_argv(root, *extra):
+    """``eval generate`` over a one-triplet folder evaluation set with marker-only model/ and clip/ folders
+    (``infer_input_files``) and a checkpoint recording ``root/clip`` as its encoder."""
+    import lorweb_fast as lf
+    from lorweb_fast.testing import infer_input_files, tiny_lorweb_linear_model
+
+    infer_input_files(root)
+    lf.save_lorweb_weights(tiny_lorweb_linear_model(), root / "w.safetensors", metadata={"encoder": str(root / "clip")})
+    ev = tiny.make_folder_evalset(root / "ev", tasks=("flip",), per_task=1)
+    return ["eval", "generate", "--evalset", str(ev), "--weights", str(root / "w.safetensors"), "--model",
+            str(root / "model"), "--out", str(root / "runs"), "--device", "cpu", "--quiet", *map(str, extra)]
+
+
+@pytest.mark.parametrize("case", ["--encoder", "the checkpoint's encoder", "~ not expanded"])
+def test_eval_generate_checks_the_encoder_as_infer_before_loading(tmp_path, monkeypatch, capsys, case):
+    """``eval generate`` refuses a missing --encoder, a missing encoder named in the checkpoint (without --encoder)
+    and a quoted ``~/...`` --model (``~`` is not expanded: the loader would get it as typed) in one line naming it,
+    before any model loads or anything is written."""
+    import lorweb_fast as lf
+    from lorweb_fast import cli
+    from lorweb_fast.flux import LoRWeBKontextPipeline
+    from lorweb_fast.testing import tiny_lorweb_linear_model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(LoRWeBKontextPipeline, "from_pretrained", staticmethod(no_load))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    argv = _generate_argv(tmp_path)
+    missing = str(tmp_path / "no clip")
+    if case == "--encoder":
+        argv += ["--encoder", missing]
+        fragment = f"--encoder {missing} does not exist on this machine"
+    elif case == "the checkpoint's encoder":
+        lf.save_lorweb_weights(tiny_lorweb_linear_model(), tmp_path / "w.safetensors", metadata={"encoder": missing})
+        fragment = (f"the analogy encoder {missing!r} named in the checkpoint's config/metadata: {missing} does not "
+                    "exist")
+    else:
+        argv[argv.index("--model") + 1] = "~/model"  # $HOME/model exists
+        fragment = "--model ~/model does not exist on this machine (a quoted ~ is not expanded"
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_names_holding_bars_and_dollars_stay_in_their_cells_and_are_drawn_as_text(tmp_path):
+    """Runs folder and baseline names holding ``|`` and ``$`` (mathtext delimiters): every row of summary.md's tables
+    has its header's cells, the name in one of them, and both plots are drawn."""
+    pytest.importorskip("matplotlib")
+    base = "b|$5_vs_$10"
+    rows = [{"id": "t/0", "task": "t", "clip_dir": 0.5, "lpips": 0.1, "vlm_accuracy": 7.0, "vlm_consistency": 8.0,
+             "pairwise": {base: {"order": ["run", "against"], "won": True}}}]
+    report = {name: R.aggregate(rows, [], baselines=[base]) for name in ("cost_$5_vs_$10", "v1|v2")}
+    text = R.summary_markdown(report, {"against": {base: ["x"]}})
+
+    def cells(line):
+        return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+    header = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = None
+        elif header is None:
+            header = cells(line)
+        elif not line.startswith("|---"):
+            assert len(cells(line)) == len(header) and cells(line)[0] in report, line
+    assert f"Pairwise VLM (%) vs {base}" in [c.strip().replace("\\|", "|") for c in re.split(
+        r"(?<!\\)\|", next(line for line in text.splitlines() if line.startswith("| Model | Pres.")))]
+    assert R.plot_preservation_vs_accuracy(report, tmp_path / "p.png").is_file()
+    assert R.plot_win_rates(report, [base], tmp_path / "w.png").is_file()

@@ -56,7 +56,9 @@ def make_released(root, sizes, a_size=(60, 40), n_a_prime=1):
 @pytest.fixture()
 def fake_loader(tmp_path, monkeypatch):
     """``LoRWeBKontextPipeline.from_pretrained`` replaced by a recorder returning an EchoPipe (no model loads); a
-    checkpoint file to pass as --weights. Returns (loads, pipe, weights): loads lists the loader's kwargs."""
+    checkpoint file to pass as --weights; the current directory is ``tmp_path``, holding a marker-only model folder
+    ``m`` (--model is checked before anything loads). Returns (loads, pipe, weights): loads lists the loader's
+    kwargs."""
     from safetensors.torch import save_file
 
     from lorweb_fast.flux import LoRWeBKontextPipeline
@@ -68,6 +70,9 @@ def fake_loader(tmp_path, monkeypatch):
         return pipe
 
     monkeypatch.setattr(LoRWeBKontextPipeline, "from_pretrained", staticmethod(from_pretrained))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text("{}")
     weights = tmp_path / "lorweb.safetensors"
     save_file({"x": torch.zeros(1)}, str(weights))
     return loads, pipe, weights

@@ -282,6 +282,19 @@ def test_an_own_checkpoints_lora_alpha_loads_without_the_linear_alpha_warning(tm
     assert settings["rank"] == 2
 
 
+def test_the_card_usage_is_python_that_names_any_base_model_and_folder():
+    """The model card's usage block parses as Python and passes the base model and the weights' path exactly, also
+    for names holding quotes, backslashes or non-ASCII characters (a local folder's path)."""
+    import ast
+
+    base, repo = 'C:\\models\\"flux" é', "me/it's"
+    card = lora_api.model_card(tiny_model(), base_model=base, repo_id=repo, weight_name="w.safetensors")
+    code = card.split("```python\n")[1].split("```")[0]
+    call = next(node for node in ast.walk(ast.parse(code))
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_pretrained")
+    assert [ast.literal_eval(arg) for arg in call.args] == [base, f"{repo}/w.safetensors"]
+
+
 def test_save_pretrained_names_the_base_model_in_the_card_and_config(tmp_path):
     """base_model goes into the model card's front matter and usage, and into config.yaml's model path."""
     import yaml

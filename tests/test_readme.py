@@ -351,7 +351,8 @@ def _prose_call_error(fn, call_text: str, bound: bool):
     if module is None or not module.__name__.startswith("lorweb_fast") or call_text == "()" \
             or "..." in call_text.replace("=...", ""):
         return None
-    call = ast.parse("f" + call_text, mode="eval").body
+    # a signature written with a bare ``*`` (keyword-only parameters after it) is read as the call it allows
+    call = ast.parse("f" + re.sub(r"([(,]\s*)\*\s*,\s*", r"\1", call_text), mode="eval").body
     positional = [None] * (len(call.args) + bound)
     keywords = {k.arg: None for k in call.keywords if k.arg is not None}
     try:

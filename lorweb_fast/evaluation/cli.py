@@ -170,6 +170,10 @@ def run_score(args) -> dict:
         read_runs(paths)
         for path in runs_folders(paths):
             check_outside("--out", args.out, path, f"runs folder {name!r}")
+    if "clip_dir" in metrics:  # a missing local --encoder is named as such before a judge spends its load time
+        from .metrics import check_clip_encoder
+
+        check_clip_encoder(args.encoder)
     if "lpips" in metrics:  # its package and weights file are found missing before a judge spends its load time
         from .metrics import check_lpips
 

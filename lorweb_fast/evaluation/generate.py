@@ -117,7 +117,7 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
     path = out / "run.json"
     if path.is_file():
         try:
-            old = loads_json(path.read_text())
+            old = loads_json(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise EvalInputError(f"{path} is not valid JSON ({exc})") from exc
         if not isinstance(old, dict):
@@ -255,7 +255,7 @@ def _recorded_triplets(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return {r["id"]: r for r in loads_json(path.read_text())}
+        return {r["id"]: r for r in loads_json(path.read_text(encoding="utf-8"))}
     except (json.JSONDecodeError, TypeError, KeyError) as exc:
         raise EvalInputError(f"{path} is not a JSON list of triplet records ({exc!r})") from exc
 
@@ -402,7 +402,7 @@ def run_generate(args) -> dict:
     """``lorweb-fast eval generate``: every option and input checked, then ``generate`` under the ``--out`` lock;
     returns its {"generated", "skipped"}."""
     from ..cli import DTYPES, _device
-    from ..validation import check_device
+    from ..validation import check_device, check_model_source
     from ..flux import LoRWeBKontextPipeline
     from ..lora_api import resolve_checkpoint
     from .evalsets import check_outside, detect_format, first_per_task, read_evalset
@@ -418,6 +418,10 @@ def run_generate(args) -> dict:
     if args.resolution == "native" and args.max_size is not None:
         raise EvalInputError("--max-size applies to --resolution official; the native resolution is capped by "
                              "--long-edge")
+    # as infer and train: a missing local folder (or a hub id not cached offline) is one line, before anything loads
+    check_model_source("--model", args.model, "model_index.json")
+    if args.encoder is not None:
+        check_model_source("--encoder", args.encoder, "config.json")
     fmt = detect_format(args.evalset) if args.format == "auto" else args.format
     picked = read_evalset(args.evalset, fmt, seed=args.pair_seed, b_per_pair=args.b_per_pair,
                           pairs_file=args.pairs, tasks=args.tasks)
@@ -431,6 +435,12 @@ def run_generate(args) -> dict:
     # mix the b' of two of them (the file and its SHA-256 are recorded and checked on resume)
     weights_file, config = resolve_checkpoint(args.weights, getattr(args, "weight_name", None),
                                               revision=getattr(args, "revision", None))
+    if args.encoder is None:  # the encoder the checkpoint names, checked as infer checks it
+        from ..model import resolve_checkpoint_settings
+
+        encoder_name = resolve_checkpoint_settings(weights_file, config)["encoder"]
+        check_model_source(f"the analogy encoder {encoder_name!r} named in the checkpoint's config/metadata:",
+                           encoder_name, "config.json", hint="; pass --encoder")
     # one run per folder: a second `eval generate` into it (started twice) would race on its records
     lock = FolderLock(out, GENERATE_LOCK_NAME, "eval generate run")
     try:

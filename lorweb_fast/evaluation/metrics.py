@@ -37,9 +37,20 @@ def weights_signature(path: Union[str, Path]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- CLIP
+def check_clip_encoder(encoder: Union[str, Path]) -> None:
+    """EvalInputError when the CLIP ``encoder`` can be seen not to load without loading it: a local path that does
+    not exist or is no model folder, a hub id not cached under HF_HUB_OFFLINE (``validation.model_source_problem``;
+    transformers would call a missing absolute path a malformed repo id)."""
+    from ..validation import model_source_problem
+
+    problem = model_source_problem(encoder, "config.json")
+    if problem is not None:
+        raise EvalInputError(f"cannot load the CLIP encoder {encoder}: it {problem}")
+
+
 class ClipDirectional:
     """CLIP directional similarity. ``encoder``: hub id or local directory of a CLIP checkpoint, loaded frozen in
-    ``dtype`` on ``device`` (None: CPU); EvalInputError when it cannot be loaded."""
+    ``dtype`` on ``device`` (None: CPU); EvalInputError when it cannot be loaded (``check_clip_encoder`` first)."""
 
     @holding(_locks.LOADING)  # model loads are serialized per process (see _locks)
     def __init__(self, encoder: Union[str, Path] = DEFAULT_CLIP, *, device=None, dtype=torch.float32):
@@ -48,6 +59,7 @@ class ClipDirectional:
         from ..flux import _official_processor
 
         self.name = str(encoder)
+        check_clip_encoder(self.name)
         try:
             model = CLIPVisionModelWithProjection.from_pretrained(encoder, dtype=dtype)
             # the slow (PIL) processor at the model's image size, as the official query

@@ -98,12 +98,19 @@ def _fmt(v, digits=2, pct=False) -> str:
     return f"{100 * v:.1f}" if pct else f"{v:.{digits}f}"
 
 
+def _cell(name) -> str:
+    """A name (a runs folder's, a baseline's) as the text of one Markdown table cell: ``|`` escaped as ``\\|`` (it
+    would end the cell) and line breaks as spaces (they would end the row)."""
+    return " ".join(str(name).replace("|", "\\|").splitlines())
+
+
 def summary_markdown(report: dict, settings: dict) -> str:
     """``summary.md``'s text: the paper's table (Pres. (VLM), Acc. (VLM), LPIPS, CLIP Dir., order-balanced pairwise
-    win rates (%) per baseline) for every method of ``report`` ({name: ``aggregate``}), counts, notes, settings."""
+    win rates (%) per baseline) for every method of ``report`` ({name: ``aggregate``}), counts, notes, settings.
+    Names in table cells are escaped (``_cell``)."""
     baselines = list(settings.get("against") or {})
     head = ["Model", "Pres. (VLM)", "Acc. (VLM)", "LPIPS", "CLIP Dir."]
-    head += [f"Pairwise VLM (%) vs {b}" for b in baselines]
+    head += [f"Pairwise VLM (%) vs {_cell(b)}" for b in baselines]
     lines = ["# Evaluation summary", "",
              "Means per task, then over tasks (the paper's protocol). Pres. (VLM) = consistency, Acc. (VLM) = "
              "editing accuracy (1-10, Gemma-3 judge); LPIPS between b and b' (lower = better preservation); CLIP "
@@ -111,7 +118,8 @@ def summary_markdown(report: dict, settings: dict) -> str:
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rep in report.items():
         o = rep["overall"]
-        cells = [name, _fmt(o["vlm_consistency"]), _fmt(o["vlm_accuracy"]), _fmt(o["lpips"]), _fmt(o["clip_dir"])]
+        cells = [_cell(name), _fmt(o["vlm_consistency"]), _fmt(o["vlm_accuracy"]), _fmt(o["lpips"]),
+                 _fmt(o["clip_dir"])]
         cells += [_fmt(o.get("pairwise", {}).get(b, {}).get("order_balanced_win_rate"), pct=True) for b in baselines]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| Model | tasks | triplets | failures |", "|---|---|---|---|"]
@@ -119,7 +127,7 @@ def summary_markdown(report: dict, settings: dict) -> str:
         o = rep["overall"]
         by_kind = ", ".join(f"{k}: {v}" for k, v in o["failures_by_kind"].items())
         count = f"{o['failures']}" + (f" ({by_kind})" if by_kind else "")
-        lines.append(f"| {name} | {o['tasks']} | {o['triplets']} | {count} |")
+        lines.append(f"| {_cell(name)} | {o['tasks']} | {o['triplets']} | {count} |")
     coverage = settings.get("coverage")
     if coverage:
         from .score import coverage_text
@@ -142,9 +150,16 @@ def summary_markdown(report: dict, settings: dict) -> str:
                 p = rep["overall"]["pairwise"][b]
                 rates = " | ".join(_fmt(p[k], pct=True) for k in ("win_rate", "win_rate_as_b1", "win_rate_as_b2",
                                                                    "order_balanced_win_rate"))
-                lines.append(f"| {name} | {b} | {rates} | {p['balanced_tasks']} | {p['n']} | {p['failures']} |")
+                lines.append(f"| {_cell(name)} | {_cell(b)} | {rates} | {p['balanced_tasks']} | {p['n']} | "
+                             f"{p['failures']} |")
     lines += ["", f"Settings: `{json.dumps(settings)}`", ""]
     return "\n".join(lines)
+
+
+def _plain(name) -> str:
+    """A name (a runs folder's, a baseline's) as matplotlib text drawn literally: ``$`` escaped, else a pair of them
+    is parsed as mathtext (a syntax error in most names: the plot, and ``eval score``, fail)."""
+    return str(name).replace("$", r"\$")
 
 
 def pareto_front(points: Sequence[tuple]) -> list:
@@ -179,7 +194,7 @@ def plot_preservation_vs_accuracy(report: dict, path: Path) -> Optional[Path]:
     ax = fig.subplots()
     ax.scatter(xs, ys, s=40, zorder=3)
     for x, y, n in zip(xs, ys, names):
-        ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(_plain(n), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="tab:red", label="Pareto front", zorder=2)
     if flip < 0:
         ax.invert_xaxis()
@@ -209,13 +224,13 @@ def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Option
     for i, n in enumerate(names):
         rates = [report[n]["overall"]["pairwise"][b]["order_balanced_win_rate"] for b in baselines]
         vals = [100 * r if r is not None else 0.0 for r in rates]
-        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=n)
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=_plain(n))
         for bar, r in zip(bars, rates):
             ax.annotate("N/A" if r is None else f"{100 * r:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)
     ax.axhline(50, color="gray", linestyle="--", linewidth=1)
     ax.set_xticks(x)
-    ax.set_xticklabels([f"vs {b}" for b in baselines])
+    ax.set_xticklabels([f"vs {_plain(b)}" for b in baselines])
     ax.set_ylim(0, 100)
     ax.set_ylabel("Pairwise VLM win rate (%)")
     ax.set_title("2AFC win rates (order balanced)")

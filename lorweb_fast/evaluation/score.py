@@ -39,7 +39,7 @@ class MetricCache:
         self.path = Path(path)
         self.values: dict = {}
         if self.path.is_file() and not self.path.is_symlink():
-            for line in self.path.read_text().splitlines():
+            for line in self.path.read_text(encoding="utf-8").splitlines():  # put_many appends UTF-8
                 try:
                     rec = loads_json(line)
                     self.values[(rec["id"], rec["metric"])] = (rec["sig"], rec["value"])

@@ -104,7 +104,7 @@ def make_folder_evalset(root: Union[str, Path], tasks: Sequence[str] = ("flip", 
             fn(a).save(d / "a_prime.png")
             a.save(d / "a.png")
             random_picture(rng, size).save(d / "b.png")
-            (d / "prompt.txt").write_text(prompt + "\n")
+            (d / "prompt.txt").write_text(prompt + "\n", encoding="utf-8")
     return root
 
 
@@ -129,7 +129,7 @@ def make_runs_folder(root: Union[str, Path], evalset: Union[str, Path], *, b_pri
         else:
             b_prime = b_prime_fn(b, rng)
         b_prime.save(d / "b_prime.png")
-        (d / "prompt.txt").write_text(prompt.read_text())
+        (d / "prompt.txt").write_text(prompt.read_text(encoding="utf-8"), encoding="utf-8")
     return root
 
 
