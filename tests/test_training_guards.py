@@ -519,14 +519,14 @@ def test_evaluation_loss_uses_fixed_bucket_batches_seeds_and_no_caption_dropout(
 
 # -------------------------------------------------------------------------------- what a checkpoint records
 def test_recorded_locations_are_absolute_for_local_paths_only(tmp_path, monkeypatch):
-    """A local model folder is recorded as an absolute path (also when given relative or with ``~``); a hub id,
-    which is no local path, is recorded unchanged."""
+    """A local model folder is recorded as an absolute path (also when given relative); a hub id, which is no local
+    path, is recorded unchanged, and so is a ``~`` path (never expanded: the loaders take it as given)."""
     (tmp_path / "models" / "clip").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     want = str((tmp_path / "models" / "clip").resolve())
     assert training.recorded_location("models/clip") == want
-    assert training.recorded_location("~/models/clip") == want
+    assert training.recorded_location("~/models/clip") == "~/models/clip"
     assert training.recorded_location("openai/clip-vit-large-patch14") == "openai/clip-vit-large-patch14"
 
 
