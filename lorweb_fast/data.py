@@ -1081,7 +1081,8 @@ def write_analogy(analogy: dict, out: Path) -> None:
 
 
 #: OSError numbers for a file name the output's file system refuses (ENAMETOOLONG: longer than its name limit,
-#: temporary name included; EINVAL: characters it does not take, as vfat's): ``data prepare`` fails that analogy only
+#: temporary name included; EINVAL: characters it does not take, as vfat's), raised by a call on a named file:
+#: ``data prepare`` fails that analogy only
 NAME_REFUSED_ERRNOS = frozenset((errno.ENAMETOOLONG, errno.EINVAL))
 
 
@@ -1174,7 +1175,7 @@ def _prepare_locked(src, out: Path, *, max_analogies, filter_categories, filter_
                 return "skipped", None
             write_analogy(analogy, out)
         except (OSError, ValueError) as exc:
-            if isinstance(exc, OSError) and exc.errno in NAME_REFUSED_ERRNOS:
+            if isinstance(exc, OSError) and exc.errno in NAME_REFUSED_ERRNOS and exc.filename is not None:
                 return "failed", (f"the file system of {out} refuses its file names ({exc.strerror}): the analogy "
                                   "id, made of its category and image names, is too long or holds characters it "
                                   "does not take; shorten or rename them")

@@ -1309,13 +1309,15 @@ class LoRWeBKontextPipeline:
                                         weight_name=weight_name or lora_api.WEIGHT_NAME)
 
     def push_to_hub(self, repo_id: str, **kwargs):
-        """``save_pretrained`` into a temporary folder uploaded with huggingface_hub's ``upload_folder``."""
+        """``save_pretrained`` into a temporary folder uploaded with huggingface_hub's ``upload_folder``. The encoder
+        and base model are named as they were given (a local folder is not published by its absolute path, which
+        would name this machine's folders and serve no one else)."""
         self._require_adapter()
-        kwargs.setdefault("base_model", self._base_model_name())
+        kwargs.setdefault("base_model", self._base_model_name(as_given=True))
         kwargs.setdefault("query_mode", self.encoder.query_mode)
         kwargs.setdefault("pooling_type", self.encoder.pooling_type)
         kwargs.setdefault("query_source", self.encoder.query_source)
-        return lora_api.push_to_hub(self.transformer, repo_id, encoder=self.encoder.location, **kwargs)
+        return lora_api.push_to_hub(self.transformer, repo_id, encoder=self.encoder.name, **kwargs)
 
     def enable_model_cpu_offload(self, *args, **kwargs):
         """diffusers' model CPU offload of the wrapped pipeline; LoRWeB coefficients follow each layer's device."""
@@ -1397,13 +1399,14 @@ class LoRWeBKontextPipeline:
         forwarded = [] if inner is None else [n for n in dir(inner) if not n.startswith("__")]
         return sorted(set(super().__dir__()) | set(forwarded))
 
-    def _base_model_name(self) -> Optional[str]:
+    def _base_model_name(self, *, as_given: bool = False) -> Optional[str]:
         """The base model a saved checkpoint records: the one ``from_pretrained`` loaded (a local folder by its
-        absolute path), else the wrapped pipeline's ``_name_or_path`` (a local one made absolute)."""
-        if self._base_model_location is not None:
+        absolute path), else the wrapped pipeline's ``_name_or_path`` (a local one made absolute); ``as_given``: the
+        wrapped pipeline's ``_name_or_path`` as it is (``push_to_hub``)."""
+        if self._base_model_location is not None and not as_given:
             return self._base_model_location
         name = getattr(getattr(self.pipe, "config", None), "_name_or_path", None)
-        return recorded_location(name) if name else None
+        return None if not name else str(name) if as_given else recorded_location(name)
 
     def merge_strategy(self, merge: Union[bool, str], batch_size: int) -> str:
         """The strategy ``__call__`` runs for ``merge`` and ``batch_size`` samples: one of MERGE_STRATEGIES or

@@ -478,7 +478,7 @@ def model_card(model: nn.Module, *, encoder: str = DEFAULT_ENCODER, base_model: 
         raise TypeError(f"training must be a dict (e.g. {{'data': ..., 'steps': ...}}) or None, got "
                         f"{type(training).__name__}")
     first = next(iter(layers.values()))
-    base = base_model or "black-forest-labs/FLUX.1-Kontext-dev"
+    base = str(base_model or "black-forest-labs/FLUX.1-Kontext-dev")  # a Path too
     training = training or {}
     rows = [("base model", base), ("analogy encoder", encoder), ("basis LoRAs N", first.num_loras),
             ("rank r", first.rank), ("lora_alpha", f"{first.lora_alpha:g}"), ("key_dim", first.key_dim),

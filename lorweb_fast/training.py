@@ -501,9 +501,17 @@ def prepare_output(cfg, *, main_process: bool = True, clear: bool = True) -> tup
                          "deletes a run's checkpoints only inside --out: remove the link, or empty the folder it "
                          "points to yourself")
     if main_process and root.is_dir():
+        for tmp in root.glob(".tmp-step-*-replaced"):  # killed between _write_checkpoint's two renames: the step
+            step = re.fullmatch(r"\.tmp-step-(\d+)-.+-replaced", tmp.name)  # folder moved aside goes back if no new
+            final = root / f"step-{step.group(1)}" if step else None  # one took its place (else it is removed below)
+            if final is not None and not final.exists() and not final.is_symlink() and tmp.is_dir() \
+                    and not tmp.is_symlink():
+                os.replace(tmp, final)
+                logger.warning("put back the checkpoint folder %s, moved aside by a run killed while replacing it",
+                               final)
         for tmp in root.glob(".tmp-step-*"):  # a killed run's half-written checkpoint
-            if tmp.is_symlink():
-                tmp.unlink()
+            if tmp.is_symlink() or not tmp.is_dir():  # a link, or a file moved aside from a step folder's name
+                tmp.unlink(missing_ok=True)
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
             logger.warning("removed the leftover temporary checkpoint folder %s", tmp)
@@ -667,8 +675,10 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
             if replaced is not None:  # the folder that was there goes back
                 os.replace(replaced, final)
             raise
-        if replaced is not None:
+        if replaced is not None and replaced.is_dir():
             shutil.rmtree(replaced, ignore_errors=True)
+        elif replaced is not None:  # a file in its place
+            replaced.unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -702,6 +702,18 @@ def names_hub_repo(name) -> bool:
             and not os.path.isdir(name.split("/")[0]))
 
 
+#: a Hugging Face Hub model id as ``--model`` / ``--encoder`` take it: "owner/name" (the name may start with "_")
+MODEL_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def names_model_hub_repo(name) -> bool:
+    """Whether the model ``name`` (``--model``, ``--encoder``) is a Hub id rather than a local path: "owner/name"
+    (``MODEL_HUB_ID``) of which nothing exists here. Unlike ``names_hub_repo`` (``--weights``), a local folder named
+    like the owner does not make it a path: the defaults (``openai/clip-vit-large-patch14``, the official base model)
+    must load beside a folder named ``openai``. ``~`` is not expanded."""
+    return isinstance(name, str) and MODEL_HUB_ID.fullmatch(name) is not None and not os.path.exists(name)
+
+
 def _hub_cached(repo_id: str, filename: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -716,7 +728,7 @@ def _offline() -> bool:
 
 
 def model_source_problem(name, marker: str) -> Optional[str]:
-    """Why the model ``name`` (a local folder or a Hugging Face Hub repo id, ``names_hub_repo``) cannot be loaded,
+    """Why the model ``name`` (a local folder or a Hugging Face Hub repo id, ``names_model_hub_repo``) cannot be loaded,
     found without loading it ("does not exist on this machine", "is a file; ...", ...), to follow the name in a
     message; None when it can be tried. ``marker`` is the file a model folder (and a cached hub snapshot) holds. The
     name is used as given (``~`` is not expanded, as the loaders do not expand it)."""
@@ -728,7 +740,7 @@ def model_source_problem(name, marker: str) -> Optional[str]:
         if not (path / marker).is_file():
             return f"is not a saved model folder (it has no {marker})"
         return None
-    if not names_hub_repo(name):
+    if not names_model_hub_repo(name):
         return "does not exist on this machine" + (" (a quoted ~ is not expanded: leave it unquoted for the shell to "
                                                    "expand, or give the full path)" if name.startswith("~") else "")
     if _offline() and not _hub_cached(name, marker):
@@ -738,13 +750,20 @@ def model_source_problem(name, marker: str) -> Optional[str]:
 
 def check_model_source(option: str, name: str, marker: str, *, hint: str = "") -> str:
     """A model given as a local folder or a hub id: an existing path must be a folder holding ``marker``; a name that
-    is no hub id (``names_hub_repo``) must exist; a hub id must be cached when HF_HUB_OFFLINE is set. UsageError
+    is no hub id (``names_model_hub_repo``) must exist; a hub id must be cached when HF_HUB_OFFLINE is set. UsageError
     "<option> <name> <problem><hint>" (``model_source_problem``) otherwise; returns ``name`` (a str), as given."""
     name = str(name)
     problem = model_source_problem(name, marker)
     if problem is not None:
         raise UsageError(f"{option} {name} {problem}{hint}")
     return name
+
+
+def check_checkpoint_encoder(encoder_name: str) -> None:
+    """``check_model_source`` for the analogy encoder a checkpoint names (its config.yaml or metadata), used when
+    no ``--encoder`` is given; the error says to pass one."""
+    check_model_source(f"the analogy encoder {encoder_name!r} named in the checkpoint's config/metadata:",
+                       encoder_name, "config.json", hint="; pass --encoder")
 
 
 #: --pipe-arg keys the CLI can pass (JSON values), with their checks; tensor-valued arguments are Python-API only.
@@ -922,8 +941,7 @@ def check_infer_args(args) -> list:
             if problem:
                 raise UsageError(f"--a {args.a} is {problem}")
         if getattr(args, "encoder", None) is None and encoder_name:
-            check_model_source(f"the analogy encoder {encoder_name!r} named in the checkpoint's config/metadata:",
-                               encoder_name, "config.json", hint="; pass --encoder")
+            check_checkpoint_encoder(encoder_name)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if resolved_weights is not None:  # every check passed: the run loads exactly the checkpoint checked here

@@ -57,7 +57,7 @@ def make_released(root, sizes, a_size=(60, 40), n_a_prime=1):
 def fake_loader(tmp_path, monkeypatch):
     """``LoRWeBKontextPipeline.from_pretrained`` replaced by a recorder returning an EchoPipe (no model loads); a
     checkpoint file to pass as --weights; the current directory is ``tmp_path``, holding a marker-only model folder
-    ``m`` (--model is checked before anything loads). Returns (loads, pipe, weights): loads lists the loader's
+    ``m`` (--model is checked before anything loads); HF_HUB_OFFLINE unset. Returns (loads, pipe, weights): loads lists the loader's
     kwargs."""
     from safetensors.torch import save_file
 
@@ -70,6 +70,8 @@ def fake_loader(tmp_path, monkeypatch):
         return pipe
 
     monkeypatch.setattr(LoRWeBKontextPipeline, "from_pretrained", staticmethod(from_pretrained))
+    # the checkpoint names no encoder: the default Hub CLIP, checked against the cache only when offline
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model_index.json").write_text("{}")

@@ -11,6 +11,7 @@ down or naming what is missing). Everything runs on a tiny two-layer ``nn.Sequen
 
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,6 +294,8 @@ def test_the_card_usage_is_python_that_names_any_base_model_and_folder():
     call = next(node for node in ast.walk(ast.parse(code))
                 if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_pretrained")
     assert [ast.literal_eval(arg) for arg in call.args] == [base, f"{repo}/w.safetensors"]
+    card = lora_api.model_card(tiny_model(), base_model=Path("/models/flux kontext"))  # a Path, as str
+    assert "base_model: /models/flux kontext\n" in card
 
 
 def test_save_pretrained_names_the_base_model_in_the_card_and_config(tmp_path):

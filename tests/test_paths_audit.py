@@ -301,7 +301,7 @@ def test_model_card_front_matter_keeps_a_local_base_model_path(assets, tmp_path)
 
 def test_save_pretrained_records_local_folders_as_absolute_paths(assets, tmp_path, monkeypatch):
     """A pipeline built from relative local folders (``pipe``, ``encoder="clip"``) saves a checkpoint that names
-    them by absolute path, usable from any working directory."""
+    them by absolute path, usable from any working directory; ``push_to_hub`` names them as given."""
     from lorweb_fast.flux import LoRWeBKontextPipeline
 
     monkeypatch.chdir(assets)
@@ -313,6 +313,10 @@ def test_save_pretrained_records_local_folders_as_absolute_paths(assets, tmp_pat
     assert checkpoint_metadata(tmp_path / "saved" / "lorweb.safetensors")["encoder"] == clip
     doc = yaml.safe_load((tmp_path / "saved" / "config.yaml").read_text(encoding="utf-8"))
     assert doc["config"]["process"][0]["model"]["name_or_path"] == str((assets / "pipe").resolve())
+    pushed = []  # push_to_hub publishes the names as given, not this machine's absolute folders
+    monkeypatch.setattr(lora_api, "push_to_hub", lambda model, repo_id, **kwargs: pushed.append(kwargs) or "url")
+    assert pipe.push_to_hub("me/repo") == "url"
+    assert (pushed[0]["encoder"], pushed[0]["base_model"]) == ("clip", "pipe")
 
 
 # ------------------------------------------------------------------------------------------------------- infer
@@ -357,10 +361,10 @@ def test_infer_with_relative_and_hub_like_local_paths(assets, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("command", ["infer --model", "train --encoder"])
-def test_a_tilde_model_path_is_expanded_or_refused_as_missing(train_assets, tmp_path, monkeypatch, capsys, command):
-    """``--model ~/pipe`` / ``--encoder ~/clip`` (quoted, so not expanded by a shell): the command either loads the
-    folder ``~`` names (what its own check assumed) or refuses it as a path that does not exist; never a Hub
-    repo-id error."""
+def test_a_tilde_model_path_is_refused_as_missing(train_assets, tmp_path, monkeypatch, capsys, command):
+    """``--model ~/pipe`` / ``--encoder ~/clip`` (quoted, so not expanded by a shell; ``~`` is never expanded by
+    the package): refused up front as a path that does not exist, with the hint; never a Hub repo-id error, and
+    nothing written, although ``$HOME/pipe`` exists."""
     monkeypatch.setenv("HOME", str(train_assets))
     monkeypatch.chdir(tmp_path)
     if command == "infer --model":
@@ -379,19 +383,24 @@ def test_a_tilde_model_path_is_expanded_or_refused_as_missing(train_assets, tmp_
         done = tmp_path / "run" / "lorweb.safetensors"
     rc, _, err = run_cli(capsys, argv)
     assert "Repo id" not in err and "repo id" not in err, err
-    assert (rc == 0 and done.is_file()) or (rc == 2 and "~/" in err and "does not exist" in err), err
+    assert rc == 2 and "~/" in err and "does not exist" in err and "quoted ~ is not expanded" in err, err
+    assert not done.exists()
 
 
-def test_a_mistyped_model_folder_under_a_local_folder_is_not_a_hub_id(tmp_path, monkeypatch):
-    """``models/pipe_typo`` beside a local ``models/`` folder: refused as a path that does not exist, as
-    ``--weights models/pipe_typo`` is."""
-    from lorweb_fast.validation import UsageError, check_model_source
+def test_a_model_hub_id_beside_a_folder_named_like_its_owner_is_still_a_hub_id(tmp_path, monkeypatch):
+    """``--model`` / ``--encoder``: an "owner/name" of which nothing exists here is a Hub id even beside a local
+    folder named like the owner (the default encoder ``openai/clip-vit-large-patch14`` must load from a folder that
+    holds ``openai/``), and a name starting with "_" is one too; so ``models/pipe_typo`` beside ``models/`` is left to
+    the Hub (its error names it). ``--weights`` keeps the stricter rule (a mistyped local run folder)."""
+    from lorweb_fast.validation import check_model_source
 
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "pipe").mkdir(parents=True)
+    (tmp_path / "openai").mkdir()
     assert lora_api.hub_repo_id("models/pipe_typo") is None  # the weights' rule
-    with pytest.raises(UsageError, match=r"models/pipe_typo does not exist"):
-        check_model_source("--model", "models/pipe_typo", "model_index.json")
+    for name in ("openai/clip-vit-large-patch14", "models/pipe_typo", "owner/_name"):
+        assert check_model_source("--model", name, "model_index.json") == name
 
 
 # ------------------------------------------------------------------------------------------------ missing paths

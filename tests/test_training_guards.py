@@ -352,6 +352,22 @@ def test_a_failed_rename_over_an_existing_step_folder_keeps_the_old_one(tmp_path
     assert torch.equal(load_file(str(old / "lorweb.safetensors"))["transformer.0.lora_B"], model[0].lora_B)
 
 
+def test_a_step_folder_moved_aside_by_a_killed_run_goes_back_at_the_next_start(tmp_path):
+    """A run killed between ``_write_checkpoint``'s two renames leaves the old step folder under its
+    ``.tmp-step-*-replaced`` name and no ``step-N``: the next start puts it back (and removes the half-written new
+    one), and resumes from it; one whose step folder did come back, or a file moved aside, is removed."""
+    cfg = small_train_config(tmp_path, steps=6)
+    old = fake_checkpoint(tmp_path, 4, cfg)
+    root = tmp_path / "checkpoints"
+    before = file_tree(old)
+    os.replace(old, root / ".tmp-step-00000004-ab_1-replaced")
+    (root / ".tmp-step-00000004-ab_1").mkdir()  # the new one, never renamed
+    (root / ".tmp-step-00000002-cd_2-replaced").write_bytes(b"a file moved aside")
+    ckpt, _ = prepare_output(dataclasses.replace(cfg, resume=True))
+    assert ckpt == old and file_tree(old) == before
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]
+
+
 @pytest.mark.parametrize("name", ["lorweb.safetensors", "config.yaml"])
 def test_a_crash_while_copying_the_top_level_files_keeps_the_previous_ones(tmp_path, monkeypatch, name):
     """``out/lorweb.safetensors`` and ``out/config.yaml`` are replaced by a rename of a finished copy: a copy that

@@ -402,7 +402,7 @@ def run_generate(args) -> dict:
     """``lorweb-fast eval generate``: every option and input checked, then ``generate`` under the ``--out`` lock;
     returns its {"generated", "skipped"}."""
     from ..cli import DTYPES, _device
-    from ..validation import check_device, check_model_source
+    from ..validation import check_checkpoint_encoder, check_device, check_model_source
     from ..flux import LoRWeBKontextPipeline
     from ..lora_api import resolve_checkpoint
     from .evalsets import check_outside, detect_format, first_per_task, read_evalset
@@ -438,9 +438,7 @@ def run_generate(args) -> dict:
     if args.encoder is None:  # the encoder the checkpoint names, checked as infer checks it
         from ..model import resolve_checkpoint_settings
 
-        encoder_name = resolve_checkpoint_settings(weights_file, config)["encoder"]
-        check_model_source(f"the analogy encoder {encoder_name!r} named in the checkpoint's config/metadata:",
-                           encoder_name, "config.json", hint="; pass --encoder")
+        check_checkpoint_encoder(resolve_checkpoint_settings(weights_file, config)["encoder"])
     # one run per folder: a second `eval generate` into it (started twice) would race on its records
     lock = FolderLock(out, GENERATE_LOCK_NAME, "eval generate run")
     try:
