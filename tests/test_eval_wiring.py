@@ -57,8 +57,8 @@ def make_released(root, sizes, a_size=(60, 40), n_a_prime=1):
 def fake_loader(tmp_path, monkeypatch):
     """``LoRWeBKontextPipeline.from_pretrained`` replaced by a recorder returning an EchoPipe (no model loads); a
     checkpoint file to pass as --weights; the current directory is ``tmp_path``, holding a marker-only model folder
-    ``m`` (--model is checked before anything loads); HF_HUB_OFFLINE unset. Returns (loads, pipe, weights): loads lists the loader's
-    kwargs."""
+    ``m`` (--model is checked before anything loads); HF_HUB_OFFLINE unset. Returns (loads, pipe, weights): loads
+    lists the loader's kwargs."""
     from safetensors.torch import save_file
 
     from lorweb_fast.flux import LoRWeBKontextPipeline
