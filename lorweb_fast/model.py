@@ -548,9 +548,10 @@ def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _sort_safetensors_metadata(path: str) -> None:
+def _sort_safetensors_metadata(path: str, values: Optional[Mapping[str, str]] = None) -> None:
     """Rewrite, in place, the JSON header of the safetensors file ``path`` with its ``__metadata__`` entries in
-    sorted order. safetensors writes them in its hash map's order, which changes from call to call: the same model
+    sorted order, ``values`` replacing entries of the same length (placeholders: ai-toolkit's hashes of the written
+    data). safetensors writes the metadata in its hash map's order, which changes from call to call: the same model
     and metadata saved twice gave files with other bytes (another SHA-256, which ``eval generate`` records to check
     a resumed run's checkpoint). The tensors' entries keep their (deterministic) order; the header keeps its length
     (the same JSON, entries reordered; padded with spaces as safetensors pads it), so the data is not moved."""
@@ -562,7 +563,7 @@ def _sort_safetensors_metadata(path: str) -> None:
         header = json.loads(f.read(length))
         if "__metadata__" not in header:
             return
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        header["__metadata__"] = dict(sorted({**header["__metadata__"], **(values or {})}.items()))
         header = {"__metadata__": header.pop("__metadata__"), **header}
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         if len(text) > length:  # the same entries, compact: never longer than what safetensors wrote
@@ -686,10 +687,10 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         if os.path.isdir(os.path.join(directory, name)):
             raise IsADirectoryError(f"cannot write {os.path.join(directory, name)}: it is a folder")
         texts[name] = text
-    if aitk_hashes:
-        from .official_config import aitk_model_hashes
+    if aitk_hashes:  # placeholders of the same length, replaced by the hashes of the written file
+        from .official_config import AITK_HASH_PLACEHOLDERS, aitk_model_hashes
 
-        meta.update(aitk_model_hashes(state, meta))
+        meta.update(AITK_HASH_PLACEHOLDERS)
     created = []  # the folders this call makes, outermost first (removed again when it fails)
     parent = directory
     while not os.path.isdir(parent):
@@ -706,7 +707,7 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         temps.append((tmp, path))
         with naming_the_file(path):  # a full disk names the file it could not take
             save_file(state, tmp, metadata=meta)
-            _sort_safetensors_metadata(tmp)
+            _sort_safetensors_metadata(tmp, aitk_model_hashes(tmp, meta) if aitk_hashes else None)
         default_permissions(tmp)  # safetensors' own 0600 (it writes the file anew) would survive the rename
         for tmp, final in temps:
             kept = _keep_copy(final)

@@ -355,20 +355,40 @@ def aitk_metadata(name: str, step: Optional[int] = None, epoch: Optional[int] = 
     return meta
 
 
-def aitk_model_hashes(tensors: dict, metadata: dict) -> dict[str, str]:
+#: placeholders of the hashes ``aitk_model_hashes`` computes, of their lengths (written first, replaced in place)
+AITK_HASH_PLACEHOLDERS = {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
+
+
+def aitk_model_hashes(path: Union[str, os.PathLike], metadata: dict) -> dict[str, str]:
     """The sd-webui-additional-networks hashes ai-toolkit adds to every network file it saves (toolkit/metadata.py
-    ``add_model_hash_to_meta``, toolkit/train_tools.py ``addnet_hash_safetensors`` / ``addnet_hash_legacy``): the
-    tensors as saved, serialized with only the ``ss_*`` entries of ``metadata``; ``sshs_model_hash`` is the SHA-256 of
-    everything after the header, ``sshs_legacy_hash`` the first 8 hex digits of the SHA-256 of the 64 KiB at offset
-    1 MiB (of fewer bytes, or none, in a smaller file)."""
+    ``add_model_hash_to_meta``, toolkit/train_tools.py ``addnet_hash_safetensors`` / ``addnet_hash_legacy``), of the
+    tensors of the safetensors file ``path`` as ai-toolkit computes them: on the tensors serialized with only the
+    ``ss_*`` entries of ``metadata``. ``sshs_model_hash`` is the SHA-256 of everything after that serialization's
+    header: the data section, the same bytes in ``path`` whatever its metadata, read in chunks (no copy of the
+    checkpoint in memory); ``sshs_legacy_hash`` the first 8 hex digits of the SHA-256 of its 64 KiB at offset 1 MiB
+    (of fewer bytes, or none, in a smaller file), the header part rebuilt from ``path``'s own (safetensors' compact
+    JSON, padded with spaces to 8 bytes; an ``ss_*`` entry moves the window)."""
     import hashlib
+    import struct
 
-    from safetensors.torch import save
-
-    blob = memoryview(save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")}))
-    header = int.from_bytes(blob[:8], "little")
-    return {"sshs_model_hash": hashlib.sha256(blob[8 + header:]).hexdigest(),
-            "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        entries = {k: v for k, v in json.loads(f.read(length)).items() if k != "__metadata__"}
+        ss_only = {"__metadata__": {k: str(v) for k, v in metadata.items() if k.startswith("ss_")}, **entries}
+        header = json.dumps(ss_only, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        header += b" " * (-len(header) % 8)
+        prefix = struct.pack("<Q", len(header)) + header  # where the data starts in ai-toolkit's serialization
+        data = 8 + length  # ... and in path
+        model_hash = hashlib.sha256()
+        f.seek(data)
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            model_hash.update(chunk)
+        lo, hi = 0x100000, 0x110000
+        window = prefix[lo:hi]
+        if hi > len(prefix):
+            f.seek(data + max(0, lo - len(prefix)))
+            window += f.read(hi - max(lo, len(prefix)))
+    return {"sshs_model_hash": model_hash.hexdigest(), "sshs_legacy_hash": hashlib.sha256(window).hexdigest()[:8]}
 
 
 # ------------------------------------------------------------------------------------------ checkpoint discovery

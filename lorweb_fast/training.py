@@ -659,7 +659,9 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
         if data_position is not None:
             state["data_position"], state["num_processes"] = data_position, num_processes
         if any(v.dtype != dtype for v in weights.values()):
-            state["lorweb_master_weights"] = {k: v.detach().cpu().clone() for k, v in weights.items()}
+            # the tensors themselves (torch.save writes them now), a compact copy only of a view into a larger
+            # storage, whose whole storage torch.save would write
+            state["lorweb_master_weights"] = {k: _compact(v.detach().cpu()) for k, v in weights.items()}
         torch_save(state, tmp / TRAINER_STATE_NAME, final / TRAINER_STATE_NAME)  # a full disk names the file
         replaced = None
         if final.is_symlink():  # not a checkpoint this run wrote (e.g. a skipped corrupt one): the link goes
@@ -685,6 +687,12 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     copy_to_top_level(out, final)
     rotate_checkpoints(out, keep, milestone_every)
     return final
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` when it owns its whole storage, else a contiguous copy of it alone."""
+    whole = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole else tensor.clone(memory_format=torch.contiguous_format)
 
 
 def copy_to_top_level(out: Path, final: Path) -> None:

@@ -31,9 +31,9 @@ Measured (this machine, CPU, torch 2.14.1, safetensors 0.8.0; MiB, and x the siz
 | save fp32 -> fp16 / fp32 -> bf16 | 109 / 110 (1.06 S16) | 1 x S16 (the converted state) | ok |
 | save bf16 -> fp32 | 210 (1.02 S32) | 1 x S32 | ok |
 | FLUX save bf16 -> fp16 | 229 (1.07 S16) | 1 x S16 | ok |
-| save fp32 -> fp16 with ``aitk_hashes=True`` | 310 (3.0 S16) | 1 x S16 | xfail: the hash |
-| ``training._write_checkpoint`` fp16 (fp32 weights) | 313 (3.0 S16) | 1 x S16 | xfail: hash, master clone |
-| ``training._write_checkpoint`` fp32 | 416 (2.0 S32) | ~0 | xfail: the hash |
+| save fp32 -> fp16 with ``aitk_hashes=True`` | 310 (3.0 S16); fixed: hashed from the file | 1 x S16 | ok |
+| ``training._write_checkpoint`` fp16 (fp32 weights) | 313 (3.0 S16); fixed (no master clone) | 1 x S16 | ok |
+| ``training._write_checkpoint`` fp32 | 416 (2.0 S32); fixed | ~0 | ok |
 | load a file into loaded layers, same dtype (fp32 / bf16) | 210 / 106 (1.02 file) | the file's pages | ok |
 | load an fp16 file into fp32 layers | 310 (3.0 file = file + S32) | the file | xfail: staged copy |
 | load an fp32 file into bf16 layers | 310 (1.5 file = file + S16) | the file | xfail: staged copy |
@@ -441,25 +441,13 @@ def test_save_with_a_dtype_conversion_needs_one_copy_in_the_saved_dtype(audit, n
     assert_peak_within(r, 1.25 * lorweb_bytes(out, saved_bytes) + SLACK, name)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "lorweb_fast/official_config.py:aitk_model_hashes hashes safetensors.torch.save(dict(tensors)), the whole file "
-    "serialized in memory (a Rust buffer plus the Python bytes copied from it: 2 x the file) beside the converted "
-    "state (1 x); hashing the tensors' bytes in file order, or the written file in chunks, needs none"))
 def test_save_with_ai_toolkit_hashes_needs_one_copy_in_the_saved_dtype(audit):
     out = measured(audit, "checkpoint")
     assert_peak_within(out["results"]["save fp32->fp16 aitk"], 1.25 * lorweb_bytes(out, 2) + SLACK,
                        "save with aitk hashes")
 
 
-@pytest.mark.parametrize("save_dtype, saved_bytes, need", [
-    pytest.param("fp16", 2, 1.25, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "3 x the fp16 file: lorweb_fast/official_config.py:aitk_model_hashes serializes the file in memory (2 x), "
-        "and lorweb_fast/training.py:_write_checkpoint clones the fp32 master weights "
-        "({k: v.detach().cpu().clone()}: 1 x S32 = 2 x the file) where torch.save can write the live tensors"))),
-    pytest.param("fp32", 4, 0.25, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "2 x the file: lorweb_fast/official_config.py:aitk_model_hashes serializes the file in memory "
-        "(safetensors.torch.save: a Rust buffer plus its Python bytes copy) to hash it"))),
-])
+@pytest.mark.parametrize("save_dtype, saved_bytes, need", [("fp16", 2, 1.25), ("fp32", 4, 0.25)])
 def test_training_checkpoint_write_needs_at_most_one_copy_in_the_saved_dtype(audit, save_dtype, saved_bytes, need):
     """_write_checkpoint (weights, config.yaml, trainer_state.pt with the fp32 masters when saving fp16): the
     necessary memory is the converted copy in the saved dtype (none when it is the weights' dtype)."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 import lorweb_fast as lf
 from lorweb_fast import cli, official_config as oc, training
@@ -390,11 +390,29 @@ def test_aitk_model_hashes_match_a_reference(tmp_path):
     assert len(blob) > 0x110000
     want = {"sshs_model_hash": hashlib.sha256(blob[8 + int.from_bytes(blob[:8], "little"):]).hexdigest(),
             "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}
-    assert oc.aitk_model_hashes(tensors, meta) == want
+    # computed from a file written with all the metadata (the hashes' placeholders included), as save does
+    written = tmp_path / "written.safetensors"
+    save_file(tensors, str(written), metadata={**meta, **oc.AITK_HASH_PLACEHOLDERS})
+    assert oc.aitk_model_hashes(written, meta) == want
     # entries other than ss_* do not enter the hashes; an ss_ entry moves the legacy window, not the data hash
-    assert oc.aitk_model_hashes(tensors, {**meta, "name": "other"}) == want
-    moved = oc.aitk_model_hashes(tensors, {**meta, "ss_output_name": "a much longer output name"})
+    assert oc.aitk_model_hashes(written, {**meta, "name": "other"}) == want
+    moved = oc.aitk_model_hashes(written, {**meta, "ss_output_name": "a much longer output name"})
     assert moved["sshs_model_hash"] == want["sshs_model_hash"] and moved["sshs_legacy_hash"] != want["sshs_legacy_hash"]
+    # a file smaller than the legacy window's offset: the hash of no bytes, as ai-toolkit's slice gives
+    small = tmp_path / "small.safetensors"
+    save_file({"x": torch.ones(3)}, str(small), metadata={"ss_output_name": "run"})
+    assert oc.aitk_model_hashes(small, meta)["sshs_legacy_hash"] == hashlib.sha256(b"").hexdigest()[:8]
+    # the saved file's own metadata holds the hashes of its ss-only serialization
+    model = tiny_model()
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=12, target_modules=["0", "1"]))
+    lf.save_lorweb_weights(model, tmp_path / "saved.safetensors", metadata={"ss_output_name": "run"},
+                           aitk_hashes=True)
+    ref = save({k: v.contiguous() for k, v in lf.lorweb_state_dict(model).items()}, {"ss_output_name": "run"})
+    with safe_open(str(tmp_path / "saved.safetensors"), framework="pt") as f:
+        saved_meta = f.metadata()
+    assert (saved_meta["sshs_model_hash"], saved_meta["sshs_legacy_hash"]) == (
+        hashlib.sha256(ref[8 + int.from_bytes(ref[:8], "little"):]).hexdigest(),
+        hashlib.sha256(ref[0x100000:0x110000]).hexdigest()[:8])
 
 
 def test_cli_infer_options():
