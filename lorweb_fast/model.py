@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -555,7 +556,6 @@ def _sort_safetensors_metadata(path: str, values: Optional[Mapping[str, str]] = 
     and metadata saved twice gave files with other bytes (another SHA-256, which ``eval generate`` records to check
     a resumed run's checkpoint). The tensors' entries keep their (deterministic) order; the header keeps its length
     (the same JSON, entries reordered; padded with spaces as safetensors pads it), so the data is not moved."""
-    import json
     import struct
 
     with open(path, "r+b") as f:

@@ -698,7 +698,7 @@ def names_hub_repo(name) -> bool:
     "owner/name" (``HUB_REPO_ID``) of which nothing exists here and whose owner part is no local folder
     (``models/pipe_typo`` beside a ``models/`` folder is a mistyped local path). ``~`` is not expanded, as nowhere in
     this package: a shell expands an unquoted one, and a quoted one names a folder ``~``."""
-    return (isinstance(name, str) and HUB_REPO_ID.fullmatch(name) is not None and not os.path.exists(name)
+    return (names_model_hub_repo(name) and HUB_REPO_ID.fullmatch(name) is not None
             and not os.path.isdir(name.split("/")[0]))
 
 
