@@ -26,7 +26,7 @@ from .layer import (LoRWeBLinear, group_offloading_modes, has_forward_hooks, has
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
     finished_through_interrupt, get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, \
     set_query
-from .validation import MIN_LONG_EDGE, MIN_MAX_AREA, check_device, check_generation_options, check_int, \
+from .validation import MIN_LONG_EDGE, MIN_MAX_AREA, all_finite, check_device, check_generation_options, check_int, \
     check_pipe_call, check_pipe_kwargs, check_real, diffusers_classes, warn, warn_aspect_ratios, \
     warn_grid_sizes
 
@@ -1158,7 +1158,7 @@ class LoRWeBKontextPipeline:
         if safe_fusing and strategy in ("full", "offload"):
             try:
                 bad = [name for name, layer in lorweb_layers(self.transformer).items()
-                       if not bool(torch.isfinite(layer.base_layer.weight).all())]
+                       if not all_finite(layer.base_layer.weight)]
             except BaseException:  # the check itself failed (it allocates; Ctrl-C): not fused, as it found nothing
                 self.unfuse_lora()
                 raise

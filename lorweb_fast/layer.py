@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import math
 import weakref
@@ -15,6 +16,28 @@ from torch import nn
 from . import ops
 from .reference import ACTIVATIONS, REDUCTIONS
 from .validation import check_finite_tensor, check_float_tensor, check_has_values, check_int, check_real, warn
+
+#: True inside ``uninitialised_lorweb_tensors()``: new LoRWeBLinear layers leave their LoRWeB tensors uninitialised
+_UNINITIALISED = contextvars.ContextVar("lorweb_fast_uninitialised", default=False)
+
+
+@contextlib.contextmanager
+def uninitialised_lorweb_tensors():
+    """LoRWeBLinear layers built inside leave lora_A, lora_B, lora_keys and att_lora_to_q.weight uninitialised
+    (``torch.empty``; an identity projection is still the identity), for a checkpoint load that overwrites them
+    all: no initial values computed (on CPU most of a fresh load's time) and none drawn from the RNG."""
+    token = _UNINITIALISED.set(True)
+    try:
+        yield
+    finally:
+        _UNINITIALISED.reset(token)
+
+
+#: ``LoRWeBLinear.merged_weight_for`` builds a merged weight in blocks of rows: MERGE_BLOCK_BYTES of fp32 (float64)
+#: work each, or more for a large layer, which is built in MERGE_MAX_BLOCKS blocks at most (each block is a few
+#: kernel launches: "jit" merges every forward)
+MERGE_BLOCK_BYTES = 4 * 2 ** 20
+MERGE_MAX_BLOCKS = 8
 
 
 def _refuse_inside_merged(layer: "LoRWeBLinear", what: str) -> None:
@@ -236,11 +259,17 @@ class LoRWeBLinear(nn.Module):
             dtype = default_adapter_dtype(base)
         device = weight.device if isinstance(weight, torch.Tensor) and weight.device.type != "meta" else None
         factory = {"dtype": dtype, "device": device}
+        initialise = not _UNINITIALISED.get()  # a checkpoint load overwrites every LoRWeB tensor: no values drawn
         self.lora_A = nn.Parameter(torch.empty(num_loras, in_features, rank, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(num_loras, rank, out_features, **factory))
-        self.lora_keys = nn.Parameter(torch.randn(num_loras, key_dim, **factory))
-        self.att_lora_to_q = nn.Linear(query_dim, key_dim, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter((torch.zeros if initialise else torch.empty)(num_loras, rank, out_features,
+                                                                                **factory))
+        self.lora_keys = nn.Parameter((torch.randn if initialise else torch.empty)(num_loras, key_dim, **factory))
+        if initialise:
+            self.att_lora_to_q = nn.Linear(query_dim, key_dim, bias=False, **factory)
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            self.att_lora_to_q = nn.Linear(query_dim, key_dim, bias=False, device="meta", dtype=dtype)
+            self.att_lora_to_q.weight = nn.Parameter(torch.empty(key_dim, query_dim, **factory))
         # "none" (official nn.Identity): an identity projection held as a non-persistent buffer, not a parameter, so
         # it is never trained (not even after model.requires_grad_(True) in a custom loop, which would train a
         # tensor no checkpoint saves) and not saved
@@ -488,6 +517,10 @@ class LoRWeBLinear(nn.Module):
         """``W + scale * strength * sum_n coeffs[..., n] (A_n B_n)^T`` in fp32 (float64 for a float64 weight), rounded
         once to W's dtype.
 
+        Built in blocks of rows written into the result (``MERGE_BLOCK_BYTES`` of fp32 work each, at most
+        ``MERGE_MAX_BLOCKS`` blocks): the memory needed is the merged weight and one block, never a whole-layer fp32
+        copy of W or of the delta.
+
         Args:
             coeffs: (N,) for one analogy -> (out, in); (B, N) -> (B, out, in), one merged weight per sample; any
                 floating dtype and device (the result is on W's device).
@@ -498,17 +531,27 @@ class LoRWeBLinear(nn.Module):
         if coeffs.dim() not in (1, 2) or coeffs.shape[-1] != self.num_loras:
             raise ValueError(f"coeffs must be (N={self.num_loras},) or (B, N={self.num_loras}), got shape "
                              f"{tuple(coeffs.shape)}")
-        w = self.base_layer.weight.detach()
+        w = self.base_layer.weight.detach()  # (out, in)
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         c = coeffs.detach().to(w.device)
         scaling = ops.column_scaling(self._with_strength(c.to(acc)), self.rank, self.scale).to(acc)  # (R,), (B, R)
         a_cat, b_cat = ops.concat_basis(self.lora_A.detach().to(w.device, acc),
                                         self.lora_B.detach().to(w.device, acc))  # (in, R), (R, out)
-        if c.dim() == 1:
-            delta = (a_cat * scaling) @ b_cat  # (in, out)
-            return (w.to(acc) + delta.t()).to(w.dtype)
-        delta = (a_cat * scaling.unsqueeze(1)) @ b_cat  # (B, in, out)
-        return (w.to(acc) + delta.transpose(1, 2)).to(w.dtype)
+        a_scaled_t = (a_cat * scaling.unsqueeze(-2)).transpose(-1, -2)  # (R, in) or (B, R, in)
+        out_features, in_features = w.shape
+        batch = c.shape[0] if c.dim() == 2 else 1
+        rows = max(1, MERGE_BLOCK_BYTES // max(1, batch * in_features * acc.itemsize),
+                   -(-out_features // MERGE_MAX_BLOCKS))  # rows per block
+        merged = torch.empty((*c.shape[:-1], out_features, in_features), dtype=w.dtype, device=w.device)
+        for start in range(0, out_features, rows):
+            stop = min(start + rows, out_features)
+            b_block_t = b_cat[:, start:stop].t()  # (rows, R)
+            if c.dim() == 1:  # W rows + their delta rows, in acc; rounded once into the result
+                merged[start:stop] = w[start:stop].to(acc, copy=True).addmm_(b_block_t, a_scaled_t)
+            else:
+                merged[:, start:stop] = torch.baddbmm(w[start:stop].to(acc), b_block_t.expand(batch, -1, -1),
+                                                      a_scaled_t)  # (B, rows, in)
+        return merged
 
     def jit_merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward of ``merged(strategy="jit")``: the merged weight is built here and freed on return.

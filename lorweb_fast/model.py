@@ -22,9 +22,10 @@ from ._files import default_permissions, naming_the_file, temporary_file, write_
 from . import _locks
 from ._locks import serialized_on_model
 from .layer import (LoRWeBLinear, default_adapter_dtype, group_offloading_members, group_offloading_modes,
-                    linear_dims, refuse_disk_group_offloading, replaced_query_projection_error)
+                    linear_dims, refuse_disk_group_offloading, replaced_query_projection_error,
+                    uninitialised_lorweb_tensors)
 from .reference import ACTIVATIONS, REDUCTIONS
-from .validation import (check_choice, check_finite_tensor, check_float_tensor, check_has_values, check_int,
+from .validation import (all_finite, check_choice, check_finite_tensor, check_float_tensor, check_has_values, check_int,
                          check_real, check_regex, warn)
 
 #: The official targets: every nn.Linear inside the double and single FLUX blocks (494 layers in FLUX.1).
@@ -370,13 +371,18 @@ def _require_layers(model: nn.Module) -> dict[str, LoRWeBLinear]:
     return layers
 
 
+#: bytes of att_lora_to_q weights that set_query stacks for one batched coefficient computation
+QUERY_STACK_BYTES = 16 * 2 ** 20
+
+
 @serialized_on_model
 def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = False,
               check_finite: bool = True) -> dict[str, torch.Tensor]:
     """Compute every layer's coefficients from the analogy query and cache them until the next ``set_query``.
 
-    Layers with the same configuration are computed together in one batched computation (one group for the
-    official setup), once per call: never per forward or per denoising step. With autograd enabled the coefficients
+    Layers with the same configuration are computed together in batched computations (one group for the official
+    setup; ``QUERY_STACK_BYTES`` of query projections stacked at a time), once per call: never per forward or per
+    denoising step. With autograd enabled the coefficients
     stay differentiable with respect to every layer's ``att_lora_to_q`` and ``lora_keys`` (training).
 
     Args:
@@ -426,11 +432,14 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
         return {}
     computed = []
     for (_, _, heads, activation, reduce, dtype, device), members in groups.items():
-        to_q = torch.stack([layer.att_lora_to_q.weight for _, layer in members])  # (L, key_dim, query_dim)
-        keys = torch.stack([layer.lora_keys for _, layer in members])  # (L, N, key_dim)
         group_query = query.to(device)
-        coeffs = ops.compute_coefficients(group_query, to_q, keys, heads=heads, activation=activation,
-                                          reduce=reduce)  # (L, B, N)
+        # stacked QUERY_STACK_BYTES of att_lora_to_q weights at a time: never a copy of all of them
+        per_chunk = max(1, QUERY_STACK_BYTES // members[0][1].att_lora_to_q.weight.nbytes)
+        coeffs = torch.cat([ops.compute_coefficients(
+            group_query, torch.stack([layer.att_lora_to_q.weight for _, layer in chunk]),  # (L', key_dim, query_dim)
+            torch.stack([layer.lora_keys for _, layer in chunk]),  # (L', N, key_dim)
+            heads=heads, activation=activation, reduce=reduce)
+            for chunk in (members[i:i + per_chunk] for i in range(0, len(members), per_chunk))])  # (L, B, N)
         # one synchronisation per group for the query and the coefficients together; the query is named first
         if check_finite and not bool(torch.isfinite(group_query).all() & torch.isfinite(coeffs).all()):
             check_finite_tensor("query", query, query_hint)
@@ -635,7 +644,7 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     state = {k: (v if dtype is None else v.to(dtype)).contiguous().cpu() for k, v in state_dict.items()}
-    bad = [k for k, v in state.items() if not v.is_floating_point() or not _all_finite(v)]
+    bad = [k for k, v in state.items() if not v.is_floating_point() or not all_finite(v)]
     if bad:
         raise LoRWeBCheckpointError(f"refusing to save {len(bad)} LoRWeB tensors that are not finite floating-point "
                                     f"values (e.g. {bad[0]}); the loader would refuse the file")
@@ -844,11 +853,6 @@ def _on_meta_device(module: nn.Module, new_parameters_on_meta: Optional[str]) ->
     return new_parameters_on_meta
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in floating-point ``t`` (float8 has no isfinite kernel: checked in float32)."""
-    return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
-
-
 def checkpoint_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
     """The safetensors metadata of a checkpoint file, without reading its tensors (errors as read_checkpoint)."""
     return _read_safetensors(path, tensors=False)[1]
@@ -984,7 +988,7 @@ def _overflow_problems(name: str, tensors: dict, module: nn.Module) -> list[str]
         target = held.get(suffix)
         if target is None or not target.is_floating_point or torch.finfo(target).max >= torch.finfo(t.dtype).max:
             continue
-        if not bool(torch.isfinite(t.to(target).to(t.dtype)).all()):  # back to t's dtype: float8 has no isfinite
+        if not all_finite(t.to(target)):
             problems.append(f"{CHECKPOINT_PREFIX}{name}.{suffix} holds values up to {t.abs().max().item():.4g}, "
                             f"which overflow the layer's {str(target).removeprefix('torch.')} (largest finite "
                             f"{torch.finfo(target).max:.4g})")
@@ -1117,7 +1121,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
         for s, t in tensors.items():
             if not t.is_floating_point():
                 problems.append(f"{CHECKPOINT_PREFIX}{name}.{s} has non-float dtype {t.dtype}")
-            elif not _all_finite(t):
+            elif not all_finite(t):
                 problems.append(f"{CHECKPOINT_PREFIX}{name}.{s} holds NaN or Inf values")
             else:
                 finite[s] = t
@@ -1183,14 +1187,15 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
              "model or trained with other target modules?")
 
     # Everything is validated. Building and swapping in the new layers, and staging the checkpoint's tensors for the
-    # copy, are undone whatever interrupts them (Ctrl-C, out of memory): the model is as it was. The staged tensors
-    # are the checkpoint's in the layers' dtypes, contiguous, on the checkpoint's device (a conversion allocates
-    # there, never a rollback copy on the GPU), so the copy into the layers allocates nothing: only a device fault
-    # can stop it half way. A Ctrl-C during the copy is held until it is finished (copied once more, whole; then the
-    # interrupt is raised): the model then holds the whole checkpoint, never a mix
+    # copy, are undone whatever interrupts them (Ctrl-C, out of memory): the model is as it was. A tensor on its
+    # layer's device is copied as it is (copy_ converts in place); one on another device is staged in the layer's
+    # dtype, contiguous, on its own device (a conversion allocates there, never a rollback copy on the GPU), so the
+    # copy into the layers allocates nothing: only a device fault can stop it half way. A Ctrl-C during the copy is
+    # held until it is finished (copied once more, whole; then the interrupt is raised): the model then holds the
+    # whole checkpoint, never a mix
     def build() -> dict:
         new_layers = {}
-        with global_rng_kept():  # the initial values the checkpoint overwrites: not drawn from the caller's RNG
+        with uninitialised_lorweb_tensors():  # the checkpoint overwrites them all: no values computed or drawn
             for name, tensors in groups.items():
                 if name in existing:
                     continue
@@ -1236,9 +1241,19 @@ def _parametrized_lorweb_tensors(layer: LoRWeBLinear) -> list[str]:
 
 
 def _staged_for_copy(layers: Mapping[str, LoRWeBLinear], groups: Mapping[str, Mapping[str, torch.Tensor]]) -> dict:
-    """{name: [(parameter, values)]}: each checkpoint tensor of ``groups`` ({name: {suffix: tensor}}) converted to its
-    layer parameter's dtype and made contiguous on the tensor's own device, so that ``parameter.copy_(values)``
-    allocates nothing (a cross-device copy converts on the CPU or the source GPU; a strided one goes through a
-    contiguous temporary). Unchanged tensors are not copied."""
-    return {name: [(param, groups[name][suffix].detach().to(dtype=param.dtype).contiguous())
-                   for suffix, param in layer.lorweb_tensors().items()] for name, layer in layers.items()}
+    """{name: [(parameter, values)]} such that ``parameter.copy_(values)`` allocates nothing: a checkpoint tensor of
+    ``groups`` ({name: {suffix: tensor}}) on its parameter's device is taken as it is (``copy_`` converts the dtype
+    and follows the strides in place, no temporary); one on another device is converted to the parameter's dtype
+    and made contiguous on its own device first (a cross-device copy would otherwise convert through a temporary on
+    the CPU or the source GPU, or go through a contiguous one). Only those cross-device conversions allocate here:
+    never a whole converted copy of a checkpoint that is already on the layers' device."""
+    staged = {}
+    for name, layer in layers.items():
+        pairs = []
+        for suffix, param in layer.lorweb_tensors().items():
+            values = groups[name][suffix].detach()
+            if values.device != param.device:
+                values = values.to(dtype=param.dtype).contiguous()
+            pairs.append((param, values))
+        staged[name] = pairs
+    return staged

@@ -190,16 +190,16 @@ def test_set_query_failing_in_its_second_configuration_group_changes_nothing(mon
 @pytest.mark.parametrize("strategy", ["full", "offload"])
 def test_safe_fusing_check_that_fails_leaves_the_pipeline_unfused(pipe, strategy, monkeypatch):
     """``LoRWeBKontextPipeline.fuse_lora(safe_fusing=True)`` fuses, records the fuse, then checks every fused weight
-    with ``torch.isfinite`` (a bool tensor the size of the weight: on a GPU that just took a whole extra copy of
-    the adapted weights for "full", an allocation that can run out of memory). Only a non-finite result unfuses;
-    an error in the check escapes with the pipeline left fused, at the fuse's strength (0.5 here), and the retry
-    the user makes is refused ("already fused"). Fix: run the check inside ``try: ... except BaseException:
-    self.unfuse_lora(); raise``."""
+    with ``validation.all_finite`` (once ``torch.isfinite``, a bool tensor the size of the weight: on a GPU that just
+    took a whole extra copy of the adapted weights for "full", an allocation that can run out of memory; now a sum,
+    which can still fail or be interrupted). Only a non-finite result unfuses; an error in the check escaped with
+    the pipeline left fused, at the fuse's strength (0.5 here), and the retry the user makes was refused ("already
+    fused"). Fixed: the check runs inside ``try: ... except BaseException: self.unfuse_lora(); raise``."""
     pipe.set_analogy(*X0)
     before = pipeline_state(pipe)
     weights = [layer.base_layer.weight for layer in lf.lorweb_layers(pipe.transformer).values()]
-    isfinite, fired = failing_at(1, torch.isfinite, when=lambda t, *a, **k: any(t is w for w in weights))
-    monkeypatch.setattr(torch, "isfinite", isfinite)
+    check, fired = failing_at(1, flux.all_finite, when=lambda t, *a, **k: any(t is w for w in weights))
+    monkeypatch.setattr(flux, "all_finite", check)
     with pytest.raises(torch.OutOfMemoryError):
         pipe.fuse_lora(strategy, lora_scale=0.5, safe_fusing=True)
     monkeypatch.undo()

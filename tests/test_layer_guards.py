@@ -307,10 +307,27 @@ def test_coefficients_from_query_fp32_on_a_bf16_layer():
 
 
 # --------------------------------------------------------------------------------------------- merged weights
-def test_float64_merged_weight_accumulates_in_float64():
+@pytest.fixture(params=[(1, None), (5, None), (1, 4), (None, None)],
+                ids=["row_by_row", "blocks_of_5_rows", "at_most_4_blocks", "default_blocks"])
+def merge_block_rows(request, monkeypatch):
+    """merged_weight_for builds its result in blocks of rows of MERGE_BLOCK_BYTES of work each, MERGE_MAX_BLOCKS
+    blocks at most: returns ``set_block(in_features, itemsize)``, which sizes the blocks to this many rows for one
+    analogy (half as many for a batch of two; 5 divides neither 6 nor 24 rows), or to a quarter of the rows (2 of 6,
+    6 of 24), or leaves the defaults (one block at these sizes)."""
+    rows, max_blocks = request.param
+
+    def set_block(in_features, itemsize):
+        if rows is not None:
+            monkeypatch.setattr(lf.layer, "MERGE_BLOCK_BYTES", rows * in_features * itemsize)
+            monkeypatch.setattr(lf.layer, "MERGE_MAX_BLOCKS", max_blocks or 10 ** 9)
+    return set_block
+
+
+def test_float64_merged_weight_accumulates_in_float64(merge_block_rows):
     """A float64 layer's merged weight W + scale * strength * sum_n c_n (A_n B_n)^T is accumulated in float64,
-    for one analogy (out, in) and per sample (B, out, in)."""
+    for one analogy (out, in) and per sample (B, out, in), whatever the blocks of rows it is built in."""
     layer = _layer().double()
+    merge_block_rows(layer.in_features, 8)
     lora_api.set_lorweb_scale(nn.Sequential(layer), 0.5)
     coeffs = _coeffs(2).double()
     w = layer.base_layer.weight.detach()
@@ -327,13 +344,14 @@ def test_float64_merged_weight_accumulates_in_float64():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_merged_weight_is_rounded_once(dtype):
+def test_half_precision_merged_weight_is_rounded_once(dtype, merge_block_rows):
     """A bf16 / fp16 layer's merged weight is W + scale * sum_n c_n (A_n B_n)^T accumulated in fp32 and rounded once to
     W's dtype: it equals the float64 value rounded once (fp32 accumulation differs from it only within ~2^-24 of a
     rounding midpoint, probability ~2^-13 per entry), where accumulating in W's dtype rounds the delta and the sum
-    apart and misses in many entries."""
+    apart and misses in many entries; whatever the blocks of rows it is built in."""
     torch.manual_seed(5)  # the base weight drawn here, whatever ran before
     layer = _layer(nn.Linear(40, 24).to(dtype), num_loras=4, rank=4)
+    merge_block_rows(40, 4)
     with torch.no_grad():
         layer.lora_A.normal_(0, 0.5)
     coeffs = _coeffs(2, n=4)

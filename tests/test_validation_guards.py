@@ -12,6 +12,7 @@ loads.
 """
 
 import argparse
+import math
 import os
 
 import numpy as np
@@ -415,3 +416,45 @@ def test_warnings_are_lorweb_warnings_that_a_category_filter_silences():
         lf.set_query(m, query)
     assert caught == []
     assert lf.LoRWeBWarning is V.LoRWeBWarning and "LoRWeBWarning" in lf.__all__
+
+
+# ------------------------------------------------------------------------------------------------ finiteness
+FINITENESS_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn,
+                     torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("dtype", FINITENESS_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "inf_and_-inf", "none"])
+def test_all_finite_finds_any_non_finite_value(dtype, bad):
+    """``all_finite`` decides by the sum first: a NaN, an Inf, or an Inf and a -Inf whose sum is NaN are each found
+    wherever they are (first, middle, last element of a non-contiguous view), and a finite tensor passes."""
+    for where in (0, 500, 999):
+        base = torch.randn(1000, 2, generator=torch.Generator().manual_seed(where))
+        if bad != "none":
+            base[where, 0] = float(bad.split("_and_")[0])
+            if "_and_" in bad:
+                base[(where + 7) % 1000, 0] = -math.inf
+        t = base.to(dtype)[:, 0]  # a strided view
+        # float8 e4m3fn has no Inf: torch's conversion saturates an Inf to +-448 (finite); a NaN stays NaN
+        want = bad == "none" or (dtype == torch.float8_e4m3fn and bad != "nan")
+        assert V.all_finite(t) is want, (where, t.float()[where])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_all_finite_passes_finite_values_whose_sum_overflows(dtype):
+    """Finite values whose sum overflows the dtype (the fast path's sum is Inf) are decided exactly: finite."""
+    big = torch.finfo(dtype).max
+    t = torch.full((64,), big, dtype=dtype)
+    assert not torch.isfinite(t.sum())  # the fast path cannot decide here
+    assert V.all_finite(t) is True
+    t[3] = math.nan
+    assert V.all_finite(t) is False
+
+
+def test_all_finite_takes_empty_integer_and_autograd_tensors():
+    assert V.all_finite(torch.empty(0, 3)) is True
+    assert V.all_finite(torch.tensor([2 ** 62, 2 ** 62])) is True  # integers are finite (their sum wraps)
+    p = torch.nn.Parameter(torch.tensor([1.0, math.inf]))
+    assert V.all_finite(p) is False and p.grad is None
+    with pytest.raises(ValueError, match="x holds 1 NaN or Inf values"):
+        V.check_finite_tensor("x", p)

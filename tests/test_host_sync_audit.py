@@ -1,0 +1,581 @@
+"""Host synchronisation and op-count audit of the hot paths, on CPU.
+
+On a GPU every ``.item()``, ``bool(t)`` / ``if t:``, ``float(t)``, ``t.tolist()``, ``torch.equal``, ``nonzero()`` /
+masked indexing (data-dependent shapes) and every blocking host->device copy (``cpu_tensor.to("cuda")`` without
+``non_blocking=True``: a ``cudaStreamSynchronize`` after the copy) makes the host wait until the GPU has finished
+everything queued so far: the pipeline drains and the GPU idles while the host queues the next kernels. The number
+of ops dispatched is a proxy for the eager launch count (host overhead per step).
+
+Method. ``Audit`` enters a ``TorchDispatchMode`` (every aten op that reaches a kernel, backward included) and a
+``TorchFunctionMode`` (Python-level tensor methods, which see what dispatches no aten op on CPU) around one call, and
+counts: ``ops`` (aten ops), ``kernels`` (aten ops that are not views or reshapes: the launches), ``syncs`` (the
+aten ops that read device memory on the host: ``_local_scalar_dense``, behind ``item()`` / ``bool()`` /
+``float()``, ``nonzero``, ``equal``, ``masked_select``, ``unique``...), ``host_reads`` (``tolist`` / ``numpy``,
+which on CPU dispatch nothing), ``blocking_to`` (``Tensor.to`` naming a device without ``non_blocking=True``: a
+blocking copy on CUDA when the source is on the host) and ``cross_device`` (``_to_copy`` to another device). Each
+event is attributed, from the Python stack, to the innermost frame outside torch (``owner``) and the innermost
+``lorweb_fast`` frame (``site``), as ``file.py:function`` (no line numbers: the audit must survive edits). Models:
+``testing.tiny_pair_model`` (two LoRWeB layers 6->5->4, N=3, r=2), a tiny ``FluxTransformer2DModel`` from
+``testing.tiny_flux_config`` (1 double + 1 single block, 20 adapted linears, N=3, r=2, key_dim 8), the tiny
+FLUX.1-Kontext pipeline of ``testing.tiny_lorweb_kontext_pipeline`` and the trainer on ``testing.tiny_training_assets``.
+The stock transformer / pipeline (no LoRWeB) is the baseline; a step of the pipeline is measured between two
+``callback_on_step_end`` calls, a training step between two ``step_callback`` calls (step 2 of 3: no checkpoint, no
+new epoch). Measured on this machine (CPU, torch 2.14.1, diffusers 0.42.1); on CPU the torch backend runs
+(``backend=None`` resolves to it), so the fused backends' host code was read, not run (no syncs found in
+``kernels/mixed_lora.py`` or ``csrc``).
+
+| operation | syncs stock / LoRWeB | aten ops stock / LoRWeB (kernels) | verdict |
+|---|---|---|---|
+| ``LoRWeBLinear`` forward, (2, 7, 6), torch and default backend | - / 0 | 4 / 22 (1 / 8) | ok |
+| same, fwd+bwd in training (2 layers, after ``set_query`` with autograd) | - / 0 | - / 139 | ok |
+| ``set_query`` ``check_finite=True`` (1 configuration group) | - / 1 | - / 46 | documented |
+| ``set_query`` ``check_finite=False`` | - / 0 | - / 34 | ok |
+| ``set_query(per_forward=True)``, check / no check | - / 1 / 0 | - / 7 / 1 | documented |
+| per-forward layer forward (coefficients inside) | - / 0 | - / 50 | ok (documented cost) |
+| FLUX forward B=1, B=2 different analogies (20 layers) | 0 / 0 | 376 / 742, 378 / 744 | ok: +18.3 ops/layer |
+| FLUX fwd+bwd in training | 0 / 0 | - | ok |
+| ``merged("full")`` FLUX forward | 0 / 0 | 376 / 376 | ok: base cost |
+| ``merged("jit")`` FLUX forward, B=1 | 0 / 0 | 376 / 856 | ok |
+| ``merged("jit")`` FLUX forward, B=2 | 0 / **20** (1 per layer) | 378 / 938 | **waste** (F1) |
+| enter ``merged("full" / "offload")``, B=2 identical rows | - / **40** (2 per layer) | - / 660 / 780 | **waste** (F2) |
+| pipeline call (B=1), beyond stock | 1 / 2 (+ ``set_query``) | - | documented |
+| pipeline denoising step, merge none / auto(full) / jit B=1 | 0 / 0 / 0 / 0 | 385 / 751 / 385 / 865 | ok |
+| pipeline denoising step, jit, 2 analogies | 0 / **20** | 385 / 1013 | **waste** (F1) |
+| pipeline call fused (``fuse_lora``): ``check_fused_query`` | - / **20** (1 per layer) | - | **waste** (F3) |
+| training step, syncs in lorweb_fast code | - / 3 | - / ~3540 | see F4 |
+| training step, blocking host->device copies in ``flow_matching_loss`` | - / **3** | - | **waste** (F5) |
+| forward with coefficients on another device than x (offload) | - / **1 copy per layer per forward** | - | **waste** (F6) |
+| torch-backend forward at scale 1: elementwise ``mul`` kernels | - / **2** (lean: 1) | - | **waste** (F7) |
+
+The LoRWeB forward adds no synchronisation anywhere in inference (unmerged, merged, B=1 or different analogies on
+the unmerged path); ``set_query`` syncs exactly as documented (one per configuration group with ``check_finite``, none
+without); a merged "full" step costs exactly the stock step's ops. Findings (each pinned by a strict xfail below):
+
+* F1 ``layer.py:LoRWeBLinear.jit_merged_forward`` calls ``one_analogy(coeffs)`` (``bool((c == c[:1]).all())``) for
+  B > 1 in every layer's every forward: one sync per layer per denoising step (494 per step in FLUX.1). The
+  coefficients do not change between forwards; decide it once per coefficient tensor (in ``set_query``'s existing
+  synchronisation, or cached on the layer with the tensor it was computed for).
+* F2 ``flux.py:_mergeable_layers`` and ``flux.py:merged_weight`` both call ``one_analogy`` per layer: 2 L syncs on
+  entering a "full" / "offload" merge with B > 1 identical rows (once per generation). One batched comparison over
+  all layers (or F1's cached flag) makes it at most one.
+* F3 ``lora_api.py:check_fused_query`` reads ``bool((error <= tol).all())`` per layer: L syncs per pipeline call on
+  a fused model (``set_query``, which it replaces there, takes one). Stack the per-layer errors, one read.
+* F4 training: three syncs per step in lorweb_fast code: the loss read (``training._train``, which the official
+  trainer also does: ``torch.isnan(loss)`` before backward), the gradient-norm read (``_check_gradients``,
+  documented: a non-finite norm stops before the optimizer step) and ``set_query``'s finiteness check
+  (``flow_matching_loss`` calls it with ``check_finite=True``). The last is redundant: a non-finite query or
+  coefficient makes the loss non-finite, which the loss read catches before backward in the same step (and the
+  official trainer does not check). Fix: ``check_finite=False`` there, naming the query only after a NaN loss.
+* F5 ``training.py:flow_matching_loss`` draws the noise, timesteps and loss weights on the CPU (seeded generator) and
+  copies them with blocking ``.to(device)``: three stream synchronisations per step, the noise copy waiting for the
+  VAE encoding and the weight copy for the whole transformer forward. Fix: ``non_blocking=True`` (from pinned
+  memory), or all three drawn before any GPU work of the step is queued and copied once.
+* F6 ``layer.py:LoRWeBLinear.forward`` (and ``_forward_fp32``) moves coefficients that live on another device than x
+  (``coeffs.to(x.device)``) at every forward of every layer and keeps none: under ``enable_model_cpu_offload``
+  (B > 1 or ``merge="none"``) or leaf-level group offloading ``set_query`` runs on the CPU-resident weights, so each
+  layer's forward on the GPU makes a blocking host->device copy: one stream synchronisation per layer per denoising
+  step. Tested with the meta device standing in for the GPU. Fix: keep the moved copy (``self._coefficients``) or
+  copy with ``non_blocking=True``.
+* F7 ``ops.py:column_scaling`` multiplies the coefficients by ``scale`` even at 1.0 (the official lora_alpha = r):
+  one elementwise kernel of 8 per torch-backend layer call that the fused path (``_fused_linear``) already skips.
+
+Not findings: host-only reads (``drop.tolist()`` of the CPU caption-dropout mask in ``flow_matching_loss``, the
+CPU ``randperm`` of ``StepBatchSampler``, diffusers' ``image_processor.preprocess`` on CPU pixels); diffusers' own
+syncs (the stock baseline); the documented ``set_query`` check once per generation.
+
+Bounds below are derived from the documented computation, not copied from the table: the torch backend's forward
+(README "Backends") is 7 kernels per layer (pack A_cat, coefficients times scale, repeated r times, x.A_cat, the
+column scaling, .B_cat, the add to the base output) with at most 2 reshapes around each; a merged "full" step is the
+base step. Runtime: about 25 s on 2 idle cores.
+"""
+
+import copy
+import os
+import sys
+import sysconfig
+import types
+from collections import Counter
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lorweb_fast as lf
+from lorweb_fast import flux, lora_api, training
+from lorweb_fast.testing import (pair_config, pair_query, random_analogy, tiny_flux_config, tiny_lorweb_kontext_pipeline,
+                                 tiny_pair_model, tiny_train_config, tiny_training_assets)
+
+diffusers = pytest.importorskip("diffusers")
+
+#: aten ops that read device memory on the host (a device -> host synchronisation on CUDA)
+SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "unique", "_unique",
+                      "_unique2", "unique_dim", "unique_consecutive"})
+#: Python-level reads that dispatch no aten op on CPU tensors (a copy to the host and a sync on CUDA)
+HOST_READS = frozenset({"tolist", "numpy"})
+#: metadata-only ops (no kernel launch) besides views
+RESHAPES = frozenset({"_unsafe_view", "_reshape_alias", "lift_fresh"})
+#: documented torch-backend forward of one layer (README "Backends"): pack A_cat, coefficients times lora_alpha / r,
+#: repeated r times (the column scaling), x.A_cat, u times the scaling, z.B_cat, the add to the base output
+TORCH_BACKEND_KERNELS = 7
+#: at most two reshapes / views around each of them (a 3-D matmul flattens its input and restores its output)
+TORCH_BACKEND_OPS = 3 * TORCH_BACKEND_KERNELS
+FLUX_QUERY_DIM = 12
+
+_SKIP_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,)) + (sysconfig.get_paths()["stdlib"],)
+_PKG = os.path.dirname(lf.__file__) + os.sep
+
+
+def _site():
+    """(owner, site): ``file.py:function`` of the innermost frame outside torch, the stdlib and this file, and of the
+    innermost lorweb_fast frame (None when none is on the stack)."""
+    frame, owner, site = sys._getframe(2), None, None
+    while frame is not None and site is None:
+        name = frame.f_code.co_filename
+        where = f"{os.path.basename(name)}:{frame.f_code.co_name}"
+        if owner is None and not name.startswith(_SKIP_DIRS) and name != __file__:
+            owner = where
+        if name.startswith(_PKG):
+            site = where
+        frame = frame.f_back
+    return owner, site
+
+
+class Audit:
+    """Counts of one block (see the module docstring); ``snapshot()`` and ``between`` slice it."""
+
+    def __init__(self):
+        self.ops = self.kernels = 0
+        self.names = Counter()
+        self.syncs, self.host_reads, self.blocking_to, self.cross_device = [], [], [], []
+        audit = self
+
+        class Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = func._schema.name.split("::")[-1]
+                audit.ops += 1
+                audit.names[name] += 1
+                if not (func.is_view or name in RESHAPES):
+                    audit.kernels += 1
+                if name in SYNC_OPS or (name == "repeat_interleave" and kwargs.get("output_size") is None
+                                        and func._overloadname in ("Tensor", "self_Tensor")):
+                    audit.syncs.append(_site())
+                target = kwargs.get("device")
+                if name == "_to_copy" and target is not None and torch.device(target) != args[0].device:
+                    audit.cross_device.append(_site())
+                return func(*args, **kwargs)
+
+        class Function(TorchFunctionMode):
+            def __torch_function__(self, func, types_, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = getattr(func, "__name__", "")
+                if name in HOST_READS:
+                    audit.host_reads.append(_site())
+                elif name == "to" and not kwargs.get("non_blocking", False) and _names_device(args, kwargs):
+                    audit.blocking_to.append(_site())
+                return func(*args, **kwargs)
+
+        self._modes = (Function(), Dispatch())
+
+    def __enter__(self):
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+    def snapshot(self):
+        return types.SimpleNamespace(ops=self.ops, kernels=self.kernels, names=Counter(self.names),
+                                     **{k: list(getattr(self, k)) for k in ("syncs", "host_reads", "blocking_to",
+                                                                             "cross_device")})
+
+
+def between(earlier, later):
+    """The counts from snapshot ``earlier`` to snapshot ``later``."""
+    return types.SimpleNamespace(ops=later.ops - earlier.ops, kernels=later.kernels - earlier.kernels,
+                                 names=later.names - earlier.names,
+                                 **{k: getattr(later, k)[len(getattr(earlier, k)):] for k in
+                                    ("syncs", "host_reads", "blocking_to", "cross_device")})
+
+
+def _names_device(args, kwargs) -> bool:
+    """Whether a ``Tensor.to`` call names a device (positionally or by keyword)."""
+    for value in (*args[1:], kwargs.get("device")):
+        if isinstance(value, torch.device) or (isinstance(value, str) and value.split(":")[0] in ("cpu", "cuda")):
+            return True
+    return False
+
+
+def audited(fn):
+    with Audit() as audit:
+        fn()
+    return audit
+
+
+def sites(events) -> Counter:
+    """Events by their innermost lorweb_fast frame."""
+    return Counter(site for _, site in events)
+
+
+def owners(events) -> Counter:
+    """Events by the innermost frame outside torch (the line that asked)."""
+    return Counter(owner for owner, _ in events)
+
+
+def lorweb_owned(events) -> Counter:
+    """Events asked for by lorweb_fast's own lines (not inside diffusers, accelerate or the optimizer)."""
+    return Counter(owner for owner, site in events if owner is not None and owner == site)
+
+
+# ------------------------------------------------------------------------------------------------- the layer
+@pytest.mark.parametrize("backend", [None, "torch"])
+@pytest.mark.parametrize("shape", [(2, 7, 6), (2, 6)], ids=["3d", "2d"])
+def test_layer_forward_no_sync_and_the_documented_ops(backend, shape):
+    model = tiny_pair_model()
+    lf.set_backend(model, backend)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        lf.set_query(model, pair_query(2))
+        layer = model[0]
+        layer(x)  # warm-up: lazy imports and caches are not counted
+        base = audited(lambda: layer.base_layer(x))
+        got = audited(lambda: layer(x))
+    assert got.syncs == [] and got.host_reads == [] and got.blocking_to == []
+    assert got.kernels - base.kernels <= TORCH_BACKEND_KERNELS, got.names
+    assert got.ops - base.ops <= TORCH_BACKEND_OPS, got.names
+
+
+def test_layer_forward_backward_in_training_no_sync():
+    """Training: set_query with autograd, then forward and backward of both layers: no read of any value."""
+    model = tiny_pair_model().train()
+    x = torch.randn(2, 7, 6)
+    lf.set_query(model, pair_query(2), check_finite=False)
+    model(x).sum().backward()
+    lf.set_query(model, pair_query(2, seed=1), check_finite=False)
+    got = audited(lambda: model(x).sum().backward())
+    assert got.syncs == [] and got.host_reads == []
+    assert all(p.grad is not None for layer in lf.lorweb_layers(model).values() for p in layer.lorweb_tensors().values())
+
+
+def test_per_forward_layer_forward_no_sync():
+    model = tiny_pair_model()
+    x = torch.randn(2, 7, 6)
+    with torch.no_grad():
+        lf.set_query(model, pair_query(2), per_forward=True, check_finite=False)
+        model(x)
+        got = audited(lambda: model(x))
+    assert got.syncs == [] and got.host_reads == []
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="ops.py:column_scaling multiplies the coefficients by scale even when it is 1.0 (the "
+                          "official lora_alpha = r): one elementwise kernel per torch-backend layer call that "
+                          "_fused_linear already skips")
+def test_torch_backend_forward_at_scale_one_has_one_elementwise_product():
+    """At scale 1 and strength 1 the documented forward has one elementwise product: u times the column scaling."""
+    model = tiny_pair_model()
+    lf.set_backend(model, "torch")
+    x = torch.randn(2, 7, 6)
+    with torch.no_grad():
+        lf.set_query(model, pair_query(2))
+        assert model[0].scale == 1.0
+        model[0](x)
+        got = audited(lambda: model[0](x))
+    assert got.names["mul"] == 1, got.names
+
+
+# -------------------------------------------------------------------------------------------------- set_query
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_set_query_checks_with_one_sync_per_configuration_group(grad):
+    """README: the finiteness check is one device synchronisation per configuration group."""
+    model = tiny_pair_model().train(grad)  # autograd: training (no eval-mode warning)
+    with torch.set_grad_enabled(grad):
+        lf.set_query(model, pair_query(2))
+        one_group = audited(lambda: lf.set_query(model, pair_query(2, seed=1)))
+        model[1].double()  # the second layer now forms a configuration group of its own (float64)
+        two_groups = audited(lambda: lf.set_query(model, pair_query(2, seed=2)))
+    assert sites(one_group.syncs) == {"model.py:set_query": 1}
+    assert sites(two_groups.syncs) == {"model.py:set_query": 2}
+
+
+@pytest.mark.parametrize("per_forward", [False, True])
+def test_set_query_without_check_finite_does_not_sync(per_forward):
+    model = tiny_pair_model()
+    with torch.no_grad():
+        lf.set_query(model, pair_query(2))
+        checked = audited(lambda: lf.set_query(model, pair_query(2, seed=1), per_forward=per_forward))
+        unchecked = audited(lambda: lf.set_query(model, pair_query(2, seed=2), per_forward=per_forward,
+                                                 check_finite=False))
+    assert len(checked.syncs) == 1  # the documented check (the query once, per_forward)
+    assert unchecked.syncs == [] and unchecked.host_reads == []
+
+
+# ------------------------------------------------------------------------------------------------ FLUX model
+def flux_inputs(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 6, 8, generator=g),
+                encoder_hidden_states=torch.randn(batch, 4, 24, generator=g),
+                pooled_projections=torch.randn(batch, 20, generator=g), timestep=torch.rand(batch, generator=g),
+                guidance=torch.full((batch,), 3.5), img_ids=torch.randn(6, 3, generator=g), txt_ids=torch.zeros(4, 3))
+
+
+@pytest.fixture(scope="module")
+def flux_pair():
+    """(stock tiny FLUX transformer, a copy with LoRWeB injected and a non-zero basis), eval mode."""
+    torch.manual_seed(0)
+    stock = diffusers.FluxTransformer2DModel(**tiny_flux_config()).eval()
+    model = copy.deepcopy(stock)
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=FLUX_QUERY_DIM))
+    with torch.no_grad():
+        for layer in lf.lorweb_layers(model).values():
+            layer.lora_B.normal_(0, 0.5)
+    return stock, model
+
+
+def flux_query(batch, identical=False, seed=0):
+    q = torch.randn(1 if identical else batch, FLUX_QUERY_DIM, generator=torch.Generator().manual_seed(seed))
+    return q.expand(batch, -1).contiguous()
+
+
+def forward_counts(model, inputs):
+    with torch.no_grad():
+        model(**inputs)
+        return audited(lambda: model(**inputs))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_flux_forward_adds_no_sync_and_bounded_ops(flux_pair, batch):
+    """One denoising step's transformer forward: no sync beyond the stock transformer's, and at most the documented
+    torch-backend computation per adapted layer."""
+    stock, model = flux_pair
+    inputs = flux_inputs(batch)
+    with torch.no_grad():
+        lf.set_query(model, flux_query(batch))
+    base, got = forward_counts(stock, inputs), forward_counts(model, inputs)
+    layers = len(lf.lorweb_layers(model))
+    assert len(got.syncs) == len(base.syncs) and len(got.host_reads) == len(base.host_reads)
+    assert owners(got.blocking_to) == owners(base.blocking_to)
+    assert got.kernels <= base.kernels + TORCH_BACKEND_KERNELS * layers
+    assert got.ops <= base.ops + TORCH_BACKEND_OPS * layers
+
+
+def test_flux_training_forward_backward_adds_no_sync(flux_pair):
+    stock, model = flux_pair
+    inputs = flux_inputs(2)
+    grad_inputs = {k: v.clone().requires_grad_(k == "hidden_states") for k, v in inputs.items()}
+    base = audited(lambda: stock(**grad_inputs).sample.sum().backward())  # the whole stock graph, differentiated
+    stock.zero_grad(set_to_none=True)
+    model.train()
+    try:
+        lf.set_query(model, flux_query(2), check_finite=False)
+        got = audited(lambda: model(**inputs).sample.sum().backward())
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        lf.clear_query(model)
+    assert len(got.syncs) == len(base.syncs) and len(got.host_reads) == len(base.host_reads)
+
+
+def test_merged_full_step_costs_the_stock_step(flux_pair):
+    """README: with merged(strategy="full") a denoising step costs what the base model costs."""
+    stock, model = flux_pair
+    inputs = flux_inputs(1)
+    with torch.no_grad():
+        lf.set_query(model, flux_query(1))
+    with lf.merged(model, "full"):
+        got = forward_counts(model, inputs)
+    base = forward_counts(stock, inputs)
+    assert (got.ops, got.kernels, len(got.syncs)) == (base.ops, base.kernels, len(base.syncs))
+
+
+def test_merged_jit_one_analogy_adds_no_sync(flux_pair):
+    stock, model = flux_pair
+    inputs = flux_inputs(1)
+    with torch.no_grad():
+        lf.set_query(model, flux_query(1))
+    with lf.merged(model, "jit"):
+        got = forward_counts(model, inputs)
+    assert len(got.syncs) == len(forward_counts(stock, inputs).syncs)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="layer.py:LoRWeBLinear.jit_merged_forward calls one_analogy(coeffs) (bool((c == c[:1])"
+                          ".all())) for B > 1 in every layer's every forward: one sync per layer per denoising step; "
+                          "the coefficients do not change between forwards, decide it once")
+@pytest.mark.parametrize("identical", [False, True], ids=["different", "identical"])
+def test_merged_jit_batch_step_adds_no_sync(flux_pair, identical):
+    stock, model = flux_pair
+    inputs = flux_inputs(2)
+    with torch.no_grad():
+        lf.set_query(model, flux_query(2, identical))
+    with lf.merged(model, "jit"):
+        got = forward_counts(model, inputs)
+    assert len(got.syncs) == len(forward_counts(stock, inputs).syncs), sites(got.syncs)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="flux.py:_mergeable_layers and flux.py:merged_weight each call one_analogy per layer: 2 "
+                          "syncs per layer on entering a 'full' / 'offload' merge of B > 1 identical rows; one "
+                          "batched comparison over all layers needs one")
+@pytest.mark.parametrize("strategy", ["full", "offload"])
+def test_entering_a_merge_of_identical_rows_syncs_at_most_once(flux_pair, strategy):
+    _, model = flux_pair
+    with torch.no_grad():
+        lf.set_query(model, flux_query(2, identical=True), check_finite=False)
+
+    def enter_and_exit():
+        with lf.merged(model, strategy):
+            pass
+
+    got = audited(enter_and_exit)
+    assert len(got.syncs) <= 1, sites(got.syncs)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="lora_api.py:check_fused_query reads bool((error <= tol).all()) once per layer: one sync "
+                          "per layer per pipeline call on a fused model, where set_query takes one; stack the "
+                          "per-layer errors and read them once")
+def test_checking_the_query_of_a_fused_model_syncs_once(flux_pair):
+    _, model = flux_pair
+    query = flux_query(1)
+    with torch.no_grad():
+        lf.set_query(model, query)
+    lora_api.fuse_lora(model, "full")
+    try:
+        with torch.no_grad():
+            got = audited(lambda: lora_api.check_fused_query(model, query))
+    finally:
+        lora_api.unfuse_lora(model)
+    assert len(got.syncs) <= 1, sites(got.syncs)
+
+
+def test_set_query_computes_each_group_at_once(flux_pair):
+    """README: layers of one configuration are computed together: the GEMMs of set_query do not grow with the
+    number of layers (20 FLUX layers, one group, against the 2-layer model)."""
+    _, model = flux_pair
+    pair = tiny_pair_model(config=pair_config(key_dim=8))
+    gemms = ("mm", "bmm", "addmm", "baddbmm")
+    with torch.no_grad():
+        big = audited(lambda: lf.set_query(model, flux_query(2), check_finite=False))
+        small = audited(lambda: lf.set_query(pair, pair_query(2), check_finite=False))
+    assert sum(big.names[g] for g in gemms) == sum(small.names[g] for g in gemms) > 0
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="layer.py:LoRWeBLinear.forward moves coefficients living on another device than x "
+                          "(coeffs.to(x.device)) at every forward of every layer and keeps none: under model CPU "
+                          "offload / leaf-level group offloading a blocking host->device copy (stream sync) per layer "
+                          "per denoising step; keep the moved copy")
+def test_coefficients_on_another_device_are_moved_once():
+    """set_query on the CPU, the forward on another device (the meta device stands in for the GPU of model CPU
+    offload): the copy of the (B, N) coefficients to x's device is made in the first forward only."""
+    model = tiny_pair_model()
+    with torch.no_grad():
+        lf.set_query(model, pair_query(2))
+        model.to("meta")
+        x = torch.empty(2, 7, 6, device="meta")
+        first = audited(lambda: model(x))
+        second = audited(lambda: model(x))
+    assert len(first.cross_device) == len(lf.lorweb_layers(model))  # the stand-in works: one copy per layer
+    assert second.cross_device == [], sites(second.cross_device)
+
+
+# -------------------------------------------------------------------------------------------------- pipeline
+@pytest.fixture(scope="module")
+def pipeline_steps(tmp_path_factory):
+    """Per-step and per-call counts of the tiny Kontext pipeline with LoRWeB (merge none / auto / jit), then of the
+    same pipeline with the stock layers put back (the baseline). Step 2 of 2 is measured."""
+    pipe = tiny_lorweb_kontext_pipeline(tmp_path_factory.mktemp("pipe"))
+    a, a_prime, b = random_analogy(0)
+    width, height = pipe.control_grids([a], [a_prime], [b])[0].size
+
+    def measure(call):
+        """(counts of step 2, counts of the whole call)."""
+        marks = []
+
+        def on_step_end(_pipe, _i, _t, kwargs):
+            marks.append(audit.snapshot())
+            return kwargs
+
+        with Audit() as audit:
+            call(on_step_end)
+        return between(*marks), audit
+
+    out = {}
+    for merge in ("none", "auto", "jit"):
+        pipe(a, a_prime, b, "edit", merge=merge, num_inference_steps=1, output_type="np")  # warm-up
+        out[merge] = measure(lambda cb, merge=merge: pipe(a, a_prime, b, "edit", merge=merge, num_inference_steps=2,
+                                                          output_type="np", callback_on_step_end=cb))
+    out["layers"] = len(lf.lorweb_layers(pipe.transformer))
+    lf.remove_lorweb(pipe.transformer)
+    grid = pipe.control_grids([a], [a_prime], [b])[0]
+
+    def stock(cb=None, steps=2):
+        return pipe.pipe(image=grid, prompt="edit", height=height, width=width, num_inference_steps=steps,
+                         guidance_scale=2.5, generator=torch.Generator().manual_seed(50), output_type="np",
+                         max_area=width * height, _auto_resize=False, callback_on_step_end=cb)
+
+    stock(steps=1)
+    out["stock"] = measure(stock)
+    return out
+
+
+@pytest.mark.parametrize("merge", ["none", "auto", "jit"])
+def test_denoising_step_adds_no_sync_to_the_stock_step(pipeline_steps, merge):
+    (step, _), (base, _) = pipeline_steps[merge], pipeline_steps["stock"]
+    assert len(step.syncs) == len(base.syncs) and len(step.host_reads) == len(base.host_reads)
+    layers = pipeline_steps["layers"]
+    if merge == "auto":  # one analogy: "full" (free memory): the stock step exactly
+        assert (step.ops, step.kernels) == (base.ops, base.kernels)
+    elif merge == "none":
+        assert step.kernels <= base.kernels + TORCH_BACKEND_KERNELS * layers
+        assert step.ops <= base.ops + TORCH_BACKEND_OPS * layers
+
+
+def test_generation_syncs_once_beyond_stock(pipeline_steps):
+    """A whole call: the stock pipeline's syncs plus the documented set_query check (once per generation)."""
+    (_, call), (_, base) = pipeline_steps["none"], pipeline_steps["stock"]
+    assert owners(call.syncs) - owners(base.syncs) == {"model.py:set_query": 1}, owners(call.syncs)
+    assert not owners(base.syncs) - owners(call.syncs)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def training_step(tmp_path_factory):
+    """The counts of training step 2 of 3 (no checkpoint, same epoch) of the tiny trainer, fp32."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = tiny_train_config(tiny_training_assets(root / "assets", 4), root / "run", steps=3, checkpoint_every=100)
+    pipe, encoder = flux.load_kontext_pipeline(cfg.model), flux.AnalogyEncoder(cfg.encoder)
+    marks = []
+    with Audit() as audit:
+        training.train(cfg, pipe=pipe, encoder=encoder, step_callback=lambda step, loss: marks.append(audit.snapshot()))
+    return between(*marks[:2])
+
+
+def test_training_step_syncs_are_the_loss_read_the_gradient_check_and_set_query(training_step):
+    """Per step: the loss read (the official trainer's isnan check before backward), the documented gradient-norm
+    check before the optimizer step, and set_query's finiteness check (F4); nothing else in lorweb_fast code."""
+    assert lorweb_owned(training_step.syncs) <= Counter({"training.py:_train": 1, "training.py:_check_gradients": 1,
+                                                         "model.py:set_query": 1})
+    assert lorweb_owned(training_step.syncs)["training.py:_train"] == 1
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="training.py:flow_matching_loss calls set_query with check_finite=True every step: a sync "
+                          "before the forward that the loss read of the same step makes redundant (a non-finite "
+                          "query or coefficient gives a non-finite loss, caught before backward)")
+def test_training_step_syncs_only_for_the_loss_and_the_gradient_norm(training_step):
+    assert sum(lorweb_owned(training_step.syncs).values()) <= 2, lorweb_owned(training_step.syncs)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="training.py:flow_matching_loss copies the CPU-drawn noise, timesteps and loss weights with "
+                          "blocking .to(device): three stream synchronisations per step (the noise waits for the VAE "
+                          "encoding, the weights for the transformer forward); use non_blocking=True from pinned "
+                          "memory")
+def test_flow_matching_loss_makes_no_blocking_host_to_device_copy(training_step):
+    own = [owner for owner, site in training_step.blocking_to if owner == site == "training.py:flow_matching_loss"]
+    assert own == []
