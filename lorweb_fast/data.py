@@ -57,7 +57,7 @@ import torch
 from ._files import FolderLock, image_read_error_message, image_read_errors, loads_json, same_or_inside
 from ._files import atomic_write as _atomic_write
 from .official_config import OFFICIAL_DEFAULTS, QUERY_MODES, QUERY_SOURCES
-from .validation import warn
+from .validation import LoRWeBWarning, warn
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: the order in which the official loader tries a control image's extension (toolkit/dataloader_mixins.py
@@ -741,7 +741,7 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
     if dump is not None:
         check_output_dir("dump", dump)  # before the (long) validation of every sample
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", category=LoRWeBWarning)  # its own: listed in the report; others shown
         dataset = AnalogyFolder(root, skip_bad=skip_bad, layout=layout, resize=resize, long_edge=long_edge,
                                 bucket_divisibility=bucket_divisibility, missing_caption=missing_caption)
         # the folder scan reads headers only (a truncated JPEG passes it and would fail at its training step):
@@ -1086,6 +1086,13 @@ def write_analogy(analogy: dict, out: Path) -> None:
 NAME_REFUSED_ERRNOS = frozenset((errno.ENAMETOOLONG, errno.EINVAL))
 
 
+#: the starts of prepare_relation252k's warnings whose causes its report lists (labels entries without their image,
+#: undecodable images, small categories): ``data prepare`` prints the report, so it silences these warnings
+PREPARE_REPORTED_WARNINGS = (r"skipped \d+ Relation252K labels entries whose image file is missing",
+                             r"skipped \d+ Relation252K images that cannot be decoded",
+                             r"\d+ categories have fewer than \d+ usable pairs")
+
+
 def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_analogies: Optional[int] = None,
                          filter_categories: Optional[list[str]] = None, filter_json: Optional[str] = None,
                          min_pairs_per_category: int = 2, max_samples_per_category: Optional[int] = None,
@@ -1294,11 +1301,14 @@ def run_data(args) -> dict:
         if args.dump:
             print(f"wrote the trainer's grids to {report['dumped']}")
         return report
-    report = prepare_relation252k(args.src, args.out, max_analogies=args.max_analogies,
-                                  filter_categories=args.filter_categories, filter_json=args.filter_json,
-                                  min_pairs_per_category=args.min_pairs_per_category,
-                                  max_samples_per_category=args.max_samples_per_category, seed=args.seed,
-                                  progress=not args.quiet)
+    with warnings.catch_warnings():  # the causes the report below prints: not also said as warnings
+        for reported in PREPARE_REPORTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=reported, category=LoRWeBWarning)
+        report = prepare_relation252k(args.src, args.out, max_analogies=args.max_analogies,
+                                      filter_categories=args.filter_categories, filter_json=args.filter_json,
+                                      min_pairs_per_category=args.min_pairs_per_category,
+                                      max_samples_per_category=args.max_samples_per_category, seed=args.seed,
+                                      progress=not args.quiet)
     print(f"{report['analogies']} analogies: {report['written']} written, {report['skipped']} already there, "
           f"{len(report['failed'])} failed; metadata in {Path(args.out) / 'analogy_metadata.json'}")
     for aid, err in report["failed"]:

@@ -21,8 +21,8 @@ from . import lora_api
 from . import _locks
 from ._files import loads_json, recorded_location, save_figure_atomically
 from ._locks import holding, serialized_on_transformer
-from .layer import (LoRWeBLinear, group_offloading_modes, has_forward_hooks, has_plain_weight, one_analogy,
-                    refuse_disk_group_offloading)
+from .layer import (LoRWeBLinear, group_offloading_modes, has_forward_hooks, has_plain_weight,
+                    refuse_disk_group_offloading, remember_one_analogy)
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
     finished_through_interrupt, get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, \
     set_query
@@ -42,17 +42,18 @@ def _cell_size(images, long_edge: int, multiple: int = 16) -> tuple[int, int]:
     return cw, ch
 
 
-def load_image(image):
+def load_image(image, name: Optional[str] = None):
     """An RGB PIL image from a PIL image or a path, opened as the official inference.py opens its inputs
     (``Image.open(path).convert("RGB")``: no EXIF orientation applied). Errors name the input: a missing file
     (FileNotFoundError); a folder, a URL (nothing is downloaded), a file that is not a complete image, one over
-    Pillow's decompression-bomb limit, or an image without pixels (ValueError)."""
+    Pillow's decompression-bomb limit, or an image without pixels (ValueError). ``name`` (e.g. ``"a_prime[1]"``)
+    names a PIL input in the warnings (a path names itself)."""
     from PIL import Image
 
     from ._files import image_read_error_message, image_read_errors
 
     if isinstance(image, Image.Image):
-        _warn_high_bit_depth(image, "an image")
+        _warn_high_bit_depth(image, name or "an image")
         im = image.convert("RGB")
         where = "the image"
     else:
@@ -76,6 +77,12 @@ def load_image(image):
     if im.width == 0 or im.height == 0:
         raise ValueError(f"{where} has no pixels ({im.width}x{im.height})")
     return im
+
+
+def _load_images(role: str, images) -> list:
+    """``load_image`` of one image or a list of them, each named in warnings as ``role`` (one) or ``role[i]``."""
+    images = _as_list(images)
+    return [load_image(image, role if len(images) == 1 else f"{role}[{i}]") for i, image in enumerate(images)]
 
 
 def _warn_high_bit_depth(image, where: str) -> None:
@@ -192,7 +199,7 @@ def merged_weight(layer: LoRWeBLinear) -> torch.Tensor:
     coeffs = layer.coefficients
     if coeffs is None:
         raise RuntimeError("cannot merge a LoRWeBLinear without coefficients: call set_query first")
-    if not one_analogy(coeffs):
+    if not layer.holds_one_analogy():
         raise ValueError(f"merging needs one analogy (batch size 1), got coefficients for {coeffs.shape[0]} "
                          "different samples")
     return layer.merged_weight_for(coeffs[0])
@@ -213,6 +220,7 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
         raise ValueError(f"{type(model).__name__} has no LoRWeB layers to merge")
     modes = group_offloading_modes(model)
     refuse_disk_group_offloading(layers, modes, f"merged(strategy={strategy!r})")
+    remember_one_analogy(layers.values())  # one host synchronisation per device, not one (or two) per layer
     storages = {}
     for name, layer in layers.items():
         if strategy != "jit" and modes.get(id(layer.base_layer.weight)) == "stream":
@@ -241,7 +249,7 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
                                "set_query(model, query) without per_forward")
         if coeffs is None:
             raise RuntimeError(f"cannot merge {name} without coefficients: call set_query first")
-        if strategy != "jit" and not one_analogy(coeffs):
+        if strategy != "jit" and not layer.holds_one_analogy():
             raise ValueError(f"strategy={strategy!r} merges one analogy (batch size 1), got coefficients for "
                              f"{coeffs.shape[0]} different samples; strategy='jit' merges per sample")
         ptr = layer.base_layer.weight.untyped_storage().data_ptr()
@@ -1032,7 +1040,7 @@ class LoRWeBKontextPipeline:
         """Compute the queries of the analogies and ``set_query`` them (e.g. before ``fuse_lora``); returns
         ``{layer: (B, N) coefficients}``."""
         self._require_adapter()
-        a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
+        a, a_prime, b = (_load_images(role, x) for role, x in (("a", a), ("a_prime", a_prime), ("b", b)))
         query = self._query(self.control_grids(a, a_prime, b), a, a_prime, b)
         with torch.no_grad():
             return set_query(self.transformer, query)
@@ -1507,7 +1515,7 @@ class LoRWeBKontextPipeline:
                                  seed=seed if generator is None else DEFAULT_SEED, progress=progress)
         self._require_adapter()
         check_pipe_kwargs(pipe_kwargs, type(self.pipe).__call__)
-        a, a_prime, b = ([load_image(i) for i in _as_list(x)] for x in (a, a_prime, b))
+        a, a_prime, b = (_load_images(role, x) for role, x in (("a", a), ("a_prime", a_prime), ("b", b)))
         stretched = warn_aspect_ratios(a, a_prime, b, cells_from="a" if self.resolution == "official" else "b")
         grids = self.control_grids(a, a_prime, b, long_edge=long_edge)
         if self.resolution == "native" and not stretched:  # the same shapes, other sizes (said once, not twice;

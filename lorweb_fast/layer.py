@@ -7,6 +7,7 @@ import contextvars
 import copy
 import math
 import weakref
+from collections import defaultdict
 from typing import Optional
 
 import torch
@@ -16,6 +17,10 @@ from torch import nn
 from . import ops
 from .reference import ACTIVATIONS, REDUCTIONS
 from .validation import check_finite_tensor, check_float_tensor, check_has_values, check_int, check_real, warn
+
+#: attributes a copy (deepcopy, pickle) leaves out: weak references to the sources, and what is remembered about
+#: the coefficients (the copy decides it again for its own)
+COPIED_WITHOUT = ("_coefficient_sources", "_one_analogy_memo", "_moved_coefficients")
 
 #: True inside ``uninitialised_lorweb_tensors()``: new LoRWeBLinear layers leave their LoRWeB tensors uninitialised
 _UNINITIALISED = contextvars.ContextVar("lorweb_fast_uninitialised", default=False)
@@ -108,8 +113,36 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def one_analogy(coeffs: torch.Tensor) -> bool:
     """Whether (B, N) coefficients hold one analogy: one row, or identical rows (a host synchronisation for B > 1).
-    False for an empty batch."""
+    False for an empty batch. ``LoRWeBLinear.holds_one_analogy`` remembers the answer for its coefficients."""
     return coeffs.shape[0] == 1 or (coeffs.shape[0] > 1 and bool((coeffs == coeffs[:1]).all()))
+
+
+def rows_identical(coeffs: torch.Tensor) -> torch.Tensor:
+    """(..., B, N) coefficients -> (...,) bool tensor: all B rows equal to the first (on their device, no host
+    synchronisation; True for B = 1)."""
+    return (coeffs == coeffs[..., :1, :]).flatten(-2).all(-1)
+
+
+def remember_one_analogy(layers) -> None:
+    """Decide ``holds_one_analogy`` for every LoRWeBLinear of ``layers`` with coefficients of B > 1 rows not decided
+    yet: one host synchronisation per device for all of them, instead of one per layer."""
+    undecided = defaultdict(list)
+    for layer in layers:
+        coeffs = layer._coefficients
+        if coeffs is not None and coeffs.shape[0] > 1 and layer._one_analogy_memo_for(coeffs) is None:
+            undecided[coeffs.device].append(layer)
+    for members in undecided.values():
+        flags = torch.stack([rows_identical(layer._coefficients) for layer in members]).tolist()
+        for layer, flag in zip(members, flags):
+            layer.remember_one_analogy(flag)
+
+
+def tensor_version(t: torch.Tensor) -> Optional[int]:
+    """``t._version`` (it grows with every in-place change), None for an inference tensor, which has none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
@@ -346,11 +379,63 @@ class LoRWeBLinear(nn.Module):
             if coeffs.storage_offset() != 0:
                 coeffs = coeffs.clone()
         self._coefficients = coeffs
+        self._forget_coefficient_memos()
         self._query = None
         self._coefficient_sources = None  # set by hand: from whatever the caller chose
 
     #: (the class default: a module pickled before this attribute existed loads without it)
     _coefficient_sources = None
+    #: (coefficients, their version, whether they hold one analogy): ``holds_one_analogy``'s answer for them
+    _one_analogy_memo = None
+    #: (coefficients, their version, the copy on another device): ``_coefficients_on``'s copy of them
+    _moved_coefficients = None
+
+    def _forget_coefficient_memos(self) -> None:
+        """The coefficients changed: what was remembered about the old ones is dropped (and no reference kept)."""
+        self._one_analogy_memo = self._moved_coefficients = None
+
+    def _one_analogy_memo_for(self, coeffs: torch.Tensor) -> Optional[bool]:
+        memo = self._one_analogy_memo
+        if memo is not None and memo[0] is coeffs and memo[1] == tensor_version(coeffs):
+            return memo[2]
+        return None
+
+    def remember_one_analogy(self, flag: bool) -> None:
+        """Record whether the coefficients in use hold one analogy (decided by the caller, e.g. ``set_query`` in its
+        finiteness check's synchronisation); forgotten when they change, also in place."""
+        coeffs = self._coefficients
+        self._one_analogy_memo = None if coeffs is None else (coeffs, tensor_version(coeffs), bool(flag))
+
+    def holds_one_analogy(self) -> bool:
+        """``one_analogy(self.coefficients)``: one row, or identical rows (False without coefficients or for an empty
+        batch). Decided once per coefficient tensor (one host synchronisation for B > 1, none when ``set_query`` or
+        ``merged()`` decided it already), not at every forward."""
+        coeffs = self._coefficients
+        if coeffs is None or coeffs.shape[0] <= 1:
+            return coeffs is not None and coeffs.shape[0] == 1
+        known = self._one_analogy_memo_for(coeffs)
+        if known is None:
+            known = one_analogy(coeffs)
+            self.remember_one_analogy(known)
+        return known
+
+    def _coefficients_on(self, coeffs: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``coeffs`` on ``device``. From the CPU to a GPU without a stream synchronisation (``non_blocking``: the
+        pageable source is staged before the call returns); the coefficients set by ``set_query`` (without autograd
+        history) are moved once and the copy kept until they change (model CPU offload: the coefficients stay on the
+        CPU, every forward runs on the GPU)."""
+        if coeffs.device == device:
+            return coeffs
+        non_blocking = coeffs.device.type == "cpu" and device.type == "cuda"
+        if torch.compiler.is_compiling() or coeffs is not self._coefficients or coeffs.requires_grad:
+            return coeffs.to(device, non_blocking=non_blocking)
+        memo = self._moved_coefficients
+        version = tensor_version(coeffs)
+        if memo is not None and memo[0] is coeffs and memo[1] == version and memo[2].device == device:
+            return memo[2]
+        moved = coeffs.to(device, non_blocking=non_blocking)
+        self._moved_coefficients = (coeffs, version, moved)
+        return moved
 
     def _projection_tensor(self) -> Optional[torch.Tensor]:
         """att_lora_to_q's weight tensor object as the layer holds it now: its parameter ("linear"), its identity
@@ -371,6 +456,7 @@ class LoRWeBLinear(nn.Module):
     def _drop_coefficients(self) -> None:
         """Forget the coefficients (and what they were computed from): new LoRWeB parameters were loaded."""
         self._coefficients = self._coefficient_sources = None
+        self._forget_coefficient_memos()
 
     def _coefficients_stale(self) -> bool:
         """Whether the coefficients came from lora_keys / att_lora_to_q tensors the layer no longer holds."""
@@ -409,6 +495,7 @@ class LoRWeBLinear(nn.Module):
             if check_finite:
                 check_finite_tensor("query", query)
         self._coefficients = self._coefficient_sources = None
+        self._forget_coefficient_memos()
         self._query = query
 
     def coefficients_from_query(self, query: torch.Tensor, *, fp32: bool = False) -> torch.Tensor:
@@ -485,7 +572,7 @@ class LoRWeBLinear(nn.Module):
         # _cast: a cast only where the dtype differs (``.to`` to the same dtype returns the tensor itself, after
         # several microseconds of host time per call: this runs on every eager layer call)
         lora_a, lora_b = _cast(self.lora_A, dtype), _cast(self.lora_B, dtype)
-        coeffs = self._with_strength(coeffs if coeffs.device == x.device else coeffs.to(x.device))
+        coeffs = self._with_strength(self._coefficients_on(coeffs, x.device))
         base = self.base_layer
         if has_plain_weight(base) and not has_forward_hooks(base):  # the fused kernels read W: y = x W^T + b + delta
             bias = base.bias
@@ -573,7 +660,7 @@ class LoRWeBLinear(nn.Module):
         bias = self.base_layer.bias
         # identical rows take the one-weight path; under torch.compile that data-dependent test would break the
         # graph, so a compiled batch takes the per-sample path (the same values up to rounding)
-        if coeffs.shape[0] == 1 or (not torch.compiler.is_compiling() and one_analogy(coeffs)):
+        if coeffs.shape[0] == 1 or (not torch.compiler.is_compiling() and self.holds_one_analogy()):
             return F.linear(x, self.merged_weight_for(coeffs[0]), bias)
         weights = self.merged_weight_for(coeffs)  # (B, out, in)
         x3 = x if x.dim() == 3 else x.unsqueeze(1)
@@ -591,9 +678,8 @@ class LoRWeBLinear(nn.Module):
         no_autocast = (contextlib.nullcontext() if x.device.type == "meta"
                        else torch.autocast(x.device.type, enabled=False))
         with no_autocast:
-            coeffs = self._coefficients_for(x, fp32=True)
-            delta = ops.mixed_lora_delta(x.float(), self.lora_A.float(), self.lora_B.float(),
-                                         self._with_strength(coeffs.to(x.device, torch.float32)), self.scale,
+            coeffs = self._with_strength(self._coefficients_on(self._coefficients_for(x, fp32=True), x.device).float())
+            delta = ops.mixed_lora_delta(x.float(), self.lora_A.float(), self.lora_B.float(), coeffs, self.scale,
                                          backend=self.backend)
         return y + delta.to(y.dtype)
 
@@ -667,7 +753,7 @@ class LoRWeBLinear(nn.Module):
         self._refuse_copy_of_autograd_history("deep-copy", "torch deep-copies graph leaves only")
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        state = {k: v for k, v in self.__dict__.items() if k != "_coefficient_sources"}
+        state = {k: v for k, v in self.__dict__.items() if k not in COPIED_WITHOUT}
         new.__dict__.update(copy.deepcopy(state, memo))
         new._coefficient_sources = self._copied_coefficient_sources()
         return new
@@ -689,7 +775,7 @@ class LoRWeBLinear(nn.Module):
         (the pickled copy would hold them as a leaf cut off from the parameters they were computed from)."""
         self._refuse_copy_of_autograd_history("copy or pickle (copy.copy, torch.save of the module)",
                                               "the copy would hold them cut off from the parameters")
-        state = dict(super().__getstate__())
+        state = {k: v for k, v in super().__getstate__().items() if k not in COPIED_WITHOUT}
         state["_coefficient_sources"] = self._copied_coefficient_sources()  # (weak references do not pickle)
         return state
 

@@ -16,7 +16,7 @@ import math
 import numbers
 import os
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -137,6 +137,7 @@ def check_fused_query(model: nn.Module, query: torch.Tensor) -> None:
     if state is None or state[1] == "jit":
         return
     fused = state[2]
+    within = defaultdict(list)  # device -> per layer, a bool tensor: every row close to the fused coefficients
     for name, layer in lorweb_layers(model).items():
         weight = layer.att_lora_to_q.weight
         now, then = layer.coefficients_from_query(query.to(weight.device, weight.dtype), fp32=True), fused[name]
@@ -144,14 +145,16 @@ def check_fused_query(model: nn.Module, query: torch.Tensor) -> None:
         # model cast to fp16 / bf16 after the fuse computes from rounded projections and keys: each row within
         # 2 eps of the weights' dtype (at least 1e-4) of the fused coefficients, relative to their norm
         tol = max(1e-4, 2 * torch.finfo(weight.dtype).eps)
-        same = now.shape[1] == then.shape[1]
-        if same:
-            want = then[:1].to(now.device, torch.float32).expand(now.shape[0], -1)
-            error = (now.float() - want).norm(dim=1) / want.norm(dim=1).clamp_min(1e-12)
-            same = bool((error <= tol).all())
-        if not same:
-            raise RuntimeError("the LoRWeB mixture is fused for another analogy: call unfuse_lora() before "
-                               "generating with a new analogy (or fuse with strategy='jit')")
+        if now.shape[1] != then.shape[1]:
+            within[now.device].append(torch.zeros((), dtype=torch.bool, device=now.device))
+            break
+        want = then[:1].to(now.device, torch.float32).expand(now.shape[0], -1)
+        error = (now.float() - want).norm(dim=1) / want.norm(dim=1).clamp_min(1e-12)
+        within[now.device].append((error <= tol).all())
+    # read once per device (one host synchronisation), not once per layer
+    if not all(bool(torch.stack(flags).all()) for flags in within.values()):
+        raise RuntimeError("the LoRWeB mixture is fused for another analogy: call unfuse_lora() before "
+                           "generating with a new analogy (or fuse with strategy='jit')")
 
 
 # ------------------------------------------------------------------------------------------------ strength
@@ -435,7 +438,7 @@ def unload_lora_weights(model: nn.Module) -> list[str]:
     computes every layer's merged weight before any weight changes (one copy of the adapted weights; layers that
     shared one weight Parameter get their own)."""
     from .flux import merged_weight
-    from .layer import one_analogy
+    from .layer import remember_one_analogy
 
     state = getattr(model, _FUSED, None)
     if state is None:
@@ -443,8 +446,9 @@ def unload_lora_weights(model: nn.Module) -> list[str]:
     layers = lorweb_layers(model)
     baked = {}
     if state[1] == "jit":  # every merged weight first: a failure (one analogy needed, memory) changes nothing
+        remember_one_analogy(layers.values())
         for name, layer in layers.items():
-            if layer.coefficients is None or not one_analogy(layer.coefficients):
+            if not layer.holds_one_analogy():
                 raise RuntimeError(f"unload_lora_weights() keeps a fused mixture in the weights, but {name} is fused "
                                    "with strategy='jit' for no analogy or a batch of different ones: set one analogy, "
                                    "or unfuse_lora() first to unload without baking")

@@ -22,7 +22,7 @@ from ._files import default_permissions, naming_the_file, temporary_file, write_
 from . import _locks
 from ._locks import serialized_on_model
 from .layer import (LoRWeBLinear, default_adapter_dtype, group_offloading_members, group_offloading_modes,
-                    linear_dims, refuse_disk_group_offloading, replaced_query_projection_error,
+                    linear_dims, refuse_disk_group_offloading, replaced_query_projection_error, rows_identical,
                     uninitialised_lorweb_tensors)
 from .reference import ACTIVATIONS, REDUCTIONS
 from .validation import (all_finite, check_choice, check_finite_tensor, check_float_tensor, check_has_values, check_int,
@@ -440,8 +440,15 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
             torch.stack([layer.lora_keys for _, layer in chunk]),  # (L', N, key_dim)
             heads=heads, activation=activation, reduce=reduce)
             for chunk in (members[i:i + per_chunk] for i in range(0, len(members), per_chunk))])  # (L, B, N)
-        # one synchronisation per group for the query and the coefficients together; the query is named first
-        if check_finite and not bool(torch.isfinite(group_query).all() & torch.isfinite(coeffs).all()):
+        # one synchronisation per group for the query and the coefficients together (and, for B > 1, whether each
+        # layer's rows are one analogy, which merges and "jit" forwards need); the query is named first
+        finite, one_analogy = True, None
+        if check_finite:
+            flags = torch.isfinite(group_query).all() & torch.isfinite(coeffs).all()
+            if query.shape[0] > 1:
+                flags = torch.cat([flags.reshape(1), rows_identical(coeffs)])
+            finite, *one_analogy = flags.tolist() if flags.dim() else [bool(flags)]
+        if not finite:
             check_finite_tensor("query", query, query_hint)
             bad = [name for i, (name, _) in enumerate(members) if not bool(torch.isfinite(coeffs[i]).all())]
             raise ValueError(f"the coefficients of {len(bad)} layers (e.g. {bad[0]}) hold NaN or Inf: their "
@@ -449,19 +456,21 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
                              f"(in {str(dtype).removeprefix('torch.')}, as officially) or the fp32 logits overflow "
                              f"(the query's largest magnitude is {float(query.detach().abs().max()):.3g}); the "
                              "previous coefficients are kept unchanged")
-        computed.append((members, coeffs))
+        computed.append((members, coeffs, one_analogy or None))
     # warned before anything is set: a warning raised as an error (-W error) leaves the previous coefficients
-    if torch.is_grad_enabled() and not model.training and any(c.requires_grad for _, c in computed):
+    if torch.is_grad_enabled() and not model.training and any(c.requires_grad for _, c, _ in computed):
         warn("set_query on a model in eval mode with autograd enabled: the coefficients carry autograd "
              "history (copy.deepcopy of the model then fails and the graph is kept alive); call it under "
              "torch.no_grad() for inference, or model.train() for training")
     # everything checked: set all layers; storing copies a view (an allocation): failing at a later layer puts the
     # earlier ones back, never a model mixing two analogies
     with analogy_restored_on_error(model):
-        for members, coeffs in computed:
+        for members, coeffs, one_analogy in computed:
             for i, (_, layer) in enumerate(members):
                 layer.set_coefficients(coeffs[i], check_finite=False)
                 layer.record_coefficient_sources()
+                if one_analogy is not None:
+                    layer.remember_one_analogy(one_analogy[i])
     return get_coefficients(model)
 
 
@@ -487,6 +496,7 @@ def analogy_restored_on_error(model: nn.Module):
     except BaseException:
         for name, layer in layers.items():
             layer._coefficients, layer._query, layer._coefficient_sources = kept[name]
+            layer._forget_coefficient_memos()
         raise
 
 

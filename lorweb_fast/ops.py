@@ -321,7 +321,10 @@ def column_scaling(coeffs: torch.Tensor, rank: int, scale: float) -> torch.Tenso
     """(B, N) coefficients -> (B, N*r) per-sample column scaling (alpha_b[n] repeated r times, times scale); fp32,
     or float64 for float64 coefficients."""
     acc = torch.float64 if coeffs.dtype == torch.float64 else torch.float32
-    return (coeffs.to(acc) * scale).repeat_interleave(rank, dim=-1)
+    coeffs = coeffs.to(acc)
+    if scale != 1.0:  # the official lora_alpha = r: no multiplication (x * 1.0 is x, one kernel less)
+        coeffs = coeffs * scale
+    return coeffs.repeat_interleave(rank, dim=-1)
 
 
 def concat_basis(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

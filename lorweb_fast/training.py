@@ -1226,9 +1226,11 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
         x0 = _encode_images(pipe, batch["target"], generator, sample=True).float()
         control = _encode_images(pipe, batch["control"], generator, sample=cfg.control_latents == "sample")
     _, c, h, w = x0.shape
-    noise = torch.randn(x0.shape, generator=generator).to(device)
+    # drawn on the CPU (the official generator), copied without a stream synchronisation (non_blocking: the pageable
+    # source is staged before the call returns, so the values are the same)
+    noise = torch.randn(x0.shape, generator=generator).to(device, non_blocking=True)
     t, weight = sample_timesteps(cfg, bsz, generator)
-    t = t.to(device)
+    t = t.to(device, non_blocking=True)
     tt = t.view(-1, 1, 1, 1)
     x_t = (1.0 - tt) * x0 + tt * noise
     pack = FluxKontextPipeline._pack_latents
@@ -1249,7 +1251,7 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
                        txt_ids=text_ids, img_ids=torch.cat([ids, context_ids], dim=0), return_dict=False)[0]
     pred = pred[:, :noisy_tokens.shape[1]].float()
     target = pack(noise - x0, bsz, c, h, w)
-    weight = weight.to(device).view(-1, 1, 1)
+    weight = weight.to(device, non_blocking=True).view(-1, 1, 1)
     return (weight * (pred - target) ** 2).mean()
 
 
@@ -1600,6 +1602,11 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
 
     start_step, data_position = 0, None
     if ckpt is not None:
+        was = trainer_state.get("num_processes")  # warned before the load: -W error changes nothing
+        if was is not None and was != accelerator.num_processes and accelerator.is_main_process:
+            warn(f"resuming a run of {was} process{'' if was == 1 else 'es'} with {accelerator.num_processes}: the "
+                 f"data continues where it stopped, but the global batch size changes from {was * cfg.batch_size} "
+                 f"to {accelerator.num_processes * cfg.batch_size} samples per step")
         # validated, all or nothing; before sharding. The fp32 masters when the weights file was rounded.
         masters = trainer_state.get("lorweb_master_weights")
         load_lorweb_weights(transformer, masters if masters is not None else ckpt / WEIGHTS_NAME,
@@ -1609,11 +1616,6 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
         # where the data stream stopped (None in checkpoints written before it was recorded: then taken as
         # start_step steps of this run's process count)
         data_position = trainer_state.get("data_position")
-        was = trainer_state.get("num_processes")
-        if was is not None and was != accelerator.num_processes and accelerator.is_main_process:
-            logger.warning("resuming a run of %d process%s with %d: the data continues where it stopped, but the "
-                           "global batch size changes from %d to %d samples per step", was, "" if was == 1 else "es",
-                           accelerator.num_processes, was * cfg.batch_size, accelerator.num_processes * cfg.batch_size)
 
     # under FSDP2 accelerate shards the transformer in place (blocks as units, each LoRWeB layer inside its block)
     # and swaps the optimizer's parameters for the sharded ones
@@ -1651,13 +1653,13 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
 
         log_path, png_path = out / "loss.jsonl", out / "loss.png"
         if accelerator.is_main_process:
+            kept = []  # read (and a torn line warned about) before anything is written: -W error changes nothing
+            if log_path.is_file() and start_step > 0:
+                kept = [l for l, row in _loss_rows(log_path) if row["step"] <= start_step]
             out.mkdir(parents=True, exist_ok=True)
             # replaced, not written into: a symlink at these names (a received run folder) is not followed
             atomic_write(out / "train_config.json",
                          lambda tmp: tmp.write_text(json.dumps(asdict(cfg), indent=2, default=str)))
-            kept = []
-            if log_path.is_file() and start_step > 0:
-                kept = [l for l, row in _loss_rows(log_path) if row["step"] <= start_step]
             atomic_write(log_path, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))
             if ckpt is not None:  # a run killed after the rename of its last checkpoint is completed first
                 with _writing_step(start_step):

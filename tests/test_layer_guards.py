@@ -607,3 +607,64 @@ def test_injection_refuses_the_out_proj_of_nn_multiheadattention():
                                                        "nn.MultiheadAttention"):
         lf.load_lorweb_weights(model, lf.lorweb_state_dict(donor))
     assert not lf.lorweb_layers(model)
+
+
+# --------------------------------------------------------------------------- what is remembered about coefficients
+def test_holds_one_analogy_follows_the_coefficients_and_their_in_place_changes():
+    """``holds_one_analogy`` is decided once per coefficient tensor (no sync per forward) and decided again when the
+    coefficients are replaced or changed in place."""
+    layer = _layer()
+    same = _coeffs(1).expand(3, -1).clone()
+    layer.set_coefficients(same)
+    assert layer.holds_one_analogy() is True
+    assert layer.holds_one_analogy() is True  # remembered
+    with torch.no_grad():
+        layer.coefficients[2, 0] += 0.5  # in place: the version changes
+    assert layer.holds_one_analogy() is False
+    layer.set_coefficients(_coeffs(3))
+    assert layer.holds_one_analogy() is False
+    layer.set_coefficients(_coeffs(1).expand(3, -1).clone())  # (``same`` itself was changed in place above)
+    assert layer.holds_one_analogy() is True
+    layer.set_coefficients(_coeffs(1))
+    assert layer.holds_one_analogy() is True
+    layer.set_coefficients(None)
+    assert layer.holds_one_analogy() is False
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_set_query_decides_one_analogy_as_one_analogy_does(check_finite):
+    """``set_query`` with its finiteness check decides every layer's ``holds_one_analogy`` in the same
+    synchronisation; the answers are those of ``layer.one_analogy`` on the coefficients set."""
+    from lorweb_fast.layer import one_analogy
+    from lorweb_fast.testing import pair_query, tiny_pair_model
+
+    model = tiny_pair_model()
+    repeated = pair_query(1).expand(3, -1).clone()
+    for query, want in ((repeated, True), (pair_query(3), False), (pair_query(1), True)):
+        with torch.no_grad():
+            lf.set_query(model, query, check_finite=check_finite)
+        for layer in lf.lorweb_layers(model).values():
+            if check_finite and query.shape[0] > 1:  # decided by set_query, before any forward
+                assert layer._one_analogy_memo_for(layer.coefficients) is want
+            assert layer.holds_one_analogy() is one_analogy(layer.coefficients) is want
+
+
+def test_coefficients_on_another_device_are_moved_once_and_again_after_a_change():
+    """The coefficients set by set_query, needed on another device (model CPU offload: the meta device stands in for
+    the GPU here), are copied once and the copy kept until they are replaced or changed in place; coefficients with
+    autograd history are copied at every call (never kept with their graph)."""
+    layer = _layer()
+    layer.set_coefficients(_coeffs(2))
+    meta = torch.device("meta")
+    first = layer._coefficients_on(layer.coefficients, meta)
+    assert first.device == meta and layer._coefficients_on(layer.coefficients, meta) is first
+    assert layer._coefficients_on(layer.coefficients, torch.device("cpu")) is layer.coefficients  # same device
+    with torch.no_grad():
+        layer.coefficients.mul_(1.0)
+    assert layer._coefficients_on(layer.coefficients, meta) is not first
+    layer.set_coefficients(_coeffs(2, seed=3))
+    assert layer._moved_coefficients is None  # nothing kept about the old coefficients
+    tracked = _coeffs(2).requires_grad_(True) * 1.0
+    layer.set_coefficients(tracked, check_finite=False)
+    assert layer._coefficients_on(tracked, meta) is not layer._coefficients_on(tracked, meta)
+    assert layer._moved_coefficients is None

@@ -44,12 +44,12 @@ Measured (this machine, CPU, torch 2.14.1, safetensors 0.8.0; MiB, and x the siz
 | fresh fp32 model, bf16 file | 311 = held 206 + 1.0 file; was 516 | held + file | ok |
 | fresh bf16 model, fp32 file | 310 = held 103 + 1.0 file; was 412 | held + file | ok |
 | FLUX: fresh bf16 transformer, bf16 file | 429 = held 214 + 1.0 file | held + file | ok |
-| FLUX: fresh bf16 transformer, fp16 file (the official save dtype) | 428 = held 214 + 1.0 file; was 643 | held + file | ok |
-| ``merged("full")`` / ``"offload"``, fp32 | 294 / 325 = all + 0.2 / 1.0 layer; holds all inside | all + one layer | ok |
+| FLUX: fresh bf16 transformer, fp16 file (official) | 428 = held 214 + 1.0 file; was 643 | held + file | ok |
+| ``merged("full")`` / ``"offload"``, fp32 | 294 / 325 = all + 0.2 / 1.0 layer | all + one layer | ok |
 | ``merged("full")`` / ``"offload"``, bf16 | 150 / 163 = all + 0.3 / 1.1 layers; was all + 5.0 | all + one layer | ok |
-| ``merged("jit")`` fp32 / bf16 | 40 / 23 (1.07 / 1.2 layers); was 72 / 109 (2.0 / 6.0) | one layer's merged weight (README) | ok |
+| ``merged("jit")`` fp32 / bf16 | 40 / 23 (1.07 / 1.2 layers); was 72 / 109 (2.0 / 6.0) | one merged layer | ok |
 | ``fuse_lora()`` / ``unfuse_lora()`` | as "full"; holds all; gives all back | same | ok |
-| ``set_query``, 240 layers, no_grad | 18 (0.06 x all att_lora_to_q); was 274 (1.01 x) | ~0 (240 x 32 coefficients) | ok |
+| ``set_query``, 240 layers, no_grad | 18 (0.06 x all att_lora_to_q); was 274 (1.01 x) | ~0 (240 x B x 32) | ok |
 | ``set_query`` with autograd (training): held after | 5 | ~0 | ok |
 
 "file": the tensor bytes of the file read; "held": what the call leaves (a fresh model's new layers); "was": before

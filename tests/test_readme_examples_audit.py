@@ -270,7 +270,8 @@ def test_one_layer_takes_b_any_in_inputs_with_one_coefficient_row_per_sample():
 def test_api_whole_transformer(api, assets):
     """``names = lf.inject_lorweb(transformer, lf.LoRWeBConfig())``: every linear of the blocks (14 per double block,
     6 per single block: 494 at FLUX.1's depth, see below); "every other parameter stops requiring grad"; ``set_query``
-    computes every layer's coefficients "once, in one batched computation" (one stacked computation per call);
+    computes every layer's coefficients "once, in batched computations" (stacked ``QUERY_STACK_BYTES`` of query
+    projections at a time, 14 of these fp32 layers);
     ``get_coefficients`` gives ``{name: (B, N)}``; ``get_lorweb_scale`` reads the 0.8 that was set."""
     transformer, names = api["transformer"], api["names"]
     cfg = tiny_flux_config()
@@ -278,8 +279,11 @@ def test_api_whole_transformer(api, assets):
     assert len(names) == 14 * cfg["num_layers"] + 6 * cfg["num_single_layers"]
     assert list(lf.lorweb_layers(transformer)) == names
     assert trainable(transformer) == lorweb_tensor_names(transformer)
-    # two set_query calls (query, then query[:1]): one computation each, all 20 layers stacked
-    assert api["_calls"] == [((len(names), 128, 2304), (2, 2304)), ((len(names), 128, 2304), (1, 2304))]
+    # two set_query calls (query, then query[:1]): the 20 layers stacked in chunks of 16 MiB of projections
+    per_chunk = lf.model.QUERY_STACK_BYTES // (128 * 2304 * 4)
+    chunks = [min(per_chunk, len(names) - i) for i in range(0, len(names), per_chunk)]
+    assert chunks == [14, 6]
+    assert api["_calls"] == [((n, 128, 2304), (b, 2304)) for b in (2, 1) for n in chunks]
     coeffs = lf.get_coefficients(transformer)
     assert list(coeffs) == names
     assert {(tuple(c.shape), c.dtype, c.requires_grad) for c in coeffs.values()} == {((1, 32), torch.float32, False)}
@@ -287,7 +291,7 @@ def test_api_whole_transformer(api, assets):
 
 
 def test_every_forward_reuses_the_coefficients_set_once(assets, monkeypatch):
-    """``set_query``: "every layer's coefficients, once, in one batched computation"; "all denoising steps reuse
+    """``set_query``: "every layer's coefficients, once, in batched computations"; "all denoising steps reuse
     them; no per-step or per-layer recomputation": forwards compute no coefficients, and they do use the analogy."""
     transformer = load_transformer(assets)
     lf.inject_lorweb(transformer, lf.LoRWeBConfig())
@@ -300,7 +304,7 @@ def test_every_forward_reuses_the_coefficients_set_once(assets, monkeypatch):
     with torch.no_grad():
         for query in queries:
             lf.set_query(transformer, query)
-            assert len(calls) == 1
+            assert len(calls) == 2  # the 20 layers in two stacked chunks (14 + 6, test_api_whole_transformer)
             calls.clear()
             steps = [transformer(**transformer_inputs(2))[0] for _ in range(3)]
             assert not calls and all(torch.equal(s, steps[0]) for s in steps)

@@ -307,6 +307,7 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
         return w / h
 
     triplets = []
+    short_of_close = []  # (a' image, category, photos within the aspect tolerance): warned once at the end
     found: set = set()
     decoded = base / "decoded_random_inference_set"
     for db_dir in _subdirs(decoded):
@@ -357,9 +358,7 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
                             far = sorted(set(cands) - set(close), key=lambda p: (abs(aspect(p) - a_aspect), p.name))
                             bs = close + far[:b_per_pair - len(close)]
                             note = {"b_aspect_outside_tolerance": True}
-                            warn(f"{rel}: only {len(close)} photos of {category!r} have an aspect ratio "
-                                 f"within {aspect_tolerance} of a's; the closest others complete the "
-                                 f"{b_per_pair} b images (recorded as b_aspect_outside_tolerance)")
+                            short_of_close.append((rel, category, len(close)))
                     for b_path in bs:
                         triplets.append(Triplet(
                             task, f"{a_prime.stem}__{b_path.stem}", ImageRef(a_path), ImageRef(a_prime),
@@ -368,6 +367,11 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
     missing = [t for t in tasks or () if t not in found]
     if missing:
         raise EvalInputError(f"tasks not found in {root}: {missing}")
+    if short_of_close:  # one warning for the cause, not one per a' image
+        rel, category, close = short_of_close[0]
+        warn(f"{len(short_of_close)} a' images have fewer than {b_per_pair} photos of their category with an aspect "
+             f"ratio within {aspect_tolerance} of a's (e.g. {rel}: {close} in {category!r}); the closest others "
+             "complete their b images (recorded as b_aspect_outside_tolerance)")
     return _check_nonempty(triplets, base, "released LoRWeB layout")
 
 

@@ -261,8 +261,8 @@ class Gemma3Judge:
             if not self.truncated:
                 warn(f"the judge's answer to {request.id} ({request.kind}) stopped at max_new_tokens="
                      f"{self.max_new_tokens} before its end; a cut answer usually has no score and is listed "
-                     "as a failure: raise --judge-max-new-tokens (later cut answers are not warned about; "
-                     "see the judge's .truncated)")
+                     "as a failure: raise max_new_tokens (--judge-max-new-tokens); later cut answers are not "
+                     "warned about (see the judge's .truncated)")
             self.truncated.append(request.id)
         return self.processor.decode(answer, skip_special_tokens=True)
 
