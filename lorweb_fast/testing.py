@@ -287,6 +287,17 @@ def tiny_flux_config() -> dict:
                 axes_dims_rope=(4, 4, 8))
 
 
+def tiny_flux_inputs(batch: int = 2, seed: int = 0) -> dict:
+    """Random inputs of one forward of the ``tiny_flux_config`` transformer: ``batch`` samples of 6 image and 4 text
+    tokens (hidden_states (B, 6, 8), encoder_hidden_states (B, 4, 24), pooled_projections (B, 20), timestep (B,),
+    guidance (B,) = 3.5, img_ids (6, 3), txt_ids (4, 3))."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 6, 8, generator=g),
+                encoder_hidden_states=torch.randn(batch, 4, 24, generator=g),
+                pooled_projections=torch.randn(batch, 20, generator=g), timestep=torch.rand(batch, generator=g),
+                guidance=torch.full((batch,), 3.5), img_ids=torch.randn(6, 3, generator=g), txt_ids=torch.zeros(4, 3))
+
+
 def odd_shape_cases() -> list[dict]:
     """36 shape combinations: N in {1, 3, 32} x r in {1, 4, 8} x {fp32, bf16} x {3-D, 2-D input}, with M, in and
     out never multiples of 16 and 1-3 samples carrying different coefficients."""

@@ -5,18 +5,13 @@ import pytest
 import torch
 
 import lorweb_fast as lf
-from lorweb_fast.testing import tiny_flux_config
+from lorweb_fast.testing import tiny_flux_config, tiny_flux_inputs
 
 diffusers = pytest.importorskip("diffusers")
 QUERY_DIM = 12
 
 
-def flux_inputs(batch, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(batch, 6, 8, generator=g),
-                encoder_hidden_states=torch.randn(batch, 4, 24, generator=g),
-                pooled_projections=torch.randn(batch, 20, generator=g), timestep=torch.rand(batch, generator=g),
-                guidance=torch.full((batch,), 3.5), img_ids=torch.randn(6, 3, generator=g), txt_ids=torch.zeros(4, 3))
+flux_inputs = tiny_flux_inputs  # (batch, seed) -> one forward's random inputs
 
 
 def test_compile_repeated_blocks_no_recompile_for_new_analogy_or_batch_size():

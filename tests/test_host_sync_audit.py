@@ -108,7 +108,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorweb_fast as lf
 from lorweb_fast import flux, lora_api, training
-from lorweb_fast.testing import (pair_config, pair_query, random_analogy, tiny_flux_config,
+from lorweb_fast.testing import (pair_config, pair_query, random_analogy, tiny_flux_config, tiny_flux_inputs,
                                  tiny_lorweb_kontext_pipeline, tiny_pair_model, tiny_train_config, tiny_training_assets)
 
 diffusers = pytest.importorskip("diffusers")
@@ -339,12 +339,7 @@ def test_set_query_without_check_finite_does_not_sync(per_forward):
 
 
 # ------------------------------------------------------------------------------------------------ FLUX model
-def flux_inputs(batch, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(batch, 6, 8, generator=g),
-                encoder_hidden_states=torch.randn(batch, 4, 24, generator=g),
-                pooled_projections=torch.randn(batch, 20, generator=g), timestep=torch.rand(batch, generator=g),
-                guidance=torch.full((batch,), 3.5), img_ids=torch.randn(6, 3, generator=g), txt_ids=torch.zeros(4, 3))
+flux_inputs = tiny_flux_inputs  # (batch, seed) -> one forward's random inputs
 
 
 @pytest.fixture(scope="module")
@@ -404,28 +399,22 @@ def test_flux_training_forward_backward_adds_no_sync(flux_pair):
     assert len(got.syncs) == len(base.syncs) and len(got.host_reads) == len(base.host_reads)
 
 
-def test_merged_full_step_costs_the_stock_step(flux_pair):
-    """README: with merged(strategy="full") a denoising step costs what the base model costs."""
+@pytest.mark.parametrize("strategy", ["full", "jit"])
+def test_merged_one_analogy_step(flux_pair, strategy):
+    """README: with merged(strategy="full") a denoising step costs what the base model costs; with "jit" it adds no
+    synchronisation and at most JIT_KERNELS launches per layer."""
     stock, model = flux_pair
     inputs = flux_inputs(1)
     with torch.no_grad():
         lf.set_query(model, flux_query(1))
-    with lf.merged(model, "full"):
+    with lf.merged(model, strategy):
         got = forward_counts(model, inputs)
     base = forward_counts(stock, inputs)
-    assert (got.ops, got.kernels, len(got.syncs)) == (base.ops, base.kernels, len(base.syncs))
-
-
-def test_merged_jit_one_analogy_adds_no_sync(flux_pair):
-    stock, model = flux_pair
-    inputs = flux_inputs(1)
-    with torch.no_grad():
-        lf.set_query(model, flux_query(1))
-    with lf.merged(model, "jit"):
-        got = forward_counts(model, inputs)
-    base = forward_counts(stock, inputs)
-    assert len(got.syncs) == len(base.syncs)
-    assert got.kernels <= base.kernels + JIT_KERNELS * len(lf.lorweb_layers(model)), got.names - base.names
+    if strategy == "full":
+        assert (got.ops, got.kernels, len(got.syncs)) == (base.ops, base.kernels, len(base.syncs))
+    else:
+        assert len(got.syncs) == len(base.syncs)
+        assert got.kernels <= base.kernels + JIT_KERNELS * len(lf.lorweb_layers(model)), got.names - base.names
 
 
 @pytest.mark.parametrize("identical", [False, True], ids=["different", "identical"])

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import lorweb_fast as lf
 from lorweb_fast import model as lmodel
 from lorweb_fast import ops
-from lorweb_fast.testing import tiny_flux_config
+from lorweb_fast.testing import tiny_flux_config, tiny_flux_inputs
 
 diffusers = pytest.importorskip("diffusers")
 QUERY_DIM = 12
@@ -33,14 +33,7 @@ def load_base(path):
     return diffusers.FluxTransformer2DModel.from_pretrained(path).eval()
 
 
-def flux_inputs(batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    img, txt = 6, 4
-    return dict(hidden_states=torch.randn(batch, img, 8, generator=g),
-                encoder_hidden_states=torch.randn(batch, txt, 24, generator=g),
-                pooled_projections=torch.randn(batch, 20, generator=g),
-                timestep=torch.rand(batch, generator=g), guidance=torch.full((batch,), 3.5),
-                img_ids=torch.randn(img, 3, generator=g), txt_ids=torch.zeros(txt, 3))
+flux_inputs = tiny_flux_inputs  # (batch, seed) -> one forward's random inputs
 
 
 def randomize_lorweb(model, seed=1):
