@@ -1250,6 +1250,12 @@ def _parametrized_lorweb_tensors(layer: LoRWeBLinear) -> list[str]:
     return names + (["att_lora_to_q.weight"] if parametrize.is_parametrized(layer.att_lora_to_q, "weight") else [])
 
 
+def _copies_in_place(param: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether ``param.copy_(values)`` allocates nothing whatever the dtypes and strides: both on one device (ATen
+    converts and follows strides inside the copy kernel; across devices it goes through temporaries)."""
+    return values.device == param.device
+
+
 def _staged_for_copy(layers: Mapping[str, LoRWeBLinear], groups: Mapping[str, Mapping[str, torch.Tensor]]) -> dict:
     """{name: [(parameter, values)]} such that ``parameter.copy_(values)`` allocates nothing: a checkpoint tensor of
     ``groups`` ({name: {suffix: tensor}}) on its parameter's device is taken as it is (``copy_`` converts the dtype
@@ -1262,7 +1268,7 @@ def _staged_for_copy(layers: Mapping[str, LoRWeBLinear], groups: Mapping[str, Ma
         pairs = []
         for suffix, param in layer.lorweb_tensors().items():
             values = groups[name][suffix].detach()
-            if values.device != param.device:
+            if not _copies_in_place(param, values):
                 values = values.to(dtype=param.dtype).contiguous()
             pairs.append((param, values))
         staged[name] = pairs

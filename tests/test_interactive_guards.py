@@ -404,16 +404,25 @@ def half_checkpoint(seed=1) -> dict:
     return {k: v.detach().half() for k, v in lf.lorweb_state_dict(tiny_model(seed=seed)).items()}
 
 
+def as_across_devices(monkeypatch):
+    """Make ``load_lorweb_weights`` treat the checkpoint as if it were on another device than the layers (this
+    machine has one device): a ``param.copy_`` across devices converts a dtype or a stride through a temporary,
+    so such tensors are staged (converted, made contiguous) before the first copy."""
+    monkeypatch.setattr(lf_model, "_copies_in_place", lambda param, values: False)
+
+
 @pytest.mark.parametrize("target", ["stock model", "loaded model"])
 def test_an_out_of_memory_error_in_a_converting_copy_cannot_leave_a_mix(target, monkeypatch):
     """Noticed by the review of the Ctrl-C guard: ``load_lorweb_weights`` copied the checkpoint with
-    ``param.copy_(tensor)``, which converts a float16 tensor to the layer's float32 (and a strided one to a
-    contiguous temporary) as it copies: an allocation per tensor, after the first tensors were copied. An
+    ``param.copy_(tensor)``, which across devices converts a float16 tensor to the layer's float32 (and a strided
+    one to a contiguous temporary) as it copies: an allocation per tensor, after the first tensors were copied. An
     out-of-memory error there (an Exception, which the Ctrl-C guard lets through) left a model that held another
-    checkpoint with a mix of both. Now every tensor is converted before the first copy, so the copies allocate
-    nothing: here a copy that would allocate fails, and the load still succeeds, bit-identical to one without the
-    failure."""
+    checkpoint with a mix of both. Now every such tensor is converted before the first copy, so the copies allocate
+    nothing: here (the checkpoint taken as on another device) a copy that would convert fails, and the load still
+    succeeds, bit-identical to one without the failure. On one device ``copy_`` converts in place (ATen's copy
+    kernels need no temporary there): nothing is staged, the whole checkpoint is not copied once more."""
     state = half_checkpoint()
+    as_across_devices(monkeypatch)
     stock = lambda: (torch.manual_seed(0), nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)))[1]  # noqa: E731
     make = stock if target == "stock model" else tiny_model
     clean = make()
@@ -430,16 +439,28 @@ def test_an_out_of_memory_error_in_a_converting_copy_cannot_leave_a_mix(target, 
     monkeypatch.undo()
     assert calls[0] == 0, "a copy into the layers converted or went through a temporary"
     assert_same_state(model_state(m), model_state(clean))
+    # one device: copy_ converts, nothing staged
+    converts = (lambda self, *a, dtype=None, **k: dtype is not None and dtype != self.dtype)  # noqa: E731
+    to, conversions = failing_after(10 ** 9, torch.Tensor.to, converts)
+    copy, converting_copies = failing_after(10 ** 9, torch.Tensor.copy_, needs_temporary)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy)
+    m = make()
+    lf.load_lorweb_weights(m, state)
+    monkeypatch.undo()
+    assert conversions[0] == 0 and converting_copies[0] == 8  # 2 layers x 4 tensors converted by copy_
+    assert_same_state(model_state(m), model_state(clean))
 
 
 @pytest.mark.parametrize("target", ["stock model", "loaded model"])
 def test_an_out_of_memory_error_while_the_checkpoint_is_converted_leaves_the_model_unchanged(target, monkeypatch):
-    """The conversion of the checkpoint to the layers' dtype that precedes the copy (see above) allocates: an
-    out-of-memory error on its third tensor raises, the model as it was (a stock model without the injected layers,
-    a loaded one with its tensors and coefficients), and a retry loads."""
+    """The conversion of a checkpoint on another device to the layers' dtype that precedes the copy (see above)
+    allocates: an out-of-memory error on its third tensor raises, the model as it was (a stock model without the
+    injected layers, a loaded one with its tensors and coefficients), and a retry loads."""
     import traceback
 
     state = half_checkpoint()
+    as_across_devices(monkeypatch)
     if target == "stock model":
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
@@ -938,6 +959,7 @@ def test_a_failed_load_into_a_diffusers_model_leaves_its_layerwise_casting_skip_
     target = FluxTransformer2DModel(**tiny_flux_config())
     before = dict(target.__dict__)
     assert "_skip_layerwise_casting_patterns" not in before  # the premise: the class holds the patterns
+    as_across_devices(monkeypatch)  # the checkpoint's conversion, staged before the copy, fails
     converts = (lambda self, *a, dtype=None, **k: dtype is not None and dtype != self.dtype)  # noqa: E731
     to, calls = failing_after(5, torch.Tensor.to, converts)
     monkeypatch.setattr(torch.Tensor, "to", to)

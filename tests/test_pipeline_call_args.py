@@ -506,7 +506,7 @@ def test_a_16_bit_image_is_warned_about(tiny, tmp_path):
     ramp = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)
     b16 = Image.fromarray(ramp)
     assert b16.mode == "I;16"
-    with pytest.warns(lf.LoRWeBWarning, match=r"an image has more than 8 bits per channel \(mode I;16\).*white"):
+    with pytest.warns(lf.LoRWeBWarning, match=r"^b has more than 8 bits per channel \(mode I;16\).*white"):
         call(tiny, X0[0], X0[1], b16, "flip")
     with pytest.warns(lf.LoRWeBWarning):
         read = np.asarray(flux.load_image(b16))

@@ -4,7 +4,6 @@ validated, and ``lorweb-fast demo`` writes its images."""
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import shutil
@@ -101,7 +100,7 @@ def test_training_lowers_the_loss_and_only_trains_lorweb(assets, tmp_path):
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
-def test_a_resume_continues_the_data_stream_the_checkpoint_records(assets, tmp_path, monkeypatch, caplog):
+def test_a_resume_continues_the_data_stream_the_checkpoint_records(assets, tmp_path, monkeypatch):
     """The trainer state's data_position (where the stream stopped) is what the resumed sampler starts from, and a
     changed num_processes is warned about: here the checkpoint is edited to say a 2-process run wrote it (its
     stream at 2 steps of 2 processes), and the one-process resume draws its step-3 batch from there (from start_step
@@ -118,10 +117,9 @@ def test_a_resume_continues_the_data_stream_the_checkpoint_records(assets, tmp_p
     batch = training.StepBatchSampler.batch
     monkeypatch.setattr(training.StepBatchSampler, "batch",
                         lambda self, step: drawn.append((step, self.stream_position(step))) or batch(self, step))
-    with caplog.at_level(logging.WARNING, logger="lorweb_fast.training"):
+    with pytest.warns(lf.LoRWeBWarning, match="resuming a run of 2 processes with 1"):
         training.train(dataclasses.replace(cfg, steps=3, resume=True))
     assert drawn[0] == (2, 4 * unit)
-    assert "resuming a run of 2 processes with 1" in caplog.text
     assert trainer_state(tmp_path / "run", 3)["data_position"] == 5 * unit
 
 
@@ -413,7 +411,7 @@ def test_cli_under_two_processes_reports_once_and_refusals_stop_every_rank(asset
 
 
 @pytest.mark.slow
-def test_fsdp2_matches_ddp_resumes_and_writes_portable_checkpoints(assets, tmp_path, caplog):
+def test_fsdp2_matches_ddp_resumes_and_writes_portable_checkpoints(assets, tmp_path):
     """accelerate's FSDP2 preparation (transformer blocks as units; on CPU turned on by the worker, see there):
     the LoRWeB parameters are really sharded, training is the same computation as DDP, checkpoints gather the
     full LoRWeB tensors and optimizer state, a resume under FSDP continues exactly, and the FSDP checkpoint resumes
@@ -461,11 +459,10 @@ def test_fsdp2_matches_ddp_resumes_and_writes_portable_checkpoints(assets, tmp_p
     unit = 1 if fsdp_cfg.batching == "bucket" else fsdp_cfg.batch_size  # a step of one process: a batch / samples
     assert (sf["data_position"], sf["num_processes"]) == (4 * 2 * unit, 2)
     seen = []
-    with caplog.at_level(logging.WARNING, logger="lorweb_fast.training"):
+    with pytest.warns(lf.LoRWeBWarning, match="resuming a run of 2 processes with 1"):
         result = training.train(dataclasses.replace(fsdp_cfg, steps=5, resume=True),
                                 step_callback=lambda s, l: seen.append(s))
     assert seen == [5] and result["step"] == 5
-    assert "resuming a run of 2 processes with 1" in caplog.text
     resumed = trainer_state(tmp_path / "fsdp", 5)
     assert all(int(s["step"]) == 5 for s in resumed["optimizer"]["state"].values())
     assert (resumed["data_position"], resumed["num_processes"]) == (4 * 2 * unit + unit, 1)
