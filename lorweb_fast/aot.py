@@ -366,11 +366,11 @@ def compile_all(specs: dict, arch: int, jobs: int = 0, progress: bool = True) ->
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
-    from tqdm import tqdm
+    from ._progress import progress_bar
 
     todo = [(spec, arch) for key, spec in specs.items() if (arch, key) not in _COMPILED]
     jobs = jobs or min(4, os.cpu_count() or 1)
-    bar = tqdm(total=len(todo), desc=f"compiling for sm_{arch}", disable=not progress or not todo)
+    bar = progress_bar(total=len(todo), desc=f"compiling for sm_{arch}", disable=not progress or not todo)
     if jobs > 1 and len(todo) > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
             for key, res in pool.map(_compile_job, todo):

@@ -734,7 +734,7 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
     is an AnalogyDataError naming it, or with ``skip_bad`` a skipped sample listed in ``problems``; so is a sample
     that ``lorweb-fast train`` with ``query_mode`` / ``query_source`` (its defaults) refuses because its grid has no
     official query crop (``AnalogyFolder.skip_query_crop_problems``)."""
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     from .validation import check_output_dir
 
@@ -749,8 +749,8 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
         undecodable = {}
         with _image_pool() as pool:
             decoded = pool.map(lambda s: [decode_problem(p) for p in s[:2]], dataset.samples)
-            for i, problems in enumerate(tqdm(decoded, total=len(dataset), desc="decoding images", unit="sample",
-                                              disable=not progress)):
+            for i, problems in enumerate(progress_bar(decoded, total=len(dataset), desc="decoding images",
+                                                      unit="sample", disable=not progress)):
                 bad = next((problem for problem in problems if problem is not None), None)
                 if bad is not None:
                     undecodable[i] = bad
@@ -792,7 +792,7 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
                 files[i] = name = f"{name}~{k}"
                 taken.add(name.casefold())
             assigned.add(name.casefold())
-        for i in tqdm(range(len(dataset)), desc="dumping grids", unit="sample", disable=not progress):
+        for i in progress_bar(range(len(dataset)), desc="dumping grids", unit="sample", disable=not progress):
             name = files[i]
             control, target = dataset.full_grids(i)
             _atomic_write(out / f"{name}_target.png", lambda p: target.save(p, format="PNG"))
@@ -853,7 +853,7 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
     with a KeyError on both); also when ``src`` is not a folder or holds no ``<category>/Group1/labels.json``, when
     ``filter_json`` is not a list of objects, and when ``filter_categories`` names none of the categories (unmatched
     names are warned about)."""
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     src = Path(src)
     if not src.is_dir():
@@ -878,7 +878,7 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
             warn(f"{src} has no category {', '.join(unknown)} (category filter)")
     pairs, bad, absent = [], [], []
     with _image_pool() as pool:
-        for category in tqdm(categories, desc="reading labels", unit="category", disable=not progress):
+        for category in progress_bar(categories, desc="reading labels", unit="category", disable=not progress):
             if not filter_categories or category.name in filter_categories:
                 found = _category_pairs(category, excluded, max_samples_per_category or None, pool, bad, absent)
                 pairs += found
@@ -1136,7 +1136,7 @@ def prepare_relation252k(src: Union[str, Path], out: Union[str, Path], *, max_an
 def _prepare_locked(src, out: Path, *, max_analogies, filter_categories, filter_json, min_pairs_per_category,
                     max_samples_per_category, seed, progress) -> dict:
     """``prepare_relation252k``'s work, once it holds ``out``'s lock."""
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     unreadable: list = []
     missing: list = []
@@ -1197,8 +1197,8 @@ def _prepare_locked(src, out: Path, *, max_analogies, filter_categories, filter_
     # interrupted run cancels the analogies not started (the next run resumes them)
     with _image_pool() as pool:
         results = pool.map(write_one, analogies)
-        for analogy, (status, error) in tqdm(zip(analogies, results), total=len(analogies), desc="writing analogies",
-                                             unit="analogy", disable=not progress):
+        for analogy, (status, error) in progress_bar(zip(analogies, results), total=len(analogies),
+                                                     desc="writing analogies", unit="analogy", disable=not progress):
             if status == "failed":
                 failed.append((analogy["id"], error))
                 continue

@@ -21,8 +21,8 @@ from . import lora_api
 from . import _locks
 from ._files import loads_json, recorded_location, save_figure_atomically
 from ._locks import holding, serialized_on_transformer
-from .layer import (LoRWeBLinear, group_offloading_modes, has_forward_hooks, has_plain_weight,
-                    refuse_disk_group_offloading, remember_one_analogy)
+from .layer import (LoRWeBLinear, decide_one_analogy, group_offloading_modes, has_forward_hooks, has_plain_weight,
+                    refuse_disk_group_offloading)
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
     finished_through_interrupt, get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, \
     set_query
@@ -220,7 +220,7 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
         raise ValueError(f"{type(model).__name__} has no LoRWeB layers to merge")
     modes = group_offloading_modes(model)
     refuse_disk_group_offloading(layers, modes, f"merged(strategy={strategy!r})")
-    remember_one_analogy(layers.values())  # one host synchronisation per device, not one (or two) per layer
+    decide_one_analogy(layers.values())  # one host synchronisation per device, not one (or two) per layer
     storages = {}
     for name, layer in layers.items():
         if strategy != "jit" and modes.get(id(layer.base_layer.weight)) == "stream":

@@ -123,7 +123,7 @@ def rows_identical(coeffs: torch.Tensor) -> torch.Tensor:
     return (coeffs == coeffs[..., :1, :]).flatten(-2).all(-1)
 
 
-def remember_one_analogy(layers) -> None:
+def decide_one_analogy(layers) -> None:
     """Decide ``holds_one_analogy`` for every LoRWeBLinear of ``layers`` with coefficients of B > 1 rows not decided
     yet: one host synchronisation per device for all of them, instead of one per layer."""
     undecided = defaultdict(list)
@@ -378,6 +378,9 @@ class LoRWeBLinear(nn.Module):
                 check_finite_tensor("coefficients", coeffs)
             if coeffs.storage_offset() != 0:
                 coeffs = coeffs.clone()
+            if coeffs.is_inference():  # (set under torch.inference_mode): a normal tensor, whose version counter
+                with torch.inference_mode(False):  # shows in-place changes to what is remembered about it
+                    coeffs = coeffs.clone()
         self._coefficients = coeffs
         self._forget_coefficient_memos()
         self._query = None
@@ -396,15 +399,18 @@ class LoRWeBLinear(nn.Module):
 
     def _one_analogy_memo_for(self, coeffs: torch.Tensor) -> Optional[bool]:
         memo = self._one_analogy_memo
-        if memo is not None and memo[0] is coeffs and memo[1] == tensor_version(coeffs):
+        version = tensor_version(coeffs)  # (None: no version counter, in-place changes unseen: not remembered)
+        if memo is not None and memo[0] is coeffs and version is not None and memo[1] == version:
             return memo[2]
         return None
 
     def remember_one_analogy(self, flag: bool) -> None:
         """Record whether the coefficients in use hold one analogy (decided by the caller, e.g. ``set_query`` in its
         finiteness check's synchronisation); forgotten when they change, also in place."""
+        if not isinstance(flag, bool):
+            raise TypeError(f"remember_one_analogy takes a bool, got {type(flag).__name__}")
         coeffs = self._coefficients
-        self._one_analogy_memo = None if coeffs is None else (coeffs, tensor_version(coeffs), bool(flag))
+        self._one_analogy_memo = None if coeffs is None else (coeffs, tensor_version(coeffs), flag)
 
     def holds_one_analogy(self) -> bool:
         """``one_analogy(self.coefficients)``: one row, or identical rows (False without coefficients or for an empty
@@ -430,11 +436,12 @@ class LoRWeBLinear(nn.Module):
         if torch.compiler.is_compiling() or coeffs is not self._coefficients or coeffs.requires_grad:
             return coeffs.to(device, non_blocking=non_blocking)
         memo = self._moved_coefficients
-        version = tensor_version(coeffs)
-        if memo is not None and memo[0] is coeffs and memo[1] == version and memo[2].device == device:
+        # keyed also on inference mode: a copy made inside it is an inference tensor, which autograd cannot save
+        key = (tensor_version(coeffs), device, torch.is_inference_mode_enabled())
+        if memo is not None and memo[0] is coeffs and key[0] is not None and memo[1] == key:
             return memo[2]
         moved = coeffs.to(device, non_blocking=non_blocking)
-        self._moved_coefficients = (coeffs, version, moved)
+        self._moved_coefficients = (coeffs, key, moved)
         return moved
 
     def _projection_tensor(self) -> Optional[torch.Tensor]:

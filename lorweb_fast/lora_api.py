@@ -438,7 +438,7 @@ def unload_lora_weights(model: nn.Module) -> list[str]:
     computes every layer's merged weight before any weight changes (one copy of the adapted weights; layers that
     shared one weight Parameter get their own)."""
     from .flux import merged_weight
-    from .layer import remember_one_analogy
+    from .layer import decide_one_analogy
 
     state = getattr(model, _FUSED, None)
     if state is None:
@@ -446,7 +446,7 @@ def unload_lora_weights(model: nn.Module) -> list[str]:
     layers = lorweb_layers(model)
     baked = {}
     if state[1] == "jit":  # every merged weight first: a failure (one analogy needed, memory) changes nothing
-        remember_one_analogy(layers.values())
+        decide_one_analogy(layers.values())
         for name, layer in layers.items():
             if not layer.holds_one_analogy():
                 raise RuntimeError(f"unload_lora_weights() keeps a fused mixture in the weights, but {name} is fused "

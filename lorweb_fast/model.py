@@ -804,6 +804,9 @@ def _check_state_dict_matches_layers(state_dict: Mapping[str, torch.Tensor],
                                         f"has {shape}; nothing was written")
         if value.device.type == "meta":
             raise LoRWeBCheckpointError(f"state_dict[{key!r}] is on the meta device (no values); nothing was written")
+        if value.layout != torch.strided:
+            raise LoRWeBCheckpointError(f"state_dict[{key!r}] has layout {value.layout}: give dense tensors (e.g. "
+                                        ".to_dense()); nothing was written")
 
 
 def _refuse_folder_with_other_checkpoints(directory: str, weights_name: str) -> None:
@@ -834,6 +837,9 @@ def read_checkpoint(path_or_state_dict) -> tuple[dict[str, torch.Tensor], dict[s
                 raise LoRWeBCheckpointError(f"state dict entry {key!r} is a {type(value).__name__}, not a torch.Tensor")
             if value.device.type == "meta":
                 raise LoRWeBCheckpointError(f"state dict tensor {key!r} is on the meta device: it holds no values")
+            if value.layout != torch.strided:
+                raise LoRWeBCheckpointError(f"state dict tensor {key!r} has layout {value.layout}: give dense "
+                                            "tensors (e.g. .to_dense())")
         return state, {}
     return _read_safetensors(path_or_state_dict, tensors=True)
 
@@ -1251,9 +1257,12 @@ def _parametrized_lorweb_tensors(layer: LoRWeBLinear) -> list[str]:
 
 
 def _copies_in_place(param: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether ``param.copy_(values)`` allocates nothing whatever the dtypes and strides: both on one device (ATen
-    converts and follows strides inside the copy kernel; across devices it goes through temporaries)."""
-    return values.device == param.device
+    """Whether ``param.copy_(values)`` allocates nothing whatever the dtypes and strides: a dense tensor on the
+    parameter's CPU or CUDA device (ATen's copy kernels convert and follow strides there, ``Copy.cpp`` /
+    ``cuda/Copy.cu``: "we never require temporaries for copies on the same GPU"); across devices, and on other
+    device types, a copy may go through temporaries."""
+    return (values.device == param.device and param.device.type in ("cpu", "cuda")
+            and values.layout == torch.strided and type(values) is torch.Tensor)
 
 
 def _staged_for_copy(layers: Mapping[str, LoRWeBLinear], groups: Mapping[str, Mapping[str, torch.Tensor]]) -> dict:

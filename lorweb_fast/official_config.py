@@ -301,8 +301,8 @@ def official_config(settings: Mapping[str, Any], *, name: str = "lorweb", extra:
     if float(s["lora_alpha"]) != float(s["rank"]):
         warn(f"lora_alpha={s['lora_alpha']!r} != rank={s['rank']!r}: the official inference.py ignores "
              "network.linear_alpha and applies the mixture with scale 1 (alpha = rank), where lorweb_fast reads "
-             f"scale {float(s['lora_alpha']) / float(s['rank']):g} from the checkpoint metadata; train with "
-             "lora_alpha=None (= rank) for a checkpoint both run alike")
+             f"scale {float(s['lora_alpha']) / float(s['rank']):g} from the checkpoint metadata; inject with "
+             "LoRWeBConfig(lora_alpha=None) (= rank) for a checkpoint both run alike")
     network = {
         "type": "attlora",
         "linear": int(s["rank"]),

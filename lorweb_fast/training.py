@@ -1226,11 +1226,13 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
         x0 = _encode_images(pipe, batch["target"], generator, sample=True).float()
         control = _encode_images(pipe, batch["control"], generator, sample=cfg.control_latents == "sample")
     _, c, h, w = x0.shape
-    # drawn on the CPU (the official generator), copied without a stream synchronisation (non_blocking: the pageable
-    # source is staged before the call returns, so the values are the same)
-    noise = torch.randn(x0.shape, generator=generator).to(device, non_blocking=True)
+    # drawn on the CPU (the official generator); to a CUDA device copied without a stream synchronisation
+    # (non_blocking: CUDA stages a pageable source before the call returns, so the values are the same; not on other
+    # device types, where a non-blocking copy of a temporary can read it after it is freed)
+    non_blocking = device.type == "cuda"
+    noise = torch.randn(x0.shape, generator=generator).to(device, non_blocking=non_blocking)
     t, weight = sample_timesteps(cfg, bsz, generator)
-    t = t.to(device, non_blocking=True)
+    t = t.to(device, non_blocking=non_blocking)
     tt = t.view(-1, 1, 1, 1)
     x_t = (1.0 - tt) * x0 + tt * noise
     pack = FluxKontextPipeline._pack_latents
@@ -1251,7 +1253,7 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
                        txt_ids=text_ids, img_ids=torch.cat([ids, context_ids], dim=0), return_dict=False)[0]
     pred = pred[:, :noisy_tokens.shape[1]].float()
     target = pack(noise - x0, bsz, c, h, w)
-    weight = weight.to(device, non_blocking=True).view(-1, 1, 1)
+    weight = weight.to(device, non_blocking=non_blocking).view(-1, 1, 1)
     return (weight * (pred - target) ** 2).mean()
 
 
@@ -1405,19 +1407,29 @@ def _batches(loader) -> Iterator:
     """``loader``'s batches. An ``AnalogyDataError`` raised in a DataLoader worker (a sample's file that does not
     decode) comes out with its own message again: torch re-raises it in the main process with "Caught
     AnalogyDataError in DataLoader worker process N." and the worker's whole traceback as its message (kept as the
-    new error's cause), which the command line would print as one long line."""
+    new error's cause), which the command line would print as one long line.
+
+    The loader's worker processes, their queue threads and pipes are given back when the batches end, stop or
+    fail (not when the iterator is collected: an error held by the caller, by ``pytest.raises`` or a notebook's
+    ``sys.last_value``, would keep them alive through its traceback)."""
     iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except AnalogyDataError as exc:
-            original = _worker_error_message(exc)
-            if original is None:
-                raise
-            raise AnalogyDataError(original) from exc
-        yield batch
+    try:
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except AnalogyDataError as exc:
+                original = _worker_error_message(exc)
+                if original is None:
+                    raise
+                # the cause without its traceback, whose frames hold the iterator (its message holds the worker's)
+                raise AnalogyDataError(original) from exc.with_traceback(None)
+            yield batch
+    finally:
+        if hasattr(iterator, "_shutdown_workers"):  # (a multi-process iterator's own cleanup)
+            iterator._shutdown_workers()
+        del iterator  # (the traceback holds this frame)
 
 
 def _worker_error_message(exc: Exception) -> Optional[str]:
@@ -1496,7 +1508,7 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
     """``train``'s body (``pipe`` and ``encoder`` may be None)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     cfg.validate()
     dataset = AnalogyFolder(cfg.data, long_edge=cfg.long_edge, skip_bad=cfg.skip_bad, layout=cfg.layout,
@@ -1672,8 +1684,8 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
         accelerator.wait_for_everyone()
 
         step, loss_value, nan_steps = start_step, math.nan, []
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="LoRWeB training", unit="step",
-                   disable=not (cfg.progress and accelerator.is_main_process))
+        bar = progress_bar(total=cfg.steps, initial=start_step, desc="LoRWeB training", unit="step",
+                           disable=not (cfg.progress and accelerator.is_main_process))
         if device.type == "cuda" and not cfg.cudnn_attention:
             # torch 2.11's cuDNN attention backward returned NaN gradients on the H200 for the tiny FLUX model (forward
             # fine; flash / efficient / math clean); training uses the other SDPA kernels unless --cudnn-attention

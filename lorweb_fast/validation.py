@@ -196,12 +196,13 @@ def check_has_values(name: str, value: torch.Tensor) -> torch.Tensor:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True when ``t`` (any shape and dtype, with values) holds no NaN or Inf; one device synchronisation.
+    """True when ``t`` (any shape and dtype, dense, with values) holds no NaN or Inf; one device synchronisation.
 
     Decided by the sum first: a NaN or an Inf makes the sum NaN or infinite, so a finite sum proves every value
-    finite, in one reduction without a boolean temporary (on CPU 20-100x faster than ``isfinite(t).all()``, which
-    dominated checkpoint loads and saves). A sum that is not finite (a non-finite value, or finite values whose sum
-    overflows the dtype) is decided exactly by ``isfinite``. float8, which has neither kernel, is checked in float32.
+    finite, in one reduction without a boolean temporary (on CPU about 7-200x faster than ``isfinite(t).all()``,
+    depending on the dtype; that check dominated checkpoint loads and saves). A sum that is not finite (a non-finite
+    value, or finite values whose sum overflows the dtype) is decided exactly by ``isfinite``. float8, which has
+    neither kernel, is checked in float32.
     """
     t = t.detach()
     if t.is_floating_point() and t.element_size() == 1:

@@ -392,7 +392,8 @@ def test_a_file_holding_fewer_layers_than_it_records_is_partial(tmp_path):
         lf.save_lorweb_weights(tiny_model(), tmp_path / "x.safetensors", metadata={"lorweb.layers": "9"})
 
 
-@pytest.mark.parametrize("case", ["empty", "extra key", "missing layer", "other shape", "not a tensor", "meta"])
+@pytest.mark.parametrize("case", ["empty", "extra key", "missing layer", "other shape", "not a tensor", "meta",
+                                  "sparse"])
 def test_a_given_state_dict_must_hold_the_models_tensors(tmp_path, case):
     """save_lorweb_weights(state_dict=...) writes only the model's LoRWeB tensors in the layers' shapes (anything
     else made a file its own loader refuses): refused by name, an existing file kept byte-identical."""
@@ -404,15 +405,29 @@ def test_a_given_state_dict_must_hold_the_models_tensors(tmp_path, case):
            "missing layer": {k: v for k, v in state.items() if not k.startswith("transformer.1.")},
            "other shape": {**state, "transformer.0.lora_A": torch.randn(5, 6, 2)},
            "not a tensor": {**state, "transformer.0.lora_A": state["transformer.0.lora_A"].numpy()},
-           "meta": {**state, "transformer.0.lora_A": state["transformer.0.lora_A"].to("meta")}}[case]
+           "meta": {**state, "transformer.0.lora_A": state["transformer.0.lora_A"].to("meta")},
+           "sparse": {**state, "transformer.1.lora_B": state["transformer.1.lora_B"].to_sparse()}}[case]
     fragment = {"empty": r"missing 8 \(e.g. transformer.0.att_lora_to_q.weight\)",
                 "extra key": r"unexpected 1 \(e.g. foo\)", "missing layer": r"missing 4 \(e.g. transformer.1.",
                 "other shape": r"has shape \(5, 6, 2\) but the layer's tensor has \(3, 6, 2\)",
-                "not a tensor": "is a ndarray, not a tensor", "meta": "is on the meta device"}[case]
+                "not a tensor": "is a ndarray, not a tensor", "meta": "is on the meta device",
+                "sparse": r"\['transformer.1.lora_B'\] has layout torch.sparse_coo: give dense tensors"}[case]
     with pytest.raises(LoRWeBCheckpointError, match=fragment):
         lf.save_lorweb_weights(model, path, state_dict=bad)
     assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
     lf.save_lorweb_weights(model, path, state_dict=state)  # the right tensors save
+
+
+def test_a_sparse_state_dict_is_refused_before_the_model_changes():
+    """Found by the session's review: a sparse tensor in a state dict passed the checks and failed inside the copy,
+    after the first layers took the new values (a model mixing two checkpoints). Refused by name up front now."""
+    model = tiny_model(seed=1)
+    before = {k: v.clone() for k, v in lf.lorweb_state_dict(model).items()}
+    state = {k: v.detach().clone() for k, v in lf.lorweb_state_dict(tiny_model(seed=2)).items()}
+    state["transformer.1.lora_B"] = state["transformer.1.lora_B"].to_sparse()
+    with pytest.raises(LoRWeBCheckpointError, match=r"'transformer.1.lora_B' has layout torch.sparse_coo"):
+        lf.load_lorweb_weights(model, state)
+    assert all(torch.equal(v, before[k]) for k, v in lf.lorweb_state_dict(model).items())
 
 
 def test_loading_into_tensors_without_values_is_refused(tmp_path):

@@ -60,7 +60,7 @@ fixes of the same session; the tests below pin the fixed behaviour; F4 is kept b
   ``LoRWeBLinear.holds_one_analogy`` decides it once per coefficient tensor (remembered with the tensor and its
   version), ``set_query`` decides it for every layer inside its finiteness check's one synchronisation.
 * F2 ``flux.py:_mergeable_layers`` and ``flux.py:merged_weight`` both called ``one_analogy`` per layer: 2 L syncs on
-  entering a "full" / "offload" merge with B > 1 identical rows. Fixed: ``layer.remember_one_analogy`` decides the
+  entering a "full" / "offload" merge with B > 1 identical rows. Fixed: ``layer.decide_one_analogy`` decides the
   undecided layers in one read per device on entry, then the remembered answer.
 * F3 ``lora_api.py:check_fused_query`` read ``bool((error <= tol).all())`` per layer: L syncs per pipeline call on a
   fused model. Fixed: the per-layer flags are stacked and read once per device.

@@ -668,3 +668,48 @@ def test_coefficients_on_another_device_are_moved_once_and_again_after_a_change(
     layer.set_coefficients(tracked, check_finite=False)
     assert layer._coefficients_on(tracked, meta) is not layer._coefficients_on(tracked, meta)
     assert layer._moved_coefficients is None
+
+
+def test_coefficients_set_and_changed_under_inference_mode_are_seen():
+    """Found by the session's review: inference tensors have no version counter, so what was remembered about
+    coefficients set under ``torch.inference_mode`` missed an in-place change there ("jit" applied row 0 to every
+    sample). ``set_coefficients`` stores such coefficients as a normal tensor, whose version shows the change; a copy
+    moved to another device inside inference mode is not reused outside it (autograd cannot save it)."""
+    layer = _layer()
+    with torch.inference_mode():
+        layer.set_coefficients(_coeffs(1).expand(2, -1).clone())
+        assert not layer.coefficients.is_inference()
+        assert layer.holds_one_analogy() is True
+        layer.coefficients[1, 0] += 0.5
+        assert layer.holds_one_analogy() is False
+        meta = torch.device("meta")
+        inside = layer._coefficients_on(layer.coefficients, meta)
+        assert layer._coefficients_on(layer.coefficients, meta) is inside
+    outside = layer._coefficients_on(layer.coefficients, meta)
+    assert outside is not inside and not outside.is_inference()
+    with pytest.raises(TypeError, match="takes a bool"):
+        layer.remember_one_analogy(lf.lorweb_layers(nn.Sequential(layer)))
+
+
+@pytest.mark.parametrize("strategy", ["jit", "full"])
+def test_a_merge_follows_coefficients_changed_in_place_under_inference_mode(strategy):
+    """The same through a merged forward: identical rows, then one row changed in place under inference mode: the
+    merged forward gives each sample its own mixture (as the unmerged forward)."""
+    model = nn.Sequential(_layer())
+    layer = model[0]
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        layer.set_coefficients(_coeffs(1).expand(2, -1).clone())
+        with lf.merged(model, "jit"):
+            model(x)  # decided: one analogy
+        layer.coefficients[1] += 0.5
+        want = model(x)
+        if strategy == "full":
+            with pytest.raises(ValueError, match="merges one analogy"):
+                with lf.merged(model, strategy):
+                    pass
+            return
+        with lf.merged(model, strategy):
+            got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want[0], want[1])

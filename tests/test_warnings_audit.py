@@ -483,7 +483,7 @@ def test_image_plot_lock_and_evaluation_warnings_point_at_the_caller(tmp_path, m
         lock.release()
     root = tiny.make_released_evalset(tmp_path / "set", {"close": (90, 60), "near": (50, 40)}, n_a_prime=1)
     call = (lambda: evalsets.read_evalset(root))
-    assert_at(call, caught(call)[1], "1 a' images have fewer than 2 photos of their category with an aspect ratio "
+    assert_at(call, caught(call)[1], "1 a' image has fewer than 2 photos of their category with an aspect ratio "
                                      "within 0.15 of a's (e.g. ")
     solid_runs(tmp_path / "ours", ["t/0", "t/1"])
     solid_runs(tmp_path / "ckpt", ["t/0"])

@@ -369,9 +369,10 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
         raise EvalInputError(f"tasks not found in {root}: {missing}")
     if short_of_close:  # one warning for the cause, not one per a' image
         rel, category, close = short_of_close[0]
-        warn(f"{len(short_of_close)} a' images have fewer than {b_per_pair} photos of their category with an aspect "
-             f"ratio within {aspect_tolerance} of a's (e.g. {rel}: {close} in {category!r}); the closest others "
-             "complete their b images (recorded as b_aspect_outside_tolerance)")
+        count = "1 a' image has" if len(short_of_close) == 1 else f"{len(short_of_close)} a' images have"
+        warn(f"{count} fewer than {b_per_pair} photos of their category with an aspect ratio within "
+             f"{aspect_tolerance} of a's (e.g. {rel}: {close} in {category!r}); the closest others complete their b "
+             "images (recorded as b_aspect_outside_tolerance)")
     return _check_nonempty(triplets, base, "released LoRWeB layout")
 
 

@@ -201,7 +201,7 @@ def generate(pipe, triplets: Sequence[Triplet], out, *, seeds: Sequence[int] = (
     they are. One ``torch.Generator(device).manual_seed(seed)`` per analogy; ``device=None``: the pipeline's
     execution device (as the official inference.py, which seeds its generator there), else the CPU.
     """
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     check_generate_options(batch_size=batch_size, merge=merge, pipe_kwargs=pipe_kwargs)
     if not seeds:
@@ -227,7 +227,7 @@ def generate(pipe, triplets: Sequence[Triplet], out, *, seeds: Sequence[int] = (
         device = getattr(getattr(pipe, "pipe", None), "_execution_device", None) or "cpu"
     generated = 0
     # the bar is closed when a call raises too (an open one garbles the next output in a notebook)
-    with tqdm(total=len(jobs), desc="eval generate", unit="b'", disable=not progress) as bar:
+    with progress_bar(total=len(jobs), desc="eval generate", unit="b'", disable=not progress) as bar:
         for batch in _batches(jobs, batch_size):
             images = [[job["triplet"].a.load(), job["triplet"].a_prime.load(), job["triplet"].b.load()]
                       for job in batch]
@@ -378,7 +378,7 @@ def _check_inputs_decode(triplets: Sequence[Triplet], *, progress: bool = True) 
     """Fail on a missing input, a file that is not a complete image (a Git LFS pointer, a truncated JPEG, one over
     Pillow's decompression-bomb limit) or a crop box without pixels, before any model loads or run.json is written:
     every distinct a, a', b file is decoded once (threads, a progress bar), as ``infer`` checks its inputs."""
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     from ..data import _image_pool, decode_problem
 
@@ -388,8 +388,8 @@ def _check_inputs_decode(triplets: Sequence[Triplet], *, progress: bool = True) 
             raise EvalInputError(f"{path} is a folder; give an image file" if path.is_dir() else
                                  f"image not found: {path}")
     with _image_pool() as pool:
-        for problem in tqdm(pool.map(decode_problem, paths), total=len(paths), desc="checking input images",
-                            unit="image", disable=not progress):
+        for problem in progress_bar(pool.map(decode_problem, paths), total=len(paths), desc="checking input images",
+                                    unit="image", disable=not progress):
             if problem is not None:
                 raise EvalInputError(problem)
     from .evalsets import image_size

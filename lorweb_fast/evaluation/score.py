@@ -146,7 +146,7 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
     where not computed or failed), "failures": [...], "answers": [judge records]}`` (see ``report``). ``clip`` /
     ``lpips``: a ``ClipDirectional`` / ``LPIPSDistance``, needed when ``metrics`` names them; the VLM score and the
     2AFC against ``baselines`` ({name: [RunItem]}) run only with "vlm" in ``metrics`` and a ``judge``."""
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     cache = MetricCache(out / "cache" / name / "metrics.jsonl")
     rows = {it.key: {"id": it.key, "task": it.task, "clip_dir": None, "lpips": None, "vlm_accuracy": None,
@@ -164,7 +164,8 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
                 todo.append((it, sig))
             else:
                 rows[it.key]["clip_dir"] = value
-        for i in tqdm(range(0, len(todo), batch_size), desc=f"{name}: clip_dir", disable=not progress or not todo):
+        for i in progress_bar(range(0, len(todo), batch_size), desc=f"{name}: clip_dir",
+                              disable=not progress or not todo):
             chunk = todo[i:i + batch_size]
             values = clip([_images(it) for it, _ in chunk])
             cache.put_many([(it.key, "clip_dir", sig, v) for (it, sig), v in zip(chunk, values)])
@@ -173,7 +174,7 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
 
     if "lpips" in metrics:
         sig_base = lpips.cache_id
-        for it in tqdm(items, desc=f"{name}: lpips", disable=not progress):
+        for it in progress_bar(items, desc=f"{name}: lpips", disable=not progress):
             sig = _sig(sig_base, it.b, it.b_prime)
             value = cache.get(it.key, "lpips", sig)
             if value is None:
@@ -183,7 +184,7 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
 
     if "vlm" in metrics and judge is not None:
         jcache = JudgeCache(out / "judge")
-        for it in tqdm(items, desc=f"{name}: VLM score", disable=not progress):
+        for it in progress_bar(items, desc=f"{name}: VLM score", disable=not progress):
             req = JudgeRequest(name, it.key, "score", SCORE_PROMPT, images=lambda it=it: _images(it),
                                files_sig=file_signature(it.a, it.a_prime, it.b, it.b_prime))
             rec = ask(judge, jcache, req)
@@ -200,11 +201,11 @@ def score_run(name: str, items: Sequence[RunItem], out: Path, *, metrics: Sequen
         for base_name, base_items in (baselines or {}).items():
             by_key = {b.key: b for b in base_items}
             mismatch = {it.key: baseline_mismatch(it, by_key[it.key])
-                        for it in tqdm(items, desc=f"{name} vs {base_name}: same inputs", disable=not progress)
+                        for it in progress_bar(items, desc=f"{name} vs {base_name}: same inputs", disable=not progress)
                         if it.key in by_key}
             orders = pairwise_orders(pairwise_seed, name, base_name,
                                      [it for it in items if it.key in by_key and mismatch[it.key] is None])
-            for it in tqdm(items, desc=f"{name} vs {base_name}: VLM 2AFC", disable=not progress):
+            for it in progress_bar(items, desc=f"{name} vs {base_name}: VLM 2AFC", disable=not progress):
                 entry = {"order": None, "better": None, "won": None}
                 rows[it.key].setdefault("pairwise", {})[base_name] = entry
                 other = by_key.get(it.key)
