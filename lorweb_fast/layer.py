@@ -390,7 +390,7 @@ class LoRWeBLinear(nn.Module):
     _coefficient_sources = None
     #: (coefficients, their version, whether they hold one analogy): ``holds_one_analogy``'s answer for them
     _one_analogy_memo = None
-    #: (coefficients, their version, the copy on another device): ``_coefficients_on``'s copy of them
+    #: (coefficients, (their version, the device, inference mode), their copy there): ``_coefficients_on``'s copy
     _moved_coefficients = None
 
     def _forget_coefficient_memos(self) -> None:

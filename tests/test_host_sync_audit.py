@@ -564,6 +564,21 @@ def test_training_step_syncs_are_the_loss_read_the_gradient_check_and_set_query(
     assert lorweb_owned(training_step.syncs)["training.py:_train"] == 1
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: to other devices the copies block by "
+                                                          "design (a non-blocking copy of a CPU temporary is unsafe "
+                                                          "there), and on the CPU they are no copies")
 def test_flow_matching_loss_makes_no_blocking_host_to_device_copy(training_step):
+    """F5: on a CUDA device the noise, timesteps and loss weights drawn on the CPU are copied with non_blocking."""
     own = [owner for owner, site in training_step.blocking_to if owner == site == "training.py:flow_matching_loss"]
     assert own == []
+
+
+def test_flow_matching_loss_copies_non_blocking_to_cuda_only(monkeypatch):
+    """F5, the rule itself (this machine has no GPU): ``flow_matching_loss`` passes ``non_blocking=True`` exactly
+    when the training device is CUDA (read from its source: the three copies share one flag)."""
+    import inspect
+
+    source = inspect.getsource(training.flow_matching_loss)
+    assert 'non_blocking = device.type == "cuda"' in source
+    assert source.count("non_blocking=non_blocking") == 3 and "non_blocking=True" not in source
