@@ -138,6 +138,7 @@ def check_fused_query(model: nn.Module, query: torch.Tensor) -> None:
         return
     fused = state[2]
     within = defaultdict(list)  # device -> per layer, a bool tensor: every row close to the fused coefficients
+    other_shape = False
     for name, layer in lorweb_layers(model).items():
         weight = layer.att_lora_to_q.weight
         now, then = layer.coefficients_from_query(query.to(weight.device, weight.dtype), fp32=True), fused[name]
@@ -146,13 +147,13 @@ def check_fused_query(model: nn.Module, query: torch.Tensor) -> None:
         # 2 eps of the weights' dtype (at least 1e-4) of the fused coefficients, relative to their norm
         tol = max(1e-4, 2 * torch.finfo(weight.dtype).eps)
         if now.shape[1] != then.shape[1]:
-            within[now.device].append(torch.zeros((), dtype=torch.bool, device=now.device))
+            other_shape = True
             break
         want = then[:1].to(now.device, torch.float32).expand(now.shape[0], -1)
         error = (now.float() - want).norm(dim=1) / want.norm(dim=1).clamp_min(1e-12)
         within[now.device].append((error <= tol).all())
     # read once per device (one host synchronisation), not once per layer
-    if not all(bool(torch.stack(flags).all()) for flags in within.values()):
+    if other_shape or not all(bool(torch.stack(flags).all()) for flags in within.values()):
         raise RuntimeError("the LoRWeB mixture is fused for another analogy: call unfuse_lora() before "
                            "generating with a new analogy (or fuse with strategy='jit')")
 

@@ -444,10 +444,10 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
         # layer's rows are one analogy, which merges and "jit" forwards need); the query is named first
         finite, one_analogy = True, None
         if check_finite:
-            flags = torch.isfinite(group_query).all() & torch.isfinite(coeffs).all()
+            flags = (torch.isfinite(group_query).all() & torch.isfinite(coeffs).all()).reshape(1)
             if query.shape[0] > 1:
-                flags = torch.cat([flags.reshape(1), rows_identical(coeffs)])
-            finite, *one_analogy = flags.tolist() if flags.dim() else [bool(flags)]
+                flags = torch.cat([flags, rows_identical(coeffs)])
+            finite, *one_analogy = flags.tolist()
         if not finite:
             check_finite_tensor("query", query, query_hint)
             bad = [name for i, (name, _) in enumerate(members) if not bool(torch.isfinite(coeffs[i]).all())]
