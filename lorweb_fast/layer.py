@@ -388,7 +388,7 @@ class LoRWeBLinear(nn.Module):
 
     #: (the class default: a module pickled before this attribute existed loads without it)
     _coefficient_sources = None
-    #: (coefficients, their version, whether they hold one analogy): ``holds_one_analogy``'s answer for them
+    #: (coefficients, (their version,), whether they hold one analogy): ``holds_one_analogy``'s answer for them
     _one_analogy_memo = None
     #: (coefficients, (their version, the device, inference mode), their copy there): ``_coefficients_on``'s copy
     _moved_coefficients = None
@@ -397,12 +397,17 @@ class LoRWeBLinear(nn.Module):
         """The coefficients changed: what was remembered about the old ones is dropped (and no reference kept)."""
         self._one_analogy_memo = self._moved_coefficients = None
 
-    def _one_analogy_memo_for(self, coeffs: torch.Tensor) -> Optional[bool]:
-        memo = self._one_analogy_memo
-        version = tensor_version(coeffs)  # (None: no version counter, in-place changes unseen: not remembered)
-        if memo is not None and memo[0] is coeffs and version is not None and memo[1] == version:
+    @staticmethod
+    def _remembered(memo: Optional[tuple], coeffs: torch.Tensor, key: tuple):
+        """The value of ``memo`` = (coefficients, key, value) if it was made for this very ``coeffs`` tensor under
+        ``key`` (whose first entry is their version), else None; never for a tensor without a version counter (an
+        inference tensor: its in-place changes would be unseen)."""
+        if memo is not None and memo[0] is coeffs and key[0] is not None and memo[1] == key:
             return memo[2]
         return None
+
+    def _one_analogy_memo_for(self, coeffs: torch.Tensor) -> Optional[bool]:
+        return self._remembered(self._one_analogy_memo, coeffs, (tensor_version(coeffs),))
 
     def remember_one_analogy(self, flag: bool) -> None:
         """Record whether the coefficients in use hold one analogy (decided by the caller, e.g. ``set_query`` in its
@@ -410,7 +415,7 @@ class LoRWeBLinear(nn.Module):
         if not isinstance(flag, bool):
             raise TypeError(f"remember_one_analogy takes a bool, got {type(flag).__name__}")
         coeffs = self._coefficients
-        self._one_analogy_memo = None if coeffs is None else (coeffs, tensor_version(coeffs), flag)
+        self._one_analogy_memo = None if coeffs is None else (coeffs, (tensor_version(coeffs),), flag)
 
     def holds_one_analogy(self) -> bool:
         """``one_analogy(self.coefficients)``: one row, or identical rows (False without coefficients or for an empty
@@ -435,11 +440,11 @@ class LoRWeBLinear(nn.Module):
         non_blocking = coeffs.device.type == "cpu" and device.type == "cuda"
         if torch.compiler.is_compiling() or coeffs is not self._coefficients or coeffs.requires_grad:
             return coeffs.to(device, non_blocking=non_blocking)
-        memo = self._moved_coefficients
         # keyed also on inference mode: a copy made inside it is an inference tensor, which autograd cannot save
         key = (tensor_version(coeffs), device, torch.is_inference_mode_enabled())
-        if memo is not None and memo[0] is coeffs and key[0] is not None and memo[1] == key:
-            return memo[2]
+        moved = self._remembered(self._moved_coefficients, coeffs, key)
+        if moved is not None:
+            return moved
         moved = coeffs.to(device, non_blocking=non_blocking)
         self._moved_coefficients = (coeffs, key, moved)
         return moved

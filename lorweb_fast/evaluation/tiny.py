@@ -121,8 +121,10 @@ def make_runs_folder(root: Union[str, Path], evalset: Union[str, Path], *, b_pri
         d = root / src.parent.name / src.name
         d.mkdir(parents=True, exist_ok=True)
         for stem in ("a", "a_prime", "b"):
-            Image.open(src / f"{stem}.png").save(d / f"{stem}.png")
-        b = Image.open(src / "b.png").convert("RGB")
+            with Image.open(src / f"{stem}.png") as image:
+                image.save(d / f"{stem}.png")
+        with Image.open(src / "b.png") as image:
+            b = image.convert("RGB")
         if b_prime_fn is None:
             arr = np.asarray(b, dtype=np.int16) + rng.integers(-40, 41, size=(b.height, b.width, 3))
             b_prime = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
