@@ -26,7 +26,7 @@ from .layer import (LoRWeBLinear, default_adapter_dtype, group_offloading_member
                     uninitialised_lorweb_tensors)
 from .reference import ACTIVATIONS, REDUCTIONS
 from .validation import (all_finite, check_choice, check_finite_tensor, check_float_tensor, check_has_values, check_int,
-                         check_real, check_regex, warn)
+                         check_real, check_regex, refuse_finiteness_check_under_vmap, warn)
 
 #: The official targets: every nn.Linear inside the double and single FLUX blocks (494 layers in FLUX.1).
 DEFAULT_TARGET_MODULES = r"(transformer_blocks|single_transformer_blocks)\.\d+\..+"
@@ -426,6 +426,7 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
     query_hint = "the analogy query must be finite (check the encoder inputs)"
     if per_forward:
         if check_finite:
+            refuse_finiteness_check_under_vmap("query", query)
             check_finite_tensor("query", query, query_hint)
         for layer in layers.values():
             layer.set_query_per_forward(query, check_finite=False)  # checked once above
@@ -444,6 +445,8 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
         # layer's rows are one analogy, which merges and "jit" forwards need); the query is named first
         finite, one_analogy = True, None
         if check_finite:
+            # (the coefficients: batched when a LoRWeB tensor is, with an unbatched query)
+            refuse_finiteness_check_under_vmap("the query or the coefficients", group_query, coeffs)
             flags = (torch.isfinite(group_query).all() & torch.isfinite(coeffs).all()).reshape(1)
             if query.shape[0] > 1:
                 flags = torch.cat([flags, rows_identical(coeffs)])

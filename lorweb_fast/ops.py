@@ -406,10 +406,11 @@ INTERPRETER_GRAPH_CAPTURE = False
 
 
 def _refuse_graph_capture_of_the_interpreter() -> None:
-    """BackendUnavailableError when a graph is being captured (AOT autograd's functionalization or proxy tracing:
-    torch.compile with aot_eager or inductor, torch.export) around Triton's CPU interpreter: its kernels run on the
-    spot and are not recorded in the graph, and the compiled call returned uninitialised memory. Shape propagation
-    alone (fake tensors: dynamo's backend="eager") and eager calls are not affected."""
+    """BackendUnavailableError when a graph is being captured through the op's body (AOT autograd's
+    functionalization or proxy tracing: torch.compile with aot_eager or inductor) around Triton's CPU interpreter: its
+    kernels run on the spot and are not recorded in the graph, and the compiled call returned uninitialised memory.
+    Shape propagation alone (fake tensors: dynamo's backend="eager", torch.export, which keeps the op whole) and eager
+    calls are not affected."""
     if not triton_interpret_mode() or INTERPRETER_GRAPH_CAPTURE:
         return
     from torch._subclasses.functional_tensor import FunctionalTensorMode
@@ -419,8 +420,8 @@ def _refuse_graph_capture_of_the_interpreter() -> None:
     if any(isinstance(mode, (FunctionalTensorMode, ProxyTorchDispatchMode))
            for mode in _get_current_dispatch_mode_stack()):
         raise BackendUnavailableError(
-            "backend='triton' is unavailable: a graph capture (torch.compile with aot_eager / inductor, "
-            "torch.export) cannot record Triton's CPU interpreter (TRITON_INTERPRET=1): its kernels are not "
+            "backend='triton' is unavailable: a graph capture (torch.compile with aot_eager / inductor) "
+            "cannot record Triton's CPU interpreter (TRITON_INTERPRET=1): its kernels are not "
             "captured, and the compiled call returned uninitialised memory; call it eagerly, compile with "
             "backend='eager', or use backend='torch' on CPU")
 
@@ -513,8 +514,11 @@ class _EagerFusedFunction(torch.autograd.Function):
     def backward(ctx, dy):
         # through the backward op when compiled autograd traces this backward (checked first: dynamo cannot trace
         # the mode checks), when this gradient is differentiated (create_graph=True: the op's autograd formula
-        # refuses that by name, as on the registered path), or when something watches the ops (see _watched)
-        via_op = torch.compiler.is_compiling() or torch.is_grad_enabled() or _watched()
+        # refuses that by name, as on the registered path), when something watches the ops (see _watched), or when
+        # autograd's own vmap batches the incoming gradient (torch.autograd.grad(..., is_grads_batched=True),
+        # autograd.functional.jacobian / hessian with vectorize=True): the op bodies cannot read a batched tensor
+        via_op = (torch.compiler.is_compiling() or torch.is_grad_enabled() or _watched()
+                  or torch._C._functorch.is_legacy_batchedtensor(dy))
         bwd = ctx.backward_op if via_op else ctx.backward_body
         return (None,) + _fused_input_grads(bwd, ctx, ctx.needs_input_grad[1:8], dy) + (None,)
 

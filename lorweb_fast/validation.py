@@ -195,6 +195,25 @@ def check_has_values(name: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def batched_by_vmap(t: torch.Tensor) -> bool:
+    """Whether ``t`` is, or wraps (under other torch.func transforms), a tensor batched by ``torch.func.vmap``: one
+    value per replica, which cannot be read on the host."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def refuse_finiteness_check_under_vmap(name: str, *tensors: Optional[torch.Tensor]) -> None:
+    """ValueError naming ``check_finite=False`` when one of ``tensors`` is batched by ``torch.func.vmap``: the
+    finiteness check reads their values on the host, which vmap cannot do (torch's own error names neither)."""
+    if any(t is not None and batched_by_vmap(t) for t in tensors):
+        raise ValueError(f"{name} is batched by torch.func.vmap: its finiteness check reads its values on the host, "
+                         "which vmap cannot do; pass check_finite=False (and check the inputs outside vmap)")
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """True when ``t`` (any shape and dtype, dense, with values) holds no NaN or Inf; one device synchronisation.
 
