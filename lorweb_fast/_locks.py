@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import weakref
 
@@ -29,6 +30,33 @@ LOADING = threading.RLock()
 TRAINING = threading.RLock()
 #: held while a figure is drawn and saved
 DRAWING = threading.RLock()
+#: held by the library's short ``warnings.catch_warnings`` blocks (probing PIL's writers, building LPIPS): they swap
+#: Python's process-wide warning filters (before Python 3.14), and two overlapping the wrong way would leave the
+#: first one's filters installed for good
+WARNING_FILTERS = threading.RLock()
+
+
+#: folder (real path) -> [its lock, how many threads hold or wait for it]: ``folder_files_lock``
+_FOLDER_LOCKS: dict = {}
+
+
+@contextlib.contextmanager
+def folder_files_lock(directory):
+    """Held by this process's threads while they replace a set of files that belong together in ``directory`` (a
+    checkpoint's weights and its config.yaml): two saves into one folder never leave one's config beside the
+    other's weights. (Other processes are not excluded: a training run holds its folder's ``FolderLock``.)"""
+    key = os.path.realpath(os.fspath(directory))
+    with _GUARD:
+        entry = _FOLDER_LOCKS.setdefault(key, [threading.Lock(), 0])
+        entry[1] += 1
+    try:
+        with entry[0]:
+            yield
+    finally:
+        with _GUARD:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _FOLDER_LOCKS[key]
 
 
 def analogy_lock(model) -> threading.RLock:

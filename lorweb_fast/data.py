@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import errno
 import json
 import math
 import os
 import random
 import re
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,7 +57,7 @@ import torch
 from ._files import FolderLock, image_read_error_message, image_read_errors, loads_json, same_or_inside
 from ._files import atomic_write as _atomic_write
 from .official_config import OFFICIAL_DEFAULTS, QUERY_MODES, QUERY_SOURCES
-from .validation import LoRWeBWarning, warn
+from .validation import silenced_lorweb_warnings, warn
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: the order in which the official loader tries a control image's extension (toolkit/dataloader_mixins.py
@@ -740,8 +740,7 @@ def check_folder(root: Union[str, Path], *, dump: Optional[Union[str, Path]] = N
 
     if dump is not None:
         check_output_dir("dump", dump)  # before the (long) validation of every sample
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=LoRWeBWarning)  # its own: listed in the report; others shown
+    with silenced_lorweb_warnings():  # its own: listed in the report; others shown (this thread's only)
         dataset = AnalogyFolder(root, skip_bad=skip_bad, layout=layout, resize=resize, long_edge=long_edge,
                                 bucket_divisibility=bucket_divisibility, missing_caption=missing_caption)
         # the folder scan reads headers only (a truncated JPEG passes it and would fail at its training step):
@@ -897,11 +896,19 @@ def relation252k_pairs(src: Union[str, Path], *, max_samples_per_category: Optio
     return pairs
 
 
+class _ContextCarryingPool(ThreadPoolExecutor):
+    """A ThreadPoolExecutor whose tasks run in a copy of the submitting thread's context (as ``asyncio.to_thread``):
+    ``silenced_lorweb_warnings`` reaches them."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def _image_pool():
     """Threads for decoding and encoding images (Pillow releases the GIL while it decodes and encodes), at most 8.
     On leaving, also by an error or an interrupt, the tasks not yet started are cancelled."""
-    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    pool = _ContextCarryingPool(max_workers=min(8, os.cpu_count() or 1))
     try:
         yield pool
     finally:
@@ -1301,9 +1308,7 @@ def run_data(args) -> dict:
         if args.dump:
             print(f"wrote the trainer's grids to {report['dumped']}")
         return report
-    with warnings.catch_warnings():  # the causes the report below prints: not also said as warnings
-        for reported in PREPARE_REPORTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=reported, category=LoRWeBWarning)
+    with silenced_lorweb_warnings(*PREPARE_REPORTED_WARNINGS):  # the causes the report below prints
         report = prepare_relation252k(args.src, args.out, max_analogies=args.max_analogies,
                                       filter_categories=args.filter_categories, filter_json=args.filter_json,
                                       min_pairs_per_category=args.min_pairs_per_category,

@@ -13,6 +13,7 @@ from typing import Union
 
 import torch
 
+from .model import global_rng_kept
 from .testing import tiny_flux_config
 
 #: Cell size (pixels) of the synthetic analogies; the tiny VAE downsamples 2x, so a 2x2 grid is 32x32 latents.
@@ -56,25 +57,26 @@ def build_tiny_kontext_pipeline(directory: Union[str, Path, None] = None, *, see
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     flux_cfg = tiny_flux_config()
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**flux_cfg)
-    latent_channels = flux_cfg["in_channels"] // 4
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=latent_channels, norm_num_groups=4, sample_size=64, use_quant_conv=False,
-                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
-    clip_tok = _clip_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_tok), hidden_size=flux_cfg["pooled_projection_dim"], intermediate_size=32,
-        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1, projection_dim=flux_cfg["pooled_projection_dim"]))
-    t5_tok = _t5_tokenizer()
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=flux_cfg["joint_attention_dim"], d_kv=8, d_ff=32, num_layers=1,
-        num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
-    pipe = FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
-                               tokenizer=clip_tok, text_encoder_2=text_encoder_2, tokenizer_2=t5_tok,
-                               transformer=transformer)
+    with global_rng_kept():  # seeded draws that leave the caller's random state as it was
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(**flux_cfg)
+        latent_channels = flux_cfg["in_channels"] // 4
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                            latent_channels=latent_channels, norm_num_groups=4, sample_size=64, use_quant_conv=False,
+                            use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+        clip_tok = _clip_tokenizer()
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=flux_cfg["pooled_projection_dim"], intermediate_size=32,
+            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1, projection_dim=flux_cfg["pooled_projection_dim"]))
+        t5_tok = _t5_tokenizer()
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_tok), d_model=flux_cfg["joint_attention_dim"], d_kv=8, d_ff=32, num_layers=1,
+            num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        pipe = FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                                   tokenizer=clip_tok, text_encoder_2=text_encoder_2, tokenizer_2=t5_tok,
+                                   transformer=transformer)
     if directory is not None:
         pipe.save_pretrained(directory)
     return pipe
@@ -85,10 +87,12 @@ def build_tiny_clip(directory: Union[str, Path], *, projection_dim: int = 8, see
     ``CLIPImageProcessor`` to ``directory`` (queries of 3 * projection_dim features); returns ``directory``."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    torch.manual_seed(seed)
     cfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, projection_dim=projection_dim, num_hidden_layers=1,
                            num_attention_heads=2, image_size=32, patch_size=8)
-    CLIPVisionModelWithProjection(cfg).save_pretrained(directory)
+    with global_rng_kept():  # seeded draws that leave the caller's random state as it was
+        torch.manual_seed(seed)
+        model = CLIPVisionModelWithProjection(cfg)
+    model.save_pretrained(directory)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
     return Path(directory)
 

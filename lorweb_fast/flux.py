@@ -20,7 +20,7 @@ from torch import nn
 from . import lora_api
 from . import _locks
 from ._files import loads_json, recorded_location, save_figure_atomically
-from ._locks import holding, serialized_on_transformer
+from ._locks import holding, holding_analogy, serialized_on_transformer
 from .layer import (LoRWeBLinear, decide_one_analogy, group_offloading_modes, has_forward_hooks, has_plain_weight,
                     refuse_disk_group_offloading)
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
@@ -286,23 +286,41 @@ def merged(model: nn.Module, strategy: str = "full") -> Iterator[nn.Module]:
     ``"full"`` and ``"offload"`` need coefficients for a single analogy (``set_query`` with one query, or identical
     rows); every strategy needs plain (non-quantized) base weights.
     """
-    layers = _mergeable_layers(model, strategy)
-    if strategy == "full":
-        with _refusing_loads(model, layers), _merged_full(layers):
-            yield model
-    elif strategy == "offload":
-        with _refusing_loads(model, layers), _merged_offload(layers):
-            yield model
-    else:
-        grad_warning = [False]  # one warning per block, as the other strategies (_refusing_loads)
+    # entering and leaving hold the model's analogy lock (they wait for another thread's running pipeline call);
+    # the block itself does not, so the forwards inside may run in any thread
+    stack = contextlib.ExitStack()
+    with holding_analogy(model):
         try:
-            for layer in layers.values():
-                layer._merge_jit = True
-                layer._merged_grad_warned = grad_warning
-            yield model
-        finally:
-            for layer in layers.values():
-                layer._merge_jit = False
+            layers = _mergeable_layers(model, strategy)
+            if strategy == "full":
+                stack.enter_context(_refusing_loads(model, layers))
+                stack.enter_context(_merged_full(layers))
+            elif strategy == "offload":
+                stack.enter_context(_refusing_loads(model, layers))
+                stack.enter_context(_merged_offload(layers))
+            else:
+                stack.enter_context(_merged_jit(layers))
+        except BaseException:
+            stack.close()
+            raise
+    try:
+        yield model
+    finally:
+        with holding_analogy(model):
+            stack.close()
+
+
+@contextlib.contextmanager
+def _merged_jit(layers: dict[str, LoRWeBLinear]):
+    grad_warning = [False]  # one warning per block, as the other strategies (_refusing_loads)
+    try:
+        for layer in layers.values():
+            layer._merge_jit = True
+            layer._merged_grad_warned = grad_warning
+        yield
+    finally:
+        for layer in layers.values():
+            layer._merge_jit = False
 
 
 @contextlib.contextmanager
@@ -819,14 +837,14 @@ def _as_list(x, n: Optional[int] = None) -> list:
 
 @holding(_locks.LOADING)
 def load_kontext_pipeline(model: Union[str, Path], dtype: Optional[torch.dtype] = None):
-    """``FluxKontextPipeline.from_pretrained`` (hub id or local directory) in ``dtype``; diffusers 0.42 renamed the
-    ``torch_dtype`` argument to ``dtype``."""
+    """``FluxKontextPipeline.from_pretrained`` (hub id or local directory) in ``dtype`` (None: float32, whatever
+    torch's default dtype, which diffusers would follow); diffusers 0.42 renamed the ``torch_dtype`` argument to
+    ``dtype``."""
     import diffusers
     from packaging.version import Version
 
     (FluxKontextPipeline,) = diffusers_classes("FluxKontextPipeline")  # a broken package it imports: one line
-    if dtype is None:
-        return base_model_loaded(model, lambda: FluxKontextPipeline.from_pretrained(model))
+    dtype = torch.float32 if dtype is None else dtype
     key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
     return base_model_loaded(model, lambda: FluxKontextPipeline.from_pretrained(model, **{key: dtype}))
 

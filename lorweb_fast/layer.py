@@ -129,13 +129,13 @@ def decide_one_analogy(layers) -> None:
     yet: one host synchronisation per device for all of them, instead of one per layer."""
     undecided = defaultdict(list)
     for layer in layers:
-        coeffs = layer._coefficients
+        coeffs = layer._coefficients  # read once: the flag is remembered for this tensor
         if coeffs is not None and coeffs.shape[0] > 1 and layer._one_analogy_memo_for(coeffs) is None:
-            undecided[coeffs.device].append(layer)
+            undecided[coeffs.device].append((layer, coeffs))
     for members in undecided.values():
-        flags = torch.stack([rows_identical(layer._coefficients) for layer in members]).tolist()
-        for layer, flag in zip(members, flags):
-            layer.remember_one_analogy(flag)
+        flags = torch.stack([rows_identical(coeffs) for _, coeffs in members]).tolist()
+        for (layer, coeffs), flag in zip(members, flags):
+            layer.remember_one_analogy(flag, coeffs)
 
 
 def tensor_version(t: torch.Tensor) -> Optional[int]:
@@ -411,12 +411,14 @@ class LoRWeBLinear(nn.Module):
     def _one_analogy_memo_for(self, coeffs: torch.Tensor) -> Optional[bool]:
         return self._remembered(self._one_analogy_memo, coeffs, (tensor_version(coeffs),))
 
-    def remember_one_analogy(self, flag: bool) -> None:
-        """Record whether the coefficients in use hold one analogy (decided by the caller, e.g. ``set_query`` in its
-        finiteness check's synchronisation); forgotten when they change, also in place."""
+    def remember_one_analogy(self, flag: bool, coefficients: Optional[torch.Tensor] = None) -> None:
+        """Record whether ``coefficients`` (default: those in use) hold one analogy (decided by the caller, e.g.
+        ``set_query`` in its finiteness check's synchronisation); remembered for that tensor object, so used only
+        while it is the one in use and unchanged in place (coefficients another thread set meanwhile are decided
+        again)."""
         if not isinstance(flag, bool):
             raise TypeError(f"remember_one_analogy takes a bool, got {type(flag).__name__}")
-        coeffs = self._coefficients
+        coeffs = self._coefficients if coefficients is None else coefficients
         self._one_analogy_memo = None if coeffs is None else (coeffs, (tensor_version(coeffs),), flag)
 
     def holds_one_analogy(self) -> bool:
@@ -429,7 +431,7 @@ class LoRWeBLinear(nn.Module):
         known = self._one_analogy_memo_for(coeffs)
         if known is None:
             known = one_analogy(coeffs)
-            self.remember_one_analogy(known)
+            self.remember_one_analogy(known, coeffs)  # for the tensor decided (not whatever is in use by now)
         return known
 
     def _coefficients_on(self, coeffs: torch.Tensor, device: torch.device) -> torch.Tensor:

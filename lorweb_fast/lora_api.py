@@ -25,6 +25,7 @@ from torch import nn
 
 from .model import (CHECKPOINT_PREFIX, DEFAULT_ENCODER, LoRWeBCheckpointError, _refuse_merged, _require_layers,
                     checkpoint_metadata, load_lorweb_weights, lorweb_layers, remove_lorweb, save_lorweb_weights)
+from ._locks import serialized_on_model
 from .validation import float_or_inf, names_hub_repo
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def scale_fused_strategy(model: nn.Module) -> Optional[str]:
     return None if strategy in (None, "jit") else strategy
 
 
+@serialized_on_model
 def fuse_lora(model: nn.Module, strategy: str = "full") -> None:
     """Fold the current analogy's mixture into the weights until ``unfuse_lora``: ``merged(model, strategy)`` kept
     open. With "full"/"offload" the weights hold the analogy set by the last ``set_query``; with "jit" every
@@ -85,6 +87,7 @@ def fuse_lora(model: nn.Module, strategy: str = "full") -> None:
         raise
 
 
+@serialized_on_model
 def unfuse_lora(model: nn.Module) -> None:
     """Restore the weights fused by ``fuse_lora`` bit for bit (a no-op when nothing is fused). ``unload_lora_weights``
     on a fused model keeps the fused weights instead (as diffusers). A layer whose weight cannot go back (out of
@@ -159,6 +162,7 @@ def check_fused_query(model: nn.Module, query: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ strength
+@serialized_on_model
 def set_lorweb_scale(model: nn.Module, scale: float) -> None:
     """Multiply every layer's mixture by ``scale`` (diffusers' ``set_adapters`` weight, the official network
     multiplier): y = base(x) + scale * (lora_alpha / r) * sum_n alpha[n] B_n^T A_n^T x. 1.0 restores the
@@ -374,6 +378,7 @@ def checkpoint_key_dim(file: Path) -> Optional[int]:
     return _header_width(file, ".lora_keys")
 
 
+@serialized_on_model
 def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], weight_name: Optional[str] = None,
                       config: Union[str, os.PathLike, None] = None, *, query_dim: Optional[int] = None,
                       query_settings: Optional[dict] = None, encoder: Optional[tuple[str, str]] = None,
@@ -429,6 +434,7 @@ def load_lora_weights(model: nn.Module, path_or_dir: Union[str, os.PathLike], we
     return file, names
 
 
+@serialized_on_model
 def unload_lora_weights(model: nn.Module) -> list[str]:
     """Put the stock layers back (``remove_lorweb``). Returns the restored names.
 

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from collections import defaultdict
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from torch import nn
 from . import ops
 from ._files import default_permissions, naming_the_file, temporary_file, write_temporary_text
 from . import _locks
-from ._locks import serialized_on_model
+from ._locks import holding_analogy, serialized_on_model
 from .layer import (LoRWeBLinear, default_adapter_dtype, group_offloading_members, group_offloading_modes,
                     linear_dims, refuse_disk_group_offloading, replaced_query_projection_error, rows_identical,
                     uninitialised_lorweb_tensors)
@@ -241,6 +242,7 @@ def _freeze_base_model(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
+@serialized_on_model
 def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
                   dtype: Optional[torch.dtype] = None, freeze_base_model: bool = True) -> list[str]:
     """Wrap every targeted linear layer of ``model`` in a ``LoRWeBLinear``, in place.
@@ -341,6 +343,7 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None)
 _ABSENT = object()
 
 
+@serialized_on_model
 def remove_lorweb(model: nn.Module) -> list[str]:
     """Put the original base layers back in place of every LoRWeBLinear. Returns the restored names. Refused while
     the layers are merged (a merged() block or fuse_lora(), any strategy): the stock layers would keep the merged
@@ -352,6 +355,7 @@ def remove_lorweb(model: nn.Module) -> list[str]:
     return list(layers)
 
 
+@serialized_on_model
 def set_backend(model: nn.Module, backend: Optional[str]) -> None:
     """Run every LoRWeB layer of ``model`` on ``backend`` (None: the best available per call, ``ops.DEFAULT_ORDER``;
     "torch", "triton" or "cuda"), as ``LoRWeBLinear(..., backend=...)`` does for one layer. Only the name is
@@ -474,7 +478,13 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
                 layer.record_coefficient_sources()
                 if one_analogy is not None:
                     layer.remember_one_analogy(one_analogy[i])
-    return get_coefficients(model)
+    coefficients = {n: l.coefficients for n, l in layers.items() if l.coefficients is not None}
+    if not torch.compiler.is_compiling():
+        try:
+            _SET_QUERY_COEFFICIENTS[model] = coefficients  # published whole, after every layer holds its own
+        except TypeError:  # cannot be weakly referenced
+            pass
+    return dict(coefficients)
 
 
 def _refuse_merged(layers: Mapping[str, LoRWeBLinear], what: str,
@@ -511,11 +521,25 @@ def clear_query(model: nn.Module) -> None:
         layer.set_coefficients(None)  # also drops a per-forward query
 
 
-@serialized_on_model
+#: model -> {layer name: coefficients} as its last ``set_query`` set them (one dict, replaced whole)
+_SET_QUERY_COEFFICIENTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def get_coefficients(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{name: (B, N) coefficients}`` for every LoRWeB layer whose coefficients are set: one analogy's (read under
-    the model's analogy lock, so a ``set_query`` of another thread is not half seen)."""
-    return {n: l.coefficients for n, l in lorweb_layers(model).items() if l.coefficients is not None}
+    """``{name: (B, N) coefficients}`` for every LoRWeB layer whose coefficients are set: one analogy's, never half
+    of another thread's ``set_query``. When the layers hold exactly what the last ``set_query`` set, that is
+    returned without waiting for the model's analogy lock (a pipeline call's step callback may hand the read to a
+    worker thread); otherwise the layers are read under the lock."""
+    layers = lorweb_layers(model)
+    try:
+        published = _SET_QUERY_COEFFICIENTS.get(model)
+    except TypeError:  # cannot be weakly referenced: read under no lock (holding_analogy refuses nothing either)
+        published = None
+    if (published is not None and published.keys() <= layers.keys()
+            and all(layer._coefficients is published.get(name) for name, layer in layers.items())):
+        return dict(published)
+    with holding_analogy(model):
+        return {n: l.coefficients for n, l in lorweb_layers(model).items() if l.coefficients is not None}
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -544,6 +568,7 @@ def _layer_metadata(layers: Mapping[str, LoRWeBLinear]) -> dict[str, str]:
     return meta
 
 
+@serialized_on_model
 def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRWeB parameters of ``model`` under the official keys ``transformer.<module>.<param>``: lora_A (N, in, r),
     lora_B (N, r, out), lora_keys (N, key_dim) and att_lora_to_q.weight (key_dim, query_dim) (none for
@@ -595,6 +620,7 @@ def _sort_safetensors_metadata(path: str, values: Optional[Mapping[str, str]] = 
         f.write(text + b" " * (length - len(text)))
 
 
+@serialized_on_model
 def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadata: Optional[dict] = None, *,
                         state_dict: Optional[Mapping[str, torch.Tensor]] = None,
                         dtype: Optional[torch.dtype] = None, config: Optional[Mapping] = None,
@@ -718,42 +744,45 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     while not os.path.isdir(parent):
         created.insert(0, parent)
         parent = os.path.dirname(parent)
-    temps: list[tuple[str, str]] = []  # (temporary file, final path), renamed in this order: the weights last
-    replaced: list[tuple[str, Optional[str]]] = []  # (final path, a copy of what it held, None if it was absent)
-    try:
-        os.makedirs(directory, exist_ok=True)  # everything checked: nothing is written for a refused call
-        for name, text in texts.items():
-            with naming_the_file(os.path.join(directory, name)):
-                temps.append((write_temporary_text(directory, name, text), os.path.join(directory, name)))
-        tmp = temporary_file(directory, ".lorweb-", ".safetensors.tmp")
-        temps.append((tmp, path))
-        with naming_the_file(path):  # a full disk names the file it could not take
-            save_file(state, tmp, metadata=meta)
-            _sort_safetensors_metadata(tmp, aitk_model_hashes(tmp, meta) if aitk_hashes else None)
-        default_permissions(tmp)  # safetensors' own 0600 (it writes the file anew) would survive the rename
-        for tmp, final in temps:
-            kept = _keep_copy(final)
-            try:
-                os.replace(tmp, final)
-            except BaseException:
-                if kept is not None:
-                    os.unlink(kept)
-                raise
-            replaced.append((final, kept))
-    except BaseException:
-        for final, kept in reversed(replaced):  # a failed rename: every file renamed before it goes back
-            with contextlib.suppress(OSError):
-                if kept is not None:
-                    os.replace(kept, final)
-                else:  # absent before: written by this call
-                    os.unlink(final)
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        for folder in reversed(created):
-            if os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
-        raise
+    # the files of one save replaced together: another thread saving into this folder waits (never one save's
+    # config.yaml beside the other's weights)
+    with _locks.folder_files_lock(directory):
+        temps: list[tuple[str, str]] = []  # (temporary file, final path), renamed in this order: the weights last
+        replaced: list[tuple[str, Optional[str]]] = []  # (final path, a copy of what it held, None if it was absent)
+        try:
+            os.makedirs(directory, exist_ok=True)  # everything checked: nothing is written for a refused call
+            for name, text in texts.items():
+                with naming_the_file(os.path.join(directory, name)):
+                    temps.append((write_temporary_text(directory, name, text), os.path.join(directory, name)))
+            tmp = temporary_file(directory, ".lorweb-", ".safetensors.tmp")
+            temps.append((tmp, path))
+            with naming_the_file(path):  # a full disk names the file it could not take
+                save_file(state, tmp, metadata=meta)
+                _sort_safetensors_metadata(tmp, aitk_model_hashes(tmp, meta) if aitk_hashes else None)
+            default_permissions(tmp)  # safetensors' own 0600 (it writes the file anew) would survive the rename
+            for tmp, final in temps:
+                kept = _keep_copy(final)
+                try:
+                    os.replace(tmp, final)
+                except BaseException:
+                    if kept is not None:
+                        os.unlink(kept)
+                    raise
+                replaced.append((final, kept))
+        except BaseException:
+            for final, kept in reversed(replaced):  # a failed rename: every file renamed before it goes back
+                with contextlib.suppress(OSError):
+                    if kept is not None:
+                        os.replace(kept, final)
+                    else:  # absent before: written by this call
+                        os.unlink(final)
+            for tmp, _ in temps:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            for folder in reversed(created):
+                if os.path.isdir(folder) and not os.listdir(folder):
+                    os.rmdir(folder)
+            raise
     for _, kept in replaced:  # everything is in place: a copy that cannot be removed is no failure of the save
         if kept is not None:
             with contextlib.suppress(OSError):
@@ -1014,6 +1043,7 @@ def _overflow_problems(name: str, tensors: dict, module: nn.Module) -> list[str]
     return problems
 
 
+@serialized_on_model
 def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str, os.PathLike, None] = None, *,
                         settings: Optional[Mapping] = None, freeze_base_model: bool = True) -> list[str]:
     """Load an official-format LoRWeB checkpoint, injecting the layers that are missing (when it injects any,

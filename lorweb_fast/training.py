@@ -176,11 +176,14 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return self.start_position + (step - self.start_step) * self.world_size * self._unit
 
     def _permutation(self, epoch: int, size: int) -> list[int]:
-        """The epoch's order of ``size`` items (samples or bucket batches), computed once per epoch."""
-        if getattr(self, "_cached_epoch", None) != epoch:
+        """The epoch's order of ``size`` items (samples or bucket batches), computed once per epoch (kept as one
+        (epoch, order) pair, read once: threads sharing the sampler never get one epoch's check with another's
+        order)."""
+        cached = getattr(self, "_cached_order", None)
+        if cached is None or cached[0] != epoch:
             generator = torch.Generator().manual_seed(derived_seed(self.seed * 7919 + epoch))
-            self._cached_epoch, self._cached_perm = epoch, torch.randperm(size, generator=generator).tolist()
-        return self._cached_perm
+            cached = self._cached_order = (epoch, torch.randperm(size, generator=generator).tolist())
+        return cached[1]
 
     def __iter__(self):
         for step in range(self.start_step, self.total_steps):
@@ -1165,7 +1168,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 def official_timesteps() -> torch.Tensor:
     """(1000,) float32 training timesteps 1000, 999, ..., 1 (``CustomFlowMatchEulerDiscreteScheduler``)."""
-    return torch.linspace(NUM_TRAIN_TIMESTEPS, 1, NUM_TRAIN_TIMESTEPS)
+    return torch.linspace(NUM_TRAIN_TIMESTEPS, 1, NUM_TRAIN_TIMESTEPS, dtype=torch.float32)
 
 
 def official_timestep_weights() -> torch.Tensor:
@@ -1184,7 +1187,7 @@ def sample_timesteps(cfg: TrainConfig, batch_size: int,
     if cfg.timestep_type in ("weighted", "linear"):
         index = torch.randint(0, NUM_TRAIN_TIMESTEPS - 1, (batch_size,), generator=generator)
         t = official_timesteps()[index] / NUM_TRAIN_TIMESTEPS
-        weight = official_timestep_weights()[index] if cfg.timestep_type == "weighted" else torch.ones(batch_size)
+        weight = official_timestep_weights()[index] if cfg.timestep_type == "weighted" else torch.ones(batch_size, dtype=torch.float32)
         return t, weight
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
@@ -1219,7 +1222,7 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
     device = query.device
     bsz = len(batch["target"])
     with torch.no_grad():
-        drop = torch.rand(bsz, generator=generator) < cfg.caption_dropout
+        drop = torch.rand(bsz, generator=generator, dtype=torch.float32) < cfg.caption_dropout
         prompts = ["" if d else c for d, c in zip(drop.tolist(), batch["caption"])]
         prompt_embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
                                                              max_sequence_length=cfg.max_sequence_length)
@@ -1230,7 +1233,7 @@ def flow_matching_loss(transformer, pipe, batch: dict, query: torch.Tensor, cfg:
     # (non_blocking: CUDA stages a pageable source before the call returns, so the values are the same; not on other
     # device types, where a non-blocking copy of a temporary can read it after it is freed)
     non_blocking = device.type == "cuda"
-    noise = torch.randn(x0.shape, generator=generator).to(device, non_blocking=non_blocking)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device, non_blocking=non_blocking)
     t, weight = sample_timesteps(cfg, bsz, generator)
     t = t.to(device, non_blocking=non_blocking)
     tt = t.view(-1, 1, 1, 1)
@@ -1280,7 +1283,8 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     way no LoRWeB parameter keeps a ``.grad`` and no layer keeps the last step's coefficients (``set_query`` before
     generating); gradients a caller left on them are dropped before the first step. The models stay on the training
     device. In a single process, accelerate's process-wide state is as ``train`` found it when it returns (what this
-    call set up is dropped).
+    call set up is dropped). It runs with autograd on, also when called under ``torch.no_grad()`` or
+    ``torch.inference_mode()``.
 
     The main process holds ``cfg.out/.lorweb-train.lock`` (``RUN_LOCK_NAME``) while it trains: a second run into the
     same folder (a job started twice, a requeued job while the old one still runs) is refused with a ValueError
@@ -1293,7 +1297,9 @@ def train(cfg: TrainConfig, *, pipe=None, encoder=None,
     accelerate_before = _accelerate_state()
     lock = FolderLock(cfg.out, RUN_LOCK_NAME, "training run")
     try:  # progress=False: no bar at all, diffusers' and transformers' loading bars included (as --quiet)
-        with _reports_from_main_only(), library_progress_bars(enabled=bool(cfg.progress)):
+        # with autograd on also when called under no_grad / inference_mode (the caller's mode is back afterwards)
+        with _reports_from_main_only(), library_progress_bars(enabled=bool(cfg.progress)), \
+                torch.inference_mode(False), torch.enable_grad():
             result = _train(cfg, pipe, encoder, step_callback, lock)
     except BaseException:
         lock.release()

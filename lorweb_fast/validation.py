@@ -7,6 +7,8 @@ turns into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 import os
@@ -333,8 +335,10 @@ def image_suffixes() -> set[str]:
 
     from PIL import Image
 
+    from . import _locks
+
     probe, usable = Image.new("RGB", (1, 1)), set()
-    with warnings.catch_warnings():
+    with _locks.WARNING_FILTERS, warnings.catch_warnings():  # (process-wide filters: one such block at a time)
         warnings.simplefilter("ignore")  # e.g. deprecated formats
         for ext, fmt in Image.registered_extensions().items():
             if fmt in Image.SAVE:
@@ -396,12 +400,40 @@ class LoRWeBWarning(UserWarning):
     category=lorweb_fast.LoRWeBWarning)`` does."""
 
 
+#: the LoRWeB warnings silenced in this context (``silenced_lorweb_warnings``): (regex or None for all, list to
+#: collect their messages in or None) pairs, the innermost block's first
+_SILENCED: "contextvars.ContextVar[tuple]" = contextvars.ContextVar("lorweb_fast_silenced", default=())
+
+
+@contextlib.contextmanager
+def silenced_lorweb_warnings(*messages: str, into: Optional[list] = None):
+    """The block's own LoRWeBWarnings (``warn``) not given: those whose message matches one of the regular
+    expressions ``messages`` at its start, case-insensitively (as ``warnings.filterwarnings``), or all of them when
+    none are given; their messages are appended to ``into`` when given. Blocks nest. Per thread and context (a
+    ``contextvars`` setting; the library's thread pools carry it to their tasks), unlike
+    ``warnings.catch_warnings``, which swaps the process-wide filters before Python 3.14: other threads' warnings
+    and their filters are left alone."""
+    patterns = [re.compile(m, re.I) for m in messages] or [None]
+    token = _SILENCED.set(tuple((pattern, into) for pattern in patterns) + _SILENCED.get())
+    try:
+        yield
+    finally:
+        _SILENCED.reset(token)
+
+
 def warn(message: str, category: type[Warning] = LoRWeBWarning) -> None:
     """``warnings.warn`` attributed to the first frame outside lorweb_fast and the libraries in
     ``_LIBRARY_PACKAGES`` (the user's script, notebook cell or test) rather than to lorweb_fast's own line; to the
-    outermost frame when every frame is library code (the ``lorweb-fast`` command)."""
+    outermost frame when every frame is library code (the ``lorweb-fast`` command). Not given inside a
+    ``silenced_lorweb_warnings`` block that silences it."""
     import sys
 
+    if issubclass(category, LoRWeBWarning):
+        for pattern, into in _SILENCED.get():
+            if pattern is None or pattern.match(message):
+                if into is not None:
+                    into.append(message)
+                return
     frame, stacklevel = sys._getframe(), 1  # stacklevel 1: this frame, which calls warnings.warn
     while frame.f_back is not None:
         if (frame.f_globals.get("__name__") or "").split(".", 1)[0] not in _LIBRARY_PACKAGES:
@@ -422,7 +454,9 @@ def _bound_registry(registry) -> None:
     if not isinstance(registry, dict) or len(registry) <= MAX_REGISTERED_WARNINGS:
         return
     # (text, category, lineno) keys, and (text, category) ones under the "once" / "module" filters
-    ours = [key for key in registry if isinstance(key, tuple) and len(key) in (2, 3) and isinstance(key[1], type)
+    # over a copy of the keys (one step under the GIL): another thread's warning from the same module may add an
+    # entry meanwhile
+    ours = [key for key in list(dict.keys(registry)) if isinstance(key, tuple) and len(key) in (2, 3) and isinstance(key[1], type)
             and issubclass(key[1], LoRWeBWarning)]
     for key in ours[:len(ours) - MAX_REGISTERED_WARNINGS]:
         registry.pop(key, None)

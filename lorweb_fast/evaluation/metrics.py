@@ -143,16 +143,29 @@ class LPIPSDistance:
 
     @holding(_locks.LOADING)
     def __init__(self, net: str = "alex", *, weights: Union[str, Path, None] = None, device=None):
+        from ..model import global_rng_kept
+
         lpips, path = check_lpips(net, weights)
+        # the networks in float32 whatever torch's default dtype (switched for the build only when it is another:
+        # lpips loads its own weights into the parameters it makes), and their random initial values (overwritten
+        # by the files' weights) drawn without changing the caller's random state
+        default_dtype = torch.get_default_dtype()
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            backbone = _tv_backbone(net)
-            backbone.load_state_dict(state)
-        except Exception as exc:  # a corrupt or wrong file
-            raise EvalInputError(f"cannot load LPIPS {net} backbone weights from {path}: {exc}") from exc
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchvision's deprecation warning for pretrained=False
-            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+            if default_dtype != torch.float32:
+                torch.set_default_dtype(torch.float32)
+            with global_rng_kept():
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                    backbone = _tv_backbone(net)
+                    backbone.load_state_dict(state)
+                except Exception as exc:  # a corrupt or wrong file
+                    raise EvalInputError(f"cannot load LPIPS {net} backbone weights from {path}: {exc}") from exc
+                with _locks.WARNING_FILTERS, warnings.catch_warnings():  # (process-wide: one block at a time)
+                    warnings.simplefilter("ignore")  # torchvision's deprecation warning for pretrained=False
+                    model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        finally:
+            if torch.get_default_dtype() != default_dtype:
+                torch.set_default_dtype(default_dtype)
         # lpips' slices keep torchvision's feature indices: slice<k>.<i>.<param> <- features.<i>.<param>
         features = backbone.features.state_dict()
         slices = {}

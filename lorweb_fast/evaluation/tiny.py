@@ -173,12 +173,14 @@ class FixedJudge:
 
 def b_picks_without_warnings(root: Union[str, Path]) -> tuple[list, bool]:
     """(the sorted stems of the b photos ``read_evalset`` picks from the evaluation set at ``root``, whether any
-    triplet is flagged ``b_aspect_outside_tolerance``), read with every warning an error."""
-    import warnings
-
+    triplet is flagged ``b_aspect_outside_tolerance``), read with every LoRWeB warning an error (raised as a
+    LoRWeBWarning; this thread's only: other threads' warnings and the process-wide filters are left alone)."""
+    from ..validation import LoRWeBWarning, silenced_lorweb_warnings
     from .evalsets import read_evalset
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    said: list = []
+    with silenced_lorweb_warnings(into=said):
         triplets = read_evalset(root)
+    if said:
+        raise LoRWeBWarning(said[0])
     return sorted(t.b.path.stem for t in triplets), any(t.extra.get("b_aspect_outside_tolerance") for t in triplets)
