@@ -2,8 +2,9 @@
 
 A LoRWeB model holds one analogy at a time (every layer's coefficients, merged or fused weights, the strength), so
 the calls that set it and generate from it are serialized per model: a pipeline call holds its transformer's lock
-from its query to its output, and ``set_query``, ``clear_query``, ``set_analogy``, ``fuse_lora`` / ``unfuse_lora``
-of another thread wait for it (re-entrant: the same thread nests freely). Process-wide state gets process-wide
+from its query to its output, and ``set_query``, ``clear_query``, ``set_analogy``, ``fuse_lora`` / ``unfuse_lora``,
+the strength, injection, removal, backend choice, LoRWeB saves and loads and entering or leaving ``merged()`` of
+another thread wait for it (re-entrant: the same thread nests freely). Process-wide state gets process-wide
 locks: model loading (accelerate's ``init_empty_weights`` patches ``nn.Module`` for the whole process, so two
 overlapping loads could leave every later module on the meta device), ``train`` (it seeds the process-wide RNG and
 sets up accelerate's process-wide state) and matplotlib drawing (its text parser is not thread-safe)."""

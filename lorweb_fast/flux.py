@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -303,11 +304,29 @@ def merged(model: nn.Module, strategy: str = "full") -> Iterator[nn.Module]:
         except BaseException:
             stack.close()
             raise
+    exc_info = (None, None, None)
     try:
         yield model
+    except BaseException:
+        exc_info = sys.exc_info()  # handed to the inner contexts: an error of theirs keeps the block's as context
+        raise
     finally:
-        with holding_analogy(model):
-            stack.close()
+        _leave_merged(model, stack, exc_info)
+
+
+def _leave_merged(model: nn.Module, stack: contextlib.ExitStack, exc_info: tuple) -> None:
+    """Undo a ``merged`` block (``stack``) holding the model's analogy lock; interrupted while waiting for the lock
+    (Ctrl-C), undone without it rather than left merged."""
+    lock = holding_analogy(model)
+    try:
+        lock.__enter__()
+    except BaseException:
+        stack.__exit__(*exc_info)
+        raise
+    try:
+        stack.__exit__(*exc_info)
+    finally:
+        lock.__exit__(None, None, None)
 
 
 @contextlib.contextmanager

@@ -481,7 +481,8 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
     coefficients = {n: l.coefficients for n, l in layers.items() if l.coefficients is not None}
     if not torch.compiler.is_compiling():
         try:
-            _SET_QUERY_COEFFICIENTS[model] = coefficients  # published whole, after every layer holds its own
+            # published whole, after every layer holds its own
+            _SET_QUERY_COEFFICIENTS[model] = {name: weakref.ref(t) for name, t in coefficients.items()}
         except TypeError:  # cannot be weakly referenced
             pass
     return dict(coefficients)
@@ -521,7 +522,8 @@ def clear_query(model: nn.Module) -> None:
         layer.set_coefficients(None)  # also drops a per-forward query
 
 
-#: model -> {layer name: coefficients} as its last ``set_query`` set them (one dict, replaced whole)
+#: model -> {layer name: weak reference to the coefficients} as its last ``set_query`` set them (one dict, replaced
+#: whole; weak: the coefficients and their autograd graph live only as long as the layers hold them)
 _SET_QUERY_COEFFICIENTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -535,9 +537,11 @@ def get_coefficients(model: nn.Module) -> dict[str, torch.Tensor]:
         published = _SET_QUERY_COEFFICIENTS.get(model)
     except TypeError:  # cannot be weakly referenced: read under no lock (holding_analogy refuses nothing either)
         published = None
-    if (published is not None and published.keys() <= layers.keys()
-            and all(layer._coefficients is published.get(name) for name, layer in layers.items())):
-        return dict(published)
+    if published is not None and published.keys() <= layers.keys():
+        coefficients = {name: ref() for name, ref in published.items()}  # (None: collected, no longer held)
+        if (None not in coefficients.values()
+                and all(layer._coefficients is coefficients.get(name) for name, layer in layers.items())):
+            return coefficients
     with holding_analogy(model):
         return {n: l.coefficients for n, l in lorweb_layers(model).items() if l.coefficients is not None}
 
@@ -747,6 +751,8 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     # the files of one save replaced together: another thread saving into this folder waits (never one save's
     # config.yaml beside the other's weights)
     with _locks.folder_files_lock(directory):
+        if config is not None:  # again under the lock: another thread's save may have finished meanwhile
+            _refuse_folder_with_other_checkpoints(directory, os.path.basename(path))
         temps: list[tuple[str, str]] = []  # (temporary file, final path), renamed in this order: the weights last
         replaced: list[tuple[str, Optional[str]]] = []  # (final path, a copy of what it held, None if it was absent)
         try:

@@ -1183,7 +1183,8 @@ def official_timestep_weights() -> torch.Tensor:
 def sample_timesteps(cfg: TrainConfig, batch_size: int,
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(t, weight), both (B,) float32 on the CPU: t in (0, 1] (= timestep / 1000) and the per-sample loss weight of
-    ``cfg.timestep_type``."""
+    ``cfg.timestep_type``. The official grids ("weighted", "linear") are drawn in float32 whatever torch's default
+    dtype; diffusers' schemes draw as diffusers does (in the default dtype), then cast."""
     if cfg.timestep_type in ("weighted", "linear"):
         index = torch.randint(0, NUM_TRAIN_TIMESTEPS - 1, (batch_size,), generator=generator)
         t = official_timesteps()[index] / NUM_TRAIN_TIMESTEPS

@@ -826,3 +826,117 @@ def test_a_step_callback_can_read_the_coefficients_through_a_worker_thread(tiny)
     assert got["worker"] is not None, "the worker waited for the pipeline call's lock"
     assert got["worker"].keys() == got["here"].keys()
     assert all(torch.equal(got["worker"][k], got["here"][k]) for k in got["here"])
+
+
+# ------------------------------------------------------------------ 5. the review of these fixes
+def test_a_merged_blocks_own_error_stays_the_context_of_a_failing_restore(monkeypatch):
+    """``merged()`` leaves through an ExitStack under the lock: when the block raised and restoring the weights then
+    fails too, the block's error is still in the chain (as the context of the restore's error), as when the inner
+    contexts were entered directly."""
+    from lorweb_fast import flux
+
+    model = small_model()
+    with torch.no_grad():
+        lf.set_query(model, torch.randn(1, 6))
+
+    def broken_restore(layer, original):
+        raise OSError("restore failed")
+
+    monkeypatch.setattr(flux, "_swap_back", broken_restore)
+    with pytest.raises(RuntimeError, match="could not restore the original weights") as caught:
+        with lf.merged(model, "full"):
+            raise RuntimeError("the block's own error")
+    chain, error = [], caught.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert "the block's own error" in chain, chain
+
+
+def test_leaving_merged_interrupted_while_waiting_for_the_lock_still_restores(monkeypatch):
+    """Ctrl-C while leaving ``merged()`` waits for the model's lock: the weights are restored anyway (not left
+    merged, with loads and ``set_query`` refused) and the interrupt goes on."""
+    from lorweb_fast import flux
+
+    model = small_model()
+    with torch.no_grad():
+        lf.set_query(model, torch.randn(1, 6))
+    before = {n: l.base_layer.weight.detach().clone() for n, l in lf.lorweb_layers(model).items()}
+
+    class InterruptedOnLeaving:
+        calls = 0
+
+        def __enter__(self):
+            type(self).calls += 1
+            if type(self).calls == 2:  # the first is entering the block
+                raise KeyboardInterrupt
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(flux, "holding_analogy", lambda model: InterruptedOnLeaving())
+    with pytest.raises(KeyboardInterrupt) as caught:  # the traceback kept, as a notebook keeps it
+        with lf.merged(model, "full"):
+            assert not all(torch.equal(l.base_layer.weight, before[n]) for n, l in lf.lorweb_layers(model).items())
+    assert caught.value.__traceback__ is not None
+    assert all(torch.equal(l.base_layer.weight, before[n]) for n, l in lf.lorweb_layers(model).items())
+    with torch.no_grad():
+        lf.set_query(model, torch.randn(1, 6))  # not left merged
+
+
+def test_a_second_save_with_config_into_a_folder_another_thread_just_filled_is_refused(tmp_path, monkeypatch):
+    """Two threads save two models with ``config`` under different names into one (empty) folder: B passes the
+    early "folder holds other checkpoints" check while A is writing, then waits for A's folder lock; it checks again
+    under the lock and is refused by name, so the folder never holds two checkpoints and one config.yaml."""
+    from lorweb_fast.official_config import LoRWeBConfigError
+
+    models = {"A": small_model(1), "B": small_model(2)}
+    folder = tmp_path / "run"
+    a_renaming, a_released = threading.Event(), threading.Event()
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if threading.current_thread().name == "A" and os.fspath(dst).endswith("a.safetensors"):
+            a_renaming.set()
+            a_released.wait(REACH_S)
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    real_lock = _locks.folder_files_lock
+
+    def folder_lock(directory):
+        if threading.current_thread().name == "B":
+            a_released.set()  # B passed the early check and now waits for A's lock
+        return real_lock(directory)
+
+    monkeypatch.setattr(_locks, "folder_files_lock", folder_lock)
+
+    def save_b():
+        assert a_renaming.wait(REACH_S)
+        lf.save_lorweb_weights(models["B"], folder / "b.safetensors", metadata={"encoder": "enc-B"}, config={})
+
+    _, errors = run_threads({"A": lambda: lf.save_lorweb_weights(models["A"], folder / "a.safetensors",
+                                                                  metadata={"encoder": "enc-A"}, config={}),
+                             "B": save_b})
+    assert set(errors) == {"B"} and isinstance(errors["B"], LoRWeBConfigError), errors
+    assert "holds other checkpoints (a.safetensors)" in str(errors["B"])
+    assert sorted(p.name for p in folder.iterdir()) == ["a.safetensors", "config.yaml"]
+
+
+def test_get_coefficients_publishing_keeps_no_coefficients_alive():
+    """What ``set_query`` publishes for ``get_coefficients`` holds weak references only: after ``clear_query`` the
+    coefficients (and, in training, their autograd graph) are freed, and ``get_coefficients`` says there are none."""
+    import gc
+    import weakref
+
+    model = small_model()
+    with torch.no_grad():
+        coefficients = lf.set_query(model, torch.randn(2, 6))
+    refs = [weakref.ref(t) for t in coefficients.values()]
+    assert lf.get_coefficients(model).keys() == coefficients.keys()
+    del coefficients
+    lf.clear_query(model)
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert lf.get_coefficients(model) == {}
