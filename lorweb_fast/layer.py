@@ -567,7 +567,8 @@ class LoRWeBLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S, in), (B, in) or (B, ..., in) -> (B, S, out), (B, out) or (B, ..., out): ``base(x)`` plus the mixture
         with the coefficients set by ``set_query`` (B must match theirs; none set raises RuntimeError). In autocast's
-        dtype when autocast casts x, else x's dtype; a base returning another dtype (a hook, a quantized layer), or
+        dtype when autocast casts x, else x's dtype, which must then be the base weight's (a RuntimeError otherwise,
+        as ``nn.Linear`` gives); a base returning another dtype (a hook, a quantized layer), or
         ``adapter_precision="fp32"``, gives the base output's dtype. Inside ``merged()``: the merged weight (built per
         forward by ``jit_merged_forward`` under strategy="jit")."""
         if self._merged:
@@ -585,13 +586,18 @@ class LoRWeBLinear(nn.Module):
             return self._forward_fp32(x)  # raises for anything but "fp32"
         coeffs = self._coefficients_for(x)
         # autocast's own rule (only fp16 / bf16 / fp32 inputs are cast; a meta forward has no autocast)
-        dtype = ops.autocast_dtype(x) or x.dtype
+        autocast_dtype = ops.autocast_dtype(x)
+        dtype = autocast_dtype or x.dtype
         # _cast: a cast only where the dtype differs (``.to`` to the same dtype returns the tensor itself, after
         # several microseconds of host time per call: this runs on every eager layer call)
         lora_a, lora_b = _cast(self.lora_A, dtype), _cast(self.lora_B, dtype)
         coeffs = self._with_strength(self._coefficients_on(coeffs, x.device))
         base = self.base_layer
         if has_plain_weight(base) and not has_forward_hooks(base):  # the fused kernels read W: y = x W^T + b + delta
+            if autocast_dtype is None and x.dtype != base.weight.dtype:  # nn.Linear's rule (no per-call cast of W)
+                raise RuntimeError(f"LoRWeBLinear: the input is {x.dtype} but the base layer's weight is "
+                                   f"{base.weight.dtype} (nn.Linear refuses this too): cast the input to the "
+                                   "model's dtype, or run under torch.autocast")
             bias = base.bias
             return ops.lorweb_linear(_cast(x, dtype), _cast(base.weight, dtype),
                                      None if bias is None else _cast(bias, dtype), lora_a, lora_b, coeffs,

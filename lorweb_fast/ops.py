@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 from functools import lru_cache
 from typing import Optional
@@ -592,8 +593,9 @@ def _refuse_unsupported_transforms(tensors) -> None:
 def _fused_linear(backend, x, weight, bias, base, lora_a, lora_b, coeffs, scale):
     """Run a fused backend on x of any supported rank; returns the output in x's leading shape."""
     rows_per_sample = 1 if x.dim() == 2 else x.shape[1]
-    x2d = x.reshape(-1, x.shape[-1])
-    base2d = None if base is None else base.reshape(-1, base.shape[-1])
+    rows = math.prod(x.shape[:-1])  # spelled out: -1 is ambiguous for a layer of 0 input or output features
+    x2d = x.reshape(rows, x.shape[-1])
+    base2d = None if base is None else base.reshape(rows, base.shape[-1])
     fwd = _FUSED_OPS[backend]
     # the scale goes in with the coefficients (a tensor op), not as the op's float argument: torch.compile would
     # specialise on that float and recompile for every value. LoRWeBLinear passes lora_alpha / r, 1 for the official

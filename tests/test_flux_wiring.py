@@ -387,7 +387,8 @@ def test_load_kontext_pipeline_passes_the_dtype_under_the_installed_diffusers_na
     assert flux.load_kontext_pipeline("some/model") == "loaded"
     assert flux.load_kontext_pipeline("some/model", torch.bfloat16) == "loaded"
     key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
-    assert calls == [("some/model", {}), ("some/model", {key: torch.bfloat16})]
+    assert calls == [("some/model", {key: torch.float32}),  # None: float32, whatever torch's default dtype
+                     ("some/model", {key: torch.bfloat16})]
 
 
 # mutant: LoRWeBKontextPipeline.to no longer moves the analogy encoder to the transformer's device
