@@ -930,6 +930,29 @@ def _check_resolution_options(resolution: str, *, long_edge=None, max_area=None,
                              "capped by long_edge")
 
 
+class _instance_call_only:
+    """A method that, looked up on the class and called (whatever its arguments), raises TypeError(``message``)
+    instead of Python's "missing 'self'" error or a wrong ``self``; on an instance, the method itself."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __call__(self, function):
+        self.function = function
+        functools.update_wrapper(self, function)
+        return self
+
+    def __get__(self, instance, owner=None):
+        if instance is not None:
+            return self.function.__get__(instance, owner)
+        message = self.message
+
+        @functools.wraps(self.function)
+        def refused(*args, **kwargs):
+            raise TypeError(message)
+        return refused
+
+
 class LoRWeBKontextPipeline:
     """Visual analogies with a stock diffusers ``FluxKontextPipeline`` whose transformer carries LoRWeB layers.
 
@@ -1314,6 +1337,9 @@ class LoRWeBKontextPipeline:
                              + (f"one LoRWeB adapter, {self._adapter_name!r}" if loaded else "no LoRWeB adapter"))
         self.unload_lora_weights()
 
+    @_instance_call_only("save_lora_weights saves the LoRWeB adapter from a pipeline instance's transformer: call "
+                         "pipe.save_lora_weights(directory) (or lorweb_fast.lora_api.save_pretrained(transformer, "
+                         "directory)), not LoRWeBKontextPipeline.save_lora_weights(...) on the class")
     def save_lora_weights(self, save_directory: Union[str, Path, None] = None, *, weight_name: Optional[str] = None,
                           is_main_process: bool = True, safe_serialization: bool = True, **kwargs) -> Optional[Path]:
         """diffusers' ``save_lora_weights`` for the LoRWeB adapter: ``save_pretrained(save_directory)`` (weights,
@@ -1322,11 +1348,8 @@ class LoRWeBKontextPipeline:
         (returns None), as diffusers; ``safe_serialization`` must be True (LoRWeB checkpoints are safetensors).
         Layer dicts such as ``transformer_lora_layers`` and ``save_function`` are refused: the adapter is saved
         from the transformer, as safetensors. Called on the class (diffusers' classmethod, as its training scripts
-        call it with layer dicts) it is refused naming the instance call."""
-        if not isinstance(self, LoRWeBKontextPipeline):  # LoRWeBKontextPipeline.save_lora_weights(directory, ...)
-            raise TypeError("save_lora_weights saves the LoRWeB adapter from a pipeline instance's transformer: call "
-                            "pipe.save_lora_weights(directory) (or lorweb_fast.lora_api.save_pretrained(transformer, "
-                            "directory)), not LoRWeBKontextPipeline.save_lora_weights(...) on the class")
+        call it with layer dicts, the folder positional or ``save_directory=``) it is refused naming the instance
+        call."""
         if save_directory is None:
             raise TypeError("save_lora_weights needs save_directory (the folder to write the adapter into)")
         if kwargs:

@@ -779,6 +779,7 @@ class LoRWeBLinear(nn.Module):
         state = {k: v for k, v in self.__dict__.items() if k not in COPIED_WITHOUT}
         new.__dict__.update(copy.deepcopy(state, memo))
         new._coefficient_sources = self._copied_coefficient_sources()
+        new._merge_jit = False  # a merged("jit") block is the original's: the copy runs unmerged (never left "jit")
         return new
 
     def _copied_coefficient_sources(self):
@@ -800,6 +801,7 @@ class LoRWeBLinear(nn.Module):
                                               "the copy would hold them cut off from the parameters")
         state = {k: v for k, v in super().__getstate__().items() if k not in COPIED_WITHOUT}
         state["_coefficient_sources"] = self._copied_coefficient_sources()  # (weak references do not pickle)
+        state["_merge_jit"] = False  # a merged("jit") block is the original's: the copy runs unmerged
         return state
 
     def extra_repr(self) -> str:

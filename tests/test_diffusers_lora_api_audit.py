@@ -106,13 +106,17 @@ def test_enable_lora_hotswap_is_refused_or_followed_by_a_working_hotswap_load(pi
     assert pipe.get_list_adapters() == {"transformer": ["lorweb"]}
 
 
-def test_save_lora_weights_called_on_the_class_names_the_instance_call(tmp_path):
+@pytest.mark.parametrize("keyword", [False, True], ids=["positional", "save_directory="])
+def test_save_lora_weights_called_on_the_class_names_the_instance_call(tmp_path, keyword):
     """diffusers' training scripts call ``Pipeline.save_lora_weights(dir, transformer_lora_layers=...)`` on the
-    class. The LoRWeB adapter is saved from a pipeline's transformer, so the class call must be refused naming the
-    way that works (``pipe.save_lora_weights`` / ``save_pretrained`` on an instance), not Python's missing-argument
-    message, and write nothing."""
+    class, the folder positional or as ``save_directory=``. The LoRWeB adapter is saved from a pipeline's
+    transformer, so the class call must be refused naming the way that works (``pipe.save_lora_weights`` /
+    ``save_pretrained`` on an instance), not Python's missing-argument message, and write nothing."""
     with pytest.raises((TypeError, ValueError)) as info:
-        LoRWeBKontextPipeline.save_lora_weights(str(tmp_path / "out"), transformer_lora_layers={})
+        if keyword:
+            LoRWeBKontextPipeline.save_lora_weights(save_directory=str(tmp_path / "out"), transformer_lora_layers={})
+        else:
+            LoRWeBKontextPipeline.save_lora_weights(str(tmp_path / "out"), transformer_lora_layers={})
     message = str(info.value)
     assert "missing 1 required positional argument" not in message
     assert re.search(r"instance|pipe\.save_lora_weights|save_pretrained", message), message

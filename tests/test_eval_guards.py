@@ -955,3 +955,20 @@ def test_names_holding_bars_and_dollars_stay_in_their_cells_and_are_drawn_as_tex
         r"(?<!\\)\|", next(line for line in text.splitlines() if line.startswith("| Model | Pres.")))]
     assert R.plot_preservation_vs_accuracy(report, tmp_path / "p.png").is_file()
     assert R.plot_win_rates(report, [base], tmp_path / "w.png").is_file()
+
+
+@pytest.mark.parametrize("bad", ["0", "-2"])
+def test_eval_score_refuses_a_bad_batch_size_before_the_judge_loads(tmp_path, monkeypatch, capsys, bad):
+    """``eval score --batch-size 0 --judge gemma3:...``: the bad batch size is refused (exit 2, naming
+    --batch-size) before the judge is made, which loads the 27B Gemma-3 model."""
+    from lorweb_fast import cli
+
+    def judge_loaded(*args, **kwargs):
+        raise AssertionError("the judge was made before the batch size was checked")
+
+    monkeypatch.setattr(J, "make_judge", judge_loaded)
+    runs = tiny.make_runs_folder(tmp_path / "runs", tiny.make_folder_evalset(tmp_path / "ev", per_task=1))
+    code = cli.main(["eval", "score", "--runs", str(runs), "--out", str(tmp_path / "report"), "--metrics", "vlm",
+                     "--judge", f"gemma3:{tmp_path / 'gemma'}", "--batch-size", bad, "--device", "cpu", "--quiet"])
+    assert code == 2
+    assert "--batch-size" in capsys.readouterr().err

@@ -90,6 +90,31 @@ def test_merge_restores_on_error_and_refuses_bad_states():
                 pass
 
 
+def test_a_copy_taken_inside_a_jit_block_runs_unmerged_and_can_merge_again():
+    """``copy.deepcopy`` / pickling inside a bare ``merged(model, "jit")`` block (no weight holds a mixture, so the
+    copy is allowed): the block is the original's, so the copy runs unmerged (equal to the original outside the
+    block), is not left marked "jit" after the block ends, and can be merged and have its layers removed."""
+    import copy
+    import io
+
+    m = tiny_model()
+    with torch.no_grad():
+        lf.set_query(m, torch.randn(1, QUERY_DIM))
+        with lf.merged(m, "jit"):
+            copied = copy.deepcopy(m)
+            buffer = io.BytesIO()
+            torch.save(m, buffer)
+        buffer.seek(0)
+        pickled = torch.load(buffer, weights_only=False)
+        want = m(**flux_inputs()).sample
+        for other in (copied, pickled):
+            assert not any(layer._merge_jit for layer in lf.lorweb_layers(other).values())
+            torch.testing.assert_close(other(**flux_inputs()).sample, want, rtol=0, atol=0)
+            with lf.merged(other, "full"):
+                pass
+            assert lf.remove_lorweb(other)
+
+
 def test_grids_and_bottom_right_cell():
     a, a2, b = (Image.new("RGB", (300, 200), c) for c in ("red", "green", "blue"))
     b2 = Image.new("RGB", (300, 200), "white")

@@ -159,6 +159,9 @@ def run_score(args) -> dict:
     if clash:
         raise EvalInputError(f"names used both in --runs and --against: {sorted(clash)} (use NAME=PATH)")
     check_max_new_tokens(args.judge_max_new_tokens)  # whatever the judge: a bad value is a bad command line
+    from .score import check_batch_size
+
+    check_batch_size(args.batch_size)  # before a judge spends its load time
     from ..validation import check_output_dir
 
     check_output_dir("--out", args.out)  # a file: one line, before any model loads (not a NotADirectoryError)

@@ -264,6 +264,12 @@ def _path_text(paths):
     return [str(p) for p in paths] if isinstance(paths, (list, tuple)) else str(paths)
 
 
+def check_batch_size(batch_size) -> None:
+    """EvalInputError unless ``batch_size`` (``--batch-size``) is an integer >= 1."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EvalInputError(f"batch_size (--batch-size) must be an integer >= 1, got {batch_size!r}")
+
+
 def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optional[str] = None,
           lpips_net: str = "alex", lpips_weights=None, judge=None, against: Optional[dict] = None,
           pairwise_seed: int = 0, batch_size: int = 8, device=None, progress: bool = True) -> dict:
@@ -284,8 +290,7 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
         raise EvalInputError(f"unknown metrics {unknown}; choose from {METRICS}")
     if not runs:
         raise EvalInputError("no runs folder to score")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EvalInputError(f"batch_size (--batch-size) must be an integer >= 1, got {batch_size!r}")
+    check_batch_size(batch_size)
     if "vlm" in metrics and judge is None:
         raise EvalInputError("the vlm metric needs a judge (--judge gemma3:ID_OR_DIR or replay:FILE)")
     if against and "vlm" not in metrics:
