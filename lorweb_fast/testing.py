@@ -394,6 +394,49 @@ def build_tiny_lorweb_assets(root):
     return root
 
 
+def run_threads(jobs: dict, timeout: float = 60.0) -> tuple:
+    """Run every ``jobs[name]()`` in a thread of that name (daemon threads, joined for at most ``timeout`` s each;
+    an AssertionError when one hangs); returns ({name: result}, {name: exception})."""
+    import threading
+
+    results, errors = {}, {}
+
+    def work(name, job):
+        try:
+            results[name] = job()
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            errors[name] = exc
+
+    threads = [threading.Thread(target=work, args=item, name=str(item[0]), daemon=True) for item in jobs.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+    return results, errors
+
+
+def generate_random_analogy(lp, seed: int, *, steps: int = 2, merge: str = "none", **kwargs):
+    """b' (an array) of ``random_analogy(seed)`` by the LoRWeBKontextPipeline ``lp`` ("flip", ``steps`` denoising
+    steps, the demo's text length, a generator seeded with ``seed``)."""
+    from .demo import DEMO_MAX_SEQUENCE_LENGTH
+
+    a, a_prime, b = random_analogy(seed)
+    return lp(a, a_prime, b, "flip", num_inference_steps=steps, merge=merge, output_type="np",
+              max_sequence_length=DEMO_MAX_SEQUENCE_LENGTH, generator=torch.Generator().manual_seed(seed),
+              **kwargs)[0]
+
+
+def at_first_step(action):
+    """A diffusers step callback (``callback_on_step_end``) that runs ``action()`` once, after the first denoising
+    step."""
+    def callback(pipe, step, timestep, callback_kwargs):
+        if step == 0:
+            action()
+        return callback_kwargs
+    return callback
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's MASTER_PORT in tests)."""
     import socket

@@ -39,8 +39,9 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import _files, demo, flux, lora_api, training
-from lorweb_fast.testing import (build_tiny_lorweb_assets, one_intra_op_thread, random_analogy,
-                                 tiny_lorweb_kontext_pipeline, tiny_train_config, tiny_training_assets)
+from lorweb_fast.testing import (at_first_step, build_tiny_lorweb_assets, generate_random_analogy, one_intra_op_thread,
+                                 random_analogy, run_threads, tiny_lorweb_kontext_pipeline, tiny_train_config,
+                                 tiny_training_assets)
 
 pytest.importorskip("diffusers")
 from diffusers import FluxKontextPipeline  # noqa: E402
@@ -82,30 +83,9 @@ def request_pipe(lp, *, own_transformer=False):
     return wrapper
 
 
-def generate(lp, seed, merge="none", **kwargs):
+def generate(lp, seed: int, merge: str = "none", **kwargs):
     """b' (an array) of ``random_analogy(seed)`` with a generator seeded with ``seed``."""
-    a, a_prime, b = random_analogy(seed)
-    return lp(a, a_prime, b, "flip", num_inference_steps=STEPS, merge=merge, output_type="np",
-              max_sequence_length=MSL, generator=torch.Generator().manual_seed(seed), **kwargs)[0]
-
-
-def run_threads(jobs: dict, timeout: float = 60.0) -> tuple:
-    """Run every ``jobs[name]()`` in its own thread; ({name: result}, {name: exception})."""
-    results, errors = {}, {}
-
-    def work(name, job):
-        try:
-            results[name] = job()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            errors[name] = exc
-
-    threads = [threading.Thread(target=work, args=item, daemon=True) for item in jobs.items()]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout)
-    assert not any(thread.is_alive() for thread in threads), "a thread hung"
-    return results, errors
+    return generate_random_analogy(lp, seed, steps=STEPS, merge=merge, **kwargs)
 
 
 def assert_own_result_or_clear_error(results, errors, refs) -> None:
@@ -117,21 +97,12 @@ def assert_own_result_or_clear_error(results, errors, refs) -> None:
             assert np.array_equal(results[name], ref), f"{name}: generated with another call's analogy"
 
 
-def callback(on_first_step):
-    """A step callback that runs ``on_first_step()`` once, after the first denoising step."""
-    def cb(pipe, step, timestep, callback_kwargs):
-        if step == 0:
-            on_first_step()
-        return callback_kwargs
-    return cb
-
-
 def paused_call(lp, seed, inside, resume, merge="none", **kwargs):
     """``generate`` that, after its first step, sets ``inside`` and waits (at most WAIT_S) for ``resume``."""
     def pause():
         inside.set()
         resume.wait(WAIT_S)
-    return generate(lp, seed, merge, callback_on_step_end=callback(pause), **kwargs)
+    return generate(lp, seed, merge, callback_on_step_end=at_first_step(pause), **kwargs)
 
 
 def after(event, job, done=None):

@@ -34,10 +34,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lorweb_fast as lf
-from lorweb_fast import _locks, data, demo, training, validation
+from lorweb_fast import _locks, data, training, validation
 from lorweb_fast import layer as layer_module
 from lorweb_fast.layer import LoRWeBLinear, one_analogy, uninitialised_lorweb_tensors
-from lorweb_fast.testing import one_intra_op_thread, random_analogy, tiny_lorweb_kontext_pipeline
+from lorweb_fast.testing import (at_first_step, generate_random_analogy, one_intra_op_thread, run_threads,
+                                 tiny_lorweb_kontext_pipeline)
 
 #: how long a forced interleaving waits for the other thread; a library that serializes the call makes it expire
 WAIT_S = 1.0
@@ -54,25 +55,6 @@ def one_thread():
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def run_threads(jobs: dict, timeout: float = 60.0) -> tuple:
-    """Run every ``jobs[name]()`` in a thread of that name; ({name: result}, {name: exception})."""
-    results, errors = {}, {}
-
-    def work(name, job):
-        try:
-            results[name] = job()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            errors[name] = exc
-
-    threads = [threading.Thread(target=work, args=item, name=str(item[0]), daemon=True) for item in jobs.items()]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout)
-    assert not any(thread.is_alive() for thread in threads), "a thread hung"
-    return results, errors
-
-
 def small_model(seed: int = 0, layers: int = 4) -> nn.Module:
     """``layers`` 8 -> 8 linears with LoRWeB (N=3, r=2, key_dim 4, query 6), a random non-zero basis and spread
     keys (so that different queries give clearly different coefficients), eval mode."""
@@ -101,19 +83,7 @@ def tiny(tmp_path_factory):
 
 def generate(lp, seed: int, merge: str = "none", **kwargs):
     """b' (an array) of ``random_analogy(seed)`` with a generator seeded with ``seed``."""
-    a, a_prime, b = random_analogy(seed)
-    return lp(a, a_prime, b, "flip", num_inference_steps=STEPS, merge=merge, output_type="np",
-              max_sequence_length=demo.DEMO_MAX_SEQUENCE_LENGTH, generator=torch.Generator().manual_seed(seed),
-              **kwargs)[0]
-
-
-def at_first_step(action):
-    """A step callback that runs ``action()`` once, after the first denoising step."""
-    def callback(pipe, step, timestep, callback_kwargs):
-        if step == 0:
-            action()
-        return callback_kwargs
-    return callback
+    return generate_random_analogy(lp, seed, steps=STEPS, merge=merge, **kwargs)
 
 
 # ------------------------------------------------------------------ 1. warnings.catch_warnings() call sites
