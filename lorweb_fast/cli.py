@@ -481,11 +481,29 @@ def _run(argv: Optional[Sequence[str]] = None) -> int:
         _stderr_line(f"lorweb-fast {command}: error: {_os_error_line(exc)}"
                      + ("" if step is None else f" (writing step {step})") + _continue_hint(command, args))
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: one line saying how to continue, not a traceback from deep inside torch
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line saying how to continue, not a traceback from torch
         if _main_rank():  # once under accelerate launch, whose launcher passes the Ctrl-C on to every rank
             _stderr_line(f"lorweb-fast {command}: interrupted{_continue_hint(command, args)}")
+        _free_interrupted_frames(interrupt)
         return 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
     return 0
+
+
+def _free_interrupted_frames(interrupt: BaseException) -> None:
+    """Free now what the interrupted code held (the locals of its frames), with Python's "Exception ignored in
+    ... __del__" reports silenced meanwhile: an object Ctrl-C left half built (pyparsing's grammar inside
+    matplotlib's first plot) fails in its ``__del__``, which Python would report after the command's last line,
+    at interpreter exit. The caller's ``sys.unraisablehook`` is back afterwards."""
+    import gc
+    import traceback
+
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        traceback.clear_frames(interrupt.__traceback__)
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 def _main_rank() -> bool:

@@ -586,15 +586,15 @@ class LoRWeBLinear(nn.Module):
             return self._forward_fp32(x)  # raises for anything but "fp32"
         coeffs = self._coefficients_for(x)
         # autocast's own rule (only fp16 / bf16 / fp32 inputs are cast; a meta forward has no autocast)
-        autocast_dtype = ops.autocast_dtype(x)
-        dtype = autocast_dtype or x.dtype
+        dtype = ops.autocast_dtype(x) or x.dtype
         # _cast: a cast only where the dtype differs (``.to`` to the same dtype returns the tensor itself, after
         # several microseconds of host time per call: this runs on every eager layer call)
         lora_a, lora_b = _cast(self.lora_A, dtype), _cast(self.lora_B, dtype)
         coeffs = self._with_strength(self._coefficients_on(coeffs, x.device))
         base = self.base_layer
         if has_plain_weight(base) and not has_forward_hooks(base):  # the fused kernels read W: y = x W^T + b + delta
-            if autocast_dtype is None and x.dtype != base.weight.dtype:  # nn.Linear's rule (no per-call cast of W)
+            # nn.Linear's rule outside autocast (no per-call cast of W); other input dtypes are refused by the op
+            if x.dtype != base.weight.dtype and x.is_floating_point() and not ops.autocast_casts(x):
                 raise RuntimeError(f"LoRWeBLinear: the input is {x.dtype} but the base layer's weight is "
                                    f"{base.weight.dtype} (nn.Linear refuses this too): cast the input to the "
                                    "model's dtype, or run under torch.autocast")

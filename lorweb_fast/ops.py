@@ -679,12 +679,18 @@ def _checked_scale(scale):
     return scale if torch.compiler.is_compiling() else check_real("scale", scale)
 
 
+def autocast_casts(x: torch.Tensor) -> bool:
+    """Whether torch.autocast is on for x's device and would cast x (an fp16 / bf16 / fp32 input; never on meta),
+    also when x is already in autocast's dtype."""
+    return x.device.type != "meta" and x.dtype in FUSED_DTYPES and torch.is_autocast_enabled(x.device.type)
+
+
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype torch.autocast runs x's matmuls in on x's device, or None when autocast is off there or does not
     cast x (only fp16 / bf16 / fp32 inputs are cast; torch.autocast has no meta device type, asking raises: a meta
     forward has no autocast). The fused ops are not autocast ops: the public functions (and LoRWeBLinear) cast their
     inputs so every backend returns the torch backend's dtype."""
-    if x.device.type == "meta" or x.dtype not in FUSED_DTYPES or not torch.is_autocast_enabled(x.device.type):
+    if not autocast_casts(x):
         return None
     dtype = torch.get_autocast_dtype(x.device.type)
     return dtype if dtype != x.dtype else None
