@@ -16,8 +16,7 @@ from torch import nn
 
 from . import ops
 from .reference import ACTIVATIONS, REDUCTIONS
-from .validation import (check_finite_tensor, check_float_tensor, check_has_values, check_int, check_real,
-                         refuse_finiteness_check_under_vmap, warn)
+from .validation import check_finite_tensor, check_float_tensor, check_has_values, check_int, check_real, warn
 
 #: attributes a copy (deepcopy, pickle) leaves out: weak references to the sources, and what is remembered about
 #: the coefficients (the copy decides it again for its own)
@@ -376,7 +375,6 @@ class LoRWeBLinear(nn.Module):
             check_float_tensor("coefficients", coeffs)
             check_has_values("coefficients", coeffs)  # whatever check_finite says: the forward reads their values
             if check_finite:
-                refuse_finiteness_check_under_vmap("coefficients", coeffs)
                 check_finite_tensor("coefficients", coeffs)
             if coeffs.storage_offset() != 0:
                 coeffs = coeffs.clone()
@@ -509,7 +507,6 @@ class LoRWeBLinear(nn.Module):
             check_float_tensor("query", query)
             check_has_values("query", query)  # whatever check_finite says: the forward reads its values
             if check_finite:
-                refuse_finiteness_check_under_vmap("query", query)
                 check_finite_tensor("query", query)
         self._coefficients = self._coefficient_sources = None
         self._forget_coefficient_memos()

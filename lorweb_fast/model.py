@@ -430,7 +430,6 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
     query_hint = "the analogy query must be finite (check the encoder inputs)"
     if per_forward:
         if check_finite:
-            refuse_finiteness_check_under_vmap("query", query)
             check_finite_tensor("query", query, query_hint)
         for layer in layers.values():
             layer.set_query_per_forward(query, check_finite=False)  # checked once above

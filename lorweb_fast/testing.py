@@ -394,6 +394,21 @@ def build_tiny_lorweb_assets(root):
     return root
 
 
+def small_lorweb_sequential(seed: int = 0, layers: int = 4) -> torch.nn.Module:
+    """``layers`` 8 -> 8 linears with LoRWeB (N=3, r=2, key_dim 4, query 6), a random non-zero basis and spread keys
+    (different queries give clearly different coefficients), eval mode; drawn after ``torch.manual_seed(seed)``."""
+    from .model import LoRWeBConfig, inject_lorweb, lorweb_layers
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(layers)]).eval()
+    inject_lorweb(model, LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=6, target_modules=r"\d"))
+    with torch.no_grad():
+        for layer in lorweb_layers(model).values():
+            layer.lora_B.normal_()
+            layer.lora_keys.normal_(0, 3.0)
+    return model
+
+
 def run_threads(jobs: dict, timeout: float = 60.0) -> tuple:
     """Run every ``jobs[name]()`` in a thread of that name (daemon threads, joined for at most ``timeout`` s each;
     an AssertionError when one hangs); returns ({name: result}, {name: exception})."""

@@ -1188,7 +1188,8 @@ def sample_timesteps(cfg: TrainConfig, batch_size: int,
     if cfg.timestep_type in ("weighted", "linear"):
         index = torch.randint(0, NUM_TRAIN_TIMESTEPS - 1, (batch_size,), generator=generator)
         t = official_timesteps()[index] / NUM_TRAIN_TIMESTEPS
-        weight = official_timestep_weights()[index] if cfg.timestep_type == "weighted" else torch.ones(batch_size, dtype=torch.float32)
+        weight = (official_timestep_weights()[index] if cfg.timestep_type == "weighted"
+                  else torch.ones(batch_size, dtype=torch.float32))
         return t, weight
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 

@@ -232,8 +232,10 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def check_finite_tensor(name: str, value: torch.Tensor, hint: str = "") -> torch.Tensor:
-    """Raise ValueError when ``value`` holds NaN or Inf (one device synchronisation), or is on the meta device."""
+    """Raise ValueError when ``value`` holds NaN or Inf (one device synchronisation), is on the meta device, or is
+    batched by ``torch.func.vmap`` (its values cannot be read there)."""
     check_has_values(name, value)
+    refuse_finiteness_check_under_vmap(name, value)
     if not all_finite(value):
         bad = int((~torch.isfinite(value)).sum())
         raise ValueError(f"{name} holds {bad} NaN or Inf values{'; ' + hint if hint else ''}")
@@ -456,7 +458,8 @@ def _bound_registry(registry) -> None:
     # (text, category, lineno) keys, and (text, category) ones under the "once" / "module" filters
     # over a copy of the keys (one step under the GIL): another thread's warning from the same module may add an
     # entry meanwhile
-    ours = [key for key in list(dict.keys(registry)) if isinstance(key, tuple) and len(key) in (2, 3) and isinstance(key[1], type)
+    ours = [key for key in list(dict.keys(registry))
+            if isinstance(key, tuple) and len(key) in (2, 3) and isinstance(key[1], type)
             and issubclass(key[1], LoRWeBWarning)]
     for key in ours[:len(ours) - MAX_REGISTERED_WARNINGS]:
         registry.pop(key, None)

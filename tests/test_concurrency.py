@@ -40,8 +40,8 @@ from torch import nn
 import lorweb_fast as lf
 from lorweb_fast import _files, demo, flux, lora_api, training
 from lorweb_fast.testing import (at_first_step, build_tiny_lorweb_assets, generate_random_analogy, one_intra_op_thread,
-                                 random_analogy, run_threads, tiny_lorweb_kontext_pipeline, tiny_train_config,
-                                 tiny_training_assets)
+                                 random_analogy, run_threads, small_lorweb_sequential, tiny_lorweb_kontext_pipeline,
+                                 tiny_train_config, tiny_training_assets)
 
 pytest.importorskip("diffusers")
 from diffusers import FluxKontextPipeline  # noqa: E402
@@ -119,14 +119,7 @@ def after(event, job, done=None):
 
 def small_model():
     """Four 8 -> 8 linears with LoRWeB (N=3, r=2, query 6), a random non-zero basis and spread keys, eval mode."""
-    torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)]).eval()
-    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=6, target_modules=r"\d"))
-    with torch.no_grad():
-        for layer in lf.lorweb_layers(model).values():
-            layer.lora_B.normal_()
-            layer.lora_keys.normal_(0, 3.0)
-    return model
+    return small_lorweb_sequential()
 
 
 # ------------------------------------------------------------------------------------- what works (passing)

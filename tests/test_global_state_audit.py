@@ -166,19 +166,10 @@ def deterministic():
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-@contextlib.contextmanager
-def grad_off_globally():
-    before = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
-    try:
-        yield
-    finally:
-        torch.set_grad_enabled(before)
-
-
 #: the global settings under which a training-free call must give the same result
 SETTINGS = {"deterministic": deterministic, "anomaly": lambda: torch.autograd.set_detect_anomaly(True),
-            "no_grad": torch.no_grad, "grad off globally": grad_off_globally, "inference_mode": torch.inference_mode,
+            "no_grad": torch.no_grad, "grad off globally": lambda: torch.set_grad_enabled(False),
+            "inference_mode": torch.inference_mode,
             "float64 default": lambda: default_dtype(torch.float64),
             "bfloat16 default": lambda: default_dtype(torch.bfloat16)}
 

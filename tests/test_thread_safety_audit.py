@@ -38,7 +38,7 @@ from lorweb_fast import _locks, data, training, validation
 from lorweb_fast import layer as layer_module
 from lorweb_fast.layer import LoRWeBLinear, one_analogy, uninitialised_lorweb_tensors
 from lorweb_fast.testing import (at_first_step, generate_random_analogy, one_intra_op_thread, run_threads,
-                                 tiny_lorweb_kontext_pipeline)
+                                 small_lorweb_sequential, tiny_lorweb_kontext_pipeline)
 
 #: how long a forced interleaving waits for the other thread; a library that serializes the call makes it expire
 WAIT_S = 1.0
@@ -56,16 +56,7 @@ def one_thread():
 
 # ------------------------------------------------------------------------------------------------- helpers
 def small_model(seed: int = 0, layers: int = 4) -> nn.Module:
-    """``layers`` 8 -> 8 linears with LoRWeB (N=3, r=2, key_dim 4, query 6), a random non-zero basis and spread
-    keys (so that different queries give clearly different coefficients), eval mode."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)]).eval()
-    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=6, target_modules=r"\d"))
-    with torch.no_grad():
-        for layer in lf.lorweb_layers(model).values():
-            layer.lora_B.normal_()
-            layer.lora_keys.normal_(0, 3.0)
-    return model
+    return small_lorweb_sequential(seed, layers)
 
 
 def state_copy(model: nn.Module) -> dict:
