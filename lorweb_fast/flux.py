@@ -194,6 +194,13 @@ def bottom_right_cell(grid):
 
 
 # ------------------------------------------------------------------------------------------ merged fast path
+def _coefficient_rows(coeffs: torch.Tensor) -> str:
+    """What (B, N) coefficients that are not one analogy hold, for an error: an empty batch or B analogies."""
+    if coeffs.shape[0] == 0:
+        return "coefficients for an empty batch (0 samples)"
+    return f"coefficients for {coeffs.shape[0]} samples that are not all one analogy"
+
+
 def merged_weight(layer: LoRWeBLinear) -> torch.Tensor:
     """``W + scale * sum_n alpha[n] (A_n B_n)^T`` computed in fp32 and rounded once to W's dtype. (out, in).
     ``scale`` includes the strength of ``set_lorweb_scale``."""
@@ -201,8 +208,7 @@ def merged_weight(layer: LoRWeBLinear) -> torch.Tensor:
     if coeffs is None:
         raise RuntimeError("cannot merge a LoRWeBLinear without coefficients: call set_query first")
     if not layer.holds_one_analogy():
-        raise ValueError(f"merging needs one analogy (batch size 1), got coefficients for {coeffs.shape[0]} "
-                         "different samples")
+        raise ValueError(f"merging needs one analogy (batch size 1), got {_coefficient_rows(coeffs)}")
     return layer.merged_weight_for(coeffs[0])
 
 
@@ -251,8 +257,8 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
         if coeffs is None:
             raise RuntimeError(f"cannot merge {name} without coefficients: call set_query first")
         if strategy != "jit" and not layer.holds_one_analogy():
-            raise ValueError(f"strategy={strategy!r} merges one analogy (batch size 1), got coefficients for "
-                             f"{coeffs.shape[0]} different samples; strategy='jit' merges per sample")
+            raise ValueError(f"strategy={strategy!r} merges one analogy (batch size 1), got "
+                             f"{_coefficient_rows(coeffs)}; strategy='jit' merges per sample")
         ptr = layer.base_layer.weight.untyped_storage().data_ptr()
         if strategy in ("full", "offload") and ptr in storages:  # one tensor cannot hold two layers' mixtures
             raise ValueError(f"{name} shares its weight storage with {storages[ptr]}: strategy={strategy!r} puts each "

@@ -32,6 +32,7 @@ from torch.func import functional_call
 
 import lorweb_fast as lf
 from lorweb_fast import ops, reference
+from lorweb_fast.flux import merged_weight
 from lorweb_fast.testing import (ROUNDINGS, accumulation_depths, assert_within_bound, assert_within_rss_bound,
                                  dtype_eps, random_problem, tolerance)
 
@@ -198,11 +199,14 @@ def test_merging_an_empty_batch_is_refused_and_leaves_the_weight(strategy):
     layer = _layer()
     layer.set_coefficients(torch.rand(0, 3))
     before = layer.base_layer.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"one analogy \(batch size 1\).*strategy='jit'"):
+    with pytest.raises(ValueError, match=r"one analogy \(batch size 1\), got coefficients for an empty batch "
+                       r"\(0 samples\); strategy='jit'"):
         with lf.merged(layer, strategy=strategy):
             pass
     assert torch.equal(layer.base_layer.weight, before) and not layer._merged
     assert layer(torch.empty(0, 2, 4)).shape == (0, 2, 5)  # unmerged, the empty batch runs
+    with pytest.raises(ValueError, match=r"got coefficients for an empty batch \(0 samples\)$"):
+        merged_weight(layer)
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 4), (0, 4), (0, 2, 2, 4)], ids=str)
