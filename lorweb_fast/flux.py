@@ -1618,8 +1618,9 @@ class LoRWeBKontextPipeline:
         else:
             size_kwargs = dict(max_area=width * height, _auto_resize=False)
         # a call that fails (a merge strategy that cannot serve this batch, an error inside the pipeline) leaves the
-        # layers' analogy as it was before the call
-        with self._progress_for_call(progress), analogy_restored_on_error(self.transformer), call_strength:
+        # layers' analogy as it was before the call, and no cache state computed with this call's analogy
+        with self._progress_for_call(progress), analogy_restored_on_error(self.transformer), call_strength, \
+                _stateful_hooks_reset_on_error(self.transformer):
             with torch.no_grad():  # inference: no autograd history on the coefficients
                 if fused in ("full", "offload"):  # fuse_lora(): the mixture is in the weights; the analogy must match
                     lora_api.check_fused_query(self.transformer, query)
@@ -1636,6 +1637,20 @@ class LoRWeBKontextPipeline:
             h, w = out.shape[1] // 2, out.shape[2] // 2
             return [img[h:, w:] for img in out]
         return [bottom_right_cell(img) for img in out]
+
+
+@contextlib.contextmanager
+def _stateful_hooks_reset_on_error(transformer: nn.Module):
+    """A failed pipeline call resets the transformer's stateful diffusers hooks (``enable_cache``'s residuals,
+    attention outputs, Taylor factors), as diffusers does at the end of a successful call
+    (``maybe_free_model_hooks``): otherwise the next call, of another analogy, reuses what this one computed."""
+    try:
+        yield
+    except BaseException:
+        reset = getattr(transformer, "_reset_stateful_cache", None)
+        if callable(reset):
+            reset()
+        raise
 
 
 def _peft_backend() -> bool:

@@ -145,6 +145,12 @@ def tensor_version(t: torch.Tensor) -> Optional[int]:
         return None
 
 
+def _parameter_version(t: Optional[torch.Tensor]) -> Optional[int]:
+    """``tensor_version`` of an ``nn.Parameter``; None for anything else (the "none" projection's identity buffer,
+    which DDP's buffer broadcast writes in place at every forward with the same values)."""
+    return tensor_version(t) if isinstance(t, nn.Parameter) else None
+
+
 def has_forward_hooks(module: nn.Module) -> bool:
     """True when ``module``'s forward does more than its class's: torch forward (pre-)hooks, an accelerate hook
     (``_hf_hook``: sequential CPU offload loads the weight inside the forward) or diffusers hooks (``_diffusers_hook``:
@@ -458,14 +464,22 @@ class LoRWeBLinear(nn.Module):
         weight = projection._parameters.get("weight")
         return projection._buffers.get("weight") if weight is None else weight
 
-    def record_coefficient_sources(self) -> None:
+    def record_coefficient_sources(self, routing_gradient_warning: Optional[list] = None) -> None:
         """Remember the lora_keys / att_lora_to_q tensors the current coefficients were computed from (``set_query``
-        calls it): a forward after they were replaced by other tensors (``torch.func.functional_call``, accelerate's
-        ``set_module_tensor_to_device``, an assignment) raises instead of using the old analogy's coefficients.
-        Changes in place (an optimizer step, a ``load_state_dict`` into ``att_lora_to_q`` alone; a load into the
-        layer drops the coefficients) keep the tensors and are not seen: call ``set_query`` again."""
-        self._coefficient_sources = tuple(None if t is None else weakref.ref(t)
-                                          for t in (self._parameters.get("lora_keys"), self._projection_tensor()))
+        calls it), and the version counters of those that are parameters: a forward after they were replaced by
+        other tensors (``torch.func.functional_call``, accelerate's ``set_module_tensor_to_device``, an assignment)
+        or changed in place (an optimizer step, a ``load_state_dict`` into ``att_lora_to_q`` alone) raises instead
+        of using coefficients computed from the old values. Writes through ``param.data`` (diffusers' ``EMAModel``
+        ``copy_to`` / ``restore``) change no version counter and are not seen: call ``set_query`` again.
+
+        ``routing_gradient_warning``: ``set_query`` computed the coefficients without autograd history; a one-element
+        list its layers share, so that a training forward (train mode, autograd enabled, lora_keys or att_lora_to_q
+        requiring grad), where they would silently get no gradient, warns once for all of them."""
+        keys, projection = self._parameters.get("lora_keys"), self._projection_tensor()
+        self._coefficient_sources = (None if keys is None else weakref.ref(keys),
+                                     None if projection is None else weakref.ref(projection),
+                                     _parameter_version(keys), _parameter_version(projection),
+                                     routing_gradient_warning)
 
     def _drop_coefficients(self) -> None:
         """Forget the coefficients (and what they were computed from): new LoRWeB parameters were loaded."""
@@ -486,9 +500,26 @@ class LoRWeBLinear(nn.Module):
             return True
         if "_hf_hook" in self.__dict__ or "_hf_hook" in self.att_lora_to_q.__dict__:
             return False
-        keys_ref, projection_ref = sources
-        return ((None if keys_ref is None else keys_ref()) is not self._parameters.get("lora_keys")
-                or (None if projection_ref is None else projection_ref()) is not self._projection_tensor())
+        keys_ref, projection_ref, keys_version, projection_version, _ = sources
+        keys, projection = self._parameters.get("lora_keys"), self._projection_tensor()
+        return ((None if keys_ref is None else keys_ref()) is not keys
+                or (None if projection_ref is None else projection_ref()) is not projection
+                or (keys_version is not None and tensor_version(keys) != keys_version)
+                or (projection_version is not None and tensor_version(projection) != projection_version))
+
+    def _warn_routing_gets_no_gradient(self, sources) -> None:
+        """Once per ``set_query`` (the layers share the flag): a training forward with coefficients computed without
+        autograd gives lora_keys and att_lora_to_q no gradient (optimizers then skip them, silently)."""
+        warned = sources[4]
+        if (warned is not None and not warned[0] and self.training and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()
+                and (self.lora_keys.requires_grad or self.att_lora_to_q.weight.requires_grad)):
+            warned[0] = True
+            warn("a training forward (train mode, autograd enabled) uses coefficients that set_query computed "
+                 "without autograd (under torch.no_grad() or torch.inference_mode()): lora_keys and att_lora_to_q "
+                 "get no gradient and do not train; call lorweb_fast.set_query with autograd enabled (the query "
+                 "itself may come from a frozen encoder under no_grad), or freeze them (requires_grad_(False)); "
+                 "for inference, call model.eval() or run the forward under torch.no_grad()")
 
     def set_query_per_forward(self, query: Optional[torch.Tensor], *, check_finite: bool = True) -> None:
         """Keep the (B, query_dim) query and compute this layer's coefficients inside every forward.
@@ -529,10 +560,13 @@ class LoRWeBLinear(nn.Module):
         if (coeffs is not None and sources is not None and not torch.compiler.is_compiling()
                 and self._sources_stale(sources)):
             raise RuntimeError(
-                "LoRWeBLinear's coefficients were computed by set_query from lora_keys / att_lora_to_q tensors it no "
-                "longer holds (replaced by torch.func.functional_call, set_module_tensor_to_device or an "
-                "assignment): call lorweb_fast.set_query(model, query) again, or set_query(..., per_forward=True) "
-                "to compute them inside every forward from the tensors in use (torch.func)")
+                "LoRWeBLinear's coefficients were computed by set_query from lora_keys / att_lora_to_q values it no "
+                "longer holds (the tensors were replaced by torch.func.functional_call, set_module_tensor_to_device "
+                "or an assignment, or changed in place by an optimizer step or a load): call "
+                "lorweb_fast.set_query(model, query) again, or set_query(..., per_forward=True) to compute them "
+                "inside every forward from the tensors in use (torch.func)")
+        if coeffs is not None and sources:
+            self._warn_routing_gets_no_gradient(sources)
         if coeffs is None and self._query is not None:
             weight = self.att_lora_to_q.weight
             query = self._query.to(weight.device, torch.float32 if fp32 else weight.dtype)
@@ -708,11 +742,12 @@ class LoRWeBLinear(nn.Module):
         identity query projection is filled in again afterwards: ``to_empty`` leaves it uninitialised, and no
         checkpoint or state dict holds it (a non-persistent buffer). Coefficients current before the conversion
         stay current: a conversion that makes new tensor objects (meta, ``to_empty``) is no replacement."""
-        current = self._coefficient_sources is not None and not self._coefficients_stale()
+        sources = self._coefficient_sources
+        current = sources is not None and not self._coefficients_stale()
         result = super()._apply(fn, recurse)
-        if current:
-            self.record_coefficient_sources()
         self.refill_identity_projection()
+        if current:
+            self.record_coefficient_sources(sources[4])
         return result
 
     def refill_identity_projection(self) -> None:

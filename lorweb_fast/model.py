@@ -314,6 +314,7 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None)
     model's layerwise-casting skip patterns as they were. Returns the new layers."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     skip_patterns = model.__dict__.get("_skip_layerwise_casting_patterns", _ABSENT)  # (an instance attribute)
+    guards = {name: model.__dict__.get(name, _ABSENT) for name in REFUSED_WHILE_INJECTED}
     new_layers, swapped_in = {}, []
     try:
         with _locks.LOADING:  # modules built while another thread loads a model would get its meta parameters
@@ -323,6 +324,7 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None)
             _set_submodule(model, name, layer)
         if new_layers:
             _keep_query_projection_out_of_layerwise_casting(model)
+            _refuse_methods_while_injected(model)
             if freeze_base_model:
                 _freeze_base_model(model)
         if fill is not None:
@@ -336,11 +338,87 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None)
             model.__dict__.pop("_skip_layerwise_casting_patterns", None)
         else:
             model._skip_layerwise_casting_patterns = skip_patterns
+        for name, guard in guards.items():
+            if guard is _ABSENT:
+                model.__dict__.pop(name, None)
         raise
     return new_layers
 
 
 _ABSENT = object()
+
+#: the projections diffusers' ``fuse_projections`` concatenates into to_qkv / to_added_qkv
+FUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def _save_pretrained_refusal(model: nn.Module) -> Optional[str]:
+    """Why the model's own ``save_pretrained`` (diffusers' ``ModelMixin``) cannot save it now, or None."""
+    layers = lorweb_layers(model)
+    if not layers:
+        return None
+    return (f"{type(model).__name__}.save_pretrained() of a model holding {len(layers)} LoRWeB layers (e.g. "
+            f"{next(iter(layers))}) would store their base weights as *.base_layer.weight beside the LoRWeB tensors, "
+            "keys a stock from_pretrained does not map back (weights left on the meta device, or random): save the "
+            "LoRWeB adapter with lorweb_fast.save_lorweb_weights (pipe.save_lora_weights) and the base model before "
+            "injecting, or bake one analogy in first (pipe.fuse_lora(), then pipe.unload_lora_weights()), or call "
+            "lorweb_fast.remove_lorweb(model)")
+
+
+def _fuse_qkv_refusal(model: nn.Module) -> Optional[str]:
+    """Why diffusers' ``fuse_qkv_projections`` cannot fuse the model's attention now (a projection it concatenates
+    is a LoRWeB layer, which it would bypass, and it fuses attention by attention, stopping half way), or None."""
+    wrapped = [f"{name}.{child}" if name else child for name, module in model.named_modules()
+               if callable(getattr(module, "fuse_projections", None))
+               for child in FUSED_PROJECTIONS if isinstance(getattr(module, child, None), LoRWeBLinear)]
+    if not wrapped:
+        return None
+    return (f"{type(model).__name__}.fuse_qkv_projections() with {len(wrapped)} attention projections that are "
+            f"LoRWeB layers (e.g. {wrapped[0]}): the fused to_qkv / to_added_qkv would bypass their mixture; "
+            "remove LoRWeB first (lorweb_fast.remove_lorweb(model), or pipe.unload_lora_weights()) or keep the "
+            "projections unfused")
+
+
+#: stock methods of the model that cannot work while it holds LoRWeB layers: {name: why not, or None when it can}
+REFUSED_WHILE_INJECTED = {"save_pretrained": _save_pretrained_refusal,
+                          "fuse_qkv_projections": _fuse_qkv_refusal}
+
+
+class _RefusedWhileInjected:
+    """An instance attribute ``inject_lorweb`` sets over one of the model's own methods (``REFUSED_WHILE_INJECTED``):
+    a call raises ``TypeError`` naming LoRWeB and the ways out while the model holds LoRWeB layers that the method
+    cannot handle, and is the class's method otherwise. Holds the model weakly (no reference cycle); deep copies
+    and pickles are bound to the copy."""
+
+    def __init__(self, model: nn.Module, name: str):
+        self._model, self.name = weakref.ref(model), name
+
+    def __call__(self, *args, **kwargs):
+        model = self._model()
+        reason = REFUSED_WHILE_INJECTED[self.name](model)
+        if reason is not None:
+            raise TypeError(reason)
+        return getattr(type(model), self.name)(model, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        model = self._model()
+        return type(self)(memo.get(id(model), model), self.name)  # (the copy: in memo before its attributes)
+
+    def __reduce__(self):
+        return type(self), (self._model(), self.name)
+
+
+def _refuse_methods_while_injected(model: nn.Module) -> None:
+    """Set the ``REFUSED_WHILE_INJECTED`` guards on ``model`` (those its class has, not set yet)."""
+    for name in REFUSED_WHILE_INJECTED:
+        if callable(getattr(type(model), name, None)) and name not in model.__dict__:
+            model.__dict__[name] = _RefusedWhileInjected(model, name)
+
+
+def _drop_method_guards(model: nn.Module) -> None:
+    """Remove the ``_refuse_methods_while_injected`` guards (the model holds no LoRWeB layer any more)."""
+    for name in REFUSED_WHILE_INJECTED:
+        if isinstance(model.__dict__.get(name), _RefusedWhileInjected):
+            del model.__dict__[name]
 
 
 @serialized_on_model
@@ -352,6 +430,7 @@ def remove_lorweb(model: nn.Module) -> list[str]:
     _refuse_merged(layers, "remove_lorweb", jit=True)
     for name, layer in layers.items():
         _set_submodule(model, name, layer.base_layer)
+    _drop_method_guards(model)
     return list(layers)
 
 
@@ -470,11 +549,13 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
              "torch.no_grad() for inference, or model.train() for training")
     # everything checked: set all layers; storing copies a view (an allocation): failing at a later layer puts the
     # earlier ones back, never a model mixing two analogies
+    # computed without autograd history: a training forward with them warns (once for all layers)
+    routing_gradient_warning = None if any(c.requires_grad for _, c, _ in computed) else [False]
     with analogy_restored_on_error(model):
         for members, coeffs, one_analogy in computed:
             for i, (_, layer) in enumerate(members):
                 layer.set_coefficients(coeffs[i], check_finite=False)
-                layer.record_coefficient_sources()
+                layer.record_coefficient_sources(routing_gradient_warning)
                 if one_analogy is not None:
                     layer.remember_one_analogy(one_analogy[i])
     coefficients = {n: l.coefficients for n, l in layers.items() if l.coefficients is not None}

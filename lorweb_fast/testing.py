@@ -909,10 +909,13 @@ def lorweb_model_state(model: torch.nn.Module) -> dict:
 
 
 def _source_ids(sources):
-    """A layer's ``_coefficient_sources`` as comparable values: the ids of the tensors still referenced."""
+    """A layer's ``_coefficient_sources`` as comparable values: the ids of the tensors still referenced, their
+    recorded versions and whether the shared no-autograd-history warning is armed or given."""
     if not isinstance(sources, tuple):
         return sources
-    return tuple(None if ref is None else id(ref()) for ref in sources)
+    keys_ref, projection_ref, *versions, warned = sources
+    return (*(None if ref is None else id(ref()) for ref in (keys_ref, projection_ref)), *versions,
+            None if warned is None else tuple(warned))
 
 
 def assert_same_model_state(got: dict, want: dict, *, ignore=()) -> None:

@@ -1303,13 +1303,14 @@ print(resolve_checkpoint("owner/repo")[0].name)
 
 
 def test_fuse_qkv_projections_after_loading_changes_nothing(pipe):
-    """diffusers' fuse_qkv_projections() on a transformer holding LoRWeB layers fails on the wrappers' missing
-    ``weight`` (the README documents the message) before it changes anything: no fused to_qkv, the LoRWeB layers
-    and the outputs as they were (a wrapper exposing its base weight would let the fusion drop the mixture)."""
+    """diffusers' fuse_qkv_projections() on a transformer holding LoRWeB layers is refused naming LoRWeB (the guard
+    inject_lorweb sets) before it changes anything: no fused to_qkv, the LoRWeB layers and the outputs as they were.
+    Partial targets: ``tests/test_diffusers_features_audit.py``."""
     x = [random_analogy(1)]
     want = run(pipe, x, ["flip"])[0]
     names = sorted(lf.lorweb_layers(pipe.transformer))
-    with pytest.raises(AttributeError, match="'LoRWeBLinear' object has no attribute 'weight'"):
+    with pytest.raises(TypeError, match=r"fuse_qkv_projections\(\) with \d+ attention projections that are LoRWeB "
+                       r"layers .*bypass their mixture; remove LoRWeB first"):
         pipe.transformer.fuse_qkv_projections()
     assert sorted(lf.lorweb_layers(pipe.transformer)) == names
     assert not any(getattr(m, "fused_projections", False) or hasattr(m, "to_qkv")

@@ -531,3 +531,44 @@ def test_hooked_base_layers_are_not_merged(saved_base):
             with lf.merged(m, strategy):
                 pass
     assert all(torch.equal(p, snap[n]) for n, p in m.state_dict().items())
+
+
+def test_stock_methods_refused_while_injected_follow_the_model(saved_base, tmp_path, monkeypatch):
+    """inject_lorweb sets guards over the transformer's own ``save_pretrained`` / ``fuse_qkv_projections``
+    (``model.REFUSED_WHILE_INJECTED``): refused by name while LoRWeB layers are in, the stock methods again after
+    ``remove_lorweb``; a deep copy's and an unpickled copy's guards follow the copy (removing LoRWeB from the copy
+    frees the copy's methods, not the original's); the guard holds no reference cycle; an injection that fails
+    half way leaves no guard."""
+    import io
+    import weakref
+
+    model = injected(saved_base)
+    assert set(lmodel.REFUSED_WHILE_INJECTED) <= set(model.__dict__)
+    with pytest.raises(TypeError, match=r"save_pretrained\(\) of a model holding \d+ LoRWeB layers .*base_layer"):
+        model.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(TypeError, match=r"fuse_qkv_projections\(\) with \d+ attention projections that are LoRWeB"):
+        model.fuse_qkv_projections()
+    assert not any(getattr(m, "fused_projections", False) for m in model.modules())
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        lf.remove_lorweb(twin)
+        twin.save_pretrained(tmp_path / "twin")  # the copy's guard is bound to the copy
+        with pytest.raises(TypeError, match="LoRWeB"):
+            model.save_pretrained(tmp_path / "refused")
+    ref = weakref.ref(model)
+    del model, twin
+    assert ref() is None  # freed without a garbage collection: no cycle through the guards
+    model = injected(saved_base)
+    lf.remove_lorweb(model)
+    assert not set(lmodel.REFUSED_WHILE_INJECTED) & set(model.__dict__)
+    model.save_pretrained(tmp_path / "stock")
+    model.fuse_qkv_projections()  # the stock method again
+    model.unfuse_qkv_projections()
+    fresh = load_base(saved_base)
+    monkeypatch.setattr(lmodel, "_freeze_base_model", lambda m: (_ for _ in ()).throw(RuntimeError("interrupted")))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        lf.inject_lorweb(fresh, CONFIG)
+    assert not lf.lorweb_layers(fresh) and not set(lmodel.REFUSED_WHILE_INJECTED) & set(fresh.__dict__)
