@@ -512,7 +512,6 @@ class LoRWeBLinear(nn.Module):
         autograd gives lora_keys and att_lora_to_q no gradient (optimizers then skip them, silently)."""
         warned = sources[4]
         if (warned is not None and not warned[0] and self.training and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()
                 and (self.lora_keys.requires_grad or self.att_lora_to_q.weight.requires_grad)):
             warned[0] = True
             warn("a training forward (train mode, autograd enabled) uses coefficients that set_query computed "
@@ -557,16 +556,16 @@ class LoRWeBLinear(nn.Module):
         """The (B, N) coefficients for input ``x`` (B, S, in) / (B, in): the ones set by ``set_query``, or computed
         here from the per-forward query; raises when there are none or they do not match x's batch."""
         coeffs, sources = self._coefficients, self.__dict__.get("_coefficient_sources")
-        if (coeffs is not None and sources is not None and not torch.compiler.is_compiling()
-                and self._sources_stale(sources)):
-            raise RuntimeError(
-                "LoRWeBLinear's coefficients were computed by set_query from lora_keys / att_lora_to_q values it no "
-                "longer holds (the tensors were replaced by torch.func.functional_call, set_module_tensor_to_device "
-                "or an assignment, or changed in place by an optimizer step or a load): call "
-                "lorweb_fast.set_query(model, query) again, or set_query(..., per_forward=True) to compute them "
-                "inside every forward from the tensors in use (torch.func)")
-        if coeffs is not None and sources:
-            self._warn_routing_gets_no_gradient(sources)
+        # eager only: compiled code reads neither the sources nor the warning flag (no guard on them, no recompile)
+        if coeffs is not None and sources is not None and not torch.compiler.is_compiling():
+            if self._sources_stale(sources):
+                raise RuntimeError(
+                    "LoRWeBLinear's coefficients were computed by set_query from lora_keys / att_lora_to_q values it "
+                    "no longer holds (the tensors were replaced by torch.func.functional_call, "
+                    "set_module_tensor_to_device or an assignment, or changed in place by an optimizer step or a "
+                    "load): call lorweb_fast.set_query(model, query) again, or set_query(..., per_forward=True) to "
+                    "compute them inside every forward from the tensors in use (torch.func)")
+            self._warn_routing_gets_no_gradient(sources)  # (a tuple here: False, stale, raised above)
         if coeffs is None and self._query is not None:
             weight = self.att_lora_to_q.weight
             query = self._query.to(weight.device, torch.float32 if fp32 else weight.dtype)
