@@ -21,11 +21,11 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["lorweb_fast", "lorweb_fast.evaluation", "lorweb_fast.kernels"]
+PACKAGES = ["lorweb_fast", "lorweb_fast.evaluation", "lorweb_fast.kernels", "lorweb_fast.kernels.configs"]
 # kernels/ is only ever importable as lorweb_fast.kernels: a top-level ``kernels`` is a PyPI package that
 # bitsandbytes and diffusers import.
 PACKAGE_DIR = {"lorweb_fast": "lorweb_fast", "lorweb_fast.evaluation": "lorweb_fast/evaluation",
-               "lorweb_fast.kernels": "kernels"}
+               "lorweb_fast.kernels": "kernels", "lorweb_fast.kernels.configs": "kernels/configs"}
 CSRC = ["csrc/lorweb_ops.cpp", "csrc/lorweb_kernels.cu"]
 DEFAULT_ARCH_LIST = "8.0;9.0"
 

@@ -330,25 +330,30 @@ def check_input_file(name: str, path, suffixes: Optional[Iterable[str]] = None) 
     return path
 
 
+#: Pillow formats offered for generated images (``infer --out``): the common raster formats, each kept where this
+#: Pillow writes an RGB image in it (WebP, JPEG 2000 and AVIF need their libraries). A fixed list, not every registered
+#: writer: probing them all ran deprecated ones (IM: deprecated in Pillow 13, removed in 15) and needed the warnings
+#: silenced through Python's process-wide filters.
+IMAGE_WRITE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "TGA", "JPEG2000", "AVIF")
+
+
 def image_suffixes() -> set[str]:
-    """File extensions under which PIL can write an RGB image (tried on a 1x1 image in memory, e.g. 1-bit-only
-    formats are left out, so a generation is never lost to a late save error)."""
+    """File extensions under which PIL writes an RGB image, of ``IMAGE_WRITE_FORMATS`` (tried on a 1x1 image in
+    memory, so a generation is never lost to a late save error)."""
     import io
 
     from PIL import Image
 
-    from . import _locks
-
-    probe, usable = Image.new("RGB", (1, 1)), set()
-    with _locks.WARNING_FILTERS, warnings.catch_warnings():  # (process-wide filters: one such block at a time)
-        warnings.simplefilter("ignore")  # e.g. deprecated formats
-        for ext, fmt in Image.registered_extensions().items():
-            if fmt in Image.SAVE:
-                try:
-                    probe.save(io.BytesIO(), format=fmt)
-                except Exception:
-                    continue
-                usable.add(ext)
+    probe, usable, writable = Image.new("RGB", (1, 1)), set(), {}
+    for ext, fmt in Image.registered_extensions().items():
+        if fmt in IMAGE_WRITE_FORMATS and fmt in Image.SAVE:
+            writable.setdefault(fmt, []).append(ext)
+    for fmt, extensions in writable.items():
+        try:
+            probe.save(io.BytesIO(), format=fmt)
+        except Exception:
+            continue
+        usable.update(extensions)
     return usable
 
 

@@ -88,7 +88,8 @@ class AuditWarning(UserWarning):
 
 
 def _site_image_suffixes(mp, hook, tmp_path):
-    """validation.py:318 ``image_suffixes``: ``simplefilter("ignore")`` around probing PIL's writers."""
+    """validation.py ``image_suffixes``: probing PIL's writers (under ``simplefilter("ignore")`` until the thirty-seventh
+    session; now a fixed list of formats, probed without touching the filters)."""
     from PIL import Image
 
     mp.setattr(Image, "registered_extensions", lambda: (hook(), {})[1])
@@ -161,11 +162,11 @@ CATCH_WARNINGS_DEFECT = ("warnings.catch_warnings() swaps the process-global war
                          "per thread or context): while a thread is inside this library block, every other thread runs "
                          "under its filters, and on exit the filters saved on entry are put back over other threads' "
                          "changes")
-#: the sites that still swap the process-wide filters (known limitation, README threads): PIL's writers probed and
-#: LPIPS built (short blocks, one at a time: _locks.WARNING_FILTERS) and the non-main ranks of a multi-process
-#: training run (a process of its own); the others silence only their own thread's LoRWeB warnings
-#: (validation.silenced_lorweb_warnings, a contextvars setting)
-STILL_SWAPPING = ("validation.image_suffixes", "training._reports_from_main_only", "evaluation.metrics.LPIPSDistance")
+#: the sites that still swap the process-wide filters (known limitation, README threads): LPIPS built (a short block,
+#: one at a time: _locks.WARNING_FILTERS) and the non-main ranks of a multi-process training run (a process of its
+#: own); the others silence only their own thread's LoRWeB warnings (validation.silenced_lorweb_warnings, a contextvars
+#: setting) or, as PIL's writers probed, none
+STILL_SWAPPING = ("training._reports_from_main_only", "evaluation.metrics.LPIPSDistance")
 
 
 def _sites(names, defect: str) -> list:
