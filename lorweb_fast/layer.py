@@ -147,7 +147,7 @@ def tensor_version(t: torch.Tensor) -> Optional[int]:
 
 def _parameter_version(t: Optional[torch.Tensor]) -> Optional[int]:
     """``tensor_version`` of an ``nn.Parameter``; None for anything else (the "none" projection's identity buffer,
-    which DDP's buffer broadcast writes in place at every forward with the same values)."""
+    which DDP's buffer broadcast may write in place, with the same values, before a forward)."""
     return tensor_version(t) if isinstance(t, nn.Parameter) else None
 
 
@@ -487,7 +487,8 @@ class LoRWeBLinear(nn.Module):
         self._forget_coefficient_memos()
 
     def _coefficients_stale(self) -> bool:
-        """Whether the coefficients came from lora_keys / att_lora_to_q tensors the layer no longer holds."""
+        """Whether the coefficients came from lora_keys / att_lora_to_q tensors the layer no longer holds, or from
+        parameter values changed in place since (their version counters)."""
         return self._sources_stale(self.__dict__.get("_coefficient_sources"))
 
     def _sources_stale(self, sources) -> bool:

@@ -547,10 +547,10 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
         warn("set_query on a model in eval mode with autograd enabled: the coefficients carry autograd "
              "history (copy.deepcopy of the model then fails and the graph is kept alive); call it under "
              "torch.no_grad() for inference, or model.train() for training")
-    # everything checked: set all layers; storing copies a view (an allocation): failing at a later layer puts the
-    # earlier ones back, never a model mixing two analogies
     # computed without autograd history: a training forward with them warns (once for all layers)
     routing_gradient_warning = None if any(c.requires_grad for _, c, _ in computed) else [False]
+    # everything checked: set all layers; storing copies a view (an allocation): failing at a later layer puts the
+    # earlier ones back, never a model mixing two analogies
     with analogy_restored_on_error(model):
         for members, coeffs, one_analogy in computed:
             for i, (_, layer) in enumerate(members):
