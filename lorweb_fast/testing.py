@@ -872,6 +872,36 @@ def one_intra_op_thread():
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def fresh_accelerate_state():
+    """accelerate's process-wide state reset on entry and on exit: none from earlier work going in, none left behind
+    (skips the calling test when accelerate is missing)."""
+    import pytest
+
+    state = pytest.importorskip("accelerate.state")
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+    state.GradientState._reset_state()
+    try:
+        yield
+    finally:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+        state.GradientState._reset_state()
+
+
+def tiny_lorweb_flux(*, checkpointing: bool = False) -> torch.nn.Module:
+    """The tiny ``FluxTransformer2DModel`` (seed 0) with ``inject_random_lorweb``'s basis, in train mode; with
+    diffusers' gradient checkpointing when ``checkpointing``."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(**tiny_flux_config())
+    inject_random_lorweb(model)
+    model.train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
 class NanGradient(torch.autograd.Function):
     """Identity whose backward returns NaN: a finite loss with a non-finite gradient (``NanGradient.apply(loss)``)."""
 

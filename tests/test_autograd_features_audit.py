@@ -37,8 +37,8 @@ from torch.utils.checkpoint import checkpoint
 
 import lorweb_fast as lf
 from lorweb_fast import ops, reference
-from lorweb_fast.testing import (inject_random_lorweb, one_intra_op_thread, pair_query, random_problem,
-                                 tiny_flux_config, tiny_flux_inputs, tiny_pair_model)
+from lorweb_fast.testing import (one_intra_op_thread, pair_query, random_problem, tiny_flux_inputs, tiny_lorweb_flux,
+                                 tiny_pair_model)
 
 F64 = torch.float64
 LORWEB_SUFFIXES = ("lora_A", "lora_B", "lora_keys", "att_lora_to_q.weight")
@@ -477,16 +477,11 @@ def test_diffusers_gradient_checkpointing_on_a_tiny_flux_gives_the_same_gradient
     """``transformer.enable_gradient_checkpointing()`` (diffusers' own, non-reentrant) on a tiny FLUX transformer with
     LoRWeB layers and ``set_query`` coefficients: every LoRWeB layer runs again during the backward (the recompute
     happens), and every gradient equals the one without checkpointing; the keys' gradients are non-zero."""
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     query, batch = torch.randn(2, 24, generator=torch.Generator().manual_seed(5)), tiny_flux_inputs()
 
     def run(checkpointing):
-        torch.manual_seed(0)
-        m = diffusers.FluxTransformer2DModel(**tiny_flux_config())
-        inject_random_lorweb(m)
-        m.train()
-        if checkpointing:
-            m.enable_gradient_checkpointing()
+        m = tiny_lorweb_flux(checkpointing=checkpointing)
         calls = []
         for layer in lf.lorweb_layers(m).values():
             layer.register_forward_hook(lambda *_: calls.append(1))

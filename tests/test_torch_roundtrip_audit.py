@@ -22,6 +22,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 import lorweb_fast as lf
+from lorweb_fast import testing
 from lorweb_fast.model import LoRWeBCheckpointError, lorweb_state_dict
 from lorweb_fast.testing import one_intra_op_thread, pair_config, pair_query, PAIR_QUERY_DIM, tiny_pair_model
 
@@ -33,21 +34,17 @@ NONE_CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=QUERY_DIM, query_dim=
 LORWEB_SUFFIXES = ("lora_A", "lora_B", "lora_keys", "att_lora_to_q.weight")
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: none from an earlier test going in, none left behind."""
+    with testing.fresh_accelerate_state():
+        yield
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     with one_intra_op_thread():
         yield
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state: none from an earlier test going in, none left behind."""
-    state = pytest.importorskip("accelerate.state")
-    state.AcceleratorState._reset_state(reset_partial_state=True)
-    state.GradientState._reset_state()
-    yield
-    state.AcceleratorState._reset_state(reset_partial_state=True)
-    state.GradientState._reset_state()
 
 
 tiny_model = tiny_pair_model

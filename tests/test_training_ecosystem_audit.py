@@ -53,8 +53,9 @@ import torch
 from torch import nn
 
 import lorweb_fast as lf
+from lorweb_fast import testing
 from lorweb_fast.model import lorweb_state_dict
-from lorweb_fast.testing import (inject_random_lorweb, one_intra_op_thread, pair_config,
+from lorweb_fast.testing import (one_intra_op_thread, pair_config,
                                  tiny_flux_config, tiny_flux_inputs, tiny_pair_model)
 
 F64 = torch.float64
@@ -82,12 +83,8 @@ def one_thread():
 @pytest.fixture
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state: none from an earlier test going in, none left behind."""
-    state = pytest.importorskip("accelerate.state")
-    state.AcceleratorState._reset_state(reset_partial_state=True)
-    state.GradientState._reset_state()
-    yield
-    state.AcceleratorState._reset_state(reset_partial_state=True)
-    state.GradientState._reset_state()
+    with testing.fresh_accelerate_state():
+        yield
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -225,14 +222,8 @@ def basis_decay(params):
 
 
 def tiny_flux(checkpointing=False):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(**tiny_flux_config())
-    inject_random_lorweb(model)
-    model.train()
-    if checkpointing:
-        model.enable_gradient_checkpointing()
-    return model
+    pytest.importorskip("diffusers")
+    return testing.tiny_lorweb_flux(checkpointing=checkpointing)
 
 
 def flux_query(step, b=2):
