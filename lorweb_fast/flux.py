@@ -863,15 +863,11 @@ def _as_list(x, n: Optional[int] = None) -> list:
 @holding(_locks.LOADING)
 def load_kontext_pipeline(model: Union[str, Path], dtype: Optional[torch.dtype] = None):
     """``FluxKontextPipeline.from_pretrained`` (hub id or local directory) in ``dtype`` (None: float32, whatever
-    torch's default dtype, which diffusers would follow); diffusers 0.42 renamed the ``torch_dtype`` argument to
-    ``dtype``."""
-    import diffusers
-    from packaging.version import Version
-
+    torch's default dtype, which diffusers would follow), passed as ``dtype=``: every diffusers we admit (0.40 on)
+    takes it and warns that ``torch_dtype=`` is deprecated."""
     (FluxKontextPipeline,) = diffusers_classes("FluxKontextPipeline")  # a broken package it imports: one line
     dtype = torch.float32 if dtype is None else dtype
-    key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
-    return base_model_loaded(model, lambda: FluxKontextPipeline.from_pretrained(model, **{key: dtype}))
+    return base_model_loaded(model, lambda: FluxKontextPipeline.from_pretrained(model, dtype=dtype))
 
 
 def base_model_loaded(model: Union[str, Path], load):

@@ -914,16 +914,13 @@ def load_training_pipeline(model: Union[str, Path], dtype: torch.dtype, quantize
         quantize_qfloat8(pipe, device)
         return pipe
     _check_bitsandbytes_device(quantize_base)
-    import diffusers
-    from packaging.version import Version
-
     FluxKontextPipeline, FluxTransformer2DModel = diffusers_classes("FluxKontextPipeline", "FluxTransformer2DModel")
 
-    key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+    # dtype=, not the torch_dtype= every diffusers we admit (0.40 on) deprecates
     transformer = base_model_loaded(model, lambda: FluxTransformer2DModel.from_pretrained(
-        model, subfolder="transformer", quantization_config=quantization_config(quantize_base, dtype), **{key: dtype}))
+        model, subfolder="transformer", quantization_config=quantization_config(quantize_base, dtype), dtype=dtype))
     return base_model_loaded(model, lambda: FluxKontextPipeline.from_pretrained(model, transformer=transformer,
-                                                                                **{key: dtype}))
+                                                                                dtype=dtype))
 
 
 def _quanto_weight_types(module: torch.nn.Module) -> set[str]:

@@ -374,21 +374,18 @@ def test_from_pretrained_reads_the_config_of_a_run_folder(tiny, tmp_path, monkey
     assert lp.encoder.pooling_type == "max"
 
 
-# mutant: load_kontext_pipeline always passes ``torch_dtype=`` (diffusers 0.42 renamed it ``dtype=``, and warns on
-# the old name)
-def test_load_kontext_pipeline_passes_the_dtype_under_the_installed_diffusers_name(monkeypatch):
-    import diffusers
+# mutant: load_kontext_pipeline passes ``torch_dtype=`` (every diffusers we admit, 0.40 on, takes ``dtype=`` and
+# warns that ``torch_dtype=`` is deprecated)
+def test_load_kontext_pipeline_passes_the_dtype_as_dtype(monkeypatch):
     from diffusers import FluxKontextPipeline
-    from packaging.version import Version
 
     calls = []
     monkeypatch.setattr(FluxKontextPipeline, "from_pretrained",
                         classmethod(lambda cls, model, **kwargs: calls.append((model, kwargs)) or "loaded"))
     assert flux.load_kontext_pipeline("some/model") == "loaded"
     assert flux.load_kontext_pipeline("some/model", torch.bfloat16) == "loaded"
-    key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
-    assert calls == [("some/model", {key: torch.float32}),  # None: float32, whatever torch's default dtype
-                     ("some/model", {key: torch.bfloat16})]
+    assert calls == [("some/model", {"dtype": torch.float32}),  # None: float32, whatever torch's default dtype
+                     ("some/model", {"dtype": torch.bfloat16})]
 
 
 # mutant: LoRWeBKontextPipeline.to no longer moves the analogy encoder to the transformer's device

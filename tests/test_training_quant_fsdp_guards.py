@@ -270,11 +270,9 @@ def test_load_training_pipeline_qfloat8_plumbing(monkeypatch):
 
 def test_load_training_pipeline_bitsandbytes_plumbing(monkeypatch):
     """int8 / nf4 with a GPU (stubbed): the transformer is loaded with the quantization config computing in
-    ``dtype`` under diffusers' dtype keyword, and the pipeline around that transformer."""
+    ``dtype`` passed as ``dtype=`` (not the deprecated ``torch_dtype=``), and the pipeline around that transformer."""
     import diffusers
-    from packaging.version import Version
 
-    key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
     calls = {}
 
     def transformer_from_pretrained(model, **kw):
@@ -290,9 +288,9 @@ def test_load_training_pipeline_bitsandbytes_plumbing(monkeypatch):
     monkeypatch.setattr(diffusers.FluxKontextPipeline, "from_pretrained", pipeline_from_pretrained)
     assert training.load_training_pipeline("m", torch.float16, "nf4") == "pipeline"
     model, kw = calls["transformer"]
-    assert model == "m" and kw["subfolder"] == "transformer" and kw[key] == torch.float16
+    assert model == "m" and kw["subfolder"] == "transformer" and kw["dtype"] == torch.float16
     assert kw["quantization_config"].load_in_4bit and kw["quantization_config"].bnb_4bit_compute_dtype == torch.float16
-    assert calls["pipeline"] == ("m", {"transformer": "transformer", key: torch.float16})
+    assert calls["pipeline"] == ("m", {"transformer": "transformer", "dtype": torch.float16})
 
 
 # ------------------------------------------------------------------------------------------------------ FSDP checks
