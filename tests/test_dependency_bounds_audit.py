@@ -259,12 +259,30 @@ def _pins(skip=frozenset()) -> list[str]:
     return [text for _, text in pins.values()]
 
 
+def _metadata_of_pins(report: Path, pins) -> list[tuple[str, str, list, object]]:
+    """(name, version, requires_dist, requires_python) of every pinned package: from pip's report where pip would
+    install it, from this environment where the pinned version is installed already."""
+    found = {canonicalize_name(item["metadata"]["name"]): (item["metadata"]["name"], item["metadata"]["version"],
+                                                           item["metadata"].get("requires_dist") or [],
+                                                           item["metadata"].get("requires_python"))
+             for item in json.loads(report.read_text())["install"]}
+    for pin in pins:
+        name = canonicalize_name(Requirement(pin).name)
+        if name not in found:
+            dist = importlib.metadata.distribution(name)
+            found[name] = (name, dist.version, dist.requires or [], dist.metadata.get("Requires-Python"))
+    return list(found.values())
+
+
 @pytest.mark.slow
 def test_the_declared_lower_bounds_resolve_together(tmp_path):
     """``pip install --dry-run`` of every declared lower bound pinned ``==`` (here: torch and triton as installed,
-    so that no gigabyte wheel is fetched; then the torch / triton requirements of everything pip resolved must admit
-    their declared lower bounds). The bounds of the original pyproject (diffusers 0.32, transformers 5.0,
-    safetensors 0.4) did not resolve: transformers 5.0 requires safetensors >= 0.4.3."""
+    so that no gigabyte wheel is fetched); then the torch / triton requirements of everything pip resolved must admit
+    their declared lower bounds, and every pinned release must admit the oldest Python that requires-python admits.
+    The bounds of the original pyproject (diffusers 0.32, transformers 5.0, safetensors 0.4) did not resolve:
+    transformers 5.0 requires safetensors >= 0.4.3; a diffusers bound of 0.42 would need requires-python >= 3.11."""
+    from packaging.specifiers import SpecifierSet
+
     _need_an_index()
     report = tmp_path / "report.json"
     pins = _pins(skip={"torch", "triton"})
@@ -274,18 +292,22 @@ def test_the_declared_lower_bounds_resolve_together(tmp_path):
     assert proc.returncode == 0, f"the declared lower bounds do not install together:\n{pins}\n{proc.stderr[-4000:]}"
     floors_here = {name: _lower_bound(req) for name in ("torch", "triton") for _, req in _declared(name)
                    if _applies_here(req)}
+    oldest_python = min(Version(s.version) for s in SpecifierSet(_project()["requires-python"])
+                        if s.operator in (">=", ">", "~=", "=="))
     env = dict(default_environment(), extra="")
-    resolved = json.loads(report.read_text())["install"]
     conflicts = []
-    for item in resolved:
-        meta = item["metadata"]
-        for text in meta.get("requires_dist") or []:
+    bounded = {canonicalize_name(Requirement(pin).name) for pin in pins if _lower_bound(Requirement(pin))}
+    for name, version, requires, requires_python in _metadata_of_pins(report, pins):
+        if canonicalize_name(name) in bounded and requires_python and not SpecifierSet(requires_python).contains(
+                oldest_python, prereleases=True):  # (an unbounded one resolves to an older release there)
+            conflicts.append(f"{name} {version} requires Python '{requires_python}', requires-python admits "
+                             f"{oldest_python}")
+        for text in requires:
             req = Requirement(text)
-            name = canonicalize_name(req.name)
-            if name in floors_here and (req.marker is None or req.marker.evaluate(env)):
-                if floors_here[name] is not None and not req.specifier.contains(floors_here[name], prereleases=True):
-                    conflicts.append(f"{meta['name']} {meta['version']} requires '{req}', declared {name} "
-                                     f">={floors_here[name]}")
+            dep = canonicalize_name(req.name)
+            if dep in floors_here and floors_here[dep] is not None and (req.marker is None or req.marker.evaluate(env)):
+                if not req.specifier.contains(floors_here[dep], prereleases=True):
+                    conflicts.append(f"{name} {version} requires '{req}', declared {dep} >={floors_here[dep]}")
     assert not conflicts, conflicts
 
 
