@@ -567,7 +567,7 @@ def profile_averages(step, device: torch.device, warmup: int = 3):
 
 
 def profile_sort_key(device: torch.device) -> str:
-    return "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return "device_time_total" if device.type == "cuda" else "cpu_time_total"
 
 
 def cuda_context_lost(exc: BaseException) -> bool:
