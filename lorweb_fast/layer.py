@@ -470,7 +470,9 @@ class LoRWeBLinear(nn.Module):
         other tensors (``torch.func.functional_call``, accelerate's ``set_module_tensor_to_device``, an assignment)
         or changed in place (an optimizer step, a ``load_state_dict`` into ``att_lora_to_q`` alone) raises instead
         of using coefficients computed from the old values. Writes through ``param.data`` (diffusers' ``EMAModel``
-        ``copy_to`` / ``restore``) change no version counter and are not seen: call ``set_query`` again.
+        ``copy_to`` / ``restore``) and torch's fused or bitsandbytes' 8-bit optimizer steps change no version counter
+        and are not seen (a training forward then fails at backward: the coefficients' graph was freed): call
+        ``set_query`` again.
 
         ``routing_gradient_warning``: ``set_query`` computed the coefficients without autograd history; a one-element
         list its layers share, so that a training forward (train mode, autograd enabled, lora_keys or att_lora_to_q
@@ -499,10 +501,14 @@ class LoRWeBLinear(nn.Module):
             return False
         if sources is False:
             return True
-        if "_hf_hook" in self.__dict__ or "_hf_hook" in self.att_lora_to_q.__dict__:
+        projection_module = self._modules["att_lora_to_q"]  # (not nn.Module.__getattr__: this is the hot path)
+        if "_hf_hook" in self.__dict__ or "_hf_hook" in projection_module.__dict__:
             return False
         keys_ref, projection_ref, keys_version, projection_version, _ = sources
-        keys, projection = self._parameters.get("lora_keys"), self._projection_tensor()
+        projection = projection_module._parameters.get("weight")
+        if projection is None:
+            projection = projection_module._buffers.get("weight")
+        keys = self._parameters.get("lora_keys")
         return ((None if keys_ref is None else keys_ref()) is not keys
                 or (None if projection_ref is None else projection_ref()) is not projection
                 or (keys_version is not None and tensor_version(keys) != keys_version)
