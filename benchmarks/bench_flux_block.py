@@ -143,6 +143,16 @@ def build_models(cfg, device, dtype):
     return base, ours, official, as_run
 
 
+def fp32_masters(model):
+    """A deep copy of ``model`` with its LoRWeB tensors in float32 and the base in its own dtype: what the trainer
+    trains (fp32 masters, as the official ``AttLoRAModule``)."""
+    masters = copy.deepcopy(model)
+    for layer in lf.lorweb_layers(masters).values():
+        for t in layer.lorweb_tensors().values():
+            t.data = t.data.float()
+    return masters
+
+
 def set_official_query(model, query):
     for layer in lf.lorweb_layers(model).values():
         layer.query = query
@@ -315,6 +325,10 @@ def run(args) -> dict:
     check_block(as_run, official, check_inputs, dtype, name="official_as_run")
     check_block(ours, official, {k: v if k == "rotary" else v[:1] for k, v in check_inputs.items()}, dtype,
                 name="lorweb_fast_merged")  # the merged fast path is for one analogy
+    # the trainer's arithmetic: fp32 LoRWeB masters on the block-dtype base (a cast of the basis per layer call)
+    ours_masters = fp32_masters(ours) if dtype != torch.float32 else None
+    if ours_masters is not None:
+        check_block(ours_masters, official, check_inputs, dtype, name="lorweb_fast_fp32_masters")
 
     def train_step(model, impl, inp):
         model.gradient_checkpointing = True
@@ -325,7 +339,7 @@ def run(args) -> dict:
         # the input gradient in every row (as for every block but the first of the model; the base block needs
         # something to differentiate), so that the rows do the same backward work apart from the adapter's
         x = inp["img"].detach().requires_grad_(True)
-        if impl == "lorweb_fast":
+        if impl.startswith("lorweb_fast"):
             # without the finiteness check, a host synchronisation: under this timer (steps enqueued behind a GPU
             # sleep) it would count host time as device time; the trainer keeps it
             lf.set_query(model, inp["query"], check_finite=False)
@@ -403,6 +417,8 @@ def run(args) -> dict:
 
     models = (("base", base), ("official", official), ("official_as_run", as_run), ("lorweb_fast", ours))
     jobs = [("train", impl, m) for impl, m in models]
+    if ours_masters is not None:
+        jobs.append(("train", "lorweb_fast_fp32_masters", ours_masters))
     jobs += [("infer", impl, m) for impl, m in models]
     jobs += [("infer_merged", "base", base), ("infer_merged", "lorweb_fast_merged", ours)]
     bar = tqdm(total=len(jobs) + 2, desc="bench_flux_block", unit="row", disable=None)

@@ -142,6 +142,20 @@ def test_bench_flux_block_smoke(tmp_path, monkeypatch):
     assert data["tf32"] is False and "timing" in data and data["complete"] is True
 
 
+def test_bench_flux_block_times_the_trainers_fp32_masters_in_a_16_bit_run(tmp_path):
+    """In bf16 the training rows include ``lorweb_fast_fp32_masters`` (fp32 LoRWeB tensors on the bf16 block, the
+    trainer's arithmetic), checked against float64 like the others; an fp32 run has no such row (it would repeat
+    ``lorweb_fast``; see the test above)."""
+    pytest.importorskip("diffusers")
+    bench = load_module_from_file(BENCH.with_name("bench_flux_block.py"), "bench_flux_block_masters")
+    record = bench.main(["--device", "cpu", "--dtype", "bf16", "--warmup", "0", "--reps", "1", "--out-dir",
+                         str(tmp_path), "--tag", "block", "--no-profile"])
+    rows = {(r["scenario"], r["impl"]): r for r in record["results"]}
+    assert rows[("train", "lorweb_fast_fp32_masters")]["median_ms"] > 0
+    assert ("infer", "lorweb_fast_fp32_masters") not in rows
+    assert "| train | lorweb_fast_fp32_masters |" in (tmp_path / "block.md").read_text()
+
+
 def test_flux_block_adapter_cost_counts_device_time_once():
     """On a GPU the per-kernel difference sums device-side events only: a CPU op (aten::mm) also carries its kernels'
     device time in torch.profiler's averages, and counting both would double every cost."""
@@ -203,6 +217,10 @@ def test_bench_flux_block_check_catches_a_wrong_adapter_in_bf16(monkeypatch, fau
     bench.check_block(ours, official, inputs, torch.bfloat16)
     bench.check_block(ours, official, {k: v if k == "rotary" else v[:1] for k, v in inputs.items()}, torch.bfloat16,
                       name="lorweb_fast_merged")  # batch 1, as main() checks the merged row
+    masters = bench.fp32_masters(ours)  # the trainer's arithmetic, as main() checks its training row
+    assert {t.dtype for t in bench.lorweb_params(masters)} == {torch.float32}
+    assert next(iter(bench.lf.lorweb_layers(masters).values())).base_layer.weight.dtype == torch.bfloat16
+    bench.check_block(masters, official, inputs, torch.bfloat16, name="lorweb_fast_fp32_masters")
     layers = bench.lf.lorweb_layers(ours)
     assert all(torch.equal(t, before) for t, before in zip(bench.lorweb_params(ours), snapshot))
     if fault == "no mixture":
