@@ -225,10 +225,20 @@ def run_script(script: str, tmp_path: Path, *args, **fakes):
         fakes["pytest_until"] += time.time()
     env = make_fakes(tmp_path, **fakes)
     out = tmp_path / "OUT"
+    # the repository as the scripts see it, without the wheels a developer may have collected in this checkout
+    # (shared/wheels, .whl: git-ignored, found by default), so that "no --wheels" means no carried wheels
+    view = tmp_path / "repo"
+    view.mkdir()
+    for entry in REPO.iterdir():
+        if entry.name not in ("shared", ".whl"):
+            (view / entry.name).symlink_to(entry)
+    env["FAKE_REPO"] = str(view)
     t0 = time.time()
-    res = subprocess.run(["bash", f"benchmarks/{script}", str(out), *args], cwd=REPO, env=env,
+    res = subprocess.run(["bash", f"benchmarks/{script}", str(out), *args], cwd=view, env=env,
                          capture_output=True, text=True, timeout=120)
     calls = [json.loads(line) for line in (tmp_path / "python.log").read_text().splitlines()]
+    for call in calls:  # the view is the repository root (check_calls)
+        call["cwd"] = str(REPO) if Path(call["cwd"]) == view else call["cwd"]
     limits = []
     if (tmp_path / "timeout.log").exists():
         for line in (tmp_path / "timeout.log").read_text().splitlines():
