@@ -54,7 +54,7 @@ gpu_setup "$OUTDIR" "$WHEELS" "$BUDGET_S" || exit $?
 PYTEST_EXTRA=(--maxfail 25)
 if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_EXTRA+=(-n 4); fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_EXTRA+=(--timeout 150); fi
-step "pytest -m gpu ${PYTEST_EXTRA[*]}" 200 \
+step "pytest -m gpu ${PYTEST_EXTRA[*]}" 240 \
   "$PY" -m pytest -m gpu -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests/ > "$OUTDIR/pytest_gpu.txt" 2>&1
 tail -n 15 "$OUTDIR/pytest_gpu.txt"
 
