@@ -241,8 +241,9 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
                             "LoRWeB does not stack with peft adapters: unload it (transformer.unload_lora()) or run "
                             "unmerged (merge='none')")
         if not has_plain_weight(layer.base_layer):
-            raise TypeError(f"cannot merge into {name}: its base layer {type(layer.base_layer).__name__} has no "
-                            "plain tensor weight (quantized layers run unmerged)")
+            weight = getattr(layer.base_layer, "weight", None)
+            raise TypeError(f"cannot merge into {name}: its base layer {type(layer.base_layer).__name__} (weight "
+                            f"{type(weight).__name__}) has no plain tensor weight (quantized layers run unmerged)")
         if has_forward_hooks(layer.base_layer):
             raise TypeError(f"cannot merge into {name}: its base layer has forward hooks (offloading or layerwise "
                             "casting keep its weight elsewhere or in a storage dtype outside its forward, where a "
@@ -363,10 +364,24 @@ def _merged_full(layers: dict[str, LoRWeBLinear]):
         _restore_layers(layers, originals, _swap_back)
 
 
+def _refuse_restore_into_a_replaced_weight(layer: LoRWeBLinear) -> None:
+    """The base layer was quantized or replaced while merged (e.g. torchao's ``quantize_`` after ``fuse_lora``): its
+    weight now holds the merged values in a form the original cannot be put back into (an assignment to ``.data``
+    of a quantized tensor changes nothing), so the restore fails and the layer stays marked merged (unmerged, its
+    forward would add the mixture a second time)."""
+    if not has_plain_weight(layer.base_layer):
+        weight = getattr(layer.base_layer, "weight", None)
+        raise TypeError(f"its base layer ({type(layer.base_layer).__name__}, weight "
+                        f"{type(weight).__name__}) was quantized or replaced while merged: the original weight "
+                        "cannot be put back; it keeps the merged weight (rebuild the model, or quantize it only "
+                        "after unfusing)")
+
+
 def _swap_back(layer: LoRWeBLinear, original: torch.Tensor) -> None:
     """"full": the original tensor back in place of the merged one. The model may have moved or been cast while
     merged (fuse_lora, then pipe.to(...)): the original goes back where and as the weight is now (bit for bit when
     nothing moved)."""
+    _refuse_restore_into_a_replaced_weight(layer)
     weight = layer.base_layer.weight
     if original.device != weight.device or original.dtype != weight.dtype:
         original = original.to(device=weight.device, dtype=weight.dtype)
@@ -375,6 +390,7 @@ def _swap_back(layer: LoRWeBLinear, original: torch.Tensor) -> None:
 
 def _copy_back(layer: LoRWeBLinear, host_copy: torch.Tensor) -> None:
     """"offload": the host copy written back into the weight's own storage (copy_ casts and moves)."""
+    _refuse_restore_into_a_replaced_weight(layer)
     with torch.no_grad():
         layer.base_layer.weight.data.copy_(host_copy)
 
@@ -494,11 +510,19 @@ def choose_merge_strategy(model: nn.Module, *, free_bytes: Optional[int] = None,
 
     "full" when one copy of the adapted weights fits in the free memory of the weights' device with ``headroom``
     (a fraction of the free memory) left for activations; else "offload" when the weights are on a GPU and the copy
-    fits in free host memory; else "jit". ``free_bytes`` / ``host_free_bytes`` override the measured values.
+    fits in free host memory; else "jit". ``free_bytes`` / ``host_free_bytes`` override the measured values. A model
+    with a layer no strategy merges (a quantized base, or one with offload or casting hooks) is refused with the
+    ``TypeError`` ``merged`` would raise: run it unmerged.
     """
     layers = lorweb_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRWeB layers")
+    for name, layer in layers.items():
+        if not has_plain_weight(layer.base_layer) or has_forward_hooks(layer.base_layer):
+            weight = getattr(layer.base_layer, "weight", None)
+            raise TypeError(f"no merge strategy for {type(model).__name__}: the base layer of {name} "
+                            f"({type(layer.base_layer).__name__}, weight {type(weight).__name__}) is quantized or "
+                            "has offload or casting hooks, which no strategy merges into; run it unmerged")
     need = adapted_weight_bytes(model)
     device = next(iter(layers.values())).base_layer.weight.device
     free = free_memory_bytes(device) if free_bytes is None else int(free_bytes)

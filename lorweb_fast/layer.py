@@ -94,7 +94,15 @@ def replaced_query_projection_error(name: str, layer: nn.Module) -> Optional[str
     would fail inside safetensors or write quantized values."""
     proj = layer.att_lora_to_q
     if type(proj).forward is nn.Linear.forward:
-        return None
+        weight = proj._parameters.get("weight")
+        weight = proj._buffers.get("weight") if weight is None else weight  # ("none": the identity buffer)
+        if weight is None or type(weight) in (nn.Parameter, torch.Tensor) or _is_dtensor(weight):
+            return None  # (None: parametrized, refused where it matters)
+        return (f"layer {name}: its att_lora_to_q weight is a {type(weight).__name__}, not a plain tensor (the "
+                "model was quantized after LoRWeB was injected, e.g. by torchao's quantize_, which keeps the "
+                "nn.Linear and swaps its weight?); quantize the base before injecting LoRWeB or loading a "
+                "checkpoint, or only the LoRWeB layers' base layers (e.g. quantize_'s filter_fn on "
+                "'.base_layer')")
     if hasattr(proj, "adapter_layer_names") and hasattr(proj, "get_base_layer"):  # peft's BaseTunerLayer
         return (f"layer {name}: its att_lora_to_q is a peft adapter layer ({type(proj).__name__}): a peft / "
                 "diffusers LoRA was added after LoRWeB with target modules that reach into LoRWeB's layers (e.g. "
@@ -104,6 +112,15 @@ def replaced_query_projection_error(name: str, layer: nn.Module) -> Optional[str
     return (f"layer {name}: its att_lora_to_q is a {type(proj).__name__}, not a plain nn.Linear (the model was "
             "quantized or converted after LoRWeB was injected?); quantize the base before injecting LoRWeB or "
             "loading a checkpoint")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 / tensor-parallel sharding)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -314,7 +314,7 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None)
     model's layerwise-casting skip patterns as they were. Returns the new layers."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     skip_patterns = model.__dict__.get("_skip_layerwise_casting_patterns", _ABSENT)  # (an instance attribute)
-    guards = {name: model.__dict__.get(name, _ABSENT) for name in REFUSED_WHILE_INJECTED}
+    guards = {name: model.__dict__.get(name, _ABSENT) for name in GUARDED_WHILE_INJECTED}
     new_layers, swapped_in = {}, []
     try:
         with _locks.LOADING:  # modules built while another thread loads a model would get its meta parameters
@@ -324,7 +324,7 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None)
             _set_submodule(model, name, layer)
         if new_layers:
             _keep_query_projection_out_of_layerwise_casting(model)
-            _refuse_methods_while_injected(model)
+            _guard_methods_while_injected(model)
             if freeze_base_model:
                 _freeze_base_model(model)
         if fill is not None:
@@ -378,26 +378,51 @@ def _fuse_qkv_refusal(model: nn.Module) -> Optional[str]:
             "projections unfused")
 
 
-#: stock methods of the model that cannot work while it holds LoRWeB layers: {name: why not, or None when it can}
-REFUSED_WHILE_INJECTED = {"save_pretrained": _save_pretrained_refusal,
-                          "fuse_qkv_projections": _fuse_qkv_refusal}
+def _refusing(why):
+    """A ``GUARDED_WHILE_INJECTED`` guard that raises ``TypeError(why(model))`` when ``why`` gives a reason, and
+    else calls the stock method."""
+    def guard(model: nn.Module, call):
+        reason = why(model)
+        if reason is not None:
+            raise TypeError(reason)
+        return call()
+    return guard
 
 
-class _RefusedWhileInjected:
-    """An instance attribute ``inject_lorweb`` sets over one of the model's own methods (``REFUSED_WHILE_INJECTED``):
-    a call raises ``TypeError`` naming LoRWeB and the ways out while the model holds LoRWeB layers that the method
-    cannot handle, and is the class's method otherwise. Holds the model weakly (no reference cycle); deep copies
-    and pickles are bound to the copy."""
+def _keeping_wrapped_bases_frozen(model: nn.Module, call):
+    """diffusers' ``dequantize()`` puts new modules (``nn.Linear`` with trainable weights) in place of the quantized
+    base layers the LoRWeB layers wrap (GGUF, bitsandbytes, torchao): the bases the LoRWeB layers keep frozen would
+    get gradients (trained by an optimizer built from ``requires_grad``). Their flags are put back after it."""
+    frozen = {name: not any(p.requires_grad for p in layer.base_layer.parameters())
+              for name, layer in lorweb_layers(model).items()}
+    try:
+        return call()
+    finally:
+        for name, layer in lorweb_layers(model).items():
+            if frozen.get(name):
+                layer.base_layer.requires_grad_(False)
+
+
+#: stock methods of the model that cannot work as they are while it holds LoRWeB layers: {name: guard(model, call)},
+#: ``call()`` being the stock method with the caller's arguments
+GUARDED_WHILE_INJECTED = {"save_pretrained": _refusing(_save_pretrained_refusal),
+                          "fuse_qkv_projections": _refusing(_fuse_qkv_refusal),
+                          "dequantize": _keeping_wrapped_bases_frozen}
+
+
+class _GuardedWhileInjected:
+    """An instance attribute ``inject_lorweb`` sets over one of the model's own methods (``GUARDED_WHILE_INJECTED``):
+    a call goes through the method's guard (which raises ``TypeError`` naming LoRWeB and the ways out while the
+    model holds LoRWeB layers that the method cannot handle, or mends what the method does to them) around the
+    class's method. Holds the model weakly (no reference cycle); deep copies and pickles are bound to the copy."""
 
     def __init__(self, model: nn.Module, name: str):
         self._model, self.name = weakref.ref(model), name
 
     def __call__(self, *args, **kwargs):
         model = self._model()
-        reason = REFUSED_WHILE_INJECTED[self.name](model)
-        if reason is not None:
-            raise TypeError(reason)
-        return getattr(type(model), self.name)(model, *args, **kwargs)
+        return GUARDED_WHILE_INJECTED[self.name](model, lambda: getattr(type(model), self.name)(model, *args,
+                                                                                               **kwargs))
 
     def __deepcopy__(self, memo):
         model = self._model()
@@ -407,17 +432,17 @@ class _RefusedWhileInjected:
         return type(self), (self._model(), self.name)
 
 
-def _refuse_methods_while_injected(model: nn.Module) -> None:
-    """Set the ``REFUSED_WHILE_INJECTED`` guards on ``model`` (those its class has, not set yet)."""
-    for name in REFUSED_WHILE_INJECTED:
+def _guard_methods_while_injected(model: nn.Module) -> None:
+    """Set the ``GUARDED_WHILE_INJECTED`` guards on ``model`` (those its class has, not set yet)."""
+    for name in GUARDED_WHILE_INJECTED:
         if callable(getattr(type(model), name, None)) and name not in model.__dict__:
-            model.__dict__[name] = _RefusedWhileInjected(model, name)
+            model.__dict__[name] = _GuardedWhileInjected(model, name)
 
 
 def _drop_method_guards(model: nn.Module) -> None:
-    """Remove the ``_refuse_methods_while_injected`` guards (the model holds no LoRWeB layer any more)."""
-    for name in REFUSED_WHILE_INJECTED:
-        if isinstance(model.__dict__.get(name), _RefusedWhileInjected):
+    """Remove the ``_guard_methods_while_injected`` guards (the model holds no LoRWeB layer any more)."""
+    for name in GUARDED_WHILE_INJECTED:
+        if isinstance(model.__dict__.get(name), _GuardedWhileInjected):
             del model.__dict__[name]
 
 

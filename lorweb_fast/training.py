@@ -867,13 +867,19 @@ class _ModuleTreeSnapshot:
 
 
 def quantization_kind(module: torch.nn.Module) -> Optional[str]:
-    """"quanto" (optimum-quanto modules), "bitsandbytes" (bitsandbytes modules or a diffusers ``is_quantized``
-    model) or None for a module tree without quantized layers."""
-    homes = {type(m).__module__ for m in module.modules()}
-    if any(h.startswith("optimum.quanto") for h in homes):
-        return "quanto"
-    if any(h.startswith("bitsandbytes") for h in homes) or getattr(module, "is_quantized", False):
-        return "bitsandbytes"
+    """Who quantized ``module``: "quanto" (optimum-quanto modules), "bitsandbytes" (bitsandbytes modules), "torchao"
+    (torchao weight tensors, e.g. from ``quantize_``), "gguf" (diffusers' GGUF layers), else for a diffusers
+    ``is_quantized`` model its quantization config's ``quant_method`` (e.g. diffusers' own FLUX fp8 loader), or None
+    for a module tree without quantized layers."""
+    homes = {type(m).__module__ for m in module.modules()} | {type(p).__module__ for p in module.parameters()}
+    for prefix, kind in (("optimum.quanto", "quanto"), ("bitsandbytes", "bitsandbytes"), ("torchao", "torchao"),
+                         ("diffusers.quantizers.gguf", "gguf")):
+        if any(h.startswith(prefix) for h in homes):
+            return kind
+    if getattr(module, "is_quantized", False):
+        config = getattr(getattr(module, "hf_quantizer", None), "quantization_config", None)
+        method = getattr(config, "quant_method", None)
+        return str(getattr(method, "value", method) or "an unknown diffusers quantizer")
     return None
 
 

@@ -115,6 +115,9 @@ FLOORS = {
     "peft": ("0.18.0", "diffusers >= 0.35 needs peft >= 0.17; peft 0.17 imports HybridCache (gone in transformers 5)"),
     # 0.2.7 is the newest release: nothing to lower.
     "optimum-quanto": ("0.2.7", "the newest release (--quantize-base qfloat8)"),
+    # 0.10.0 (diffusers' GGUF quantizer's own floor) to 0.17.0 import sentencepiece, which they do not declare:
+    # `import gguf` fails without it (every GGUF test of test_quantization_backends_audit.py skips or errors).
+    "gguf": ("0.17.1", "gguf < 0.17.1 imports sentencepiece without declaring it (the GGUF audit tests)"),
 }
 
 #: declared lower bounds deliberately not audited
@@ -127,6 +130,7 @@ NOT_AUDITED = {
 FLOOR_TESTS = [
     "tests/test_flux_wiring.py",  # diffusers: FluxKontextPipeline with transformers 5
     "tests/test_warnings_audit.py",  # diffusers 0.40-0.41: a load with torch_dtype= warns (we pass dtype=)
+    "tests/test_quantization_backends_audit.py",  # gguf: sentencepiece imported below 0.17.1
     "tests/test_official_query.py::test_patch_modes_pool_max",  # transformers: CLIP hidden_states
     "tests/test_concurrency.py::test_clip_loads_from_two_threads_leave_transformers_weight_tying_on",  # transformers
     "tests/test_packaging.py::test_repo_root_imports_diffusers_flux_and_transformers",  # transformers: kernels probe

@@ -544,14 +544,14 @@ def test_train_hands_back_the_callers_pipeline_without_optimizer_gradients_or_ho
     """After train() returns: no optimizer (or its state) alive, no .grad on any parameter of the transformer, the
     VAE, the text encoders or the analogy encoder, no module hook, and the transformer's instance attributes as
     before (accelerate's forward patches removed) but for the layerwise-casting skip pattern and the guards of
-    ``save_pretrained`` / ``fuse_qkv_projections`` inject_lorweb adds (``model.REFUSED_WHILE_INJECTED``)."""
+    ``save_pretrained`` / ``fuse_qkv_projections`` / ``dequantize`` inject_lorweb adds (``model.GUARDED_WHILE_INJECTED``)."""
     pipe = trained.pipe
     assert len(trained.optimizers) == 1 and alive(trained.optimizers) == 0
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, trained.encoder.model):
         assert [n for n, p in module.named_parameters() if p.grad is not None] == []
         assert structure(module)["hooks"] == 0
     assert set(pipe.transformer.__dict__) - trained.attributes <= {"_skip_layerwise_casting_patterns",
-                                                                    *lf.model.REFUSED_WHILE_INJECTED}
+                                                                    *lf.model.GUARDED_WHILE_INJECTED}
     assert trained.attributes <= set(pipe.transformer.__dict__)
     assert len(lf.lorweb_layers(pipe.transformer)) > 0
 

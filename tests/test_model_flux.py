@@ -535,7 +535,7 @@ def test_hooked_base_layers_are_not_merged(saved_base):
 
 def test_stock_methods_refused_while_injected_follow_the_model(saved_base, tmp_path, monkeypatch):
     """inject_lorweb sets guards over the transformer's own ``save_pretrained`` / ``fuse_qkv_projections``
-    (``model.REFUSED_WHILE_INJECTED``): refused by name while LoRWeB layers are in, the stock methods again after
+    (``model.GUARDED_WHILE_INJECTED``): refused by name while LoRWeB layers are in, the stock methods again after
     ``remove_lorweb``; a deep copy's and an unpickled copy's guards follow the copy (removing LoRWeB from the copy
     frees the copy's methods, not the original's); the guard holds no reference cycle; an injection that fails
     half way leaves no guard."""
@@ -543,7 +543,7 @@ def test_stock_methods_refused_while_injected_follow_the_model(saved_base, tmp_p
     import weakref
 
     model = injected(saved_base)
-    assert set(lmodel.REFUSED_WHILE_INJECTED) <= set(model.__dict__)
+    assert set(lmodel.GUARDED_WHILE_INJECTED) <= set(model.__dict__)
     with pytest.raises(TypeError, match=r"save_pretrained\(\) of a model holding \d+ LoRWeB layers .*base_layer"):
         model.save_pretrained(tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
@@ -563,7 +563,7 @@ def test_stock_methods_refused_while_injected_follow_the_model(saved_base, tmp_p
     assert ref() is None  # freed without a garbage collection: no cycle through the guards
     model = injected(saved_base)
     lf.remove_lorweb(model)
-    assert not set(lmodel.REFUSED_WHILE_INJECTED) & set(model.__dict__)
+    assert not set(lmodel.GUARDED_WHILE_INJECTED) & set(model.__dict__)
     model.save_pretrained(tmp_path / "stock")
     model.fuse_qkv_projections()  # the stock method again
     model.unfuse_qkv_projections()
@@ -571,4 +571,4 @@ def test_stock_methods_refused_while_injected_follow_the_model(saved_base, tmp_p
     monkeypatch.setattr(lmodel, "_freeze_base_model", lambda m: (_ for _ in ()).throw(RuntimeError("interrupted")))
     with pytest.raises(RuntimeError, match="interrupted"):
         lf.inject_lorweb(fresh, CONFIG)
-    assert not lf.lorweb_layers(fresh) and not set(lmodel.REFUSED_WHILE_INJECTED) & set(fresh.__dict__)
+    assert not lf.lorweb_layers(fresh) and not set(lmodel.GUARDED_WHILE_INJECTED) & set(fresh.__dict__)

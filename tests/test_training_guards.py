@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import types
 import warnings
 from pathlib import Path
 
@@ -422,14 +423,26 @@ def test_optimizer_state_keeps_group_settings_and_follows_names_not_order():
 
 
 # ----------------------------------------------------------------------------------------- quantization
-@pytest.mark.parametrize("module,kind", [(module_from_package("optimum.quanto.nn.qlinear"), "quanto"),
-                                         (module_from_package("bitsandbytes.nn.modules"), "bitsandbytes"),
-                                         (module_from_package("torch.nn", is_quantized=True), "bitsandbytes"),
-                                         (module_from_package("torch.nn"), None)],
-                         ids=["quanto", "bitsandbytes", "is_quantized", "plain"])
+def _diffusers_quantizer(method):
+    """A stand-in for a diffusers model's ``hf_quantizer`` whose config has ``quant_method`` (an enum, as diffusers'
+    ``QuantizationMethod``, whose ``value`` is the name)."""
+    return types.SimpleNamespace(quantization_config=types.SimpleNamespace(
+        quant_method=types.SimpleNamespace(value=method)))
+
+
+@pytest.mark.parametrize("module,kind", [
+    (module_from_package("optimum.quanto.nn.qlinear"), "quanto"),
+    (module_from_package("bitsandbytes.nn.modules"), "bitsandbytes"),
+    (module_from_package("torchao.quantization"), "torchao"),
+    (module_from_package("diffusers.quantizers.gguf.utils"), "gguf"),
+    (module_from_package("torch.nn", is_quantized=True, hf_quantizer=_diffusers_quantizer("bf16_fp8")), "bf16_fp8"),
+    (module_from_package("torch.nn", is_quantized=True), "an unknown diffusers quantizer"),
+    (module_from_package("torch.nn"), None)],
+    ids=["quanto", "bitsandbytes", "torchao", "gguf", "diffusers_config", "is_quantized", "plain"])
 def test_quantization_kind(module, kind):
-    """optimum-quanto and bitsandbytes layers are told apart by their package; a diffusers model flagged
-    ``is_quantized`` counts as bitsandbytes; a plain module is not quantized."""
+    """optimum-quanto, bitsandbytes, torchao and diffusers' GGUF layers are told apart by their package (a GGUF or
+    torchao model is not "bitsandbytes", which quantize_base int8 / nf4 mean); another diffusers ``is_quantized``
+    model by its config's ``quant_method``; a plain module is not quantized."""
     assert training.quantization_kind(module) == kind
 
 
