@@ -356,6 +356,11 @@ def test_gguf_pipeline_runs_unmerged_under_auto_and_refuses_named_merges(tmp_pat
 def test_gguf_dequantize_after_injection_keeps_the_wrapped_base_frozen(gguf_file):
     """transformer.dequantize() after inject_lorweb: the outputs stay the same, and the wrapped base layers (now
     plain nn.Linear) stay frozen, as LoRWeBLinear promises for its base."""
+    from packaging.version import Version
+
+    if Version(diffusers.__version__) < Version("0.41") and not torch.cuda.is_available():
+        pytest.skip("diffusers < 0.41's GGUF dequantize() moves a CPU model to torch.accelerator's current device, "
+                    "CUDA on a CUDA build of torch even without a GPU")
     model = _load_gguf(gguf_file)
     inject_random_lorweb(model)
     inputs = tiny_flux_inputs()
