@@ -392,7 +392,7 @@ def _torchao_configs():
 def _torchao_model(kind="int8wo", dtype=torch.float32, seed=0):
     """The tiny transformer with every nn.Linear quantized by ``torchao.quantization.quantize_`` (as diffusers'
     TorchAoConfig does), before any injection."""
-    from torchao.quantization import quantize_
+    quantize_ = pytest.importorskip("torchao.quantization").quantize_
 
     model = _tiny(seed, dtype)
     quantize_(model, _torchao_configs()[kind]())
@@ -491,7 +491,7 @@ def test_torchao_save_and_load_of_lorweb_weights(tmp_path):
 def _quantized_after_injection(kind="int8wo"):
     """The tiny transformer with LoRWeB injected, then torchao's ``quantize_`` over the whole model: it quantizes
     every nn.Linear's weight in place of the module, att_lora_to_q's included (the module stays an nn.Linear)."""
-    from torchao.quantization import quantize_
+    quantize_ = pytest.importorskip("torchao.quantization").quantize_
 
     model = _tiny()
     inject_random_lorweb(model)
@@ -547,7 +547,7 @@ def test_torchao_float8_after_injection_per_forward_is_refused():
 def test_torchao_quantizing_only_the_wrapped_bases_after_injection_works():
     """quantize_ restricted to the LoRWeB layers' base layers after injection (att_lora_to_q left alone): set_query
     works, the layers switch to the delta-only path and return base(x) + the mixture, and merges are refused."""
-    from torchao.quantization import quantize_
+    quantize_ = pytest.importorskip("torchao.quantization").quantize_
 
     model = _tiny()
     inject_random_lorweb(model)
@@ -567,7 +567,7 @@ def test_quantizing_while_fused_then_unfuse_never_double_counts(strategy):
     "offload" raise naming the quantization (the layers stay marked merged, their output is the fused one: the
     original cannot be put back into a quantized weight); "jit" changed no weight and is back to base(x) + the
     mixture (within the int8 rounding); never the merged weight plus the mixture again."""
-    from torchao.quantization import quantize_
+    quantize_ = pytest.importorskip("torchao.quantization").quantize_
 
     model = _tiny()
     inject_random_lorweb(model)
@@ -691,7 +691,7 @@ def test_trainer_trains_a_pipeline_quantized_beforehand(train_assets, tmp_path, 
         pytest.importorskip("gguf")
         _gguf_blocks(transformer)
     else:
-        from torchao.quantization import quantize_
+        quantize_ = pytest.importorskip("torchao.quantization").quantize_
 
         quantize_(transformer, _torchao_configs()["int8wo"](),
                   filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and "transformer_blocks" in fqn)
@@ -708,49 +708,57 @@ def test_trainer_trains_a_pipeline_quantized_beforehand(train_assets, tmp_path, 
 
 # ------------------------------------------------------------------------ Triton's interpreter (one subprocess)
 TRITON_SCRIPT = r"""
-import torch, gguf
+import sys
+import torch
 import lorweb_fast as lf
-from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
-from torchao.quantization import quantize_, Int8WeightOnlyConfig
 
 torch.manual_seed(0)
 lin = torch.nn.Linear(64, 48)
-q8 = gguf.GGMLQuantizationType.Q8_0
-g = GGUFLinear(64, 48, True, compute_dtype=torch.float32)
-g.weight = GGUFParameter(torch.from_numpy(gguf.quants.quantize(lin.weight.detach().numpy(), q8)), quant_type=q8)
-g.bias = torch.nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-a = torch.nn.Sequential(torch.nn.Linear(64, 48))
-quantize_(a, Int8WeightOnlyConfig())
+if sys.argv[1] == "gguf":
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    base = GGUFLinear(64, 48, True, compute_dtype=torch.float32)
+    base.weight = GGUFParameter(torch.from_numpy(gguf.quants.quantize(lin.weight.detach().numpy(), q8)),
+                                quant_type=q8)
+    base.bias = torch.nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+else:
+    from torchao.quantization import quantize_, Int8WeightOnlyConfig
+
+    a = torch.nn.Sequential(lin)
+    quantize_(a, Int8WeightOnlyConfig())
+    base = a[0]
 worst = 0.0
-for base in (g, a[0]):
-    results = {}
-    for backend in ("torch", "triton"):
-        torch.manual_seed(1)
-        layer = lf.LoRWeBLinear(base, num_loras=3, rank=4, key_dim=8, query_dim=12, backend=backend)
-        with torch.no_grad():
-            layer.lora_B.normal_()
-        layer.set_coefficients(torch.softmax(torch.randn(2, 3), -1))
-        x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
-        y = layer(x)
-        y.backward(torch.ones_like(y))
-        results[backend] = (y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)
-    for t, r in zip(results["triton"], results["torch"]):
-        worst = max(worst, ((t - r).abs().max() / r.abs().max().clamp(min=1)).item())
+results = {}
+for backend in ("torch", "triton"):
+    torch.manual_seed(1)
+    layer = lf.LoRWeBLinear(base, num_loras=3, rank=4, key_dim=8, query_dim=12, backend=backend)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.set_coefficients(torch.softmax(torch.randn(2, 3), -1))
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    results[backend] = (y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)
+for t, r in zip(results["triton"], results["torch"]):
+    worst = max(worst, ((t - r).abs().max() / r.abs().max().clamp(min=1)).item())
 print("WORST", worst)
 """
 
 
-def test_triton_interpreter_delta_only_path_on_gguf_and_torchao_bases(tmp_path):
+@pytest.mark.parametrize("kind", ["gguf", "torchao"])
+def test_triton_interpreter_delta_only_path_on_gguf_and_torchao_bases(tmp_path, kind):
     """backend='triton' under TRITON_INTERPRET=1 (a subprocess: it must be set before triton is imported) over a
     GGUF Q8_0 and a torchao int8 base: the delta-only path's output and the input / basis gradients equal the torch
     backend's."""
-    pytest.importorskip("gguf")
-    pytest.importorskip("torchao")
+    pytest.importorskip(kind)
     pytest.importorskip("triton")
     script = tmp_path / "triton_check.py"
     script.write_text(textwrap.dedent(TRITON_SCRIPT))
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(script), kind], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     worst = float(done.stdout.split("WORST")[-1])
     assert worst < 1e-5, done.stdout
