@@ -409,6 +409,8 @@ def test_offload_is_chosen_only_when_host_memory_holds_the_copy(monkeypatch):
     layer = types.SimpleNamespace(base_layer=types.SimpleNamespace(weight=weight))
     monkeypatch.setattr(flux, "lorweb_layers", lambda model: {"l": layer})
     monkeypatch.setattr(flux, "adapted_weight_bytes", lambda model: 1000)
+    monkeypatch.setattr(flux, "has_plain_weight", lambda base: True)  # (the stand-in: a mergeable base)
+    monkeypatch.setattr(flux, "has_forward_hooks", lambda base: False)
     model = torch.nn.Module()
     assert flux.choose_merge_strategy(model, free_bytes=1000, host_free_bytes=1000) == "jit"  # 1000 > 0.75 * 1000
     assert flux.choose_merge_strategy(model, free_bytes=1000, host_free_bytes=1400) == "offload"
