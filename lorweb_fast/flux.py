@@ -518,11 +518,14 @@ def choose_merge_strategy(model: nn.Module, *, free_bytes: Optional[int] = None,
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRWeB layers")
     for name, layer in layers.items():
-        if not has_plain_weight(layer.base_layer) or has_forward_hooks(layer.base_layer):
-            weight = getattr(layer.base_layer, "weight", None)
-            raise TypeError(f"no merge strategy for {type(model).__name__}: the base layer of {name} "
-                            f"({type(layer.base_layer).__name__}, weight {type(weight).__name__}) is quantized or "
-                            "has offload or casting hooks, which no strategy merges into; run it unmerged")
+        base = layer.base_layer
+        why = (f"is not a plain nn.Linear over a tensor weight ({type(base).__name__}, weight "
+               f"{type(getattr(base, 'weight', None)).__name__}: a quantized layer or a peft adapter)"
+               if not has_plain_weight(base) else
+               "has forward hooks (offloading, layerwise casting or your own)" if has_forward_hooks(base) else None)
+        if why:
+            raise TypeError(f"no merge strategy for {type(model).__name__}: the base layer of {name} {why}, which "
+                            "no strategy merges into; run it unmerged")
     need = adapted_weight_bytes(model)
     device = next(iter(layers.values())).base_layer.weight.device
     free = free_memory_bytes(device) if free_bytes is None else int(free_bytes)

@@ -96,7 +96,7 @@ def replaced_query_projection_error(name: str, layer: nn.Module) -> Optional[str
     if type(proj).forward is nn.Linear.forward:
         weight = proj._parameters.get("weight")
         weight = proj._buffers.get("weight") if weight is None else weight  # ("none": the identity buffer)
-        if weight is None or type(weight) in (nn.Parameter, torch.Tensor) or _is_dtensor(weight):
+        if weight is None or _torch_tensor_type(weight):
             return None  # (None: parametrized, refused where it matters)
         return (f"layer {name}: its att_lora_to_q weight is a {type(weight).__name__}, not a plain tensor (the "
                 "model was quantized after LoRWeB was injected, e.g. by torchao's quantize_, which keeps the "
@@ -114,13 +114,11 @@ def replaced_query_projection_error(name: str, layer: nn.Module) -> Optional[str
             "loading a checkpoint")
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 / tensor-parallel sharding)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+def _torch_tensor_type(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a tensor of torch's own (a plain tensor or Parameter, a DTensor of FSDP2, the FakeTensor /
+    FunctionalTensor of torch.export, make_fx and fake-mode tracing), not a quantized subclass of another package
+    (torchao, diffusers' GGUFParameter, optimum-quanto, bitsandbytes)."""
+    return type(t) in (nn.Parameter, torch.Tensor) or type(t).__module__.startswith("torch.")
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -592,6 +590,10 @@ class LoRWeBLinear(nn.Module):
             self._warn_routing_gets_no_gradient(sources)  # (a tuple here: False, stale, raised above)
         if coeffs is None and self._query is not None:
             weight = self.att_lora_to_q.weight
+            if not torch.compiler.is_compiling() and not _torch_tensor_type(weight):  # quantized after set_query
+                why = replaced_query_projection_error("LoRWeBLinear", self)
+                raise ValueError(why or f"LoRWeBLinear: its att_lora_to_q weight is a {type(weight).__name__}, not a "
+                                        "plain tensor")
             query = self._query.to(weight.device, torch.float32 if fp32 else weight.dtype)
             coeffs = self.coefficients_from_query(query, fp32=fp32)
         if coeffs is None:

@@ -389,25 +389,28 @@ def _refusing(why):
     return guard
 
 
-def _keeping_wrapped_bases_frozen(model: nn.Module, call):
+def _keeping_frozen_layers_frozen(model: nn.Module, call):
     """diffusers' ``dequantize()`` puts new modules (``nn.Linear`` with trainable weights) in place of the quantized
-    base layers the LoRWeB layers wrap (GGUF, bitsandbytes, torchao): the bases the LoRWeB layers keep frozen would
-    get gradients (trained by an optimizer built from ``requires_grad``). Their flags are put back after it."""
-    frozen = {name: not any(p.requires_grad for p in layer.base_layer.parameters())
-              for name, layer in lorweb_layers(model).items()}
+    layers (GGUF, bitsandbytes, torchao), the base layers the LoRWeB layers wrap and the model's other layers alike:
+    with ``inject_lorweb``'s frozen base they would get gradients (trained by an optimizer built from
+    ``requires_grad``). A module whose own parameters were all frozen before the call has them frozen after it."""
+    frozen = {name: True for name, module in model.named_modules()
+              if any(True for _ in module.parameters(recurse=False))
+              and not any(p.requires_grad for p in module.parameters(recurse=False))}
     try:
         return call()
     finally:
-        for name, layer in lorweb_layers(model).items():
+        for name, module in model.named_modules():
             if frozen.get(name):
-                layer.base_layer.requires_grad_(False)
+                for param in module.parameters(recurse=False):
+                    param.requires_grad_(False)
 
 
 #: stock methods of the model that cannot work as they are while it holds LoRWeB layers: {name: guard(model, call)},
 #: ``call()`` being the stock method with the caller's arguments
 GUARDED_WHILE_INJECTED = {"save_pretrained": _refusing(_save_pretrained_refusal),
                           "fuse_qkv_projections": _refusing(_fuse_qkv_refusal),
-                          "dequantize": _keeping_wrapped_bases_frozen}
+                          "dequantize": _keeping_frozen_layers_frozen}
 
 
 class _GuardedWhileInjected:
@@ -430,6 +433,10 @@ class _GuardedWhileInjected:
 
     def __reduce__(self):
         return type(self), (self._model(), self.name)
+
+
+#: the guard's name before the thirty-eighth session: whole-model pickles (``torch.save(model)``) made then load
+_RefusedWhileInjected = _GuardedWhileInjected
 
 
 def _guard_methods_while_injected(model: nn.Module) -> None:

@@ -142,6 +142,7 @@ def test_bench_flux_block_smoke(tmp_path, monkeypatch):
     assert data["tf32"] is False and "timing" in data and data["complete"] is True
 
 
+@pytest.mark.slow
 def test_bench_flux_block_times_the_trainers_fp32_masters_in_a_16_bit_run(tmp_path):
     """In bf16 the training rows include ``lorweb_fast_fp32_masters`` (fp32 LoRWeB tensors on the bf16 block, the
     trainer's arithmetic), checked against float64 like the others; an fp32 run has no such row (it would repeat

@@ -526,7 +526,7 @@ def test_torchao_quantize_after_injection_failed_load_changes_nothing(tmp_path):
     path = _saved_other_lorweb(tmp_path / "o.safetensors")
     before = {name: {k: (v.dequantize() if _quantized_weight(v) else v).detach().clone()
                      for k, v in layer.lorweb_tensors().items()} for name, layer in lf.lorweb_layers(model).items()}
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="att_lora_to_q weight is a"):
         lf.load_lorweb_weights(model, path)
     for name, layer in lf.lorweb_layers(model).items():
         for k, v in layer.lorweb_tensors().items():
@@ -666,6 +666,93 @@ def test_a_base_quantized_while_fused_is_not_unfused_into_a_double_mixture(strat
     assert layers[name]._merged and not any(l._merged for n, l in layers.items() if n != name)
     with torch.no_grad():  # the other layers unmerged: base + mixture; this one: its merged weight alone
         assert torch.allclose(model(**inputs).sample, fused_want, atol=1e-5)
+
+
+def test_a_per_forward_query_set_before_a_quantization_of_its_projection_is_refused_at_the_forward():
+    """set_query(per_forward=True), then the query projections' weights swapped for a tensor subclass (a
+    whole-model quantization after set_query): the next forward raises the ValueError naming att_lora_to_q and the
+    weight type instead of computing coefficients from the quantized (and frozen) projection."""
+    model = _tiny()
+    inject_random_lorweb(model)
+    lf.set_query(model, _query(), per_forward=True)
+    for layer in lf.lorweb_layers(model).values():
+        _swap_in_stand_in(layer.att_lora_to_q)
+    with pytest.raises(ValueError, match="att_lora_to_q weight is a _QuantizedStandIn"):
+        model(**tiny_flux_inputs())
+
+
+@pytest.mark.parametrize("tracer", ["export", "make_fx"])
+@pytest.mark.filterwarnings("ignore:The tensor attribute .* was assigned during export")  # (set_query's state)
+def test_set_query_traces_with_torchs_own_tensor_subclasses(tracer):
+    """The query-projection check accepts torch's own tensor subclasses: a step that calls set_query (per_forward
+    and not) traces under torch.export (non-strict: FakeTensor parameters) and make_fx over functional_call
+    (FunctionalTensor / FakeTensor), and gives the eager output. (The first version of the check refused them as
+    'quantized'.)"""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(12, 10))
+    lf.inject_lorweb(inner, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=6, target_modules=["0"]))
+
+    class Step(nn.Module):
+        def __init__(self, per_forward):
+            super().__init__()
+            self.inner, self.per_forward = inner, per_forward
+
+        def forward(self, x, q):
+            lf.set_query(self.inner, q, per_forward=self.per_forward, check_finite=False)
+            return self.inner(x)
+
+    x, q = torch.randn(2, 5, 12), torch.randn(2, 6)
+    for per_forward in (False, True):
+        step = Step(per_forward)
+        with torch.no_grad():
+            want = step(x, q)
+            if tracer == "export":
+                got = torch.export.export(step, (x, q), strict=False).module()(x, q)
+            else:
+                params = dict(step.named_parameters())
+                traced = make_fx(lambda p, x, q: torch.func.functional_call(step, p, (x, q)),
+                                 tracing_mode="fake")(params, x, q)
+                got = traced(params, x, q)
+        torch.testing.assert_close(got, want)
+        lf.clear_query(inner)
+
+
+def test_dequantize_keeps_every_frozen_layer_frozen_not_only_the_wrapped_bases(gguf_file):
+    """transformer.dequantize() on a GGUF model where LoRWeB wraps only the attention query projections: every layer
+    diffusers replaces (wrapped or not) stays frozen, as inject_lorweb's freeze_base_model left the model; only the
+    LoRWeB tensors require grad."""
+    from packaging.version import Version
+
+    if Version(diffusers.__version__) < Version("0.41") and not torch.cuda.is_available():
+        pytest.skip("diffusers < 0.41's GGUF dequantize() moves a CPU model to CUDA (see above)")
+    model = _load_gguf(gguf_file)
+    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=QUERY_DIM,
+                                            target_modules=r".*attn\.to_q"))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} and all(
+        _is_lorweb(n) for n, p in model.named_parameters() if p.requires_grad)
+    model.dequantize()
+    assert not any(type(m).__name__ == "GGUFLinear" for m in model.modules())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(_is_lorweb(n) for n in trainable), [n for n in trainable if not _is_lorweb(n)][:5]
+
+
+def test_a_model_pickled_with_the_old_guard_name_loads():
+    """Whole-model pickles made before the guards were renamed (``_RefusedWhileInjected``) load, and their guard
+    still refuses save_pretrained while LoRWeB layers are in."""
+    import io
+
+    model = _tiny()
+    inject_random_lorweb(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    data = buffer.getvalue()
+    old = data.replace(b"_GuardedWhileInjected", b"_RefusedWhileInjected")  # (same length: a valid pickle)
+    assert old != data
+    loaded = torch.load(io.BytesIO(old), weights_only=False)
+    with pytest.raises(TypeError, match="LoRWeB"):
+        loaded.save_pretrained("never-written")
 
 
 # ------------------------------------------------------------------------------- the trainer on GGUF / torchao

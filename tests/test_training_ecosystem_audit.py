@@ -580,7 +580,7 @@ def _optimizer(kind, params):
                                                   "fused": dict(fused=True)}[kind])
 
 
-_UNSEEN_STEP = pytest.mark.xfail(strict=True, reason="documented (README, record_coefficient_sources): this "
+_UNSEEN_STEP = pytest.mark.xfail(strict=True, raises=AssertionError, reason="documented (README, record_coefficient_sources): this "
                                  "optimizer's step changes no version counter, so a no-autograd forward after it "
                                  "uses the old coefficients")
 
