@@ -14,10 +14,10 @@ and a named backend that cannot run raises instead of falling back.
 
 Graph capture is checked with ``backend="aot_eager"`` (AOTAutograd: forward and backward graphs, no codegen);
 inductor runs once per quantizer on one layer. GGUF uses ``backend="eager"`` for the model-level capture: stock
-diffusers' GGUF blocks fail under ``aot_eager`` without LoRWeB (a strict xfail: ``test_gguf_stock_blocks_compile_under_aot_eager``).
+diffusers' GGUF blocks fail under ``aot_eager`` without LoRWeB (a strict xfail:
+``test_gguf_stock_blocks_compile_under_aot_eager``).
 """
 
-import sys
 import types
 import warnings
 from pathlib import Path
@@ -29,11 +29,11 @@ from torch import nn
 import lorweb_fast as lf
 from lorweb_fast import lora_api, ops
 from lorweb_fast.layer import has_plain_weight
-from lorweb_fast.testing import inject_random_lorweb, one_intra_op_thread, tiny_flux_inputs
+from lorweb_fast.testing import inject_random_lorweb, load_module_from_file, one_intra_op_thread, tiny_flux_inputs
 
 diffusers = pytest.importorskip("diffusers")
-sys.path.insert(0, str(Path(__file__).parent))
-import test_quantization_backends_audit as qa  # noqa: E402  (its GGUF / torchao helpers and tiny models)
+#: the quantization audit's GGUF / torchao helpers and tiny models (loaded from its file: no sys.path change)
+qa = load_module_from_file(Path(__file__).with_name("test_quantization_backends_audit.py"), "quant_audit_helpers")
 
 KINDS = ["gguf", "torchao_int8", "quanto_qfloat8", "bnb_int8", "bnb_nf4"]
 IN, OUT, QUERY_DIM = 64, 64, 6  # GGUF Q8_0: in % 32 == 0; bitsandbytes nf4 packs for CPU: out % 32 == 0
