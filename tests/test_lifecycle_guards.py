@@ -544,7 +544,8 @@ def test_train_hands_back_the_callers_pipeline_without_optimizer_gradients_or_ho
     """After train() returns: no optimizer (or its state) alive, no .grad on any parameter of the transformer, the
     VAE, the text encoders or the analogy encoder, no module hook, and the transformer's instance attributes as
     before (accelerate's forward patches removed) but for the layerwise-casting skip pattern and the guards of
-    ``save_pretrained`` / ``fuse_qkv_projections`` / ``dequantize`` inject_lorweb adds (``model.GUARDED_WHILE_INJECTED``)."""
+    ``save_pretrained`` / ``fuse_qkv_projections`` / ``dequantize`` inject_lorweb adds
+    (``model.GUARDED_WHILE_INJECTED``)."""
     pipe = trained.pipe
     assert len(trained.optimizers) == 1 and alive(trained.optimizers) == 0
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, trained.encoder.model):
