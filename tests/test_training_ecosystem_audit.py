@@ -580,6 +580,18 @@ def _optimizer(kind, params):
                                                   "fused": dict(fused=True)}[kind])
 
 
+def _one_stepped_model(kind):
+    """A tiny pair model after one training step (set_query with autograd, forward, backward, ``kind``'s
+    optimizer.step()): (model, optimizer, batch)."""
+    m = tiny_pair_model().train()
+    opt = _optimizer(kind, list(trainable(m).values()))
+    x, q, target = pair_batch(0)
+    lf.set_query(m, q)
+    (m(x) - target).square().mean().backward()
+    opt.step()
+    return m, opt, (x, q, target)
+
+
 _UNSEEN_STEP = pytest.mark.xfail(strict=True, raises=AssertionError, reason="documented (README, record_coefficient_sources): this "
                                  "optimizer's step changes no version counter, so a no-autograd forward after it "
                                  "uses the old coefficients")
@@ -592,12 +604,7 @@ def test_forward_after_an_optimizer_step_without_a_new_set_query_is_not_silently
     the same batch under ``no_grad`` (e.g. logging the post-step output) without calling ``set_query`` again: it must
     give what a fresh ``set_query`` gives, or raise naming set_query (the README: 'an optimizer step makes the set
     coefficients stale')."""
-    m = tiny_pair_model().train()
-    opt = _optimizer(kind, list(trainable(m).values()))
-    x, q, target = pair_batch(0)
-    lf.set_query(m, q)
-    (m(x) - target).square().mean().backward()
-    opt.step()
+    m, _, (x, q, _) = _one_stepped_model(kind)
     twin = tiny_pair_model()
     twin.load_state_dict(m.state_dict())
     with torch.no_grad():
@@ -617,12 +624,7 @@ def test_a_training_step_on_coefficients_older_than_an_optimizer_step_raises(kin
     reuses ``set_query``'s coefficients after ``optimizer.step()`` raises, naming set_query, or with torch's
     'backward through the graph a second time' (the coefficients' graph was freed by the first backward); it never
     trains on coefficients from the routing before the step."""
-    m = tiny_pair_model().train()
-    opt = _optimizer(kind, list(trainable(m).values()))
-    x, q, target = pair_batch(0)
-    lf.set_query(m, q)
-    (m(x) - target).square().mean().backward()
-    opt.step()
+    m, opt, (x, _, target) = _one_stepped_model(kind)
     opt.zero_grad()
     before = snapshot(m)
     with pytest.raises(RuntimeError, match="set_query|backward through the graph a second time"):
