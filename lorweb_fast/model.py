@@ -531,7 +531,8 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
         if replaced:
             raise ValueError(replaced)
         w = layer.att_lora_to_q.weight
-        if w.device.type == "meta":  # per_forward too: the layer's forward reads att_lora_to_q's weight directly
+        if any(t.device.type == "meta" for t in (w, layer.lora_A, layer.lora_B, layer.lora_keys)):
+            # per_forward too: the layer's forward reads att_lora_to_q's weight directly (and the basis)
             raise ValueError(f"layer {name} has its LoRWeB weights on the meta device (e.g. sequential CPU offload, "
                              "which keeps weights only inside each module's forward): the coefficients cannot be "
                              "computed from them (here, or per forward); use enable_model_cpu_offload or block-level "
@@ -697,6 +698,7 @@ def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     state = {}
     layers = _require_layers(model)
+    refuse_disk_group_offloading(layers, group_offloading_modes(model), "lorweb_state_dict / save_lorweb_weights")
     for name, layer in layers.items():
         replaced = replaced_query_projection_error(name, layer)
         if replaced:
