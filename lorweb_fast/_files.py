@@ -85,19 +85,40 @@ def atomic_write(path: Union[str, os.PathLike], write, *, sync: bool = False) ->
     absent. The temporary name ``.<name>.<random>.tmp`` ends in .tmp, not in an image extension: a killed run's
     leftover is never read as a sample (the writers pass the format explicitly). ``sync``: the temporary is flushed
     to disk before the rename (for files whose presence marks work as done). An OSError that names no file (a full
-    disk) names ``path``."""
+    disk) names ``path``; the folders it created for ``path`` are removed again after a failure (left empty)."""
     path = Path(path)
+    created = missing_folders(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_file(path.parent, temporary_prefix(path))
+    tmp = None
     try:
+        tmp = temporary_file(path.parent, temporary_prefix(path))
         with naming_the_file(path):
             write(Path(tmp))
             if sync:
                 sync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        remove_empty_folders(created)
         raise
+
+
+def missing_folders(folder: Union[str, os.PathLike]) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first: what ``mkdir(parents=True)``
+    creates, and a failed call removes again with ``remove_empty_folders``."""
+    folder = Path(folder)
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first, as ``missing_folders`` gives them) while they are empty; stops at the
+    first that is not (another writer's files) or cannot be removed. Never raises an OSError."""
+    for folder in folders:
+        try:
+            Path(folder).rmdir()
+        except OSError:
+            break
 
 
 def append_text(path: Union[str, os.PathLike], text: str) -> None:
@@ -344,7 +365,7 @@ class FolderLock:
         except ImportError:  # no flock: not locked
             return
         folder = Path(self.folder)
-        self.created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+        self.created = missing_folders(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             while True:
@@ -441,9 +462,5 @@ class FolderLock:
 
     def _remove_created(self) -> None:
         """Remove the folders ``acquire`` created, innermost first, while they are empty."""
-        for folder in self.created:
-            try:
-                folder.rmdir()  # only when empty
-            except OSError:
-                break
+        remove_empty_folders(self.created)
         self.created = []

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from . import ops
-from ._files import default_permissions, naming_the_file, temporary_file, write_temporary_text
+from ._files import (default_permissions, missing_folders, naming_the_file, remove_empty_folders, temporary_file,
+                     write_temporary_text)
 from . import _locks
 from ._locks import holding_analogy, serialized_on_model
 from .layer import (LoRWeBLinear, default_adapter_dtype, group_offloading_members, group_offloading_modes,
@@ -857,11 +858,7 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         from .official_config import AITK_HASH_PLACEHOLDERS, aitk_model_hashes
 
         meta.update(AITK_HASH_PLACEHOLDERS)
-    created = []  # the folders this call makes, outermost first (removed again when it fails)
-    parent = directory
-    while not os.path.isdir(parent):
-        created.insert(0, parent)
-        parent = os.path.dirname(parent)
+    created = missing_folders(directory)  # the folders this call makes (removed again when it fails)
     # the files of one save replaced together: another thread saving into this folder waits (never one save's
     # config.yaml beside the other's weights)
     with _locks.folder_files_lock(directory):
@@ -899,9 +896,7 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
             for tmp, _ in temps:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-            for folder in reversed(created):
-                if os.path.isdir(folder) and not os.listdir(folder):
-                    os.rmdir(folder)
+            remove_empty_folders(created)
             raise
     for _, kept in replaced:  # everything is in place: a copy that cannot be removed is no failure of the save
         if kept is not None:

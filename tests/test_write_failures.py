@@ -197,6 +197,31 @@ def test_failed_save_into_a_new_folder_removes_the_folders_it_made(tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failed_atomic_write_into_a_new_folder_removes_the_folders_it_made(tmp_path):
+    """Every atomic writer (images, logs, configs, plots) into a folder that does not exist yet: a write that fails
+    leaves no folder behind (only those it made: an existing parent, and one another writer filled meanwhile,
+    stay)."""
+    from lorweb_fast import _files
+
+    def failing(tmp):
+        Path(tmp).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        _files.atomic_write(tmp_path / "a" / "b" / "out.png", failing)
+    assert list(tmp_path.iterdir()) == []
+
+    def filled_meanwhile(tmp):
+        (tmp_path / "a" / "other.txt").write_text("another writer's file")
+        failing(tmp)
+
+    with pytest.raises(OSError):
+        _files.atomic_write(tmp_path / "a" / "b" / "out.png", filled_meanwhile)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["a", "a/other.txt"]
+    _files.atomic_write(tmp_path / "a" / "b" / "out.png", lambda tmp: Path(tmp).write_bytes(b"ok"))
+    assert (tmp_path / "a" / "b" / "out.png").read_bytes() == b"ok"
+
+
 def test_failed_save_names_the_file(tmp_path, monkeypatch):
     """The error of a save that fails for a full disk names the file being saved."""
     model = tiny_lorweb_linear_model()
