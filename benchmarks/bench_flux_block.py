@@ -135,11 +135,9 @@ def build_models(cfg, device, dtype):
     official = copy.deepcopy(ours)
     for layer in lf.lorweb_layers(official).values():
         layer.__class__ = OfficialEinsumLinear
-    as_run = copy.deepcopy(ours)
+    as_run = fp32_masters(ours)  # the official trainer's fp32 masters; the base layer keeps the block dtype
     for layer in lf.lorweb_layers(as_run).values():
         layer.__class__ = OfficialAsRunLinear
-        for t in layer.lorweb_tensors().values():
-            t.data = t.data.float()  # fp32 masters; the base layer keeps the block dtype
     return base, ours, official, as_run
 
 

@@ -218,6 +218,22 @@ MERGE_STRATEGIES = ("full", "offload", "jit")
 DEFAULT_ADAPTER_NAME = "lorweb"
 
 
+def _base_description(base: nn.Module) -> str:
+    """A base layer's class and its weight's type for error messages: ``GGUFLinear (weight GGUFParameter)``."""
+    return f"{type(base).__name__} (weight {type(getattr(base, 'weight', None)).__name__})"
+
+
+def _unmergeable_base(base: nn.Module) -> Optional[str]:
+    """Why no merge strategy can merge into the base layer ``base`` (the end of a sentence starting "its base
+    layer"), or None: a quantized or replaced weight, or forward hooks."""
+    if not has_plain_weight(base):
+        return f"{_base_description(base)} has no plain tensor weight (quantized layers run unmerged)"
+    if has_forward_hooks(base):
+        return ("has forward hooks (offloading or layerwise casting keep its weight elsewhere or in a storage dtype "
+                "outside its forward, where a merge would be lost or rounded)")
+    return None
+
+
 def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear]:
     """The LoRWeB layers of ``model`` after checking, before anything changes, that ``strategy`` can merge them."""
     if strategy not in MERGE_STRATEGIES:
@@ -240,14 +256,9 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
                             f"({type(layer.base_layer).__name__}, a peft / diffusers LoRA added after LoRWeB); "
                             "LoRWeB does not stack with peft adapters: unload it (transformer.unload_lora()) or run "
                             "unmerged (merge='none')")
-        if not has_plain_weight(layer.base_layer):
-            weight = getattr(layer.base_layer, "weight", None)
-            raise TypeError(f"cannot merge into {name}: its base layer {type(layer.base_layer).__name__} (weight "
-                            f"{type(weight).__name__}) has no plain tensor weight (quantized layers run unmerged)")
-        if has_forward_hooks(layer.base_layer):
-            raise TypeError(f"cannot merge into {name}: its base layer has forward hooks (offloading or layerwise "
-                            "casting keep its weight elsewhere or in a storage dtype outside its forward, where a "
-                            "merge would be lost or rounded); run it unmerged (merge='none')")
+        why = _unmergeable_base(layer.base_layer)
+        if why:
+            raise TypeError(f"cannot merge into {name}: its base layer {why}; run it unmerged (merge='none')")
         if layer._merged or layer._merge_jit:
             raise RuntimeError(f"{name} is already merged (nested merged() blocks)")
         coeffs = layer.coefficients
@@ -370,11 +381,9 @@ def _refuse_restore_into_a_replaced_weight(layer: LoRWeBLinear) -> None:
     of a quantized tensor changes nothing), so the restore fails and the layer stays marked merged (unmerged, its
     forward would add the mixture a second time)."""
     if not has_plain_weight(layer.base_layer):
-        weight = getattr(layer.base_layer, "weight", None)
-        raise TypeError(f"its base layer ({type(layer.base_layer).__name__}, weight "
-                        f"{type(weight).__name__}) was quantized or replaced while merged: the original weight "
-                        "cannot be put back; it keeps the merged weight (rebuild the model, or quantize it only "
-                        "after unfusing)")
+        raise TypeError(f"its base layer {_base_description(layer.base_layer)} was quantized or replaced while "
+                        "merged: the original weight cannot be put back; it keeps the merged weight (rebuild the "
+                        "model, or quantize it only after unfusing)")
 
 
 def _swap_back(layer: LoRWeBLinear, original: torch.Tensor) -> None:
@@ -518,11 +527,7 @@ def choose_merge_strategy(model: nn.Module, *, free_bytes: Optional[int] = None,
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRWeB layers")
     for name, layer in layers.items():
-        base = layer.base_layer
-        why = (f"is not a plain nn.Linear over a tensor weight ({type(base).__name__}, weight "
-               f"{type(getattr(base, 'weight', None)).__name__}: a quantized layer or a peft adapter)"
-               if not has_plain_weight(base) else
-               "has forward hooks (offloading, layerwise casting or your own)" if has_forward_hooks(base) else None)
+        why = _unmergeable_base(layer.base_layer)
         if why:
             raise TypeError(f"no merge strategy for {type(model).__name__}: the base layer of {name} {why}, which "
                             "no strategy merges into; run it unmerged")
