@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mixed_lora import (DTYPES, RESULTS_DIR, Timer, device_clocks, device_name, git_commit,  # noqa: E402
                               installed_triton_version, nonnegative_int, positive_int, profile_averages,
-                              profile_sort_key, safe_file_stem, seconds, tf32_off)
+                              profile_sort_key, safe_file_stem, seconds, tf32_matmuls, tf32_off)
 
 import lorweb_fast as lf  # noqa: E402
 from lorweb_fast.layer import LoRWeBLinear  # noqa: E402
@@ -367,7 +367,7 @@ def run(args) -> dict:
         record = dict(label="GPU" if on_gpu else "CPU", device=device_name(device), torch=torch.__version__,
                       triton=triton_version, cuda=torch.version.cuda, commit=commit, date=date,
                       dtype=str(dtype).replace("torch.", ""), config=cfg, layers=len(layers),
-                      clocks=device_clocks(device), tf32=torch.backends.cuda.matmul.allow_tf32,
+                      clocks=device_clocks(device), tf32=tf32_matmuls(),
                       cudnn_attention=args.cudnn_attention,
                       timing=("device time per step (events behind an enqueued torch.cuda._sleep), median"
                               if on_gpu else "wall-clock per step, median"),

@@ -894,16 +894,32 @@ def check_rank_options(parser, args) -> None:
         parser.error(f"--rank {args.rank} does not divide the N*r sweep's totals {totals}; pass --no-rank-sweep")
 
 
+#: the TF32 switches of torch's fp32_precision API (torch >= 2.9) that ``tf32_off`` turns off: CUDA matmuls, cuDNN
+#: convolutions and RNNs. The legacy ``allow_tf32`` flags are neither read nor written: reading them raises once a
+#: process has used the new API (transformers' ``TrainingArguments(tf32=...)`` does), writing them mixes the two.
+TF32_SWITCHES = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+
+
 @contextlib.contextmanager
 def tf32_off():
     """TF32 off for matmuls and cuDNN inside the block (official_as_run's fp32 einsum runs without TF32, METHOD.md),
     the previous settings restored on exit, also after an error."""
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    before = [switch.fp32_precision for switch in TF32_SWITCHES]
     try:
+        for switch in TF32_SWITCHES:
+            switch.fp32_precision = "ieee"
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        for switch, precision in zip(TF32_SWITCHES, before):
+            switch.fp32_precision = precision
+
+
+def tf32_matmuls() -> bool:
+    """Whether fp32 CUDA matmuls may run in TF32 now (``"none"`` inherits the process-wide precision)."""
+    precision = torch.backends.cuda.matmul.fp32_precision
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
 
 
 def main(argv=None) -> dict:
@@ -936,7 +952,7 @@ def run(args) -> dict:
     record = dict(label="GPU" if on_gpu else "CPU", device=device_name(device), torch=torch.__version__,
                   triton=triton_version, cuda=torch.version.cuda,
                   cudnn=torch.backends.cudnn.version() if on_gpu else None, clocks=device_clocks(device),
-                  commit=commit, date=date, dtype=args.dtype, tf32=torch.backends.cuda.matmul.allow_tf32,
+                  commit=commit, date=date, dtype=args.dtype, tf32=tf32_matmuls(),
                   timing=timing,
                   default_nr=args.num_loras * args.rank, checked_against_reference=not args.no_check,
                   compiled_rows=args.compiled_rows,

@@ -23,15 +23,18 @@ def test_bench_mixed_lora_smoke(tmp_path):
     import torch
 
     bench = load_bench()
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    switches = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+    before = [s.fp32_precision for s in switches]
+    for s in switches:
+        s.fp32_precision = "tf32"
     try:
         record = bench.main(["--device", "cpu", "--m", "34", "--shapes", "40x24", "--num-loras", "3", "--rank", "4",
                              "--no-rank-sweep", "--warmup", "1", "--reps", "3", "--out-dir", str(tmp_path),
                              "--tag", "smoke", "--profile"])
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert [s.fp32_precision for s in switches] == ["tf32"] * 3
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        for s, precision in zip(switches, before):
+            s.fp32_precision = precision
     data = json.loads((tmp_path / "smoke.json").read_text())
     assert data == json.loads(json.dumps(record))
     assert {"device", "torch", "triton", "cuda", "commit", "date", "results", "clocks", "timing", "tf32"} <= set(data)
@@ -99,16 +102,17 @@ def test_bench_flux_block_smoke(tmp_path, monkeypatch):
     check_block = bench.check_block
 
     def settings():
-        return torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32
+        return torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.fp32_precision == "tf32"
 
     def recording_check_block(*args, **kwargs):
         settings_during.append(settings())
         return check_block(*args, **kwargs)
 
     monkeypatch.setattr(bench, "check_block", recording_check_block)
-    cudnn_before, tf32_before = settings()
+    cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(True)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    precision_before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
     try:
         record = bench.main(["--device", "cpu", "--warmup", "0", "--reps", "2", "--out-dir", str(tmp_path),
                              "--tag", "block", "--profile"])
@@ -119,7 +123,7 @@ def test_bench_flux_block_smoke(tmp_path, monkeypatch):
         assert settings() == (True, True)
     finally:
         torch.backends.cuda.enable_cudnn_sdp(cudnn_before)
-        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+        torch.backends.cuda.matmul.fp32_precision = precision_before
     profile = (tmp_path / "block_profile.txt").read_text()
     assert "== train base" in profile and "== train lorweb_fast" in profile
     extra = profile.split("where lorweb_fast's training step spends its extra time")[1]

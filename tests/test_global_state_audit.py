@@ -4,12 +4,13 @@ settings (another default dtype, deterministic algorithms, grad mode off, infere
 
 State compared (``global_state``): torch's default dtype and device, grad / inference / anomaly / forward-AD modes,
 deterministic algorithms (and warn-only), float32 matmul precision, ``torch.backends`` flags (cuDNN benchmark /
-deterministic / allow_tf32 / enabled, CUDA matmul TF32 and reduced-precision reductions, the four SDPA backends,
-mkldnn), the CPU autocast state, torch's / numpy's / Python's global RNG states, ``warnings.filters``,
-``showwarning`` / ``formatwarning``, the level / handlers / propagation of the root, diffusers, transformers,
-accelerate and lorweb_fast loggers and ``logging.disable``, diffusers' / transformers' verbosity and progress bars,
-huggingface_hub's bars, ``os.environ``, the working directory, ``sys.path``, ``torch._dynamo.config``, torch's
-intra- and inter-op thread counts, torch's global module hooks and matplotlib's rcParams. Entry points: the
+deterministic / enabled and the TF32 switches of torch's fp32_precision API (which the legacy allow_tf32 flags set
+too; reading those raises once a process has used the new API), CUDA matmul TF32 and reduced-precision reductions, the
+four SDPA backends, mkldnn), the CPU autocast state, torch's / numpy's / Python's global RNG states,
+``warnings.filters``, ``showwarning`` / ``formatwarning``, the level / handlers / propagation of the root, diffusers,
+transformers, accelerate and lorweb_fast loggers and ``logging.disable``, diffusers' / transformers' verbosity and
+progress bars, huggingface_hub's bars, ``os.environ``, the working directory, ``sys.path``, ``torch._dynamo.config``,
+torch's intra- and inter-op thread counts, torch's global module hooks and matplotlib's rcParams. Entry points: the
 functional ops and ``LoRWeBLinear`` (every backend; the Triton interpreter in a subprocess), the model-level API
 (inject / remove / set_query / merged / save / load / plot), the FLUX.1-Kontext pipeline, training, the evaluation
 metrics, data preparation and the in-process CLI, on tiny local models (nothing downloads).
@@ -101,8 +102,10 @@ def global_state() -> dict:
         "deterministic": (torch.are_deterministic_algorithms_enabled(),
                           torch.is_deterministic_algorithms_warn_only_enabled()),
         "matmul precision": torch.get_float32_matmul_precision(),
-        "cudnn": (b.cudnn.benchmark, b.cudnn.deterministic, b.cudnn.allow_tf32, b.cudnn.enabled),
-        "cuda matmul": (b.cuda.matmul.allow_tf32, b.cuda.matmul.allow_fp16_reduced_precision_reduction,
+        "cudnn": (b.cudnn.benchmark, b.cudnn.deterministic,
+                  b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cudnn.enabled),
+        "cuda matmul": (b.fp32_precision, b.cuda.matmul.fp32_precision,
+                        b.cuda.matmul.allow_fp16_reduced_precision_reduction,
                         b.cuda.matmul.allow_bf16_reduced_precision_reduction),
         "sdpa": (b.cuda.flash_sdp_enabled(), b.cuda.mem_efficient_sdp_enabled(), b.cuda.math_sdp_enabled(),
                  b.cuda.cudnn_sdp_enabled()),

@@ -28,10 +28,12 @@ def _problem(case, **kw):
 
 @pytest.fixture(autouse=True)
 def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    """fp32 matmuls without TF32 (torch's fp32_precision API: reading the legacy allow_tf32 raises once a process
+    has used the new one, as the benchmarks' tf32_off does)."""
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
     yield
-    torch.backends.cuda.matmul.allow_tf32 = old
+    torch.backends.cuda.matmul.fp32_precision = old
 
 
 @pytest.mark.parametrize("backend", FUSED)
