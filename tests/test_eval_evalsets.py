@@ -243,11 +243,33 @@ def test_repeated_triplet_ids_are_refused(tmp_path):
 
 def test_relation252k_errors(tmp_path):
     root = make_relation(tmp_path / "rel", tasks=("solo",), per_task=1)
-    with pytest.raises(E.EvalInputError, match="task 'solo' has 1 pairs"):
+    with pytest.raises(E.EvalInputError, match=r"task 'solo' has 1 distinct pair images in .*labels.json "
+                                               r"\(1 entries\)"):
         E.read_evalset(root, "relation252k")
     root = make_relation(tmp_path / "rel2", tasks=("t",), per_task=2)
     (root / "t/Group1/1.jpg").unlink()
     with pytest.raises(E.EvalInputError, match="image not found: .*t/Group1/1.jpg"):
+        E.read_evalset(root, "relation252k")
+
+
+def test_relation252k_one_image_listed_twice_is_not_an_analogy(tmp_path):
+    """A task whose labels.json names one image twice (or once as "x.jpg" and once as "sub/../x.jpg") has no b
+    other than a's own image: refused by name (it was an IndexError from ``random.choice([])``, or, through the
+    alias, a self-analogy b = a); with a third image, the image listed twice is refused as a repeated triplet id."""
+    root = make_relation(tmp_path / "rel", tasks=("t",), per_task=2)
+    labels_path = root / "t/Group1/labels.json"
+    labels = json.loads(labels_path.read_text())
+    labels_path.write_text(json.dumps([labels[0], dict(labels[0], edit_instruction="again")]))
+    with pytest.raises(E.EvalInputError, match=r"task 't' has 1 distinct pair images in .*\(2 entries\); an analogy "
+                                               "needs 2"):
+        E.read_evalset(root, "relation252k")
+    (root / "t/Group1/sub").mkdir()
+    labels_path.write_text(json.dumps([labels[0], dict(labels[0], img_name="sub/../0.jpg")]))
+    with pytest.raises(E.EvalInputError, match=r"1 distinct pair images .*\(2 entries\)"):
+        E.read_evalset(root, "relation252k")
+    labels_path.write_text(json.dumps([labels[0], dict(labels[0], img_name="sub/../0.jpg"), labels[1]]))
+    with pytest.raises(E.EvalInputError, match=r"triplet ids occur more than once \(t/0__1\): the same image is "
+                                               "listed twice"):  # both entries of 0.jpg draw b = 1.jpg
         E.read_evalset(root, "relation252k")
 
 

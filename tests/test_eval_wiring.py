@@ -608,3 +608,25 @@ def test_a_second_generate_into_a_folder_in_use_is_refused_and_changes_nothing(f
         holder.wait()
     assert gen(ev, weights, out) == 0 and len(loads) == loaded + 1
     assert not (out / G.GENERATE_LOCK_NAME).exists()
+
+
+def test_win_rate_plot_legend_names_every_method_also_one_starting_with_an_underscore(tmp_path, monkeypatch):
+    """matplotlib leaves labels starting with "_" out of a legend: a runs folder named "_ablation" had bars in the
+    win-rate plot and no legend entry. Every method now has its entry, in order."""
+    from matplotlib.axes import Axes
+
+    from lorweb_fast.evaluation import report as R
+
+    legends = []
+    real_legend = Axes.legend
+
+    def legend(self, *args, **kwargs):
+        drawn = real_legend(self, *args, **kwargs)
+        legends.append([t.get_text().strip() for t in drawn.get_texts()])
+        return drawn
+
+    monkeypatch.setattr(Axes, "legend", legend)
+    pairwise = {"x": {"win_rate": 0.5, "order_balanced_win_rate": 0.75}}
+    report = {name: {"overall": {"pairwise": pairwise}} for name in ("_ablation", "ours", "__v2")}
+    assert R.plot_win_rates(report, ["x"], tmp_path / "w.png").is_file()
+    assert legends == [["_ablation", "ours", "__v2"]]

@@ -410,10 +410,12 @@ def read_relation252k(root: Union[str, Path], *, seed: int = 0, tasks: Optional[
             if not path.is_file():
                 raise EvalInputError(f"{labels_path}: image not found: {path}")
             entries.append((path, e["edit_instruction"]))
-        if len(entries) < 2:
-            raise EvalInputError(f"task {cat.name!r} has {len(entries)} pairs in {labels_path}; an analogy needs 2")
+        files = {path: path.resolve() for path, _ in entries}  # "x.png" and "sub/../x.png" are one image
+        if len(set(files.values())) < 2:
+            raise EvalInputError(f"task {cat.name!r} has {len(set(files.values()))} distinct pair images in "
+                                 f"{labels_path} ({len(entries)} entries); an analogy needs 2")
         for path, instruction in entries:
-            others = [p for p, _ in entries if p != path]
+            others = [p for p, _ in entries if files[p] != files[path]]  # b is never a's own image
             b_path = _seeded_rng(seed, cat.name, path.name).choice(others)
             triplets.append(Triplet(cat.name, f"{path.stem}__{b_path.stem}", ImageRef(path, box=left),
                                     ImageRef(path, box=right), ImageRef(b_path, box=left), prompt=instruction))

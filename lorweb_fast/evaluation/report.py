@@ -162,6 +162,13 @@ def _plain(name) -> str:
     return str(name).replace("$", r"\$")
 
 
+def _legend_label(name) -> str:
+    """``_plain(name)`` as a legend entry: matplotlib leaves out of the legend every label that starts with "_" (a
+    runs folder named "_ablation"), so such a label gets a leading space."""
+    label = _plain(name)
+    return " " + label if label.startswith("_") else label
+
+
 def pareto_front(points: Sequence[tuple]) -> list:
     """Indices of the points (x, y) not dominated when both coordinates are to be maximised, sorted by x."""
     front = [i for i, (x, y) in enumerate(points)
@@ -224,7 +231,7 @@ def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Option
     for i, n in enumerate(names):
         rates = [report[n]["overall"]["pairwise"][b]["order_balanced_win_rate"] for b in baselines]
         vals = [100 * r if r is not None else 0.0 for r in rates]
-        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=_plain(n))
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=_legend_label(n))
         for bar, r in zip(bars, rates):
             ax.annotate("N/A" if r is None else f"{100 * r:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)
