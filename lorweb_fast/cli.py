@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import re
@@ -385,9 +386,11 @@ def run_writing_stdout(prog: str, run) -> int:
     flushed before the status is returned, as a Unix filter ends: a reader that has gone (a closed pipe) ends the
     command quietly with 141 (128 + SIGPIPE, what a shell reports for a C program a closed pipe stopped), and output
     that cannot be written (a full disk) is one line on stderr and status 1, never "Exception ignored" and status 120
-    at interpreter exit."""
+    at interpreter exit. A file name that is not UTF-8 (held by Python as surrogate escapes) is printed escaped
+    (``caf\\udce9``) where stdout's encoding would raise on it (``printable_stdout``)."""
     try:
-        status = run()
+        with printable_stdout():
+            status = run()
     except SystemExit as exc:  # --help, a usage error: their text must reach the reader too
         failed = _flush_stdout(prog)
         if failed is not None and exc.code in (0, None):
@@ -400,6 +403,30 @@ def run_writing_stdout(prog: str, run) -> int:
         return 141
     failed = _flush_stdout(prog)
     return status if failed is None else failed
+
+
+@contextlib.contextmanager
+def printable_stdout():
+    """stdout writing what its encoding cannot (a non-UTF-8 file name, held as surrogate escapes, under a UTF-8
+    locale such as en_US.UTF-8 whose stdout is "strict") as backslash escapes inside the block, its error handler
+    restored after: a command's report never dies half printed on a file name."""
+    stream = sys.stdout
+    errors = getattr(stream, "errors", None)
+    if errors != "strict" or not callable(getattr(stream, "reconfigure", None)):
+        yield
+        return
+    try:
+        stream.reconfigure(errors="backslashreplace")
+    except (ValueError, OSError, io.UnsupportedOperation):  # a detached or closed stream: left as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            stream.reconfigure(errors=errors)
+        except (ValueError, OSError, io.UnsupportedOperation):
+            pass
 
 
 def stdout_reader_gone() -> bool:

@@ -134,15 +134,28 @@ def _oriented_size(path: Path) -> tuple[tuple[int, int], str]:
     return ((h, w) if orientation in (5, 6, 7, 8) else (w, h)), mode
 
 
+#: EXIF orientation -> the ``Image.Transpose`` that shows the image upright (Pillow's ``ImageOps.exif_transpose``)
+_ORIENTATION_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+                          6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
 def open_oriented(path: Union[str, Path]):
     """The image at ``path``, EXIF-transposed, in the file's own mode (P, L, RGBA, ...): the official box-analogy
     loader resizes strip and b' in that mode and converts only when it pastes the cells into the RGB grid. A file that
-    does not decode completely (a truncated JPEG passes the header check) raises AnalogyDataError naming it."""
-    from PIL import Image, ImageOps
+    does not decode completely (a truncated JPEG passes the header check) raises AnalogyDataError naming it.
+
+    The pixels of ``ImageOps.exif_transpose`` (which the official loader calls), without its rewrite of the EXIF
+    block after a rotation: Pillow cannot re-serialise a tag stored with another type than its own (cameras and
+    editors write such files), and raised a bare ``struct.error`` or ``TypeError`` at every training draw of an image
+    that decodes fine. The orientation is ``getexif()``'s, which also reads one given in XMP only, as
+    ``exif_transpose`` does."""
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return ImageOps.exif_transpose(im)  # a loaded copy, transposed or not: decodes the whole file
+            im.load()  # decodes the whole file
+            method = _ORIENTATION_TRANSPOSE.get(im.getexif().get(0x0112, 1))
+            return im.transpose(Image.Transpose[method]) if method else im.copy()
     except image_read_errors() as exc:  # e.g. a truncated JPEG
         raise AnalogyDataError(image_read_error_message(path, exc)) from exc
 
@@ -357,8 +370,9 @@ class AnalogyFolder(torch.utils.data.Dataset):
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.layout, self.bidirectional = layout, bidirectional
-        from .validation import check_bucket_divisibility
+        from .validation import MIN_LONG_EDGE, check_bucket_divisibility, check_int
 
+        check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)  # as TrainConfig: not blamed on the images
         check_bucket_divisibility("bucket_divisibility", bucket_divisibility, resize)
         if resize == "long-edge":  # the grid's sides are multiples of ``multiple`` and must split into two cells
             check_bucket_divisibility("multiple", multiple, "bucket")
