@@ -5,7 +5,6 @@ import io
 import os
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
