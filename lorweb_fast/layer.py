@@ -744,8 +744,8 @@ class LoRWeBLinear(nn.Module):
         weights = self.merged_weight_for(coeffs)  # (B, out, in)
         x3 = x if x.dim() == 3 else x.unsqueeze(1)
         y = torch.matmul(x3, weights.transpose(1, 2))
-        if bias is not None:
-            y = y + bias
+        if bias is not None:  # in the product's dtype: under autocast an fp32 bias would promote y (F.linear casts)
+            y = y + bias.to(y.dtype)
         return y if x.dim() == 3 else y.squeeze(1)
 
     def _forward_fp32(self, x: torch.Tensor) -> torch.Tensor:

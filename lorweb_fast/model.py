@@ -107,6 +107,21 @@ def lorweb_layers(model: nn.Module) -> dict[str, LoRWeBLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRWeBLinear)}
 
 
+def unwrapped_model(model: nn.Module) -> nn.Module:
+    """``model`` without the wrappers that put a level into its module names: ``torch.compile``'s OptimizedModule
+    (``_orig_mod.``) and ``DistributedDataParallel`` (``module.``). Checkpoint keys are the wrapped model's names
+    (a file saved from ``torch.compile(model)`` loads into ``model``, and the other way round)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -312,14 +327,19 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None)
     query projections kept out of layerwise casting and, with ``freeze_base_model``, the rest frozen; then
     ``fill()`` (if given: writing values into the layers). Undone whatever interrupts it, ``fill()`` included
     (Ctrl-C, out of memory; building a layer freezes its base): the modules, every ``requires_grad`` flag and the
-    model's layerwise-casting skip patterns as they were. Returns the new layers."""
+    model's layerwise-casting skip patterns as they were. The new layers are built outside inference mode (their
+    tensors are never inference tensors, which only inference mode may write: a load under ``torch.inference_mode()``
+    left the model unable to take the next one) and each takes the train / eval mode of the layer it wraps. Returns
+    the new layers."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     skip_patterns = model.__dict__.get("_skip_layerwise_casting_patterns", _ABSENT)  # (an instance attribute)
     guards = {name: model.__dict__.get(name, _ABSENT) for name in GUARDED_WHILE_INJECTED}
     new_layers, swapped_in = {}, []
     try:
-        with _locks.LOADING:  # modules built while another thread loads a model would get its meta parameters
-            new_layers = build()
+        with _locks.LOADING, torch.inference_mode(False):  # modules built while another thread loads a model
+            new_layers = build()  # would get its meta parameters
+        for layer in new_layers.values():
+            layer.train(layer.base_layer.training)  # an eval model stays in eval mode
         for name, layer in new_layers.items():  # all built: swapping in cannot fail half way
             swapped_in.append(name)  # first: undone even when the interrupt comes right after the swap
             _set_submodule(model, name, layer)
@@ -334,7 +354,8 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None)
         for name in reversed(swapped_in):
             _set_submodule(model, name, new_layers[name].base_layer)
         for param, flag in flags:
-            param.requires_grad_(flag)
+            if param.requires_grad != flag:  # (an inference tensor's flag can be read but not set outside the mode)
+                param.requires_grad_(flag)
         if skip_patterns is _ABSENT:
             model.__dict__.pop("_skip_layerwise_casting_patterns", None)
         else:
@@ -698,6 +719,7 @@ def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     state = {}
+    model = unwrapped_model(model)  # the keys of torch.compile(model) are model's
     layers = _require_layers(model)
     refuse_disk_group_offloading(layers, group_offloading_modes(model), "lorweb_state_dict / save_lorweb_weights")
     for name, layer in layers.items():
@@ -775,6 +797,7 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
     """
     from safetensors.torch import save_file
 
+    model = unwrapped_model(model)  # the keys of torch.compile(model) are model's
     layers = _require_layers(model)
     meta = _layer_metadata(layers)
     meta["encoder"] = DEFAULT_ENCODER
@@ -801,11 +824,18 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
         _check_state_dict_matches_layers(state_dict, layers)
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-    state = {k: (v if dtype is None else v.to(dtype)).contiguous().cpu() for k, v in state_dict.items()}
-    bad = [k for k, v in state.items() if not v.is_floating_point() or not all_finite(v)]
+    bad = [k for k, v in state_dict.items() if not v.is_floating_point() or not all_finite(v)]
     if bad:
         raise LoRWeBCheckpointError(f"refusing to save {len(bad)} LoRWeB tensors that are not finite floating-point "
                                     f"values (e.g. {bad[0]}); the loader would refuse the file")
+    state = {k: (v if dtype is None else v.to(dtype)).contiguous().cpu() for k, v in state_dict.items()}
+    overflow = [k for k, v in state.items() if not all_finite(v)]  # finite before the cast: it overflowed
+    if overflow:
+        largest = state_dict[overflow[0]].detach().abs().max().item()
+        raise LoRWeBCheckpointError(f"refusing to save with dtype={dtype}: {len(overflow)} LoRWeB tensors hold values "
+                                    f"beyond its largest finite value {torch.finfo(dtype).max:.6g} (e.g. "
+                                    f"{overflow[0]}, up to {largest:.4g}), which the cast makes Inf; save with "
+                                    "dtype=torch.bfloat16 or torch.float32 (or None, the layers' dtype)")
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot save LoRWeB weights to {path}: it is a folder; give a .safetensors file")
@@ -1004,6 +1034,23 @@ def _new_parameters_on_meta() -> Optional[str]:
     return None
 
 
+def _unloadable_lorweb_tensors(layer: LoRWeBLinear) -> Optional[str]:
+    """Why the LoRWeB tensors of an injected layer cannot take a checkpoint's values in place, or None: inference
+    tensors outside ``torch.inference_mode`` (the layer was injected inside it), or tensors sharded by FSDP2
+    (DTensors; a load is not a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = layer.lorweb_tensors()
+    if any(isinstance(t, DTensor) for t in tensors.values()):
+        return ("the layer's LoRWeB tensors are sharded by FSDP2 (DTensors): load the checkpoint before fully_shard "
+                "(as lorweb-fast train does), or into the unsharded model")
+    if not torch.is_inference_mode_enabled() and any(t.is_inference() for t in tensors.values()):
+        return ("the layer's LoRWeB tensors are inference tensors (made inside torch.inference_mode(), e.g. by "
+                "model.to() there), which nothing outside inference mode may write: load inside "
+                "torch.inference_mode(), or into a freshly built model")
+    return None
+
+
 def _on_meta_device(module: nn.Module, new_parameters_on_meta: Optional[str]) -> Optional[str]:
     """What of a load target would hold no values: the LoRWeB tensors of a LoRWeBLinear, or, for a plain linear
     layer, the default device its new LoRWeBLinear creates its tensors on when the base weight is on the meta device
@@ -1184,6 +1231,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     Returns:
         The names of the loaded modules.
     """
+    model = unwrapped_model(model)  # torch.compile(model) loads the keys of model
     _refuse_merged(lorweb_layers(model), "load_lorweb_weights")
     _refuse_incompatible_modules(model, "load_lorweb_weights")
     refuse_disk_group_offloading(lorweb_layers(model), group_offloading_modes(model), "load_lorweb_weights")
@@ -1262,6 +1310,10 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
             problems.append(f"{CHECKPOINT_PREFIX}{name}.*: {', '.join(parametrized)} parametrized "
                             "(torch.nn.utils.parametrize): a copy into the parametrization's output would change "
                             "nothing; remove the parametrization (parametrize.remove_parametrizations) first")
+            continue
+        held = _unloadable_lorweb_tensors(module) if isinstance(module, LoRWeBLinear) else None
+        if held:
+            problems.append(f"{CHECKPOINT_PREFIX}{name}.*: {held}")
             continue
         on_meta = _on_meta_device(module, new_parameters_on_meta)
         if on_meta:

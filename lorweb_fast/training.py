@@ -297,9 +297,13 @@ class TrainConfig:
             value = getattr(self, name)  # not a number: check_train_config names the field and its type
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        from .official_config import QUERY_SOURCES, SAVE_DTYPES, check_query_settings
+        from .official_config import PATCH_QUERY_MODES, QUERY_SOURCES, SAVE_DTYPES, check_query_settings
 
         check_query_settings(self.query_mode, self.pooling_type, self.query_projection_type)
+        if self.pooling_type != "avg" and self.query_mode not in PATCH_QUERY_MODES:  # refused, not ignored (as infer)
+            raise ValueError(f"pooling_type must be 'avg' (the default) outside the patch query modes "
+                             f"({', '.join(PATCH_QUERY_MODES)}), which pool CLIP's patch tokens: query_mode "
+                             f"{self.query_mode!r} does not pool, got {self.pooling_type!r}")
         self._check_choices((("query_source", QUERY_SOURCES), ("save_dtype", tuple(SAVE_DTYPES))))
         self._check_choices((("activation", ACTIVATIONS), ("reduce", REDUCTIONS)))
         if self.resume and self.overwrite:

@@ -109,7 +109,15 @@ def diffusers_classes(*names: str) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------- numbers
+#: The largest float32: the optimizers (torch's AdamW kernels, bitsandbytes') take their hyperparameters as float32,
+#: and a larger learning rate, weight decay or epsilon failed at the first step ("value cannot be converted to type
+#: float without overflow") after the model had loaded and the run had started writing.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _range_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi == FLOAT32_MAX and not hi_open:  # a bound of the type, not of the setting
+        return f"{'>' if lo_open else '>='} {lo} and at most float32's largest value {hi:.4g}"
     if lo is not None and hi is not None:
         return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
     if lo is not None:
@@ -701,13 +709,14 @@ def check_generation_options(*, num_inference_steps, guidance_scale, long_edge, 
 # ------------------------------------------------------------------------------------------------ training
 #: TrainConfig ranges: field -> (lo, hi, lo_open); fields not listed get type and finiteness checks only.
 TRAIN_RANGES = {
-    "steps": (1, None, False), "batch_size": (1, None, False), "learning_rate": (0.0, None, True),
-    "weight_decay": (0.0, None, False), "max_grad_norm": (0.0, None, False), "long_edge": (MIN_LONG_EDGE, None, False),
+    "steps": (1, None, False), "batch_size": (1, None, False), "learning_rate": (0.0, FLOAT32_MAX, True),
+    "weight_decay": (0.0, FLOAT32_MAX, False), "max_grad_norm": (0.0, None, False),
+    "long_edge": (MIN_LONG_EDGE, None, False),
     "logit_std": (0.0, None, True), "caption_dropout": (0, 1, False), "guidance_scale": (0.0, None, False),
     "max_sequence_length": (1, 512, False), "num_loras": (1, None, False), "rank": (1, None, False),
     "key_dim": (1, None, False), "heads": (1, None, False), "checkpoint_every": (1, None, False),
     "keep_checkpoints": (0, None, False), "seed": (0, 2 ** 63 - 1, False), "num_workers": (0, None, False),
-    "adam_eps": (0.0, None, True),
+    "adam_eps": (0.0, FLOAT32_MAX, True),
 }  # bucket_divisibility: its range depends on resize (check_bucket_divisibility)
 
 
@@ -851,6 +860,19 @@ CLI_PIPE_ARGS = {
 }
 
 
+def check_cli_pipe_args(pipe_kwargs: Optional[dict]) -> None:
+    """The ``--pipe-arg KEY=VALUE`` pairs of a command (JSON values): a key the pipeline sets itself, one that only
+    the Python API can pass (tensors, callables) and a value out of its range raise naming the flag (UsageError for
+    a key; TypeError / ValueError from ``CLI_PIPE_ARGS``' check for a value)."""
+    for key, value in (pipe_kwargs or {}).items():
+        if key in PIPELINE_OWNED_ARGS:
+            raise UsageError(f"--pipe-arg {key} is set by lorweb-fast itself (use {PIPELINE_OWNED_ARGS[key]})")
+        if key not in CLI_PIPE_ARGS:
+            raise UsageError(f"--pipe-arg {key}: unknown or unsupported on the command line; supported keys: "
+                             f"{', '.join(sorted(CLI_PIPE_ARGS))}")
+        CLI_PIPE_ARGS[key](f"--pipe-arg {key}", value)
+
+
 def _check_sigma_values(name, sigmas) -> list:
     """Every entry of ``sigmas`` a real number in [0, 1] (diffusers' flow-matching noise levels)."""
     return [check_real(f"{name}[{i}]", s, lo=0.0, hi=1.0) for i, s in enumerate(sigmas)]
@@ -955,13 +977,7 @@ def check_infer_args(args) -> list:
             if Path(args.coefficients_plot).resolve() == out:
                 raise UsageError(f"--coefficients-plot {args.coefficients_plot} is the --out file: the plot would "
                                  "replace b'; give another file")
-        for key, value in (getattr(args, "pipe_kwargs", None) or {}).items():
-            if key in PIPELINE_OWNED_ARGS:
-                raise UsageError(f"--pipe-arg {key} is set by lorweb-fast itself (use {PIPELINE_OWNED_ARGS[key]})")
-            if key not in CLI_PIPE_ARGS:
-                raise UsageError(f"--pipe-arg {key}: unknown or unsupported on the command line; supported keys: "
-                                 f"{', '.join(sorted(CLI_PIPE_ARGS))}")
-            CLI_PIPE_ARGS[key](f"--pipe-arg {key}", value)
+        check_cli_pipe_args(getattr(args, "pipe_kwargs", None))
         steps = resolve_step_count(steps, getattr(args, "pipe_kwargs", None))
         check_model_source("--model", args.model, "model_index.json")
         if getattr(args, "encoder", None) is not None:
@@ -1053,8 +1069,8 @@ def check_demo_args(args) -> None:
                              f"--out, or delete {out} if it is an earlier demo's")
         check_int("--steps", args.steps, lo=1)
         check_int("--samples", args.samples, lo=1)
-        check_real("--learning-rate", args.learning_rate, lo=0.0, lo_open=True)
-        check_int("--inference-steps", args.inference_steps, lo=1)
+        check_real("--learning-rate", args.learning_rate, lo=0.0, hi=TRAIN_RANGES["learning_rate"][1], lo_open=True)
+        check_int("--inference-steps", args.inference_steps, lo=1, hi=MAX_STEPS)  # the pipeline's range
         check_int("--seed", args.seed, lo=0, hi=2 ** 63 - 1)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None

@@ -442,7 +442,7 @@ DEMO_CASES = {
     "samples 0": (["--samples", "0"], "--samples must be an integer >= 1"),
     "learning rate nan": (["--learning-rate", "nan"], "--learning-rate must be finite"),
     "learning rate negative": (["--learning-rate", "-1"], "--learning-rate must be > 0"),
-    "inference steps 0": (["--inference-steps", "0"], "--inference-steps must be an integer >= 1"),
+    "inference steps 0": (["--inference-steps", "0"], "--inference-steps must be an integer in [1, 10000]"),
     "seed negative": (["--seed", "-1"], "--seed must be an integer in [0,"),
 }
 

@@ -348,8 +348,9 @@ def check_generate_args(args, pipe_kwargs: dict) -> int:
     read, loaded or written (the pipeline would refuse the same values only after the models loaded and run.json was
     written, and a rerun with the corrected value would then be refused as a run with other settings). Returns the
     step count (``resolve_step_count``: one per ``--pipe-arg sigmas``, else ``--steps``, else 28)."""
-    from ..validation import (MAX_GUIDANCE_SCALE, MAX_SEED, MAX_STEPS, MIN_LONG_EDGE, UsageError, check_int,
-                              check_output_dir, check_pipe_kwargs, check_real, resolve_step_count)
+    from ..validation import (MAX_GUIDANCE_SCALE, MAX_SEED, MAX_STEPS, MIN_LONG_EDGE, UsageError,
+                              check_cli_pipe_args, check_int, check_output_dir, check_pipe_kwargs, check_real,
+                              resolve_step_count)
 
     if args.steps is not None:
         check_int("--steps", args.steps, lo=1, hi=MAX_STEPS)
@@ -368,6 +369,10 @@ def check_generate_args(args, pipe_kwargs: dict) -> int:
         check_pipe_kwargs(pipe_kwargs)
     except ValueError as exc:
         raise EvalInputError(f"--pipe-arg: {exc}") from None
+    try:  # the values too, as infer checks them (tensor-only keys and bad values failed after the loads)
+        check_cli_pipe_args(pipe_kwargs)
+    except (TypeError, ValueError) as exc:
+        raise EvalInputError(str(exc)) from None
     try:
         return resolve_step_count(args.steps, pipe_kwargs)
     except UsageError as exc:

@@ -229,6 +229,11 @@ class Gemma3Judge:
 
         check_max_new_tokens(max_new_tokens)  # before the model loads
         self.name = f"gemma3:{model} max_new_tokens={max_new_tokens} dtype={str(dtype).removeprefix('torch.')}"
+        from .metrics import weights_signature
+
+        #: the answer cache's key: a local folder replaced at the same path (or a relative path typed elsewhere)
+        #: is another judge, asked again, as the CLIP and LPIPS caches key their weights
+        self.cache_id = self.name + (f"@{weights_signature(model)}" if Path(model).is_dir() else "")
         try:
             self.processor = AutoProcessor.from_pretrained(model)
             self.model = Gemma3ForConditionalGeneration.from_pretrained(model, dtype=dtype).eval()
@@ -357,6 +362,12 @@ def make_judge(spec: str, *, device=None, dtype: torch.dtype = torch.bfloat16, m
     if not sep or not target:
         raise EvalInputError(f"--judge must be none, gemma3:ID_OR_DIR or replay:FILE, got {spec!r}")
     if kind == "gemma3":
+        from ..validation import model_source_problem
+
+        check_max_new_tokens(max_new_tokens)  # the options first, as Gemma3Judge checks them
+        problem = model_source_problem(target, "config.json")  # a missing folder: said so, not a Hub-id error
+        if problem is not None:
+            raise EvalInputError(f"--judge gemma3:{target} {problem}")
         return Gemma3Judge(target, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
     if kind == "replay":
         return ReplayJudge(target)
@@ -384,9 +395,10 @@ class JudgeCache:
         task, _, item = request.id.partition("/")
         return self.root / _safe(request.run) / kind / _safe(task) / f"{_safe(item)}.json"
 
-    def get(self, request: JudgeRequest, judge_name: str) -> Optional[dict]:
-        """The cached record (``_record``) of ``request`` from the judge named ``judge_name``; None when absent,
-        unreadable or recorded for another judge, prompt, image files, order or name."""
+    def get(self, request: JudgeRequest, judge_name: str, judge_id: Optional[str] = None) -> Optional[dict]:
+        """The cached record (``_record``) of ``request`` from the judge named ``judge_name`` (and keyed
+        ``judge_id``, the judge's ``cache_id``: its name and a local model folder's file signature; default the
+        name); None when absent, unreadable or recorded for another judge, prompt, image files, order or name."""
         path = self.path(request)
         if not path.is_file():
             return None
@@ -396,7 +408,8 @@ class JudgeCache:
             return None  # a torn write from a killed run: ask again
         if not isinstance(rec, dict) or not isinstance(rec.get("response"), str):
             return None  # not an answer record (e.g. written by another version): ask again
-        if rec.get("judge") != judge_name or rec.get("prompt_sha256") != prompt_hash(request.prompt) \
+        if rec.get("judge") != judge_name or rec.get("judge_id", rec.get("judge")) != (judge_id or judge_name) \
+                or rec.get("prompt_sha256") != prompt_hash(request.prompt) \
                 or rec.get("order") != request.order or rec.get("files_sig") != request.files_sig:
             return None
         if (rec.get("id"), rec.get("kind"), rec.get("run"), rec.get("against")) != \
@@ -405,13 +418,13 @@ class JudgeCache:
         return rec
 
     def put(self, request: JudgeRequest, judge_name: str, response: Optional[str], error: Optional[str], *,
-            truncated: bool = False) -> dict:
+            truncated: bool = False, judge_id: Optional[str] = None) -> dict:
         """Write the record (``_record``) of an answer atomically; returns it."""
         from .generate import atomic_write_text
 
         from .._files import remove_temporaries
 
-        rec = _record(request, judge_name, response, error, truncated)
+        rec = _record(request, judge_name, response, error, truncated, judge_id)
         path = self.path(request)
         remove_temporaries(path.parent, [path.name])  # a killed scoring's, left while it wrote this answer
         atomic_write_text(path, json.dumps(rec, ensure_ascii=False, indent=1))
@@ -419,11 +432,13 @@ class JudgeCache:
 
 
 def _record(request: JudgeRequest, judge_name: str, response: Optional[str], error: Optional[str],
-            truncated: bool) -> dict:
-    """An answer's record: the question, the judge's name, the prompt's hash, the image files' signature, the answer
-    or the backend's error, and whether the answer was cut at the judge's token limit."""
+            truncated: bool, judge_id: Optional[str] = None) -> dict:
+    """An answer's record: the question, the judge's name and cache key (``judge_id``, default the name), the
+    prompt's hash, the image files' signature, the answer or the backend's error, and whether the answer was cut at
+    the judge's token limit."""
     return {"id": request.id, "kind": request.kind, "run": request.run, "against": request.against,
-            "order": request.order, "judge": judge_name, "prompt_sha256": prompt_hash(request.prompt),
+            "order": request.order, "judge": judge_name, "judge_id": judge_id or judge_name,
+            "prompt_sha256": prompt_hash(request.prompt),
             "files_sig": request.files_sig, "response": response, "backend_error": error, "truncated": truncated}
 
 
@@ -431,8 +446,9 @@ def ask(judge, cache: Optional[JudgeCache], request: JudgeRequest) -> dict:
     """The cached record for ``request`` or a fresh answer (cached). A backend that cannot answer (a replay file
     without the item) gives a record with ``response`` None and ``backend_error``; it is not cached. ``truncated``:
     the judge's ``last_truncated`` after the call (False for judges without it, and in records cached before it)."""
+    judge_id = getattr(judge, "cache_id", judge.name)
     if cache is not None:
-        rec = cache.get(request, judge.name)
+        rec = cache.get(request, judge.name, judge_id)
         if rec is not None and rec.get("backend_error") is None:
             return rec
     try:
@@ -441,5 +457,5 @@ def ask(judge, cache: Optional[JudgeCache], request: JudgeRequest) -> dict:
         response, error = None, str(exc.args[0] if exc.args else exc)
     truncated = error is None and bool(getattr(judge, "last_truncated", False))
     if cache is not None and error is None:
-        return cache.put(request, judge.name, response, None, truncated=truncated)
-    return _record(request, judge.name, response, error, truncated)
+        return cache.put(request, judge.name, response, None, truncated=truncated, judge_id=judge_id)
+    return _record(request, judge.name, response, error, truncated, judge_id)
