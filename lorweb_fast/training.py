@@ -213,6 +213,11 @@ def _collate(items: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- config
+#: The largest ``mode_scale`` for which diffusers' "mode" timestep density (SD3, Esser et al. 2024, eq. 20) maps
+#: [0, 1] monotonically onto [0, 1]: 2 / (pi - 2); the smallest is -1.
+MAX_MODE_SCALE = 2.0 / (math.pi - 2.0)
+
+
 @dataclass
 class TrainConfig:
     """Training options; the defaults are the official LoRWeB ones (README table "Official LoRWeB vs lorweb_fast
@@ -293,6 +298,20 @@ class TrainConfig:
                              f"timestep_type='diffusers' (--timestep-type diffusers), got {self.timestep_type!r}")
         self._check_choices((("weighting_scheme", WEIGHTING_SCHEMES), ("optimizer", OPTIMIZERS),
                              ("mixed_precision", MIXED_PRECISIONS)))
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, scheme in (("logit_mean", "logit_normal"), ("logit_std", "logit_normal"), ("mode_scale", "mode")):
+            value = getattr(self, name)  # refused, not ignored, where the run's density does not read it
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                    and value != defaults[name] and self.weighting_scheme != scheme:
+                raise ValueError(f"{name} must stay at its default {defaults[name]} unless weighting_scheme is "
+                                 f"{scheme!r} (--timestep-type diffusers --weighting-scheme {scheme}), the only "
+                                 f"timestep density it shapes; got {value} with weighting_scheme="
+                                 f"{self.weighting_scheme!r}")
+        scale = self.mode_scale
+        if self.weighting_scheme == "mode" and isinstance(scale, (int, float)) and not isinstance(scale, bool) \
+                and math.isfinite(scale) and not -1.0 <= scale <= MAX_MODE_SCALE:
+            raise ValueError(f"mode_scale must be in [-1, {MAX_MODE_SCALE:.4g}] (SD3's range, where diffusers' "
+                             f"'mode' density keeps every timestep in [0, 1]), got {scale}")
         for name in ("steps", "batch_size", "checkpoint_every", "long_edge"):
             value = getattr(self, name)  # not a number: check_train_config names the field and its type
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
@@ -614,12 +633,20 @@ def _check_encoder_settings(encoder, cfg: TrainConfig) -> None:
                          f"{cfg.query_mode!r}); pass --key-dim {encoder.query_dim} or --query-projection-type linear")
 
 
-def rotate_checkpoints(out: Union[str, Path], keep: int, milestone_every: int = OFFICIAL_MILESTONE_EVERY) -> list[Path]:
+def rotate_checkpoints(out: Union[str, Path], keep: int, milestone_every: int = OFFICIAL_MILESTONE_EVERY, *,
+                       newest: Optional[int] = None) -> list[Path]:
     """Delete the ``checkpoints/step-*`` folders beyond the newest ``keep`` (0: keep all), except milestones: folders
     whose step is a multiple of ``milestone_every`` (0: no milestones). The official rule (ai-toolkit
     jobs/process/BaseSDTrainProcess.py ``clean_up_saves``: the saves before the newest ``max_step_saves_to_keep``
-    are removed unless ``is_milestone_step``, step % 500 == 0). Returns the deleted folders."""
-    older = checkpoint_dirs(out)[:-keep] if keep > 0 else []
+    are removed unless ``is_milestone_step``, step % 500 == 0). ``newest``: the step just written; folders of later
+    steps are left from a timeline the run abandoned (a resume skipped them as corrupt or incomplete) and count as
+    the oldest, as ai-toolkit's creation-time order counts them (by step they would be kept, and the checkpoint
+    just written deleted). Returns the deleted folders."""
+    dirs = checkpoint_dirs(out)
+    if newest is not None:
+        dirs = ([p for p in dirs if int(p.name.split("-")[1]) > newest]
+                + [p for p in dirs if int(p.name.split("-")[1]) <= newest])
+    older = dirs[:-keep] if keep > 0 else []
     doomed = [p for p in older if not (milestone_every > 0 and int(p.name.split("-")[1]) % milestone_every == 0)]
     for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
@@ -692,7 +719,7 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     copy_to_top_level(out, final)
-    rotate_checkpoints(out, keep, milestone_every)
+    rotate_checkpoints(out, keep, milestone_every, newest=step)
     return final
 
 
@@ -1361,12 +1388,15 @@ def _restore_single_process_accelerate_state(before: tuple) -> None:
 
 class _CallersPipeline:
     """What ``train`` changes on a caller's pipeline and puts back: the transformer's training mode and gradient
-    checkpointing, the ``requires_grad`` flags of the VAE's and text encoders' parameters and, after a failure, of
-    the transformer's, and the LoRWeB layers the call injected."""
+    checkpointing, the train / eval modes of the VAE and the text encoders (``train`` runs them in eval mode), the
+    ``requires_grad`` flags of their parameters and, after a failure, of the transformer's, and the LoRWeB layers the
+    call injected."""
 
     def __init__(self, pipe):
         self.transformer = pipe.transformer
         self.training = self.transformer.training
+        self.modes = {module: [(m, m.training) for m in module.modules()] for name in _PIPELINE_MODELS
+                      if name != "transformer" and (module := getattr(pipe, name, None)) is not None}
         self.checkpointing = bool(getattr(self.transformer, "is_gradient_checkpointing", False))
         self.requires_grad = {name: [(p, p.requires_grad) for p in getattr(pipe, name).parameters()]
                               for name in _PIPELINE_MODELS if getattr(pipe, name, None) is not None}
@@ -1381,6 +1411,9 @@ class _CallersPipeline:
                 if name not in self.layers:
                     self.transformer.set_submodule(name, layer.base_layer)
         self.transformer.train(self.training)
+        for modes in self.modes.values():  # module by module: a caller's mixed modes come back as they were
+            for module, flag in modes:
+                module.training = flag
         if self.checkpointing != bool(getattr(self.transformer, "is_gradient_checkpointing", False)):
             if self.checkpointing:
                 self.transformer.enable_gradient_checkpointing()
@@ -1590,6 +1623,8 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
     encoder.model.to(device)
     for name in _PIPELINE_MODELS:
         module = getattr(pipe, name).requires_grad_(False)
+        if name != "transformer":  # frozen, run in eval mode as the official trainer does (T5's dropout off)
+            module.eval()
         if not (name == "transformer" and getattr(module, "is_quantized", False)):  # diffusers placed it already
             module.to(device)
     transformer = pipe.transformer
