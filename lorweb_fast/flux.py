@@ -154,17 +154,38 @@ def official_grid_size(a_size: tuple, max_size: Optional[int] = None) -> tuple:
 
 
 #: how official_grid_problem names the options, in the Python API (default) and on the command line
-API_OPTION_NAMES = {"native": "resolution='native'", "max_size": "max_size"}
-CLI_OPTION_NAMES = {"native": "--resolution native", "max_size": "--max-size"}
+API_OPTION_NAMES = {"native": "resolution='native'", "max_size": "max_size", "max_area": "max_area"}
+CLI_OPTION_NAMES = {"native": "--resolution native", "max_size": "--max-size", "max_area": "--max-area"}
+
+
+def official_generation_size(grid_size: tuple, max_area: int, multiple: int) -> tuple:
+    """(width, height) FluxKontextPipeline generates at for a control grid of ``grid_size`` at the official
+    resolution (``max_area``, ``_auto_resize=True``; diffusers ``FluxKontextPipeline.__call__``): the grid's aspect
+    ratio at about ``max_area`` pixels, each side rounded, then floored to ``multiple`` (2 * vae_scale_factor)."""
+    aspect = grid_size[0] / grid_size[1]
+    return (round((max_area * aspect) ** 0.5) // multiple * multiple,
+            round((max_area / aspect) ** 0.5) // multiple * multiple)
+
+
+def official_control_size(grid_size: tuple, multiple: int) -> tuple:
+    """(width, height) FluxKontextPipeline resizes a control grid of ``grid_size`` (sides at least ``multiple``) to
+    at the official resolution (``_auto_resize=True``): the preferred Kontext resolution nearest the aspect ratio of
+    its sides floored to ``multiple``, floored to ``multiple`` (diffusers ``FluxKontextPipeline.__call__``)."""
+    from diffusers.pipelines.flux import pipeline_flux_kontext
+
+    w, h = (side - side % multiple for side in grid_size)  # VaeImageProcessor.get_default_height_width
+    _, pw, ph = min((abs(w / h - pw / ph), pw, ph) for pw, ph in pipeline_flux_kontext.PREFERRED_KONTEXT_RESOLUTIONS)
+    return pw // multiple * multiple, ph // multiple * multiple
 
 
 def official_grid_problem(a_size: tuple, *, query_mode: str, query_source: str = "grid",
                           max_size: Optional[int] = None, multiple: Optional[int] = 16,
-                          option_names: Optional[dict] = None) -> Optional[str]:
+                          option_names: Optional[dict] = None, max_area: Optional[int] = None) -> Optional[str]:
     """Why the official-resolution control grid of an analogy image a of ``a_size`` (``official_grid_size`` with
     ``max_size``) cannot be generated from, or None: a side that the pipeline rounds down to 0 (sides multiples of
-    ``multiple``, 16 for FLUX; None: not checked), or, for ``query_source="grid"``, a grid with nothing to cut for the
-    official inference crops of ``query_mode`` (an a of aspect ratio 2:1 or wider). The text starts with a's size
+    ``multiple``, 16 for FLUX; None: not checked), with ``max_area`` a side of the generated image
+    (``official_generation_size``) rounded down to 0, or, for ``query_source="grid"``, a grid with nothing to cut for
+    the official inference crops of ``query_mode`` (an a of aspect ratio 2:1 or wider). The text starts with a's size
     ("WxH: ...") and names the remedy with ``option_names`` (``API_OPTION_NAMES`` or ``CLI_OPTION_NAMES``)."""
     names = option_names or API_OPTION_NAMES
     (aw, ah), (gw, gh) = a_size, official_grid_size(a_size, max_size)
@@ -179,6 +200,12 @@ def official_grid_problem(a_size: tuple, *, query_mode: str, query_source: str =
             remedy = f"use a larger a (at least {multiple // 2} px on a side)"
         return (f"{aw}x{ah}: at the official resolution {cause}, and the pipeline rounds its sides down to multiples "
                 f"of {multiple}, to 0 here; {remedy} or {names['native']}")
+    if multiple is not None and max_area is not None and min(official_generation_size((gw, gh), max_area,
+                                                                                      multiple)) == 0:
+        gen_w, gen_h = official_generation_size((gw, gh), max_area, multiple)
+        return (f"{aw}x{ah}: at the official resolution the pipeline generates the {gw}x{gh} grid's shape at about "
+                f"{names['max_area']}={max_area} pixels, {gen_w}x{gen_h} after rounding its sides down to multiples "
+                f"of {multiple}; use a larger {names['max_area']}, a less elongated a or {names['native']}")
     if query_source == "grid":
         problem = query_crop_problem(gw, gh, query_mode, "inference")
         if problem:
@@ -1546,7 +1573,7 @@ class LoRWeBKontextPipeline:
         for i in range(len(grids)):
             problem = official_grid_problem(a[i].size, query_mode=self.encoder.query_mode,
                                             query_source=self.encoder.query_source, max_size=self.max_size,
-                                            multiple=multiple)
+                                            multiple=multiple, max_area=self.max_area)
             if problem:
                 raise ValueError(f"a[{i}] is {problem}")
         return self.encoder.query(grids=grids, a=a, a_prime=a_prime, b=b, crops="inference")
@@ -1635,8 +1662,14 @@ class LoRWeBKontextPipeline:
             pipe_kwargs["joint_attention_kwargs"] = {k: v for k, v in attention_kwargs.items() if k != "scale"}
         if generator is None:
             generator = torch.Generator(device=self.pipe._execution_device).manual_seed(seed)
+        elif isinstance(generator, tuple):  # diffusers takes one generator or a list (a tuple failed inside it)
+            generator = list(generator)
         strategy = self.merge_strategy(merge, count * per_prompt)
-        query = self._query(grids, a, a_prime, b).repeat_interleave(per_prompt, dim=0)
+        query = self._query(grids, a, a_prime, b).repeat_interleave(per_prompt, dim=0)  # checks the grid sizes
+        if self.resolution == "official" and not stretched:  # shapes within warn_aspect_ratios' tolerance
+            multiple = 2 * int(getattr(self.pipe, "vae_scale_factor", 8))
+            warn_grid_sizes([official_generation_size(g.size, self.max_area, multiple)
+                             + official_control_size(g.size, multiple) for g in grids], official=True)
         fused = lora_api.fused_strategy(self.transformer)
         if fused is not None:
             strategy = "none"

@@ -298,20 +298,6 @@ class TrainConfig:
                              f"timestep_type='diffusers' (--timestep-type diffusers), got {self.timestep_type!r}")
         self._check_choices((("weighting_scheme", WEIGHTING_SCHEMES), ("optimizer", OPTIMIZERS),
                              ("mixed_precision", MIXED_PRECISIONS)))
-        defaults = {f.name: f.default for f in fields(self)}
-        for name, scheme in (("logit_mean", "logit_normal"), ("logit_std", "logit_normal"), ("mode_scale", "mode")):
-            value = getattr(self, name)  # refused, not ignored, where the run's density does not read it
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-                    and value != defaults[name] and self.weighting_scheme != scheme:
-                raise ValueError(f"{name} must stay at its default {defaults[name]} unless weighting_scheme is "
-                                 f"{scheme!r} (--timestep-type diffusers --weighting-scheme {scheme}), the only "
-                                 f"timestep density it shapes; got {value} with weighting_scheme="
-                                 f"{self.weighting_scheme!r}")
-        scale = self.mode_scale
-        if self.weighting_scheme == "mode" and isinstance(scale, (int, float)) and not isinstance(scale, bool) \
-                and math.isfinite(scale) and not -1.0 <= scale <= MAX_MODE_SCALE:
-            raise ValueError(f"mode_scale must be in [-1, {MAX_MODE_SCALE:.4g}] (SD3's range, where diffusers' "
-                             f"'mode' density keeps every timestep in [0, 1]), got {scale}")
         for name in ("steps", "batch_size", "checkpoint_every", "long_edge"):
             value = getattr(self, name)  # not a number: check_train_config names the field and its type
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
@@ -329,6 +315,17 @@ class TrainConfig:
             raise ValueError("resume and overwrite exclude each other: --resume continues the run in --out, "
                              "--overwrite deletes it and starts over")
         check_train_config(self)  # every field: type, finite, range
+        defaults = {f.name: f.default for f in fields(self)}  # typed and in range now (check_train_config)
+        for name, scheme in (("logit_mean", "logit_normal"), ("logit_std", "logit_normal"), ("mode_scale", "mode")):
+            value = getattr(self, name)  # refused, not ignored, where the run's density does not read it
+            if value != defaults[name] and self.weighting_scheme != scheme:
+                raise ValueError(f"{name} must stay at its default {defaults[name]} unless weighting_scheme is "
+                                 f"{scheme!r} (--timestep-type diffusers --weighting-scheme {scheme}), the only "
+                                 f"timestep density it shapes; got {value} with weighting_scheme="
+                                 f"{self.weighting_scheme!r}")
+        if self.weighting_scheme == "mode" and not -1.0 <= self.mode_scale <= MAX_MODE_SCALE:
+            raise ValueError(f"mode_scale must be in [-1, {MAX_MODE_SCALE:.4g}] (SD3's range, where diffusers' "
+                             f"'mode' density keeps every timestep in [0, 1]), got {self.mode_scale}")
         if self.keep_milestone_every < 0:
             raise ValueError(f"keep_milestone_every must be >= 0 (0: milestone checkpoints are rotated out like the "
                              f"others), got {self.keep_milestone_every}")

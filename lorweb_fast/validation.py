@@ -504,16 +504,25 @@ def warn_aspect_ratios(a: Sequence, a_prime: Sequence, b: Sequence, *, cells_fro
     return stretched
 
 
-def warn_grid_sizes(sizes: Sequence[tuple[int, int]]) -> None:
-    """Warn when the analogies of one batch at the native resolution would get control grids of different sizes in
-    calls of their own (``sizes``: (width, height) each, from each b's size): the batch makes every grid at the first
-    one's size, so the others' b' differ from one-by-one calls (another resolution). The official resolution needs
-    no such warning: the generation size follows the grid's shape and ``max_area`` only, in a batch as alone."""
+def warn_grid_sizes(sizes: Sequence[tuple[int, int]], *, official: bool = False) -> None:
+    """Warn when the analogies of one batch would be generated at other sizes in calls of their own: at the native
+    resolution ``sizes`` are the control grids each b gives ((width, height) each; the batch makes every grid at the
+    first one's size); at the official resolution (``official``) (generation width, height, control grid width,
+    height) each grid's shape gives with ``max_area`` (the batch takes both from the first grid's shape, and the
+    rounding to the pipeline's multiple, or the nearest preferred Kontext resolution, can change for shapes that
+    differ by less than ``warn_aspect_ratios``' tolerance). Either way the others' b'
+    differ from one-by-one calls (another resolution)."""
     if len(set(sizes)) > 1:
-        shown = ", ".join(f"{w}x{h}" for w, h in sizes)
-        warn(f"the b images of this batch give control grids of different sizes in calls of their own ({shown}); "
-             "the batch makes every grid at the first one's size, so the others' b' differ from one-by-one calls. "
-             "Run them in separate calls, or give b images of one size")
+        shown = ", ".join(f"{size[0]}x{size[1]}" + (f" (control grid {size[2]}x{size[3]})" if official else "")
+                          for size in sizes)
+        if official:
+            warn(f"the analogies of this batch are generated at other sizes in calls of their own ({shown}, from "
+                 "their a images' shapes); the batch generates every one at the first one's size, so the others' b' "
+                 "differ from one-by-one calls. Run them in separate calls, or give a images of one shape")
+        else:
+            warn(f"the b images of this batch give control grids of different sizes in calls of their own ({shown}); "
+                 "the batch makes every grid at the first one's size, so the others' b' differ from one-by-one "
+                 "calls. Run them in separate calls, or give b images of one size")
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -932,7 +941,7 @@ def check_infer_args(args) -> list:
     ``args.config`` name those local files (``weight_name`` and ``revision`` cleared), so the run loads exactly what
     was checked, and ``args.steps`` is the step count (None: the length of ``--pipe-arg sigmas``, else 28); a
     refused call leaves ``args`` as it was. Returns the decoded [a, a', b] PIL images."""
-    from .flux import CLI_OPTION_NAMES, load_image, official_grid_problem
+    from .flux import CLI_OPTION_NAMES, DEFAULT_MAX_AREA, load_image, official_grid_problem
     from .model import LoRWeBCheckpointError, _config_from_metadata, checkpoint_metadata, resolve_checkpoint_settings
     from .flux import resolve_query_source
     from .lora_api import checkpoint_key_dim, hub_repo_id, resolve_checkpoint
@@ -1029,7 +1038,8 @@ def check_infer_args(args) -> list:
             problem = official_grid_problem(images[0].size, query_mode=resolved["query_mode"],
                                             query_source=query_source, max_size=getattr(args, "max_size", None),
                                             multiple=pipeline_grid_multiple(args.model),
-                                            option_names=CLI_OPTION_NAMES)
+                                            option_names=CLI_OPTION_NAMES,
+                                            max_area=getattr(args, "max_area", None) or DEFAULT_MAX_AREA)
             if problem:
                 raise UsageError(f"--a {args.a} is {problem}")
         if getattr(args, "encoder", None) is None and encoder_name:
