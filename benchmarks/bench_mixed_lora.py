@@ -897,7 +897,9 @@ def check_rank_options(parser, args) -> None:
 #: the TF32 switches of torch's fp32_precision API (torch >= 2.9) that ``tf32_off`` turns off: CUDA matmuls, cuDNN
 #: convolutions and RNNs. The legacy ``allow_tf32`` flags are neither read nor written: reading them raises once a
 #: process has used the new API (transformers' ``TrainingArguments(tf32=...)`` does), writing them mixes the two.
-TF32_SWITCHES = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+TF32_SWITCHES = tuple(switch for switch in (torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None),
+                                             getattr(torch.backends.cudnn, "rnn", None))
+                      if switch is not None and hasattr(switch, "fp32_precision"))
 
 
 @contextlib.contextmanager

@@ -134,9 +134,14 @@ gpu_setup() {
     arch="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || true)"
     if [ -n "$arch" ]; then export TORCH_CUDA_ARCH_LIST="$arch"; fi
   fi
-  step "install lorweb_fast (editable, CUDA extension for ${TORCH_CUDA_ARCH_LIST:-8.0;9.0})" 200 \
-    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || {
-      note "install failed: see above"; return 1; }
+  if ! step "install lorweb_fast (editable, CUDA extension for ${TORCH_CUDA_ARCH_LIST:-8.0;9.0})" 200 \
+      "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
+    # a compile error in csrc/ must not cost the Triton steps: they run without the extension (its tests fail)
+    note "the forced CUDA extension build failed (see above): installing without it"
+    LORWEB_FAST_FORCE_CUDA_BUILD="" LORWEB_FAST_SKIP_CUDA_BUILD=1 step "install lorweb_fast without the CUDA extension" \
+      60 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || {
+        note "install failed: see above"; return 1; }
+  fi
 
   # 2. device, clocks and versions
   note "device and versions:"

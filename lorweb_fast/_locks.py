@@ -61,7 +61,12 @@ def folder_files_lock(directory):
 
 
 def analogy_lock(model) -> threading.RLock:
-    """The re-entrant lock that serializes the analogy state of ``model`` (one per model object, dropped with it)."""
+    """The re-entrant lock that serializes the analogy state of ``model`` (one per model object, dropped with it;
+    ``torch.compile(model)`` and ``DistributedDataParallel(model)`` share ``model``'s: the calls on a wrapper change
+    the model inside it)."""
+    from .model import unwrapped_model
+
+    model = unwrapped_model(model)
     with _GUARD:
         lock = _ANALOGY_LOCKS.get(model)
         if lock is None:

@@ -371,17 +371,19 @@ def compile_all(specs: dict, arch: int, jobs: int = 0, progress: bool = True) ->
     todo = [(spec, arch) for key, spec in specs.items() if (arch, key) not in _COMPILED]
     jobs = jobs or min(4, os.cpu_count() or 1)
     bar = progress_bar(total=len(todo), desc=f"compiling for sm_{arch}", disable=not progress or not todo)
-    if jobs > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            for key, res in pool.map(_compile_job, todo):
+    try:  # the bar closed on an error or Ctrl-C too (else redrawn under the message at exit)
+        if jobs > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+                for key, res in pool.map(_compile_job, todo):
+                    _COMPILED[(arch, key)] = res
+                    bar.update()
+        else:
+            for job in todo:
+                key, res = _compile_job(job)
                 _COMPILED[(arch, key)] = res
                 bar.update()
-    else:
-        for job in todo:
-            key, res = _compile_job(job)
-            _COMPILED[(arch, key)] = res
-            bar.update()
-    bar.close()
+    finally:
+        bar.close()
     return {key: _COMPILED[(arch, key)] for key in specs}
 
 

@@ -30,7 +30,11 @@ def collect() -> dict[str, str]:
     return info
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    """Print ``collect()`` as a table; the command takes no arguments (argparse refuses any, exit status 2)."""
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m lorweb_fast.info", description=__doc__.replace("``", "")).parse_args(argv)
     info = collect()
     width = max(map(len, info))
     for key, value in info.items():

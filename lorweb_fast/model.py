@@ -122,6 +122,13 @@ def unwrapped_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def checkpoint_module_name(name: str) -> str:
+    """A module name as checkpoint keys name it: without the ``_orig_mod`` levels of ``torch.compile`` wrappers
+    (blocks compiled one by one and put back hold their layers under ``<block>._orig_mod.``; module lookups through a
+    wrapper reach the same module without it)."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -733,7 +740,8 @@ def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                                  "injected under torch.device('meta') / init_empty_weights, or offloaded by "
                                  "sequential CPU offload); load or materialize the weights before saving them")
             t = t.detach()
-            state[f"{CHECKPOINT_PREFIX}{name}.{suffix}"] = t.full_tensor().cpu() if isinstance(t, DTensor) else t
+            key = f"{CHECKPOINT_PREFIX}{checkpoint_module_name(name)}.{suffix}"
+            state[key] = t.full_tensor().cpu() if isinstance(t, DTensor) else t
     return state
 
 
@@ -961,7 +969,7 @@ def _check_state_dict_matches_layers(state_dict: Mapping[str, torch.Tensor],
     each a tensor of the layer's shape; anything else would write a file the loader refuses."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of LoRWeB tensors, got {type(state_dict).__name__}")
-    want = {f"{CHECKPOINT_PREFIX}{name}.{suffix}": tuple(t.shape)
+    want = {f"{CHECKPOINT_PREFIX}{checkpoint_module_name(name)}.{suffix}": tuple(t.shape)
             for name, layer in layers.items() for suffix, t in layer.lorweb_tensors().items()}
     missing = sorted(set(want) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(want))
@@ -1044,11 +1052,25 @@ def _unloadable_lorweb_tensors(layer: LoRWeBLinear) -> Optional[str]:
     if any(isinstance(t, DTensor) for t in tensors.values()):
         return ("the layer's LoRWeB tensors are sharded by FSDP2 (DTensors): load the checkpoint before fully_shard "
                 "(as lorweb-fast train does), or into the unsharded model")
-    if not torch.is_inference_mode_enabled() and any(t.is_inference() for t in tensors.values()):
-        return ("the layer's LoRWeB tensors are inference tensors (made inside torch.inference_mode(), e.g. by "
-                "model.to() there), which nothing outside inference mode may write: load inside "
-                "torch.inference_mode(), or into a freshly built model")
+    if not torch.is_inference_mode_enabled() and any(not _writable_outside_inference_mode(t)
+                                                         for t in tensors.values()):
+        return ("the layer's LoRWeB tensors are inference tensors created inside torch.inference_mode(), which "
+                "nothing outside inference mode may write: load inside torch.inference_mode(), or into a freshly "
+                "built model")
     return None
+
+
+def _writable_outside_inference_mode(t: torch.Tensor) -> bool:
+    """Whether an in-place write into ``t`` outside inference mode works: not an inference tensor, or a parameter
+    whose data an inference-mode ``module.to()`` replaced (it keeps its version counter, and writes into it work);
+    a tensor created inside inference mode has no version counter, and torch refuses the write."""
+    if not t.is_inference():
+        return True
+    try:
+        t._version  # (reading it changes nothing)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _on_meta_device(module: nn.Module, new_parameters_on_meta: Optional[str]) -> Optional[str]:
@@ -1275,9 +1297,13 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
             raise LoRWeBConfigError(f"conflicting lora_alpha / rank: {where['lora_alpha']} gives {scale!r} but the "
                                     f"checkpoint metadata says {cfg['scale']!r}")
         cfg["scale"] = scale
-    existing = lorweb_layers(model)
+    # module names as the checkpoint keys them (checkpoint_module_name: a block compiled and put back is reached
+    # through its wrapper, the inner module winning the name); lookups and swaps by these names go through it
+    existing = {checkpoint_module_name(n): layer for n, layer in lorweb_layers(model).items()}
     differs_from_injected = False  # a problem only because the model already holds LoRWeB layers of other shapes
     modules, names_of = _modules_with_every_name(model)
+    modules = {checkpoint_module_name(n): module for n, module in modules.items()}
+    names_of = {key: sorted({checkpoint_module_name(n) for n in names}) for key, names in names_of.items()}
     new_parameters_on_meta = _new_parameters_on_meta()
     for name in sorted(groups):
         tensors = groups[name]
@@ -1393,7 +1419,7 @@ def load_lorweb_weights(model: nn.Module, path_or_state_dict, config: Union[str,
     # model (no LoRWeB layers yet), adapting fewer of its linear layers than the official LoRWeB adapts (every linear
     # of the transformer blocks): loaded, but the others run without an adapter
     official_targets = [] if recorded is not None or isinstance(path_or_state_dict, Mapping) or existing else \
-        [n for n in _find_targets(model, DEFAULT_TARGET_MODULES, refuse_aliases=False)
+        [checkpoint_module_name(n) for n in _find_targets(model, DEFAULT_TARGET_MODULES, refuse_aliases=False)
          if _read_not_called(model, n) is None]
     uncovered = [n for n in official_targets if n not in groups]
     if uncovered and len(uncovered) < len(official_targets):  # some adapted, not all

@@ -15,7 +15,7 @@ from typing import Optional
 
 from torch import nn
 
-from .model import lorweb_layers
+from .model import lorweb_layers, unwrapped_model
 
 
 class TensorParallelNotSupportedError(NotImplementedError):
@@ -42,6 +42,7 @@ def lorweb_layers_in_plan(model: nn.Module, tp_plan: dict) -> list[str]:
 def check_tensor_parallel(model: nn.Module, tp_plan: Optional[dict] = None) -> None:
     """Raise TensorParallelNotSupportedError when ``tp_plan`` (default: the model's ``_tp_plan``) shards any layer
     that LoRWeB wraps."""
+    model = unwrapped_model(model)  # a torch.compile'd transformer: the plan names the modules inside the wrapper
     plan = getattr(model, "_tp_plan", None) if tp_plan is None else tp_plan
     if not plan or not lorweb_layers(model):
         return

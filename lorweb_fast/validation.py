@@ -866,7 +866,18 @@ CLI_PIPE_ARGS = {
     "negative_prompt_2": lambda k, v: _check_str(k, v), "true_cfg_scale": lambda k, v: check_real(k, v, lo=0.0),
     "max_sequence_length": lambda k, v: check_int(k, v, lo=1, hi=512),
     "sigmas": lambda k, v: _check_sigma_values(k, _check_list(k, v)),
+    "joint_attention_kwargs": lambda k, v: _check_attention_kwargs(k, v),
 }
+
+
+def _check_attention_kwargs(name, value) -> dict:
+    """``joint_attention_kwargs`` on the command line: a JSON object whose ``scale`` (the per-call LoRWeB strength,
+    e.g. ``{"scale": 0.5}``), if given, is a finite number."""
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a JSON object such as {{\"scale\": 0.5}}, got {value!r}")
+    if "scale" in value:
+        check_real(f"{name}['scale']", value["scale"])
+    return value
 
 
 def check_cli_pipe_args(pipe_kwargs: Optional[dict]) -> None:

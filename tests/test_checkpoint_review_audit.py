@@ -177,3 +177,49 @@ def test_save_from_a_ddp_wrapped_model_writes_the_official_keys(tmp_path, monkey
         assert all(torch.equal(got[k], v) for k, v in load_file(other).items())
     finally:
         dist.destroy_process_group()
+
+
+def test_a_model_moved_inside_inference_mode_still_takes_a_load_outside_it(tmp_path):
+    """``model.to(dtype)`` inside ``torch.inference_mode()`` (serving code decorated with it) replaces the parameters'
+    data with inference tensors that keep their version counters: torch allows writes into them outside the mode,
+    and a load there worked before the inference-tensor refusal; it still loads (only tensors created inside the
+    mode, which torch refuses to write, are refused)."""
+    second = tmp_path / "second.safetensors"
+    lf.save_lorweb_weights(tiny_lorweb_pair(pair_config(), 1), second)
+    model = tiny_lorweb_pair(pair_config(), 0)
+    with torch.inference_mode():
+        model.to(torch.bfloat16)
+    assert all(t.is_inference() for t in lf.lorweb_state_dict(model).values())
+    lf.load_lorweb_weights(model, second)
+    after, want = lorweb_values(model), load_file(second)
+    assert all(torch.equal(after[k], want[k].to(torch.bfloat16)) for k in want)
+
+
+def test_blocks_compiled_one_by_one_save_and_load_the_official_keys(tmp_path):
+    """Regional compilation by hand (``model[i] = torch.compile(model[i])``) puts each block's layers under
+    ``<i>._orig_mod.``: a save wrote those names into the keys (a file only that wrapping could read), and a load of
+    an official file into such a model found no module for its keys. Keys are the modules' names without the
+    wrappers' ``_orig_mod`` levels, both ways; a stock model with compiled blocks takes an official file too."""
+    model = tiny_lorweb_pair(pair_config(), 0)
+    want = {k: v.clone() for k, v in lf.lorweb_state_dict(model).items()}
+    model[0] = torch.compile(model[0], backend="eager")
+    assert any("_orig_mod" in name for name in lf.lorweb_layers(model))
+    path = tmp_path / "w.safetensors"
+    lf.save_lorweb_weights(model, path)
+    saved = load_file(path)
+    assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
+    other = tmp_path / "other.safetensors"
+    lf.save_lorweb_weights(tiny_lorweb_pair(pair_config(), 1), other)
+    assert lf.load_lorweb_weights(model, other) == ["0", "1"]
+    got = lf.lorweb_state_dict(model)
+    assert all(torch.equal(got[k], v) for k, v in load_file(other).items())
+
+    official = tmp_path / "official.safetensors"
+    official_style_checkpoint(official)
+    stock = stock_pair()
+    stock[1] = torch.compile(stock[1], backend="eager")
+    assert lf.load_lorweb_weights(stock, official) == ["0", "1"]
+    assert isinstance(stock[0], lf.LoRWeBLinear)  # a compiled leaf linear's wrapper gives way to its LoRWeB layer
+    assert isinstance(getattr(stock[1], "_orig_mod", stock[1]), lf.LoRWeBLinear)
+    got, want = lf.lorweb_state_dict(stock), load_file(official)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].float()) for k in want)

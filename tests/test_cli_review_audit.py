@@ -56,7 +56,8 @@ def test_demo_refuses_inference_steps_above_the_pipelines_limit_before_writing_a
 
 
 # ------------------------------------------------------------------------------------------------ eval generate
-@pytest.mark.parametrize("pipe_arg", ["negative_prompt=5", "latents=1", "callback_on_step_end=1", "sigmas=[2.0, 1.0]"])
+@pytest.mark.parametrize("pipe_arg", ["negative_prompt=5", "latents=1", "callback_on_step_end=1", "sigmas=[2.0, 1.0]",
+                                      'joint_attention_kwargs={"scale": "x"}', "joint_attention_kwargs=[1]"])
 def test_eval_generate_checks_pipe_arg_values_before_loading_or_writing(assets, tmp_path, capsys, monkeypatch,
                                                                        pipe_arg):
     """``lorweb-fast eval generate ... --pipe-arg negative_prompt=5`` (or ``latents=1``, ``callback_on_step_end=1``,
@@ -79,6 +80,31 @@ def test_eval_generate_checks_pipe_arg_values_before_loading_or_writing(assets, 
     assert not got_there, f"--pipe-arg {pipe_arg} passed the up-front checks: the models load before it fails"
     assert rc == 2 and "--pipe-arg" in err and "Traceback" not in err, err
     assert not (out / "run.json").exists()
+
+
+@pytest.mark.parametrize("command", ["eval generate", "infer"])
+def test_the_per_call_strength_passes_the_pipe_arg_checks(assets, tmp_path, capsys, monkeypatch, command):
+    """``--pipe-arg 'joint_attention_kwargs={"scale": 0.5}'`` is the command line's way to run at another LoRWeB
+    strength (the pipeline scales the mixture by it); the value checks added to ``eval generate`` refused it, a key
+    infer did not list. Both commands now take it (its scale checked) and reach the model loader."""
+
+    def reached(cls, *args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(flux.LoRWeBKontextPipeline, "from_pretrained", classmethod(reached))
+    strength = ["--pipe-arg", 'joint_attention_kwargs={"scale": 0.5}']
+    if command == "infer":
+        image = assets / "evalset" / sorted(p.name for p in (assets / "evalset").iterdir())[0]
+        images = sorted(p for p in image.rglob("*.png"))[:3]
+        argv = ["infer", "--a", images[0], "--a-prime", images[1], "--b", images[2], "--prompt", "x",
+                "--weights", assets / "lorweb.safetensors", "--model", assets / "pipe", "--out", tmp_path / "o.png",
+                "--dtype", "fp32", *strength]
+    else:
+        argv = ["eval", "generate", "--evalset", assets / "evalset", "--weights", assets / "lorweb.safetensors",
+                "--model", assets / "pipe", "--dtype", "fp32", "--resolution", "native", "--long-edge", "64",
+                "--quiet", "--out", tmp_path / "runs", *strength]
+    rc, err, got_there = run_cli(capsys, argv)
+    assert got_there, err
 
 
 # --------------------------------------------------------------------------------------------------- train

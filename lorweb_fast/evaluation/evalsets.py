@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -410,7 +411,8 @@ def read_relation252k(root: Union[str, Path], *, seed: int = 0, tasks: Optional[
             if not path.is_file():
                 raise EvalInputError(f"{labels_path}: image not found: {path}")
             entries.append((path, e["edit_instruction"]))
-        files = {path: path.resolve() for path, _ in entries}  # "x.png" and "sub/../x.png" are one image
+        # "x.png" and "sub/../x.png" are one image; two symlinks to one blob (a Hugging Face cache) stay two entries
+        files = {path: Path(os.path.normpath(os.path.abspath(path))) for path, _ in entries}
         if len(set(files.values())) < 2:
             raise EvalInputError(f"task {cat.name!r} has {len(set(files.values()))} distinct pair images in "
                                  f"{labels_path} ({len(entries)} entries); an analogy needs 2")
