@@ -351,10 +351,13 @@ def inject_random_lorweb(transformer: torch.nn.Module, *, seed: int = 1) -> None
             layer.lora_keys.normal_(0, 3.0)
 
 
-def tiny_kontext_with_encoder(root):
+def tiny_kontext_with_encoder(root, *, eval_mode: bool = False):
     """(a tiny in-memory FluxKontextPipeline with ``inject_random_lorweb``'s basis, a tiny CLIP ``AnalogyEncoder``
-    saved under ``root/clip``), fp32, for the pipeline tests' module fixtures."""
+    saved under ``root/clip``), fp32, for the pipeline tests' module fixtures. Built in memory, its modules are in
+    training mode (the text encoders' dropout on); ``eval_mode`` puts every one in eval mode, as a loaded pipeline."""
     from pathlib import Path
+
+    import torch
 
     from . import demo
     from .flux import AnalogyEncoder
@@ -362,6 +365,10 @@ def tiny_kontext_with_encoder(root):
     demo.build_tiny_clip(Path(root) / "clip")
     pipe = demo.build_tiny_kontext_pipeline()
     inject_random_lorweb(pipe.transformer)
+    if eval_mode:
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()
     return pipe, AnalogyEncoder(Path(root) / "clip")
 
 

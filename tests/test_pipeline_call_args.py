@@ -35,10 +35,7 @@ BATCH = [list(images) for images in zip(X0, X1)]  # [[a0, a1], [a0', a1'], [b0, 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    pipe, encoder = tiny_kontext_with_encoder(tmp_path_factory.mktemp("call_args"))
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()  # built in memory, the text encoders are in training mode (dropout)
+    pipe, encoder = tiny_kontext_with_encoder(tmp_path_factory.mktemp("call_args"), eval_mode=True)
     wrapper = flux.LoRWeBKontextPipeline(pipe, encoder, resolution="native", long_edge=64)
     wrapper.set_progress_bar_config(disable=True, desc="call-args")
     return wrapper

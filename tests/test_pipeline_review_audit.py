@@ -25,10 +25,7 @@ SMALL_RESOLUTIONS = [(48, 80), (64, 64), (72, 56), (80, 48)]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    pipe, encoder = tiny_kontext_with_encoder(tmp_path_factory.mktemp("pipeline_review"))
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()  # built in memory, the text encoders are in training mode (dropout)
+    pipe, encoder = tiny_kontext_with_encoder(tmp_path_factory.mktemp("pipeline_review"), eval_mode=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe, encoder
 
