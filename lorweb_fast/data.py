@@ -370,9 +370,9 @@ class AnalogyFolder(torch.utils.data.Dataset):
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.layout, self.bidirectional = layout, bidirectional
-        from .validation import check_bucket_divisibility, check_int
+        from .validation import MIN_LONG_EDGE, check_bucket_divisibility, check_int
 
-        check_int("long_edge", long_edge, lo=1)  # not blamed on the images (training needs MIN_LONG_EDGE)
+        check_int("long_edge", long_edge, lo=MIN_LONG_EDGE)  # as TrainConfig: not blamed on the images
         check_bucket_divisibility("bucket_divisibility", bucket_divisibility, resize)
         if resize == "long-edge":  # the grid's sides are multiples of ``multiple`` and must split into two cells
             check_bucket_divisibility("multiple", multiple, "bucket")

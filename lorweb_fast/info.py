@@ -30,11 +30,13 @@ def collect() -> dict[str, str]:
     return info
 
 
-def main(argv=None) -> None:
-    """Print ``collect()`` as a table; the command takes no arguments (argparse refuses any, exit status 2)."""
+def main(argv=()) -> None:
+    """Print ``collect()`` as a table. ``argv``: the command's arguments (none are taken: argparse refuses any, exit
+    status 2); the command passes ``sys.argv[1:]``, a call from Python none (never the caller's own ``sys.argv``)."""
     import argparse
 
-    argparse.ArgumentParser(prog="python -m lorweb_fast.info", description=__doc__.replace("``", "")).parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m lorweb_fast.info", description=__doc__.replace("``", ""))
+    parser.parse_args(list(argv))
     info = collect()
     width = max(map(len, info))
     for key, value in info.items():
@@ -46,4 +48,4 @@ if __name__ == "__main__":
 
     from .cli import run_writing_stdout
 
-    sys.exit(run_writing_stdout("python -m lorweb_fast.info", lambda: main() or 0))
+    sys.exit(run_writing_stdout("python -m lorweb_fast.info", lambda: main(sys.argv[1:]) or 0))

@@ -341,13 +341,16 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     skip_patterns = model.__dict__.get("_skip_layerwise_casting_patterns", _ABSENT)  # (an instance attribute)
     guards = {name: model.__dict__.get(name, _ABSENT) for name in GUARDED_WHILE_INJECTED}
-    new_layers, swapped_in = {}, []
+    new_layers, swapped_in, replaced = {}, [], {}
     try:
         with _locks.LOADING, torch.inference_mode(False):  # modules built while another thread loads a model
             new_layers = build()  # would get its meta parameters
         for layer in new_layers.values():
             layer.train(layer.base_layer.training)  # an eval model stays in eval mode
         for name, layer in new_layers.items():  # all built: swapping in cannot fail half way
+            # what the attribute held: the base layer, or a torch.compile wrapper around it (put back as it was)
+            parent_name, _, child = name.rpartition(".")
+            replaced[name] = getattr(model.get_submodule(parent_name) if parent_name else model, child)
             swapped_in.append(name)  # first: undone even when the interrupt comes right after the swap
             _set_submodule(model, name, layer)
         if new_layers:
@@ -359,7 +362,7 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None)
             fill()
     except BaseException:
         for name in reversed(swapped_in):
-            _set_submodule(model, name, new_layers[name].base_layer)
+            _set_submodule(model, name, replaced[name])
         for param, flag in flags:
             if param.requires_grad != flag:  # (an inference tensor's flag can be read but not set outside the mode)
                 param.requires_grad_(flag)
@@ -1052,8 +1055,8 @@ def _unloadable_lorweb_tensors(layer: LoRWeBLinear) -> Optional[str]:
     if any(isinstance(t, DTensor) for t in tensors.values()):
         return ("the layer's LoRWeB tensors are sharded by FSDP2 (DTensors): load the checkpoint before fully_shard "
                 "(as lorweb-fast train does), or into the unsharded model")
-    if not torch.is_inference_mode_enabled() and any(not _writable_outside_inference_mode(t)
-                                                         for t in tensors.values()):
+    written = [*tensors.values(), layer.att_lora_to_q.weight]  # the identity buffer of "none" is written in again
+    if not torch.is_inference_mode_enabled() and any(not _writable_outside_inference_mode(t) for t in written):
         return ("the layer's LoRWeB tensors are inference tensors created inside torch.inference_mode(), which "
                 "nothing outside inference mode may write: load inside torch.inference_mode(), or into a freshly "
                 "built model")

@@ -1,6 +1,8 @@
 """Checkpoint save/load defects found by a review of lorweb_fast's checkpoint code (lora_api.py, model.py's
 save_lorweb_weights / lorweb_state_dict / load_lorweb_weights): each test fails on the code as reviewed."""
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -223,3 +225,41 @@ def test_blocks_compiled_one_by_one_save_and_load_the_official_keys(tmp_path):
     assert isinstance(getattr(stock[1], "_orig_mod", stock[1]), lf.LoRWeBLinear)
     got, want = lf.lorweb_state_dict(stock), load_file(official)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].float()) for k in want)
+
+
+def test_a_none_projection_layer_whose_identity_was_made_inside_inference_mode_is_refused_by_name(tmp_path):
+    """With ``query_projection_type="none"`` the identity ``att_lora_to_q.weight`` is a buffer the load writes in
+    again; made inside ``torch.inference_mode()`` (``model.to()`` there replaces buffers with inference tensors that
+    keep no version counter), a load outside it failed half way with torch's "Inplace update to inference tensor"
+    instead of the named refusal, which covers that buffer too; nothing changes."""
+    cfg = dataclasses.replace(pair_config(), query_projection_type="none", key_dim=pair_config().query_dim)
+    model = tiny_lorweb_pair(cfg, 0)
+    path = tmp_path / "none.safetensors"
+    lf.save_lorweb_weights(tiny_lorweb_pair(cfg, 1), path)
+    with torch.inference_mode():
+        model.to(torch.float64)
+    before = lorweb_values(model)
+    with pytest.raises(LoRWeBCheckpointError, match="inference tensors created inside torch.inference_mode"):
+        lf.load_lorweb_weights(model, path)
+    after = lorweb_values(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_failed_load_puts_back_a_compiled_leaf_linear_with_its_wrapper(tmp_path, monkeypatch):
+    """A load into a model whose leaf linear is ``torch.compile(nn.Linear)`` swaps the LoRWeB layer in place of the
+    wrapper; when the load then fails (out of memory while staging), the attribute gets back what it held, the
+    compile wrapper, not the bare linear inside it."""
+    from lorweb_fast import model as model_module
+
+    official = tmp_path / "official.safetensors"
+    official_style_checkpoint(official)
+    stock = stock_pair()
+    wrapper = stock[1] = torch.compile(stock[1], backend="eager")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(model_module, "_staged_for_copy", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        lf.load_lorweb_weights(stock, official)
+    assert stock[1] is wrapper and isinstance(stock[0], nn.Linear) and not lf.lorweb_layers(stock)

@@ -73,3 +73,16 @@ def test_info_refuses_unknown_arguments(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-500:], proc.stderr[-500:])
     assert "python -m lorweb_fast.info" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_info_main_called_from_python_does_not_read_the_callers_argv(monkeypatch, capsys):
+    """``lorweb_fast.info.main()`` from Python (a notebook, a test under pytest) parses no arguments: the caller's own
+    ``sys.argv`` (pytest's, a kernel's ``-f ...``) made it exit with status 2 once it took an argument parser."""
+    from lorweb_fast import info
+
+    monkeypatch.setattr(sys, "argv", ["pytest", "-q", "--some-flag", "tests/"])
+    info.main()
+    assert "torch" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        info.main(["--json"])
+    assert exit_info.value.code == 2
