@@ -412,21 +412,21 @@ def printable_stdout():
     restored after: a command's report never dies half printed on a file name."""
     stream = sys.stdout
     errors = getattr(stream, "errors", None)
-    if errors != "strict" or not callable(getattr(stream, "reconfigure", None)):
-        yield
-        return
-    try:
-        stream.reconfigure(errors="backslashreplace")
-    except (ValueError, OSError, io.UnsupportedOperation):  # a detached or closed stream: left as it is
-        yield
-        return
+    changed = False
+    if errors == "strict" and callable(getattr(stream, "reconfigure", None)):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+            changed = True
+        except (ValueError, OSError, io.UnsupportedOperation):  # a detached or closed stream: left as it is
+            pass
     try:
         yield
     finally:
-        try:
-            stream.reconfigure(errors=errors)
-        except (ValueError, OSError, io.UnsupportedOperation):
-            pass
+        if changed:
+            try:
+                stream.reconfigure(errors=errors)
+            except (ValueError, OSError, io.UnsupportedOperation):
+                pass
 
 
 def stdout_reader_gone() -> bool:
