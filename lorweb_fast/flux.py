@@ -200,12 +200,13 @@ def official_grid_problem(a_size: tuple, *, query_mode: str, query_source: str =
             remedy = f"use a larger a (at least {multiple // 2} px on a side)"
         return (f"{aw}x{ah}: at the official resolution {cause}, and the pipeline rounds its sides down to multiples "
                 f"of {multiple}, to 0 here; {remedy} or {names['native']}")
-    if multiple is not None and max_area is not None and min(official_generation_size((gw, gh), max_area,
-                                                                                      multiple)) == 0:
+    if multiple is not None and max_area is not None:
         gen_w, gen_h = official_generation_size((gw, gh), max_area, multiple)
-        return (f"{aw}x{ah}: at the official resolution the pipeline generates the {gw}x{gh} grid's shape at about "
-                f"{names['max_area']}={max_area} pixels, {gen_w}x{gen_h} after rounding its sides down to multiples "
-                f"of {multiple}; use a larger {names['max_area']}, a less elongated a or {names['native']}")
+        if min(gen_w, gen_h) == 0:
+            return (f"{aw}x{ah}: at the official resolution the pipeline generates the {gw}x{gh} grid's shape at "
+                    f"about {names['max_area']}={max_area} pixels, {gen_w}x{gen_h} after rounding its sides down to "
+                    f"multiples of {multiple}; use a larger {names['max_area']}, a less elongated a or "
+                    f"{names['native']}")
     if query_source == "grid":
         problem = query_crop_problem(gw, gh, query_mode, "inference")
         if problem:
@@ -1559,6 +1560,10 @@ class LoRWeBKontextPipeline:
             return "none"  # already fused (fuse_lora)
         return choose_merge_strategy(self.transformer)
 
+    def _size_multiple(self) -> int:
+        """What FluxKontextPipeline rounds the generated and control sizes down to: 2 * vae_scale_factor."""
+        return 2 * int(getattr(self.pipe, "vae_scale_factor", 8))
+
     def _query(self, grids: list, a: list, a_prime: list, b: list) -> torch.Tensor:
         """(B, query_dim) analogy queries of the control grids. Official resolution: the official inference crops
         (squares of side W/2, inference.py); an a of aspect ratio 2:1 or wider leaves no b to crop in the modes that
@@ -1569,7 +1574,7 @@ class LoRWeBKontextPipeline:
         agree)."""
         if self.resolution == "native":
             return self.encoder.query(grids=grids, a=a, a_prime=a_prime, b=b, crops="cells")
-        multiple = 2 * int(getattr(self.pipe, "vae_scale_factor", 8))  # FluxKontextPipeline: sides multiples of it
+        multiple = self._size_multiple()
         for i in range(len(grids)):
             problem = official_grid_problem(a[i].size, query_mode=self.encoder.query_mode,
                                             query_source=self.encoder.query_source, max_size=self.max_size,
@@ -1667,7 +1672,7 @@ class LoRWeBKontextPipeline:
         strategy = self.merge_strategy(merge, count * per_prompt)
         query = self._query(grids, a, a_prime, b).repeat_interleave(per_prompt, dim=0)  # checks the grid sizes
         if self.resolution == "official" and not stretched:  # shapes within warn_aspect_ratios' tolerance
-            multiple = 2 * int(getattr(self.pipe, "vae_scale_factor", 8))
+            multiple = self._size_multiple()
             warn_grid_sizes([official_generation_size(g.size, self.max_area, multiple)
                              + official_control_size(g.size, multiple) for g in grids], official=True)
         fused = lora_api.fused_strategy(self.transformer)

@@ -129,10 +129,19 @@ def checkpoint_module_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def _checkpoint_key(name: str, suffix: str) -> str:
+    """The checkpoint key of the LoRWeB tensor ``suffix`` of the layer named ``name`` (``lorweb_layers``' name)."""
+    return f"{CHECKPOINT_PREFIX}{checkpoint_module_name(name)}.{suffix}"
+
+
+def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(the module holding the submodule ``name``, the attribute it holds it under)."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    setattr(*_parent_and_child(model, name), module)
 
 
 def _refuse_incompatible_modules(model: nn.Module, what: str) -> None:
@@ -236,8 +245,7 @@ def _read_not_called(model: nn.Module, name: str) -> Optional[str]:
     it (``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward`` and never calls
     ``out_proj``: the adapter would be silently unused, and the parent's forward fails on the missing ``weight``);
     None when it can."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent, child = _parent_and_child(model, name)
     if isinstance(parent, nn.MultiheadAttention):
         return (f"{name} is the {child} of an nn.MultiheadAttention, which reads its weight directly and never calls "
                 "it, so its LoRWeB adapter would be silently unused")
@@ -349,8 +357,7 @@ def _swap_in_layers(model: nn.Module, build, freeze_base_model: bool, fill=None)
             layer.train(layer.base_layer.training)  # an eval model stays in eval mode
         for name, layer in new_layers.items():  # all built: swapping in cannot fail half way
             # what the attribute held: the base layer, or a torch.compile wrapper around it (put back as it was)
-            parent_name, _, child = name.rpartition(".")
-            replaced[name] = getattr(model.get_submodule(parent_name) if parent_name else model, child)
+            replaced[name] = getattr(*_parent_and_child(model, name))
             swapped_in.append(name)  # first: undone even when the interrupt comes right after the swap
             _set_submodule(model, name, layer)
         if new_layers:
@@ -426,14 +433,14 @@ def _keeping_frozen_layers_frozen(model: nn.Module, call):
     layers (GGUF, bitsandbytes, torchao), the base layers the LoRWeB layers wrap and the model's other layers alike:
     with ``inject_lorweb``'s frozen base they would get gradients (trained by an optimizer built from
     ``requires_grad``). A module whose own parameters were all frozen before the call has them frozen after it."""
-    frozen = {name: True for name, module in model.named_modules()
+    frozen = {name for name, module in model.named_modules()
               if any(True for _ in module.parameters(recurse=False))
               and not any(p.requires_grad for p in module.parameters(recurse=False))}
     try:
         return call()
     finally:
         for name, module in model.named_modules():
-            if frozen.get(name):
+            if name in frozen:
                 for param in module.parameters(recurse=False):
                     param.requires_grad_(False)
 
@@ -743,8 +750,7 @@ def lorweb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                                  "injected under torch.device('meta') / init_empty_weights, or offloaded by "
                                  "sequential CPU offload); load or materialize the weights before saving them")
             t = t.detach()
-            key = f"{CHECKPOINT_PREFIX}{checkpoint_module_name(name)}.{suffix}"
-            state[key] = t.full_tensor().cpu() if isinstance(t, DTensor) else t
+            state[_checkpoint_key(name, suffix)] = t.full_tensor().cpu() if isinstance(t, DTensor) else t
     return state
 
 
@@ -972,7 +978,7 @@ def _check_state_dict_matches_layers(state_dict: Mapping[str, torch.Tensor],
     each a tensor of the layer's shape; anything else would write a file the loader refuses."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of LoRWeB tensors, got {type(state_dict).__name__}")
-    want = {f"{CHECKPOINT_PREFIX}{checkpoint_module_name(name)}.{suffix}": tuple(t.shape)
+    want = {_checkpoint_key(name, suffix): tuple(t.shape)
             for name, layer in layers.items() for suffix, t in layer.lorweb_tensors().items()}
     missing = sorted(set(want) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(want))
@@ -1046,9 +1052,10 @@ def _new_parameters_on_meta() -> Optional[str]:
 
 
 def _unloadable_lorweb_tensors(layer: LoRWeBLinear) -> Optional[str]:
-    """Why the LoRWeB tensors of an injected layer cannot take a checkpoint's values in place, or None: inference
-    tensors outside ``torch.inference_mode`` (the layer was injected inside it), or tensors sharded by FSDP2
-    (DTensors; a load is not a collective)."""
+    """Why the LoRWeB tensors of an injected layer cannot take a checkpoint's values in place, or None: outside
+    ``torch.inference_mode``, inference tensors created inside it (``_writable_outside_inference_mode``; the identity
+    buffer of ``query_projection_type="none"`` included), or tensors sharded by FSDP2 (DTensors; a load is not a
+    collective)."""
     from torch.distributed.tensor import DTensor
 
     tensors = layer.lorweb_tensors()

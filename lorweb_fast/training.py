@@ -369,7 +369,12 @@ def checkpoint_dirs(out: Union[str, Path]) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of a ``checkpoints/step-<digits>`` folder."""
+    return int(folder.name.split("-")[1])
 
 
 def latest_checkpoint(out: Union[str, Path]) -> Optional[Path]:
@@ -640,11 +645,10 @@ def rotate_checkpoints(out: Union[str, Path], keep: int, milestone_every: int = 
     the oldest, as ai-toolkit's creation-time order counts them (by step they would be kept, and the checkpoint
     just written deleted). Returns the deleted folders."""
     dirs = checkpoint_dirs(out)
-    if newest is not None:
-        dirs = ([p for p in dirs if int(p.name.split("-")[1]) > newest]
-                + [p for p in dirs if int(p.name.split("-")[1]) <= newest])
+    if newest is not None:  # (a stable sort: the later steps first, each part in step order)
+        dirs.sort(key=lambda p: checkpoint_step(p) <= newest)
     older = dirs[:-keep] if keep > 0 else []
-    doomed = [p for p in older if not (milestone_every > 0 and int(p.name.split("-")[1]) % milestone_every == 0)]
+    doomed = [p for p in older if not (milestone_every > 0 and checkpoint_step(p) % milestone_every == 0)]
     for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
     return doomed
@@ -1392,8 +1396,8 @@ class _CallersPipeline:
     def __init__(self, pipe):
         self.transformer = pipe.transformer
         self.training = self.transformer.training
-        self.modes = {module: [(m, m.training) for m in module.modules()] for name in _PIPELINE_MODELS
-                      if name != "transformer" and (module := getattr(pipe, name, None)) is not None}
+        self.modes = [(m, m.training) for name in _PIPELINE_MODELS if name != "transformer"
+                      and getattr(pipe, name, None) is not None for m in getattr(pipe, name).modules()]
         self.checkpointing = bool(getattr(self.transformer, "is_gradient_checkpointing", False))
         self.requires_grad = {name: [(p, p.requires_grad) for p in getattr(pipe, name).parameters()]
                               for name in _PIPELINE_MODELS if getattr(pipe, name, None) is not None}
@@ -1408,9 +1412,8 @@ class _CallersPipeline:
                 if name not in self.layers:
                     self.transformer.set_submodule(name, layer.base_layer)
         self.transformer.train(self.training)
-        for modes in self.modes.values():  # module by module: a caller's mixed modes come back as they were
-            for module, flag in modes:
-                module.training = flag
+        for module, flag in self.modes:  # module by module: a caller's mixed modes come back as they were
+            module.training = flag
         if self.checkpointing != bool(getattr(self.transformer, "is_gradient_checkpointing", False)):
             if self.checkpointing:
                 self.transformer.enable_gradient_checkpointing()

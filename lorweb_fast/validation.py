@@ -510,8 +510,8 @@ def warn_grid_sizes(sizes: Sequence[tuple[int, int]], *, official: bool = False)
     first one's size); at the official resolution (``official``) (generation width, height, control grid width,
     height) each grid's shape gives with ``max_area`` (the batch takes both from the first grid's shape, and the
     rounding to the pipeline's multiple, or the nearest preferred Kontext resolution, can change for shapes that
-    differ by less than ``warn_aspect_ratios``' tolerance). Either way the others' b'
-    differ from one-by-one calls (another resolution)."""
+    differ by less than ``warn_aspect_ratios``' tolerance). Either way the others' b' differ from one-by-one calls
+    (another resolution)."""
     if len(set(sizes)) > 1:
         shown = ", ".join(f"{size[0]}x{size[1]}" + (f" (control grid {size[2]}x{size[3]})" if official else "")
                           for size in sizes)

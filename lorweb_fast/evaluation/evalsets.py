@@ -413,8 +413,9 @@ def read_relation252k(root: Union[str, Path], *, seed: int = 0, tasks: Optional[
             entries.append((path, e["edit_instruction"]))
         # "x.png" and "sub/../x.png" are one image; two symlinks to one blob (a Hugging Face cache) stay two entries
         files = {path: Path(os.path.normpath(os.path.abspath(path))) for path, _ in entries}
-        if len(set(files.values())) < 2:
-            raise EvalInputError(f"task {cat.name!r} has {len(set(files.values()))} distinct pair images in "
+        distinct = len(set(files.values()))
+        if distinct < 2:
+            raise EvalInputError(f"task {cat.name!r} has {distinct} distinct pair images in "
                                  f"{labels_path} ({len(entries)} entries); an analogy needs 2")
         for path, instruction in entries:
             others = [p for p, _ in entries if files[p] != files[path]]  # b is never a's own image
