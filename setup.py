@@ -16,6 +16,7 @@ Environment flags:
   CUDA_HOME                       toolkit location (e.g. /usr/local/cuda)
 """
 
+import glob
 import os
 import sys
 
@@ -48,6 +49,16 @@ def _write_build_info(arch_list, cuda_version, build_error=None, root=None):
                 f"BUILD_ERROR = {build_error!r}\n")
 
 
+def _remove_in_place_extension(root=None):
+    """Delete ``lorweb_fast/_C*`` binaries that an earlier in-place build left in the source tree (or under
+    ``root``): an install that does not build the extension must not leave an old one importable."""
+    here = root or os.path.dirname(os.path.abspath(__file__))
+    for path in glob.glob(os.path.join(here, "lorweb_fast", "_C.*")):
+        if path.endswith((".so", ".pyd")):
+            _log(f"removing {path}: a binary of an earlier build")
+            os.remove(path)
+
+
 def _build_ext_class(base, force, arch_list, cuda_version):
     """``base`` (torch's BuildExtension) whose compile failure, unless ``force``, is logged and recorded instead of
     failing the install, with no binary left in place of the failed build."""
@@ -60,6 +71,7 @@ def _build_ext_class(base, force, arch_list, cuda_version):
                 super().build_extensions()
             except Exception as exc:  # compiler errors, torch's CUDA version check, a missing ninja, ...
                 if force:
+                    _remove_in_place_extension()
                     raise
                 first_line = (str(exc).strip().splitlines() or [""])[0]
                 error = f"{type(exc).__name__}: {first_line}"[:500]
@@ -123,6 +135,7 @@ def cuda_extension():
     if skip:
         _log("LORWEB_FAST_SKIP_CUDA_BUILD=1: installing without the CUDA extension")
         _write_build_info(None, None, build_error="LORWEB_FAST_SKIP_CUDA_BUILD=1 was set")
+        _remove_in_place_extension()
         return [], {}
     reason = None
     try:
@@ -140,6 +153,7 @@ def cuda_extension():
             raise RuntimeError(f"LORWEB_FAST_FORCE_CUDA_BUILD=1 but the CUDA extension cannot be built: {reason}")
         _log(f"skipping the CUDA extension: {reason}")
         _write_build_info(None, None, build_error=reason)
+        _remove_in_place_extension()
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     _log(f"building lorweb_fast._C for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "

@@ -34,7 +34,8 @@ pin() {  # NAME DEFAULT -> NAME==installed version (or DEFAULT)
   echo "$1==${v:-$2}"
 }
 
-PKGS=("$(pin diffusers 0.42.1)" "$(pin importlib_metadata 8.7.0)" "$(pin optimum-quanto 0.2.7)")
+# importlib_metadata at a fixed version, not this environment's: 9+ imports lazy_importer, which the GPU image lacks
+PKGS=("$(pin diffusers 0.42.1)" "importlib_metadata==8.7.0" "$(pin optimum-quanto 0.2.7)")
 if [ "$WITH_BNB" -eq 1 ]; then PKGS+=("$(pin bitsandbytes 0.49.0)"); fi
 
 mkdir -p "$DIR"

@@ -592,6 +592,18 @@ def _official_training_levels() -> list:
 OFFICIAL_TRAINING_LEVELS = _official_training_levels()
 
 
+def load_complete_pretrained(cls, model: Union[str, Path], dtype: torch.dtype):
+    """``cls.from_pretrained(model, dtype=dtype)``; ValueError naming the weights the checkpoint lacks, which
+    transformers would initialise at random and only log (e.g. a CLIPVisionModel folder, which has no
+    ``visual_projection``, loaded as CLIPVisionModelWithProjection)."""
+    loaded, info = cls.from_pretrained(model, dtype=dtype, output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ValueError(f"{model} lacks {len(missing)} weight(s) of a {cls.__name__} ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}); loading it would fill them with random values")
+    return loaded
+
+
 def _official_processor(kind: str, model: Union[str, Path], image_size: Optional[int] = None):
     """The image processor the official code uses: the slow (PIL) ``CLIPImageProcessor`` with size and crop at the
     encoder's image size, or the NaFlex ``Siglip2ImageProcessor``. transformers >= 5 names the slow classes
@@ -707,21 +719,21 @@ class AnalogyEncoder:
             if model_type.startswith("clip"):
                 from transformers import CLIPVisionModelWithProjection
 
-                vision = CLIPVisionModelWithProjection.from_pretrained(model, dtype=dtype)
+                vision = load_complete_pretrained(CLIPVisionModelWithProjection, model, dtype)
                 self.processor = _official_processor("clip", model, int(vision.config.image_size))
                 self.embed_dim = int(vision.config.projection_dim)
                 self.kind = "clip"
             elif model_type.startswith("siglip2"):
                 from transformers import Siglip2VisionModel
 
-                vision = Siglip2VisionModel.from_pretrained(model, dtype=dtype)
+                vision = load_complete_pretrained(Siglip2VisionModel, model, dtype)
                 self.processor = _official_processor("siglip2", model)
                 self.embed_dim = int(vision.config.hidden_size)
                 self.kind = "siglip2"
             else:  # siglip v1 (full model or vision tower): not an official encoder
                 from transformers import AutoImageProcessor, AutoModel
 
-                vision = AutoModel.from_pretrained(model, dtype=dtype)
+                vision = load_complete_pretrained(AutoModel, model, dtype)
                 vision = getattr(vision, "vision_model", vision)
                 self.processor = AutoImageProcessor.from_pretrained(model)
                 self.embed_dim = int(vision.config.hidden_size)

@@ -683,9 +683,9 @@ class LoRWeBLinear(nn.Module):
         """``W + scale * strength * sum_n coeffs[..., n] (A_n B_n)^T`` in fp32 (float64 for a float64 weight), rounded
         once to W's dtype.
 
-        Built in blocks of rows written into the result (``MERGE_BLOCK_BYTES`` of fp32 work each, at most
-        ``MERGE_MAX_BLOCKS`` blocks): the memory needed is the merged weight and one block, never a whole-layer fp32
-        copy of W or of the delta.
+        Built in blocks of rows written into the result (``MERGE_BLOCK_BYTES`` of fp32 work each, or 1 /
+        ``MERGE_MAX_BLOCKS`` of the layer's fp32 size when that is larger, e.g. 4.7 MB at 3072 -> 3072, times B): the
+        memory needed is the merged weight and one block, never a whole-layer fp32 copy of W or of the delta.
 
         Args:
             coeffs: (N,) for one analogy -> (out, in); (B, N) -> (B, out, in), one merged weight per sample; any

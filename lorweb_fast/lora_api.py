@@ -47,16 +47,24 @@ def refuse_copy_of_merged_model(*_args):
 
 
 class _FuseState(tuple):
-    """(merged() context, strategy, coefficients at fuse time) of a ``fuse_lora``'d model; refuses to be copied
-    (``refuse_copy_of_merged_model``)."""
+    """(merged() context, strategy, coefficients at fuse time, {layer name: its LoRWeB weights' dtype at fuse
+    time}) of a ``fuse_lora``'d model; refuses to be copied (``refuse_copy_of_merged_model``)."""
 
     __deepcopy__ = __copy__ = __reduce_ex__ = __reduce__ = refuse_copy_of_merged_model
 
 
 # -------------------------------------------------------------------------------------------------- fusing
+def _fuse_state(model: nn.Module) -> Optional[_FuseState]:
+    """The ``_FuseState`` of ``model`` or None; TypeError for what is not a module (a pipeline: pass its
+    transformer), as every other function of this module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return getattr(model, _FUSED, None)
+
+
 def fused_strategy(model: nn.Module) -> Optional[str]:
     """The strategy ``fuse_lora`` used on ``model``, or None when it is not fused."""
-    state = getattr(model, _FUSED, None)
+    state = _fuse_state(model)
     return None if state is None else state[1]
 
 
@@ -80,8 +88,10 @@ def fuse_lora(model: nn.Module, strategy: str = "full") -> None:
     context = merged(model, strategy)
     context.__enter__()  # validates everything before changing anything
     try:
-        coeffs = {n: l.coefficients.detach().clone() for n, l in lorweb_layers(model).items()}
-        setattr(model, _FUSED, _FuseState((context, strategy, coeffs)))
+        layers = lorweb_layers(model)
+        coeffs = {n: l.coefficients.detach().clone() for n, l in layers.items()}
+        dtypes = {n: l.att_lora_to_q.weight.dtype for n, l in layers.items()}
+        setattr(model, _FUSED, _FuseState((context, strategy, coeffs, dtypes)))
     except BaseException:  # out of memory, Ctrl-C: the weights back as they were, nothing left fused
         context.__exit__(None, None, None)
         raise
@@ -91,10 +101,16 @@ def fuse_lora(model: nn.Module, strategy: str = "full") -> None:
 def unfuse_lora(model: nn.Module) -> None:
     """Restore the weights fused by ``fuse_lora`` bit for bit (a no-op when nothing is fused). ``unload_lora_weights``
     on a fused model keeps the fused weights instead (as diffusers). A layer whose weight cannot go back (out of
-    memory) raises after the others are restored; the model stays fused for it, and a later call retries it."""
-    state = getattr(model, _FUSED, None)
+    memory) raises after the others are restored; the model stays fused for it, and a later call retries it.
+    Offloading enabled while fused that keeps its own copy of a base weight (``_offloaded_copy_problem``) is refused
+    before anything changes: the model stays fused."""
+    state = _fuse_state(model)
     if state is None:
         return
+    problem = _offloaded_copy_problem(model)
+    if problem is not None:
+        raise RuntimeError(f"cannot unfuse: {problem}; the model stays fused. Unfuse before enabling offloading, or "
+                           "call unload_lora_weights() to bake the fused mixture into the stock layers")
     try:
         state[0].__exit__(None, None, None)
     except BaseException as exc:
@@ -103,9 +119,32 @@ def unfuse_lora(model: nn.Module) -> None:
             delattr(model, _FUSED)
         else:
             guard = state[0].guard if isinstance(state[0], _RestoreTheRest) else _loads_refused(model)
-            setattr(model, _FUSED, _FuseState((_RestoreTheRest(rest, guard), state[1], state[2])))
+            setattr(model, _FUSED, _FuseState((_RestoreTheRest(rest, guard), *state[1:])))
         raise
     delattr(model, _FUSED)
+
+
+def _offloaded_copy_problem(model: nn.Module) -> Optional[str]:
+    """Why the fused weights cannot be restored, or None: offloading enabled after the fuse that keeps a copy of a
+    base weight of its own, taken while it held the merged mixture (diffusers group offloading to disk or with
+    streams, accelerate's offload with a weights_map such as ``cpu_offload``), would bring the merged weight back
+    at the next onload over the restored one, and the unmerged forward would add the mixture a second time."""
+    from .layer import group_offloading_modes
+
+    modes = group_offloading_modes(model)
+    for name, layer in lorweb_layers(model).items():
+        base = layer.base_layer
+        mode = modes.get(id(getattr(base, "weight", None)))
+        if mode in ("disk", "stream"):
+            how = "offload_to_disk_path" if mode == "disk" else "use_stream=True"
+            return (f"{name}'s base weight is group-offloaded ({how}), enabled while fused: offloading keeps a copy "
+                    "of the merged weight and would put it back at every onload")
+        hook = base.__dict__.get("_hf_hook")
+        if any(getattr(h, "weights_map", None) is not None for h in getattr(hook, "hooks", (hook,))):
+            return (f"{name}'s base layer is offloaded by accelerate with a weights_map (e.g. cpu_offload / "
+                    "sequential CPU offload), enabled while fused: it keeps a copy of the merged weight and would "
+                    "put it back at every forward")
+    return None
 
 
 def _loads_refused(model: nn.Module):
@@ -135,11 +174,13 @@ def check_fused_query(model: nn.Module, query: torch.Tensor) -> None:
     The coefficients are computed without being set (``set_query`` is refused inside a merge), so the fused state is
     left as it is. Identical rows (one analogy repeated) are accepted; equality is up to rounding: each row within
     max(1e-4, 2 eps of the LoRWeB weights' dtype) of the fused coefficients, relative to their norm (a model cast to
-    fp16 / bf16 after the fuse recomputes them from rounded projections and keys)."""
-    state = getattr(model, _FUSED, None)
+    fp16 / bf16 after the fuse recomputes them from rounded projections and keys; one fused in fp16 / bf16 and cast
+    to fp32 after it compares against coefficients computed in the lower precision: the larger of the two dtypes'
+    eps counts)."""
+    state = _fuse_state(model)
     if state is None or state[1] == "jit":
         return
-    fused = state[2]
+    fused, fused_dtypes = state[2], state[3]
     within = defaultdict(list)  # device -> per layer, a bool tensor: every row close to the fused coefficients
     other_shape = False
     for name, layer in lorweb_layers(model).items():
@@ -147,8 +188,9 @@ def check_fused_query(model: nn.Module, query: torch.Tensor) -> None:
         now, then = layer.coefficients_from_query(query.to(weight.device, weight.dtype), fp32=True), fused[name]
         # close, not equal: the per-layer computation may round differently from set_query's batched one, and a
         # model cast to fp16 / bf16 after the fuse computes from rounded projections and keys: each row within
-        # 2 eps of the weights' dtype (at least 1e-4) of the fused coefficients, relative to their norm
-        tol = max(1e-4, 2 * torch.finfo(weight.dtype).eps)
+        # 2 eps of the weights' dtype, now or at fuse time (at least 1e-4) of the fused coefficients, relative to
+        # their norm
+        tol = max(1e-4, 2 * torch.finfo(weight.dtype).eps, 2 * torch.finfo(fused_dtypes[name]).eps)
         if now.shape[1] != then.shape[1]:
             other_shape = True
             break

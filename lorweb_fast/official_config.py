@@ -119,11 +119,19 @@ def recorded_encoder_mismatch(recorded: Mapping[str, Any], kind: str) -> Optiona
 
 # ------------------------------------------------------------------------------------------------- reading
 def _bool(value, where: str) -> bool:
-    """A YAML boolean (or "true" / "false" in any case); LoRWeBConfigError naming ``where`` otherwise."""
+    """A YAML boolean (or the string "true" in any case); LoRWeBConfigError naming ``where`` otherwise.
+
+    A quoted "false" is refused: the official code tests these flags by truthiness (toolkit/models/AttLoRA.py,
+    extensions_built_in/flux_kontext.py ``AttLoraLinearAdapter.forward``: ``if lora_softmax:``), so it reads any
+    non-empty string as true, while whoever wrote "false" meant false; lorweb_fast does not guess between the two."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
+    if isinstance(value, str) and value.lower() == "true":
+        return True
+    if isinstance(value, str) and value.lower() == "false":
+        raise LoRWeBConfigError(f"{where} is the quoted string {value!r}: the official code reads any non-empty "
+                                "string as true, so this config means the opposite of what it says; write an "
+                                "unquoted YAML boolean (true or false)")
     raise LoRWeBConfigError(f"{where} must be true or false, got {value!r}")
 
 
@@ -132,8 +140,9 @@ def read_config_yaml(path: Union[str, os.PathLike], *, recorded_scale: Optional[
 
     Reads ``config.process[0].network`` as the official inference.py does; fields that are absent are left out.
     A missing file raises FileNotFoundError; invalid YAML, a file without that structure, a numeric field that is
-    not a number, a ``lora_softmax`` that is not a boolean or a value that is not an official one (``_validate``)
-    raise LoRWeBConfigError naming the file.
+    not a number, a ``lora_softmax`` that is not a boolean (``_bool``) or a value that is not an official one
+    (``_validate``) raise LoRWeBConfigError naming the file; a ``pooling_type`` that the query mode does not use
+    (not a patch mode) is left out whatever it says, as the official code ignores it.
 
     ``network.linear_alpha`` gives no ``lora_alpha``: the official FLUX network ignores it (toolkit/lora_special.py
     ``LoRASpecialNetwork.__init__`` sets ``peft_format`` for transformers and then alpha = rank; inference loads
@@ -186,6 +195,11 @@ def read_config_yaml(path: Union[str, os.PathLike], *, recorded_scale: Optional[
                          ("encoder", "external_query_model")):
         if kwargs.get(theirs) is not None:
             out[ours] = str(kwargs[theirs])
+    if out.get("query_mode", OFFICIAL_DEFAULTS["query_mode"]) not in PATCH_QUERY_MODES \
+            and out.get("pooling_type", POOLING_TYPES[0]) not in POOLING_TYPES:
+        # unused: the official code never pools an external query (toolkit/models/AttLoRA.py sets query_pooling =
+        # None with external_query) and run.py takes any string, so inference.py runs such a checkpoint
+        del out["pooling_type"]
     _validate(out, str(path))
     return out
 

@@ -181,10 +181,10 @@ def _unavailable_reason(name: str, device: torch.device | None = None) -> Option
                 " (TRITON_INTERPRET=1 is set: CPU tensors are accepted)" if triton_interpret_mode() else "")
         return None
     if name == "cuda":
+        why = cuda_build_error()
+        if why is not None:  # an importable _C is then a binary of an earlier build, not this install's
+            return f"the CUDA extension lorweb_fast._C was not built at install: {why}"
         if _CUDA_EXT is None:
-            why = cuda_build_error()
-            if why is not None:
-                return f"the CUDA extension lorweb_fast._C was not built at install: {why}"
             if not _cuda_ext_missing():
                 return (f"the CUDA extension lorweb_fast._C is built but fails to load ({_CUDA_IMPORT_ERROR}): built "
                         "against another torch? Reinstall lorweb_fast with this torch (pip install "

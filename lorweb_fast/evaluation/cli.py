@@ -150,7 +150,7 @@ def run_score(args) -> dict:
     """``lorweb-fast eval score``: the command line and the runs folders checked before any model loads, then
     ``score.score``; returns metrics.json's content."""
     from ..cli import DTYPES, _device
-    from .evalsets import EvalInputError, check_outside, read_runs, runs_folders
+    from .evalsets import EvalInputError, check_images_decode, check_outside, read_runs, runs_folders
     from .judge import check_max_new_tokens, make_judge
     from .score import score
 
@@ -169,10 +169,12 @@ def run_score(args) -> dict:
     from ..validation import check_device
 
     device = check_device("--device", _device(args.device))  # a bad name or no GPU: one line, before any load
-    for name, paths in {**runs, **against}.items():  # bad folders fail before any model loads
-        read_runs(paths)
+    images = []
+    for name, paths in {**runs, **against}.items():  # bad folders and images fail before any model loads
+        images += [p for item in read_runs(paths) for p in (item.a, item.a_prime, item.b, item.b_prime)]
         for path in runs_folders(paths):
             check_outside("--out", args.out, path, f"runs folder {name!r}")
+    check_images_decode(images, progress=not args.quiet)
     if "clip_dir" in metrics:  # a missing local --encoder is named as such before a judge spends its load time
         from .metrics import check_clip_encoder
 

@@ -144,6 +144,25 @@ def image_size(path: Path) -> tuple:
         raise EvalInputError(image_read_error_message(path, exc)) from exc
 
 
+def check_images_decode(paths: Sequence[Path], *, progress: bool = True) -> None:
+    """EvalInputError naming the first of ``paths`` that is missing, a folder or not a complete image (a Git LFS
+    pointer, a truncated JPEG, one over Pillow's decompression-bomb limit): each distinct file is decoded once
+    (threads, a progress bar), before any model loads."""
+    from .._progress import progress_bar
+    from ..data import _image_pool, decode_problem
+
+    paths = list(dict.fromkeys(Path(p) for p in paths))
+    for path in paths:
+        if not path.is_file():
+            raise EvalInputError(f"{path} is a folder; give an image file" if path.is_dir() else
+                                 f"image not found: {path}")
+    with _image_pool() as pool:
+        for problem in progress_bar(pool.map(decode_problem, paths), total=len(paths), desc="checking input images",
+                                    unit="image", disable=not progress):
+            if problem is not None:
+                raise EvalInputError(problem)
+
+
 def center_crop_to_aspect(img, aspect: float):
     """The largest centred crop of ``img`` with width / height = ``aspect``."""
     w, h = img.size
@@ -278,6 +297,8 @@ def _read_pairs_file(path: Path) -> dict:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not {"a_prime", "b"} <= set(row):
             raise EvalInputError(f"{path}: entry {i} must be an object with 'a_prime' and 'b', got {row!r}")
+        if not isinstance(row["a_prime"], str) or not isinstance(row["b"], str):
+            raise EvalInputError(f"{path}: entry {i}: 'a_prime' and 'b' must be path strings, got {row!r}"[:300])
         pairs.setdefault(str(Path(row["a_prime"])), []).append(str(Path(row["b"])))
     return pairs
 
@@ -345,6 +366,9 @@ def read_lorweb_evalset(root: Union[str, Path], *, b_per_pair: int = 2, seed: in
                             b_path = base / b_rel
                             if not b_path.is_file():
                                 raise EvalInputError(f"pairs file {pairs_file}: b image not found: {b_path}")
+                            if os.path.samefile(b_path, a_path):  # b' = a' would solve it (the picks exclude a)
+                                raise EvalInputError(f"pairs file {pairs_file}: the b of {rel} is its own a "
+                                                     f"({b_rel}); b must be another photo")
                             bs.append(b_path)
                     else:
                         cands = [p for stem, p in originals[category].items() if stem != m.group(1)]

@@ -383,21 +383,9 @@ def _check_inputs_decode(triplets: Sequence[Triplet], *, progress: bool = True) 
     """Fail on a missing input, a file that is not a complete image (a Git LFS pointer, a truncated JPEG, one over
     Pillow's decompression-bomb limit) or a crop box without pixels, before any model loads or run.json is written:
     every distinct a, a', b file is decoded once (threads, a progress bar), as ``infer`` checks its inputs."""
-    from .._progress import progress_bar
+    from .evalsets import check_images_decode, image_size
 
-    from ..data import _image_pool, decode_problem
-
-    paths = list(dict.fromkeys(Path(ref.path) for t in triplets for ref in (t.a, t.a_prime, t.b)))
-    for path in paths:
-        if not path.is_file():
-            raise EvalInputError(f"{path} is a folder; give an image file" if path.is_dir() else
-                                 f"image not found: {path}")
-    with _image_pool() as pool:
-        for problem in progress_bar(pool.map(decode_problem, paths), total=len(paths), desc="checking input images",
-                                    unit="image", disable=not progress):
-            if problem is not None:
-                raise EvalInputError(problem)
-    from .evalsets import image_size
+    check_images_decode([ref.path for t in triplets for ref in (t.a, t.a_prime, t.b)], progress=progress)
 
     for ref in dict.fromkeys(ref for t in triplets for ref in (t.a, t.a_prime, t.b) if ref.box is not None):
         ref.pixel_box(*image_size(ref.path))  # a crop box without pixels (a half of a 1-pixel-wide image)

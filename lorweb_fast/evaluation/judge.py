@@ -327,6 +327,10 @@ class ReplayJudge:
             truncated = rec.get("truncated", False)
             if not isinstance(truncated, bool):
                 raise EvalInputError(f"{path}:{n}: truncated must be true or false, got {truncated!r}")
+            for key_name in ("run", "against"):
+                if rec.get(key_name) is not None and not isinstance(rec[key_name], str):
+                    raise EvalInputError(f"{path}:{n}: {key_name} must be a run name (a string), got "
+                                         f"{rec[key_name]!r}"[:300])
             key = (rec.get("run"), rec["id"], rec["kind"], rec.get("against"))
             self.records[key] = (rec["response"], order, truncated)
         self.path = path

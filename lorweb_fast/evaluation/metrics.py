@@ -54,18 +54,24 @@ class ClipDirectional:
 
     @holding(_locks.LOADING)  # model loads are serialized per process (see _locks)
     def __init__(self, encoder: Union[str, Path] = DEFAULT_CLIP, *, device=None, dtype=torch.float32):
-        from transformers import CLIPVisionModelWithProjection
+        from transformers import AutoConfig, CLIPVisionModelWithProjection
 
-        from ..flux import _official_processor
+        from ..flux import _official_processor, load_complete_pretrained
 
         self.name = str(encoder)
         check_clip_encoder(self.name)
         try:
-            model = CLIPVisionModelWithProjection.from_pretrained(encoder, dtype=dtype)
+            model_type = AutoConfig.from_pretrained(encoder).model_type
+            if model_type not in ("clip", "clip_vision_model"):  # e.g. a FLUX pipeline's text_encoder/ folder
+                raise ValueError(f"it is a {model_type!r} model; clip_dir needs a CLIP checkpoint with its vision "
+                                 "model and projection (e.g. openai/clip-vit-large-patch14)")
+            model = load_complete_pretrained(CLIPVisionModelWithProjection, encoder, dtype)
             # the slow (PIL) processor at the model's image size, as the official query
             self.processor = _official_processor("clip", encoder, int(model.config.image_size))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise EvalInputError(f"cannot load the CLIP encoder {self.name!r}: {exc}") from exc
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # RuntimeError: mismatched sizes
+            raise EvalInputError(f"cannot load the CLIP encoder {self.name!r}: "
+                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                                 ) from exc
         self.model = model.eval().requires_grad_(False)
         #: the metric cache's key for this encoder: its name, and for a local folder its files' signature
         self.cache_id = f"clip:{self.name}" + (f"@{weights_signature(encoder)}" if Path(encoder).is_dir() else "")
