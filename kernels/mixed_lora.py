@@ -532,9 +532,21 @@ class ConfigError(ValueError):
     """A kernel configuration table (kernels/configs/*.json) or a ``config`` override is malformed."""
 
 
+#: the values of TRITON_INTERPRET that Triton reads as on (its getenv_bool: any case)
+INTERPRET_ON_VALUES = ("1", "true", "on", "yes", "y")
+
+
 def interpreting() -> bool:
-    """True under Triton's CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True under Triton's CPU interpreter (TRITON_INTERPRET=1, or another value Triton reads as on)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in INTERPRET_ON_VALUES
+
+
+def kernels_interpreted() -> bool:
+    """Whether this module's kernels are the interpreter's (TRITON_INTERPRET was on when triton.jit built them)
+    rather than compiled ones; the environment variable set later does not change them."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_shrink_kernel, InterpretedFunction)
 
 
 def gpu_family(device: Optional[torch.device] = None) -> str:

@@ -599,6 +599,9 @@ def _continue_hint(command: str, args) -> str:
         return "; run the same command again to continue (the images written are kept)"
     if command == "data prepare":
         return "; run the same command again to continue (the analogies written are kept)"
+    if command == "demo" and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
+        return (f"; {args.out} holds this run's partial demo, which the same command refuses: delete it before "
+                "running it again")
     return ""
 
 

@@ -1230,7 +1230,9 @@ def _prepare_locked(src, out: Path, *, max_analogies, filter_categories, filter_
     current = {e["analogy_id"]: e for e in entries}
     entries = [current.pop(e["analogy_id"], e) for e in earlier] + list(current.values())
     _atomic_write(metadata_path,
-                  lambda p: p.write_text(json.dumps(entries, indent=2, ensure_ascii=False), encoding="utf-8"))
+                  # ASCII with \u escapes, as the official script's json.dump: a category or file name that is not
+                  # UTF-8 (a surrogate escape) is written too, and reads back as the same name
+                  lambda p: p.write_text(json.dumps(entries, indent=2), encoding="utf-8"))
     return {"analogies": len(analogies), "written": written, "skipped": skipped, "failed": failed,
             "unreadable": unreadable, "missing": missing, "categories_left_out": small}
 
@@ -1312,8 +1314,8 @@ def run_data(args) -> dict:
             ("unfollowed_links", "symlinked folders under target/ not entered (as the official loader)", str),
             ("high_bit_depth_images", "images with more than 8 bits per channel (clipped to white above 255 by the "
              "RGB conversion)", lambda path, mode: f"{path} ({mode})"),
-            ("grid_like_strips", "controls shaped like their target, read as strips and stretched threefold "
-             "(finished grids saved at another size?)", lambda name, why: f"{name}: {why}"))
+            ("grid_like_strips", "controls shaped like a finished 2x2 grid (their target's aspect ratio), read as "
+             "strips and stretched threefold", lambda name, why: f"{name}: {why}"))
         for key, what, example in listed:
             entries = report[key]
             if entries:
@@ -1332,6 +1334,9 @@ def run_data(args) -> dict:
           f"{len(report['failed'])} failed; metadata in {Path(args.out) / 'analogy_metadata.json'}")
     for aid, err in report["failed"]:
         print(f"  failed {aid}: {err}")
+    if report["failed"] and not report["written"] and not report["skipped"]:  # a `prepare && train` must stop here
+        raise AnalogyDataError(f"data prepare: none of the {report['analogies']} analogies could be written (see "
+                               f"the failures above); {args.out} holds no sample")
     if report["unreadable"]:
         print(f"{len(report['unreadable'])} source images could not be decoded and were left out (as the official "
               "script does):")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import sys
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import lora_api
 from . import _locks
@@ -257,8 +259,9 @@ def _unmergeable_base(base: nn.Module) -> Optional[str]:
     if not has_plain_weight(base):
         return f"{_base_description(base)} has no plain tensor weight (quantized layers run unmerged)"
     if has_forward_hooks(base):
-        return ("has forward hooks (offloading or layerwise casting keep its weight elsewhere or in a storage dtype "
-                "outside its forward, where a merge would be lost or rounded)")
+        return ("has hooks or a forward of its own (offloading or layerwise casting keep its weight elsewhere or in "
+                "a storage dtype outside its forward, where a merge would be lost or rounded; hooks and a replaced "
+                "forward must run)")
     return None
 
 
@@ -299,12 +302,40 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
         if strategy != "jit" and not layer.holds_one_analogy():
             raise ValueError(f"strategy={strategy!r} merges one analogy (batch size 1), got "
                              f"{_coefficient_rows(coeffs)}; strategy='jit' merges per sample")
+        if strategy != "jit" and parametrize.is_parametrized(layer.base_layer, "weight"):
+            raise TypeError(f"cannot merge into {name} with strategy={strategy!r}: its base weight is parametrized "
+                            "(torch.nn.utils.parametrize, e.g. weight_norm): it is computed from other tensors at "
+                            "every access, so a merged weight written into it would be lost; use strategy='jit' or "
+                            "run unmerged (merge='none')")
         ptr = layer.base_layer.weight.untyped_storage().data_ptr()
         if strategy in ("full", "offload") and ptr in storages:  # one tensor cannot hold two layers' mixtures
             raise ValueError(f"{name} shares its weight storage with {storages[ptr]}: strategy={strategy!r} puts each "
                              "layer's merged weight in place of its base weight; use strategy='jit'")
         storages[ptr] = name
+    if strategy in ("full", "offload"):
+        _refuse_weights_tied_outside(model, layers, storages, strategy)
     return layers
+
+
+def _refuse_weights_tied_outside(model: nn.Module, layers: dict, storages: dict, strategy: str) -> None:
+    """ValueError when a module other than the LoRWeB layers' base layers holds a tensor in the storage of a base
+    weight (tied weights, e.g. an output projection tied to an embedding): "full" / "offload" put the merged weight
+    there, and that module would compute with the mixture inside the block."""
+    bases = {id(layer.base_layer) for layer in layers.values()}
+    for module_name, module in model.named_modules():
+        if id(module) in bases or isinstance(module, LoRWeBLinear):
+            continue
+        for tensor_name, tensor in itertools.chain(module._parameters.items(), module._buffers.items()):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                try:
+                    ptr = tensor.untyped_storage().data_ptr()
+                except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without one storage
+                    continue
+                name = storages.get(ptr) if ptr else None
+                if name is not None:
+                    raise ValueError(f"{name}'s base weight is tied to {module_name or 'the model'}.{tensor_name} "
+                                     f"(one storage): strategy={strategy!r} would change that module's weight "
+                                     "too; use strategy='jit' or run unmerged (merge='none')")
 
 
 @contextlib.contextmanager

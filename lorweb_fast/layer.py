@@ -167,15 +167,21 @@ def _parameter_version(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
-    """True when ``module``'s forward does more than its class's: torch forward (pre-)hooks, an accelerate hook
-    (``_hf_hook``: sequential CPU offload loads the weight inside the forward) or diffusers hooks (``_diffusers_hook``:
-    group offloading, layerwise casting). Such a base layer must be called, not read: its weight may be on the meta
-    or offload device (or in a storage dtype) outside its forward."""
+    """True when calling ``module`` does more than its class's forward: torch forward (pre-)hooks or backward
+    (pre-)hooks (which fire only when the module is called), a ``forward`` replaced on the instance (how kohya,
+    LyCORIS and the official toolkit attach their networks: ``org_module.forward = ...``), an accelerate hook
+    (``_hf_hook``: sequential CPU offload loads the weight inside the forward) or diffusers hooks
+    (``_diffusers_hook``: group offloading, layerwise casting). Such a base layer must be called, not read: its
+    weight may be on the meta or offload device (or in a storage dtype) outside its forward, and its forward or
+    hooks must run."""
     # accelerate's _hf_hook and diffusers' HookRegistry are plain attributes, held in the module's __dict__ (read
     # there: a getattr that misses goes through nn.Module.__getattr__, which raises and catches on every call)
     attrs = module.__dict__
     registry = attrs.get("_diffusers_hook")
-    return bool(module._forward_hooks or module._forward_pre_hooks or attrs.get("_hf_hook") is not None
+    forward = attrs.get("forward")  # (diffusers puts the class's bound forward back there when its hooks go)
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or attrs.get("_hf_hook") is not None
+                or (forward is not None and getattr(forward, "__func__", None) is not type(module).forward)
                 or (registry is not None and getattr(registry, "hooks", getattr(registry, "_hooks", True))))
 
 
@@ -564,11 +570,21 @@ class LoRWeBLinear(nn.Module):
         self._forget_coefficient_memos()
         self._query = query
 
+    def query_projection_weight(self) -> torch.Tensor:
+        """The (key_dim, query_dim) query projection the coefficients are computed with: att_lora_to_q's weight, or
+        with ``query_projection_type="none"`` (the official nn.Identity) an identity made here in the identity
+        buffer's dtype and device: a model-wide initialisation (``model.apply(init)``, ``reset_parameters()`` of
+        every nn.Linear) may have written into that buffer, and the official layer has no weights there to change."""
+        weight = self.att_lora_to_q.weight
+        if self.query_projection_type == "none":
+            return torch.eye(self.key_dim, dtype=weight.dtype, device=weight.device)
+        return weight
+
     def coefficients_from_query(self, query: torch.Tensor, *, fp32: bool = False) -> torch.Tensor:
         """(B, query_dim) -> (B, N) for this layer alone (``set_query`` batches this over all layers); the query on
         att_lora_to_q's device. The result is fp32 (float64 for float64 LoRWeB weights); ``fp32`` computes with the
         query, projection and keys cast to fp32 (the official adapter arithmetic)."""
-        weight, keys = self.att_lora_to_q.weight, self.lora_keys
+        weight, keys = self.query_projection_weight(), self.lora_keys
         if fp32:
             query, weight, keys = query.float(), weight.float(), keys.float()
         return ops.compute_coefficients(query, weight, keys, heads=self.heads, activation=self.activation,

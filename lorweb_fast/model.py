@@ -301,6 +301,11 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
         raise ValueError(f"LoRWeB is already injected into {len(already)} targeted modules, e.g. {already[:3]}; "
                          "call remove_lorweb(model) first")
     names = _find_targets(model, config.target_modules)
+    compiled = [n for n in names if n.endswith("._orig_mod") or n == "_orig_mod"]
+    if compiled:  # the wrapper's compiled code calls the linear it was compiled with: a layer swapped in is unused
+        raise ValueError(f"inject_lorweb: the targeted linear {compiled[0]!r} is compiled on its own (a torch.compile "
+                         "wrapper holds it): a LoRWeB layer swapped in behind the wrapper would never run; inject "
+                         "before compiling (or compile the model or its blocks afterwards)")
     _refuse_targets_read_not_called(model, names, "inject_lorweb")
     _refuse_new_layers_under_group_offloading(model, names, "inject_lorweb")
     if not names:
@@ -498,6 +503,9 @@ def remove_lorweb(model: nn.Module) -> list[str]:
     the layers are merged (a merged() block or fuse_lora(), any strategy): the stock layers would keep the merged
     weights, or the block or fuse state would outlive the layers ("jit")."""
     layers = lorweb_layers(model)
+    if "" in layers:  # the layer itself: there is no parent to put its base layer back into
+        raise TypeError("remove_lorweb takes the model that holds LoRWeB layers, got a LoRWeBLinear itself: use its "
+                        "base_layer (layer.base_layer) in its place")
     _refuse_merged(layers, "remove_lorweb", jit=True)
     for name, layer in layers.items():
         _set_submodule(model, name, layer.base_layer)
@@ -591,7 +599,7 @@ def set_query(model: nn.Module, query: torch.Tensor, *, per_forward: bool = Fals
         # stacked QUERY_STACK_BYTES of att_lora_to_q weights at a time: never a copy of all of them
         per_chunk = max(1, QUERY_STACK_BYTES // members[0][1].att_lora_to_q.weight.nbytes)
         coeffs = torch.cat([ops.compute_coefficients(
-            group_query, torch.stack([layer.att_lora_to_q.weight for _, layer in chunk]),  # (L', key_dim, query_dim)
+            group_query, torch.stack([layer.query_projection_weight() for _, layer in chunk]),  # (L', key_dim, qd)
             torch.stack([layer.lora_keys for _, layer in chunk]),  # (L', N, key_dim)
             heads=heads, activation=activation, reduce=reduce)
             for chunk in (members[i:i + per_chunk] for i in range(0, len(members), per_chunk))])  # (L, B, N)

@@ -117,8 +117,9 @@ def cuda_build_arch_list() -> str:
 
 
 def triton_interpret_mode() -> bool:
-    """True when TRITON_INTERPRET=1 (Triton's CPU interpreter: the triton backend then takes CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when TRITON_INTERPRET=1, or another value Triton reads as on ("true", "on", "yes", "y", any case):
+    Triton's CPU interpreter, the triton backend then takes CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
 #: Oldest Triton whose CPU interpreter runs these kernels: 3.6's interpreter cannot take a loop bound computed with
@@ -172,13 +173,20 @@ def _unavailable_reason(name: str, device: torch.device | None = None) -> Option
         if _TRITON_KERNELS is None:
             return f"the Triton kernels cannot be imported ({_TRITON_IMPORT_ERROR})"
         if device is not None and device.type == "cpu":
-            return _interpreter_unsupported() if triton_interpret_mode() else (
-                "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported); use backend='torch' on CPU")
+            if not triton_interpret_mode():
+                return "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported); use backend='torch' on CPU"
+            old = _interpreter_unsupported()
+            if old is None and not _TRITON_KERNELS.kernels_interpreted():
+                return ("TRITON_INTERPRET is set, but the Triton kernels were compiled before it was (it is read "
+                        "once, when triton and lorweb_fast's kernels are imported): set it before importing "
+                        "lorweb_fast, or use backend='torch' on CPU")
+            return old
         if device is not None and device.type != "cuda":
             return f"no Triton support for {device.type} tensors"
         if not torch.cuda.is_available():
             return "no CUDA GPU is visible to torch" + (
-                " (TRITON_INTERPRET=1 is set: CPU tensors are accepted)" if triton_interpret_mode() else "")
+                " (TRITON_INTERPRET=1 is set: CPU tensors are accepted)"
+                if triton_interpret_mode() and _TRITON_KERNELS.kernels_interpreted() else "")
         return None
     if name == "cuda":
         why = cuda_build_error()
@@ -213,8 +221,8 @@ def backend_status() -> dict[str, str]:
         if why is None:
             status[name] = f"available: {what}"
         elif name == "triton" and triton_interpret_mode() and _TRITON_KERNELS is not None:
-            old = _interpreter_unsupported()
-            status[name] = (f"unavailable: {why}; {old}" if old else
+            cpu_why = _unavailable_reason("triton", torch.device("cpu"))  # an old Triton, kernels built compiled
+            status[name] = (f"unavailable: {why}; {cpu_why}" if cpu_why else
                             "available: Triton interpreter on CPU tensors (TRITON_INTERPRET=1); " + why)
         else:
             status[name] = f"unavailable: {why}"
@@ -323,7 +331,8 @@ def column_scaling(coeffs: torch.Tensor, rank: int, scale: float) -> torch.Tenso
     or float64 for float64 coefficients."""
     acc = torch.float64 if coeffs.dtype == torch.float64 else torch.float32
     coeffs = coeffs.to(acc)
-    if scale != 1.0:  # the official lora_alpha = r: no multiplication (x * 1.0 is x, one kernel less)
+    if isinstance(scale, torch.Tensor) or scale != 1.0:  # the official lora_alpha = r: no multiplication (x * 1.0
+        # is x, one kernel less); a tensor scale is multiplied whatever its value (no data-dependent branch)
         coeffs = coeffs * scale
     return coeffs.repeat_interleave(rank, dim=-1)
 
@@ -600,7 +609,7 @@ def _fused_linear(backend, x, weight, bias, base, lora_a, lora_b, coeffs, scale)
     # the scale goes in with the coefficients (a tensor op), not as the op's float argument: torch.compile would
     # specialise on that float and recompile for every value. LoRWeBLinear passes lora_alpha / r, 1 for the official
     # models, and has multiplied its strength in already: no second elementwise kernel per layer then.
-    scaled = coeffs.float() if scale == 1.0 else coeffs.float() * scale
+    scaled = coeffs.float() if not isinstance(scale, torch.Tensor) and scale == 1.0 else coeffs.float() * scale
     if _eager_direct((x2d, weight, bias, base2d, lora_a, lora_b, scaled)):
         y = _eager_fused(backend, x2d, weight, bias, base2d, lora_a, lora_b, scaled, rows_per_sample)
     else:

@@ -1113,6 +1113,7 @@ def check_data_args(args) -> None:
                                      "pairs); choose a folder outside it")
             return
         check_prepare_output("out", args.out, args.src)
+        check_int("--seed", args.seed, lo=0, hi=MAX_SEED)  # as every other command's --seed
         if args.filter_json is not None:
             check_input_file("--filter-json", args.filter_json)
         for option, lo in (("max_analogies", 1), ("max_samples_per_category", 1),

@@ -349,13 +349,20 @@ def test_max_analogies_equal_to_the_plan_keeps_the_plans_order():
 
 
 # ================================================================================== official_config.py
-# mutant: _bool takes only lower-case "true" / "false" strings
-@pytest.mark.parametrize("text, activation", [("'True'", "softmax"), ("'FALSE'", "tanh"), ("'true'", "softmax")])
+# mutant: _bool takes only lower-case "true" strings
+@pytest.mark.parametrize("text, activation", [("'True'", "softmax"), ("'true'", "softmax")])
 def test_a_quoted_lora_softmax_reads_in_any_case(tmp_path, text, activation):
-    """``lora_softmax`` written as a quoted string ("True", "FALSE") reads as the boolean it spells, as YAML's own
-    booleans do."""
+    """``lora_softmax`` written as the quoted string "true" (any case) reads as true, as the official code's
+    truthiness does (a quoted "false", which the official code also reads as true, is refused:
+    tests/test_inference_fidelity_fresh_audit.py)."""
     path = _official_yaml(tmp_path, lora_softmax=text)
     assert oc.read_config_yaml(path)["activation"] == activation
+
+
+def test_a_quoted_false_lora_softmax_is_refused_in_any_case(tmp_path):
+    """A quoted "FALSE" means false to its writer and true to the official code: refused, naming the field."""
+    with pytest.raises(oc.LoRWeBConfigError, match="lora_softmax is the quoted string 'FALSE'"):
+        oc.read_config_yaml(_official_yaml(tmp_path, lora_softmax="'FALSE'"))
 
 
 # mutant: _bool also takes "yes" / "no" strings (and reads "yes" as false)

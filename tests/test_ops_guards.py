@@ -504,7 +504,10 @@ def test_backend_status_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(triton, "__version__", "3.8.0")
+    monkeypatch.setattr(ops._TRITON_KERNELS, "kernels_interpreted", lambda: True)  # as if set before the import
     assert ops.backend_status()["triton"].startswith("available: Triton interpreter on CPU tensors")
+    monkeypatch.setattr(ops._TRITON_KERNELS, "kernels_interpreted", lambda: False)  # set after: compiled kernels
+    assert "set it before importing lorweb_fast" in ops.backend_status()["triton"]
 
 
 # ------------------------------------------------------------------------------------------------------ validation
