@@ -538,7 +538,7 @@ INTERPRET_ON_VALUES = ("1", "true", "on", "yes", "y")
 
 def interpreting() -> bool:
     """True under Triton's CPU interpreter (TRITON_INTERPRET=1, or another value Triton reads as on)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in INTERPRET_ON_VALUES
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in INTERPRET_ON_VALUES
 
 
 def kernels_interpreted() -> bool:

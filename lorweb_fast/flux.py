@@ -302,40 +302,63 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
         if strategy != "jit" and not layer.holds_one_analogy():
             raise ValueError(f"strategy={strategy!r} merges one analogy (batch size 1), got "
                              f"{_coefficient_rows(coeffs)}; strategy='jit' merges per sample")
-        if strategy != "jit" and parametrize.is_parametrized(layer.base_layer, "weight"):
-            raise TypeError(f"cannot merge into {name} with strategy={strategy!r}: its base weight is parametrized "
-                            "(torch.nn.utils.parametrize, e.g. weight_norm): it is computed from other tensors at "
-                            "every access, so a merged weight written into it would be lost; use strategy='jit' or "
-                            "run unmerged (merge='none')")
         ptr = layer.base_layer.weight.untyped_storage().data_ptr()
         if strategy in ("full", "offload") and ptr in storages:  # one tensor cannot hold two layers' mixtures
             raise ValueError(f"{name} shares its weight storage with {storages[ptr]}: strategy={strategy!r} puts each "
                              "layer's merged weight in place of its base weight; use strategy='jit'")
         storages[ptr] = name
-    if strategy in ("full", "offload"):
-        _refuse_weights_tied_outside(model, layers, storages, strategy)
+    problem = in_place_merge_problem(model, layers, strategy)
+    if problem is not None:
+        raise problem
     return layers
 
 
-def _refuse_weights_tied_outside(model: nn.Module, layers: dict, storages: dict, strategy: str) -> None:
-    """ValueError when a module other than the LoRWeB layers' base layers holds a tensor in the storage of a base
-    weight (tied weights, e.g. an output projection tied to an embedding): "full" / "offload" put the merged weight
-    there, and that module would compute with the mixture inside the block."""
+def in_place_merge_problem(model: nn.Module, layers: dict[str, LoRWeBLinear], strategy: str) -> Optional[Exception]:
+    """Why ``strategy`` ("full" / "offload", which put the merged weight in place of the base weight; None for
+    "jit") cannot merge ``layers``, as the error to raise, or None:
+
+    * a parametrized base weight (``torch.nn.utils.parametrize``, e.g. weight_norm): computed from other tensors at
+      every access, a merged weight written into it is lost;
+    * a base weight tied to a module outside the LoRWeB layers (e.g. an output projection tied to an embedding):
+      that module would compute with the mixture inside the block. "full" swaps the Parameter's tensor, so a module
+      holding the same Parameter counts; "offload" writes into the storage, so any tensor of that storage counts."""
+    if strategy not in ("full", "offload"):
+        return None
+    for name, layer in layers.items():
+        if parametrize.is_parametrized(layer.base_layer, "weight"):
+            return TypeError(f"cannot merge into {name} with strategy={strategy!r}: its base weight is parametrized "
+                             "(torch.nn.utils.parametrize, e.g. weight_norm): it is computed from other tensors at "
+                             "every access, so a merged weight written into it would be lost; use strategy='jit' or "
+                             "run unmerged (merge='none')")
     bases = {id(layer.base_layer) for layer in layers.values()}
+    held = {}  # id(Parameter) ("full") or storage address ("offload") -> layer name
+    for name, layer in layers.items():
+        weight = layer.base_layer.weight
+        key = id(weight) if strategy == "full" else _storage_address(weight)
+        if key:
+            held[key] = name
     for module_name, module in model.named_modules():
         if id(module) in bases or isinstance(module, LoRWeBLinear):
             continue
         for tensor_name, tensor in itertools.chain(module._parameters.items(), module._buffers.items()):
-            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-                try:
-                    ptr = tensor.untyped_storage().data_ptr()
-                except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without one storage
-                    continue
-                name = storages.get(ptr) if ptr else None
-                if name is not None:
-                    raise ValueError(f"{name}'s base weight is tied to {module_name or 'the model'}.{tensor_name} "
-                                     f"(one storage): strategy={strategy!r} would change that module's weight "
-                                     "too; use strategy='jit' or run unmerged (merge='none')")
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            name = held.get(id(tensor) if strategy == "full" else _storage_address(tensor))
+            if name is not None:
+                return ValueError(f"{name}'s base weight is tied to {module_name or 'the model'}.{tensor_name}: "
+                                  f"strategy={strategy!r} would change that module's weight too; use strategy='jit' "
+                                  "or run unmerged (merge='none')")
+    return None
+
+
+def _storage_address(tensor: torch.Tensor) -> int:
+    """The address of ``tensor``'s storage; 0 for a meta or empty tensor, or a subclass without one storage."""
+    if tensor.device.type == "meta":
+        return 0
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return 0
 
 
 @contextlib.contextmanager
@@ -578,7 +601,8 @@ def choose_merge_strategy(model: nn.Module, *, free_bytes: Optional[int] = None,
 
     "full" when one copy of the adapted weights fits in the free memory of the weights' device with ``headroom``
     (a fraction of the free memory) left for activations; else "offload" when the weights are on a GPU and the copy
-    fits in free host memory; else "jit". ``free_bytes`` / ``host_free_bytes`` override the measured values. A model
+    fits in free host memory; else "jit" (also when the base weights cannot take an in-place merge:
+    ``in_place_merge_problem``). ``free_bytes`` / ``host_free_bytes`` override the measured values. A model
     with a layer no strategy merges (a quantized base, or one with offload or casting hooks) is refused with the
     ``TypeError`` ``merged`` would raise: run it unmerged.
     """
@@ -593,13 +617,13 @@ def choose_merge_strategy(model: nn.Module, *, free_bytes: Optional[int] = None,
     need = adapted_weight_bytes(model)
     device = next(iter(layers.values())).base_layer.weight.device
     free = free_memory_bytes(device) if free_bytes is None else int(free_bytes)
-    if need <= (1.0 - headroom) * free:
+    if need <= (1.0 - headroom) * free and in_place_merge_problem(model, layers, "full") is None:
         return "full"
-    if device.type == "cuda":
+    if device.type == "cuda" and in_place_merge_problem(model, layers, "offload") is None:
         host = free_memory_bytes(torch.device("cpu")) if host_free_bytes is None else int(host_free_bytes)
         if need <= (1.0 - headroom) * host:
             return "offload"
-    return "jit"
+    return "jit"  # (also for parametrized or tied base weights: in_place_merge_problem)
 
 
 # -------------------------------------------------------------------------------------------- analogy encoder

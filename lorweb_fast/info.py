@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import platform
+from importlib import metadata
+
+#: the packages whose version bounds (pyproject.toml) and optional features the README describes
+ECOSYSTEM = ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes", "optimum-quanto")
 
 
 def collect() -> dict[str, str]:
@@ -25,6 +29,11 @@ def collect() -> dict[str, str]:
         info["triton"] = "not installed" if exc.name == "triton" else f"installed, but its import fails ({exc})"
     except Exception as exc:  # noqa: BLE001 - installed but broken (another torch's triton, a missing library)
         info["triton"] = f"installed, but its import fails ({type(exc).__name__}: {exc})"
+    for package in ECOSYSTEM:  # read from the installed metadata: nothing is imported
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = "not installed"
     for name, why in lorweb_fast.backend_status().items():
         info[f"backend {name}"] = why
     return info

@@ -107,7 +107,7 @@ def unfuse_lora(model: nn.Module) -> None:
     state = _fuse_state(model)
     if state is None:
         return
-    problem = _offloaded_copy_problem(model)
+    problem = None if state[1] == "jit" else _offloaded_copy_problem(model)  # "jit" changed no weight
     if problem is not None:
         raise RuntimeError(f"cannot unfuse: {problem}; the model stays fused. Unfuse before enabling offloading, or "
                            "call unload_lora_weights() to bake the fused mixture into the stock layers")

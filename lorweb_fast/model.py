@@ -301,7 +301,9 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
         raise ValueError(f"LoRWeB is already injected into {len(already)} targeted modules, e.g. {already[:3]}; "
                          "call remove_lorweb(model) first")
     names = _find_targets(model, config.target_modules)
-    compiled = [n for n in names if n.endswith("._orig_mod") or n == "_orig_mod"]
+    compiled = [n for n in names if n.endswith("._orig_mod") or n == "_orig_mod"] + [
+        n for n, m in model.named_modules() if isinstance(m, torch._dynamo.eval_frame.OptimizedModule)
+        and isinstance(m._orig_mod, nn.Linear) and matches_target(n, config.target_modules)]
     if compiled:  # the wrapper's compiled code calls the linear it was compiled with: a layer swapped in is unused
         raise ValueError(f"inject_lorweb: the targeted linear {compiled[0]!r} is compiled on its own (a torch.compile "
                          "wrapper holds it): a LoRWeB layer swapped in behind the wrapper would never run; inject "

@@ -119,7 +119,7 @@ def cuda_build_arch_list() -> str:
 def triton_interpret_mode() -> bool:
     """True when TRITON_INTERPRET=1, or another value Triton reads as on ("true", "on", "yes", "y", any case):
     Triton's CPU interpreter, the triton backend then takes CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 #: Oldest Triton whose CPU interpreter runs these kernels: 3.6's interpreter cannot take a loop bound computed with

@@ -161,3 +161,21 @@ def test_data_check_report_does_not_call_same_size_controls_saved_at_another_siz
     line = next(line for line in stdout.splitlines() if "stretched threefold" in line)
     assert "control 64x64, target 64x64" in line
     assert "another size" not in line, line
+
+
+def test_info_names_the_versions_of_the_libraries_the_version_bounds_are_about():
+    """``python -m lorweb_fast.info`` (lorweb_fast/info.py ``collect``) printed lorweb_fast, python, torch and triton
+    only: a bug report also needs diffusers, transformers, accelerate, peft, bitsandbytes and optimum-quanto (the
+    README's version bounds and optional features). Each is reported from the installed metadata, "not installed"
+    when absent."""
+    from importlib import metadata
+
+    from lorweb_fast import info
+
+    collected = info.collect()
+    for package in ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes", "optimum-quanto"):
+        try:
+            want = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            want = "not installed"
+        assert collected[package] == want, (package, collected.get(package))

@@ -100,6 +100,29 @@ def test_merge_leaves_a_module_tied_to_the_base_weight_unchanged_or_is_refused(s
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_merge_picks_jit_for_parametrized_or_tied_base_weights():
+    """Regression of the two fixes above (found by the session's diff review): ``choose_merge_strategy`` (the
+    pipeline's ``merge="auto"``) picked "full", which ``merged`` now refuses for such bases: "auto" must pick "jit",
+    which merges them correctly."""
+    from lorweb_fast.flux import choose_merge_strategy
+
+    parametrized = tiny_pair_model()
+    weight_norm(parametrized[0].base_layer)
+    tied = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6))
+    tied[2].weight = tied[0].weight
+    lf.inject_lorweb(tied, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM,
+                                           target_modules=["0", "1"]))
+    x = inputs()
+    for m in (parametrized, tied):
+        with torch.no_grad():
+            lf.set_query(m, pair_query(1))
+            want = m(x if m is parametrized else x[..., :6])
+            assert choose_merge_strategy(m) == "jit"
+            with lf.merged(m, "jit"):
+                got = m(x if m is parametrized else x[..., :6])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ the "none" query projection
 NONE_CONFIG = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=QUERY_DIM, query_dim=QUERY_DIM,
                               query_projection_type="none", target_modules=r"\d")
@@ -221,3 +244,15 @@ def test_injecting_into_a_compiled_linear_adapts_it_or_is_refused():
         lf.set_query(compiled, q)
         assert not torch.allclose(plain(x), plain[0].base_layer(x))  # the mixture is there
         torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_injecting_with_list_targets_into_a_compiled_linear_is_refused():
+    """Regression (found by the session's diff review): with list targets (peft's suffix rule) the compiled leaf's
+    inner name ``0._orig_mod`` matches nothing, so the compiled linear was silently left out; the wrapper's name
+    matches the targets, and the injection is refused naming torch.compile, before anything changes."""
+    m = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    m[0] = torch.compile(m[0], backend="eager")
+    with pytest.raises(ValueError, match="compiled on its own"):
+        lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM,
+                                            target_modules=["0", "1"]))
+    assert lf.lorweb_layers(m) == {}

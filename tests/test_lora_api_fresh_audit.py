@@ -108,6 +108,26 @@ def test_unfuse_after_disk_group_offloading_was_enabled_while_fused_is_refused_o
     torch.testing.assert_close(after, unmerged)
 
 
+def test_a_jit_fuse_unfuses_under_disk_group_offloading_enabled_while_fused(tmp_path):
+    """Regression of the fix above (found by the session's diff review): "jit" changes no base weight, so offloading
+    enabled while jit-fused keeps no merged copy; ``unfuse_lora`` must not refuse it, and the model afterwards
+    computes what the unmerged model computes."""
+    pytest.importorskip("diffusers")
+    model = _tiny_flux_with_lorweb()
+    inputs = tiny_flux_inputs(1, 0)
+    with torch.no_grad():
+        lf.set_query(model, torch.randn(1, 12, generator=torch.Generator().manual_seed(0)))
+        unmerged = model(**inputs).sample
+        lora_api.fuse_lora(model, "jit")
+        cpu = torch.device("cpu")
+        model.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                                   num_blocks_per_group=1, offload_to_disk_path=str(tmp_path / "offload"))
+        lora_api.unfuse_lora(model)
+        assert lora_api.fused_strategy(model) is None
+        after = model(**inputs).sample
+    torch.testing.assert_close(after, unmerged)
+
+
 # ---------------------------------------------------------------------------- unfuse_lora on a non-model
 def test_unfuse_lora_refuses_what_is_no_model_as_fuse_lora_does():
     """lora_api.py:unfuse_lora. Every other lora_api function (fuse_lora, load_lora_weights, unload_lora_weights,
