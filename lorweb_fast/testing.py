@@ -287,6 +287,34 @@ def tiny_flux_config() -> dict:
                 axes_dims_rope=(4, 4, 8))
 
 
+def tiny_flux_with_lorweb(seed: int = 0, b_std: float = 0.5) -> torch.nn.Module:
+    """A ``tiny_flux_config`` FluxTransformer2DModel in eval mode with LoRWeB injected (N=3, r=2, key_dim=8,
+    query_dim=12) and lora_B drawn from N(0, ``b_std``) (not zero, so the mixture changes the output)."""
+    import diffusers
+
+    from .model import LoRWeBConfig, inject_lorweb, lorweb_layers
+
+    torch.manual_seed(seed)
+    model = diffusers.FluxTransformer2DModel(**tiny_flux_config()).eval()
+    inject_lorweb(model, LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=12))
+    with torch.no_grad():
+        for layer in lorweb_layers(model).values():
+            layer.lora_B.normal_(0, b_std)
+    return model
+
+
+def run_cli_in_process(capsys, argv) -> tuple:
+    """(exit status, stdout, stderr) of ``lorweb-fast <argv>`` run in-process, with pytest's ``capsys``."""
+    from . import cli
+
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        rc = exc.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
 def tiny_flux_inputs(batch: int = 2, seed: int = 0) -> dict:
     """Random inputs of one forward of the ``tiny_flux_config`` transformer: ``batch`` samples of 6 image and 4 text
     tokens (hidden_states (B, 6, 8), encoder_hidden_states (B, 4, 24), pooled_projections (B, 20), timestep (B,),

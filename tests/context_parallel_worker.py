@@ -16,21 +16,15 @@ def main(rank, world_size, port, out_dir, mode):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        import diffusers
         from diffusers import ContextParallelConfig
 
         import lorweb_fast as lf
-        from lorweb_fast.testing import tiny_flux_config
+        from lorweb_fast.testing import tiny_flux_with_lorweb
 
         # diffusers resolves a device as rank % torch.accelerator.device_count(), which is 0 on a CPU-only host;
         # one "device" (the CPU) per rank is what this run means.
         torch.accelerator.device_count = lambda: 1
-        torch.manual_seed(0)
-        model = diffusers.FluxTransformer2DModel(**tiny_flux_config()).eval()
-        lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=12))
-        with torch.no_grad():
-            for layer in lf.lorweb_layers(model).values():
-                layer.lora_B.normal_(0, 0.5)
+        model = tiny_flux_with_lorweb()
         g = torch.Generator().manual_seed(0)
         batch = 2
         inputs = dict(hidden_states=torch.randn(batch, 8, 8, generator=g),

@@ -13,19 +13,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lorweb_fast import cli, demo, training
-from lorweb_fast.testing import relation252k_folder
+from lorweb_fast import demo, training
+from lorweb_fast.testing import relation252k_folder, run_cli_in_process
 from lorweb_fast.validation import DEMO_OUTPUTS
 
 
-def run_cli(capsys, argv):
-    """(exit status, stdout, stderr) of ``lorweb-fast <argv>`` run in-process."""
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        rc = exc.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
+run_cli = run_cli_in_process
 
 
 def snapshot(folder: Path):

@@ -15,7 +15,7 @@ import torch
 
 import lorweb_fast as lf
 from lorweb_fast import lora_api
-from lorweb_fast.testing import (pair_query, random_analogy, tiny_flux_config, tiny_flux_inputs,
+from lorweb_fast.testing import (pair_query, random_analogy, tiny_flux_inputs, tiny_flux_with_lorweb,
                                  tiny_lorweb_kontext_pipeline, tiny_pair_model)
 
 
@@ -66,16 +66,19 @@ def test_the_pipeline_fused_in_bf16_then_cast_to_fp32_generates_its_fused_analog
 
 
 # ------------------------------------------------------------- unfuse after offloading enabled while fused
-def _tiny_flux_with_lorweb():
-    import diffusers
-
-    torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(**tiny_flux_config()).eval()
-    lf.inject_lorweb(model, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=8, query_dim=12))
+def _fused_then_disk_offloaded(strategy, tmp_path):
+    """(a tiny LoRWeB FLUX transformer fused with ``strategy`` and then group-offloaded to disk, its inputs, its
+    unmerged output)."""
+    model = tiny_flux_with_lorweb()
+    inputs = tiny_flux_inputs(1, 0)
     with torch.no_grad():
-        for layer in lf.lorweb_layers(model).values():
-            layer.lora_B.normal_(0, 0.5)
-    return model
+        lf.set_query(model, torch.randn(1, 12, generator=torch.Generator().manual_seed(0)))
+        unmerged = model(**inputs).sample
+        lora_api.fuse_lora(model, strategy)
+    cpu = torch.device("cpu")
+    model.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                               num_blocks_per_group=1, offload_to_disk_path=str(tmp_path / "offload"))
+    return model, inputs, unmerged
 
 
 @pytest.mark.parametrize("strategy", ["full", "offload"])
@@ -89,15 +92,8 @@ def test_unfuse_after_disk_group_offloading_was_enabled_while_fused_is_refused_o
     session). Expected: unfuse_lora raises naming the offloading (the layers stay fused, as for a quantized base),
     or the model afterwards computes what the unmerged model computes."""
     pytest.importorskip("diffusers")
-    model = _tiny_flux_with_lorweb()
-    inputs = tiny_flux_inputs(1, 0)
+    model, inputs, unmerged = _fused_then_disk_offloaded(strategy, tmp_path)
     with torch.no_grad():
-        lf.set_query(model, torch.randn(1, 12, generator=torch.Generator().manual_seed(0)))
-        unmerged = model(**inputs).sample
-        lora_api.fuse_lora(model, strategy)
-        cpu = torch.device("cpu")
-        model.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="block_level",
-                                   num_blocks_per_group=1, offload_to_disk_path=str(tmp_path / "offload"))
         try:
             lora_api.unfuse_lora(model)
         except (RuntimeError, TypeError) as exc:  # a refusal naming the offloading is a fix
@@ -113,15 +109,8 @@ def test_a_jit_fuse_unfuses_under_disk_group_offloading_enabled_while_fused(tmp_
     enabled while jit-fused keeps no merged copy; ``unfuse_lora`` must not refuse it, and the model afterwards
     computes what the unmerged model computes."""
     pytest.importorskip("diffusers")
-    model = _tiny_flux_with_lorweb()
-    inputs = tiny_flux_inputs(1, 0)
+    model, inputs, unmerged = _fused_then_disk_offloaded("jit", tmp_path)
     with torch.no_grad():
-        lf.set_query(model, torch.randn(1, 12, generator=torch.Generator().manual_seed(0)))
-        unmerged = model(**inputs).sample
-        lora_api.fuse_lora(model, "jit")
-        cpu = torch.device("cpu")
-        model.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="block_level",
-                                   num_blocks_per_group=1, offload_to_disk_path=str(tmp_path / "offload"))
         lora_api.unfuse_lora(model)
         assert lora_api.fused_strategy(model) is None
         after = model(**inputs).sample

@@ -32,12 +32,12 @@ import yaml
 from PIL import Image
 
 import lorweb_fast as lf
-from lorweb_fast import cli, data, demo, lora_api, training
+from lorweb_fast import data, demo, lora_api, training
 from lorweb_fast import official_config as oc
 from lorweb_fast.model import checkpoint_metadata
 from lorweb_fast.testing import (build_tiny_lorweb_assets, cli_usage_error, fake_checkpoint, infer_input_files,
-                                 relation252k_folder, small_train_config, tiny_lorweb_linear_model,
-                                 tiny_train_config, tiny_training_assets)
+                                 relation252k_folder, run_cli_in_process, small_train_config,
+                                 tiny_lorweb_linear_model, tiny_train_config, tiny_training_assets)
 
 pytest.importorskip("diffusers")
 
@@ -112,14 +112,7 @@ def same_state(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def run_cli(capsys, argv):
-    """``lorweb-fast argv`` in-process: (exit status, stdout, stderr)."""
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        rc = exc.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
+run_cli = run_cli_in_process  # ``lorweb-fast argv`` in-process: (exit status, stdout, stderr)
 
 
 def write_inputs(folder):
