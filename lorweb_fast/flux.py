@@ -275,7 +275,6 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
     modes = group_offloading_modes(model)
     refuse_disk_group_offloading(layers, modes, f"merged(strategy={strategy!r})")
     decide_one_analogy(layers.values())  # one host synchronisation per device, not one (or two) per layer
-    storages = {}
     for name, layer in layers.items():
         if strategy != "jit" and modes.get(id(layer.base_layer.weight)) == "stream":
             raise TypeError(f"cannot merge into {name} with strategy={strategy!r}: group offloading with "
@@ -302,11 +301,6 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
         if strategy != "jit" and not layer.holds_one_analogy():
             raise ValueError(f"strategy={strategy!r} merges one analogy (batch size 1), got "
                              f"{_coefficient_rows(coeffs)}; strategy='jit' merges per sample")
-        ptr = layer.base_layer.weight.untyped_storage().data_ptr()
-        if strategy in ("full", "offload") and ptr in storages:  # one tensor cannot hold two layers' mixtures
-            raise ValueError(f"{name} shares its weight storage with {storages[ptr]}: strategy={strategy!r} puts each "
-                             "layer's merged weight in place of its base weight; use strategy='jit'")
-        storages[ptr] = name
     problem = in_place_merge_problem(model, layers, strategy)
     if problem is not None:
         raise problem
@@ -319,9 +313,10 @@ def in_place_merge_problem(model: nn.Module, layers: dict[str, LoRWeBLinear], st
 
     * a parametrized base weight (``torch.nn.utils.parametrize``, e.g. weight_norm): computed from other tensors at
       every access, a merged weight written into it is lost;
-    * a base weight tied to a module outside the LoRWeB layers (e.g. an output projection tied to an embedding):
-      that module would compute with the mixture inside the block. "full" swaps the Parameter's tensor, so a module
-      holding the same Parameter counts; "offload" writes into the storage, so any tensor of that storage counts."""
+    * a base weight shared by two LoRWeB layers (one weight cannot hold two layers' mixtures), or tied to a module
+      outside the LoRWeB layers (e.g. an output projection tied to an embedding): that module would compute with
+      the mixture inside the block. "full" swaps the Parameter's tensor, so only the same Parameter counts;
+      "offload" writes into the storage, so any tensor of that storage counts."""
     if strategy not in ("full", "offload"):
         return None
     for name, layer in layers.items():
@@ -335,6 +330,9 @@ def in_place_merge_problem(model: nn.Module, layers: dict[str, LoRWeBLinear], st
     for name, layer in layers.items():
         weight = layer.base_layer.weight
         key = id(weight) if strategy == "full" else _storage_address(weight)
+        if key in held:
+            return ValueError(f"{name} shares its weight storage with {held[key]}: strategy={strategy!r} puts each "
+                              "layer's merged weight in place of its base weight; use strategy='jit'")
         if key:
             held[key] = name
     for module_name, module in model.named_modules():

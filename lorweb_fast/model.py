@@ -295,6 +295,7 @@ def inject_lorweb(model: nn.Module, config: Optional[LoRWeBConfig] = None, *,
     if not isinstance(config, LoRWeBConfig):
         raise TypeError(f"config must be a LoRWeBConfig, got {type(config).__name__}")
     config.validate()
+    model = unwrapped_model(model)  # torch.compile(model) / DDP: the targets are the wrapped model's names
     already = [n for n, m in lorweb_layers(model).items() if matches_target(n, config.target_modules)]
     _refuse_incompatible_modules(model, "inject_lorweb")
     if already:

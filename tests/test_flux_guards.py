@@ -411,6 +411,7 @@ def test_offload_is_chosen_only_when_host_memory_holds_the_copy(monkeypatch):
     monkeypatch.setattr(flux, "adapted_weight_bytes", lambda model: 1000)
     monkeypatch.setattr(flux, "has_plain_weight", lambda base: True)  # (the stand-in: a mergeable base)
     monkeypatch.setattr(flux, "has_forward_hooks", lambda base: False)
+    monkeypatch.setattr(flux, "in_place_merge_problem", lambda model, layers, strategy: None)  # (no tensors)
     model = torch.nn.Module()
     assert flux.choose_merge_strategy(model, free_bytes=1000, host_free_bytes=1000) == "jit"  # 1000 > 0.75 * 1000
     assert flux.choose_merge_strategy(model, free_bytes=1000, host_free_bytes=1400) == "offload"

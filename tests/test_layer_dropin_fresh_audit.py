@@ -256,3 +256,48 @@ def test_injecting_with_list_targets_into_a_compiled_linear_is_refused():
         lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM,
                                             target_modules=["0", "1"]))
     assert lf.lorweb_layers(m) == {}
+
+
+def test_auto_merge_picks_jit_when_two_adapted_layers_share_a_base_weight():
+    """Regression (second diff review): ``choose_merge_strategy`` checked the base weights tied outside the LoRWeB
+    layers but not one shared by two of them (tied q / k, both targeted), which ``merged`` refuses for "full" and
+    "offload": "auto" must pick "jit" (correct there); the refusal names the sharing."""
+    from lorweb_fast.flux import choose_merge_strategy
+
+    m = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    m[1].weight = m[0].weight
+    lf.inject_lorweb(m, lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM,
+                                        target_modules=["0", "1"]))
+    x = inputs()[..., :6]
+    with torch.no_grad():
+        for layer in lf.lorweb_layers(m).values():
+            layer.lora_B.normal_()
+        lf.set_query(m, pair_query(1))
+        want = m(x)
+        assert choose_merge_strategy(m) == "jit"
+        for strategy in ("full", "offload"):
+            with pytest.raises(ValueError, match="1 shares its weight storage with 0"):
+                with lf.merged(m, strategy):
+                    pass
+        with lf.merged(m, "jit"):
+            torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_inject_into_a_compiled_model_with_regex_targets_adapts_the_wrapped_model():
+    """Regression (second diff review): ``inject_lorweb(torch.compile(model))`` matched regex targets against the
+    wrapper's ``_orig_mod.``-prefixed names and found none; like ``load_lorweb_weights`` it now injects into the
+    wrapped model (its own names), and the compiled model computes what the eager one does."""
+    config = lf.LoRWeBConfig(num_loras=3, rank=2, key_dim=4, query_dim=QUERY_DIM, target_modules=r"\d")
+    eager = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    compiled = torch.compile(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)), backend="eager")
+    compiled._orig_mod.load_state_dict(eager.state_dict())
+    assert lf.inject_lorweb(eager, config) == lf.inject_lorweb(compiled, config) == ["0", "1"]
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(lf.lorweb_layers(eager).items(), lf.lorweb_layers(compiled).items()):
+            a.lora_B.normal_()
+            for suffix, t in a.lorweb_tensors().items():
+                b.lorweb_tensors()[suffix].copy_(t)
+        q, x = pair_query(1), inputs()
+        lf.set_query(eager, q)
+        lf.set_query(compiled, q)
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-6)
