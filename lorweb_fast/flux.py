@@ -259,9 +259,9 @@ def _unmergeable_base(base: nn.Module) -> Optional[str]:
     if not has_plain_weight(base):
         return f"{_base_description(base)} has no plain tensor weight (quantized layers run unmerged)"
     if has_forward_hooks(base):
-        return ("has hooks or a forward of its own (offloading or layerwise casting keep its weight elsewhere or in "
-                "a storage dtype outside its forward, where a merge would be lost or rounded; hooks and a replaced "
-                "forward must run)")
+        return ("has forward hooks or backward hooks, or a forward of its own (offloading or layerwise casting keep "
+                "its weight elsewhere or in a storage dtype outside its forward, where a merge would be lost or "
+                "rounded; hooks and a replaced forward must run)")
     return None
 
 
