@@ -49,10 +49,10 @@ def _write_build_info(arch_list, cuda_version, build_error=None, root=None):
                 f"BUILD_ERROR = {build_error!r}\n")
 
 
-def _remove_in_place_extension(root=None):
-    """Delete ``lorweb_fast/_C*`` binaries that an earlier in-place build left in the source tree (or under
-    ``root``): an install that does not build the extension must not leave an old one importable."""
-    here = root or os.path.dirname(os.path.abspath(__file__))
+def _remove_in_place_extension():
+    """Delete ``lorweb_fast/_C*`` binaries that an earlier in-place build left in the source tree: an install that
+    does not build the extension must not leave an old one importable."""
+    here = os.path.dirname(os.path.abspath(__file__))
     for path in glob.glob(os.path.join(here, "lorweb_fast", "_C.*")):
         if path.endswith((".so", ".pyd")):
             _log(f"removing {path}: a binary of an earlier build")
@@ -70,8 +70,11 @@ def _build_ext_class(base, force, arch_list, cuda_version):
             try:
                 super().build_extensions()
             except Exception as exc:  # compiler errors, torch's CUDA version check, a missing ninja, ...
+                for ext in self.extensions:  # a binary from an earlier build must not stand in for this one
+                    if os.path.exists(self.get_ext_fullpath(ext.name)):
+                        os.remove(self.get_ext_fullpath(ext.name))
+                _remove_in_place_extension()
                 if force:
-                    _remove_in_place_extension()
                     raise
                 first_line = (str(exc).strip().splitlines() or [""])[0]
                 error = f"{type(exc).__name__}: {first_line}"[:500]
@@ -84,12 +87,6 @@ def _build_ext_class(base, force, arch_list, cuda_version):
                 if os.path.isdir(os.path.join(self.build_lib, "lorweb_fast")):  # build_py copied the file already
                     _write_build_info(arch_list, cuda_version, build_error=why, root=self.build_lib)
                 self.failed = True
-                for ext in self.extensions:  # a binary from an earlier build must not stand in for this one
-                    for path in {self.get_ext_fullpath(ext.name), os.path.join(
-                            os.path.dirname(os.path.abspath(__file__)), *ext.name.split(".")[:-1],
-                            os.path.basename(self.get_ext_filename(ext.name)))}:
-                        if os.path.exists(path):
-                            os.remove(path)
 
         def copy_extensions_to_source(self):
             if not self.failed:

@@ -1334,9 +1334,6 @@ def run_data(args) -> dict:
           f"{len(report['failed'])} failed; metadata in {Path(args.out) / 'analogy_metadata.json'}")
     for aid, err in report["failed"]:
         print(f"  failed {aid}: {err}")
-    if report["failed"] and not report["written"] and not report["skipped"]:  # a `prepare && train` must stop here
-        raise AnalogyDataError(f"data prepare: none of the {report['analogies']} analogies could be written (see "
-                               f"the failures above); {args.out} holds no sample")
     if report["unreadable"]:
         print(f"{len(report['unreadable'])} source images could not be decoded and were left out (as the official "
               "script does):")
@@ -1349,4 +1346,7 @@ def run_data(args) -> dict:
         left_out = list(report["categories_left_out"].items())
         print(f"{len(left_out)} categories with fewer than {args.min_pairs_per_category} usable pairs were left out: "
               + ", ".join(f"{c} ({n})" for c, n in left_out[:10]) + (", ..." if len(left_out) > 10 else ""))
+    if report["failed"] and not report["written"] and not report["skipped"]:  # a `prepare && train` must stop here
+        raise AnalogyDataError(f"data prepare: none of the {report['analogies']} analogies could be written (see "
+                               f"the failures above); {args.out} holds no sample")
     return report

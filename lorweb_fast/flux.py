@@ -645,6 +645,12 @@ def _official_training_levels() -> list:
 OFFICIAL_TRAINING_LEVELS = _official_training_levels()
 
 
+def exception_first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none (a loader's multi-line error)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_complete_pretrained(cls, model: Union[str, Path], dtype: torch.dtype):
     """``cls.from_pretrained(model, dtype=dtype)``; ValueError naming the weights the checkpoint lacks, which
     transformers would initialise at random and only log (e.g. a CLIPVisionModel folder, which has no
@@ -793,8 +799,7 @@ class AnalogyEncoder:
                 self.kind = "siglip"
         except (OSError, RuntimeError, ValueError, KeyError) as exc:  # missing or mismatched weights, processor
             raise ValueError(f"cannot load the analogy encoder {self.name!r} ({model_type}): "
-                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-                             ) from exc
+                             f"{exception_first_line(exc)}") from exc
         self.model_type = model_type
         self.query_mode, self.pooling_type, self.query_source = query_mode, pooling_type, query_source
         self.model = vision.eval().requires_grad_(False)

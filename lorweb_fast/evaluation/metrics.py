@@ -56,7 +56,7 @@ class ClipDirectional:
     def __init__(self, encoder: Union[str, Path] = DEFAULT_CLIP, *, device=None, dtype=torch.float32):
         from transformers import AutoConfig, CLIPVisionModelWithProjection
 
-        from ..flux import _official_processor, load_complete_pretrained
+        from ..flux import _official_processor, exception_first_line, load_complete_pretrained
 
         self.name = str(encoder)
         check_clip_encoder(self.name)
@@ -69,9 +69,7 @@ class ClipDirectional:
             # the slow (PIL) processor at the model's image size, as the official query
             self.processor = _official_processor("clip", encoder, int(model.config.image_size))
         except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # RuntimeError: mismatched sizes
-            raise EvalInputError(f"cannot load the CLIP encoder {self.name!r}: "
-                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-                                 ) from exc
+            raise EvalInputError(f"cannot load the CLIP encoder {self.name!r}: {exception_first_line(exc)}") from exc
         self.model = model.eval().requires_grad_(False)
         #: the metric cache's key for this encoder: its name, and for a local folder its files' signature
         self.cache_id = f"clip:{self.name}" + (f"@{weights_signature(encoder)}" if Path(encoder).is_dir() else "")
