@@ -431,7 +431,7 @@ class JudgeCache:
         rec = _record(request, judge_name, response, error, truncated, judge_id)
         path = self.path(request)
         remove_temporaries(path.parent, [path.name])  # a killed scoring's, left while it wrote this answer
-        atomic_write_text(path, json.dumps(rec, ensure_ascii=False, indent=1))
+        atomic_write_text(path, json.dumps(rec, indent=1))
         return rec
 
 

@@ -181,8 +181,6 @@ def plot_preservation_vs_accuracy(report: dict, path: Path) -> Optional[Path]:
     """The paper's Fig. 5: one point per method, Pres. (VLM) vs Acc. (VLM), with the Pareto front. Without VLM scores,
     LPIPS (axis reversed: lower = better preservation) vs CLIP Dir. stand in. Returns ``path`` (written atomically),
     None when neither pair of means exists for every method."""
-    from matplotlib.figure import Figure  # not pyplot: no global figure registry, the caller's backend untouched
-
     names = list(report)
     vlm = all(report[n]["overall"]["vlm_consistency"] is not None and report[n]["overall"]["vlm_accuracy"] is not None
               for n in names)
@@ -196,6 +194,8 @@ def plot_preservation_vs_accuracy(report: dict, path: Path) -> Optional[Path]:
         xlabel, ylabel, flip = "LPIPS(b, b') (lower = better preservation)", "CLIP Dir.", -1
     else:
         return None
+    from matplotlib.figure import Figure  # not pyplot: no global figure registry, the caller's backend untouched
+
     front = pareto_front([(flip * x, y) for x, y in zip(xs, ys)])
     fig = Figure(figsize=(6, 4.5))
     ax = fig.subplots()
@@ -218,11 +218,11 @@ def plot_preservation_vs_accuracy(report: dict, path: Path) -> Optional[Path]:
 def plot_win_rates(report: dict, baselines: Sequence[str], path: Path) -> Optional[Path]:
     """The paper's Fig. 6: order-balanced pairwise win rates (%) per baseline, one bar group per method (N/A, a
     zero bar, where a rate is None). Returns ``path``; None without baselines."""
+    if not baselines:
+        return None
     from matplotlib.figure import Figure  # not pyplot: no global figure registry, the caller's backend untouched
     import numpy as np
 
-    if not baselines:
-        return None
     names = list(report)
     width = 0.8 / len(names)
     fig = Figure(figsize=(max(5, 1.5 * len(baselines) + 2), 4))
@@ -300,13 +300,13 @@ def write_report(out: Path, report: dict, results: dict, settings: dict, *, plot
     try:
         # the earlier scoring's files go just before the pair is renamed in: a kill from there on leaves some of
         # this scoring's files and none of the earlier one's
-        _replace_together(out, {"metrics.json": json.dumps(metrics, indent=1, ensure_ascii=False),
+        _replace_together(out, {"metrics.json": json.dumps(metrics, indent=1),
                                 "summary.md": summary_markdown(report, settings)}, done,
                           clear=[name for name in REPORT_FILES if name not in done])
         # "truncated" only where the answer was cut, so a replay of this file counts the same cut answers
         answers = [json.dumps({"id": a["id"], "kind": a["kind"], "run": a["run"], "against": a["against"],
                                "order": a["order"], "judge": a["judge"], "response": a["response"],
-                               **({"truncated": True} if a.get("truncated") else {})}, ensure_ascii=False)
+                               **({"truncated": True} if a.get("truncated") else {})})
                    for res in results.values() for a in res["answers"] if a["response"] is not None]
         if answers and not replayed:
             atomic_write_text(answers_file, "\n".join(answers) + "\n")

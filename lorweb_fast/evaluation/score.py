@@ -270,6 +270,11 @@ def check_batch_size(batch_size) -> None:
         raise EvalInputError(f"batch_size (--batch-size) must be an integer >= 1, got {batch_size!r}")
 
 
+def _same_folders(run, baseline) -> bool:
+    """Whether a method and a baseline are the same runs folder(s) (resolved paths, in any order)."""
+    return {Path(p).resolve() for p in runs_folders(run)} == {Path(p).resolve() for p in runs_folders(baseline)}
+
+
 def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optional[str] = None,
           lpips_net: str = "alex", lpips_weights=None, judge=None, against: Optional[dict] = None,
           pairwise_seed: int = 0, batch_size: int = 8, device=None, progress: bool = True) -> dict:
@@ -304,7 +309,7 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     # without matplotlib the report is written without its plots (warned now, not after the scoring); a scoring
     # that draws none (no VLM and not both of LPIPS and CLIP Dir., no baselines) needs no warning
     plots = plotting_available("the report's plots") if "vlm" in metrics or {"lpips", "clip_dir"} <= set(metrics) \
-        else True
+        else False
     remove_temporaries(out, REPORT_FILES)  # a killed scoring's
     # LPIPS first: its missing weights are found in a moment, before the CLIP encoder spends its load time
     with library_progress_bars(enabled=progress):  # progress=False: transformers' loading bars off too
@@ -315,8 +320,11 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
         judge.truncated = []                                   # (and their warning) start afresh
     results = {}
     for name in runs:
+        # a baseline that is this method's own runs folder(s) (the README's way to put baselines in Fig. 5) is not
+        # judged against itself: its win rate is N/A, as in the paper's table
+        baselines = {b: base_items[b] for b in base_items if not _same_folders(runs[name], against[b])}
         results[name] = score_run(name, items[name], out, metrics=metrics, clip=clip, lpips=lpips, judge=judge,
-                                  baselines=base_items if "vlm" in metrics else None, pairwise_seed=pairwise_seed,
+                                  baselines=baselines if "vlm" in metrics else None, pairwise_seed=pairwise_seed,
                                   batch_size=batch_size, progress=progress)
     settings = {"runs": {k: _path_text(v) for k, v in runs.items()},
                 "against": {k: _path_text(v) for k, v in (against or {}).items()},
