@@ -122,11 +122,17 @@ def unwrapped_model(model: nn.Module) -> nn.Module:
             return model
 
 
+#: The module-name levels that wrappers put in front of the module they wrap: ``torch.compile``'s OptimizedModule and
+#: torch's ``checkpoint_wrapper`` (accelerate's FSDP activation checkpointing wraps each block in place)
+WRAPPER_LEVELS = ("_orig_mod", "_checkpoint_wrapped_module")
+
+
 def checkpoint_module_name(name: str) -> str:
     """A module name as checkpoint keys name it: without the ``_orig_mod`` levels of ``torch.compile`` wrappers
-    (blocks compiled one by one and put back hold their layers under ``<block>._orig_mod.``; module lookups through a
-    wrapper reach the same module without it)."""
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+    (blocks compiled one by one and put back hold their layers under ``<block>._orig_mod.``) and the
+    ``_checkpoint_wrapped_module`` levels of activation-checkpoint wrappers (as torch's own state_dict hooks drop
+    them); module lookups through either wrapper reach the same module without them."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_LEVELS)
 
 
 def _checkpoint_key(name: str, suffix: str) -> str:
@@ -1194,6 +1200,8 @@ def _check_module_tensors(name: str, tensors: Mapping[str, torch.Tensor], in_f: 
         problems.append(f"{p}lora_B has shape {tuple(b.shape)}, expected {(n, r, out_f)}")
     if k.dim() != 2 or k.shape[0] != n:
         problems.append(f"{p}lora_keys has shape {tuple(k.shape)}, expected ({n}, key_dim)")
+    elif k.shape[1] < 1:
+        problems.append(f"{p}lora_keys has shape {tuple(k.shape)}: key_dim must be >= 1")
     elif q is not None and (q.dim() != 2 or q.shape[0] != k.shape[1]):
         problems.append(f"{p}att_lora_to_q.weight has shape {tuple(q.shape)}, expected ({k.shape[1]}, query_dim)")
     elif q is not None and min(q.shape) < 1:

@@ -165,6 +165,14 @@ def read_config_yaml(path: Union[str, os.PathLike], *, recorded_scale: Optional[
         raise LoRWeBConfigError(f"{path} is not an official LoRWeB config.yaml (expected config.process[0].network"
                                 f"; {type(exc).__name__}: {exc})") from exc
     out: dict[str, Any] = {}
+    sizes = {("rank", "linear"): network.get("linear"),
+             **{(ours, theirs): kwargs.get(theirs) for ours, theirs in (("num_loras", "loras_num"),
+                                                                        ("key_dim", "lora_keys_dim"),
+                                                                        ("heads", "lora_heads"))}}
+    for (ours, theirs), value in sizes.items():  # before int(): 2.5 heads, true or "2" are not truncated into a size
+        if value is not None and not _positive_integer(value):
+            raise LoRWeBConfigError(f"{path}: {ours} must be a positive integer, got {value!r} (network "
+                                    f"{theirs})")
     try:
         if network.get("linear") is not None:
             out["rank"] = int(network["linear"])
