@@ -7,6 +7,8 @@ import contextlib
 import errno
 import os
 import re
+import secrets
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -88,9 +90,9 @@ def atomic_write(path: Union[str, os.PathLike], write, *, sync: bool = False) ->
     disk) names ``path``; the folders it created for ``path`` are removed again after a failure (left empty)."""
     path = Path(path)
     created = missing_folders(path.parent)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # inside: a failure (or Ctrl-C) half way removes what it made
         tmp = temporary_file(path.parent, temporary_prefix(path))
         with naming_the_file(path):
             write(Path(tmp))
@@ -113,11 +115,15 @@ def missing_folders(folder: Union[str, os.PathLike]) -> list[Path]:
 
 def remove_empty_folders(folders: list[Path]) -> None:
     """Remove ``folders`` (innermost first, as ``missing_folders`` gives them) while they are empty; stops at the
-    first that is not (another writer's files) or cannot be removed. Never raises an OSError."""
+    first that is not (another writer's files) or cannot be removed. One that was never made (a ``mkdir`` that
+    failed half way: absent, under a file, a name too long) is passed over, so the outer ones it did make go too.
+    Never raises an OSError."""
     for folder in folders:
         try:
             Path(folder).rmdir()
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+                continue
             break
 
 
@@ -233,21 +239,36 @@ def save_figure_atomically(fig, path: Union[str, os.PathLike], dpi: int) -> Path
 
 def temporary_file(directory: Union[str, os.PathLike], prefix: str, suffix: str = ".tmp", *,
                    named: Union[str, os.PathLike, None] = None) -> str:
-    """A new empty file ``<prefix><random><suffix>`` in ``directory`` with the permissions a plain ``open`` would
-    give (``default_permissions``: mkstemp's 0600 would survive the rename onto the final name); returns its path.
-    A folder that cannot take it raises an OSError naming ``named`` (default ``directory``), never the random name
-    that was not created."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
-    except OSError as exc:  # a read-only or full folder
-        raise OSError(exc.errno, exc.strerror, str(named if named is not None else directory)) from exc
-    os.close(fd)
-    try:
-        default_permissions(tmp)
-    except BaseException:  # (a Ctrl-C included): no temporary left behind
-        os.unlink(tmp)
-        raise
-    return tmp
+    """A new empty file ``<prefix><random><suffix>`` in ``directory`` with the permissions a plain ``open`` gives:
+    created with mode 0o666, so the kernel applies the umask, or a folder's default ACL, as it does for ``open``
+    (mkstemp's 0600 would survive the rename onto the final name); returns its path. A folder that cannot take it
+    raises an OSError naming ``named`` (default ``directory``), never the random name that was not created."""
+    return _new_temporary(directory, prefix, suffix, named, folder=False)
+
+
+def temporary_folder(directory: Union[str, os.PathLike], prefix: str, *,
+                     named: Union[str, os.PathLike, None] = None) -> str:
+    """A new empty folder ``<prefix><random>`` in ``directory`` with the permissions a plain ``mkdir`` gives (mode
+    0o777 less the umask, or the folder's default ACL; mkdtemp's 0700 would survive the rename); errors as
+    ``temporary_file``."""
+    return _new_temporary(directory, prefix, "", named, folder=True)
+
+
+def _new_temporary(directory, prefix: str, suffix: str, named, *, folder: bool) -> str:
+    no_follow = getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):  # 8 random characters, as mkstemp's (temporary_prefix reserves their room)
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(4)}{suffix}")
+        try:
+            if folder:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | no_follow, 0o666))
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:  # a read-only or full folder
+            raise OSError(exc.errno, exc.strerror, str(named if named is not None else directory)) from exc
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(named if named is not None else directory))
 
 
 def write_temporary_text(directory: Union[str, os.PathLike], name: str, text: str) -> str:
@@ -283,17 +304,6 @@ def image_read_error_message(path, exc: BaseException) -> str:
         return (f"{path} is too large to decode ({exc}); if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS "
                 "before reading it")
     return f"{path} is not a readable image ({type(exc).__name__}: {exc})"
-
-
-def default_permissions(path: Union[str, os.PathLike], *, directory: bool = False) -> None:
-    """Give ``path`` the mode a plain ``open`` / ``mkdir`` would have given it (0o666 / 0o777 less the umask).
-    ``tempfile.mkstemp`` / ``mkdtemp`` create their files 0600 and folders 0700, which the atomic rename keeps:
-    a checkpoint or prepared dataset then could not be read by other users of a shared machine. Best effort: a file
-    system that refuses chmod (vfat, some network mounts) keeps the mode it gave."""
-    try:
-        os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
-    except OSError:
-        pass
 
 
 def recorded_location(name: Union[str, os.PathLike]) -> str:
@@ -417,12 +427,17 @@ class FolderLock:
                 self.path.unlink(missing_ok=True)
                 continue
             try:
-                try:
-                    return os.open(self.path, os.O_RDWR | no_follow), False
+                try:  # non-blocking: a FIFO planted at the name would block a read-only open forever
+                    fd = os.open(self.path, os.O_RDWR | no_follow | os.O_NONBLOCK)
                 except PermissionError:
-                    return os.open(self.path, os.O_RDONLY | no_follow), False
+                    fd = os.open(self.path, os.O_RDONLY | no_follow | os.O_NONBLOCK)
             except FileNotFoundError:  # its holder removed it meanwhile
                 continue
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # planted (a FIFO, a device): replaced, as a symlink is
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                continue
+            return fd, False
 
     def _holds_the_file_in_place(self) -> bool:
         """Whether the locked descriptor is the file at ``path`` (not one its holder removed meanwhile)."""

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import weakref
 from collections import defaultdict
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._files import (default_permissions, missing_folders, naming_the_file, remove_empty_folders, temporary_file,
+from ._files import (missing_folders, naming_the_file, remove_empty_folders, temporary_file, temporary_prefix,
                      write_temporary_text)
 from . import _locks
 from ._locks import holding_analogy, serialized_on_model
@@ -937,10 +938,12 @@ def save_lorweb_weights(model: nn.Module, path: Union[str, os.PathLike], metadat
                     temps.append((write_temporary_text(directory, name, text), os.path.join(directory, name)))
             tmp = temporary_file(directory, ".lorweb-", ".safetensors.tmp")
             temps.append((tmp, path))
+            plain_mode = stat.S_IMODE(os.stat(tmp).st_mode)  # what open gives here (umask or the folder's ACL)
             with naming_the_file(path):  # a full disk names the file it could not take
                 save_file(state, tmp, metadata=meta)
                 _sort_safetensors_metadata(tmp, aitk_model_hashes(tmp, meta) if aitk_hashes else None)
-            default_permissions(tmp)  # safetensors' own 0600 (it writes the file anew) would survive the rename
+            with contextlib.suppress(OSError):  # safetensors' own mode (it writes the file anew) would survive the
+                os.chmod(tmp, plain_mode)      # rename; best effort where chmod is refused (vfat)
             for tmp, final in temps:
                 kept = _keep_copy(final)
                 try:
@@ -973,8 +976,9 @@ def _keep_copy(path: str) -> Optional[str]:
     for putting it back when a later step of the save fails; None when ``path`` does not exist."""
     if not os.path.isfile(path):
         return None
-    directory, name = os.path.split(path)
-    fd, kept = tempfile.mkstemp(prefix=f".{name}.", suffix=".kept", dir=directory)
+    directory = os.path.dirname(path)
+    fd, kept = tempfile.mkstemp(prefix=temporary_prefix(Path(path), reserve=len("12345678.kept")), suffix=".kept",
+                                dir=directory)  # cut to the folder's name limit, as every temporary name
     os.close(fd)
     os.unlink(kept)
     try:

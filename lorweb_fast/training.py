@@ -33,7 +33,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import MISSING, asdict, dataclass, fields, replace as dataclass_replace
 from pathlib import Path
@@ -41,8 +40,8 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from ._files import FolderInUseError, FolderLock, append_text, atomic_write, default_permissions, loads_json, \
-    naming_the_file, save_figure_atomically, torch_save, unlink_file_or_link
+from ._files import FolderInUseError, FolderLock, append_text, atomic_write, loads_json, \
+    naming_the_file, save_figure_atomically, temporary_folder, torch_save, unlink_file_or_link
 from ._files import recorded_location  # noqa: F401 (re-exported)
 from . import _locks
 from ._locks import holding
@@ -677,12 +676,9 @@ def _write_checkpoint(out: Path, step: int, transformer, weights: dict, optimize
     root = out / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
+    # a full or read-only folder names the checkpoint, not a temporary never created; the folder gets mkdir's mode
+    tmp = Path(temporary_folder(root, f".tmp-step-{step:08d}-", named=final))
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
-    except OSError as exc:  # a full or read-only folder: the checkpoint named, not a temporary never created
-        raise OSError(exc.errno, exc.strerror, str(final)) from exc
-    try:
-        default_permissions(tmp, directory=True)  # mkdtemp's 0700 would survive the rename
         meta = {**aitk_metadata(name, step, epoch), **metadata}
         save_lorweb_weights(transformer, tmp / WEIGHTS_NAME, metadata=meta, state_dict=weights, dtype=dtype,
                             aitk_hashes=True)

@@ -9,6 +9,7 @@ comparison helpers reject results that are wrong by the amounts the docstring sa
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -542,27 +543,21 @@ def test_current_umask_reads_the_umask_and_leaves_it(umask_027, monkeypatch, pro
     assert os.umask(umask_027) == umask_027
 
 
-def test_default_permissions_are_those_of_open_and_mkdir(umask_027, tmp_path, monkeypatch):
-    """default_permissions: 0o666 less the umask for a file, 0o777 less the umask for a folder (what open / mkdir
-    give, measured here with the same umask), and no error where chmod is refused."""
+def test_temporaries_get_the_modes_of_open_and_mkdir(umask_027, tmp_path):
+    """_files.temporary_file / temporary_folder: created with 0o666 / 0o777 for the kernel to apply the umask (or a
+    folder's default ACL) as it does for open / mkdir, measured here with the same umask; mkstemp's 0600 and
+    mkdtemp's 0700 would survive the rename onto the final name. Their names carry the prefix and suffix and are new
+    each call."""
     plain_file, plain_dir = tmp_path / "plain", tmp_path / "plain_dir"
     plain_file.write_text("x")
     plain_dir.mkdir()
-    f, d = tmp_path / "f", tmp_path / "d"
-    f.write_text("x")
-    d.mkdir()
-    f.chmod(0o600)
-    d.chmod(0o700)
-    _files.default_permissions(f)
-    _files.default_permissions(d, directory=True)
+    f = Path(_files.temporary_file(tmp_path, ".f.", ".tmp"))
+    d = Path(_files.temporary_folder(tmp_path, ".d."))
     assert f.stat().st_mode & 0o777 == plain_file.stat().st_mode & 0o777 == 0o640
     assert d.stat().st_mode & 0o777 == plain_dir.stat().st_mode & 0o777 == 0o750
-
-    def refuse(*a, **k):
-        raise PermissionError("read-only file system")
-
-    monkeypatch.setattr(os, "chmod", refuse)
-    _files.default_permissions(f)  # best effort: no error
+    assert f.name.startswith(".f.") and f.name.endswith(".tmp") and len(f.name) == len(".f.") + 8 + len(".tmp")
+    assert d.is_dir() and d.name.startswith(".d.") and f.stat().st_size == 0
+    assert _files.temporary_file(tmp_path, ".f.", ".tmp") != str(f)
 
 
 def test_a_negative_bound_is_refused_not_ignored():

@@ -841,15 +841,19 @@ def test_a_folder_that_refuses_new_files_is_named_not_a_random_temporary(tmp_pat
     """Found by the session review: a read-only folder made the temporary's creation fail naming a random
     ``.<name>.<random>.tmp`` that never existed. ``atomic_write`` (and every writer built on ``temporary_file``)
     names the folder now."""
-    import tempfile
+    real_open, tried = os.open, []
 
-    def refuse(prefix="", suffix="", dir=None, **_):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, prefix + "x1y2z3" + suffix))
+    def refuse(path, flags, *args, **kwargs):  # the folder refuses new files (tests run as root: chmod would not)
+        if flags & os.O_CREAT and str(path).startswith(str(tmp_path)):
+            tried.append(str(path))
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(PermissionError) as caught:
         _files.atomic_write(tmp_path / "summary.json", lambda tmp: tmp.write_text("{}"))
-    assert caught.value.filename == str(tmp_path) and "x1y2z3" not in str(caught.value)
+    assert tried and tried[0].endswith(".tmp") and tried[0] != str(tmp_path / "summary.json")  # its temporary's
+    assert caught.value.filename == str(tmp_path) and os.path.basename(tried[0]) not in str(caught.value)
 
 
 class _FailingReads:

@@ -28,6 +28,8 @@ from .judge import PAIRWISE_PROMPT, PARSERS, SCORE_PROMPT, JudgeCache, JudgeRequ
 from ..validation import warn
 
 METRICS = ("clip_dir", "lpips", "vlm")
+#: The lock file ``eval score`` holds in its ``--out`` while it runs (``_files.FolderLock``).
+SCORE_LOCK_NAME = ".lorweb-score.lock"
 
 
 class MetricCache:
@@ -286,7 +288,7 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     one."""
     from ..cli import library_progress_bars
     from .metrics import DEFAULT_CLIP, ClipDirectional, LPIPSDistance
-    from .._files import remove_temporaries
+    from .._files import FolderInUseError, FolderLock, remove_temporaries
     from ..validation import plotting_available
     from .report import REPORT_FILES, aggregate, write_report
 
@@ -310,29 +312,42 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     # that draws none (no VLM and not both of LPIPS and CLIP Dir., no baselines) needs no warning
     plots = plotting_available("the report's plots") if "vlm" in metrics or {"lpips", "clip_dir"} <= set(metrics) \
         else False
-    remove_temporaries(out, REPORT_FILES)  # a killed scoring's
-    # LPIPS first: its missing weights are found in a moment, before the CLIP encoder spends its load time
-    with library_progress_bars(enabled=progress):  # progress=False: transformers' loading bars off too
-        lpips = LPIPSDistance(lpips_net, weights=lpips_weights, device=device) if "lpips" in metrics else None
-        clip = ClipDirectional(encoder or DEFAULT_CLIP, device=device) if "clip_dir" in metrics else None
-    coverage = _coverage(items)
-    if isinstance(getattr(judge, "truncated", None), list):  # a judge reused across scorings: this run's cut answers
-        judge.truncated = []                                   # (and their warning) start afresh
-    results = {}
-    for name in runs:
-        # a baseline that is this method's own runs folder(s) (the README's way to put baselines in Fig. 5) is not
-        # judged against itself: its win rate is N/A, as in the paper's table
-        baselines = {b: base_items[b] for b in base_items if not _same_folders(runs[name], against[b])}
-        results[name] = score_run(name, items[name], out, metrics=metrics, clip=clip, lpips=lpips, judge=judge,
-                                  baselines=baselines if "vlm" in metrics else None, pairwise_seed=pairwise_seed,
-                                  batch_size=batch_size, progress=progress)
-    settings = {"runs": {k: _path_text(v) for k, v in runs.items()},
-                "against": {k: _path_text(v) for k, v in (against or {}).items()},
-                "metrics": list(metrics), "encoder": clip.name if clip else None,
-                "lpips": {"net": lpips.net, "weights": lpips.weights} if lpips else None,
-                "judge": judge.name if judge is not None else None, "pairwise_seed": pairwise_seed}
-    if coverage is not None:
-        settings["coverage"] = coverage
-    report = {name: aggregate(res["per_triplet"], res["failures"], list((against or {})), res["answers"])
-              for name, res in results.items()}
-    return write_report(out, report, results, settings, plots=plots)
+    # one scoring per report folder: a second one would remove this one's temporaries as a killed scoring's and mix
+    # the two scorings' report files
+    lock = FolderLock(out, SCORE_LOCK_NAME, "eval score run")
+    try:
+        try:
+            lock.acquire()
+        except FolderInUseError as exc:
+            raise EvalInputError(f"--out {exc}") from None
+        except OSError as exc:
+            raise EvalInputError(f"--out {out}: cannot create the folder or its lock file {SCORE_LOCK_NAME} "
+                                 f"({exc})") from None
+        remove_temporaries(out, REPORT_FILES)  # a killed scoring's
+        # LPIPS first: its missing weights are found in a moment, before the CLIP encoder spends its load time
+        with library_progress_bars(enabled=progress):  # progress=False: transformers' loading bars off too
+            lpips = LPIPSDistance(lpips_net, weights=lpips_weights, device=device) if "lpips" in metrics else None
+            clip = ClipDirectional(encoder or DEFAULT_CLIP, device=device) if "clip_dir" in metrics else None
+        coverage = _coverage(items)
+        if isinstance(getattr(judge, "truncated", None), list):  # a judge reused across scorings: this run's cut
+            judge.truncated = []                                   # answers (and their warning) start afresh
+        results = {}
+        for name in runs:
+            # a baseline that is this method's own runs folder(s) (the README's way to put baselines in Fig. 5) is
+            # not judged against itself: its win rate is N/A, as in the paper's table
+            baselines = {b: base_items[b] for b in base_items if not _same_folders(runs[name], against[b])}
+            results[name] = score_run(name, items[name], out, metrics=metrics, clip=clip, lpips=lpips,
+                                      judge=judge, baselines=baselines if "vlm" in metrics else None,
+                                      pairwise_seed=pairwise_seed, batch_size=batch_size, progress=progress)
+        settings = {"runs": {k: _path_text(v) for k, v in runs.items()},
+                    "against": {k: _path_text(v) for k, v in (against or {}).items()},
+                    "metrics": list(metrics), "encoder": clip.name if clip else None,
+                    "lpips": {"net": lpips.net, "weights": lpips.weights} if lpips else None,
+                    "judge": judge.name if judge is not None else None, "pairwise_seed": pairwise_seed}
+        if coverage is not None:
+            settings["coverage"] = coverage
+        report = {name: aggregate(res["per_triplet"], res["failures"], list((against or {})), res["answers"])
+                  for name, res in results.items()}
+        return write_report(out, report, results, settings, plots=plots)
+    finally:
+        lock.release()
