@@ -15,7 +15,7 @@ from typing import Optional
 
 from torch import nn
 
-from .model import lorweb_layers, unwrapped_model
+from .model import checkpoint_module_name, lorweb_layers, unwrapped_model
 
 
 class TensorParallelNotSupportedError(NotImplementedError):
@@ -29,11 +29,13 @@ def _plan_regex(pattern: str) -> re.Pattern:
 def lorweb_layers_in_plan(model: nn.Module, tp_plan: dict) -> list[str]:
     """Names of LoRWeB layers (or modules inside them) that the entries of ``tp_plan`` (diffusers' ``_tp_plan``
     format: module paths with at most one ``*`` for a ModuleList index) would shard."""
-    layers = list(lorweb_layers(model))
+    # names without the wrapper levels (blocks compiled one by one hold their layers under ``<block>._orig_mod.``),
+    # as the plan names the modules
+    layers = [checkpoint_module_name(n) for n in lorweb_layers(model)]
     hits = []
     for pattern in tp_plan:
         rx = _plan_regex(pattern)
-        for name, _ in model.named_modules():
+        for name in {checkpoint_module_name(n) for n, _ in model.named_modules()}:
             if rx.fullmatch(name) and any(name == n or name.startswith(n + ".") for n in layers):
                 hits.append(name)
     return sorted(set(hits))
