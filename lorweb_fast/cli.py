@@ -19,6 +19,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -91,6 +92,16 @@ def _train_config(args):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
               if hasattr(args, f.name)}
     values["betas"] = tuple(values["betas"])
+    if values.get("mixed_precision", "") is None:  # not given: the official bf16, whatever the launcher says
+        values["mixed_precision"] = TrainConfig.mixed_precision
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # accelerate launch's (its default "no" included)
+        if launcher and launcher.lower() != values["mixed_precision"] and _main_rank():
+            from .validation import warn
+
+            warn(f"the launcher's mixed precision {launcher!r} (ACCELERATE_MIXED_PRECISION: accelerate launch "
+                 f"--mixed_precision or accelerate config) is not used: train runs in --mixed-precision "
+                 f"{values['mixed_precision']} (the official default); pass --mixed-precision {launcher.lower()} "
+                 "to train in it")
     return TrainConfig(**values)
 
 
@@ -343,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"turn {f.name.replace('_', ' ')} off (on by default)")
         elif isinstance(f.default, bool):
             t.add_argument(flag, action="store_true", help=text)
+        elif f.name == "mixed_precision":  # None: not given (a launcher's precision is then named in a warning)
+            t.add_argument(flag, default=None, choices=choices[f.name],
+                           help=f"default: {f.default} (official); accelerate launch's --mixed_precision is not read")
         else:
             t.add_argument(flag, type=type(f.default), default=f.default, choices=choices.get(f.name),
                            help=f"{text} (default: %(default)s)" if text else "default: %(default)s")
@@ -445,7 +459,6 @@ def stdout_reader_gone() -> bool:
 def _discard_stdout() -> None:
     """Point stdout's file descriptor at /dev/null: what is still buffered goes nowhere at interpreter exit instead
     of raising there (Python's own advice for SIGPIPE)."""
-    import os
 
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)

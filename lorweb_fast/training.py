@@ -309,6 +309,9 @@ class TrainConfig:
                              f"({', '.join(PATCH_QUERY_MODES)}), which pool CLIP's patch tokens: query_mode "
                              f"{self.query_mode!r} does not pool, got {self.pooling_type!r}")
         self._check_choices((("query_source", QUERY_SOURCES), ("save_dtype", tuple(SAVE_DTYPES))))
+        if self.query_source == "images" and self.query_mode != "cat-aa'b":  # as AnalogyEncoder, before any load
+            raise ValueError(f"query_source='images' encodes a, a', b separately (like \"cat-aa'b\"); it cannot be "
+                             f"combined with query_mode={self.query_mode!r}")
         self._check_choices((("activation", ACTIVATIONS), ("reduce", REDUCTIONS)))
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: --resume continues the run in --out, "
@@ -341,11 +344,12 @@ def derived_seed(value: int) -> int:
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 #: TrainConfig fields that may differ when resuming: the step budget, options that change no computed value (how
 #: often checkpoints are written and how many are kept, the dtype of the saved weights files: the trainer state
-#: keeps the fp32 masters it resumes from, among them), the attention kernel choice (cudnn_attention: roundings
-#: only), what a NaN loss does (nan_loss: only on a NaN) and ``out``, the folder the checkpoint is found in (a run
-#: folder may be moved or named another way: ``runs/x/``, ``./runs/x``).
+#: keeps the fp32 masters it resumes from, and gradient checkpointing: memory for time, among them), the attention
+#: kernel choice (cudnn_attention: roundings only), what a NaN loss does (nan_loss: only on a NaN) and ``out``, the
+#: folder the checkpoint is found in (a run folder may be moved or named another way: ``runs/x/``, ``./runs/x``).
 RESUME_MAY_DIFFER = ("steps", "resume", "overwrite", "progress", "num_workers", "cudnn_attention",
-                     "keep_checkpoints", "keep_milestone_every", "checkpoint_every", "save_dtype", "nan_loss", "out")
+                     "gradient_checkpointing", "keep_checkpoints", "keep_milestone_every", "checkpoint_every",
+                     "save_dtype", "nan_loss", "out")
 #: TrainConfig fields naming a local folder or a hub id: compared on resume as ``recorded_location`` writes them (a
 #: local folder as its absolute path), so ``DATA``, ``DATA/`` and ``./DATA`` are the same folder
 RESUME_LOCATIONS = ("data", "model", "encoder")
@@ -380,6 +384,15 @@ def latest_checkpoint(out: Union[str, Path]) -> Optional[Path]:
     """The newest complete ``checkpoints/step-*`` folder under ``out`` (temporary and stray folders are ignored)."""
     done = [p for p in checkpoint_dirs(out) if (p / TRAINER_STATE_NAME).is_file() and (p / WEIGHTS_NAME).is_file()]
     return done[-1] if done else None
+
+
+def _weights_file_dtype(path: Path) -> Optional[torch.dtype]:
+    """The dtype of a saved weights file's tensors (one is read), None for a file without tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        return f.get_tensor(keys[0]).dtype if keys else None
 
 
 def _comparable_config(cfg) -> dict:
@@ -1607,10 +1620,10 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
     ckpt, trainer_state = _prepare_output_in_order(cfg, accelerator, lock)  # before loading models
     accelerator.wait_for_everyone()
 
+    if encoder is None:  # the (small) encoder before the base model: a text model, or too few layers for a "...3"
+        encoder = _build_encoder(cfg, weight_dtype)  # query mode, is refused before the pipeline loads
     if pipe is None:
         pipe = load_training_pipeline(cfg.model, weight_dtype, cfg.quantize_base, device)
-    if encoder is None:  # built from cfg: its query settings are cfg's ("none"'s key_dim was checked above)
-        encoder = _build_encoder(cfg, weight_dtype)
     if cfg.overwrite and ckpt is None:  # the models loaded: only now is the old run deleted (--overwrite)
         accelerator.wait_for_everyone()  # on every rank: a rank whose load fails stops the run before the delete
         if accelerator.is_main_process:
@@ -1671,6 +1684,15 @@ def _train(cfg: TrainConfig, pipe, encoder, step_callback, lock: FolderLock) -> 
                             settings=None if masters is None else {"activation": cfg.activation,
                                                                    "reduce": cfg.reduce, "heads": cfg.heads})
         start_step = int(trainer_state["step"])
+        if start_step >= cfg.steps and accelerator.is_main_process:  # --save-dtype may change, but nothing is saved
+            from .official_config import SAVE_DTYPES
+
+            saved_dtype = _weights_file_dtype(ckpt / WEIGHTS_NAME)
+            if saved_dtype is not None and saved_dtype != SAVE_DTYPES[cfg.save_dtype]:
+                warn(f"--save-dtype {cfg.save_dtype}: the run is already at its last step ({start_step}, --steps "
+                     f"{cfg.steps}), so nothing is trained or saved and its weights stay in "
+                     f"{str(saved_dtype).removeprefix('torch.')}; raise --steps to save new checkpoints in "
+                     f"{cfg.save_dtype}")
         # where the data stream stopped (None in checkpoints written before it was recorded: then taken as
         # start_step steps of this run's process count)
         data_position = trainer_state.get("data_position")

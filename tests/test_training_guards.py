@@ -146,7 +146,7 @@ def test_a_resume_picks_the_newest_complete_checkpoint(tmp_path):
 
 
 RESUME_MAY_CHANGE = {"steps", "resume", "overwrite", "progress", "num_workers", "cudnn_attention",
-                     "keep_checkpoints", "keep_milestone_every", "checkpoint_every", "save_dtype", "nan_loss", "out"}
+                     "gradient_checkpointing", "keep_checkpoints", "keep_milestone_every", "checkpoint_every", "save_dtype", "nan_loss", "out"}
 
 
 @pytest.mark.parametrize("stored,now", [({"cudnn_attention": True}, {}), ({}, {"keep_milestone_every": 0}),
