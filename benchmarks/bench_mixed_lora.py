@@ -65,7 +65,7 @@ FORWARD_ONLY = ("cublas_concat", "shrink", "expand")
 #: itself routes other ranks and N*r to cuBLAS (ops.choose_route)
 TRITON_ROWS = ("shrink", "expand")
 #: the launchers' largest N*r when lorweb_fast.kernels cannot be imported (no recent Triton; see ``max_fused_r``)
-FALLBACK_MAX_FUSED_R = 512
+FALLBACK_MAX_FUSED_R = 256
 COMPILED = ("torch_compile", "official_compile")
 MODES = ("fwd", "fwd_bwd")
 GPU_LAYER_SHAPES = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072))

@@ -318,6 +318,7 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
     from bench_mixed_lora import device_name
     from kernel_resources import provenance
 
+    from lorweb_fast._files import atomic_write
     from lorweb_fast.kernels import mixed_lora as K
 
     start = time.monotonic()
@@ -333,6 +334,11 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
     source = next(path for path in (out_path, K.config_path(family), K.config_path("default")) if path.is_file())
     base_table = json.loads(source.read_text())
     start_table = K.validate_table(base_table, str(source))
+    if source == out_path and base_table.get("family") != family:
+        # merged in and relabelled, the dispatcher would run this GPU's tiles on the other family's GPUs
+        raise SystemExit(f"tune_kernels: --out {out_path} holds the table of GPU family "
+                         f"{base_table.get('family')!r}, but this device is {family!r}: its measurements would be "
+                         f"merged into it; use --out with a {family}.json path, or another file")
     print(f"tune_kernels: starting from {source}")
     plan = sweep_plan(args)
     print_plan(plan, args)
@@ -361,14 +367,13 @@ def tune(args, device: torch.device = torch.device("cuda")) -> int:
         table = {"family": family, "tuned": True, "note": note, "defaults": base_table["defaults"],
                  "entries": merge_entries(base_table.get("entries", []), entries)}
         K.validate_table(table, str(out_path))
-        if entries:  # a sweep that wrote no shape leaves the table as it was
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text(json.dumps(table, indent=1) + "\n")
-        summary_file.parent.mkdir(parents=True, exist_ok=True)
-        summary_file.write_text(json.dumps(dict(device=device_name(device), torch=torch.__version__, **origin,
-                                                tokens=args.tokens, min_gain=args.min_gain,
-                                                confirm_rounds=args.confirm_rounds, l2_bytes=l2, source=str(source),
-                                                table=str(out_path), roles=summary), indent=1) + "\n")
+        if entries:  # a sweep that wrote no shape leaves the table as it was; atomically: a write cut short
+            # (Ctrl-C, the run's timeout) would leave a truncated table that every Triton launch then refuses
+            atomic_write(out_path, lambda tmp: tmp.write_text(json.dumps(table, indent=1) + "\n"))
+        record = dict(device=device_name(device), torch=torch.__version__, **origin, tokens=args.tokens,
+                      min_gain=args.min_gain, confirm_rounds=args.confirm_rounds, l2_bytes=l2, source=str(source),
+                      table=str(out_path), roles=summary)
+        atomic_write(summary_file, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
 
     for item in plan:
         (k, n), R, dtype = item["layer"], item["R"], DTYPES[item["dtype"]]

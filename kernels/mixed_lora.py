@@ -74,8 +74,10 @@ if tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2]) 
 # TRITON_DEFAULT_FP_FUSION=0). lorweb_fast.aot compiles with the same option.
 FP_FUSION = True
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: Largest R served by the Triton kernels; larger bases go through the all-cuBLAS route (see ``choose_route``).
-MAX_FUSED_R = 512
+#: Largest R served by the Triton kernels; larger bases go through the all-cuBLAS route (see ``choose_route``). 256:
+#: above it the (BLOCK_M, R) fp32 accumulators of the committed shrink / grad_basis tiles spilled registers on sm_80
+#: and sm_90 (up to 14 KB; found by compiling them as ``lorweb_fast.aot`` does), and no tile for larger R is checked.
+MAX_FUSED_R = 256
 #: fp32 elements (rows x columns) per program of the grad_basis finish kernel; a power of two.
 FINISH_ELEMENTS = 8192
 #: Rows per program of the split-K shrink's finish kernel.
@@ -646,10 +648,27 @@ def validate_table(table, where: str) -> dict:
     if not isinstance(table["entries"], list):
         raise ConfigError(f"{where}: 'entries' must be a list")
     defaults = [_validate_rule(r, f"{where}: defaults[{i}]", exact=False) for i, r in enumerate(table["defaults"])]
+    covered: dict[str, int] = {}  # dtype -> the largest R the earlier rules cover (the first match applies)
+    for i, rule in enumerate(defaults):
+        if all(covered.get(name, 0) >= rule["max_R"] for name in rule["dtypes"]):
+            raise ConfigError(f"{where}: defaults[{i}] is never used: earlier rules already cover its dtypes "
+                              f"{rule['dtypes']} up to R = {rule['max_R']} (the first matching rule applies)")
+        for name in rule["dtypes"]:
+            covered[name] = max(covered.get(name, 0), rule["max_R"])
     for name in DTYPE_NAMES.values():
-        if not any(name in r["dtypes"] and r["max_R"] >= MAX_FUSED_R for r in defaults):
+        if covered.get(name, 0) < MAX_FUSED_R:
             raise ConfigError(f"{where}: no default rule covers dtype {name} up to R = {MAX_FUSED_R}")
     entries = [_validate_rule(r, f"{where}: entries[{i}]", exact=True) for i, r in enumerate(table["entries"])]
+    seen: dict[tuple, int] = {}
+    for i, rule in enumerate(entries):
+        key = (rule["in"], rule["out"], rule["R"], rule["dtype"])
+        if rule["R"] > MAX_FUSED_R:
+            raise ConfigError(f"{where}: entries[{i}] has R = {rule['R']} > MAX_FUSED_R = {MAX_FUSED_R}, which never "
+                              "runs on these tiles (such bases take the cuBLAS route)")
+        if key in seen:
+            raise ConfigError(f"{where}: entries[{i}] repeats the key (in, out, R, dtype) = {key} of "
+                              f"entries[{seen[key]}] (the first would be used, this one never)")
+        seen[key] = i
     return {**table, "defaults": defaults, "entries": entries}
 
 

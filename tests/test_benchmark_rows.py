@@ -77,7 +77,7 @@ def one_gpu(monkeypatch):
 
 @pytest.mark.parametrize("extra,fragment", [
     (["--rank", "3", "--no-rank-sweep"], "--rank 3: the Triton rows (shrink, expand) need a power-of-two"),
-    (["--num-loras", "64", "--rank", "16"], "above the Triton kernels' maximum N*r of 512"),
+    (["--num-loras", "64", "--rank", "16"], "above the Triton kernels' maximum N*r of 256"),
     (["--num-loras", "2", "--rank", "32"], "--rank 32 does not divide the N*r sweep's totals"),
     (["--device", "banana"], "--device 'banana' is not a device"),
     (["--device", "cuda:3"], "--device cuda:3: this machine has 1 CUDA GPU(s)"),

@@ -341,7 +341,7 @@ def test_flux_adapter_cost_table_lists_the_largest_difference_first():
     ("bench_mixed_lora", ["--shapes", "40x-24"], "argument --shapes: expected INxOUT with both > 0"),
     ("bench_mixed_lora", ["--shapes", "40:24"], "argument --shapes: expected INxOUT with both > 0"),
     ("tune_kernels", ["--ranks", "128", "-4"], "argument --ranks: expected an integer >= 1, got -4"),
-    ("tune_kernels", ["--ranks", "6"], "argument --ranks: expected a multiple of r = 4 up to MAX_FUSED_R = 512"),
+    ("tune_kernels", ["--ranks", "6"], "argument --ranks: expected a multiple of r = 4 up to MAX_FUSED_R = 256"),
     ("tune_kernels", ["--ranks", "128", "516"], "argument --ranks: expected a multiple of r = 4 up to MAX_FUSED_R"),
     ("tune_kernels", ["--ranks", "1024"], "argument --ranks: expected a multiple of r = 4 up to MAX_FUSED_R"),
     ("tune_kernels", ["--confirm-rounds", "0"], "argument --confirm-rounds: expected an integer >= 1, got 0"),
@@ -383,7 +383,7 @@ def test_tuner_ranks_are_those_the_launchers_serve(tuner, capsys):
     assert tuner.max_fused_r() == K.MAX_FUSED_R == tuner.FALLBACK_MAX_FUSED_R
     assert tuner.LORA_RANK & (tuner.LORA_RANK - 1) == 0
     args = tuner.parse_args(["--ranks", "4", str(K.MAX_FUSED_R)])
-    assert args.ranks == [4, K.MAX_FUSED_R] and [item["R"] for item in tuner.sweep_plan(args)][:2] == [4, 512]
+    assert args.ranks == [4, K.MAX_FUSED_R] and [item["R"] for item in tuner.sweep_plan(args)][:2] == [4, 256]
     for bad in ("6", str(K.MAX_FUSED_R + 4)):
         with pytest.raises(SystemExit) as exc:
             tuner.parse_args(["--ranks", bad])

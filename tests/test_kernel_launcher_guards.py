@@ -95,8 +95,13 @@ def test_kernel_config_accepts_the_smallest_tiles_and_returns_a_copy():
     (lambda t: t.pop("note"), "missing top-level key 'note'"),
     (lambda t: t.__setitem__("defaults", []), "'defaults' must be a non-empty list of rules"),
     (lambda t: t.__setitem__("entries", {}), "'entries' must be a list"),
-    (lambda t: [r.update(max_R=128) for r in t["defaults"] if r["dtypes"] == ["float32"]],
-     "no default rule covers dtype float32 up to R = 512"),
+    (lambda t: [t["defaults"].remove(r) for r in list(t["defaults"]) if r["dtypes"] == ["float32"]
+                and r["max_R"] > 128], "no default rule covers dtype float32 up to R = 256"),
+    (lambda t: t["defaults"].append(dict(t["defaults"][0])), "defaults[4] is never used: earlier rules already cover"),
+    (lambda t: t["entries"].extend([_entry(t, **{"in": 8, "out": 8, "R": 8, "dtype": "float32"})] * 2),
+     "entries[1] repeats the key (in, out, R, dtype) = (8, 8, 8, 'float32') of entries[0]"),
+    (lambda t: t["entries"].append(_entry(t, **{"in": 8, "out": 8, "R": 260, "dtype": "float32"})),
+     "entries[0] has R = 260 > MAX_FUSED_R = 256"),
 ])
 def test_table_rejections(corrupt, message):
     """Each rule of _validate_rule / validate_table refuses its own corruption with its own message."""
@@ -145,22 +150,21 @@ def test_defaults_are_first_match_by_dtype_and_max_R():
     """The first default whose dtypes hold the dtype and whose max_R >= R (inclusive) applies; none: ConfigError."""
     table = K.load_table("default")
     d = table["defaults"]
-    assert [(r["dtypes"], r["max_R"]) for r in d][:4] == [(["bfloat16", "float16"], 128),
-                                                          (["bfloat16", "float16"], 256),
-                                                          (["bfloat16", "float16"], 512), (["float32"], 128)]
+    assert [(r["dtypes"], r["max_R"]) for r in d] == [(["bfloat16", "float16"], 128), (["bfloat16", "float16"], 256),
+                                                      (["float32"], 128), (["float32"], 256)]
     assert K.lookup(64, 64, 128, torch.bfloat16) is d[0]
     assert K.lookup(64, 64, 129, torch.float16) is d[1]
-    assert K.lookup(64, 64, 512, torch.bfloat16) is d[2]
-    assert K.lookup(64, 64, 1, torch.float32) is d[3]
-    assert K.lookup(64, 64, 129, torch.float32) is d[4]
-    with pytest.raises(K.ConfigError, match="kernel table 'default' has no rule for dtype bfloat16, R = 513"):
-        K.lookup(64, 64, 513, torch.bfloat16)
+    assert K.lookup(64, 64, 256, torch.bfloat16) is d[1]
+    assert K.lookup(64, 64, 1, torch.float32) is d[2]
+    assert K.lookup(64, 64, 129, torch.float32) is d[3]
+    with pytest.raises(K.ConfigError, match="kernel table 'default' has no rule for dtype bfloat16, R = 257"):
+        K.lookup(64, 64, 257, torch.bfloat16)
     with pytest.raises(K.ConfigError, match="kernel table 'given' has no rule"):
-        K.lookup_in(table, 64, 64, 513, torch.float32)
+        K.lookup_in(table, 64, 64, 257, torch.float32)
 
 
 def test_choose_route_boundaries_and_family(monkeypatch):
-    """cuBLAS for rows_per_sample == 1, R > MAX_FUSED_R (512 itself is fused) and non-power-of-two ranks; otherwise
+    """cuBLAS for rows_per_sample == 1, R > MAX_FUSED_R (256 itself is fused) and non-power-of-two ranks; otherwise
     the route of the named family's table."""
     assert K.choose_route(64, 64, 16, torch.float32, 1) == "cublas"
     assert K.choose_route(64, 64, 16, torch.float32, 2) == "fused"
@@ -199,11 +203,11 @@ def test_cdiv_dot_mode_and_r_chunks(monkeypatch):
     assert [K.dot_mode(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == [1, 0, 0]
     monkeypatch.setattr(K, "interpreting", lambda: True)
     assert [K.dot_mode(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == [1, 2, 0]
-    chunks = {R: K.r_chunks(R) for R in (1, 8, 16, 17, 20, 32, 56, 96, 112, 128, 130, 160, 200, 512)}
+    chunks = {R: K.r_chunks(R) for R in (1, 8, 16, 17, 20, 32, 56, 96, 112, 128, 130, 160, 200, 256)}
     # a remainder that is not a power of two (56 = 32 + 24, 112 = 64 + 48, 200 = 128 + 72) is rounded up to one
     assert chunks == {1: (16, 0), 8: (16, 0), 16: (16, 0), 17: (16, 16), 20: (16, 16), 32: (32, 0), 56: (32, 32),
                       96: (64, 32), 112: (64, 64), 128: (128, 0), 130: (128, 16), 160: (128, 32), 200: (128, 128),
-                      512: (512, 0)}
+                      256: (256, 0)}
     for bad in (0, -4):
         with pytest.raises(ValueError, match="R must be >= 1"):
             K.r_chunks(bad)
@@ -294,7 +298,7 @@ def _shrink_args(M=8, K_=32, R=8, B=2, rank=4):
     (dict(rank=0), ValueError, "which is not N * rank"),
     (dict(a_cat=torch.empty(6, 32, **META), coeffs=torch.empty(2, 2, **META), rank=3), ValueError,
      "power-of-two LoRA rank, got r = 3"),
-    (dict(a_cat=torch.empty(520, 32, **META), coeffs=torch.empty(2, 130, **META)), ValueError, "R = 520 > 512"),
+    (dict(a_cat=torch.empty(260, 32, **META), coeffs=torch.empty(2, 65, **META)), ValueError, "R = 260 > 256"),
     (dict(rows_per_sample=3), ValueError, "x has 8 rows but coeffs (2, 2) x rows_per_sample 3 = 6"),
     (dict(rows_per_sample=5), ValueError, "x has 8 rows but coeffs (2, 2) x rows_per_sample 5 = 10"),
     (dict(u_in=torch.empty(8, 4, **META)), ValueError, "u_in must be (8, 8), got (8, 4)"),
@@ -343,7 +347,7 @@ def test_shrink_grid_dcoeffs_grouping_and_tma_choice(monkeypatch):
 # ------------------------------------------------------------------------------------------------ expand checks
 @pytest.mark.parametrize("change, message", [
     (dict(b_cat=torch.empty(4, 24, **META)), "z has 8 columns but b_cat has 4 rows"),
-    (dict(z=torch.empty(10, 520, **META), b_cat=torch.empty(520, 24, **META)), "R = 520 > 512"),
+    (dict(z=torch.empty(10, 260, **META), b_cat=torch.empty(260, 24, **META)), "R = 260 > 256"),
     (dict(weight=None), "x was given without weight"),
     (dict(weight=torch.empty(32, 24, **META)), "weight has shape (32, 24), expected (24, 32)"),
     (dict(weight_layout="in_out"), "weight has shape (24, 32), expected (32, 24)"),
