@@ -9,7 +9,6 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 import threading
 from pathlib import Path
 from typing import Iterable, Union
@@ -161,7 +160,8 @@ def remove_temporaries(folder: Union[str, os.PathLike], names: Iterable[str]) ->
     return removed
 
 
-#: what mkstemp adds to a temporary_prefix: 8 characters of tempfile's alphabet and ``.tmp``
+#: what temporary_file adds to a temporary_prefix: 8 random characters (hex; mkstemp's alphabet in older files) and
+#: ``.tmp``
 _TEMPORARY_TAIL = re.compile(r"[a-z0-9_]{8}\.tmp")
 
 
@@ -203,7 +203,7 @@ def name_limit(directory: Union[str, os.PathLike]) -> int:
 
 def temporary_prefix(path: Path, reserve: int = len("12345678.tmp")) -> str:
     """``".<name>."`` for a temporary file beside ``path``, with ``name`` cut (at a character boundary) so that the
-    prefix plus ``reserve`` bytes (mkstemp's 8 random characters and ``.tmp``) fit the folder's file-name limit: a
+    prefix plus ``reserve`` bytes (8 random characters and ``.tmp``) fit the folder's file-name limit: a
     final name that fits it, e.g. a long analogy id, never fails for its temporary's length."""
     limit = name_limit(path.parent)
     name = path.name

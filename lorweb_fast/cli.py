@@ -96,12 +96,14 @@ def _train_config(args):
         values["mixed_precision"] = TrainConfig.mixed_precision
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # accelerate launch's (its default "no" included)
         if launcher and launcher.lower() != values["mixed_precision"] and _main_rank():
+            from .training import MIXED_PRECISIONS
             from .validation import warn
 
+            how = (f"pass --mixed-precision {launcher.lower()} to train in it" if launcher.lower() in MIXED_PRECISIONS
+                   else f"train supports --mixed-precision {' / '.join(MIXED_PRECISIONS)}")
             warn(f"the launcher's mixed precision {launcher!r} (ACCELERATE_MIXED_PRECISION: accelerate launch "
                  f"--mixed_precision or accelerate config) is not used: train runs in --mixed-precision "
-                 f"{values['mixed_precision']} (the official default); pass --mixed-precision {launcher.lower()} "
-                 "to train in it")
+                 f"{values['mixed_precision']} (the official default); {how}")
     return TrainConfig(**values)
 
 

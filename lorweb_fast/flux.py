@@ -25,7 +25,7 @@ from . import _locks
 from ._files import loads_json, recorded_location, save_figure_atomically
 from ._locks import holding, holding_analogy, serialized_on_transformer
 from .layer import (LoRWeBLinear, decide_one_analogy, group_offloading_modes, has_forward_hooks, has_plain_weight,
-                    refuse_disk_group_offloading)
+                    refuse_disk_group_offloading, refuse_sharded_weight)
 from .model import DEFAULT_ENCODER, LoRWeBCheckpointError, analogy_restored_on_error, checkpoint_metadata, \
     finished_through_interrupt, get_coefficients, load_lorweb_weights, lorweb_layers, resolve_checkpoint_settings, \
     set_query
@@ -276,6 +276,7 @@ def _mergeable_layers(model: nn.Module, strategy: str) -> dict[str, LoRWeBLinear
     refuse_disk_group_offloading(layers, modes, f"merged(strategy={strategy!r})")
     decide_one_analogy(layers.values())  # one host synchronisation per device, not one (or two) per layer
     for name, layer in layers.items():
+        refuse_sharded_weight(layer.base_layer)  # tensor parallelism, named (not "no plain weight": quantized)
         if strategy != "jit" and modes.get(id(layer.base_layer.weight)) == "stream":
             raise TypeError(f"cannot merge into {name} with strategy={strategy!r}: group offloading with "
                             "use_stream=True swaps its weight for the CPU copy taken when offloading was enabled at "

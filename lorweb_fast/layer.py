@@ -245,7 +245,7 @@ def refuse_disk_group_offloading(layers: dict[str, "LoRWeBLinear"], modes: dict[
                                "offload_to_disk_path)")
 
 
-def _refuse_sharded_weight(base: nn.Module) -> None:
+def refuse_sharded_weight(base: nn.Module) -> None:
     """Tensor parallelism shards the base weight (a DTensor with a Shard placement) but not the LoRA basis: refuse."""
     weight = getattr(base, "weight", None)
     placements = getattr(weight, "placements", None)
@@ -674,7 +674,7 @@ class LoRWeBLinear(nn.Module):
             return ops.lorweb_linear(_cast(x, dtype), _cast(base.weight, dtype),
                                      None if bias is None else _cast(bias, dtype), lora_a, lora_b, coeffs,
                                      self.scale, backend=self.backend)
-        _refuse_sharded_weight(base)
+        refuse_sharded_weight(base)
         y = base(x)
         if y.dtype == dtype:
             return ops.mixed_lora_delta(_cast(x, dtype), lora_a, lora_b, coeffs, self.scale, add_to=y,
@@ -707,7 +707,7 @@ class LoRWeBLinear(nn.Module):
             coeffs: (N,) for one analogy -> (out, in); (B, N) -> (B, out, in), one merged weight per sample; any
                 floating dtype and device (the result is on W's device).
         """
-        _refuse_sharded_weight(self.base_layer)  # before "no plain weight": a DTensor weight is no quantization
+        refuse_sharded_weight(self.base_layer)  # before "no plain weight": a DTensor weight is no quantization
         if not has_plain_weight(self.base_layer):
             raise TypeError(f"cannot merge into a {type(self.base_layer).__name__}: no plain tensor weight")
         check_float_tensor("coeffs", coeffs)
@@ -769,7 +769,7 @@ class LoRWeBLinear(nn.Module):
         """The official arithmetic: ``base(x) + delta(x.float()).to(base(x).dtype)`` with the delta in fp32."""
         if self.adapter_precision != "fp32":
             raise ValueError(f"adapter_precision must be 'auto' or 'fp32', got {self.adapter_precision!r}")
-        _refuse_sharded_weight(self.base_layer)  # as the default path: the basis is not sharded
+        refuse_sharded_weight(self.base_layer)  # as the default path: the basis is not sharded
         y = self.base_layer(x)
         # torch.autocast has no meta device type (entering it raises): nothing to disable in a meta forward
         no_autocast = (contextlib.nullcontext() if x.device.type == "meta"

@@ -161,6 +161,8 @@ def read_config_yaml(path: Union[str, os.PathLike], *, recorded_scale: Optional[
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))  # as write_config_yaml writes it
         network = doc["config"]["process"][0]["network"]
         kwargs = network.get("network_kwargs") or {}
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"network_kwargs must be a mapping, got {type(kwargs).__name__}")
     except Exception as exc:  # yaml errors, missing keys, wrong types
         raise LoRWeBConfigError(f"{path} is not an official LoRWeB config.yaml (expected config.process[0].network"
                                 f"; {type(exc).__name__}: {exc})") from exc

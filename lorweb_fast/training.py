@@ -43,6 +43,7 @@ import torch
 from ._files import FolderInUseError, FolderLock, append_text, atomic_write, loads_json, \
     naming_the_file, save_figure_atomically, temporary_folder, torch_save, unlink_file_or_link
 from ._files import recorded_location  # noqa: F401 (re-exported)
+from ._files import same_or_inside
 from . import _locks
 from ._locks import holding
 from .data import (BIDIRECTIONAL, LAYOUTS, MISSING_CAPTION_MODES, OFFICIAL_BUCKET_DIVISIBILITY, RESIZE_MODES,
@@ -317,6 +318,11 @@ class TrainConfig:
             raise ValueError("resume and overwrite exclude each other: --resume continues the run in --out, "
                              "--overwrite deletes it and starts over")
         check_train_config(self)  # every field: type, finite, range
+        for sub in ("target", "control", "captions"):  # the folders the dataset reads, nested folders included
+            if same_or_inside(self.out, Path(self.data) / sub):
+                raise ValueError(f"out must not lie inside the training data's {Path(self.data) / sub} (got "
+                                 f"{self.out}): the run's loss.png and checkpoints would be read back as samples "
+                                 "(and the next resume would stop on them); choose a folder outside it")
         defaults = {f.name: f.default for f in fields(self)}  # typed and in range now (check_train_config)
         for name, scheme in (("logit_mean", "logit_normal"), ("logit_std", "logit_normal"), ("mode_scale", "mode")):
             value = getattr(self, name)  # refused, not ignored, where the run's density does not read it

@@ -1066,17 +1066,10 @@ def check_infer_args(args) -> list:
 
 def check_train_args(args) -> None:
     """Paths of ``lorweb-fast train`` before any model loads (TrainConfig.validate checks the numbers)."""
-    from ._files import same_or_inside
-
     data = Path(args.data)
     if not data.is_dir():
         raise UsageError(f"--data {data} is not a folder")
-    check_output_dir("--out", args.out)
-    for sub in ("target", "control", "captions"):  # the folders the dataset reads, nested folders included
-        if same_or_inside(args.out, data / sub):
-            raise UsageError(f"--out {args.out} is inside the training data's {data / sub}: the run's loss.png and "
-                             "checkpoints would be read back as samples (and the next resume would stop on them); "
-                             "choose a folder outside it")
+    check_output_dir("--out", args.out)  # (an --out inside the data's folders: TrainConfig.validate)
     check_model_source("--model", args.model, "model_index.json")
     check_model_source("--encoder", args.encoder, "config.json")
 

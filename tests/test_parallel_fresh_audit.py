@@ -140,7 +140,7 @@ def test_tensor_parallel_refusal_sees_blocks_compiled_one_by_one():
 
 def test_fp32_adapter_precision_refuses_a_tensor_parallel_sharded_base(gloo):
     """layer.py ``LoRWeBLinear.forward`` / ``_forward_fp32``: parallel.py's docstring promises "a LoRWeB layer whose
-    base weight is sharded refuses to run" (``_refuse_sharded_weight``, a NotImplementedError naming tensor
+    base weight is sharded refuses to run" (``refuse_sharded_weight``, a NotImplementedError naming tensor
     parallelism), but only the default (``adapter_precision="auto"``) path checks; with ``adapter_precision="fp32"``
     (the official arithmetic, ``--adapter-precision fp32``) the base runs and the full-width delta meets its
     sharded output: on 2 ranks ``RuntimeError: The size of tensor a (3) must match the size of tensor b (6)``

@@ -127,7 +127,7 @@ def file_signature(*paths) -> str:
     h = hashlib.sha256()
     for p in paths:
         st = Path(p).stat()
-        h.update(f"{Path(p).name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        h.update(f"{Path(p).name}:{st.st_size}:{st.st_mtime_ns};".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
@@ -229,7 +229,7 @@ def _subdirs(path: Path) -> list:
 
 def _seeded_rng(seed: int, *parts: str) -> random.Random:
     """A ``random.Random`` seeded from (``seed``, ``parts``) only: an item's draw does not depend on the others."""
-    digest = hashlib.sha256(":".join([str(seed), *parts]).encode()).digest()
+    digest = hashlib.sha256(":".join([str(seed), *parts]).encode("utf-8", "surrogateescape")).digest()
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 

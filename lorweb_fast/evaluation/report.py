@@ -259,7 +259,7 @@ def _replace_together(out: Path, texts: dict, done: set, clear: Sequence[str] = 
             tmp = Path(temporary_file(out, temporary_prefix(out / name)))
             temps.append((tmp, out / name))
             with naming_the_file(out / name):
-                tmp.write_bytes(text.encode())
+                tmp.write_bytes(text.encode("utf-8", "backslashreplace"))  # a name that is not UTF-8, escaped
                 sync_file(tmp)
         for name in clear:
             unlink_file_or_link(out / name)

@@ -67,12 +67,13 @@ class MetricCache:
 
 def _sig(settings: str, *files) -> str:
     """16 hex digits of the SHA-256 of a metric's settings (its ``cache_id``) and the files' ``file_signature``."""
-    return hashlib.sha256((settings + file_signature(*files)).encode()).hexdigest()[:16]
+    return hashlib.sha256((settings + file_signature(*files)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def _draw(seed: int, run: str, against: str, what: str) -> float:
-    """A uniform [0, 1) number that depends only on (seed, run, against, what)."""
-    digest = hashlib.sha256(f"{seed}:{run}:{against}:{what}".encode()).digest()
+    """A uniform [0, 1) number that depends only on (seed, run, against, what); a name that is not UTF-8 (a task
+    folder's, read with surrogates) hashes as its bytes, the others as before."""
+    digest = hashlib.sha256(f"{seed}:{run}:{against}:{what}".encode("utf-8", "surrogateescape")).digest()
     return random.Random(digest).random()
 
 
