@@ -152,7 +152,8 @@ def cuda_extension():
         _write_build_info(None, None, build_error=reason)
         _remove_in_place_extension()
         return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():  # unset or blank (torch would detect GPUs instead)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     _log(f"building lorweb_fast._C for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
          f"with CUDA_HOME={CUDA_HOME}, MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
     _write_build_info(os.environ["TORCH_CUDA_ARCH_LIST"], torch.version.cuda)

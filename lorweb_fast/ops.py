@@ -470,10 +470,47 @@ if _TRITON_KERNELS is not None:
     _EAGER_BODIES["triton"] = (_k.forward, _k.backward, _triton_bwd)
 
 
+def _cuda_contract(x, weight, lora_a, lora_b, coeffs, rows_per_sample) -> tuple:
+    """The shape and dtype checks of csrc/lorweb_ops.cpp ``check_common`` / ``check_weight`` (devices aside), for
+    the extension ops' fake kernels: meta-device shape inference, torch.compile and torch.export refuse what the
+    CUDA kernel would refuse, naming the argument. Returns (M, in, N, r, out)."""
+    def check(ok, message):
+        torch._check(ok, lambda: f"lorweb_fast_cuda: {message}")
+
+    check(x.dim() == 2, f"x must be 2-D (M, in), got shape {tuple(x.shape)}")
+    check(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+          f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    for name, t, dim in (("lora_a", lora_a, 3), ("lora_b", lora_b, 3), ("weight", weight, 2)):
+        if t is not None:
+            check(t.dim() == dim, f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+            check(t.dtype == x.dtype, f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
+    check(coeffs.dtype == torch.float32, f"coeffs must be float32, got {coeffs.dtype}")
+    check(coeffs.dim() == 2, f"coeffs must be 2-D (B, N), got shape {tuple(coeffs.shape)}")
+    m, k = x.shape
+    n, r, out = lora_a.shape[0], lora_a.shape[2], lora_b.shape[2]
+    check(lora_a.shape[1] == k, f"lora_a must be (N, in={k}, r), got {tuple(lora_a.shape)}")
+    check(lora_b.shape[0] == n and lora_b.shape[1] == r, f"lora_b must be (N={n}, r={r}, out), got "
+                                                         f"{tuple(lora_b.shape)}")
+    check(coeffs.shape[1] == n, f"coeffs must be (B, N={n}), got {tuple(coeffs.shape)}")
+    check((rows_per_sample >= 1 or m == 0) and rows_per_sample >= 0 and coeffs.shape[0] * rows_per_sample == m,
+          f"x has {m} rows but coeffs has {coeffs.shape[0]} samples of rows_per_sample={rows_per_sample}")
+    if weight is not None:
+        check(tuple(weight.shape) == (out, k), f"weight must be (out={out}, in={k}), got {tuple(weight.shape)}")
+    return m, k, n, r, out
+
+
 if _CUDA_EXT is not None:
 
     @torch.library.register_fake(f"{CUDA_NAMESPACE}::fwd")
     def _cuda_fwd_fake(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample):
+        m, _, _, _, out = _cuda_contract(x, weight, lora_a, lora_b, coeffs, rows_per_sample)
+        torch._check(bias is None or weight is not None,
+                     lambda: "lorweb_fast_cuda: bias without weight is not supported")
+        for name, t, shape in (("bias", bias, (out,)), ("base", base, (m, out))):
+            if t is not None:
+                torch._check(tuple(t.shape) == shape and t.dtype == x.dtype,
+                             lambda: f"lorweb_fast_cuda: {name} must be {shape} {x.dtype}, got {tuple(t.shape)} "
+                                     f"{t.dtype}")
         rank_total = lora_a.shape[0] * lora_a.shape[2]
         return (x.new_empty(x.shape[0], lora_b.shape[2]), x.new_empty(x.shape[0], rank_total),
                 x.new_empty(x.shape[0], rank_total))
@@ -481,6 +518,13 @@ if _CUDA_EXT is not None:
     @torch.library.register_fake(f"{CUDA_NAMESPACE}::bwd")
     def _cuda_bwd_fake(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample, need_dx=True,
                        need_dbasis=True):
+        m, _, n, r, out = _cuda_contract(x, weight, lora_a, lora_b, coeffs, rows_per_sample)
+        torch._check(tuple(dy.shape) == (m, out) and dy.dtype == x.dtype,
+                     lambda: f"lorweb_fast_cuda: dy must be (M, out) = {(m, out)} {x.dtype}, got {tuple(dy.shape)} "
+                             f"{dy.dtype}")
+        torch._check(tuple(u.shape) == (m, n * r) and tuple(z.shape) == (m, n * r),
+                     lambda: f"lorweb_fast_cuda: u and z must be (M, N*r) = {(m, n * r)}, got {tuple(u.shape)} and "
+                             f"{tuple(z.shape)}")
         # contiguous, as the extension returns them (empty_like would keep a transposed input's strides)
         return (x.new_empty(x.shape if need_dx else (0,)),
                 lora_a.new_empty(lora_a.shape if need_dbasis else (0,)),
