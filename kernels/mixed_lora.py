@@ -649,8 +649,8 @@ def validate_table(table, where: str) -> dict:
         raise ConfigError(f"{where}: 'entries' must be a list")
     defaults = [_validate_rule(r, f"{where}: defaults[{i}]", exact=False) for i, r in enumerate(table["defaults"])]
     covered: dict[str, int] = {}  # dtype -> the largest R the earlier rules cover (the first match applies)
-    for i, rule in enumerate(defaults):
-        if all(covered.get(name, 0) >= rule["max_R"] for name in rule["dtypes"]):
+    for i, rule in enumerate(defaults):  # R above MAX_FUSED_R never reaches a table (the cuBLAS route)
+        if all(covered.get(name, 0) >= min(rule["max_R"], MAX_FUSED_R) for name in rule["dtypes"]):
             raise ConfigError(f"{where}: defaults[{i}] is never used: earlier rules already cover its dtypes "
                               f"{rule['dtypes']} up to R = {rule['max_R']} (the first matching rule applies)")
         for name in rule["dtypes"]:
@@ -804,14 +804,16 @@ def dot_mode(dtype: torch.dtype) -> int:
 
 
 def r_chunks(R: int) -> tuple[int, int]:
-    """Two power-of-two column chunks (R0, R1) covering R with R0 + R1 - R < 16 + R1 / 2 (no padding to the next
-    power of two: 96 -> (64, 32), 128 -> (128, 0), 160 -> (128, 32)); each chunk is >= 16 (the dot minimum)."""
+    """Power-of-two column chunks (R0, R1) covering R, each >= 16 (the dot minimum): the largest power of two not
+    above R, and the remainder rounded up to a power of two (96 -> (64, 32), 128 -> (128, 0), 160 -> (128, 32));
+    a remainder that rounds up to R0 makes one chunk of twice R0 (200 -> (256, 0), not (128, 128)): two equal
+    chunks hold the same columns as one, and at 128 + 128 the shrink and grad_basis kernels spilled registers."""
     if R < 1:
         raise ValueError(f"R must be >= 1, got {R}")
     r0 = max(16, 1 << (R.bit_length() - 1))
     rem = R - r0
     r1 = 0 if rem <= 0 else max(16, triton.next_power_of_2(rem))
-    return r0, r1
+    return (2 * r0, 0) if r1 == r0 else (r0, r1)
 
 
 def _tma_device(t: torch.Tensor, family: str) -> bool:
@@ -1162,9 +1164,18 @@ def _scaling(coeffs: torch.Tensor, rows_per_sample: int, rank: int, scale: float
     return s.repeat_interleave(rows_per_sample, dim=0)
 
 
+def _unscaled_product(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """``a @ b_t`` for the cuBLAS route's unscaled products (u = x A_cat^T, dZ = dy B_cat^T): in fp32 for fp16 inputs,
+    as the fused kernels accumulate and keep them (an unscaled product may pass fp16's 65504 where the scaled z, y
+    and d coeffs fit), else in the inputs' dtype (bf16 has fp32's range)."""
+    if a.dtype == torch.float16:
+        return a.float() @ b_t.float()
+    return a @ b_t
+
+
 def forward(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample, *, family=None):
-    """The triton_fwd op body: (y (M, out), u (M, R), z (M, R)) in x's dtype (u in fp32 for fp16 x on the fused and
-    composed routes: ``saved_u_dtype``); see lorweb_fast.ops for the contract.
+    """The triton_fwd op body: (y (M, out), u (M, R), z (M, R)) in x's dtype (u in fp32 for fp16 x:
+    ``saved_u_dtype``, on every route); see lorweb_fast.ops for the contract.
 
     x (M, in), weight (out, in) or None, bias (out,) or None, base (M, out) or None, lora_a (N, in, r),
     lora_b (N, r, out), all in x's dtype; coeffs (B, N) fp32 with M = B * rows_per_sample."""
@@ -1174,7 +1185,7 @@ def forward(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sampl
     route = choose_route(k, nout, R, x.dtype, rows_per_sample, family, rank=r)
     a_cat, b_cat = pack_basis(lora_a, lora_b)
     if route == "cublas":
-        u = x @ a_cat.t()
+        u = _unscaled_product(x, a_cat.t())  # (M, R), saved_u_dtype
         z = (u.float() * _scaling(coeffs, rows_per_sample, r, scale)).to(x.dtype)
     else:
         u, z = shrink(x, a_cat, coeffs, scale, rows_per_sample, r, out_features=nout, family=family)
@@ -1204,7 +1215,7 @@ def backward(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample
     a_cat, b_cat = pack_basis(lora_a, lora_b)
     batch = coeffs.shape[0]
     if route == "cublas":
-        dz = (dy @ b_cat.t()).float()
+        dz = _unscaled_product(dy, b_cat.t()).float()
         dz_scaled = (dz * _scaling(coeffs, rows_per_sample, r, scale)).to(x.dtype)
         dc_parts = (u.float() * dz).view(-1, n, r).sum(2) * scale
     else:

@@ -11,11 +11,11 @@ Op contract shared by the fused backends (``lorweb_fast::triton_fwd`` / ``triton
         (dx, or d_lora_a and d_lora_b, an empty (0,) tensor when not needed: autograd asks for what requires grad)
 
 with R = N * r and scaling[m, n*r + j] = scale * coeffs[m // rows_per_sample, n]; u, z and y in x's dtype, except
-Triton's u for fp16 x outside the cuBLAS route: fp32 (``kernels.mixed_lora.saved_u_dtype``). The weight is frozen:
+Triton's u for fp16 x: fp32 (``kernels.mixed_lora.saved_u_dtype``). The weight is frozen:
 its gradient is only computed (by a plain GEMM) if it requires grad. The Triton op bodies are
 ``lorweb_fast.kernels.mixed_lora.forward`` / ``backward``: they pack the basis into contiguous (R, in) / (R, out)
 matrices on every call and pick the fused, composed or all-cuBLAS route by ``choose_route`` (committed per-GPU
-tables; 2-D inputs, R > 512 and a rank r that is not a power of two -> cuBLAS).
+tables; 2-D inputs, R > 256 (``MAX_FUSED_R``) and a rank r that is not a power of two -> cuBLAS).
 
 Eager calls of plain tensors run those op bodies through ``_EagerFusedFunction`` (the same kernels and gradient
 formula) instead of torch.library's dispatch, whose Python autograd wrapper costs more host time than a kernel at

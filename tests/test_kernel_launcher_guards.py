@@ -203,11 +203,13 @@ def test_cdiv_dot_mode_and_r_chunks(monkeypatch):
     assert [K.dot_mode(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == [1, 0, 0]
     monkeypatch.setattr(K, "interpreting", lambda: True)
     assert [K.dot_mode(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == [1, 2, 0]
-    chunks = {R: K.r_chunks(R) for R in (1, 8, 16, 17, 20, 32, 56, 96, 112, 128, 130, 160, 200, 256)}
-    # a remainder that is not a power of two (56 = 32 + 24, 112 = 64 + 48, 200 = 128 + 72) is rounded up to one
-    assert chunks == {1: (16, 0), 8: (16, 0), 16: (16, 0), 17: (16, 16), 20: (16, 16), 32: (32, 0), 56: (32, 32),
-                      96: (64, 32), 112: (64, 64), 128: (128, 0), 130: (128, 16), 160: (128, 32), 200: (128, 128),
-                      256: (256, 0)}
+    chunks = {R: K.r_chunks(R) for R in (1, 8, 16, 17, 20, 32, 40, 56, 96, 112, 128, 130, 160, 200, 256)}
+    # a remainder that is not a power of two (40 = 32 + 8, 130 = 128 + 2) is rounded up to one; one that rounds up
+    # to the first chunk (17 = 16 + 1, 56 = 32 + 24, 112 = 64 + 48, 200 = 128 + 72) makes one chunk of twice its size
+    # (two 128-wide chunks spilled registers)
+    assert chunks == {1: (16, 0), 8: (16, 0), 16: (16, 0), 17: (32, 0), 20: (32, 0), 32: (32, 0), 40: (32, 16),
+                      56: (64, 0), 96: (64, 32), 112: (128, 0), 128: (128, 0), 130: (128, 16), 160: (128, 32),
+                      200: (256, 0), 256: (256, 0)}
     for bad in (0, -4):
         with pytest.raises(ValueError, match="R must be >= 1"):
             K.r_chunks(bad)
