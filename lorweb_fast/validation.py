@@ -997,6 +997,10 @@ def check_infer_args(args) -> list:
             if Path(args.coefficients_plot).resolve() == out:
                 raise UsageError(f"--coefficients-plot {args.coefficients_plot} is the --out file: the plot would "
                                  "replace b'; give another file")
+            for option, value in (("--a", args.a), ("--a-prime", args.a_prime), ("--b", args.b)):
+                if Path(value).resolve() == Path(args.coefficients_plot).resolve():
+                    raise UsageError(f"--coefficients-plot {args.coefficients_plot} is the input image {option}: the "
+                                     "plot would replace it; give another file")
         check_cli_pipe_args(getattr(args, "pipe_kwargs", None))
         steps = resolve_step_count(steps, getattr(args, "pipe_kwargs", None))
         check_model_source("--model", args.model, "model_index.json")

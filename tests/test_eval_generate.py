@@ -330,12 +330,15 @@ def test_cli_resume_with_another_pair_seed_is_refused(assets, tmp_path, monkeypa
     folders = sorted(p.relative_to(out) for p in out.glob("*/*"))
     (out / folders[0] / "b_prime.png").unlink()  # a killed run
     other = make_relation252k(tmp_path / "rel2")
-    for extra, evalset, key in [(("--pair-seed", "1"), ev, "pair_seed"), (("--b-per-pair", "3"), ev, "b_per_pair"),
+    for extra, evalset, key in [(("--pair-seed", "1"), ev, "pair_seed"),
                                 (("--input-long-edge", "16"), ev, "input_long_edge"), (("--merge", "jit"), ev, "merge"),
                                 ((), other, "evalset")]:
         assert cli.main(args(*extra, evalset=evalset)) == 2
         err = capsys.readouterr().err
         assert "holds a run with other settings" in err and f"{key}: " in err
+    # --b-per-pair picks b in the released set only: Relation252k refuses it (before, it was ignored and recorded)
+    assert cli.main(args("--b-per-pair", "3")) == 2
+    assert "--b-per-pair applies where b images are drawn at random" in capsys.readouterr().err
     assert sorted(p.relative_to(out) for p in out.glob("*/*")) == folders  # no second set of triplets
     assert not (out / folders[0] / "b_prime.png").exists()
     assert cli.main(args("--tasks", "2-B", "--max-per-task", "2")) == 0

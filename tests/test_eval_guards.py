@@ -654,7 +654,7 @@ def test_cli_defaults_of_the_protocol():
 
     parser = cli.build_parser()
     g = parser.parse_args(["eval", "generate", "--evalset", "e", "--weights", "w", "--out", "o"])
-    assert g.seeds == [50] and g.b_per_pair == 2
+    assert g.seeds == [50] and g.b_per_pair is None  # not given: 2 where the layout draws b (run.json records 2)
     s = parser.parse_args(["eval", "score", "--runs", "r", "--out", "o"])
     assert s.encoder == "openai/clip-vit-large-patch14" and s.lpips_net == "alex"
     assert s.pairwise_seed == 0 and s.judge == "none" and s.metrics is None

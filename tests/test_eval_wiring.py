@@ -510,7 +510,9 @@ def test_cli_generation_and_scoring_defaults_are_the_official_ones():
     parser = cli.build_parser()
     g = parser.parse_args(["eval", "generate", "--evalset", "e", "--weights", "w", "--out", "o"])
     assert (g.resolution, g.guidance_scale, g.steps, g.merge) == ("official", 2.5, None, "none")
-    assert (g.dtype, g.encoder_dtype, g.pair_seed, g.b_per_pair, g.input_long_edge) == ("bf16", "auto", 0, 2, 1024)
+    # --pair-seed / --b-per-pair not given: 0 and 2 where the layout draws b at random (resolved by run_generate)
+    assert (g.dtype, g.encoder_dtype, g.pair_seed, g.b_per_pair, g.input_long_edge) == ("bf16", "auto", None, None,
+                                                                                       1024)
     assert (g.batch_size, g.max_size, g.long_edge, g.seeds) == (4, None, None, [50])
     s = parser.parse_args(["eval", "score", "--runs", "r", "--out", "o"])
     assert (s.batch_size, s.judge_max_new_tokens, s.judge_dtype, s.lpips_net) == (8, 1024, "bf16", "alex")

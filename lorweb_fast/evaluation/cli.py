@@ -108,10 +108,10 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--encoder-dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                    help="analogy encoder dtype; auto (official inference.py): --dtype")
     g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    g.add_argument("--pair-seed", type=int, default=0,
-                   help="seed of the b choices (released set, Relation252k; default 0)")
-    g.add_argument("--b-per-pair", type=int, default=2,
-                   help="b images per (a, a') in the released set (default 2, as the paper)")
+    g.add_argument("--pair-seed", type=int, default=None,
+                   help="seed of the b choices (released set without --pairs, Relation252k; default 0)")
+    g.add_argument("--b-per-pair", type=int, default=None,
+                   help="b images per (a, a') in the released set without --pairs (default 2, as the paper)")
     g.add_argument("--pairs", default=None, help="released set: JSON/JSONL of {a_prime, b} paths fixing the b choices")
     g.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
     g.add_argument("--max-per-task", type=int, default=None, help="at most this many triplets per task")

@@ -78,8 +78,9 @@ class ImageRef:
         return box
 
     def describe(self) -> dict:
-        """``{"path"[, "box"][, "crop_to_aspect"]}``: where the image comes from (recorded in evalset.json)."""
-        out = {"path": str(self.path)}
+        """``{"path"[, "box"][, "crop_to_aspect"]}``: where the image comes from (recorded in evalset.json; an
+        absolute path, which names the file from any working directory)."""
+        out = {"path": os.path.abspath(self.path)}
         if self.box is not None:
             out["box"] = list(self.box)
         if self.aspect is not None:

@@ -123,6 +123,10 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
         if not isinstance(old, dict):
             raise EvalInputError(f"{path} does not hold a JSON object of settings")
         old.setdefault("resolution", "native")  # run.json files written before --resolution existed
+        if old["resolution"] == "native" and "long_edge" in old and old["long_edge"] is None:
+            from ..flux import DEFAULT_LONG_EDGE
+
+            old["long_edge"] = DEFAULT_LONG_EDGE  # recorded as not given before it was recorded resolved
         # before --merge existed every call ran the pipeline's own default, "auto" (unless --pipe-arg merge=...)
         old.setdefault("merge", (old.get("pipe_kwargs") or {}).get("merge", "auto"))
         from ..validation import resolve_step_count
@@ -303,7 +307,7 @@ def b_choices_by_task(root, triplets: Sequence[Triplet]) -> dict:
         return json.dumps(d, sort_keys=True)
 
     def sign(text: str) -> str:
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
     picks: dict = {}
     for t in triplets:
@@ -363,7 +367,8 @@ def check_generate_args(args, pipe_kwargs: dict) -> int:
             check_int(flag, value, lo=MIN_LONG_EDGE)
     if args.input_long_edge is not None:
         check_int("--input-long-edge", args.input_long_edge, lo=0)
-    check_int("--b-per-pair", args.b_per_pair, lo=1)  # read by the released-set reader only: named here for all
+    if args.b_per_pair is not None:  # read by the released-set reader only (run_generate refuses it elsewhere)
+        check_int("--b-per-pair", args.b_per_pair, lo=1)
     check_output_dir("--out", args.out)
     try:
         check_pipe_kwargs(pipe_kwargs)
@@ -391,12 +396,26 @@ def _check_inputs_decode(triplets: Sequence[Triplet], *, progress: bool = True) 
         ref.pixel_box(*image_size(ref.path))  # a crop box without pixels (a half of a 1-pixel-wide image)
 
 
+def _check_official_grids(triplets, query_mode: str, query_source: str, max_size, multiple) -> None:
+    """``EvalInputError`` naming the first triplet whose a the official resolution cannot generate from
+    (``flux.official_grid_problem``: an a of aspect ratio 2:1 or wider leaves the official crops no b; sides that
+    round to 0), in the command line's option names."""
+    from ..flux import CLI_OPTION_NAMES, DEFAULT_MAX_AREA, official_grid_problem
+
+    for t in triplets:
+        problem = official_grid_problem(_ref_size(t.a), query_mode=query_mode, query_source=query_source,
+                                        max_size=max_size, multiple=multiple, option_names=CLI_OPTION_NAMES,
+                                        max_area=DEFAULT_MAX_AREA)
+        if problem:
+            raise EvalInputError(f"{t.key}: its a ({t.a.path}) is {problem}")
+
+
 def run_generate(args) -> dict:
     """``lorweb-fast eval generate``: every option and input checked, then ``generate`` under the ``--out`` lock;
     returns its {"generated", "skipped"}."""
     from ..cli import DTYPES, _device
-    from ..validation import check_checkpoint_encoder, check_device, check_model_source
-    from ..flux import LoRWeBKontextPipeline
+    from ..validation import check_checkpoint_encoder, check_device, check_model_source, pipeline_grid_multiple
+    from ..flux import DEFAULT_LONG_EDGE, LoRWeBKontextPipeline, resolve_query_source
     from ..lora_api import resolve_checkpoint
     from .evalsets import check_outside, detect_format, first_per_task, read_evalset
 
@@ -416,8 +435,17 @@ def run_generate(args) -> dict:
     if args.encoder is not None:
         check_model_source("--encoder", args.encoder, "config.json")
     fmt = detect_format(args.evalset) if args.format == "auto" else args.format
-    picked = read_evalset(args.evalset, fmt, seed=args.pair_seed, b_per_pair=args.b_per_pair,
-                          pairs_file=args.pairs, tasks=args.tasks)
+    # the b choices' options where the reader draws b at random; given where every b is fixed, they are refused
+    for flag, value, used in (("--pair-seed", args.pair_seed, fmt in RANDOM_B_FORMATS and not args.pairs),
+                              ("--b-per-pair", args.b_per_pair, fmt == "lorweb" and not args.pairs)):
+        if value is not None and not used:
+            fixed = "--pairs fixes them" if args.pairs else f"the {fmt} layout fixes every b"
+            raise EvalInputError(f"{flag} applies where b images are drawn at random (the released set without "
+                                 f"--pairs{', Relation252k' if flag == '--pair-seed' else ''}); {fixed}")
+    pair_seed = 0 if args.pair_seed is None else args.pair_seed  # recorded resolved, as before these were optional
+    b_per_pair = 2 if args.b_per_pair is None else args.b_per_pair
+    picked = read_evalset(args.evalset, fmt, seed=pair_seed, b_per_pair=b_per_pair, pairs_file=args.pairs,
+                          tasks=args.tasks)
     triplets = first_per_task(picked, args.max_per_task)
     # --max-per-task cuts after the picks: whole tasks are signed
     b_choices = b_choices_by_task(args.evalset, picked) if fmt in RANDOM_B_FORMATS and not args.pairs else None
@@ -428,10 +456,14 @@ def run_generate(args) -> dict:
     # mix the b' of two of them (the file and its SHA-256 are recorded and checked on resume)
     weights_file, config = resolve_checkpoint(args.weights, getattr(args, "weight_name", None),
                                               revision=getattr(args, "revision", None))
-    if args.encoder is None:  # the encoder the checkpoint names, checked as infer checks it
-        from ..model import resolve_checkpoint_settings
+    from ..model import resolve_checkpoint_settings
 
-        check_checkpoint_encoder(resolve_checkpoint_settings(weights_file, config)["encoder"])
+    checkpoint_settings = resolve_checkpoint_settings(weights_file, config)
+    if args.encoder is None:  # the encoder the checkpoint names, checked as infer checks it
+        check_checkpoint_encoder(checkpoint_settings["encoder"])
+    if args.resolution == "official":  # an a the official crops cannot use: refused before loading, as infer does
+        _check_official_grids(triplets, checkpoint_settings["query_mode"], resolve_query_source(weights_file),
+                              args.max_size, pipeline_grid_multiple(args.model))
     # one run per folder: a second `eval generate` into it (started twice) would race on its records
     lock = FolderLock(out, GENERATE_LOCK_NAME, "eval generate run")
     try:
@@ -450,12 +482,15 @@ def run_generate(args) -> dict:
                     "encoder": source_identity(args.encoder),
                     "seeds": list(args.seeds), "steps": steps, "guidance_scale": args.guidance_scale,
                     "pipe_kwargs": pipe_kwargs, "merge": merge, "evalset": str(Path(args.evalset).resolve()),
-                    "format": fmt, "pair_seed": args.pair_seed, "b_per_pair": args.b_per_pair,
+                    "format": fmt, "pair_seed": pair_seed, "b_per_pair": b_per_pair,
                     "pairs_sha256": file_sha256(Path(args.pairs)) if args.pairs else None,
                     "input_long_edge": args.input_long_edge, "dtype": args.dtype, "batch_size": args.batch_size,
                     "encoder_dtype": (args.dtype if getattr(args, "encoder_dtype", "auto") == "auto"
                                       else args.encoder_dtype),
-                    "resolution": args.resolution, "max_size": args.max_size, "long_edge": args.long_edge,
+                    "resolution": args.resolution, "max_size": args.max_size,
+                    # resolved: --long-edge 1024 spelled out is the native default's run
+                    "long_edge": (DEFAULT_LONG_EDGE if args.long_edge is None and args.resolution == "native"
+                                  else args.long_edge),
                     "generator_device": device.type, "b_choices": b_choices,
                     # the triplets the folder records after this call: a resume restricted by --tasks adds to them
                     "triplets": len(_recorded_triplets(out / "evalset.json").keys() | {t.key for t in triplets})}
