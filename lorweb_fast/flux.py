@@ -481,8 +481,8 @@ def _swap_back(layer: LoRWeBLinear, original: torch.Tensor) -> None:
 def _copy_back(layer: LoRWeBLinear, host_copy: torch.Tensor) -> None:
     """"offload": the host copy written back into the weight's own storage (copy_ casts and moves)."""
     _refuse_restore_into_a_replaced_weight(layer)
-    with torch.no_grad():
-        layer.base_layer.weight.data.copy_(host_copy)
+    with torch.no_grad():  # on the tensor, not .data: its version counter moves, so a backward through a forward
+        layer.base_layer.weight.copy_(host_copy)  # of the merged block refuses instead of using W alone
 
 
 def _restore_layers(layers: dict[str, LoRWeBLinear], originals: dict, restore) -> None:
@@ -567,8 +567,8 @@ def _merged_offload(layers: dict[str, LoRWeBLinear]):
             copy = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=weight.is_cuda)
             copy.copy_(weight.detach())
             host[name] = copy
-            with torch.no_grad():
-                weight.data.copy_(new)
+            with torch.no_grad():  # on the tensor (see _copy_back): autograd sees the weight change
+                weight.copy_(new)
             del new
             layer._merged = True
         yield
