@@ -651,8 +651,11 @@ def validate_table(table, where: str) -> dict:
     covered: dict[str, int] = {}  # dtype -> the largest R the earlier rules cover (the first match applies)
     for i, rule in enumerate(defaults):  # R above MAX_FUSED_R never reaches a table (the cuBLAS route)
         if all(covered.get(name, 0) >= min(rule["max_R"], MAX_FUSED_R) for name in rule["dtypes"]):
+            reach = min(rule["max_R"], MAX_FUSED_R)
             raise ConfigError(f"{where}: defaults[{i}] is never used: earlier rules already cover its dtypes "
-                              f"{rule['dtypes']} up to R = {rule['max_R']} (the first matching rule applies)")
+                              f"{rule['dtypes']} up to R = {reach} (the first matching rule applies"
+                              + (f"; R above MAX_FUSED_R = {MAX_FUSED_R} takes the cuBLAS route)"
+                                 if rule["max_R"] > MAX_FUSED_R else ")"))
         for name in rule["dtypes"]:
             covered[name] = max(covered.get(name, 0), rule["max_R"])
     for name in DTYPE_NAMES.values():

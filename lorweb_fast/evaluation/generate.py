@@ -45,6 +45,9 @@ RESUME_KEYS = ("weights", "weights_file", "weights_sha256", "model", "encoder", 
                "pipe_kwargs", "dtype", "encoder_dtype", "resolution", "max_size", "long_edge", "merge", "evalset",
                "format", "pair_seed", "b_per_pair", "pairs_sha256", "input_long_edge", "generator_device")
 #: settings that run.json files written before they existed lack: such a run cannot be checked for them
+#: RESUME_KEYS recorded as None where they choose nothing (``--pair-seed`` / ``--b-per-pair`` with a layout or a
+#: pairs file that fixes every b): not compared on resume (older runs recorded the value given, or its default)
+CHOOSING_NOTHING_WHEN_NONE = ("pair_seed", "b_per_pair")
 UNRECORDED_BEFORE = ("weights_file", "weights_sha256", "b_per_pair", "pairs_sha256", "input_long_edge",
                      "generator_device")
 #: ``merge`` values of ``generate`` (the pipeline's ``merge``; "none" = the unmerged path)
@@ -137,6 +140,7 @@ def check_run_settings(out: Path, settings: dict, *, write: bool = True) -> None
             old["steps"] = resolve_step_count(None, old["pipe_kwargs"])
         diff = {k: (old.get(k), settings.get(k)) for k in RESUME_KEYS
                 if k in old and not _same_setting(k, old[k], settings.get(k))
+                and not (k in CHOOSING_NOTHING_WHEN_NONE and settings.get(k) is None)
                 or k not in old and settings.get(k) is not None and k not in UNRECORDED_BEFORE}
         if diff:
             changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -435,16 +439,19 @@ def run_generate(args) -> dict:
     if args.encoder is not None:
         check_model_source("--encoder", args.encoder, "config.json")
     fmt = detect_format(args.evalset) if args.format == "auto" else args.format
-    # the b choices' options where the reader draws b at random; given where every b is fixed, they are refused
-    for flag, value, used in (("--pair-seed", args.pair_seed, fmt in RANDOM_B_FORMATS and not args.pairs),
-                              ("--b-per-pair", args.b_per_pair, fmt == "lorweb" and not args.pairs)):
-        if value is not None and not used:
-            fixed = "--pairs fixes them" if args.pairs else f"the {fmt} layout fixes every b"
+    # the b choices' options where the reader draws b at random; given where they choose nothing, they are refused
+    # (a --pairs file with another layout is read_evalset's refusal) and recorded as None (not compared on resume)
+    uses = {"--pair-seed": fmt in RANDOM_B_FORMATS and not args.pairs,
+            "--b-per-pair": fmt == "lorweb" and not args.pairs}
+    for flag, value in (("--pair-seed", args.pair_seed), ("--b-per-pair", args.b_per_pair)):
+        if value is not None and not uses[flag] and not (args.pairs and fmt != "lorweb"):
+            why = ("--pairs fixes the b choices" if args.pairs else "the folder layout fixes every b" if fmt == "folder"
+                   else "Relation252k draws one b per (a, a')")
             raise EvalInputError(f"{flag} applies where b images are drawn at random (the released set without "
-                                 f"--pairs{', Relation252k' if flag == '--pair-seed' else ''}); {fixed}")
-    pair_seed = 0 if args.pair_seed is None else args.pair_seed  # recorded resolved, as before these were optional
-    b_per_pair = 2 if args.b_per_pair is None else args.b_per_pair
-    picked = read_evalset(args.evalset, fmt, seed=pair_seed, b_per_pair=b_per_pair, pairs_file=args.pairs,
+                                 f"--pairs{', Relation252k' if flag == '--pair-seed' else ''}); {why}")
+    pair_seed = (0 if args.pair_seed is None else args.pair_seed) if uses["--pair-seed"] else None
+    b_per_pair = (2 if args.b_per_pair is None else args.b_per_pair) if uses["--b-per-pair"] else None
+    picked = read_evalset(args.evalset, fmt, seed=pair_seed or 0, b_per_pair=b_per_pair or 2, pairs_file=args.pairs,
                           tasks=args.tasks)
     triplets = first_per_task(picked, args.max_per_task)
     # --max-per-task cuts after the picks: whole tasks are signed
