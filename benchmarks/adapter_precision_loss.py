@@ -10,14 +10,20 @@ Writes OUT/adapter_precision.json (both loss curves and their differences) and O
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_mixed_lora: provenance helpers, positive_int
+import bench_mixed_lora  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the tiny models, data, runs and the record")
-    parser.add_argument("--steps", type=int, default=40, help="training steps of each run (default 40)")
+    parser.add_argument("--steps", type=bench_mixed_lora.positive_int, default=40,
+                        help="training steps of each run (default 40)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the tiny models, the data and both runs (default 0)")
     args = parser.parse_args()
@@ -46,7 +52,15 @@ def main() -> None:
     bf16, fp32 = curves["bf16"], curves["fp32"]
     rel = [abs(a - b) / abs(b) for a, b in zip(bf16, fp32)]
     tail = max(1, len(bf16) // 4)
-    summary = {"steps": args.steps, "seed": args.seed, "loss_bf16": bf16, "loss_fp32": fp32,
+    import torch
+
+    from lorweb_fast.ops import backend_status
+
+    summary = {"commit": bench_mixed_lora.git_commit(),
+               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+               "device": bench_mixed_lora.device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+               "torch": torch.__version__, "backend_status": backend_status(),
+               "steps": args.steps, "seed": args.seed, "loss_bf16": bf16, "loss_fp32": fp32,
                "max_relative_difference": max(rel), "mean_relative_difference": sum(rel) / len(rel),
                "first_loss": {"bf16": bf16[0], "fp32": fp32[0]},
                f"mean_loss_last_{tail}": {"bf16": sum(bf16[-tail:]) / tail, "fp32": sum(fp32[-tail:]) / tail}}
@@ -60,7 +74,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = list(range(1, len(bf16) + 1))
     ax.plot(steps, fp32, label="--adapter-precision fp32 (official numerics)")
-    ax.plot(steps, bf16, "--", label="--adapter-precision bf16 (fused, default)")
+    ax.plot(steps, bf16, "--", label="--adapter-precision bf16 (compute dtype, default)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("flow-matching loss")
     ax.set_yscale("log")

@@ -74,8 +74,8 @@ class OfficialEinsumLinear(LoRWeBLinear):
 
 
 class OfficialAsRunLinear(LoRWeBLinear):
-    """The official training path: fp32 LoRWeB parameters (masters), x cast to fp32, the einsum in fp32, added to the
-    base layer's output (cast back to the block dtype); coefficients from the query in every call."""
+    """The official training path: fp32 LoRWeB parameters (masters), x cast to fp32, the einsum in fp32, rounded to
+    the block dtype and added to the base layer's output; coefficients from the query in every call."""
 
     query: torch.Tensor | None = None
 
@@ -83,7 +83,8 @@ class OfficialAsRunLinear(LoRWeBLinear):
         coeffs = self.coefficients_from_query(self.query.float())
         eq = "bsi,nir,bn,nro->bso" if x.dim() == 3 else "bi,nir,bn,nro->bo"
         delta = torch.einsum(eq, x.float(), self.lora_A, coeffs, self.lora_B) * self.scale
-        return (self.base_layer(x) + delta).to(x.dtype)
+        # as the official forward (toolkit/network_mixins.py): the fp32 delta rounded to the block dtype, then added
+        return self.base_layer(x) + delta.to(x.dtype)
 
 
 class TwoBlocks(nn.Module):
@@ -196,7 +197,7 @@ def _check_block(ours, official, inputs, dtype, name):
     set_official_query(ref_model, inputs["query"].double())
     captured = []
     hooks = [layer.register_forward_hook(lambda m, args, out, n=n: captured.append((n, m, args[0], out)))
-             for n, layer in lf.lorweb_layers(ours).items()] if name.startswith("lorweb_fast") else []
+             for n, layer in lf.lorweb_layers(ours).items()]  # every row: official_as_run's layers too
     with torch.no_grad():
         if name.startswith("lorweb_fast"):
             lf.set_query(ours, inputs["query"])
@@ -227,9 +228,12 @@ def check_layer_outputs(captured, name):
     from lorweb_fast.testing import check_forward
 
     for layer_name, layer, x, y in captured:
+        # official_as_run's layers compute their coefficients from the query in every call
+        coeffs = layer.coefficients if layer.coefficients is not None else layer.coefficients_from_query(
+            layer.query.float())
         check_forward(f"{name} layer {layer_name} output", y,
                       dict(x=x, weight=layer.base_layer.weight, bias=layer.base_layer.bias, lora_a=layer.lora_A,
-                           lora_b=layer.lora_B, coeffs=layer.coefficients, scale=layer.scale))
+                           lora_b=layer.lora_B, coeffs=coeffs, scale=layer.scale))
 
 
 def peak_mb(device, fn, release=None):

@@ -21,6 +21,7 @@ numbers (a GPU host's are lower), the ratios between rows are what carries over.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import statistics
@@ -30,6 +31,9 @@ import time
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the triton backend accepts CPU tensors
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_mixed_lora: the records' provenance helpers
+import bench_mixed_lora  # noqa: E402
 
 
 def per_call_us(fn, calls: int, rounds: int) -> list[float]:
@@ -46,7 +50,7 @@ def per_call_us(fn, calls: int, rounds: int) -> list[float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=7,
+    ap.add_argument("--rounds", type=bench_mixed_lora.positive_int, default=7,
                     help="timing rounds per row; the minimum and the median are kept (default 7)")
     ap.add_argument("--json", default=None, help="write the rows here as JSON")
     args = ap.parse_args(argv)
@@ -136,7 +140,10 @@ def main(argv=None) -> int:
         K._launch = real_launch
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "python": sys.version.split()[0], "rows": rows}, f, indent=1)
+            json.dump({"commit": bench_mixed_lora.git_commit(),
+                       "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                       "device": bench_mixed_lora.device_name(torch.device("cpu")), "torch": torch.__version__,
+                       "python": sys.version.split()[0], "rows": rows}, f, indent=1)
     return 0
 
 
