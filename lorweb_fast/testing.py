@@ -995,3 +995,22 @@ def assert_same_model_state(got: dict, want: dict, *, ignore=()) -> None:
                 assert value is None or torch.equal(other, value), f"{key} {name} changed"
         else:
             assert got[key] == want[key], key
+
+
+@contextlib.contextmanager
+def one_process_gloo_group():
+    """A one-process gloo process group (a 1-rank device mesh on CPU; FSDP2's ``fully_shard`` and DTensors run on
+    it), destroyed on exit; the calling test is skipped when torch.distributed is unavailable or a process group
+    exists already. Yields ``torch.distributed``."""
+    import pytest
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if dist.is_initialized():
+        pytest.skip("a process group exists already")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()

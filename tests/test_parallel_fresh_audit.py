@@ -17,7 +17,7 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import parallel
-from lorweb_fast.testing import free_port, tiny_train_config, tiny_training_assets
+from lorweb_fast.testing import free_port, one_process_gloo_group, tiny_train_config, tiny_training_assets
 
 
 def _blocks_model(seed: int = 0) -> nn.Module:
@@ -46,17 +46,8 @@ def _blocks_model(seed: int = 0) -> nn.Module:
 @pytest.fixture
 def gloo():
     """A one-process gloo group (a 1-rank device mesh on CPU), torn down after the test."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    if dist.is_initialized():
-        pytest.skip("a process group exists already")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    with one_process_gloo_group() as dist:
         yield dist
-    finally:
-        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------- activation-checkpoint wrappers (FSDP2 + AC)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import lorweb_fast as lf
-from lorweb_fast.testing import run_cli_in_process
+from lorweb_fast.testing import one_process_gloo_group, run_cli_in_process
 
 
 def _non_utf8(folder, name: bytes) -> str:
@@ -118,17 +118,8 @@ def test_summary_md_is_written_for_a_runs_folder_name_that_is_not_utf8(eval_asse
 @pytest.fixture
 def gloo():
     """A one-process gloo group (a 1-rank device mesh on CPU), torn down after the test."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    if dist.is_initialized():
-        pytest.skip("a process group exists already")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    with one_process_gloo_group() as dist:
         yield dist
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("strategy", ["full", "offload", "jit"])

@@ -15,7 +15,7 @@ from torch import nn
 
 import lorweb_fast as lf
 from lorweb_fast import demo, flux, training
-from lorweb_fast.testing import module_from_package, small_train_config
+from lorweb_fast.testing import module_from_package, one_process_gloo_group, small_train_config
 
 pytest.importorskip("diffusers")
 
@@ -30,17 +30,8 @@ def pipe_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gloo():
     """A one-process gloo group (FSDP2's ``fully_shard`` then runs on CPU), torn down after the module."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    if dist.is_initialized():
-        pytest.skip("a process group exists already")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    with one_process_gloo_group() as dist:
         yield dist
-    finally:
-        dist.destroy_process_group()
 
 
 def _sharded(seed: int, *, root_linear: bool = False, **shard_kwargs) -> nn.Module:

@@ -535,6 +535,20 @@ class RunItem:
         return f"{self.task}/{self.id}"
 
 
+def acquire_output_lock(lock) -> None:
+    """``lock.acquire()`` (a ``_files.FolderLock`` on an ``--out`` folder), its refusals as one-line
+    ``EvalInputError`` naming ``--out``: another run holds it, or the folder or its lock file cannot be created."""
+    from .._files import FolderInUseError
+
+    try:
+        lock.acquire()
+    except FolderInUseError as exc:
+        raise EvalInputError(f"--out {exc}") from None
+    except OSError as exc:
+        raise EvalInputError(f"--out {lock.folder}: cannot create the folder or its lock file {lock.name} "
+                             f"({exc})") from None
+
+
 def runs_folders(runs) -> list:
     """A method's runs folders: ``[runs]``, or the folders it pools when ``runs`` is a list (``read_runs``)."""
     return list(runs) if isinstance(runs, (list, tuple)) else [runs]

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._files import FolderInUseError, FolderLock, atomic_write, loads_json, remove_temporaries, \
+from .._files import FolderLock, atomic_write, loads_json, remove_temporaries, \
     save_image_atomically
 from .evalsets import EvalInputError, Triplet
 
@@ -421,7 +421,7 @@ def run_generate(args) -> dict:
     from ..validation import check_checkpoint_encoder, check_device, check_model_source, pipeline_grid_multiple
     from ..flux import DEFAULT_LONG_EDGE, LoRWeBKontextPipeline, resolve_query_source
     from ..lora_api import resolve_checkpoint
-    from .evalsets import check_outside, detect_format, first_per_task, read_evalset
+    from .evalsets import acquire_output_lock, check_outside, detect_format, first_per_task, read_evalset
 
     merge = args.merge
     pipe_kwargs = dict(args.pipe_kwargs or {})
@@ -474,13 +474,7 @@ def run_generate(args) -> dict:
     # one run per folder: a second `eval generate` into it (started twice) would race on its records
     lock = FolderLock(out, GENERATE_LOCK_NAME, "eval generate run")
     try:
-        try:
-            lock.acquire()
-        except FolderInUseError as exc:
-            raise EvalInputError(f"--out {exc}") from None
-        except OSError as exc:
-            raise EvalInputError(f"--out {out}: cannot create the folder or its lock file {GENERATE_LOCK_NAME} "
-                                 f"({exc})") from None
+        acquire_output_lock(lock)
         # what picks the triplets (the evaluation set, its format, the b choices) is recorded and checked on resume
         # too: triplet ids hold b's name, so another choice of b would add new folders next to the old ones
         settings = {"weights": source_identity(args.weights),

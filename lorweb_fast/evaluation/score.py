@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .._files import append_text, loads_json, naming_the_file
-from .evalsets import EvalInputError, RunItem, check_outside, file_signature, load_rgb, read_runs, runs_folders
+from .evalsets import EvalInputError, RunItem, acquire_output_lock, check_outside, file_signature, load_rgb, read_runs, runs_folders
 from .judge import PAIRWISE_PROMPT, PARSERS, SCORE_PROMPT, JudgeCache, JudgeRequest, ask
 from ..validation import warn
 
@@ -289,7 +289,7 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     one."""
     from ..cli import library_progress_bars
     from .metrics import DEFAULT_CLIP, ClipDirectional, LPIPSDistance
-    from .._files import FolderInUseError, FolderLock, remove_temporaries
+    from .._files import FolderLock, remove_temporaries
     from ..validation import plotting_available
     from .report import REPORT_FILES, aggregate, write_report
 
@@ -317,13 +317,7 @@ def score(runs: dict, out, *, metrics: Sequence[str] = METRICS, encoder: Optiona
     # the two scorings' report files
     lock = FolderLock(out, SCORE_LOCK_NAME, "eval score run")
     try:
-        try:
-            lock.acquire()
-        except FolderInUseError as exc:
-            raise EvalInputError(f"--out {exc}") from None
-        except OSError as exc:
-            raise EvalInputError(f"--out {out}: cannot create the folder or its lock file {SCORE_LOCK_NAME} "
-                                 f"({exc})") from None
+        acquire_output_lock(lock)
         remove_temporaries(out, REPORT_FILES)  # a killed scoring's
         # LPIPS first: its missing weights are found in a moment, before the CLIP encoder spends its load time
         with library_progress_bars(enabled=progress):  # progress=False: transformers' loading bars off too
