@@ -403,11 +403,13 @@ class LoRWeBLinear(nn.Module):
             check_has_values("coefficients", coeffs)  # whatever check_finite says: the forward reads their values
             if check_finite:
                 check_finite_tensor("coefficients", coeffs)
-            if coeffs.storage_offset() != 0:
-                coeffs = coeffs.clone()
+            if coeffs.storage_offset() != 0 or coeffs._base is not None:  # a view (set_query's stack of every
+                coeffs = coeffs.clone()  # layer's rows): its own tensor, so compiled code guards on no hidden base
             if coeffs.is_inference():  # (set under torch.inference_mode): a normal tensor, whose version counter
                 with torch.inference_mode(False):  # shows in-place changes to what is remembered about it
                     coeffs = coeffs.clone()
+        if coeffs is not None:  # the batch may vary (mark_dynamic on x's batch is not pinned by a constant B here)
+            torch._dynamo.maybe_mark_dynamic(coeffs, 0)
         self._coefficients = coeffs
         self._forget_coefficient_memos()
         self._query = None
@@ -701,7 +703,9 @@ class LoRWeBLinear(nn.Module):
 
         Built in blocks of rows written into the result (``MERGE_BLOCK_BYTES`` of fp32 work each, or 1 /
         ``MERGE_MAX_BLOCKS`` of the layer's fp32 size when that is larger, e.g. 4.7 MB at 3072 -> 3072, times B): the
-        memory needed is the merged weight and one block, never a whole-layer fp32 copy of W or of the delta.
+        memory needed is the merged weight and one block, never a whole-layer fp32 copy of W or of the delta. While
+        compiling, the rows per block are those of B = 1 (a block count that depends on B would recompile per batch
+        size).
 
         Args:
             coeffs: (N,) for one analogy -> (out, in); (B, N) -> (B, out, in), one merged weight per sample; any
@@ -723,7 +727,8 @@ class LoRWeBLinear(nn.Module):
         a_scaled_t = (a_cat * scaling.unsqueeze(-2)).transpose(-1, -2)  # (R, in) or (B, R, in)
         out_features, in_features = w.shape
         batch = c.shape[0] if c.dim() == 2 else 1
-        rows = max(1, MERGE_BLOCK_BYTES // max(1, batch * in_features * acc.itemsize),
+        sized = 1 if torch.compiler.is_compiling() else batch  # a batch-dependent block count guards on the batch
+        rows = max(1, MERGE_BLOCK_BYTES // max(1, sized * in_features * acc.itemsize),
                    -(-out_features // MERGE_MAX_BLOCKS))  # rows per block
         merged = torch.empty((*c.shape[:-1], out_features, in_features), dtype=w.dtype, device=w.device)
         for start in range(0, out_features, rows):
