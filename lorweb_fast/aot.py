@@ -321,6 +321,24 @@ def loop_loads(ptx: str) -> list[tuple[str, int]]:
     return found
 
 
+def compiled_r_dependent_launches(arch: int, layer: tuple, R: int, dtype: str) -> list[tuple[dict, dict]]:
+    """[(plan entry, ``compile_specialization`` result)] for the eager launches of one layer at R in ``dtype`` whose
+    kernels depend on R (the shrinks and grad_basis: the expand kernels are covered by the report at any R), each
+    specialization compiled once (in a temporary folder). For checks of one R outside ``RANKS``."""
+    import tempfile
+
+    entries, specs = plan(arch, layers=(tuple(layer),), ranks=(R,), dtypes=(dtype,))
+    results, out = {}, []
+    for entry in entries:
+        if entry["kernel"] in ("_expand_kernel", "_expand_tma_kernel") or entry["pass"].endswith("_compiled"):
+            continue
+        if entry["_key"] not in results:
+            with tempfile.TemporaryDirectory() as work:
+                results[entry["_key"]] = compile_specialization(specs[entry["_key"]], arch, Path(work))
+        out.append((entry, results[entry["_key"]]))
+    return out
+
+
 def check_entry(entry: dict, ptx: str, arch: int) -> list[str]:
     """The hardware checks for one report entry; returns the list of failures (empty when it passes).
 

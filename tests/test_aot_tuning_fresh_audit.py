@@ -63,15 +63,8 @@ def test_aot_enumeration_reaches_every_default_rule_at_its_largest_R(arch):
 def _compile_failures(arch, R, dtype):
     """check_entry failures of every shrink / grad_basis launch the dispatcher makes for layer 3072 -> 3072 at R in
     ``dtype`` (the expand kernels do not depend on R and are covered by the AOT report)."""
-    failures, seen = [], {}
-    entries, specs = aot.plan(arch, layers=((3072, 3072),), ranks=(R,), dtypes=(dtype,))
-    for e in entries:
-        if e["kernel"] in ("_expand_kernel", "_expand_tma_kernel") or e["pass"].endswith("_compiled"):
-            continue
-        if e["_key"] not in seen:
-            with tempfile.TemporaryDirectory() as work:
-                seen[e["_key"]] = aot.compile_specialization(specs[e["_key"]], arch, Path(work))
-        res = seen[e["_key"]]
+    failures = []
+    for e, res in aot.compiled_r_dependent_launches(arch, (3072, 3072), R, dtype):
         full = dict(e, shared_bytes=res["shared_bytes"], spill_bytes=res["spill_bytes"], registers=res["registers"])
         for why in aot.check_entry(full, res["ptx"], arch):
             failures.append(f"{e['kernel']} {e['pass']} R={R} {dtype} {e['config']}: {why}")

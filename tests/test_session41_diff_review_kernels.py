@@ -11,9 +11,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -87,17 +85,8 @@ def test_fp16_cublas_route_stays_finite_where_only_u_overflows(num_loras):
 def _spills(arch, R, dtype):
     """Register spills of the shrink / grad_basis launches (forward and backward, eager) the dispatcher makes for
     layer 3072 -> 3072 at R in ``dtype`` with the committed table of ``arch``'s family (lorweb_fast.aot.plan)."""
-    found, seen = [], {}
-    entries, specs = aot.plan(arch, layers=((3072, 3072),), ranks=(R,), dtypes=(dtype,))
-    for e in entries:
-        if e["kernel"] in ("_expand_kernel", "_expand_tma_kernel") or e["pass"].endswith("_compiled"):
-            continue
-        if e["_key"] not in seen:
-            with tempfile.TemporaryDirectory() as work:
-                seen[e["_key"]] = aot.compile_specialization(specs[e["_key"]], arch, Path(work))
-        if seen[e["_key"]]["spill_bytes"]:
-            found.append(f"{e['kernel']} {e['pass']} {e['config']}: {seen[e['_key']]['spill_bytes']} B of spills")
-    return found
+    return [f"{e['kernel']} {e['pass']} {e['config']}: {res['spill_bytes']} B of spills"
+            for e, res in aot.compiled_r_dependent_launches(arch, (3072, 3072), R, dtype) if res["spill_bytes"]]
 
 
 @pytest.mark.parametrize("arch, R, dtype", [(90, 208, "float32"), (80, 252, "float32"), (90, 200, "bfloat16")])
