@@ -408,8 +408,9 @@ class LoRWeBLinear(nn.Module):
             if coeffs.is_inference():  # (set under torch.inference_mode): a normal tensor, whose version counter
                 with torch.inference_mode(False):  # shows in-place changes to what is remembered about it
                     coeffs = coeffs.clone()
-        if coeffs is not None:  # the batch may vary (mark_dynamic on x's batch is not pinned by a constant B here)
-            torch._dynamo.maybe_mark_dynamic(coeffs, 0)
+        if coeffs is not None and not torch.compiler.is_compiling():  # (forbidden inside traced code: set_query in
+            torch._dynamo.maybe_mark_dynamic(coeffs, 0)  # a compiled step) the batch may vary: mark_dynamic on x's
+            # batch is not pinned to a constant B here
         self._coefficients = coeffs
         self._forget_coefficient_memos()
         self._query = None
