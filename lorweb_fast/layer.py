@@ -403,8 +403,11 @@ class LoRWeBLinear(nn.Module):
             check_has_values("coefficients", coeffs)  # whatever check_finite says: the forward reads their values
             if check_finite:
                 check_finite_tensor("coefficients", coeffs)
-            if coeffs.storage_offset() != 0 or coeffs._base is not None:  # a view (set_query's stack of every
-                coeffs = coeffs.clone()  # layer's rows): its own tensor, so compiled code guards on no hidden base
+            # a view into a larger tensor (set_query's stack of every layer's rows) gets its own storage, so that
+            # compiled code guards on no hidden base; an expanded row (stride 0) stays one row
+            if coeffs.storage_offset() != 0 or (coeffs._base is not None and coeffs.untyped_storage().nbytes()
+                                                > coeffs.numel() * coeffs.element_size()):
+                coeffs = coeffs.clone()
             if coeffs.is_inference():  # (set under torch.inference_mode): a normal tensor, whose version counter
                 with torch.inference_mode(False):  # shows in-place changes to what is remembered about it
                     coeffs = coeffs.clone()
