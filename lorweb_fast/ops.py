@@ -503,7 +503,7 @@ if _CUDA_EXT is not None:
 
     @torch.library.register_fake(f"{CUDA_NAMESPACE}::fwd")
     def _cuda_fwd_fake(x, weight, bias, base, lora_a, lora_b, coeffs, scale, rows_per_sample):
-        m, _, _, _, out = _cuda_contract(x, weight, lora_a, lora_b, coeffs, rows_per_sample)
+        m, _, n, r, out = _cuda_contract(x, weight, lora_a, lora_b, coeffs, rows_per_sample)
         torch._check(bias is None or weight is not None,
                      lambda: "lorweb_fast_cuda: bias without weight is not supported")
         for name, t, shape in (("bias", bias, (out,)), ("base", base, (m, out))):
@@ -511,9 +511,7 @@ if _CUDA_EXT is not None:
                 torch._check(tuple(t.shape) == shape and t.dtype == x.dtype,
                              lambda: f"lorweb_fast_cuda: {name} must be {shape} {x.dtype}, got {tuple(t.shape)} "
                                      f"{t.dtype}")
-        rank_total = lora_a.shape[0] * lora_a.shape[2]
-        return (x.new_empty(x.shape[0], lora_b.shape[2]), x.new_empty(x.shape[0], rank_total),
-                x.new_empty(x.shape[0], rank_total))
+        return x.new_empty(m, out), x.new_empty(m, n * r), x.new_empty(m, n * r)
 
     @torch.library.register_fake(f"{CUDA_NAMESPACE}::bwd")
     def _cuda_bwd_fake(dy, x, weight, lora_a, lora_b, coeffs, u, z, scale, rows_per_sample, need_dx=True,

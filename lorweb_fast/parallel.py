@@ -32,10 +32,11 @@ def lorweb_layers_in_plan(model: nn.Module, tp_plan: dict) -> list[str]:
     # names without the wrapper levels (blocks compiled one by one hold their layers under ``<block>._orig_mod.``),
     # as the plan names the modules
     layers = [checkpoint_module_name(n) for n in lorweb_layers(model)]
+    names = {checkpoint_module_name(n) for n, _ in model.named_modules()}
     hits = []
     for pattern in tp_plan:
         rx = _plan_regex(pattern)
-        for name in {checkpoint_module_name(n) for n, _ in model.named_modules()}:
+        for name in names:
             if rx.fullmatch(name) and any(name == n or name.startswith(n + ".") for n in layers):
                 hits.append(name)
     return sorted(set(hits))

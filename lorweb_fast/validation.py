@@ -988,19 +988,20 @@ def check_infer_args(args) -> list:
             check_device("--device", args.device)
         check_output_file("--out", args.out, image_suffixes())
         out = Path(args.out).resolve()
-        for option, value in (("--a", args.a), ("--a-prime", args.a_prime), ("--b", args.b)):
-            if Path(value).resolve() == out:
-                raise UsageError(f"--out {args.out} is the input image {option}: b' would replace it; give another "
-                                 "file")
+        inputs = {Path(value).resolve(): option for option, value in (("--b", args.b), ("--a-prime", args.a_prime),
+                                                                      ("--a", args.a))}  # the first named wins
+        if out in inputs:
+            raise UsageError(f"--out {args.out} is the input image {inputs[out]}: b' would replace it; give another "
+                             "file")
         if getattr(args, "coefficients_plot", None):
             check_output_file("--coefficients-plot", args.coefficients_plot, plot_suffixes())
-            if Path(args.coefficients_plot).resolve() == out:
+            plot = Path(args.coefficients_plot).resolve()
+            if plot == out:
                 raise UsageError(f"--coefficients-plot {args.coefficients_plot} is the --out file: the plot would "
                                  "replace b'; give another file")
-            for option, value in (("--a", args.a), ("--a-prime", args.a_prime), ("--b", args.b)):
-                if Path(value).resolve() == Path(args.coefficients_plot).resolve():
-                    raise UsageError(f"--coefficients-plot {args.coefficients_plot} is the input image {option}: the "
-                                     "plot would replace it; give another file")
+            if plot in inputs:
+                raise UsageError(f"--coefficients-plot {args.coefficients_plot} is the input image {inputs[plot]}: "
+                                 "the plot would replace it; give another file")
         check_cli_pipe_args(getattr(args, "pipe_kwargs", None))
         steps = resolve_step_count(steps, getattr(args, "pipe_kwargs", None))
         check_model_source("--model", args.model, "model_index.json")

@@ -288,19 +288,6 @@ def test_resume_refuses_another_triplet_set_or_merge(tmp_path, monkeypatch):
         G.check_run_settings(tmp_path, settings, write=False)
 
 
-def make_relation252k(root, tasks=("1-A", "2-B"), per_task=3):
-    """Relation252k's layout: <task>/Group1/labels.json and side-by-side (a | a') images."""
-    for t, task in enumerate(tasks):
-        group = root / task / "Group1"
-        group.mkdir(parents=True)
-        labels = []
-        for i in range(per_task):
-            Image.new("RGB", (64, 32), (40 * i, 30 * t, 90)).save(group / f"{i}.png")
-            labels.append({"img_name": f"{i}.png", "edit_instruction": f"edit {task} {i}"})
-        (group / "labels.json").write_text(json.dumps(labels))
-    return root
-
-
 def test_cli_resume_with_another_pair_seed_is_refused(assets, tmp_path, monkeypatch, capsys):
     """Through the CLI (the pipeline replaced by RecordingPipe): run.json records the detected format, the resolved
     evaluation set and the triplet-picking settings; resuming with another --pair-seed, --b-per-pair,
@@ -312,7 +299,7 @@ def test_cli_resume_with_another_pair_seed_is_refused(assets, tmp_path, monkeypa
     pipe = RecordingPipe()
     monkeypatch.setattr(LoRWeBKontextPipeline, "from_pretrained", staticmethod(lambda *args, **kwargs: pipe))
     monkeypatch.chdir(tmp_path)
-    ev = make_relation252k(tmp_path / "rel")
+    ev = tiny.make_relation252k(tmp_path / "rel")
     out = tmp_path / "runs"
 
     def args(*extra, evalset=ev):
@@ -330,7 +317,7 @@ def test_cli_resume_with_another_pair_seed_is_refused(assets, tmp_path, monkeypa
     assert set(pipe.merges) == {"none"}
     folders = sorted(p.relative_to(out) for p in out.glob("*/*"))
     (out / folders[0] / "b_prime.png").unlink()  # a killed run
-    other = make_relation252k(tmp_path / "rel2")
+    other = tiny.make_relation252k(tmp_path / "rel2")
     for extra, evalset, key in [(("--pair-seed", "1"), ev, "pair_seed"),
                                 (("--input-long-edge", "16"), ev, "input_long_edge"), (("--merge", "jit"), ev, "merge"),
                                 ((), other, "evalset")]:
@@ -396,7 +383,7 @@ def test_cli_refuses_options_of_the_other_resolution_mode(assets, tmp_path, monk
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(LoRWeBKontextPipeline, "from_pretrained", staticmethod(no_load))
-    ev = make_relation252k(tmp_path / "rel")
+    ev = tiny.make_relation252k(tmp_path / "rel")
     out = tmp_path / "runs"
     a = gen_args(assets, out, *extra)
     a[a.index("--evalset") + 1] = str(ev)
@@ -547,7 +534,7 @@ def test_cli_resume_after_the_evalset_listing_changed_is_refused(assets, tmp_pat
     (b_choices): a resume is refused naming the changed task, before anything is written; a resume restricted to an
     unchanged task, and a --max-per-task run followed by the whole task (the same picks), go on."""
     _recording_cli(monkeypatch)
-    ev = make_relation252k(tmp_path / "rel")
+    ev = tiny.make_relation252k(tmp_path / "rel")
     out = tmp_path / "runs"
 
     def args(*extra):

@@ -52,19 +52,6 @@ def generate_argv(assets, evalset, out, *extra):
             *map(str, extra)]
 
 
-def make_relation252k(root, tasks=("1-A",), per_task=3):
-    """Relation252k's layout: <task>/Group1/labels.json and side-by-side (a | a') images."""
-    for t, task in enumerate(tasks):
-        group = root / task / "Group1"
-        group.mkdir(parents=True)
-        labels = []
-        for i in range(per_task):
-            Image.new("RGB", (64, 32), (40 * i, 30 * t, 90)).save(group / f"{i}.png")
-            labels.append({"img_name": f"{i}.png", "edit_instruction": f"edit {task} {i}"})
-        (group / "labels.json").write_text(json.dumps(labels))
-    return root
-
-
 @pytest.mark.parametrize("layout, key, old_value, flag", [("folder", "pair_seed", 7, "--pair-seed"),
                                                          ("folder", "b_per_pair", 3, "--b-per-pair"),
                                                          ("relation252k", "b_per_pair", 3, "--b-per-pair")])
@@ -82,7 +69,7 @@ def test_a_run_started_with_an_unused_b_choice_option_can_still_be_resumed(asset
     if layout == "folder":
         evalset = tiny.make_folder_evalset(tmp_path / "evalset", tasks=("flip",), per_task=2)
     else:
-        evalset = make_relation252k(tmp_path / "evalset")
+        evalset = tiny.make_relation252k(tmp_path / "evalset", tasks=("1-A",))
     out = tmp_path / "runs"
     rc, stdout, err = run_cli_in_process(capsys, generate_argv(assets, evalset, out))
     assert rc == 0, err
@@ -130,7 +117,7 @@ def test_b_per_pair_refusal_with_relation252k_does_not_claim_every_b_is_fixed(as
     Relation252k draws each b at random (``--pair-seed`` applies there, as the same message's first half says).
     Expected: the refusal names what is true (Relation252k draws one b per (a, a'); --b-per-pair is the released
     set's), not that the layout fixes every b."""
-    evalset = make_relation252k(tmp_path / "evalset")
+    evalset = tiny.make_relation252k(tmp_path / "evalset", tasks=("1-A",))
     rc, _, err = run_cli_in_process(capsys, generate_argv(assets, evalset, tmp_path / "runs", "--b-per-pair", "3"))
     assert rc == 2 and "--b-per-pair" in err and loader == []
     assert "relation252k layout fixes every b" not in err, err.strip()

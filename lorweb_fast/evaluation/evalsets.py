@@ -123,12 +123,18 @@ def load_rgb(path: Union[str, Path]):
         raise EvalInputError(str(exc)) from None
 
 
+def utf8_bytes(text: str) -> bytes:
+    """``text`` as UTF-8 for hashing; a name that is not UTF-8 (a file or folder name read with surrogates) gives
+    its own bytes, every other text the same bytes as ``text.encode()``."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def file_signature(*paths) -> str:
     """A short hash of the files' names, sizes and modification times (cache keys: a replaced file is a new one)."""
     h = hashlib.sha256()
     for p in paths:
         st = Path(p).stat()
-        h.update(f"{Path(p).name}:{st.st_size}:{st.st_mtime_ns};".encode("utf-8", "surrogateescape"))
+        h.update(utf8_bytes(f"{Path(p).name}:{st.st_size}:{st.st_mtime_ns};"))
     return h.hexdigest()[:16]
 
 
@@ -230,7 +236,7 @@ def _subdirs(path: Path) -> list:
 
 def _seeded_rng(seed: int, *parts: str) -> random.Random:
     """A ``random.Random`` seeded from (``seed``, ``parts``) only: an item's draw does not depend on the others."""
-    digest = hashlib.sha256(":".join([str(seed), *parts]).encode("utf-8", "surrogateescape")).digest()
+    digest = hashlib.sha256(utf8_bytes(":".join([str(seed), *parts]))).digest()
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 

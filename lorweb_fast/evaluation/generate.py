@@ -33,7 +33,7 @@ import torch
 
 from .._files import FolderLock, atomic_write, loads_json, remove_temporaries, \
     save_image_atomically
-from .evalsets import EvalInputError, Triplet
+from .evalsets import EvalInputError, Triplet, utf8_bytes
 
 #: The files ``generate`` writes in each triplet's folder (b_prime.png last: it marks the triplet finished).
 TRIPLET_FILES = ("a.png", "a_prime.png", "b.png", "prompt.txt", "b_prime.png")
@@ -44,10 +44,10 @@ GENERATE_LOCK_NAME = ".lorweb-generate.lock"
 RESUME_KEYS = ("weights", "weights_file", "weights_sha256", "model", "encoder", "seeds", "steps", "guidance_scale",
                "pipe_kwargs", "dtype", "encoder_dtype", "resolution", "max_size", "long_edge", "merge", "evalset",
                "format", "pair_seed", "b_per_pair", "pairs_sha256", "input_long_edge", "generator_device")
-#: settings that run.json files written before they existed lack: such a run cannot be checked for them
 #: RESUME_KEYS recorded as None where they choose nothing (``--pair-seed`` / ``--b-per-pair`` with a layout or a
 #: pairs file that fixes every b): not compared on resume (older runs recorded the value given, or its default)
 CHOOSING_NOTHING_WHEN_NONE = ("pair_seed", "b_per_pair")
+#: settings that run.json files written before they existed lack: such a run cannot be checked for them
 UNRECORDED_BEFORE = ("weights_file", "weights_sha256", "b_per_pair", "pairs_sha256", "input_long_edge",
                      "generator_device")
 #: ``merge`` values of ``generate`` (the pipeline's ``merge``; "none" = the unmerged path)
@@ -311,7 +311,7 @@ def b_choices_by_task(root, triplets: Sequence[Triplet]) -> dict:
         return json.dumps(d, sort_keys=True)
 
     def sign(text: str) -> str:
-        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return hashlib.sha256(utf8_bytes(text)).hexdigest()[:16]
 
     picks: dict = {}
     for t in triplets:
@@ -449,10 +449,10 @@ def run_generate(args) -> dict:
                    else "Relation252k draws one b per (a, a')")
             raise EvalInputError(f"{flag} applies where b images are drawn at random (the released set without "
                                  f"--pairs{', Relation252k' if flag == '--pair-seed' else ''}); {why}")
-    pair_seed = (0 if args.pair_seed is None else args.pair_seed) if uses["--pair-seed"] else None
-    b_per_pair = (2 if args.b_per_pair is None else args.b_per_pair) if uses["--b-per-pair"] else None
-    picked = read_evalset(args.evalset, fmt, seed=pair_seed or 0, b_per_pair=b_per_pair or 2, pairs_file=args.pairs,
-                          tasks=args.tasks)
+    seed, per_pair = args.pair_seed or 0, args.b_per_pair or 2  # the defaults (--b-per-pair 0 is refused above)
+    picked = read_evalset(args.evalset, fmt, seed=seed, b_per_pair=per_pair, pairs_file=args.pairs, tasks=args.tasks)
+    pair_seed = seed if uses["--pair-seed"] else None  # as recorded in run.json
+    b_per_pair = per_pair if uses["--b-per-pair"] else None
     triplets = first_per_task(picked, args.max_per_task)
     # --max-per-task cuts after the picks: whole tasks are signed
     b_choices = b_choices_by_task(args.evalset, picked) if fmt in RANDOM_B_FORMATS and not args.pairs else None

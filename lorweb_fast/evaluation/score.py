@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .._files import append_text, loads_json, naming_the_file
-from .evalsets import EvalInputError, RunItem, acquire_output_lock, check_outside, file_signature, load_rgb, read_runs, runs_folders
+from .evalsets import EvalInputError, RunItem, acquire_output_lock, check_outside, file_signature, load_rgb, \
+    read_runs, runs_folders, utf8_bytes
 from .judge import PAIRWISE_PROMPT, PARSERS, SCORE_PROMPT, JudgeCache, JudgeRequest, ask
 from ..validation import warn
 
@@ -67,13 +68,13 @@ class MetricCache:
 
 def _sig(settings: str, *files) -> str:
     """16 hex digits of the SHA-256 of a metric's settings (its ``cache_id``) and the files' ``file_signature``."""
-    return hashlib.sha256((settings + file_signature(*files)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return hashlib.sha256(utf8_bytes(settings + file_signature(*files))).hexdigest()[:16]
 
 
 def _draw(seed: int, run: str, against: str, what: str) -> float:
     """A uniform [0, 1) number that depends only on (seed, run, against, what); a name that is not UTF-8 (a task
     folder's, read with surrogates) hashes as its bytes, the others as before."""
-    digest = hashlib.sha256(f"{seed}:{run}:{against}:{what}".encode("utf-8", "surrogateescape")).digest()
+    digest = hashlib.sha256(utf8_bytes(f"{seed}:{run}:{against}:{what}")).digest()
     return random.Random(digest).random()
 
 

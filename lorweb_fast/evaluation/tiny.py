@@ -108,6 +108,25 @@ def make_folder_evalset(root: Union[str, Path], tasks: Sequence[str] = ("flip", 
     return root
 
 
+def make_relation252k(root: Union[str, Path], tasks: Sequence[str] = ("1-A", "2-B"), per_task: int = 3) -> Path:
+    """Relation252k's layout in ``root``: <task>/Group1/labels.json and ``per_task`` side-by-side (a | a') 64x32
+    images per task. Returns ``root``."""
+    import json
+
+    from PIL import Image
+
+    root = Path(root)
+    for t, task in enumerate(tasks):
+        group = root / task / "Group1"
+        group.mkdir(parents=True)
+        labels = []
+        for i in range(per_task):
+            Image.new("RGB", (64, 32), (40 * i, 30 * t, 90)).save(group / f"{i}.png")
+            labels.append({"img_name": f"{i}.png", "edit_instruction": f"edit {task} {i}"})
+        (group / "labels.json").write_text(json.dumps(labels))
+    return root
+
+
 def make_runs_folder(root: Union[str, Path], evalset: Union[str, Path], *, b_prime_fn=None, seed: int = 0) -> Path:
     """A runs folder from a folder-layout evaluation set: its a, a', b and prompt.txt copied, b' =
     ``b_prime_fn(b, rng)`` (a numpy Generator; default: b plus uniform integer noise in [-40, 40]); returns root."""
